@@ -1,0 +1,2371 @@
+"""plano: one local endpoint for Claude Code and any Anthropic- or OpenAI-API client, many model
+providers behind it, and the model for each request picked from your own plain-language
+preferences by the Arch-Router-1.5B model running in-process on the CPU.
+
+Layers, top to bottom (a layer only uses the ones above it):
+
+    errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
+    machines) → router (prompt, trimming, backends, decision cache) → gateway (one request:
+    parse → choose model → call upstream → answer) → HTTP server (trio + h11) → CLI
+
+Library use::
+
+    import plano
+    decision = plano.route([{"role": "user", "content": "write a quicksort in Rust"}])
+    config = plano.load_config("config.yaml")
+    trio.run(plano.serve, config)
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import struct
+import sys
+import time
+import urllib.parse
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import h11
+import httpx
+import trio
+import yaml
+
+__all__ = [
+    "PlanoError",
+    "ConfigError",
+    "Config",
+    "ModelEntry",
+    "RouteDecision",
+    "Gateway",
+    "load_config",
+    "route",
+    "route_async",
+    "serve",
+    "main",
+]
+
+log = logging.getLogger("plano")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 12000
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Errors: one family, each carrying the HTTP status and the API error type it renders as.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class PlanoError(Exception):
+    """An error that becomes an HTTP answer in the caller's own API format."""
+
+    status = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+        self.headers = dict(headers or {})
+
+
+class ConfigError(PlanoError):
+    """The configuration file is unreadable or invalid; the message names file, line and field."""
+
+
+class RequestError(PlanoError):
+    status, error_type = 400, "invalid_request_error"
+
+
+class AuthenticationError(PlanoError):
+    status, error_type = 401, "authentication_error"
+
+
+class NotFoundError(PlanoError):
+    status, error_type = 404, "not_found_error"
+
+
+class RequestTooLarge(PlanoError):
+    status, error_type = 413, "request_too_large"
+
+
+class UpstreamError(PlanoError):
+    """The provider answered with an error (or could not be reached)."""
+
+    def __init__(self, message: str, *, status: int, error_type: str,
+                 headers: Mapping[str, str] | None = None, retryable: bool = False):
+        super().__init__(message, status=status, error_type=error_type, headers=headers)
+        self.retryable = retryable
+
+
+# Anthropic error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+    429: "rate_limit_error", 529: "overloaded_error",
+}
+
+
+def _error_type_for_status(status: int) -> str:
+    if status in _ANTHROPIC_ERROR_TYPES:
+        return _ANTHROPIC_ERROR_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Provider catalogue: what plano knows about each provider, as data.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One provider: where it lives, how it authenticates, which wire format it speaks, quirks.
+
+    ``base_url`` follows the provider's own SDK convention: OpenAI-style URLs end in ``/v1`` (or
+    the provider's equivalent) and get ``/chat/completions`` appended; Anthropic-style URLs are the
+    root and get ``/v1/messages`` appended.
+    """
+
+    base_url: str | None
+    interface: str  # "openai" | "anthropic"
+    auth: str  # "bearer" | "x-api-key" | "api-key" | "none"
+    key_env: str | None = None  # the variable people conventionally keep the key in
+    # (model-id prefix, largest max_tokens the model accepts); Claude Code asks for 128000.
+    max_output_tokens: tuple[tuple[str, int], ...] = ()
+    # Model-id prefixes of reasoning models: they take `max_completion_tokens` instead of
+    # `max_tokens` and a `reasoning_effort`.
+    reasoning_models: tuple[str, ...] = ()
+    # DeepSeek rejects a tool-calling conversation unless the assistant's `reasoning_content` of
+    # those turns is sent back.
+    sends_back_reasoning: bool = False
+    # Gemini's OpenAI endpoint attaches a thought signature to each tool call and requires it back
+    # on the next turn (tool_calls[].extra_content.google.thought_signature).
+    thought_signatures: bool = False
+
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    "openai": ProviderSpec(
+        "https://api.openai.com/v1", "openai", "bearer", "OPENAI_API_KEY",
+        max_output_tokens=(("gpt-4o", 16384), ("gpt-4.1", 32768), ("gpt-4", 8192),
+                           ("gpt-3.5", 4096), ("gpt-5", 128000), ("o", 100000)),
+        reasoning_models=("gpt-5", "o1", "o3", "o4")),
+    "anthropic": ProviderSpec("https://api.anthropic.com", "anthropic", "x-api-key",
+                              "ANTHROPIC_API_KEY"),
+    "deepseek": ProviderSpec(
+        "https://api.deepseek.com/v1", "openai", "bearer", "DEEPSEEK_API_KEY",
+        max_output_tokens=(("deepseek-reasoner", 65536), ("deepseek", 8192)),
+        sends_back_reasoning=True),
+    "xai": ProviderSpec("https://api.x.ai/v1", "openai", "bearer", "XAI_API_KEY",
+                        reasoning_models=("grok-3-mini",)),
+    "gemini": ProviderSpec(
+        "https://generativelanguage.googleapis.com/v1beta/openai", "openai", "bearer",
+        "GEMINI_API_KEY", max_output_tokens=(("gemini", 65536),),
+        reasoning_models=("gemini-2.5", "gemini-3"), thought_signatures=True),
+    "mistral": ProviderSpec("https://api.mistral.ai/v1", "openai", "bearer", "MISTRAL_API_KEY",
+                            max_output_tokens=(("", 32768),)),
+    "groq": ProviderSpec("https://api.groq.com/openai/v1", "openai", "bearer", "GROQ_API_KEY",
+                         max_output_tokens=(("", 32768),)),
+    "together": ProviderSpec("https://api.together.xyz/v1", "openai", "bearer",
+                             "TOGETHER_API_KEY"),
+    "openrouter": ProviderSpec("https://openrouter.ai/api/v1", "openai", "bearer",
+                               "OPENROUTER_API_KEY"),
+    "ollama": ProviderSpec("http://127.0.0.1:11434/v1", "openai", "none"),
+    # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
+    "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
+                                 reasoning_models=("gpt-5", "o1", "o3", "o4")),
+}
+
+# Other spellings people use for the same providers (the seed's docs use several).
+PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
+                    "azure": "azure_openai", "claude": "anthropic"}
+
+# A provider prefix plano does not know needs `base_url` and `provider_interface`.
+_CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
+
+
+def _prefix_lookup(table: Iterable[tuple[str, int]], model_id: str) -> int | None:
+    for prefix, value in table:
+        if model_id.startswith(prefix):
+            return value
+    return None
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Config: the seed's YAML format, `$ENV` expansion, a `.env` beside the file, errors with lines.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class RoutingPreference:
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One configured model, e.g. ``openai/gpt-4.1``, with everything needed to call it."""
+
+    name: str  # "provider/model-id", as written in the config
+    provider: str
+    model_id: str
+    spec: ProviderSpec = field(repr=False)
+    base_url: str = ""
+    access_key: str | None = field(default=None, repr=False)
+    key_env: str | None = None  # the variable the key came from (named in warnings and errors)
+    default: bool = False
+    routing_preferences: tuple[RoutingPreference, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+    max_tokens: int | None = None  # a cap from the config, beats the catalogue's
+
+    @property
+    def interface(self) -> str:
+        return self.spec.interface
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_tokens or _prefix_lookup(self.spec.max_output_tokens, self.model_id)
+
+    @property
+    def is_reasoning_model(self) -> bool:
+        return any(self.model_id.startswith(p) for p in self.spec.reasoning_models)
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = field(default=None, repr=False)  # clients must send it, when set
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The `router:` section. `model` is a Hugging Face repo id or a local .gguf path."""
+
+    model: str = "katanemo/Arch-Router-1.5B.gguf"
+    file: str = "Arch-Router-1.5B-Q4_K_M.gguf"
+    endpoint: str | None = None  # an OpenAI-compatible server hosting the router instead
+    timeout_ms: int = 12000  # sized for a 2-core CPU (a cold decision there takes ~3 s)
+    threads: int | None = None
+    enabled: bool = True
+    context_tokens: int = 2048  # the conversation budget the upstream project uses
+
+
+SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None
+    models: tuple[ModelEntry, ...]
+    aliases: Mapping[str, str]  # alias → configured model name
+    listener: Listener
+    router: RouterSettings
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def default_model(self) -> ModelEntry:
+        return next((m for m in self.models if m.default), self.models[0])
+
+    @property
+    def routes(self) -> tuple[tuple[RoutingPreference, ModelEntry], ...]:
+        """Every routing preference, in configuration order, with the model that serves it."""
+        return tuple((pref, m) for m in self.models for pref in m.routing_preferences)
+
+    def model_named(self, name: str) -> ModelEntry | None:
+        """A configured model by `provider/id`, or by a bare id that names exactly one model."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        matches = [m for m in self.models if m.model_id == name]
+        return matches[0] if len(matches) == 1 else None
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader whose mappings remember the line of each key, for error messages."""
+
+
+class _LineDict(dict):
+    line: int = 0
+    key_lines: dict
+
+
+def _construct_line_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    result = _LineDict()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_line_mapping)
+
+_ENV_REFERENCE = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
+
+
+def read_dotenv(path: str) -> dict[str, str]:
+    """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return values
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def find_config_path(explicit: str | None = None) -> str:
+    """`--config PATH`, else `$PLANO_CONFIG`, else `./config.yaml`."""
+    return explicit or os.environ.get("PLANO_CONFIG") or "config.yaml"
+
+
+def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a plano config file. Raises ConfigError naming file, line and field.
+
+    Keys written as `$VAR` / `${VAR}` come from `environ` (default: the process environment), then
+    from a `.env` file beside the config, which never overrides the environment.
+    """
+    path = find_config_path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    return parse_config(text, path=path, environ=environ)
+
+
+def parse_config(text: str, *, path: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        # An unclosed bracket or quote is noticed at the end of the file; the line to fix is
+        # where the construct started (the context mark), so name that one when there is one.
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = " ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)])) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping with `llm_providers`")
+    env = dict(read_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env")))
+    env.update(os.environ if environ is None else environ)
+    return _ConfigReader(path, env).read(raw)
+
+
+class _ConfigReader:
+    def __init__(self, path: str, env: Mapping[str, str]):
+        self.path, self.env = path, env
+        self.warnings: list[str] = []
+
+    def fail(self, mapping: Any, key: str | None, message: str) -> ConfigError:
+        line = getattr(mapping, "line", 1)
+        if key is not None and isinstance(mapping, _LineDict):
+            line = mapping.key_lines.get(key, line)
+        field_name = f" `{key}`" if key else ""
+        return ConfigError(f"{self.path}:{line}:{field_name} {message}")
+
+    def get(self, mapping: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
+        value = mapping.get(key, default)
+        if value is default:
+            return value
+        # YAML's `true` is a bool, which Python also counts as an int: never accept it as one.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(mapping, key, f"must be {_article(names)}, got {value!r}")
+        return value
+
+    def read(self, raw: dict) -> Config:
+        known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners",
+                 "router", "routing", "tracing", "endpoints", "prompt_targets", "system_prompt"}
+        for key in raw:
+            if key not in known:
+                raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
+        providers_key = "model_providers" if "model_providers" in raw else "llm_providers"
+        entries = self.get(raw, providers_key, list)
+        if not entries:
+            raise self.fail(raw, providers_key if providers_key in raw else None,
+                            "at least one model must be configured under `llm_providers`")
+        models = tuple(self.read_model(e, raw) for e in entries)
+        names = [m.name for m in models]
+        for m, e in zip(models, entries):
+            if names.count(m.name) > 1:
+                raise self.fail(e, "model", f"{m.name} is configured twice")
+        defaults = [e for m, e in zip(models, entries) if m.default]
+        if len(defaults) > 1:
+            raise self.fail(defaults[1], "default", "only one model can be the default")
+        route_names = [p.name for m in models for p in m.routing_preferences]
+        for m, e in zip(models, entries):
+            for p in m.routing_preferences:
+                if route_names.count(p.name) > 1:
+                    raise self.fail(e, "routing_preferences", f"route `{p.name}` is defined twice")
+                if p.name == "other":
+                    raise self.fail(e, "routing_preferences", "`other` is reserved: it means no route fits")
+        config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw))
+        aliases = self.read_aliases(raw, config)
+        for m, e in zip(models, entries):
+            for fallback in m.fallbacks:
+                if config.model_named(fallback) is None and fallback not in aliases:
+                    raise self.fail(e, "fallbacks", f"{fallback} is not a configured model")
+        return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings))
+
+    def read_model(self, entry: Any, raw: dict) -> ModelEntry:
+        if not isinstance(entry, dict):
+            raise self.fail(raw, "llm_providers", f"each entry must be a mapping, got {entry!r}")
+        known = {"model", "name", "access_key", "base_url", "endpoint", "default",
+                 "routing_preferences", "provider_interface", "fallbacks", "max_tokens"}
+        for key in entry:
+            if key not in known:
+                raise self.fail(entry, key, f"is not a known model field (known: {', '.join(sorted(known))})")
+        name = self.get(entry, "model", str)
+        if not name or "/" not in name:
+            raise self.fail(entry, "model", f"must be `provider/model-id` (e.g. openai/gpt-4.1), got {name!r}")
+        provider, model_id = name.split("/", 1)
+        provider = PROVIDER_ALIASES.get(provider, provider)
+        base_url = self.get(entry, "base_url", str) or self.get(entry, "endpoint", str)
+        interface = self.get(entry, "provider_interface", str)
+        if interface is not None and interface not in ("openai", "anthropic"):
+            raise self.fail(entry, "provider_interface", f"must be `openai` or `anthropic`, got {interface!r}")
+        spec = PROVIDERS.get(provider)
+        if spec is None:
+            if not (base_url and interface):
+                raise self.fail(entry, "model", f"unknown provider `{provider}`: give `base_url` and "
+                                f"`provider_interface` for a custom provider (known: {', '.join(PROVIDERS)})")
+            spec = dataclasses.replace(_CUSTOM_PROVIDER, interface=interface,
+                                       auth="bearer" if interface == "openai" else "x-api-key")
+        elif interface and interface != spec.interface:
+            spec = dataclasses.replace(spec, interface=interface,
+                                       auth="bearer" if interface == "openai" else "x-api-key")
+        if base_url is not None:
+            base_url = self.expand(entry, "base_url", base_url)[0]
+            if not re.match(r"^https?://", base_url or ""):
+                raise self.fail(entry, "base_url", f"must be an http(s) URL, got {base_url!r}")
+        elif spec.base_url is None:
+            raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
+        access_key, key_env = None, None
+        if "access_key" in entry:
+            access_key, key_env = self.expand(entry, "access_key", self.get(entry, "access_key", str))
+            if access_key is None:
+                self.warnings.append(f"{name}: ${key_env} is not set; requests for this model will "
+                                     f"fail until it is (export {key_env}=... or put it in .env)")
+        elif spec.auth != "none" and provider not in ("ollama",):
+            key_env = spec.key_env
+            access_key = self.env.get(key_env) if key_env else None
+            if key_env and access_key is None:
+                self.warnings.append(f"{name}: no `access_key` configured and ${key_env} is not set")
+        preferences = []
+        for pref in self.get(entry, "routing_preferences", list, []) or []:
+            if not isinstance(pref, dict) or not isinstance(pref.get("name"), str) \
+                    or not isinstance(pref.get("description"), str) or not pref["name"].strip():
+                raise self.fail(pref if isinstance(pref, _LineDict) else entry, "routing_preferences",
+                                "each preference needs a `name` and a `description` (strings)")
+            preferences.append(RoutingPreference(pref["name"].strip(), pref["description"].strip()))
+        fallbacks = self.get(entry, "fallbacks", list, []) or []
+        if not all(isinstance(f, str) for f in fallbacks):
+            raise self.fail(entry, "fallbacks", "must be a list of model names")
+        max_tokens = self.get(entry, "max_tokens", int)
+        return ModelEntry(
+            name=name, provider=provider, model_id=model_id, spec=spec,
+            base_url=(base_url or spec.base_url or "").rstrip("/"),
+            access_key=access_key, key_env=key_env,
+            default=bool(self.get(entry, "default", bool, False)),
+            routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
+            max_tokens=max_tokens)
+
+    def expand(self, mapping: dict, key: str, value: str) -> tuple[str | None, str | None]:
+        """`$VAR`/`${VAR}` → (value or None, VAR); a literal → (literal, None)."""
+        match = _ENV_REFERENCE.match(value.strip())
+        if not match:
+            return value, None
+        variable = match.group(1)
+        return self.env.get(variable) or None, variable
+
+    def read_listener(self, raw: dict) -> Listener:
+        listeners = raw.get("listeners")
+        if listeners is None:
+            return Listener(api_key=self.env.get("PLANO_API_KEY") or None)
+        # The seed's newer format is a list of listeners; older ones use a mapping of them.
+        if isinstance(listeners, dict):
+            candidates = [v for v in listeners.values() if isinstance(v, dict)] or [listeners]
+        elif isinstance(listeners, list) and listeners and all(isinstance(v, dict) for v in listeners):
+            candidates = listeners
+        else:
+            raise self.fail(raw, "listeners", "must be a list of {address, port}")
+        chosen = next((c for c in candidates if c.get("type") in (None, "model", "llm")), candidates[0])
+        address = self.get(chosen, "address", str, DEFAULT_HOST)
+        port = self.get(chosen, "port", int, DEFAULT_PORT)
+        if not 0 <= port <= 65535:
+            raise self.fail(chosen, "port", f"must be between 0 and 65535, got {port}")
+        key = self.get(chosen, "api_key", str)
+        if key is not None:
+            key = self.expand(chosen, "api_key", key)[0]
+        return Listener(address=address, port=port, api_key=key or self.env.get("PLANO_API_KEY") or None)
+
+    def read_router(self, raw: dict) -> RouterSettings:
+        section = raw.get("router")
+        settings = RouterSettings()
+        if section is None:
+            section = {}
+        if section is False:
+            return dataclasses.replace(settings, enabled=False)
+        if not isinstance(section, dict):
+            raise self.fail(raw, "router", "must be a mapping {model, file, endpoint, timeout_ms, threads}")
+        known = {"model", "file", "endpoint", "timeout_ms", "threads", "enabled", "context_tokens"}
+        for key in section:
+            if key not in known:
+                raise self.fail(section, key, f"is not a known router field (known: {', '.join(sorted(known))})")
+        model = self.env.get("PLANO_ROUTER_MODEL") or self.get(section, "model", str, settings.model)
+        timeout_ms = self.get(section, "timeout_ms", int, settings.timeout_ms)
+        threads = self.get(section, "threads", int)
+        context_tokens = self.get(section, "context_tokens", int, settings.context_tokens)
+        for key, value in (("timeout_ms", timeout_ms), ("threads", threads or 1),
+                           ("context_tokens", context_tokens)):
+            if value <= 0:
+                raise self.fail(section, key, f"must be positive, got {value}")
+        endpoint = self.get(section, "endpoint", str)
+        if endpoint is not None and not re.match(r"^https?://", endpoint):
+            raise self.fail(section, "endpoint", f"must be an http(s) URL, got {endpoint!r}")
+        return RouterSettings(model=model, file=self.get(section, "file", str, settings.file),
+                              endpoint=endpoint.rstrip("/") if endpoint else None,
+                              timeout_ms=timeout_ms, threads=threads,
+                              enabled=self.get(section, "enabled", bool, True),
+                              context_tokens=context_tokens)
+
+    def read_aliases(self, raw: dict, config: Config) -> dict[str, str]:
+        section = self.get(raw, "model_aliases", dict, {}) or {}
+        aliases = {}
+        for alias, value in section.items():
+            target = value.get("target") if isinstance(value, dict) else value
+            if not isinstance(target, str):
+                raise self.fail(section, alias, "must be {target: provider/model}")
+            model = config.model_named(target)
+            if model is None:
+                raise self.fail(value if isinstance(value, _LineDict) else section,
+                                "target" if isinstance(value, dict) else alias,
+                                f"{target} is not a configured model")
+            aliases[str(alias)] = model.name
+        return aliases
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats: Anthropic Messages ⇄ OpenAI Chat Completions, as pure functions on plain dicts,
+# and server-sent events with small state machines that translate streams event by event.
+# Nothing here does I/O.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+ANTHROPIC_STOP_FROM_OPENAI = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                              "function_call": "tool_use", "content_filter": "refusal"}
+OPENAI_FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                                "tool_use": "tool_calls", "pause_turn": "stop",
+                                "refusal": "content_filter", "model_context_window_exceeded": "length"}
+
+# A Gemini thought signature rides inside the tool-use id we give the client, because every
+# client sends tool-use ids back verbatim and nothing else: no server-side state to lose.
+_SIGNATURE_MARK = "__plano_ts_"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RequestError(message)
+
+
+def _text_of(content: Any, where: str) -> str:
+    """The text of a string or of a list of text blocks (Anthropic or OpenAI shaped)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    _require(isinstance(content, list), f"{where}: must be a string or a list of content blocks")
+    parts = []
+    for i, block in enumerate(content):
+        _require(isinstance(block, dict), f"{where}[{i}]: must be an object")
+        if block.get("type") in ("text", "input_text", "output_text"):
+            _require(isinstance(block.get("text"), str), f"{where}[{i}].text: must be a string")
+            parts.append(block["text"])
+    return "\n".join(parts)
+
+
+def _json_arguments(arguments: Any) -> dict:
+    """Tool-call arguments (a JSON string from OpenAI) as the object Anthropic wants."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments:
+        return {}
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):
+        # Keep what the model wrote rather than lose it: the client sees the raw text.
+        return {"_raw_arguments": str(arguments)}
+    return value if isinstance(value, dict) else {"_value": value}
+
+
+def _image_url_from_source(source: Any, where: str) -> str:
+    _require(isinstance(source, dict), f"{where}.source: must be an object")
+    if source.get("type") == "base64":
+        _require(isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str),
+                 f"{where}.source: base64 images need `media_type` and `data` strings")
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if source.get("type") == "url":
+        _require(isinstance(source.get("url"), str), f"{where}.source.url: must be a string")
+        return source["url"]
+    raise RequestError(f"{where}.source.type: must be `base64` or `url`")
+
+
+def _source_from_image_url(url: Any, where: str) -> dict:
+    _require(isinstance(url, str), f"{where}: must be a string")
+    match = re.match(r"^data:([^;,]+);base64,(.*)$", url, re.S)
+    if match:
+        return {"type": "base64", "media_type": match.group(1), "data": match.group(2)}
+    return {"type": "url", "url": url}
+
+
+def split_signed_tool_id(tool_id: str) -> tuple[str, str | None]:
+    """A tool-use id we minted for Gemini → (provider's id, thought signature or None)."""
+    original, mark, encoded = tool_id.partition(_SIGNATURE_MARK)
+    if not mark:
+        return tool_id, None
+    try:
+        signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return tool_id, None
+    return original, signature
+
+
+def signed_tool_id(tool_id: str, signature: str | None) -> str:
+    if not signature:
+        return tool_id
+    return tool_id + _SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode()).decode().rstrip("=")
+
+
+def _effort_from_anthropic(body: dict) -> str | None:
+    """Claude Code's thinking request as an OpenAI `reasoning_effort`, when it asks for thinking."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    effort = (body.get("output_config") or {}).get("effort") if isinstance(body.get("output_config"), dict) else None
+    if effort in ("low", "medium", "high"):
+        return effort
+    if effort in ("max", "xhigh"):
+        return "high"
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    return "medium"
+
+
+def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
+    """An Anthropic Messages request body as an OpenAI Chat Completions body for `model`."""
+    _require(isinstance(body, dict), "body: must be a JSON object")
+    messages_in = body.get("messages")
+    _require(isinstance(messages_in, list), "messages: must be a list")
+    messages: list[dict] = []
+    system = body.get("system")
+    if system is not None:
+        text = _text_of(system, "system")
+        if text:
+            messages.append({"role": "system", "content": text})
+    for i, message in enumerate(messages_in):
+        messages.extend(_anthropic_message_to_openai(message, f"messages[{i}]", model))
+    out: dict[str, Any] = {"model": model.model_id, "messages": messages}
+
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+                 "max_tokens: must be a positive integer")
+        cap = model.max_output_tokens
+        if cap:
+            max_tokens = min(max_tokens, cap)
+        out["max_completion_tokens" if model.is_reasoning_model else "max_tokens"] = max_tokens
+    for key in ("temperature", "top_p"):
+        if key in body and body[key] is not None:
+            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
+                     f"{key}: must be a number")
+            if not model.is_reasoning_model:  # reasoning models reject sampling parameters
+                out[key] = body[key]
+    stop = body.get("stop_sequences")
+    if stop:
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "stop_sequences: must be a list of strings")
+        out["stop"] = stop[:4]  # OpenAI accepts at most four
+    tools = body.get("tools")
+    if tools:
+        _require(isinstance(tools, list), "tools: must be a list")
+        converted = [_anthropic_tool_to_openai(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        converted = [t for t in converted if t is not None]
+        if converted:
+            out["tools"] = converted
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and "tools" in out:
+        _require(isinstance(tool_choice, dict), "tool_choice: must be an object")
+        kind = tool_choice.get("type")
+        if kind == "auto":
+            out["tool_choice"] = "auto"
+        elif kind == "any":
+            out["tool_choice"] = "required"
+        elif kind == "none":
+            out["tool_choice"] = "none"
+        elif kind == "tool":
+            _require(isinstance(tool_choice.get("name"), str), "tool_choice.name: must be a string")
+            out["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
+        else:
+            raise RequestError("tool_choice.type: must be auto, any, tool or none")
+        if tool_choice.get("disable_parallel_tool_use") is True:
+            out["parallel_tool_calls"] = False
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        user = metadata["user_id"]
+        # OpenAI caps `user` at 64 characters; Claude Code's is a longer JSON string. A digest keeps
+        # it a stable per-user identifier without truncating into collisions.
+        out["user"] = user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()
+    effort = _effort_from_anthropic(body)
+    if effort and model.is_reasoning_model:
+        out["reasoning_effort"] = effort
+    if body.get("stream") is True:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _anthropic_tool_to_openai(tool: Any, where: str) -> dict | None:
+    _require(isinstance(tool, dict), f"{where}: must be an object")
+    if "input_schema" not in tool and tool.get("type") not in (None, "custom"):
+        return None  # an Anthropic server tool (web search, …): only Anthropic can run it
+    _require(isinstance(tool.get("name"), str) and tool["name"], f"{where}.name: must be a string")
+    schema = tool.get("input_schema", {"type": "object", "properties": {}})
+    _require(isinstance(schema, dict), f"{where}.input_schema: must be an object")
+    function = {"name": tool["name"], "parameters": schema}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _anthropic_message_to_openai(message: Any, where: str, model: ModelEntry) -> list[dict]:
+    _require(isinstance(message, dict), f"{where}: must be an object")
+    role, content = message.get("role"), message.get("content")
+    _require(role in ("user", "assistant", "system"), f"{where}.role: must be user, assistant or system")
+    if role == "system":  # Claude Code puts an environment block between user turns this way
+        return [{"role": "system", "content": _text_of(content, f"{where}.content")}]
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+    if role == "assistant":
+        return [_anthropic_assistant_to_openai(content, where, model)]
+    # OpenAI wants each tool result as its own `tool` message straight after the assistant turn
+    # that called it, so tool results go first and the rest of the user turn follows.
+    tool_messages: list[dict] = []
+    parts: list[dict] = []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        kind = block.get("type")
+        if kind == "tool_result":
+            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
+            text, images = _tool_result_content(block.get("content"), at)
+            if block.get("is_error") is True:
+                text = f"[tool error] {text}"
+            tool_messages.append({"role": "tool", "tool_call_id": split_signed_tool_id(block["tool_use_id"])[0],
+                                  "content": text})
+            parts.extend(images)  # OpenAI tool messages carry text only; images follow as user content
+        else:
+            part = _anthropic_user_block_to_openai(block, at)
+            if part is not None:
+                parts.append(part)
+    out = tool_messages
+    if parts:
+        if all(p["type"] == "text" for p in parts):
+            out.append({"role": "user", "content": "\n".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": "user", "content": parts})
+    return out
+
+
+def _tool_result_content(content: Any, where: str) -> tuple[str, list[dict]]:
+    if content is None or isinstance(content, str):
+        return content or "", []
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+    texts, images = [], []
+    for i, block in enumerate(content):
+        _require(isinstance(block, dict), f"{where}.content[{i}]: must be an object")
+        if block.get("type") == "text":
+            _require(isinstance(block.get("text"), str), f"{where}.content[{i}].text: must be a string")
+            texts.append(block["text"])
+        elif block.get("type") == "image":
+            images.append({"type": "image_url", "image_url": {
+                "url": _image_url_from_source(block.get("source"), f"{where}.content[{i}]")}})
+    return "\n".join(texts), images
+
+
+def _anthropic_user_block_to_openai(block: dict, where: str) -> dict | None:
+    kind = block.get("type")
+    if kind == "text":
+        _require(isinstance(block.get("text"), str), f"{where}.text: must be a string")
+        return {"type": "text", "text": block["text"]}
+    if kind == "image":
+        return {"type": "image_url", "image_url": {"url": _image_url_from_source(block.get("source"), where)}}
+    if kind == "document":
+        source = block.get("source")
+        _require(isinstance(source, dict), f"{where}.source: must be an object")
+        if source.get("type") == "text":
+            return {"type": "text", "text": str(source.get("data", ""))}
+        return {"type": "file", "file": {"file_data": _image_url_from_source(source, where),
+                                         "filename": str(block.get("title") or "document.pdf")}}
+    if kind in ("thinking", "redacted_thinking"):
+        return None
+    raise RequestError(f"{where}.type: unsupported content block type {kind!r} in a user message")
+
+
+def _anthropic_assistant_to_openai(content: list, where: str, model: ModelEntry) -> dict:
+    texts, reasoning, tool_calls = [], [], []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        kind = block.get("type")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
+            texts.append(block["text"])
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                reasoning.append(block["thinking"])
+        elif kind == "tool_use":
+            _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                     f"{at}: tool_use needs string `id` and `name`")
+            tool_id, signature = split_signed_tool_id(block["id"])
+            call: dict[str, Any] = {"id": tool_id, "type": "function", "function": {
+                "name": block["name"], "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}}
+            if signature and model.spec.thought_signatures:
+                call["extra_content"] = {"google": {"thought_signature": signature}}
+            tool_calls.append(call)
+        elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
+            continue  # only meaningful to Anthropic
+        else:
+            raise RequestError(f"{at}.type: unsupported content block type {kind!r} in an assistant message")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if reasoning and model.spec.sends_back_reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if message["content"] is None and not tool_calls:
+        message["content"] = ""
+    return message
+
+
+def _openai_usage_to_anthropic(usage: Any) -> dict:
+    if not isinstance(usage, dict):
+        return {"input_tokens": 0, "output_tokens": 0}
+    prompt = usage.get("prompt_tokens") or 0
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0 if isinstance(details, dict) else 0
+    # DeepSeek reports its cache hits under its own name.
+    cached = cached or usage.get("prompt_cache_hit_tokens") or 0
+    return {"input_tokens": max(prompt - cached, 0), "output_tokens": usage.get("completion_tokens") or 0,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _anthropic_usage_to_openai(usage: Any) -> dict:
+    usage = usage if isinstance(usage, dict) else {}
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
+    """A Chat Completions response as an Anthropic Messages response."""
+    choices = response.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    content: list[dict] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        # No signature: only Anthropic can make one, and plano never invents one.
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    if isinstance(message.get("content"), str) and message["content"]:
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        content.append({"type": "tool_use", "id": signed_tool_id(call.get("id") or _new_id("toolu"), signature),
+                        "name": function.get("name") or "", "input": _json_arguments(function.get("arguments"))})
+    stop = ANTHROPIC_STOP_FROM_OPENAI.get(choices[0].get("finish_reason"), "end_turn")
+    if any(b["type"] == "tool_use" for b in content):
+        stop = "tool_use"  # some providers say "stop" after calling a tool
+    return {"id": "msg_" + str(response.get("id") or _new_id("")).removeprefix("msg_"),
+            "type": "message", "role": "assistant", "model": requested_model, "content": content,
+            "stop_reason": stop, "stop_sequence": None,
+            "usage": _openai_usage_to_anthropic(response.get("usage"))}
+
+
+def anthropic_response_to_openai(response: dict, requested_model: str) -> dict:
+    """An Anthropic Messages response as a Chat Completions response."""
+    texts, reasoning, tool_calls = [], [], []
+    for block in response.get("content") or []:
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking", ""))
+        elif kind == "tool_use":
+            tool_calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"), "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    finish = OPENAI_FINISH_FROM_ANTHROPIC.get(response.get("stop_reason"), "stop")
+    return {"id": "chatcmpl-" + str(response.get("id") or _new_id("")), "object": "chat.completion",
+            "created": int(time.time()), "model": requested_model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": _anthropic_usage_to_openai(response.get("usage"))}
+
+
+_REASONING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
+
+
+def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
+    """A Chat Completions request body as an Anthropic Messages body for `model`."""
+    _require(isinstance(body, dict), "body: must be a JSON object")
+    messages_in = body.get("messages")
+    _require(isinstance(messages_in, list) and messages_in, "messages: must be a non-empty list")
+    system_parts: list[str] = []
+    messages: list[dict] = []
+    for i, message in enumerate(messages_in):
+        where = f"messages[{i}]"
+        _require(isinstance(message, dict), f"{where}: must be an object")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = _text_of(message.get("content"), f"{where}.content")
+            if not messages:
+                system_parts.append(text)
+            else:
+                messages.append({"role": "system", "content": text})
+        elif role == "user":
+            _append_anthropic(messages, "user", _openai_user_content_to_anthropic(message.get("content"), where))
+        elif role == "assistant":
+            _append_anthropic(messages, "assistant", _openai_assistant_to_anthropic(message, where))
+        elif role in ("tool", "function"):
+            tool_id = message.get("tool_call_id") or message.get("name")
+            _require(isinstance(tool_id, str), f"{where}.tool_call_id: must be a string")
+            _append_anthropic(messages, "user", [{"type": "tool_result", "tool_use_id": tool_id,
+                                                  "content": _text_of(message.get("content"), f"{where}.content")}])
+        else:
+            raise RequestError(f"{where}.role: must be system, developer, user, assistant or tool")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = model.max_output_tokens or 8192  # Anthropic requires max_tokens
+    _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+             "max_tokens: must be a positive integer")
+    n = body.get("n", 1)
+    _require(n in (1, None), "n: only n=1 is supported for Anthropic models")
+    out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
+    if system_parts:
+        out["system"] = "\n".join(system_parts)
+    temperature = body.get("temperature")
+    if temperature is not None:
+        _require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool),
+                 "temperature: must be a number")
+        out["temperature"] = min(max(float(temperature), 0.0), 1.0)  # Anthropic's range is 0–1
+    if body.get("top_p") is not None:
+        _require(isinstance(body["top_p"], (int, float)), "top_p: must be a number")
+        out["top_p"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        stop = [stop] if isinstance(stop, str) else stop
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop), "stop: must be a string or a list of strings")
+        out["stop_sequences"] = stop
+    tools = body.get("tools")
+    if tools:
+        _require(isinstance(tools, list), "tools: must be a list")
+        out["tools"] = [_openai_tool_to_anthropic(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        choice = _openai_tool_choice_to_anthropic(body.get("tool_choice"))
+        if body.get("parallel_tool_calls") is False:
+            choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
+        if choice:
+            out["tool_choice"] = choice
+    if isinstance(body.get("user"), str):
+        out["metadata"] = {"user_id": body["user"]}
+    effort = body.get("reasoning_effort")
+    if effort in _REASONING_BUDGET and effort != "none":
+        budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
+        if budget >= 1024:  # Anthropic's minimum thinking budget
+            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            out.pop("temperature", None)  # thinking requires the default temperature
+    if body.get("stream") is True:
+        out["stream"] = True
+    return out
+
+
+def _append_anthropic(messages: list[dict], role: str, blocks: list[dict]) -> None:
+    """Anthropic wants user/assistant turns to alternate: merge consecutive same-role turns."""
+    if messages and messages[-1]["role"] == role and isinstance(messages[-1]["content"], list):
+        messages[-1]["content"].extend(blocks)
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _openai_user_content_to_anthropic(content: Any, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of parts")
+    blocks = []
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(part, dict), f"{at}: must be an object")
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            _require(isinstance(part.get("text"), str), f"{at}.text: must be a string")
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append({"type": "image", "source": _source_from_image_url(url, f"{at}.image_url.url")})
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            blocks.append({"type": "document", "source": _source_from_image_url(file.get("file_data"), f"{at}.file.file_data")})
+        else:
+            raise RequestError(f"{at}.type: unsupported content part type {kind!r}")
+    return blocks
+
+
+def _openai_assistant_to_anthropic(message: dict, where: str) -> list[dict]:
+    # `reasoning_content` is dropped: an Anthropic upstream would demand a signature for it, and
+    # plano never makes one up.
+    blocks: list[dict] = []
+    text = _text_of(message.get("content"), f"{where}.content")
+    if text:
+        blocks.append({"type": "text", "text": text})
+    calls = message.get("tool_calls") or []
+    _require(isinstance(calls, list), f"{where}.tool_calls: must be a list")
+    for i, call in enumerate(calls):
+        _require(isinstance(call, dict) and isinstance(call.get("function"), dict),
+                 f"{where}.tool_calls[{i}]: must be an object with `function`")
+        function = call["function"]
+        _require(isinstance(function.get("name"), str), f"{where}.tool_calls[{i}].function.name: must be a string")
+        blocks.append({"type": "tool_use", "id": str(call.get("id") or _new_id("toolu")),
+                       "name": function["name"], "input": _json_arguments(function.get("arguments"))})
+    return blocks or [{"type": "text", "text": ""}]
+
+
+def _openai_tool_to_anthropic(tool: Any, where: str) -> dict:
+    _require(isinstance(tool, dict) and isinstance(tool.get("function"), dict),
+             f"{where}: must be {{type: function, function: {{...}}}}")
+    function = tool["function"]
+    _require(isinstance(function.get("name"), str) and function["name"], f"{where}.function.name: must be a string")
+    schema = function.get("parameters") or {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict), f"{where}.function.parameters: must be an object")
+    out = {"name": function["name"], "input_schema": schema}
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+def _openai_tool_choice_to_anthropic(choice: Any) -> dict | None:
+    if choice is None:
+        return None
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if choice == "required":
+        return {"type": "any"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        return {"type": "tool", "name": choice["function"]["name"]}
+    raise RequestError("tool_choice: must be auto, none, required or {type: function, function: {name}}")
+
+
+def _new_id(prefix: str) -> str:
+    return (prefix + "_" if prefix else "") + os.urandom(12).hex()
+
+
+# ── token estimate for count_tokens ───────────────────────────────────────────────────────────
+
+def _image_tokens(source: Any) -> int:
+    """Anthropic's rule: about width*height/750 tokens, images scaled to at most ~1600 tokens."""
+    if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+        try:
+            head = base64.b64decode(source["data"][:64] + "=" * (-len(source["data"][:64]) % 4))
+        except ValueError:
+            head = b""
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
+            width, height = struct.unpack(">II", head[16:24])
+            return max(1, min(1600, width * height // 750))
+    return 1600
+
+
+def estimate_tokens(body: dict) -> int:
+    """An estimate of the input tokens of an Anthropic request, computed locally.
+
+    Claude Code calls count_tokens often to size its context; the upstream model's own tokenizer
+    is not available locally (and differs per provider), so this counts ~4 characters per token
+    over every text the model will read: system, messages, tool calls and results, tool
+    definitions, plus images by their pixel size.
+    """
+    chars, images, blocks = 0, 0, 0
+
+    def walk(value: Any) -> None:
+        nonlocal chars, images, blocks
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            if value.get("type") == "image":
+                images += _image_tokens(value.get("source"))
+                return
+            blocks += 1
+            for key, item in value.items():
+                if key in ("cache_control", "type", "signature", "id", "tool_use_id"):
+                    continue
+                if key in ("input", "input_schema"):
+                    chars += len(json.dumps(item, ensure_ascii=False))
+                else:
+                    walk(item)
+
+    walk(body.get("system"))
+    walk(body.get("messages"))
+    walk(body.get("tools"))
+    return math.ceil(chars / 4) + images + 3 * blocks
+
+
+# ── server-sent events ────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class SSEEvent:
+    event: str | None
+    data: str
+
+
+class SSEDecoder:
+    """Bytes in → events out, for text/event-stream (WHATWG rules), across arbitrary reads.
+
+    Lines are split on bytes and only decoded once complete, so a multi-byte UTF-8 character cut
+    between two network reads is never decoded in halves.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buffer += chunk
+        events = []
+        while True:
+            match = re.search(rb"\r\n|\r(?!$)|\n", self._buffer)
+            if match is None:
+                break
+            line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
+            del self._buffer[:match.end()]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream. An event cut off before its blank line is not dispatched (WHATWG rule):
+        a connection that dies mid-event must not pass half a JSON object on as a whole one."""
+        self._buffer.clear()
+        self._event, self._data = None, []
+        return []
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            if not self._data and self._event is None:
+                return None
+            event = SSEEvent(self._event, "\n".join(self._data))
+            self._event, self._data = None, []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        return None
+
+
+def encode_sse(data: Any, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def anthropic_error_body(error_type: str, message: str) -> dict:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def openai_error_body(error_type: str, message: str, status: int) -> dict:
+    openai_type = {"api_error": "server_error", "overloaded_error": "server_error"}.get(error_type, error_type)
+    return {"error": {"message": message, "type": openai_type, "param": None, "code": status}}
+
+
+class StreamTranslationError(Exception):
+    """The upstream stream broke its own protocol (bad JSON, missing end)."""
+
+
+class OpenAIToAnthropicStream:
+    """Feed Chat Completions stream chunks, get Anthropic stream events back (name, data).
+
+    Anthropic clients need `message_start` first, one content block open at a time with indices
+    counting up from 0, and exactly one `message_delta` + `message_stop` at the end; OpenAI sends
+    text, reasoning and tool-call fragments in any interleaving, usage in a trailing chunk with
+    no choices, then `[DONE]`.
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+        self.started = False
+        self.finished = False
+        self.block: str | None = None  # kind of the open block: "text" | "thinking" | "tool"
+        self.block_index = -1
+        self.tool_id: str | None = None  # the provider's id and index of the open tool call
+        self.tool_index: Any = None
+        self.saw_tool_use = False
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.message_id = _new_id("msg")
+
+    def feed(self, chunk: dict) -> list[tuple[str, dict]]:
+        if not isinstance(chunk, dict):
+            raise StreamTranslationError("stream chunk is not a JSON object")
+        if "error" in chunk and not chunk.get("choices"):
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise UpstreamError(str(error.get("message", "upstream error")), status=502, error_type="api_error")
+        events = self._start(chunk)
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                events.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                events += self._open("text", {"type": "text", "text": ""})
+                events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+            for call in delta.get("tool_calls") or []:
+                events += self._tool_fragment(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return events
+
+    def _tool_fragment(self, call: Any) -> list[tuple[str, dict]]:
+        if not isinstance(call, dict):
+            return []
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        upstream_id, index = call.get("id"), call.get("index")
+        # A fragment continues the open call unless it names another id or index. Some providers
+        # repeat the id in every fragment, some omit `index`, some send id, name and arguments in
+        # one chunk: all of these must land in one tool_use block.
+        continues = self.block == "tool" and upstream_id in (None, self.tool_id) \
+            and index in (None, self.tool_index)
+        events = []
+        if not continues:
+            signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+            events += self._open("tool", {"type": "tool_use", "name": function.get("name") or "", "input": {},
+                                          "id": signed_tool_id(upstream_id or _new_id("toolu"), signature)},
+                                 force=True)
+            self.tool_id, self.tool_index = upstream_id, index
+            self.saw_tool_use = True
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+        return events
+
+    def finish(self) -> list[tuple[str, dict]]:
+        """The upstream said `[DONE]` (or ended cleanly): close the message exactly once."""
+        if self.finished:
+            return []
+        if self.finish_reason is None and self.usage is None:
+            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+        events = self._start({}) + self._close()
+        stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
+        if self.saw_tool_use:
+            stop = "tool_use"
+        self.finished = True
+        events.append(("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": stop, "stop_sequence": None},
+                                         "usage": _openai_usage_to_anthropic(self.usage)}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def _start(self, chunk: dict) -> list[tuple[str, dict]]:
+        if self.started:
+            return []
+        self.started = True
+        return [("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def _open(self, kind: str, block: dict, force: bool = False) -> list[tuple[str, dict]]:
+        if self.block == kind and not force:
+            return []
+        events = self._close()
+        self.block = kind
+        self.block_index += 1
+        return events + [("content_block_start", {"type": "content_block_start",
+                                                  "index": self.block_index, "content_block": block})]
+
+    def _close(self) -> list[tuple[str, dict]]:
+        if self.block is None:
+            return []
+        self.block = None
+        self.tool_id = self.tool_index = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
+
+    def _delta(self, delta: dict) -> tuple[str, dict]:
+        return ("content_block_delta", {"type": "content_block_delta", "index": self.block_index, "delta": delta})
+
+
+class AnthropicToOpenAIStream:
+    """Feed Anthropic stream events, get Chat Completions chunks back (dicts, then "[DONE]")."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.model = model
+        self.include_usage = include_usage
+        self.chunk_id = "chatcmpl-" + os.urandom(12).hex()
+        self.created = int(time.time())
+        self.tool_calls_by_block: dict[int, int] = {}  # Anthropic block index → OpenAI tool index
+        self.usage: dict = {}
+        self.finish_reason: str | None = None
+        self.finished = False
+
+    def _chunk(self, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> dict:
+        chunk: dict[str, Any] = {"id": self.chunk_id, "object": "chat.completion.chunk",
+                                 "created": self.created, "model": self.model,
+                                 "choices": [] if delta is None else
+                                 [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if usage is not None:
+            chunk["usage"] = usage
+        return chunk
+
+    def feed(self, event: str | None, data: dict) -> list[Any]:
+        if not isinstance(data, dict):
+            raise StreamTranslationError("stream event data is not a JSON object")
+        kind = data.get("type", event)
+        if kind == "message_start":
+            message = data.get("message") if isinstance(data.get("message"), dict) else {}
+            self.usage.update(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = len(self.tool_calls_by_block)
+                self.tool_calls_by_block[data.get("index")] = index
+                return [self._chunk({"tool_calls": [{"index": index, "id": block.get("id"), "type": "function",
+                                                     "function": {"name": block.get("name"), "arguments": ""}}]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            return []
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "thinking_delta":
+                return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
+            if delta.get("type") == "input_json_delta" and data.get("index") in self.tool_calls_by_block:
+                return [self._chunk({"tool_calls": [{"index": self.tool_calls_by_block[data["index"]],
+                                                     "function": {"arguments": delta.get("partial_json", "")}}]})]
+            return []
+        if kind == "message_delta":
+            self.usage.update(data.get("usage") or {})
+            reason = (data.get("delta") or {}).get("stop_reason")
+            self.finish_reason = OPENAI_FINISH_FROM_ANTHROPIC.get(reason, "stop")
+            return [self._chunk({}, finish=self.finish_reason)]
+        if kind == "message_stop":
+            return self.finish()
+        if kind == "error":
+            error = data.get("error") if isinstance(data.get("error"), dict) else {}
+            raise UpstreamError(str(error.get("message", "upstream stream error")),
+                                status=529 if error.get("type") == "overloaded_error" else 502,
+                                error_type=str(error.get("type") or "api_error"))
+        return []  # ping, content_block_stop, and event types added later
+
+    def finish(self) -> list[Any]:
+        if self.finished:
+            return []
+        if self.finish_reason is None:
+            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+        self.finished = True
+        tail: list[Any] = []
+        if self.include_usage:
+            tail.append(self._chunk(None, usage=_anthropic_usage_to_openai(self.usage)))
+        return tail + ["[DONE]"]
+
+
+def replace_json_model(raw: str, model_id: str) -> str:
+    """The JSON object text `raw` with its top-level "model" value replaced, all else byte-equal.
+
+    Same-protocol passthrough must not re-serialise the body: provider prompt caches key on the
+    exact bytes, and fields plano doesn't know must survive untouched.
+    """
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    i = ws.match(raw, 0).end()
+    if raw[i:i + 1] != "{":
+        raise RequestError("body: must be a JSON object")
+    i = ws.match(raw, i + 1).end()
+    replacement = json.dumps(model_id, ensure_ascii=False)
+    while raw[i:i + 1] == '"':
+        key, i = json.decoder.scanstring(raw, i + 1)
+        i = ws.match(raw, i).end() + 1  # past ':'
+        i = ws.match(raw, i).end()
+        _, end = decoder.raw_decode(raw, i)
+        if key == "model":
+            return raw[:i] + replacement + raw[end:]
+        i = ws.match(raw, end).end()
+        if raw[i:i + 1] == ",":
+            i = ws.match(raw, i + 1).end()
+    # No "model" key: add one at the front.
+    brace = raw.index("{")
+    rest = raw[brace + 1:]
+    separator = "," if rest.strip() != "}" else ""
+    return raw[:brace + 1] + f'"model":{replacement}{separator}' + rest
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Router: which configured model should answer this conversation.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which model answers, and why.
+
+    decision: ``explicit`` (the request named a configured model), ``alias``, ``router`` (the
+    router model chose a route), ``pinned`` (a tool-loop continuation kept the turn's model),
+    ``small_fast`` (Claude Code's background slot), ``default`` (no route fits, or routing is
+    off), ``fallback`` (the router failed or timed out, or the chosen model's provider failed).
+    """
+
+    model: str
+    route: str | None
+    decision: str
+    latency_ms: float = 0.0
+    reason: str = ""
+
+
+def make_router(config: Config, nursery: trio.Nursery) -> Any:
+    return None  # replaced by the router section
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Gateway: one request, from parsed HTTP to the caller's answer. No sockets here: the server
+# hands in a Request and a Responder.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes = b""
+
+    @property
+    def api_format(self) -> str:
+        """Which API's error shape the caller understands."""
+        return "anthropic" if self.path.startswith("/v1/messages") or self.path == "/v1/complete" else "openai"
+
+
+class Responder:
+    """What the gateway writes an answer through; the HTTP server implements it."""
+
+    started = False
+
+    async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        raise NotImplementedError
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class _Exchange:
+    """Everything the access log and the decision log want to know about one request."""
+
+    request: Request
+    requested_model: str = ""
+    decision: RouteDecision | None = None
+    status: int = 0
+    started: float = field(default_factory=time.monotonic)
+    upstream_ms: float | None = None
+    first_byte_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    session: str = ""
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    """Remove configured keys (and key-looking fragments providers echo back) from a message."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    return re.sub(r"\b(sk|key|gsk|xai|AIza)[-_A-Za-z0-9*]{8,}", "[redacted]", text)
+
+
+class Gateway:
+    """The gateway for one configuration: upstream clients, the router, the decision log.
+
+    Use as an async context manager (it owns one pooled httpx client per provider)::
+
+        async with Gateway(config) as gateway:
+            await gateway.handle(request, responder)
+    """
+
+    def __init__(self, config: Config, *, router: Any = None,
+                 transport_timeout: httpx.Timeout | None = None):
+        self.config = config
+        self.router = router
+        self.timeout = transport_timeout or httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=30.0)
+        self.clients: dict[str, httpx.AsyncClient] = {}
+        self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
+        self._decision_watchers: set[trio.MemorySendChannel] = set()
+
+    async def __aenter__(self) -> "Gateway":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+        self.clients.clear()
+
+    def _client_for(self, model: ModelEntry) -> httpx.AsyncClient:
+        # One long-lived client per provider endpoint: connection pooling across requests.
+        key = model.base_url
+        client = self.clients.get(key)
+        if client is None:
+            client = self.clients[key] = httpx.AsyncClient(
+                timeout=self.timeout, limits=httpx.Limits(max_connections=200, max_keepalive_connections=40),
+                headers={"user-agent": "plano"}, trust_env=False)
+        return client
+
+    @property
+    def _secrets(self) -> list[str]:
+        keys = [m.access_key for m in self.config.models if m.access_key]
+        return keys + ([self.config.listener.api_key] if self.config.listener.api_key else [])
+
+    # ── dispatch ──────────────────────────────────────────────────────────────────────────
+
+    async def handle(self, request: Request, respond: Responder) -> None:
+        exchange = _Exchange(request)
+        try:
+            await self._dispatch(request, respond, exchange)
+        except PlanoError as error:
+            exchange.status = error.status
+            if respond.started:
+                await respond.send(self._stream_error_bytes(request, error))
+            else:
+                await self._send_error(request, respond, error)
+        except (trio.Cancelled, KeyboardInterrupt):
+            exchange.status = exchange.status or 499  # the client went away
+            raise
+        except Exception as error:  # a bug: say so in the log, keep serving
+            log.exception("internal error while serving %s %s", request.method, request.path)
+            exchange.status = 500
+            wrapped = PlanoError(f"internal error in plano: {type(error).__name__}")
+            if respond.started:
+                await respond.send(self._stream_error_bytes(request, wrapped))
+            else:
+                await self._send_error(request, respond, wrapped)
+        finally:
+            if request.path.startswith("/v1/") and request.method == "POST" \
+                    and not request.path.endswith("count_tokens"):
+                self._log_access(exchange)
+
+    async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        self._check_gateway_key(request)
+        path, method = request.path.rstrip("/") or "/", request.method
+        routes = {
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/healthz"): self._health,
+            ("GET", "/plano/decisions"): self._decisions,
+        }
+        handler = routes.get((method, path))
+        if handler is None:
+            if any(p == path for _, p in routes):
+                raise PlanoError(f"{method} is not allowed on {path}", status=405, error_type="invalid_request_error")
+            raise NotFoundError(f"no such endpoint: {method} {path}")
+        await handler(request, respond, exchange)
+
+    def _check_gateway_key(self, request: Request) -> None:
+        expected = self.config.listener.api_key
+        if not expected or request.path == "/healthz":
+            return
+        given = request.headers.get("x-api-key") or \
+            request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise AuthenticationError("this plano gateway requires its key: send it as x-api-key or "
+                                      "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
+
+    # ── errors ────────────────────────────────────────────────────────────────────────────
+
+    def _error_body(self, request: Request, error: PlanoError) -> dict:
+        message = _scrub(error.message, self._secrets)
+        if request.api_format == "anthropic":
+            return anthropic_error_body(error.error_type, message)
+        return openai_error_body(error.error_type, message, error.status)
+
+    async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
+        headers = [("content-type", "application/json")] + list(error.headers.items())
+        await respond.send_full(error.status, headers, _json_bytes(self._error_body(request, error)))
+
+    def _stream_error_bytes(self, request: Request, error: PlanoError) -> bytes:
+        # After a 200 has gone out, an error can only travel inside the stream: Anthropic's
+        # `event: error`, or an OpenAI chunk carrying `error`. Never a fake end of message.
+        body = self._error_body(request, error)
+        return encode_sse(body, "error" if request.api_format == "anthropic" else None)
+
+    # ── small endpoints ───────────────────────────────────────────────────────────────────
+
+    async def _health(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        status = {"status": "ok", "models": len(self.config.models),
+                  "router": self.router.status if self.router is not None else "off"}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(status))
+
+    async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        names = [m.name for m in self.config.models] + list(self.config.aliases)
+        if "anthropic-version" in request.headers:
+            data = [{"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"}
+                    for n in names]
+            body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
+        else:
+            body = {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by":
+                                                n.split("/", 1)[0] if "/" in n else "plano"} for n in names]}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+
+    async def _count_tokens(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        body = _parse_json_body(request.body)
+        _require(isinstance(body.get("messages"), list), "messages: must be a list")
+        await respond.send_full(200, [("content-type", "application/json")],
+                                _json_bytes({"input_tokens": estimate_tokens(body)}))
+
+    async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        if request.query.get("follow") not in ("1", "true"):
+            await respond.send_full(200, [("content-type", "application/json")],
+                                    _json_bytes({"decisions": list(self.decisions)}))
+            return
+        send, receive = trio.open_memory_channel[dict](256)
+        self._decision_watchers.add(send)
+        try:
+            await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
+            await respond.send(b": plano decisions\n\n")
+            while True:
+                with trio.move_on_after(15):
+                    record = await receive.receive()
+                    await respond.send(encode_sse(record, "decision"))
+                    continue
+                await respond.send(b": keep-alive\n\n")  # lets a watcher notice a dead gateway
+        finally:
+            self._decision_watchers.discard(send)
+
+    def _record_decision(self, exchange: _Exchange) -> None:
+        decision = exchange.decision
+        if decision is None:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
+                  "requested_model": exchange.requested_model, "model": decision.model,
+                  "route": decision.route, "decision": decision.decision,
+                  "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
+                  "status": exchange.status,
+                  "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
+        self.decisions.append(record)
+        for watcher in list(self._decision_watchers):
+            try:
+                watcher.send_nowait(record)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # a slow watcher misses records rather than slowing requests
+
+    def _log_access(self, exchange: _Exchange) -> None:
+        d = exchange.decision
+        elapsed = (time.monotonic() - exchange.started) * 1000
+        tokens = "-" if exchange.input_tokens is None else f"{exchange.input_tokens}/{exchange.output_tokens}"
+        log.info("%s %s %s -> %s [%s%s] %s upstream=%s ttfb=%s total=%.0fms tokens=%s",
+                 exchange.request.method, exchange.request.path, exchange.requested_model or "-",
+                 d.model if d else "-", d.decision if d else "-",
+                 f":{d.route}" if d and d.route else "", exchange.status or "-",
+                 f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
+                 f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
+                 elapsed, tokens)
+        self._record_decision(exchange)
+
+    # ── choosing the model ────────────────────────────────────────────────────────────────
+
+    async def choose_model(self, requested: str, body: dict, request: Request,
+                           exchange: _Exchange) -> RouteDecision:
+        config = self.config
+        model = config.model_named(requested) if requested else None
+        if model is not None:
+            return RouteDecision(model.name, None, "explicit", reason="the request named a configured model")
+        if requested in config.aliases:
+            return RouteDecision(config.aliases[requested], None, "alias", reason=f"alias {requested}")
+        if self.router is not None:
+            return await self.router.decide_for_request(body, request.headers, requested, exchange)
+        return RouteDecision(config.default_model.name, None, "default",
+                             reason=f"{requested or 'no model'} is not configured; routing is off")
+
+    # ── the two chat endpoints ────────────────────────────────────────────────────────────
+
+    async def _messages(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await self._chat(request, respond, exchange, client_format="anthropic")
+
+    async def _chat_completions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await self._chat(request, respond, exchange, client_format="openai")
+
+    async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
+        body = _parse_json_body(request.body)
+        requested = body.get("model")
+        _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
+        _require(isinstance(body.get("messages"), list), "messages: must be a list")
+        if client_format == "anthropic":
+            _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
+                     "max_tokens: must be an integer")
+        exchange.requested_model = requested
+        decision = await self.choose_model(requested, body, request, exchange)
+        exchange.decision = decision
+        model = self.config.model_named(decision.model)
+        assert model is not None, decision
+        wants_stream = body.get("stream") is True
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+            if isinstance(body.get("stream_options"), dict) else False
+        upstream_request = self._build_upstream_request(request, body, model, client_format)
+        decision_headers = self._decision_headers(decision, model)
+        async with self._open_upstream(model, upstream_request, exchange) as upstream:
+            if not wants_stream:
+                payload = await self._read_json(upstream, model)
+                answer = self._translate_full(payload, model, client_format, requested, exchange)
+                exchange.status = 200
+                await respond.send_full(200, [("content-type", "application/json")] + decision_headers,
+                                        answer)
+                exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
+                return
+            await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+                                + decision_headers)
+            exchange.status = 200
+            await self._pump_stream(upstream, respond, model, client_format, requested, include_usage, exchange)
+
+    def _decision_headers(self, decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
+        return [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
+                ("x-plano-route", decision.route or "none"),
+                ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+
+    def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
+                                client_format: str) -> httpx.Request:
+        if model.access_key is None and model.spec.auth != "none" and model.key_env:
+            raise AuthenticationError(f"{model.name} needs an API key: ${model.key_env} is not set "
+                                      f"(export it or put it in .env beside the config)")
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        key = model.access_key or ""
+        if model.spec.auth == "bearer" and key:
+            headers["authorization"] = f"Bearer {key}"
+        elif model.spec.auth == "x-api-key" and key:
+            headers["x-api-key"] = key
+        elif model.spec.auth == "api-key" and key:
+            headers["api-key"] = key
+        if model.interface == "anthropic":
+            headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
+            if "anthropic-beta" in request.headers and client_format == "anthropic":
+                headers["anthropic-beta"] = request.headers["anthropic-beta"]
+            url = model.base_url + "/v1/messages"
+            if client_format == "anthropic":
+                if "beta" in request.query:
+                    url += "?beta=" + urllib.parse.quote(request.query["beta"])
+                content = _anthropic_passthrough_body(request.body, body, model).encode()
+            else:
+                content = _json_bytes(openai_request_to_anthropic(body, model))
+        else:
+            url = model.base_url + "/chat/completions"
+            if client_format == "openai":
+                content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
+            else:
+                content = _json_bytes(anthropic_request_to_openai(body, model))
+        return httpx.Request("POST", url, headers=headers, content=content)
+
+    @asynccontextmanager
+    async def _open_upstream(self, model: ModelEntry, upstream_request: httpx.Request, exchange: _Exchange):
+        """The upstream response, open and known to be a success; errors raise UpstreamError."""
+        client = self._client_for(model)
+        sent_at = time.monotonic()
+        try:
+            response = await client.send(upstream_request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
+                                error_type="api_error", retryable=True) from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__})",
+                                status=502, error_type="api_error", retryable=True) from None
+        try:
+            exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
+            if response.status_code >= 400:
+                raise await self._upstream_error(response, model)
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _upstream_error(self, response: httpx.Response, model: ModelEntry) -> UpstreamError:
+        status = response.status_code
+        try:
+            raw = await _read_limited(response, 1 << 20)
+            text = raw.decode("utf-8", errors="replace")
+        except httpx.HTTPError:
+            text = ""
+        message, error_type = text.strip()[:2000], None
+        try:
+            payload = json.loads(text)
+            error = payload.get("error") if isinstance(payload, dict) else None
+            if isinstance(error, dict):
+                message = str(error.get("message") or message)
+                error_type = error.get("type") if model.interface == "anthropic" else None
+            elif isinstance(error, str):
+                message = error
+        except ValueError:
+            pass
+        if status in (401, 403):
+            message = f"{model.name}: the provider rejected the configured key" \
+                      f"{f' (${model.key_env})' if model.key_env else ''}: {message}"
+        else:
+            message = f"{model.name}: {message or f'the provider answered HTTP {status}'}"
+        headers = {}
+        if "retry-after" in response.headers:
+            headers["retry-after"] = response.headers["retry-after"]
+        if error_type not in _ANTHROPIC_ERROR_TYPES.values() and error_type not in ("api_error",):
+            error_type = _error_type_for_status(status)
+        client_status = status if status in (400, 401, 403, 404, 408, 409, 413, 422, 429, 529) or status >= 500 else 400
+        return UpstreamError(message, status=client_status, error_type=error_type, headers=headers,
+                             retryable=status in (408, 409, 429, 529) or status >= 500)
+
+    async def _read_json(self, upstream: httpx.Response, model: ModelEntry) -> dict:
+        try:
+            raw = await _read_limited(upstream, 256 << 20)
+            payload = json.loads(raw)
+        except (ValueError, httpx.HTTPError) as e:
+            raise UpstreamError(f"{model.name}: unreadable answer from the provider ({type(e).__name__})",
+                                status=502, error_type="api_error") from None
+        if not isinstance(payload, dict):
+            raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
+                                status=502, error_type="api_error")
+        return payload
+
+    def _translate_full(self, payload: dict, model: ModelEntry, client_format: str, requested: str,
+                        exchange: _Exchange) -> bytes:
+        if model.interface == "openai":
+            usage = _openai_usage_to_anthropic(payload.get("usage"))
+        else:
+            usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        exchange.input_tokens = (usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0)
+        exchange.output_tokens = usage.get("output_tokens") or 0
+        if model.interface == client_format:
+            return _json_bytes(payload)
+        try:
+            if client_format == "anthropic":
+                return _json_bytes(openai_response_to_anthropic(payload, model.name))
+            return _json_bytes(anthropic_response_to_openai(payload, model.name))
+        except (AttributeError, TypeError, KeyError) as e:
+            raise UpstreamError(f"{model.name}: malformed answer from the provider ({e})",
+                                status=502, error_type="api_error") from None
+
+    async def _pump_stream(self, upstream: httpx.Response, respond: Responder, model: ModelEntry,
+                           client_format: str, requested: str, include_usage: bool,
+                           exchange: _Exchange) -> None:
+        decoder = SSEDecoder()
+        if model.interface == client_format:
+            translate = _PassthroughStream(client_format)
+        elif client_format == "anthropic":
+            translate = _AnthropicFromOpenAI(OpenAIToAnthropicStream(model.name))
+        else:
+            translate = _OpenAIFromAnthropic(AnthropicToOpenAIStream(model.name, include_usage))
+        try:
+            async for chunk in upstream.aiter_bytes():
+                out = translate.events(decoder.feed(chunk), chunk)
+                if out:
+                    if exchange.first_byte_ms is None:
+                        exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
+                    await respond.send(out)
+            out = translate.events(decoder.close(), b"") + translate.finish()
+        except httpx.HTTPError as e:
+            raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
+                                status=502, error_type="api_error") from None
+        except StreamTranslationError as e:
+            raise UpstreamError(f"{model.name}: {e}", status=502, error_type="api_error") from None
+        finally:
+            exchange.input_tokens, exchange.output_tokens = translate.tokens()
+        if out:
+            await respond.send(out)
+
+
+class _PassthroughStream:
+    """Same protocol on both sides: forward bytes untouched, watch the events for the end."""
+
+    def __init__(self, api_format: str):
+        self.api_format = api_format
+        self.complete = False
+        self.usage: dict = {}
+
+    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
+        for event in events:
+            if self.api_format == "openai":
+                if event.data.strip() == "[DONE]":
+                    self.complete = True
+                    continue
+            try:
+                data = json.loads(event.data)
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            if self.api_format == "anthropic":
+                kind = data.get("type")
+                if kind == "message_stop":
+                    self.complete = True
+                elif kind == "message_start":
+                    self.usage.update((data.get("message") or {}).get("usage") or {})
+                elif kind == "message_delta":
+                    self.usage.update(data.get("usage") or {})
+                elif kind == "error":
+                    self.complete = True  # the provider's own error event is forwarded as is
+            elif isinstance(data.get("usage"), dict):
+                self.usage = _openai_usage_to_anthropic(data["usage"])
+        return raw
+
+    def finish(self) -> bytes:
+        if not self.complete:
+            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+        return b""
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        if not self.usage:
+            return None, None
+        return ((self.usage.get("input_tokens") or 0) + (self.usage.get("cache_read_input_tokens") or 0),
+                self.usage.get("output_tokens") or 0)
+
+
+class _AnthropicFromOpenAI:
+    def __init__(self, machine: OpenAIToAnthropicStream):
+        self.machine = machine
+
+    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
+        out = []
+        for event in events:
+            if event.data.strip() == "[DONE]":
+                out += self.machine.finish()
+                continue
+            try:
+                chunk = json.loads(event.data)
+            except ValueError:
+                raise StreamTranslationError(f"the provider sent an unreadable stream chunk: {event.data[:80]!r}") from None
+            out += self.machine.feed(chunk)
+        return b"".join(encode_sse(data, name) for name, data in out)
+
+    def finish(self) -> bytes:
+        return b"".join(encode_sse(data, name) for name, data in self.machine.finish())
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        if self.machine.usage is None:
+            return None, None
+        usage = _openai_usage_to_anthropic(self.machine.usage)
+        return usage["input_tokens"] + usage["cache_read_input_tokens"], usage["output_tokens"]
+
+
+class _OpenAIFromAnthropic:
+    def __init__(self, machine: AnthropicToOpenAIStream):
+        self.machine = machine
+
+    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
+        out = []
+        for event in events:
+            try:
+                data = json.loads(event.data)
+            except ValueError:
+                raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
+            out += self.machine.feed(event.event, data)
+        return b"".join(encode_sse(chunk) for chunk in out)
+
+    def finish(self) -> bytes:
+        return b"".join(encode_sse(chunk) for chunk in self.machine.finish())
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        usage = self.machine.usage
+        if not usage:
+            return None, None
+        return (usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0), usage.get("output_tokens") or 0
+
+
+def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
+    """The client's own bytes with only the model changed, unless a thinking block plano made
+    (no signature: it came from another provider) would make an Anthropic upstream reject it."""
+    if not _has_unsigned_thinking(body):
+        return replace_json_model(raw.decode("utf-8"), model.model_id)
+    cleaned = dict(body, model=model.model_id, messages=[
+        dict(m, content=[b for b in m["content"] if not (isinstance(b, dict) and b.get("type") == "thinking"
+                                                         and not b.get("signature"))])
+        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+        for m in body["messages"]])
+    return json.dumps(cleaned, ensure_ascii=False)
+
+
+def _has_unsigned_thinking(body: dict) -> bool:
+    return any(isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature")
+               for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for b in m["content"])
+
+
+def _parse_json_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"body: not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object")
+    return body
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise httpx.DecodingError("response too large")
+    return bytes(data)
+
+
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# HTTP server: trio + h11. Bytes in, requests out; the gateway's answer back out as bytes.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = MAX_BODY_BYTES
+    idle_timeout: float = 75.0  # a kept-alive connection may wait this long for its next request
+    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout: float = 120.0  # for the whole body (32 MiB over a slow link)
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `serve` reports through `task_status` once it accepts connections."""
+
+    host: str
+    port: int
+    gateway: Gateway
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class _ConnectionDone(Exception):
+    """The connection ends here (timeout, protocol error already answered, client gone)."""
+
+
+class _HTTPConnection(Responder):
+    def __init__(self, stream: trio.SocketStream, gateway: Gateway, limits: ServerLimits):
+        self.stream = stream
+        self.gateway = gateway
+        self.limits = limits
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.client_gone = False
+
+    # ── the Responder the gateway writes through ─────────────────────────────────────────
+
+    async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.started = True
+        await self._send(h11.Response(status_code=status, headers=_server_headers(headers) + [
+            ("content-length", str(len(body)))]))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        # No content-length: h11 frames the body with chunked encoding (HTTP/1.1 clients).
+        self.started = True
+        await self._send(h11.Response(status_code=status, headers=_server_headers(headers)))
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            await self._send(h11.Data(data=data))
+
+    async def _send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    # ── the connection loop ───────────────────────────────────────────────────────────────
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self._read_request()
+                if request is None:
+                    return
+                await self._answer(request)
+                if self.client_gone or self.conn.our_state is not h11.DONE \
+                        or self.conn.their_state is not h11.DONE:
+                    return
+                self.conn.start_next_cycle()
+        except _ConnectionDone:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass  # the client went away mid-answer; nothing left to tell it
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self.stream.aclose()
+
+    async def _next_event(self, deadline: float) -> Any:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as e:
+                await self._refuse(e.error_status_hint, f"malformed HTTP request: {e}")
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline):
+                self.conn.receive_data(await self.stream.receive_some(65536))
+                continue
+            return None  # deadline passed
+
+    async def _read_request(self) -> Request | None:
+        if not self.conn.trailing_data[0]:
+            # Waiting for the next request on a kept-alive connection: the idle timeout applies.
+            with trio.move_on_after(self.limits.idle_timeout):
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            if not self.conn.trailing_data[0] and not self.conn.trailing_data[1]:
+                return None
+        event = await self._next_event(trio.current_time() + self.limits.header_timeout)
+        if event is None:
+            await self._refuse(408, "timed out waiting for the request headers")
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        target = urllib.parse.urlsplit(event.target.decode("latin-1"))
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        request = Request(event.method.decode("latin-1").upper(), target.path or "/",
+                          dict(urllib.parse.parse_qsl(target.query)), headers)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limits.max_body_bytes:
+            await self._refuse(413, f"request body is {int(length)} bytes; the limit is "
+                                    f"{self.limits.max_body_bytes}", request)
+        if self.conn.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = bytearray()
+        deadline = trio.current_time() + self.limits.body_timeout
+        while True:
+            event = await self._next_event(deadline)
+            if event is None:
+                await self._refuse(408, "timed out reading the request body", request)
+            if isinstance(event, h11.EndOfMessage):
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            body += event.data
+            if len(body) > self.limits.max_body_bytes:
+                await self._refuse(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes",
+                                   request)
+        request.body = bytes(body)
+        return request
+
+    async def _refuse(self, status: int, message: str, request: Request | None = None) -> None:
+        """Answer an HTTP-level problem (when the protocol still allows it) and end the connection."""
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            error = PlanoError(message, status=status, error_type=_error_type_for_status(status))
+            probe = request or Request("POST", "/", {}, {})
+            body = _json_bytes(self.gateway._error_body(probe, error))
+            try:
+                with trio.move_on_after(5):
+                    await self._send(h11.Response(status_code=status, headers=_server_headers(
+                        [("content-type", "application/json"), ("connection", "close"),
+                         ("content-length", str(len(body)))])))
+                    await self._send(h11.Data(data=body))
+                    await self._send(h11.EndOfMessage())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass
+        log.info("%s %s -> %d %s", request.method if request else "-", request.path if request else "-",
+                 status, message)
+        raise _ConnectionDone
+
+    async def _answer(self, request: Request) -> None:
+        self.started = False
+        async with trio.open_nursery() as nursery:
+            # While the gateway works, the only thing the client may send is EOF (it hung up) or
+            # the start of a pipelined request. A hang-up cancels the upstream call with it.
+            nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
+            await self.gateway.handle(request, self)
+            nursery.cancel_scope.cancel()
+        if self.client_gone:
+            return
+        if self.started and self.conn.our_state is h11.SEND_BODY:
+            await self._send(h11.EndOfMessage())
+
+    async def _watch_for_hangup(self, scope: trio.CancelScope) -> None:
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data:
+            self.conn.receive_data(data)  # pipelined: h11 keeps it for the next cycle
+        else:
+            self.client_gone = True
+            scope.cancel()
+
+
+def _server_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("server", "plano")] + headers
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def serve(config: Config, *, host: str | None = None, port: int | None = None,
+                limits: ServerLimits | None = None, router: Any = "auto",
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the gateway for `config` until cancelled; reports a ServerInfo through `task_status`.
+
+    `router="auto"` builds the router from `config.router`; pass None to turn routing off, or a
+    router object of your own.
+    """
+    host = host or config.listener.address
+    port = config.listener.port if port is None else port
+    limits = limits or ServerLimits()
+    if not _is_loopback(host) and not config.listener.api_key:
+        raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
+                          "or PLANO_API_KEY, or listen on 127.0.0.1")
+    connection_slots = trio.CapacityLimiter(limits.max_connections)
+    async with trio.open_nursery() as nursery:
+        if router == "auto":
+            router = make_router(config, nursery)
+        async with Gateway(config, router=router) as gateway:
+
+            async def handle_connection(stream: trio.SocketStream) -> None:
+                async with connection_slots:
+                    await _HTTPConnection(stream, gateway, limits).run()
+
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            await nursery.start(trio.serve_listeners, handle_connection, listeners)
+            bound = listeners[0].socket.getsockname()
+            task_status.started(ServerInfo(host, bound[1], gateway))
+            await trio.sleep_forever()
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI: `python -m plano up | route | download | cli-agent claude | watch | statusline`
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def _load_config_or_exit(path: str | None) -> Config:
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config
+
+
+def _cmd_up(args: Any) -> int:
+    config = _load_config_or_exit(args.config)
+    for warning in config.warnings:
+        log.warning("warning: %s", warning)
+    host = args.host or config.listener.address
+    port = config.listener.port if args.port is None else args.port
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(lambda task_status: serve(config, host=host, port=port,
+                                                                 task_status=task_status))
+            log.info("plano listening on %s (config %s)", info.url, config.path)
+            for m in config.models:
+                routes = ", ".join(p.name for p in m.routing_preferences)
+                log.info("  %s%s%s", m.name, " (default)" if m is config.default_model else "",
+                         f" ← {routes}" if routes else "")
+            for alias, target in config.aliases.items():
+                log.info("  %s → %s", alias, target)
+
+    try:
+        trio.run(run)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"plano: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="plano", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="config file (default: $PLANO_CONFIG, else ./config.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run the gateway")
+    up.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(run=_cmd_up)
+    args = parser.parse_args(argv)
+    args.config = getattr(args, "config_sub", None) or args.config
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
