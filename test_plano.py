@@ -872,3 +872,408 @@ def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Router: Arch-Router's prompt, trimming, the embedded llama.cpp backend (tiny Qwen2 GGUF written
+# by the tests), the remote backend, the decision cache, per-turn pinning
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+ROUTES_YAML = """
+    routing_preferences:
+      - name: code generation
+        description: generating new code snippets, functions, or boilerplate
+      - name: code understanding
+        description: understand and explain existing code snippets, functions, or libraries
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_router_model(tmp_path_factory) -> Path:
+    from bench.qwen2_gguf import write_tiny_qwen2_gguf
+    return write_tiny_qwen2_gguf(tmp_path_factory.mktemp("router") / "tiny-qwen2.gguf")
+
+
+def routed_config(provider: StandInProvider, router: str, **env: str) -> plano.Config:
+    """Two models: the OpenAI-format one serves both routes, the Anthropic one is the default."""
+    text = f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: $OPENAI_API_KEY{ROUTES_YAML}
+  - model: anthropic/claude-sonnet-4-5
+    base_url: {provider.anthropic_base}
+    access_key: $ANTHROPIC_API_KEY
+    default: true
+  - model: openai/gpt-4o-mini
+    base_url: {provider.openai_base}
+    access_key: $OPENAI_API_KEY
+model_aliases:
+  arch.claude.code.small.fast:
+    target: openai/gpt-4o-mini
+router:
+{router}
+"""
+    return plano.parse_config(text, path="routed.yaml",
+                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
+
+
+ROUTE_NAMES = {"code generation", "code understanding"}
+
+CLAUDE_CODE_FIRST_TURN = [
+    {"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>\nAs you answer the user's questions, you can use the following "
+                                 "context:\n# claudeMd\n" + "Codebase and user instructions are shown below. " * 10
+                                 + "\n</system-reminder>"},
+        {"type": "text", "text": "write a python function that parses ISO dates", "cache_control": {"type": "ephemeral"}}]},
+    {"role": "system", "content": "<env>Working directory: /home/me/project\nPlatform: linux</env>" * 20},
+]
+
+
+def test_router_prompt_is_the_model_card_format():
+    prompt = plano.router_prompt([plano.RoutingPreference("code generation", "writing new code")],
+                                 [{"role": "user", "content": "héllo"}])
+    assert prompt.startswith("\nYou are a helpful assistant designed to find the best suited route.\n")
+    assert '<routes>\n\n[{"name": "code generation", "description": "writing new code"}]\n\n</routes>' in prompt
+    assert '<conversation>\n\n[{"role": "user", "content": "h\\u00e9llo"}]\n\n</conversation>' in prompt
+    assert prompt.endswith('provide your response in the following JSON formats if you decide to match any route:\n'
+                           '{"route": "route_name"} \n')
+
+
+def test_trimming_keeps_only_user_and_assistant_text_without_harness_blocks():
+    messages = CLAUDE_CODE_FIRST_TURN + [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                                          {"type": "text", "text": "Let me look."},
+                                          {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.py b.py"},
+                                     {"type": "text", "text": "<system-reminder>todo list empty</system-reminder>"}]},
+        {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
+                                     {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cc_entrypoint=cli;\nnow explain b.py"}]},
+    ]
+    assert plano.conversation_for_router(messages) == [
+        {"role": "user", "content": "write a python function that parses ISO dates"},
+        {"role": "assistant", "content": "Let me look."},
+        {"role": "user", "content": "now explain b.py"}]
+    assert not plano.has_new_user_text(messages[:-1])  # tool result + reminder: a continuation
+    assert plano.has_new_user_text(messages)
+
+
+def test_trimming_keeps_the_newest_messages_within_budget_and_always_the_latest_user_text():
+    words = lambda text: len(text.split())  # noqa: E731 - a tokenizer for the test
+    conversation = [{"role": "user", "content": "old " * 50}, {"role": "assistant", "content": "mid " * 10},
+                    {"role": "user", "content": "new question here"}]
+    assert plano.trim_conversation(conversation, 40, words) == conversation[1:]
+    long_question = {"role": "user", "content": "START " + "filler " * 500 + "END"}
+    trimmed = plano.trim_conversation([conversation[0], long_question], 60, words)
+    assert len(trimmed) == 1 and trimmed[0]["content"].startswith("START") and trimmed[0]["content"].endswith("END")
+    assert words(trimmed[0]["content"]) <= 60
+
+
+def test_route_answers_are_parsed_strictly():
+    assert plano.parse_route_answer('```json\n{"route": "code generation"}\n```', ["code generation"]) == "code generation"
+    assert plano.parse_route_answer('{"route":"other"}', ["a"]) == "other"
+    for bad in ('{"route": "made up"}', "I think code generation", '{"route": 3}'):
+        with pytest.raises(plano.RouterUnavailable):
+            plano.parse_route_answer(bad, ["code generation"])
+
+
+@pytest.fixture
+def embedded_backend(tiny_router_model):
+    settings = plano.RouterSettings(model=str(tiny_router_model), threads=2)
+    backend = plano.EmbeddedRouterBackend(settings)
+    backend.load()
+    return backend
+
+
+def test_embedded_decisions_always_name_a_configured_route_or_other(embedded_backend):
+    routes = (plano.RoutingPreference("code generation", "writing code"),
+              plano.RoutingPreference("code understanding", "explaining code"),
+              plano.RoutingPreference("code review", "reviewing a diff"))
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("write a parser", "what does this regex do: ^a+$", "review my PR 🙏", "", "x" * 300)]
+    answers = {embedded_backend.choose(routes, c, threading.Event()) for c in conversations}
+    assert answers <= {"code generation", "code understanding", "code review", "other"}
+    assert answers  # the random-weight model still must answer every time
+
+
+def test_embedded_backend_reuses_the_evaluated_prefix(embedded_backend):
+    routes = (plano.RoutingPreference("code generation", "writing code"),
+              plano.RoutingPreference("code understanding", "explaining code"))
+    conversation = [{"role": "user", "content": "write a function that adds two numbers"}]
+    full_prompt = (embedded_backend.chat_head + plano.router_prompt(routes, conversation)
+                   + embedded_backend.chat_tail + '{"route": "')
+    prompt_tokens = len(embedded_backend.tokenize(full_prompt))
+    prefix_tokens = len(embedded_backend.tokenize(embedded_backend.chat_head + plano.router_prompt_prefix(routes)))
+    embedded_backend.warm(routes)
+    embedded_backend.choose(routes, conversation, threading.Event())
+    first = embedded_backend.tokens_evaluated
+    assert first <= prompt_tokens - prefix_tokens + 8  # the prefix was not evaluated again
+    embedded_backend.choose(routes, [{"role": "user", "content": "explain this function to me"}], threading.Event())
+    assert embedded_backend.tokens_evaluated <= prompt_tokens - prefix_tokens + 8
+
+
+def test_constrained_decoding_matches_unconstrained_argmax_when_the_model_agrees(embedded_backend):
+    # With two names differing in their first token, the decision costs no decode step beyond the
+    # prompt: the logits after `{"route": "` pick the branch and the rest of the name is forced.
+    routes = (plano.RoutingPreference("alpha", "a"), plano.RoutingPreference("zulu", "z"))
+    trie = embedded_backend._trie(routes, [])
+    assert len(trie.root) == 3  # alpha, zulu, other start with different tokens
+    name = embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event())
+    assert name in {"alpha", "zulu", "other"}
+
+
+def make_router_for(provider, router_yaml: str, backend=None) -> plano.Router:
+    config = routed_config(provider, router_yaml)
+    backend = backend or (plano.RemoteRouterBackend(config.router) if config.router.endpoint
+                          else plano.EmbeddedRouterBackend(config.router))
+    return plano.Router(config, backend)
+
+
+async def test_router_falls_back_on_timeout(provider, tiny_router_model):
+    router = make_router_for(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1")
+    await router.start()
+    assert router.status == "ready"
+    decision = await router.decide([{"role": "user", "content": "write code " * 200}])
+    assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-4-5", None)
+    assert "timed out" in decision.reason
+    # The aborted computation left the backend usable for the next decision.
+    router.config = dataclass_replace_config(router.config, timeout_ms=60000)
+    decision = await router.decide([{"role": "user", "content": "write code"}])
+    assert decision.decision in ("router", "default")
+
+
+def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> plano.Config:
+    import dataclasses
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, **router_changes))
+
+
+async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
+    router = make_router_for(provider, f"  model: {tmp_path / 'missing.gguf'}")
+    await router.start()
+    assert router.status.startswith("unavailable")
+    decision = await router.decide([{"role": "user", "content": "write code"}])
+    assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-4-5"
+    assert "missing.gguf" in decision.reason
+    assert "missing.gguf" in caplog.text
+
+
+async def test_router_offline_without_the_model_in_cache_falls_back(provider, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    router = make_router_for(provider, "  model: katanemo/Arch-Router-1.5B.gguf")
+    await router.start()
+    assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
+
+
+async def test_router_decisions_are_cached(provider, tiny_router_model):
+    router = make_router_for(provider, f"  model: {tiny_router_model}")
+    await router.start()
+    first = await router.decide(CLAUDE_CODE_FIRST_TURN)
+    evaluated = router.backend.tokens_evaluated
+    again = await router.decide(CLAUDE_CODE_FIRST_TURN)
+    assert (again.model, again.route) == (first.model, first.route)
+    assert again.reason.endswith("(cached)") and not first.reason.endswith("(cached)")
+    assert router.backend.tokens_evaluated == evaluated  # no model work for a cache hit
+
+
+# ── remote backend against a recording stand-in ───────────────────────────────────────────
+
+def remote_answer(content: str) -> Reply:
+    return Reply(200, {"id": "r", "object": "chat.completion", "model": "arch-router",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                    "finish_reason": "stop"}]})
+
+
+async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(provider):
+    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
+    await router.start()
+    provider.then(remote_answer('{"route": "code understanding"}'))
+    messages = CLAUDE_CODE_FIRST_TURN + [
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "secret tool output"}]},
+        {"role": "user", "content": "<system-reminder>noise</system-reminder>what does parse_iso do?"}]
+    decision = await router.decide(messages)
+    await router.aclose()
+    assert (decision.decision, decision.route, decision.model) == ("router", "code understanding", "openai/gpt-4o")
+    sent = provider.requests[-1].json
+    assert sent["temperature"] == 0 and sent["model"] == "arch-router"
+    assert len(sent["messages"]) == 1 and sent["messages"][0]["role"] == "user"
+    expected_conversation = [{"role": "user", "content": "write a python function that parses ISO dates"},
+                             {"role": "assistant", "content": "Done."},
+                             {"role": "user", "content": "what does parse_iso do?"}]
+    assert sent["messages"][0]["content"] == plano.router_prompt(router.routes, expected_conversation)
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ('{"route": "astrology"}', "unknown route"),
+    ("no idea", "has no route"),
+])
+async def test_remote_router_bad_answers_fall_back(provider, answer, reason):
+    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
+    await router.start()
+    provider.then(remote_answer(answer))
+    decision = await router.decide([{"role": "user", "content": "write code"}])
+    await router.aclose()
+    assert decision.decision == "fallback" and reason in decision.reason
+
+
+async def test_remote_router_other_means_the_default_model(provider):
+    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
+    await router.start()
+    provider.then(remote_answer('{"route": "other"}'))
+    decision = await router.decide([{"role": "user", "content": "what's the weather"}])
+    await router.aclose()
+    assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-4-5", None)
+
+
+async def test_remote_router_timeout_falls_back(provider):
+    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router\n  timeout_ms: 200")
+    await router.start()
+    provider.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
+    decision = await router.decide([{"role": "user", "content": "write code"}])
+    await router.aclose()
+    assert decision.decision == "fallback" and "timed out after 200 ms" in decision.reason
+
+
+# ── in the gateway: decisions, pinning, transparency ──────────────────────────────────────
+
+@pytest.fixture
+def routed_gateway(provider, tiny_router_model):
+    running = RunningPlano(routed_config(provider, f"  model: {tiny_router_model}"), router="auto")
+    deadline = time.monotonic() + 30
+    while httpx.get(running.url + "/healthz").json()["router"] != "ready":
+        assert time.monotonic() < deadline, "router did not load"
+        time.sleep(0.05)
+    yield running
+    running.stop()
+
+
+def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again(routed_gateway, provider):
+    client = anthropic_client(routed_gateway)
+    headers = {"X-Claude-Code-Session-Id": "session-1"}
+
+    def ask(messages):
+        raw = client.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=100, tools=[BASH_TOOL],
+                                                       messages=messages, extra_headers=headers)
+        return raw.headers, raw.parse()
+
+    messages = [{"role": "user", "content": "TOOL:echo one"}]
+    headers1, first = ask(messages)
+    assert headers1["x-plano-decision"] in ("router", "default")
+    call = next(b for b in first.content if b.type == "tool_use") if headers1["x-plano-model"] == "openai/gpt-4o" else None
+    kinds = [headers1["x-plano-decision"]]
+    # Continue with a tool result (no new user text): the turn's model is kept.
+    tool_id = call.id if call else "toolu_x"
+    messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": "echo one"}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "one"}]}]
+    headers2, _ = ask(messages)
+    kinds.append(headers2["x-plano-decision"])
+    assert headers2["x-plano-model"] == headers1["x-plano-model"]
+    assert headers2["x-plano-route"] == headers1["x-plano-route"]
+    messages += [{"role": "assistant", "content": "tool said: one"}, {"role": "user", "content": "now explain what echo does"}]
+    headers3, _ = ask(messages)
+    kinds.append(headers3["x-plano-decision"])
+    print("KINDS", kinds, headers1["x-plano-route"], headers3["x-plano-route"])
+    assert kinds == [headers1["x-plano-decision"], "pinned", headers3["x-plano-decision"]]
+    assert headers3["x-plano-decision"] in ("router", "default")
+    assert float(headers3["x-plano-router-ms"]) > 0
+    routes = {headers1["x-plano-route"], headers3["x-plano-route"]}
+    assert routes <= ROUTE_NAMES | {"none"}
+
+
+def test_explicit_and_alias_requests_skip_the_router(routed_gateway):
+    client = anthropic_client(routed_gateway)
+    raw = client.messages.with_raw_response.create(model="arch.claude.code.small.fast", max_tokens=5,
+                                                   messages=[{"role": "user", "content": "title please"}])
+    assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "openai/gpt-4o-mini")
+    raw = client.messages.with_raw_response.create(model="claude-haiku-4-5-20251001", max_tokens=5,
+                                                   messages=[{"role": "user", "content": "summarise"}])
+    assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "openai/gpt-4o-mini")
+    raw = client.messages.with_raw_response.create(model="anthropic/claude-sonnet-4-5", max_tokens=5,
+                                                   messages=[{"role": "user", "content": "write code"}])
+    assert raw.headers["x-plano-decision"] == "explicit" and raw.headers["x-plano-route"] == "none"
+
+
+def test_decisions_are_listed_and_followed(routed_gateway):
+    received: list[dict] = []
+
+    def follow():
+        with httpx.stream("GET", routed_gateway.url + "/plano/decisions?follow=1", timeout=10) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    received.append(json.loads(line[6:]))
+                    return
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    time.sleep(0.3)
+    openai_client(routed_gateway).chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "write a sort function"}],
+        extra_headers={"X-Claude-Code-Session-Id": "s-follow"})
+    watcher.join(10)
+    listed = httpx.get(routed_gateway.url + "/plano/decisions").json()["decisions"]
+    assert listed[-1]["requested_model"] == "auto" and listed[-1]["session"] == "s-follow"
+    assert listed[-1]["decision"] in ("router", "default")
+    assert set(listed[-1]) >= {"time", "session", "requested_model", "model", "route", "decision", "router_ms", "reason"}
+    assert received and received[0]["session"] == "s-follow"
+
+
+# ── library and CLI ───────────────────────────────────────────────────────────────────────
+
+def write_routed_config(tmp_path: Path, provider: StandInProvider, router_yaml: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: literal-key{ROUTES_YAML}
+  - model: anthropic/claude-sonnet-4-5
+    base_url: {provider.anthropic_base}
+    access_key: literal-key
+    default: true
+router:
+{router_yaml}
+""")
+    return path
+
+
+def test_route_accepts_both_message_shapes_and_returns_a_decision(tmp_path, provider, tiny_router_model):
+    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}"))
+    for messages in ("write a quicksort in Rust",
+                     [{"role": "system", "content": "sys"}, {"role": "user", "content": "write a quicksort"}],
+                     CLAUDE_CODE_FIRST_TURN):
+        decision = plano.route(messages, config=config)
+        assert isinstance(decision, plano.RouteDecision)
+        assert decision.decision in ("router", "default")
+        assert decision.route in ROUTE_NAMES | {None}
+        assert decision.model in ("openai/gpt-4o", "anthropic/claude-sonnet-4-5")
+        assert decision.latency_ms > 0
+
+
+def test_route_never_raises_for_a_broken_router_but_does_for_a_broken_config(tmp_path, provider):
+    config = write_routed_config(tmp_path, provider, f"  model: {tmp_path / 'nope.gguf'}")
+    decision = plano.route("write code", config=str(config))
+    assert decision.decision == "fallback" and "nope.gguf" in decision.reason
+    assert decision.model == "anthropic/claude-sonnet-4-5"
+    with pytest.raises(plano.ConfigError):
+        plano.route("write code", config=str(tmp_path / "absent.yaml"))
+
+
+def test_route_cli_prints_the_decision(tmp_path, provider, tiny_router_model):
+    config = write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}")
+    result = run_plano_cli("route", "write a quicksort", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["decision"] in ("router", "default") and decision["route"] in ROUTE_NAMES | {None}
+
+
+@pytest.mark.real_router
+@pytest.mark.skipif(not os.environ.get("PLANO_TEST_ROUTER_MODEL"),
+                    reason="needs the real Arch-Router-1.5B GGUF: set PLANO_TEST_ROUTER_MODEL=path")
+def test_the_real_router_model_routes_unambiguous_requests(tmp_path, provider):
+    config = str(write_routed_config(tmp_path, provider, f"  model: {os.environ['PLANO_TEST_ROUTER_MODEL']}"))
+    cases = {"Write a Python function that returns the n-th Fibonacci number.": "code generation",
+             "Explain what this code does: def f(x): return x and f(x[1:])": "code understanding",
+             "What's a good recipe for banana bread?": None}
+    for text, expected in cases.items():
+        assert plano.route(text, config=config).route == expected, text
