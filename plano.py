@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import struct
 import sys
 import threading
@@ -157,6 +158,9 @@ class ProviderSpec:
     # Gemini's OpenAI endpoint attaches a thought signature to each tool call and requires it back
     # on the next turn (tool_calls[].extra_content.google.thought_signature).
     thought_signatures: bool = False
+    # OpenAI's o-series and gpt-5 answer 400 "Unsupported parameter" for `stop`, `temperature`
+    # and `top_p`; other providers' reasoning models (Gemini, Grok) take them.
+    reasoning_rejects_sampling: bool = False
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -164,7 +168,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         "https://api.openai.com/v1", "openai", "bearer", "OPENAI_API_KEY",
         max_output_tokens=(("gpt-4o", 16384), ("gpt-4.1", 32768), ("gpt-4", 8192),
                            ("gpt-3.5", 4096), ("gpt-5", 128000), ("o", 100000)),
-        reasoning_models=("gpt-5", "o1", "o3", "o4")),
+        reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True),
     "anthropic": ProviderSpec("https://api.anthropic.com", "anthropic", "x-api-key",
                               "ANTHROPIC_API_KEY"),
     "deepseek": ProviderSpec(
@@ -188,7 +192,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
     "ollama": ProviderSpec("http://127.0.0.1:11434/v1", "openai", "none"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
-                                 reasoning_models=("gpt-5", "o1", "o3", "o4")),
+                                 reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True),
 }
 
 # Other spellings people use for the same providers (the seed's docs use several).
@@ -244,6 +248,10 @@ class ModelEntry:
     @property
     def is_reasoning_model(self) -> bool:
         return any(self.model_id.startswith(p) for p in self.spec.reasoning_models)
+
+    @property
+    def takes_sampling_params(self) -> bool:
+        return not (self.is_reasoning_model and self.spec.reasoning_rejects_sampling)
 
 
 @dataclass(frozen=True)
@@ -359,25 +367,27 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
-    return parse_config(text, path=path, environ=environ)
+    env = read_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
+    env.update(os.environ if environ is None else environ)
+    return parse_config(text, path=path, environ=env)
 
 
 def parse_config(text: str, *, path: str = "<config>",
                  environ: Mapping[str, str] | None = None) -> Config:
+    """Validate config text; `$VAR` keys come from `environ` (default: the process environment)."""
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as e:
         # An unclosed bracket or quote is noticed at the end of the file; the line to fix is
         # where the construct started (the context mark), so name that one when there is one.
-        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        unclosed = (getattr(e, "context", None) or "").startswith(("while scanning", "while parsing a flow"))
+        mark = (unclosed and getattr(e, "context_mark", None)) or getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = " ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)])) or str(e)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping with `llm_providers`")
-    env = dict(read_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env")))
-    env.update(os.environ if environ is None else environ)
-    return _ConfigReader(path, env).read(raw)
+    return _ConfigReader(path, os.environ if environ is None else environ).read(raw)
 
 
 class _ConfigReader:
@@ -467,6 +477,9 @@ class _ConfigReader:
             base_url = self.expand(entry, "base_url", base_url)[0]
             if not re.match(r"^https?://", base_url or ""):
                 raise self.fail(entry, "base_url", f"must be an http(s) URL, got {base_url!r}")
+            if provider == "ollama" and urllib.parse.urlsplit(base_url).path.strip("/") == "":
+                # The seed writes Ollama's root URL; its OpenAI-compatible API is under /v1.
+                base_url = base_url.rstrip("/") + "/v1"
         elif spec.base_url is None:
             raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
         access_key, key_env = None, None
@@ -711,13 +724,14 @@ def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
         if key in body and body[key] is not None:
             _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
                      f"{key}: must be a number")
-            if not model.is_reasoning_model:  # reasoning models reject sampling parameters
+            if model.takes_sampling_params:
                 out[key] = body[key]
     stop = body.get("stop_sequences")
     if stop:
         _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
                  "stop_sequences: must be a list of strings")
-        out["stop"] = stop[:4]  # OpenAI accepts at most four
+        if model.takes_sampling_params:
+            out["stop"] = stop[:4]  # OpenAI accepts at most four
     tools = body.get("tools")
     if tools:
         _require(isinstance(tools, list), "tools: must be a list")
@@ -918,7 +932,7 @@ def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
         content.append({"type": "tool_use", "id": signed_tool_id(call.get("id") or _new_id("toolu"), signature),
                         "name": function.get("name") or "", "input": _json_arguments(function.get("arguments"))})
     stop = ANTHROPIC_STOP_FROM_OPENAI.get(choices[0].get("finish_reason"), "end_turn")
-    if any(b["type"] == "tool_use" for b in content):
+    if any(b["type"] == "tool_use" for b in content) and stop == "end_turn":
         stop = "tool_use"  # some providers say "stop" after calling a tool
     return {"id": "msg_" + str(response.get("id") or _new_id("")).removeprefix("msg_"),
             "type": "message", "role": "assistant", "model": requested_model, "content": content,
@@ -1027,7 +1041,11 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
 
 
 def _append_anthropic(messages: list[dict], role: str, blocks: list[dict]) -> None:
-    """Anthropic wants user/assistant turns to alternate: merge consecutive same-role turns."""
+    """Anthropic wants user/assistant turns to alternate: merge consecutive same-role turns. It
+    also rejects empty text blocks, and a turn left with no content at all."""
+    blocks = [b for b in blocks if not (b.get("type") == "text" and not b.get("text"))]
+    if not blocks:
+        return
     if messages and messages[-1]["role"] == role and isinstance(messages[-1]["content"], list):
         messages[-1]["content"].extend(blocks)
     else:
@@ -1074,7 +1092,7 @@ def _openai_assistant_to_anthropic(message: dict, where: str) -> list[dict]:
         _require(isinstance(function.get("name"), str), f"{where}.tool_calls[{i}].function.name: must be a string")
         blocks.append({"type": "tool_use", "id": str(call.get("id") or _new_id("toolu")),
                        "name": function["name"], "input": _json_arguments(function.get("arguments"))})
-    return blocks or [{"type": "text", "text": ""}]
+    return blocks
 
 
 def _openai_tool_to_anthropic(tool: Any, where: str) -> dict:
@@ -1175,17 +1193,22 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._skip_lf = False  # the last read ended in CR: an LF starting the next one is its pair
         self._event: str | None = None
         self._data: list[str] = []
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
+        if self._skip_lf and self._buffer[:1] == b"\n":
+            del self._buffer[:1]
+        self._skip_lf = False
         events = []
         while True:
-            match = re.search(rb"\r\n|\r(?!$)|\n", self._buffer)
+            match = re.search(rb"\r\n?|\n", self._buffer)
             if match is None:
                 break
             line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
+            self._skip_lf = match.group() == b"\r" and match.end() == len(self._buffer)
             del self._buffer[:match.end()]
             event = self._line(line)
             if event is not None:
@@ -1220,7 +1243,8 @@ class SSEDecoder:
 def encode_sse(data: Any, event: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
+    lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", payload))
+    return f"{head}{lines}\n".encode()
 
 
 def anthropic_error_body(error_type: str, message: str) -> dict:
@@ -1315,7 +1339,7 @@ class OpenAIToAnthropicStream:
             raise StreamTranslationError("the upstream stream ended before it finished the answer")
         events = self._start({}) + self._close()
         stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
-        if self.saw_tool_use:
+        if self.saw_tool_use and stop == "end_turn":
             stop = "tool_use"
         self.finished = True
         events.append(("message_delta", {"type": "message_delta",
@@ -2250,8 +2274,10 @@ class Gateway:
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
+            session = request.query.get("session")
+            records = [r for r in self.decisions if session is None or r["session"] == session]
             await respond.send_full(200, [("content-type", "application/json")],
-                                    _json_bytes({"decisions": list(self.decisions)}))
+                                    _json_bytes({"decisions": records}))
             return
         send, receive = trio.open_memory_channel[dict](256)
         self._decision_watchers.add(send)
@@ -2940,6 +2966,209 @@ def _cmd_download(args: Any) -> int:
     return 0
 
 
+CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
+
+
+def _gateway_url(config: Config) -> str:
+    host = config.listener.address
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
+
+
+def _gateway_is_up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | None = None) -> tuple[dict[str, str], dict]:
+    """(environment entries, Claude Code `--settings` object) that point Claude Code at plano.
+
+    `user_settings` is the seed's `--settings` JSON: upper-case keys are environment entries and
+    win over plano's; other keys are Claude Code settings and pass through.
+    """
+    url = _gateway_url(config)
+    small_fast = SMALL_FAST_ALIAS if SMALL_FAST_ALIAS in config.aliases else config.default_model.name
+    env = {
+        "ANTHROPIC_BASE_URL": url,
+        # A gateway key, when the listener has one, is what Claude Code must present.
+        "ANTHROPIC_AUTH_TOKEN": config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN,
+        "ANTHROPIC_API_KEY": "",
+        "ANTHROPIC_SMALL_FAST_MODEL": small_fast,
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": small_fast,
+        "API_TIMEOUT_MS": "600000",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+    }
+    settings: dict[str, Any] = {}
+    for key, value in (user_settings or {}).items():
+        if key.isupper():
+            env[key] = str(value)
+        elif key == "env" and isinstance(value, dict):
+            env.update({k: str(v) for k, v in value.items()})
+        else:
+            settings[key] = value
+    settings["env"] = dict(env)
+    settings.setdefault("statusLine", {"type": "command", "padding": 0, "command":
+                                       f"{shlex.quote(sys.executable)} -m plano statusline --url {url}"})
+    return env, settings
+
+
+def _split_cli_agent_args(args: list[str]) -> tuple[dict | None, bool, list[str]]:
+    """plano's own options among `cli-agent claude ...` arguments: --settings and --print-env."""
+    settings, print_env, rest = None, False, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--print-env":
+            print_env = True
+        elif arg == "--settings" or arg.startswith("--settings="):
+            if arg == "--settings":
+                if i + 1 >= len(args):
+                    raise SystemExit("plano: --settings needs a JSON object")
+                i += 1
+                text = args[i]
+            else:
+                text = arg.split("=", 1)[1]
+            try:
+                settings = json.loads(text)
+            except ValueError as e:
+                raise SystemExit(f"plano: --settings is not valid JSON: {e}") from None
+            if not isinstance(settings, dict):
+                raise SystemExit("plano: --settings must be a JSON object")
+        else:
+            rest.append(arg)
+        i += 1
+    return settings, print_env, rest
+
+
+def _cmd_cli_agent(args: Any) -> int:
+    import shutil
+    import subprocess
+    import tempfile
+
+    if args.agent != "claude":
+        print(f"plano: unknown agent {args.agent!r}; supported: claude", file=sys.stderr)
+        return 2
+    user_settings, print_env, claude_args = _split_cli_agent_args(args.agent_args)
+    config = _load_config_or_exit(args.config)
+    env, settings = claude_code_environment(config, user_settings)
+    if print_env:
+        for key, value in env.items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    claude = shutil.which("claude")
+    if claude is None:
+        print("plano: Claude Code is not installed; install it with: npm install -g @anthropic-ai/claude-code",
+              file=sys.stderr)
+        return 127
+    url = _gateway_url(config)
+    gateway = None
+    if not _gateway_is_up(url):
+        # Nothing answers: run the gateway for the length of this Claude Code session. Its log goes
+        # to a file, since the terminal belongs to Claude Code.
+        log_path = os.path.join(tempfile.gettempdir(), f"plano-{config.listener.port}.log")
+        log_file = open(log_path, "ab")
+        gateway = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", os.path.abspath(config.path)],
+                                   stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log_file.close()
+        deadline = time.monotonic() + 30
+        while not _gateway_is_up(url):
+            if gateway.poll() is not None or time.monotonic() > deadline:
+                print(f"plano: the gateway did not start; see {log_path}", file=sys.stderr)
+                gateway.kill()
+                return 1
+            time.sleep(0.1)
+        print(f"plano: gateway started on {url} (log: {log_path})", file=sys.stderr)
+    try:
+        process_env = {**os.environ, **env}
+        return subprocess.call([claude, "--settings", json.dumps(settings), *claude_args], env=process_env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            try:
+                gateway.wait(10)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+
+
+def _cmd_statusline(args: Any) -> int:
+    """Claude Code's status line: the model and route of this session's latest decision."""
+    try:
+        session = json.loads(sys.stdin.read() or "{}").get("session_id")
+    except ValueError:
+        session = None
+    query = "?" + urllib.parse.urlencode({"session": session}) if session else ""
+    try:
+        decisions = httpx.get(f"{args.url}/plano/decisions{query}", timeout=1.0, trust_env=False).json()["decisions"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        print("plano ▸ gateway not reachable")
+        return 0
+    if not decisions:
+        print("plano ▸ no requests yet")
+        return 0
+    d = decisions[-1]
+    route = f" · {d['route']}" if d.get("route") else ""
+    timing = f" {d['router_ms']:.0f} ms" if d.get("decision") == "router" else ""
+    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing})")
+    return 0
+
+
+_DECISION_COLOURS = {"router": "32", "pinned": "36", "alias": "35", "explicit": "34", "default": "33",
+                     "fallback": "31"}
+
+
+def format_decision(record: Mapping[str, Any], colour: bool) -> str:
+    """One line of `plano watch`."""
+    def paint(code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
+
+    status = record.get("status")
+    ttfb = record.get("ttfb_ms")
+    route = record.get("route") or "-"
+    router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
+    kind = record.get("decision", "?")
+    return " ".join([
+        paint("2", str(record.get("time", ""))[-8:]),
+        f"{str(record.get('session') or '-')[:8]:8}",
+        f"{record.get('requested_model', '-')} → {paint('1', str(record.get('model', '-')))}",
+        f"[{route}]",
+        paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
+        paint("31" if status and status >= 400 else "2", str(status)),
+        f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
+    ])
+
+
+def _cmd_watch(args: Any) -> int:
+    """Follow the gateway's decisions, reconnecting when it restarts."""
+    url = args.url or _gateway_url(_load_config_or_exit(args.config))
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    waiting_said = False
+    try:
+        while True:
+            try:
+                with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
+                                  trust_env=False) as response:
+                    print(f"watching {url} (Ctrl-C to stop)", flush=True)
+                    waiting_said = False
+                    decoder = SSEDecoder()
+                    for chunk in response.iter_bytes():
+                        for event in decoder.feed(chunk):
+                            if event.event == "decision":
+                                print(format_decision(json.loads(event.data), colour), flush=True)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if not waiting_said:
+                print(f"waiting for the gateway at {url} …", flush=True)
+                waiting_said = True
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -2960,6 +3189,19 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
+    agent = commands.add_parser("cli-agent", help="run Claude Code through plano: cli-agent claude [ARGS...]",
+                                prefix_chars="\x00")  # every argument after the agent is Claude Code's
+    agent.add_argument("agent")
+    agent.add_argument("agent_args", nargs=argparse.REMAINDER)
+    agent.set_defaults(run=_cmd_cli_agent)
+    watch = commands.add_parser("watch", help="live view of routing decisions")
+    watch.add_argument("--url", help="gateway URL (default: from the config's listener)")
+    watch.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    watch.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    watch.set_defaults(run=_cmd_watch)
+    statusline = commands.add_parser("statusline", help="Claude Code status line (reads its JSON on stdin)")
+    statusline.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
+    statusline.set_defaults(run=_cmd_statusline)
     args = parser.parse_args(argv)
     args.config = getattr(args, "config_sub", None) or args.config
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

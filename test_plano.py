@@ -9,13 +9,16 @@ across network reads), usage, error bodies.
 
 from __future__ import annotations
 
-import contextlib
+import base64
+import functools
+import hashlib
 import http.server
 import json
 import os
 import queue
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +32,8 @@ import httpx
 import openai
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import plano
 
@@ -103,8 +108,8 @@ def tool_result_text(messages: list[dict]) -> str | None:
 
 # The stand-in models' behaviour, shared by both formats: a request whose newest user text says
 # "TOOL:<command>" gets a Bash tool call; a tool result gets "tool said: <result>"; "THINK"
-# adds reasoning; anything else is echoed. Tool arguments carry "é€" so that UTF-8 characters
-# are split across network reads.
+# adds reasoning; anything else is echoed. Arguments are streamed 4 bytes at a time, so a
+# command with "é€" in it has its UTF-8 characters split across network reads.
 def model_behaviour(messages: list[dict]) -> dict:
     result = tool_result_text(messages)
     if result is not None:
@@ -113,8 +118,7 @@ def model_behaviour(messages: list[dict]) -> dict:
     match = re.search(r"TOOL:(.+)$", text)
     if match:
         return {"tool": {"id": "call_abc123", "name": "Bash",
-                         "arguments": json.dumps({"command": match.group(1).strip(), "note": "é€"},
-                                                 ensure_ascii=False)}}
+                         "arguments": json.dumps({"command": match.group(1).strip()}, ensure_ascii=False)}}
     reply = {"text": f"echo: {text}"}
     if "THINK" in text:
         reply["reasoning"] = "let me think… 🤔"
@@ -323,7 +327,7 @@ llm_providers:
     base_url: {provider.openai_base}
     access_key: $OPENAI_API_KEY
     default: true
-  - model: anthropic/claude-sonnet-4-5
+  - model: anthropic/claude-sonnet-5
     base_url: {provider.anthropic_base}
     access_key: $ANTHROPIC_API_KEY
 model_aliases:
@@ -401,10 +405,1280 @@ BASH_FUNCTION = {"type": "function", "function": {"name": "Bash", "description":
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Pure layers: config, Anthropic ⇄ OpenAI translation, SSE, stream state machines (plain data,
+# no servers)
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+KEYS = {"OPENAI_API_KEY": "k-openai", "ANTHROPIC_API_KEY": "k-anthropic",
+        "DEEPSEEK_API_KEY": "k-deepseek", "GEMINI_API_KEY": "k-gemini"}
+
+# A config path in a directory that holds no `.env`, so only `environ` supplies keys.
+CONFIG_PATH = "/nonexistent/plano-unit/config.yaml"
+
+MODELS_YAML = """\
+llm_providers:
+  - model: openai/gpt-4.1
+    access_key: $OPENAI_API_KEY
+    default: true
+  - model: openai/gpt-5
+    access_key: $OPENAI_API_KEY
+  - model: openai/o3
+    access_key: $OPENAI_API_KEY
+  - model: deepseek/deepseek-chat
+    access_key: $DEEPSEEK_API_KEY
+  - model: gemini/gemini-2.5-flash
+    access_key: $GEMINI_API_KEY
+  - model: anthropic/claude-sonnet-5
+    access_key: $ANTHROPIC_API_KEY
+"""
+
+CLAUDE_CODE_MODEL = "claude-opus-5-5"  # what Claude Code puts in `model` by default
+USER_HI = {"role": "user", "content": "hi"}
+
+
+@functools.cache
+def _models_config() -> plano.Config:
+    return plano.parse_config(MODELS_YAML, path=CONFIG_PATH, environ=KEYS)
+
+
+def configured_model(name: str) -> plano.ModelEntry:
+    entry = _models_config().model_named(name)
+    assert entry is not None, name
+    return entry
+
+
+def to_openai(model_name: str = "openai/gpt-4.1", **body) -> dict:
+    """anthropic_request_to_openai of an Anthropic body (model and max_tokens filled in)."""
+    body = {"model": CLAUDE_CODE_MODEL, "max_tokens": 1024, "messages": [USER_HI], **body}
+    return plano.anthropic_request_to_openai(body, configured_model(model_name))
+
+
+def to_anthropic(model_name: str = "anthropic/claude-sonnet-5", **body) -> dict:
+    """openai_request_to_anthropic of a Chat Completions body (model filled in)."""
+    body = {"model": "gpt-4.1", "messages": [USER_HI], **body}
+    return plano.openai_request_to_anthropic(body, configured_model(model_name))
+
+
+def openai_call(call_id: str, name: str, arguments: dict, **extra) -> dict:
+    """One Chat Completions tool call, as a provider returns it."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}, **extra}
+
+
+def openai_response(message: dict, finish_reason: str = "stop", usage: dict | None = None) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4.1",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message},
+                         "finish_reason": finish_reason}],
+            "usage": usage or {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+
+
+def anthropic_response(content: list, stop_reason: str = "end_turn", usage: dict | None = None) -> dict:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage or {"input_tokens": 10, "output_tokens": 2}}
+
+
+# ── OpenAI stream chunks in, Anthropic events out ─────────────────────────────────────────────
+
+def chunk(delta: dict | None = None, finish_reason: str | None = None) -> dict:
+    """A Chat Completions stream chunk with one choice (`usage: null`, as with include_usage)."""
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4.1",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason}], "usage": None}
+
+
+def usage_chunk(prompt: int, completion: int, cached: int = 0) -> dict:
+    """The trailing chunk `stream_options.include_usage` asks for: no choices, only usage."""
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4.1",
+            "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                     "total_tokens": prompt + completion,
+                                     "prompt_tokens_details": {"cached_tokens": cached}}}
+
+
+_OMIT = object()
+
+
+def tool_delta(index=0, call_id=None, name=None, arguments=None, **extra) -> dict:
+    """A `delta.tool_calls[]` fragment; index=_OMIT leaves `index` out (some providers do)."""
+    call: dict = {} if index is _OMIT else {"index": index}
+    if call_id is not None:
+        call.update(id=call_id, type="function")
+    function = {k: v for k, v in (("name", name), ("arguments", arguments)) if v is not None}
+    if function:
+        call["function"] = function
+    return {"tool_calls": [dict(call, **extra)]}
+
+
+ROLE_CHUNK = chunk({"role": "assistant", "content": ""})
+
+
+def run_openai_stream(*chunks: dict) -> list[tuple[str, dict]]:
+    """Every Anthropic event for these chunks, then finish() (the upstream's `[DONE]`)."""
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    events = [event for c in chunks for event in machine.feed(c)]
+    return events + machine.finish()
+
+
+def block_start(index: int, block: dict) -> tuple[str, dict]:
+    return ("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+
+def block_delta(index: int, delta: dict) -> tuple[str, dict]:
+    return ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
+def block_stop(index: int) -> tuple[str, dict]:
+    return ("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def message_end(stop_reason: str, usage: dict) -> list[tuple[str, dict]]:
+    return [("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"})]
+
+
+def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int = 0) -> dict:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": 0}
+
+
+def names(events: list[tuple[str, dict]]) -> list[str]:
+    return [name for name, _ in events]
+
+
+# ── Anthropic stream events in, OpenAI chunks out ─────────────────────────────────────────────
+
+def event(kind: str, **fields) -> tuple[str, dict]:
+    return (kind, {"type": kind, **fields})
+
+
+MESSAGE_START = event("message_start", message={
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+    "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}})
+
+
+def run_anthropic_stream(*events: tuple[str, dict], include_usage: bool = True) -> list:
+    machine = plano.AnthropicToOpenAIStream("claude-sonnet-5", include_usage)
+    return [out for name, data in events for out in machine.feed(name, data)]
+
+
+def essentials(chunks: list) -> list:
+    """Each chunk reduced to what it says: {delta, finish_reason}, {usage} or "[DONE]"."""
+    out = []
+    for c in chunks:
+        if isinstance(c, str):
+            out.append(c)
+        elif not c["choices"]:
+            out.append({"usage": c["usage"]})
+        else:
+            out.append({"delta": c["choices"][0]["delta"], "finish_reason": c["choices"][0]["finish_reason"]})
+    return out
+
+
+# ── SSE, images, config files ─────────────────────────────────────────────────────────────────
+
+def decode_sse(pieces) -> list[plano.SSEEvent]:
+    decoder = plano.SSEDecoder()
+    events = [e for piece in pieces for e in decoder.feed(piece)]
+    return events + decoder.close()
+
+
+def one_byte_at_a_time(raw: bytes) -> list[bytes]:
+    return [raw[i:i + 1] for i in range(len(raw))]
+
+
+def png_base64(width: int, height: int) -> str:
+    """The start of a PNG file (signature + IHDR chunk): enough for plano to read the size."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + b"\0\0\0\0" + b"\0" * 40
+    return base64.b64encode(raw).decode()
+
+
+def config_error(text: str, environ: dict | None = None) -> str:
+    with pytest.raises(plano.ConfigError) as raised:
+        plano.parse_config(text, path=CONFIG_PATH, environ=KEYS if environ is None else environ)
+    return raised.value.message
+
+
+def write_config(directory: Path, text: str, dotenv: str | None = None) -> str:
+    path = directory / "config.yaml"
+    path.write_text(text)
+    if dotenv is not None:
+        (directory / ".env").write_text(dotenv)
+    return str(path)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Anthropic request → OpenAI request
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_model_field_is_the_configured_model_id():
+    assert to_openai("openai/gpt-4.1")["model"] == "gpt-4.1"
+
+
+def test_system_string_becomes_a_leading_system_message():
+    out = to_openai(system="Be brief.")
+    assert out["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+
+
+def test_system_blocks_are_joined_into_one_system_message():
+    out = to_openai(system=[{"type": "text", "text": "You are Claude Code."},
+                            {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral"}}])
+    assert out["messages"][0] == {"role": "system", "content": "You are Claude Code.\nBe careful."}
+
+
+def test_cache_control_appears_nowhere_in_the_openai_request():
+    ephemeral = {"type": "ephemeral"}
+    out = to_openai(
+        system=[{"type": "text", "text": "sys", "cache_control": ephemeral}],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "run ls", "cache_control": ephemeral}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                               "input": {"command": "ls"}, "cache_control": ephemeral}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt",
+                                          "is_error": False, "cache_control": ephemeral}]},
+        ],
+        tools=[{"name": "Bash", "input_schema": {"type": "object"}, "cache_control": ephemeral}])
+    assert "cache_control" not in json.dumps(out)
+
+
+def test_system_role_message_inside_messages_stays_in_place():
+    out = to_openai(messages=[
+        {"role": "user", "content": "first"},
+        {"role": "system", "content": [{"type": "text", "text": "<env>cwd=/src</env>"}]},
+        {"role": "user", "content": "second"}])
+    assert out["messages"] == [{"role": "user", "content": "first"},
+                               {"role": "system", "content": "<env>cwd=/src</env>"},
+                               {"role": "user", "content": "second"}]
+
+
+def test_user_text_blocks_become_one_text_content():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>be nice</system-reminder>"},
+        {"type": "text", "text": "fix the bug"}]}])
+    assert out["messages"] == [{"role": "user", "content": "<system-reminder>be nice</system-reminder>\nfix the bug"}]
+
+
+def test_user_base64_image_becomes_a_data_url_part():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+    assert out["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+
+
+def test_user_url_image_keeps_its_url():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}])
+    assert out["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]
+
+
+def test_user_pdf_document_becomes_a_file_part():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "document", "title": "spec.pdf",
+         "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}}]}])
+    assert out["messages"] == [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQ=", "filename": "spec.pdf"}}]}]
+
+
+def test_user_plain_text_document_becomes_text():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Summarise:"},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "the doc"}}]}])
+    assert out["messages"] == [{"role": "user", "content": "Summarise:\nthe doc"}]
+
+
+def test_tool_use_becomes_tool_calls_with_json_arguments():
+    out = to_openai(messages=[USER_HI, {"role": "assistant", "content": [
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls ü", "timeout": 5}}]}])
+    assistant = out["messages"][1]
+    arguments = assistant["tool_calls"][0]["function"].pop("arguments")
+    assert json.loads(arguments) == {"command": "ls ü", "timeout": 5}
+    assert assistant == {"role": "assistant", "content": "Let me look.", "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "Bash"}}]}
+
+
+def test_assistant_turn_with_only_tool_use_has_null_content():
+    out = to_openai(messages=[USER_HI, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]}])
+    assert out["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "Read", "arguments": "{}"}}]}
+
+
+def test_tool_results_become_tool_messages_in_order_before_the_rest_of_the_user_turn():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"},
+        {"type": "text", "text": "and now?"},
+        {"type": "tool_result", "tool_use_id": "toolu_2", "content": [
+            {"type": "text", "text": "line 1"}, {"type": "text", "text": "line 2"}]}]}])
+    assert out["messages"] == [
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "a.txt"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "line 1\nline 2"},
+        {"role": "user", "content": "and now?"}]
+
+
+def test_tool_result_with_is_error_is_marked_as_an_error():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "command not found", "is_error": True}]}])
+    assert out["messages"] == [{"role": "tool", "tool_call_id": "toolu_1", "content": "[tool error] command not found"}]
+
+
+def test_tool_result_images_follow_as_user_content():
+    out = to_openai(messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": "screenshot"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}])
+    assert out["messages"] == [
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "screenshot"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+
+
+THINKING_TURN = {"role": "assistant", "content": [
+    {"type": "thinking", "thinking": "I should list the files.", "signature": ""},
+    {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]}
+
+
+def test_thinking_is_sent_back_as_reasoning_content_to_deepseek():
+    out = to_openai("deepseek/deepseek-chat", messages=[USER_HI, THINKING_TURN])
+    assert out["messages"][1]["reasoning_content"] == "I should list the files."
+
+
+def test_thinking_is_not_sent_to_providers_that_do_not_want_it_back():
+    out = to_openai("openai/gpt-4.1", messages=[USER_HI, THINKING_TURN])
+    assert "reasoning_content" not in out["messages"][1]
+
+
+def test_tools_input_schema_becomes_parameters():
+    schema = {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
+    out = to_openai(tools=[{"name": "Bash", "description": "Run a command", "input_schema": schema}])
+    assert out["tools"] == [{"type": "function", "function": {
+        "name": "Bash", "description": "Run a command", "parameters": schema}}]
+
+
+def test_server_tools_without_input_schema_are_dropped():
+    out = to_openai(tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                           {"name": "Read", "input_schema": {"type": "object"}}])
+    assert [t["function"]["name"] for t in out["tools"]] == ["Read"]
+
+
+def test_only_server_tools_means_no_tools_and_no_tool_choice():
+    out = to_openai(tools=[{"type": "web_search_20250305", "name": "web_search"}], tool_choice={"type": "any"})
+    assert "tools" not in out and "tool_choice" not in out
+
+
+@pytest.mark.parametrize("anthropic_choice, openai_choice", [
+    ({"type": "auto"}, "auto"),
+    ({"type": "any"}, "required"),
+    ({"type": "tool", "name": "Bash"}, {"type": "function", "function": {"name": "Bash"}}),
+    ({"type": "none"}, "none"),
+])
+def test_tool_choice_maps_to_openai(anthropic_choice, openai_choice):
+    out = to_openai(tools=[{"name": "Bash", "input_schema": {"type": "object"}}], tool_choice=anthropic_choice)
+    assert out["tool_choice"] == openai_choice
+
+
+def test_disable_parallel_tool_use_becomes_parallel_tool_calls_false():
+    out = to_openai(tools=[{"name": "Bash", "input_schema": {"type": "object"}}],
+                    tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert (out["tool_choice"], out["parallel_tool_calls"]) == ("auto", False)
+
+
+def test_stop_sequences_become_stop():
+    assert to_openai(stop_sequences=["END", "\n\nHuman:"])["stop"] == ["END", "\n\nHuman:"]
+
+
+@pytest.mark.parametrize("name", ["openai/gpt-5", "openai/o3"])
+def test_stop_sequences_are_not_sent_to_openai_reasoning_models(name):
+    # OpenAI answers 400 "Unsupported parameter: 'stop' is not supported with this model" for o3
+    # and gpt-5 (crewAIInc/crewAI#2738, BerriAI/litellm#15244), as it does for temperature.
+    assert "stop" not in to_openai(name, stop_sequences=["END"])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("deepseek/deepseek-chat", {"max_tokens": 8192}),
+    ("openai/gpt-4.1", {"max_tokens": 32768}),
+])
+def test_claude_codes_max_tokens_is_capped_to_the_models_output_limit(name, expected):
+    out = to_openai(name, max_tokens=128000)
+    assert {k: out[k] for k in ("max_tokens", "max_completion_tokens") if k in out} == expected
+
+
+@pytest.mark.parametrize("name, expected", [("openai/gpt-5", 128000), ("openai/o3", 100000)])
+def test_openai_reasoning_models_get_max_completion_tokens(name, expected):
+    out = to_openai(name, max_tokens=128000)
+    assert out["max_completion_tokens"] == expected and "max_tokens" not in out
+
+
+def test_max_tokens_under_the_cap_is_kept():
+    assert to_openai("deepseek/deepseek-chat", max_tokens=500)["max_tokens"] == 500
+
+
+def test_sampling_parameters_are_kept_for_ordinary_models():
+    out = to_openai("openai/gpt-4.1", temperature=0.2, top_p=0.9)
+    assert (out["temperature"], out["top_p"]) == (0.2, 0.9)
+
+
+def test_sampling_parameters_are_not_sent_to_reasoning_models():
+    out = to_openai("openai/gpt-5", temperature=0.2, top_p=0.9)
+    assert "temperature" not in out and "top_p" not in out
+
+
+CLAUDE_CODE_THINKING = {"thinking": {"type": "adaptive", "display": "omitted"}, "output_config": {"effort": "high"}}
+
+
+def test_claude_codes_thinking_effort_becomes_reasoning_effort_for_reasoning_models():
+    assert to_openai("openai/gpt-5", **CLAUDE_CODE_THINKING)["reasoning_effort"] == "high"
+
+
+@pytest.mark.parametrize("name", ["openai/gpt-4.1", "deepseek/deepseek-chat"])
+def test_no_reasoning_effort_for_models_that_do_not_take_it(name):
+    assert "reasoning_effort" not in to_openai(name, **CLAUDE_CODE_THINKING)
+
+
+def test_thinking_budget_without_effort_maps_to_a_reasoning_effort():
+    out = to_openai("openai/o3", thinking={"type": "enabled", "budget_tokens": 2000})
+    assert out["reasoning_effort"] == "low"
+
+
+def test_short_metadata_user_id_becomes_user():
+    assert to_openai(metadata={"user_id": "alice"})["user"] == "alice"
+
+
+def test_long_metadata_user_id_is_hashed_to_64_characters():
+    user_id = json.dumps({"device_id": "d" * 64, "session_id": "0f6b1c2e-5d4a-4b1e-9c3f-8a7e6d5c4b3a"})
+    out = to_openai(metadata={"user_id": user_id})
+    assert out["user"] == hashlib.sha256(user_id.encode()).hexdigest()
+
+
+def test_streaming_request_asks_for_the_usage_chunk():
+    out = to_openai(stream=True)
+    assert (out["stream"], out["stream_options"]) == (True, {"include_usage": True})
+
+
+def test_non_streaming_request_has_no_stream_fields():
+    out = to_openai()
+    assert "stream" not in out and "stream_options" not in out
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# OpenAI response → Anthropic response
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_openai_text_response_becomes_an_anthropic_message():
+    out = plano.openai_response_to_anthropic(openai_response({"content": "Hello!"}), CLAUDE_CODE_MODEL)
+    assert out.pop("id").startswith("msg_")
+    assert out == {"type": "message", "role": "assistant", "model": CLAUDE_CODE_MODEL,
+                   "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": anthropic_usage(12, 3)}
+
+
+def test_openai_tool_calls_become_tool_use_blocks_with_parsed_input():
+    response = openai_response({"content": "Looking.", "tool_calls": [
+        openai_call("call_1", "Bash", {"command": "ls"}), openai_call("call_2", "Read", {"path": "é.py"})]},
+        finish_reason="tool_calls")
+    out = plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)
+    assert (out["content"], out["stop_reason"]) == ([
+        {"type": "text", "text": "Looking."},
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}},
+        {"type": "tool_use", "id": "call_2", "name": "Read", "input": {"path": "é.py"}}], "tool_use")
+
+
+def test_finish_reason_stop_with_tool_calls_is_stop_reason_tool_use():
+    response = openai_response({"content": None, "tool_calls": [openai_call("call_1", "Bash", {})]},
+                               finish_reason="stop")
+    assert plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize("finish_reason, stop_reason", [
+    ("stop", "end_turn"), ("length", "max_tokens"), ("content_filter", "refusal"), ("tool_calls", "tool_use")])
+def test_finish_reason_maps_to_stop_reason(finish_reason, stop_reason):
+    response = openai_response({"content": "x"}, finish_reason=finish_reason)
+    assert plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["stop_reason"] == stop_reason
+
+
+def test_tool_call_cut_off_by_length_is_stop_reason_max_tokens():
+    # Anthropic reports a tool_use block truncated by the token limit as `max_tokens`; `tool_use`
+    # would make the client run a tool with half-written arguments.
+    response = openai_response({"content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "Write", "arguments": '{"path": "a.py", "con'}}]},
+        finish_reason="length")
+    assert plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["stop_reason"] == "max_tokens"
+
+
+def test_cached_prompt_tokens_become_cache_read_input_tokens():
+    response = openai_response({"content": "x"}, usage={
+        "prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050,
+        "prompt_tokens_details": {"cached_tokens": 800}})
+    usage = plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["usage"]
+    assert usage == anthropic_usage(200, 50, cache_read=800)
+
+
+def test_reasoning_content_becomes_a_thinking_block_with_an_empty_signature():
+    response = openai_response({"content": "42", "reasoning_content": "6 times 7"})
+    content = plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["content"]
+    assert content == [{"type": "thinking", "thinking": "6 times 7", "signature": ""},
+                       {"type": "text", "text": "42"}]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Gemini thought signatures: response → tool_use id → next request
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+SIGNATURE = "CiQB0e2Kb+/Zq9sig=="
+GEMINI_CALL = openai_call("call_1", "Bash", {"command": "ls"},
+                          extra_content={"google": {"thought_signature": SIGNATURE}})
+
+
+def gemini_history(tool_use_id: str) -> list[dict]:
+    return [USER_HI,
+            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_use_id, "name": "Bash",
+                                               "input": {"command": "ls"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use_id, "content": "a.txt"}]}]
+
+
+def test_thought_signature_rides_in_the_tool_use_id():
+    response = openai_response({"content": None, "tool_calls": [GEMINI_CALL]}, finish_reason="tool_calls")
+    tool_use = plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["content"][0]
+    assert plano.split_signed_tool_id(tool_use["id"]) == ("call_1", SIGNATURE)
+
+
+def test_signed_tool_use_id_is_a_valid_anthropic_tool_id():
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", plano.signed_tool_id("call_1", SIGNATURE))
+
+
+def test_thought_signature_goes_back_to_gemini_on_the_next_request():
+    out = to_openai("gemini/gemini-2.5-flash", messages=gemini_history(plano.signed_tool_id("call_1", SIGNATURE)))
+    assert out["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'},
+             "extra_content": {"google": {"thought_signature": SIGNATURE}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}]
+
+
+def test_thought_signature_is_not_sent_to_other_providers_but_the_original_id_is():
+    out = to_openai("openai/gpt-4.1", messages=gemini_history(plano.signed_tool_id("call_1", SIGNATURE)))
+    assert out["messages"][1]["tool_calls"][0] == {
+        "id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}
+    assert out["messages"][2]["tool_call_id"] == "call_1"
+
+
+def test_streamed_thought_signature_rides_in_the_tool_use_id():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", '{"command":"ls"}',
+                                                            extra_content={"google": {"thought_signature": SIGNATURE}})),
+                               chunk(finish_reason="tool_calls"))
+    start = next(data for name, data in events if name == "content_block_start")
+    assert plano.split_signed_tool_id(start["content_block"]["id"]) == ("call_1", SIGNATURE)
+
+
+@given(st.text(min_size=1))
+def test_any_signature_survives_the_tool_id_round_trip(signature):
+    assert plano.split_signed_tool_id(plano.signed_tool_id("call_1", signature)) == ("call_1", signature)
+
+
+def test_an_unsigned_tool_id_splits_to_itself():
+    assert plano.split_signed_tool_id("toolu_01ABC") == ("toolu_01ABC", None)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# OpenAI request → Anthropic request
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_leading_system_and_developer_messages_become_system():
+    out = to_anthropic(messages=[{"role": "system", "content": "Be brief."},
+                                 {"role": "developer", "content": [{"type": "text", "text": "Use Rust."}]},
+                                 USER_HI])
+    assert (out["system"], out["messages"]) == ("Be brief.\nUse Rust.", [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_tool_messages_become_tool_results_merged_into_one_user_turn():
+    out = to_anthropic(messages=[
+        {"role": "user", "content": "list and read"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            openai_call("call_1", "Bash", {"command": "ls"}), openai_call("call_2", "Read", {"path": "a"})]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "hello"},
+        {"role": "user", "content": "thanks"}])
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "list and read"}]},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}},
+            {"type": "tool_use", "id": "call_2", "name": "Read", "input": {"path": "a"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "hello"},
+            {"type": "text", "text": "thanks"}]}]
+
+
+def test_image_data_url_becomes_a_base64_source_and_http_url_a_url_source():
+    out = to_anthropic(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}]}])
+    assert out["messages"][0]["content"] == [
+        {"type": "text", "text": "compare"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]
+
+
+def test_stop_string_becomes_a_stop_sequences_list():
+    assert to_anthropic(stop="END")["stop_sequences"] == ["END"]
+
+
+def test_tools_parameters_become_input_schema_and_required_becomes_any():
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    out = to_anthropic(tools=[{"type": "function", "function": {"name": "search", "description": "Search",
+                                                                "parameters": schema}}],
+                       tool_choice="required")
+    assert (out["tools"], out["tool_choice"]) == (
+        [{"name": "search", "description": "Search", "input_schema": schema}], {"type": "any"})
+
+
+def test_named_tool_choice_becomes_tool():
+    out = to_anthropic(tools=[{"type": "function", "function": {"name": "search"}}],
+                       tool_choice={"type": "function", "function": {"name": "search"}})
+    assert out["tool_choice"] == {"type": "tool", "name": "search"}
+
+
+def test_parallel_tool_calls_false_becomes_disable_parallel_tool_use():
+    out = to_anthropic(tools=[{"type": "function", "function": {"name": "search"}}], parallel_tool_calls=False)
+    assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+
+
+def test_temperature_is_clamped_to_anthropics_range():
+    assert to_anthropic(temperature=1.7)["temperature"] == 1.0
+
+
+def test_missing_max_tokens_gets_a_default():
+    assert to_anthropic()["max_tokens"] == 8192
+
+
+def test_max_completion_tokens_becomes_max_tokens():
+    assert to_anthropic(max_completion_tokens=300)["max_tokens"] == 300
+
+
+@pytest.mark.parametrize("effort, max_tokens, budget", [("low", 4096, 2048), ("high", 32000, 24576)])
+def test_reasoning_effort_becomes_a_thinking_budget(effort, max_tokens, budget):
+    out = to_anthropic(reasoning_effort=effort, max_tokens=max_tokens, temperature=0.5)
+    assert out["thinking"] == {"type": "enabled", "budget_tokens": budget}
+    assert "temperature" not in out  # Anthropic rejects a temperature with thinking on
+
+
+def test_n_greater_than_one_is_a_request_error():
+    with pytest.raises(plano.RequestError):
+        to_anthropic(n=2)
+
+
+def test_user_becomes_metadata_user_id():
+    assert to_anthropic(user="alice")["metadata"] == {"user_id": "alice"}
+
+
+def test_assistant_tool_call_arguments_become_parsed_input():
+    out = to_anthropic(messages=[USER_HI, {"role": "assistant", "content": "", "tool_calls": [
+        openai_call("call_1", "Bash", {"command": "echo €"})]}])
+    assert out["messages"][1] == {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "echo €"}}]}
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Anthropic response → OpenAI response
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_anthropic_text_response_becomes_a_chat_completion():
+    out = plano.anthropic_response_to_openai(anthropic_response([{"type": "text", "text": "Hello"}]), "gpt-4.1")
+    assert (out["object"], out["model"]) == ("chat.completion", "gpt-4.1")
+    assert out["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                               "finish_reason": "stop", "logprobs": None}]
+
+
+def test_anthropic_tool_use_becomes_tool_calls():
+    response = anthropic_response([{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                    "input": {"command": "ls"}}], stop_reason="tool_use")
+    choice = plano.anthropic_response_to_openai(response, "gpt-4.1")["choices"][0]
+    arguments = choice["message"]["tool_calls"][0]["function"].pop("arguments")
+    assert json.loads(arguments) == {"command": "ls"}
+    assert choice["message"] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "Bash"}}]}
+    assert choice["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("stop_reason, finish_reason", [
+    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
+    ("tool_use", "tool_calls"), ("refusal", "content_filter")])
+def test_stop_reason_maps_to_finish_reason(stop_reason, finish_reason):
+    response = anthropic_response([{"type": "text", "text": "x"}], stop_reason=stop_reason)
+    assert plano.anthropic_response_to_openai(response, "gpt-4.1")["choices"][0]["finish_reason"] == finish_reason
+
+
+def test_prompt_tokens_include_cache_reads_and_cache_writes():
+    response = anthropic_response([{"type": "text", "text": "x"}], usage={
+        "input_tokens": 100, "cache_read_input_tokens": 900, "cache_creation_input_tokens": 50, "output_tokens": 20})
+    assert plano.anthropic_response_to_openai(response, "gpt-4.1")["usage"] == {
+        "prompt_tokens": 1050, "completion_tokens": 20, "total_tokens": 1070,
+        "prompt_tokens_details": {"cached_tokens": 900}}
+
+
+def test_anthropic_thinking_becomes_reasoning_content():
+    response = anthropic_response([{"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                                   {"type": "text", "text": "42"}])
+    message = plano.anthropic_response_to_openai(response, "gpt-4.1")["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "42", "reasoning_content": "hmm"}
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Stream machine: OpenAI chunks → Anthropic events
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_message_start_comes_first_with_the_requested_model():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    events = machine.feed(ROLE_CHUNK)
+    assert names(events) == ["message_start"]
+    message = events[0][1]["message"]
+    assert message.pop("id").startswith("msg_")
+    assert message == {"type": "message", "role": "assistant", "model": CLAUDE_CODE_MODEL, "content": [],
+                       "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+
+
+def test_text_then_tool_call_closes_text_and_opens_the_tool_at_the_next_index():
+    events = run_openai_stream(
+        ROLE_CHUNK, chunk({"content": "Let me look."}),
+        chunk(tool_delta(0, "call_1", "Bash", "")),
+        chunk(tool_delta(0, arguments='{"command":')), chunk(tool_delta(0, arguments='"ls"}')),
+        chunk(finish_reason="tool_calls"), usage_chunk(100, 20))
+    assert events[1:] == [
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "text_delta", "text": "Let me look."}),
+        block_stop(0),
+        block_start(1, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": '{"command":'}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": '"ls"}'}),
+        block_stop(1),
+        *message_end("tool_use", anthropic_usage(100, 20))]
+
+
+def test_tool_call_with_id_name_and_full_arguments_in_one_chunk_keeps_its_arguments():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Read", '{"path":"a.py"}')),
+                               chunk(finish_reason="tool_calls"))
+    assert events[1:4] == [
+        block_start(0, {"type": "tool_use", "id": "call_1", "name": "Read", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"path":"a.py"}'}),
+        block_stop(0)]
+
+
+def test_fragments_without_index_continue_the_open_tool_call():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(_OMIT, "call_1", "Bash", '{"comm')),
+                               chunk(tool_delta(_OMIT, arguments='and":"ls"}')), chunk(finish_reason="tool_calls"))
+    assert events[1:5] == [
+        block_start(0, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"comm'}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": 'and":"ls"}'}),
+        block_stop(0)]
+
+
+def test_two_tool_calls_become_two_tool_use_blocks():
+    events = run_openai_stream(
+        ROLE_CHUNK,
+        chunk(tool_delta(0, "call_1", "Bash", "")), chunk(tool_delta(0, arguments='{"command":"ls"}')),
+        chunk(tool_delta(1, "call_2", "Read", "")), chunk(tool_delta(1, arguments='{"path":"a"}')),
+        chunk(finish_reason="tool_calls"))
+    assert events[1:7] == [
+        block_start(0, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"command":"ls"}'}),
+        block_stop(0),
+        block_start(1, {"type": "tool_use", "id": "call_2", "name": "Read", "input": {}}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": '{"path":"a"}'}),
+        block_stop(1)]
+
+
+def test_a_new_call_id_at_the_same_index_starts_a_new_tool_block():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", "{}")),
+                               chunk(tool_delta(0, "call_2", "Read", "{}")), chunk(finish_reason="tool_calls"))
+    starts = [data["content_block"]["id"] for name, data in events if name == "content_block_start"]
+    assert starts == ["call_1", "call_2"]
+
+
+def test_block_indices_are_contiguous_from_zero_with_one_block_open_at_a_time():
+    events = run_openai_stream(
+        ROLE_CHUNK, chunk({"reasoning_content": "think"}), chunk({"content": "text"}),
+        chunk(tool_delta(0, "call_1", "Bash", "{}")), chunk(tool_delta(1, "call_2", "Read", "{}")),
+        chunk(finish_reason="tool_calls"))
+    opened = [(name, data["index"]) for name, data in events if name in ("content_block_start", "content_block_stop")]
+    assert opened == [("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
+                      ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
+                      ("content_block_start", 3), ("content_block_stop", 3)]
+
+
+def test_reasoning_content_streams_as_a_thinking_block():
+    events = run_openai_stream(ROLE_CHUNK, chunk({"reasoning_content": "6×7"}), chunk({"content": "42"}),
+                               chunk(finish_reason="stop"))
+    assert events[1:4] == [block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+                           block_delta(0, {"type": "thinking_delta", "thinking": "6×7"}),
+                           block_stop(0)]
+
+
+def test_trailing_usage_chunk_is_folded_into_the_single_message_delta():
+    events = run_openai_stream(ROLE_CHUNK, chunk({"content": "Hi"}), chunk(finish_reason="stop"),
+                               usage_chunk(120, 5, cached=100))
+    assert names(events).count("message_delta") == 1
+    assert events[-2:] == message_end("end_turn", anthropic_usage(20, 5, cache_read=100))
+
+
+def test_finish_called_twice_yields_exactly_one_message_stop():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    events = machine.feed(ROLE_CHUNK) + machine.feed(chunk({"content": "Hi"}, finish_reason="stop"))
+    events += machine.finish() + machine.finish()
+    assert names(events).count("message_stop") == 1 and names(events)[-1] == "message_stop"
+
+
+def test_provider_saying_stop_after_tool_calls_gives_stop_reason_tool_use():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", "{}")), chunk(finish_reason="stop"))
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_streamed_tool_call_cut_off_by_length_gives_stop_reason_max_tokens():
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Write", '{"path": "a.py", "con')),
+                               chunk(finish_reason="length"))
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_stream_ending_without_finish_reason_or_usage_is_a_translation_error():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    machine.feed(ROLE_CHUNK)
+    machine.feed(chunk({"content": "Hal"}))
+    with pytest.raises(plano.StreamTranslationError):
+        machine.finish()
+
+
+def test_error_chunk_raises_upstream_error():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    machine.feed(ROLE_CHUNK)
+    with pytest.raises(plano.UpstreamError) as raised:
+        machine.feed({"error": {"message": "model overloaded", "type": "server_error"}})
+    assert raised.value.message == "model overloaded"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Stream machine: Anthropic events → OpenAI chunks
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+TOOL_STREAM = [
+    MESSAGE_START,
+    event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+    event("ping"),
+    event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}),
+    event("content_block_stop", index=0),
+    event("content_block_start", index=1, content_block={"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                                         "input": {}}),
+    event("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": '{"command":'}),
+    event("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": '"ls"}'}),
+    event("content_block_stop", index=1),
+    event("message_delta", delta={"stop_reason": "tool_use", "stop_sequence": None}, usage={"output_tokens": 30}),
+    event("message_stop"),
+]
+
+
+def test_anthropic_stream_becomes_role_text_tool_call_finish_usage_and_done():
+    assert essentials(run_anthropic_stream(*TOOL_STREAM)) == [
+        {"delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+        {"delta": {"content": "Hi"}, "finish_reason": None},
+        {"delta": {"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+                                   "function": {"name": "Bash", "arguments": ""}}]}, "finish_reason": None},
+        {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"command":'}}]}, "finish_reason": None},
+        {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"ls"}'}}]}, "finish_reason": None},
+        {"delta": {}, "finish_reason": "tool_calls"},
+        {"usage": {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40,
+                   "prompt_tokens_details": {"cached_tokens": 0}}},
+        "[DONE]"]
+
+
+def test_openai_chunks_share_one_id_and_carry_the_requested_model():
+    chunks = [c for c in run_anthropic_stream(*TOOL_STREAM) if isinstance(c, dict)]
+    assert {(c["id"], c["object"], c["model"]) for c in chunks} == {
+        (chunks[0]["id"], "chat.completion.chunk", "claude-sonnet-5")}
+
+
+def test_second_tool_use_block_gets_tool_call_index_one():
+    chunks = run_anthropic_stream(
+        MESSAGE_START,
+        event("content_block_start", index=0, content_block={"type": "tool_use", "id": "toolu_1", "name": "Bash"}),
+        event("content_block_stop", index=0),
+        event("content_block_start", index=1, content_block={"type": "tool_use", "id": "toolu_2", "name": "Read"}),
+        event("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": "{}"}))
+    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[1:]]
+    assert [(c["index"], c.get("id")) for c in calls] == [(0, "toolu_1"), (1, "toolu_2"), (1, None)]
+
+
+def test_thinking_delta_becomes_reasoning_content():
+    chunks = run_anthropic_stream(
+        MESSAGE_START, event("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+        event("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "hmm"}),
+        event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "sig"}))
+    assert essentials(chunks)[1:] == [{"delta": {"reasoning_content": "hmm"}, "finish_reason": None}]
+
+
+def test_no_usage_chunk_unless_the_client_asked_for_it():
+    assert essentials(run_anthropic_stream(*TOOL_STREAM, include_usage=False))[-2:] == [
+        {"delta": {}, "finish_reason": "tool_calls"}, "[DONE]"]
+
+
+def test_anthropic_error_event_raises_upstream_error():
+    with pytest.raises(plano.UpstreamError) as raised:
+        run_anthropic_stream(MESSAGE_START, event("error", error={"type": "overloaded_error", "message": "Overloaded"}))
+    assert (raised.value.status, raised.value.error_type, raised.value.message) == (529, "overloaded_error", "Overloaded")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Server-sent events
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_events_fed_one_byte_at_a_time_decode_exactly_including_multibyte_characters():
+    delta = {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "input_json_delta", "partial_json": '{"text":"é € 😀"}'}}
+    raw = plano.encode_sse(delta, "content_block_delta") + plano.encode_sse("[DONE]")
+    assert decode_sse(one_byte_at_a_time(raw)) == [
+        plano.SSEEvent("content_block_delta", json.dumps(delta, ensure_ascii=False, separators=(",", ":"))),
+        plano.SSEEvent(None, "[DONE]")]
+
+
+def test_a_utf8_character_split_between_two_reads_decodes_whole():
+    raw = 'data: {"t":"€"}\n\n'.encode()
+    cut = raw.index("€".encode()) + 1  # inside the three bytes of €
+    assert decode_sse([raw[:cut], raw[cut:]]) == [plano.SSEEvent(None, '{"t":"€"}')]
+
+
+def test_crlf_line_endings():
+    assert decode_sse([b"event: ping\r\ndata: {}\r\n\r\ndata: 2\r\n\r\n"]) == [
+        plano.SSEEvent("ping", "{}"), plano.SSEEvent(None, "2")]
+
+
+def test_cr_line_endings_dispatch_each_event_as_soon_as_it_is_complete():
+    # A lone CR ends a line (WHATWG); a CR at the end of a read must not hold the event back
+    # waiting to see whether an LF follows: remember to skip that LF instead.
+    decoder = plano.SSEDecoder()
+    assert decoder.feed(b"event: a\rdata: 1\r\rdata: 2\r\r") == [plano.SSEEvent("a", "1"), plano.SSEEvent(None, "2")]
+    assert decoder.feed(b"\ndata: 3\r\n\r\n") == [plano.SSEEvent(None, "3")]
+
+
+def test_comments_are_ignored():
+    assert decode_sse([b": keep-alive\n\ndata: x\n: another\n\n"]) == [plano.SSEEvent(None, "x")]
+
+
+def test_multiline_data_is_joined_with_newlines():
+    assert decode_sse([b"data: line 1\ndata: line 2\n\n"]) == [plano.SSEEvent(None, "line 1\nline 2")]
+
+
+def test_one_leading_space_after_the_colon_is_dropped():
+    assert decode_sse([b"data:x\n\ndata:  y\n\n"]) == [plano.SSEEvent(None, "x"), plano.SSEEvent(None, " y")]
+
+
+def test_close_drops_an_event_cut_off_before_its_blank_line():
+    # WHATWG: at end of stream, pending data is discarded; half a JSON object is not an event.
+    decoder = plano.SSEDecoder()
+    assert decoder.feed(b'data: {"type":"message_st') == []
+    assert decoder.close() == []
+
+
+def test_encode_sse_writes_one_data_line_per_line_of_text():
+    assert decode_sse([plano.encode_sse("line 1\nline 2", "note")]) == [plano.SSEEvent("note", "line 1\nline 2")]
+
+
+_sse_payloads = st.one_of(
+    st.dictionaries(st.text(max_size=8), st.one_of(st.text(), st.integers(), st.booleans(), st.none()), max_size=3),
+    st.text().filter(lambda s: "\n" not in s and "\r" not in s))
+_sse_names = st.one_of(st.none(), st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=20))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(_sse_names, _sse_payloads), max_size=6), st.data())
+def test_encoded_events_split_anywhere_decode_back_to_the_same_events(events, data):
+    raw = b"".join(plano.encode_sse(payload, name) for name, payload in events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=12)))
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+    decoded = decode_sse(pieces)
+    assert [e.event for e in decoded] == [name for name, _ in events]
+    assert [e.data if isinstance(p, str) else json.loads(e.data) for e, (_, p) in zip(decoded, events)] == \
+           [p for _, p in events]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Passthrough: replace_json_model
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_replace_json_model_changes_only_the_model_value():
+    raw = ('{\n  "messages" : [ {"role":"user","content":"caf\\u00e9 \\"model\\": x","model":"inner"} ],'
+           '\t"model"  :  "claude-opus-5-5" ,"metadata":{"model":"keep"},"unknown_field":1e2 }')
+    assert plano.replace_json_model(raw, "gpt-4.1") == raw.replace('"claude-opus-5-5"', '"gpt-4.1"')
+
+
+def test_replace_json_model_adds_model_when_missing():
+    assert plano.replace_json_model('{"messages":[],"stream":true}', "gpt-4.1") == \
+        '{"model":"gpt-4.1","messages":[],"stream":true}'
+
+
+def test_replace_json_model_adds_model_to_an_empty_object():
+    assert plano.replace_json_model("{}", "gpt-4.1") == '{"model":"gpt-4.1"}'
+
+
+def test_replace_json_model_rejects_a_body_that_is_not_an_object():
+    with pytest.raises(plano.RequestError):
+        plano.replace_json_model('["model"]', "gpt-4.1")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# count_tokens: estimate_tokens
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+BASE_REQUEST = {"model": CLAUDE_CODE_MODEL, "messages": [USER_HI]}
+
+
+def test_estimate_grows_with_the_system_prompt():
+    assert plano.estimate_tokens(dict(BASE_REQUEST, system="x" * 4000)) >= plano.estimate_tokens(BASE_REQUEST) + 1000
+
+
+def test_estimate_grows_with_messages():
+    longer = dict(BASE_REQUEST, messages=[USER_HI, {"role": "assistant", "content": "y" * 4000}])
+    assert plano.estimate_tokens(longer) >= plano.estimate_tokens(BASE_REQUEST) + 1000
+
+
+def test_estimate_grows_with_tools():
+    tools = [{"name": "Bash", "description": "z" * 4000, "input_schema": {"type": "object"}}]
+    assert plano.estimate_tokens(dict(BASE_REQUEST, tools=tools)) >= plano.estimate_tokens(BASE_REQUEST) + 1000
+
+
+def _with_image(width: int, height: int) -> int:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": png_base64(width, height)}}
+    with_image = dict(BASE_REQUEST, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}])
+    without = dict(BASE_REQUEST, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    return plano.estimate_tokens(with_image) - plano.estimate_tokens(without)
+
+
+def test_image_is_counted_by_its_png_size():
+    assert _with_image(300, 250) == 100  # width × height / 750
+
+
+def test_image_count_is_capped_at_1600_tokens():
+    assert _with_image(4000, 3000) == 1600
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Config
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+SEED_FORMAT = """\
+version: v0.3.0
+
+listeners:
+  - type: model
+    name: model_listener
+    port: 12000
+
+llm_providers:
+  - model: openai/gpt-4.1-2025-04-14
+    access_key: $OPENAI_API_KEY
+    routing_preferences:
+      - name: code generation
+        description: generating new code snippets, functions, or boilerplate
+
+  - model: anthropic/claude-sonnet-5
+    default: true
+    access_key: $ANTHROPIC_API_KEY
+    routing_preferences:
+      - name: code understanding
+        description: understand and explain existing code snippets
+
+  - model: anthropic/claude-haiku-4-5
+    access_key: $ANTHROPIC_API_KEY
+
+model_aliases:
+  arch.claude.code.small.fast:
+    target: claude-haiku-4-5
+
+tracing:
+  random_sampling: 100
+"""
+
+
+def test_seed_format_is_accepted_verbatim():
+    config = plano.parse_config(SEED_FORMAT, path=CONFIG_PATH, environ=KEYS)
+    assert [(m.name, m.provider, m.model_id, m.access_key) for m in config.models] == [
+        ("openai/gpt-4.1-2025-04-14", "openai", "gpt-4.1-2025-04-14", "k-openai"),
+        ("anthropic/claude-sonnet-5", "anthropic", "claude-sonnet-5", "k-anthropic"),
+        ("anthropic/claude-haiku-4-5", "anthropic", "claude-haiku-4-5", "k-anthropic")]
+    assert [(p.name, m.name) for p, m in config.routes] == [
+        ("code generation", "openai/gpt-4.1-2025-04-14"), ("code understanding", "anthropic/claude-sonnet-5")]
+    assert config.default_model.name == "anthropic/claude-sonnet-5"
+    assert dict(config.aliases) == {"arch.claude.code.small.fast": "anthropic/claude-haiku-4-5"}
+    assert (config.listener.address, config.listener.port) == ("127.0.0.1", 12000)
+    assert config.warnings == ()
+
+
+def test_shipped_config_loads():
+    config = plano.load_config(str(Path(plano.__file__).with_name("config.yaml")), environ=KEYS)
+    assert config.warnings == () and plano.SMALL_FAST_ALIAS in config.aliases
+
+
+def test_model_providers_is_accepted_as_the_newer_name():
+    config = plano.parse_config("model_providers:\n  - model: openai/gpt-4.1\n", path=CONFIG_PATH, environ=KEYS)
+    assert [m.name for m in config.models] == ["openai/gpt-4.1"]
+
+
+@pytest.mark.parametrize("reference", ["$MY_KEY", "${MY_KEY}"])
+def test_access_key_is_read_from_the_named_variable(reference):
+    config = plano.parse_config(f"llm_providers:\n  - model: openai/gpt-4.1\n    access_key: {reference}\n",
+                                path=CONFIG_PATH, environ={"MY_KEY": "sk-mine"})
+    assert (config.models[0].access_key, config.models[0].key_env) == ("sk-mine", "MY_KEY")
+
+
+def test_dotenv_beside_the_config_is_read_but_does_not_override_the_environment(tmp_path):
+    path = write_config(tmp_path, "llm_providers:\n"
+                                  "  - model: openai/gpt-4.1\n    access_key: $OPENAI_API_KEY\n"
+                                  "  - model: anthropic/claude-sonnet-5\n    access_key: ${ANTHROPIC_API_KEY}\n",
+                        dotenv="OPENAI_API_KEY=from-dotenv\nexport ANTHROPIC_API_KEY='ant-from-dotenv'\n")
+    config = plano.load_config(path, environ={"OPENAI_API_KEY": "from-environ"})
+    assert [m.access_key for m in config.models] == ["from-environ", "ant-from-dotenv"]
+
+
+def test_parse_config_without_a_path_does_not_read_the_working_directorys_dotenv(tmp_path, monkeypatch):
+    # A config given as text has no directory, so no `.env` is "beside" it.
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=stray-key\n")
+    monkeypatch.chdir(tmp_path)
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n    access_key: $OPENAI_API_KEY\n",
+                                environ={})
+    assert config.models[0].access_key is None
+
+
+def test_default_true_makes_the_default_model():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n"
+                                "  - model: openai/gpt-4.1-mini\n    default: true\n", path=CONFIG_PATH, environ=KEYS)
+    assert config.default_model.name == "openai/gpt-4.1-mini"
+
+
+def test_model_alias_points_at_its_target():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n  - model: openai/gpt-4.1-mini\n"
+                                "model_aliases:\n  fast:\n    target: openai/gpt-4.1-mini\n",
+                                path=CONFIG_PATH, environ=KEYS)
+    assert dict(config.aliases) == {"fast": "openai/gpt-4.1-mini"}
+
+
+def test_listeners_list_gives_address_and_port():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n"
+                                "listeners:\n  - address: 0.0.0.0\n    port: 10000\n", path=CONFIG_PATH, environ=KEYS)
+    assert (config.listener.address, config.listener.port) == ("0.0.0.0", 10000)
+
+
+def test_custom_provider_without_base_url_and_interface_is_an_error_that_says_so():
+    message = config_error("llm_providers:\n  - model: acme/m1\n")
+    assert f"{CONFIG_PATH}:2" in message and "acme" in message
+    assert "base_url" in message and "provider_interface" in message
+
+
+def test_custom_provider_with_base_url_and_interface_is_accepted():
+    config = plano.parse_config("llm_providers:\n  - model: acme/m1\n    base_url: http://10.0.0.5:8000/v1/\n"
+                                "    provider_interface: openai\n", path=CONFIG_PATH, environ={})
+    entry = config.models[0]
+    assert (entry.provider, entry.model_id, entry.interface, entry.base_url) == (
+        "acme", "m1", "openai", "http://10.0.0.5:8000/v1")
+
+
+def test_ollama_needs_no_key_and_gets_no_warning():
+    config = plano.parse_config("llm_providers:\n  - model: ollama/llama3.1\n", path=CONFIG_PATH, environ={})
+    assert (config.models[0].access_key, config.warnings) == (None, ())
+
+
+@pytest.mark.parametrize("text, line", [
+    pytest.param("llm_providers:\n  - model: openai/gpt-4.1\n   access_key: $K\n", 3, id="misindented-key"),
+    pytest.param("llm_providers:\n  - model: openai/gpt-4.1\n\taccess_key: $K\n", 3, id="tab"),
+    pytest.param("llm_providers:\n  - model: openai/gpt-4.1\n    fallbacks: [a\n  - model: openai/o3\n", 3,
+                 id="unclosed-bracket"),
+    pytest.param('llm_providers:\n  - model: "openai/gpt-4.1\n  - model: openai/o3\n', 2, id="unclosed-quote"),
+])
+def test_invalid_yaml_is_a_config_error_naming_the_line_to_fix(text, line):
+    assert config_error(text).startswith(f"{CONFIG_PATH}:{line}: invalid YAML")
+
+
+def test_wrong_type_names_file_line_and_field():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4.1\n"
+                           "listeners:\n  - address: 0.0.0.0\n    port: abc\n")
+    assert message.startswith(f"{CONFIG_PATH}:5:") and "`port`" in message and "'abc'" in message
+
+
+def test_unknown_model_field_names_file_line_and_field():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4.1\n    acces_key: $OPENAI_API_KEY\n")
+    assert message.startswith(f"{CONFIG_PATH}:3:") and "acces_key" in message
+
+
+def test_routing_preference_without_description_names_file_line_and_field():
+    message = config_error("llm_providers:\n"
+                           "  - model: openai/gpt-4.1\n"
+                           "    routing_preferences:\n"
+                           "      - name: code generation\n"
+                           "        description: write code\n"
+                           "      - name: code review\n")
+    assert message.startswith(f"{CONFIG_PATH}:6:")
+    assert "routing_preferences" in message and "description" in message
+
+
+def test_missing_key_variable_is_a_warning_naming_the_variable():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n    access_key: $MISSING_TEST_KEY\n",
+                                path=CONFIG_PATH, environ={})
+    assert len(config.warnings) == 1 and "MISSING_TEST_KEY" in config.warnings[0]
+    assert (config.models[0].access_key, config.models[0].key_env) == (None, "MISSING_TEST_KEY")
+
+
+def test_duplicate_model_is_an_error():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4.1\n  - model: openai/gpt-4.1\n")
+    assert message.startswith(CONFIG_PATH) and "openai/gpt-4.1" in message
+
+
+def test_alias_to_an_unknown_model_is_an_error_at_the_target_line():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4.1\n"
+                           "model_aliases:\n  fast:\n    target: openai/nope\n")
+    assert message.startswith(f"{CONFIG_PATH}:5:") and "openai/nope" in message
+
+
+def test_missing_config_file_is_a_config_error_naming_it(tmp_path):
+    path = str(tmp_path / "absent.yaml")
+    with pytest.raises(plano.ConfigError) as raised:
+        plano.load_config(path, environ={})
+    assert path in raised.value.message
+
+
+def test_an_ollama_root_url_gets_its_openai_path():
+    config = plano.parse_config("llm_providers:\n  - model: ollama/qwen3\n    base_url: http://localhost:11434\n",
+                                environ={})
+    assert config.models[0].base_url == "http://localhost:11434/v1"
+    assert config.models[0].access_key is None and config.warnings == ()  # Ollama needs no key
+
+
+def test_gemini_reasoning_models_keep_their_sampling_parameters():
+    out = to_openai("gemini/gemini-2.5-flash", temperature=0.2, top_p=0.9, stop_sequences=["END"])
+    assert (out["temperature"], out["top_p"], out["stop"]) == (0.2, 0.9, ["END"])
+    out = to_openai("openai/o3", temperature=0.2, stop_sequences=["END"])
+    assert "temperature" not in out and "stop" not in out
+
+
+def test_empty_texts_never_become_empty_anthropic_text_blocks():
+    out = to_anthropic(messages=[{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": ""},
+                                 {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "go"}]}])
+    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "go"}]}]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Gateway core: both SDKs × both upstream formats, streaming and not
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
-UPSTREAMS = pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-4-5"])
+UPSTREAMS = pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5"])
 
 
 @UPSTREAMS
@@ -436,7 +1710,7 @@ def test_anthropic_sdk_streams_a_text_answer(gateway, provider, model):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_anthropic_sdk_tool_round_trip(gateway, provider, model, streaming):
     client = anthropic_client(gateway)
-    messages = [{"role": "user", "content": "TOOL:echo plano"}]
+    messages = [{"role": "user", "content": "TOOL:echo plano é€"}]
 
     def ask(messages):
         if streaming:
@@ -448,7 +1722,7 @@ def test_anthropic_sdk_tool_round_trip(gateway, provider, model, streaming):
     assert first.stop_reason == "tool_use"
     call = next(b for b in first.content if b.type == "tool_use")
     assert call.name == "Bash"
-    assert call.input == {"command": "echo plano", "note": "é€"}  # UTF-8 split across reads
+    assert call.input == {"command": "echo plano é€"}  # UTF-8 split across reads
     messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                "content": "plano-42", "is_error": False}]}]
@@ -496,7 +1770,7 @@ def test_openai_sdk_streams_with_usage(gateway, provider, model):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_openai_sdk_tool_round_trip(gateway, provider, model, streaming):
     client = openai_client(gateway)
-    messages: list[dict] = [{"role": "user", "content": "TOOL:ls -la"}]
+    messages: list[dict] = [{"role": "user", "content": "TOOL:ls -la €"}]
     if streaming:
         calls: dict[int, dict] = {}
         finish = None
@@ -515,7 +1789,7 @@ def test_openai_sdk_tool_round_trip(gateway, provider, model, streaming):
         assert completion.choices[0].finish_reason == "tool_calls"
         call = completion.choices[0].message.tool_calls[0]
         call_id, name, arguments = call.id, call.function.name, call.function.arguments
-    assert name == "Bash" and json.loads(arguments) == {"command": "ls -la", "note": "é€"}
+    assert name == "Bash" and json.loads(arguments) == {"command": "ls -la €"}
     messages += [{"role": "assistant", "content": None, "tool_calls": [
                      {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
                  {"role": "tool", "tool_call_id": call_id, "content": "file-list"}]
@@ -525,7 +1799,7 @@ def test_openai_sdk_tool_round_trip(gateway, provider, model, streaming):
 
 def test_openai_sdk_gets_reasoning_from_anthropic_thinking(gateway, provider):
     completion = openai_client(gateway).chat.completions.create(
-        model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "THINK"}])
+        model="anthropic/claude-sonnet-5", messages=[{"role": "user", "content": "THINK"}])
     assert completion.choices[0].message.model_extra["reasoning_content"] == "let me think… 🤔"
 
 
@@ -542,7 +1816,7 @@ def test_images_reach_an_openai_upstream_as_image_parts(gateway, provider):
 
 
 def test_images_reach_an_anthropic_upstream_as_image_blocks(gateway, provider):
-    openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": [
+    openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-5", messages=[{"role": "user", "content": [
         {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}])
     assert provider.requests[-1].json["messages"][-1]["content"] == [
         {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}}]
@@ -552,7 +1826,7 @@ def test_images_reach_an_anthropic_upstream_as_image_blocks(gateway, provider):
 
 @pytest.mark.parametrize("requested, used, decision", [
     ("openai/gpt-4o", "openai/gpt-4o", "explicit"),
-    ("claude-sonnet-4-5", "anthropic/claude-sonnet-4-5", "explicit"),  # a bare id naming one model
+    ("claude-sonnet-5", "anthropic/claude-sonnet-5", "explicit"),  # a bare id naming one model
     ("fast", "openai/gpt-4o", "alias"),
     ("claude-opus-5-5", "openai/gpt-4o", "default"),  # not configured, routing off → default
 ])
@@ -567,7 +1841,7 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
 # ── passthrough ───────────────────────────────────────────────────────────────────────────
 
 def test_anthropic_passthrough_changes_only_the_model_bytes(gateway, provider):
-    body = ('{ "max_tokens" :64,"model":  "anthropic/claude-sonnet-4-5" ,"messages":[{"role":"user","content":'
+    body = ('{ "max_tokens" :64,"model":  "anthropic/claude-sonnet-5" ,"messages":[{"role":"user","content":'
             '[{"type":"text","text":"caf\\u00e9 ☕","cache_control":{"type":"ephemeral"}}]}],'
             '"future_field":{"keep":[1,2.50,true]},"system":[{"type":"text","text":"s"}]}')
     response = httpx.post(gateway.url + "/v1/messages?beta=true", content=body.encode(), headers={
@@ -575,7 +1849,7 @@ def test_anthropic_passthrough_changes_only_the_model_bytes(gateway, provider):
         "content-type": "application/json"})
     assert response.status_code == 200, response.text
     sent = provider.requests[-1]
-    assert sent.raw == body.replace('"anthropic/claude-sonnet-4-5"', '"claude-sonnet-4-5"').encode()
+    assert sent.raw == body.replace('"anthropic/claude-sonnet-5"', '"claude-sonnet-5"').encode()
     assert sent.path == "/v1/messages?beta=true"
     assert sent.headers["anthropic-beta"] == "claude-code-20250219,x-y"
     assert sent.headers["x-api-key"] == ANTHROPIC_KEY
@@ -598,7 +1872,7 @@ def test_passthrough_streams_bytes_as_the_provider_sent_them(gateway, provider):
               ("message_stop", {"type": "message_stop"})]
     provider.then(Reply(sse=sse_pieces(events, piece=3)))
     response = httpx.post(gateway.url + "/v1/messages", json={
-        "model": "anthropic/claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+        "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "stream": True,
         "messages": [{"role": "user", "content": "hi"}]})
     assert response.content == b"".join(sse_pieces(events))
 
@@ -704,7 +1978,7 @@ def test_upstream_errors_reach_both_sdks_with_status_and_type(gateway, provider,
     provider.then(Reply(status, {"type": "error", "error": {"type": "overloaded_error" if status == 529 else "api_error",
                                                             "message": f"anthropic said {status}"}}))
     with pytest.raises(openai_error) as o:
-        openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-4-5",
+        openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-5",
                                                        messages=[{"role": "user", "content": "x"}])
     assert o.value.status_code == status
     assert f"anthropic said {status}" in o.value.message
@@ -725,7 +1999,7 @@ def test_a_broken_openai_stream_reaches_an_openai_client_as_an_error_not_done(ga
               ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
     provider.then(Reply(sse=sse_pieces(events)))
     response = httpx.post(gateway.url + "/v1/chat/completions", json={
-        "model": "anthropic/claude-sonnet-4-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        "model": "anthropic/claude-sonnet-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 200
     assert "[DONE]" not in response.text
     last = [line for line in response.text.splitlines() if line.startswith("data:")][-1]
@@ -773,8 +2047,8 @@ def test_count_tokens_is_answered_locally(gateway, provider):
 
 
 def test_models_lists_configured_models_and_aliases_in_both_formats(gateway):
-    assert {m.id for m in openai_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-4-5", "fast"}
-    assert {m.id for m in anthropic_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-4-5", "fast"}
+    assert {m.id for m in openai_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-5", "fast"}
+    assert {m.id for m in anthropic_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-5", "fast"}
 
 
 def test_healthz(gateway):
@@ -901,7 +2175,7 @@ llm_providers:
   - model: openai/gpt-4o
     base_url: {provider.openai_base}
     access_key: $OPENAI_API_KEY{ROUTES_YAML}
-  - model: anthropic/claude-sonnet-4-5
+  - model: anthropic/claude-sonnet-5
     base_url: {provider.anthropic_base}
     access_key: $ANTHROPIC_API_KEY
     default: true
@@ -1034,7 +2308,7 @@ async def test_router_falls_back_on_timeout(provider, tiny_router_model):
     await router.start()
     assert router.status == "ready"
     decision = await router.decide([{"role": "user", "content": "write code " * 200}])
-    assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-4-5", None)
+    assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
     assert "timed out" in decision.reason
     # The aborted computation left the backend usable for the next decision.
     router.config = dataclass_replace_config(router.config, timeout_ms=60000)
@@ -1052,7 +2326,7 @@ async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider
     await router.start()
     assert router.status.startswith("unavailable")
     decision = await router.decide([{"role": "user", "content": "write code"}])
-    assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-4-5"
+    assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-5"
     assert "missing.gguf" in decision.reason
     assert "missing.gguf" in caplog.text
 
@@ -1123,7 +2397,7 @@ async def test_remote_router_other_means_the_default_model(provider):
     provider.then(remote_answer('{"route": "other"}'))
     decision = await router.decide([{"role": "user", "content": "what's the weather"}])
     await router.aclose()
-    assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-4-5", None)
+    assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-5", None)
 
 
 async def test_remote_router_timeout_falls_back(provider):
@@ -1159,7 +2433,6 @@ def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again
 
     messages = [{"role": "user", "content": "TOOL:echo one"}]
     headers1, first = ask(messages)
-    assert headers1["x-plano-decision"] in ("router", "default")
     call = next(b for b in first.content if b.type == "tool_use") if headers1["x-plano-model"] == "openai/gpt-4o" else None
     kinds = [headers1["x-plano-decision"]]
     # Continue with a tool result (no new user text): the turn's model is kept.
@@ -1173,12 +2446,10 @@ def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again
     messages += [{"role": "assistant", "content": "tool said: one"}, {"role": "user", "content": "now explain what echo does"}]
     headers3, _ = ask(messages)
     kinds.append(headers3["x-plano-decision"])
-    print("KINDS", kinds, headers1["x-plano-route"], headers3["x-plano-route"])
-    assert kinds == [headers1["x-plano-decision"], "pinned", headers3["x-plano-decision"]]
-    assert headers3["x-plano-decision"] in ("router", "default")
-    assert float(headers3["x-plano-router-ms"]) > 0
-    routes = {headers1["x-plano-route"], headers3["x-plano-route"]}
-    assert routes <= ROUTE_NAMES | {"none"}
+    # The tiny test model is seeded: it picks a route (not "other") for both user turns.
+    assert kinds == ["router", "pinned", "router"]
+    assert float(headers3["x-plano-router-ms"]) > 0 and float(headers2["x-plano-router-ms"]) == 0
+    assert {headers1["x-plano-route"], headers3["x-plano-route"]} <= ROUTE_NAMES
 
 
 def test_explicit_and_alias_requests_skip_the_router(routed_gateway):
@@ -1189,7 +2460,7 @@ def test_explicit_and_alias_requests_skip_the_router(routed_gateway):
     raw = client.messages.with_raw_response.create(model="claude-haiku-4-5-20251001", max_tokens=5,
                                                    messages=[{"role": "user", "content": "summarise"}])
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "openai/gpt-4o-mini")
-    raw = client.messages.with_raw_response.create(model="anthropic/claude-sonnet-4-5", max_tokens=5,
+    raw = client.messages.with_raw_response.create(model="anthropic/claude-sonnet-5", max_tokens=5,
                                                    messages=[{"role": "user", "content": "write code"}])
     assert raw.headers["x-plano-decision"] == "explicit" and raw.headers["x-plano-route"] == "none"
 
@@ -1227,7 +2498,7 @@ llm_providers:
   - model: openai/gpt-4o
     base_url: {provider.openai_base}
     access_key: literal-key{ROUTES_YAML}
-  - model: anthropic/claude-sonnet-4-5
+  - model: anthropic/claude-sonnet-5
     base_url: {provider.anthropic_base}
     access_key: literal-key
     default: true
@@ -1246,7 +2517,7 @@ def test_route_accepts_both_message_shapes_and_returns_a_decision(tmp_path, prov
         assert isinstance(decision, plano.RouteDecision)
         assert decision.decision in ("router", "default")
         assert decision.route in ROUTE_NAMES | {None}
-        assert decision.model in ("openai/gpt-4o", "anthropic/claude-sonnet-4-5")
+        assert decision.model in ("openai/gpt-4o", "anthropic/claude-sonnet-5")
         assert decision.latency_ms > 0
 
 
@@ -1254,7 +2525,7 @@ def test_route_never_raises_for_a_broken_router_but_does_for_a_broken_config(tmp
     config = write_routed_config(tmp_path, provider, f"  model: {tmp_path / 'nope.gguf'}")
     decision = plano.route("write code", config=str(config))
     assert decision.decision == "fallback" and "nope.gguf" in decision.reason
-    assert decision.model == "anthropic/claude-sonnet-4-5"
+    assert decision.model == "anthropic/claude-sonnet-5"
     with pytest.raises(plano.ConfigError):
         plano.route("write code", config=str(tmp_path / "absent.yaml"))
 

@@ -27,6 +27,9 @@ import zipfile
 from pathlib import Path
 
 import gguf
+import jinja2
+import llama_cpp
+import llama_cpp.llama_cpp as llama_c
 import numpy as np
 
 __all__ = [
@@ -107,7 +110,6 @@ class _Qwen2Shape:
     n_head: int
     n_head_kv: int
     d_ff: int
-    n_vocab: int
     n_ctx_train: int = 32768
     rope_theta: float = 1_000_000.0
     rms_eps: float = 1e-6
@@ -123,11 +125,11 @@ class _BpeVocab:
 
 
 # Qwen2.5-1.5B(-Instruct), which Arch-Router-1.5B fine-tunes (config.json of both). Its input and
-# output embeddings are tied, so the twin has no separate `output.weight`, like the real GGUF.
-_ARCH_ROUTER_SHAPE = _Qwen2Shape(
-    n_layer=28, d_model=1536, n_head=12, n_head_kv=2, d_ff=8960, n_vocab=151936
-)
-_TINY_SHAPE = _Qwen2Shape(n_layer=2, d_model=64, n_head=4, n_head_kv=2, d_ff=128, n_vocab=0)
+# output embeddings are tied, so neither model here has a separate `output.weight` (the real GGUF
+# has none either); the embedding matrix has one row per vocabulary entry.
+_ARCH_ROUTER_SHAPE = _Qwen2Shape(n_layer=28, d_model=1536, n_head=12, n_head_kv=2, d_ff=8960)
+_ARCH_ROUTER_N_VOCAB = 151936  # embedding rows: Qwen pads past its 151665 tokens (151643 BPE + 22 special)
+_TINY_SHAPE = _Qwen2Shape(n_layer=2, d_model=64, n_head=4, n_head_kv=2, d_ff=128)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def _bpe_halves(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
     return parts
 
 
-def _qwen_vocab(vocab_file: Path, n_vocab: int) -> _BpeVocab:
+def _qwen_vocab(vocab_file: Path) -> _BpeVocab:
     ranks = _read_tiktoken_ranks(vocab_file)
     to_unicode = _gpt2_byte_to_unicode()
 
@@ -219,8 +221,9 @@ def _qwen_vocab(vocab_file: Path, n_vocab: int) -> _BpeVocab:
             if len(halves) == 2:  # every Qwen token qualifies; a token that did not would stay unmerged
                 merges.append(f"{encode(halves[0])} {encode(halves[1])}")
     n_bpe = len(by_id)
-    # Qwen pads its embedding matrix to 151936 rows; rows past the special tokens are never produced.
-    padding = [f"[PAD{i}]" for i in range(n_bpe + len(_SPECIAL_TOKENS), n_vocab)]
+    # Qwen2.5 defines more special tokens after <|im_end|> (vision, tool-call, FIM markers) that a
+    # router never sees; the twin leaves those ids, like the padding rows, as unused placeholders.
+    padding = [f"[PAD{i}]" for i in range(n_bpe + len(_SPECIAL_TOKENS), _ARCH_ROUTER_N_VOCAB)]
     return _BpeVocab(
         tokens=[encode(t) for t in by_id] + list(_SPECIAL_TOKENS) + padding,
         token_types=[gguf.TokenType.NORMAL] * n_bpe
@@ -243,6 +246,7 @@ def fetch_qwen_vocab(cache_dir: str | os.PathLike[str]) -> Path:
     if vocab_file.exists():
         return vocab_file
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Pinned: the version checked to ship qwen.tiktoken, so the benchmark's token counts stay reproducible.
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
          "dashscope==2.0.2", "--dest", str(cache_dir)],
@@ -262,10 +266,10 @@ def fetch_qwen_vocab(cache_dir: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tensor_shapes(shape: _Qwen2Shape) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(shape: _Qwen2Shape, n_vocab: int) -> dict[str, tuple[int, ...]]:
     """llama.cpp's Qwen2 tensors, numpy (rows, cols) order = (out, in) for matrices."""
     d, d_kv = shape.d_model, shape.d_model // shape.n_head * shape.n_head_kv
-    shapes = {"token_embd.weight": (shape.n_vocab, d), "output_norm.weight": (d,)}
+    shapes = {"token_embd.weight": (n_vocab, d), "output_norm.weight": (d,)}
     for i in range(shape.n_layer):
         shapes |= {
             f"blk.{i}.attn_norm.weight": (d,),
@@ -284,17 +288,21 @@ def _tensor_shapes(shape: _Qwen2Shape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _storage_dtype(dims: tuple[int, ...], dtype: type) -> np.dtype:
+    # 1-D tensors (norm gains, biases) stay F32 as in converted models: llama.cpp applies them in F32
+    # and its quantizer leaves them alone.
+    return np.dtype(np.float32 if len(dims) == 1 else dtype)
+
+
 def _random_tensor(name: str, dims: tuple[int, ...], rng: np.random.RandomState, dtype: type) -> np.ndarray:
-    # Norm weights (and all 1-D tensors) stay F32: llama.cpp computes norms in F32 and its quantizer
-    # leaves 1-D tensors alone.
     if name.endswith("norm.weight"):
-        return np.ones(dims, dtype=np.float32)
+        return np.ones(dims, dtype=np.float32)  # RMSNorm gain 1: normalisation only
     # Uniform weights with variance 1/fan_in keep activations O(1) through the layers (no inf/NaN).
-    # They are drawn as int16 and scaled because that is ~20x faster than Gaussian floats, which
-    # matters for the twin's 1.5e9 weights.
-    scale = 0.1 if name.endswith(".bias") else np.sqrt(3.0 / dims[-1])
+    # They are drawn as int16 and scaled because that is ~20x faster than drawing Gaussian floats,
+    # which matters for the twin's 1.5e9 weights.
+    scale = 0.1 if len(dims) == 1 else np.sqrt(3.0 / dims[-1])
     levels = 1000
-    values = rng.randint(-levels, levels + 1, size=dims, dtype=np.int16).astype(np.float32 if len(dims) == 1 else dtype)
+    values = rng.randint(-levels, levels + 1, size=dims, dtype=np.int16).astype(_storage_dtype(dims, dtype))
     values *= values.dtype.type(scale / levels)
     return values
 
@@ -318,18 +326,17 @@ def _write_qwen2_gguf(path: Path, name: str, shape: _Qwen2Shape, vocab: _BpeVoca
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
-    # Qwen2.5-Instruct's GGUF: bos = pad = <|endoftext|> but no BOS is prepended; a turn ends at <|im_end|>.
+    # As in Qwen2.5-Instruct's GGUF: bos = pad = <|endoftext|>, never prepended; a turn ends at <|im_end|>.
     writer.add_bos_token_id(vocab.pad_id)
     writer.add_eos_token_id(vocab.eos_id)
     writer.add_pad_token_id(vocab.pad_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(QWEN25_CHAT_TEMPLATE)
 
-    shapes = _tensor_shapes(shape)
+    shapes = _tensor_shapes(shape, len(vocab.tokens))
     # Announce every tensor first (the header holds their offsets), then stream the data in order.
     for tensor_name, dims in shapes.items():
-        is_1d = len(dims) == 1
-        item_dtype = np.dtype(np.float32 if is_1d else dtype)
+        item_dtype = _storage_dtype(dims, dtype)
         writer.add_tensor_info(tensor_name, dims, item_dtype, int(np.prod(dims)) * item_dtype.itemsize)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -347,9 +354,7 @@ def write_tiny_qwen2_gguf(path: str | os.PathLike[str], seed: int = 0) -> Path:
     the Qwen2.5 chat template. The same seed gives the same file, so generations are reproducible.
     """
     path = Path(path)
-    vocab = _tiny_vocab()
-    shape = dataclasses.replace(_TINY_SHAPE, n_vocab=len(vocab.tokens))
-    _write_qwen2_gguf(path, "plano tiny qwen2 test model", shape, vocab, np.float32, seed)
+    _write_qwen2_gguf(path, "plano tiny qwen2 test model", _TINY_SHAPE, _tiny_vocab(), np.float32, seed)
     return path
 
 
@@ -360,25 +365,23 @@ def write_arch_router_twin(
 
     Same layer dimensions, same Qwen BPE vocabulary (exact token counts), same chat template and
     same quantization as `katanemo/Arch-Router-1.5B.gguf` Q4_K_M, so the compute per token is the
-    same (~1 GB file). An existing file at `path` is reused. Building takes a few minutes and needs
-    ~3 GB of temporary disk next to `path` for the F16 intermediate. `vocab_file` defaults to
-    `fetch_qwen_vocab(<path's directory>)`.
+    same (~1 GB file). An existing file at `path` is reused. Building takes 1-2 minutes on 2 cores,
+    ~1.7 GB of memory and ~3 GB of temporary disk next to `path` for the F16 intermediate.
+    `vocab_file` defaults to `fetch_qwen_vocab(<path's directory>)`.
     """
-    import llama_cpp  # only needed here, and importing it loads the native library
-
     path = Path(path)
     if path.exists():
         return path
     vocab_file = Path(vocab_file) if vocab_file else fetch_qwen_vocab(path.parent)
-    vocab = _qwen_vocab(vocab_file, _ARCH_ROUTER_SHAPE.n_vocab)
+    vocab = _qwen_vocab(vocab_file)
     f16_path = path.with_name(path.name + ".f16.tmp")
     quantized_path = path.with_name(path.name + ".tmp")
     try:
         _write_qwen2_gguf(f16_path, "Arch-Router-1.5B shape twin", _ARCH_ROUTER_SHAPE, vocab, np.float16, seed)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params = llama_c.llama_model_quantize_default_params()
+        params.ftype = llama_c.LLAMA_FTYPE_MOSTLY_Q4_K_M
         params.nthread = os.cpu_count() or 1
-        status = llama_cpp.llama_model_quantize(
+        status = llama_c.llama_model_quantize(
             str(f16_path).encode(), str(quantized_path).encode(), ctypes.byref(params)
         )
         if status != 0:
@@ -398,19 +401,47 @@ def write_arch_router_twin(
 _SAMPLE_TEXT = "Route this: fix the failing test 🚀 in 路由器.py, then explain why — quickly!"
 
 
-def _smoke_check(model_path: Path) -> None:
-    """Load, tokenize, apply the chat template from the GGUF metadata, generate a few tokens."""
-    import jinja2
-    import llama_cpp
+def _load(model_path: Path) -> llama_cpp.Llama:
+    """`llama_cpp.Llama` for the benchmark: 4096-token context, 2 threads, no extra buffer types.
 
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=2, verbose=False)
+    On CPUs with AMX (this machine reports AMX_INT8) llama.cpp moves Q4_K/Q6_K weights into its AMX
+    buffer type, whose matmul segfaults on any batch of 2+ tokens (llama.cpp issue #20824). The model
+    parameter `use_extra_bufts=False` avoids it, but `Llama()` has no argument for it and builds its
+    parameters from `llama_model_default_params()`, so that function is swapped during the load.
+    """
+    default_params = llama_c.llama_model_default_params
+
+    def params_without_extra_buffer_types():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_c.llama_model_default_params = params_without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=2, n_threads_batch=2, verbose=False)
+    finally:
+        llama_c.llama_model_default_params = default_params
+
+
+def _last_logits(llm) -> np.ndarray:
+    """The logits of the last evaluated token (a view into llama.cpp's buffer, valid until the next eval).
+
+    `Llama.eval` fills `llm.scores` only when the model was loaded with `logits_all=True`.
+    """
+    return np.ctypeslib.as_array(llama_c.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def _smoke_check(model_path: Path) -> None:
+    """Tokenize, apply the chat template from the GGUF metadata, generate a few tokens."""
+    llm = _load(model_path)
     tokens = llm.tokenize(_SAMPLE_TEXT.encode(), add_bos=False)
     assert llm.detokenize(tokens).decode() == _SAMPLE_TEXT
     template = jinja2.Environment().from_string(llm.metadata["tokenizer.chat_template"])
     prompt = template.render(messages=[{"role": "user", "content": _SAMPLE_TEXT}], add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     prompt_tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    assert prompt_tokens.count(llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[0]) == 3
+    im_start = llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    assert len(im_start) == 1 and prompt_tokens.count(im_start[0]) == 3
     reply = llm(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
     print(
         f"{model_path.name}: {len(tokens)} tokens for {len(_SAMPLE_TEXT)} chars of sample text, "
@@ -420,18 +451,19 @@ def _smoke_check(model_path: Path) -> None:
 
 def _benchmark(model_path: Path, n_prompt: int = 256, n_decode: int = 16) -> None:
     """Prompt-processing speed and per-token decode latency with 2 threads (this machine's cores)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=2, verbose=False)
+    llm = _load(model_path)
     english = "The quick brown fox jumps over the lazy dog while the router decides which model answers. "
-    print(f"English text: {len(english) / len(llm.tokenize(english.encode(), add_bos=False)):.1f} chars/token")
-    prompt = (llm.tokenize(english.encode() * 40, add_bos=False))[:n_prompt]
+    english_tokens = llm.tokenize(english.encode(), add_bos=False)
+    print(f"English: {len(english)} chars -> {len(english_tokens)} tokens ({len(english) / len(english_tokens):.1f} chars/token)")
+    prompt = (english_tokens * (n_prompt // len(english_tokens) + 1))[:n_prompt]
+    llm.eval(prompt)  # warm-up: the first pass faults the memory-mapped weights in
+    llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(n_decode):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(_last_logits(llm)))])
     decode_seconds = time.perf_counter() - start
     print(
         f"{model_path.name}: prompt {n_prompt} tokens in {prompt_seconds:.2f} s "
