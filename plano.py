@@ -1958,8 +1958,7 @@ class Router:
         cancel.set()
         raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
 
-    async def decide_for_request(self, body: dict, headers: Mapping[str, str], requested: str,
-                                 exchange: Any = None) -> RouteDecision:
+    async def decide_for_request(self, body: dict, requested: str, session: str) -> RouteDecision:
         """The gateway's question: which model for this request of a (Claude Code) session?
 
         Within a session, a request whose newest message has no new user text (a tool-result
@@ -1970,9 +1969,6 @@ class Router:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", 0.0, f"{requested}: Claude Code's small/fast slot")
-        session = session_key(body, headers)
-        if exchange is not None:
-            exchange.session = session
         now = time.monotonic()
         self._expire_pins(now)
         pin = self.pins.get(session)
@@ -2213,6 +2209,9 @@ class Gateway:
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
         }
+        if method == "HEAD":  # Claude Code probes the base URL before its first request
+            await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
+            return
         handler = routes.get((method, path))
         if handler is None:
             if any(p == path for _, p in routes):
@@ -2334,7 +2333,7 @@ class Gateway:
         if requested in config.aliases:
             return RouteDecision(config.aliases[requested], None, "alias", reason=f"alias {requested}")
         if self.router is not None:
-            return await self.router.decide_for_request(body, request.headers, requested, exchange)
+            return await self.router.decide_for_request(body, requested, exchange.session)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -2355,6 +2354,7 @@ class Gateway:
             _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
                      "max_tokens: must be an integer")
         exchange.requested_model = requested
+        exchange.session = session_key(body, request.headers)
         decision = await self.choose_model(requested, body, request, exchange)
         exchange.decision = decision
         model = self.config.model_named(decision.model)

@@ -10,6 +10,7 @@ across network reads), usage, error bodies.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -2548,3 +2549,231 @@ def test_the_real_router_model_routes_unambiguous_requests(tmp_path, provider):
              "What's a good recipe for banana bread?": None}
     for text, expected in cases.items():
         assert plano.route(text, config=config).route == expected, text
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Claude Code: the real CLI through plano; cli-agent, watch, statusline
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    """The real Claude Code CLI: $PLANO_CLAUDE_BIN, else what .ci/install_claude_code.sh installed,
+    else `claude` on PATH."""
+    import shutil
+    installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
+    path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
+    if not path:
+        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_claude_code.sh`")
+    return path
+
+
+def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
+    """A clean environment for Claude Code: throwaway HOME, no stray keys, claude on PATH."""
+    return {"HOME": str(home), "PATH": f"{Path(claude).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
+
+
+def write_config(tmp_path: Path, provider: StandInProvider, port: int, router_yaml: str = "  enabled: false",
+                 routes: str = "") -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true{routes}
+  - model: openai/gpt-4o-mini
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+model_aliases:
+  arch.claude.code.small.fast:
+    target: openai/gpt-4o-mini
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router:
+{router_yaml}
+""")
+    return path
+
+
+@contextlib.contextmanager
+def plano_up(config: Path, port: int):
+    """`python -m plano up` as a user runs it, until the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+
+
+def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = claude_env(home, claude, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="anything")
+    return subprocess.run([claude, "-p", prompt, "--allowedTools", "Bash", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = write_config(tmp_path, provider, port)
+    with plano_up(config, port) as url:
+        result = run_claude(claude_bin, url, tmp_path / "home", "TOOL:echo plano-marker-42 é€", cwd=tmp_path)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tool said: plano-marker-42 é€" in result.stdout  # the Bash output reached the final answer
+    chats = [r for r in provider.requests if r.path == "/v1/chat/completions"]
+    assert len(chats) == 2
+    first, second = chats[0].json, chats[1].json
+    assert first["tools"] and all(t["type"] == "function" for t in first["tools"])
+    assert first["max_tokens"] == 16384  # Claude Code's 128000, capped for gpt-4o
+    assert second["messages"][-1]["role"] == "tool" or any(m["role"] == "tool" for m in second["messages"])
+    tool_message = next(m for m in second["messages"] if m["role"] == "tool")
+    assert "plano-marker-42 é€" in tool_message["content"]
+    assert [d["decision"] for d in decisions] == ["default", "default"]  # routing is off in this config
+    assert decisions[0]["requested_model"].startswith("claude-")
+
+
+def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = write_config(tmp_path, provider, port)
+    env = claude_env(tmp_path / "home", claude_bin)
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                             "-p", "TOOL:echo via-cli-agent", "--allowedTools", "Bash"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tool said: via-cli-agent" in result.stdout
+    assert f"gateway started on http://127.0.0.1:{port}" in result.stderr
+    with pytest.raises(httpx.TransportError):  # the gateway it started is gone with Claude Code
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    sent = provider.requests[0].headers
+    assert sent["authorization"] == f"Bearer {OPENAI_KEY}"  # Claude Code's placeholder never went upstream
+
+
+def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = write_config(tmp_path, provider, port)
+    with plano_up(config, port):
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                                 "--no-such-flag"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                                env=claude_env(tmp_path / "home", claude_bin), stdin=subprocess.DEVNULL)
+    assert result.returncode not in (0, None)
+    assert "no-such-flag" in result.stderr
+
+
+def test_claude_code_session_is_routed_pinned_through_the_tool_loop_then_routed_again(
+        tmp_path, provider, claude_bin, tiny_router_model):
+    port = free_port()
+    config = write_config(tmp_path, provider, port, router_yaml=f"  model: {tiny_router_model}",
+                          routes=ROUTES_YAML)
+    with plano_up(config, port) as url:
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/healthz").json()["router"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        home = tmp_path / "home"
+        first = run_claude(claude_bin, url, home, "TOOL:echo one", cwd=tmp_path)
+        second = run_claude(claude_bin, url, home, "now explain what echo does", "--continue", cwd=tmp_path)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "tool said: one" in first.stdout
+    assert [d["decision"] for d in decisions] == ["router", "pinned", "router"]
+    assert len({d["session"] for d in decisions[:2]}) == 1  # Claude Code's session header keyed the pin
+    assert all(d["route"] in ROUTE_NAMES for d in decisions)
+
+
+def test_cli_agent_print_env_and_settings_merge(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = write_config(tmp_path, provider, port)
+    env = claude_env(tmp_path / "home", claude_bin)
+    printed = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                              '--settings={"ANTHROPIC_SMALL_FAST_MODEL": "deepseek-coder-v2"}', "--print-env"],
+                             capture_output=True, text=True, env=env, timeout=30)
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in printed.stdout.splitlines())
+    assert exports["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}"
+    assert exports["ANTHROPIC_SMALL_FAST_MODEL"] == "deepseek-coder-v2"  # the user's setting wins
+    assert exports["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "arch.claude.code.small.fast"
+    assert exports["ANTHROPIC_API_KEY"] == "''" and exports["API_TIMEOUT_MS"] == "600000"
+    # With a gateway already up, cli-agent uses it; an upper-case --settings key reaches Claude Code.
+    with plano_up(config, port) as url:
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                                 "--settings", '{"ANTHROPIC_MODEL": "openai/gpt-4o-mini"}', "-p", "hello there"],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                                stdin=subprocess.DEVNULL)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("echo: ") and result.stdout.strip().endswith("hello there")
+    assert "gateway started" not in result.stderr
+    assert (decisions[-1]["requested_model"], decisions[-1]["decision"]) == ("openai/gpt-4o-mini", "explicit")
+
+
+def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provider):
+    config = write_config(tmp_path, provider, free_port())
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude", "-p", "x"],
+                            capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                            timeout=30)
+    assert result.returncode == 127
+    assert "npm install -g @anthropic-ai/claude-code" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ── watch and statusline ──────────────────────────────────────────────────────────────────
+
+class LineReader:
+    """Lines of a subprocess's stdout, read in a thread, awaited with a timeout."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in process.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r}") from None
+            if re.search(pattern, line):
+                return line
+
+
+def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path, provider):
+    port = free_port()
+    config = write_config(tmp_path, provider, port)
+    watch = subprocess.Popen([sys.executable, "-m", "plano", "watch", "--url", f"http://127.0.0.1:{port}",
+                              "--color", "never"], stdout=subprocess.PIPE, text=True)
+    lines = LineReader(watch)
+    try:
+        lines.wait_for("waiting for the gateway")
+        for attempt in ("first", "second"):
+            with plano_up(config, port) as url:
+                lines.wait_for("watching")
+                httpx.post(url + "/v1/messages", json={"model": "arch.claude.code.small.fast", "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": attempt}]},
+                           headers={"x-claude-code-session-id": f"{attempt}-session-id"})
+                line = lines.wait_for(f"{attempt[:8]}")
+            assert "arch.claude.code.small.fast → openai/gpt-4o-mini" in line
+            assert "[-] alias" in line and " 200 " in line and "ttfb=" in line
+            lines.wait_for("waiting for the gateway")
+    finally:
+        watch.terminate()
+        watch.wait(10)
+
+
+def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider):
+    for session, model in (("s-one", "openai/gpt-4o"), ("s-two", "fast")):
+        httpx.post(gateway.url + "/v1/messages", json={"model": model, "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": "x"}]},
+                   headers={"x-claude-code-session-id": session})
+
+    def statusline(session: str, url: str = gateway.url) -> str:
+        return subprocess.run([sys.executable, "-m", "plano", "statusline", "--url", url],
+                              input=json.dumps({"session_id": session, "model": {"id": "claude-opus-5-5"}}),
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+
+    assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
+    assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
+    assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
