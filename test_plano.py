@@ -2574,7 +2574,7 @@ def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
 
 
-def write_config(tmp_path: Path, provider: StandInProvider, port: int, router_yaml: str = "  enabled: false",
+def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router_yaml: str = "  enabled: false",
                  routes: str = "") -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"""
@@ -2619,7 +2619,7 @@ def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: 
 
 def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, provider, claude_bin):
     port = free_port()
-    config = write_config(tmp_path, provider, port)
+    config = write_claude_config(tmp_path, provider, port)
     with plano_up(config, port) as url:
         result = run_claude(claude_bin, url, tmp_path / "home", "TOOL:echo plano-marker-42 é€", cwd=tmp_path)
         decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
@@ -2639,7 +2639,7 @@ def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, prov
 
 def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, provider, claude_bin):
     port = free_port()
-    config = write_config(tmp_path, provider, port)
+    config = write_claude_config(tmp_path, provider, port)
     env = claude_env(tmp_path / "home", claude_bin)
     result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                              "-p", "TOOL:echo via-cli-agent", "--allowedTools", "Bash"],
@@ -2655,7 +2655,7 @@ def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, prov
 
 def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, claude_bin):
     port = free_port()
-    config = write_config(tmp_path, provider, port)
+    config = write_claude_config(tmp_path, provider, port)
     with plano_up(config, port):
         result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                                  "--no-such-flag"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
@@ -2667,7 +2667,7 @@ def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, cla
 def test_claude_code_session_is_routed_pinned_through_the_tool_loop_then_routed_again(
         tmp_path, provider, claude_bin, tiny_router_model):
     port = free_port()
-    config = write_config(tmp_path, provider, port, router_yaml=f"  model: {tiny_router_model}",
+    config = write_claude_config(tmp_path, provider, port, router_yaml=f"  model: {tiny_router_model}",
                           routes=ROUTES_YAML)
     with plano_up(config, port) as url:
         deadline = time.monotonic() + 30
@@ -2687,7 +2687,7 @@ def test_claude_code_session_is_routed_pinned_through_the_tool_loop_then_routed_
 
 def test_cli_agent_print_env_and_settings_merge(tmp_path, provider, claude_bin):
     port = free_port()
-    config = write_config(tmp_path, provider, port)
+    config = write_claude_config(tmp_path, provider, port)
     env = claude_env(tmp_path / "home", claude_bin)
     printed = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                               '--settings={"ANTHROPIC_SMALL_FAST_MODEL": "deepseek-coder-v2"}', "--print-env"],
@@ -2711,7 +2711,7 @@ def test_cli_agent_print_env_and_settings_merge(tmp_path, provider, claude_bin):
 
 
 def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provider):
-    config = write_config(tmp_path, provider, free_port())
+    config = write_claude_config(tmp_path, provider, free_port())
     result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude", "-p", "x"],
                             capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
                             timeout=30)
@@ -2742,7 +2742,7 @@ class LineReader:
 
 def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path, provider):
     port = free_port()
-    config = write_config(tmp_path, provider, port)
+    config = write_claude_config(tmp_path, provider, port)
     watch = subprocess.Popen([sys.executable, "-m", "plano", "watch", "--url", f"http://127.0.0.1:{port}",
                               "--color", "never"], stdout=subprocess.PIPE, text=True)
     lines = LineReader(watch)
