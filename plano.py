@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import hmac
@@ -1684,6 +1686,9 @@ def _resolve_router_model(settings: RouterSettings) -> str:
         raise RouterUnavailable(f"cannot fetch {settings.model}/{settings.file}: {reason}") from None
 
 
+_LLAMA_LOAD_LOCK = threading.Lock()  # loads patch llama.cpp's default params: one at a time
+
+
 class EmbeddedRouterBackend:
     """The router model in this process, through llama.cpp, on the CPU.
 
@@ -1699,27 +1704,59 @@ class EmbeddedRouterBackend:
         self.settings = settings
         self.n_ctx = n_ctx
         self.llm: Any = None
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one decision at a time: a llama context is single-threaded
         self.tokens_evaluated = 0  # by the last decision: what routing cost
-        self._cancel = threading.Event()
         self._tries: dict[tuple, _RouteTrie] = {}
+        # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while
+        # it computes. A Python callback would need the GIL hundreds of times per evaluation and
+        # doubles its time when the event loop is busy, so the callback is libc's strlen() over a
+        # one-byte flag: a C call that returns nonzero (abort) once the flag holds a character.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._running: threading.Event | None = None  # the decision the flag belongs to
+        self._flag_lock = threading.Lock()
 
     def load(self) -> None:
         path = _resolve_router_model(self.settings)
         try:
             import llama_cpp
+            import llama_cpp.llama_cpp as llama_c
         except ImportError:
             raise RouterUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
-        try:
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_batch=512, verbose=False,
-                                       n_threads=self.settings.threads or os.cpu_count() or 2)
-        except Exception as e:  # llama.cpp says only "failed to load model" for a bad file
-            raise RouterUnavailable(f"cannot load router model {path}: {e}") from None
-        self._llama_cpp = llama_cpp
-        # A decision that runs past its timeout is stopped inside llama.cpp, not left running.
-        self._abort_callback = llama_cpp.ggml_abort_callback(lambda _: self._cancel.is_set())
-        llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback, None)
+        threads = self.settings.threads or os.cpu_count() or 2
+        # llama.cpp's AMX kernels crash on quantized weights for batches of more than one token
+        # (llama.cpp issue #20824; seen on this project's CPUs), and Llama() has no switch for
+        # the extra buffer types that select them: turn them off in the default model params
+        # for the length of this load.
+        default_params = llama_c.llama_model_default_params
+
+        def params_without_extra_buffers() -> Any:
+            params = default_params()
+            if hasattr(params, "use_extra_bufts"):
+                params.use_extra_bufts = False
+            return params
+
+        with _LLAMA_LOAD_LOCK:
+            llama_c.llama_model_default_params = params_without_extra_buffers
+            try:
+                self.llm = llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_batch=512, verbose=False,
+                                           n_threads=threads, n_threads_batch=threads)
+            except Exception as e:  # llama.cpp says only "failed to load model" for a bad file
+                raise RouterUnavailable(f"cannot load router model {path}: {e}") from None
+            finally:
+                llama_c.llama_model_default_params = default_params
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
+        self._llama_c = llama_c
+        libc = ctypes.CDLL(None) if os.name != "nt" else ctypes.cdll.msvcrt
+        self._abort_callback = llama_c.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+        llama_c.llama_set_abort_callback(self.llm.ctx, self._abort_callback,
+                                         ctypes.cast(self._abort_flag, ctypes.c_void_p))
         self.chat_head, self.chat_tail = self._chat_template_around_user_message()
+
+    def cancel(self, decision: threading.Event) -> None:
+        """Stop `decision` if it is the one computing (from any thread)."""
+        with self._flag_lock:
+            if self._running is decision:
+                self._abort_flag.value = b"x"
 
     def _chat_template_around_user_message(self) -> tuple[str, str]:
         """The model's own chat template (from the GGUF) split around one user message: Qwen's
@@ -1757,21 +1794,31 @@ class EmbeddedRouterBackend:
     def choose(self, routes: tuple[RoutingPreference, ...], conversation: list[dict],
                cancel: threading.Event) -> str:
         with self.lock:
-            self._cancel = cancel
-            if cancel.is_set():
-                raise RouterUnavailable("cancelled before it started")
-            prompt = self.chat_head + router_prompt(routes, conversation) + self.chat_tail + _ROUTER_ANSWER_PREFIX
-            tokens = self.tokenize(prompt)
-            if len(tokens) + 16 > self.n_ctx:
-                raise RouterUnavailable(f"router prompt of {len(tokens)} tokens exceeds the context")
+            with self._flag_lock:
+                if cancel.is_set():
+                    raise RouterUnavailable("cancelled before it started")
+                self._running = cancel
+                self._abort_flag.value = b""
             try:
-                evaluated = self._evaluate(tokens)
-                name, fed = self._trie(routes, tokens).walk(self._logits_after)
-            except RuntimeError as e:  # llama_decode failed, or was aborted by the timeout
-                self.llm.n_tokens = 0  # the KV state is suspect: start over next time
-                raise RouterUnavailable(f"router model failed: {e}") from None
-            self.tokens_evaluated = evaluated + len(fed)
-            return name
+                return self._choose(routes, conversation)
+            finally:
+                with self._flag_lock:
+                    self._running = None
+                    self._abort_flag.value = b""
+
+    def _choose(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+        prompt = self.chat_head + router_prompt(routes, conversation) + self.chat_tail + _ROUTER_ANSWER_PREFIX
+        tokens = self.tokenize(prompt)
+        if len(tokens) + 16 > self.n_ctx:
+            raise RouterUnavailable(f"router prompt of {len(tokens)} tokens exceeds the context")
+        try:
+            evaluated = self._evaluate(tokens)
+            name, fed = self._trie(routes, tokens).walk(self._logits_after)
+        except RuntimeError as e:  # llama_decode failed, or was aborted by the timeout
+            self.llm.n_tokens = 0  # the KV state is suspect: start over next time
+            raise RouterUnavailable(f"router model stopped: {e}") from None
+        self.tokens_evaluated = evaluated + len(fed)
+        return name
 
     def _evaluate(self, tokens: list[int]) -> int:
         """Bring the context to `tokens`, reusing the longest prefix already there; returns how
@@ -1789,8 +1836,9 @@ class EmbeddedRouterBackend:
     def _logits_after(self, pending: list[int]) -> Any:
         if pending:
             self.llm.eval(pending)
-        import numpy
-        return numpy.ctypeslib.as_array(self._llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.llm.n_vocab(),))
+        import numpy  # a llama-cpp-python dependency
+        return numpy.ctypeslib.as_array(self._llama_c.llama_get_logits_ith(self.llm.ctx, -1),
+                                        shape=(self.llm.n_vocab(),))
 
     def _trie(self, routes: tuple[RoutingPreference, ...], prompt_tokens: list[int]) -> _RouteTrie:
         key = tuple(r.name for r in routes)
@@ -1896,14 +1944,21 @@ class Router:
             self.status = "ready"
             return
         try:
-            await trio.to_thread.run_sync(self.backend.load)
-            await trio.to_thread.run_sync(self.backend.warm, self.routes)
+            # Abandoned on cancel: a download can retry for half a minute offline, and a
+            # shutdown must not wait for it.
+            await trio.to_thread.run_sync(self.backend.load, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self.backend.warm, self.routes, abandon_on_cancel=True)
         except RouterUnavailable as e:
             self.status = f"unavailable: {e}"
             log.warning("router unavailable, every request goes to the default model: %s", e)
             return
         self.status = "ready"
         log.info("router model ready (%s)", self.backend.kind)
+
+    async def rewarm(self) -> None:
+        """Evaluate the prefix for the current route set (after a config reload)."""
+        if self.status == "ready" and isinstance(self.backend, EmbeddedRouterBackend) and self.routes:
+            await trio.to_thread.run_sync(self.backend.warm, self.routes)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -1956,6 +2011,7 @@ class Router:
             return await trio.to_thread.run_sync(self.backend.choose, routes, conversation, cancel,
                                                  abandon_on_cancel=True)
         cancel.set()
+        self.backend.cancel(cancel)
         raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
 
     async def decide_for_request(self, body: dict, requested: str, session: str) -> RouteDecision:
@@ -2027,7 +2083,7 @@ def _router_backend_for(settings: RouterSettings) -> Any:
     return backend
 
 
-_LOADED_ROUTER_BACKENDS: dict[tuple, Any] = {}  # the one process-wide cache: loaded model files
+_LOADED_ROUTER_BACKENDS: dict[tuple, Any] = {}  # process-wide: loaded model files
 
 
 async def route_async(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
@@ -2119,6 +2175,53 @@ class _Exchange:
     session: str = ""
 
 
+class ProviderHealth:
+    """Which provider endpoints are failing: a provider that answers `retry-after` is skipped for
+    that long (capped), and one that fails repeatedly is skipped for a cool-down."""
+
+    RETRY_AFTER_CAP = 60.0
+    FAILURES_BEFORE_COOL_DOWN = 3
+    COOL_DOWN = 30.0
+
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+        self.cool_until: dict[str, float] = {}
+
+    def available(self, model: ModelEntry) -> bool:
+        return self.cool_until.get(model.base_url, 0.0) <= time.monotonic()
+
+    def failed(self, model: ModelEntry, error: UpstreamError) -> None:
+        if not error.retryable:
+            return  # a 400 is about the request, not the provider's health
+        key = model.base_url
+        self.failures[key] = self.failures.get(key, 0) + 1
+        pause = _retry_after_seconds(error.headers.get("retry-after"))
+        if self.failures[key] >= self.FAILURES_BEFORE_COOL_DOWN:
+            pause = max(pause or 0.0, self.COOL_DOWN)
+        if pause:
+            self.cool_until[key] = time.monotonic() + min(pause, self.RETRY_AFTER_CAP)
+
+    def succeeded(self, model: ModelEntry) -> None:
+        self.failures.pop(model.base_url, None)
+        self.cool_until.pop(model.base_url, None)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """`retry-after` as seconds: a number, or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     """Remove configured keys (and key-looking fragments providers echo back) from a message."""
     for secret in secrets:
@@ -2142,6 +2245,8 @@ class Gateway:
         self.router = router
         self.timeout = transport_timeout or httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=30.0)
         self.clients: dict[str, httpx.AsyncClient] = {}
+        self.health = ProviderHealth()
+        self.stopping = False  # set when a shutdown's grace period is over
         self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
         self._decision_watchers: set[trio.MemorySendChannel] = set()
 
@@ -2165,6 +2270,12 @@ class Gateway:
                 headers={"user-agent": "plano"}, trust_env=False)
         return client
 
+    def reload(self, config: Config) -> None:
+        """Use a new (already validated) config for requests that start from now on."""
+        self.config = config
+        if self.router is not None:
+            self.router.config = config
+
     @property
     def _secrets(self) -> list[str]:
         keys = [m.access_key for m in self.config.models if m.access_key]
@@ -2183,6 +2294,12 @@ class Gateway:
             else:
                 await self._send_error(request, respond, error)
         except (trio.Cancelled, KeyboardInterrupt):
+            if self.stopping and respond.started:
+                # Shutdown's grace period is over: tell the client why its stream ends here.
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await respond.send(self._stream_error_bytes(request, PlanoError(
+                        "plano is shutting down; the answer was cut off", status=529,
+                        error_type="overloaded_error")))
             exchange.status = exchange.status or 499  # the client went away
             raise
         except Exception as error:  # a bug: say so in the log, keep serving
@@ -2239,12 +2356,15 @@ class Gateway:
 
     async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
         headers = [("content-type", "application/json")] + list(error.headers.items())
-        await respond.send_full(error.status, headers, _json_bytes(self._error_body(request, error)))
+        body = _json_bytes(self._error_body(request, error))
+        log.debug("error answer %d to %s %s: %s", error.status, request.method, request.path, body.decode())
+        await respond.send_full(error.status, headers, body)
 
     def _stream_error_bytes(self, request: Request, error: PlanoError) -> bytes:
         # After a 200 has gone out, an error can only travel inside the stream: Anthropic's
         # `event: error`, or an OpenAI chunk carrying `error`. Never a fake end of message.
         body = self._error_body(request, error)
+        log.debug("error event in %s %s: %s", request.method, request.path, body)
         return encode_sse(body, "error" if request.api_format == "anthropic" else None)
 
     # ── small endpoints ───────────────────────────────────────────────────────────────────
@@ -2324,9 +2444,8 @@ class Gateway:
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
-    async def choose_model(self, requested: str, body: dict, request: Request,
+    async def choose_model(self, config: Config, requested: str, body: dict,
                            exchange: _Exchange) -> RouteDecision:
-        config = self.config
         model = config.model_named(requested) if requested else None
         if model is not None:
             return RouteDecision(model.name, None, "explicit", reason="the request named a configured model")
@@ -2355,16 +2474,17 @@ class Gateway:
                      "max_tokens: must be an integer")
         exchange.requested_model = requested
         exchange.session = session_key(body, request.headers)
-        decision = await self.choose_model(requested, body, request, exchange)
+        config = self.config  # a reload during this request does not change what it talks to
+        decision = await self.choose_model(config, requested, body, exchange)
         exchange.decision = decision
-        model = self.config.model_named(decision.model)
-        assert model is not None, decision
         wants_stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
-        upstream_request = self._build_upstream_request(request, body, model, client_format)
-        decision_headers = self._decision_headers(decision, model)
-        async with self._open_upstream(model, upstream_request, exchange) as upstream:
+        async with contextlib.AsyncExitStack() as stack:
+            upstream, model, decision = await self._open_with_failover(
+                stack, config, request, body, decision, client_format, exchange)
+            exchange.decision = decision
+            decision_headers = self._decision_headers(decision, model)
             if not wants_stream:
                 payload = await self._read_json(upstream, model)
                 answer = self._translate_full(payload, model, client_format, requested, exchange)
@@ -2377,6 +2497,53 @@ class Gateway:
                                 + decision_headers)
             exchange.status = 200
             await self._pump_stream(upstream, respond, model, client_format, requested, include_usage, exchange)
+
+    async def _open_with_failover(self, stack: contextlib.AsyncExitStack, config: Config, request: Request,
+                                  body: dict, decision: RouteDecision, client_format: str,
+                                  exchange: _Exchange) -> tuple[httpx.Response, ModelEntry, RouteDecision]:
+        """Open the upstream answer, trying the model's fallbacks while nothing has reached the
+        client yet. Returns (response, the model that answers, the decision as it turned out)."""
+        chosen = config.model_named(decision.model)
+        assert chosen is not None, decision
+        candidates = self._failover_candidates(config, chosen)
+        failures: list[str] = []
+        for attempt, model in enumerate(candidates):
+            last = attempt == len(candidates) - 1
+            try:
+                upstream_request = self._build_upstream_request(request, body, model, client_format)
+                upstream = await stack.enter_async_context(self._open_upstream(model, upstream_request, exchange))
+            except UpstreamError as error:
+                self.health.failed(model, error)
+                if not error.retryable or last:
+                    raise
+                failures.append(f"{model.name}: {error.status}")
+                log.warning("%s failed (%s); trying %s", model.name, _scrub(error.message, self._secrets)[:200],
+                            candidates[attempt + 1].name)
+                continue
+            except AuthenticationError:
+                if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
+                    raise
+                failures.append(f"{model.name}: no key")
+                continue
+            self.health.succeeded(model)
+            if model is not chosen:
+                why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
+                decision = dataclasses.replace(decision, model=model.name, decision="fallback",
+                                               reason=f"{why}; answered by {model.name}")
+            return upstream, model, decision
+        raise AssertionError("unreachable: the last candidate raises")
+
+    def _failover_candidates(self, config: Config, model: ModelEntry) -> list[ModelEntry]:
+        """The model, then its `fallbacks` (default: the default model); providers cooling down
+        after repeated failures are skipped unless nothing else is left."""
+        names = list(model.fallbacks) or [config.default_model.name]
+        candidates = [model]
+        for name in names:
+            target = config.model_named(config.aliases.get(name, name))
+            if target is not None and target not in candidates:
+                candidates.append(target)
+        healthy = [m for m in candidates if self.health.available(m)]
+        return healthy or candidates
 
     def _decision_headers(self, decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
         return [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
@@ -2681,6 +2848,23 @@ class ServerLimits:
     header_timeout: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout: float = 120.0  # for the whole body (32 MiB over a slow link)
     max_connections: int = 1024
+    shutdown_grace: float = 10.0  # in-flight answers may finish this long after a shutdown request
+    config_poll: float = 1.0  # how often the config file is checked for edits (0: never)
+
+
+class _ServerState:
+    """What every connection of one server shares: whether it is draining for shutdown."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.idle_waits: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        """Stop taking new requests: idle keep-alive connections close now, busy ones after
+        their answer."""
+        self.draining = True
+        for scope in self.idle_waits:
+            scope.cancel()
 
 
 @dataclass(frozen=True)
@@ -2690,6 +2874,7 @@ class ServerInfo:
     host: str
     port: int
     gateway: Gateway
+    reload_requests: trio.MemorySendChannel | None = None  # send anything: re-read the config now
 
     @property
     def url(self) -> str:
@@ -2702,10 +2887,12 @@ class _ConnectionDone(Exception):
 
 
 class _HTTPConnection(Responder):
-    def __init__(self, stream: trio.SocketStream, gateway: Gateway, limits: ServerLimits):
+    def __init__(self, stream: trio.SocketStream, gateway: Gateway, limits: ServerLimits,
+                 state: _ServerState):
         self.stream = stream
         self.gateway = gateway
         self.limits = limits
+        self.state = state
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.client_gone = False
 
@@ -2713,15 +2900,15 @@ class _HTTPConnection(Responder):
 
     async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.started = True
-        await self._send(h11.Response(status_code=status, headers=_server_headers(headers) + [
-            ("content-length", str(len(body)))]))
+        await self._send(h11.Response(status_code=status, headers=_server_headers(
+            headers + [("content-length", str(len(body)))], closing=self.state.draining)))
         await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         # No content-length: h11 frames the body with chunked encoding (HTTP/1.1 clients).
         self.started = True
-        await self._send(h11.Response(status_code=status, headers=_server_headers(headers)))
+        await self._send(h11.Response(status_code=status, headers=_server_headers(headers, self.state.draining)))
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -2741,7 +2928,7 @@ class _HTTPConnection(Responder):
                 if request is None:
                     return
                 await self._answer(request)
-                if self.client_gone or self.conn.our_state is not h11.DONE \
+                if self.client_gone or self.state.draining or self.conn.our_state is not h11.DONE \
                         or self.conn.their_state is not h11.DONE:
                     return
                 self.conn.start_next_cycle()
@@ -2769,9 +2956,16 @@ class _HTTPConnection(Responder):
 
     async def _read_request(self) -> Request | None:
         if not self.conn.trailing_data[0]:
-            # Waiting for the next request on a kept-alive connection: the idle timeout applies.
-            with trio.move_on_after(self.limits.idle_timeout):
-                self.conn.receive_data(await self.stream.receive_some(65536))
+            # Waiting for the next request on a kept-alive connection: the idle timeout applies,
+            # and a shutdown ends the wait at once.
+            if self.state.draining:
+                return None
+            with trio.move_on_after(self.limits.idle_timeout) as idle:
+                self.state.idle_waits.add(idle)
+                try:
+                    self.conn.receive_data(await self.stream.receive_some(65536))
+                finally:
+                    self.state.idle_waits.discard(idle)
             if not self.conn.trailing_data[0] and not self.conn.trailing_data[1]:
                 return None
         event = await self._next_event(trio.current_time() + self.limits.header_timeout)
@@ -2855,8 +3049,8 @@ class _HTTPConnection(Responder):
             scope.cancel()
 
 
-def _server_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [("server", "plano")] + headers
+def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> list[tuple[str, str]]:
+    return [("server", "plano")] + headers + ([("connection", "close")] if closing else [])
 
 
 def _is_loopback(host: str) -> bool:
@@ -2865,11 +3059,14 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 limits: ServerLimits | None = None, router: Any = "auto",
+                shutdown: trio.Event | None = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the gateway for `config` until cancelled; reports a ServerInfo through `task_status`.
+    """Run the gateway for `config`; reports a ServerInfo through `task_status`.
 
+    Runs until cancelled, or until `shutdown` is set: then it stops accepting, lets in-flight
+    answers finish for `limits.shutdown_grace` seconds, and cuts the rest off with an error event.
     `router="auto"` builds the router from `config.router`; pass None to turn routing off, or a
-    router object of your own.
+    Router of your own. Edits to the config file are picked up while it runs (validated first).
     """
     host = host or config.listener.address
     port = config.listener.port if port is None else port
@@ -2878,20 +3075,81 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
         raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
                           "or PLANO_API_KEY, or listen on 127.0.0.1")
     connection_slots = trio.CapacityLimiter(limits.max_connections)
+    state = _ServerState()
     async with trio.open_nursery() as nursery:
         if router == "auto":
             router = make_router(config, nursery)
+        elif router is not None and router.status == "loading":
+            nursery.start_soon(router.start)
         async with Gateway(config, router=router) as gateway:
+            async with trio.open_nursery() as connections:
 
-            async def handle_connection(stream: trio.SocketStream) -> None:
-                async with connection_slots:
-                    await _HTTPConnection(stream, gateway, limits).run()
+                async def handle_connection(stream: trio.SocketStream) -> None:
+                    async with connection_slots:
+                        await _HTTPConnection(stream, gateway, limits, state).run()
 
-            listeners = await trio.open_tcp_listeners(port, host=host)
-            await nursery.start(trio.serve_listeners, handle_connection, listeners)
-            bound = listeners[0].socket.getsockname()
-            task_status.started(ServerInfo(host, bound[1], gateway))
-            await trio.sleep_forever()
+                async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    with trio.CancelScope() as accepting:
+                        task_status.started(accepting)
+                        await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
+
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                accepting = await nursery.start(accept)
+                reloads_in, reloads_out = trio.open_memory_channel[object](1)
+                if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
+                    nursery.start_soon(_follow_config_file, gateway, nursery, reloads_out, limits.config_poll)
+                bound = listeners[0].socket.getsockname()
+                task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
+                await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
+                accepting.cancel()
+                state.drain()
+                with trio.move_on_after(limits.shutdown_grace):
+                    while connections.child_tasks:
+                        await trio.sleep(0.05)
+                gateway.stopping = True  # what is still running gets an error event
+                connections.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # the config follower and the router loader
+
+
+def _config_fingerprint(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+async def _follow_config_file(gateway: Gateway, nursery: trio.Nursery, requests: trio.MemoryReceiveChannel,
+                              poll: float) -> None:
+    """Reload the config when its file changes (or on request, e.g. SIGHUP). An edit that does not
+    validate leaves the running config in place and says why; requests already in flight finish
+    on the config they started with."""
+    path = gateway.config.path
+    seen = _config_fingerprint(path)
+    while True:
+        with trio.move_on_after(poll):
+            await requests.receive()
+            seen = None  # asked explicitly: reload even if the file looks unchanged
+        current = _config_fingerprint(path)
+        if current is None or current == seen:
+            continue
+        seen = current
+        try:
+            config = await trio.to_thread.run_sync(load_config, path)
+        except ConfigError as e:
+            log.error("config reload failed, still running the previous config: %s", e.message)
+            continue
+        old = gateway.config
+        if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
+            log.warning("the listener address changed in %s; restart plano to use it", path)
+        gateway.reload(config)
+        if gateway.router is None:
+            gateway.router = make_router(config, nursery)
+        else:
+            nursery.start_soon(gateway.router.rewarm)  # the new route set's prefix state
+        for warning in config.warnings:
+            log.warning("warning: %s", warning)
+        log.info("config reloaded from %s", path)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2916,9 +3174,15 @@ def _cmd_up(args: Any) -> int:
     port = config.listener.port if args.port is None else args.port
 
     async def run() -> None:
+        shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(lambda task_status: serve(config, host=host, port=port,
-                                                                 task_status=task_status))
+
+            async def serve_until_shut_down(task_status: Any) -> None:
+                await serve(config, host=host, port=port, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the signal handler's job is done too
+
+            info = await nursery.start(serve_until_shut_down)
+            nursery.start_soon(_handle_signals, shutdown, info, nursery.cancel_scope)
             log.info("plano listening on %s (config %s)", info.url, config.path)
             for m in config.models:
                 routes = ", ".join(p.name for p in m.routing_preferences)
@@ -3167,6 +3431,23 @@ def _cmd_watch(args: Any) -> int:
             time.sleep(1.0)
     except KeyboardInterrupt:
         return 0
+
+
+async def _handle_signals(shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
+    """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
+    import signal
+
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    with trio.open_signal_receiver(*wanted) as signals:
+        async for signum in signals:
+            if signum == getattr(signal, "SIGHUP", None):
+                if info.reload_requests is not None:
+                    info.reload_requests.send_nowait(None)
+            elif not shutdown.is_set():
+                log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
+                shutdown.set()
+            else:
+                everything.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

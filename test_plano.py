@@ -2067,7 +2067,13 @@ def test_keep_alive_serves_many_requests_on_one_connection(gateway, provider):
 def test_access_log_has_one_line_per_request_and_no_keys(gateway, provider, caplog):
     caplog.set_level("INFO", logger="plano")
     anthropic_client(gateway).messages.create(model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-    lines = [r.getMessage() for r in caplog.records if "/v1/messages" in r.getMessage()]
+    # The line is written once the answer has gone out, so it can trail the client a little.
+    deadline = time.monotonic() + 5
+    while not (lines := [r.getMessage() for r in caplog.records if "POST /v1/messages" in r.getMessage()]):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if "POST /v1/messages" in r.getMessage()]
     assert len(lines) == 1
     assert "fast -> openai/gpt-4o [alias] 200" in lines[0]
     assert "tokens=40/7" in lines[0]

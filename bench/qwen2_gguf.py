@@ -139,7 +139,7 @@ _TINY_SHAPE = _Qwen2Shape(n_layer=2, d_model=64, n_head=4, n_head_kv=2, d_ff=128
 
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (llama.cpp's "gpt2" tokenizer reads tokens in it)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     table = {b: chr(b) for b in printable}
     # Whitespace and control bytes are moved past U+00FF so every token is visible, non-space text.
     for n, b in enumerate(b for b in range(256) if b not in table):
@@ -307,7 +307,9 @@ def _random_tensor(name: str, dims: tuple[int, ...], rng: np.random.RandomState,
     return values
 
 
-def _write_qwen2_gguf(path: Path, name: str, shape: _Qwen2Shape, vocab: _BpeVocab, dtype: type, seed: int) -> None:
+def _write_qwen2_gguf(
+    path: Path, name: str, shape: _Qwen2Shape, vocab: _BpeVocab, dtype: type, seed: int
+) -> None:
     """Write a Qwen2 GGUF, generating and writing one tensor at a time (bounded memory)."""
     writer = gguf.GGUFWriter(path, "qwen2")
     writer.add_name(name)
@@ -377,7 +379,8 @@ def write_arch_router_twin(
     f16_path = path.with_name(path.name + ".f16.tmp")
     quantized_path = path.with_name(path.name + ".tmp")
     try:
-        _write_qwen2_gguf(f16_path, "Arch-Router-1.5B shape twin", _ARCH_ROUTER_SHAPE, vocab, np.float16, seed)
+        name = "Arch-Router-1.5B shape twin"
+        _write_qwen2_gguf(f16_path, name, _ARCH_ROUTER_SHAPE, vocab, np.float16, seed)
         params = llama_c.llama_model_quantize_default_params()
         params.ftype = llama_c.LLAMA_FTYPE_MOSTLY_Q4_K_M
         params.nthread = os.cpu_count() or 1
@@ -418,7 +421,9 @@ def _load(model_path: Path) -> llama_cpp.Llama:
 
     llama_c.llama_model_default_params = params_without_extra_buffer_types
     try:
-        return llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=2, n_threads_batch=2, verbose=False)
+        return llama_cpp.Llama(
+            model_path=str(model_path), n_ctx=4096, n_threads=2, n_threads_batch=2, verbose=False
+        )
     finally:
         llama_c.llama_model_default_params = default_params
 
@@ -454,7 +459,8 @@ def _benchmark(model_path: Path, n_prompt: int = 256, n_decode: int = 16) -> Non
     llm = _load(model_path)
     english = "The quick brown fox jumps over the lazy dog while the router decides which model answers. "
     english_tokens = llm.tokenize(english.encode(), add_bos=False)
-    print(f"English: {len(english)} chars -> {len(english_tokens)} tokens ({len(english) / len(english_tokens):.1f} chars/token)")
+    chars_per_token = len(english) / len(english_tokens)
+    print(f"English: {len(english)} chars -> {len(english_tokens)} tokens ({chars_per_token:.1f} chars/token)")
     prompt = (english_tokens * (n_prompt // len(english_tokens) + 1))[:n_prompt]
     llm.eval(prompt)  # warm-up: the first pass faults the memory-mapped weights in
     llm.reset()
