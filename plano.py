@@ -18,6 +18,7 @@ Library use::
 
 from __future__ import annotations
 
+import atexit
 import base64
 import collections
 import contextlib
@@ -1752,6 +1753,13 @@ class EmbeddedRouterBackend:
                                          ctypes.cast(self._abort_flag, ctypes.c_void_p))
         self.chat_head, self.chat_tail = self._chat_template_around_user_message()
 
+    def close(self) -> None:
+        """Free the model now (llama.cpp's own finaliser can run after its library is gone)."""
+        with self.lock:
+            if self.llm is not None:
+                self.llm.close()
+                self.llm = None
+
     def cancel(self, decision: threading.Event) -> None:
         """Stop `decision` if it is the one computing (from any thread)."""
         with self._flag_lock:
@@ -1918,9 +1926,10 @@ class Router:
     """
 
     def __init__(self, config: Config, backend: Any, *, cache_size: int = 2048,
-                 pin_ttl: float = 3600.0, max_sessions: int = 4096):
+                 pin_ttl: float = 3600.0, max_sessions: int = 4096, owns_backend: bool = True):
         self.config = config
         self.backend = backend
+        self.owns_backend = owns_backend  # route()'s routers share process-wide loaded models
         self.status = "loading"
         self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self.cache_size = cache_size
@@ -1963,6 +1972,10 @@ class Router:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+        if isinstance(self.backend, EmbeddedRouterBackend) and self.owns_backend:
+            # A load or decision abandoned by cancellation may still hold the model: let it go
+            # in a thread rather than block shutdown on it.
+            await trio.to_thread.run_sync(self.backend.close, abandon_on_cancel=True)
 
     async def decide(self, messages: Any) -> RouteDecision:
         """Route one conversation (either API's message shape). Never raises for router trouble."""
@@ -2079,8 +2092,17 @@ def _router_backend_for(settings: RouterSettings) -> Any:
         backend = RemoteRouterBackend(settings) if settings.endpoint else EmbeddedRouterBackend(settings)
         if isinstance(backend, EmbeddedRouterBackend):
             backend.load()
+        if not _LOADED_ROUTER_BACKENDS:
+            atexit.register(_close_loaded_router_backends)
         _LOADED_ROUTER_BACKENDS[key] = backend
     return backend
+
+
+def _close_loaded_router_backends() -> None:
+    for backend in _LOADED_ROUTER_BACKENDS.values():
+        if isinstance(backend, EmbeddedRouterBackend):
+            backend.close()
+    _LOADED_ROUTER_BACKENDS.clear()
 
 
 _LOADED_ROUTER_BACKENDS: dict[tuple, Any] = {}  # process-wide: loaded model files
@@ -2100,7 +2122,7 @@ async def route_async(messages: Any, config: Config | str = "config.yaml") -> Ro
     except RouterUnavailable as e:
         return RouteDecision(config.default_model.name, None, "fallback",
                              (time.monotonic() - started) * 1000, f"router unavailable: {e}")
-    router = Router(config, backend)
+    router = Router(config, backend, owns_backend=False)
     await router.start()
     return await router.decide(messages)
 

@@ -2263,7 +2263,8 @@ def embedded_backend(tiny_router_model):
     settings = plano.RouterSettings(model=str(tiny_router_model), threads=2)
     backend = plano.EmbeddedRouterBackend(settings)
     backend.load()
-    return backend
+    yield backend
+    backend.close()
 
 
 def test_embedded_decisions_always_name_a_configured_route_or_other(embedded_backend):
@@ -2303,6 +2304,27 @@ def test_constrained_decoding_matches_unconstrained_argmax_when_the_model_agrees
     assert name in {"alpha", "zulu", "other"}
 
 
+def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backend):
+    routes = (plano.RoutingPreference("code generation", "writing code"),)
+    decision, outcome = threading.Event(), {}
+
+    def decide():
+        try:
+            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision)
+        except plano.RouterUnavailable as e:
+            outcome["error"] = str(e)
+
+    worker = threading.Thread(target=decide)
+    worker.start()
+    while embedded_backend._running is not decision:  # the ~3000-token evaluation has begun
+        time.sleep(0.0005)
+    embedded_backend.cancel(decision)
+    worker.join(30)
+    assert outcome == {"error": "router model stopped: llama_decode returned 2"}
+    # The context is usable again at once, and the next decision is whole.
+    assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()) in ("code generation", "other")
+
+
 def make_router_for(provider, router_yaml: str, backend=None) -> plano.Router:
     config = routed_config(provider, router_yaml)
     backend = backend or (plano.RemoteRouterBackend(config.router) if config.router.endpoint
@@ -2320,6 +2342,7 @@ async def test_router_falls_back_on_timeout(provider, tiny_router_model):
     # The aborted computation left the backend usable for the next decision.
     router.config = dataclass_replace_config(router.config, timeout_ms=60000)
     decision = await router.decide([{"role": "user", "content": "write code"}])
+    await router.aclose()
     assert decision.decision in ("router", "default")
 
 
@@ -2355,6 +2378,7 @@ async def test_router_decisions_are_cached(provider, tiny_router_model):
     assert (again.model, again.route) == (first.model, first.route)
     assert again.reason.endswith("(cached)") and not first.reason.endswith("(cached)")
     assert router.backend.tokens_evaluated == evaluated  # no model work for a cache hit
+    await router.aclose()
 
 
 # ── remote backend against a recording stand-in ───────────────────────────────────────────

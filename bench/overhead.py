@@ -715,7 +715,7 @@ def main() -> int:
     parser.add_argument("--ccr", help=f"claude-code-router's dist/cli.js (default {CCR_DEFAULT} or `ccr` on PATH)")
     args = parser.parse_args()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="overhead-", dir="/tmp") as scratch, stand_in() as upstream_port:
+    with tempfile.TemporaryDirectory(prefix="overhead-") as scratch, stand_in() as upstream_port:
         print(f"stand-in provider on 127.0.0.1:{upstream_port}; starting gateways…", flush=True)
         try:
             gateways, skipped = start_gateways(args, upstream_port, Path(scratch))

@@ -176,7 +176,8 @@ async def settled_fds(pid: int) -> int:
     return previous
 
 
-async def soak(base: str, pid: int, requests: int, concurrency: int) -> tuple[Tally, list[tuple[str, int, int, int]]]:
+async def soak(base: str, pid: int, requests: int,
+               concurrency: int) -> tuple[Tally, list[tuple[str, int, int, int]]]:
     kinds = plan(requests)
     tally = Tally()
     marks = [("after warm-up", int(requests * WARMUP_SHARE))] + \
@@ -200,16 +201,25 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=20)
     args = parser.parse_args()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="soak-", dir="/tmp") as scratch, stand_in() as upstream_port:
+    with tempfile.TemporaryDirectory(prefix="soak-") as scratch, stand_in() as upstream_port:
         workdir = Path(scratch)
-        plano = start_plano(sys.executable, upstream_port, workdir)
+        try:
+            plano = start_plano(sys.executable, upstream_port, workdir)
+        except RuntimeError as e:
+            print(f"plano failed to start: {e}\n{(workdir / 'plano.log').read_text()}", file=sys.stderr)
+            return 1
         try:
             base = plano.url.removesuffix("/v1/messages")
             pid = plano.process.pid
             print(f"soak: {args.requests} requests, {args.concurrency} at a time, through plano "
                   f"(pid {pid}) to the stand-in on port {upstream_port}", flush=True)
             load_started = time.monotonic()
-            tally, readings = trio.run(soak, base, pid, args.requests, args.concurrency)
+            try:
+                tally, readings = trio.run(soak, base, pid, args.requests, args.concurrency)
+            except trio.TooSlowError:
+                print(f"FAIL: the requests did not finish within {TIME_LIMIT} s; see plano's log:\n"
+                      f"{plano.log_path.read_text(errors='replace')[-3000:]}")
+                return 1
             load_seconds = time.monotonic() - load_started
             alive = plano.process.poll() is None and httpx.get(f"{base}/healthz", timeout=5).status_code == 200
             log = plano.log_path.read_text(errors="replace")
@@ -222,10 +232,11 @@ def main() -> int:
 def log_tracebacks(log: str) -> collections.Counter[str]:
     """Tracebacks in plano's log, counted by the exception that ended each one."""
     found: collections.Counter[str] = collections.Counter()
-    unindented = [(i, line) for i, line in enumerate(log.splitlines()) if line and not line.startswith(" ")]
-    for k, (_, line) in enumerate(unindented[:-1]):
+    # Frames are indented; the first unindented line after "Traceback" is the exception.
+    unindented = [line for line in log.splitlines() if line and not line.startswith(" ")] + [""]
+    for k, line in enumerate(unindented[:-2]):
         if line.startswith("Traceback"):
-            exception, after = unindented[k + 1][1], unindented[k + 2][1] if k + 2 < len(unindented) else ""
+            exception, after = unindented[k + 1], unindented[k + 2]
             # A chained exception is followed by "The above exception…" and another traceback,
             # whose exception is the one that reached plano's handler: count that one.
             if not after.startswith(("The above exception", "During handling")):
