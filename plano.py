@@ -2315,6 +2315,10 @@ class Gateway:
                 await respond.send(self._stream_error_bytes(request, error))
             else:
                 await self._send_error(request, respond, error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Writing to a client that hung up (before the server noticed the hang-up itself):
+            # the client is gone, nothing is wrong with plano, nobody is left to tell.
+            exchange.status = 499
         except (trio.Cancelled, KeyboardInterrupt):
             if self.stopping and respond.started:
                 # Shutdown's grace period is over: tell the client why its stream ends here.
@@ -2996,6 +3000,9 @@ class _HTTPConnection(Responder):
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
+        # h11 bounds only a head still arriving; one that arrived whole in two reads is checked here.
+        if sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target) > self.limits.max_header_bytes:
+            await self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
         target = urllib.parse.urlsplit(event.target.decode("latin-1"))
         headers: dict[str, str] = {}
         for name, value in event.headers:
@@ -3048,12 +3055,18 @@ class _HTTPConnection(Responder):
 
     async def _answer(self, request: Request) -> None:
         self.started = False
-        async with trio.open_nursery() as nursery:
-            # While the gateway works, the only thing the client may send is EOF (it hung up) or
-            # the start of a pipelined request. A hang-up cancels the upstream call with it.
-            nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
-            await self.gateway.handle(request, self)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                # While the gateway works, the only thing the client may send is EOF (it hung up)
+                # or the start of a pipelined request. A hang-up cancels the upstream call with it.
+                nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
+                await self.gateway.handle(request, self)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.gateway.stopping and self.started and self.conn.our_state is h11.SEND_BODY:
+                # Cut off by shutdown after its error event: still end the HTTP message properly.
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await self._send(h11.EndOfMessage())
         if self.client_gone:
             return
         if self.started and self.conn.our_state is h11.SEND_BODY:
@@ -3079,6 +3092,14 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def check_exposure(config: Config, host: str) -> None:
+    """Anyone who can reach a non-loopback address could spend the configured keys: require a
+    gateway key there."""
+    if not _is_loopback(host) and not config.listener.api_key:
+        raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
+                          "or PLANO_API_KEY, or listen on 127.0.0.1")
+
+
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 limits: ServerLimits | None = None, router: Any = "auto",
                 shutdown: trio.Event | None = None,
@@ -3093,9 +3114,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     host = host or config.listener.address
     port = config.listener.port if port is None else port
     limits = limits or ServerLimits()
-    if not _is_loopback(host) and not config.listener.api_key:
-        raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
-                          "or PLANO_API_KEY, or listen on 127.0.0.1")
+    check_exposure(config, host)
     connection_slots = trio.CapacityLimiter(limits.max_connections)
     state = _ServerState()
     async with trio.open_nursery() as nursery:
@@ -3194,6 +3213,11 @@ def _cmd_up(args: Any) -> int:
         log.warning("warning: %s", warning)
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
+    try:
+        check_exposure(config, host)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         shutdown = trio.Event()
@@ -3509,6 +3533,8 @@ def main(argv: list[str] | None = None) -> int:
     args.config = getattr(args, "config_sub", None) or args.config
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # plano's access line already says what httpx would log for every upstream request.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return args.run(args)
 
 

@@ -15,9 +15,11 @@ import functools
 import hashlib
 import http.server
 import json
+import logging
 import os
 import queue
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -42,7 +44,22 @@ HERE = Path(__file__).resolve().parent
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
-ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY)
+WRONG_KEY = "sk-wrong-key-000000000000"
+ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY)
+
+
+class SuiteLog(logging.Handler):
+    """Every line plano logs during the suite (error bodies are logged at debug level), plus
+    the stderr of every gateway process the tests run: scanned for keys by the last test."""
+
+    lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        SuiteLog.lines.append(self.format(record))
+
+
+logging.getLogger("plano").addHandler(SuiteLog())
+logging.getLogger("plano").setLevel(logging.DEBUG)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -80,6 +97,13 @@ def sse_pieces(events: list[tuple[str | None, Any]], piece: int = 7) -> list[byt
                    b"data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)).encode()
                    + b"\n\n" for name, data in events)
     return [raw[i:i + piece] for i in range(0, len(raw), piece)]
+
+
+def anthropic_stream_text(raw: str) -> str:
+    """The text an Anthropic SSE stream spells out in its text deltas."""
+    events = plano.SSEDecoder().feed(raw.encode())
+    return "".join(d["delta"]["text"] for d in (json.loads(e.data) for e in events)
+                   if d.get("type") == "content_block_delta" and d["delta"].get("type") == "text_delta")
 
 
 def last_user_text(messages: list[dict]) -> str:
@@ -228,6 +252,10 @@ class AnthropicStandIn:
         return Reply(200, sse=sse_pieces(events))
 
 
+class _StandInServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 resets connections under load tests
+
+
 class StandInProvider(OpenAIStandIn, AnthropicStandIn):
     """One loopback HTTP server that speaks both formats (OpenAI under /v1/chat/completions,
     Anthropic under /v1/messages), records every request, and can be scripted per test."""
@@ -250,7 +278,7 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                 provider.requests.append(recorded)
                 provider.answer(self, recorded)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _StandInServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -269,12 +297,18 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
         self.script.put(reply)
 
     def answer(self, handler: http.server.BaseHTTPRequestHandler, request: Recorded) -> None:
+        path = request.path.split("?")[0]
         try:
             scripted = self.script.get_nowait()
             reply = scripted(request) if callable(scripted) else scripted
         except queue.Empty:
-            path = request.path.split("?")[0]
-            reply = self.openai_reply(request) if path.endswith("/chat/completions") else self.anthropic_reply(request)
+            try:
+                reply = self.openai_reply(request) if path.endswith("/chat/completions") else self.anthropic_reply(request)
+            except Exception as e:  # like a real provider: a body it cannot use is a 400
+                message = f"stand-in could not use the request: {type(e).__name__}"
+                reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
+                              if path.endswith("/chat/completions") else
+                              {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
                 data = json.dumps(reply.body).encode()
@@ -342,23 +376,30 @@ model_aliases:
 class RunningPlano:
     """plano serving on loopback in a background thread (its own trio loop), for sync clients."""
 
-    def __init__(self, config: plano.Config, router: Any = None, limits: plano.ServerLimits | None = None):
+    def __init__(self, config: plano.Config, router: Any = None, limits: plano.ServerLimits | None = None,
+                 host: str = "127.0.0.1"):
         self.config = config
         ready = threading.Event()
         self.failure: BaseException | None = None
+        self.shutdown = trio.Event()
+        self.finished = threading.Event()
 
         async def run() -> None:
             self.token = trio.lowlevel.current_trio_token()
             with trio.CancelScope() as self.scope:
                 async with trio.open_nursery() as nursery:
                     self.info = await nursery.start(lambda task_status: plano.serve(
-                        config, host="127.0.0.1", port=0, router=router, limits=limits, task_status=task_status))
+                        config, host=host, port=0, router=router, limits=limits, shutdown=self.shutdown,
+                        task_status=task_status))
                     ready.set()
+            self.finished.set()
 
         def thread_main() -> None:
             try:
                 trio.run(run)
             except BaseException as e:  # surfaced by the test that started it
+                while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                    e = e.exceptions[0]  # the nurseries' wrapping, not part of what went wrong
                 self.failure = e
                 ready.set()
 
@@ -370,14 +411,18 @@ class RunningPlano:
 
     @property
     def url(self) -> str:
-        return self.info.url
+        return f"http://127.0.0.1:{self.info.port}"
+
+    def begin_shutdown(self) -> None:
+        trio.from_thread.run_sync(self.shutdown.set, trio_token=self.token)
 
     @property
     def gateway(self) -> plano.Gateway:
         return self.info.gateway
 
     def stop(self) -> None:
-        trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
+        if not self.finished.is_set():
+            trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
         self.thread.join(10)
 
 
@@ -1907,7 +1952,7 @@ llm_providers:
 
 
 def test_a_rejected_key_is_reported_without_echoing_it(provider):
-    running = RunningPlano(config_for(provider, OPENAI_API_KEY="sk-wrong-key-000000000000"))
+    running = RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY))
     try:
         with pytest.raises(openai.AuthenticationError) as caught:
             openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
@@ -2638,7 +2683,7 @@ def plano_up(config: Path, port: int):
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.communicate(timeout=15)
+        SuiteLog.lines.extend(process.communicate(timeout=15)[1].splitlines())
 
 
 def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -2807,3 +2852,544 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
     assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
     assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
     assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Hardening: failover, limits and timeouts, hostile input, load, secrets, shutdown, reload
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@pytest.fixture
+def backup():
+    stand_in = StandInProvider()
+    yield stand_in
+    stand_in.close()
+
+
+def failover_config(primary_base: str, backup: StandInProvider, fallbacks: str = "[anthropic/claude-backup]") -> plano.Config:
+    return plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {primary_base}
+    access_key: {OPENAI_KEY}
+    fallbacks: {fallbacks}
+  - model: anthropic/claude-backup
+    base_url: {backup.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+  - model: openai/gpt-default
+    base_url: {backup.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+""", environ={})
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 529])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup, status, streaming):
+    running = RunningPlano(failover_config(provider.openai_base, backup))
+    try:
+        provider.then(Reply(status, {"error": {"message": "down", "type": "server_error"}}))
+        response = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 20, "stream": streaming,
+            "messages": [{"role": "user", "content": "still there?"}]})
+    finally:
+        running.stop()
+    assert response.status_code == 200
+    assert (response.headers["x-plano-decision"], response.headers["x-plano-model"]) == ("fallback", "anthropic/claude-backup")
+    assert (anthropic_stream_text(response.text) if streaming else response.json()["content"][0]["text"]) == "echo: still there?"
+    assert len(provider.requests) == 1 and len(backup.requests) == 1
+
+
+def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
+    running = RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]"))
+    try:
+        raw = anthropic_client(running).messages.with_raw_response.create(
+            model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
+        decisions = running.gateway.decisions
+    finally:
+        running.stop()
+    assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("fallback", "openai/gpt-default")
+    assert raw.parse().content[0].text == "echo: hello"
+    assert "openai/gpt-4o: 502" in decisions[-1]["reason"]
+
+
+def test_a_bad_request_is_not_retried_elsewhere(provider, backup):
+    running = RunningPlano(failover_config(provider.openai_base, backup))
+    try:
+        provider.then(Reply(400, {"error": {"message": "bad tool schema", "type": "invalid_request_error"}}))
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=10,
+                                                      messages=[{"role": "user", "content": "x"}])
+    finally:
+        running.stop()
+    assert "bad tool schema" in str(caught.value)
+    assert backup.requests == []
+
+
+def test_a_provider_that_keeps_failing_is_skipped_for_a_cool_down(provider, backup):
+    running = RunningPlano(failover_config(provider.openai_base, backup))
+    try:
+        for _ in range(3):
+            provider.then(Reply(503, {"error": {"message": "down"}}))
+        for i in range(5):
+            r = httpx.post(running.url + "/v1/chat/completions", json={
+                "model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"try {i}"}]})
+            assert r.status_code == 200 and r.headers["x-plano-model"] == "anthropic/claude-backup"
+    finally:
+        running.stop()
+    assert len(provider.requests) == 3  # after three failures in a row, no more attempts for a while
+    assert len(backup.requests) == 5
+
+
+def test_retry_after_keeps_plano_away_from_the_provider_that_asked(provider, backup):
+    running = RunningPlano(failover_config(provider.openai_base, backup))
+    try:
+        provider.then(Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "30"}))
+        for _ in range(2):
+            r = httpx.post(running.url + "/v1/chat/completions", json={
+                "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+            assert r.headers["x-plano-decision"] == "fallback"
+    finally:
+        running.stop()
+    assert len(provider.requests) == 1
+
+
+def test_when_every_candidate_fails_the_client_gets_the_last_error_in_its_format(provider):
+    config = plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+""", environ={})
+    running = RunningPlano(config)
+    try:
+        provider.then(Reply(529, {"error": {"message": "overloaded", "type": "overloaded_error"}}))
+        r = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        running.stop()
+    assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
+
+
+# ── limits and timeouts ───────────────────────────────────────────────────────────────────
+
+def raw_exchange(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout passes)."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return answer
+
+
+def test_oversized_headers_are_refused_with_431(gateway):
+    answer = raw_exchange(gateway.url, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+@pytest.fixture
+def strict_gateway(provider):
+    limits = plano.ServerLimits(header_timeout=0.5, body_timeout=0.5, idle_timeout=0.5, max_connections=64)
+    running = RunningPlano(config_for(provider), limits=limits)
+    yield running
+    running.stop()
+
+
+def test_a_request_whose_headers_stall_is_cut_off_with_408(strict_gateway):
+    answer = raw_exchange(strict_gateway.url, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_a_request_whose_body_stalls_is_cut_off_with_408(strict_gateway):
+    answer = raw_exchange(strict_gateway.url, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408") and b"request body" in answer
+
+
+def test_an_idle_keep_alive_connection_is_closed(strict_gateway):
+    answer = raw_exchange(strict_gateway.url, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1  # then closed by plano
+
+
+def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
+    port = int(gateway.url.rsplit(":", 1)[1])
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"mod")
+        r = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+        for sock in stalled:  # all sixty are still waiting on their bodies: they did not block it
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_connections_beyond_the_cap_wait_for_a_free_slot(provider):
+    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2))
+    port = int(running.url.rsplit(":", 1)[1])
+    try:
+        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.2)  # both are accepted and hold their slots
+        third = socket.create_connection(("127.0.0.1", port), timeout=1)
+        third.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        with pytest.raises(socket.timeout):
+            third.recv(100)
+        holders[0].close()
+        third.settimeout(10)
+        assert third.recv(100).startswith(b"HTTP/1.1 200")
+        third.close()
+        holders[1].close()
+    finally:
+        running.stop()
+
+
+# ── hostile input ─────────────────────────────────────────────────────────────────────────
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+ANTHROPIC_BODY = {"model": "openai/gpt-4o", "max_tokens": 50, "system": [{"type": "text", "text": "s"}],
+                  "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                               {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": {"command": "ls"}}]},
+                               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}],
+                  "tools": [BASH_TOOL], "tool_choice": {"type": "auto"}, "stop_sequences": ["END"],
+                  "temperature": 0.5, "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive"},
+                  "stream": False}
+OPENAI_BODY = {"model": "anthropic/claude-sonnet-5", "max_tokens": 50,
+               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                            {"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+                            {"role": "tool", "tool_call_id": "t", "content": "ok"}],
+               "tools": [BASH_FUNCTION], "tool_choice": "auto", "stop": ["END"], "temperature": 0.5,
+               "user": "u", "stream": False, "stream_options": {"include_usage": True}}
+
+
+def field_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value: each one a place hostile input can go."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += field_paths(item, prefix + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            paths += field_paths(item, prefix + (i,))
+    return paths
+
+
+def with_value_at(body: Any, path: tuple, value: Any) -> Any:
+    body = json.loads(json.dumps(body))
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return body
+
+
+@pytest.fixture(scope="module")
+def hostile_target():
+    provider = StandInProvider()
+    running = RunningPlano(config_for(provider))
+    yield running
+    running.stop()
+    provider.close()
+
+
+def check_hostile_answer(response: httpx.Response, api_format: str, stream: bool) -> None:
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        body = response.json()
+        if api_format == "anthropic":
+            assert body["type"] == "error" and isinstance(body["error"]["message"], str)
+        else:
+            assert isinstance(body["error"]["message"], str)
+    elif stream:
+        assert response.headers["content-type"] == "text/event-stream"
+    elif response.url.path.endswith("count_tokens"):
+        assert isinstance(response.json()["input_tokens"], int)
+    else:
+        body = response.json()
+        assert body["type"] == "message" if api_format == "anthropic" else body["object"] == "chat.completion"
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_in_any_anthropic_field_gets_a_4xx_or_a_valid_answer(hostile_target, data):
+    path = data.draw(st.sampled_from(field_paths(ANTHROPIC_BODY)))
+    body = with_value_at(ANTHROPIC_BODY, path, data.draw(JSON_VALUES))
+    endpoint = data.draw(st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+    response = httpx.post(hostile_target.url + endpoint, json=body, timeout=30)
+    check_hostile_answer(response, "anthropic", body.get("stream") is True and endpoint == "/v1/messages")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_in_any_openai_field_gets_a_4xx_or_a_valid_answer(hostile_target, data):
+    path = data.draw(st.sampled_from(field_paths(OPENAI_BODY)))
+    body = with_value_at(OPENAI_BODY, path, data.draw(JSON_VALUES))
+    response = httpx.post(hostile_target.url + "/v1/chat/completions", json=body, timeout=30)
+    check_hostile_answer(response, "openai", body.get("stream") is True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(soup=st.binary(max_size=300) | st.builds(lambda head, tail: head + tail, st.sampled_from(
+    [b"POST /v1/messages HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nhost: x\r\n", b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n"]),
+    st.binary(max_size=200)))
+def test_byte_soup_to_the_http_layer_never_breaks_the_server(hostile_target, soup):
+    answer = raw_exchange(hostile_target.url, soup, timeout=2)
+    assert answer == b"" or re.match(rb"HTTP/1\.1 (2|4)\d\d ", answer), answer[:80]
+    assert httpx.get(hostile_target.url + "/healthz").status_code == 200
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=64), max_size=20))
+def test_the_sse_decoder_survives_byte_soup(chunks):
+    decoder = plano.SSEDecoder()
+    for chunk in chunks:
+        for event in decoder.feed(chunk):
+            assert isinstance(event.data, str)
+    decoder.close()
+
+
+# ── load ──────────────────────────────────────────────────────────────────────────────────
+
+async def test_300_streamed_requests_100_at_a_time_are_all_correct(gateway):
+    results: dict[int, str] = {}
+    slots = trio.CapacityLimiter(100)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with slots:
+            body = {"model": "openai/gpt-4o", "max_tokens": 20, "stream": True,
+                    "messages": [{"role": "user", "content": f"request number {i} ü"}]}
+            async with client.stream("POST", gateway.url + "/v1/messages", json=body) as response:
+                decoder, text = plano.SSEDecoder(), ""
+                async for chunk in response.aiter_bytes():
+                    for event in decoder.feed(chunk):
+                        data = json.loads(event.data)
+                        if data["type"] == "content_block_delta":
+                            text += data["delta"]["text"]
+                        elif data["type"] == "message_stop":
+                            results[i] = text
+
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(one, client, i)
+    assert results == {i: f"echo: request number {i} ü" for i in range(300)}
+
+
+# ── secrets and exposure ──────────────────────────────────────────────────────────────────
+
+def test_a_non_loopback_listener_requires_a_gateway_key(provider):
+    with pytest.raises(plano.ConfigError, match="without a gateway key"):
+        RunningPlano(config_for(provider), host="0.0.0.0")
+
+
+def test_clients_must_present_the_gateway_key_when_one_is_set(provider):
+    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY), host="0.0.0.0")
+    try:
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic_client(running, api_key="wrong").messages.create(
+                model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        answer = anthropic_client(running, api_key=GATEWAY_KEY).messages.create(
+            model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        completion = openai_client(running, api_key=GATEWAY_KEY).chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "y"}])
+        assert httpx.get(running.url + "/healthz").status_code == 200  # for load balancers
+    finally:
+        running.stop()
+    assert answer.content[0].text == "echo: x" and completion.choices[0].message.content == "echo: y"
+    assert all(GATEWAY_KEY not in json.dumps(r.headers) for r in provider.requests)  # never sent upstream
+
+
+def test_up_refuses_a_public_address_without_a_gateway_key(tmp_path, provider):
+    config = write_claude_config(tmp_path, provider, free_port())
+    result = run_plano_cli("up", "--config", str(config), "--host", "0.0.0.0", cwd=tmp_path)
+    assert result.returncode == 2 and "without a gateway key" in result.stderr and "Traceback" not in result.stderr
+
+
+# ── shutdown ──────────────────────────────────────────────────────────────────────────────
+
+def slow_stream(provider: StandInProvider, words: int, delay: float) -> None:
+    events = [(None, {"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}) for i in range(words)]
+    events += [(None, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), (None, "[DONE]")]
+    provider.then(Reply(sse=sse_pieces(events, piece=10_000)[:1] and
+                        [piece for name, data in events for piece in sse_pieces([(name, data)], piece=10_000)],
+                        piece_delay=delay))
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_connections(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        slow_stream(provider, words=15, delay=0.1)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/messages", timeout=30, json={
+                "model": "openai/gpt-4o", "max_tokens": 50, "stream": True,
+                "messages": [{"role": "user", "content": "x"}]}) as response:
+            chunks = response.iter_bytes()
+            received = next(chunks)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # no new connections once shutting down
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            received += b"".join(chunks)
+        assert process.wait(15) == 0
+    finally:
+        process.kill()
+        SuiteLog.lines.extend(process.communicate()[1].splitlines())
+    assert b"message_stop" in received and b"w14" in received and b"event: error" not in received
+
+
+def test_streams_running_past_the_grace_period_end_with_an_error_event(provider):
+    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(shutdown_grace=0.3))
+    slow_stream(provider, words=100, delay=0.05)
+    try:
+        with httpx.stream("POST", running.url + "/v1/messages", timeout=30, json={
+                "model": "openai/gpt-4o", "max_tokens": 50, "stream": True,
+                "messages": [{"role": "user", "content": "x"}]}) as response:
+            chunks = response.iter_bytes()
+            received = next(chunks)
+            running.begin_shutdown()
+            received += b"".join(chunks)
+        assert running.finished.wait(10)
+    finally:
+        running.stop()
+    assert b"event: error" in received and b"shutting down" in received
+    assert b"message_stop" not in received
+
+
+# ── config reload ─────────────────────────────────────────────────────────────────────────
+
+def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    original = config.read_text()
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    lines = LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/healthz")
+        slow_stream(provider, words=20, delay=0.05)
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+                "model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as inflight:
+            chunks = inflight.iter_bytes()
+            first = next(chunks)
+            # The edit removes the model this stream is using and adds an alias.
+            config.write_text(original.replace("  - model: openai/gpt-4o-mini\n", "  - model: openai/gpt-4o-nano\n")
+                              .replace("target: openai/gpt-4o-mini", "target: openai/gpt-4o-nano")
+                              .replace("model_aliases:\n", "model_aliases:\n  newalias:\n    target: openai/gpt-4o\n"))
+            lines.wait_for("config reloaded")
+            rest = b"".join(chunks)
+        assert b"[DONE]" in first + rest and b"w19" in first + rest  # finished on the config it started with
+        models = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert "newalias" in models and "openai/gpt-4o-nano" in models and "openai/gpt-4o-mini" not in models
+        config.write_text("llm_providers: [oops\n")
+        lines.wait_for("config reload failed, still running the previous config: .*config.yaml:1")
+        assert "newalias" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        config.write_text(original)
+        process.send_signal(signal.SIGHUP)
+        lines.wait_for("config reloaded")
+        assert "newalias" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny_router_model):
+    config = routed_config(provider, f"  model: {tiny_router_model}")
+    router = plano.Router(config, plano.EmbeddedRouterBackend(config.router))
+    await router.start()
+    backend = router.backend
+    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain", "write docs for")
+    new_config = plano.parse_config(config_text_with_routes(provider, tiny_router_model, new_text), environ={
+        "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    gateway = plano.Gateway(config, router=router)
+    gateway.reload(new_config)
+    await router.rewarm()
+    expected = backend.tokenize(backend.chat_head + plano.router_prompt_prefix(router.routes))
+    assert [r.name for r in router.routes] == ["code generation", "documentation"]
+    assert list(backend.llm.input_ids[:len(expected)]) == expected and backend.llm.n_tokens == len(expected)
+    await router.aclose()
+
+
+def config_text_with_routes(provider: StandInProvider, model: Path, routes_yaml: str) -> str:
+    return f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: $OPENAI_API_KEY{routes_yaml}
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: $ANTHROPIC_API_KEY
+    default: true
+router:
+  model: {model}
+"""
+
+
+# ── the router never blocks serving ───────────────────────────────────────────────────────
+
+class HeldBackend(plano.EmbeddedRouterBackend):
+    """The real embedded backend, held at the start of each decision until released."""
+
+    def __init__(self, settings: plano.RouterSettings):
+        super().__init__(settings)
+        self.deciding, self.release = threading.Event(), threading.Event()
+
+    def choose(self, routes, conversation, cancel):
+        self.deciding.set()
+        self.release.wait(30)
+        return super().choose(routes, conversation, cancel)
+
+
+def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider, tiny_router_model):
+    config = routed_config(provider, f"  model: {tiny_router_model}\n  timeout_ms: 60000")
+    backend = HeldBackend(config.router)
+    running = RunningPlano(config, router=plano.Router(config, backend))
+    routed: dict[str, Any] = {}
+    try:
+        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        worker = threading.Thread(target=lambda: routed.update(response=httpx.post(running.url + "/v1/messages", json={
+            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]}, timeout=60)))
+        worker.start()
+        assert backend.deciding.wait(10)
+        explicit = httpx.post(running.url + "/v1/messages", json={
+            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "quick"}]}, timeout=10)
+        assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
+        assert "response" not in routed  # the routed request is still waiting on its decision
+        backend.release.set()
+        worker.join(30)
+    finally:
+        backend.release.set()
+        running.stop()
+    assert routed["response"].headers["x-plano-decision"] in ("router", "default")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# ── last: nothing the suite made plano say contains a configured key ──────────────────────
+
+def test_no_configured_key_appears_in_any_log_line_or_error_body():
+    assert len(SuiteLog.lines) > 100  # the scan saw the suite's logging, error answers included
+    assert any("error answer 401" in line for line in SuiteLog.lines)
+    leaks = [line for line in SuiteLog.lines if any(key in line for key in ALL_KEYS)]
+    assert leaks == []
