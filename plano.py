@@ -1582,11 +1582,20 @@ def conversation_for_router(messages: Any) -> list[dict]:
 
 
 def has_new_user_text(messages: Any) -> bool:
-    """Does the newest message carry words from the user (rather than only tool results)?"""
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+    """Does the newest message carry words from the user (rather than only tool results)?
+
+    System messages after it do not count: Claude Code puts its environment block after the
+    first user message, so that message is the newest one of the conversation's first turn.
+    """
+    if not isinstance(messages, list):
         return False
-    last = messages[-1]
-    return last.get("role") == "user" and bool(conversation_for_router([last]))
+    for message in reversed(messages):
+        if not isinstance(message, dict):
+            return False
+        if message.get("role") in ("system", "developer"):
+            continue
+        return message.get("role") == "user" and bool(conversation_for_router([message]))
+    return False
 
 
 def trim_conversation(conversation: list[dict], budget: int, count_tokens: Callable[[str], int]) -> list[dict]:

@@ -2282,6 +2282,8 @@ def test_trimming_keeps_only_user_and_assistant_text_without_harness_blocks():
         {"role": "user", "content": "now explain b.py"}]
     assert not plano.has_new_user_text(messages[:-1])  # tool result + reminder: a continuation
     assert plano.has_new_user_text(messages)
+    # Claude Code's first request ends with its environment block: the user's words still count.
+    assert plano.has_new_user_text(CLAUDE_CODE_FIRST_TURN) and CLAUDE_CODE_FIRST_TURN[-1]["role"] == "system"
 
 
 def test_trimming_keeps_the_newest_messages_within_budget_and_always_the_latest_user_text():
@@ -2509,6 +2511,8 @@ def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again
 
     messages = [{"role": "user", "content": "TOOL:echo one"}]
     headers1, first = ask(messages)
+    retry_headers, _ = ask(messages)  # a retry of a request with new user text is decided again (cached)
+    assert retry_headers["x-plano-decision"] == "router"
     call = next(b for b in first.content if b.type == "tool_use") if headers1["x-plano-model"] == "openai/gpt-4o" else None
     kinds = [headers1["x-plano-decision"]]
     # Continue with a tool result (no new user text): the turn's model is kept.
