@@ -2688,8 +2688,7 @@ class Gateway:
             usage = _openai_usage_to_anthropic(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        exchange.input_tokens = (usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0)
-        exchange.output_tokens = usage.get("output_tokens") or 0
+        exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
         if model.interface == client_format:
             return _json_bytes(payload)
         try:
@@ -2769,10 +2768,22 @@ class _PassthroughStream:
         return b""
 
     def tokens(self) -> tuple[int | None, int | None]:
-        if not self.usage:
-            return None, None
-        return ((self.usage.get("input_tokens") or 0) + (self.usage.get("cache_read_input_tokens") or 0),
-                self.usage.get("output_tokens") or 0)
+        return _token_counts(self.usage)
+
+
+def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """(input tokens including cache reads, output tokens) of Anthropic-shaped usage, for the log."""
+    if not usage:
+        return None, None
+    return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
+            usage.get("output_tokens") or 0)
+
+
+def _event_json(event: SSEEvent) -> Any:
+    try:
+        return json.loads(event.data)
+    except ValueError:
+        raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
 
 
 class _AnthropicFromOpenAI:
@@ -2784,22 +2795,15 @@ class _AnthropicFromOpenAI:
         for event in events:
             if event.data.strip() == "[DONE]":
                 out += self.machine.finish()
-                continue
-            try:
-                chunk = json.loads(event.data)
-            except ValueError:
-                raise StreamTranslationError(f"the provider sent an unreadable stream chunk: {event.data[:80]!r}") from None
-            out += self.machine.feed(chunk)
+            else:
+                out += self.machine.feed(_event_json(event))
         return b"".join(encode_sse(data, name) for name, data in out)
 
     def finish(self) -> bytes:
         return b"".join(encode_sse(data, name) for name, data in self.machine.finish())
 
     def tokens(self) -> tuple[int | None, int | None]:
-        if self.machine.usage is None:
-            return None, None
-        usage = _openai_usage_to_anthropic(self.machine.usage)
-        return usage["input_tokens"] + usage["cache_read_input_tokens"], usage["output_tokens"]
+        return _token_counts(self.machine.usage and _openai_usage_to_anthropic(self.machine.usage))
 
 
 class _OpenAIFromAnthropic:
@@ -2809,21 +2813,14 @@ class _OpenAIFromAnthropic:
     def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
         out = []
         for event in events:
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
-            out += self.machine.feed(event.event, data)
+            out += self.machine.feed(event.event, _event_json(event))
         return b"".join(encode_sse(chunk) for chunk in out)
 
     def finish(self) -> bytes:
         return b"".join(encode_sse(chunk) for chunk in self.machine.finish())
 
     def tokens(self) -> tuple[int | None, int | None]:
-        usage = self.machine.usage
-        if not usage:
-            return None, None
-        return (usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0), usage.get("output_tokens") or 0
+        return _token_counts(self.machine.usage)
 
 
 def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:

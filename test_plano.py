@@ -2220,13 +2220,13 @@ def tiny_router_model(tmp_path_factory) -> Path:
     return write_tiny_qwen2_gguf(tmp_path_factory.mktemp("router") / "tiny-qwen2.gguf")
 
 
-def routed_config(provider: StandInProvider, router: str, **env: str) -> plano.Config:
-    """Two models: the OpenAI-format one serves both routes, the Anthropic one is the default."""
-    text = f"""
+def routed_config_text(provider: StandInProvider, router: str, routes: str = ROUTES_YAML) -> str:
+    """Two models: the OpenAI-format one serves the routes, the Anthropic one is the default."""
+    return f"""
 llm_providers:
   - model: openai/gpt-4o
     base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY{ROUTES_YAML}
+    access_key: $OPENAI_API_KEY{routes}
   - model: anthropic/claude-sonnet-5
     base_url: {provider.anthropic_base}
     access_key: $ANTHROPIC_API_KEY
@@ -2240,7 +2240,10 @@ model_aliases:
 router:
 {router}
 """
-    return plano.parse_config(text, path="routed.yaml",
+
+
+def routed_config(provider: StandInProvider, router: str, **env: str) -> plano.Config:
+    return plano.parse_config(routed_config_text(provider, router), path="routed.yaml",
                               environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
 
 
@@ -3319,7 +3322,7 @@ async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny
     await router.start()
     backend = router.backend
     new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain", "write docs for")
-    new_config = plano.parse_config(config_text_with_routes(provider, tiny_router_model, new_text), environ={
+    new_config = plano.parse_config(routed_config_text(provider, f"  model: {tiny_router_model}", new_text), environ={
         "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     gateway = plano.Gateway(config, router=router)
     gateway.reload(new_config)
@@ -3328,21 +3331,6 @@ async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny
     assert [r.name for r in router.routes] == ["code generation", "documentation"]
     assert list(backend.llm.input_ids[:len(expected)]) == expected and backend.llm.n_tokens == len(expected)
     await router.aclose()
-
-
-def config_text_with_routes(provider: StandInProvider, model: Path, routes_yaml: str) -> str:
-    return f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY{routes_yaml}
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: $ANTHROPIC_API_KEY
-    default: true
-router:
-  model: {model}
-"""
 
 
 # ── the router never blocks serving ───────────────────────────────────────────────────────

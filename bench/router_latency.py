@@ -282,6 +282,20 @@ def routed_conversation(backend: plano.EmbeddedRouterBackend, routes: tuple, bod
                                    backend.conversation_budget(routes), backend.count_tokens)
 
 
+def upstream_conversation(backend: plano.EmbeddedRouterBackend, routes: tuple, body: dict) -> list[dict]:
+    """What the upstream project routes (FACTS §3): user and assistant text as sent, Claude Code's
+    harness blocks included (text blocks joined as plano joins them; same budget)."""
+    conversation = []
+    for message in body["messages"]:
+        if message["role"] in ("user", "assistant"):
+            content = message["content"]
+            text = content if isinstance(content, str) else "\n".join(
+                block["text"] for block in content if block.get("type") == "text")
+            if text.strip():
+                conversation.append({"role": message["role"], "content": text})
+    return plano.trim_conversation(conversation, backend.conversation_budget(routes), backend.count_tokens)
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # The two methods
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -339,6 +353,17 @@ class NaiveSample(Sample):
     prompt_s: float = 0.0
     decode_evals: int = 0  # tokens fed back during decoding
     decode_s: float = 0.0
+
+
+@dataclass
+class Row:
+    """One first-turn conversation, measured every way."""
+    answer: str
+    routed_tokens: int
+    choose: Sample
+    decide: Sample
+    naive: NaiveSample
+    naive_upstream: NaiveSample
 
 
 def follow_previous_decision(backend: SteeredBackend, routes: tuple) -> None:
@@ -482,13 +507,19 @@ async def measure(args: argparse.Namespace) -> None:
     for k, (answer, words) in enumerate(FIRST_TURNS[:args.runs]):
         body = first_turn_body(words, f"session-{k}")
         conversation = routed_conversation(backend, routes, body)
+        with_reminder = upstream_conversation(backend, routes, body)
+
+        def naive_runs() -> tuple[NaiveSample, NaiveSample]:
+            return (naive_decision(backend, routes, conversation, answer),
+                    naive_decision(backend, routes, with_reminder, answer))
+
         if k % 2:  # alternate which method goes first, so a drift in machine speed hits both
-            naive = naive_decision(backend, routes, conversation, answer)
+            naive, naive_upstream = naive_runs()
         choose = plano_choose(backend, routes, conversation, answer)
         decide = await plano_decide(router, body["messages"], answer)
         if not k % 2:
-            naive = naive_decision(backend, routes, conversation, answer)
-        rows.append((answer, backend.count_tokens(json.dumps(conversation)), choose, decide, naive))
+            naive, naive_upstream = naive_runs()
+        rows.append(Row(answer, backend.count_tokens(json.dumps(conversation)), choose, decide, naive, naive_upstream))
     print_decisions(rows, len(json.dumps(body)))
 
     # 2. Per turn.
@@ -524,7 +555,7 @@ async def measure(args: argparse.Namespace) -> None:
     print_turn(turns, backend.count_tokens(json.dumps(conversations[0])))
 
     # 3. This CPU.
-    naive_runs = [row[4] for row in rows] + turns[NAIVE]
+    naive_runs = [run for row in rows for run in (row.naive, row.naive_upstream)] + turns[NAIVE]
     prompt_rate = sum(n.prompt_tokens for n in naive_runs) / sum(n.prompt_s for n in naive_runs)
     decode_ms = 1000 * sum(n.decode_s for n in naive_runs) / sum(n.decode_evals for n in naive_runs)
     sizes = sorted(n.prompt_tokens for n in naive_runs)
@@ -536,22 +567,32 @@ def verdict(ratio: float, goal: float) -> str:
     return f"goal ≤ {goal:.2f}: {'met' if ratio <= goal else 'NOT met'}"
 
 
-def print_decisions(rows: list, body_bytes: int) -> None:
+def print_decisions(rows: list[Row], body_bytes: int) -> None:
     p50 = statistics.median
-    print(f"\n1. Per decision: Claude Code-like first turns ({len(rows)} conversations; request bodies "
-          f"~{body_bytes // 1000} KB, routed conversation = its tokens after plano's trimming)")
-    print("   answer               routed   plano choose    Router.decide   naive: prompt+decode       plano/naive")
-    line = "   {:<18} {:>8}   {:>6.0f} ms {:>4}   {:>6.0f} ms {:>4}   {:>6.0f} ms {:>4}+{:<2}={:>4}   {:>11.2f}"
-    for answer, conversation_tokens, choose, decide, naive in rows:
-        print(line.format(answer, conversation_tokens, choose.ms, choose.tokens, decide.ms, decide.tokens,
-                          naive.ms, naive.prompt_tokens, naive.decode_evals, naive.tokens, choose.ms / naive.ms))
-    choose_p50, decide_p50, naive_p50 = (p50(row[i].ms for row in rows) for i in (2, 3, 4))
-    print("   {:<18} {:>8.0f}   {:>6.0f} ms {:>4.0f}   {:>6.0f} ms {:>4.0f}   {:>6.0f} ms {:>12.0f}   {:>11.2f}".format(
-        "p50", p50(row[1] for row in rows), choose_p50, p50(row[2].tokens for row in rows), decide_p50,
-        p50(row[3].tokens for row in rows), naive_p50, p50(row[4].tokens for row in rows), choose_p50 / naive_p50))
-    print("   (ms, then tokens evaluated)")
-    print(f"   plano/naive at p50: choose {choose_p50 / naive_p50:.2f}, Router.decide {decide_p50 / naive_p50:.2f}"
-          f"   {verdict(choose_p50 / naive_p50, GOAL_DECISION)}")
+    print(f"\n1. Per decision: Claude Code-like first turns ({len(rows)} conversations, request bodies "
+          f"~{body_bytes // 1000} KB; routed = tokens of the conversation after plano's trimming)")
+    print("   answer               routed   plano choose   Router.decide  naive          naive+reminder"
+          "   plano/naive  plano/naive+reminder")
+    line = ("   {:<18} {:>8}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}"
+            "   {:>11.2f}  {:>20.2f}")
+    for row in rows:
+        print(line.format(row.answer, row.routed_tokens, row.choose.ms, row.choose.tokens, row.decide.ms,
+                          row.decide.tokens, row.naive.ms, row.naive.tokens, row.naive_upstream.ms,
+                          row.naive_upstream.tokens, row.choose.ms / row.naive.ms,
+                          row.choose.ms / row.naive_upstream.ms))
+    medians = [(p50(getattr(row, m).ms for row in rows), p50(getattr(row, m).tokens for row in rows))
+               for m in ("choose", "decide", "naive", "naive_upstream")]
+    (choose_ms, _), (decide_ms, _), (naive_ms, _), (upstream_ms, _) = medians
+    print(line.replace(">8}", ">8.0f}").replace(">4}", ">4.0f}").format(
+        "p50", p50(row.routed_tokens for row in rows), *(x for pair in medians for x in pair),
+        choose_ms / naive_ms, choose_ms / upstream_ms))
+    fed = sorted({row.naive.decode_evals for row in rows})
+    fed_text = str(fed[0]) if len(fed) == 1 else f"{fed[0]}-{fed[-1]}"
+    print(f"   (ms, then tokens evaluated. naive: the whole prompt + {fed_text} decoded tokens fed back;\n"
+          "    naive+reminder: the same for the conversation the upstream project builds, which keeps\n"
+          "    Claude Code's <system-reminder>)")
+    print(f"   plano/naive at p50: choose {choose_ms / naive_ms:.2f}, Router.decide {decide_ms / naive_ms:.2f} "
+          f"(vs naive+reminder: {choose_ms / upstream_ms:.2f})   {verdict(choose_ms / naive_ms, GOAL_DECISION)}")
 
 
 def print_turn(turns: dict[str, list[Sample]], conversation_tokens: int) -> None:
