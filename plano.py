@@ -274,7 +274,9 @@ class RouterSettings:
     timeout_ms: int = 12000  # sized for a 2-core CPU (a cold decision there takes ~3 s)
     threads: int | None = None
     enabled: bool = True
-    context_tokens: int = 2048  # the conversation budget the upstream project uses
+    # The conversation budget. None: 512 tokens in-process (a CPU evaluates ~140 tokens/s, so a
+    # full re-evaluation stays within a few seconds), 2048 on a router server (as upstream).
+    context_tokens: int | None = None
 
 
 SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
@@ -562,7 +564,7 @@ class _ConfigReader:
         threads = self.get(section, "threads", int)
         context_tokens = self.get(section, "context_tokens", int, settings.context_tokens)
         for key, value in (("timeout_ms", timeout_ms), ("threads", threads or 1),
-                           ("context_tokens", context_tokens)):
+                           ("context_tokens", context_tokens or 1)):
             if value <= 0:
                 raise self.fail(section, key, f"must be positive, got {value}")
         endpoint = self.get(section, "endpoint", str)
@@ -1532,13 +1534,20 @@ NO_ROUTE = "other"
 
 def router_prompt(routes: Iterable[RoutingPreference], conversation: list[dict]) -> str:
     """The single user message the router model reads (model card format)."""
-    return router_prompt_prefix(routes) + json.dumps(conversation) + _ROUTER_TASK_TAIL
+    return router_prompt_prefix(routes) + _router_json(conversation) + _ROUTER_TASK_TAIL
 
 
 def router_prompt_prefix(routes: Iterable[RoutingPreference]) -> str:
     """Everything before the conversation: fixed for a route set, so computed once."""
-    return (_ROUTER_TASK_HEAD + json.dumps([{"name": r.name, "description": r.description} for r in routes])
+    return (_ROUTER_TASK_HEAD + _router_json([{"name": r.name, "description": r.description} for r in routes])
             + _ROUTER_TASK_MIDDLE)
+
+
+def _router_json(value: Any) -> str:
+    # The model card's Python example escapes non-ASCII (json.dumps' default); the model authors'
+    # own gateway sends raw UTF-8. Escapes cost 4-8x the tokens for Chinese or Russian text and
+    # hide its meaning from the model, so plano sends the text itself, with the card's spacing.
+    return json.dumps(value, ensure_ascii=False)
 
 
 # Claude Code wraps context it adds for the model in tags inside user messages; none of it is the
@@ -1599,26 +1608,32 @@ def has_new_user_text(messages: Any) -> bool:
 
 
 def trim_conversation(conversation: list[dict], budget: int, count_tokens: Callable[[str], int]) -> list[dict]:
-    """The newest messages that fit in `budget` tokens; the latest user text always stays (its
-    middle cut out when it alone is too long)."""
+    """The newest messages within `budget` tokens (their JSON, as the router reads it); the latest
+    user text always stays, its middle cut out when it alone is too long.
+
+    The kept window starts only at fixed places: the first message at or past each multiple of
+    budget/2 tokens from the conversation's beginning. A session grows at its end, so its window
+    start moves once every budget/2 tokens instead of with every message, and the router's
+    evaluated prompt prefix (the earlier conversation included) stays reusable in between.
+    """
     if not conversation:
         return []
-    last_user = max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=None)
-    kept: list[dict] = []
-    used = 0
-    for i in range(len(conversation) - 1, -1, -1):
-        message = conversation[i]
-        cost = count_tokens(message["content"]) + 8  # the JSON around each message
-        if used + cost > budget:
-            if i == last_user:
-                room = max(budget - used - 8, 16)
-                kept.append({"role": "user", "content": _cut_middle(message["content"], room, count_tokens)})
-            if i <= (last_user or 0):
-                break
-            continue
-        kept.append(message)
-        used += cost
-    return kept[::-1]
+    costs = [count_tokens(_router_json(m)) + 1 for m in conversation]  # +1: the ", " between them
+    if sum(costs) <= budget:
+        return conversation
+    last_user = max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=len(conversation) - 1)
+    step = max(budget // 2, 1)
+    before = 0
+    for i, cost in enumerate(costs):
+        starts_window = i == 0 or before // step > (before - costs[i - 1]) // step
+        if starts_window and i <= last_user and sum(costs[i:]) <= budget:
+            return conversation[i:]
+        before += cost
+    # Not even the latest user message fits: keep its beginning and end (where people say what
+    # they want) and nothing older.
+    overhead = count_tokens(_router_json({**conversation[last_user], "content": ""})) + 1
+    latest = conversation[last_user]
+    return [{**latest, "content": _cut_middle(latest["content"], max(budget - overhead, 16), count_tokens)}]
 
 
 def _cut_middle(text: str, budget: int, count_tokens: Callable[[str], int]) -> str:
@@ -1717,6 +1732,7 @@ class EmbeddedRouterBackend:
         self.lock = threading.Lock()  # one decision at a time: a llama context is single-threaded
         self.tokens_evaluated = 0  # by the last decision: what routing cost
         self._tries: dict[tuple, _RouteTrie] = {}
+        self._budgets: dict[tuple, int] = {}
         # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while
         # it computes. A Python callback would need the GIL hundreds of times per evaluation and
         # doubles its time when the event loop is busy, so the callback is libc's strlen() over a
@@ -1799,8 +1815,11 @@ class EmbeddedRouterBackend:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def conversation_budget(self, routes: tuple[RoutingPreference, ...]) -> int:
-        fixed = self.count_tokens(self.chat_head + router_prompt(routes, []) + self.chat_tail) + 16
-        return max(min(self.settings.context_tokens, self.n_ctx - fixed - 32), 64)
+        budget = self._budgets.get(routes)
+        if budget is None:
+            fixed = self.count_tokens(self.chat_head + router_prompt(routes, []) + self.chat_tail) + 16
+            budget = self._budgets[routes] = max(min(self.settings.context_tokens or 512, self.n_ctx - fixed - 32), 64)
+        return budget
 
     def warm(self, routes: tuple[RoutingPreference, ...]) -> None:
         """Evaluate the fixed prefix for this route set now, so the first decision is quick."""
@@ -1891,7 +1910,7 @@ class RemoteRouterBackend:
         return _approximate_tokens(text)
 
     def conversation_budget(self, routes: tuple[RoutingPreference, ...]) -> int:
-        return self.settings.context_tokens
+        return self.settings.context_tokens or 2048
 
     async def choose_async(self, client: httpx.AsyncClient, routes: tuple[RoutingPreference, ...],
                            conversation: list[dict]) -> str:

@@ -2264,7 +2264,8 @@ def test_router_prompt_is_the_model_card_format():
                                  [{"role": "user", "content": "héllo"}])
     assert prompt.startswith("\nYou are a helpful assistant designed to find the best suited route.\n")
     assert '<routes>\n\n[{"name": "code generation", "description": "writing new code"}]\n\n</routes>' in prompt
-    assert '<conversation>\n\n[{"role": "user", "content": "h\\u00e9llo"}]\n\n</conversation>' in prompt
+    # Raw UTF-8, as the model authors' gateway sends it (escapes would cost 4-8x the tokens).
+    assert '<conversation>\n\n[{"role": "user", "content": "héllo"}]\n\n</conversation>' in prompt
     assert prompt.endswith('provide your response in the following JSON formats if you decide to match any route:\n'
                            '{"route": "route_name"} \n')
 
@@ -2297,7 +2298,24 @@ def test_trimming_keeps_the_newest_messages_within_budget_and_always_the_latest_
     long_question = {"role": "user", "content": "START " + "filler " * 500 + "END"}
     trimmed = plano.trim_conversation([conversation[0], long_question], 60, words)
     assert len(trimmed) == 1 and trimmed[0]["content"].startswith("START") and trimmed[0]["content"].endswith("END")
-    assert words(trimmed[0]["content"]) <= 60
+    assert words(json.dumps(trimmed[0])) <= 60
+
+
+def test_trimming_moves_the_window_in_steps_so_the_evaluated_prefix_stays_reusable():
+    count = lambda text: len(text) // 4 + 1  # noqa: E731 - a tokenizer for the test
+    conversation, windows = [], []
+    for turn in range(60):
+        conversation += [{"role": "user", "content": f"question {turn}: " + "words " * 20},
+                         {"role": "assistant", "content": f"answer {turn}: " + "more words " * 15}]
+        kept = plano.trim_conversation(conversation, 512, count)
+        assert kept[-1] == conversation[-1] and kept == conversation[-len(kept):]
+        assert count(json.dumps(kept, ensure_ascii=False)) <= 512 + len(kept)
+        windows.append(len(conversation) - len(kept))  # index of the window's first message
+    changes = sum(1 for a, b in zip(windows, windows[1:]) if a != b)
+    grown = count(json.dumps(conversation, ensure_ascii=False))
+    # At most one move per budget/2 tokens of growth (newest-first trimming would move on every
+    # one of the ~55 turns past the budget, and lose the evaluated prefix each time).
+    assert 0 < changes <= grown // 256 + 1
 
 
 def test_route_answers_are_parsed_strictly():

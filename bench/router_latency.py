@@ -19,6 +19,8 @@ Measured:
    trimmed by plano's own conversation_for_router → trim_conversation; the shipped config's routes
    plus three more coding routes. plano through `backend.choose` and through `Router.decide`; the
    methods alternate per conversation, so machine noise hits both. Goal: plano/naive ≤ 0.40 (p50).
+   Also shown: the naive method on the conversation the upstream project builds, which keeps the
+   ~600-character <system-reminder> Claude Code puts in the first user message.
 2. Per turn, a 10-request Claude Code tool loop (one user message, nine tool-result
    continuations): plano's Router.decide_for_request (one decision, then the session's pin)
    against the naive method on every request. Goal: plano/naive ≤ 0.10.
@@ -33,7 +35,7 @@ label below): same compute as the real model's answer, whatever the weights say.
     python bench/router_latency.py [--model PATH] [--cache-dir DIR] [--runs N]
 
 --model measures another GGUF (e.g. the real Arch-Router-1.5B-Q4_K_M.gguf) instead of the twin.
-Default settings take about 2 minutes on a 2-core machine once the twin is cached.
+Default settings take about 2.5 minutes on a 2-core machine once the twin is cached.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
 import statistics
 import sys
 import threading
@@ -119,7 +122,8 @@ _SYSTEM_REMINDER = (
     "# claudeMd\nCodebase and user instructions are shown below. Be sure to adhere to these instructions. "
     "IMPORTANT: These instructions OVERRIDE any default behavior and you MUST follow them exactly as "
     "written.\n\nContents of /home/dev/shop/CLAUDE.md (project instructions, checked into the codebase):\n\n"
-    "- Run the tests with `make test`; money amounts are Decimal, never float.\n# currentDate\nToday's date is 2026-11-25.\n\n"
+    "- Run the tests with `make test`; money amounts are Decimal, never float.\n"
+    "# currentDate\nToday's date is 2026-11-25.\n\n"
     "      IMPORTANT: this context may or may not be relevant to your tasks. You should not respond to "
     "this context unless it is highly relevant to your task.\n</system-reminder>\n")
 _TODO_REMINDER = ("<system-reminder>\nThe TodoWrite tool hasn't been used recently. If you're working on "
@@ -165,9 +169,11 @@ _TOOLS = {
               "input_schema": {"type": "object", "required": ["file_path", "content"], "properties": {
                   "file_path": {"type": "string"}, "content": {"type": "string"}}}},
     "Skill": {"description": "Execute a skill within the main conversation.",
-              "input_schema": {"type": "object", "required": ["command"], "properties": {"command": {"type": "string"}}}},
+              "input_schema": {"type": "object", "required": ["command"],
+                               "properties": {"command": {"type": "string"}}}},
     "ToolSearch": {"description": "Search for deferred tools by keyword and load their definitions.",
-                   "input_schema": {"type": "object", "required": ["query"], "properties": {"query": {"type": "string"}}}},
+                   "input_schema": {"type": "object", "required": ["query"],
+                                    "properties": {"query": {"type": "string"}}}},
     "Glob": {"description": "Fast file pattern matching tool that works with any codebase size.",
              "input_schema": {"type": "object", "required": ["pattern"], "properties": {
                  "pattern": {"type": "string"}, "path": {"type": "string"}}}},
@@ -182,7 +188,8 @@ _TOOLS = {
                  "input_schema": {"type": "object", "required": ["url", "prompt"], "properties": {
                      "url": {"type": "string", "format": "uri"}, "prompt": {"type": "string"}}}},
     "WebSearch": {"description": "Allows Claude to search the web and use the results to inform responses.",
-                  "input_schema": {"type": "object", "required": ["query"], "properties": {"query": {"type": "string"}}}},
+                  "input_schema": {"type": "object", "required": ["query"],
+                                   "properties": {"query": {"type": "string"}}}},
 }
 # The environment message (role "system" inside `messages`, ~9 KB): working directory, platform,
 # git status and the project's files.
@@ -359,7 +366,8 @@ class NaiveSample(Sample):
 class Row:
     """One first-turn conversation, measured every way."""
     answer: str
-    routed_tokens: int
+    routed_tokens: int  # the conversation plano routes, as JSON
+    body_bytes: int  # the request Claude Code sends
     choose: Sample
     decide: Sample
     naive: NaiveSample
@@ -405,6 +413,7 @@ def naive_decision(backend: SteeredBackend, routes: tuple, conversation: list[di
     prompt = backend.tokenize(backend.chat_head + plano.router_prompt(routes, conversation) + backend.chat_tail)
     answer_tokens = backend.tokenize(json.dumps({"route": answer}))
     llm.n_tokens = 0  # no reuse: llm.eval drops the KV cache from n_tokens on, i.e. all of it
+    eval_started = time.perf_counter()
     llm.eval(prompt)
     prompt_done = time.perf_counter()
     for step, token in enumerate(answer_tokens):
@@ -415,7 +424,7 @@ def naive_decision(backend: SteeredBackend, routes: tuple, conversation: list[di
     done = time.perf_counter()
     fed = len(answer_tokens) - 1
     return NaiveSample((done - started) * 1000, len(prompt) + fed, "naive", prompt_tokens=len(prompt),
-                       prompt_s=prompt_done - started, decode_evals=fed, decode_s=done - prompt_done)
+                       prompt_s=prompt_done - eval_started, decode_evals=fed, decode_s=done - prompt_done)
 
 
 def _last_logits(llm) -> np.ndarray:
@@ -464,6 +473,8 @@ def twin_path(cache_dir: Path) -> tuple[Path, str]:
     print(f"building the Arch-Router-1.5B shape twin in {cache_dir} (once: ~75 s, ~3 GB temporary disk) …",
           flush=True)
     started = time.perf_counter()
+    # llama.cpp logs every tensor it quantizes; only its errors belong in the benchmark's output.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     write_arch_router_twin(path, fetch_qwen_vocab(cache_dir))
     return path, f"built in {time.perf_counter() - started:.0f} s"
 
@@ -488,7 +499,10 @@ async def measure(args: argparse.Namespace) -> None:
     config = bench_config(model_path)
     backend = SteeredBackend(config.router)
     started = time.perf_counter()
-    backend.load()
+    try:
+        backend.load()
+    except plano.RouterUnavailable as e:
+        sys.exit(f"router_latency: {e}")
     load_s = time.perf_counter() - started
     routes = tuple(pref for pref, _ in config.routes)
     prefix_tokens = len(backend.tokenize(backend.chat_head + plano.router_prompt_prefix(routes)))
@@ -501,28 +515,45 @@ async def measure(args: argparse.Namespace) -> None:
           f"(chat head + {len(routes)} routes)")
     print(f"routes  {', '.join(r.name for r in routes)} (+ {plano.NO_ROUTE})")
 
-    # 1. Per decision.
+    rows = await measure_decisions(config, backend, routes, args.runs)
+    print_decisions(rows)
+    turns = await measure_turn(config, backend, routes)
+    print_turn(turns)
+
+    naive_runs = [run for row in rows for run in (row.naive, row.naive_upstream)] + turns[NAIVE]
+    prompt_rate = sum(n.prompt_tokens for n in naive_runs) / sum(n.prompt_s for n in naive_runs)
+    decode_ms = 1000 * sum(n.decode_s for n in naive_runs) / sum(n.decode_evals for n in naive_runs)
+    sizes = sorted(n.prompt_tokens for n in naive_runs)
+    print(f"\n3. This CPU, from the {len(naive_runs)} naive runs: prompt {prompt_rate:.0f} tokens/s "
+          f"({sizes[0]}-{sizes[-1]}-token prompts from scratch), decode {decode_ms:.0f} ms/token")
+
+
+async def measure_decisions(config: plano.Config, backend: SteeredBackend, routes: tuple, runs: int) -> list[Row]:
+    """Part 1: each first turn through plano (choose, Router.decide) and the naive method."""
     router = ready_router(config, backend)
     rows = []
-    for k, (answer, words) in enumerate(FIRST_TURNS[:args.runs]):
+    for k, (answer, words) in enumerate(FIRST_TURNS[:runs]):
         body = first_turn_body(words, f"session-{k}")
         conversation = routed_conversation(backend, routes, body)
         with_reminder = upstream_conversation(backend, routes, body)
 
-        def naive_runs() -> tuple[NaiveSample, NaiveSample]:
+        def run_naive() -> tuple[NaiveSample, NaiveSample]:
             return (naive_decision(backend, routes, conversation, answer),
                     naive_decision(backend, routes, with_reminder, answer))
 
         if k % 2:  # alternate which method goes first, so a drift in machine speed hits both
-            naive, naive_upstream = naive_runs()
+            naive, naive_upstream = run_naive()
         choose = plano_choose(backend, routes, conversation, answer)
         decide = await plano_decide(router, body["messages"], answer)
         if not k % 2:
-            naive, naive_upstream = naive_runs()
-        rows.append(Row(answer, backend.count_tokens(json.dumps(conversation)), choose, decide, naive, naive_upstream))
-    print_decisions(rows, len(json.dumps(body)))
+            naive, naive_upstream = run_naive()
+        rows.append(Row(answer, backend.count_tokens(json.dumps(conversation)), len(json.dumps(body)),
+                        choose, decide, naive, naive_upstream))
+    return rows
 
-    # 2. Per turn.
+
+async def measure_turn(config: plano.Config, backend: SteeredBackend, routes: tuple) -> dict[str, list[Sample]]:
+    """Part 2: the router compute of every request of one tool-loop turn, three ways."""
     answer, words = TOOL_LOOP
     session = "session-tool-loop"
     bodies = tool_loop_bodies(words, session)
@@ -552,52 +583,49 @@ async def measure(args: argparse.Namespace) -> None:
         conversation = routed_conversation(backend, routes, body)  # a naive gateway trims as well
         naive = naive_decision(backend, routes, conversation, answer)
         turns[NAIVE].append(dataclasses.replace(naive, ms=(time.perf_counter() - started) * 1000))
-    print_turn(turns, backend.count_tokens(json.dumps(conversations[0])))
-
-    # 3. This CPU.
-    naive_runs = [run for row in rows for run in (row.naive, row.naive_upstream)] + turns[NAIVE]
-    prompt_rate = sum(n.prompt_tokens for n in naive_runs) / sum(n.prompt_s for n in naive_runs)
-    decode_ms = 1000 * sum(n.decode_s for n in naive_runs) / sum(n.decode_evals for n in naive_runs)
-    sizes = sorted(n.prompt_tokens for n in naive_runs)
-    print(f"\n3. This CPU, from the {len(naive_runs)} naive runs: prompt {prompt_rate:.0f} tokens/s "
-          f"({sizes[0]}-{sizes[-1]}-token prompts from scratch), decode {decode_ms:.0f} ms/token")
+    return turns
 
 
 def verdict(ratio: float, goal: float) -> str:
     return f"goal ≤ {goal:.2f}: {'met' if ratio <= goal else 'NOT met'}"
 
 
-def print_decisions(rows: list[Row], body_bytes: int) -> None:
+def print_decisions(rows: list[Row]) -> None:
     p50 = statistics.median
-    print(f"\n1. Per decision: Claude Code-like first turns ({len(rows)} conversations, request bodies "
-          f"~{body_bytes // 1000} KB; routed = tokens of the conversation after plano's trimming)")
+    methods = ("choose", "decide", "naive", "naive_upstream")
+
+    def table_line(label: str, routed: float, cells: list[tuple[float, float]]) -> str:
+        (choose_ms, _), _, (naive_ms, _), (upstream_ms, _) = cells
+        timings = "".join(f"   {ms:>5.0f} ms {tokens:>4.0f}" for ms, tokens in cells)
+        return (f"   {label:<18} {routed:>8.0f}{timings}   {choose_ms / naive_ms:>11.2f}  "
+                f"{choose_ms / upstream_ms:>20.2f}")
+
+    print(f"\n1. Per decision: Claude Code-like first turns ({len(rows)} conversation{'s' * (len(rows) > 1)}, "
+          f"request bodies ~{p50(row.body_bytes for row in rows) / 1000:.0f} KB; routed = tokens of the "
+          "conversation after plano's trimming)")
     print("   answer               routed   plano choose   Router.decide  naive          naive+reminder"
           "   plano/naive  plano/naive+reminder")
-    line = ("   {:<18} {:>8}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}   {:>5.0f} ms {:>4}"
-            "   {:>11.2f}  {:>20.2f}")
     for row in rows:
-        print(line.format(row.answer, row.routed_tokens, row.choose.ms, row.choose.tokens, row.decide.ms,
-                          row.decide.tokens, row.naive.ms, row.naive.tokens, row.naive_upstream.ms,
-                          row.naive_upstream.tokens, row.choose.ms / row.naive.ms,
-                          row.choose.ms / row.naive_upstream.ms))
+        print(table_line(row.answer, row.routed_tokens,
+                         [(getattr(row, m).ms, getattr(row, m).tokens) for m in methods]))
     medians = [(p50(getattr(row, m).ms for row in rows), p50(getattr(row, m).tokens for row in rows))
-               for m in ("choose", "decide", "naive", "naive_upstream")]
-    (choose_ms, _), (decide_ms, _), (naive_ms, _), (upstream_ms, _) = medians
-    print(line.replace(">8}", ">8.0f}").replace(">4}", ">4.0f}").format(
-        "p50", p50(row.routed_tokens for row in rows), *(x for pair in medians for x in pair),
-        choose_ms / naive_ms, choose_ms / upstream_ms))
+               for m in methods]
+    print(table_line("p50", p50(row.routed_tokens for row in rows), medians))
     fed = sorted({row.naive.decode_evals for row in rows})
     fed_text = str(fed[0]) if len(fed) == 1 else f"{fed[0]}-{fed[-1]}"
     print(f"   (ms, then tokens evaluated. naive: the whole prompt + {fed_text} decoded tokens fed back;\n"
           "    naive+reminder: the same for the conversation the upstream project builds, which keeps\n"
           "    Claude Code's <system-reminder>)")
+    (choose_ms, _), (decide_ms, _), (naive_ms, _), (upstream_ms, _) = medians
     print(f"   plano/naive at p50: choose {choose_ms / naive_ms:.2f}, Router.decide {decide_ms / naive_ms:.2f} "
           f"(vs naive+reminder: {choose_ms / upstream_ms:.2f})   {verdict(choose_ms / naive_ms, GOAL_DECISION)}")
 
 
-def print_turn(turns: dict[str, list[Sample]], conversation_tokens: int) -> None:
-    print(f"\n2. Per turn: a {len(turns[NAIVE])}-request tool loop (1 user message + {len(turns[NAIVE]) - 1} "
-          f"tool-result continuations; routed conversation {conversation_tokens} tokens each time)")
+def print_turn(turns: dict[str, list[Sample]]) -> None:
+    requests = len(turns[NAIVE])
+    print(f"\n2. Per turn: a {requests}-request tool loop (1 user message + {requests - 1} tool-result "
+          f"continuations; the routed conversation is the same each time: {turns[NAIVE][0].prompt_tokens}-token "
+          "naive prompt)")
     print("   method                                router ms   tokens   requests")
     for label, samples in turns.items():
         kinds = collections.Counter(s.kind for s in samples)
@@ -605,7 +633,8 @@ def print_turn(turns: dict[str, list[Sample]], conversation_tokens: int) -> None
               + " + ".join(f"{n} {kind}" for kind, n in kinds.items()))
     naive_ms = sum(s.ms for s in turns[NAIVE])
     pinned, unpinned = (sum(s.ms for s in turns[label]) / naive_ms for label in (PINNED, UNPINNED))
-    print(f"   plano/naive per turn: {pinned:.3f} with pinning ({unpinned:.3f} without)   {verdict(pinned, GOAL_TURN)}")
+    print(f"   plano/naive per turn: {pinned:.3f} with pinning ({unpinned:.3f} without pin and cache)   "
+          f"{verdict(pinned, GOAL_TURN)}")
 
 
 def main() -> None:
@@ -618,6 +647,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.runs <= len(FIRST_TURNS):
         parser.error(f"--runs must be between 1 and {len(FIRST_TURNS)}")
+    if args.model and not Path(args.model).is_file():
+        parser.error(f"--model {args.model}: no such file")
     trio.run(measure, args)
 
 
