@@ -2055,17 +2055,13 @@ class Router:
         self.backend.cancel(cancel)
         raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
 
-    async def decide_for_request(self, body: dict, requested: str, session: str) -> RouteDecision:
+    async def decide_for_request(self, body: dict, session: str) -> RouteDecision:
         """The gateway's question: which model for this request of a (Claude Code) session?
 
         Within a session, a request whose newest message has no new user text (a tool-result
         continuation) keeps the model its turn was routed to; new user text is routed again.
         """
         messages = body.get("messages")
-        small_fast = self.config.aliases.get(SMALL_FAST_ALIAS)
-        if small_fast and "haiku" in requested.lower():
-            # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
-            return RouteDecision(small_fast, None, "alias", 0.0, f"{requested}: Claude Code's small/fast slot")
         now = time.monotonic()
         self._expire_pins(now)
         pin = self.pins.get(session)
@@ -2295,6 +2291,7 @@ class Gateway:
         self.router = router
         self.timeout = transport_timeout or httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=30.0)
         self.clients: dict[str, httpx.AsyncClient] = {}
+        self._urls: dict[str, httpx.URL] = {}
         self.health = ProviderHealth()
         self.stopping = False  # set when a shutdown's grace period is over
         self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
@@ -2505,8 +2502,12 @@ class Gateway:
             return RouteDecision(model.name, None, "explicit", reason="the request named a configured model")
         if requested in config.aliases:
             return RouteDecision(config.aliases[requested], None, "alias", reason=f"alias {requested}")
+        small_fast = config.aliases.get(SMALL_FAST_ALIAS)
+        if small_fast and "haiku" in requested.lower():
+            # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
+            return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
         if self.router is not None:
-            return await self.router.decide_for_request(body, requested, exchange.session)
+            return await self.router.decide_for_request(body, exchange.session)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -2634,7 +2635,15 @@ class Gateway:
                 content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
             else:
                 content = _json_bytes(anthropic_request_to_openai(body, model))
-        return httpx.Request("POST", url, headers=headers, content=content)
+        return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content)
+
+    def _parsed_url(self, url: str) -> httpx.URL:
+        # Parsing the same few upstream URLs on every request is a measurable share of plano's
+        # own time per request (bench/overhead.py); they are few, so keep them parsed.
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     @asynccontextmanager
     async def _open_upstream(self, model: ModelEntry, upstream_request: httpx.Request, exchange: _Exchange):

@@ -1884,6 +1884,16 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
     assert upstream_model == used.split("/", 1)[1]
 
 
+def test_claude_codes_haiku_slot_goes_to_the_small_fast_alias_even_with_routing_off(provider):
+    running = RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n"))
+    try:
+        raw = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "title"}])
+    finally:
+        running.stop()
+    assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "anthropic/claude-sonnet-5")
+
+
 # ── passthrough ───────────────────────────────────────────────────────────────────────────
 
 def test_anthropic_passthrough_changes_only_the_model_bytes(gateway, provider):
