@@ -1980,6 +1980,8 @@ class Router:
                                              trust_env=False)
             self.status = "ready"
             return
+        log.info("router: loading %s in the background (the first use downloads it, ~1 GB); until it is "
+                 "ready, requests go to the default model", self.config.router.model)
         try:
             # Abandoned on cancel: a download can retry for half a minute offline, and a
             # shutdown must not wait for it.
@@ -3245,6 +3247,10 @@ def _cmd_up(args: Any) -> int:
     config = _load_config_or_exit(args.config)
     for warning in config.warnings:
         log.warning("warning: %s", warning)
+    # The router model downloads in the background; when that fails plano says so in one line,
+    # so huggingface_hub's retry chatter (which it also prints twice) stays out of the log. The
+    # library reads its level from this variable when it is first imported.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
     try:
