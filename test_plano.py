@@ -2165,8 +2165,7 @@ def test_up_with_the_shipped_config_and_no_keys_starts_and_names_the_variables(t
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz")
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+        err = stop_process(proc)
     assert "OPENAI_API_KEY" in err and "ANTHROPIC_API_KEY" in err
     assert f"listening on http://127.0.0.1:{port}" in err
     assert "Traceback" not in err
@@ -2748,8 +2747,19 @@ def plano_up(config: Path, port: int):
         wait_for_http(f"http://127.0.0.1:{port}/healthz")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        SuiteLog.lines.extend(process.communicate(timeout=15)[1].splitlines())
+        SuiteLog.lines.extend(stop_process(process).splitlines())
+
+
+def stop_process(process: subprocess.Popen) -> str:
+    """SIGTERM, as a user's Ctrl-C or a service manager would; a gateway that ignores it is a bug,
+    and is killed rather than left behind. Returns what it wrote to stderr."""
+    process.terminate()
+    try:
+        return process.communicate(timeout=15)[1] or ""
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("plano did not stop on SIGTERM within 15 s") from None
 
 
 def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -3371,8 +3381,7 @@ def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_
         lines.wait_for("config reloaded")
         assert "newalias" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
     finally:
-        process.terminate()
-        process.wait(15)
+        stop_process(process)
 
 
 async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny_router_model):
