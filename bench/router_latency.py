@@ -566,8 +566,7 @@ async def measure_turn(config: plano.Config, backend: SteeredBackend, routes: tu
     backend.steer(answer)
     pinned_router = ready_router(config, backend)
     for body in bodies:
-        ms, decision = await timed(pinned_router.decide_for_request, body, REQUESTED_MODEL,
-                                   plano.session_key(body, headers))
+        ms, decision = await timed(pinned_router.decide_for_request, body, plano.session_key(body, headers))
         turns[PINNED].append(Sample(ms, tokens_run(backend, decision), decision.decision))
 
     follow_previous_decision(backend, routes)
