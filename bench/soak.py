@@ -85,24 +85,17 @@ async def one_request(client: httpx.AsyncClient, base: str, i: int, kind: str) -
     anthropic_headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
     openai_headers = {"content-type": "application/json"}
     messages_url, chat_url = f"{base}/v1/messages", f"{base}/v1/chat/completions"
-    if kind in ("messages", "messages_stream"):
-        stream = kind == "messages_stream"
-        response = await client.post(messages_url, headers=anthropic_headers,
-                                     content=anthropic_body(directive_tag(nonce, CHUNKS), stream))
+    if kind in ("messages", "messages_stream", "chat", "chat_stream"):
+        api = "anthropic" if kind.startswith("messages") else "openai"
+        url, headers, body = ((messages_url, anthropic_headers, anthropic_body) if api == "anthropic"
+                              else (chat_url, openai_headers, openai_body))
+        stream = kind.endswith("_stream")
+        response = await client.post(url, headers=headers, content=body(directive_tag(nonce, CHUNKS), stream))
         if response.status_code != 200:
             return f"HTTP {response.status_code}: {response.text[:200]}"
         if stream:
-            return check_stream("anthropic", response.content, expected)[0]
-        return check_json("anthropic", response.json(), expected)
-    if kind in ("chat", "chat_stream"):
-        stream = kind == "chat_stream"
-        response = await client.post(chat_url, headers=openai_headers,
-                                     content=openai_body(directive_tag(nonce, CHUNKS), stream))
-        if response.status_code != 200:
-            return f"HTTP {response.status_code}: {response.text[:200]}"
-        if stream:
-            return check_stream("openai", response.content, expected)[0]
-        return check_json("openai", response.json(), expected)
+            return check_stream(api, response.content, expected)[0]
+        return check_json(api, response.json(), expected)
     if kind == "hang_up":
         # A long, paced stream (200 chunks, 2 ms apart): leaving after 3 deltas is surely mid-stream.
         body = anthropic_body(directive_tag(nonce, 200, interval_ms=2), True)
