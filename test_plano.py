@@ -2861,6 +2861,20 @@ def test_cli_agent_print_env_and_settings_merge(tmp_path, provider, claude_bin):
     assert (decisions[-1]["requested_model"], decisions[-1]["decision"]) == ("openai/gpt-4o-mini", "explicit")
 
 
+def test_cli_agent_settings_split_env_from_claude_codes_own_settings_and_add_the_status_line(tmp_path, provider):
+    config = plano.load_config(str(write_claude_config(tmp_path, provider, 12345)), environ={})
+    env, settings = plano.claude_code_environment(config, {
+        "ANTHROPIC_SMALL_FAST_MODEL": "deepseek-coder-v2", "model": "opus", "permissions": {"allow": ["Bash(ls:*)"]},
+        "env": {"MY_TOOL_VAR": "1"}})
+    assert env["ANTHROPIC_SMALL_FAST_MODEL"] == "deepseek-coder-v2" and env["MY_TOOL_VAR"] == "1"
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:12345" and env["ANTHROPIC_API_KEY"] == ""
+    assert settings["model"] == "opus" and settings["permissions"] == {"allow": ["Bash(ls:*)"]}
+    assert settings["env"] == env  # Claude Code's settings env wins over a user's settings file
+    assert settings["statusLine"]["command"].endswith("-m plano statusline --url http://127.0.0.1:12345")
+    _, own = plano.claude_code_environment(config, {"statusLine": {"type": "command", "command": "my-line"}})
+    assert own["statusLine"] == {"type": "command", "command": "my-line"}  # a user's own status line stays
+
+
 def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provider):
     config = write_claude_config(tmp_path, provider, free_port())
     result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude", "-p", "x"],
