@@ -105,10 +105,6 @@ class NotFoundError(PlanoError):
     status, error_type = 404, "not_found_error"
 
 
-class RequestTooLarge(PlanoError):
-    status, error_type = 413, "request_too_large"
-
-
 class UpstreamError(PlanoError):
     """The provider answered with an error (or could not be reached)."""
 
@@ -429,10 +425,11 @@ class _ConfigReader:
             raise self.fail(raw, providers_key if providers_key in raw else None,
                             "at least one model must be configured under `llm_providers`")
         models = tuple(self.read_model(e, raw) for e in entries)
-        names = [m.name for m in models]
+        seen: set[str] = set()
         for m, e in zip(models, entries):
-            if names.count(m.name) > 1:
+            if m.name in seen:  # name the repeat: that is the line to change
                 raise self.fail(e, "model", f"{m.name} is configured twice")
+            seen.add(m.name)
         defaults = [e for m, e in zip(models, entries) if m.default]
         if len(defaults) > 1:
             raise self.fail(defaults[1], "default", "only one model can be the default")
@@ -1293,7 +1290,7 @@ class OpenAIToAnthropicStream:
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamError(str(error.get("message", "upstream error")), status=502, error_type="api_error")
-        events = self._start(chunk)
+        events = self._start()
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
@@ -1342,7 +1339,7 @@ class OpenAIToAnthropicStream:
             return []
         if self.finish_reason is None and self.usage is None:
             raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        events = self._start({}) + self._close()
+        events = self._start() + self._close()
         stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
         if self.saw_tool_use and stop == "end_turn":
             stop = "tool_use"
@@ -1353,7 +1350,7 @@ class OpenAIToAnthropicStream:
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
-    def _start(self, chunk: dict) -> list[tuple[str, dict]]:
+    def _start(self) -> list[tuple[str, dict]]:
         if self.started:
             return []
         self.started = True
@@ -1849,7 +1846,7 @@ class EmbeddedRouterBackend:
             raise RouterUnavailable(f"router prompt of {len(tokens)} tokens exceeds the context")
         try:
             evaluated = self._evaluate(tokens)
-            name, fed = self._trie(routes, tokens).walk(self._logits_after)
+            name, fed = self._trie(routes).walk(self._logits_after)
         except RuntimeError as e:  # llama_decode failed, or was aborted by the timeout
             self.llm.n_tokens = 0  # the KV state is suspect: start over next time
             raise RouterUnavailable(f"router model stopped: {e}") from None
@@ -1876,7 +1873,7 @@ class EmbeddedRouterBackend:
         return numpy.ctypeslib.as_array(self._llama_c.llama_get_logits_ith(self.llm.ctx, -1),
                                         shape=(self.llm.n_vocab(),))
 
-    def _trie(self, routes: tuple[RoutingPreference, ...], prompt_tokens: list[int]) -> _RouteTrie:
+    def _trie(self, routes: tuple[RoutingPreference, ...]) -> _RouteTrie:
         key = tuple(r.name for r in routes)
         trie = self._tries.get(key)
         if trie is None:

@@ -1681,9 +1681,9 @@ def test_missing_key_variable_is_a_warning_naming_the_variable():
     assert (config.models[0].access_key, config.models[0].key_env) == (None, "MISSING_TEST_KEY")
 
 
-def test_duplicate_model_is_an_error():
+def test_duplicate_model_is_an_error_at_the_repeated_entry():
     message = config_error("llm_providers:\n  - model: openai/gpt-4.1\n  - model: openai/gpt-4.1\n")
-    assert message.startswith(CONFIG_PATH) and "openai/gpt-4.1" in message
+    assert message.startswith(f"{CONFIG_PATH}:3:") and "openai/gpt-4.1 is configured twice" in message
 
 
 def test_alias_to_an_unknown_model_is_an_error_at_the_target_line():
@@ -2375,7 +2375,7 @@ def test_constrained_decoding_matches_unconstrained_argmax_when_the_model_agrees
     # With two names differing in their first token, the decision costs no decode step beyond the
     # prompt: the logits after `{"route": "` pick the branch and the rest of the name is forced.
     routes = (plano.RoutingPreference("alpha", "a"), plano.RoutingPreference("zulu", "z"))
-    trie = embedded_backend._trie(routes, [])
+    trie = embedded_backend._trie(routes)
     assert len(trie.root) == 3  # alpha, zulu, other start with different tokens
     name = embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event())
     assert name in {"alpha", "zulu", "other"}
