@@ -2101,9 +2101,17 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
         match = re.search(r"session_([0-9a-fA-F-]{8,})", user_id)
         if match:
             return match.group(1)
-    conversation = conversation_for_router(body.get("messages"))
-    first = next((m["content"] for m in conversation if m["role"] == "user"), "")
-    return "conv-" + hashlib.sha256(first.encode()).hexdigest()[:16]
+    return "conv-" + hashlib.sha256(_first_user_text(body.get("messages")).encode()).hexdigest()[:16]
+
+
+def _first_user_text(messages: Any) -> str:
+    """The user's first words, harness blocks removed; stops there rather than read everything."""
+    for message in messages if isinstance(messages, list) else []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            said = conversation_for_router([message])
+            if said:
+                return said[0]["content"]
+    return ""
 
 
 def _router_backend_for(settings: RouterSettings) -> Any:
@@ -2292,6 +2300,14 @@ class Gateway:
         self.clients: dict[str, httpx.AsyncClient] = {}
         self._urls: dict[str, httpx.URL] = {}
         self.health = ProviderHealth()
+        self._endpoints = {
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/healthz"): self._health,
+            ("GET", "/plano/decisions"): self._decisions,
+        }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
         self._decision_watchers: set[trio.MemorySendChannel] = set()
@@ -2368,14 +2384,7 @@ class Gateway:
     async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         self._check_gateway_key(request)
         path, method = request.path.rstrip("/") or "/", request.method
-        routes = {
-            ("POST", "/v1/messages"): self._messages,
-            ("POST", "/v1/chat/completions"): self._chat_completions,
-            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
-            ("GET", "/v1/models"): self._models,
-            ("GET", "/healthz"): self._health,
-            ("GET", "/plano/decisions"): self._decisions,
-        }
+        routes = self._endpoints
         if method == "HEAD":  # Claude Code probes the base URL before its first request
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
             return

@@ -416,14 +416,9 @@ def start_plano(python: str, upstream_port: int, workdir: Path) -> Target:
         router:
           enabled: false
         """))
-    log_path = workdir / "plano.log"
-    process = _launch([python, "-m", "plano", "up", "--config", str(config)], log_path,
-                      cwd=str(Path(__file__).resolve().parent.parent))
-    base = f"http://127.0.0.1:{port}"
-    target = Target("plano", "anthropic", f"{base}/v1/messages", _anthropic_headers("unused-by-plano"),
-                    process, log_path, count_tokens_url=f"{base}/v1/messages/count_tokens")
-    _wait_or_stop(target, f"{base}/healthz", 30)
-    return target
+    return _start_gateway("plano", [python, "-m", "plano", "up", "--config", str(config)], workdir, port,
+                          key="unused-by-plano", health="/healthz", timeout=30,
+                          cwd=str(Path(__file__).resolve().parent.parent))
 
 
 def start_litellm(binary: str, upstream_port: int, workdir: Path) -> Target:
@@ -445,14 +440,8 @@ def start_litellm(binary: str, upstream_port: int, workdir: Path) -> Target:
           master_key: {LITELLM_KEY}
         """))
     env = {**os.environ, "HOME": str(home), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    log_path = workdir / "litellm.log"
-    process = _launch([binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                      log_path, env=env)
-    base = f"http://127.0.0.1:{port}"
-    target = Target("LiteLLM", "anthropic", f"{base}/v1/messages", _anthropic_headers(LITELLM_KEY),
-                    process, log_path, count_tokens_url=f"{base}/v1/messages/count_tokens")
-    _wait_or_stop(target, f"{base}/health/liveliness", 90)
-    return target
+    return _start_gateway("LiteLLM", [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+                          workdir, port, key=LITELLM_KEY, health="/health/liveliness", timeout=90, env=env)
 
 
 def start_ccr(cli_js: str, upstream_port: int, workdir: Path) -> Target:
@@ -468,21 +457,24 @@ def start_ccr(cli_js: str, upstream_port: int, workdir: Path) -> Target:
     }))
     # `cli.js start` serves in the foreground, so the process we hold is the server itself.
     command = ["node", cli_js, "start"] if cli_js.endswith(".js") else [cli_js, "start"]
-    log_path = workdir / "ccr.log"
-    process = _launch(command, log_path, env={**os.environ, "HOME": str(home)})
+    return _start_gateway("ccr", command, workdir, port, key=CCR_KEY, health="/health", timeout=30,
+                          env={**os.environ, "HOME": str(home)})
+
+
+def _start_gateway(name: str, command: list[str], workdir: Path, port: int, *, key: str, health: str,
+                   timeout: float, env: dict[str, str] | None = None, cwd: str | None = None) -> Target:
+    """Launch a gateway that serves Anthropic /v1/messages on `port`; wait until it is healthy."""
+    log_path = workdir / f"{name.lower()}.log"
+    process = _launch(command, log_path, env=env, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
-    target = Target("ccr", "anthropic", f"{base}/v1/messages", _anthropic_headers(CCR_KEY),
+    target = Target(name, "anthropic", f"{base}/v1/messages", _anthropic_headers(key),
                     process, log_path, count_tokens_url=f"{base}/v1/messages/count_tokens")
-    _wait_or_stop(target, f"{base}/health", 30)
-    return target
-
-
-def _wait_or_stop(target: Target, health_url: str, timeout: float) -> None:
     try:
-        wait_ready(target.process, health_url, timeout)
+        wait_ready(process, base + health, timeout)
     except RuntimeError:
         stop(target)
         raise
+    return target
 
 
 def find_peer(explicit: str | None, default: str, command: str) -> str | None:
