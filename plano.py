@@ -1616,14 +1616,15 @@ def trim_conversation(conversation: list[dict], budget: int, count_tokens: Calla
     if not conversation:
         return []
     costs = [count_tokens(_router_json(m)) + 1 for m in conversation]  # +1: the ", " between them
-    if sum(costs) <= budget:
+    total = sum(costs)
+    if total <= budget:
         return conversation
     last_user = max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=len(conversation) - 1)
     step = max(budget // 2, 1)
     before = 0
     for i, cost in enumerate(costs):
         starts_window = i == 0 or before // step > (before - costs[i - 1]) // step
-        if starts_window and i <= last_user and sum(costs[i:]) <= budget:
+        if starts_window and i <= last_user and total - before <= budget:
             return conversation[i:]
         before += cost
     # Not even the latest user message fits: keep its beginning and end (where people say what
@@ -2114,13 +2115,18 @@ def _first_user_text(messages: Any) -> str:
     return ""
 
 
+def router_backend(settings: RouterSettings) -> EmbeddedRouterBackend | RemoteRouterBackend:
+    """The backend `router:` asks for (not loaded yet): a server at `endpoint`, else in-process."""
+    return RemoteRouterBackend(settings) if settings.endpoint else EmbeddedRouterBackend(settings)
+
+
 def _router_backend_for(settings: RouterSettings) -> Any:
     """A loaded backend for these settings, kept for the life of the process: `route()` in a loop
     must not reload a 1 GB model and re-evaluate its prefix on every call."""
     key = (settings.model, settings.file, settings.endpoint, settings.threads, settings.context_tokens)
     backend = _LOADED_ROUTER_BACKENDS.get(key)
     if backend is None:
-        backend = RemoteRouterBackend(settings) if settings.endpoint else EmbeddedRouterBackend(settings)
+        backend = router_backend(settings)
         if isinstance(backend, EmbeddedRouterBackend):
             backend.load()
         if not _LOADED_ROUTER_BACKENDS:
@@ -2171,8 +2177,7 @@ def make_router(config: Config, nursery: trio.Nursery) -> Router | None:
     """The router for a config, loading in the background; None when there is nothing to route."""
     if not config.router.enabled or not config.routes:
         return None
-    backend = RemoteRouterBackend(config.router) if config.router.endpoint else EmbeddedRouterBackend(config.router)
-    router = Router(config, backend)
+    router = Router(config, router_backend(config.router))
     nursery.start_soon(router.start)
     return router
 

@@ -2404,9 +2404,7 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
 
 def make_router_for(provider, router_yaml: str, backend=None) -> plano.Router:
     config = routed_config(provider, router_yaml)
-    backend = backend or (plano.RemoteRouterBackend(config.router) if config.router.endpoint
-                          else plano.EmbeddedRouterBackend(config.router))
-    return plano.Router(config, backend)
+    return plano.Router(config, backend or plano.router_backend(config.router))
 
 
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
