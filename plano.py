@@ -5,8 +5,9 @@ preferences by the Arch-Router-1.5B model running in-process on the CPU.
 Layers, top to bottom (a layer only uses the ones above it):
 
     errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
-    machines) → router (prompt, trimming, backends, decision cache) → gateway (one request:
-    parse → choose model → call upstream → answer) → HTTP server (trio + h11) → CLI
+    machines) → router (prompt, trimming, backends, decision cache) → upstream client (HTTP/1.1
+    keep-alive to providers under httpx) → gateway (one request: parse → choose model → call
+    upstream → answer) → HTTP server (trio + h11) → CLI
 
 Library use::
 
@@ -53,6 +54,7 @@ __all__ = [
     "ModelEntry",
     "RouteDecision",
     "Gateway",
+    "UpstreamTransport",
     "load_config",
     "route",
     "route_async",
@@ -235,6 +237,7 @@ class ModelEntry:
     routing_preferences: tuple[RoutingPreference, ...] = ()
     fallbacks: tuple[str, ...] = ()
     max_tokens: int | None = None  # a cap from the config, beats the catalogue's
+    timeout: float = 600.0  # seconds to wait for the provider's next byte (long generations)
 
     @property
     def interface(self) -> str:
@@ -452,7 +455,7 @@ class _ConfigReader:
         if not isinstance(entry, dict):
             raise self.fail(raw, "llm_providers", f"each entry must be a mapping, got {entry!r}")
         known = {"model", "name", "access_key", "base_url", "endpoint", "default",
-                 "routing_preferences", "provider_interface", "fallbacks", "max_tokens"}
+                 "routing_preferences", "provider_interface", "fallbacks", "max_tokens", "timeout"}
         for key in entry:
             if key not in known:
                 raise self.fail(entry, key, f"is not a known model field (known: {', '.join(sorted(known))})")
@@ -506,13 +509,16 @@ class _ConfigReader:
         if not all(isinstance(f, str) for f in fallbacks):
             raise self.fail(entry, "fallbacks", "must be a list of model names")
         max_tokens = self.get(entry, "max_tokens", int)
+        timeout = self.get(entry, "timeout", (int, float), 600.0)
+        if isinstance(timeout, bool) or timeout <= 0:
+            raise self.fail(entry, "timeout", f"must be a positive number of seconds, got {timeout!r}")
         return ModelEntry(
             name=name, provider=provider, model_id=model_id, spec=spec,
             base_url=(base_url or spec.base_url or "").rstrip("/"),
             access_key=access_key, key_env=key_env,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
-            max_tokens=max_tokens)
+            max_tokens=max_tokens, timeout=float(timeout))
 
     def expand(self, mapping: dict, key: str, value: str) -> tuple[str | None, str | None]:
         """`$VAR`/`${VAR}` → (value or None, VAR); a literal → (literal, None)."""
@@ -2183,6 +2189,239 @@ def make_router(config: Config, nursery: trio.Nursery) -> Router | None:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+#
+# httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
+# this is the transport under it. httpx's default transport (httpcore) spent ~0.75 ms of CPU per
+# request here, more than everything else plano does per request together, and a bare trio + h11
+# exchange spends ~0.2 ms (bench/overhead.py): httpcore serves HTTP/2, proxies and every async
+# library, and plano needs one thing, HTTP/1.1 keep-alive to a few provider origins from trio.
+# The h11 state machine is the one the server already uses, so the framing rules are not ours.
+
+_Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def _timeout(timeouts: Mapping[str, Any], which: str) -> float:
+    seconds = timeouts.get(which)
+    return math.inf if seconds is None else seconds
+
+
+class _UpstreamConnection:
+    """One HTTP/1.1 connection to a provider and its h11 client state."""
+
+    def __init__(self, stream: trio.abc.Stream, socket: Any):
+        self.stream = stream
+        self.socket = socket  # the TCP socket under any TLS, to look for EOF while idle
+        self.protocol = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def reusable(self, now: float, expiry: float) -> bool:
+        # A provider that closed an idle connection has left its EOF behind: readable while idle.
+        return now - self.idle_since < expiry and not self.socket.is_readable()
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpx.WriteError(f"the connection broke while sending ({e})") from None
+        if scope.cancelled_caught:
+            raise httpx.WriteTimeout("timed out sending the request")
+
+    async def receive(self, timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpx.ReadError(f"the connection broke while reading ({e})") from None
+        if scope.cancelled_caught:
+            raise httpx.ReadTimeout("timed out waiting for the provider")
+        self.protocol.receive_data(data)
+
+    def next_event(self) -> Any:
+        try:
+            return self.protocol.next_event()
+        except h11.RemoteProtocolError as e:
+            raise httpx.RemoteProtocolError(f"malformed HTTP from the provider: {e}") from None
+
+
+class UpstreamTransport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 with a keep-alive pool per origin; TLS verified against certifi's roots (or
+    $SSL_CERT_FILE / $SSL_CERT_DIR). A connection is reused only after its answer was read to the
+    end; one cut short (a client hung up mid-stream) is closed."""
+
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0):
+        # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
+        # longer than 5 s, and each new TLS connection to a provider costs round trips.
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.keepalive_expiry = keepalive_expiry
+        self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
+        self._slots: dict[_Origin, trio.Semaphore] = {}
+        self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"plano calls providers over http or https, not {url.scheme!r}")
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        timeouts = request.extensions.get("timeout", {})
+        slots = self._slots.get(origin) or self._slots.setdefault(origin, trio.Semaphore(self.max_connections))
+        with trio.move_on_after(_timeout(timeouts, "pool")) as waiting:
+            await slots.acquire()
+        if waiting.cancelled_caught:
+            raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
+        connection = None
+        try:
+            body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+            head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
+            connection = self._idle_connection(origin)
+            if connection is not None:
+                try:
+                    await self._send_request(connection, head, body, timeouts)
+                except httpx.WriteError:
+                    # Closed by the provider between our check and our write: nothing reached it.
+                    await trio.aclose_forcefully(connection.stream)
+                    connection = None
+            if connection is None:
+                connection = await self._connect(origin, timeouts)
+                await self._send_request(connection, head, body, timeouts)
+            response = await self._response_head(connection, _timeout(timeouts, "read"))
+        except BaseException:
+            if connection is not None:
+                await trio.aclose_forcefully(connection.stream)
+            slots.release()
+            raise
+        stream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
+        return httpx.Response(response.status_code, headers=list(response.headers), stream=stream,
+                              extensions={"http_version": b"HTTP/" + response.http_version,
+                                          "reason_phrase": response.reason})
+
+    def _idle_connection(self, origin: _Origin) -> _UpstreamConnection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()  # the most recently used: the likeliest to be alive
+            if connection.reusable(now, self.keepalive_expiry):
+                return connection
+            connection.socket.close()  # stale or expired: closing the socket ends TLS with it
+        return None
+
+    async def _connect(self, origin: _Origin, timeouts: Mapping[str, Any]) -> _UpstreamConnection:
+        scheme, host, port = origin
+        stream = None
+        with trio.move_on_after(_timeout(timeouts, "connect")) as connecting:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+                socket = stream.socket
+                if scheme == "https":
+                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=host,
+                                            https_compatible=True)
+                    await stream.do_handshake()
+                return _UpstreamConnection(stream, socket)
+            except (OSError, trio.BrokenResourceError) as e:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                reason = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
+                raise httpx.ConnectError(f"cannot connect to {host}:{port} ({reason})") from None
+            except BaseException:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                raise
+        raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}")
+
+    def _tls_context(self) -> Any:
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context(trust_env=True)
+            self._tls.set_alpn_protocols(["http/1.1"])
+        return self._tls
+
+    @staticmethod
+    async def _send_request(connection: _UpstreamConnection, head: h11.Request, body: bytes,
+                            timeouts: Mapping[str, Any]) -> None:
+        # Head, body and end in one write: one syscall, one segment for a small request.
+        protocol = connection.protocol
+        data = protocol.send(head) + protocol.send(h11.Data(data=body)) + protocol.send(h11.EndOfMessage())
+        await connection.send(data, _timeout(timeouts, "write"))
+
+    @staticmethod
+    async def _response_head(connection: _UpstreamConnection, read_timeout: float) -> h11.Response:
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                await connection.receive(read_timeout)
+            elif isinstance(event, h11.Response):
+                return event
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("the provider closed the connection without answering")
+            # an InformationalResponse (100 Continue): the real answer follows
+
+    def _release(self, origin: _Origin, connection: _UpstreamConnection) -> bool:
+        """Keep a connection whose exchange ended cleanly for the next request; False: close it.
+        An answer not read to its end (the client hung up) leaves h11 mid-body: closed."""
+        protocol = connection.protocol
+        if not (protocol.our_state is h11.DONE and protocol.their_state is h11.DONE):
+            return False
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) >= self.max_idle:
+            return False
+        protocol.start_next_cycle()
+        connection.idle_since = time.monotonic()
+        idle.append(connection)
+        return True
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                await trio.aclose_forcefully(connection.stream)
+        self._idle.clear()
+
+
+class _UpstreamBody(httpx.AsyncByteStream):
+    """A response body as it arrives. Everything one network read brings comes out as one piece:
+    a fast stream of small events costs one translation and one write downstream per read, not
+    one per event."""
+
+    def __init__(self, transport: UpstreamTransport, origin: _Origin, connection: _UpstreamConnection,
+                 slots: trio.Semaphore, read_timeout: float):
+        self.transport = transport
+        self.origin = origin
+        self.connection = connection
+        self.slots = slots
+        self.read_timeout = read_timeout
+        self.complete = False
+        self.closed = False
+
+    async def __aiter__(self) -> Any:
+        connection = self.connection
+        while not self.complete:
+            pieces = []
+            event = connection.next_event()
+            while event is not h11.NEED_DATA:
+                if type(event) is h11.Data:
+                    pieces.append(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    self.complete = True
+                    break
+                else:
+                    raise httpx.RemoteProtocolError("the provider closed the connection mid-answer")
+                event = connection.next_event()
+            if pieces:
+                yield b"".join(pieces)
+            if not self.complete:
+                await connection.receive(self.read_timeout)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.slots.release()
+        if not self.transport._release(self.origin, self.connection):
+            await trio.aclose_forcefully(self.connection.stream)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Gateway: one request, from parsed HTTP to the caller's answer. No sockets here: the server
 # hands in a Request and a Responder.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2291,18 +2530,19 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 class Gateway:
     """The gateway for one configuration: upstream clients, the router, the decision log.
 
-    Use as an async context manager (it owns one pooled httpx client per provider)::
+    Use as an async context manager (it owns the upstream connection pools)::
 
         async with Gateway(config) as gateway:
             await gateway.handle(request, responder)
     """
 
-    def __init__(self, config: Config, *, router: Any = None,
-                 transport_timeout: httpx.Timeout | None = None):
+    def __init__(self, config: Config, *, router: Any = None):
         self.config = config
         self.router = router
-        self.timeout = transport_timeout or httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=30.0)
-        self.clients: dict[str, httpx.AsyncClient] = {}
+        # Requests go straight to the transport (a pool per provider origin): httpx.AsyncClient's
+        # own jobs are a cookie jar, redirects, auth flows and hooks, and a gateway wants none of
+        # them (a cookie jar would even carry one provider session's cookies into every request).
+        self.upstream = UpstreamTransport()
         self._urls: dict[str, httpx.URL] = {}
         self.health = ProviderHealth()
         self._endpoints = {
@@ -2323,19 +2563,7 @@ class Gateway:
     async def __aexit__(self, *exc: Any) -> None:
         if self.router is not None:
             await self.router.aclose()
-        for client in self.clients.values():
-            await client.aclose()
-        self.clients.clear()
-
-    def _client_for(self, model: ModelEntry) -> httpx.AsyncClient:
-        # One long-lived client per provider endpoint: connection pooling across requests.
-        key = model.base_url
-        client = self.clients.get(key)
-        if client is None:
-            client = self.clients[key] = httpx.AsyncClient(
-                timeout=self.timeout, limits=httpx.Limits(max_connections=200, max_keepalive_connections=40),
-                headers={"user-agent": "plano"}, trust_env=False)
-        return client
+        await self.upstream.aclose()
 
     def reload(self, config: Config) -> None:
         """Use a new (already validated) config for requests that start from now on."""
@@ -2623,7 +2851,7 @@ class Gateway:
         if model.access_key is None and model.spec.auth != "none" and model.key_env:
             raise AuthenticationError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                       f"(export it or put it in .env beside the config)")
-        headers = {"content-type": "application/json", "accept": "application/json"}
+        headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
         key = model.access_key or ""
         if model.spec.auth == "bearer" and key:
             headers["authorization"] = f"Bearer {key}"
@@ -2648,7 +2876,9 @@ class Gateway:
                 content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
             else:
                 content = _json_bytes(anthropic_request_to_openai(body, model))
-        return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content)
+        timeouts = {"connect": 10.0, "read": model.timeout, "write": 60.0, "pool": 30.0}
+        return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content,
+                             extensions={"timeout": timeouts})
 
     def _parsed_url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
@@ -2661,15 +2891,15 @@ class Gateway:
     @asynccontextmanager
     async def _open_upstream(self, model: ModelEntry, upstream_request: httpx.Request, exchange: _Exchange):
         """The upstream response, open and known to be a success; errors raise UpstreamError."""
-        client = self._client_for(model)
         sent_at = time.monotonic()
         try:
-            response = await client.send(upstream_request, stream=True)
+            response = await self.upstream.handle_async_request(upstream_request)
         except httpx.TimeoutException:
             raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
                                 error_type="api_error", retryable=True) from None
         except httpx.HTTPError as e:
-            raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__})",
+            reason = _scrub(str(e), self._secrets) or "no detail"
+            raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
                                 status=502, error_type="api_error", retryable=True) from None
         try:
             exchange.upstream_ms = (time.monotonic() - sent_at) * 1000

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -21,6 +22,7 @@ import queue
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -35,6 +37,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -73,6 +76,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     raw: bytes
+    peer_port: int = 0  # which of plano's upstream connections carried it
 
     @property
     def json(self) -> dict:
@@ -89,6 +93,10 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     piece_delay: float = 0.0
     abort_after: int | None = None  # close the connection after this many SSE pieces
+    # How a stream's end is marked: "chunked" (what OpenAI and Anthropic send over HTTP/1.1, and
+    # the connection stays open for the next request) or "close" (the server closes it).
+    framing: str = "chunked"
+    hang_up_after: bool = False  # close the kept-alive connection after answering, without saying so
 
 
 def sse_pieces(events: list[tuple[str | None, Any]], piece: int = 7) -> list[bytes]:
@@ -260,10 +268,12 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
     """One loopback HTTP server that speaks both formats (OpenAI under /v1/chat/completions,
     Anthropic under /v1/messages), records every request, and can be scripted per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Recorded] = []
         self.script: queue.Queue[Reply | Callable[[Recorded], Reply]] = queue.Queue()
         self.disconnects = 0  # streams the client abandoned before the end
+        self.closed_connections = 0  # connections the stand-in finished with, either side closing
+        self.scheme = "https" if tls else "http"
         provider = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -274,11 +284,18 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("content-length", 0)))
-                recorded = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
+                recorded = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, raw,
+                                    self.client_address[1])
                 provider.requests.append(recorded)
                 provider.answer(self, recorded)
 
+            def finish(self) -> None:
+                super().finish()
+                provider.closed_connections += 1
+
         self.server = _StandInServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -286,11 +303,12 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
 
     @property
     def openai_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.anthropic_base}/v1"
 
     @property
     def anthropic_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = "localhost" if self.scheme == "https" else "127.0.0.1"  # TLS checks the name
+        return f"{self.scheme}://{host}:{self.port}"
 
     def then(self, reply: Reply | Callable[[Recorded], Reply]) -> None:
         """Script the next answer (instead of the model behaviour)."""
@@ -319,21 +337,29 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                     handler.send_header(k, v)
                 handler.end_headers()
                 handler.wfile.write(data)
+                handler.close_connection = reply.hang_up_after
                 return
+            chunked = reply.framing == "chunked"
             handler.send_response(reply.status)
             handler.send_header("content-type", "text/event-stream")
-            handler.send_header("connection", "close")  # body framed by closing the connection
+            if chunked:
+                handler.send_header("transfer-encoding", "chunked")
+            else:
+                handler.send_header("connection", "close")  # body framed by closing the connection
             for k, v in reply.headers.items():
                 handler.send_header(k, v)
             handler.end_headers()
-            handler.close_connection = True
+            handler.close_connection = not chunked
             for i, piece in enumerate(reply.sse):
                 if reply.abort_after is not None and i >= reply.abort_after:
+                    handler.close_connection = True
                     return
-                handler.wfile.write(piece)
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 handler.wfile.flush()
                 if reply.piece_delay:
                     time.sleep(reply.piece_delay)
+            if chunked:
+                handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.disconnects += 1
 
@@ -1663,6 +1689,18 @@ def test_unknown_model_field_names_file_line_and_field():
     assert message.startswith(f"{CONFIG_PATH}:3:") and "acces_key" in message
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "true"])
+def test_a_provider_timeout_must_be_a_positive_number_of_seconds(value):
+    message = config_error(f"llm_providers:\n  - model: openai/gpt-4.1\n    timeout: {value}\n")
+    assert message.startswith(f"{CONFIG_PATH}:3:") and "`timeout`" in message
+
+
+def test_a_provider_timeout_is_read_in_seconds():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1\n    timeout: 90\n"
+                                "  - model: openai/gpt-5\n", path=CONFIG_PATH, environ=KEYS)
+    assert [m.timeout for m in config.models] == [90.0, 600.0]
+
+
 def test_routing_preference_without_description_names_file_line_and_field():
     message = config_error("llm_providers:\n"
                            "  - model: openai/gpt-4.1\n"
@@ -2040,14 +2078,18 @@ def test_upstream_errors_reach_both_sdks_with_status_and_type(gateway, provider,
     assert f"anthropic said {status}" in o.value.message
 
 
-def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(gateway, provider):
-    provider.then(lambda request: dataclass_replace(provider.openai_reply(request), abort_after=20))
+@pytest.mark.parametrize("framing, seen_as", [
+    ("chunked", "stream broke off"),  # HTTP says the body is unfinished
+    ("close", "ended before it finished"),  # the connection's end is the body's: the events say so
+])
+def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(gateway, provider, framing, seen_as):
+    provider.then(lambda request: dataclass_replace(provider.openai_reply(request), abort_after=20, framing=framing))
     with pytest.raises(anthropic.APIStatusError) as caught:
         with anthropic_client(gateway).messages.stream(model="openai/gpt-4o", max_tokens=50,
                                                        messages=[{"role": "user", "content": "a long answer please"}]) as s:
             for _ in s:
                 pass
-    assert "ended before it finished" in str(caught.value)
+    assert seen_as in str(caught.value)
 
 
 def test_a_broken_openai_stream_reaches_an_openai_client_as_an_error_not_done(gateway, provider):
@@ -2207,6 +2249,190 @@ def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Upstream client: keep-alive, framing, timeouts, TLS (plano's own transport under httpx)
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def ask(running: RunningPlano, text: str = "hi", stream: bool = False, model: str = "openai/gpt-4o") -> httpx.Response:
+    return httpx.post(running.url + "/v1/messages", timeout=30, json={
+        "model": model, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": text}]})
+
+
+def test_upstream_connections_are_kept_alive_across_requests_and_streams(gateway, provider):
+    for stream in (False, True, False, True, False):
+        response = ask(gateway, "say hello", stream=stream)
+        assert response.status_code == 200, response.text
+        assert "hello" in (anthropic_stream_text(response.text) if stream else response.json()["content"][0]["text"])
+    assert len({r.peer_port for r in provider.requests}) == 1  # one connection carried all five
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5"])
+def test_streams_arrive_whole_however_the_provider_frames_them(gateway, provider, framing, model):
+    if model.startswith("openai"):
+        events = [(None, chunk({"content": f"w{i}·"})) for i in range(50)] + [(None, chunk({}, "stop")), (None, "[DONE]")]
+    else:
+        events = [("message_start", {"type": "message_start", "message": {
+                      "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
+                      "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}})]
+        events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"w{i}·"}}) for i in range(50)]
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                      "usage": {"output_tokens": 50}}),
+                   ("message_stop", {"type": "message_stop"})]
+    provider.then(Reply(sse=sse_pieces(events, piece=5), framing=framing))
+    response = ask(gateway, stream=True, model=model)
+    assert anthropic_stream_text(response.text) == "".join(f"w{i}·" for i in range(50))
+    assert ask(gateway, "say again").json()["content"][0]["text"] == "echo: say again"  # the next request is fine
+
+
+def test_a_connection_the_provider_closed_while_idle_is_not_reused(gateway, provider):
+    provider.then(lambda request: dataclasses.replace(provider.openai_reply(request), hang_up_after=True))
+    assert ask(gateway, "say one").status_code == 200
+    deadline = time.monotonic() + 5
+    while provider.closed_connections == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert provider.closed_connections == 1  # the stand-in closed it; plano was not told
+    response = ask(gateway, "say two")
+    assert response.status_code == 200, response.text
+    assert response.json()["content"][0]["text"] == "echo: say two"
+    assert provider.requests[0].peer_port != provider.requests[1].peer_port
+
+
+def test_a_stream_cut_short_by_its_client_does_not_leave_bytes_for_the_next_request(gateway, provider):
+    events = [(None, chunk({"content": f"word{i} "})) for i in range(400)]
+    provider.then(Reply(sse=sse_pieces(events, piece=200), piece_delay=0.02))
+    with httpx.stream("POST", gateway.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "x"}]}) as response:
+        next(response.iter_bytes())
+    response = ask(gateway, "say fresh")
+    assert response.json()["content"][0]["text"] == "echo: say fresh"
+    assert provider.requests[0].peer_port != provider.requests[1].peer_port  # the cut one was closed
+
+
+def test_a_provider_that_never_answers_times_out_in_the_callers_format(provider):
+    config = plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+    timeout: 0.5
+""", path=CONFIG_PATH, environ={})
+    running = RunningPlano(config)
+    try:
+        provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])
+        started = time.monotonic()
+        response = ask(running)
+        assert time.monotonic() - started < 2.5
+        assert response.status_code == 504
+        assert response.json()["type"] == "error" and "did not answer in time" in response.json()["error"]["message"]
+        provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])
+        with pytest.raises(openai.APIStatusError) as caught:
+            openai_client(running).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        assert caught.value.status_code == 504 and "did not answer in time" in caught.value.message
+        assert ask(running, "say still").json()["content"][0]["text"] == "echo: say still"  # and it keeps serving
+    finally:
+        running.stop()
+
+
+def test_a_provider_speaking_garbage_is_a_502_naming_the_problem():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer_garbage() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"SMTP ready\r\n\r\n")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        config = plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: http://127.0.0.1:{listener.getsockname()[1]}/v1
+    access_key: {OPENAI_KEY}
+    default: true
+""", path=CONFIG_PATH, environ={})
+        running = RunningPlano(config)
+        try:
+            response = ask(running)
+        finally:
+            running.stop()
+    assert response.status_code == 502
+    assert "cannot reach" in response.json()["error"]["message"]
+    assert "RemoteProtocolError" in response.json()["error"]["message"]
+
+
+@pytest.fixture
+def tls_provider(tmp_path):
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    provider = StandInProvider(tls=server_context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    yield provider, str(tmp_path / "ca.pem")
+    provider.close()
+
+
+def test_providers_are_reached_over_verified_tls(tls_provider, monkeypatch):
+    provider, authority_pem = tls_provider
+    monkeypatch.setenv("SSL_CERT_FILE", authority_pem)  # how a user trusts a company's own CA
+    running = RunningPlano(config_for(provider))
+    try:
+        for stream in (False, True, False):
+            response = ask(running, "say secure", stream=stream)
+            assert response.status_code == 200, response.text
+        assert len({r.peer_port for r in provider.requests}) == 1  # TLS connections are kept alive too
+    finally:
+        running.stop()
+    assert provider.scheme == "https" and provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+
+
+def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monkeypatch):
+    provider, _ = tls_provider
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    running = RunningPlano(config_for(provider))
+    try:
+        response = ask(running)
+    finally:
+        running.stop()
+    assert response.status_code == 502
+    assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
+    assert provider.requests == []  # the key never left plano
+
+
+async def test_the_transport_waits_for_a_free_connection_then_gives_up(provider):
+    provider.then(lambda request: (time.sleep(1), provider.openai_reply(request))[1])
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "say late"}]}
+    timeouts = {"timeout": {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 0.2}}
+    async with httpx.AsyncClient(transport=plano.UpstreamTransport(max_connections=1),
+                                 headers={"authorization": f"Bearer {OPENAI_KEY}"}) as client:
+        first = client.build_request("POST", provider.openai_base + "/chat/completions", json=body, extensions=timeouts)
+        second = client.build_request("POST", provider.openai_base + "/chat/completions", json=body, extensions=timeouts)
+        outcomes: dict[str, Any] = {}
+
+        async def send(name: str, request: httpx.Request) -> None:
+            try:
+                outcomes[name] = (await client.send(request)).json()["choices"][0]["message"]["content"]
+            except httpx.PoolTimeout as e:
+                outcomes[name] = e
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, "first", first)
+            await trio.sleep(0.05)
+            nursery.start_soon(send, "second", second)
+    assert outcomes["first"] == "echo: say late"
+    assert isinstance(outcomes["second"], httpx.PoolTimeout)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
