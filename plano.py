@@ -2268,10 +2268,15 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         timeouts = request.extensions.get("timeout", {})
         slots = self._slots.get(origin) or self._slots.setdefault(origin, trio.Semaphore(self.max_connections))
-        with trio.move_on_after(_timeout(timeouts, "pool")) as waiting:
-            await slots.acquire()
-        if waiting.cancelled_caught:
-            raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
+        try:
+            # No await before the request is on the wire, so nothing else runs first: work such as
+            # the server's hang-up watcher starting up happens while the provider thinks.
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(_timeout(timeouts, "pool")) as waiting:
+                await slots.acquire()
+            if waiting.cancelled_caught:
+                raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
         connection = None
         try:
             body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
