@@ -2316,7 +2316,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: _Origin, timeouts: Mapping[str, Any]) -> _UpstreamConnection:
         scheme, host, port = origin
         stream = None
-        with trio.move_on_after(_timeout(timeouts, "connect")) as connecting:
+        with trio.move_on_after(_timeout(timeouts, "connect")):
             try:
                 stream = await trio.open_tcp_stream(host, port)
                 socket = stream.socket
