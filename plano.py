@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -2207,6 +2208,54 @@ def _timeout(timeouts: Mapping[str, Any], which: str) -> float:
     return math.inf if seconds is None else seconds
 
 
+@dataclass(frozen=True)
+class _Proxy:
+    host: str
+    port: int
+    authorization: str | None  # a Proxy-Authorization value, from user:password in the proxy URL
+
+
+def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], tuple[str, ...]]:
+    """({"http"/"https": proxy}, NO_PROXY entries) from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, either
+    case, as Python's HTTP clients read them. Only http:// proxies are used (what corporate proxies
+    speak); a proxy URL without a port means port 80."""
+    def variable(name: str) -> str:
+        return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
+
+    proxies = {}
+    for scheme in ("http", "https"):
+        value = variable(f"{scheme}_proxy") or variable("all_proxy")
+        if not value:
+            continue
+        parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
+        if parts.scheme != "http" or not parts.hostname:
+            log.warning("ignoring %s_PROXY: plano speaks to http:// proxies only", scheme.upper())
+            continue
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+        proxies[scheme] = _Proxy(parts.hostname, parts.port or 80, authorization)
+    # Entries separated by commas or spaces (Claude Code's documentation writes both).
+    no_proxy = tuple(entry.lower().lstrip(".") for entry in re.split(r"[,\s]+", variable("no_proxy")) if entry)
+    return proxies, no_proxy
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
+    # Loopback never goes through a proxy (as in Go's net/http): a corporate proxy cannot reach the
+    # Ollama or vLLM on this machine, and nobody means it to.
+    host = host.lower()
+    return _is_loopback(host) or any(entry == "*" or host == entry or host.endswith("." + entry)
+                                     for entry in no_proxy)
+
+
 class _UpstreamConnection:
     """One HTTP/1.1 connection to a provider and its h11 client state."""
 
@@ -2248,10 +2297,12 @@ class _UpstreamConnection:
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 with a keep-alive pool per origin; TLS verified against certifi's roots (or
-    $SSL_CERT_FILE / $SSL_CERT_DIR). A connection is reused only after its answer was read to the
-    end; one cut short (a client hung up mid-stream) is closed."""
+    $SSL_CERT_FILE / $SSL_CERT_DIR); through an HTTP proxy when $HTTPS_PROXY / $HTTP_PROXY say so
+    (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
+    its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
 
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0):
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
+                 environ: Mapping[str, str] | None = None):
         # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
         # longer than 5 s, and each new TLS connection to a provider costs round trips.
         self.max_connections = max_connections
@@ -2260,6 +2311,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
         self._slots: dict[_Origin, trio.Semaphore] = {}
         self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
+        self._proxies, self._no_proxy = environment_proxies(os.environ if environ is None else environ)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -2280,7 +2332,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         connection = None
         try:
             body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
-            head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
+            proxy = self._proxy_for(origin)
+            if proxy is not None and url.scheme == "http":
+                # A plain-http request goes to the proxy whole: absolute URL, the proxy's credentials.
+                headers = request.headers.raw + ([(b"proxy-authorization", proxy.authorization.encode())]
+                                                 if proxy.authorization else [])
+                head = h11.Request(method=request.method, target=str(url), headers=headers)
+            else:
+                head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
             connection = self._idle_connection(origin)
             if connection is not None:
                 try:
@@ -2313,13 +2372,20 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             connection.socket.close()  # stale or expired: closing the socket ends TLS with it
         return None
 
+    def _proxy_for(self, origin: _Origin) -> _Proxy | None:
+        proxy = self._proxies.get(origin[0])
+        return None if proxy is None or _bypasses_proxy(origin[1], self._no_proxy) else proxy
+
     async def _connect(self, origin: _Origin, timeouts: Mapping[str, Any]) -> _UpstreamConnection:
         scheme, host, port = origin
+        proxy = self._proxy_for(origin)
         stream = None
         with trio.move_on_after(_timeout(timeouts, "connect")):
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await trio.open_tcp_stream(*((proxy.host, proxy.port) if proxy else (host, port)))
                 socket = stream.socket
+                if proxy is not None and scheme == "https":
+                    await self._open_tunnel(stream, host, port, proxy)
                 if scheme == "https":
                     stream = trio.SSLStream(stream, self._tls_context(), server_hostname=host,
                                             https_compatible=True)
@@ -2329,12 +2395,35 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
                 reason = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
-                raise httpx.ConnectError(f"cannot connect to {host}:{port} ({reason})") from None
+                via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
+                raise httpx.ConnectError(f"cannot connect to {host}:{port}{via} ({reason})") from None
             except BaseException:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
                 raise
         raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}")
+
+    @staticmethod
+    async def _open_tunnel(stream: trio.SocketStream, host: str, port: int, proxy: _Proxy) -> None:
+        """Ask the proxy for a tunnel to host:port (HTTP CONNECT); TLS then runs inside it."""
+        protocol = h11.Connection(h11.CLIENT)
+        headers = [("host", f"{host}:{port}")] + ([("proxy-authorization", proxy.authorization)]
+                                                  if proxy.authorization else [])
+        await stream.send_all(protocol.send(h11.Request(method="CONNECT", target=f"{host}:{port}", headers=headers))
+                              + protocol.send(h11.EndOfMessage()))
+        while True:
+            try:
+                event = protocol.next_event()
+            except h11.RemoteProtocolError as e:
+                raise OSError(f"the proxy's answer is not HTTP ({e})") from None
+            if event is h11.NEED_DATA:
+                protocol.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise OSError("the proxy closed the connection")
+        if not 200 <= event.status_code < 300:
+            raise OSError(f"the proxy answered CONNECT with {event.status_code} {event.reason.decode(errors='replace')}")
 
     def _tls_context(self) -> Any:
         if self._tls is None:
@@ -3370,10 +3459,6 @@ def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> li
     return [("server", "plano")] + headers + ([("connection", "close")] if closing else [])
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def check_exposure(config: Config, host: str) -> None:
     """Anyone who can reach a non-loopback address could spend the configured keys: require a
     gateway key there."""
@@ -3578,11 +3663,13 @@ def _gateway_is_up(url: str) -> bool:
         return False
 
 
-def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | None = None) -> tuple[dict[str, str], dict]:
+def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | None = None,
+                            environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict]:
     """(environment entries, Claude Code `--settings` object) that point Claude Code at plano.
 
     `user_settings` is the seed's `--settings` JSON: upper-case keys are environment entries and
-    win over plano's; other keys are Claude Code settings and pass through.
+    win over plano's; other keys are Claude Code settings and pass through. `environ` is the
+    environment Claude Code will run in (its proxy settings matter).
     """
     url = _gateway_url(config)
     small_fast = SMALL_FAST_ALIAS if SMALL_FAST_ALIAS in config.aliases else config.default_model.name
@@ -3597,6 +3684,12 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
         "DISABLE_TELEMETRY": "1",
         "DISABLE_ERROR_REPORTING": "1",
     }
+    environ = environ or {}
+    if any(environ.get(name) for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")):
+        # Claude Code sends even http://127.0.0.1 through the proxy unless NO_PROXY names it (checked
+        # with 2.1.332): the proxy would fail, or see every conversation.
+        listed = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+        env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [listed.strip(" ,"), "localhost,127.0.0.1,::1"]))
     settings: dict[str, Any] = {}
     for key, value in (user_settings or {}).items():
         if key.isupper():
@@ -3649,7 +3742,7 @@ def _cmd_cli_agent(args: Any) -> int:
         return 2
     user_settings, print_env, claude_args = _split_cli_agent_args(args.agent_args)
     config = _load_config_or_exit(args.config)
-    env, settings = claude_code_environment(config, user_settings)
+    env, settings = claude_code_environment(config, user_settings, os.environ)
     if print_env:
         for key, value in env.items():
             print(f"export {key}={shlex.quote(value)}")

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -274,6 +275,7 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
         self.disconnects = 0  # streams the client abandoned before the end
         self.closed_connections = 0  # connections the stand-in finished with, either side closing
         self.scheme = "https" if tls else "http"
+        self.host = "localhost" if tls else "127.0.0.1"  # TLS checks the name; tests may change it
         provider = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -307,8 +309,7 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
 
     @property
     def anthropic_base(self) -> str:
-        host = "localhost" if self.scheme == "https" else "127.0.0.1"  # TLS checks the name
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def then(self, reply: Reply | Callable[[Recorded], Reply]) -> None:
         """Script the next answer (instead of the model behaviour)."""
@@ -2376,7 +2377,7 @@ llm_providers:
 def tls_provider(tmp_path):
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(server_context)
+    authority.issue_cert("localhost", PROXIED_HOST).configure_cert(server_context)
     provider = StandInProvider(tls=server_context)
     authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     yield provider, str(tmp_path / "ca.pem")
@@ -2409,6 +2410,158 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
     assert response.status_code == 502
     assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
     assert provider.requests == []  # the key never left plano
+
+
+# A provider name only the stand-in proxy can resolve (to 127.0.0.1), as a corporate proxy resolves
+# names the machine behind it cannot: plano reaching it at all shows it went through the proxy.
+PROXIED_HOST = "provider.test"
+
+
+class StandInProxy:
+    """An HTTP proxy on loopback the way corporate ones work: CONNECT tunnels for https, absolute-URL
+    requests forwarded for http, optional Basic credentials. Records each request line it got."""
+
+    def __init__(self, credentials: str | None = None):
+        self.credentials = credentials
+        self.seen: list[tuple[str, str | None]] = []  # (request line, Proxy-Authorization)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            line, *header_lines = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+            self.seen.append((line, headers.get("proxy-authorization")))
+            if self.credentials and headers.get("proxy-authorization") != \
+                    "Basic " + base64.b64encode(self.credentials.encode()).decode():
+                client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+                return
+            method, target, _ = line.split(" ")
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((self.resolve(host), int(port)))
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:  # the stand-in provider accepts the absolute URL as it comes
+                parts = urllib.parse.urlsplit(target)
+                upstream = socket.create_connection((self.resolve(parts.hostname), parts.port))
+                upstream.sendall(head)
+            with upstream:
+                copier = threading.Thread(target=self._copy, args=(upstream, client), daemon=True)
+                copier.start()
+                self._copy(client, upstream)
+                copier.join(10)
+
+    @staticmethod
+    def resolve(host: str) -> str:
+        return "127.0.0.1" if host == PROXIED_HOST else host
+
+    @staticmethod
+    def _copy(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy():
+    stand_in = StandInProxy(credentials="plano user:p@ss")
+    yield stand_in
+    stand_in.close()
+
+
+PROXY_USER = "plano%20user:p%40ss"  # the proxy's credentials as written in a proxy URL
+
+
+def test_proxy_settings_are_read_from_the_environment_in_either_case():
+    proxies, no_proxy = plano.environment_proxies({
+        "https_proxy": "http://u%3Ax:p%40ss@proxy.corp:3128", "ALL_PROXY": "proxy.corp",
+        "NO_PROXY": "localhost, .internal.corp 10.0.0.1"})
+    assert proxies["https"] == plano._Proxy("proxy.corp", 3128, "Basic " + base64.b64encode(b"u:x:p@ss").decode())
+    assert proxies["http"] == plano._Proxy("proxy.corp", 80, None)  # ALL_PROXY, scheme-less
+    assert no_proxy == ("localhost", "internal.corp", "10.0.0.1")
+    assert plano._bypasses_proxy("api.internal.corp", no_proxy) and not plano._bypasses_proxy("api.openai.com", no_proxy)
+    assert not plano._bypasses_proxy("notinternal.corp", no_proxy)
+    assert all(plano._bypasses_proxy(host, ()) for host in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
+    assert plano._bypasses_proxy("anything.example", ("*",))
+    assert plano.environment_proxies({"HTTPS_PROXY": "socks5://proxy.corp:1080"})[0] == {}  # not an http proxy
+
+
+def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provider, proxy, monkeypatch):
+    provider, authority_pem = tls_provider
+    provider.host = PROXIED_HOST
+    monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
+    running = RunningPlano(config_for(provider))
+    try:
+        for stream in (False, True, False):
+            assert ask(running, "say tunnelled", stream=stream).status_code == 200
+    finally:
+        running.stop()
+    credentials = "Basic " + base64.b64encode(b"plano user:p@ss").decode()
+    assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1", credentials)]  # one tunnel, kept
+    assert provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # inside TLS, to the provider
+
+
+def test_providers_on_this_machine_are_reached_directly_despite_a_proxy(tls_provider, proxy, monkeypatch):
+    provider, authority_pem = tls_provider  # at https://localhost:PORT
+    monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
+    running = RunningPlano(config_for(provider))
+    try:
+        assert ask(running, "say direct").status_code == 200
+    finally:
+        running.stop()
+    assert proxy.seen == [] and len(provider.requests) == 1
+
+
+def test_plain_http_providers_go_through_http_proxy_with_the_whole_url(provider, proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # for the test's own client (plano skips loopback anyway)
+    provider.host = PROXIED_HOST
+    running = RunningPlano(config_for(provider))
+    try:
+        assert ask(running, "say forwarded").json()["content"][0]["text"] == "echo: say forwarded"
+    finally:
+        running.stop()
+    line, credentials = proxy.seen[0]
+    assert line == f"POST http://{PROXIED_HOST}:{provider.port}/v1/chat/completions HTTP/1.1"
+    assert credentials == "Basic " + base64.b64encode(b"plano user:p@ss").decode()
+
+
+def test_a_proxy_that_refuses_is_a_502_that_says_so(tls_provider, proxy, monkeypatch):
+    provider, authority_pem = tls_provider
+    provider.host = PROXIED_HOST
+    monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")  # no credentials
+    running = RunningPlano(config_for(provider))
+    try:
+        response = ask(running)
+    finally:
+        running.stop()
+    assert response.status_code == 502
+    assert "407" in response.json()["error"]["message"] and "proxy" in response.json()["error"]["message"]
+    assert provider.requests == []
 
 
 async def test_the_transport_waits_for_a_free_connection_then_gives_up(provider):
@@ -3027,7 +3180,10 @@ def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, prov
 def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, provider, claude_bin):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
-    env = claude_env(tmp_path / "home", claude_bin)
+    # As on a machine behind a corporate proxy, here one that is down: Claude Code and the gateway
+    # it starts must both reach what is on this machine directly.
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = claude_env(tmp_path / "home", claude_bin, HTTP_PROXY=dead_proxy, HTTPS_PROXY=dead_proxy)
     result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                              "-p", "TOOL:echo via-cli-agent", "--allowedTools", "Bash"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180, stdin=subprocess.DEVNULL)
@@ -3109,6 +3265,16 @@ def test_cli_agent_settings_split_env_from_claude_codes_own_settings_and_add_the
     assert settings["statusLine"]["command"].endswith("-m plano statusline --url http://127.0.0.1:12345")
     _, own = plano.claude_code_environment(config, {"statusLine": {"type": "command", "command": "my-line"}})
     assert own["statusLine"] == {"type": "command", "command": "my-line"}  # a user's own status line stays
+
+
+def test_behind_a_proxy_claude_code_is_told_to_reach_plano_directly(tmp_path, provider):
+    config = plano.load_config(str(write_claude_config(tmp_path, provider, 12345)), environ={})
+    env, settings = plano.claude_code_environment(config, {}, {"HTTPS_PROXY": "http://proxy.corp:3128",
+                                                               "no_proxy": "corp.internal"})
+    assert env["NO_PROXY"] == env["no_proxy"] == "corp.internal,localhost,127.0.0.1,::1"
+    assert settings["env"]["NO_PROXY"] == env["NO_PROXY"]
+    env, _ = plano.claude_code_environment(config, {}, {"PATH": "/usr/bin"})
+    assert "NO_PROXY" not in env and "no_proxy" not in env  # no proxy, nothing to say
 
 
 def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provider):
