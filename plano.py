@@ -101,7 +101,17 @@ class RequestError(PlanoError):
 
 
 class AuthenticationError(PlanoError):
+    """The client did not present this gateway's key."""
+
     status, error_type = 401, "authentication_error"
+
+
+class ProviderKeyError(PlanoError):
+    """plano's own key for a provider is missing or the provider rejected it. Not the client's
+    credentials, so not a 401: Claude Code retries a 401 silently for minutes (2.1.332, measured)
+    and shows a 403 at once, with the message naming the variable to fix."""
+
+    status, error_type = 403, "permission_error"
 
 
 class NotFoundError(PlanoError):
@@ -2910,7 +2920,7 @@ class Gateway:
                 log.warning("%s failed (%s); trying %s", model.name, _scrub(error.message, self._secrets)[:200],
                             candidates[attempt + 1].name)
                 continue
-            except AuthenticationError:
+            except ProviderKeyError:
                 if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
                     raise
                 failures.append(f"{model.name}: no key")
@@ -2943,7 +2953,7 @@ class Gateway:
     def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
                                 client_format: str) -> httpx.Request:
         if model.access_key is None and model.spec.auth != "none" and model.key_env:
-            raise AuthenticationError(f"{model.name} needs an API key: ${model.key_env} is not set "
+            raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                       f"(export it or put it in .env beside the config)")
         headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
         key = model.access_key or ""
@@ -3024,6 +3034,7 @@ class Gateway:
         if status in (401, 403):
             message = f"{model.name}: the provider rejected the configured key" \
                       f"{f' (${model.key_env})' if model.key_env else ''}: {message}"
+            return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type)
         else:
             message = f"{model.name}: {message or f'the provider answered HTTP {status}'}"
         headers = {}

@@ -1983,7 +1983,7 @@ def test_client_keys_are_replaced_by_the_configured_key(gateway, provider, model
     assert (OPENAI_KEY if model.startswith("openai") else ANTHROPIC_KEY) in sent
 
 
-def test_a_missing_key_variable_is_named_in_an_authentication_error(provider):
+def test_a_missing_key_variable_is_named_in_a_permission_error(provider):
     running = RunningPlano(plano.parse_config(f"""
 llm_providers:
   - model: openai/gpt-4o
@@ -1991,7 +1991,8 @@ llm_providers:
     access_key: $PLANO_TEST_UNSET_KEY
 """, environ={}))
     try:
-        with pytest.raises(anthropic.AuthenticationError) as caught:
+        # 403, not 401: the client's credentials are fine, plano's are missing (ProviderKeyError).
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
                                                       messages=[{"role": "user", "content": "hi"}])
         assert "PLANO_TEST_UNSET_KEY" in str(caught.value)
@@ -2003,7 +2004,7 @@ llm_providers:
 def test_a_rejected_key_is_reported_without_echoing_it(provider):
     running = RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY))
     try:
-        with pytest.raises(openai.AuthenticationError) as caught:
+        with pytest.raises(openai.PermissionDeniedError) as caught:
             openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
         message = json.dumps(caught.value.body)
         assert "OPENAI_API_KEY" in message
@@ -3196,6 +3197,30 @@ def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, prov
     assert sent["authorization"] == f"Bearer {OPENAI_KEY}"  # Claude Code's placeholder never went upstream
 
 
+def test_claude_code_shows_a_missing_provider_key_at_once_naming_the_variable(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: $PLANO_TEST_UNSET_KEY
+    default: true
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router: false
+""")
+    with plano_up(config, port):
+        # Answered with a 401, Claude Code would retry silently for minutes and hit this timeout.
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                                 "-p", "hello"], capture_output=True, text=True, cwd=tmp_path, timeout=90,
+                                env=claude_env(tmp_path / "home", claude_bin), stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "PLANO_TEST_UNSET_KEY" in result.stdout + result.stderr
+    assert provider.requests == []
+
+
 def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, claude_bin):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
@@ -3866,6 +3891,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 def test_no_configured_key_appears_in_any_log_line_or_error_body():
     assert len(SuiteLog.lines) > 100  # the scan saw the suite's logging, error answers included
-    assert any("error answer 401" in line for line in SuiteLog.lines)
+    assert any("error answer 403" in line and "rejected the configured key" in line for line in SuiteLog.lines)
     leaks = [line for line in SuiteLog.lines if any(key in line for key in ALL_KEYS)]
     assert leaks == []
