@@ -159,8 +159,24 @@ def model_behaviour(messages: list[dict]) -> dict:
     return reply
 
 
+# Gemini's OpenAI-compatible endpoint (under /v1beta/openai) attaches a thought signature to each
+# tool call it makes, and refuses a later request whose history has that call without it.
+GEMINI_SIGNATURE = "CiQB0e2Kb7xQ+vX9/lVtYmIwNzE4ZjM5LTE2ZDMtNDc0ZC1hYmQxLTM0ZmI0ZDJiYTg3Mw=="
+GEMINI_MISSING_SIGNATURE = ("Function call is missing a thought_signature in functionCall parts. This is required "
+                            "for tools to work correctly, and missing thought_signature may lead to degraded model "
+                            "performance.")
+
+
+def gemini_signature_problem(messages: list[dict]) -> str | None:
+    for message in messages:
+        for call in message.get("tool_calls") or [] if message.get("role") == "assistant" else []:
+            if ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature") != GEMINI_SIGNATURE:
+                return GEMINI_MISSING_SIGNATURE
+    return None
+
+
 class OpenAIStandIn:
-    """A Chat Completions provider at /v1/chat/completions."""
+    """A Chat Completions provider at /v1/chat/completions (and Gemini's at /v1beta/openai)."""
 
     def openai_reply(self, request: Recorded) -> Reply:
         if request.headers.get("authorization") != f"Bearer {OPENAI_KEY}":
@@ -168,6 +184,10 @@ class OpenAIStandIn:
                                          f"API key at https://platform.openai.com. ({request.headers.get('authorization', '')})",
                                          "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
         body = request.json
+        gemini = request.path.startswith("/v1beta/openai/")
+        if gemini and (problem := gemini_signature_problem(body["messages"])):
+            return Reply(400, {"error": {"code": 400, "message": problem, "status": "INVALID_ARGUMENT"}})
+        signed = {"extra_content": {"google": {"thought_signature": GEMINI_SIGNATURE}}} if gemini else {}
         behaviour = model_behaviour(body["messages"])
         usage = {"prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47,
                  "prompt_tokens_details": {"cached_tokens": 30}}
@@ -179,7 +199,7 @@ class OpenAIStandIn:
             if "tool" in behaviour:
                 t = behaviour["tool"]
                 message["tool_calls"] = [{"id": t["id"], "type": "function",
-                                          "function": {"name": t["name"], "arguments": t["arguments"]}}]
+                                          "function": {"name": t["name"], "arguments": t["arguments"]}, **signed}]
             return Reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
                                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                                "usage": usage})
@@ -199,7 +219,7 @@ class OpenAIStandIn:
             t = behaviour["tool"]
             args = t["arguments"]
             events.append(chunk({"tool_calls": [{"index": 0, "id": t["id"], "type": "function",
-                                                 "function": {"name": t["name"], "arguments": ""}}]}))
+                                                 "function": {"name": t["name"], "arguments": ""}, **signed}]}))
             events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 4]}}]})
                        for i in range(0, len(args), 4)]
         events.append(chunk({}, finish))
@@ -2120,6 +2140,43 @@ def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
     return dataclasses.replace(reply, **changes)
 
 
+def gemini_config(provider: StandInProvider, port: int = 12000) -> str:
+    return f"""
+llm_providers:
+  - model: gemini/gemini-3-pro-preview
+    base_url: http://127.0.0.1:{provider.port}/v1beta/openai
+    access_key: {OPENAI_KEY}
+    default: true
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router: false
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropic_client(provider, stream):
+    running = RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={}))
+    try:
+        client = anthropic_client(running)
+        ask = [{"role": "user", "content": "TOOL:ls /tmp"}]
+        if stream:
+            with client.messages.stream(model="gemini-3-pro-preview", max_tokens=100, messages=ask, tools=[BASH_TOOL]) as s:
+                first = s.get_final_message()
+        else:
+            first = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, messages=ask, tools=[BASH_TOOL])
+        call = next(block for block in first.content if block.type == "tool_use")
+        assert call.input == {"command": "ls /tmp"}
+        second = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, tools=[BASH_TOOL], messages=ask + [
+            {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "a.txt"}]}])
+        assert second.content[0].text == "tool said: a.txt"
+        sent_back = provider.requests[-1].json["messages"][-2]["tool_calls"][0]
+        assert sent_back["id"] == "call_abc123"  # Gemini gets its own id back, the signature beside it
+    finally:
+        running.stop()
+
+
 def test_a_client_that_hangs_up_cancels_the_upstream_request(gateway, provider):
     events = [(None, {"choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}]})
               for i in range(400)]
@@ -3195,6 +3252,18 @@ def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, prov
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     sent = provider.requests[0].headers
     assert sent["authorization"] == f"Bearer {OPENAI_KEY}"  # Claude Code's placeholder never went upstream
+
+
+def test_claude_code_runs_tools_on_gemini_with_its_thought_signatures(tmp_path, provider, claude_bin):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(gemini_config(provider, port))
+    with plano_up(config, port) as url:
+        result = run_claude(claude_bin, url, tmp_path / "home", "TOOL:echo signed-call", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tool said: signed-call" in result.stdout  # Gemini refuses the continuation without its signature
+    continuation = provider.requests[-1].json["messages"]
+    assert any(m.get("tool_calls") for m in continuation if m["role"] == "assistant")
 
 
 def test_claude_code_shows_a_missing_provider_key_at_once_naming_the_variable(tmp_path, provider, claude_bin):
