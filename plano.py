@@ -5,9 +5,9 @@ preferences by the Arch-Router-1.5B model running in-process on the CPU.
 Layers, top to bottom (a layer only uses the ones above it):
 
     errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
-    machines) → router (prompt, trimming, backends, decision cache) → upstream client (HTTP/1.1
-    keep-alive to providers under httpx) → gateway (one request: parse → choose model → call
-    upstream → answer) → HTTP server (trio + h11) → CLI
+    machines) → upstream client (HTTP/1.1 keep-alive to providers under httpx) → router
+    (prompt, trimming, backends, decision cache) → gateway (one request: parse → choose model →
+    call upstream → answer) → HTTP server (trio + h11) → CLI
 
 Library use::
 
@@ -1503,6 +1503,332 @@ def replace_json_model(raw: str, model_id: str) -> str:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+#
+# httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
+# this is the transport under it. httpx's default transport (httpcore) spent ~0.75 ms of CPU per
+# request here, more than everything else plano does per request together, and a bare trio + h11
+# exchange spends ~0.2 ms (bench/overhead.py): httpcore serves HTTP/2, proxies and every async
+# library, and plano needs one thing, HTTP/1.1 keep-alive to a few provider origins from trio.
+# The h11 state machine is the one the server already uses, so the framing rules are not ours.
+
+_Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def _timeout(timeouts: Mapping[str, Any], which: str) -> float:
+    seconds = timeouts.get(which)
+    return math.inf if seconds is None else seconds
+
+
+@dataclass(frozen=True)
+class _Proxy:
+    host: str
+    port: int
+    authorization: str | None  # a Proxy-Authorization value, from user:password in the proxy URL
+
+
+def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], tuple[str, ...]]:
+    """({"http"/"https": proxy}, NO_PROXY entries) from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, either
+    case, as Python's HTTP clients read them. Only http:// proxies are used (what corporate proxies
+    speak); a proxy URL without a port means port 80."""
+    def variable(name: str) -> str:
+        return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
+
+    proxies = {}
+    for scheme in ("http", "https"):
+        value = variable(f"{scheme}_proxy") or variable("all_proxy")
+        if not value:
+            continue
+        parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
+        if parts.scheme != "http" or not parts.hostname:
+            log.warning("ignoring %s_PROXY: plano speaks to http:// proxies only", scheme.upper())
+            continue
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+        proxies[scheme] = _Proxy(parts.hostname, parts.port or 80, authorization)
+    # Entries separated by commas or spaces (Claude Code's documentation writes both).
+    no_proxy = tuple(entry.lower().lstrip(".") for entry in re.split(r"[,\s]+", variable("no_proxy")) if entry)
+    return proxies, no_proxy
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
+    # Loopback never goes through a proxy (as in Go's net/http): a corporate proxy cannot reach the
+    # Ollama or vLLM on this machine, and nobody means it to.
+    host = host.lower()
+    return _is_loopback(host) or any(entry == "*" or host == entry or host.endswith("." + entry)
+                                     for entry in no_proxy)
+
+
+class _UpstreamConnection:
+    """One HTTP/1.1 connection to a provider and its h11 client state."""
+
+    def __init__(self, stream: trio.abc.Stream, socket: Any):
+        self.stream = stream
+        self.socket = socket  # the TCP socket under any TLS, to look for EOF while idle
+        self.protocol = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def reusable(self, now: float, expiry: float) -> bool:
+        # A provider that closed an idle connection has left its EOF behind: readable while idle.
+        return now - self.idle_since < expiry and not self.socket.is_readable()
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpx.WriteError(f"the connection broke while sending ({e})") from None
+        if scope.cancelled_caught:
+            raise httpx.WriteTimeout("timed out sending the request")
+
+    async def receive(self, timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpx.ReadError(f"the connection broke while reading ({e})") from None
+        if scope.cancelled_caught:
+            raise httpx.ReadTimeout("timed out waiting for the provider")
+        self.protocol.receive_data(data)
+
+    def next_event(self) -> Any:
+        try:
+            return self.protocol.next_event()
+        except h11.RemoteProtocolError as e:
+            raise httpx.RemoteProtocolError(f"malformed HTTP from the provider: {e}") from None
+
+
+class UpstreamTransport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 with a keep-alive pool per origin; TLS verified against certifi's roots (or
+    $SSL_CERT_FILE / $SSL_CERT_DIR); through an HTTP proxy when $HTTPS_PROXY / $HTTP_PROXY say so
+    (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
+    its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
+
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
+                 environ: Mapping[str, str] | None = None):
+        # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
+        # longer than 5 s, and each new TLS connection to a provider costs round trips.
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.keepalive_expiry = keepalive_expiry
+        self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
+        self._slots: dict[_Origin, trio.Semaphore] = {}
+        self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
+        self._proxies, self._no_proxy = environment_proxies(os.environ if environ is None else environ)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"plano calls providers over http or https, not {url.scheme!r}")
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        timeouts = request.extensions.get("timeout", {})
+        slots = self._slots.get(origin) or self._slots.setdefault(origin, trio.Semaphore(self.max_connections))
+        try:
+            # No await before the request is on the wire, so nothing else runs first: work such as
+            # the server's hang-up watcher starting up happens while the provider thinks.
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(_timeout(timeouts, "pool")) as waiting:
+                await slots.acquire()
+            if waiting.cancelled_caught:
+                raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
+        connection = None
+        try:
+            body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+            proxy = self._proxy_for(origin)
+            if proxy is not None and url.scheme == "http":
+                # A plain-http request goes to the proxy whole: absolute URL, the proxy's credentials.
+                headers = request.headers.raw + ([(b"proxy-authorization", proxy.authorization.encode())]
+                                                 if proxy.authorization else [])
+                head = h11.Request(method=request.method, target=str(url), headers=headers)
+            else:
+                head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
+            connection = self._idle_connection(origin)
+            if connection is not None:
+                try:
+                    await self._send_request(connection, head, body, timeouts)
+                except httpx.WriteError:
+                    # Closed by the provider between our check and our write: nothing reached it.
+                    await trio.aclose_forcefully(connection.stream)
+                    connection = None
+            if connection is None:
+                connection = await self._connect(origin, timeouts)
+                await self._send_request(connection, head, body, timeouts)
+            response = await self._response_head(connection, _timeout(timeouts, "read"))
+        except BaseException:
+            if connection is not None:
+                await trio.aclose_forcefully(connection.stream)
+            slots.release()
+            raise
+        stream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
+        return httpx.Response(response.status_code, headers=list(response.headers), stream=stream,
+                              extensions={"http_version": b"HTTP/" + response.http_version,
+                                          "reason_phrase": response.reason})
+
+    def _idle_connection(self, origin: _Origin) -> _UpstreamConnection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()  # the most recently used: the likeliest to be alive
+            if connection.reusable(now, self.keepalive_expiry):
+                return connection
+            connection.socket.close()  # stale or expired: closing the socket ends TLS with it
+        return None
+
+    def _proxy_for(self, origin: _Origin) -> _Proxy | None:
+        proxy = self._proxies.get(origin[0])
+        return None if proxy is None or _bypasses_proxy(origin[1], self._no_proxy) else proxy
+
+    async def _connect(self, origin: _Origin, timeouts: Mapping[str, Any]) -> _UpstreamConnection:
+        scheme, host, port = origin
+        proxy = self._proxy_for(origin)
+        stream = None
+        with trio.move_on_after(_timeout(timeouts, "connect")):
+            try:
+                stream = await trio.open_tcp_stream(*((proxy.host, proxy.port) if proxy else (host, port)))
+                socket = stream.socket
+                if proxy is not None and scheme == "https":
+                    await self._open_tunnel(stream, host, port, proxy)
+                if scheme == "https":
+                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=host,
+                                            https_compatible=True)
+                    await stream.do_handshake()
+                return _UpstreamConnection(stream, socket)
+            except (OSError, trio.BrokenResourceError) as e:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                reason = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
+                via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
+                raise httpx.ConnectError(f"cannot connect to {host}:{port}{via} ({reason})") from None
+            except BaseException:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                raise
+        raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}")
+
+    @staticmethod
+    async def _open_tunnel(stream: trio.SocketStream, host: str, port: int, proxy: _Proxy) -> None:
+        """Ask the proxy for a tunnel to host:port (HTTP CONNECT); TLS then runs inside it."""
+        protocol = h11.Connection(h11.CLIENT)
+        headers = [("host", f"{host}:{port}")] + ([("proxy-authorization", proxy.authorization)]
+                                                  if proxy.authorization else [])
+        await stream.send_all(protocol.send(h11.Request(method="CONNECT", target=f"{host}:{port}", headers=headers))
+                              + protocol.send(h11.EndOfMessage()))
+        while True:
+            try:
+                event = protocol.next_event()
+            except h11.RemoteProtocolError as e:
+                raise OSError(f"the proxy's answer is not HTTP ({e})") from None
+            if event is h11.NEED_DATA:
+                protocol.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise OSError("the proxy closed the connection")
+        if not 200 <= event.status_code < 300:
+            raise OSError(f"the proxy answered CONNECT with {event.status_code} {event.reason.decode(errors='replace')}")
+
+    def _tls_context(self) -> Any:
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context(trust_env=True)
+            self._tls.set_alpn_protocols(["http/1.1"])
+        return self._tls
+
+    @staticmethod
+    async def _send_request(connection: _UpstreamConnection, head: h11.Request, body: bytes,
+                            timeouts: Mapping[str, Any]) -> None:
+        # Head, body and end in one write: one syscall, one segment for a small request.
+        protocol = connection.protocol
+        data = protocol.send(head) + protocol.send(h11.Data(data=body)) + protocol.send(h11.EndOfMessage())
+        await connection.send(data, _timeout(timeouts, "write"))
+
+    @staticmethod
+    async def _response_head(connection: _UpstreamConnection, read_timeout: float) -> h11.Response:
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                await connection.receive(read_timeout)
+            elif isinstance(event, h11.Response):
+                return event
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("the provider closed the connection without answering")
+            # an InformationalResponse (100 Continue): the real answer follows
+
+    def _release(self, origin: _Origin, connection: _UpstreamConnection) -> bool:
+        """Keep a connection whose exchange ended cleanly for the next request; False: close it.
+        An answer not read to its end (the client hung up) leaves h11 mid-body: closed."""
+        protocol = connection.protocol
+        if not (protocol.our_state is h11.DONE and protocol.their_state is h11.DONE):
+            return False
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) >= self.max_idle:
+            return False
+        protocol.start_next_cycle()
+        connection.idle_since = time.monotonic()
+        idle.append(connection)
+        return True
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                await trio.aclose_forcefully(connection.stream)
+        self._idle.clear()
+
+
+class _UpstreamBody(httpx.AsyncByteStream):
+    """A response body as it arrives. Everything one network read brings comes out as one piece:
+    a fast stream of small events costs one translation and one write downstream per read, not
+    one per event."""
+
+    def __init__(self, transport: UpstreamTransport, origin: _Origin, connection: _UpstreamConnection,
+                 slots: trio.Semaphore, read_timeout: float):
+        self.transport = transport
+        self.origin = origin
+        self.connection = connection
+        self.slots = slots
+        self.read_timeout = read_timeout
+        self.complete = False
+        self.closed = False
+
+    async def __aiter__(self) -> Any:
+        connection = self.connection
+        while not self.complete:
+            pieces = []
+            event = connection.next_event()
+            while event is not h11.NEED_DATA:
+                if type(event) is h11.Data:
+                    pieces.append(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    self.complete = True
+                    break
+                else:
+                    raise httpx.RemoteProtocolError("the provider closed the connection mid-answer")
+                event = connection.next_event()
+            if pieces:
+                yield b"".join(pieces)
+            if not self.complete:
+                await connection.receive(self.read_timeout)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.slots.release()
+        if not self.transport._release(self.origin, self.connection):
+            await trio.aclose_forcefully(self.connection.stream)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Router: which configured model should answer this conversation.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -1991,8 +2317,9 @@ class Router:
     async def start(self) -> None:
         """Load the backend (in a worker thread; it can take seconds) and warm the prefix."""
         if isinstance(self.backend, RemoteRouterBackend):
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.router.timeout_ms / 1000),
-                                             trust_env=False)
+            # plano's own transport, as for providers: kept-alive connections, the company proxy.
+            self._client = httpx.AsyncClient(transport=UpstreamTransport(), trust_env=False,
+                                             timeout=httpx.Timeout(self.config.router.timeout_ms / 1000))
             self.status = "ready"
             return
         log.info("router: loading %s in the background (the first use downloads it, ~1 GB); until it is "
@@ -2197,332 +2524,6 @@ def make_router(config: Config, nursery: trio.Nursery) -> Router | None:
     router = Router(config, router_backend(config.router))
     nursery.start_soon(router.start)
     return router
-
-
-# ═════════════════════════════════════════════════════════════════════════════════════════════
-# Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
-# ═════════════════════════════════════════════════════════════════════════════════════════════
-#
-# httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
-# this is the transport under it. httpx's default transport (httpcore) spent ~0.75 ms of CPU per
-# request here, more than everything else plano does per request together, and a bare trio + h11
-# exchange spends ~0.2 ms (bench/overhead.py): httpcore serves HTTP/2, proxies and every async
-# library, and plano needs one thing, HTTP/1.1 keep-alive to a few provider origins from trio.
-# The h11 state machine is the one the server already uses, so the framing rules are not ours.
-
-_Origin = tuple[str, str, int]  # scheme, host, port
-
-
-def _timeout(timeouts: Mapping[str, Any], which: str) -> float:
-    seconds = timeouts.get(which)
-    return math.inf if seconds is None else seconds
-
-
-@dataclass(frozen=True)
-class _Proxy:
-    host: str
-    port: int
-    authorization: str | None  # a Proxy-Authorization value, from user:password in the proxy URL
-
-
-def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], tuple[str, ...]]:
-    """({"http"/"https": proxy}, NO_PROXY entries) from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, either
-    case, as Python's HTTP clients read them. Only http:// proxies are used (what corporate proxies
-    speak); a proxy URL without a port means port 80."""
-    def variable(name: str) -> str:
-        return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
-
-    proxies = {}
-    for scheme in ("http", "https"):
-        value = variable(f"{scheme}_proxy") or variable("all_proxy")
-        if not value:
-            continue
-        parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
-        if parts.scheme != "http" or not parts.hostname:
-            log.warning("ignoring %s_PROXY: plano speaks to http:// proxies only", scheme.upper())
-            continue
-        authorization = None
-        if parts.username is not None:
-            credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-        proxies[scheme] = _Proxy(parts.hostname, parts.port or 80, authorization)
-    # Entries separated by commas or spaces (Claude Code's documentation writes both).
-    no_proxy = tuple(entry.lower().lstrip(".") for entry in re.split(r"[,\s]+", variable("no_proxy")) if entry)
-    return proxies, no_proxy
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
-
-
-def _bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
-    # Loopback never goes through a proxy (as in Go's net/http): a corporate proxy cannot reach the
-    # Ollama or vLLM on this machine, and nobody means it to.
-    host = host.lower()
-    return _is_loopback(host) or any(entry == "*" or host == entry or host.endswith("." + entry)
-                                     for entry in no_proxy)
-
-
-class _UpstreamConnection:
-    """One HTTP/1.1 connection to a provider and its h11 client state."""
-
-    def __init__(self, stream: trio.abc.Stream, socket: Any):
-        self.stream = stream
-        self.socket = socket  # the TCP socket under any TLS, to look for EOF while idle
-        self.protocol = h11.Connection(h11.CLIENT)
-        self.idle_since = 0.0
-
-    def reusable(self, now: float, expiry: float) -> bool:
-        # A provider that closed an idle connection has left its EOF behind: readable while idle.
-        return now - self.idle_since < expiry and not self.socket.is_readable()
-
-    async def send(self, data: bytes, timeout: float) -> None:
-        with trio.move_on_after(timeout) as scope:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise httpx.WriteError(f"the connection broke while sending ({e})") from None
-        if scope.cancelled_caught:
-            raise httpx.WriteTimeout("timed out sending the request")
-
-    async def receive(self, timeout: float) -> None:
-        with trio.move_on_after(timeout) as scope:
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise httpx.ReadError(f"the connection broke while reading ({e})") from None
-        if scope.cancelled_caught:
-            raise httpx.ReadTimeout("timed out waiting for the provider")
-        self.protocol.receive_data(data)
-
-    def next_event(self) -> Any:
-        try:
-            return self.protocol.next_event()
-        except h11.RemoteProtocolError as e:
-            raise httpx.RemoteProtocolError(f"malformed HTTP from the provider: {e}") from None
-
-
-class UpstreamTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 with a keep-alive pool per origin; TLS verified against certifi's roots (or
-    $SSL_CERT_FILE / $SSL_CERT_DIR); through an HTTP proxy when $HTTPS_PROXY / $HTTP_PROXY say so
-    (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
-    its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
-
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
-                 environ: Mapping[str, str] | None = None):
-        # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
-        # longer than 5 s, and each new TLS connection to a provider costs round trips.
-        self.max_connections = max_connections
-        self.max_idle = max_idle
-        self.keepalive_expiry = keepalive_expiry
-        self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
-        self._slots: dict[_Origin, trio.Semaphore] = {}
-        self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
-        self._proxies, self._no_proxy = environment_proxies(os.environ if environ is None else environ)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"plano calls providers over http or https, not {url.scheme!r}")
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        timeouts = request.extensions.get("timeout", {})
-        slots = self._slots.get(origin) or self._slots.setdefault(origin, trio.Semaphore(self.max_connections))
-        try:
-            # No await before the request is on the wire, so nothing else runs first: work such as
-            # the server's hang-up watcher starting up happens while the provider thinks.
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_after(_timeout(timeouts, "pool")) as waiting:
-                await slots.acquire()
-            if waiting.cancelled_caught:
-                raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
-        connection = None
-        try:
-            body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
-            proxy = self._proxy_for(origin)
-            if proxy is not None and url.scheme == "http":
-                # A plain-http request goes to the proxy whole: absolute URL, the proxy's credentials.
-                headers = request.headers.raw + ([(b"proxy-authorization", proxy.authorization.encode())]
-                                                 if proxy.authorization else [])
-                head = h11.Request(method=request.method, target=str(url), headers=headers)
-            else:
-                head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
-            connection = self._idle_connection(origin)
-            if connection is not None:
-                try:
-                    await self._send_request(connection, head, body, timeouts)
-                except httpx.WriteError:
-                    # Closed by the provider between our check and our write: nothing reached it.
-                    await trio.aclose_forcefully(connection.stream)
-                    connection = None
-            if connection is None:
-                connection = await self._connect(origin, timeouts)
-                await self._send_request(connection, head, body, timeouts)
-            response = await self._response_head(connection, _timeout(timeouts, "read"))
-        except BaseException:
-            if connection is not None:
-                await trio.aclose_forcefully(connection.stream)
-            slots.release()
-            raise
-        stream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
-        return httpx.Response(response.status_code, headers=list(response.headers), stream=stream,
-                              extensions={"http_version": b"HTTP/" + response.http_version,
-                                          "reason_phrase": response.reason})
-
-    def _idle_connection(self, origin: _Origin) -> _UpstreamConnection | None:
-        idle = self._idle.get(origin)
-        now = time.monotonic()
-        while idle:
-            connection = idle.pop()  # the most recently used: the likeliest to be alive
-            if connection.reusable(now, self.keepalive_expiry):
-                return connection
-            connection.socket.close()  # stale or expired: closing the socket ends TLS with it
-        return None
-
-    def _proxy_for(self, origin: _Origin) -> _Proxy | None:
-        proxy = self._proxies.get(origin[0])
-        return None if proxy is None or _bypasses_proxy(origin[1], self._no_proxy) else proxy
-
-    async def _connect(self, origin: _Origin, timeouts: Mapping[str, Any]) -> _UpstreamConnection:
-        scheme, host, port = origin
-        proxy = self._proxy_for(origin)
-        stream = None
-        with trio.move_on_after(_timeout(timeouts, "connect")):
-            try:
-                stream = await trio.open_tcp_stream(*((proxy.host, proxy.port) if proxy else (host, port)))
-                socket = stream.socket
-                if proxy is not None and scheme == "https":
-                    await self._open_tunnel(stream, host, port, proxy)
-                if scheme == "https":
-                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=host,
-                                            https_compatible=True)
-                    await stream.do_handshake()
-                return _UpstreamConnection(stream, socket)
-            except (OSError, trio.BrokenResourceError) as e:
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                reason = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
-                via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
-                raise httpx.ConnectError(f"cannot connect to {host}:{port}{via} ({reason})") from None
-            except BaseException:
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                raise
-        raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}")
-
-    @staticmethod
-    async def _open_tunnel(stream: trio.SocketStream, host: str, port: int, proxy: _Proxy) -> None:
-        """Ask the proxy for a tunnel to host:port (HTTP CONNECT); TLS then runs inside it."""
-        protocol = h11.Connection(h11.CLIENT)
-        headers = [("host", f"{host}:{port}")] + ([("proxy-authorization", proxy.authorization)]
-                                                  if proxy.authorization else [])
-        await stream.send_all(protocol.send(h11.Request(method="CONNECT", target=f"{host}:{port}", headers=headers))
-                              + protocol.send(h11.EndOfMessage()))
-        while True:
-            try:
-                event = protocol.next_event()
-            except h11.RemoteProtocolError as e:
-                raise OSError(f"the proxy's answer is not HTTP ({e})") from None
-            if event is h11.NEED_DATA:
-                protocol.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise OSError("the proxy closed the connection")
-        if not 200 <= event.status_code < 300:
-            raise OSError(f"the proxy answered CONNECT with {event.status_code} {event.reason.decode(errors='replace')}")
-
-    def _tls_context(self) -> Any:
-        if self._tls is None:
-            self._tls = httpx.create_ssl_context(trust_env=True)
-            self._tls.set_alpn_protocols(["http/1.1"])
-        return self._tls
-
-    @staticmethod
-    async def _send_request(connection: _UpstreamConnection, head: h11.Request, body: bytes,
-                            timeouts: Mapping[str, Any]) -> None:
-        # Head, body and end in one write: one syscall, one segment for a small request.
-        protocol = connection.protocol
-        data = protocol.send(head) + protocol.send(h11.Data(data=body)) + protocol.send(h11.EndOfMessage())
-        await connection.send(data, _timeout(timeouts, "write"))
-
-    @staticmethod
-    async def _response_head(connection: _UpstreamConnection, read_timeout: float) -> h11.Response:
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                await connection.receive(read_timeout)
-            elif isinstance(event, h11.Response):
-                return event
-            elif isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError("the provider closed the connection without answering")
-            # an InformationalResponse (100 Continue): the real answer follows
-
-    def _release(self, origin: _Origin, connection: _UpstreamConnection) -> bool:
-        """Keep a connection whose exchange ended cleanly for the next request; False: close it.
-        An answer not read to its end (the client hung up) leaves h11 mid-body: closed."""
-        protocol = connection.protocol
-        if not (protocol.our_state is h11.DONE and protocol.their_state is h11.DONE):
-            return False
-        idle = self._idle.setdefault(origin, [])
-        if len(idle) >= self.max_idle:
-            return False
-        protocol.start_next_cycle()
-        connection.idle_since = time.monotonic()
-        idle.append(connection)
-        return True
-
-    async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
-                await trio.aclose_forcefully(connection.stream)
-        self._idle.clear()
-
-
-class _UpstreamBody(httpx.AsyncByteStream):
-    """A response body as it arrives. Everything one network read brings comes out as one piece:
-    a fast stream of small events costs one translation and one write downstream per read, not
-    one per event."""
-
-    def __init__(self, transport: UpstreamTransport, origin: _Origin, connection: _UpstreamConnection,
-                 slots: trio.Semaphore, read_timeout: float):
-        self.transport = transport
-        self.origin = origin
-        self.connection = connection
-        self.slots = slots
-        self.read_timeout = read_timeout
-        self.complete = False
-        self.closed = False
-
-    async def __aiter__(self) -> Any:
-        connection = self.connection
-        while not self.complete:
-            pieces = []
-            event = connection.next_event()
-            while event is not h11.NEED_DATA:
-                if type(event) is h11.Data:
-                    pieces.append(event.data)
-                elif type(event) is h11.EndOfMessage:
-                    self.complete = True
-                    break
-                else:
-                    raise httpx.RemoteProtocolError("the provider closed the connection mid-answer")
-                event = connection.next_event()
-            if pieces:
-                yield b"".join(pieces)
-            if not self.complete:
-                await connection.receive(self.read_timeout)
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.slots.release()
-        if not self.transport._release(self.origin, self.connection):
-            await trio.aclose_forcefully(self.connection.stream)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
