@@ -1526,12 +1526,13 @@ class _Proxy:
     host: str
     port: int
     authorization: str | None  # a Proxy-Authorization value, from user:password in the proxy URL
+    tls: bool = False  # an https:// proxy URL: TLS to the proxy itself, then the tunnel inside it
 
 
 def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], tuple[str, ...]]:
     """({"http"/"https": proxy}, NO_PROXY entries) from HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, either
-    case, as Python's HTTP clients read them. Only http:// proxies are used (what corporate proxies
-    speak); a proxy URL without a port means port 80."""
+    case, as Python's HTTP clients read them. A proxy URL is http:// or https:// (TLS to the proxy,
+    as Claude Code's documentation writes it); without a port it means 80 or 443."""
     def variable(name: str) -> str:
         return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
 
@@ -1541,14 +1542,19 @@ def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], 
         if not value:
             continue
         parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
-        if parts.scheme != "http" or not parts.hostname:
-            log.warning("ignoring %s_PROXY: plano speaks to http:// proxies only", scheme.upper())
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # a port that is not a number
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            # Not the value itself: a proxy URL can hold a password.
+            log.warning("ignoring %s_PROXY: not an http:// or https:// proxy URL with a valid port", scheme.upper())
             continue
         authorization = None
         if parts.username is not None:
             credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-        proxies[scheme] = _Proxy(parts.hostname, parts.port or 80, authorization)
+        proxies[scheme] = _Proxy(parts.hostname, port, authorization, tls=parts.scheme == "https")
     # Entries separated by commas or spaces (Claude Code's documentation writes both).
     no_proxy = tuple(entry.lower().lstrip(".") for entry in re.split(r"[,\s]+", variable("no_proxy")) if entry)
     return proxies, no_proxy
@@ -1697,6 +1703,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             try:
                 stream = await trio.open_tcp_stream(*((proxy.host, proxy.port) if proxy else (host, port)))
                 socket = stream.socket
+                if proxy is not None and proxy.tls:
+                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=proxy.host,
+                                            https_compatible=True)
+                    await stream.do_handshake()
                 if proxy is not None and scheme == "https":
                     await self._open_tunnel(stream, host, port, proxy)
                 if scheme == "https":
@@ -1717,7 +1727,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}")
 
     @staticmethod
-    async def _open_tunnel(stream: trio.SocketStream, host: str, port: int, proxy: _Proxy) -> None:
+    async def _open_tunnel(stream: trio.abc.Stream, host: str, port: int, proxy: _Proxy) -> None:
         """Ask the proxy for a tunnel to host:port (HTTP CONNECT); TLS then runs inside it."""
         protocol = h11.Connection(h11.CLIENT)
         headers = [("host", f"{host}:{port}")] + ([("proxy-authorization", proxy.authorization)]

@@ -2431,12 +2431,20 @@ llm_providers:
     assert "RemoteProtocolError" in response.json()["error"]["message"]
 
 
+def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
+    return context
+
+
 @pytest.fixture
-def tls_provider(tmp_path):
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost", PROXIED_HOST).configure_cert(server_context)
-    provider = StandInProvider(tls=server_context)
+def authority():
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_provider(tmp_path, authority):
+    provider = StandInProvider(tls=tls_server_context(authority))
     authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     yield provider, str(tmp_path / "ca.pem")
     provider.close()
@@ -2479,8 +2487,9 @@ class StandInProxy:
     """An HTTP proxy on loopback the way corporate ones work: CONNECT tunnels for https, absolute-URL
     requests forwarded for http, optional Basic credentials. Records each request line it got."""
 
-    def __init__(self, credentials: str | None = None):
+    def __init__(self, credentials: str | None = None, tls: ssl.SSLContext | None = None):
         self.credentials = credentials
+        self.tls = tls  # an https:// proxy: TLS to the proxy itself
         self.seen: list[tuple[str, str | None]] = []  # (request line, Proxy-Authorization)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -2495,6 +2504,12 @@ class StandInProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                client = self.tls.wrap_socket(client, server_side=True)
+            except OSError:
+                client.close()
+                return
         with client:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -2562,7 +2577,10 @@ def test_proxy_settings_are_read_from_the_environment_in_either_case():
     assert not plano._bypasses_proxy("notinternal.corp", no_proxy)
     assert all(plano._bypasses_proxy(host, ()) for host in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
     assert plano._bypasses_proxy("anything.example", ("*",))
-    assert plano.environment_proxies({"HTTPS_PROXY": "socks5://proxy.corp:1080"})[0] == {}  # not an http proxy
+    assert plano.environment_proxies({"HTTPS_PROXY": "https://proxy.corp"})[0]["https"] == plano._Proxy(
+        "proxy.corp", 443, None, tls=True)
+    assert plano.environment_proxies({"HTTPS_PROXY": "socks5://proxy.corp:1080"})[0] == {}  # not an http(s) proxy
+    assert plano.environment_proxies({"HTTPS_PROXY": "http://proxy.corp:80a"})[0] == {}  # a port that is no number
 
 
 def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provider, proxy, monkeypatch):
@@ -2579,6 +2597,22 @@ def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provid
     credentials = "Basic " + base64.b64encode(b"plano user:p@ss").decode()
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1", credentials)]  # one tunnel, kept
     assert provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # inside TLS, to the provider
+
+
+def test_an_https_proxy_url_means_tls_to_the_proxy_then_the_tunnel_inside(tls_provider, authority, monkeypatch):
+    provider, authority_pem = tls_provider
+    provider.host = PROXIED_HOST
+    proxy = StandInProxy(credentials="plano user:p@ss", tls=tls_server_context(authority))
+    monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
+    monkeypatch.setenv("HTTPS_PROXY", f"https://{PROXY_USER}@localhost:{proxy.port}")  # as Claude Code's docs write it
+    running = RunningPlano(config_for(provider))
+    try:
+        assert ask(running, "say twice wrapped").json()["content"][0]["text"] == "echo: say twice wrapped"
+    finally:
+        running.stop()
+        proxy.close()
+    assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1",
+                           "Basic " + base64.b64encode(b"plano user:p@ss").decode())]
 
 
 def test_providers_on_this_machine_are_reached_directly_despite_a_proxy(tls_provider, proxy, monkeypatch):
