@@ -1538,7 +1538,8 @@ def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], 
 
     proxies = {}
     for scheme in ("http", "https"):
-        value = variable(f"{scheme}_proxy") or variable("all_proxy")
+        name = f"{scheme}_proxy" if variable(f"{scheme}_proxy") else "all_proxy"
+        value = variable(name)
         if not value:
             continue
         parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
@@ -1548,7 +1549,8 @@ def environment_proxies(environ: Mapping[str, str]) -> tuple[dict[str, _Proxy], 
             port = None
         if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             # Not the value itself: a proxy URL can hold a password.
-            log.warning("ignoring %s_PROXY: not an http:// or https:// proxy URL with a valid port", scheme.upper())
+            log.warning("ignoring %s for %s: not an http:// or https:// proxy URL with a valid port",
+                        name.upper(), scheme)
             continue
         authorization = None
         if parts.username is not None:
