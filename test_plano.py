@@ -2159,15 +2159,15 @@ def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropi
     running = RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={}))
     try:
         client = anthropic_client(running)
-        ask = [{"role": "user", "content": "TOOL:ls /tmp"}]
+        question = [{"role": "user", "content": "TOOL:ls /tmp"}]
         if stream:
-            with client.messages.stream(model="gemini-3-pro-preview", max_tokens=100, messages=ask, tools=[BASH_TOOL]) as s:
+            with client.messages.stream(model="gemini-3-pro-preview", max_tokens=100, messages=question, tools=[BASH_TOOL]) as s:
                 first = s.get_final_message()
         else:
-            first = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, messages=ask, tools=[BASH_TOOL])
+            first = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, messages=question, tools=[BASH_TOOL])
         call = next(block for block in first.content if block.type == "tool_use")
         assert call.input == {"command": "ls /tmp"}
-        second = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, tools=[BASH_TOOL], messages=ask + [
+        second = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, tools=[BASH_TOOL], messages=question + [
             {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "a.txt"}]}])
         assert second.content[0].text == "tool said: a.txt"
