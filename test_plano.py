@@ -2387,11 +2387,9 @@ llm_providers:
 """, path=CONFIG_PATH, environ={})
     running = RunningPlano(config)
     try:
-        provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])
-        started = time.monotonic()
+        provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])  # answers, late
         response = ask(running)
-        assert time.monotonic() - started < 2.5
-        assert response.status_code == 504
+        assert response.status_code == 504  # not the 200 the stand-in sends after 3 s
         assert response.json()["type"] == "error" and "did not answer in time" in response.json()["error"]["message"]
         provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])
         with pytest.raises(openai.APIStatusError) as caught:
