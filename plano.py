@@ -1507,10 +1507,11 @@ def replace_json_model(raw: str, model_id: str) -> str:
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 #
 # httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
-# this is the transport under it. httpx's default transport (httpcore) spent ~0.75 ms of CPU per
-# request here, more than everything else plano does per request together, and a bare trio + h11
-# exchange spends ~0.2 ms (bench/overhead.py): httpcore serves HTTP/2, proxies and every async
-# library, and plano needs one thing, HTTP/1.1 keep-alive to a few provider origins from trio.
+# this is the transport under it. In a minimal trio + h11 forwarder measured on this project's
+# machine, an upstream exchange through httpx's default transport (httpcore) cost ~0.75 ms of CPU
+# and one framed with h11 directly ~0.2 ms; httpcore serves HTTP/2 and every async library, and
+# plano needs one thing, HTTP/1.1 keep-alive to a few provider origins from trio. The effect on the
+# whole gateway is in bench/overhead.py's figures (README, Performance).
 # The h11 state machine is the one the server already uses, so the framing rules are not ours.
 
 _Origin = tuple[str, str, int]  # scheme, host, port
