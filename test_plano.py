@@ -49,7 +49,9 @@ OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
 WRONG_KEY = "sk-wrong-key-000000000000"
-ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY)
+PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
+PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
+ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:])
 
 
 class SuiteLog(logging.Handler):
@@ -2556,12 +2558,12 @@ class StandInProxy:
 
 @pytest.fixture
 def proxy():
-    stand_in = StandInProxy(credentials="plano user:p@ss")
+    stand_in = StandInProxy(credentials=PROXY_CREDENTIALS)
     yield stand_in
     stand_in.close()
 
 
-PROXY_USER = "plano%20user:p%40ss"  # the proxy's credentials as written in a proxy URL
+PROXY_USER = urllib.parse.quote(PROXY_CREDENTIALS, safe=":")  # as written in a proxy URL
 
 
 def test_proxy_settings_are_read_from_the_environment_in_either_case():
@@ -2592,7 +2594,7 @@ def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provid
             assert ask(running, "say tunnelled", stream=stream).status_code == 200
     finally:
         running.stop()
-    credentials = "Basic " + base64.b64encode(b"plano user:p@ss").decode()
+    credentials = PROXY_BASIC
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1", credentials)]  # one tunnel, kept
     assert provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # inside TLS, to the provider
 
@@ -2600,7 +2602,7 @@ def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provid
 def test_an_https_proxy_url_means_tls_to_the_proxy_then_the_tunnel_inside(tls_provider, authority, monkeypatch):
     provider, authority_pem = tls_provider
     provider.host = PROXIED_HOST
-    proxy = StandInProxy(credentials="plano user:p@ss", tls=tls_server_context(authority))
+    proxy = StandInProxy(credentials=PROXY_CREDENTIALS, tls=tls_server_context(authority))
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"https://{PROXY_USER}@localhost:{proxy.port}")  # as Claude Code's docs write it
     running = RunningPlano(config_for(provider))
@@ -2610,7 +2612,7 @@ def test_an_https_proxy_url_means_tls_to_the_proxy_then_the_tunnel_inside(tls_pr
         running.stop()
         proxy.close()
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1",
-                           "Basic " + base64.b64encode(b"plano user:p@ss").decode())]
+                           PROXY_BASIC)]
 
 
 def test_providers_on_this_machine_are_reached_directly_despite_a_proxy(tls_provider, proxy, monkeypatch):
@@ -2636,7 +2638,7 @@ def test_plain_http_providers_go_through_http_proxy_with_the_whole_url(provider,
         running.stop()
     line, credentials = proxy.seen[0]
     assert line == f"POST http://{PROXIED_HOST}:{provider.port}/v1/chat/completions HTTP/1.1"
-    assert credentials == "Basic " + base64.b64encode(b"plano user:p@ss").decode()
+    assert credentials == PROXY_BASIC
 
 
 def test_a_proxy_that_refuses_is_a_502_that_says_so(tls_provider, proxy, monkeypatch):
