@@ -1623,8 +1623,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
     its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
 
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
-                 environ: Mapping[str, str] | None = None):
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0):
         # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
         # longer than 5 s, and each new TLS connection to a provider costs round trips.
         self.max_connections = max_connections
@@ -1633,7 +1632,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
         self._slots: dict[_Origin, trio.Semaphore] = {}
         self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
-        self._proxies, self._no_proxy = environment_proxies(os.environ if environ is None else environ)
+        self._proxies, self._no_proxy = environment_proxies(os.environ)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
