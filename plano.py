@@ -2626,7 +2626,8 @@ def _retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
+        return None if math.isnan(seconds) else max(seconds, 0.0)  # "nan" parses, and says nothing
     except ValueError:
         pass
     import email.utils

@@ -3770,6 +3770,96 @@ def test_byte_soup_to_the_http_layer_never_breaks_the_server(hostile_target, sou
     assert httpx.get(hostile_target.url + "/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("value, seconds", [("7", 7.0), ("-3", 0.0), ("nan", None), ("soon", None), (None, None),
+                                            ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
+def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
+    assert plano._retry_after_seconds(value) == seconds
+
+
+class SoupProvider:
+    """A provider that answers every request with the bytes it is given, then hangs up."""
+
+    def __init__(self) -> None:
+        self.answer = b""
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                try:
+                    received = b""
+                    while b"\r\n\r\n" not in received:
+                        received += connection.recv(65536) or b"\r\n\r\n"
+                    head, _, body = received.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head + b"\r\ncontent-length: 0").group(1))
+                    while len(body) < length:
+                        body += connection.recv(65536) or b"x" * length
+                    connection.sendall(self.answer)
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def soup_target():
+    provider = SoupProvider()
+    running = RunningPlano(plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: http://127.0.0.1:{provider.port}/v1
+    access_key: {OPENAI_KEY}
+    default: true
+  - model: anthropic/claude-sonnet-5
+    base_url: http://127.0.0.1:{provider.port}
+    access_key: {ANTHROPIC_KEY}
+router: false
+""", path=CONFIG_PATH, environ={}))
+    yield running, provider
+    running.stop()
+    provider.listener.close()
+
+
+PROVIDER_HEADS = [
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 12\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+    b"HTTP/1.1 429 Too Many Requests\r\nretry-after: nan\r\ncontent-length: 2\r\n\r\n",
+    b"HTTP/1.0 503 \xff\xfe\r\n\r\n",
+    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 30\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+]
+SSE_BITS = [b"data: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}\n\n", b"event: message_start\ndata: {}\n\n",
+            b"data: [DONE]\n\n", b"5\r\ndata:\r\n", b"0\r\n\r\n", b"\n\n", b"data: {\"error\": 1}\n\n"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(head=st.sampled_from(PROVIDER_HEADS) | st.binary(max_size=80),
+       tail=st.lists(st.sampled_from(SSE_BITS) | st.binary(max_size=40), max_size=6).map(b"".join),
+       path=st.sampled_from(["/v1/messages", "/v1/chat/completions"]), model=st.sampled_from(
+           ["openai/gpt-4o", "anthropic/claude-sonnet-5"]), stream=st.booleans())
+def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_crash(soup_target, head, tail, path,
+                                                                                 model, stream):
+    running, provider = soup_target
+    provider.answer = head + tail
+    logged = len(SuiteLog.lines)
+    response = httpx.post(running.url + path, timeout=30, json={
+        "model": model, "max_tokens": 5, "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    assert not any("internal error" in line for line in SuiteLog.lines[logged:]), SuiteLog.lines[logged:]
+    assert response.status_code == 200 or 400 <= response.status_code < 600
+    if response.status_code >= 400:
+        error = response.json()
+        assert ("error" in error and error.get("type") == "error") if path == "/v1/messages" else "error" in error
+    assert httpx.get(running.url + "/healthz").status_code == 200
+
+
 @settings(max_examples=300, deadline=None)
 @given(chunks=st.lists(st.binary(max_size=64), max_size=20))
 def test_the_sse_decoder_survives_byte_soup(chunks):
