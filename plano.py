@@ -2026,22 +2026,35 @@ class _RouteTrie:
                 node = node.setdefault(token, {})
             node[None] = name
 
-    def walk(self, logits_after: Callable[[list[int]], Any]) -> tuple[str, list[int]]:
-        """(answer, tokens the model had to read). `logits_after(tokens)` feeds the tokens taken
-        since the last choice (none at the root) and returns the next-token logits."""
-        node, pending, fed = self.root, [], []
+    def walk(self, logits_after: Callable[[list[int]], Any]) -> str:
+        """The answer. `logits_after(tokens)` feeds the tokens taken since the last choice (none
+        at the root) and returns the next-token logits."""
+        node, pending = self.root, []
         while None not in node:
             options = list(node)
             if len(options) == 1:
                 token = options[0]
             else:
                 logits = logits_after(pending)
-                fed += pending
                 pending = []
                 token = max(options, key=lambda t: logits[t])
             pending.append(token)
             node = node[token]
-        return node[None], fed
+        return node[None]
+
+    def shared_first_token(self) -> int | None:
+        """The first token of more than one answer, when the answers branch at their first token
+        (the shipped routes "code generation" and "code understanding" both start with "code"):
+        choosing it means one more choice, so one more decode step, unless it was evaluated
+        along with the prompt on speculation."""
+        if len(self.root) < 2:
+            return None
+        answers_under = {token: self._count(node) for token, node in self.root.items()}
+        token = max(answers_under, key=answers_under.__getitem__)
+        return token if answers_under[token] > 1 else None
+
+    def _count(self, node: dict) -> int:
+        return sum(1 if token is None else self._count(child) for token, child in node.items())
 
 
 def _resolve_router_model(settings: RouterSettings) -> str:
@@ -2087,6 +2100,11 @@ class EmbeddedRouterBackend:
         self.tokens_evaluated = 0  # by the last decision: what routing cost
         self._tries: dict[tuple, _RouteTrie] = {}
         self._budgets: dict[tuple, int] = {}
+        self.speculate = True  # evaluate a shared first route token with the prompt (see _choose)
+        self._fed = 0  # tokens evaluated by the decision in progress
+        self._guess: int | None = None  # that token, while the decision's first choice is open
+        self._before_guess: Any = None  # the logits for that choice
+        self.guesses = {"taken": 0, "dropped": 0}  # how speculation has fared
         # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while
         # it computes. A Python callback would need the GIL hundreds of times per evaluation and
         # doubles its time when the event loop is busy, so the callback is libc's strlen() over a
@@ -2201,34 +2219,88 @@ class EmbeddedRouterBackend:
         tokens = self.tokenize(prompt)
         if len(tokens) + 16 > self.n_ctx:
             raise RouterUnavailable(f"router prompt of {len(tokens)} tokens exceeds the context")
+        trie = self._trie(routes)
+        guess = trie.shared_first_token() if self.speculate else None
+        self._fed = 0
         try:
-            evaluated = self._evaluate(tokens)
-            name, fed = self._trie(routes).walk(self._logits_after)
+            if guess is None:
+                self._evaluate(tokens)
+            else:
+                # The guess rides in the prompt's batch (~1/150 of its cost) with the logits before
+                # it kept: if the model picks it, the next choice needs no decode step of its own
+                # (~100 ms here); if not, _logits_after drops it from the context.
+                self._evaluate(tokens + [guess], logit_rows=2)
+                self._guess, self._before_guess = guess, self._logits(-2).copy()  # llama.cpp reuses the buffer
+            name = trie.walk(self._logits_after)
+            if self._guess is not None:  # the model chose another first token, and no more choices
+                self.llm.n_tokens -= 1
+                self.guesses["dropped"] += 1
         except RuntimeError as e:  # llama_decode failed, or was aborted by the timeout
             self.llm.n_tokens = 0  # the KV state is suspect: start over next time
             raise RouterUnavailable(f"router model stopped: {e}") from None
-        self.tokens_evaluated = evaluated + len(fed)
+        finally:
+            self._guess = self._before_guess = None
+        self.tokens_evaluated = self._fed
         return name
 
-    def _evaluate(self, tokens: list[int]) -> int:
-        """Bring the context to `tokens`, reusing the longest prefix already there; returns how
-        many tokens had to be evaluated."""
+    def _evaluate(self, tokens: list[int], logit_rows: int = 1) -> None:
+        """Bring the context to `tokens`, reusing the longest prefix already there, with the
+        logits of the last `logit_rows` tokens kept."""
         llm = self.llm
         reuse = 0
-        limit = min(llm.n_tokens, len(tokens) - 1)  # evaluate at least one token for fresh logits
+        limit = min(llm.n_tokens, len(tokens) - logit_rows)  # evaluate the rows whose logits we want
         cached = llm.input_ids
         while reuse < limit and cached[reuse] == tokens[reuse]:
             reuse += 1
-        llm.n_tokens = reuse  # llm.eval drops KV entries from here on
-        llm.eval(tokens[reuse:])
-        return len(tokens) - reuse
+        llm.n_tokens = reuse  # evaluation drops KV entries from here on
+        self._decode(tokens[reuse:], logit_rows)
+
+    def _decode(self, tokens: list[int], logit_rows: int = 1) -> None:
+        """llm.eval(tokens), except that it can keep the logits of more than the last token
+        (`logit_rows` ≤ n_batch)."""
+        llm = self.llm
+        self._fed += len(tokens)
+        if logit_rows == 1:
+            llm.eval(tokens)
+            return
+        # Llama.eval's own loop (llama-cpp-python 0.3), marking more rows of the last batch for
+        # logits; batches are cut so that the last one holds every marked row.
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        tail = max(len(tokens) - llm.n_batch, 0)  # the last batch is a full one
+        starts = list(range(0, tail, llm.n_batch)) + [tail]
+        for start, end in zip(starts, starts[1:] + [len(tokens)]):
+            chunk = tokens[start:end]
+            llm._batch.set_batch(batch=chunk, n_past=llm.n_tokens, logits_all=False)
+            if end == len(tokens):
+                for row in range(len(chunk) - logit_rows, len(chunk)):
+                    llm._batch.batch.logits[row] = True
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[llm.n_tokens:llm.n_tokens + len(chunk)] = chunk
+            llm.n_tokens += len(chunk)
+
+    def _logits(self, row: int = -1) -> Any:
+        import numpy  # a llama-cpp-python dependency
+        return numpy.ctypeslib.as_array(self._llama_c.llama_get_logits_ith(self.llm.ctx, row),
+                                        shape=(self.llm.n_vocab(),))
 
     def _logits_after(self, pending: list[int]) -> Any:
+        """The walk's `logits_after`. With a guess in the context (see _choose), the first call
+        answers with the logits from before the guess, and the second finds the guess taken (it
+        is not evaluated again) or not (it is dropped)."""
+        if self._guess is not None:
+            if self._before_guess is not None:
+                logits, self._before_guess = self._before_guess, None
+                return logits
+            if pending[0] == self._guess:
+                pending = pending[1:]
+                self.guesses["taken"] += 1
+            else:
+                self.llm.n_tokens -= 1  # evaluation drops its KV entry from here on
+                self.guesses["dropped"] += 1
+            self._guess = None
         if pending:
-            self.llm.eval(pending)
-        import numpy  # a llama-cpp-python dependency
-        return numpy.ctypeslib.as_array(self._llama_c.llama_get_logits_ith(self.llm.ctx, -1),
-                                        shape=(self.llm.n_vocab(),))
+            self._decode(pending)
+        return self._logits()
 
     def _trie(self, routes: tuple[RoutingPreference, ...]) -> _RouteTrie:
         key = tuple(r.name for r in routes)

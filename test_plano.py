@@ -2842,6 +2842,34 @@ def test_embedded_backend_reuses_the_evaluated_prefix(embedded_backend):
     assert embedded_backend.tokens_evaluated <= prompt_tokens - prefix_tokens + 8
 
 
+def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_router_model, embedded_backend):
+    # The shipped routes share their first token; plano evaluates it with the prompt before the
+    # model has chosen it. Decisions must be exactly those made without the guess, whether it was
+    # taken or dropped, and the context must stay right for the decisions after.
+    plain = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2))
+    plain.load()
+    plain.speculate = False
+    route = plano.RoutingPreference
+    route_sets = [(route("code generation", "writing code"), route("code understanding", "explaining code"),
+                   route("code review", "reviewing a diff")),
+                  (route("zulu one", "z1"), route("zulu two", "z2"), route("alpha", "a")),
+                  (route("order", "x"), route("orbit", "y"), route("code", "c"))]
+    texts = ["write a parser", "what does this regex do: ^a+$", "review my PR 🙏", "", "x" * 300, "Привет"]
+    try:
+        for text in texts:
+            for routes in route_sets:  # interleaved: each decision starts from another's context
+                conversation = [{"role": "user", "content": text}]
+                assert embedded_backend.choose(routes, conversation, threading.Event()) == \
+                    plain.choose(routes, conversation, threading.Event()), (text, routes)
+                # The same work, give or take the guessed token itself.
+                assert abs(embedded_backend.tokens_evaluated - plain.tokens_evaluated) <= 1
+    finally:
+        plain.close()
+    assert all(embedded_backend._trie(routes).shared_first_token() is not None for routes in route_sets)
+    assert embedded_backend.guesses["taken"] and embedded_backend.guesses["dropped"]  # both paths ran
+    assert plain.guesses == {"taken": 0, "dropped": 0}
+
+
 def test_constrained_decoding_matches_unconstrained_argmax_when_the_model_agrees(embedded_backend):
     # With two names differing in their first token, the decision costs no decode step beyond the
     # prompt: the logits after `{"route": "` pick the branch and the rest of the name is forced.

@@ -372,6 +372,7 @@ class Row:
     decide: Sample
     naive: NaiveSample
     naive_upstream: NaiveSample
+    choose_no_guess: Sample  # plano choose without evaluating a shared first route token early
 
 
 def follow_previous_decision(backend: SteeredBackend, routes: tuple) -> None:
@@ -386,12 +387,17 @@ def follow_previous_decision(backend: SteeredBackend, routes: tuple) -> None:
     backend.choose(routes, PREVIOUS_TURN, threading.Event())
 
 
-def plano_choose(backend: SteeredBackend, routes: tuple, conversation: list[dict], answer: str) -> Sample:
+def plano_choose(backend: SteeredBackend, routes: tuple, conversation: list[dict], answer: str,
+                 speculate: bool = True) -> Sample:
     follow_previous_decision(backend, routes)
     backend.steer(answer)
-    started = time.perf_counter()
-    backend.choose(routes, conversation, threading.Event())
-    return Sample((time.perf_counter() - started) * 1000, backend.tokens_evaluated)
+    backend.speculate = speculate
+    try:
+        started = time.perf_counter()
+        backend.choose(routes, conversation, threading.Event())
+        return Sample((time.perf_counter() - started) * 1000, backend.tokens_evaluated)
+    finally:
+        backend.speculate = True
 
 
 async def plano_decide(router: plano.Router, messages: list[dict], answer: str) -> Sample:
@@ -543,12 +549,14 @@ async def measure_decisions(config: plano.Config, backend: SteeredBackend, route
 
         if k % 2:  # alternate which method goes first, so a drift in machine speed hits both
             naive, naive_upstream = run_naive()
+            no_guess = plano_choose(backend, routes, conversation, answer, speculate=False)
         choose = plano_choose(backend, routes, conversation, answer)
         decide = await plano_decide(router, body["messages"], answer)
         if not k % 2:
+            no_guess = plano_choose(backend, routes, conversation, answer, speculate=False)
             naive, naive_upstream = run_naive()
         rows.append(Row(answer, backend.count_tokens(json.dumps(conversation)), len(json.dumps(body)),
-                        choose, decide, naive, naive_upstream))
+                        choose, decide, naive, naive_upstream, no_guess))
     return rows
 
 
@@ -623,6 +631,11 @@ def print_decisions(rows: list[Row]) -> None:
           f"{choose_ms / upstream_ms:.2f}   {verdict(choose_ms / upstream_ms, GOAL_DECISION)}")
     print(f"   plano/naive at p50, same trimmed conversation: choose {choose_ms / naive_ms:.2f}, "
           f"Router.decide {decide_ms / naive_ms:.2f} (prefix reuse and constrained decoding alone)")
+    shared = [row for row in rows if row.answer.startswith("code ")]  # the routes that share "code"
+    if shared:
+        with_guess, without = (p50(getattr(row, m).ms for row in shared) for m in ("choose", "choose_no_guess"))
+        print(f"   the shared first token evaluated with the prompt ({len(shared)} decisions for a \"code …\" "
+              f"route): choose p50 {with_guess:.0f} ms vs {without:.0f} ms without ({with_guess / without:.2f})")
 
 
 def print_turn(turns: dict[str, list[Sample]]) -> None:
