@@ -2149,6 +2149,9 @@ class EmbeddedRouterBackend:
         llama_c.llama_set_abort_callback(self.llm.ctx, self._abort_callback,
                                          ctypes.cast(self._abort_flag, ctypes.c_void_p))
         self.chat_head, self.chat_tail = self._chat_template_around_user_message()
+        # Speculation drives llama-cpp-python's batch the way its Llama.eval does (0.3.x); on a
+        # version without those internals, decide without it rather than fail.
+        self.speculate = self.speculate and hasattr(self.llm, "_batch") and hasattr(self.llm, "_ctx")
 
     def close(self) -> None:
         """Free the model now (llama.cpp's own finaliser can run after its library is gone)."""
