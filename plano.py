@@ -1632,7 +1632,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self.keepalive_expiry = keepalive_expiry
         self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
         self._slots: dict[_Origin, trio.Semaphore] = {}
-        self._tls: Any = None  # ssl.SSLContext, made on first https use (loading roots takes ms)
+        self._tls: Any = None  # the ssl.SSLContext, once an https origin or proxy needs it
         self._proxies, self._no_proxy = environment_proxies(os.environ)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -1707,15 +1707,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 stream = await trio.open_tcp_stream(*((proxy.host, proxy.port) if proxy else (host, port)))
                 socket = stream.socket
                 if proxy is not None and proxy.tls:
-                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=proxy.host,
-                                            https_compatible=True)
-                    await stream.do_handshake()
+                    stream = await self._start_tls(stream, proxy.host)
                 if proxy is not None and scheme == "https":
                     await self._open_tunnel(stream, host, port, proxy)
                 if scheme == "https":
-                    stream = trio.SSLStream(stream, self._tls_context(), server_hostname=host,
-                                            https_compatible=True)
-                    await stream.do_handshake()
+                    stream = await self._start_tls(stream, host)
                 return _UpstreamConnection(stream, socket)
             except (OSError, trio.BrokenResourceError) as e:
                 if stream is not None:
@@ -1751,11 +1747,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if not 200 <= event.status_code < 300:
             raise OSError(f"the proxy answered CONNECT with {event.status_code} {event.reason.decode(errors='replace')}")
 
-    def _tls_context(self) -> Any:
-        if self._tls is None:
+    async def _start_tls(self, stream: trio.abc.Stream, hostname: str) -> trio.SSLStream:
+        """TLS over `stream`, its certificate verified for `hostname` (a provider, or the proxy)."""
+        if self._tls is None:  # made on first use: loading the root certificates takes ms
             self._tls = httpx.create_ssl_context(trust_env=True)
             self._tls.set_alpn_protocols(["http/1.1"])
-        return self._tls
+        tls_stream = trio.SSLStream(stream, self._tls, server_hostname=hostname, https_compatible=True)
+        await tls_stream.do_handshake()
+        return tls_stream
 
     @staticmethod
     async def _send_request(connection: _UpstreamConnection, head: h11.Request, body: bytes,
