@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import http.server
@@ -2354,7 +2353,7 @@ def test_streams_arrive_whole_however_the_provider_frames_them(gateway, provider
 
 
 def test_a_connection_the_provider_closed_while_idle_is_not_reused(gateway, provider):
-    provider.then(lambda request: dataclasses.replace(provider.openai_reply(request), hang_up_after=True))
+    provider.then(lambda request: dataclass_replace(provider.openai_reply(request), hang_up_after=True))
     assert ask(gateway, "say one").status_code == 200
     deadline = time.monotonic() + 5
     while provider.closed_connections == 0 and time.monotonic() < deadline:
@@ -2402,30 +2401,67 @@ llm_providers:
         running.stop()
 
 
+class LoopbackServer:
+    """A raw TCP server on loopback: each connection is handed to `serve`, in a thread of its own."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self.serve, args=(connection,), daemon=True).start()
+
+    def serve(self, connection: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class SoupProvider(LoopbackServer):
+    """A provider that answers every request with the bytes it is given, then hangs up."""
+
+    def __init__(self) -> None:
+        self.answer = b""
+        super().__init__()
+
+    def serve(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(5)
+            try:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += connection.recv(65536) or b"\r\n\r\n"
+                head, _, body = received.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head + b"\r\ncontent-length: 0").group(1))
+                while len(body) < length:
+                    body += connection.recv(65536) or b"x" * length
+                connection.sendall(self.answer)
+            except OSError:
+                pass
+
+
 def test_a_provider_speaking_garbage_is_a_502_naming_the_problem():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-
-        def answer_garbage() -> None:
-            connection, _ = listener.accept()
-            with connection:
-                connection.recv(65536)
-                connection.sendall(b"SMTP ready\r\n\r\n")
-
-        threading.Thread(target=answer_garbage, daemon=True).start()
-        config = plano.parse_config(f"""
+    provider = SoupProvider()
+    provider.answer = b"SMTP ready\r\n\r\n"
+    running = RunningPlano(plano.parse_config(f"""
 llm_providers:
   - model: openai/gpt-4o
-    base_url: http://127.0.0.1:{listener.getsockname()[1]}/v1
+    base_url: http://127.0.0.1:{provider.port}/v1
     access_key: {OPENAI_KEY}
     default: true
-""", path=CONFIG_PATH, environ={})
-        running = RunningPlano(config)
-        try:
-            response = ask(running)
-        finally:
-            running.stop()
+""", path=CONFIG_PATH, environ={}))
+    try:
+        response = ask(running)
+    finally:
+        running.stop()
+        provider.close()
     assert response.status_code == 502
     assert "cannot reach" in response.json()["error"]["message"]
     assert "RemoteProtocolError" in response.json()["error"]["message"]
@@ -2483,7 +2519,7 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
 PROXIED_HOST = "provider.test"
 
 
-class StandInProxy:
+class StandInProxy(LoopbackServer):
     """An HTTP proxy on loopback the way corporate ones work: CONNECT tunnels for https, absolute-URL
     requests forwarded for http, optional Basic credentials. Records each request line it got."""
 
@@ -2491,19 +2527,9 @@ class StandInProxy:
         self.credentials = credentials
         self.tls = tls  # an https:// proxy: TLS to the proxy itself
         self.seen: list[tuple[str, str | None]] = []  # (request line, Proxy-Authorization)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
         if self.tls is not None:
             try:
                 client = self.tls.wrap_socket(client, server_side=True)
@@ -2551,9 +2577,6 @@ class StandInProxy:
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
@@ -3804,36 +3827,6 @@ def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
     assert plano._retry_after_seconds(value) == seconds
 
 
-class SoupProvider:
-    """A provider that answers every request with the bytes it is given, then hangs up."""
-
-    def __init__(self) -> None:
-        self.answer = b""
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(5)
-                try:
-                    received = b""
-                    while b"\r\n\r\n" not in received:
-                        received += connection.recv(65536) or b"\r\n\r\n"
-                    head, _, body = received.partition(b"\r\n\r\n")
-                    length = int(re.search(rb"(?i)content-length: *(\d+)", head + b"\r\ncontent-length: 0").group(1))
-                    while len(body) < length:
-                        body += connection.recv(65536) or b"x" * length
-                    connection.sendall(self.answer)
-                except OSError:
-                    pass
-
-
 @pytest.fixture(scope="module")
 def soup_target():
     provider = SoupProvider()
@@ -3850,7 +3843,7 @@ router: false
 """, path=CONFIG_PATH, environ={}))
     yield running, provider
     running.stop()
-    provider.listener.close()
+    provider.close()
 
 
 PROVIDER_HEADS = [
