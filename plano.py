@@ -156,7 +156,7 @@ class ProviderSpec:
     """
 
     base_url: str | None
-    interface: str  # "openai" | "anthropic"
+    interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses)
     auth: str  # "bearer" | "x-api-key" | "api-key" | "none"
     key_env: str | None = None  # the variable people conventionally keep the key in
     # (model-id prefix, largest max_tokens the model accepts); Claude Code asks for 128000.
@@ -173,6 +173,9 @@ class ProviderSpec:
     # OpenAI's o-series and gpt-5 answer 400 "Unsupported parameter" for `stop`, `temperature`
     # and `top_p`; other providers' reasoning models (Gemini, Grok) take them.
     reasoning_rejects_sampling: bool = False
+    # OpenAI's codex and -pro models are served only by the Responses API: a Chat Completions
+    # provider whose models these are calls them there by itself.
+    responses_models: bool = False
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -180,7 +183,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         "https://api.openai.com/v1", "openai", "bearer", "OPENAI_API_KEY",
         max_output_tokens=(("gpt-4o", 16384), ("gpt-4.1", 32768), ("gpt-4", 8192),
                            ("gpt-3.5", 4096), ("gpt-5", 128000), ("o", 100000)),
-        reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True),
+        reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True, responses_models=True),
     "anthropic": ProviderSpec("https://api.anthropic.com", "anthropic", "x-api-key",
                               "ANTHROPIC_API_KEY"),
     "deepseek": ProviderSpec(
@@ -204,8 +207,13 @@ PROVIDERS: dict[str, ProviderSpec] = {
     "ollama": ProviderSpec("http://127.0.0.1:11434/v1", "openai", "none"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
-                                 reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True),
+                                 reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
+                                 responses_models=True),
 }
+
+# Model ids OpenAI serves only through the Responses API (Chat Completions answers 404
+# "not a chat model"): the codex family and the -pro models.
+_RESPONSES_ONLY_MODEL = re.compile(r"codex|-pro(?:$|-)")
 
 # Other spellings people use for the same providers (the seed's docs use several).
 PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
@@ -477,18 +485,23 @@ class _ConfigReader:
         provider = PROVIDER_ALIASES.get(provider, provider)
         base_url = self.get(entry, "base_url", str) or self.get(entry, "endpoint", str)
         interface = self.get(entry, "provider_interface", str)
-        if interface is not None and interface not in ("openai", "anthropic"):
-            raise self.fail(entry, "provider_interface", f"must be `openai` or `anthropic`, got {interface!r}")
+        if interface is not None and interface not in ("openai", "anthropic", "responses"):
+            raise self.fail(entry, "provider_interface",
+                            f"must be `openai`, `anthropic` or `responses`, got {interface!r}")
         spec = PROVIDERS.get(provider)
         if spec is None:
             if not (base_url and interface):
                 raise self.fail(entry, "model", f"unknown provider `{provider}`: give `base_url` and "
                                 f"`provider_interface` for a custom provider (known: {', '.join(PROVIDERS)})")
             spec = dataclasses.replace(_CUSTOM_PROVIDER, interface=interface,
-                                       auth="bearer" if interface == "openai" else "x-api-key")
+                                       auth="x-api-key" if interface == "anthropic" else "bearer")
+        elif interface == "responses" and spec.interface == "openai":
+            spec = dataclasses.replace(spec, interface=interface)  # same provider, same key, other API
         elif interface and interface != spec.interface:
             spec = dataclasses.replace(spec, interface=interface,
-                                       auth="bearer" if interface == "openai" else "x-api-key")
+                                       auth="x-api-key" if interface == "anthropic" else "bearer")
+        elif spec.responses_models and _RESPONSES_ONLY_MODEL.search(model_id):
+            spec = dataclasses.replace(spec, interface="responses")
         if base_url is not None:
             base_url = self.expand(entry, "base_url", base_url)[0]
             if not re.match(r"^https?://", base_url or ""):
@@ -1502,6 +1515,814 @@ def replace_json_model(raw: str, model_id: str) -> str:
     return raw[:brace + 1] + f'"model":{replacement}{separator}' + rest
 
 
+# ── Wire formats: OpenAI Responses ────────────────────────────────────────────────────────────
+#
+# The Responses API (POST {base_url}/responses) is the only API that serves OpenAI's codex and
+# -pro models, and the one Codex speaks. plano translates it to and from the two formats above
+# and keeps no state: what a later request needs (the encrypted reasoning of a tool loop) rides
+# inside what the client sends back anyway.
+#
+# Where the encrypted reasoning rides:
+# - Anthropic clients: the thinking block's `signature`, prefixed with _REASONING_SIGNATURE so
+#   plano knows it for its own and never sends it to a real Anthropic upstream.
+# - Chat Completions clients (no signature field): the id of the first tool call that follows the
+#   reasoning, after _REASONING_MARK, as Gemini's thought signatures ride in `signed_tool_id`.
+#   Reasoning only matters across a tool loop, and every client sends tool-call ids back verbatim.
+# - Responses clients of an Anthropic upstream: the reasoning item's `encrypted_content` holds the
+#   Anthropic signature, prefixed with _ANTHROPIC_SIGNATURE, so only a real signature goes back.
+
+_REASONING_SIGNATURE = "plano-responses-reasoning:"
+_REASONING_MARK = "__plano_rs_"
+_ANTHROPIC_SIGNATURE = "plano-anthropic-signature:"
+
+ANTHROPIC_STOP_FROM_RESPONSES_INCOMPLETE = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
+
+# Responses error codes (in `response.failed` and `error` events) as plano's HTTP status and type.
+_RESPONSES_ERROR_CODES = {
+    "rate_limit_exceeded": (429, "rate_limit_error"), "insufficient_quota": (429, "rate_limit_error"),
+    "context_length_exceeded": (400, "invalid_request_error"), "invalid_prompt": (400, "invalid_request_error"),
+    "server_error": (502, "api_error"), "server_is_overloaded": (529, "overloaded_error"),
+}
+
+
+def _b64_json(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _unb64_json(text: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _reasoning_carried(item: dict) -> dict:
+    """What of a reasoning item must go back to the provider: its id and encrypted content."""
+    return {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+
+
+def reasoning_signature(item: dict) -> str:
+    """A Responses reasoning item as the `signature` of the thinking block an Anthropic client keeps."""
+    return _REASONING_SIGNATURE + _b64_json(_reasoning_carried(item))
+
+
+def is_plano_signature(signature: Any) -> bool:
+    return isinstance(signature, str) and signature.startswith(_REASONING_SIGNATURE)
+
+
+def reasoning_from_signature(signature: Any) -> dict | None:
+    if not is_plano_signature(signature):
+        return None
+    carried = _unb64_json(signature[len(_REASONING_SIGNATURE):])
+    return carried if isinstance(carried, dict) and isinstance(carried.get("encrypted_content"), str) else None
+
+
+def reasoning_tool_id(call_id: str, items: list[dict]) -> str:
+    """A tool-call id for a Chat client that carries the reasoning items before the call."""
+    if not items:
+        return call_id
+    return call_id + _REASONING_MARK + _b64_json([_reasoning_carried(i) for i in items])
+
+
+def split_reasoning_tool_id(tool_id: str) -> tuple[str, list[dict]]:
+    """A tool-call id plano minted → (the provider's call id, the reasoning items it carries)."""
+    call_id, mark, encoded = tool_id.partition(_REASONING_MARK)
+    if not mark:
+        return tool_id, []
+    items = _unb64_json(encoded)
+    if not isinstance(items, list):
+        return tool_id, []
+    return call_id, [i for i in items if isinstance(i, dict) and isinstance(i.get("encrypted_content"), str)]
+
+
+def _reasoning_input_item(carried: dict, summary: str) -> dict:
+    item = {"type": "reasoning", "summary": [{"type": "summary_text", "text": summary}] if summary else [],
+            "encrypted_content": carried["encrypted_content"]}
+    if isinstance(carried.get("id"), str):
+        item = {"id": carried["id"], **item}
+    return item
+
+
+def _input_text(text: str, role: str) -> dict:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}
+
+
+def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
+    """An Anthropic Messages request body as a Responses request body for `model`."""
+    _require(isinstance(body, dict), "body: must be a JSON object")
+    messages_in = body.get("messages")
+    _require(isinstance(messages_in, list), "messages: must be a list")
+    items: list[dict] = []
+    for i, message in enumerate(messages_in):
+        items.extend(_anthropic_message_to_responses(message, f"messages[{i}]"))
+    out: dict[str, Any] = {"model": model.model_id}
+    system = _text_of(body.get("system"), "system") if body.get("system") is not None else ""
+    if system:
+        out["instructions"] = system
+    out["input"] = items
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+                 "max_tokens: must be a positive integer")
+        out["max_output_tokens"] = min(max_tokens, model.max_output_tokens or max_tokens)
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool), f"{key}: must be a number")
+            if model.takes_sampling_params:
+                out[key] = body[key]
+    tools = []
+    for i, tool in enumerate(body.get("tools") or []):
+        _require(isinstance(tool, dict), f"tools[{i}]: must be an object")
+        if str(tool.get("type", "")).startswith("web_search_"):
+            tools.append({"type": "web_search"})  # Anthropic's server web search, as OpenAI's
+            continue
+        converted = _anthropic_tool_to_openai(tool, f"tools[{i}]")
+        if converted is not None:
+            function = converted["function"]
+            # Responses function tools are strict unless told otherwise, and strict schemas must
+            # list every property as required: clients' schemas are not written for that.
+            tools.append({"type": "function", "name": function["name"], "description": function.get("description", ""),
+                          "parameters": function["parameters"], "strict": False})
+    if tools:
+        out["tools"] = tools
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict):
+            kind = choice.get("type")
+            if kind in ("auto", "none"):
+                out["tool_choice"] = kind
+            elif kind == "any":
+                out["tool_choice"] = "required"
+            elif kind == "tool":
+                _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
+                out["tool_choice"] = {"type": "function", "name": choice["name"]}
+            else:
+                raise RequestError("tool_choice.type: must be auto, any, tool or none")
+            if choice.get("disable_parallel_tool_use") is True:
+                out["parallel_tool_calls"] = False
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        user = metadata["user_id"]
+        out["user"] = user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()
+    if model.is_reasoning_model:
+        reasoning: dict[str, Any] = {"summary": "auto"}
+        effort = _effort_from_anthropic(body)
+        if effort:
+            reasoning["effort"] = effort
+        out["reasoning"] = reasoning
+    # plano keeps no conversation on the provider; the reasoning comes back encrypted, to be
+    # carried by the client (see above).
+    out["store"] = False
+    out["include"] = ["reasoning.encrypted_content"]
+    if body.get("stream") is True:
+        out["stream"] = True
+    return out
+
+
+def _anthropic_message_to_responses(message: Any, where: str) -> list[dict]:
+    _require(isinstance(message, dict), f"{where}: must be an object")
+    role, content = message.get("role"), message.get("content")
+    _require(role in ("user", "assistant", "system"), f"{where}.role: must be user, assistant or system")
+    if role == "system":
+        return [_input_text(_text_of(content, f"{where}.content"), "developer")]
+    if isinstance(content, str):
+        return [_input_text(content, role)]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+    if role == "assistant":
+        return _anthropic_assistant_to_responses(content, where)
+    outputs: list[dict] = []  # function outputs first: they answer the calls of the turn before
+    parts: list[dict] = []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        if block.get("type") == "tool_result":
+            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
+            text, images = _tool_result_content(block.get("content"), at)
+            if block.get("is_error") is True:
+                text = f"[tool error] {text}"
+            call_id = split_reasoning_tool_id(split_signed_tool_id(block["tool_use_id"])[0])[0]
+            outputs.append({"type": "function_call_output", "call_id": call_id, "output": text})
+            parts += [{"type": "input_image", "image_url": image["image_url"]["url"]} for image in images]
+            continue
+        part = _anthropic_user_block_to_openai(block, at)
+        if part is None:
+            continue
+        if part["type"] == "text":
+            parts.append({"type": "input_text", "text": part["text"]})
+        elif part["type"] == "image_url":
+            parts.append({"type": "input_image", "image_url": part["image_url"]["url"]})
+        else:
+            parts.append({"type": "input_file", **part["file"]})
+    if parts:
+        outputs.append({"type": "message", "role": "user", "content": parts})
+    return outputs
+
+
+def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
+    items: list[dict] = []
+    texts: list[str] = []
+    sent_reasoning: set[str] = set()
+
+    def flush_text() -> None:
+        if texts:
+            items.append(_input_text("".join(texts), "assistant"))
+            texts.clear()
+
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        kind = block.get("type")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
+            texts.append(block["text"])
+        elif kind == "thinking":
+            carried = reasoning_from_signature(block.get("signature"))
+            if carried is not None:  # another provider's signature means nothing to OpenAI
+                flush_text()
+                items.append(_reasoning_input_item(carried, str(block.get("thinking") or "")))
+                sent_reasoning.add(carried["encrypted_content"])
+        elif kind == "tool_use":
+            _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                     f"{at}: tool_use needs string `id` and `name`")
+            flush_text()
+            call_id, reasoning = split_reasoning_tool_id(split_signed_tool_id(block["id"])[0])
+            for carried in reasoning:
+                if carried["encrypted_content"] not in sent_reasoning:
+                    items.append(_reasoning_input_item(carried, ""))
+                    sent_reasoning.add(carried["encrypted_content"])
+            items.append({"type": "function_call", "call_id": call_id, "name": block["name"],
+                          "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)})
+        elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
+            continue  # only meaningful to Anthropic
+        else:
+            raise RequestError(f"{at}.type: unsupported content block type {kind!r} in an assistant message")
+    flush_text()
+    return items
+
+
+def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
+    """A Chat Completions request body as a Responses request body for `model`.
+
+    Through the Anthropic shape, which carries everything a Chat request says that Responses
+    can take; what that step bends (the default max_tokens Anthropic needs, its 0–1
+    temperature, the reasoning effort as a budget) is put back from the Chat body.
+    """
+    out = anthropic_request_to_responses(openai_request_to_anthropic(body, model), model)
+    if body.get("max_completion_tokens", body.get("max_tokens")) is None:
+        out.pop("max_output_tokens", None)
+    if "temperature" in out:
+        out["temperature"] = body["temperature"]
+    effort = body.get("reasoning_effort")
+    if model.is_reasoning_model and effort in ("minimal", "low", "medium", "high"):
+        out["reasoning"]["effort"] = effort
+    return out
+
+
+def _responses_usage_to_anthropic(usage: Any) -> dict:
+    if not isinstance(usage, dict):
+        return {"input_tokens": 0, "output_tokens": 0}
+    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+    cached = details.get("cached_tokens") or 0
+    return {"input_tokens": max((usage.get("input_tokens") or 0) - cached, 0),
+            "output_tokens": usage.get("output_tokens") or 0,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _reasoning_tokens(usage: Any) -> int:
+    details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
+    return (details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
+
+
+def _summary_text(item: dict) -> str:
+    return "\n\n".join(part.get("text", "") for part in item.get("summary") or []
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
+def _responses_stop_reason(response: dict, saw_tool_use: bool) -> str:
+    if response.get("status") == "incomplete":
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        return ANTHROPIC_STOP_FROM_RESPONSES_INCOMPLETE.get(reason, "max_tokens")
+    return "tool_use" if saw_tool_use else "end_turn"
+
+
+def responses_error(error: Any, model_name: str) -> UpstreamError:
+    """A Responses `error` event or a failed response's `error`, as plano's error."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = str(error.get("code") or error.get("type") or "server_error")
+    status, error_type = _RESPONSES_ERROR_CODES.get(code, (502, "api_error"))
+    return UpstreamError(f"{model_name}: {error.get('message') or code}", status=status, error_type=error_type,
+                         retryable=status >= 429)
+
+
+def responses_response_to_anthropic(response: dict, requested_model: str, reasoning_in: str = "signature") -> dict:
+    """A Responses response as an Anthropic Messages response.
+
+    `reasoning_in` says where the encrypted reasoning rides: "signature" (Anthropic clients) or
+    "tool_id" (Chat clients, through the Anthropic shape).
+    """
+    if response.get("status") == "failed":
+        raise responses_error(response.get("error"), requested_model)
+    content: list[dict] = []
+    waiting: list[dict] = []  # reasoning items for the next tool call's id
+    refused = False
+    for item in response.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "reasoning":
+            summary = _summary_text(item)
+            if reasoning_in == "signature":
+                signature = reasoning_signature(item) if item.get("encrypted_content") else ""
+                content.append({"type": "thinking", "thinking": summary, "signature": signature})
+            else:
+                if summary:
+                    content.append({"type": "thinking", "thinking": summary, "signature": ""})
+                if item.get("encrypted_content"):
+                    waiting.append(item)
+        elif kind == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("type") in ("output_text", "refusal"):
+                    refused = refused or part["type"] == "refusal"
+                    text = part.get("text") if part["type"] == "output_text" else part.get("refusal")
+                    if isinstance(text, str) and text:
+                        content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            call_id = str(item.get("call_id") or _new_id("call"))
+            content.append({"type": "tool_use", "id": reasoning_tool_id(call_id, waiting),
+                            "name": item.get("name") or "", "input": _json_arguments(item.get("arguments"))})
+            waiting = []
+    stop = "refusal" if refused else _responses_stop_reason(response, any(b["type"] == "tool_use" for b in content))
+    return {"id": "msg_" + str(response.get("id") or _new_id("")).removeprefix("resp_"),
+            "type": "message", "role": "assistant", "model": requested_model, "content": content,
+            "stop_reason": stop, "stop_sequence": None, "usage": _responses_usage_to_anthropic(response.get("usage"))}
+
+
+def responses_response_to_openai(response: dict, requested_model: str) -> dict:
+    """A Responses response as a Chat Completions response (reasoning in the tool-call ids)."""
+    chat = anthropic_response_to_openai(responses_response_to_anthropic(response, requested_model, "tool_id"),
+                                        requested_model)
+    chat["usage"]["completion_tokens_details"] = {"reasoning_tokens": _reasoning_tokens(response.get("usage"))}
+    return chat
+
+
+class ResponsesToAnthropicStream:
+    """Feed Responses stream events (event name, data), get Anthropic stream events back.
+
+    Reasoning summaries stream as a thinking block; the reasoning item's encrypted content
+    arrives with `response.output_item.done` and becomes the block's signature (or rides in the
+    next tool call's id, for Chat clients). Function-call arguments stream as they arrive.
+    """
+
+    def __init__(self, model: str, reasoning_in: str = "signature"):
+        self.anthropic = OpenAIToAnthropicStream(model)  # its block bookkeeping; fed no chunks
+        self.model = model
+        self.reasoning_in = reasoning_in
+        self.waiting: list[dict] = []
+        self.summary_index: int | None = None
+        self.arguments_seen = False
+        self.refused = False
+        self.usage: dict | None = None  # Anthropic-shaped, once the response completed
+        self.finished = False
+
+    def feed(self, event: str | None, data: dict) -> list[tuple[str, dict]]:
+        if not isinstance(data, dict):
+            raise StreamTranslationError("stream event data is not a JSON object")
+        kind = data.get("type", event)
+        a = self.anthropic
+        if kind == "error":
+            raise responses_error(data.get("error") if isinstance(data.get("error"), dict) else data, self.model)
+        if kind == "response.failed":
+            raise responses_error((data.get("response") or {}).get("error"), self.model)
+        events = a._start()
+        item = data.get("item") if isinstance(data.get("item"), dict) else {}
+        if kind == "response.output_item.added" and item.get("type") == "function_call":
+            call_id = str(item.get("call_id") or _new_id("call"))
+            events += a._open("tool", {"type": "tool_use", "id": reasoning_tool_id(call_id, self.waiting),
+                                       "name": item.get("name") or "", "input": {}}, force=True)
+            self.waiting, self.arguments_seen = [], False
+            a.saw_tool_use = True
+        elif kind == "response.output_item.added" and item.get("type") == "reasoning":
+            events += a._close()
+            self.summary_index = None
+        elif kind == "response.reasoning_summary_text.delta" and isinstance(data.get("delta"), str):
+            events += self._thinking()
+            if self.summary_index not in (None, data.get("summary_index")):
+                events.append(a._delta({"type": "thinking_delta", "thinking": "\n\n"}))
+            self.summary_index = data.get("summary_index")
+            events.append(a._delta({"type": "thinking_delta", "thinking": data["delta"]}))
+        elif kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(data.get("delta"), str):
+            self.refused = self.refused or kind == "response.refusal.delta"
+            events += a._open("text", {"type": "text", "text": ""})
+            events.append(a._delta({"type": "text_delta", "text": data["delta"]}))
+        elif kind == "response.function_call_arguments.delta" and a.block == "tool":
+            if isinstance(data.get("delta"), str) and data["delta"]:
+                self.arguments_seen = True
+                events.append(a._delta({"type": "input_json_delta", "partial_json": data["delta"]}))
+        elif kind == "response.output_item.done" and item.get("type") == "function_call":
+            if a.block == "tool" and not self.arguments_seen and item.get("arguments"):
+                events.append(a._delta({"type": "input_json_delta", "partial_json": str(item["arguments"])}))
+            events += a._close()
+        elif kind == "response.output_item.done" and item.get("type") == "reasoning":
+            events += self._reasoning_done(item)
+        elif kind in ("response.completed", "response.incomplete"):
+            events += self._finish(data.get("response") if isinstance(data.get("response"), dict) else {})
+        elif kind == "response.output_item.done" and item.get("type") == "message":
+            events += a._close()
+        return events
+
+    def _thinking(self) -> list[tuple[str, dict]]:
+        return self.anthropic._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+
+    def _reasoning_done(self, item: dict) -> list[tuple[str, dict]]:
+        a = self.anthropic
+        events: list[tuple[str, dict]] = []
+        if self.reasoning_in == "signature":
+            if item.get("encrypted_content"):
+                events += self._thinking()
+                events.append(a._delta({"type": "signature_delta", "signature": reasoning_signature(item)}))
+        elif item.get("encrypted_content"):
+            self.waiting.append(item)
+        return events + a._close()
+
+    def _finish(self, response: dict) -> list[tuple[str, dict]]:
+        if self.finished:
+            return []
+        a = self.anthropic
+        self.usage = _responses_usage_to_anthropic(response.get("usage"))
+        stop = "refusal" if self.refused else _responses_stop_reason(response, a.saw_tool_use)
+        self.finished = a.finished = True
+        return a._close() + [
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                               "usage": self.usage}),
+            ("message_stop", {"type": "message_stop"})]
+
+    def finish(self) -> list[tuple[str, dict]]:
+        if not self.finished:
+            raise StreamTranslationError("the upstream stream ended before response.completed")
+        return []
+
+
+# ── the Responses front door: requests in, answers out ────────────────────────────────────────
+
+def check_responses_request(body: dict) -> None:
+    """What plano refuses of a Responses request whatever the upstream: server-side state."""
+    for key in ("previous_response_id", "conversation"):
+        _require(body.get(key) is None, f"{key}: plano is stateless and keeps no responses; send the whole "
+                 "conversation in `input` (with `store: false`, as Codex does)")
+    _require(isinstance(body.get("input"), (str, list)), "input: must be a string or a list of items")
+
+
+def responses_conversation(body: dict) -> list:
+    """A Responses `input` as a message list the router reads (message items have role and content)."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    return [i for i in items if isinstance(i, dict) and i.get("type", "message") == "message"] \
+        if isinstance(items, list) else []
+
+
+def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
+    """A Responses request body as an Anthropic Messages body for `model`."""
+    check_responses_request(body)
+    items = body["input"]
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    system_parts: list[str] = []
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        _require(isinstance(item, dict), f"{where}: must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role in ("system", "developer"):
+                text = _text_of(item.get("content"), f"{where}.content")
+                if messages:
+                    messages.append({"role": "system", "content": text})
+                else:
+                    system_parts.append(text)
+            elif role == "user":
+                _append_anthropic(messages, "user", _responses_user_content(item.get("content"), where))
+            elif role == "assistant":
+                _append_anthropic(messages, "assistant",
+                                  [{"type": "text", "text": _text_of(item.get("content"), f"{where}.content")}])
+            else:
+                raise RequestError(f"{where}.role: must be system, developer, user or assistant")
+        elif kind == "function_call":
+            _require(isinstance(item.get("call_id"), str) and isinstance(item.get("name"), str),
+                     f"{where}: function_call needs string `call_id` and `name`")
+            _append_anthropic(messages, "assistant", [{"type": "tool_use", "id": item["call_id"], "name": item["name"],
+                                                       "input": _json_arguments(item.get("arguments"))}])
+        elif kind == "function_call_output":
+            _require(isinstance(item.get("call_id"), str), f"{where}.call_id: must be a string")
+            output = item.get("output")
+            content = output if isinstance(output, str) else _responses_user_content(output, f"{where}.output")
+            _append_anthropic(messages, "user", [{"type": "tool_result", "tool_use_id": item["call_id"],
+                                                  "content": content}])
+        elif kind == "reasoning":
+            encrypted = item.get("encrypted_content")
+            signature = encrypted[len(_ANTHROPIC_SIGNATURE):] if isinstance(encrypted, str) \
+                and encrypted.startswith(_ANTHROPIC_SIGNATURE) else ""
+            # Anthropic checks every signature it is sent: only its own go back to it.
+            if signature or model.interface != "anthropic":
+                _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
+                                                           "signature": signature}])
+        # Other items (web search calls, item references, custom and shell tool calls) mean
+        # nothing to a provider that did not make them.
+    max_tokens = body.get("max_output_tokens")
+    if max_tokens is None:
+        max_tokens = model.max_output_tokens or 8192  # Anthropic requires max_tokens
+    _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+             "max_output_tokens: must be a positive integer")
+    out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        system_parts.insert(0, instructions)
+    if system_parts:
+        out["system"] = "\n".join(system_parts)
+    if body.get("temperature") is not None:
+        _require(isinstance(body["temperature"], (int, float)), "temperature: must be a number")
+        out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    tools = [{"name": t["name"], "input_schema": t.get("parameters") or {"type": "object", "properties": {}},
+              **({"description": t["description"]} if isinstance(t.get("description"), str) else {})}
+             for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
+             and isinstance(t.get("name"), str)]
+    if tools:
+        out["tools"] = tools
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
+            anthropic_choice: dict | None = {"type": "tool", "name": choice["name"]}
+        else:
+            anthropic_choice = {"auto": {"type": "auto"}, "none": {"type": "none"},
+                                "required": {"type": "any"}}.get(choice) if isinstance(choice, str) else None
+        if body.get("parallel_tool_calls") is False:
+            anthropic_choice = dict(anthropic_choice or {"type": "auto"}, disable_parallel_tool_use=True)
+        if anthropic_choice:
+            out["tool_choice"] = anthropic_choice
+    user = body.get("safety_identifier") or body.get("user")
+    if isinstance(user, str) and user:
+        out["metadata"] = {"user_id": user}
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    if effort in _REASONING_BUDGET:
+        budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
+        if budget >= 1024:
+            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            out.pop("temperature", None)
+    if body.get("stream") is True:
+        out["stream"] = True
+    return out
+
+
+def _responses_user_content(content: Any, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of parts")
+    blocks = []
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(part, dict), f"{at}: must be an object")
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text"):
+            _require(isinstance(part.get("text"), str), f"{at}.text: must be a string")
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image":
+            _require(isinstance(part.get("image_url"), str), f"{at}.image_url: plano needs the image itself "
+                     "(a URL or data URL), not a file id")
+            blocks.append({"type": "image", "source": _source_from_image_url(part["image_url"], f"{at}.image_url")})
+        elif kind == "input_file":
+            _require(isinstance(part.get("file_data"), str), f"{at}.file_data: plano needs the file itself, not a file id")
+            blocks.append({"type": "document", "source": _source_from_image_url(part["file_data"], f"{at}.file_data")})
+        else:
+            raise RequestError(f"{at}.type: unsupported content part type {kind!r}")
+    return blocks
+
+
+def responses_request_to_openai(body: dict, model: ModelEntry) -> dict:
+    """A Responses request body as a Chat Completions body for `model` (through the Anthropic shape)."""
+    out = anthropic_request_to_openai(responses_request_to_anthropic(body, model), model)
+    if body.get("max_output_tokens") is None:
+        out.pop("max_tokens", None)
+        out.pop("max_completion_tokens", None)
+    if "temperature" in out:
+        out["temperature"] = body["temperature"]
+    return out
+
+
+def _responses_usage_from_anthropic(usage: Any) -> dict:
+    usage = usage if isinstance(usage, dict) else {}
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
+    output = usage.get("output_tokens") or 0
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
+
+
+def _response_object(response_id: str, created: int, model: str, status: str, output: list[dict],
+                     usage: dict | None) -> dict:
+    return {"id": response_id, "object": "response", "created_at": created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": None, "model": model, "output": output, "parallel_tool_calls": True,
+            "store": False, "tool_choice": "auto", "tools": [], "usage": usage, "metadata": {}}
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}] if status == "completed"
+            else []}
+
+
+def _reasoning_output_item(item_id: str, summary: str, signature: str | None) -> dict:
+    item: dict[str, Any] = {"id": item_id, "type": "reasoning",
+                            "summary": [{"type": "summary_text", "text": summary}] if summary else []}
+    if signature:
+        item["encrypted_content"] = _ANTHROPIC_SIGNATURE + signature
+    return item
+
+
+def _function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {"id": item_id, "type": "function_call", "status": status, "arguments": arguments,
+            "call_id": call_id, "name": name}
+
+
+def anthropic_response_to_responses(response: dict, requested_model: str) -> dict:
+    """An Anthropic Messages response as a Responses response."""
+    output = []
+    for block in response.get("content") or []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            output.append(_message_item(_new_id("msg"), str(block.get("text", ""))))
+        elif kind == "thinking":
+            output.append(_reasoning_output_item(_new_id("rs"), str(block.get("thinking") or ""), block.get("signature")))
+        elif kind == "tool_use":
+            output.append(_function_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
+                                              json.dumps(block.get("input", {}), ensure_ascii=False)))
+    status = "incomplete" if response.get("stop_reason") == "max_tokens" else "completed"
+    return _response_object(_new_id("resp"), int(time.time()), requested_model, status, output,
+                            _responses_usage_from_anthropic(response.get("usage")))
+
+
+class AnthropicToResponsesStream:
+    """Feed Anthropic stream events, get Responses stream events back (name, data).
+
+    The order is OpenAI's: response.created, response.in_progress, then per item
+    output_item.added → (content_part.added | reasoning_summary_part.added) → deltas →
+    *.done → output_item.done, and last response.completed (or .incomplete) with the whole
+    output and usage. Every event carries a `sequence_number` counting from 0.
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+        self.response_id = _new_id("resp")
+        self.created = int(time.time())
+        self.sequence = 0
+        self.output: list[dict] = []
+        self.item: dict | None = None  # the open output item
+        self.text = ""  # its text, summary or arguments so far
+        self.signature = ""
+        self.summary_open = False
+        self.usage: dict = {}
+        self.stop_reason: str | None = None
+        self.started = False
+        self.finished = False
+
+    def _event(self, kind: str, **fields: Any) -> tuple[str, dict]:
+        event = (kind, {"type": kind, "sequence_number": self.sequence, **fields})
+        self.sequence += 1
+        return event
+
+    def _response(self, status: str) -> dict:
+        usage = _responses_usage_from_anthropic(self.usage) if status != "in_progress" else None
+        return _response_object(self.response_id, self.created, self.model, status, list(self.output), usage)
+
+    def feed(self, event: str | None, data: dict) -> list[tuple[str, dict]]:
+        if not isinstance(data, dict):
+            raise StreamTranslationError("stream event data is not a JSON object")
+        kind = data.get("type", event)
+        if kind == "error":
+            error = data.get("error") if isinstance(data.get("error"), dict) else {}
+            raise UpstreamError(str(error.get("message", "upstream stream error")),
+                                status=529 if error.get("type") == "overloaded_error" else 502,
+                                error_type=str(error.get("type") or "api_error"))
+        events = self._start()
+        if kind == "message_start":
+            message = data.get("message") if isinstance(data.get("message"), dict) else {}
+            self.usage.update(message.get("usage") or {})
+        elif kind == "content_block_start":
+            events += self._close()
+            events += self._open(data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            events += self._delta(data.get("delta") or {})
+        elif kind == "content_block_stop":
+            events += self._close()
+        elif kind == "message_delta":
+            self.usage.update(data.get("usage") or {})
+            self.stop_reason = (data.get("delta") or {}).get("stop_reason")
+        elif kind == "message_stop":
+            events += self._complete()
+        return events
+
+    def _start(self) -> list[tuple[str, dict]]:
+        if self.started:
+            return []
+        self.started = True
+        return [self._event("response.created", response=self._response("in_progress")),
+                self._event("response.in_progress", response=self._response("in_progress"))]
+
+    def _at(self) -> dict:
+        return {"item_id": self.item["id"], "output_index": len(self.output)}
+
+    def _open(self, block: dict) -> list[tuple[str, dict]]:
+        kind = block.get("type")
+        self.text, self.signature, self.summary_open = "", "", False
+        if kind == "text":
+            self.item = _message_item(_new_id("msg"), "", status="in_progress")
+            events = [self._event("response.output_item.added", output_index=len(self.output), item=self.item),
+                      self._event("response.content_part.added", **self._at(), content_index=0,
+                                  part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
+            return events + (self._delta({"type": "text_delta", "text": block["text"]}) if block.get("text") else [])
+        if kind == "thinking":
+            self.item = _reasoning_output_item(_new_id("rs"), "", None)
+        elif kind == "tool_use":
+            self.item = _function_call_item(_new_id("fc"), str(block.get("id") or _new_id("call")),
+                                            str(block.get("name") or ""), "", status="in_progress")
+        else:
+            self.item = None  # server tools and blocks Responses has no item for
+            return []
+        return [self._event("response.output_item.added", output_index=len(self.output), item=dict(self.item))]
+
+    def _delta(self, delta: dict) -> list[tuple[str, dict]]:
+        if self.item is None:
+            return []
+        kind, events = delta.get("type"), []
+        if kind == "text_delta" and self.item["type"] == "message":
+            self.text += str(delta.get("text", ""))
+            events.append(self._event("response.output_text.delta", **self._at(), content_index=0,
+                                      delta=str(delta.get("text", "")), logprobs=[]))
+        elif kind == "thinking_delta" and self.item["type"] == "reasoning":
+            if not self.summary_open:
+                self.summary_open = True
+                events.append(self._event("response.reasoning_summary_part.added", **self._at(), summary_index=0,
+                                          part={"type": "summary_text", "text": ""}))
+            self.text += str(delta.get("thinking", ""))
+            events.append(self._event("response.reasoning_summary_text.delta", **self._at(), summary_index=0,
+                                      delta=str(delta.get("thinking", ""))))
+        elif kind == "signature_delta" and self.item["type"] == "reasoning":
+            self.signature += str(delta.get("signature", ""))
+        elif kind == "input_json_delta" and self.item["type"] == "function_call":
+            self.text += str(delta.get("partial_json", ""))
+            events.append(self._event("response.function_call_arguments.delta", **self._at(),
+                                      delta=str(delta.get("partial_json", ""))))
+        return events
+
+    def _close(self) -> list[tuple[str, dict]]:
+        item, events = self.item, []
+        if item is None:
+            return []
+        at = self._at()
+        if item["type"] == "message":
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": self.text}
+            events += [self._event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
+                       self._event("response.content_part.done", **at, content_index=0, part=part)]
+            item = _message_item(item["id"], self.text)
+        elif item["type"] == "reasoning":
+            if self.summary_open:
+                part = {"type": "summary_text", "text": self.text}
+                events += [self._event("response.reasoning_summary_text.done", **at, summary_index=0, text=self.text),
+                           self._event("response.reasoning_summary_part.done", **at, summary_index=0, part=part)]
+            item = _reasoning_output_item(item["id"], self.text, self.signature)
+        else:
+            arguments = self.text or "{}"
+            events.append(self._event("response.function_call_arguments.done", **at, arguments=arguments))
+            item = _function_call_item(item["id"], item["call_id"], item["name"], arguments)
+        events.append(self._event("response.output_item.done", output_index=len(self.output), item=item))
+        self.output.append(item)
+        self.item = None
+        return events
+
+    def _complete(self) -> list[tuple[str, dict]]:
+        if self.finished:
+            return []
+        events = self._close()
+        self.finished = True
+        status = "incomplete" if self.stop_reason == "max_tokens" else "completed"
+        return events + [self._event(f"response.{status}", response=self._response(status))]
+
+    def finish(self) -> list[tuple[str, dict]]:
+        if not self.finished:
+            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+        return []
+
+
+def responses_stream_error(error_type: str, message: str) -> dict:
+    """A Responses `error` event's data, as OpenAI sends it after a 200 (recorded traffic)."""
+    code = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded"}.get(
+        error_type, "server_error" if error_type == "api_error" else error_type)
+    return {"type": "error", "error": {"type": error_type, "code": code, "message": message, "param": None}}
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -1906,7 +2727,9 @@ def _router_json(value: Any) -> str:
 # user's intent, and its size would crowd the user's words out of the router's token budget.
 _HARNESS_BLOCKS = re.compile(
     r"<(system-reminder|local-command-stdout|local-command-stderr|user-prompt-submit-hook|"
-    r"command-message|bash-stdout|bash-stderr)>.*?</\1>", re.S)
+    r"command-message|bash-stdout|bash-stderr|environment_context|user_instructions)>.*?</\1>"
+    # Codex's AGENTS.md block (0.171): a heading naming the directory, the file in <INSTRUCTIONS>.
+    r"|# AGENTS\.md instructions for [^\n]*\s*<INSTRUCTIONS>.*?</INSTRUCTIONS>", re.S)
 _HARNESS_LINES = re.compile(r"^(x-anthropic-billing-header:.*|Caveat: The messages below were generated by "
                             r"the user while running local commands.*)$", re.M)
 
@@ -2518,7 +3341,7 @@ class Router:
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
     """Claude Code's session id header, else the session in `metadata.user_id`, else a digest of
     the conversation's first user text (stable across the turns of one conversation)."""
-    header = headers.get("x-claude-code-session-id")
+    header = headers.get("x-claude-code-session-id") or headers.get("session-id")  # Claude Code's, Codex's
     if header:
         return header
     metadata = body.get("metadata")
@@ -2534,6 +3357,17 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
         if match:
             return match.group(1)
     return "conv-" + hashlib.sha256(_first_user_text(body.get("messages")).encode()).hexdigest()[:16]
+
+
+def turn_key(session: str, headers: Mapping[str, str]) -> str:
+    """What the router pins a model to: the session, or for Codex the turn (its
+    `x-codex-turn-metadata` header names the turn every request of a tool loop belongs to)."""
+    try:
+        metadata = json.loads(headers.get("x-codex-turn-metadata") or "{}")
+    except ValueError:
+        return session
+    turn = metadata.get("turn_id") if isinstance(metadata, dict) else None
+    return f"{session}/turn/{turn}" if isinstance(turn, str) and turn else session
 
 
 def _first_user_text(messages: Any) -> str:
@@ -2630,6 +3464,8 @@ class Request:
     @property
     def api_format(self) -> str:
         """Which API's error shape the caller understands."""
+        if self.path.startswith("/v1/responses"):
+            return "responses"
         return "anthropic" if self.path.startswith("/v1/messages") or self.path == "/v1/complete" else "openai"
 
 
@@ -2741,6 +3577,7 @@ class Gateway:
         self._endpoints = {
             ("POST", "/v1/messages"): self._messages,
             ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("POST", "/v1/responses"): self._responses,
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("GET", "/v1/models"): self._models,
             ("GET", "/healthz"): self._health,
@@ -2850,6 +3687,8 @@ class Gateway:
         # `event: error`, or an OpenAI chunk carrying `error`. Never a fake end of message.
         body = self._error_body(request, error)
         log.debug("error event in %s %s: %s", request.method, request.path, body)
+        if request.api_format == "responses":
+            return encode_sse(responses_stream_error(error.error_type, body["error"]["message"]), "error")
         return encode_sse(body, "error" if request.api_format == "anthropic" else None)
 
     # ── small endpoints ───────────────────────────────────────────────────────────────────
@@ -2941,7 +3780,7 @@ class Gateway:
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
         if self.router is not None:
-            return await self.router.decide_for_request(body, exchange.session)
+            return await self.router.decide_for_request(body, turn_key(exchange.session, exchange.request.headers))
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -2953,18 +3792,28 @@ class Gateway:
     async def _chat_completions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         await self._chat(request, respond, exchange, client_format="openai")
 
+    async def _responses(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await self._chat(request, respond, exchange, client_format="responses")
+
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
         body = _parse_json_body(request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
-        _require(isinstance(body.get("messages"), list), "messages: must be a list")
+        if client_format == "responses":
+            check_responses_request(body)
+            if body.get("store") is True:
+                log.info("%s: `store: true` ignored; plano keeps no responses", requested)
+            routed = {"messages": responses_conversation(body)}  # what the router reads
+        else:
+            _require(isinstance(body.get("messages"), list), "messages: must be a list")
+            routed = body
         if client_format == "anthropic":
             _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
                      "max_tokens: must be an integer")
         exchange.requested_model = requested
         exchange.session = session_key(body, request.headers)
         config = self.config  # a reload during this request does not change what it talks to
-        decision = await self.choose_model(config, requested, body, exchange)
+        decision = await self.choose_model(config, requested, routed, exchange)
         exchange.decision = decision
         wants_stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
@@ -3061,12 +3910,24 @@ class Gateway:
                 if "beta" in request.query:
                     url += "?beta=" + urllib.parse.quote(request.query["beta"])
                 content = _anthropic_passthrough_body(request.body, body, model).encode()
+            elif client_format == "responses":
+                content = _json_bytes(responses_request_to_anthropic(body, model))
             else:
                 content = _json_bytes(openai_request_to_anthropic(body, model))
+        elif model.interface == "responses":
+            url = model.base_url + "/responses"
+            if client_format == "responses":
+                content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
+            elif client_format == "anthropic":
+                content = _json_bytes(anthropic_request_to_responses(body, model))
+            else:
+                content = _json_bytes(openai_request_to_responses(body, model))
         else:
             url = model.base_url + "/chat/completions"
             if client_format == "openai":
                 content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
+            elif client_format == "responses":
+                content = _json_bytes(responses_request_to_openai(body, model))
             else:
                 content = _json_bytes(anthropic_request_to_openai(body, model))
         timeouts = {"connect": 10.0, "read": model.timeout, "write": 60.0, "pool": 30.0}
@@ -3151,12 +4012,22 @@ class Gateway:
                         exchange: _Exchange) -> bytes:
         if model.interface == "openai":
             usage = _openai_usage_to_anthropic(payload.get("usage"))
+        elif model.interface == "responses":
+            usage = _responses_usage_to_anthropic(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
         if model.interface == client_format:
             return _json_bytes(payload)
         try:
+            if model.interface == "responses":
+                if client_format == "anthropic":
+                    return _json_bytes(responses_response_to_anthropic(payload, model.name))
+                return _json_bytes(responses_response_to_openai(payload, model.name))
+            if client_format == "responses":
+                if model.interface == "openai":
+                    payload = openai_response_to_anthropic(payload, model.name)
+                return _json_bytes(anthropic_response_to_responses(payload, model.name))
             if client_format == "anthropic":
                 return _json_bytes(openai_response_to_anthropic(payload, model.name))
             return _json_bytes(anthropic_response_to_openai(payload, model.name))
@@ -3170,6 +4041,8 @@ class Gateway:
         decoder = SSEDecoder()
         if model.interface == client_format:
             translate = _PassthroughStream(client_format)
+        elif "responses" in (model.interface, client_format):
+            translate = _responses_stream_translator(model, client_format, include_usage)
         elif client_format == "anthropic":
             translate = _AnthropicFromOpenAI(OpenAIToAnthropicStream(model.name))
         else:
@@ -3223,6 +4096,10 @@ class _PassthroughStream:
                     self.usage.update(data.get("usage") or {})
                 elif kind == "error":
                     self.complete = True  # the provider's own error event is forwarded as is
+            elif self.api_format == "responses":
+                if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
+                    self.complete = True
+                    self.usage = _responses_usage_to_anthropic((data.get("response") or {}).get("usage"))
             elif isinstance(data.get("usage"), dict):
                 self.usage = _openai_usage_to_anthropic(data["usage"])
         return raw
@@ -3288,6 +4165,64 @@ class _OpenAIFromAnthropic:
         return _token_counts(self.machine.usage)
 
 
+class _ChainedStream:
+    """A Responses stream translation, through the Anthropic shape where the two ends need it:
+    events go through `first` (None: they are Anthropic events already), then `second`."""
+
+    def __init__(self, first: Any, second: Any, upstream: str, client: str):
+        self.first, self.second = first, second
+        self.upstream, self.client = upstream, client
+
+    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
+        if self.second is None:
+            return events
+        out: list[Any] = []
+        for name, data in events:
+            out += self.second.feed(name, data) if self.client != "anthropic" else [(name, data)]
+        return out
+
+    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
+        out: list[Any] = []
+        for event in events:
+            if self.upstream == "openai":
+                done = event.data.strip() == "[DONE]"
+                anthropic = self.first.finish() if done else self.first.feed(_event_json(event))
+            elif self.upstream == "responses":
+                anthropic = self.first.feed(event.event, _event_json(event))
+            else:
+                anthropic = [(event.event, _event_json(event))]
+            out += self._through(anthropic)
+        return self._encode(out)
+
+    def finish(self) -> bytes:
+        out = self._through(self.first.finish()) if self.first is not None else []
+        if self.second is not None:
+            out += self.second.finish()
+        return self._encode(out)
+
+    def _encode(self, out: list[Any]) -> bytes:
+        if self.client == "openai":
+            return b"".join(encode_sse(chunk) for chunk in out)
+        return b"".join(encode_sse(data, name) for name, data in out)
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return _token_counts(self.first.usage)
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _token_counts(self.first.usage and _openai_usage_to_anthropic(self.first.usage))
+        return _token_counts(self.second.usage)
+
+
+def _responses_stream_translator(model: ModelEntry, client_format: str, include_usage: bool) -> _ChainedStream:
+    """The stream translation between a Responses end and another format."""
+    if model.interface == "responses":
+        first = ResponsesToAnthropicStream(model.name, "signature" if client_format == "anthropic" else "tool_id")
+        second = AnthropicToOpenAIStream(model.name, include_usage) if client_format == "openai" else None
+        return _ChainedStream(first, second, "responses", client_format)
+    first = OpenAIToAnthropicStream(model.name) if model.interface == "openai" else None
+    return _ChainedStream(first, AnthropicToResponsesStream(model.name), model.interface, "responses")
+
+
 def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
     """The client's own bytes with only the model changed, unless a thinking block plano made
     (no signature: it came from another provider) would make an Anthropic upstream reject it."""
@@ -3295,16 +4230,21 @@ def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> st
         return replace_json_model(raw.decode("utf-8"), model.model_id)
     cleaned = dict(body, model=model.model_id, messages=[
         dict(m, content=[b for b in m["content"] if not (isinstance(b, dict) and b.get("type") == "thinking"
-                                                         and not b.get("signature"))])
+                                                         and _unsigned(b))])
         if isinstance(m, dict) and isinstance(m.get("content"), list) else m
         for m in body["messages"]])
     return json.dumps(cleaned, ensure_ascii=False)
 
 
 def _has_unsigned_thinking(body: dict) -> bool:
-    return any(isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature")
+    """Thinking without Anthropic's own signature: none, or the reasoning plano carries for OpenAI."""
+    return any(isinstance(b, dict) and b.get("type") == "thinking" and _unsigned(b)
                for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
                for b in m["content"])
+
+
+def _unsigned(block: dict) -> bool:
+    return not block.get("signature") or is_plano_signature(block["signature"])
 
 
 def _parse_json_body(raw: bytes) -> dict:

@@ -154,6 +154,10 @@ def model_behaviour(messages: list[dict]) -> dict:
     if match:
         return {"tool": {"id": "call_abc123", "name": "Bash",
                          "arguments": json.dumps({"command": match.group(1).strip()}, ensure_ascii=False)}}
+    match = re.search(r"EXEC:(.+)$", text)  # Codex's shell tool
+    if match:
+        return {"tool": {"id": "call_exec123", "name": "exec_command",
+                         "arguments": json.dumps({"cmd": match.group(1).strip()}, ensure_ascii=False)}}
     reply = {"text": f"echo: {text}"}
     if "THINK" in text:
         reply["reasoning"] = "let me think… 🤔"
@@ -282,13 +286,143 @@ class AnthropicStandIn:
         return Reply(200, sse=sse_pieces(events))
 
 
+# A Responses provider returns its reasoning encrypted (store: false) and refuses a function call
+# sent back without the reasoning item that came before it, as OpenAI does for reasoning models.
+RESPONSES_REASONING_ID = "rs_0775572d10a16b66006a8d8528e8a887"
+RESPONSES_ENCRYPTED = "gAAAAABpPDIUph8czEXzDePCV2lJ27wm7TsbCvazrvHSn0yWitN7RGWq8sjrPtfEYNkSVR8GZzB59nmPMV9haW4H=="
+RESPONSES_MISSING_REASONING = ("Item 'fc_0775572d10a16b66' of type 'function_call' was provided without its required "
+                               f"'reasoning' item: '{RESPONSES_REASONING_ID}'.")
+
+
+def responses_as_messages(items: Any) -> list[dict]:
+    """A Responses `input` as the message list model_behaviour reads."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages = []
+    for item in items:
+        if item.get("type", "message") == "message":
+            content = item["content"]
+            text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content)
+            messages.append({"role": item["role"], "content": text})
+        elif item["type"] == "function_call_output":
+            messages.append({"role": "tool", "content": item["output"]})
+    return messages
+
+
+def responses_reasoning_problem(items: Any) -> str | None:
+    if isinstance(items, str):
+        return None
+    for i, item in enumerate(items):
+        if item.get("type") == "function_call" and item.get("call_id") == "call_abc123":
+            before = items[i - 1] if i else {}
+            if before.get("type") != "reasoning" or before.get("id") != RESPONSES_REASONING_ID \
+                    or before.get("encrypted_content") != RESPONSES_ENCRYPTED:
+                return RESPONSES_MISSING_REASONING
+    return None
+
+
+class ResponsesStandIn:
+    """An OpenAI Responses provider at /v1/responses (what serves the codex and -pro models)."""
+
+    def responses_reply(self, request: Recorded) -> Reply:
+        if request.headers.get("authorization") != f"Bearer {OPENAI_KEY}":
+            return Reply(401, {"error": {"message": "Incorrect API key provided: sk-te***ef.",
+                                         "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+        body = request.json
+        if not isinstance(body.get("input"), (str, list)):
+            return Reply(400, {"error": {"message": "Missing required parameter: 'input'.",
+                                         "type": "invalid_request_error", "param": "input", "code": "missing_required_parameter"}})
+        if problem := responses_reasoning_problem(body["input"]):
+            return Reply(400, {"error": {"message": problem, "type": "invalid_request_error", "param": "input",
+                                         "code": None}})
+        messages = responses_as_messages(body["input"])
+        behaviour = model_behaviour(messages)
+        encrypted = "reasoning.encrypted_content" in (body.get("include") or [])
+        response_id = "resp_0775572d10a16b66006a8d85285ef487"
+        usage = {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 30}, "output_tokens": 7,
+                 "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 47}
+        output: list[dict] = []
+        if "reasoning" in behaviour or "tool" in behaviour:
+            reasoning: dict[str, Any] = {"id": RESPONSES_REASONING_ID, "type": "reasoning", "summary": (
+                [{"type": "summary_text", "text": behaviour["reasoning"]}] if "reasoning" in behaviour else [])}
+            if encrypted:
+                reasoning["encrypted_content"] = RESPONSES_ENCRYPTED
+            output.append(reasoning)
+        if "text" in behaviour:
+            output.append({"id": "msg_0775572d10a16b66006a8d85", "type": "message", "status": "completed",
+                           "role": "assistant", "content": [{"type": "output_text", "annotations": [], "logprobs": [],
+                                                             "text": behaviour["text"]}]})
+        if "tool" in behaviour:
+            t = behaviour["tool"]
+            call_id = "call_abc123" if t["name"] == "Bash" else t["id"]
+            output.append({"id": "fc_0775572d10a16b66", "type": "function_call", "status": "completed",
+                           "arguments": t["arguments"], "call_id": call_id, "name": t["name"]})
+        status, incomplete = "completed", None
+        limit = body.get("max_output_tokens")
+        if isinstance(limit, int) and limit < 5:
+            status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+        response = {"id": response_id, "object": "response", "created_at": 1787659560, "status": status,
+                    "error": None, "incomplete_details": incomplete, "instructions": body.get("instructions"),
+                    "model": body["model"], "output": output, "parallel_tool_calls": True, "store": False,
+                    "tool_choice": "auto", "tools": body.get("tools", []), "usage": usage, "metadata": {}}
+        if not body.get("stream"):
+            return Reply(200, response)
+        sequence = iter(range(10_000))
+
+        def ev(kind: str, **fields: Any) -> tuple[str, dict]:
+            return kind, {"type": kind, "sequence_number": next(sequence), **fields}
+
+        opening = dict(response, status="in_progress", output=[], usage=None, incomplete_details=None)
+        events = [ev("response.created", response=opening), ev("response.in_progress", response=opening)]
+        if "FAIL" in last_user_text(messages):  # as recorded: an error event, then response.failed
+            error = {"type": "insufficient_quota", "code": "insufficient_quota", "param": None,
+                     "message": "You exceeded your current quota, please check your plan and billing details."}
+            failed = dict(opening, status="failed", error={"code": error["code"], "message": error["message"]})
+            events += [ev("error", error=error), ev("response.failed", response=failed)]
+            return Reply(200, sse=sse_pieces(events))
+        for index, item in enumerate(output):
+            at = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "reasoning":
+                events.append(ev("response.output_item.added", output_index=index,
+                                 item=dict(item, summary=[])))
+                for s_index, part in enumerate(item["summary"]):
+                    text = part["text"]
+                    events.append(ev("response.reasoning_summary_part.added", **at, summary_index=s_index,
+                                     part={"type": "summary_text", "text": ""}))
+                    events += [ev("response.reasoning_summary_text.delta", **at, summary_index=s_index,
+                                  delta=text[i:i + 5]) for i in range(0, len(text), 5)]
+                    events += [ev("response.reasoning_summary_text.done", **at, summary_index=s_index, text=text),
+                               ev("response.reasoning_summary_part.done", **at, summary_index=s_index, part=part)]
+            elif item["type"] == "message":
+                text = item["content"][0]["text"]
+                events += [ev("response.output_item.added", output_index=index, item=dict(item, status="in_progress",
+                                                                                         content=[])),
+                           ev("response.content_part.added", **at, content_index=0,
+                              part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
+                events += [ev("response.output_text.delta", **at, content_index=0, delta=text[i:i + 5], logprobs=[])
+                           for i in range(0, len(text), 5)]
+                events += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
+                           ev("response.content_part.done", **at, content_index=0, part=item["content"][0])]
+            else:
+                args = item["arguments"]
+                events.append(ev("response.output_item.added", output_index=index,
+                                 item=dict(item, status="in_progress", arguments="")))
+                events += [ev("response.function_call_arguments.delta", **at, delta=args[i:i + 4])
+                           for i in range(0, len(args), 4)]
+                events.append(ev("response.function_call_arguments.done", **at, arguments=args))
+            events.append(ev("response.output_item.done", output_index=index, item=item))
+        events.append(ev(f"response.{status}", response=response))
+        return Reply(200, sse=sse_pieces(events))
+
+
 class _StandInServer(http.server.ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog of 5 resets connections under load tests
 
 
-class StandInProvider(OpenAIStandIn, AnthropicStandIn):
-    """One loopback HTTP server that speaks both formats (OpenAI under /v1/chat/completions,
-    Anthropic under /v1/messages), records every request, and can be scripted per test."""
+class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
+    """One loopback HTTP server that speaks the three formats (OpenAI under /v1/chat/completions
+    and /v1/responses, Anthropic under /v1/messages), records every request, and can be scripted
+    per test."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Recorded] = []
@@ -343,11 +477,12 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
             reply = scripted(request) if callable(scripted) else scripted
         except queue.Empty:
             try:
-                reply = self.openai_reply(request) if path.endswith("/chat/completions") else self.anthropic_reply(request)
+                reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
+                    self.responses_reply(request) if path.endswith("/responses") else self.anthropic_reply(request)
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
-                              if path.endswith("/chat/completions") else
+                              if path.endswith(("/chat/completions", "/responses")) else
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
@@ -2701,6 +2836,593 @@ async def test_the_transport_waits_for_a_free_connection_then_gives_up(provider)
             nursery.start_soon(send, "second", second)
     assert outcomes["first"] == "echo: say late"
     assert isinstance(outcomes["second"], httpx.PoolTimeout)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# OpenAI Responses API: the upstream for codex and -pro models, the /v1/responses front door
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+RECORDED_RESPONSES = HERE / "testdata" / "recorded" / "responses"
+CODEX_MODEL = "openai/gpt-5.1-codex"
+
+
+def recorded_responses_stream(name: str) -> list[tuple[str, dict]]:
+    """A recorded Responses stream (one JSON event a line) as (event name, data) pairs."""
+    events = [json.loads(line) for line in (RECORDED_RESPONSES / name).read_text().splitlines() if line.strip()]
+    return [(e["type"], e) for e in events]
+
+
+def run_responses_stream(events: list[tuple[str, dict]], reasoning_in: str = "signature") -> list[tuple[str, dict]]:
+    machine = plano.ResponsesToAnthropicStream("openai/gpt-5.1-codex", reasoning_in)
+    out = []
+    for name, data in events:
+        out += machine.feed(name, data)
+    return out + machine.finish()
+
+
+def responses_config(provider: StandInProvider) -> plano.Config:
+    """The stand-in's three formats: a Responses model (the default), a Chat one, an Anthropic one."""
+    text = f"""
+llm_providers:
+  - model: {CODEX_MODEL}
+    base_url: {provider.openai_base}
+    access_key: $OPENAI_API_KEY
+    default: true
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: $OPENAI_API_KEY
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: $ANTHROPIC_API_KEY
+model_aliases:
+  coder:
+    target: {CODEX_MODEL}
+"""
+    return plano.parse_config(text, path="test-config.yaml",
+                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+
+
+@pytest.fixture
+def responses_gateway(provider):
+    running = RunningPlano(responses_config(provider))
+    yield running
+    running.stop()
+
+
+def upstream_requests(provider: StandInProvider, suffix: str) -> list[Recorded]:
+    return [r for r in provider.requests if r.path.split("?")[0].endswith(suffix)]
+
+
+# ── which models use it ───────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("name, interface", [
+    ("openai/gpt-5.1-codex", "responses"), ("openai/gpt-5-codex", "responses"),
+    ("openai/gpt-5.3-codex", "responses"), ("openai/gpt-5.1-codex-max", "responses"),
+    ("openai/gpt-5-pro", "responses"), ("openai/o3-pro", "responses"), ("openai/o3-pro-2025-06-10", "responses"),
+    ("openai/gpt-5.1", "openai"), ("openai/gpt-4.1", "openai"), ("deepseek/deepseek-chat", "openai"),
+])
+def test_openai_codex_and_pro_models_are_called_through_the_responses_api(name, interface):
+    config = plano.parse_config(f"llm_providers:\n  - model: {name}\n    access_key: k\n", path=CONFIG_PATH, environ={})
+    assert config.models[0].interface == interface
+
+
+def test_azure_codex_deployments_use_the_responses_api_with_azures_key_header():
+    config = plano.parse_config("llm_providers:\n  - model: azure_openai/gpt-5.1-codex\n    access_key: k\n"
+                                "    base_url: https://r.openai.azure.com/openai/v1\n", path=CONFIG_PATH, environ={})
+    assert (config.models[0].interface, config.models[0].spec.auth) == ("responses", "api-key")
+
+
+def test_provider_interface_responses_for_a_custom_provider():
+    config = plano.parse_config("llm_providers:\n  - model: corp/coder\n    base_url: http://h/v1\n"
+                                "    provider_interface: responses\n    access_key: k\n", path=CONFIG_PATH, environ={})
+    assert (config.models[0].interface, config.models[0].spec.auth) == ("responses", "bearer")
+
+
+def test_an_unknown_provider_interface_names_the_three_choices():
+    assert "`openai`, `anthropic` or `responses`" in config_error(
+        "llm_providers:\n  - model: openai/gpt-4.1\n    provider_interface: soap\n")
+
+
+# ── Anthropic / Chat requests → Responses requests ────────────────────────────────────────────
+
+def to_responses(body: dict, name: str = CODEX_MODEL) -> dict:
+    model = plano.parse_config(f"llm_providers:\n  - model: {name}\n    access_key: k\n", path=CONFIG_PATH,
+                               environ={}).models[0]
+    return plano.anthropic_request_to_responses(dict({"model": "m", "max_tokens": 128000}, **body), model)
+
+
+def test_anthropic_request_becomes_instructions_input_and_stateless_flags():
+    out = to_responses({"system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+                        "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}})
+    assert out == {"model": "gpt-5.1-codex", "instructions": "be brief",
+                   "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                   "max_output_tokens": 128000, "reasoning": {"summary": "auto", "effort": "high"},
+                   "store": False, "include": ["reasoning.encrypted_content"], "stream": True}
+
+
+def test_tools_become_non_strict_function_tools_with_tool_choice_and_parallel_calls():
+    out = to_responses({"messages": [USER_HI], "tools": [BASH_TOOL],
+                        "tool_choice": {"type": "tool", "name": "Bash", "disable_parallel_tool_use": True}})
+    assert out["tools"] == [{"type": "function", "name": "Bash", "description": "Run a shell command",
+                             "parameters": BASH_TOOL["input_schema"], "strict": False}]
+    assert (out["tool_choice"], out["parallel_tool_calls"]) == ({"type": "function", "name": "Bash"}, False)
+
+
+@pytest.mark.parametrize("anthropic_choice, responses_choice", [("auto", "auto"), ("any", "required"), ("none", "none")])
+def test_tool_choice_maps_to_responses(anthropic_choice, responses_choice):
+    out = to_responses({"messages": [USER_HI], "tools": [BASH_TOOL], "tool_choice": {"type": anthropic_choice}})
+    assert out["tool_choice"] == responses_choice
+
+
+def test_anthropic_web_search_server_tool_becomes_the_responses_web_search_tool():
+    out = to_responses({"messages": [USER_HI], "tools": [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}, BASH_TOOL]})
+    assert [t["type"] for t in out["tools"]] == ["web_search", "function"]
+
+
+def test_tool_use_and_tool_result_become_function_call_and_its_output_before_the_user_text():
+    out = to_responses({"messages": [
+        {"role": "user", "content": "list files"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Listing."},
+                                          {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "and then?"},
+                                     {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt", "is_error": True}]}]})
+    assert out["input"][1:] == [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Listing."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": '{"command": "ls"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "[tool error] a.txt"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and then?"}]}]
+
+
+def test_images_become_input_images():
+    out = to_responses({"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]})
+    assert out["input"][0]["content"] == [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]
+
+
+def test_plano_reasoning_signature_goes_back_as_the_reasoning_item_before_the_call():
+    item = {"id": "rs_1", "type": "reasoning", "encrypted_content": "gAAAA-secret", "summary": []}
+    out = to_responses({"messages": [USER_HI, {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "plan", "signature": plano.reasoning_signature(item)},
+        {"type": "thinking", "thinking": "theirs", "signature": "an-anthropic-signature"},
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}]}]})
+    assert out["input"][1:3] == [
+        {"id": "rs_1", "type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}],
+         "encrypted_content": "gAAAA-secret"},
+        {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": "{}"}]
+
+
+def test_reasoning_carried_in_a_chat_tool_call_id_goes_back_as_the_reasoning_item():
+    item = {"id": "rs_1", "encrypted_content": "gAAAA-secret"}
+    tool_id = plano.reasoning_tool_id("call_1", [item])
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", tool_id)  # still a valid Anthropic tool_use id
+    body = {"model": "m", "messages": [USER_HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": tool_id, "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": tool_id, "content": "ok"}]}
+    out = plano.openai_request_to_responses(body, configured_model("openai/gpt-5"))
+    assert out["input"][1:] == [
+        {"id": "rs_1", "type": "reasoning", "summary": [], "encrypted_content": "gAAAA-secret"},
+        {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]
+
+
+def test_chat_request_keeps_its_temperature_effort_and_no_invented_max_tokens():
+    body = {"model": "m", "messages": [USER_HI], "temperature": 1.5, "reasoning_effort": "minimal"}
+    out = plano.openai_request_to_responses(body, configured_model("openai/gpt-4.1"))
+    assert (out["temperature"], "max_output_tokens" in out, "reasoning" in out) == (1.5, False, False)
+    out = plano.openai_request_to_responses(body, configured_model("openai/gpt-5"))
+    assert out["reasoning"] == {"summary": "auto", "effort": "minimal"} and "temperature" not in out
+
+
+def test_plano_reasoning_signature_is_never_sent_to_a_real_anthropic_upstream():
+    signed = plano.reasoning_signature({"id": "rs_1", "encrypted_content": "x"})
+    body = {"model": "m", "max_tokens": 10, "messages": [USER_HI, {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "", "signature": signed}, {"type": "text", "text": "ok"}]}]}
+    sent = json.loads(plano._anthropic_passthrough_body(json.dumps(body).encode(), body,
+                                                        configured_model("anthropic/claude-sonnet-5")))
+    assert sent["messages"][1]["content"] == [{"type": "text", "text": "ok"}]
+
+
+# ── Responses answers → Anthropic / Chat answers ──────────────────────────────────────────────
+
+RESPONSE_WITH_TOOL = {
+    "id": "resp_1", "object": "response", "status": "completed", "model": "gpt-5.1-codex",
+    "output": [{"id": "rs_1", "type": "reasoning", "encrypted_content": "gAAAA-secret",
+                "summary": [{"type": "summary_text", "text": "Look"}, {"type": "summary_text", "text": "first."}]},
+               {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "Let me look.", "annotations": []}]},
+               {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "Bash",
+                "arguments": '{"command":"ls"}', "status": "completed"}],
+    "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 60}, "output_tokens": 20,
+              "output_tokens_details": {"reasoning_tokens": 12}, "total_tokens": 120}}
+
+
+def test_responses_answer_becomes_thinking_text_and_tool_use_for_an_anthropic_client():
+    out = plano.responses_response_to_anthropic(RESPONSE_WITH_TOOL, CODEX_MODEL)
+    thinking, text, tool = out["content"]
+    assert thinking["thinking"] == "Look\n\nfirst." and plano.reasoning_from_signature(thinking["signature"]) == \
+        {"id": "rs_1", "encrypted_content": "gAAAA-secret"}
+    assert text == {"type": "text", "text": "Let me look."}
+    assert tool == {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}
+    assert out["stop_reason"] == "tool_use"
+    assert out["usage"] == {"input_tokens": 40, "output_tokens": 20, "cache_read_input_tokens": 60,
+                            "cache_creation_input_tokens": 0}
+
+
+def test_responses_answer_for_a_chat_client_carries_the_reasoning_in_the_tool_call_id():
+    out = plano.responses_response_to_openai(RESPONSE_WITH_TOOL, CODEX_MODEL)
+    message = out["choices"][0]["message"]
+    assert plano.split_reasoning_tool_id(message["tool_calls"][0]["id"]) == \
+        ("call_1", [{"id": "rs_1", "encrypted_content": "gAAAA-secret"}])
+    assert (message["content"], message["reasoning_content"]) == ("Let me look.", "Look\n\nfirst.")
+    assert out["choices"][0]["finish_reason"] == "tool_calls"
+    assert out["usage"]["prompt_tokens"] == 100 and out["usage"]["prompt_tokens_details"] == {"cached_tokens": 60}
+    assert out["usage"]["completion_tokens_details"] == {"reasoning_tokens": 12}
+
+
+@pytest.mark.parametrize("reason, stop", [("max_output_tokens", "max_tokens"), ("content_filter", "refusal")])
+def test_an_incomplete_response_gives_its_stop_reason(reason, stop):
+    response = dict(RESPONSE_WITH_TOOL, status="incomplete", incomplete_details={"reason": reason}, output=[])
+    assert plano.responses_response_to_anthropic(response, CODEX_MODEL)["stop_reason"] == stop
+
+
+def test_a_failed_response_is_an_upstream_error():
+    response = dict(RESPONSE_WITH_TOOL, status="failed", error={"code": "rate_limit_exceeded", "message": "slow down"})
+    with pytest.raises(plano.UpstreamError) as caught:
+        plano.responses_response_to_anthropic(response, CODEX_MODEL)
+    assert (caught.value.status, caught.value.error_type) == (429, "rate_limit_error")
+
+
+# ── stream machine: Responses events → Anthropic events ──────────────────────────────────────
+
+def test_recorded_function_call_stream_becomes_one_tool_use_block_with_streamed_arguments():
+    events = run_responses_stream(recorded_responses_stream("issue-19493-gpt-5.1-tool-call.chunks.txt"))
+    assert names(events) == ["message_start", "content_block_start"] + ["content_block_delta"] * 6 + [
+        "content_block_stop", "message_delta", "message_stop"]
+    assert events[1][1]["content_block"] == {"type": "tool_use", "id": "call_2FQdm3Br7Qb35YUBSkDR7kue",
+                                             "name": "get_weather", "input": {}}
+    assert "".join(d["delta"]["partial_json"] for n, d in events if n == "content_block_delta") == '{"city":"Beijing"}'
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2][1]["usage"]["output_tokens"] == 25 and events[-2][1]["usage"]["input_tokens"] == 45
+
+
+def test_recorded_codex_text_stream_becomes_one_text_block():
+    events = run_responses_stream(recorded_responses_stream("openai-reasoning-encrypted-content.1.final-text.chunks.txt"))
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    assert text == "The final result is **570**." and events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_recorded_error_event_is_an_upstream_error_in_the_clients_terms():
+    with pytest.raises(plano.UpstreamError) as caught:
+        run_responses_stream(recorded_responses_stream("openai-error.1.chunks.txt"))
+    assert (caught.value.status, caught.value.error_type) == (429, "rate_limit_error")
+    assert "exceeded your current quota" in caught.value.message
+
+
+def reasoning_then_call() -> list[tuple[str, dict]]:
+    item = {"id": "rs_9", "type": "reasoning", "summary": []}
+    done = dict(item, encrypted_content="gAAAA-secret", summary=[{"type": "summary_text", "text": "ab"}])
+    call = {"id": "fc_9", "type": "function_call", "call_id": "call_9", "name": "Bash", "arguments": ""}
+    return [("response.created", {"type": "response.created", "response": {}}),
+            ("response.output_item.added", {"type": "response.output_item.added", "item": item}),
+            ("response.reasoning_summary_text.delta", {"type": "response.reasoning_summary_text.delta",
+                                                       "summary_index": 0, "delta": "a"}),
+            ("response.reasoning_summary_text.delta", {"type": "response.reasoning_summary_text.delta",
+                                                       "summary_index": 1, "delta": "b"}),
+            ("response.output_item.done", {"type": "response.output_item.done", "item": done}),
+            ("response.output_item.added", {"type": "response.output_item.added", "item": call}),
+            ("response.output_item.done", {"type": "response.output_item.done",
+                                           "item": dict(call, arguments='{"command":"ls"}')}),
+            ("response.completed", {"type": "response.completed", "response": {"status": "completed"}})]
+
+
+def test_streamed_reasoning_becomes_a_thinking_block_signed_with_the_encrypted_reasoning():
+    events = run_responses_stream(reasoning_then_call())
+    deltas = [d["delta"] for n, d in events if n == "content_block_delta" and d["index"] == 0]
+    assert [d.get("thinking") for d in deltas[:3]] == ["a", "\n\n", "b"]
+    assert plano.reasoning_from_signature(deltas[3]["signature"]) == {"id": "rs_9", "encrypted_content": "gAAAA-secret"}
+    tool_start = events[names(events).index("content_block_start", 2)][1]
+    assert (tool_start["index"], tool_start["content_block"]["id"]) == (1, "call_9")
+    # arguments that came only with output_item.done are not lost
+    assert [d["delta"] for n, d in events if n == "content_block_delta" and d["index"] == 1] == \
+        [{"type": "input_json_delta", "partial_json": '{"command":"ls"}'}]
+
+
+def test_streamed_reasoning_for_a_chat_client_rides_in_the_next_tool_call_id():
+    events = run_responses_stream(reasoning_then_call(), reasoning_in="tool_id")
+    tool_id = [d["content_block"]["id"] for n, d in events if n == "content_block_start"
+               and d["content_block"]["type"] == "tool_use"][0]
+    assert plano.split_reasoning_tool_id(tool_id) == ("call_9", [{"id": "rs_9", "encrypted_content": "gAAAA-secret"}])
+    assert not any(d["delta"].get("type") == "signature_delta" for n, d in events if n == "content_block_delta")
+
+
+def test_a_responses_stream_that_ends_before_completed_is_a_translation_error():
+    with pytest.raises(plano.StreamTranslationError):
+        run_responses_stream(reasoning_then_call()[:-1])
+
+
+# ── stream machine: Anthropic events → Responses events (the front door) ──────────────────────
+
+def test_anthropic_stream_becomes_responses_events_in_openais_order():
+    machine = plano.AnthropicToResponsesStream("anthropic/claude-sonnet-5")
+    events = []
+    for name, data in [event("message_start", message={"usage": {"input_tokens": 5, "cache_read_input_tokens": 3}}),
+                       block_start(0, {"type": "thinking", "thinking": ""}),
+                       block_delta(0, {"type": "thinking_delta", "thinking": "hmm"}),
+                       block_delta(0, {"type": "signature_delta", "signature": "sig-real"}), block_stop(0),
+                       block_start(1, {"type": "text", "text": ""}),
+                       block_delta(1, {"type": "text_delta", "text": "é€"}), block_stop(1),
+                       block_start(2, {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}),
+                       block_delta(2, {"type": "input_json_delta", "partial_json": '{"command":'}),
+                       block_delta(2, {"type": "input_json_delta", "partial_json": '"ls"}'}), block_stop(2),
+                       *message_end("tool_use", {"output_tokens": 9})]:
+        events += machine.feed(name, data)
+    assert [n for n, _ in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_summary_part.added", "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    added = [d for n, d in events if n == "response.output_item.added"]
+    assert [(d["output_index"], d["item"]["id"][:3]) for d in added] == [(0, "rs_"), (1, "msg"), (2, "fc_")]
+    assert all(d["item_id"] == added[1]["item"]["id"] for n, d in events if n.startswith("response.output_text"))
+    completed = events[-1][1]["response"]
+    assert completed["status"] == "completed" and len({i["id"] for i in completed["output"]}) == 3
+    assert completed["output"][0]["encrypted_content"] == plano._ANTHROPIC_SIGNATURE + "sig-real"
+    assert completed["output"][2]["arguments"] == '{"command":"ls"}' and completed["output"][2]["call_id"] == "toolu_1"
+    assert completed["usage"] == {"input_tokens": 8, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 9,
+                                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 17}
+
+
+def test_an_anthropic_answer_cut_by_max_tokens_is_an_incomplete_response():
+    machine = plano.AnthropicToResponsesStream("m")
+    events = []
+    for name, data in [event("message_start", message={}), *message_end("max_tokens", {"output_tokens": 1})]:
+        events += machine.feed(name, data)
+    assert events[-1][0] == "response.incomplete"
+    assert events[-1][1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_responses_reasoning_item_with_an_anthropic_signature_goes_back_as_a_signed_thinking_block():
+    body = {"model": "m", "input": [
+        {"role": "user", "content": "hi"},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}],
+         "encrypted_content": plano._ANTHROPIC_SIGNATURE + "sig-real"},
+        {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "gAAAA-openai"},
+        {"type": "function_call", "call_id": "toolu_1", "name": "Bash", "arguments": '{"command":"ls"}'},
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "a.txt"}]}
+    out = plano.responses_request_to_anthropic(body, configured_model("anthropic/claude-sonnet-5"))
+    assert out["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "sig-real"},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                           "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}]}]
+
+
+def test_responses_developer_instructions_and_tools_become_anthropic_system_and_tools():
+    body = {"model": "m", "instructions": "You are Codex.", "input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "sandbox: none"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        "tools": [{"type": "function", "name": "exec_command", "description": "run", "parameters": {"type": "object"}},
+                  {"type": "web_search"}], "tool_choice": "auto", "parallel_tool_calls": False}
+    out = plano.responses_request_to_anthropic(body, configured_model("anthropic/claude-sonnet-5"))
+    assert out["system"] == "You are Codex.\nsandbox: none"
+    assert out["tools"] == [{"name": "exec_command", "input_schema": {"type": "object"}, "description": "run"}]
+    assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+
+
+def test_previous_response_id_is_refused_because_plano_keeps_no_responses():
+    with pytest.raises(plano.RequestError, match="stateless"):
+        plano.check_responses_request({"model": "m", "input": "hi", "previous_response_id": "resp_1"})
+
+
+def test_codex_harness_blocks_are_not_what_the_router_reads():
+    agents = "# AGENTS.md instructions for /work/repo\n\n<INSTRUCTIONS>\nUse tabs.\n</INSTRUCTIONS>"
+    body = {"input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "permissions"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": agents}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text":
+                                                         "<environment_context>\n  <cwd>/w</cwd>\n</environment_context>"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix the flaky test"}]}]}
+    assert plano.conversation_for_router(plano.responses_conversation(body)) == \
+        [{"role": "user", "content": "fix the flaky test"}]
+
+
+def test_a_codex_turn_is_pinned_by_its_turn_id():
+    headers = {"session-id": "s-1", "x-codex-turn-metadata": json.dumps({"session_id": "s-1", "turn_id": "t-7"})}
+    session = plano.session_key({}, headers)
+    assert (session, plano.turn_key(session, headers)) == ("s-1", "s-1/turn/t-7")
+    assert plano.turn_key("s-1", {"x-codex-turn-metadata": "not json"}) == "s-1"
+
+
+# ── end to end: Anthropic and Chat clients → a Responses upstream ─────────────────────────────
+
+def test_anthropic_sdk_text_through_a_responses_upstream(responses_gateway, provider):
+    client = anthropic_client(responses_gateway)
+    message = client.messages.create(model=CODEX_MODEL, max_tokens=100, messages=[{"role": "user", "content": "héllo"}])
+    assert message.content[0].text == "echo: héllo" and message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (10, 30)
+    sent = upstream_requests(provider, "/responses")[-1]
+    assert sent.path == "/v1/responses" and sent.json["store"] is False
+    assert sent.json["include"] == ["reasoning.encrypted_content"]
+    with client.messages.stream(model=CODEX_MODEL, max_tokens=100, messages=[{"role": "user", "content": "é€ THINK"}]) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "let me think… 🤔" and final.content[1].text == "echo: é€ THINK"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_sdk_tool_loop_carries_the_encrypted_reasoning_back(responses_gateway, provider, stream):
+    client = anthropic_client(responses_gateway)
+    messages: list[dict] = [{"role": "user", "content": "TOOL:echo é€"}]
+
+    def ask() -> anthropic.types.Message:
+        if not stream:
+            return client.messages.create(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL])
+        with client.messages.stream(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL]) as s:
+            return s.get_final_message()
+
+    first = ask()
+    assert first.stop_reason == "tool_use"
+    tool = [b for b in first.content if b.type == "tool_use"][0]
+    assert (tool.name, tool.input) == ("Bash", {"command": "echo é€"})
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool.id, "content": "é€"}]}]
+    second = ask()  # the stand-in refuses the call without its reasoning item: this answer proves it came back
+    assert second.content[-1].text == "tool said: é€"
+
+
+def test_anthropic_sdk_tool_loop_without_the_reasoning_is_refused_by_the_provider(responses_gateway):
+    client = anthropic_client(responses_gateway)
+    with pytest.raises(anthropic.BadRequestError, match="without its required 'reasoning' item"):
+        client.messages.create(model=CODEX_MODEL, max_tokens=100, tools=[BASH_TOOL], messages=[
+            {"role": "user", "content": "TOOL:ls"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_abc123", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_abc123", "content": "x"}]}])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_sdk_tool_loop_through_a_responses_upstream(responses_gateway, stream):
+    client = openai_client(responses_gateway)
+    messages: list[dict] = [{"role": "user", "content": "TOOL:ls é"}]
+
+    def ask() -> tuple[str | None, list[dict], str]:
+        if not stream:
+            choice = client.chat.completions.create(model=CODEX_MODEL, messages=messages, tools=[BASH_FUNCTION]).choices[0]
+            calls = [c.model_dump() for c in choice.message.tool_calls or []]
+            return choice.message.content, calls, choice.finish_reason
+        text, calls, finish = "", {}, ""
+        for part in client.chat.completions.create(model=CODEX_MODEL, messages=messages, tools=[BASH_FUNCTION],
+                                                   stream=True, stream_options={"include_usage": True}):
+            for choice in part.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+                for call in choice.delta.tool_calls or []:
+                    entry = calls.setdefault(call.index, {"id": call.id, "type": "function",
+                                                          "function": {"name": call.function.name, "arguments": ""}})
+                    entry["function"]["arguments"] += call.function.arguments or ""
+        return text, list(calls.values()), finish
+
+    _, calls, finish = ask()
+    assert finish == "tool_calls" and json.loads(calls[0]["function"]["arguments"]) == {"command": "ls é"}
+    messages += [{"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "a.txt"}]
+    text, _, finish = ask()
+    assert (text, finish) == ("tool said: a.txt", "stop")
+
+
+def test_responses_upstream_errors_reach_each_client_in_its_own_format(responses_gateway, provider):
+    provider.then(Reply(429, {"error": {"message": "Rate limit reached for gpt-5.1-codex", "type": "requests",
+                                        "param": None, "code": "rate_limit_exceeded"}}, headers={"retry-after": "1"}))
+    with pytest.raises(anthropic.RateLimitError, match="Rate limit reached"):
+        anthropic_client(responses_gateway).messages.create(model=CODEX_MODEL, max_tokens=10, messages=[USER_HI])
+    with client_stream_error(anthropic.APIStatusError, "exceeded your current quota"):
+        with anthropic_client(responses_gateway).messages.stream(model=CODEX_MODEL, max_tokens=10,
+                                                                 messages=[{"role": "user", "content": "FAIL"}]) as s:
+            s.get_final_message()
+    with client_stream_error(openai.APIError, "exceeded your current quota"):
+        for _ in openai_client(responses_gateway).chat.completions.create(
+                model=CODEX_MODEL, stream=True, messages=[{"role": "user", "content": "FAIL"}]):
+            pass
+
+
+@contextlib.contextmanager
+def client_stream_error(kind: type, text: str):
+    with pytest.raises(kind) as caught:
+        yield
+    assert text in str(caught.value)
+
+
+# ── end to end: the /v1/responses front door ──────────────────────────────────────────────────
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5", CODEX_MODEL])
+def test_openai_sdk_responses_create_from_each_upstream_format(responses_gateway, model):
+    response = openai_client(responses_gateway).responses.create(model=model, input="héllo", instructions="be kind")
+    assert response.output_text == "echo: héllo" and response.status == "completed"
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5", CODEX_MODEL])
+def test_openai_sdk_responses_stream_tool_loop_from_each_upstream_format(responses_gateway, model):
+    client = openai_client(responses_gateway)
+    tools = [{"type": "function", "name": "Bash", "description": "Run a shell command",
+              "parameters": BASH_TOOL["input_schema"], "strict": False}]
+    items: list[Any] = [{"role": "user", "content": "TOOL:echo é€"}]
+    with client.responses.stream(model=model, input=items, tools=tools, store=False,
+                                 include=["reasoning.encrypted_content"]) as stream:
+        kinds = [e.type for e in stream]
+        first = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    calls = [i for i in first.output if i.type == "function_call"]
+    assert json.loads(calls[0].arguments) == {"command": "echo é€"}
+    items += [i.model_dump(exclude_none=True) for i in first.output]
+    items.append({"type": "function_call_output", "call_id": calls[0].call_id, "output": "é€"})
+    with client.responses.stream(model=model, input=items, tools=tools, store=False) as stream:
+        second = stream.get_final_response()
+    assert second.output_text == "tool said: é€"
+
+
+def test_a_responses_upstream_gets_the_clients_bytes_with_only_the_model_changed(responses_gateway, provider):
+    raw = '{"model":"coder","input":"hi","prompt_cache_key":"abc","client_metadata":{"x":1} , "stream":false}'
+    response = httpx.post(responses_gateway.url + "/v1/responses", content=raw,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-plano-model"] == CODEX_MODEL
+    assert response.headers["x-plano-decision"] == "alias"
+    assert upstream_requests(provider, "/responses")[-1].raw.decode() == raw.replace('"coder"', '"gpt-5.1-codex"')
+
+
+def test_responses_front_door_stream_passthrough_keeps_the_providers_events(responses_gateway, provider):
+    provider.then(Reply(200, sse=sse_pieces(recorded_responses_stream("issue-19493-gpt-5.1-tool-call.chunks.txt"))))
+    with openai_client(responses_gateway).responses.stream(model=CODEX_MODEL, input="weather?") as stream:
+        final = stream.get_final_response()
+    assert final.id == "resp_0775572d10a16b66006a8d85285ef487d2ae865d3657af7276"
+    assert final.output[0].arguments == '{"city":"Beijing"}'
+
+
+def test_previous_response_id_is_a_400_that_says_plano_is_stateless(responses_gateway):
+    with pytest.raises(openai.BadRequestError, match="stateless") as caught:
+        openai_client(responses_gateway).responses.create(model=CODEX_MODEL, input="hi", previous_response_id="resp_1")
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_store_true_is_accepted_and_noted(responses_gateway, provider):
+    SuiteLog.lines.clear()
+    response = openai_client(responses_gateway).responses.create(model="openai/gpt-4o", input="hi", store=True)
+    assert response.output_text == "echo: hi"
+    assert any("`store: true` ignored" in line for line in SuiteLog.lines)
+
+
+def test_responses_front_door_errors_are_openai_errors(responses_gateway, provider):
+    provider.then(Reply(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                         "message": "prompt is too long: 210000 tokens > 200000"}}))
+    with pytest.raises(openai.BadRequestError, match="prompt is too long") as caught:
+        openai_client(responses_gateway).responses.create(model="anthropic/claude-sonnet-5", input="hi")
+    assert caught.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.APIError, match="exceeded your current quota"):
+        with openai_client(responses_gateway).responses.stream(model=CODEX_MODEL, input="FAIL") as stream:
+            stream.get_final_response()
+    provider.then(Reply(200, sse=sse_pieces([("message_start", {"type": "message_start", "message": {}}),
+                                             ("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                                   "message": "Overloaded mid-stream"}})])))
+    with pytest.raises(openai.APIError, match="Overloaded mid-stream"):
+        with openai_client(responses_gateway).responses.stream(model="anthropic/claude-sonnet-5", input="hi") as stream:
+            stream.get_final_response()
+
+
+def test_responses_requests_are_routed_and_logged_like_the_others(responses_gateway, provider):
+    SuiteLog.lines.clear()
+    response = httpx.post(responses_gateway.url + "/v1/responses", json={"model": "not-configured", "input": "hi"},
+                          headers={"session-id": "codex-session-1"})
+    assert response.status_code == 200 and response.headers["x-plano-decision"] == "default"
+    assert any("POST /v1/responses not-configured -> openai/gpt-5.1-codex [default]" in line for line in SuiteLog.lines)
+    decisions = httpx.get(responses_gateway.url + "/plano/decisions?session=codex-session-1").json()["decisions"]
+    assert [(d["model"], d["status"]) for d in decisions] == [(CODEX_MODEL, 200)]
+
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
