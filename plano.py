@@ -1973,12 +1973,13 @@ def check_responses_request(body: dict) -> None:
 
 
 def responses_conversation(body: dict) -> list:
-    """A Responses `input` as a message list the router reads (message items have role and content)."""
+    """A Responses `input` as the message list the router reads: message items have a role and
+    content like messages; the others (function calls and outputs, reasoning) have no role, so
+    the router skips them, and one that comes last marks a tool-loop continuation."""
     items = body.get("input")
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
-    return [i for i in items if isinstance(i, dict) and i.get("type", "message") == "message"] \
-        if isinstance(items, list) else []
+    return list(items) if isinstance(items, list) else []
 
 
 def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
@@ -4772,31 +4773,35 @@ def _split_cli_agent_args(args: list[str]) -> tuple[dict | None, bool, list[str]
     return settings, print_env, rest
 
 
-def _cmd_cli_agent(args: Any) -> int:
-    import shutil
+CODEX_KEY_VARIABLE = "PLANO_CODEX_API_KEY"  # what Codex reads the gateway key (or a placeholder) from
+CODEX_MODEL = "plano"  # not a configured model: the router (or the default model) chooses
+
+
+def codex_overrides(config: Config, codex_args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(environment entries, `-c` overrides) that point Codex at plano without touching the
+    user's ~/.codex/config.toml: a model provider `plano` speaking the Responses API."""
+    provider = {"name": "plano", "base_url": _gateway_url(config) + "/v1", "env_key": CODEX_KEY_VARIABLE,
+                "wire_api": "responses"}
+    table = "{" + ",".join(f"{key}={json.dumps(value)}" for key, value in provider.items()) + "}"
+    overrides = ["model_provider=plano", f"model_providers.plano={table}"]
+    chooses_model = any(a in ("-m", "--model") or a.startswith(("--model=", "model=")) for a in codex_args)
+    if not chooses_model:
+        overrides.append(f"model={CODEX_MODEL}")
+    return {CODEX_KEY_VARIABLE: config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN}, overrides
+
+
+@contextlib.contextmanager
+def _gateway_for_agent(config: Config):
+    """Yields True once a gateway answers at the config's listener: the one running, else one
+    started for the length of the agent's session. False: it would not start (said on stderr)."""
     import subprocess
     import tempfile
 
-    if args.agent != "claude":
-        print(f"plano: unknown agent {args.agent!r}; supported: claude", file=sys.stderr)
-        return 2
-    user_settings, print_env, claude_args = _split_cli_agent_args(args.agent_args)
-    config = _load_config_or_exit(args.config)
-    env, settings = claude_code_environment(config, user_settings, os.environ)
-    if print_env:
-        for key, value in env.items():
-            print(f"export {key}={shlex.quote(value)}")
-        return 0
-    claude = shutil.which("claude")
-    if claude is None:
-        print("plano: Claude Code is not installed; install it with: npm install -g @anthropic-ai/claude-code",
-              file=sys.stderr)
-        return 127
     url = _gateway_url(config)
     gateway = None
     if not _gateway_is_up(url):
-        # Nothing answers: run the gateway for the length of this Claude Code session. Its log goes
-        # to a file, since the terminal belongs to Claude Code.
+        # Nothing answers: run the gateway for the length of this agent session. Its log goes to a
+        # file, since the terminal belongs to the agent.
         log_path = os.path.join(tempfile.gettempdir(), f"plano-{config.listener.port}.log")
         log_file = open(log_path, "ab")
         gateway = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", os.path.abspath(config.path)],
@@ -4807,14 +4812,12 @@ def _cmd_cli_agent(args: Any) -> int:
             if gateway.poll() is not None or time.monotonic() > deadline:
                 print(f"plano: the gateway did not start; see {log_path}", file=sys.stderr)
                 gateway.kill()
-                return 1
+                yield False
+                return
             time.sleep(0.1)
         print(f"plano: gateway started on {url} (log: {log_path})", file=sys.stderr)
     try:
-        process_env = {**os.environ, **env}
-        return subprocess.call([claude, "--settings", json.dumps(settings), *claude_args], env=process_env)
-    except KeyboardInterrupt:
-        return 130
+        yield True
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -4822,6 +4825,46 @@ def _cmd_cli_agent(args: Any) -> int:
                 gateway.wait(10)
             except subprocess.TimeoutExpired:
                 gateway.kill()
+
+
+def _cmd_cli_agent(args: Any) -> int:
+    import shutil
+    import subprocess
+
+    if args.agent not in ("claude", "codex"):
+        print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
+        return 2
+    config = _load_config_or_exit(args.config)
+    if args.agent == "codex":
+        print_env = "--print-env" in args.agent_args
+        print_config = "--print-config" in args.agent_args
+        agent_args = [a for a in args.agent_args if a not in ("--print-env", "--print-config")]
+        env, overrides = codex_overrides(config, agent_args)
+        command = ["codex", *[part for o in overrides for part in ("-c", o)], *agent_args]
+        install = "npm install -g @openai/codex"
+    else:
+        user_settings, print_env, agent_args = _split_cli_agent_args(args.agent_args)
+        print_config = False
+        env, settings = claude_code_environment(config, user_settings, os.environ)
+        command = ["claude", "--settings", json.dumps(settings), *agent_args]
+        install = "npm install -g @anthropic-ai/claude-code"
+    if print_env or print_config:
+        for key, value in env.items() if print_env else ():
+            print(f"export {key}={shlex.quote(value)}")
+        for override in overrides if print_config else ():
+            print(override)
+        return 0
+    executable = shutil.which(command[0])
+    if executable is None:
+        print(f"plano: {command[0]} is not installed; install it with: {install}", file=sys.stderr)
+        return 127
+    with _gateway_for_agent(config) as started:
+        if started is False:
+            return 1
+        try:
+            return subprocess.call([executable, *command[1:]], env={**os.environ, **env})
+        except KeyboardInterrupt:
+            return 130
 
 
 def _cmd_statusline(args: Any) -> int:
@@ -4935,8 +4978,9 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
-    agent = commands.add_parser("cli-agent", help="run Claude Code through plano: cli-agent claude [ARGS...]",
-                                prefix_chars="\x00")  # every argument after the agent is Claude Code's
+    agent = commands.add_parser("cli-agent", help="run Claude Code or Codex through plano: "
+                                "cli-agent claude|codex [ARGS...]",
+                                prefix_chars="\x00")  # every argument after the agent is the agent's
     agent.add_argument("agent")
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)
     agent.set_defaults(run=_cmd_cli_agent)

@@ -4248,6 +4248,129 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Codex CLI: the real Codex (npm @openai/codex) through plano's /v1/responses; cli-agent codex
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@pytest.fixture(scope="session")
+def codex_bin() -> str:
+    """The real Codex CLI's native binary: $PLANO_CODEX_BIN, else what .ci/install_codex.sh
+    installed, else `codex` on PATH."""
+    import shutil
+    installed = sorted(HERE.glob(".cache/codex/node_modules/@openai/codex-*/vendor/*/bin/codex"))
+    path = os.environ.get("PLANO_CODEX_BIN") or (str(installed[0]) if installed else shutil.which("codex"))
+    if not path:
+        pytest.fail("these tests drive the real Codex CLI: install it with `bash .ci/install_test_extras.sh`")
+    return path
+
+
+def write_codex_config(tmp_path: Path, provider: StandInProvider, port: int, default: str,
+                       router_yaml: str = "  enabled: false", routes: str = "") -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: {str(default == "openai/gpt-4o").lower()}{routes}
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+    default: {str(default == "anthropic/claude-sonnet-5").lower()}
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router:
+{router_yaml}
+""")
+    return path
+
+
+def codex_home(tmp_path: Path) -> Path:
+    """A throwaway HOME whose ~/.codex/config.toml is the user's own, which plano must not rewrite."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True, exist_ok=True)
+    (home / ".codex" / "config.toml").write_text('model = "o3"\n# the user\'s own settings\n')
+    return home
+
+
+def run_cli_agent_codex(config: Path, codex: str, home: Path, prompt: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"HOME": str(home), "PATH": f"{Path(codex).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+           "PYTHONPATH": str(HERE)}  # this checkout's plano, whatever the directory Codex works in
+    return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex", "exec",
+                           "--skip-git-repo-check", prompt], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=180, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("default, upstream_path", [("openai/gpt-4o", "/v1/chat/completions"),
+                                                    ("anthropic/claude-sonnet-5", "/v1/messages")])
+def test_cli_agent_codex_runs_an_exec_command_round_trip_through_plano(tmp_path, provider, codex_bin, default,
+                                                                       upstream_path):
+    port = free_port()
+    config = write_codex_config(tmp_path, provider, port, default)
+    home = codex_home(tmp_path)
+    result = run_cli_agent_codex(config, codex_bin, home, "EXEC:echo codex-marker-é€", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Codex ran the command and its final answer is the model's reply to the command's output.
+    assert "tool said:" in result.stdout and "codex-marker-é€" in result.stdout.split("tool said:")[1]
+    assert f"gateway started on http://127.0.0.1:{port}" in result.stderr
+    assert [r.path for r in provider.requests] == [upstream_path, upstream_path]
+    continuation = provider.requests[1].json
+    assert "codex-marker-é€" in json.dumps(continuation["messages"][-1], ensure_ascii=False)
+    assert (home / ".codex" / "config.toml").read_text() == 'model = "o3"\n# the user\'s own settings\n'
+    with pytest.raises(httpx.TransportError):  # the gateway it started is gone with Codex
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_codex_turn_is_routed_once_and_its_tool_loop_pinned(tmp_path, provider, codex_bin, tiny_router_model):
+    port = free_port()
+    config = write_codex_config(tmp_path, provider, port, "openai/gpt-4o",
+                                router_yaml=f"  model: {tiny_router_model}", routes=ROUTES_YAML)
+    with plano_up(config, port) as url:
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/healthz").json()["router"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = run_cli_agent_codex(config, codex_bin, codex_home(tmp_path), "EXEC:echo pinned", tmp_path)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gateway started" not in result.stderr  # it used the gateway that was up
+    assert [d["decision"] for d in decisions] == ["router", "pinned"]
+    assert decisions[0]["requested_model"] == plano.CODEX_MODEL and decisions[0]["route"] in ROUTE_NAMES
+    assert len({d["session"] for d in decisions}) == 1  # Codex's session-id header keyed the decisions
+
+
+def test_cli_agent_codex_print_config_and_env_show_the_overrides(tmp_path, provider):
+    port = free_port()
+    config = write_codex_config(tmp_path, provider, port, "openai/gpt-4o")
+    printed = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                              "--print-config", "--print-env"], capture_output=True, text=True, timeout=30)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines() == [
+        f"export {plano.CODEX_KEY_VARIABLE}=plano", "model_provider=plano",
+        f'model_providers.plano={{name="plano",base_url="http://127.0.0.1:{port}/v1",'
+        f'env_key="{plano.CODEX_KEY_VARIABLE}",wire_api="responses"}}', "model=plano"]
+
+
+def test_cli_agent_codex_leaves_the_model_to_the_user_when_they_choose_one():
+    config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: k\n"
+                                "listeners:\n  - port: 12000\n    api_key: gw-key\n", path=CONFIG_PATH, environ={})
+    env, overrides = plano.codex_overrides(config, ["-m", "openai/gpt-4o", "exec", "hi"])
+    assert not any(o.startswith("model=") for o in overrides)
+    assert env == {plano.CODEX_KEY_VARIABLE: "gw-key"}  # the gateway's key is what Codex must present
+
+
+def test_cli_agent_without_codex_installed_says_how_to_install(tmp_path, provider):
+    config = write_codex_config(tmp_path, provider, free_port(), "openai/gpt-4o")
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex", "exec", "x"],
+                            capture_output=True, text=True, timeout=30,
+                            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(HERE)})
+    assert result.returncode == 127
+    assert result.stderr.strip() == "plano: codex is not installed; install it with: npm install -g @openai/codex"
+
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Hardening: failover, limits and timeouts, hostile input, load, secrets, shutdown, reload
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 

