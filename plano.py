@@ -1770,8 +1770,7 @@ def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
     out = anthropic_request_to_responses(openai_request_to_anthropic(body, model), model)
     if body.get("max_completion_tokens", body.get("max_tokens")) is None:
         out.pop("max_output_tokens", None)
-    if "temperature" in out:
-        out["temperature"] = body["temperature"]
+    _keep_sampling(body, out, model)
     effort = body.get("reasoning_effort")
     if model.is_reasoning_model and effort in ("minimal", "low", "medium", "high"):
         out["reasoning"]["effort"] = effort
@@ -2107,9 +2106,16 @@ def responses_request_to_openai(body: dict, model: ModelEntry) -> dict:
     if body.get("max_output_tokens") is None:
         out.pop("max_tokens", None)
         out.pop("max_completion_tokens", None)
-    if "temperature" in out:
-        out["temperature"] = body["temperature"]
+    _keep_sampling(body, out, model)
     return out
+
+
+def _keep_sampling(body: dict, out: dict, model: ModelEntry) -> None:
+    """The client's own temperature and top_p, which the Anthropic shape clamps to 0–1 or drops
+    (Anthropic's thinking takes no temperature), for a model that takes them."""
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None and model.takes_sampling_params:
+            out[key] = body[key]
 
 
 def _responses_usage_from_anthropic(usage: Any) -> dict:
@@ -3926,7 +3932,7 @@ class Gateway:
         else:
             url = model.base_url + "/chat/completions"
             if client_format == "openai":
-                content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
+                content = _openai_passthrough_body(request.body, body, model).encode()
             elif client_format == "responses":
                 content = _json_bytes(responses_request_to_openai(body, model))
             else:
@@ -4235,6 +4241,28 @@ def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> st
         if isinstance(m, dict) and isinstance(m.get("content"), list) else m
         for m in body["messages"]])
     return json.dumps(cleaned, ensure_ascii=False)
+
+
+def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
+    """The client's own bytes with only the model changed, unless its tool-call ids carry the
+    reasoning plano put there for a Responses upstream: another provider gets the plain ids (OpenAI
+    limits their length, and the reasoning is no one else's business)."""
+    text = raw.decode("utf-8")
+    if _REASONING_MARK not in text:
+        return replace_json_model(text, model.model_id)
+
+    def plain(tool_id: Any) -> Any:
+        return split_reasoning_tool_id(tool_id)[0] if isinstance(tool_id, str) else tool_id
+
+    messages = []
+    for message in body["messages"]:
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+            message = dict(message, tool_calls=[dict(c, id=plain(c.get("id"))) if isinstance(c, dict) else c
+                                                for c in message["tool_calls"]])
+        if isinstance(message, dict) and "tool_call_id" in message:
+            message = dict(message, tool_call_id=plain(message["tool_call_id"]))
+        messages.append(message)
+    return json.dumps(dict(body, model=model.model_id, messages=messages), ensure_ascii=False)
 
 
 def _has_unsigned_thinking(body: dict) -> bool:

@@ -3015,6 +3015,12 @@ def test_chat_request_keeps_its_temperature_effort_and_no_invented_max_tokens():
     assert out["reasoning"] == {"summary": "auto", "effort": "minimal"} and "temperature" not in out
 
 
+def test_responses_request_to_a_chat_provider_keeps_its_temperature_and_invents_no_max_tokens():
+    body = {"model": "m", "input": "hi", "temperature": 1.5, "reasoning": {"effort": "low"}}
+    out = plano.responses_request_to_openai(body, configured_model("openai/gpt-4.1"))
+    assert out == {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.5}
+
+
 def test_plano_reasoning_signature_is_never_sent_to_a_real_anthropic_upstream():
     signed = plano.reasoning_signature({"id": "rs_1", "encrypted_content": "x"})
     body = {"model": "m", "max_tokens": 10, "messages": [USER_HI, {"role": "assistant", "content": [
@@ -3314,6 +3320,21 @@ def test_openai_chat_sdk_tool_loop_through_a_responses_upstream(responses_gatewa
                  {"role": "tool", "tool_call_id": calls[0]["id"], "content": "a.txt"}]
     text, _, finish = ask()
     assert (text, finish) == ("tool said: a.txt", "stop")
+
+
+def test_a_chat_tool_loop_moved_to_a_chat_provider_sends_it_the_plain_tool_call_ids(responses_gateway, provider):
+    client = openai_client(responses_gateway)
+    messages: list[dict] = [{"role": "user", "content": "TOOL:ls"}]
+    call = client.chat.completions.create(model=CODEX_MODEL, messages=messages, tools=[BASH_FUNCTION]) \
+        .choices[0].message.tool_calls[0]
+    assert call.id != "call_abc123" and plano.split_reasoning_tool_id(call.id)[0] == "call_abc123"
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "a.txt"}]
+    answer = client.chat.completions.create(model="openai/gpt-4o", messages=messages, tools=[BASH_FUNCTION])
+    assert answer.choices[0].message.content == "tool said: a.txt"
+    sent = upstream_requests(provider, "/chat/completions")[-1].json
+    assert (sent["model"], sent["messages"][1]["tool_calls"][0]["id"], sent["messages"][2]["tool_call_id"]) == \
+        ("gpt-4o", "call_abc123", "call_abc123")
 
 
 def test_responses_upstream_errors_reach_each_client_in_its_own_format(responses_gateway, provider):
