@@ -1628,7 +1628,8 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
         out["max_output_tokens"] = min(max_tokens, model.max_output_tokens or max_tokens)
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
-            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool), f"{key}: must be a number")
+            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
+                     f"{key}: must be a number")
             if model.takes_sampling_params:
                 out[key] = body[key]
     tools = []
@@ -2093,7 +2094,8 @@ def _responses_user_content(content: Any, where: str) -> list[dict]:
                      "(a URL or data URL), not a file id")
             blocks.append({"type": "image", "source": _source_from_image_url(part["image_url"], f"{at}.image_url")})
         elif kind == "input_file":
-            _require(isinstance(part.get("file_data"), str), f"{at}.file_data: plano needs the file itself, not a file id")
+            _require(isinstance(part.get("file_data"), str),
+                     f"{at}.file_data: plano needs the file itself, not a file id")
             blocks.append({"type": "document", "source": _source_from_image_url(part["file_data"], f"{at}.file_data")})
         else:
             raise RequestError(f"{at}.type: unsupported content part type {kind!r}")
@@ -2136,9 +2138,9 @@ def _response_object(response_id: str, created: int, model: str, status: str, ou
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}] if status == "completed"
-            else []}
+            "content": [part] if status == "completed" else []}
 
 
 def _reasoning_output_item(item_id: str, summary: str, signature: str | None) -> dict:
@@ -2162,7 +2164,8 @@ def anthropic_response_to_responses(response: dict, requested_model: str) -> dic
         if kind == "text":
             output.append(_message_item(_new_id("msg"), str(block.get("text", ""))))
         elif kind == "thinking":
-            output.append(_reasoning_output_item(_new_id("rs"), str(block.get("thinking") or ""), block.get("signature")))
+            summary = str(block.get("thinking") or "")
+            output.append(_reasoning_output_item(_new_id("rs"), summary, block.get("signature")))
         elif kind == "tool_use":
             output.append(_function_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
                                               json.dumps(block.get("input", {}), ensure_ascii=False)))
@@ -4185,7 +4188,7 @@ class _ChainedStream:
             return events
         out: list[Any] = []
         for name, data in events:
-            out += self.second.feed(name, data) if self.client != "anthropic" else [(name, data)]
+            out += self.second.feed(name, data)
         return out
 
     def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
