@@ -1884,6 +1884,21 @@ class RouteDecision:
     decision: str
     latency_ms: float = 0.0
     reason: str = ""
+    # How sure the router was (an embedded router's own probabilities; None when unknown): the
+    # chosen route's probability, and the likeliest other answer with its probability.
+    confidence: float | None = None
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """A router backend's answer: the route (or NO_ROUTE), and how sure it was when it can say."""
+
+    name: str
+    confidence: float | None = None
+    runner_up: str | None = None  # the likeliest other answer (several routes joined by " | " when
+    runner_up_confidence: float | None = None  # they share the branch the model did not take)
 
 
 # The model's own input format (Arch-Router-1.5B model card): ONE user message holding the
@@ -2049,10 +2064,12 @@ class _RouteTrie:
                 node = node.setdefault(token, {})
             node[None] = name
 
-    def walk(self, logits_after: Callable[[list[int]], Any]) -> str:
-        """The answer. `logits_after(tokens)` feeds the tokens taken since the last choice (none
-        at the root) and returns the next-token logits."""
-        node, pending = self.root, []
+    def walk(self, logits_after: Callable[[list[int]], Any]) -> RouteChoice:
+        """The answer, with its probability: the product, over the choices on its way, of the
+        softmax of the logits over the tokens allowed there. `logits_after(tokens)` feeds the
+        tokens taken since the last choice (none at the root) and returns the next-token logits."""
+        node, pending, probability = self.root, [], 1.0
+        runner_up: tuple[str, float] | None = None
         while None not in node:
             options = list(node)
             if len(options) == 1:
@@ -2060,10 +2077,22 @@ class _RouteTrie:
             else:
                 logits = logits_after(pending)
                 pending = []
-                token = max(options, key=lambda t: logits[t])
+                weights = _softmax([float(logits[t]) for t in options])
+                best = max(range(len(options)), key=weights.__getitem__)
+                for i, other in enumerate(options):
+                    if i != best and (runner_up is None or probability * weights[i] > runner_up[1]):
+                        runner_up = (" | ".join(self.answers_under(node[other])), probability * weights[i])
+                token = options[best]
+                probability *= weights[best]
             pending.append(token)
             node = node[token]
-        return node[None]
+        return RouteChoice(node[None], probability, *(runner_up or (None, None)))
+
+    def answers_under(self, node: dict) -> list[str]:
+        names: list[str] = []
+        for token, child in node.items():
+            names += [child] if token is None else self.answers_under(child)
+        return names
 
     def shared_first_token(self) -> int | None:
         """The first token of more than one answer, when the answers branch at their first token
@@ -2072,12 +2101,16 @@ class _RouteTrie:
         along with the prompt on speculation."""
         if len(self.root) < 2:
             return None
-        answers_under = {token: self._count(node) for token, node in self.root.items()}
-        token = max(answers_under, key=answers_under.__getitem__)
-        return token if answers_under[token] > 1 else None
+        counts = {token: len(self.answers_under(node)) for token, node in self.root.items()}
+        token = max(counts, key=counts.__getitem__)
+        return token if counts[token] > 1 else None
 
-    def _count(self, node: dict) -> int:
-        return sum(1 if token is None else self._count(child) for token, child in node.items())
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def _resolve_router_model(settings: RouterSettings) -> str:
@@ -2093,7 +2126,7 @@ def _resolve_router_model(settings: RouterSettings) -> str:
     try:
         import huggingface_hub
     except ImportError:
-        raise RouterUnavailable("huggingface_hub is not installed (pip install huggingface_hub)") from None
+        raise RouterUnavailable("huggingface_hub is not installed: pip install 'plano[router]'") from None
     try:
         return huggingface_hub.hf_hub_download(repo_id=settings.model, filename=settings.file)
     except Exception as e:  # offline, no space, no such repo: all mean "route to the default"
@@ -2113,13 +2146,20 @@ class _LlamaModel:
     that the internals it drives exist, and says in one log line what it does without them.
     """
 
-    def __init__(self, path: str, *, n_ctx: int, threads: int, gpu_layers: int | None, extra_buffer_types: bool):
+    @staticmethod
+    def library() -> Any:
+        """The llama_cpp module; RouterUnavailable, saying how to install it, when it is missing."""
         try:
             import llama_cpp
-            import llama_cpp.llama_cpp as llama_c
+            import llama_cpp.llama_cpp  # noqa: F401  (the C API, used below)
         except ImportError:
-            raise RouterUnavailable("llama-cpp-python is not installed (pip install 'plano[router]')") from None
-        self._c = llama_c
+            raise RouterUnavailable("llama-cpp-python is not installed: routing is off; pip install 'plano[router]' "
+                                    "turns it on") from None
+        return llama_cpp
+
+    def __init__(self, path: str, *, n_ctx: int, threads: int, gpu_layers: int | None, extra_buffer_types: bool):
+        llama_cpp = self.library()
+        llama_c = self._c = llama_cpp.llama_cpp
         offload = bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
         # Llama() defaults n_gpu_layers to 0, overriding llama.cpp's own "all layers": a build with
         # Metal or CUDA would otherwise leave the GPU idle.
@@ -2265,8 +2305,8 @@ class RouterBackend:
         """The part of `conversation` the router reads: the newest text within its budget."""
         raise NotImplementedError
 
-    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
-        """A route name, or NO_ROUTE. Raises RouterUnavailable; stops its work when cancelled."""
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
+        """A route (or NO_ROUTE). Raises RouterUnavailable; stops its work when cancelled."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -2319,7 +2359,7 @@ class EmbeddedRouterBackend(RouterBackend):
         return await trio.to_thread.run_sync(trim_conversation, conversation, self.conversation_budget(routes),
                                              self.count_tokens)
 
-    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         decision = threading.Event()
         try:
             # abandon_on_cancel: the event loop moves on at the deadline, and the abort flag stops
@@ -2346,8 +2386,11 @@ class EmbeddedRouterBackend(RouterBackend):
         with self._load_lock:
             if self.model is not None:
                 return
-            log.info("router: loading %s (the first use downloads it, ~1 GB); until it is ready, requests go "
-                     "to the default model", self.settings.model)
+            _LlamaModel.library()  # before a 1 GB download it could not use
+            fetch = "" if os.path.isfile(os.path.expanduser(self.settings.model)) else \
+                " (the first use downloads it, ~1 GB)"
+            log.info("router: loading %s%s; until it is ready, requests go to the default model",
+                     self.settings.model, fetch)
             path = _resolve_router_model(self.settings)
             model = _LlamaModel(path, n_ctx=self.n_ctx, threads=self.settings.threads or os.cpu_count() or 2,
                                 gpu_layers=self.settings.gpu_layers,
@@ -2411,7 +2454,7 @@ class EmbeddedRouterBackend(RouterBackend):
             self._evaluate(self.tokenize(self.chat_head + router_prompt_prefix(routes)))
 
     def choose(self, routes: tuple[RoutingPreference, ...], conversation: list[dict],
-               cancel: threading.Event) -> str:
+               cancel: threading.Event) -> RouteChoice:
         with self.lock:
             model = self._loaded()
             with self._flag_lock:
@@ -2426,7 +2469,8 @@ class EmbeddedRouterBackend(RouterBackend):
                     self._running = None
                     model.abort(False)
 
-    def _choose(self, model: _LlamaModel, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+    def _choose(self, model: _LlamaModel, routes: tuple[RoutingPreference, ...],
+                conversation: list[dict]) -> RouteChoice:
         prompt = self.chat_head + router_prompt(routes, conversation) + self.chat_tail + _ROUTER_ANSWER_PREFIX
         tokens = self.tokenize(prompt)
         if len(tokens) + 16 > self.n_ctx:
@@ -2443,7 +2487,7 @@ class EmbeddedRouterBackend(RouterBackend):
                 # (~100 ms here); if not, _logits_after drops it from the context.
                 self._evaluate(tokens + [guess], logit_rows=2)
                 self._guess, self._before_guess = guess, model.logits(-2).copy()  # llama.cpp reuses the buffer
-            name = trie.walk(self._logits_after)
+            choice = trie.walk(self._logits_after)
             if self._guess is not None:  # the model chose another first token, and no more choices
                 model.truncate(model.n_tokens - 1)
                 self.guesses["dropped"] += 1
@@ -2453,7 +2497,38 @@ class EmbeddedRouterBackend(RouterBackend):
         finally:
             self._guess = self._before_guess = None
         self.tokens_evaluated = self._fed
-        return name
+        return choice
+
+    def explain(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> dict[str, float]:
+        """Every answer's probability, by the same walk a decision makes, down every branch (one
+        decode step per branch with more than one answer below it): for `plano route --explain`."""
+        with self.lock:
+            model = self._loaded()
+            trie = self._trie(routes)
+            self._evaluate(self.tokenize(self.chat_head + router_prompt(routes, conversation) + self.chat_tail
+                                         + _ROUTER_ANSWER_PREFIX))
+            probabilities: dict[str, float] = {}
+
+            def visit(node: dict, probability: float, logits: Any) -> None:
+                options = list(node)
+                weights = _softmax([float(logits[t]) for t in options]) if len(options) > 1 else [1.0]
+                here = model.n_tokens
+                for token, weight in zip(options, weights):
+                    below = trie.answers_under(node[token])
+                    if len(below) == 1:
+                        probabilities[below[0]] = probability * weight
+                        continue
+                    model.truncate(here)
+                    self._decode([token])
+                    visit(node[token], probability * weight, model.logits().copy())
+                model.truncate(here)
+
+            try:
+                visit(trie.root, 1.0, model.logits().copy())
+            except RuntimeError as e:
+                model.truncate(0)
+                raise RouterUnavailable(f"router model stopped: {e}") from None
+        return probabilities
 
     def _evaluate(self, tokens: list[int], logit_rows: int = 1) -> None:
         """Bring the context to `tokens`, reusing the longest prefix already there, with the
@@ -2523,7 +2598,7 @@ class RemoteRouterBackend(RouterBackend):
     async def trim(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
         return trim_conversation(conversation, self.settings.context_tokens or 2048, _approximate_tokens)
 
-    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         body = {"model": self.settings.model, "temperature": 0, "max_tokens": 32, "stream": False,
                 "messages": [{"role": "user", "content": router_prompt(routes, conversation)}]}
         seconds = self.settings.timeout_ms / 1000
@@ -2543,7 +2618,7 @@ class RemoteRouterBackend(RouterBackend):
             text = json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise RouterUnavailable("router endpoint sent an unreadable answer") from None
-        return parse_route_answer(text, [r.name for r in routes])
+        return RouteChoice(parse_route_answer(text, [r.name for r in routes]))  # a server gives no probabilities
 
     async def close(self) -> None:
         """Nothing of its own to close: the transport belongs to whoever made this backend."""
@@ -2590,7 +2665,7 @@ class Router:
         self.config = config
         self.backend = backend
         self.status = "loading"
-        self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self.cache: collections.OrderedDict[tuple, RouteChoice] = collections.OrderedDict()
         self.cache_size = cache_size
         self.pins: collections.OrderedDict[str, _Pin] = collections.OrderedDict()
         self.pin_ttl = pin_ttl
@@ -2639,24 +2714,27 @@ class Router:
             if not conversation:
                 return RouteDecision(default, None, "default", elapsed(), "no user text to route")
             key = (tuple((r.name, r.description) for r in routes), json.dumps(conversation))
-            name = self.cache.get(key)
-            cached = name is not None
+            choice = self.cache.get(key)
+            cached = choice is not None
             if cached:
                 self.cache.move_to_end(key)
             else:
-                name = await self._ask_backend(routes, conversation)
-                self.cache[key] = name
+                choice = await self._ask_backend(routes, conversation)
+                self.cache[key] = choice
                 if len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
         except RouterUnavailable as e:
             log.warning("router: %s; using the default model", e)
             return RouteDecision(default, None, "fallback", elapsed(), str(e))
         how = " (cached)" if cached else ""
-        if name == NO_ROUTE:
-            return RouteDecision(default, None, "default", elapsed(), f"router: no route fits{how}")
-        return RouteDecision(self.model_for_route(name), name, "router", elapsed(), f"router chose {name}{how}")
+        sure = dict(confidence=choice.confidence, runner_up=choice.runner_up,
+                    runner_up_confidence=choice.runner_up_confidence)
+        if choice.name == NO_ROUTE:
+            return RouteDecision(default, None, "default", elapsed(), f"router: no route fits{how}", **sure)
+        return RouteDecision(self.model_for_route(choice.name), choice.name, "router", elapsed(),
+                             f"router chose {choice.name}{how}", **sure)
 
-    async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+    async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         with trio.move_on_after(self.config.router.timeout_ms / 1000):
             return await self.backend.decide(routes, conversation)
         raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
@@ -2747,22 +2825,31 @@ def _close_library_models() -> None:
         _LIBRARY_MODELS.clear()
 
 
-async def route_async(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
-    """`route` for trio programs: the model load and the decision run in worker threads."""
-    if not isinstance(config, Config):
-        config = load_config(config)
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if not config.router.enabled or not config.routes:
-        return RouteDecision(config.default_model.name, None, "default", 0.0, "no routing preferences configured")
-    started = time.monotonic()
-    # A remote router's connections live as long as this call's event loop, so they close with it.
+@asynccontextmanager
+async def _library_router(config: Config):
+    """A started Router for library and CLI use: the process-wide model, or a remote router whose
+    connections live as long as this block (and its event loop), so they close with it."""
     async with UpstreamTransport() as transport:
         backend = (RemoteRouterBackend(config.router, transport) if config.router.endpoint
                    else _library_model(config.router))
         router = Router(config, backend)
         await router.start()
-        decision = await router.decide(messages)
+        yield router
+
+
+def _as_messages(messages: Any) -> Any:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+
+
+async def route_async(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
+    """`route` for trio programs: the model load and the decision run in worker threads."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    if not config.router.enabled or not config.routes:
+        return RouteDecision(config.default_model.name, None, "default", 0.0, "no routing preferences configured")
+    started = time.monotonic()
+    async with _library_router(config) as router:
+        decision = await router.decide(_as_messages(messages))
     if router.status != "ready":  # the time spent trying to load counts: the caller waited for it
         decision = dataclasses.replace(decision, latency_ms=(time.monotonic() - started) * 1000)
     return decision
@@ -2875,6 +2962,10 @@ def _retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def _rounded(probability: float | None) -> float | None:
+    return None if probability is None else round(probability, 3)
 
 
 def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
@@ -3122,6 +3213,8 @@ class Gateway:
                   "requested_model": exchange.requested_model, "model": decision.model,
                   "route": decision.route, "decision": decision.decision,
                   "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
+                  "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
+                  "runner_up_confidence": _rounded(decision.runner_up_confidence),
                   "status": exchange.status,
                   "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
         self.decisions.append(record)
@@ -3252,9 +3345,12 @@ class Gateway:
         return healthy or candidates
 
     def _decision_headers(self, decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
-        return [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
-                ("x-plano-route", decision.route or "none"),
-                ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+        headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
+                   ("x-plano-route", decision.route or "none"),
+                   ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+        if decision.confidence is not None:
+            headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
+        return headers
 
     def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
                                 client_format: str) -> httpx.Request:
@@ -3869,7 +3965,7 @@ async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChan
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# CLI: `python -m plano up | route | download | cli-agent claude | watch | statusline`
+# CLI: `python -m plano up | route | download | doctor | cli-agent claude | watch | statusline`
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -3886,10 +3982,6 @@ def _cmd_up(args: Any) -> int:
     config = _load_config_or_exit(args.config)
     for warning in config.warnings:
         log.warning("warning: %s", warning)
-    # The router model downloads in the background; when that fails plano says so in one line,
-    # so huggingface_hub's retry chatter (which it also prints twice) stays out of the log. The
-    # library reads its level from this variable when it is first imported.
-    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
     try:
@@ -3931,12 +4023,113 @@ def _cmd_up(args: Any) -> int:
 
 def _cmd_route(args: Any) -> int:
     config = _load_config_or_exit(args.config)
+    if args.eval:
+        return _cmd_route_eval(config, args.eval, args.min_accuracy)
+    if args.text is None:
+        print("plano: route needs a text (or --eval FILE)", file=sys.stderr)
+        return 2
+    if args.explain:
+        return _cmd_route_explain(config, args.text)
     decision = route(args.text, config)
     if args.json:
         print(json.dumps(dataclasses.asdict(decision)))
     else:
         print(f"model:    {decision.model}\nroute:    {decision.route or 'none'}\n"
               f"decision: {decision.decision}\nlatency:  {decision.latency_ms:.0f} ms\nreason:   {decision.reason}")
+    return 0
+
+
+def _cmd_route_explain(config: Config, text: str) -> int:
+    """Every route with the probability the router gives it, and where the router runs."""
+    if not config.router.enabled or not config.routes:
+        print("plano: routing is off in this config (router: false, or no routing_preferences)", file=sys.stderr)
+        return 1
+    if config.router.endpoint:
+        decision = route(text, config)
+        print(f"router:   remote: {config.router.endpoint} (a router server gives no probabilities)\n"
+              f"route:    {decision.route or 'none'} → {decision.model} ({decision.reason})")
+        return 0
+    backend = _library_model(config.router)
+    routes = tuple(pref for pref, _ in config.routes)
+    try:
+        backend.load_model()
+        conversation = trim_conversation(conversation_for_router(_as_messages(text)),
+                                         backend.conversation_budget(routes), backend.count_tokens)
+        probabilities = backend.explain(routes, conversation)
+    except RouterUnavailable as e:
+        print(f"plano: {e}", file=sys.stderr)
+        return 1
+    models = {pref.name: model.name for pref, model in config.routes}
+    print(f"router:   {backend.describe()}")
+    for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        target = models.get(name, f"{config.default_model.name} (the default: no route fits)")
+        print(f"  {probability:6.1%}  {name} → {target}")
+    return 0
+
+
+def _read_examples(path: str) -> list[tuple[Any, str]]:
+    """(messages, expected route) pairs from a YAML list of {text or messages, route}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read examples: {e}") from None
+    raw = raw.get("examples") if isinstance(raw, dict) else raw
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: must be a list of {{text, route}} (or {{messages, route}}) examples")
+    examples = []
+    for i, example in enumerate(raw):
+        said = example.get("messages", example.get("text")) if isinstance(example, dict) else None
+        if not isinstance(said, (str, list)) or not isinstance(example.get("route"), str):
+            raise ConfigError(f"{path}: example {i + 1} needs `text` (or `messages`) and `route`")
+        examples.append((_as_messages(said), example["route"]))
+    return examples
+
+
+def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> int:
+    """Accuracy per route, the confusions, and the examples the router got wrong."""
+    try:
+        examples = _read_examples(path)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
+    known = {pref.name for pref, _ in config.routes} | {NO_ROUTE}
+    unknown = sorted({expected for _, expected in examples} - known)
+    if unknown:
+        print(f"plano: {path}: {', '.join(unknown)} is not a configured route (routes: {', '.join(sorted(known))})",
+              file=sys.stderr)
+        return 2
+
+    async def decide_all() -> list[RouteDecision]:
+        async with _library_router(config) as router:
+            return [await router.decide(messages) for messages, _ in examples]
+
+    decisions = trio.run(decide_all)
+    failed = next((d for d in decisions if d.decision == "fallback"), None)
+    if failed is not None:
+        print(f"plano: the router could not decide: {failed.reason}", file=sys.stderr)
+        return 2
+    results = [(expected, d.route or NO_ROUTE, messages, d) for (messages, expected), d in zip(examples, decisions)]
+    print(f"{'route':<28} {'examples':>8} {'correct':>8} {'accuracy':>9}")
+    for name in sorted({expected for expected, *_ in results}):
+        mine = [got == expected for expected, got, *_ in results if expected == name]
+        print(f"{name:<28} {len(mine):>8} {sum(mine):>8} {sum(mine) / len(mine):>9.0%}")
+    correct = sum(got == expected for expected, got, *_ in results)
+    accuracy = correct / len(results)
+    print(f"{'overall':<28} {len(results):>8} {correct:>8} {accuracy:>9.0%}")
+    confusions = collections.Counter((expected, got) for expected, got, *_ in results if got != expected)
+    if confusions:
+        print("confusions (expected → chosen): " + ", ".join(f"{e} → {g} ×{n}" for (e, g), n in confusions.most_common()))
+        print("wrong:")
+        for expected, got, messages, decision in results:
+            if got != expected:
+                said = conversation_for_router(messages)
+                sure = f", p={decision.confidence:.2f}" if decision.confidence is not None else ""
+                print(f"  {json.dumps(said[-1]['content'] if said else '', ensure_ascii=False)[:100]}: expected "
+                      f"{expected}, chosen {got}{sure}")
+    if min_accuracy is not None and accuracy < min_accuracy:
+        print(f"plano: accuracy {accuracy:.0%} is under --min-accuracy {min_accuracy:.0%}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -3953,6 +4146,175 @@ def _cmd_download(args: Any) -> int:
         return 1
     print(path)
     return 0
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """One line of `plano doctor`: ok (✓), a problem (✗), or a note (·); `blocks` when `plano up`
+    cannot run until it is fixed."""
+
+    mark: str  # "ok" | "problem" | "note"
+    topic: str
+    text: str
+    blocks: bool = False
+
+
+def _cpu_description() -> str:
+    """The CPU model and the features that decide llama.cpp's speed (and its AMX crash)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine() or "unknown CPU"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flag_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flag_line.group(1).split()) if flag_line else set()
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8") if f in flags]
+    amx = "AMX present" if "amx_tile" in flags else "no AMX"
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores ({amx}; {' '.join(features)})"
+
+
+def _program_version(program: str) -> str | None:
+    import shutil
+    import subprocess
+    path = shutil.which(program)
+    if path is None:
+        return None
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{path} (does not run: {type(e).__name__})"
+    said = (result.stdout or result.stderr).strip().splitlines()
+    return f"{said[0] if said else 'version unknown'} ({path})"
+
+
+def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
+    """One cheap request (the model list) to a provider: reached, key rejected, or unreachable."""
+    headers = {"user-agent": "plano-doctor"}
+    key = model.access_key or ""
+    if key:
+        headers.update({"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
+                        "api-key": {"api-key": key}}.get(model.spec.auth, {}))
+    if model.interface == "anthropic":
+        headers["anthropic-version"] = "2023-06-01"
+    url = model.base_url + ("/v1/models" if model.interface == "anthropic" else "/models")
+    try:
+        status = httpx.get(url, headers=headers, timeout=8.0).status_code
+    except httpx.HTTPError as e:
+        return _Finding("problem", "reach", f"{model.base_url}: unreachable ({type(e).__name__}: "
+                                           f"{_scrub(str(e), secrets) or 'no detail'})")
+    if status in (401, 403):
+        which = f" (${model.key_env})" if model.key_env else ""
+        return _Finding("problem", "reach", f"{model.base_url}: reachable, but the key{which} was rejected (HTTP {status})")
+    return _Finding("ok" if status < 400 else "note", "reach", f"{model.base_url}: reachable (HTTP {status})")
+
+
+def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding]:
+    """What works and what to do about the rest, as `python -m plano doctor` prints it."""
+    findings: list[_Finding] = []
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return [_Finding("problem", "config", e.message, blocks=True)]
+    findings.append(_Finding("ok", "config", f"{config.path}: {len(config.models)} models, {len(config.routes)} "
+                                             f"routes, default {config.default_model.name}"))
+    secrets = [m.access_key for m in config.models if m.access_key]
+    reached: set[str] = set()
+    for model in config.models:
+        if model.spec.auth == "none":
+            findings.append(_Finding("ok", "key", f"{model.name}: needs no key"))
+        elif model.access_key:
+            where = f"${model.key_env}" if model.key_env else "written in the config"
+            findings.append(_Finding("ok", "key", f"{model.name}: key set ({where})"))
+        else:
+            findings.append(_Finding("problem", "key", f"{model.name}: ${model.key_env} is not set (export it or "
+                                                       f"put it in .env beside the config)"))
+        if not offline and model.base_url not in reached:
+            reached.add(model.base_url)
+            findings.append(_probe_provider(model, secrets))
+    findings += _router_findings(config.router, bool(config.routes))
+    for program, install in (("claude", "npm install -g @anthropic-ai/claude-code"),
+                             ("codex", "npm install -g @openai/codex")):
+        version = _program_version(program)
+        findings.append(_Finding("ok", program, version) if version else
+                        _Finding("note", program, f"not found on PATH (to use it: {install})"))
+    findings.append(_listener_finding(config))
+    return findings
+
+
+def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Finding]:
+    if not settings.enabled or not has_routes:
+        why = "router: false" if not settings.enabled else "no routing_preferences"
+        return [_Finding("note", "router", f"routing is off ({why}): the default model answers")]
+    if settings.endpoint:
+        return [_Finding("ok", "router", f"remote router at {settings.endpoint} (model {settings.model})")]
+    findings = []
+    try:
+        import llama_cpp
+    except ImportError:
+        return [_Finding("problem", "router", "llama-cpp-python is not installed: plano serves with routing off; "
+                                              "pip install 'plano[router]' to turn it on")]
+    offload = bool(getattr(llama_cpp.llama_cpp, "llama_supports_gpu_offload", lambda: False)())
+    layers = settings.gpu_layers
+    gpu = ("GPU offload: all layers" if layers is None else f"GPU offload: {layers} layers") if offload and layers != 0 \
+        else "no GPU offload (this llama.cpp build runs on the CPU)" if not offload else "GPU offload off (gpu_layers: 0)"
+    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {llama_cpp.__version__}; {gpu}; "
+                                             f"{settings.threads or os.cpu_count()} threads; extra buffer types "
+                                             f"{'on' if settings.extra_buffer_types else 'off'}"))
+    findings.append(_Finding("note", "cpu", _cpu_description()))
+    model = os.path.expanduser(settings.model)
+    if model.endswith(".gguf") and (os.path.isabs(model) or model.startswith(("./", "../")) or os.path.exists(model)):
+        if os.path.isfile(model):
+            findings.append(_Finding("ok", "model", f"{model} ({os.path.getsize(model) / 1e6:.0f} MB)"))
+        else:
+            findings.append(_Finding("problem", "model", f"{model} does not exist: routing stays off until it does"))
+        return findings
+    try:
+        import huggingface_hub
+        cached = huggingface_hub.try_to_load_from_cache(settings.model, settings.file)
+    except ImportError:
+        cached = None
+    if isinstance(cached, str) and os.path.isfile(cached):
+        findings.append(_Finding("ok", "model", f"{settings.model}/{settings.file} cached: {cached} "
+                                                f"({os.path.getsize(cached) / 1e6:.0f} MB)"))
+    else:
+        findings.append(_Finding("note", "model", f"{settings.model}/{settings.file} is not downloaded yet: "
+                                                  "`python -m plano download` fetches it (~1 GB); until then the "
+                                                  "default model answers"))
+    return findings
+
+
+def _listener_finding(config: Config) -> _Finding:
+    import socket
+    host, port = config.listener.address, config.listener.port
+    try:
+        check_exposure(config, host)
+    except ConfigError as e:
+        return _Finding("problem", "listener", e.message, blocks=True)
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else host, port), timeout=2):
+            pass
+    except OSError:
+        return _Finding("ok", "listener", f"{host}:{port} is free")
+    url = _gateway_url(config)
+    try:
+        health = httpx.get(url + "/healthz", timeout=2.0, trust_env=False).json()
+        if health.get("status") == "ok" and "router" in health:
+            return _Finding("ok", "listener", f"plano is already serving on {url} (router: {health['router']})")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return _Finding("problem", "listener", f"{host}:{port} is taken by another program: stop it, or change "
+                                           "listeners[].port", blocks=True)
+
+
+def _cmd_doctor(args: Any) -> int:
+    findings = doctor_findings(args.config, offline=args.offline)
+    marks = {"ok": "✓", "problem": "✗", "note": "·"}
+    for finding in findings:
+        print(f"{marks[finding.mark]} {finding.topic:<9} {finding.text}{' (blocks plano up)' if finding.blocks else ''}")
+    return 1 if any(f.blocks for f in findings) else 0
 
 
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
@@ -4110,8 +4472,14 @@ def _cmd_statusline(args: Any) -> int:
     d = decisions[-1]
     route = f" · {d['route']}" if d.get("route") else ""
     timing = f" {d['router_ms']:.0f} ms" if d.get("decision") == "router" else ""
-    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing})")
+    confidence = d.get("confidence")
+    unsure = f" · unsure: {confidence:.0%}, else {d.get('runner_up')}" \
+        if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE else ""
+    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing}){unsure}")
     return 0
+
+
+LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
 
 
 _DECISION_COLOURS = {"router": "32", "pinned": "36", "alias": "35", "explicit": "34", "default": "33",
@@ -4127,6 +4495,8 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     ttfb = record.get("ttfb_ms")
     route = record.get("route") or "-"
     router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
+    if isinstance(record.get("confidence"), (int, float)):
+        router_ms += f" p={record['confidence']:.2f}"
     kind = record.get("decision", "?")
     return " ".join([
         paint("2", str(record.get("time", ""))[-8:]),
@@ -4199,13 +4569,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int)
     up.set_defaults(run=_cmd_up)
     route_cmd = commands.add_parser("route", help="print the routing decision for a text")
-    route_cmd.add_argument("text")
+    route_cmd.add_argument("text", nargs="?")
+    route_cmd.add_argument("--explain", action="store_true", help="every route with its probability")
+    route_cmd.add_argument("--eval", metavar="EXAMPLES.yaml", help="accuracy on examples: [{text, route}, ...]")
+    route_cmd.add_argument("--min-accuracy", type=float, help="with --eval: exit 1 under this accuracy (0-1)")
     route_cmd.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     route_cmd.add_argument("--json", action="store_true", help="print the decision as JSON")
     route_cmd.set_defaults(run=_cmd_route)
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
+    doctor = commands.add_parser("doctor", help="check the setup: config, keys, providers, router, agents, listener")
+    doctor.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    doctor.add_argument("--offline", action="store_true", help="make no requests to providers")
+    doctor.set_defaults(run=_cmd_doctor)
     agent = commands.add_parser("cli-agent", help="run Claude Code through plano: cli-agent claude [ARGS...]",
                                 prefix_chars="\x00")  # every argument after the agent is Claude Code's
     agent.add_argument("agent")
@@ -4221,6 +4598,10 @@ def main(argv: list[str] | None = None) -> int:
     statusline.set_defaults(run=_cmd_statusline)
     args = parser.parse_args(argv)
     args.config = getattr(args, "config_sub", None) or args.config
+    # When fetching the router model fails plano says so in one line, so huggingface_hub's retry
+    # chatter (which it also prints twice) stays out of the output. The library reads its level
+    # from this variable when it is first imported.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     # plano's access line already says what httpx would log for every upstream request.

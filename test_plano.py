@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -312,6 +313,12 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                 provider.requests.append(recorded)
                 provider.answer(self, recorded)
 
+            def do_GET(self) -> None:  # the model list, which `plano doctor` asks for
+                recorded = Recorded("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b"",
+                                    self.client_address[1])
+                provider.requests.append(recorded)
+                provider.answer(self, recorded)
+
             def finish(self) -> None:
                 super().finish()
                 provider.closed_connections += 1
@@ -343,7 +350,11 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
             reply = scripted(request) if callable(scripted) else scripted
         except queue.Empty:
             try:
-                reply = self.openai_reply(request) if path.endswith("/chat/completions") else self.anthropic_reply(request)
+                if request.method == "GET":
+                    reply = self.models_reply(request)
+                else:
+                    reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
+                        self.anthropic_reply(request)
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
@@ -384,6 +395,14 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                 handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.disconnects += 1
+
+    def models_reply(self, request: Recorded) -> Reply:
+        """GET /v1/models, as OpenAI (Bearer key) and Anthropic (x-api-key) answer it."""
+        if request.headers.get("authorization") == f"Bearer {OPENAI_KEY}":
+            return Reply(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "openai"}]})
+        if request.headers.get("x-api-key") == ANTHROPIC_KEY:
+            return Reply(200, {"data": [{"type": "model", "id": "claude-sonnet-5"}], "has_more": False})
+        return Reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
 
     def close(self) -> None:
         self.server.shutdown()
@@ -2947,8 +2966,8 @@ def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_rout
         for text in texts:
             for routes in route_sets:  # interleaved: each decision starts from another's context
                 conversation = [{"role": "user", "content": text}]
-                assert embedded_backend.choose(routes, conversation, threading.Event()) == \
-                    plain.choose(routes, conversation, threading.Event()), (text, routes)
+                assert embedded_backend.choose(routes, conversation, threading.Event()).name == \
+                    plain.choose(routes, conversation, threading.Event()).name, (text, routes)
                 # The same work, give or take the guessed token itself.
                 assert abs(embedded_backend.tokens_evaluated - plain.tokens_evaluated) <= 1
     finally:
@@ -2967,18 +2986,28 @@ def test_constrained_decoding_picks_the_answer_whose_first_token_the_model_ranks
     trie = embedded_backend._trie(routes)
     assert len(trie.root) == 3  # alpha, zulu, other start with different tokens
     conversation = [{"role": "user", "content": text}]
-    name = embedded_backend.choose(routes, conversation, threading.Event())
+    choice = embedded_backend.choose(routes, conversation, threading.Event())
     prompt = (embedded_backend.chat_head + plano.router_prompt(routes, conversation) + embedded_backend.chat_tail
               + '{"route": "')
     model = embedded_backend.model
     model.truncate(0)
     model.evaluate(embedded_backend.tokenize(prompt))
     logits = model.logits()
-    best = max(trie.root, key=lambda token: logits[token])
-    node = trie.root[best]
-    while None not in node:  # below the first token each answer has one way on
-        node = next(iter(node.values()))
-    assert name == node[None]
+    first_tokens = sorted(trie.root, key=lambda token: logits[token], reverse=True)
+
+    def answer_starting(token: int) -> str:
+        node = trie.root[token]
+        while None not in node:  # below the first token each answer has one way on
+            node = next(iter(node.values()))
+        return node[None]
+
+    assert choice.name == answer_starting(first_tokens[0])
+    # Its confidence: the softmax of those logits over the allowed first tokens.
+    scores = [float(logits[token]) for token in first_tokens]
+    softmax = [math.exp(x - scores[0]) / sum(math.exp(y - scores[0]) for y in scores) for x in scores]
+    assert choice.confidence == pytest.approx(softmax[0], rel=1e-6)
+    assert (choice.runner_up, choice.runner_up_confidence) == (answer_starting(first_tokens[1]),
+                                                               pytest.approx(softmax[1], rel=1e-6))
 
 
 def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backend):
@@ -2987,7 +3016,7 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
 
     def decide():
         try:
-            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision)
+            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision).name
         except plano.RouterUnavailable as e:
             outcome["error"] = str(e)
 
@@ -2999,7 +3028,8 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
     worker.join(30)
     assert outcome == {"error": "router model stopped: llama_decode returned 2"}
     # The context is usable again at once, and the next decision is whole.
-    assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()) in ("code generation", "other")
+    assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()).name in (
+        "code generation", "other")
 
 
 @contextlib.asynccontextmanager
@@ -3176,17 +3206,19 @@ def test_explicit_and_alias_requests_skip_the_router(routed_gateway):
 
 def test_decisions_are_listed_and_followed(routed_gateway):
     received: list[dict] = []
+    following = threading.Event()
 
     def follow():
         with httpx.stream("GET", routed_gateway.url + "/plano/decisions?follow=1", timeout=10) as response:
             for line in response.iter_lines():
+                following.set()  # the stream's opening comment: the gateway counts this watcher
                 if line.startswith("data: "):
                     received.append(json.loads(line[6:]))
                     return
 
     watcher = threading.Thread(target=follow)
     watcher.start()
-    time.sleep(0.3)
+    assert following.wait(10)
     openai_client(routed_gateway).chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "write a sort function"}],
         extra_headers={"X-Claude-Code-Session-Id": "s-follow"})
@@ -3196,6 +3228,17 @@ def test_decisions_are_listed_and_followed(routed_gateway):
     assert listed[-1]["decision"] in ("router", "default")
     assert set(listed[-1]) >= {"time", "session", "requested_model", "model", "route", "decision", "router_ms", "reason"}
     assert received and received[0]["session"] == "s-follow"
+
+
+def test_a_routed_answer_says_how_sure_the_router_was(routed_gateway):
+    response = httpx.post(routed_gateway.url + "/v1/messages", timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "write a sort"}]})
+    record = httpx.get(routed_gateway.url + "/plano/decisions").json()["decisions"][-1]
+    assert response.headers["x-plano-decision"] in ("router", "default")  # "default": the router said other
+    confidence = float(response.headers["x-plano-route-confidence"])
+    assert 0 < confidence <= 1 and record["confidence"] == pytest.approx(confidence, abs=1e-3)
+    assert record["runner_up"] and record["runner_up"] != (record["route"] or "other")
+    assert 0 < record["runner_up_confidence"] <= 1 - record["confidence"] + 1e-3
 
 
 # ── library and CLI ───────────────────────────────────────────────────────────────────────
@@ -3259,6 +3302,143 @@ def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, pro
     assert result.stderr.strip().splitlines()[-1].startswith("plano: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
+def test_route_explain_gives_every_route_a_probability_and_the_decision_the_most(tmp_path, provider,
+                                                                               tiny_router_model):
+    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}"))
+    result = run_plano_cli("route", "--explain", "write a quicksort", "--config", config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r"router: +embedded \(CPU, \d+ threads\): ", lines[0])  # where the router runs
+    shown = [re.match(r" +([\d.]+)% +(.+?) → ", line).groups() for line in lines[1:]]
+    assert {name for _, name in shown} == ROUTE_NAMES | {"other"}
+    assert sum(float(p) for p, _ in shown) == pytest.approx(100, abs=0.2)
+    decision = json.loads(run_plano_cli("route", "write a quicksort", "--config", config, "--json").stdout)
+    assert shown[0][1] == (decision["route"] or "other")
+    assert float(shown[0][0]) == pytest.approx(100 * decision["confidence"], abs=0.06)
+
+
+def test_route_eval_reports_accuracy_confusions_and_wrong_examples(tmp_path, provider):
+    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    examples = tmp_path / "examples.yaml"
+    examples.write_text("- text: write a quicksort in Rust\n  route: code generation\n"
+                        "- text: explain this regex\n  route: code understanding\n"
+                        "- text: what's the weather\n  route: other\n")
+    for answer in ("code generation", "code generation", "other") * 2:  # what the router server says, twice
+        provider.then(remote_answer(json.dumps({"route": answer})))
+    strict = run_plano_cli("route", "--eval", str(examples), "--min-accuracy", "0.9", "--config", config)
+    lenient = run_plano_cli("route", "--eval", str(examples), "--min-accuracy", "0.6", "--config", config)
+    assert (strict.returncode, lenient.returncode) == (1, 0), strict.stderr
+    table = strict.stdout
+    assert re.search(r"code understanding +1 +0 +0%", table) and re.search(r"overall +3 +2 +67%", table)
+    assert "confusions (expected → chosen): code understanding → code generation ×1" in table
+    assert '"explain this regex": expected code understanding, chosen code generation' in table
+    assert "accuracy 67% is under --min-accuracy 90%" in strict.stderr
+    examples.write_text("- text: hi\n  route: astrology\n")
+    unknown = run_plano_cli("route", "--eval", str(examples), "--config", config)
+    assert unknown.returncode == 2 and "astrology is not a configured route" in unknown.stderr
+
+
+# ── plano doctor ──────────────────────────────────────────────────────────────────────────
+
+def doctor(tmp_path: Path, provider: StandInProvider, *, key: str = OPENAI_KEY, router: str = "  enabled: false",
+           base_url: str | None = None, port: int | None = None) -> tuple[int, list[str]]:
+    """`plano doctor` on a config of one OpenAI-format model: (exit code, the lines it printed)."""
+    config = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {base_url or provider.openai_base}
+    access_key: {key}
+    default: true
+    routing_preferences:
+      - name: code generation
+        description: writing code
+listeners:
+  - address: 127.0.0.1
+    port: {port or free_port()}
+router:
+{router}
+""")
+    result = run_plano_cli("doctor", "--config", config, cwd=tmp_path)
+    assert "Traceback" not in result.stderr and OPENAI_KEY not in result.stdout + result.stderr
+    return result.returncode, result.stdout.splitlines()
+
+
+def line_about(lines: list[str], topic: str) -> str:
+    return next(line for line in lines if line[2:].startswith(topic + " "))
+
+
+def test_doctor_on_a_good_setup_says_what_works_and_exits_zero(tmp_path, provider, tiny_router_model):
+    code, lines = doctor(tmp_path, provider, router=f"  model: {tiny_router_model}")
+    assert code == 0, lines
+    assert line_about(lines, "config").startswith("✓")
+    assert line_about(lines, "key") == "✓ key       openai/gpt-4o: key set (written in the config)"
+    assert line_about(lines, "reach") == f"✓ reach     {provider.openai_base}: reachable (HTTP 200)"
+    assert re.match(r"✓ router    embedded, llama-cpp-python [\d.]+; .*extra buffer types off", line_about(lines, "router"))
+    assert re.match(r"· cpu       .+, \d+ cores \((no AMX|AMX present);", line_about(lines, "cpu"))
+    assert line_about(lines, "model").startswith(f"✓ model     {tiny_router_model} (")
+    assert line_about(lines, "listener").endswith("is free")
+    assert [r.method for r in provider.requests] == ["GET"]  # one cheap request to the provider
+
+
+@pytest.mark.parametrize("problem, topic, expected", [
+    ("missing key", "key", "✗ key       openai/gpt-4o: $PLANO_TEST_DOCTOR_UNSET is not set"),
+    ("rejected key", "reach", "✗ reach     {base}: reachable, but the key was rejected (HTTP 401)"),
+    ("missing model", "model", "✗ model     {tmp}/absent.gguf does not exist"),
+    ("unreachable provider", "reach", "✗ reach     http://127.0.0.1:{port}/v1: unreachable (ConnectError"),
+])
+def test_doctor_names_each_problem_on_its_own_line(tmp_path, provider, problem, topic, expected):
+    closed_port = free_port()
+    options = {"missing key": {"key": "$PLANO_TEST_DOCTOR_UNSET"}, "rejected key": {"key": WRONG_KEY},
+               "missing model": {"router": f"  model: {tmp_path / 'absent.gguf'}"},
+               "unreachable provider": {"base_url": f"http://127.0.0.1:{closed_port}/v1"}}[problem]
+    code, lines = doctor(tmp_path, provider, **options)
+    assert line_about(lines, topic).startswith(expected.format(base=provider.openai_base, tmp=tmp_path,
+                                                               port=closed_port)), lines
+    assert code == 0  # none of these stops `plano up`: it starts and says the same
+
+
+def test_doctor_says_a_port_taken_by_another_program_blocks_plano_up(tmp_path, provider):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, lines = doctor(tmp_path, provider, port=taken.getsockname()[1])
+    assert code == 1
+    assert line_about(lines, "listener").startswith("✗ listener  127.0.0.1:")
+    assert line_about(lines, "listener").endswith("is taken by another program: stop it, or change "
+                                                  "listeners[].port (blocks plano up)")
+
+
+def test_doctor_recognises_plano_already_serving(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    with plano_up(config, port):
+        result = run_plano_cli("doctor", "--config", str(config), "--offline", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0
+    assert line_about(lines, "listener") == f"✓ listener  plano is already serving on http://127.0.0.1:{port} (router: off)"
+    assert not any(line[2:].startswith("reach ") for line in lines)  # --offline: no provider was asked
+    assert [r for r in provider.requests if r.method == "GET"] == []
+
+
+def test_up_without_llama_cpp_serves_with_routing_off_and_says_how_to_turn_it_on(tmp_path, provider):
+    # llama_cpp made unimportable for this process (as in an install without the `router` extra).
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port, "  model: katanemo/Arch-Router-1.5B.gguf", ROUTES_YAML)
+    process = subprocess.Popen([sys.executable, "-c", "import sys, runpy; sys.modules['llama_cpp'] = None; "
+                                "runpy.run_module('plano', run_name='__main__')", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+    try:
+        line = lines.wait_for("llama-cpp-python is not installed")
+        url = f"http://127.0.0.1:{port}"
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="claude-opus-5-5", messages=[{"role": "user", "content": "write a parser"}])
+        assert answer.choices[0].message.content == "echo: write a parser"
+        assert httpx.get(url + "/healthz").json()["router"].startswith("unavailable: llama-cpp-python")
+    finally:
+        stop_process(process)
+    assert "pip install 'plano[router]' turns it on" in line
+    assert "Traceback" not in lines.all_lines()
+
+
 def test_route_loads_the_router_model_once_for_the_life_of_the_process(tmp_path, provider, tiny_router_model,
                                                                         monkeypatch):
     import llama_cpp
@@ -3319,7 +3499,7 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
         assert backend.chat_head.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
         routes = (plano.RoutingPreference("code generation", "writing new code"),
                   plano.RoutingPreference("banking", "money and bank accounts"))
-        answers = [backend.choose(routes, [{"role": "user", "content": text}], threading.Event())
+        answers = [backend.choose(routes, [{"role": "user", "content": text}], threading.Event()).name
                    for text in ("Write a Python function that reverses a string", "How do I open a savings account?")]
         assert set(answers) <= {"code generation", "banking", "other"}
         assert backend.tokens_evaluated > 20  # a whole prompt batch went through the quantized kernels

@@ -331,13 +331,13 @@ class SteeredBackend(plano.EmbeddedRouterBackend):
             prefix = self.tokenize(ANSWER_PREFIX)
             self._wanted_tokens = self.tokenize(ANSWER_PREFIX + name + '"}')[len(prefix):]
 
-    def choose(self, routes, conversation, cancel) -> str:
+    def choose(self, routes, conversation, cancel) -> plano.RouteChoice:
         self._taken = []
-        name = super().choose(routes, conversation, cancel)
-        if self.wanted is not None and name != self.wanted:
-            raise SystemExit(f"router_latency: steering to {self.wanted!r} failed (got {name!r}): "
+        choice = super().choose(routes, conversation, cancel)
+        if self.wanted is not None and choice.name != self.wanted:
+            raise SystemExit(f"router_latency: steering to {self.wanted!r} failed (got {choice.name!r}): "
                              "plano's EmbeddedRouterBackend changed; update SteeredBackend")
-        return name
+        return choice
 
     def _logits_after(self, pending: list[int]):
         logits = super()._logits_after(pending)
