@@ -3784,7 +3784,8 @@ class _HTTPConnection(Responder):
             return None
         assert isinstance(event, h11.Request), event
         # h11 bounds only a head still arriving; one that arrived whole in two reads is checked here.
-        if sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target) > self.limits.max_header_bytes:
+        head_bytes = sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target)
+        if head_bytes > self.limits.max_header_bytes:
             await self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
         target = urllib.parse.urlsplit(event.target.decode("latin-1"))
         headers: dict[str, str] = {}
@@ -4119,7 +4120,8 @@ def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> in
     print(f"{'overall':<28} {len(results):>8} {correct:>8} {accuracy:>9.0%}")
     confusions = collections.Counter((expected, got) for expected, got, *_ in results if got != expected)
     if confusions:
-        print("confusions (expected → chosen): " + ", ".join(f"{e} → {g} ×{n}" for (e, g), n in confusions.most_common()))
+        print("confusions (expected → chosen): "
+              + ", ".join(f"{e} → {g} ×{n}" for (e, g), n in confusions.most_common()))
         print("wrong:")
         for expected, got, messages, decision in results:
             if got != expected:
@@ -4207,7 +4209,8 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
                                            f"{_scrub(str(e), secrets) or 'no detail'})")
     if status in (401, 403):
         which = f" (${model.key_env})" if model.key_env else ""
-        return _Finding("problem", "reach", f"{model.base_url}: reachable, but the key{which} was rejected (HTTP {status})")
+        return _Finding("problem", "reach",
+                        f"{model.base_url}: reachable, but the key{which} was rejected (HTTP {status})")
     return _Finding("ok" if status < 400 else "note", "reach", f"{model.base_url}: reachable (HTTP {status})")
 
 
@@ -4258,8 +4261,12 @@ def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Findin
                                               "pip install 'plano[router]' to turn it on")]
     offload = bool(getattr(llama_cpp.llama_cpp, "llama_supports_gpu_offload", lambda: False)())
     layers = settings.gpu_layers
-    gpu = ("GPU offload: all layers" if layers is None else f"GPU offload: {layers} layers") if offload and layers != 0 \
-        else "no GPU offload (this llama.cpp build runs on the CPU)" if not offload else "GPU offload off (gpu_layers: 0)"
+    if not offload:
+        gpu = "no GPU offload (this llama.cpp build runs on the CPU)"
+    elif layers == 0:
+        gpu = "GPU offload off (gpu_layers: 0)"
+    else:
+        gpu = f"GPU offload: {'all' if layers is None else layers} layers"
     findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {llama_cpp.__version__}; {gpu}; "
                                              f"{settings.threads or os.cpu_count()} threads; extra buffer types "
                                              f"{'on' if settings.extra_buffer_types else 'off'}"))
@@ -4313,7 +4320,8 @@ def _cmd_doctor(args: Any) -> int:
     findings = doctor_findings(args.config, offline=args.offline)
     marks = {"ok": "✓", "problem": "✗", "note": "·"}
     for finding in findings:
-        print(f"{marks[finding.mark]} {finding.topic:<9} {finding.text}{' (blocks plano up)' if finding.blocks else ''}")
+        blocks = " (blocks plano up)" if finding.blocks else ""
+        print(f"{marks[finding.mark]} {finding.topic:<9} {finding.text}{blocks}")
     return 1 if any(f.blocks for f in findings) else 0
 
 
