@@ -3439,6 +3439,42 @@ def test_up_without_llama_cpp_serves_with_routing_off_and_says_how_to_turn_it_on
     assert "Traceback" not in lines.all_lines()
 
 
+@pytest.mark.parametrize("gpu_layers, passed", [(None, 0), (-1, -1), (0, 0)])
+def test_gpu_layers_reach_the_model_load_and_a_cpu_build_decides_as_usual(tiny_router_model, monkeypatch,
+                                                                          gpu_layers, passed):
+    import llama_cpp
+    loads = []
+
+    class RecordedLlama(llama_cpp.Llama):  # the real Llama, its arguments recorded
+        def __init__(self, *args, **kwargs):
+            loads.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", RecordedLlama)
+    assert not llama_cpp.llama_supports_gpu_offload()  # this workplace's build: CPU only
+    backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2,
+                                                               gpu_layers=gpu_layers))
+    backend.load_model()
+    try:
+        choice = backend.choose((plano.RoutingPreference("alpha", "a"), plano.RoutingPreference("zulu", "z")),
+                                [{"role": "user", "content": "hi"}], threading.Event())
+        described = backend.describe()
+    finally:
+        backend.close_model()
+    assert [load["n_gpu_layers"] for load in loads] == [passed]  # the default: none where nothing offloads
+    assert choice.name in ("alpha", "zulu", "other") and 0 < choice.confidence <= 1
+    assert described == f"embedded (CPU, 2 threads): {tiny_router_model}"  # where it ran
+
+
+def test_router_settings_for_gpu_layers_and_extra_buffer_types_are_read_from_the_config():
+    text = MODELS_YAML + "router:\n  gpu_layers: 12\n  extra_buffer_types: true\n"
+    router = plano.parse_config(text, path=CONFIG_PATH, environ=KEYS).router
+    assert (router.gpu_layers, router.extra_buffer_types) == (12, True)
+    default = plano.parse_config(MODELS_YAML, path=CONFIG_PATH, environ=KEYS).router
+    assert (default.gpu_layers, default.extra_buffer_types) == (None, False)
+    assert "must be a bool" in config_error(MODELS_YAML + "router:\n  extra_buffer_types: sometimes\n")
+
+
 def test_route_loads_the_router_model_once_for_the_life_of_the_process(tmp_path, provider, tiny_router_model,
                                                                         monkeypatch):
     import llama_cpp
