@@ -2990,6 +2990,50 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
+def decision_record(exchange: _Exchange) -> dict:
+    """One request's decision as /plano/decisions, watch and the status line show it."""
+    decision = exchange.decision
+    assert decision is not None
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
+            "requested_model": exchange.requested_model, "model": decision.model,
+            "route": decision.route, "decision": decision.decision,
+            "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
+            "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
+            "runner_up_confidence": _rounded(decision.runner_up_confidence),
+            "status": exchange.status,
+            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
+
+
+class DecisionLog:
+    """The latest decisions, and the watchers following new ones live (watch, the live page). A
+    slow watcher misses records rather than slowing requests down."""
+
+    def __init__(self, size: int = 500):
+        self.records: collections.deque[dict] = collections.deque(maxlen=size)
+        self._watchers: set[trio.MemorySendChannel] = set()
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        for watcher in list(self._watchers):
+            try:
+                watcher.send_nowait(record)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def recent(self, session: str | None = None) -> list[dict]:
+        return [r for r in self.records if session is None or r["session"] == session]
+
+    @contextlib.contextmanager
+    def follow(self) -> Any:
+        """A channel that receives each record added while the block runs."""
+        send, receive = trio.open_memory_channel[dict](256)
+        self._watchers.add(send)
+        try:
+            yield receive
+        finally:
+            self._watchers.discard(send)
+
+
 class Gateway:
     """The gateway for one configuration: upstream clients, the router, the decision log.
 
@@ -3022,8 +3066,7 @@ class Gateway:
             ("GET", "/plano/decisions"): self._decisions,
         }
         self.stopping = False  # set when a shutdown's grace period is over
-        self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
-        self._decision_watchers: set[trio.MemorySendChannel] = set()
+        self.decision_log = DecisionLog()
 
     async def __aenter__(self) -> "Gateway":
         self._exit_stack = contextlib.AsyncExitStack()
@@ -3186,43 +3229,19 @@ class Gateway:
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
-            session = request.query.get("session")
-            records = [r for r in self.decisions if session is None or r["session"] == session]
+            records = self.decision_log.recent(request.query.get("session"))
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
-        send, receive = trio.open_memory_channel[dict](256)
-        self._decision_watchers.add(send)
-        try:
+        with self.decision_log.follow() as records:
             await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
             await respond.send(b": plano decisions\n\n")
             while True:
                 with trio.move_on_after(15):
-                    record = await receive.receive()
+                    record = await records.receive()
                     await respond.send(encode_sse(record, "decision"))
                     continue
                 await respond.send(b": keep-alive\n\n")  # lets a watcher notice a dead gateway
-        finally:
-            self._decision_watchers.discard(send)
-
-    def _record_decision(self, exchange: _Exchange) -> None:
-        decision = exchange.decision
-        if decision is None:
-            return
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
-                  "requested_model": exchange.requested_model, "model": decision.model,
-                  "route": decision.route, "decision": decision.decision,
-                  "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
-                  "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
-                  "runner_up_confidence": _rounded(decision.runner_up_confidence),
-                  "status": exchange.status,
-                  "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
-        self.decisions.append(record)
-        for watcher in list(self._decision_watchers):
-            try:
-                watcher.send_nowait(record)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # a slow watcher misses records rather than slowing requests
 
     def _log_access(self, exchange: _Exchange) -> None:
         d = exchange.decision
@@ -3235,7 +3254,8 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        self._record_decision(exchange)
+        if exchange.decision is not None:
+            self.decision_log.add(decision_record(exchange))
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 

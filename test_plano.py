@@ -3928,7 +3928,7 @@ def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
     try:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
-        decisions = running.gateway.decisions
+        decisions = running.gateway.decision_log.records
     finally:
         running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("fallback", "openai/gpt-default")
