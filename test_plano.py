@@ -26,6 +26,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -45,6 +46,9 @@ from hypothesis import strategies as st
 import plano
 
 HERE = Path(__file__).resolve().parent
+# The usage ledger of every gateway the suite runs (in-process and `plano up`) goes here, not into
+# the user's own state folder; tests of the ledger give their config a path of its own.
+os.environ.setdefault("PLANO_STATE_DIR", tempfile.mkdtemp(prefix="plano-test-state-"))
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
@@ -3503,6 +3507,7 @@ def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
                    if os.path.exists(f"/proc/self/fd/{fd}"))
 
     config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    gc.collect()  # what earlier tests left for the collector is not this test's to judge
     before = sockets()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
@@ -3510,7 +3515,9 @@ def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
             provider.then(remote_answer('{"route": "code generation"}'))
             assert plano.route("write code", config=config).decision == "router"
         gc.collect()
-    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    to_the_router = [str(w.message) for w in caught
+                     if issubclass(w.category, ResourceWarning) and f", {provider.port})" in str(w.message)]
+    assert to_the_router == []
     wait_until(lambda: sockets() <= before)  # the stand-in's side closes once plano's side has
     assert len({r.peer_port for r in provider.requests}) == 20  # one connection per call, each closed
 
@@ -3875,6 +3882,124 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
     assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
     assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
     assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def ledger_config(provider: StandInProvider, path: Path, extra: str = "") -> plano.Config:
+    return config_for(provider, f"stats:\n  path: {path}\n{extra}")
+
+
+def usage(running: RunningPlano, query: str = "") -> dict:
+    response = httpx.get(running.url + "/plano/usage" + query, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provider, tmp_path):
+    running = RunningPlano(ledger_config(provider, tmp_path / "usage.sqlite3"))
+    try:
+        client = anthropic_client(running)
+        client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])  # translated
+        client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])  # passthrough
+        with client.messages.stream(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]) as stream:
+            stream.until_done()
+        openai_client(running).chat.completions.create(model="fast", messages=[USER_HI])  # an alias, OpenAI API
+        summary = usage(running)
+    finally:
+        running.stop()
+    rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+    assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/chat/completions", "openai/gpt-4o", "alias", 200)]
+    # The stand-ins' usage: OpenAI 40 prompt tokens (30 of them cached) + 7, Anthropic 12 + 30 cached + 9.
+    assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == [
+        (10, 30, 7), (12, 30, 9), (10, 30, 7), (10, 30, 7)]
+    assert summary["total"]["requests"] == 4
+    assert summary["by_model"]["openai/gpt-4o"]["requests"] == 3
+    assert summary["by_model"]["anthropic/claude-sonnet-5"]["output_tokens"] == 9
+    assert summary["total"]["cost_usd"] is None  # no prices configured: unknown, never $0
+
+
+def test_the_ledger_survives_a_restart_and_filters_by_session(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    for session in ("first-run", "second-run"):
+        running = RunningPlano(ledger_config(provider, path))
+        try:
+            anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI],
+                                                      extra_headers={"X-Claude-Code-Session-Id": session})
+            summary = usage(running)
+            mine = usage(running, "?session=first-run")
+        finally:
+            running.stop()
+    assert summary["total"]["requests"] == 2  # the first run's row is still there
+    assert mine["total"]["requests"] == 1 and mine["session"] == "first-run"
+
+
+def test_rows_older_than_the_retention_are_removed(tmp_path):
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = plano.UsageLedger(path, retention_days=30)
+    ledger.record({"time": time.time() - 40 * 86400, "session": "old", "model": "m"})
+    ledger.record({"time": time.time() - 10 * 86400, "session": "recent", "model": "m"})
+    ledger.close()
+    assert [r["session"] for r in plano.read_usage(path)] == ["recent"]  # pruned as the ledger started
+
+
+def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provider, tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    running = RunningPlano(ledger_config(provider, path))
+    locker = sqlite3.connect(path, timeout=0)
+    try:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert running.gateway.ledger.flush()
+        locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
+        answers = [anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+                   for _ in range(5)]
+        assert all(a.content[0].text == "echo: hi" for a in answers)  # served while the ledger waits
+        assert not running.gateway.ledger.flush(timeout=0.5)  # the writer is still waiting for the lock
+        locker.rollback()
+        assert running.gateway.ledger.flush()
+    finally:
+        locker.close()
+        running.stop()
+    assert len(plano.read_usage(str(path))) == 6
+
+
+def test_plano_stats_prints_usage_per_model_and_per_route(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+stats:
+  path: {path}
+router: false
+""")
+    running = RunningPlano(plano.load_config(config))
+    try:
+        for model in ("openai/gpt-4o", "openai/gpt-4o", "anthropic/claude-sonnet-5"):
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    finally:
+        running.stop()
+    result = run_plano_cli("stats", "--config", config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"3 requests (ledger {path})")
+    assert re.search(r"openai/gpt-4o +2 +20 +60 +14 +75% +unknown", out), out  # 10 + 30 cached per request
+    assert re.search(r"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +unknown", out), out
+    assert re.search(r"none +3 ", out)  # the route column: no router in this config
+    assert "routing saved: unknown" in out
+    as_json = json.loads(run_plano_cli("stats", "--config", config, "--json", "--since", "1h").stdout)
+    assert as_json["total"]["requests"] == 3
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
