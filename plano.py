@@ -3266,6 +3266,116 @@ class DecisionLog:
             self._watchers.discard(send)
 
 
+# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
+# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
+# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
+# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
+_LIVE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>plano</title>
+<style>
+:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
+#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
+th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
+  white-space: nowrap; font-variant-numeric: tabular-nums }
+td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
+#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+</style></head><body>
+<h1>plano</h1><div id="status">connecting…</div>
+<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
+<button>use it</button></form>
+<div id="saved"></div>
+<h2>Cost per model</h2><table id="models"></table>
+<h2>Cost per route</h2><table id="routes"></table>
+<h2>Decisions, as they happen</h2>
+<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
+<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
+<tbody id="decisions"></tbody></table>
+<script>
+"use strict";
+let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
+const $ = (id) => document.getElementById(id);
+const headers = () => key ? {"x-api-key": key} : {};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const money = (v) => v == null ? "unknown" : "$" + (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toFixed(4));
+const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
+async function get(path) {
+  const response = await fetch(path, {headers: headers()});
+  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+function table(id, title, groups) {
+  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
+    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
+    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
+    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
+  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
+    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
+    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
+}
+async function refreshUsage() {
+  const usage = await get("/plano/usage");
+  table("models", "model", usage.by_model);
+  table("routes", "route", usage.by_route);
+  const t = usage.total;
+  $("saved").textContent = t.saved_usd == null ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+function showDecision(d) {
+  const row = document.createElement("tr");
+  const sure = d.confidence == null ? "" : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
+    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
+    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
+    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
+  $("decisions").prepend(row);
+  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
+}
+async function follow() {
+  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
+  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) throw new Error("the gateway closed the stream");
+    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const data = block.split("\\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+    }
+  }
+}
+async function start() {
+  try {
+    const health = await get("/healthz");
+    const recent = await get("/plano/decisions");
+    $("decisions").innerHTML = "";
+    recent.decisions.forEach(showDecision);
+    await refreshUsage();
+    $("status").textContent = `${health.models} models · router ${health.router}` +
+      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
+    await follow();
+  } catch (error) {
+    $("status").textContent = "not connected: " + error.message + " (retrying)";
+    setTimeout(start, 2000);
+  }
+}
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
+  $("key").style.display = "none"; start();
+});
+start();
+</script></body></html>
+"""
+
+
 class Gateway:
     """The gateway for one configuration: upstream clients, the router, the decision log.
 
@@ -3298,6 +3408,7 @@ class Gateway:
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
             ("GET", "/plano/usage"): self._usage,
+            ("GET", "/plano"): self._live_page,
         }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
@@ -3406,7 +3517,9 @@ class Gateway:
 
     def _check_gateway_key(self, request: Request) -> None:
         expected = self.config.listener.api_key
-        if not expected or request.path == "/healthz":
+        # /healthz says only that plano runs; the live page holds no data (what it shows comes from
+        # the endpoints it calls with the key), and a browser cannot send a header to open it.
+        if not expected or request.path == "/healthz" or (request.method == "GET" and request.path in ("/plano", "/plano/")):
             return
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -3460,6 +3573,13 @@ class Gateway:
         _require(isinstance(body.get("messages"), list), "messages: must be a list")
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
+
+    async def _live_page(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await respond.send_full(200, [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"),
+                                      # nothing but this page's own script, and requests to this gateway
+                                      ("content-security-policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                  "style-src 'unsafe-inline'")],
+                                _LIVE_PAGE.encode())
 
     async def _usage(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         """What answers used and cost, per model and per route (`?since=` epoch seconds or ISO

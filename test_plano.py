@@ -4002,6 +4002,57 @@ router: false
     assert as_json["total"]["requests"] == 3
 
 
+# ── the live page, in a real headless Chromium ────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium (.ci/install_test_extras.sh installs it), driven through Playwright."""
+    from playwright.sync_api import sync_playwright
+    executable = os.environ.get("PLANO_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(executable):
+        pytest.fail(f"needs Chromium at {executable}: run `bash .ci/install_test_extras.sh`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
+    running = RunningPlano(config_for(provider, f"stats:\n  path: {tmp_path / 'usage.sqlite3'}\n",
+                                      PLANO_API_KEY=GATEWAY_KEY))
+    page = chromium.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        key_header = {"x-api-key": GATEWAY_KEY}
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})  # before the page opens
+        page.goto(f"{running.url}/plano/#key={GATEWAY_KEY}")
+        page.wait_for_selector("#status:has-text('live')", timeout=15000)
+        assert page.locator("#decisions tr").count() == 1
+        made = time.monotonic()
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [USER_HI]})
+        page.wait_for_selector("#decisions tr:first-child:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        shown_after = time.monotonic() - made
+        page.wait_for_selector("#models tr:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        models = page.locator("#models").inner_text()
+        page.screenshot(path=str(tmp_path / "plano-page.png"), full_page=True)
+        if os.environ.get("PLANO_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "testdata" / "plano-page.png"), full_page=True)
+        without_key = httpx.get(running.url + "/plano/usage")
+    finally:
+        page.close()
+        running.stop()
+    logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
+    assert re.search(r"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+unknown", models), models
+    assert re.search(r"anthropic/claude-sonnet-5\s+1\s+12\s+30\s+9\s+71%\s+unknown", models), models
+    assert requested and all(url.startswith(running.url) for url in requested)  # nothing from elsewhere
+    assert without_key.status_code == 401  # the data behind the page needs the key
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Hardening: failover, limits and timeouts, hostile input, load, secrets, shutdown, reload
 # ═════════════════════════════════════════════════════════════════════════════════════════════
