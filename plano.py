@@ -4907,7 +4907,8 @@ def _cmd_cli_agent(args: Any) -> int:
 
 
 def _cmd_statusline(args: Any) -> int:
-    """Claude Code's status line: the model and route of this session's latest decision."""
+    """Claude Code's status line: this session's model and route, what the session has cost so far
+    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`."""
     try:
         session = json.loads(sys.stdin.read() or "{}").get("session_id")
     except ValueError:
@@ -4922,12 +4923,20 @@ def _cmd_statusline(args: Any) -> int:
         print("plano ▸ no requests yet")
         return 0
     d = decisions[-1]
-    route = f" · {d['route']}" if d.get("route") else ""
-    timing = f" {d['router_ms']:.0f} ms" if d.get("decision") == "router" else ""
+    parts = [d["model"]] + ([d["route"]] if d.get("route") else [])
+    try:
+        spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
+        parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
+        if spent["cache_hit_rate"] is not None:
+            parts.append(f"cache {spent['cache_hit_rate']:.0%}")
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass  # the usage ledger is off: the model and route still say the most
+    if d.get("decision") == "fallback":
+        parts.append("fallback")
     confidence = d.get("confidence")
-    unsure = f" · unsure: {confidence:.0%}, else {d.get('runner_up')}" \
-        if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE else ""
-    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing}){unsure}")
+    if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
+        parts.append(f"unsure: {confidence:.0%}, else {d.get('runner_up')}")
+    print("plano ▸ " + " · ".join(parts))
     return 0
 
 

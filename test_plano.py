@@ -3868,8 +3868,10 @@ def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path
         watch.wait(10)
 
 
-def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider):
-    for session, model in (("s-one", "openai/gpt-4o"), ("s-two", "fast")):
+def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gateway, provider):
+    sessions = {name: f"{name}-{os.urandom(4).hex()}" for name in ("one", "two", "none")}
+    for session, model in ((sessions["one"], "openai/gpt-4o"), (sessions["one"], "anthropic/claude-sonnet-5"),
+                           (sessions["two"], "fast")):
         httpx.post(gateway.url + "/v1/messages", json={"model": model, "max_tokens": 5,
                                                        "messages": [{"role": "user", "content": "x"}]},
                    headers={"x-claude-code-session-id": session})
@@ -3879,9 +3881,12 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
                               input=json.dumps({"session_id": session, "model": {"id": "claude-opus-5-5"}}),
                               capture_output=True, text=True, timeout=30).stdout.strip()
 
-    assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
-    assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
-    assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+    # Session one: 10 + 30 cached, then 12 + 30 cached input tokens: 60 of 82 from the cache. No
+    # prices in this config, so the cost is unknown ($?), not $0.
+    assert statusline(sessions["one"]) == "plano ▸ anthropic/claude-sonnet-5 · $? · cache 73%"
+    assert statusline(sessions["two"]) == "plano ▸ openai/gpt-4o · $? · cache 75%"
+    assert statusline(sessions["none"]) == "plano ▸ no requests yet"
+    assert statusline(sessions["one"], url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
