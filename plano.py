@@ -4929,12 +4929,12 @@ class _ChainedStream:
             return b"".join(encode_sse(chunk) for chunk in out)
         return b"".join(encode_sse(data, name) for name, data in out)
 
-    def tokens(self) -> tuple[int | None, int | None]:
+    def anthropic_usage(self) -> Mapping[str, Any] | None:
         if isinstance(self.first, ResponsesToAnthropicStream):
-            return _token_counts(self.first.usage)
+            return self.first.usage
         if isinstance(self.first, OpenAIToAnthropicStream):
-            return _token_counts(self.first.usage and _openai_usage_to_anthropic(self.first.usage))
-        return _token_counts(self.second.usage)
+            return self.first.usage and _openai_usage_to_anthropic(self.first.usage)
+        return self.second.usage or None
 
 
 def _responses_stream_translator(model: ModelEntry, client_format: str, include_usage: bool) -> _ChainedStream:
