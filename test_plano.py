@@ -4835,6 +4835,10 @@ llm_providers:
     base_url: {provider.anthropic_base}
     access_key: {ANTHROPIC_KEY}
     default: {str(default == "anthropic/claude-sonnet-5").lower()}
+  - model: {CODEX_MODEL}
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: {str(default == CODEX_MODEL).lower()}
 listeners:
   - address: 127.0.0.1
     port: {port}
@@ -4861,7 +4865,8 @@ def run_cli_agent_codex(config: Path, codex: str, home: Path, prompt: str, cwd: 
 
 
 @pytest.mark.parametrize("default, upstream_path", [("openai/gpt-4o", "/v1/chat/completions"),
-                                                    ("anthropic/claude-sonnet-5", "/v1/messages")])
+                                                    ("anthropic/claude-sonnet-5", "/v1/messages"),
+                                                    (CODEX_MODEL, "/v1/responses")])
 def test_cli_agent_codex_runs_an_exec_command_round_trip_through_plano(tmp_path, provider, codex_bin, default,
                                                                        upstream_path):
     port = free_port()
@@ -4874,7 +4879,8 @@ def test_cli_agent_codex_runs_an_exec_command_round_trip_through_plano(tmp_path,
     assert f"gateway started on http://127.0.0.1:{port}" in result.stderr
     assert [r.path for r in provider.requests] == [upstream_path, upstream_path]
     continuation = provider.requests[1].json
-    assert "codex-marker-é€" in json.dumps(continuation["messages"][-1], ensure_ascii=False)
+    newest = (continuation.get("messages") or continuation.get("input"))[-1]
+    assert "codex-marker-é€" in json.dumps(newest, ensure_ascii=False)
     assert (home / ".codex" / "config.toml").read_text() == 'model = "o3"\n# the user\'s own settings\n'
     with pytest.raises(httpx.TransportError):  # the gateway it started is gone with Codex
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
