@@ -1929,6 +1929,7 @@ class ResponsesToAnthropicStream:
         self.arguments_seen = False
         self.refused = False
         self.usage: dict | None = None  # Anthropic-shaped, once the response completed
+        self.reasoning_tokens = 0  # which Anthropic's usage has no field for (Chat's has)
         self.finished = False
 
     def feed(self, event: str | None, data: dict) -> list[tuple[str, dict]]:
@@ -1996,6 +1997,7 @@ class ResponsesToAnthropicStream:
             return []
         a = self.anthropic
         self.usage = _responses_usage_to_anthropic(response.get("usage"))
+        self.reasoning_tokens = _reasoning_tokens(response.get("usage"))
         stop = "refusal" if self.refused else _responses_stop_reason(response, a.saw_tool_use)
         self.finished = a.finished = True
         return a._close() + [
@@ -4903,6 +4905,10 @@ class _ChainedStream:
         out: list[Any] = []
         for name, data in events:
             out += self.second.feed(name, data)
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            for chunk in out:
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.first.reasoning_tokens}
         return out
 
     def events(self, events: list[SSEEvent], raw: bytes) -> bytes:

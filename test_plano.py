@@ -3410,6 +3410,7 @@ def test_anthropic_sdk_tool_loop_without_the_reasoning_is_refused_by_the_provide
 def test_openai_chat_sdk_tool_loop_through_a_responses_upstream(responses_gateway, stream):
     client = openai_client(responses_gateway)
     messages: list[dict] = [{"role": "user", "content": "TOOL:ls é"}]
+    usages: list[tuple[int, int, int]] = []
 
     def ask() -> tuple[str | None, list[dict], str]:
         if not stream:
@@ -3420,6 +3421,9 @@ def test_openai_chat_sdk_tool_loop_through_a_responses_upstream(responses_gatewa
         text, calls, finish = "", {}, ""
         for part in client.chat.completions.create(model=CODEX_MODEL, messages=messages, tools=[BASH_FUNCTION],
                                                    stream=True, stream_options={"include_usage": True}):
+            if part.usage is not None:
+                usages.append((part.usage.prompt_tokens, part.usage.prompt_tokens_details.cached_tokens,
+                               part.usage.completion_tokens_details.reasoning_tokens))
             for choice in part.choices:
                 text += choice.delta.content or ""
                 finish = choice.finish_reason or finish
@@ -3435,6 +3439,7 @@ def test_openai_chat_sdk_tool_loop_through_a_responses_upstream(responses_gatewa
                  {"role": "tool", "tool_call_id": calls[0]["id"], "content": "a.txt"}]
     text, _, finish = ask()
     assert (text, finish) == ("tool said: a.txt", "stop")
+    assert usages == ([(40, 30, 3)] * 2 if stream else [])  # cached and reasoning tokens, in the usage chunk
 
 
 def test_a_chat_tool_loop_moved_to_a_chat_provider_sends_it_the_plain_tool_call_ids(responses_gateway, provider):
