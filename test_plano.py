@@ -92,6 +92,7 @@ class Reply:
     status: int = 200
     body: Any = None
     sse: list[bytes] | None = None
+    raw: bytes | None = None  # a body sent byte for byte instead of `body` as JSON
     headers: dict[str, str] = field(default_factory=dict)
     piece_delay: float = 0.0
     abort_after: int | None = None  # close the connection after this many SSE pieces
@@ -351,7 +352,7 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
-                data = json.dumps(reply.body).encode()
+                data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
                 handler.send_response(reply.status)
                 handler.send_header("content-type", "application/json")
                 handler.send_header("content-length", str(len(data)))
@@ -2309,6 +2310,213 @@ def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Recorded provider traffic and conformance: what real providers send beyond their docs
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+# ── Mistral's content lists (docs.mistral.ai, reasoning: `content` is a list of chunks) ─────────
+
+def mistral_thinking(text: str) -> dict:
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
+def test_mistral_content_lists_stream_as_a_thinking_block_then_text():
+    events = run_openai_stream(ROLE_CHUNK, chunk({"content": [mistral_thinking("add ")]}),
+                               chunk({"content": [mistral_thinking("them")]}),
+                               chunk({"content": [{"type": "text", "text": "4"}]}), chunk({"content": "."}, "stop"))
+    assert events[1:] == [
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "add "}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "them"}), block_stop(0),
+        block_start(1, {"type": "text", "text": ""}), block_delta(1, {"type": "text_delta", "text": "4"}),
+        block_delta(1, {"type": "text_delta", "text": "."}), block_stop(1),
+        *message_end("end_turn", {"input_tokens": 0, "output_tokens": 0})]
+
+
+def test_a_mistral_content_list_answer_becomes_thinking_then_text_blocks():
+    response = openai_response({"content": [mistral_thinking("add them"), {"type": "text", "text": "4"}]})
+    assert plano.openai_response_to_anthropic(response, "m")["content"] == [
+        {"type": "thinking", "thinking": "add them", "signature": ""}, {"type": "text", "text": "4"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_client_gets_mistrals_thinking_and_text(gateway, provider, stream):
+    if stream:
+        provider.then(Reply(sse=sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": [mistral_thinking("hm")]})),
+                                            (None, chunk({"content": [{"type": "text", "text": "yes"}]}, "stop")),
+                                            (None, "[DONE]")])))
+    else:
+        provider.then(Reply(body=openai_response({"content": [mistral_thinking("hm"), {"type": "text", "text": "yes"}]})))
+    request = {"model": "openai/gpt-4o", "max_tokens": 50, "messages": [{"role": "user", "content": "ok?"}]}
+    client = anthropic_client(gateway)
+    if stream:
+        with client.messages.stream(**request) as s:
+            message = s.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert [(b.type, b.thinking if b.type == "thinking" else b.text) for b in message.content] == [
+        ("thinking", "hm"), ("text", "yes")]
+
+
+# ── provider errors: forwarded when the format is the same, translated with their detail ──────
+
+OPENAI_PARAM_ERROR = (b'{\n  "error": {\n    "message": "Unsupported parameter: \'temperature\' is not supported '
+                      b'with this model.",\n    "type": "invalid_request_error",\n    "param": "temperature",\n'
+                      b'    "code": "unsupported_parameter"\n  }\n}')
+ANTHROPIC_RATE_LIMIT = (b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has '
+                        b'exceeded your per-minute rate limit"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"}')
+
+
+def error_from(status: int, body: bytes, upstream: str, client: str, headers: dict | None = None) -> plano.UpstreamError:
+    return plano.error_from_upstream(status, headers or {}, body, upstream, client,
+                                     provider="p/model", key_env="P_API_KEY")
+
+
+@pytest.mark.parametrize("status, body, api", [(400, OPENAI_PARAM_ERROR, "openai"),
+                                               (429, ANTHROPIC_RATE_LIMIT, "anthropic")])
+def test_a_same_format_error_is_the_providers_status_and_body_byte_for_byte(status, body, api):
+    error = error_from(status, body, api, api, {"retry-after": "7", "x-request-id": "req_1", "set-cookie": "s=1",
+                                                "content-length": str(len(body)), "retry-after-ms": "7000"})
+    assert (error.status, error.body) == (status, body)
+    assert error.headers == {"retry-after": "7", "retry-after-ms": "7000", "x-request-id": "req_1"}
+    assert error.retryable == (status == 429)
+
+
+def test_a_translated_openai_error_keeps_param_and_code_in_the_anthropic_message():
+    error = error_from(400, OPENAI_PARAM_ERROR, "openai", "anthropic")
+    body = json.loads(error.body)
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "Unsupported parameter: 'temperature'" in body["error"]["message"]
+    assert "param: temperature" in body["error"]["message"] and "code: unsupported_parameter" in body["error"]["message"]
+
+
+def test_a_translated_anthropic_error_is_an_openai_error_of_the_same_kind():
+    error = error_from(429, ANTHROPIC_RATE_LIMIT, "anthropic", "openai")
+    body = json.loads(error.body)["error"]
+    assert (error.status, body["type"]) == (429, "rate_limit_error")
+    assert "per-minute rate limit" in body["message"] and "req_011CSHoEeqs5C35K2UUqR7Fy" in body["message"]
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_provider_key_is_plano_s_permission_error_naming_the_variable_in_either_format(api, status):
+    error = error_from(status, b'{"error": {"message": "Incorrect API key provided"}}', "openai", api)
+    assert (error.status, error.error_type, error.retryable) == (403, "permission_error", False)
+    assert "P_API_KEY" in error.body.decode() and "Incorrect API key provided" in error.body.decode()
+
+
+def test_an_error_body_that_is_not_json_becomes_an_error_in_the_callers_format():
+    error = error_from(502, b"<html>Bad Gateway</html>", "openai", "openai")
+    assert (error.status, error.retryable) == (502, True)
+    assert json.loads(error.body)["error"]["message"] == "p/model: <html>Bad Gateway</html>"
+
+
+def test_the_openai_sdk_reads_a_providers_code_and_param_as_it_sent_them(gateway, provider):
+    provider.then(Reply(400, raw=OPENAI_PARAM_ERROR, headers={"x-request-id": "req_abc"}))
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(gateway).chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], temperature=0.5)
+    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", "temperature")
+    assert caught.value.response.content == OPENAI_PARAM_ERROR
+    assert caught.value.request_id == "req_abc"
+
+
+def only_model(provider: StandInProvider, model: str) -> RunningPlano:
+    """plano with one model on the stand-in: nothing to fail over to, so its errors reach the client."""
+    base, key = (provider.openai_base, OPENAI_KEY) if model.startswith("openai/") else (provider.anthropic_base,
+                                                                                       ANTHROPIC_KEY)
+    return RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {model}\n    base_url: {base}\n"
+                                           f"    access_key: {key}\n", path=CONFIG_PATH, environ={}))
+
+
+def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
+    provider.then(Reply(429, raw=ANTHROPIC_RATE_LIMIT, headers={"retry-after": "12", "request-id": "req_x"}))
+    running = only_model(provider, "anthropic/claude-sonnet-5")
+    try:
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])
+    finally:
+        running.stop()
+    assert caught.value.response.content == ANTHROPIC_RATE_LIMIT
+    assert (caught.value.response.headers["retry-after"], caught.value.request_id) == ("12", "req_x")
+
+
+def test_a_forwarded_error_body_that_echoes_the_key_is_scrubbed(provider):
+    echoed = b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode() + b'", "code": "insufficient_quota"}}'
+    provider.then(Reply(429, raw=echoed))
+    running = only_model(provider, "openai/gpt-4o")
+    try:
+        response = httpx.post(running.url + "/v1/chat/completions", json={"model": "openai/gpt-4o", "messages": [USER_HI]})
+    finally:
+        running.stop()
+    assert response.status_code == 429 and OPENAI_KEY not in response.text
+    assert response.json()["error"]["code"] == "insufficient_quota"
+
+
+# ── streams: what arrives before an error, and nothing after the provider's own ───────────────
+
+def test_deltas_read_together_with_an_error_chunk_reach_the_client_before_the_error(gateway, provider):
+    text = "The answer, in full, before the provider failed."
+    events = [(None, ROLE_CHUNK)] + [(None, chunk({"content": text[i:i + 6]})) for i in range(0, len(text), 6)] \
+        + [(None, {"error": {"message": "upstream connect error", "code": 502}})]
+    provider.then(Reply(sse=[b"".join(sse_pieces(events))]))  # all of it in one network read
+    response = httpx.post(gateway.url + "/v1/messages", json={
+        "model": "openai/gpt-4o", "max_tokens": 50, "stream": True, "messages": [USER_HI]})
+    assert anthropic_stream_text(response.text) == text
+    last = plano.SSEDecoder().feed(response.content)[-1]
+    assert last.event == "error" and "upstream connect error" in last.data
+    assert "message_stop" not in response.text
+
+
+def test_the_stream_translator_returns_what_came_before_a_failure_and_keeps_the_failure():
+    translate = plano.StreamTranslator("openai", "anthropic", "m", include_usage=False)
+    raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})), (None, {"error": {"message": "x"}}),
+                               (None, chunk({"content": "after"}))]))
+    out = translate.feed(raw)
+    assert anthropic_stream_text(out.decode()) == "kept"
+    assert isinstance(translate.failure, plano.UpstreamError) and translate.failure.message == "x"
+    assert translate.feed(b"data: " + json.dumps(chunk({"content": "later"})).encode() + b"\n\n") == b""
+
+
+def test_an_openai_passthrough_stream_ends_with_the_providers_own_error_and_nothing_after(gateway, provider):
+    pieces = sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "partial"})),
+                         (None, {"error": {"message": "Internal server error", "type": "server_error", "code": None}})])
+    provider.then(Reply(sse=pieces))
+    response = httpx.post(gateway.url + "/v1/chat/completions", json={
+        "model": "openai/gpt-4o", "stream": True, "messages": [USER_HI]})
+    assert response.content == b"".join(pieces)
+
+
+def test_an_openrouter_error_chunk_that_still_has_choices_is_an_error():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    machine.feed(ROLE_CHUNK)
+    with pytest.raises(plano.UpstreamError) as raised:
+        machine.feed({"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": "openai/gpt-4o",
+                      "provider": "OpenAI", "error": {"code": "server_error", "message": "Provider disconnected"},
+                      "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
+    assert raised.value.message == "Provider disconnected"
+
+
+# ── non-streaming same-format answers: the provider's bytes, only the model changed ───────────
+
+PRETTY_OPENAI_ANSWER = (b'{\n  "id": "chatcmpl-1",\n  "object": "chat.completion",\n  "model": "gpt-4o-2024-08-06",\n'
+                        b'  "choices": [{"index": 0, "message": {"role": "assistant", "content": "caf\\u00e9"},'
+                        b' "finish_reason": "stop"}],\n  "usage": {"prompt_tokens": 3, "completion_tokens": 1,'
+                        b' "total_tokens": 4},\n  "system_fingerprint": "fp_1", "service_tier": "default"\n}\n')
+ANTHROPIC_ANSWER = (b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-5-20260101",'
+                    b'"content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,'
+                    b'"usage":{"input_tokens":3,"output_tokens":1,"service_tier":"standard"}}')
+
+
+@pytest.mark.parametrize("model, answer", [("openai/gpt-4o", PRETTY_OPENAI_ANSWER),
+                                           ("anthropic/claude-sonnet-5", ANTHROPIC_ANSWER)])
+def test_a_same_format_answer_is_the_providers_bytes_with_only_the_model_changed(gateway, provider, model, answer):
+    provider.then(Reply(raw=answer))
+    path = "/v1/chat/completions" if model.startswith("openai") else "/v1/messages"
+    response = httpx.post(gateway.url + path, json={"model": model, "max_tokens": 5, "messages": [USER_HI]})
+    upstream_model = json.loads(answer)["model"]
+    assert response.content == answer.replace(f'"{upstream_model}"'.encode(), f'"{model}"'.encode())
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
