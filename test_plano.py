@@ -2519,6 +2519,216 @@ def test_a_same_format_answer_is_the_providers_bytes_with_only_the_model_changed
     assert response.content == answer.replace(f'"{upstream_model}"'.encode(), f'"{model}"'.encode())
 
 
+# ── the corpus: responses recorded from the real APIs, replayed byte for byte ─────────────────
+#
+# testdata/recorded/ holds provider answers recorded by other projects against the real APIs
+# (PROVENANCE.md says where each comes from). A file named anthropic-* is an Anthropic Messages
+# answer, any other an OpenAI-format one; `.sse` is a stream's body as the provider sent it,
+# `.json` a whole answer, and a status in the name (`name.404.json`) an error answer. Each is
+# replayed from the stand-in in small pieces, through the real plano, to the official SDK of the
+# other format (translated) and of the same format (passthrough). What the client must get is
+# read from the recording by the readers below, never written down by hand.
+
+RECORDED = HERE / "testdata" / "recorded"
+RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", ".json"))
+ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
+ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
+
+STOP_FROM_FINISH = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+
+# What a translation cannot carry, and why (the readers below do not compare these):
+# - OpenAI-format → Anthropic client: OpenRouter's `reasoning_details` (its text is the same as
+#   `reasoning`, which becomes the thinking block), `logprobs`, provider extras (`x_groq`,
+#   `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's `cost`), and
+#   `completion_tokens_details.reasoning_tokens`: Anthropic has no field for any of them
+#   (reasoning tokens are part of `output_tokens`). A stream that ends in an error has no stop
+#   reason or final usage in Anthropic's format: `message_delta` only comes with a finished answer.
+# - Anthropic → OpenAI client: a thinking block's `signature` (OpenAI has no field; the thinking
+#   text arrives as `reasoning_content`), `stop_sequence`, and the usage's `service_tier` and
+#   cache-creation detail (cache writes count in `prompt_tokens`).
+
+
+@dataclass
+class Answer:
+    """What an answer says, in either format: the things a client must get."""
+
+    text: str = ""
+    thinking: str = ""
+    tool_calls: list = field(default_factory=list)  # [name, arguments as an object]
+    stop: str | None = None  # in Anthropic's words
+    usage: tuple[int, int] | None = None  # (input tokens including cache, output tokens)
+    error: str | None = None
+
+
+def openai_answer(chunks: list[dict]) -> Answer:
+    """The Answer in Chat Completions chunks (or one whole chat.completion, as a list of one)."""
+    answer, calls = Answer(), {}
+    for item in chunks:
+        if item.get("error"):
+            answer.error = item["error"]["message"] if isinstance(item["error"], dict) else str(item["error"])
+            break
+        if item.get("usage"):
+            answer.usage = (item["usage"]["prompt_tokens"], item["usage"]["completion_tokens"])
+        for choice in item.get("choices") or []:
+            part = choice.get("delta") or choice.get("message") or {}
+            reasoning = part.get("reasoning_content") or part.get("reasoning")
+            answer.thinking += reasoning if isinstance(reasoning, str) else ""
+            content = part.get("content")
+            for piece in [content] if isinstance(content, str) else content or []:
+                if isinstance(piece, str) or piece.get("type") == "text":
+                    answer.text += piece if isinstance(piece, str) else piece["text"]
+                elif piece.get("type") == "thinking":
+                    answer.thinking += "".join(t["text"] for t in piece["thinking"])
+            for position, call in enumerate(part.get("tool_calls") or []):
+                slot = calls.setdefault(call.get("index", position) if "delta" in choice else position, ["", ""])
+                function = call.get("function") or {}
+                slot[0] = function.get("name") or slot[0]
+                slot[1] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                answer.stop = STOP_FROM_FINISH[choice["finish_reason"]]
+    answer.tool_calls = [[name, json.loads(arguments or "{}")] for name, arguments in calls.values()]
+    return answer
+
+
+def anthropic_answer(events: list[dict]) -> Answer:
+    """The Answer in Anthropic stream events (or one whole message, as a list of one)."""
+    answer, blocks, usage = Answer(), [], {}
+    for item in events:
+        kind = item.get("type")
+        if kind == "message":
+            blocks, answer.stop, usage = list(item["content"]), item["stop_reason"], dict(item["usage"])
+        elif kind == "message_start":
+            usage.update(item["message"]["usage"])
+        elif kind == "content_block_start":
+            blocks.append(dict(item["content_block"], input=""))
+        elif kind == "content_block_delta":
+            delta, block = item["delta"], blocks[-1]
+            key = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input"}.get(delta["type"])
+            if key:
+                block[key] = block.get(key, "") + delta.get({"input": "partial_json"}.get(key, key), "")
+        elif kind == "message_delta":
+            answer.stop = item["delta"]["stop_reason"]
+            usage.update({k: v for k, v in (item.get("usage") or {}).items() if v is not None})
+        elif kind == "error":
+            answer.error = item["error"]["message"]
+    for block in blocks:
+        if block["type"] in ("text", "thinking"):
+            setattr(answer, block["type"], getattr(answer, block["type"]) + block[block["type"]])
+        elif block["type"] == "tool_use":
+            answer.tool_calls.append([block["name"], json.loads(block["input"] or "{}")
+                                      if isinstance(block["input"], str) else block["input"]])
+    if usage and not answer.error:
+        answer.usage = (sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens",
+                                                         "cache_creation_input_tokens")), usage["output_tokens"])
+    return answer
+
+
+def recorded_answer(name: str) -> Answer:
+    raw = (RECORDED / name).read_bytes()
+    items = [json.loads(e.data) for e in plano.SSEDecoder().feed(raw) if e.data != "[DONE]"] \
+        if name.endswith(".sse") else [json.loads(raw)]
+    return anthropic_answer(items) if name.startswith("anthropic-") else openai_answer(items)
+
+
+def replaying(provider: StandInProvider, name: str) -> RunningPlano:
+    """plano with one model, of the recording's format, on a stand-in that answers the recording
+    byte for byte (a stream in 5-byte pieces, so events and UTF-8 characters are split)."""
+    raw = (RECORDED / name).read_bytes()
+    status = int(re.search(r"\.(\d{3})\.json$", name).group(1)) if name in ERRORS else 200
+    provider.then(Reply(status, sse=[raw[i:i + 5] for i in range(0, len(raw), 5)]) if name.endswith(".sse")
+                  else Reply(status, raw=raw))
+    return only_model(provider, "anthropic/claude-sonnet-5" if name.startswith("anthropic-") else "openai/gpt-4o")
+
+
+def ask_with_sdk(running: RunningPlano, client_format: str, stream: bool) -> tuple[Answer, bytes | None]:
+    """Ask plano's only model with the official SDK of `client_format`: the Answer it got, and
+    the answer's bytes when it was not a stream (a stream's bytes are checked by the caller)."""
+    model = running.config.models[0].name
+    items, raw = [], None
+    if client_format == "anthropic":
+        client = anthropic_client(running)
+        request = {"model": model, "max_tokens": 1024, "messages": [USER_HI]}
+        try:
+            if stream:
+                for event in client.messages.create(**request, stream=True):
+                    items.append(event.model_dump())  # one by one: what came before an error counts
+            else:
+                response = client.messages.with_raw_response.create(**request)
+                raw, items = response.http_response.content, [response.parse().model_dump()]
+        except anthropic.APIStatusError as error:
+            items.append({"type": "error", "error": {"message": error.message}})
+        return anthropic_answer(items), raw
+    client = openai_client(running)
+    request = {"model": model, "messages": [USER_HI]}
+    try:
+        if stream:
+            for chunk in client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+                items.append(chunk.model_dump(warnings=False))  # Mistral's list content is not the SDK's type
+        else:
+            response = client.chat.completions.with_raw_response.create(**request)
+            raw, items = response.http_response.content, [response.parse().model_dump(warnings=False)]
+    except openai.APIError as error:
+        items.append({"error": {"message": error.message}})
+    return openai_answer(items), raw
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+@pytest.mark.parametrize("mode", ["translated", "passthrough"])
+def test_a_recorded_answer_reaches_both_sdks(provider, name, mode):
+    upstream = "anthropic" if name.startswith("anthropic-") else "openai"
+    client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
+    expected = recorded_answer(name)
+    running = replaying(provider, name)
+    try:
+        got, raw = ask_with_sdk(running, client_format, stream=name.endswith(".sse"))
+        if mode == "passthrough" and name.endswith(".sse"):
+            provider.then(Reply(sse=[(RECORDED / name).read_bytes()]))
+            raw = httpx.post(running.url + ("/v1/messages" if upstream == "anthropic" else "/v1/chat/completions"),
+                             json={"model": running.config.models[0].name, "max_tokens": 5, "stream": True,
+                                   "messages": [USER_HI]}).content
+    finally:
+        running.stop()
+    assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
+    if expected.error:
+        assert got.error is not None and expected.error in got.error
+    if mode == "passthrough":
+        assert (got.stop, got.usage, got.error) == (expected.stop, expected.usage, expected.error)
+        recording = (RECORDED / name).read_bytes()
+        if name.endswith(".sse"):
+            assert raw == recording  # the provider's stream, byte for byte
+        else:
+            upstream_model = json.loads(recording)["model"]
+            assert raw == recording.replace(f'"{upstream_model}"'.encode(),
+                                            f'"{running.config.models[0].name}"'.encode(), 1)
+    elif not expected.error:
+        assert (got.stop, got.usage) == (expected.stop, expected.usage)
+
+
+@pytest.mark.parametrize("name", ERRORS)
+@pytest.mark.parametrize("mode", ["translated", "passthrough"])
+def test_a_recorded_error_reaches_both_sdks(provider, name, mode):
+    upstream = "anthropic" if name.startswith("anthropic-") else "openai"
+    client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
+    recording = (RECORDED / name).read_bytes()
+    status = int(re.search(r"\.(\d{3})\.json$", name).group(1))
+    running = replaying(provider, name)
+    model = running.config.models[0].name
+    try:
+        if client_format == "anthropic":
+            with pytest.raises(anthropic.APIStatusError) as caught:
+                anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+        else:
+            with pytest.raises(openai.APIStatusError) as caught:
+                openai_client(running).chat.completions.create(model=model, messages=[USER_HI])
+    finally:
+        running.stop()
+    assert caught.value.status_code == status
+    if mode == "passthrough":
+        assert caught.value.response.content == recording
+    else:
+        assert json.loads(recording)["error"]["message"] in caught.value.message
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Upstream client: keep-alive, framing, timeouts, TLS (plano's own transport under httpx)
 # ═════════════════════════════════════════════════════════════════════════════════════════════
