@@ -1363,10 +1363,11 @@ class OpenAIToAnthropicStream:
         if not isinstance(call, dict):
             return []
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        upstream_id, index = call.get("id"), call.get("index")
+        upstream_id, index = call.get("id") or None, call.get("index")
         # A fragment continues the open call unless it names another id or index. Some providers
-        # repeat the id in every fragment, some omit `index`, some send id, name and arguments in
-        # one chunk: all of these must land in one tool_use block.
+        # repeat the id in every fragment, some send `"id": ""` and `"name": ""` on every fragment
+        # after the first, some omit `index`, some send id, name and arguments in one chunk: all
+        # of these must land in one tool_use block.
         continues = self.block == "tool" and upstream_id in (None, self.tool_id) \
             and index in (None, self.tool_index)
         events = []

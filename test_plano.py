@@ -2519,6 +2519,20 @@ def test_a_same_format_answer_is_the_providers_bytes_with_only_the_model_changed
     assert response.content == answer.replace(f'"{upstream_model}"'.encode(), f'"{model}"'.encode())
 
 
+# ── tool-call fragments as OpenAI-compatible servers write them ───────────────────────────
+
+def test_continuation_fragments_with_an_empty_id_and_name_continue_the_open_call():
+    # Some OpenAI-compatible servers repeat `"id": "", "type": "function", "name": ""` on every
+    # fragment after the first (the empty-identity shape other clients strip before parsing).
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", '{"comm')),
+                               chunk(tool_delta(0, "", "", 'and":"ls"}')), chunk(finish_reason="tool_calls"))
+    assert events[1:5] == [
+        block_start(0, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"comm'}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": 'and":"ls"}'}),
+        block_stop(0)]
+
+
 # ── the corpus: responses recorded from the real APIs, replayed byte for byte ─────────────────
 #
 # testdata/recorded/ holds provider answers recorded by other projects against the real APIs
