@@ -204,6 +204,17 @@ PROVIDERS: dict[str, ProviderSpec] = {
     "openrouter": ProviderSpec("https://openrouter.ai/api/v1", "openai", "bearer",
                                "OPENROUTER_API_KEY"),
     "ollama": ProviderSpec("http://127.0.0.1:11434/v1", "openai", "none"),
+    # The Anthropic-compatible endpoints these providers document for Claude Code (as its
+    # ANTHROPIC_BASE_URL): Moonshot's and Z.ai's docs give the key as ANTHROPIC_AUTH_TOKEN (a Bearer
+    # token), Alibaba's and MiniMax's as ANTHROPIC_API_KEY (x-api-key). Their OpenAI-compatible APIs
+    # (api.moonshot.ai/v1, api.z.ai/api/paas/v4, dashscope-intl.aliyuncs.com/compatible-mode/v1,
+    # api.minimax.io/v1) take `base_url` and `provider_interface: openai`. No output caps: none
+    # found documented per model, and these endpoints take Claude Code's own max_tokens.
+    "moonshot": ProviderSpec("https://api.moonshot.ai/anthropic", "anthropic", "bearer", "MOONSHOT_API_KEY"),
+    "zhipu": ProviderSpec("https://api.z.ai/api/anthropic", "anthropic", "bearer", "ZAI_API_KEY"),
+    "qwen": ProviderSpec("https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "x-api-key",
+                         "DASHSCOPE_API_KEY"),
+    "minimax": ProviderSpec("https://api.minimax.io/anthropic", "anthropic", "x-api-key", "MINIMAX_API_KEY"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True),
@@ -211,7 +222,8 @@ PROVIDERS: dict[str, ProviderSpec] = {
 
 # Other spellings people use for the same providers (the seed's docs use several).
 PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
-                    "azure": "azure_openai", "claude": "anthropic"}
+                    "azure": "azure_openai", "claude": "anthropic", "kimi": "moonshot", "zai": "zhipu",
+                    "glm": "zhipu", "dashscope": "qwen"}
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")

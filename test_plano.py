@@ -2533,6 +2533,58 @@ def test_continuation_fragments_with_an_empty_id_and_name_continue_the_open_call
         block_stop(0)]
 
 
+# ── the catalogue: providers Claude Code users reach for, on their Anthropic-compatible APIs ─
+
+NEW_PROVIDERS_YAML = """\
+llm_providers:
+  - model: moonshot/kimi-k2-0905-preview
+  - model: kimi/kimi-k2-turbo-preview
+  - model: zhipu/glm-4.6
+  - model: glm/glm-4.5-air
+  - model: qwen/qwen3-coder-plus
+  - model: dashscope/qwen3-max
+  - model: minimax/MiniMax-M2
+"""
+
+
+def test_moonshot_zhipu_qwen_and_minimax_use_their_documented_anthropic_endpoints():
+    keys = {"MOONSHOT_API_KEY": "k-m", "ZAI_API_KEY": "k-z", "DASHSCOPE_API_KEY": "k-q", "MINIMAX_API_KEY": "k-x"}
+    config = plano.parse_config(NEW_PROVIDERS_YAML, path=CONFIG_PATH, environ=keys)
+    assert [(m.name, m.base_url, m.interface, m.access_key) for m in config.models] == [
+        ("moonshot/kimi-k2-0905-preview", "https://api.moonshot.ai/anthropic", "anthropic", "k-m"),
+        ("kimi/kimi-k2-turbo-preview", "https://api.moonshot.ai/anthropic", "anthropic", "k-m"),
+        ("zhipu/glm-4.6", "https://api.z.ai/api/anthropic", "anthropic", "k-z"),
+        ("glm/glm-4.5-air", "https://api.z.ai/api/anthropic", "anthropic", "k-z"),
+        ("qwen/qwen3-coder-plus", "https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "k-q"),
+        ("dashscope/qwen3-max", "https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "k-q"),
+        ("minimax/MiniMax-M2", "https://api.minimax.io/anthropic", "anthropic", "k-x")]
+
+
+@pytest.mark.parametrize("prefix, header, value", [
+    ("moonshot", "authorization", "Bearer k-provider"),  # its docs: ANTHROPIC_AUTH_TOKEN
+    ("zhipu", "authorization", "Bearer k-provider"),
+    ("qwen", "x-api-key", "k-provider"),  # its docs: ANTHROPIC_API_KEY
+    ("minimax", "x-api-key", "k-provider")])
+def test_a_new_providers_key_reaches_its_anthropic_endpoint_as_its_docs_say(provider, prefix, header, value):
+    running = RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
+                                              f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
+                                              path=CONFIG_PATH, environ={}))
+    provider.then(Reply(raw=ANTHROPIC_ANSWER))
+    try:
+        answer = openai_client(running).chat.completions.create(model=f"{prefix}/some-model", messages=[USER_HI])
+    finally:
+        running.stop()
+    sent = provider.requests[-1]
+    assert (sent.path, sent.headers[header], sent.json["model"]) == ("/v1/messages", value, "some-model")
+    assert answer.choices[0].message.content == "hi"
+
+
+def test_a_new_provider_can_be_used_on_its_openai_compatible_api_instead():
+    config = plano.parse_config("llm_providers:\n  - model: moonshot/kimi-k2\n    base_url: https://api.moonshot.ai/v1\n"
+                                "    provider_interface: openai\n    access_key: k\n", path=CONFIG_PATH, environ={})
+    assert (config.models[0].interface, config.models[0].spec.auth) == ("openai", "bearer")
+
+
 # ── the corpus: responses recorded from the real APIs, replayed byte for byte ─────────────────
 #
 # testdata/recorded/ holds provider answers recorded by other projects against the real APIs
