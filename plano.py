@@ -1005,7 +1005,8 @@ def _openai_content_parts(content: Any) -> list[tuple[str, str]]:
         elif piece.get("type") == "thinking":
             thinking = piece.get("thinking")
             if isinstance(thinking, list):
-                thinking = "".join(t["text"] for t in thinking if isinstance(t, dict) and isinstance(t.get("text"), str))
+                thinking = "".join(t["text"] for t in thinking
+                                   if isinstance(t, dict) and isinstance(t.get("text"), str))
             if isinstance(thinking, str) and thinking:
                 parts.append(("thinking", thinking))
     return parts
@@ -1324,7 +1325,8 @@ def anthropic_error_body(error_type: str, message: str) -> dict:
 
 def openai_error_body(error_type: str, message: str, status: int, param: Any = None, code: Any = None) -> dict:
     openai_type = {"api_error": "server_error", "overloaded_error": "server_error"}.get(error_type, error_type)
-    return {"error": {"message": message, "type": openai_type, "param": param, "code": status if code is None else code}}
+    return {"error": {"message": message, "type": openai_type, "param": param,
+                      "code": status if code is None else code}}
 
 
 class StreamTranslationError(Exception):
@@ -1619,7 +1621,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        message = f"{provider}: the provider rejected the configured key{f' (${key_env})' if key_env else ''}: {message}"
+        variable = f" (${key_env})" if key_env else ""
+        message = f"{provider}: the provider rejected the configured key{variable}: {message}"
         return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type,
                              body=answer(ProviderKeyError.error_type, message, ProviderKeyError.status))
     error_type = fields.get("type") if upstream_format == "anthropic" else None

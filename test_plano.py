@@ -2369,7 +2369,8 @@ def test_an_anthropic_client_gets_mistrals_thinking_and_text(gateway, provider, 
                                             (None, chunk({"content": [{"type": "text", "text": "yes"}]}, "stop")),
                                             (None, "[DONE]")])))
     else:
-        provider.then(Reply(body=openai_response({"content": [mistral_thinking("hm"), {"type": "text", "text": "yes"}]})))
+        provider.then(Reply(body=openai_response({"content": [mistral_thinking("hm"),
+                                                              {"type": "text", "text": "yes"}]})))
     request = {"model": "openai/gpt-4o", "max_tokens": 50, "messages": [{"role": "user", "content": "ok?"}]}
     client = anthropic_client(gateway)
     if stream:
@@ -2390,7 +2391,8 @@ ANTHROPIC_RATE_LIMIT = (b'{"type":"error","error":{"type":"rate_limit_error","me
                         b'exceeded your per-minute rate limit"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"}')
 
 
-def error_from(status: int, body: bytes, upstream: str, client: str, headers: dict | None = None) -> plano.UpstreamError:
+def error_from(status: int, body: bytes, upstream: str, client: str,
+               headers: dict | None = None) -> plano.UpstreamError:
     return plano.error_from_upstream(status, headers or {}, body, upstream, client,
                                      provider="p/model", key_env="P_API_KEY")
 
@@ -2410,7 +2412,8 @@ def test_a_translated_openai_error_keeps_param_and_code_in_the_anthropic_message
     body = json.loads(error.body)
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert "Unsupported parameter: 'temperature'" in body["error"]["message"]
-    assert "param: temperature" in body["error"]["message"] and "code: unsupported_parameter" in body["error"]["message"]
+    assert "param: temperature" in body["error"]["message"]
+    assert "code: unsupported_parameter" in body["error"]["message"]
 
 
 def test_a_translated_anthropic_error_is_an_openai_error_of_the_same_kind():
@@ -2456,7 +2459,8 @@ def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
     running = only_model(provider, "anthropic/claude-sonnet-5")
     try:
         with pytest.raises(anthropic.RateLimitError) as caught:
-            anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])
+            anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
+                                                      messages=[USER_HI])
     finally:
         running.stop()
     assert caught.value.response.content == ANTHROPIC_RATE_LIMIT
@@ -2464,11 +2468,13 @@ def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
 
 
 def test_a_forwarded_error_body_that_echoes_the_key_is_scrubbed(provider):
-    echoed = b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode() + b'", "code": "insufficient_quota"}}'
+    echoed = (b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode()
+              + b'", "code": "insufficient_quota"}}')
     provider.then(Reply(429, raw=echoed))
     running = only_model(provider, "openai/gpt-4o")
     try:
-        response = httpx.post(running.url + "/v1/chat/completions", json={"model": "openai/gpt-4o", "messages": [USER_HI]})
+        response = httpx.post(running.url + "/v1/chat/completions",
+                              json={"model": "openai/gpt-4o", "messages": [USER_HI]})
     finally:
         running.stop()
     assert response.status_code == 429 and OPENAI_KEY not in response.text
@@ -2492,7 +2498,8 @@ def test_deltas_read_together_with_an_error_chunk_reach_the_client_before_the_er
 
 def test_the_stream_translator_returns_what_came_before_a_failure_and_keeps_the_failure():
     translate = plano.StreamTranslator("openai", "anthropic", "m", include_usage=False)
-    raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})), (None, {"error": {"message": "x"}}),
+    raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})),
+                               (None, {"error": {"message": "x"}}),
                                (None, chunk({"content": "after"}))]))
     out = translate.feed(raw)
     assert anthropic_stream_text(out.decode()) == "kept"
