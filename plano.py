@@ -1268,6 +1268,7 @@ class SSEDecoder:
         self._skip_lf = False  # the last read ended in CR: an LF starting the next one is its pair
         self._event: str | None = None
         self._data: list[str] = []
+        self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
@@ -1281,17 +1282,25 @@ class SSEDecoder:
                 break
             line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
             self._skip_lf = match.group() == b"\r" and match.end() == len(self._buffer)
+            self._unended = 0 if match.start() == 0 else self._unended + match.end()
             del self._buffer[:match.end()]
             event = self._line(line)
             if event is not None:
                 events.append(event)
         return events
 
+    @property
+    def unended(self) -> int:
+        """How many of the last bytes fed belong to an event (or comment) its blank line has not
+        ended yet."""
+        return self._unended + len(self._buffer)
+
     def close(self) -> list[SSEEvent]:
         """End of stream. An event cut off before its blank line is not dispatched (WHATWG rule):
         a connection that dies mid-event must not pass half a JSON object on as a whole one."""
         self._buffer.clear()
         self._event, self._data = None, []
+        self._unended = 0
         return []
 
     def _line(self, line: str) -> SSEEvent | None:
@@ -1648,8 +1657,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
 class StreamTranslator:
     """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
 
-    When both sides speak the same format the provider's bytes go on untouched, only watched
-    for the end of the answer and its usage; otherwise every event goes through the format's
+    When both sides speak the same format the provider's bytes go on untouched, each event once
+    its blank line has arrived, watched for the end of the answer and its usage; otherwise every event goes through the format's
     state machine. An event that fails (the provider's error event, a broken stream) stops the
     translation: `feed` still returns what the events before it produced, and the failure waits
     in `failure` for the caller to raise once that is sent, so what the client sees does not
@@ -1667,6 +1676,7 @@ class StreamTranslator:
         self.complete = False  # passthrough: the provider ended its answer itself
         self.failure: UpstreamError | StreamTranslationError | None = None
         self._passthrough_usage: dict = {}
+        self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
 
     def feed(self, raw: bytes) -> bytes:
         if self.failure is not None:
@@ -1675,12 +1685,18 @@ class StreamTranslator:
         if self.machine is None:
             for event in events:
                 self._watch(event)
-            return raw
+            # Only whole events go on: a stream cut off mid-event must not hand the client half of
+            # one, which its own error event would then run into.
+            pending = self._unended + raw
+            whole = len(pending) - self.decoder.unended
+            self._unended = pending[whole:]
+            return pending[:whole]
         return self._translate(events)
 
     def close(self) -> bytes:
         """The upstream body ended: the answer's end, or a failure if it had not finished."""
         self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
+        self._unended = b""
         if self.failure is not None:
             return b""
         try:
