@@ -1658,11 +1658,11 @@ class StreamTranslator:
     """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
 
     When both sides speak the same format the provider's bytes go on untouched, each event once
-    its blank line has arrived, watched for the end of the answer and its usage; otherwise every event goes through the format's
-    state machine. An event that fails (the provider's error event, a broken stream) stops the
-    translation: `feed` still returns what the events before it produced, and the failure waits
-    in `failure` for the caller to raise once that is sent, so what the client sees does not
-    depend on where the network reads happened to fall.
+    its blank line has arrived, watched for the end of the answer and its usage; otherwise every
+    event goes through the format's state machine. An event that fails (the provider's error
+    event, a broken stream) stops the translation: `feed` still returns what the events before it
+    produced, and the failure waits in `failure` for the caller to raise once that is sent, so
+    what the client sees does not depend on where the network reads happened to fall.
     """
 
     def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
