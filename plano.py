@@ -312,6 +312,17 @@ class RouterSettings:
                 self.extra_buffer_types)
 
 
+@dataclass(frozen=True)
+class StatsSettings:
+    """The `stats:` section: where the usage ledger lives, how long it keeps rows, and which model's
+    prices measure what routing saved (default: the default model)."""
+
+    enabled: bool = True
+    path: str | None = None  # default: usage.sqlite3 in the per-user state folder
+    retention_days: float = 90.0
+    baseline: str | None = None
+
+
 SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
 
 
@@ -323,6 +334,7 @@ class Config:
     listener: Listener
     router: RouterSettings
     warnings: tuple[str, ...] = ()
+    stats: StatsSettings = StatsSettings()
 
     @property
     def default_model(self) -> ModelEntry:
@@ -452,7 +464,7 @@ class _ConfigReader:
 
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners",
-                 "router", "routing", "tracing", "endpoints", "prompt_targets", "system_prompt"}
+                 "router", "routing", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -477,12 +489,16 @@ class _ConfigReader:
                     raise self.fail(e, "routing_preferences", f"route `{p.name}` is defined twice")
                 if p.name == "other":
                     raise self.fail(e, "routing_preferences", "`other` is reserved: it means no route fits")
-        config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw))
+        config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw),
+                        stats=self.read_stats(raw))
         aliases = self.read_aliases(raw, config)
         for m, e in zip(models, entries):
             for fallback in m.fallbacks:
                 if config.model_named(fallback) is None and fallback not in aliases:
                     raise self.fail(e, "fallbacks", f"{fallback} is not a configured model")
+        baseline = config.stats.baseline
+        if baseline is not None and config.model_named(baseline) is None:
+            raise self.fail(raw["stats"], "baseline", f"{baseline} is not a configured model")
         return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings))
 
     def read_model(self, entry: Any, raw: dict) -> ModelEntry:
@@ -614,6 +630,26 @@ class _ConfigReader:
                               enabled=self.get(section, "enabled", bool, True),
                               context_tokens=context_tokens, gpu_layers=self.get(section, "gpu_layers", int),
                               extra_buffer_types=self.get(section, "extra_buffer_types", bool, False))
+
+    def read_stats(self, raw: dict) -> StatsSettings:
+        section = raw.get("stats")
+        if section is None:
+            return StatsSettings()
+        if section is False:
+            return StatsSettings(enabled=False)
+        if not isinstance(section, dict):
+            raise self.fail(raw, "stats", "must be a mapping {path, retention_days, baseline}, or false")
+        for key in section:
+            if key not in ("enabled", "path", "retention_days", "baseline"):
+                raise self.fail(section, key, "is not a known stats field (known: baseline, enabled, path, "
+                                              "retention_days)")
+        retention = self.get(section, "retention_days", (int, float), 90.0)
+        if isinstance(retention, bool) or retention <= 0:
+            raise self.fail(section, "retention_days", f"must be a positive number of days, got {retention!r}")
+        path = self.get(section, "path", str)
+        return StatsSettings(enabled=self.get(section, "enabled", bool, True),
+                             path=os.path.expanduser(path) if path else None,
+                             retention_days=float(retention), baseline=self.get(section, "baseline", str))
 
     def read_aliases(self, raw: dict, config: Config) -> dict[str, str]:
         section = self.get(raw, "model_aliases", dict, {}) or {}
@@ -3122,6 +3158,178 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Usage ledger: what each answer used (and cost), kept in SQLite across restarts.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def default_state_dir() -> str:
+    """Where plano keeps what outlives a run: $PLANO_STATE_DIR, else the platform's per-user state
+    folder."""
+    if os.environ.get("PLANO_STATE_DIR"):
+        return os.environ["PLANO_STATE_DIR"]
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Application Support/plano")
+    if os.name == "nt":
+        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "plano")
+    return os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "plano")
+
+
+def usage_path(settings: StatsSettings) -> str:
+    return settings.path or os.path.join(default_state_dir(), "usage.sqlite3")
+
+
+_USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route", "decision", "status",
+                  "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+                  "cost_usd", "baseline_cost_usd")
+
+
+class UsageLedger:
+    """One row per answered request, in an SQLite file. One thread owns the connection and does
+    every write; `record()` only puts the row in a bounded queue, so a slow or locked database
+    delays the ledger, never a request (past the queue's bound, rows are counted and dropped)."""
+
+    BATCH_SECONDS = 0.25
+
+    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        import queue
+        self.path = path
+        self.retention_days = retention_days
+        self.dropped = 0
+        self._rows: Any = queue.Queue(maxsize=queue_size)
+        self._written = threading.Condition()
+        self._pending = 0  # rows handed over and not yet committed
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._writer = threading.Thread(target=self._write_rows, name="plano-usage-ledger", daemon=True)
+        self._writer.start()
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        import queue
+        with self._written:
+            self._pending += 1
+        try:
+            self._rows.put_nowait(tuple(row.get(column) for column in _USAGE_COLUMNS))
+        except queue.Full:
+            with self._written:
+                self._pending -= 1
+            self.dropped += 1
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row recorded so far is committed (for tests and shutdown)."""
+        with self._written:
+            return self._written.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._rows.put(None)
+        self._writer.join(timeout)
+
+    def _connect(self) -> Any:
+        import sqlite3
+        connection = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")  # readers (stats, /plano/usage) never block the writer
+        # WAL with synchronous=NORMAL stays consistent through a crash; a power cut may lose the last
+        # fraction of a second of usage rows, which is not worth an fsync per batch.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(_USAGE_COLUMNS)})")
+        connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
+        return connection
+
+    def _write_rows(self) -> None:
+        import queue
+        import sqlite3
+        connection, pruned_at, batch, closing = None, 0.0, [], False
+        while batch or not closing:
+            if not batch and not closing:
+                row = self._rows.get()  # waits for work
+                closing = row is None
+                batch += [] if closing else [row]
+            # Then what else arrives within a quarter second, in the same transaction: under load that
+            # is one commit for hundreds of answers, not one each.
+            gathering_until = time.monotonic() + self.BATCH_SECONDS
+            while not closing and len(batch) < 1000:
+                try:
+                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                closing = row is None
+                batch += [] if closing else [row]
+            try:
+                connection = connection or self._connect()
+                if batch:
+                    with connection:
+                        connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})",
+                                               batch)
+                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
+                    with connection:
+                        connection.execute("DELETE FROM usage WHERE time < ?",
+                                           (time.time() - self.retention_days * 86400,))
+                    pruned_at = time.time()
+            except sqlite3.Error as e:  # locked by another program, disk full: keep the rows, try again
+                log.warning("usage ledger %s: %s; %s", self.path, e,
+                            f"{len(batch)} rows not written" if closing else "retrying")
+                if not closing:
+                    time.sleep(1.0)
+                    continue
+            with self._written:
+                self._pending -= len(batch)
+                self._written.notify_all()
+            batch = []
+        if connection is not None:
+            connection.close()
+
+
+def read_usage(path: str, *, since: float | None = None, session: str | None = None) -> list[dict]:
+    """The ledger's rows (oldest first), read with a connection of its own."""
+    import sqlite3
+    if not os.path.exists(path):
+        return []
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        clauses, values = [], []
+        if since is not None:
+            clauses.append("time >= ?")
+            values.append(since)
+        if session is not None:
+            clauses.append("session = ?")
+            values.append(session)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = connection.execute(f"SELECT {', '.join(_USAGE_COLUMNS)} FROM usage{where} ORDER BY time", values)
+        return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
+    except sqlite3.Error:
+        return []
+    finally:
+        connection.close()
+
+
+def summarize_usage(rows: list[dict]) -> dict:
+    """Totals per model and per route: requests, tokens by kind, cache hit rate, cost, and what the
+    same tokens would have cost at the baseline model. Unknown costs stay unknown (None), never 0."""
+    def total(group: list[dict]) -> dict:
+        def tokens(kind: str) -> int:
+            return sum(r[kind] or 0 for r in group)
+
+        def cost(column: str) -> float | None:
+            known = [r[column] for r in group if r[column] is not None]
+            return sum(known) if known and len(known) == len(group) else None
+
+        prompt = tokens("input_tokens") + tokens("cache_read_tokens") + tokens("cache_write_tokens")
+        spent, baseline = cost("cost_usd"), cost("baseline_cost_usd")
+        return {"requests": len(group), "input_tokens": tokens("input_tokens"),
+                "cache_read_tokens": tokens("cache_read_tokens"), "cache_write_tokens": tokens("cache_write_tokens"),
+                "output_tokens": tokens("output_tokens"), "reasoning_tokens": tokens("reasoning_tokens"),
+                "cache_hit_rate": tokens("cache_read_tokens") / prompt if prompt else None,
+                "cost_usd": spent, "baseline_cost_usd": baseline,
+                "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
+
+    def grouped(key: str) -> dict:
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(row[key] or "none", []).append(row)
+        return {name: total(group) for name, group in sorted(groups.items())}
+
+    return {"total": total(rows), "by_model": grouped("model"), "by_route": grouped("route")}
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Gateway: one request, from parsed HTTP to the caller's answer. No sockets here: the server
 # hands in a Request and a Responder.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -3167,8 +3375,9 @@ class _Exchange:
     started: float = field(default_factory=time.monotonic)
     upstream_ms: float | None = None
     first_byte_ms: float | None = None
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # cache reads included (what the access log shows)
     output_tokens: int | None = None
+    usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     session: str = ""
 
 
@@ -3246,6 +3455,37 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
+def usage_row(exchange: _Exchange) -> dict:
+    """One answered request for the usage ledger."""
+    decision = exchange.decision
+    assert decision is not None
+    usage = exchange.usage or {}
+    return {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
+            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
+            "cache_read_tokens": usage.get("cache_read_input_tokens"),
+            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens")}
+
+
+def _parse_since(value: str | None) -> float | None:
+    """`since` as epoch seconds: a number, an ISO date or date-time, or a span back from now (7d, 12h)."""
+    if not value:
+        return None
+    span = re.fullmatch(r"(\d+(?:\.\d+)?)([dhm])", value.strip())
+    if span:
+        return time.time() - float(span.group(1)) * {"d": 86400, "h": 3600, "m": 60}[span.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise RequestError(f"since: {value!r} is not a time (epoch seconds, ISO date or time, or 7d / 12h)") from None
+    return when.timestamp()
+
+
 def decision_record(exchange: _Exchange) -> dict:
     """One request's decision as /plano/decisions, watch and the status line show it."""
     decision = exchange.decision
@@ -3290,6 +3530,116 @@ class DecisionLog:
             self._watchers.discard(send)
 
 
+# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
+# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
+# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
+# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
+_LIVE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>plano</title>
+<style>
+:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
+#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
+th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
+  white-space: nowrap; font-variant-numeric: tabular-nums }
+td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
+#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+</style></head><body>
+<h1>plano</h1><div id="status">connecting…</div>
+<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
+<button>use it</button></form>
+<div id="saved"></div>
+<h2>Cost per model</h2><table id="models"></table>
+<h2>Cost per route</h2><table id="routes"></table>
+<h2>Decisions, as they happen</h2>
+<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
+<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
+<tbody id="decisions"></tbody></table>
+<script>
+"use strict";
+let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
+const $ = (id) => document.getElementById(id);
+const headers = () => key ? {"x-api-key": key} : {};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const money = (v) => v == null ? "unknown" : "$" + (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toFixed(4));
+const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
+async function get(path) {
+  const response = await fetch(path, {headers: headers()});
+  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+function table(id, title, groups) {
+  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
+    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
+    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
+    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
+  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
+    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
+    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
+}
+async function refreshUsage() {
+  const usage = await get("/plano/usage");
+  table("models", "model", usage.by_model);
+  table("routes", "route", usage.by_route);
+  const t = usage.total;
+  $("saved").textContent = t.saved_usd == null ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+function showDecision(d) {
+  const row = document.createElement("tr");
+  const sure = d.confidence == null ? "" : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
+    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
+    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
+    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
+  $("decisions").prepend(row);
+  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
+}
+async function follow() {
+  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
+  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) throw new Error("the gateway closed the stream");
+    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const data = block.split("\\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+    }
+  }
+}
+async function start() {
+  try {
+    const health = await get("/healthz");
+    const recent = await get("/plano/decisions");
+    $("decisions").innerHTML = "";
+    recent.decisions.forEach(showDecision);
+    await refreshUsage();
+    $("status").textContent = `${health.models} models · router ${health.router}` +
+      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
+    await follow();
+  } catch (error) {
+    $("status").textContent = "not connected: " + error.message + " (retrying)";
+    setTimeout(start, 2000);
+  }
+}
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
+  $("key").style.display = "none"; start();
+});
+start();
+</script></body></html>
+"""
+
+
 class Gateway:
     """The gateway for one configuration: upstream clients, the router, the decision log.
 
@@ -3303,8 +3653,9 @@ class Gateway:
     of your own is used as it is, and its backend is the gateway's to close from then on.
     """
 
-    def __init__(self, config: Config, *, router: Router | None | str = "auto"):
+    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None):
         self.config = config
+        self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
         self.router: Router | None = None
         self._given_router = router
         # Requests go straight to the transport (a pool per provider origin): httpx.AsyncClient's
@@ -3320,6 +3671,8 @@ class Gateway:
             ("GET", "/v1/models"): self._models,
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
+            ("GET", "/plano/usage"): self._usage,
+            ("GET", "/plano"): self._live_page,
         }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
@@ -3428,7 +3781,9 @@ class Gateway:
 
     def _check_gateway_key(self, request: Request) -> None:
         expected = self.config.listener.api_key
-        if not expected or request.path == "/healthz":
+        # /healthz says only that plano runs; the live page holds no data (what it shows comes from
+        # the endpoints it calls with the key), and a browser cannot send a header to open it.
+        if not expected or request.path == "/healthz" or (request.method == "GET" and request.path in ("/plano", "/plano/")):
             return
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -3486,6 +3841,29 @@ class Gateway:
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
 
+    async def _live_page(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await respond.send_full(200, [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"),
+                                      # nothing but this page's own script, and requests to this gateway
+                                      ("content-security-policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                  "style-src 'unsafe-inline'")],
+                                _LIVE_PAGE.encode())
+
+    async def _usage(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """What answers used and cost, per model and per route (`?since=` epoch seconds or ISO
+        date/time, `?session=`)."""
+        since = _parse_since(request.query.get("since"))
+        session = request.query.get("session")
+        if self.ledger is None:
+            raise NotFoundError("usage accounting is off (stats: false)")
+
+        def read() -> list[dict]:
+            self.ledger.flush(2.0)  # include the answers already given
+            return read_usage(self.ledger.path, since=since, session=session)
+
+        rows = await trio.to_thread.run_sync(read)
+        body = {"since": since, "session": session, **summarize_usage(rows)}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
             records = self.decision_log.recent(request.query.get("session"))
@@ -3515,6 +3893,8 @@ class Gateway:
                  elapsed, tokens)
         if exchange.decision is not None:
             self.decision_log.add(decision_record(exchange))
+            if self.ledger is not None:
+                self.ledger.record(usage_row(exchange))
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -3723,6 +4103,7 @@ class Gateway:
             usage = _openai_usage_to_anthropic(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        exchange.usage = usage
         exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
         if model.interface == client_format:
             # The provider's own bytes, as requests are forwarded: fields plano does not know and
@@ -3751,7 +4132,8 @@ class Gateway:
             raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
                                 status=502, error_type="api_error") from None
         finally:
-            exchange.input_tokens, exchange.output_tokens = _token_counts(translate.usage)
+            exchange.usage = translate.usage or None
+            exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
         if translate.failure is not None:
@@ -4071,35 +4453,42 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     check_exposure(config, host)
     connection_slots = trio.CapacityLimiter(limits.max_connections)
     state = _ServerState()
-    async with trio.open_nursery() as nursery:
-        async with Gateway(config, router=router) as gateway:
-            async with trio.open_nursery() as connections:
+    ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
+        if config.stats.enabled else None
+    try:
+        async with trio.open_nursery() as nursery:
+            async with Gateway(config, router=router, ledger=ledger) as gateway:
+                async with trio.open_nursery() as connections:
 
-                async def handle_connection(stream: trio.SocketStream) -> None:
-                    async with connection_slots:
-                        await _HTTPConnection(stream, gateway, limits, state).run()
+                    async def handle_connection(stream: trio.SocketStream) -> None:
+                        async with connection_slots:
+                            await _HTTPConnection(stream, gateway, limits, state).run()
 
-                async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                    with trio.CancelScope() as accepting:
-                        task_status.started(accepting)
-                        await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
+                    async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                        with trio.CancelScope() as accepting:
+                            task_status.started(accepting)
+                            await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
 
-                listeners = await trio.open_tcp_listeners(port, host=host)
-                accepting = await nursery.start(accept)
-                reloads_in, reloads_out = trio.open_memory_channel[object](1)
-                if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
-                    nursery.start_soon(_follow_config_file, gateway, reloads_out, limits.config_poll)
-                bound = listeners[0].socket.getsockname()
-                task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
-                await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
-                accepting.cancel()
-                state.drain()
-                with trio.move_on_after(limits.shutdown_grace):
-                    while connections.child_tasks:
-                        await trio.sleep(0.05)
-                gateway.stopping = True  # what is still running gets an error event
-                connections.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()  # the config follower
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                    accepting = await nursery.start(accept)
+                    reloads_in, reloads_out = trio.open_memory_channel[object](1)
+                    if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
+                        nursery.start_soon(_follow_config_file, gateway, reloads_out, limits.config_poll)
+                    bound = listeners[0].socket.getsockname()
+                    task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
+                    await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
+                    accepting.cancel()
+                    state.drain()
+                    with trio.move_on_after(limits.shutdown_grace):
+                        while connections.child_tasks:
+                            await trio.sleep(0.05)
+                    gateway.stopping = True  # what is still running gets an error event
+                    connections.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # the config follower
+    finally:
+        if ledger is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await trio.to_thread.run_sync(ledger.close)  # what was recorded is written
 
 
 def _config_fingerprint(path: str) -> tuple[int, int] | None:
@@ -4305,6 +4694,49 @@ def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> in
     if min_accuracy is not None and accuracy < min_accuracy:
         print(f"plano: accuracy {accuracy:.0%} is under --min-accuracy {min_accuracy:.0%}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
+
+
+def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Rows of `plano stats`: one per model or route."""
+    lines = [f"{title:<34} {'requests':>8} {'input':>10} {'cached':>10} {'output':>9} {'cache hit':>9} {'cost':>10}"]
+    for name, t in groups.items():
+        hit = "-" if t["cache_hit_rate"] is None else f"{t['cache_hit_rate']:.0%}"
+        lines.append(f"{name[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} {t['cache_read_tokens']:>10,} "
+                     f"{t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
+    return lines
+
+
+def _cmd_stats(args: Any) -> int:
+    """Usage and cost per model and per route, from the ledger, and what routing saved."""
+    config = _load_config_or_exit(args.config)
+    path = usage_path(config.stats)
+    try:
+        since = _parse_since(args.since)
+    except RequestError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
+    summary = summarize_usage(read_usage(path, since=since, session=args.session))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    total = summary["total"]
+    print(f"{total['requests']} requests{' since ' + args.since if args.since else ''} (ledger {path})")
+    if not total["requests"]:
+        return 0
+    print("\n".join(format_usage_table("model", summary["by_model"])))
+    print()
+    print("\n".join(format_usage_table("route", summary["by_route"])))
+    baseline = config.stats.baseline or config.default_model.name
+    if total["saved_usd"] is None:
+        print(f"\nrouting saved: unknown (a model without prices answered; set `prices` for it, or {baseline}'s)")
+    else:
+        print(f"\nrouting saved: {_money(total['saved_usd'])} against {baseline} for everything "
+              f"({_money(total['cost_usd'])} instead of {_money(total['baseline_cost_usd'])})")
     return 0
 
 
@@ -4636,7 +5068,8 @@ def _cmd_cli_agent(args: Any) -> int:
 
 
 def _cmd_statusline(args: Any) -> int:
-    """Claude Code's status line: the model and route of this session's latest decision."""
+    """Claude Code's status line: this session's model and route, what the session has cost so far
+    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`."""
     try:
         session = json.loads(sys.stdin.read() or "{}").get("session_id")
     except ValueError:
@@ -4651,12 +5084,20 @@ def _cmd_statusline(args: Any) -> int:
         print("plano ▸ no requests yet")
         return 0
     d = decisions[-1]
-    route = f" · {d['route']}" if d.get("route") else ""
-    timing = f" {d['router_ms']:.0f} ms" if d.get("decision") == "router" else ""
+    parts = [d["model"]] + ([d["route"]] if d.get("route") else [])
+    try:
+        spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
+        parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
+        if spent["cache_hit_rate"] is not None:
+            parts.append(f"cache {spent['cache_hit_rate']:.0%}")
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass  # the usage ledger is off: the model and route still say the most
+    if d.get("decision") == "fallback":
+        parts.append("fallback")
     confidence = d.get("confidence")
-    unsure = f" · unsure: {confidence:.0%}, else {d.get('runner_up')}" \
-        if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE else ""
-    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing}){unsure}")
+    if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
+        parts.append(f"unsure: {confidence:.0%}, else {d.get('runner_up')}")
+    print("plano ▸ " + " · ".join(parts))
     return 0
 
 
@@ -4760,6 +5201,12 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
+    stats = commands.add_parser("stats", help="usage and cost per model and per route, and what routing saved")
+    stats.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    stats.add_argument("--since", help="epoch seconds, an ISO date or time, or a span: 7d, 12h")
+    stats.add_argument("--session", help="one session's usage")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_cmd_stats)
     doctor = commands.add_parser("doctor", help="check the setup: config, keys, providers, router, agents, listener")
     doctor.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     doctor.add_argument("--offline", action="store_true", help="make no requests to providers")

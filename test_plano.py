@@ -26,6 +26,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -45,6 +46,9 @@ from hypothesis import strategies as st
 import plano
 
 HERE = Path(__file__).resolve().parent
+# The usage ledger of every gateway the suite runs (in-process and `plano up`) goes here, not into
+# the user's own state folder; tests of the ledger give their config a path of its own.
+os.environ.setdefault("PLANO_STATE_DIR", tempfile.mkdtemp(prefix="plano-test-state-"))
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
@@ -492,6 +496,12 @@ class RunningPlano:
         if not self.finished.is_set():
             trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
         self.thread.join(10)
+
+    def __enter__(self) -> "RunningPlano":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 @pytest.fixture
@@ -1967,12 +1977,9 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
 
 
 def test_claude_codes_haiku_slot_goes_to_the_small_fast_alias_even_with_routing_off(provider):
-    running = RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n"))
-    try:
+    with RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n")) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "title"}])
-    finally:
-        running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "anthropic/claude-sonnet-5")
 
 
@@ -2027,33 +2034,27 @@ def test_client_keys_are_replaced_by_the_configured_key(gateway, provider, model
 
 
 def test_a_missing_key_variable_is_named_in_a_permission_error(provider):
-    running = RunningPlano(plano.parse_config(f"""
+    with RunningPlano(plano.parse_config(f"""
 llm_providers:
   - model: openai/gpt-4o
     base_url: {provider.openai_base}
     access_key: $PLANO_TEST_UNSET_KEY
-""", environ={}))
-    try:
+""", environ={})) as running:
         # 403, not 401: the client's credentials are fine, plano's are missing (ProviderKeyError).
         with pytest.raises(anthropic.PermissionDeniedError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
                                                       messages=[{"role": "user", "content": "hi"}])
         assert "PLANO_TEST_UNSET_KEY" in str(caught.value)
         assert provider.requests == []  # nothing was sent without a key
-    finally:
-        running.stop()
 
 
 def test_a_rejected_key_is_reported_without_echoing_it(provider):
-    running = RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY))
-    try:
+    with RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY)) as running:
         with pytest.raises(openai.PermissionDeniedError) as caught:
             openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
         message = json.dumps(caught.value.body)
         assert "OPENAI_API_KEY" in message
         assert "sk-wrong-key" not in message  # the stand-in echoes the header it got; plano scrubs it
-    finally:
-        running.stop()
 
 
 # ── errors in the caller's format ─────────────────────────────────────────────────────────
@@ -2179,8 +2180,7 @@ router: false
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropic_client(provider, stream):
-    running = RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={}))
-    try:
+    with RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={})) as running:
         client = anthropic_client(running)
         question = [{"role": "user", "content": "TOOL:ls /tmp"}]
         if stream:
@@ -2196,8 +2196,6 @@ def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropi
         assert second.content[0].text == "tool said: a.txt"
         sent_back = provider.requests[-1].json["messages"][-2]["tool_calls"][0]
         assert sent_back["id"] == "call_abc123"  # Gemini gets its own id back, the signature beside it
-    finally:
-        running.stop()
 
 
 def test_a_client_that_hangs_up_cancels_the_upstream_request(gateway, provider):
@@ -2924,8 +2922,7 @@ llm_providers:
     default: true
     timeout: 0.5
 """, path=CONFIG_PATH, environ={})
-    running = RunningPlano(config)
-    try:
+    with RunningPlano(config) as running:
         provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])  # answers, late
         response = ask(running)
         assert response.status_code == 504  # not the 200 the stand-in sends after 3 s
@@ -2935,8 +2932,6 @@ llm_providers:
             openai_client(running).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
         assert caught.value.status_code == 504 and "did not answer in time" in caught.value.message
         assert ask(running, "say still").json()["content"][0]["text"] == "echo: say still"  # and it keeps serving
-    finally:
-        running.stop()
 
 
 class LoopbackServer:
@@ -3101,14 +3096,11 @@ def tls_provider(tmp_path, authority):
 def test_providers_are_reached_over_verified_tls(tls_provider, monkeypatch):
     provider, authority_pem = tls_provider
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)  # how a user trusts a company's own CA
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         for stream in (False, True, False):
             response = ask(running, "say secure", stream=stream)
             assert response.status_code == 200, response.text
         assert len({r.peer_port for r in provider.requests}) == 1  # TLS connections are kept alive too
-    finally:
-        running.stop()
     assert provider.scheme == "https" and provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
@@ -3116,11 +3108,8 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
     provider, _ = tls_provider
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         response = ask(running)
-    finally:
-        running.stop()
     assert response.status_code == 502
     assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
     assert provider.requests == []  # the key never left plano
@@ -3223,12 +3212,9 @@ def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provid
     provider.host = PROXIED_HOST
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         for stream in (False, True, False):
             assert ask(running, "say tunnelled", stream=stream).status_code == 200
-    finally:
-        running.stop()
     credentials = PROXY_BASIC
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1", credentials)]  # one tunnel, kept
     assert provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # inside TLS, to the provider
@@ -3254,11 +3240,8 @@ def test_providers_on_this_machine_are_reached_directly_despite_a_proxy(tls_prov
     provider, authority_pem = tls_provider  # at https://localhost:PORT
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         assert ask(running, "say direct").status_code == 200
-    finally:
-        running.stop()
     assert proxy.seen == [] and len(provider.requests) == 1
 
 
@@ -3266,11 +3249,8 @@ def test_plain_http_providers_go_through_http_proxy_with_the_whole_url(provider,
     monkeypatch.setenv("HTTP_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # for the test's own client (plano skips loopback anyway)
     provider.host = PROXIED_HOST
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         assert ask(running, "say forwarded").json()["content"][0]["text"] == "echo: say forwarded"
-    finally:
-        running.stop()
     line, credentials = proxy.seen[0]
     assert line == f"POST http://{PROXIED_HOST}:{provider.port}/v1/chat/completions HTTP/1.1"
     assert credentials == PROXY_BASIC
@@ -3281,11 +3261,8 @@ def test_a_proxy_that_refuses_is_a_502_that_says_so(tls_provider, proxy, monkeyp
     provider.host = PROXIED_HOST
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")  # no credentials
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         response = ask(running)
-    finally:
-        running.stop()
     assert response.status_code == 502
     assert "407" in response.json()["error"]["message"] and "proxy" in response.json()["error"]["message"]
     assert provider.requests == []
@@ -4020,6 +3997,7 @@ def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
                    if os.path.exists(f"/proc/self/fd/{fd}"))
 
     config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    gc.collect()  # what earlier tests left for the collector is not this test's to judge
     before = sockets()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
@@ -4027,7 +4005,9 @@ def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
             provider.then(remote_answer('{"route": "code generation"}'))
             assert plano.route("write code", config=config).decision == "router"
         gc.collect()
-    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    to_the_router = [str(w.message) for w in caught
+                     if issubclass(w.category, ResourceWarning) and f", {provider.port})" in str(w.message)]
+    assert to_the_router == []
     wait_until(lambda: sockets() <= before)  # the stand-in's side closes once plano's side has
     assert len({r.peer_port for r in provider.requests}) == 20  # one connection per call, each closed
 
@@ -4378,8 +4358,10 @@ def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path
         watch.wait(10)
 
 
-def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider):
-    for session, model in (("s-one", "openai/gpt-4o"), ("s-two", "fast")):
+def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gateway, provider):
+    sessions = {name: f"{name}-{os.urandom(4).hex()}" for name in ("one", "two", "none")}
+    for session, model in ((sessions["one"], "openai/gpt-4o"), (sessions["one"], "anthropic/claude-sonnet-5"),
+                           (sessions["two"], "fast")):
         httpx.post(gateway.url + "/v1/messages", json={"model": model, "max_tokens": 5,
                                                        "messages": [{"role": "user", "content": "x"}]},
                    headers={"x-claude-code-session-id": session})
@@ -4389,9 +4371,172 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
                               input=json.dumps({"session_id": session, "model": {"id": "claude-opus-5-5"}}),
                               capture_output=True, text=True, timeout=30).stdout.strip()
 
-    assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
-    assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
-    assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+    # Session one: 10 + 30 cached, then 12 + 30 cached input tokens: 60 of 82 from the cache. No
+    # prices in this config, so the cost is unknown ($?), not $0.
+    assert statusline(sessions["one"]) == "plano ▸ anthropic/claude-sonnet-5 · $? · cache 73%"
+    assert statusline(sessions["two"]) == "plano ▸ openai/gpt-4o · $? · cache 75%"
+    assert statusline(sessions["none"]) == "plano ▸ no requests yet"
+    assert statusline(sessions["one"], url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def ledger_config(provider: StandInProvider, path: Path, extra: str = "") -> plano.Config:
+    return config_for(provider, f"stats:\n  path: {path}\n{extra}")
+
+
+def usage(running: RunningPlano, query: str = "") -> dict:
+    response = httpx.get(running.url + "/plano/usage" + query, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provider, tmp_path):
+    with RunningPlano(ledger_config(provider, tmp_path / "usage.sqlite3")) as running:
+        client = anthropic_client(running)
+        client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])  # translated
+        client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])  # passthrough
+        with client.messages.stream(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]) as stream:
+            stream.until_done()
+        openai_client(running).chat.completions.create(model="fast", messages=[USER_HI])  # an alias, OpenAI API
+        summary = usage(running)
+    rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+    assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/chat/completions", "openai/gpt-4o", "alias", 200)]
+    # The stand-ins' usage: OpenAI 40 prompt tokens (30 of them cached) + 7, Anthropic 12 + 30 cached + 9.
+    assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == [
+        (10, 30, 7), (12, 30, 9), (10, 30, 7), (10, 30, 7)]
+    assert summary["total"]["requests"] == 4
+    assert summary["by_model"]["openai/gpt-4o"]["requests"] == 3
+    assert summary["by_model"]["anthropic/claude-sonnet-5"]["output_tokens"] == 9
+    assert summary["total"]["cost_usd"] is None  # no prices configured: unknown, never $0
+
+
+def test_the_ledger_survives_a_restart_and_filters_by_session(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    for session in ("first-run", "second-run"):
+        with RunningPlano(ledger_config(provider, path)) as running:
+            anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI],
+                                                      extra_headers={"X-Claude-Code-Session-Id": session})
+            summary = usage(running)
+            mine = usage(running, "?session=first-run")
+    assert summary["total"]["requests"] == 2  # the first run's row is still there
+    assert mine["total"]["requests"] == 1 and mine["session"] == "first-run"
+
+
+def test_rows_older_than_the_retention_are_removed(tmp_path):
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = plano.UsageLedger(path, retention_days=30)
+    ledger.record({"time": time.time() - 40 * 86400, "session": "old", "model": "m"})
+    ledger.record({"time": time.time() - 10 * 86400, "session": "recent", "model": "m"})
+    ledger.close()
+    assert [r["session"] for r in plano.read_usage(path)] == ["recent"]  # pruned as the ledger started
+
+
+def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provider, tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    running = RunningPlano(ledger_config(provider, path))
+    locker = sqlite3.connect(path, timeout=0)
+    try:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert running.gateway.ledger.flush()
+        locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
+        answers = [anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+                   for _ in range(5)]
+        assert all(a.content[0].text == "echo: hi" for a in answers)  # served while the ledger waits
+        assert not running.gateway.ledger.flush(timeout=0.5)  # the writer is still waiting for the lock
+        locker.rollback()
+        assert running.gateway.ledger.flush()
+    finally:
+        locker.close()
+        running.stop()
+    assert len(plano.read_usage(str(path))) == 6
+
+
+def test_plano_stats_prints_usage_per_model_and_per_route(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+stats:
+  path: {path}
+router: false
+""")
+    with RunningPlano(plano.load_config(config)) as running:
+        for model in ("openai/gpt-4o", "openai/gpt-4o", "anthropic/claude-sonnet-5"):
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    result = run_plano_cli("stats", "--config", config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"3 requests (ledger {path})")
+    assert re.search(r"openai/gpt-4o +2 +20 +60 +14 +75% +unknown", out), out  # 10 + 30 cached per request
+    assert re.search(r"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +unknown", out), out
+    assert re.search(r"none +3 ", out)  # the route column: no router in this config
+    assert "routing saved: unknown" in out
+    as_json = json.loads(run_plano_cli("stats", "--config", config, "--json", "--since", "1h").stdout)
+    assert as_json["total"]["requests"] == 3
+
+
+# ── the live page, in a real headless Chromium ────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium (.ci/install_test_extras.sh installs it), driven through Playwright."""
+    from playwright.sync_api import sync_playwright
+    executable = os.environ.get("PLANO_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(executable):
+        pytest.fail(f"needs Chromium at {executable}: run `bash .ci/install_test_extras.sh`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
+    running = RunningPlano(config_for(provider, f"stats:\n  path: {tmp_path / 'usage.sqlite3'}\n",
+                                      PLANO_API_KEY=GATEWAY_KEY))
+    page = chromium.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        key_header = {"x-api-key": GATEWAY_KEY}
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})  # before the page opens
+        page.goto(f"{running.url}/plano/#key={GATEWAY_KEY}")
+        page.wait_for_selector("#status:has-text('live')", timeout=15000)
+        assert page.locator("#decisions tr").count() == 1
+        made = time.monotonic()
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [USER_HI]})
+        page.wait_for_selector("#decisions tr:first-child:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        shown_after = time.monotonic() - made
+        page.wait_for_selector("#models tr:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        models = page.locator("#models").inner_text()
+        page.screenshot(path=str(tmp_path / "plano-page.png"), full_page=True)
+        if os.environ.get("PLANO_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "testdata" / "plano-page.png"), full_page=True)
+        without_key = httpx.get(running.url + "/plano/usage")
+    finally:
+        page.close()
+        running.stop()
+    logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
+    assert re.search(r"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+unknown", models), models
+    assert re.search(r"anthropic/claude-sonnet-5\s+1\s+12\s+30\s+9\s+71%\s+unknown", models), models
+    assert requested and all(url.startswith(running.url) for url in requested)  # nothing from elsewhere
+    assert without_key.status_code == 401  # the data behind the page needs the key
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4426,14 +4571,11 @@ llm_providers:
 @pytest.mark.parametrize("status", [429, 500, 503, 529])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup, status, streaming):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(status, {"error": {"message": "down", "type": "server_error"}}))
         response = httpx.post(running.url + "/v1/messages", json={
             "model": "openai/gpt-4o", "max_tokens": 20, "stream": streaming,
             "messages": [{"role": "user", "content": "still there?"}]})
-    finally:
-        running.stop()
     assert response.status_code == 200
     assert (response.headers["x-plano-decision"], response.headers["x-plano-model"]) == ("fallback", "anthropic/claude-backup")
     assert (anthropic_stream_text(response.text) if streaming else response.json()["content"][0]["text"]) == "echo: still there?"
@@ -4441,56 +4583,44 @@ def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup,
 
 
 def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
-    running = RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]"))
-    try:
+    with RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]")) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
         decisions = running.gateway.decision_log.records
-    finally:
-        running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("fallback", "openai/gpt-default")
     assert raw.parse().content[0].text == "echo: hello"
     assert "openai/gpt-4o: 502" in decisions[-1]["reason"]
 
 
 def test_a_bad_request_is_not_retried_elsewhere(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(400, {"error": {"message": "bad tool schema", "type": "invalid_request_error"}}))
         with pytest.raises(anthropic.BadRequestError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=10,
                                                       messages=[{"role": "user", "content": "x"}])
-    finally:
-        running.stop()
     assert "bad tool schema" in str(caught.value)
     assert backup.requests == []
 
 
 def test_a_provider_that_keeps_failing_is_skipped_for_a_cool_down(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         for _ in range(3):
             provider.then(Reply(503, {"error": {"message": "down"}}))
         for i in range(5):
             r = httpx.post(running.url + "/v1/chat/completions", json={
                 "model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"try {i}"}]})
             assert r.status_code == 200 and r.headers["x-plano-model"] == "anthropic/claude-backup"
-    finally:
-        running.stop()
     assert len(provider.requests) == 3  # after three failures in a row, no more attempts for a while
     assert len(backup.requests) == 5
 
 
 def test_retry_after_keeps_plano_away_from_the_provider_that_asked(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "30"}))
         for _ in range(2):
             r = httpx.post(running.url + "/v1/chat/completions", json={
                 "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x"}]})
             assert r.headers["x-plano-decision"] == "fallback"
-    finally:
-        running.stop()
     assert len(provider.requests) == 1
 
 
@@ -4502,13 +4632,10 @@ llm_providers:
     access_key: {OPENAI_KEY}
     default: true
 """, environ={})
-    running = RunningPlano(config)
-    try:
+    with RunningPlano(config) as running:
         provider.then(Reply(529, {"error": {"message": "overloaded", "type": "overloaded_error"}}))
         r = httpx.post(running.url + "/v1/messages", json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
-    finally:
-        running.stop()
     assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
 
 
@@ -4811,8 +4938,7 @@ def test_a_non_loopback_listener_requires_a_gateway_key(provider):
 
 
 def test_clients_must_present_the_gateway_key_when_one_is_set(provider):
-    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY), host="0.0.0.0")
-    try:
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY), host="0.0.0.0") as running:
         with pytest.raises(anthropic.AuthenticationError):
             anthropic_client(running, api_key="wrong").messages.create(
                 model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
@@ -4821,8 +4947,6 @@ def test_clients_must_present_the_gateway_key_when_one_is_set(provider):
         completion = openai_client(running, api_key=GATEWAY_KEY).chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "y"}])
         assert httpx.get(running.url + "/healthz").status_code == 200  # for load balancers
-    finally:
-        running.stop()
     assert answer.content[0].text == "echo: x" and completion.choices[0].message.content == "echo: y"
     assert all(GATEWAY_KEY not in json.dumps(r.headers) for r in provider.requests)  # never sent upstream
 
@@ -5079,8 +5203,7 @@ def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
     # Last in the file, so the scan covers every line the suite made plano log; and with traffic of
     # its own, so that it means something when it runs alone: a rejected key, a provider error that
     # echoes the key back, a gateway key that is wrong.
-    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY))
-    try:
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running:
         provider.then(Reply(401, {"error": {"message": f"Incorrect API key provided: {OPENAI_KEY}",
                                             "type": "invalid_request_error"}}))
         rejected = httpx.post(running.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, json={
@@ -5091,8 +5214,6 @@ def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
                             json={"model": "anthropic/claude-sonnet-5", "messages": [{"role": "user", "content": "x"}]})
         wrong = httpx.post(running.url + "/v1/messages", headers={"x-api-key": WRONG_KEY}, json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
-    finally:
-        running.stop()
     assert (rejected.status_code, echoed.status_code, wrong.status_code) == (403, 400, 401)
     for response in (rejected, echoed, wrong):
         assert not any(key in response.text for key in ALL_KEYS), response.text

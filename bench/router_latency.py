@@ -525,8 +525,6 @@ async def measure(args: argparse.Namespace) -> None:
     print_decisions(rows)
     turns = await measure_turn(config, backend, routes)
     print_turn(turns)
-    backend.close_model()  # the library's route() loads its own copy, as a program using it would
-    print_library_use(await measure_library_use(config))
 
     naive_runs = [run for row in rows for run in (row.naive, row.naive_upstream)] + turns[NAIVE]
     prompt_rate = sum(n.prompt_tokens for n in naive_runs) / sum(n.prompt_s for n in naive_runs)
@@ -534,6 +532,8 @@ async def measure(args: argparse.Namespace) -> None:
     sizes = sorted(n.prompt_tokens for n in naive_runs)
     print(f"\n3. This CPU, from the {len(naive_runs)} naive runs: prompt {prompt_rate:.0f} tokens/s "
           f"({sizes[0]}-{sizes[-1]}-token prompts from scratch), decode {decode_ms:.0f} ms/token")
+    backend.close_model()  # the library's route() loads its own copy, as a program using it would
+    print_library_use(await measure_library_use(config))
 
 
 LIBRARY_TEXTS = ("write a quicksort in Rust", "explain what this regex does: ^a+$",
