@@ -118,12 +118,14 @@ class NotFoundError(PlanoError):
 
 
 class UpstreamError(PlanoError):
-    """The provider answered with an error (or could not be reached)."""
+    """The provider answered with an error (or could not be reached). `body`, when set, is the
+    answer the client gets, already in its format (error_from_upstream builds it)."""
 
     def __init__(self, message: str, *, status: int, error_type: str,
-                 headers: Mapping[str, str] | None = None, retryable: bool = False):
+                 headers: Mapping[str, str] | None = None, retryable: bool = False, body: bytes | None = None):
         super().__init__(message, status=status, error_type=error_type, headers=headers)
         self.retryable = retryable
+        self.body = body
 
 
 # Anthropic error types by HTTP status (https://docs.anthropic.com/en/api/errors).
@@ -204,6 +206,17 @@ PROVIDERS: dict[str, ProviderSpec] = {
     "openrouter": ProviderSpec("https://openrouter.ai/api/v1", "openai", "bearer",
                                "OPENROUTER_API_KEY"),
     "ollama": ProviderSpec("http://127.0.0.1:11434/v1", "openai", "none"),
+    # The Anthropic-compatible endpoints these providers document for Claude Code (as its
+    # ANTHROPIC_BASE_URL): Moonshot's and Z.ai's docs give the key as ANTHROPIC_AUTH_TOKEN (a Bearer
+    # token), Alibaba's and MiniMax's as ANTHROPIC_API_KEY (x-api-key). Their OpenAI-compatible APIs
+    # (api.moonshot.ai/v1, api.z.ai/api/paas/v4, dashscope-intl.aliyuncs.com/compatible-mode/v1,
+    # api.minimax.io/v1) take `base_url` and `provider_interface: openai`. No output caps: none
+    # found documented per model, and these endpoints take Claude Code's own max_tokens.
+    "moonshot": ProviderSpec("https://api.moonshot.ai/anthropic", "anthropic", "bearer", "MOONSHOT_API_KEY"),
+    "zhipu": ProviderSpec("https://api.z.ai/api/anthropic", "anthropic", "bearer", "ZAI_API_KEY"),
+    "qwen": ProviderSpec("https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "x-api-key",
+                         "DASHSCOPE_API_KEY"),
+    "minimax": ProviderSpec("https://api.minimax.io/anthropic", "anthropic", "x-api-key", "MINIMAX_API_KEY"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
@@ -216,7 +229,8 @@ _RESPONSES_ONLY_MODEL = re.compile(r"codex|-pro(?:$|-)")
 
 # Other spellings people use for the same providers (the seed's docs use several).
 PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
-                    "azure": "azure_openai", "claude": "anthropic"}
+                    "azure": "azure_openai", "claude": "anthropic", "kimi": "moonshot", "zai": "zhipu",
+                    "glm": "zhipu", "dashscope": "qwen"}
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
@@ -1000,11 +1014,16 @@ def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
     message = choices[0].get("message") or {}
     content: list[dict] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        # No signature: only Anthropic can make one, and plano never invents one.
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    if isinstance(message.get("content"), str) and message["content"]:
-        content.append({"type": "text", "text": message["content"]})
+    parts = ([("thinking", reasoning)] if isinstance(reasoning, str) and reasoning else []) \
+        + _openai_content_parts(message.get("content"))
+    for kind, text in parts:
+        if content and content[-1]["type"] == kind:
+            content[-1][kind] += text
+        elif kind == "thinking":
+            # No signature: only Anthropic can make one, and plano never invents one.
+            content.append({"type": "thinking", "thinking": text, "signature": ""})
+        else:
+            content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
@@ -1017,6 +1036,29 @@ def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
             "type": "message", "role": "assistant", "model": requested_model, "content": content,
             "stop_reason": stop, "stop_sequence": None,
             "usage": _openai_usage_to_anthropic(response.get("usage"))}
+
+
+def _openai_content_parts(content: Any) -> list[tuple[str, str]]:
+    """(kind, text) pieces, "thinking" or "text", of an OpenAI message's or delta's `content`.
+    A string is text. Mistral's reasoning models send a list of chunks instead (docs.mistral.ai,
+    reasoning): `{"type": "thinking", "thinking": [{"type": "text", "text": ...}]}` and
+    `{"type": "text", "text": ...}`."""
+    if isinstance(content, str):
+        return [("text", content)] if content else []
+    parts = []
+    for piece in content if isinstance(content, list) else []:
+        if not isinstance(piece, dict):
+            continue
+        if piece.get("type") == "text" and isinstance(piece.get("text"), str) and piece["text"]:
+            parts.append(("text", piece["text"]))
+        elif piece.get("type") == "thinking":
+            thinking = piece.get("thinking")
+            if isinstance(thinking, list):
+                thinking = "".join(t["text"] for t in thinking
+                                   if isinstance(t, dict) and isinstance(t.get("text"), str))
+            if isinstance(thinking, str) and thinking:
+                parts.append(("thinking", thinking))
+    return parts
 
 
 def anthropic_response_to_openai(response: dict, requested_model: str) -> dict:
@@ -1275,6 +1317,7 @@ class SSEDecoder:
         self._skip_lf = False  # the last read ended in CR: an LF starting the next one is its pair
         self._event: str | None = None
         self._data: list[str] = []
+        self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
@@ -1288,17 +1331,25 @@ class SSEDecoder:
                 break
             line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
             self._skip_lf = match.group() == b"\r" and match.end() == len(self._buffer)
+            self._unended = 0 if match.start() == 0 else self._unended + match.end()
             del self._buffer[:match.end()]
             event = self._line(line)
             if event is not None:
                 events.append(event)
         return events
 
+    @property
+    def unended(self) -> int:
+        """How many of the last bytes fed belong to an event (or comment) its blank line has not
+        ended yet."""
+        return self._unended + len(self._buffer)
+
     def close(self) -> list[SSEEvent]:
         """End of stream. An event cut off before its blank line is not dispatched (WHATWG rule):
         a connection that dies mid-event must not pass half a JSON object on as a whole one."""
         self._buffer.clear()
         self._event, self._data = None, []
+        self._unended = 0
         return []
 
     def _line(self, line: str) -> SSEEvent | None:
@@ -1330,9 +1381,10 @@ def anthropic_error_body(error_type: str, message: str) -> dict:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def openai_error_body(error_type: str, message: str, status: int) -> dict:
+def openai_error_body(error_type: str, message: str, status: int, param: Any = None, code: Any = None) -> dict:
     openai_type = {"api_error": "server_error", "overloaded_error": "server_error"}.get(error_type, error_type)
-    return {"error": {"message": message, "type": openai_type, "param": None, "code": status}}
+    return {"error": {"message": message, "type": openai_type, "param": param,
+                      "code": status if code is None else code}}
 
 
 class StreamTranslationError(Exception):
@@ -1364,7 +1416,7 @@ class OpenAIToAnthropicStream:
     def feed(self, chunk: dict) -> list[tuple[str, dict]]:
         if not isinstance(chunk, dict):
             raise StreamTranslationError("stream chunk is not a JSON object")
-        if "error" in chunk and not chunk.get("choices"):
+        if chunk.get("error"):  # OpenRouter's mid-stream errors may still carry `choices`
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamError(str(error.get("message", "upstream error")), status=502, error_type="api_error")
         events = self._start()
@@ -1375,12 +1427,15 @@ class OpenAIToAnthropicStream:
                 continue
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                events.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-            if isinstance(delta.get("content"), str) and delta["content"]:
-                events += self._open("text", {"type": "text", "text": ""})
-                events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+            parts = ([("thinking", reasoning)] if isinstance(reasoning, str) and reasoning else []) \
+                + _openai_content_parts(delta.get("content"))
+            for kind, text in parts:
+                if kind == "thinking":
+                    events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    events.append(self._delta({"type": "thinking_delta", "thinking": text}))
+                else:
+                    events += self._open("text", {"type": "text", "text": ""})
+                    events.append(self._delta({"type": "text_delta", "text": text}))
             for call in delta.get("tool_calls") or []:
                 events += self._tool_fragment(call)
             if choice.get("finish_reason"):
@@ -1391,10 +1446,11 @@ class OpenAIToAnthropicStream:
         if not isinstance(call, dict):
             return []
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        upstream_id, index = call.get("id"), call.get("index")
+        upstream_id, index = call.get("id") or None, call.get("index")
         # A fragment continues the open call unless it names another id or index. Some providers
-        # repeat the id in every fragment, some omit `index`, some send id, name and arguments in
-        # one chunk: all of these must land in one tool_use block.
+        # repeat the id in every fragment, some send `"id": ""` and `"name": ""` on every fragment
+        # after the first, some omit `index`, some send id, name and arguments in one chunk: all
+        # of these must land in one tool_use block.
         continues = self.block == "tool" and upstream_id in (None, self.tool_id) \
             and index in (None, self.tool_index)
         events = []
@@ -1560,6 +1616,218 @@ def replace_json_model(raw: str, model_id: str) -> str:
     rest = raw[brace + 1:]
     separator = "," if rest.strip() != "}" else ""
     return raw[:brace + 1] + f'"model":{replacement}{separator}' + rest
+
+
+# ── provider errors ───────────────────────────────────────────────────────────────────────────
+
+# Headers of a provider's error answer that reach the client: when to retry (both SDKs honour
+# retry-after-ms, retry-after and x-should-retry), the request id people quote to the provider's
+# support, and the rate-limit state. Everything else is about the provider's connection to plano.
+_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry", "request-id", "x-request-id")
+_ERROR_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
+def _provider_error_fields(payload: Any) -> dict[str, Any]:
+    """message, type, param, code and the detail providers add, from an error body in any shape:
+    OpenAI's `{"error": {...}}`, Anthropic's `{"type": "error", "error": {...}, "request_id": ...}`,
+    Gemini's OpenAI endpoint's `[{"error": {...}}]`, `{"error": "text"}`."""
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    if not isinstance(payload, dict):
+        return {}
+    error = payload.get("error")
+    if isinstance(error, str):
+        return {"message": error}
+    if not isinstance(error, dict):
+        return {"message": payload.get("message")} if isinstance(payload.get("message"), str) else {}
+    fields = {key: error.get(key) for key in ("message", "type", "param", "code")}
+    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    # OpenRouter's metadata.raw holds the real provider's reason (a 429's, say); Groq's
+    # failed_generation is the model output its tool-call parser refused.
+    fields["detail"] = metadata.get("raw") or error.get("failed_generation")
+    fields["request_id"] = payload.get("request_id")
+    return fields
+
+
+def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, upstream_format: str,
+                        client_format: str, *, provider: str, key_env: str | None) -> UpstreamError:
+    """What the client gets for a provider's error answer (HTTP status >= 400).
+
+    When the client speaks the provider's format, the provider's status, the headers that matter
+    and its body byte for byte: SDKs and people read its `code`, `param`, `request_id` and
+    provider-specific fields. Otherwise the same error rebuilt in the client's format, its
+    detail kept in the fields that format has (OpenAI's `param`/`code`) or else in the message.
+    A body that is not JSON becomes an error in the client's format either way.
+    A key the provider rejects (401/403) is plano's configuration to fix, not the client's
+    credentials: a 403 permission_error naming the variable, as a missing key is.
+    Keys the provider echoes in its body are for the caller to scrub: it knows them.
+    """
+    forwarded = {name.lower(): value for name, value in headers.items()
+                 if name.lower() in _ERROR_HEADERS or name.lower().startswith(_ERROR_HEADER_PREFIXES)}
+    retryable = status in (408, 409, 429, 529) or status >= 500
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    fields = _provider_error_fields(payload)
+    text = body.decode("utf-8", errors="replace").strip()[:2000]
+    message = str(fields.get("message") or text or f"the provider answered HTTP {status}")
+
+    def answer(error_type: str, message: str, status: int, **openai_fields: Any) -> bytes:
+        shaped = anthropic_error_body(error_type, message) if client_format == "anthropic" \
+            else openai_error_body(error_type, message, status, **openai_fields)
+        return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
+
+    if status in (401, 403):
+        variable = f" (${key_env})" if key_env else ""
+        message = f"{provider}: the provider rejected the configured key{variable}: {message}"
+        return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type,
+                             body=answer(ProviderKeyError.error_type, message, ProviderKeyError.status))
+    error_type = fields.get("type") if upstream_format == "anthropic" else None
+    if error_type not in _ANTHROPIC_ERROR_TYPES.values() and error_type != "api_error":
+        error_type = _error_type_for_status(status)
+    if upstream_format == client_format and isinstance(payload, (dict, list)):
+        return UpstreamError(f"{provider}: {message}", status=status, error_type=error_type, headers=forwarded,
+                             retryable=retryable, body=body)
+    if upstream_format == client_format:
+        return UpstreamError(f"{provider}: {message}", status=status, error_type=error_type, headers=forwarded,
+                             retryable=retryable, body=answer(error_type, f"{provider}: {message}", status))
+    openai_shaped = client_format in ("openai", "responses")
+    kept = ("detail", "request_id") if openai_shaped else ("param", "code", "detail", "request_id")
+    detail = ", ".join(f"{key}: {str(fields[key])[:500]}" for key in kept if fields.get(key) not in (None, ""))
+    message = f"{provider}: {message}" + (f" ({detail})" if detail else "")
+    client_status = status if status in (400, 404, 408, 409, 413, 422, 429, 529) or status >= 500 else 400
+    openai_fields = {"param": fields.get("param"), "code": fields.get("code")} if openai_shaped else {}
+    return UpstreamError(message, status=client_status, error_type=error_type, headers=forwarded, retryable=retryable,
+                         body=answer(error_type, message, client_status, **openai_fields))
+
+
+# ── streams, end to end ───────────────────────────────────────────────────────────────────────
+
+class StreamTranslator:
+    """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
+
+    When both sides speak the same format the provider's bytes go on untouched, each event once
+    its blank line has arrived, watched for the end of the answer and its usage; otherwise every
+    event goes through the format's state machine. An event that fails (the provider's error
+    event, a broken stream) stops the translation: `feed` still returns what the events before it
+    produced, and the failure waits in `failure` for the caller to raise once that is sent, so
+    what the client sees does not depend on where the network reads happened to fall.
+    """
+
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
+        self.upstream_format = upstream_format
+        self.client_format = client_format
+        self.decoder = SSEDecoder()
+        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
+        if "responses" in (upstream_format, client_format) and upstream_format != client_format:
+            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage)
+        elif upstream_format != client_format:
+            self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
+                else AnthropicToOpenAIStream(model, include_usage)
+        self.complete = False  # passthrough: the provider ended its answer itself
+        self.failure: UpstreamError | StreamTranslationError | None = None
+        self._passthrough_usage: dict = {}
+        self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
+
+    def feed(self, raw: bytes) -> bytes:
+        if self.failure is not None:
+            return b""
+        events = self.decoder.feed(raw)
+        if self.machine is None:
+            for event in events:
+                self._watch(event)
+            # Only whole events go on: a stream cut off mid-event must not hand the client half of
+            # one, which its own error event would then run into.
+            pending = self._unended + raw
+            whole = len(pending) - self.decoder.unended
+            self._unended = pending[whole:]
+            return pending[:whole]
+        return self._translate(events)
+
+    def close(self) -> bytes:
+        """The upstream body ended: the answer's end, or a failure if it had not finished."""
+        self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
+        self._unended = b""
+        if self.failure is not None:
+            return b""
+        try:
+            if self.machine is not None:
+                return self._encode(self.machine.finish())
+            if not self.complete:
+                raise StreamTranslationError("the upstream stream ended before it finished the answer")
+        except (UpstreamError, StreamTranslationError) as failure:
+            self.failure = failure
+        return b""
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        if isinstance(self.machine, OpenAIToAnthropicStream):
+            return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
+        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain)):
+            return self.machine.usage
+        return self._passthrough_usage
+
+    def _translate(self, events: list[SSEEvent]) -> bytes:
+        out = b""
+        for event in events:
+            if self.failure is not None:
+                break
+            try:
+                data = None if event.data.strip() == "[DONE]" else self._json(event)
+                if isinstance(self.machine, OpenAIToAnthropicStream):
+                    out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
+                elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
+                    out += self._encode(self.machine.feed(event.event, data))
+                elif isinstance(self.machine, ResponsesStreamChain):
+                    out += self._encode(self.machine.feed(event.event, data))
+            except (UpstreamError, StreamTranslationError) as failure:
+                self.failure = failure
+        return out
+
+    def _encode(self, items: list[Any]) -> bytes:
+        if self.client_format in ("anthropic", "responses"):
+            return b"".join(encode_sse(data, name) for name, data in items)
+        return b"".join(encode_sse(item) for item in items)
+
+    @staticmethod
+    def _json(event: SSEEvent) -> Any:
+        try:
+            return json.loads(event.data)
+        except ValueError:
+            raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
+
+    def _watch(self, event: SSEEvent) -> None:
+        if self.upstream_format == "openai" and event.data.strip() == "[DONE]":
+            self.complete = True
+            return
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        if self.upstream_format == "openai":
+            if isinstance(data.get("usage"), dict):
+                self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
+            if data.get("error"):
+                self.complete = True  # the provider's own error ends the stream; nothing follows it
+            return
+        if self.upstream_format == "responses":
+            if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
+                self.complete = True  # a failure is the provider's own end too, forwarded as it is
+                usage = (data.get("response") or {}).get("usage")
+                if usage:
+                    self._passthrough_usage = _responses_usage_to_anthropic(usage)
+            return
+        kind = data.get("type")
+        if kind in ("message_stop", "error"):
+            self.complete = True  # an error event is the provider's own end, forwarded as it is
+        elif kind == "message_start":
+            self._passthrough_usage.update((data.get("message") or {}).get("usage") or {})
+        elif kind == "message_delta":
+            self._passthrough_usage.update(data.get("usage") or {})
 
 
 # ── Wire formats: OpenAI Responses ────────────────────────────────────────────────────────────
@@ -2373,6 +2641,57 @@ class AnthropicToResponsesStream:
         if not self.finished:
             raise StreamTranslationError("the upstream stream ended before it finished the answer")
         return []
+
+
+class ResponsesStreamChain:
+    """A stream translation with a Responses end: Responses → Anthropic (→ Chat), or Chat →
+    Anthropic → Responses and Anthropic → Responses, through the machines above. Feed one
+    upstream event (its name and data; None for Chat's `[DONE]`), get the client's items back:
+    (event name, data) pairs, or Chat chunks for a Chat client."""
+
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
+        self.upstream_format = upstream_format
+        self.first: ResponsesToAnthropicStream | OpenAIToAnthropicStream | None = None
+        self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | None = None
+        if upstream_format == "responses":
+            self.first = ResponsesToAnthropicStream(model, "signature" if client_format == "anthropic" else "tool_id")
+            if client_format == "openai":
+                self.second = AnthropicToOpenAIStream(model, include_usage)
+        else:
+            self.first = OpenAIToAnthropicStream(model) if upstream_format == "openai" else None
+            self.second = AnthropicToResponsesStream(model)
+
+    def feed(self, event: str | None, data: Any) -> list[Any]:
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return self._through(self.first.finish() if data is None else self.first.feed(data))
+        if data is None:
+            return []
+        return self._through(self.first.feed(event, data) if self.first is not None else [(event, data)])
+
+    def finish(self) -> list[Any]:
+        out = self._through(self.first.finish()) if self.first is not None else []
+        return out + (self.second.finish() if self.second is not None else [])
+
+    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
+        if self.second is None:
+            return events
+        out: list[Any] = []
+        for name, data in events:
+            out += self.second.feed(name, data)
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            for chunk in out:  # Chat's usage has a field for the reasoning tokens; Anthropic's has not
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.first.reasoning_tokens}
+        return out
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.usage or {}
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_usage_to_anthropic(self.first.usage) if self.first.usage else {}
+        return self.second.usage if self.second is not None else {}
 
 
 def responses_stream_error(error_type: str, message: str) -> dict:
@@ -4394,7 +4713,10 @@ class Gateway:
 
     async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
         headers = [("content-type", "application/json")] + list(error.headers.items())
-        body = _json_bytes(self._error_body(request, error))
+        if isinstance(error, UpstreamError) and error.body is not None:
+            body = error.body  # the provider's error, as error_from_upstream shaped it for this client
+        else:
+            body = _json_bytes(self._error_body(request, error))
         log.debug("error answer %d to %s %s: %s", error.status, request.method, request.path, body.decode())
         await respond.send_full(error.status, headers, body)
 
@@ -4546,8 +4868,8 @@ class Gateway:
             exchange.decision = decision
             decision_headers = self._decision_headers(decision, model)
             if not wants_stream:
-                payload = await self._read_json(upstream, model)
-                answer = self._translate_full(payload, model, client_format, requested, exchange)
+                raw, payload = await self._read_json(upstream, model)
+                answer = self._translate_full(raw, payload, model, client_format, requested, exchange)
                 exchange.status = 200
                 await respond.send_full(200, [("content-type", "application/json")] + decision_headers,
                                         answer)
@@ -4682,45 +5004,24 @@ class Gateway:
         try:
             exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
             if response.status_code >= 400:
-                raise await self._upstream_error(response, model)
+                raise await self._upstream_error(response, model, exchange.request.api_format)
             yield response
         finally:
             await response.aclose()
 
-    async def _upstream_error(self, response: httpx.Response, model: ModelEntry) -> UpstreamError:
-        status = response.status_code
+    async def _upstream_error(self, response: httpx.Response, model: ModelEntry, client_format: str) -> UpstreamError:
         try:
             raw = await _read_limited(response, 1 << 20)
-            text = raw.decode("utf-8", errors="replace")
         except httpx.HTTPError:
-            text = ""
-        message, error_type = text.strip()[:2000], None
-        try:
-            payload = json.loads(text)
-            error = payload.get("error") if isinstance(payload, dict) else None
-            if isinstance(error, dict):
-                message = str(error.get("message") or message)
-                error_type = error.get("type") if model.interface == "anthropic" else None
-            elif isinstance(error, str):
-                message = error
-        except ValueError:
-            pass
-        if status in (401, 403):
-            message = f"{model.name}: the provider rejected the configured key" \
-                      f"{f' (${model.key_env})' if model.key_env else ''}: {message}"
-            return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type)
-        else:
-            message = f"{model.name}: {message or f'the provider answered HTTP {status}'}"
-        headers = {}
-        if "retry-after" in response.headers:
-            headers["retry-after"] = response.headers["retry-after"]
-        if error_type not in _ANTHROPIC_ERROR_TYPES.values() and error_type not in ("api_error",):
-            error_type = _error_type_for_status(status)
-        client_status = status if status in (400, 401, 403, 404, 408, 409, 413, 422, 429, 529) or status >= 500 else 400
-        return UpstreamError(message, status=client_status, error_type=error_type, headers=headers,
-                             retryable=status in (408, 409, 429, 529) or status >= 500)
+            raw = b""
+        error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
+                                    provider=model.name, key_env=model.key_env)
+        # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
+        error.body = _scrub(error.body.decode("utf-8", errors="replace"), self._secrets).encode()
+        return error
 
-    async def _read_json(self, upstream: httpx.Response, model: ModelEntry) -> dict:
+    async def _read_json(self, upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
+        """The provider's answer: its bytes, and the JSON object they hold."""
         try:
             raw = await _read_limited(upstream, 256 << 20)
             payload = json.loads(raw)
@@ -4730,9 +5031,9 @@ class Gateway:
         if not isinstance(payload, dict):
             raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
                                 status=502, error_type="api_error")
-        return payload
+        return raw, payload
 
-    def _translate_full(self, payload: dict, model: ModelEntry, client_format: str, requested: str,
+    def _translate_full(self, raw: bytes, payload: dict, model: ModelEntry, client_format: str, requested: str,
                         exchange: _Exchange) -> bytes:
         if model.interface == "openai":
             usage = _openai_usage_to_anthropic(payload.get("usage"))
@@ -4743,7 +5044,9 @@ class Gateway:
         exchange.usage = usage
         exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
         if model.interface == client_format:
-            return _json_bytes(payload)
+            # The provider's own bytes, as requests are forwarded: fields plano does not know and
+            # the provider's formatting survive; only the model says what the client asked for.
+            return replace_json_model(raw.decode("utf-8"), model.name).encode()
         try:
             if model.interface == "responses":
                 if client_format == "anthropic":
@@ -4763,80 +5066,31 @@ class Gateway:
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, model: ModelEntry,
                            client_format: str, requested: str, include_usage: bool,
                            exchange: _Exchange) -> None:
-        decoder = SSEDecoder()
-        if model.interface == client_format:
-            translate = _PassthroughStream(client_format)
-        elif "responses" in (model.interface, client_format):
-            translate = _responses_stream_translator(model, client_format, include_usage)
-        elif client_format == "anthropic":
-            translate = _AnthropicFromOpenAI(OpenAIToAnthropicStream(model.name))
-        else:
-            translate = _OpenAIFromAnthropic(AnthropicToOpenAIStream(model.name, include_usage))
+        translate = StreamTranslator(model.interface, client_format, model.name, include_usage)
         try:
             async for chunk in upstream.aiter_bytes():
-                out = translate.events(decoder.feed(chunk), chunk)
-                if out:
-                    if exchange.first_byte_ms is None:
-                        exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
-                    await respond.send(out)
-            out = translate.events(decoder.close(), b"") + translate.finish()
+                await self._send_stream_bytes(translate.feed(chunk), respond, exchange)
+                if translate.failure is not None:
+                    break
+            else:
+                await self._send_stream_bytes(translate.close(), respond, exchange)
         except httpx.HTTPError as e:
             raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
                                 status=502, error_type="api_error") from None
-        except StreamTranslationError as e:
-            raise UpstreamError(f"{model.name}: {e}", status=502, error_type="api_error") from None
         finally:
-            exchange.usage = translate.anthropic_usage()
+            exchange.usage = translate.usage or None
             exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
+        if isinstance(translate.failure, StreamTranslationError):
+            raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
+        if translate.failure is not None:
+            raise translate.failure
+
+    @staticmethod
+    async def _send_stream_bytes(out: bytes, respond: Responder, exchange: _Exchange) -> None:
         if out:
+            if exchange.first_byte_ms is None:
+                exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
             await respond.send(out)
-
-
-class _PassthroughStream:
-    """Same protocol on both sides: forward bytes untouched, watch the events for the end."""
-
-    def __init__(self, api_format: str):
-        self.api_format = api_format
-        self.complete = False
-        self.usage: dict = {}
-
-    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
-        for event in events:
-            if self.api_format == "openai":
-                if event.data.strip() == "[DONE]":
-                    self.complete = True
-                    continue
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            if self.api_format == "anthropic":
-                kind = data.get("type")
-                if kind == "message_stop":
-                    self.complete = True
-                elif kind == "message_start":
-                    self.usage.update((data.get("message") or {}).get("usage") or {})
-                elif kind == "message_delta":
-                    self.usage.update(data.get("usage") or {})
-                elif kind == "error":
-                    self.complete = True  # the provider's own error event is forwarded as is
-            elif self.api_format == "responses":
-                if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
-                    self.complete = True
-                    self.usage = _responses_usage_to_anthropic((data.get("response") or {}).get("usage"))
-            elif isinstance(data.get("usage"), dict):
-                self.usage = _openai_usage_to_anthropic(data["usage"])
-        return raw
-
-    def finish(self) -> bytes:
-        if not self.complete:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        return b""
-
-    def anthropic_usage(self) -> Mapping[str, Any] | None:
-        return self.usage or None
 
 
 def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
@@ -4845,112 +5099,6 @@ def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | No
         return None, None
     return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
             usage.get("output_tokens") or 0)
-
-
-def _event_json(event: SSEEvent) -> Any:
-    try:
-        return json.loads(event.data)
-    except ValueError:
-        raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
-
-
-class _AnthropicFromOpenAI:
-    def __init__(self, machine: OpenAIToAnthropicStream):
-        self.machine = machine
-
-    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
-        out = []
-        for event in events:
-            if event.data.strip() == "[DONE]":
-                out += self.machine.finish()
-            else:
-                out += self.machine.feed(_event_json(event))
-        return b"".join(encode_sse(data, name) for name, data in out)
-
-    def finish(self) -> bytes:
-        return b"".join(encode_sse(data, name) for name, data in self.machine.finish())
-
-    def anthropic_usage(self) -> Mapping[str, Any] | None:
-        return self.machine.usage and _openai_usage_to_anthropic(self.machine.usage)
-
-
-class _OpenAIFromAnthropic:
-    def __init__(self, machine: AnthropicToOpenAIStream):
-        self.machine = machine
-
-    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
-        out = []
-        for event in events:
-            out += self.machine.feed(event.event, _event_json(event))
-        return b"".join(encode_sse(chunk) for chunk in out)
-
-    def finish(self) -> bytes:
-        return b"".join(encode_sse(chunk) for chunk in self.machine.finish())
-
-    def anthropic_usage(self) -> Mapping[str, Any] | None:
-        return self.machine.usage or None
-
-
-class _ChainedStream:
-    """A Responses stream translation, through the Anthropic shape where the two ends need it:
-    events go through `first` (None: they are Anthropic events already), then `second`."""
-
-    def __init__(self, first: Any, second: Any, upstream: str, client: str):
-        self.first, self.second = first, second
-        self.upstream, self.client = upstream, client
-
-    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
-        if self.second is None:
-            return events
-        out: list[Any] = []
-        for name, data in events:
-            out += self.second.feed(name, data)
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            for chunk in out:
-                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.first.reasoning_tokens}
-        return out
-
-    def events(self, events: list[SSEEvent], raw: bytes) -> bytes:
-        out: list[Any] = []
-        for event in events:
-            if self.upstream == "openai":
-                done = event.data.strip() == "[DONE]"
-                anthropic = self.first.finish() if done else self.first.feed(_event_json(event))
-            elif self.upstream == "responses":
-                anthropic = self.first.feed(event.event, _event_json(event))
-            else:
-                anthropic = [(event.event, _event_json(event))]
-            out += self._through(anthropic)
-        return self._encode(out)
-
-    def finish(self) -> bytes:
-        out = self._through(self.first.finish()) if self.first is not None else []
-        if self.second is not None:
-            out += self.second.finish()
-        return self._encode(out)
-
-    def _encode(self, out: list[Any]) -> bytes:
-        if self.client == "openai":
-            return b"".join(encode_sse(chunk) for chunk in out)
-        return b"".join(encode_sse(data, name) for name, data in out)
-
-    def anthropic_usage(self) -> Mapping[str, Any] | None:
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            return self.first.usage
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return self.first.usage and _openai_usage_to_anthropic(self.first.usage)
-        return self.second.usage or None
-
-
-def _responses_stream_translator(model: ModelEntry, client_format: str, include_usage: bool) -> _ChainedStream:
-    """The stream translation between a Responses end and another format."""
-    if model.interface == "responses":
-        first = ResponsesToAnthropicStream(model.name, "signature" if client_format == "anthropic" else "tool_id")
-        second = AnthropicToOpenAIStream(model.name, include_usage) if client_format == "openai" else None
-        return _ChainedStream(first, second, "responses", client_format)
-    first = OpenAIToAnthropicStream(model.name) if model.interface == "openai" else None
-    return _ChainedStream(first, AnthropicToResponsesStream(model.name), model.interface, "responses")
 
 
 def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:

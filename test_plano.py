@@ -97,6 +97,7 @@ class Reply:
     status: int = 200
     body: Any = None
     sse: list[bytes] | None = None
+    raw: bytes | None = None  # a body sent byte for byte instead of `body` as JSON
     headers: dict[str, str] = field(default_factory=dict)
     piece_delay: float = 0.0
     abort_after: int | None = None  # close the connection after this many SSE pieces
@@ -500,7 +501,7 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
-                data = json.dumps(reply.body).encode()
+                data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
                 handler.send_response(reply.status)
                 handler.send_header("content-type", "application/json")
                 handler.send_header("content-length", str(len(data)))
@@ -2462,6 +2463,522 @@ def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Recorded provider traffic and conformance: what real providers send beyond their docs
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+# ── Mistral's content lists (docs.mistral.ai, reasoning: `content` is a list of chunks) ─────────
+
+def mistral_thinking(text: str) -> dict:
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
+def test_mistral_content_lists_stream_as_a_thinking_block_then_text():
+    events = run_openai_stream(ROLE_CHUNK, chunk({"content": [mistral_thinking("add ")]}),
+                               chunk({"content": [mistral_thinking("them")]}),
+                               chunk({"content": [{"type": "text", "text": "4"}]}), chunk({"content": "."}, "stop"))
+    assert events[1:] == [
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "add "}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "them"}), block_stop(0),
+        block_start(1, {"type": "text", "text": ""}), block_delta(1, {"type": "text_delta", "text": "4"}),
+        block_delta(1, {"type": "text_delta", "text": "."}), block_stop(1),
+        *message_end("end_turn", {"input_tokens": 0, "output_tokens": 0})]
+
+
+def test_a_mistral_content_list_answer_becomes_thinking_then_text_blocks():
+    response = openai_response({"content": [mistral_thinking("add them"), {"type": "text", "text": "4"}]})
+    assert plano.openai_response_to_anthropic(response, "m")["content"] == [
+        {"type": "thinking", "thinking": "add them", "signature": ""}, {"type": "text", "text": "4"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_client_gets_mistrals_thinking_and_text(gateway, provider, stream):
+    if stream:
+        provider.then(Reply(sse=sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": [mistral_thinking("hm")]})),
+                                            (None, chunk({"content": [{"type": "text", "text": "yes"}]}, "stop")),
+                                            (None, "[DONE]")])))
+    else:
+        provider.then(Reply(body=openai_response({"content": [mistral_thinking("hm"),
+                                                              {"type": "text", "text": "yes"}]})))
+    request = {"model": "openai/gpt-4o", "max_tokens": 50, "messages": [{"role": "user", "content": "ok?"}]}
+    client = anthropic_client(gateway)
+    if stream:
+        with client.messages.stream(**request) as s:
+            message = s.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert [(b.type, b.thinking if b.type == "thinking" else b.text) for b in message.content] == [
+        ("thinking", "hm"), ("text", "yes")]
+
+
+# ── provider errors: forwarded when the format is the same, translated with their detail ──────
+
+OPENAI_PARAM_ERROR = (b'{\n  "error": {\n    "message": "Unsupported parameter: \'temperature\' is not supported '
+                      b'with this model.",\n    "type": "invalid_request_error",\n    "param": "temperature",\n'
+                      b'    "code": "unsupported_parameter"\n  }\n}')
+ANTHROPIC_RATE_LIMIT = (b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has '
+                        b'exceeded your per-minute rate limit"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"}')
+
+
+def error_from(status: int, body: bytes, upstream: str, client: str,
+               headers: dict | None = None) -> plano.UpstreamError:
+    return plano.error_from_upstream(status, headers or {}, body, upstream, client,
+                                     provider="p/model", key_env="P_API_KEY")
+
+
+@pytest.mark.parametrize("status, body, api", [(400, OPENAI_PARAM_ERROR, "openai"),
+                                               (429, ANTHROPIC_RATE_LIMIT, "anthropic")])
+def test_a_same_format_error_is_the_providers_status_and_body_byte_for_byte(status, body, api):
+    error = error_from(status, body, api, api, {"retry-after": "7", "x-request-id": "req_1", "set-cookie": "s=1",
+                                                "content-length": str(len(body)), "retry-after-ms": "7000"})
+    assert (error.status, error.body) == (status, body)
+    assert error.headers == {"retry-after": "7", "retry-after-ms": "7000", "x-request-id": "req_1"}
+    assert error.retryable == (status == 429)
+
+
+def test_a_translated_openai_error_keeps_param_and_code_in_the_anthropic_message():
+    error = error_from(400, OPENAI_PARAM_ERROR, "openai", "anthropic")
+    body = json.loads(error.body)
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "Unsupported parameter: 'temperature'" in body["error"]["message"]
+    assert "param: temperature" in body["error"]["message"]
+    assert "code: unsupported_parameter" in body["error"]["message"]
+
+
+def test_a_translated_anthropic_error_is_an_openai_error_of_the_same_kind():
+    error = error_from(429, ANTHROPIC_RATE_LIMIT, "anthropic", "openai")
+    body = json.loads(error.body)["error"]
+    assert (error.status, body["type"]) == (429, "rate_limit_error")
+    assert "per-minute rate limit" in body["message"] and "req_011CSHoEeqs5C35K2UUqR7Fy" in body["message"]
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_provider_key_is_plano_s_permission_error_naming_the_variable_in_either_format(api, status):
+    error = error_from(status, b'{"error": {"message": "Incorrect API key provided"}}', "openai", api)
+    assert (error.status, error.error_type, error.retryable) == (403, "permission_error", False)
+    assert "P_API_KEY" in error.body.decode() and "Incorrect API key provided" in error.body.decode()
+
+
+def test_an_error_body_that_is_not_json_becomes_an_error_in_the_callers_format():
+    error = error_from(502, b"<html>Bad Gateway</html>", "openai", "openai")
+    assert (error.status, error.retryable) == (502, True)
+    assert json.loads(error.body)["error"]["message"] == "p/model: <html>Bad Gateway</html>"
+
+
+def test_the_openai_sdk_reads_a_providers_code_and_param_as_it_sent_them(gateway, provider):
+    provider.then(Reply(400, raw=OPENAI_PARAM_ERROR, headers={"x-request-id": "req_abc"}))
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(gateway).chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], temperature=0.5)
+    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", "temperature")
+    assert caught.value.response.content == OPENAI_PARAM_ERROR
+    assert caught.value.request_id == "req_abc"
+
+
+def only_model(provider: StandInProvider, model: str) -> RunningPlano:
+    """plano with one model on the stand-in: nothing to fail over to, so its errors reach the client."""
+    base, key = (provider.openai_base, OPENAI_KEY) if model.startswith("openai/") else (provider.anthropic_base,
+                                                                                       ANTHROPIC_KEY)
+    return RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {model}\n    base_url: {base}\n"
+                                           f"    access_key: {key}\n", path=CONFIG_PATH, environ={}))
+
+
+def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
+    provider.then(Reply(429, raw=ANTHROPIC_RATE_LIMIT, headers={"retry-after": "12", "request-id": "req_x"}))
+    running = only_model(provider, "anthropic/claude-sonnet-5")
+    try:
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
+                                                      messages=[USER_HI])
+    finally:
+        running.stop()
+    assert caught.value.response.content == ANTHROPIC_RATE_LIMIT
+    assert (caught.value.response.headers["retry-after"], caught.value.request_id) == ("12", "req_x")
+
+
+def test_a_forwarded_error_body_that_echoes_the_key_is_scrubbed(provider):
+    echoed = (b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode()
+              + b'", "code": "insufficient_quota"}}')
+    provider.then(Reply(429, raw=echoed))
+    running = only_model(provider, "openai/gpt-4o")
+    try:
+        response = httpx.post(running.url + "/v1/chat/completions",
+                              json={"model": "openai/gpt-4o", "messages": [USER_HI]})
+    finally:
+        running.stop()
+    assert response.status_code == 429 and OPENAI_KEY not in response.text
+    assert response.json()["error"]["code"] == "insufficient_quota"
+
+
+# ── streams: what arrives before an error, and nothing after the provider's own ───────────────
+
+def test_deltas_read_together_with_an_error_chunk_reach_the_client_before_the_error(gateway, provider):
+    text = "The answer, in full, before the provider failed."
+    events = [(None, ROLE_CHUNK)] + [(None, chunk({"content": text[i:i + 6]})) for i in range(0, len(text), 6)] \
+        + [(None, {"error": {"message": "upstream connect error", "code": 502}})]
+    provider.then(Reply(sse=[b"".join(sse_pieces(events))]))  # all of it in one network read
+    response = httpx.post(gateway.url + "/v1/messages", json={
+        "model": "openai/gpt-4o", "max_tokens": 50, "stream": True, "messages": [USER_HI]})
+    assert anthropic_stream_text(response.text) == text
+    last = plano.SSEDecoder().feed(response.content)[-1]
+    assert last.event == "error" and "upstream connect error" in last.data
+    assert "message_stop" not in response.text
+
+
+def test_the_stream_translator_returns_what_came_before_a_failure_and_keeps_the_failure():
+    translate = plano.StreamTranslator("openai", "anthropic", "m", include_usage=False)
+    raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})),
+                               (None, {"error": {"message": "x"}}),
+                               (None, chunk({"content": "after"}))]))
+    out = translate.feed(raw)
+    assert anthropic_stream_text(out.decode()) == "kept"
+    assert isinstance(translate.failure, plano.UpstreamError) and translate.failure.message == "x"
+    assert translate.feed(b"data: " + json.dumps(chunk({"content": "later"})).encode() + b"\n\n") == b""
+
+
+def test_an_openai_passthrough_stream_ends_with_the_providers_own_error_and_nothing_after(gateway, provider):
+    pieces = sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "partial"})),
+                         (None, {"error": {"message": "Internal server error", "type": "server_error", "code": None}})])
+    provider.then(Reply(sse=pieces))
+    response = httpx.post(gateway.url + "/v1/chat/completions", json={
+        "model": "openai/gpt-4o", "stream": True, "messages": [USER_HI]})
+    assert response.content == b"".join(pieces)
+
+
+def test_a_passthrough_stream_cut_off_mid_event_never_passes_half_an_event_on():
+    translate = plano.StreamTranslator("openai", "openai", "m", include_usage=False)
+    whole = b"data: " + json.dumps(chunk({"content": "whole"})).encode() + b"\r\n\r\n"
+    assert translate.feed(whole + b'data: {"choices": [{"del') == whole
+    assert translate.feed(b'ta": {}}]}\n') == b""  # still no blank line: the event has not ended
+    assert translate.close() == b"" and isinstance(translate.failure, plano.StreamTranslationError)
+
+
+@pytest.mark.parametrize("model, path", [("openai/gpt-4o", "/v1/chat/completions"),
+                                         ("anthropic/claude-sonnet-5", "/v1/messages")])
+def test_a_passthrough_stream_cut_off_mid_event_ends_with_a_readable_error(gateway, provider, model, path):
+    first = ((b'event: ping\ndata: {"type": "ping"}\n\n' if model.startswith("anthropic")
+              else b"data: " + json.dumps(ROLE_CHUNK).encode() + b"\n\n"))
+    provider.then(Reply(sse=[first, b'data: {"half": "an ev'], framing="close"))
+    response = httpx.post(gateway.url + path, json={"model": model, "max_tokens": 5, "stream": True,
+                                                    "messages": [USER_HI]})
+    assert response.content.startswith(first)
+    events = plano.SSEDecoder().feed(response.content[len(first):])
+    assert len(events) == 1 and "ended before it finished" in json.loads(events[0].data)["error"]["message"]
+
+
+def test_an_openrouter_error_chunk_that_still_has_choices_is_an_error():
+    machine = plano.OpenAIToAnthropicStream(CLAUDE_CODE_MODEL)
+    machine.feed(ROLE_CHUNK)
+    with pytest.raises(plano.UpstreamError) as raised:
+        machine.feed({"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": "openai/gpt-4o",
+                      "provider": "OpenAI", "error": {"code": "server_error", "message": "Provider disconnected"},
+                      "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
+    assert raised.value.message == "Provider disconnected"
+
+
+# ── non-streaming same-format answers: the provider's bytes, only the model changed ───────────
+
+PRETTY_OPENAI_ANSWER = (b'{\n  "id": "chatcmpl-1",\n  "object": "chat.completion",\n  "model": "gpt-4o-2024-08-06",\n'
+                        b'  "choices": [{"index": 0, "message": {"role": "assistant", "content": "caf\\u00e9"},'
+                        b' "finish_reason": "stop"}],\n  "usage": {"prompt_tokens": 3, "completion_tokens": 1,'
+                        b' "total_tokens": 4},\n  "system_fingerprint": "fp_1", "service_tier": "default"\n}\n')
+ANTHROPIC_ANSWER = (b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-5-20260101",'
+                    b'"content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,'
+                    b'"usage":{"input_tokens":3,"output_tokens":1,"service_tier":"standard"}}')
+
+
+@pytest.mark.parametrize("model, answer", [("openai/gpt-4o", PRETTY_OPENAI_ANSWER),
+                                           ("anthropic/claude-sonnet-5", ANTHROPIC_ANSWER)])
+def test_a_same_format_answer_is_the_providers_bytes_with_only_the_model_changed(gateway, provider, model, answer):
+    provider.then(Reply(raw=answer))
+    path = "/v1/chat/completions" if model.startswith("openai") else "/v1/messages"
+    response = httpx.post(gateway.url + path, json={"model": model, "max_tokens": 5, "messages": [USER_HI]})
+    upstream_model = json.loads(answer)["model"]
+    assert response.content == answer.replace(f'"{upstream_model}"'.encode(), f'"{model}"'.encode())
+
+
+# ── tool-call fragments as OpenAI-compatible servers write them ───────────────────────────
+
+def test_continuation_fragments_with_an_empty_id_and_name_continue_the_open_call():
+    # Some OpenAI-compatible servers repeat `"id": "", "type": "function", "name": ""` on every
+    # fragment after the first (the empty-identity shape other clients strip before parsing).
+    events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", '{"comm')),
+                               chunk(tool_delta(0, "", "", 'and":"ls"}')), chunk(finish_reason="tool_calls"))
+    assert events[1:5] == [
+        block_start(0, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"comm'}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": 'and":"ls"}'}),
+        block_stop(0)]
+
+
+# ── the catalogue: providers Claude Code users reach for, on their Anthropic-compatible APIs ─
+
+NEW_PROVIDERS_YAML = """\
+llm_providers:
+  - model: moonshot/kimi-k2-0905-preview
+  - model: kimi/kimi-k2-turbo-preview
+  - model: zhipu/glm-4.6
+  - model: glm/glm-4.5-air
+  - model: qwen/qwen3-coder-plus
+  - model: dashscope/qwen3-max
+  - model: minimax/MiniMax-M2
+"""
+
+
+def test_moonshot_zhipu_qwen_and_minimax_use_their_documented_anthropic_endpoints():
+    keys = {"MOONSHOT_API_KEY": "k-m", "ZAI_API_KEY": "k-z", "DASHSCOPE_API_KEY": "k-q", "MINIMAX_API_KEY": "k-x"}
+    config = plano.parse_config(NEW_PROVIDERS_YAML, path=CONFIG_PATH, environ=keys)
+    assert [(m.name, m.base_url, m.interface, m.access_key) for m in config.models] == [
+        ("moonshot/kimi-k2-0905-preview", "https://api.moonshot.ai/anthropic", "anthropic", "k-m"),
+        ("kimi/kimi-k2-turbo-preview", "https://api.moonshot.ai/anthropic", "anthropic", "k-m"),
+        ("zhipu/glm-4.6", "https://api.z.ai/api/anthropic", "anthropic", "k-z"),
+        ("glm/glm-4.5-air", "https://api.z.ai/api/anthropic", "anthropic", "k-z"),
+        ("qwen/qwen3-coder-plus", "https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "k-q"),
+        ("dashscope/qwen3-max", "https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "k-q"),
+        ("minimax/MiniMax-M2", "https://api.minimax.io/anthropic", "anthropic", "k-x")]
+
+
+@pytest.mark.parametrize("prefix, header, value", [
+    ("moonshot", "authorization", "Bearer k-provider"),  # its docs: ANTHROPIC_AUTH_TOKEN
+    ("zhipu", "authorization", "Bearer k-provider"),
+    ("qwen", "x-api-key", "k-provider"),  # its docs: ANTHROPIC_API_KEY
+    ("minimax", "x-api-key", "k-provider")])
+def test_a_new_providers_key_reaches_its_anthropic_endpoint_as_its_docs_say(provider, prefix, header, value):
+    running = RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
+                                              f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
+                                              path=CONFIG_PATH, environ={}))
+    provider.then(Reply(raw=ANTHROPIC_ANSWER))
+    try:
+        answer = openai_client(running).chat.completions.create(model=f"{prefix}/some-model", messages=[USER_HI])
+    finally:
+        running.stop()
+    sent = provider.requests[-1]
+    assert (sent.path, sent.headers[header], sent.json["model"]) == ("/v1/messages", value, "some-model")
+    assert answer.choices[0].message.content == "hi"
+
+
+def test_a_new_provider_can_be_used_on_its_openai_compatible_api_instead():
+    config = plano.parse_config("llm_providers:\n  - model: moonshot/kimi-k2\n    base_url: https://api.moonshot.ai/v1\n"
+                                "    provider_interface: openai\n    access_key: k\n", path=CONFIG_PATH, environ={})
+    assert (config.models[0].interface, config.models[0].spec.auth) == ("openai", "bearer")
+
+
+# ── the corpus: responses recorded from the real APIs, replayed byte for byte ─────────────────
+#
+# testdata/recorded/ holds provider answers recorded by other projects against the real APIs
+# (PROVENANCE.md says where each comes from). A file named anthropic-* is an Anthropic Messages
+# answer, any other an OpenAI-format one; `.sse` is a stream's body as the provider sent it,
+# `.json` a whole answer, and a status in the name (`name.404.json`) an error answer. Each is
+# replayed from the stand-in in small pieces, through the real plano, to the official SDK of the
+# other format (translated) and of the same format (passthrough). What the client must get is
+# read from the recording by the readers below, never written down by hand.
+
+RECORDED = HERE / "testdata" / "recorded"
+RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", ".json"))
+ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
+ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
+
+STOP_FROM_FINISH = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+
+# What a translation cannot carry, and why (the readers below do not compare these):
+# - OpenAI-format → Anthropic client: OpenRouter's `reasoning_details` (its text is the same as
+#   `reasoning`, which becomes the thinking block), `logprobs`, provider extras (`x_groq`,
+#   `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's `cost`), and
+#   `completion_tokens_details.reasoning_tokens`: Anthropic has no field for any of them
+#   (reasoning tokens are part of `output_tokens`). A stream that ends in an error has no stop
+#   reason or final usage in Anthropic's format: `message_delta` only comes with a finished answer.
+#   Reasoning written as `<think>` tags inside `content` (Groq's `reasoning_format: raw`, some
+#   self-hosted models) stays text, tags included: a model may write those characters as its
+#   answer, and telling the two apart would be a guess.
+# - Anthropic → OpenAI client: a thinking block's `signature` (OpenAI has no field; the thinking
+#   text arrives as `reasoning_content`), `stop_sequence`, and the usage's `service_tier` and
+#   cache-creation detail (cache writes count in `prompt_tokens`).
+
+
+@dataclass
+class Answer:
+    """What an answer says, in either format: the things a client must get."""
+
+    text: str = ""
+    thinking: str = ""
+    tool_calls: list = field(default_factory=list)  # [name, arguments as an object]
+    stop: str | None = None  # in Anthropic's words
+    usage: tuple[int, int] | None = None  # (input tokens including cache, output tokens)
+    error: str | None = None
+
+
+def openai_answer(chunks: list[dict]) -> Answer:
+    """The Answer in Chat Completions chunks (or one whole chat.completion, as a list of one)."""
+    answer, calls = Answer(), {}
+    for item in chunks:
+        if item.get("error"):
+            answer.error = item["error"]["message"] if isinstance(item["error"], dict) else str(item["error"])
+            break
+        if item.get("usage"):
+            answer.usage = (item["usage"]["prompt_tokens"], item["usage"]["completion_tokens"])
+        for choice in item.get("choices") or []:
+            part = choice.get("delta") or choice.get("message") or {}
+            reasoning = part.get("reasoning_content") or part.get("reasoning")
+            answer.thinking += reasoning if isinstance(reasoning, str) else ""
+            content = part.get("content")
+            for piece in [content] if isinstance(content, str) else content or []:
+                if isinstance(piece, str) or piece.get("type") == "text":
+                    answer.text += piece if isinstance(piece, str) else piece["text"]
+                elif piece.get("type") == "thinking":
+                    answer.thinking += "".join(t["text"] for t in piece["thinking"])
+            for position, call in enumerate(part.get("tool_calls") or []):
+                slot = calls.setdefault(call.get("index", position) if "delta" in choice else position, ["", ""])
+                function = call.get("function") or {}
+                slot[0] = function.get("name") or slot[0]
+                slot[1] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                answer.stop = STOP_FROM_FINISH[choice["finish_reason"]]
+    answer.tool_calls = [[name, json.loads(arguments or "{}")] for name, arguments in calls.values()]
+    return answer
+
+
+def anthropic_answer(events: list[dict]) -> Answer:
+    """The Answer in Anthropic stream events (or one whole message, as a list of one)."""
+    answer, blocks, usage = Answer(), [], {}
+    for item in events:
+        kind = item.get("type")
+        if kind == "message":
+            blocks, answer.stop, usage = list(item["content"]), item["stop_reason"], dict(item["usage"])
+        elif kind == "message_start":
+            usage.update(item["message"]["usage"])
+        elif kind == "content_block_start":
+            blocks.append(dict(item["content_block"], input=""))
+        elif kind == "content_block_delta":
+            delta, block = item["delta"], blocks[-1]
+            key = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input"}.get(delta["type"])
+            if key:
+                block[key] = block.get(key, "") + delta.get({"input": "partial_json"}.get(key, key), "")
+        elif kind == "message_delta":
+            answer.stop = item["delta"]["stop_reason"]
+            usage.update({k: v for k, v in (item.get("usage") or {}).items() if v is not None})
+        elif kind == "error":
+            answer.error = item["error"]["message"]
+    for block in blocks:
+        if block["type"] in ("text", "thinking"):
+            setattr(answer, block["type"], getattr(answer, block["type"]) + block[block["type"]])
+        elif block["type"] == "tool_use":
+            answer.tool_calls.append([block["name"], json.loads(block["input"] or "{}")
+                                      if isinstance(block["input"], str) else block["input"]])
+    if usage and not answer.error:
+        answer.usage = (sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens",
+                                                         "cache_creation_input_tokens")), usage["output_tokens"])
+    return answer
+
+
+def recorded_answer(name: str) -> Answer:
+    raw = (RECORDED / name).read_bytes()
+    items = [json.loads(e.data) for e in plano.SSEDecoder().feed(raw) if e.data != "[DONE]"] \
+        if name.endswith(".sse") else [json.loads(raw)]
+    return anthropic_answer(items) if name.startswith("anthropic-") else openai_answer(items)
+
+
+def replaying(provider: StandInProvider, name: str) -> RunningPlano:
+    """plano with one model, of the recording's format, on a stand-in that answers the recording
+    byte for byte (a stream in 5-byte pieces, so events and UTF-8 characters are split)."""
+    raw = (RECORDED / name).read_bytes()
+    status = int(re.search(r"\.(\d{3})\.json$", name).group(1)) if name in ERRORS else 200
+    provider.then(Reply(status, sse=[raw[i:i + 5] for i in range(0, len(raw), 5)]) if name.endswith(".sse")
+                  else Reply(status, raw=raw))
+    return only_model(provider, "anthropic/claude-sonnet-5" if name.startswith("anthropic-") else "openai/gpt-4o")
+
+
+def ask_with_sdk(running: RunningPlano, client_format: str, stream: bool) -> tuple[Answer, bytes | None]:
+    """Ask plano's only model with the official SDK of `client_format`: the Answer it got, and
+    the answer's bytes when it was not a stream (a stream's bytes are checked by the caller)."""
+    model = running.config.models[0].name
+    items, raw = [], None
+    if client_format == "anthropic":
+        client = anthropic_client(running)
+        request = {"model": model, "max_tokens": 1024, "messages": [USER_HI]}
+        try:
+            if stream:
+                for event in client.messages.create(**request, stream=True):
+                    items.append(event.model_dump())  # one by one: what came before an error counts
+            else:
+                response = client.messages.with_raw_response.create(**request)
+                raw, items = response.http_response.content, [response.parse().model_dump()]
+        except anthropic.APIStatusError as error:
+            items.append({"type": "error", "error": {"message": error.message}})
+        return anthropic_answer(items), raw
+    client = openai_client(running)
+    request = {"model": model, "messages": [USER_HI]}
+    try:
+        if stream:
+            for chunk in client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+                items.append(chunk.model_dump(warnings=False))  # Mistral's list content is not the SDK's type
+        else:
+            response = client.chat.completions.with_raw_response.create(**request)
+            raw, items = response.http_response.content, [response.parse().model_dump(warnings=False)]
+    except openai.APIError as error:
+        items.append({"error": {"message": error.message}})
+    return openai_answer(items), raw
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+@pytest.mark.parametrize("mode", ["translated", "passthrough"])
+def test_a_recorded_answer_reaches_both_sdks(provider, name, mode):
+    upstream = "anthropic" if name.startswith("anthropic-") else "openai"
+    client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
+    expected = recorded_answer(name)
+    running = replaying(provider, name)
+    try:
+        got, raw = ask_with_sdk(running, client_format, stream=name.endswith(".sse"))
+        if mode == "passthrough" and name.endswith(".sse"):
+            provider.then(Reply(sse=[(RECORDED / name).read_bytes()]))
+            raw = httpx.post(running.url + ("/v1/messages" if upstream == "anthropic" else "/v1/chat/completions"),
+                             json={"model": running.config.models[0].name, "max_tokens": 5, "stream": True,
+                                   "messages": [USER_HI]}).content
+    finally:
+        running.stop()
+    assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
+    if expected.error:
+        assert got.error is not None and expected.error in got.error
+    if mode == "passthrough":
+        assert (got.stop, got.usage, got.error) == (expected.stop, expected.usage, expected.error)
+        recording = (RECORDED / name).read_bytes()
+        if name.endswith(".sse"):
+            assert raw == recording  # the provider's stream, byte for byte
+        else:
+            upstream_model = json.loads(recording)["model"]
+            assert raw == recording.replace(f'"{upstream_model}"'.encode(),
+                                            f'"{running.config.models[0].name}"'.encode(), 1)
+    elif not expected.error:
+        # An answer that reports no usage at all reaches an Anthropic client with zeros: its usage
+        # fields are required, and there is no way to say "unknown".
+        assert (got.stop, got.usage) == (expected.stop, expected.usage or (0, 0))
+
+
+@pytest.mark.parametrize("name", ERRORS)
+@pytest.mark.parametrize("mode", ["translated", "passthrough"])
+def test_a_recorded_error_reaches_both_sdks(provider, name, mode):
+    upstream = "anthropic" if name.startswith("anthropic-") else "openai"
+    client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
+    recording = (RECORDED / name).read_bytes()
+    status = int(re.search(r"\.(\d{3})\.json$", name).group(1))
+    running = replaying(provider, name)
+    model = running.config.models[0].name
+    try:
+        if client_format == "anthropic":
+            with pytest.raises(anthropic.APIStatusError) as caught:
+                anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+        else:
+            with pytest.raises(openai.APIStatusError) as caught:
+                openai_client(running).chat.completions.create(model=model, messages=[USER_HI])
+    finally:
+        running.stop()
+    assert caught.value.status_code == status
+    if mode == "passthrough":
+        assert caught.value.response.content == recording
+    else:
+        assert json.loads(recording)["error"]["message"] in caught.value.message
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
