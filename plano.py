@@ -1305,13 +1305,17 @@ class SSEDecoder:
         self._event: str | None = None
         self._data: list[str] = []
         self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
+        self.fed = 0  # bytes fed so far
+        self.ends: list[int] = []  # for each event the last feed returned: `fed` at its end
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
+        self.fed += len(chunk)
         if self._skip_lf and self._buffer[:1] == b"\n":
             del self._buffer[:1]
         self._skip_lf = False
         events = []
+        self.ends = []
         while True:
             match = re.search(rb"\r\n?|\n", self._buffer)
             if match is None:
@@ -1323,6 +1327,7 @@ class SSEDecoder:
             event = self._line(line)
             if event is not None:
                 events.append(event)
+                self.ends.append(self.fed - len(self._buffer))
         return events
 
     @property
@@ -1709,24 +1714,33 @@ class StreamTranslator:
         if upstream_format != client_format:
             self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
                 else AnthropicToOpenAIStream(model, include_usage)
-        self.complete = False  # passthrough: the provider ended its answer itself
+        self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
+        self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
         self.failure: UpstreamError | StreamTranslationError | None = None
         self._passthrough_usage: dict = {}
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
+        self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
     def feed(self, raw: bytes) -> bytes:
         if self.failure is not None:
             return b""
+        if self.machine is None and self.ended:
+            return b""  # the stream's last event has gone by: anything after it is not part of it
         events = self.decoder.feed(raw)
         if self.machine is None:
-            for event in events:
-                self._watch(event)
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
-            # one, which its own error event would then run into.
+            # one, which its own error event would then run into; and nothing after the event that
+            # ended the answer ([DONE], message_stop, an error).
             pending = self._unended + raw
-            whole = len(pending) - self.decoder.unended
-            self._unended = pending[whole:]
-            return pending[:whole]
+            cut = self.decoder.fed - self.decoder.unended
+            for event, end in zip(events, self.decoder.ends):
+                self._watch(event)
+                if self.ended:
+                    cut = end
+                    break
+            start, self._forwarded = self._forwarded, cut
+            self._unended = b"" if self.ended else pending[cut - start:]
+            return pending[:cut - start]
         return self._translate(events)
 
     def close(self) -> bytes:
@@ -1782,7 +1796,7 @@ class StreamTranslator:
 
     def _watch(self, event: SSEEvent) -> None:
         if self.upstream_format == "openai" and event.data.strip() == "[DONE]":
-            self.complete = True
+            self.complete = self.ended = True
             return
         try:
             data = json.loads(event.data)
@@ -1794,11 +1808,13 @@ class StreamTranslator:
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
             if data.get("error"):
-                self.complete = True  # the provider's own error ends the stream; nothing follows it
+                # The provider's own error ends the answer: plano adds no error of its own (its
+                # [DONE], when OpenRouter sends one after, still goes on as sent).
+                self.complete = True
             return
         kind = data.get("type")
         if kind in ("message_stop", "error"):
-            self.complete = True  # an error event is the provider's own end, forwarded as it is
+            self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
         elif kind == "message_start":
             self._passthrough_usage.update((data.get("message") or {}).get("usage") or {})
         elif kind == "message_delta":

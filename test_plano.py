@@ -2494,6 +2494,16 @@ def test_deltas_read_together_with_an_error_chunk_reach_the_client_before_the_er
     assert "message_stop" not in response.text
 
 
+@pytest.mark.parametrize("upstream, end", [("openai", b"data: [DONE]\n\n"),
+                                           ("anthropic", b'event: message_stop\ndata: {"type":"message_stop"}\n\n')])
+def test_passthrough_forwards_nothing_after_the_event_that_ends_the_stream(upstream, end):
+    translator = plano.StreamTranslator(upstream, upstream, "m", include_usage=False)
+    after = b'data: {"choices": [{"delta": {"content": "late"}}]}\n\n'
+    assert translator.feed(b"data: {}\n\n" + end + after[:9]) == b"data: {}\n\n" + end  # cut in one read
+    assert translator.feed(after[9:] + after) == b""  # and in the reads after it
+    assert translator.close() == b"" and translator.failure is None
+
+
 def test_the_stream_translator_returns_what_came_before_a_failure_and_keeps_the_failure():
     translate = plano.StreamTranslator("openai", "anthropic", "m", include_usage=False)
     raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})),
@@ -4882,8 +4892,10 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
         last = events[-1].data if events else ""
         if path == "/v1/messages":
             assert events[-1].event in ("message_stop", "error"), response.text
-        else:
-            assert last == "[DONE]" or "error" in json.loads(last), response.text
+        else:  # [DONE] last, or the provider's error chunk (where an OpenAI SDK stops reading)
+            datas = [e.data for e in events]
+            assert last == "[DONE]" or any('"error"' in d for d in datas), response.text
+            assert "[DONE]" not in datas[:-1], response.text  # nothing after the stream's end
     else:
         assert response.json()["type" if path == "/v1/messages" else "object"] in ("message", "chat.completion")
     assert httpx.get(running.url + "/healthz").status_code == 200
