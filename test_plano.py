@@ -3500,6 +3500,37 @@ def test_route_on_user_only_false_routes_tool_loop_continuations_too(provider, t
     assert "pinned" not in decisions and len(decisions) == 2
 
 
+def test_claude_code_headless_past_the_small_models_window_still_gets_its_answer(tmp_path, provider, big_provider,
+                                                                                claude_bin):
+    port = free_port()
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(f"""
+llm_providers:
+  - model: openai/small-model
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+    context_window: 8000
+  - model: anthropic/big-model
+    base_url: {big_provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+    context_window: 200000
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router: false
+""")
+    with plano_up(config_path, port) as url:
+        result = run_claude(claude_bin, url, tmp_path / "home", "summarise plano-marker-77", cwd=tmp_path)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("echo: ") and "plano-marker-77" in result.stdout
+    # Claude Code's first turn (~50 kB, 12 tools, max_tokens 128000) is far past 8k tokens.
+    assert [(d["model"], d["decision"]) for d in decisions] == [("anthropic/big-model", "default")]
+    assert "> small-model's 8k, so anthropic/big-model" in decisions[0]["reason"]
+    assert provider.requests == [] and len(big_provider.requests) == 1
+
+
 def test_cli_agent_print_env_gives_claude_code_the_largest_routable_window(tmp_path, provider, big_provider):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(f"""
