@@ -55,7 +55,6 @@ __all__ = [
     "ModelEntry",
     "RouteDecision",
     "Gateway",
-    "UpstreamTransport",
     "load_config",
     "route",
     "route_async",
@@ -366,6 +365,27 @@ class RouterSettings:
     # The conversation budget. None: 512 tokens in-process (a CPU evaluates ~140 tokens/s, so a
     # full re-evaluation stays within a few seconds), 2048 on a router server (as upstream).
     context_tokens: int | None = None
+    gpu_layers: int | None = None  # layers offloaded to a GPU; None: all where llama.cpp can offload
+    # llama.cpp's extra buffer types (repacked CPU kernels): off, see _LlamaModel._construct for why.
+    extra_buffer_types: bool = False
+
+    @property
+    def backend_key(self) -> tuple:
+        """What decides which backend (and loaded model) these settings need: a reload that
+        changes none of it keeps the loaded model."""
+        return (self.model, self.file, self.endpoint, self.threads, self.context_tokens, self.gpu_layers,
+                self.extra_buffer_types)
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """The `stats:` section: where the usage ledger lives, how long it keeps rows, and which model's
+    prices measure what routing saved (default: the default model)."""
+
+    enabled: bool = True
+    path: str | None = None  # default: usage.sqlite3 in the per-user state folder
+    retention_days: float = 90.0
+    baseline: str | None = None
 
 
 SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
@@ -379,6 +399,7 @@ class Config:
     listener: Listener
     router: RouterSettings
     warnings: tuple[str, ...] = ()
+    stats: StatsSettings = StatsSettings()
     # Top-level `routing_preferences` (the newer upstream format): each with its models in order
     # of preference; the first that can take a request answers it.
     preference_routes: tuple[tuple[RoutingPreference, tuple[str, ...]], ...] = ()
@@ -513,8 +534,8 @@ class _ConfigReader:
         return value
 
     def read(self, raw: dict) -> Config:
-        known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router",
-                 "routing", "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt"}
+        known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
+                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -543,12 +564,16 @@ class _ConfigReader:
                     raise self.fail(e, "routing_preferences", f"route `{p.name}` is defined twice")
                 if p.name == "other":
                     raise self.fail(e, "routing_preferences", "`other` is reserved: it means no route fits")
-        config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw))
+        config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw),
+                        stats=self.read_stats(raw))
         aliases = self.read_aliases(raw, config)
         for m, e in zip(models, entries):
             for fallback in m.fallbacks:
                 if config.model_named(fallback) is None and fallback not in aliases:
                     raise self.fail(e, "fallbacks", f"{fallback} is not a configured model")
+        baseline = config.stats.baseline
+        if baseline is not None and config.model_named(baseline) is None:
+            raise self.fail(raw["stats"], "baseline", f"{baseline} is not a configured model")
         route_on_user_only = self.read_route_on_user_only(raw)
         guessed = [f"{m.name} ({', '.join(m.capabilities.guessed)})" for m in models if m.capabilities.guessed]
         capability_warning = (
@@ -720,7 +745,8 @@ class _ConfigReader:
             return dataclasses.replace(settings, enabled=False)
         if not isinstance(section, dict):
             raise self.fail(raw, "router", "must be a mapping {model, file, endpoint, timeout_ms, threads}")
-        known = {"model", "file", "endpoint", "timeout_ms", "threads", "enabled", "context_tokens"}
+        known = {"model", "file", "endpoint", "timeout_ms", "threads", "enabled", "context_tokens", "gpu_layers",
+                 "extra_buffer_types"}
         for key in section:
             if key not in known:
                 raise self.fail(section, key, f"is not a known router field (known: {', '.join(sorted(known))})")
@@ -739,7 +765,28 @@ class _ConfigReader:
                               endpoint=endpoint.rstrip("/") if endpoint else None,
                               timeout_ms=timeout_ms, threads=threads,
                               enabled=self.get(section, "enabled", bool, True),
-                              context_tokens=context_tokens)
+                              context_tokens=context_tokens, gpu_layers=self.get(section, "gpu_layers", int),
+                              extra_buffer_types=self.get(section, "extra_buffer_types", bool, False))
+
+    def read_stats(self, raw: dict) -> StatsSettings:
+        section = raw.get("stats")
+        if section is None:
+            return StatsSettings()
+        if section is False:
+            return StatsSettings(enabled=False)
+        if not isinstance(section, dict):
+            raise self.fail(raw, "stats", "must be a mapping {path, retention_days, baseline}, or false")
+        for key in section:
+            if key not in ("enabled", "path", "retention_days", "baseline"):
+                raise self.fail(section, key, "is not a known stats field (known: baseline, enabled, path, "
+                                              "retention_days)")
+        retention = self.get(section, "retention_days", (int, float), 90.0)
+        if isinstance(retention, bool) or retention <= 0:
+            raise self.fail(section, "retention_days", f"must be a positive number of days, got {retention!r}")
+        path = self.get(section, "path", str)
+        return StatsSettings(enabled=self.get(section, "enabled", bool, True),
+                             path=os.path.expanduser(path) if path else None,
+                             retention_days=float(retention), baseline=self.get(section, "baseline", str))
 
     def read_aliases(self, raw: dict, config: Config) -> dict[str, str]:
         section = self.get(raw, "model_aliases", dict, {}) or {}
@@ -1738,6 +1785,7 @@ class _UpstreamConnection:
         self.socket = socket  # the TCP socket under any TLS, to look for EOF while idle
         self.protocol = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.received_any = False  # of the current exchange: a byte of the provider's answer
 
     def reusable(self, now: float, expiry: float) -> bool:
         # A provider that closed an idle connection has left its EOF behind: readable while idle.
@@ -1760,13 +1808,24 @@ class _UpstreamConnection:
                 raise httpx.ReadError(f"the connection broke while reading ({e})") from None
         if scope.cancelled_caught:
             raise httpx.ReadTimeout("timed out waiting for the provider")
+        self.received_any = self.received_any or bool(data)
         self.protocol.receive_data(data)
 
     def next_event(self) -> Any:
         try:
             return self.protocol.next_event()
         except h11.RemoteProtocolError as e:
+            # h11 reports a peer that closed the connection as a protocol error; say what happened.
+            if self.protocol.trailing_data[1]:  # the connection's end has been read
+                if not self.received_any:
+                    raise _ClosedBeforeAnswering("the provider closed the connection without answering") from None
+                raise httpx.RemoteProtocolError("the provider closed the connection mid-answer") from None
             raise httpx.RemoteProtocolError(f"malformed HTTP from the provider: {e}") from None
+
+
+class _ClosedBeforeAnswering(httpx.RemoteProtocolError):
+    """The provider closed the connection before a byte of its answer: on a kept-alive connection,
+    it closed it as the request went out, and the request is safe to send again on a fresh one."""
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
@@ -1814,17 +1873,21 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             else:
                 head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
             connection = self._idle_connection(origin)
+            response = None
             if connection is not None:
                 try:
                     await self._send_request(connection, head, body, timeouts)
-                except httpx.WriteError:
-                    # Closed by the provider between our check and our write: nothing reached it.
+                    response = await self._response_head(connection, _timeout(timeouts, "read"))
+                except (httpx.WriteError, _ClosedBeforeAnswering):
+                    # A kept-alive connection the provider closed as the request went out (between
+                    # our idle check and its arrival): it never answered, so the request goes again
+                    # once, on a fresh connection, instead of failing over to another model.
                     await trio.aclose_forcefully(connection.stream)
                     connection = None
             if connection is None:
                 connection = await self._connect(origin, timeouts)
                 await self._send_request(connection, head, body, timeouts)
-            response = await self._response_head(connection, _timeout(timeouts, "read"))
+                response = await self._response_head(connection, _timeout(timeouts, "read"))
         except BaseException:
             if connection is not None:
                 await trio.aclose_forcefully(connection.stream)
@@ -1923,8 +1986,6 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 await connection.receive(read_timeout)
             elif isinstance(event, h11.Response):
                 return event
-            elif isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError("the provider closed the connection without answering")
             # an InformationalResponse (100 Continue): the real answer follows
 
     def _release(self, origin: _Origin, connection: _UpstreamConnection) -> bool:
@@ -1938,6 +1999,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             return False
         protocol.start_next_cycle()
         connection.idle_since = time.monotonic()
+        connection.received_any = False
         idle.append(connection)
         return True
 
@@ -1974,9 +2036,7 @@ class _UpstreamBody(httpx.AsyncByteStream):
                 elif type(event) is h11.EndOfMessage:
                     self.complete = True
                     break
-                else:
-                    raise httpx.RemoteProtocolError("the provider closed the connection mid-answer")
-                event = connection.next_event()
+                event = connection.next_event()  # h11 reports a connection closed mid-body by raising
             if pieces:
                 yield b"".join(pieces)
             if not self.complete:
@@ -2011,6 +2071,21 @@ class RouteDecision:
     decision: str
     latency_ms: float = 0.0
     reason: str = ""
+    # How sure the router was (an embedded router's own probabilities; None when unknown): the
+    # chosen route's probability, and the likeliest other answer with its probability.
+    confidence: float | None = None
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """A router backend's answer: the route (or NO_ROUTE), and how sure it was when it can say."""
+
+    name: str
+    confidence: float | None = None
+    runner_up: str | None = None  # the likeliest other answer (several routes joined by " | " when
+    runner_up_confidence: float | None = None  # they share the branch the model did not take)
 
 
 # The model's own input format (Arch-Router-1.5B model card): ONE user message holding the
@@ -2176,10 +2251,12 @@ class _RouteTrie:
                 node = node.setdefault(token, {})
             node[None] = name
 
-    def walk(self, logits_after: Callable[[list[int]], Any]) -> str:
-        """The answer. `logits_after(tokens)` feeds the tokens taken since the last choice (none
-        at the root) and returns the next-token logits."""
-        node, pending = self.root, []
+    def walk(self, logits_after: Callable[[list[int]], Any]) -> RouteChoice:
+        """The answer, with its probability: the product, over the choices on its way, of the
+        softmax of the logits over the tokens allowed there. `logits_after(tokens)` feeds the
+        tokens taken since the last choice (none at the root) and returns the next-token logits."""
+        node, pending, probability = self.root, [], 1.0
+        runner_up: tuple[str, float] | None = None
         while None not in node:
             options = list(node)
             if len(options) == 1:
@@ -2187,10 +2264,22 @@ class _RouteTrie:
             else:
                 logits = logits_after(pending)
                 pending = []
-                token = max(options, key=lambda t: logits[t])
+                weights = _softmax([float(logits[t]) for t in options])
+                best = max(range(len(options)), key=weights.__getitem__)
+                for i, other in enumerate(options):
+                    if i != best and (runner_up is None or probability * weights[i] > runner_up[1]):
+                        runner_up = (" | ".join(self.answers_under(node[other])), probability * weights[i])
+                token = options[best]
+                probability *= weights[best]
             pending.append(token)
             node = node[token]
-        return node[None]
+        return RouteChoice(node[None], probability, *(runner_up or (None, None)))
+
+    def answers_under(self, node: dict) -> list[str]:
+        names: list[str] = []
+        for token, child in node.items():
+            names += [child] if token is None else self.answers_under(child)
+        return names
 
     def shared_first_token(self) -> int | None:
         """The first token of more than one answer, when the answers branch at their first token
@@ -2199,12 +2288,16 @@ class _RouteTrie:
         along with the prompt on speculation."""
         if len(self.root) < 2:
             return None
-        answers_under = {token: self._count(node) for token, node in self.root.items()}
-        token = max(answers_under, key=answers_under.__getitem__)
-        return token if answers_under[token] > 1 else None
+        counts = {token: len(self.answers_under(node)) for token, node in self.root.items()}
+        token = max(counts, key=counts.__getitem__)
+        return token if counts[token] > 1 else None
 
-    def _count(self, node: dict) -> int:
-        return sum(1 if token is None else self._count(child) for token, child in node.items())
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def _resolve_router_model(settings: RouterSettings) -> str:
@@ -2220,7 +2313,7 @@ def _resolve_router_model(settings: RouterSettings) -> str:
     try:
         import huggingface_hub
     except ImportError:
-        raise RouterUnavailable("huggingface_hub is not installed (pip install huggingface_hub)") from None
+        raise RouterUnavailable("huggingface_hub is not installed: pip install 'plano[router]'") from None
     try:
         return huggingface_hub.hf_hub_download(repo_id=settings.model, filename=settings.file)
     except Exception as e:  # offline, no space, no such repo: all mean "route to the default"
@@ -2228,53 +2321,77 @@ def _resolve_router_model(settings: RouterSettings) -> str:
         raise RouterUnavailable(f"cannot fetch {settings.model}/{settings.file}: {reason}") from None
 
 
-_LLAMA_LOAD_LOCK = threading.Lock()  # loads patch llama.cpp's default params: one at a time
+# ── llama.cpp, behind one adapter ─────────────────────────────────────────────────────────────
+
+_LLAMA_LOAD_LOCK = threading.Lock()  # a load patches llama.cpp's default params: one at a time
 
 
-class EmbeddedRouterBackend:
-    """The router model in this process, through llama.cpp, on the CPU.
-
-    Per decision: reuse the KV state of the longest prompt prefix already evaluated (the fixed
-    route-set prefix at least; earlier turns of the same session often too), evaluate the rest
-    of the prompt ending in the answer prefix `{"route": "`, then pick the route name token by
-    token among the configured names only. One decision at a time (one llama context).
+class _LlamaModel:
+    """llama-cpp-python behind one small adapter: the only code that touches its module and the
+    internals of its `Llama` (the batch and context objects, `n_tokens`, the default-params patch,
+    the abort callback). Written against 0.3.x, which pyproject pins (`<0.4`); at load it checks
+    that the internals it drives exist, and says in one log line what it does without them.
     """
 
-    kind = "embedded"
-
-    def __init__(self, settings: RouterSettings, n_ctx: int = 4096):
-        self.settings = settings
-        self.n_ctx = n_ctx
-        self.llm: Any = None
-        self.lock = threading.Lock()  # one decision at a time: a llama context is single-threaded
-        self.tokens_evaluated = 0  # by the last decision: what routing cost
-        self._tries: dict[tuple, _RouteTrie] = {}
-        self._budgets: dict[tuple, int] = {}
-        self.speculate = True  # evaluate a shared first route token with the prompt (see _choose)
-        self._fed = 0  # tokens evaluated by the decision in progress
-        self._guess: int | None = None  # that token, while the decision's first choice is open
-        self._before_guess: Any = None  # the logits for that choice
-        self.guesses = {"taken": 0, "dropped": 0}  # how speculation has fared
-        # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while
-        # it computes. A Python callback would need the GIL hundreds of times per evaluation and
-        # doubles its time when the event loop is busy, so the callback is libc's strlen() over a
-        # one-byte flag: a C call that returns nonzero (abort) once the flag holds a character.
-        self._abort_flag = ctypes.create_string_buffer(2)
-        self._running: threading.Event | None = None  # the decision the flag belongs to
-        self._flag_lock = threading.Lock()
-
-    def load(self) -> None:
-        path = _resolve_router_model(self.settings)
+    @staticmethod
+    def library() -> Any:
+        """The llama_cpp module; RouterUnavailable, saying how to install it, when it is missing."""
         try:
             import llama_cpp
-            import llama_cpp.llama_cpp as llama_c
+            import llama_cpp.llama_cpp  # noqa: F401  (the C API, used below)
         except ImportError:
-            raise RouterUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
-        threads = self.settings.threads or os.cpu_count() or 2
-        # llama.cpp's AMX kernels crash on quantized weights for batches of more than one token
-        # (llama.cpp issue #20824; seen on this project's CPUs), and Llama() has no switch for
-        # the extra buffer types that select them: turn them off in the default model params
-        # for the length of this load.
+            raise RouterUnavailable("llama-cpp-python is not installed: routing is off; pip install 'plano[router]' "
+                                    "turns it on") from None
+        return llama_cpp
+
+    def __init__(self, path: str, *, n_ctx: int, threads: int, gpu_layers: int | None, extra_buffer_types: bool):
+        llama_cpp = self.library()
+        llama_c = self._c = llama_cpp.llama_cpp
+        offload = bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
+        # Llama() defaults n_gpu_layers to 0, overriding llama.cpp's own "all layers": a build with
+        # Metal or CUDA would otherwise leave the GPU idle.
+        layers = (-1 if offload else 0) if gpu_layers is None else gpu_layers
+        try:
+            self.llama = self._construct(llama_cpp, path, n_ctx, threads, layers, extra_buffer_types)
+        except RouterUnavailable:
+            if layers == 0 or not offload:
+                raise
+            log.warning("router: loading %s with GPU offload failed; loading it on the CPU", path)
+            layers = 0
+            self.llama = self._construct(llama_cpp, path, n_ctx, threads, 0, extra_buffer_types)
+        self.where = (f"GPU offload ({'all' if layers < 0 else layers} layers)" if layers and offload
+                      else f"CPU, {threads} threads")
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
+        # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while it
+        # computes. A Python callback would need the GIL hundreds of times per evaluation and doubles
+        # its time when the event loop is busy, so the callback is libc's strlen() over a one-byte
+        # flag: a C call that returns nonzero (abort) once the flag holds a character.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self.can_abort = hasattr(llama_c, "llama_set_abort_callback") and hasattr(llama_c, "ggml_abort_callback")
+        if self.can_abort:
+            libc = ctypes.CDLL(None) if os.name != "nt" else ctypes.cdll.msvcrt
+            self._abort_callback = llama_c.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+            llama_c.llama_set_abort_callback(self.llama.ctx, self._abort_callback,
+                                             ctypes.cast(self._abort_flag, ctypes.c_void_p))
+        else:
+            log.info("router: this llama-cpp-python cannot stop a computation; a decision past its timeout "
+                     "finishes in the background")
+        # Keeping the logits of more than the last token (speculation) drives the Llama's batch the
+        # way its own eval() does in 0.3.x.
+        self.batched = all(hasattr(self.llama, name) for name in ("_batch", "_ctx", "n_batch"))
+        if not self.batched:
+            log.info("router: llama-cpp-python %s lacks the batch internals plano drives; deciding without "
+                     "speculation", getattr(llama_cpp, "__version__", "?"))
+
+    @staticmethod
+    def _construct(llama_cpp: Any, path: str, n_ctx: int, threads: int, gpu_layers: int,
+                   extra_buffer_types: bool) -> Any:
+        llama_c = llama_cpp.llama_cpp
+        # Extra buffer types select llama.cpp's repacked CPU kernels. On this project's machines they
+        # are a crash (Intel with AMX: llama.cpp issue #20824, on quantized weights for batches of 2+
+        # tokens) or 3.6x slower prompt evaluation (AMD EPYC: 73 vs 266 tokens/s on the 1.5B shape
+        # twin, llama-cpp-python 0.3.36), so they are off unless `router.extra_buffer_types` says
+        # otherwise. Llama() has no switch for them: patch the default model params for this load.
         default_params = llama_c.llama_model_default_params
 
         def params_without_extra_buffers() -> Any:
@@ -2284,42 +2401,209 @@ class EmbeddedRouterBackend:
             return params
 
         with _LLAMA_LOAD_LOCK:
-            llama_c.llama_model_default_params = params_without_extra_buffers
+            if not extra_buffer_types:
+                llama_c.llama_model_default_params = params_without_extra_buffers
             try:
-                self.llm = llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_batch=512, verbose=False,
-                                           n_threads=threads, n_threads_batch=threads)
+                return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, verbose=False, n_threads=threads,
+                                       n_threads_batch=threads, n_gpu_layers=gpu_layers)
             except Exception as e:  # llama.cpp says only "failed to load model" for a bad file
                 raise RouterUnavailable(f"cannot load router model {path}: {e}") from None
             finally:
                 llama_c.llama_model_default_params = default_params
-        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
-        self._llama_c = llama_c
-        libc = ctypes.CDLL(None) if os.name != "nt" else ctypes.cdll.msvcrt
-        self._abort_callback = llama_c.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
-        llama_c.llama_set_abort_callback(self.llm.ctx, self._abort_callback,
-                                         ctypes.cast(self._abort_flag, ctypes.c_void_p))
-        self.chat_head, self.chat_tail = self._chat_template_around_user_message()
-        # Speculation drives llama-cpp-python's batch the way its Llama.eval does (0.3.x); on a
-        # version without those internals, decide without it rather than fail.
-        self.speculate = self.speculate and hasattr(self.llm, "_batch") and hasattr(self.llm, "_ctx")
+
+    @property
+    def metadata(self) -> dict:
+        return self.llama.metadata or {}
+
+    @property
+    def n_vocab(self) -> int:
+        return self.llama.n_vocab()
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens the context holds (evaluated, their KV entries kept)."""
+        return self.llama.n_tokens
+
+    def common_prefix(self, tokens: list[int], limit: int) -> int:
+        """How many of `tokens` (at most `limit`) the context already holds."""
+        cached, n = self.llama.input_ids, 0
+        limit = min(limit, self.llama.n_tokens)
+        while n < limit and cached[n] == tokens[n]:
+            n += 1
+        return n
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` evaluated tokens; evaluation drops the KV entries after them."""
+        self.llama.n_tokens = n
+
+    def evaluate(self, tokens: list[int], logit_rows: int = 1) -> None:
+        """Evaluate `tokens` after the context, keeping the logits of the last `logit_rows`
+        (≤ n_batch; more than one needs the batch internals, see `batched`)."""
+        llama = self.llama
+        if logit_rows == 1:
+            llama.eval(tokens)
+            return
+        # Llama.eval's own loop (0.3.x), marking more rows of the last batch for logits; batches are
+        # cut so that the last one holds every marked row.
+        llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
+        tail = max(len(tokens) - llama.n_batch, 0)  # the last batch is a full one
+        starts = list(range(0, tail, llama.n_batch)) + [tail]
+        for start, end in zip(starts, starts[1:] + [len(tokens)]):
+            chunk = tokens[start:end]
+            llama._batch.set_batch(batch=chunk, n_past=llama.n_tokens, logits_all=False)
+            if end == len(tokens):
+                for row in range(len(chunk) - logit_rows, len(chunk)):
+                    llama._batch.batch.logits[row] = True
+            llama._ctx.decode(llama._batch)
+            llama.input_ids[llama.n_tokens:llama.n_tokens + len(chunk)] = chunk
+            llama.n_tokens += len(chunk)
+
+    def logits(self, row: int = -1) -> Any:
+        """The logits of a kept row (llama.cpp's own buffer: copy what must outlive the next step)."""
+        import numpy  # a llama-cpp-python dependency
+        return numpy.ctypeslib.as_array(self._c.llama_get_logits_ith(self.llama.ctx, row), shape=(self.n_vocab,))
+
+    def abort(self, yes: bool) -> None:
+        """Make the computation under way (and any started later) stop, or stop stopping them."""
+        self._abort_flag.value = b"x" if yes else b""
 
     def close(self) -> None:
+        self.llama.close()
+
+
+# ── router backends: where the router model runs ──────────────────────────────────────────────
+
+
+class RouterBackend:
+    """What the Router needs of the place its model runs. Two implementations: in this process
+    (EmbeddedRouterBackend) and on a server (RemoteRouterBackend). Whoever creates a backend
+    closes it; the Router only uses it.
+    """
+
+    async def load(self, routes: tuple[RoutingPreference, ...]) -> None:
+        """Get ready to decide among `routes`. Idempotent: a loaded backend only adapts to the
+        route set. Raises RouterUnavailable."""
+        raise NotImplementedError
+
+    async def trim(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
+        """The part of `conversation` the router reads: the newest text within its budget."""
+        raise NotImplementedError
+
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
+        """A route (or NO_ROUTE). Raises RouterUnavailable; stops its work when cancelled."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the router runs, for /healthz and the log."""
+        raise NotImplementedError
+
+
+class EmbeddedRouterBackend(RouterBackend):
+    """The router model in this process, through llama.cpp.
+
+    Per decision: reuse the KV state of the longest prompt prefix already evaluated (the fixed
+    route-set prefix at least; earlier turns of the same session often too), evaluate the rest
+    of the prompt ending in the answer prefix `{"route": "`, then pick the route name token by
+    token among the configured names only. One decision at a time (one llama context). The CPU
+    work (loading, tokenising, deciding) runs in worker threads, off the event loop.
+    """
+
+    def __init__(self, settings: RouterSettings, n_ctx: int = 4096):
+        self.settings = settings
+        self.n_ctx = n_ctx
+        self.model: _LlamaModel | None = None
+        self._load_lock = threading.Lock()  # one load, however many routers ask at once
+        self.lock = threading.Lock()  # one decision at a time: a llama context is single-threaded
+        self.tokens_evaluated = 0  # by the last decision: what routing cost
+        self._tries: dict[tuple, _RouteTrie] = {}
+        self._budgets: dict[tuple, int] = {}
+        self.speculate = True  # evaluate a shared first route token with the prompt (see _choose)
+        self._fed = 0  # tokens evaluated by the decision in progress
+        self._guess: int | None = None  # that token, while the decision's first choice is open
+        self._before_guess: Any = None  # the logits for that choice
+        self.guesses = {"taken": 0, "dropped": 0}  # how speculation has fared
+        self._running: threading.Event | None = None  # the decision the abort flag belongs to
+        self._flag_lock = threading.Lock()
+
+    # ── the RouterBackend protocol ──
+
+    async def load(self, routes: tuple[RoutingPreference, ...]) -> None:
+        # Abandoned on cancel: a download can retry for half a minute offline, and a shutdown
+        # must not wait for it.
+        await trio.to_thread.run_sync(self.load_model, abandon_on_cancel=True)
+        if routes:
+            await trio.to_thread.run_sync(self.warm, routes, abandon_on_cancel=True)
+
+    async def trim(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
+        if self.model is None:
+            raise RouterUnavailable("the router model is not loaded")
+        return await trio.to_thread.run_sync(trim_conversation, conversation, self.conversation_budget(routes),
+                                             self.count_tokens)
+
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
+        decision = threading.Event()
+        try:
+            # abandon_on_cancel: the event loop moves on at the deadline, and the abort flag stops
+            # the computation inside llama.cpp so the next decision is not stuck behind it.
+            return await trio.to_thread.run_sync(self.choose, routes, conversation, decision, abandon_on_cancel=True)
+        except trio.Cancelled:
+            decision.set()
+            self.cancel(decision)
+            raise
+
+    async def close(self) -> None:
+        # A load or decision abandoned by cancellation may still hold the model: let it go in a
+        # thread rather than block shutdown on it.
+        await trio.to_thread.run_sync(self.close_model, abandon_on_cancel=True)
+
+    def describe(self) -> str:
+        where = f" ({self.model.where})" if self.model is not None else ""
+        return f"embedded{where}: {self.settings.model}"
+
+    # ── the same, for one thread (tests and benchmarks drive these directly) ──
+
+    def load_model(self) -> None:
+        """Load the model unless it is loaded (downloading it first if need be)."""
+        with self._load_lock:
+            if self.model is not None:
+                return
+            _LlamaModel.library()  # before a 1 GB download it could not use
+            fetch = "" if os.path.isfile(os.path.expanduser(self.settings.model)) else \
+                " (the first use downloads it, ~1 GB)"
+            log.info("router: loading %s%s; until it is ready, requests go to the default model",
+                     self.settings.model, fetch)
+            path = _resolve_router_model(self.settings)
+            model = _LlamaModel(path, n_ctx=self.n_ctx, threads=self.settings.threads or os.cpu_count() or 2,
+                                gpu_layers=self.settings.gpu_layers,
+                                extra_buffer_types=self.settings.extra_buffer_types)
+            self.chat_head, self.chat_tail = self._chat_template_around_user_message(model.metadata)
+            self.speculate = self.speculate and model.batched
+            self.model = model
+
+    def close_model(self) -> None:
         """Free the model now (llama.cpp's own finaliser can run after its library is gone)."""
         with self.lock:
-            if self.llm is not None:
-                self.llm.close()
-                self.llm = None
+            if self.model is not None:
+                self.model.close()
+                self.model = None
 
     def cancel(self, decision: threading.Event) -> None:
         """Stop `decision` if it is the one computing (from any thread)."""
         with self._flag_lock:
-            if self._running is decision:
-                self._abort_flag.value = b"x"
+            if self._running is decision and self.model is not None:
+                self.model.abort(True)
 
-    def _chat_template_around_user_message(self) -> tuple[str, str]:
+    @staticmethod
+    def _chat_template_around_user_message(metadata: Mapping[str, str]) -> tuple[str, str]:
         """The model's own chat template (from the GGUF) split around one user message: Qwen's
         adds its default system block, which is part of what Arch-Router was trained on."""
-        template = (self.llm.metadata or {}).get("tokenizer.chat_template")
+        template = metadata.get("tokenizer.chat_template")
         marker = "\x00PLANO_USER_MESSAGE\x00"
         if template:
             import jinja2.sandbox
@@ -2333,11 +2617,16 @@ class EmbeddedRouterBackend:
         return ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
                 "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
 
+    def _loaded(self) -> _LlamaModel:
+        if self.model is None:
+            raise RouterUnavailable("the router model is not loaded")
+        return self.model
+
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self._loaded().tokenize(text, special=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._loaded().tokenize(text, special=False))
 
     def conversation_budget(self, routes: tuple[RoutingPreference, ...]) -> int:
         budget = self._budgets.get(routes)
@@ -2349,25 +2638,26 @@ class EmbeddedRouterBackend:
     def warm(self, routes: tuple[RoutingPreference, ...]) -> None:
         """Evaluate the fixed prefix for this route set now, so the first decision is quick."""
         with self.lock:
-            tokens = self.tokenize(self.chat_head + router_prompt_prefix(routes))
-            self._evaluate(tokens)
+            self._evaluate(self.tokenize(self.chat_head + router_prompt_prefix(routes)))
 
     def choose(self, routes: tuple[RoutingPreference, ...], conversation: list[dict],
-               cancel: threading.Event) -> str:
+               cancel: threading.Event) -> RouteChoice:
         with self.lock:
+            model = self._loaded()
             with self._flag_lock:
                 if cancel.is_set():
                     raise RouterUnavailable("cancelled before it started")
                 self._running = cancel
-                self._abort_flag.value = b""
+                model.abort(False)
             try:
-                return self._choose(routes, conversation)
+                return self._choose(model, routes, conversation)
             finally:
                 with self._flag_lock:
                     self._running = None
-                    self._abort_flag.value = b""
+                    model.abort(False)
 
-    def _choose(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
+    def _choose(self, model: _LlamaModel, routes: tuple[RoutingPreference, ...],
+                conversation: list[dict]) -> RouteChoice:
         prompt = self.chat_head + router_prompt(routes, conversation) + self.chat_tail + _ROUTER_ANSWER_PREFIX
         tokens = self.tokenize(prompt)
         if len(tokens) + 16 > self.n_ctx:
@@ -2383,63 +2673,67 @@ class EmbeddedRouterBackend:
                 # it kept: if the model picks it, the next choice needs no decode step of its own
                 # (~100 ms here); if not, _logits_after drops it from the context.
                 self._evaluate(tokens + [guess], logit_rows=2)
-                self._guess, self._before_guess = guess, self._logits(-2).copy()  # llama.cpp reuses the buffer
-            name = trie.walk(self._logits_after)
+                self._guess, self._before_guess = guess, model.logits(-2).copy()  # llama.cpp reuses the buffer
+            choice = trie.walk(self._logits_after)
             if self._guess is not None:  # the model chose another first token, and no more choices
-                self.llm.n_tokens -= 1
+                model.truncate(model.n_tokens - 1)
                 self.guesses["dropped"] += 1
         except RuntimeError as e:  # llama_decode failed, or was aborted by the timeout
-            self.llm.n_tokens = 0  # the KV state is suspect: start over next time
+            model.truncate(0)  # the KV state is suspect: start over next time
             raise RouterUnavailable(f"router model stopped: {e}") from None
         finally:
             self._guess = self._before_guess = None
         self.tokens_evaluated = self._fed
-        return name
+        return choice
+
+    def explain(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> dict[str, float]:
+        """Every answer's probability, by the same walk a decision makes, down every branch (one
+        decode step per branch with more than one answer below it): for `plano route --explain`."""
+        with self.lock:
+            model = self._loaded()
+            trie = self._trie(routes)
+            self._evaluate(self.tokenize(self.chat_head + router_prompt(routes, conversation) + self.chat_tail
+                                         + _ROUTER_ANSWER_PREFIX))
+            probabilities: dict[str, float] = {}
+
+            def visit(node: dict, probability: float, logits: Any) -> None:
+                options = list(node)
+                weights = _softmax([float(logits[t]) for t in options]) if len(options) > 1 else [1.0]
+                here = model.n_tokens
+                for token, weight in zip(options, weights):
+                    below = trie.answers_under(node[token])
+                    if len(below) == 1:
+                        probabilities[below[0]] = probability * weight
+                        continue
+                    model.truncate(here)
+                    self._decode([token])
+                    visit(node[token], probability * weight, model.logits().copy())
+                model.truncate(here)
+
+            try:
+                visit(trie.root, 1.0, model.logits().copy())
+            except RuntimeError as e:
+                model.truncate(0)
+                raise RouterUnavailable(f"router model stopped: {e}") from None
+        return probabilities
 
     def _evaluate(self, tokens: list[int], logit_rows: int = 1) -> None:
         """Bring the context to `tokens`, reusing the longest prefix already there, with the
-        logits of the last `logit_rows` tokens kept."""
-        llm = self.llm
-        reuse = 0
-        limit = min(llm.n_tokens, len(tokens) - logit_rows)  # evaluate the rows whose logits we want
-        cached = llm.input_ids
-        while reuse < limit and cached[reuse] == tokens[reuse]:
-            reuse += 1
-        llm.n_tokens = reuse  # evaluation drops KV entries from here on
+        logits of the last `logit_rows` tokens kept (evaluated anew, so their logits exist)."""
+        model = self._loaded()
+        reuse = model.common_prefix(tokens, len(tokens) - logit_rows)
+        model.truncate(reuse)
         self._decode(tokens[reuse:], logit_rows)
 
     def _decode(self, tokens: list[int], logit_rows: int = 1) -> None:
-        """llm.eval(tokens), except that it can keep the logits of more than the last token
-        (`logit_rows` ≤ n_batch)."""
-        llm = self.llm
         self._fed += len(tokens)
-        if logit_rows == 1:
-            llm.eval(tokens)
-            return
-        # Llama.eval's own loop (llama-cpp-python 0.3), marking more rows of the last batch for
-        # logits; batches are cut so that the last one holds every marked row.
-        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-        tail = max(len(tokens) - llm.n_batch, 0)  # the last batch is a full one
-        starts = list(range(0, tail, llm.n_batch)) + [tail]
-        for start, end in zip(starts, starts[1:] + [len(tokens)]):
-            chunk = tokens[start:end]
-            llm._batch.set_batch(batch=chunk, n_past=llm.n_tokens, logits_all=False)
-            if end == len(tokens):
-                for row in range(len(chunk) - logit_rows, len(chunk)):
-                    llm._batch.batch.logits[row] = True
-            llm._ctx.decode(llm._batch)
-            llm.input_ids[llm.n_tokens:llm.n_tokens + len(chunk)] = chunk
-            llm.n_tokens += len(chunk)
-
-    def _logits(self, row: int = -1) -> Any:
-        import numpy  # a llama-cpp-python dependency
-        return numpy.ctypeslib.as_array(self._llama_c.llama_get_logits_ith(self.llm.ctx, row),
-                                        shape=(self.llm.n_vocab(),))
+        self._loaded().evaluate(tokens, logit_rows)
 
     def _logits_after(self, pending: list[int]) -> Any:
         """The walk's `logits_after`. With a guess in the context (see _choose), the first call
         answers with the logits from before the guess, and the second finds the guess taken (it
         is not evaluated again) or not (it is dropped)."""
+        model = self._loaded()
         if self._guess is not None:
             if self._before_guess is not None:
                 logits, self._before_guess = self._before_guess, None
@@ -2448,12 +2742,12 @@ class EmbeddedRouterBackend:
                 pending = pending[1:]
                 self.guesses["taken"] += 1
             else:
-                self.llm.n_tokens -= 1  # evaluation drops its KV entry from here on
+                model.truncate(model.n_tokens - 1)
                 self.guesses["dropped"] += 1
             self._guess = None
         if pending:
             self._decode(pending)
-        return self._logits()
+        return model.logits()
 
     def _trie(self, routes: tuple[RoutingPreference, ...]) -> _RouteTrie:
         key = tuple(r.name for r in routes)
@@ -2473,39 +2767,56 @@ class EmbeddedRouterBackend:
         return trie
 
 
-class RemoteRouterBackend:
+class RemoteRouterBackend(RouterBackend):
     """The router model on an OpenAI-compatible server (Ollama, vLLM, llama-server), shared by
-    many gateways. Same single user message, temperature 0."""
+    many gateways. Same single user message, temperature 0. Its requests go through an upstream
+    transport it is given (kept-alive connections, the company proxy) and does not own."""
 
-    kind = "remote"
-
-    def __init__(self, settings: RouterSettings):
+    def __init__(self, settings: RouterSettings, transport: httpx.AsyncBaseTransport):
         self.settings = settings
+        self.transport = transport
         endpoint = settings.endpoint or ""
-        self.url = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
+        self.url = httpx.URL(endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions")
         self.tokens_evaluated = 0
 
-    def count_tokens(self, text: str) -> int:
-        return _approximate_tokens(text)
+    async def load(self, routes: tuple[RoutingPreference, ...]) -> None:
+        """Nothing to load: an endpoint that does not answer shows at the first decision."""
 
-    def conversation_budget(self, routes: tuple[RoutingPreference, ...]) -> int:
-        return self.settings.context_tokens or 2048
+    async def trim(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
+        return trim_conversation(conversation, self.settings.context_tokens or 2048, _approximate_tokens)
 
-    async def choose_async(self, client: httpx.AsyncClient, routes: tuple[RoutingPreference, ...],
-                           conversation: list[dict]) -> str:
+    async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         body = {"model": self.settings.model, "temperature": 0, "max_tokens": 32, "stream": False,
                 "messages": [{"role": "user", "content": router_prompt(routes, conversation)}]}
+        seconds = self.settings.timeout_ms / 1000
+        request = httpx.Request("POST", self.url, json=body, headers={"user-agent": "plano"},
+                                extensions={"timeout": httpx.Timeout(seconds).as_dict()})
         try:
-            response = await client.post(self.url, json=body)
+            response = await self.transport.handle_async_request(request)
+            try:
+                raw = await _read_limited(response, 1 << 20)
+            finally:
+                await response.aclose()
         except httpx.HTTPError as e:
-            raise RouterUnavailable(f"router endpoint unreachable ({type(e).__name__})") from None
+            raise RouterUnavailable(f"router endpoint unreachable ({type(e).__name__}: {e})") from None
         if response.status_code != 200:
             raise RouterUnavailable(f"router endpoint answered HTTP {response.status_code}")
         try:
-            text = response.json()["choices"][0]["message"]["content"] or ""
+            text = json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise RouterUnavailable("router endpoint sent an unreadable answer") from None
-        return parse_route_answer(text, [r.name for r in routes])
+        return RouteChoice(parse_route_answer(text, [r.name for r in routes]))  # a server gives no probabilities
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the transport belongs to whoever made this backend."""
+
+    def describe(self) -> str:
+        return f"remote: {self.url}"
+
+
+def router_backend(settings: RouterSettings, transport: httpx.AsyncBaseTransport) -> RouterBackend:
+    """The backend `router:` asks for (not loaded yet): a server at `endpoint`, else in-process."""
+    return RemoteRouterBackend(settings, transport) if settings.endpoint else EmbeddedRouterBackend(settings)
 
 
 def parse_route_answer(text: str, names: list[str]) -> str:
@@ -2519,6 +2830,9 @@ def parse_route_answer(text: str, names: list[str]) -> str:
     return name
 
 
+# ── the Router: decisions, their cache, per-turn pinning ─────────────────────────────────────
+
+
 @dataclass
 class _Pin:
     model: str
@@ -2530,20 +2844,27 @@ class Router:
     """Decides which configured model answers: router model, decision cache, per-turn pinning.
 
     Never raises because the router failed: the default model answers and the decision says why.
+    It uses its backend and never closes it (whoever made the backend does).
     """
 
-    def __init__(self, config: Config, backend: Any, *, cache_size: int = 2048,
-                 pin_ttl: float = 3600.0, max_sessions: int = 4096, owns_backend: bool = True):
+    def __init__(self, config: Config, backend: RouterBackend, *, cache_size: int = 2048,
+                 pin_ttl: float = 3600.0, max_sessions: int = 4096):
         self.config = config
         self.backend = backend
-        self.owns_backend = owns_backend  # route()'s routers share process-wide loaded models
         self.status = "loading"
-        self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self.cache: collections.OrderedDict[tuple, RouteChoice] = collections.OrderedDict()
         self.cache_size = cache_size
         self.pins: collections.OrderedDict[str, _Pin] = collections.OrderedDict()
         self.pin_ttl = pin_ttl
         self.max_sessions = max_sessions
-        self._client: httpx.AsyncClient | None = None
+
+    def with_config(self, config: Config) -> "Router":
+        """A router for a reloaded config on the same backend: decisions (keyed by the route set)
+        and pins (checked against the config when used) carry over; call start() for the routes."""
+        router = Router(config, self.backend, cache_size=self.cache_size, pin_ttl=self.pin_ttl,
+                        max_sessions=self.max_sessions)
+        router.status, router.cache, router.pins = self.status, self.cache, self.pins
+        return router
 
     @property
     def routes(self) -> tuple[RoutingPreference, ...]:
@@ -2553,39 +2874,16 @@ class Router:
         return next(model.name for pref, model in self.config.routes if pref.name == name)
 
     async def start(self) -> None:
-        """Load the backend (in a worker thread; it can take seconds) and warm the prefix."""
-        if isinstance(self.backend, RemoteRouterBackend):
-            # plano's own transport, as for providers: kept-alive connections, the company proxy.
-            self._client = httpx.AsyncClient(transport=UpstreamTransport(), trust_env=False,
-                                             timeout=httpx.Timeout(self.config.router.timeout_ms / 1000))
-            self.status = "ready"
-            return
-        log.info("router: loading %s in the background (the first use downloads it, ~1 GB); until it is "
-                 "ready, requests go to the default model", self.config.router.model)
+        """Get the backend ready for this config's route set (it can take seconds to minutes)."""
         try:
-            # Abandoned on cancel: a download can retry for half a minute offline, and a
-            # shutdown must not wait for it.
-            await trio.to_thread.run_sync(self.backend.load, abandon_on_cancel=True)
-            await trio.to_thread.run_sync(self.backend.warm, self.routes, abandon_on_cancel=True)
+            await self.backend.load(self.routes)
         except RouterUnavailable as e:
             self.status = f"unavailable: {e}"
             log.warning("router unavailable, every request goes to the default model: %s", e)
             return
+        if self.status != "ready":
+            log.info("router ready (%s)", self.backend.describe())
         self.status = "ready"
-        log.info("router model ready (%s)", self.backend.kind)
-
-    async def rewarm(self) -> None:
-        """Evaluate the prefix for the current route set (after a config reload)."""
-        if self.status == "ready" and isinstance(self.backend, EmbeddedRouterBackend) and self.routes:
-            await trio.to_thread.run_sync(self.backend.warm, self.routes)
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if isinstance(self.backend, EmbeddedRouterBackend) and self.owns_backend:
-            # A load or decision abandoned by cancellation may still hold the model: let it go
-            # in a thread rather than block shutdown on it.
-            await trio.to_thread.run_sync(self.backend.close, abandon_on_cancel=True)
 
     async def decide(self, messages: Any) -> RouteDecision:
         """Route one conversation (either API's message shape). Never raises for router trouble."""
@@ -2598,43 +2896,34 @@ class Router:
         if self.status != "ready":
             return RouteDecision(default, None, "fallback", elapsed(), f"router {self.status}")
         routes = self.routes
-        conversation = trim_conversation(conversation_for_router(messages),
-                                         self.backend.conversation_budget(routes), self.backend.count_tokens)
-        if not conversation:
-            return RouteDecision(default, None, "default", elapsed(), "no user text to route")
-        key = (tuple((r.name, r.description) for r in routes), json.dumps(conversation))
-        name = self.cache.get(key)
-        cached = name is not None
-        if cached:
-            self.cache.move_to_end(key)
-        else:
-            try:
-                name = await self._ask_backend(routes, conversation)
-            except RouterUnavailable as e:
-                log.warning("router: %s; using the default model", e)
-                return RouteDecision(default, None, "fallback", elapsed(), str(e))
-            self.cache[key] = name
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        try:
+            conversation = await self.backend.trim(routes, conversation_for_router(messages))
+            if not conversation:
+                return RouteDecision(default, None, "default", elapsed(), "no user text to route")
+            key = (tuple((r.name, r.description) for r in routes), json.dumps(conversation))
+            choice = self.cache.get(key)
+            cached = choice is not None
+            if cached:
+                self.cache.move_to_end(key)
+            else:
+                choice = await self._ask_backend(routes, conversation)
+                self.cache[key] = choice
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        except RouterUnavailable as e:
+            log.warning("router: %s; using the default model", e)
+            return RouteDecision(default, None, "fallback", elapsed(), str(e))
         how = " (cached)" if cached else ""
-        if name == NO_ROUTE:
-            return RouteDecision(default, None, "default", elapsed(), f"router: no route fits{how}")
-        return RouteDecision(self.model_for_route(name), name, "router", elapsed(), f"router chose {name}{how}")
+        sure = dict(confidence=choice.confidence, runner_up=choice.runner_up,
+                    runner_up_confidence=choice.runner_up_confidence)
+        if choice.name == NO_ROUTE:
+            return RouteDecision(default, None, "default", elapsed(), f"router: no route fits{how}", **sure)
+        return RouteDecision(self.model_for_route(choice.name), choice.name, "router", elapsed(),
+                             f"router chose {choice.name}{how}", **sure)
 
-    async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> str:
-        timeout = self.config.router.timeout_ms / 1000
-        if isinstance(self.backend, RemoteRouterBackend):
-            with trio.move_on_after(timeout):
-                return await self.backend.choose_async(self._client, routes, conversation)
-            raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
-        cancel = threading.Event()
-        with trio.move_on_after(timeout):
-            # abandon_on_cancel: the event loop moves on at the deadline; `cancel` stops the
-            # computation inside llama.cpp so the next decision is not stuck behind it.
-            return await trio.to_thread.run_sync(self.backend.choose, routes, conversation, cancel,
-                                                 abandon_on_cancel=True)
-        cancel.set()
-        self.backend.cancel(cancel)
+    async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
+        with trio.move_on_after(self.config.router.timeout_ms / 1000):
+            return await self.backend.decide(routes, conversation)
         raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
 
     async def decide_for_request(self, body: dict, session: str) -> RouteDecision:
@@ -2647,7 +2936,7 @@ class Router:
         now = time.monotonic()
         self._expire_pins(now)
         pin = self.pins.get(session)
-        if pin is not None and not has_new_user_text(messages):
+        if pin is not None and not has_new_user_text(messages) and self.config.model_named(pin.model) is not None:
             self.pins.move_to_end(session)
             pin.at = now
             return RouteDecision(pin.model, pin.route, "pinned", 0.0, "tool-loop continuation keeps the turn's model")
@@ -2697,71 +2986,234 @@ def _first_user_text(messages: Any) -> str:
     return ""
 
 
-def router_backend(settings: RouterSettings) -> EmbeddedRouterBackend | RemoteRouterBackend:
-    """The backend `router:` asks for (not loaded yet): a server at `endpoint`, else in-process."""
-    return RemoteRouterBackend(settings) if settings.endpoint else EmbeddedRouterBackend(settings)
+# ── library use: route() ──────────────────────────────────────────────────────────────────────
+
+# Process-wide on purpose: `route()` in a loop must not load a 1 GB model on every call (the
+# README promises the loaded model is kept for the life of the process). Each is closed at exit,
+# before llama.cpp's library is unloaded.
+_LIBRARY_MODELS: dict[tuple, EmbeddedRouterBackend] = {}
+_LIBRARY_MODELS_LOCK = threading.Lock()
 
 
-def _router_backend_for(settings: RouterSettings) -> Any:
-    """A loaded backend for these settings, kept for the life of the process: `route()` in a loop
-    must not reload a 1 GB model and re-evaluate its prefix on every call."""
-    key = (settings.model, settings.file, settings.endpoint, settings.threads, settings.context_tokens)
-    backend = _LOADED_ROUTER_BACKENDS.get(key)
-    if backend is None:
-        backend = router_backend(settings)
-        if isinstance(backend, EmbeddedRouterBackend):
-            backend.load()
-        if not _LOADED_ROUTER_BACKENDS:
-            atexit.register(_close_loaded_router_backends)
-        _LOADED_ROUTER_BACKENDS[key] = backend
-    return backend
+def _library_model(settings: RouterSettings) -> EmbeddedRouterBackend:
+    with _LIBRARY_MODELS_LOCK:
+        backend = _LIBRARY_MODELS.get(settings.backend_key)
+        if backend is None:
+            if not _LIBRARY_MODELS:
+                atexit.register(_close_library_models)
+            backend = _LIBRARY_MODELS[settings.backend_key] = EmbeddedRouterBackend(settings)
+        return backend
 
 
-def _close_loaded_router_backends() -> None:
-    for backend in _LOADED_ROUTER_BACKENDS.values():
-        if isinstance(backend, EmbeddedRouterBackend):
-            backend.close()
-    _LOADED_ROUTER_BACKENDS.clear()
+def _close_library_models() -> None:
+    with _LIBRARY_MODELS_LOCK:
+        for backend in _LIBRARY_MODELS.values():
+            backend.close_model()
+        _LIBRARY_MODELS.clear()
 
 
-_LOADED_ROUTER_BACKENDS: dict[tuple, Any] = {}  # process-wide: loaded model files
+@asynccontextmanager
+async def _library_router(config: Config):
+    """A started Router for library and CLI use: the process-wide model, or a remote router whose
+    connections live as long as this block (and its event loop), so they close with it."""
+    async with UpstreamTransport() as transport:
+        backend = (RemoteRouterBackend(config.router, transport) if config.router.endpoint
+                   else _library_model(config.router))
+        router = Router(config, backend)
+        await router.start()
+        yield router
+
+
+def _as_messages(messages: Any) -> Any:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
 async def route_async(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
-    """`route` for trio programs: the model load and the decision run in a worker thread."""
+    """`route` for trio programs: the model load and the decision run in worker threads."""
     if not isinstance(config, Config):
         config = load_config(config)
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
     if not config.router.enabled or not config.routes:
         return RouteDecision(config.default_model.name, None, "default", 0.0, "no routing preferences configured")
     started = time.monotonic()
-    try:
-        backend = await trio.to_thread.run_sync(_router_backend_for, config.router)
-    except RouterUnavailable as e:
-        return RouteDecision(config.default_model.name, None, "fallback",
-                             (time.monotonic() - started) * 1000, f"router unavailable: {e}")
-    router = Router(config, backend, owns_backend=False)
-    await router.start()
-    return await router.decide(messages)
+    async with _library_router(config) as router:
+        decision = await router.decide(_as_messages(messages))
+    if router.status != "ready":  # the time spent trying to load counts: the caller waited for it
+        decision = dataclasses.replace(decision, latency_ms=(time.monotonic() - started) * 1000)
+    return decision
 
 
 def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
     """Which configured model should answer `messages` (OpenAI or Anthropic shape, or a string).
 
     Raises ConfigError for a bad config; never raises because the router failed: the decision
-    then names the default model and says why.
+    then names the default model and says why. The router model loaded by the first call is
+    kept for the life of the process.
     """
     return trio.run(route_async, messages, config)
 
 
-def make_router(config: Config, nursery: trio.Nursery) -> Router | None:
-    """The router for a config, loading in the background; None when there is nothing to route."""
-    if not config.router.enabled or not config.routes:
-        return None
-    router = Router(config, router_backend(config.router))
-    nursery.start_soon(router.start)
-    return router
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Usage ledger: what each answer used (and cost), kept in SQLite across restarts.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def default_state_dir() -> str:
+    """Where plano keeps what outlives a run: $PLANO_STATE_DIR, else the platform's per-user state
+    folder."""
+    if os.environ.get("PLANO_STATE_DIR"):
+        return os.environ["PLANO_STATE_DIR"]
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Application Support/plano")
+    if os.name == "nt":
+        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "plano")
+    return os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "plano")
+
+
+def usage_path(settings: StatsSettings) -> str:
+    return settings.path or os.path.join(default_state_dir(), "usage.sqlite3")
+
+
+_USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route", "decision", "status",
+                  "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+                  "cost_usd", "baseline_cost_usd")
+
+
+class UsageLedger:
+    """One row per answered request, in an SQLite file. One thread owns the connection and does
+    every write; `record()` only puts the row in a bounded queue, so a slow or locked database
+    delays the ledger, never a request (past the queue's bound, rows are counted and dropped)."""
+
+    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        import queue
+        self.path = path
+        self.retention_days = retention_days
+        self.dropped = 0
+        self._rows: Any = queue.Queue(maxsize=queue_size)
+        self._written = threading.Condition()
+        self._pending = 0  # rows handed over and not yet committed
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._writer = threading.Thread(target=self._write_rows, name="plano-usage-ledger", daemon=True)
+        self._writer.start()
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        import queue
+        with self._written:
+            self._pending += 1
+        try:
+            self._rows.put_nowait(tuple(row.get(column) for column in _USAGE_COLUMNS))
+        except queue.Full:
+            with self._written:
+                self._pending -= 1
+            self.dropped += 1
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row recorded so far is committed (for tests and shutdown)."""
+        with self._written:
+            return self._written.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._rows.put(None)
+        self._writer.join(timeout)
+
+    def _connect(self) -> Any:
+        import sqlite3
+        connection = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")  # readers (stats, /plano/usage) never block the writer
+        connection.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(_USAGE_COLUMNS)})")
+        connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
+        return connection
+
+    def _write_rows(self) -> None:
+        import queue
+        import sqlite3
+        connection, pruned_at, batch, closing = None, 0.0, [], False
+        while batch or not closing:
+            if not batch and not closing:
+                row = self._rows.get()  # waits for work
+                closing = row is None
+                batch += [] if closing else [row]
+            while not closing and len(batch) < 1000:  # and takes what else is waiting, in one transaction
+                try:
+                    row = self._rows.get_nowait()
+                except queue.Empty:
+                    break
+                closing = row is None
+                batch += [] if closing else [row]
+            try:
+                connection = connection or self._connect()
+                if batch:
+                    with connection:
+                        connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})",
+                                               batch)
+                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
+                    with connection:
+                        connection.execute("DELETE FROM usage WHERE time < ?",
+                                           (time.time() - self.retention_days * 86400,))
+                    pruned_at = time.time()
+            except sqlite3.Error as e:  # locked by another program, disk full: keep the rows, try again
+                log.warning("usage ledger %s: %s; %s", self.path, e,
+                            f"{len(batch)} rows not written" if closing else "retrying")
+                if not closing:
+                    time.sleep(1.0)
+                    continue
+            with self._written:
+                self._pending -= len(batch)
+                self._written.notify_all()
+            batch = []
+        if connection is not None:
+            connection.close()
+
+
+def read_usage(path: str, *, since: float | None = None, session: str | None = None) -> list[dict]:
+    """The ledger's rows (oldest first), read with a connection of its own."""
+    import sqlite3
+    if not os.path.exists(path):
+        return []
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        clauses, values = [], []
+        if since is not None:
+            clauses.append("time >= ?")
+            values.append(since)
+        if session is not None:
+            clauses.append("session = ?")
+            values.append(session)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = connection.execute(f"SELECT {', '.join(_USAGE_COLUMNS)} FROM usage{where} ORDER BY time", values)
+        return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
+    except sqlite3.Error:
+        return []
+    finally:
+        connection.close()
+
+
+def summarize_usage(rows: list[dict]) -> dict:
+    """Totals per model and per route: requests, tokens by kind, cache hit rate, cost, and what the
+    same tokens would have cost at the baseline model. Unknown costs stay unknown (None), never 0."""
+    def total(group: list[dict]) -> dict:
+        def tokens(kind: str) -> int:
+            return sum(r[kind] or 0 for r in group)
+
+        def cost(column: str) -> float | None:
+            known = [r[column] for r in group if r[column] is not None]
+            return sum(known) if known and len(known) == len(group) else None
+
+        prompt = tokens("input_tokens") + tokens("cache_read_tokens") + tokens("cache_write_tokens")
+        spent, baseline = cost("cost_usd"), cost("baseline_cost_usd")
+        return {"requests": len(group), "input_tokens": tokens("input_tokens"),
+                "cache_read_tokens": tokens("cache_read_tokens"), "cache_write_tokens": tokens("cache_write_tokens"),
+                "output_tokens": tokens("output_tokens"), "reasoning_tokens": tokens("reasoning_tokens"),
+                "cache_hit_rate": tokens("cache_read_tokens") / prompt if prompt else None,
+                "cost_usd": spent, "baseline_cost_usd": baseline,
+                "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
+
+    def grouped(key: str) -> dict:
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(row[key] or "none", []).append(row)
+        return {name: total(group) for name, group in sorted(groups.items())}
+
+    return {"total": total(rows), "by_model": grouped("model"), "by_route": grouped("route")}
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2984,8 +3436,9 @@ class _Exchange:
     started: float = field(default_factory=time.monotonic)
     upstream_ms: float | None = None
     first_byte_ms: float | None = None
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # cache reads included (what the access log shows)
     output_tokens: int | None = None
+    usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     session: str = ""
 
 
@@ -3037,26 +3490,235 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+def _rounded(probability: float | None) -> float | None:
+    return None if probability is None else round(probability, 3)
+
+
+def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
+    """Ten seconds to connect, a minute to send a request (32 MiB over a slow link), 30 s to wait
+    for a free connection, and the model's own `timeout` for each next byte of a long answer."""
+    return httpx.Timeout(connect=10.0, read=model.timeout, write=60.0, pool=30.0)
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     """Remove configured keys (and key-looking fragments providers echo back) from a message."""
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "[redacted]")
-    return re.sub(r"\b(sk|key|gsk|xai|AIza)[-_A-Za-z0-9*]{8,}", "[redacted]", text)
+    return _KEY_SHAPED.sub("[redacted]", text)
+
+
+# What provider keys look like (OpenAI and Anthropic `sk-…`, Groq `gsk_…`, xAI `xai-…`, Google
+# `AIza…`), as providers echo them back in errors, often masked with `*`: a prefix and its separator,
+# then a long run with a digit in it. Identifiers such as `skip_special_tokens` or `keyword_arguments`
+# are the parameter a provider complains about and stay.
+_KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[-_A-Za-z0-9*]{8,}"
+                         r"|AIza[-_A-Za-z0-9]{30,})")
+
+
+def usage_row(exchange: _Exchange) -> dict:
+    """One answered request for the usage ledger."""
+    decision = exchange.decision
+    assert decision is not None
+    usage = exchange.usage or {}
+    return {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
+            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
+            "cache_read_tokens": usage.get("cache_read_input_tokens"),
+            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens")}
+
+
+def _parse_since(value: str | None) -> float | None:
+    """`since` as epoch seconds: a number, an ISO date or date-time, or a span back from now (7d, 12h)."""
+    if not value:
+        return None
+    span = re.fullmatch(r"(\d+(?:\.\d+)?)([dhm])", value.strip())
+    if span:
+        return time.time() - float(span.group(1)) * {"d": 86400, "h": 3600, "m": 60}[span.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise RequestError(f"since: {value!r} is not a time (epoch seconds, ISO date or time, or 7d / 12h)") from None
+    return when.timestamp()
+
+
+def decision_record(exchange: _Exchange) -> dict:
+    """One request's decision as /plano/decisions, watch and the status line show it."""
+    decision = exchange.decision
+    assert decision is not None
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
+            "requested_model": exchange.requested_model, "model": decision.model,
+            "route": decision.route, "decision": decision.decision,
+            "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
+            "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
+            "runner_up_confidence": _rounded(decision.runner_up_confidence),
+            "status": exchange.status,
+            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
+
+
+class DecisionLog:
+    """The latest decisions, and the watchers following new ones live (watch, the live page). A
+    slow watcher misses records rather than slowing requests down."""
+
+    def __init__(self, size: int = 500):
+        self.records: collections.deque[dict] = collections.deque(maxlen=size)
+        self._watchers: set[trio.MemorySendChannel] = set()
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        for watcher in list(self._watchers):
+            try:
+                watcher.send_nowait(record)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def recent(self, session: str | None = None) -> list[dict]:
+        return [r for r in self.records if session is None or r["session"] == session]
+
+    @contextlib.contextmanager
+    def follow(self) -> Any:
+        """A channel that receives each record added while the block runs."""
+        send, receive = trio.open_memory_channel[dict](256)
+        self._watchers.add(send)
+        try:
+            yield receive
+        finally:
+            self._watchers.discard(send)
+
+
+# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
+# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
+# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
+# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
+_LIVE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>plano</title>
+<style>
+:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
+#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
+th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
+  white-space: nowrap; font-variant-numeric: tabular-nums }
+td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
+#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+</style></head><body>
+<h1>plano</h1><div id="status">connecting…</div>
+<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
+<button>use it</button></form>
+<div id="saved"></div>
+<h2>Cost per model</h2><table id="models"></table>
+<h2>Cost per route</h2><table id="routes"></table>
+<h2>Decisions, as they happen</h2>
+<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
+<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
+<tbody id="decisions"></tbody></table>
+<script>
+"use strict";
+let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
+const $ = (id) => document.getElementById(id);
+const headers = () => key ? {"x-api-key": key} : {};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const money = (v) => v == null ? "unknown" : "$" + (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toFixed(4));
+const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
+async function get(path) {
+  const response = await fetch(path, {headers: headers()});
+  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+function table(id, title, groups) {
+  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
+    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
+    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
+    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
+  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
+    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
+    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
+}
+async function refreshUsage() {
+  const usage = await get("/plano/usage");
+  table("models", "model", usage.by_model);
+  table("routes", "route", usage.by_route);
+  const t = usage.total;
+  $("saved").textContent = t.saved_usd == null ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+function showDecision(d) {
+  const row = document.createElement("tr");
+  const sure = d.confidence == null ? "" : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
+    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
+    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
+    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
+  $("decisions").prepend(row);
+  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
+}
+async function follow() {
+  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
+  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) throw new Error("the gateway closed the stream");
+    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const data = block.split("\\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+    }
+  }
+}
+async function start() {
+  try {
+    const health = await get("/healthz");
+    const recent = await get("/plano/decisions");
+    $("decisions").innerHTML = "";
+    recent.decisions.forEach(showDecision);
+    await refreshUsage();
+    $("status").textContent = `${health.models} models · router ${health.router}` +
+      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
+    await follow();
+  } catch (error) {
+    $("status").textContent = "not connected: " + error.message + " (retrying)";
+    setTimeout(start, 2000);
+  }
+}
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
+  $("key").style.display = "none"; start();
+});
+start();
+</script></body></html>
+"""
 
 
 class Gateway:
     """The gateway for one configuration: upstream clients, the router, the decision log.
 
-    Use as an async context manager (it owns the upstream connection pools)::
+    Use as an async context manager (it owns the upstream connection pools, and the router's
+    backend while it loads in the background)::
 
         async with Gateway(config) as gateway:
             await gateway.handle(request, responder)
+
+    `router="auto"` builds the router `config.router` describes; None turns routing off; a Router
+    of your own is used as it is, and its backend is the gateway's to close from then on.
     """
 
-    def __init__(self, config: Config, *, router: Any = None):
+    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None):
         self.config = config
-        self.router = router
+        self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
+        self.router: Router | None = None
+        self._given_router = router
         # Requests go straight to the transport (a pool per provider origin): httpx.AsyncClient's
         # own jobs are a cookie jar, redirects, auth flows and hooks, and a gateway wants none of
         # them (a cookie jar would even carry one provider session's cookies into every request).
@@ -3070,24 +3732,56 @@ class Gateway:
             ("GET", "/v1/models"): self._models,
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
+            ("GET", "/plano/usage"): self._usage,
+            ("GET", "/plano"): self._live_page,
         }
         self.stopping = False  # set when a shutdown's grace period is over
-        self.decisions: collections.deque[dict] = collections.deque(maxlen=500)
-        self._decision_watchers: set[trio.MemorySendChannel] = set()
+        self.decision_log = DecisionLog()
 
     async def __aenter__(self) -> "Gateway":
+        self._exit_stack = contextlib.AsyncExitStack()
+        # Loading the router, closing backends a reload replaced: work that outlives a request.
+        self._background = await self._exit_stack.enter_async_context(trio.open_nursery())
+        given = self._given_router
+        if given == "auto":
+            self.router = self._router_for(self.config, None)
+        elif isinstance(given, Router):
+            self.router = given
+            if given.status == "loading":
+                self._background.start_soon(given.start)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self.router is not None:
-            await self.router.aclose()
-        await self.upstream.aclose()
+        self._background.cancel_scope.cancel()
+        try:
+            await self._exit_stack.__aexit__(*exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.router is not None:
+                    await self.router.backend.close()
+                await self.upstream.aclose()
 
     def reload(self, config: Config) -> None:
-        """Use a new (already validated) config for requests that start from now on."""
-        self.config = config
-        if self.router is not None:
-            self.router.config = config
+        """Use a new (already validated) config for requests that start from now on. Everything
+        derived from the config is rebuilt here, together: the router (a new backend when its
+        model, file or endpoint changed; the loaded one otherwise), routes, aliases, provider
+        health. Requests in flight finish on what they started with."""
+        old_router = self.router
+        router = self._router_for(config, old_router)
+        self.config, self.router, self.health = config, router, ProviderHealth()
+        if old_router is not None and (router is None or router.backend is not old_router.backend):
+            # The old backend closes once a decision it is computing has finished (it waits for it).
+            self._background.start_soon(old_router.backend.close)
+
+    def _router_for(self, config: Config, current: Router | None) -> Router | None:
+        if not config.router.enabled or not config.routes:
+            return None
+        if current is not None and current.config.router.backend_key == config.router.backend_key:
+            router = current.with_config(config)
+        else:
+            router = Router(config, router_backend(config.router, self.upstream))
+        self._background.start_soon(router.start)  # loads, or re-warms a loaded model for the routes
+        return router
 
     @property
     def _secrets(self) -> list[str]:
@@ -3148,7 +3842,9 @@ class Gateway:
 
     def _check_gateway_key(self, request: Request) -> None:
         expected = self.config.listener.api_key
-        if not expected or request.path == "/healthz":
+        # /healthz says only that plano runs; the live page holds no data (what it shows comes from
+        # the endpoints it calls with the key), and a browser cannot send a header to open it.
+        if not expected or request.path == "/healthz" or (request.method == "GET" and request.path in ("/plano", "/plano/")):
             return
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -3180,8 +3876,10 @@ class Gateway:
     # ── small endpoints ───────────────────────────────────────────────────────────────────
 
     async def _health(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        router = self.router
         status = {"status": "ok", "models": len(self.config.models),
-                  "router": self.router.status if self.router is not None else "off"}
+                  "router": router.status if router is not None else "off",
+                  "router_backend": router.backend.describe() if router is not None else None}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(status))
 
     async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
@@ -3203,43 +3901,44 @@ class Gateway:
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
 
+    async def _live_page(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        await respond.send_full(200, [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"),
+                                      # nothing but this page's own script, and requests to this gateway
+                                      ("content-security-policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                  "style-src 'unsafe-inline'")],
+                                _LIVE_PAGE.encode())
+
+    async def _usage(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """What answers used and cost, per model and per route (`?since=` epoch seconds or ISO
+        date/time, `?session=`)."""
+        since = _parse_since(request.query.get("since"))
+        session = request.query.get("session")
+        if self.ledger is None:
+            raise NotFoundError("usage accounting is off (stats: false)")
+
+        def read() -> list[dict]:
+            self.ledger.flush(2.0)  # include the answers already given
+            return read_usage(self.ledger.path, since=since, session=session)
+
+        rows = await trio.to_thread.run_sync(read)
+        body = {"since": since, "session": session, **summarize_usage(rows)}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
-            session = request.query.get("session")
-            records = [r for r in self.decisions if session is None or r["session"] == session]
+            records = self.decision_log.recent(request.query.get("session"))
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
-        send, receive = trio.open_memory_channel[dict](256)
-        self._decision_watchers.add(send)
-        try:
+        with self.decision_log.follow() as records:
             await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
             await respond.send(b": plano decisions\n\n")
             while True:
                 with trio.move_on_after(15):
-                    record = await receive.receive()
+                    record = await records.receive()
                     await respond.send(encode_sse(record, "decision"))
                     continue
                 await respond.send(b": keep-alive\n\n")  # lets a watcher notice a dead gateway
-        finally:
-            self._decision_watchers.discard(send)
-
-    def _record_decision(self, exchange: _Exchange) -> None:
-        decision = exchange.decision
-        if decision is None:
-            return
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
-                  "requested_model": exchange.requested_model, "model": decision.model,
-                  "route": decision.route, "decision": decision.decision,
-                  "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
-                  "status": exchange.status,
-                  "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
-        self.decisions.append(record)
-        for watcher in list(self._decision_watchers):
-            try:
-                watcher.send_nowait(record)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # a slow watcher misses records rather than slowing requests
 
     def _log_access(self, exchange: _Exchange) -> None:
         d = exchange.decision
@@ -3252,7 +3951,10 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        self._record_decision(exchange)
+        if exchange.decision is not None:
+            self.decision_log.add(decision_record(exchange))
+            if self.ledger is not None:
+                self.ledger.record(usage_row(exchange))
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -3366,9 +4068,12 @@ class Gateway:
         return healthy or candidates
 
     def _decision_headers(self, decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
-        return [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
-                ("x-plano-route", decision.route or "none"),
-                ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+        headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
+                   ("x-plano-route", decision.route or "none"),
+                   ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+        if decision.confidence is not None:
+            headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
+        return headers
 
     def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
                                 client_format: str) -> httpx.Request:
@@ -3400,9 +4105,8 @@ class Gateway:
                 content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
             else:
                 content = _json_bytes(anthropic_request_to_openai(body, model))
-        timeouts = {"connect": 10.0, "read": model.timeout, "write": 60.0, "pool": 30.0}
         return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content,
-                             extensions={"timeout": timeouts})
+                             extensions={"timeout": _upstream_timeout(model).as_dict()})
 
     def _parsed_url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
@@ -3484,6 +4188,7 @@ class Gateway:
             usage = _openai_usage_to_anthropic(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        exchange.usage = usage
         exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
         if model.interface == client_format:
             return _json_bytes(payload)
@@ -3519,7 +4224,8 @@ class Gateway:
         except StreamTranslationError as e:
             raise UpstreamError(f"{model.name}: {e}", status=502, error_type="api_error") from None
         finally:
-            exchange.input_tokens, exchange.output_tokens = translate.tokens()
+            exchange.usage = translate.anthropic_usage()
+            exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
         if out:
             await respond.send(out)
 
@@ -3563,8 +4269,8 @@ class _PassthroughStream:
             raise StreamTranslationError("the upstream stream ended before it finished the answer")
         return b""
 
-    def tokens(self) -> tuple[int | None, int | None]:
-        return _token_counts(self.usage)
+    def anthropic_usage(self) -> Mapping[str, Any] | None:
+        return self.usage or None
 
 
 def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
@@ -3598,8 +4304,8 @@ class _AnthropicFromOpenAI:
     def finish(self) -> bytes:
         return b"".join(encode_sse(data, name) for name, data in self.machine.finish())
 
-    def tokens(self) -> tuple[int | None, int | None]:
-        return _token_counts(self.machine.usage and _openai_usage_to_anthropic(self.machine.usage))
+    def anthropic_usage(self) -> Mapping[str, Any] | None:
+        return self.machine.usage and _openai_usage_to_anthropic(self.machine.usage)
 
 
 class _OpenAIFromAnthropic:
@@ -3615,8 +4321,8 @@ class _OpenAIFromAnthropic:
     def finish(self) -> bytes:
         return b"".join(encode_sse(chunk) for chunk in self.machine.finish())
 
-    def tokens(self) -> tuple[int | None, int | None]:
-        return _token_counts(self.machine.usage)
+    def anthropic_usage(self) -> Mapping[str, Any] | None:
+        return self.machine.usage or None
 
 
 def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
@@ -3803,7 +4509,8 @@ class _HTTPConnection(Responder):
             return None
         assert isinstance(event, h11.Request), event
         # h11 bounds only a head still arriving; one that arrived whole in two reads is checked here.
-        if sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target) > self.limits.max_header_bytes:
+        head_bytes = sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target)
+        if head_bytes > self.limits.max_header_bytes:
             await self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
         target = urllib.parse.urlsplit(event.target.decode("latin-1"))
         headers: dict[str, str] = {}
@@ -3907,7 +4614,8 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     Runs until cancelled, or until `shutdown` is set: then it stops accepting, lets in-flight
     answers finish for `limits.shutdown_grace` seconds, and cuts the rest off with an error event.
     `router="auto"` builds the router from `config.router`; pass None to turn routing off, or a
-    Router of your own. Edits to the config file are picked up while it runs (validated first).
+    Router of your own (the gateway closes its backend). Edits to the config file are picked up
+    while it runs (validated first).
     """
     host = host or config.listener.address
     port = config.listener.port if port is None else port
@@ -3915,39 +4623,42 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     check_exposure(config, host)
     connection_slots = trio.CapacityLimiter(limits.max_connections)
     state = _ServerState()
-    async with trio.open_nursery() as nursery:
-        if router == "auto":
-            router = make_router(config, nursery)
-        elif router is not None and router.status == "loading":
-            nursery.start_soon(router.start)
-        async with Gateway(config, router=router) as gateway:
-            async with trio.open_nursery() as connections:
+    ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
+        if config.stats.enabled else None
+    try:
+        async with trio.open_nursery() as nursery:
+            async with Gateway(config, router=router, ledger=ledger) as gateway:
+                async with trio.open_nursery() as connections:
 
-                async def handle_connection(stream: trio.SocketStream) -> None:
-                    async with connection_slots:
-                        await _HTTPConnection(stream, gateway, limits, state).run()
+                    async def handle_connection(stream: trio.SocketStream) -> None:
+                        async with connection_slots:
+                            await _HTTPConnection(stream, gateway, limits, state).run()
 
-                async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                    with trio.CancelScope() as accepting:
-                        task_status.started(accepting)
-                        await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
+                    async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                        with trio.CancelScope() as accepting:
+                            task_status.started(accepting)
+                            await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
 
-                listeners = await trio.open_tcp_listeners(port, host=host)
-                accepting = await nursery.start(accept)
-                reloads_in, reloads_out = trio.open_memory_channel[object](1)
-                if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
-                    nursery.start_soon(_follow_config_file, gateway, nursery, reloads_out, limits.config_poll)
-                bound = listeners[0].socket.getsockname()
-                task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
-                await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
-                accepting.cancel()
-                state.drain()
-                with trio.move_on_after(limits.shutdown_grace):
-                    while connections.child_tasks:
-                        await trio.sleep(0.05)
-                gateway.stopping = True  # what is still running gets an error event
-                connections.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()  # the config follower and the router loader
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                    accepting = await nursery.start(accept)
+                    reloads_in, reloads_out = trio.open_memory_channel[object](1)
+                    if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
+                        nursery.start_soon(_follow_config_file, gateway, reloads_out, limits.config_poll)
+                    bound = listeners[0].socket.getsockname()
+                    task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
+                    await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
+                    accepting.cancel()
+                    state.drain()
+                    with trio.move_on_after(limits.shutdown_grace):
+                        while connections.child_tasks:
+                            await trio.sleep(0.05)
+                    gateway.stopping = True  # what is still running gets an error event
+                    connections.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # the config follower
+    finally:
+        if ledger is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await trio.to_thread.run_sync(ledger.close)  # what was recorded is written
 
 
 def _config_fingerprint(path: str) -> tuple[int, int] | None:
@@ -3958,8 +4669,7 @@ def _config_fingerprint(path: str) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-async def _follow_config_file(gateway: Gateway, nursery: trio.Nursery, requests: trio.MemoryReceiveChannel,
-                              poll: float) -> None:
+async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChannel, poll: float) -> None:
     """Reload the config when its file changes (or on request, e.g. SIGHUP). An edit that does not
     validate leaves the running config in place and says why; requests already in flight finish
     on the config they started with."""
@@ -3982,17 +4692,13 @@ async def _follow_config_file(gateway: Gateway, nursery: trio.Nursery, requests:
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
         gateway.reload(config)
-        if gateway.router is None:
-            gateway.router = make_router(config, nursery)
-        else:
-            nursery.start_soon(gateway.router.rewarm)  # the new route set's prefix state
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# CLI: `python -m plano up | route | download | cli-agent claude | watch | statusline`
+# CLI: `python -m plano up | route | download | doctor | cli-agent claude | watch | statusline`
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -4009,10 +4715,6 @@ def _cmd_up(args: Any) -> int:
     config = _load_config_or_exit(args.config)
     for warning in config.warnings + ((config.capability_warning,) if config.capability_warning else ()):
         log.warning("warning: %s", warning)
-    # The router model downloads in the background; when that fails plano says so in one line,
-    # so huggingface_hub's retry chatter (which it also prints twice) stays out of the log. The
-    # library reads its level from this variable when it is first imported.
-    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
     try:
@@ -4054,12 +4756,157 @@ def _cmd_up(args: Any) -> int:
 
 def _cmd_route(args: Any) -> int:
     config = _load_config_or_exit(args.config)
+    if args.eval:
+        return _cmd_route_eval(config, args.eval, args.min_accuracy)
+    if args.text is None:
+        print("plano: route needs a text (or --eval FILE)", file=sys.stderr)
+        return 2
+    if args.explain:
+        return _cmd_route_explain(config, args.text)
     decision = route(args.text, config)
     if args.json:
         print(json.dumps(dataclasses.asdict(decision)))
     else:
         print(f"model:    {decision.model}\nroute:    {decision.route or 'none'}\n"
               f"decision: {decision.decision}\nlatency:  {decision.latency_ms:.0f} ms\nreason:   {decision.reason}")
+    return 0
+
+
+def _cmd_route_explain(config: Config, text: str) -> int:
+    """Every route with the probability the router gives it, and where the router runs."""
+    if not config.router.enabled or not config.routes:
+        print("plano: routing is off in this config (router: false, or no routing_preferences)", file=sys.stderr)
+        return 1
+    if config.router.endpoint:
+        decision = route(text, config)
+        print(f"router:   remote: {config.router.endpoint} (a router server gives no probabilities)\n"
+              f"route:    {decision.route or 'none'} → {decision.model} ({decision.reason})")
+        return 0
+    backend = _library_model(config.router)
+    routes = tuple(pref for pref, _ in config.routes)
+    try:
+        backend.load_model()
+        conversation = trim_conversation(conversation_for_router(_as_messages(text)),
+                                         backend.conversation_budget(routes), backend.count_tokens)
+        probabilities = backend.explain(routes, conversation)
+    except RouterUnavailable as e:
+        print(f"plano: {e}", file=sys.stderr)
+        return 1
+    models = {pref.name: model.name for pref, model in config.routes}
+    print(f"router:   {backend.describe()}")
+    for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        target = models.get(name, f"{config.default_model.name} (the default: no route fits)")
+        print(f"  {probability:6.1%}  {name} → {target}")
+    return 0
+
+
+def _read_examples(path: str) -> list[tuple[Any, str]]:
+    """(messages, expected route) pairs from a YAML list of {text or messages, route}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read examples: {e}") from None
+    raw = raw.get("examples") if isinstance(raw, dict) else raw
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: must be a list of {{text, route}} (or {{messages, route}}) examples")
+    examples = []
+    for i, example in enumerate(raw):
+        said = example.get("messages", example.get("text")) if isinstance(example, dict) else None
+        if not isinstance(said, (str, list)) or not isinstance(example.get("route"), str):
+            raise ConfigError(f"{path}: example {i + 1} needs `text` (or `messages`) and `route`")
+        examples.append((_as_messages(said), example["route"]))
+    return examples
+
+
+def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> int:
+    """Accuracy per route, the confusions, and the examples the router got wrong."""
+    try:
+        examples = _read_examples(path)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
+    known = {pref.name for pref, _ in config.routes} | {NO_ROUTE}
+    unknown = sorted({expected for _, expected in examples} - known)
+    if unknown:
+        print(f"plano: {path}: {', '.join(unknown)} is not a configured route (routes: {', '.join(sorted(known))})",
+              file=sys.stderr)
+        return 2
+
+    async def decide_all() -> list[RouteDecision]:
+        async with _library_router(config) as router:
+            return [await router.decide(messages) for messages, _ in examples]
+
+    decisions = trio.run(decide_all)
+    failed = next((d for d in decisions if d.decision == "fallback"), None)
+    if failed is not None:
+        print(f"plano: the router could not decide: {failed.reason}", file=sys.stderr)
+        return 2
+    results = [(expected, d.route or NO_ROUTE, messages, d) for (messages, expected), d in zip(examples, decisions)]
+    print(f"{'route':<28} {'examples':>8} {'correct':>8} {'accuracy':>9}")
+    for name in sorted({expected for expected, *_ in results}):
+        mine = [got == expected for expected, got, *_ in results if expected == name]
+        print(f"{name:<28} {len(mine):>8} {sum(mine):>8} {sum(mine) / len(mine):>9.0%}")
+    correct = sum(got == expected for expected, got, *_ in results)
+    accuracy = correct / len(results)
+    print(f"{'overall':<28} {len(results):>8} {correct:>8} {accuracy:>9.0%}")
+    confusions = collections.Counter((expected, got) for expected, got, *_ in results if got != expected)
+    if confusions:
+        print("confusions (expected → chosen): "
+              + ", ".join(f"{e} → {g} ×{n}" for (e, g), n in confusions.most_common()))
+        print("wrong:")
+        for expected, got, messages, decision in results:
+            if got != expected:
+                said = conversation_for_router(messages)
+                sure = f", p={decision.confidence:.2f}" if decision.confidence is not None else ""
+                print(f"  {json.dumps(said[-1]['content'] if said else '', ensure_ascii=False)[:100]}: expected "
+                      f"{expected}, chosen {got}{sure}")
+    if min_accuracy is not None and accuracy < min_accuracy:
+        print(f"plano: accuracy {accuracy:.0%} is under --min-accuracy {min_accuracy:.0%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
+
+
+def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Rows of `plano stats`: one per model or route."""
+    lines = [f"{title:<34} {'requests':>8} {'input':>10} {'cached':>10} {'output':>9} {'cache hit':>9} {'cost':>10}"]
+    for name, t in groups.items():
+        hit = "-" if t["cache_hit_rate"] is None else f"{t['cache_hit_rate']:.0%}"
+        lines.append(f"{name[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} {t['cache_read_tokens']:>10,} "
+                     f"{t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
+    return lines
+
+
+def _cmd_stats(args: Any) -> int:
+    """Usage and cost per model and per route, from the ledger, and what routing saved."""
+    config = _load_config_or_exit(args.config)
+    path = usage_path(config.stats)
+    try:
+        since = _parse_since(args.since)
+    except RequestError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
+    summary = summarize_usage(read_usage(path, since=since, session=args.session))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    total = summary["total"]
+    print(f"{total['requests']} requests{' since ' + args.since if args.since else ''} (ledger {path})")
+    if not total["requests"]:
+        return 0
+    print("\n".join(format_usage_table("model", summary["by_model"])))
+    print()
+    print("\n".join(format_usage_table("route", summary["by_route"])))
+    baseline = config.stats.baseline or config.default_model.name
+    if total["saved_usd"] is None:
+        print(f"\nrouting saved: unknown (a model without prices answered; set `prices` for it, or {baseline}'s)")
+    else:
+        print(f"\nrouting saved: {_money(total['saved_usd'])} against {baseline} for everything "
+              f"({_money(total['cost_usd'])} instead of {_money(total['baseline_cost_usd'])})")
     return 0
 
 
@@ -4076,6 +4923,181 @@ def _cmd_download(args: Any) -> int:
         return 1
     print(path)
     return 0
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """One line of `plano doctor`: ok (✓), a problem (✗), or a note (·); `blocks` when `plano up`
+    cannot run until it is fixed."""
+
+    mark: str  # "ok" | "problem" | "note"
+    topic: str
+    text: str
+    blocks: bool = False
+
+
+def _cpu_description() -> str:
+    """The CPU model and the features that decide llama.cpp's speed (and its AMX crash)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine() or "unknown CPU"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flag_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flag_line.group(1).split()) if flag_line else set()
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8") if f in flags]
+    amx = "AMX present" if "amx_tile" in flags else "no AMX"
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores ({amx}; {' '.join(features)})"
+
+
+def _program_version(program: str) -> str | None:
+    import shutil
+    import subprocess
+    path = shutil.which(program)
+    if path is None:
+        return None
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{path} (does not run: {type(e).__name__})"
+    said = (result.stdout or result.stderr).strip().splitlines()
+    return f"{said[0] if said else 'version unknown'} ({path})"
+
+
+def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
+    """One cheap request (the model list) to a provider: reached, key rejected, or unreachable."""
+    headers = {"user-agent": "plano-doctor"}
+    key = model.access_key or ""
+    if key:
+        headers.update({"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
+                        "api-key": {"api-key": key}}.get(model.spec.auth, {}))
+    if model.interface == "anthropic":
+        headers["anthropic-version"] = "2023-06-01"
+    url = model.base_url + ("/v1/models" if model.interface == "anthropic" else "/models")
+    try:
+        status = httpx.get(url, headers=headers, timeout=8.0).status_code
+    except httpx.HTTPError as e:
+        return _Finding("problem", "reach", f"{model.base_url}: unreachable ({type(e).__name__}: "
+                                           f"{_scrub(str(e), secrets) or 'no detail'})")
+    if status in (401, 403):
+        which = f" (${model.key_env})" if model.key_env else ""
+        return _Finding("problem", "reach",
+                        f"{model.base_url}: reachable, but the key{which} was rejected (HTTP {status})")
+    return _Finding("ok" if status < 400 else "note", "reach", f"{model.base_url}: reachable (HTTP {status})")
+
+
+def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding]:
+    """What works and what to do about the rest, as `python -m plano doctor` prints it."""
+    findings: list[_Finding] = []
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return [_Finding("problem", "config", e.message, blocks=True)]
+    findings.append(_Finding("ok", "config", f"{config.path}: {len(config.models)} models, {len(config.routes)} "
+                                             f"routes, default {config.default_model.name}"))
+    secrets = [m.access_key for m in config.models if m.access_key]
+    reached: set[str] = set()
+    for model in config.models:
+        if model.spec.auth == "none":
+            findings.append(_Finding("ok", "key", f"{model.name}: needs no key"))
+        elif model.access_key:
+            where = f"${model.key_env}" if model.key_env else "written in the config"
+            findings.append(_Finding("ok", "key", f"{model.name}: key set ({where})"))
+        else:
+            findings.append(_Finding("problem", "key", f"{model.name}: ${model.key_env} is not set (export it or "
+                                                       f"put it in .env beside the config)"))
+        if not offline and model.base_url not in reached:
+            reached.add(model.base_url)
+            findings.append(_probe_provider(model, secrets))
+    findings += _router_findings(config.router, bool(config.routes))
+    for program, install in (("claude", "npm install -g @anthropic-ai/claude-code"),
+                             ("codex", "npm install -g @openai/codex")):
+        version = _program_version(program)
+        findings.append(_Finding("ok", program, version) if version else
+                        _Finding("note", program, f"not found on PATH (to use it: {install})"))
+    findings.append(_listener_finding(config))
+    return findings
+
+
+def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Finding]:
+    if not settings.enabled or not has_routes:
+        why = "router: false" if not settings.enabled else "no routing_preferences"
+        return [_Finding("note", "router", f"routing is off ({why}): the default model answers")]
+    if settings.endpoint:
+        return [_Finding("ok", "router", f"remote router at {settings.endpoint} (model {settings.model})")]
+    findings = []
+    try:
+        import llama_cpp
+    except ImportError:
+        return [_Finding("problem", "router", "llama-cpp-python is not installed: plano serves with routing off; "
+                                              "pip install 'plano[router]' to turn it on")]
+    offload = bool(getattr(llama_cpp.llama_cpp, "llama_supports_gpu_offload", lambda: False)())
+    layers = settings.gpu_layers
+    if not offload:
+        gpu = "no GPU offload (this llama.cpp build runs on the CPU)"
+    elif layers == 0:
+        gpu = "GPU offload off (gpu_layers: 0)"
+    else:
+        gpu = f"GPU offload: {'all' if layers is None else layers} layers"
+    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {llama_cpp.__version__}; {gpu}; "
+                                             f"{settings.threads or os.cpu_count()} threads; extra buffer types "
+                                             f"{'on' if settings.extra_buffer_types else 'off'}"))
+    findings.append(_Finding("note", "cpu", _cpu_description()))
+    model = os.path.expanduser(settings.model)
+    if model.endswith(".gguf") and (os.path.isabs(model) or model.startswith(("./", "../")) or os.path.exists(model)):
+        if os.path.isfile(model):
+            findings.append(_Finding("ok", "model", f"{model} ({os.path.getsize(model) / 1e6:.0f} MB)"))
+        else:
+            findings.append(_Finding("problem", "model", f"{model} does not exist: routing stays off until it does"))
+        return findings
+    try:
+        import huggingface_hub
+        cached = huggingface_hub.try_to_load_from_cache(settings.model, settings.file)
+    except ImportError:
+        cached = None
+    if isinstance(cached, str) and os.path.isfile(cached):
+        findings.append(_Finding("ok", "model", f"{settings.model}/{settings.file} cached: {cached} "
+                                                f"({os.path.getsize(cached) / 1e6:.0f} MB)"))
+    else:
+        findings.append(_Finding("note", "model", f"{settings.model}/{settings.file} is not downloaded yet: "
+                                                  "`python -m plano download` fetches it (~1 GB); until then the "
+                                                  "default model answers"))
+    return findings
+
+
+def _listener_finding(config: Config) -> _Finding:
+    import socket
+    host, port = config.listener.address, config.listener.port
+    try:
+        check_exposure(config, host)
+    except ConfigError as e:
+        return _Finding("problem", "listener", e.message, blocks=True)
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else host, port), timeout=2):
+            pass
+    except OSError:
+        return _Finding("ok", "listener", f"{host}:{port} is free")
+    url = _gateway_url(config)
+    try:
+        health = httpx.get(url + "/healthz", timeout=2.0, trust_env=False).json()
+        if health.get("status") == "ok" and "router" in health:
+            return _Finding("ok", "listener", f"plano is already serving on {url} (router: {health['router']})")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return _Finding("problem", "listener", f"{host}:{port} is taken by another program: stop it, or change "
+                                           "listeners[].port", blocks=True)
+
+
+def _cmd_doctor(args: Any) -> int:
+    findings = doctor_findings(args.config, offline=args.offline)
+    marks = {"ok": "✓", "problem": "✗", "note": "·"}
+    for finding in findings:
+        blocks = " (blocks plano up)" if finding.blocks else ""
+        print(f"{marks[finding.mark]} {finding.topic:<9} {finding.text}{blocks}")
+    return 1 if any(f.blocks for f in findings) else 0
 
 
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
@@ -4235,7 +5257,8 @@ def _cmd_cli_agent(args: Any) -> int:
 
 
 def _cmd_statusline(args: Any) -> int:
-    """Claude Code's status line: the model and route of this session's latest decision."""
+    """Claude Code's status line: this session's model and route, what the session has cost so far
+    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`."""
     try:
         session = json.loads(sys.stdin.read() or "{}").get("session_id")
     except ValueError:
@@ -4250,10 +5273,24 @@ def _cmd_statusline(args: Any) -> int:
         print("plano ▸ no requests yet")
         return 0
     d = decisions[-1]
-    route = f" · {d['route']}" if d.get("route") else ""
-    timing = f" {d['router_ms']:.0f} ms" if d.get("decision") == "router" else ""
-    print(f"plano ▸ {d['model']}{route} ({d['decision']}{timing})")
+    parts = [d["model"]] + ([d["route"]] if d.get("route") else [])
+    try:
+        spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
+        parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
+        if spent["cache_hit_rate"] is not None:
+            parts.append(f"cache {spent['cache_hit_rate']:.0%}")
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass  # the usage ledger is off: the model and route still say the most
+    if d.get("decision") == "fallback":
+        parts.append("fallback")
+    confidence = d.get("confidence")
+    if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
+        parts.append(f"unsure: {confidence:.0%}, else {d.get('runner_up')}")
+    print("plano ▸ " + " · ".join(parts))
     return 0
+
+
+LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
 
 
 _DECISION_COLOURS = {"router": "32", "pinned": "36", "alias": "35", "explicit": "34", "default": "33",
@@ -4269,6 +5306,8 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     ttfb = record.get("ttfb_ms")
     route = record.get("route") or "-"
     router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
+    if isinstance(record.get("confidence"), (int, float)):
+        router_ms += f" p={record['confidence']:.2f}"
     kind = record.get("decision", "?")
     return " ".join([
         paint("2", str(record.get("time", ""))[-8:]),
@@ -4317,7 +5356,10 @@ async def _handle_signals(shutdown: trio.Event, info: ServerInfo, everything: tr
         async for signum in signals:
             if signum == getattr(signal, "SIGHUP", None):
                 if info.reload_requests is not None:
-                    info.reload_requests.send_nowait(None)
+                    try:
+                        info.reload_requests.send_nowait(None)
+                    except trio.WouldBlock:
+                        pass  # a reload is already pending, and it reads the file as it is by then
             elif not shutdown.is_set():
                 log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
                 shutdown.set()
@@ -4338,13 +5380,26 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int)
     up.set_defaults(run=_cmd_up)
     route_cmd = commands.add_parser("route", help="print the routing decision for a text")
-    route_cmd.add_argument("text")
+    route_cmd.add_argument("text", nargs="?")
+    route_cmd.add_argument("--explain", action="store_true", help="every route with its probability")
+    route_cmd.add_argument("--eval", metavar="EXAMPLES.yaml", help="accuracy on examples: [{text, route}, ...]")
+    route_cmd.add_argument("--min-accuracy", type=float, help="with --eval: exit 1 under this accuracy (0-1)")
     route_cmd.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     route_cmd.add_argument("--json", action="store_true", help="print the decision as JSON")
     route_cmd.set_defaults(run=_cmd_route)
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
+    stats = commands.add_parser("stats", help="usage and cost per model and per route, and what routing saved")
+    stats.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    stats.add_argument("--since", help="epoch seconds, an ISO date or time, or a span: 7d, 12h")
+    stats.add_argument("--session", help="one session's usage")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_cmd_stats)
+    doctor = commands.add_parser("doctor", help="check the setup: config, keys, providers, router, agents, listener")
+    doctor.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    doctor.add_argument("--offline", action="store_true", help="make no requests to providers")
+    doctor.set_defaults(run=_cmd_doctor)
     agent = commands.add_parser("cli-agent", help="run Claude Code through plano: cli-agent claude [ARGS...]",
                                 prefix_chars="\x00")  # every argument after the agent is Claude Code's
     agent.add_argument("agent")
@@ -4360,6 +5415,10 @@ def main(argv: list[str] | None = None) -> int:
     statusline.set_defaults(run=_cmd_statusline)
     args = parser.parse_args(argv)
     args.config = getattr(args, "config_sub", None) or args.config
+    # When fetching the router model fails plano says so in one line, so huggingface_hub's retry
+    # chatter (which it also prints twice) stays out of the output. The library reads its level
+    # from this variable when it is first imported.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     # plano's access line already says what httpx would log for every upstream request.

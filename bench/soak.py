@@ -9,8 +9,13 @@ closed, so the numbers compare like with like.
 
     python bench/soak.py [--requests 10000] [--concurrency 20]
 
-Exit status 0 when memory grew by less than 10%, descriptors by fewer than 10, every answer was
-right, plano is still up, its log has no traceback and it stops on SIGTERM; 1 otherwise.
+The same plan runs twice, one plano after the other: with the usage ledger off, then on (one
+SQLite row per answer, written by its own thread), and the two are compared: requests per second
+and memory, and the ledger's row count against the answers that had a model.
+
+Exit status 0 when, in both runs, memory grew by less than 10%, descriptors by fewer than 10,
+every answer was right, plano is still up, its log has no traceback and it stops on SIGTERM, and
+the ledger holds a row for every answer that had a model; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from plano import read_usage
 from overhead import (CLIENT_MODEL, anthropic_body, check_json, check_stream, directive_tag,
                       openai_body, percentile, reply_pieces, stand_in, start_plano, stop)
 
@@ -193,33 +199,52 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--concurrency", type=int, default=20)
     args = parser.parse_args()
+    runs = {}
+    for ledger in (False, True):
+        print(f"\n── usage ledger {'on' if ledger else 'off'} ──", flush=True)
+        runs[ledger] = one_run(args.requests, args.concurrency, ledger)
+    (off_ok, off_rate, off_rss), (on_ok, on_rate, on_rss) = runs[False][:3], runs[True][:3]
+    rows, expected = runs[True][3]
+    rows_ok = rows == expected
+    print(f"\nusage ledger on vs off: {on_rate:.0f} vs {off_rate:.0f} requests/s ({on_rate / off_rate:.2f}x); "
+          f"RSS at the end {on_rss / 1024:.1f} vs {off_rss / 1024:.1f} MiB; ledger rows {rows} for {expected} "
+          f"answers with a model: {'all there' if rows_ok else 'MISSING ROWS'}")
+    return 0 if off_ok and on_ok and rows_ok else 1
+
+
+def one_run(requests: int, concurrency: int, ledger: bool) -> tuple[bool, float, int, tuple[int, int]]:
+    """(passed, requests per second, RSS at the end in KiB, (ledger rows, answers that had a model))."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch, stand_in() as upstream_port:
         workdir = Path(scratch)
         try:
-            plano = start_plano(sys.executable, upstream_port, workdir)
+            plano = start_plano(sys.executable, upstream_port, workdir, ledger=ledger)
         except RuntimeError as e:
             print(f"plano failed to start: {e}\n{(workdir / 'plano.log').read_text()}", file=sys.stderr)
-            return 1
+            return False, 0.0, 0, (0, 0)
         try:
             base = plano.url.removesuffix("/v1/messages")
             pid = plano.process.pid
-            print(f"soak: {args.requests} requests, {args.concurrency} at a time, through plano "
+            print(f"soak: {requests} requests, {concurrency} at a time, through plano "
                   f"(pid {pid}) to the stand-in on port {upstream_port}", flush=True)
             load_started = time.monotonic()
             try:
-                tally, readings = trio.run(soak, base, pid, args.requests, args.concurrency)
+                tally, readings = trio.run(soak, base, pid, requests, concurrency)
             except trio.TooSlowError:
                 print(f"FAIL: the requests did not finish within {TIME_LIMIT} s; see plano's log:\n"
                       f"{plano.log_path.read_text(errors='replace')[-3000:]}")
-                return 1
+                return False, 0.0, 0, (0, 0)
             load_seconds = time.monotonic() - load_started
             alive = plano.process.poll() is None and httpx.get(f"{base}/healthz", timeout=5).status_code == 200
             log = plano.log_path.read_text(errors="replace")
         finally:
             shutdown_note = stop(plano)
-    return report(tally, readings, load_seconds, alive, log, shutdown_note, args.requests,
-                  time.monotonic() - started)
+        # Every request but the invalid bodies got a model (and so a ledger row), answered or not.
+        expected = sum(1 for kind in plan(requests) if kind != "invalid")
+        rows = len(read_usage(str(workdir / "usage.sqlite3"))) if ledger else expected
+    ok = report(tally, readings, load_seconds, alive, log, shutdown_note, requests,
+                time.monotonic() - started) == 0
+    return ok, requests / load_seconds, readings[-1][2], (rows, expected)
 
 
 def log_tracebacks(log: str) -> collections.Counter[str]:
