@@ -3997,7 +3997,7 @@ class Gateway:
         exchange.session = session_key(body, request.headers)
         config = self.config  # a reload during this request does not change what it talks to
         decision = await self.choose_model(config, requested, body, exchange)
-        exchange.decision = decision
+        exchange.decision = decision  # logged with the 400 when no model can take the request
         exchange.decision = decision = fit_decision(config, decision, request_needs(body, client_format))
         wants_stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
