@@ -3627,7 +3627,8 @@ def test_config_fields_win_over_the_catalogue():
                                 "    prices: {input: 1.25, cached_input: 0.125, output: 10}\n"
                                 "  - model: openai/gpt-4o\n    max_tokens: 1000\n", path=CONFIG_PATH, environ=KEYS)
     claude, gpt = config.models
-    assert (claude.capabilities.context_window, claude.max_output_tokens, claude.capabilities.vision) == (50000, 4000, False)
+    assert (claude.capabilities.context_window, claude.max_output_tokens, claude.capabilities.vision) == (
+        50000, 4000, False)
     assert claude.capabilities.prices == plano.Prices(1.25, 0.125, 10)
     assert gpt.max_output_tokens == 1000  # today's `max_tokens` cap is still read
     assert config.capability_warning is None
@@ -3635,7 +3636,8 @@ def test_config_fields_win_over_the_catalogue():
 
 def test_an_unknown_model_gets_defaults_and_one_warning_naming_what_is_unknown():
     config = plano.parse_config("llm_providers:\n  - model: local/house-model\n    base_url: http://127.0.0.1:9/v1\n"
-                                "    provider_interface: openai\n  - model: ollama/llama-mine\n    context_window: 8192\n"
+                                "    provider_interface: openai\n"
+                                "  - model: ollama/llama-mine\n    context_window: 8192\n"
                                 "  - model: openai/gpt-4o\n", path=CONFIG_PATH, environ=KEYS)
     house = config.models[0].capabilities
     assert (house.context_window, house.vision, house.prices) == (plano.UNKNOWN_CONTEXT_WINDOW, True, None)
@@ -3661,7 +3663,8 @@ def test_request_needs_read_both_formats():
     assert (needs.output_tokens, needs.images, needs.server_tools) == (500, True, ("web_search_20250305",))
     assert needs.input_tokens == plano.estimate_tokens(anthropic_body)
     openai_body = {"model": "m", "max_completion_tokens": 300, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400000}}]}]}
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400000}}]}]}
     needs = plano.request_needs(openai_body, "openai")
     assert (needs.output_tokens, needs.images, needs.server_tools) == (300, True, ())
     assert needs.input_tokens < 2000  # an image, not 100k tokens of base64 text
@@ -3693,7 +3696,8 @@ def test_top_level_routing_preferences_answer_with_the_first_listed_model_that_f
              "    models: [openai/small-model, openai/medium-model, anthropic/big-model]\n")
     config = capability_config(provider, big_provider, extra=extra)
     assert [(p.name, m.name) for p, m in config.routes] == [("code generation", "openai/small-model")]
-    routed = plano.RouteDecision("openai/small-model", "code generation", "router", reason="router chose code generation")
+    routed = plano.RouteDecision("openai/small-model", "code generation", "router",
+                                 reason="router chose code generation")
     moved = plano.fit_decision(config, routed, plano.RequestNeeds(20000, 0, False, ()))
     assert (moved.model, moved.route, moved.decision) == ("openai/medium-model", "code generation", "router")
 
@@ -3702,7 +3706,8 @@ def test_top_level_routing_preferences_must_name_configured_models(provider, big
     with pytest.raises(plano.ConfigError) as raised:
         capability_config(provider, big_provider, extra="routing_preferences:\n  - name: chat\n"
                           "    description: small talk\n    models: [openai/nope]\n")
-    assert "capabilities.yaml:" in raised.value.message and "openai/nope is not a configured model" in raised.value.message
+    message = raised.value.message
+    assert "capabilities.yaml:" in message and "openai/nope is not a configured model" in message
 
 
 def test_a_conversation_too_big_for_the_default_model_goes_to_one_that_holds_it(provider, big_provider):
@@ -3793,7 +3798,8 @@ def test_an_anthropic_server_tool_goes_to_an_anthropic_model(provider, big_provi
             messages=[{"role": "user", "content": "SAY:searched"}])
         assert raw.parse().content[0].text == "echo: SAY:searched"
         assert raw.headers["x-plano-model"] == "anthropic/big-model"
-        assert "web_search_20250305 runs only on Anthropic models, not small-model" in latest_decision(running)["reason"]
+        reason = latest_decision(running)["reason"]
+    assert "web_search_20250305 runs only on Anthropic models, not small-model" in reason
     assert provider.requests == [] and big_provider.requests[0].json["tools"] == [WEB_SEARCH_TOOL]
 
 
