@@ -496,6 +496,12 @@ class RunningPlano:
             trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
         self.thread.join(10)
 
+    def __enter__(self) -> "RunningPlano":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def gateway(provider):
@@ -1970,12 +1976,9 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
 
 
 def test_claude_codes_haiku_slot_goes_to_the_small_fast_alias_even_with_routing_off(provider):
-    running = RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n"))
-    try:
+    with RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n")) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "title"}])
-    finally:
-        running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "anthropic/claude-sonnet-5")
 
 
@@ -2030,33 +2033,27 @@ def test_client_keys_are_replaced_by_the_configured_key(gateway, provider, model
 
 
 def test_a_missing_key_variable_is_named_in_a_permission_error(provider):
-    running = RunningPlano(plano.parse_config(f"""
+    with RunningPlano(plano.parse_config(f"""
 llm_providers:
   - model: openai/gpt-4o
     base_url: {provider.openai_base}
     access_key: $PLANO_TEST_UNSET_KEY
-""", environ={}))
-    try:
+""", environ={})) as running:
         # 403, not 401: the client's credentials are fine, plano's are missing (ProviderKeyError).
         with pytest.raises(anthropic.PermissionDeniedError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
                                                       messages=[{"role": "user", "content": "hi"}])
         assert "PLANO_TEST_UNSET_KEY" in str(caught.value)
         assert provider.requests == []  # nothing was sent without a key
-    finally:
-        running.stop()
 
 
 def test_a_rejected_key_is_reported_without_echoing_it(provider):
-    running = RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY))
-    try:
+    with RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY)) as running:
         with pytest.raises(openai.PermissionDeniedError) as caught:
             openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
         message = json.dumps(caught.value.body)
         assert "OPENAI_API_KEY" in message
         assert "sk-wrong-key" not in message  # the stand-in echoes the header it got; plano scrubs it
-    finally:
-        running.stop()
 
 
 # ── errors in the caller's format ─────────────────────────────────────────────────────────
@@ -2182,8 +2179,7 @@ router: false
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropic_client(provider, stream):
-    running = RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={}))
-    try:
+    with RunningPlano(plano.parse_config(gemini_config(provider), path=CONFIG_PATH, environ={})) as running:
         client = anthropic_client(running)
         question = [{"role": "user", "content": "TOOL:ls /tmp"}]
         if stream:
@@ -2199,8 +2195,6 @@ def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropi
         assert second.content[0].text == "tool said: a.txt"
         sent_back = provider.requests[-1].json["messages"][-2]["tool_calls"][0]
         assert sent_back["id"] == "call_abc123"  # Gemini gets its own id back, the signature beside it
-    finally:
-        running.stop()
 
 
 def test_a_client_that_hangs_up_cancels_the_upstream_request(gateway, provider):
@@ -2411,8 +2405,7 @@ llm_providers:
     default: true
     timeout: 0.5
 """, path=CONFIG_PATH, environ={})
-    running = RunningPlano(config)
-    try:
+    with RunningPlano(config) as running:
         provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])  # answers, late
         response = ask(running)
         assert response.status_code == 504  # not the 200 the stand-in sends after 3 s
@@ -2422,8 +2415,6 @@ llm_providers:
             openai_client(running).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
         assert caught.value.status_code == 504 and "did not answer in time" in caught.value.message
         assert ask(running, "say still").json()["content"][0]["text"] == "echo: say still"  # and it keeps serving
-    finally:
-        running.stop()
 
 
 class LoopbackServer:
@@ -2588,14 +2579,11 @@ def tls_provider(tmp_path, authority):
 def test_providers_are_reached_over_verified_tls(tls_provider, monkeypatch):
     provider, authority_pem = tls_provider
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)  # how a user trusts a company's own CA
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         for stream in (False, True, False):
             response = ask(running, "say secure", stream=stream)
             assert response.status_code == 200, response.text
         assert len({r.peer_port for r in provider.requests}) == 1  # TLS connections are kept alive too
-    finally:
-        running.stop()
     assert provider.scheme == "https" and provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
@@ -2603,11 +2591,8 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
     provider, _ = tls_provider
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         response = ask(running)
-    finally:
-        running.stop()
     assert response.status_code == 502
     assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
     assert provider.requests == []  # the key never left plano
@@ -2710,12 +2695,9 @@ def test_https_providers_are_reached_through_the_proxy_in_https_proxy(tls_provid
     provider.host = PROXIED_HOST
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         for stream in (False, True, False):
             assert ask(running, "say tunnelled", stream=stream).status_code == 200
-    finally:
-        running.stop()
     credentials = PROXY_BASIC
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1", credentials)]  # one tunnel, kept
     assert provider.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # inside TLS, to the provider
@@ -2741,11 +2723,8 @@ def test_providers_on_this_machine_are_reached_directly_despite_a_proxy(tls_prov
     provider, authority_pem = tls_provider  # at https://localhost:PORT
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         assert ask(running, "say direct").status_code == 200
-    finally:
-        running.stop()
     assert proxy.seen == [] and len(provider.requests) == 1
 
 
@@ -2753,11 +2732,8 @@ def test_plain_http_providers_go_through_http_proxy_with_the_whole_url(provider,
     monkeypatch.setenv("HTTP_PROXY", f"http://{PROXY_USER}@127.0.0.1:{proxy.port}")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # for the test's own client (plano skips loopback anyway)
     provider.host = PROXIED_HOST
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         assert ask(running, "say forwarded").json()["content"][0]["text"] == "echo: say forwarded"
-    finally:
-        running.stop()
     line, credentials = proxy.seen[0]
     assert line == f"POST http://{PROXIED_HOST}:{provider.port}/v1/chat/completions HTTP/1.1"
     assert credentials == PROXY_BASIC
@@ -2768,11 +2744,8 @@ def test_a_proxy_that_refuses_is_a_502_that_says_so(tls_provider, proxy, monkeyp
     provider.host = PROXIED_HOST
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")  # no credentials
-    running = RunningPlano(config_for(provider))
-    try:
+    with RunningPlano(config_for(provider)) as running:
         response = ask(running)
-    finally:
-        running.stop()
     assert response.status_code == 502
     assert "407" in response.json()["error"]["message"] and "proxy" in response.json()["error"]["message"]
     assert provider.requests == []
@@ -4251,8 +4224,7 @@ def usage(running: RunningPlano, query: str = "") -> dict:
 
 
 def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provider, tmp_path):
-    running = RunningPlano(ledger_config(provider, tmp_path / "usage.sqlite3"))
-    try:
+    with RunningPlano(ledger_config(provider, tmp_path / "usage.sqlite3")) as running:
         client = anthropic_client(running)
         client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])  # translated
         client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])  # passthrough
@@ -4260,8 +4232,6 @@ def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provi
             stream.until_done()
         openai_client(running).chat.completions.create(model="fast", messages=[USER_HI])  # an alias, OpenAI API
         summary = usage(running)
-    finally:
-        running.stop()
     rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
     assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
         ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
@@ -4278,14 +4248,11 @@ def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provi
 def test_the_ledger_survives_a_restart_and_filters_by_session(provider, tmp_path):
     path = tmp_path / "usage.sqlite3"
     for session in ("first-run", "second-run"):
-        running = RunningPlano(ledger_config(provider, path))
-        try:
+        with RunningPlano(ledger_config(provider, path)) as running:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI],
                                                       extra_headers={"X-Claude-Code-Session-Id": session})
             summary = usage(running)
             mine = usage(running, "?session=first-run")
-        finally:
-            running.stop()
     assert summary["total"]["requests"] == 2  # the first run's row is still there
     assert mine["total"]["requests"] == 1 and mine["session"] == "first-run"
 
@@ -4335,12 +4302,9 @@ stats:
   path: {path}
 router: false
 """)
-    running = RunningPlano(plano.load_config(config))
-    try:
+    with RunningPlano(plano.load_config(config)) as running:
         for model in ("openai/gpt-4o", "openai/gpt-4o", "anthropic/claude-sonnet-5"):
             anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
-    finally:
-        running.stop()
     result = run_plano_cli("stats", "--config", config)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -4436,14 +4400,11 @@ llm_providers:
 @pytest.mark.parametrize("status", [429, 500, 503, 529])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup, status, streaming):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(status, {"error": {"message": "down", "type": "server_error"}}))
         response = httpx.post(running.url + "/v1/messages", json={
             "model": "openai/gpt-4o", "max_tokens": 20, "stream": streaming,
             "messages": [{"role": "user", "content": "still there?"}]})
-    finally:
-        running.stop()
     assert response.status_code == 200
     assert (response.headers["x-plano-decision"], response.headers["x-plano-model"]) == ("fallback", "anthropic/claude-backup")
     assert (anthropic_stream_text(response.text) if streaming else response.json()["content"][0]["text"]) == "echo: still there?"
@@ -4451,56 +4412,44 @@ def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup,
 
 
 def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
-    running = RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]"))
-    try:
+    with RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]")) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
         decisions = running.gateway.decision_log.records
-    finally:
-        running.stop()
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("fallback", "openai/gpt-default")
     assert raw.parse().content[0].text == "echo: hello"
     assert "openai/gpt-4o: 502" in decisions[-1]["reason"]
 
 
 def test_a_bad_request_is_not_retried_elsewhere(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(400, {"error": {"message": "bad tool schema", "type": "invalid_request_error"}}))
         with pytest.raises(anthropic.BadRequestError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=10,
                                                       messages=[{"role": "user", "content": "x"}])
-    finally:
-        running.stop()
     assert "bad tool schema" in str(caught.value)
     assert backup.requests == []
 
 
 def test_a_provider_that_keeps_failing_is_skipped_for_a_cool_down(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         for _ in range(3):
             provider.then(Reply(503, {"error": {"message": "down"}}))
         for i in range(5):
             r = httpx.post(running.url + "/v1/chat/completions", json={
                 "model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"try {i}"}]})
             assert r.status_code == 200 and r.headers["x-plano-model"] == "anthropic/claude-backup"
-    finally:
-        running.stop()
     assert len(provider.requests) == 3  # after three failures in a row, no more attempts for a while
     assert len(backup.requests) == 5
 
 
 def test_retry_after_keeps_plano_away_from_the_provider_that_asked(provider, backup):
-    running = RunningPlano(failover_config(provider.openai_base, backup))
-    try:
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
         provider.then(Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "30"}))
         for _ in range(2):
             r = httpx.post(running.url + "/v1/chat/completions", json={
                 "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x"}]})
             assert r.headers["x-plano-decision"] == "fallback"
-    finally:
-        running.stop()
     assert len(provider.requests) == 1
 
 
@@ -4512,13 +4461,10 @@ llm_providers:
     access_key: {OPENAI_KEY}
     default: true
 """, environ={})
-    running = RunningPlano(config)
-    try:
+    with RunningPlano(config) as running:
         provider.then(Reply(529, {"error": {"message": "overloaded", "type": "overloaded_error"}}))
         r = httpx.post(running.url + "/v1/messages", json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
-    finally:
-        running.stop()
     assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
 
 
@@ -4821,8 +4767,7 @@ def test_a_non_loopback_listener_requires_a_gateway_key(provider):
 
 
 def test_clients_must_present_the_gateway_key_when_one_is_set(provider):
-    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY), host="0.0.0.0")
-    try:
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY), host="0.0.0.0") as running:
         with pytest.raises(anthropic.AuthenticationError):
             anthropic_client(running, api_key="wrong").messages.create(
                 model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
@@ -4831,8 +4776,6 @@ def test_clients_must_present_the_gateway_key_when_one_is_set(provider):
         completion = openai_client(running, api_key=GATEWAY_KEY).chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "y"}])
         assert httpx.get(running.url + "/healthz").status_code == 200  # for load balancers
-    finally:
-        running.stop()
     assert answer.content[0].text == "echo: x" and completion.choices[0].message.content == "echo: y"
     assert all(GATEWAY_KEY not in json.dumps(r.headers) for r in provider.requests)  # never sent upstream
 
@@ -5089,8 +5032,7 @@ def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
     # Last in the file, so the scan covers every line the suite made plano log; and with traffic of
     # its own, so that it means something when it runs alone: a rejected key, a provider error that
     # echoes the key back, a gateway key that is wrong.
-    running = RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY))
-    try:
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running:
         provider.then(Reply(401, {"error": {"message": f"Incorrect API key provided: {OPENAI_KEY}",
                                             "type": "invalid_request_error"}}))
         rejected = httpx.post(running.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, json={
@@ -5101,8 +5043,6 @@ def test_no_configured_key_appears_in_any_log_line_or_error_body(provider):
                             json={"model": "anthropic/claude-sonnet-5", "messages": [{"role": "user", "content": "x"}]})
         wrong = httpx.post(running.url + "/v1/messages", headers={"x-api-key": WRONG_KEY}, json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
-    finally:
-        running.stop()
     assert (rejected.status_code, echoed.status_code, wrong.status_code) == (403, 400, 401)
     for response in (rejected, echoed, wrong):
         assert not any(key in response.text for key in ALL_KEYS), response.text
