@@ -1137,6 +1137,14 @@ def _openai_usage_to_anthropic(usage: Any) -> dict:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
+def _openai_reasoning_tokens(usage: Any) -> int | None:
+    """The reasoning share of an OpenAI-format answer's output tokens (Anthropic's usage has none:
+    its thinking counts as output)."""
+    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return tokens if isinstance(tokens, int) else None
+
+
 def _anthropic_usage_to_openai(usage: Any) -> dict:
     usage = usage if isinstance(usage, dict) else {}
     cached = usage.get("cache_read_input_tokens") or 0
@@ -1869,6 +1877,7 @@ class StreamTranslator:
         self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
         self.failure: UpstreamError | StreamTranslationError | None = None
         self._passthrough_usage: dict = {}
+        self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
@@ -1918,6 +1927,12 @@ class StreamTranslator:
             return self.machine.usage
         return self._passthrough_usage
 
+    @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.machine, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.machine.usage)
+        return _openai_reasoning_tokens(self._passthrough_openai_usage) if self.machine is None else None
+
     def _translate(self, events: list[SSEEvent]) -> bytes:
         out = b""
         for event in events:
@@ -1958,6 +1973,7 @@ class StreamTranslator:
         if self.upstream_format == "openai":
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
+                self._passthrough_openai_usage = data["usage"]
             if data.get("error"):
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
@@ -3719,6 +3735,7 @@ class _Exchange:
     input_tokens: int | None = None  # cache reads included (what the access log shows)
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
+    reasoning_tokens: int | None = None  # of the output tokens, where the provider says
     session: str = ""
 
 
@@ -3796,16 +3813,36 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
-def usage_row(exchange: _Exchange) -> dict:
-    """One answered request for the usage ledger."""
+def usage_cost(row: Mapping[str, Any], prices: Prices | None) -> float | None:
+    """What a row's tokens cost at `prices` (USD); None when the prices are not known. Cache reads
+    at the cached-input price (the input price when there is none), cache writes at the input
+    price (Anthropic bills its 5-minute cache writes at 1.25 times that: a slight underestimate),
+    reasoning as the output it is part of."""
+    if prices is None or prices.input is None or prices.output is None:
+        return None
+    cached = prices.cached_input if prices.cached_input is not None else prices.input
+    return ((row.get("input_tokens") or 0) * prices.input + (row.get("cache_read_tokens") or 0) * cached
+            + (row.get("cache_write_tokens") or 0) * prices.input
+            + (row.get("output_tokens") or 0) * prices.output) / 1e6
+
+
+def usage_row(exchange: _Exchange, config: Config) -> dict:
+    """One answered request for the usage ledger, priced at its model and at the baseline model
+    (`stats.baseline`, else the default): the same tokens, to say what routing saved."""
     decision = exchange.decision
     assert decision is not None
     usage = exchange.usage or {}
-    return {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
-            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
-            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
-            "cache_read_tokens": usage.get("cache_read_input_tokens"),
-            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens")}
+    row = {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+           "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
+           "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
+           "cache_read_tokens": usage.get("cache_read_input_tokens"),
+           "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens"),
+           "reasoning_tokens": exchange.reasoning_tokens}
+    answered_by = config.model_named(decision.model)
+    baseline = config.model_named(config.stats.baseline or config.default_model.name)
+    row["cost_usd"] = usage_cost(row, answered_by.capabilities.prices if answered_by else None)
+    row["baseline_cost_usd"] = usage_cost(row, baseline.capabilities.prices if baseline else None)
+    return row
 
 
 def _parse_since(value: str | None) -> float | None:
@@ -3904,7 +3941,8 @@ let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStora
 const $ = (id) => document.getElementById(id);
 const headers = () => key ? {"x-api-key": key} : {};
 const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
-const money = (v) => v == null ? "unknown" : "$" + (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toFixed(4));
+const money = (v) => v == null ? "unknown"
+  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
 const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
 async function get(path) {
   const response = await fetch(path, {headers: headers()});
@@ -4237,7 +4275,7 @@ class Gateway:
         if exchange.decision is not None:
             self.decision_log.add(decision_record(exchange))
             if self.ledger is not None:
-                self.ledger.record(usage_row(exchange))
+                self.ledger.record(usage_row(exchange, self.config))
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -4448,6 +4486,7 @@ class Gateway:
                         exchange: _Exchange) -> bytes:
         if model.interface == "openai":
             usage = _openai_usage_to_anthropic(payload.get("usage"))
+            exchange.reasoning_tokens = _openai_reasoning_tokens(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         exchange.usage = usage
@@ -4480,6 +4519,7 @@ class Gateway:
                                 status=502, error_type="api_error") from None
         finally:
             exchange.usage = translate.usage or None
+            exchange.reasoning_tokens = translate.reasoning_tokens
             exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
@@ -5045,7 +5085,12 @@ def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> in
 
 
 def _money(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
+    """USD as people read it: cents, or six decimals for the fractions of a cent one answer costs."""
+    if value is None:
+        return "unknown"
+    sign = "-" if value < 0 else ""
+    amount = abs(value)
+    return f"{sign}${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"{sign}${amount:.6f}"
 
 
 def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
