@@ -379,6 +379,12 @@ class RouterSettings:
     # The conversation budget. None: 512 tokens in-process (a CPU evaluates ~140 tokens/s, so a
     # full re-evaluation stays within a few seconds), 2048 on a router server (as upstream).
     context_tokens: int | None = None
+    # The most one move of a session to another model may cost, in USD: the conversation sent
+    # uncached to the new model, less what it costs cached at the current one. $0.05 lets a session
+    # move while it is short (up to ~18k tokens onto a $3-per-million model) and keeps a long one
+    # where its cache is: at 150k tokens one move costs as much as many cached turns. 0: a session
+    # never moves once it has a model.
+    switch_budget: float = 0.05
     gpu_layers: int | None = None  # layers offloaded to a GPU; None: all where llama.cpp can offload
     # llama.cpp's extra buffer types (repacked CPU kernels): off, see _LlamaModel._construct for why.
     extra_buffer_types: bool = False
@@ -760,7 +766,7 @@ class _ConfigReader:
         if not isinstance(section, dict):
             raise self.fail(raw, "router", "must be a mapping {model, file, endpoint, timeout_ms, threads}")
         known = {"model", "file", "endpoint", "timeout_ms", "threads", "enabled", "context_tokens", "gpu_layers",
-                 "extra_buffer_types"}
+                 "extra_buffer_types", "switch_budget"}
         for key in section:
             if key not in known:
                 raise self.fail(section, key, f"is not a known router field (known: {', '.join(sorted(known))})")
@@ -780,6 +786,7 @@ class _ConfigReader:
                               timeout_ms=timeout_ms, threads=threads,
                               enabled=self.get(section, "enabled", bool, True),
                               context_tokens=context_tokens, gpu_layers=self.get(section, "gpu_layers", int),
+                              switch_budget=self.read_switch_budget(section),
                               extra_buffer_types=self.get(section, "extra_buffer_types", bool, False))
 
     def read_stats(self, raw: dict) -> StatsSettings:
@@ -801,6 +808,12 @@ class _ConfigReader:
         return StatsSettings(enabled=self.get(section, "enabled", bool, True),
                              path=os.path.expanduser(path) if path else None,
                              retention_days=float(retention), baseline=self.get(section, "baseline", str))
+
+    def read_switch_budget(self, section: dict) -> float:
+        budget = self.get(section, "switch_budget", (int, float), RouterSettings.switch_budget)
+        if isinstance(budget, bool) or budget < 0:
+            raise self.fail(section, "switch_budget", f"must be an amount in USD, 0 or more, got {budget!r}")
+        return float(budget)
 
     def read_aliases(self, raw: dict, config: Config) -> dict[str, str]:
         section = self.get(raw, "model_aliases", dict, {}) or {}
@@ -2351,7 +2364,9 @@ class RouteDecision:
     decision: ``explicit`` (the request named a configured model), ``alias``, ``router`` (the
     router model chose a route), ``pinned`` (a tool-loop continuation kept the turn's model),
     ``small_fast`` (Claude Code's background slot), ``default`` (no route fits, or routing is
-    off), ``fallback`` (the router failed or timed out, or the chosen model's provider failed).
+    off), ``fallback`` (the router failed or timed out, or the chosen model's provider failed),
+    ``sticky`` (a new turn stayed on the session's model: moving would cost more than
+    ``router.switch_budget``).
     """
 
     model: str
@@ -3229,11 +3244,33 @@ class Router:
             pin.at = now
             return RouteDecision(pin.model, pin.route, "pinned", 0.0, "tool-loop continuation keeps the turn's model")
         decision = await self.decide(messages)
+        if pin is not None and decision.model != pin.model and decision.decision in ("router", "default") \
+                and self.config.model_named(pin.model) is not None:
+            decision = self._weigh_switch(body, pin, decision)
         self.pins[session] = _Pin(decision.model, decision.route, now)
         self.pins.move_to_end(session)
         while len(self.pins) > self.max_sessions:
             self.pins.popitem(last=False)
         return decision
+
+    def _weigh_switch(self, body: dict, pin: _Pin, decision: RouteDecision) -> RouteDecision:
+        """A new turn would move the session to another model: the conversation would go to it
+        uncached. Over `router.switch_budget`, the session stays where its cache is (`sticky`)."""
+        budget = self.config.router.switch_budget
+        current, proposed = self.config.model_named(pin.model), self.config.model_named(decision.model)
+        tokens = estimate_tokens(body)
+        cost = switch_cost(tokens, current.capabilities.prices, proposed.capabilities.prices)
+        towards = f"{decision.route or 'no route'} → {proposed.model_id}"
+        if cost is None and budget > 0:
+            return dataclasses.replace(decision, reason=f"{decision.reason}; moving the session ({towards}) at a cost "
+                                                        "unknown: no prices for one of the two models")
+        if budget > 0 and cost is not None and cost <= budget:
+            return decision
+        why = f"${cost:.2f} > ${budget:.2f}" if budget > 0 else "and router.switch_budget is 0"
+        return RouteDecision(pin.model, pin.route, "sticky", decision.latency_ms,
+                             f"{towards} would re-send {_thousands(tokens)} uncached tokens, {why}; staying on "
+                             f"{current.model_id}", decision.confidence, decision.runner_up,
+                             decision.runner_up_confidence)
 
     def _expire_pins(self, now: float) -> None:
         while self.pins:
@@ -3241,6 +3278,21 @@ class Router:
             if now - oldest.at <= self.pin_ttl:
                 break
             self.pins.popitem(last=False)
+
+
+def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) -> float | None:
+    """What moving a conversation of `tokens` to another model costs more than staying: all of it
+    uncached there, against cached here (USD; None when a price is missing)."""
+    if current is None or proposed is None or proposed.input is None:
+        return None
+    staying = current.cached_input if current.cached_input is not None else current.input
+    if staying is None:
+        return None
+    return max(tokens * (proposed.input - staying), 0) / 1e6
+
+
+def _thousands(tokens: int) -> str:
+    return f"{tokens / 1000:.0f}k" if tokens >= 1000 else str(tokens)
 
 
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
@@ -5515,7 +5567,7 @@ def _cmd_statusline(args: Any) -> int:
 LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
 
 
-_DECISION_COLOURS = {"router": "32", "pinned": "36", "alias": "35", "explicit": "34", "default": "33",
+_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
                      "fallback": "31"}
 
 

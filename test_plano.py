@@ -3745,6 +3745,79 @@ def test_a_routed_answer_says_how_sure_the_router_was(routed_gateway):
     assert 0 < record["runner_up_confidence"] <= 1 - record["confidence"] + 1e-3
 
 
+# ── cache-aware switching ──────────────────────────────────────────────────────────────────
+
+def switching_config(models: StandInProvider, router: StandInProvider, budget: str = "") -> plano.Config:
+    return plano.parse_config(f"""
+llm_providers:
+  - model: anthropic/claude-sonnet-5
+    base_url: {models.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+    default: true
+    prices: {{input: 3, cached_input: 0.3, output: 15}}
+    routing_preferences:
+      - name: code understanding
+        description: explain code
+  - model: openai/gpt-4o
+    base_url: {models.openai_base}
+    access_key: {OPENAI_KEY}
+    prices: {{input: 2.5, cached_input: 1.25, output: 10}}
+    routing_preferences:
+      - name: code generation
+        description: write code
+router:
+  endpoint: {router.openai_base}
+  model: arch-router
+{budget}""", path=CONFIG_PATH, environ={})
+
+
+def two_turns(running: RunningPlano, router: StandInProvider, earlier_answer: str) -> httpx.Response:
+    """A session's first turn (routed to code understanding), then a second that routes to code
+    generation; returns the second's answer."""
+    session = {"x-claude-code-session-id": f"switch-{os.urandom(4).hex()}"}
+    first = [{"role": "user", "content": "explain this module"}]
+    router.then(remote_answer('{"route": "code understanding"}'))
+    answered = httpx.post(running.url + "/v1/messages", headers=session, timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": first})
+    assert answered.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    router.then(remote_answer('{"route": "code generation"}'))
+    return httpx.post(running.url + "/v1/messages", headers=session, timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": first + [
+            {"role": "assistant", "content": earlier_answer}, {"role": "user", "content": "now write a parser"}]})
+
+
+@pytest.fixture
+def router_server():
+    stand_in = StandInProvider()
+    yield stand_in
+    stand_in.close()
+
+
+def test_a_turn_that_would_resend_a_long_conversation_uncached_over_budget_stays_sticky(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server), router="auto") as running:
+        answer = two_turns(running, router_server, "x " * 60_000)  # ~30k tokens of earlier answer
+        record = httpx.get(running.url + "/plano/decisions").json()["decisions"][-1]
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("sticky",
+                                                                                     "anthropic/claude-sonnet-5")
+    tokens = re.search(r"would re-send (\d+)k uncached tokens", record["reason"])
+    assert tokens and record["reason"].startswith("code generation → gpt-4o would re-send")
+    cost = int(tokens.group(1)) * 1000 * (2.5 - 0.3) / 1e6  # uncached at gpt-4o, against cached at claude
+    assert f"${cost:.2f} > $0.05; staying on claude-sonnet-5" in record["reason"], record["reason"]
+
+
+def test_a_short_conversation_moves_to_the_model_its_new_turn_routes_to(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server), router="auto") as running:
+        answer = two_turns(running, router_server, "Here is what it does.")
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("router", "openai/gpt-4o")
+
+
+def test_a_switch_budget_of_zero_never_moves_a_session(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server, "  switch_budget: 0"), router="auto") as running:
+        answer = two_turns(running, router_server, "Here is what it does.")
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("sticky",
+                                                                                     "anthropic/claude-sonnet-5")
+
+
 # ── library and CLI ───────────────────────────────────────────────────────────────────────
 
 def write_routed_config(tmp_path: Path, provider: StandInProvider, router_yaml: str) -> Path:
