@@ -387,6 +387,12 @@ class RouterSettings:
     # The conversation budget. None: 512 tokens in-process (a CPU evaluates ~140 tokens/s, so a
     # full re-evaluation stays within a few seconds), 2048 on a router server (as upstream).
     context_tokens: int | None = None
+    # The most one move of a session to another model may cost, in USD: the conversation sent
+    # uncached to the new model, less what it costs cached at the current one. $0.05 lets a session
+    # move while it is short (up to ~18k tokens onto a $3-per-million model) and keeps a long one
+    # where its cache is: at 150k tokens one move costs as much as many cached turns. 0: a session
+    # never moves once it has a model.
+    switch_budget: float = 0.05
     gpu_layers: int | None = None  # layers offloaded to a GPU; None: all where llama.cpp can offload
     # llama.cpp's extra buffer types (repacked CPU kernels): off, see _LlamaModel._construct for why.
     extra_buffer_types: bool = False
@@ -773,7 +779,7 @@ class _ConfigReader:
         if not isinstance(section, dict):
             raise self.fail(raw, "router", "must be a mapping {model, file, endpoint, timeout_ms, threads}")
         known = {"model", "file", "endpoint", "timeout_ms", "threads", "enabled", "context_tokens", "gpu_layers",
-                 "extra_buffer_types"}
+                 "extra_buffer_types", "switch_budget"}
         for key in section:
             if key not in known:
                 raise self.fail(section, key, f"is not a known router field (known: {', '.join(sorted(known))})")
@@ -793,6 +799,7 @@ class _ConfigReader:
                               timeout_ms=timeout_ms, threads=threads,
                               enabled=self.get(section, "enabled", bool, True),
                               context_tokens=context_tokens, gpu_layers=self.get(section, "gpu_layers", int),
+                              switch_budget=self.read_switch_budget(section),
                               extra_buffer_types=self.get(section, "extra_buffer_types", bool, False))
 
     def read_stats(self, raw: dict) -> StatsSettings:
@@ -814,6 +821,12 @@ class _ConfigReader:
         return StatsSettings(enabled=self.get(section, "enabled", bool, True),
                              path=os.path.expanduser(path) if path else None,
                              retention_days=float(retention), baseline=self.get(section, "baseline", str))
+
+    def read_switch_budget(self, section: dict) -> float:
+        budget = self.get(section, "switch_budget", (int, float), RouterSettings.switch_budget)
+        if isinstance(budget, bool) or budget < 0:
+            raise self.fail(section, "switch_budget", f"must be an amount in USD, 0 or more, got {budget!r}")
+        return float(budget)
 
     def read_aliases(self, raw: dict, config: Config) -> dict[str, str]:
         section = self.get(raw, "model_aliases", dict, {}) or {}
@@ -1148,6 +1161,14 @@ def _openai_usage_to_anthropic(usage: Any) -> dict:
     cached = cached or usage.get("prompt_cache_hit_tokens") or 0
     return {"input_tokens": max(prompt - cached, 0), "output_tokens": usage.get("completion_tokens") or 0,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _openai_reasoning_tokens(usage: Any) -> int | None:
+    """The reasoning share of an OpenAI-format answer's output tokens (Anthropic's usage has none:
+    its thinking counts as output)."""
+    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return tokens if isinstance(tokens, int) else None
 
 
 def _anthropic_usage_to_openai(usage: Any) -> dict:
@@ -1885,6 +1906,8 @@ class StreamTranslator:
         self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
         self.failure: UpstreamError | StreamTranslationError | None = None
         self._passthrough_usage: dict = {}
+        self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
+        self._passthrough_responses_reasoning: int | None = None
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
@@ -1934,6 +1957,16 @@ class StreamTranslator:
             return self.machine.usage
         return self._passthrough_usage
 
+    @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.machine, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.machine.usage)
+        if isinstance(self.machine, ResponsesStreamChain):
+            return self.machine.reasoning_tokens
+        if self.upstream_format == "responses" and self.machine is None:
+            return self._passthrough_responses_reasoning
+        return _openai_reasoning_tokens(self._passthrough_openai_usage) if self.machine is None else None
+
     def _translate(self, events: list[SSEEvent]) -> bytes:
         out = b""
         for event in events:
@@ -1976,6 +2009,7 @@ class StreamTranslator:
         if self.upstream_format == "openai":
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
+                self._passthrough_openai_usage = data["usage"]
             if data.get("error"):
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
@@ -1987,6 +2021,7 @@ class StreamTranslator:
                 usage = (data.get("response") or {}).get("usage")
                 if usage:
                     self._passthrough_usage = _responses_usage_to_anthropic(usage)
+                    self._passthrough_responses_reasoning = _reasoning_tokens(usage)
             return
         kind = data.get("type")
         if kind in ("message_stop", "error"):
@@ -2852,6 +2887,14 @@ class ResponsesStreamChain:
         return out
 
     @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.reasoning_tokens if self.first.finished else None
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.first.usage)
+        return None
+
+    @property
     def usage(self) -> dict:
         """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
         if isinstance(self.first, ResponsesToAnthropicStream):
@@ -3231,7 +3274,9 @@ class RouteDecision:
     decision: ``explicit`` (the request named a configured model), ``alias``, ``router`` (the
     router model chose a route), ``pinned`` (a tool-loop continuation kept the turn's model),
     ``small_fast`` (Claude Code's background slot), ``default`` (no route fits, or routing is
-    off), ``fallback`` (the router failed or timed out, or the chosen model's provider failed).
+    off), ``fallback`` (the router failed or timed out, or the chosen model's provider failed),
+    ``sticky`` (a new turn stayed on the session's model: moving would cost more than
+    ``router.switch_budget``).
     """
 
     model: str
@@ -4111,11 +4156,33 @@ class Router:
             pin.at = now
             return RouteDecision(pin.model, pin.route, "pinned", 0.0, "tool-loop continuation keeps the turn's model")
         decision = await self.decide(messages)
+        if pin is not None and decision.model != pin.model and decision.decision in ("router", "default") \
+                and self.config.model_named(pin.model) is not None:
+            decision = self._weigh_switch(body, pin, decision)
         self.pins[session] = _Pin(decision.model, decision.route, now)
         self.pins.move_to_end(session)
         while len(self.pins) > self.max_sessions:
             self.pins.popitem(last=False)
         return decision
+
+    def _weigh_switch(self, body: dict, pin: _Pin, decision: RouteDecision) -> RouteDecision:
+        """A new turn would move the session to another model: the conversation would go to it
+        uncached. Over `router.switch_budget`, the session stays where its cache is (`sticky`)."""
+        budget = self.config.router.switch_budget
+        current, proposed = self.config.model_named(pin.model), self.config.model_named(decision.model)
+        tokens = estimate_tokens(body)
+        cost = switch_cost(tokens, current.capabilities.prices, proposed.capabilities.prices)
+        towards = f"{decision.route or 'no route'} → {proposed.model_id}"
+        if cost is None and budget > 0:
+            return dataclasses.replace(decision, reason=f"{decision.reason}; moving the session ({towards}) at a cost "
+                                                        "unknown: no prices for one of the two models")
+        if budget > 0 and cost is not None and cost <= budget:
+            return decision
+        why = f"${cost:.2f} > ${budget:.2f}" if budget > 0 else "and router.switch_budget is 0"
+        return RouteDecision(pin.model, pin.route, "sticky", decision.latency_ms,
+                             f"{towards} would re-send {_thousands(tokens)} uncached tokens, {why}; staying on "
+                             f"{current.model_id}", decision.confidence, decision.runner_up,
+                             decision.runner_up_confidence)
 
     def _expire_pins(self, now: float) -> None:
         while self.pins:
@@ -4123,6 +4190,21 @@ class Router:
             if now - oldest.at <= self.pin_ttl:
                 break
             self.pins.popitem(last=False)
+
+
+def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) -> float | None:
+    """What moving a conversation of `tokens` to another model costs more than staying: all of it
+    uncached there, against cached here (USD; None when a price is missing)."""
+    if current is None or proposed is None or proposed.input is None:
+        return None
+    staying = current.cached_input if current.cached_input is not None else current.input
+    if staying is None:
+        return None
+    return max(tokens * (proposed.input - staying), 0) / 1e6
+
+
+def _thousands(tokens: int) -> str:
+    return f"{tokens / 1000:.0f}k" if tokens >= 1000 else str(tokens)
 
 
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
@@ -4647,6 +4729,7 @@ class _Exchange:
     input_tokens: int | None = None  # cache reads included (what the access log shows)
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
+    reasoning_tokens: int | None = None  # of the output tokens, where the provider says
     session: str = ""
 
 
@@ -4724,16 +4807,36 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
-def usage_row(exchange: _Exchange) -> dict:
-    """One answered request for the usage ledger."""
+def usage_cost(row: Mapping[str, Any], prices: Prices | None) -> float | None:
+    """What a row's tokens cost at `prices` (USD); None when the prices are not known. Cache reads
+    at the cached-input price (the input price when there is none), cache writes at the input
+    price (Anthropic bills its 5-minute cache writes at 1.25 times that: a slight underestimate),
+    reasoning as the output it is part of."""
+    if prices is None or prices.input is None or prices.output is None:
+        return None
+    cached = prices.cached_input if prices.cached_input is not None else prices.input
+    return ((row.get("input_tokens") or 0) * prices.input + (row.get("cache_read_tokens") or 0) * cached
+            + (row.get("cache_write_tokens") or 0) * prices.input
+            + (row.get("output_tokens") or 0) * prices.output) / 1e6
+
+
+def usage_row(exchange: _Exchange, config: Config) -> dict:
+    """One answered request for the usage ledger, priced at its model and at the baseline model
+    (`stats.baseline`, else the default): the same tokens, to say what routing saved."""
     decision = exchange.decision
     assert decision is not None
     usage = exchange.usage or {}
-    return {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
-            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
-            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
-            "cache_read_tokens": usage.get("cache_read_input_tokens"),
-            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens")}
+    row = {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+           "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
+           "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
+           "cache_read_tokens": usage.get("cache_read_input_tokens"),
+           "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens"),
+           "reasoning_tokens": exchange.reasoning_tokens}
+    answered_by = config.model_named(decision.model)
+    baseline = config.model_named(config.stats.baseline or config.default_model.name)
+    row["cost_usd"] = usage_cost(row, answered_by.capabilities.prices if answered_by else None)
+    row["baseline_cost_usd"] = usage_cost(row, baseline.capabilities.prices if baseline else None)
+    return row
 
 
 def _parse_since(value: str | None) -> float | None:
@@ -4832,7 +4935,8 @@ let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStora
 const $ = (id) => document.getElementById(id);
 const headers = () => key ? {"x-api-key": key} : {};
 const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
-const money = (v) => v == null ? "unknown" : "$" + (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toFixed(4));
+const money = (v) => v == null ? "unknown"
+  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
 const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
 async function get(path) {
   const response = await fetch(path, {headers: headers()});
@@ -5168,7 +5272,7 @@ class Gateway:
         if exchange.decision is not None:
             self.decision_log.add(decision_record(exchange))
             if self.ledger is not None:
-                self.ledger.record(usage_row(exchange))
+                self.ledger.record(usage_row(exchange, self.config))
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -5401,8 +5505,10 @@ class Gateway:
                         exchange: _Exchange) -> bytes:
         if model.interface == "openai":
             usage = _openai_usage_to_anthropic(payload.get("usage"))
+            exchange.reasoning_tokens = _openai_reasoning_tokens(payload.get("usage"))
         elif model.interface == "responses":
             usage = _responses_usage_to_anthropic(payload.get("usage"))
+            exchange.reasoning_tokens = _reasoning_tokens(payload.get("usage"))
         else:
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         exchange.usage = usage
@@ -5443,6 +5549,7 @@ class Gateway:
                                 status=502, error_type="api_error") from None
         finally:
             exchange.usage = translate.usage or None
+            exchange.reasoning_tokens = translate.reasoning_tokens
             exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
@@ -6035,7 +6142,12 @@ def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> in
 
 
 def _money(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
+    """USD as people read it: cents, or six decimals for the fractions of a cent one answer costs."""
+    if value is None:
+        return "unknown"
+    sign = "-" if value < 0 else ""
+    amount = abs(value)
+    return f"{sign}${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"{sign}${amount:.6f}"
 
 
 def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -6502,7 +6614,7 @@ def _cmd_statusline(args: Any) -> int:
 LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
 
 
-_DECISION_COLOURS = {"router": "32", "pinned": "36", "alias": "35", "explicit": "34", "default": "33",
+_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
                      "fallback": "31"}
 
 

@@ -4546,6 +4546,79 @@ def test_a_routed_answer_says_how_sure_the_router_was(routed_gateway):
     assert 0 < record["runner_up_confidence"] <= 1 - record["confidence"] + 1e-3
 
 
+# ── cache-aware switching ──────────────────────────────────────────────────────────────────
+
+def switching_config(models: StandInProvider, router: StandInProvider, budget: str = "") -> plano.Config:
+    return plano.parse_config(f"""
+llm_providers:
+  - model: anthropic/claude-sonnet-5
+    base_url: {models.anthropic_base}
+    access_key: {ANTHROPIC_KEY}
+    default: true
+    prices: {{input: 3, cached_input: 0.3, output: 15}}
+    routing_preferences:
+      - name: code understanding
+        description: explain code
+  - model: openai/gpt-4o
+    base_url: {models.openai_base}
+    access_key: {OPENAI_KEY}
+    prices: {{input: 2.5, cached_input: 1.25, output: 10}}
+    routing_preferences:
+      - name: code generation
+        description: write code
+router:
+  endpoint: {router.openai_base}
+  model: arch-router
+{budget}""", path=CONFIG_PATH, environ={})
+
+
+def two_turns(running: RunningPlano, router: StandInProvider, earlier_answer: str) -> httpx.Response:
+    """A session's first turn (routed to code understanding), then a second that routes to code
+    generation; returns the second's answer."""
+    session = {"x-claude-code-session-id": f"switch-{os.urandom(4).hex()}"}
+    first = [{"role": "user", "content": "explain this module"}]
+    router.then(remote_answer('{"route": "code understanding"}'))
+    answered = httpx.post(running.url + "/v1/messages", headers=session, timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": first})
+    assert answered.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    router.then(remote_answer('{"route": "code generation"}'))
+    return httpx.post(running.url + "/v1/messages", headers=session, timeout=30, json={
+        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": first + [
+            {"role": "assistant", "content": earlier_answer}, {"role": "user", "content": "now write a parser"}]})
+
+
+@pytest.fixture
+def router_server():
+    stand_in = StandInProvider()
+    yield stand_in
+    stand_in.close()
+
+
+def test_a_turn_that_would_resend_a_long_conversation_uncached_over_budget_stays_sticky(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server), router="auto") as running:
+        answer = two_turns(running, router_server, "x " * 60_000)  # ~30k tokens of earlier answer
+        record = httpx.get(running.url + "/plano/decisions").json()["decisions"][-1]
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("sticky",
+                                                                                     "anthropic/claude-sonnet-5")
+    tokens = re.search(r"would re-send (\d+)k uncached tokens", record["reason"])
+    assert tokens and record["reason"].startswith("code generation → gpt-4o would re-send")
+    cost = int(tokens.group(1)) * 1000 * (2.5 - 0.3) / 1e6  # uncached at gpt-4o, against cached at claude
+    assert f"${cost:.2f} > $0.05; staying on claude-sonnet-5" in record["reason"], record["reason"]
+
+
+def test_a_short_conversation_moves_to_the_model_its_new_turn_routes_to(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server), router="auto") as running:
+        answer = two_turns(running, router_server, "Here is what it does.")
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("router", "openai/gpt-4o")
+
+
+def test_a_switch_budget_of_zero_never_moves_a_session(provider, router_server):
+    with RunningPlano(switching_config(provider, router_server, "  switch_budget: 0"), router="auto") as running:
+        answer = two_turns(running, router_server, "Here is what it does.")
+    assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("sticky",
+                                                                                     "anthropic/claude-sonnet-5")
+
+
 # ── library and CLI ───────────────────────────────────────────────────────────────────────
 
 def write_routed_config(tmp_path: Path, provider: StandInProvider, router_yaml: str) -> Path:
@@ -5528,10 +5601,12 @@ def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gatew
                               input=json.dumps({"session_id": session, "model": {"id": "claude-opus-5-5"}}),
                               capture_output=True, text=True, timeout=30).stdout.strip()
 
-    # Session one: 10 + 30 cached, then 12 + 30 cached input tokens: 60 of 82 from the cache. No
-    # prices in this config, so the cost is unknown ($?), not $0.
+    # Session one: 10 + 30 cached, then 12 + 30 cached input tokens: 60 of 82 from the cache. The
+    # stand-in's claude-sonnet-5 has no prices anywhere, so the session's cost is unknown ($?), not $0.
     assert statusline(sessions["one"]) == "plano ▸ anthropic/claude-sonnet-5 · $? · cache 73%"
-    assert statusline(sessions["two"]) == "plano ▸ openai/gpt-4o · $? · cache 75%"
+    # gpt-4o's prices come from the catalogue (models.dev): that session's cost is known.
+    gpt_4o = catalogue_cost("openai/gpt-4o", 10, 30, 7)
+    assert statusline(sessions["two"]) == f"plano ▸ openai/gpt-4o · {plano._money(gpt_4o)} · cache 75%"
     assert statusline(sessions["none"]) == "plano ▸ no requests yet"
     assert statusline(sessions["one"], url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
 
@@ -5539,6 +5614,13 @@ def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gatew
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float:
+    """What the catalogue's prices for `model` make of these tokens."""
+    prices = plano.parse_config(f"llm_providers:\n  - model: {model}\n    access_key: x\n", environ={}) \
+        .models[0].capabilities.prices
+    return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
 
 
 def ledger_config(provider: StandInProvider, path: Path, extra: str = "") -> plano.Config:
@@ -5571,6 +5653,86 @@ def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provi
     assert summary["by_model"]["openai/gpt-4o"]["requests"] == 3
     assert summary["by_model"]["anthropic/claude-sonnet-5"]["output_tokens"] == 9
     assert summary["total"]["cost_usd"] is None  # no prices configured: unknown, never $0
+
+
+PRICES = {"openai/gpt-4o": (2.5, 1.25, 10.0), "anthropic/claude-sonnet-5": (3.0, 0.3, 15.0)}
+
+
+def priced_config(provider: StandInProvider, path: Path, primary_base: str | None = None) -> plano.Config:
+    """Both stand-in models with prices (USD per million tokens); the OpenAI one is the default,
+    and so the baseline."""
+    models = "".join(f"""
+  - model: {name}
+    base_url: {provider.openai_base if name.startswith('openai') else provider.anthropic_base}
+    access_key: {OPENAI_KEY if name.startswith('openai') else ANTHROPIC_KEY}
+    prices: {{input: {p[0]}, cached_input: {p[1]}, output: {p[2]}}}""" for name, p in PRICES.items())
+    if primary_base:  # a first model that fails over to the Anthropic one
+        models = f"""
+  - model: openai/gpt-primary
+    base_url: {primary_base}
+    access_key: {OPENAI_KEY}
+    fallbacks: [anthropic/claude-sonnet-5]""" + models
+    return plano.parse_config(f"llm_providers:{models}\nmodel_aliases:\n  fast:\n    target: openai/gpt-4o\n"
+                              f"stats:\n  path: {path}\n  baseline: openai/gpt-4o\n", path=CONFIG_PATH, environ={})
+
+
+def price(model: str, uncached: int, cached: int, output: int) -> float:
+    given, cached_price, output_price = PRICES[model]
+    return (uncached * given + cached * cached_price + output * output_price) / 1e6
+
+
+def test_each_answer_is_priced_at_its_model_and_at_the_baseline(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    with RunningPlano(priced_config(provider, path, primary_base=f"http://127.0.0.1:{free_port()}/v1")) as running:
+        client = anthropic_client(running)
+        client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])  # translated
+        with client.messages.stream(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI]) as s:
+            s.until_done()  # passthrough, streamed
+        client.messages.create(model="openai/gpt-primary", max_tokens=5, messages=[USER_HI])  # failed over
+        summary = usage(running)
+    rows = plano.read_usage(str(path))
+    assert [(r["model"], r["decision"]) for r in rows] == [
+        ("openai/gpt-4o", "explicit"), ("anthropic/claude-sonnet-5", "explicit"), ("anthropic/claude-sonnet-5", "fallback")]
+    openai_tokens, anthropic_tokens = (10, 30, 7), (12, 30, 9)  # the stand-ins' usage
+    assert [r["cost_usd"] for r in rows] == pytest.approx([
+        price("openai/gpt-4o", *openai_tokens), price("anthropic/claude-sonnet-5", *anthropic_tokens),
+        price("anthropic/claude-sonnet-5", *anthropic_tokens)])
+    assert [r["baseline_cost_usd"] for r in rows] == pytest.approx([
+        price("openai/gpt-4o", *openai_tokens), price("openai/gpt-4o", *anthropic_tokens),
+        price("openai/gpt-4o", *anthropic_tokens)])
+    total = summary["total"]
+    assert total["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+    assert total["saved_usd"] == pytest.approx(total["baseline_cost_usd"] - total["cost_usd"])
+
+
+def test_plano_stats_says_what_routing_saved_against_the_baseline(provider, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = priced_config(provider, path)
+    with RunningPlano(config) as running:
+        for model in ("openai/gpt-4o", "anthropic/claude-sonnet-5"):
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    config_file = write_config(tmp_path, f"""
+llm_providers:
+  - model: openai/gpt-4o
+    access_key: x
+    prices: {{input: 2.5, cached_input: 1.25, output: 10}}
+  - model: anthropic/claude-sonnet-5
+    access_key: x
+    prices: {{input: 3, cached_input: 0.3, output: 15}}
+stats:
+  path: {path}
+  baseline: openai/gpt-4o
+""")
+    out = run_plano_cli("stats", "--config", config_file).stdout
+    spent = price("openai/gpt-4o", 10, 30, 7) + price("anthropic/claude-sonnet-5", 12, 30, 9)
+    baseline = price("openai/gpt-4o", 10, 30, 7) + price("openai/gpt-4o", 12, 30, 9)
+    # Claude's output costs more than gpt-4o's here, so this routing cost more than the baseline.
+    assert f"routing saved: -${spent - baseline:.6f} against openai/gpt-4o for everything " \
+           f"(${spent:.6f} instead of ${baseline:.6f})" in out, out
+    assert re.search(rf"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +\${price('anthropic/claude-sonnet-5', 12, 30, 9):.6f}",
+                     out), out
+    saved = json.loads(run_plano_cli("stats", "--config", config_file, "--json").stdout)["total"]["saved_usd"]
+    assert saved == pytest.approx(baseline - spent)
 
 
 def test_the_ledger_survives_a_restart_and_filters_by_session(provider, tmp_path):
@@ -5637,10 +5799,11 @@ router: false
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith(f"3 requests (ledger {path})")
-    assert re.search(r"openai/gpt-4o +2 +20 +60 +14 +75% +unknown", out), out  # 10 + 30 cached per request
+    two_answers = plano._money(2 * catalogue_cost("openai/gpt-4o", 10, 30, 7))  # 10 + 30 cached, 7 out, each
+    assert re.search(rf"openai/gpt-4o +2 +20 +60 +14 +75% +{re.escape(two_answers)}", out), out
     assert re.search(r"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +unknown", out), out
     assert re.search(r"none +3 ", out)  # the route column: no router in this config
-    assert "routing saved: unknown" in out
+    assert "routing saved: unknown" in out  # claude-sonnet-5 (a stand-in's name) has no prices
     as_json = json.loads(run_plano_cli("stats", "--config", config, "--json", "--since", "1h").stdout)
     assert as_json["total"]["requests"] == 3
 
@@ -5690,7 +5853,8 @@ def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromi
         page.close()
         running.stop()
     logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
-    assert re.search(r"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+unknown", models), models
+    one_answer = re.escape(plano._money(catalogue_cost("openai/gpt-4o", 10, 30, 7)))  # the catalogue's prices
+    assert re.search(rf"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+{one_answer}", models), models
     assert re.search(r"anthropic/claude-sonnet-5\s+1\s+12\s+30\s+9\s+71%\s+unknown", models), models
     assert requested and all(url.startswith(running.url) for url in requested)  # nothing from elsewhere
     assert without_key.status_code == 401  # the data behind the page needs the key
@@ -6269,9 +6433,15 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_connections(tmp_p
             chunks = response.iter_bytes()
             received = next(chunks)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):  # no new connections once shutting down
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+            def refused() -> bool:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                except httpx.ConnectError:
+                    return True
+                return False
+
+            wait_until(refused, timeout=10)  # no new connections once shutting down
             received += b"".join(chunks)
         assert process.wait(15) == 0
     finally:
