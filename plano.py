@@ -3510,6 +3510,8 @@ class _RouteTrie:
 
 def _softmax(values: list[float]) -> list[float]:
     top = max(values)
+    if math.isinf(top):  # a logit forced to +inf (a steered benchmark): certainty, shared by the infinite ones
+        return [1.0 / values.count(top) if v == top else 0.0 for v in values]
     weights = [math.exp(v - top) for v in values]
     total = sum(weights)
     return [w / total for w in weights]
