@@ -177,6 +177,9 @@ class ProviderSpec:
     # OpenAI's codex and -pro models are served only by the Responses API: a Chat Completions
     # provider whose models these are calls them there by itself.
     responses_models: bool = False
+    # OpenAI documents `prompt_cache_key` as raising prompt-cache hit rates when requests of one
+    # conversation share it; other OpenAI-compatible providers may refuse a parameter they lack.
+    prompt_cache_key: bool = False
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -184,7 +187,8 @@ PROVIDERS: dict[str, ProviderSpec] = {
         "https://api.openai.com/v1", "openai", "bearer", "OPENAI_API_KEY",
         max_output_tokens=(("gpt-4o", 16384), ("gpt-4.1", 32768), ("gpt-4", 8192),
                            ("gpt-3.5", 4096), ("gpt-5", 128000), ("o", 100000)),
-        reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True, responses_models=True),
+        reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True, responses_models=True,
+        prompt_cache_key=True),
     "anthropic": ProviderSpec("https://api.anthropic.com", "anthropic", "x-api-key",
                               "ANTHROPIC_API_KEY"),
     "deepseek": ProviderSpec(
@@ -220,7 +224,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
-                                 responses_models=True),
+                                 responses_models=True, prompt_cache_key=True),
 }
 
 # Model ids OpenAI serves only through the Responses API (Chat Completions answers 404
@@ -4787,6 +4791,15 @@ def _rounded(probability: float | None) -> float | None:
     return None if probability is None else round(probability, 3)
 
 
+def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
+    """A translated request with the session as `prompt_cache_key`, where the provider documents it
+    (OpenAI): one conversation's requests then land on the same prompt cache. The clients' own
+    requests passed through are not changed (Codex sets the key itself)."""
+    if model.spec.prompt_cache_key and session and "prompt_cache_key" not in translated:
+        translated["prompt_cache_key"] = session if len(session) <= 64 else hashlib.sha256(session.encode()).hexdigest()
+    return translated
+
+
 def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
     """Ten seconds to connect, a minute to send a request (32 MiB over a slow link), 30 s to wait
     for a free connection, and the model's own `timeout` for each next byte of a long answer."""
@@ -5362,7 +5375,8 @@ class Gateway:
         for attempt, model in enumerate(candidates):
             last = attempt == len(candidates) - 1
             try:
-                upstream_request = self._build_upstream_request(request, body, model, client_format)
+                upstream_request = self._build_upstream_request(request, body, model, client_format,
+                                                                exchange.session)
                 upstream = await stack.enter_async_context(self._open_upstream(model, upstream_request, exchange))
             except UpstreamError as error:
                 self.health.failed(model, error)
@@ -5406,7 +5420,7 @@ class Gateway:
         return headers
 
     def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
-                                client_format: str) -> httpx.Request:
+                                client_format: str, session: str = "") -> httpx.Request:
         if model.access_key is None and model.spec.auth != "none" and model.key_env:
             raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                       f"(export it or put it in .env beside the config)")
@@ -5436,17 +5450,17 @@ class Gateway:
             if client_format == "responses":
                 content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
             elif client_format == "anthropic":
-                content = _json_bytes(anthropic_request_to_responses(body, model))
+                content = _json_bytes(_with_cache_key(anthropic_request_to_responses(body, model), model, session))
             else:
-                content = _json_bytes(openai_request_to_responses(body, model))
+                content = _json_bytes(_with_cache_key(openai_request_to_responses(body, model), model, session))
         else:
             url = model.base_url + "/chat/completions"
             if client_format == "openai":
                 content = _openai_passthrough_body(request.body, body, model).encode()
             elif client_format == "responses":
-                content = _json_bytes(responses_request_to_openai(body, model))
+                content = _json_bytes(_with_cache_key(responses_request_to_openai(body, model), model, session))
             else:
-                content = _json_bytes(anthropic_request_to_openai(body, model))
+                content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
         return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content,
                              extensions={"timeout": _upstream_timeout(model).as_dict()})
 

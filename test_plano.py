@@ -3460,7 +3460,12 @@ def run_responses_stream(events: list[tuple[str, dict]], reasoning_in: str = "si
 
 def responses_config(provider: StandInProvider) -> plano.Config:
     """The stand-in's three formats: a Responses model (the default), a Chat one, an Anthropic one."""
-    text = f"""
+    return plano.parse_config(responses_config_text(provider), path="test-config.yaml",
+                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+
+
+def responses_config_text(provider: StandInProvider, extra_models: str = "") -> str:
+    return f"""
 llm_providers:
   - model: {CODEX_MODEL}
     base_url: {provider.openai_base}
@@ -3472,12 +3477,10 @@ llm_providers:
   - model: anthropic/claude-sonnet-5
     base_url: {provider.anthropic_base}
     access_key: $ANTHROPIC_API_KEY
-model_aliases:
+{extra_models}model_aliases:
   coder:
     target: {CODEX_MODEL}
 """
-    return plano.parse_config(text, path="test-config.yaml",
-                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
 
 
 @pytest.fixture
@@ -5609,6 +5612,23 @@ def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gatew
     assert statusline(sessions["two"]) == f"plano ▸ openai/gpt-4o · {plano._money(gpt_4o)} · cache 75%"
     assert statusline(sessions["none"]) == "plano ▸ no requests yet"
     assert statusline(sessions["one"], url=f"http://127.0.0.1:{free_port()}") == "plano ▸ gateway not reachable"
+
+
+@pytest.mark.parametrize("model, sent", [("openai/gpt-4o", True), (CODEX_MODEL, True),
+                                          ("deepseek/deepseek-chat", False), ("anthropic/claude-sonnet-5", False)])
+def test_a_claude_code_session_reaches_openai_as_its_prompt_cache_key(provider, model, sent):
+    deepseek = f"  - model: deepseek/deepseek-chat\n    base_url: {provider.openai_base}\n    access_key: {OPENAI_KEY}\n"
+    config = plano.parse_config(responses_config_text(provider, deepseek), path=CONFIG_PATH,
+                                environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    session = "5b8e1f0c-2d44-4a1e-9c53-7a1d0f6e2b90"
+    with RunningPlano(config) as running:
+        answer = httpx.post(running.url + "/v1/messages", headers={"x-claude-code-session-id": session}, timeout=30,
+                            json={"model": model, "max_tokens": 5, "messages": [USER_HI]})
+    assert answer.status_code == 200, answer.text
+    received = provider.requests[-1].json
+    # OpenAI documents the key (Chat and Responses); DeepSeek's API does not, and an Anthropic
+    # upstream gets the client's own bytes.
+    assert received.get("prompt_cache_key") == (session if sent else None)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
