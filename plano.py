@@ -1313,7 +1313,8 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     stop = body.get("stop")
     if stop:
         stop = [stop] if isinstance(stop, str) else stop
-        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop), "stop: must be a string or a list of strings")
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "stop: must be a string or a list of strings")
         out["stop_sequences"] = stop
     tools = body.get("tools")
     if tools:
@@ -1367,7 +1368,8 @@ def _openai_user_content_to_anthropic(content: Any, where: str) -> list[dict]:
             blocks.append({"type": "image", "source": _source_from_image_url(url, f"{at}.image_url.url")})
         elif kind == "file":
             file = part.get("file") if isinstance(part.get("file"), dict) else {}
-            blocks.append({"type": "document", "source": _source_from_image_url(file.get("file_data"), f"{at}.file.file_data")})
+            source = _source_from_image_url(file.get("file_data"), f"{at}.file.file_data")
+            blocks.append({"type": "document", "source": source})
         else:
             raise RequestError(f"{at}.type: unsupported content part type {kind!r}")
     return blocks
@@ -3174,7 +3176,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             elif isinstance(event, h11.ConnectionClosed):
                 raise OSError("the proxy closed the connection")
         if not 200 <= event.status_code < 300:
-            raise OSError(f"the proxy answered CONNECT with {event.status_code} {event.reason.decode(errors='replace')}")
+            reason = event.reason.decode(errors="replace")
+            raise OSError(f"the proxy answered CONNECT with {event.status_code} {reason}")
 
     async def _start_tls(self, stream: trio.abc.Stream, hostname: str) -> trio.SSLStream:
         """TLS over `stream`, its certificate verified for `hostname` (a provider, or the proxy)."""
@@ -4949,7 +4952,8 @@ td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--o
 let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
 const $ = (id) => document.getElementById(id);
 const headers = () => key ? {"x-api-key": key} : {};
-const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
+  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
 const money = (v) => v == null ? "unknown"
   : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
 const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
@@ -4973,12 +4977,14 @@ async function refreshUsage() {
   table("models", "model", usage.by_model);
   table("routes", "route", usage.by_route);
   const t = usage.total;
-  $("saved").textContent = t.saved_usd == null ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+  $("saved").textContent = t.saved_usd == null
+    ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
     : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
 }
 function showDecision(d) {
   const row = document.createElement("tr");
-  const sure = d.confidence == null ? "" : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  const sure = d.confidence == null ? ""
+    : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
   row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
     <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
     <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
@@ -4999,7 +5005,8 @@ async function follow() {
     let end;
     while ((end = buffer.indexOf("\\n\\n")) >= 0) {
       const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
-      const data = block.split("\\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      const data = block.split("\\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
       if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
     }
   }
@@ -5172,7 +5179,8 @@ class Gateway:
         expected = self.config.listener.api_key
         # /healthz says only that plano runs; the live page holds no data (what it shows comes from
         # the endpoints it calls with the key), and a browser cannot send a header to open it.
-        if not expected or request.path == "/healthz" or (request.method == "GET" and request.path in ("/plano", "/plano/")):
+        page = request.method == "GET" and request.path in ("/plano", "/plano/")
+        if not expected or request.path == "/healthz" or page:
             return
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()

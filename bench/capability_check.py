@@ -39,7 +39,8 @@ TOOL = {"name": "Tool", "description": "A tool Claude Code offers. " * 20,
 
 def claude_code_body(turns: int) -> dict:
     messages: list[dict] = [{"role": "user", "content": [
-        {"type": "text", "text": "<system-reminder>\n" + "Codebase and user instructions. " * 20 + "</system-reminder>"},
+        {"type": "text",
+         "text": "<system-reminder>\n" + "Codebase and user instructions. " * 20 + "</system-reminder>"},
         {"type": "text", "text": "refactor the parser"}]}]
     for i in range(turns):
         messages.append({"role": "assistant", "content": [
