@@ -192,7 +192,8 @@ class OpenAIStandIn:
     def openai_reply(self, request: Recorded) -> Reply:
         if request.headers.get("authorization") != f"Bearer {OPENAI_KEY}":
             return Reply(401, {"error": {"message": "Incorrect API key provided: sk-te***ef. You can find your "
-                                         f"API key at https://platform.openai.com. ({request.headers.get('authorization', '')})",
+                                         "API key at https://platform.openai.com. "
+                                         f"({request.headers.get('authorization', '')})",
                                          "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
         body = request.json
         gemini = request.path.startswith("/v1beta/openai/")
@@ -261,7 +262,8 @@ class AnthropicStandIn:
             content.append({"type": "text", "text": behaviour["text"]})
         if "tool" in behaviour:
             t = behaviour["tool"]
-            content.append({"type": "tool_use", "id": "toolu_01", "name": t["name"], "input": json.loads(t["arguments"])})
+            content.append({"type": "tool_use", "id": "toolu_01", "name": t["name"],
+                            "input": json.loads(t["arguments"])})
         stop = "tool_use" if "tool" in behaviour else "end_turn"
         message = {"id": "msg_01", "type": "message", "role": "assistant", "model": body["model"],
                    "content": content, "stop_reason": stop, "stop_sequence": None, "usage": usage}
@@ -283,8 +285,10 @@ class AnthropicStandIn:
                 args = json.dumps(block["input"], ensure_ascii=False)
                 start, deltas = dict(block, input={}), [
                     {"type": "input_json_delta", "partial_json": args[i:i + 4]} for i in range(0, len(args), 4)]
-            events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}))
-            events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in deltas]
+            events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                                   "content_block": start}))
+            events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                       for d in deltas]
             events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                                       "usage": {"output_tokens": 9}}),
@@ -337,7 +341,8 @@ class ResponsesStandIn:
         body = request.json
         if not isinstance(body.get("input"), (str, list)):
             return Reply(400, {"error": {"message": "Missing required parameter: 'input'.",
-                                         "type": "invalid_request_error", "param": "input", "code": "missing_required_parameter"}})
+                                         "type": "invalid_request_error", "param": "input",
+                                         "code": "missing_required_parameter"}})
         if problem := responses_reasoning_problem(body["input"]):
             return Reply(400, {"error": {"message": problem, "type": "invalid_request_error", "param": "input",
                                          "code": None}})
@@ -1225,8 +1230,9 @@ def test_thought_signature_is_not_sent_to_other_providers_but_the_original_id_is
 
 
 def test_streamed_thought_signature_rides_in_the_tool_use_id():
+    signed = {"google": {"thought_signature": SIGNATURE}}
     events = run_openai_stream(ROLE_CHUNK, chunk(tool_delta(0, "call_1", "Bash", '{"command":"ls"}',
-                                                            extra_content={"google": {"thought_signature": SIGNATURE}})),
+                                                            extra_content=signed)),
                                chunk(finish_reason="tool_calls"))
     start = next(data for name, data in events if name == "content_block_start")
     assert plano.split_signed_tool_id(start["content_block"]["id"]) == ("call_1", SIGNATURE)
@@ -1589,7 +1595,8 @@ def test_no_usage_chunk_unless_the_client_asked_for_it():
 def test_anthropic_error_event_raises_upstream_error():
     with pytest.raises(plano.UpstreamError) as raised:
         run_anthropic_stream(MESSAGE_START, event("error", error={"type": "overloaded_error", "message": "Overloaded"}))
-    assert (raised.value.status, raised.value.error_type, raised.value.message) == (529, "overloaded_error", "Overloaded")
+    error = raised.value
+    assert (error.status, error.error_type, error.message) == (529, "overloaded_error", "Overloaded")
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -1942,8 +1949,10 @@ def test_gemini_reasoning_models_keep_their_sampling_parameters():
 def test_empty_texts_never_become_empty_anthropic_text_blocks():
     out = to_anthropic(messages=[{"role": "user", "content": "hi"},
                                  {"role": "assistant", "content": ""},
-                                 {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "go"}]}])
-    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "go"}]}]
+                                 {"role": "user", "content": [{"type": "text", "text": ""},
+                                                              {"type": "text", "text": "go"}]}])
+    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                            {"type": "text", "text": "go"}]}]
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2077,7 +2086,8 @@ def test_openai_sdk_gets_reasoning_from_anthropic_thinking(gateway, provider):
 
 def test_images_reach_an_openai_upstream_as_image_parts(gateway, provider):
     png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-    anthropic_client(gateway).messages.create(model="openai/gpt-4o", max_tokens=50, messages=[{"role": "user", "content": [
+    anthropic_client(gateway).messages.create(
+        model="openai/gpt-4o", max_tokens=50, messages=[{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
         {"type": "text", "text": "what is this"}]}])
@@ -2088,10 +2098,12 @@ def test_images_reach_an_openai_upstream_as_image_parts(gateway, provider):
 
 
 def test_images_reach_an_anthropic_upstream_as_image_blocks(gateway, provider):
-    openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-5", messages=[{"role": "user", "content": [
+    openai_client(gateway).chat.completions.create(
+        model="anthropic/claude-sonnet-5", messages=[{"role": "user", "content": [
         {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}])
     assert provider.requests[-1].json["messages"][-1]["content"] == [
-        {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}}]
+        {"type": "text", "text": "see"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}}]
 
 
 # ── choosing the model ────────────────────────────────────────────────────────────────────
@@ -2111,7 +2123,8 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
 
 
 def test_claude_codes_haiku_slot_goes_to_the_small_fast_alias_even_with_routing_off(provider):
-    with RunningPlano(config_for(provider, extra="  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n")) as running:
+    small_fast_alias = "  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n"
+    with RunningPlano(config_for(provider, extra=small_fast_alias)) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "title"}])
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "anthropic/claude-sonnet-5")
@@ -2147,7 +2160,8 @@ def test_passthrough_streams_bytes_as_the_provider_sent_them(gateway, provider):
                   "id": "m", "type": "message", "role": "assistant", "model": "x", "content": [],
                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
               ("custom_future_event", {"type": "custom_future_event", "x": "ünknown"}),
-              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                 "usage": {"output_tokens": 2}}),
               ("message_stop", {"type": "message_stop"})]
     provider.then(Reply(sse=sse_pieces(events, piece=3)))
     response = httpx.post(gateway.url + "/v1/messages", json={
@@ -2185,7 +2199,8 @@ llm_providers:
 def test_a_rejected_key_is_reported_without_echoing_it(provider):
     with RunningPlano(config_for(provider, OPENAI_API_KEY=WRONG_KEY)) as running:
         with pytest.raises(openai.PermissionDeniedError) as caught:
-            openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
+            openai_client(running).chat.completions.create(model="openai/gpt-4o",
+                                                           messages=[{"role": "user", "content": "x"}])
         message = json.dumps(caught.value.body)
         assert "OPENAI_API_KEY" in message
         assert "sk-wrong-key" not in message  # the stand-in echoes the header it got; plano scrubs it
@@ -2249,7 +2264,8 @@ def test_upstream_errors_reach_both_sdks_with_status_and_type(gateway, provider,
     assert f"upstream said {status}" in a.value.body["error"]["message"]
     if status == 429:
         assert a.value.response.headers["retry-after"] == "7"
-    provider.then(Reply(status, {"type": "error", "error": {"type": "overloaded_error" if status == 529 else "api_error",
+    error_type = "overloaded_error" if status == 529 else "api_error"
+    provider.then(Reply(status, {"type": "error", "error": {"type": error_type,
                                                             "message": f"anthropic said {status}"}}))
     with pytest.raises(openai_error) as o:
         openai_client(gateway).chat.completions.create(model="anthropic/claude-sonnet-5",
@@ -2264,9 +2280,10 @@ def test_upstream_errors_reach_both_sdks_with_status_and_type(gateway, provider,
 ])
 def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(gateway, provider, framing, seen_as):
     provider.then(lambda request: dataclass_replace(provider.openai_reply(request), abort_after=20, framing=framing))
+    question = [{"role": "user", "content": "a long answer please"}]
     with pytest.raises(anthropic.APIStatusError) as caught:
         with anthropic_client(gateway).messages.stream(model="openai/gpt-4o", max_tokens=50,
-                                                       messages=[{"role": "user", "content": "a long answer please"}]) as s:
+                                                       messages=question) as s:
             for _ in s:
                 pass
     assert seen_as in str(caught.value)
@@ -2274,7 +2291,8 @@ def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(gateway,
 
 def test_a_broken_openai_stream_reaches_an_openai_client_as_an_error_not_done(gateway, provider):
     events = [("message_start", {"type": "message_start", "message": {"id": "m", "usage": {}}}),
-              ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})]
     provider.then(Reply(sse=sse_pieces(events)))
     response = httpx.post(gateway.url + "/v1/chat/completions", json={
         "model": "anthropic/claude-sonnet-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
@@ -2318,13 +2336,16 @@ def test_gemini_thought_signatures_survive_a_tool_round_trip_through_an_anthropi
         client = anthropic_client(running)
         question = [{"role": "user", "content": "TOOL:ls /tmp"}]
         if stream:
-            with client.messages.stream(model="gemini-3-pro-preview", max_tokens=100, messages=question, tools=[BASH_TOOL]) as s:
+            with client.messages.stream(model="gemini-3-pro-preview", max_tokens=100, messages=question,
+                                        tools=[BASH_TOOL]) as s:
                 first = s.get_final_message()
         else:
-            first = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, messages=question, tools=[BASH_TOOL])
+            first = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, messages=question,
+                                           tools=[BASH_TOOL])
         call = next(block for block in first.content if block.type == "tool_use")
         assert call.input == {"command": "ls /tmp"}
-        second = client.messages.create(model="gemini-3-pro-preview", max_tokens=100, tools=[BASH_TOOL], messages=question + [
+        second = client.messages.create(
+            model="gemini-3-pro-preview", max_tokens=100, tools=[BASH_TOOL], messages=question + [
             {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "a.txt"}]}])
         assert second.content[0].text == "tool said: a.txt"
@@ -2359,8 +2380,9 @@ def test_count_tokens_is_answered_locally(gateway, provider):
 
 
 def test_models_lists_configured_models_and_aliases_in_both_formats(gateway):
-    assert {m.id for m in openai_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-5", "fast"}
-    assert {m.id for m in anthropic_client(gateway).models.list()} == {"openai/gpt-4o", "anthropic/claude-sonnet-5", "fast"}
+    listed = {"openai/gpt-4o", "anthropic/claude-sonnet-5", "fast"}
+    assert {m.id for m in openai_client(gateway).models.list()} == listed
+    assert {m.id for m in anthropic_client(gateway).models.list()} == listed
 
 
 def test_healthz(gateway):
@@ -2370,7 +2392,8 @@ def test_healthz(gateway):
 def test_keep_alive_serves_many_requests_on_one_connection(gateway, provider):
     with httpx.Client(base_url=gateway.url) as client:
         for i in range(5):
-            r = client.post("/v1/chat/completions", json={"model": "fast", "messages": [{"role": "user", "content": str(i)}]})
+            r = client.post("/v1/chat/completions",
+                            json={"model": "fast", "messages": [{"role": "user", "content": str(i)}]})
             assert r.json()["choices"][0]["message"]["content"] == f"echo: {i}"
     assert len(provider.requests) == 5
 
@@ -2396,7 +2419,8 @@ def test_access_log_has_one_line_per_request_and_no_keys(gateway, provider, capl
 async def test_serve_embeds_in_a_trio_program_and_reports_readiness(provider):
     config = config_for(provider)
     async with trio.open_nursery() as nursery:
-        info = await nursery.start(lambda task_status: plano.serve(config, port=0, router=None, task_status=task_status))
+        info = await nursery.start(lambda task_status: plano.serve(config, port=0, router=None,
+                                                                   task_status=task_status))
         async with httpx.AsyncClient() as client:
             r = await client.post(info.url + "/v1/chat/completions",
                                   json={"model": "fast", "messages": [{"role": "user", "content": "lib"}]})
@@ -2406,7 +2430,8 @@ async def test_serve_embeds_in_a_trio_program_and_reports_readiness(provider):
 
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
 
-def run_plano_cli(*args: str, env: dict | None = None, timeout: float = 30, cwd: Path = HERE) -> subprocess.CompletedProcess:
+def run_plano_cli(*args: str, env: dict | None = None, timeout: float = 30,
+                  cwd: Path = HERE) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "plano", *args], capture_output=True, text=True,
@@ -3013,7 +3038,8 @@ def test_upstream_connections_are_kept_alive_across_requests_and_streams(gateway
 @pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5"])
 def test_streams_arrive_whole_however_the_provider_frames_them(gateway, provider, framing, model):
     if model.startswith("openai"):
-        events = [(None, chunk({"content": f"w{i}·"})) for i in range(50)] + [(None, chunk({}, "stop")), (None, "[DONE]")]
+        events = [(None, chunk({"content": f"w{i}·"})) for i in range(50)]
+        events += [(None, chunk({}, "stop")), (None, "[DONE]")]
     else:
         events = [("message_start", {"type": "message_start", "message": {
                       "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
@@ -3341,7 +3367,8 @@ def test_proxy_settings_are_read_from_the_environment_in_either_case():
     assert proxies["https"] == plano._Proxy("proxy.corp", 3128, "Basic " + base64.b64encode(b"u:x:p@ss").decode())
     assert proxies["http"] == plano._Proxy("proxy.corp", 80, None)  # ALL_PROXY, scheme-less
     assert no_proxy == ("localhost", "internal.corp", "10.0.0.1")
-    assert plano._bypasses_proxy("api.internal.corp", no_proxy) and not plano._bypasses_proxy("api.openai.com", no_proxy)
+    assert (plano._bypasses_proxy("api.internal.corp", no_proxy)
+            and not plano._bypasses_proxy("api.openai.com", no_proxy))
     assert not plano._bypasses_proxy("notinternal.corp", no_proxy)
     assert all(plano._bypasses_proxy(host, ()) for host in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
     assert plano._bypasses_proxy("anything.example", ("*",))
@@ -3419,7 +3446,8 @@ async def test_the_transport_waits_for_a_free_connection_then_gives_up(provider)
     async with httpx.AsyncClient(transport=plano.UpstreamTransport(max_connections=1),
                                  headers={"authorization": f"Bearer {OPENAI_KEY}"}) as client:
         first = client.build_request("POST", provider.openai_base + "/chat/completions", json=body, extensions=timeouts)
-        second = client.build_request("POST", provider.openai_base + "/chat/completions", json=body, extensions=timeouts)
+        second = client.build_request("POST", provider.openai_base + "/chat/completions", json=body,
+                                      extensions=timeouts)
         outcomes: dict[str, Any] = {}
 
         async def send(name: str, request: httpx.Request) -> None:
@@ -4160,7 +4188,8 @@ CLAUDE_CODE_FIRST_TURN = [
         {"type": "text", "text": "<system-reminder>\nAs you answer the user's questions, you can use the following "
                                  "context:\n# claudeMd\n" + "Codebase and user instructions are shown below. " * 10
                                  + "\n</system-reminder>"},
-        {"type": "text", "text": "write a python function that parses ISO dates", "cache_control": {"type": "ephemeral"}}]},
+        {"type": "text", "text": "write a python function that parses ISO dates",
+         "cache_control": {"type": "ephemeral"}}]},
     {"role": "system", "content": "<env>Working directory: /home/me/project\nPlatform: linux</env>" * 20},
 ]
 
@@ -4180,11 +4209,13 @@ def test_trimming_keeps_only_user_and_assistant_text_without_harness_blocks():
     messages = CLAUDE_CODE_FIRST_TURN + [
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
                                           {"type": "text", "text": "Let me look."},
-                                          {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}]},
+                                          {"type": "tool_use", "id": "t1", "name": "Bash",
+                                           "input": {"command": "ls"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.py b.py"},
                                      {"type": "text", "text": "<system-reminder>todo list empty</system-reminder>"}]},
         {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
-                                     {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cc_entrypoint=cli;\nnow explain b.py"}]},
+                                     {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; "
+                                                              "cc_entrypoint=cli;\nnow explain b.py"}]},
     ]
     assert plano.conversation_for_router(messages) == [
         {"role": "user", "content": "write a python function that parses ISO dates"},
@@ -4225,7 +4256,8 @@ def test_trimming_moves_the_window_in_steps_so_the_evaluated_prefix_stays_reusab
 
 
 def test_route_answers_are_parsed_strictly():
-    assert plano.parse_route_answer('```json\n{"route": "code generation"}\n```', ["code generation"]) == "code generation"
+    assert plano.parse_route_answer('```json\n{"route": "code generation"}\n```',
+                                    ["code generation"]) == "code generation"
     assert plano.parse_route_answer('{"route":"other"}', ["a"]) == "other"
     for bad in ('{"route": "made up"}', "I think code generation", '{"route": 3}'):
         with pytest.raises(plano.RouterUnavailable):
@@ -4324,7 +4356,8 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
 
     def decide():
         try:
-            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}], decision).name
+            outcome["route"] = embedded_backend.choose(routes, [{"role": "user", "content": "q w " * 700}],
+                                                       decision).name
         except plano.RouterUnavailable as e:
             outcome["error"] = str(e)
 
@@ -4480,17 +4513,20 @@ def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again
     headers1, first = ask(messages)
     retry_headers, _ = ask(messages)  # a retry of a request with new user text is decided again (cached)
     assert retry_headers["x-plano-decision"] == "router"
-    call = next(b for b in first.content if b.type == "tool_use") if headers1["x-plano-model"] == "openai/gpt-4o" else None
+    call = (next(b for b in first.content if b.type == "tool_use")
+            if headers1["x-plano-model"] == "openai/gpt-4o" else None)
     kinds = [headers1["x-plano-decision"]]
     # Continue with a tool result (no new user text): the turn's model is kept.
     tool_id = call.id if call else "toolu_x"
-    messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": "echo one"}}]},
+    messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Bash",
+                                                    "input": {"command": "echo one"}}]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "one"}]}]
     headers2, _ = ask(messages)
     kinds.append(headers2["x-plano-decision"])
     assert headers2["x-plano-model"] == headers1["x-plano-model"]
     assert headers2["x-plano-route"] == headers1["x-plano-route"]
-    messages += [{"role": "assistant", "content": "tool said: one"}, {"role": "user", "content": "now explain what echo does"}]
+    messages += [{"role": "assistant", "content": "tool said: one"},
+                 {"role": "user", "content": "now explain what echo does"}]
     headers3, _ = ask(messages)
     kinds.append(headers3["x-plano-decision"])
     # The tiny test model is seeded: it picks a route (not "other") for both user turns.
@@ -4534,7 +4570,8 @@ def test_decisions_are_listed_and_followed(routed_gateway):
     listed = httpx.get(routed_gateway.url + "/plano/decisions").json()["decisions"]
     assert listed[-1]["requested_model"] == "auto" and listed[-1]["session"] == "s-follow"
     assert listed[-1]["decision"] in ("router", "default")
-    assert set(listed[-1]) >= {"time", "session", "requested_model", "model", "route", "decision", "router_ms", "reason"}
+    assert set(listed[-1]) >= {"time", "session", "requested_model", "model",
+                               "route", "decision", "router_ms", "reason"}
     assert received and received[0]["session"] == "s-follow"
 
 
@@ -4676,7 +4713,8 @@ def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, pro
     result = run_plano_cli("download", "--config", str(local), cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == str(tiny_router_model)
     hub = tmp_path / "hub.yaml"
-    hub.write_text(local.read_text().replace(f"  model: {tiny_router_model}", "  model: katanemo/Arch-Router-1.5B.gguf"))
+    hub.write_text(local.read_text().replace(f"  model: {tiny_router_model}",
+                                             "  model: katanemo/Arch-Router-1.5B.gguf"))
     result = run_plano_cli("download", "--config", str(hub), cwd=tmp_path,
                            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -4754,7 +4792,8 @@ def test_doctor_on_a_good_setup_says_what_works_and_exits_zero(tmp_path, provide
     assert line_about(lines, "config").startswith("✓")
     assert line_about(lines, "key") == "✓ key       openai/gpt-4o: key set (written in the config)"
     assert line_about(lines, "reach") == f"✓ reach     {provider.openai_base}: reachable (HTTP 200)"
-    assert re.match(r"✓ router    embedded, llama-cpp-python [\d.]+; .*extra buffer types off", line_about(lines, "router"))
+    assert re.match(r"✓ router    embedded, llama-cpp-python [\d.]+; .*extra buffer types off",
+                    line_about(lines, "router"))
     assert re.match(r"· cpu       .+, \d+ cores \((no AMX|AMX present);", line_about(lines, "cpu"))
     assert line_about(lines, "model").startswith(f"✓ model     {tiny_router_model} (")
     assert line_about(lines, "listener").endswith("is free")
@@ -4794,7 +4833,8 @@ def test_doctor_recognises_plano_already_serving(tmp_path, provider):
         result = run_plano_cli("doctor", "--config", str(config), "--offline", cwd=tmp_path)
     lines = result.stdout.splitlines()
     assert result.returncode == 0
-    assert line_about(lines, "listener") == f"✓ listener  plano is already serving on http://127.0.0.1:{port} (router: off)"
+    assert line_about(lines, "listener") == ("✓ listener  plano is already serving on "
+                                             f"http://127.0.0.1:{port} (router: off)")
     assert not any(line[2:].startswith("reach ") for line in lines)  # --offline: no provider was asked
     assert [r for r in provider.requests if r.method == "GET"] == []
 
@@ -5397,7 +5437,8 @@ def test_cli_agent_starts_a_gateway_runs_claude_code_and_stops_it(tmp_path, prov
     env = claude_env(tmp_path / "home", claude_bin, HTTP_PROXY=dead_proxy, HTTPS_PROXY=dead_proxy)
     result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
                              "-p", "TOOL:echo via-cli-agent", "--allowedTools", "Bash"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180, stdin=subprocess.DEVNULL)
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+                            stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tool said: via-cli-agent" in result.stdout
     assert f"gateway started on http://127.0.0.1:{port}" in result.stderr
@@ -5617,7 +5658,8 @@ def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gatew
 @pytest.mark.parametrize("model, sent", [("openai/gpt-4o", True), (CODEX_MODEL, True),
                                           ("deepseek/deepseek-chat", False), ("anthropic/claude-sonnet-5", False)])
 def test_a_claude_code_session_reaches_openai_as_its_prompt_cache_key(provider, model, sent):
-    deepseek = f"  - model: deepseek/deepseek-chat\n    base_url: {provider.openai_base}\n    access_key: {OPENAI_KEY}\n"
+    deepseek = (f"  - model: deepseek/deepseek-chat\n    base_url: {provider.openai_base}\n"
+                f"    access_key: {OPENAI_KEY}\n")
     config = plano.parse_config(responses_config_text(provider, deepseek), path=CONFIG_PATH,
                                 environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     session = "5b8e1f0c-2d44-4a1e-9c53-7a1d0f6e2b90"
@@ -5664,7 +5706,8 @@ def test_every_answer_is_recorded_with_its_model_route_decision_and_tokens(provi
         summary = usage(running)
     rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
     assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
-        ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
+        ("/v1/messages", "openai/gpt-4o", "explicit", 200),
+        ("/v1/messages", "anthropic/claude-sonnet-5", "explicit", 200),
         ("/v1/messages", "openai/gpt-4o", "explicit", 200), ("/v1/chat/completions", "openai/gpt-4o", "alias", 200)]
     # The stand-ins' usage: OpenAI 40 prompt tokens (30 of them cached) + 7, Anthropic 12 + 30 cached + 9.
     assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == [
@@ -5712,7 +5755,8 @@ def test_each_answer_is_priced_at_its_model_and_at_the_baseline(provider, tmp_pa
         summary = usage(running)
     rows = plano.read_usage(str(path))
     assert [(r["model"], r["decision"]) for r in rows] == [
-        ("openai/gpt-4o", "explicit"), ("anthropic/claude-sonnet-5", "explicit"), ("anthropic/claude-sonnet-5", "fallback")]
+        ("openai/gpt-4o", "explicit"), ("anthropic/claude-sonnet-5", "explicit"),
+        ("anthropic/claude-sonnet-5", "fallback")]
     openai_tokens, anthropic_tokens = (10, 30, 7), (12, 30, 9)  # the stand-ins' usage
     assert [r["cost_usd"] for r in rows] == pytest.approx([
         price("openai/gpt-4o", *openai_tokens), price("anthropic/claude-sonnet-5", *anthropic_tokens),
@@ -5749,7 +5793,8 @@ stats:
     # Claude's output costs more than gpt-4o's here, so this routing cost more than the baseline.
     assert f"routing saved: -${spent - baseline:.6f} against openai/gpt-4o for everything " \
            f"(${spent:.6f} instead of ${baseline:.6f})" in out, out
-    assert re.search(rf"anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +\${price('anthropic/claude-sonnet-5', 12, 30, 9):.6f}",
+    assert re.search("anthropic/claude-sonnet-5 +1 +12 +30 +9 +71% +"
+                     rf"\${price('anthropic/claude-sonnet-5', 12, 30, 9):.6f}",
                      out), out
     saved = json.loads(run_plano_cli("stats", "--config", config_file, "--json").stdout)["total"]["saved_usd"]
     assert saved == pytest.approx(baseline - spent)
@@ -6021,7 +6066,8 @@ def backup():
     stand_in.close()
 
 
-def failover_config(primary_base: str, backup: StandInProvider, fallbacks: str = "[anthropic/claude-backup]") -> plano.Config:
+def failover_config(primary_base: str, backup: StandInProvider,
+                    fallbacks: str = "[anthropic/claude-backup]") -> plano.Config:
     return plano.parse_config(f"""
 llm_providers:
   - model: openai/gpt-4o
@@ -6047,8 +6093,10 @@ def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup,
             "model": "openai/gpt-4o", "max_tokens": 20, "stream": streaming,
             "messages": [{"role": "user", "content": "still there?"}]})
     assert response.status_code == 200
-    assert (response.headers["x-plano-decision"], response.headers["x-plano-model"]) == ("fallback", "anthropic/claude-backup")
-    assert (anthropic_stream_text(response.text) if streaming else response.json()["content"][0]["text"]) == "echo: still there?"
+    decided = (response.headers["x-plano-decision"], response.headers["x-plano-model"])
+    assert decided == ("fallback", "anthropic/claude-backup")
+    answer = anthropic_stream_text(response.text) if streaming else response.json()["content"][0]["text"]
+    assert answer == "echo: still there?"
     assert len(provider.requests) == 1 and len(backup.requests) == 1
 
 
@@ -6159,7 +6207,8 @@ def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
     try:
         for sock in stalled:
             sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"mod")
-        r = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(gateway.url + "/v1/chat/completions",
+                       json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
         assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
         for sock in stalled:  # all sixty are still waiting on their bodies: they did not block it
             sock.setblocking(False)
@@ -6192,20 +6241,26 @@ def test_connections_beyond_the_cap_wait_for_a_free_slot(provider):
 # ── hostile input ─────────────────────────────────────────────────────────────────────────
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12)
 
 ANTHROPIC_BODY = {"model": "openai/gpt-4o", "max_tokens": 50, "system": [{"type": "text", "text": "s"}],
                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                               {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": {"command": "ls"}}]},
-                               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}],
+                               {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash",
+                                                                  "input": {"command": "ls"}}]},
+                               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                             "content": "ok"}]}],
                   "tools": [BASH_TOOL], "tool_choice": {"type": "auto"}, "stop_sequences": ["END"],
                   "temperature": 0.5, "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive"},
                   "stream": False}
 OPENAI_BODY = {"model": "anthropic/claude-sonnet-5", "max_tokens": 50,
-               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                            {"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+               "messages": [{"role": "system", "content": "s"},
+                            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                            {"role": "assistant", "content": None,
+                             "tool_calls": [{"id": "t", "type": "function",
+                                             "function": {"name": "Bash", "arguments": "{}"}}]},
                             {"role": "tool", "tool_call_id": "t", "content": "ok"}],
                "tools": [BASH_FUNCTION], "tool_choice": "auto", "stop": ["END"], "temperature": 0.5,
                "user": "u", "stream": False, "stream_options": {"include_usage": True}}
@@ -6279,7 +6334,8 @@ def test_arbitrary_json_in_any_openai_field_gets_a_4xx_or_a_valid_answer(hostile
 
 @settings(max_examples=60, deadline=None)
 @given(soup=st.binary(max_size=300) | st.builds(lambda head, tail: head + tail, st.sampled_from(
-    [b"POST /v1/messages HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nhost: x\r\n", b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n"]),
+    [b"POST /v1/messages HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nhost: x\r\n",
+     b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n"]),
     st.binary(max_size=200)))
 def test_byte_soup_to_the_http_layer_never_breaks_the_server(hostile_target, soup):
     answer = raw_exchange(hostile_target.url, soup, timeout=2)
@@ -6432,7 +6488,8 @@ def test_up_refuses_a_public_address_without_a_gateway_key(tmp_path, provider):
 # ── shutdown ──────────────────────────────────────────────────────────────────────────────
 
 def slow_stream(provider: StandInProvider, words: int, delay: float) -> None:
-    events = [(None, {"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}) for i in range(words)]
+    events = [(None, {"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]})
+              for i in range(words)]
     events += [(None, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), (None, "[DONE]")]
     provider.then(Reply(sse=sse_pieces(events, piece=10_000)[:1] and
                         [piece for name, data in events for piece in sse_pieces([(name, data)], piece=10_000)],
@@ -6502,7 +6559,8 @@ def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_
         wait_for_http(url + "/healthz")
         slow_stream(provider, words=20, delay=0.05)
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
-                "model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as inflight:
+                "model": "openai/gpt-4o-mini", "stream": True,
+                "messages": [{"role": "user", "content": "x"}]}) as inflight:
             chunks = inflight.iter_bytes()
             first = next(chunks)
             # The edit removes the model this stream is using and adds an alias.
@@ -6644,11 +6702,13 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
     try:
         wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
         worker = threading.Thread(target=lambda: routed.update(response=httpx.post(running.url + "/v1/messages", json={
-            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]}, timeout=60)))
+            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]},
+            timeout=60)))
         worker.start()
         assert backend.deciding.wait(10)
         explicit = httpx.post(running.url + "/v1/messages", json={
-            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "quick"}]}, timeout=10)
+            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "quick"}]},
+            timeout=10)
         assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
         assert "response" not in routed  # the routed request is still waiting on its decision
         backend.release.set()
