@@ -4212,10 +4212,6 @@ def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) ->
     return max(tokens * (proposed.input - staying), 0) / 1e6
 
 
-def _thousands(tokens: int) -> str:
-    return f"{tokens / 1000:.0f}k" if tokens >= 1000 else str(tokens)
-
-
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
     """Claude Code's session id header, else the session in `metadata.user_id`, else a digest of
     the conversation's first user text (stable across the turns of one conversation)."""
@@ -4739,6 +4735,7 @@ class _Exchange:
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
+    needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
     session: str = ""
 
 
@@ -5349,7 +5346,8 @@ class Gateway:
         config = self.config  # a reload during this request does not change what it talks to
         decision = await self.choose_model(config, requested, routed, exchange)
         exchange.decision = decision  # logged with the 400 when no model can take the request
-        exchange.decision = decision = fit_decision(config, decision, request_needs(body, client_format))
+        exchange.needs = request_needs(body, client_format)
+        exchange.decision = decision = fit_decision(config, decision, exchange.needs)
         wants_stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
@@ -5378,7 +5376,7 @@ class Gateway:
         client yet. Returns (response, the model that answers, the decision as it turned out)."""
         chosen = config.model_named(decision.model)
         assert chosen is not None, decision
-        candidates = self._failover_candidates(config, chosen)
+        candidates = self._failover_candidates(config, chosen, exchange.needs)
         failures: list[str] = []
         for attempt, model in enumerate(candidates):
             last = attempt == len(candidates) - 1
@@ -5407,14 +5405,17 @@ class Gateway:
             return upstream, model, decision
         raise AssertionError("unreachable: the last candidate raises")
 
-    def _failover_candidates(self, config: Config, model: ModelEntry) -> list[ModelEntry]:
-        """The model, then its `fallbacks` (default: the default model); providers cooling down
-        after repeated failures are skipped unless nothing else is left."""
+    def _failover_candidates(self, config: Config, model: ModelEntry,
+                             needs: RequestNeeds | None) -> list[ModelEntry]:
+        """The model, then its `fallbacks` (default: the default model) that can take the request
+        (a fallback too small for it would only answer 400); providers cooling down after repeated
+        failures are skipped unless nothing else is left."""
         names = list(model.fallbacks) or [config.default_model.name]
         candidates = [model]
         for name in names:
             target = config.model_named(config.aliases.get(name, name))
-            if target is not None and target not in candidates:
+            fits = target is not None and (needs is None or unfit_reason(needs, target) is None)
+            if fits and target not in candidates:
                 candidates.append(target)
         healthy = [m for m in candidates if self.health.available(m)]
         return healthy or candidates

@@ -5156,6 +5156,18 @@ def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_th
     assert [r.path for r in provider.requests] == ["/v1/messages"]  # gpt-4o's endpoint received nothing
 
 
+def test_a_failing_provider_does_not_fail_over_to_a_model_too_small_for_the_request(provider, big_provider):
+    # The big model fails; its only fallback (the small default) cannot hold the conversation, so
+    # the provider's failure is what the client gets, and the small model is never sent it.
+    config = capability_config(provider, big_provider, big_fields="    context_window: 200000\n"
+                               "    fallbacks: [openai/small-model]\n")
+    big_provider.then(Reply(500, {"type": "error", "error": {"type": "api_error", "message": "down"}}))
+    with RunningPlano(config) as running:
+        answer = httpx.post(running.url + "/v1/messages", timeout=30, json={
+            "model": "anthropic/big-model", "max_tokens": 200, "messages": [{"role": "user", "content": LONG_TEXT}]})
+    assert answer.status_code == 500 and provider.requests == []
+
+
 @pytest.mark.parametrize("fmt", ["anthropic", "openai"])
 def test_nothing_fits_is_a_prompt_too_long_400_in_the_callers_format(provider, big_provider, fmt):
     config = capability_config(provider, big_provider, big_fields="    context_window: 6000\n")
