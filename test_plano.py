@@ -5015,15 +5015,6 @@ llm_providers:
                               environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
 
 
-@contextlib.contextmanager
-def running_plano(config: plano.Config, router: Any = None):
-    running = RunningPlano(config, router=router)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 def latest_decision(running: RunningPlano) -> dict:
     return httpx.get(running.url + "/plano/decisions").json()["decisions"][-1]
 
@@ -5128,7 +5119,7 @@ def test_top_level_routing_preferences_must_name_configured_models(provider, big
 
 
 def test_a_conversation_too_big_for_the_default_model_goes_to_one_that_holds_it(provider, big_provider):
-    with running_plano(capability_config(provider, big_provider)) as running:
+    with RunningPlano(capability_config(provider, big_provider)) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-opus-5-5", max_tokens=200, messages=[{"role": "user", "content": LONG_TEXT + "SAY:held"}])
         assert raw.parse().content[0].text.endswith("SAY:held")
@@ -5143,7 +5134,7 @@ def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_th
     text = routed_config_text(provider, f"  model: {tiny_router_model}", "\n    context_window: 4000" + ROUTES_YAML)
     config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
                                                                    "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
-    with running_plano(config, router="auto") as running:
+    with RunningPlano(config, router="auto") as running:
         wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-opus-5-5", max_tokens=200, tools=[BASH_TOOL],
@@ -5171,7 +5162,7 @@ def test_a_failing_provider_does_not_fail_over_to_a_model_too_small_for_the_requ
 @pytest.mark.parametrize("fmt", ["anthropic", "openai"])
 def test_nothing_fits_is_a_prompt_too_long_400_in_the_callers_format(provider, big_provider, fmt):
     config = capability_config(provider, big_provider, big_fields="    context_window: 6000\n")
-    with running_plano(config) as running:
+    with RunningPlano(config) as running:
         if fmt == "anthropic":
             with pytest.raises(anthropic.BadRequestError) as raised:
                 anthropic_client(running).messages.create(model="claude-opus-5-5", max_tokens=100,
@@ -5188,7 +5179,7 @@ def test_nothing_fits_is_a_prompt_too_long_400_in_the_callers_format(provider, b
 
 
 def test_an_explicitly_requested_model_too_small_gets_the_same_400(provider, big_provider):
-    with running_plano(capability_config(provider, big_provider)) as running, \
+    with RunningPlano(capability_config(provider, big_provider)) as running, \
             pytest.raises(anthropic.BadRequestError) as raised:
         anthropic_client(running).messages.create(model="openai/small-model", max_tokens=100,
                                                   messages=[{"role": "user", "content": LONG_TEXT}])
@@ -5199,7 +5190,7 @@ def test_an_explicitly_requested_model_too_small_gets_the_same_400(provider, big
 def test_an_image_to_a_text_only_model_goes_to_a_vision_model(provider, big_provider):
     config = capability_config(provider, big_provider, small_fields="    vision: false\n")
     png = png_base64(64, 64)
-    with running_plano(config) as running:
+    with RunningPlano(config) as running:
         raw = openai_client(running).chat.completions.with_raw_response.create(model="auto", messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
                                          {"type": "text", "text": "SAY:a square"}]}])
@@ -5213,7 +5204,7 @@ def test_an_image_to_a_text_only_model_goes_to_a_vision_model(provider, big_prov
 def test_an_image_nothing_can_see_is_a_400_naming_why(provider, big_provider):
     config = capability_config(provider, big_provider, small_fields="    vision: false\n",
                                big_fields="    vision: false\n")
-    with running_plano(config) as running, pytest.raises(anthropic.BadRequestError) as raised:
+    with RunningPlano(config) as running, pytest.raises(anthropic.BadRequestError) as raised:
         anthropic_client(running).messages.create(model="claude-opus-5-5", max_tokens=50, messages=[
             {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}])
     assert "needs image input" in raised.value.body["error"]["message"]
@@ -5221,7 +5212,7 @@ def test_an_image_nothing_can_see_is_a_400_naming_why(provider, big_provider):
 
 
 def test_an_anthropic_server_tool_goes_to_an_anthropic_model(provider, big_provider):
-    with running_plano(capability_config(provider, big_provider)) as running:
+    with RunningPlano(capability_config(provider, big_provider)) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-opus-5-5", max_tokens=100, tools=[WEB_SEARCH_TOOL],
             messages=[{"role": "user", "content": "SAY:searched"}])
@@ -5235,7 +5226,7 @@ def test_an_anthropic_server_tool_goes_to_an_anthropic_model(provider, big_provi
 def test_models_list_windows_display_names_and_claude_codes_picker(provider, big_provider):
     config = capability_config(provider, big_provider, extra="  - model: anthropic/claude-sonnet-4-5\n"
                                f"    base_url: {big_provider.anthropic_base}\n    context_window: 150000\n")
-    with running_plano(config) as running:
+    with RunningPlano(config) as running:
         listed = {m["id"]: m for m in httpx.get(running.url + "/v1/models",
                                                 headers={"anthropic-version": "2023-06-01"}).json()["data"]}
         picker = httpx.get(running.url + "/v1/models?limit=1000", headers={
@@ -5267,7 +5258,7 @@ def test_route_on_user_only_false_routes_tool_loop_continuations_too(provider, t
                 {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
                                                    "input": {"command": "echo one"}}]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "one"}]}]
-    with running_plano(config, router="auto") as running:
+    with RunningPlano(config, router="auto") as running:
         wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
         client = anthropic_client(running)
         for upto in (1, 3):
