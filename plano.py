@@ -4800,6 +4800,15 @@ def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
     return translated
 
 
+def provider_auth_headers(model: ModelEntry) -> dict[str, str]:
+    """The header that carries plano's key for `model`, the way its provider wants it."""
+    key = model.access_key
+    if not key:
+        return {}
+    return {"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
+            "api-key": {"api-key": key}}.get(model.spec.auth, {})
+
+
 def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
     """Ten seconds to connect, a minute to send a request (32 MiB over a slow link), 30 s to wait
     for a free connection, and the model's own `timeout` for each next byte of a long answer."""
@@ -5434,13 +5443,7 @@ class Gateway:
             raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                       f"(export it or put it in .env beside the config)")
         headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
-        key = model.access_key or ""
-        if model.spec.auth == "bearer" and key:
-            headers["authorization"] = f"Bearer {key}"
-        elif model.spec.auth == "x-api-key" and key:
-            headers["x-api-key"] = key
-        elif model.spec.auth == "api-key" and key:
-            headers["api-key"] = key
+        headers.update(provider_auth_headers(model))
         if model.interface == "anthropic":
             headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
             if "anthropic-beta" in request.headers and client_format == "anthropic":
@@ -6273,11 +6276,7 @@ def _program_version(program: str) -> str | None:
 
 def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     """One cheap request (the model list) to a provider: reached, key rejected, or unreachable."""
-    headers = {"user-agent": "plano-doctor"}
-    key = model.access_key or ""
-    if key:
-        headers.update({"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
-                        "api-key": {"api-key": key}}.get(model.spec.auth, {}))
+    headers = {"user-agent": "plano-doctor", **provider_auth_headers(model)}
     if model.interface == "anthropic":
         headers["anthropic-version"] = "2023-06-01"
     url = model.base_url + ("/v1/models" if model.interface == "anthropic" else "/models")
