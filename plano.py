@@ -3767,8 +3767,7 @@ class EmbeddedRouterBackend(RouterBackend):
     async def trim(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
         if self.model is None:
             raise RouterUnavailable("the router model is not loaded")
-        return await trio.to_thread.run_sync(trim_conversation, conversation, self.conversation_budget(routes),
-                                             self.count_tokens)
+        return await trio.to_thread.run_sync(self.trimmed, routes, conversation)
 
     async def decide(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         decision = threading.Event()
@@ -3809,6 +3808,10 @@ class EmbeddedRouterBackend(RouterBackend):
             self.chat_head, self.chat_tail = self._chat_template_around_user_message(model.metadata)
             self.speculate = self.speculate and model.batched
             self.model = model
+
+    def trimmed(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> list[dict]:
+        """`trim` for one thread: the newest text within the budget, counted with the model's tokenizer."""
+        return trim_conversation(conversation, self.conversation_budget(routes), self.count_tokens)
 
     def close_model(self) -> None:
         """Free the model now (llama.cpp's own finaliser can run after its library is gone)."""
@@ -6088,9 +6091,7 @@ def _cmd_route_explain(config: Config, text: str) -> int:
     routes = tuple(pref for pref, _ in config.routes)
     try:
         backend.load_model()
-        conversation = trim_conversation(conversation_for_router(_as_messages(text)),
-                                         backend.conversation_budget(routes), backend.count_tokens)
-        probabilities = backend.explain(routes, conversation)
+        probabilities = backend.explain(routes, backend.trimmed(routes, conversation_for_router(_as_messages(text))))
     except RouterUnavailable as e:
         print(f"plano: {e}", file=sys.stderr)
         return 1

@@ -287,8 +287,7 @@ def tool_loop_bodies(words: str, session: str) -> list[dict]:
 
 def routed_conversation(backend: plano.EmbeddedRouterBackend, routes: tuple, body: dict) -> list[dict]:
     """What plano's router reads of a request (plano's own trimming and budget)."""
-    return plano.trim_conversation(plano.conversation_for_router(body["messages"]),
-                                   backend.conversation_budget(routes), backend.count_tokens)
+    return backend.trimmed(routes, plano.conversation_for_router(body["messages"]))
 
 
 def upstream_conversation(backend: plano.EmbeddedRouterBackend, routes: tuple, body: dict) -> list[dict]:
