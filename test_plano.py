@@ -5612,6 +5612,14 @@ class LineReader:
                 return line
 
 
+def test_a_watch_line_shows_how_sure_the_router_was():
+    record = {"time": "2026-12-02T10:00:00", "session": "s1", "requested_model": CLAUDE_CODE_MODEL,
+              "model": "openai/gpt-4o", "route": "code generation", "decision": "router", "router_ms": 812.0,
+              "confidence": 0.42, "status": 200, "ttfb_ms": 900.0}
+    assert plano.format_decision(record, colour=False) == (
+        "10:00:00 s1       claude-opus-5-5 → openai/gpt-4o [code generation] router 812ms p=0.42 200 ttfb=900ms")
+
+
 def test_watch_shows_decisions_and_reconnects_when_the_gateway_restarts(tmp_path, provider):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
