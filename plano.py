@@ -25,6 +25,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -1553,6 +1554,10 @@ class SSEDecoder:
         return None
 
 
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def encode_sse(data: Any, event: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
@@ -2915,6 +2920,183 @@ def responses_stream_error(error_type: str, message: str) -> dict:
     code = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded"}.get(
         error_type, "server_error" if error_type == "api_error" else error_type)
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message, "param": None}}
+
+
+
+# ── one upstream exchange: what goes to the provider, what comes back to the client ──────────
+# Pure functions of the request and the model: the gateway's Upstreams sends what these build.
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """One request to a provider, ready to send."""
+
+    url: str
+    headers: dict[str, str]
+    content: bytes
+    timeout: httpx.Timeout
+
+
+def provider_request(model: ModelEntry, client_format: str, body: dict, raw: bytes,
+                     client_headers: Mapping[str, str], query: Mapping[str, str],
+                     session: str = "") -> ProviderRequest:
+    """What to send `model`'s provider for a client request in `client_format` (its parsed `body`
+    and its own bytes `raw`): the same format is forwarded byte for byte but for the model,
+    another is translated."""
+    if model.access_key is None and model.spec.auth != "none" and model.key_env:
+        raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
+                               f"(export it or put it in .env beside the config)")
+    headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
+    headers.update(provider_auth_headers(model))
+    if model.interface == "anthropic":
+        headers["anthropic-version"] = client_headers.get("anthropic-version", "2023-06-01")
+        if "anthropic-beta" in client_headers and client_format == "anthropic":
+            headers["anthropic-beta"] = client_headers["anthropic-beta"]
+        url = model.base_url + "/v1/messages"
+        if client_format == "anthropic":
+            if "beta" in query:
+                url += "?beta=" + urllib.parse.quote(query["beta"])
+            content = _anthropic_passthrough_body(raw, body, model).encode()
+        elif client_format == "responses":
+            content = _json_bytes(responses_request_to_anthropic(body, model))
+        else:
+            content = _json_bytes(openai_request_to_anthropic(body, model))
+    elif model.interface == "responses":
+        url = model.base_url + "/responses"
+        if client_format == "responses":
+            content = replace_json_model(raw.decode("utf-8"), model.model_id).encode()
+        elif client_format == "anthropic":
+            content = _json_bytes(_with_cache_key(anthropic_request_to_responses(body, model), model, session))
+        else:
+            content = _json_bytes(_with_cache_key(openai_request_to_responses(body, model), model, session))
+    else:
+        url = model.base_url + "/chat/completions"
+        if client_format == "openai":
+            content = _openai_passthrough_body(raw, body, model).encode()
+        elif client_format == "responses":
+            content = _json_bytes(_with_cache_key(responses_request_to_openai(body, model), model, session))
+        else:
+            content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
+    return ProviderRequest(url, headers, content, _upstream_timeout(model))
+
+
+def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
+    """A translated request with the session as `prompt_cache_key`, where the provider documents it
+    (OpenAI): one conversation's requests then land on the same prompt cache. The clients' own
+    requests passed through are not changed (Codex sets the key itself)."""
+    if model.spec.prompt_cache_key and session and "prompt_cache_key" not in translated:
+        translated["prompt_cache_key"] = session if len(session) <= 64 else hashlib.sha256(session.encode()).hexdigest()
+    return translated
+
+
+def provider_auth_headers(model: ModelEntry) -> dict[str, str]:
+    """The header that carries plano's key for `model`, the way its provider wants it."""
+    key = model.access_key
+    if not key:
+        return {}
+    return {"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
+            "api-key": {"api-key": key}}.get(model.spec.auth, {})
+
+
+def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
+    """Ten seconds to connect, a minute to send a request (32 MiB over a slow link), 30 s to wait
+    for a free connection, and the model's own `timeout` for each next byte of a long answer."""
+    return httpx.Timeout(connect=10.0, read=model.timeout, write=60.0, pool=30.0)
+
+
+def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
+    """The client's own bytes with only the model changed, unless a thinking block plano made
+    (no signature: it came from another provider) would make an Anthropic upstream reject it."""
+    if not _has_unsigned_thinking(body):
+        return replace_json_model(raw.decode("utf-8"), model.model_id)
+    cleaned = dict(body, model=model.model_id, messages=[
+        dict(m, content=[b for b in m["content"] if not (isinstance(b, dict) and b.get("type") == "thinking"
+                                                         and _unsigned(b))])
+        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+        for m in body["messages"]])
+    return json.dumps(cleaned, ensure_ascii=False)
+
+
+def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
+    """The client's own bytes with only the model changed, unless its tool-call ids carry the
+    reasoning plano put there for a Responses upstream: another provider gets the plain ids (OpenAI
+    limits their length, and the reasoning is no one else's business)."""
+    text = raw.decode("utf-8")
+    if _REASONING_MARK not in text:
+        return replace_json_model(text, model.model_id)
+
+    def plain(tool_id: Any) -> Any:
+        return split_reasoning_tool_id(tool_id)[0] if isinstance(tool_id, str) else tool_id
+
+    messages = []
+    for message in body["messages"]:
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+            message = dict(message, tool_calls=[dict(c, id=plain(c.get("id"))) if isinstance(c, dict) else c
+                                                for c in message["tool_calls"]])
+        if isinstance(message, dict) and "tool_call_id" in message:
+            message = dict(message, tool_call_id=plain(message["tool_call_id"]))
+        messages.append(message)
+    return json.dumps(dict(body, model=model.model_id, messages=messages), ensure_ascii=False)
+
+
+def _has_unsigned_thinking(body: dict) -> bool:
+    """Thinking without Anthropic's own signature: none, or the reasoning plano carries for OpenAI."""
+    return any(isinstance(b, dict) and b.get("type") == "thinking" and _unsigned(b)
+               for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for b in m["content"])
+
+
+def _unsigned(block: dict) -> bool:
+    return not block.get("signature") or is_plano_signature(block["signature"])
+
+
+@dataclass(frozen=True)
+class TranslatedAnswer:
+    """A whole (not streamed) answer, in the client's format, and what it used."""
+
+    content: bytes
+    usage: dict  # Anthropic-shaped: token kinds apart
+    reasoning_tokens: int | None
+
+
+def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format: str) -> TranslatedAnswer:
+    """A provider's whole answer (its bytes `raw`, parsed as `payload`) for a `client_format`
+    client: the provider's own bytes when the formats agree (fields plano does not know and the
+    provider's formatting survive; only the model says what the client asked for), else
+    translated. Malformed answers raise UpstreamError."""
+    reasoning_tokens = None
+    if model.interface == "openai":
+        usage = _openai_usage_to_anthropic(payload.get("usage"))
+        reasoning_tokens = _openai_reasoning_tokens(payload.get("usage"))
+    elif model.interface == "responses":
+        usage = _responses_usage_to_anthropic(payload.get("usage"))
+        reasoning_tokens = _reasoning_tokens(payload.get("usage"))
+    else:
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+    if model.interface == client_format:
+        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens)
+    try:
+        if model.interface == "responses":
+            answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
+                else responses_response_to_openai(payload, model.name)
+        elif client_format == "responses":
+            message = openai_response_to_anthropic(payload, model.name) if model.interface == "openai" else payload
+            answer = anthropic_response_to_responses(message, model.name)
+        elif client_format == "anthropic":
+            answer = openai_response_to_anthropic(payload, model.name)
+        else:
+            answer = anthropic_response_to_openai(payload, model.name)
+    except (AttributeError, TypeError, KeyError) as e:
+        raise UpstreamError(f"{model.name}: malformed answer from the provider ({e})",
+                            status=502, error_type="api_error") from None
+    return TranslatedAnswer(_json_bytes(answer), usage, reasoning_tokens)
+
+
+def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """(input tokens including cache reads, output tokens) of Anthropic-shaped usage, for the log."""
+    if not usage:
+        return None, None
+    return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
+            usage.get("output_tokens") or 0)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4725,11 +4907,21 @@ class Responder:
 
 @dataclass
 class _Exchange:
-    """Everything the access log and the decision log want to know about one request."""
+    """One request on its way through the gateway: what the client asked, what was decided, what
+    came back. Each step reads what it needs here and writes what it learned; the access log, the
+    decision log and the usage ledger read the whole of it at the end."""
 
     request: Request
+    client_format: str = ""  # the API the client speaks: anthropic | openai | responses
+    config: Config | None = None  # the config the request started on (a reload does not change it)
+    body: dict = field(default_factory=dict)  # the request's JSON
     requested_model: str = ""
+    wants_stream: bool = False
+    include_usage: bool = False  # an OpenAI client asked for the usage chunk at a stream's end
+    session: str = ""
+    needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
     decision: RouteDecision | None = None
+    model: ModelEntry | None = None  # the model that answers, once a provider has said yes
     status: int = 0
     started: float = field(default_factory=time.monotonic)
     upstream_ms: float | None = None
@@ -4738,8 +4930,10 @@ class _Exchange:
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
-    needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
-    session: str = ""
+
+    def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> None:
+        self.usage, self.reasoning_tokens = usage or None, reasoning_tokens
+        self.input_tokens, self.output_tokens = _token_counts(self.usage)
 
 
 class ProviderHealth:
@@ -4794,30 +4988,6 @@ def _rounded(probability: float | None) -> float | None:
     return None if probability is None else round(probability, 3)
 
 
-def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
-    """A translated request with the session as `prompt_cache_key`, where the provider documents it
-    (OpenAI): one conversation's requests then land on the same prompt cache. The clients' own
-    requests passed through are not changed (Codex sets the key itself)."""
-    if model.spec.prompt_cache_key and session and "prompt_cache_key" not in translated:
-        translated["prompt_cache_key"] = session if len(session) <= 64 else hashlib.sha256(session.encode()).hexdigest()
-    return translated
-
-
-def provider_auth_headers(model: ModelEntry) -> dict[str, str]:
-    """The header that carries plano's key for `model`, the way its provider wants it."""
-    key = model.access_key
-    if not key:
-        return {}
-    return {"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
-            "api-key": {"api-key": key}}.get(model.spec.auth, {})
-
-
-def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
-    """Ten seconds to connect, a minute to send a request (32 MiB over a slow link), 30 s to wait
-    for a free connection, and the model's own `timeout` for each next byte of a long answer."""
-    return httpx.Timeout(connect=10.0, read=model.timeout, write=60.0, pool=30.0)
-
-
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     """Remove configured keys (and key-looking fragments providers echo back) from a message."""
     for secret in secrets:
@@ -4832,6 +5002,154 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 # are the parameter a provider complains about and stay.
 _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[-_A-Za-z0-9*]{8,}"
                          r"|AIza[-_A-Za-z0-9]{30,})")
+
+
+def config_secrets(config: Config) -> list[str]:
+    """The keys a config holds (providers' and the gateway's own): never in a log line or an answer."""
+    keys = [m.access_key for m in config.models if m.access_key]
+    return keys + ([config.listener.api_key] if config.listener.api_key else [])
+
+
+class Upstreams:
+    """The providers, as the gateway reaches them: one transport (a connection pool per provider
+    origin, which the router's remote backend shares), each endpoint's health, and failover along
+    a model's fallbacks while nothing has reached the client yet."""
+
+    def __init__(self) -> None:
+        # Requests go straight to the transport: httpx.AsyncClient's own jobs are a cookie jar,
+        # redirects, auth flows and hooks, and a gateway wants none of them (a cookie jar would
+        # even carry one provider session's cookies into every request).
+        self.transport = UpstreamTransport()
+        self.health = ProviderHealth()
+        self._urls: dict[str, httpx.URL] = {}
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> httpx.Response:
+        """The upstream answer to `exchange`, open (until `stack` closes) and known to be a
+        success: its decided model's, else the first of its fallbacks that answers. Sets
+        `exchange.model`, and `exchange.decision` as it turned out (a fallback says why)."""
+        config, decision = exchange.config, exchange.decision
+        assert config is not None and decision is not None
+        chosen = config.model_named(decision.model)
+        assert chosen is not None, decision
+        candidates = self.candidates(config, chosen, exchange.needs)
+        failures: list[str] = []
+        for attempt, model in enumerate(candidates):
+            last = attempt == len(candidates) - 1
+            try:
+                call = provider_request(model, exchange.client_format, exchange.body, exchange.request.body,
+                                        exchange.request.headers, exchange.request.query, exchange.session)
+                upstream = await stack.enter_async_context(self._answer(model, call, exchange))
+            except UpstreamError as error:
+                self.health.failed(model, error)
+                if not error.retryable or last:
+                    raise
+                failures.append(f"{model.name}: {error.status}")
+                log.warning("%s failed (%s); trying %s", model.name,
+                            _scrub(error.message, config_secrets(config))[:200], candidates[attempt + 1].name)
+                continue
+            except ProviderKeyError:
+                if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
+                    raise
+                failures.append(f"{model.name}: no key")
+                continue
+            self.health.succeeded(model)
+            if model is not chosen:
+                why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
+                exchange.decision = dataclasses.replace(decision, model=model.name, decision="fallback",
+                                                        reason=f"{why}; answered by {model.name}")
+            exchange.model = model
+            return upstream
+        raise AssertionError("unreachable: the last candidate raises")
+
+    def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None) -> list[ModelEntry]:
+        """The model, then its `fallbacks` (default: the default model) that can take the request
+        (a fallback too small for it would only answer 400); providers cooling down after repeated
+        failures are skipped unless nothing else is left."""
+        names = list(model.fallbacks) or [config.default_model.name]
+        candidates = [model]
+        for name in names:
+            target = config.model_named(config.aliases.get(name, name))
+            fits = target is not None and (needs is None or unfit_reason(needs, target) is None)
+            if fits and target not in candidates:
+                candidates.append(target)
+        healthy = [m for m in candidates if self.health.available(m)]
+        return healthy or candidates
+
+    def _url(self, url: str) -> httpx.URL:
+        # Parsing the same few upstream URLs on every request is a measurable share of plano's
+        # own time per request (bench/overhead.py); they are few, so keep them parsed.
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
+
+    @asynccontextmanager
+    async def _answer(self, model: ModelEntry, call: ProviderRequest, exchange: _Exchange):
+        """The provider's response to `call`, open and known to be a success; errors raise UpstreamError."""
+        secrets = config_secrets(exchange.config)
+        sent_at = time.monotonic()
+        request = httpx.Request("POST", self._url(call.url), headers=call.headers, content=call.content,
+                                extensions={"timeout": call.timeout.as_dict()})
+        try:
+            response = await self.transport.handle_async_request(request)
+        except httpx.TimeoutException:
+            raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
+                                error_type="api_error", retryable=True) from None
+        except httpx.HTTPError as e:
+            reason = _scrub(str(e), secrets) or "no detail"
+            raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
+                                status=502, error_type="api_error", retryable=True) from None
+        try:
+            exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
+            if response.status_code >= 400:
+                raise await self._error(response, model, exchange.request.api_format, secrets)
+            yield response
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    async def _error(response: httpx.Response, model: ModelEntry, client_format: str,
+                     secrets: list[str]) -> UpstreamError:
+        try:
+            raw = await _read_limited(response, 1 << 20)
+        except httpx.HTTPError:
+            raw = b""
+        error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
+                                    provider=model.name, key_env=model.key_env)
+        # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
+        error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
+        return error
+
+
+def decision_headers(decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
+    """What the answer's headers say of how its model was chosen."""
+    headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
+               ("x-plano-route", decision.route or "none"),
+               ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
+    if decision.confidence is not None:
+        headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
+    return headers
+
+
+def error_body(api_format: str, error: PlanoError, secrets: Iterable[str]) -> dict:
+    """plano's own error, in the caller's API format, keys scrubbed."""
+    message = _scrub(error.message, secrets)
+    if api_format == "anthropic":
+        return anthropic_error_body(error.error_type, message)
+    return openai_error_body(error.error_type, message, error.status)
+
+
+def stream_error_event(api_format: str, error: PlanoError, secrets: Iterable[str]) -> bytes:
+    """An error after a 200 has gone out: it can only travel inside the stream (Anthropic's
+    `event: error`, a Responses `error` event, an OpenAI chunk carrying `error`); never a fake end
+    of the message."""
+    body = error_body(api_format, error, secrets)
+    if api_format == "responses":
+        return encode_sse(responses_stream_error(error.error_type, body["error"]["message"]), "error")
+    return encode_sse(body, "error" if api_format == "anthropic" else None)
 
 
 def usage_cost(row: Mapping[str, Any], prices: Prices | None) -> float | None:
@@ -5045,7 +5363,9 @@ start();
 
 
 class Gateway:
-    """The gateway for one configuration: upstream clients, the router, the decision log.
+    """The gateway for one configuration: it takes each request through its parts, the Router
+    (which model), Upstreams (the providers: transport, health, failover), the wire-format
+    functions (translation), the DecisionLog and the UsageLedger (what was decided and used).
 
     Use as an async context manager (it owns the upstream connection pools, and the router's
     backend while it loads in the background)::
@@ -5062,16 +5382,11 @@ class Gateway:
         self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
         self.router: Router | None = None
         self._given_router = router
-        # Requests go straight to the transport (a pool per provider origin): httpx.AsyncClient's
-        # own jobs are a cookie jar, redirects, auth flows and hooks, and a gateway wants none of
-        # them (a cookie jar would even carry one provider session's cookies into every request).
-        self.upstream = UpstreamTransport()
-        self._urls: dict[str, httpx.URL] = {}
-        self.health = ProviderHealth()
+        self.upstreams = Upstreams()
         self._endpoints = {
-            ("POST", "/v1/messages"): self._messages,
-            ("POST", "/v1/chat/completions"): self._chat_completions,
-            ("POST", "/v1/responses"): self._responses,
+            ("POST", "/v1/messages"): functools.partial(self._chat, client_format="anthropic"),
+            ("POST", "/v1/chat/completions"): functools.partial(self._chat, client_format="openai"),
+            ("POST", "/v1/responses"): functools.partial(self._chat, client_format="responses"),
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("GET", "/v1/models"): self._models,
             ("GET", "/healthz"): self._health,
@@ -5103,7 +5418,7 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 if self.router is not None:
                     await self.router.backend.close()
-                await self.upstream.aclose()
+                await self.upstreams.aclose()
 
     def reload(self, config: Config) -> None:
         """Use a new (already validated) config for requests that start from now on. Everything
@@ -5112,7 +5427,7 @@ class Gateway:
         health. Requests in flight finish on what they started with."""
         old_router = self.router
         router = self._router_for(config, old_router)
-        self.config, self.router, self.health = config, router, ProviderHealth()
+        self.config, self.router, self.upstreams.health = config, router, ProviderHealth()
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
             self._background.start_soon(old_router.backend.close)
@@ -5123,14 +5438,9 @@ class Gateway:
         if current is not None and current.config.router.backend_key == config.router.backend_key:
             router = current.with_config(config)
         else:
-            router = Router(config, router_backend(config.router, self.upstream))
+            router = Router(config, router_backend(config.router, self.upstreams.transport))
         self._background.start_soon(router.start)  # loads, or re-warms a loaded model for the routes
         return router
-
-    @property
-    def _secrets(self) -> list[str]:
-        keys = [m.access_key for m in self.config.models if m.access_key]
-        return keys + ([self.config.listener.api_key] if self.config.listener.api_key else [])
 
     # ── dispatch ──────────────────────────────────────────────────────────────────────────
 
@@ -5141,7 +5451,7 @@ class Gateway:
         except PlanoError as error:
             exchange.status = error.status
             if respond.started:
-                await respond.send(self._stream_error_bytes(request, error))
+                await respond.send(self._stream_error(request, error))
             else:
                 await self._send_error(request, respond, error)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -5152,7 +5462,7 @@ class Gateway:
             if self.stopping and respond.started:
                 # Shutdown's grace period is over: tell the client why its stream ends here.
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await respond.send(self._stream_error_bytes(request, PlanoError(
+                    await respond.send(self._stream_error(request, PlanoError(
                         "plano is shutting down; the answer was cut off", status=529,
                         error_type="overloaded_error")))
             exchange.status = exchange.status or 499  # the client went away
@@ -5162,7 +5472,7 @@ class Gateway:
             exchange.status = 500
             wrapped = PlanoError(f"internal error in plano: {type(error).__name__}")
             if respond.started:
-                await respond.send(self._stream_error_bytes(request, wrapped))
+                await respond.send(self._stream_error(request, wrapped))
             else:
                 await self._send_error(request, respond, wrapped)
         finally:
@@ -5199,29 +5509,19 @@ class Gateway:
 
     # ── errors ────────────────────────────────────────────────────────────────────────────
 
-    def _error_body(self, request: Request, error: PlanoError) -> dict:
-        message = _scrub(error.message, self._secrets)
-        if request.api_format == "anthropic":
-            return anthropic_error_body(error.error_type, message)
-        return openai_error_body(error.error_type, message, error.status)
-
     async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
         headers = [("content-type", "application/json")] + list(error.headers.items())
         if isinstance(error, UpstreamError) and error.body is not None:
             body = error.body  # the provider's error, as error_from_upstream shaped it for this client
         else:
-            body = _json_bytes(self._error_body(request, error))
+            body = _json_bytes(error_body(request.api_format, error, config_secrets(self.config)))
         log.debug("error answer %d to %s %s: %s", error.status, request.method, request.path, body.decode())
         await respond.send_full(error.status, headers, body)
 
-    def _stream_error_bytes(self, request: Request, error: PlanoError) -> bytes:
-        # After a 200 has gone out, an error can only travel inside the stream: Anthropic's
-        # `event: error`, or an OpenAI chunk carrying `error`. Never a fake end of message.
-        body = self._error_body(request, error)
-        log.debug("error event in %s %s: %s", request.method, request.path, body)
-        if request.api_format == "responses":
-            return encode_sse(responses_stream_error(error.error_type, body["error"]["message"]), "error")
-        return encode_sse(body, "error" if request.api_format == "anthropic" else None)
+    def _stream_error(self, request: Request, error: PlanoError) -> bytes:
+        event = stream_error_event(request.api_format, error, config_secrets(self.config))
+        log.debug("error event in %s %s: %s", request.method, request.path, event.decode())
+        return event
 
     # ── small endpoints ───────────────────────────────────────────────────────────────────
 
@@ -5308,9 +5608,11 @@ class Gateway:
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
-    async def choose_model(self, config: Config, requested: str, body: dict,
-                           exchange: _Exchange) -> RouteDecision:
-        requested = model_from_picker(requested)
+    async def _choose_model(self, exchange: _Exchange, routed: dict) -> RouteDecision:
+        """The model the request names (an alias, Claude Code's picker id), else the router's
+        choice from the conversation in `routed`, else the default."""
+        config = exchange.config
+        requested = model_from_picker(exchange.requested_model)
         model = config.model_named(requested) if requested else None
         if model is not None:
             return RouteDecision(model.name, None, "explicit", reason="the request named a configured model")
@@ -5321,22 +5623,13 @@ class Gateway:
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
         if self.router is not None and not config.route_on_user_only:
-            return await self.router.decide(body.get("messages"))
+            return await self.router.decide(routed.get("messages"))
         if self.router is not None:
-            return await self.router.decide_for_request(body, turn_key(exchange.session, exchange.request.headers))
+            return await self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
-    # ── the two chat endpoints ────────────────────────────────────────────────────────────
-
-    async def _messages(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        await self._chat(request, respond, exchange, client_format="anthropic")
-
-    async def _chat_completions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        await self._chat(request, respond, exchange, client_format="openai")
-
-    async def _responses(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        await self._chat(request, respond, exchange, client_format="responses")
+    # ── the chat endpoints: Messages, Chat Completions, Responses ───────────────────────
 
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
         body = _parse_json_body(request.body)
@@ -5353,221 +5646,34 @@ class Gateway:
         if client_format == "anthropic":
             _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
                      "max_tokens: must be an integer")
-        exchange.requested_model = requested
+        options = body.get("stream_options")
+        exchange.client_format, exchange.body, exchange.requested_model = client_format, body, requested
+        exchange.wants_stream = body.get("stream") is True
+        exchange.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         exchange.session = session_key(body, request.headers)
-        config = self.config  # a reload during this request does not change what it talks to
-        decision = await self.choose_model(config, requested, routed, exchange)
-        exchange.decision = decision  # logged with the 400 when no model can take the request
+        exchange.config = config = self.config  # a reload during this request does not change what it talks to
+        exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
         exchange.needs = request_needs(body, client_format)
-        exchange.decision = decision = fit_decision(config, decision, exchange.needs)
-        wants_stream = body.get("stream") is True
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
-            if isinstance(body.get("stream_options"), dict) else False
+        exchange.decision = fit_decision(config, exchange.decision, exchange.needs)
         async with contextlib.AsyncExitStack() as stack:
-            upstream, model, decision = await self._open_with_failover(
-                stack, config, request, body, decision, client_format, exchange)
-            exchange.decision = decision
-            decision_headers = self._decision_headers(decision, model)
-            if not wants_stream:
-                raw, payload = await self._read_json(upstream, model)
-                answer = self._translate_full(raw, payload, model, client_format, requested, exchange)
+            upstream = await self.upstreams.open(stack, exchange)
+            headers = decision_headers(exchange.decision, exchange.model)
+            if exchange.wants_stream:
+                await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+                                    + headers)
                 exchange.status = 200
-                await respond.send_full(200, [("content-type", "application/json")] + decision_headers,
-                                        answer)
+                await self._pump_stream(upstream, respond, exchange)
+            else:
+                raw, payload = await _read_json_answer(upstream, exchange.model)
+                answer = translate_answer(raw, payload, exchange.model, client_format)
+                exchange.used(answer.usage, answer.reasoning_tokens)
+                exchange.status = 200
+                await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
                 exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
-                return
-            await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
-                                + decision_headers)
-            exchange.status = 200
-            await self._pump_stream(upstream, respond, model, client_format, requested, include_usage, exchange)
 
-    async def _open_with_failover(self, stack: contextlib.AsyncExitStack, config: Config, request: Request,
-                                  body: dict, decision: RouteDecision, client_format: str,
-                                  exchange: _Exchange) -> tuple[httpx.Response, ModelEntry, RouteDecision]:
-        """Open the upstream answer, trying the model's fallbacks while nothing has reached the
-        client yet. Returns (response, the model that answers, the decision as it turned out)."""
-        chosen = config.model_named(decision.model)
-        assert chosen is not None, decision
-        candidates = self._failover_candidates(config, chosen, exchange.needs)
-        failures: list[str] = []
-        for attempt, model in enumerate(candidates):
-            last = attempt == len(candidates) - 1
-            try:
-                upstream_request = self._build_upstream_request(request, body, model, client_format,
-                                                                exchange.session)
-                upstream = await stack.enter_async_context(self._open_upstream(model, upstream_request, exchange))
-            except UpstreamError as error:
-                self.health.failed(model, error)
-                if not error.retryable or last:
-                    raise
-                failures.append(f"{model.name}: {error.status}")
-                log.warning("%s failed (%s); trying %s", model.name, _scrub(error.message, self._secrets)[:200],
-                            candidates[attempt + 1].name)
-                continue
-            except ProviderKeyError:
-                if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
-                    raise
-                failures.append(f"{model.name}: no key")
-                continue
-            self.health.succeeded(model)
-            if model is not chosen:
-                why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
-                decision = dataclasses.replace(decision, model=model.name, decision="fallback",
-                                               reason=f"{why}; answered by {model.name}")
-            return upstream, model, decision
-        raise AssertionError("unreachable: the last candidate raises")
-
-    def _failover_candidates(self, config: Config, model: ModelEntry,
-                             needs: RequestNeeds | None) -> list[ModelEntry]:
-        """The model, then its `fallbacks` (default: the default model) that can take the request
-        (a fallback too small for it would only answer 400); providers cooling down after repeated
-        failures are skipped unless nothing else is left."""
-        names = list(model.fallbacks) or [config.default_model.name]
-        candidates = [model]
-        for name in names:
-            target = config.model_named(config.aliases.get(name, name))
-            fits = target is not None and (needs is None or unfit_reason(needs, target) is None)
-            if fits and target not in candidates:
-                candidates.append(target)
-        healthy = [m for m in candidates if self.health.available(m)]
-        return healthy or candidates
-
-    def _decision_headers(self, decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
-        headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
-                   ("x-plano-route", decision.route or "none"),
-                   ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
-        if decision.confidence is not None:
-            headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
-        return headers
-
-    def _build_upstream_request(self, request: Request, body: dict, model: ModelEntry,
-                                client_format: str, session: str = "") -> httpx.Request:
-        if model.access_key is None and model.spec.auth != "none" and model.key_env:
-            raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
-                                      f"(export it or put it in .env beside the config)")
-        headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
-        headers.update(provider_auth_headers(model))
-        if model.interface == "anthropic":
-            headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
-            if "anthropic-beta" in request.headers and client_format == "anthropic":
-                headers["anthropic-beta"] = request.headers["anthropic-beta"]
-            url = model.base_url + "/v1/messages"
-            if client_format == "anthropic":
-                if "beta" in request.query:
-                    url += "?beta=" + urllib.parse.quote(request.query["beta"])
-                content = _anthropic_passthrough_body(request.body, body, model).encode()
-            elif client_format == "responses":
-                content = _json_bytes(responses_request_to_anthropic(body, model))
-            else:
-                content = _json_bytes(openai_request_to_anthropic(body, model))
-        elif model.interface == "responses":
-            url = model.base_url + "/responses"
-            if client_format == "responses":
-                content = replace_json_model(request.body.decode("utf-8"), model.model_id).encode()
-            elif client_format == "anthropic":
-                content = _json_bytes(_with_cache_key(anthropic_request_to_responses(body, model), model, session))
-            else:
-                content = _json_bytes(_with_cache_key(openai_request_to_responses(body, model), model, session))
-        else:
-            url = model.base_url + "/chat/completions"
-            if client_format == "openai":
-                content = _openai_passthrough_body(request.body, body, model).encode()
-            elif client_format == "responses":
-                content = _json_bytes(_with_cache_key(responses_request_to_openai(body, model), model, session))
-            else:
-                content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
-        return httpx.Request("POST", self._parsed_url(url), headers=headers, content=content,
-                             extensions={"timeout": _upstream_timeout(model).as_dict()})
-
-    def _parsed_url(self, url: str) -> httpx.URL:
-        # Parsing the same few upstream URLs on every request is a measurable share of plano's
-        # own time per request (bench/overhead.py); they are few, so keep them parsed.
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = self._urls[url] = httpx.URL(url)
-        return parsed
-
-    @asynccontextmanager
-    async def _open_upstream(self, model: ModelEntry, upstream_request: httpx.Request, exchange: _Exchange):
-        """The upstream response, open and known to be a success; errors raise UpstreamError."""
-        sent_at = time.monotonic()
-        try:
-            response = await self.upstream.handle_async_request(upstream_request)
-        except httpx.TimeoutException:
-            raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
-                                error_type="api_error", retryable=True) from None
-        except httpx.HTTPError as e:
-            reason = _scrub(str(e), self._secrets) or "no detail"
-            raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
-                                status=502, error_type="api_error", retryable=True) from None
-        try:
-            exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
-            if response.status_code >= 400:
-                raise await self._upstream_error(response, model, exchange.request.api_format)
-            yield response
-        finally:
-            await response.aclose()
-
-    async def _upstream_error(self, response: httpx.Response, model: ModelEntry, client_format: str) -> UpstreamError:
-        try:
-            raw = await _read_limited(response, 1 << 20)
-        except httpx.HTTPError:
-            raw = b""
-        error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                    provider=model.name, key_env=model.key_env)
-        # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
-        error.body = _scrub(error.body.decode("utf-8", errors="replace"), self._secrets).encode()
-        return error
-
-    async def _read_json(self, upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
-        """The provider's answer: its bytes, and the JSON object they hold."""
-        try:
-            raw = await _read_limited(upstream, 256 << 20)
-            payload = json.loads(raw)
-        except (ValueError, httpx.HTTPError) as e:
-            raise UpstreamError(f"{model.name}: unreadable answer from the provider ({type(e).__name__})",
-                                status=502, error_type="api_error") from None
-        if not isinstance(payload, dict):
-            raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
-                                status=502, error_type="api_error")
-        return raw, payload
-
-    def _translate_full(self, raw: bytes, payload: dict, model: ModelEntry, client_format: str, requested: str,
-                        exchange: _Exchange) -> bytes:
-        if model.interface == "openai":
-            usage = _openai_usage_to_anthropic(payload.get("usage"))
-            exchange.reasoning_tokens = _openai_reasoning_tokens(payload.get("usage"))
-        elif model.interface == "responses":
-            usage = _responses_usage_to_anthropic(payload.get("usage"))
-            exchange.reasoning_tokens = _reasoning_tokens(payload.get("usage"))
-        else:
-            usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        exchange.usage = usage
-        exchange.input_tokens, exchange.output_tokens = _token_counts(usage)
-        if model.interface == client_format:
-            # The provider's own bytes, as requests are forwarded: fields plano does not know and
-            # the provider's formatting survive; only the model says what the client asked for.
-            return replace_json_model(raw.decode("utf-8"), model.name).encode()
-        try:
-            if model.interface == "responses":
-                if client_format == "anthropic":
-                    return _json_bytes(responses_response_to_anthropic(payload, model.name))
-                return _json_bytes(responses_response_to_openai(payload, model.name))
-            if client_format == "responses":
-                if model.interface == "openai":
-                    payload = openai_response_to_anthropic(payload, model.name)
-                return _json_bytes(anthropic_response_to_responses(payload, model.name))
-            if client_format == "anthropic":
-                return _json_bytes(openai_response_to_anthropic(payload, model.name))
-            return _json_bytes(anthropic_response_to_openai(payload, model.name))
-        except (AttributeError, TypeError, KeyError) as e:
-            raise UpstreamError(f"{model.name}: malformed answer from the provider ({e})",
-                                status=502, error_type="api_error") from None
-
-    async def _pump_stream(self, upstream: httpx.Response, respond: Responder, model: ModelEntry,
-                           client_format: str, requested: str, include_usage: bool,
-                           exchange: _Exchange) -> None:
-        translate = StreamTranslator(model.interface, client_format, model.name, include_usage)
+    async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
+        model = exchange.model
+        translate = StreamTranslator(model.interface, exchange.client_format, model.name, exchange.include_usage)
         try:
             async for chunk in upstream.aiter_bytes():
                 await self._send_stream_bytes(translate.feed(chunk), respond, exchange)
@@ -5579,9 +5685,7 @@ class Gateway:
             raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
                                 status=502, error_type="api_error") from None
         finally:
-            exchange.usage = translate.usage or None
-            exchange.reasoning_tokens = translate.reasoning_tokens
-            exchange.input_tokens, exchange.output_tokens = _token_counts(exchange.usage)
+            exchange.used(translate.usage, translate.reasoning_tokens)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
         if translate.failure is not None:
@@ -5595,58 +5699,18 @@ class Gateway:
             await respond.send(out)
 
 
-def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
-    """(input tokens including cache reads, output tokens) of Anthropic-shaped usage, for the log."""
-    if not usage:
-        return None, None
-    return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
-            usage.get("output_tokens") or 0)
-
-
-def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
-    """The client's own bytes with only the model changed, unless a thinking block plano made
-    (no signature: it came from another provider) would make an Anthropic upstream reject it."""
-    if not _has_unsigned_thinking(body):
-        return replace_json_model(raw.decode("utf-8"), model.model_id)
-    cleaned = dict(body, model=model.model_id, messages=[
-        dict(m, content=[b for b in m["content"] if not (isinstance(b, dict) and b.get("type") == "thinking"
-                                                         and _unsigned(b))])
-        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
-        for m in body["messages"]])
-    return json.dumps(cleaned, ensure_ascii=False)
-
-
-def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
-    """The client's own bytes with only the model changed, unless its tool-call ids carry the
-    reasoning plano put there for a Responses upstream: another provider gets the plain ids (OpenAI
-    limits their length, and the reasoning is no one else's business)."""
-    text = raw.decode("utf-8")
-    if _REASONING_MARK not in text:
-        return replace_json_model(text, model.model_id)
-
-    def plain(tool_id: Any) -> Any:
-        return split_reasoning_tool_id(tool_id)[0] if isinstance(tool_id, str) else tool_id
-
-    messages = []
-    for message in body["messages"]:
-        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
-            message = dict(message, tool_calls=[dict(c, id=plain(c.get("id"))) if isinstance(c, dict) else c
-                                                for c in message["tool_calls"]])
-        if isinstance(message, dict) and "tool_call_id" in message:
-            message = dict(message, tool_call_id=plain(message["tool_call_id"]))
-        messages.append(message)
-    return json.dumps(dict(body, model=model.model_id, messages=messages), ensure_ascii=False)
-
-
-def _has_unsigned_thinking(body: dict) -> bool:
-    """Thinking without Anthropic's own signature: none, or the reasoning plano carries for OpenAI."""
-    return any(isinstance(b, dict) and b.get("type") == "thinking" and _unsigned(b)
-               for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
-               for b in m["content"])
-
-
-def _unsigned(block: dict) -> bool:
-    return not block.get("signature") or is_plano_signature(block["signature"])
+async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
+    """A provider's whole answer: its bytes, and the JSON object they hold."""
+    try:
+        raw = await _read_limited(upstream, 256 << 20)
+        payload = json.loads(raw)
+    except (ValueError, httpx.HTTPError) as e:
+        raise UpstreamError(f"{model.name}: unreadable answer from the provider ({type(e).__name__})",
+                            status=502, error_type="api_error") from None
+    if not isinstance(payload, dict):
+        raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
+                            status=502, error_type="api_error")
+    return raw, payload
 
 
 def _parse_json_body(raw: bytes) -> dict:
@@ -5657,10 +5721,6 @@ def _parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object")
     return body
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
@@ -5853,7 +5913,7 @@ class _HTTPConnection(Responder):
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             error = PlanoError(message, status=status, error_type=_error_type_for_status(status))
             probe = request or Request("POST", "/", {}, {})
-            body = _json_bytes(self.gateway._error_body(probe, error))
+            body = _json_bytes(error_body(probe.api_format, error, config_secrets(self.gateway.config)))
             try:
                 with trio.move_on_after(5):
                     await self._send(h11.Response(status_code=status, headers=_server_headers(
