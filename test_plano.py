@@ -40,6 +40,7 @@ import openai
 import pytest
 import trio
 import trustme
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -565,23 +566,39 @@ def provider():
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
-def config_for(provider: StandInProvider, extra: str = "", **env: str) -> plano.Config:
-    """A config with one OpenAI-format and one Anthropic-format model on the stand-in."""
-    text = f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY
-    default: true
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: $ANTHROPIC_API_KEY
-model_aliases:
-  fast:
-    target: openai/gpt-4o
-{extra}"""
-    environ = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env}
-    return plano.parse_config(text, path="test-config.yaml", environ=environ)
+# A config path in a directory that holds no `.env`, so only `environ` supplies keys.
+CONFIG_PATH = "/nonexistent/plano-unit/config.yaml"
+
+
+def config_yaml(*models: dict, **sections: Any) -> str:
+    """A config file's text, as a user writes it, from Python values: `models` are the
+    `llm_providers` (the first is the default unless one says `default: true`), each keyword a
+    top-level section (model_aliases, router, routing, stats, listeners)."""
+    return yaml.safe_dump({"llm_providers": list(models), **sections}, sort_keys=False, allow_unicode=True)
+
+
+def build_config(*models: dict, environ: dict[str, str] | None = None, **sections: Any) -> plano.Config:
+    """config_yaml's config, parsed; keys are values, or `$VAR`s read from `environ`."""
+    return plano.parse_config(config_yaml(*models, **sections), path=CONFIG_PATH, environ=environ or {})
+
+
+def served_by(where: "StandInProvider | str", model: str, **fields: Any) -> dict:
+    """One `llm_providers` entry for `model` on a stand-in (its endpoint for the model's API
+    format) or at a base URL, with the stand-in's key for it; `fields` add to the entry."""
+    anthropic_api = model.startswith("anthropic/")
+    base = where if isinstance(where, str) else where.anthropic_base if anthropic_api else where.openai_base
+    return {"model": model, "base_url": base, "access_key": ANTHROPIC_KEY if anthropic_api else OPENAI_KEY, **fields}
+
+
+def config_for(provider: StandInProvider, aliases: dict | None = None, sections: dict | None = None,
+               **env: str) -> plano.Config:
+    """A config with one OpenAI-format and one Anthropic-format model on the stand-in and a `fast`
+    alias (more in `aliases`), their keys read from the environment (`env` adds to it or overrides
+    it), and more top-level `sections`."""
+    return build_config(served_by(provider, "openai/gpt-4o", access_key="$OPENAI_API_KEY", default=True),
+                        served_by(provider, "anthropic/claude-sonnet-5", access_key="$ANTHROPIC_API_KEY"),
+                        model_aliases={"fast": {"target": "openai/gpt-4o"}, **(aliases or {})}, **(sections or {}),
+                        environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
 
 
 class RunningPlano:
@@ -674,9 +691,6 @@ BASH_FUNCTION = {"type": "function", "function": {"name": "Bash", "description":
 
 KEYS = {"OPENAI_API_KEY": "k-openai", "ANTHROPIC_API_KEY": "k-anthropic",
         "DEEPSEEK_API_KEY": "k-deepseek", "GEMINI_API_KEY": "k-gemini"}
-
-# A config path in a directory that holds no `.env`, so only `environ` supplies keys.
-CONFIG_PATH = "/nonexistent/plano-unit/config.yaml"
 
 MODELS_YAML = """\
 llm_providers:
@@ -2123,8 +2137,8 @@ def test_model_choice_is_reported_in_headers(gateway, provider, requested, used,
 
 
 def test_claude_codes_haiku_slot_goes_to_the_small_fast_alias_even_with_routing_off(provider):
-    small_fast_alias = "  arch.claude.code.small.fast:\n    target: anthropic/claude-sonnet-5\n"
-    with RunningPlano(config_for(provider, extra=small_fast_alias)) as running:
+    small_fast_alias = {"arch.claude.code.small.fast": {"target": "anthropic/claude-sonnet-5"}}
+    with RunningPlano(config_for(provider, aliases=small_fast_alias)) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "title"}])
     assert (raw.headers["x-plano-decision"], raw.headers["x-plano-model"]) == ("alias", "anthropic/claude-sonnet-5")
@@ -2182,12 +2196,8 @@ def test_client_keys_are_replaced_by_the_configured_key(gateway, provider, model
 
 
 def test_a_missing_key_variable_is_named_in_a_permission_error(provider):
-    with RunningPlano(plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $PLANO_TEST_UNSET_KEY
-""", environ={})) as running:
+    with RunningPlano(build_config(served_by(provider, "openai/gpt-4o", access_key="$PLANO_TEST_UNSET_KEY"))) \
+            as running:
         # 403, not 401: the client's credentials are fine, plano's are missing (ProviderKeyError).
         with pytest.raises(anthropic.PermissionDeniedError) as caught:
             anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
@@ -2605,10 +2615,7 @@ def test_the_openai_sdk_reads_a_providers_code_and_param_as_it_sent_them(gateway
 
 def only_model(provider: StandInProvider, model: str) -> RunningPlano:
     """plano with one model on the stand-in: nothing to fail over to, so its errors reach the client."""
-    base, key = (provider.openai_base, OPENAI_KEY) if model.startswith("openai/") else (provider.anthropic_base,
-                                                                                       ANTHROPIC_KEY)
-    return RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {model}\n    base_url: {base}\n"
-                                           f"    access_key: {key}\n", path=CONFIG_PATH, environ={}))
+    return RunningPlano(build_config(served_by(provider, model)))
 
 
 def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
@@ -3084,15 +3091,7 @@ def test_a_stream_cut_short_by_its_client_does_not_leave_bytes_for_the_next_requ
 
 
 def test_a_provider_that_never_answers_times_out_in_the_callers_format(provider):
-    config = plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true
-    timeout: 0.5
-""", path=CONFIG_PATH, environ={})
-    with RunningPlano(config) as running:
+    with RunningPlano(build_config(served_by(provider, "openai/gpt-4o", timeout=0.5))) as running:
         provider.then(lambda request: (time.sleep(3), provider.openai_reply(request))[1])  # answers, late
         response = ask(running)
         assert response.status_code == 504  # not the 200 the stand-in sends after 3 s
@@ -3153,13 +3152,7 @@ class SoupProvider(LoopbackServer):
 def test_a_provider_speaking_garbage_is_a_502_naming_the_problem():
     provider = SoupProvider()
     provider.answer = b"SMTP ready\r\n\r\n"
-    running = RunningPlano(plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: http://127.0.0.1:{provider.port}/v1
-    access_key: {OPENAI_KEY}
-    default: true
-""", path=CONFIG_PATH, environ={}))
+    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
     try:
         response = ask(running)
     finally:
@@ -3206,13 +3199,7 @@ class KeepAliveThenCloseProvider(LoopbackServer):
 
 
 def one_model_config(base_url: str) -> plano.Config:
-    return plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {base_url}
-    access_key: {OPENAI_KEY}
-    default: true
-""", path=CONFIG_PATH, environ={})
+    return build_config(served_by(base_url, "openai/gpt-4o"))
 
 
 def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
@@ -3220,7 +3207,7 @@ def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_
     running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
     try:
         answers = [ask(running, f"say {n}") for n in range(3)]
-        health = running.gateway.health.failures
+        health = running.gateway.upstreams.health.failures
     finally:
         running.stop()
         provider.close()
@@ -4139,13 +4126,22 @@ def test_responses_requests_are_routed_and_logged_like_the_others(responses_gate
 # by the tests), the remote backend, the decision cache, per-turn pinning
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
-ROUTES_YAML = """
-    routing_preferences:
-      - name: code generation
-        description: generating new code snippets, functions, or boilerplate
-      - name: code understanding
-        description: understand and explain existing code snippets, functions, or libraries
-"""
+ROUTES = [{"name": "code generation", "description": "generating new code snippets, functions, or boilerplate"},
+          {"name": "code understanding",
+           "description": "understand and explain existing code snippets, functions, or libraries"}]
+
+
+def embedded_router(model: "Path | str", **settings: Any) -> dict:
+    """A `router:` section for the embedded backend and this GGUF file (or hub name)."""
+    return {"model": str(model), **settings}
+
+
+def remote_router(base: str, **settings: Any) -> dict:
+    """A `router:` section for a remote router served at `base` (an OpenAI-format endpoint)."""
+    return {"endpoint": base, "model": "arch-router", **settings}
+
+
+ROUTER_OFF = {"enabled": False}
 
 
 @pytest.fixture(scope="session")
@@ -4154,29 +4150,20 @@ def tiny_router_model(tmp_path_factory) -> Path:
     return write_tiny_qwen2_gguf(tmp_path_factory.mktemp("router") / "tiny-qwen2.gguf")
 
 
-def routed_config_text(provider: StandInProvider, router: str, routes: str = ROUTES_YAML) -> str:
-    """Two models: the OpenAI-format one serves the routes, the Anthropic one is the default."""
-    return f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY{routes}
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: $ANTHROPIC_API_KEY
-    default: true
-  - model: openai/gpt-4o-mini
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY
-model_aliases:
-  arch.claude.code.small.fast:
-    target: openai/gpt-4o-mini
-router:
-{router}
-"""
+def routed_config_text(provider: StandInProvider, router: dict, routes: list[dict] = ROUTES,
+                       route_model: dict | None = None, **sections: Any) -> str:
+    """Three models: the OpenAI-format one serves the routes (`route_model` adds fields to it), the
+    Anthropic one is the default, gpt-4o-mini is Claude Code's small/fast slot. Keys from the
+    environment."""
+    return config_yaml(
+        served_by(provider, "openai/gpt-4o", access_key="$OPENAI_API_KEY", routing_preferences=routes,
+                  **(route_model or {})),
+        served_by(provider, "anthropic/claude-sonnet-5", access_key="$ANTHROPIC_API_KEY", default=True),
+        served_by(provider, "openai/gpt-4o-mini", access_key="$OPENAI_API_KEY"),
+        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}}, router=router, **sections)
 
 
-def routed_config(provider: StandInProvider, router: str, **env: str) -> plano.Config:
+def routed_config(provider: StandInProvider, router: dict, **env: str) -> plano.Config:
     return plano.parse_config(routed_config_text(provider, router), path="routed.yaml",
                               environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
 
@@ -4374,10 +4361,10 @@ def test_a_decision_past_its_deadline_is_stopped_inside_llama_cpp(embedded_backe
 
 
 @contextlib.asynccontextmanager
-async def started_router(provider: StandInProvider, router_yaml: str):
+async def started_router(provider: StandInProvider, router: dict):
     """A Router for the routed config, its backend loaded; the backend (and the transport a remote
     one uses) closed afterwards, as whoever creates a backend must."""
-    config = routed_config(provider, router_yaml)
+    config = routed_config(provider, router)
     async with plano.UpstreamTransport() as transport:
         backend = plano.router_backend(config.router, transport)
         try:
@@ -4389,7 +4376,7 @@ async def started_router(provider: StandInProvider, router_yaml: str):
 
 
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
-    async with started_router(provider, f"  model: {tiny_router_model}\n  timeout_ms: 1") as router:
+    async with started_router(provider, embedded_router(tiny_router_model, timeout_ms=1)) as router:
         assert router.status == "ready"
         decision = await router.decide([{"role": "user", "content": "write code " * 200}])
         assert (decision.decision, decision.model, decision.route) == ("fallback", "anthropic/claude-sonnet-5", None)
@@ -4406,7 +4393,7 @@ def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> pla
 
 
 async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
-    async with started_router(provider, f"  model: {tmp_path / 'missing.gguf'}") as router:
+    async with started_router(provider, embedded_router(tmp_path / 'missing.gguf')) as router:
         assert router.status.startswith("unavailable")
         decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and decision.model == "anthropic/claude-sonnet-5"
@@ -4417,12 +4404,12 @@ async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider
 async def test_router_offline_without_the_model_in_cache_falls_back(provider, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    async with started_router(provider, "  model: katanemo/Arch-Router-1.5B.gguf") as router:
+    async with started_router(provider, embedded_router("katanemo/Arch-Router-1.5B.gguf")) as router:
         assert router.status.startswith("unavailable: cannot fetch katanemo/Arch-Router-1.5B.gguf")
 
 
 async def test_router_decisions_are_cached(provider, tiny_router_model):
-    async with started_router(provider, f"  model: {tiny_router_model}") as router:
+    async with started_router(provider, embedded_router(tiny_router_model)) as router:
         first = await router.decide(CLAUDE_CODE_FIRST_TURN)
         evaluated = router.backend.tokens_evaluated
         again = await router.decide(CLAUDE_CODE_FIRST_TURN)
@@ -4439,9 +4426,6 @@ def remote_answer(content: str) -> Reply:
                                     "finish_reason": "stop"}]})
 
 
-REMOTE_ROUTER = "  endpoint: {base}\n  model: arch-router"
-
-
 async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(provider):
     provider.then(remote_answer('{"route": "code understanding"}'))
     messages = CLAUDE_CODE_FIRST_TURN + [
@@ -4449,7 +4433,7 @@ async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(pro
                                           {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "secret tool output"}]},
         {"role": "user", "content": "<system-reminder>noise</system-reminder>what does parse_iso do?"}]
-    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+    async with started_router(provider, remote_router(provider.openai_base)) as router:
         decision = await router.decide(messages)
     assert (decision.decision, decision.route, decision.model) == ("router", "code understanding", "openai/gpt-4o")
     sent = provider.requests[-1].json
@@ -4467,22 +4451,21 @@ async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(pro
 ])
 async def test_remote_router_bad_answers_fall_back(provider, answer, reason):
     provider.then(remote_answer(answer))
-    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+    async with started_router(provider, remote_router(provider.openai_base)) as router:
         decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and reason in decision.reason
 
 
 async def test_remote_router_other_means_the_default_model(provider):
     provider.then(remote_answer('{"route": "other"}'))
-    async with started_router(provider, REMOTE_ROUTER.format(base=provider.openai_base)) as router:
+    async with started_router(provider, remote_router(provider.openai_base)) as router:
         decision = await router.decide([{"role": "user", "content": "what's the weather"}])
     assert (decision.decision, decision.model, decision.route) == ("default", "anthropic/claude-sonnet-5", None)
 
 
 async def test_remote_router_timeout_falls_back(provider):
     provider.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
-    router_yaml = REMOTE_ROUTER.format(base=provider.openai_base) + "\n  timeout_ms: 200"
-    async with started_router(provider, router_yaml) as router:
+    async with started_router(provider, remote_router(provider.openai_base, timeout_ms=200)) as router:
         decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision == "fallback" and "timed out after 200 ms" in decision.reason
 
@@ -4491,7 +4474,7 @@ async def test_remote_router_timeout_falls_back(provider):
 
 @pytest.fixture
 def routed_gateway(provider, tiny_router_model):
-    running = RunningPlano(routed_config(provider, f"  model: {tiny_router_model}"), router="auto")
+    running = RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto")
     deadline = time.monotonic() + 30
     while httpx.get(running.url + "/healthz").json()["router"] != "ready":
         assert time.monotonic() < deadline, "router did not load"
@@ -4588,28 +4571,13 @@ def test_a_routed_answer_says_how_sure_the_router_was(routed_gateway):
 
 # ── cache-aware switching ──────────────────────────────────────────────────────────────────
 
-def switching_config(models: StandInProvider, router: StandInProvider, budget: str = "") -> plano.Config:
-    return plano.parse_config(f"""
-llm_providers:
-  - model: anthropic/claude-sonnet-5
-    base_url: {models.anthropic_base}
-    access_key: {ANTHROPIC_KEY}
-    default: true
-    prices: {{input: 3, cached_input: 0.3, output: 15}}
-    routing_preferences:
-      - name: code understanding
-        description: explain code
-  - model: openai/gpt-4o
-    base_url: {models.openai_base}
-    access_key: {OPENAI_KEY}
-    prices: {{input: 2.5, cached_input: 1.25, output: 10}}
-    routing_preferences:
-      - name: code generation
-        description: write code
-router:
-  endpoint: {router.openai_base}
-  model: arch-router
-{budget}""", path=CONFIG_PATH, environ={})
+def switching_config(models: StandInProvider, router: StandInProvider, **budget: float) -> plano.Config:
+    return build_config(
+        served_by(models, "anthropic/claude-sonnet-5", prices={"input": 3, "cached_input": 0.3, "output": 15},
+                  routing_preferences=[{"name": "code understanding", "description": "explain code"}]),
+        served_by(models, "openai/gpt-4o", prices={"input": 2.5, "cached_input": 1.25, "output": 10},
+                  routing_preferences=[{"name": "code generation", "description": "write code"}]),
+        router={"endpoint": router.openai_base, "model": "arch-router", **budget})
 
 
 def two_turns(running: RunningPlano, router: StandInProvider, earlier_answer: str) -> httpx.Response:
@@ -4653,7 +4621,7 @@ def test_a_short_conversation_moves_to_the_model_its_new_turn_routes_to(provider
 
 
 def test_a_switch_budget_of_zero_never_moves_a_session(provider, router_server):
-    with RunningPlano(switching_config(provider, router_server, "  switch_budget: 0"), router="auto") as running:
+    with RunningPlano(switching_config(provider, router_server, switch_budget=0), router="auto") as running:
         answer = two_turns(running, router_server, "Here is what it does.")
     assert (answer.headers["x-plano-decision"], answer.headers["x-plano-model"]) == ("sticky",
                                                                                      "anthropic/claude-sonnet-5")
@@ -4661,25 +4629,16 @@ def test_a_switch_budget_of_zero_never_moves_a_session(provider, router_server):
 
 # ── library and CLI ───────────────────────────────────────────────────────────────────────
 
-def write_routed_config(tmp_path: Path, provider: StandInProvider, router_yaml: str) -> Path:
+def write_routed_config(tmp_path: Path, provider: StandInProvider, router: dict) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: literal-key{ROUTES_YAML}
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: literal-key
-    default: true
-router:
-{router_yaml}
-""")
+    path.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", access_key="literal-key", routing_preferences=ROUTES),
+        served_by(provider, "anthropic/claude-sonnet-5", access_key="literal-key", default=True), router=router))
     return path
 
 
 def test_route_accepts_both_message_shapes_and_returns_a_decision(tmp_path, provider, tiny_router_model):
-    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}"))
+    config = str(write_routed_config(tmp_path, provider, embedded_router(tiny_router_model)))
     for messages in ("write a quicksort in Rust",
                      [{"role": "system", "content": "sys"}, {"role": "user", "content": "write a quicksort"}],
                      CLAUDE_CODE_FIRST_TURN):
@@ -4692,7 +4651,7 @@ def test_route_accepts_both_message_shapes_and_returns_a_decision(tmp_path, prov
 
 
 def test_route_never_raises_for_a_broken_router_but_does_for_a_broken_config(tmp_path, provider):
-    config = write_routed_config(tmp_path, provider, f"  model: {tmp_path / 'nope.gguf'}")
+    config = write_routed_config(tmp_path, provider, embedded_router(tmp_path / 'nope.gguf'))
     decision = plano.route("write code", config=str(config))
     assert decision.decision == "fallback" and "nope.gguf" in decision.reason
     assert decision.model == "anthropic/claude-sonnet-5"
@@ -4701,7 +4660,7 @@ def test_route_never_raises_for_a_broken_router_but_does_for_a_broken_config(tmp
 
 
 def test_route_cli_prints_the_decision(tmp_path, provider, tiny_router_model):
-    config = write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}")
+    config = write_routed_config(tmp_path, provider, embedded_router(tiny_router_model))
     result = run_plano_cli("route", "write a quicksort", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)
@@ -4709,12 +4668,11 @@ def test_route_cli_prints_the_decision(tmp_path, provider, tiny_router_model):
 
 
 def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, provider, tiny_router_model):
-    local = write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}")
+    local = write_routed_config(tmp_path, provider, embedded_router(tiny_router_model))
     result = run_plano_cli("download", "--config", str(local), cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == str(tiny_router_model)
     hub = tmp_path / "hub.yaml"
-    hub.write_text(local.read_text().replace(f"  model: {tiny_router_model}",
-                                             "  model: katanemo/Arch-Router-1.5B.gguf"))
+    hub.write_text(local.read_text().replace(str(tiny_router_model), "katanemo/Arch-Router-1.5B.gguf"))
     result = run_plano_cli("download", "--config", str(hub), cwd=tmp_path,
                            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -4723,7 +4681,7 @@ def test_download_prints_the_model_path_or_one_line_saying_why_not(tmp_path, pro
 
 def test_route_explain_gives_every_route_a_probability_and_the_decision_the_most(tmp_path, provider,
                                                                                tiny_router_model):
-    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}"))
+    config = str(write_routed_config(tmp_path, provider, embedded_router(tiny_router_model)))
     result = run_plano_cli("route", "--explain", "write a quicksort", "--config", config)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -4737,7 +4695,7 @@ def test_route_explain_gives_every_route_a_probability_and_the_decision_the_most
 
 
 def test_route_eval_reports_accuracy_confusions_and_wrong_examples(tmp_path, provider):
-    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    config = str(write_routed_config(tmp_path, provider, remote_router(provider.openai_base)))
     examples = tmp_path / "examples.yaml"
     examples.write_text("- text: write a quicksort in Rust\n  route: code generation\n"
                         "- text: explain this regex\n  route: code understanding\n"
@@ -4759,24 +4717,13 @@ def test_route_eval_reports_accuracy_confusions_and_wrong_examples(tmp_path, pro
 
 # ── plano doctor ──────────────────────────────────────────────────────────────────────────
 
-def doctor(tmp_path: Path, provider: StandInProvider, *, key: str = OPENAI_KEY, router: str = "  enabled: false",
+def doctor(tmp_path: Path, provider: StandInProvider, *, key: str = OPENAI_KEY, router: dict = ROUTER_OFF,
            base_url: str | None = None, port: int | None = None) -> tuple[int, list[str]]:
     """`plano doctor` on a config of one OpenAI-format model: (exit code, the lines it printed)."""
-    config = write_config(tmp_path, f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {base_url or provider.openai_base}
-    access_key: {key}
-    default: true
-    routing_preferences:
-      - name: code generation
-        description: writing code
-listeners:
-  - address: 127.0.0.1
-    port: {port or free_port()}
-router:
-{router}
-""")
+    config = write_config(tmp_path, config_yaml(
+        served_by(base_url or provider, "openai/gpt-4o", access_key=key,
+                  routing_preferences=[{"name": "code generation", "description": "writing code"}]),
+        listeners=[{"address": "127.0.0.1", "port": port or free_port()}], router=router))
     result = run_plano_cli("doctor", "--config", config, cwd=tmp_path)
     assert "Traceback" not in result.stderr and OPENAI_KEY not in result.stdout + result.stderr
     return result.returncode, result.stdout.splitlines()
@@ -4787,7 +4734,7 @@ def line_about(lines: list[str], topic: str) -> str:
 
 
 def test_doctor_on_a_good_setup_says_what_works_and_exits_zero(tmp_path, provider, tiny_router_model):
-    code, lines = doctor(tmp_path, provider, router=f"  model: {tiny_router_model}")
+    code, lines = doctor(tmp_path, provider, router=embedded_router(tiny_router_model))
     assert code == 0, lines
     assert line_about(lines, "config").startswith("✓")
     assert line_about(lines, "key") == "✓ key       openai/gpt-4o: key set (written in the config)"
@@ -4809,7 +4756,7 @@ def test_doctor_on_a_good_setup_says_what_works_and_exits_zero(tmp_path, provide
 def test_doctor_names_each_problem_on_its_own_line(tmp_path, provider, problem, topic, expected):
     closed_port = free_port()
     options = {"missing key": {"key": "$PLANO_TEST_DOCTOR_UNSET"}, "rejected key": {"key": WRONG_KEY},
-               "missing model": {"router": f"  model: {tmp_path / 'absent.gguf'}"},
+               "missing model": {"router": embedded_router(tmp_path / 'absent.gguf')},
                "unreachable provider": {"base_url": f"http://127.0.0.1:{closed_port}/v1"}}[problem]
     code, lines = doctor(tmp_path, provider, **options)
     assert line_about(lines, topic).startswith(expected.format(base=provider.openai_base, tmp=tmp_path,
@@ -4842,7 +4789,8 @@ def test_doctor_recognises_plano_already_serving(tmp_path, provider):
 def test_up_without_llama_cpp_serves_with_routing_off_and_says_how_to_turn_it_on(tmp_path, provider):
     # llama_cpp made unimportable for this process (as in an install without the `router` extra).
     port = free_port()
-    config = write_claude_config(tmp_path, provider, port, "  model: katanemo/Arch-Router-1.5B.gguf", ROUTES_YAML)
+    config = write_claude_config(tmp_path, provider, port, embedded_router("katanemo/Arch-Router-1.5B.gguf"),
+                                 ROUTES)
     process = subprocess.Popen([sys.executable, "-c", "import sys, runpy; sys.modules['llama_cpp'] = None; "
                                 "runpy.run_module('plano', run_name='__main__')", "up", "--config", str(config)],
                                stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -4908,7 +4856,7 @@ def test_route_loads_the_router_model_once_for_the_life_of_the_process(tmp_path,
 
     monkeypatch.setattr(llama_cpp, "Llama", CountedLlama)
     # context_tokens makes these settings their own: no earlier test has loaded a model for them.
-    config = str(write_routed_config(tmp_path, provider, f"  model: {tiny_router_model}\n  context_tokens: 333"))
+    config = str(write_routed_config(tmp_path, provider, embedded_router(tiny_router_model, context_tokens=333)))
     decisions = [plano.route(text, config=config) for text in
                  ("write a quicksort", "explain this regex", "write a parser", "what does this do")]
     assert constructed == [str(tiny_router_model)]
@@ -4923,7 +4871,7 @@ def test_remote_route_calls_leave_no_connection_open(tmp_path, provider):
         return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
                    if os.path.exists(f"/proc/self/fd/{fd}"))
 
-    config = str(write_routed_config(tmp_path, provider, REMOTE_ROUTER.format(base=provider.openai_base)))
+    config = str(write_routed_config(tmp_path, provider, remote_router(provider.openai_base)))
     gc.collect()  # what earlier tests left for the collector is not this test's to judge
     before = sockets()
     with warnings.catch_warnings(record=True) as caught:
@@ -4965,7 +4913,7 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
         assert backend.tokens_evaluated > 20  # a whole prompt batch went through the quantized kernels
     finally:
         backend.close_model()
-    config = write_routed_config(tmp_path, provider, f"  model: {real_weights_model}")
+    config = write_routed_config(tmp_path, provider, embedded_router(real_weights_model))
     decision = plano.route("Explain what this regex does: ^a+$", config=str(config))
     assert decision.decision in ("router", "default") and "failed" not in decision.reason
 
@@ -4974,7 +4922,7 @@ def test_a_quantized_model_with_real_weights_routes_through_llama_cpp(tmp_path, 
 @pytest.mark.skipif(not os.environ.get("PLANO_TEST_ROUTER_MODEL"),
                     reason="needs the real Arch-Router-1.5B GGUF: set PLANO_TEST_ROUTER_MODEL=path")
 def test_the_real_router_model_routes_unambiguous_requests(tmp_path, provider):
-    config = str(write_routed_config(tmp_path, provider, f"  model: {os.environ['PLANO_TEST_ROUTER_MODEL']}"))
+    config = str(write_routed_config(tmp_path, provider, embedded_router(os.environ['PLANO_TEST_ROUTER_MODEL'])))
     cases = {"Write a Python function that returns the n-th Fibonacci number.": "code generation",
              "Explain what this code does: def f(x): return x and f(x[1:])": "code understanding",
              "What's a good recipe for banana bread?": None}
@@ -5131,7 +5079,7 @@ def test_a_conversation_too_big_for_the_default_model_goes_to_one_that_holds_it(
 
 def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_the_decision_kept(
         provider, tiny_router_model):
-    text = routed_config_text(provider, f"  model: {tiny_router_model}", "\n    context_window: 4000" + ROUTES_YAML)
+    text = routed_config_text(provider, embedded_router(tiny_router_model), route_model={"context_window": 4000})
     config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
                                                                    "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     with RunningPlano(config, router="auto") as running:
@@ -5250,7 +5198,7 @@ def test_models_list_windows_display_names_and_claude_codes_picker(provider, big
 
 
 def test_route_on_user_only_false_routes_tool_loop_continuations_too(provider, tiny_router_model):
-    text = routed_config_text(provider, f"  model: {tiny_router_model}") + "routing:\n  route_on_user_only: false\n"
+    text = routed_config_text(provider, embedded_router(tiny_router_model), routing={"route_on_user_only": False})
     config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
                                                                    "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     assert not config.route_on_user_only and any("route_on_user_only is false" in w for w in config.warnings)
@@ -5354,27 +5302,14 @@ def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
 
 
-def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router_yaml: str = "  enabled: false",
-                 routes: str = "") -> Path:
+def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router: dict = ROUTER_OFF,
+                        routes: list[dict] = ()) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true{routes}
-  - model: openai/gpt-4o-mini
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-model_aliases:
-  arch.claude.code.small.fast:
-    target: openai/gpt-4o-mini
-listeners:
-  - address: 127.0.0.1
-    port: {port}
-router:
-{router_yaml}
-""")
+    path.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", default=True, **({"routing_preferences": routes} if routes else {})),
+        served_by(provider, "openai/gpt-4o-mini"),
+        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "port": port}], router=router))
     return path
 
 
@@ -5503,8 +5438,7 @@ def test_cli_agent_passes_claude_codes_exit_code_through(tmp_path, provider, cla
 def test_claude_code_session_is_routed_pinned_through_the_tool_loop_then_routed_again(
         tmp_path, provider, claude_bin, tiny_router_model):
     port = free_port()
-    config = write_claude_config(tmp_path, provider, port, router_yaml=f"  model: {tiny_router_model}",
-                          routes=ROUTES_YAML)
+    config = write_claude_config(tmp_path, provider, port, router=embedded_router(tiny_router_model), routes=ROUTES)
     with plano_up(config, port) as url:
         deadline = time.monotonic() + 30
         while httpx.get(url + "/healthz").json()["router"] != "ready":
@@ -5696,8 +5630,8 @@ def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float
     return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
 
 
-def ledger_config(provider: StandInProvider, path: Path, extra: str = "") -> plano.Config:
-    return config_for(provider, f"stats:\n  path: {path}\n{extra}")
+def ledger_config(provider: StandInProvider, path: Path) -> plano.Config:
+    return config_for(provider, sections={"stats": {"path": str(path)}})
 
 
 def usage(running: RunningPlano, query: str = "") -> dict:
@@ -5735,19 +5669,12 @@ PRICES = {"openai/gpt-4o": (2.5, 1.25, 10.0), "anthropic/claude-sonnet-5": (3.0,
 def priced_config(provider: StandInProvider, path: Path, primary_base: str | None = None) -> plano.Config:
     """Both stand-in models with prices (USD per million tokens); the OpenAI one is the default,
     and so the baseline."""
-    models = "".join(f"""
-  - model: {name}
-    base_url: {provider.openai_base if name.startswith('openai') else provider.anthropic_base}
-    access_key: {OPENAI_KEY if name.startswith('openai') else ANTHROPIC_KEY}
-    prices: {{input: {p[0]}, cached_input: {p[1]}, output: {p[2]}}}""" for name, p in PRICES.items())
+    models = [served_by(provider, name, prices={"input": p[0], "cached_input": p[1], "output": p[2]})
+              for name, p in PRICES.items()]
     if primary_base:  # a first model that fails over to the Anthropic one
-        models = f"""
-  - model: openai/gpt-primary
-    base_url: {primary_base}
-    access_key: {OPENAI_KEY}
-    fallbacks: [anthropic/claude-sonnet-5]""" + models
-    return plano.parse_config(f"llm_providers:{models}\nmodel_aliases:\n  fast:\n    target: openai/gpt-4o\n"
-                              f"stats:\n  path: {path}\n  baseline: openai/gpt-4o\n", path=CONFIG_PATH, environ={})
+        models.insert(0, served_by(primary_base, "openai/gpt-primary", fallbacks=["anthropic/claude-sonnet-5"]))
+    return build_config(*models, model_aliases={"fast": {"target": "openai/gpt-4o"}},
+                        stats={"path": str(path), "baseline": "openai/gpt-4o"})
 
 
 def price(model: str, uncached: int, cached: int, output: int) -> float:
@@ -5902,7 +5829,7 @@ def chromium():
 
 
 def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
-    running = RunningPlano(config_for(provider, f"stats:\n  path: {tmp_path / 'usage.sqlite3'}\n",
+    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}},
                                       PLANO_API_KEY=GATEWAY_KEY))
     page = chromium.new_page()
     requested: list[str] = []
@@ -5954,28 +5881,13 @@ def codex_bin() -> str:
 
 
 def write_codex_config(tmp_path: Path, provider: StandInProvider, port: int, default: str,
-                       router_yaml: str = "  enabled: false", routes: str = "") -> Path:
+                       router: dict = ROUTER_OFF, routes: list[dict] = ()) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: {str(default == "openai/gpt-4o").lower()}{routes}
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: {ANTHROPIC_KEY}
-    default: {str(default == "anthropic/claude-sonnet-5").lower()}
-  - model: {CODEX_MODEL}
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: {str(default == CODEX_MODEL).lower()}
-listeners:
-  - address: 127.0.0.1
-    port: {port}
-router:
-{router_yaml}
-""")
+    models = [served_by(provider, name, default=name == default) for name in
+              ("openai/gpt-4o", "anthropic/claude-sonnet-5", CODEX_MODEL)]
+    if routes:
+        models[0]["routing_preferences"] = routes
+    path.write_text(config_yaml(*models, listeners=[{"address": "127.0.0.1", "port": port}], router=router))
     return path
 
 
@@ -6020,7 +5932,7 @@ def test_cli_agent_codex_runs_an_exec_command_round_trip_through_plano(tmp_path,
 def test_codex_turn_is_routed_once_and_its_tool_loop_pinned(tmp_path, provider, codex_bin, tiny_router_model):
     port = free_port()
     config = write_codex_config(tmp_path, provider, port, "openai/gpt-4o",
-                                router_yaml=f"  model: {tiny_router_model}", routes=ROUTES_YAML)
+                                router=embedded_router(tiny_router_model), routes=ROUTES)
     with plano_up(config, port) as url:
         deadline = time.monotonic() + 30
         while httpx.get(url + "/healthz").json()["router"] != "ready":
@@ -6078,21 +5990,10 @@ def backup():
 
 
 def failover_config(primary_base: str, backup: StandInProvider,
-                    fallbacks: str = "[anthropic/claude-backup]") -> plano.Config:
-    return plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {primary_base}
-    access_key: {OPENAI_KEY}
-    fallbacks: {fallbacks}
-  - model: anthropic/claude-backup
-    base_url: {backup.anthropic_base}
-    access_key: {ANTHROPIC_KEY}
-  - model: openai/gpt-default
-    base_url: {backup.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true
-""", environ={})
+                    fallbacks: tuple[str, ...] = ("anthropic/claude-backup",)) -> plano.Config:
+    return build_config(served_by(primary_base, "openai/gpt-4o", fallbacks=list(fallbacks)),
+                        served_by(backup, "anthropic/claude-backup"),
+                        served_by(backup, "openai/gpt-default", default=True))
 
 
 @pytest.mark.parametrize("status", [429, 500, 503, 529])
@@ -6112,7 +6013,7 @@ def test_a_failing_provider_falls_back_before_any_byte_is_sent(provider, backup,
 
 
 def test_an_unreachable_provider_falls_back_to_the_default_model(backup):
-    with RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks="[]")) as running:
+    with RunningPlano(failover_config(f"http://127.0.0.1:{free_port()}/v1", backup, fallbacks=())) as running:
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="openai/gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hello"}])
         decisions = running.gateway.decision_log.records
@@ -6154,14 +6055,7 @@ def test_retry_after_keeps_plano_away_from_the_provider_that_asked(provider, bac
 
 
 def test_when_every_candidate_fails_the_client_gets_the_last_error_in_its_format(provider):
-    config = plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true
-""", environ={})
-    with RunningPlano(config) as running:
+    with RunningPlano(build_config(served_by(provider, "openai/gpt-4o"))) as running:
         provider.then(Reply(529, {"error": {"message": "overloaded", "type": "overloaded_error"}}))
         r = httpx.post(running.url + "/v1/messages", json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
@@ -6363,17 +6257,9 @@ def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
 @pytest.fixture(scope="module")
 def soup_target():
     provider = SoupProvider()
-    running = RunningPlano(plano.parse_config(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: http://127.0.0.1:{provider.port}/v1
-    access_key: {OPENAI_KEY}
-    default: true
-  - model: anthropic/claude-sonnet-5
-    base_url: http://127.0.0.1:{provider.port}
-    access_key: {ANTHROPIC_KEY}
-router: false
-""", path=CONFIG_PATH, environ={}))
+    running = RunningPlano(build_config(served_by(f"http://127.0.0.1:{provider.port}/v1", "openai/gpt-4o"),
+                                        served_by(f"http://127.0.0.1:{provider.port}", "anthropic/claude-sonnet-5"),
+                                        router=False))
     yield running, provider
     running.stop()
     provider.close()
@@ -6575,9 +6461,11 @@ def test_editing_the_config_reloads_it_and_a_bad_edit_keeps_the_running_one(tmp_
             chunks = inflight.iter_bytes()
             first = next(chunks)
             # The edit removes the model this stream is using and adds an alias.
-            config.write_text(original.replace("  - model: openai/gpt-4o-mini\n", "  - model: openai/gpt-4o-nano\n")
-                              .replace("target: openai/gpt-4o-mini", "target: openai/gpt-4o-nano")
-                              .replace("model_aliases:\n", "model_aliases:\n  newalias:\n    target: openai/gpt-4o\n"))
+            edited = yaml.safe_load(original)
+            edited["llm_providers"][1]["model"] = "openai/gpt-4o-nano"
+            edited["model_aliases"] = {"arch.claude.code.small.fast": {"target": "openai/gpt-4o-nano"},
+                                       "newalias": {"target": "openai/gpt-4o"}}
+            config.write_text(yaml.safe_dump(edited))
             lines.wait_for("config reloaded")
             rest = b"".join(chunks)
         assert b"[DONE]" in first + rest and b"w19" in first + rest  # finished on the config it started with
@@ -6603,34 +6491,33 @@ def routed_request(url: str) -> httpx.Response:
 def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny_router_model):
     providers = [StandInProvider() for _ in range(3)]  # the models' provider and two router servers
     models, router_a, router_b = providers
-    path = Path(write_config(tmp_path, routed_config_text(models, REMOTE_ROUTER.format(base=router_a.openai_base)),
+    path = Path(write_config(tmp_path, routed_config_text(models, remote_router(router_a.openai_base)),
                              dotenv=f"OPENAI_API_KEY={OPENAI_KEY}\nANTHROPIC_API_KEY={ANTHROPIC_KEY}\n"))
-    text = path.read_text()
     running = RunningPlano(plano.load_config(str(path)), router="auto", limits=plano.ServerLimits(config_poll=0.02))
 
     def health() -> dict:
         return httpx.get(running.url + "/healthz").json()
 
-    def edit(router_yaml: str) -> None:
-        path.write_text(text.replace(REMOTE_ROUTER.format(base=router_a.openai_base), router_yaml))
+    def edit(router: dict) -> None:
+        path.write_text(routed_config_text(models, router))
 
     try:
         assert health()["router_backend"] == f"remote: {router_a.openai_base}/chat/completions"
         router_a.then(remote_answer('{"route": "code generation"}'))
         assert routed_request(running.url).headers["x-plano-decision"] == "router"
 
-        edit("  enabled: false")
+        edit(ROUTER_OFF)
         wait_until(lambda: health()["router"] == "off")
         assert routed_request(running.url).headers["x-plano-decision"] == "default"
 
-        edit(REMOTE_ROUTER.format(base=router_b.openai_base))
+        edit(remote_router(router_b.openai_base))
         wait_until(lambda: health()["router_backend"] == f"remote: {router_b.openai_base}/chat/completions")
         router_b.then(remote_answer('{"route": "code generation"}'))
         answered = routed_request(running.url)
         assert (answered.headers["x-plano-decision"], answered.headers["x-plano-model"]) == ("router", "openai/gpt-4o")
         assert len(router_a.requests) == 1 and len(router_b.requests) == 1  # the old endpoint is not asked
 
-        edit(f"  model: {tiny_router_model}")
+        edit(embedded_router(tiny_router_model))
         wait_until(lambda: health()["router"] == "ready" and health()["router_backend"].startswith("embedded"))
         assert routed_request(running.url).headers["x-plano-decision"] in ("router", "default")
         assert len(router_b.requests) == 1
@@ -6674,11 +6561,10 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 async def test_a_reload_keeps_the_loaded_model_and_evaluates_the_prefix_of_the_new_route_set(
         provider, tiny_router_model):
-    config = routed_config(provider, f"  model: {tiny_router_model}")
-    new_text = ROUTES_YAML.replace("code understanding", "documentation").replace("understand and explain",
-                                                                                  "write docs for")
-    new_config = plano.parse_config(routed_config_text(provider, f"  model: {tiny_router_model}", new_text), environ={
-        "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    config = routed_config(provider, embedded_router(tiny_router_model))
+    new_routes = [ROUTES[0], {"name": "documentation", "description": "write docs for existing code"}]
+    new_config = plano.parse_config(routed_config_text(provider, embedded_router(tiny_router_model), new_routes),
+                                    environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     async with plano.Gateway(config) as gateway:
         await wait_for(lambda: gateway.router.status == "ready")
         backend, model = gateway.router.backend, gateway.router.backend.model
@@ -6706,7 +6592,7 @@ class HeldBackend(plano.EmbeddedRouterBackend):
 
 
 def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider, tiny_router_model):
-    config = routed_config(provider, f"  model: {tiny_router_model}\n  timeout_ms: 60000")
+    config = routed_config(provider, embedded_router(tiny_router_model, timeout_ms=60000))
     backend = HeldBackend(config.router)
     running = RunningPlano(config, router=plano.Router(config, backend))
     routed: dict[str, Any] = {}
