@@ -1714,6 +1714,60 @@ def test_replace_json_model_rejects_a_body_that_is_not_an_object():
         plano.replace_json_model('["model"]', "gpt-4.1")
 
 
+# ── one upstream exchange as pure functions: provider_request, translate_answer ──────────────
+
+PRETTY_ANTHROPIC_REQUEST = b'{\n  "model": "claude-opus-5-5",\n  "max_tokens": 9,\n  "new_field": {"kept": true},\n' \
+    b'  "messages": [{"role": "user", "content": "caf\xc3\xa9"}]\n}'
+
+
+def test_a_same_format_request_is_the_clients_bytes_but_the_model_with_the_providers_key_header():
+    model = configured_model("anthropic/claude-sonnet-5")
+    call = plano.provider_request(model, "anthropic", json.loads(PRETTY_ANTHROPIC_REQUEST), PRETTY_ANTHROPIC_REQUEST,
+                                  {"anthropic-version": "2023-06-01", "anthropic-beta": "b1", "x-api-key": "client"},
+                                  {"beta": "true"})
+    assert call.content == PRETTY_ANTHROPIC_REQUEST.replace(b'"claude-opus-5-5"', b'"claude-sonnet-5"')
+    assert call.url == "https://api.anthropic.com/v1/messages?beta=true"
+    assert (call.headers["x-api-key"], call.headers["anthropic-beta"]) == ("k-anthropic", "b1")  # plano's key
+    assert call.timeout.read == model.timeout and call.timeout.connect == 10.0
+
+
+def test_another_format_is_translated_and_sent_with_that_providers_own_auth():
+    model = configured_model("openai/gpt-4.1")
+    body = json.loads(PRETTY_ANTHROPIC_REQUEST)
+    call = plano.provider_request(model, "anthropic", body, PRETTY_ANTHROPIC_REQUEST,
+                                  {"anthropic-beta": "b1", "x-api-key": "client"}, {}, session="s-1")
+    sent = json.loads(call.content)
+    assert call.url == "https://api.openai.com/v1/chat/completions"
+    assert call.headers["authorization"] == "Bearer k-openai" and "x-api-key" not in call.headers
+    assert "anthropic-beta" not in call.headers  # an Anthropic header means nothing to OpenAI
+    assert sent == plano.anthropic_request_to_openai(body, model) | {"prompt_cache_key": "s-1"}
+
+
+def test_a_model_whose_key_is_not_set_says_which_variable_before_anything_is_sent():
+    config = build_config({"model": "openai/gpt-4o", "access_key": "$PLANO_TEST_UNSET_KEY"})
+    with pytest.raises(plano.ProviderKeyError, match=r"\$PLANO_TEST_UNSET_KEY is not set"):
+        plano.provider_request(config.models[0], "openai", {"messages": []}, b'{"messages":[]}', {}, {})
+
+
+def test_a_whole_same_format_answer_keeps_its_bytes_and_says_its_usage():
+    raw = (RECORDED / "openai-gpt-4o-mini-tool-call.json").read_bytes()
+    model = configured_model("openai/gpt-4.1")
+    same = plano.translate_answer(raw, json.loads(raw), model, "openai")
+    other = plano.translate_answer(raw, json.loads(raw), model, "anthropic")
+    upstream_model = json.loads(raw)["model"]
+    assert same.content == raw.replace(f'"{upstream_model}"'.encode(), b'"openai/gpt-4.1"', 1)
+    assert json.loads(other.content) == plano.openai_response_to_anthropic(json.loads(raw), "openai/gpt-4.1")
+    assert same.usage == other.usage == plano._openai_usage_to_anthropic(json.loads(raw)["usage"])
+    assert same.usage["input_tokens"] + same.usage.get("cache_read_input_tokens", 0) \
+        == json.loads(raw)["usage"]["prompt_tokens"]
+
+
+def test_a_whole_answer_that_is_not_the_shape_it_claims_is_a_502_naming_the_model():
+    with pytest.raises(plano.UpstreamError, match="openai/gpt-4.1: malformed answer") as raised:
+        plano.translate_answer(b'{"choices": 5}', {"choices": 5}, configured_model("openai/gpt-4.1"), "anthropic")
+    assert raised.value.status == 502
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # count_tokens: estimate_tokens
 # ═════════════════════════════════════════════════════════════════════════════════════════════
