@@ -356,7 +356,17 @@ class ModelEntry:
 
     @property
     def max_output_tokens(self) -> int | None:
-        return self.max_tokens or _prefix_lookup(self.spec.max_output_tokens, self.model_id)
+        """The largest `max_tokens` to send: the config's cap, else plano's table for the provider
+        (what it accepts, measured), else the catalogue's output limit for the model."""
+        return self.max_tokens or _prefix_lookup(self.spec.max_output_tokens, self.model_id) \
+            or self.capabilities.max_output_tokens
+
+    @property
+    def default_max_tokens(self) -> int:
+        """What to ask an Anthropic upstream for (it requires `max_tokens`) when the client gave
+        no limit: the configured cap, else 8192 (the model's own limit when smaller); not the
+        catalogue's full output limit, which can be 64k tokens nobody asked to wait for."""
+        return self.max_tokens or min(8192, self.max_output_tokens or 8192)
 
     @property
     def takes_server_tools(self) -> bool:
@@ -1295,7 +1305,7 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             raise RequestError(f"{where}.role: must be system, developer, user, assistant or tool")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = model.max_output_tokens or 8192  # Anthropic requires max_tokens
+        max_tokens = model.default_max_tokens
     _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
              "max_tokens: must be a positive integer")
     n = body.get("n", 1)
@@ -2562,7 +2572,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         # nothing to a provider that did not make them.
     max_tokens = body.get("max_output_tokens")
     if max_tokens is None:
-        max_tokens = model.max_output_tokens or 8192  # Anthropic requires max_tokens
+        max_tokens = model.default_max_tokens
     _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
              "max_output_tokens: must be a positive integer")
     out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}

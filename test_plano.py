@@ -660,6 +660,18 @@ class RunningPlano:
         self.stop()
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Until `condition()` holds (polled), for tests whose subject is another thread or process."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.02)
+
+
+def router_ready(url: str) -> bool:
+    return httpx.get(url + "/healthz").json()["router"] == "ready"
+
+
 @pytest.fixture
 def gateway(provider):
     running = RunningPlano(config_for(provider))
@@ -1087,6 +1099,26 @@ def test_claude_codes_max_tokens_is_capped_to_the_models_output_limit(name, expe
 def test_openai_reasoning_models_get_max_completion_tokens(name, expected):
     out = to_openai(name, max_tokens=128000)
     assert out["max_completion_tokens"] == expected and "max_tokens" not in out
+
+
+def test_without_a_cap_of_plano_s_own_the_catalogue_s_output_limit_caps_max_tokens():
+    config = build_config({"model": "xai/grok-4.3", "access_key": "k"},
+                          {"model": "xai/grok-4.3-capped", "access_key": "k", "max_output_tokens": 1000})
+    catalogue, configured = config.models
+    assert catalogue.capabilities.max_output_tokens  # listed by the catalogue; plano's xai table is empty
+    body = {"model": CLAUDE_CODE_MODEL, "max_tokens": 10_000_000, "messages": [USER_HI]}
+    assert plano.anthropic_request_to_openai(body, catalogue)["max_tokens"] == catalogue.capabilities.max_output_tokens
+    assert plano.anthropic_request_to_openai(body, configured)["max_tokens"] == 1000  # the config's cap wins
+
+
+def test_an_openai_client_without_a_limit_gets_8192_from_an_anthropic_model_not_its_whole_output_limit():
+    config = build_config({"model": "anthropic/claude-sonnet-4-5", "access_key": "k"},
+                          {"model": "anthropic/claude-sonnet-4-5-capped", "access_key": "k", "max_output_tokens": 900})
+    listed, capped = config.models
+    assert listed.capabilities.max_output_tokens == 64000
+    request = {"model": "x", "messages": [USER_HI]}
+    assert plano.openai_request_to_anthropic(request, listed)["max_tokens"] == 8192
+    assert plano.openai_request_to_anthropic(request, capped)["max_tokens"] == 900
 
 
 def test_max_tokens_under_the_cap_is_kept():
@@ -2425,9 +2457,7 @@ def test_a_client_that_hangs_up_cancels_the_upstream_request(gateway, provider):
             "model": "openai/gpt-4o", "max_tokens": 5, "stream": True,
             "messages": [{"role": "user", "content": "x"}]}) as response:
         next(response.iter_bytes())
-    deadline = time.monotonic() + 5
-    while provider.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: provider.disconnects > 0, timeout=5, what="the provider's hang-up")
     assert provider.disconnects == 1
 
 
@@ -2466,11 +2496,8 @@ def test_access_log_has_one_line_per_request_and_no_keys(gateway, provider, capl
     caplog.set_level("INFO", logger="plano")
     anthropic_client(gateway).messages.create(model="fast", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     # The line is written once the answer has gone out, so it can trail the client a little.
-    deadline = time.monotonic() + 5
-    while not (lines := [r.getMessage() for r in caplog.records if "POST /v1/messages" in r.getMessage()]):
-        assert time.monotonic() < deadline, "no access log line"
-        time.sleep(0.01)
-    time.sleep(0.2)
+    wait_until(lambda: any("POST /v1/messages" in r.getMessage() for r in caplog.records), 5, "an access line")
+    time.sleep(0.2)  # a second line, were plano to write one, would follow at once
     lines = [r.getMessage() for r in caplog.records if "POST /v1/messages" in r.getMessage()]
     assert len(lines) == 1
     assert "fast -> openai/gpt-4o [alias] 200" in lines[0]
@@ -4529,10 +4556,7 @@ async def test_remote_router_timeout_falls_back(provider):
 @pytest.fixture
 def routed_gateway(provider, tiny_router_model):
     running = RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto")
-    deadline = time.monotonic() + 30
-    while httpx.get(running.url + "/healthz").json()["router"] != "ready":
-        assert time.monotonic() < deadline, "router did not load"
-        time.sleep(0.05)
+    wait_until(lambda: router_ready(running.url), what="the router loaded")
     yield running
     running.stop()
 
@@ -5137,7 +5161,7 @@ def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_th
     config = plano.parse_config(text, path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
                                                                    "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     with RunningPlano(config, router="auto") as running:
-        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
         raw = anthropic_client(running).messages.with_raw_response.create(
             model="claude-opus-5-5", max_tokens=200, tools=[BASH_TOOL],
             messages=[{"role": "user", "content": "TOOL:echo one"}, {"role": "assistant", "content": LONG_TEXT},
@@ -5261,7 +5285,7 @@ def test_route_on_user_only_false_routes_tool_loop_continuations_too(provider, t
                                                    "input": {"command": "echo one"}}]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "one"}]}]
     with RunningPlano(config, router="auto") as running:
-        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
         client = anthropic_client(running)
         for upto in (1, 3):
             client.messages.create(model="claude-opus-5-5", max_tokens=50, tools=[BASH_TOOL], messages=messages[:upto],
@@ -5494,10 +5518,7 @@ def test_claude_code_session_is_routed_pinned_through_the_tool_loop_then_routed_
     port = free_port()
     config = write_claude_config(tmp_path, provider, port, router=embedded_router(tiny_router_model), routes=ROUTES)
     with plano_up(config, port) as url:
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/healthz").json()["router"] != "ready":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: router_ready(url), what="the router loaded")
         home = tmp_path / "home"
         first = run_claude(claude_bin, url, home, "TOOL:echo one", cwd=tmp_path)
         second = run_claude(claude_bin, url, home, "now explain what echo does", "--continue", cwd=tmp_path)
@@ -5988,10 +6009,7 @@ def test_codex_turn_is_routed_once_and_its_tool_loop_pinned(tmp_path, provider, 
     config = write_codex_config(tmp_path, provider, port, "openai/gpt-4o",
                                 router=embedded_router(tiny_router_model), routes=ROUTES)
     with plano_up(config, port) as url:
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/healthz").json()["router"] != "ready":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: router_ready(url), what="the router loaded")
         result = run_cli_agent_codex(config, codex_bin, codex_home(tmp_path), "EXEC:echo pinned", tmp_path)
         decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
     assert result.returncode == 0, result.stdout + result.stderr
@@ -6651,7 +6669,7 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
     running = RunningPlano(config, router=plano.Router(config, backend))
     routed: dict[str, Any] = {}
     try:
-        wait_until(lambda: httpx.get(running.url + "/healthz").json()["router"] == "ready")
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
         worker = threading.Thread(target=lambda: routed.update(response=httpx.post(running.url + "/v1/messages", json={
             "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]},
             timeout=60)))
@@ -6668,13 +6686,6 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
         backend.release.set()
         running.stop()
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
