@@ -5036,6 +5036,9 @@ class Upstreams:
     async def aclose(self) -> None:
         await self.transport.aclose()
 
+    def forget_health(self) -> None:
+        self.health = ProviderHealth()
+
     async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> httpx.Response:
         """The upstream answer to `exchange`, open (until `stack` closes) and known to be a
         success: its decided model's, else the first of its fallbacks that answers. Sets
@@ -5437,7 +5440,8 @@ class Gateway:
         health. Requests in flight finish on what they started with."""
         old_router = self.router
         router = self._router_for(config, old_router)
-        self.config, self.router, self.upstreams.health = config, router, ProviderHealth()
+        self.config, self.router = config, router
+        self.upstreams.forget_health()  # the new config's providers start with a clean record
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
             self._background.start_soon(old_router.backend.close)
