@@ -2020,6 +2020,11 @@ class StreamTranslator:
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
                 self.complete = True
+            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
+                # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
+                # streams after the usage chunk without ever sending [DONE], as the translation
+                # to Anthropic already accepts.
+                self.complete = True
             return
         if self.upstream_format == "responses":
             if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
