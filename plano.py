@@ -858,7 +858,8 @@ def _article(noun: str) -> str:
 # Nothing here does I/O.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
-ANTHROPIC_STOP_FROM_OPENAI = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+# `eos` (end of sequence) is Together's own finish reason for a model that stopped by itself.
+ANTHROPIC_STOP_FROM_OPENAI = {"stop": "end_turn", "eos": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                               "function_call": "tool_use", "content_filter": "refusal"}
 OPENAI_FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                                 "tool_use": "tool_calls", "pause_turn": "stop",

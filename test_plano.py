@@ -2816,13 +2816,14 @@ RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", "
 ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
 ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
 
-STOP_FROM_FINISH = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+# Together ends with `eos` (end of sequence) where others say `stop`.
+STOP_FROM_FINISH = {"stop": "end_turn", "eos": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
 
 # What a translation cannot carry, and why (the readers below do not compare these):
 # - OpenAI-format → Anthropic client: OpenRouter's and MiniMax's `reasoning_details` (its text is
 #   the same as `reasoning` / `reasoning_content`, which becomes the thinking block), `logprobs`,
 #   provider extras (`x_groq`, `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's
-#   `cost`, MiniMax's `name`, `audio_content`, `base_resp` and `*_sensitive*`), and
+#   `cost`, MiniMax's `name`, `audio_content`, `base_resp` and `*_sensitive*`, Together's `prompt`), and
 #   `completion_tokens_details.reasoning_tokens`: Anthropic has no field for any of them
 #   (reasoning tokens are part of `output_tokens`). A stream that ends in an error has no stop
 #   reason or final usage in Anthropic's format: `message_delta` only comes with a finished answer.
