@@ -2823,7 +2823,8 @@ STOP_FROM_FINISH = {"stop": "end_turn", "eos": "end_turn", "tool_calls": "tool_u
 # - OpenAI-format → Anthropic client: OpenRouter's and MiniMax's `reasoning_details` (its text is
 #   the same as `reasoning` / `reasoning_content`, which becomes the thinking block), `logprobs`,
 #   provider extras (`x_groq`, `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's
-#   `cost`, MiniMax's `name`, `audio_content`, `base_resp` and `*_sensitive*`, Together's `prompt`), and
+#   `cost`, MiniMax's `name`, `audio_content`, `base_resp` and `*_sensitive*`, Together's `prompt`,
+#   Z.ai's `request_id`), and
 #   `completion_tokens_details.reasoning_tokens`: Anthropic has no field for any of them
 #   (reasoning tokens are part of `output_tokens`). A stream that ends in an error has no stop
 #   reason or final usage in Anthropic's format: `message_delta` only comes with a finished answer.
