@@ -286,7 +286,10 @@ class Capabilities:
 # by its exact model id among the first-party providers.
 _CATALOGUE_PROVIDERS = {"openai": "openai", "azure_openai": "azure", "anthropic": "anthropic",
                         "deepseek": "deepseek", "xai": "xai", "gemini": "google", "mistral": "mistral",
-                        "groq": "groq", "together": "togetherai", "openrouter": "openrouter"}
+                        "groq": "groq", "together": "togetherai", "openrouter": "openrouter",
+                        # the international endpoints plano's catalogue points at (models.dev lists the
+                        # China ones apart: moonshotai-cn, zhipuai, alibaba-cn, minimax-cn)
+                        "moonshot": "moonshotai", "zhipu": "zai", "qwen": "alibaba", "minimax": "minimax"}
 _FIRST_PARTY = ("anthropic", "openai", "google", "deepseek", "xai", "mistral")
 
 

@@ -5032,6 +5032,16 @@ def test_catalogue_gives_window_output_images_and_prices():
     assert dated.context_window > 1_000_000 and dated.guessed == ()  # listed as gpt-4.1
 
 
+@pytest.mark.parametrize("model", ["moonshot/kimi-k2-0905-preview", "kimi/kimi-k2-turbo-preview", "zhipu/glm-4.6",
+                                   "qwen/qwen3-coder-plus", "minimax/MiniMax-M2"])
+def test_moonshot_zhipu_qwen_and_minimax_models_get_their_window_and_prices_from_the_catalogue(model):
+    keys = {"MOONSHOT_API_KEY": "k", "ZAI_API_KEY": "k", "DASHSCOPE_API_KEY": "k", "MINIMAX_API_KEY": "k"}
+    capabilities = plano.parse_config(f"llm_providers:\n  - model: {model}\n", path=CONFIG_PATH,
+                                      environ=keys).models[0].capabilities
+    assert capabilities.guessed == () and capabilities.context_window > plano.UNKNOWN_CONTEXT_WINDOW
+    assert 0 < capabilities.prices.input < capabilities.prices.output and capabilities.max_output_tokens > 0
+
+
 def test_config_fields_win_over_the_catalogue():
     config = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n    context_window: 50000\n"
                                 "    max_output_tokens: 4000\n    vision: false\n"
