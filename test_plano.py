@@ -2691,6 +2691,15 @@ def test_a_passthrough_stream_cut_off_mid_event_never_passes_half_an_event_on():
     assert translate.close() == b"" and isinstance(translate.failure, plano.StreamTranslationError)
 
 
+def test_a_passthrough_stream_that_finished_is_complete_without_done():
+    # MiniMax ends its streams after the usage chunk and sends no [DONE].
+    translate = plano.StreamTranslator("openai", "openai", "m", include_usage=False)
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n"
+                    for c in (chunk({"content": "hi"}), chunk(finish_reason="stop")))
+    assert translate.feed(body) == body
+    assert translate.close() == b"" and translate.failure is None
+
+
 @pytest.mark.parametrize("model, path", [("openai/gpt-4o", "/v1/chat/completions"),
                                          ("anthropic/claude-sonnet-5", "/v1/messages")])
 def test_a_passthrough_stream_cut_off_mid_event_ends_with_a_readable_error(gateway, provider, model, path):
