@@ -287,7 +287,10 @@ class Capabilities:
 # by its exact model id among the first-party providers.
 _CATALOGUE_PROVIDERS = {"openai": "openai", "azure_openai": "azure", "anthropic": "anthropic",
                         "deepseek": "deepseek", "xai": "xai", "gemini": "google", "mistral": "mistral",
-                        "groq": "groq", "together": "togetherai", "openrouter": "openrouter"}
+                        "groq": "groq", "together": "togetherai", "openrouter": "openrouter",
+                        # the international endpoints plano's catalogue points at (models.dev lists the
+                        # China ones apart: moonshotai-cn, zhipuai, alibaba-cn, minimax-cn)
+                        "moonshot": "moonshotai", "zhipu": "zai", "qwen": "alibaba", "minimax": "minimax"}
 _FIRST_PARTY = ("anthropic", "openai", "google", "deepseek", "xai", "mistral")
 
 
@@ -869,7 +872,8 @@ def _article(noun: str) -> str:
 # Nothing here does I/O.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
-ANTHROPIC_STOP_FROM_OPENAI = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+# `eos` (end of sequence) is Together's own finish reason for a model that stopped by itself.
+ANTHROPIC_STOP_FROM_OPENAI = {"stop": "end_turn", "eos": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                               "function_call": "tool_use", "content_filter": "refusal"}
 OPENAI_FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                                 "tool_use": "tool_calls", "pause_turn": "stop",
@@ -2034,6 +2038,11 @@ class StreamTranslator:
             if data.get("error"):
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
+                self.complete = True
+            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
+                # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
+                # streams after the usage chunk without ever sending [DONE], as the translation
+                # to Anthropic already accepts.
                 self.complete = True
             return
         if self.upstream_format == "responses":

@@ -2779,6 +2779,15 @@ def test_a_passthrough_stream_cut_off_mid_event_never_passes_half_an_event_on():
     assert translate.close() == b"" and isinstance(translate.failure, plano.StreamTranslationError)
 
 
+def test_a_passthrough_stream_that_finished_is_complete_without_done():
+    # MiniMax ends its streams after the usage chunk and sends no [DONE].
+    translate = plano.StreamTranslator("openai", "openai", "m", include_usage=False)
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n"
+                    for c in (chunk({"content": "hi"}), chunk(finish_reason="stop")))
+    assert translate.feed(body) == body
+    assert translate.close() == b"" and translate.failure is None
+
+
 @pytest.mark.parametrize("model, path", [("openai/gpt-4o", "/v1/chat/completions"),
                                          ("anthropic/claude-sonnet-5", "/v1/messages")])
 def test_a_passthrough_stream_cut_off_mid_event_ends_with_a_readable_error(gateway, provider, model, path):
@@ -2904,12 +2913,15 @@ RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", "
 ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
 ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
 
-STOP_FROM_FINISH = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+# Together ends with `eos` (end of sequence) where others say `stop`.
+STOP_FROM_FINISH = {"stop": "end_turn", "eos": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
 
 # What a translation cannot carry, and why (the readers below do not compare these):
-# - OpenAI-format → Anthropic client: OpenRouter's `reasoning_details` (its text is the same as
-#   `reasoning`, which becomes the thinking block), `logprobs`, provider extras (`x_groq`,
-#   `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's `cost`), and
+# - OpenAI-format → Anthropic client: OpenRouter's and MiniMax's `reasoning_details` (its text is
+#   the same as `reasoning` / `reasoning_content`, which becomes the thinking block), `logprobs`,
+#   provider extras (`x_groq`, `obfuscation`, `system_fingerprint`, `service_tier`, OpenRouter's
+#   `cost`, MiniMax's `name`, `audio_content`, `base_resp` and `*_sensitive*`, Together's `prompt`,
+#   Z.ai's `request_id`), and
 #   `completion_tokens_details.reasoning_tokens`: Anthropic has no field for any of them
 #   (reasoning tokens are part of `output_tokens`). A stream that ends in an error has no stop
 #   reason or final usage in Anthropic's format: `message_delta` only comes with a finished answer.
@@ -5053,6 +5065,16 @@ def test_catalogue_gives_window_output_images_and_prices():
     dated = plano.parse_config("llm_providers:\n  - model: openai/gpt-4.1-2025-04-14\n", path=CONFIG_PATH,
                                environ=KEYS).models[0].capabilities
     assert dated.context_window > 1_000_000 and dated.guessed == ()  # listed as gpt-4.1
+
+
+@pytest.mark.parametrize("model", ["moonshot/kimi-k2-0905-preview", "kimi/kimi-k2-turbo-preview", "zhipu/glm-4.6",
+                                   "qwen/qwen3-coder-plus", "minimax/MiniMax-M2"])
+def test_moonshot_zhipu_qwen_and_minimax_models_get_their_window_and_prices_from_the_catalogue(model):
+    keys = {"MOONSHOT_API_KEY": "k", "ZAI_API_KEY": "k", "DASHSCOPE_API_KEY": "k", "MINIMAX_API_KEY": "k"}
+    capabilities = plano.parse_config(f"llm_providers:\n  - model: {model}\n", path=CONFIG_PATH,
+                                      environ=keys).models[0].capabilities
+    assert capabilities.guessed == () and capabilities.context_window > plano.UNKNOWN_CONTEXT_WINDOW
+    assert 0 < capabilities.prices.input < capabilities.prices.output and capabilities.max_output_tokens > 0
 
 
 def test_config_fields_win_over_the_catalogue():
