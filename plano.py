@@ -215,8 +215,8 @@ PROVIDERS: dict[str, ProviderSpec] = {
     # ANTHROPIC_BASE_URL): Moonshot's and Z.ai's docs give the key as ANTHROPIC_AUTH_TOKEN (a Bearer
     # token), Alibaba's and MiniMax's as ANTHROPIC_API_KEY (x-api-key). Their OpenAI-compatible APIs
     # (api.moonshot.ai/v1, api.z.ai/api/paas/v4, dashscope-intl.aliyuncs.com/compatible-mode/v1,
-    # api.minimax.io/v1) take `base_url` and `provider_interface: openai`. No output caps: none
-    # found documented per model, and these endpoints take Claude Code's own max_tokens.
+    # api.minimax.io/v1) take `base_url` and `provider_interface: openai`. Their output caps are
+    # the catalogue's (models.dev), per model: none of them documents one table for all.
     "moonshot": ProviderSpec("https://api.moonshot.ai/anthropic", "anthropic", "bearer", "MOONSHOT_API_KEY"),
     "zhipu": ProviderSpec("https://api.z.ai/api/anthropic", "anthropic", "bearer", "ZAI_API_KEY"),
     "qwen": ProviderSpec("https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "x-api-key",
@@ -1307,11 +1307,8 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
                                                   "content": _text_of(message.get("content"), f"{where}.content")}])
         else:
             raise RequestError(f"{where}.role: must be system, developer, user, assistant or tool")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = model.default_max_tokens
-    _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-             "max_tokens: must be a positive integer")
+    max_tokens = _anthropic_max_tokens(body.get("max_completion_tokens", body.get("max_tokens")), model,
+                                       "max_tokens")
     n = body.get("n", 1)
     _require(n in (1, None), "n: only n=1 is supported for Anthropic models")
     out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
@@ -1351,6 +1348,16 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if body.get("stream") is True:
         out["stream"] = True
     return out
+
+
+def _anthropic_max_tokens(given: Any, model: ModelEntry, field_name: str) -> int:
+    """The `max_tokens` an Anthropic upstream gets (it requires one) for a client's limit, or for
+    none: capped at what the model accepts, as translation the other way caps it."""
+    if given is None:
+        return model.default_max_tokens
+    _require(isinstance(given, int) and not isinstance(given, bool) and given > 0,
+             f"{field_name}: must be a positive integer")
+    return min(given, model.max_output_tokens or given)
 
 
 def _append_anthropic(messages: list[dict], role: str, blocks: list[dict]) -> None:
@@ -2579,11 +2586,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
                                                            "signature": signature}])
         # Other items (web search calls, item references, custom and shell tool calls) mean
         # nothing to a provider that did not make them.
-    max_tokens = body.get("max_output_tokens")
-    if max_tokens is None:
-        max_tokens = model.default_max_tokens
-    _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-             "max_output_tokens: must be a positive integer")
+    max_tokens = _anthropic_max_tokens(body.get("max_output_tokens"), model, "max_output_tokens")
     out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
     instructions = body.get("instructions")
     if isinstance(instructions, str) and instructions:

@@ -1121,6 +1121,15 @@ def test_an_openai_client_without_a_limit_gets_8192_from_an_anthropic_model_not_
     assert plano.openai_request_to_anthropic(request, capped)["max_tokens"] == 900
 
 
+def test_an_openai_or_responses_clients_limit_is_capped_at_what_the_anthropic_model_accepts():
+    listed = build_config({"model": "anthropic/claude-sonnet-4-5", "access_key": "k"}).models[0]
+    chat = {"model": "x", "max_tokens": 500_000, "messages": [USER_HI]}
+    responses = {"model": "x", "max_output_tokens": 500_000, "input": "hi"}
+    assert plano.openai_request_to_anthropic(chat, listed)["max_tokens"] == 64000
+    assert plano.responses_request_to_anthropic(responses, listed)["max_tokens"] == 64000
+    assert plano.openai_request_to_anthropic(dict(chat, max_tokens=700), listed)["max_tokens"] == 700
+
+
 def test_max_tokens_under_the_cap_is_kept():
     assert to_openai("deepseek/deepseek-chat", max_tokens=500)["max_tokens"] == 500
 
