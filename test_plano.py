@@ -3575,29 +3575,14 @@ def run_responses_stream(events: list[tuple[str, dict]], reasoning_in: str = "si
     return out + machine.finish()
 
 
-def responses_config(provider: StandInProvider) -> plano.Config:
-    """The stand-in's three formats: a Responses model (the default), a Chat one, an Anthropic one."""
-    return plano.parse_config(responses_config_text(provider), path="test-config.yaml",
-                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
-
-
-def responses_config_text(provider: StandInProvider, extra_models: str = "") -> str:
-    return f"""
-llm_providers:
-  - model: {CODEX_MODEL}
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY
-    default: true
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $OPENAI_API_KEY
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: $ANTHROPIC_API_KEY
-{extra_models}model_aliases:
-  coder:
-    target: {CODEX_MODEL}
-"""
+def responses_config(provider: StandInProvider, *more_models: dict) -> plano.Config:
+    """The stand-in's three formats: a Responses model (the default), a Chat one, an Anthropic one;
+    keys from the environment."""
+    return build_config(served_by(provider, CODEX_MODEL, access_key="$OPENAI_API_KEY", default=True),
+                        served_by(provider, "openai/gpt-4o", access_key="$OPENAI_API_KEY"),
+                        served_by(provider, "anthropic/claude-sonnet-5", access_key="$ANTHROPIC_API_KEY"),
+                        *more_models, model_aliases={"coder": {"target": CODEX_MODEL}},
+                        environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
 
 
 @pytest.fixture
@@ -5044,22 +5029,16 @@ def big_provider():
     stand_in.close()
 
 
-def capability_config(small: StandInProvider, big: StandInProvider, small_fields: str = "",
-                      big_fields: str = "    context_window: 200000\n", extra: str = "") -> plano.Config:
-    """A small OpenAI-format default model (4k window) on one stand-in, a big Anthropic one on another."""
-    text = f"""
-llm_providers:
-  - model: openai/small-model
-    base_url: {small.openai_base}
-    access_key: $OPENAI_API_KEY
-    default: true
-    context_window: 4000
-{small_fields}  - model: anthropic/big-model
-    base_url: {big.anthropic_base}
-    access_key: $ANTHROPIC_API_KEY
-{big_fields}{extra}"""
-    return plano.parse_config(text, path="capabilities.yaml",
-                              environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+def capability_config(small: StandInProvider, big: StandInProvider, small_fields: dict | None = None,
+                      big_fields: dict | None = None, more_models: list[dict] = (), **sections: Any) -> plano.Config:
+    """A small OpenAI-format default model (4k window) on one stand-in, a big Anthropic one (200k
+    unless `big_fields` say otherwise) on another; keys from the environment."""
+    return build_config(
+        served_by(small, "openai/small-model", access_key="$OPENAI_API_KEY", default=True, context_window=4000,
+                  **(small_fields or {})),
+        served_by(big, "anthropic/big-model", access_key="$ANTHROPIC_API_KEY",
+                  **(big_fields or {"context_window": 200000})),
+        *more_models, **sections, environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
 
 
 def latest_decision(running: RunningPlano) -> dict:
@@ -5146,7 +5125,7 @@ def test_fit_decision_keeps_a_model_that_fits_and_names_the_limit_when_it_moves(
 
 
 def test_a_request_with_tools_moves_off_a_model_that_makes_no_tool_calls(provider, big_provider):
-    config = capability_config(provider, big_provider, small_fields="    tool_use: false\n")
+    config = capability_config(provider, big_provider, small_fields={"tool_use": False})
     default = plano.RouteDecision("openai/small-model", None, "default", reason="no route fits")
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [BASH_FUNCTION]}
     moved = plano.fit_decision(config, default, plano.request_needs(body, "openai"))
@@ -5156,10 +5135,11 @@ def test_a_request_with_tools_moves_off_a_model_that_makes_no_tool_calls(provide
 
 
 def test_top_level_routing_preferences_answer_with_the_first_listed_model_that_fits(provider, big_provider):
-    extra = ("  - model: openai/medium-model\n    base_url: http://127.0.0.1:9/v1\n    context_window: 50000\n"
-             "routing_preferences:\n  - name: code generation\n    description: writing new code\n"
-             "    models: [openai/small-model, openai/medium-model, anthropic/big-model]\n")
-    config = capability_config(provider, big_provider, extra=extra)
+    config = capability_config(
+        provider, big_provider, more_models=[{"model": "openai/medium-model", "base_url": "http://127.0.0.1:9/v1",
+                                              "context_window": 50000}],
+        routing_preferences=[{"name": "code generation", "description": "writing new code",
+                              "models": ["openai/small-model", "openai/medium-model", "anthropic/big-model"]}])
     assert [(p.name, m.name) for p, m in config.routes] == [("code generation", "openai/small-model")]
     routed = plano.RouteDecision("openai/small-model", "code generation", "router",
                                  reason="router chose code generation")
@@ -5169,10 +5149,10 @@ def test_top_level_routing_preferences_answer_with_the_first_listed_model_that_f
 
 def test_top_level_routing_preferences_must_name_configured_models(provider, big_provider):
     with pytest.raises(plano.ConfigError) as raised:
-        capability_config(provider, big_provider, extra="routing_preferences:\n  - name: chat\n"
-                          "    description: small talk\n    models: [openai/nope]\n")
+        capability_config(provider, big_provider, routing_preferences=[
+            {"name": "chat", "description": "small talk", "models": ["openai/nope"]}])
     message = raised.value.message
-    assert "capabilities.yaml:" in message and "openai/nope is not a configured model" in message
+    assert "config.yaml:" in message and "openai/nope is not a configured model" in message
 
 
 def test_a_conversation_too_big_for_the_default_model_goes_to_one_that_holds_it(provider, big_provider):
@@ -5207,8 +5187,8 @@ def test_a_routed_conversation_too_big_for_its_route_goes_to_the_default_with_th
 def test_a_failing_provider_does_not_fail_over_to_a_model_too_small_for_the_request(provider, big_provider):
     # The big model fails; its only fallback (the small default) cannot hold the conversation, so
     # the provider's failure is what the client gets, and the small model is never sent it.
-    config = capability_config(provider, big_provider, big_fields="    context_window: 200000\n"
-                               "    fallbacks: [openai/small-model]\n")
+    config = capability_config(provider, big_provider,
+                               big_fields={"context_window": 200000, "fallbacks": ["openai/small-model"]})
     big_provider.then(Reply(500, {"type": "error", "error": {"type": "api_error", "message": "down"}}))
     with RunningPlano(config) as running:
         answer = httpx.post(running.url + "/v1/messages", timeout=30, json={
@@ -5218,7 +5198,7 @@ def test_a_failing_provider_does_not_fail_over_to_a_model_too_small_for_the_requ
 
 @pytest.mark.parametrize("fmt", ["anthropic", "openai"])
 def test_nothing_fits_is_a_prompt_too_long_400_in_the_callers_format(provider, big_provider, fmt):
-    config = capability_config(provider, big_provider, big_fields="    context_window: 6000\n")
+    config = capability_config(provider, big_provider, big_fields={"context_window": 6000})
     with RunningPlano(config) as running:
         if fmt == "anthropic":
             with pytest.raises(anthropic.BadRequestError) as raised:
@@ -5245,7 +5225,7 @@ def test_an_explicitly_requested_model_too_small_gets_the_same_400(provider, big
 
 
 def test_an_image_to_a_text_only_model_goes_to_a_vision_model(provider, big_provider):
-    config = capability_config(provider, big_provider, small_fields="    vision: false\n")
+    config = capability_config(provider, big_provider, small_fields={"vision": False})
     png = png_base64(64, 64)
     with RunningPlano(config) as running:
         raw = openai_client(running).chat.completions.with_raw_response.create(model="auto", messages=[
@@ -5259,8 +5239,8 @@ def test_an_image_to_a_text_only_model_goes_to_a_vision_model(provider, big_prov
 
 
 def test_an_image_nothing_can_see_is_a_400_naming_why(provider, big_provider):
-    config = capability_config(provider, big_provider, small_fields="    vision: false\n",
-                               big_fields="    vision: false\n")
+    config = capability_config(provider, big_provider, small_fields={"vision": False},
+                               big_fields={"context_window": 200000, "vision": False})
     with RunningPlano(config) as running, pytest.raises(anthropic.BadRequestError) as raised:
         anthropic_client(running).messages.create(model="claude-opus-5-5", max_tokens=50, messages=[
             {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}])
@@ -5281,8 +5261,8 @@ def test_an_anthropic_server_tool_goes_to_an_anthropic_model(provider, big_provi
 
 
 def test_models_list_windows_display_names_and_claude_codes_picker(provider, big_provider):
-    config = capability_config(provider, big_provider, extra="  - model: anthropic/claude-sonnet-4-5\n"
-                               f"    base_url: {big_provider.anthropic_base}\n    context_window: 150000\n")
+    config = capability_config(provider, big_provider, more_models=[
+        {"model": "anthropic/claude-sonnet-4-5", "base_url": big_provider.anthropic_base, "context_window": 150000}])
     with RunningPlano(config) as running:
         listed = {m["id"]: m for m in httpx.get(running.url + "/v1/models",
                                                 headers={"anthropic-version": "2023-06-01"}).json()["data"]}
@@ -5709,10 +5689,7 @@ def test_statusline_shows_the_sessions_model_route_cost_and_cache_hit_rate(gatew
 @pytest.mark.parametrize("model, sent", [("openai/gpt-4o", True), (CODEX_MODEL, True),
                                           ("deepseek/deepseek-chat", False), ("anthropic/claude-sonnet-5", False)])
 def test_a_claude_code_session_reaches_openai_as_its_prompt_cache_key(provider, model, sent):
-    deepseek = (f"  - model: deepseek/deepseek-chat\n    base_url: {provider.openai_base}\n"
-                f"    access_key: {OPENAI_KEY}\n")
-    config = plano.parse_config(responses_config_text(provider, deepseek), path=CONFIG_PATH,
-                                environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    config = responses_config(provider, served_by(provider, "deepseek/deepseek-chat"))
     session = "5b8e1f0c-2d44-4a1e-9c53-7a1d0f6e2b90"
     with RunningPlano(config) as running:
         answer = httpx.post(running.url + "/v1/messages", headers={"x-claude-code-session-id": session}, timeout=30,
