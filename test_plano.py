@@ -2422,17 +2422,8 @@ def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
 
 
 def gemini_config(provider: StandInProvider, port: int = 12000) -> str:
-    return f"""
-llm_providers:
-  - model: gemini/gemini-3-pro-preview
-    base_url: http://127.0.0.1:{provider.port}/v1beta/openai
-    access_key: {OPENAI_KEY}
-    default: true
-listeners:
-  - address: 127.0.0.1
-    port: {port}
-router: false
-"""
+    return config_yaml(served_by(f"http://127.0.0.1:{provider.port}/v1beta/openai", "gemini/gemini-3-pro-preview"),
+                       listeners=[{"address": "127.0.0.1", "port": port}], router=False)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -5309,22 +5300,9 @@ def test_claude_code_headless_past_the_small_models_window_still_gets_its_answer
                                                                                 claude_bin):
     port = free_port()
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(f"""
-llm_providers:
-  - model: openai/small-model
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true
-    context_window: 8000
-  - model: anthropic/big-model
-    base_url: {big_provider.anthropic_base}
-    access_key: {ANTHROPIC_KEY}
-    context_window: 200000
-listeners:
-  - address: 127.0.0.1
-    port: {port}
-router: false
-""")
+    config_path.write_text(config_yaml(served_by(provider, "openai/small-model", context_window=8000),
+                                       served_by(big_provider, "anthropic/big-model", context_window=200000),
+                                       listeners=[{"address": "127.0.0.1", "port": port}], router=False))
     with plano_up(config_path, port) as url:
         result = run_claude(claude_bin, url, tmp_path / "home", "summarise plano-marker-77", cwd=tmp_path)
         decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
@@ -5490,17 +5468,8 @@ def test_claude_code_runs_tools_on_gemini_with_its_thought_signatures(tmp_path, 
 def test_claude_code_shows_a_missing_provider_key_at_once_naming_the_variable(tmp_path, provider, claude_bin):
     port = free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: $PLANO_TEST_UNSET_KEY
-    default: true
-listeners:
-  - address: 127.0.0.1
-    port: {port}
-router: false
-""")
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o", access_key="$PLANO_TEST_UNSET_KEY"),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=False))
     with plano_up(config, port):
         # Answered with a 401, Claude Code would retry silently for minutes and hit this timeout.
         result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
@@ -5865,19 +5834,9 @@ def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provi
 
 def test_plano_stats_prints_usage_per_model_and_per_route(provider, tmp_path):
     path = tmp_path / "usage.sqlite3"
-    config = write_config(tmp_path, f"""
-llm_providers:
-  - model: openai/gpt-4o
-    base_url: {provider.openai_base}
-    access_key: {OPENAI_KEY}
-    default: true
-  - model: anthropic/claude-sonnet-5
-    base_url: {provider.anthropic_base}
-    access_key: {ANTHROPIC_KEY}
-stats:
-  path: {path}
-router: false
-""")
+    config = write_config(tmp_path, config_yaml(served_by(provider, "openai/gpt-4o"),
+                                                served_by(provider, "anthropic/claude-sonnet-5"),
+                                                stats={"path": str(path)}, router=False))
     with RunningPlano(plano.load_config(config)) as running:
         for model in ("openai/gpt-4o", "openai/gpt-4o", "anthropic/claude-sonnet-5"):
             anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
