@@ -3786,7 +3786,10 @@ class _LlamaModel:
                 raise
             log.warning("router: loading %s with GPU offload failed; loading it on the CPU", path)
             layers = 0
-            self.llama = self._construct(llama_cpp, path, n_ctx, threads, 0, extra_buffer_types)
+            # With no layers offloaded llama.cpp still sends batches of 32+ tokens (every router
+            # prompt) to the GPU unless op_offload is off: on a GPU that could not take the model,
+            # that fails the first decision ("llama_decode returned -2") and crashes the next.
+            self.llama = self._construct(llama_cpp, path, n_ctx, threads, 0, extra_buffer_types, op_offload=False)
         self.where = (f"GPU offload ({'all' if layers < 0 else layers} layers)" if layers and offload
                       else f"CPU, {threads} threads")
         logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
@@ -3813,7 +3816,7 @@ class _LlamaModel:
 
     @staticmethod
     def _construct(llama_cpp: Any, path: str, n_ctx: int, threads: int, gpu_layers: int,
-                   extra_buffer_types: bool) -> Any:
+                   extra_buffer_types: bool, op_offload: bool | None = None) -> Any:
         llama_c = llama_cpp.llama_cpp
         # Extra buffer types select llama.cpp's repacked CPU kernels. On this project's machines they
         # are a crash (Intel with AMX: llama.cpp issue #20824, on quantized weights for batches of 2+
@@ -3833,7 +3836,7 @@ class _LlamaModel:
                 llama_c.llama_model_default_params = params_without_extra_buffers
             try:
                 return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, verbose=False, n_threads=threads,
-                                       n_threads_batch=threads, n_gpu_layers=gpu_layers)
+                                       n_threads_batch=threads, n_gpu_layers=gpu_layers, op_offload=op_offload)
             except Exception as e:  # llama.cpp says only "failed to load model" for a bad file
                 raise RouterUnavailable(f"cannot load router model {path}: {e}") from None
             finally:
