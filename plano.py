@@ -2944,7 +2944,6 @@ def responses_stream_error(error_type: str, message: str) -> dict:
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message, "param": None}}
 
 
-
 # ── one upstream exchange: what goes to the provider, what comes back to the client ──────────
 # Pure functions of the request and the model: the gateway's Upstreams sends what these build.
 
