@@ -369,7 +369,12 @@ class ModelEntry:
         """What to ask an Anthropic upstream for (it requires `max_tokens`) when the client gave
         no limit: the configured cap, else 8192 (the model's own limit when smaller); not the
         catalogue's full output limit, which can be 64k tokens nobody asked to wait for."""
-        return self.max_tokens or min(8192, self.max_output_tokens or 8192)
+        return self.max_tokens or self.capped(8192)
+
+    def capped(self, max_tokens: int) -> int:
+        """A client's `max_tokens` within what the model accepts (unchanged when no cap is known)."""
+        cap = self.max_output_tokens
+        return min(max_tokens, cap) if cap else max_tokens
 
     @property
     def takes_server_tools(self) -> bool:
@@ -992,10 +997,7 @@ def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
     if max_tokens is not None:
         _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
                  "max_tokens: must be a positive integer")
-        cap = model.max_output_tokens
-        if cap:
-            max_tokens = min(max_tokens, cap)
-        out["max_completion_tokens" if model.is_reasoning_model else "max_tokens"] = max_tokens
+        out["max_completion_tokens" if model.is_reasoning_model else "max_tokens"] = model.capped(max_tokens)
     for key in ("temperature", "top_p"):
         if key in body and body[key] is not None:
             _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
@@ -1357,7 +1359,7 @@ def _anthropic_max_tokens(given: Any, model: ModelEntry, field_name: str) -> int
         return model.default_max_tokens
     _require(isinstance(given, int) and not isinstance(given, bool) and given > 0,
              f"{field_name}: must be a positive integer")
-    return min(given, model.max_output_tokens or given)
+    return model.capped(given)
 
 
 def _append_anthropic(messages: list[dict], role: str, blocks: list[dict]) -> None:
@@ -2179,7 +2181,7 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
     if max_tokens is not None:
         _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
                  "max_tokens: must be a positive integer")
-        out["max_output_tokens"] = min(max_tokens, model.max_output_tokens or max_tokens)
+        out["max_output_tokens"] = model.capped(max_tokens)
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
@@ -4777,8 +4779,7 @@ def _thousands(tokens: int) -> str:
 
 def context_tokens(needs: RequestNeeds, model: ModelEntry) -> int:
     """Input plus the output plano will ask this model for (the request's, within the model's cap)."""
-    cap = model.max_output_tokens or model.capabilities.max_output_tokens
-    return needs.input_tokens + (min(needs.output_tokens, cap) if cap else needs.output_tokens)
+    return needs.input_tokens + model.capped(needs.output_tokens)
 
 
 def _missing_feature(needs: RequestNeeds, model: ModelEntry) -> str | None:
@@ -4869,7 +4870,7 @@ def model_listing(config: Config, name: str) -> dict:
     return {"type": "model", "id": name, "display_name": name if name != model.name else
             capabilities.display_name or name, "created_at": "2025-01-01T00:00:00Z",
             "max_input_tokens": capabilities.max_input_tokens or capabilities.context_window,
-            "max_tokens": model.max_output_tokens or capabilities.max_output_tokens}
+            "max_tokens": model.max_output_tokens}
 
 
 def claude_code_picker_listing(config: Config) -> list[dict]:
@@ -5116,7 +5117,6 @@ class Upstreams:
     @asynccontextmanager
     async def _answer(self, model: ModelEntry, call: ProviderRequest, exchange: _Exchange):
         """The provider's response to `call`, open and known to be a success; errors raise UpstreamError."""
-        secrets = config_secrets(exchange.config)
         sent_at = time.monotonic()
         request = httpx.Request("POST", self._url(call.url), headers=call.headers, content=call.content,
                                 extensions={"timeout": call.timeout.as_dict()})
@@ -5126,13 +5126,13 @@ class Upstreams:
             raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
                                 error_type="api_error", retryable=True) from None
         except httpx.HTTPError as e:
-            reason = _scrub(str(e), secrets) or "no detail"
+            reason = _scrub(str(e), config_secrets(exchange.config)) or "no detail"
             raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
                                 status=502, error_type="api_error", retryable=True) from None
         try:
             exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
             if response.status_code >= 400:
-                raise await self._error(response, model, exchange.request.api_format, secrets)
+                raise await self._error(response, model, exchange.request.api_format, config_secrets(exchange.config))
             yield response
         finally:
             await response.aclose()
