@@ -4962,7 +4962,9 @@ def test_a_gpu_build_whose_offloaded_load_fails_loads_the_router_on_the_cpu_and_
             assert answered.headers["x-plano-decision"] in ("router", "default"), text  # not "fallback"
     finally:
         stop_process(process)
-    assert "Traceback" not in lines.all_lines()
+    printed = lines.all_lines()
+    assert f"router ready (embedded (CPU, 2 threads): {tiny_router_model})" in printed  # the start-up log says where
+    assert "Traceback" not in printed
 
 
 def test_a_gpu_build_runs_the_router_with_every_layer_offloaded_and_routes(tmp_path, provider, tiny_router_model,
@@ -4984,6 +4986,7 @@ def test_a_gpu_build_runs_the_router_with_every_layer_offloaded_and_routes(tmp_p
     finally:
         stop_process(process)
     printed = lines.all_lines()
+    assert f"router ready (embedded (GPU offload (all layers)): {tiny_router_model})" in printed
     assert "GPU offload failed" not in printed and "Traceback" not in printed
 
 
