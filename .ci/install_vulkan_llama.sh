@@ -27,11 +27,11 @@ DIR="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/plano/llama-vulkan-$VERSION}"
 sudo=$([ "$(id -u)" = 0 ] || echo sudo)
 
 # lavapipe (mesa-vulkan-drivers), the Vulkan loader and headers, and glslc for the shaders.
-if ! dpkg -s mesa-vulkan-drivers libvulkan-dev glslc >/dev/null 2>&1; then
-  log "apt-get install mesa-vulkan-drivers libvulkan-dev glslc"
+if ! dpkg -s mesa-vulkan-drivers libvulkan-dev glslc spirv-headers >/dev/null 2>&1; then
+  log "apt-get install mesa-vulkan-drivers libvulkan-dev glslc spirv-headers"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    mesa-vulkan-drivers libvulkan-dev glslc >/dev/null
+    mesa-vulkan-drivers libvulkan-dev glslc spirv-headers >/dev/null
 fi
 
 # ggml-vulkan enables the validation layer's settings (VK_EXT_layer_settings): Vulkan headers
