@@ -2961,13 +2961,17 @@ class ProviderRequest:
 
 def provider_request(model: ModelEntry, client_format: str, body: dict, raw: bytes,
                      client_headers: Mapping[str, str], query: Mapping[str, str],
-                     session: str = "") -> ProviderRequest:
+                     session: str = "", max_output: int | None = None) -> ProviderRequest:
     """What to send `model`'s provider for a client request in `client_format` (its parsed `body`
     and its own bytes `raw`): the same format is forwarded byte for byte but for the model,
-    another is translated."""
+    another is translated. `max_output` lowers the output the request asks for (the room a
+    model's window leaves, when its output limit is unknown)."""
     if model.access_key is None and model.spec.auth != "none" and model.key_env:
         raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                f"(export it or put it in .env beside the config)")
+    if max_output is not None:
+        body = with_max_output(body, client_format, max_output)
+        raw = _json_bytes(body)
     headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
     headers.update(provider_auth_headers(model))
     if model.interface == "anthropic":
@@ -3000,6 +3004,30 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
         else:
             content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
     return ProviderRequest(url, headers, content, _upstream_timeout(model))
+
+
+def with_max_output(body: dict, client_format: str, limit: int) -> dict:
+    """`body` asking for at most `limit` output tokens, in the field(s) its format names them
+    (a Chat request may give both of its own; one that gives none gets `max_tokens`). A value
+    that is not a number is left for the translation to refuse."""
+    fields = {"anthropic": ["max_tokens"], "responses": ["max_output_tokens"]}.get(client_format) \
+        or [f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None] or ["max_tokens"]
+    out = dict(body)
+    for name in fields:
+        given = body.get(name)
+        if given is None:
+            out[name] = limit
+        elif isinstance(given, int) and not isinstance(given, bool):
+            out[name] = min(given, limit)
+    thinking = out.get("thinking")
+    if client_format == "anthropic" and isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) \
+            and isinstance(out["max_tokens"], int) and thinking["budget_tokens"] >= out["max_tokens"]:
+        # Anthropic's rule: 1024 <= budget_tokens < max_tokens. Too little room to think is no thinking.
+        if out["max_tokens"] > 1024:
+            out["thinking"] = dict(thinking, budget_tokens=out["max_tokens"] - 1)
+        else:
+            del out["thinking"]
+    return out
 
 
 def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
@@ -4777,9 +4805,52 @@ def _thousands(tokens: int) -> str:
     return f"{round(tokens / 1000)}k"
 
 
+# A model whose output limit nobody knows (not the config, plano's table nor the catalogue) is
+# mostly a local server (ollama, llama.cpp, vLLM) with a window of its own, often 8k–32k. Claude
+# Code asks every model for 32k–128k output tokens, far more than such a window holds beside any
+# input, and nearly all answers are a small part of that: counting the whole ask would skip the
+# model for every Claude Code request. For such a model plano reserves for the output what the
+# window leaves after the input, at most the ask, and sends that as max_tokens; the input is the
+# estimate (4 characters a token), and code and JSON, most of an agent's context, run nearer 3, so a
+# third of the input is left aside as slack before the room is counted. The model is refused only
+# when even the floor below does not fit beside the input: an answer cut off shorter than that
+# would be of little use, and a model with room for it is better (or Claude Code compacts on the
+# "prompt is too long" that nothing fitting gets).
+OUTPUT_RESERVE_FLOOR = 4096  # tokens, or a quarter of a smaller model's window (at most the ask)
+
+
+def _output_asked(needs: RequestNeeds, model: ModelEntry) -> int:
+    """What the request will ask `model` for: its own max_tokens, else what plano fills in for an
+    Anthropic upstream (which requires one), else nothing (0)."""
+    if needs.output_tokens:
+        return needs.output_tokens
+    return model.default_max_tokens if model.interface == "anthropic" else 0
+
+
+def output_reserve(needs: RequestNeeds, model: ModelEntry) -> int:
+    """The output tokens counted against `model`'s window for this request: the ask within the
+    model's known output limit; with no known limit, what the window leaves (see above)."""
+    if model.max_output_tokens:
+        return model.capped(needs.output_tokens)
+    asked, window = _output_asked(needs, model), model.capabilities.context_window
+    floor = min(OUTPUT_RESERVE_FLOOR, max(window // 4, 1), asked or OUTPUT_RESERVE_FLOOR)
+    room = window - needs.input_tokens - needs.input_tokens // 3
+    return max(floor, min(asked, room)) if asked else floor
+
+
+def output_limit(needs: RequestNeeds, model: ModelEntry) -> int | None:
+    """The max_tokens to send `model` instead of the request's own, when plano reserves less than
+    the request asks (a model with no known output limit, see above); None: the request's own."""
+    if model.max_output_tokens:
+        return None  # the translations cap the ask at the known limit
+    asked = _output_asked(needs, model)
+    reserved = output_reserve(needs, model)
+    return reserved if reserved < asked else None
+
+
 def context_tokens(needs: RequestNeeds, model: ModelEntry) -> int:
-    """Input plus the output plano will ask this model for (the request's, within the model's cap)."""
-    return needs.input_tokens + model.capped(needs.output_tokens)
+    """Input plus the output plano will ask this model for (output_reserve)."""
+    return needs.input_tokens + output_reserve(needs, model)
 
 
 def _missing_feature(needs: RequestNeeds, model: ModelEntry) -> str | None:
@@ -5068,7 +5139,8 @@ class Upstreams:
             last = attempt == len(candidates) - 1
             try:
                 call = provider_request(model, exchange.client_format, exchange.body, exchange.request.body,
-                                        exchange.request.headers, exchange.request.query, exchange.session)
+                                        exchange.request.headers, exchange.request.query, exchange.session,
+                                        output_limit(exchange.needs, model) if exchange.needs else None)
                 upstream = await stack.enter_async_context(self._answer(model, call, exchange))
             except UpstreamError as error:
                 self.health.failed(model, error)

@@ -6735,6 +6735,193 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
 
 
+# ── issue 18: real clients (a local model's window, reasoning order for Chat clients) ─────────
+
+# A local model: a custom provider with a window of its own and no output limit anyone knows.
+LOCAL_MODEL = "local/house-coder"
+LOCAL_WINDOW = 16384
+
+
+def local_model(provider: StandInProvider, interface: str = "openai", **fields: Any) -> dict:
+    """LOCAL_MODEL on the stand-in, speaking `interface`, with a 16k window and no output limit."""
+    base = provider.anthropic_base if interface == "anthropic" else provider.openai_base
+    return served_by(base, LOCAL_MODEL, provider_interface=interface, context_window=LOCAL_WINDOW,
+                     access_key=ANTHROPIC_KEY if interface == "anthropic" else OPENAI_KEY, **fields)
+
+
+def local_entry(**fields: Any) -> plano.ModelEntry:
+    return build_config(served_by("http://127.0.0.1:9/v1", LOCAL_MODEL, provider_interface="openai",
+                                  **{"context_window": LOCAL_WINDOW, **fields})).models[0]
+
+
+def test_a_model_with_no_known_output_limit_reserves_what_its_window_leaves_and_caps_the_ask():
+    local = local_entry()
+    assert local.max_output_tokens is None
+    short = plano.RequestNeeds(1200, 128000, False, ())  # Claude Code's ask, a short question
+    assert plano.unfit_reason(short, local) is None
+    sent = plano.output_limit(short, local)
+    assert sent is not None and short.input_tokens + sent <= LOCAL_WINDOW
+    assert sent == plano.output_reserve(short, local) >= plano.OUTPUT_RESERVE_FLOOR
+    assert plano.context_tokens(short, local) == short.input_tokens + sent
+    # Nearly full: the floor still fits beside the input, and that is what the model is asked for.
+    full = plano.RequestNeeds(LOCAL_WINDOW - plano.OUTPUT_RESERVE_FLOOR, 128000, False, ())
+    assert plano.unfit_reason(full, local) is None and plano.output_limit(full, local) == plano.OUTPUT_RESERVE_FLOOR
+    # One token more and the floor does not fit: the model is refused, naming its window.
+    over = plano.RequestNeeds(full.input_tokens + 1, 128000, False, ())
+    assert plano.unfit_reason(over, local) == "context 16k > house-coder's 16k"
+    # An ask that fits is left alone; so is a request that asks nothing of a Chat model.
+    assert plano.output_limit(plano.RequestNeeds(1200, 500, False, ()), local) is None
+    assert plano.output_reserve(plano.RequestNeeds(1200, 500, False, ()), local) == 500
+    assert plano.output_limit(plano.RequestNeeds(1200, 0, False, ()), local) is None
+
+
+def test_a_model_with_a_known_output_limit_counts_its_capped_ask_as_before():
+    capped = local_entry(max_output_tokens=8192)
+    assert plano.context_tokens(plano.RequestNeeds(1200, 128000, False, ()), capped) == 1200 + 8192
+    assert plano.output_limit(plano.RequestNeeds(1200, 128000, False, ()), capped) is None
+    assert plano.unfit_reason(plano.RequestNeeds(9000, 128000, False, ()), capped) == \
+        "context 17k > house-coder's 16k"  # 9000 + 8192: refused as it always was
+    claude = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n", path=CONFIG_PATH,
+                                environ=KEYS).models[0]  # the catalogue's 64k output limit
+    assert plano.context_tokens(plano.RequestNeeds(1000, 128000, False, ()), claude) == 1000 + 64000
+
+
+def test_an_anthropic_local_model_reserves_room_for_the_max_tokens_plano_fills_in():
+    local = build_config(served_by("http://127.0.0.1:9", LOCAL_MODEL, provider_interface="anthropic",
+                                   context_window=LOCAL_WINDOW)).models[0]
+    needs = plano.RequestNeeds(11000, 0, False, ())  # a Chat client that gave no max_tokens
+    sent = plano.output_limit(needs, local)
+    assert sent is not None and sent < local.default_max_tokens and needs.input_tokens + sent <= LOCAL_WINDOW
+
+
+@settings(max_examples=300, deadline=None)
+@given(input_tokens=st.integers(0, 300_000), asked=st.integers(0, 200_000), window=st.integers(1, 300_000))
+def test_what_plano_sends_a_model_of_unknown_output_limit_fits_its_window(input_tokens, asked, window):
+    local = local_entry(context_window=window)
+    needs = plano.RequestNeeds(input_tokens, asked, False, ())
+    sent = plano.output_limit(needs, local)
+    assert sent is None or 0 < sent < asked
+    if plano.unfit_reason(needs, local) is None and asked:
+        assert input_tokens + (sent or asked) <= window
+    floor = min(asked or plano.OUTPUT_RESERVE_FLOOR, plano.OUTPUT_RESERVE_FLOOR, max(window // 4, 1))
+    if input_tokens + floor <= window:
+        assert plano.unfit_reason(needs, local) is None  # refused only when even the floor does not fit
+
+
+def test_max_output_is_written_in_each_formats_own_fields():
+    assert plano.with_max_output({"max_tokens": 128000}, "anthropic", 5000) == {"max_tokens": 5000}
+    assert plano.with_max_output({"max_tokens": 300}, "anthropic", 5000) == {"max_tokens": 300}
+    assert plano.with_max_output({"input": "x"}, "responses", 5000) == {"input": "x", "max_output_tokens": 5000}
+    assert plano.with_max_output({"max_completion_tokens": 9000, "max_tokens": 7000}, "openai", 5000) == \
+        {"max_completion_tokens": 5000, "max_tokens": 5000}
+    assert plano.with_max_output({"messages": []}, "openai", 5000) == {"messages": [], "max_tokens": 5000}
+    assert plano.with_max_output({"max_tokens": "lots"}, "openai", 5000) == {"max_tokens": "lots"}  # a 400 later
+    # Anthropic's thinking budget must stay below max_tokens (and at least 1024), or there is none.
+    thinking = {"max_tokens": 64000, "thinking": {"type": "enabled", "budget_tokens": 31999}}
+    assert plano.with_max_output(thinking, "anthropic", 5000)["thinking"] == {"type": "enabled", "budget_tokens": 4999}
+    assert "thinking" not in plano.with_max_output(thinking, "anthropic", 1000)
+
+
+CLAUDE_CODE_SYSTEM = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332; cc_entrypoint=cli;"},
+                      {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+                      {"type": "text", "text": "You are an interactive CLI tool. " * 40,
+                       "cache_control": {"type": "ephemeral"}}]
+
+
+def local_request(client_format: str, text: str) -> dict:
+    """A request as each client sends it, asking for Claude Code's 128k output tokens."""
+    if client_format == "anthropic":  # Claude Code's shape: three system blocks, tools, thinking, 128k
+        return {"model": CLAUDE_CODE_MODEL, "max_tokens": 128000, "system": CLAUDE_CODE_SYSTEM, "tools": [BASH_TOOL],
+                "thinking": {"type": "adaptive"}, "output_config": {"effort": "medium"},
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "<system-reminder>\nAs you answer, use this context.\n</system-reminder>"},
+                    {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}]}
+    if client_format == "openai":
+        return {"model": "auto", "max_completion_tokens": 128000, "tools": [BASH_FUNCTION], "messages": [
+            {"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": text}]}
+    return {"model": "auto", "max_output_tokens": 128000, "instructions": "You are a coding agent.", "input": text,
+            "tools": [{"type": "function", "name": "Bash", "parameters": BASH_TOOL["input_schema"], "strict": False}]}
+
+
+def ask_local(running: RunningPlano, client_format: str, body: dict, stream: bool) -> tuple[str, str]:
+    """(the answer's text, the model plano says answered) through each format's official SDK."""
+    if client_format == "anthropic":
+        # A timeout of its own: the SDK refuses 128k tokens unstreamed under its default one.
+        client = anthropic_client(running, timeout=120).messages
+        if stream:
+            with client.with_streaming_response.create(**body, stream=True) as raw:
+                return anthropic_stream_text(raw.read().decode()), raw.headers["x-plano-model"]
+        raw = client.with_raw_response.create(**body)
+        return raw.parse().content[-1].text, raw.headers["x-plano-model"]
+    if client_format == "openai":
+        chat = openai_client(running).chat.completions
+        if stream:
+            with chat.with_streaming_response.create(**body, stream=True) as raw:
+                text = "".join(part.choices[0].delta.content or "" for part in raw.parse() if part.choices)
+                return text, raw.headers["x-plano-model"]
+        raw = chat.with_raw_response.create(**body)
+        return raw.parse().choices[0].message.content, raw.headers["x-plano-model"]
+    responses = openai_client(running).responses
+    if stream:
+        with responses.with_streaming_response.create(**body, stream=True) as raw:
+            text = "".join(e.delta for e in raw.parse() if e.type == "response.output_text.delta")
+            return text, raw.headers["x-plano-model"]
+    raw = responses.with_raw_response.create(**body)
+    return raw.parse().output_text, raw.headers["x-plano-model"]
+
+
+def sent_max_tokens(request: Recorded) -> int:
+    body = request.json
+    return body.get("max_tokens") or body.get("max_completion_tokens") or body["max_output_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("interface", ["openai", "anthropic", "responses"])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_short_question_asking_128k_goes_to_the_local_16k_model_with_max_tokens_that_fit(
+        provider, client_format, interface, stream):
+    config = build_config(local_model(provider, interface, default=True),
+                          served_by(provider, "anthropic/big-model", context_window=200000))
+    body = local_request(client_format, "SAY:hello from a small window")
+    with RunningPlano(config) as running:
+        text, answered_by = ask_local(running, client_format, body, stream)
+    assert text.endswith("SAY:hello from a small window") and answered_by == LOCAL_MODEL
+    [sent] = provider.requests  # the local model's endpoint, in its own format
+    assert sent.path == {"openai": "/v1/chat/completions", "anthropic": "/v1/messages",
+                         "responses": "/v1/responses"}[interface]
+    estimate = plano.request_needs(body, client_format).input_tokens
+    assert plano.OUTPUT_RESERVE_FLOOR <= sent_max_tokens(sent) and estimate + sent_max_tokens(sent) <= LOCAL_WINDOW
+
+
+def test_a_local_model_given_its_output_limit_is_asked_for_that_limit(provider):
+    config = build_config(local_model(provider, max_output_tokens=2000, default=True))
+    with RunningPlano(config) as running:
+        ask_local(running, "anthropic", local_request("anthropic", "SAY:capped"), stream=False)
+    assert provider.requests[0].json["max_tokens"] == 2000
+
+
+def test_a_conversation_whose_input_alone_overflows_the_local_window_still_goes_elsewhere(provider):
+    config = build_config(local_model(provider, default=True),
+                          served_by(provider, "anthropic/big-model", context_window=200000))
+    body = local_request("anthropic", LONG_TEXT * 2 + "SAY:held")  # ~18k estimated tokens
+    with RunningPlano(config) as running:
+        text, answered_by = ask_local(running, "anthropic", body, stream=True)
+        reason = latest_decision(running)["reason"]
+    assert text.endswith("SAY:held") and answered_by == "anthropic/big-model"
+    assert re.search(r"context \d+k > house-coder's 16k, so anthropic/big-model", reason), reason
+    assert [r.path for r in provider.requests] == ["/v1/messages"]  # the local model's endpoint saw nothing
+    assert provider.requests[0].json["max_tokens"] == 128000  # the big model's window holds the whole ask
+
+
+def test_a_conversation_too_long_for_the_only_model_is_the_prompt_too_long_400(provider):
+    with RunningPlano(build_config(local_model(provider))) as running, \
+            pytest.raises(anthropic.BadRequestError) as raised:
+        anthropic_client(running, timeout=120).messages.create(**local_request("anthropic", LONG_TEXT * 2))
+    assert re.fullmatch(rf"prompt is too long: \d+ tokens > {LOCAL_WINDOW} maximum",
+                        raised.value.body["error"]["message"])
+    assert provider.requests == []
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
