@@ -2084,6 +2084,11 @@ class StreamTranslator:
 # - Chat Completions clients (no signature field): the id of the first tool call that follows the
 #   reasoning, after _REASONING_MARK, as Gemini's thought signatures ride in `signed_tool_id`.
 #   Reasoning only matters across a tool loop, and every client sends tool-call ids back verbatim.
+#   A Chat message keeps all its text before all its calls, but an answer may be reasoning, then a
+#   message (GPT-5.5's commentary), then the call; OpenAI refuses a reasoning item that is not
+#   followed by the item it produced. So the id also says where in the message's text (how many
+#   characters of `content` came before) each reasoning item and the call itself sat, and the next
+#   request puts the text, reasoning and calls back in the answer's order.
 # - Responses clients of an Anthropic upstream: the reasoning item's `encrypted_content` holds the
 #   Anthropic signature, prefixed with _ANTHROPIC_SIGNATURE, so only a real signature goes back.
 
@@ -2133,22 +2138,41 @@ def reasoning_from_signature(signature: Any) -> dict | None:
     return carried if isinstance(carried, dict) and isinstance(carried.get("encrypted_content"), str) else None
 
 
-def reasoning_tool_id(call_id: str, items: list[dict]) -> str:
-    """A tool-call id for a Chat client that carries the reasoning items before the call."""
+def reasoning_tool_id(call_id: str, items: list[dict], at: int | None = None) -> str:
+    """A tool-call id for a Chat client that carries the reasoning items before the call and, when
+    `at` is given, where the call sat in the answer's text (each item's own place in its "at")."""
     if not items:
         return call_id
-    return call_id + _REASONING_MARK + _b64_json([_reasoning_carried(i) for i in items])
+    carried = [dict(_reasoning_carried(i), **({"at": i["at"]} if "at" in i else {})) for i in items]
+    return call_id + _REASONING_MARK + _b64_json(carried if at is None else {"at": at, "reasoning": carried})
+
+
+def _text_position(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def carried_in_tool_id(tool_id: str) -> tuple[str, list[dict], int | None]:
+    """A tool-call id plano minted → (the provider's call id, the reasoning items it carries, each
+    with its place in the text as "at" when known, the call's own place or None). Ids minted
+    before plano kept places carry a bare list of items."""
+    call_id, mark, encoded = tool_id.partition(_REASONING_MARK)
+    if not mark:
+        return tool_id, [], None
+    carried = _unb64_json(encoded)
+    at = None
+    if isinstance(carried, dict):
+        at, carried = _text_position(carried.get("at")), carried.get("reasoning")
+    if not isinstance(carried, list):
+        return tool_id, [], None
+    items = [dict(_reasoning_carried(i), at=_text_position(i.get("at"))) for i in carried
+             if isinstance(i, dict) and isinstance(i.get("encrypted_content"), str)]
+    return call_id, items, at
 
 
 def split_reasoning_tool_id(tool_id: str) -> tuple[str, list[dict]]:
     """A tool-call id plano minted → (the provider's call id, the reasoning items it carries)."""
-    call_id, mark, encoded = tool_id.partition(_REASONING_MARK)
-    if not mark:
-        return tool_id, []
-    items = _unb64_json(encoded)
-    if not isinstance(items, list):
-        return tool_id, []
-    return call_id, [i for i in items if isinstance(i, dict) and isinstance(i.get("encrypted_content"), str)]
+    call_id, items, _ = carried_in_tool_id(tool_id)
+    return call_id, [_reasoning_carried(i) for i in items]
 
 
 def _reasoning_input_item(carried: dict, summary: str) -> dict:
@@ -2277,13 +2301,19 @@ def _anthropic_message_to_responses(message: Any, where: str) -> list[dict]:
 
 def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
     items: list[dict] = []
-    texts: list[str] = []
+    pending = ""  # text not yet sent as a message item
+    sent = 0  # characters of the turn's text already sent: where the places in tool-call ids count from
     sent_reasoning: set[str] = set()
+    calls = _tool_calls_in_place(content)
 
-    def flush_text() -> None:
-        if texts:
-            items.append(_input_text("".join(texts), "assistant"))
-            texts.clear()
+    def flush_text(before: int | None = None) -> None:
+        """Send the pending text as a message item, or only the part of it that comes before the
+        place `before` in the turn's text."""
+        nonlocal pending, sent
+        cut = len(pending) if before is None else max(0, min(before - sent, len(pending)))
+        if cut:
+            items.append(_input_text(pending[:cut], "assistant"))
+            pending, sent = pending[cut:], sent + cut
 
     for i, block in enumerate(content):
         at = f"{where}.content[{i}]"
@@ -2291,7 +2321,7 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
         kind = block.get("type")
         if kind == "text":
             _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
-            texts.append(block["text"])
+            pending += block["text"]
         elif kind == "thinking":
             carried = reasoning_from_signature(block.get("signature"))
             if carried is not None:  # another provider's signature means nothing to OpenAI
@@ -2301,12 +2331,13 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
         elif kind == "tool_use":
             _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
                      f"{at}: tool_use needs string `id` and `name`")
-            flush_text()
-            call_id, reasoning = split_reasoning_tool_id(split_signed_tool_id(block["id"])[0])
+            call_id, reasoning, place = calls[i]
             for carried in reasoning:
                 if carried["encrypted_content"] not in sent_reasoning:
+                    flush_text(place if carried["at"] is None else carried["at"])
                     items.append(_reasoning_input_item(carried, ""))
                     sent_reasoning.add(carried["encrypted_content"])
+            flush_text(place)
             items.append({"type": "function_call", "call_id": call_id, "name": block["name"],
                           "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)})
         elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
@@ -2315,6 +2346,24 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
             raise RequestError(f"{at}.type: unsupported content block type {kind!r} in an assistant message")
     flush_text()
     return items
+
+
+def _tool_calls_in_place(content: list) -> dict[int, tuple[str, list[dict], int | None]]:
+    """For each tool_use block of an assistant turn (by index): the provider's call id, the
+    reasoning its id carries, and the place in the turn's text the call goes before: its own
+    (a Chat answer's id says it); for a call whose id does not, the first place a later call's
+    reasoning or call needs, so the text that reasoning produced stays after it; else None,
+    after all the text before it."""
+    calls: dict[int, tuple[str, list[dict], int | None]] = {}
+    later: int | None = None
+    for i in reversed(range(len(content))):
+        block = content[i]
+        if isinstance(block, dict) and block.get("type") == "tool_use" and isinstance(block.get("id"), str):
+            call_id, reasoning, place = carried_in_tool_id(split_signed_tool_id(block["id"])[0])
+            calls[i] = (call_id, reasoning, later if place is None else place)
+            places = [r["at"] for r in reasoning] + [place, later]
+            later = min((p for p in places if p is not None), default=None)
+    return calls
 
 
 def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
@@ -2380,6 +2429,7 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
         raise responses_error(response.get("error"), requested_model)
     content: list[dict] = []
     waiting: list[dict] = []  # reasoning items for the next tool call's id
+    text_length = 0  # of the text so far: the Chat message's `content` (places in tool-call ids)
     refused = False
     for item in response.get("output") or []:
         if not isinstance(item, dict):
@@ -2394,7 +2444,7 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
                 if summary:
                     content.append({"type": "thinking", "thinking": summary, "signature": ""})
                 if item.get("encrypted_content"):
-                    waiting.append(item)
+                    waiting.append(dict(item, at=text_length))
         elif kind == "message":
             for part in item.get("content") or []:
                 if isinstance(part, dict) and part.get("type") in ("output_text", "refusal"):
@@ -2402,9 +2452,10 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
                     text = part.get("text") if part["type"] == "output_text" else part.get("refusal")
                     if isinstance(text, str) and text:
                         content.append({"type": "text", "text": text})
+                        text_length += len(text)
         elif kind == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            content.append({"type": "tool_use", "id": reasoning_tool_id(call_id, waiting),
+            content.append({"type": "tool_use", "id": reasoning_tool_id(call_id, waiting, text_length),
                             "name": item.get("name") or "", "input": _json_arguments(item.get("arguments"))})
             waiting = []
     stop = "refusal" if refused else _responses_stop_reason(response, any(b["type"] == "tool_use" for b in content))
@@ -2434,6 +2485,7 @@ class ResponsesToAnthropicStream:
         self.model = model
         self.reasoning_in = reasoning_in
         self.waiting: list[dict] = []
+        self.text_length = 0  # of the text so far: the Chat message's `content` (places in tool-call ids)
         self.summary_index: int | None = None
         self.arguments_seen = False
         self.refused = False
@@ -2454,8 +2506,9 @@ class ResponsesToAnthropicStream:
         item = data.get("item") if isinstance(data.get("item"), dict) else {}
         if kind == "response.output_item.added" and item.get("type") == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            events += a._open("tool", {"type": "tool_use", "id": reasoning_tool_id(call_id, self.waiting),
-                                       "name": item.get("name") or "", "input": {}}, force=True)
+            events += a._open("tool", {"type": "tool_use", "name": item.get("name") or "", "input": {},
+                                       "id": reasoning_tool_id(call_id, self.waiting, self.text_length)},
+                              force=True)
             self.waiting, self.arguments_seen = [], False
             a.saw_tool_use = True
         elif kind == "response.output_item.added" and item.get("type") == "reasoning":
@@ -2471,6 +2524,7 @@ class ResponsesToAnthropicStream:
             self.refused = self.refused or kind == "response.refusal.delta"
             events += a._open("text", {"type": "text", "text": ""})
             events.append(a._delta({"type": "text_delta", "text": data["delta"]}))
+            self.text_length += len(data["delta"])
         elif kind == "response.function_call_arguments.delta" and a.block == "tool":
             if isinstance(data.get("delta"), str) and data["delta"]:
                 self.arguments_seen = True
@@ -2498,7 +2552,7 @@ class ResponsesToAnthropicStream:
                 events += self._thinking()
                 events.append(a._delta({"type": "signature_delta", "signature": reasoning_signature(item)}))
         elif item.get("encrypted_content"):
-            self.waiting.append(item)
+            self.waiting.append(dict(item, at=self.text_length))
         return events + a._close()
 
     def _finish(self, response: dict) -> list[tuple[str, dict]]:
