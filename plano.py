@@ -2084,6 +2084,11 @@ class StreamTranslator:
 # - Chat Completions clients (no signature field): the id of the first tool call that follows the
 #   reasoning, after _REASONING_MARK, as Gemini's thought signatures ride in `signed_tool_id`.
 #   Reasoning only matters across a tool loop, and every client sends tool-call ids back verbatim.
+#   A Chat message keeps all its text before all its calls, but an answer may be reasoning, then a
+#   message (GPT-5.5's commentary), then the call; OpenAI refuses a reasoning item that is not
+#   followed by the item it produced. So the id also says where in the message's text (how many
+#   characters of `content` came before) each reasoning item and the call itself sat, and the next
+#   request puts the text, reasoning and calls back in the answer's order.
 # - Responses clients of an Anthropic upstream: the reasoning item's `encrypted_content` holds the
 #   Anthropic signature, prefixed with _ANTHROPIC_SIGNATURE, so only a real signature goes back.
 
@@ -2133,22 +2138,41 @@ def reasoning_from_signature(signature: Any) -> dict | None:
     return carried if isinstance(carried, dict) and isinstance(carried.get("encrypted_content"), str) else None
 
 
-def reasoning_tool_id(call_id: str, items: list[dict]) -> str:
-    """A tool-call id for a Chat client that carries the reasoning items before the call."""
+def reasoning_tool_id(call_id: str, items: list[dict], at: int | None = None) -> str:
+    """A tool-call id for a Chat client that carries the reasoning items before the call and, when
+    `at` is given, where the call sat in the answer's text (each item's own place in its "at")."""
     if not items:
         return call_id
-    return call_id + _REASONING_MARK + _b64_json([_reasoning_carried(i) for i in items])
+    carried = [dict(_reasoning_carried(i), **({"at": i["at"]} if "at" in i else {})) for i in items]
+    return call_id + _REASONING_MARK + _b64_json(carried if at is None else {"at": at, "reasoning": carried})
+
+
+def _text_position(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def carried_in_tool_id(tool_id: str) -> tuple[str, list[dict], int | None]:
+    """A tool-call id plano minted → (the provider's call id, the reasoning items it carries, each
+    with its place in the text as "at" when known, the call's own place or None). Ids minted
+    before plano kept places carry a bare list of items."""
+    call_id, mark, encoded = tool_id.partition(_REASONING_MARK)
+    if not mark:
+        return tool_id, [], None
+    carried = _unb64_json(encoded)
+    at = None
+    if isinstance(carried, dict):
+        at, carried = _text_position(carried.get("at")), carried.get("reasoning")
+    if not isinstance(carried, list):
+        return tool_id, [], None
+    items = [dict(_reasoning_carried(i), at=_text_position(i.get("at"))) for i in carried
+             if isinstance(i, dict) and isinstance(i.get("encrypted_content"), str)]
+    return call_id, items, at
 
 
 def split_reasoning_tool_id(tool_id: str) -> tuple[str, list[dict]]:
     """A tool-call id plano minted → (the provider's call id, the reasoning items it carries)."""
-    call_id, mark, encoded = tool_id.partition(_REASONING_MARK)
-    if not mark:
-        return tool_id, []
-    items = _unb64_json(encoded)
-    if not isinstance(items, list):
-        return tool_id, []
-    return call_id, [i for i in items if isinstance(i, dict) and isinstance(i.get("encrypted_content"), str)]
+    call_id, items, _ = carried_in_tool_id(tool_id)
+    return call_id, [_reasoning_carried(i) for i in items]
 
 
 def _reasoning_input_item(carried: dict, summary: str) -> dict:
@@ -2277,13 +2301,19 @@ def _anthropic_message_to_responses(message: Any, where: str) -> list[dict]:
 
 def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
     items: list[dict] = []
-    texts: list[str] = []
+    pending = ""  # text not yet sent as a message item
+    sent = 0  # characters of the turn's text already sent: where the places in tool-call ids count from
     sent_reasoning: set[str] = set()
+    calls = _tool_calls_in_place(content)
 
-    def flush_text() -> None:
-        if texts:
-            items.append(_input_text("".join(texts), "assistant"))
-            texts.clear()
+    def flush_text(before: int | None = None) -> None:
+        """Send the pending text as a message item, or only the part of it that comes before the
+        place `before` in the turn's text."""
+        nonlocal pending, sent
+        cut = len(pending) if before is None else max(0, min(before - sent, len(pending)))
+        if cut:
+            items.append(_input_text(pending[:cut], "assistant"))
+            pending, sent = pending[cut:], sent + cut
 
     for i, block in enumerate(content):
         at = f"{where}.content[{i}]"
@@ -2291,7 +2321,7 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
         kind = block.get("type")
         if kind == "text":
             _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
-            texts.append(block["text"])
+            pending += block["text"]
         elif kind == "thinking":
             carried = reasoning_from_signature(block.get("signature"))
             if carried is not None:  # another provider's signature means nothing to OpenAI
@@ -2301,12 +2331,13 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
         elif kind == "tool_use":
             _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
                      f"{at}: tool_use needs string `id` and `name`")
-            flush_text()
-            call_id, reasoning = split_reasoning_tool_id(split_signed_tool_id(block["id"])[0])
+            call_id, reasoning, place = calls[i]
             for carried in reasoning:
                 if carried["encrypted_content"] not in sent_reasoning:
+                    flush_text(place if carried["at"] is None else carried["at"])
                     items.append(_reasoning_input_item(carried, ""))
                     sent_reasoning.add(carried["encrypted_content"])
+            flush_text(place)
             items.append({"type": "function_call", "call_id": call_id, "name": block["name"],
                           "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)})
         elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
@@ -2315,6 +2346,24 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
             raise RequestError(f"{at}.type: unsupported content block type {kind!r} in an assistant message")
     flush_text()
     return items
+
+
+def _tool_calls_in_place(content: list) -> dict[int, tuple[str, list[dict], int | None]]:
+    """For each tool_use block of an assistant turn (by index): the provider's call id, the
+    reasoning its id carries, and the place in the turn's text the call goes before: its own
+    (a Chat answer's id says it); for a call whose id does not, the first place a later call's
+    reasoning or call needs, so the text that reasoning produced stays after it; else None,
+    after all the text before it."""
+    calls: dict[int, tuple[str, list[dict], int | None]] = {}
+    later: int | None = None
+    for i in reversed(range(len(content))):
+        block = content[i]
+        if isinstance(block, dict) and block.get("type") == "tool_use" and isinstance(block.get("id"), str):
+            call_id, reasoning, place = carried_in_tool_id(split_signed_tool_id(block["id"])[0])
+            calls[i] = (call_id, reasoning, later if place is None else place)
+            places = [r["at"] for r in reasoning] + [place, later]
+            later = min((p for p in places if p is not None), default=None)
+    return calls
 
 
 def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
@@ -2380,6 +2429,7 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
         raise responses_error(response.get("error"), requested_model)
     content: list[dict] = []
     waiting: list[dict] = []  # reasoning items for the next tool call's id
+    text_length = 0  # of the text so far: the Chat message's `content` (places in tool-call ids)
     refused = False
     for item in response.get("output") or []:
         if not isinstance(item, dict):
@@ -2394,7 +2444,7 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
                 if summary:
                     content.append({"type": "thinking", "thinking": summary, "signature": ""})
                 if item.get("encrypted_content"):
-                    waiting.append(item)
+                    waiting.append(dict(item, at=text_length))
         elif kind == "message":
             for part in item.get("content") or []:
                 if isinstance(part, dict) and part.get("type") in ("output_text", "refusal"):
@@ -2402,9 +2452,10 @@ def responses_response_to_anthropic(response: dict, requested_model: str, reason
                     text = part.get("text") if part["type"] == "output_text" else part.get("refusal")
                     if isinstance(text, str) and text:
                         content.append({"type": "text", "text": text})
+                        text_length += len(text)
         elif kind == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            content.append({"type": "tool_use", "id": reasoning_tool_id(call_id, waiting),
+            content.append({"type": "tool_use", "id": reasoning_tool_id(call_id, waiting, text_length),
                             "name": item.get("name") or "", "input": _json_arguments(item.get("arguments"))})
             waiting = []
     stop = "refusal" if refused else _responses_stop_reason(response, any(b["type"] == "tool_use" for b in content))
@@ -2434,6 +2485,7 @@ class ResponsesToAnthropicStream:
         self.model = model
         self.reasoning_in = reasoning_in
         self.waiting: list[dict] = []
+        self.text_length = 0  # of the text so far: the Chat message's `content` (places in tool-call ids)
         self.summary_index: int | None = None
         self.arguments_seen = False
         self.refused = False
@@ -2454,8 +2506,9 @@ class ResponsesToAnthropicStream:
         item = data.get("item") if isinstance(data.get("item"), dict) else {}
         if kind == "response.output_item.added" and item.get("type") == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            events += a._open("tool", {"type": "tool_use", "id": reasoning_tool_id(call_id, self.waiting),
-                                       "name": item.get("name") or "", "input": {}}, force=True)
+            events += a._open("tool", {"type": "tool_use", "name": item.get("name") or "", "input": {},
+                                       "id": reasoning_tool_id(call_id, self.waiting, self.text_length)},
+                              force=True)
             self.waiting, self.arguments_seen = [], False
             a.saw_tool_use = True
         elif kind == "response.output_item.added" and item.get("type") == "reasoning":
@@ -2471,6 +2524,7 @@ class ResponsesToAnthropicStream:
             self.refused = self.refused or kind == "response.refusal.delta"
             events += a._open("text", {"type": "text", "text": ""})
             events.append(a._delta({"type": "text_delta", "text": data["delta"]}))
+            self.text_length += len(data["delta"])
         elif kind == "response.function_call_arguments.delta" and a.block == "tool":
             if isinstance(data.get("delta"), str) and data["delta"]:
                 self.arguments_seen = True
@@ -2498,7 +2552,7 @@ class ResponsesToAnthropicStream:
                 events += self._thinking()
                 events.append(a._delta({"type": "signature_delta", "signature": reasoning_signature(item)}))
         elif item.get("encrypted_content"):
-            self.waiting.append(item)
+            self.waiting.append(dict(item, at=self.text_length))
         return events + a._close()
 
     def _finish(self, response: dict) -> list[tuple[str, dict]]:
@@ -2961,13 +3015,17 @@ class ProviderRequest:
 
 def provider_request(model: ModelEntry, client_format: str, body: dict, raw: bytes,
                      client_headers: Mapping[str, str], query: Mapping[str, str],
-                     session: str = "") -> ProviderRequest:
+                     session: str = "", max_output: int | None = None) -> ProviderRequest:
     """What to send `model`'s provider for a client request in `client_format` (its parsed `body`
     and its own bytes `raw`): the same format is forwarded byte for byte but for the model,
-    another is translated."""
+    another is translated. `max_output` lowers the output the request asks for (the room a
+    model's window leaves, when its output limit is unknown)."""
     if model.access_key is None and model.spec.auth != "none" and model.key_env:
         raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                f"(export it or put it in .env beside the config)")
+    if max_output is not None:
+        body = with_max_output(body, client_format, max_output)
+        raw = _json_bytes(body)
     headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
     headers.update(provider_auth_headers(model))
     if model.interface == "anthropic":
@@ -3000,6 +3058,30 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
         else:
             content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
     return ProviderRequest(url, headers, content, _upstream_timeout(model))
+
+
+def with_max_output(body: dict, client_format: str, limit: int) -> dict:
+    """`body` asking for at most `limit` output tokens, in the field(s) its format names them
+    (a Chat request may give both of its own; one that gives none gets `max_tokens`). A value
+    that is not a number is left for the translation to refuse."""
+    fields = {"anthropic": ["max_tokens"], "responses": ["max_output_tokens"]}.get(client_format) \
+        or [f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None] or ["max_tokens"]
+    out = dict(body)
+    for name in fields:
+        given = body.get(name)
+        if given is None:
+            out[name] = limit
+        elif isinstance(given, int) and not isinstance(given, bool):
+            out[name] = min(given, limit)
+    thinking = out.get("thinking")
+    if client_format == "anthropic" and isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) \
+            and isinstance(out["max_tokens"], int) and thinking["budget_tokens"] >= out["max_tokens"]:
+        # Anthropic's rule: 1024 <= budget_tokens < max_tokens. Too little room to think is no thinking.
+        if out["max_tokens"] > 1024:
+            out["thinking"] = dict(thinking, budget_tokens=out["max_tokens"] - 1)
+        else:
+            del out["thinking"]
+    return out
 
 
 def _with_cache_key(translated: dict, model: ModelEntry, session: str) -> dict:
@@ -4777,9 +4859,52 @@ def _thousands(tokens: int) -> str:
     return f"{round(tokens / 1000)}k"
 
 
+# A model whose output limit nobody knows (not the config, plano's table nor the catalogue) is
+# mostly a local server (ollama, llama.cpp, vLLM) with a window of its own, often 8k–32k. Claude
+# Code asks every model for 32k–128k output tokens, far more than such a window holds beside any
+# input, and nearly all answers are a small part of that: counting the whole ask would skip the
+# model for every Claude Code request. For such a model plano reserves for the output what the
+# window leaves after the input, at most the ask, and sends that as max_tokens; the input is the
+# estimate (4 characters a token), and code and JSON, most of an agent's context, run nearer 3, so a
+# third of the input is left aside as slack before the room is counted. The model is refused only
+# when even the floor below does not fit beside the input: an answer cut off shorter than that
+# would be of little use, and a model with room for it is better (or Claude Code compacts on the
+# "prompt is too long" that nothing fitting gets).
+OUTPUT_RESERVE_FLOOR = 4096  # tokens, or a quarter of a smaller model's window (at most the ask)
+
+
+def _output_asked(needs: RequestNeeds, model: ModelEntry) -> int:
+    """What the request will ask `model` for: its own max_tokens, else what plano fills in for an
+    Anthropic upstream (which requires one), else nothing (0)."""
+    if needs.output_tokens:
+        return needs.output_tokens
+    return model.default_max_tokens if model.interface == "anthropic" else 0
+
+
+def output_reserve(needs: RequestNeeds, model: ModelEntry) -> int:
+    """The output tokens counted against `model`'s window for this request: the ask within the
+    model's known output limit; with no known limit, what the window leaves (see above)."""
+    if model.max_output_tokens:
+        return model.capped(needs.output_tokens)
+    asked, window = _output_asked(needs, model), model.capabilities.context_window
+    floor = min(OUTPUT_RESERVE_FLOOR, max(window // 4, 1), asked or OUTPUT_RESERVE_FLOOR)
+    room = window - needs.input_tokens - needs.input_tokens // 3
+    return max(floor, min(asked, room)) if asked else floor
+
+
+def output_limit(needs: RequestNeeds, model: ModelEntry) -> int | None:
+    """The max_tokens to send `model` instead of the request's own, when plano reserves less than
+    the request asks (a model with no known output limit, see above); None: the request's own."""
+    if model.max_output_tokens:
+        return None  # the translations cap the ask at the known limit
+    asked = _output_asked(needs, model)
+    reserved = output_reserve(needs, model)
+    return reserved if reserved < asked else None
+
+
 def context_tokens(needs: RequestNeeds, model: ModelEntry) -> int:
-    """Input plus the output plano will ask this model for (the request's, within the model's cap)."""
-    return needs.input_tokens + model.capped(needs.output_tokens)
+    """Input plus the output plano will ask this model for (output_reserve)."""
+    return needs.input_tokens + output_reserve(needs, model)
 
 
 def _missing_feature(needs: RequestNeeds, model: ModelEntry) -> str | None:
@@ -5068,7 +5193,8 @@ class Upstreams:
             last = attempt == len(candidates) - 1
             try:
                 call = provider_request(model, exchange.client_format, exchange.body, exchange.request.body,
-                                        exchange.request.headers, exchange.request.query, exchange.session)
+                                        exchange.request.headers, exchange.request.query, exchange.session,
+                                        output_limit(exchange.needs, model) if exchange.needs else None)
                 upstream = await stack.enter_async_context(self._answer(model, call, exchange))
             except UpstreamError as error:
                 self.health.failed(model, error)

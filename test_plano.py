@@ -301,6 +301,7 @@ class AnthropicStandIn:
 # sent back without the reasoning item that came before it, as OpenAI does for reasoning models.
 RESPONSES_REASONING_ID = "rs_0775572d10a16b66006a8d8528e8a887"
 RESPONSES_ENCRYPTED = "gAAAAABpPDIUph8czEXzDePCV2lJ27wm7TsbCvazrvHSn0yWitN7RGWq8sjrPtfEYNkSVR8GZzB59nmPMV9haW4H=="
+COMMENTARY_TEXT = "I'll run that and read what it prints: é€."
 RESPONSES_MISSING_REASONING = ("Item 'fc_0775572d10a16b66' of type 'function_call' was provided without its required "
                                f"'reasoning' item: '{RESPONSES_REASONING_ID}'.")
 
@@ -320,14 +321,33 @@ def responses_as_messages(items: Any) -> list[dict]:
     return messages
 
 
+# A reasoning item must also be followed by the item it produced, as OpenAI checks: the reasoning
+# before GPT-5.5's commentary produced that message, not the call after it.
+RESPONSES_ENCRYPTED_COMMENTARY = "gAAAAABpPDIVkzT0Y29tbWVudGFyeS1waGFzZS1wcm9kdWNlZC1hLW1lc3NhZ2U5bWVyMkQ=="
+RESPONSES_PRODUCED = {RESPONSES_ENCRYPTED: "function_call", RESPONSES_ENCRYPTED_COMMENTARY: "message"}
+
+
+def _assistant_side(item: dict) -> bool:
+    return item.get("type") == "function_call" or (item.get("type", "message") == "message"
+                                                   and item.get("role") == "assistant")
+
+
 def responses_reasoning_problem(items: Any) -> str | None:
     if isinstance(items, str):
         return None
     for i, item in enumerate(items):
+        if item.get("type") == "reasoning" and item.get("encrypted_content") in RESPONSES_PRODUCED:
+            following = items[i + 1] if i + 1 < len(items) else None
+            if following is None or not _assistant_side(following) \
+                    or following.get("type", "message") != RESPONSES_PRODUCED[item["encrypted_content"]]:
+                return f"Item '{item.get('id')}' of type 'reasoning' was provided without its required following item."
         if item.get("type") == "function_call" and item.get("call_id") == "call_abc123":
-            before = items[i - 1] if i else {}
+            j = i - 1  # the call's reasoning: the reasoning item this turn's answer began with
+            while j >= 0 and _assistant_side(items[j]):
+                j -= 1
+            before = items[j] if j >= 0 else {}
             if before.get("type") != "reasoning" or before.get("id") != RESPONSES_REASONING_ID \
-                    or before.get("encrypted_content") != RESPONSES_ENCRYPTED:
+                    or before.get("encrypted_content") not in RESPONSES_PRODUCED:
                 return RESPONSES_MISSING_REASONING
     return None
 
@@ -354,12 +374,18 @@ class ResponsesStandIn:
         usage = {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 30}, "output_tokens": 7,
                  "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 47}
         output: list[dict] = []
+        # "COMMENTARY" with a tool call: GPT-5.5's shape, reasoning → a commentary message → the call
+        commentary = "tool" in behaviour and "COMMENTARY" in last_user_text(messages)
         if "reasoning" in behaviour or "tool" in behaviour:
             reasoning: dict[str, Any] = {"id": RESPONSES_REASONING_ID, "type": "reasoning", "summary": (
                 [{"type": "summary_text", "text": behaviour["reasoning"]}] if "reasoning" in behaviour else [])}
             if encrypted:
-                reasoning["encrypted_content"] = RESPONSES_ENCRYPTED
+                reasoning["encrypted_content"] = RESPONSES_ENCRYPTED_COMMENTARY if commentary else RESPONSES_ENCRYPTED
             output.append(reasoning)
+        if commentary:
+            output.append({"id": "msg_0775572d10a16b66c0", "type": "message", "status": "completed",
+                           "role": "assistant", "phase": "commentary", "content": [
+                               {"type": "output_text", "annotations": [], "logprobs": [], "text": COMMENTARY_TEXT}]})
         if "text" in behaviour:
             output.append({"id": "msg_0775572d10a16b66006a8d85", "type": "message", "status": "completed",
                            "role": "assistant", "content": [{"type": "output_text", "annotations": [], "logprobs": [],
@@ -6733,6 +6759,450 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
         backend.release.set()
         running.stop()
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
+
+
+# ── issue 18: real clients (a local model's window, reasoning order for Chat clients) ─────────
+
+# A local model: a custom provider with a window of its own and no output limit anyone knows.
+LOCAL_MODEL = "local/house-coder"
+LOCAL_WINDOW = 16384
+
+
+def local_model(provider: StandInProvider, interface: str = "openai", **fields: Any) -> dict:
+    """LOCAL_MODEL on the stand-in, speaking `interface`, with a 16k window and no output limit."""
+    base = provider.anthropic_base if interface == "anthropic" else provider.openai_base
+    return served_by(base, LOCAL_MODEL, provider_interface=interface, context_window=LOCAL_WINDOW,
+                     access_key=ANTHROPIC_KEY if interface == "anthropic" else OPENAI_KEY, **fields)
+
+
+def local_entry(**fields: Any) -> plano.ModelEntry:
+    return build_config(served_by("http://127.0.0.1:9/v1", LOCAL_MODEL, provider_interface="openai",
+                                  **{"context_window": LOCAL_WINDOW, **fields})).models[0]
+
+
+def test_a_model_with_no_known_output_limit_reserves_what_its_window_leaves_and_caps_the_ask():
+    local = local_entry()
+    assert local.max_output_tokens is None
+    short = plano.RequestNeeds(1200, 128000, False, ())  # Claude Code's ask, a short question
+    assert plano.unfit_reason(short, local) is None
+    sent = plano.output_limit(short, local)
+    assert sent is not None and short.input_tokens + sent <= LOCAL_WINDOW
+    assert sent == plano.output_reserve(short, local) >= plano.OUTPUT_RESERVE_FLOOR
+    assert plano.context_tokens(short, local) == short.input_tokens + sent
+    # Nearly full: the floor still fits beside the input, and that is what the model is asked for.
+    full = plano.RequestNeeds(LOCAL_WINDOW - plano.OUTPUT_RESERVE_FLOOR, 128000, False, ())
+    assert plano.unfit_reason(full, local) is None and plano.output_limit(full, local) == plano.OUTPUT_RESERVE_FLOOR
+    # One token more and the floor does not fit: the model is refused, naming its window.
+    over = plano.RequestNeeds(full.input_tokens + 1, 128000, False, ())
+    assert plano.unfit_reason(over, local) == "context 16k > house-coder's 16k"
+    # An ask that fits is left alone; so is a request that asks nothing of a Chat model.
+    assert plano.output_limit(plano.RequestNeeds(1200, 500, False, ()), local) is None
+    assert plano.output_reserve(plano.RequestNeeds(1200, 500, False, ()), local) == 500
+    assert plano.output_limit(plano.RequestNeeds(1200, 0, False, ()), local) is None
+
+
+def test_a_model_with_a_known_output_limit_counts_its_capped_ask_as_before():
+    capped = local_entry(max_output_tokens=8192)
+    assert plano.context_tokens(plano.RequestNeeds(1200, 128000, False, ()), capped) == 1200 + 8192
+    assert plano.output_limit(plano.RequestNeeds(1200, 128000, False, ()), capped) is None
+    assert plano.unfit_reason(plano.RequestNeeds(9000, 128000, False, ()), capped) == \
+        "context 17k > house-coder's 16k"  # 9000 + 8192: refused as it always was
+    claude = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n", path=CONFIG_PATH,
+                                environ=KEYS).models[0]  # the catalogue's 64k output limit
+    assert plano.context_tokens(plano.RequestNeeds(1000, 128000, False, ()), claude) == 1000 + 64000
+
+
+def test_an_anthropic_local_model_reserves_room_for_the_max_tokens_plano_fills_in():
+    local = build_config(served_by("http://127.0.0.1:9", LOCAL_MODEL, provider_interface="anthropic",
+                                   context_window=LOCAL_WINDOW)).models[0]
+    needs = plano.RequestNeeds(11000, 0, False, ())  # a Chat client that gave no max_tokens
+    sent = plano.output_limit(needs, local)
+    assert sent is not None and sent < local.default_max_tokens and needs.input_tokens + sent <= LOCAL_WINDOW
+
+
+@settings(max_examples=300, deadline=None)
+@given(input_tokens=st.integers(0, 300_000), asked=st.integers(0, 200_000), window=st.integers(1, 300_000))
+def test_what_plano_sends_a_model_of_unknown_output_limit_fits_its_window(input_tokens, asked, window):
+    local = local_entry(context_window=window)
+    needs = plano.RequestNeeds(input_tokens, asked, False, ())
+    sent = plano.output_limit(needs, local)
+    assert sent is None or 0 < sent < asked
+    if plano.unfit_reason(needs, local) is None and asked:
+        assert input_tokens + (sent or asked) <= window
+    floor = min(asked or plano.OUTPUT_RESERVE_FLOOR, plano.OUTPUT_RESERVE_FLOOR, max(window // 4, 1))
+    if input_tokens + floor <= window:
+        assert plano.unfit_reason(needs, local) is None  # refused only when even the floor does not fit
+
+
+def test_max_output_is_written_in_each_formats_own_fields():
+    assert plano.with_max_output({"max_tokens": 128000}, "anthropic", 5000) == {"max_tokens": 5000}
+    assert plano.with_max_output({"max_tokens": 300}, "anthropic", 5000) == {"max_tokens": 300}
+    assert plano.with_max_output({"input": "x"}, "responses", 5000) == {"input": "x", "max_output_tokens": 5000}
+    assert plano.with_max_output({"max_completion_tokens": 9000, "max_tokens": 7000}, "openai", 5000) == \
+        {"max_completion_tokens": 5000, "max_tokens": 5000}
+    assert plano.with_max_output({"messages": []}, "openai", 5000) == {"messages": [], "max_tokens": 5000}
+    assert plano.with_max_output({"max_tokens": "lots"}, "openai", 5000) == {"max_tokens": "lots"}  # a 400 later
+    # Anthropic's thinking budget must stay below max_tokens (and at least 1024), or there is none.
+    thinking = {"max_tokens": 64000, "thinking": {"type": "enabled", "budget_tokens": 31999}}
+    assert plano.with_max_output(thinking, "anthropic", 5000)["thinking"] == {"type": "enabled", "budget_tokens": 4999}
+    assert "thinking" not in plano.with_max_output(thinking, "anthropic", 1000)
+
+
+CLAUDE_CODE_SYSTEM = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332; cc_entrypoint=cli;"},
+                      {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+                      {"type": "text", "text": "You are an interactive CLI tool. " * 40,
+                       "cache_control": {"type": "ephemeral"}}]
+
+
+def local_request(client_format: str, text: str) -> dict:
+    """A request as each client sends it, asking for Claude Code's 128k output tokens."""
+    if client_format == "anthropic":  # Claude Code's shape: three system blocks, tools, thinking, 128k
+        return {"model": CLAUDE_CODE_MODEL, "max_tokens": 128000, "system": CLAUDE_CODE_SYSTEM, "tools": [BASH_TOOL],
+                "thinking": {"type": "adaptive"}, "output_config": {"effort": "medium"},
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "<system-reminder>\nAs you answer, use this context.\n</system-reminder>"},
+                    {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}]}
+    if client_format == "openai":
+        return {"model": "auto", "max_completion_tokens": 128000, "tools": [BASH_FUNCTION], "messages": [
+            {"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": text}]}
+    return {"model": "auto", "max_output_tokens": 128000, "instructions": "You are a coding agent.", "input": text,
+            "tools": [{"type": "function", "name": "Bash", "parameters": BASH_TOOL["input_schema"], "strict": False}]}
+
+
+def ask_local(running: RunningPlano, client_format: str, body: dict, stream: bool) -> tuple[str, str]:
+    """(the answer's text, the model plano says answered) through each format's official SDK."""
+    if client_format == "anthropic":
+        # A timeout of its own: the SDK refuses 128k tokens unstreamed under its default one.
+        client = anthropic_client(running, timeout=120).messages
+        if stream:
+            with client.with_streaming_response.create(**body, stream=True) as raw:
+                return anthropic_stream_text(raw.read().decode()), raw.headers["x-plano-model"]
+        raw = client.with_raw_response.create(**body)
+        return raw.parse().content[-1].text, raw.headers["x-plano-model"]
+    if client_format == "openai":
+        chat = openai_client(running).chat.completions
+        if stream:
+            with chat.with_streaming_response.create(**body, stream=True) as raw:
+                text = "".join(part.choices[0].delta.content or "" for part in raw.parse() if part.choices)
+                return text, raw.headers["x-plano-model"]
+        raw = chat.with_raw_response.create(**body)
+        return raw.parse().choices[0].message.content, raw.headers["x-plano-model"]
+    responses = openai_client(running).responses
+    if stream:
+        with responses.with_streaming_response.create(**body, stream=True) as raw:
+            text = "".join(e.delta for e in raw.parse() if e.type == "response.output_text.delta")
+            return text, raw.headers["x-plano-model"]
+    raw = responses.with_raw_response.create(**body)
+    return raw.parse().output_text, raw.headers["x-plano-model"]
+
+
+def sent_max_tokens(request: Recorded) -> int:
+    body = request.json
+    return body.get("max_tokens") or body.get("max_completion_tokens") or body["max_output_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("interface", ["openai", "anthropic", "responses"])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_short_question_asking_128k_goes_to_the_local_16k_model_with_max_tokens_that_fit(
+        provider, client_format, interface, stream):
+    config = build_config(local_model(provider, interface, default=True),
+                          served_by(provider, "anthropic/big-model", context_window=200000))
+    body = local_request(client_format, "SAY:hello from a small window")
+    with RunningPlano(config) as running:
+        text, answered_by = ask_local(running, client_format, body, stream)
+    assert text.endswith("SAY:hello from a small window") and answered_by == LOCAL_MODEL
+    [sent] = provider.requests  # the local model's endpoint, in its own format
+    assert sent.path == {"openai": "/v1/chat/completions", "anthropic": "/v1/messages",
+                         "responses": "/v1/responses"}[interface]
+    estimate = plano.request_needs(body, client_format).input_tokens
+    assert plano.OUTPUT_RESERVE_FLOOR <= sent_max_tokens(sent) and estimate + sent_max_tokens(sent) <= LOCAL_WINDOW
+
+
+def test_a_local_model_given_its_output_limit_is_asked_for_that_limit(provider):
+    config = build_config(local_model(provider, max_output_tokens=2000, default=True))
+    with RunningPlano(config) as running:
+        ask_local(running, "anthropic", local_request("anthropic", "SAY:capped"), stream=False)
+    assert provider.requests[0].json["max_tokens"] == 2000
+
+
+def test_a_conversation_whose_input_alone_overflows_the_local_window_still_goes_elsewhere(provider):
+    config = build_config(local_model(provider, default=True),
+                          served_by(provider, "anthropic/big-model", context_window=200000))
+    body = local_request("anthropic", LONG_TEXT * 2 + "SAY:held")  # ~18k estimated tokens
+    with RunningPlano(config) as running:
+        text, answered_by = ask_local(running, "anthropic", body, stream=True)
+        reason = latest_decision(running)["reason"]
+    assert text.endswith("SAY:held") and answered_by == "anthropic/big-model"
+    assert re.search(r"context \d+k > house-coder's 16k, so anthropic/big-model", reason), reason
+    assert [r.path for r in provider.requests] == ["/v1/messages"]  # the local model's endpoint saw nothing
+    assert provider.requests[0].json["max_tokens"] == 128000  # the big model's window holds the whole ask
+
+
+def test_a_conversation_too_long_for_the_only_model_is_the_prompt_too_long_400(provider):
+    with RunningPlano(build_config(local_model(provider))) as running, \
+            pytest.raises(anthropic.BadRequestError) as raised:
+        anthropic_client(running, timeout=120).messages.create(**local_request("anthropic", LONG_TEXT * 2))
+    assert re.fullmatch(rf"prompt is too long: \d+ tokens > {LOCAL_WINDOW} maximum",
+                        raised.value.body["error"]["message"])
+    assert provider.requests == []
+
+
+# An answer of GPT-5.5's shape (reasoning → a message in the commentary phase → the call), as
+# OpenAI sends it (field for field as the recorded answers in testdata/recorded/responses, and the
+# `phase` its API reference documents on message items): no recording of this shape is public.
+def responses_answer(*items: dict) -> dict:
+    return {"id": "resp_0c3876fcd4da19ef", "object": "response", "created_at": 1787659560, "status": "completed",
+            "error": None, "incomplete_details": None, "model": "gpt-5.5", "output": list(items),
+            "parallel_tool_calls": True, "store": False, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 812, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 96,
+                      "output_tokens_details": {"reasoning_tokens": 41}, "total_tokens": 908}, "metadata": {}}
+
+
+def reasoning_item(n: int) -> dict:
+    return {"id": f"rs_0c3876fcd4da19ef{n:02d}", "type": "reasoning", "summary": [],
+            "encrypted_content": f"gAAAAABpPDIV-reasoning-{n}=="}
+
+
+def message_item(n: int, text: str, phase: str = "commentary") -> dict:
+    return {"id": f"msg_0c3876fcd4da19ef{n:02d}", "type": "message", "status": "completed", "role": "assistant",
+            "phase": phase, "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+
+
+def call_item(n: int) -> dict:
+    return {"id": f"fc_0c3876fcd4da19ef{n:02d}", "type": "function_call", "status": "completed",
+            "arguments": json.dumps({"command": f"ls {n}"}), "call_id": f"call_{n}", "name": "Bash"}
+
+
+def responses_answer_events(response: dict) -> list[tuple[str, dict]]:
+    """`response` as OpenAI streams it: the event sequence of the recorded streams, text and
+    arguments in small deltas."""
+    sequence = iter(range(10_000))
+
+    def ev(kind: str, **fields: Any) -> tuple[str, dict]:
+        return kind, {"type": kind, "sequence_number": next(sequence), **fields}
+
+    opening = dict(response, status="in_progress", output=[], usage=None)
+    events = [ev("response.created", response=opening), ev("response.in_progress", response=opening)]
+    for index, item in enumerate(response["output"]):
+        at = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "reasoning":
+            events.append(ev("response.output_item.added", output_index=index, item=item))
+        elif item["type"] == "message":
+            text = item["content"][0]["text"]
+            events += [ev("response.output_item.added", output_index=index,
+                          item=dict(item, status="in_progress", content=[])),
+                       ev("response.content_part.added", **at, content_index=0,
+                          part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
+            events += [ev("response.output_text.delta", **at, content_index=0, delta=text[i:i + 3], logprobs=[])
+                       for i in range(0, len(text), 3)]
+            events += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
+                       ev("response.content_part.done", **at, content_index=0, part=item["content"][0])]
+        else:
+            args = item["arguments"]
+            events.append(ev("response.output_item.added", output_index=index,
+                             item=dict(item, status="in_progress", arguments="")))
+            events += [ev("response.function_call_arguments.delta", **at, delta=args[i:i + 4])
+                       for i in range(0, len(args), 4)]
+            events.append(ev("response.function_call_arguments.done", **at, arguments=args))
+        events.append(ev("response.output_item.done", output_index=index, item=item))
+    return events + [ev("response.completed", response=response)]
+
+
+def chat_message_for(response: dict, stream: bool) -> dict:
+    """The assistant message a Chat client keeps of a Responses answer plano translated, and sends
+    back: whole, or put together from the streamed chunks as the SDKs do."""
+    if not stream:
+        message = plano.responses_response_to_openai(response, CODEX_MODEL)["choices"][0]["message"]
+        return {"role": "assistant", "content": message["content"], "tool_calls": message.get("tool_calls") or []}
+    translate = plano.StreamTranslator("responses", "openai", CODEX_MODEL, False)
+    raw = b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in
+                   responses_answer_events(response))
+    out = translate.feed(raw) + translate.close()
+    assert translate.failure is None
+    content, calls = "", {}
+    for event in plano.SSEDecoder().feed(out):
+        if event.data.strip() == "[DONE]":
+            continue
+        for choice in json.loads(event.data)["choices"]:
+            content += choice["delta"].get("content") or ""
+            for call in choice["delta"].get("tool_calls") or []:
+                entry = calls.setdefault(call["index"], {"id": call.get("id"), "type": "function",
+                                                         "function": {"name": call["function"].get("name"),
+                                                                      "arguments": ""}})
+                entry["function"]["arguments"] += call["function"].get("arguments") or ""
+    return {"role": "assistant", "content": content or None, "tool_calls": list(calls.values())}
+
+
+def next_turn_items(message: dict) -> list[dict]:
+    """What plano sends a Responses upstream for the turn of `message`, on the Chat client's next
+    request (each call answered): the items between the user's question and the outputs."""
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": "ok"} for c in message["tool_calls"]]
+    body = {"model": CODEX_MODEL, "messages": [{"role": "user", "content": "go"}, message, *results]}
+    items = plano.openai_request_to_responses(body, configured_model("openai/gpt-5"))["input"]
+    assert items[0]["role"] == "user" and all(i["type"] == "function_call_output" for i in items[-len(results):])
+    return items[1:len(items) - len(results)]
+
+
+def item_kinds(items: list[dict]) -> list[tuple[str, str]]:
+    """Items as (kind, what identifies it): reasoning by its encrypted content, text, call id."""
+    return [("reasoning", i["encrypted_content"]) if i["type"] == "reasoning" else
+            ("function_call", i["call_id"]) if i["type"] == "function_call" else
+            ("message", "".join(p["text"] for p in i["content"])) for i in items]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_clients_next_turn_keeps_reasoning_then_commentary_then_the_call(stream):
+    answer = responses_answer(reasoning_item(1), message_item(1, "I'll list the files first."), call_item(1))
+    message = chat_message_for(answer, stream)
+    assert message["content"] == "I'll list the files first." and len(message["tool_calls"]) == 1
+    items = next_turn_items(message)
+    assert items == [
+        {"id": "rs_0c3876fcd4da19ef01", "type": "reasoning", "summary": [],
+         "encrypted_content": "gAAAAABpPDIV-reasoning-1=="},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                               "text": "I'll list the files first."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": '{"command": "ls 1"}'}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("output", [
+    # commentary twice, each after its own reasoning, then parallel calls
+    [reasoning_item(1), message_item(1, "Looking é€ 🤔."), reasoning_item(2), message_item(2, "Now listing."),
+     call_item(1), call_item(2)],
+    # two rounds of reasoning → commentary → call in one answer
+    [reasoning_item(1), message_item(1, "First."), call_item(1), reasoning_item(2), message_item(2, "Then."),
+     call_item(2)],
+    # text and a call before any reasoning, then reasoning → commentary → call
+    [message_item(1, "Plain."), call_item(1), reasoning_item(2), message_item(2, "Thinking aloud."), call_item(2)],
+    # reasoning straight before its call, commentary after the call
+    [reasoning_item(1), call_item(1), message_item(1, "Done calling.", "final_answer")],
+])
+def test_a_chat_clients_next_turn_keeps_the_answers_order_of_reasoning_text_and_calls(output, stream):
+    items = next_turn_items(chat_message_for(responses_answer(*output), stream))
+    assert item_kinds(items) == item_kinds(output)
+
+
+def test_a_tool_call_id_minted_before_plano_kept_places_still_brings_its_reasoning_back():
+    old_id = "call_1" + plano._REASONING_MARK + plano._b64_json([{"id": "rs_1", "encrypted_content": "gAAAA-old"}])
+    items = next_turn_items({"role": "assistant", "content": "Let me look.", "tool_calls": [
+        {"id": old_id, "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]})
+    assert item_kinds(items) == [("message", "Let me look."), ("reasoning", "gAAAA-old"), ("function_call", "call_1")]
+
+
+_answer_items = st.lists(st.one_of(
+    st.just("reasoning"), st.just("call"),
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)), min_size=1, max_size=9)
+
+
+def _answer_from(kinds: list[str]) -> list[dict]:
+    return [reasoning_item(n) if kind == "reasoning" else call_item(n) if kind == "call" else message_item(n, kind)
+            for n, kind in enumerate(kinds)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(kinds=_answer_items, stream=st.booleans())
+def test_every_reasoning_a_chat_client_sends_back_is_followed_by_the_item_it_produced(kinds, stream):
+    output = _answer_from(kinds)
+    if not any(i["type"] == "function_call" for i in output):
+        return  # reasoning rides in tool-call ids: an answer without calls carries none
+    message = chat_message_for(responses_answer(*output), stream)
+    sent = item_kinds(next_turn_items(message))
+    original = item_kinds(output)
+    last_call = max(i for i, item in enumerate(output) if item["type"] == "function_call")
+    # what comes back: every reasoning item before the last call, all the text, every call, in order
+    assert [k for k in sent if k[0] == "reasoning"] == [k for k in original[:last_call] if k[0] == "reasoning"]
+    assert "".join(v for k, v in sent if k == "message") == "".join(v for k, v in original if k == "message")
+    assert [k for k in sent if k[0] == "function_call"] == [k for k in original if k[0] == "function_call"]
+    for at, (kind, what) in enumerate(sent):
+        if kind == "reasoning":
+            produced = original[original.index((kind, what)) + 1]
+            following = sent[at + 1]
+            assert following[0] == produced[0] and (following[1].startswith(produced[1]) if produced[0] == "message"
+                                                    else following[1] == produced[1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(places=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                          max_size=3), max_leaves=6),
+       item_place=st.none() | st.booleans() | st.integers() | st.text(max_size=5))
+def test_forged_places_in_a_tool_call_id_change_no_text_and_lose_no_reasoning(places, item_place):
+    forged = {"at": places, "reasoning": [{"id": "rs_1", "encrypted_content": "gAAAA-x", "at": item_place}]}
+    tool_id = "call_1" + plano._REASONING_MARK + plano._b64_json(forged)
+    items = next_turn_items({"role": "assistant", "content": "Some text.", "tool_calls": [
+        {"id": tool_id, "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]})
+    kinds = item_kinds(items)
+    assert "".join(v for k, v in kinds if k == "message") == "Some text."
+    assert kinds.index(("reasoning", "gAAAA-x")) < kinds.index(("function_call", "call_1"))
+
+
+def chat_turn(client: openai.OpenAI, messages: list[dict], stream: bool) -> dict:
+    """One Chat Completions turn through the openai SDK: the assistant message, as a client keeps it."""
+    if not stream:
+        message = client.chat.completions.create(model=CODEX_MODEL, messages=messages,
+                                                 tools=[BASH_FUNCTION]).choices[0].message
+        return {"role": "assistant", "content": message.content,
+                "tool_calls": [c.model_dump() for c in message.tool_calls or []]}
+    content, calls = "", {}
+    for part in client.chat.completions.create(model=CODEX_MODEL, messages=messages, tools=[BASH_FUNCTION],
+                                               stream=True):
+        for choice in part.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"id": call.id, "type": "function",
+                                                      "function": {"name": call.function.name, "arguments": ""}})
+                entry["function"]["arguments"] += call.function.arguments or ""
+    return {"role": "assistant", "content": content or None, "tool_calls": list(calls.values())}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_sdk_tool_loop_after_commentary_through_a_responses_upstream(responses_gateway, provider, stream):
+    client = openai_client(responses_gateway)
+    messages: list[dict] = [{"role": "user", "content": "COMMENTARY TOOL:ls é"}]
+    first = chat_turn(client, messages, stream)
+    assert first["content"] == COMMENTARY_TEXT and json.loads(first["tool_calls"][0]["function"]["arguments"]) == \
+        {"command": "ls é"}
+    messages += [first, {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": "a.txt"}]
+    # The stand-in refuses reasoning not followed by the message it produced, as OpenAI does.
+    assert chat_turn(client, messages, stream)["content"] == "tool said: a.txt"
+    sent = upstream_requests(provider, "/responses")[-1].json["input"]
+    assert [(i.get("type"), i.get("role")) for i in sent] == [
+        ("message", "user"), ("reasoning", None), ("message", "assistant"), ("function_call", None),
+        ("function_call_output", None)]
+    assert sent[1]["encrypted_content"] == RESPONSES_ENCRYPTED_COMMENTARY
+
+
+def test_the_stand_in_refuses_reasoning_sent_back_after_the_message_it_produced(responses_gateway):
+    # The order the Chat path used to rebuild: what OpenAI refuses, and so does the stand-in.
+    reasoning = {"id": RESPONSES_REASONING_ID, "type": "reasoning", "summary": [],
+                 "encrypted_content": RESPONSES_ENCRYPTED_COMMENTARY}
+    with pytest.raises(openai.BadRequestError, match="of type 'reasoning' was provided without its required "
+                                                     "following item"):
+        openai_client(responses_gateway).responses.create(model=CODEX_MODEL, input=[
+            {"role": "user", "content": "COMMENTARY TOOL:ls"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": COMMENTARY_TEXT}]},
+            reasoning, {"type": "function_call", "call_id": "call_abc123", "name": "Bash", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_abc123", "output": "a.txt"}])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_sdk_tool_loop_after_commentary_through_a_responses_upstream(responses_gateway, stream):
+    client = anthropic_client(responses_gateway)
+    messages: list[dict] = [{"role": "user", "content": "COMMENTARY TOOL:ls"}]
+
+    def ask() -> anthropic.types.Message:
+        if not stream:
+            return client.messages.create(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL])
+        with client.messages.stream(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL]) as s:
+            return s.get_final_message()
+
+    first = ask()
+    assert [b.type for b in first.content] == ["thinking", "text", "tool_use"]
+    tool = first.content[-1]
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool.id, "content": "a.txt"}]}]
+    assert ask().content[-1].text == "tool said: a.txt"
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
