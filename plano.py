@@ -181,6 +181,9 @@ class ProviderSpec:
     # OpenAI documents `prompt_cache_key` as raising prompt-cache hit rates when requests of one
     # conversation share it; other OpenAI-compatible providers may refuse a parameter they lack.
     prompt_cache_key: bool = False
+    # Where `key_env` may be sent besides https://<base_url's host>: domain suffixes for a provider
+    # whose every customer has a host of their own (Azure's RESOURCE.openai.azure.com).
+    key_domains: tuple[str, ...] = ()
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -225,7 +228,9 @@ PROVIDERS: dict[str, ProviderSpec] = {
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
-                                 responses_models=True, prompt_cache_key=True),
+                                 responses_models=True, prompt_cache_key=True,
+                                 key_domains=(".openai.azure.com", ".cognitiveservices.azure.com",
+                                              ".services.ai.azure.com")),
 }
 
 # Model ids OpenAI serves only through the Responses API (Chat Completions answers 404
@@ -239,6 +244,22 @@ PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together"
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
+
+
+def default_key_belongs_at(spec: ProviderSpec, base_url: str) -> bool:
+    """Whether the provider's conventional key variable (`spec.key_env`) may go to `base_url`: only
+    over https to the provider's own host (its catalogue URL's, or under one of `key_domains`). A
+    proxy, a local server or a look-alike host gets a key only where the config names it for that
+    model (`access_key:`), so a key kept in the environment for one provider never travels elsewhere."""
+    url = urllib.parse.urlsplit(base_url)
+    try:
+        port = url.port
+    except ValueError:  # not a port: not the provider's own URL either
+        return False
+    if url.scheme != "https" or port not in (None, 443) or not url.hostname:
+        return False
+    own = urllib.parse.urlsplit(spec.base_url).hostname if spec.base_url else None
+    return url.hostname == own or any(url.hostname.endswith(domain) for domain in spec.key_domains)
 
 
 def _prefix_lookup(table: Iterable[tuple[str, int]], model_id: str) -> int | None:
@@ -346,6 +367,9 @@ class ModelEntry:
     base_url: str = ""
     access_key: str | None = field(default=None, repr=False)
     key_env: str | None = None  # the variable the key came from (named in warnings and errors)
+    # The provider's key variable, not sent to this model's `base_url` because that is not the
+    # provider's own (default_key_belongs_at) and the config names no `access_key` for it.
+    withheld_key: str | None = None
     default: bool = False
     routing_preferences: tuple[RoutingPreference, ...] = ()
     fallbacks: tuple[str, ...] = ()
@@ -704,12 +728,15 @@ class _ConfigReader:
                 base_url = base_url.rstrip("/") + "/v1"
         elif spec.base_url is None:
             raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
-        access_key, key_env = None, None
+        access_key, key_env, withheld_key = None, None, None
         if "access_key" in entry:
             access_key, key_env = self.expand(entry, "access_key", self.get(entry, "access_key", str))
             if access_key is None:
                 self.warnings.append(f"{name}: ${key_env} is not set; requests for this model will "
                                      f"fail until it is (export {key_env}=... or put it in .env)")
+        elif spec.key_env and base_url is not None and not default_key_belongs_at(spec, base_url):
+            withheld_key = spec.key_env
+            self.warnings.append(withheld_key_warning(name, base_url, withheld_key))
         elif spec.auth != "none" and provider not in ("ollama",):
             key_env = spec.key_env
             access_key = self.env.get(key_env) if key_env else None
@@ -733,7 +760,7 @@ class _ConfigReader:
         return ModelEntry(
             name=name, provider=provider, model_id=model_id, spec=spec,
             base_url=(base_url or spec.base_url or "").rstrip("/"),
-            access_key=access_key, key_env=key_env,
+            access_key=access_key, key_env=key_env, withheld_key=withheld_key,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
             max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities)
@@ -865,6 +892,14 @@ class _ConfigReader:
                                 f"{target} is not a configured model")
             aliases[str(alias)] = model.name
         return aliases
+
+
+def withheld_key_warning(model: str, base_url: str, variable: str) -> str:
+    """The one line `plano up`, a reload and `plano doctor` say about a key plano does not send."""
+    where = urllib.parse.urlsplit(base_url)
+    origin = f"{where.scheme}://{where.netloc.rpartition('@')[2]}"  # never a password in the URL
+    return (f"{model}: no key is sent to {origin}: ${variable} goes only to the provider's own URL; if "
+            f"that server should get it, set `access_key: ${variable}` on this model")
 
 
 def _article(noun: str) -> str:
@@ -1861,7 +1896,8 @@ def _provider_error_fields(payload: Any) -> dict[str, Any]:
 
 
 def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, upstream_format: str,
-                        client_format: str, *, provider: str, key_env: str | None) -> UpstreamError:
+                        client_format: str, *, provider: str, key_env: str | None,
+                        withheld_key: str | None = None) -> UpstreamError:
     """What the client gets for a provider's error answer (HTTP status >= 400).
 
     When the client speaks the provider's format, the provider's status, the headers that matter
@@ -1870,7 +1906,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     detail kept in the fields that format has (OpenAI's `param`/`code`) or else in the message.
     A body that is not JSON becomes an error in the client's format either way.
     A key the provider rejects (401/403) is plano's configuration to fix, not the client's
-    credentials: a 403 permission_error naming the variable, as a missing key is.
+    credentials: a 403 permission_error naming the variable, as a missing key is (or the variable
+    plano did not send, `withheld_key`, and how to send it).
     Keys the provider echoes in its body are for the caller to scrub: it knows them.
     """
     forwarded = {name.lower(): value for name, value in headers.items()
@@ -1890,8 +1927,13 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        variable = f" (${key_env})" if key_env else ""
-        message = f"{provider}: the provider rejected the configured key{variable}: {message}"
+        if withheld_key:
+            message = (f"{provider}: the provider asks for a key, and plano sends none to it: ${withheld_key} goes "
+                       f"only to the provider's own URL (set `access_key: ${withheld_key}` on this model to send "
+                       f"it there): {message}")
+        else:
+            variable = f" (${key_env})" if key_env else ""
+            message = f"{provider}: the provider rejected the configured key{variable}: {message}"
         return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type,
                              body=answer(ProviderKeyError.error_type, message, ProviderKeyError.status))
     error_type = fields.get("type") if upstream_format == "anthropic" else None
@@ -5145,7 +5187,7 @@ class Upstreams:
         except httpx.HTTPError:
             raw = b""
         error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                    provider=model.name, key_env=model.key_env)
+                                    provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
         # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
         error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
         return error
@@ -6374,6 +6416,9 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     except httpx.HTTPError as e:
         return _Finding("problem", "reach", f"{model.base_url}: unreachable ({type(e).__name__}: "
                                            f"{_scrub(str(e), secrets) or 'no detail'})")
+    if status in (401, 403) and model.withheld_key:
+        return _Finding("problem", "reach", f"{model.base_url}: reachable, but it asks for a key and is sent none "
+                                           f"(HTTP {status}; see the key line)")
     if status in (401, 403):
         which = f" (${model.key_env})" if model.key_env else ""
         return _Finding("problem", "reach",
@@ -6398,6 +6443,9 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         elif model.access_key:
             where = f"${model.key_env}" if model.key_env else "written in the config"
             findings.append(_Finding("ok", "key", f"{model.name}: key set ({where})"))
+        elif model.withheld_key:
+            findings.append(_Finding("note", "key", withheld_key_warning(model.name, model.base_url,
+                                                                         model.withheld_key)))
         else:
             findings.append(_Finding("problem", "key", f"{model.name}: ${model.key_env} is not set (export it or "
                                                        f"put it in .env beside the config)"))

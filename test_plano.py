@@ -6735,6 +6735,99 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
 
 
+# ── issue 18: browser-origin protection, and keys only where they belong ─────────────────
+
+@pytest.mark.parametrize("provider_name, base_url, belongs", [
+    ("openai", "https://api.openai.com/v1", True),
+    ("openai", "https://API.openai.com:443/v1/", True),
+    ("openai", "http://api.openai.com/v1", False),  # never over plain http
+    ("openai", "https://api.openai.com:8443/v1", False),
+    ("openai", "https://api.openai.com.evil.test/v1", False),
+    ("openai", "https://api.openai.com@evil.test/v1", False),
+    ("openai", "https://eu.api.openai.com/v1", False),  # plausible, but the config has to say so
+    ("openai", "http://127.0.0.1:8000/v1", False),
+    ("anthropic", "https://api.anthropic.com", True),
+    ("anthropic", "https://my-proxy.example/anthropic", False),
+    ("gemini", "https://generativelanguage.googleapis.com/v1beta/openai/", True),
+    ("azure_openai", "https://my-resource.openai.azure.com/openai/v1", True),
+    ("azure_openai", "https://openai.azure.com.evil.test/openai/v1", False),
+    ("azure_openai", "https://my-apim.azure-api.net/openai/v1", False),
+])
+def test_a_providers_key_variable_belongs_only_at_its_own_https_host(provider_name, base_url, belongs):
+    assert plano.default_key_belongs_at(plano.PROVIDERS[provider_name], base_url) is belongs
+
+
+def withheld_config(provider: StandInProvider, named: bool, **sections: Any) -> str:
+    """Both formats at the stand-in under the providers' own prefixes, with (`named`) or without
+    `access_key:` naming the providers' key variables."""
+    keys = [{"access_key": "$OPENAI_API_KEY"}, {"access_key": "$ANTHROPIC_API_KEY"}] if named else [{}, {}]
+    return config_yaml({"model": "openai/gpt-4o", "base_url": provider.openai_base, **keys[0]},
+                       {"model": "anthropic/claude-sonnet-5", "base_url": provider.anthropic_base, **keys[1]},
+                       router=ROUTER_OFF, **sections)
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5"])
+def test_a_providers_key_is_not_sent_to_another_base_url_unless_the_config_names_it(provider, model):
+    environ = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+    variable = "OPENAI_API_KEY" if model.startswith("openai") else "ANTHROPIC_API_KEY"
+    config = plano.parse_config(withheld_config(provider, named=False), path=CONFIG_PATH, environ=environ)
+    assert [m.withheld_key for m in config.models] == ["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]
+    with RunningPlano(config) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:  # the stand-in wants its key: 401
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    sent = provider.requests[-1].headers
+    assert "authorization" not in sent and "x-api-key" not in sent
+    assert OPENAI_KEY not in json.dumps(sent) and ANTHROPIC_KEY not in json.dumps(sent)
+    assert f"set `access_key: ${variable}` on this model" in caught.value.message
+    named = plano.parse_config(withheld_config(provider, named=True), path=CONFIG_PATH, environ=environ)
+    assert [m.withheld_key for m in named.models] == [None, None] and named.warnings == ()
+    with RunningPlano(named) as running:
+        answer = anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    assert answer.content[0].text == "echo: hi"
+    sent = provider.requests[-1].headers
+    assert sent.get("authorization") == f"Bearer {OPENAI_KEY}" if model.startswith("openai") else \
+        sent.get("x-api-key") == ANTHROPIC_KEY
+
+
+def test_a_keyless_server_under_a_providers_prefix_is_served_without_its_key(provider):
+    # A local server that wants no key (vLLM, llama-server) under `openai/`, as many configs write it.
+    provider.then(Reply(200, {"id": "c", "object": "chat.completion", "created": 1, "model": "llama-3", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "local"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+    text = config_yaml({"model": "openai/llama-3", "base_url": provider.openai_base}, router=ROUTER_OFF)
+    config = plano.parse_config(text, path=CONFIG_PATH, environ={"OPENAI_API_KEY": OPENAI_KEY})
+    with RunningPlano(config) as running:
+        answer = openai_client(running).chat.completions.create(model="openai/llama-3", messages=[USER_HI])
+    assert answer.choices[0].message.content == "local"
+    assert "authorization" not in provider.requests[-1].headers
+
+
+def test_up_and_doctor_each_say_in_one_line_that_the_key_is_not_sent(tmp_path, provider):
+    port = free_port()
+    config = write_config(tmp_path, withheld_config(provider, named=False,
+                                                    listeners=[{"address": "127.0.0.1", "port": port}]))
+    environment = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    environment.update(OPENAI_API_KEY=OPENAI_KEY, ANTHROPIC_API_KEY=ANTHROPIC_KEY)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", config], stderr=subprocess.PIPE,
+                               text=True, env=environment, cwd=tmp_path)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        err = stop_process(process)
+    expected = (f"openai/gpt-4o: no key is sent to {provider.openai_base.removesuffix('/v1')}: $OPENAI_API_KEY goes "
+                "only to the provider's own URL; if that server should get it, set `access_key: $OPENAI_API_KEY` "
+                "on this model")
+    said = [line for line in err.splitlines() if "openai/gpt-4o: no key" in line]
+    assert len(said) == 1 and said[0].endswith(f"warning: {expected}"), err
+    assert sum("anthropic/claude-sonnet-5: no key is sent to" in line for line in err.splitlines()) == 1, err
+    doctor_run = run_plano_cli("doctor", "--config", config, "--offline",
+                               env={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}, cwd=tmp_path)
+    lines = doctor_run.stdout.splitlines()
+    assert f"· key       {expected}" in lines, lines
+    assert sum("no key is sent to" in line for line in lines) == 2
+    assert OPENAI_KEY not in err + doctor_run.stdout + doctor_run.stderr
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
