@@ -6650,6 +6650,9 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         elif model.withheld_key:
             findings.append(_Finding("note", "key", withheld_key_warning(model.name, model.base_url,
                                                                          model.withheld_key)))
+        elif not model.key_env:  # a custom provider (a local server) with no `access_key`
+            findings.append(_Finding("note", "key", f"{model.name}: no key configured, none is sent (set "
+                                                    "`access_key` if that server needs one)"))
         else:
             findings.append(_Finding("problem", "key", f"{model.name}: ${model.key_env} is not set (export it or "
                                                        f"put it in .env beside the config)"))

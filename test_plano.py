@@ -7154,6 +7154,14 @@ def test_up_and_doctor_each_say_in_one_line_that_the_key_is_not_sent(tmp_path, p
     assert OPENAI_KEY not in err + doctor_run.stdout + doctor_run.stderr
 
 
+def test_doctor_says_a_custom_model_without_access_key_is_sent_none(tmp_path):
+    config = write_config(tmp_path, config_yaml({"model": "local/qwen3", "base_url": "http://127.0.0.1:9/v1",
+                                                 "provider_interface": "openai"}, router=ROUTER_OFF))
+    lines = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path).stdout.splitlines()
+    assert line_about(lines, "key") == ("· key       local/qwen3: no key configured, none is sent (set `access_key` "
+                                        "if that server needs one)"), lines
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
