@@ -114,6 +114,13 @@ class ProviderKeyError(PlanoError):
     status, error_type = 403, "permission_error"
 
 
+class OriginError(PlanoError):
+    """A request this listener does not take from where it came: a Host name it does not answer to
+    (DNS rebinding), or a web page of another origin. 403: no key the client could send would help."""
+
+    status, error_type = 403, "permission_error"
+
+
 class NotFoundError(PlanoError):
     status, error_type = 404, "not_found_error"
 
@@ -181,6 +188,9 @@ class ProviderSpec:
     # OpenAI documents `prompt_cache_key` as raising prompt-cache hit rates when requests of one
     # conversation share it; other OpenAI-compatible providers may refuse a parameter they lack.
     prompt_cache_key: bool = False
+    # Where `key_env` may be sent besides https://<base_url's host>: domain suffixes for a provider
+    # whose every customer has a host of their own (Azure's RESOURCE.openai.azure.com).
+    key_domains: tuple[str, ...] = ()
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -225,7 +235,9 @@ PROVIDERS: dict[str, ProviderSpec] = {
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
-                                 responses_models=True, prompt_cache_key=True),
+                                 responses_models=True, prompt_cache_key=True,
+                                 key_domains=(".openai.azure.com", ".cognitiveservices.azure.com",
+                                              ".services.ai.azure.com")),
 }
 
 # Model ids OpenAI serves only through the Responses API (Chat Completions answers 404
@@ -239,6 +251,22 @@ PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together"
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
+
+
+def default_key_belongs_at(spec: ProviderSpec, base_url: str) -> bool:
+    """Whether the provider's conventional key variable (`spec.key_env`) may go to `base_url`: only
+    over https to the provider's own host (its catalogue URL's, or under one of `key_domains`). A
+    proxy, a local server or a look-alike host gets a key only where the config names it for that
+    model (`access_key:`), so a key kept in the environment for one provider never travels elsewhere."""
+    url = urllib.parse.urlsplit(base_url)
+    try:
+        port = url.port
+    except ValueError:  # not a port: not the provider's own URL either
+        return False
+    if url.scheme != "https" or port not in (None, 443) or not url.hostname:
+        return False
+    own = urllib.parse.urlsplit(spec.base_url).hostname if spec.base_url else None
+    return url.hostname == own or any(url.hostname.endswith(domain) for domain in spec.key_domains)
 
 
 def _prefix_lookup(table: Iterable[tuple[str, int]], model_id: str) -> int | None:
@@ -346,6 +374,9 @@ class ModelEntry:
     base_url: str = ""
     access_key: str | None = field(default=None, repr=False)
     key_env: str | None = None  # the variable the key came from (named in warnings and errors)
+    # The provider's key variable, not sent to this model's `base_url` because that is not the
+    # provider's own (default_key_belongs_at) and the config names no `access_key` for it.
+    withheld_key: str | None = None
     default: bool = False
     routing_preferences: tuple[RoutingPreference, ...] = ()
     fallbacks: tuple[str, ...] = ()
@@ -395,6 +426,10 @@ class Listener:
     address: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = field(default=None, repr=False)  # clients must send it, when set
+    # Host names it answers to besides loopback's, its own address and IP literals (behind a proxy).
+    allowed_hosts: tuple[str, ...] = ()
+    # Web origins (scheme://host[:port]) whose pages may call it, with CORS; none by default.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -500,6 +535,11 @@ def _construct_line_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Lin
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_line_mapping)
 
 _ENV_REFERENCE = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
+# listeners[].allowed_hosts: DNS names (an IP literal is always accepted, see OriginPolicy).
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*", re.ASCII)
+# listeners[].cors_origins: what a browser sends as `Origin` (an extension's or an app's scheme too).
+_WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+", re.ASCII)
 
 
 def read_dotenv(path: str) -> dict[str, str]:
@@ -704,12 +744,15 @@ class _ConfigReader:
                 base_url = base_url.rstrip("/") + "/v1"
         elif spec.base_url is None:
             raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
-        access_key, key_env = None, None
+        access_key, key_env, withheld_key = None, None, None
         if "access_key" in entry:
             access_key, key_env = self.expand(entry, "access_key", self.get(entry, "access_key", str))
             if access_key is None:
                 self.warnings.append(f"{name}: ${key_env} is not set; requests for this model will "
                                      f"fail until it is (export {key_env}=... or put it in .env)")
+        elif spec.key_env and base_url is not None and not default_key_belongs_at(spec, base_url):
+            withheld_key = spec.key_env
+            self.warnings.append(withheld_key_warning(name, base_url, withheld_key))
         elif spec.auth != "none" and provider not in ("ollama",):
             key_env = spec.key_env
             access_key = self.env.get(key_env) if key_env else None
@@ -733,7 +776,7 @@ class _ConfigReader:
         return ModelEntry(
             name=name, provider=provider, model_id=model_id, spec=spec,
             base_url=(base_url or spec.base_url or "").rstrip("/"),
-            access_key=access_key, key_env=key_env,
+            access_key=access_key, key_env=key_env, withheld_key=withheld_key,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
             max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities)
@@ -790,7 +833,27 @@ class _ConfigReader:
         key = self.get(chosen, "api_key", str)
         if key is not None:
             key = self.expand(chosen, "api_key", key)[0]
-        return Listener(address=address, port=port, api_key=key or self.env.get("PLANO_API_KEY") or None)
+        return Listener(address=address, port=port, api_key=key or self.env.get("PLANO_API_KEY") or None,
+                        allowed_hosts=self.read_allowed_hosts(chosen), cors_origins=self.read_cors_origins(chosen))
+
+    def read_allowed_hosts(self, listener: dict) -> tuple[str, ...]:
+        hosts = self.get(listener, "allowed_hosts", list, []) or []
+        for host in hosts:
+            if not isinstance(host, str) or not _HOST_NAME.fullmatch(host):
+                raise self.fail(listener, "allowed_hosts", f"each entry is a host name such as plano.internal "
+                                                           f"(no scheme, port or path), got {host!r}")
+        return tuple(host.lower() for host in hosts)
+
+    def read_cors_origins(self, listener: dict) -> tuple[str, ...]:
+        origins = self.get(listener, "cors_origins", list, []) or []
+        for origin in origins:
+            if origin in ("*", "null"):
+                raise self.fail(listener, "cors_origins", f"{origin!r} would let any web page spend your keys (a "
+                                                          "sandboxed or file: page sends `null`): list the origins")
+            if not isinstance(origin, str) or not _WEB_ORIGIN.fullmatch(origin.removesuffix("/")):
+                raise self.fail(listener, "cors_origins", f"each entry is an origin such as http://localhost:3000 "
+                                                          f"(scheme://host[:port], no path), got {origin!r}")
+        return tuple(origin.removesuffix("/").lower() for origin in origins)
 
     def read_router(self, raw: dict) -> RouterSettings:
         section = raw.get("router")
@@ -865,6 +928,14 @@ class _ConfigReader:
                                 f"{target} is not a configured model")
             aliases[str(alias)] = model.name
         return aliases
+
+
+def withheld_key_warning(model: str, base_url: str, variable: str) -> str:
+    """The one line `plano up`, a reload and `plano doctor` say about a key plano does not send."""
+    where = urllib.parse.urlsplit(base_url)
+    origin = f"{where.scheme}://{where.netloc.rpartition('@')[2]}"  # never a password in the URL
+    return (f"{model}: no key is sent to {origin}: ${variable} goes only to the provider's own URL; if "
+            f"that server should get it, set `access_key: ${variable}` on this model")
 
 
 def _article(noun: str) -> str:
@@ -1861,7 +1932,8 @@ def _provider_error_fields(payload: Any) -> dict[str, Any]:
 
 
 def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, upstream_format: str,
-                        client_format: str, *, provider: str, key_env: str | None) -> UpstreamError:
+                        client_format: str, *, provider: str, key_env: str | None,
+                        withheld_key: str | None = None) -> UpstreamError:
     """What the client gets for a provider's error answer (HTTP status >= 400).
 
     When the client speaks the provider's format, the provider's status, the headers that matter
@@ -1870,7 +1942,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     detail kept in the fields that format has (OpenAI's `param`/`code`) or else in the message.
     A body that is not JSON becomes an error in the client's format either way.
     A key the provider rejects (401/403) is plano's configuration to fix, not the client's
-    credentials: a 403 permission_error naming the variable, as a missing key is.
+    credentials: a 403 permission_error naming the variable, as a missing key is (or the variable
+    plano did not send, `withheld_key`, and how to send it).
     Keys the provider echoes in its body are for the caller to scrub: it knows them.
     """
     forwarded = {name.lower(): value for name, value in headers.items()
@@ -1890,8 +1963,13 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        variable = f" (${key_env})" if key_env else ""
-        message = f"{provider}: the provider rejected the configured key{variable}: {message}"
+        if withheld_key:
+            message = (f"{provider}: the provider asks for a key, and plano sends none to it: ${withheld_key} goes "
+                       f"only to the provider's own URL (set `access_key: ${withheld_key}` on this model to send "
+                       f"it there): {message}")
+        else:
+            variable = f" (${key_env})" if key_env else ""
+            message = f"{provider}: the provider rejected the configured key{variable}: {message}"
         return UpstreamError(message, status=ProviderKeyError.status, error_type=ProviderKeyError.error_type,
                              body=answer(ProviderKeyError.error_type, message, ProviderKeyError.status))
     error_type = fields.get("type") if upstream_format == "anthropic" else None
@@ -5055,6 +5133,132 @@ class Responder:
         raise NotImplementedError
 
 
+class _CORSResponder(Responder):
+    """The gateway's answers, with the CORS headers that let a page of an allowed origin read them."""
+
+    def __init__(self, inner: Responder, origin: str):
+        self.inner = inner
+        # `*` exposes every header to a request without cookies (the only kind plano takes).
+        self.headers = [("access-control-allow-origin", origin), ("access-control-expose-headers", "*"),
+                        ("vary", "origin")]
+
+    @property  # type: ignore[override]
+    def started(self) -> bool:
+        return self.inner.started
+
+    async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        await self.inner.send_full(status, headers + self.headers, body)
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        await self.inner.start(status, headers + self.headers)
+
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
+
+
+# ── browser-origin protection ──────────────────────────────────────────────────────────────
+# A web page in the user's browser can reach a loopback gateway. It can send requests (a form, a
+# `no-cors` fetch: the browser lets them go out, it only hides the answer), and with DNS rebinding
+# (a name of the page's own that it re-points at 127.0.0.1) it can read answers too: plano would
+# then spend the user's keys for any site they visit (Ollama's CVE-2024-28224 is this class). So
+# every request is checked before any endpoint runs: its Host must be a name this listener answers
+# to, and a browser's request must come from the gateway's own origin or one listed in
+# `listeners[].cors_origins`. SDKs, CLIs and curl send no Origin and a loopback Host: unaffected.
+
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Which Host names this listener answers to, and which web origins besides its own may call it.
+
+    Host: loopback's names, the listener's own address, any IP literal (DNS rebinding needs a DNS
+    name, so an address is safe to take: that is also how a LAN client reaches a wildcard bind),
+    and `allowed_hosts`. Its port is not compared: a browser's request reaches this socket only
+    through a URL whose port leads here, and a port mapping (Docker's `-p`, an SSH tunnel) changes it.
+    Origin: the gateway's own (`http://` or `https://` and the request's accepted Host, as a page
+    served through a TLS proxy has), or one of `cors_origins`. A page on another loopback port is
+    "same-site" to the browser but not the same origin: its Origin names its own port. `null`
+    (sandboxed frames, file: pages) is never allowed."""
+
+    hosts: frozenset[str]  # lower case, without a port
+    cors_origins: frozenset[str]
+
+    @classmethod
+    def for_listener(cls, listener: Listener, bound_host: str) -> "OriginPolicy":
+        own = bound_host.lower()
+        own = f"[{own}]" if ":" in own else own
+        return cls(_LOOPBACK_HOSTS | {own} | frozenset(listener.allowed_hosts), frozenset(listener.cors_origins))
+
+    def refusal(self, headers: Mapping[str, str]) -> str | None:
+        """Why a request with these headers is refused (client values escaped), or None to take it."""
+        host = headers.get("host")  # absent only from HTTP/1.0 clients, never from a browser
+        if host is not None and not self.answers_to(host):
+            return (f"this gateway does not answer to the host name in `Host: {_shown(host)}`, so that a web page "
+                    "cannot reach it through a DNS name of its own (DNS rebinding); call it at localhost or "
+                    "127.0.0.1, or list that name in listeners[].allowed_hosts (a deployment behind a proxy)")
+        origin = headers.get("origin")
+        if origin is not None:
+            origin = origin.lower()
+            if origin in self.cors_origins:
+                return None
+            if origin == "null":
+                return ("requests from sandboxed frames and file: pages (`Origin: null`) are refused, so that no "
+                        "page can spend your keys; to let a page of yours call plano, serve it from an origin and "
+                        "list that in listeners[].cors_origins")
+            if host is None or origin not in (f"http://{host.lower()}", f"https://{host.lower()}"):
+                return (f"requests from web pages of other origins are refused (`Origin: {_shown(origin)}`), so "
+                        "that no site you visit can spend your keys; to let a page of yours call plano, list its "
+                        "origin in listeners[].cors_origins")
+        if headers.get("sec-fetch-site") == "cross-site":
+            return ("requests from web pages of other sites are refused (`Sec-Fetch-Site: cross-site`), so that "
+                    "no site you visit can spend your keys; to let a page of yours call plano, list its origin in "
+                    "listeners[].cors_origins")
+        return None
+
+    def answers_to(self, host: str) -> bool:
+        host = host.lower()
+        if host.startswith("["):  # [IPv6]:port
+            name, _, port = host.partition("]")
+            name, port = name + "]", port.removeprefix(":")
+        else:
+            name, _, port = host.partition(":")
+        if not name or (port and not port.isdigit()):
+            return False
+        if name in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
+        except ValueError:
+            return False
+        return True
+
+    def allows_cors(self, headers: Mapping[str, str]) -> str | None:
+        """The request's Origin when it is one that gets CORS headers, else None."""
+        origin = headers.get("origin")
+        if origin is None or not self.cors_origins:
+            return None
+        origin = origin.lower()
+        return origin if origin in self.cors_origins else None
+
+
+def _shown(value: str, limit: int = 100) -> str:
+    """A client's header value fit for a log line or a message: escaped, and cut at `limit`."""
+    shown = value[:limit].encode("unicode_escape").decode("ascii")
+    return shown + ("…" if len(value) > limit else "")
+
+
+def _is_json_media_type(content_type: str) -> bool:
+    """`application/json` or `application/*+json`, parameters (charset) allowed."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.startswith("application/") and media.endswith("+json")
+
+
+# What a preflight may ask to send when the page's list of headers is not plain ASCII tokens.
+_CORS_REQUEST_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*", re.ASCII)
+
+
 @dataclass
 class _Exchange:
     """One request on its way through the gateway: what the client asked, what was decided, what
@@ -5271,7 +5475,7 @@ class Upstreams:
         except httpx.HTTPError:
             raw = b""
         error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                    provider=model.name, key_env=model.key_env)
+                                    provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
         # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
         error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
         return error
@@ -5530,8 +5734,12 @@ class Gateway:
     of your own is used as it is, and its backend is the gateway's to close from then on.
     """
 
-    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None):
+    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None,
+                 host: str | None = None):
         self.config = config
+        self.host = host or config.listener.address  # the address the listener is bound to
+        self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
+        self._refusals_logged: set[str] = set()  # each reason once (a page may retry many times)
         self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
         self.router: Router | None = None
         self._given_router = router
@@ -5581,6 +5789,7 @@ class Gateway:
         old_router = self.router
         router = self._router_for(config, old_router)
         self.config, self.router = config, router
+        self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         self.upstreams.forget_health()  # the new config's providers start with a clean record
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
@@ -5599,6 +5808,13 @@ class Gateway:
     # ── dispatch ──────────────────────────────────────────────────────────────────────────
 
     async def handle(self, request: Request, respond: Responder) -> None:
+        refusal = self.origin_policy.refusal(request.headers)  # before any endpoint, the page's too
+        if refusal is not None:
+            await self._refuse_origin(request, respond, refusal)
+            return
+        cors_origin = self.origin_policy.allows_cors(request.headers)
+        if cors_origin is not None:
+            respond = _CORSResponder(respond, cors_origin)
         exchange = _Exchange(request)
         try:
             await self._dispatch(request, respond, exchange)
@@ -5635,8 +5851,11 @@ class Gateway:
                 self._log_access(exchange)
 
     async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        self._check_gateway_key(request)
         path, method = request.path.rstrip("/") or "/", request.method
+        if method == "OPTIONS" and isinstance(respond, _CORSResponder):
+            await self._preflight(request, respond)  # carries no key: a browser never sends one here
+            return
+        self._check_gateway_key(request)
         routes = self._endpoints
         if method == "HEAD":  # Claude Code probes the base URL before its first request
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
@@ -5646,7 +5865,34 @@ class Gateway:
             if any(p == path for _, p in routes):
                 raise PlanoError(f"{method} is not allowed on {path}", status=405, error_type="invalid_request_error")
             raise NotFoundError(f"no such endpoint: {method} {path}")
+        if method == "POST" and not _is_json_media_type(request.headers.get("content-type", "")):
+            # 415, not 403: the content is what is wrong (RFC 9110 §15.5.16), and a client that forgot the
+            # header (curl -d sends a form type) learns what to send. It also keeps web pages out: a form or
+            # a `no-cors` fetch cannot send a JSON type, and a page's fetch that does must pass CORS first.
+            sent = request.headers.get("content-type")
+            raise PlanoError(f"{method} {path} takes a JSON body: send `Content-Type: application/json` (got "
+                             f"{_shown(sent) if sent else 'no Content-Type'})", status=415,
+                             error_type="invalid_request_error")
         await handler(request, respond, exchange)
+
+    async def _preflight(self, request: Request, respond: Responder) -> None:
+        """A CORS preflight from an allowed origin: which methods and headers its page may send."""
+        asked = request.headers.get("access-control-request-headers", "")
+        headers = [("access-control-allow-methods", "GET, POST, OPTIONS"),
+                   ("access-control-allow-headers", asked if _HEADER_LIST.fullmatch(asked) else _CORS_REQUEST_HEADERS),
+                   ("access-control-max-age", "600")]
+        if request.headers.get("access-control-request-private-network") == "true":
+            headers.append(("access-control-allow-private-network", "true"))  # Chrome: a public page to loopback
+        await respond.send_full(204, headers, b"")
+
+    async def _refuse_origin(self, request: Request, respond: Responder, reason: str) -> None:
+        """A 403 in the caller's format saying why; logged once per reason (a page may retry often)."""
+        if reason not in self._refusals_logged:
+            if len(self._refusals_logged) >= 256:  # client-controlled values: keep the memory bounded
+                self._refusals_logged.clear()
+            self._refusals_logged.add(reason)
+            log.warning("refused %s %s: %s", request.method, _shown(request.path), reason)
+        await self._send_error(request, respond, OriginError(reason))
 
     def _check_gateway_key(self, request: Request) -> None:
         expected = self.config.listener.api_key
@@ -6146,7 +6392,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
         if config.stats.enabled else None
     try:
         async with trio.open_nursery() as nursery:
-            async with Gateway(config, router=router, ledger=ledger) as gateway:
+            async with Gateway(config, router=router, ledger=ledger, host=host) as gateway:
                 async with trio.open_nursery() as connections:
 
                     async def handle_connection(stream: trio.SocketStream) -> None:
@@ -6500,6 +6746,9 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     except httpx.HTTPError as e:
         return _Finding("problem", "reach", f"{model.base_url}: unreachable ({type(e).__name__}: "
                                            f"{_scrub(str(e), secrets) or 'no detail'})")
+    if status in (401, 403) and model.withheld_key:
+        return _Finding("problem", "reach", f"{model.base_url}: reachable, but it asks for a key and is sent none "
+                                           f"(HTTP {status}; see the key line)")
     if status in (401, 403):
         which = f" (${model.key_env})" if model.key_env else ""
         return _Finding("problem", "reach",
@@ -6524,6 +6773,12 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         elif model.access_key:
             where = f"${model.key_env}" if model.key_env else "written in the config"
             findings.append(_Finding("ok", "key", f"{model.name}: key set ({where})"))
+        elif model.withheld_key:
+            findings.append(_Finding("note", "key", withheld_key_warning(model.name, model.base_url,
+                                                                         model.withheld_key)))
+        elif not model.key_env:  # a custom provider (a local server) with no `access_key`
+            findings.append(_Finding("note", "key", f"{model.name}: no key configured, none is sent (set "
+                                                    "`access_key` if that server needs one)"))
         else:
             findings.append(_Finding("problem", "key", f"{model.name}: ${model.key_env} is not set (export it or "
                                                        f"put it in .env beside the config)"))

@@ -2340,7 +2340,8 @@ def test_a_rejected_key_is_reported_without_echoing_it(provider):
 # ── errors in the caller's format ─────────────────────────────────────────────────────────
 
 def test_invalid_json_is_a_400_in_anthropic_shape(gateway):
-    response = httpx.post(gateway.url + "/v1/messages", content=b"{not json")
+    response = httpx.post(gateway.url + "/v1/messages", content=b"{not json",
+                          headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["type"] == "error"
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -6247,7 +6248,7 @@ def test_a_request_whose_body_stalls_is_cut_off_with_408(strict_gateway):
 
 
 def test_an_idle_keep_alive_connection_is_closed(strict_gateway):
-    answer = raw_exchange(strict_gateway.url, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    answer = raw_exchange(strict_gateway.url, b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1  # then closed by plano
 
 
@@ -6276,7 +6277,7 @@ def test_connections_beyond_the_cap_wait_for_a_free_slot(provider):
         holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         time.sleep(0.2)  # both are accepted and hold their slots
         third = socket.create_connection(("127.0.0.1", port), timeout=1)
-        third.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        third.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         with pytest.raises(socket.timeout):
             third.recv(100)
         holders[0].close()
@@ -7203,6 +7204,432 @@ def test_anthropic_sdk_tool_loop_after_commentary_through_a_responses_upstream(r
     messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool.id, "content": "a.txt"}]}]
     assert ask().content[-1].text == "tool said: a.txt"
+
+
+# ── issue 18: browser-origin protection, and keys only where they belong ─────────────────
+
+CHAT = {"model": "openai/gpt-4o", "messages": [USER_HI]}
+MESSAGES = {"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]}
+# Each endpoint with a request that it answers when nothing is wrong with where it came from.
+ENDPOINTS = [("POST", "/v1/chat/completions", CHAT), ("POST", "/v1/messages", MESSAGES),
+             ("POST", "/v1/responses", {"model": "openai/gpt-4o", "input": "hi"}),
+             ("POST", "/v1/messages/count_tokens", MESSAGES), ("GET", "/v1/models", None), ("GET", "/healthz", None),
+             ("GET", "/plano/usage", None), ("GET", "/plano/decisions", None), ("GET", "/plano", None)]
+
+
+def call(running: RunningPlano, method: str, path: str, body: dict | None, **headers: str) -> httpx.Response:
+    return httpx.request(method, running.url + path, json=body, timeout=30,
+                         headers={name.replace("_", "-"): value for name, value in headers.items()})
+
+
+def port_of(running: RunningPlano) -> int:
+    return running.info.port
+
+
+def refused_in_callers_format(response: httpx.Response, path: str, *words: str) -> str:
+    """The 403 a refusal is: the caller's API format, a message that names what to configure."""
+    assert response.status_code == 403, response.text
+    assert not any(name.startswith("access-control-") for name in response.headers)
+    body = response.json()
+    if path.startswith("/v1/messages"):
+        assert (body["type"], body["error"]["type"]) == ("error", "permission_error")
+    else:
+        assert body["error"]["type"] == "permission_error"
+    message = body["error"]["message"]
+    assert all(word in message for word in words), message
+    return message
+
+
+@pytest.mark.parametrize("method, path, body", ENDPOINTS, ids=[f"{m} {p}" for m, p, _ in ENDPOINTS])
+def test_a_foreign_host_is_refused_on_every_endpoint_while_loopback_names_are_served(gateway, provider, method,
+                                                                                   path, body):
+    port = port_of(gateway)
+    # DNS rebinding: the page's own name, pointed at 127.0.0.1, with plano's port; and one without a port.
+    for host in (f"rebind.test:{port}", "rebind.test", f"localhost.rebind.test:{port}", f"127.0.0.1.nip.io:{port}"):
+        refused_in_callers_format(call(gateway, method, path, body, host=host), path, "listeners[].allowed_hosts")
+    assert provider.requests == []
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"LocalHost:{port}",
+                 f"10.1.2.3:{port}"):  # an address cannot be rebound: a LAN client's Host on a wildcard bind
+        response = call(gateway, method, path, body, host=host)
+        assert response.status_code == 200, (host, response.text)
+
+
+def test_a_page_on_another_loopback_port_or_site_is_refused_and_the_gateways_own_origin_is_served(gateway, provider):
+    port = port_of(gateway)
+    for headers in ({"origin": "http://127.0.0.1:8000"}, {"origin": f"http://localhost:{port + 1}"},
+                    {"origin": f"http://127.0.0.1:{port}", "host": f"localhost:{port}"},  # Origin and Host disagree
+                    {"origin": "https://evil.example"}, {"sec_fetch_site": "cross-site"},
+                    {"sec_fetch_site": "cross-site", "origin": "https://evil.example"}):
+        for method, path, body in (ENDPOINTS[0], ENDPOINTS[1], ("GET", "/plano/usage", None)):
+            refused_in_callers_format(call(gateway, method, path, body, **headers), path,
+                                      "listeners[].cors_origins", "spend your keys")
+    message = refused_in_callers_format(call(gateway, "POST", "/v1/messages", MESSAGES, origin="null"),
+                                        "/v1/messages", "`Origin: null`")
+    assert "file: pages" in message
+    assert provider.requests == []
+    for headers in ({"origin": f"http://127.0.0.1:{port}"}, {"origin": f"http://localhost:{port}", "host":
+                    f"localhost:{port}"}, {"sec_fetch_site": "same-origin", "origin": f"http://127.0.0.1:{port}"},
+                    {"sec_fetch_site": "none"}, {"sec_fetch_site": "same-origin"}):
+        for method, path, body in ENDPOINTS:
+            response = call(gateway, method, path, body, **headers)
+            assert response.status_code == 200, (headers, path, response.text)
+            assert not any(name.startswith("access-control-") for name in response.headers)  # CORS stays off
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None, "application/jsonp",
+                                          "text/json"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses",
+                                  "/v1/messages/count_tokens"])
+def test_an_api_post_that_is_not_json_typed_is_a_415_saying_what_to_send(gateway, provider, path, content_type):
+    body = json.dumps(MESSAGES if path.startswith("/v1/messages") else CHAT).encode()
+    response = httpx.post(gateway.url + path, content=body,
+                          headers={"content-type": content_type} if content_type else {})
+    assert response.status_code == 415, response.text
+    error = response.json()
+    if path.startswith("/v1/messages"):
+        assert (error["type"], error["error"]["type"]) == ("error", "invalid_request_error")
+    assert "send `Content-Type: application/json`" in error["error"]["message"]
+    assert (content_type or "no Content-Type") in error["error"]["message"]
+    assert provider.requests == []
+
+
+def test_a_multipart_form_upload_is_refused_and_json_types_with_parameters_are_served(gateway, provider):
+    form = httpx.post(gateway.url + "/v1/chat/completions", files={"model": (None, "openai/gpt-4o")},
+                      data={"messages": "hi"})
+    assert form.status_code == 415 and "multipart/form-data" in form.json()["error"]["message"]
+    assert provider.requests == []
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.plano+json"):
+        response = httpx.post(gateway.url + "/v1/chat/completions", content=json.dumps(CHAT).encode(),
+                              headers={"content-type": content_type})
+        assert response.status_code == 200, (content_type, response.text)
+
+
+def test_a_refusal_is_logged_once_with_the_client_value_escaped(gateway, caplog):
+    port = port_of(gateway)
+    request = (f"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+               "origin: http://\xe9vil.test\\u001b[31m\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+               ).encode("latin-1")
+    with caplog.at_level(logging.WARNING, logger="plano"):
+        for _ in range(3):
+            answer = raw_exchange(gateway.url, request, timeout=5)
+            assert answer.startswith(b"HTTP/1.1 403") and b"permission_error" in answer
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused POST /v1/messages")]
+    assert len(lines) == 1, lines  # a page that keeps trying does not fill the log
+    assert "`Origin: http://\\xe9vil.test\\\\u001b[31m`" in lines[0] and "é" not in lines[0]
+
+
+@pytest.fixture
+def cors_gateway(provider):
+    running = RunningPlano(config_for(provider, sections={"listeners": [{
+        "address": "127.0.0.1", "port": 0, "cors_origins": ["http://localhost:3000/", "https://App.Example.com"],
+        "allowed_hosts": ["plano.internal"]}]}))
+    yield running
+    running.stop()
+
+
+def test_a_listed_origin_gets_cors_headers_and_its_preflight_answered_while_others_are_refused(cors_gateway,
+                                                                                             provider):
+    preflight = httpx.request("OPTIONS", cors_gateway.url + "/v1/chat/completions", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type,authorization,x-stainless-os",
+        "access-control-request-private-network": "true"})
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert preflight.headers["access-control-allow-headers"] == "content-type,authorization,x-stainless-os"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-private-network"] == "true"
+    for origin in ("http://localhost:3000", "https://app.example.com"):  # cross-site to the browser: still allowed
+        answer = httpx.post(cors_gateway.url + "/v1/chat/completions", json=CHAT,
+                            headers={"origin": origin, "sec-fetch-site": "cross-site"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert answer.headers["access-control-expose-headers"] == "*"  # x-plano-model, retry-after, …
+    error = httpx.post(cors_gateway.url + "/v1/chat/completions", json={"model": 7},
+                       headers={"origin": "http://localhost:3000"})
+    assert error.status_code == 400 and error.headers["access-control-allow-origin"] == "http://localhost:3000"
+    odd = httpx.request("OPTIONS", cors_gateway.url + "/v1/messages", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "POST",
+        "access-control-request-headers": b"x-\xe9"})
+    assert odd.headers["access-control-allow-headers"] == plano._CORS_REQUEST_HEADERS
+    sent = len(provider.requests)
+    for origin in ("http://localhost:3001", "http://app.example.com", "null"):
+        other = httpx.request("OPTIONS", cors_gateway.url + "/v1/chat/completions", headers={
+            "origin": origin, "access-control-request-method": "POST"})
+        refused_in_callers_format(other, "/v1/chat/completions")
+        refused_in_callers_format(httpx.post(cors_gateway.url + "/v1/chat/completions", json=CHAT,
+                                             headers={"origin": origin}), "/v1/chat/completions")
+    assert len(provider.requests) == sent
+    assert httpx.get(cors_gateway.url + "/healthz", headers={"host": "plano.internal:8443"}).status_code == 200
+    assert httpx.get(cors_gateway.url + "/healthz", headers={"host": "other.internal"}).status_code == 403
+
+
+@pytest.mark.parametrize("listener, expected", [
+    ({"allowed_hosts": ["http://plano.internal"]}, "`allowed_hosts` each entry is a host name"),
+    ({"allowed_hosts": ["plano.internal:8080"]}, "`allowed_hosts` each entry is a host name"),
+    ({"allowed_hosts": "plano.internal"}, "`allowed_hosts` must be a list"),
+    ({"cors_origins": ["*"]}, "`cors_origins` '*' would let any web page spend your keys"),
+    ({"cors_origins": ["null"]}, "`cors_origins` 'null' would let any web page"),
+    ({"cors_origins": ["localhost:3000"]}, "`cors_origins` each entry is an origin such as http://localhost:3000"),
+    ({"cors_origins": ["http://localhost:3000/app"]}, "`cors_origins` each entry is an origin"),
+    ({"cors_origins": [3000]}, "`cors_origins` each entry is an origin"),
+])
+def test_a_bad_allowed_host_or_cors_origin_is_a_config_error_naming_file_and_line(listener, expected):
+    text = config_yaml({"model": "openai/gpt-4o", "access_key": "k"},
+                       listeners=[{"address": "127.0.0.1", "port": 12000, **listener}])
+    with pytest.raises(plano.ConfigError) as caught:
+        plano.parse_config(text, path="bad.yaml", environ={})
+    line = next(i for i, text_line in enumerate(text.splitlines(), 1) if text_line.strip().startswith(
+        next(iter(listener))))
+    assert caught.value.message.startswith(f"bad.yaml:{line}: {expected}"), caught.value.message
+
+
+_HOST_LABELS = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.lists(_HOST_LABELS, min_size=1, max_size=4).map(".".join), port=st.none() | st.integers(1, 65535),
+       address=st.ip_addresses(), listed=st.booleans())
+def test_a_host_is_taken_only_when_it_is_loopback_an_address_or_listed(name, port, address, listed):
+    listener = plano.Listener(allowed_hosts=(name,) if listed else ())
+    policy = plano.OriginPolicy.for_listener(listener, "127.0.0.1")
+    suffix = f":{port}" if port else ""
+    is_address = re.fullmatch(r"[0-9.]+", name) is not None and name.count(".") == 3 and all(
+        part.isdigit() and int(part) < 256 and (part == "0" or not part.startswith("0")) for part in name.split("."))
+    assert policy.answers_to(name + suffix) is (listed or name == "localhost" or is_address)
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    assert policy.answers_to(literal + suffix)
+    assert policy.refusal({"host": literal + suffix, "origin": f"http://{literal}{suffix}"}) is None
+    if name != literal:
+        assert policy.refusal({"host": literal + suffix, "origin": f"http://{name}{suffix}"}) is not None
+
+
+# ── a hostile web page, in the real headless Chromium ─────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def rebinding_chromium(chromium):
+    """Another Chromium (one Playwright per thread: the live page's), in which rebind.test resolves to
+    127.0.0.1: what DNS rebinding achieves, without DNS. Chromium's own Local Network Access check (a
+    public page's request to loopback needs the user's permission) is off: Firefox and Safari have
+    none, and a user may grant it; plano must hold without it."""
+    browser = chromium.browser_type.launch(executable_path=os.environ.get("PLANO_CHROMIUM", "/usr/bin/chromium"), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP rebind.test 127.0.0.1",
+        "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
+        "PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults"])
+    yield browser
+    browser.close()
+
+
+@contextlib.contextmanager
+def page_server(html: str):
+    """A web site on another loopback port (another origin than plano's) serving one page."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/html; charset=utf-8")
+            self.end_headers()
+            self.wfile.write(html.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def hostile_page(plano_url: str) -> str:
+    """Plain HTML forms (no script needed: a click sends them) aimed at plano's chat endpoints, the
+    text/plain one shaped so that its body is JSON, as CSRF against JSON APIs is done."""
+    json_head = '{"model":"openai/gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"pwned"}],"x":"'
+    forms = "".join(
+        f'<form method="post" action="{plano_url}{path}" enctype="{enctype}" target="sink">'
+        f'<input name=\'{json_head}\' value=\'"}}\'><button id="{name}">go</button></form>'
+        for name, path, enctype in (("chat-form", "/v1/chat/completions", "application/x-www-form-urlencoded"),
+                                    ("messages-form", "/v1/messages", "application/x-www-form-urlencoded"),
+                                    ("chat-text", "/v1/chat/completions", "text/plain"),
+                                    ("messages-text", "/v1/messages", "text/plain")))
+    return f"<!doctype html><title>cute cats</title>{forms}<iframe name=sink></iframe>"
+
+
+def test_a_hostile_page_can_neither_spend_keys_nor_read_anything_and_the_live_page_still_works(
+        rebinding_chromium, provider, tmp_path):
+    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}}))
+    port = port_of(running)
+    context = rebinding_chromium.new_context()
+    statuses: list[tuple[str, str, int]] = []  # what plano answered, as the browser's network layer saw it
+    context.on("response", lambda r: statuses.append((r.request.method, r.url, r.status))
+               if f":{port}/" in r.url else None)
+    try:
+        httpx.post(running.url + "/v1/chat/completions", json=CHAT)  # something for the usage endpoints to show
+        spent = len(provider.requests)
+        with page_server(hostile_page(running.url)) as site:
+            page = context.new_page()
+            page.goto(site + "/")
+            for button in ("chat-form", "messages-form", "chat-text", "messages-text"):  # (a) plain form posts
+                with page.expect_response(lambda r: f":{port}/v1/" in r.url):
+                    page.click(f"#{button}")
+            chat_body = json.dumps(CHAT)
+            tries = page.evaluate("""async ([url, body]) => {
+                const out = {};
+                // (b) no-cors: the browser sends it (text/plain, no preflight) and hides the answer
+                out.noCors = (await fetch(url + '/v1/chat/completions', {mode: 'no-cors', method: 'POST', body})).type;
+                out.noCorsJson = (await fetch(url + '/v1/messages', {mode: 'no-cors', method: 'POST', body,
+                                  headers: {'content-type': 'application/json'}})).type;
+                // a CORS read, which needs plano's consent (a preflight for the JSON post)
+                for (const [name, init] of [['read', {}], ['post', {method: 'POST', body,
+                                             headers: {'content-type': 'application/json'}}]]) {
+                    try { out[name] = (await (await fetch(url + '/plano/usage', init)).text()); }
+                    catch (e) { out[name] = 'blocked: ' + e.name; }
+                }
+                return out;
+            }""", [running.url, chat_body])
+            page.close()
+            assert tries == {"noCors": "opaque", "noCorsJson": "opaque", "read": "blocked: TypeError",
+                             "post": "blocked: TypeError"}
+
+            # (c) DNS rebinding: the attacker's page is loaded from rebind.test:PORT (served by the attacker
+            # before the name is re-pointed), and its same-origin reads then reach plano at 127.0.0.1:PORT.
+            rebound = context.new_page()
+            rebound.route(f"http://rebind.test:{port}/", lambda route: route.fulfill(
+                status=200, content_type="text/html", body="<!doctype html><title>rebound</title>"))
+            rebound.goto(f"http://rebind.test:{port}/")
+            reads = rebound.evaluate("""async (body) => {
+                const out = {};
+                for (const path of ['/plano/usage', '/plano/decisions', '/v1/models', '/plano/']) {
+                    const r = await fetch(path);
+                    out[path] = [r.status, await r.text()];
+                }
+                const r = await fetch('/v1/chat/completions', {method: 'POST', body,
+                                      headers: {'content-type': 'application/json'}});
+                out.post = [r.status, await r.text()];
+                return out;
+            }""", chat_body)
+            rebound.close()
+
+        live = context.new_page()  # the gateway's own page, same-origin: still works
+        live.goto(running.url + "/plano/")
+        live.wait_for_selector("#status:has-text('live')", timeout=15000)
+        live.wait_for_selector("#models tr:has-text('openai/gpt-4o')", timeout=15000)
+        live.close()
+    finally:
+        context.close()
+        running.stop()
+    assert len(provider.requests) == spent  # the page made plano call the provider not once
+    for what, (status, text) in reads.items():  # reached plano (the browser let it go) and was refused
+        assert status == 403 and "DNS rebinding" in text, (what, status, text)
+        assert "openai/gpt-4o" not in text and "decisions" not in text
+    sent_to_plano = [(method, url.split(f":{port}", 1)[1], status) for method, url, status in statuses]
+    posts = [entry for entry in sent_to_plano if entry[0] == "POST"]
+    assert posts and all(status == 403 for _, _, status in posts), sent_to_plano  # forms and fetches, refused
+    assert {path for _, path, _ in posts} >= {"/v1/chat/completions", "/v1/messages"}
+    assert ("GET", "/plano/", 200) in sent_to_plano and ("GET", "/plano/usage", 200) in sent_to_plano
+
+
+# ── keys only where they belong ───────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("provider_name, base_url, belongs", [
+    ("openai", "https://api.openai.com/v1", True),
+    ("openai", "https://API.openai.com:443/v1/", True),
+    ("openai", "http://api.openai.com/v1", False),  # never over plain http
+    ("openai", "https://api.openai.com:8443/v1", False),
+    ("openai", "https://api.openai.com.evil.test/v1", False),
+    ("openai", "https://api.openai.com@evil.test/v1", False),
+    ("openai", "https://eu.api.openai.com/v1", False),  # plausible, but the config has to say so
+    ("openai", "http://127.0.0.1:8000/v1", False),
+    ("anthropic", "https://api.anthropic.com", True),
+    ("anthropic", "https://my-proxy.example/anthropic", False),
+    ("gemini", "https://generativelanguage.googleapis.com/v1beta/openai/", True),
+    ("azure_openai", "https://my-resource.openai.azure.com/openai/v1", True),
+    ("azure_openai", "https://openai.azure.com.evil.test/openai/v1", False),
+    ("azure_openai", "https://my-apim.azure-api.net/openai/v1", False),
+])
+def test_a_providers_key_variable_belongs_only_at_its_own_https_host(provider_name, base_url, belongs):
+    assert plano.default_key_belongs_at(plano.PROVIDERS[provider_name], base_url) is belongs
+
+
+def withheld_config(provider: StandInProvider, named: bool, **sections: Any) -> str:
+    """Both formats at the stand-in under the providers' own prefixes, with (`named`) or without
+    `access_key:` naming the providers' key variables."""
+    keys = [{"access_key": "$OPENAI_API_KEY"}, {"access_key": "$ANTHROPIC_API_KEY"}] if named else [{}, {}]
+    return config_yaml({"model": "openai/gpt-4o", "base_url": provider.openai_base, **keys[0]},
+                       {"model": "anthropic/claude-sonnet-5", "base_url": provider.anthropic_base, **keys[1]},
+                       router=ROUTER_OFF, **sections)
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "anthropic/claude-sonnet-5"])
+def test_a_providers_key_is_not_sent_to_another_base_url_unless_the_config_names_it(provider, model):
+    environ = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+    variable = "OPENAI_API_KEY" if model.startswith("openai") else "ANTHROPIC_API_KEY"
+    config = plano.parse_config(withheld_config(provider, named=False), path=CONFIG_PATH, environ=environ)
+    assert [m.withheld_key for m in config.models] == ["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]
+    with RunningPlano(config) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:  # the stand-in wants its key: 401
+            anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    sent = provider.requests[-1].headers
+    assert "authorization" not in sent and "x-api-key" not in sent
+    assert OPENAI_KEY not in json.dumps(sent) and ANTHROPIC_KEY not in json.dumps(sent)
+    assert f"set `access_key: ${variable}` on this model" in caught.value.message
+    named = plano.parse_config(withheld_config(provider, named=True), path=CONFIG_PATH, environ=environ)
+    assert [m.withheld_key for m in named.models] == [None, None] and named.warnings == ()
+    with RunningPlano(named) as running:
+        answer = anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
+    assert answer.content[0].text == "echo: hi"
+    sent = provider.requests[-1].headers
+    assert sent.get("authorization") == f"Bearer {OPENAI_KEY}" if model.startswith("openai") else \
+        sent.get("x-api-key") == ANTHROPIC_KEY
+
+
+def test_a_keyless_server_under_a_providers_prefix_is_served_without_its_key(provider):
+    # A local server that wants no key (vLLM, llama-server) under `openai/`, as many configs write it.
+    provider.then(Reply(200, {"id": "c", "object": "chat.completion", "created": 1, "model": "llama-3", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "local"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+    text = config_yaml({"model": "openai/llama-3", "base_url": provider.openai_base}, router=ROUTER_OFF)
+    config = plano.parse_config(text, path=CONFIG_PATH, environ={"OPENAI_API_KEY": OPENAI_KEY})
+    with RunningPlano(config) as running:
+        answer = openai_client(running).chat.completions.create(model="openai/llama-3", messages=[USER_HI])
+    assert answer.choices[0].message.content == "local"
+    assert "authorization" not in provider.requests[-1].headers
+
+
+def test_up_and_doctor_each_say_in_one_line_that_the_key_is_not_sent(tmp_path, provider):
+    port = free_port()
+    config = write_config(tmp_path, withheld_config(provider, named=False,
+                                                    listeners=[{"address": "127.0.0.1", "port": port}]))
+    environment = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    environment.update(OPENAI_API_KEY=OPENAI_KEY, ANTHROPIC_API_KEY=ANTHROPIC_KEY)
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", config], stderr=subprocess.PIPE,
+                               text=True, env=environment, cwd=tmp_path)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        err = stop_process(process)
+    expected = (f"openai/gpt-4o: no key is sent to {provider.openai_base.removesuffix('/v1')}: $OPENAI_API_KEY goes "
+                "only to the provider's own URL; if that server should get it, set `access_key: $OPENAI_API_KEY` "
+                "on this model")
+    said = [line for line in err.splitlines() if "openai/gpt-4o: no key" in line]
+    assert len(said) == 1 and said[0].endswith(f"warning: {expected}"), err
+    assert sum("anthropic/claude-sonnet-5: no key is sent to" in line for line in err.splitlines()) == 1, err
+    doctor_run = run_plano_cli("doctor", "--config", config, "--offline",
+                               env={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}, cwd=tmp_path)
+    lines = doctor_run.stdout.splitlines()
+    assert f"· key       {expected}" in lines, lines
+    assert sum("no key is sent to" in line for line in lines) == 2
+    assert OPENAI_KEY not in err + doctor_run.stdout + doctor_run.stderr
+
+
+def test_doctor_says_a_custom_model_without_access_key_is_sent_none(tmp_path):
+    config = write_config(tmp_path, config_yaml({"model": "local/qwen3", "base_url": "http://127.0.0.1:9/v1",
+                                                 "provider_interface": "openai"}, router=ROUTER_OFF))
+    lines = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path).stdout.splitlines()
+    assert line_about(lines, "key") == ("· key       local/qwen3: no key configured, none is sent (set `access_key` "
+                                        "if that server needs one)"), lines
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
