@@ -69,6 +69,19 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
+# Characters that must not reach a log line or a terminal raw from what clients and providers
+# choose (a model name, a session id, a provider's message): C0 controls (a newline forges a log
+# line, ESC starts a terminal sequence), DEL and C1 controls (0x9b is CSI on 8-bit terminals),
+# Unicode's line and paragraph separators, the bidirectional overrides that make a line read other
+# than it is, and lone surrogates (no UTF-8 log file takes one).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: Any) -> str:
+    """`text` for a log line or a terminal: the characters above as Python escapes (`\\n`,
+    `\\x1b`, `\\u202e`); everything else, accents and emoji included, as it is."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
+
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Errors: one family, each carrying the HTTP status and the API error type it renders as.
@@ -4560,7 +4573,9 @@ _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route",
 class UsageLedger:
     """One row per answered request, in an SQLite file. One thread owns the connection and does
     every write; `record()` only puts the row in a bounded queue, so a slow or locked database
-    delays the ledger, never a request (past the queue's bound, rows are counted and dropped)."""
+    delays the ledger, never a request (past the queue's bound, rows are counted and dropped).
+    A row SQLite cannot take (a number past its 64-bit integers, a value of a type it does not
+    store) is dropped with a log line, and the rows around it are written: the writer never dies."""
 
     BATCH_SECONDS = 0.25
 
@@ -4607,6 +4622,28 @@ class UsageLedger:
         connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
         return connection
 
+    def _insert(self, connection: Any, batch: list[tuple]) -> None:
+        import sqlite3
+        # What a row, not the database, is to blame for: that row is dropped, the others written.
+        row_errors = (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                      sqlite3.DataError)
+        statement = f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})"
+        try:
+            with connection:  # one transaction for the batch: rolled back whole if a row fails
+                connection.executemany(statement, batch)
+            return
+        except row_errors:
+            pass
+        for row in batch:  # find the row to blame; write the others
+            try:
+                with connection:
+                    connection.execute(statement, row)
+            except row_errors as e:
+                with self._written:
+                    self.dropped += 1
+                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.path,
+                          type(e).__name__, printable(str(e)[:200]), printable(repr(row)[:500]))
+
     def _write_rows(self) -> None:
         import queue
         import sqlite3
@@ -4629,9 +4666,7 @@ class UsageLedger:
             try:
                 connection = connection or self._connect()
                 if batch:
-                    with connection:
-                        connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})",
-                                               batch)
+                    self._insert(connection, batch)
                 if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
                     with connection:
                         connection.execute("DELETE FROM usage WHERE time < ?",
@@ -4643,6 +4678,8 @@ class UsageLedger:
                 if not closing:
                     time.sleep(1.0)
                     continue
+            except Exception:  # a bug: these rows are lost, the later ones are not
+                log.exception("usage ledger %s: %d rows not written", self.path, len(batch))
             with self._written:
                 self._pending -= len(batch)
                 self._written.notify_all()
