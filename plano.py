@@ -4436,12 +4436,32 @@ def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) ->
     return max(tokens * (proposed.input - staying), 0) / 1e6
 
 
+# What plano keeps of a string a client chooses (the requested model, the session id) lives in
+# memory (decisions, pins), in the access log and in every ledger row for 90 days. Real ones are
+# short (model ids under 100 characters, session ids are UUIDs). Past MAX_KEPT_CHARS plano keeps
+# the start and a digest of the whole: the same long value always becomes the same kept one (a
+# session stays one session) and two different ones stay apart. A 400 instead would fail an
+# answer over bookkeeping, for a value plano only passes on or reads as a hint.
+MAX_KEPT_CHARS = 256
+
+
+def kept_text(text: str) -> str:
+    """`text` as plano keeps it: at most MAX_KEPT_CHARS characters (past them the first ones, `…`
+    and 16 hex digits of the whole's SHA-256), and storable (a lone surrogate, as from an emoji
+    cut in half, becomes its escape such as `\\ud83d`: SQLite and UTF-8 log files take no such thing)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= MAX_KEPT_CHARS:
+        return text
+    return f"{text[:MAX_KEPT_CHARS - 17]}…{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
     """Claude Code's session id header, else the session in `metadata.user_id`, else a digest of
-    the conversation's first user text (stable across the turns of one conversation)."""
+    the conversation's first user text (stable across the turns of one conversation); kept_text."""
     header = headers.get("x-claude-code-session-id") or headers.get("session-id")  # Claude Code's, Codex's
     if header:
-        return header
+        return kept_text(header)
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user_id, str) and user_id:
@@ -4450,10 +4470,10 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
-            return parsed["session_id"]
+            return kept_text(parsed["session_id"])
         match = re.search(r"session_([0-9a-fA-F-]{8,})", user_id)
         if match:
-            return match.group(1)
+            return kept_text(match.group(1))
     return "conv-" + hashlib.sha256(_first_user_text(body.get("messages")).encode()).hexdigest()[:16]
 
 
@@ -4465,7 +4485,7 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     except ValueError:
         return session
     turn = metadata.get("turn_id") if isinstance(metadata, dict) else None
-    return f"{session}/turn/{turn}" if isinstance(turn, str) and turn else session
+    return kept_text(f"{session}/turn/{turn}") if isinstance(turn, str) and turn else session
 
 
 def _first_user_text(messages: Any) -> str:
@@ -5235,7 +5255,7 @@ def usage_row(exchange: _Exchange, config: Config) -> dict:
     decision = exchange.decision
     assert decision is not None
     usage = exchange.usage or {}
-    row = {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+    row = {"time": time.time(), "session": exchange.session, "api": kept_text(exchange.request.path),
            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
            "cache_read_tokens": usage.get("cache_read_input_tokens"),
@@ -5628,6 +5648,7 @@ class Gateway:
         date/time, `?session=`)."""
         since = _parse_since(request.query.get("since"))
         session = request.query.get("session")
+        session = kept_text(session) if session is not None else None  # as the ledger keeps it
         if self.ledger is None:
             raise NotFoundError("usage accounting is off (stats: false)")
 
@@ -5641,7 +5662,8 @@ class Gateway:
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
-            records = self.decision_log.recent(request.query.get("session"))
+            session = request.query.get("session")
+            records = self.decision_log.recent(kept_text(session) if session is not None else None)
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
@@ -5700,10 +5722,11 @@ class Gateway:
         body = _parse_json_body(request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
+        requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
         if client_format == "responses":
             check_responses_request(body)
             if body.get("store") is True:
-                log.info("%s: `store: true` ignored; plano keeps no responses", requested)
+                log.info("%s: `store: true` ignored; plano keeps no responses", printable(requested))
             routed = {"messages": responses_conversation(body)}  # what the router reads
         else:
             _require(isinstance(body.get("messages"), list), "messages: must be a list")
