@@ -5132,8 +5132,8 @@ class Upstreams:
                 if not error.retryable or last:
                     raise
                 failures.append(f"{model.name}: {error.status}")
-                log.warning("%s failed (%s); trying %s", model.name,
-                            _scrub(error.message, config_secrets(config))[:200], candidates[attempt + 1].name)
+                log.warning("%s failed (%s); trying %s", model.name, printable(
+                    _scrub(error.message, config_secrets(config))[:200]), candidates[attempt + 1].name)
                 continue
             except ProviderKeyError:
                 if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
@@ -6011,8 +6011,8 @@ class _HTTPConnection(Responder):
                     await self._send(h11.EndOfMessage())
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
-        log.info("%s %s -> %d %s", request.method if request else "-", request.path if request else "-",
-                 status, message)
+        log.info("%s %s -> %d %s", printable(request.method if request else "-"),
+                 printable(kept_text(request.path) if request else "-"), status, printable(message))
         raise _ConnectionDone
 
     async def _answer(self, request: Request) -> None:
@@ -6332,8 +6332,8 @@ def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> l
     lines = [f"{title:<34} {'requests':>8} {'input':>10} {'cached':>10} {'output':>9} {'cache hit':>9} {'cost':>10}"]
     for name, t in groups.items():
         hit = "-" if t["cache_hit_rate"] is None else f"{t['cache_hit_rate']:.0%}"
-        lines.append(f"{name[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} {t['cache_read_tokens']:>10,} "
-                     f"{t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
+        lines.append(f"{printable(name)[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} "
+                     f"{t['cache_read_tokens']:>10,} {t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
     return lines
 
 
@@ -6767,7 +6767,7 @@ def _cmd_statusline(args: Any) -> int:
         print("plano ▸ no requests yet")
         return 0
     d = decisions[-1]
-    parts = [d["model"]] + ([d["route"]] if d.get("route") else [])
+    parts = [printable(d["model"])] + ([printable(d["route"])] if d.get("route") else [])
     try:
         spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
         parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
@@ -6779,7 +6779,7 @@ def _cmd_statusline(args: Any) -> int:
         parts.append("fallback")
     confidence = d.get("confidence")
     if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
-        parts.append(f"unsure: {confidence:.0%}, else {d.get('runner_up')}")
+        parts.append(f"unsure: {confidence:.0%}, else {printable(d.get('runner_up'))}")
     print("plano ▸ " + " · ".join(parts))
     return 0
 
@@ -6802,14 +6802,14 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
     if isinstance(record.get("confidence"), (int, float)):
         router_ms += f" p={record['confidence']:.2f}"
-    kind = record.get("decision", "?")
+    kind = printable(record.get("decision", "?"))
     return " ".join([
-        paint("2", str(record.get("time", ""))[-8:]),
-        f"{str(record.get('session') or '-')[:8]:8}",
-        f"{record.get('requested_model', '-')} → {paint('1', str(record.get('model', '-')))}",
-        f"[{route}]",
+        paint("2", printable(record.get("time", ""))[-8:]),
+        f"{printable(record.get('session') or '-')[:8]:8}",
+        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
+        f"[{printable(route)}]",
         paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
-        paint("31" if status and status >= 400 else "2", str(status)),
+        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
         f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
     ])
 
