@@ -1185,31 +1185,86 @@ def _anthropic_assistant_to_openai(content: list, where: str, model: ModelEntry)
     return message
 
 
+# A provider's token count is believed when it is a non-negative integer up to a billion (a
+# thousand times the largest context window there is). Anything else (a string, a float, a bool, a
+# negative number, 2**70) is no count at all and reads as missing, so cost sums, the access log and
+# the ledger (SQLite's integers end at 2**63) never meet it; the gateway logs which ones it was.
+MAX_TOKEN_COUNT = 10**9
+
+
+def _is_token_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKEN_COUNT  # type(): a bool is an int too
+
+
+def _token_count(value: Any) -> int:
+    """`value` as a provider's token count: 0 (missing) unless it is one (see MAX_TOKEN_COUNT)."""
+    return value if _is_token_count(value) else 0
+
+
+def _usage_field(usage: Any, name: str) -> Any:
+    return usage.get(name) if isinstance(usage, dict) else None
+
+
+def unusable_token_counts(answer: Any) -> list[str]:
+    """The token counts in a provider's answer or stream event that are not counts (see
+    MAX_TOKEN_COUNT), as `field=value` for a log line: every `*_tokens` field of its `usage`
+    (top level, or in `message` or `response` as Anthropic's and Responses' streams carry it),
+    details included. A missing count (absent, null) is not one of them."""
+    found: list[str] = []
+
+    def scan(usage: Any, path: str) -> None:
+        if not isinstance(usage, dict):
+            if usage is not None:
+                found.append(f"{path}={str(usage)[:40]}")
+            return
+        for name, value in usage.items():
+            if isinstance(value, dict):
+                scan(value, f"{path}.{name}")
+            elif isinstance(name, str) and name.endswith("_tokens") and value is not None \
+                    and not _is_token_count(value):
+                found.append(f"{path}.{name}={json.dumps(value)[:40]}")
+
+    if isinstance(answer, dict):
+        for holder, path in ((answer, "usage"), (answer.get("message"), "message.usage"),
+                             (answer.get("response"), "response.usage")):
+            if isinstance(holder, dict) and "usage" in holder:
+                scan(holder["usage"], path)
+    return found
+
+
+_ANTHROPIC_TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _anthropic_usage(usage: Any) -> dict:
+    """The token counts of an Anthropic `usage` object that are counts; the rest left out (missing)."""
+    if not isinstance(usage, dict):
+        return {}
+    return {name: usage[name] for name in _ANTHROPIC_TOKEN_COUNTS if _is_token_count(usage.get(name))}
+
+
 def _openai_usage_to_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt = usage.get("prompt_tokens") or 0
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or 0 if isinstance(details, dict) else 0
+    prompt = _token_count(usage.get("prompt_tokens"))
+    cached = _token_count(_usage_field(usage.get("prompt_tokens_details"), "cached_tokens"))
     # DeepSeek reports its cache hits under its own name.
-    cached = cached or usage.get("prompt_cache_hit_tokens") or 0
-    return {"input_tokens": max(prompt - cached, 0), "output_tokens": usage.get("completion_tokens") or 0,
+    cached = cached or _token_count(usage.get("prompt_cache_hit_tokens"))
+    return {"input_tokens": max(prompt - cached, 0), "output_tokens": _token_count(usage.get("completion_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
 def _openai_reasoning_tokens(usage: Any) -> int | None:
     """The reasoning share of an OpenAI-format answer's output tokens (Anthropic's usage has none:
     its thinking counts as output)."""
-    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
-    tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    return tokens if isinstance(tokens, int) else None
+    tokens = _usage_field(_usage_field(usage, "completion_tokens_details"), "reasoning_tokens")
+    return tokens if _is_token_count(tokens) else None
 
 
 def _anthropic_usage_to_openai(usage: Any) -> dict:
-    usage = usage if isinstance(usage, dict) else {}
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
-    completion = usage.get("output_tokens") or 0
+    usage = _anthropic_usage(usage)
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    completion = usage.get("output_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -1764,7 +1819,7 @@ class AnthropicToOpenAIStream:
         kind = data.get("type", event)
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
-            self.usage.update(message.get("usage") or {})
+            self.usage.update(_anthropic_usage(message.get("usage")))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -1787,7 +1842,7 @@ class AnthropicToOpenAIStream:
                                                      "function": {"arguments": delta.get("partial_json", "")}}]})]
             return []
         if kind == "message_delta":
-            self.usage.update(data.get("usage") or {})
+            self.usage.update(_anthropic_usage(data.get("usage")))
             reason = (data.get("delta") or {}).get("stop_reason")
             self.finish_reason = OPENAI_FINISH_FROM_ANTHROPIC.get(reason, "stop")
             return [self._chunk({}, finish=self.finish_reason)]
@@ -1955,6 +2010,7 @@ class StreamTranslator:
         self._passthrough_usage: dict = {}
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
+        self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
@@ -2021,6 +2077,7 @@ class StreamTranslator:
                 break
             try:
                 data = None if event.data.strip() == "[DONE]" else self._json(event)
+                self._check_usage(data)
                 if isinstance(self.machine, OpenAIToAnthropicStream):
                     out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
                 elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
@@ -2035,6 +2092,10 @@ class StreamTranslator:
         if self.client_format in ("anthropic", "responses"):
             return b"".join(encode_sse(data, name) for name, data in items)
         return b"".join(encode_sse(item) for item in items)
+
+    def _check_usage(self, data: Any) -> None:
+        if len(self.unusable_usage) < 8:  # what the log line shows; a stream may repeat them in every event
+            self.unusable_usage += unusable_token_counts(data)[:8 - len(self.unusable_usage)]
 
     @staticmethod
     def _json(event: SSEEvent) -> Any:
@@ -2053,6 +2114,7 @@ class StreamTranslator:
             return
         if not isinstance(data, dict):
             return
+        self._check_usage(data)
         if self.upstream_format == "openai":
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
@@ -2079,9 +2141,9 @@ class StreamTranslator:
         if kind in ("message_stop", "error"):
             self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
         elif kind == "message_start":
-            self._passthrough_usage.update((data.get("message") or {}).get("usage") or {})
+            self._passthrough_usage.update(_anthropic_usage(_usage_field(data.get("message"), "usage")))
         elif kind == "message_delta":
-            self._passthrough_usage.update(data.get("usage") or {})
+            self._passthrough_usage.update(_anthropic_usage(data.get("usage")))
 
 
 # ── Wire formats: OpenAI Responses ────────────────────────────────────────────────────────────
@@ -2350,16 +2412,14 @@ def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
 def _responses_usage_to_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
-    cached = details.get("cached_tokens") or 0
-    return {"input_tokens": max((usage.get("input_tokens") or 0) - cached, 0),
-            "output_tokens": usage.get("output_tokens") or 0,
+    cached = _token_count(_usage_field(usage.get("input_tokens_details"), "cached_tokens"))
+    return {"input_tokens": max(_token_count(usage.get("input_tokens")) - cached, 0),
+            "output_tokens": _token_count(usage.get("output_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
 def _reasoning_tokens(usage: Any) -> int:
-    details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
-    return (details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
+    return _token_count(_usage_field(_usage_field(usage, "output_tokens_details"), "reasoning_tokens"))
 
 
 def _summary_text(item: dict) -> str:
@@ -2688,10 +2748,10 @@ def _keep_sampling(body: dict, out: dict, model: ModelEntry) -> None:
 
 
 def _responses_usage_from_anthropic(usage: Any) -> dict:
-    usage = usage if isinstance(usage, dict) else {}
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
-    output = usage.get("output_tokens") or 0
+    usage = _anthropic_usage(usage)
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    output = usage.get("output_tokens", 0)
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
 
@@ -2786,7 +2846,7 @@ class AnthropicToResponsesStream:
         events = self._start()
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
-            self.usage.update(message.get("usage") or {})
+            self.usage.update(_anthropic_usage(message.get("usage")))
         elif kind == "content_block_start":
             events += self._close()
             events += self._open(data.get("content_block") or {})
@@ -2795,7 +2855,7 @@ class AnthropicToResponsesStream:
         elif kind == "content_block_stop":
             events += self._close()
         elif kind == "message_delta":
-            self.usage.update(data.get("usage") or {})
+            self.usage.update(_anthropic_usage(data.get("usage")))
             self.stop_reason = (data.get("delta") or {}).get("stop_reason")
         elif kind == "message_stop":
             events += self._complete()
@@ -3092,6 +3152,7 @@ class TranslatedAnswer:
     content: bytes
     usage: dict  # Anthropic-shaped: token kinds apart
     reasoning_tokens: int | None
+    unusable_usage: list[str] = field(default_factory=list)  # the provider's counts that were not (for the log)
 
 
 def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format: str) -> TranslatedAnswer:
@@ -3107,9 +3168,11 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
         usage = _responses_usage_to_anthropic(payload.get("usage"))
         reasoning_tokens = _reasoning_tokens(payload.get("usage"))
     else:
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage = _anthropic_usage(payload.get("usage"))
+    unusable = unusable_token_counts(payload)
     if model.interface == client_format:
-        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens)
+        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens,
+                                unusable)
     try:
         if model.interface == "responses":
             answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
@@ -3124,15 +3187,15 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
     except (AttributeError, TypeError, KeyError) as e:
         raise UpstreamError(f"{model.name}: malformed answer from the provider ({e})",
                             status=502, error_type="api_error") from None
-    return TranslatedAnswer(_json_bytes(answer), usage, reasoning_tokens)
+    return TranslatedAnswer(_json_bytes(answer), usage, reasoning_tokens, unusable)
 
 
 def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
     """(input tokens including cache reads, output tokens) of Anthropic-shaped usage, for the log."""
     if not usage:
         return None, None
-    return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
-            usage.get("output_tokens") or 0)
+    return (_token_count(usage.get("input_tokens")) + _token_count(usage.get("cache_read_input_tokens")),
+            _token_count(usage.get("output_tokens")))
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -5012,10 +5075,13 @@ class _Exchange:
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
+    unusable_usage: list[str] = field(default_factory=list)  # the provider's token counts that were not
 
-    def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> None:
+    def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None,
+             unusable_usage: list[str] | None = None) -> None:
         self.usage, self.reasoning_tokens = usage or None, reasoning_tokens
         self.input_tokens, self.output_tokens = _token_counts(self.usage)
+        self.unusable_usage = unusable_usage or []
 
 
 class ProviderHealth:
@@ -5244,9 +5310,9 @@ def usage_cost(row: Mapping[str, Any], prices: Prices | None) -> float | None:
     if prices is None or prices.input is None or prices.output is None:
         return None
     cached = prices.cached_input if prices.cached_input is not None else prices.input
-    return ((row.get("input_tokens") or 0) * prices.input + (row.get("cache_read_tokens") or 0) * cached
-            + (row.get("cache_write_tokens") or 0) * prices.input
-            + (row.get("output_tokens") or 0) * prices.output) / 1e6
+    return (_token_count(row.get("input_tokens")) * prices.input + _token_count(row.get("cache_read_tokens")) * cached
+            + _token_count(row.get("cache_write_tokens")) * prices.input
+            + _token_count(row.get("output_tokens")) * prices.output) / 1e6
 
 
 def usage_row(exchange: _Exchange, config: Config) -> dict:
@@ -5681,10 +5747,13 @@ class Gateway:
         d = exchange.decision
         elapsed = (time.monotonic() - exchange.started) * 1000
         tokens = "-" if exchange.input_tokens is None else f"{exchange.input_tokens}/{exchange.output_tokens}"
+        if exchange.unusable_usage:
+            log.warning("%s: the provider's usage has token counts that are not counts, read as missing: %s",
+                        printable(d.model if d else "-"), printable(", ".join(exchange.unusable_usage)))
         log.info("%s %s %s -> %s [%s%s] %s upstream=%s ttfb=%s total=%.0fms tokens=%s",
-                 exchange.request.method, exchange.request.path, exchange.requested_model or "-",
-                 d.model if d else "-", d.decision if d else "-",
-                 f":{d.route}" if d and d.route else "", exchange.status or "-",
+                 printable(exchange.request.method), printable(kept_text(exchange.request.path)),
+                 printable(exchange.requested_model or "-"), printable(d.model if d else "-"), d.decision if d else "-",
+                 printable(f":{d.route}" if d and d.route else ""), exchange.status or "-",
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
@@ -5754,7 +5823,7 @@ class Gateway:
             else:
                 raw, payload = await _read_json_answer(upstream, exchange.model)
                 answer = translate_answer(raw, payload, exchange.model, client_format)
-                exchange.used(answer.usage, answer.reasoning_tokens)
+                exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
                 await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
                 exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
@@ -5773,7 +5842,7 @@ class Gateway:
             raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
                                 status=502, error_type="api_error") from None
         finally:
-            exchange.used(translate.usage, translate.reasoning_tokens)
+            exchange.used(translate.usage, translate.reasoning_tokens, translate.unusable_usage)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
         if translate.failure is not None:
