@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -1989,9 +1990,10 @@ class StreamTranslator:
     When both sides speak the same format the provider's bytes go on untouched, each event once
     its blank line has arrived, watched for the end of the answer and its usage; otherwise every
     event goes through the format's state machine. An event that fails (the provider's error
-    event, a broken stream) stops the translation: `feed` still returns what the events before it
-    produced, and the failure waits in `failure` for the caller to raise once that is sent, so
-    what the client sees does not depend on where the network reads happened to fall.
+    event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
+    still returns what the events before it produced, and the failure waits in `failure` for the
+    caller to raise once that is sent, so what the client sees does not depend on where the
+    network reads happened to fall.
     """
 
     def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
@@ -2006,7 +2008,7 @@ class StreamTranslator:
                 else AnthropicToOpenAIStream(model, include_usage)
         self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
         self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
-        self.failure: UpstreamError | StreamTranslationError | None = None
+        self.failure: Exception | None = None  # UpstreamError, StreamTranslationError, or a bug
         self._passthrough_usage: dict = {}
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
@@ -2047,7 +2049,7 @@ class StreamTranslator:
                 return self._encode(self.machine.finish())
             if not self.complete:
                 raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        except (UpstreamError, StreamTranslationError) as failure:
+        except Exception as failure:  # a bug included: it waits its turn like the others
             self.failure = failure
         return b""
 
@@ -2084,7 +2086,7 @@ class StreamTranslator:
                     out += self._encode(self.machine.feed(event.event, data))
                 elif isinstance(self.machine, ResponsesStreamChain):
                     out += self._encode(self.machine.feed(event.event, data))
-            except (UpstreamError, StreamTranslationError) as failure:
+            except Exception as failure:  # a bug too: the events before it still go out first
                 self.failure = failure
         return out
 
@@ -5152,6 +5154,26 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
+# A header value h11 sends as it is: visible ASCII, with spaces inside (not at either end, RFC 9110
+# §5.5). Anything else (a route named "génération de code", a non-ASCII byte in a provider's
+# header) is percent-encoded as UTF-8, `%` included, so `urllib.parse.unquote` gives the original
+# back and ASCII names stay as they were.
+_SENDABLE_HEADER_VALUE = re.compile(r"(?:[!-~]+(?: +[!-~]+)*)?")
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
+
+
+def header_value(text: str) -> str:
+    """`text` as an HTTP header value that any name survives (README: the x-plano-* headers)."""
+    return re.sub(r"^ +| +$", lambda m: "%20" * len(m.group()), urllib.parse.quote(text, safe=_HEADER_SAFE))
+
+
+def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
+    """A bug's traceback for the log: keys scrubbed (an exception's message can hold anything the
+    code had in hand), each line's control characters escaped (a message cannot forge a line)."""
+    trace = _scrub("".join(traceback.format_exception(error)), secrets)
+    return "\n".join(printable(line) for line in trace.rstrip("\n").split("\n"))
+
+
 def config_secrets(config: Config) -> list[str]:
     """The keys a config holds (providers' and the gateway's own): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key]
@@ -5276,8 +5298,8 @@ class Upstreams:
 
 def decision_headers(decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
     """What the answer's headers say of how its model was chosen."""
-    headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
-               ("x-plano-route", decision.route or "none"),
+    headers = [("x-plano-model", header_value(model.name)), ("x-plano-decision", decision.decision),
+               ("x-plano-route", header_value(decision.route or "none")),
                ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
     if decision.confidence is not None:
         headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
@@ -5596,15 +5618,17 @@ class Gateway:
     # ── dispatch ──────────────────────────────────────────────────────────────────────────
 
     async def handle(self, request: Request, respond: Responder) -> None:
+        """Answer one request. Whatever happens on the way (a PlanoError, a bug, an answer from a
+        provider that nothing foresaw) ends in an answer in the caller's format, and a bug in a
+        log line with its traceback: never in an exception for the server to die of. Only
+        cancellation (the client hung up, shutdown) goes on up."""
         exchange = _Exchange(request)
         try:
-            await self._dispatch(request, respond, exchange)
-        except PlanoError as error:
-            exchange.status = error.status
-            if respond.started:
-                await respond.send(self._stream_error(request, error))
-            else:
-                await self._send_error(request, respond, error)
+            try:
+                await self._dispatch(request, respond, exchange)
+            except PlanoError as error:
+                exchange.status = error.status
+                await self._answer_error(request, respond, error)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Writing to a client that hung up (before the server noticed the hang-up itself):
             # the client is gone, nothing is wrong with plano, nobody is left to tell.
@@ -5618,18 +5642,19 @@ class Gateway:
                         error_type="overloaded_error")))
             exchange.status = exchange.status or 499  # the client went away
             raise
-        except Exception as error:  # a bug: say so in the log, keep serving
-            log.exception("internal error while serving %s %s", request.method, request.path)
+        except Exception as error:  # a bug (answering an error included): say so in the log, keep serving
+            self._log_internal_error(request, error)
             exchange.status = 500
             wrapped = PlanoError(f"internal error in plano: {type(error).__name__}")
-            if respond.started:
-                await respond.send(self._stream_error(request, wrapped))
-            else:
-                await self._send_error(request, respond, wrapped)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._answer_error(request, respond, wrapped)
         finally:
             if request.path.startswith("/v1/") and request.method == "POST" \
                     and not request.path.endswith("count_tokens"):
-                self._log_access(exchange)
+                try:
+                    self._log_access(exchange)
+                except Exception as error:  # the answer has gone out; the bug goes to the log
+                    self._log_internal_error(request, error)
 
     async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         self._check_gateway_key(request)
@@ -5659,6 +5684,17 @@ class Gateway:
                                       "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
 
     # ── errors ────────────────────────────────────────────────────────────────────────────
+
+    async def _answer_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
+        """`error` as the answer, or as the stream's last event once the answer has started."""
+        if respond.started:
+            await respond.send(self._stream_error(request, error))
+        else:
+            await self._send_error(request, respond, error)
+
+    def _log_internal_error(self, request: Request, error: Exception) -> None:
+        log.error("internal error while serving %s %s (plano goes on serving):\n%s", printable(request.method),
+                  printable(kept_text(request.path)), _bug_report(error, config_secrets(self.config)))
 
     async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
         headers = [("content-type", "application/json")] + list(error.headers.items())
@@ -5955,16 +5991,17 @@ class _HTTPConnection(Responder):
     # ── the Responder the gateway writes through ─────────────────────────────────────────
 
     async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.started = True
         # One write for head, body and end: one syscall and one scheduling round, not three.
         head = self.conn.send(h11.Response(status_code=status, headers=_server_headers(
             headers + [("content-length", str(len(body)))], closing=self.state.draining)))
+        self.started = True  # only once h11 has taken the head: else an error answer can still replace it
         await self.stream.send_all(head + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         # No content-length: h11 frames the body with chunked encoding (HTTP/1.1 clients).
+        response = h11.Response(status_code=status, headers=_server_headers(headers, self.state.draining))
         self.started = True
-        await self._send(h11.Response(status_code=status, headers=_server_headers(headers, self.state.draining)))
+        await self._send(response)
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -5992,6 +6029,9 @@ class _HTTPConnection(Responder):
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass  # the client went away mid-answer; nothing left to tell it
+        except Exception as error:  # a bug in plano's own HTTP handling: this connection ends, the server goes on
+            log.error("internal error on a connection (closed; plano goes on serving):\n%s",
+                      _bug_report(error, config_secrets(self.gateway.config)))
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -6034,7 +6074,10 @@ class _HTTPConnection(Responder):
         head_bytes = sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target)
         if head_bytes > self.limits.max_header_bytes:
             await self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
-        target = urllib.parse.urlsplit(event.target.decode("latin-1"))
+        try:
+            target = urllib.parse.urlsplit(event.target.decode("latin-1"))
+        except ValueError as e:  # h11 takes `//[x` as a target; urlsplit does not (an unclosed IPv6 bracket)
+            await self._refuse(400, f"malformed request target: {e}")
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("latin-1").lower()
@@ -6116,7 +6159,10 @@ class _HTTPConnection(Responder):
 
 
 def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> list[tuple[str, str]]:
-    return [("server", "plano")] + headers + ([("connection", "close")] if closing else [])
+    # A value h11 would refuse (a provider's header with non-ASCII in it, passed on with its error)
+    # goes out percent-encoded, as the x-plano-* headers do, rather than failing the answer.
+    return [("server", "plano")] + [(name, value if _SENDABLE_HEADER_VALUE.fullmatch(value) else header_value(value))
+                                    for name, value in headers] + ([("connection", "close")] if closing else [])
 
 
 def check_exposure(config: Config, host: str) -> None:
