@@ -1211,6 +1211,8 @@ def unusable_token_counts(answer: Any) -> list[str]:
     MAX_TOKEN_COUNT), as `field=value` for a log line: every `*_tokens` field of its `usage`
     (top level, or in `message` or `response` as Anthropic's and Responses' streams carry it),
     details included. A missing count (absent, null) is not one of them."""
+    if not isinstance(answer, dict) or not ("usage" in answer or "message" in answer or "response" in answer):
+        return []  # most stream events: text deltas
     found: list[str] = []
 
     def scan(usage: Any, path: str) -> None:
@@ -1225,11 +1227,10 @@ def unusable_token_counts(answer: Any) -> list[str]:
                     and not _is_token_count(value):
                 found.append(f"{path}.{name}={json.dumps(value)[:40]}")
 
-    if isinstance(answer, dict):
-        for holder, path in ((answer, "usage"), (answer.get("message"), "message.usage"),
-                             (answer.get("response"), "response.usage")):
-            if isinstance(holder, dict) and "usage" in holder:
-                scan(holder["usage"], path)
+    for holder, path in ((answer, "usage"), (answer.get("message"), "message.usage"),
+                         (answer.get("response"), "response.usage")):
+        if isinstance(holder, dict) and "usage" in holder:
+            scan(holder["usage"], path)
     return found
 
 
@@ -5164,6 +5165,8 @@ _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
 
 def header_value(text: str) -> str:
     """`text` as an HTTP header value that any name survives (README: the x-plano-* headers)."""
+    if "%" not in text and _SENDABLE_HEADER_VALUE.fullmatch(text):
+        return text  # nearly every name: as it is
     return re.sub(r"^ +| +$", lambda m: "%20" * len(m.group()), urllib.parse.quote(text, safe=_HEADER_SAFE))
 
 
