@@ -5705,12 +5705,14 @@ class Gateway:
             body = error.body  # the provider's error, as error_from_upstream shaped it for this client
         else:
             body = _json_bytes(error_body(request.api_format, error, config_secrets(self.config)))
-        log.debug("error answer %d to %s %s: %s", error.status, request.method, request.path, body.decode())
+        log.debug("error answer %d to %s %s: %s", error.status, printable(request.method),
+                  printable(kept_text(request.path)), printable(body.decode("utf-8", errors="replace")))
         await respond.send_full(error.status, headers, body)
 
     def _stream_error(self, request: Request, error: PlanoError) -> bytes:
         event = stream_error_event(request.api_format, error, config_secrets(self.config))
-        log.debug("error event in %s %s: %s", request.method, request.path, event.decode())
+        log.debug("error event in %s %s: %s", printable(request.method), printable(kept_text(request.path)),
+                  printable(event.decode("utf-8", errors="replace")))
         return event
 
     # ── small endpoints ───────────────────────────────────────────────────────────────────
