@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,6 +69,19 @@ log = logging.getLogger("plano")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
 MAX_BODY_BYTES = 32 * 1024 * 1024
+
+# Characters that must not reach a log line or a terminal raw from what clients and providers
+# choose (a model name, a session id, a provider's message): C0 controls (a newline forges a log
+# line, ESC starts a terminal sequence), DEL and C1 controls (0x9b is CSI on 8-bit terminals),
+# Unicode's line and paragraph separators, the bidirectional overrides that make a line read other
+# than it is, and lone surrogates (no UTF-8 log file takes one).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: Any) -> str:
+    """`text` for a log line or a terminal: the characters above as Python escapes (`\\n`,
+    `\\x1b`, `\\u202e`); everything else, accents and emoji included, as it is."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -1243,31 +1257,87 @@ def _anthropic_assistant_to_openai(content: list, where: str, model: ModelEntry)
     return message
 
 
+# A provider's token count is believed when it is a non-negative integer up to a billion (a
+# thousand times the largest context window there is). Anything else (a string, a float, a bool, a
+# negative number, 2**70) is no count at all and reads as missing, so cost sums, the access log and
+# the ledger (SQLite's integers end at 2**63) never meet it; the gateway logs which ones it was.
+MAX_TOKEN_COUNT = 10**9
+
+
+def _is_token_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKEN_COUNT  # type(): a bool is an int too
+
+
+def _token_count(value: Any) -> int:
+    """`value` as a provider's token count: 0 (missing) unless it is one (see MAX_TOKEN_COUNT)."""
+    return value if _is_token_count(value) else 0
+
+
+def _usage_field(usage: Any, name: str) -> Any:
+    return usage.get(name) if isinstance(usage, dict) else None
+
+
+def unusable_token_counts(answer: Any) -> list[str]:
+    """The token counts in a provider's answer or stream event that are not counts (see
+    MAX_TOKEN_COUNT), as `field=value` for a log line: every `*_tokens` field of its `usage`
+    (top level, or in `message` or `response` as Anthropic's and Responses' streams carry it),
+    details included. A missing count (absent, null) is not one of them."""
+    if not isinstance(answer, dict) or not ("usage" in answer or "message" in answer or "response" in answer):
+        return []  # most stream events: text deltas
+    found: list[str] = []
+
+    def scan(usage: Any, path: str) -> None:
+        if not isinstance(usage, dict):
+            if usage is not None:
+                found.append(f"{path}={str(usage)[:40]}")
+            return
+        for name, value in usage.items():
+            if isinstance(value, dict):
+                scan(value, f"{path}.{name}")
+            elif isinstance(name, str) and name.endswith("_tokens") and value is not None \
+                    and not _is_token_count(value):
+                found.append(f"{path}.{name}={json.dumps(value)[:40]}")
+
+    for holder, path in ((answer, "usage"), (answer.get("message"), "message.usage"),
+                         (answer.get("response"), "response.usage")):
+        if isinstance(holder, dict) and "usage" in holder:
+            scan(holder["usage"], path)
+    return found
+
+
+_ANTHROPIC_TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _anthropic_usage(usage: Any) -> dict:
+    """The token counts of an Anthropic `usage` object that are counts; the rest left out (missing)."""
+    if not isinstance(usage, dict):
+        return {}
+    return {name: usage[name] for name in _ANTHROPIC_TOKEN_COUNTS if _is_token_count(usage.get(name))}
+
+
 def _openai_usage_to_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt = usage.get("prompt_tokens") or 0
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or 0 if isinstance(details, dict) else 0
+    prompt = _token_count(usage.get("prompt_tokens"))
+    cached = _token_count(_usage_field(usage.get("prompt_tokens_details"), "cached_tokens"))
     # DeepSeek reports its cache hits under its own name.
-    cached = cached or usage.get("prompt_cache_hit_tokens") or 0
-    return {"input_tokens": max(prompt - cached, 0), "output_tokens": usage.get("completion_tokens") or 0,
+    cached = cached or _token_count(usage.get("prompt_cache_hit_tokens"))
+    return {"input_tokens": max(prompt - cached, 0), "output_tokens": _token_count(usage.get("completion_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
 def _openai_reasoning_tokens(usage: Any) -> int | None:
     """The reasoning share of an OpenAI-format answer's output tokens (Anthropic's usage has none:
     its thinking counts as output)."""
-    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
-    tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    return tokens if isinstance(tokens, int) else None
+    tokens = _usage_field(_usage_field(usage, "completion_tokens_details"), "reasoning_tokens")
+    return tokens if _is_token_count(tokens) else None
 
 
 def _anthropic_usage_to_openai(usage: Any) -> dict:
-    usage = usage if isinstance(usage, dict) else {}
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
-    completion = usage.get("output_tokens") or 0
+    usage = _anthropic_usage(usage)
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    completion = usage.get("output_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -1822,7 +1892,7 @@ class AnthropicToOpenAIStream:
         kind = data.get("type", event)
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
-            self.usage.update(message.get("usage") or {})
+            self.usage.update(_anthropic_usage(message.get("usage")))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -1845,7 +1915,7 @@ class AnthropicToOpenAIStream:
                                                      "function": {"arguments": delta.get("partial_json", "")}}]})]
             return []
         if kind == "message_delta":
-            self.usage.update(data.get("usage") or {})
+            self.usage.update(_anthropic_usage(data.get("usage")))
             reason = (data.get("delta") or {}).get("stop_reason")
             self.finish_reason = OPENAI_FINISH_FROM_ANTHROPIC.get(reason, "stop")
             return [self._chunk({}, finish=self.finish_reason)]
@@ -1999,9 +2069,10 @@ class StreamTranslator:
     When both sides speak the same format the provider's bytes go on untouched, each event once
     its blank line has arrived, watched for the end of the answer and its usage; otherwise every
     event goes through the format's state machine. An event that fails (the provider's error
-    event, a broken stream) stops the translation: `feed` still returns what the events before it
-    produced, and the failure waits in `failure` for the caller to raise once that is sent, so
-    what the client sees does not depend on where the network reads happened to fall.
+    event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
+    still returns what the events before it produced, and the failure waits in `failure` for the
+    caller to raise once that is sent, so what the client sees does not depend on where the
+    network reads happened to fall.
     """
 
     def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
@@ -2016,10 +2087,11 @@ class StreamTranslator:
                 else AnthropicToOpenAIStream(model, include_usage)
         self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
         self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
-        self.failure: UpstreamError | StreamTranslationError | None = None
+        self.failure: Exception | None = None  # UpstreamError, StreamTranslationError, or a bug
         self._passthrough_usage: dict = {}
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
+        self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
         self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
@@ -2056,7 +2128,7 @@ class StreamTranslator:
                 return self._encode(self.machine.finish())
             if not self.complete:
                 raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        except (UpstreamError, StreamTranslationError) as failure:
+        except Exception as failure:  # a bug included: it waits its turn like the others
             self.failure = failure
         return b""
 
@@ -2086,13 +2158,14 @@ class StreamTranslator:
                 break
             try:
                 data = None if event.data.strip() == "[DONE]" else self._json(event)
+                self._check_usage(data)
                 if isinstance(self.machine, OpenAIToAnthropicStream):
                     out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
                 elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
                     out += self._encode(self.machine.feed(event.event, data))
                 elif isinstance(self.machine, ResponsesStreamChain):
                     out += self._encode(self.machine.feed(event.event, data))
-            except (UpstreamError, StreamTranslationError) as failure:
+            except Exception as failure:  # a bug too: the events before it still go out first
                 self.failure = failure
         return out
 
@@ -2100,6 +2173,10 @@ class StreamTranslator:
         if self.client_format in ("anthropic", "responses"):
             return b"".join(encode_sse(data, name) for name, data in items)
         return b"".join(encode_sse(item) for item in items)
+
+    def _check_usage(self, data: Any) -> None:
+        if len(self.unusable_usage) < 8:  # what the log line shows; a stream may repeat them in every event
+            self.unusable_usage += unusable_token_counts(data)[:8 - len(self.unusable_usage)]
 
     @staticmethod
     def _json(event: SSEEvent) -> Any:
@@ -2118,6 +2195,7 @@ class StreamTranslator:
             return
         if not isinstance(data, dict):
             return
+        self._check_usage(data)
         if self.upstream_format == "openai":
             if isinstance(data.get("usage"), dict):
                 self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
@@ -2144,9 +2222,9 @@ class StreamTranslator:
         if kind in ("message_stop", "error"):
             self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
         elif kind == "message_start":
-            self._passthrough_usage.update((data.get("message") or {}).get("usage") or {})
+            self._passthrough_usage.update(_anthropic_usage(_usage_field(data.get("message"), "usage")))
         elif kind == "message_delta":
-            self._passthrough_usage.update(data.get("usage") or {})
+            self._passthrough_usage.update(_anthropic_usage(data.get("usage")))
 
 
 # ── Wire formats: OpenAI Responses ────────────────────────────────────────────────────────────
@@ -2464,16 +2542,14 @@ def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
 def _responses_usage_to_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
-    cached = details.get("cached_tokens") or 0
-    return {"input_tokens": max((usage.get("input_tokens") or 0) - cached, 0),
-            "output_tokens": usage.get("output_tokens") or 0,
+    cached = _token_count(_usage_field(usage.get("input_tokens_details"), "cached_tokens"))
+    return {"input_tokens": max(_token_count(usage.get("input_tokens")) - cached, 0),
+            "output_tokens": _token_count(usage.get("output_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
 def _reasoning_tokens(usage: Any) -> int:
-    details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
-    return (details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
+    return _token_count(_usage_field(_usage_field(usage, "output_tokens_details"), "reasoning_tokens"))
 
 
 def _summary_text(item: dict) -> str:
@@ -2807,10 +2883,10 @@ def _keep_sampling(body: dict, out: dict, model: ModelEntry) -> None:
 
 
 def _responses_usage_from_anthropic(usage: Any) -> dict:
-    usage = usage if isinstance(usage, dict) else {}
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
-    output = usage.get("output_tokens") or 0
+    usage = _anthropic_usage(usage)
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    output = usage.get("output_tokens", 0)
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
 
@@ -2905,7 +2981,7 @@ class AnthropicToResponsesStream:
         events = self._start()
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
-            self.usage.update(message.get("usage") or {})
+            self.usage.update(_anthropic_usage(message.get("usage")))
         elif kind == "content_block_start":
             events += self._close()
             events += self._open(data.get("content_block") or {})
@@ -2914,7 +2990,7 @@ class AnthropicToResponsesStream:
         elif kind == "content_block_stop":
             events += self._close()
         elif kind == "message_delta":
-            self.usage.update(data.get("usage") or {})
+            self.usage.update(_anthropic_usage(data.get("usage")))
             self.stop_reason = (data.get("delta") or {}).get("stop_reason")
         elif kind == "message_stop":
             events += self._complete()
@@ -3239,6 +3315,7 @@ class TranslatedAnswer:
     content: bytes
     usage: dict  # Anthropic-shaped: token kinds apart
     reasoning_tokens: int | None
+    unusable_usage: list[str] = field(default_factory=list)  # the provider's counts that were not (for the log)
 
 
 def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format: str) -> TranslatedAnswer:
@@ -3254,9 +3331,11 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
         usage = _responses_usage_to_anthropic(payload.get("usage"))
         reasoning_tokens = _reasoning_tokens(payload.get("usage"))
     else:
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage = _anthropic_usage(payload.get("usage"))
+    unusable = unusable_token_counts(payload)
     if model.interface == client_format:
-        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens)
+        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens,
+                                unusable)
     try:
         if model.interface == "responses":
             answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
@@ -3271,15 +3350,15 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
     except (AttributeError, TypeError, KeyError) as e:
         raise UpstreamError(f"{model.name}: malformed answer from the provider ({e})",
                             status=502, error_type="api_error") from None
-    return TranslatedAnswer(_json_bytes(answer), usage, reasoning_tokens)
+    return TranslatedAnswer(_json_bytes(answer), usage, reasoning_tokens, unusable)
 
 
 def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
     """(input tokens including cache reads, output tokens) of Anthropic-shaped usage, for the log."""
     if not usage:
         return None, None
-    return ((usage.get("input_tokens") or 0) + (usage.get("cache_read_input_tokens") or 0),
-            usage.get("output_tokens") or 0)
+    return (_token_count(usage.get("input_tokens")) + _token_count(usage.get("cache_read_input_tokens")),
+            _token_count(usage.get("output_tokens")))
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4583,12 +4662,32 @@ def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) ->
     return max(tokens * (proposed.input - staying), 0) / 1e6
 
 
+# What plano keeps of a string a client chooses (the requested model, the session id) lives in
+# memory (decisions, pins), in the access log and in every ledger row for 90 days. Real ones are
+# short (model ids under 100 characters, session ids are UUIDs). Past MAX_KEPT_CHARS plano keeps
+# the start and a digest of the whole: the same long value always becomes the same kept one (a
+# session stays one session) and two different ones stay apart. A 400 instead would fail an
+# answer over bookkeeping, for a value plano only passes on or reads as a hint.
+MAX_KEPT_CHARS = 256
+
+
+def kept_text(text: str) -> str:
+    """`text` as plano keeps it: at most MAX_KEPT_CHARS characters (past them the first ones, `…`
+    and 16 hex digits of the whole's SHA-256), and storable (a lone surrogate, as from an emoji
+    cut in half, becomes its escape such as `\\ud83d`: SQLite and UTF-8 log files take no such thing)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= MAX_KEPT_CHARS:
+        return text
+    return f"{text[:MAX_KEPT_CHARS - 17]}…{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
     """Claude Code's session id header, else the session in `metadata.user_id`, else a digest of
-    the conversation's first user text (stable across the turns of one conversation)."""
+    the conversation's first user text (stable across the turns of one conversation); kept_text."""
     header = headers.get("x-claude-code-session-id") or headers.get("session-id")  # Claude Code's, Codex's
     if header:
-        return header
+        return kept_text(header)
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user_id, str) and user_id:
@@ -4597,10 +4696,10 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
-            return parsed["session_id"]
+            return kept_text(parsed["session_id"])
         match = re.search(r"session_([0-9a-fA-F-]{8,})", user_id)
         if match:
-            return match.group(1)
+            return kept_text(match.group(1))
     return "conv-" + hashlib.sha256(_first_user_text(body.get("messages")).encode()).hexdigest()[:16]
 
 
@@ -4612,7 +4711,7 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     except ValueError:
         return session
     turn = metadata.get("turn_id") if isinstance(metadata, dict) else None
-    return f"{session}/turn/{turn}" if isinstance(turn, str) and turn else session
+    return kept_text(f"{session}/turn/{turn}") if isinstance(turn, str) and turn else session
 
 
 def _first_user_text(messages: Any) -> str:
@@ -4720,7 +4819,9 @@ _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route",
 class UsageLedger:
     """One row per answered request, in an SQLite file. One thread owns the connection and does
     every write; `record()` only puts the row in a bounded queue, so a slow or locked database
-    delays the ledger, never a request (past the queue's bound, rows are counted and dropped)."""
+    delays the ledger, never a request (past the queue's bound, rows are counted and dropped).
+    A row SQLite cannot take (a number past its 64-bit integers, a value of a type it does not
+    store) is dropped with a log line, and the rows around it are written: the writer never dies."""
 
     BATCH_SECONDS = 0.25
 
@@ -4767,6 +4868,28 @@ class UsageLedger:
         connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
         return connection
 
+    def _insert(self, connection: Any, batch: list[tuple]) -> None:
+        import sqlite3
+        # What a row, not the database, is to blame for: that row is dropped, the others written.
+        row_errors = (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                      sqlite3.DataError)
+        statement = f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})"
+        try:
+            with connection:  # one transaction for the batch: rolled back whole if a row fails
+                connection.executemany(statement, batch)
+            return
+        except row_errors:
+            pass
+        for row in batch:  # find the row to blame; write the others
+            try:
+                with connection:
+                    connection.execute(statement, row)
+            except row_errors as e:
+                with self._written:
+                    self.dropped += 1
+                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.path,
+                          type(e).__name__, printable(str(e)[:200]), printable(repr(row)[:500]))
+
     def _write_rows(self) -> None:
         import queue
         import sqlite3
@@ -4789,9 +4912,7 @@ class UsageLedger:
             try:
                 connection = connection or self._connect()
                 if batch:
-                    with connection:
-                        connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})",
-                                               batch)
+                    self._insert(connection, batch)
                 if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
                     with connection:
                         connection.execute("DELETE FROM usage WHERE time < ?",
@@ -4803,6 +4924,8 @@ class UsageLedger:
                 if not closing:
                     time.sleep(1.0)
                     continue
+            except Exception:  # a bug: these rows are lost, the later ones are not
+                log.exception("usage ledger %s: %d rows not written", self.path, len(batch))
             with self._written:
                 self._pending -= len(batch)
                 self._written.notify_all()
@@ -5284,10 +5407,13 @@ class _Exchange:
     output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
+    unusable_usage: list[str] = field(default_factory=list)  # the provider's token counts that were not
 
-    def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> None:
+    def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None,
+             unusable_usage: list[str] | None = None) -> None:
         self.usage, self.reasoning_tokens = usage or None, reasoning_tokens
         self.input_tokens, self.output_tokens = _token_counts(self.usage)
+        self.unusable_usage = unusable_usage or []
 
 
 class ProviderHealth:
@@ -5358,6 +5484,28 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,})")
 
 
+# A header value h11 sends as it is: visible ASCII, with spaces inside (not at either end, RFC 9110
+# §5.5). Anything else (a route named "génération de code", a non-ASCII byte in a provider's
+# header) is percent-encoded as UTF-8, `%` included, so `urllib.parse.unquote` gives the original
+# back and ASCII names stay as they were.
+_SENDABLE_HEADER_VALUE = re.compile(r"(?:[!-~]+(?: +[!-~]+)*)?")
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
+
+
+def header_value(text: str) -> str:
+    """`text` as an HTTP header value that any name survives (README: the x-plano-* headers)."""
+    if "%" not in text and _SENDABLE_HEADER_VALUE.fullmatch(text):
+        return text  # nearly every name: as it is
+    return re.sub(r"^ +| +$", lambda m: "%20" * len(m.group()), urllib.parse.quote(text, safe=_HEADER_SAFE))
+
+
+def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
+    """A bug's traceback for the log: keys scrubbed (an exception's message can hold anything the
+    code had in hand), each line's control characters escaped (a message cannot forge a line)."""
+    trace = _scrub("".join(traceback.format_exception(error)), secrets)
+    return "\n".join(printable(line) for line in trace.rstrip("\n").split("\n"))
+
+
 def config_secrets(config: Config) -> list[str]:
     """The keys a config holds (providers' and the gateway's own): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key]
@@ -5405,8 +5553,8 @@ class Upstreams:
                 if not error.retryable or last:
                     raise
                 failures.append(f"{model.name}: {error.status}")
-                log.warning("%s failed (%s); trying %s", model.name,
-                            _scrub(error.message, config_secrets(config))[:200], candidates[attempt + 1].name)
+                log.warning("%s failed (%s); trying %s", model.name, printable(
+                    _scrub(error.message, config_secrets(config))[:200]), candidates[attempt + 1].name)
                 continue
             except ProviderKeyError:
                 if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
@@ -5483,8 +5631,8 @@ class Upstreams:
 
 def decision_headers(decision: RouteDecision, model: ModelEntry) -> list[tuple[str, str]]:
     """What the answer's headers say of how its model was chosen."""
-    headers = [("x-plano-model", model.name), ("x-plano-decision", decision.decision),
-               ("x-plano-route", decision.route or "none"),
+    headers = [("x-plano-model", header_value(model.name)), ("x-plano-decision", decision.decision),
+               ("x-plano-route", header_value(decision.route or "none")),
                ("x-plano-router-ms", f"{decision.latency_ms:.1f}")]
     if decision.confidence is not None:
         headers.append(("x-plano-route-confidence", f"{decision.confidence:.3f}"))
@@ -5517,9 +5665,9 @@ def usage_cost(row: Mapping[str, Any], prices: Prices | None) -> float | None:
     if prices is None or prices.input is None or prices.output is None:
         return None
     cached = prices.cached_input if prices.cached_input is not None else prices.input
-    return ((row.get("input_tokens") or 0) * prices.input + (row.get("cache_read_tokens") or 0) * cached
-            + (row.get("cache_write_tokens") or 0) * prices.input
-            + (row.get("output_tokens") or 0) * prices.output) / 1e6
+    return (_token_count(row.get("input_tokens")) * prices.input + _token_count(row.get("cache_read_tokens")) * cached
+            + _token_count(row.get("cache_write_tokens")) * prices.input
+            + _token_count(row.get("output_tokens")) * prices.output) / 1e6
 
 
 def usage_row(exchange: _Exchange, config: Config) -> dict:
@@ -5528,7 +5676,7 @@ def usage_row(exchange: _Exchange, config: Config) -> dict:
     decision = exchange.decision
     assert decision is not None
     usage = exchange.usage or {}
-    row = {"time": time.time(), "session": exchange.session, "api": exchange.request.path,
+    row = {"time": time.time(), "session": exchange.session, "api": kept_text(exchange.request.path),
            "requested_model": exchange.requested_model, "model": decision.model, "route": decision.route,
            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
            "cache_read_tokens": usage.get("cache_read_input_tokens"),
@@ -5808,6 +5956,10 @@ class Gateway:
     # ── dispatch ──────────────────────────────────────────────────────────────────────────
 
     async def handle(self, request: Request, respond: Responder) -> None:
+        """Answer one request. Whatever happens on the way (a PlanoError, a bug, an answer from a
+        provider that nothing foresaw) ends in an answer in the caller's format, and a bug in a
+        log line with its traceback: never in an exception for the server to die of. Only
+        cancellation (the client hung up, shutdown) goes on up."""
         refusal = self.origin_policy.refusal(request.headers)  # before any endpoint, the page's too
         if refusal is not None:
             await self._refuse_origin(request, respond, refusal)
@@ -5817,13 +5969,11 @@ class Gateway:
             respond = _CORSResponder(respond, cors_origin)
         exchange = _Exchange(request)
         try:
-            await self._dispatch(request, respond, exchange)
-        except PlanoError as error:
-            exchange.status = error.status
-            if respond.started:
-                await respond.send(self._stream_error(request, error))
-            else:
-                await self._send_error(request, respond, error)
+            try:
+                await self._dispatch(request, respond, exchange)
+            except PlanoError as error:
+                exchange.status = error.status
+                await self._answer_error(request, respond, error)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Writing to a client that hung up (before the server noticed the hang-up itself):
             # the client is gone, nothing is wrong with plano, nobody is left to tell.
@@ -5837,18 +5987,19 @@ class Gateway:
                         error_type="overloaded_error")))
             exchange.status = exchange.status or 499  # the client went away
             raise
-        except Exception as error:  # a bug: say so in the log, keep serving
-            log.exception("internal error while serving %s %s", request.method, request.path)
+        except Exception as error:  # a bug (answering an error included): say so in the log, keep serving
+            self._log_internal_error(request, error)
             exchange.status = 500
             wrapped = PlanoError(f"internal error in plano: {type(error).__name__}")
-            if respond.started:
-                await respond.send(self._stream_error(request, wrapped))
-            else:
-                await self._send_error(request, respond, wrapped)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._answer_error(request, respond, wrapped)
         finally:
             if request.path.startswith("/v1/") and request.method == "POST" \
                     and not request.path.endswith("count_tokens"):
-                self._log_access(exchange)
+                try:
+                    self._log_access(exchange)
+                except Exception as error:  # the answer has gone out; the bug goes to the log
+                    self._log_internal_error(request, error)
 
     async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         path, method = request.path.rstrip("/") or "/", request.method
@@ -5909,18 +6060,31 @@ class Gateway:
 
     # ── errors ────────────────────────────────────────────────────────────────────────────
 
+    async def _answer_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
+        """`error` as the answer, or as the stream's last event once the answer has started."""
+        if respond.started:
+            await respond.send(self._stream_error(request, error))
+        else:
+            await self._send_error(request, respond, error)
+
+    def _log_internal_error(self, request: Request, error: Exception) -> None:
+        log.error("internal error while serving %s %s (plano goes on serving):\n%s", printable(request.method),
+                  printable(kept_text(request.path)), _bug_report(error, config_secrets(self.config)))
+
     async def _send_error(self, request: Request, respond: Responder, error: PlanoError) -> None:
         headers = [("content-type", "application/json")] + list(error.headers.items())
         if isinstance(error, UpstreamError) and error.body is not None:
             body = error.body  # the provider's error, as error_from_upstream shaped it for this client
         else:
             body = _json_bytes(error_body(request.api_format, error, config_secrets(self.config)))
-        log.debug("error answer %d to %s %s: %s", error.status, request.method, request.path, body.decode())
+        log.debug("error answer %d to %s %s: %s", error.status, printable(request.method),
+                  printable(kept_text(request.path)), printable(body.decode("utf-8", errors="replace")))
         await respond.send_full(error.status, headers, body)
 
     def _stream_error(self, request: Request, error: PlanoError) -> bytes:
         event = stream_error_event(request.api_format, error, config_secrets(self.config))
-        log.debug("error event in %s %s: %s", request.method, request.path, event.decode())
+        log.debug("error event in %s %s: %s", printable(request.method), printable(kept_text(request.path)),
+                  printable(event.decode("utf-8", errors="replace")))
         return event
 
     # ── small endpoints ───────────────────────────────────────────────────────────────────
@@ -5963,6 +6127,7 @@ class Gateway:
         date/time, `?session=`)."""
         since = _parse_since(request.query.get("since"))
         session = request.query.get("session")
+        session = kept_text(session) if session is not None else None  # as the ledger keeps it
         if self.ledger is None:
             raise NotFoundError("usage accounting is off (stats: false)")
 
@@ -5976,7 +6141,8 @@ class Gateway:
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
-            records = self.decision_log.recent(request.query.get("session"))
+            session = request.query.get("session")
+            records = self.decision_log.recent(kept_text(session) if session is not None else None)
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
@@ -5994,10 +6160,13 @@ class Gateway:
         d = exchange.decision
         elapsed = (time.monotonic() - exchange.started) * 1000
         tokens = "-" if exchange.input_tokens is None else f"{exchange.input_tokens}/{exchange.output_tokens}"
+        if exchange.unusable_usage:
+            log.warning("%s: the provider's usage has token counts that are not counts, read as missing: %s",
+                        printable(d.model if d else "-"), printable(", ".join(exchange.unusable_usage)))
         log.info("%s %s %s -> %s [%s%s] %s upstream=%s ttfb=%s total=%.0fms tokens=%s",
-                 exchange.request.method, exchange.request.path, exchange.requested_model or "-",
-                 d.model if d else "-", d.decision if d else "-",
-                 f":{d.route}" if d and d.route else "", exchange.status or "-",
+                 printable(exchange.request.method), printable(kept_text(exchange.request.path)),
+                 printable(exchange.requested_model or "-"), printable(d.model if d else "-"), d.decision if d else "-",
+                 printable(f":{d.route}" if d and d.route else ""), exchange.status or "-",
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
@@ -6035,10 +6204,11 @@ class Gateway:
         body = _parse_json_body(request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
+        requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
         if client_format == "responses":
             check_responses_request(body)
             if body.get("store") is True:
-                log.info("%s: `store: true` ignored; plano keeps no responses", requested)
+                log.info("%s: `store: true` ignored; plano keeps no responses", printable(requested))
             routed = {"messages": responses_conversation(body)}  # what the router reads
         else:
             _require(isinstance(body.get("messages"), list), "messages: must be a list")
@@ -6066,7 +6236,7 @@ class Gateway:
             else:
                 raw, payload = await _read_json_answer(upstream, exchange.model)
                 answer = translate_answer(raw, payload, exchange.model, client_format)
-                exchange.used(answer.usage, answer.reasoning_tokens)
+                exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
                 await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
                 exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
@@ -6085,7 +6255,7 @@ class Gateway:
             raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
                                 status=502, error_type="api_error") from None
         finally:
-            exchange.used(translate.usage, translate.reasoning_tokens)
+            exchange.used(translate.usage, translate.reasoning_tokens, translate.unusable_usage)
         if isinstance(translate.failure, StreamTranslationError):
             raise UpstreamError(f"{model.name}: {translate.failure}", status=502, error_type="api_error")
         if translate.failure is not None:
@@ -6198,16 +6368,17 @@ class _HTTPConnection(Responder):
     # ── the Responder the gateway writes through ─────────────────────────────────────────
 
     async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.started = True
         # One write for head, body and end: one syscall and one scheduling round, not three.
         head = self.conn.send(h11.Response(status_code=status, headers=_server_headers(
             headers + [("content-length", str(len(body)))], closing=self.state.draining)))
+        self.started = True  # only once h11 has taken the head: else an error answer can still replace it
         await self.stream.send_all(head + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         # No content-length: h11 frames the body with chunked encoding (HTTP/1.1 clients).
+        response = h11.Response(status_code=status, headers=_server_headers(headers, self.state.draining))
         self.started = True
-        await self._send(h11.Response(status_code=status, headers=_server_headers(headers, self.state.draining)))
+        await self._send(response)
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -6235,6 +6406,9 @@ class _HTTPConnection(Responder):
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass  # the client went away mid-answer; nothing left to tell it
+        except Exception as error:  # a bug in plano's own HTTP handling: this connection ends, the server goes on
+            log.error("internal error on a connection (closed; plano goes on serving):\n%s",
+                      _bug_report(error, config_secrets(self.gateway.config)))
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -6277,7 +6451,10 @@ class _HTTPConnection(Responder):
         head_bytes = sum(len(name) + len(value) + 4 for name, value in event.headers) + len(event.target)
         if head_bytes > self.limits.max_header_bytes:
             await self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
-        target = urllib.parse.urlsplit(event.target.decode("latin-1"))
+        try:
+            target = urllib.parse.urlsplit(event.target.decode("latin-1"))
+        except ValueError as e:  # h11 takes `//[x` as a target; urlsplit does not (an unclosed IPv6 bracket)
+            await self._refuse(400, f"malformed request target: {e}")
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("latin-1").lower()
@@ -6323,8 +6500,8 @@ class _HTTPConnection(Responder):
                     await self._send(h11.EndOfMessage())
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
-        log.info("%s %s -> %d %s", request.method if request else "-", request.path if request else "-",
-                 status, message)
+        log.info("%s %s -> %d %s", printable(request.method if request else "-"),
+                 printable(kept_text(request.path) if request else "-"), status, printable(message))
         raise _ConnectionDone
 
     async def _answer(self, request: Request) -> None:
@@ -6359,7 +6536,10 @@ class _HTTPConnection(Responder):
 
 
 def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> list[tuple[str, str]]:
-    return [("server", "plano")] + headers + ([("connection", "close")] if closing else [])
+    # A value h11 would refuse (a provider's header with non-ASCII in it, passed on with its error)
+    # goes out percent-encoded, as the x-plano-* headers do, rather than failing the answer.
+    return [("server", "plano")] + [(name, value if _SENDABLE_HEADER_VALUE.fullmatch(value) else header_value(value))
+                                    for name, value in headers] + ([("connection", "close")] if closing else [])
 
 
 def check_exposure(config: Config, host: str) -> None:
@@ -6644,8 +6824,8 @@ def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> l
     lines = [f"{title:<34} {'requests':>8} {'input':>10} {'cached':>10} {'output':>9} {'cache hit':>9} {'cost':>10}"]
     for name, t in groups.items():
         hit = "-" if t["cache_hit_rate"] is None else f"{t['cache_hit_rate']:.0%}"
-        lines.append(f"{name[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} {t['cache_read_tokens']:>10,} "
-                     f"{t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
+        lines.append(f"{printable(name)[:34]:<34} {t['requests']:>8} {t['input_tokens']:>10,} "
+                     f"{t['cache_read_tokens']:>10,} {t['output_tokens']:>9,} {hit:>9} {_money(t['cost_usd']):>10}")
     return lines
 
 
@@ -7088,7 +7268,7 @@ def _cmd_statusline(args: Any) -> int:
         print("plano ▸ no requests yet")
         return 0
     d = decisions[-1]
-    parts = [d["model"]] + ([d["route"]] if d.get("route") else [])
+    parts = [printable(d["model"])] + ([printable(d["route"])] if d.get("route") else [])
     try:
         spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
         parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
@@ -7100,7 +7280,7 @@ def _cmd_statusline(args: Any) -> int:
         parts.append("fallback")
     confidence = d.get("confidence")
     if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
-        parts.append(f"unsure: {confidence:.0%}, else {d.get('runner_up')}")
+        parts.append(f"unsure: {confidence:.0%}, else {printable(d.get('runner_up'))}")
     print("plano ▸ " + " · ".join(parts))
     return 0
 
@@ -7123,14 +7303,14 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
     if isinstance(record.get("confidence"), (int, float)):
         router_ms += f" p={record['confidence']:.2f}"
-    kind = record.get("decision", "?")
+    kind = printable(record.get("decision", "?"))
     return " ".join([
-        paint("2", str(record.get("time", ""))[-8:]),
-        f"{str(record.get('session') or '-')[:8]:8}",
-        f"{record.get('requested_model', '-')} → {paint('1', str(record.get('model', '-')))}",
-        f"[{route}]",
+        paint("2", printable(record.get("time", ""))[-8:]),
+        f"{printable(record.get('session') or '-')[:8]:8}",
+        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
+        f"[{printable(route)}]",
         paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
-        paint("31" if status and status >= 400 else "2", str(status)),
+        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
         f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
     ])
 

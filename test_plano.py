@@ -7632,6 +7632,378 @@ def test_doctor_says_a_custom_model_without_access_key_is_sent_none(tmp_path):
                                         "if that server needs one)"), lines
 
 
+# ── issue 18: containment, bounds on what plano keeps, output hygiene ─────────────────────────
+#
+# Nothing a request, a connection or a provider's answer does ends the process: the client gets
+# an answer in its format, a bug is logged once with its traceback, the server goes on. Token counts
+# from providers are checked at the border; what plano keeps of client strings is bounded; what
+# clients and providers choose reaches no log line or terminal with its control characters.
+
+UNUSABLE_COUNTS = {"a string": "12", "1e30": 1e30, "2**70": 2**70, "negative": -5, "a bool": True}
+
+
+def with_usage_counts(data: Any, value: Any) -> Any:
+    """A provider's answer or stream event with every token count of its usage (details too) set to `value`."""
+    def counts(usage: Any) -> Any:
+        if not isinstance(usage, dict):
+            return usage
+        return {k: counts(v) if isinstance(v, dict) else value if k.endswith("_tokens") and isinstance(v, int) else v
+                for k, v in usage.items()}
+    if isinstance(data, dict):
+        return {k: counts(v) if k == "usage" else with_usage_counts(v, value) for k, v in data.items()}
+    return data
+
+
+def answering_with_usage_counts(provider: StandInProvider, value: Any) -> Callable[[Recorded], Reply]:
+    """A scripted reply: what the stand-in answers anyway, its usage counts all `value`."""
+    def reply(request: Recorded) -> Reply:
+        path = request.path.split("?")[0]
+        usual = provider.openai_reply(request) if path.endswith("/chat/completions") else \
+            provider.responses_reply(request) if path.endswith("/responses") else provider.anthropic_reply(request)
+        if usual.sse is None:
+            return Reply(usual.status, with_usage_counts(usual.body, value))
+        events = plano.SSEDecoder().feed(b"".join(usual.sse))
+        return Reply(usual.status, sse=sse_pieces([(e.event, e.data if e.data == "[DONE]" else
+                                                    with_usage_counts(json.loads(e.data), value)) for e in events]))
+    return reply
+
+
+def answer_text(running: RunningPlano, api: str, model: str, stream: bool) -> str:
+    """The text of the answer to "hi", asked through the official SDK of `api` (anthropic, openai, responses)."""
+    if api == "anthropic":
+        client = anthropic_client(running)
+        if stream:
+            with client.messages.stream(model=model, max_tokens=5, messages=[USER_HI]) as answer:
+                return "".join(answer.text_stream)
+        return client.messages.create(model=model, max_tokens=5, messages=[USER_HI]).content[0].text
+    client = openai_client(running)
+    if api == "openai" and stream:
+        chunks = client.chat.completions.create(model=model, messages=[USER_HI], stream=True,
+                                                stream_options={"include_usage": True})
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    if api == "openai":
+        return client.chat.completions.create(model=model, messages=[USER_HI]).choices[0].message.content
+    if stream:
+        with client.responses.stream(model=model, input="hi") as answer:
+            return answer.get_final_response().output_text
+    return client.responses.create(model=model, input="hi").output_text
+
+
+def three_priced_formats(provider: StandInProvider, ledger: Path) -> plano.Config:
+    """A Responses, a Chat and an Anthropic model on the stand-in, all with prices, and a ledger."""
+    prices = {"input": 2.5, "cached_input": 1.25, "output": 10}
+    return build_config(*(served_by(provider, name, prices=prices)
+                          for name in (CODEX_MODEL, "openai/gpt-4o", "anthropic/claude-sonnet-5")),
+                        stats={"path": str(ledger)})
+
+
+# The SDKs warn (pydantic) when they re-serialise what a provider of their own format sent as it was.
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")
+@pytest.mark.parametrize("value", UNUSABLE_COUNTS.values(), ids=UNUSABLE_COUNTS.keys())
+def test_token_counts_that_are_not_counts_never_break_an_answer_the_ledger_or_the_server(provider, tmp_path, value):
+    ledger = tmp_path / "usage.sqlite3"
+    SuiteLog.lines.clear()
+    asked = 0
+    with RunningPlano(three_priced_formats(provider, ledger)) as running:
+        for model in (CODEX_MODEL, "openai/gpt-4o", "anthropic/claude-sonnet-5"):
+            for api in ("anthropic", "openai", "responses"):
+                for stream in (False, True):
+                    provider.then(answering_with_usage_counts(provider, value))
+                    assert answer_text(running, api, model, stream) == "echo: hi", (model, api, stream)
+                    asked += 1
+        assert answer_text(running, "anthropic", "openai/gpt-4o", False) == "echo: hi"  # usage as it should be
+        summary = usage(running)
+    assert summary["total"]["requests"] == asked + 1  # every answer has its row, the writer lives on
+    rows = plano.read_usage(str(ledger))
+    assert len(rows) == asked + 1
+    for row in rows:  # what the ledger keeps are counts, and its costs are numbers
+        for kind in ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens"):
+            assert row[kind] is None or (type(row[kind]) is int and 0 <= row[kind] <= plano.MAX_TOKEN_COUNT), row
+        assert math.isfinite(row["cost_usd"]) and 0 <= row["cost_usd"] < 0.01, row
+    assert rows[-1]["input_tokens"] == 10 and rows[-1]["cache_read_tokens"] == 30  # the good one, as it was
+    warned = [line for line in SuiteLog.lines if "token counts that are not counts" in line]
+    assert len(warned) == asked, warned  # once per answer, naming what it was
+    assert all(json.dumps(value) in line for line in warned)
+
+
+def test_the_ledger_writer_drops_a_row_sqlite_cannot_store_and_writes_the_ones_after(tmp_path):
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = plano.UsageLedger(path)
+    SuiteLog.lines.clear()
+    try:
+        ledger.record({"time": time.time(), "session": "before", "input_tokens": 5})
+        ledger.record({"time": time.time(), "session": "past 2**63", "input_tokens": 2**70})
+        ledger.record({"time": time.time(), "session": "no SQLite type", "input_tokens": {"a": 1}})
+        ledger.record({"time": time.time(), "session": "half an emoji \ud83d"})
+        assert ledger.flush()
+        ledger.record({"time": time.time(), "session": "after", "input_tokens": 7})
+        assert ledger.flush()
+        assert [(r["session"], r["input_tokens"]) for r in plano.read_usage(path)] == [("before", 5), ("after", 7)]
+        assert ledger.dropped == 3
+    finally:
+        ledger.close()
+    dropped = [line for line in SuiteLog.lines if "a row it cannot store was dropped" in line]
+    assert len(dropped) == 3 and "OverflowError" in dropped[0], dropped
+
+
+class BrokenRouterBackend(plano.RouterBackend):
+    """A router backend of the user's own (plano's extension point for where the router runs), with
+    a bug: every decision raises, and the exception's message holds a key."""
+
+    async def load(self, routes: Any) -> None:
+        pass
+
+    async def trim(self, routes: Any, conversation: list[dict]) -> list[dict]:
+        return conversation
+
+    async def decide(self, routes: Any, conversation: list[dict]) -> plano.RouteChoice:
+        raise RuntimeError(f"backend bug while holding {OPENAI_KEY}")
+
+    async def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "broken"
+
+
+def test_a_bug_before_the_answer_is_a_500_in_the_callers_format_logged_once_and_serving_goes_on(provider):
+    config = routed_config(provider, remote_router(provider.openai_base))  # its backend: the broken one below
+    SuiteLog.lines.clear()
+    with RunningPlano(config, router=plano.Router(config, BrokenRouterBackend())) as running:
+        wait_until(lambda: router_ready(running.url), what="the router started")
+        with pytest.raises(anthropic.InternalServerError) as anthropic_error:
+            anthropic_client(running).messages.create(model=CLAUDE_CODE_MODEL, max_tokens=5, messages=[USER_HI])
+        with pytest.raises(openai.InternalServerError) as openai_error:
+            openai_client(running).chat.completions.create(model="gpt-5", messages=[USER_HI])
+        with pytest.raises(openai.InternalServerError) as responses_error:
+            openai_client(running).responses.create(model="gpt-5", input="hi")
+        after = anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+    assert anthropic_error.value.body == {"type": "error", "error": {
+        "type": "api_error", "message": "internal error in plano: RuntimeError"}}
+    for error in (openai_error, responses_error):
+        assert error.value.status_code == 500 and error.value.body["message"] == "internal error in plano: RuntimeError"
+    assert after.content[0].text == "echo: hi"  # the next request, answered
+    bugs = [line for line in SuiteLog.lines if line.startswith("internal error while serving")]
+    assert [line.split(" (")[0] for line in bugs] == [f"internal error while serving POST {path}" for path in (
+        "/v1/messages", "/v1/chat/completions", "/v1/responses")]
+    for line in bugs:  # each once, with its traceback, and without the key its message held
+        assert "Traceback (most recent call last)" in line and "in decide" in line
+        assert "RuntimeError: backend bug while holding [redacted]" in line and OPENAI_KEY not in line
+
+
+@pytest.mark.parametrize("api, model, broken", [
+    # An event of a shape nothing foresaw, after the answer started: a text delta that is a string,
+    # a content block that is one.
+    ("anthropic", "openai/gpt-4o", (None, {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+                                           "choices": [{"index": 0, "delta": "oops"}]})),
+    ("openai", "anthropic/claude-sonnet-5", ("content_block_start", {"type": "content_block_start", "index": 0,
+                                                                     "content_block": "oops"})),
+    ("responses", "anthropic/claude-sonnet-5", ("content_block_start", {"type": "content_block_start", "index": 0,
+                                                                        "content_block": "oops"})),
+])
+def test_a_bug_after_the_answer_started_ends_the_stream_with_an_error_event_in_its_format(provider, api, model,
+                                                                                          broken):
+    first = (None, {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "hel"}}]}) if api == "anthropic" else \
+        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                                "model": "x", "content": [], "usage": {}}})
+    provider.then(Reply(200, sse=sse_pieces([first, broken])))
+    path = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}[api]
+    body = {"model": model, "stream": True, "max_tokens": 5, "messages": [USER_HI]} if api != "responses" else \
+        {"model": model, "stream": True, "input": "hi"}
+    SuiteLog.lines.clear()
+    with RunningPlano(responses_config(provider)) as running:
+        with httpx.stream("POST", running.url + path, json=body, timeout=30) as answer:
+            status, events = answer.status_code, plano.SSEDecoder().feed(answer.read())  # read to its proper end
+        assert answer_text(running, api, model, stream=True) == "echo: hi"  # the next request, answered
+    assert status == 200 and events[0].event in ("message_start", "response.created", None)
+    last = json.loads(events[-1].data)
+    expected = {"anthropic": {"type": "error", "error": {"type": "api_error",
+                                                         "message": "internal error in plano: AttributeError"}},
+                "openai": {"error": {"message": "internal error in plano: AttributeError", "type": "server_error",
+                                     "param": None, "code": 500}}}
+    if api == "responses":
+        assert events[-1].event == "error" and last["type"] == "error"
+        assert last["error"]["message"] == "internal error in plano: AttributeError"
+    else:
+        assert last == expected[api]
+    bugs = [line for line in SuiteLog.lines if line.startswith("internal error while serving")]
+    assert len(bugs) == 1 and "AttributeError" in bugs[0] and "Traceback" in bugs[0]
+
+
+def test_a_request_target_urlsplit_refuses_is_a_400_and_the_server_goes_on(gateway):
+    with socket.create_connection(("127.0.0.1", gateway.info.port), timeout=10) as raw:
+        raw.sendall(b"GET //[oops HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = b"".join(iter(lambda: raw.recv(65536), b""))  # until plano closes the connection
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed request target" in answer
+    assert httpx.get(gateway.url + "/healthz").status_code == 200
+
+
+def test_a_providers_error_header_with_non_ascii_in_it_reaches_the_client_percent_encoded(gateway, provider):
+    provider.then(Reply(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}},
+                        headers={"request-id": "req_é"}))
+    answer = httpx.post(gateway.url + "/v1/messages", json={"model": "anthropic/claude-sonnet-5", "max_tokens": 5,
+                                                            "messages": [USER_HI]})
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == "no"
+    assert urllib.parse.unquote(answer.headers["request-id"]) == "req_é"
+
+
+def unicode_config_text(provider: StandInProvider, router: StandInProvider, ledger: Path) -> str:
+    return config_yaml(
+        served_by(provider, "openai/modèle-génial", routing_preferences=[
+            {"name": "génération de code", "description": "écrire du code"}]),
+        served_by(provider, "anthropic/claude-sonnet-5", default=True),
+        router={"endpoint": router.openai_base, "model": "arch-router"}, stats={"path": str(ledger)})
+
+
+def test_non_ascii_route_and_model_names_work_end_to_end(provider, router_server, tmp_path):
+    ledger = tmp_path / "usage.sqlite3"
+    config = write_config(tmp_path, unicode_config_text(provider, router_server, ledger))
+    SuiteLog.lines.clear()
+    with RunningPlano(plano.load_config(config), router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router started")
+        router_server.then(remote_answer('{"route": "génération de code"}'))
+        whole = anthropic_client(running).messages.with_raw_response.create(
+            model=CLAUDE_CODE_MODEL, max_tokens=5, messages=[{"role": "user", "content": "écris un tri"}])
+        router_server.then(remote_answer('{"route": "génération de code"}'))
+        with httpx.stream("POST", running.url + "/v1/messages", timeout=30, json={
+                "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "écris un parseur"}]}) as answer:
+            streamed_headers, streamed = answer.headers, answer.read().decode()
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert whole.parse().content[0].text == "echo: écris un tri"
+    assert anthropic_stream_text(streamed) == "echo: écris un parseur"
+    for headers in (whole.headers, streamed_headers):  # percent-encoded UTF-8, as README says
+        assert headers["x-plano-route"] == "g%C3%A9n%C3%A9ration de code"
+        assert headers["x-plano-model"] == "openai/mod%C3%A8le-g%C3%A9nial"
+        assert urllib.parse.unquote(headers["x-plano-route"]) == "génération de code"
+        assert urllib.parse.unquote(headers["x-plano-model"]) == "openai/modèle-génial"
+        assert headers["x-plano-decision"] == "router"
+    assert [(d["model"], d["route"]) for d in decisions] == [("openai/modèle-génial", "génération de code")] * 2
+    assert "→ openai/modèle-génial [génération de code] router" in plano.format_decision(decisions[0], colour=False)
+    assert any("-> openai/modèle-génial [router:génération de code] 200" in line for line in SuiteLog.lines)
+    stats = run_plano_cli("stats", "--config", config)
+    assert re.search(r"^openai/modèle-génial +2 ", stats.stdout, re.M), stats.stdout
+    assert re.search(r"^génération de code +2 ", stats.stdout, re.M), stats.stdout
+
+
+def test_a_100_kb_model_name_and_session_id_are_kept_bounded(provider, tmp_path):
+    ledger = tmp_path / "usage.sqlite3"
+    model, session = "m" * 100_000, "s" * 100_000
+    SuiteLog.lines.clear()
+    with RunningPlano(ledger_config(provider, ledger)) as running:
+        for _ in range(2):  # the same long session twice: one session, as plano keeps it
+            answer = httpx.post(running.url + "/v1/messages", timeout=30, json={
+                "model": model, "max_tokens": 5, "messages": [USER_HI],
+                "metadata": {"user_id": json.dumps({"session_id": session})}})
+            assert answer.status_code == 200 and answer.json()["content"][0]["text"] == "echo: hi"
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+        kept = plano.kept_text(session)
+        assert usage(running, "?session=" + kept)["total"]["requests"] == 2
+        long_header = "h" * 1000  # a session id that fits in a query: found by its whole self too
+        httpx.post(running.url + "/v1/messages", headers={"x-claude-code-session-id": long_header},
+                   json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]}, timeout=30)
+        assert usage(running, "?session=" + long_header)["total"]["requests"] == 1
+        assert len(httpx.get(running.url + "/plano/decisions", params={"session": long_header}).json()[
+            "decisions"]) == 1
+    rows = plano.read_usage(str(ledger))[:2]
+    assert rows[0]["session"] == rows[1]["session"] == kept
+    for row in rows + decisions:
+        for kept_value, whole in ((row["requested_model"], model), (row["session"], session)):
+            assert len(kept_value) == plano.MAX_KEPT_CHARS and whole.startswith(kept_value[:-17])
+            assert kept_value[-17:] == "…" + hashlib.sha256(whole.encode()).hexdigest()[:16]
+    access = [line for line in SuiteLog.lines if line.startswith("POST /v1/messages ")]
+    assert len(access) == 3 and all(len(line) < 600 for line in access), [len(line) for line in access]
+    assert plano.kept_text("s" * 256) == "s" * 256 and plano.kept_text("s" * 257) != plano.kept_text("s" * 258)
+
+
+HOSTILE_NAME = "evil\nPOST /v1/messages forged -> log line\x1b]0;pwned\x07\x1b[31mred\x9b2J\x7f\u202edesrever"
+
+
+def test_control_characters_in_a_model_name_are_escaped_in_the_log_watch_and_statusline(gateway):
+    SuiteLog.lines.clear()
+    session = f"hostile-{os.urandom(4).hex()}"
+    answer = httpx.post(gateway.url + "/v1/messages", headers={"x-claude-code-session-id": session}, json={
+        "model": HOSTILE_NAME, "max_tokens": 5, "messages": [USER_HI]})
+    assert answer.status_code == 200
+    escaped = plano.printable(HOSTILE_NAME)
+    assert escaped == ("evil\\nPOST /v1/messages forged -> log line\\x1b]0;pwned\\x07\\x1b[31mred\\x9b2J\\x7f"
+                       "\\u202edesrever")
+    wait_until(lambda: any(line.startswith("POST /v1/messages ") for line in SuiteLog.lines), what="the access line")
+    access = [line for line in SuiteLog.lines if line.startswith("POST /v1/messages ")]
+    assert len(access) == 1 and access[0].startswith(f"POST /v1/messages {escaped} -> openai/gpt-4o [default]")
+    record = httpx.get(gateway.url + "/plano/decisions", params={"session": session}).json()["decisions"][-1]
+    assert record["requested_model"] == HOSTILE_NAME  # JSON carries it as it is
+    for colour in (False, True):
+        line = plano.format_decision(dict(record, session=HOSTILE_NAME, route=HOSTILE_NAME), colour=colour)
+        assert f"{escaped} → " in line and f"[{escaped}]" in line and "\n" not in line
+        assert re.sub(r"\x1b\[[0-9;]*m", "", line).isprintable()  # only the colours plano paints itself
+    statusline = subprocess.run([sys.executable, "-m", "plano", "statusline", "--url", gateway.url],
+                                input=json.dumps({"session_id": session}), capture_output=True, text=True,
+                                timeout=30).stdout
+    assert statusline.startswith("plano ▸ openai/gpt-4o") and statusline.rstrip("\n").isprintable()
+
+
+def test_control_characters_in_ledger_names_are_escaped_in_plano_stats(tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    ledger = plano.UsageLedger(str(path))
+    ledger.record({"time": time.time(), "session": "s", "model": HOSTILE_NAME, "route": "route\x1b[2J",
+                   "input_tokens": 1, "output_tokens": 1})
+    ledger.close()
+    config = write_config(tmp_path, config_yaml({"model": "openai/gpt-4o", "access_key": "x"},
+                                                stats={"path": str(path)}))
+    out = run_plano_cli("stats", "--config", config).stdout
+    assert "evil\\nPOST /v1/messages" in out and "route\\x1b[2J" in out
+    assert all(line.isprintable() for line in out.splitlines()), out
+
+
+@given(usage=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                              st.sampled_from(["prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+                                               "cache_read_input_tokens", "cache_creation_input_tokens",
+                                               "cached_tokens", "reasoning_tokens", "prompt_cache_hit_tokens",
+                                               "prompt_tokens_details", "input_tokens_details",
+                                               "completion_tokens_details", "output_tokens_details"]) | st.text(),
+                              inner, max_size=6), max_leaves=12))
+@settings(max_examples=500, deadline=None)
+def test_any_usage_a_provider_sends_maps_to_counts_and_a_cost_without_raising(usage):
+    prices = plano.Prices(2.5, 1.25, 10)
+    for mapped in (plano._openai_usage_to_anthropic(usage), plano._responses_usage_to_anthropic(usage),
+                   plano._anthropic_usage(usage)):
+        assert all(plano._is_token_count(count) for count in mapped.values()), mapped
+        row = {"input_tokens": mapped.get("input_tokens"), "output_tokens": mapped.get("output_tokens"),
+               "cache_read_tokens": mapped.get("cache_read_input_tokens"),
+               "cache_write_tokens": mapped.get("cache_creation_input_tokens")}
+        assert 0 <= plano.usage_cost(row, prices) < 4 * plano.MAX_TOKEN_COUNT * 10 / 1e6
+    assert math.isfinite(plano.usage_cost({"input_tokens": usage, "output_tokens": usage}, prices))
+    for shaped in (plano._anthropic_usage_to_openai(usage), plano._responses_usage_from_anthropic(usage)):
+        assert all(plano._is_token_count(shaped[k]) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
+                                                              "output_tokens") if k in shaped), shaped
+    for reasoning in (plano._openai_reasoning_tokens(usage), plano._reasoning_tokens(usage)):
+        assert reasoning is None or plano._is_token_count(reasoning)
+    assert plano._token_counts(usage if isinstance(usage, dict) else None) is not None
+    assert all(isinstance(found, str) for found in plano.unusable_token_counts({"usage": usage}))
+
+
+def unprintable(c: str) -> bool:
+    """C0, DEL, C1, line and paragraph separators, bidi overrides and isolates, lone surrogates."""
+    return ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e" \
+        or 0x2066 <= ord(c) <= 0x2069 or 0xd800 <= ord(c) <= 0xdfff
+
+
+@given(text=st.text(st.characters(codec=None, exclude_categories=())))
+@settings(max_examples=1000, deadline=None)
+def test_printable_escapes_exactly_the_unprintable_and_kept_text_is_bounded_and_storable(text):
+    shown = plano.printable(text)
+    assert not any(unprintable(c) for c in shown)
+    assert (shown == text) == (not any(unprintable(c) for c in text))
+    kept = plano.kept_text(text)
+    assert len(kept) <= plano.MAX_KEPT_CHARS and kept == plano.kept_text(text)
+    kept.encode("utf-8")  # SQLite and log files take it
+    storable = not any(0xd800 <= ord(c) <= 0xdfff for c in text)
+    assert (kept == text) == (storable and len(text) <= plano.MAX_KEPT_CHARS)
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
