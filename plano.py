@@ -4478,7 +4478,9 @@ class RemoteRouterBackend(RouterBackend):
         try:
             text = json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RouterUnavailable("router endpoint sent an unreadable answer") from None
+            text = None
+        if not isinstance(text, str):  # a server of someone else's: its answer is not ours to trust
+            raise RouterUnavailable("router endpoint sent an unreadable answer")
         return RouteChoice(parse_route_answer(text, [r.name for r in routes]))  # a server gives no probabilities
 
     async def close(self) -> None:
@@ -4498,7 +4500,10 @@ def parse_route_answer(text: str, names: list[str]) -> str:
     match = re.search(r'\{\s*"route"\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}', text)
     if not match:
         raise RouterUnavailable(f"router answer has no route: {text[:80]!r}")
-    name = json.loads(f'"{match.group(1)}"')
+    try:
+        name = json.loads(f'"{match.group(1)}"')
+    except ValueError:  # an escape JSON does not know (`\uZZZZ`)
+        raise RouterUnavailable(f"router answer has an unreadable route: {match.group(0)[:80]!r}") from None
     if name != NO_ROUTE and name not in names:
         raise RouterUnavailable(f"router answered an unknown route {name!r}")
     return name

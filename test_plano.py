@@ -4525,7 +4525,7 @@ async def test_router_decisions_are_cached(provider, tiny_router_model):
 
 # ── remote backend against a recording stand-in ───────────────────────────────────────────
 
-def remote_answer(content: str) -> Reply:
+def remote_answer(content: Any) -> Reply:
     return Reply(200, {"id": "r", "object": "chat.completion", "model": "arch-router",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                     "finish_reason": "stop"}]})
@@ -4553,6 +4553,9 @@ async def test_remote_router_sends_the_model_card_prompt_at_temperature_zero(pro
 @pytest.mark.parametrize("answer, reason", [
     ('{"route": "astrology"}', "unknown route"),
     ("no idea", "has no route"),
+    ('{"route": "\\uZZZZ"}', "unreadable route"),
+    (5, "unreadable answer"),
+    (["a list"], "unreadable answer"),
 ])
 async def test_remote_router_bad_answers_fall_back(provider, answer, reason):
     provider.then(remote_answer(answer))
