@@ -1835,6 +1835,20 @@ def test_a_whole_answer_that_is_not_the_shape_it_claims_is_a_502_naming_the_mode
     assert raised.value.status == 502
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_same_format_answer_that_is_not_utf8_is_a_502_and_the_next_request_is_served(provider, encoding):
+    # json.loads reads UTF-16 and -32 bytes; the client of the provider's own format gets its bytes
+    # (which must be UTF-8 JSON), so such an answer is the provider's fault, not a crash of plano's.
+    answer = openai_response({"role": "assistant", "content": "hi"})
+    with RunningPlano(config_for(provider)) as running:
+        provider.then(Reply(raw=json.dumps(answer).encode(encoding)))
+        bad = httpx.post(running.url + "/v1/chat/completions", json={"model": "openai/gpt-4o", "messages": [USER_HI]})
+        provider.then(Reply(body=answer))
+        good = openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
+    assert bad.status_code == 502 and "not UTF-8" in bad.json()["error"]["message"]
+    assert good.choices[0].message.content == "hi"
+
+
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # count_tokens: estimate_tokens
 # ═════════════════════════════════════════════════════════════════════════════════════════════
