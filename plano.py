@@ -93,7 +93,12 @@ class PlanoError(Exception):
 
 
 class ConfigError(PlanoError):
-    """The configuration file is unreadable or invalid; the message names file, line and field."""
+    """The configuration file is unreadable or invalid; the message names file, line and field,
+    in one line: control characters that came with a value from the file are escaped, as they go
+    to a terminal and a log."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 class RequestError(PlanoError):
@@ -476,8 +481,56 @@ class Config:
         return matches[0] if len(matches) == 1 else None
 
 
+# What reading a config may cost. Real configs are a few kB, about six levels deep and a few
+# thousand YAML nodes; a file edited by mistake (a log saved over it, a thousand-level nest, the
+# "billion laughs" of aliases within aliases) is refused rather than read, parsed or expanded.
+MAX_CONFIG_BYTES = 1024 * 1024
+_MAX_CONFIG_DEPTH = 64
+_MAX_CONFIG_NODES = 100_000  # counting each node as often as aliases repeat it
+
+
 class _LineLoader(yaml.SafeLoader):
-    """A YAML loader whose mappings remember the line of each key, for error messages."""
+    """A YAML loader whose mappings remember the line of each key, for error messages, and that
+    stays within the bounds above. PyYAML shares an aliased node rather than copying it, but the
+    config reader (and the repr in its error messages) walks it once per use, so the bound is on
+    the document with its aliases expanded; an alias inside its own anchor is refused too."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if self.depth >= _MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {_MAX_CONFIG_DEPTH} levels",
+                                              event.start_mark)
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(event, yaml.AliasEvent):
+            if not hasattr(node, "expanded_size"):  # the anchor's node is still being composed
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor",
+                                                  event.start_mark)
+            return node
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else ()
+        node.expanded_size = 1 + sum(child.expanded_size for child in children)
+        if node.expanded_size > _MAX_CONFIG_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {_MAX_CONFIG_NODES:,} values once its "
+                                              "aliases are expanded", node.start_mark)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as e:
+            # A scalar that resolves to a type it cannot be: the date 2026-02-30, an integer
+            # of 5,000 digits (past Python's limit for converting a string).
+            kind, problem = node.tag.rsplit(":", 1)[-1], str(e).split(";")[0]
+            raise yaml.constructor.ConstructorError(None, None, f"not a valid {kind}: {problem}",
+                                                    node.start_mark) from None
 
 
 class _LineDict(dict):
@@ -492,6 +545,11 @@ def _construct_line_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Lin
     result.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # `? [a, b]: c`: YAML allows a list as a key, a dict does not
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a single value, not a list or "
+                                                    "a mapping", key_node.start_mark) from None
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_lines[key] = key_node.start_mark.line + 1
     return result
@@ -503,14 +561,17 @@ _ENV_REFERENCE = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
 
 
 def read_dotenv(path: str) -> dict[str, str]:
-    """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent."""
+    """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent, a
+    ConfigError if it is not text (see _file_text)."""
     values: dict[str, str] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError:
         return values
-    for line in lines:
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no .env file is")
+    for line in _file_text(data, path).splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -535,13 +596,32 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
     """
     path = find_config_path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:  # missing, a directory, not readable by this user
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no plano config is")
+    text = _file_text(data, path)
     env = read_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
     env.update(os.environ if environ is None else environ)
     return parse_config(text, path=path, environ=env)
+
+
+def _file_text(data: bytes, path: str) -> str:
+    """A config (or `.env`) file's bytes as text: UTF-8, with or without a BOM, or UTF-16 with its
+    BOM (what Windows editors save as "Unicode"); YAML allows both. Anything else (Latin-1, say) is
+    a ConfigError naming the line of the first byte that is not text in that encoding."""
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    bom, encoding = next(((bom, encoding) for bom, encoding in boms if data.startswith(bom)), (b"", "utf-8"))
+    data = data[len(bom):]
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        name = "UTF-16" if encoding.startswith("utf-16") else "UTF-8"
+        raise ConfigError(f"{path}:{line}: not {name} text (a byte 0x{data[e.start]:02x}): save the file as "
+                          "UTF-8") from None
 
 
 def parse_config(text: str, *, path: str = "<config>",
@@ -549,6 +629,10 @@ def parse_config(text: str, *, path: str = "<config>",
     """Validate config text; `$VAR` keys come from `environ` (default: the process environment)."""
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow in a file (NUL, a control)
+        line = text[:e.position].count("\n") + 1
+        character = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise ConfigError(f"{path}:{line}: invalid YAML: the character {character} is not allowed") from None
     except yaml.YAMLError as e:
         # An unclosed bracket or quote is noticed at the end of the file; the line to fix is
         # where the construct started (the context mark), so name that one when there is one.
@@ -582,6 +666,8 @@ class _ConfigReader:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise self.fail(mapping, key, f"must be {_article(names)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
+            raise self.fail(mapping, key, f"must be a finite number, got {value!r}")
         return value
 
     def read(self, raw: dict) -> Config:
@@ -706,7 +792,11 @@ class _ConfigReader:
             raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
         access_key, key_env = None, None
         if "access_key" in entry:
-            access_key, key_env = self.expand(entry, "access_key", self.get(entry, "access_key", str))
+            written = self.get(entry, "access_key", str)
+            if not (written or "").strip():  # `access_key:` with nothing after it: which key was meant?
+                raise self.fail(entry, "access_key", "is empty: write the key, or `$VARIABLE` to read it from "
+                                "the environment (or remove the line)")
+            access_key, key_env = self.expand(entry, "access_key", written)
             if access_key is None:
                 self.warnings.append(f"{name}: ${key_env} is not set; requests for this model will "
                                      f"fail until it is (export {key_env}=... or put it in .env)")
@@ -746,13 +836,14 @@ class _ConfigReader:
             value = self.get(entry, key, int)
             if value is not None and value <= 0:
                 raise self.fail(entry, key, f"must be a positive number of tokens, got {value}")
-        if "context_window" in entry:
+        # A field written with nothing after it (`prices:`) is null, and counts as not written.
+        if entry.get("context_window") is not None:
             given["context_window"] = entry["context_window"]
             given["max_input_tokens"] = None  # the catalogue's input limit belongs to its window
         for key in ("vision", "tool_use"):
-            if key in entry:
+            if entry.get(key) is not None:
                 given[key] = self.get(entry, key, bool)
-        if "prices" in entry:
+        if entry.get("prices") is not None:
             prices = self.get(entry, "prices", dict)
             for key, value in prices.items():
                 if key not in ("input", "cached_input", "output") or isinstance(value, bool) \

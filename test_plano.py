@@ -6735,6 +6735,124 @@ def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider,
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
 
 
+# ── issue 18: config reload, connection slots, a port already taken ─────────────────────────
+
+# Every section and field of a config, each with a valid value: the places a fuzzer puts others.
+EVERY_CONFIG_FIELD = {
+    "version": "v0.1.0",
+    "llm_providers": [
+        {"model": "openai/gpt-4o", "access_key": "$OPENAI_API_KEY", "default": True,
+         "base_url": "http://127.0.0.1:9/v1", "fallbacks": ["anthropic/claude-sonnet-5"],
+         "routing_preferences": [{"name": "code generation", "description": "writing code"}],
+         "max_output_tokens": 4096, "timeout": 30, "context_window": 64000, "vision": False, "tool_use": True,
+         "prices": {"input": 1, "cached_input": 0.5, "output": 2}},
+        {"model": "anthropic/claude-sonnet-5", "access_key": "a-literal-key", "max_tokens": 1000},
+        {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
+    ],
+    "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
+    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_API_KEY"}],
+    "router": {"model": "katanemo/Arch-Router-1.5B.gguf", "file": "router.gguf", "endpoint": "http://127.0.0.1:11434/v1",
+               "timeout_ms": 1000, "threads": 2, "enabled": True, "context_tokens": 512, "gpu_layers": 0,
+               "extra_buffer_types": False, "switch_budget": 0.05},
+    "routing": {"route_on_user_only": True},
+    "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
+    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o"},
+}
+
+# What YAML can say: every scalar type PyYAML's safe loader builds (dates and binary included),
+# numbers of any size, NaN and infinities, nested lists and mappings with any keys.
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.dates()
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans(), inner, max_size=4),
+    max_leaves=12)
+
+
+def assert_read_or_refused_in_one_line(read: Callable[[], plano.Config]) -> None:
+    try:
+        read()
+    except plano.ConfigError as e:
+        assert e.message and "\n" not in e.message and "\r" not in e.message, e.message
+
+
+def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def test_the_config_the_fuzzers_start_from_is_valid():
+    config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
+    assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_any_yaml_value_in_any_config_field_is_read_or_refused_with_a_config_error(data):
+    path = data.draw(st.sampled_from(field_paths(EVERY_CONFIG_FIELD)))
+    config = with_value_at(EVERY_CONFIG_FIELD, path, data.draw(YAML_VALUES))
+    assert_read_or_refused_in_one_line(
+        lambda: plano.parse_config(every_field_config_text(config), path=CONFIG_PATH, environ=KEYS))
+
+
+YAML_PIECES = [
+    "llm_providers:", "\n  - model: openai/gpt-4o", "\n    access_key:", " $OPENAI_API_KEY", "\n", "  ", "- ",
+    ": ", "[", "]", "{", "}", ", ", "&a ", "*a", "<<: *a", "!!str ", "!!binary ", "!!python/name:os.system", "? ",
+    "|\n", ">-\n", "'", '"', "#", "%YAML 1.1\n", "---\n", "...\n", "\t", "\x00", "\x1b[31m", "\ufeff", "é",
+    "2026-02-30", "0x1F", "1e400", ".nan", "~", "null", "prices:", "router:", "stats:", "listeners:", "port:",
+    "99999999999999999999", "model_aliases:", "target:"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(YAML_PIECES) | st.text(max_size=6), max_size=40))
+def test_any_yaml_text_is_read_or_refused_with_a_config_error(pieces):
+    assert_read_or_refused_in_one_line(
+        lambda: plano.parse_config("".join(pieces), path=CONFIG_PATH, environ=KEYS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600) | st.builds(
+    lambda text, at, garbage: text[:at] + garbage + text[at:],
+    st.just(every_field_config_text().encode()), st.integers(0, 1500), st.binary(min_size=1, max_size=8)))
+def test_any_bytes_in_a_config_file_are_read_or_refused_with_a_config_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzzed") / "config.yaml"
+    path.write_bytes(data)
+    assert_read_or_refused_in_one_line(lambda: plano.load_config(str(path), environ=KEYS))
+
+
+def test_a_config_saved_as_utf16_or_with_a_utf8_bom_reads_as_utf8_does(tmp_path):
+    text = MODELS_YAML + "# café\n"
+    path = tmp_path / "config.yaml"
+    expected = [m.name for m in plano.parse_config(text, environ=KEYS).models]
+    for data in (text.encode("utf-16"), b"\xfe\xff" + text.encode("utf-16-be"), b"\xef\xbb\xbf" + text.encode()):
+        path.write_bytes(data)
+        assert [m.name for m in plano.load_config(str(path), environ=KEYS).models] == expected
+
+
+def test_an_empty_access_key_is_an_error_that_says_what_to_write():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key:\n")
+    assert message == (f"{CONFIG_PATH}:3: `access_key` is empty: write the key, or `$VARIABLE` to read it from the "
+                       "environment (or remove the line)")
+    assert "is empty" in config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: '  '\n")
+
+
+def test_an_empty_prices_or_capability_field_counts_as_not_written():
+    written = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\n    prices:\n"
+                                 "    context_window:\n    vision:\n", environ={})
+    absent = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\n", environ={})
+    assert written.models[0].capabilities == absent.models[0].capabilities
+    assert absent.models[0].capabilities.prices.input > 0  # the catalogue's, kept
+
+
+def test_a_number_that_is_not_finite_is_refused():
+    assert config_error("llm_providers:\n  - model: openai/gpt-4o\n    timeout: .nan\n") == (
+        f"{CONFIG_PATH}:3: `timeout` must be a finite number, got nan")
+
+
+def test_a_value_with_control_characters_is_named_on_one_line():
+    message = config_error('llm_providers:\n  - model: "openai/gpt-4o"\n    "colour\\n\\x1b[31m": red\n')
+    assert message.startswith(f"{CONFIG_PATH}:3: `colour\\n\\x1b[31m` is not a known model field")
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
