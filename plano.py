@@ -6089,6 +6089,16 @@ def check_exposure(config: Config, host: str) -> None:
                           "or PLANO_API_KEY, or listen on 127.0.0.1")
 
 
+def load_serving_config(path: str | None, host: str | None = None) -> Config:
+    """The config a server runs on, read as start-up and every reload read it: `load_config` (read,
+    decode, parse, validate) and `check_exposure` for `host`, the address the server listens on
+    (None: the config's own). A reload passes the address it listens on: editing the file does
+    not move the listener, and the key it needs must stay."""
+    config = load_config(path)
+    check_exposure(config, host or config.listener.address)
+    return config
+
+
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 limits: ServerLimits | None = None, router: Any = "auto",
                 shutdown: trio.Event | None = None,
@@ -6099,7 +6109,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     answers finish for `limits.shutdown_grace` seconds, and cuts the rest off with an error event.
     `router="auto"` builds the router from `config.router`; pass None to turn routing off, or a
     Router of your own (the gateway closes its backend). Edits to the config file are picked up
-    while it runs (validated first).
+    while it runs, checked first as start-up checks a file (`load_serving_config`).
     """
     host = host or config.listener.address
     port = config.listener.port if port is None else port
@@ -6127,7 +6137,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                     accepting = await nursery.start(accept)
                     reloads_in, reloads_out = trio.open_memory_channel[object](1)
                     if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
-                        nursery.start_soon(_follow_config_file, gateway, reloads_out, limits.config_poll)
+                        await nursery.start(_follow_config_file, gateway, host, reloads_out, limits.config_poll)
                     bound = listeners[0].socket.getsockname()
                     task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
                     await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
@@ -6145,20 +6155,24 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                 await trio.to_thread.run_sync(ledger.close)  # what was recorded is written
 
 
-def _config_fingerprint(path: str) -> tuple[int, int] | None:
+def _config_fingerprint(path: str) -> tuple[int, ...] | None:
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    # ctime too: a chmod changes only that, and whether the file can be read is part of the config.
+    return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino
 
 
-async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChannel, poll: float) -> None:
+async def _follow_config_file(gateway: Gateway, host: str, requests: trio.MemoryReceiveChannel,
+                              poll: float, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Reload the config when its file changes (or on request, e.g. SIGHUP). An edit that does not
-    validate leaves the running config in place and says why; requests already in flight finish
-    on the config they started with."""
+    pass what start-up checks (`load_serving_config` for `host`, where the server listens) leaves
+    the running config in place and says why in one line; requests already in flight finish on
+    the config they started with."""
     path = gateway.config.path
     seen = _config_fingerprint(path)
+    task_status.started()  # from here on, an edit is noticed
     while True:
         with trio.move_on_after(poll):
             await requests.receive()
@@ -6167,15 +6181,18 @@ async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChan
         if current is None or current == seen:
             continue
         seen = current
+        old = gateway.config
         try:
-            config = await trio.to_thread.run_sync(load_config, path)
+            config = await trio.to_thread.run_sync(load_serving_config, path, host)
+            gateway.reload(config)
         except ConfigError as e:
             log.error("config reload failed, still running the previous config: %s", e.message)
             continue
-        old = gateway.config
+        except Exception:  # a bug in plano, not in the file: said once, with where it happened
+            log.exception("config reload failed unexpectedly, still running the previous config")
+            continue
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
-        gateway.reload(config)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -6196,16 +6213,15 @@ def _load_config_or_exit(path: str | None) -> Config:
 
 
 def _cmd_up(args: Any) -> int:
-    config = _load_config_or_exit(args.config)
+    try:
+        config = load_serving_config(args.config, args.host)  # as every reload will read it
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
     for warning in config.warnings + ((config.capability_warning,) if config.capability_warning else ()):
         log.warning("warning: %s", warning)
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
-    try:
-        check_exposure(config, host)
-    except ConfigError as e:
-        print(f"plano: {e.message}", file=sys.stderr)
-        return 2
 
     async def run() -> None:
         shutdown = trio.Event()

@@ -6853,6 +6853,126 @@ def test_a_value_with_control_characters_is_named_on_one_line():
     assert message.startswith(f"{CONFIG_PATH}:3: `colour\\n\\x1b[31m` is not a known model field")
 
 
+BILLION_LAUGHS = "lol0: &lol0 [lol]\n" + "".join(
+    f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]\n" for i in range(1, 10))
+
+
+def bad_bytes(edit: Callable[[str], bytes]) -> Callable[[Path], None]:
+    """An edit that writes `edit(the good text)` over a config file."""
+    return lambda path: path.write_bytes(edit(path.read_text()))
+
+
+def replace_with_a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def make_unreadable(path: Path) -> None:
+    path.chmod(0)
+
+
+# Edits that stopped a running gateway (or its start) with a traceback, and what plano now says.
+BAD_CONFIG_EDITS = [
+    pytest.param(bad_bytes(lambda good: re.sub(r"access_key: \S+", "access_key:", good, count=1).encode()),
+                 r"config\.yaml:\d+: `access_key` is empty", id="empty-access-key"),
+    pytest.param(bad_bytes(lambda good: (good + "# café\n").encode("latin-1")),
+                 r"config\.yaml:\d+: not UTF-8 text \(a byte 0xe9\)", id="latin-1"),
+    pytest.param(bad_bytes(lambda good: (good.replace("router: false", "router: " + "[" * 3000 + "]" * 3000)).encode()),
+                 r"config\.yaml:\d+: invalid YAML: nested deeper than 64 levels", id="nested-3000-deep"),
+    pytest.param(bad_bytes(lambda good: (BILLION_LAUGHS + good).encode()),
+                 r"config\.yaml:\d+: invalid YAML: more than 100,000 values once its aliases are expanded",
+                 id="billion-laughs"),
+    pytest.param(bad_bytes(lambda good: (good + "x: &a [*a]\n").encode()),
+                 r"config\.yaml:\d+: invalid YAML: alias \*a is inside its own anchor", id="recursive-alias"),
+    pytest.param(bad_bytes(lambda good: bytes(range(256)) * 8), r"config\.yaml:2: not UTF-8 text \(a byte 0x80\)",
+                 id="binary"),  # 0x0a ends line 1; 0x80 is the first byte UTF-8 cannot start with
+    pytest.param(bad_bytes(lambda good: (good + "# \x00\n").encode()),
+                 r"config\.yaml:\d+: invalid YAML: the character U\+0000 is not allowed", id="nul"),
+    pytest.param(bad_bytes(lambda good: good.replace("timeout: 600", "timeout: 2026-02-30").encode()),
+                 r"config\.yaml:\d+: invalid YAML: not a valid timestamp: day is out of range", id="no-such-date"),
+    pytest.param(bad_bytes(lambda good: good.encode() + b"#" * plano.MAX_CONFIG_BYTES),
+                 r"config\.yaml: larger than 1 MiB", id="too-large"),
+    pytest.param(replace_with_a_directory, r"config\.yaml: cannot read config file: Is a directory", id="directory"),
+    pytest.param(make_unreadable, r"config\.yaml: cannot read config file: Permission denied", id="unreadable",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")),
+]
+
+
+def aliased_config(provider: StandInProvider, alias: str) -> str:
+    return config_yaml(served_by(provider, "openai/gpt-4o", timeout=600), model_aliases={alias: "openai/gpt-4o"},
+                       router=False)
+
+
+def served_model_ids(running: RunningPlano) -> set[str]:
+    return {m["id"] for m in httpx.get(running.url + "/v1/models").json()["data"]}
+
+
+def wait_for_log_line(pattern: str, since: int) -> str:
+    """The first line plano logged after SuiteLog.lines[since] that matches `pattern` (waited for)."""
+    found: list[str] = []
+    wait_until(lambda: found.extend(line for line in SuiteLog.lines[since:] if re.search(pattern, line)) or found,
+               what=f"a log line matching {pattern!r}")
+    return found[0]
+
+
+@pytest.mark.parametrize("edit, why", BAD_CONFIG_EDITS)
+def test_a_bad_edit_keeps_the_running_config_says_why_in_one_line_and_a_later_good_edit_is_picked_up(
+        tmp_path, provider, edit, why):
+    path = tmp_path / "config.yaml"
+    path.write_text(aliased_config(provider, "before"))
+    with RunningPlano(plano.load_config(str(path)), limits=plano.ServerLimits(config_poll=0.02)) as running:
+        logged = len(SuiteLog.lines)
+        edit(path)
+        line = wait_for_log_line("config reload failed", logged)
+        assert re.search("still running the previous config: .*" + why, line) and "\n" not in line, line
+        answer = openai_client(running).chat.completions.create(model="before", messages=[USER_HI])
+        assert answer.choices[0].message.content == "echo: hi" and "before" in served_model_ids(running)
+        if path.is_dir():
+            path.rmdir()
+        elif path.exists():
+            path.chmod(0o644)
+        path.write_text(aliased_config(provider, "after"))
+        wait_until(lambda: "after" in served_model_ids(running), what="the good edit is picked up")
+        assert "before" not in served_model_ids(running)
+    assert not any("Traceback" in line for line in SuiteLog.lines[logged:])
+
+
+@pytest.mark.parametrize("edit, why", BAD_CONFIG_EDITS)
+def test_the_same_bad_file_at_start_up_is_one_line_and_exit_code_2(tmp_path, provider, edit, why):
+    path = tmp_path / "config.yaml"
+    path.write_text(aliased_config(provider, "before"))
+    edit(path)
+    result = run_plano_cli("up", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"plano: .*" + why + r".*\n", result.stderr), result.stderr
+
+
+def test_a_reload_cannot_remove_the_gateway_key_from_a_listener_that_needs_one(tmp_path, provider):
+    path = tmp_path / "config.yaml"
+    new_key = "plano-gateway-key-after-the-edit-42"
+
+    def write(key: str | None) -> None:
+        listener = {"address": "0.0.0.0", "port": 0, **({"api_key": key} if key else {})}
+        path.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[listener], router=False))
+
+    def status_with(key: str) -> int:
+        return httpx.post(running.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": "openai/gpt-4o", "messages": [USER_HI]}, timeout=30).status_code
+
+    write(GATEWAY_KEY)
+    # Bound to every address (port 0: a free one), reached here over loopback.
+    with RunningPlano(plano.load_config(str(path)), host="0.0.0.0",
+                      limits=plano.ServerLimits(config_poll=0.02)) as running:
+        logged = len(SuiteLog.lines)
+        write(None)
+        line = wait_for_log_line("config reload failed", logged)
+        assert "still running the previous config: refusing to listen on 0.0.0.0 without a gateway key" in line
+        assert (status_with("no-key-at-all"), status_with(GATEWAY_KEY)) == (401, 200)
+        write(new_key)  # another key is fine: the listener still needs one, and has one
+        wait_until(lambda: status_with(new_key) == 200, what="the new gateway key is picked up")
+        assert status_with(GATEWAY_KEY) == 401
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
