@@ -5863,26 +5863,57 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = MAX_BODY_BYTES
     idle_timeout: float = 75.0  # a kept-alive connection may wait this long for its next request
+    first_request_timeout: float = 10.0  # a new connection must start its first request this soon
     header_timeout: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout: float = 120.0  # for the whole body (32 MiB over a slow link)
-    max_connections: int = 1024
+    max_connections: int = 1024  # at once; those waiting for a request give way to new ones
     shutdown_grace: float = 10.0  # in-flight answers may finish this long after a shutdown request
     config_poll: float = 1.0  # how often the config file is checked for edits (0: never)
 
 
 class _ServerState:
-    """What every connection of one server shares: whether it is draining for shutdown."""
+    """What every connection of one server shares: the connection slots, which connections hold
+    one only to wait for a request, and whether the server is draining for shutdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int) -> None:
         self.draining = False
-        self.idle_waits: set[trio.CancelScope] = set()
+        self.slots = trio.CapacityLimiter(max_connections)
+        # A connection waiting for a request → when that wait began, and the scope that ends it.
+        self.waiting: dict[Any, tuple[float, trio.CancelScope]] = {}
+        self.closing: set[Any] = set()  # closed to make room, and still holding their slot
 
     def drain(self) -> None:
-        """Stop taking new requests: idle keep-alive connections close now, busy ones after
+        """Stop taking new requests: connections waiting for one close now, busy ones after
         their answer."""
         self.draining = True
-        for scope in self.idle_waits:
-            scope.cancel()
+        for _, wait in self.waiting.values():
+            wait.cancel()
+
+    @asynccontextmanager
+    async def connection_slot(self, connection: Any) -> Any:
+        """A slot for a new connection: one is made when none is free (`make_room`), and only
+        busy connections make a new one wait."""
+        self.make_room(arriving=1)
+        async with self.slots:
+            try:
+                yield
+            finally:
+                self.closing.discard(connection)
+
+    def make_room(self, arriving: int = 0, spare: Any = None) -> None:
+        """Close connections that hold a slot only to wait for a request (they sent nothing yet,
+        or sit idle between two), longest waiting first and `spare` never, until every
+        connection that needs a slot (`arriving`, and those queued for one) will get one. HTTP
+        lets a server close a kept-alive connection between requests (clients open another
+        one), and connections that send nothing must not keep out those that do."""
+        needed = arriving + self.slots.statistics().tasks_waiting - self.slots.available_tokens - len(self.closing)
+        if needed <= 0:  # the usual case, checked on every wait: nothing to sort
+            return
+        candidates = sorted((since, id(c), c) for c, (since, _) in self.waiting.items() if c is not spare)
+        for _, _, longest in candidates[:needed]:
+            _, wait = self.waiting.pop(longest)
+            self.closing.add(longest)
+            wait.cancel()
 
 
 @dataclass(frozen=True)
@@ -5913,6 +5944,7 @@ class _HTTPConnection(Responder):
         self.state = state
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.client_gone = False
+        self.answered = 0  # requests answered on this connection
 
     # ── the Responder the gateway writes through ─────────────────────────────────────────
 
@@ -5946,6 +5978,7 @@ class _HTTPConnection(Responder):
                 if request is None:
                     return
                 await self._answer(request)
+                self.answered += 1
                 if self.client_gone or self.state.draining or self.conn.our_state is not h11.DONE \
                         or self.conn.their_state is not h11.DONE:
                     return
@@ -5959,7 +5992,26 @@ class _HTTPConnection(Responder):
                 cleanup.shield = True
                 await self.stream.aclose()
 
-    async def _next_event(self, deadline: float) -> Any:
+    async def _receive(self, deadline: float, waiting_since: float | None = None) -> bool:
+        """Feed h11 the client's next bytes. False when `deadline` passes first or, with
+        `waiting_since` (a request's head is awaited), when the server ends the wait: to make
+        room (_ServerState.make_room), or to shut down. Ended means ended, even when bytes
+        arrived in the same instant: the connection that needed the slot counts on it."""
+        with trio.move_on_at(deadline) as wait:
+            if waiting_since is not None:
+                self.state.waiting[self] = (waiting_since, wait)
+                # Connections queued for a slot (they came while none could be freed) get one
+                # now: the longest waiting gives way, maybe this one, but never a new connection
+                # before it had its chance to send a request.
+                self.state.make_room(spare=None if self.answered else self)
+            try:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            finally:
+                self.state.waiting.pop(self, None)
+        return not wait.cancel_called
+
+    async def _next_event(self, deadline: float, waiting_since: float | None = None) -> Any:
+        """The next h11 event, or None when `_receive` gives up first."""
         while True:
             try:
                 event = self.conn.next_event()
@@ -5967,28 +6019,25 @@ class _HTTPConnection(Responder):
                 await self._refuse(e.error_status_hint, f"malformed HTTP request: {e}")
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_at(deadline):
-                self.conn.receive_data(await self.stream.receive_some(65536))
-                continue
-            return None  # deadline passed
+            if not await self._receive(deadline, waiting_since):
+                return None
 
     async def _read_request(self) -> Request | None:
+        # Until a request's head is complete the connection is waiting, and the server may close
+        # it (_ServerState.make_room). Its first byte must come within the first-request
+        # timeout on a new connection, the idle timeout on a kept-alive one; then the head has
+        # the header timeout to arrive.
+        since = trio.current_time()
         if not self.conn.trailing_data[0]:
-            # Waiting for the next request on a kept-alive connection: the idle timeout applies,
-            # and a shutdown ends the wait at once.
             if self.state.draining:
                 return None
-            with trio.move_on_after(self.limits.idle_timeout) as idle:
-                self.state.idle_waits.add(idle)
-                try:
-                    self.conn.receive_data(await self.stream.receive_some(65536))
-                finally:
-                    self.state.idle_waits.discard(idle)
-            if not self.conn.trailing_data[0] and not self.conn.trailing_data[1]:
-                return None
-        event = await self._next_event(trio.current_time() + self.limits.header_timeout)
+            patience = self.limits.idle_timeout if self.answered else self.limits.first_request_timeout
+            if not await self._receive(since + patience, waiting_since=since):
+                return await self._stop_waiting(since + patience)
+        deadline = trio.current_time() + self.limits.header_timeout
+        event = await self._next_event(deadline, waiting_since=since)
         if event is None:
-            await self._refuse(408, "timed out waiting for the request headers")
+            return await self._stop_waiting(deadline)
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
@@ -6026,6 +6075,17 @@ class _HTTPConnection(Responder):
                                    request)
         request.body = bytes(body)
         return request
+
+    async def _stop_waiting(self, deadline: float) -> None:
+        """The wait for a request ended without one (its deadline, or the server ended it). With no
+        byte of a request received, the connection closes without a word, as HTTP allows; a
+        request cut off mid-head is answered."""
+        if not self.conn.trailing_data[0]:
+            return None
+        if trio.current_time() >= deadline:
+            await self._refuse(408, "timed out waiting for the request headers")
+        await self._refuse(503, "plano is shutting down" if self.state.draining else
+                           f"plano is at its limit of {self.limits.max_connections} connections")
 
     async def _refuse(self, status: int, message: str, request: Request | None = None) -> None:
         """Answer an HTTP-level problem (when the protocol still allows it) and end the connection."""
@@ -6115,8 +6175,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     port = config.listener.port if port is None else port
     limits = limits or ServerLimits()
     check_exposure(config, host)
-    connection_slots = trio.CapacityLimiter(limits.max_connections)
-    state = _ServerState()
+    state = _ServerState(limits.max_connections)
     ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
         if config.stats.enabled else None
     try:
@@ -6125,8 +6184,9 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                 async with trio.open_nursery() as connections:
 
                     async def handle_connection(stream: trio.SocketStream) -> None:
-                        async with connection_slots:
-                            await _HTTPConnection(stream, gateway, limits, state).run()
+                        connection = _HTTPConnection(stream, gateway, limits, state)
+                        async with state.connection_slot(connection):
+                            await connection.run()
 
                     async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                         with trio.CancelScope() as accepting:

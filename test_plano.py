@@ -6243,12 +6243,15 @@ def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
             sock.close()
 
 
-def test_connections_beyond_the_cap_wait_for_a_free_slot(provider):
+def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
     running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2))
     port = int(running.url.rsplit(":", 1)[1])
     try:
-        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        time.sleep(0.2)  # both are accepted and hold their slots
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for sock in holders:  # busy reading a body (not merely waiting for a request, which gives way)
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                         b"content-length: 1000\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 100")
         third = socket.create_connection(("127.0.0.1", port), timeout=1)
         third.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         with pytest.raises(socket.timeout):
@@ -6972,6 +6975,106 @@ def test_a_reload_cannot_remove_the_gateway_key_from_a_listener_that_needs_one(t
         wait_until(lambda: status_with(new_key) == 200, what="the new gateway key is picked up")
         assert status_with(GATEWAY_KEY) == 401
 
+
+def answered(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n") -> bytes:
+    """Send `request` on a kept-alive raw connection; the start of its answer."""
+    sock.sendall(request)
+    return sock.recv(65536)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before {marker!r}: {received!r}"
+        received += chunk
+    return received
+
+
+def closed_by_plano(sock: socket.socket) -> bool:
+    """Whether plano closed the connection without answering (read with the socket's timeout)."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_new_connection_closes_the_one_that_has_waited_longest_for_a_request_when_slots_run_out(provider):
+    # Both slots are held by kept-alive connections, idle after one request each; idle_timeout
+    # alone would hold them for a minute.
+    limits = plano.ServerLimits(max_connections=2, idle_timeout=60, first_request_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        first, second = (socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2))
+        with first, second:
+            assert answered(first).startswith(b"HTTP/1.1 200") and answered(second).startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+                assert answered(newcomer).startswith(b"HTTP/1.1 200")
+                assert closed_by_plano(first)  # idle the longest: closed, as HTTP allows between requests
+                assert answered(second).startswith(b"HTTP/1.1 200")  # the other is still served
+
+
+def test_connections_that_send_nothing_or_half_a_head_do_not_keep_a_real_client_out(provider):
+    # Before: the first four silent sockets took the four slots for the idle timeout (a minute
+    # here), everyone after them queued behind, and the client below timed out.
+    limits = plano.ServerLimits(max_connections=4, idle_timeout=60, first_request_timeout=60, header_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(12)]
+        half_sent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+        try:
+            for sock in half_sent:
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+            answer = anthropic_client(running, timeout=30).messages.create(
+                model="fast", max_tokens=5, messages=[{"role": "user", "content": "still there?"}])
+            assert answer.content[0].text == "echo: still there?"
+            assert closed_by_plano(silent[0])  # the longest waiting made room: closed without a word
+        finally:
+            for sock in silent + half_sent:
+                sock.close()
+
+
+def test_a_request_cut_off_mid_head_to_make_room_is_answered_503(provider):
+    limits = plano.ServerLimits(max_connections=1, idle_timeout=60, header_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as pipelining:
+            # One write: a whole request, then half of the next; plano has read both once it answers.
+            assert answered(pipelining, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+                                        b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n").startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+                assert answered(newcomer).startswith(b"HTTP/1.1 200")
+            cut = read_until(pipelining, b"connections")
+    assert cut.startswith(b"HTTP/1.1 503") and b"plano is at its limit of 1 connections" in cut
+
+
+def test_a_connection_queued_for_a_slot_gets_it_when_a_busy_one_goes_idle(provider):
+    limits = plano.ServerLimits(max_connections=1, idle_timeout=60)
+    body = json.dumps({"model": "fast", "messages": [USER_HI]}).encode()
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as busy:
+            busy.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+            assert read_until(busy, b"\r\n\r\n").startswith(b"HTTP/1.1 100")  # reading its body: busy
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as queued:
+                queued.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # no slot is free, none idle
+                busy.sendall(body)
+                assert b"echo: hi" in read_until(busy, b"echo: hi")
+                assert read_until(queued, b"\r\n\r\n").startswith(b"HTTP/1.1 200")  # busy went idle, gave way
+                assert closed_by_plano(busy)
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeout(provider):
+    limits = plano.ServerLimits(first_request_timeout=0.3, idle_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            assert closed_by_plano(silent)  # after 0.3 s, not the minute a kept-alive connection gets
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as kept_alive:
+            assert answered(kept_alive).startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)  # twice the first-request timeout: a kept-alive connection waits longer
+            assert answered(kept_alive).startswith(b"HTTP/1.1 200")
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
