@@ -6159,6 +6159,28 @@ def load_serving_config(path: str | None, host: str | None = None) -> Config:
     return config
 
 
+class ListenError(OSError):
+    """The server cannot listen where it was told to; the message says what to change."""
+
+
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    import errno
+
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        advice = {
+            errno.EADDRINUSE: "the port is already in use (another plano?): choose another with --port or "
+                              "listeners[].port in the config, or stop what holds it",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's: choose another with --host or "
+                                 "listeners[].address in the config",
+            errno.EACCES: "permission denied (ports below 1024 need privileges): choose another with --port or "
+                          "listeners[].port in the config",
+        }.get(e.errno, e.strerror or str(e))
+        raise ListenError(e.errno, f"cannot listen on {where}: {advice}") from None
+
+
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 limits: ServerLimits | None = None, router: Any = "auto",
                 shutdown: trio.Event | None = None,
@@ -6175,6 +6197,7 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     port = config.listener.port if port is None else port
     limits = limits or ServerLimits()
     check_exposure(config, host)
+    listeners = await _open_listeners(host, port)  # first: a port that is taken fails before anything starts
     state = _ServerState(limits.max_connections)
     ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
         if config.stats.enabled else None
@@ -6193,7 +6216,6 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                             task_status.started(accepting)
                             await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
 
-                    listeners = await trio.open_tcp_listeners(port, host=host)
                     accepting = await nursery.start(accept)
                     reloads_in, reloads_out = trio.open_memory_channel[object](1)
                     if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
@@ -6210,6 +6232,8 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                     connections.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()  # the config follower
     finally:
+        for listener in listeners:  # closed already, unless serving never started
+            listener.socket.close()
         if ledger is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await trio.to_thread.run_sync(ledger.close)  # what was recorded is written
@@ -6303,14 +6327,16 @@ def _cmd_up(args: Any) -> int:
 
     try:
         trio.run(run)
-    except ConfigError as e:
-        print(f"plano: {e.message}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"plano: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:  # each nursery on the way out wraps what escaped it
+        error = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, ListenError):
+            raise
+        print(f"plano: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6976,6 +6976,21 @@ def test_a_reload_cannot_remove_the_gateway_key_from_a_listener_that_needs_one(t
         assert status_with(GATEWAY_KEY) == 401
 
 
+@pytest.mark.parametrize("how", ["config", "--port"])
+def test_up_on_a_port_already_taken_says_so_in_one_line(tmp_path, provider, how):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_claude_config(tmp_path, provider, port if how == "config" else free_port())
+        result = run_plano_cli("up", "--config", str(config), *(["--port", str(port)] if how == "--port" else []),
+                               cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"plano: cannot listen on 127.0.0.1:{port}: the port is already in use (another "
+                             "plano?): choose another with --port or listeners[].port in the config, or stop what "
+                             "holds it\n")
+
+
 def answered(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n") -> bytes:
     """Send `request` on a kept-alive raw connection; the start of its answer."""
     sock.sendall(request)
