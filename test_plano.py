@@ -6856,6 +6856,14 @@ def test_a_value_with_control_characters_is_named_on_one_line():
     assert message.startswith(f"{CONFIG_PATH}:3: `colour\\n\\x1b[31m` is not a known model field")
 
 
+
+def test_a_config_of_too_many_values_is_refused_where_it_crosses_the_bound():
+    # Counted as they are read: a long mapping stops at the bound, not after all of it is parsed.
+    message = config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\nrouter:\n"
+                           + "".join(f"  k{i}: v\n" for i in range(20_000)))
+    # Ten values before the entries, two per entry: the 20,001st is the key `k9995`, on line 10,000.
+    assert message == f"{CONFIG_PATH}:10000: invalid YAML: more than 20,000 values once its aliases are expanded"
+
 BILLION_LAUGHS = "lol0: &lol0 [lol]\n" + "".join(
     f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]\n" for i in range(1, 10))
 
@@ -6883,7 +6891,7 @@ BAD_CONFIG_EDITS = [
     pytest.param(bad_bytes(lambda good: (good.replace("router: false", "router: " + "[" * 3000 + "]" * 3000)).encode()),
                  r"config\.yaml:\d+: invalid YAML: nested deeper than 64 levels", id="nested-3000-deep"),
     pytest.param(bad_bytes(lambda good: (BILLION_LAUGHS + good).encode()),
-                 r"config\.yaml:\d+: invalid YAML: more than 100,000 values once its aliases are expanded",
+                 r"config\.yaml:\d+: invalid YAML: more than 20,000 values once its aliases are expanded",
                  id="billion-laughs"),
     pytest.param(bad_bytes(lambda good: (good + "x: &a [*a]\n").encode()),
                  r"config\.yaml:\d+: invalid YAML: alias \*a is inside its own anchor", id="recursive-alias"),
