@@ -6339,8 +6339,8 @@ def _cmd_up(args: Any) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    except BaseExceptionGroup as group:  # each nursery on the way out wraps what escaped it
-        error = group
+    except (ListenError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps what escaped it
+        error = raised
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
         if not isinstance(error, ListenError):
