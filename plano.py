@@ -107,7 +107,12 @@ class PlanoError(Exception):
 
 
 class ConfigError(PlanoError):
-    """The configuration file is unreadable or invalid; the message names file, line and field."""
+    """The configuration file is unreadable or invalid; the message names file, line and field,
+    in one line: control characters that came with a value from the file are escaped, as they go
+    to a terminal and a log."""
+
+    def __init__(self, message: str):
+        super().__init__(printable(message))
 
 
 class RequestError(PlanoError):
@@ -525,8 +530,66 @@ class Config:
         return matches[0] if len(matches) == 1 else None
 
 
+# What reading a config may cost. Real configs are a few kB, about six levels deep and a few
+# thousand YAML nodes; a file edited by mistake (a log saved over it, a thousand-level nest, the
+# "billion laughs" of aliases within aliases) is refused rather than read, parsed or expanded.
+# PyYAML composes ~50,000 nodes a second here (AMD EPYC, shared): the node bound keeps the worst
+# file to about a second, in a worker thread on reload.
+MAX_CONFIG_BYTES = 1024 * 1024
+_MAX_CONFIG_DEPTH = 64
+_MAX_CONFIG_NODES = 20_000  # counting each node as often as aliases repeat it
+
+
 class _LineLoader(yaml.SafeLoader):
-    """A YAML loader whose mappings remember the line of each key, for error messages."""
+    """A YAML loader whose mappings remember the line of each key, for error messages, and that
+    stays within the bounds above. PyYAML shares an aliased node rather than copying it, but the
+    config reader (and the repr in its error messages) walks it once per use, so the bound is on
+    the document with its aliases expanded; an alias inside its own anchor is refused too."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+        self.values = 0  # in the document so far, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if self.depth >= _MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {_MAX_CONFIG_DEPTH} levels",
+                                              event.start_mark)
+        alias = isinstance(event, yaml.AliasEvent)
+        if not alias:
+            self._count(1, event.start_mark)  # before its children: a long list stops at the bound
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if alias:
+            if not hasattr(node, "expanded_size"):  # the anchor's node is still being composed
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor",
+                                                  event.start_mark)
+            self._count(node.expanded_size, event.start_mark)
+            return node
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else ()
+        node.expanded_size = 1 + sum(child.expanded_size for child in children)
+        return node
+
+    def _count(self, values: int, mark: Any) -> None:
+        self.values += values
+        if self.values > _MAX_CONFIG_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {_MAX_CONFIG_NODES:,} values once its "
+                                              "aliases are expanded", mark)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as e:
+            # A scalar that resolves to a type it cannot be: the date 2026-02-30, an integer
+            # of 5,000 digits (past Python's limit for converting a string).
+            kind, problem = node.tag.rsplit(":", 1)[-1], str(e).split(";")[0]
+            raise yaml.constructor.ConstructorError(None, None, f"not a valid {kind}: {problem}",
+                                                    node.start_mark) from None
 
 
 class _LineDict(dict):
@@ -541,6 +604,11 @@ def _construct_line_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Lin
     result.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # `? [a, b]: c`: YAML allows a list as a key, a dict does not
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a single value, not a list or "
+                                                    "a mapping", key_node.start_mark) from None
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_lines[key] = key_node.start_mark.line + 1
     return result
@@ -557,14 +625,17 @@ _WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+", re.ASCII)
 
 
 def read_dotenv(path: str) -> dict[str, str]:
-    """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent."""
+    """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent, a
+    ConfigError if it is not text (see _file_text)."""
     values: dict[str, str] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError:
         return values
-    for line in lines:
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no .env file is")
+    for line in _file_text(data, path).splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -589,13 +660,32 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
     """
     path = find_config_path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:  # missing, a directory, not readable by this user
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no plano config is")
+    text = _file_text(data, path)
     env = read_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
     env.update(os.environ if environ is None else environ)
     return parse_config(text, path=path, environ=env)
+
+
+def _file_text(data: bytes, path: str) -> str:
+    """A config (or `.env`) file's bytes as text: UTF-8, with or without a BOM, or UTF-16 with its
+    BOM (what Windows editors save as "Unicode"); YAML allows both. Anything else (Latin-1, say) is
+    a ConfigError naming the line of the first byte that is not text in that encoding."""
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    bom, encoding = next(((bom, encoding) for bom, encoding in boms if data.startswith(bom)), (b"", "utf-8"))
+    data = data[len(bom):]
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        name = "UTF-16" if encoding.startswith("utf-16") else "UTF-8"
+        raise ConfigError(f"{path}:{line}: not {name} text (a byte 0x{data[e.start]:02x}): save the file as "
+                          "UTF-8") from None
 
 
 def parse_config(text: str, *, path: str = "<config>",
@@ -603,6 +693,10 @@ def parse_config(text: str, *, path: str = "<config>",
     """Validate config text; `$VAR` keys come from `environ` (default: the process environment)."""
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow in a file (NUL, a control)
+        line = text[:e.position].count("\n") + 1
+        character = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise ConfigError(f"{path}:{line}: invalid YAML: the character {character} is not allowed") from None
     except yaml.YAMLError as e:
         # An unclosed bracket or quote is noticed at the end of the file; the line to fix is
         # where the construct started (the context mark), so name that one when there is one.
@@ -636,6 +730,8 @@ class _ConfigReader:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise self.fail(mapping, key, f"must be {_article(names)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
+            raise self.fail(mapping, key, f"must be a finite number, got {value!r}")
         return value
 
     def read(self, raw: dict) -> Config:
@@ -760,7 +856,11 @@ class _ConfigReader:
             raise self.fail(entry, "base_url", f"provider `{provider}` needs a `base_url`")
         access_key, key_env, withheld_key = None, None, None
         if "access_key" in entry:
-            access_key, key_env = self.expand(entry, "access_key", self.get(entry, "access_key", str))
+            written = self.get(entry, "access_key", str)
+            if not (written or "").strip():  # `access_key:` with nothing after it: which key was meant?
+                raise self.fail(entry, "access_key", "is empty: write the key, or `$VARIABLE` to read it from "
+                                "the environment (or remove the line)")
+            access_key, key_env = self.expand(entry, "access_key", written)
             if access_key is None:
                 self.warnings.append(f"{name}: ${key_env} is not set; requests for this model will "
                                      f"fail until it is (export {key_env}=... or put it in .env)")
@@ -803,13 +903,14 @@ class _ConfigReader:
             value = self.get(entry, key, int)
             if value is not None and value <= 0:
                 raise self.fail(entry, key, f"must be a positive number of tokens, got {value}")
-        if "context_window" in entry:
+        # A field written with nothing after it (`prices:`) is null, and counts as not written.
+        if entry.get("context_window") is not None:
             given["context_window"] = entry["context_window"]
             given["max_input_tokens"] = None  # the catalogue's input limit belongs to its window
         for key in ("vision", "tool_use"):
-            if key in entry:
+            if entry.get(key) is not None:
                 given[key] = self.get(entry, key, bool)
-        if "prices" in entry:
+        if entry.get("prices") is not None:
             prices = self.get(entry, "prices", dict)
             for key, value in prices.items():
                 if key not in ("input", "cached_input", "output") or isinstance(value, bool) \
@@ -6323,26 +6424,57 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = MAX_BODY_BYTES
     idle_timeout: float = 75.0  # a kept-alive connection may wait this long for its next request
+    first_request_timeout: float = 10.0  # a new connection must start its first request this soon
     header_timeout: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout: float = 120.0  # for the whole body (32 MiB over a slow link)
-    max_connections: int = 1024
+    max_connections: int = 1024  # at once; those waiting for a request give way to new ones
     shutdown_grace: float = 10.0  # in-flight answers may finish this long after a shutdown request
     config_poll: float = 1.0  # how often the config file is checked for edits (0: never)
 
 
 class _ServerState:
-    """What every connection of one server shares: whether it is draining for shutdown."""
+    """What every connection of one server shares: the connection slots, which connections hold
+    one only to wait for a request, and whether the server is draining for shutdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int) -> None:
         self.draining = False
-        self.idle_waits: set[trio.CancelScope] = set()
+        self.slots = trio.CapacityLimiter(max_connections)
+        # A connection waiting for a request → when that wait began, and the scope that ends it.
+        self.waiting: dict[Any, tuple[float, trio.CancelScope]] = {}
+        self.closing: set[Any] = set()  # closed to make room, and still holding their slot
 
     def drain(self) -> None:
-        """Stop taking new requests: idle keep-alive connections close now, busy ones after
+        """Stop taking new requests: connections waiting for one close now, busy ones after
         their answer."""
         self.draining = True
-        for scope in self.idle_waits:
-            scope.cancel()
+        for _, wait in self.waiting.values():
+            wait.cancel()
+
+    @asynccontextmanager
+    async def connection_slot(self, connection: Any) -> Any:
+        """A slot for a new connection: one is made when none is free (`make_room`), and only
+        busy connections make a new one wait."""
+        self.make_room(arriving=1)
+        async with self.slots:
+            try:
+                yield
+            finally:
+                self.closing.discard(connection)
+
+    def make_room(self, arriving: int = 0, spare: Any = None) -> None:
+        """Close connections that hold a slot only to wait for a request (they sent nothing yet,
+        or sit idle between two), longest waiting first and `spare` never, until every
+        connection that needs a slot (`arriving`, and those queued for one) will get one. HTTP
+        lets a server close a kept-alive connection between requests (clients open another
+        one), and connections that send nothing must not keep out those that do."""
+        needed = arriving + self.slots.statistics().tasks_waiting - self.slots.available_tokens - len(self.closing)
+        if needed <= 0:  # the usual case, checked on every wait: nothing to sort
+            return
+        candidates = sorted((since, id(c), c) for c, (since, _) in self.waiting.items() if c is not spare)
+        for _, _, longest in candidates[:needed]:
+            _, wait = self.waiting.pop(longest)
+            self.closing.add(longest)
+            wait.cancel()
 
 
 @dataclass(frozen=True)
@@ -6373,6 +6505,7 @@ class _HTTPConnection(Responder):
         self.state = state
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.client_gone = False
+        self.answered = 0  # requests answered on this connection
 
     # ── the Responder the gateway writes through ─────────────────────────────────────────
 
@@ -6407,6 +6540,7 @@ class _HTTPConnection(Responder):
                 if request is None:
                     return
                 await self._answer(request)
+                self.answered += 1
                 if self.client_gone or self.state.draining or self.conn.our_state is not h11.DONE \
                         or self.conn.their_state is not h11.DONE:
                     return
@@ -6423,7 +6557,26 @@ class _HTTPConnection(Responder):
                 cleanup.shield = True
                 await self.stream.aclose()
 
-    async def _next_event(self, deadline: float) -> Any:
+    async def _receive(self, deadline: float, waiting_since: float | None = None) -> bool:
+        """Feed h11 the client's next bytes. False when `deadline` passes first or, with
+        `waiting_since` (a request's head is awaited), when the server ends the wait: to make
+        room (_ServerState.make_room), or to shut down. Ended means ended, even when bytes
+        arrived in the same instant: the connection that needed the slot counts on it."""
+        with trio.move_on_at(deadline) as wait:
+            if waiting_since is not None:
+                self.state.waiting[self] = (waiting_since, wait)
+                # Connections queued for a slot (they came while none could be freed) get one
+                # now: the longest waiting gives way, maybe this one, but never a new connection
+                # before it had its chance to send a request.
+                self.state.make_room(spare=None if self.answered else self)
+            try:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            finally:
+                self.state.waiting.pop(self, None)
+        return not wait.cancel_called
+
+    async def _next_event(self, deadline: float, waiting_since: float | None = None) -> Any:
+        """The next h11 event, or None when `_receive` gives up first."""
         while True:
             try:
                 event = self.conn.next_event()
@@ -6431,28 +6584,25 @@ class _HTTPConnection(Responder):
                 await self._refuse(e.error_status_hint, f"malformed HTTP request: {e}")
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_at(deadline):
-                self.conn.receive_data(await self.stream.receive_some(65536))
-                continue
-            return None  # deadline passed
+            if not await self._receive(deadline, waiting_since):
+                return None
 
     async def _read_request(self) -> Request | None:
+        # Until a request's head is complete the connection is waiting, and the server may close
+        # it (_ServerState.make_room). Its first byte must come within the first-request
+        # timeout on a new connection, the idle timeout on a kept-alive one; then the head has
+        # the header timeout to arrive.
+        since = trio.current_time()
         if not self.conn.trailing_data[0]:
-            # Waiting for the next request on a kept-alive connection: the idle timeout applies,
-            # and a shutdown ends the wait at once.
             if self.state.draining:
                 return None
-            with trio.move_on_after(self.limits.idle_timeout) as idle:
-                self.state.idle_waits.add(idle)
-                try:
-                    self.conn.receive_data(await self.stream.receive_some(65536))
-                finally:
-                    self.state.idle_waits.discard(idle)
-            if not self.conn.trailing_data[0] and not self.conn.trailing_data[1]:
-                return None
-        event = await self._next_event(trio.current_time() + self.limits.header_timeout)
+            patience = self.limits.idle_timeout if self.answered else self.limits.first_request_timeout
+            if not await self._receive(since + patience, waiting_since=since):
+                return await self._stop_waiting(since + patience)
+        deadline = trio.current_time() + self.limits.header_timeout
+        event = await self._next_event(deadline, waiting_since=since)
         if event is None:
-            await self._refuse(408, "timed out waiting for the request headers")
+            return await self._stop_waiting(deadline)
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
@@ -6493,6 +6643,17 @@ class _HTTPConnection(Responder):
                                    request)
         request.body = bytes(body)
         return request
+
+    async def _stop_waiting(self, deadline: float) -> None:
+        """The wait for a request ended without one (its deadline, or the server ended it). With no
+        byte of a request received, the connection closes without a word, as HTTP allows; a
+        request cut off mid-head is answered."""
+        if not self.conn.trailing_data[0]:
+            return None
+        if trio.current_time() >= deadline:
+            await self._refuse(408, "timed out waiting for the request headers")
+        await self._refuse(503, "plano is shutting down" if self.state.draining else
+                           f"plano is at its limit of {self.limits.max_connections} connections")
 
     async def _refuse(self, status: int, message: str, request: Request | None = None) -> None:
         """Answer an HTTP-level problem (when the protocol still allows it) and end the connection."""
@@ -6559,6 +6720,38 @@ def check_exposure(config: Config, host: str) -> None:
                           "or PLANO_API_KEY, or listen on 127.0.0.1")
 
 
+def load_serving_config(path: str | None, host: str | None = None) -> Config:
+    """The config a server runs on, read as start-up and every reload read it: `load_config` (read,
+    decode, parse, validate) and `check_exposure` for `host`, the address the server listens on
+    (None: the config's own). A reload passes the address it listens on: editing the file does
+    not move the listener, and the key it needs must stay."""
+    config = load_config(path)
+    check_exposure(config, host or config.listener.address)
+    return config
+
+
+class ListenError(OSError):
+    """The server cannot listen where it was told to; the message says what to change."""
+
+
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    import errno
+
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        advice = {
+            errno.EADDRINUSE: "the port is already in use (another plano?): choose another with --port or "
+                              "listeners[].port in the config, or stop what holds it",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's: choose another with --host or "
+                                 "listeners[].address in the config",
+            errno.EACCES: "permission denied (ports below 1024 need privileges): choose another with --port or "
+                          "listeners[].port in the config",
+        }.get(e.errno, e.strerror or str(e))
+        raise ListenError(e.errno, f"cannot listen on {where}: {advice}") from None
+
+
 async def serve(config: Config, *, host: str | None = None, port: int | None = None,
                 limits: ServerLimits | None = None, router: Any = "auto",
                 shutdown: trio.Event | None = None,
@@ -6569,14 +6762,14 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     answers finish for `limits.shutdown_grace` seconds, and cuts the rest off with an error event.
     `router="auto"` builds the router from `config.router`; pass None to turn routing off, or a
     Router of your own (the gateway closes its backend). Edits to the config file are picked up
-    while it runs (validated first).
+    while it runs, checked first as start-up checks a file (`load_serving_config`).
     """
     host = host or config.listener.address
     port = config.listener.port if port is None else port
     limits = limits or ServerLimits()
     check_exposure(config, host)
-    connection_slots = trio.CapacityLimiter(limits.max_connections)
-    state = _ServerState()
+    listeners = await _open_listeners(host, port)  # first: a port that is taken fails before anything starts
+    state = _ServerState(limits.max_connections)
     ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
         if config.stats.enabled else None
     try:
@@ -6585,19 +6778,19 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                 async with trio.open_nursery() as connections:
 
                     async def handle_connection(stream: trio.SocketStream) -> None:
-                        async with connection_slots:
-                            await _HTTPConnection(stream, gateway, limits, state).run()
+                        connection = _HTTPConnection(stream, gateway, limits, state)
+                        async with state.connection_slot(connection):
+                            await connection.run()
 
                     async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                         with trio.CancelScope() as accepting:
                             task_status.started(accepting)
                             await trio.serve_listeners(handle_connection, listeners, handler_nursery=connections)
 
-                    listeners = await trio.open_tcp_listeners(port, host=host)
                     accepting = await nursery.start(accept)
                     reloads_in, reloads_out = trio.open_memory_channel[object](1)
                     if config.path and os.path.isfile(config.path) and limits.config_poll > 0:
-                        nursery.start_soon(_follow_config_file, gateway, reloads_out, limits.config_poll)
+                        await nursery.start(_follow_config_file, gateway, host, reloads_out, limits.config_poll)
                     bound = listeners[0].socket.getsockname()
                     task_status.started(ServerInfo(host, bound[1], gateway, reloads_in))
                     await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
@@ -6610,25 +6803,31 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
                     connections.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()  # the config follower
     finally:
+        for listener in listeners:  # closed already, unless serving never started
+            listener.socket.close()
         if ledger is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await trio.to_thread.run_sync(ledger.close)  # what was recorded is written
 
 
-def _config_fingerprint(path: str) -> tuple[int, int] | None:
+def _config_fingerprint(path: str) -> tuple[int, ...] | None:
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    # ctime too: a chmod changes only that, and whether the file can be read is part of the config.
+    return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino
 
 
-async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChannel, poll: float) -> None:
+async def _follow_config_file(gateway: Gateway, host: str, requests: trio.MemoryReceiveChannel,
+                              poll: float, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Reload the config when its file changes (or on request, e.g. SIGHUP). An edit that does not
-    validate leaves the running config in place and says why; requests already in flight finish
-    on the config they started with."""
+    pass what start-up checks (`load_serving_config` for `host`, where the server listens) leaves
+    the running config in place and says why in one line; requests already in flight finish on
+    the config they started with."""
     path = gateway.config.path
     seen = _config_fingerprint(path)
+    task_status.started()  # from here on, an edit is noticed
     while True:
         with trio.move_on_after(poll):
             await requests.receive()
@@ -6637,15 +6836,18 @@ async def _follow_config_file(gateway: Gateway, requests: trio.MemoryReceiveChan
         if current is None or current == seen:
             continue
         seen = current
+        old = gateway.config
         try:
-            config = await trio.to_thread.run_sync(load_config, path)
+            config = await trio.to_thread.run_sync(load_serving_config, path, host)
+            gateway.reload(config)
         except ConfigError as e:
             log.error("config reload failed, still running the previous config: %s", e.message)
             continue
-        old = gateway.config
+        except Exception:  # a bug in plano, not in the file: said once, with where it happened
+            log.exception("config reload failed unexpectedly, still running the previous config")
+            continue
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
-        gateway.reload(config)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -6666,16 +6868,15 @@ def _load_config_or_exit(path: str | None) -> Config:
 
 
 def _cmd_up(args: Any) -> int:
-    config = _load_config_or_exit(args.config)
+    try:
+        config = load_serving_config(args.config, args.host)  # as every reload will read it
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        return 2
     for warning in config.warnings + ((config.capability_warning,) if config.capability_warning else ()):
         log.warning("warning: %s", warning)
     host = args.host or config.listener.address
     port = config.listener.port if args.port is None else args.port
-    try:
-        check_exposure(config, host)
-    except ConfigError as e:
-        print(f"plano: {e.message}", file=sys.stderr)
-        return 2
 
     async def run() -> None:
         shutdown = trio.Event()
@@ -6697,14 +6898,16 @@ def _cmd_up(args: Any) -> int:
 
     try:
         trio.run(run)
-    except ConfigError as e:
-        print(f"plano: {e.message}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"plano: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except (ListenError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps what escaped it
+        error = raised
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, ListenError):
+            raise
+        print(f"plano: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

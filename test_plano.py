@@ -6287,12 +6287,15 @@ def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
             sock.close()
 
 
-def test_connections_beyond_the_cap_wait_for_a_free_slot(provider):
+def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
     running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2))
     port = int(running.url.rsplit(":", 1)[1])
     try:
-        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        time.sleep(0.2)  # both are accepted and hold their slots
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for sock in holders:  # busy reading a body (not merely waiting for a request, which gives way)
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                         b"content-length: 1000\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 100")
         third = socket.create_connection(("127.0.0.1", port), timeout=1)
         third.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         with pytest.raises(socket.timeout):
@@ -8020,6 +8023,368 @@ def test_printable_escapes_exactly_the_unprintable_and_kept_text_is_bounded_and_
     storable = not any(0xd800 <= ord(c) <= 0xdfff for c in text)
     assert (kept == text) == (storable and len(text) <= plano.MAX_KEPT_CHARS)
 
+
+
+# ── issue 18: config reload, connection slots, a port already taken ─────────────────────────
+
+# Every section and field of a config, each with a valid value: the places a fuzzer puts others.
+EVERY_CONFIG_FIELD = {
+    "version": "v0.1.0",
+    "llm_providers": [
+        {"model": "openai/gpt-4o", "access_key": "$OPENAI_API_KEY", "default": True,
+         "base_url": "http://127.0.0.1:9/v1", "fallbacks": ["anthropic/claude-sonnet-5"],
+         "routing_preferences": [{"name": "code generation", "description": "writing code"}],
+         "max_output_tokens": 4096, "timeout": 30, "context_window": 64000, "vision": False, "tool_use": True,
+         "prices": {"input": 1, "cached_input": 0.5, "output": 2}},
+        {"model": "anthropic/claude-sonnet-5", "access_key": "a-literal-key", "max_tokens": 1000},
+        {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
+    ],
+    "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
+    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_API_KEY"}],
+    "router": {"model": "katanemo/Arch-Router-1.5B.gguf", "file": "router.gguf", "endpoint": "http://127.0.0.1:11434/v1",
+               "timeout_ms": 1000, "threads": 2, "enabled": True, "context_tokens": 512, "gpu_layers": 0,
+               "extra_buffer_types": False, "switch_budget": 0.05},
+    "routing": {"route_on_user_only": True},
+    "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
+    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o"},
+}
+
+# What YAML can say: every scalar type PyYAML's safe loader builds (dates and binary included),
+# numbers of any size, NaN and infinities, nested lists and mappings with any keys.
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.dates()
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans(), inner, max_size=4),
+    max_leaves=12)
+
+
+def assert_read_or_refused_in_one_line(read: Callable[[], plano.Config]) -> None:
+    try:
+        read()
+    except plano.ConfigError as e:
+        assert e.message and "\n" not in e.message and "\r" not in e.message, e.message
+
+
+def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def test_the_config_the_fuzzers_start_from_is_valid():
+    config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
+    assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_any_yaml_value_in_any_config_field_is_read_or_refused_with_a_config_error(data):
+    path = data.draw(st.sampled_from(field_paths(EVERY_CONFIG_FIELD)))
+    config = with_value_at(EVERY_CONFIG_FIELD, path, data.draw(YAML_VALUES))
+    assert_read_or_refused_in_one_line(
+        lambda: plano.parse_config(every_field_config_text(config), path=CONFIG_PATH, environ=KEYS))
+
+
+YAML_PIECES = [
+    "llm_providers:", "\n  - model: openai/gpt-4o", "\n    access_key:", " $OPENAI_API_KEY", "\n", "  ", "- ",
+    ": ", "[", "]", "{", "}", ", ", "&a ", "*a", "<<: *a", "!!str ", "!!binary ", "!!python/name:os.system", "? ",
+    "|\n", ">-\n", "'", '"', "#", "%YAML 1.1\n", "---\n", "...\n", "\t", "\x00", "\x1b[31m", "\ufeff", "é",
+    "2026-02-30", "0x1F", "1e400", ".nan", "~", "null", "prices:", "router:", "stats:", "listeners:", "port:",
+    "99999999999999999999", "model_aliases:", "target:"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(YAML_PIECES) | st.text(max_size=6), max_size=40))
+def test_any_yaml_text_is_read_or_refused_with_a_config_error(pieces):
+    assert_read_or_refused_in_one_line(
+        lambda: plano.parse_config("".join(pieces), path=CONFIG_PATH, environ=KEYS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600) | st.builds(
+    lambda text, at, garbage: text[:at] + garbage + text[at:],
+    st.just(every_field_config_text().encode()), st.integers(0, 1500), st.binary(min_size=1, max_size=8)))
+def test_any_bytes_in_a_config_file_are_read_or_refused_with_a_config_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzzed") / "config.yaml"
+    path.write_bytes(data)
+    assert_read_or_refused_in_one_line(lambda: plano.load_config(str(path), environ=KEYS))
+
+
+def test_a_config_saved_as_utf16_or_with_a_utf8_bom_reads_as_utf8_does(tmp_path):
+    text = MODELS_YAML + "# café\n"
+    path = tmp_path / "config.yaml"
+    expected = [m.name for m in plano.parse_config(text, environ=KEYS).models]
+    for data in (text.encode("utf-16"), b"\xfe\xff" + text.encode("utf-16-be"), b"\xef\xbb\xbf" + text.encode()):
+        path.write_bytes(data)
+        assert [m.name for m in plano.load_config(str(path), environ=KEYS).models] == expected
+
+
+def test_an_empty_access_key_is_an_error_that_says_what_to_write():
+    message = config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key:\n")
+    assert message == (f"{CONFIG_PATH}:3: `access_key` is empty: write the key, or `$VARIABLE` to read it from the "
+                       "environment (or remove the line)")
+    assert "is empty" in config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: '  '\n")
+
+
+def test_an_empty_prices_or_capability_field_counts_as_not_written():
+    written = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\n    prices:\n"
+                                 "    context_window:\n    vision:\n", environ={})
+    absent = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\n", environ={})
+    assert written.models[0].capabilities == absent.models[0].capabilities
+    assert absent.models[0].capabilities.prices.input > 0  # the catalogue's, kept
+
+
+def test_a_number_that_is_not_finite_is_refused():
+    assert config_error("llm_providers:\n  - model: openai/gpt-4o\n    timeout: .nan\n") == (
+        f"{CONFIG_PATH}:3: `timeout` must be a finite number, got nan")
+
+
+def test_a_value_with_control_characters_is_named_on_one_line():
+    message = config_error('llm_providers:\n  - model: "openai/gpt-4o"\n    "colour\\n\\x1b[31m": red\n')
+    assert message.startswith(f"{CONFIG_PATH}:3: `colour\\n\\x1b[31m` is not a known model field")
+
+
+
+def test_a_config_of_too_many_values_is_refused_where_it_crosses_the_bound():
+    # Counted as they are read: a long mapping stops at the bound, not after all of it is parsed.
+    message = config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\nrouter:\n"
+                           + "".join(f"  k{i}: v\n" for i in range(20_000)))
+    # Ten values before the entries, two per entry: the 20,001st is the key `k9995`, on line 10,000.
+    assert message == f"{CONFIG_PATH}:10000: invalid YAML: more than 20,000 values once its aliases are expanded"
+
+BILLION_LAUGHS = "lol0: &lol0 [lol]\n" + "".join(
+    f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]\n" for i in range(1, 10))
+
+
+def bad_bytes(edit: Callable[[str], bytes]) -> Callable[[Path], None]:
+    """An edit that writes `edit(the good text)` over a config file."""
+    return lambda path: path.write_bytes(edit(path.read_text()))
+
+
+def replace_with_a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def make_unreadable(path: Path) -> None:
+    path.chmod(0)
+
+
+# Edits that stopped a running gateway (or its start) with a traceback, and what plano now says.
+BAD_CONFIG_EDITS = [
+    pytest.param(bad_bytes(lambda good: re.sub(r"access_key: \S+", "access_key:", good, count=1).encode()),
+                 r"config\.yaml:\d+: `access_key` is empty", id="empty-access-key"),
+    pytest.param(bad_bytes(lambda good: (good + "# café\n").encode("latin-1")),
+                 r"config\.yaml:\d+: not UTF-8 text \(a byte 0xe9\)", id="latin-1"),
+    pytest.param(bad_bytes(lambda good: (good.replace("router: false", "router: " + "[" * 3000 + "]" * 3000)).encode()),
+                 r"config\.yaml:\d+: invalid YAML: nested deeper than 64 levels", id="nested-3000-deep"),
+    pytest.param(bad_bytes(lambda good: (BILLION_LAUGHS + good).encode()),
+                 r"config\.yaml:\d+: invalid YAML: more than 20,000 values once its aliases are expanded",
+                 id="billion-laughs"),
+    pytest.param(bad_bytes(lambda good: (good + "x: &a [*a]\n").encode()),
+                 r"config\.yaml:\d+: invalid YAML: alias \*a is inside its own anchor", id="recursive-alias"),
+    pytest.param(bad_bytes(lambda good: bytes(range(256)) * 8), r"config\.yaml:2: not UTF-8 text \(a byte 0x80\)",
+                 id="binary"),  # 0x0a ends line 1; 0x80 is the first byte UTF-8 cannot start with
+    pytest.param(bad_bytes(lambda good: (good + "# \x00\n").encode()),
+                 r"config\.yaml:\d+: invalid YAML: the character U\+0000 is not allowed", id="nul"),
+    pytest.param(bad_bytes(lambda good: good.replace("timeout: 600", "timeout: 2026-02-30").encode()),
+                 r"config\.yaml:\d+: invalid YAML: not a valid timestamp: day is out of range", id="no-such-date"),
+    pytest.param(bad_bytes(lambda good: good.encode() + b"#" * plano.MAX_CONFIG_BYTES),
+                 r"config\.yaml: larger than 1 MiB", id="too-large"),
+    pytest.param(replace_with_a_directory, r"config\.yaml: cannot read config file: Is a directory", id="directory"),
+    pytest.param(make_unreadable, r"config\.yaml: cannot read config file: Permission denied", id="unreadable",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")),
+]
+
+
+def aliased_config(provider: StandInProvider, alias: str) -> str:
+    return config_yaml(served_by(provider, "openai/gpt-4o", timeout=600), model_aliases={alias: "openai/gpt-4o"},
+                       router=False)
+
+
+def served_model_ids(running: RunningPlano) -> set[str]:
+    return {m["id"] for m in httpx.get(running.url + "/v1/models").json()["data"]}
+
+
+def wait_for_log_line(pattern: str, since: int) -> str:
+    """The first line plano logged after SuiteLog.lines[since] that matches `pattern` (waited for)."""
+    found: list[str] = []
+    wait_until(lambda: found.extend(line for line in SuiteLog.lines[since:] if re.search(pattern, line)) or found,
+               what=f"a log line matching {pattern!r}")
+    return found[0]
+
+
+@pytest.mark.parametrize("edit, why", BAD_CONFIG_EDITS)
+def test_a_bad_edit_keeps_the_running_config_says_why_in_one_line_and_a_later_good_edit_is_picked_up(
+        tmp_path, provider, edit, why):
+    path = tmp_path / "config.yaml"
+    path.write_text(aliased_config(provider, "before"))
+    with RunningPlano(plano.load_config(str(path)), limits=plano.ServerLimits(config_poll=0.02)) as running:
+        logged = len(SuiteLog.lines)
+        edit(path)
+        line = wait_for_log_line("config reload failed", logged)
+        assert re.search("still running the previous config: .*" + why, line) and "\n" not in line, line
+        answer = openai_client(running).chat.completions.create(model="before", messages=[USER_HI])
+        assert answer.choices[0].message.content == "echo: hi" and "before" in served_model_ids(running)
+        if path.is_dir():
+            path.rmdir()
+        elif path.exists():
+            path.chmod(0o644)
+        path.write_text(aliased_config(provider, "after"))
+        wait_until(lambda: "after" in served_model_ids(running), what="the good edit is picked up")
+        assert "before" not in served_model_ids(running)
+    assert not any("Traceback" in line for line in SuiteLog.lines[logged:])
+
+
+@pytest.mark.parametrize("edit, why", BAD_CONFIG_EDITS)
+def test_the_same_bad_file_at_start_up_is_one_line_and_exit_code_2(tmp_path, provider, edit, why):
+    path = tmp_path / "config.yaml"
+    path.write_text(aliased_config(provider, "before"))
+    edit(path)
+    result = run_plano_cli("up", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"plano: .*" + why + r".*\n", result.stderr), result.stderr
+
+
+def test_a_reload_cannot_remove_the_gateway_key_from_a_listener_that_needs_one(tmp_path, provider):
+    path = tmp_path / "config.yaml"
+    new_key = "plano-gateway-key-after-the-edit-42"
+
+    def write(key: str | None) -> None:
+        listener = {"address": "0.0.0.0", "port": 0, **({"api_key": key} if key else {})}
+        path.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[listener], router=False))
+
+    def status_with(key: str) -> int:
+        return httpx.post(running.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": "openai/gpt-4o", "messages": [USER_HI]}, timeout=30).status_code
+
+    write(GATEWAY_KEY)
+    # Bound to every address (port 0: a free one), reached here over loopback.
+    with RunningPlano(plano.load_config(str(path)), host="0.0.0.0",
+                      limits=plano.ServerLimits(config_poll=0.02)) as running:
+        logged = len(SuiteLog.lines)
+        write(None)
+        line = wait_for_log_line("config reload failed", logged)
+        assert "still running the previous config: refusing to listen on 0.0.0.0 without a gateway key" in line
+        assert (status_with("no-key-at-all"), status_with(GATEWAY_KEY)) == (401, 200)
+        write(new_key)  # another key is fine: the listener still needs one, and has one
+        wait_until(lambda: status_with(new_key) == 200, what="the new gateway key is picked up")
+        assert status_with(GATEWAY_KEY) == 401
+
+
+@pytest.mark.parametrize("how", ["config", "--port"])
+def test_up_on_a_port_already_taken_says_so_in_one_line(tmp_path, provider, how):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_claude_config(tmp_path, provider, port if how == "config" else free_port())
+        result = run_plano_cli("up", "--config", str(config), *(["--port", str(port)] if how == "--port" else []),
+                               cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"plano: cannot listen on 127.0.0.1:{port}: the port is already in use (another "
+                             "plano?): choose another with --port or listeners[].port in the config, or stop what "
+                             "holds it\n")
+
+
+def answered(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n") -> bytes:
+    """Send `request` on a kept-alive raw connection; the start of its answer."""
+    sock.sendall(request)
+    return sock.recv(65536)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before {marker!r}: {received!r}"
+        received += chunk
+    return received
+
+
+def closed_by_plano(sock: socket.socket) -> bool:
+    """Whether plano closed the connection without answering (read with the socket's timeout)."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_new_connection_closes_the_one_that_has_waited_longest_for_a_request_when_slots_run_out(provider):
+    # Both slots are held by kept-alive connections, idle after one request each; idle_timeout
+    # alone would hold them for a minute.
+    limits = plano.ServerLimits(max_connections=2, idle_timeout=60, first_request_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        first, second = (socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2))
+        with first, second:
+            assert answered(first).startswith(b"HTTP/1.1 200") and answered(second).startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+                assert answered(newcomer).startswith(b"HTTP/1.1 200")
+                assert closed_by_plano(first)  # idle the longest: closed, as HTTP allows between requests
+                assert answered(second).startswith(b"HTTP/1.1 200")  # the other is still served
+
+
+def test_connections_that_send_nothing_or_half_a_head_do_not_keep_a_real_client_out(provider):
+    # Before: the first four silent sockets took the four slots for the idle timeout (a minute
+    # here), everyone after them queued behind, and the client below timed out.
+    limits = plano.ServerLimits(max_connections=4, idle_timeout=60, first_request_timeout=60, header_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(12)]
+        half_sent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+        try:
+            for sock in half_sent:
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+            answer = anthropic_client(running, timeout=30).messages.create(
+                model="fast", max_tokens=5, messages=[{"role": "user", "content": "still there?"}])
+            assert answer.content[0].text == "echo: still there?"
+            assert closed_by_plano(silent[0])  # the longest waiting made room: closed without a word
+        finally:
+            for sock in silent + half_sent:
+                sock.close()
+
+
+def test_a_request_cut_off_mid_head_to_make_room_is_answered_503(provider):
+    limits = plano.ServerLimits(max_connections=1, idle_timeout=60, header_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as pipelining:
+            # One write: a whole request, then half of the next; plano has read both once it answers.
+            assert answered(pipelining, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+                                        b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n").startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+                assert answered(newcomer).startswith(b"HTTP/1.1 200")
+            cut = read_until(pipelining, b"connections")
+    assert cut.startswith(b"HTTP/1.1 503") and b"plano is at its limit of 1 connections" in cut
+
+
+def test_a_connection_queued_for_a_slot_gets_it_when_a_busy_one_goes_idle(provider):
+    limits = plano.ServerLimits(max_connections=1, idle_timeout=60)
+    body = json.dumps({"model": "fast", "messages": [USER_HI]}).encode()
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as busy:
+            busy.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+            assert read_until(busy, b"\r\n\r\n").startswith(b"HTTP/1.1 100")  # reading its body: busy
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as queued:
+                queued.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # no slot is free, none idle
+                busy.sendall(body)
+                assert b"echo: hi" in read_until(busy, b"echo: hi")
+                assert read_until(queued, b"\r\n\r\n").startswith(b"HTTP/1.1 200")  # busy went idle, gave way
+                assert closed_by_plano(busy)
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeout(provider):
+    limits = plano.ServerLimits(first_request_timeout=0.3, idle_timeout=60)
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            assert closed_by_plano(silent)  # after 0.3 s, not the minute a kept-alive connection gets
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as kept_alive:
+            assert answered(kept_alive).startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)  # twice the first-request timeout: a kept-alive connection waits longer
+            assert answered(kept_alive).startswith(b"HTTP/1.1 200")
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
