@@ -8286,7 +8286,7 @@ def test_up_on_a_port_already_taken_says_so_in_one_line(tmp_path, provider, how)
                              "holds it\n")
 
 
-def answered(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n") -> bytes:
+def answered(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n") -> bytes:
     """Send `request` on a kept-alive raw connection; the start of its answer."""
     sock.sendall(request)
     return sock.recv(65536)
@@ -8317,7 +8317,12 @@ def test_a_new_connection_closes_the_one_that_has_waited_longest_for_a_request_w
         port = int(running.url.rsplit(":", 1)[1])
         first, second = (socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2))
         with first, second:
-            assert answered(first).startswith(b"HTTP/1.1 200") and answered(second).startswith(b"HTTP/1.1 200")
+            assert answered(first).startswith(b"HTTP/1.1 200")
+            # The client has the answer a moment before plano's side of `first` goes back to waiting
+            # (the access line and the ledger come after the last byte): give it that moment, so
+            # `first` is the one that has waited longest.
+            time.sleep(0.5)
+            assert answered(second).startswith(b"HTTP/1.1 200")
             with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
                 assert answered(newcomer).startswith(b"HTTP/1.1 200")
                 assert closed_by_plano(first)  # idle the longest: closed, as HTTP allows between requests
@@ -8334,7 +8339,7 @@ def test_connections_that_send_nothing_or_half_a_head_do_not_keep_a_real_client_
         half_sent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
         try:
             for sock in half_sent:
-                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\n")
             answer = anthropic_client(running, timeout=30).messages.create(
                 model="fast", max_tokens=5, messages=[{"role": "user", "content": "still there?"}])
             assert answer.content[0].text == "echo: still there?"
@@ -8350,8 +8355,9 @@ def test_a_request_cut_off_mid_head_to_make_room_is_answered_503(provider):
         port = int(running.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as pipelining:
             # One write: a whole request, then half of the next; plano has read both once it answers.
-            assert answered(pipelining, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
-                                        b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n").startswith(b"HTTP/1.1 200")
+            whole_and_half = (b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+                              b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            assert answered(pipelining, whole_and_half).startswith(b"HTTP/1.1 200")
             with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
                 assert answered(newcomer).startswith(b"HTTP/1.1 200")
             cut = read_until(pipelining, b"connections")
@@ -8364,11 +8370,11 @@ def test_a_connection_queued_for_a_slot_gets_it_when_a_busy_one_goes_idle(provid
     with RunningPlano(config_for(provider), limits=limits) as running:
         port = int(running.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as busy:
-            busy.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            busy.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                          b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
             assert read_until(busy, b"\r\n\r\n").startswith(b"HTTP/1.1 100")  # reading its body: busy
             with socket.create_connection(("127.0.0.1", port), timeout=30) as queued:
-                queued.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # no slot is free, none idle
+                queued.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")  # no slot is free, none idle
                 busy.sendall(body)
                 assert b"echo: hi" in read_until(busy, b"echo: hi")
                 assert read_until(queued, b"\r\n\r\n").startswith(b"HTTP/1.1 200")  # busy went idle, gave way
