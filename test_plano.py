@@ -447,6 +447,9 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Each write goes out at once, as a provider's do: with Nagle's algorithm the body
+            # waited for the ACK of the head, which plano's side delays (40 ms an answer).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
