@@ -67,7 +67,15 @@ log = logging.getLogger("plano")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
-MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bounds on what clients and providers send. Figures from bench/wire_bounds.py (AMD EPYC, 2 cores):
+# parsed JSON costs 2x its size in memory for text and images, 8.5x for a conversation of small
+# blocks, and up to 25x for dense structure: a 32 MiB body of `[{},{},…]` was 810 MiB of Python
+# objects and 0.8 s of parsing, on the event loop. Python spends up to ~200 bytes on one array
+# element or object member (a dict with its keys), so a cap on their number bounds that part; a
+# Claude Code conversation of 180k tokens holds ~4,000 of them.
+MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit: images and PDFs travel inline
+MAX_JSON_ITEMS = 500_000  # array elements and object members: ≤ ~100 MB of objects, whatever the shape
+MAX_JSON_DEPTH = 128  # nesting: JSON schemas and tool inputs use tens; json and plano recurse per level
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -917,7 +925,9 @@ def _json_arguments(arguments: Any) -> dict:
     if not arguments:
         return {}
     try:
-        value = json.loads(arguments)
+        if not isinstance(arguments, str):
+            raise TypeError
+        value = parse_json(arguments, unique_keys=False)
     except (TypeError, ValueError):
         # Keep what the model wrote rather than lose it: the client sees the raw text.
         return {"_raw_arguments": str(arguments)}
@@ -1499,6 +1509,118 @@ def estimate_tokens(body: dict) -> int:
     return math.ceil(chars / 4) + images + 3 * blocks
 
 
+# ── JSON from others ──────────────────────────────────────────────────────────────────────────
+
+class JSONLimitError(ValueError):
+    """JSON plano does not take: past a bound (depth, number of values), or ambiguous (a key twice
+    in one object, a lone UTF-16 surrogate). A ValueError, so whatever refuses unreadable JSON
+    refuses it too."""
+
+
+def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
+    """JSON text from a client or a provider, parsed within MAX_JSON_DEPTH and MAX_JSON_ITEMS.
+
+    Bytes must be UTF-8 (RFC 8259 §8.1; json.loads would also take UTF-16, UTF-32 and encoded
+    surrogates). The bounds are checked on the text before it is parsed, so that no deep or dense
+    body is ever built; a lone surrogate (`"\\ud83d"`, half of a cut emoji) is refused because
+    it cannot be encoded again for the provider. With `unique_keys`, an object with a key twice
+    is refused: parsers disagree on which copy counts (Python's last, others the first), so plano
+    would route and bill on one and the provider read the other. Raises ValueError.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        encoding = json.detect_encoding(text)
+        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: json.loads names it below
+            raise JSONLimitError(f"the text is {encoding.upper()}; JSON must be UTF-8")
+        raw, text = bytes(text), text.decode("utf-8")
+    else:
+        raw = text
+    check_json_structure(raw)
+    surrogate = _lone_surrogate(text)
+    if surrogate is not None:
+        raise JSONLimitError(f"a string holds \\u{surrogate}, a lone UTF-16 surrogate (half of a "
+                             "character, as when an emoji is cut); JSON text must be whole characters")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_members if unique_keys else None)
+    except RecursionError:  # not after check_json_structure; kept so that no input can make it a 500
+        raise JSONLimitError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+# What lies outside JSON strings, reduced to its structure: `(` opens an array or object, `)`
+# closes one, `,` separates values; everything else is dropped.
+_JSON_STRUCTURE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_JSON_STRUCTURE = bytes(set(range(256)) - set(b"[]{},"))
+
+
+def check_json_structure(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> None:
+    """Refuse JSON text that nests deeper than `max_depth` or holds more than `max_items` values,
+    from its text alone: a few passes of C string methods (about the cost of parsing it;
+    bench/wire_bounds.py), none of them recursive, and none building the value."""
+    quote, backslash, bracket, brace = ('"', "\\", "[", "{") if isinstance(text, str) else (b'"', b"\\", b"[", b"{")
+    if len(text) <= max_items and text.count(bracket) + text.count(brace) <= max_depth:
+        return  # no more values than characters, no deeper than its brackets: most stream events
+    # Without its escaped backslashes and then its escaped quotes, every quote left opens or closes
+    # a string, so the even pieces between quotes are what lies outside strings.
+    empty = quote[:0]
+    outside = empty.join(text.replace(backslash * 2, empty).replace(backslash + quote, empty).split(quote)[::2])
+    if isinstance(outside, str):
+        outside = outside.encode("utf-8", "surrogatepass")
+    structure = outside.translate(_JSON_STRUCTURE, _NOT_JSON_STRUCTURE)
+    items = len(structure) - structure.count(b")")  # a value after each `,`, one in each container
+    if items > max_items:
+        raise JSONLimitError(f"holds more than {max_items:,} values (array elements and object members)")
+    brackets = structure.replace(b",", b"")
+    if b"(" * (max_depth + 1) in brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+    # Each pass removes the innermost containers, one level of depth: `max_depth` passes empty any
+    # text within the bound.
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        shallower = brackets.replace(b"()", b"")
+        if len(shallower) == len(brackets):
+            return  # brackets that do not pair up: not JSON, which the parser says better
+        brackets = shallower
+    if brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = json.dumps(key)  # escaped: a key is the client's text, headed for a log line
+                shown = shown if len(shown) <= 80 else shown[:77] + '…"'
+                raise JSONLimitError(f"the key {shown} appears twice in one object; JSON with a key twice "
+                                     "is ambiguous (parsers keep different copies)")
+            seen.add(key)
+    return members
+
+
+# A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
+# one would make it an escaped backslash followed by the letter u).
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The hex digits of the first surrogate escape in JSON text that is not half of a pair (a
+    high one right before a low one, as `\\ud83d\\ude00` writes 😀), else None."""
+    if "\\ud" not in text and "\\uD" not in text:
+        return None
+    high: re.Match | None = None  # a high surrogate waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if int(match.group(1), 16) < 0xDC00:
+            if high is not None:
+                return high.group(1)
+            high = match
+        elif high is not None and high.end() == match.start():
+            high = None
+        else:
+            return match.group(1)
+    return high.group(1) if high is not None else None
+
+
 # ── server-sent events ────────────────────────────────────────────────────────────────────────
 
 @dataclass(frozen=True)
@@ -1877,7 +1999,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
                  if name.lower() in _ERROR_HEADERS or name.lower().startswith(_ERROR_HEADER_PREFIXES)}
     retryable = status in (408, 409, 429, 529) or status >= 500
     try:
-        payload = json.loads(body)
+        payload = parse_json(body, unique_keys=False)
     except ValueError:
         payload = None
     fields = _provider_error_fields(payload)
@@ -2026,7 +2148,7 @@ class StreamTranslator:
     @staticmethod
     def _json(event: SSEEvent) -> Any:
         try:
-            return json.loads(event.data)
+            return parse_json(event.data, unique_keys=False)
         except ValueError:
             raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
 
@@ -2035,7 +2157,7 @@ class StreamTranslator:
             self.complete = self.ended = True
             return
         try:
-            data = json.loads(event.data)
+            data = parse_json(event.data, unique_keys=False)
         except ValueError:
             return
         if not isinstance(data, dict):
@@ -2107,7 +2229,7 @@ def _b64_json(value: Any) -> str:
 
 def _unb64_json(text: str) -> Any:
     try:
-        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        return parse_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), unique_keys=False)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -4237,7 +4359,7 @@ class RemoteRouterBackend(RouterBackend):
         if response.status_code != 200:
             raise RouterUnavailable(f"router endpoint answered HTTP {response.status_code}")
         try:
-            text = json.loads(raw)["choices"][0]["message"]["content"] or ""
+            text = parse_json(raw, unique_keys=False)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise RouterUnavailable("router endpoint sent an unreadable answer") from None
         return RouteChoice(parse_route_answer(text, [r.name for r in routes]))  # a server gives no probabilities
@@ -4433,7 +4555,7 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user_id, str) and user_id:
         try:
-            parsed = json.loads(user_id)
+            parsed = parse_json(user_id)
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
@@ -4448,7 +4570,7 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     """What the router pins a model to: the session, or for Codex the turn (its
     `x-codex-turn-metadata` header names the turn every request of a tool loop belongs to)."""
     try:
-        metadata = json.loads(headers.get("x-codex-turn-metadata") or "{}")
+        metadata = parse_json(headers.get("x-codex-turn-metadata") or "{}", unique_keys=False)
     except ValueError:
         return session
     turn = metadata.get("turn_id") if isinstance(metadata, dict) else None
@@ -5574,7 +5696,7 @@ class Gateway:
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
 
     async def _count_tokens(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        body = _parse_json_body(request.body)
+        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         _require(isinstance(body.get("messages"), list), "messages: must be a list")
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
@@ -5660,7 +5782,7 @@ class Gateway:
     # ── the chat endpoints: Messages, Chat Completions, Responses ───────────────────────
 
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
-        body = _parse_json_body(request.body)
+        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
         if client_format == "responses":
@@ -5731,9 +5853,9 @@ async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tupl
     """A provider's whole answer: its bytes, and the JSON object they hold."""
     try:
         raw = await _read_limited(upstream, 256 << 20)
-        payload = json.loads(raw)
+        payload = await _off_the_loop_if_large(functools.partial(parse_json, unique_keys=False), raw)
     except (ValueError, httpx.HTTPError) as e:
-        raise UpstreamError(f"{model.name}: unreadable answer from the provider ({type(e).__name__})",
+        raise UpstreamError(f"{model.name}: unreadable answer from the provider ({_unreadable_why(e)})",
                             status=502, error_type="api_error") from None
     if not isinstance(payload, dict):
         raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
@@ -5741,14 +5863,37 @@ async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tupl
     return raw, payload
 
 
+def _unreadable_why(error: Exception) -> str:
+    """Why a provider's answer could not be read: plano's own words where a bound of plano's or
+    the decoding refused it (nothing of the provider's text), else the kind of failure."""
+    return str(error) if isinstance(error, (httpx.DecodingError, JSONLimitError)) else type(error).__name__
+
+
 def _parse_json_body(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        body = parse_json(raw)
+    except JSONLimitError as e:
+        raise RequestError(f"body: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RequestError(f"body: not UTF-8 ({e}); JSON must be UTF-8") from None
+    except ValueError as e:
         raise RequestError(f"body: not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object")
     return body
+
+
+# Parsing holds the event loop for its whole length: ~2 ms a MiB for a Claude Code conversation, up
+# to ~80 ms a MiB for dense structure (bench/wire_bounds.py). Text past this size is parsed in a
+# worker thread so that every other connection is served meanwhile; below it, a hop to a thread
+# (~0.1 ms) would cost more than it saves, and the loop is held 5 ms at worst.
+_PARSE_IN_THREAD_BYTES = 64 * 1024
+
+
+async def _off_the_loop_if_large(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    if len(raw) > _PARSE_IN_THREAD_BYTES:
+        return await trio.to_thread.run_sync(parse, raw)
+    return parse(raw)
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
