@@ -1352,6 +1352,7 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     effort = body.get("reasoning_effort")
+    _require(effort is None or isinstance(effort, str), "reasoning_effort: must be a string")
     if effort in _REASONING_BUDGET and effort != "none":
         budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
         if budget >= 1024:  # Anthropic's minimum thinking budget
@@ -2311,6 +2312,7 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
             if model.takes_sampling_params:
                 out[key] = body[key]
     tools = []
+    _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     for i, tool in enumerate(body.get("tools") or []):
         _require(isinstance(tool, dict), f"tools[{i}]: must be an object")
         if str(tool.get("type", "")).startswith("web_search_"):
@@ -2472,8 +2474,9 @@ def _reasoning_tokens(usage: Any) -> int:
 
 
 def _summary_text(item: dict) -> str:
-    return "\n\n".join(part.get("text", "") for part in item.get("summary") or []
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    summary = item.get("summary")
+    return "\n\n".join(part.get("text", "") for part in summary if isinstance(part, dict)
+                       and isinstance(part.get("text"), str)) if isinstance(summary, list) else ""
 
 
 def _responses_stop_reason(response: dict, saw_tool_use: bool) -> str:
@@ -2722,6 +2725,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
+    _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     tools = [{"name": t["name"], "input_schema": t.get("parameters") or {"type": "object", "properties": {}},
               **({"description": t["description"]} if isinstance(t.get("description"), str) else {})}
              for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
@@ -2743,6 +2747,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    _require(effort is None or isinstance(effort, str), "reasoning.effort: must be a string")
     if effort in _REASONING_BUDGET:
         budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
         if budget >= 1024:
@@ -5796,6 +5801,9 @@ class Gateway:
         if client_format == "anthropic":
             _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
                      "max_tokens: must be an integer")
+        # plano streams or not on this flag, and passes the body on: a provider reading "yes" as
+        # true would stream an answer plano reads as one JSON document.
+        _require(isinstance(body.get("stream"), (bool, type(None))), "stream: must be true or false")
         options = body.get("stream_options")
         exchange.client_format, exchange.body, exchange.requested_model = client_format, body, requested
         exchange.wants_stream = body.get("stream") is True
