@@ -76,6 +76,8 @@ DEFAULT_PORT = 12000
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit: images and PDFs travel inline
 MAX_JSON_ITEMS = 500_000  # array elements and object members: ≤ ~100 MB of objects, whatever the shape
 MAX_JSON_DEPTH = 128  # nesting: JSON schemas and tool inputs use tens; json and plano recurse per level
+MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event of a provider's stream (a Responses
+# `response.completed` repeats the whole answer, generated images in base64 included)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -1630,42 +1632,71 @@ class SSEEvent:
     data: str
 
 
+_SSE_LINE_END = re.compile(rb"\r\n?|\n")
+
+
 class SSEDecoder:
     """Bytes in → events out, for text/event-stream (WHATWG rules), across arbitrary reads.
 
     Lines are split on bytes and only decoded once complete, so a multi-byte UTF-8 character cut
-    between two network reads is never decoded in halves.
+    between two network reads is never decoded in halves. Each byte is searched for a line end
+    once however the reads fall (`scanned` counts the bytes searched), so an event costs time
+    linear in its size even when it arrives a byte at a time. An event (or a run of comment lines)
+    larger than `max_event_bytes` ends the decoding: `too_large` is set, and nothing more comes
+    out; which events came out before does not depend on where the reads fell either.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = MAX_SSE_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
         self._buffer = bytearray()
+        self._searched = 0  # how much of the buffer is known to hold no line end
         self._skip_lf = False  # the last read ended in CR: an LF starting the next one is its pair
         self._event: str | None = None
         self._data: list[str] = []
         self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
         self.fed = 0  # bytes fed so far
+        self.scanned = 0  # bytes searched for a line end so far: never more than `fed`
         self.ends: list[int] = []  # for each event the last feed returned: `fed` at its end
+        self.too_large = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self.ends = []
+        if self.too_large:
+            return []
         self._buffer += chunk
         self.fed += len(chunk)
-        if self._skip_lf and self._buffer[:1] == b"\n":
-            del self._buffer[:1]
-        self._skip_lf = False
+        if self._skip_lf and self._buffer:  # (an empty read between a CR and its LF changes nothing)
+            self._skip_lf = False
+            if self._buffer[:1] == b"\n":
+                del self._buffer[:1]
+                if self._unended:  # the LF of a CRLF that ended a line of the event: counted as in one read
+                    self._unended += 1
+                    if self._unended > self.max_event_bytes:
+                        self.close()
+                        self.too_large = True
+                        return []
         events = []
-        self.ends = []
         while True:
-            match = re.search(rb"\r\n?|\n", self._buffer)
+            match = _SSE_LINE_END.search(self._buffer, self._searched)
             if match is None:
+                self.scanned += len(self._buffer) - self._searched
+                self._searched = len(self._buffer)
                 break
-            line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
+            self.scanned += match.end() - self._searched
+            line = self._buffer[:match.start()].decode("utf-8", errors="replace")
             self._skip_lf = match.group() == b"\r" and match.end() == len(self._buffer)
             self._unended = 0 if match.start() == 0 else self._unended + match.end()
-            del self._buffer[:match.end()]
+            del self._buffer[:match.end()]  # from the front of a bytearray: no copy of the rest
+            self._searched = 0
+            if self._unended > self.max_event_bytes:
+                break
             event = self._line(line)
             if event is not None:
                 events.append(event)
                 self.ends.append(self.fed - len(self._buffer))
+        if self._unended + len(self._buffer) > self.max_event_bytes:
+            self.close()
+            self.too_large = True
         return events
 
     @property
@@ -1679,7 +1710,7 @@ class SSEDecoder:
         a connection that dies mid-event must not pass half a JSON object on as a whole one."""
         self._buffer.clear()
         self._event, self._data = None, []
-        self._unended = 0
+        self._unended = self._searched = 0
         return []
 
     def _line(self, line: str) -> SSEEvent | None:
@@ -2065,7 +2096,7 @@ class StreamTranslator:
         self._passthrough_usage: dict = {}
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
-        self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
+        self._unended = bytearray()  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
     def feed(self, raw: bytes) -> bytes:
@@ -2078,22 +2109,36 @@ class StreamTranslator:
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
             # one, which its own error event would then run into; and nothing after the event that
             # ended the answer ([DONE], message_stop, an error).
-            pending = self._unended + raw
+            self._unended += raw  # appended, not joined anew: an event in many reads costs its size once
             cut = self.decoder.fed - self.decoder.unended
             for event, end in zip(events, self.decoder.ends):
                 self._watch(event)
                 if self.ended:
                     cut = end
                     break
+            if self.decoder.too_large and not self.ended:
+                cut = self.decoder.ends[-1] if self.decoder.ends else self._forwarded
+                self.failure = self._too_large()
             start, self._forwarded = self._forwarded, cut
-            self._unended = b"" if self.ended else pending[cut - start:]
-            return pending[:cut - start]
-        return self._translate(events)
+            out = bytes(self._unended[:cut - start])
+            if self.ended or self.failure is not None:
+                self._unended.clear()
+            else:
+                del self._unended[:cut - start]
+            return out
+        out = self._translate(events)
+        if self.decoder.too_large and self.failure is None:
+            self.failure = self._too_large()
+        return out
+
+    def _too_large(self) -> StreamTranslationError:
+        return StreamTranslationError(f"the provider sent a stream event larger than plano's limit of "
+                                      f"{self.decoder.max_event_bytes:,} bytes")
 
     def close(self) -> bytes:
         """The upstream body ended: the answer's end, or a failure if it had not finished."""
         self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
-        self._unended = b""
+        self._unended.clear()
         if self.failure is not None:
             return b""
         try:

@@ -7153,3 +7153,95 @@ def test_a_stream_flag_that_is_not_a_boolean_is_a_400_not_an_answer_read_the_wro
     assert response.status_code == 400
     assert error_in_format(response, client) == ("invalid_request_error", "stream: must be true or false")
     assert len(provider.requests) == asked
+
+
+# ── SSE: pure ─────────────────────────────────────────────────────────────────────────────────
+
+def test_the_sse_decoder_searches_each_byte_once_however_small_the_reads():
+    event = b"data: " + b"x" * 300_000 + b"\r\n\r\n"
+    decoder = plano.SSEDecoder()
+    events = [e for piece in one_byte_at_a_time(event) for e in decoder.feed(piece)]
+    assert [len(e.data) for e in events] == [300_000]
+    assert decoder.scanned <= decoder.fed == len(event)  # searching the buffer again per read: ~4.5e10
+
+
+def test_a_large_passthrough_event_in_small_reads_goes_on_whole_and_once():
+    events = [(None, chunk({"content": "y" * 200_000})), (None, chunk({}, "stop")), (None, "[DONE]")]
+    raw = b"".join(sse_pieces(events, piece=10**9))
+    translate = plano.StreamTranslator("openai", "openai", "openai/gpt-4o", False)
+    out = b"".join(translate.feed(raw[i:i + 100]) for i in range(0, len(raw), 100)) + translate.close()
+    assert out == raw and translate.failure is None
+
+
+def test_an_sse_event_past_the_limit_ends_decoding_after_the_events_before_it_however_the_reads_fall():
+    stream = b"data: 1\n\n" + b"data: " + b"y" * 100 + b"\r\n" + b"data: z\r\n\r\n" + b"data: 3\n\n"
+    for pieces in ([stream], one_byte_at_a_time(stream), [stream[:50], stream[50:]]):
+        decoder = plano.SSEDecoder(max_event_bytes=64)
+        assert [e.data for piece in pieces for e in decoder.feed(piece)] == ["1"] and decoder.too_large
+        assert decoder.feed(b"data: 4\n\n") == []
+    exact = plano.SSEDecoder(max_event_bytes=len(b"data: ok\r\n"))
+    assert [e.data for e in exact.feed(b"data: ok\r\n\r\n")] == ["ok"] and not exact.too_large
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=24) | st.sampled_from([b"\r", b"\n", b"\r\n", b"data: x", b": c"]),
+                       max_size=24), limit=st.integers(1, 40))
+def test_a_bounded_sse_decoder_decodes_byte_soup_the_same_however_it_is_split(chunks, limit):
+    def decode(pieces: list[bytes]) -> tuple[list, bool]:
+        decoder = plano.SSEDecoder(max_event_bytes=limit)
+        return [e for piece in pieces for e in decoder.feed(piece)], decoder.too_large
+
+    whole = b"".join(chunks)
+    assert decode(chunks) == decode([whole]) == decode(one_byte_at_a_time(whole))
+
+
+@pytest.mark.parametrize("upstream, client", [("openai", "openai"), ("openai", "anthropic"),
+                                              ("anthropic", "anthropic"), ("responses", "openai")])
+def test_a_stream_event_past_the_limit_fails_the_stream_after_the_events_before_it(upstream, client):
+    first = {"openai": (None, chunk({"role": "assistant", "content": "hi"})),
+             "anthropic": ("message_start", {"type": "message_start", "message": anthropic_response([])}),
+             "responses": ("response.created", {"type": "response.created", "response": {
+                 "id": "resp_1", "object": "response", "status": "in_progress", "output": []}})}[upstream]
+    raw = b"".join(sse_pieces([first], piece=10**9)) + b"data: " + b"x" * plano.MAX_SSE_EVENT_BYTES + b"\n\n"
+    translate = plano.StreamTranslator(upstream, client, WIRE_MODELS[upstream], False)
+    out = b"".join(translate.feed(raw[i:i + 65536]) for i in range(0, len(raw), 65536))
+    assert isinstance(translate.failure, plano.StreamTranslationError)
+    assert f"larger than plano's limit of {plano.MAX_SSE_EVENT_BYTES:,} bytes" in str(translate.failure)
+    assert out and b"xxxx" not in out  # the first event went on, nothing of the large one
+    if upstream == client:
+        assert out == b"".join(sse_pieces([first], piece=10**9))
+
+
+# ── through the real server: providers' answers ───────────────────────────────────────────────
+
+def ask_format(running: RunningPlano, client: str, upstream: str, stream: bool) -> httpx.Response:
+    body = dict(WIRE_BODIES[client][0], model=WIRE_MODELS[upstream], stream=stream)
+    return httpx.post(running.url + WIRE_PATHS[client], json=body, timeout=60)
+
+
+def stream_error_in_format(response: httpx.Response, client: str) -> str:
+    """The message of the error event a stream in `client`'s format ended with."""
+    assert response.status_code == 200 and response.headers["content-type"] == "text/event-stream"
+    last = decode_sse([response.content])[-1]
+    data = json.loads(last.data)
+    if client == "openai":
+        assert last.event is None and set(data) == {"error"}, last
+    else:
+        assert last.event == "error" and data["type"] == "error", last
+    return data["error"]["message"]
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+def test_a_provider_stream_event_past_the_limit_ends_the_stream_with_an_error_and_closes_the_upstream(
+        three_formats, client):
+    running, provider = three_formats
+    opening = sse_pieces([(None, chunk({"role": "assistant", "content": "hi"}))], piece=10**9)
+    huge = b"data: " + b"x" * (2 * plano.MAX_SSE_EVENT_BYTES)  # more than the sockets between them hold
+    provider.then(Reply(sse=opening + [huge[i:i + 65536] for i in range(0, len(huge), 65536)]))
+    disconnects = provider.disconnects
+    response = ask_format(running, client, "openai", stream=True)
+    message = stream_error_in_format(response, client)
+    assert f"larger than plano's limit of {plano.MAX_SSE_EVENT_BYTES:,} bytes" in message
+    assert b"hi" in response.content and b"xxxx" not in response.content
+    wait_until(lambda: provider.disconnects > disconnects, what="plano closed the provider's stream")
+    assert ask_format(running, client, "openai", stream=True).status_code == 200
