@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -78,6 +79,7 @@ MAX_JSON_ITEMS = 500_000  # array elements and object members: ≤ ~100 MB of ob
 MAX_JSON_DEPTH = 128  # nesting: JSON schemas and tool inputs use tens; json and plano recurse per level
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event of a provider's stream (a Responses
 # `response.completed` repeats the whole answer, generated images in base64 included)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a provider's whole answer, and a compressed answer or stream inflated
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -3298,8 +3300,9 @@ def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | No
 # Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 #
-# httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
-# this is the transport under it. bench/upstream_client.py measures the two side by side: an
+# httpx is the upstream client API (requests, responses, timeouts, exceptions); this is the
+# transport under it, and it inflates compressed answers itself, within bounds (_InflatedBody).
+# bench/upstream_client.py measures the two side by side: an
 # exchange through httpx's default transport (httpcore) costs about twice the CPU of one through
 # this transport (527 vs 265 µs here), and a fast stream arrives in ~100× fewer pieces (one per
 # network read, not one per event). httpcore serves HTTP/2 and every async library; plano needs one
@@ -3428,12 +3431,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
     its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
 
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0):
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
+                 max_inflated_bytes: int = MAX_ANSWER_BYTES):
         # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
         # longer than 5 s, and each new TLS connection to a provider costs round trips.
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.keepalive_expiry = keepalive_expiry
+        self.max_inflated_bytes = max_inflated_bytes
         self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
         self._slots: dict[_Origin, trio.Semaphore] = {}
         self._tls: Any = None  # the ssl.SSLContext, once an https origin or proxy needs it
@@ -3487,8 +3492,16 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 await trio.aclose_forcefully(connection.stream)
             slots.release()
             raise
-        stream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
-        return httpx.Response(response.status_code, headers=list(response.headers), stream=stream,
+        body: httpx.AsyncByteStream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
+        headers = list(response.headers)
+        codings = [c.strip().lower() for name, value in headers if name == b"content-encoding"
+                   for c in value.decode("latin-1").split(",") if c.strip().lower() not in ("", "identity")]
+        if codings:
+            # Inflated here, within bounds, so httpx has nothing left to decode: the headers it gets
+            # no longer say the body is compressed, nor give the compressed length.
+            body = _InflatedBody(body, codings, self.max_inflated_bytes)
+            headers = [(name, value) for name, value in headers if name not in (b"content-encoding", b"content-length")]
+        return httpx.Response(response.status_code, headers=headers, stream=body,
                               extensions={"http_version": b"HTTP/" + response.http_version,
                                           "reason_phrase": response.reason})
 
@@ -3644,6 +3657,58 @@ class _UpstreamBody(httpx.AsyncByteStream):
         self.slots.release()
         if not self.transport._release(self.origin, self.connection):
             await trio.aclose_forcefully(self.connection.stream)
+
+
+class _InflatedBody(httpx.AsyncByteStream):
+    """A gzip or deflate body inflated as it arrives, in pieces of at most INFLATE_STEP bytes with
+    a checkpoint between them, and no more than `limit` bytes in all (past it: DecodingError).
+
+    httpx's own decoders inflate each network read whole and without an end: 64 KiB of a gzip
+    bomb is 64 MiB, and `Content-Encoding: gzip, gzip` makes it 64 GiB; the gateway froze for
+    17 s on one. Here memory and event-loop time per step stay bounded, the whole by the limit.
+    One coding only: no provider stacks them (plano sends no Accept-Encoding, so a provider that
+    compresses at all picks gzip), and stacking is what multiplies a bomb. br and zstd are not in
+    the standard library, and httpx's decoders for them have no bound on their output.
+    """
+
+    INFLATE_STEP = 64 * 1024  # one network read's worth
+
+    def __init__(self, raw: httpx.AsyncByteStream, codings: list[str], limit: int):
+        self.raw = raw
+        self.codings = codings
+        self.limit = limit
+
+    async def __aiter__(self) -> Any:
+        if len(self.codings) != 1 or self.codings[0] not in ("gzip", "x-gzip", "deflate"):
+            raise httpx.DecodingError(f"the provider's answer is compressed as {', '.join(self.codings)}; "
+                                      "plano inflates gzip and deflate")
+        # gzip; deflate is zlib-wrapped (RFC 9110 §8.4.1.2), raw deflate from servers that get it wrong
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if self.codings[0] != "deflate" else zlib.MAX_WBITS)
+        total, first = 0, True
+        async for compressed in self.raw:
+            pending = compressed
+            while not inflater.eof:
+                try:
+                    piece = inflater.decompress(pending, self.INFLATE_STEP)
+                except zlib.error as e:
+                    if not (first and self.codings[0] == "deflate"):
+                        raise httpx.DecodingError(f"the provider's {self.codings[0]} answer does not inflate ({e})")
+                    inflater, first = zlib.decompressobj(-zlib.MAX_WBITS), False
+                    continue
+                first = False
+                pending = inflater.unconsumed_tail
+                total += len(piece)
+                if total > self.limit:
+                    raise httpx.DecodingError(f"the provider's {self.codings[0]} answer inflates past plano's "
+                                              f"limit of {self.limit:,} bytes")
+                if piece:
+                    yield piece
+                    await trio.lowlevel.checkpoint()
+                if not pending and len(piece) < self.INFLATE_STEP:
+                    break  # this read is used up (a full step may have left output inside zlib: asked again)
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -5885,7 +5950,7 @@ class Gateway:
             else:
                 await self._send_stream_bytes(translate.close(), respond, exchange)
         except httpx.HTTPError as e:
-            raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
+            raise UpstreamError(f"{model.name}: the provider's stream broke off ({_unreadable_why(e)})",
                                 status=502, error_type="api_error") from None
         finally:
             exchange.used(translate.usage, translate.reasoning_tokens)
@@ -5905,7 +5970,7 @@ class Gateway:
 async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
     """A provider's whole answer: its bytes, and the JSON object they hold."""
     try:
-        raw = await _read_limited(upstream, 256 << 20)
+        raw = await _read_limited(upstream, MAX_ANSWER_BYTES)
         payload = await _off_the_loop_if_large(functools.partial(parse_json, unique_keys=False), raw)
     except (ValueError, httpx.HTTPError) as e:
         raise UpstreamError(f"{model.name}: unreadable answer from the provider ({_unreadable_why(e)})",
@@ -5954,7 +6019,7 @@ async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     async for chunk in response.aiter_bytes():
         data += chunk
         if len(data) > limit:
-            raise httpx.DecodingError("response too large")
+            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
     return bytes(data)
 
 

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -7245,3 +7246,86 @@ def test_a_provider_stream_event_past_the_limit_ends_the_stream_with_an_error_an
     assert b"hi" in response.content and b"xxxx" not in response.content
     wait_until(lambda: provider.disconnects > disconnects, what="plano closed the provider's stream")
     assert ask_format(running, client, "openai", stream=True).status_code == 200
+
+
+def gzip_bomb(block: bytes, repeats: int) -> bytes:
+    """A gzip stream that inflates to `block` `repeats` times, made without compressing it all:
+    after a full flush each block compresses to the same bytes, so those are repeated. (Its CRC
+    is wrong; nothing that stops at a bound reads that far.)"""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    first = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    again = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    return first + again * (repeats - 1) + squeeze.flush()
+
+
+@pytest.mark.parametrize("client, coding", [("anthropic", "gzip"), ("openai", "deflate"), ("responses", "x-gzip"),
+                                            ("openai", "raw deflate")])
+def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client, coding):
+    running, provider = three_formats
+
+    def compress(data: bytes) -> bytes:
+        wbits = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}.get(
+            coding, -zlib.MAX_WBITS)
+        squeeze = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        return squeeze.compress(data) + squeeze.flush()
+
+    header = {"content-encoding": coding.removeprefix("raw ")}
+    answer = openai_response({"content": "inflated 🙂"})
+    provider.then(Reply(raw=compress(json.dumps(answer).encode()), headers=header))
+    whole = ask_format(running, client, "openai", stream=False)
+    assert whole.status_code == 200 and "inflated 🙂" in json.dumps(whole.json(), ensure_ascii=False), whole.text
+    events = [(None, chunk({"role": "assistant", "content": "inflated "})), (None, chunk({"content": "🙂"})),
+              (None, chunk({}, "stop")), (None, "[DONE]")]
+    squeezed = compress(b"".join(sse_pieces(events, piece=10**9)))
+    provider.then(Reply(sse=[squeezed[i:i + 7] for i in range(0, len(squeezed), 7)], headers=header))
+    streamed = ask_format(running, client, "openai", stream=True)
+    last = decode_sse([streamed.content])[-1]
+    assert (last.event or last.data) == {"anthropic": "message_stop", "openai": "[DONE]",
+                                         "responses": "response.completed"}[client], streamed.text
+    assert stream_text(streamed, client) == "inflated 🙂"
+
+
+def stream_text(response: httpx.Response, client: str) -> str:
+    """The answer's text, as a stream in `client`'s format spells it out."""
+    if client == "anthropic":
+        return anthropic_stream_text(response.text)
+    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
+    if client == "openai":
+        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
+    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
+def test_an_answer_in_a_coding_plano_does_not_inflate_is_a_502_naming_it(three_formats, coding):
+    running, provider = three_formats
+    provider.then(Reply(raw=gzip_bomb(b"{}", 1), headers={"content-encoding": coding}))
+    response = ask_format(running, "anthropic", "openai", stream=False)
+    assert response.status_code == 502
+    assert f"compressed as {coding}; plano inflates gzip and deflate" in error_in_format(response, "anthropic")[1]
+
+
+@pytest.mark.parametrize("client, stream", [("anthropic", False), ("openai", False), ("anthropic", True),
+                                            ("responses", True)])
+def test_a_gzip_bomb_is_inflated_no_further_than_the_limit_in_bounded_memory(three_formats, client, stream):
+    import tracemalloc
+    running, provider = three_formats
+    # 1 GiB of zeros (a whole answer) or of short SSE comments (a stream) in ~1 MiB of gzip.
+    block = bytes(1 << 20) if not stream else (b": " + b"x" * 1020 + b"\n\n") * 1024
+    bomb = gzip_bomb(block, 1024)
+    pieces = [bomb[i:i + 65536] for i in range(0, len(bomb), 65536)]
+    provider.then(Reply(raw=bomb, headers={"content-encoding": "gzip"}) if not stream
+                  else Reply(sse=pieces, headers={"content-encoding": "gzip"}))
+    tracemalloc.start()
+    try:
+        response = ask_format(running, client, "openai", stream=stream)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A stream keeps nothing of it; a whole answer is kept up to the limit, and nothing more.
+    assert peak < (8 << 20 if stream else plano.MAX_ANSWER_BYTES * 1.5), peak
+    says = f"the provider's gzip answer inflates past plano's limit of {plano.MAX_ANSWER_BYTES:,} bytes"
+    if stream:
+        assert says in stream_error_in_format(response, client)
+    else:
+        assert response.status_code == 502 and says in error_in_format(response, client)[1]
+    assert ask_format(running, client, "openai", stream=stream).status_code == 200
