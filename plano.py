@@ -69,11 +69,11 @@ log = logging.getLogger("plano")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
 # Bounds on what clients and providers send. Figures from bench/wire_bounds.py (AMD EPYC, 2 cores):
-# parsed JSON costs 2x its size in memory for text and images, 8.5x for a conversation of small
-# blocks, and up to 25x for dense structure: a 32 MiB body of `[{},{},…]` was 810 MiB of Python
-# objects and 0.8 s of parsing, on the event loop. Python spends up to ~200 bytes on one array
-# element or object member (a dict with its keys), so a cap on their number bounds that part; a
-# Claude Code conversation of 180k tokens holds ~4,000 of them.
+# parsed JSON costs 2x its size in memory for text and images, 2.3x for a Claude Code
+# conversation, and up to 25x for dense structure: a 32 MiB body of `[{},{},…]` was 810 MiB of
+# Python objects and 0.8 s of parsing (`[[],[],…]` 2.2 s), on the event loop. Python spends up
+# to ~200 bytes on one array element or object member (a dict with its keys), so a cap on their
+# number bounds that part; a Claude Code conversation of 180k tokens holds ~4,000 of them.
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit: images and PDFs travel inline
 MAX_JSON_ITEMS = 500_000  # array elements and object members: ≤ ~100 MB of objects, whatever the shape
 MAX_JSON_DEPTH = 128  # nesting: JSON schemas and tool inputs use tens; json and plano recurse per level
@@ -1558,11 +1558,14 @@ _NOT_JSON_STRUCTURE = bytes(set(range(256)) - set(b"[]{},"))
 
 def check_json_structure(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> None:
     """Refuse JSON text that nests deeper than `max_depth` or holds more than `max_items` values,
-    from its text alone: a few passes of C string methods (about the cost of parsing it;
-    bench/wire_bounds.py), none of them recursive, and none building the value."""
-    quote, backslash, bracket, brace = ('"', "\\", "[", "{") if isinstance(text, str) else (b'"', b"\\", b"[", b"{")
-    if len(text) <= max_items and text.count(bracket) + text.count(brace) <= max_depth:
-        return  # no more values than characters, no deeper than its brackets: most stream events
+    from its text alone: a few passes of C string methods (~3 ms a MiB, about what parsing a
+    conversation costs and a fraction of what dense JSON does: bench/wire_bounds.py), none of
+    them recursive, and none building the value."""
+    quote, backslash, comma, bracket, brace = ('"', "\\", ",", "[", "{") if isinstance(text, str) \
+        else (b'"', b"\\", b",", b"[", b"{")
+    opening = text.count(bracket) + text.count(brace)
+    if opening <= max_depth and opening + text.count(comma) <= max_items:
+        return  # counted in strings too, these bound depth and values: most stream events, long texts
     # Without its escaped backslashes and then its escaped quotes, every quote left opens or closes
     # a string, so the even pieces between quotes are what lies outside strings.
     empty = quote[:0]
