@@ -1607,14 +1607,17 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
 
 
 # A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
-# one would make it an escaped backslash followed by the letter u).
+# one would make it an escaped backslash followed by the letter u). The hint is a quicker search
+# (a regular expression's literal prefix beats `in` with a 3-character needle) that finds none in
+# most texts.
 _SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _lone_surrogate(text: str) -> str | None:
     """The hex digits of the first surrogate escape in JSON text that is not half of a pair (a
     high one right before a low one, as `\\ud83d\\ude00` writes 😀), else None."""
-    if "\\ud" not in text and "\\uD" not in text:
+    if _SURROGATE_HINT.search(text) is None:
         return None
     high: re.Match | None = None  # a high surrogate waiting for its low half
     for match in _SURROGATE_ESCAPE.finditer(text):
