@@ -41,6 +41,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -68,7 +69,18 @@ log = logging.getLogger("plano")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
-MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bounds on what clients and providers send. Figures from bench/wire_bounds.py (AMD EPYC, 2 cores):
+# parsed JSON costs 2x its size in memory for text and images, 2.3x for a Claude Code
+# conversation, and up to 25x for dense structure: a 32 MiB body of `[{},{},…]` was 810 MiB of
+# Python objects and 0.8 s of parsing (`[[],[],…]` 2.2 s), on the event loop. Python spends up
+# to ~200 bytes on one array element or object member (a dict with its keys), so a cap on their
+# number bounds that part; a Claude Code conversation of 180k tokens holds ~4,000 of them.
+MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit: images and PDFs travel inline
+MAX_JSON_ITEMS = 500_000  # array elements and object members: ≤ ~100 MB of objects, whatever the shape
+MAX_JSON_DEPTH = 128  # nesting: JSON schemas and tool inputs use tens; json and plano recurse per level
+MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event of a provider's stream (a Responses
+# `response.completed` repeats the whole answer, generated images in base64 included)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a provider's whole answer, and a compressed answer or stream inflated
 
 # Characters that must not reach a log line or a terminal raw from what clients and providers
 # choose (a model name, a session id, a provider's message): C0 controls (a newline forges a log
@@ -1103,7 +1115,9 @@ def _json_arguments(arguments: Any) -> dict:
     if not arguments:
         return {}
     try:
-        value = json.loads(arguments)
+        if not isinstance(arguments, str):
+            raise TypeError
+        value = parse_json(arguments, unique_keys=False)
     except (TypeError, ValueError):
         # Keep what the model wrote rather than lose it: the client sees the raw text.
         return {"_raw_arguments": str(arguments)}
@@ -1584,6 +1598,7 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     effort = body.get("reasoning_effort")
+    _require(effort is None or isinstance(effort, str), "reasoning_effort: must be a string")
     if effort in _REASONING_BUDGET and effort != "none":
         budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
         if budget >= 1024:  # Anthropic's minimum thinking budget
@@ -1741,6 +1756,124 @@ def estimate_tokens(body: dict) -> int:
     return math.ceil(chars / 4) + images + 3 * blocks
 
 
+# ── JSON from others ──────────────────────────────────────────────────────────────────────────
+
+class JSONLimitError(ValueError):
+    """JSON plano does not take: past a bound (depth, number of values), or ambiguous (a key twice
+    in one object, a lone UTF-16 surrogate). A ValueError, so whatever refuses unreadable JSON
+    refuses it too."""
+
+
+def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
+    """JSON text from a client or a provider, parsed within MAX_JSON_DEPTH and MAX_JSON_ITEMS.
+
+    Bytes must be UTF-8 (RFC 8259 §8.1; json.loads would also take UTF-16, UTF-32 and encoded
+    surrogates). The bounds are checked on the text before it is parsed, so that no deep or dense
+    body is ever built; a lone surrogate (`"\\ud83d"`, half of a cut emoji) is refused because
+    it cannot be encoded again for the provider. With `unique_keys`, an object with a key twice
+    is refused: parsers disagree on which copy counts (Python's last, others the first), so plano
+    would route and bill on one and the provider read the other. Raises ValueError.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        encoding = json.detect_encoding(text)
+        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: json.loads names it below
+            raise JSONLimitError(f"the text is {encoding.upper()}; JSON must be UTF-8")
+        raw, text = bytes(text), text.decode("utf-8")
+    else:
+        raw = text
+    check_json_structure(raw)
+    surrogate = _lone_surrogate(text)
+    if surrogate is not None:
+        raise JSONLimitError(f"a string holds \\u{surrogate}, a lone UTF-16 surrogate (half of a "
+                             "character, as when an emoji is cut); JSON text must be whole characters")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_members if unique_keys else None)
+    except RecursionError:  # not after check_json_structure; kept so that no input can make it a 500
+        raise JSONLimitError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+# What lies outside JSON strings, reduced to its structure: `(` opens an array or object, `)`
+# closes one, `,` separates values; everything else is dropped.
+_JSON_STRUCTURE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_JSON_STRUCTURE = bytes(set(range(256)) - set(b"[]{},"))
+
+
+def check_json_structure(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> None:
+    """Refuse JSON text that nests deeper than `max_depth` or holds more than `max_items` values,
+    from its text alone: a few passes of C string methods (~3 ms a MiB, about what parsing a
+    conversation costs and a fraction of what dense JSON does: bench/wire_bounds.py), none of
+    them recursive, and none building the value."""
+    quote, backslash, comma, bracket, brace = ('"', "\\", ",", "[", "{") if isinstance(text, str) \
+        else (b'"', b"\\", b",", b"[", b"{")
+    opening = text.count(bracket) + text.count(brace)
+    if opening <= max_depth and opening + text.count(comma) <= max_items:
+        return  # counted in strings too, these bound depth and values: most stream events, long texts
+    # Without its escaped backslashes and then its escaped quotes, every quote left opens or closes
+    # a string, so the even pieces between quotes are what lies outside strings.
+    empty = quote[:0]
+    outside = empty.join(text.replace(backslash * 2, empty).replace(backslash + quote, empty).split(quote)[::2])
+    if isinstance(outside, str):
+        outside = outside.encode("utf-8", "surrogatepass")
+    structure = outside.translate(_JSON_STRUCTURE, _NOT_JSON_STRUCTURE)
+    items = len(structure) - structure.count(b")")  # a value after each `,`, one in each container
+    if items > max_items:
+        raise JSONLimitError(f"holds more than {max_items:,} values (array elements and object members)")
+    brackets = structure.replace(b",", b"")
+    if b"(" * (max_depth + 1) in brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+    # Each pass removes the innermost containers, one level of depth: `max_depth` passes empty any
+    # text within the bound.
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        shallower = brackets.replace(b"()", b"")
+        if len(shallower) == len(brackets):
+            return  # brackets that do not pair up: not JSON, which the parser says better
+        brackets = shallower
+    if brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = json.dumps(key)  # escaped: a key is the client's text, headed for a log line
+                shown = shown if len(shown) <= 80 else shown[:77] + '…"'
+                raise JSONLimitError(f"the key {shown} appears twice in one object; JSON with a key twice "
+                                     "is ambiguous (parsers keep different copies)")
+            seen.add(key)
+    return members
+
+
+# A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
+# one would make it an escaped backslash followed by the letter u). The hint is a quicker search
+# (a regular expression's literal prefix beats `in` with a 3-character needle) that finds none in
+# most texts.
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The hex digits of the first surrogate escape in JSON text that is not half of a pair (a
+    high one right before a low one, as `\\ud83d\\ude00` writes 😀), else None."""
+    if _SURROGATE_HINT.search(text) is None:
+        return None
+    high: re.Match | None = None  # a high surrogate waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if int(match.group(1), 16) < 0xDC00:
+            if high is not None:
+                return high.group(1)
+            high = match
+        elif high is not None and high.end() == match.start():
+            high = None
+        else:
+            return match.group(1)
+    return high.group(1) if high is not None else None
+
+
 # ── server-sent events ────────────────────────────────────────────────────────────────────────
 
 @dataclass(frozen=True)
@@ -1749,42 +1882,71 @@ class SSEEvent:
     data: str
 
 
+_SSE_LINE_END = re.compile(rb"\r\n?|\n")
+
+
 class SSEDecoder:
     """Bytes in → events out, for text/event-stream (WHATWG rules), across arbitrary reads.
 
     Lines are split on bytes and only decoded once complete, so a multi-byte UTF-8 character cut
-    between two network reads is never decoded in halves.
+    between two network reads is never decoded in halves. Each byte is searched for a line end
+    once however the reads fall (`scanned` counts the bytes searched), so an event costs time
+    linear in its size even when it arrives a byte at a time. An event (or a run of comment lines)
+    larger than `max_event_bytes` ends the decoding: `too_large` is set, and nothing more comes
+    out; which events came out before does not depend on where the reads fell either.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = MAX_SSE_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
         self._buffer = bytearray()
+        self._searched = 0  # how much of the buffer is known to hold no line end
         self._skip_lf = False  # the last read ended in CR: an LF starting the next one is its pair
         self._event: str | None = None
         self._data: list[str] = []
         self._unended = 0  # bytes of whole lines since the last blank line (an event not yet ended)
         self.fed = 0  # bytes fed so far
+        self.scanned = 0  # bytes searched for a line end so far: never more than `fed`
         self.ends: list[int] = []  # for each event the last feed returned: `fed` at its end
+        self.too_large = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self.ends = []
+        if self.too_large:
+            return []
         self._buffer += chunk
         self.fed += len(chunk)
-        if self._skip_lf and self._buffer[:1] == b"\n":
-            del self._buffer[:1]
-        self._skip_lf = False
+        if self._skip_lf and self._buffer:  # (an empty read between a CR and its LF changes nothing)
+            self._skip_lf = False
+            if self._buffer[:1] == b"\n":
+                del self._buffer[:1]
+                if self._unended:  # the LF of a CRLF that ended a line of the event: counted as in one read
+                    self._unended += 1
+                    if self._unended > self.max_event_bytes:
+                        self.close()
+                        self.too_large = True
+                        return []
         events = []
-        self.ends = []
         while True:
-            match = re.search(rb"\r\n?|\n", self._buffer)
+            match = _SSE_LINE_END.search(self._buffer, self._searched)
             if match is None:
+                self.scanned += len(self._buffer) - self._searched
+                self._searched = len(self._buffer)
                 break
-            line = bytes(self._buffer[:match.start()]).decode("utf-8", errors="replace")
+            self.scanned += match.end() - self._searched
+            line = self._buffer[:match.start()].decode("utf-8", errors="replace")
             self._skip_lf = match.group() == b"\r" and match.end() == len(self._buffer)
             self._unended = 0 if match.start() == 0 else self._unended + match.end()
-            del self._buffer[:match.end()]
+            del self._buffer[:match.end()]  # from the front of a bytearray: no copy of the rest
+            self._searched = 0
+            if self._unended > self.max_event_bytes:
+                break
             event = self._line(line)
             if event is not None:
                 events.append(event)
                 self.ends.append(self.fed - len(self._buffer))
+        if self._unended + len(self._buffer) > self.max_event_bytes:
+            self.close()
+            self.too_large = True
         return events
 
     @property
@@ -1798,7 +1960,7 @@ class SSEDecoder:
         a connection that dies mid-event must not pass half a JSON object on as a whole one."""
         self._buffer.clear()
         self._event, self._data = None, []
-        self._unended = 0
+        self._unended = self._searched = 0
         return []
 
     def _line(self, line: str) -> SSEEvent | None:
@@ -2121,7 +2283,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
                  if name.lower() in _ERROR_HEADERS or name.lower().startswith(_ERROR_HEADER_PREFIXES)}
     retryable = status in (408, 409, 429, 529) or status >= 500
     try:
-        payload = json.loads(body)
+        payload = parse_json(body, unique_keys=False)
     except ValueError:
         payload = None
     fields = _provider_error_fields(payload)
@@ -2193,7 +2355,7 @@ class StreamTranslator:
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
         self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
-        self._unended = b""  # passthrough: the provider's bytes of an event that has not ended yet
+        self._unended = bytearray()  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
 
     def feed(self, raw: bytes) -> bytes:
@@ -2206,22 +2368,36 @@ class StreamTranslator:
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
             # one, which its own error event would then run into; and nothing after the event that
             # ended the answer ([DONE], message_stop, an error).
-            pending = self._unended + raw
+            self._unended += raw  # appended, not joined anew: an event in many reads costs its size once
             cut = self.decoder.fed - self.decoder.unended
             for event, end in zip(events, self.decoder.ends):
                 self._watch(event)
                 if self.ended:
                     cut = end
                     break
+            if self.decoder.too_large and not self.ended:
+                cut = self.decoder.ends[-1] if self.decoder.ends else self._forwarded
+                self.failure = self._too_large()
             start, self._forwarded = self._forwarded, cut
-            self._unended = b"" if self.ended else pending[cut - start:]
-            return pending[:cut - start]
-        return self._translate(events)
+            out = bytes(self._unended[:cut - start])
+            if self.ended or self.failure is not None:
+                self._unended.clear()
+            else:
+                del self._unended[:cut - start]
+            return out
+        out = self._translate(events)
+        if self.decoder.too_large and self.failure is None:
+            self.failure = self._too_large()
+        return out
+
+    def _too_large(self) -> StreamTranslationError:
+        return StreamTranslationError(f"the provider sent a stream event larger than plano's limit of "
+                                      f"{self.decoder.max_event_bytes:,} bytes")
 
     def close(self) -> bytes:
         """The upstream body ended: the answer's end, or a failure if it had not finished."""
         self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
-        self._unended = b""
+        self._unended.clear()
         if self.failure is not None:
             return b""
         try:
@@ -2282,7 +2458,7 @@ class StreamTranslator:
     @staticmethod
     def _json(event: SSEEvent) -> Any:
         try:
-            return json.loads(event.data)
+            return parse_json(event.data, unique_keys=False)
         except ValueError:
             raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
 
@@ -2291,7 +2467,7 @@ class StreamTranslator:
             self.complete = self.ended = True
             return
         try:
-            data = json.loads(event.data)
+            data = parse_json(event.data, unique_keys=False)
         except ValueError:
             return
         if not isinstance(data, dict):
@@ -2369,7 +2545,7 @@ def _b64_json(value: Any) -> str:
 
 def _unb64_json(text: str) -> Any:
     try:
-        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        return parse_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), unique_keys=False)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -2470,6 +2646,7 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
             if model.takes_sampling_params:
                 out[key] = body[key]
     tools = []
+    _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     for i, tool in enumerate(body.get("tools") or []):
         _require(isinstance(tool, dict), f"tools[{i}]: must be an object")
         if str(tool.get("type", "")).startswith("web_search_"):
@@ -2654,8 +2831,9 @@ def _reasoning_tokens(usage: Any) -> int:
 
 
 def _summary_text(item: dict) -> str:
-    return "\n\n".join(part.get("text", "") for part in item.get("summary") or []
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    summary = item.get("summary")
+    return "\n\n".join(part.get("text", "") for part in summary if isinstance(part, dict)
+                       and isinstance(part.get("text"), str)) if isinstance(summary, list) else ""
 
 
 def _responses_stop_reason(response: dict, saw_tool_use: bool) -> str:
@@ -2909,6 +3087,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
+    _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     tools = [{"name": t["name"], "input_schema": t.get("parameters") or {"type": "object", "properties": {}},
               **({"description": t["description"]} if isinstance(t.get("description"), str) else {})}
              for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
@@ -2930,6 +3109,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    _require(effort is None or isinstance(effort, str), "reasoning.effort: must be a string")
     if effort in _REASONING_BUDGET:
         budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
         if budget >= 1024:
@@ -3470,8 +3650,9 @@ def _token_counts(usage: Mapping[str, Any] | None) -> tuple[int | None, int | No
 # Upstream client: HTTP/1.1 keep-alive to the providers, as an httpx transport on trio and h11.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 #
-# httpx is the upstream client API (requests, responses, timeouts, exceptions, content decoding);
-# this is the transport under it. bench/upstream_client.py measures the two side by side: an
+# httpx is the upstream client API (requests, responses, timeouts, exceptions); this is the
+# transport under it, and it inflates compressed answers itself, within bounds (_InflatedBody).
+# bench/upstream_client.py measures the two side by side: an
 # exchange through httpx's default transport (httpcore) costs about twice the CPU of one through
 # this transport (527 vs 265 µs here), and a fast stream arrives in ~100× fewer pieces (one per
 # network read, not one per event). httpcore serves HTTP/2 and every async library; plano needs one
@@ -3600,12 +3781,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     (CONNECT tunnels for https, unless $NO_PROXY names the host). A connection is reused only after
     its answer was read to the end; one cut short (a client hung up mid-stream) is closed."""
 
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0):
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 40, keepalive_expiry: float = 60.0,
+                 max_inflated_bytes: int = MAX_ANSWER_BYTES):
         # Idle connections live 60 s, not httpx's 5 s: a Claude Code user reads an answer for
         # longer than 5 s, and each new TLS connection to a provider costs round trips.
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.keepalive_expiry = keepalive_expiry
+        self.max_inflated_bytes = max_inflated_bytes
         self._idle: dict[_Origin, list[_UpstreamConnection]] = {}
         self._slots: dict[_Origin, trio.Semaphore] = {}
         self._tls: Any = None  # the ssl.SSLContext, once an https origin or proxy needs it
@@ -3659,8 +3842,16 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 await trio.aclose_forcefully(connection.stream)
             slots.release()
             raise
-        stream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
-        return httpx.Response(response.status_code, headers=list(response.headers), stream=stream,
+        body: httpx.AsyncByteStream = _UpstreamBody(self, origin, connection, slots, _timeout(timeouts, "read"))
+        headers = list(response.headers)
+        codings = [c.strip().lower() for name, value in headers if name == b"content-encoding"
+                   for c in value.decode("latin-1").split(",") if c.strip().lower() not in ("", "identity")]
+        if codings:
+            # Inflated here, within bounds, so httpx has nothing left to decode: the headers it gets
+            # no longer say the body is compressed, nor give the compressed length.
+            body = _InflatedBody(body, codings, self.max_inflated_bytes)
+            headers = [(name, value) for name, value in headers if name not in (b"content-encoding", b"content-length")]
+        return httpx.Response(response.status_code, headers=headers, stream=body,
                               extensions={"http_version": b"HTTP/" + response.http_version,
                                           "reason_phrase": response.reason})
 
@@ -3816,6 +4007,58 @@ class _UpstreamBody(httpx.AsyncByteStream):
         self.slots.release()
         if not self.transport._release(self.origin, self.connection):
             await trio.aclose_forcefully(self.connection.stream)
+
+
+class _InflatedBody(httpx.AsyncByteStream):
+    """A gzip or deflate body inflated as it arrives, in pieces of at most INFLATE_STEP bytes with
+    a checkpoint between them, and no more than `limit` bytes in all (past it: DecodingError).
+
+    httpx's own decoders inflate each network read whole and without an end: 64 KiB of a gzip
+    bomb is 64 MiB, and `Content-Encoding: gzip, gzip` makes it 64 GiB; the gateway froze for
+    17 s on one. Here memory and event-loop time per step stay bounded, the whole by the limit.
+    One coding only: no provider stacks them (plano sends no Accept-Encoding, so a provider that
+    compresses at all picks gzip), and stacking is what multiplies a bomb. br and zstd are not in
+    the standard library, and httpx's decoders for them have no bound on their output.
+    """
+
+    INFLATE_STEP = 64 * 1024  # one network read's worth
+
+    def __init__(self, raw: httpx.AsyncByteStream, codings: list[str], limit: int):
+        self.raw = raw
+        self.codings = codings
+        self.limit = limit
+
+    async def __aiter__(self) -> Any:
+        if len(self.codings) != 1 or self.codings[0] not in ("gzip", "x-gzip", "deflate"):
+            raise httpx.DecodingError(f"the provider's answer is compressed as {', '.join(self.codings)}; "
+                                      "plano inflates gzip and deflate")
+        # gzip; deflate is zlib-wrapped (RFC 9110 §8.4.1.2), raw deflate from servers that get it wrong
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if self.codings[0] != "deflate" else zlib.MAX_WBITS)
+        total, first = 0, True
+        async for compressed in self.raw:
+            pending = compressed
+            while not inflater.eof:
+                try:
+                    piece = inflater.decompress(pending, self.INFLATE_STEP)
+                except zlib.error as e:
+                    if not (first and self.codings[0] == "deflate"):
+                        raise httpx.DecodingError(f"the provider's {self.codings[0]} answer does not inflate ({e})")
+                    inflater, first = zlib.decompressobj(-zlib.MAX_WBITS), False
+                    continue
+                first = False
+                pending = inflater.unconsumed_tail
+                total += len(piece)
+                if total > self.limit:
+                    raise httpx.DecodingError(f"the provider's {self.codings[0]} answer inflates past plano's "
+                                              f"limit of {self.limit:,} bytes")
+                if piece:
+                    yield piece
+                    await trio.lowlevel.checkpoint()
+                if not pending and len(piece) < self.INFLATE_STEP:
+                    break  # this read is used up (a full step may have left output inside zlib: asked again)
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4581,7 +4824,7 @@ class RemoteRouterBackend(RouterBackend):
         if response.status_code != 200:
             raise RouterUnavailable(f"router endpoint answered HTTP {response.status_code}")
         try:
-            text = json.loads(raw)["choices"][0]["message"]["content"] or ""
+            text = parse_json(raw, unique_keys=False)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             text = None
         if not isinstance(text, str):  # a server of someone else's: its answer is not ours to trust
@@ -4802,7 +5045,7 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user_id, str) and user_id:
         try:
-            parsed = json.loads(user_id)
+            parsed = parse_json(user_id)
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
@@ -4817,7 +5060,7 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     """What the router pins a model to: the session, or for Codex the turn (its
     `x-codex-turn-metadata` header names the turn every request of a tool loop belongs to)."""
     try:
-        metadata = json.loads(headers.get("x-codex-turn-metadata") or "{}")
+        metadata = parse_json(headers.get("x-codex-turn-metadata") or "{}", unique_keys=False)
     except ValueError:
         return session
     turn = metadata.get("turn_id") if isinstance(metadata, dict) else None
@@ -6220,7 +6463,7 @@ class Gateway:
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
 
     async def _count_tokens(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        body = _parse_json_body(request.body)
+        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         _require(isinstance(body.get("messages"), list), "messages: must be a list")
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
@@ -6311,7 +6554,7 @@ class Gateway:
     # ── the chat endpoints: Messages, Chat Completions, Responses ───────────────────────
 
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
-        body = _parse_json_body(request.body)
+        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
         requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
@@ -6326,6 +6569,9 @@ class Gateway:
         if client_format == "anthropic":
             _require(isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool),
                      "max_tokens: must be an integer")
+        # plano streams or not on this flag, and passes the body on: a provider reading "yes" as
+        # true would stream an answer plano reads as one JSON document.
+        _require(isinstance(body.get("stream"), (bool, type(None))), "stream: must be true or false")
         options = body.get("stream_options")
         exchange.client_format, exchange.body, exchange.requested_model = client_format, body, requested
         exchange.wants_stream = body.get("stream") is True
@@ -6362,7 +6608,7 @@ class Gateway:
             else:
                 await self._send_stream_bytes(translate.close(), respond, exchange)
         except httpx.HTTPError as e:
-            raise UpstreamError(f"{model.name}: the provider's stream broke off ({type(e).__name__})",
+            raise UpstreamError(f"{model.name}: the provider's stream broke off ({_unreadable_why(e)})",
                                 status=502, error_type="api_error") from None
         finally:
             exchange.used(translate.usage, translate.reasoning_tokens, translate.unusable_usage)
@@ -6382,10 +6628,10 @@ class Gateway:
 async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
     """A provider's whole answer: its bytes, and the JSON object they hold."""
     try:
-        raw = await _read_limited(upstream, 256 << 20)
-        payload = json.loads(raw)
+        raw = await _read_limited(upstream, MAX_ANSWER_BYTES)
+        payload = await _off_the_loop_if_large(functools.partial(parse_json, unique_keys=False), raw)
     except (ValueError, httpx.HTTPError) as e:
-        raise UpstreamError(f"{model.name}: unreadable answer from the provider ({type(e).__name__})",
+        raise UpstreamError(f"{model.name}: unreadable answer from the provider ({_unreadable_why(e)})",
                             status=502, error_type="api_error") from None
     if not isinstance(payload, dict):
         raise UpstreamError(f"{model.name}: the provider's answer is not a JSON object",
@@ -6393,14 +6639,37 @@ async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tupl
     return raw, payload
 
 
+def _unreadable_why(error: Exception) -> str:
+    """Why a provider's answer could not be read: plano's own words where a bound of plano's or
+    the decoding refused it (nothing of the provider's text), else the kind of failure."""
+    return str(error) if isinstance(error, (httpx.DecodingError, JSONLimitError)) else type(error).__name__
+
+
 def _parse_json_body(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        body = parse_json(raw)
+    except JSONLimitError as e:
+        raise RequestError(f"body: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RequestError(f"body: not UTF-8 ({e}); JSON must be UTF-8") from None
+    except ValueError as e:
         raise RequestError(f"body: not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object")
     return body
+
+
+# Parsing holds the event loop for its whole length: ~2 ms a MiB for a Claude Code conversation, up
+# to ~80 ms a MiB for dense structure (bench/wire_bounds.py). Text past this size is parsed in a
+# worker thread so that every other connection is served meanwhile; below it, a hop to a thread
+# (~0.1 ms) would cost more than it saves, and the loop is held 5 ms at worst.
+_PARSE_IN_THREAD_BYTES = 64 * 1024
+
+
+async def _off_the_loop_if_large(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    if len(raw) > _PARSE_IN_THREAD_BYTES:
+        return await trio.to_thread.run_sync(parse, raw)
+    return parse(raw)
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
@@ -6408,7 +6677,7 @@ async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     async for chunk in response.aiter_bytes():
         data += chunk
         if len(data) > limit:
-            raise httpx.DecodingError("response too large")
+            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
     return bytes(data)
 
 

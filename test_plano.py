@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -473,6 +474,9 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Each write goes out at once, as a provider's do: with Nagle's algorithm the body
+            # waited for the ACK of the head, which plano's side delays (40 ms an answer).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -8391,6 +8395,564 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeo
             assert answered(kept_alive).startswith(b"HTTP/1.1 200")
             time.sleep(0.6)  # twice the first-request timeout: a kept-alive connection waits longer
             assert answered(kept_alive).startswith(b"HTTP/1.1 200")
+
+# ── issue 18: wire bounds ─────────────────────────────────────────────────────────────────────
+# What clients and providers control is bounded: JSON depth and number of values (a 400 naming the
+# limit), one SSE event, an answer inflated from gzip or deflate; a body names one model; and a
+# malformed body is a 400 in the caller's format, never a 500.
+
+WIRE_FORMATS = ("anthropic", "openai", "responses")
+WIRE_PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
+WIRE_MODELS = {"anthropic": "anthropic/claude-sonnet-5", "openai": "openai/gpt-4o", "responses": CODEX_MODEL}
+WIRE_CROSSINGS = [(client, upstream) for client in WIRE_FORMATS for upstream in WIRE_FORMATS if client != upstream]
+
+
+ANTHROPIC_RICH_BODY = {
+    "model": "x", "max_tokens": 2000, "system": "s", "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png_base64(8, 8)}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"}, {"type": "text", "text": "ok"},
+            {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True, "content": [
+            {"type": "text", "text": "x"}, {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]},
+            {"type": "text", "text": "more"}]}],
+    "tools": [BASH_TOOL, {"name": "Read", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
+    "tool_choice": {"type": "tool", "name": "Bash", "disable_parallel_tool_use": True},
+    "metadata": {"user_id": '{"session_id": "abc"}'}, "top_p": 0.9, "output_config": {"effort": "high"}}
+OPENAI_RICH_BODY = {
+    "model": "x", "max_completion_tokens": 100, "reasoning_effort": "low",
+    "messages": [{"role": "developer", "content": [{"type": "text", "text": "dev"}]},
+                 {"role": "user", "content": [
+                     {"type": "text", "text": "hi"},
+                     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_base64(8, 8)}},
+                     {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA", "filename": "a.pdf"}}]},
+                 {"role": "assistant", "content": "x", "reasoning_content": "think", "tool_calls": [
+                     {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "out"}]},
+                 {"role": "user", "content": "again", "name": "bob"}],
+    "tools": [BASH_FUNCTION], "tool_choice": {"type": "function", "function": {"name": "Bash"}},
+    "parallel_tool_calls": False, "response_format": {"type": "json_object"}, "stop": "END", "user": "u",
+    "stream_options": {"include_usage": True}}
+RESPONSES_BODY = {
+    "model": "x", "instructions": "s", "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "t"}],
+         "encrypted_content": "e"},
+        {"type": "function_call", "call_id": "c", "name": "Bash", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "x"}]}],
+    "tools": [{"type": "function", "name": "Bash", "description": "d", "parameters": BASH_TOOL["input_schema"]}],
+    "tool_choice": "auto", "max_output_tokens": 50, "temperature": 0.5, "store": False,
+    "reasoning": {"effort": "low", "summary": "auto"}, "include": ["reasoning.encrypted_content"],
+    "text": {"format": {"type": "text"}}, "parallel_tool_calls": True}
+RESPONSES_RICH_BODY = {
+    "model": "x", "input": [
+        {"role": "developer", "content": "dev"},
+        {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+            {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA", "filename": "f.pdf"}]},
+        {"type": "function_call", "call_id": "c", "name": "Bash", "arguments": '{"a": 1}', "id": "fc_1"},
+        {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "ok"}]},
+        {"type": "custom_tool_call", "call_id": "d", "name": "apply_patch", "input": "x"},
+        {"type": "custom_tool_call_output", "call_id": "d", "output": "done"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"},
+                                                             {"type": "refusal", "refusal": "no"}]}],
+    "tools": [{"type": "function", "name": "Bash", "parameters": {"type": "object"}},
+              {"type": "custom", "name": "apply_patch"}, {"type": "web_search"}],
+    "tool_choice": {"type": "function", "name": "Bash"}, "max_output_tokens": 5000, "top_p": 0.5,
+    "safety_identifier": "s", "reasoning": {"effort": "high"}, "prompt_cache_key": "k"}
+WIRE_BODIES = {"anthropic": [ANTHROPIC_BODY, ANTHROPIC_RICH_BODY], "openai": [OPENAI_BODY, OPENAI_RICH_BODY],
+               "responses": [RESPONSES_BODY, RESPONSES_RICH_BODY]}
+
+
+@pytest.fixture(scope="module")
+def three_formats():
+    """plano serving a model of each format on one stand-in: (running, provider)."""
+    provider = StandInProvider()
+    running = RunningPlano(responses_config(provider))
+    yield running, provider
+    running.stop()
+    provider.close()
+
+
+@pytest.fixture(scope="module")
+def kept_alive():
+    """One client for a fuzzer's thousands of requests: a connection each would cost ~25 ms."""
+    with httpx.Client(timeout=30) as client:
+        yield client
+
+
+def error_in_format(response: httpx.Response, client: str) -> tuple[str, str]:
+    """(type, message) of an error answer, asserted to be in `client`'s own format."""
+    body = response.json()
+    if client == "anthropic":
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    else:
+        assert set(body) == {"error"} and {"message", "type"} <= set(body["error"]), body
+    return body["error"]["type"], body["error"]["message"]
+
+
+def with_raw_at(body: dict, path: tuple, raw_value: str) -> str:
+    """`body` as JSON text with the value at `path` replaced by the JSON text `raw_value`."""
+    marker = "\u0000plano-test-marker"
+    return json.dumps(with_value_at(body, path, marker)).replace(json.dumps(marker), raw_value)
+
+
+def json_depth(value: Any) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(json_depth, children), default=0)
+
+
+def json_values(value: Any) -> int:
+    """Array elements and object members, an empty container counting one: what plano counts."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else max(len(children), 1) + sum(map(json_values, children))
+
+
+# ── JSON: pure ────────────────────────────────────────────────────────────────────────────────
+
+def test_json_nested_to_the_depth_limit_parses_and_one_level_more_is_refused_naming_it():
+    limit = plano.MAX_JSON_DEPTH
+    assert json_depth(plano.parse_json("[" * limit + "]" * limit)) == limit
+    for text in ("[" * (limit + 1) + "]" * (limit + 1), '{"a":' * (limit + 1) + "1" + "}" * (limit + 1),
+                 "[" * 100_000, '{"a":' * 100_000):
+        with pytest.raises(plano.JSONLimitError, match=f"nests deeper than {limit} levels"):
+            plano.parse_json(text)
+
+
+def test_json_with_values_to_the_limit_parses_and_one_more_is_refused_naming_it():
+    limit = plano.MAX_JSON_ITEMS
+    assert len(plano.parse_json("[" + ",".join(["0"] * limit) + "]")) == limit
+    with pytest.raises(plano.JSONLimitError, match=f"more than {limit:,} values"):
+        plano.parse_json(b"[" + b",".join([b"{}"] * (limit + 1)) + b"]")
+
+
+def test_brackets_quotes_and_backslashes_inside_strings_are_not_structure():
+    value = {"code": '"[[[{{{\\' * 2000, "path": "C:\\", "q": '\\"]]]', "deep": "[" * 1000}
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False).encode()):
+        assert plano.parse_json(text) == value
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.recursive(st.none() | st.integers() | st.text(st.sampled_from('[]{},:"\\ aé\n')),
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                              st.text(st.sampled_from('[]{"\\a'), max_size=3), inner, max_size=4), max_leaves=25),
+       ensure_ascii=st.booleans())
+def test_the_structure_check_counts_depth_and_values_as_the_parsed_json_has_them(value, ensure_ascii):
+    text = json.dumps(value, ensure_ascii=ensure_ascii)
+    too_many, too_deep = json_values(value) > 6, json_depth(value) > 3
+    for raw in (text, text.encode()):
+        if too_many or too_deep:
+            with pytest.raises(plano.JSONLimitError, match="more than 6 values" if too_many else "deeper than 3"):
+                plano.check_json_structure(raw, max_depth=3, max_items=6)
+        else:
+            plano.check_json_structure(raw, max_depth=3, max_items=6)
+
+
+@pytest.mark.parametrize("text, key", [('{"model":"a","stream":true,"model":"b"}', "model"),
+                                       ('{"messages":[{"role":"user","role":"system"}]}', "role"),
+                                       ('{"a":{"b":{"c":1,"c":1}}}', "c")])
+def test_a_key_twice_in_one_object_is_refused_naming_it_wherever_the_object_is(text, key):
+    with pytest.raises(plano.JSONLimitError, match=f'the key "{key}" appears twice'):
+        plano.parse_json(text)
+    assert plano.parse_json(text, unique_keys=False) == json.loads(text)  # a provider's answer: as json reads it
+
+
+@pytest.mark.parametrize("text, lone", [
+    (r'"\ud83d"', "d83d"), (r'"\ude00"', "de00"), (r'"\ude00\ud83d"', "de00"), (r'"\ud83d\u0041"', "d83d"),
+    (r'"\ud83d\ud83d\ude00"', "d83d"), (r'{"\uDBFF": 1}', "DBFF"), (r'"\\\ud83d"', "d83d"),
+    (r'"\ud83d\ude00"', None), (r'"\uD83D\uDE00"', None), (r'"\\ud83d"', None), (r'"\\\\ud83d"', None),
+    ('"😀"', None)])
+def test_a_lone_utf16_surrogate_is_refused_and_a_pair_or_an_escaped_backslash_is_not(text, lone):
+    if lone is None:
+        assert plano.parse_json(text) == json.loads(text)
+        return
+    with pytest.raises(plano.JSONLimitError, match=re.escape(f"\\u{lone}, a lone UTF-16 surrogate")):
+        plano.parse_json(text)
+
+
+@pytest.mark.parametrize("encoding, named", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16-LE"),
+                                             ("utf-16-be", "UTF-16-BE"), ("utf-32", "UTF-32")])
+def test_json_in_an_encoding_other_than_utf8_is_refused_naming_it(encoding, named):
+    with pytest.raises(plano.JSONLimitError, match=f"the text is {named}; JSON must be UTF-8"):
+        plano.parse_json('{"model": "x"}'.encode(encoding))
+
+
+def test_encoded_surrogates_and_a_byte_order_mark_are_not_json_either():
+    with pytest.raises(UnicodeDecodeError):  # what json.loads would take, as "surrogatepass"
+        plano.parse_json(b'{"t": "\xed\xa0\xbd"}')
+    with pytest.raises(ValueError, match="BOM"):
+        plano.parse_json('{"model": "x"}'.encode("utf-8-sig"))
+
+
+async def test_a_large_body_is_parsed_in_a_worker_thread_and_a_small_one_on_the_loop():
+    threads = []
+
+    def parse(raw: bytes) -> int:
+        threads.append(threading.current_thread())
+        return len(raw)
+
+    assert await plano._off_the_loop_if_large(parse, b"x" * 1000) == 1000
+    assert await plano._off_the_loop_if_large(parse, b"x" * (1 << 20)) == 1 << 20
+    assert threads[0] is threading.current_thread() and threads[1] is not threading.current_thread()
+
+
+# ── through the real server: requests ─────────────────────────────────────────────────────────
+
+def text_path(client: str) -> tuple:
+    """Where the user's first text is in WIRE_BODIES[client][0]."""
+    return {"anthropic": ("messages", 0, "content", 0, "text"), "openai": ("messages", 1, "content", 0, "text"),
+            "responses": ("input", 0, "content", 0, "text")}[client]
+
+
+HOSTILE_JSON = {  # what the body is made of → what the 400 says
+    "nested 100,000 deep": (lambda body, client: with_raw_at(body, text_path(client), "[" * 100_000 + "]" * 100_000),
+                            f"nests deeper than {plano.MAX_JSON_DEPTH} levels"),
+    "600,000 values": (lambda body, client: with_raw_at(body, text_path(client), "[" + "0," * 600_000 + "0]"),
+                       f"more than {plano.MAX_JSON_ITEMS:,} values"),
+    "two models": (lambda body, client: '{"model": "openai/gpt-4o-mini", ' + json.dumps(body)[1:],
+                   'the key "model" appears twice'),
+    "a cut emoji": (lambda body, client: with_raw_at(body, text_path(client), '"sure \\ud83d"'),
+                    "\\ud83d, a lone UTF-16 surrogate"),
+    "UTF-16 with a BOM": (lambda body, client: json.dumps(body).encode("utf-16"), "the text is UTF-16;"),
+    "UTF-16 without": (lambda body, client: json.dumps(body).encode("utf-16-le"), "the text is UTF-16-LE;"),
+}
+
+
+@pytest.mark.parametrize("client", WIRE_FORMATS)
+@pytest.mark.parametrize("flaw", list(HOSTILE_JSON))
+def test_hostile_json_is_a_400_naming_the_problem_in_the_callers_format_and_reaches_no_provider(
+        three_formats, client, flaw):
+    running, provider = three_formats
+    make, says = HOSTILE_JSON[flaw]
+    upstream = WIRE_FORMATS[(WIRE_FORMATS.index(client) + 1) % 3]
+    raw = make(dict(WIRE_BODIES[client][0], model=WIRE_MODELS[upstream]), client)
+    asked = len(provider.requests)
+    response = httpx.post(running.url + WIRE_PATHS[client], timeout=30, headers={"content-type": "application/json"},
+                          content=raw if isinstance(raw, bytes) else raw.encode())
+    assert response.status_code == 400, response.text
+    error_type, message = error_in_format(response, client)
+    assert error_type == "invalid_request_error" and message.startswith("body: ") and says in message, message
+    assert len(provider.requests) == asked
+    assert httpx.get(running.url + "/healthz").status_code == 200
+
+
+def test_one_model_key_is_routed_and_sent_as_it_was_before(three_formats):
+    running, provider = three_formats
+    response = httpx.post(running.url + "/v1/messages", timeout=30, json=dict(ANTHROPIC_BODY, model="openai/gpt-4o"))
+    assert response.status_code == 200 and response.headers["x-plano-model"] == "openai/gpt-4o"
+    assert provider.requests[-1].json["model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("client", WIRE_FORMATS)
+def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_format(client, provider):
+    # Chunked, so that the limit is met while the body is read (a content-length past it is
+    # refused before: test_an_oversized_body_is_refused_with_413_before_it_is_read).
+    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_body_bytes=64 * 1024))
+    try:
+        body = json.dumps(dict(WIRE_BODIES[client][0], pad="x" * 100_000)).encode()
+        head = (f"POST {WIRE_PATHS[client]} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                "transfer-encoding: chunked\r\n\r\n").encode()
+        answer = raw_exchange(running.url, head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        status, _, content = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 413"), answer[:200]
+        response = httpx.Response(413, content=content)
+        error_type, message = error_in_format(response, client)
+        assert (error_type, message) == ("request_too_large", "request body exceeds the limit of 65536 bytes")
+        assert httpx.get(running.url + "/healthz").status_code == 200 and provider.requests == []
+    finally:
+        running.stop()
+
+
+def malformed_json(body: dict, data: Any) -> bytes:
+    """`body` broken one way a real client or a hostile one breaks JSON, as bytes."""
+    flaw = data.draw(st.sampled_from(["deep", "surrogate", "encoding", "duplicate", "cut", "cesu"]))
+    path = data.draw(st.sampled_from(field_paths(body)))
+    if flaw == "deep":
+        depth = data.draw(st.sampled_from([plano.MAX_JSON_DEPTH + 1, 1000, 100_000]))
+        opener, closer = data.draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        inner = opener * depth + ("1" if opener != "[" else "") + closer * depth
+        return with_raw_at(body, path, inner).encode()
+    if flaw == "surrogate":
+        lone = data.draw(st.sampled_from(["\ud83d", "\ude00", "\udbff"]))
+        text = data.draw(st.text(max_size=5)) + lone + data.draw(st.text(max_size=5))
+        key_or_value = data.draw(st.booleans())
+        return json.dumps(with_value_at(body, path, {text: 1} if key_or_value else text)).encode()  # \u escapes
+    if flaw == "encoding":
+        return json.dumps(body).encode(data.draw(st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32"])))
+    if flaw == "duplicate":
+        marker = "\u0000plano-test-marker"
+        objects = [p for p in [()] + field_paths(body) if isinstance(value_at(body, p), dict) and value_at(body, p)]
+        where = data.draw(st.sampled_from(objects))
+        key = data.draw(st.sampled_from(sorted(value_at(body, where))))
+        twice = with_value_at(body, where + (marker,), data.draw(JSON_VALUES))
+        return json.dumps(twice).replace(json.dumps(marker), json.dumps(key)).encode()
+    if flaw == "cut":
+        raw = json.dumps(body).encode()
+        return raw[:data.draw(st.integers(0, len(raw) - 1))]
+    return with_raw_at(body, path, '"\ud83d"').encode("utf-8", "surrogatepass")  # encoded, not escaped
+
+
+def value_at(body: Any, path: tuple) -> Any:
+    for step in path:
+        body = body[step]
+    return body
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=st.data())
+def test_malformed_json_bodies_for_every_format_are_a_400_in_the_callers_format(three_formats, kept_alive, data):
+    running, provider = three_formats
+    client, upstream = data.draw(st.sampled_from(WIRE_CROSSINGS))
+    body = dict(data.draw(st.sampled_from(WIRE_BODIES[client])), model=WIRE_MODELS[upstream])
+    raw = malformed_json(body, data)
+    asked = len(provider.requests)
+    response = kept_alive.post(running.url + WIRE_PATHS[client], content=raw,
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert error_in_format(response, client)[0] == "invalid_request_error"
+    assert len(provider.requests) == asked
+
+
+def test_the_gateway_serves_on_after_the_hostile_bodies(three_formats):
+    running, _ = three_formats
+    response = httpx.post(running.url + "/v1/responses", timeout=30, json=dict(RESPONSES_BODY, model=CODEX_MODEL))
+    assert response.status_code == 200 and response.json()["object"] == "response"
+
+
+# Values of the wrong type, and of the right type with words the wire formats use (a type name
+# where a role goes, a list where a string goes): what reaches the translators' branches.
+WIRE_WORDS = st.sampled_from([
+    "text", "image", "image_url", "input_image", "input_text", "output_text", "document", "file", "tool_use",
+    "tool_result", "thinking", "reasoning", "message", "function", "function_call", "function_call_output",
+    "custom", "user", "assistant", "system", "developer", "tool", "auto", "any", "none", "required", "low", "high",
+    "base64", "url", "data:image/png;base64,AAAA", "{}", "[]", '{"a": 1}', "[[[["])
+WIRE_KEYS = st.sampled_from(["type", "text", "role", "content", "id", "name", "input", "source", "function",
+                             "arguments", "image_url", "url", "call_id", "output", "effort"]) | st.text(max_size=6)
+WIRE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | WIRE_WORDS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(WIRE_KEYS, inner, max_size=3), max_leaves=8)
+
+
+def check_answer_in_format(response: httpx.Response, client: str, stream: bool) -> None:
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error_in_format(response, client)
+    elif stream:
+        assert response.headers["content-type"] == "text/event-stream"
+    else:
+        assert response.json()[{"anthropic": "type", "openai": "object", "responses": "object"}[client]] == \
+            {"anthropic": "message", "openai": "chat.completion", "responses": "response"}[client]
+
+
+@pytest.mark.parametrize("client, upstream", WIRE_CROSSINGS)
+@settings(max_examples=330, deadline=None)
+@given(data=st.data())
+def test_wrong_types_in_any_field_translated_to_another_format_get_a_4xx_or_an_answer_never_a_500(
+        three_formats, kept_alive, client, upstream, data):
+    running, _ = three_formats
+    body = dict(data.draw(st.sampled_from(WIRE_BODIES[client])), model=WIRE_MODELS[upstream],
+                stream=data.draw(st.booleans()))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(field_paths(body)))
+        body = with_value_at(body, path, data.draw(WIRE_VALUES))
+    logged = len(SuiteLog.lines)
+    response = kept_alive.post(running.url + WIRE_PATHS[client], json=body)
+    assert not any("internal error" in line for line in SuiteLog.lines[logged:]), SuiteLog.lines[logged:]
+    check_answer_in_format(response, client, body.get("stream") is True)
+
+
+@pytest.mark.parametrize("client", WIRE_FORMATS)
+def test_a_stream_flag_that_is_not_a_boolean_is_a_400_not_an_answer_read_the_wrong_way(three_formats, client):
+    # plano reads only `true` as streaming; a provider given the body as it is may read "yes" so too.
+    running, provider = three_formats
+    asked = len(provider.requests)
+    response = httpx.post(running.url + WIRE_PATHS[client], timeout=30,
+                          json=dict(WIRE_BODIES[client][0], model=WIRE_MODELS[client], stream="yes"))
+    assert response.status_code == 400
+    assert error_in_format(response, client) == ("invalid_request_error", "stream: must be true or false")
+    assert len(provider.requests) == asked
+
+
+# ── SSE: pure ─────────────────────────────────────────────────────────────────────────────────
+
+def test_the_sse_decoder_searches_each_byte_once_however_small_the_reads():
+    event = b"data: " + b"x" * 300_000 + b"\r\n\r\n"
+    decoder = plano.SSEDecoder()
+    events = [e for piece in one_byte_at_a_time(event) for e in decoder.feed(piece)]
+    assert [len(e.data) for e in events] == [300_000]
+    assert decoder.scanned <= decoder.fed == len(event)  # searching the buffer again per read: ~4.5e10
+
+
+def test_a_large_passthrough_event_in_small_reads_goes_on_whole_and_once():
+    events = [(None, chunk({"content": "y" * 200_000})), (None, chunk({}, "stop")), (None, "[DONE]")]
+    raw = b"".join(sse_pieces(events, piece=10**9))
+    translate = plano.StreamTranslator("openai", "openai", "openai/gpt-4o", False)
+    out = b"".join(translate.feed(raw[i:i + 100]) for i in range(0, len(raw), 100)) + translate.close()
+    assert out == raw and translate.failure is None
+
+
+def test_an_sse_event_past_the_limit_ends_decoding_after_the_events_before_it_however_the_reads_fall():
+    stream = b"data: 1\n\n" + b"data: " + b"y" * 100 + b"\r\n" + b"data: z\r\n\r\n" + b"data: 3\n\n"
+    for pieces in ([stream], one_byte_at_a_time(stream), [stream[:50], stream[50:]]):
+        decoder = plano.SSEDecoder(max_event_bytes=64)
+        assert [e.data for piece in pieces for e in decoder.feed(piece)] == ["1"] and decoder.too_large
+        assert decoder.feed(b"data: 4\n\n") == []
+    exact = plano.SSEDecoder(max_event_bytes=len(b"data: ok\r\n"))
+    assert [e.data for e in exact.feed(b"data: ok\r\n\r\n")] == ["ok"] and not exact.too_large
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=24) | st.sampled_from([b"\r", b"\n", b"\r\n", b"data: x", b": c"]),
+                       max_size=24), limit=st.integers(1, 40))
+def test_a_bounded_sse_decoder_decodes_byte_soup_the_same_however_it_is_split(chunks, limit):
+    def decode(pieces: list[bytes]) -> tuple[list, bool]:
+        decoder = plano.SSEDecoder(max_event_bytes=limit)
+        return [e for piece in pieces for e in decoder.feed(piece)], decoder.too_large
+
+    whole = b"".join(chunks)
+    assert decode(chunks) == decode([whole]) == decode(one_byte_at_a_time(whole))
+
+
+@pytest.mark.parametrize("upstream, client", [("openai", "openai"), ("openai", "anthropic"),
+                                              ("anthropic", "anthropic"), ("responses", "openai")])
+def test_a_stream_event_past_the_limit_fails_the_stream_after_the_events_before_it(upstream, client):
+    first = {"openai": (None, chunk({"role": "assistant", "content": "hi"})),
+             "anthropic": ("message_start", {"type": "message_start", "message": anthropic_response([])}),
+             "responses": ("response.created", {"type": "response.created", "response": {
+                 "id": "resp_1", "object": "response", "status": "in_progress", "output": []}})}[upstream]
+    raw = b"".join(sse_pieces([first], piece=10**9)) + b"data: " + b"x" * plano.MAX_SSE_EVENT_BYTES + b"\n\n"
+    translate = plano.StreamTranslator(upstream, client, WIRE_MODELS[upstream], False)
+    out = b"".join(translate.feed(raw[i:i + 65536]) for i in range(0, len(raw), 65536))
+    assert isinstance(translate.failure, plano.StreamTranslationError)
+    assert f"larger than plano's limit of {plano.MAX_SSE_EVENT_BYTES:,} bytes" in str(translate.failure)
+    assert out and b"xxxx" not in out  # the first event went on, nothing of the large one
+    if upstream == client:
+        assert out == b"".join(sse_pieces([first], piece=10**9))
+
+
+# ── through the real server: providers' answers ───────────────────────────────────────────────
+
+def ask_format(running: RunningPlano, client: str, upstream: str, stream: bool) -> httpx.Response:
+    body = dict(WIRE_BODIES[client][0], model=WIRE_MODELS[upstream], stream=stream)
+    return httpx.post(running.url + WIRE_PATHS[client], json=body, timeout=60)
+
+
+def stream_error_in_format(response: httpx.Response, client: str) -> str:
+    """The message of the error event a stream in `client`'s format ended with."""
+    assert response.status_code == 200 and response.headers["content-type"] == "text/event-stream"
+    last = decode_sse([response.content])[-1]
+    data = json.loads(last.data)
+    if client == "openai":
+        assert last.event is None and set(data) == {"error"}, last
+    else:
+        assert last.event == "error" and data["type"] == "error", last
+    return data["error"]["message"]
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+def test_a_provider_stream_event_past_the_limit_ends_the_stream_with_an_error_and_closes_the_upstream(
+        three_formats, client):
+    running, provider = three_formats
+    opening = sse_pieces([(None, chunk({"role": "assistant", "content": "hi"}))], piece=10**9)
+    huge = b"data: " + b"x" * (2 * plano.MAX_SSE_EVENT_BYTES)  # more than the sockets between them hold
+    provider.then(Reply(sse=opening + [huge[i:i + 65536] for i in range(0, len(huge), 65536)]))
+    disconnects = provider.disconnects
+    response = ask_format(running, client, "openai", stream=True)
+    message = stream_error_in_format(response, client)
+    assert f"larger than plano's limit of {plano.MAX_SSE_EVENT_BYTES:,} bytes" in message
+    assert b"hi" in response.content and b"xxxx" not in response.content
+    wait_until(lambda: provider.disconnects > disconnects, what="plano closed the provider's stream")
+    assert ask_format(running, client, "openai", stream=True).status_code == 200
+
+
+def gzip_bomb(block: bytes, repeats: int) -> bytes:
+    """A gzip stream that inflates to `block` `repeats` times, made without compressing it all:
+    after a full flush each block compresses to the same bytes, so those are repeated. (Its CRC
+    is wrong; nothing that stops at a bound reads that far.)"""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    first = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    again = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    return first + again * (repeats - 1) + squeeze.flush()
+
+
+@pytest.mark.parametrize("client, coding", [("anthropic", "gzip"), ("openai", "deflate"), ("responses", "x-gzip"),
+                                            ("openai", "raw deflate")])
+def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client, coding):
+    running, provider = three_formats
+
+    def compress(data: bytes) -> bytes:
+        wbits = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}.get(
+            coding, -zlib.MAX_WBITS)
+        squeeze = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        return squeeze.compress(data) + squeeze.flush()
+
+    header = {"content-encoding": coding.removeprefix("raw ")}
+    answer = openai_response({"content": "inflated 🙂"})
+    provider.then(Reply(raw=compress(json.dumps(answer).encode()), headers=header))
+    whole = ask_format(running, client, "openai", stream=False)
+    assert whole.status_code == 200 and "inflated 🙂" in json.dumps(whole.json(), ensure_ascii=False), whole.text
+    events = [(None, chunk({"role": "assistant", "content": "inflated "})), (None, chunk({"content": "🙂"})),
+              (None, chunk({}, "stop")), (None, "[DONE]")]
+    squeezed = compress(b"".join(sse_pieces(events, piece=10**9)))
+    provider.then(Reply(sse=[squeezed[i:i + 7] for i in range(0, len(squeezed), 7)], headers=header))
+    streamed = ask_format(running, client, "openai", stream=True)
+    last = decode_sse([streamed.content])[-1]
+    assert (last.event or last.data) == {"anthropic": "message_stop", "openai": "[DONE]",
+                                         "responses": "response.completed"}[client], streamed.text
+    assert stream_text(streamed, client) == "inflated 🙂"
+
+
+def stream_text(response: httpx.Response, client: str) -> str:
+    """The answer's text, as a stream in `client`'s format spells it out."""
+    if client == "anthropic":
+        return anthropic_stream_text(response.text)
+    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
+    if client == "openai":
+        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
+    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
+def test_an_answer_in_a_coding_plano_does_not_inflate_is_a_502_naming_it(three_formats, coding):
+    running, provider = three_formats
+    provider.then(Reply(raw=gzip_bomb(b"{}", 1), headers={"content-encoding": coding}))
+    response = ask_format(running, "anthropic", "openai", stream=False)
+    assert response.status_code == 502
+    assert f"compressed as {coding}; plano inflates gzip and deflate" in error_in_format(response, "anthropic")[1]
+
+
+@pytest.mark.parametrize("client, stream", [("anthropic", False), ("openai", False), ("anthropic", True),
+                                            ("responses", True)])
+def test_a_gzip_bomb_is_inflated_no_further_than_the_limit_in_bounded_memory(three_formats, client, stream):
+    import tracemalloc
+    running, provider = three_formats
+    # 1 GiB of zeros (a whole answer) or of short SSE comments (a stream) in ~1 MiB of gzip.
+    block = bytes(1 << 20) if not stream else (b": " + b"x" * 1020 + b"\n\n") * 1024
+    bomb = gzip_bomb(block, 1024)
+    pieces = [bomb[i:i + 65536] for i in range(0, len(bomb), 65536)]
+    provider.then(Reply(raw=bomb, headers={"content-encoding": "gzip"}) if not stream
+                  else Reply(sse=pieces, headers={"content-encoding": "gzip"}))
+    tracemalloc.start()
+    try:
+        response = ask_format(running, client, "openai", stream=stream)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A stream keeps nothing of it; a whole answer is kept up to the limit, and nothing more.
+    assert peak < (8 << 20 if stream else plano.MAX_ANSWER_BYTES * 1.5), peak
+    says = f"the provider's gzip answer inflates past plano's limit of {plano.MAX_ANSWER_BYTES:,} bytes"
+    if stream:
+        assert says in stream_error_in_format(response, client)
+    else:
+        assert response.status_code == 502 and says in error_in_format(response, client)[1]
+    assert ask_format(running, client, "openai", stream=stream).status_code == 200
+
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
