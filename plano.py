@@ -3615,12 +3615,8 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
         usage = _anthropic_usage(payload.get("usage"))
     unusable = unusable_token_counts(payload)
     if model.interface == client_format:
-        try:
-            text = raw.decode("utf-8")  # json.loads took UTF-16 and -32 too; JSON on the wire is UTF-8 (RFC 8259)
-        except UnicodeDecodeError:
-            raise UpstreamError(f"{model.name}: the provider's answer is not UTF-8", status=502,
-                                error_type="api_error") from None
-        return TranslatedAnswer(replace_json_model(text, model.name).encode(), usage, reasoning_tokens, unusable)
+        return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens,
+                                unusable)
     try:
         if model.interface == "responses":
             answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
