@@ -353,6 +353,53 @@ def responses_reasoning_problem(items: Any) -> str | None:
     return None
 
 
+def numbered_events(events: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Responses stream events as OpenAI sends them: each with its type and sequence number."""
+    return [(kind, {"type": kind, "sequence_number": n, **fields}) for n, (kind, fields) in enumerate(events)]
+
+
+def responses_answer_events(response: dict) -> list[tuple[str, dict]]:
+    """`response` as OpenAI streams it, in the recorded streams' event order (reasoning summaries,
+    text and arguments in small deltas), ending with `response.<its status>`."""
+    def ev(kind: str, **fields: Any) -> tuple[str, dict]:
+        return kind, fields
+
+    opening = dict(response, status="in_progress", output=[], usage=None, incomplete_details=None)
+    events = [ev("response.created", response=opening), ev("response.in_progress", response=opening)]
+    for index, item in enumerate(response["output"]):
+        at = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "reasoning":
+            events.append(ev("response.output_item.added", output_index=index,
+                             item=dict(item, summary=[])))
+            for s_index, part in enumerate(item["summary"]):
+                text = part["text"]
+                events.append(ev("response.reasoning_summary_part.added", **at, summary_index=s_index,
+                                 part={"type": "summary_text", "text": ""}))
+                events += [ev("response.reasoning_summary_text.delta", **at, summary_index=s_index,
+                              delta=text[i:i + 5]) for i in range(0, len(text), 5)]
+                events += [ev("response.reasoning_summary_text.done", **at, summary_index=s_index, text=text),
+                           ev("response.reasoning_summary_part.done", **at, summary_index=s_index, part=part)]
+        elif item["type"] == "message":
+            text = item["content"][0]["text"]
+            events += [ev("response.output_item.added", output_index=index, item=dict(item, status="in_progress",
+                                                                                     content=[])),
+                       ev("response.content_part.added", **at, content_index=0,
+                          part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
+            events += [ev("response.output_text.delta", **at, content_index=0, delta=text[i:i + 5], logprobs=[])
+                       for i in range(0, len(text), 5)]
+            events += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
+                       ev("response.content_part.done", **at, content_index=0, part=item["content"][0])]
+        else:
+            args = item["arguments"]
+            events.append(ev("response.output_item.added", output_index=index,
+                             item=dict(item, status="in_progress", arguments="")))
+            events += [ev("response.function_call_arguments.delta", **at, delta=args[i:i + 4])
+                       for i in range(0, len(args), 4)]
+            events.append(ev("response.function_call_arguments.done", **at, arguments=args))
+        events.append(ev("response.output_item.done", output_index=index, item=item))
+    return numbered_events(events + [ev(f"response.{response['status']}", response=response)])
+
+
 class ResponsesStandIn:
     """An OpenAI Responses provider at /v1/responses (what serves the codex and -pro models)."""
 
@@ -406,52 +453,15 @@ class ResponsesStandIn:
                     "tool_choice": "auto", "tools": body.get("tools", []), "usage": usage, "metadata": {}}
         if not body.get("stream"):
             return Reply(200, response)
-        sequence = iter(range(10_000))
-
-        def ev(kind: str, **fields: Any) -> tuple[str, dict]:
-            return kind, {"type": kind, "sequence_number": next(sequence), **fields}
-
-        opening = dict(response, status="in_progress", output=[], usage=None, incomplete_details=None)
-        events = [ev("response.created", response=opening), ev("response.in_progress", response=opening)]
         if "FAIL" in last_user_text(messages):  # as recorded: an error event, then response.failed
             error = {"type": "insufficient_quota", "code": "insufficient_quota", "param": None,
                      "message": "You exceeded your current quota, please check your plan and billing details."}
+            opening = dict(response, status="in_progress", output=[], usage=None, incomplete_details=None)
             failed = dict(opening, status="failed", error={"code": error["code"], "message": error["message"]})
-            events += [ev("error", error=error), ev("response.failed", response=failed)]
-            return Reply(200, sse=sse_pieces(events))
-        for index, item in enumerate(output):
-            at = {"item_id": item["id"], "output_index": index}
-            if item["type"] == "reasoning":
-                events.append(ev("response.output_item.added", output_index=index,
-                                 item=dict(item, summary=[])))
-                for s_index, part in enumerate(item["summary"]):
-                    text = part["text"]
-                    events.append(ev("response.reasoning_summary_part.added", **at, summary_index=s_index,
-                                     part={"type": "summary_text", "text": ""}))
-                    events += [ev("response.reasoning_summary_text.delta", **at, summary_index=s_index,
-                                  delta=text[i:i + 5]) for i in range(0, len(text), 5)]
-                    events += [ev("response.reasoning_summary_text.done", **at, summary_index=s_index, text=text),
-                               ev("response.reasoning_summary_part.done", **at, summary_index=s_index, part=part)]
-            elif item["type"] == "message":
-                text = item["content"][0]["text"]
-                events += [ev("response.output_item.added", output_index=index, item=dict(item, status="in_progress",
-                                                                                         content=[])),
-                           ev("response.content_part.added", **at, content_index=0,
-                              part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
-                events += [ev("response.output_text.delta", **at, content_index=0, delta=text[i:i + 5], logprobs=[])
-                           for i in range(0, len(text), 5)]
-                events += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
-                           ev("response.content_part.done", **at, content_index=0, part=item["content"][0])]
-            else:
-                args = item["arguments"]
-                events.append(ev("response.output_item.added", output_index=index,
-                                 item=dict(item, status="in_progress", arguments="")))
-                events += [ev("response.function_call_arguments.delta", **at, delta=args[i:i + 4])
-                           for i in range(0, len(args), 4)]
-                events.append(ev("response.function_call_arguments.done", **at, arguments=args))
-            events.append(ev("response.output_item.done", output_index=index, item=item))
-        events.append(ev(f"response.{status}", response=response))
-        return Reply(200, sse=sse_pieces(events))
+            return Reply(200, sse=sse_pieces(numbered_events([
+                ("response.created", {"response": opening}), ("response.in_progress", {"response": opening}),
+                ("error", {"error": error}), ("response.failed", {"response": failed})])))
+        return Reply(200, sse=sse_pieces(responses_answer_events(response)))
 
 
 class _StandInServer(http.server.ThreadingHTTPServer):
@@ -1841,15 +1851,15 @@ def test_a_whole_answer_that_is_not_the_shape_it_claims_is_a_502_naming_the_mode
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
 def test_a_same_format_answer_that_is_not_utf8_is_a_502_and_the_next_request_is_served(provider, encoding):
-    # json.loads reads UTF-16 and -32 bytes; the client of the provider's own format gets its bytes
-    # (which must be UTF-8 JSON), so such an answer is the provider's fault, not a crash of plano's.
+    # json.loads reads UTF-16 and -32 bytes, but the client of the provider's own format gets the
+    # provider's bytes, which must be UTF-8 JSON: such an answer is the provider's fault, not a crash.
     answer = openai_response({"role": "assistant", "content": "hi"})
     with RunningPlano(config_for(provider)) as running:
         provider.then(Reply(raw=json.dumps(answer).encode(encoding)))
         bad = httpx.post(running.url + "/v1/chat/completions", json={"model": "openai/gpt-4o", "messages": [USER_HI]})
         provider.then(Reply(body=answer))
         good = openai_client(running).chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
-    assert bad.status_code == 502 and "not UTF-8" in bad.json()["error"]["message"]
+    assert bad.status_code == 502 and "JSON must be UTF-8" in bad.json()["error"]["message"]
     assert good.choices[0].message.content == "hi"
 
 
@@ -6997,41 +7007,6 @@ def message_item(n: int, text: str, phase: str = "commentary") -> dict:
 def call_item(n: int) -> dict:
     return {"id": f"fc_0c3876fcd4da19ef{n:02d}", "type": "function_call", "status": "completed",
             "arguments": json.dumps({"command": f"ls {n}"}), "call_id": f"call_{n}", "name": "Bash"}
-
-
-def responses_answer_events(response: dict) -> list[tuple[str, dict]]:
-    """`response` as OpenAI streams it: the event sequence of the recorded streams, text and
-    arguments in small deltas."""
-    sequence = iter(range(10_000))
-
-    def ev(kind: str, **fields: Any) -> tuple[str, dict]:
-        return kind, {"type": kind, "sequence_number": next(sequence), **fields}
-
-    opening = dict(response, status="in_progress", output=[], usage=None)
-    events = [ev("response.created", response=opening), ev("response.in_progress", response=opening)]
-    for index, item in enumerate(response["output"]):
-        at = {"item_id": item["id"], "output_index": index}
-        if item["type"] == "reasoning":
-            events.append(ev("response.output_item.added", output_index=index, item=item))
-        elif item["type"] == "message":
-            text = item["content"][0]["text"]
-            events += [ev("response.output_item.added", output_index=index,
-                          item=dict(item, status="in_progress", content=[])),
-                       ev("response.content_part.added", **at, content_index=0,
-                          part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})]
-            events += [ev("response.output_text.delta", **at, content_index=0, delta=text[i:i + 3], logprobs=[])
-                       for i in range(0, len(text), 3)]
-            events += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
-                       ev("response.content_part.done", **at, content_index=0, part=item["content"][0])]
-        else:
-            args = item["arguments"]
-            events.append(ev("response.output_item.added", output_index=index,
-                             item=dict(item, status="in_progress", arguments="")))
-            events += [ev("response.function_call_arguments.delta", **at, delta=args[i:i + 4])
-                       for i in range(0, len(args), 4)]
-            events.append(ev("response.function_call_arguments.done", **at, arguments=args))
-        events.append(ev("response.output_item.done", output_index=index, item=item))
-    return events + [ev("response.completed", response=response)]
 
 
 def chat_message_for(response: dict, stream: bool) -> dict:
