@@ -724,6 +724,14 @@ def anthropic_client(running: RunningPlano, **kw: Any) -> anthropic.Anthropic:
                                max_retries=0, **kw)
 
 
+def anthropic_message(client: anthropic.Anthropic, stream: bool, **request: Any) -> anthropic.types.Message:
+    """One Messages request, whole or streamed (the SDK assembles the streamed message)."""
+    if not stream:
+        return client.messages.create(**request)
+    with client.messages.stream(**request) as s:
+        return s.get_final_message()
+
+
 def openai_client(running: RunningPlano, **kw: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=running.url + "/v1", api_key=kw.pop("api_key", "client-key-not-forwarded"),
                          max_retries=0, **kw)
@@ -4073,10 +4081,8 @@ def test_anthropic_sdk_tool_loop_carries_the_encrypted_reasoning_back(responses_
     messages: list[dict] = [{"role": "user", "content": "TOOL:echo é€"}]
 
     def ask() -> anthropic.types.Message:
-        if not stream:
-            return client.messages.create(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL])
-        with client.messages.stream(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL]) as s:
-            return s.get_final_message()
+        return anthropic_message(client, stream, model=CODEX_MODEL, max_tokens=1000, messages=messages,
+                                 tools=[BASH_TOOL])
 
     first = ask()
     assert first.stop_reason == "tool_use"
@@ -7192,10 +7198,8 @@ def test_anthropic_sdk_tool_loop_after_commentary_through_a_responses_upstream(r
     messages: list[dict] = [{"role": "user", "content": "COMMENTARY TOOL:ls"}]
 
     def ask() -> anthropic.types.Message:
-        if not stream:
-            return client.messages.create(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL])
-        with client.messages.stream(model=CODEX_MODEL, max_tokens=1000, messages=messages, tools=[BASH_TOOL]) as s:
-            return s.get_final_message()
+        return anthropic_message(client, stream, model=CODEX_MODEL, max_tokens=1000, messages=messages,
+                                 tools=[BASH_TOOL])
 
     first = ask()
     assert [b.type for b in first.content] == ["thinking", "text", "tool_use"]
