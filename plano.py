@@ -7145,21 +7145,24 @@ def _cmd_up(args: Any) -> int:
 
     async def run() -> None:
         shutdown = trio.Event()
-        async with trio.open_nursery() as nursery:
+        # Signals are caught from before the first connection is accepted: a SIGHUP sent as soon as
+        # /healthz answers would otherwise meet Python's default action and end the process.
+        with _signal_receiver() as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def serve_until_shut_down(task_status: Any) -> None:
-                await serve(config, host=host, port=port, shutdown=shutdown, task_status=task_status)
-                nursery.cancel_scope.cancel()  # the signal handler's job is done too
+                async def serve_until_shut_down(task_status: Any) -> None:
+                    await serve(config, host=host, port=port, shutdown=shutdown, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the signal handler's job is done too
 
-            info = await nursery.start(serve_until_shut_down)
-            nursery.start_soon(_handle_signals, shutdown, info, nursery.cancel_scope)
-            log.info("plano listening on %s (config %s)", info.url, config.path)
-            for m in config.models:
-                routes = ", ".join(p.name for p in m.routing_preferences)
-                log.info("  %s%s%s", m.name, " (default)" if m is config.default_model else "",
-                         f" ← {routes}" if routes else "")
-            for alias, target in config.aliases.items():
-                log.info("  %s → %s", alias, target)
+                info = await nursery.start(serve_until_shut_down)
+                nursery.start_soon(_handle_signals, signals, shutdown, info, nursery.cancel_scope)
+                log.info("plano listening on %s (config %s)", info.url, config.path)
+                for m in config.models:
+                    routes = ", ".join(p.name for p in m.routing_preferences)
+                    log.info("  %s%s%s", m.name, " (default)" if m is config.default_model else "",
+                             f" ← {routes}" if routes else "")
+                for alias, target in config.aliases.items():
+                    log.info("  %s → %s", alias, target)
 
     try:
         trio.run(run)
@@ -7819,24 +7822,30 @@ def _cmd_watch(args: Any) -> int:
         return 0
 
 
-async def _handle_signals(shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
+def _signal_receiver() -> Any:
+    """The signals `plano up` handles, caught from now on (trio queues them for _handle_signals)."""
+    import signal
+
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
+async def _handle_signals(signals: Any, shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
     """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
     import signal
 
-    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    with trio.open_signal_receiver(*wanted) as signals:
-        async for signum in signals:
-            if signum == getattr(signal, "SIGHUP", None):
-                if info.reload_requests is not None:
-                    try:
-                        info.reload_requests.send_nowait(None)
-                    except trio.WouldBlock:
-                        pass  # a reload is already pending, and it reads the file as it is by then
-            elif not shutdown.is_set():
-                log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
-                shutdown.set()
-            else:
-                everything.cancel()
+    async for signum in signals:
+        if signum == getattr(signal, "SIGHUP", None):
+            if info.reload_requests is not None:
+                try:
+                    info.reload_requests.send_nowait(None)
+                except trio.WouldBlock:
+                    pass  # a reload is already pending, and it reads the file as it is by then
+        elif not shutdown.is_set():
+            log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
+            shutdown.set()
+        else:
+            everything.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
