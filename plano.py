@@ -5584,7 +5584,10 @@ class Request:
 
     @property
     def api_format(self) -> str:
-        """Which API's error shape the caller understands."""
+        """The API the caller speaks (anthropic | openai | responses), hence its error shape too.
+        The one source of it: the path says it before any endpoint runs (a 404, a refused origin, a
+        missing key, a body that does not parse are all answered in it), so the chat endpoints and
+        the exchange read it here rather than keep a copy that could disagree."""
         if self.path.startswith("/v1/responses"):
             return "responses"
         return "anthropic" if self.path.startswith("/v1/messages") or self.path == "/v1/complete" else "openai"
@@ -5734,11 +5737,12 @@ _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~
 @dataclass
 class _Exchange:
     """One request on its way through the gateway: what the client asked, what was decided, what
-    came back. Each step reads what it needs here and writes what it learned; the access log, the
-    decision log and the usage ledger read the whole of it at the end."""
+    came back. The gateway alone writes it: the layers below read it and return what they learned
+    (Upstreams.open an _UpstreamAnswer, translate_answer and the StreamTranslator the usage), and
+    the gateway records that here. The access log, the decision log and the usage ledger read the
+    whole of it at the end. The client's API format is `request.api_format`."""
 
     request: Request
-    client_format: str = ""  # the API the client speaks: anthropic | openai | responses
     config: Config | None = None  # the config the request started on (a reload does not change it)
     body: dict = field(default_factory=dict)  # the request's JSON
     requested_model: str = ""
@@ -5752,8 +5756,6 @@ class _Exchange:
     started: float = field(default_factory=time.monotonic)
     upstream_ms: float | None = None
     first_byte_ms: float | None = None
-    input_tokens: int | None = None  # cache reads included (what the access log shows)
-    output_tokens: int | None = None
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
     unusable_usage: list[str] = field(default_factory=list)  # the provider's token counts that were not
@@ -5761,8 +5763,27 @@ class _Exchange:
     def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None,
              unusable_usage: list[str] | None = None) -> None:
         self.usage, self.reasoning_tokens = usage or None, reasoning_tokens
-        self.input_tokens, self.output_tokens = _token_counts(self.usage)
         self.unusable_usage = unusable_usage or []
+
+    @property
+    def token_counts(self) -> tuple[int | None, int | None]:
+        """(input tokens including cache reads, output tokens): what the access log shows."""
+        return _token_counts(self.usage)
+
+
+@dataclass(frozen=True)
+class _UpstreamAnswer:
+    """What Upstreams.open learned, for the gateway to record: the provider's `response` (open,
+    and a success) and the `model` that gave it, with the `decision` as it turned out (a fallback
+    says why); or else the `error` the client gets (then both are None and the decision is the one
+    asked for). `upstream_ms`: how long the provider took to answer (its headers) the last attempt
+    it answered, whichever way that ended; None when none was answered."""
+
+    response: httpx.Response | None
+    model: ModelEntry | None
+    decision: RouteDecision
+    upstream_ms: float | None
+    error: PlanoError | None = None
 
 
 class ProviderHealth:
@@ -5880,44 +5901,53 @@ class Upstreams:
     def forget_health(self) -> None:
         self.health = ProviderHealth()
 
-    async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> httpx.Response:
-        """The upstream answer to `exchange`, open (until `stack` closes) and known to be a
-        success: its decided model's, else the first of its fallbacks that answers. Sets
-        `exchange.model`, and `exchange.decision` as it turned out (a fallback says why)."""
-        config, decision = exchange.config, exchange.decision
+    async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> _UpstreamAnswer:
+        """The upstream answer to `exchange`, open until `stack` closes and known to be a success:
+        its decided model's, else the first of its fallbacks that answers; or the error of the
+        attempt that ended the search. `exchange` is read, never written: the gateway records what
+        this returns (errors come back rather than raise so that the timing comes with them)."""
+        config, decision, request = exchange.config, exchange.decision, exchange.request
         assert config is not None and decision is not None
         chosen = config.model_named(decision.model)
         assert chosen is not None, decision
         candidates = self.candidates(config, chosen, exchange.needs)
         failures: list[str] = []
+        upstream_ms: float | None = None  # of the last attempt the provider answered
         for attempt, model in enumerate(candidates):
             last = attempt == len(candidates) - 1
             try:
-                call = provider_request(model, exchange.client_format, exchange.body, exchange.request.body,
-                                        exchange.request.headers, exchange.request.query, exchange.session,
+                call = provider_request(model, request.api_format, exchange.body, request.body, request.headers,
+                                        request.query, exchange.session,
                                         output_limit(exchange.needs, model) if exchange.needs else None)
-                upstream = await stack.enter_async_context(self._answer(model, call, exchange))
+                response, upstream_ms = await self._send(model, call, config)
+                if response.status_code >= 400:
+                    try:
+                        raise await self._error(response, model, request.api_format, config_secrets(config))
+                    finally:
+                        await response.aclose()
             except UpstreamError as error:
                 self.health.failed(model, error)
                 if not error.retryable or last:
-                    raise
+                    return _UpstreamAnswer(None, None, decision, upstream_ms, error)
                 failures.append(f"{model.name}: {error.status}")
                 log.warning("%s failed (%s); trying %s", model.name, printable(
                     _scrub(error.message, config_secrets(config))[:200]), candidates[attempt + 1].name)
                 continue
-            except ProviderKeyError:
+            except ProviderKeyError as error:
                 if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
-                    raise
+                    return _UpstreamAnswer(None, None, decision, upstream_ms, error)
                 failures.append(f"{model.name}: no key")
                 continue
+            except PlanoError as error:  # a request this model's format cannot take
+                return _UpstreamAnswer(None, None, decision, upstream_ms, error)
+            stack.push_async_callback(response.aclose)
             self.health.succeeded(model)
             if model is not chosen:
                 why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
-                exchange.decision = dataclasses.replace(decision, model=model.name, decision="fallback",
-                                                        reason=f"{why}; answered by {model.name}")
-            exchange.model = model
-            return upstream
-        raise AssertionError("unreachable: the last candidate raises")
+                decision = dataclasses.replace(decision, model=model.name, decision="fallback",
+                                               reason=f"{why}; answered by {model.name}")
+            return _UpstreamAnswer(response, model, decision, upstream_ms)
+        raise AssertionError("unreachable: the last candidate returns")
 
     def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None) -> list[ModelEntry]:
         """The model, then its `fallbacks` (default: the default model) that can take the request
@@ -5941,9 +5971,9 @@ class Upstreams:
             parsed = self._urls[url] = httpx.URL(url)
         return parsed
 
-    @asynccontextmanager
-    async def _answer(self, model: ModelEntry, call: ProviderRequest, exchange: _Exchange):
-        """The provider's response to `call`, open and known to be a success; errors raise UpstreamError."""
+    async def _send(self, model: ModelEntry, call: ProviderRequest, config: Config) -> tuple[httpx.Response, float]:
+        """The provider's response to `call` (open: the caller closes it), whatever its status, and
+        how long its headers took in ms; a provider that cannot be reached raises UpstreamError."""
         sent_at = time.monotonic()
         request = httpx.Request("POST", self._url(call.url), headers=call.headers, content=call.content,
                                 extensions={"timeout": call.timeout.as_dict()})
@@ -5953,16 +5983,10 @@ class Upstreams:
             raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
                                 error_type="api_error", retryable=True) from None
         except httpx.HTTPError as e:
-            reason = _scrub(str(e), config_secrets(exchange.config)) or "no detail"
+            reason = _scrub(str(e), config_secrets(config)) or "no detail"
             raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
                                 status=502, error_type="api_error", retryable=True) from None
-        try:
-            exchange.upstream_ms = (time.monotonic() - sent_at) * 1000
-            if response.status_code >= 400:
-                raise await self._error(response, model, exchange.request.api_format, config_secrets(exchange.config))
-            yield response
-        finally:
-            await response.aclose()
+        return response, (time.monotonic() - sent_at) * 1000
 
     @staticmethod
     async def _error(response: httpx.Response, model: ModelEntry, client_format: str,
@@ -6242,9 +6266,9 @@ class Gateway:
         self._given_router = router
         self.upstreams = Upstreams()
         self._endpoints = {
-            ("POST", "/v1/messages"): functools.partial(self._chat, client_format="anthropic"),
-            ("POST", "/v1/chat/completions"): functools.partial(self._chat, client_format="openai"),
-            ("POST", "/v1/responses"): functools.partial(self._chat, client_format="responses"),
+            ("POST", "/v1/messages"): self._chat,  # each in the format its path says: Request.api_format
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/responses"): self._chat,
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("GET", "/v1/models"): self._models,
             ("GET", "/healthz"): self._health,
@@ -6508,7 +6532,8 @@ class Gateway:
     def _log_access(self, exchange: _Exchange) -> None:
         d = exchange.decision
         elapsed = (time.monotonic() - exchange.started) * 1000
-        tokens = "-" if exchange.input_tokens is None else f"{exchange.input_tokens}/{exchange.output_tokens}"
+        input_tokens, output_tokens = exchange.token_counts
+        tokens = "-" if input_tokens is None else f"{input_tokens}/{output_tokens}"
         if exchange.unusable_usage:
             log.warning("%s: the provider's usage has token counts that are not counts, read as missing: %s",
                         printable(d.model if d else "-"), printable(", ".join(exchange.unusable_usage)))
@@ -6549,7 +6574,8 @@ class Gateway:
 
     # ── the chat endpoints: Messages, Chat Completions, Responses ───────────────────────
 
-    async def _chat(self, request: Request, respond: Responder, exchange: _Exchange, client_format: str) -> None:
+    async def _chat(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        client_format = request.api_format
         body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
@@ -6569,7 +6595,7 @@ class Gateway:
         # true would stream an answer plano reads as one JSON document.
         _require(isinstance(body.get("stream"), (bool, type(None))), "stream: must be true or false")
         options = body.get("stream_options")
-        exchange.client_format, exchange.body, exchange.requested_model = client_format, body, requested
+        exchange.body, exchange.requested_model = body, requested
         exchange.wants_stream = body.get("stream") is True
         exchange.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         exchange.session = session_key(body, request.headers)
@@ -6579,14 +6605,19 @@ class Gateway:
         exchange.decision = fit_decision(config, exchange.decision, exchange.needs)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
+            exchange.decision, exchange.model = upstream.decision, upstream.model
+            exchange.upstream_ms = upstream.upstream_ms
+            if upstream.error is not None:
+                raise upstream.error
+            assert upstream.response is not None and exchange.model is not None
             headers = decision_headers(exchange.decision, exchange.model)
             if exchange.wants_stream:
                 await respond.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
                                     + headers)
                 exchange.status = 200
-                await self._pump_stream(upstream, respond, exchange)
+                await self._pump_stream(upstream.response, respond, exchange)
             else:
-                raw, payload = await _read_json_answer(upstream, exchange.model)
+                raw, payload = await _read_json_answer(upstream.response, exchange.model)
                 answer = translate_answer(raw, payload, exchange.model, client_format)
                 exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
@@ -6595,7 +6626,7 @@ class Gateway:
 
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
         model = exchange.model
-        translate = StreamTranslator(model.interface, exchange.client_format, model.name, exchange.include_usage)
+        translate = StreamTranslator(model.interface, exchange.request.api_format, model.name, exchange.include_usage)
         try:
             async for chunk in upstream.aiter_bytes():
                 await self._send_stream_bytes(translate.feed(chunk), respond, exchange)

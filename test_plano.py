@@ -8933,6 +8933,57 @@ def test_a_gzip_bomb_is_inflated_no_further_than_the_limit_in_bounded_memory(thr
     assert ask_format(running, client, "openai", stream=stream).status_code == 200
 
 
+# ── issue 19: per-request state ─────────────────────────────────────────────────────────────
+
+def test_what_the_upstream_layer_found_is_what_the_headers_logs_and_decisions_say(provider, backup, caplog):
+    # Upstreams.open returns the answering model, the decision as it turned out and the timing;
+    # the gateway records them. A fallback, then a provider's own error (whose timing comes back
+    # with it), each as the headers, the access line and the decision log show them.
+    caplog.set_level("INFO", logger="plano")
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
+        provider.then(Reply(503, {"error": {"message": "down", "type": "server_error"}}))
+        fell_back = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "there?"}]})
+        provider.then(Reply(400, {"error": {"message": "bad tool schema", "type": "invalid_request_error"}}))
+        refused = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "again"}]})
+        wait_until(lambda: len(running.gateway.decision_log.records) == 2, 5, "two decisions")
+        decisions = list(running.gateway.decision_log.records)
+    assert (fell_back.status_code, fell_back.headers["x-plano-decision"], fell_back.headers["x-plano-model"]) == \
+        (200, "fallback", "anthropic/claude-backup")
+    assert fell_back.json()["content"][0]["text"] == "echo: there?"
+    assert refused.status_code == 400 and "bad tool schema" in refused.json()["error"]["message"]
+    assert [(d["model"], d["decision"], d["status"]) for d in decisions] == \
+        [("anthropic/claude-backup", "fallback", 200), ("openai/gpt-4o", "explicit", 400)]
+    assert decisions[0]["reason"] == "openai/gpt-4o: 503; answered by anthropic/claude-backup"
+    assert decisions[1]["ttfb_ms"] is None  # nothing of an answer went out
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/messages ")]
+    assert len(lines) == 2
+    assert re.search(r"openai/gpt-4o -> anthropic/claude-backup \[fallback\] 200 upstream=\d+ms ttfb=\d+ms "
+                     r"total=\d+ms tokens=\d+/\d+$", lines[0]), lines[0]
+    assert re.search(r"openai/gpt-4o -> openai/gpt-4o \[explicit\] 400 upstream=\d+ms ttfb=- total=\d+ms "
+                     r"tokens=-$", lines[1]), lines[1]
+
+
+@pytest.mark.parametrize("path, answer_kind", [("/v1/messages", "message"), ("/v1/chat/completions", "chat.completion"),
+                                               ("/v1/responses", "response")])
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_chat_endpoint_answers_and_errs_in_the_format_its_path_names(gateway, path, answer_kind, slash):
+    # The client's format has one source, the path (Request.api_format): the endpoint's answer
+    # and an error before any model is chosen agree with it, with or without a trailing slash.
+    question = {"input": "hi"} if answer_kind == "response" else {"messages": [{"role": "user", "content": "hi"}]}
+    answered = httpx.post(gateway.url + path + slash, json={"model": "openai/gpt-4o", "max_tokens": 20, **question})
+    refused = httpx.post(gateway.url + path + slash, json={"model": "", "max_tokens": 20, **question})
+    kind = answered.json().get("type") if answer_kind == "message" else answered.json().get("object")
+    assert (answered.status_code, kind) == (200, answer_kind), answered.text
+    assert refused.status_code == 400
+    if answer_kind == "message":
+        assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "invalid_request_error"
+    else:
+        assert "type" not in refused.json() and refused.json()["error"]["type"] == "invalid_request_error"
+    assert "model: must be a non-empty string" in refused.json()["error"]["message"]
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
