@@ -4785,6 +4785,17 @@ class EmbeddedRouterBackend(RouterBackend):
         return trie
 
 
+# A whole answer read from an upstream, refused past `limit` bytes (the remote router's decision
+# here; the gateway's provider answers and model lists below).
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
+    return bytes(data)
+
+
 class RemoteRouterBackend(RouterBackend):
     """The router model on an OpenAI-compatible server (Ollama, vLLM, llama-server), shared by
     many gateways. Same single user message, temperature 0. Its requests go through an upstream
@@ -4854,6 +4865,12 @@ def parse_route_answer(text: str, names: list[str]) -> str:
 
 
 # ── the Router: decisions, their cache, per-turn pinning ─────────────────────────────────────
+
+
+# Token counts in reasons a person reads: 12345 → "12k" (the router's switch reasons here, the
+# capability verdicts below).
+def _thousands(tokens: int) -> str:
+    return f"{round(tokens / 1000)}k"
 
 
 @dataclass
@@ -5403,10 +5420,6 @@ def _has_block(content: Any, kind: str) -> bool:
             if block.get("type") == "tool_result" and _has_block(block.get("content"), kind):
                 return True
     return False
-
-
-def _thousands(tokens: int) -> str:
-    return f"{round(tokens / 1000)}k"
 
 
 # A model whose output limit nobody knows (not the config, plano's table nor the catalogue) is
@@ -6666,15 +6679,6 @@ async def _off_the_loop_if_large(parse: Callable[[bytes], Any], raw: bytes) -> A
     if len(raw) > _PARSE_IN_THREAD_BYTES:
         return await trio.to_thread.run_sync(parse, raw)
     return parse(raw)
-
-
-async def _read_limited(response: httpx.Response, limit: int) -> bytes:
-    data = bytearray()
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
-    return bytes(data)
 
 
 
