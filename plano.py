@@ -15,6 +15,15 @@ Library use::
     decision = plano.route([{"role": "user", "content": "write a quicksort in Rust"}])
     config = plano.load_config("config.yaml")
     trio.run(plano.serve, config)
+
+The supported API is `__all__` (the names README's "Use it as a library" documents): route,
+route_async, RouteDecision; load_config, Config, ModelEntry, ConfigError, PlanoError; serve,
+ServerLimits, ServerInfo, Gateway; main. Every other name is internal, with or without a leading
+underscore (the layers and the tests reach many of them by name), and may change in any release.
+
+Words: "upstream" alone is a provider plano forwards a request to (its answer, its connection);
+"the seed" and "the upstream project" are Katanemo's Plano, the Claude Code Router (Envoy, Rust, a
+hosted router) whose config format and `cli-agent` commands plano reads and reproduces.
 """
 
 from __future__ import annotations
@@ -52,16 +61,22 @@ import trio
 import yaml
 
 __all__ = [
-    "PlanoError",
-    "ConfigError",
-    "Config",
-    "ModelEntry",
-    "RouteDecision",
-    "Gateway",
-    "load_config",
+    # routing a conversation from Python
     "route",
     "route_async",
+    "RouteDecision",
+    # the config
+    "load_config",
+    "Config",
+    "ModelEntry",
+    "ConfigError",
+    "PlanoError",
+    # the gateway in a trio program
     "serve",
+    "ServerLimits",
+    "ServerInfo",
+    "Gateway",
+    # `python -m plano`
     "main",
 ]
 

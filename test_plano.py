@@ -9037,6 +9037,15 @@ def test_the_layering_check_finds_each_kind_of_upward_reference_and_not_a_local_
     ]
 
 
+def test_the_public_names_are_the_ones_the_readme_documents_for_library_use():
+    readme = (Path(plano.__file__).parent / "README.md").read_text(encoding="utf-8")
+    library_section = readme.split("### Use it as a library", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\bplano\.(\w+)", library_section)) - {"py", "__all__"}  # plano.py, plano.__all__
+    assert named == set(plano.__all__)
+    assert all(hasattr(plano, name) for name in plano.__all__)
+    assert len(plano.__all__) == len(set(plano.__all__))
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
