@@ -4371,10 +4371,21 @@ class _LlamaModel:
                                     "turns it on") from None
         return llama_cpp
 
+    @staticmethod
+    def _can_offload(llama_c: Any) -> bool:
+        return bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
+
+    @classmethod
+    def build(cls) -> tuple[str, bool]:
+        """The installed llama-cpp-python's version, and whether its llama.cpp can offload to a GPU
+        (for `doctor`); RouterUnavailable when it is missing."""
+        llama_cpp = cls.library()
+        return getattr(llama_cpp, "__version__", "?"), cls._can_offload(llama_cpp.llama_cpp)
+
     def __init__(self, path: str, *, n_ctx: int, threads: int, gpu_layers: int | None, extra_buffer_types: bool):
         llama_cpp = self.library()
         llama_c = self._c = llama_cpp.llama_cpp
-        offload = bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
+        offload = self._can_offload(llama_c)
         # Llama() defaults n_gpu_layers to 0, overriding llama.cpp's own "all layers": a build with
         # Metal or CUDA would otherwise leave the GPU idle.
         layers = (-1 if offload else 0) if gpu_layers is None else gpu_layers
@@ -4391,7 +4402,8 @@ class _LlamaModel:
             self.llama = self._construct(llama_cpp, path, n_ctx, threads, 0, extra_buffer_types, op_offload=False)
         self.where = (f"GPU offload ({'all' if layers < 0 else layers} layers)" if layers and offload
                       else f"CPU, {threads} threads")
-        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
+        # It logs aborts as errors. Process-wide, as the default-params patch is: route() says so.
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
         # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while it
         # computes. A Python callback would need the GIL hundreds of times per evaluation and doubles
         # its time when the event loop is busy, so the callback is libc's strlen() over a one-byte
@@ -4448,6 +4460,14 @@ class _LlamaModel:
     @property
     def n_vocab(self) -> int:
         return self.llama.n_vocab()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llama.n_ctx()
+
+    @property
+    def n_batch(self) -> int:
+        return self.llama.n_batch
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -5166,7 +5186,14 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
     Raises ConfigError for a bad config; never raises because the router failed: the decision
     then names the default model and says why. The router model loaded by the first call is
-    kept for the life of the process.
+    kept for the life of the process (an atexit hook closes it).
+
+    Loading the embedded router model (here or in `serve`) touches llama-cpp-python for the
+    whole process: during each load, under a lock, its `llama_model_default_params` is swapped
+    for one without extra buffer types (unless `router.extra_buffer_types`), so another thread
+    that builds a `Llama` at that moment gets those defaults too; and after it the
+    `llama-cpp-python` logger is set to CRITICAL, which keeps llama.cpp's own messages off stderr
+    for every model in the process (llama-cpp-python sets it again at each `Llama()`).
     """
     return trio.run(route_async, messages, config)
 
@@ -7479,11 +7506,10 @@ def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Findin
         return [_Finding("ok", "router", f"remote router at {settings.endpoint} (model {settings.model})")]
     findings = []
     try:
-        import llama_cpp
-    except ImportError:
+        version, offload = _LlamaModel.build()
+    except RouterUnavailable:
         return [_Finding("problem", "router", "llama-cpp-python is not installed: plano serves with routing off; "
                                               "pip install 'plano[router]' to turn it on")]
-    offload = bool(getattr(llama_cpp.llama_cpp, "llama_supports_gpu_offload", lambda: False)())
     layers = settings.gpu_layers
     if not offload:
         gpu = "no GPU offload (this llama.cpp build runs on the CPU)"
@@ -7491,7 +7517,7 @@ def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Findin
         gpu = "GPU offload off (gpu_layers: 0)"
     else:
         gpu = f"GPU offload: {'all' if layers is None else layers} layers"
-    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {llama_cpp.__version__}; {gpu}; "
+    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {version}; {gpu}; "
                                              f"{settings.threads or os.cpu_count()} threads; extra buffer types "
                                              f"{'on' if settings.extra_buffer_types else 'off'}"))
     findings.append(_Finding("note", "cpu", _cpu_description()))

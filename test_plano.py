@@ -9046,6 +9046,21 @@ def test_the_public_names_are_the_ones_the_readme_documents_for_library_use():
     assert len(plano.__all__) == len(set(plano.__all__))
 
 
+def test_a_router_model_load_puts_llama_cpps_default_params_back_and_leaves_its_logger_at_critical(
+        tiny_router_model):
+    """The process-wide effects route() documents, and no more: the default-params patch lasts one load."""
+    import llama_cpp.llama_cpp as llama_c
+    default_params = llama_c.llama_model_default_params
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+    backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2))
+    backend.load_model()
+    try:
+        assert llama_c.llama_model_default_params is default_params
+        assert logging.getLogger("llama-cpp-python").level == logging.CRITICAL
+    finally:
+        backend.close_model()
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
