@@ -6,8 +6,10 @@ Layers, top to bottom (a layer only uses the ones above it):
 
     errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
     machines) → upstream client (HTTP/1.1 keep-alive to providers under httpx) → router
-    (prompt, trimming, backends, decision cache) → gateway (one request: parse → choose model →
-    call upstream → answer) → HTTP server (trio + h11) → CLI
+    (prompt, trimming, backends, decision cache) → usage ledger (SQLite) → capabilities (can a
+    model take the request) → gateway (one request: parse → choose model → call upstream →
+    answer) → HTTP server (trio + h11) → CLI (commands, doctor, agent wiring,
+    main) → the live page's HTML (data the gateway reads when it serves the page)
 
 Library use::
 
@@ -6156,121 +6158,6 @@ class DecisionLog:
             self._watchers.discard(send)
 
 
-# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
-# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
-# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
-# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
-_LIVE_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>plano</title>
-<style>
-:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
-body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
-h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
-#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
-th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
-  white-space: nowrap; font-variant-numeric: tabular-nums }
-td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
-#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
-</style></head><body>
-<h1>plano</h1><div id="status">connecting…</div>
-<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
-<button>use it</button></form>
-<div id="saved"></div>
-<h2>Cost per model</h2><table id="models"></table>
-<h2>Cost per route</h2><table id="routes"></table>
-<h2>Decisions, as they happen</h2>
-<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
-<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
-<tbody id="decisions"></tbody></table>
-<script>
-"use strict";
-let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
-const $ = (id) => document.getElementById(id);
-const headers = () => key ? {"x-api-key": key} : {};
-const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
-  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
-const money = (v) => v == null ? "unknown"
-  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
-const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
-async function get(path) {
-  const response = await fetch(path, {headers: headers()});
-  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
-  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
-  return response.json();
-}
-function table(id, title, groups) {
-  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
-    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
-    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
-    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
-  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
-    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
-    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
-}
-async function refreshUsage() {
-  const usage = await get("/plano/usage");
-  table("models", "model", usage.by_model);
-  table("routes", "route", usage.by_route);
-  const t = usage.total;
-  $("saved").textContent = t.saved_usd == null
-    ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
-    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
-}
-function showDecision(d) {
-  const row = document.createElement("tr");
-  const sure = d.confidence == null ? ""
-    : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
-  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
-    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
-    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
-    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
-    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
-  $("decisions").prepend(row);
-  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
-}
-async function follow() {
-  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
-  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) throw new Error("the gateway closed the stream");
-    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
-    let end;
-    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
-      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
-      const data = block.split("\\n").filter((l) => l.startsWith("data:"))
-        .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
-      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
-    }
-  }
-}
-async function start() {
-  try {
-    const health = await get("/healthz");
-    const recent = await get("/plano/decisions");
-    $("decisions").innerHTML = "";
-    recent.decisions.forEach(showDecision);
-    await refreshUsage();
-    $("status").textContent = `${health.models} models · router ${health.router}` +
-      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
-    await follow();
-  } catch (error) {
-    $("status").textContent = "not connected: " + error.message + " (retrying)";
-    setTimeout(start, 2000);
-  }
-}
-$("key").addEventListener("submit", (event) => {
-  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
-  $("key").style.display = "none"; start();
-});
-start();
-</script></body></html>
-"""
-
-
 class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
@@ -7165,7 +7052,8 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# CLI: `python -m plano up | route | download | doctor | cli-agent claude | watch | statusline`
+# CLI, the commands: `python -m plano up | route | stats | download | watch`, each a thin layer over
+# the library above.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -7176,6 +7064,12 @@ def _load_config_or_exit(path: str | None) -> Config:
         print(f"plano: {e.message}", file=sys.stderr)
         raise SystemExit(2) from None
     return config
+
+
+def _gateway_url(config: Config) -> str:
+    host = config.listener.address
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
 
 
 def _cmd_up(args: Any) -> int:
@@ -7220,6 +7114,26 @@ def _cmd_up(args: Any) -> int:
         print(f"plano: {error.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _handle_signals(shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
+    """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
+    import signal
+
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    with trio.open_signal_receiver(*wanted) as signals:
+        async for signum in signals:
+            if signum == getattr(signal, "SIGHUP", None):
+                if info.reload_requests is not None:
+                    try:
+                        info.reload_requests.send_nowait(None)
+                    except trio.WouldBlock:
+                        pass  # a reload is already pending, and it reads the file as it is by then
+            elif not shutdown.is_set():
+                log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
+                shutdown.set()
+            else:
+                everything.cancel()
 
 
 def _cmd_route(args: Any) -> int:
@@ -7394,6 +7308,69 @@ def _cmd_download(args: Any) -> int:
         return 1
     print(path)
     return 0
+
+
+LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
+
+
+_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
+                     "fallback": "31"}
+
+
+def format_decision(record: Mapping[str, Any], colour: bool) -> str:
+    """One line of `plano watch`."""
+    def paint(code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
+
+    status = record.get("status")
+    ttfb = record.get("ttfb_ms")
+    route = record.get("route") or "-"
+    router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
+    if isinstance(record.get("confidence"), (int, float)):
+        router_ms += f" p={record['confidence']:.2f}"
+    kind = printable(record.get("decision", "?"))
+    return " ".join([
+        paint("2", printable(record.get("time", ""))[-8:]),
+        f"{printable(record.get('session') or '-')[:8]:8}",
+        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
+        f"[{printable(route)}]",
+        paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
+        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
+        f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
+    ])
+
+
+def _cmd_watch(args: Any) -> int:
+    """Follow the gateway's decisions, reconnecting when it restarts."""
+    url = args.url or _gateway_url(_load_config_or_exit(args.config))
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    waiting_said = False
+    try:
+        while True:
+            try:
+                with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
+                                  trust_env=False) as response:
+                    print(f"watching {url} (Ctrl-C to stop)", flush=True)
+                    waiting_said = False
+                    decoder = SSEDecoder()
+                    for chunk in response.iter_bytes():
+                        for event in decoder.feed(chunk):
+                            if event.event == "decision":
+                                print(format_decision(json.loads(event.data), colour), flush=True)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if not waiting_said:
+                print(f"waiting for the gateway at {url} …", flush=True)
+                waiting_said = True
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, doctor: `python -m plano doctor` checks each part of a setup (config, keys, providers, the
+# router, the listener, the agents) and says in one line each what works and what to fix.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
 @dataclass(frozen=True)
@@ -7575,13 +7552,13 @@ def _cmd_doctor(args: Any) -> int:
     return 1 if any(f.blocks for f in findings) else 0
 
 
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, agent wiring: `cli-agent claude | codex` (the agent pointed at plano, with a gateway started
+# for its session when none runs) and `statusline` (Claude Code's status line).
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
-
-
-def _gateway_url(config: Config) -> str:
-    host = config.listener.address
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
 
 
 def _gateway_is_up(url: str) -> bool:
@@ -7750,7 +7727,7 @@ def _cmd_cli_agent(args: Any) -> int:
         install = "npm install -g @openai/codex"
     else:
         user_settings, print_env, agent_args = _split_cli_agent_args(args.agent_args)
-        print_config = False
+        print_config, overrides = False, []  # Claude Code takes its settings whole, as one --settings JSON
         env, settings = claude_code_environment(config, user_settings, os.environ)
         command = ["claude", "--settings", json.dumps(settings), *agent_args]
         install = "npm install -g @anthropic-ai/claude-code"
@@ -7807,81 +7784,9 @@ def _cmd_statusline(args: Any) -> int:
     return 0
 
 
-LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
-
-
-_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
-                     "fallback": "31"}
-
-
-def format_decision(record: Mapping[str, Any], colour: bool) -> str:
-    """One line of `plano watch`."""
-    def paint(code: str, text: str) -> str:
-        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
-
-    status = record.get("status")
-    ttfb = record.get("ttfb_ms")
-    route = record.get("route") or "-"
-    router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
-    if isinstance(record.get("confidence"), (int, float)):
-        router_ms += f" p={record['confidence']:.2f}"
-    kind = printable(record.get("decision", "?"))
-    return " ".join([
-        paint("2", printable(record.get("time", ""))[-8:]),
-        f"{printable(record.get('session') or '-')[:8]:8}",
-        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
-        f"[{printable(route)}]",
-        paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
-        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
-        f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
-    ])
-
-
-def _cmd_watch(args: Any) -> int:
-    """Follow the gateway's decisions, reconnecting when it restarts."""
-    url = args.url or _gateway_url(_load_config_or_exit(args.config))
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    waiting_said = False
-    try:
-        while True:
-            try:
-                with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
-                                  trust_env=False) as response:
-                    print(f"watching {url} (Ctrl-C to stop)", flush=True)
-                    waiting_said = False
-                    decoder = SSEDecoder()
-                    for chunk in response.iter_bytes():
-                        for event in decoder.feed(chunk):
-                            if event.event == "decision":
-                                print(format_decision(json.loads(event.data), colour), flush=True)
-            except (httpx.HTTPError, ValueError):
-                pass
-            if not waiting_said:
-                print(f"waiting for the gateway at {url} …", flush=True)
-                waiting_said = True
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return 0
-
-
-async def _handle_signals(shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
-    """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
-    import signal
-
-    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    with trio.open_signal_receiver(*wanted) as signals:
-        async for signum in signals:
-            if signum == getattr(signal, "SIGHUP", None):
-                if info.reload_requests is not None:
-                    try:
-                        info.reload_requests.send_nowait(None)
-                    except trio.WouldBlock:
-                        pass  # a reload is already pending, and it reads the file as it is by then
-            elif not shutdown.is_set():
-                log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
-                shutdown.set()
-            else:
-                everything.cancel()
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, the entry point: `main()`, the argument parser of `python -m plano` over the commands above.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7942,6 +7847,127 @@ def main(argv: list[str] | None = None) -> int:
     # plano's access line already says what httpx would log for every upstream request.
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return args.run(args)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# The live page's document, at the end of the file so that its HTML does not sit among the code.
+# The gateway reads it only when it serves the page.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
+# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
+# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
+# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
+_LIVE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>plano</title>
+<style>
+:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
+#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
+th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
+  white-space: nowrap; font-variant-numeric: tabular-nums }
+td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
+#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+</style></head><body>
+<h1>plano</h1><div id="status">connecting…</div>
+<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
+<button>use it</button></form>
+<div id="saved"></div>
+<h2>Cost per model</h2><table id="models"></table>
+<h2>Cost per route</h2><table id="routes"></table>
+<h2>Decisions, as they happen</h2>
+<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
+<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
+<tbody id="decisions"></tbody></table>
+<script>
+"use strict";
+let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
+const $ = (id) => document.getElementById(id);
+const headers = () => key ? {"x-api-key": key} : {};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
+  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const money = (v) => v == null ? "unknown"
+  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
+const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
+async function get(path) {
+  const response = await fetch(path, {headers: headers()});
+  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+function table(id, title, groups) {
+  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
+    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
+    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
+    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
+  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
+    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
+    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
+}
+async function refreshUsage() {
+  const usage = await get("/plano/usage");
+  table("models", "model", usage.by_model);
+  table("routes", "route", usage.by_route);
+  const t = usage.total;
+  $("saved").textContent = t.saved_usd == null
+    ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+function showDecision(d) {
+  const row = document.createElement("tr");
+  const sure = d.confidence == null ? ""
+    : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
+    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
+    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
+    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
+  $("decisions").prepend(row);
+  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
+}
+async function follow() {
+  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
+  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) throw new Error("the gateway closed the stream");
+    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const data = block.split("\\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+    }
+  }
+}
+async function start() {
+  try {
+    const health = await get("/healthz");
+    const recent = await get("/plano/decisions");
+    $("decisions").innerHTML = "";
+    recent.decisions.forEach(showDecision);
+    await refreshUsage();
+    $("status").textContent = `${health.models} models · router ${health.router}` +
+      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
+    await follow();
+  } catch (error) {
+    $("status").textContent = "not connected: " + error.message + " (retrying)";
+    setTimeout(start, 2000);
+  }
+}
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
+  $("key").style.display = "none"; start();
+});
+start();
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":

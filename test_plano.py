@@ -8935,12 +8935,13 @@ def test_a_gzip_bomb_is_inflated_no_further_than_the_limit_in_bounded_memory(thr
 
 # ── issue 19: layering ────────────────────────────────────────────────────────────────────────
 
-def upward_references(source: str) -> list[str]:
+def upward_references(source: str, late: frozenset[str] = frozenset()) -> list[str]:
     """Each top-level definition of `source` that uses a name defined in a later section. Sections
     start at the banners (`# ═══` rule, title lines, `# ═══` rule). A function's body counts as a
     use although it runs later: the layering is which sections a definition depends on. Scopes come
     from `symtable`, so a local or a parameter that shares a top-level name is not a use of it;
-    annotations are strings (`from __future__ import annotations`) and are not uses."""
+    annotations are strings (`from __future__ import annotations`) and are not uses. Names in `late`
+    may be defined below their users."""
     import ast
     import symtable
     lines = source.splitlines()
@@ -9000,15 +9001,20 @@ def upward_references(source: str) -> list[str]:
     found = set()
     for statement, name in uses:
         used_in, defined_in = section(statement.lineno), defined.get(name, 0)
-        if defined_in > used_in:
+        if defined_in > used_in and name not in late:
             user = getattr(statement, "name", f"line {statement.lineno}")
             found.add(f"{user} ({title(used_in)}) uses {name} ({title(defined_in)}, a later section)")
     return sorted(found)
 
 
+# Data at the end of plano.py on purpose, read only at run time: the live page's HTML (109 lines that
+# would otherwise sit among the gateway's code).
+LATE_BY_DESIGN = frozenset({"_LIVE_PAGE"})
+
+
 def test_no_top_level_definition_of_plano_uses_a_name_defined_in_a_later_section():
     source = Path(plano.__file__).read_text(encoding="utf-8")
-    assert upward_references(source) == []
+    assert upward_references(source, late=LATE_BY_DESIGN) == []
 
 
 def test_the_layering_check_finds_each_kind_of_upward_reference_and_not_a_local_that_shares_a_name():
