@@ -6,8 +6,10 @@ Layers, top to bottom (a layer only uses the ones above it):
 
     errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
     machines) → upstream client (HTTP/1.1 keep-alive to providers under httpx) → router
-    (prompt, trimming, backends, decision cache) → gateway (one request: parse → choose model →
-    call upstream → answer) → HTTP server (trio + h11) → CLI
+    (prompt, trimming, backends, decision cache) → usage ledger (SQLite) → capabilities (can a
+    model take the request) → gateway (one request: parse → choose model → call upstream →
+    answer) → HTTP server (trio + h11) → CLI (commands, doctor, agent wiring,
+    main) → the live page's HTML (data the gateway reads when it serves the page)
 
 Library use::
 
@@ -15,6 +17,15 @@ Library use::
     decision = plano.route([{"role": "user", "content": "write a quicksort in Rust"}])
     config = plano.load_config("config.yaml")
     trio.run(plano.serve, config)
+
+The supported API is `__all__` (the names README's "Use it as a library" documents): route,
+route_async, RouteDecision; load_config, Config, ModelEntry, ConfigError, PlanoError; serve,
+ServerLimits, ServerInfo, Gateway; main. Every other name is internal, with or without a leading
+underscore (the layers and the tests reach many of them by name), and may change in any release.
+
+Words: "upstream" alone is a provider plano forwards a request to (its answer, its connection);
+"the seed" and "the upstream project" are Katanemo's Plano, the Claude Code Router (Envoy, Rust, a
+hosted router) whose config format and `cli-agent` commands plano reads and reproduces.
 """
 
 from __future__ import annotations
@@ -52,16 +63,22 @@ import trio
 import yaml
 
 __all__ = [
-    "PlanoError",
-    "ConfigError",
-    "Config",
-    "ModelEntry",
-    "RouteDecision",
-    "Gateway",
-    "load_config",
+    # routing a conversation from Python
     "route",
     "route_async",
+    "RouteDecision",
+    # the config
+    "load_config",
+    "Config",
+    "ModelEntry",
+    "ConfigError",
+    "PlanoError",
+    # the gateway in a trio program
     "serve",
+    "ServerLimits",
+    "ServerInfo",
+    "Gateway",
+    # `python -m plano`
     "main",
 ]
 
@@ -4356,10 +4373,21 @@ class _LlamaModel:
                                     "turns it on") from None
         return llama_cpp
 
+    @staticmethod
+    def _can_offload(llama_c: Any) -> bool:
+        return bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
+
+    @classmethod
+    def build(cls) -> tuple[str, bool]:
+        """The installed llama-cpp-python's version, and whether its llama.cpp can offload to a GPU
+        (for `doctor`); RouterUnavailable when it is missing."""
+        llama_cpp = cls.library()
+        return getattr(llama_cpp, "__version__", "?"), cls._can_offload(llama_cpp.llama_cpp)
+
     def __init__(self, path: str, *, n_ctx: int, threads: int, gpu_layers: int | None, extra_buffer_types: bool):
         llama_cpp = self.library()
         llama_c = self._c = llama_cpp.llama_cpp
-        offload = bool(getattr(llama_c, "llama_supports_gpu_offload", lambda: False)())
+        offload = self._can_offload(llama_c)
         # Llama() defaults n_gpu_layers to 0, overriding llama.cpp's own "all layers": a build with
         # Metal or CUDA would otherwise leave the GPU idle.
         layers = (-1 if offload else 0) if gpu_layers is None else gpu_layers
@@ -4376,7 +4404,8 @@ class _LlamaModel:
             self.llama = self._construct(llama_cpp, path, n_ctx, threads, 0, extra_buffer_types, op_offload=False)
         self.where = (f"GPU offload ({'all' if layers < 0 else layers} layers)" if layers and offload
                       else f"CPU, {threads} threads")
-        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # it logs aborts as errors
+        # It logs aborts as errors. Process-wide, as the default-params patch is: route() says so.
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
         # Stopping a decision that ran past its timeout: llama.cpp polls an abort callback while it
         # computes. A Python callback would need the GIL hundreds of times per evaluation and doubles
         # its time when the event loop is busy, so the callback is libc's strlen() over a one-byte
@@ -4433,6 +4462,14 @@ class _LlamaModel:
     @property
     def n_vocab(self) -> int:
         return self.llama.n_vocab()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llama.n_ctx()
+
+    @property
+    def n_batch(self) -> int:
+        return self.llama.n_batch
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -4785,6 +4822,17 @@ class EmbeddedRouterBackend(RouterBackend):
         return trie
 
 
+# A whole answer read from an upstream, refused past `limit` bytes (the remote router's decision
+# here; the gateway's provider answers and model lists below).
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
+    return bytes(data)
+
+
 class RemoteRouterBackend(RouterBackend):
     """The router model on an OpenAI-compatible server (Ollama, vLLM, llama-server), shared by
     many gateways. Same single user message, temperature 0. Its requests go through an upstream
@@ -4854,6 +4902,12 @@ def parse_route_answer(text: str, names: list[str]) -> str:
 
 
 # ── the Router: decisions, their cache, per-turn pinning ─────────────────────────────────────
+
+
+# Token counts in reasons a person reads: 12345 → "12k" (the router's switch reasons here, the
+# capability verdicts below).
+def _thousands(tokens: int) -> str:
+    return f"{round(tokens / 1000)}k"
 
 
 @dataclass
@@ -5134,7 +5188,14 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
     Raises ConfigError for a bad config; never raises because the router failed: the decision
     then names the default model and says why. The router model loaded by the first call is
-    kept for the life of the process.
+    kept for the life of the process (an atexit hook closes it).
+
+    Loading the embedded router model (here or in `serve`) touches llama-cpp-python for the
+    whole process: during each load, under a lock, its `llama_model_default_params` is swapped
+    for one without extra buffer types (unless `router.extra_buffer_types`), so another thread
+    that builds a `Llama` at that moment gets those defaults too; and after it the
+    `llama-cpp-python` logger is set to CRITICAL, which keeps llama.cpp's own messages off stderr
+    for every model in the process (llama-cpp-python sets it again at each `Llama()`).
     """
     return trio.run(route_async, messages, config)
 
@@ -5403,10 +5464,6 @@ def _has_block(content: Any, kind: str) -> bool:
             if block.get("type") == "tool_result" and _has_block(block.get("content"), kind):
                 return True
     return False
-
-
-def _thousands(tokens: int) -> str:
-    return f"{round(tokens / 1000)}k"
 
 
 # A model whose output limit nobody knows (not the config, plano's table nor the catalogue) is
@@ -6125,121 +6182,6 @@ class DecisionLog:
             self._watchers.discard(send)
 
 
-# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
-# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
-# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
-# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
-_LIVE_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>plano</title>
-<style>
-:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
-body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
-h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
-#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
-th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
-  white-space: nowrap; font-variant-numeric: tabular-nums }
-td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
-#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
-</style></head><body>
-<h1>plano</h1><div id="status">connecting…</div>
-<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
-<button>use it</button></form>
-<div id="saved"></div>
-<h2>Cost per model</h2><table id="models"></table>
-<h2>Cost per route</h2><table id="routes"></table>
-<h2>Decisions, as they happen</h2>
-<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
-<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
-<tbody id="decisions"></tbody></table>
-<script>
-"use strict";
-let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
-const $ = (id) => document.getElementById(id);
-const headers = () => key ? {"x-api-key": key} : {};
-const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
-  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
-const money = (v) => v == null ? "unknown"
-  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
-const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
-async function get(path) {
-  const response = await fetch(path, {headers: headers()});
-  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
-  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
-  return response.json();
-}
-function table(id, title, groups) {
-  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
-    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
-    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
-    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
-  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
-    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
-    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
-}
-async function refreshUsage() {
-  const usage = await get("/plano/usage");
-  table("models", "model", usage.by_model);
-  table("routes", "route", usage.by_route);
-  const t = usage.total;
-  $("saved").textContent = t.saved_usd == null
-    ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
-    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
-}
-function showDecision(d) {
-  const row = document.createElement("tr");
-  const sure = d.confidence == null ? ""
-    : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
-  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
-    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
-    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
-    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
-    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
-  $("decisions").prepend(row);
-  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
-}
-async function follow() {
-  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
-  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) throw new Error("the gateway closed the stream");
-    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
-    let end;
-    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
-      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
-      const data = block.split("\\n").filter((l) => l.startsWith("data:"))
-        .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
-      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
-    }
-  }
-}
-async function start() {
-  try {
-    const health = await get("/healthz");
-    const recent = await get("/plano/decisions");
-    $("decisions").innerHTML = "";
-    recent.decisions.forEach(showDecision);
-    await refreshUsage();
-    $("status").textContent = `${health.models} models · router ${health.router}` +
-      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
-    await follow();
-  } catch (error) {
-    $("status").textContent = "not connected: " + error.message + " (retrying)";
-    setTimeout(start, 2000);
-  }
-}
-$("key").addEventListener("submit", (event) => {
-  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
-  $("key").style.display = "none"; start();
-});
-start();
-</script></body></html>
-"""
-
-
 class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
@@ -6699,15 +6641,6 @@ async def _off_the_loop_if_large(parse: Callable[[bytes], Any], raw: bytes) -> A
     return parse(raw)
 
 
-async def _read_limited(response: httpx.Response, limit: int) -> bytes:
-    data = bytearray()
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
-    return bytes(data)
-
-
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -7150,7 +7083,8 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# CLI: `python -m plano up | route | download | doctor | cli-agent claude | watch | statusline`
+# CLI, the commands: `python -m plano up | route | stats | download | watch`, each a thin layer over
+# the library above.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -7161,6 +7095,12 @@ def _load_config_or_exit(path: str | None) -> Config:
         print(f"plano: {e.message}", file=sys.stderr)
         raise SystemExit(2) from None
     return config
+
+
+def _gateway_url(config: Config) -> str:
+    host = config.listener.address
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
 
 
 def _cmd_up(args: Any) -> int:
@@ -7208,6 +7148,32 @@ def _cmd_up(args: Any) -> int:
         print(f"plano: {error.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _signal_receiver() -> Any:
+    """The signals `plano up` handles, caught from now on (trio queues them for _handle_signals)."""
+    import signal
+
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
+async def _handle_signals(signals: Any, shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
+    """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
+    import signal
+
+    async for signum in signals:
+        if signum == getattr(signal, "SIGHUP", None):
+            if info.reload_requests is not None:
+                try:
+                    info.reload_requests.send_nowait(None)
+                except trio.WouldBlock:
+                    pass  # a reload is already pending, and it reads the file as it is by then
+        elif not shutdown.is_set():
+            log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
+            shutdown.set()
+        else:
+            everything.cancel()
 
 
 def _cmd_route(args: Any) -> int:
@@ -7384,6 +7350,69 @@ def _cmd_download(args: Any) -> int:
     return 0
 
 
+LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
+
+
+_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
+                     "fallback": "31"}
+
+
+def format_decision(record: Mapping[str, Any], colour: bool) -> str:
+    """One line of `plano watch`."""
+    def paint(code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
+
+    status = record.get("status")
+    ttfb = record.get("ttfb_ms")
+    route = record.get("route") or "-"
+    router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
+    if isinstance(record.get("confidence"), (int, float)):
+        router_ms += f" p={record['confidence']:.2f}"
+    kind = printable(record.get("decision", "?"))
+    return " ".join([
+        paint("2", printable(record.get("time", ""))[-8:]),
+        f"{printable(record.get('session') or '-')[:8]:8}",
+        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
+        f"[{printable(route)}]",
+        paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
+        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
+        f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
+    ])
+
+
+def _cmd_watch(args: Any) -> int:
+    """Follow the gateway's decisions, reconnecting when it restarts."""
+    url = args.url or _gateway_url(_load_config_or_exit(args.config))
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    waiting_said = False
+    try:
+        while True:
+            try:
+                with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
+                                  trust_env=False) as response:
+                    print(f"watching {url} (Ctrl-C to stop)", flush=True)
+                    waiting_said = False
+                    decoder = SSEDecoder()
+                    for chunk in response.iter_bytes():
+                        for event in decoder.feed(chunk):
+                            if event.event == "decision":
+                                print(format_decision(json.loads(event.data), colour), flush=True)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if not waiting_said:
+                print(f"waiting for the gateway at {url} …", flush=True)
+                waiting_said = True
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, doctor: `python -m plano doctor` checks each part of a setup (config, keys, providers, the
+# router, the listener, the agents) and says in one line each what works and what to fix.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
 @dataclass(frozen=True)
 class _Finding:
     """One line of `plano doctor`: ok (✓), a problem (✗), or a note (·); `blocks` when `plano up`
@@ -7494,11 +7523,10 @@ def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Findin
         return [_Finding("ok", "router", f"remote router at {settings.endpoint} (model {settings.model})")]
     findings = []
     try:
-        import llama_cpp
-    except ImportError:
+        version, offload = _LlamaModel.build()
+    except RouterUnavailable:
         return [_Finding("problem", "router", "llama-cpp-python is not installed: plano serves with routing off; "
                                               "pip install 'plano[router]' to turn it on")]
-    offload = bool(getattr(llama_cpp.llama_cpp, "llama_supports_gpu_offload", lambda: False)())
     layers = settings.gpu_layers
     if not offload:
         gpu = "no GPU offload (this llama.cpp build runs on the CPU)"
@@ -7506,7 +7534,7 @@ def _router_findings(settings: RouterSettings, has_routes: bool) -> list[_Findin
         gpu = "GPU offload off (gpu_layers: 0)"
     else:
         gpu = f"GPU offload: {'all' if layers is None else layers} layers"
-    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {llama_cpp.__version__}; {gpu}; "
+    findings.append(_Finding("ok", "router", f"embedded, llama-cpp-python {version}; {gpu}; "
                                              f"{settings.threads or os.cpu_count()} threads; extra buffer types "
                                              f"{'on' if settings.extra_buffer_types else 'off'}"))
     findings.append(_Finding("note", "cpu", _cpu_description()))
@@ -7564,13 +7592,13 @@ def _cmd_doctor(args: Any) -> int:
     return 1 if any(f.blocks for f in findings) else 0
 
 
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, agent wiring: `cli-agent claude | codex` (the agent pointed at plano, with a gateway started
+# for its session when none runs) and `statusline` (Claude Code's status line).
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
-
-
-def _gateway_url(config: Config) -> str:
-    host = config.listener.address
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
 
 
 def _gateway_is_up(url: str) -> bool:
@@ -7739,7 +7767,7 @@ def _cmd_cli_agent(args: Any) -> int:
         install = "npm install -g @openai/codex"
     else:
         user_settings, print_env, agent_args = _split_cli_agent_args(args.agent_args)
-        print_config = False
+        print_config, overrides = False, []  # Claude Code takes its settings whole, as one --settings JSON
         env, settings = claude_code_environment(config, user_settings, os.environ)
         command = ["claude", "--settings", json.dumps(settings), *agent_args]
         install = "npm install -g @anthropic-ai/claude-code"
@@ -7796,87 +7824,9 @@ def _cmd_statusline(args: Any) -> int:
     return 0
 
 
-LOW_CONFIDENCE = 0.5  # below it the router was closer to a coin toss than to a choice: worth a look
-
-
-_DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "35", "explicit": "34", "default": "33",
-                     "fallback": "31"}
-
-
-def format_decision(record: Mapping[str, Any], colour: bool) -> str:
-    """One line of `plano watch`."""
-    def paint(code: str, text: str) -> str:
-        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
-
-    status = record.get("status")
-    ttfb = record.get("ttfb_ms")
-    route = record.get("route") or "-"
-    router_ms = f"{record.get('router_ms', 0):.0f}ms" if record.get("decision") == "router" else ""
-    if isinstance(record.get("confidence"), (int, float)):
-        router_ms += f" p={record['confidence']:.2f}"
-    kind = printable(record.get("decision", "?"))
-    return " ".join([
-        paint("2", printable(record.get("time", ""))[-8:]),
-        f"{printable(record.get('session') or '-')[:8]:8}",
-        f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
-        f"[{printable(route)}]",
-        paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
-        paint("31" if isinstance(status, int) and status >= 400 else "2", printable(status)),
-        f"ttfb={ttfb:.0f}ms" if isinstance(ttfb, (int, float)) else "ttfb=-",
-    ])
-
-
-def _cmd_watch(args: Any) -> int:
-    """Follow the gateway's decisions, reconnecting when it restarts."""
-    url = args.url or _gateway_url(_load_config_or_exit(args.config))
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    waiting_said = False
-    try:
-        while True:
-            try:
-                with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
-                                  trust_env=False) as response:
-                    print(f"watching {url} (Ctrl-C to stop)", flush=True)
-                    waiting_said = False
-                    decoder = SSEDecoder()
-                    for chunk in response.iter_bytes():
-                        for event in decoder.feed(chunk):
-                            if event.event == "decision":
-                                print(format_decision(json.loads(event.data), colour), flush=True)
-            except (httpx.HTTPError, ValueError):
-                pass
-            if not waiting_said:
-                print(f"waiting for the gateway at {url} …", flush=True)
-                waiting_said = True
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return 0
-
-
-def _signal_receiver() -> Any:
-    """The signals `plano up` handles, caught from now on (trio queues them for _handle_signals)."""
-    import signal
-
-    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-
-
-async def _handle_signals(signals: Any, shutdown: trio.Event, info: ServerInfo, everything: trio.CancelScope) -> None:
-    """SIGHUP: re-read the config. SIGINT/SIGTERM: drain and stop; a second one: stop now."""
-    import signal
-
-    async for signum in signals:
-        if signum == getattr(signal, "SIGHUP", None):
-            if info.reload_requests is not None:
-                try:
-                    info.reload_requests.send_nowait(None)
-                except trio.WouldBlock:
-                    pass  # a reload is already pending, and it reads the file as it is by then
-        elif not shutdown.is_set():
-            log.info("shutting down: finishing in-flight requests (Ctrl-C again to stop now)")
-            shutdown.set()
-        else:
-            everything.cancel()
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# CLI, the entry point: `main()`, the argument parser of `python -m plano` over the commands above.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7937,6 +7887,127 @@ def main(argv: list[str] | None = None) -> int:
     # plano's access line already says what httpx would log for every upstream request.
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return args.run(args)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# The live page's document, at the end of the file so that its HTML does not sit among the code.
+# The gateway reads it only when it serves the page.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# The live page (GET /plano/): one self-contained document, no build step and nothing fetched from
+# elsewhere (plano works offline). It holds no data of its own: what it shows comes from
+# /plano/decisions (followed live), /plano/usage and /healthz, sent the gateway key when there is
+# one (from the address's #key=… fragment, which never reaches a server or a log, or typed in).
+_LIVE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>plano</title>
+<style>
+:root { color-scheme: light dark; --dim: #888; --ok: #2a7; --bad: #d44; --line: #8884; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem; padding: 0 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .2rem } h2 { font-size: 1rem; margin: 1.6rem 0 .4rem }
+#status, .dim { color: var(--dim) } table { border-collapse: collapse; width: 100% }
+th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px solid var(--line);
+  white-space: nowrap; font-variant-numeric: tabular-nums }
+td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
+#saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+</style></head><body>
+<h1>plano</h1><div id="status">connecting…</div>
+<form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
+<button>use it</button></form>
+<div id="saved"></div>
+<h2>Cost per model</h2><table id="models"></table>
+<h2>Cost per route</h2><table id="routes"></table>
+<h2>Decisions, as they happen</h2>
+<table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
+<th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
+<tbody id="decisions"></tbody></table>
+<script>
+"use strict";
+let key = new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem("plano-key") || "";
+const $ = (id) => document.getElementById(id);
+const headers = () => key ? {"x-api-key": key} : {};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
+  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const money = (v) => v == null ? "unknown"
+  : (v < 0 ? "-$" : "$") + (Math.abs(v) >= 0.01 || v === 0 ? Math.abs(v).toFixed(2) : Math.abs(v).toFixed(6));
+const pct = (v) => v == null ? "-" : Math.round(v * 100) + "%";
+async function get(path) {
+  const response = await fetch(path, {headers: headers()});
+  if (response.status === 401) { $("key").style.display = "block"; throw new Error("the gateway key is needed"); }
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+function table(id, title, groups) {
+  const rows = Object.entries(groups).map(([name, t]) => `<tr><td>${esc(name)}</td><td class="n">${t.requests}</td>
+    <td class="n">${t.input_tokens.toLocaleString()}</td><td class="n">${t.cache_read_tokens.toLocaleString()}</td>
+    <td class="n">${t.output_tokens.toLocaleString()}</td><td class="n">${pct(t.cache_hit_rate)}</td>
+    <td class="n">${money(t.cost_usd)}</td></tr>`).join("");
+  $(id).innerHTML = `<thead><tr><th>${title}</th><th class="n">requests</th><th class="n">input</th>
+    <th class="n">cached</th><th class="n">output</th><th class="n">cache hit</th><th class="n">cost</th></tr></thead>
+    <tbody>${rows || '<tr><td class="dim">no requests yet</td></tr>'}</tbody>`;
+}
+async function refreshUsage() {
+  const usage = await get("/plano/usage");
+  table("models", "model", usage.by_model);
+  table("routes", "route", usage.by_route);
+  const t = usage.total;
+  $("saved").textContent = t.saved_usd == null
+    ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
+    : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+function showDecision(d) {
+  const row = document.createElement("tr");
+  const sure = d.confidence == null ? ""
+    : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+    <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
+    <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
+    <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
+    <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
+  $("decisions").prepend(row);
+  while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
+}
+async function follow() {
+  const response = await fetch("/plano/decisions?follow=1", {headers: headers()});
+  if (!response.ok) throw new Error("decisions: HTTP " + response.status);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) throw new Error("the gateway closed the stream");
+    buffer += decoder.decode(value, {stream: true}).replace(/\\r\\n?/g, "\\n");
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const data = block.split("\\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+    }
+  }
+}
+async function start() {
+  try {
+    const health = await get("/healthz");
+    const recent = await get("/plano/decisions");
+    $("decisions").innerHTML = "";
+    recent.decisions.forEach(showDecision);
+    await refreshUsage();
+    $("status").textContent = `${health.models} models · router ${health.router}` +
+      (health.router_backend ? ` (${health.router_backend})` : "") + " · live";
+    await follow();
+  } catch (error) {
+    $("status").textContent = "not connected: " + error.message + " (retrying)";
+    setTimeout(start, 2000);
+  }
+}
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault(); key = $("keyinput").value; sessionStorage.setItem("plano-key", key);
+  $("key").style.display = "none"; start();
+});
+start();
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":

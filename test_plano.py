@@ -8984,6 +8984,140 @@ def test_a_chat_endpoint_answers_and_errs_in_the_format_its_path_names(gateway, 
     assert "model: must be a non-empty string" in refused.json()["error"]["message"]
 
 
+# ── issue 19: layering ────────────────────────────────────────────────────────────────────────
+
+def upward_references(source: str, late: frozenset[str] = frozenset()) -> list[str]:
+    """Each top-level definition of `source` that uses a name defined in a later section. Sections
+    start at the banners (`# ═══` rule, title lines, `# ═══` rule). A function's body counts as a
+    use although it runs later: the layering is which sections a definition depends on. Scopes come
+    from `symtable`, so a local or a parameter that shares a top-level name is not a use of it;
+    annotations are strings (`from __future__ import annotations`) and are not uses. Names in `late`
+    may be defined below their users."""
+    import ast
+    import symtable
+    lines = source.splitlines()
+    rules = [number for number, line in enumerate(lines, 1) if line.startswith("# ═")]
+    assert rules and len(rules) % 2 == 0, "every banner opens and closes with a rule"
+    openings = rules[::2]
+
+    def section(line: int) -> int:
+        return sum(opening <= line for opening in openings)
+
+    def title(number: int) -> str:
+        return lines[openings[number - 1]].lstrip("# ").split(":")[0] if number else "the prelude"
+
+    tree = ast.parse(source)
+    defined: dict[str, int] = {}
+    for statement in tree.body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.setdefault(statement.name, section(statement.lineno))
+            continue
+        for node in ast.walk(statement):  # assignments, imports, and what `if`/`try` at the top bind
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.setdefault(node.id, section(statement.lineno))
+            elif isinstance(node, ast.alias):
+                defined.setdefault((node.asname or node.name).split(".")[0], section(statement.lineno))
+    statement_at = {line: statement for statement in tree.body
+                    for line in range(statement.lineno, statement.end_lineno + 1)}
+    uses: list[tuple[ast.stmt, str]] = []
+
+    def module_level_uses(node: ast.AST, statement: ast.stmt) -> None:
+        """Names the module itself evaluates: decorators, defaults, bases, top-level expressions
+        (the bodies of functions, classes and lambdas are their own scopes, read from symtable)."""
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            parts = [*node.decorator_list, *node.args.defaults, *filter(None, node.args.kw_defaults)]
+        elif isinstance(node, ast.ClassDef):
+            parts = [*node.decorator_list, *node.bases, *(keyword.value for keyword in node.keywords)]
+        elif isinstance(node, ast.Lambda):
+            parts = []
+        else:
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                uses.append((statement, node.id))
+            parts = list(ast.iter_child_nodes(node))
+        for part in parts:
+            module_level_uses(part, statement)
+
+    def scope_uses(table: symtable.SymbolTable):
+        for symbol in table.get_symbols():
+            if symbol.is_referenced() and symbol.is_global():
+                yield symbol.get_name()
+        for child in table.get_children():
+            yield from scope_uses(child)
+
+    for statement in tree.body:
+        module_level_uses(statement, statement)
+    for table in symtable.symtable(source, "plano.py", "exec").get_children():
+        statement = statement_at[table.get_lineno()]
+        uses += [(statement, name) for name in scope_uses(table)]
+    found = set()
+    for statement, name in uses:
+        used_in, defined_in = section(statement.lineno), defined.get(name, 0)
+        if defined_in > used_in and name not in late:
+            user = getattr(statement, "name", f"line {statement.lineno}")
+            found.add(f"{user} ({title(used_in)}) uses {name} ({title(defined_in)}, a later section)")
+    return sorted(found)
+
+
+# Data at the end of plano.py on purpose, read only at run time: the live page's HTML (109 lines that
+# would otherwise sit among the gateway's code).
+LATE_BY_DESIGN = frozenset({"_LIVE_PAGE"})
+
+
+def test_no_top_level_definition_of_plano_uses_a_name_defined_in_a_later_section():
+    source = Path(plano.__file__).read_text(encoding="utf-8")
+    assert upward_references(source, late=LATE_BY_DESIGN) == []
+
+
+def test_the_layering_check_finds_each_kind_of_upward_reference_and_not_a_local_that_shares_a_name():
+    rule = "# " + "═" * 20
+    source = "\n".join([
+        "import os", rule, "# Low: the first section.", rule,
+        "def body_use(): return later_function()",
+        "class Method:", "    def run(self): return LaterClass()",
+        "class ClassBody:", "    size = LATER_CONSTANT",
+        "def default(x=LATER_CONSTANT): pass",
+        "def nested():", "    def inner(): return later_function", "    return inner",
+        "callback = lambda: later_function()",
+        "def shadowed(later_function): return later_function, os",
+        "def own_local():", "    LaterClass = 1", "    return LaterClass",
+        "def annotated(x: LaterClass) -> LaterClass: pass",
+        rule, "# High: the second section.", rule,
+        "def later_function(): return body_use()", "class LaterClass: pass", "LATER_CONSTANT = 1",
+    ])
+    assert upward_references("from __future__ import annotations\n" + source) == [
+        "ClassBody (Low) uses LATER_CONSTANT (High, a later section)",
+        "Method (Low) uses LaterClass (High, a later section)",
+        "body_use (Low) uses later_function (High, a later section)",
+        "default (Low) uses LATER_CONSTANT (High, a later section)",
+        "line 15 (Low) uses later_function (High, a later section)",
+        "nested (Low) uses later_function (High, a later section)",
+    ]
+
+
+def test_the_public_names_are_the_ones_the_readme_documents_for_library_use():
+    readme = (Path(plano.__file__).parent / "README.md").read_text(encoding="utf-8")
+    library_section = readme.split("### Use it as a library", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\bplano\.(\w+)", library_section)) - {"py", "__all__"}  # plano.py, plano.__all__
+    assert named == set(plano.__all__)
+    assert all(hasattr(plano, name) for name in plano.__all__)
+    assert len(plano.__all__) == len(set(plano.__all__))
+
+
+def test_a_router_model_load_puts_llama_cpps_default_params_back_and_leaves_its_logger_at_critical(
+        tiny_router_model):
+    """The process-wide effects route() documents, and no more: the default-params patch lasts one load."""
+    import llama_cpp.llama_cpp as llama_c
+    default_params = llama_c.llama_model_default_params
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+    backend = plano.EmbeddedRouterBackend(plano.RouterSettings(model=str(tiny_router_model), threads=2))
+    backend.load_model()
+    try:
+        assert llama_c.llama_model_default_params is default_params
+        assert logging.getLogger("llama-cpp-python").level == logging.CRITICAL
+    finally:
+        backend.close_model()
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():

@@ -54,15 +54,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import llama_cpp.llama_cpp as llama_c
-    import numpy as np  # a llama-cpp-python dependency
-except ImportError:
-    sys.exit("router_latency: llama-cpp-python is not installed (pip install llama-cpp-python); "
-             "the router model runs through it")
 import trio
 
 import plano
+
+try:
+    plano._LlamaModel.library()  # llama-cpp-python, reached only through plano's adapter
+    import numpy as np  # a llama-cpp-python dependency
+except (plano.RouterUnavailable, ImportError):
+    sys.exit("router_latency: llama-cpp-python is not installed (pip install llama-cpp-python); "
+             "the router model runs through it")
 
 ROOT = Path(__file__).resolve().parent.parent
 TWIN_FILE = "arch-router-twin-Q4_K_M.gguf"
@@ -415,27 +416,23 @@ def naive_decision(backend: SteeredBackend, routes: tuple, conversation: list[di
     the JSON's closing brace. The token fed back is the real answer's, `{"route": "<answer>"}`
     (7 tokens for "code generation"), not the random twin's pick: same compute, the real step count.
     """
-    llm = backend.model.llama  # the naive method drives llama-cpp-python's Llama as a server would
+    model = backend.model  # the naive method drives the model as a server would, through plano's adapter
     started = time.perf_counter()
     prompt = backend.tokenize(backend.chat_head + plano.router_prompt(routes, conversation) + backend.chat_tail)
     answer_tokens = backend.tokenize(json.dumps({"route": answer}))
-    llm.n_tokens = 0  # no reuse: llm.eval drops the KV cache from n_tokens on, i.e. all of it
+    model.truncate(0)  # no reuse: evaluation drops the KV cache from n_tokens on, i.e. all of it
     eval_started = time.perf_counter()
-    llm.eval(prompt)
+    model.evaluate(prompt)
     prompt_done = time.perf_counter()
     for step, token in enumerate(answer_tokens):
-        int(np.argmax(_last_logits(llm)))  # the greedy pick (overruled by the real answer: see above)
+        int(np.argmax(model.logits()))  # the greedy pick (overruled by the real answer: see above)
         if step == len(answer_tokens) - 1:
             break  # the closing `"}` completes the answer: nothing more to evaluate
-        llm.eval([token])
+        model.evaluate([token])
     done = time.perf_counter()
     fed = len(answer_tokens) - 1
     return NaiveSample((done - started) * 1000, len(prompt) + fed, "naive", prompt_tokens=len(prompt),
                        prompt_s=prompt_done - eval_started, decode_evals=fed, decode_s=done - prompt_done)
-
-
-def _last_logits(llm) -> np.ndarray:
-    return np.ctypeslib.as_array(llama_c.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def ready_router(config: plano.Config, backend: SteeredBackend) -> plano.Router:
@@ -514,7 +511,7 @@ async def measure(args: argparse.Namespace) -> None:
     backend.warm(routes)  # what Router.start() does, once per route set
     warm_s = time.perf_counter() - started
     print(f"model   {model_path} ({model_path.stat().st_size / 1e6:.0f} MB, {origin})")
-    print(f"llama   n_ctx {backend.model.llama.n_ctx()}, n_batch {backend.model.llama.n_batch}, {THREADS} threads "
+    print(f"llama   n_ctx {backend.model.n_ctx}, n_batch {backend.model.n_batch}, {THREADS} threads "
           f"({backend.model.where}); "
           f"load {load_s:.2f} s; warm {warm_s:.2f} s for the {prefix_tokens}-token prefix "
           f"(chat head + {len(routes)} routes)")
