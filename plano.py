@@ -2006,27 +2006,105 @@ class StreamTranslationError(Exception):
     """The upstream stream broke its own protocol (bad JSON, missing end)."""
 
 
-class OpenAIToAnthropicStream:
-    """Feed Chat Completions stream chunks, get Anthropic stream events back (name, data).
+def _stream_ended_early(awaited: str = "it finished the answer") -> StreamTranslationError:
+    """The failure of a stream that ended before the event that ends its answer."""
+    return StreamTranslationError(f"the upstream stream ended before {awaited}")
+
+
+class AnthropicEventWriter:
+    """Writes one Anthropic Messages stream, as (event name, data) pairs.
 
     Anthropic clients need `message_start` first, one content block open at a time with indices
-    counting up from 0, and exactly one `message_delta` + `message_stop` at the end; OpenAI sends
-    text, reasoning and tool-call fragments in any interleaving, usage in a trailing chunk with
-    no choices, then `[DONE]`.
+    counting up from 0, and exactly one `message_delta` + `message_stop` at the end. The stream
+    machines that answer in Anthropic's format (from Chat chunks, from Responses events) decide
+    what to say; this says it in that order.
     """
 
     def __init__(self, model: str):
         self.model = model
+        self.message_id = _new_id("msg")
         self.started = False
         self.finished = False
         self.block: str | None = None  # kind of the open block: "text" | "thinking" | "tool"
         self.block_index = -1
-        self.tool_id: str | None = None  # the provider's id and index of the open tool call
-        self.tool_index: Any = None
         self.saw_tool_use = False
+
+    def start(self) -> list[tuple[str, dict]]:
+        """`message_start`, the first time only."""
+        if self.started:
+            return []
+        self.started = True
+        return [("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def text(self, text: str) -> list[tuple[str, dict]]:
+        """A piece of answer text, in the open text block or a new one."""
+        return self._open("text", {"type": "text", "text": ""}) + [self._delta({"type": "text_delta", "text": text})]
+
+    def thinking(self, text: str) -> list[tuple[str, dict]]:
+        """A piece of thinking, in the open thinking block or a new one."""
+        return self.open_thinking() + [self._delta({"type": "thinking_delta", "thinking": text})]
+
+    def signature(self, signature: str) -> list[tuple[str, dict]]:
+        """The signature of the open thinking block (or of a new, empty one)."""
+        return self.open_thinking() + [self._delta({"type": "signature_delta", "signature": signature})]
+
+    def open_thinking(self) -> list[tuple[str, dict]]:
+        return self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+
+    def tool_use(self, tool_id: str, name: str) -> list[tuple[str, dict]]:
+        """A new tool_use block, even right after another one."""
+        self.saw_tool_use = True
+        return self._open("tool", {"type": "tool_use", "name": name, "input": {}, "id": tool_id}, force=True)
+
+    def tool_input(self, partial_json: str) -> tuple[str, dict]:
+        """A piece of the open tool_use block's input."""
+        return self._delta({"type": "input_json_delta", "partial_json": partial_json})
+
+    def close(self) -> list[tuple[str, dict]]:
+        """`content_block_stop` for the open block, if one is."""
+        if self.block is None:
+            return []
+        self.block = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
+
+    def end(self, stop_reason: str, usage: dict) -> list[tuple[str, dict]]:
+        """Close the open block and the message: `message_delta` with the stop reason and usage,
+        then `message_stop`."""
+        self.finished = True
+        return self.close() + [
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"})]
+
+    def _open(self, kind: str, block: dict, force: bool = False) -> list[tuple[str, dict]]:
+        if self.block == kind and not force:
+            return []
+        events = self.close()
+        self.block = kind
+        self.block_index += 1
+        return events + [("content_block_start", {"type": "content_block_start",
+                                                  "index": self.block_index, "content_block": block})]
+
+    def _delta(self, delta: dict) -> tuple[str, dict]:
+        return ("content_block_delta", {"type": "content_block_delta", "index": self.block_index, "delta": delta})
+
+
+class OpenAIToAnthropicStream:
+    """Feed Chat Completions stream chunks, get Anthropic stream events back (name, data).
+
+    OpenAI sends text, reasoning and tool-call fragments in any interleaving, usage in a trailing
+    chunk with no choices, then `[DONE]`; the AnthropicEventWriter puts them in Anthropic's order.
+    """
+
+    def __init__(self, model: str):
+        self.writer = AnthropicEventWriter(model)
+        self.tool_id: str | None = None  # the provider's id and index of the last tool call opened
+        self.tool_index: Any = None
         self.finish_reason: str | None = None
         self.usage: dict | None = None
-        self.message_id = _new_id("msg")
 
     def feed(self, chunk: dict) -> list[tuple[str, dict]]:
         if not isinstance(chunk, dict):
@@ -2034,7 +2112,7 @@ class OpenAIToAnthropicStream:
         if chunk.get("error"):  # OpenRouter's mid-stream errors may still carry `choices`
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamError(str(error.get("message", "upstream error")), status=502, error_type="api_error")
-        events = self._start()
+        events = self.writer.start()
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
@@ -2045,12 +2123,7 @@ class OpenAIToAnthropicStream:
             parts = ([("thinking", reasoning)] if isinstance(reasoning, str) and reasoning else []) \
                 + _openai_content_parts(delta.get("content"))
             for kind, text in parts:
-                if kind == "thinking":
-                    events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                    events.append(self._delta({"type": "thinking_delta", "thinking": text}))
-                else:
-                    events += self._open("text", {"type": "text", "text": ""})
-                    events.append(self._delta({"type": "text_delta", "text": text}))
+                events += self.writer.thinking(text) if kind == "thinking" else self.writer.text(text)
             for call in delta.get("tool_calls") or []:
                 events += self._tool_fragment(call)
             if choice.get("finish_reason"):
@@ -2066,65 +2139,29 @@ class OpenAIToAnthropicStream:
         # repeat the id in every fragment, some send `"id": ""` and `"name": ""` on every fragment
         # after the first, some omit `index`, some send id, name and arguments in one chunk: all
         # of these must land in one tool_use block.
-        continues = self.block == "tool" and upstream_id in (None, self.tool_id) \
+        continues = self.writer.block == "tool" and upstream_id in (None, self.tool_id) \
             and index in (None, self.tool_index)
         events = []
         if not continues:
             signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-            events += self._open("tool", {"type": "tool_use", "name": function.get("name") or "", "input": {},
-                                          "id": signed_tool_id(upstream_id or _new_id("toolu"), signature)},
-                                 force=True)
+            events += self.writer.tool_use(signed_tool_id(upstream_id or _new_id("toolu"), signature),
+                                           function.get("name") or "")
             self.tool_id, self.tool_index = upstream_id, index
-            self.saw_tool_use = True
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+            events.append(self.writer.tool_input(arguments))
         return events
 
     def finish(self) -> list[tuple[str, dict]]:
         """The upstream said `[DONE]` (or ended cleanly): close the message exactly once."""
-        if self.finished:
+        if self.writer.finished:
             return []
         if self.finish_reason is None and self.usage is None:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        events = self._start() + self._close()
+            raise _stream_ended_early()
         stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
-        if self.saw_tool_use and stop == "end_turn":
+        if self.writer.saw_tool_use and stop == "end_turn":
             stop = "tool_use"
-        self.finished = True
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": stop, "stop_sequence": None},
-                                         "usage": _openai_usage_to_anthropic(self.usage)}))
-        events.append(("message_stop", {"type": "message_stop"}))
-        return events
-
-    def _start(self) -> list[tuple[str, dict]]:
-        if self.started:
-            return []
-        self.started = True
-        return [("message_start", {"type": "message_start", "message": {
-            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
-
-    def _open(self, kind: str, block: dict, force: bool = False) -> list[tuple[str, dict]]:
-        if self.block == kind and not force:
-            return []
-        events = self._close()
-        self.block = kind
-        self.block_index += 1
-        return events + [("content_block_start", {"type": "content_block_start",
-                                                  "index": self.block_index, "content_block": block})]
-
-    def _close(self) -> list[tuple[str, dict]]:
-        if self.block is None:
-            return []
-        self.block = None
-        self.tool_id = self.tool_index = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
-
-    def _delta(self, delta: dict) -> tuple[str, dict]:
-        return ("content_block_delta", {"type": "content_block_delta", "index": self.block_index, "delta": delta})
+        return self.writer.start() + self.writer.end(stop, _openai_usage_to_anthropic(self.usage))
 
 
 class AnthropicToOpenAIStream:
@@ -2195,7 +2232,7 @@ class AnthropicToOpenAIStream:
         if self.finished:
             return []
         if self.finish_reason is None:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+            raise _stream_ended_early()
         self.finished = True
         tail: list[Any] = []
         if self.include_usage:
@@ -2404,7 +2441,7 @@ class StreamTranslator:
             if self.machine is not None:
                 return self._encode(self.machine.finish())
             if not self.complete:
-                raise StreamTranslationError("the upstream stream ended before it finished the answer")
+                raise _stream_ended_early()
         except Exception as failure:  # a bug included: it waits its turn like the others
             self.failure = failure
         return b""
@@ -2914,7 +2951,7 @@ class ResponsesToAnthropicStream:
     """
 
     def __init__(self, model: str, reasoning_in: str = "signature"):
-        self.anthropic = OpenAIToAnthropicStream(model)  # its block bookkeeping; fed no chunks
+        self.writer = AnthropicEventWriter(model)
         self.model = model
         self.reasoning_in = reasoning_in
         self.waiting: list[dict] = []
@@ -2930,80 +2967,67 @@ class ResponsesToAnthropicStream:
         if not isinstance(data, dict):
             raise StreamTranslationError("stream event data is not a JSON object")
         kind = data.get("type", event)
-        a = self.anthropic
+        writer = self.writer
         if kind == "error":
             raise responses_error(data.get("error") if isinstance(data.get("error"), dict) else data, self.model)
         if kind == "response.failed":
             raise responses_error((data.get("response") or {}).get("error"), self.model)
-        events = a._start()
+        events = writer.start()
         item = data.get("item") if isinstance(data.get("item"), dict) else {}
         if kind == "response.output_item.added" and item.get("type") == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            events += a._open("tool", {"type": "tool_use", "name": item.get("name") or "", "input": {},
-                                       "id": reasoning_tool_id(call_id, self.waiting, self.text_length)},
-                              force=True)
+            events += writer.tool_use(reasoning_tool_id(call_id, self.waiting, self.text_length),
+                                      item.get("name") or "")
             self.waiting, self.arguments_seen = [], False
-            a.saw_tool_use = True
         elif kind == "response.output_item.added" and item.get("type") == "reasoning":
-            events += a._close()
+            events += writer.close()
             self.summary_index = None
         elif kind == "response.reasoning_summary_text.delta" and isinstance(data.get("delta"), str):
-            events += self._thinking()
             if self.summary_index not in (None, data.get("summary_index")):
-                events.append(a._delta({"type": "thinking_delta", "thinking": "\n\n"}))
+                events += writer.thinking("\n\n")
             self.summary_index = data.get("summary_index")
-            events.append(a._delta({"type": "thinking_delta", "thinking": data["delta"]}))
+            events += writer.thinking(data["delta"])
         elif kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(data.get("delta"), str):
             self.refused = self.refused or kind == "response.refusal.delta"
-            events += a._open("text", {"type": "text", "text": ""})
-            events.append(a._delta({"type": "text_delta", "text": data["delta"]}))
+            events += writer.text(data["delta"])
             self.text_length += len(data["delta"])
-        elif kind == "response.function_call_arguments.delta" and a.block == "tool":
+        elif kind == "response.function_call_arguments.delta" and writer.block == "tool":
             if isinstance(data.get("delta"), str) and data["delta"]:
                 self.arguments_seen = True
-                events.append(a._delta({"type": "input_json_delta", "partial_json": data["delta"]}))
+                events.append(writer.tool_input(data["delta"]))
         elif kind == "response.output_item.done" and item.get("type") == "function_call":
-            if a.block == "tool" and not self.arguments_seen and item.get("arguments"):
-                events.append(a._delta({"type": "input_json_delta", "partial_json": str(item["arguments"])}))
-            events += a._close()
+            if writer.block == "tool" and not self.arguments_seen and item.get("arguments"):
+                events.append(writer.tool_input(str(item["arguments"])))
+            events += writer.close()
         elif kind == "response.output_item.done" and item.get("type") == "reasoning":
             events += self._reasoning_done(item)
         elif kind in ("response.completed", "response.incomplete"):
             events += self._finish(data.get("response") if isinstance(data.get("response"), dict) else {})
         elif kind == "response.output_item.done" and item.get("type") == "message":
-            events += a._close()
+            events += writer.close()
         return events
 
-    def _thinking(self) -> list[tuple[str, dict]]:
-        return self.anthropic._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-
     def _reasoning_done(self, item: dict) -> list[tuple[str, dict]]:
-        a = self.anthropic
         events: list[tuple[str, dict]] = []
         if self.reasoning_in == "signature":
             if item.get("encrypted_content"):
-                events += self._thinking()
-                events.append(a._delta({"type": "signature_delta", "signature": reasoning_signature(item)}))
+                events += self.writer.signature(reasoning_signature(item))
         elif item.get("encrypted_content"):
             self.waiting.append(dict(item, at=self.text_length))
-        return events + a._close()
+        return events + self.writer.close()
 
     def _finish(self, response: dict) -> list[tuple[str, dict]]:
         if self.finished:
             return []
-        a = self.anthropic
         self.usage = _responses_usage_to_anthropic(response.get("usage"))
         self.reasoning_tokens = _reasoning_tokens(response.get("usage"))
-        stop = "refusal" if self.refused else _responses_stop_reason(response, a.saw_tool_use)
-        self.finished = a.finished = True
-        return a._close() + [
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                               "usage": self.usage}),
-            ("message_stop", {"type": "message_stop"})]
+        stop = "refusal" if self.refused else _responses_stop_reason(response, self.writer.saw_tool_use)
+        self.finished = True
+        return self.writer.end(stop, self.usage)
 
     def finish(self) -> list[tuple[str, dict]]:
         if not self.finished:
-            raise StreamTranslationError("the upstream stream ended before response.completed")
+            raise _stream_ended_early("response.completed")
         return []
 
 
@@ -3365,7 +3389,7 @@ class AnthropicToResponsesStream:
 
     def finish(self) -> list[tuple[str, dict]]:
         if not self.finished:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+            raise _stream_ended_early()
         return []
 
 
