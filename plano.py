@@ -1165,6 +1165,18 @@ def signed_tool_id(tool_id: str, signature: str | None) -> str:
     return tool_id + _SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode()).decode().rstrip("=")
 
 
+def _openai_call_tool_id(call: dict) -> str:
+    """The tool_use id an OpenAI tool call gets: the provider's id (or a new one when it sent
+    none) with its Gemini thought signature inside."""
+    signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+    return signed_tool_id(call.get("id") or _new_id("toolu"), signature)
+
+
+def _tool_arguments(block: dict) -> str:
+    """A tool_use block's input as OpenAI's `arguments` (a JSON string), Chat's and Responses'."""
+    return json.dumps(block.get("input", {}), ensure_ascii=False)
+
+
 def _effort_from_anthropic(body: dict) -> str | None:
     """Claude Code's thinking request as an OpenAI `reasoning_effort`, when it asks for thinking."""
     thinking = body.get("thinking")
@@ -1395,7 +1407,7 @@ def _anthropic_assistant_to_openai(content: list, where: str, model: ModelEntry)
                      f"{at}: tool_use needs string `id` and `name`")
             tool_id, signature = split_signed_tool_id(block["id"])
             call: dict[str, Any] = {"id": tool_id, "type": "function", "function": {
-                "name": block["name"], "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}}
+                "name": block["name"], "arguments": _tool_arguments(block)}}
             if signature and model.spec.thought_signatures:
                 call["extra_content"] = {"google": {"thought_signature": signature}}
             tool_calls.append(call)
@@ -1511,6 +1523,12 @@ def _anthropic_usage_to_openai(usage: Any) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _anthropic_stop_reason(finish_reason: Any, called_tools: bool) -> str:
+    """A Chat finish reason as Anthropic's stop reason, whole or streamed."""
+    stop = ANTHROPIC_STOP_FROM_OPENAI.get(finish_reason, "end_turn")
+    return "tool_use" if called_tools and stop == "end_turn" else stop  # some providers say "stop" after a call
+
+
 def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
     """A Chat Completions response as an Anthropic Messages response."""
     choices = response.get("choices") or [{}]
@@ -1529,12 +1547,9 @@ def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
             content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
-        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-        content.append({"type": "tool_use", "id": signed_tool_id(call.get("id") or _new_id("toolu"), signature),
+        content.append({"type": "tool_use", "id": _openai_call_tool_id(call),
                         "name": function.get("name") or "", "input": _json_arguments(function.get("arguments"))})
-    stop = ANTHROPIC_STOP_FROM_OPENAI.get(choices[0].get("finish_reason"), "end_turn")
-    if any(b["type"] == "tool_use" for b in content) and stop == "end_turn":
-        stop = "tool_use"  # some providers say "stop" after calling a tool
+    stop = _anthropic_stop_reason(choices[0].get("finish_reason"), any(b["type"] == "tool_use" for b in content))
     return {"id": "msg_" + str(response.get("id") or _new_id("")).removeprefix("msg_"),
             "type": "message", "role": "assistant", "model": requested_model, "content": content,
             "stop_reason": stop, "stop_sequence": None,
@@ -1575,7 +1590,7 @@ def anthropic_response_to_openai(response: dict, requested_model: str) -> dict:
             reasoning.append(block.get("thinking", ""))
         elif kind == "tool_use":
             tool_calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"), "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+                "name": block.get("name"), "arguments": _tool_arguments(block)}})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
@@ -2217,9 +2232,7 @@ class OpenAIToAnthropicStream:
             and index in (None, self.tool_index)
         events = []
         if not continues:
-            signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-            events += self.writer.tool_use(signed_tool_id(upstream_id or _new_id("toolu"), signature),
-                                           function.get("name") or "")
+            events += self.writer.tool_use(_openai_call_tool_id(call), function.get("name") or "")
             self.tool_id, self.tool_index = upstream_id, index
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
@@ -2232,9 +2245,7 @@ class OpenAIToAnthropicStream:
             return []
         if self.finish_reason is None and self.usage is None:
             raise _stream_ended_early()
-        stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
-        if self.writer.saw_tool_use and stop == "end_turn":
-            stop = "tool_use"
+        stop = _anthropic_stop_reason(self.finish_reason, self.writer.saw_tool_use)
         return self.writer.start() + self.writer.end(stop, _openai_usage_to_anthropic(self.usage))
 
 
@@ -2862,7 +2873,7 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
                     sent_reasoning.add(carried["encrypted_content"])
             flush_text(place)
             items.append({"type": "function_call", "call_id": call_id, "name": block["name"],
-                          "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)})
+                          "arguments": _tool_arguments(block)})
         elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
             continue  # only meaningful to Anthropic
         else:
@@ -3272,7 +3283,7 @@ def anthropic_response_to_responses(response: dict, requested_model: str) -> dic
             output.append(_reasoning_output_item(_new_id("rs"), summary, block.get("signature")))
         elif kind == "tool_use":
             output.append(_function_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
-                                              json.dumps(block.get("input", {}), ensure_ascii=False)))
+                                              _tool_arguments(block)))
     status = "incomplete" if response.get("stop_reason") == "max_tokens" else "completed"
     return _response_object(_new_id("resp"), int(time.time()), requested_model, status, output,
                             _responses_usage_from_anthropic(response.get("usage")))
