@@ -1109,6 +1109,9 @@ def _require(condition: bool, message: str) -> None:
         raise RequestError(message)
 
 
+_NOT_A_JSON_OBJECT = "body: must be a JSON object"  # what a request body that is not an object gets
+
+
 def _text_of(content: Any, where: str) -> str:
     """The text of a string or of a list of text blocks (Anthropic or OpenAI shaped)."""
     if content is None:
@@ -1179,6 +1182,18 @@ def signed_tool_id(tool_id: str, signature: str | None) -> str:
     return tool_id + _SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode()).decode().rstrip("=")
 
 
+def _openai_call_tool_id(call: dict) -> str:
+    """The tool_use id an OpenAI tool call gets: the provider's id (or a new one when it sent
+    none) with its Gemini thought signature inside."""
+    signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+    return signed_tool_id(call.get("id") or _new_id("toolu"), signature)
+
+
+def _tool_arguments(block: dict) -> str:
+    """A tool_use block's input as OpenAI's `arguments` (a JSON string), Chat's and Responses'."""
+    return json.dumps(block.get("input", {}), ensure_ascii=False)
+
+
 def _effort_from_anthropic(body: dict) -> str | None:
     """Claude Code's thinking request as an OpenAI `reasoning_effort`, when it asks for thinking."""
     thinking = body.get("thinking")
@@ -1195,9 +1210,63 @@ def _effort_from_anthropic(body: dict) -> str | None:
     return "medium"
 
 
+def _capped_max_tokens(given: Any, model: ModelEntry, field_name: str) -> int:
+    """A client's limit on the answer's tokens, checked, capped at what the model accepts."""
+    _require(isinstance(given, int) and not isinstance(given, bool) and given > 0,
+             f"{field_name}: must be a positive integer")
+    return model.capped(given)
+
+
+def _require_number(value: Any, field_name: str) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{field_name}: must be a number")
+
+
+def _openai_sampling(body: dict, model: ModelEntry) -> dict:
+    """An Anthropic body's temperature and top_p, checked, for an OpenAI body (Chat or Responses):
+    none for a model that takes no sampling parameters."""
+    sampling = {}
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            _require_number(body[key], key)
+            if model.takes_sampling_params:
+                sampling[key] = body[key]
+    return sampling
+
+
+_OPENAI_TOOL_CHOICE_FROM_ANTHROPIC = {"auto": "auto", "none": "none", "any": "required"}
+
+
+def _anthropic_tool_choice_to_openai(choice: dict, named: Callable[[str], dict]) -> dict:
+    """An Anthropic tool_choice as the fields of an OpenAI body: `tool_choice` (a named tool as
+    `named` writes it: Chat and Responses differ), and `parallel_tool_calls: false` for
+    `disable_parallel_tool_use`."""
+    kind = choice.get("type")
+    if isinstance(kind, str) and kind in _OPENAI_TOOL_CHOICE_FROM_ANTHROPIC:
+        fields: dict[str, Any] = {"tool_choice": _OPENAI_TOOL_CHOICE_FROM_ANTHROPIC[kind]}
+    elif kind == "tool":
+        _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
+        fields = {"tool_choice": named(choice["name"])}
+    else:
+        raise RequestError("tool_choice.type: must be auto, any, tool or none")
+    if choice.get("disable_parallel_tool_use") is True:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def _openai_user(body: dict) -> dict:
+    """An Anthropic body's `metadata.user_id` as an OpenAI body's `user` (Chat or Responses)."""
+    metadata = body.get("metadata")
+    if not (isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]):
+        return {}
+    user = metadata["user_id"]
+    # OpenAI caps `user` at 64 characters; Claude Code's is a longer JSON string. A digest keeps
+    # it a stable per-user identifier without truncating into collisions.
+    return {"user": user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()}
+
+
 def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
     """An Anthropic Messages request body as an OpenAI Chat Completions body for `model`."""
-    _require(isinstance(body, dict), "body: must be a JSON object")
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
     messages_in = body.get("messages")
     _require(isinstance(messages_in, list), "messages: must be a list")
     messages: list[dict] = []
@@ -1210,17 +1279,10 @@ def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
         messages.extend(_anthropic_message_to_openai(message, f"messages[{i}]", model))
     out: dict[str, Any] = {"model": model.model_id, "messages": messages}
 
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-                 "max_tokens: must be a positive integer")
-        out["max_completion_tokens" if model.is_reasoning_model else "max_tokens"] = model.capped(max_tokens)
-    for key in ("temperature", "top_p"):
-        if key in body and body[key] is not None:
-            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
-                     f"{key}: must be a number")
-            if model.takes_sampling_params:
-                out[key] = body[key]
+    if body.get("max_tokens") is not None:
+        out["max_completion_tokens" if model.is_reasoning_model else "max_tokens"] = \
+            _capped_max_tokens(body["max_tokens"], model, "max_tokens")
+    out.update(_openai_sampling(body, model))
     stop = body.get("stop_sequences")
     if stop:
         _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
@@ -1237,26 +1299,9 @@ def anthropic_request_to_openai(body: dict, model: ModelEntry) -> dict:
     tool_choice = body.get("tool_choice")
     if tool_choice is not None and "tools" in out:
         _require(isinstance(tool_choice, dict), "tool_choice: must be an object")
-        kind = tool_choice.get("type")
-        if kind == "auto":
-            out["tool_choice"] = "auto"
-        elif kind == "any":
-            out["tool_choice"] = "required"
-        elif kind == "none":
-            out["tool_choice"] = "none"
-        elif kind == "tool":
-            _require(isinstance(tool_choice.get("name"), str), "tool_choice.name: must be a string")
-            out["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
-        else:
-            raise RequestError("tool_choice.type: must be auto, any, tool or none")
-        if tool_choice.get("disable_parallel_tool_use") is True:
-            out["parallel_tool_calls"] = False
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
-        user = metadata["user_id"]
-        # OpenAI caps `user` at 64 characters; Claude Code's is a longer JSON string. A digest keeps
-        # it a stable per-user identifier without truncating into collisions.
-        out["user"] = user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()
+        out.update(_anthropic_tool_choice_to_openai(
+            tool_choice, lambda name: {"type": "function", "function": {"name": name}}))
+    out.update(_openai_user(body))
     effort = _effort_from_anthropic(body)
     if effort and model.is_reasoning_model:
         out["reasoning_effort"] = effort
@@ -1299,11 +1344,8 @@ def _anthropic_message_to_openai(message: Any, where: str, model: ModelEntry) ->
         _require(isinstance(block, dict), f"{at}: must be an object")
         kind = block.get("type")
         if kind == "tool_result":
-            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
-            text, images = _tool_result_content(block.get("content"), at)
-            if block.get("is_error") is True:
-                text = f"[tool error] {text}"
-            tool_messages.append({"role": "tool", "tool_call_id": split_signed_tool_id(block["tool_use_id"])[0],
+            tool_use_id, text, images = _anthropic_tool_result(block, at)
+            tool_messages.append({"role": "tool", "tool_call_id": split_signed_tool_id(tool_use_id)[0],
                                   "content": text})
             parts.extend(images)  # OpenAI tool messages carry text only; images follow as user content
         else:
@@ -1317,6 +1359,17 @@ def _anthropic_message_to_openai(message: Any, where: str, model: ModelEntry) ->
         else:
             out.append({"role": "user", "content": parts})
     return out
+
+
+def _anthropic_tool_result(block: dict, where: str) -> tuple[str, str, list[dict]]:
+    """A tool_result block as OpenAI takes one (Chat or Responses): its tool_use_id, its text
+    (an error's marked as one, OpenAI has no is_error) and its images (which go apart: OpenAI's
+    tool results carry text only)."""
+    _require(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id: must be a string")
+    text, images = _tool_result_content(block.get("content"), where)
+    if block.get("is_error") is True:
+        text = f"[tool error] {text}"
+    return block["tool_use_id"], text, images
 
 
 def _tool_result_content(content: Any, where: str) -> tuple[str, list[dict]]:
@@ -1371,7 +1424,7 @@ def _anthropic_assistant_to_openai(content: list, where: str, model: ModelEntry)
                      f"{at}: tool_use needs string `id` and `name`")
             tool_id, signature = split_signed_tool_id(block["id"])
             call: dict[str, Any] = {"id": tool_id, "type": "function", "function": {
-                "name": block["name"], "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}}
+                "name": block["name"], "arguments": _tool_arguments(block)}}
             if signature and model.spec.thought_signatures:
                 call["extra_content"] = {"google": {"thought_signature": signature}}
             tool_calls.append(call)
@@ -1447,31 +1500,50 @@ def _anthropic_usage(usage: Any) -> dict:
     return {name: usage[name] for name in _ANTHROPIC_TOKEN_COUNTS if _is_token_count(usage.get(name))}
 
 
-def _openai_usage_to_anthropic(usage: Any) -> dict:
-    if not isinstance(usage, dict):
-        return {"input_tokens": 0, "output_tokens": 0}
-    prompt = _token_count(usage.get("prompt_tokens"))
-    cached = _token_count(_usage_field(usage.get("prompt_tokens_details"), "cached_tokens"))
-    # DeepSeek reports its cache hits under its own name.
-    cached = cached or _token_count(usage.get("prompt_cache_hit_tokens"))
-    return {"input_tokens": max(prompt - cached, 0), "output_tokens": _token_count(usage.get("completion_tokens")),
+def _anthropic_usage_from_openai(prompt: int, cached: int, output: int) -> dict:
+    """OpenAI's counts (Chat's or Responses'; the prompt includes its cache reads) as Anthropic's
+    usage, which counts the cache reads apart from the input."""
+    return {"input_tokens": max(prompt - cached, 0), "output_tokens": output,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
-def _openai_reasoning_tokens(usage: Any) -> int | None:
-    """The reasoning share of an OpenAI-format answer's output tokens (Anthropic's usage has none:
-    its thinking counts as output)."""
-    tokens = _usage_field(_usage_field(usage, "completion_tokens_details"), "reasoning_tokens")
+def _openai_counts_from_anthropic(usage: Any) -> tuple[int, int, int]:
+    """(prompt, cached, output) tokens of an Anthropic usage as OpenAI counts them (Chat and
+    Responses): its prompt includes the cache reads and writes that Anthropic counts apart."""
+    usage = _anthropic_usage(usage)
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    return prompt, cached, usage.get("output_tokens", 0)
+
+
+def _openai_usage_to_anthropic(usage: Any) -> dict:
+    if not isinstance(usage, dict):
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = _token_count(_usage_field(usage.get("prompt_tokens_details"), "cached_tokens"))
+    # DeepSeek reports its cache hits under its own name.
+    cached = cached or _token_count(usage.get("prompt_cache_hit_tokens"))
+    return _anthropic_usage_from_openai(_token_count(usage.get("prompt_tokens")), cached,
+                                        _token_count(usage.get("completion_tokens")))
+
+
+def _openai_reasoning_tokens(usage: Any, details: str = "completion_tokens_details") -> int | None:
+    """The reasoning share of an OpenAI-format answer's output tokens, in Chat's usage or (with
+    `details="output_tokens_details"`) Responses' (Anthropic's usage has none: its thinking counts
+    as output)."""
+    tokens = _usage_field(_usage_field(usage, details), "reasoning_tokens")
     return tokens if _is_token_count(tokens) else None
 
 
 def _anthropic_usage_to_openai(usage: Any) -> dict:
-    usage = _anthropic_usage(usage)
-    cached = usage.get("cache_read_input_tokens", 0)
-    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
-    completion = usage.get("output_tokens", 0)
+    prompt, cached, completion = _openai_counts_from_anthropic(usage)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _anthropic_stop_reason(finish_reason: Any, called_tools: bool) -> str:
+    """A Chat finish reason as Anthropic's stop reason, whole or streamed."""
+    stop = ANTHROPIC_STOP_FROM_OPENAI.get(finish_reason, "end_turn")
+    return "tool_use" if called_tools and stop == "end_turn" else stop  # some providers say "stop" after a call
 
 
 def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
@@ -1492,12 +1564,9 @@ def openai_response_to_anthropic(response: dict, requested_model: str) -> dict:
             content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
-        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-        content.append({"type": "tool_use", "id": signed_tool_id(call.get("id") or _new_id("toolu"), signature),
+        content.append({"type": "tool_use", "id": _openai_call_tool_id(call),
                         "name": function.get("name") or "", "input": _json_arguments(function.get("arguments"))})
-    stop = ANTHROPIC_STOP_FROM_OPENAI.get(choices[0].get("finish_reason"), "end_turn")
-    if any(b["type"] == "tool_use" for b in content) and stop == "end_turn":
-        stop = "tool_use"  # some providers say "stop" after calling a tool
+    stop = _anthropic_stop_reason(choices[0].get("finish_reason"), any(b["type"] == "tool_use" for b in content))
     return {"id": "msg_" + str(response.get("id") or _new_id("")).removeprefix("msg_"),
             "type": "message", "role": "assistant", "model": requested_model, "content": content,
             "stop_reason": stop, "stop_sequence": None,
@@ -1538,7 +1607,7 @@ def anthropic_response_to_openai(response: dict, requested_model: str) -> dict:
             reasoning.append(block.get("thinking", ""))
         elif kind == "tool_use":
             tool_calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"), "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+                "name": block.get("name"), "arguments": _tool_arguments(block)}})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
@@ -1556,7 +1625,7 @@ _REASONING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576
 
 def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     """A Chat Completions request body as an Anthropic Messages body for `model`."""
-    _require(isinstance(body, dict), "body: must be a JSON object")
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
     messages_in = body.get("messages")
     _require(isinstance(messages_in, list) and messages_in, "messages: must be a non-empty list")
     system_parts: list[str] = []
@@ -1589,14 +1658,7 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
     if system_parts:
         out["system"] = "\n".join(system_parts)
-    temperature = body.get("temperature")
-    if temperature is not None:
-        _require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool),
-                 "temperature: must be a number")
-        out["temperature"] = min(max(float(temperature), 0.0), 1.0)  # Anthropic's range is 0–1
-    if body.get("top_p") is not None:
-        _require(isinstance(body["top_p"], (int, float)), "top_p: must be a number")
-        out["top_p"] = body["top_p"]
+    out.update(_anthropic_sampling(body))
     stop = body.get("stop")
     if stop:
         stop = [stop] if isinstance(stop, str) else stop
@@ -1607,20 +1669,14 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     if tools:
         _require(isinstance(tools, list), "tools: must be a list")
         out["tools"] = [_openai_tool_to_anthropic(t, f"tools[{i}]") for i, t in enumerate(tools)]
-        choice = _openai_tool_choice_to_anthropic(body.get("tool_choice"))
-        if body.get("parallel_tool_calls") is False:
-            choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
+        choice = _openai_tool_choice_to_anthropic(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice:
             out["tool_choice"] = choice
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     effort = body.get("reasoning_effort")
     _require(effort is None or isinstance(effort, str), "reasoning_effort: must be a string")
-    if effort in _REASONING_BUDGET and effort != "none":
-        budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
-        if budget >= 1024:  # Anthropic's minimum thinking budget
-            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            out.pop("temperature", None)  # thinking requires the default temperature
+    _think_with_effort(out, effort)
     if body.get("stream") is True:
         out["stream"] = True
     return out
@@ -1629,11 +1685,30 @@ def openai_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
 def _anthropic_max_tokens(given: Any, model: ModelEntry, field_name: str) -> int:
     """The `max_tokens` an Anthropic upstream gets (it requires one) for a client's limit, or for
     none: capped at what the model accepts, as translation the other way caps it."""
-    if given is None:
-        return model.default_max_tokens
-    _require(isinstance(given, int) and not isinstance(given, bool) and given > 0,
-             f"{field_name}: must be a positive integer")
-    return model.capped(given)
+    return model.default_max_tokens if given is None else _capped_max_tokens(given, model, field_name)
+
+
+def _anthropic_sampling(body: dict) -> dict:
+    """An OpenAI body's temperature and top_p (Chat or Responses), checked, for an Anthropic body."""
+    sampling = {}
+    if body.get("temperature") is not None:
+        _require_number(body["temperature"], "temperature")
+        sampling["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)  # Anthropic's range is 0–1
+    if body.get("top_p") is not None:
+        _require_number(body["top_p"], "top_p")
+        sampling["top_p"] = body["top_p"]
+    return sampling
+
+
+def _think_with_effort(out: dict, effort: Any) -> None:
+    """An Anthropic body `out` thinking with the budget of an OpenAI reasoning effort (Chat's
+    `reasoning_effort`, Responses' `reasoning.effort`), when its max_tokens leaves room for it."""
+    if effort not in _REASONING_BUDGET:
+        return  # no effort, or "none"
+    budget = min(_REASONING_BUDGET[effort], out["max_tokens"] - 1)
+    if budget >= 1024:  # Anthropic's minimum thinking budget
+        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        out.pop("temperature", None)  # thinking requires the default temperature
 
 
 def _append_anthropic(messages: list[dict], role: str, blocks: list[dict]) -> None:
@@ -1705,17 +1780,24 @@ def _openai_tool_to_anthropic(tool: Any, where: str) -> dict:
     return out
 
 
-def _openai_tool_choice_to_anthropic(choice: Any) -> dict | None:
+_ANTHROPIC_TOOL_CHOICE_FROM_OPENAI = {word: anthropic for anthropic, word in _OPENAI_TOOL_CHOICE_FROM_ANTHROPIC.items()}
+
+
+def _openai_tool_choice_to_anthropic(choice: Any, parallel_tool_calls: Any) -> dict | None:
+    """A Chat tool_choice as Anthropic's, with `parallel_tool_calls: false` as its
+    `disable_parallel_tool_use` (on the default choice, auto, when there is none)."""
     if choice is None:
-        return None
-    if choice in ("auto", "none"):
-        return {"type": choice}
-    if choice == "required":
-        return {"type": "any"}
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+        anthropic = None
+    elif isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICE_FROM_OPENAI:
+        anthropic = {"type": _ANTHROPIC_TOOL_CHOICE_FROM_OPENAI[choice]}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
             and isinstance(choice["function"].get("name"), str):
-        return {"type": "tool", "name": choice["function"]["name"]}
-    raise RequestError("tool_choice: must be auto, none, required or {type: function, function: {name}}")
+        anthropic = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise RequestError("tool_choice: must be auto, none, required or {type: function, function: {name}}")
+    if parallel_tool_calls is False:
+        anthropic = dict(anthropic or {"type": "auto"}, disable_parallel_tool_use=True)
+    return anthropic
 
 
 def _new_id(prefix: str) -> str:
@@ -2023,27 +2105,112 @@ class StreamTranslationError(Exception):
     """The upstream stream broke its own protocol (bad JSON, missing end)."""
 
 
-class OpenAIToAnthropicStream:
-    """Feed Chat Completions stream chunks, get Anthropic stream events back (name, data).
+def _event_kind(event: str | None, data: Any) -> Any:
+    """What a stream event is: the `type` in its data (which must be an object), else its name."""
+    if not isinstance(data, dict):
+        raise StreamTranslationError("stream event data is not a JSON object")
+    return data.get("type", event)
+
+
+def _stream_ended_early(awaited: str = "it finished the answer") -> StreamTranslationError:
+    """The failure of a stream that ended before the event that ends its answer."""
+    return StreamTranslationError(f"the upstream stream ended before {awaited}")
+
+
+class AnthropicEventWriter:
+    """Writes one Anthropic Messages stream, as (event name, data) pairs.
 
     Anthropic clients need `message_start` first, one content block open at a time with indices
-    counting up from 0, and exactly one `message_delta` + `message_stop` at the end; OpenAI sends
-    text, reasoning and tool-call fragments in any interleaving, usage in a trailing chunk with
-    no choices, then `[DONE]`.
+    counting up from 0, and exactly one `message_delta` + `message_stop` at the end. The stream
+    machines that answer in Anthropic's format (from Chat chunks, from Responses events) decide
+    what to say; this says it in that order.
     """
 
     def __init__(self, model: str):
         self.model = model
+        self.message_id = _new_id("msg")
         self.started = False
         self.finished = False
         self.block: str | None = None  # kind of the open block: "text" | "thinking" | "tool"
         self.block_index = -1
-        self.tool_id: str | None = None  # the provider's id and index of the open tool call
-        self.tool_index: Any = None
         self.saw_tool_use = False
+
+    def start(self) -> list[tuple[str, dict]]:
+        """`message_start`, the first time only."""
+        if self.started:
+            return []
+        self.started = True
+        return [("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def text(self, text: str) -> list[tuple[str, dict]]:
+        """A piece of answer text, in the open text block or a new one."""
+        return self._open("text", {"type": "text", "text": ""}) + [self._delta({"type": "text_delta", "text": text})]
+
+    def thinking(self, text: str) -> list[tuple[str, dict]]:
+        """A piece of thinking, in the open thinking block or a new one."""
+        return self.open_thinking() + [self._delta({"type": "thinking_delta", "thinking": text})]
+
+    def signature(self, signature: str) -> list[tuple[str, dict]]:
+        """The signature of the open thinking block (or of a new, empty one)."""
+        return self.open_thinking() + [self._delta({"type": "signature_delta", "signature": signature})]
+
+    def open_thinking(self) -> list[tuple[str, dict]]:
+        return self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+
+    def tool_use(self, tool_id: str, name: str) -> list[tuple[str, dict]]:
+        """A new tool_use block, even right after another one."""
+        self.saw_tool_use = True
+        return self._open("tool", {"type": "tool_use", "name": name, "input": {}, "id": tool_id}, force=True)
+
+    def tool_input(self, partial_json: str) -> tuple[str, dict]:
+        """A piece of the open tool_use block's input."""
+        return self._delta({"type": "input_json_delta", "partial_json": partial_json})
+
+    def close(self) -> list[tuple[str, dict]]:
+        """`content_block_stop` for the open block, if one is."""
+        if self.block is None:
+            return []
+        self.block = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
+
+    def end(self, stop_reason: str, usage: dict) -> list[tuple[str, dict]]:
+        """Close the open block and the message: `message_delta` with the stop reason and usage,
+        then `message_stop`."""
+        self.finished = True
+        return self.close() + [
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"})]
+
+    def _open(self, kind: str, block: dict, force: bool = False) -> list[tuple[str, dict]]:
+        if self.block == kind and not force:
+            return []
+        events = self.close()
+        self.block = kind
+        self.block_index += 1
+        return events + [("content_block_start", {"type": "content_block_start",
+                                                  "index": self.block_index, "content_block": block})]
+
+    def _delta(self, delta: dict) -> tuple[str, dict]:
+        return ("content_block_delta", {"type": "content_block_delta", "index": self.block_index, "delta": delta})
+
+
+class OpenAIToAnthropicStream:
+    """Feed Chat Completions stream chunks, get Anthropic stream events back (name, data).
+
+    OpenAI sends text, reasoning and tool-call fragments in any interleaving, usage in a trailing
+    chunk with no choices, then `[DONE]`; the AnthropicEventWriter puts them in Anthropic's order.
+    """
+
+    def __init__(self, model: str):
+        self.writer = AnthropicEventWriter(model)
+        self.tool_id: str | None = None  # the provider's id and index of the last tool call opened
+        self.tool_index: Any = None
         self.finish_reason: str | None = None
         self.usage: dict | None = None
-        self.message_id = _new_id("msg")
 
     def feed(self, chunk: dict) -> list[tuple[str, dict]]:
         if not isinstance(chunk, dict):
@@ -2051,7 +2218,7 @@ class OpenAIToAnthropicStream:
         if chunk.get("error"):  # OpenRouter's mid-stream errors may still carry `choices`
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamError(str(error.get("message", "upstream error")), status=502, error_type="api_error")
-        events = self._start()
+        events = self.writer.start()
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
@@ -2062,12 +2229,7 @@ class OpenAIToAnthropicStream:
             parts = ([("thinking", reasoning)] if isinstance(reasoning, str) and reasoning else []) \
                 + _openai_content_parts(delta.get("content"))
             for kind, text in parts:
-                if kind == "thinking":
-                    events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                    events.append(self._delta({"type": "thinking_delta", "thinking": text}))
-                else:
-                    events += self._open("text", {"type": "text", "text": ""})
-                    events.append(self._delta({"type": "text_delta", "text": text}))
+                events += self.writer.thinking(text) if kind == "thinking" else self.writer.text(text)
             for call in delta.get("tool_calls") or []:
                 events += self._tool_fragment(call)
             if choice.get("finish_reason"):
@@ -2083,65 +2245,33 @@ class OpenAIToAnthropicStream:
         # repeat the id in every fragment, some send `"id": ""` and `"name": ""` on every fragment
         # after the first, some omit `index`, some send id, name and arguments in one chunk: all
         # of these must land in one tool_use block.
-        continues = self.block == "tool" and upstream_id in (None, self.tool_id) \
+        continues = self.writer.block == "tool" and upstream_id in (None, self.tool_id) \
             and index in (None, self.tool_index)
         events = []
         if not continues:
-            signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-            events += self._open("tool", {"type": "tool_use", "name": function.get("name") or "", "input": {},
-                                          "id": signed_tool_id(upstream_id or _new_id("toolu"), signature)},
-                                 force=True)
+            events += self.writer.tool_use(_openai_call_tool_id(call), function.get("name") or "")
             self.tool_id, self.tool_index = upstream_id, index
-            self.saw_tool_use = True
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+            events.append(self.writer.tool_input(arguments))
         return events
 
     def finish(self) -> list[tuple[str, dict]]:
         """The upstream said `[DONE]` (or ended cleanly): close the message exactly once."""
-        if self.finished:
+        if self.writer.finished:
             return []
         if self.finish_reason is None and self.usage is None:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
-        events = self._start() + self._close()
-        stop = ANTHROPIC_STOP_FROM_OPENAI.get(self.finish_reason or "stop", "end_turn")
-        if self.saw_tool_use and stop == "end_turn":
-            stop = "tool_use"
-        self.finished = True
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": stop, "stop_sequence": None},
-                                         "usage": _openai_usage_to_anthropic(self.usage)}))
-        events.append(("message_stop", {"type": "message_stop"}))
-        return events
+            raise _stream_ended_early()
+        stop = _anthropic_stop_reason(self.finish_reason, self.writer.saw_tool_use)
+        return self.writer.start() + self.writer.end(stop, _openai_usage_to_anthropic(self.usage))
 
-    def _start(self) -> list[tuple[str, dict]]:
-        if self.started:
-            return []
-        self.started = True
-        return [("message_start", {"type": "message_start", "message": {
-            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
 
-    def _open(self, kind: str, block: dict, force: bool = False) -> list[tuple[str, dict]]:
-        if self.block == kind and not force:
-            return []
-        events = self._close()
-        self.block = kind
-        self.block_index += 1
-        return events + [("content_block_start", {"type": "content_block_start",
-                                                  "index": self.block_index, "content_block": block})]
-
-    def _close(self) -> list[tuple[str, dict]]:
-        if self.block is None:
-            return []
-        self.block = None
-        self.tool_id = self.tool_index = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
-
-    def _delta(self, delta: dict) -> tuple[str, dict]:
-        return ("content_block_delta", {"type": "content_block_delta", "index": self.block_index, "delta": delta})
+def _anthropic_error_event(data: dict) -> UpstreamError:
+    """An Anthropic stream's `error` event (the provider failed after its 200) as plano's error."""
+    error = data.get("error") if isinstance(data.get("error"), dict) else {}
+    return UpstreamError(str(error.get("message", "upstream stream error")),
+                         status=529 if error.get("type") == "overloaded_error" else 502,
+                         error_type=str(error.get("type") or "api_error"))
 
 
 class AnthropicToOpenAIStream:
@@ -2167,9 +2297,7 @@ class AnthropicToOpenAIStream:
         return chunk
 
     def feed(self, event: str | None, data: dict) -> list[Any]:
-        if not isinstance(data, dict):
-            raise StreamTranslationError("stream event data is not a JSON object")
-        kind = data.get("type", event)
+        kind = _event_kind(event, data)
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
             self.usage.update(_anthropic_usage(message.get("usage")))
@@ -2202,17 +2330,14 @@ class AnthropicToOpenAIStream:
         if kind == "message_stop":
             return self.finish()
         if kind == "error":
-            error = data.get("error") if isinstance(data.get("error"), dict) else {}
-            raise UpstreamError(str(error.get("message", "upstream stream error")),
-                                status=529 if error.get("type") == "overloaded_error" else 502,
-                                error_type=str(error.get("type") or "api_error"))
+            raise _anthropic_error_event(data)
         return []  # ping, content_block_stop, and event types added later
 
     def finish(self) -> list[Any]:
         if self.finished:
             return []
         if self.finish_reason is None:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+            raise _stream_ended_early()
         self.finished = True
         tail: list[Any] = []
         if self.include_usage:
@@ -2230,7 +2355,7 @@ def replace_json_model(raw: str, model_id: str) -> str:
     ws = re.compile(r"[ \t\n\r]*")
     i = ws.match(raw, 0).end()
     if raw[i:i + 1] != "{":
-        raise RequestError("body: must be a JSON object")
+        raise RequestError(_NOT_A_JSON_OBJECT)
     i = ws.match(raw, i + 1).end()
     replacement = json.dumps(model_id, ensure_ascii=False)
     while raw[i:i + 1] == '"':
@@ -2421,7 +2546,7 @@ class StreamTranslator:
             if self.machine is not None:
                 return self._encode(self.machine.finish())
             if not self.complete:
-                raise StreamTranslationError("the upstream stream ended before it finished the answer")
+                raise _stream_ended_early()
         except Exception as failure:  # a bug included: it waits its turn like the others
             self.failure = failure
         return b""
@@ -2640,7 +2765,7 @@ def _input_text(text: str, role: str) -> dict:
 
 def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
     """An Anthropic Messages request body as a Responses request body for `model`."""
-    _require(isinstance(body, dict), "body: must be a JSON object")
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
     messages_in = body.get("messages")
     _require(isinstance(messages_in, list), "messages: must be a list")
     items: list[dict] = []
@@ -2651,17 +2776,9 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
     if system:
         out["instructions"] = system
     out["input"] = items
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-                 "max_tokens: must be a positive integer")
-        out["max_output_tokens"] = model.capped(max_tokens)
-    for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            _require(isinstance(body[key], (int, float)) and not isinstance(body[key], bool),
-                     f"{key}: must be a number")
-            if model.takes_sampling_params:
-                out[key] = body[key]
+    if body.get("max_tokens") is not None:
+        out["max_output_tokens"] = _capped_max_tokens(body["max_tokens"], model, "max_tokens")
+    out.update(_openai_sampling(body, model))
     tools = []
     _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     for i, tool in enumerate(body.get("tools") or []):
@@ -2678,24 +2795,10 @@ def anthropic_request_to_responses(body: dict, model: ModelEntry) -> dict:
                           "parameters": function["parameters"], "strict": False})
     if tools:
         out["tools"] = tools
-        choice = body.get("tool_choice")
-        if isinstance(choice, dict):
-            kind = choice.get("type")
-            if kind in ("auto", "none"):
-                out["tool_choice"] = kind
-            elif kind == "any":
-                out["tool_choice"] = "required"
-            elif kind == "tool":
-                _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
-                out["tool_choice"] = {"type": "function", "name": choice["name"]}
-            else:
-                raise RequestError("tool_choice.type: must be auto, any, tool or none")
-            if choice.get("disable_parallel_tool_use") is True:
-                out["parallel_tool_calls"] = False
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
-        user = metadata["user_id"]
-        out["user"] = user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()
+        if isinstance(body.get("tool_choice"), dict):
+            out.update(_anthropic_tool_choice_to_openai(body["tool_choice"],
+                                                        lambda name: {"type": "function", "name": name}))
+    out.update(_openai_user(body))
     if model.is_reasoning_model:
         reasoning: dict[str, Any] = {"summary": "auto"}
         effort = _effort_from_anthropic(body)
@@ -2728,11 +2831,8 @@ def _anthropic_message_to_responses(message: Any, where: str) -> list[dict]:
         at = f"{where}.content[{i}]"
         _require(isinstance(block, dict), f"{at}: must be an object")
         if block.get("type") == "tool_result":
-            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
-            text, images = _tool_result_content(block.get("content"), at)
-            if block.get("is_error") is True:
-                text = f"[tool error] {text}"
-            call_id = split_reasoning_tool_id(split_signed_tool_id(block["tool_use_id"])[0])[0]
+            tool_use_id, text, images = _anthropic_tool_result(block, at)
+            call_id = split_reasoning_tool_id(split_signed_tool_id(tool_use_id)[0])[0]
             outputs.append({"type": "function_call_output", "call_id": call_id, "output": text})
             parts += [{"type": "input_image", "image_url": image["image_url"]["url"]} for image in images]
             continue
@@ -2790,7 +2890,7 @@ def _anthropic_assistant_to_responses(content: list, where: str) -> list[dict]:
                     sent_reasoning.add(carried["encrypted_content"])
             flush_text(place)
             items.append({"type": "function_call", "call_id": call_id, "name": block["name"],
-                          "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)})
+                          "arguments": _tool_arguments(block)})
         elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
             continue  # only meaningful to Anthropic
         else:
@@ -2829,7 +2929,7 @@ def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
         out.pop("max_output_tokens", None)
     _keep_sampling(body, out, model)
     effort = body.get("reasoning_effort")
-    if model.is_reasoning_model and effort in ("minimal", "low", "medium", "high"):
+    if model.is_reasoning_model and effort in _REASONING_BUDGET:
         out["reasoning"]["effort"] = effort
     return out
 
@@ -2837,14 +2937,14 @@ def openai_request_to_responses(body: dict, model: ModelEntry) -> dict:
 def _responses_usage_to_anthropic(usage: Any) -> dict:
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    cached = _token_count(_usage_field(usage.get("input_tokens_details"), "cached_tokens"))
-    return {"input_tokens": max(_token_count(usage.get("input_tokens")) - cached, 0),
-            "output_tokens": _token_count(usage.get("output_tokens")),
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+    return _anthropic_usage_from_openai(_token_count(usage.get("input_tokens")),
+                                        _token_count(_usage_field(usage.get("input_tokens_details"), "cached_tokens")),
+                                        _token_count(usage.get("output_tokens")))
 
 
 def _reasoning_tokens(usage: Any) -> int:
-    return _token_count(_usage_field(_usage_field(usage, "output_tokens_details"), "reasoning_tokens"))
+    """The reasoning share of a Responses answer's output tokens, 0 when it says none."""
+    return _openai_reasoning_tokens(usage, "output_tokens_details") or 0
 
 
 def _summary_text(item: dict) -> str:
@@ -2931,7 +3031,7 @@ class ResponsesToAnthropicStream:
     """
 
     def __init__(self, model: str, reasoning_in: str = "signature"):
-        self.anthropic = OpenAIToAnthropicStream(model)  # its block bookkeeping; fed no chunks
+        self.writer = AnthropicEventWriter(model)
         self.model = model
         self.reasoning_in = reasoning_in
         self.waiting: list[dict] = []
@@ -2944,83 +3044,68 @@ class ResponsesToAnthropicStream:
         self.finished = False
 
     def feed(self, event: str | None, data: dict) -> list[tuple[str, dict]]:
-        if not isinstance(data, dict):
-            raise StreamTranslationError("stream event data is not a JSON object")
-        kind = data.get("type", event)
-        a = self.anthropic
+        kind = _event_kind(event, data)
+        writer = self.writer
         if kind == "error":
             raise responses_error(data.get("error") if isinstance(data.get("error"), dict) else data, self.model)
         if kind == "response.failed":
             raise responses_error((data.get("response") or {}).get("error"), self.model)
-        events = a._start()
+        events = writer.start()
         item = data.get("item") if isinstance(data.get("item"), dict) else {}
         if kind == "response.output_item.added" and item.get("type") == "function_call":
             call_id = str(item.get("call_id") or _new_id("call"))
-            events += a._open("tool", {"type": "tool_use", "name": item.get("name") or "", "input": {},
-                                       "id": reasoning_tool_id(call_id, self.waiting, self.text_length)},
-                              force=True)
+            events += writer.tool_use(reasoning_tool_id(call_id, self.waiting, self.text_length),
+                                      item.get("name") or "")
             self.waiting, self.arguments_seen = [], False
-            a.saw_tool_use = True
         elif kind == "response.output_item.added" and item.get("type") == "reasoning":
-            events += a._close()
+            events += writer.close()
             self.summary_index = None
         elif kind == "response.reasoning_summary_text.delta" and isinstance(data.get("delta"), str):
-            events += self._thinking()
             if self.summary_index not in (None, data.get("summary_index")):
-                events.append(a._delta({"type": "thinking_delta", "thinking": "\n\n"}))
+                events += writer.thinking("\n\n")
             self.summary_index = data.get("summary_index")
-            events.append(a._delta({"type": "thinking_delta", "thinking": data["delta"]}))
+            events += writer.thinking(data["delta"])
         elif kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(data.get("delta"), str):
             self.refused = self.refused or kind == "response.refusal.delta"
-            events += a._open("text", {"type": "text", "text": ""})
-            events.append(a._delta({"type": "text_delta", "text": data["delta"]}))
+            events += writer.text(data["delta"])
             self.text_length += len(data["delta"])
-        elif kind == "response.function_call_arguments.delta" and a.block == "tool":
+        elif kind == "response.function_call_arguments.delta" and writer.block == "tool":
             if isinstance(data.get("delta"), str) and data["delta"]:
                 self.arguments_seen = True
-                events.append(a._delta({"type": "input_json_delta", "partial_json": data["delta"]}))
+                events.append(writer.tool_input(data["delta"]))
         elif kind == "response.output_item.done" and item.get("type") == "function_call":
-            if a.block == "tool" and not self.arguments_seen and item.get("arguments"):
-                events.append(a._delta({"type": "input_json_delta", "partial_json": str(item["arguments"])}))
-            events += a._close()
+            if writer.block == "tool" and not self.arguments_seen and item.get("arguments"):
+                events.append(writer.tool_input(str(item["arguments"])))
+            events += writer.close()
         elif kind == "response.output_item.done" and item.get("type") == "reasoning":
             events += self._reasoning_done(item)
         elif kind in ("response.completed", "response.incomplete"):
             events += self._finish(data.get("response") if isinstance(data.get("response"), dict) else {})
         elif kind == "response.output_item.done" and item.get("type") == "message":
-            events += a._close()
+            events += writer.close()
         return events
 
-    def _thinking(self) -> list[tuple[str, dict]]:
-        return self.anthropic._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-
     def _reasoning_done(self, item: dict) -> list[tuple[str, dict]]:
-        a = self.anthropic
         events: list[tuple[str, dict]] = []
         if self.reasoning_in == "signature":
             if item.get("encrypted_content"):
-                events += self._thinking()
-                events.append(a._delta({"type": "signature_delta", "signature": reasoning_signature(item)}))
+                events += self.writer.signature(reasoning_signature(item))
         elif item.get("encrypted_content"):
             self.waiting.append(dict(item, at=self.text_length))
-        return events + a._close()
+        return events + self.writer.close()
 
     def _finish(self, response: dict) -> list[tuple[str, dict]]:
         if self.finished:
             return []
-        a = self.anthropic
         self.usage = _responses_usage_to_anthropic(response.get("usage"))
         self.reasoning_tokens = _reasoning_tokens(response.get("usage"))
-        stop = "refusal" if self.refused else _responses_stop_reason(response, a.saw_tool_use)
-        self.finished = a.finished = True
-        return a._close() + [
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                               "usage": self.usage}),
-            ("message_stop", {"type": "message_stop"})]
+        stop = "refusal" if self.refused else _responses_stop_reason(response, self.writer.saw_tool_use)
+        self.finished = True
+        return self.writer.end(stop, self.usage)
 
     def finish(self) -> list[tuple[str, dict]]:
         if not self.finished:
-            raise StreamTranslationError("the upstream stream ended before response.completed")
+            raise _stream_ended_early("response.completed")
         return []
 
 
@@ -3099,11 +3184,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         system_parts.insert(0, instructions)
     if system_parts:
         out["system"] = "\n".join(system_parts)
-    if body.get("temperature") is not None:
-        _require(isinstance(body["temperature"], (int, float)), "temperature: must be a number")
-        out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
+    out.update(_anthropic_sampling(body))
     _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
     tools = [{"name": t["name"], "input_schema": t.get("parameters") or {"type": "object", "properties": {}},
               **({"description": t["description"]} if isinstance(t.get("description"), str) else {})}
@@ -3114,24 +3195,18 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         choice = body.get("tool_choice")
         if isinstance(choice, dict) and choice.get("type") == "function":
             _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
-            anthropic_choice: dict | None = {"type": "tool", "name": choice["name"]}
-        else:
-            anthropic_choice = {"auto": {"type": "auto"}, "none": {"type": "none"},
-                                "required": {"type": "any"}}.get(choice) if isinstance(choice, str) else None
-        if body.get("parallel_tool_calls") is False:
-            anthropic_choice = dict(anthropic_choice or {"type": "auto"}, disable_parallel_tool_use=True)
-        if anthropic_choice:
-            out["tool_choice"] = anthropic_choice
+            choice = {"type": "function", "function": {"name": choice["name"]}}  # as Chat names it
+        elif not (isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICE_FROM_OPENAI):
+            choice = None  # hosted tools, allowed_tools: Anthropic has no word for them; the default stands
+        choice = _openai_tool_choice_to_anthropic(choice, body.get("parallel_tool_calls"))
+        if choice:
+            out["tool_choice"] = choice
     user = body.get("safety_identifier") or body.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     _require(effort is None or isinstance(effort, str), "reasoning.effort: must be a string")
-    if effort in _REASONING_BUDGET:
-        budget = min(_REASONING_BUDGET[effort], max_tokens - 1)
-        if budget >= 1024:
-            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            out.pop("temperature", None)
+    _think_with_effort(out, effort)
     if body.get("stream") is True:
         out["stream"] = True
     return out
@@ -3181,10 +3256,7 @@ def _keep_sampling(body: dict, out: dict, model: ModelEntry) -> None:
 
 
 def _responses_usage_from_anthropic(usage: Any) -> dict:
-    usage = _anthropic_usage(usage)
-    cached = usage.get("cache_read_input_tokens", 0)
-    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
-    output = usage.get("output_tokens", 0)
+    prompt, cached, output = _openai_counts_from_anthropic(usage)
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
 
@@ -3228,7 +3300,7 @@ def anthropic_response_to_responses(response: dict, requested_model: str) -> dic
             output.append(_reasoning_output_item(_new_id("rs"), summary, block.get("signature")))
         elif kind == "tool_use":
             output.append(_function_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
-                                              json.dumps(block.get("input", {}), ensure_ascii=False)))
+                                              _tool_arguments(block)))
     status = "incomplete" if response.get("stop_reason") == "max_tokens" else "completed"
     return _response_object(_new_id("resp"), int(time.time()), requested_model, status, output,
                             _responses_usage_from_anthropic(response.get("usage")))
@@ -3268,14 +3340,9 @@ class AnthropicToResponsesStream:
         return _response_object(self.response_id, self.created, self.model, status, list(self.output), usage)
 
     def feed(self, event: str | None, data: dict) -> list[tuple[str, dict]]:
-        if not isinstance(data, dict):
-            raise StreamTranslationError("stream event data is not a JSON object")
-        kind = data.get("type", event)
+        kind = _event_kind(event, data)
         if kind == "error":
-            error = data.get("error") if isinstance(data.get("error"), dict) else {}
-            raise UpstreamError(str(error.get("message", "upstream stream error")),
-                                status=529 if error.get("type") == "overloaded_error" else 502,
-                                error_type=str(error.get("type") or "api_error"))
+            raise _anthropic_error_event(data)
         events = self._start()
         if kind == "message_start":
             message = data.get("message") if isinstance(data.get("message"), dict) else {}
@@ -3382,7 +3449,7 @@ class AnthropicToResponsesStream:
 
     def finish(self) -> list[tuple[str, dict]]:
         if not self.finished:
-            raise StreamTranslationError("the upstream stream ended before it finished the answer")
+            raise _stream_ended_early()
         return []
 
 
@@ -6624,7 +6691,7 @@ def _parse_json_body(raw: bytes) -> dict:
     except ValueError as e:
         raise RequestError(f"body: not valid JSON ({e})") from None
     if not isinstance(body, dict):
-        raise RequestError("body: must be a JSON object")
+        raise RequestError(_NOT_A_JSON_OBJECT)
     return body
 
 

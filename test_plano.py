@@ -9118,6 +9118,20 @@ def test_a_router_model_load_puts_llama_cpps_default_params_back_and_leaves_its_
         backend.close_model()
 
 
+# ── issue 19: each wire rule written once ─────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("field, value", [("temperature", True), ("top_p", True), ("top_p", "high")])
+def test_chat_and_responses_requests_for_anthropic_refuse_a_sampling_parameter_that_is_no_number(field, value):
+    # One rule for both translations to Anthropic: a Responses request's top_p went unchecked to
+    # the provider, and a boolean passed as a number in one or the other.
+    model = configured_model("anthropic/claude-sonnet-5")
+    for translate, body in ((plano.openai_request_to_anthropic, {"model": "m", "messages": [USER_HI]}),
+                            (plano.responses_request_to_anthropic, {"model": "m", "input": "hi"})):
+        with pytest.raises(plano.RequestError, match=f"^{field}: must be a number$"):
+            translate(dict(body, **{field: value}), model)
+        assert translate(dict(body, **{field: 0.5}), model)[field] == 0.5
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
