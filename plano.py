@@ -2,14 +2,30 @@
 providers behind it, and the model for each request picked from your own plain-language
 preferences by the Arch-Router-1.5B model running in-process on the CPU.
 
-Layers, top to bottom (a layer only uses the ones above it):
+Contents: one section per `# ═══` banner, in this order (grep a title to get there). A section
+uses only the ones above it, which a test in test_plano.py keeps true:
 
-    errors → provider catalogue → config → wire formats (pure translation, SSE, stream state
-    machines) → upstream client (HTTP/1.1 keep-alive to providers under httpx) → router
-    (prompt, trimming, backends, decision cache) → usage ledger (SQLite) → capabilities (can a
-    model take the request) → gateway (one request: parse → choose model → call upstream →
-    answer) → HTTP server (trio + h11) → CLI (commands, doctor, agent wiring,
-    main) → the live page's HTML (data the gateway reads when it serves the page)
+     1. Errors
+     2. Provider catalogue
+     3. Config
+     4. Wire formats, JSON from others
+     5. Wire formats, Anthropic ⇄ Chat bodies
+     6. Wire formats, server-sent events
+     7. Wire formats, provider errors
+     8. Wire formats, Responses
+     9. Wire formats, streams end to end
+    10. Wire formats, one upstream exchange
+    11. Upstream client
+    12. Router
+    13. Usage ledger
+    14. Capabilities
+    15. Gateway
+    16. HTTP server
+    17. CLI, the commands
+    18. CLI, doctor
+    19. CLI, agent wiring
+    20. CLI, the entry point
+    21. The live page
 
 Library use::
 
@@ -1087,9 +1103,129 @@ def _article(noun: str) -> str:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# Wire formats: Anthropic Messages ⇄ OpenAI Chat Completions, as pure functions on plain dicts,
-# and server-sent events with small state machines that translate streams event by event.
-# Nothing here does I/O.
+# Wire formats, JSON from others: what plano takes from clients and providers (UTF-8, bounded
+# depth and size, one copy of each key). Nothing in the wire sections does I/O.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+class JSONLimitError(ValueError):
+    """JSON plano does not take: past a bound (depth, number of values), or ambiguous (a key twice
+    in one object, a lone UTF-16 surrogate). A ValueError, so whatever refuses unreadable JSON
+    refuses it too."""
+
+
+def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
+    """JSON text from a client or a provider, parsed within MAX_JSON_DEPTH and MAX_JSON_ITEMS.
+
+    Bytes must be UTF-8 (RFC 8259 §8.1; json.loads would also take UTF-16, UTF-32 and encoded
+    surrogates). The bounds are checked on the text before it is parsed, so that no deep or dense
+    body is ever built; a lone surrogate (`"\\ud83d"`, half of a cut emoji) is refused because
+    it cannot be encoded again for the provider. With `unique_keys`, an object with a key twice
+    is refused: parsers disagree on which copy counts (Python's last, others the first), so plano
+    would route and bill on one and the provider read the other. Raises ValueError.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        encoding = json.detect_encoding(text)
+        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: json.loads names it below
+            raise JSONLimitError(f"the text is {encoding.upper()}; JSON must be UTF-8")
+        raw, text = bytes(text), text.decode("utf-8")
+    else:
+        raw = text
+    check_json_structure(raw)
+    surrogate = _lone_surrogate(text)
+    if surrogate is not None:
+        raise JSONLimitError(f"a string holds \\u{surrogate}, a lone UTF-16 surrogate (half of a "
+                             "character, as when an emoji is cut); JSON text must be whole characters")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_members if unique_keys else None)
+    except RecursionError:  # not after check_json_structure; kept so that no input can make it a 500
+        raise JSONLimitError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+# What lies outside JSON strings, reduced to its structure: `(` opens an array or object, `)`
+# closes one, `,` separates values; everything else is dropped.
+_JSON_STRUCTURE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_JSON_STRUCTURE = bytes(set(range(256)) - set(b"[]{},"))
+
+
+def check_json_structure(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> None:
+    """Refuse JSON text that nests deeper than `max_depth` or holds more than `max_items` values,
+    from its text alone: a few passes of C string methods (~3 ms a MiB, about what parsing a
+    conversation costs and a fraction of what dense JSON does: bench/wire_bounds.py), none of
+    them recursive, and none building the value."""
+    quote, backslash, comma, bracket, brace = ('"', "\\", ",", "[", "{") if isinstance(text, str) \
+        else (b'"', b"\\", b",", b"[", b"{")
+    opening = text.count(bracket) + text.count(brace)
+    if opening <= max_depth and opening + text.count(comma) <= max_items:
+        return  # counted in strings too, these bound depth and values: most stream events, long texts
+    # Without its escaped backslashes and then its escaped quotes, every quote left opens or closes
+    # a string, so the even pieces between quotes are what lies outside strings.
+    empty = quote[:0]
+    outside = empty.join(text.replace(backslash * 2, empty).replace(backslash + quote, empty).split(quote)[::2])
+    if isinstance(outside, str):
+        outside = outside.encode("utf-8", "surrogatepass")
+    structure = outside.translate(_JSON_STRUCTURE, _NOT_JSON_STRUCTURE)
+    items = len(structure) - structure.count(b")")  # a value after each `,`, one in each container
+    if items > max_items:
+        raise JSONLimitError(f"holds more than {max_items:,} values (array elements and object members)")
+    brackets = structure.replace(b",", b"")
+    if b"(" * (max_depth + 1) in brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+    # Each pass removes the innermost containers, one level of depth: `max_depth` passes empty any
+    # text within the bound.
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        shallower = brackets.replace(b"()", b"")
+        if len(shallower) == len(brackets):
+            return  # brackets that do not pair up: not JSON, which the parser says better
+        brackets = shallower
+    if brackets:
+        raise JSONLimitError(f"nests deeper than {max_depth} levels")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = json.dumps(key)  # escaped: a key is the client's text, headed for a log line
+                shown = shown if len(shown) <= 80 else shown[:77] + '…"'
+                raise JSONLimitError(f"the key {shown} appears twice in one object; JSON with a key twice "
+                                     "is ambiguous (parsers keep different copies)")
+            seen.add(key)
+    return members
+
+
+# A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
+# one would make it an escaped backslash followed by the letter u). The hint is a quicker search
+# (a regular expression's literal prefix beats `in` with a 3-character needle) that finds none in
+# most texts.
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The hex digits of the first surrogate escape in JSON text that is not half of a pair (a
+    high one right before a low one, as `\\ud83d\\ude00` writes 😀), else None."""
+    if _SURROGATE_HINT.search(text) is None:
+        return None
+    high: re.Match | None = None  # a high surrogate waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if int(match.group(1), 16) < 0xDC00:
+            if high is not None:
+                return high.group(1)
+            high = match
+        elif high is not None and high.end() == match.start():
+            high = None
+        else:
+            return match.group(1)
+    return high.group(1) if high is not None else None
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, Anthropic ⇄ Chat bodies: Anthropic Messages ⇄ OpenAI Chat Completions requests
+# and answers, as pure functions on plain dicts, and the token estimate for count_tokens.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 # `eos` (end of sequence) is Together's own finish reason for a model that stopped by itself.
@@ -1855,125 +1991,10 @@ def estimate_tokens(body: dict) -> int:
     return math.ceil(chars / 4) + images + 3 * blocks
 
 
-# ── JSON from others ──────────────────────────────────────────────────────────────────────────
-
-class JSONLimitError(ValueError):
-    """JSON plano does not take: past a bound (depth, number of values), or ambiguous (a key twice
-    in one object, a lone UTF-16 surrogate). A ValueError, so whatever refuses unreadable JSON
-    refuses it too."""
-
-
-def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
-    """JSON text from a client or a provider, parsed within MAX_JSON_DEPTH and MAX_JSON_ITEMS.
-
-    Bytes must be UTF-8 (RFC 8259 §8.1; json.loads would also take UTF-16, UTF-32 and encoded
-    surrogates). The bounds are checked on the text before it is parsed, so that no deep or dense
-    body is ever built; a lone surrogate (`"\\ud83d"`, half of a cut emoji) is refused because
-    it cannot be encoded again for the provider. With `unique_keys`, an object with a key twice
-    is refused: parsers disagree on which copy counts (Python's last, others the first), so plano
-    would route and bill on one and the provider read the other. Raises ValueError.
-    """
-    if isinstance(text, (bytes, bytearray)):
-        encoding = json.detect_encoding(text)
-        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: json.loads names it below
-            raise JSONLimitError(f"the text is {encoding.upper()}; JSON must be UTF-8")
-        raw, text = bytes(text), text.decode("utf-8")
-    else:
-        raw = text
-    check_json_structure(raw)
-    surrogate = _lone_surrogate(text)
-    if surrogate is not None:
-        raise JSONLimitError(f"a string holds \\u{surrogate}, a lone UTF-16 surrogate (half of a "
-                             "character, as when an emoji is cut); JSON text must be whole characters")
-    try:
-        return json.loads(text, object_pairs_hook=_unique_members if unique_keys else None)
-    except RecursionError:  # not after check_json_structure; kept so that no input can make it a 500
-        raise JSONLimitError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
-
-
-# What lies outside JSON strings, reduced to its structure: `(` opens an array or object, `)`
-# closes one, `,` separates values; everything else is dropped.
-_JSON_STRUCTURE = bytes.maketrans(b"[{]}", b"(())")
-_NOT_JSON_STRUCTURE = bytes(set(range(256)) - set(b"[]{},"))
-
-
-def check_json_structure(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> None:
-    """Refuse JSON text that nests deeper than `max_depth` or holds more than `max_items` values,
-    from its text alone: a few passes of C string methods (~3 ms a MiB, about what parsing a
-    conversation costs and a fraction of what dense JSON does: bench/wire_bounds.py), none of
-    them recursive, and none building the value."""
-    quote, backslash, comma, bracket, brace = ('"', "\\", ",", "[", "{") if isinstance(text, str) \
-        else (b'"', b"\\", b",", b"[", b"{")
-    opening = text.count(bracket) + text.count(brace)
-    if opening <= max_depth and opening + text.count(comma) <= max_items:
-        return  # counted in strings too, these bound depth and values: most stream events, long texts
-    # Without its escaped backslashes and then its escaped quotes, every quote left opens or closes
-    # a string, so the even pieces between quotes are what lies outside strings.
-    empty = quote[:0]
-    outside = empty.join(text.replace(backslash * 2, empty).replace(backslash + quote, empty).split(quote)[::2])
-    if isinstance(outside, str):
-        outside = outside.encode("utf-8", "surrogatepass")
-    structure = outside.translate(_JSON_STRUCTURE, _NOT_JSON_STRUCTURE)
-    items = len(structure) - structure.count(b")")  # a value after each `,`, one in each container
-    if items > max_items:
-        raise JSONLimitError(f"holds more than {max_items:,} values (array elements and object members)")
-    brackets = structure.replace(b",", b"")
-    if b"(" * (max_depth + 1) in brackets:
-        raise JSONLimitError(f"nests deeper than {max_depth} levels")
-    # Each pass removes the innermost containers, one level of depth: `max_depth` passes empty any
-    # text within the bound.
-    for _ in range(max_depth):
-        if not brackets:
-            return
-        shallower = brackets.replace(b"()", b"")
-        if len(shallower) == len(brackets):
-            return  # brackets that do not pair up: not JSON, which the parser says better
-        brackets = shallower
-    if brackets:
-        raise JSONLimitError(f"nests deeper than {max_depth} levels")
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
-    members = dict(pairs)
-    if len(members) < len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                shown = json.dumps(key)  # escaped: a key is the client's text, headed for a log line
-                shown = shown if len(shown) <= 80 else shown[:77] + '…"'
-                raise JSONLimitError(f"the key {shown} appears twice in one object; JSON with a key twice "
-                                     "is ambiguous (parsers keep different copies)")
-            seen.add(key)
-    return members
-
-
-# A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
-# one would make it an escaped backslash followed by the letter u). The hint is a quicker search
-# (a regular expression's literal prefix beats `in` with a 3-character needle) that finds none in
-# most texts.
-_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
-_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _lone_surrogate(text: str) -> str | None:
-    """The hex digits of the first surrogate escape in JSON text that is not half of a pair (a
-    high one right before a low one, as `\\ud83d\\ude00` writes 😀), else None."""
-    if _SURROGATE_HINT.search(text) is None:
-        return None
-    high: re.Match | None = None  # a high surrogate waiting for its low half
-    for match in _SURROGATE_ESCAPE.finditer(text):
-        if int(match.group(1), 16) < 0xDC00:
-            if high is not None:
-                return high.group(1)
-            high = match
-        elif high is not None and high.end() == match.start():
-            high = None
-        else:
-            return match.group(1)
-    return high.group(1) if high is not None else None
-
-
-# ── server-sent events ────────────────────────────────────────────────────────────────────────
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, server-sent events: SSE decoding and encoding, and the Anthropic ⇄ Chat stream
+# machines (feed one upstream event, get the client's events back).
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
 @dataclass(frozen=True)
 class SSEEvent:
@@ -2375,7 +2396,9 @@ def replace_json_model(raw: str, model_id: str) -> str:
     return raw[:brace + 1] + f'"model":{replacement}{separator}' + rest
 
 
-# ── provider errors ───────────────────────────────────────────────────────────────────────────
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, provider errors: a provider's error answer in the client's own format.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
 # Headers of a provider's error answer that reach the client: when to retry (both SDKs honour
 # retry-after-ms, retry-after and x-should-retry), the request id people quote to the provider's
@@ -2466,188 +2489,11 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
                          body=answer(error_type, message, client_status, **openai_fields))
 
 
-# ── streams, end to end ───────────────────────────────────────────────────────────────────────
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, Responses: OpenAI's Responses API to and from both formats above, bodies and
+# streams, and the Responses front door.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 
-class StreamTranslator:
-    """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
-
-    When both sides speak the same format the provider's bytes go on untouched, each event once
-    its blank line has arrived, watched for the end of the answer and its usage; otherwise every
-    event goes through the format's state machine. An event that fails (the provider's error
-    event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
-    still returns what the events before it produced, and the failure waits in `failure` for the
-    caller to raise once that is sent, so what the client sees does not depend on where the
-    network reads happened to fall.
-    """
-
-    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
-        self.upstream_format = upstream_format
-        self.client_format = client_format
-        self.decoder = SSEDecoder()
-        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
-        if "responses" in (upstream_format, client_format) and upstream_format != client_format:
-            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage)
-        elif upstream_format != client_format:
-            self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
-                else AnthropicToOpenAIStream(model, include_usage)
-        self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
-        self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
-        self.failure: Exception | None = None  # UpstreamError, StreamTranslationError, or a bug
-        self._passthrough_usage: dict = {}
-        self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
-        self._passthrough_responses_reasoning: int | None = None
-        self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
-        self._unended = bytearray()  # passthrough: the provider's bytes of an event that has not ended yet
-        self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
-
-    def feed(self, raw: bytes) -> bytes:
-        if self.failure is not None:
-            return b""
-        if self.machine is None and self.ended:
-            return b""  # the stream's last event has gone by: anything after it is not part of it
-        events = self.decoder.feed(raw)
-        if self.machine is None:
-            # Only whole events go on: a stream cut off mid-event must not hand the client half of
-            # one, which its own error event would then run into; and nothing after the event that
-            # ended the answer ([DONE], message_stop, an error).
-            self._unended += raw  # appended, not joined anew: an event in many reads costs its size once
-            cut = self.decoder.fed - self.decoder.unended
-            for event, end in zip(events, self.decoder.ends):
-                self._watch(event)
-                if self.ended:
-                    cut = end
-                    break
-            if self.decoder.too_large and not self.ended:
-                cut = self.decoder.ends[-1] if self.decoder.ends else self._forwarded
-                self.failure = self._too_large()
-            start, self._forwarded = self._forwarded, cut
-            out = bytes(self._unended[:cut - start])
-            if self.ended or self.failure is not None:
-                self._unended.clear()
-            else:
-                del self._unended[:cut - start]
-            return out
-        out = self._translate(events)
-        if self.decoder.too_large and self.failure is None:
-            self.failure = self._too_large()
-        return out
-
-    def _too_large(self) -> StreamTranslationError:
-        return StreamTranslationError(f"the provider sent a stream event larger than plano's limit of "
-                                      f"{self.decoder.max_event_bytes:,} bytes")
-
-    def close(self) -> bytes:
-        """The upstream body ended: the answer's end, or a failure if it had not finished."""
-        self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
-        self._unended.clear()
-        if self.failure is not None:
-            return b""
-        try:
-            if self.machine is not None:
-                return self._encode(self.machine.finish())
-            if not self.complete:
-                raise _stream_ended_early()
-        except Exception as failure:  # a bug included: it waits its turn like the others
-            self.failure = failure
-        return b""
-
-    @property
-    def usage(self) -> dict:
-        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
-        if isinstance(self.machine, OpenAIToAnthropicStream):
-            return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
-        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain)):
-            return self.machine.usage
-        return self._passthrough_usage
-
-    @property
-    def reasoning_tokens(self) -> int | None:
-        if isinstance(self.machine, OpenAIToAnthropicStream):
-            return _openai_reasoning_tokens(self.machine.usage)
-        if isinstance(self.machine, ResponsesStreamChain):
-            return self.machine.reasoning_tokens
-        if self.upstream_format == "responses" and self.machine is None:
-            return self._passthrough_responses_reasoning
-        return _openai_reasoning_tokens(self._passthrough_openai_usage) if self.machine is None else None
-
-    def _translate(self, events: list[SSEEvent]) -> bytes:
-        out = b""
-        for event in events:
-            if self.failure is not None:
-                break
-            try:
-                data = None if event.data.strip() == "[DONE]" else self._json(event)
-                self._check_usage(data)
-                if isinstance(self.machine, OpenAIToAnthropicStream):
-                    out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
-                elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
-                    out += self._encode(self.machine.feed(event.event, data))
-                elif isinstance(self.machine, ResponsesStreamChain):
-                    out += self._encode(self.machine.feed(event.event, data))
-            except Exception as failure:  # a bug too: the events before it still go out first
-                self.failure = failure
-        return out
-
-    def _encode(self, items: list[Any]) -> bytes:
-        if self.client_format in ("anthropic", "responses"):
-            return b"".join(encode_sse(data, name) for name, data in items)
-        return b"".join(encode_sse(item) for item in items)
-
-    def _check_usage(self, data: Any) -> None:
-        if len(self.unusable_usage) < 8:  # what the log line shows; a stream may repeat them in every event
-            self.unusable_usage += unusable_token_counts(data)[:8 - len(self.unusable_usage)]
-
-    @staticmethod
-    def _json(event: SSEEvent) -> Any:
-        try:
-            return parse_json(event.data, unique_keys=False)
-        except ValueError:
-            raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
-
-    def _watch(self, event: SSEEvent) -> None:
-        if self.upstream_format == "openai" and event.data.strip() == "[DONE]":
-            self.complete = self.ended = True
-            return
-        try:
-            data = parse_json(event.data, unique_keys=False)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
-            return
-        self._check_usage(data)
-        if self.upstream_format == "openai":
-            if isinstance(data.get("usage"), dict):
-                self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
-                self._passthrough_openai_usage = data["usage"]
-            if data.get("error"):
-                # The provider's own error ends the answer: plano adds no error of its own (its
-                # [DONE], when OpenRouter sends one after, still goes on as sent).
-                self.complete = True
-            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
-                # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
-                # streams after the usage chunk without ever sending [DONE], as the translation
-                # to Anthropic already accepts.
-                self.complete = True
-            return
-        if self.upstream_format == "responses":
-            if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
-                self.complete = True  # a failure is the provider's own end too, forwarded as it is
-                usage = (data.get("response") or {}).get("usage")
-                if usage:
-                    self._passthrough_usage = _responses_usage_to_anthropic(usage)
-                    self._passthrough_responses_reasoning = _reasoning_tokens(usage)
-            return
-        kind = data.get("type")
-        if kind in ("message_stop", "error"):
-            self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
-        elif kind == "message_start":
-            self._passthrough_usage.update(_anthropic_usage(_usage_field(data.get("message"), "usage")))
-        elif kind == "message_delta":
-            self._passthrough_usage.update(_anthropic_usage(data.get("usage")))
-
-
-# ── Wire formats: OpenAI Responses ────────────────────────────────────────────────────────────
-#
 # The Responses API (POST {base_url}/responses) is the only API that serves OpenAI's codex and
 # -pro models, and the one Codex speaks. plano translates it to and from the two formats above
 # and keeps no state: what a later request needs (the encrypted reasoning of a tool loop) rides
@@ -3519,7 +3365,194 @@ def responses_stream_error(error_type: str, message: str) -> dict:
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message, "param": None}}
 
 
-# ── one upstream exchange: what goes to the provider, what comes back to the client ──────────
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, streams end to end: one upstream stream as the bytes its client gets, through
+# the stream machine its pair of formats needs (or passed through).
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+class StreamTranslator:
+    """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
+
+    When both sides speak the same format the provider's bytes go on untouched, each event once
+    its blank line has arrived, watched for the end of the answer and its usage; otherwise every
+    event goes through the format's state machine. An event that fails (the provider's error
+    event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
+    still returns what the events before it produced, and the failure waits in `failure` for the
+    caller to raise once that is sent, so what the client sees does not depend on where the
+    network reads happened to fall.
+    """
+
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
+        self.upstream_format = upstream_format
+        self.client_format = client_format
+        self.decoder = SSEDecoder()
+        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
+        if "responses" in (upstream_format, client_format) and upstream_format != client_format:
+            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage)
+        elif upstream_format != client_format:
+            self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
+                else AnthropicToOpenAIStream(model, include_usage)
+        self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
+        self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
+        self.failure: Exception | None = None  # UpstreamError, StreamTranslationError, or a bug
+        self._passthrough_usage: dict = {}
+        self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
+        self._passthrough_responses_reasoning: int | None = None
+        self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
+        self._unended = bytearray()  # passthrough: the provider's bytes of an event that has not ended yet
+        self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
+
+    def feed(self, raw: bytes) -> bytes:
+        if self.failure is not None:
+            return b""
+        if self.machine is None and self.ended:
+            return b""  # the stream's last event has gone by: anything after it is not part of it
+        events = self.decoder.feed(raw)
+        if self.machine is None:
+            # Only whole events go on: a stream cut off mid-event must not hand the client half of
+            # one, which its own error event would then run into; and nothing after the event that
+            # ended the answer ([DONE], message_stop, an error).
+            self._unended += raw  # appended, not joined anew: an event in many reads costs its size once
+            cut = self.decoder.fed - self.decoder.unended
+            for event, end in zip(events, self.decoder.ends):
+                self._watch(event)
+                if self.ended:
+                    cut = end
+                    break
+            if self.decoder.too_large and not self.ended:
+                cut = self.decoder.ends[-1] if self.decoder.ends else self._forwarded
+                self.failure = self._too_large()
+            start, self._forwarded = self._forwarded, cut
+            out = bytes(self._unended[:cut - start])
+            if self.ended or self.failure is not None:
+                self._unended.clear()
+            else:
+                del self._unended[:cut - start]
+            return out
+        out = self._translate(events)
+        if self.decoder.too_large and self.failure is None:
+            self.failure = self._too_large()
+        return out
+
+    def _too_large(self) -> StreamTranslationError:
+        return StreamTranslationError(f"the provider sent a stream event larger than plano's limit of "
+                                      f"{self.decoder.max_event_bytes:,} bytes")
+
+    def close(self) -> bytes:
+        """The upstream body ended: the answer's end, or a failure if it had not finished."""
+        self.decoder.close()  # an event cut off before its blank line is dropped, never passed on
+        self._unended.clear()
+        if self.failure is not None:
+            return b""
+        try:
+            if self.machine is not None:
+                return self._encode(self.machine.finish())
+            if not self.complete:
+                raise _stream_ended_early()
+        except Exception as failure:  # a bug included: it waits its turn like the others
+            self.failure = failure
+        return b""
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        if isinstance(self.machine, OpenAIToAnthropicStream):
+            return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
+        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain)):
+            return self.machine.usage
+        return self._passthrough_usage
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.machine, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.machine.usage)
+        if isinstance(self.machine, ResponsesStreamChain):
+            return self.machine.reasoning_tokens
+        if self.upstream_format == "responses" and self.machine is None:
+            return self._passthrough_responses_reasoning
+        return _openai_reasoning_tokens(self._passthrough_openai_usage) if self.machine is None else None
+
+    def _translate(self, events: list[SSEEvent]) -> bytes:
+        out = b""
+        for event in events:
+            if self.failure is not None:
+                break
+            try:
+                data = None if event.data.strip() == "[DONE]" else self._json(event)
+                self._check_usage(data)
+                if isinstance(self.machine, OpenAIToAnthropicStream):
+                    out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
+                elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
+                    out += self._encode(self.machine.feed(event.event, data))
+                elif isinstance(self.machine, ResponsesStreamChain):
+                    out += self._encode(self.machine.feed(event.event, data))
+            except Exception as failure:  # a bug too: the events before it still go out first
+                self.failure = failure
+        return out
+
+    def _encode(self, items: list[Any]) -> bytes:
+        if self.client_format in ("anthropic", "responses"):
+            return b"".join(encode_sse(data, name) for name, data in items)
+        return b"".join(encode_sse(item) for item in items)
+
+    def _check_usage(self, data: Any) -> None:
+        if len(self.unusable_usage) < 8:  # what the log line shows; a stream may repeat them in every event
+            self.unusable_usage += unusable_token_counts(data)[:8 - len(self.unusable_usage)]
+
+    @staticmethod
+    def _json(event: SSEEvent) -> Any:
+        try:
+            return parse_json(event.data, unique_keys=False)
+        except ValueError:
+            raise StreamTranslationError(f"the provider sent an unreadable stream event: {event.data[:80]!r}") from None
+
+    def _watch(self, event: SSEEvent) -> None:
+        if self.upstream_format == "openai" and event.data.strip() == "[DONE]":
+            self.complete = self.ended = True
+            return
+        try:
+            data = parse_json(event.data, unique_keys=False)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        self._check_usage(data)
+        if self.upstream_format == "openai":
+            if isinstance(data.get("usage"), dict):
+                self._passthrough_usage = _openai_usage_to_anthropic(data["usage"])
+                self._passthrough_openai_usage = data["usage"]
+            if data.get("error"):
+                # The provider's own error ends the answer: plano adds no error of its own (its
+                # [DONE], when OpenRouter sends one after, still goes on as sent).
+                self.complete = True
+            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
+                # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
+                # streams after the usage chunk without ever sending [DONE], as the translation
+                # to Anthropic already accepts.
+                self.complete = True
+            return
+        if self.upstream_format == "responses":
+            if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
+                self.complete = True  # a failure is the provider's own end too, forwarded as it is
+                usage = (data.get("response") or {}).get("usage")
+                if usage:
+                    self._passthrough_usage = _responses_usage_to_anthropic(usage)
+                    self._passthrough_responses_reasoning = _reasoning_tokens(usage)
+            return
+        kind = data.get("type")
+        if kind in ("message_stop", "error"):
+            self.complete = self.ended = True  # an error event is the provider's own end, forwarded as it is
+        elif kind == "message_start":
+            self._passthrough_usage.update(_anthropic_usage(_usage_field(data.get("message"), "usage")))
+        elif kind == "message_delta":
+            self._passthrough_usage.update(_anthropic_usage(data.get("usage")))
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, one upstream exchange: what goes to the provider, what comes back to the client.
+# Values only (a timeout is a value, carried for the transport), no I/O.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
 # Pure functions of the request and the model: the gateway's Upstreams sends what these build.
 
 @dataclass(frozen=True)
@@ -7957,7 +7990,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# The live page's document, at the end of the file so that its HTML does not sit among the code.
+# The live page: its document, at the end of the file so that its HTML does not sit among the code.
 # The gateway reads it only when it serves the page.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 

@@ -9068,6 +9068,15 @@ def test_no_top_level_definition_of_plano_uses_a_name_defined_in_a_later_section
     assert upward_references(source, late=LATE_BY_DESIGN) == []
 
 
+def test_the_table_of_contents_names_every_section_by_its_banner_in_order():
+    source = Path(plano.__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    rules = [number for number, line in enumerate(lines) if line.startswith("# ═")]
+    banners = [lines[opening + 1].lstrip("# ").split(":")[0] for opening in rules[::2]]
+    contents = re.findall(r"^ +\d+\. (.+)$", plano.__doc__.split("Contents:")[1].split("\n\n\n")[0], re.M)
+    assert contents == banners
+
+
 def test_the_layering_check_finds_each_kind_of_upward_reference_and_not_a_local_that_shares_a_name():
     rule = "# " + "═" * 20
     source = "\n".join([
