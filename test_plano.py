@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import re
+import selectors
 import signal
 import socket
 import ssl
@@ -465,7 +466,38 @@ class ResponsesStandIn:
 
 
 class _StandInServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server on loopback that stops at once. socketserver's own serve_forever
+    polls for shutdown every 0.5 s, so each stand-in took half a second to stop (about two minutes
+    of the suite); here the loop waits on the listener and on a wake-up socket that shutdown()
+    writes to, as the XXX in socketserver.serve_forever suggests."""
+
     request_queue_size = 256  # the default backlog of 5 resets connections under load tests
+    daemon_threads = True  # a handler still writing to a client that left does not hold up the suite
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake_up, self._wake_up_writer = socket.socketpair()
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_up, selectors.EVENT_READ)
+                while not any(key.fileobj is self._wake_up for key, _ in selector.select()):
+                    self._handle_request_noblock()  # what socketserver's loop does with a ready listener
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stops serve_forever (running in another thread) and waits until it has returned."""
+        self._wake_up_writer.send(b"x")
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_up.close()
+        self._wake_up_writer.close()
 
 
 class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
@@ -511,7 +543,6 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
         self.server = _StandInServer(("127.0.0.1", 0), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -7436,7 +7467,7 @@ def page_server(html: str):
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    server = _StandInServer(("127.0.0.1", 0), Page)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
