@@ -624,12 +624,17 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> "StandInProvider":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 @pytest.fixture
 def provider():
-    stand_in = StandInProvider()
-    yield stand_in
-    stand_in.close()
+    with StandInProvider() as stand_in:
+        yield stand_in
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -745,9 +750,8 @@ def router_ready(url: str) -> bool:
 
 @pytest.fixture
 def gateway(provider):
-    running = RunningPlano(config_for(provider))
-    yield running
-    running.stop()
+    with RunningPlano(config_for(provider)) as running:
+        yield running
 
 
 def anthropic_client(running: RunningPlano, **kw: Any) -> anthropic.Anthropic:
@@ -2795,13 +2799,10 @@ def only_model(provider: StandInProvider, model: str) -> RunningPlano:
 
 def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
     provider.then(Reply(429, raw=ANTHROPIC_RATE_LIMIT, headers={"retry-after": "12", "request-id": "req_x"}))
-    running = only_model(provider, "anthropic/claude-sonnet-5")
-    try:
+    with only_model(provider, "anthropic/claude-sonnet-5") as running:
         with pytest.raises(anthropic.RateLimitError) as caught:
             anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
                                                       messages=[USER_HI])
-    finally:
-        running.stop()
     assert caught.value.response.content == ANTHROPIC_RATE_LIMIT
     assert (caught.value.response.headers["retry-after"], caught.value.request_id) == ("12", "req_x")
 
@@ -2810,12 +2811,9 @@ def test_a_forwarded_error_body_that_echoes_the_key_is_scrubbed(provider):
     echoed = (b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode()
               + b'", "code": "insufficient_quota"}}')
     provider.then(Reply(429, raw=echoed))
-    running = only_model(provider, "openai/gpt-4o")
-    try:
+    with only_model(provider, "openai/gpt-4o") as running:
         response = httpx.post(running.url + "/v1/chat/completions",
                               json={"model": "openai/gpt-4o", "messages": [USER_HI]})
-    finally:
-        running.stop()
     assert response.status_code == 429 and OPENAI_KEY not in response.text
     assert response.json()["error"]["code"] == "insufficient_quota"
 
@@ -2973,14 +2971,11 @@ def test_moonshot_zhipu_qwen_and_minimax_use_their_documented_anthropic_endpoint
     ("qwen", "x-api-key", "k-provider"),  # its docs: ANTHROPIC_API_KEY
     ("minimax", "x-api-key", "k-provider")])
 def test_a_new_providers_key_reaches_its_anthropic_endpoint_as_its_docs_say(provider, prefix, header, value):
-    running = RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
-                                              f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
-                                              path=CONFIG_PATH, environ={}))
-    provider.then(Reply(raw=ANTHROPIC_ANSWER))
-    try:
+    with RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
+                                         f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
+                                         path=CONFIG_PATH, environ={})) as running:
+        provider.then(Reply(raw=ANTHROPIC_ANSWER))
         answer = openai_client(running).chat.completions.create(model=f"{prefix}/some-model", messages=[USER_HI])
-    finally:
-        running.stop()
     sent = provider.requests[-1]
     assert (sent.path, sent.headers[header], sent.json["model"]) == ("/v1/messages", value, "some-model")
     assert answer.choices[0].message.content == "hi"
@@ -3157,16 +3152,13 @@ def test_a_recorded_answer_reaches_both_sdks(provider, name, mode):
     upstream = "anthropic" if name.startswith("anthropic-") else "openai"
     client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
     expected = recorded_answer(name)
-    running = replaying(provider, name)
-    try:
+    with replaying(provider, name) as running:
         got, raw = ask_with_sdk(running, client_format, stream=name.endswith(".sse"))
         if mode == "passthrough" and name.endswith(".sse"):
             provider.then(Reply(sse=[(RECORDED / name).read_bytes()]))
             raw = httpx.post(running.url + ("/v1/messages" if upstream == "anthropic" else "/v1/chat/completions"),
                              json={"model": running.config.models[0].name, "max_tokens": 5, "stream": True,
                                    "messages": [USER_HI]}).content
-    finally:
-        running.stop()
     assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
     if expected.error:
         assert got.error is not None and expected.error in got.error
@@ -3192,17 +3184,14 @@ def test_a_recorded_error_reaches_both_sdks(provider, name, mode):
     client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
     recording = (RECORDED / name).read_bytes()
     status = int(re.search(r"\.(\d{3})\.json$", name).group(1))
-    running = replaying(provider, name)
-    model = running.config.models[0].name
-    try:
+    with replaying(provider, name) as running:
+        model = running.config.models[0].name
         if client_format == "anthropic":
             with pytest.raises(anthropic.APIStatusError) as caught:
                 anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
         else:
             with pytest.raises(openai.APIStatusError) as caught:
                 openai_client(running).chat.completions.create(model=model, messages=[USER_HI])
-    finally:
-        running.stop()
     assert caught.value.status_code == status
     if mode == "passthrough":
         assert caught.value.response.content == recording
@@ -3312,6 +3301,12 @@ class LoopbackServer:
     def close(self) -> None:
         self.listener.close()
 
+    def __enter__(self) -> "LoopbackServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class SoupProvider(LoopbackServer):
     """A provider that answers every request with the bytes it is given, then hangs up."""
@@ -3339,12 +3334,8 @@ class SoupProvider(LoopbackServer):
 def test_a_provider_speaking_garbage_is_a_502_naming_the_problem():
     provider = SoupProvider()
     provider.answer = b"SMTP ready\r\n\r\n"
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with provider, RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         response = ask(running)
-    finally:
-        running.stop()
-        provider.close()
     assert response.status_code == 502
     assert "cannot reach" in response.json()["error"]["message"]
     assert "RemoteProtocolError" in response.json()["error"]["message"]
@@ -3390,14 +3381,10 @@ def one_model_config(base_url: str) -> plano.Config:
 
 
 def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
-    provider = KeepAliveThenCloseProvider()
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with KeepAliveThenCloseProvider() as provider, \
+            RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         answers = [ask(running, f"say {n}") for n in range(3)]
         health = running.gateway.upstreams.health.failures
-    finally:
-        running.stop()
-        provider.close()
     assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text
     assert {a.headers["x-plano-decision"] for a in answers} == {"explicit"}  # no failover
     assert provider.connections == 3  # each retry went out on a fresh connection, once
@@ -3407,12 +3394,8 @@ def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_
 def test_a_provider_that_hangs_up_without_answering_is_a_502_that_says_so():
     provider = SoupProvider()
     provider.answer = b""  # reads the request, closes the connection
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with provider, RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         response = ask(running)
-    finally:
-        running.stop()
-        provider.close()
     assert response.status_code == 502
     message = response.json()["error"]["message"]
     assert "closed the connection without answering" in message and "ConnectionClosed" not in message
@@ -3571,12 +3554,8 @@ def test_an_https_proxy_url_means_tls_to_the_proxy_then_the_tunnel_inside(tls_pr
     proxy = StandInProxy(credentials=PROXY_CREDENTIALS, tls=tls_server_context(authority))
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"https://{PROXY_USER}@localhost:{proxy.port}")  # as Claude Code's docs write it
-    running = RunningPlano(config_for(provider))
-    try:
+    with proxy, RunningPlano(config_for(provider)) as running:
         assert ask(running, "say twice wrapped").json()["content"][0]["text"] == "echo: say twice wrapped"
-    finally:
-        running.stop()
-        proxy.close()
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1",
                            PROXY_BASIC)]
 
@@ -3672,9 +3651,8 @@ def responses_config(provider: StandInProvider, *more_models: dict) -> plano.Con
 
 @pytest.fixture
 def responses_gateway(provider):
-    running = RunningPlano(responses_config(provider))
-    yield running
-    running.stop()
+    with RunningPlano(responses_config(provider)) as running:
+        yield running
 
 
 def upstream_requests(provider: StandInProvider, suffix: str) -> list[Recorded]:
@@ -4647,10 +4625,9 @@ async def test_remote_router_timeout_falls_back(provider):
 
 @pytest.fixture
 def routed_gateway(provider, tiny_router_model):
-    running = RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto")
-    wait_until(lambda: router_ready(running.url), what="the router loaded")
-    yield running
-    running.stop()
+    with RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
+        yield running
 
 
 def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again(routed_gateway, provider):
@@ -5989,9 +5966,8 @@ def test_rows_older_than_the_retention_are_removed(tmp_path):
 def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provider, tmp_path):
     import sqlite3
     path = tmp_path / "usage.sqlite3"
-    running = RunningPlano(ledger_config(provider, path))
-    locker = sqlite3.connect(path, timeout=0)
-    try:
+    with RunningPlano(ledger_config(provider, path)) as running, \
+            contextlib.closing(sqlite3.connect(path, timeout=0)) as locker:
         anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
         assert running.gateway.ledger.flush()
         locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
@@ -6001,9 +5977,6 @@ def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provi
         assert not running.gateway.ledger.flush(timeout=0.5)  # the writer is still waiting for the lock
         locker.rollback()
         assert running.gateway.ledger.flush()
-    finally:
-        locker.close()
-        running.stop()
     assert len(plano.read_usage(str(path))) == 6
 
 
@@ -6046,12 +6019,11 @@ def chromium():
 
 
 def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
-    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}},
-                                      PLANO_API_KEY=GATEWAY_KEY))
-    page = chromium.new_page()
     requested: list[str] = []
-    page.on("request", lambda request: requested.append(request.url))
-    try:
+    with RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}},
+                                 PLANO_API_KEY=GATEWAY_KEY)) as running, \
+            contextlib.closing(chromium.new_page()) as page:
+        page.on("request", lambda request: requested.append(request.url))
         key_header = {"x-api-key": GATEWAY_KEY}
         httpx.post(running.url + "/v1/messages", headers=key_header, json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})  # before the page opens
@@ -6069,9 +6041,6 @@ def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromi
         if os.environ.get("PLANO_UPDATE_SCREENSHOT"):
             page.screenshot(path=str(HERE / "testdata" / "plano-page.png"), full_page=True)
         without_key = httpx.get(running.url + "/plano/usage")
-    finally:
-        page.close()
-        running.stop()
     logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
     one_answer = re.escape(plano._money(catalogue_cost("openai/gpt-4o", 10, 30, 7)))  # the catalogue's prices
     assert re.search(rf"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+{one_answer}", models), models
@@ -6300,9 +6269,8 @@ def test_oversized_headers_are_refused_with_431(gateway):
 @pytest.fixture
 def strict_gateway(provider):
     limits = plano.ServerLimits(header_timeout=0.5, body_timeout=0.5, idle_timeout=0.5, max_connections=64)
-    running = RunningPlano(config_for(provider), limits=limits)
-    yield running
-    running.stop()
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        yield running
 
 
 def test_a_request_whose_headers_stall_is_cut_off_with_408(strict_gateway):
@@ -6339,9 +6307,8 @@ def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
 
 
 def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2))
-    port = int(running.url.rsplit(":", 1)[1])
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2)) as running:
+        port = int(running.url.rsplit(":", 1)[1])
         holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         for sock in holders:  # busy reading a body (not merely waiting for a request, which gives way)
             sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
@@ -6356,8 +6323,6 @@ def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
         assert third.recv(100).startswith(b"HTTP/1.1 200")
         third.close()
         holders[1].close()
-    finally:
-        running.stop()
 
 
 # ── hostile input ─────────────────────────────────────────────────────────────────────────
@@ -6411,11 +6376,8 @@ def with_value_at(body: Any, path: tuple, value: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def hostile_target():
-    provider = StandInProvider()
-    running = RunningPlano(config_for(provider))
-    yield running
-    running.stop()
-    provider.close()
+    with StandInProvider() as provider, RunningPlano(config_for(provider)) as running:
+        yield running
 
 
 def check_hostile_answer(response: httpx.Response, api_format: str, stream: bool) -> None:
@@ -6473,13 +6435,11 @@ def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
 
 @pytest.fixture(scope="module")
 def soup_target():
-    provider = SoupProvider()
-    running = RunningPlano(build_config(served_by(f"http://127.0.0.1:{provider.port}/v1", "openai/gpt-4o"),
-                                        served_by(f"http://127.0.0.1:{provider.port}", "anthropic/claude-sonnet-5"),
-                                        router=False))
-    yield running, provider
-    running.stop()
-    provider.close()
+    with SoupProvider() as provider, \
+            RunningPlano(build_config(served_by(f"http://127.0.0.1:{provider.port}/v1", "openai/gpt-4o"),
+                                      served_by(f"http://127.0.0.1:{provider.port}", "anthropic/claude-sonnet-5"),
+                                      router=False)) as running:
+        yield running, provider
 
 
 PROVIDER_HEADS = [
@@ -6642,9 +6602,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_connections(tmp_p
 
 
 def test_streams_running_past_the_grace_period_end_with_an_error_event(provider):
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(shutdown_grace=0.3))
-    slow_stream(provider, words=100, delay=0.05)
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(shutdown_grace=0.3)) as running:
+        slow_stream(provider, words=100, delay=0.05)
         with httpx.stream("POST", running.url + "/v1/messages", timeout=30, json={
                 "model": "openai/gpt-4o", "max_tokens": 50, "stream": True,
                 "messages": [{"role": "user", "content": "x"}]}) as response:
@@ -6653,8 +6612,6 @@ def test_streams_running_past_the_grace_period_end_with_an_error_event(provider)
             running.begin_shutdown()
             received += b"".join(chunks)
         assert running.finished.wait(10)
-    finally:
-        running.stop()
     assert b"event: error" in received and b"shutting down" in received
     assert b"message_stop" not in received
 
@@ -6710,15 +6667,14 @@ def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny
     models, router_a, router_b = providers
     path = Path(write_config(tmp_path, routed_config_text(models, remote_router(router_a.openai_base)),
                              dotenv=f"OPENAI_API_KEY={OPENAI_KEY}\nANTHROPIC_API_KEY={ANTHROPIC_KEY}\n"))
-    running = RunningPlano(plano.load_config(str(path)), router="auto", limits=plano.ServerLimits(config_poll=0.02))
+    with models, router_a, router_b, RunningPlano(plano.load_config(str(path)), router="auto",
+                                                  limits=plano.ServerLimits(config_poll=0.02)) as running:
+        def health() -> dict:
+            return httpx.get(running.url + "/healthz").json()
 
-    def health() -> dict:
-        return httpx.get(running.url + "/healthz").json()
+        def edit(router: dict) -> None:
+            path.write_text(routed_config_text(models, router))
 
-    def edit(router: dict) -> None:
-        path.write_text(routed_config_text(models, router))
-
-    try:
         assert health()["router_backend"] == f"remote: {router_a.openai_base}/chat/completions"
         router_a.then(remote_answer('{"route": "code generation"}'))
         assert routed_request(running.url).headers["x-plano-decision"] == "router"
@@ -6738,10 +6694,6 @@ def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny
         wait_until(lambda: health()["router"] == "ready" and health()["router_backend"].startswith("embedded"))
         assert routed_request(running.url).headers["x-plano-decision"] in ("router", "default")
         assert len(router_b.requests) == 1
-    finally:
-        running.stop()
-        for provider in providers:
-            provider.close()
 
 
 def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(tmp_path, provider):
@@ -6811,25 +6763,25 @@ class HeldBackend(plano.EmbeddedRouterBackend):
 def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider, tiny_router_model):
     config = routed_config(provider, embedded_router(tiny_router_model, timeout_ms=60000))
     backend = HeldBackend(config.router)
-    running = RunningPlano(config, router=plano.Router(config, backend))
     routed: dict[str, Any] = {}
-    try:
-        wait_until(lambda: router_ready(running.url), what="the router loaded")
-        worker = threading.Thread(target=lambda: routed.update(response=httpx.post(running.url + "/v1/messages", json={
-            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]},
-            timeout=60)))
-        worker.start()
-        assert backend.deciding.wait(10)
-        explicit = httpx.post(running.url + "/v1/messages", json={
-            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "quick"}]},
-            timeout=10)
-        assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
-        assert "response" not in routed  # the routed request is still waiting on its decision
-        backend.release.set()
-        worker.join(30)
-    finally:
-        backend.release.set()
-        running.stop()
+    with RunningPlano(config, router=plano.Router(config, backend)) as running:
+        try:
+            wait_until(lambda: router_ready(running.url), what="the router loaded")
+            worker = threading.Thread(target=lambda: routed.update(response=httpx.post(
+                running.url + "/v1/messages", timeout=60, json={
+                    "model": "claude-opus-5-5", "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "write code"}]})))
+            worker.start()
+            assert backend.deciding.wait(10)
+            explicit = httpx.post(running.url + "/v1/messages", timeout=10, json={
+                "model": "anthropic/claude-sonnet-5", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "quick"}]})
+            assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
+            assert "response" not in routed  # the routed request is still waiting on its decision
+            backend.release.set()
+            worker.join(30)
+        finally:
+            backend.release.set()
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
 
 
@@ -7355,11 +7307,10 @@ def test_a_refusal_is_logged_once_with_the_client_value_escaped(gateway, caplog)
 
 @pytest.fixture
 def cors_gateway(provider):
-    running = RunningPlano(config_for(provider, sections={"listeners": [{
+    with RunningPlano(config_for(provider, sections={"listeners": [{
         "address": "127.0.0.1", "port": 0, "cors_origins": ["http://localhost:3000/", "https://App.Example.com"],
-        "allowed_hosts": ["plano.internal"]}]}))
-    yield running
-    running.stop()
+        "allowed_hosts": ["plano.internal"]}]})) as running:
+        yield running
 
 
 def test_a_listed_origin_gets_cors_headers_and_its_preflight_answered_while_others_are_refused(cors_gateway,
@@ -7493,13 +7444,12 @@ def hostile_page(plano_url: str) -> str:
 
 def test_a_hostile_page_can_neither_spend_keys_nor_read_anything_and_the_live_page_still_works(
         rebinding_chromium, provider, tmp_path):
-    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}}))
-    port = port_of(running)
-    context = rebinding_chromium.new_context()
     statuses: list[tuple[str, str, int]] = []  # what plano answered, as the browser's network layer saw it
-    context.on("response", lambda r: statuses.append((r.request.method, r.url, r.status))
-               if f":{port}/" in r.url else None)
-    try:
+    with RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}})) as running, \
+            contextlib.closing(rebinding_chromium.new_context()) as context:
+        port = port_of(running)
+        context.on("response", lambda r: statuses.append((r.request.method, r.url, r.status))
+                   if f":{port}/" in r.url else None)
         httpx.post(running.url + "/v1/chat/completions", json=CHAT)  # something for the usage endpoints to show
         spent = len(provider.requests)
         with page_server(hostile_page(running.url)) as site:
@@ -7551,9 +7501,6 @@ def test_a_hostile_page_can_neither_spend_keys_nor_read_anything_and_the_live_pa
         live.wait_for_selector("#status:has-text('live')", timeout=15000)
         live.wait_for_selector("#models tr:has-text('openai/gpt-4o')", timeout=15000)
         live.close()
-    finally:
-        context.close()
-        running.stop()
     assert len(provider.requests) == spent  # the page made plano call the provider not once
     for what, (status, text) in reads.items():  # reached plano (the browser let it go) and was refused
         assert status == 403 and "DNS rebinding" in text, (what, status, text)
@@ -8481,11 +8428,8 @@ WIRE_BODIES = {"anthropic": [ANTHROPIC_BODY, ANTHROPIC_RICH_BODY], "openai": [OP
 @pytest.fixture(scope="module")
 def three_formats():
     """plano serving a model of each format on one stand-in: (running, provider)."""
-    provider = StandInProvider()
-    running = RunningPlano(responses_config(provider))
-    yield running, provider
-    running.stop()
-    provider.close()
+    with StandInProvider() as provider, RunningPlano(responses_config(provider)) as running:
+        yield running, provider
 
 
 @pytest.fixture(scope="module")
@@ -8661,8 +8605,7 @@ def test_one_model_key_is_routed_and_sent_as_it_was_before(three_formats):
 def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_format(client, provider):
     # Chunked, so that the limit is met while the body is read (a content-length past it is
     # refused before: test_an_oversized_body_is_refused_with_413_before_it_is_read).
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_body_bytes=64 * 1024))
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(max_body_bytes=64 * 1024)) as running:
         body = json.dumps(dict(WIRE_BODIES[client][0], pad="x" * 100_000)).encode()
         head = (f"POST {WIRE_PATHS[client]} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 "transfer-encoding: chunked\r\n\r\n").encode()
@@ -8673,8 +8616,6 @@ def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_for
         error_type, message = error_in_format(response, client)
         assert (error_type, message) == ("request_too_large", "request body exceeds the limit of 65536 bytes")
         assert httpx.get(running.url + "/healthz").status_code == 200 and provider.requests == []
-    finally:
-        running.stop()
 
 
 def malformed_json(body: dict, data: Any) -> bytes:
