@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 import plano
 
 HERE = Path(__file__).resolve().parent
+RECORDED = HERE / "testdata" / "recorded"  # answers recorded from the real APIs (see the corpus tests)
 # The usage ledger of every gateway the suite runs (in-process and `plano up`) goes here, not into
 # the user's own state folder; tests of the ledger give their config a path of its own.
 os.environ.setdefault("PLANO_STATE_DIR", tempfile.mkdtemp(prefix="plano-test-state-"))
@@ -108,6 +109,11 @@ class Reply:
     # the connection stays open for the next request) or "close" (the server closes it).
     framing: str = "chunked"
     hang_up_after: bool = False  # close the kept-alive connection after answering, without saying so
+
+
+def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
+    import dataclasses
+    return dataclasses.replace(reply, **changes)
 
 
 def sse_pieces(events: list[tuple[str | None, Any]], piece: int = 7) -> list[bytes]:
@@ -677,6 +683,16 @@ def config_for(provider: StandInProvider, aliases: dict | None = None, sections:
                         environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
 
 
+ROUTER_OFF = {"enabled": False}
+
+
+def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float:
+    """What the catalogue's prices for `model` make of these tokens."""
+    prices = plano.parse_config(f"llm_providers:\n  - model: {model}\n    access_key: x\n", environ={}) \
+        .models[0].capabilities.prices
+    return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
+
+
 class RunningPlano:
     """plano serving on loopback in a background thread (its own trio loop), for sync clients."""
 
@@ -777,6 +793,117 @@ BASH_TOOL = {"name": "Bash", "description": "Run a shell command",
                               "required": ["command"]}}
 BASH_FUNCTION = {"type": "function", "function": {"name": "Bash", "description": "Run a shell command",
                                                    "parameters": BASH_TOOL["input_schema"]}}
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# plano as a user runs it: `python -m plano` processes, and the real Claude Code CLI
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen) -> str:
+    """SIGTERM, as a user's Ctrl-C or a service manager would; a gateway that ignores it is a bug,
+    and is killed rather than left behind. Returns what it wrote to stderr."""
+    process.terminate()
+    try:
+        return process.communicate(timeout=15)[1] or ""
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("plano did not stop on SIGTERM within 15 s") from None
+
+
+@contextlib.contextmanager
+def plano_up(config: Path, port: int):
+    """`python -m plano up` as a user runs it, until the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        SuiteLog.lines.extend(stop_process(process).splitlines())
+
+
+class LineReader:
+    """Lines of a subprocess's stdout, read in a thread, awaited with a timeout."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.everything: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.reader.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.everything.append(line)
+            self.lines.put(line)
+
+    def all_lines(self, timeout: float = 10) -> str:
+        """Everything read, once the stream has ended."""
+        self.reader.join(timeout)
+        return "".join(self.everything)
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r}") from None
+            if re.search(pattern, line):
+                return line
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    """The real Claude Code CLI: $PLANO_CLAUDE_BIN, else what .ci/install_claude_code.sh installed,
+    else `claude` on PATH."""
+    import shutil
+    installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
+    path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
+    if not path:
+        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_test_extras.sh`")
+    return path
+
+
+def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
+    """A clean environment for Claude Code: throwaway HOME, no stray keys, claude on PATH."""
+    return {"HOME": str(home), "PATH": f"{Path(claude).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
+
+
+def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router: dict = ROUTER_OFF,
+                        routes: list[dict] = ()) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", default=True, **({"routing_preferences": routes} if routes else {})),
+        served_by(provider, "openai/gpt-4o-mini"),
+        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "port": port}], router=router))
+    return path
+
+
+def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = claude_env(home, claude, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="anything")
+    return subprocess.run([claude, "-p", prompt, "--allowedTools", "Bash", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2514,11 +2641,6 @@ def test_malformed_upstream_sse_becomes_an_error_event(gateway, provider):
     assert "message_stop" not in response.text
 
 
-def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
-    import dataclasses
-    return dataclasses.replace(reply, **changes)
-
-
 def gemini_config(provider: StandInProvider, port: int = 12000) -> str:
     return config_yaml(served_by(f"http://127.0.0.1:{provider.port}/v1beta/openai", "gemini/gemini-3-pro-preview"),
                        listeners=[{"address": "127.0.0.1", "port": port}], router=False)
@@ -2660,23 +2782,6 @@ def test_the_config_is_found_through_plano_config(tmp_path):
     (tmp_path / "elsewhere.yaml").write_text("llm_providers:\n  - model: nope\n")
     result = run_plano_cli("up", env={"PLANO_CONFIG": str(tmp_path / "elsewhere.yaml")}, cwd=tmp_path)
     assert result.returncode == 2 and "elsewhere.yaml:2" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return httpx.get(url, timeout=2)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2997,7 +3102,6 @@ def test_a_new_provider_can_be_used_on_its_openai_compatible_api_instead():
 # other format (translated) and of the same format (passthrough). What the client must get is
 # read from the recording by the readers below, never written down by hand.
 
-RECORDED = HERE / "testdata" / "recorded"
 RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", ".json"))
 ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
 ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
@@ -3279,6 +3383,10 @@ def test_a_provider_that_never_answers_times_out_in_the_callers_format(provider)
         assert ask(running, "say still").json()["content"][0]["text"] == "echo: say still"  # and it keeps serving
 
 
+def one_model_config(base_url: str) -> plano.Config:
+    return build_config(served_by(base_url, "openai/gpt-4o"))
+
+
 class LoopbackServer:
     """A raw TCP server on loopback: each connection is handed to `serve`, in a thread of its own."""
 
@@ -3376,10 +3484,6 @@ class KeepAliveThenCloseProvider(LoopbackServer):
                 pass
 
 
-def one_model_config(base_url: str) -> plano.Config:
-    return build_config(served_by(base_url, "openai/gpt-4o"))
-
-
 def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
     with KeepAliveThenCloseProvider() as provider, \
             RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
@@ -3401,15 +3505,20 @@ def test_a_provider_that_hangs_up_without_answering_is_a_502_that_says_so():
     assert "closed the connection without answering" in message and "ConnectionClosed" not in message
 
 
-def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
-    return context
+# A provider name only the stand-in proxy can resolve (to 127.0.0.1), as a corporate proxy resolves
+# names the machine behind it cannot: plano reaching it at all shows it went through the proxy.
+PROXIED_HOST = "provider.test"
 
 
 @pytest.fixture
 def authority():
     return trustme.CA()
+
+
+def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
+    return context
 
 
 @pytest.fixture
@@ -3440,11 +3549,6 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
     assert response.status_code == 502
     assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
     assert provider.requests == []  # the key never left plano
-
-
-# A provider name only the stand-in proxy can resolve (to 127.0.0.1), as a corporate proxy resolves
-# names the machine behind it cannot: plano reaching it at all shows it went through the proxy.
-PROXIED_HOST = "provider.test"
 
 
 class StandInProxy(LoopbackServer):
@@ -4289,9 +4393,6 @@ def remote_router(base: str, **settings: Any) -> dict:
     return {"endpoint": base, "model": "arch-router", **settings}
 
 
-ROUTER_OFF = {"enabled": False}
-
-
 @pytest.fixture(scope="session")
 def tiny_router_model(tmp_path_factory) -> Path:
     from bench.qwen2_gguf import write_tiny_qwen2_gguf
@@ -4523,6 +4624,11 @@ async def started_router(provider: StandInProvider, router: dict):
             await backend.close()
 
 
+def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> plano.Config:
+    import dataclasses
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, **router_changes))
+
+
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
     async with started_router(provider, embedded_router(tiny_router_model, timeout_ms=1)) as router:
         assert router.status == "ready"
@@ -4533,11 +4639,6 @@ async def test_router_falls_back_on_timeout(provider, tiny_router_model):
         router.config = dataclass_replace_config(router.config, timeout_ms=60000)
         decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision in ("router", "default")
-
-
-def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> plano.Config:
-    import dataclasses
-    return dataclasses.replace(config, router=dataclasses.replace(config.router, **router_changes))
 
 
 async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
@@ -5503,65 +5604,6 @@ model_aliases:
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
-@pytest.fixture(scope="session")
-def claude_bin() -> str:
-    """The real Claude Code CLI: $PLANO_CLAUDE_BIN, else what .ci/install_claude_code.sh installed,
-    else `claude` on PATH."""
-    import shutil
-    installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
-    path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
-    if not path:
-        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_test_extras.sh`")
-    return path
-
-
-def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
-    """A clean environment for Claude Code: throwaway HOME, no stray keys, claude on PATH."""
-    return {"HOME": str(home), "PATH": f"{Path(claude).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
-
-
-def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router: dict = ROUTER_OFF,
-                        routes: list[dict] = ()) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(config_yaml(
-        served_by(provider, "openai/gpt-4o", default=True, **({"routing_preferences": routes} if routes else {})),
-        served_by(provider, "openai/gpt-4o-mini"),
-        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
-        listeners=[{"address": "127.0.0.1", "port": port}], router=router))
-    return path
-
-
-@contextlib.contextmanager
-def plano_up(config: Path, port: int):
-    """`python -m plano up` as a user runs it, until the block ends."""
-    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        SuiteLog.lines.extend(stop_process(process).splitlines())
-
-
-def stop_process(process: subprocess.Popen) -> str:
-    """SIGTERM, as a user's Ctrl-C or a service manager would; a gateway that ignores it is a bug,
-    and is killed rather than left behind. Returns what it wrote to stderr."""
-    process.terminate()
-    try:
-        return process.communicate(timeout=15)[1] or ""
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError("plano did not stop on SIGTERM within 15 s") from None
-
-
-def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = claude_env(home, claude, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="anything")
-    return subprocess.run([claude, "-p", prompt, "--allowedTools", "Bash", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
-
-
 def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, provider, claude_bin):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
@@ -5723,36 +5765,6 @@ def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provid
 
 # ── watch and statusline ──────────────────────────────────────────────────────────────────
 
-class LineReader:
-    """Lines of a subprocess's stdout, read in a thread, awaited with a timeout."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.everything: list[str] = []
-        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
-        self.reader.start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.everything.append(line)
-            self.lines.put(line)
-
-    def all_lines(self, timeout: float = 10) -> str:
-        """Everything read, once the stream has ended."""
-        self.reader.join(timeout)
-        return "".join(self.everything)
-
-    def wait_for(self, pattern: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}") from None
-            if re.search(pattern, line):
-                return line
-
-
 def test_a_watch_line_shows_how_sure_the_router_was():
     record = {"time": "2026-12-02T10:00:00", "session": "s1", "requested_model": CLAUDE_CODE_MODEL,
               "model": "openai/gpt-4o", "route": "code generation", "decision": "router", "router_ms": 812.0,
@@ -5825,13 +5837,6 @@ def test_a_claude_code_session_reaches_openai_as_its_prompt_cache_key(provider, 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-
-
-def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float:
-    """What the catalogue's prices for `model` make of these tokens."""
-    prices = plano.parse_config(f"llm_providers:\n  - model: {model}\n    access_key: x\n", environ={}) \
-        .models[0].capabilities.prices
-    return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
 
 
 def ledger_config(provider: StandInProvider, path: Path) -> plano.Config:
@@ -6696,6 +6701,11 @@ def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny
         assert len(router_b.requests) == 1
 
 
+def ask_url(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+
+
 def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(tmp_path, provider):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
@@ -6714,11 +6724,6 @@ def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(
     finally:
         stop_process(process)
     assert "Traceback" not in lines.all_lines()
-
-
-def ask_url(url: str) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
-        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -8618,6 +8623,12 @@ def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_for
         assert httpx.get(running.url + "/healthz").status_code == 200 and provider.requests == []
 
 
+def value_at(body: Any, path: tuple) -> Any:
+    for step in path:
+        body = body[step]
+    return body
+
+
 def malformed_json(body: dict, data: Any) -> bytes:
     """`body` broken one way a real client or a hostile one breaks JSON, as bytes."""
     flaw = data.draw(st.sampled_from(["deep", "surrogate", "encoding", "duplicate", "cut", "cesu"]))
@@ -8645,12 +8656,6 @@ def malformed_json(body: dict, data: Any) -> bytes:
         raw = json.dumps(body).encode()
         return raw[:data.draw(st.integers(0, len(raw) - 1))]
     return with_raw_at(body, path, '"\ud83d"').encode("utf-8", "surrogatepass")  # encoded, not escaped
-
-
-def value_at(body: Any, path: tuple) -> Any:
-    for step in path:
-        body = body[step]
-    return body
 
 
 @settings(max_examples=600, deadline=None)
@@ -8832,6 +8837,16 @@ def gzip_bomb(block: bytes, repeats: int) -> bytes:
     return first + again * (repeats - 1) + squeeze.flush()
 
 
+def stream_text(response: httpx.Response, client: str) -> str:
+    """The answer's text, as a stream in `client`'s format spells it out."""
+    if client == "anthropic":
+        return anthropic_stream_text(response.text)
+    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
+    if client == "openai":
+        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
+    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
+
+
 @pytest.mark.parametrize("client, coding", [("anthropic", "gzip"), ("openai", "deflate"), ("responses", "x-gzip"),
                                             ("openai", "raw deflate")])
 def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client, coding):
@@ -8857,16 +8872,6 @@ def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client
     assert (last.event or last.data) == {"anthropic": "message_stop", "openai": "[DONE]",
                                          "responses": "response.completed"}[client], streamed.text
     assert stream_text(streamed, client) == "inflated 🙂"
-
-
-def stream_text(response: httpx.Response, client: str) -> str:
-    """The answer's text, as a stream in `client`'s format spells it out."""
-    if client == "anthropic":
-        return anthropic_stream_text(response.text)
-    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
-    if client == "openai":
-        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
-    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
