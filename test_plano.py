@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import re
+import selectors
 import signal
 import socket
 import ssl
@@ -48,6 +49,7 @@ from hypothesis import strategies as st
 import plano
 
 HERE = Path(__file__).resolve().parent
+RECORDED = HERE / "testdata" / "recorded"  # answers recorded from the real APIs (see the corpus tests)
 # The usage ledger of every gateway the suite runs (in-process and `plano up`) goes here, not into
 # the user's own state folder; tests of the ledger give their config a path of its own.
 os.environ.setdefault("PLANO_STATE_DIR", tempfile.mkdtemp(prefix="plano-test-state-"))
@@ -107,6 +109,11 @@ class Reply:
     # the connection stays open for the next request) or "close" (the server closes it).
     framing: str = "chunked"
     hang_up_after: bool = False  # close the kept-alive connection after answering, without saying so
+
+
+def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
+    import dataclasses
+    return dataclasses.replace(reply, **changes)
 
 
 def sse_pieces(events: list[tuple[str | None, Any]], piece: int = 7) -> list[bytes]:
@@ -465,7 +472,38 @@ class ResponsesStandIn:
 
 
 class _StandInServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server on loopback that stops at once. socketserver's own serve_forever
+    polls for shutdown every 0.5 s, so each stand-in took half a second to stop (about two minutes
+    of the suite); here the loop waits on the listener and on a wake-up socket that shutdown()
+    writes to, as the XXX in socketserver.serve_forever suggests."""
+
     request_queue_size = 256  # the default backlog of 5 resets connections under load tests
+    daemon_threads = True  # a handler still writing to a client that left does not hold up the suite
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake_up, self._wake_up_writer = socket.socketpair()
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_up, selectors.EVENT_READ)
+                while not any(key.fileobj is self._wake_up for key, _ in selector.select()):
+                    self._handle_request_noblock()  # what socketserver's loop does with a ready listener
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stops serve_forever (running in another thread) and waits until it has returned."""
+        self._wake_up_writer.send(b"x")
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_up.close()
+        self._wake_up_writer.close()
 
 
 class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
@@ -511,7 +549,6 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
         self.server = _StandInServer(("127.0.0.1", 0), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -593,12 +630,17 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> "StandInProvider":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 @pytest.fixture
 def provider():
-    stand_in = StandInProvider()
-    yield stand_in
-    stand_in.close()
+    with StandInProvider() as stand_in:
+        yield stand_in
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -639,6 +681,16 @@ def config_for(provider: StandInProvider, aliases: dict | None = None, sections:
                         served_by(provider, "anthropic/claude-sonnet-5", access_key="$ANTHROPIC_API_KEY"),
                         model_aliases={"fast": {"target": "openai/gpt-4o"}, **(aliases or {})}, **(sections or {}),
                         environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **env})
+
+
+ROUTER_OFF = {"enabled": False}
+
+
+def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float:
+    """What the catalogue's prices for `model` make of these tokens."""
+    prices = plano.parse_config(f"llm_providers:\n  - model: {model}\n    access_key: x\n", environ={}) \
+        .models[0].capabilities.prices
+    return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
 
 
 class RunningPlano:
@@ -714,9 +766,8 @@ def router_ready(url: str) -> bool:
 
 @pytest.fixture
 def gateway(provider):
-    running = RunningPlano(config_for(provider))
-    yield running
-    running.stop()
+    with RunningPlano(config_for(provider)) as running:
+        yield running
 
 
 def anthropic_client(running: RunningPlano, **kw: Any) -> anthropic.Anthropic:
@@ -742,6 +793,117 @@ BASH_TOOL = {"name": "Bash", "description": "Run a shell command",
                               "required": ["command"]}}
 BASH_FUNCTION = {"type": "function", "function": {"name": "Bash", "description": "Run a shell command",
                                                    "parameters": BASH_TOOL["input_schema"]}}
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# plano as a user runs it: `python -m plano` processes, and the real Claude Code CLI
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen) -> str:
+    """SIGTERM, as a user's Ctrl-C or a service manager would; a gateway that ignores it is a bug,
+    and is killed rather than left behind. Returns what it wrote to stderr."""
+    process.terminate()
+    try:
+        return process.communicate(timeout=15)[1] or ""
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("plano did not stop on SIGTERM within 15 s") from None
+
+
+@contextlib.contextmanager
+def plano_up(config: Path, port: int):
+    """`python -m plano up` as a user runs it, until the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        SuiteLog.lines.extend(stop_process(process).splitlines())
+
+
+class LineReader:
+    """Lines of a subprocess's stdout, read in a thread, awaited with a timeout."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.everything: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.reader.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.everything.append(line)
+            self.lines.put(line)
+
+    def all_lines(self, timeout: float = 10) -> str:
+        """Everything read, once the stream has ended."""
+        self.reader.join(timeout)
+        return "".join(self.everything)
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r}") from None
+            if re.search(pattern, line):
+                return line
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    """The real Claude Code CLI: $PLANO_CLAUDE_BIN, else what .ci/install_claude_code.sh installed,
+    else `claude` on PATH."""
+    import shutil
+    installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
+    path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
+    if not path:
+        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_test_extras.sh`")
+    return path
+
+
+def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
+    """A clean environment for Claude Code: throwaway HOME, no stray keys, claude on PATH."""
+    return {"HOME": str(home), "PATH": f"{Path(claude).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
+
+
+def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router: dict = ROUTER_OFF,
+                        routes: list[dict] = ()) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", default=True, **({"routing_preferences": routes} if routes else {})),
+        served_by(provider, "openai/gpt-4o-mini"),
+        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "port": port}], router=router))
+    return path
+
+
+def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = claude_env(home, claude, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="anything")
+    return subprocess.run([claude, "-p", prompt, "--allowedTools", "Bash", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2479,11 +2641,6 @@ def test_malformed_upstream_sse_becomes_an_error_event(gateway, provider):
     assert "message_stop" not in response.text
 
 
-def dataclass_replace(reply: Reply, **changes: Any) -> Reply:
-    import dataclasses
-    return dataclasses.replace(reply, **changes)
-
-
 def gemini_config(provider: StandInProvider, port: int = 12000) -> str:
     return config_yaml(served_by(f"http://127.0.0.1:{provider.port}/v1beta/openai", "gemini/gemini-3-pro-preview"),
                        listeners=[{"address": "127.0.0.1", "port": port}], router=False)
@@ -2627,23 +2784,6 @@ def test_the_config_is_found_through_plano_config(tmp_path):
     assert result.returncode == 2 and "elsewhere.yaml:2" in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float = 20) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return httpx.get(url, timeout=2)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Recorded provider traffic and conformance: what real providers send beyond their docs
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -2764,13 +2904,10 @@ def only_model(provider: StandInProvider, model: str) -> RunningPlano:
 
 def test_the_anthropic_sdk_gets_a_providers_429_as_it_was_sent(provider):
     provider.then(Reply(429, raw=ANTHROPIC_RATE_LIMIT, headers={"retry-after": "12", "request-id": "req_x"}))
-    running = only_model(provider, "anthropic/claude-sonnet-5")
-    try:
+    with only_model(provider, "anthropic/claude-sonnet-5") as running:
         with pytest.raises(anthropic.RateLimitError) as caught:
             anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
                                                       messages=[USER_HI])
-    finally:
-        running.stop()
     assert caught.value.response.content == ANTHROPIC_RATE_LIMIT
     assert (caught.value.response.headers["retry-after"], caught.value.request_id) == ("12", "req_x")
 
@@ -2779,12 +2916,9 @@ def test_a_forwarded_error_body_that_echoes_the_key_is_scrubbed(provider):
     echoed = (b'{"error": {"message": "quota exceeded for key ' + OPENAI_KEY.encode()
               + b'", "code": "insufficient_quota"}}')
     provider.then(Reply(429, raw=echoed))
-    running = only_model(provider, "openai/gpt-4o")
-    try:
+    with only_model(provider, "openai/gpt-4o") as running:
         response = httpx.post(running.url + "/v1/chat/completions",
                               json={"model": "openai/gpt-4o", "messages": [USER_HI]})
-    finally:
-        running.stop()
     assert response.status_code == 429 and OPENAI_KEY not in response.text
     assert response.json()["error"]["code"] == "insufficient_quota"
 
@@ -2942,14 +3076,11 @@ def test_moonshot_zhipu_qwen_and_minimax_use_their_documented_anthropic_endpoint
     ("qwen", "x-api-key", "k-provider"),  # its docs: ANTHROPIC_API_KEY
     ("minimax", "x-api-key", "k-provider")])
 def test_a_new_providers_key_reaches_its_anthropic_endpoint_as_its_docs_say(provider, prefix, header, value):
-    running = RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
-                                              f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
-                                              path=CONFIG_PATH, environ={}))
-    provider.then(Reply(raw=ANTHROPIC_ANSWER))
-    try:
+    with RunningPlano(plano.parse_config(f"llm_providers:\n  - model: {prefix}/some-model\n"
+                                         f"    base_url: {provider.anthropic_base}\n    access_key: k-provider\n",
+                                         path=CONFIG_PATH, environ={})) as running:
+        provider.then(Reply(raw=ANTHROPIC_ANSWER))
         answer = openai_client(running).chat.completions.create(model=f"{prefix}/some-model", messages=[USER_HI])
-    finally:
-        running.stop()
     sent = provider.requests[-1]
     assert (sent.path, sent.headers[header], sent.json["model"]) == ("/v1/messages", value, "some-model")
     assert answer.choices[0].message.content == "hi"
@@ -2971,7 +3102,6 @@ def test_a_new_provider_can_be_used_on_its_openai_compatible_api_instead():
 # other format (translated) and of the same format (passthrough). What the client must get is
 # read from the recording by the readers below, never written down by hand.
 
-RECORDED = HERE / "testdata" / "recorded"
 RECORDINGS = sorted(p.name for p in RECORDED.iterdir() if p.suffix in (".sse", ".json"))
 ANSWERS = [name for name in RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
 ERRORS = [name for name in RECORDINGS if name not in ANSWERS]
@@ -3126,16 +3256,13 @@ def test_a_recorded_answer_reaches_both_sdks(provider, name, mode):
     upstream = "anthropic" if name.startswith("anthropic-") else "openai"
     client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
     expected = recorded_answer(name)
-    running = replaying(provider, name)
-    try:
+    with replaying(provider, name) as running:
         got, raw = ask_with_sdk(running, client_format, stream=name.endswith(".sse"))
         if mode == "passthrough" and name.endswith(".sse"):
             provider.then(Reply(sse=[(RECORDED / name).read_bytes()]))
             raw = httpx.post(running.url + ("/v1/messages" if upstream == "anthropic" else "/v1/chat/completions"),
                              json={"model": running.config.models[0].name, "max_tokens": 5, "stream": True,
                                    "messages": [USER_HI]}).content
-    finally:
-        running.stop()
     assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
     if expected.error:
         assert got.error is not None and expected.error in got.error
@@ -3161,17 +3288,14 @@ def test_a_recorded_error_reaches_both_sdks(provider, name, mode):
     client_format = upstream if mode == "passthrough" else {"openai": "anthropic", "anthropic": "openai"}[upstream]
     recording = (RECORDED / name).read_bytes()
     status = int(re.search(r"\.(\d{3})\.json$", name).group(1))
-    running = replaying(provider, name)
-    model = running.config.models[0].name
-    try:
+    with replaying(provider, name) as running:
+        model = running.config.models[0].name
         if client_format == "anthropic":
             with pytest.raises(anthropic.APIStatusError) as caught:
                 anthropic_client(running).messages.create(model=model, max_tokens=5, messages=[USER_HI])
         else:
             with pytest.raises(openai.APIStatusError) as caught:
                 openai_client(running).chat.completions.create(model=model, messages=[USER_HI])
-    finally:
-        running.stop()
     assert caught.value.status_code == status
     if mode == "passthrough":
         assert caught.value.response.content == recording
@@ -3259,6 +3383,10 @@ def test_a_provider_that_never_answers_times_out_in_the_callers_format(provider)
         assert ask(running, "say still").json()["content"][0]["text"] == "echo: say still"  # and it keeps serving
 
 
+def one_model_config(base_url: str) -> plano.Config:
+    return build_config(served_by(base_url, "openai/gpt-4o"))
+
+
 class LoopbackServer:
     """A raw TCP server on loopback: each connection is handed to `serve`, in a thread of its own."""
 
@@ -3280,6 +3408,12 @@ class LoopbackServer:
 
     def close(self) -> None:
         self.listener.close()
+
+    def __enter__(self) -> "LoopbackServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class SoupProvider(LoopbackServer):
@@ -3308,12 +3442,8 @@ class SoupProvider(LoopbackServer):
 def test_a_provider_speaking_garbage_is_a_502_naming_the_problem():
     provider = SoupProvider()
     provider.answer = b"SMTP ready\r\n\r\n"
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with provider, RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         response = ask(running)
-    finally:
-        running.stop()
-        provider.close()
     assert response.status_code == 502
     assert "cannot reach" in response.json()["error"]["message"]
     assert "RemoteProtocolError" in response.json()["error"]["message"]
@@ -3354,19 +3484,11 @@ class KeepAliveThenCloseProvider(LoopbackServer):
                 pass
 
 
-def one_model_config(base_url: str) -> plano.Config:
-    return build_config(served_by(base_url, "openai/gpt-4o"))
-
-
 def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one():
-    provider = KeepAliveThenCloseProvider()
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with KeepAliveThenCloseProvider() as provider, \
+            RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         answers = [ask(running, f"say {n}") for n in range(3)]
         health = running.gateway.upstreams.health.failures
-    finally:
-        running.stop()
-        provider.close()
     assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text
     assert {a.headers["x-plano-decision"] for a in answers} == {"explicit"}  # no failover
     assert provider.connections == 3  # each retry went out on a fresh connection, once
@@ -3376,26 +3498,27 @@ def test_a_kept_alive_connection_closed_as_the_request_went_out_is_retried_once_
 def test_a_provider_that_hangs_up_without_answering_is_a_502_that_says_so():
     provider = SoupProvider()
     provider.answer = b""  # reads the request, closes the connection
-    running = RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1"))
-    try:
+    with provider, RunningPlano(one_model_config(f"http://127.0.0.1:{provider.port}/v1")) as running:
         response = ask(running)
-    finally:
-        running.stop()
-        provider.close()
     assert response.status_code == 502
     message = response.json()["error"]["message"]
     assert "closed the connection without answering" in message and "ConnectionClosed" not in message
+
+
+# A provider name only the stand-in proxy can resolve (to 127.0.0.1), as a corporate proxy resolves
+# names the machine behind it cannot: plano reaching it at all shows it went through the proxy.
+PROXIED_HOST = "provider.test"
+
+
+@pytest.fixture
+def authority():
+    return trustme.CA()
 
 
 def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost", PROXIED_HOST).configure_cert(context)
     return context
-
-
-@pytest.fixture
-def authority():
-    return trustme.CA()
 
 
 @pytest.fixture
@@ -3426,11 +3549,6 @@ def test_a_provider_certificate_nobody_vouches_for_is_refused(tls_provider, monk
     assert response.status_code == 502
     assert "CERTIFICATE_VERIFY_FAILED" in response.json()["error"]["message"]
     assert provider.requests == []  # the key never left plano
-
-
-# A provider name only the stand-in proxy can resolve (to 127.0.0.1), as a corporate proxy resolves
-# names the machine behind it cannot: plano reaching it at all shows it went through the proxy.
-PROXIED_HOST = "provider.test"
 
 
 class StandInProxy(LoopbackServer):
@@ -3540,12 +3658,8 @@ def test_an_https_proxy_url_means_tls_to_the_proxy_then_the_tunnel_inside(tls_pr
     proxy = StandInProxy(credentials=PROXY_CREDENTIALS, tls=tls_server_context(authority))
     monkeypatch.setenv("SSL_CERT_FILE", authority_pem)
     monkeypatch.setenv("HTTPS_PROXY", f"https://{PROXY_USER}@localhost:{proxy.port}")  # as Claude Code's docs write it
-    running = RunningPlano(config_for(provider))
-    try:
+    with proxy, RunningPlano(config_for(provider)) as running:
         assert ask(running, "say twice wrapped").json()["content"][0]["text"] == "echo: say twice wrapped"
-    finally:
-        running.stop()
-        proxy.close()
     assert proxy.seen == [(f"CONNECT {PROXIED_HOST}:{provider.port} HTTP/1.1",
                            PROXY_BASIC)]
 
@@ -3641,9 +3755,8 @@ def responses_config(provider: StandInProvider, *more_models: dict) -> plano.Con
 
 @pytest.fixture
 def responses_gateway(provider):
-    running = RunningPlano(responses_config(provider))
-    yield running
-    running.stop()
+    with RunningPlano(responses_config(provider)) as running:
+        yield running
 
 
 def upstream_requests(provider: StandInProvider, suffix: str) -> list[Recorded]:
@@ -4280,9 +4393,6 @@ def remote_router(base: str, **settings: Any) -> dict:
     return {"endpoint": base, "model": "arch-router", **settings}
 
 
-ROUTER_OFF = {"enabled": False}
-
-
 @pytest.fixture(scope="session")
 def tiny_router_model(tmp_path_factory) -> Path:
     from bench.qwen2_gguf import write_tiny_qwen2_gguf
@@ -4514,6 +4624,11 @@ async def started_router(provider: StandInProvider, router: dict):
             await backend.close()
 
 
+def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> plano.Config:
+    import dataclasses
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, **router_changes))
+
+
 async def test_router_falls_back_on_timeout(provider, tiny_router_model):
     async with started_router(provider, embedded_router(tiny_router_model, timeout_ms=1)) as router:
         assert router.status == "ready"
@@ -4524,11 +4639,6 @@ async def test_router_falls_back_on_timeout(provider, tiny_router_model):
         router.config = dataclass_replace_config(router.config, timeout_ms=60000)
         decision = await router.decide([{"role": "user", "content": "write code"}])
     assert decision.decision in ("router", "default")
-
-
-def dataclass_replace_config(config: plano.Config, **router_changes: Any) -> plano.Config:
-    import dataclasses
-    return dataclasses.replace(config, router=dataclasses.replace(config.router, **router_changes))
 
 
 async def test_router_with_a_missing_model_file_falls_back_and_says_why(provider, tmp_path, caplog):
@@ -4616,10 +4726,9 @@ async def test_remote_router_timeout_falls_back(provider):
 
 @pytest.fixture
 def routed_gateway(provider, tiny_router_model):
-    running = RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto")
-    wait_until(lambda: router_ready(running.url), what="the router loaded")
-    yield running
-    running.stop()
+    with RunningPlano(routed_config(provider, embedded_router(tiny_router_model)), router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
+        yield running
 
 
 def test_a_session_is_routed_then_pinned_through_the_tool_loop_then_routed_again(routed_gateway, provider):
@@ -5495,65 +5604,6 @@ model_aliases:
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
-@pytest.fixture(scope="session")
-def claude_bin() -> str:
-    """The real Claude Code CLI: $PLANO_CLAUDE_BIN, else what .ci/install_claude_code.sh installed,
-    else `claude` on PATH."""
-    import shutil
-    installed = sorted(HERE.glob(".cache/claude-code/node_modules/@anthropic-ai/claude-code-*/claude"))
-    path = os.environ.get("PLANO_CLAUDE_BIN") or (str(installed[0]) if installed else shutil.which("claude"))
-    if not path:
-        pytest.fail("these tests drive the real Claude Code CLI: install it with `bash .ci/install_test_extras.sh`")
-    return path
-
-
-def claude_env(home: Path, claude: str, **extra: str) -> dict[str, str]:
-    """A clean environment for Claude Code: throwaway HOME, no stray keys, claude on PATH."""
-    return {"HOME": str(home), "PATH": f"{Path(claude).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra}
-
-
-def write_claude_config(tmp_path: Path, provider: StandInProvider, port: int, router: dict = ROUTER_OFF,
-                        routes: list[dict] = ()) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(config_yaml(
-        served_by(provider, "openai/gpt-4o", default=True, **({"routing_preferences": routes} if routes else {})),
-        served_by(provider, "openai/gpt-4o-mini"),
-        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
-        listeners=[{"address": "127.0.0.1", "port": port}], router=router))
-    return path
-
-
-@contextlib.contextmanager
-def plano_up(config: Path, port: int):
-    """`python -m plano up` as a user runs it, until the block ends."""
-    process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        SuiteLog.lines.extend(stop_process(process).splitlines())
-
-
-def stop_process(process: subprocess.Popen) -> str:
-    """SIGTERM, as a user's Ctrl-C or a service manager would; a gateway that ignores it is a bug,
-    and is killed rather than left behind. Returns what it wrote to stderr."""
-    process.terminate()
-    try:
-        return process.communicate(timeout=15)[1] or ""
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError("plano did not stop on SIGTERM within 15 s") from None
-
-
-def run_claude(claude: str, url: str, home: Path, prompt: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = claude_env(home, claude, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="anything")
-    return subprocess.run([claude, "-p", prompt, "--allowedTools", "Bash", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
-
-
 def test_claude_code_runs_a_bash_tool_round_trip_through_plano_up(tmp_path, provider, claude_bin):
     port = free_port()
     config = write_claude_config(tmp_path, provider, port)
@@ -5715,36 +5765,6 @@ def test_cli_agent_without_claude_installed_says_how_to_install(tmp_path, provid
 
 # ── watch and statusline ──────────────────────────────────────────────────────────────────
 
-class LineReader:
-    """Lines of a subprocess's stdout, read in a thread, awaited with a timeout."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.everything: list[str] = []
-        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
-        self.reader.start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.everything.append(line)
-            self.lines.put(line)
-
-    def all_lines(self, timeout: float = 10) -> str:
-        """Everything read, once the stream has ended."""
-        self.reader.join(timeout)
-        return "".join(self.everything)
-
-    def wait_for(self, pattern: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}") from None
-            if re.search(pattern, line):
-                return line
-
-
 def test_a_watch_line_shows_how_sure_the_router_was():
     record = {"time": "2026-12-02T10:00:00", "session": "s1", "requested_model": CLAUDE_CODE_MODEL,
               "model": "openai/gpt-4o", "route": "code generation", "decision": "router", "router_ms": 812.0,
@@ -5817,13 +5837,6 @@ def test_a_claude_code_session_reaches_openai_as_its_prompt_cache_key(provider, 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Usage ledger: what each answer used, in SQLite; /plano/usage and `plano stats`
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-
-
-def catalogue_cost(model: str, uncached: int, cached: int, output: int) -> float:
-    """What the catalogue's prices for `model` make of these tokens."""
-    prices = plano.parse_config(f"llm_providers:\n  - model: {model}\n    access_key: x\n", environ={}) \
-        .models[0].capabilities.prices
-    return plano.usage_cost({"input_tokens": uncached, "cache_read_tokens": cached, "output_tokens": output}, prices)
 
 
 def ledger_config(provider: StandInProvider, path: Path) -> plano.Config:
@@ -5958,9 +5971,8 @@ def test_rows_older_than_the_retention_are_removed(tmp_path):
 def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provider, tmp_path):
     import sqlite3
     path = tmp_path / "usage.sqlite3"
-    running = RunningPlano(ledger_config(provider, path))
-    locker = sqlite3.connect(path, timeout=0)
-    try:
+    with RunningPlano(ledger_config(provider, path)) as running, \
+            contextlib.closing(sqlite3.connect(path, timeout=0)) as locker:
         anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
         assert running.gateway.ledger.flush()
         locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
@@ -5970,9 +5982,6 @@ def test_a_locked_ledger_never_delays_serving_and_catches_up_when_released(provi
         assert not running.gateway.ledger.flush(timeout=0.5)  # the writer is still waiting for the lock
         locker.rollback()
         assert running.gateway.ledger.flush()
-    finally:
-        locker.close()
-        running.stop()
     assert len(plano.read_usage(str(path))) == 6
 
 
@@ -6015,12 +6024,11 @@ def chromium():
 
 
 def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromium, provider, tmp_path):
-    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}},
-                                      PLANO_API_KEY=GATEWAY_KEY))
-    page = chromium.new_page()
     requested: list[str] = []
-    page.on("request", lambda request: requested.append(request.url))
-    try:
+    with RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}},
+                                 PLANO_API_KEY=GATEWAY_KEY)) as running, \
+            contextlib.closing(chromium.new_page()) as page:
+        page.on("request", lambda request: requested.append(request.url))
         key_header = {"x-api-key": GATEWAY_KEY}
         httpx.post(running.url + "/v1/messages", headers=key_header, json={
             "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})  # before the page opens
@@ -6038,9 +6046,6 @@ def test_the_live_page_shows_decisions_as_they_happen_and_the_cost_tables(chromi
         if os.environ.get("PLANO_UPDATE_SCREENSHOT"):
             page.screenshot(path=str(HERE / "testdata" / "plano-page.png"), full_page=True)
         without_key = httpx.get(running.url + "/plano/usage")
-    finally:
-        page.close()
-        running.stop()
     logging.getLogger("plano").info("the live page showed a new decision %.0f ms after it was made", shown_after * 1000)
     one_answer = re.escape(plano._money(catalogue_cost("openai/gpt-4o", 10, 30, 7)))  # the catalogue's prices
     assert re.search(rf"openai/gpt-4o\s+1\s+10\s+30\s+7\s+75%\s+{one_answer}", models), models
@@ -6269,9 +6274,8 @@ def test_oversized_headers_are_refused_with_431(gateway):
 @pytest.fixture
 def strict_gateway(provider):
     limits = plano.ServerLimits(header_timeout=0.5, body_timeout=0.5, idle_timeout=0.5, max_connections=64)
-    running = RunningPlano(config_for(provider), limits=limits)
-    yield running
-    running.stop()
+    with RunningPlano(config_for(provider), limits=limits) as running:
+        yield running
 
 
 def test_a_request_whose_headers_stall_is_cut_off_with_408(strict_gateway):
@@ -6308,9 +6312,8 @@ def test_sixty_half_sent_requests_do_not_delay_a_normal_one(gateway):
 
 
 def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2))
-    port = int(running.url.rsplit(":", 1)[1])
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(max_connections=2)) as running:
+        port = int(running.url.rsplit(":", 1)[1])
         holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         for sock in holders:  # busy reading a body (not merely waiting for a request, which gives way)
             sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
@@ -6325,8 +6328,6 @@ def test_connections_beyond_the_cap_wait_for_a_busy_one_to_end(provider):
         assert third.recv(100).startswith(b"HTTP/1.1 200")
         third.close()
         holders[1].close()
-    finally:
-        running.stop()
 
 
 # ── hostile input ─────────────────────────────────────────────────────────────────────────
@@ -6380,11 +6381,8 @@ def with_value_at(body: Any, path: tuple, value: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def hostile_target():
-    provider = StandInProvider()
-    running = RunningPlano(config_for(provider))
-    yield running
-    running.stop()
-    provider.close()
+    with StandInProvider() as provider, RunningPlano(config_for(provider)) as running:
+        yield running
 
 
 def check_hostile_answer(response: httpx.Response, api_format: str, stream: bool) -> None:
@@ -6442,13 +6440,11 @@ def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
 
 @pytest.fixture(scope="module")
 def soup_target():
-    provider = SoupProvider()
-    running = RunningPlano(build_config(served_by(f"http://127.0.0.1:{provider.port}/v1", "openai/gpt-4o"),
-                                        served_by(f"http://127.0.0.1:{provider.port}", "anthropic/claude-sonnet-5"),
-                                        router=False))
-    yield running, provider
-    running.stop()
-    provider.close()
+    with SoupProvider() as provider, \
+            RunningPlano(build_config(served_by(f"http://127.0.0.1:{provider.port}/v1", "openai/gpt-4o"),
+                                      served_by(f"http://127.0.0.1:{provider.port}", "anthropic/claude-sonnet-5"),
+                                      router=False)) as running:
+        yield running, provider
 
 
 PROVIDER_HEADS = [
@@ -6611,9 +6607,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_connections(tmp_p
 
 
 def test_streams_running_past_the_grace_period_end_with_an_error_event(provider):
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(shutdown_grace=0.3))
-    slow_stream(provider, words=100, delay=0.05)
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(shutdown_grace=0.3)) as running:
+        slow_stream(provider, words=100, delay=0.05)
         with httpx.stream("POST", running.url + "/v1/messages", timeout=30, json={
                 "model": "openai/gpt-4o", "max_tokens": 50, "stream": True,
                 "messages": [{"role": "user", "content": "x"}]}) as response:
@@ -6622,8 +6617,6 @@ def test_streams_running_past_the_grace_period_end_with_an_error_event(provider)
             running.begin_shutdown()
             received += b"".join(chunks)
         assert running.finished.wait(10)
-    finally:
-        running.stop()
     assert b"event: error" in received and b"shutting down" in received
     assert b"message_stop" not in received
 
@@ -6679,15 +6672,14 @@ def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny
     models, router_a, router_b = providers
     path = Path(write_config(tmp_path, routed_config_text(models, remote_router(router_a.openai_base)),
                              dotenv=f"OPENAI_API_KEY={OPENAI_KEY}\nANTHROPIC_API_KEY={ANTHROPIC_KEY}\n"))
-    running = RunningPlano(plano.load_config(str(path)), router="auto", limits=plano.ServerLimits(config_poll=0.02))
+    with models, router_a, router_b, RunningPlano(plano.load_config(str(path)), router="auto",
+                                                  limits=plano.ServerLimits(config_poll=0.02)) as running:
+        def health() -> dict:
+            return httpx.get(running.url + "/healthz").json()
 
-    def health() -> dict:
-        return httpx.get(running.url + "/healthz").json()
+        def edit(router: dict) -> None:
+            path.write_text(routed_config_text(models, router))
 
-    def edit(router: dict) -> None:
-        path.write_text(routed_config_text(models, router))
-
-    try:
         assert health()["router_backend"] == f"remote: {router_a.openai_base}/chat/completions"
         router_a.then(remote_answer('{"route": "code generation"}'))
         assert routed_request(running.url).headers["x-plano-decision"] == "router"
@@ -6707,10 +6699,11 @@ def test_a_reload_turns_the_router_off_on_and_to_another_endpoint(tmp_path, tiny
         wait_until(lambda: health()["router"] == "ready" and health()["router_backend"].startswith("embedded"))
         assert routed_request(running.url).headers["x-plano-decision"] in ("router", "default")
         assert len(router_b.requests) == 1
-    finally:
-        running.stop()
-        for provider in providers:
-            provider.close()
+
+
+def ask_url(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
 
 
 def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(tmp_path, provider):
@@ -6731,11 +6724,6 @@ def test_sighups_in_a_burst_reload_once_each_at_most_and_never_stop_the_gateway(
     finally:
         stop_process(process)
     assert "Traceback" not in lines.all_lines()
-
-
-def ask_url(url: str) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=30, json={
-        "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -6780,25 +6768,25 @@ class HeldBackend(plano.EmbeddedRouterBackend):
 def test_an_explicit_request_is_answered_while_a_routing_decision_runs(provider, tiny_router_model):
     config = routed_config(provider, embedded_router(tiny_router_model, timeout_ms=60000))
     backend = HeldBackend(config.router)
-    running = RunningPlano(config, router=plano.Router(config, backend))
     routed: dict[str, Any] = {}
-    try:
-        wait_until(lambda: router_ready(running.url), what="the router loaded")
-        worker = threading.Thread(target=lambda: routed.update(response=httpx.post(running.url + "/v1/messages", json={
-            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "write code"}]},
-            timeout=60)))
-        worker.start()
-        assert backend.deciding.wait(10)
-        explicit = httpx.post(running.url + "/v1/messages", json={
-            "model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "quick"}]},
-            timeout=10)
-        assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
-        assert "response" not in routed  # the routed request is still waiting on its decision
-        backend.release.set()
-        worker.join(30)
-    finally:
-        backend.release.set()
-        running.stop()
+    with RunningPlano(config, router=plano.Router(config, backend)) as running:
+        try:
+            wait_until(lambda: router_ready(running.url), what="the router loaded")
+            worker = threading.Thread(target=lambda: routed.update(response=httpx.post(
+                running.url + "/v1/messages", timeout=60, json={
+                    "model": "claude-opus-5-5", "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "write code"}]})))
+            worker.start()
+            assert backend.deciding.wait(10)
+            explicit = httpx.post(running.url + "/v1/messages", timeout=10, json={
+                "model": "anthropic/claude-sonnet-5", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "quick"}]})
+            assert explicit.status_code == 200 and explicit.headers["x-plano-decision"] == "explicit"
+            assert "response" not in routed  # the routed request is still waiting on its decision
+            backend.release.set()
+            worker.join(30)
+        finally:
+            backend.release.set()
     assert routed["response"].headers["x-plano-decision"] in ("router", "default")
 
 
@@ -7324,11 +7312,10 @@ def test_a_refusal_is_logged_once_with_the_client_value_escaped(gateway, caplog)
 
 @pytest.fixture
 def cors_gateway(provider):
-    running = RunningPlano(config_for(provider, sections={"listeners": [{
+    with RunningPlano(config_for(provider, sections={"listeners": [{
         "address": "127.0.0.1", "port": 0, "cors_origins": ["http://localhost:3000/", "https://App.Example.com"],
-        "allowed_hosts": ["plano.internal"]}]}))
-    yield running
-    running.stop()
+        "allowed_hosts": ["plano.internal"]}]})) as running:
+        yield running
 
 
 def test_a_listed_origin_gets_cors_headers_and_its_preflight_answered_while_others_are_refused(cors_gateway,
@@ -7436,7 +7423,7 @@ def page_server(html: str):
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    server = _StandInServer(("127.0.0.1", 0), Page)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -7462,13 +7449,12 @@ def hostile_page(plano_url: str) -> str:
 
 def test_a_hostile_page_can_neither_spend_keys_nor_read_anything_and_the_live_page_still_works(
         rebinding_chromium, provider, tmp_path):
-    running = RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}}))
-    port = port_of(running)
-    context = rebinding_chromium.new_context()
     statuses: list[tuple[str, str, int]] = []  # what plano answered, as the browser's network layer saw it
-    context.on("response", lambda r: statuses.append((r.request.method, r.url, r.status))
-               if f":{port}/" in r.url else None)
-    try:
+    with RunningPlano(config_for(provider, sections={"stats": {"path": str(tmp_path / "usage.sqlite3")}})) as running, \
+            contextlib.closing(rebinding_chromium.new_context()) as context:
+        port = port_of(running)
+        context.on("response", lambda r: statuses.append((r.request.method, r.url, r.status))
+                   if f":{port}/" in r.url else None)
         httpx.post(running.url + "/v1/chat/completions", json=CHAT)  # something for the usage endpoints to show
         spent = len(provider.requests)
         with page_server(hostile_page(running.url)) as site:
@@ -7520,9 +7506,6 @@ def test_a_hostile_page_can_neither_spend_keys_nor_read_anything_and_the_live_pa
         live.wait_for_selector("#status:has-text('live')", timeout=15000)
         live.wait_for_selector("#models tr:has-text('openai/gpt-4o')", timeout=15000)
         live.close()
-    finally:
-        context.close()
-        running.stop()
     assert len(provider.requests) == spent  # the page made plano call the provider not once
     for what, (status, text) in reads.items():  # reached plano (the browser let it go) and was refused
         assert status == 403 and "DNS rebinding" in text, (what, status, text)
@@ -8450,11 +8433,8 @@ WIRE_BODIES = {"anthropic": [ANTHROPIC_BODY, ANTHROPIC_RICH_BODY], "openai": [OP
 @pytest.fixture(scope="module")
 def three_formats():
     """plano serving a model of each format on one stand-in: (running, provider)."""
-    provider = StandInProvider()
-    running = RunningPlano(responses_config(provider))
-    yield running, provider
-    running.stop()
-    provider.close()
+    with StandInProvider() as provider, RunningPlano(responses_config(provider)) as running:
+        yield running, provider
 
 
 @pytest.fixture(scope="module")
@@ -8630,8 +8610,7 @@ def test_one_model_key_is_routed_and_sent_as_it_was_before(three_formats):
 def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_format(client, provider):
     # Chunked, so that the limit is met while the body is read (a content-length past it is
     # refused before: test_an_oversized_body_is_refused_with_413_before_it_is_read).
-    running = RunningPlano(config_for(provider), limits=plano.ServerLimits(max_body_bytes=64 * 1024))
-    try:
+    with RunningPlano(config_for(provider), limits=plano.ServerLimits(max_body_bytes=64 * 1024)) as running:
         body = json.dumps(dict(WIRE_BODIES[client][0], pad="x" * 100_000)).encode()
         head = (f"POST {WIRE_PATHS[client]} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 "transfer-encoding: chunked\r\n\r\n").encode()
@@ -8642,8 +8621,12 @@ def test_a_body_past_the_size_limit_is_a_413_naming_the_limit_in_the_callers_for
         error_type, message = error_in_format(response, client)
         assert (error_type, message) == ("request_too_large", "request body exceeds the limit of 65536 bytes")
         assert httpx.get(running.url + "/healthz").status_code == 200 and provider.requests == []
-    finally:
-        running.stop()
+
+
+def value_at(body: Any, path: tuple) -> Any:
+    for step in path:
+        body = body[step]
+    return body
 
 
 def malformed_json(body: dict, data: Any) -> bytes:
@@ -8673,12 +8656,6 @@ def malformed_json(body: dict, data: Any) -> bytes:
         raw = json.dumps(body).encode()
         return raw[:data.draw(st.integers(0, len(raw) - 1))]
     return with_raw_at(body, path, '"\ud83d"').encode("utf-8", "surrogatepass")  # encoded, not escaped
-
-
-def value_at(body: Any, path: tuple) -> Any:
-    for step in path:
-        body = body[step]
-    return body
 
 
 @settings(max_examples=600, deadline=None)
@@ -8860,6 +8837,16 @@ def gzip_bomb(block: bytes, repeats: int) -> bytes:
     return first + again * (repeats - 1) + squeeze.flush()
 
 
+def stream_text(response: httpx.Response, client: str) -> str:
+    """The answer's text, as a stream in `client`'s format spells it out."""
+    if client == "anthropic":
+        return anthropic_stream_text(response.text)
+    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
+    if client == "openai":
+        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
+    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
+
+
 @pytest.mark.parametrize("client, coding", [("anthropic", "gzip"), ("openai", "deflate"), ("responses", "x-gzip"),
                                             ("openai", "raw deflate")])
 def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client, coding):
@@ -8885,16 +8872,6 @@ def test_a_compressed_answer_whole_or_streamed_is_inflated(three_formats, client
     assert (last.event or last.data) == {"anthropic": "message_stop", "openai": "[DONE]",
                                          "responses": "response.completed"}[client], streamed.text
     assert stream_text(streamed, client) == "inflated 🙂"
-
-
-def stream_text(response: httpx.Response, client: str) -> str:
-    """The answer's text, as a stream in `client`'s format spells it out."""
-    if client == "anthropic":
-        return anthropic_stream_text(response.text)
-    datas = [json.loads(e.data) for e in decode_sse([response.content]) if e.data != "[DONE]"]
-    if client == "openai":
-        return "".join(d["choices"][0]["delta"].get("content") or "" for d in datas if d["choices"])
-    return "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
