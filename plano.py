@@ -1678,7 +1678,8 @@ def _anthropic_usage_to_openai(usage: Any) -> dict:
 
 def _anthropic_stop_reason(finish_reason: Any, called_tools: bool) -> str:
     """A Chat finish reason as Anthropic's stop reason, whole or streamed."""
-    stop = ANTHROPIC_STOP_FROM_OPENAI.get(finish_reason, "end_turn")
+    # An unknown reason ends the turn; so does one that is not even a string (a list, an object).
+    stop = ANTHROPIC_STOP_FROM_OPENAI.get(finish_reason, "end_turn") if isinstance(finish_reason, str) else "end_turn"
     return "tool_use" if called_tools and stop == "end_turn" else stop  # some providers say "stop" after a call
 
 

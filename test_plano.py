@@ -1428,6 +1428,15 @@ def test_finish_reason_maps_to_stop_reason(finish_reason, stop_reason):
     assert plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["stop_reason"] == stop_reason
 
 
+@pytest.mark.parametrize("finish_reason", [["stop"], {"type": "stop"}, 7, "something_new"])
+def test_a_finish_reason_plano_does_not_know_ends_the_turn_whole_or_streamed(finish_reason):
+    # A provider's own reason, or one that is not even a string: the turn ended, and nothing breaks.
+    response = openai_response({"content": "x"}, finish_reason=finish_reason)
+    assert plano.openai_response_to_anthropic(response, CLAUDE_CODE_MODEL)["stop_reason"] == "end_turn"
+    events = run_openai_stream(chunk({"content": "x"}), chunk(finish_reason=finish_reason))
+    assert [data["delta"]["stop_reason"] for kind, data in events if kind == "message_delta"] == ["end_turn"]
+
+
 def test_tool_call_cut_off_by_length_is_stop_reason_max_tokens():
     # Anthropic reports a tool_use block truncated by the token limit as `max_tokens`; `tool_use`
     # would make the client run a tool with half-written arguments.
