@@ -6742,8 +6742,6 @@ async def _off_the_loop_if_large(parse: Callable[[bytes], Any], raw: bytes) -> A
     return parse(raw)
 
 
-
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # HTTP server: trio + h11. Bytes in, requests out; the gateway's answer back out as bytes.
 # ═════════════════════════════════════════════════════════════════════════════════════════════

@@ -4381,7 +4381,6 @@ def test_responses_requests_are_routed_and_logged_like_the_others(responses_gate
     assert any("POST /v1/responses not-configured -> openai/gpt-5.1-codex [default]" in line for line in SuiteLog.lines)
 
 
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Router: Arch-Router's prompt, trimming, the embedded llama.cpp backend (tiny Qwen2 GGUF written
 # by the tests), the remote backend, the decision cache, per-turn pinning
@@ -6171,7 +6170,6 @@ def test_cli_agent_without_codex_installed_says_how_to_install(tmp_path, provide
                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(HERE)})
     assert result.returncode == 127
     assert result.stderr.strip() == "plano: codex is not installed; install it with: npm install -g @openai/codex"
-
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -7999,7 +7997,6 @@ def test_printable_escapes_exactly_the_unprintable_and_kept_text_is_bounded_and_
     assert (kept == text) == (storable and len(text) <= plano.MAX_KEPT_CHARS)
 
 
-
 # ── issue 18: config reload, connection slots, a port already taken ─────────────────────────
 
 # Every section and field of a config, each with a valid value: the places a fuzzer puts others.
@@ -8116,7 +8113,6 @@ def test_a_number_that_is_not_finite_is_refused():
 def test_a_value_with_control_characters_is_named_on_one_line():
     message = config_error('llm_providers:\n  - model: "openai/gpt-4o"\n    "colour\\n\\x1b[31m": red\n')
     assert message.startswith(f"{CONFIG_PATH}:3: `colour\\n\\x1b[31m` is not a known model field")
-
 
 
 def test_a_config_of_too_many_values_is_refused_where_it_crosses_the_bound():
