@@ -9581,6 +9581,546 @@ def test_a_state_url_without_the_redis_package_names_the_extra_to_install(tmp_pa
     assert result.stderr.strip() == f"plano: {config}: `state.url` needs the redis package: pip install 'plano[team]'"
 
 
+# ── issue 20: a team's gateway: replicas behind HAProxy, one Redis, one PostgreSQL ─────────────
+# What README's "Run it for a team" describes, started once for these tests: three `python -m
+# plano up` from one config file (each on its own port), HAProxy in front of them with exactly
+# bench/haproxy.cfg, redis-server, PostgreSQL, a stand-in provider and one router server shared by
+# the replicas (a stand-in answering as Arch-Router does). Each test leaves them as it found them.
+
+HAPROXY_CONFIG = HERE / "bench" / "haproxy.cfg"
+TEAM_ADMIN_KEY = "plano-team-admin-key-0123456789"
+TEAM_KEYS = {"alice": "plano-key-alice-0123456789abcdef", "bob": "plano-key-bob-0123456789abcdef",
+             "carol": "plano-key-carol-0123456789abcdef", "dave": "plano-key-dave-0123456789abcdef"}
+# What one answer of the stand-in's gpt-4o costs (Chat usage: 40 prompt tokens, 30 of them
+# cached, 7 out), and bob's daily budget: 60 such answers.
+GPT_4O_ANSWER_COST = catalogue_cost("openai/gpt-4o", 10, 30, 7)
+BOB_BUDGET_USD = round(60 * GPT_4O_ANSWER_COST, 6)
+# The routes of the team's config: each on its own model, so that a move between them shows.
+TEAM_ROUTES = {"code generation": "openai/gpt-4o", "code understanding": "anthropic/claude-sonnet-5"}
+
+
+class TeamProvider(StandInProvider):
+    """The team's stand-in provider. A streamed answer to a message that says HOLD sends its
+    first event, then waits for `release`: a test knows that the stream is in flight and where."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def openai_reply(self, request: Recorded) -> Reply:
+        return self._held(super().openai_reply(request), request)
+
+    def anthropic_reply(self, request: Recorded) -> Reply:
+        return self._held(super().anthropic_reply(request), request)
+
+    def _held(self, reply: Reply, request: Recorded) -> Reply:
+        if reply.sse is None or "HOLD" not in last_user_text(request.json["messages"]):
+            return reply
+        whole = b"".join(reply.sse)
+        first_event_ends = whole.index(b"\n\n") + 2
+        release = self.release
+
+        def pieces() -> Any:  # the handler writes each piece as the generator gives it
+            yield whole[:first_event_ends]
+            release.wait(60)
+            yield whole[first_event_ends:]
+
+        return dataclass_replace(reply, sse=pieces())
+
+
+class RouterStandIn(StandInProvider):
+    """One router server shared by the replicas, as llama-server or vLLM serving Arch-Router
+    would be: an OpenAI-format endpoint that answers the model card's prompt with a route. It
+    routes the conversation's newest user message: "code understanding" when it asks to explain,
+    else "code generation"."""
+
+    def openai_reply(self, request: Recorded) -> Reply:
+        prompt = request.json["messages"][0]["content"]
+        conversation = json.loads(prompt.split("<conversation>\n\n", 1)[1].split("\n\n</conversation>", 1)[0])
+        newest = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
+        route = "code understanding" if "explain" in newest.lower() else "code generation"
+        return remote_answer(json.dumps({"route": route}))
+
+
+class Replica:
+    """One `python -m plano up --port P` of the team's config file. What it logs goes to a file,
+    so a busy replica never waits on a full pipe."""
+
+    def __init__(self, name: str, config: Path, log: Path):
+        self.name, self.config, self.log = name, config, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self._log_read = 0
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "plano", "up", "--config", str(self.config),
+                                             "--port", str(self.port)],
+                                            stdout=subprocess.DEVNULL, stderr=log, cwd=HERE)
+
+    def wait_until_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process is not None and self.process.poll() is None, \
+                f"{self.name} exited at start:\n{self.log.read_text()}"
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{self.name} did not serve in 30 s:\n{self.log.read_text()}"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """kill -9: no draining, no last ledger batch."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"{self.name} did not stop on SIGTERM within 15 s") from None
+
+    def decisions(self, session: str | None = None) -> list[dict]:
+        """The decisions this replica made (its latest 500), for `session` or all."""
+        response = httpx.get(self.url + "/plano/decisions", params={"session": session} if session else {},
+                             headers={"x-api-key": TEAM_ADMIN_KEY})
+        assert response.status_code == 200, response.text
+        return response.json()["decisions"]
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/healthz", timeout=5).json()
+
+    def new_log_lines(self) -> list[str]:
+        with open(self.log, encoding="utf-8", errors="replace") as log:
+            log.seek(self._log_read)
+            text = log.read()
+            self._log_read = log.tell()
+        return text.splitlines()
+
+
+class Balancer:
+    """HAProxy, run in the foreground with exactly bench/haproxy.cfg, on a free loopback port in
+    front of `replicas`. Its log (one line per request, and its health checks' verdicts) goes to
+    a file."""
+
+    def __init__(self, replicas: list[Replica], log: Path):
+        assert shutil.which("haproxy", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")), \
+            "these tests run Debian's haproxy: install it with `bash .ci/install_test_extras.sh`"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {"PATH": "/usr/sbin:/usr/bin:/bin", "PLANO_LB_BIND": f"127.0.0.1:{self.port}",
+               **{f"PLANO_REPLICA_{n}": f"127.0.0.1:{r.port}" for n, r in enumerate(replicas, 1)}}
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CONFIG)], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or self._answers(), 20, "HAProxy serving")
+        assert self.process.poll() is None, f"haproxy exited at start:\n{log.read_text()}"
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def wait_for_state(self, replica: Replica, state: str, since: int) -> None:
+        """Until HAProxy's health checks have put `replica` in `state` (UP or DOWN), as logged
+        after the first `since` lines of its log."""
+        wait_until(lambda: any(f"plano_replicas/{replica.name} is {state}" in line for line in self.lines()[since:]),
+                   20, f"HAProxy reporting {replica.name} {state}")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class RestartableRedis:
+    """redis-server on one port and data directory, which a test may stop and start again (its
+    append-only file keeps what it held)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="plano-redis-"))
+        self._running = contextlib.ExitStack()
+        self.url = self._running.enter_context(redis_server(self.port, self.directory))
+
+    def stop(self) -> None:
+        self._running.close()
+
+    def start(self) -> None:
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(redis_server(self.port, self.directory))
+
+    def close(self) -> None:
+        self._running.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def team_config_text(provider: StandInProvider, router: StandInProvider, redis_url: str, postgres_url: str) -> str:
+    """The one config file every replica runs: keys per developer, shared state and ledger, the
+    shared router server, and router.switch_budget 0 (a session never moves once it has a model)."""
+    return config_yaml(
+        served_by(provider, "openai/gpt-4o", routing_preferences=[ROUTES[0]]),
+        served_by(provider, "anthropic/claude-sonnet-5", default=True, routing_preferences=[ROUTES[1]]),
+        served_by(provider, "openai/gpt-4o-mini"),
+        model_aliases={"arch.claude.code.small.fast": {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "api_key": TEAM_ADMIN_KEY}],
+        router=remote_router(router.openai_base, switch_budget=0),
+        keys=[{"name": "alice", "key": TEAM_KEYS["alice"], "team": "platform"},
+              {"name": "bob", "key": "sha256:" + hashlib.sha256(TEAM_KEYS["bob"].encode()).hexdigest(),
+               "team": "platform", "budget": {"usd": BOB_BUDGET_USD, "per": "day"}},
+              {"name": "carol", "key": TEAM_KEYS["carol"], "team": "data", "rpm": 5},
+              {"name": "dave", "key": TEAM_KEYS["dave"], "team": "data"}],
+        teams=[{"name": "platform", "budget": {"usd": 500, "per": "month"}}],
+        state={"url": redis_url}, stats={"url": postgres_url})
+
+
+@dataclass
+class Team:
+    provider: TeamProvider
+    router: RouterStandIn
+    redis: RestartableRedis
+    postgres_url: str
+    replicas: list[Replica]
+    balancer: Balancer
+
+    @property
+    def url(self) -> str:
+        return self.balancer.url
+
+    def client(self, key: str, **kw: Any) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key=TEAM_KEYS[key], max_retries=0, **{"timeout": 60, **kw})
+
+    def decisions(self, session: str) -> dict[str, list[dict]]:
+        """Each serving replica's decisions for `session`, by replica name."""
+        return {r.name: r.decisions(session) for r in self.replicas}
+
+    def sessions_served(self, replicas: list[Replica] | None = None) -> dict[str, set[str]]:
+        """The sessions each replica (of `replicas`, else all) has decided for, by replica name."""
+        return {r.name: {d["session"] for d in r.decisions()} for r in replicas or self.replicas}
+
+    def ledger(self, query: str, *params: Any) -> list[tuple]:
+        import psycopg
+        with psycopg.connect(self.postgres_url) as connection:
+            return connection.execute(query, params).fetchall()
+
+
+@pytest.fixture(scope="module")
+def team_servers(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("team")
+    with contextlib.ExitStack() as stack:
+        provider = stack.enter_context(TeamProvider())
+        stack.callback(provider.release.set)  # a held stream must not outlive the tests
+        router = stack.enter_context(RouterStandIn())
+        redis = RestartableRedis()
+        stack.callback(redis.close)
+        postgres_url = stack.enter_context(postgres_server())
+        config = directory / "config.yaml"
+        config.write_text(team_config_text(provider, router, redis.url, postgres_url))
+        replicas = [Replica(f"replica{n}", config, directory / f"replica{n}.log") for n in (1, 2, 3)]
+        for replica in replicas:
+            stack.callback(replica.stop)
+            replica.start()  # the three start at once, as a deployment's would
+        for replica in replicas:
+            replica.wait_until_serving()
+        balancer = Balancer(replicas, directory / "haproxy.log")
+        stack.callback(balancer.close)
+        yield Team(provider, router, redis, postgres_url, replicas, balancer)
+
+
+@pytest.fixture
+def team(team_servers):
+    """The team's servers, for one test; what the replicas logged during it joins the lines the
+    suite's last test scans for keys."""
+    team_servers.provider.release.clear()
+    yield team_servers
+    team_servers.provider.release.set()
+    for replica in team_servers.replicas:
+        SuiteLog.lines.extend(replica.new_log_lines())
+
+
+def team_message(client: anthropic.Anthropic, text: str, session: str, stream: bool = False,
+                 model: str = "openai/gpt-4o") -> anthropic.types.Message:
+    return anthropic_message(client, stream, model=model, max_tokens=50, messages=[{"role": "user", "content": text}],
+                             extra_headers={"X-Claude-Code-Session-Id": session})
+
+
+def test_haproxy_spreads_requests_over_the_replicas_and_passes_each_event_through_as_it_comes(team):
+    session = f"spread-{os.urandom(4).hex()}"
+    client = team.client("alice")
+    answers = [team_message(client, f"hello {n}", session, stream=n % 2 == 1) for n in range(6)]
+    assert [a.content[0].text for a in answers] == [f"echo: hello {n}" for n in range(6)]
+    served = team.decisions(session)
+    assert sorted(len(decisions) for decisions in served.values()) == [2, 2, 2], served  # round robin
+    # A held stream: its first event reaches the client while the provider holds the rest back
+    # (a balancer that buffered answers would keep it until the read timeout below).
+    with team.client("alice", timeout=10.0).messages.stream(
+            model="openai/gpt-4o", max_tokens=50, messages=[{"role": "user", "content": "HOLD then answer"}]) as stream:
+        first = next(iter(stream))
+        team.provider.release.set()
+        message = stream.get_final_message()
+    assert first.type == "message_start"
+    assert message.content[0].text == "echo: HOLD then answer"
+    assert f"{{{session}}}" in "\n".join(team.balancer.lines())  # HAProxy's log line names the session
+
+
+def test_claude_code_through_haproxy_keeps_one_decision_per_turn_on_whichever_replica_serves_it(
+        team, claude_bin, tmp_path):
+    import uuid
+    session = str(uuid.uuid4())
+    home = tmp_path / "home"
+    env = claude_env(home, claude_bin, ANTHROPIC_BASE_URL=team.url, ANTHROPIC_API_KEY=TEAM_KEYS["alice"])
+
+    def claude(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([claude_bin, *args, "--allowedTools", "Bash"], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120, stdin=subprocess.DEVNULL)
+
+    first = claude("-p", "TOOL:echo across-replicas", "--session-id", session)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "tool said: across-replicas" in first.stdout
+    turn = {name: [(d["decision"], d["model"]) for d in decisions]
+            for name, decisions in team.decisions(session).items() if decisions}
+    # Two requests (the question, then the tool's result), on two replicas: the second replica
+    # finds the first one's pin in Redis and keeps the turn's model without asking the router.
+    assert sorted(turn.values()) == [[("pinned", "openai/gpt-4o")], [("router", "openai/gpt-4o")]], turn
+    second = claude("-p", "now explain what echo does", "--resume", session)
+    assert second.returncode == 0, second.stdout + second.stderr
+    decisions = [d for decisions in team.decisions(session).values() for d in decisions]
+    # The new turn asks to explain: the router answers "code understanding" (another model), and
+    # with router.switch_budget 0 the session stays where its cache is, whichever replica asks.
+    assert sorted((d["decision"], d["model"]) for d in decisions) == [
+        ("pinned", "openai/gpt-4o"), ("router", "openai/gpt-4o"), ("sticky", "openai/gpt-4o")]
+
+
+def test_a_sticky_session_stays_on_its_model_whichever_replica_takes_its_next_turn(team):
+    session, fresh = f"sticky-{os.urandom(4).hex()}", f"fresh-{os.urandom(4).hex()}"
+    client = team.client("alice")
+
+    def turn(session: str, messages: list[dict]) -> Any:
+        raw = client.messages.with_raw_response.create(model=CLAUDE_CODE_MODEL, max_tokens=50, messages=messages,
+                                                       extra_headers={"X-Claude-Code-Session-Id": session})
+        return raw.headers["x-plano-decision"], raw.headers["x-plano-model"], raw.parse().content[0].text
+
+    asked = [{"role": "user", "content": "write a function that parses ISO dates"}]
+    first = turn(session, asked)
+    explain = [*asked, {"role": "assistant", "content": first[2]}, {"role": "user", "content": "now explain it"}]
+    second = turn(session, explain)
+    new_session = turn(fresh, [{"role": "user", "content": "now explain it"}])
+    assert first[:2] == ("router", "openai/gpt-4o")
+    assert second[:2] == ("sticky", "openai/gpt-4o")  # the router said "code understanding"; the session stays
+    assert new_session[:2] == ("router", "anthropic/claude-sonnet-5")  # where that route goes without a pin
+    served = {name for name, decisions in team.decisions(session).items() if decisions}
+    assert len(served) == 2  # the two turns of the session were answered by two replicas
+
+
+def test_a_budget_holds_across_replicas_under_50_concurrent_requests(team):
+    # 50 clients of bob's key send requests until refused. Each replica admits a request only
+    # while the spend in Redis (all replicas' answers) is under the budget; the overshoot is at
+    # most one answer per request in flight. Replicas counting on their own would each admit a
+    # budget's worth: about three times as much.
+    import concurrent.futures
+    client = team.client("bob")
+    answered: list[anthropic.types.Message] = []
+    refusals: list[anthropic.PermissionDeniedError] = []
+    others: list[BaseException] = []
+
+    def spend_until_refused(worker: int) -> None:
+        for n in range(200):
+            try:
+                answered.append(team_message(client, f"bob {worker}.{n}", f"budget-{worker}", stream=n % 2 == 1))
+            except anthropic.PermissionDeniedError as refused:
+                refusals.append(refused)
+                return
+            except Exception as error:  # counted, and shown by the assertion below
+                others.append(error)
+                return
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        list(pool.map(spend_until_refused, range(50)))
+    assert others == [] and len(refusals) == 50
+    spent = sum(catalogue_cost("openai/gpt-4o", m.usage.input_tokens, m.usage.cache_read_input_tokens,
+                               m.usage.output_tokens) for m in answered)
+    assert BOB_BUDGET_USD <= spent <= BOB_BUDGET_USD + 50 * GPT_4O_ANSWER_COST, (len(answered), spent)
+    refusal = refusals[0].body["error"]
+    assert refusal["type"] == "permission_error" and "bob" in refusal["message"]
+    served = team.sessions_served()
+    assert all(served[r.name] & {f"budget-{w}" for w in range(50)} for r in team.replicas)  # all three spent
+    rows = lambda: team.ledger("SELECT count(*), sum(cost_usd) FROM usage WHERE key_name = %s", "bob")[0]  # noqa: E731
+    wait_until(lambda: rows()[0] == len(answered), 10, "every answer of bob's in the ledger")
+    assert math.isclose(rows()[1], spent, rel_tol=1e-9)
+
+
+def test_usage_totals_in_postgres_equal_the_sum_of_the_answers_of_every_replica(team):
+    # Dave's answers, whole and streamed, Anthropic and Chat clients, both models, through
+    # HAProxy: the sums of what the clients were told equal the ledger's, and every replica
+    # reads the same totals from PostgreSQL.
+    run = os.urandom(4).hex()
+    anthropic_sdk = team.client("dave")
+    openai_sdk = openai.OpenAI(base_url=team.url + "/v1", api_key=TEAM_KEYS["dave"], max_retries=0)
+    told = {"requests": 0, "input_tokens": 0, "cache_read_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+
+    def add(model: str, uncached: int, cached: int, output: int) -> None:
+        for kind, tokens in (("input_tokens", uncached), ("cache_read_tokens", cached), ("output_tokens", output)):
+            told[kind] += tokens
+        told["requests"] += 1
+        told["cost_usd"] += catalogue_cost(model, uncached, cached, output)
+
+    for n in range(12):
+        session, model, stream = f"usage-{run}-{n}", ("openai/gpt-4o", "anthropic/claude-sonnet-5")[n % 2], n % 3 == 0
+        if n % 4 < 2:
+            usage = team_message(anthropic_sdk, f"count me {n}", session, stream=stream, model=model).usage
+            add(model, usage.input_tokens, usage.cache_read_input_tokens, usage.output_tokens)
+        else:
+            usage = openai_sdk.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"count me {n}"}],
+                extra_headers={"X-Claude-Code-Session-Id": session}).usage
+            cached = usage.prompt_tokens_details.cached_tokens
+            add(model, usage.prompt_tokens - cached, cached, usage.completion_tokens)
+    query = ("SELECT count(*), sum(input_tokens), sum(cache_read_tokens), sum(output_tokens), sum(cost_usd) "
+             "FROM usage WHERE key_name = 'dave' AND team = 'data'")
+    wait_until(lambda: team.ledger(query)[0][0] == 12, 10, "dave's twelve answers in the ledger")
+    rows = team.ledger(query)[0]
+    assert rows[:4] == (12, told["input_tokens"], told["cache_read_tokens"], told["output_tokens"])
+    assert math.isclose(rows[4], told["cost_usd"], rel_tol=1e-9)
+    served = team.sessions_served()
+    assert all(served[r.name] & {f"usage-{run}-{n}" for n in range(12)} for r in team.replicas)
+    for replica in team.replicas:
+        total = httpx.get(replica.url + "/plano/usage", params={"key": "dave"},
+                          headers={"x-api-key": TEAM_ADMIN_KEY}).json()["total"]
+        assert {kind: total[kind] for kind in told if kind != "cost_usd"} == \
+            {kind: value for kind, value in told.items() if kind != "cost_usd"}, replica.name
+        assert math.isclose(total["cost_usd"], told["cost_usd"], rel_tol=1e-9)
+
+
+def test_kill_9_of_a_replica_mid_load_the_others_serve_on_and_their_answers_are_all_in_the_ledger(team):
+    import concurrent.futures
+    victim, survivors = team.replicas[1], [team.replicas[0], team.replicas[2]]
+    run = os.urandom(4).hex()
+    client = team.client("alice")
+    outcomes: dict[str, str] = {}  # session → "answered" or what the client got instead
+    load_on, paused, idle = threading.Event(), threading.Event(), threading.Semaphore(0)
+
+    def ask(session: str, text: str, stream: bool) -> None:
+        try:
+            message = team_message(client, text, session, stream=stream)
+            outcomes[session] = "answered" if message.content[0].text == f"echo: {text}" else "wrong answer"
+        except Exception as error:
+            outcomes[session] = type(error).__name__
+
+    def load(worker: int) -> None:
+        n = 0
+        while load_on.is_set():
+            if paused.is_set():
+                idle.release()
+                while paused.is_set() and load_on.is_set():
+                    time.sleep(0.01)
+                continue
+            ask(f"kill-{run}-{worker}-{n}", f"load {n}", stream=n % 2 == 0)
+            n += 1
+
+    held = [f"kill-{run}-held-{k}" for k in range(6)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4 + len(held)) as pool:
+            load_on.set()
+            workers = [pool.submit(load, w) for w in range(4)]
+            wait_until(lambda: len(outcomes) >= 20, 30, "load under way")
+            # Six streams started one after another while the load waits: HAProxy's round robin
+            # gives each replica two, and they stay in flight (the provider holds their rest).
+            paused.set()
+            for _ in workers:
+                assert idle.acquire(timeout=30)
+            started = len(team.provider.requests)
+            streams = [pool.submit(ask, session, "HOLD the line", True) for session in held]
+            wait_until(lambda: len(team.provider.requests) >= started + len(held), 30, "held streams at the provider")
+            paused.clear()
+            lines_before = len(team.balancer.lines())
+            victim.kill()
+            team.provider.release.set()
+            for future in streams:
+                future.result()
+            team.balancer.wait_for_state(victim, "DOWN", lines_before)
+            after_down = len(outcomes)
+            wait_until(lambda: len(outcomes) >= after_down + 30, 30, "load after the replica was taken out")
+            load_on.clear()
+            for future in workers:
+                future.result()
+
+        survivors_served = set.union(*team.sessions_served(survivors).values())
+        failed = {session for session, outcome in outcomes.items() if outcome != "answered"}
+        held_on_victim = set(held) - survivors_served
+        assert len(held_on_victim) == 2, outcomes  # round robin put two of the six there
+        assert held_on_victim <= failed  # in flight on the killed replica: cut off
+        assert failed & survivors_served == set()  # every failure was a request in flight on the victim
+        assert len(failed - set(held)) <= 4, failed  # at most one request in flight per load worker
+        answered_by_survivors = {s for s in survivors_served if outcomes[s] == "answered"}
+        query = "SELECT session FROM usage WHERE session LIKE %s"
+        in_ledger = lambda: {row[0] for row in team.ledger(query, f"kill-{run}-%")}  # noqa: E731
+        wait_until(lambda: answered_by_survivors <= in_ledger(), 10, "the survivors' answers in the ledger")
+    finally:  # the killed replica comes back on its port, and HAProxy puts it back in the rotation
+        if victim.process.poll() is not None:
+            lines_before = len(team.balancer.lines())
+            victim.start()
+            victim.wait_until_serving()
+            team.balancer.wait_for_state(victim, "UP", lines_before)
+
+
+def test_redis_restarted_mid_run_serving_goes_on_healthz_says_degraded_and_state_resumes(team):
+    client = team.client("alice")
+    run = os.urandom(4).hex()
+    routed = [{"role": "user", "content": [{"type": "text", "text": "TOOL:echo before the outage"}]}]
+
+    def continuation_of(session: str) -> str:
+        """The decision for a tool-result continuation of `session`'s first turn."""
+        messages = [*routed, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "echo before the outage"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]
+        raw = client.messages.with_raw_response.create(model=CLAUDE_CODE_MODEL, max_tokens=50, messages=messages,
+                                                       tools=[BASH_TOOL],
+                                                       extra_headers={"X-Claude-Code-Session-Id": session})
+        return raw.headers["x-plano-decision"]
+
+    def first_turn(session: str) -> str:
+        raw = client.messages.with_raw_response.create(model=CLAUDE_CODE_MODEL, max_tokens=50, messages=routed,
+                                                       tools=[BASH_TOOL],
+                                                       extra_headers={"X-Claude-Code-Session-Id": session})
+        return raw.headers["x-plano-decision"]
+
+    lines_before = len(team.balancer.lines())
+    assert first_turn(f"redis-{run}-before") == "router"  # its pin is in Redis
+    team.redis.stop()
+    try:
+        during = [team_message(client, f"during the outage {n}", f"redis-{run}-during-{n}").content[0].text
+                  for n in range(6)]
+        assert during == [f"echo: during the outage {n}" for n in range(6)]
+        for replica in team.replicas:
+            health = replica.health()
+            assert health["status"] == "degraded" and health["reasons"][0].startswith("shared state: "), health
+        assert httpx.get(team.url + "/healthz").status_code == 200  # HAProxy keeps every replica in
+    finally:
+        team.redis.start()
+
+    wait_until(lambda: all(replica.health()["status"] == "ok" for replica in team.replicas), 30,
+               "every replica back on Redis")
+    # The pin made before the outage is still there, and shared: any replica continues the turn.
+    assert [continuation_of(f"redis-{run}-before") for _ in team.replicas] == ["pinned"] * 3
+    assert not any("is DOWN" in line for line in team.balancer.lines()[lines_before:])
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
