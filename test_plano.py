@@ -9965,6 +9965,26 @@ def test_a_budget_holds_across_replicas_under_50_concurrent_requests(team):
     assert math.isclose(rows()[1], spent, rel_tol=1e-9)
 
 
+def test_a_keys_rate_limit_counts_its_requests_on_every_replica(team):
+    # carol may send 5 requests a minute, counted in fixed UTC minutes in Redis: 8 in a row through
+    # HAProxy (so on all three replicas) get 5 answers and 3 refusals. Replicas counting on their
+    # own would each let 5 through.
+    if 60 - time.time() % 60 < 10:
+        time.sleep(60 - time.time() % 60)  # the burst stays within one minute
+    minute = int(time.time() // 60)
+    client, session = team.client("carol"), f"rpm-{os.urandom(4).hex()}"
+    outcomes: list[Any] = []
+    for n in range(8):
+        try:
+            outcomes.append(team_message(client, f"carol {n}", session).content[0].text)
+        except anthropic.RateLimitError as refused:
+            outcomes.append((refused.status_code, refused.body["error"]["type"], refused.response.headers["retry-after"]))
+    assert int(time.time() // 60) == minute, "the burst crossed a minute's boundary"
+    assert outcomes[:5] == [f"echo: carol {n}" for n in range(5)]
+    assert [outcome[:2] for outcome in outcomes[5:]] == [(429, "rate_limit_error")] * 3, outcomes
+    assert all(0 < int(outcome[2]) <= 60 for outcome in outcomes[5:])
+    assert all(team.decisions(session).values())  # the five answers came from all three replicas
+
 def test_usage_totals_in_postgres_equal_the_sum_of_the_answers_of_every_replica(team):
     # Dave's answers, whole and streamed, Anthropic and Chat clients, both models, through
     # HAProxy: the sums of what the clients were told equal the ledger's, and every replica
