@@ -9686,9 +9686,13 @@ class Replica:
         self.process.kill()
         self.process.wait()
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM, as a service manager stops it; `wait_stopped` then waits for it."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
+
+    def wait_stopped(self) -> None:
+        if self.process is not None:
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
@@ -9842,7 +9846,9 @@ def team_servers(tmp_path_factory):
         config.write_text(team_config_text(provider, router, redis.url, postgres_url))
         replicas = [Replica(f"replica{n}", config, directory / f"replica{n}.log") for n in (1, 2, 3)]
         for replica in replicas:
-            stack.callback(replica.stop)
+            stack.callback(replica.wait_stopped)
+        for replica in replicas:
+            stack.callback(replica.terminate)  # all three are told first, then waited for
             replica.start()  # the three start at once, as a deployment's would
         for replica in replicas:
             replica.wait_until_serving()
@@ -10148,6 +10154,21 @@ def test_redis_restarted_mid_run_serving_goes_on_healthz_says_degraded_and_state
     # The pin made before the outage is still there, and shared: any replica continues the turn.
     assert [continuation_of(f"redis-{run}-before") for _ in team.replicas] == ["pinned"] * 3
     assert not any("is DOWN" in line for line in team.balancer.lines()[lines_before:])
+
+
+def test_no_key_appears_in_the_log_of_any_replica_or_of_haproxy(team):
+    # After traffic with every kind of key (a developer's, the admin's, a wrong one, a hashed one)
+    # on every replica, nothing any of them or HAProxy wrote holds a key.
+    for key in ("alice", "bob", "dave"):
+        team_message(team.client(key), "hello", f"logs-{key}")
+    wrong = httpx.post(team.url + "/v1/messages", headers={"x-api-key": WRONG_KEY, "content-type": "application/json"},
+                       json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    admin = httpx.get(team.url + "/plano/decisions", headers={"authorization": f"Bearer {TEAM_ADMIN_KEY}"})
+    assert (wrong.status_code, admin.status_code) == (401, 200)
+    logs = [r.log.read_text() for r in team.replicas] + [team.balancer.log.read_text()]
+    assert "POST /v1/messages" in "".join(logs)
+    secrets = [*TEAM_KEYS.values(), TEAM_ADMIN_KEY, WRONG_KEY, OPENAI_KEY, ANTHROPIC_KEY]
+    assert [secret for secret in secrets if any(secret in log for log in logs)] == []
 
 
 # ── issue 20: developers' keys, budgets, model allow-lists, rpm, the status line ───────────────
