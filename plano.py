@@ -5384,7 +5384,8 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# Usage ledger: what each answer used (and cost), kept in SQLite across restarts.
+# Usage ledger: what each answer used (and cost), kept across restarts in SQLite, or in PostgreSQL
+# for the replicas of a team's gateway to share.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -5526,7 +5527,7 @@ class _LedgerWriter:
         return batch
 
     def _write_rows(self, connection: Any) -> None:
-        pruned_at, batch, failing_since = 0.0, [], None
+        pruned_at, batch, failing_since, dropped_before = 0.0, [], None, 0
         while True:
             if not batch:
                 batch = self._next_batch()
@@ -5540,8 +5541,11 @@ class _LedgerWriter:
                     self._prune(connection, time.time() - self.retention_days * 86400)
                     pruned_at = time.time()
                 if failing_since is not None:
-                    log.warning("usage ledger %s: writing again, after %.0f s", self.where,
-                                time.monotonic() - failing_since)
+                    lost = self.dropped - dropped_before
+                    log.warning("usage ledger %s: writing again, after %.0f s%s", self.where,
+                                time.monotonic() - failing_since,
+                                f" ({lost} rows dropped meanwhile: more were waiting than the queue holds)" if lost
+                                else "")
                     failing_since = None
             except Exception as e:
                 if not self._database_failed(e):  # a bug: these rows are lost, the later ones are not
@@ -5551,7 +5555,7 @@ class _LedgerWriter:
                     self._disconnect(connection)
                     connection = None
                     if failing_since is None:
-                        failing_since = time.monotonic()
+                        failing_since, dropped_before = time.monotonic(), self.dropped
                         log.warning("usage ledger %s: cannot write (%s); rows wait (at most %d more) and are "
                                     "tried again every %g s", self.where, self._reason(e), self.queue_size,
                                     self.RETRY_SECONDS)
@@ -5724,6 +5728,15 @@ def _postgres_connection(url: str) -> Any:
                            **{name: value for name, value in _POSTGRES_SETTINGS.items() if name not in given})
 
 
+def _postgres_error_text(error: Exception, url: str) -> str:
+    """A psycopg error in one line (libpq's messages come in several, with tabs), without the URL's
+    password (libpq does not repeat one; to be sure)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def _postgres_columns(connection: Any) -> set[str]:
     """The columns of `plano_usage` as the connection's search_path finds it (none: no table)."""
     return {name for (name,) in connection.execute(
@@ -5850,33 +5863,36 @@ class PostgresLedger(_LedgerWriter):
     def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
                 team: str | None = None) -> dict:
         import psycopg
+        filters = {"since": since, "session": session, "key_name": key_name, "team": team}
         with self._reader_lock:
-            for attempt in range(2):  # a kept connection the server has closed since: once more on a new one
-                try:
-                    if self._reader is None or self._reader.closed:
-                        self._reader = _postgres_connection(self.url)
-                        self._reader.execute("SET statement_timeout = 30000")  # a summary never hangs a request
-                    return postgres_usage_summary(self._reader, since=since, session=session, key_name=key_name,
-                                                  team=team)
-                except psycopg.Error as e:
-                    self._disconnect(self._reader)
-                    self._reader = None
-                    if attempt:
-                        raise LedgerUnavailable(f"the usage ledger ({self.where}) cannot be read now: "
-                                                f"{self._reason(e)}") from None
-        raise AssertionError("unreachable")
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error:
+                self._close_reader()  # the server may have closed the kept connection since the last read
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error as e:
+                self._close_reader()
+                raise LedgerUnavailable(f"the usage ledger ({self.where}) cannot be read now: "
+                                        f"{self._reason(e)}") from None
 
     def close(self, timeout: float = 10.0) -> None:
         super().close(timeout)
         with self._reader_lock:
-            self._disconnect(self._reader)
-            self._reader = None
+            self._close_reader()
+
+    def _read_connection(self) -> Any:
+        if self._reader is None:
+            self._reader = _postgres_connection(self.url)
+            self._reader.execute("SET statement_timeout = 30000")  # a summary never holds a request for long
+        return self._reader
+
+    def _close_reader(self) -> None:
+        self._disconnect(self._reader)
+        self._reader = None
 
     def _reason(self, error: Exception) -> str:
-        reason = super()._reason(error)
-        for secret in sorted(postgres_url_secrets(self.url), key=len, reverse=True):
-            reason = reason.replace(secret, "***")  # libpq does not repeat a password; to be sure
-        return reason
+        return _postgres_error_text(error, self.url)
 
     def _connect(self) -> Any:
         connection = _postgres_connection(self.url)
@@ -5945,15 +5961,12 @@ def read_usage_summary(settings: StatsSettings, *, since: float | None = None, s
         import psycopg
     except ImportError:
         raise LedgerUnavailable("`stats.url` needs the psycopg package: pip install 'plano[team]'") from None
-    where, secrets = masked_url(settings.url), postgres_url_secrets(settings.url)
     try:
         with _postgres_connection(settings.url) as connection:
             return postgres_usage_summary(connection, **filters)
     except psycopg.Error as e:
-        reason = " ".join(str(e).split())
-        for secret in sorted(secrets, key=len, reverse=True):
-            reason = reason.replace(secret, "***")
-        raise LedgerUnavailable(f"`stats.url` ({where}): cannot read the usage ledger: {reason}") from None
+        raise LedgerUnavailable(f"`stats.url` ({masked_url(settings.url)}): cannot read the usage ledger: "
+                                f"{_postgres_error_text(e, settings.url)}") from None
 
 
 def _usage_line(requests: int, tokens: Mapping[str, int], spent: float | None, baseline: float | None) -> dict:

@@ -9524,6 +9524,14 @@ def test_a_usage_table_from_an_older_plano_gains_key_and_team_and_keeps_its_rows
         ("old", None, None), ("s", "alice", "platform")]
 
 
+def test_postgres_rows_older_than_the_retention_are_removed(postgres_url):
+    ledger = plano.PostgresLedger(postgres_url, retention_days=30)
+    ledger.record(keyed_row("old", None, 1, time=time.time() - 40 * 86400))
+    ledger.record(keyed_row("recent", None, 1, time=time.time() - 10 * 86400))
+    ledger.close()
+    assert [r["key_name"] for r in postgres_rows(postgres_url)] == ["recent"]  # pruned as the ledger started
+
+
 def test_a_row_postgres_refuses_is_dropped_alone_and_the_rest_of_its_batch_is_written(postgres_url):
     logged = len(SuiteLog.lines)
     ledger = plano.PostgresLedger(postgres_url)
@@ -9588,6 +9596,8 @@ def test_rows_past_the_queue_bound_in_an_outage_are_counted_and_closing_in_one_s
             server.start()
             assert ledger.flush()
             assert [r["key_name"] for r in postgres_rows(server.url)] == ["in hand"] + [f"queued {n}" for n in range(5)]
+            assert any(line.startswith(f"usage ledger {server.url}: writing again, after ") and line.endswith(
+                " (15 rows dropped meanwhile: more were waiting than the queue holds)") for line in SuiteLog.lines)
             server.stop()
             ledger.record(keyed_row("at close", None, 1))
             ledger.record(keyed_row("at close", None, 1))
@@ -9621,6 +9631,42 @@ def test_a_stats_url_plano_cannot_use_stops_start_up_with_one_line_naming_it(sha
     assert "(postgresql://plano:***@127.0.0.1:" in run_plano_cli("stats", "--config", write_config(
         tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
                               stats={"url": cases["refused"]}))).stderr
+
+
+DATABASE_PASSWORD = "pg-pw-5e8a1c"
+
+
+def password_postgres_url(instance: PostgresInstance) -> str:
+    """The URL of a database on `instance` whose role must give a password (SCRAM), password in it."""
+    hba = instance.data / "pg_hba.conf"
+    if "plano_pw" not in hba.read_text():
+        instance.psql(f"CREATE ROLE plano_pw LOGIN PASSWORD '{DATABASE_PASSWORD}'")
+        instance.psql("CREATE DATABASE plano_pw OWNER plano_pw")
+        hba.write_text("host all plano_pw 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        instance.psql("SELECT pg_reload_conf()")
+    return f"postgresql://plano_pw:{DATABASE_PASSWORD}@127.0.0.1:{instance.port}/plano_pw"
+
+
+def test_a_password_in_stats_url_is_used_and_never_shown(provider, shared_postgres, tmp_path):
+    url = password_postgres_url(shared_postgres)
+    logged = len(SuiteLog.lines)
+    config_file = postgres_ledger_config(provider, url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert usage(running)["total"]["requests"] == 1
+    stats = run_plano_cli("stats", "--config", config_file)
+    assert stats.stdout.startswith(f"1 requests (ledger postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/")
+    wrong = url.replace(DATABASE_PASSWORD, "not-the-password-3f1")
+    config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                stats={"url": wrong}, router=False,
+                                                listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+    up = run_plano_cli("up", "--config", config, timeout=60)
+    assert up.returncode == 2 and up.stderr.strip().splitlines()[-1] == (
+        f"plano: {config}: `stats.url` (postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/plano_pw): "
+        f"cannot connect to PostgreSQL: connection failed: connection to server at \"127.0.0.1\", port "
+        f"{shared_postgres.port} failed: FATAL: password authentication failed for user \"plano_pw\""), up.stderr
+    shown = stats.stdout + stats.stderr + up.stderr + "\n".join(SuiteLog.lines[logged:])
+    assert DATABASE_PASSWORD not in shown and "not-the-password-3f1" not in shown
 
 
 def test_without_psycopg_a_stats_url_is_a_start_up_error_that_names_the_extra(tmp_path):
