@@ -4265,6 +4265,7 @@ class LocalState:
 
     description = "in this process"
     trouble: str | None = None
+    reuse_reads_for = 0.0  # seconds a value read may be used again without reading it: 0, reading is free
     _SWEEP_EVERY = 1024  # adds between removals of expired counters: memory stays bounded, adds stay cheap
     MAX_TEXTS = 4096  # texts kept at most (the least recently used go first): one per session pinned
 
@@ -4384,6 +4385,7 @@ class RedisState:
     CONNECTIONS = 16  # worker threads (and pooled connections) at once
     MAX_UNSENT = 100_000  # entries changed during one outage that are kept to send (past it, dropped)
     MAX_TEXT_BYTES = 4096  # a text read back larger than this was not written by plano (a pin is ~100)
+    reuse_reads_for = 1.0  # seconds a provider's health, once read, is used without a round trip
 
     def __init__(self, settings: StateSettings):
         try:
@@ -4416,7 +4418,8 @@ class RedisState:
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
         key, milliseconds = self._prefix + name, _milliseconds(expires_in)
-        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds))
+        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds),
+                                  transaction=True)  # no counter without its expiry, whatever happens
         if results is None:
             self._keep_unsent(name, expires_in).amount += amount
             return self.local.add_now(name, amount, expires_in)
@@ -4503,20 +4506,21 @@ class RedisState:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._redis.close)
 
-    async def _run(self, queue: Callable[[Any], Any]) -> list | None:
-        """The results of the commands `queue` puts in a pipeline (one round trip, one MULTI), or
-        None while Redis is unreachable (the caller uses `local`)."""
+    async def _run(self, queue: Callable[[Any], Any], transaction: bool = False) -> list | None:
+        """The results of the commands `queue` puts in a pipeline (one round trip; in a MULTI when
+        they must be applied together), or None while Redis is unreachable (the caller uses `local`)."""
         if self._down_since is not None:
             return None
         try:
-            return await self._call(queue)
+            return await self._call(queue, transaction=transaction)
         except self._errors as error:
             self._went_down(error)
             return None
 
-    async def _call(self, queue: Callable[[Any], Any], raise_on_error: bool = False) -> list:
+    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False,
+                    raise_on_error: bool = False) -> list:
         def round_trip() -> list:
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._redis.pipeline(transaction=transaction)
             queue(pipe)
             # A command's own error (a key of another type, planted by another program) comes back
             # in its place among the results; an error of the connection or the server raises.
@@ -4575,7 +4579,7 @@ class RedisState:
                     if change.amount:
                         pipe.incrbyfloat(key, change.amount).pexpire(key, milliseconds)
 
-            await self._call(queue, raise_on_error=True)
+            await self._call(queue, transaction=True, raise_on_error=True)
 
     def _keep_unsent(self, name: str, expires_in: float) -> _Unsent:
         change = self._unsent.get(name)
@@ -6421,7 +6425,12 @@ class _UpstreamAnswer:
 class ProviderHealth:
     """Which provider endpoints are failing, as every replica sees it (in the gateway's state
     store): a provider that answers `retry-after` is skipped for that long (capped), and one that
-    fails repeatedly is skipped for a cool-down."""
+    fails repeatedly is skipped for a cool-down.
+
+    What was read from a shared store is reused for `state.reuse_reads_for` (1 s from Redis; every
+    time in the process), so requests do not each wait on a round trip for it: a replica sees
+    another's cool-down within a second (and what it records itself at once). At worst it sends
+    one more request to a provider that is failing, and fails over as it would anyway."""
 
     RETRY_AFTER_CAP = 60.0
     FAILURES_BEFORE_COOL_DOWN = 3
@@ -6430,44 +6439,58 @@ class ProviderHealth:
 
     def __init__(self, state: LocalState | RedisState) -> None:
         self.state = state
-        # The failure counts this process last saw, per endpoint: a success clears the shared
-        # record when there is one to clear, rather than writing to the store after every answer.
+        # What this process last saw, per endpoint: its failure count (a success clears the shared
+        # record when there is one to clear, rather than writing to the store after every answer),
+        # whether it was cooling down, and when that was read (time.monotonic()).
         self.failures: dict[str, int] = {}
+        self._cooling: dict[str, bool] = {}
+        self._read_at: dict[str, float] = {}
 
     async def usable(self, models: list[ModelEntry]) -> list[ModelEntry]:
-        """`models` less those whose endpoint is cooling down (all of them when every one is), in
-        one read of the store."""
+        """`models` less those whose endpoint is cooling down (all of them when every one is)."""
+        now = time.monotonic()
         urls = list(dict.fromkeys(m.base_url for m in models))
-        values = await self.state.values([f"health:cool:{url}" for url in urls] +
-                                         [f"health:failures:{url}" for url in urls])
-        cooling = {url for url, value in zip(urls, values) if value > 0}
-        for url, count in zip(urls, values[len(urls):]):
-            if count > 0:
-                self.failures[url] = int(count)
-            else:
-                self.failures.pop(url, None)
-        return [m for m in models if m.base_url not in cooling] or models
+        stale = [url for url in urls if now - self._read_at.get(url, -math.inf) >= self.state.reuse_reads_for]
+        if stale:
+            values = await self.state.values([f"health:cool:{url}" for url in stale] +
+                                             [f"health:failures:{url}" for url in stale])
+            for url, cool, count in zip(stale, values, values[len(stale):]):
+                self._seen(url, cooling=cool > 0, failures=int(count), at=now)
+        return [m for m in models if not self._cooling.get(m.base_url)] or models
 
     async def failed(self, model: ModelEntry, error: UpstreamError) -> None:
         if not error.retryable:
             return  # a 400 is about the request, not the provider's health
         url = model.base_url
-        failures = self.failures[url] = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
+        failures = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
         pause = _retry_after_seconds(error.headers.get("retry-after"))
         if failures >= self.FAILURES_BEFORE_COOL_DOWN:
             pause = max(pause or 0.0, self.COOL_DOWN)
         if pause:
             await self.state.add(f"health:cool:{url}", 1, min(pause, self.RETRY_AFTER_CAP))
+        self._seen(url, cooling=bool(pause) or self._cooling.get(url, False), failures=failures)
 
     async def succeeded(self, model: ModelEntry) -> None:
-        if self.failures.pop(model.base_url, None) is not None:
-            await self.state.delete([f"health:failures:{model.base_url}", f"health:cool:{model.base_url}"])
+        url = model.base_url
+        if url in self.failures:
+            await self.state.delete([f"health:failures:{url}", f"health:cool:{url}"])
+            self._seen(url, cooling=False, failures=0)
 
     async def forget(self, models: Iterable[ModelEntry]) -> None:
         """A clean record for these models' endpoints (a reloaded config's providers start with one)."""
         urls = {m.base_url for m in models}
         self.failures.clear()
+        self._cooling.clear()
+        self._read_at.clear()
         await self.state.delete([f"health:{kind}:{url}" for url in sorted(urls) for kind in ("failures", "cool")])
+
+    def _seen(self, url: str, *, cooling: bool, failures: int, at: float | None = None) -> None:
+        self._cooling[url] = cooling
+        self._read_at[url] = time.monotonic() if at is None else at
+        if failures > 0:
+            self.failures[url] = failures
+        else:
+            self.failures.pop(url, None)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

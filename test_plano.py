@@ -9415,6 +9415,7 @@ def test_a_provider_cooling_down_on_one_replica_is_skipped_by_another(provider, 
                 provider.then(Reply(503, {"error": {"message": "down"}}))
                 assert decided(ask(one)) == ("fallback", "anthropic/claude-backup")
             answer = ask(two)
+            wait_until(lambda: two.gateway.decision_log.records, what="the answer is in the decision log")
             reason = two.gateway.decision_log.records[-1]["reason"]
         assert_every_key_expires(url)
     assert decided(answer) == ("fallback", "anthropic/claude-backup")
