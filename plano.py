@@ -4386,6 +4386,8 @@ class RedisState:
     MAX_UNSENT = 100_000  # entries changed during one outage that are kept to send (past it, dropped)
     MAX_TEXT_BYTES = 4096  # a text read back larger than this was not written by plano (a pin is ~100)
     reuse_reads_for = 1.0  # seconds a provider's health, once read, is used without a round trip
+    # The errors about the value under a key (Redis's WRONGTYPE, INCRBYFLOAT's on a non-number)
+    _FOREIGN_VALUE = ("WRONGTYPE", "value is not a valid float")
 
     def __init__(self, settings: StateSettings):
         try:
@@ -4397,6 +4399,7 @@ class RedisState:
         assert settings.url is not None
         self.description = settings.shown_url or ""
         self._errors: type[Exception] = redis.RedisError
+        self._response_error: type[Exception] = redis.ResponseError
         self._password = settings.password
         self._prefix = settings.prefix + ":"
         # One retry on a fresh connection when a pooled one was closed (Redis restarted, an idle
@@ -4404,7 +4407,8 @@ class RedisState:
         # retries with back-off: the outage fallback is plano's.
         pool = redis.ConnectionPool.from_url(
             settings.url, socket_connect_timeout=self.CONNECT_TIMEOUT, socket_timeout=self.OPERATION_TIMEOUT,
-            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            encoding_errors="backslashreplace")  # a name with a lone surrogate (a config's YAML escape) is still a key
         self._redis = redis.Redis(connection_pool=pool)
         self._threads = trio.CapacityLimiter(self.CONNECTIONS)
         self.local = LocalState()
@@ -4449,6 +4453,8 @@ class RedisState:
             value = _number(raw) or 0.0
             if isinstance(lifetime, int) and lifetime > 0:
                 self.local.set_counter_now(name, value, lifetime / 1000)
+            elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                self.local.delete_now([name])
             values.append(value)
         return values
 
@@ -4485,9 +4491,8 @@ class RedisState:
     async def connect(self) -> None:
         """At start: Redis answers at `state.url` and takes writes (a ConfigError naming the field
         if not: refused, not Redis, a wrong password, no such database, a read-only replica)."""
-        check = self._prefix + "started"
         try:
-            await self._call(lambda pipe: pipe.set(check, "1", px=10_000), raise_on_error=True)
+            await self._call(self._check)
         except self._errors as error:
             await self.aclose()
             raise ConfigError(f"`state.url`: cannot use Redis at {self.description}: {self._why(error)}") from None
@@ -4517,16 +4522,24 @@ class RedisState:
             self._went_down(error)
             return None
 
-    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False,
-                    raise_on_error: bool = False) -> list:
+    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False) -> list:
         def round_trip() -> list:
             pipe = self._redis.pipeline(transaction=transaction)
             queue(pipe)
-            # A command's own error (a key of another type, planted by another program) comes back
-            # in its place among the results; an error of the connection or the server raises.
-            return pipe.execute(raise_on_error=raise_on_error)
+            results = pipe.execute(raise_on_error=False)
+            # A command's own error comes back in its place. One about the value under a key (another
+            # program's: of another type, not a number) is that key's; any other (read-only, out of
+            # memory, loading, no auth) is the server's, and raises as an outage does.
+            for result in results:
+                if isinstance(result, self._response_error) and not str(result).startswith(self._FOREIGN_VALUE):
+                    raise result
+            return results
 
         return await trio.to_thread.run_sync(round_trip, limiter=self._threads)
+
+    def _check(self, pipe: Any) -> None:
+        """A write every replica may make at any time: how the start and each probe know Redis takes writes."""
+        pipe.set(self._prefix + "check", "1", px=10_000)
 
     def _went_down(self, error: Exception) -> None:
         if self._down_since is not None:
@@ -4540,17 +4553,16 @@ class RedisState:
         self._outage.set()
 
     async def _recover(self) -> None:
-        """One probe: send what changed during the outage (a PING if nothing did); if Redis takes
-        it, the outage is over."""
+        """One probe: send what changed during the outage (a check write if nothing did); if Redis
+        takes it, the outage is over."""
         try:
             while True:
                 unsent, self._unsent = self._unsent, {}
                 try:
                     await self._send_unsent(unsent)
-                except BaseException:
-                    for name, change in unsent.items():  # kept for the next probe, unless changed since
+                finally:
+                    for name, change in unsent.items():  # not sent: kept for the next probe, unless changed since
                         self._unsent.setdefault(name, change)
-                    raise
                 if not self._unsent:  # nothing changed while sending: the outage ends here
                     break
         except self._errors:
@@ -4563,15 +4575,20 @@ class RedisState:
                  if dropped else "")
 
     async def _send_unsent(self, unsent: dict[str, _Unsent]) -> None:
+        """Send `unsent` in batches, removing from it what Redis took (what is left on an error was not sent)."""
         now = time.monotonic()
-        changes = [(self._prefix + name, change) for name, change in unsent.items()
-                   if change.expires_at > now or (change.deleted and change.text is None and not change.amount)]
-        for start in range(0, max(len(changes), 1), 500):  # at least one round trip: the probe itself
+        for name, change in list(unsent.items()):
+            if change.expires_at <= now:  # what it set or added has expired meanwhile: only a deletion is left
+                change.text, change.amount = None, 0.0
+                if not change.deleted:
+                    del unsent[name]
+        while True:
+            batch = list(unsent.items())[:500]
 
-            def queue(pipe: Any, batch: list = changes[start:start + 500]) -> None:
-                pipe.ping()
-                for key, change in batch:
-                    milliseconds = _milliseconds(change.expires_at - now)
+            def queue(pipe: Any) -> None:
+                self._check(pipe)
+                for name, change in batch:
+                    key, milliseconds = self._prefix + name, _milliseconds(change.expires_at - now)
                     if change.deleted:
                         pipe.delete(key)
                     if change.text is not None:
@@ -4579,7 +4596,11 @@ class RedisState:
                     if change.amount:
                         pipe.incrbyfloat(key, change.amount).pexpire(key, milliseconds)
 
-            await self._call(queue, transaction=True, raise_on_error=True)
+            await self._call(queue, transaction=True)  # a change under another program's value is dropped
+            for name, _ in batch:
+                del unsent[name]
+            if not unsent:
+                return
 
     def _keep_unsent(self, name: str, expires_in: float) -> _Unsent:
         change = self._unsent.get(name)
@@ -5479,7 +5500,7 @@ class _Pin:
     route: str | None
 
     def text(self) -> str:
-        return json.dumps({"model": self.model, "route": self.route}, ensure_ascii=False)
+        return json.dumps({"model": self.model, "route": self.route})  # ASCII: a lone surrogate cannot break it
 
     @classmethod
     def read(cls, text: str | None) -> "_Pin | None":
