@@ -4361,6 +4361,13 @@ class _Unsent:
     amount: float = 0.0  # or add this to the counter (other replicas' adds meanwhile stay counted)
     expires_at: float = 0.0  # time.monotonic() when the change no longer matters
 
+    def following(self, earlier: "_Unsent") -> "_Unsent":
+        """This change made after `earlier` to the same entry, as one change."""
+        if self.deleted:
+            return self  # what came before is deleted anyway
+        return _Unsent(earlier.deleted, self.text if self.text is not None else earlier.text,
+                       earlier.amount + self.amount, max(self.expires_at, earlier.expires_at))
+
 
 class RedisState:
     """The state store every replica of a gateway shares: the same entries as LocalState, in Redis
@@ -4561,8 +4568,9 @@ class RedisState:
                 try:
                     await self._send_unsent(unsent)
                 finally:
-                    for name, change in unsent.items():  # not sent: kept for the next probe, unless changed since
-                        self._unsent.setdefault(name, change)
+                    for name, change in unsent.items():  # not sent: kept for the next probe, with what changed since
+                        since = self._unsent.get(name)
+                        self._unsent[name] = change if since is None else since.following(change)
                 if not self._unsent:  # nothing changed while sending: the outage ends here
                     break
         except self._errors:

@@ -9585,6 +9585,32 @@ def test_a_redis_that_stops_taking_writes_degrades_once_until_it_takes_them_agai
     assert len([line for line in log if "reachable again" in line]) == 1, log
 
 
+async def test_what_a_store_changed_while_redis_was_away_is_sent_when_it_is_back(tmp_path):
+    port = free_port()
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        async with plano.open_state(plano.StateSettings(url=url)) as store:
+            await store.add("spend:alice", 1.0, 600)
+            await store.set_text("pin:old", "kept until deleted", 600)
+            first_redis.close()
+            assert await store.add("spend:alice", 2.0, 600) == 3.0  # the last known spend plus this replica's
+            assert store.trouble and "unreachable" in store.trouble
+            await store.delete(["pin:old"])
+            await store.set_text("pin:new", "made during the outage", 600)
+            await store.add("rpm:alice:1", 1, 0.001)  # expires before Redis is back: nothing to send
+            assert await store.add("spend:alice", 0.5, 600) == 3.5
+            with redis_server(port, tmp_path):
+                with trio.fail_after(30):
+                    while store.trouble:
+                        await trio.sleep(0.05)
+                client = redis_client(url)
+                assert float(client.get("plano:spend:alice")) == 3.5
+                assert (client.get("plano:pin:old"), client.get("plano:pin:new")) == (None, b"made during the outage")
+                assert client.get("plano:rpm:alice:1") is None
+                assert await store.values(["spend:alice"]) == [3.5]
+                assert_every_key_expires(url)
+
+
 def requiring_password(url: str, password: str) -> str:
     redis_client(url).config_set("requirepass", password)
     return url
