@@ -6832,6 +6832,8 @@ class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
     functions (translation), the DecisionLog and the UsageLedger (what was decided and used).
+    What replicas share (pins, provider health, counters) is in its `state` store: this process's
+    memory, or Redis with `state.url` (opened and checked on entering, a ConfigError if unusable).
 
     Use as an async context manager (it owns the upstream connection pools, and the router's
     backend while it loads in the background)::
