@@ -4519,6 +4519,7 @@ class LocalState:
 
     description = "in this process"
     trouble: str | None = None
+    reuse_reads_for = 0.0  # seconds a value read may be used again without reading it: 0, reading is free
     _SWEEP_EVERY = 1024  # adds between removals of expired counters: memory stays bounded, adds stay cheap
     MAX_TEXTS = 4096  # texts kept at most (the least recently used go first): one per session pinned
 
@@ -4614,6 +4615,13 @@ class _Unsent:
     amount: float = 0.0  # or add this to the counter (other replicas' adds meanwhile stay counted)
     expires_at: float = 0.0  # time.monotonic() when the change no longer matters
 
+    def following(self, earlier: "_Unsent") -> "_Unsent":
+        """This change made after `earlier` to the same entry, as one change."""
+        if self.deleted:
+            return self  # what came before is deleted anyway
+        return _Unsent(earlier.deleted, self.text if self.text is not None else earlier.text,
+                       earlier.amount + self.amount, max(self.expires_at, earlier.expires_at))
+
 
 class RedisState:
     """The state store every replica of a gateway shares: the same entries as LocalState, in Redis
@@ -4638,6 +4646,9 @@ class RedisState:
     CONNECTIONS = 16  # worker threads (and pooled connections) at once
     MAX_UNSENT = 100_000  # entries changed during one outage that are kept to send (past it, dropped)
     MAX_TEXT_BYTES = 4096  # a text read back larger than this was not written by plano (a pin is ~100)
+    reuse_reads_for = 1.0  # seconds a provider's health, once read, is used without a round trip
+    # The errors about the value under a key (Redis's WRONGTYPE, INCRBYFLOAT's on a non-number)
+    _FOREIGN_VALUE = ("WRONGTYPE", "value is not a valid float")
 
     def __init__(self, settings: StateSettings):
         try:
@@ -4649,6 +4660,7 @@ class RedisState:
         assert settings.url is not None
         self.description = settings.shown_url or ""
         self._errors: type[Exception] = redis.RedisError
+        self._response_error: type[Exception] = redis.ResponseError
         self._password = settings.password
         self._prefix = settings.prefix + ":"
         # One retry on a fresh connection when a pooled one was closed (Redis restarted, an idle
@@ -4656,7 +4668,8 @@ class RedisState:
         # retries with back-off: the outage fallback is plano's.
         pool = redis.ConnectionPool.from_url(
             settings.url, socket_connect_timeout=self.CONNECT_TIMEOUT, socket_timeout=self.OPERATION_TIMEOUT,
-            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            encoding_errors="backslashreplace")  # a name with a lone surrogate (a config's YAML escape) is still a key
         self._redis = redis.Redis(connection_pool=pool)
         self._threads = trio.CapacityLimiter(self.CONNECTIONS)
         self.local = LocalState()
@@ -4670,7 +4683,8 @@ class RedisState:
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
         key, milliseconds = self._prefix + name, _milliseconds(expires_in)
-        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds))
+        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds),
+                                  transaction=True)  # no counter without its expiry, whatever happens
         if results is None:
             self._keep_unsent(name, expires_in).amount += amount
             return self.local.add_now(name, amount, expires_in)
@@ -4700,6 +4714,8 @@ class RedisState:
             value = _number(raw) or 0.0
             if isinstance(lifetime, int) and lifetime > 0:
                 self.local.set_counter_now(name, value, lifetime / 1000)
+            elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                self.local.delete_now([name])
             values.append(value)
         return values
 
@@ -4736,9 +4752,8 @@ class RedisState:
     async def connect(self) -> None:
         """At start: Redis answers at `state.url` and takes writes (a ConfigError naming the field
         if not: refused, not Redis, a wrong password, no such database, a read-only replica)."""
-        check = self._prefix + "started"
         try:
-            await self._call(lambda pipe: pipe.set(check, "1", px=10_000), raise_on_error=True)
+            await self._call(self._check)
         except self._errors as error:
             await self.aclose()
             raise ConfigError(f"`state.url`: cannot use Redis at {self.description}: {self._why(error)}") from None
@@ -4757,26 +4772,35 @@ class RedisState:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._redis.close)
 
-    async def _run(self, queue: Callable[[Any], Any]) -> list | None:
-        """The results of the commands `queue` puts in a pipeline (one round trip, one MULTI), or
-        None while Redis is unreachable (the caller uses `local`)."""
+    async def _run(self, queue: Callable[[Any], Any], transaction: bool = False) -> list | None:
+        """The results of the commands `queue` puts in a pipeline (one round trip; in a MULTI when
+        they must be applied together), or None while Redis is unreachable (the caller uses `local`)."""
         if self._down_since is not None:
             return None
         try:
-            return await self._call(queue)
+            return await self._call(queue, transaction=transaction)
         except self._errors as error:
             self._went_down(error)
             return None
 
-    async def _call(self, queue: Callable[[Any], Any], raise_on_error: bool = False) -> list:
+    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False) -> list:
         def round_trip() -> list:
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._redis.pipeline(transaction=transaction)
             queue(pipe)
-            # A command's own error (a key of another type, planted by another program) comes back
-            # in its place among the results; an error of the connection or the server raises.
-            return pipe.execute(raise_on_error=raise_on_error)
+            results = pipe.execute(raise_on_error=False)
+            # A command's own error comes back in its place. One about the value under a key (another
+            # program's: of another type, not a number) is that key's; any other (read-only, out of
+            # memory, loading, no auth) is the server's, and raises as an outage does.
+            for result in results:
+                if isinstance(result, self._response_error) and not str(result).startswith(self._FOREIGN_VALUE):
+                    raise result
+            return results
 
         return await trio.to_thread.run_sync(round_trip, limiter=self._threads)
+
+    def _check(self, pipe: Any) -> None:
+        """A write every replica may make at any time: how the start and each probe know Redis takes writes."""
+        pipe.set(self._prefix + "check", "1", px=10_000)
 
     def _went_down(self, error: Exception) -> None:
         if self._down_since is not None:
@@ -4790,17 +4814,17 @@ class RedisState:
         self._outage.set()
 
     async def _recover(self) -> None:
-        """One probe: send what changed during the outage (a PING if nothing did); if Redis takes
-        it, the outage is over."""
+        """One probe: send what changed during the outage (a check write if nothing did); if Redis
+        takes it, the outage is over."""
         try:
             while True:
                 unsent, self._unsent = self._unsent, {}
                 try:
                     await self._send_unsent(unsent)
-                except BaseException:
-                    for name, change in unsent.items():  # kept for the next probe, unless changed since
-                        self._unsent.setdefault(name, change)
-                    raise
+                finally:
+                    for name, change in unsent.items():  # not sent: kept for the next probe, with what changed since
+                        since = self._unsent.get(name)
+                        self._unsent[name] = change if since is None else since.following(change)
                 if not self._unsent:  # nothing changed while sending: the outage ends here
                     break
         except self._errors:
@@ -4813,15 +4837,20 @@ class RedisState:
                  if dropped else "")
 
     async def _send_unsent(self, unsent: dict[str, _Unsent]) -> None:
+        """Send `unsent` in batches, removing from it what Redis took (what is left on an error was not sent)."""
         now = time.monotonic()
-        changes = [(self._prefix + name, change) for name, change in unsent.items()
-                   if change.expires_at > now or (change.deleted and change.text is None and not change.amount)]
-        for start in range(0, max(len(changes), 1), 500):  # at least one round trip: the probe itself
+        for name, change in list(unsent.items()):
+            if change.expires_at <= now:  # what it set or added has expired meanwhile: only a deletion is left
+                change.text, change.amount = None, 0.0
+                if not change.deleted:
+                    del unsent[name]
+        while True:
+            batch = list(unsent.items())[:500]
 
-            def queue(pipe: Any, batch: list = changes[start:start + 500]) -> None:
-                pipe.ping()
-                for key, change in batch:
-                    milliseconds = _milliseconds(change.expires_at - now)
+            def queue(pipe: Any) -> None:
+                self._check(pipe)
+                for name, change in batch:
+                    key, milliseconds = self._prefix + name, _milliseconds(change.expires_at - now)
                     if change.deleted:
                         pipe.delete(key)
                     if change.text is not None:
@@ -4829,7 +4858,11 @@ class RedisState:
                     if change.amount:
                         pipe.incrbyfloat(key, change.amount).pexpire(key, milliseconds)
 
-            await self._call(queue, raise_on_error=True)
+            await self._call(queue, transaction=True)  # a change under another program's value is dropped
+            for name, _ in batch:
+                del unsent[name]
+            if not unsent:
+                return
 
     def _keep_unsent(self, name: str, expires_in: float) -> _Unsent:
         change = self._unsent.get(name)
@@ -5729,7 +5762,7 @@ class _Pin:
     route: str | None
 
     def text(self) -> str:
-        return json.dumps({"model": self.model, "route": self.route}, ensure_ascii=False)
+        return json.dumps({"model": self.model, "route": self.route})  # ASCII: a lone surrogate cannot break it
 
     @classmethod
     def read(cls, text: str | None) -> "_Pin | None":
@@ -7160,7 +7193,12 @@ class _UpstreamAnswer:
 class ProviderHealth:
     """Which provider endpoints are failing, as every replica sees it (in the gateway's state
     store): a provider that answers `retry-after` is skipped for that long (capped), and one that
-    fails repeatedly is skipped for a cool-down."""
+    fails repeatedly is skipped for a cool-down.
+
+    What was read from a shared store is reused for `state.reuse_reads_for` (1 s from Redis; every
+    time in the process), so requests do not each wait on a round trip for it: a replica sees
+    another's cool-down within a second (and what it records itself at once). At worst it sends
+    one more request to a provider that is failing, and fails over as it would anyway."""
 
     RETRY_AFTER_CAP = 60.0
     FAILURES_BEFORE_COOL_DOWN = 3
@@ -7169,44 +7207,58 @@ class ProviderHealth:
 
     def __init__(self, state: LocalState | RedisState) -> None:
         self.state = state
-        # The failure counts this process last saw, per endpoint: a success clears the shared
-        # record when there is one to clear, rather than writing to the store after every answer.
+        # What this process last saw, per endpoint: its failure count (a success clears the shared
+        # record when there is one to clear, rather than writing to the store after every answer),
+        # whether it was cooling down, and when that was read (time.monotonic()).
         self.failures: dict[str, int] = {}
+        self._cooling: dict[str, bool] = {}
+        self._read_at: dict[str, float] = {}
 
     async def usable(self, models: list[ModelEntry]) -> list[ModelEntry]:
-        """`models` less those whose endpoint is cooling down (all of them when every one is), in
-        one read of the store."""
+        """`models` less those whose endpoint is cooling down (all of them when every one is)."""
+        now = time.monotonic()
         urls = list(dict.fromkeys(m.base_url for m in models))
-        values = await self.state.values([f"health:cool:{url}" for url in urls] +
-                                         [f"health:failures:{url}" for url in urls])
-        cooling = {url for url, value in zip(urls, values) if value > 0}
-        for url, count in zip(urls, values[len(urls):]):
-            if count > 0:
-                self.failures[url] = int(count)
-            else:
-                self.failures.pop(url, None)
-        return [m for m in models if m.base_url not in cooling] or models
+        stale = [url for url in urls if now - self._read_at.get(url, -math.inf) >= self.state.reuse_reads_for]
+        if stale:
+            values = await self.state.values([f"health:cool:{url}" for url in stale] +
+                                             [f"health:failures:{url}" for url in stale])
+            for url, cool, count in zip(stale, values, values[len(stale):]):
+                self._seen(url, cooling=cool > 0, failures=int(count), at=now)
+        return [m for m in models if not self._cooling.get(m.base_url)] or models
 
     async def failed(self, model: ModelEntry, error: UpstreamError) -> None:
         if not error.retryable:
             return  # a 400 is about the request, not the provider's health
         url = model.base_url
-        failures = self.failures[url] = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
+        failures = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
         pause = _retry_after_seconds(error.headers.get("retry-after"))
         if failures >= self.FAILURES_BEFORE_COOL_DOWN:
             pause = max(pause or 0.0, self.COOL_DOWN)
         if pause:
             await self.state.add(f"health:cool:{url}", 1, min(pause, self.RETRY_AFTER_CAP))
+        self._seen(url, cooling=bool(pause) or self._cooling.get(url, False), failures=failures)
 
     async def succeeded(self, model: ModelEntry) -> None:
-        if self.failures.pop(model.base_url, None) is not None:
-            await self.state.delete([f"health:failures:{model.base_url}", f"health:cool:{model.base_url}"])
+        url = model.base_url
+        if url in self.failures:
+            await self.state.delete([f"health:failures:{url}", f"health:cool:{url}"])
+            self._seen(url, cooling=False, failures=0)
 
     async def forget(self, models: Iterable[ModelEntry]) -> None:
         """A clean record for these models' endpoints (a reloaded config's providers start with one)."""
         urls = {m.base_url for m in models}
         self.failures.clear()
+        self._cooling.clear()
+        self._read_at.clear()
         await self.state.delete([f"health:{kind}:{url}" for url in sorted(urls) for kind in ("failures", "cool")])
+
+    def _seen(self, url: str, *, cooling: bool, failures: int, at: float | None = None) -> None:
+        self._cooling[url] = cooling
+        self._read_at[url] = time.monotonic() if at is None else at
+        if failures > 0:
+            self.failures[url] = failures
+        else:
+            self.failures.pop(url, None)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -7531,6 +7583,8 @@ class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
     functions (translation), the DecisionLog and the UsageLedger (what was decided and used).
+    What replicas share (pins, provider health, counters) is in its `state` store: this process's
+    memory, or Redis with `state.url` (opened and checked on entering, a ConfigError if unusable).
 
     Use as an async context manager (it owns the upstream connection pools, and the router's
     backend while it loads in the background)::

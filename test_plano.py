@@ -9416,6 +9416,30 @@ async def test_two_redis_stores_see_each_others_counters_and_texts_as_one_in_pro
         assert_every_key_expires(url)
 
 
+ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=300)  # lone surrogates and controls too
+
+
+def test_any_session_model_and_route_name_is_a_pin_another_store_reads_back():
+    with redis_server() as url:
+
+        @settings(max_examples=150, deadline=None)
+        @given(session=ANY_TEXT, model=ANY_TEXT, route=st.none() | ANY_TEXT)
+        def read_back(session: str, model: str, route: str | None) -> None:
+            async def main() -> None:
+                async with plano.open_state(plano.StateSettings(url=url)) as one, \
+                        plano.open_state(plano.StateSettings(url=url)) as two:
+                    name, pin = "pin:" + plano.kept_text(session), plano._Pin(model, route)
+                    await one.set_text(name, pin.text(), 60)
+                    back = plano._Pin.read(await two.text(name, 60))
+                    whole = not any("\ud800" <= c <= "\udfff" for c in model + (route or ""))
+                    assert back == pin if whole else back in (pin, None)  # a lone surrogate is no JSON plano reads
+                    assert (one.trouble, two.trouble) == (None, None)
+
+            trio.run(main)
+
+        read_back()
+
+
 def test_a_turn_routed_on_one_replica_is_pinned_on_another(provider, router_server):
     first, continuation = tool_loop_turn("write a parser")
     with redis_server() as url:
@@ -9463,6 +9487,7 @@ def test_a_provider_cooling_down_on_one_replica_is_skipped_by_another(provider, 
                 provider.then(Reply(503, {"error": {"message": "down"}}))
                 assert decided(ask(one)) == ("fallback", "anthropic/claude-backup")
             answer = ask(two)
+            wait_until(lambda: two.gateway.decision_log.records, what="the answer is in the decision log")
             reason = two.gateway.decision_log.records[-1]["reason"]
         assert_every_key_expires(url)
     assert decided(answer) == ("fallback", "anthropic/claude-backup")
@@ -9583,12 +9608,64 @@ def test_redis_stopped_mid_run_serving_goes_on_degraded_said_once_then_resumes(p
     assert len([line for line in SuiteLog.lines[seen:] if "reachable again" in line]) == 1
 
 
+def test_a_redis_that_stops_taking_writes_degrades_once_until_it_takes_them_again(provider, router_server):
+    seen = len(SuiteLog.lines)
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url), 1) as (one,):
+            redis_client(url).replicaof("127.0.0.1", free_port())  # a failover made it a replica: read-only
+            for session in ("ro-1", "ro-2", "ro-3"):
+                router_server.then(remote_answer('{"route": "code generation"}'))
+                assert decided(post_turn(one, first, session)) == ("router", "openai/gpt-4o")
+                assert decided(post_turn(one, continuation, session)) == ("pinned", "openai/gpt-4o")
+            health = httpx.get(one.url + "/healthz").json()
+            writes = lambda: sum(redis_client(url).info("commandstats").get("cmdstat_set", {}).get(kind, 0)  # noqa: E731
+                                 for kind in ("calls", "rejected_calls"))
+            tried = writes()
+            wait_until(lambda: writes() >= tried + 2, what="two probes")  # refused: the same outage, not a line each
+            redis_client(url).replicaof("NO", "ONE")
+            wait_until(lambda: httpx.get(one.url + "/healthz").json()["status"] == "ok", what="writable again")
+        assert {key.decode() for key in redis_client(url).scan_iter("plano:pin:*")} == \
+            {"plano:pin:ro-1", "plano:pin:ro-2", "plano:pin:ro-3"}  # the pins made meanwhile were sent
+    assert health["status"] == "degraded" and "ReadOnlyError" in health["reasons"][0]
+    log = SuiteLog.lines[seen:]
+    assert len([line for line in log if "unreachable" in line]) == 1, log
+    assert len([line for line in log if "reachable again" in line]) == 1, log
+
+
+async def test_what_a_store_changed_while_redis_was_away_is_sent_when_it_is_back(tmp_path):
+    port = free_port()
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        async with plano.open_state(plano.StateSettings(url=url)) as store:
+            await store.add("spend:alice", 1.0, 600)
+            await store.set_text("pin:old", "kept until deleted", 600)
+            first_redis.close()
+            assert await store.add("spend:alice", 2.0, 600) == 3.0  # the last known spend plus this replica's
+            assert store.trouble and "unreachable" in store.trouble
+            await store.delete(["pin:old"])
+            await store.set_text("pin:new", "made during the outage", 600)
+            await store.add("rpm:alice:1", 1, 0.001)  # expires before Redis is back: nothing to send
+            assert await store.add("spend:alice", 0.5, 600) == 3.5
+            with redis_server(port, tmp_path):
+                with trio.fail_after(30):
+                    while store.trouble:
+                        await trio.sleep(0.05)
+                client = redis_client(url)
+                assert float(client.get("plano:spend:alice")) == 3.5
+                assert (client.get("plano:pin:old"), client.get("plano:pin:new")) == (None, b"made during the outage")
+                assert client.get("plano:rpm:alice:1") is None
+                assert await store.values(["spend:alice"]) == [3.5]
+                assert_every_key_expires(url)
+
+
 def requiring_password(url: str, password: str) -> str:
     redis_client(url).config_set("requirepass", password)
     return url
 
 
-@pytest.mark.parametrize("case", ["refused", "not redis", "wrong password", "no password", "no such database"])
+@pytest.mark.parametrize("case", ["refused", "not redis", "wrong password", "no password", "no such database",
+                                  "read-only replica"])
 def test_a_state_url_plano_cannot_use_at_start_is_one_line_naming_the_field(provider, case):
     with redis_server() as url:
         port = url.rsplit(":", 1)[1].split("/")[0]
@@ -9598,8 +9675,11 @@ def test_a_state_url_plano_cannot_use_at_start_is_one_line_naming_the_field(prov
             "wrong password": f"redis://:not-the-pw-1234@127.0.0.1:{port}/0",
             "no password": f"redis://127.0.0.1:{port}/0",
             "no such database": f"redis://127.0.0.1:{port}/99",
+            "read-only replica": url,
         }[case]
         requiring_password(url, "the-real-pw-5678") if "password" in case else None
+        if case == "read-only replica":
+            redis_client(url).replicaof("127.0.0.1", free_port())  # of a master that is not there: it takes no writes
         with pytest.raises(plano.ConfigError) as caught:
             RunningPlano(with_state(config_for(provider), state_url))
     message = caught.value.message
