@@ -10027,8 +10027,10 @@ def test_claude_code_through_haproxy_keeps_one_decision_per_turn_on_whichever_re
         return subprocess.run([claude_bin, *args, "--allowedTools", "Bash"], capture_output=True, text=True, env=env,
                               cwd=tmp_path, timeout=120, stdin=subprocess.DEVNULL)
 
+    asked_router = len(team.router.requests)
     first = claude("-p", "TOOL:echo across-replicas", "--session-id", session)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert len(team.router.requests) == asked_router + 1  # one decision for the turn
     assert "tool said: across-replicas" in first.stdout
     turn = {name: [(d["decision"], d["model"]) for d in decisions]
             for name, decisions in team.decisions(session).items() if decisions}
@@ -10037,6 +10039,7 @@ def test_claude_code_through_haproxy_keeps_one_decision_per_turn_on_whichever_re
     assert sorted(turn.values()) == [[("pinned", "openai/gpt-4o")], [("router", "openai/gpt-4o")]], turn
     second = claude("-p", "now explain what echo does", "--resume", session)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert len(team.router.requests) == asked_router + 2
     decisions = [d for decisions in team.decisions(session).values() for d in decisions]
     # The new turn asks to explain: the router answers "code understanding" (another model), and
     # with router.switch_budget 0 the session stays where its cache is, whichever replica asks.
