@@ -9725,8 +9725,6 @@ GPT_4O_ANSWER_COST = catalogue_cost("openai/gpt-4o", 10, 30, 7)
 BOB_BUDGET_USD = round(60 * GPT_4O_ANSWER_COST, 6)
 # claude-sonnet-5 is not in the catalogue: the team's config prices it (USD per million tokens).
 CLAUDE_SONNET_5_PRICES = {"input": 3, "cached_input": 0.3, "output": 15}
-# The routes of the team's config: each on its own model, so that a move between them shows.
-TEAM_ROUTES = {"code generation": "openai/gpt-4o", "code understanding": "anthropic/claude-sonnet-5"}
 
 
 class TeamProvider(StandInProvider):
@@ -9907,7 +9905,8 @@ class RestartableRedis:
 
 def team_config_text(provider: StandInProvider, router: StandInProvider, redis_url: str, postgres_url: str) -> str:
     """The one config file every replica runs: keys per developer, shared state and ledger, the
-    shared router server, and router.switch_budget 0 (a session never moves once it has a model)."""
+    shared router server, and router.switch_budget 0 (a session never moves once it has a model).
+    Each route is on its own model, so that a move between them shows."""
     return config_yaml(
         served_by(provider, "openai/gpt-4o", routing_preferences=[ROUTES[0]]),
         served_by(provider, "anthropic/claude-sonnet-5", default=True, routing_preferences=[ROUTES[1]],

@@ -27,7 +27,7 @@ to the next in rounds, so the machine's noise (other work on it included) hits e
    bench/router_latency.py builds.
 
     python bench/team.py [--seconds 24] [--rounds 4] [--concurrency 32] [--router-model PATH]
-                         [--router-threads 1] [--in-process]
+                         [--router-threads 1] [--in-process] [--part requests|decisions]
 
 Everything runs on 127.0.0.1; scratch files go to a temporary directory, removed at the end.
 """
@@ -483,6 +483,7 @@ def main() -> int:
     parser.add_argument("--router-threads", type=int, default=1,
                         help="router.threads of each embedded router and of the shared server (default 1)")
     parser.add_argument("--in-process", action="store_true", help="no Redis, no PostgreSQL, no keys")
+    parser.add_argument("--part", choices=("requests", "decisions"), help="measure only this part (default: both)")
     args = parser.parse_args()
     team = not args.in_process
     if not shutil.which("haproxy", path="/usr/sbin:/usr/bin"):
@@ -503,8 +504,10 @@ def main() -> int:
                 redis_url, redis_process = stack.enter_context(redis(workdir))
                 postgres_url, postgres_process = stack.enter_context(postgres())
                 shared_pids = {"Redis": [redis_process.pid], "PostgreSQL": [postgres_process.pid]}
-            requests_per_second(stack, workdir, upstream_port, redis_url, postgres_url, shared_pids, args)
-            decisions_per_second(stack, workdir, upstream_port, redis_url, postgres_url, args)
+            if args.part in (None, "requests"):
+                requests_per_second(stack, workdir, upstream_port, redis_url, postgres_url, shared_pids, args)
+            if args.part in (None, "decisions"):
+                decisions_per_second(stack, workdir, upstream_port, redis_url, postgres_url, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
