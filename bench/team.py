@@ -570,7 +570,9 @@ def decisions_per_second(stack: contextlib.ExitStack, workdir: Path, upstream_po
     for option, router in (("embedded", {"model": model, "threads": args.router_threads}),
                            ("shared", {"endpoint": endpoint, "model": "arch-router"})):
         config = workdir / f"{option}.yaml"
-        config.write_text(team_config(upstream_port, redis_url, postgres_url, {**router, "timeout_ms": 60000}))
+        # A request may wait for its replica's (or the server's) one decision at a time behind the
+        # others: long enough that none falls back to the default model while it waits.
+        config.write_text(team_config(upstream_port, redis_url, postgres_url, {**router, "timeout_ms": 300000}))
         addresses, _ = stack.enter_context(replicas(config, 3, workdir, option))
         for address in addresses:  # the embedded router loads in the background: wait for it
             deadline = time.monotonic() + 120
@@ -588,7 +590,7 @@ def decisions_per_second(stack: contextlib.ExitStack, workdir: Path, upstream_po
     print(f"{'':<24}{'decisions/s':>12}{'decisions':>10}{'not routed':>11}{'router ms p50':>15}")
     for name, tally in tallies.items():
         p50 = statistics.median(tally.router_ms) if tally.router_ms else float("nan")
-        print(f"{name:<24}{rate(tally):>12.1f}{tally.answers:>10}{len(tally.wrong):>11}{p50:>15.0f}")
+        print(f"{name:<24}{rate(tally):>12.2f}{tally.answers:>10}{len(tally.wrong):>11}{p50:>15.0f}")
         for problem in tally.wrong[:3]:
             print(f"    {problem}")
     for option in ("embedded", "shared"):
