@@ -9217,8 +9217,8 @@ def test_a_ledger_written_by_an_older_plano_gains_the_key_and_team_columns_and_k
     old_columns = plano._USAGE_COLUMNS[:-2]
     with sqlite3.connect(path) as connection:
         connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
-        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES "
-                           f"({', '.join('?' * len(old_columns))})", (time.time() - 1, "s1", *[None] * (len(old_columns) - 2)))
+        row = (time.time() - 1, "s1", *[None] * (len(old_columns) - 2))
+        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(row))})", row)
     connection.close()
     assert [r["session"] for r in plano.read_usage(str(path), key_name="alice")] == []  # read-only: no migration
     ledger = plano.UsageLedger(str(path))
