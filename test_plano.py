@@ -9133,6 +9133,16 @@ def scraped(running: RunningPlano, **headers: str) -> str:
     return answer.text
 
 
+def settle(running: RunningPlano, decided: int, undecided: int = 0) -> None:
+    """Until the gateway has accounted for the requests a test made: `decided` ones (a model was
+    chosen) are in its decision log, added just after their metrics; `undecided` ones are counted.
+    That accounting runs once an answer has gone out, so a client can be faster than it."""
+    wait_until(lambda: len(running.gateway.decision_log.records) >= decided, what=f"{decided} decisions")
+    if undecided:
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", decision="none") >= undecided,
+                   what=f"{undecided} undecided requests counted")
+
+
 def metric_samples(text: str) -> list[Any]:
     """Every sample of a scrape, read with prometheus_client's own parser (name, labels, value)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -9239,6 +9249,7 @@ def test_metrics_count_each_request_and_its_tokens_and_cost_as_the_answers_repor
             chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
         with pytest.raises(anthropic.BadRequestError):  # refused before any model is chosen
             claude.messages.create(model="", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=6, undecided=1)
         text = scraped(running)
     for name, counts in used.items():
         tokens = summed(counts)
@@ -9277,9 +9288,11 @@ def test_metrics_false_leaves_out_the_endpoint_and_the_counting_and_a_reload_kee
         assert "metrics: false" in off.json()["error"]["message"]
         assert anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI]).content
         assert running.gateway.metrics is None
+        settle(running, decided=1)
         reload_running(running, config_for(provider))
         assert metric_value(scraped(running), "plano_requests_total") == 0  # nothing was counted while off
         anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=2)
         assert metric_value(scraped(running), "plano_requests_total", decision="alias", model="openai/gpt-4o") == 1
         # A reload with another model: the counters go on, the providers' series follow the config.
         reload_running(running, build_config(
@@ -9316,9 +9329,11 @@ def test_clients_naming_models_plano_does_not_know_cannot_grow_the_number_of_ser
         names = hostile_model_names(200)
         for api in range(3):  # one of each endpoint first: their series exist from here on
             ask(names[api], api)
+        settle(running, decided=3)
         before = metric_samples(scraped(running))
         for api, name in enumerate(names[3:]):
             ask(name, api)
+        settle(running, decided=200)
         text = scraped(running)
     after = metric_samples(text)
     assert {(s.name, tuple(sorted(s.labels.items()))) for s in after} == \
@@ -9344,6 +9359,7 @@ def test_metrics_show_a_request_in_flight_while_it_waits_for_the_routers_decisio
             finally:
                 release.set()
                 worker.join(30)
+            settle(running, decided=1)
             text = scraped(running)
     assert answered["routed"].headers["x-plano-decision"] == "router"
     assert metric_value(text, "plano_router_decisions_waiting") == 0
@@ -9366,6 +9382,7 @@ def test_router_timeouts_fallbacks_and_a_provider_cooling_down_show_in_the_metri
                 fell_back = anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
                                                                        messages=[USER_HI])
                 assert fell_back.model == "anthropic/claude-sonnet-5"
+            settle(running, decided=4)
             text = httpx.get(running.url + "/metrics").text  # this config has no gateway key
     assert timed_out.headers["x-plano-decision"] == "fallback"
     assert metric_value(text, "plano_router_failures_total", reason="timeout") == 1
@@ -9453,8 +9470,11 @@ def test_a_real_prometheus_scrapes_plano_with_its_token_and_promql_gives_back_wh
             answer = claude.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
             used["anthropic/claude-sonnet-5"].append(anthropic_tokens(answer.usage))
 
-            wait_until(lambda: promql(prometheus, "sum(plano_requests_total)") == {"": 5.0}, timeout=60,
-                       what="Prometheus scraped the five requests")
+            settle(running, decided=5)
+            settled_at = time.time()
+            last_scrape = 'max(timestamp(up{job="plano"}))'
+            wait_until(lambda: promql(prometheus, last_scrape).get("", 0) > settled_at, timeout=60,
+                       what="Prometheus scraped plano after it accounted for the five requests")
             assert promql(prometheus, 'sum by (instance) (up{job="plano"})') == \
                 {f"127.0.0.1:{running.info.port}": 1.0}
             assert promql(prometheus, "sum by (decision) (plano_requests_total)") == \
