@@ -20,13 +20,14 @@ uses only the ones above it, which a test in test_plano.py keeps true:
     13. Router
     14. Usage ledger
     15. Capabilities
-    16. Gateway
-    17. HTTP server
-    18. CLI, the commands
-    19. CLI, doctor
-    20. CLI, agent wiring
-    21. CLI, the entry point
-    22. The live page
+    16. Metrics
+    17. Gateway
+    18. HTTP server
+    19. CLI, the commands
+    20. CLI, doctor
+    21. CLI, agent wiring
+    22. CLI, the entry point
+    23. The live page
 
 Library use::
 
@@ -72,7 +73,7 @@ import urllib.parse
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import h11
 import httpx
@@ -633,6 +634,7 @@ class Config:
     capability_warning: str | None = None  # the models whose capabilities plano had to guess
     keys: tuple[GatewayKey, ...] = ()  # people's keys; with any, every request needs one (or the admin key)
     teams: tuple[Team, ...] = ()
+    metrics: bool = True  # `GET /metrics` for Prometheus, and the counting behind it
 
     @property
     def default_model(self) -> ModelEntry:
@@ -868,7 +870,7 @@ class _ConfigReader:
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
                  "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats", "keys",
-                 "teams"}
+                 "teams", "metrics"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -920,7 +922,8 @@ class _ConfigReader:
             f"those models to say what they take") if guessed else None
         return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings),
                                    preference_routes=preference_routes, route_on_user_only=route_on_user_only,
-                                   capability_warning=capability_warning, keys=keys, teams=teams)
+                                   capability_warning=capability_warning, keys=keys, teams=teams,
+                                   metrics=raw.get("metrics") is None or self.get(raw, "metrics", bool))
 
     def read_preference_routes(self, raw: dict, models: tuple[ModelEntry, ...]
                                ) -> tuple[tuple[RoutingPreference, tuple[str, ...]], ...]:
@@ -5268,6 +5271,11 @@ def _thousands(tokens: int) -> str:
     return f"{round(tokens / 1000)}k"
 
 
+# How the reason of a decision starts when the router ran past `router.timeout_ms`: the metrics
+# count timeouts apart from a router that is unavailable.
+ROUTER_TIMED_OUT = "router timed out"
+
+
 @dataclass
 class _Pin:
     model: str
@@ -5359,7 +5367,7 @@ class Router:
     async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         with trio.move_on_after(self.config.router.timeout_ms / 1000):
             return await self.backend.decide(routes, conversation)
-        raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
+        raise RouterUnavailable(f"{ROUTER_TIMED_OUT} after {self.config.router.timeout_ms} ms")
 
     async def decide_for_request(self, body: dict, session: str) -> RouteDecision:
         """The gateway's question: which model for this request of a (Claude Code) session?
@@ -5606,6 +5614,11 @@ class UsageLedger:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._writer = threading.Thread(target=self._write_rows, name="plano-usage-ledger", daemon=True)
         self._writer.start()
+
+    @property
+    def queued(self) -> int:
+        """Rows recorded and not yet committed."""
+        return self._pending
 
     def record(self, row: Mapping[str, Any]) -> None:
         import queue
@@ -6038,6 +6051,199 @@ def claude_code_picker_listing(config: Config, key: GatewayKey | None = None) ->
         entries.append(dict(entry, id=PICKER_PREFIX + model.name, display_name=model.name,
                             description=summary(model)))
     return entries
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Metrics: what the gateway did and is doing, for Prometheus (`GET /metrics`), named as the
+# OpenTelemetry GenAI conventions name it where they do, `plano_*` otherwise.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# Bucket boundaries: the GenAI conventions' own for their metrics (semantic-conventions-genai,
+# gen-ai-metrics.md); for the time plano adds, from a fraction of a millisecond (translation only)
+# to the seconds a router decision on a CPU takes.
+_TOKEN_BUCKETS = tuple(float(4 ** n) for n in range(14))  # 1, 4, 16, … 67,108,864
+_OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
+# other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
+_GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
+                         "azure_openai": "azure.ai.openai"}
+_GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+# What plano's token kinds are called here, and their usage-ledger columns.
+_TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
+                ("cache_write", "cache_write_tokens"), ("output", "output_tokens"),
+                ("reasoning", "reasoning_tokens"))
+
+
+def exchange_owner(exchange: _Exchange) -> tuple[str, str]:
+    """The (key, team) an exchange is counted for in the requests and cost metrics: the configured
+    name and team of the developer key the request was authenticated with, never a client's text
+    (so the label values stay bounded); ("", "") for the admin key or a gateway without keys."""
+    key = exchange.key
+    return (key.name, key.team or "") if key is not None else ("", "")
+
+
+def _endpoint_host(base_url: str) -> str:
+    """A base URL's host and port, for a label: never its `user:password@`, path or query."""
+    parts = urllib.parse.urlsplit(base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not one: the host alone says which endpoint
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own (never prometheus_client's
+    global one: each Gateway counts its own requests, and a process can run several). The gateway
+    calls `finished` once per chat request, wraps each router decision in `deciding` and each chat
+    request in `in_flight`, and calls `fell_back` when a provider's failure moved a request to
+    another model; what is a state rather than an event (providers cooling down, the ledger's
+    queue) is read from `state()` at each scrape, so its label sets follow a reloaded config.
+
+    Every label value is a configured name (model, route, provider, its host), one of plano's
+    own words (decision kinds, token kinds, API formats) or an HTTP status: never a client's text,
+    so that no client can make the number of series grow."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # loaded only when metrics are on
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "plano_requests", "Requests to the chat endpoints (Messages, Chat Completions, Responses), answered or "
+            "not, by the model chosen, its route, the kind of decision and the status (`none`: refused before)",
+            ["model", "route", "decision", "status", "key", "team"], registry=registry)
+        self.in_flight = Gauge("plano_requests_in_flight", "Chat requests being answered, streams included",
+                               registry=registry)
+        self.added = Histogram(
+            "plano_gateway_added_seconds", "What plano added before the client's first byte: reading the "
+            "request, routing, translating (time to first byte less the provider's time to its response headers)",
+            ["api"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.router_seconds = Histogram(
+            "plano_router_decision_seconds", "How long the router took to decide, by the kind of decision it made",
+            ["decision"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.decisions_waiting = Gauge(
+            "plano_router_decisions_waiting", "Requests waiting for the router's decision, the one being made included",
+            registry=registry)
+        self.router_failures = Counter(
+            "plano_router_failures", "Router decisions that fell back to the default model: `timeout` past "
+            "router.timeout_ms, `unavailable` when the router is loading, failed to load or answered nothing usable",
+            ["reason"], registry=registry)
+        self.fallbacks = Counter(
+            "plano_fallbacks", "Requests a model's provider failed that another model answered",
+            ["from_model", "to_model"], registry=registry)
+        self.tokens = Counter(
+            "plano_tokens", "Tokens used, by model and kind (input is uncached input; reasoning is part of output)",
+            ["model", "type"], registry=registry)
+        self.cost = Counter("plano_cost_usd", "What answers cost at the configured or catalogue prices, in USD",
+                            ["model", "key", "team"], registry=registry)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Number of input and output tokens used (input includes cache reads "
+            "and writes)", [*_GENAI_LABELS, "gen_ai_token_type"], buckets=_TOKEN_BUCKETS, registry=registry)
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration: a chat request from its "
+            "arrival to its answer's last byte", [*_GENAI_LABELS, "error_type"], buckets=_OPERATION_BUCKETS,
+            registry=registry)
+        self.first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to the answer's first byte to the client, for "
+            "successful answers (a whole answer's is its last)", _GENAI_LABELS, buckets=_FIRST_TOKEN_BUCKETS,
+            registry=registry)
+        registry.register(_GatewayStateCollector(state))
+        self._route_names: tuple[Config | None, frozenset[str]] = (None, frozenset())
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """Every metric, in the format a scraper's `Accept` asks for (Prometheus text, or OpenMetrics),
+        and its content type."""
+        from prometheus_client.exposition import choose_encoder
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    async def deciding(self, deciding: Awaitable[RouteDecision]) -> RouteDecision:
+        """The router's decision: counted as waiting until it is made, then timed by its kind."""
+        with self.decisions_waiting.track_inprogress():
+            decision = await deciding
+        if decision.decision != "pinned":  # a pin is the turn's earlier decision: the router was not asked
+            self.router_seconds.labels(decision.decision).observe(decision.latency_ms / 1000)
+        if decision.decision == "fallback":
+            self.router_failures.labels("timeout" if decision.reason.startswith(ROUTER_TIMED_OUT)
+                                        else "unavailable").inc()
+        return decision
+
+    def fell_back(self, chosen: str, answered_by: str) -> None:
+        self.fallbacks.labels(chosen, answered_by).inc()
+
+    def finished(self, exchange: _Exchange, row: Mapping[str, Any] | None, config: Config) -> None:
+        """One chat request, answered or refused: counted, timed, and what it used and cost (`row`,
+        the usage ledger's row for it, when a model was chosen)."""
+        decision, config = exchange.decision, exchange.config or config
+        model = exchange.model or (config.model_named(decision.model) if decision is not None else None)
+        model_name = model.name if model is not None else "none"
+        route = decision.route if decision is not None and decision.route in self._routes_of(config) else "none"
+        key, team = exchange_owner(exchange)
+        self.requests.labels(model_name, route, decision.decision if decision is not None else "none",
+                             str(exchange.status), key, team).inc()
+        if model is None:
+            return  # refused before a model was chosen: no provider was asked
+        genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
+        self.operation_duration.labels(*genai, str(exchange.status) if exchange.status >= 400 else "").observe(
+            time.monotonic() - exchange.started)
+        if exchange.status == 200 and exchange.first_byte_ms is not None:
+            self.first_token.labels(*genai).observe(exchange.first_byte_ms / 1000)
+            if exchange.upstream_ms is not None:
+                self.added.labels(exchange.request.api_format).observe(
+                    max(exchange.first_byte_ms - exchange.upstream_ms, 0.0) / 1000)
+        if row is None or exchange.usage is None:
+            return
+        counts = {kind: _token_count(row.get(column)) for kind, column in _TOKEN_KINDS}
+        for kind, count in counts.items():
+            if count:
+                self.tokens.labels(model_name, kind).inc(count)
+        self.token_usage.labels(*genai, "input").observe(counts["input"] + counts["cache_read"] + counts["cache_write"])
+        self.token_usage.labels(*genai, "output").observe(counts["output"])
+        cost = row.get("cost_usd")
+        if cost is not None and cost > 0:
+            self.cost.labels(model_name, key, team).inc(cost)
+
+    def _routes_of(self, config: Config) -> frozenset[str]:
+        """The config's route names (kept for the config they were read from: a reload brings another)."""
+        if self._route_names[0] is not config:
+            self._route_names = (config, frozenset(pref.name for pref, _ in config.routes))
+        return self._route_names[1]
+
+
+class _GatewayStateCollector:
+    """The metrics that are a state of the gateway at the moment of a scrape, read from `state()`:
+    the configured providers' endpoints and which are cooling down, and the usage ledger's queue.
+    A scrape renders in a worker thread, so this reads only what another thread may read: a
+    frozen config, single lookups in a dict, integers."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        config, cool_until, ledger = self.state()
+        now = time.monotonic()
+        cooling: dict[tuple[str, str], bool] = {}
+        for model in config.models:  # one series per endpoint, cooling if any of its base URLs is
+            endpoint = (model.provider, _endpoint_host(model.base_url))
+            cooling[endpoint] = cooling.get(endpoint, False) or cool_until.get(model.base_url, 0.0) > now
+        family = GaugeMetricFamily(
+            "plano_provider_cooling_down", "1 while a configured provider endpoint is skipped after failures or "
+            "for its retry-after, else 0", labels=["provider", "host"])
+        for (provider, host), cool in sorted(cooling.items()):
+            family.add_metric([provider, host], 1.0 if cool else 0.0)
+        yield family
+        if ledger is not None:
+            yield GaugeMetricFamily("plano_ledger_rows_queued", "Usage rows recorded and not yet "
+                                                   "written to the ledger", value=ledger.queued)
+            yield CounterMetricFamily("plano_ledger_rows_dropped", "Usage rows dropped: the ledger's "
+                                                     "queue was full, or the database could not store the row",
+                                                     value=ledger.dropped)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -6679,9 +6885,11 @@ class Gateway:
             ("GET", "/plano/usage"): self._usage,
             ("GET", "/plano/me"): self._me,
             ("GET", "/plano"): self._live_page,
+            ("GET", "/metrics"): self._scrape,
         }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
+        self.metrics = self._metrics_for(config, None)
 
     async def __aenter__(self) -> "Gateway":
         self._exit_stack = contextlib.AsyncExitStack()
@@ -6732,9 +6940,15 @@ class Gateway:
         self._keys = key_table(config)
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         self.upstreams.forget_health()  # the new config's providers start with a clean record
+        self.metrics = self._metrics_for(config, self.metrics)  # the same counters, unless turned off
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
             self._background.start_soon(old_router.backend.close)
+
+    def _metrics_for(self, config: Config, current: Metrics | None) -> Metrics | None:
+        if not config.metrics:
+            return None
+        return current or Metrics(lambda: (self.config, self.upstreams.health.cool_until, self.ledger))
 
     def _router_for(self, config: Config, current: Router | None) -> Router | None:
         if not config.router.enabled or not config.routes:
@@ -6824,7 +7038,9 @@ class Gateway:
             raise PlanoError(f"{method} {path} takes a JSON body: send `Content-Type: application/json` (got "
                              f"{_shown(sent) if sent else 'no Content-Type'})", status=415,
                              error_type="invalid_request_error")
-        await handler(request, respond, exchange)
+        counted = self.metrics is not None and handler == self._chat
+        with self.metrics.in_flight.track_inprogress() if counted else contextlib.nullcontext():
+            await handler(request, respond, exchange)
 
     async def _preflight(self, request: Request, respond: Responder) -> None:
         """A CORS preflight from an allowed origin: which methods and headers its page may send."""
@@ -6978,6 +7194,13 @@ class Gateway:
                                  "spent_usd": round(amount, 6), "resets_at": _utc_iso(end)}
                                 for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent)]}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+    async def _scrape(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """The metrics, for Prometheus: its text format, or OpenMetrics when the scraper asks for it."""
+        if self.metrics is None:
+            raise NotFoundError("metrics are off (metrics: false)")
+        # Off the event loop: rendering takes about 10 ms a thousand samples (bench/metrics_cost.py).
+        body, content_type = await trio.to_thread.run_sync(self.metrics.exposition, request.headers.get("accept", ""))
+        await respond.send_full(200, [("content-type", content_type)], body)
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
@@ -7014,10 +7237,12 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        if exchange.decision is None:
+        row = usage_row(exchange, self.config) if exchange.decision is not None else None
+        if self.metrics is not None:
+            self.metrics.finished(exchange, row, self.config)
+        if row is None:
             return None
         self.decision_log.add(decision_record(exchange))
-        row = usage_row(exchange, self.config)
         if self.ledger is not None:
             self.ledger.record(row)
         return row
@@ -7079,10 +7304,10 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
-        if self.router is not None and not config.route_on_user_only:
-            return await self.router.decide(routed.get("messages"))
         if self.router is not None:
-            return await self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
+                self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            return await (self.metrics.deciding(deciding) if self.metrics is not None else deciding)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -7125,6 +7350,8 @@ class Gateway:
         exchange.decision = fit_decision(config, exchange.decision, exchange.needs, exchange.key)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
+            if self.metrics is not None and upstream.decision is not exchange.decision:  # a fallback answered
+                self.metrics.fell_back(exchange.decision.model, upstream.decision.model)
             exchange.decision, exchange.model = upstream.decision, upstream.model
             exchange.upstream_ms = upstream.upstream_ms
             if upstream.error is not None:
