@@ -9450,8 +9450,8 @@ USAGE_NAMES = st.sampled_from([None, "", "none", "alice", "bob", "é", "Z", "pla
     **{kind: st.none() | st.integers(0, 10 ** 9) for kind in plano._USAGE_TOKENS},
     "cost_usd": st.none() | st.floats(0, 100), "baseline_cost_usd": st.none() | st.floats(0, 100)}), max_size=12))
 @settings(max_examples=30, deadline=None)
-def test_postgres_sums_what_the_sqlite_summary_sums_in_the_same_shape(shared_postgres, tmp_path_factory, rows):
-    # One summary shape: PostgreSQL's GROUPING SETS and summarize_usage on the same rows agree.
+def test_postgres_sqlite_and_python_sum_the_same_rows_alike(shared_postgres, tmp_path_factory, rows):
+    # One summary shape: PostgreSQL's and SQLite's sums, and summarize_usage's of the rows themselves.
     session = f"example-{time.monotonic_ns()}"  # this example's rows, among the earlier examples'
     rows = [{"time": time.time(), "session": session, **row} for row in rows]
     sqlite_ledger = plano.UsageLedger(str(tmp_path_factory.getbasetemp() / "summaries.sqlite3"))
@@ -9469,6 +9469,7 @@ def test_postgres_sums_what_the_sqlite_summary_sums_in_the_same_shape(shared_pos
     from_postgres = plano.read_usage_summary(plano.StatsSettings(url=shared_postgres.url), session=session)
     from_sqlite = plano.read_usage_summary(plano.StatsSettings(path=sqlite_ledger.path), session=session)
     assert from_postgres == approximately(from_sqlite)
+    assert from_sqlite == approximately(plano.summarize_usage(plano.read_usage(sqlite_ledger.path, session=session)))
     assert from_postgres["total"]["requests"] == len(rows)
     assert ("by_key" in from_postgres) == any(row["key_name"] for row in rows)
 
