@@ -9424,22 +9424,46 @@ def test_usage_per_key_and_per_team_over_http_and_in_plano_stats(provider, postg
     assert data["total"]["saved_usd"] == pytest.approx(0.007)
 
 
-def test_hostile_key_and_team_filters_are_parameters_and_answered(provider, postgres_url, tmp_path):
-    record_rows(postgres_url, keyed_row("alice", "platform", 10), keyed_row("alice' OR '1'='1", "x", 3))
-    hostile = ["k" * 10240, "\x00", "alice\x00", "'; DROP TABLE plano_usage; --", "alice' OR '1'='1", "%", "\\",
-               "é🙂\u202e\u2028", "none", "*", "\ufffd"]
-    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
-    with RunningPlano(plano.load_config(config_file)) as running:
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_hostile_key_and_team_filters_are_parameters_and_answered(provider, postgres_url, tmp_path, database):
+    rows = [keyed_row("alice", "platform", 10), keyed_row("alice' OR '1'='1", "x", 3)]
+    if database == "postgresql":
+        settings_ = plano.StatsSettings(url=postgres_url)
+        record_rows(postgres_url, *rows)
+        stats = {"url": settings_.url}
+    else:
+        settings_ = plano.StatsSettings(path=str(tmp_path / "usage.sqlite3"))
+        ledger = plano.UsageLedger(settings_.path)
+        for row in rows:
+            ledger.record(row)
+        ledger.close()
+        stats = {"path": settings_.path}
+    hostile = ["k" * 10240, "\x00", "alice\x00", "'; DROP TABLE plano_usage; --", "'; DROP TABLE usage; --",
+               "alice' OR '1'='1", "%", "_", "\\", "é🙂\u202e\u2028", "none", "*", "\ufffd"]
+    with RunningPlano(config_for(provider, sections={"stats": stats})) as running:
         answers = [httpx.get(running.url + "/plano/usage", params={field: value}, timeout=30)
                    for value in hostile for field in ("key", "team")]
     assert [a.status_code for a in answers] == [200] * len(answers)
     counts = [a.json()["total"]["requests"] for a in answers]
     assert counts == [1 if value == "alice' OR '1'='1" and field == "key" else 0
                       for value in hostile for field in ("key", "team")]  # matched as text, nothing more
-    assert len(postgres_rows(postgres_url)) == 2  # the table is there, as it was
+    assert plano.read_usage_summary(settings_)["total"]["requests"] == 2  # the table is there, as it was
     for value in ("\x00", "alice\udcff", "'; DROP TABLE plano_usage; --"):  # from argv too, a lone surrogate included
-        assert plano.read_usage_summary(plano.StatsSettings(url=postgres_url), key_name=value)["total"]["requests"] == 0
-        assert plano.read_usage_summary(plano.StatsSettings(url=postgres_url), team=value)["total"]["requests"] == 0
+        assert plano.read_usage_summary(settings_, key_name=value)["total"]["requests"] == 0
+        assert plano.read_usage_summary(settings_, team=value)["total"]["requests"] == 0
+
+
+def test_an_sqlite_ledger_from_an_older_plano_is_summed_with_its_missing_columns_as_null(tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    old_columns = plano._USAGE_COLUMNS[:-2]
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
+        connection.execute("INSERT INTO usage (time, session, model, input_tokens, cost_usd) VALUES (?, 's', 'm', 5, 0.5)",
+                           (time.time(),))
+    summary = plano.read_usage_summary(plano.StatsSettings(path=str(path)))
+    assert (summary["total"]["input_tokens"], summary["total"]["cost_usd"], "by_key" in summary) == (5, 0.5, False)
+    assert plano.read_usage_summary(plano.StatsSettings(path=str(path)), team="platform")["total"]["requests"] == 0
 
 
 USAGE_NAMES = st.sampled_from([None, "", "none", "alice", "bob", "é", "Z", "platform"])
