@@ -9459,8 +9459,8 @@ def test_an_sqlite_ledger_from_an_older_plano_is_summed_with_its_missing_columns
     old_columns = plano._USAGE_COLUMNS[:-2]
     with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
-        connection.execute("INSERT INTO usage (time, session, model, input_tokens, cost_usd) VALUES (?, 's', 'm', 5, 0.5)",
-                           (time.time(),))
+        connection.execute("INSERT INTO usage (time, session, model, input_tokens, cost_usd) "
+                           "VALUES (?, 's', 'm', 5, 0.5)", (time.time(),))
     summary = plano.read_usage_summary(plano.StatsSettings(path=str(path)))
     assert (summary["total"]["input_tokens"], summary["total"]["cost_usd"], "by_key" in summary) == (5, 0.5, False)
     assert plano.read_usage_summary(plano.StatsSettings(path=str(path)), team="platform")["total"]["requests"] == 0
