@@ -545,13 +545,33 @@ class RouterSettings:
 
 @dataclass(frozen=True)
 class StatsSettings:
-    """The `stats:` section: where the usage ledger lives, how long it keeps rows, and which model's
-    prices measure what routing saved (default: the default model)."""
+    """The `stats:` section: where the usage ledger lives (an SQLite file, or PostgreSQL at `url`
+    for replicas that share it), how long it keeps rows, and which model's prices measure what
+    routing saved (default: the default model)."""
 
     enabled: bool = True
     path: str | None = None  # default: usage.sqlite3 in the per-user state folder
     retention_days: float = 90.0
     baseline: str | None = None
+    url: str | None = dataclasses.field(default=None, repr=False)  # postgresql://…; may hold a password
+
+
+def postgres_url_secrets(url: str | None) -> list[str]:
+    """The password a `postgresql://` URL holds (in its user part or as `?password=`), as written
+    and percent-decoded: what no log line or answer may show."""
+    if not url:
+        return []
+    user = re.match(r"[^:/?#]*://([^@/?#]*)@", url)  # read like libpq, even from a URL urllib refuses
+    written = [user.group(1).partition(":")[2]] if user else []
+    written += re.findall(r"[?&]password=([^&#]*)", url)
+    return [secret for w in written if w for secret in {w, urllib.parse.unquote(w)}]
+
+
+def masked_url(url: str) -> str:
+    """A `postgresql://` URL as plano shows it: its password, if any, as `***`."""
+    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+        url = url.replace(f":{secret}@", ":***@").replace(f"password={secret}", "password=***")
+    return url
 
 
 # ── gateway keys for people: `keys:` and `teams:` ────────────────────────────────────────────
@@ -1158,18 +1178,38 @@ class _ConfigReader:
         if section is False:
             return StatsSettings(enabled=False)
         if not isinstance(section, dict):
-            raise self.fail(raw, "stats", "must be a mapping {path, retention_days, baseline}, or false")
+            raise self.fail(raw, "stats", "must be a mapping {path, url, retention_days, baseline}, or false")
         for key in section:
-            if key not in ("enabled", "path", "retention_days", "baseline"):
+            if key not in ("enabled", "path", "url", "retention_days", "baseline"):
                 raise self.fail(section, key, "is not a known stats field (known: baseline, enabled, path, "
-                                              "retention_days)")
+                                              "retention_days, url)")
         retention = self.get(section, "retention_days", (int, float), 90.0)
         if isinstance(retention, bool) or retention <= 0:
             raise self.fail(section, "retention_days", f"must be a positive number of days, got {retention!r}")
         path = self.get(section, "path", str)
+        url = self.read_stats_url(section)
+        if url and path:
+            self.warnings.append("stats.path is not used: stats.url keeps the usage ledger in PostgreSQL")
         return StatsSettings(enabled=self.get(section, "enabled", bool, True),
                              path=os.path.expanduser(path) if path else None,
-                             retention_days=float(retention), baseline=self.get(section, "baseline", str))
+                             retention_days=float(retention), baseline=self.get(section, "baseline", str), url=url)
+
+    def read_stats_url(self, section: dict) -> str | None:
+        """`stats.url`: a `postgresql://` URL (libpq's form), written or from `$VAR`. An unset
+        variable is an error, not the SQLite file: replicas would each count on their own."""
+        written = self.get(section, "url", str)
+        if written is None:
+            return None
+        url, variable = self.expand(section, "url", written)
+        if url is None:
+            raise self.fail(section, "url", f"${variable} is not set (export {variable}=postgresql://… or put it "
+                                            "in .env)")
+        url = url.strip()
+        if not re.match(r"^postgres(?:ql)?://", url):
+            shown = f"${variable}" if variable else repr(masked_url(url))
+            raise self.fail(section, "url", f"must be a postgresql:// URL (postgresql://user@host:5432/database), "
+                                            f"got {shown}")
+        return url
 
     def read_teams(self, raw: dict) -> tuple[Team, ...]:
         teams: dict[str, Team] = {}
@@ -5567,7 +5607,8 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# Usage ledger: what each answer used (and cost), kept in SQLite across restarts.
+# Usage ledger: what each answer used (and cost), kept across restarts in SQLite, or in PostgreSQL
+# for the replicas of a team's gateway to share.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -5592,27 +5633,46 @@ def usage_path(settings: StatsSettings) -> str:
 _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route", "decision", "status",
                   "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
                   "cost_usd", "baseline_cost_usd", "key_name", "team")
+_USAGE_TOKENS = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
+_USAGE_COSTS = ("cost_usd", "baseline_cost_usd")
+# A summary's groups: its field, and the column whose value names each group. Rows carry a key and a
+# team only on a gateway with per-developer keys; a summary has those groups when some row does.
+_USAGE_GROUPINGS = (("by_model", "model"), ("by_route", "route"), ("by_key", "key_name"), ("by_team", "team"))
 
 
-class UsageLedger:
-    """One row per answered request, in an SQLite file. One thread owns the connection and does
-    every write; `record()` only puts the row in a bounded queue, so a slow or locked database
-    delays the ledger, never a request (past the queue's bound, rows are counted and dropped).
-    A row SQLite cannot take (a number past its 64-bit integers, a value of a type it does not
-    store) is dropped with a log line, and the rows around it are written: the writer never dies."""
+class LedgerUnavailable(PlanoError):
+    """The usage ledger's database cannot be reached or used now (PostgreSQL down, a wrong
+    `stats.url`): the summary cannot be read, though answers go on and their rows wait."""
+
+    status = 503
+
+
+class _LedgerWriter:
+    """What both ledgers share: `record()` only puts the row in a bounded queue, so a slow, locked or
+    unreachable database delays the ledger, never a request (past the queue's bound, rows are
+    counted in `dropped` and not kept). One thread owns the connection and writes the rows in
+    batches, each in one transaction. A row the database refuses (a number past its integers, a
+    value of a type it does not store) is dropped with a log line and the rows around it are
+    written; when the database itself fails (locked, down, full) the batch waits and is tried again
+    every RETRY_SECONDS, with one log line when that starts and one when it ends: the writer never
+    dies. Retention: rows older than `retention_days` are deleted at start and hourly."""
 
     BATCH_SECONDS = 0.25
+    BATCH_ROWS = 1000
+    RETRY_SECONDS = 1.0
+    where = ""  # the database as log lines and `plano stats` name it: a path, a URL without its password
 
-    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+    def __init__(self, *, retention_days: float, queue_size: int, connection: Any = None):
         import queue
-        self.path = path
         self.retention_days = retention_days
+        self.queue_size = queue_size
         self.dropped = 0
         self._rows: Any = queue.Queue(maxsize=queue_size)
         self._written = threading.Condition()
-        self._pending = 0  # rows handed over and not yet committed
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._writer = threading.Thread(target=self._write_rows, name="plano-usage-ledger", daemon=True)
+        self._pending = 0  # rows handed over and not yet committed (or dropped)
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_rows, args=(connection,), name="plano-usage-ledger",
+                                        daemon=True)
         self._writer.start()
 
     @property
@@ -5629,16 +5689,183 @@ class UsageLedger:
         except queue.Full:
             with self._written:
                 self._pending -= 1
-            self.dropped += 1
+                self.dropped += 1
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every row recorded so far is committed (for tests and shutdown)."""
+        """Wait until every row recorded so far is committed (or dropped); for tests and shutdown."""
         with self._written:
             return self._written.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        self._rows.put(None)
+        """Write what was recorded (trying once more if the database is failing), then stop."""
+        import queue
+        self._closing.set()
+        try:
+            self._rows.put_nowait(None)  # wakes a writer waiting for rows
+        except queue.Full:
+            pass  # then the writer is not waiting for rows, and sees `_closing` before it would
         self._writer.join(timeout)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        """summarize_usage's summary of the rows that match every filter given (blocking: call it
+        in a worker thread)."""
+        raise NotImplementedError
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        """What the answers recorded since `since` cost, per gateway key and per team: {("key",
+        name) or ("team", name): USD}; {} when the ledger cannot be read (blocking, as summary)."""
+        raise NotImplementedError
+
+    # ── for each database ────────────────────────────────────────────────────────────────
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _disconnect(self, connection: Any) -> None:
+        raise NotImplementedError
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        """Write `rows` in one transaction: all of them, or none and an exception."""
+        raise NotImplementedError
+
+    def _prune(self, connection: Any, before: float) -> None:
+        raise NotImplementedError
+
+    def _row_refused(self, error: Exception) -> bool:
+        """Is a row, not the database, to blame for `error`?"""
+        raise NotImplementedError
+
+    def _database_failed(self, error: Exception) -> bool:
+        """Is `error` the database's (locked, down, gone)? Then the rows wait and are retried."""
+        raise NotImplementedError
+
+    # ── the writer thread ────────────────────────────────────────────────────────────────
+    def _next_batch(self) -> list[tuple]:
+        """The first row to arrive, then what else arrives within BATCH_SECONDS: under load one
+        commit for hundreds of answers, not one each. Empty once closed and every row is taken."""
+        import queue
+        batch: list[tuple] = []
+        gathering_until = 0.0
+        while len(batch) < self.BATCH_ROWS:
+            try:
+                if batch:
+                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
+                else:
+                    row = self._rows.get(block=not self._closing.is_set())  # waits for work
+                    gathering_until = time.monotonic() + self.BATCH_SECONDS
+            except queue.Empty:
+                break
+            if row is None:  # close(): nothing more comes
+                break
+            batch.append(row)
+        return batch
+
+    def _write_rows(self, connection: Any) -> None:
+        pruned_at, batch, failing_since, dropped_before = 0.0, [], None, 0
+        while True:
+            if not batch:
+                batch = self._next_batch()
+                if not batch:
+                    break
+            handed = len(batch)
+            try:
+                connection = connection or self._connect()
+                self._write_batch(connection, batch)
+                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
+                    self._prune(connection, time.time() - self.retention_days * 86400)
+                    pruned_at = time.time()
+                if failing_since is not None:
+                    lost = self.dropped - dropped_before
+                    log.warning("usage ledger %s: writing again, after %.0f s%s", self.where,
+                                time.monotonic() - failing_since,
+                                f" ({lost} rows dropped meanwhile: more were waiting than the queue holds)" if lost
+                                else "")
+                    failing_since = None
+            except Exception as e:
+                if not self._database_failed(e):  # a bug: these rows are lost, the later ones are not
+                    log.exception("usage ledger %s: %d rows not written", self.where, len(batch))
+                    self._drop(batch)
+                else:
+                    self._disconnect(connection)
+                    connection = None
+                    if failing_since is None:
+                        failing_since, dropped_before = time.monotonic(), self.dropped
+                        log.warning("usage ledger %s: cannot write (%s); rows wait (at most %d more) and are "
+                                    "tried again every %g s", self.where, self._reason(e), self.queue_size,
+                                    self.RETRY_SECONDS)
+                    if self._closing.is_set():  # tried once more since close(): give up on the rest
+                        lost = len(batch) + self._drop_queued()
+                        log.error("usage ledger %s: closed while it cannot write: %d rows not written", self.where,
+                                  lost)
+                        self._drop(batch)
+                    else:
+                        self._closing.wait(self.RETRY_SECONDS)
+            with self._written:
+                self._pending -= handed - len(batch)
+                self._written.notify_all()
+        self._disconnect(connection)
+
+    def _write_batch(self, connection: Any, batch: list[tuple]) -> None:
+        """Write `batch` and empty it. If a row is to blame, each is written on its own and the
+        ones to blame are dropped; if the database fails, the rows not written stay in `batch`."""
+        try:
+            self._insert(connection, batch)
+            batch.clear()
+            return
+        except Exception as e:
+            if not self._row_refused(e):
+                raise
+        while batch:  # find the row to blame; write the others
+            try:
+                self._insert(connection, batch[:1])
+            except Exception as e:
+                if not self._row_refused(e):
+                    raise
+                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.where,
+                          type(e).__name__, printable(self._reason(e)[:200]), printable(repr(batch[0])[:500]))
+                with self._written:
+                    self.dropped += 1
+            del batch[0]
+
+    def _drop(self, batch: list[tuple]) -> None:
+        with self._written:
+            self.dropped += len(batch)
+        batch.clear()
+
+    def _drop_queued(self) -> int:
+        """Empty the queue, counting its rows as dropped; how many there were."""
+        import queue
+        count = 0
+        while True:
+            try:
+                row = self._rows.get_nowait()
+            except queue.Empty:
+                break
+            count += row is not None
+        with self._written:
+            self.dropped += count
+            self._pending -= count
+        return count
+
+    def _reason(self, error: Exception) -> str:
+        """An error's message in one line (libpq's come in several)."""
+        return " ".join(str(error).split()) or type(error).__name__
+
+
+class UsageLedger(_LedgerWriter):
+    """The usage ledger in an SQLite file (the default): one row per answered request."""
+
+    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        self.path = self.where = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        super().__init__(retention_days=retention_days, queue_size=queue_size)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        return sqlite_usage_summary(self.path, since=since, session=session, key_name=key_name, team=team)
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        return spend_since(self.path, since)
 
     def _connect(self) -> Any:
         import sqlite3
@@ -5655,74 +5882,60 @@ class UsageLedger:
         connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
         return connection
 
-    def _insert(self, connection: Any, batch: list[tuple]) -> None:
-        import sqlite3
-        # What a row, not the database, is to blame for: that row is dropped, the others written.
-        row_errors = (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-                      sqlite3.DataError)
-        statement = f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})"
-        try:
-            with connection:  # one transaction for the batch: rolled back whole if a row fails
-                connection.executemany(statement, batch)
-            return
-        except row_errors:
-            pass
-        for row in batch:  # find the row to blame; write the others
-            try:
-                with connection:
-                    connection.execute(statement, row)
-            except row_errors as e:
-                with self._written:
-                    self.dropped += 1
-                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.path,
-                          type(e).__name__, printable(str(e)[:200]), printable(repr(row)[:500]))
-
-    def _write_rows(self) -> None:
-        import queue
-        import sqlite3
-        connection, pruned_at, batch, closing = None, 0.0, [], False
-        while batch or not closing:
-            if not batch and not closing:
-                row = self._rows.get()  # waits for work
-                closing = row is None
-                batch += [] if closing else [row]
-            # Then what else arrives within a quarter second, in the same transaction: under load that
-            # is one commit for hundreds of answers, not one each.
-            gathering_until = time.monotonic() + self.BATCH_SECONDS
-            while not closing and len(batch) < 1000:
-                try:
-                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                closing = row is None
-                batch += [] if closing else [row]
-            try:
-                connection = connection or self._connect()
-                if batch:
-                    self._insert(connection, batch)
-                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
-                    with connection:
-                        connection.execute("DELETE FROM usage WHERE time < ?",
-                                           (time.time() - self.retention_days * 86400,))
-                    pruned_at = time.time()
-            except sqlite3.Error as e:  # locked by another program, disk full: keep the rows, try again
-                log.warning("usage ledger %s: %s; %s", self.path, e,
-                            f"{len(batch)} rows not written" if closing else "retrying")
-                if not closing:
-                    time.sleep(1.0)
-                    continue
-            except Exception:  # a bug: these rows are lost, the later ones are not
-                log.exception("usage ledger %s: %d rows not written", self.path, len(batch))
-            with self._written:
-                self._pending -= len(batch)
-                self._written.notify_all()
-            batch = []
+    def _disconnect(self, connection: Any) -> None:
         if connection is not None:
             connection.close()
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        with connection:
+            connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})", rows)
+
+    def _prune(self, connection: Any, before: float) -> None:
+        with connection:
+            connection.execute("DELETE FROM usage WHERE time < ?", (before,))
+
+    def _row_refused(self, error: Exception) -> bool:
+        import sqlite3
+        return isinstance(error, (OverflowError, ValueError, TypeError, sqlite3.InterfaceError,
+                                  sqlite3.ProgrammingError, sqlite3.DataError))
+
+    def _database_failed(self, error: Exception) -> bool:
+        import sqlite3
+        return isinstance(error, sqlite3.Error)  # locked by another program, disk full
 
 
 def _sqlite_columns(connection: Any) -> set[str]:
     return {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+
+
+def _usage_where(present: set[str], placeholder: str, *, since: float | None = None, session: str | None = None,
+                 key_name: str | None = None, team: str | None = None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters: the filters are never SQL text) that keeps the rows
+    every given filter matches; a filter on a column an older ledger lacks matches nothing."""
+    clauses, values = [], []
+    if since is not None:
+        clauses.append(f"time >= {placeholder}")
+        values.append(since)
+    for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
+        if wanted is not None:
+            clauses.append(f"{column} = {placeholder}" if column in present else "NULL")
+            values += [wanted] if column in present else []
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), values
+
+
+def _usage_combinations_sql(table: str, present: set[str], where: str) -> str:
+    """SQL (for SQLite and PostgreSQL alike) for one line per combination of model, route, key and
+    team among the rows `where` keeps: how many rows, the sum of each token column, of each cost
+    and how many rows knew it. Hundreds of lines however many rows: the database reads the rows
+    once and the gateway adds up the lines (`_summary_of_combinations`)."""
+    def column(name: str) -> str:  # an older ledger's missing column reads as NULL
+        return name if name in present else f"CAST(NULL AS {_POSTGRES_TYPES[name]})"
+
+    names = [column for _, column in _USAGE_GROUPINGS]
+    return (f"SELECT {', '.join(f'{column(n)} AS {n}' for n in names)}, count(*) AS requests, "
+            + ", ".join([f"sum({column(kind)}) AS {kind}" for kind in _USAGE_TOKENS]
+                        + [f"sum({column(c)}) AS {c}, count({column(c)}) AS {c}_known" for c in _USAGE_COSTS])
+            + f" FROM {table}{where} GROUP BY {', '.join(str(i + 1) for i in range(len(names)))}")
 
 
 def read_usage(path: str, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
@@ -5736,18 +5949,10 @@ def read_usage(path: str, *, since: float | None = None, session: str | None = N
     try:
         present = _sqlite_columns(connection)  # read-only: an older ledger's missing columns read as NULL
         selected = [column if column in present else "NULL" for column in _USAGE_COLUMNS]
-        clauses, values = [], []
-        if since is not None:
-            clauses.append("time >= ?")
-            values.append(since)
-        for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
-            if wanted is not None:
-                clauses.append(f"{column} = ?" if column in present else "NULL")
-                values += [wanted] if column in present else []
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
         rows = connection.execute(f"SELECT {', '.join(selected)} FROM usage{where} ORDER BY time", values)
         return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
-    except sqlite3.Error:
+    except (sqlite3.Error, UnicodeEncodeError):  # a filter with a lone surrogate (from argv) matches nothing
         return []
     finally:
         connection.close()
@@ -5760,47 +5965,334 @@ def spend_since(path: str, since: float) -> dict[tuple[str, str], float]:
     if not os.path.exists(path):
         return {}
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    spent: dict[tuple[str, str], float] = {}
     try:
-        for key_name, team, cost in connection.execute(
-                "SELECT key_name, team, SUM(cost_usd) FROM usage WHERE time >= ? GROUP BY key_name, team", (since,)):
-            for whose, name in (("key", key_name), ("team", team)):
-                if name is not None and cost:
-                    spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
+        return _spend_per_owner(connection.execute(_SPEND_SQL.format(table="usage", placeholder="?"), (since,)))
     except sqlite3.Error:  # a ledger from before keys (no such columns): nothing was spent by one
         return {}
     finally:
         connection.close()
+
+
+_SPEND_SQL = "SELECT key_name, team, SUM(cost_usd) FROM {table} WHERE time >= {placeholder} GROUP BY key_name, team"
+
+
+def _spend_per_owner(lines: Iterable[tuple]) -> dict[tuple[str, str], float]:
+    """(key_name, team, cost) lines as {("key", name) or ("team", name): USD}."""
+    spent: dict[tuple[str, str], float] = {}
+    for key_name, team, cost in lines:
+        for whose, name in (("key", key_name), ("team", team)):
+            if name is not None and cost:
+                spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
     return spent
+def sqlite_usage_summary(path: str, *, since: float | None = None, session: str | None = None,
+                         key_name: str | None = None, team: str | None = None) -> dict:
+    """summarize_usage's summary of the rows of the SQLite ledger at `path` that match, added up
+    by SQLite (a ledger of a million rows in about a second, not half a minute of Python)."""
+    import sqlite3
+    if not os.path.exists(path):
+        return summarize_usage([])
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    connection.row_factory = sqlite3.Row
+    try:
+        present = _sqlite_columns(connection)
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
+        lines = connection.execute(_usage_combinations_sql("usage", present, where), values).fetchall()
+        return _summary_of_combinations(dict(line) for line in lines)
+    except (sqlite3.Error, UnicodeEncodeError):  # as read_usage
+        return summarize_usage([])
+    finally:
+        connection.close()
+
+
+# ── PostgreSQL: one ledger for the replicas of a team's gateway ──────────────────────────────
+
+# The same columns, typed (SQLite takes any value in any column). The table is `plano_usage`, in
+# the first schema of the connection's search_path (libpq's `?options=-csearch_path%3Dplano` in the
+# URL chooses another).
+_POSTGRES_TYPES = {
+    "time": "double precision", "session": "text", "api": "text", "requested_model": "text", "model": "text",
+    "route": "text", "decision": "text", "status": "integer", "input_tokens": "bigint",
+    "cache_read_tokens": "bigint", "cache_write_tokens": "bigint", "output_tokens": "bigint",
+    "reasoning_tokens": "bigint", "cost_usd": "double precision", "baseline_cost_usd": "double precision",
+    "key_name": "text", "team": "text"}
+_POSTGRES_INDEXES = {"plano_usage_time": "time", "plano_usage_key_time": "key_name, time",
+                     "plano_usage_team_time": "team, time"}
+_POSTGRES_SCHEMA_LOCK = 0x706C616E6F  # "plano": the advisory lock replicas take turns with to make the table
+# What plano asks of libpq unless the URL says otherwise: a bounded connect, and TCP keepalives and a
+# send timeout, so a server gone without a word (a dead machine, a dropped route) is noticed in
+# about a minute rather than the system's two hours.
+_POSTGRES_SETTINGS = {"connect_timeout": 10, "application_name": "plano", "keepalives": 1, "keepalives_idle": 30,
+                      "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
+
+
+def _postgres_connection(url: str) -> Any:
+    """A connection in autocommit mode: each transaction plano makes is explicit."""
+    import psycopg
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return psycopg.connect(url, autocommit=True,
+                           **{name: value for name, value in _POSTGRES_SETTINGS.items() if name not in given})
+
+
+def _postgres_error_text(error: Exception, url: str) -> str:
+    """A psycopg error in one line (libpq's messages come in several, with tabs), without the URL's
+    password (libpq does not repeat one; to be sure)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _postgres_columns(connection: Any) -> set[str]:
+    """The columns of `plano_usage` as the connection's search_path finds it (none: no table)."""
+    return {name for (name,) in connection.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('plano_usage') AND attnum > 0 "
+        "AND NOT attisdropped")}
+
+
+def _prepare_postgres_table(connection: Any) -> None:
+    """Create `plano_usage` and its indexes, or add the columns a newer plano writes. Replicas that
+    start at the same moment take turns under an advisory lock held for the transaction: each
+    finds what the first made (CREATE TABLE IF NOT EXISTS alone fails with a duplicate key when
+    two run at once). What exists is looked up rather than altered again: ALTER TABLE and CREATE
+    INDEX lock the table, which would hold up the other replicas' writes."""
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_POSTGRES_SCHEMA_LOCK,))
+        present = _postgres_columns(connection)
+        if not present:
+            typed = ", ".join(f"{column} {kind}" for column, kind in _POSTGRES_TYPES.items())
+            connection.execute(f"CREATE TABLE IF NOT EXISTS plano_usage ({typed})")
+        for column, kind in _POSTGRES_TYPES.items():
+            if present and column not in present:  # a table from an older plano
+                connection.execute(f"ALTER TABLE plano_usage ADD COLUMN IF NOT EXISTS {column} {kind}")
+        for index, columns in _POSTGRES_INDEXES.items():
+            if connection.execute("SELECT to_regclass(%s)", (index,)).fetchone()[0] is None:
+                connection.execute(f"CREATE INDEX IF NOT EXISTS {index} ON plano_usage ({columns})")
+
+
+def _postgres_can_hold(text: str, encoding: str) -> bool:
+    """PostgreSQL text holds no NUL character, nor what the database's encoding cannot (a lone
+    surrogate in UTF-8, an emoji in LATIN1): a filter with one matches no row (and would be an
+    error as a parameter)."""
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def postgres_usage_summary(connection: Any, *, since: float | None = None, session: str | None = None,
+                           key_name: str | None = None, team: str | None = None) -> dict:
+    """summarize_usage's summary of the rows in `plano_usage` that match, added up by PostgreSQL:
+    months of a team's rows are not carried to the gateway to count."""
+    import psycopg.rows
+    wanted = {"session": session, "key_name": key_name, "team": team}
+    present = _postgres_columns(connection)
+    if not present or not all(_postgres_can_hold(value, connection.info.encoding) for value in wanted.values()
+                              if value is not None):
+        return summarize_usage([])
+    where, values = _usage_where(present, "%s", since=since, **wanted)
+    with connection.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return _summary_of_combinations(cursor.execute(_usage_combinations_sql("plano_usage", present, where),
+                                                       values).fetchall())
+
+
+class PostgresLedger(_LedgerWriter):
+    """The usage ledger in PostgreSQL (`stats.url`), shared by the replicas of a gateway: the rows
+    the SQLite ledger keeps, typed, in table `plano_usage`, written with COPY. Opening it connects
+    and creates or migrates the table, and raises LedgerUnavailable when it cannot (so a wrong URL
+    stops start-up); afterwards a database that goes away only delays the ledger. Summaries are
+    read on a connection of their own, kept between reads."""
+
+    def __init__(self, url: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        self.url = url
+        self.where = masked_url(url)
+        self._reader: Any = None
+        self._reader_lock = threading.Lock()
+        try:
+            import psycopg
+        except ImportError:
+            raise LedgerUnavailable("`stats.url` needs the psycopg package: pip install 'plano[team]'") from None
+        try:
+            connection = _postgres_connection(url)
+        except psycopg.Error as e:
+            raise LedgerUnavailable(f"`stats.url` ({self.where}): cannot connect to PostgreSQL: {self._reason(e)}") \
+                from None
+        try:
+            _prepare_postgres_table(connection)
+        except psycopg.Error as e:
+            connection.close()
+            raise LedgerUnavailable(f"`stats.url` ({self.where}): cannot create or update table plano_usage: "
+                                    f"{self._reason(e)}") from None
+        super().__init__(retention_days=retention_days, queue_size=queue_size, connection=connection)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        import psycopg
+        filters = {"since": since, "session": session, "key_name": key_name, "team": team}
+        with self._reader_lock:
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error:
+                self._close_reader()  # the server may have closed the kept connection since the last read
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error as e:
+                self._close_reader()
+                raise LedgerUnavailable(f"the usage ledger ({self.where}) cannot be read now: "
+                                        f"{self._reason(e)}") from None
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        import psycopg
+        with self._reader_lock:
+            try:
+                lines = self._read_connection().execute(
+                    _SPEND_SQL.format(table="plano_usage", placeholder="%s"), (since,)).fetchall()
+            except psycopg.Error as e:
+                self._close_reader()
+                log.warning("the usage ledger (%s) cannot be read, so budgets start this run from $0 spent: %s",
+                            self.where, self._reason(e))
+                return {}
+        return _spend_per_owner(lines)
+
+    def close(self, timeout: float = 10.0) -> None:
+        super().close(timeout)
+        with self._reader_lock:
+            self._close_reader()
+
+    def _read_connection(self) -> Any:
+        if self._reader is None:
+            self._reader = _postgres_connection(self.url)
+            self._reader.execute("SET statement_timeout = 30000")  # a summary never holds a request for long
+        return self._reader
+
+    def _close_reader(self) -> None:
+        self._disconnect(self._reader)
+        self._reader = None
+
+    def _reason(self, error: Exception) -> str:
+        return _postgres_error_text(error, self.url)
+
+    def _connect(self) -> Any:
+        connection = _postgres_connection(self.url)
+        try:
+            _prepare_postgres_table(connection)  # the table may be new: a fresh server, or dropped
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _disconnect(self, connection: Any) -> None:
+        if connection is not None:
+            connection.close()
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        with connection.transaction(), connection.cursor() as cursor, \
+                cursor.copy(f"COPY plano_usage ({', '.join(_USAGE_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _prune(self, connection: Any, before: float) -> None:
+        connection.execute("DELETE FROM plano_usage WHERE time < %s", (before,))
+
+    def _row_refused(self, error: Exception) -> bool:
+        import psycopg
+        # COPY has the server parse each value as its column's type: a value that is not one is a
+        # data exception (class 22: out of range, not a number, a NUL in text). Values psycopg
+        # cannot send at all (a dict, a lone surrogate) fail before they leave, without a SQLSTATE.
+        return isinstance(error, (ValueError, TypeError, OverflowError, psycopg.DataError, psycopg.IntegrityError)) \
+            or isinstance(error, psycopg.ProgrammingError) and error.sqlstate is None
+
+    def _database_failed(self, error: Exception) -> bool:
+        import psycopg
+        return isinstance(error, psycopg.Error)
+
+
+def open_ledger(config: Config) -> _LedgerWriter | None:
+    """The ledger `config.stats` asks for (None: `stats: false`), ready to record. A PostgreSQL one
+    that cannot be used at start is a ConfigError naming `stats.url`, as a wrong field is."""
+    settings = config.stats
+    if not settings.enabled:
+        return None
+    if not settings.url:
+        return UsageLedger(usage_path(settings), retention_days=settings.retention_days)
+    try:
+        ledger = PostgresLedger(settings.url, retention_days=settings.retention_days)
+    except LedgerUnavailable as e:
+        raise ConfigError(f"{config.path or '<config>'}: {e.message}") from None
+    log.info("usage ledger: PostgreSQL at %s, table plano_usage", ledger.where)
+    return ledger
+
+
+def ledger_place(settings: StatsSettings) -> str:
+    """Where the usage ledger of `settings` is, as plano shows it (a URL without its password)."""
+    return masked_url(settings.url) if settings.url else usage_path(settings)
+
+
+def read_usage_summary(settings: StatsSettings, *, since: float | None = None, session: str | None = None,
+                       key_name: str | None = None, team: str | None = None) -> dict:
+    """The usage summary from the ledger `settings` name, read without a writer (`plano stats`):
+    the SQLite file, or PostgreSQL at `stats.url`. Raises LedgerUnavailable when that cannot be read."""
+    filters = {"since": since, "session": session, "key_name": key_name, "team": team}
+    if not settings.url:
+        return sqlite_usage_summary(usage_path(settings), **filters)
+    try:
+        import psycopg
+    except ImportError:
+        raise LedgerUnavailable("`stats.url` needs the psycopg package: pip install 'plano[team]'") from None
+    try:
+        with _postgres_connection(settings.url) as connection:
+            return postgres_usage_summary(connection, **filters)
+    except psycopg.Error as e:
+        raise LedgerUnavailable(f"`stats.url` ({masked_url(settings.url)}): cannot read the usage ledger: "
+                                f"{_postgres_error_text(e, settings.url)}") from None
+
+
+def _usage_line(requests: int, tokens: Mapping[str, int], spent: float | None, baseline: float | None) -> dict:
+    """One line of a usage summary (the total, or one group's): requests, tokens by kind, cache
+    hit rate, cost, and what the same tokens would have cost at the baseline model. `spent` and
+    `baseline` are None when any row's cost is unknown: unknown, never 0."""
+    prompt = tokens["input_tokens"] + tokens["cache_read_tokens"] + tokens["cache_write_tokens"]
+    return {"requests": requests, **{kind: tokens[kind] for kind in _USAGE_TOKENS},
+            "cache_hit_rate": tokens["cache_read_tokens"] / prompt if prompt else None,
+            "cost_usd": spent, "baseline_cost_usd": baseline,
+            "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
+
+
+def _summary_of_combinations(lines: Iterable[Mapping[str, Any]]) -> dict:
+    """The usage summary from lines that each add up some rows (`_usage_combinations_sql`'s; one
+    row each for summarize_usage): a total, per model and per route, and per key and per team
+    when some row carries one. A group is named by its value, "none" for NULL or empty; a cost
+    is known when every row of the group knew it. Sums of integers from PostgreSQL come as
+    Decimal: counted as ints here."""
+    fields = ("requests", *_USAGE_TOKENS, *_USAGE_COSTS, *(f"{c}_known" for c in _USAGE_COSTS))
+    sums: dict[tuple[str, str], dict[str, Any]] = {("total", ""): dict.fromkeys(fields, 0)}
+    carried: set[str] = set()
+    for line in lines:
+        groups = [(grouping, line[column] or "none") for grouping, column in _USAGE_GROUPINGS]
+        carried.update(column for _, column in _USAGE_GROUPINGS if line[column])
+        for group in [("total", ""), *groups]:
+            running = sums.setdefault(group, dict.fromkeys(fields, 0))
+            for name in fields:
+                running[name] += line[name] or 0
+
+    def totalled(s: Mapping[str, Any]) -> dict:
+        requests = int(s["requests"])
+        costs = [float(s[c]) if requests and s[f"{c}_known"] == requests else None for c in _USAGE_COSTS]
+        return _usage_line(requests, {kind: int(s[kind]) for kind in _USAGE_TOKENS}, *costs)
+
+    summary = {"total": totalled(sums[("total", "")])}
+    for grouping, column in _USAGE_GROUPINGS:
+        if column in ("model", "route") or column in carried:
+            summary[grouping] = {name: totalled(s) for (g, name), s in sorted(sums.items()) if g == grouping}
+    return summary
 
 
 def summarize_usage(rows: list[dict]) -> dict:
-    """Totals per model and per route: requests, tokens by kind, cache hit rate, cost, and what the
-    same tokens would have cost at the baseline model. Unknown costs stay unknown (None), never 0."""
-    def total(group: list[dict]) -> dict:
-        def tokens(kind: str) -> int:
-            return sum(r[kind] or 0 for r in group)
-
-        def cost(column: str) -> float | None:
-            known = [r[column] for r in group if r[column] is not None]
-            return sum(known) if known and len(known) == len(group) else None
-
-        prompt = tokens("input_tokens") + tokens("cache_read_tokens") + tokens("cache_write_tokens")
-        spent, baseline = cost("cost_usd"), cost("baseline_cost_usd")
-        return {"requests": len(group), "input_tokens": tokens("input_tokens"),
-                "cache_read_tokens": tokens("cache_read_tokens"), "cache_write_tokens": tokens("cache_write_tokens"),
-                "output_tokens": tokens("output_tokens"), "reasoning_tokens": tokens("reasoning_tokens"),
-                "cache_hit_rate": tokens("cache_read_tokens") / prompt if prompt else None,
-                "cost_usd": spent, "baseline_cost_usd": baseline,
-                "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
-
-    def grouped(key: str) -> dict:
-        groups: dict[str, list[dict]] = {}
-        for row in rows:
-            groups.setdefault(row[key] or "none", []).append(row)
-        return {name: total(group) for name, group in sorted(groups.items())}
-
-    return {"total": total(rows), "by_model": grouped("model"), "by_route": grouped("route")}
+    """Totals, per model and per route (and per key and per team when rows carry them): requests,
+    tokens by kind, cache hit rate, cost, and what the same tokens would have cost at the baseline
+    model. Unknown costs stay unknown (None), never 0."""
+    return _summary_of_combinations(
+        {**row, "requests": 1, **{f"{c}_known": int(row[c] is not None) for c in _USAGE_COSTS}} for row in rows)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -6587,9 +7079,11 @@ def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The keys a config holds (providers' and the gateway's own): never in a log line or an answer."""
+    """The keys a config holds (providers', the gateway's own and its developers', the ledger
+    database's password): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
-    return keys + ([config.listener.api_key] if config.listener.api_key else [])
+    return keys + ([config.listener.api_key] if config.listener.api_key else []) \
+        + postgres_url_secrets(config.stats.url)
 
 
 class Upstreams:
@@ -6860,7 +7354,7 @@ class Gateway:
     of your own is used as it is, and its backend is the gateway's to close from then on.
     """
 
-    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None,
+    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: _LedgerWriter | None = None,
                  host: str | None = None):
         self.config = config
         self.host = host or config.listener.address  # the address the listener is bound to
@@ -6902,7 +7396,7 @@ class Gateway:
             self.router = given
             if given.status == "loading":
                 self._background.start_soon(given.start)
-        if isinstance(self.state, LocalState) and isinstance(self.ledger, UsageLedger):
+        if isinstance(self.state, LocalState) and self.ledger is not None:
             await self._spend_from_ledger()
         return self
 
@@ -6914,7 +7408,7 @@ class Gateway:
         budgets = {budget for key in config.keys for budget in config.budgets_of(key)}
         periods = {(whose, name): budget_period(budget.per, now) for whose, name, budget in budgets}
         for start in {start for start, _ in periods.values()}:
-            spent = await trio.to_thread.run_sync(spend_since, self.ledger.path, start)
+            spent = await trio.to_thread.run_sync(self.ledger.spent_since, start)
             for (whose, name), (since, end) in periods.items():
                 if since == start and spent.get((whose, name)):
                     await self.state.add(spend_counter(whose, name, start), spent[(whose, name)], end - now + 3600)
@@ -7158,22 +7652,26 @@ class Gateway:
                                 _LIVE_PAGE.encode())
 
     async def _usage(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        """What answers used and cost, per model and per route (`?since=` epoch seconds or ISO
-        date/time, `?session=`)."""
-        since = _parse_since(request.query.get("since"))
+        """What answers used and cost, per model and per route, and per key and per team when the
+        rows carry them (`?since=` epoch seconds or ISO date/time, `?session=`, `?key=`, `?team=`)."""
         session = request.query.get("session")
-        session = kept_text(session) if session is not None else None  # as the ledger keeps it
+        filters = {"since": _parse_since(request.query.get("since")),
+                   "session": kept_text(session) if session is not None else None,  # as the ledger keeps it
+                   "key_name": request.query.get("key"), "team": request.query.get("team")}
         if self.ledger is None:
             raise NotFoundError("usage accounting is off (stats: false)")
+        ledger = self.ledger
 
-        key_name = exchange.key.name if exchange.key is not None else None  # a developer reads only its own
+        if exchange.key is not None:  # a developer reads only its own rows, whatever it asks for
+            filters["key_name"] = exchange.key.name
 
-        def read() -> list[dict]:
-            self.ledger.flush(2.0)  # include the answers already given
-            return read_usage(self.ledger.path, since=since, session=session, key_name=key_name)
+        def read() -> dict:
+            ledger.flush(2.0)  # include the answers already given
+            return ledger.summary(**filters)
 
-        rows = await trio.to_thread.run_sync(read)
-        body = {"since": since, "session": session, **summarize_usage(rows)}
+        summary = await trio.to_thread.run_sync(read)
+        body = {"since": filters["since"], "session": filters["session"], "key": filters["key_name"],
+                "team": filters["team"], **summary}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
 
     async def _me(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
@@ -7802,9 +8300,10 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     check_exposure(config, host)
     listeners = await _open_listeners(host, port)  # first: a port that is taken fails before anything starts
     state = _ServerState(limits.max_connections)
-    ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
-        if config.stats.enabled else None
+    ledger = None
     try:
+        # A PostgreSQL ledger connects and readies its table here: a wrong stats.url stops start-up.
+        ledger = await trio.to_thread.run_sync(open_ledger, config)
         async with trio.open_nursery() as nursery:
             async with Gateway(config, router=router, ledger=ledger, host=host) as gateway:
                 async with trio.open_nursery() as connections:
@@ -7880,6 +8379,8 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
             continue
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
+        if dataclasses.replace(config.stats, baseline=None) != dataclasses.replace(old.stats, baseline=None):
+            log.warning("the usage ledger's settings changed in %s; restart plano to use them", path)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -7951,10 +8452,13 @@ def _cmd_up(args: Any) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    except (ListenError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps what escaped it
-        error = raised
+    except (ListenError, ConfigError, BaseExceptionGroup) as raised:
+        error = raised  # each nursery on the way out wraps what escaped it
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
+        if isinstance(error, ConfigError):  # what only serving finds out: a stats.url it cannot use
+            print(f"plano: {error.message}", file=sys.stderr)
+            return 2
         if not isinstance(error, ListenError):
             raise
         print(f"plano: {error.strerror}", file=sys.stderr)
@@ -8119,25 +8623,36 @@ def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> l
 
 
 def _cmd_stats(args: Any) -> int:
-    """Usage and cost per model and per route, from the ledger, and what routing saved."""
+    """Usage and cost per model and per route (per key and per team when the rows carry them, or
+    `--by` what), from the ledger, and what routing saved."""
     config = _load_config_or_exit(args.config)
-    path = usage_path(config.stats)
     try:
         since = _parse_since(args.since)
     except RequestError as e:
         print(f"plano: {e.message}", file=sys.stderr)
         return 2
-    summary = summarize_usage(read_usage(path, since=since, session=args.session))
+    try:
+        summary = read_usage_summary(config.stats, since=since, session=args.session, key_name=args.key,
+                                     team=args.team)
+    except LedgerUnavailable as e:
+        print(f"plano: {config.path}: {e.message}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary))
         return 0
     total = summary["total"]
-    print(f"{total['requests']} requests{' since ' + args.since if args.since else ''} (ledger {path})")
+    selection = "".join(f" {word} {printable(value)}" for word, value in (
+        ("since", args.since), ("for key", args.key), ("of team", args.team)) if value)
+    print(f"{total['requests']} requests{selection} (ledger {printable(ledger_place(config.stats))})")
     if not total["requests"]:
         return 0
-    print("\n".join(format_usage_table("model", summary["by_model"])))
-    print()
-    print("\n".join(format_usage_table("route", summary["by_route"])))
+    tables = []
+    for by in args.by or ("model", "route", "key", "team"):
+        if f"by_{by}" in summary:
+            tables.append("\n".join(format_usage_table(by, summary[f"by_{by}"])))
+        elif args.by:
+            tables.append(f"no request here carries a {by} (they come with `keys:` in the config)")
+    print("\n\n".join(tables))
     baseline = config.stats.baseline or config.default_model.name
     if total["saved_usd"] is None:
         print(f"\nrouting saved: unknown (a model without prices answered; set `prices` for it, or {baseline}'s)")
@@ -8701,10 +9216,15 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
-    stats = commands.add_parser("stats", help="usage and cost per model and per route, and what routing saved")
+    stats = commands.add_parser("stats", help="usage and cost per model, route, key and team, and what routing "
+                                              "saved")
     stats.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     stats.add_argument("--since", help="epoch seconds, an ISO date or time, or a span: 7d, 12h")
     stats.add_argument("--session", help="one session's usage")
+    stats.add_argument("--key", help="the usage of one gateway key (its name under `keys:`)")
+    stats.add_argument("--team", help="the usage of one team's keys")
+    stats.add_argument("--by", action="append", choices=("model", "route", "key", "team"),
+                       help="the tables to print (repeat for more; default: each the rows have)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_cmd_stats)
     doctor = commands.add_parser("doctor", help="check the setup: config, keys, providers, router, agents, listener")
@@ -8767,6 +9287,8 @@ td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--o
 <div id="saved"></div>
 <h2>Cost per model</h2><table id="models"></table>
 <h2>Cost per route</h2><table id="routes"></table>
+<section id="per-key" hidden><h2>Cost per key</h2><table id="keys"></table></section>
+<section id="per-team" hidden><h2>Cost per team</h2><table id="teams"></table></section>
 <h2>Decisions, as they happen</h2>
 <table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
 <th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
@@ -8800,10 +9322,22 @@ async function refreshUsage() {
   const usage = await get("/plano/usage");
   table("models", "model", usage.by_model);
   table("routes", "route", usage.by_route);
+  // Rows carry a key and a team on a gateway with per-developer keys (`keys:`): then their tables show.
+  for (const [id, title, groups] of [["keys", "key", usage.by_key], ["teams", "team", usage.by_team]]) {
+    $("per-" + title).hidden = !groups;
+    if (groups) table(id, title, groups);
+  }
   const t = usage.total;
   $("saved").textContent = t.saved_usd == null
     ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
     : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+// At most one usage read a second, however many answers arrive: on a team's gateway each read adds
+// up the shared ledger (about half a second of PostgreSQL for a million rows).
+let usageDue = null;
+function refreshUsageSoon() {
+  if (usageDue) return;
+  usageDue = setTimeout(() => { usageDue = null; refreshUsage().catch(() => {}); }, 1000);
 }
 function showDecision(d) {
   const row = document.createElement("tr");
@@ -8831,7 +9365,7 @@ async function follow() {
       const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
       const data = block.split("\\n").filter((l) => l.startsWith("data:"))
         .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
-      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsageSoon(); }
     }
   }
 }

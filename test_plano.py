@@ -887,45 +887,84 @@ def redis_server(port: int | None = None, directory: Path | None = None):
             shutil.rmtree(directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def postgres_server():
-    """A PostgreSQL server on 127.0.0.1 (initdb in a temporary directory, trust auth for a `plano`
-    role owning database `plano`); yields its `postgresql://` URL. As root (CI), the server runs as
-    Debian's `postgres` user: PostgreSQL refuses to run as root."""
-    directory = Path(tempfile.mkdtemp(prefix="plano-pg-"))
-    as_root = os.geteuid() == 0
-    user = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        shutil.chown(directory, "postgres")
-    data, port = directory / "data", free_port()
+class PostgresInstance:
+    """A PostgreSQL server on 127.0.0.1: initdb in a temporary directory, trust auth for a `plano`
+    role owning database `plano`. `stop()` and `start()` again keep its port and data (a test's
+    outage). As root (CI), the server runs as Debian's `postgres` user: PostgreSQL refuses to run
+    as root."""
 
-    def run(*command: str) -> None:
-        subprocess.run([*user, *command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="plano-pg-"))
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.user:
+            shutil.chown(self.directory, "postgres")
+        self.data, self.port = self.directory / "data", free_port()
+        self.process: subprocess.Popen | None = None
+        subprocess.run([*self.user, str(POSTGRES_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.start()
+            self.psql("CREATE ROLE plano LOGIN")
+            self.psql("CREATE DATABASE plano OWNER plano")
+        except BaseException:
+            self.remove()
+            raise
 
-    run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    process = subprocess.Popen([*user, str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(port),
-                                "-h", "127.0.0.1", "-k", str(directory), "-c", "fsync=off",
-                                "-c", "max_connections=200"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    @property
+    def url(self) -> str:
+        return f"postgresql://plano@127.0.0.1:{self.port}/plano"
+
+    def psql(self, statement: str) -> None:
+        subprocess.run([str(POSTGRES_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q",
+                        "-c", statement], check=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([*self.user, str(POSTGRES_BIN / "postgres"), "-D", str(self.data),
+                                         "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.directory),
+                                         "-c", "fsync=off", "-c", "max_connections=200"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+        while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                              stdout=subprocess.DEVNULL).returncode != 0:
-            assert process.poll() is None, "postgres exited at start"
+            assert self.process.poll() is None, "postgres exited at start"
             assert time.monotonic() < deadline, "postgres did not answer in 30 s"
             time.sleep(0.1)
-        psql = [str(POSTGRES_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-c"]
-        subprocess.run([*psql, "CREATE ROLE plano LOGIN"], check=True)
-        subprocess.run([*psql, "CREATE DATABASE plano OWNER plano"], check=True)
-        yield f"postgresql://plano@127.0.0.1:{port}/plano"
-    finally:
-        process.terminate()  # SIGTERM: PostgreSQL's smart shutdown
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut, as when the server goes away. Through pg_ctl,
+        which signals the server itself (runuser, its parent as root, does not pass SIGINT on)."""
+        if self.process is None:
+            return
+        subprocess.run([*self.user, str(POSTGRES_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast",
+                        "-w", "-t", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            process.wait(20)
+            self.process.wait(20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_instance():
+    """A PostgresInstance for the block, removed at its end."""
+    instance = PostgresInstance()
+    try:
+        yield instance
+    finally:
+        instance.remove()
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 for the block (see PostgresInstance); yields its
+    `postgresql://` URL."""
+    with postgres_instance() as instance:
+        yield instance.url
 
 
 class LineReader:
@@ -8106,7 +8145,8 @@ EVERY_CONFIG_FIELD = {
                "extra_buffer_types": False, "switch_budget": 0.05},
     "routing": {"route_on_user_only": True},
     "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
-    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o"},
+    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o",
+              "url": "postgresql://plano:a-db-password@127.0.0.1:9/plano"},
     "keys": [{"name": "alice", "key": "a-literal-gateway-key-01234", "team": "platform",
               "budget": {"usd": 20, "per": "day"}, "models": ["openai/*", "slow"], "rpm": 120},
              {"name": "bob", "key": "$PLANO_KEY_BOB"}, {"name": "carol", "key": "sha256:" + "0f" * 32}],
@@ -10227,6 +10267,472 @@ def test_the_metrics_count_cost_per_developer_key_and_team_and_only_the_admin_ke
     assert metric_value(text, "plano_cost_usd_total", key="bob", team="") == pytest.approx(CHAT_ANSWER_COST)
     assert metric_value(text, "plano_requests_total", key="alice", team="platform") == 2
     assert ALICE_KEY not in text and BOB_KEY not in text
+# ── issue 20: the shared usage ledger in PostgreSQL, usage per key and per team ──────────────────
+
+
+@pytest.fixture(scope="module")
+def shared_postgres():
+    """One PostgreSQL server for the ledger tests that do not stop it; each gets a database of its own."""
+    with postgres_instance() as instance:
+        yield instance
+
+
+@pytest.fixture
+def postgres_url(shared_postgres) -> str:
+    """A fresh, empty database owned by `plano` on the shared server: its URL."""
+    name = f"plano_{time.monotonic_ns()}"
+    shared_postgres.psql(f"CREATE DATABASE {name} OWNER plano")
+    return shared_postgres.url.rsplit("/", 1)[0] + "/" + name
+
+
+def postgres_rows(url: str, query: str = "SELECT * FROM plano_usage ORDER BY time") -> list[dict]:
+    import psycopg
+    import psycopg.rows
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as connection:
+        return connection.execute(query).fetchall()
+
+
+def postgres_ledger_config(provider: StandInProvider, url: str, tmp_path: Path) -> str:
+    """A config file with both stand-in models, priced (PRICES), and the ledger at `url`."""
+    models = [served_by(provider, name, prices={"input": p[0], "cached_input": p[1], "output": p[2]})
+              for name, p in PRICES.items()]
+    return write_config(tmp_path, config_yaml(*models, stats={"url": url, "baseline": "openai/gpt-4o"},
+                                              router=False))
+
+
+def keyed_row(key: str | None, team: str | None, input_tokens: Any, **fields: Any) -> dict:
+    """A row as a gateway with per-developer keys records it (another replica, say)."""
+    cost = input_tokens / 1000 if isinstance(input_tokens, (int, float)) else None
+    return {"time": time.time(), "session": "s", "api": "/v1/messages", "model": "openai/gpt-4o",
+            "decision": "explicit", "status": 200, "input_tokens": input_tokens, "output_tokens": 1, "cost_usd": cost,
+            "baseline_cost_usd": cost and cost * 2, "key_name": key, "team": team, **fields}
+
+
+def record_rows(url: str, *rows: dict) -> None:
+    ledger = plano.PostgresLedger(url)
+    try:
+        for row in rows:
+            ledger.record(row)
+        assert ledger.flush()
+    finally:
+        ledger.close()
+
+
+def test_stats_url_is_read_from_the_config_or_a_variable_and_its_password_is_a_secret():
+    def stats(section: dict, environ: dict | None = None) -> plano.StatsSettings:
+        return build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats=section, environ=environ).stats
+
+    url = "postgresql://plano:pg-s3cret%2Fx@db.internal:5432/plano?sslmode=require"
+    assert stats({"url": url}).url == url
+    assert stats({"url": "$PLANO_STATS_URL"}, {"PLANO_STATS_URL": url}).url == url
+    assert stats({}).url is None
+    config = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats={"url": url})
+    assert {"pg-s3cret%2Fx", "pg-s3cret/x"} <= set(plano.config_secrets(config))
+    assert plano.masked_url(url) == "postgresql://plano:***@db.internal:5432/plano?sslmode=require"
+    assert plano.masked_url("postgres://h/db?user=u&password=pw1234") == "postgres://h/db?user=u&password=***"
+    assert "s3cret" not in repr(config.stats)
+    unset = config_error(config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                     stats={"url": "$PLANO_STATS_URL"}))
+    assert "`url` $PLANO_STATS_URL is not set" in unset
+    wrong = config_error(config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                     stats={"url": "mysql://root:hunter22@db/plano"}))
+    assert "`url` must be a postgresql:// URL" in wrong and "hunter22" not in wrong and "\n" not in wrong
+    both = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats={"url": url, "path": "/tmp/u.db"})
+    assert any("stats.path is not used" in warning for warning in both.warnings)
+
+
+def test_a_gateway_on_postgres_records_each_answer_and_reads_usage_totals_from_there(provider, postgres_url, tmp_path):
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        client = anthropic_client(running)
+        answers = [client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]),  # translated
+                   client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])]
+        with client.messages.stream(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]) as stream:
+            answers.append(stream.get_final_message())
+        chat = openai_client(running).chat.completions.create(model="anthropic/claude-sonnet-5", messages=[USER_HI])
+        summary = usage(running)
+    # What each client was told it used: uncached input, cached input, output.
+    told = [(a.usage.input_tokens, a.usage.cache_read_input_tokens, a.usage.output_tokens) for a in answers]
+    cached = chat.usage.prompt_tokens_details.cached_tokens
+    told.append((chat.usage.prompt_tokens - cached, cached, chat.usage.completion_tokens))
+    models = ["openai/gpt-4o", "anthropic/claude-sonnet-5", "openai/gpt-4o", "anthropic/claude-sonnet-5"]
+    rows = postgres_rows(postgres_url)
+    assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        ("/v1/messages", models[0], "explicit", 200), ("/v1/messages", models[1], "explicit", 200),
+        ("/v1/messages", models[2], "explicit", 200), ("/v1/chat/completions", models[3], "explicit", 200)]
+    assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == told
+    assert [r["cost_usd"] for r in rows] == pytest.approx([price(m, *t) for m, t in zip(models, told)])
+    assert [r["baseline_cost_usd"] for r in rows] == pytest.approx([price("openai/gpt-4o", *t) for t in told])
+    assert [(r["key_name"], r["team"]) for r in rows] == [(None, None)] * 4  # no `keys:` here
+    total = summary["total"]
+    assert (total["requests"], total["input_tokens"], total["cache_read_tokens"], total["output_tokens"]) == \
+        (4, *(sum(t[i] for t in told) for i in range(3)))
+    assert total["cost_usd"] == pytest.approx(sum(price(m, *t) for m, t in zip(models, told)))
+    assert summary["by_model"]["anthropic/claude-sonnet-5"]["requests"] == 2 and "by_key" not in summary
+    cli = run_plano_cli("stats", "--config", config_file, "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == {k: v for k, v in summary.items() if k not in ("since", "session", "key", "team")}
+    text = run_plano_cli("stats", "--config", config_file).stdout
+    assert text.startswith(f"4 requests (ledger {postgres_url})\n"), text
+    assert re.search(r"anthropic/claude-sonnet-5 +2 +", text) and "routing saved: " in text, text
+
+
+def test_usage_per_key_and_per_team_over_http_and_in_plano_stats(provider, postgres_url, tmp_path):
+    record_rows(postgres_url, keyed_row("alice", "platform", 10), keyed_row("alice", "platform", 20),
+                keyed_row("bob", "platform", 5), keyed_row("carol", "data", 7))
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        whole, alice = usage(running), usage(running, "?key=alice")
+        platform, bob = usage(running, "?team=platform"), usage(running, "?key=bob&team=platform")
+        nobody = usage(running, "?key=alice&team=data")
+    assert {name: line["input_tokens"] for name, line in whole["by_key"].items()} == \
+        {"alice": 30, "bob": 5, "carol": 7, "none": 10}  # the gateway's own answer carries no key
+    assert {name: line["requests"] for name, line in whole["by_team"].items()} == {"data": 1, "none": 1, "platform": 3}
+    assert (alice["key"], alice["total"]["requests"], alice["total"]["cost_usd"]) == ("alice", 2, pytest.approx(0.03))
+    assert list(alice["by_key"]) == ["alice"] and list(alice["by_team"]) == ["platform"]
+    assert (platform["team"], platform["total"]["input_tokens"], list(platform["by_key"])) == \
+        ("platform", 35, ["alice", "bob"])
+    assert bob["total"]["requests"] == 1 and nobody["total"]["requests"] == 0
+    out = run_plano_cli("stats", "--config", config_file, "--by", "key", "--by", "team").stdout
+    assert out.startswith("5 requests (ledger ") and "\nmodel " not in out, out
+    assert re.search(r"^alice +2 +30 +0 +2 +0% +\$0\.03$", out, re.M), out
+    assert re.search(r"^platform +3 +35 ", out, re.M) and re.search(r"^none +1 +10 +30 +7 ", out, re.M), out
+    one_key = run_plano_cli("stats", "--config", config_file, "--key", "alice", "--team", "platform")
+    assert one_key.stdout.startswith("2 requests for key alice of team platform (ledger "), one_key.stdout
+    data = json.loads(run_plano_cli("stats", "--config", config_file, "--team", "data", "--json").stdout)
+    assert list(data["by_key"]) == ["carol"] and data["total"]["input_tokens"] == 7
+    assert data["total"]["saved_usd"] == pytest.approx(0.007)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_hostile_key_and_team_filters_are_parameters_and_answered(provider, postgres_url, tmp_path, database):
+    rows = [keyed_row("alice", "platform", 10), keyed_row("alice' OR '1'='1", "x", 3)]
+    if database == "postgresql":
+        settings_ = plano.StatsSettings(url=postgres_url)
+        record_rows(postgres_url, *rows)
+        stats = {"url": settings_.url}
+    else:
+        settings_ = plano.StatsSettings(path=str(tmp_path / "usage.sqlite3"))
+        ledger = plano.UsageLedger(settings_.path)
+        for row in rows:
+            ledger.record(row)
+        ledger.close()
+        stats = {"path": settings_.path}
+    hostile = ["k" * 10240, "\x00", "alice\x00", "'; DROP TABLE plano_usage; --", "'; DROP TABLE usage; --",
+               "alice' OR '1'='1", "%", "_", "\\", "é🙂\u202e\u2028", "none", "*", "\ufffd"]
+    with RunningPlano(config_for(provider, sections={"stats": stats})) as running:
+        answers = [httpx.get(running.url + "/plano/usage", params={field: value}, timeout=30)
+                   for value in hostile for field in ("key", "team")]
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    counts = [a.json()["total"]["requests"] for a in answers]
+    assert counts == [1 if value == "alice' OR '1'='1" and field == "key" else 0
+                      for value in hostile for field in ("key", "team")]  # matched as text, nothing more
+    assert plano.read_usage_summary(settings_)["total"]["requests"] == 2  # the table is there, as it was
+    for value in ("\x00", "alice\udcff", "'; DROP TABLE plano_usage; --"):  # from argv too, a lone surrogate included
+        assert plano.read_usage_summary(settings_, key_name=value)["total"]["requests"] == 0
+        assert plano.read_usage_summary(settings_, team=value)["total"]["requests"] == 0
+
+
+def test_an_sqlite_ledger_from_an_older_plano_is_summed_with_its_missing_columns_as_null(tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    old_columns = plano._USAGE_COLUMNS[:-2]
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
+        connection.execute("INSERT INTO usage (time, session, model, input_tokens, cost_usd) "
+                           "VALUES (?, 's', 'm', 5, 0.5)", (time.time(),))
+    summary = plano.read_usage_summary(plano.StatsSettings(path=str(path)))
+    assert (summary["total"]["input_tokens"], summary["total"]["cost_usd"], "by_key" in summary) == (5, 0.5, False)
+    assert plano.read_usage_summary(plano.StatsSettings(path=str(path)), team="platform")["total"]["requests"] == 0
+
+
+USAGE_NAMES = st.sampled_from([None, "", "none", "alice", "bob", "é", "Z", "platform"])
+
+
+@given(rows=st.lists(st.fixed_dictionaries({
+    "model": USAGE_NAMES, "route": USAGE_NAMES, "key_name": USAGE_NAMES, "team": USAGE_NAMES,
+    **{kind: st.none() | st.integers(0, 10 ** 9) for kind in plano._USAGE_TOKENS},
+    "cost_usd": st.none() | st.floats(0, 100), "baseline_cost_usd": st.none() | st.floats(0, 100)}), max_size=12))
+@settings(max_examples=30, deadline=None)
+def test_postgres_sqlite_and_python_sum_the_same_rows_alike(shared_postgres, tmp_path_factory, rows):
+    # One summary shape: PostgreSQL's and SQLite's sums, and summarize_usage's of the rows themselves.
+    session = f"example-{time.monotonic_ns()}"  # this example's rows, among the earlier examples'
+    rows = [{"time": time.time(), "session": session, **row} for row in rows]
+    sqlite_ledger = plano.UsageLedger(str(tmp_path_factory.getbasetemp() / "summaries.sqlite3"))
+    record_rows(shared_postgres.url, *rows)
+    for row in rows:
+        sqlite_ledger.record(row)
+    assert sqlite_ledger.flush()
+    sqlite_ledger.close()
+
+    def approximately(summary: Any) -> Any:  # the sums' last bits depend on the order of adding
+        if isinstance(summary, dict):
+            return {key: approximately(value) for key, value in summary.items()}
+        return pytest.approx(summary, rel=1e-9, abs=1e-12) if isinstance(summary, float) else summary
+
+    from_postgres = plano.read_usage_summary(plano.StatsSettings(url=shared_postgres.url), session=session)
+    from_sqlite = plano.read_usage_summary(plano.StatsSettings(path=sqlite_ledger.path), session=session)
+    assert from_postgres == approximately(from_sqlite)
+    assert from_sqlite == approximately(plano.summarize_usage(plano.read_usage(sqlite_ledger.path, session=session)))
+    assert from_postgres["total"]["requests"] == len(rows)
+    assert ("by_key" in from_postgres) == any(row["key_name"] for row in rows)
+
+
+def test_replicas_starting_at_once_on_a_fresh_database_make_the_table_once(postgres_url):
+    barrier = threading.Barrier(5)
+    opened: list[Any] = []
+    failures: list[BaseException] = []
+
+    def start_replica(n: int) -> None:
+        barrier.wait()
+        try:
+            ledger = plano.PostgresLedger(postgres_url)
+        except BaseException as e:
+            failures.append(e)
+            return
+        ledger.record(keyed_row(f"replica-{n}", None, n))
+        opened.append(ledger)
+
+    replicas = [threading.Thread(target=start_replica, args=(n,)) for n in range(5)]
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.join(60)
+    for ledger in opened:
+        assert ledger.flush()
+        ledger.close()
+    assert failures == []
+    assert sorted(r["key_name"] for r in postgres_rows(postgres_url)) == [f"replica-{n}" for n in range(5)]
+    columns = postgres_rows(postgres_url, "SELECT column_name, data_type FROM information_schema.columns "
+                                          "WHERE table_name = 'plano_usage' ORDER BY ordinal_position")
+    assert [(c["column_name"], c["data_type"]) for c in columns] == list(plano._POSTGRES_TYPES.items())
+    assert list(plano._POSTGRES_TYPES) == list(plano._USAGE_COLUMNS)
+    indexes = postgres_rows(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'plano_usage'")
+    assert sorted(i["indexname"] for i in indexes) == sorted(plano._POSTGRES_INDEXES)
+
+
+def test_a_usage_table_from_an_older_plano_gains_key_and_team_and_keeps_its_rows(postgres_url):
+    import psycopg
+    old_columns = {c: t for c, t in plano._POSTGRES_TYPES.items() if c not in ("key_name", "team")}
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE plano_usage ({', '.join(f'{c} {t}' for c, t in old_columns.items())})")
+        connection.execute("INSERT INTO plano_usage (time, session, model, input_tokens) VALUES (%s, 'old', 'm', 4)",
+                           (time.time() - 60,))
+    settings_ = plano.StatsSettings(url=postgres_url)
+    before = plano.read_usage_summary(settings_)  # reading changes nothing: the missing columns read as NULL
+    assert before["total"]["input_tokens"] == 4 and "by_key" not in before
+    assert plano.read_usage_summary(settings_, key_name="alice")["total"]["requests"] == 0
+    record_rows(postgres_url, keyed_row("alice", "platform", 6))
+    after = plano.read_usage_summary(settings_)
+    assert {name: line["input_tokens"] for name, line in after["by_key"].items()} == {"alice": 6, "none": 4}
+    assert [(r["session"], r["key_name"], r["team"]) for r in postgres_rows(postgres_url)] == [
+        ("old", None, None), ("s", "alice", "platform")]
+
+
+def test_postgres_rows_older_than_the_retention_are_removed(postgres_url):
+    ledger = plano.PostgresLedger(postgres_url, retention_days=30)
+    ledger.record(keyed_row("old", None, 1, time=time.time() - 40 * 86400))
+    ledger.record(keyed_row("recent", None, 1, time=time.time() - 10 * 86400))
+    ledger.close()
+    assert [r["key_name"] for r in postgres_rows(postgres_url)] == ["recent"]  # pruned as the ledger started
+
+
+def test_a_row_postgres_refuses_is_dropped_alone_and_the_rest_of_its_batch_is_written(postgres_url):
+    logged = len(SuiteLog.lines)
+    ledger = plano.PostgresLedger(postgres_url)
+    try:
+        ledger.record(keyed_row("before", None, 1))
+        ledger.record(keyed_row("a NUL \x00 inside", None, 2))  # PostgreSQL text cannot hold one
+        ledger.record(keyed_row("past bigint", None, 2 ** 70))
+        ledger.record(keyed_row("no PostgreSQL type", None, {"a": 1}))
+        ledger.record(keyed_row("half an emoji \ud83d", None, 3))
+        ledger.record(keyed_row("a float for a count", None, 2.5))
+        ledger.record(keyed_row("after", None, 4))
+        assert ledger.flush()  # in one batch (all recorded within a quarter second)
+        ledger.record(keyed_row("next batch", None, 5))
+        assert ledger.flush()
+        assert ledger.dropped == 5
+    finally:
+        ledger.close()
+    assert [r["key_name"] for r in postgres_rows(postgres_url)] == ["before", "after", "next batch"]
+    dropped = [line for line in SuiteLog.lines[logged:] if "a row it cannot store was dropped" in line]
+    assert len(dropped) == 5 and all(line.startswith(f"usage ledger {postgres_url}: ") for line in dropped), dropped
+
+
+def test_postgres_stopped_mid_run_answers_go_on_and_their_rows_are_written_when_it_is_back(provider, tmp_path):
+    with postgres_instance() as server:
+        config_file = postgres_ledger_config(provider, server.url, tmp_path)
+        with RunningPlano(plano.load_config(config_file)) as running:
+            client = anthropic_client(running)
+            client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert running.gateway.ledger.flush()
+            server.stop()
+            logged = len(SuiteLog.lines)
+            answers = [client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+                       for _ in range(5)]
+            assert all(a.content[0].text == "echo: hi" for a in answers)  # served while the ledger waits
+            assert not running.gateway.ledger.flush(timeout=2.5)  # a few attempts, each failing
+            unavailable = httpx.get(running.url + "/plano/usage", timeout=30)
+            server.start()
+            assert running.gateway.ledger.flush()
+            summary = usage(running)
+            outage = [line for line in SuiteLog.lines[logged:] if line.startswith("usage ledger ")]
+    assert unavailable.status_code == 503 and "the usage ledger (postgresql://" in unavailable.text
+    assert summary["total"]["requests"] == 6 and summary["total"]["input_tokens"] == 60
+    assert len(outage) == 2, outage  # one line when it failed, one when it wrote again: not one per try
+    assert "cannot write" in outage[0] and "writing again" in outage[1]
+    assert running.gateway.ledger.dropped == 0
+
+
+def test_rows_past_the_queue_bound_in_an_outage_are_counted_and_closing_in_one_says_what_was_lost():
+    with postgres_instance() as server:
+        ledger = plano.PostgresLedger(server.url, queue_size=5)
+        try:
+            server.stop()
+            logged = len(SuiteLog.lines)
+            ledger.record(keyed_row("in hand", None, 1))
+            deadline = time.monotonic() + 30
+            while not any("cannot write" in line for line in SuiteLog.lines[logged:]):
+                assert time.monotonic() < deadline, "the writer never tried"
+                time.sleep(0.05)
+            for n in range(20):  # the writer holds the first row; 5 wait in the queue; 15 are dropped
+                ledger.record(keyed_row(f"queued {n}", None, 1))
+            assert ledger.dropped == 15
+            server.start()
+            assert ledger.flush()
+            assert [r["key_name"] for r in postgres_rows(server.url)] == ["in hand"] + [f"queued {n}" for n in range(5)]
+            assert any(line.startswith(f"usage ledger {server.url}: writing again, after ") and line.endswith(
+                " (15 rows dropped meanwhile: more were waiting than the queue holds)") for line in SuiteLog.lines)
+            server.stop()
+            ledger.record(keyed_row("at close", None, 1))
+            ledger.record(keyed_row("at close", None, 1))
+        finally:
+            ledger.close()
+        assert ledger.dropped == 17 and ledger.flush(0)
+        lost = [line for line in SuiteLog.lines[logged:] if "closed while it cannot write" in line]
+        assert lost == [f"usage ledger {server.url}: closed while it cannot write: 2 rows not written"]
+
+
+def test_a_stats_url_plano_cannot_use_stops_start_up_with_one_line_naming_it(shared_postgres, tmp_path):
+    base = shared_postgres.url.rsplit("/", 1)[0]
+    cases = {"refused": f"postgresql://plano:pg-pass-9d2c@127.0.0.1:{free_port()}/plano",
+             "no such database": f"{base}/no_such_database",
+             "no such role": f"postgresql://nobody:pg-pass-9d2c@127.0.0.1:{shared_postgres.port}/plano"}
+    shared_postgres.psql("CREATE DATABASE plano_locked OWNER postgres")  # plano may connect, not create tables
+    cases["cannot create the table"] = f"{base}/plano_locked"
+    for case, url in cases.items():
+        config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                    stats={"url": url}, router=False,
+                                                    listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+        up = run_plano_cli("up", "--config", config, timeout=60)
+        errors = [line for line in up.stderr.splitlines() if line.startswith("plano: ")]
+        assert up.returncode == 2 and len(errors) == 1, (case, up.stderr)
+        assert errors[0].startswith(f"plano: {config}: `stats.url` (postgresql://"), (case, errors)
+        assert "pg-pass-9d2c" not in up.stderr and "Traceback" not in up.stderr, (case, up.stderr)
+        stats = run_plano_cli("stats", "--config", config)
+        assert stats.returncode == (0 if case == "cannot create the table" else 1), (case, stats.stderr)
+        assert stats.returncode == 0 or stats.stderr.startswith(f"plano: {config}: `stats.url` (postgresql://")
+        assert "pg-pass-9d2c" not in stats.stderr + stats.stdout
+    assert "(postgresql://plano:***@127.0.0.1:" in run_plano_cli("stats", "--config", write_config(
+        tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                              stats={"url": cases["refused"]}))).stderr
+
+
+DATABASE_PASSWORD = "pg-pw-5e8a1c"
+
+
+def password_postgres_url(instance: PostgresInstance) -> str:
+    """The URL of a database on `instance` whose role must give a password (SCRAM), password in it."""
+    hba = instance.data / "pg_hba.conf"
+    if "plano_pw" not in hba.read_text():
+        instance.psql(f"CREATE ROLE plano_pw LOGIN PASSWORD '{DATABASE_PASSWORD}'")
+        instance.psql("CREATE DATABASE plano_pw OWNER plano_pw")
+        hba.write_text("host all plano_pw 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        instance.psql("SELECT pg_reload_conf()")
+    return f"postgresql://plano_pw:{DATABASE_PASSWORD}@127.0.0.1:{instance.port}/plano_pw"
+
+
+def test_a_password_in_stats_url_is_used_and_never_shown(provider, shared_postgres, tmp_path):
+    url = password_postgres_url(shared_postgres)
+    logged = len(SuiteLog.lines)
+    config_file = postgres_ledger_config(provider, url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert usage(running)["total"]["requests"] == 1
+    stats = run_plano_cli("stats", "--config", config_file)
+    assert stats.stdout.startswith(f"1 requests (ledger postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/")
+    wrong = url.replace(DATABASE_PASSWORD, "not-the-password-3f1")
+    config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                stats={"url": wrong}, router=False,
+                                                listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+    up = run_plano_cli("up", "--config", config, timeout=60)
+    assert up.returncode == 2 and up.stderr.strip().splitlines()[-1] == (
+        f"plano: {config}: `stats.url` (postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/plano_pw): "
+        f"cannot connect to PostgreSQL: connection failed: connection to server at \"127.0.0.1\", port "
+        f"{shared_postgres.port} failed: FATAL: password authentication failed for user \"plano_pw\""), up.stderr
+    shown = stats.stdout + stats.stderr + up.stderr + "\n".join(SuiteLog.lines[logged:])
+    assert DATABASE_PASSWORD not in shown and "not-the-password-3f1" not in shown
+
+
+def test_without_psycopg_a_stats_url_is_a_start_up_error_that_names_the_extra(tmp_path):
+    config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                stats={"url": "postgresql://plano@127.0.0.1:9/plano"}, router=False,
+                                                listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+    for command in ("up", "stats"):
+        without = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; import plano; "
+                                  f"sys.exit(plano.main(['{command}', '--config', sys.argv[1]]))", config],
+                                 capture_output=True, text=True, timeout=60, cwd=HERE)
+        assert without.returncode in (1, 2), without.stderr
+        assert without.stderr.strip().splitlines()[-1] == \
+            f"plano: {config}: `stats.url` needs the psycopg package: pip install 'plano[team]'", without.stderr
+
+
+def test_the_live_page_shows_usage_per_key_and_per_team_when_rows_carry_them(chromium, provider, postgres_url,
+                                                                           tmp_path):
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running, \
+            contextlib.closing(chromium.new_page()) as page:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        page.goto(f"{running.url}/plano/")
+        page.wait_for_selector("#models tr:has-text('openai/gpt-4o')", timeout=15000)
+        assert not page.locator("#per-key").is_visible() and not page.locator("#per-team").is_visible()
+        # Another replica's answers for two keys, then one here: the page reads the ledger they share.
+        record_rows(postgres_url, keyed_row("alice", "platform", 10), keyed_row("bob", "<b>data</b>", 5))
+        anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
+                                                  messages=[USER_HI])
+        page.wait_for_selector("#keys tr:has-text('alice')", timeout=15000)
+        keys, teams = page.locator("#keys").inner_text(), page.locator("#teams").inner_text()
+        assert page.locator("#per-team").is_visible() and page.locator("#teams b").count() == 0  # shown as text
+    assert re.search(r"alice\s+1\s+10\s+0\s+1\s+0%\s+\$0\.01", keys), keys
+    assert re.search(r"bob\s+1\s+5\s+", keys) and re.search(r"none\s+2\s+", keys), keys
+    assert re.search(r"<b>data</b>\s+1\s+5", teams) and re.search(r"platform\s+1\s+10", teams), teams
+
+
+# ── issue 20: developers' keys with the PostgreSQL ledger ────────────────────────────────────
+
+
+def test_with_keys_and_postgres_rows_carry_key_and_team_a_developer_reads_only_its_own_and_budgets_survive_a_restart(
+        provider, tmp_path, postgres_url):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 1, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY}],
+                         teams=[{"name": "platform"}], stats={"url": postgres_url})
+    with RunningPlano(config) as running:
+        assert [ask_as(running, key, path="/v1/chat/completions").status_code
+                for key in (ALICE_KEY, ALICE_KEY, BOB_KEY)] == [200, 200, 200]
+        wait_until(lambda: len(running.gateway.decision_log.records) >= 3, what="3 answers recorded")
+        assert running.gateway.ledger.flush()
+        rows = postgres_rows(postgres_url, "SELECT key_name, team, cost_usd FROM plano_usage ORDER BY key_name")
+        assert [(r["key_name"], r["team"]) for r in rows] == [("alice", "platform")] * 2 + [("bob", None)]
+        assert sum(r["cost_usd"] for r in rows) == pytest.approx(3 * CHAT_ANSWER_COST)
+        as_alice = httpx.get(running.url + "/plano/usage?key=bob", headers={"x-api-key": ALICE_KEY}).json()
+        assert as_alice["total"]["requests"] == 2 and set(as_alice["by_key"]) == {"alice"}
+        as_admin = httpx.get(running.url + "/plano/usage", headers={"x-api-key": GATEWAY_KEY}).json()
+        assert as_admin["total"]["requests"] == 3 and set(as_admin["by_key"]) == {"alice", "bob"}
+    with RunningPlano(config) as restarted:  # in-process counters start from the shared ledger's rows
+        assert me(restarted, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert [ask_as(restarted, ALICE_KEY).status_code for _ in range(2)] == [200, 403]
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
