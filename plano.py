@@ -186,6 +186,20 @@ class OriginError(PlanoError):
     status, error_type = 403, "permission_error"
 
 
+class KeyLimitError(PlanoError):
+    """What a developer's gateway key may not do: spend past its budget (or its team's), use a model
+    outside its `models`, call an admin endpoint. 403, which Claude Code shows at once."""
+
+    status, error_type = 403, "permission_error"
+
+
+class KeyRateError(PlanoError):
+    """A developer's key sent more requests this minute than its `rpm`; `retry-after` says when to
+    try again (the SDKs and Claude Code wait and retry by themselves)."""
+
+    status, error_type = 429, "rate_limit_error"
+
+
 class NotFoundError(PlanoError):
     status, error_type = 404, "not_found_error"
 
@@ -567,6 +581,67 @@ def _masked_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
 
 
+# ── gateway keys for people: `keys:` and `teams:` ────────────────────────────────────────────
+
+BUDGET_PERIODS = ("day", "week", "month")  # UTC calendar periods; a week starts on Monday (ISO 8601)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a key or a team may spend (USD, the ledger's cost of its answers) in each period."""
+
+    usd: float
+    per: str  # one of BUDGET_PERIODS
+
+
+def budget_period(per: str, now: float) -> tuple[float, float]:
+    """The UTC period of kind `per` that `now` (epoch seconds) falls in: (its start, its end, which is
+    the next one's start), as epoch seconds."""
+    import calendar
+    day = time.gmtime(now)
+    if per == "month":
+        year, month = day.tm_year, day.tm_mon
+        return (float(calendar.timegm((year, month, 1, 0, 0, 0))),
+                float(calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))))
+    start = float(calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)))
+    if per == "week":
+        start -= day.tm_wday * 86400  # tm_wday: Monday is 0
+        return start, start + 7 * 86400
+    assert per == "day", per
+    return start, start + 86400
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    budget: Budget | None = None
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    """One person's gateway key (`keys:`). plano keeps the key's SHA-256 to recognise it (that is all
+    a `sha256:` entry gives), and the key itself only when the config holds it, to scrub it from logs."""
+
+    name: str
+    digest: bytes | None = field(repr=False)  # None: its `$VARIABLE` is not set, so nobody can use it
+    secret: str | None = field(default=None, repr=False)
+    team: str | None = None
+    budget: Budget | None = None
+    models: tuple[str, ...] | None = None  # the allow-list's globs as written; None: every model
+    allowed: frozenset[str] | None = None  # the configured model names they allow; None: every model
+    rpm: int | None = None  # requests a minute
+
+
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+# Names of keys and teams go into usage rows, counters' names, log lines and headers: plain ones.
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}", re.ASCII)
+# A gateway key as clients send it in a header: printable ASCII, no spaces; long enough not to guess.
+_GATEWAY_KEY = re.compile(r"[!-~]{16,}", re.ASCII)
+
+
 SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
 
 
@@ -585,6 +660,8 @@ class Config:
     preference_routes: tuple[tuple[RoutingPreference, tuple[str, ...]], ...] = ()
     route_on_user_only: bool = True  # False: every request is routed, tool-loop continuations too
     capability_warning: str | None = None  # the models whose capabilities plano had to guess
+    keys: tuple[GatewayKey, ...] = ()  # people's keys; with any, every request needs one (or the admin key)
+    teams: tuple[Team, ...] = ()
 
     @property
     def default_model(self) -> ModelEntry:
@@ -603,6 +680,14 @@ class Config:
                 return m
         matches = [m for m in self.models if m.model_id == name]
         return matches[0] if len(matches) == 1 else None
+
+    def budgets_of(self, key: GatewayKey) -> list[tuple[str, str, Budget]]:
+        """The budgets a key's requests count against, as (whose: "key" | "team", name, budget)."""
+        budgets = [("key", key.name, key.budget)] if key.budget is not None else []
+        team = next((t for t in self.teams if t.name == key.team), None)
+        if team is not None and team.budget is not None:
+            budgets.append(("team", team.name, team.budget))
+        return budgets
 
 
 # What reading a config may cost. Real configs are a few kB, about six levels deep and a few
@@ -811,8 +896,8 @@ class _ConfigReader:
 
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
-                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats",
-                 "state"}
+                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats", "keys",
+                 "teams", "state"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -852,6 +937,11 @@ class _ConfigReader:
         if baseline is not None and config.model_named(baseline) is None:
             raise self.fail(raw["stats"], "baseline", f"{baseline} is not a configured model")
         route_on_user_only = self.read_route_on_user_only(raw)
+        teams = self.read_teams(raw)
+        keys = self.read_keys(raw, dataclasses.replace(config, aliases=aliases), teams)
+        if keys and not config.listener.api_key and self.env.get("PLANO_API_KEY"):
+            self.warnings.append("PLANO_API_KEY is not an admin key when `keys:` are configured (it is the key "
+                                 "`cli-agent` sends, a developer's); set listeners[].api_key for an admin key")
         guessed = [f"{m.name} ({', '.join(m.capabilities.guessed)})" for m in models if m.capabilities.guessed]
         capability_warning = (
             f"not in the model catalogue, so plano assumes a {UNKNOWN_CONTEXT_WINDOW:,}-token window, image "
@@ -859,7 +949,7 @@ class _ConfigReader:
             f"those models to say what they take") if guessed else None
         return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings),
                                    preference_routes=preference_routes, route_on_user_only=route_on_user_only,
-                                   capability_warning=capability_warning)
+                                   capability_warning=capability_warning, keys=keys, teams=teams)
 
     def read_preference_routes(self, raw: dict, models: tuple[ModelEntry, ...]
                                ) -> tuple[tuple[RoutingPreference, tuple[str, ...]], ...]:
@@ -1006,9 +1096,13 @@ class _ConfigReader:
         return self.env.get(variable) or None, variable
 
     def read_listener(self, raw: dict) -> Listener:
+        # PLANO_API_KEY is the admin key when the config has none, unless people have keys of their own:
+        # then it is a developer's key (what `cli-agent` sends), which must never become the admin key
+        # of a gateway started where it is set.
+        env_key = None if raw.get("keys") else self.env.get("PLANO_API_KEY") or None
         listeners = raw.get("listeners")
         if listeners is None:
-            return Listener(api_key=self.env.get("PLANO_API_KEY") or None)
+            return Listener(api_key=env_key)
         # The seed's newer format is a list of listeners; older ones use a mapping of them.
         if isinstance(listeners, dict):
             candidates = [v for v in listeners.values() if isinstance(v, dict)] or [listeners]
@@ -1023,8 +1117,12 @@ class _ConfigReader:
             raise self.fail(chosen, "port", f"must be between 0 and 65535, got {port}")
         key = self.get(chosen, "api_key", str)
         if key is not None:
-            key = self.expand(chosen, "api_key", key)[0]
-        return Listener(address=address, port=port, api_key=key or self.env.get("PLANO_API_KEY") or None,
+            key, variable = self.expand(chosen, "api_key", key)
+            if variable == "PLANO_API_KEY" and raw.get("keys"):
+                raise self.fail(chosen, "api_key", "is $PLANO_API_KEY, which with `keys:` is a developer's own key "
+                                                   "(what cli-agent sends): read the admin key from another variable, "
+                                                   "e.g. $PLANO_ADMIN_KEY")
+        return Listener(address=address, port=port, api_key=key or env_key,
                         allowed_hosts=self.read_allowed_hosts(chosen), cors_origins=self.read_cors_origins(chosen))
 
     def read_allowed_hosts(self, listener: dict) -> tuple[str, ...]:
@@ -1122,6 +1220,110 @@ class _ConfigReader:
             raise self.fail(section, "prefix", f"must be 1 to 64 letters, digits or `_.:-`, got {prefix!r}")
         return StateSettings(url=url or None, prefix=prefix)
 
+    def read_teams(self, raw: dict) -> tuple[Team, ...]:
+        teams: dict[str, Team] = {}
+        for entry in self.get(raw, "teams", list, []) or []:
+            if not isinstance(entry, dict):
+                raise self.fail(raw, "teams", f"each entry is a mapping {{name, budget}}, got {entry!r}")
+            for key in entry:
+                if key not in ("name", "budget"):
+                    raise self.fail(entry, key, "is not a known team field (known: budget, name)")
+            name = self.read_name(entry, "team")
+            if name in teams:
+                raise self.fail(entry, "name", f"team {name} is configured twice")
+            teams[name] = Team(name, self.read_budget(entry))
+        return tuple(teams.values())
+
+    def read_keys(self, raw: dict, config: Config, teams: tuple[Team, ...]) -> tuple[GatewayKey, ...]:
+        """`keys:`, each checked against the rest of the config: its team is one of `teams`, its key
+        is no other entry's, nor the admin key (listeners[].api_key) or a provider's access_key."""
+        known = ("budget", "key", "models", "name", "rpm", "team")
+        taken = {_sha256(m.access_key): f"the access_key of {m.name}" for m in config.models if m.access_key}
+        if config.listener.api_key:
+            taken[_sha256(config.listener.api_key)] = "the admin key (listeners[].api_key)"
+        keys: dict[str, GatewayKey] = {}
+        for entry in self.get(raw, "keys", list, []) or []:
+            if not isinstance(entry, dict):
+                raise self.fail(raw, "keys", f"each entry is a mapping {{{', '.join(known)}}}, got {entry!r}")
+            for field_name in entry:
+                if field_name not in known:
+                    raise self.fail(entry, field_name, f"is not a known key field (known: {', '.join(known)})")
+            name = self.read_name(entry, "key")
+            if name in keys:
+                raise self.fail(entry, "name", f"key {name} is configured twice")
+            digest, secret = self.read_key_value(entry, name)
+            if digest is not None and digest in taken:
+                raise self.fail(entry, "key", f"key {name} is the same key as {taken[digest]}: give each its own")
+            if digest is not None:
+                taken[digest] = f"key {name}"
+            team = self.get(entry, "team", str)
+            if team is not None and team not in {t.name for t in teams}:
+                listed = ", ".join(t.name for t in teams) or "none"
+                raise self.fail(entry, "team", f"{team} is not a team under `teams:` (configured: {listed})")
+            models = self.get(entry, "models", list)
+            if models is not None and not all(isinstance(glob, str) and glob for glob in models):
+                raise self.fail(entry, "models", "must be a list of model names or globs such as openai/* "
+                                                 f"(strings), got {models!r}")
+            rpm = self.get(entry, "rpm", int)
+            if rpm is not None and rpm <= 0:
+                raise self.fail(entry, "rpm", f"must be a positive number of requests a minute, got {rpm}")
+            allowed = None if models is None else allowed_models(config, models)
+            if allowed is not None and not allowed:
+                self.warnings.append(f"key {name}: `models` {models} matches no configured model or alias, so "
+                                     "every request with this key is refused")
+            keys[name] = GatewayKey(name, digest, secret, team, self.read_budget(entry),
+                                    tuple(models) if models is not None else None, allowed, rpm)
+        return tuple(keys.values())
+
+    def read_name(self, entry: dict, what: str) -> str:
+        name = entry.get("name")
+        if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+            raise self.fail(entry, "name" if "name" in entry else None,
+                            f"each {what} needs a `name`: letters, digits and . _ @ + - (at most 64, starting with a "
+                            f"letter or digit), got {name!r}")
+        return name
+
+    def read_key_value(self, entry: dict, name: str) -> tuple[bytes | None, str | None]:
+        """(SHA-256 of the key, the key itself when the config holds it). `$VAR` not set: (None, None)
+        and a warning, since a developer reads the team's config for `cli-agent` without everyone's keys."""
+        written = self.get(entry, "key", str)
+        if not (written or "").strip():
+            where, what = ("key", "is empty:") if "key" in entry else (None, f"key {name} needs a `key`:")
+            raise self.fail(entry, where, f"{what} write the key, `$VARIABLE`, or `sha256:` and the key's SHA-256 "
+                                          "in hex")
+        if written.strip().lower().startswith("sha256:"):
+            digest = written.strip()[len("sha256:"):].strip()
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise self.fail(entry, "key", f"key {name}: `sha256:` is followed by the 64 hex digits of the key's "
+                                              "SHA-256 (printf %s \"$KEY\" | sha256sum)")
+            return bytes.fromhex(digest), None
+        secret, variable = self.expand(entry, "key", written)
+        if secret is None:
+            self.warnings.append(f"key {name}: ${variable} is not set, so nobody can use this key until it is")
+            return None, None
+        if not _GATEWAY_KEY.fullmatch(secret):
+            where = f"${variable}" if variable else "the key"
+            raise self.fail(entry, "key", f"key {name}: {where} must be 16 or more printable ASCII characters "
+                                          f"without spaces (it is {len(secret)} characters; e.g. openssl rand -hex 24)")
+        return _sha256(secret), secret
+
+    def read_budget(self, entry: dict) -> Budget | None:
+        budget = self.get(entry, "budget", dict)
+        if budget is None:
+            return None
+        for key in budget:
+            if key not in ("usd", "per"):
+                raise self.fail(budget, key, "is not a known budget field (known: per, usd)")
+        usd, per = budget.get("usd"), budget.get("per")
+        if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not math.isfinite(usd) or usd < 0:
+            where, what = ("usd", "must be") if "usd" in budget else (None, "a budget needs `usd`:")
+            raise self.fail(budget, where, f"{what} an amount in USD, 0 or more, got {usd!r}")
+        if per not in BUDGET_PERIODS:
+            where, what = ("per", "must be") if "per" in budget else (None, "a budget needs `per`:")
+            raise self.fail(budget, where, f"{what} {', '.join(BUDGET_PERIODS[:-1])} or {BUDGET_PERIODS[-1]} (UTC "
+                                           f"calendar periods), got {per!r}")
+        return Budget(float(usd), per)
+
     def read_switch_budget(self, section: dict) -> float:
         budget = self.get(section, "switch_budget", (int, float), RouterSettings.switch_budget)
         if isinstance(budget, bool) or budget < 0:
@@ -1161,6 +1363,18 @@ def _state_url_problem(url: str) -> str | None:
     if database and not database.isdigit():
         return "the path must be a database number (redis://host:6379/0)"
     return None
+
+
+def allowed_models(config: Config, globs: Sequence[str]) -> frozenset[str]:
+    """The configured models a key's allow-list lets it use: those whose `provider/model` name a glob
+    matches, and those an alias a glob matches resolves to."""
+    import fnmatch
+
+    def listed(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+
+    return frozenset({m.name for m in config.models if listed(m.name)}
+                     | {target for alias, target in config.aliases.items() if listed(alias)})
 
 
 def withheld_key_warning(model: str, base_url: str, variable: str) -> str:
@@ -5975,6 +6189,27 @@ def read_usage(path: str, *, since: float | None = None, session: str | None = N
         connection.close()
 
 
+def spend_since(path: str, since: float) -> dict[tuple[str, str], float]:
+    """What the ledger's answers since `since` cost, per gateway key and per team:
+    {("key", name) or ("team", name): USD}; {} when there is no ledger to read."""
+    import sqlite3
+    if not os.path.exists(path):
+        return {}
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    spent: dict[tuple[str, str], float] = {}
+    try:
+        for key_name, team, cost in connection.execute(
+                "SELECT key_name, team, SUM(cost_usd) FROM usage WHERE time >= ? GROUP BY key_name, team", (since,)):
+            for whose, name in (("key", key_name), ("team", team)):
+                if name is not None and cost:
+                    spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
+    except sqlite3.Error:  # a ledger from before keys (no such columns): nothing was spent by one
+        return {}
+    finally:
+        connection.close()
+    return spent
+
+
 def summarize_usage(rows: list[dict]) -> dict:
     """Totals per model and per route: requests, tokens by kind, cache hit rate, cost, and what the
     same tokens would have cost at the baseline model. Unknown costs stay unknown (None), never 0."""
@@ -6167,27 +6402,47 @@ def _cannot_take(needs: RequestNeeds, models: Iterable[ModelEntry]) -> RequestEr
     return RequestError(f"prompt is too long: {tokens} tokens > {limit} maximum")
 
 
-def fit_decision(config: Config, decision: RouteDecision, needs: RequestNeeds) -> RouteDecision:
-    """The decision itself when its model can take the request; else the same decision moved to the
-    first that can among the route's other models, the model's `fallbacks`, the default, then the
-    rest by window (largest first). A model the request named explicitly is not replaced: the
-    user chose it, so a request it cannot take is a 400. Raises RequestError when nothing fits."""
+def fit_decision(config: Config, decision: RouteDecision, needs: RequestNeeds,
+                 key: GatewayKey | None = None) -> RouteDecision:
+    """The decision itself when its model can take the request (and the gateway `key`, if any, may
+    use it); else the same decision moved to the first that can among the route's other models,
+    the model's `fallbacks`, the default, then the rest by window (largest first). A model the
+    request named explicitly is not replaced: the user chose it, so a request it cannot take is a
+    400 (and one the key may not use, a 403). Raises RequestError when nothing fits, KeyLimitError
+    when the key may use none of the models."""
     chosen = config.model_named(decision.model)
     assert chosen is not None, decision
-    why = unfit_reason(needs, chosen)
+    allowed = [m for m in config.models if key_may_use(key, m)]
+    why = unfit_reason(needs, chosen) if chosen in allowed else f"{chosen.name} is not among key {key.name}'s models"
     if why is None:
         return decision
     if decision.decision == "explicit":
-        raise _cannot_take(needs, [chosen])
+        raise _cannot_take(needs, [chosen]) if chosen in allowed else model_refusal(key, chosen.name)
+    if not allowed:
+        raise model_refusal(key, chosen.name)
     names = [n for pref, models in config.preference_routes if pref.name == decision.route for n in models]
     names += [config.aliases.get(n, n) for n in chosen.fallbacks] + [config.default_model.name]
     candidates = [m for m in map(config.model_named, names) if m is not None]
     candidates += sorted(config.models, key=lambda m: -m.capabilities.context_window)
     for candidate in candidates:
-        if candidate is not chosen and unfit_reason(needs, candidate) is None:
+        if candidate is not chosen and candidate in allowed and unfit_reason(needs, candidate) is None:
             return dataclasses.replace(decision, model=candidate.name,
                                        reason=f"{decision.reason}; {why}, so {candidate.name}")
-    raise _cannot_take(needs, config.models)
+    raise _cannot_take(needs, allowed)
+
+
+def key_may_use(key: GatewayKey | None, model: ModelEntry) -> bool:
+    """Whether a request with `key` (None: the admin key, or a gateway without keys) may go to `model`."""
+    return key is None or key.allowed is None or model.name in key.allowed
+
+
+def model_refusal(key: GatewayKey, model: str) -> KeyLimitError:
+    """The 403 for a request whose key may not use `model`, naming those it may use."""
+    allowed = sorted(key.allowed or ())
+    if not allowed:
+        globs = ", ".join(key.models or ())
+        return KeyLimitError(f"key {key.name} may use no configured model (its `models`: {globs})")
+    return KeyLimitError(f"key {key.name} may not use {model}; its models are: {', '.join(allowed)}")
 
 
 # Claude Code's /model picker lists gateway models only when their id contains "claude" or
@@ -6213,8 +6468,9 @@ def model_listing(config: Config, name: str) -> dict:
             "max_tokens": model.max_output_tokens}
 
 
-def claude_code_picker_listing(config: Config) -> list[dict]:
-    """What Claude Code's /model picker gets: "auto" and every configured model, under ids it keeps."""
+def claude_code_picker_listing(config: Config, key: GatewayKey | None = None) -> list[dict]:
+    """What Claude Code's /model picker gets: "auto" and every configured model (that `key` may
+    use), under ids it keeps."""
     def summary(model: ModelEntry) -> str:
         capabilities, prices = model.capabilities, model.capabilities.prices
         parts = [f"{_thousands(capabilities.context_window)} context"] + ["images"] * capabilities.vision \
@@ -6226,7 +6482,7 @@ def claude_code_picker_listing(config: Config) -> list[dict]:
     entries = [{"type": "model", "id": PICKER_AUTO, "display_name": "auto (plano routes)",
                 "description": "plano picks the model per request from your routing preferences",
                 "created_at": "2025-01-01T00:00:00Z"}]
-    for model in config.models:
+    for model in filter(functools.partial(key_may_use, key), config.models):
         entry = model_listing(config, model.name)
         entries.append(dict(entry, id=PICKER_PREFIX + model.name, display_name=model.name,
                             description=summary(model)))
@@ -6399,6 +6655,37 @@ _CORS_REQUEST_HEADERS = "authorization, content-type, x-api-key, anthropic-versi
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*", re.ASCII)
 
 
+# What a developer's key may call (README "Keys, budgets and limits"): the model endpoints, and the
+# usage, decisions and budget of its own requests. Every other endpoint takes the admin key.
+_DEVELOPER_ENDPOINTS = frozenset({"/v1/messages", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/messages/count_tokens", "/v1/models", "/plano/usage", "/plano/decisions",
+                                  "/plano/me"})
+
+
+def spend_counter(whose: str, name: str, period_start: float) -> str:
+    """The state counter of what a key's or a team's requests have cost since `period_start`. Named by
+    the start's date, not the period's kind: a budget's `per` changed on a day both periods start on
+    counts what was spent since then, which is what it has spent in the new period."""
+    return f"spend:{whose}:{name}:{time.strftime('%Y-%m-%d', time.gmtime(period_start))}"
+
+
+def budget_refusal(key: GatewayKey, whose: str, name: str, budget: Budget, spent: float, resets_at: float) -> str:
+    """What the 403 of a spent budget says: whose budget, how much was spent of it, when it resets."""
+    who = f"key {name}" if whose == "key" else f"team {name} (of key {key.name})"
+    period = {"day": "today", "week": "this week", "month": "this month"}[budget.per]
+    return (f"{who} has spent its budget: ${spent:,.2f} of ${budget.usd:,.2f} {period} (UTC); it resets at "
+            f"{_utc_iso(resets_at)}")
+
+
+def _utc_iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def key_table(config: Config) -> dict[bytes, GatewayKey]:
+    """The developers' keys by their SHA-256 (a key whose `$VARIABLE` is not set has none)."""
+    return {key.digest: key for key in config.keys if key.digest is not None}
+
+
 @dataclass
 class _Exchange:
     """One request on its way through the gateway: what the client asked, what was decided, what
@@ -6409,6 +6696,7 @@ class _Exchange:
 
     request: Request
     config: Config | None = None  # the config the request started on (a reload does not change it)
+    key: GatewayKey | None = None  # the developer's key it came with (None: the admin key, or no keys)
     body: dict = field(default_factory=dict)  # the request's JSON
     requested_model: str = ""
     wants_stream: bool = False
@@ -6582,9 +6870,9 @@ def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The secrets a config holds (providers' keys, the gateway's own, the password in `state.url`):
-    never in a log line or an answer."""
-    keys = [m.access_key for m in config.models if m.access_key]
+    """The secrets a config holds (providers' keys, people's gateway keys, the gateway's own, the
+    password in `state.url`): never in a log line or an answer."""
+    keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
     keys += [config.state.password] if config.state.password else []  # in `state.url`
     return keys + ([config.listener.api_key] if config.listener.api_key else [])
 
@@ -6614,7 +6902,7 @@ class Upstreams:
         assert config is not None and decision is not None
         chosen = config.model_named(decision.model)
         assert chosen is not None, decision
-        candidates = await self.health.usable(self.candidates(config, chosen, exchange.needs))
+        candidates = await self.health.usable(self.candidates(config, chosen, exchange.needs, exchange.key))
         failures: list[str] = []
         upstream_ms: float | None = None  # of the last attempt the provider answered
         for attempt, model in enumerate(candidates):
@@ -6653,15 +6941,18 @@ class Upstreams:
             return _UpstreamAnswer(response, model, decision, upstream_ms)
         raise AssertionError("unreachable: the last candidate returns")
 
-    def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None) -> list[ModelEntry]:
+    def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None,
+                   key: GatewayKey | None = None) -> list[ModelEntry]:
         """The model, then its `fallbacks` (default: the default model) that can take the request
-        (a fallback too small for it would only answer 400). ProviderHealth.usable then leaves out
-        providers cooling down after repeated failures, unless nothing else is left."""
+        (a fallback too small for it would only answer 400) and that the gateway key may use.
+        ProviderHealth.usable then leaves out providers cooling down after repeated failures, unless
+        nothing else is left."""
         names = list(model.fallbacks) or [config.default_model.name]
         candidates = [model]
         for name in names:
             target = config.model_named(config.aliases.get(name, name))
-            fits = target is not None and (needs is None or unfit_reason(needs, target) is None)
+            fits = target is not None and (needs is None or unfit_reason(needs, target) is None) \
+                and key_may_use(key, target)
             if fits and target not in candidates:
                 candidates.append(target)
         return candidates
@@ -6757,7 +7048,8 @@ def usage_row(exchange: _Exchange, config: Config) -> dict:
            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
            "cache_read_tokens": usage.get("cache_read_input_tokens"),
            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens"),
-           "reasoning_tokens": exchange.reasoning_tokens}
+           "reasoning_tokens": exchange.reasoning_tokens,
+           "key_name": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
     answered_by = config.model_named(decision.model)
     baseline = config.model_named(config.stats.baseline or config.default_model.name)
     row["cost_usd"] = usage_cost(row, answered_by.capabilities.prices if answered_by else None)
@@ -6795,7 +7087,13 @@ def decision_record(exchange: _Exchange) -> dict:
             "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
             "runner_up_confidence": _rounded(decision.runner_up_confidence),
             "status": exchange.status,
-            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
+            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None,
+            "key": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
+
+
+def visible_to(key: GatewayKey | None, record: Mapping[str, Any]) -> bool:
+    """Whether a decision record is one a request with `key` may read: the admin (None) reads all."""
+    return key is None or record.get("key") == key.name
 
 
 class DecisionLog:
@@ -6814,8 +7112,9 @@ class DecisionLog:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    def recent(self, session: str | None = None) -> list[dict]:
-        return [r for r in self.records if session is None or r["session"] == session]
+    def recent(self, session: str | None = None, key: GatewayKey | None = None) -> list[dict]:
+        """The latest records, of one session if given, and those a developer's `key` may see: its own."""
+        return [r for r in self.records if (session is None or r["session"] == session) and visible_to(key, r)]
 
     @contextlib.contextmanager
     def follow(self) -> Any:
@@ -6852,9 +7151,12 @@ class Gateway:
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         self._refusals_logged: set[str] = set()  # each reason once (a page may retry many times)
         self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
+        self._keys = key_table(config)
+        self._unpriced_logged: set[str] = set()  # models whose answers a budget cannot see, said once each
         self.router: Router | None = None
         self._given_router = router
-        # Pins, provider health and counters: in this process, or in Redis from __aenter__ on.
+        # Pins, provider health, budget spend and request-rate windows (see Shared state): in this
+        # process, or in Redis from __aenter__ on.
         self.state: LocalState | RedisState = LocalState()
         self.upstreams = Upstreams(self.state)
         self._endpoints = {
@@ -6866,6 +7168,7 @@ class Gateway:
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
             ("GET", "/plano/usage"): self._usage,
+            ("GET", "/plano/me"): self._me,
             ("GET", "/plano"): self._live_page,
         }
         self.stopping = False  # set when a shutdown's grace period is over
@@ -6890,7 +7193,22 @@ class Gateway:
             self.router = given
             if given.status == "loading":
                 self._background.start_soon(given.start)
+        if isinstance(self.state, LocalState) and isinstance(self.ledger, UsageLedger):
+            await self._spend_from_ledger()
         return self
+
+    async def _spend_from_ledger(self) -> None:
+        """Counters in this process start empty, so that a restart would start every budget's period
+        over: they start from what the ledger's answers of the current periods cost instead (a shared
+        state store keeps its counters across restarts itself)."""
+        config, now = self.config, time.time()
+        budgets = {budget for key in config.keys for budget in config.budgets_of(key)}
+        periods = {(whose, name): budget_period(budget.per, now) for whose, name, budget in budgets}
+        for start in {start for start, _ in periods.values()}:
+            spent = await trio.to_thread.run_sync(spend_since, self.ledger.path, start)
+            for (whose, name), (since, end) in periods.items():
+                if since == start and spent.get((whose, name)):
+                    await self.state.add(spend_counter(whose, name, start), spent[(whose, name)], end - now + 3600)
 
     async def __aexit__(self, *exc: Any) -> None:
         self._background.cancel_scope.cancel()
@@ -6910,6 +7228,7 @@ class Gateway:
         old_router, old_config = self.router, self.config
         router = self._router_for(config, old_router)
         self.config, self.router = config, router
+        self._keys = key_table(config)
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         # The new config's providers start with a clean record (with Redis, on every replica).
         self._background.start_soon(self.upstreams.health.forget, old_config.models + config.models)
@@ -6971,7 +7290,11 @@ class Gateway:
             if request.path.startswith("/v1/") and request.method == "POST" \
                     and not request.path.endswith("count_tokens"):
                 try:
-                    self._log_access(exchange)
+                    row = self._log_access(exchange)
+                    if row is not None and exchange.key is not None:
+                        # What the answer cost counts even when the client hung up or plano is stopping.
+                        with trio.CancelScope(shield=True), trio.move_on_after(5):
+                            await self._charge(exchange, row)
                 except Exception as error:  # the answer has gone out; the bug goes to the log
                     self._log_internal_error(request, error)
 
@@ -6980,7 +7303,7 @@ class Gateway:
         if method == "OPTIONS" and isinstance(respond, _CORSResponder):
             await self._preflight(request, respond)  # carries no key: a browser never sends one here
             return
-        self._check_gateway_key(request)
+        exchange.key = self._authenticate(request)
         routes = self._endpoints
         if method == "HEAD":  # Claude Code probes the base URL before its first request
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
@@ -6990,6 +7313,9 @@ class Gateway:
             if any(p == path for _, p in routes):
                 raise PlanoError(f"{method} is not allowed on {path}", status=405, error_type="invalid_request_error")
             raise NotFoundError(f"no such endpoint: {method} {path}")
+        if exchange.key is not None and path not in _DEVELOPER_ENDPOINTS:
+            raise KeyLimitError(f"{path} takes the gateway's admin key; key {exchange.key.name} may call the model "
+                                "endpoints, and /plano/usage, /plano/decisions and /plano/me for its own requests")
         if method == "POST" and not _is_json_media_type(request.headers.get("content-type", "")):
             # 415, not 403: the content is what is wrong (RFC 9110 §15.5.16), and a client that forgot the
             # header (curl -d sends a form type) learns what to send. It also keeps web pages out: a form or
@@ -7019,18 +7345,34 @@ class Gateway:
             log.warning("refused %s %s: %s", request.method, _shown(request.path), reason)
         await self._send_error(request, respond, OriginError(reason))
 
-    def _check_gateway_key(self, request: Request) -> None:
-        expected = self.config.listener.api_key
+    def _authenticate(self, request: Request) -> GatewayKey | None:
+        """The developer's key the request carries; None for the admin key, or where none is needed.
+        A key it does not know is a 401.
+
+        The key the client sends is hashed once and its SHA-256 looked up among the configured keys'
+        (a dict of digests); the admin key's digest is compared with hmac.compare_digest. How long that
+        takes depends on the digest of what was sent, never on how much of a real key it shares: to
+        learn a key byte by byte from timings an attacker would have to choose digests, which is
+        finding SHA-256 preimages. Hashing takes the same time for every key of one length."""
+        admin = self.config.listener.api_key
         # /healthz says only that plano runs; the live page holds no data (what it shows comes from
         # the endpoints it calls with the key), and a browser cannot send a header to open it.
         page = request.method == "GET" and request.path in ("/plano", "/plano/")
-        if not expected or request.path == "/healthz" or page:
-            return
+        if not (admin or self.config.keys) or request.path == "/healthz" or page:
+            return None  # (keys whose `$VARIABLE` is unset open nothing, but still close the gateway)
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise AuthenticationError("this plano gateway requires its key: send it as x-api-key or "
-                                      "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
+        digest = _sha256(given)
+        if admin and hmac.compare_digest(digest, _sha256(admin)):
+            return None
+        key = self._keys.get(digest)
+        if key is not None:
+            return key
+        if self.config.keys:
+            raise AuthenticationError("this plano gateway takes a gateway key: send yours as x-api-key or "
+                                      "`Authorization: Bearer` (cli-agent sends $PLANO_API_KEY); ask its admin for one")
+        raise AuthenticationError("this plano gateway requires its key: send it as x-api-key or "
+                                  "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
 
     # ── errors ────────────────────────────────────────────────────────────────────────────
 
@@ -7076,13 +7418,16 @@ class Gateway:
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(status))
 
     async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        names = [m.name for m in self.config.models] + list(self.config.aliases)
+        config, key = self.config, exchange.key  # a developer's key lists the models it may use
+        names = [m.name for m in config.models if key_may_use(key, m)] + \
+            [alias for alias, target in config.aliases.items() if key_may_use(key, config.model_named(target))]
         if "anthropic-version" in request.headers:
-            data = [model_listing(self.config, n) for n in names]
+            data = [model_listing(config, n) for n in names]
             # Claude Code's discovery request says `claude-code/VERSION` (2.1.332); its API calls say claude-cli/.
             if request.headers.get("user-agent", "").startswith(("claude-code/", "claude-cli/")):
-                data = claude_code_picker_listing(self.config)
-            body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+                data = claude_code_picker_listing(config, key)
+            body = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None}
         else:
             body = {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by":
                                                 n.split("/", 1)[0] if "/" in n else "plano"} for n in names]}
@@ -7110,18 +7455,39 @@ class Gateway:
         if self.ledger is None:
             raise NotFoundError("usage accounting is off (stats: false)")
 
+        key_name = exchange.key.name if exchange.key is not None else None  # a developer reads only its own
+
         def read() -> list[dict]:
             self.ledger.flush(2.0)  # include the answers already given
-            return read_usage(self.ledger.path, since=since, session=session)
+            return read_usage(self.ledger.path, since=since, session=session, key_name=key_name)
 
         rows = await trio.to_thread.run_sync(read)
         body = {"since": since, "session": session, **summarize_usage(rows)}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
 
+    async def _me(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """The caller's own key: its name, team, limits, and each budget with its spend this period
+        and when that resets (what the status line shows). The admin key (or none) is `admin`."""
+        key, config = exchange.key, self.config
+        if key is None:
+            body: dict[str, Any] = {"key": None, "admin": True, "budgets": []}
+        else:
+            now = time.time()
+            budgets = config.budgets_of(key)
+            periods = [budget_period(budget.per, now) for _, _, budget in budgets]
+            spent = await self.state.values([spend_counter(whose, name, start)
+                                             for (whose, name, _), (start, _) in zip(budgets, periods)])
+            body = {"key": key.name, "admin": False, "team": key.team, "rpm": key.rpm,
+                    "models": sorted(key.allowed) if key.allowed is not None else None,
+                    "budgets": [{"whose": whose, "name": name, "usd": budget.usd, "per": budget.per,
+                                 "spent_usd": round(amount, 6), "resets_at": _utc_iso(end)}
+                                for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent)]}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
             session = request.query.get("session")
-            records = self.decision_log.recent(kept_text(session) if session is not None else None)
+            records = self.decision_log.recent(kept_text(session) if session is not None else None, exchange.key)
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
@@ -7131,11 +7497,14 @@ class Gateway:
             while True:
                 with trio.move_on_after(15):
                     record = await records.receive()
-                    await respond.send(encode_sse(record, "decision"))
+                    if visible_to(exchange.key, record):
+                        await respond.send(encode_sse(record, "decision"))
                     continue
                 await respond.send(b": keep-alive\n\n")  # lets a watcher notice a dead gateway
 
-    def _log_access(self, exchange: _Exchange) -> None:
+    def _log_access(self, exchange: _Exchange) -> dict | None:
+        """The access log line, the decision record and the usage row of a request; the row, once a
+        model was chosen (None before)."""
         d = exchange.decision
         elapsed = (time.monotonic() - exchange.started) * 1000
         input_tokens, output_tokens = exchange.token_counts
@@ -7150,10 +7519,54 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        if exchange.decision is not None:
-            self.decision_log.add(decision_record(exchange))
-            if self.ledger is not None:
-                self.ledger.record(usage_row(exchange, self.config))
+        if exchange.decision is None:
+            return None
+        self.decision_log.add(decision_record(exchange))
+        row = usage_row(exchange, self.config)
+        if self.ledger is not None:
+            self.ledger.record(row)
+        return row
+
+    # ── developers' keys: rate, budgets, spend ────────────────────────────────────────────
+
+    async def _admit(self, key: GatewayKey, config: Config) -> None:
+        """Refuse a request of `key` before it goes out: past its `rpm` this minute (a 429, counted
+        whether admitted or not), or with its budget or its team's spent this period (a 403)."""
+        now = time.time()
+        if key.rpm is not None:
+            minute = math.floor(now / 60)  # a fixed window: the counter of this UTC minute
+            sent = await self.state.add(f"rpm:{key.name}:{minute}", 1, 120)
+            if sent > key.rpm:
+                wait = max(math.ceil((minute + 1) * 60 - now), 1)
+                raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
+                                   f"minute starts in {wait} s", headers={"retry-after": str(wait)})
+        budgets = config.budgets_of(key)
+        if not budgets:
+            return
+        periods = [budget_period(budget.per, now) for _, _, budget in budgets]
+        spent = await self.state.values([spend_counter(whose, name, start)
+                                         for (whose, name, _), (start, _) in zip(budgets, periods)])
+        for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent):
+            if amount >= budget.usd:
+                raise KeyLimitError(budget_refusal(key, whose, name, budget, amount, end))
+
+    async def _charge(self, exchange: _Exchange, row: Mapping[str, Any]) -> None:
+        """Add an answer's cost (its usage row's, as the ledger has it) to the spend of its key and
+        team, in the counters of the periods running now. An answer of a model without prices
+        costs nothing a budget can see: logged once per model."""
+        assert exchange.key is not None
+        budgets = (exchange.config or self.config).budgets_of(exchange.key)
+        cost = row.get("cost_usd")
+        if cost is None and budgets and row.get("model") not in self._unpriced_logged:
+            self._unpriced_logged.add(row.get("model"))
+            log.warning("budgets cannot see what %s costs: it has no prices (set `prices:` on it), so its answers "
+                        "count $0 against them", printable(row.get("model")))
+        if not cost or not budgets:
+            return
+        now = time.time()
+        for whose, name, budget in budgets:
+            start, end = budget_period(budget.per, now)
+            await self.state.add(spend_counter(whose, name, start), cost, end - now + 3600)
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -7182,6 +7595,8 @@ class Gateway:
 
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         client_format = request.api_format
+        if exchange.key is not None:  # before anything else is spent on the request
+            await self._admit(exchange.key, self.config)
         body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
@@ -7207,8 +7622,12 @@ class Gateway:
         exchange.session = session_key(body, request.headers)
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
+        alias = model_from_picker(requested)
+        if exchange.decision.decision == "alias" and alias in config.aliases \
+                and not key_may_use(exchange.key, config.model_named(config.aliases[alias])):
+            raise model_refusal(exchange.key, alias)  # named by the client, as an explicit model is
         exchange.needs = request_needs(body, client_format)
-        exchange.decision = fit_decision(config, exchange.decision, exchange.needs)
+        exchange.decision = fit_decision(config, exchange.decision, exchange.needs, exchange.key)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
             exchange.decision, exchange.model = upstream.decision, upstream.model
@@ -7606,9 +8025,9 @@ def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> li
 def check_exposure(config: Config, host: str) -> None:
     """Anyone who can reach a non-loopback address could spend the configured keys: require a
     gateway key there."""
-    if not _is_loopback(host) and not config.listener.api_key:
+    if not _is_loopback(host) and not config.listener.api_key and not config.keys:
         raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
-                          "or PLANO_API_KEY, or listen on 127.0.0.1")
+                          "or PLANO_API_KEY, or `keys:`, or listen on 127.0.0.1")
 
 
 def load_serving_config(path: str | None, host: str | None = None) -> Config:
@@ -7766,6 +8185,15 @@ def _gateway_url(config: Config) -> str:
     host = config.listener.address
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
+
+
+def _client_key_headers(url: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The key header for plano's own calls to the gateway at `url` (status line, watch): $PLANO_API_KEY,
+    else the token `cli-agent` gave Claude Code, but only for the gateway it gave it for."""
+    key = environ.get("PLANO_API_KEY")
+    if not key and environ.get("ANTHROPIC_BASE_URL", "").rstrip("/") == url.rstrip("/"):
+        key = environ.get("ANTHROPIC_AUTH_TOKEN")
+    return {"x-api-key": key} if key else {}
 
 
 def _cmd_up(args: Any) -> int:
@@ -8057,7 +8485,7 @@ def _cmd_watch(args: Any) -> int:
         while True:
             try:
                 with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
-                                  trust_env=False) as response:
+                                  headers=_client_key_headers(url, os.environ), trust_env=False) as response:
                     print(f"watching {url} (Ctrl-C to stop)", flush=True)
                     waiting_said = False
                     decoder = SSEDecoder()
@@ -8269,6 +8697,13 @@ def _cmd_doctor(args: Any) -> int:
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
 
 
+def agent_key(config: Config, environ: Mapping[str, str]) -> str:
+    """The gateway key an agent (and the status line) sends: $PLANO_API_KEY, a developer's own key on
+    a gateway with `keys:`; else the config's admin key; else a placeholder, which a gateway without
+    any key takes."""
+    return environ.get("PLANO_API_KEY") or config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN
+
+
 def _gateway_is_up(url: str) -> bool:
     try:
         return httpx.get(url + "/healthz", timeout=1.0, trust_env=False).status_code == 200
@@ -8288,8 +8723,8 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
     small_fast = SMALL_FAST_ALIAS if SMALL_FAST_ALIAS in config.aliases else config.default_model.name
     env = {
         "ANTHROPIC_BASE_URL": url,
-        # A gateway key, when the listener has one, is what Claude Code must present.
-        "ANTHROPIC_AUTH_TOKEN": config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN,
+        # The gateway key Claude Code must present: the developer's own, or the listener's.
+        "ANTHROPIC_AUTH_TOKEN": agent_key(config, environ or {}),
         "ANTHROPIC_API_KEY": "",
         "ANTHROPIC_SMALL_FAST_MODEL": small_fast,
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": small_fast,
@@ -8368,7 +8803,8 @@ CODEX_KEY_VARIABLE = "PLANO_CODEX_API_KEY"  # what Codex reads the gateway key (
 CODEX_MODEL = "plano"  # not a configured model: the router (or the default model) chooses
 
 
-def codex_overrides(config: Config, codex_args: list[str]) -> tuple[dict[str, str], list[str]]:
+def codex_overrides(config: Config, codex_args: list[str],
+                    environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """(environment entries, `-c` overrides) that point Codex at plano without touching the
     user's ~/.codex/config.toml: a model provider `plano` speaking the Responses API."""
     provider = {"name": "plano", "base_url": _gateway_url(config) + "/v1", "env_key": CODEX_KEY_VARIABLE,
@@ -8378,7 +8814,7 @@ def codex_overrides(config: Config, codex_args: list[str]) -> tuple[dict[str, st
     chooses_model = any(a in ("-m", "--model") or a.startswith(("--model=", "model=")) for a in codex_args)
     if not chooses_model:
         overrides.append(f"model={CODEX_MODEL}")
-    return {CODEX_KEY_VARIABLE: config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN}, overrides
+    return {CODEX_KEY_VARIABLE: agent_key(config, environ or {})}, overrides
 
 
 @contextlib.contextmanager
@@ -8426,11 +8862,14 @@ def _cmd_cli_agent(args: Any) -> int:
         print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
         return 2
     config = _load_config_or_exit(args.config)
+    if config.keys and agent_key(config, os.environ) == CLAUDE_PLACEHOLDER_TOKEN:
+        print("plano: this gateway takes a key per developer: export PLANO_API_KEY=<the key you were given>",
+              file=sys.stderr)
     if args.agent == "codex":
         print_env = "--print-env" in args.agent_args
         print_config = "--print-config" in args.agent_args
         agent_args = [a for a in args.agent_args if a not in ("--print-env", "--print-config")]
-        env, overrides = codex_overrides(config, agent_args)
+        env, overrides = codex_overrides(config, agent_args, os.environ)
         command = ["codex", *[part for o in overrides for part in ("-c", o)], *agent_args]
         install = "npm install -g @openai/codex"
     else:
@@ -8460,24 +8899,32 @@ def _cmd_cli_agent(args: Any) -> int:
 
 def _cmd_statusline(args: Any) -> int:
     """Claude Code's status line: this session's model and route, what the session has cost so far
-    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`."""
+    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`,
+    and with a developer's key that has a budget, its spend of it (`budget $3.10 of $20.00 today`)."""
     try:
         session = json.loads(sys.stdin.read() or "{}").get("session_id")
     except ValueError:
         session = None
     query = "?" + urllib.parse.urlencode({"session": session}) if session else ""
+    headers = _client_key_headers(args.url, os.environ)
     try:
-        decisions = httpx.get(f"{args.url}/plano/decisions{query}", timeout=1.0, trust_env=False).json()["decisions"]
-    except (httpx.HTTPError, ValueError, KeyError):
+        answer = httpx.get(f"{args.url}/plano/decisions{query}", headers=headers, timeout=1.0, trust_env=False)
+        if answer.status_code == 401:
+            print("plano ▸ the gateway needs your key: set PLANO_API_KEY")
+            return 0
+        decisions = answer.json()["decisions"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         print("plano ▸ gateway not reachable")
         return 0
+    budgets = _budget_parts(args.url, headers)
     if not decisions:
-        print("plano ▸ no requests yet")
+        print(" · ".join(["plano ▸ no requests yet"] + budgets))
         return 0
     d = decisions[-1]
     parts = [printable(d["model"])] + ([printable(d["route"])] if d.get("route") else [])
     try:
-        spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
+        spent = httpx.get(f"{args.url}/plano/usage{query}", headers=headers, timeout=1.0,
+                          trust_env=False).json()["total"]
         parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
         if spent["cache_hit_rate"] is not None:
             parts.append(f"cache {spent['cache_hit_rate']:.0%}")
@@ -8488,8 +8935,26 @@ def _cmd_statusline(args: Any) -> int:
     confidence = d.get("confidence")
     if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
         parts.append(f"unsure: {confidence:.0%}, else {printable(d.get('runner_up'))}")
-    print("plano ▸ " + " · ".join(parts))
+    print("plano ▸ " + " · ".join(parts + budgets))
     return 0
+
+
+def _budget_parts(url: str, headers: Mapping[str, str]) -> list[str]:
+    """The status line's words for the budgets of the caller's key (GET /plano/me): the key's own,
+    then its team's, e.g. `budget $3.10 of $20.00 today`, `team platform $120.00 of $500.00 this month`."""
+    try:
+        me = httpx.get(f"{url}/plano/me", headers=headers, timeout=1.0, trust_env=False).json()
+        budgets = me["budgets"]
+        parts = []
+        for budget in budgets:
+            period = {"day": "today", "week": "this week", "month": "this month"}[budget["per"]]
+            spent = f"{_money(budget['spent_usd'])} of {_money(budget['usd'])} {period}"
+            if budget["spent_usd"] >= budget["usd"]:
+                spent += f", resets {budget['resets_at'][:16].replace('T', ' ')} UTC"
+            parts.append(f"budget {spent}" if budget["whose"] == "key" else f"team {printable(budget['name'])} {spent}")
+        return parts
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []  # an older gateway, or none: the rest of the line still says the most
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════

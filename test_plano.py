@@ -59,9 +59,12 @@ OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
 WRONG_KEY = "sk-wrong-key-000000000000"
+ALICE_KEY = "plano-dev-alice-7c1e0f9a2b4d6e8f"  # developers' gateway keys (`keys:`)
+BOB_KEY = "plano-dev-bob-3a5c7e9f1b2d4f6a"
 PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
 PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
-ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:])
+ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:], ALICE_KEY,
+            BOB_KEY)
 
 
 class SuiteLog(logging.Handler):
@@ -8097,7 +8100,7 @@ EVERY_CONFIG_FIELD = {
         {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
     ],
     "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
-    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_API_KEY",
+    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_ADMIN_KEY",
                    "allowed_hosts": ["plano.internal"], "cors_origins": ["http://localhost:3000"]}],
     "router": {"model": "katanemo/Arch-Router-1.5B.gguf", "file": "router.gguf", "endpoint": "http://127.0.0.1:11434/v1",
                "timeout_ms": 1000, "threads": 2, "enabled": True, "context_tokens": 512, "gpu_layers": 0,
@@ -8106,6 +8109,10 @@ EVERY_CONFIG_FIELD = {
     "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
     "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o"},
     "state": {"url": "redis://:$ecret@127.0.0.1:6379/0", "prefix": "plano"},
+    "keys": [{"name": "alice", "key": "a-literal-gateway-key-01234", "team": "platform",
+              "budget": {"usd": 20, "per": "day"}, "models": ["openai/*", "slow"], "rpm": 120},
+             {"name": "bob", "key": "$PLANO_KEY_BOB"}, {"name": "carol", "key": "sha256:" + "0f" * 32}],
+    "teams": [{"name": "platform", "budget": {"usd": 500, "per": "month"}}, {"name": "research"}],
 }
 
 # What YAML can say: every scalar type PyYAML's safe loader builds (dates and binary included),
@@ -8132,6 +8139,7 @@ def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
 def test_the_config_the_fuzzers_start_from_is_valid():
     config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
     assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+    assert [k.name for k in config.keys] == ["alice", "bob", "carol"] and len(config.teams) == 2
 
 
 @settings(max_examples=400, deadline=None)
@@ -9219,8 +9227,8 @@ def test_a_ledger_written_by_an_older_plano_gains_the_key_and_team_columns_and_k
     old_columns = plano._USAGE_COLUMNS[:-2]
     with sqlite3.connect(path) as connection:
         connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
-        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES "
-                           f"({', '.join('?' * len(old_columns))})", (time.time() - 1, "s1", *[None] * (len(old_columns) - 2)))
+        row = (time.time() - 1, "s1", *[None] * (len(old_columns) - 2))
+        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(row))})", row)
     connection.close()
     assert [r["session"] for r in plano.read_usage(str(path), key_name="alice")] == []  # read-only: no migration
     ledger = plano.UsageLedger(str(path))
@@ -9246,6 +9254,583 @@ async def test_in_process_counters_add_up_expire_and_stay_bounded():
     for n in range(3 * plano.LocalState._SWEEP_EVERY):
         await state.add(f"gone:{n}", 1, -1)
     assert len(state._counters) < plano.LocalState._SWEEP_EVERY + 3
+
+
+# ── issue 20: developers' keys, budgets, model allow-lists, rpm, the status line ───────────────
+
+# USD per million tokens for the stand-in's models: a Chat answer of the stand-in (10 uncached + 30
+# cached input tokens, 7 output) costs $0.47, whatever the client's format.
+TEAM_PRICES = {"input": 10000, "cached_input": 10000, "output": 10000}
+CHAT_ANSWER_COST = 0.47
+
+
+def keys_config(provider: StandInProvider, tmp_path: Path, keys: list[dict], teams: list[dict] = (),
+                admin: str | None = GATEWAY_KEY, **sections: Any) -> plano.Config:
+    """gpt-4o (the default) and claude-sonnet-5 on the stand-in, priced at TEAM_PRICES; aliases `fast`
+    (gpt-4o, also Claude Code's small/fast slot) and `smart` (claude-sonnet-5); routing off unless
+    `sections` say; the admin key GATEWAY_KEY; a ledger of the test's own (budgets start from it)."""
+    listener = {"address": "127.0.0.1", "port": 12000, **({"api_key": admin} if admin else {})}
+    sections = {"router": ROUTER_OFF, "stats": {"path": str(tmp_path / "usage.sqlite3")}, **sections}
+    return build_config(served_by(provider, "openai/gpt-4o", default=True, prices=TEAM_PRICES,
+                                  fallbacks=["anthropic/claude-sonnet-5"]),
+                        served_by(provider, "anthropic/claude-sonnet-5", prices=TEAM_PRICES),
+                        model_aliases={"fast": {"target": "openai/gpt-4o"}, "smart": "anthropic/claude-sonnet-5",
+                                       plano.SMALL_FAST_ALIAS: "openai/gpt-4o"},
+                        keys=keys, teams=list(teams), listeners=[listener], **sections)
+
+
+def ask_as(running: RunningPlano, key: str | None, model: str = "openai/gpt-4o", path: str = "/v1/messages",
+        **headers: str) -> httpx.Response:
+    """One small request in the format `path` names, with `key` as x-api-key (None: no key)."""
+    body: dict[str, Any] = {"model": model, "max_tokens": 20}
+    body.update({"input": "hi"} if path == "/v1/responses" else {"messages": [{"role": "user", "content": "hi"}]})
+    sent = {"x-api-key": key} if key is not None else {}
+    return httpx.post(running.url + path, json=body, headers={**sent, **headers}, timeout=30)
+
+
+def me(running: RunningPlano, key: str) -> dict:
+    answer = httpx.get(running.url + "/plano/me", headers={"x-api-key": key})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def utc(text: str) -> float:
+    import calendar
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def test_keys_and_teams_are_read_with_their_budgets_models_and_rates():
+    config = build_config(
+        {"model": "openai/gpt-4o", "access_key": "x"}, {"model": "anthropic/claude-sonnet-5", "access_key": "y"},
+        {"model": "openai/gpt-4o-mini", "access_key": "x"}, model_aliases={"smart": "anthropic/claude-sonnet-5"},
+        keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform", "budget": {"usd": 20, "per": "day"},
+               "models": ["openai/gpt-4o*", "smart"], "rpm": 120},
+              {"name": "bob", "key": "$BOB_KEY"},
+              {"name": "carol", "key": "SHA256:" + hashlib.sha256(b"carols-own-key-0123").hexdigest().upper()},
+              {"name": "dave@example.com", "key": "$NOT_SET_ANYWHERE"}],
+        teams=[{"name": "platform", "budget": {"usd": 500.5, "per": "month"}}, {"name": "research"}],
+        environ={"BOB_KEY": BOB_KEY})
+    alice, bob, carol, dave = config.keys
+    assert (alice.team, alice.budget, alice.rpm) == ("platform", plano.Budget(20.0, "day"), 120)
+    # Globs match configured names; an alias a glob names allows the model it resolves to.
+    assert alice.allowed == {"openai/gpt-4o", "openai/gpt-4o-mini", "anthropic/claude-sonnet-5"}
+    assert bob.allowed is None and bob.digest == hashlib.sha256(BOB_KEY.encode()).digest()
+    assert carol.digest == hashlib.sha256(b"carols-own-key-0123").digest() and carol.secret is None
+    assert dave.digest is None  # nobody can use it, and plano says so
+    assert "key dave@example.com: $NOT_SET_ANYWHERE is not set, so nobody can use this key until it is" \
+        in config.warnings
+    assert config.budgets_of(alice) == [("key", "alice", plano.Budget(20.0, "day")),
+                                        ("team", "platform", plano.Budget(500.5, "month"))]
+    assert config.teams[1] == plano.Team("research", None)
+    # Keys the config holds are secrets: scrubbed from every log line and answer like the providers'.
+    assert {ALICE_KEY, BOB_KEY} <= set(plano.config_secrets(config))
+    assert "key" not in repr(alice).replace("GatewayKey", "")  # neither the key nor its digest in a repr
+
+
+KEYS_HEAD = """\
+llm_providers:
+  - model: openai/gpt-4o
+    access_key: sk-provider-key-0123456789
+listeners:
+  - address: 127.0.0.1
+    api_key: the-admin-key-0123456789
+"""
+ALICE_SHA256 = hashlib.sha256(ALICE_KEY.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("tail, message", [
+    ("keys: alice\n", "7: `keys` must be a list, got 'alice'"),
+    ("keys:\n  - alice\n", "7: `keys` each entry is a mapping {budget, key, models, name, rpm, team}, got 'alice'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    colour: red\n", "10: `colour` is not a known key field (known: "
+                                                                  "budget, key, models, name, rpm, team)"),
+    ("keys:\n  - key: {alice}\n", "8: each key needs a `name`: letters, digits and . _ @ + - (at most 64, starting "
+                                  "with a letter or digit), got None"),
+    ("keys:\n  - name: al ice\n    key: {alice}\n", "8: `name` each key needs a `name`"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: alice\n    key: {bob}\n",
+     "10: `name` key alice is configured twice"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: bob\n    key: {alice}\n",
+     "11: `key` key bob is the same key as key alice: give each its own"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: bob\n    key: sha256:{alice_sha}\n",
+     "11: `key` key bob is the same key as key alice"),
+    ("keys:\n  - name: alice\n    key: sha256:{alice_sha}\n  - name: bob\n    key: sha256:{alice_sha_upper}\n",
+     "11: `key` key bob is the same key as key alice"),
+    ("keys:\n  - name: alice\n    key: sk-provider-key-0123456789\n",
+     "9: `key` key alice is the same key as the access_key of openai/gpt-4o"),
+    ("keys:\n  - name: alice\n    key: the-admin-key-0123456789\n",
+     "9: `key` key alice is the same key as the admin key (listeners[].api_key)"),
+    ("keys:\n  - name: alice\n    key: sha256:{admin_sha}\n", "9: `key` key alice is the same key as the admin key"),
+    ("keys:\n  - name: alice\n    key: short-key\n", "9: `key` key alice: the key must be 16 or more printable ASCII "
+                                                   "characters without spaces (it is 9 characters"),
+    ("keys:\n  - name: alice\n    key: a key with spaces in it\n", "9: `key` key alice: the key must be 16 or more"),
+    ("keys:\n  - name: alice\n    key: $SHORT\n", "9: `key` key alice: $SHORT must be 16 or more"),
+    ("keys:\n  - name: alice\n    key: sha256:abc\n", "9: `key` key alice: `sha256:` is followed by the 64 hex digits"),
+    ("keys:\n  - name: alice\n    key: ''\n", "9: `key` is empty: write the key, `$VARIABLE`, or `sha256:`"),
+    ("keys:\n  - name: alice\n", "8: key alice needs a `key`: write the key"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    team: platform\n",
+     "10: `team` platform is not a team under `teams:` (configured: none)"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5, per: year}}\n",
+     "10: `per` must be day, week or month (UTC calendar periods), got 'year'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5}}\n",
+     "10: a budget needs `per`: day, week or month"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: -1, per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got -1"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: .nan, per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got nan"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: '5', per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got '5'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: 20\n", "10: `budget` must be a dict, got 20"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5, per: day, cap: 9}}\n",
+     "10: `cap` is not a known budget field (known: per, usd)"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    models: openai/*\n", "10: `models` must be a list, got 'openai/*'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    models: [openai/*, 7]\n",
+     "10: `models` must be a list of model names or globs such as openai/* (strings), got ['openai/*', 7]"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: 0\n",
+     "10: `rpm` must be a positive number of requests a minute, got 0"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: 1.5\n", "10: `rpm` must be an int, got 1.5"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: true\n", "10: `rpm` must be an int, got True"),
+    ("teams:\n  - name: platform\n  - name: platform\n", "9: `name` team platform is configured twice"),
+    ("teams:\n  - name: platform\n    owner: me\n", "9: `owner` is not a known team field (known: budget, name)"),
+    ("teams: [platform]\n", "7: `teams` each entry is a mapping {name, budget}, got 'platform'"),
+])
+def test_a_bad_keys_or_teams_entry_is_one_config_line_naming_the_line_and_field(tail, message):
+    text = KEYS_HEAD + tail.format(alice=ALICE_KEY, bob=BOB_KEY, alice_sha=ALICE_SHA256,
+                                   alice_sha_upper=ALICE_SHA256.upper(),
+                                   admin_sha=hashlib.sha256(b"the-admin-key-0123456789").hexdigest())
+    error = config_error(text, environ={"SHORT": "abc"})
+    assert error.startswith(f"{CONFIG_PATH}:{message.split(':')[0]}:") and message.split(":", 1)[1].strip() in error, \
+        error
+    assert "\n" not in error and ALICE_KEY not in error and "the-admin-key" not in error
+
+
+def test_with_keys_plano_api_key_is_a_developers_key_never_the_admin_key():
+    text = "llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\nkeys:\n  - name: alice\n    key: $ALICE\n"
+    config = plano.parse_config(text, path=CONFIG_PATH, environ={"ALICE": ALICE_KEY, "PLANO_API_KEY": ALICE_KEY})
+    assert config.listener.api_key is None  # the developer's key in the shell did not become the admin key
+    assert any("PLANO_API_KEY is not an admin key when `keys:` are configured" in w for w in config.warnings)
+    without_keys = plano.parse_config(text.split("keys:")[0], path=CONFIG_PATH, environ={"PLANO_API_KEY": ALICE_KEY})
+    assert without_keys.listener.api_key == ALICE_KEY  # as before: one person's gateway key
+    explicit = config_error(text + "listeners:\n  - address: 127.0.0.1\n    api_key: $PLANO_API_KEY\n",
+                            environ={"ALICE": ALICE_KEY, "PLANO_API_KEY": GATEWAY_KEY})
+    assert explicit.startswith(f"{CONFIG_PATH}:9: `api_key` is $PLANO_API_KEY, which with `keys:` is a developer's")
+    # With keys, a listener off loopback needs no admin key: every request needs a key all the same.
+    plano.check_exposure(config, "0.0.0.0")
+
+
+@pytest.mark.parametrize("per, now, start, end", [
+    ("day", "2024-12-31T23:59:59Z", "2024-12-31T00:00:00Z", "2025-01-01T00:00:00Z"),
+    ("day", "2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z"),
+    ("day", "2024-02-28T12:00:00Z", "2024-02-28T00:00:00Z", "2024-02-29T00:00:00Z"),
+    ("week", "2025-01-01T10:00:00Z", "2024-12-30T00:00:00Z", "2025-01-06T00:00:00Z"),  # a Wednesday
+    ("week", "2025-01-05T23:59:59Z", "2024-12-30T00:00:00Z", "2025-01-06T00:00:00Z"),  # Sunday: same week
+    ("week", "2025-01-06T00:00:00Z", "2025-01-06T00:00:00Z", "2025-01-13T00:00:00Z"),  # Monday: the next
+    ("week", "2026-03-01T08:00:00Z", "2026-02-23T00:00:00Z", "2026-03-02T00:00:00Z"),
+    ("month", "2024-12-15T08:30:00Z", "2024-12-01T00:00:00Z", "2025-01-01T00:00:00Z"),
+    ("month", "2024-02-29T23:59:59Z", "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"),  # a leap year
+    ("month", "2025-01-31T23:59:59Z", "2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z"),
+    ("month", "2025-02-01T00:00:00Z", "2025-02-01T00:00:00Z", "2025-03-01T00:00:00Z"),
+])
+def test_a_budget_period_is_a_utc_day_iso_week_or_calendar_month(per, now, start, end):
+    assert plano.budget_period(per, utc(now)) == (utc(start), utc(end))
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+def test_with_keys_an_unknown_or_missing_key_is_a_401_in_the_callers_format(provider, tmp_path, path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY}])
+    with RunningPlano(config) as running:
+        if path == "/v1/messages":
+            with pytest.raises(anthropic.AuthenticationError) as raised:
+                anthropic_client(running, api_key=WRONG_KEY).messages.create(
+                    model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert raised.value.body["error"]["type"] == "authentication_error"
+        elif path == "/v1/chat/completions":
+            with pytest.raises(openai.AuthenticationError) as raised:
+                openai_client(running, api_key=WRONG_KEY).chat.completions.create(model="openai/gpt-4o",
+                                                                                  messages=[USER_HI])
+            assert raised.value.body["type"] == "authentication_error"
+        else:
+            with pytest.raises(openai.AuthenticationError) as raised:
+                openai_client(running, api_key=WRONG_KEY).responses.create(model="openai/gpt-4o", input="hi")
+        assert "takes a gateway key" in str(raised.value) and WRONG_KEY not in str(raised.value)
+        missing = ask_as(running, None, path=path)
+        assert missing.status_code == 401 and ("type" in missing.json()) == (path == "/v1/messages")
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200
+    assert provider.requests and all(r.headers.get("x-api-key") != WRONG_KEY for r in provider.requests)
+
+
+def test_a_developer_key_and_the_admin_key_both_work_and_each_answer_records_key_and_team(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                              {"name": "bob", "key": "sha256:" + hashlib.sha256(BOB_KEY.encode())
+                                               .hexdigest()}],
+                         teams=[{"name": "platform"}])
+    with RunningPlano(config) as running:
+        alice = anthropic_client(running, api_key=ALICE_KEY).messages.create(
+            model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        bob = openai_client(running, api_key=BOB_KEY).chat.completions.create(  # Bearer, checked by its digest
+            model="anthropic/claude-sonnet-5", messages=[USER_HI])
+        admin = openai_client(running, api_key=GATEWAY_KEY).responses.create(model="fast", input="hi")
+        assert (alice.content[0].text, bob.choices[0].message.content) == ("echo: hi", "echo: hi")
+        assert admin.output_text == "echo: hi"
+        running.gateway.ledger.flush()
+        rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+        decisions = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": GATEWAY_KEY}).json()
+    assert [(r["key_name"], r["team"], r["model"]) for r in rows] == [
+        ("alice", "platform", "openai/gpt-4o"), ("bob", None, "anthropic/claude-sonnet-5"),
+        (None, None, "openai/gpt-4o")]
+    assert [(d["key"], d["team"]) for d in decisions["decisions"]] == [("alice", "platform"), ("bob", None),
+                                                                       (None, None)]
+
+
+def test_a_developer_key_reads_only_its_own_decisions_usage_and_budget(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 20, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY}])
+    with RunningPlano(config) as running:
+        for key, session in ((ALICE_KEY, "alice-1"), (BOB_KEY, "bob-1"), (BOB_KEY, "bob-2"), (GATEWAY_KEY, "adm")):
+            assert ask_as(running, key, **{"x-claude-code-session-id": session}).status_code == 200
+
+        def read(path: str, key: str) -> dict:
+            answer = httpx.get(running.url + path, headers={"x-api-key": key})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        alice_decisions = read("/plano/decisions", ALICE_KEY)["decisions"]
+        assert [d["session"] for d in alice_decisions] == ["alice-1"]
+        assert read("/plano/decisions?session=bob-1", ALICE_KEY)["decisions"] == []  # another's session
+        assert [d["session"] for d in read("/plano/decisions", GATEWAY_KEY)["decisions"]] == \
+            ["alice-1", "bob-1", "bob-2", "adm"]
+        assert read("/plano/usage", ALICE_KEY)["total"]["requests"] == 1
+        assert read("/plano/usage", BOB_KEY)["total"]["requests"] == 2
+        assert read("/plano/usage", GATEWAY_KEY)["total"]["requests"] == 4
+        with httpx.stream("GET", running.url + "/plano/decisions?follow=1", headers={"x-api-key": ALICE_KEY},
+                          timeout=10) as followed:
+            ask_as(running, BOB_KEY)  # not alice's: not sent to her
+            ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "alice-2"})
+            decoder = plano.SSEDecoder()
+            seen = next(e for chunk in followed.iter_bytes() for e in decoder.feed(chunk) if e.event == "decision")
+        assert json.loads(seen.data)["session"] == "alice-2"
+        mine = read("/plano/me", ALICE_KEY)
+        assert mine["key"] == "alice" and mine["models"] is None and mine["rpm"] is None
+        [budget] = mine["budgets"]
+        assert budget["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert (budget["whose"], budget["name"], budget["usd"], budget["per"]) == ("key", "alice", 20.0, "day")
+        assert budget["resets_at"] == plano._utc_iso(plano.budget_period("day", time.time())[1])
+        assert read("/plano/me", GATEWAY_KEY) == {"key": None, "admin": True, "budgets": []}
+
+
+def test_hostile_keys_are_refused_and_the_gateway_goes_on_serving(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY}])
+    with RunningPlano(config) as running:
+        huge = httpx.post(running.url + "/v1/messages", headers={"x-api-key": "k" * (1 << 20)},
+                          json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+        assert huge.status_code == 431
+        refused = {
+            "non-ASCII": ask_as(running, None, **{"x-api-key": "clé-ключ-🔑-0123456789".encode()}),
+            "the key's sha256 form": ask_as(running, "sha256:" + ALICE_SHA256),
+            "its digest alone": ask_as(running, ALICE_SHA256),
+            "an empty Bearer": ask_as(running, None, authorization="Bearer"),  # what `Bearer ` arrives as
+            "empty x-api-key": ask_as(running, ""),
+            "the key twice": httpx.post(running.url + "/v1/messages", headers=[("x-api-key", ALICE_KEY),
+                                                                               ("x-api-key", ALICE_KEY)],
+                                        json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]}),
+            "a prefix of the key": ask_as(running, ALICE_KEY[:-1]),
+        }
+        for what, answer in refused.items():
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error", what
+        assert ask_as(running, ALICE_KEY).status_code == 200
+    assert len(provider.requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+def test_a_spent_budget_is_a_403_saying_whose_how_much_and_when_it_resets(provider, tmp_path, path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY,
+                                               "budget": {"usd": 0.5, "per": "day"}}])
+    with RunningPlano(config) as running:
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200  # $0 spent: admitted, then $0.47
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200  # $0.47 < $0.50: admitted, then $0.94
+        expected = ("key alice has spent its budget: $0.94 of $0.50 today (UTC); it resets at "
+                    f"{plano._utc_iso(plano.budget_period('day', time.time())[1])}")
+        if path == "/v1/messages":
+            with pytest.raises(anthropic.PermissionDeniedError) as raised:
+                anthropic_client(running, api_key=ALICE_KEY).messages.create(
+                    model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert raised.value.body == {"type": "error", "error": {"type": "permission_error", "message": expected}}
+        else:
+            client = openai_client(running, api_key=ALICE_KEY)
+            with pytest.raises(openai.PermissionDeniedError) as raised:
+                if path == "/v1/responses":
+                    client.responses.create(model="openai/gpt-4o", input="hi")
+                else:
+                    client.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
+            assert (raised.value.body["type"], raised.value.body["message"]) == ("permission_error", expected)
+        assert ask_as(running, GATEWAY_KEY, path=path).status_code == 200  # the admin key has no budget
+    assert len([r for r in provider.requests if r.path == "/v1/chat/completions"]) == 3
+
+
+def test_a_team_budget_is_shared_by_its_keys_and_says_it_is_the_teams(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                              {"name": "bob", "key": BOB_KEY, "team": "platform",
+                                               "budget": {"usd": 100, "per": "month"}}],
+                         teams=[{"name": "platform", "budget": {"usd": 1, "per": "week"}}])
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(3)] == [200, 200, 200]  # $0.94 < $1 at the 3rd
+        refused = ask_as(running, BOB_KEY, path="/v1/chat/completions")
+        assert refused.status_code == 403 and refused.json()["error"]["message"] == (
+            "team platform (of key bob) has spent its budget: $1.41 of $1.00 this week (UTC); it resets at "
+            f"{plano._utc_iso(plano.budget_period('week', time.time())[1])}")
+        assert ask_as(running, ALICE_KEY).status_code == 403
+        budgets = {b["whose"]: b for b in me(running, BOB_KEY)["budgets"]}
+        assert budgets["key"]["spent_usd"] == 0 and budgets["team"]["spent_usd"] == pytest.approx(1.41)
+
+
+def test_under_50_concurrent_requests_a_budget_is_passed_by_at_most_the_requests_in_flight(provider, tmp_path):
+    # The documented bound: admission reads the spend before a request goes out, its cost is added
+    # when its answer ends; so the spend can pass the budget only by requests admitted while it was
+    # under and still in flight: at most (concurrent requests) × (the most one request costs).
+    budget, concurrent = 5.0, 50
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY,
+                                               "budget": {"usd": budget, "per": "month"}}])
+    for _ in range(400):  # each answer takes a while, so that many requests are in flight at once
+        provider.then(lambda request: (time.sleep(0.05), provider.openai_reply(request))[1])
+    answered, refused, other = [], [], []
+    start = threading.Barrier(concurrent)
+
+    def developer() -> None:
+        with httpx.Client(timeout=60) as client:
+            start.wait()
+            while True:
+                response = client.post(running.url + "/v1/messages", headers={"x-api-key": ALICE_KEY}, json={
+                    "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+                if response.status_code != 200:
+                    (refused if response.status_code == 403 else other).append(response)
+                    return
+                answered.append(response)
+
+    with RunningPlano(config) as running:
+        workers = [threading.Thread(target=developer) for _ in range(concurrent)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+        spent = me(running, ALICE_KEY)["budgets"][0]["spent_usd"]
+        after = [ask_as(running, ALICE_KEY, path=path) for path in ("/v1/messages", "/v1/chat/completions")]
+        running.gateway.ledger.flush()
+        ledger_total = sum(r["cost_usd"] for r in plano.read_usage(str(tmp_path / "usage.sqlite3")))
+    assert other == [] and len(refused) == concurrent  # every developer ended on a 403, nothing else
+    assert all("key alice has spent its budget" in r.json()["error"]["message"] for r in refused)
+    assert spent == pytest.approx(len(answered) * CHAT_ANSWER_COST) == pytest.approx(ledger_total)
+    assert len(answered) >= math.ceil(budget / CHAT_ANSWER_COST)  # nothing refused while under the budget
+    assert budget <= spent < budget + concurrent * CHAT_ANSWER_COST  # the bound
+    assert [r.status_code for r in after] == [403, 403]
+    print(f"\n{concurrent} concurrent: {len(answered)} answered, spend ${spent:.2f} of ${budget:.2f} "
+          f"(over by {spent - budget:.2f}; bound {concurrent * CHAT_ANSWER_COST:.2f})")
+
+
+def test_an_answer_without_prices_counts_nothing_against_a_budget_and_says_so_once(provider, tmp_path):
+    config = build_config(served_by(provider, "anthropic/claude-sonnet-5"),  # the stand-in's: no prices anywhere
+                          keys=[{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 0.01, "per": "day"}}],
+                          router=ROUTER_OFF, stats={"path": str(tmp_path / "usage.sqlite3")})
+    logged_before = len(SuiteLog.lines)
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY, "anthropic/claude-sonnet-5").status_code for _ in range(3)] == [200] * 3
+        assert me(running, ALICE_KEY)["budgets"][0]["spent_usd"] == 0
+    said = [line for line in SuiteLog.lines[logged_before:] if "budgets cannot see what" in line]
+    assert said == ["budgets cannot see what anthropic/claude-sonnet-5 costs: it has no prices (set `prices:` on it), "
+                    "so its answers count $0 against them"]
+
+
+def test_a_budget_keeps_its_spend_across_a_restart_from_the_ledger(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 1, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY, "team": "platform"}],
+                         teams=[{"name": "platform", "budget": {"usd": 2, "per": "month"}}])
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(2)] == [200, 200]
+        assert ask_as(running, BOB_KEY).status_code == 200
+    with RunningPlano(config) as restarted:
+        spent = {b["whose"]: b["spent_usd"] for b in me(restarted, ALICE_KEY)["budgets"]}
+        assert spent == {"key": pytest.approx(0.94), "team": pytest.approx(1.41)}
+        assert [ask_as(restarted, ALICE_KEY).status_code for _ in range(2)] == [200, 403]
+
+
+def test_a_model_outside_a_keys_list_is_a_403_naming_the_ones_it_may_use(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]},
+                                              {"name": "nobody", "key": ALICE_KEY, "models": ["mistral/*"]}])
+    assert "key nobody: `models` ['mistral/*'] matches no configured model or alias, so every request with this " \
+           "key is refused" in config.warnings
+    with RunningPlano(config) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as raised:
+            anthropic_client(running, api_key=BOB_KEY).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                       messages=[USER_HI])
+        assert raised.value.body["error"]["message"] == \
+            "key bob may not use openai/gpt-4o; its models are: anthropic/claude-sonnet-5"
+        with pytest.raises(openai.PermissionDeniedError, match="key bob may not use fast; its models are: "):
+            openai_client(running, api_key=BOB_KEY).chat.completions.create(model="fast", messages=[USER_HI])
+        picker = ask_as(running, BOB_KEY, plano.PICKER_PREFIX + "openai/gpt-4o")
+        assert picker.status_code == 403 and "may not use openai/gpt-4o" in picker.json()["error"]["message"]
+        assert ask_as(running, BOB_KEY, "smart").status_code == 200  # an alias of a model it may use
+        nothing = ask_as(running, ALICE_KEY, "anthropic/claude-sonnet-5")
+        assert nothing.json()["error"]["message"] == "key nobody may use no configured model (its `models`: mistral/*)"
+        assert ask_as(running, ALICE_KEY, "whatever").status_code == 403  # routing has nowhere to go either
+        listed = httpx.get(running.url + "/v1/models", headers={"x-api-key": BOB_KEY}).json()
+        assert [m["id"] for m in listed["data"]] == ["anthropic/claude-sonnet-5", "smart"]
+        picker_list = httpx.get(running.url + "/v1/models", headers={
+            "x-api-key": BOB_KEY, "anthropic-version": "2023-06-01", "user-agent": "claude-code/2.1.332"}).json()
+        assert [m["id"] for m in picker_list["data"]] == [plano.PICKER_AUTO, "claude-plano/anthropic/claude-sonnet-5"]
+        assert httpx.get(running.url + "/v1/models", headers={"x-api-key": ALICE_KEY}).json()["data"] == []
+        assert ask_as(running, GATEWAY_KEY, "openai/gpt-4o").status_code == 200  # the admin key: every model
+    assert [r.json["model"] for r in provider.requests] == ["claude-sonnet-5", "gpt-4o"]
+
+
+def test_the_default_the_small_fast_slot_and_failover_move_on_to_a_model_the_key_may_use(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]},
+                                              {"name": "carol", "key": ALICE_KEY, "models": ["openai/*"]}])
+    with RunningPlano(config) as running:
+        defaulted = ask_as(running, BOB_KEY, "claude-opus-5-5")  # not configured, routing off: the default
+        slot = ask_as(running, BOB_KEY, "claude-haiku-4-5")  # Claude Code's small/fast slot
+        for answer in (defaulted, slot):
+            assert answer.status_code == 200 and answer.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+        # gpt-4o fails over to claude-sonnet-5 for the admin; carol may not use that, so it is not tried.
+        provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+        failed = ask_as(running, ALICE_KEY, "openai/gpt-4o")
+        provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+        fell_back = ask_as(running, GATEWAY_KEY, "openai/gpt-4o")
+        decisions = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": GATEWAY_KEY}).json()["decisions"]
+    assert failed.status_code == 503 and fell_back.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert decisions[0]["decision"] == "default" and decisions[0]["reason"] == (
+        "claude-opus-5-5 is not configured; routing is off; openai/gpt-4o is not among key bob's models, so "
+        "anthropic/claude-sonnet-5")
+    assert decisions[1]["decision"] == "alias"
+    assert "openai/gpt-4o is not among key bob's models" in decisions[1]["reason"]
+    assert [r.json["model"] for r in provider.requests] == ["claude-sonnet-5", "claude-sonnet-5", "gpt-4o", "gpt-4o",
+                                                            "claude-sonnet-5"]
+
+
+def test_the_routers_choice_moves_on_to_a_model_the_key_may_use(provider, tmp_path):
+    text = routed_config_text(provider, remote_router(provider.openai_base), stats={"path": str(tmp_path / "u.db")},
+                              keys=[{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]}])
+    config = plano.parse_config(text, environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    with RunningPlano(config, router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
+        provider.then(remote_answer('{"route": "code generation"}'))
+        answer = ask_as(running, BOB_KEY, "claude-opus-5-5")
+        [decision] = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": BOB_KEY}).json()["decisions"]
+    assert answer.status_code == 200 and answer.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert (decision["decision"], decision["route"]) == ("router", "code generation")
+    assert decision["reason"] == ("router chose code generation; openai/gpt-4o is not among key bob's models, so "
+                                  "anthropic/claude-sonnet-5")
+    assert provider.requests[-1].path == "/v1/messages"
+
+
+def test_past_its_rpm_a_key_gets_a_429_with_retry_after_that_the_sdks_surface(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "rpm": 2}])
+    if time.time() % 60 > 50:  # the window is the UTC minute: start the three requests within one
+        time.sleep(61 - time.time() % 60)
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(2)] == [200, 200]
+        with pytest.raises(anthropic.RateLimitError) as raised:
+            anthropic_client(running, api_key=ALICE_KEY).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                         messages=[USER_HI])
+        wait = int(raised.value.response.headers["retry-after"])
+        assert abs(wait - (60 - time.time() % 60)) <= 1.5 and 1 <= wait <= 60
+        assert raised.value.body["error"] == {"type": "rate_limit_error", "message": (
+            f"key alice has sent its 2 requests of this minute (rpm); the next minute starts in {wait} s")}
+        with pytest.raises(openai.RateLimitError) as raised_openai:
+            openai_client(running, api_key=ALICE_KEY).chat.completions.create(model="openai/gpt-4o",
+                                                                              messages=[USER_HI])
+        assert raised_openai.value.body["type"] == "rate_limit_error" and "retry-after" in \
+            raised_openai.value.response.headers
+        assert ask_as(running, GATEWAY_KEY).status_code == 200  # the admin key is not limited
+    assert len(provider.requests) == 3
+
+
+def test_the_status_line_shows_the_keys_spend_against_its_budget(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 20, "per": "day"}}],
+                         teams=[{"name": "platform", "budget": {"usd": 0.5, "per": "month"}}])
+    with RunningPlano(config) as running:
+        assert ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "s-alice"}).status_code == 200
+        assert ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "s-alice"}).status_code == 200
+
+        def statusline(session: str, **env: str) -> str:
+            return subprocess.run([sys.executable, "-m", "plano", "statusline", "--url", running.url],
+                                  input=json.dumps({"session_id": session}), capture_output=True, text=True,
+                                  timeout=30, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE), **env}
+                                  ).stdout.strip()
+
+        resets = plano._utc_iso(plano.budget_period("month", time.time())[1])[:16].replace("T", " ")
+        expected = (f"plano ▸ openai/gpt-4o · $0.94 · cache 75% · budget $0.94 of $20.00 today · team platform "
+                    f"$0.94 of $0.50 this month, resets {resets} UTC")
+        assert statusline("s-alice", PLANO_API_KEY=ALICE_KEY) == expected
+        # Under `cli-agent claude`, Claude Code's own environment carries the key for this gateway.
+        assert statusline("s-alice", ANTHROPIC_BASE_URL=running.url, ANTHROPIC_AUTH_TOKEN=ALICE_KEY) == expected
+        assert statusline("s-new", PLANO_API_KEY=ALICE_KEY).startswith("plano ▸ no requests yet · budget $0.94 of")
+        # A token meant for another gateway is not sent to this one.
+        assert statusline("s-alice", ANTHROPIC_BASE_URL="https://elsewhere.example", ANTHROPIC_AUTH_TOKEN=ALICE_KEY) \
+            == "plano ▸ the gateway needs your key: set PLANO_API_KEY"
+        assert statusline("s-alice", PLANO_API_KEY=GATEWAY_KEY) == "plano ▸ openai/gpt-4o · $0.94 · cache 75%"
+
+
+def test_cli_agent_sends_the_developers_plano_api_key_and_a_started_gateway_takes_it_as_that_key(
+        tmp_path, provider, monkeypatch):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o", prices=TEAM_PRICES), router=False,
+                                  listeners=[{"address": "127.0.0.1", "port": port}],
+                                  keys=[{"name": "alice", "key": f"sha256:{ALICE_SHA256}",
+                                         "budget": {"usd": 0, "per": "day"}}]))
+
+    def cli_agent(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", *args],
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE), **env})
+
+    claude = cli_agent("claude", "--print-env", PLANO_API_KEY=ALICE_KEY)
+    assert f"export ANTHROPIC_AUTH_TOKEN={ALICE_KEY}\n" in claude.stdout
+    codex = cli_agent("codex", "--print-env", PLANO_API_KEY=ALICE_KEY)
+    assert f"export PLANO_CODEX_API_KEY={ALICE_KEY}\n" in codex.stdout
+    keyless = cli_agent("claude", "--print-env")
+    assert "export ANTHROPIC_AUTH_TOKEN=plano\n" in keyless.stdout
+    assert "this gateway takes a key per developer: export PLANO_API_KEY=" in keyless.stderr
+    # A gateway started where the developer's key is set (as cli-agent starts one) does not make it
+    # its admin key: alice's key is alice's, with her budget of $0, and the log says why.
+    monkeypatch.setenv("PLANO_API_KEY", ALICE_KEY)
+    with plano_up(config, port) as url:
+        refused = httpx.post(url + "/v1/messages", headers={"x-api-key": ALICE_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+    assert refused.status_code == 403 and "key alice has spent its budget: $0.00 of $0.00" in refused.text
+    assert any("PLANO_API_KEY is not an admin key" in line for line in SuiteLog.lines)
+    assert provider.requests == []
+
+
+def test_claude_code_with_a_developers_key_runs_its_tool_loop_and_sees_a_spent_budget_at_once(
+        tmp_path, provider, claude_bin):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", default=True, prices=TEAM_PRICES),
+        served_by(provider, "openai/gpt-4o-mini", prices=TEAM_PRICES),
+        model_aliases={plano.SMALL_FAST_ALIAS: {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "port": port, "api_key": GATEWAY_KEY}], router=ROUTER_OFF,
+        stats={"path": str(tmp_path / "usage.sqlite3")},
+        keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform", "budget": {"usd": 0.9, "per": "day"},
+               "models": ["openai/gpt-4o"]}], teams=[{"name": "platform"}]))
+
+    def claude(prompt: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                               "-p", prompt, "--allowedTools", "Bash"], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, stdin=subprocess.DEVNULL,
+                              env=claude_env(tmp_path / "home", claude_bin, PLANO_API_KEY=ALICE_KEY,
+                                             PYTHONPATH=str(HERE)))
+
+    with plano_up(config, port):
+        first = claude("TOOL:echo developer-key-42")
+        second = claude("hello again")  # $0.94 spent of $0.90: refused before anything goes out
+        rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "tool said: developer-key-42" in first.stdout
+    assert {(r["key_name"], r["team"], r["model"]) for r in rows} == {("alice", "platform", "openai/gpt-4o")}
+    assert len(rows) == 2  # the tool call and its continuation; the small/fast slot moved to gpt-4o too
+    assert second.returncode == 1 and "key alice has spent its budget: $0.94 of $0.90 today" in second.stdout
+    assert len(provider.requests) == 2
 
 
 # ── issue 20: shared state in Redis (state.url) ────────────────────────────────────────────
