@@ -9992,6 +9992,22 @@ def test_a_turn_routed_on_one_replica_is_pinned_on_another(provider, router_serv
     assert (health["status"], health["state"]) == ("ok", url) and "reasons" not in health
 
 
+def test_budget_spend_and_rate_windows_are_shared_by_the_replicas(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 0.5, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY, "rpm": 2}])
+    if time.time() % 60 > 50:  # bob's window is the UTC minute: send his three requests within one
+        time.sleep(61 - time.time() % 60)
+    with redis_server() as url:
+        with RunningPlano(with_state(config, url)) as one, RunningPlano(with_state(config, url)) as two:
+            spent = [ask_as(one, ALICE_KEY).status_code, ask_as(two, ALICE_KEY).status_code,  # $0.47, then $0.94
+                     ask_as(one, ALICE_KEY).status_code]  # refused: the spend the other replica counted is seen
+            rated = [ask_as(one, BOB_KEY).status_code, ask_as(two, BOB_KEY).status_code, ask_as(one, BOB_KEY)]
+            assert me(one, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert_every_key_expires(url)
+    assert spent == [200, 200, 403]
+    assert rated[:2] == [200, 200] and rated[2].status_code == 429, rated[2].text  # bob's 2 a minute, across both
+
+
 def test_a_restarted_replica_still_has_the_pins(provider, router_server):
     first, continuation = tool_loop_turn("write a parser")
     with redis_server() as url:
