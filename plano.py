@@ -4498,6 +4498,12 @@ class LocalState:
         """The counters' values: 0 for one that does not exist or has expired."""
         return self.values_now(names)
 
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        """`add(name, amount, expires_in)` for each of `adds`, then `values(names)`, in one go (one
+        round trip to a shared store): the counters' new values, and those read."""
+        return [self.add_now(*change) for change in adds], self.values_now(names)
+
     async def text(self, name: str, expires_in: float) -> str | None:
         """The text under `name` (None: none), which then expires `expires_in` seconds from now."""
         return self.text_now(name, expires_in)
@@ -4642,42 +4648,50 @@ class RedisState:
     # ── the store's interface ─────────────────────────────────────────────────────────────
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
-        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
-        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds),
-                                  transaction=True)  # no counter without its expiry, whatever happens
-        if results is None:
-            self._keep_unsent(name, expires_in).amount += amount
-            return self.local.add_now(name, amount, expires_in)
-        value = _number(results[0])
-        if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
-            await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
-            value = amount
-        self.local.set_counter_now(name, value, expires_in)
-        return value
+        return (await self.add_and_read([(name, amount, expires_in)], []))[0][0]
 
     async def values(self, names: Sequence[str]) -> list[float]:
-        if not names:
-            return []
+        return (await self.add_and_read([], names))[1]
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        if not adds and not names:
+            return [], []
         keys = [self._prefix + name for name in names]
 
-        def read(pipe: Any) -> None:
-            pipe.mget(keys)
-            for key in keys:
-                pipe.pttl(key)
+        def queue(pipe: Any) -> None:
+            for name, amount, expires_in in adds:  # in the MULTI: no counter without its expiry, whatever happens
+                pipe.incrbyfloat(self._prefix + name, amount).pexpire(self._prefix + name, _milliseconds(expires_in))
+            if keys:
+                pipe.mget(keys)
+                for key in keys:
+                    pipe.pttl(key)
 
-        results = await self._run(read)
+        results = await self._run(queue, transaction=bool(adds))
         if results is None:
-            return self.local.values_now(names)
-        found, lifetimes = results[0], results[1:]
+            for name, amount, expires_in in adds:
+                self._keep_unsent(name, expires_in).amount += amount
+            return [self.local.add_now(*change) for change in adds], self.local.values_now(names)
+        added = []
+        for (name, amount, expires_in), result in zip(adds, results[0:2 * len(adds):2]):
+            value = _number(result)
+            if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
+                key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+                await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
+                value = amount
+            self.local.set_counter_now(name, value, expires_in)
+            added.append(value)
         values = []
-        for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
-            value = _number(raw) or 0.0
-            if isinstance(lifetime, int) and lifetime > 0:
-                self.local.set_counter_now(name, value, lifetime / 1000)
-            elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
-                self.local.delete_now([name])
-            values.append(value)
-        return values
+        if keys:
+            found, lifetimes = results[2 * len(adds)], results[2 * len(adds) + 1:]
+            for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
+                value = _number(raw) or 0.0
+                if isinstance(lifetime, int) and lifetime > 0:
+                    self.local.set_counter_now(name, value, lifetime / 1000)
+                elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                    self.local.delete_now([name])
+                values.append(value)
+        return added, values
 
     async def text(self, name: str, expires_in: float) -> str | None:
         key, milliseconds = self._prefix + name, _milliseconds(expires_in)
@@ -7533,19 +7547,19 @@ class Gateway:
         """Refuse a request of `key` before it goes out: past its `rpm` this minute (a 429, counted
         whether admitted or not), or with its budget or its team's spent this period (a 403)."""
         now = time.time()
-        if key.rpm is not None:
-            minute = math.floor(now / 60)  # a fixed window: the counter of this UTC minute
-            sent = await self.state.add(f"rpm:{key.name}:{minute}", 1, 120)
-            if sent > key.rpm:
-                wait = max(math.ceil((minute + 1) * 60 - now), 1)
-                raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
-                                   f"minute starts in {wait} s", headers={"retry-after": str(wait)})
+        minute = math.floor(now / 60)  # rpm is a fixed window: the counter of this UTC minute
         budgets = config.budgets_of(key)
-        if not budgets:
-            return
         periods = [budget_period(budget.per, now) for _, _, budget in budgets]
-        spent = await self.state.values([spend_counter(whose, name, start)
-                                         for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is None and not budgets:
+            return
+        # The minute's count and the periods' spend, in one round trip to a shared store.
+        sent, spent = await self.state.add_and_read(
+            [(f"rpm:{key.name}:{minute}", 1, 120)] if key.rpm is not None else [],
+            [spend_counter(whose, name, start) for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is not None and sent[0] > key.rpm:
+            wait = max(math.ceil((minute + 1) * 60 - now), 1)
+            raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
+                               f"minute starts in {wait} s", headers={"retry-after": str(wait)})
         for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent):
             if amount >= budget.usd:
                 raise KeyLimitError(budget_refusal(key, whose, name, budget, amount, end))
@@ -7564,9 +7578,9 @@ class Gateway:
         if not cost or not budgets:
             return
         now = time.time()
-        for whose, name, budget in budgets:
-            start, end = budget_period(budget.per, now)
-            await self.state.add(spend_counter(whose, name, start), cost, end - now + 3600)
+        periods = [(whose, name, *budget_period(budget.per, now)) for whose, name, budget in budgets]
+        await self.state.add_and_read([(spend_counter(whose, name, start), cost, end - now + 3600)
+                                       for whose, name, start, end in periods], [])
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 

@@ -9945,6 +9945,10 @@ async def test_two_redis_stores_see_each_others_counters_and_texts_as_one_in_pro
                 await writer.add("rpm:alice:1", 1, -1)  # already expired: reads as 0
                 await trio.sleep(0.01)
                 assert await reader.values(["rpm:alice:1"]) == [0.0]
+                # Adds then reads in one go (one round trip to Redis): what a request's admission asks.
+                assert await writer.add_and_read([("rpm:bob:1", 1, 60), ("spend:bob", 0.5, 60)],
+                                                 ["spend:alice", "spend:bob", "nothing"]) == ([1, 0.5], [0.75, 0.5, 0])
+                assert await reader.add_and_read([], []) == ([], [])
                 await writer.set_text("pin:s", '{"model": "m", "route": null}', 60)
                 assert await reader.text("pin:s", 60) == '{"model": "m", "route": null}'
                 await reader.delete(["pin:s", "spend:alice"])
