@@ -8113,6 +8113,7 @@ EVERY_CONFIG_FIELD = {
               "budget": {"usd": 20, "per": "day"}, "models": ["openai/*", "slow"], "rpm": 120},
              {"name": "bob", "key": "$PLANO_KEY_BOB"}, {"name": "carol", "key": "sha256:" + "0f" * 32}],
     "teams": [{"name": "platform", "budget": {"usd": 500, "per": "month"}}, {"name": "research"}],
+    "metrics": True,
 }
 
 # What YAML can say: every scalar type PyYAML's safe loader builds (dates and binary included),
@@ -9831,6 +9832,403 @@ def test_claude_code_with_a_developers_key_runs_its_tool_loop_and_sees_a_spent_b
     assert len(rows) == 2  # the tool call and its continuation; the small/fast slot moved to gpt-4o too
     assert second.returncode == 1 and "key alice has spent its budget: $0.94 of $0.90 today" in second.stdout
     assert len(provider.requests) == 2
+# ── issue 21: Prometheus metrics ──────────────────────────────────────────────────────────────
+
+def scraped(running: RunningPlano, **headers: str) -> str:
+    answer = httpx.get(running.url + "/metrics", headers=headers or {"authorization": f"Bearer {GATEWAY_KEY}"})
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+def settle(running: RunningPlano, decided: int, undecided: int = 0) -> None:
+    """Until the gateway has accounted for the requests a test made: `decided` ones (a model was
+    chosen) are in its decision log, added just after their metrics; `undecided` ones are counted.
+    That accounting runs once an answer has gone out, so a client can be faster than it."""
+    wait_until(lambda: len(running.gateway.decision_log.records) >= decided, what=f"{decided} decisions")
+    if undecided:
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", decision="none") >= undecided,
+                   what=f"{undecided} undecided requests counted")
+
+
+def metric_samples(text: str) -> list[Any]:
+    """Every sample of a scrape, read with prometheus_client's own parser (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels` (0 when there are none)."""
+    return sum(s.value for s in metric_samples(text)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def anthropic_tokens(usage: Any) -> dict[str, int]:
+    """A Messages answer's usage as plano's token kinds (none of these answers has reasoning)."""
+    return {"input": usage.input_tokens, "cache_read": usage.cache_read_input_tokens or 0,
+            "cache_write": usage.cache_creation_input_tokens or 0, "output": usage.output_tokens}
+
+
+def openai_tokens(usage: Any) -> dict[str, int]:
+    """A Chat answer's usage as plano's token kinds: its prompt tokens include the cached ones."""
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return {"input": usage.prompt_tokens - cached, "cache_read": cached, "cache_write": 0,
+            "output": usage.completion_tokens}
+
+
+def summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    return {kind: sum(c[kind] for c in counts) for kind in ("input", "cache_read", "cache_write", "output")}
+
+
+def monitoring_section() -> str:
+    readme = (Path(plano.__file__).parent / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+
+
+def documented_metrics() -> set[str]:
+    """The metric names README's Monitoring section lists, as PromQL names them."""
+    return set(re.findall(r"^\| `([a-z_]+)`", monitoring_section(), re.M))
+
+
+def documented_prometheus_config() -> tuple[dict, dict]:
+    """README's Prometheus scrape config and alert rules (its first two YAML blocks under Monitoring)."""
+    scrape, rules = re.findall(r"```yaml\n(.*?)```", monitoring_section(), re.S)[:2]
+    return yaml.safe_load(scrape), yaml.safe_load(rules)
+
+
+def test_the_metrics_switch_is_on_unless_the_config_says_false_and_anything_else_is_refused_with_its_line():
+    model = {"model": "openai/gpt-4o", "access_key": "k"}
+    assert build_config(model).metrics is True
+    assert build_config(model, metrics=None).metrics is True  # `metrics:` with nothing after it
+    assert build_config(model, metrics=False).metrics is False
+    assert config_error(config_yaml(model, metrics="no")) == \
+        f"{CONFIG_PATH}:4: `metrics` must be a bool, got 'no'"
+
+
+def test_metrics_answer_only_with_the_gateway_key_in_the_format_the_scraper_asks_for(provider):
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running:
+        anonymous = httpx.get(running.url + "/metrics")
+        wrong = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {WRONG_KEY}"})
+        for refused in (anonymous, wrong):
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+            assert "plano_" not in refused.text
+        text = httpx.get(running.url + "/metrics", headers={"x-api-key": GATEWAY_KEY})
+        bearer = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+        openmetrics = httpx.get(running.url + "/metrics", headers={
+            "authorization": f"Bearer {GATEWAY_KEY}", "accept": "application/openmetrics-text; version=1.0.0"})
+    from prometheus_client.parser import text_string_to_metric_families
+    for answer in (text, bearer):
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert openmetrics.status_code == 200
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+    # The families a scrape has, named as PromQL names them (a counter's samples end in _total), are
+    # the ones README documents; prometheus_client's `_created` companions are left out of both.
+    families = {f.name + ("_total" if f.type == "counter" else "")
+                for f in text_string_to_metric_families(text.text) if not f.name.endswith("_created")}
+    assert families == documented_metrics()
+
+
+PRICED = {"openai/gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10},
+          "anthropic/claude-sonnet-5": {"input": 3, "cached_input": 0.3, "output": 15}}
+
+
+def priced_cost(model: str, tokens: dict[str, int]) -> float:
+    prices = PRICED[model]
+    return (tokens["input"] * prices["input"] + tokens["cache_read"] * prices["cached_input"]
+            + tokens["cache_write"] * prices["input"] + tokens["output"] * prices["output"]) / 1e6
+
+
+def test_metrics_count_each_request_and_its_tokens_and_cost_as_the_answers_report_them(provider):
+    config = build_config(*(served_by(provider, name, prices=prices) for name, prices in PRICED.items()),
+                          environ={"PLANO_API_KEY": GATEWAY_KEY})
+    with RunningPlano(config) as running:
+        claude, chat = anthropic_client(running, api_key=GATEWAY_KEY), openai_client(running, api_key=GATEWAY_KEY)
+        used: dict[str, list[dict[str, int]]] = {name: [] for name in PRICED}
+        for name in PRICED:
+            for stream in (False, True):
+                answer = anthropic_message(claude, stream, model=name, max_tokens=5, messages=[USER_HI])
+                used[name].append(anthropic_tokens(answer.usage))
+        chunks = list(chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], stream=True,
+                                                   stream_options={"include_usage": True}))
+        used["openai/gpt-4o"].append(openai_tokens(chunks[-1].usage))
+        provider.then(Reply(400, {"error": {"message": "bad request", "type": "invalid_request_error"}}))
+        with pytest.raises(openai.BadRequestError):
+            chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
+        with pytest.raises(anthropic.BadRequestError):  # refused before any model is chosen
+            claude.messages.create(model="", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=6, undecided=1)
+        text = scraped(running)
+    for name, counts in used.items():
+        tokens = summed(counts)
+        assert metric_value(text, "plano_requests_total", model=name, decision="explicit", status="200") == len(counts)
+        for kind, count in tokens.items():
+            assert metric_value(text, "plano_tokens_total", model=name, type=kind) == count, (name, kind)
+        assert metric_value(text, "plano_cost_usd_total", model=name, key="", team="") == \
+            pytest.approx(sum(priced_cost(name, c) for c in counts))
+        model_id = name.split("/", 1)[1]
+        assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_request_model=model_id,
+                            gen_ai_token_type="input") == tokens["input"] + tokens["cache_read"] + tokens["cache_write"]
+        assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_request_model=model_id,
+                            gen_ai_token_type="output") == tokens["output"]
+        assert metric_value(text, "gen_ai_server_time_to_first_token_seconds_count",
+                            gen_ai_request_model=model_id) == len(counts)
+    assert metric_value(text, "gen_ai_client_token_usage_count", gen_ai_provider_name="anthropic",
+                        gen_ai_operation_name="chat", gen_ai_token_type="output") == 2
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", status="400") == 1
+    assert metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model="gpt-4o",
+                        error_type="400") == 1
+    assert metric_value(text, "plano_requests_total", model="none", route="none", decision="none", status="400") == 1
+    assert metric_value(text, "plano_gateway_added_seconds_count", api="anthropic") == 4
+    assert metric_value(text, "plano_gateway_added_seconds_count", api="openai") == 1
+    assert metric_value(text, "plano_requests_in_flight") == 0
+    assert metric_value(text, "plano_ledger_rows_dropped_total") == 0
+
+
+def reload_running(running: RunningPlano, config: plano.Config) -> None:
+    trio.from_thread.run_sync(running.gateway.reload, config, trio_token=running.token)
+
+
+def test_metrics_false_leaves_out_the_endpoint_and_the_counting_and_a_reload_keeps_the_counters(provider):
+    with RunningPlano(config_for(provider, sections={"metrics": False})) as running:
+        off = httpx.get(running.url + "/metrics")
+        assert off.status_code == 404 and off.json()["error"]["type"] == "not_found_error"
+        assert "metrics: false" in off.json()["error"]["message"]
+        assert anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI]).content
+        assert running.gateway.metrics is None
+        settle(running, decided=1)
+        reload_running(running, config_for(provider))
+        assert metric_value(scraped(running), "plano_requests_total") == 0  # nothing was counted while off
+        anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=2)
+        assert metric_value(scraped(running), "plano_requests_total", decision="alias", model="openai/gpt-4o") == 1
+        # A reload with another model: the counters go on, the providers' series follow the config.
+        reload_running(running, build_config(
+            served_by(provider, "openai/gpt-4o", default=True), served_by("http://127.0.0.1:9/v1", "groq/llama-4")))
+        text = scraped(running)
+        assert metric_value(text, "plano_requests_total", decision="alias", model="openai/gpt-4o") == 1
+        assert {(s.labels["provider"], s.labels["host"]) for s in metric_samples(text)
+                if s.name == "plano_provider_cooling_down"} == {("openai", f"127.0.0.1:{provider.port}"),
+                                                                ("groq", "127.0.0.1:9")}
+        reload_running(running, config_for(provider, sections={"metrics": False}))
+        assert httpx.get(running.url + "/metrics").status_code == 404
+
+
+def hostile_model_names(count: int) -> list[str]:
+    """Model names no config has: control characters, quotes and braces of the exposition format,
+    label-looking text, other scripts, and long ones; each different."""
+    import random
+    pieces = ['"', "\\", "\n", "}", "{", "=", ",", " 1e308", '"} 9', "\x00", "\u202e", "é", "🤖", "openai/gpt-4o",
+              'model="x"', "#", "\r\n# TYPE plano_requests_total gauge\n", "x" * 300]
+    rng = random.Random(21)
+    return [f"{i}-" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for i in range(count)]
+
+
+def test_clients_naming_models_plano_does_not_know_cannot_grow_the_number_of_series(provider):
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running, \
+            httpx.Client(base_url=running.url, timeout=30, headers={"x-api-key": GATEWAY_KEY}) as client:
+        def ask(model: str, api: int) -> None:
+            path, body = [("/v1/messages", {"model": model, "max_tokens": 5, "messages": [USER_HI]}),
+                          ("/v1/chat/completions", {"model": model, "messages": [USER_HI]}),
+                          ("/v1/responses", {"model": model, "input": "hi"})][api % 3]
+            answer = client.post(path, json=dict(body, stream=api % 2 == 1))
+            assert answer.status_code == 200 and answer.headers["x-plano-decision"] == "default", answer.text
+
+        names = hostile_model_names(200)
+        for api in range(3):  # one of each endpoint first: their series exist from here on
+            ask(names[api], api)
+        settle(running, decided=3)
+        before = metric_samples(scraped(running))
+        for api, name in enumerate(names[3:]):
+            ask(name, api)
+        settle(running, decided=200)
+        text = scraped(running)
+    after = metric_samples(text)
+    assert {(s.name, tuple(sorted(s.labels.items()))) for s in after} == \
+        {(s.name, tuple(sorted(s.labels.items()))) for s in before}
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", decision="default") == 200
+    assert not any(name in text for name in names)
+
+
+def test_metrics_show_a_request_in_flight_while_it_waits_for_the_routers_decision(provider):
+    with StandInProvider() as router_server:
+        config = routed_config(provider, remote_router(router_server.openai_base, timeout_ms=60000))
+        release = threading.Event()
+        router_server.then(lambda request: (release.wait(30), remote_answer('{"route": "code generation"}'))[1])
+        with RunningPlano(config, router="auto") as running:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            answered: dict[str, httpx.Response] = {}
+            worker = threading.Thread(target=lambda: answered.update(routed=routed_request(running.url)))
+            worker.start()
+            try:
+                wait_until(lambda: metric_value(scraped(running), "plano_router_decisions_waiting") == 1,
+                           what="a decision waiting")
+                assert metric_value(scraped(running), "plano_requests_in_flight") == 1
+            finally:
+                release.set()
+                worker.join(30)
+            settle(running, decided=1)
+            text = scraped(running)
+    assert answered["routed"].headers["x-plano-decision"] == "router"
+    assert metric_value(text, "plano_router_decisions_waiting") == 0
+    assert metric_value(text, "plano_requests_in_flight") == 0
+    assert metric_value(text, "plano_router_decision_seconds_count", decision="router") == 1
+    assert metric_value(text, "plano_router_decision_seconds_sum", decision="router") > 0
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", route="code generation",
+                        decision="router", status="200") == 1
+
+
+def test_router_timeouts_fallbacks_and_a_provider_cooling_down_show_in_the_metrics(provider):
+    with StandInProvider() as router_server:
+        config = routed_config(provider, remote_router(router_server.openai_base, timeout_ms=200))
+        router_server.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
+        with RunningPlano(config, router="auto") as running:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            timed_out = routed_request(running.url)
+            for _ in range(plano.ProviderHealth.FAILURES_BEFORE_COOL_DOWN):
+                provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+                fell_back = anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                       messages=[USER_HI])
+                assert fell_back.model == "anthropic/claude-sonnet-5"
+            settle(running, decided=4)
+            text = httpx.get(running.url + "/metrics").text  # this config has no gateway key
+    assert timed_out.headers["x-plano-decision"] == "fallback"
+    assert metric_value(text, "plano_router_failures_total", reason="timeout") == 1
+    assert metric_value(text, "plano_router_failures_total", reason="unavailable") == 0
+    assert metric_value(text, "plano_router_decision_seconds_count", decision="fallback") == 1
+    assert metric_value(text, "plano_fallbacks_total", from_model="openai/gpt-4o",
+                        to_model="anthropic/claude-sonnet-5") == 3
+    assert metric_value(text, "plano_requests_total", model="anthropic/claude-sonnet-5", decision="fallback") == 4
+    host = f"127.0.0.1:{provider.port}"
+    assert metric_value(text, "plano_provider_cooling_down", provider="openai", host=host) == 1
+    assert metric_value(text, "plano_provider_cooling_down", provider="anthropic", host=host) == 0
+
+
+@contextlib.contextmanager
+def real_prometheus(directory: Path, target: str, bearer: str):
+    """Debian's Prometheus on a free loopback port, its data in `directory`, with README's scrape
+    config (its key `bearer`, its target plano at `target`, every second) and README's alert
+    rules (evaluated every second); yields its URL."""
+    import shutil
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus is needed: .ci/install_test_extras.sh installs it"
+    port = free_port()
+    scrape, rules = documented_prometheus_config()
+    job = scrape["scrape_configs"][0]
+    job["authorization"]["credentials"] = bearer
+    job["static_configs"][0]["targets"] = [target]
+    (directory / "rules.yml").write_text(yaml.safe_dump(rules))
+    config = directory / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                                                 "evaluation_interval": "1s"},
+                                      "rule_files": [str(directory / "rules.yml")], **scrape}))
+    log = directory / "prometheus.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(url + "/-/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, what="Prometheus ready")
+        yield url
+    finally:
+        stop_process(process)
+
+
+def promql(url: str, query: str) -> dict[str, float]:
+    """An instant query's answer: each series' value, keyed by its labels' values joined by `|`."""
+    answer = httpx.get(url + "/api/v1/query", params={"query": query}).json()
+    assert answer["status"] == "success", answer
+    return {"|".join(r["metric"].values()): float(r["value"][1]) for r in answer["data"]["result"]}
+
+
+def test_a_real_prometheus_scrapes_plano_with_its_token_and_promql_gives_back_what_was_sent(provider, tmp_path):
+    with StandInProvider() as router_server:
+        config = plano.parse_config(routed_config_text(provider, remote_router(router_server.openai_base)),
+                                    path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
+                                                                 "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+                                                                 "PLANO_API_KEY": GATEWAY_KEY})
+        with RunningPlano(config, router="auto") as running, \
+                real_prometheus(tmp_path, f"127.0.0.1:{running.info.port}", GATEWAY_KEY) as prometheus:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            claude, chat = anthropic_client(running, api_key=GATEWAY_KEY), openai_client(running, api_key=GATEWAY_KEY)
+            used: dict[str, list[dict[str, int]]] = {"openai/gpt-4o": [], "anthropic/claude-sonnet-5": []}
+            # Routed: the router server picks a route for each, both served by openai/gpt-4o.
+            for stream, (text, route) in enumerate([("write a parser", "code generation"),
+                                                    ("explain this function", "code understanding")]):
+                router_server.then(remote_answer(json.dumps({"route": route})))
+                answer = anthropic_message(claude, bool(stream), model=CLAUDE_CODE_MODEL, max_tokens=5,
+                                           messages=[{"role": "user", "content": text}])
+                used["openai/gpt-4o"].append(anthropic_tokens(answer.usage))
+            # Explicit, through the OpenAI SDK: whole, and streamed with its usage chunk.
+            whole = chat.chat.completions.create(model="anthropic/claude-sonnet-5", messages=[USER_HI])
+            used["anthropic/claude-sonnet-5"].append(openai_tokens(whole.usage))
+            chunks = list(chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], stream=True,
+                                                       stream_options={"include_usage": True}))
+            used["openai/gpt-4o"].append(openai_tokens(chunks[-1].usage))
+            # A fallback: the named model's provider fails, the default model answers.
+            provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+            answer = claude.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            used["anthropic/claude-sonnet-5"].append(anthropic_tokens(answer.usage))
+
+            settle(running, decided=5)
+            settled_at = time.time()
+            last_scrape = 'max(timestamp(up{job="plano"}))'
+            wait_until(lambda: promql(prometheus, last_scrape).get("", 0) > settled_at, timeout=60,
+                       what="Prometheus scraped plano after it accounted for the five requests")
+            assert promql(prometheus, 'sum by (instance) (up{job="plano"})') == \
+                {f"127.0.0.1:{running.info.port}": 1.0}
+            assert promql(prometheus, "sum by (decision) (plano_requests_total)") == \
+                {"router": 2.0, "explicit": 2.0, "fallback": 1.0}
+            assert promql(prometheus, "sum by (route) (plano_requests_total)") == \
+                {"code generation": 1.0, "code understanding": 1.0, "none": 3.0}
+            assert promql(prometheus, "sum by (from_model, to_model) (plano_fallbacks_total)") == \
+                {"openai/gpt-4o|anthropic/claude-sonnet-5": 1.0}
+            assert promql(prometheus, "sum by (decision) (plano_router_decision_seconds_count)") == {"router": 2.0}
+            for name, counts in used.items():
+                tokens = summed(counts)
+                by_kind = promql(prometheus, f'sum by (type) (plano_tokens_total{{model="{name}"}})')
+                assert by_kind == {kind: float(count) for kind, count in tokens.items() if count}, name
+                assert promql(prometheus, 'sum(gen_ai_client_token_usage_sum{gen_ai_token_type="output",'
+                                          f'gen_ai_request_model="{name.split("/", 1)[1]}"}})') == \
+                    {"": float(tokens["output"])}
+            durations = "sum by (gen_ai_provider_name) (gen_ai_client_operation_duration_seconds_count)"
+            assert promql(prometheus, durations) == {"openai": 3.0, "anthropic": 2.0}
+
+            # Two more failures in a row: the provider cools down, and README's alert for it fires.
+            firing = 'sum by (alertname, provider) (ALERTS{alertstate="firing"})'
+            assert promql(prometheus, firing) == {}
+            for _ in range(2):
+                provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+                claude.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            wait_until(lambda: promql(prometheus, firing) != {}, timeout=60, what="an alert firing")
+            assert promql(prometheus, firing) == {"PlanoProviderCoolingDown|openai": 1.0}
+
+
+# ── issue 20 × 21: developers' keys in the metrics ───────────────────────────────────────────
+
+
+def test_the_metrics_count_cost_per_developer_key_and_team_and_only_the_admin_key_may_scrape(provider, tmp_path):
+    config = keys_config(provider, tmp_path, keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                                   {"name": "bob", "key": BOB_KEY}], teams=[{"name": "platform"}])
+    with RunningPlano(config) as running:
+        for key in (ALICE_KEY, ALICE_KEY, BOB_KEY):
+            assert ask_as(running, key, path="/v1/chat/completions").status_code == 200
+        settle(running, 3)
+        refused = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {ALICE_KEY}"})
+        assert refused.status_code == 403 and ALICE_KEY not in refused.text
+        text = scraped(running)
+    assert metric_value(text, "plano_cost_usd_total", key="alice", team="platform") == \
+        pytest.approx(2 * CHAT_ANSWER_COST)
+    assert metric_value(text, "plano_cost_usd_total", key="bob", team="") == pytest.approx(CHAT_ANSWER_COST)
+    assert metric_value(text, "plano_requests_total", key="alice", team="platform") == 2
+    assert ALICE_KEY not in text and BOB_KEY not in text
 
 
 # ── issue 20: shared state in Redis (state.url) ────────────────────────────────────────────
