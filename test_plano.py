@@ -10444,7 +10444,10 @@ def test_a_provider_cooling_down_on_one_replica_is_skipped_by_another(provider, 
             answer = ask(two)
             wait_until(lambda: two.gateway.decision_log.records, what="the answer is in the decision log")
             reason = two.gateway.decision_log.records[-1]["reason"]
+            cooling = metric_value(httpx.get(two.url + "/metrics").text, "plano_provider_cooling_down",
+                                   provider="openai", host=f"127.0.0.1:{provider.port}")
         assert_every_key_expires(url)
+        assert cooling == 1  # the second replica's metrics say so too
     assert decided(answer) == ("fallback", "anthropic/claude-backup")
     assert reason == "openai/gpt-4o is cooling down after failures; answered by anthropic/claude-backup"
     assert len(provider.requests) == 3  # the second replica did not try the provider the first saw failing
