@@ -574,6 +574,34 @@ def masked_url(url: str) -> str:
     return url
 
 
+@dataclass(frozen=True)
+class StateSettings:
+    """The `state:` section: where what every replica of a gateway must agree on lives (session
+    pins, provider cool-downs, budget spend, rate windows). No `url`: in this process."""
+
+    url: str | None = field(default=None, repr=False)  # redis://, rediss:// or unix://; may hold a password
+    prefix: str = "plano"  # of every key: unrelated gateways sharing one Redis each take their own
+
+    @property
+    def password(self) -> str | None:
+        """The password in `url` (a secret: never logged), or None."""
+        password = urllib.parse.urlsplit(self.url).password if self.url else None
+        return urllib.parse.unquote(password) if password else None
+
+    @property
+    def shown_url(self) -> str | None:
+        """`url` with its password masked, for the log, /healthz and error messages."""
+        return _masked_url(self.url) if self.url else None
+
+
+def _masked_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
 # ── gateway keys for people: `keys:` and `teams:` ────────────────────────────────────────────
 
 BUDGET_PERIODS = ("day", "week", "month")  # UTC calendar periods; a week starts on Monday (ISO 8601)
@@ -647,6 +675,7 @@ class Config:
     router: RouterSettings
     warnings: tuple[str, ...] = ()
     stats: StatsSettings = StatsSettings()
+    state: StateSettings = StateSettings()
     # Top-level `routing_preferences` (the newer upstream format): each with its models in order
     # of preference; the first that can take a request answers it.
     preference_routes: tuple[tuple[RoutingPreference, tuple[str, ...]], ...] = ()
@@ -890,7 +919,7 @@ class _ConfigReader:
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
                  "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats", "keys",
-                 "teams", "metrics"}
+                 "teams", "metrics", "state"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -920,7 +949,7 @@ class _ConfigReader:
                 if p.name == "other":
                     raise self.fail(e, "routing_preferences", "`other` is reserved: it means no route fits")
         config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw),
-                        stats=self.read_stats(raw))
+                        stats=self.read_stats(raw), state=self.read_state(raw))
         aliases = self.read_aliases(raw, config)
         for m, e in zip(models, entries):
             for fallback in m.fallbacks:
@@ -1211,6 +1240,29 @@ class _ConfigReader:
                                             f"got {shown}")
         return url
 
+    def read_state(self, raw: dict) -> StateSettings:
+        section = raw.get("state")
+        if section is None:
+            return StateSettings()
+        if not isinstance(section, dict):
+            raise self.fail(raw, "state", "must be a mapping {url, prefix}")
+        for key in section:
+            if key not in ("url", "prefix"):
+                raise self.fail(section, key, "is not a known state field (known: prefix, url)")
+        url = self.get(section, "url", str)
+        if url is not None:
+            url, variable = self.expand(section, "url", url)
+            if url is None:
+                raise self.fail(section, "url", f"${variable} is not set")
+            url = url.strip()
+            problem = _state_url_problem(url)
+            if problem:
+                raise self.fail(section, "url", f"{problem}, got {_masked_url(url)!r}" if "://" in url else problem)
+        prefix = self.get(section, "prefix", str, StateSettings.prefix)
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
+            raise self.fail(section, "prefix", f"must be 1 to 64 letters, digits or `_.:-`, got {prefix!r}")
+        return StateSettings(url=url or None, prefix=prefix)
+
     def read_teams(self, raw: dict) -> tuple[Team, ...]:
         teams: dict[str, Team] = {}
         for entry in self.get(raw, "teams", list, []) or []:
@@ -1335,6 +1387,25 @@ class _ConfigReader:
                                 f"{target} is not a configured model")
             aliases[str(alias)] = model.name
         return aliases
+
+
+def _state_url_problem(url: str) -> str | None:
+    """What is wrong with a `state.url` as written (None: it can be tried), before any connection."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError as e:
+        return f"must be a redis://, rediss:// or unix:// URL ({e})"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://host:port/db, rediss:// (TLS) or unix:///path/to/redis.sock URL"
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path (unix:///run/redis.sock)"
+    if not parts.hostname:
+        return "needs a host (redis://host:6379/0)"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "the path must be a database number (redis://host:6379/0)"
+    return None
 
 
 def allowed_models(config: Config, globs: Sequence[str]) -> frozenset[str]:
@@ -4440,19 +4511,27 @@ class _InflatedBody(httpx.AsyncByteStream):
 
 
 class LocalState:
-    """Counters kept in this process (budget spend, request-rate windows): the default, for a
-    gateway that is the only one. Every counter expires `expires_in` seconds after its last
-    change, so those of past periods and windows do not pile up.
+    """What a gateway that is the only one keeps in its own memory (the default): counters (budget
+    spend, request-rate windows, provider failures and cool-downs) and texts (session pins). Every
+    entry expires `expires_in` seconds after its last change (a text: after its last read too), so
+    those of past periods, windows and sessions do not pile up.
 
-    The interface of every state store (a shared one keeps the same counters where all replicas
-    see them): `add` and `values`, both async because a shared store is across the network."""
+    The interface of every state store (RedisState keeps the same entries where all replicas see
+    them): `add`, `values`, `text`, `set_text`, `delete`, all async because a shared store is across
+    the network; `trouble` says why the store is not working as configured (None: it is)."""
 
     description = "in this process"
+    trouble: str | None = None
+    reuse_reads_for = 0.0  # seconds a value read may be used again without reading it: 0, reading is free
     _SWEEP_EVERY = 1024  # adds between removals of expired counters: memory stays bounded, adds stay cheap
+    MAX_TEXTS = 4096  # texts kept at most (the least recently used go first): one per session pinned
 
-    def __init__(self) -> None:
+    def __init__(self, max_texts: int = MAX_TEXTS) -> None:
         self._counters: dict[str, tuple[float, float]] = {}  # name -> (value, expiry as a time.time())
         self._adds = 0
+        # name -> (text, expiry as a time.monotonic()), least recently used first
+        self._texts: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self.max_texts = max_texts
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
         """Add `amount` to counter `name` (created at 0); its new value."""
@@ -4460,19 +4539,406 @@ class LocalState:
 
     async def values(self, names: Sequence[str]) -> list[float]:
         """The counters' values: 0 for one that does not exist or has expired."""
-        now = time.time()
-        return [value if expires > now else 0.0
-                for value, expires in (self._counters.get(name, (0.0, 0.0)) for name in names)]
+        return self.values_now(names)
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        """`add(name, amount, expires_in)` for each of `adds`, then `values(names)`, in one go (one
+        round trip to a shared store): the counters' new values, and those read."""
+        return [self.add_now(*change) for change in adds], self.values_now(names)
+
+    async def text(self, name: str, expires_in: float) -> str | None:
+        """The text under `name` (None: none), which then expires `expires_in` seconds from now."""
+        return self.text_now(name, expires_in)
+
+    async def set_text(self, name: str, text: str, expires_in: float) -> None:
+        self.set_text_now(name, text, expires_in)
+
+    async def delete(self, names: Sequence[str]) -> None:
+        """Forget these counters and texts."""
+        self.delete_now(names)
+
+    async def aclose(self) -> None:
+        """Nothing to close: it is memory."""
+
+    # The same, synchronous: what RedisState keeps of its entries here, for while Redis is away.
 
     def add_now(self, name: str, amount: float, expires_in: float) -> float:
         now = time.time()
         value, expires = self._counters.get(name, (0.0, 0.0))
         value = (value if expires > now else 0.0) + amount
+        self.set_counter_now(name, value, expires_in, now)
+        return value
+
+    def set_counter_now(self, name: str, value: float, expires_in: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         self._counters[name] = (value, now + expires_in)
         self._adds += 1
         if self._adds % self._SWEEP_EVERY == 0:
             self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
-        return value
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires (a time.time(); 0: there is none)."""
+        return self._counters.get(name, (0.0, 0.0))[1]
+
+    def values_now(self, names: Sequence[str]) -> list[float]:
+        now = time.time()
+        return [value if expires > now else 0.0
+                for value, expires in (self._counters.get(name, (0.0, 0.0)) for name in names)]
+
+    def text_now(self, name: str, expires_in: float) -> str | None:
+        now = time.monotonic()
+        self._expire_texts(now)
+        entry = self._texts.get(name)
+        if entry is None or entry[1] <= now:
+            self._texts.pop(name, None)
+            return None
+        self._texts[name] = (entry[0], now + expires_in)
+        self._texts.move_to_end(name)
+        return entry[0]
+
+    def set_text_now(self, name: str, text: str, expires_in: float) -> None:
+        now = time.monotonic()
+        self._expire_texts(now)
+        self._texts[name] = (text, now + expires_in)
+        self._texts.move_to_end(name)
+        while len(self._texts) > self.max_texts:
+            self._texts.popitem(last=False)
+
+    def delete_now(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._counters.pop(name, None)
+            self._texts.pop(name, None)
+
+    def _expire_texts(self, now: float) -> None:
+        # Least recently used first: with one lifetime for all (the pins'), the expired ones lead.
+        while self._texts:
+            name, (_, expires) = next(iter(self._texts.items()))
+            if expires > now:
+                break
+            del self._texts[name]
+
+
+@dataclass
+class _Unsent:
+    """What a replica changed in one entry while Redis was unreachable, sent when it is back."""
+
+    deleted: bool = False  # first delete the entry,
+    text: str | None = None  # then set this text,
+    amount: float = 0.0  # or add this to the counter (other replicas' adds meanwhile stay counted)
+    expires_at: float = 0.0  # time.monotonic() when the change no longer matters
+
+    def following(self, earlier: "_Unsent") -> "_Unsent":
+        """This change made after `earlier` to the same entry, as one change."""
+        if self.deleted:
+            return self  # what came before is deleted anyway
+        return _Unsent(earlier.deleted, self.text if self.text is not None else earlier.text,
+                       earlier.amount + self.amount, max(self.expires_at, earlier.expires_at))
+
+
+class RedisState:
+    """The state store every replica of a gateway shares: the same entries as LocalState, in Redis
+    (`state.url`), each under `<prefix>:` with an expiry (INCRBYFLOAT and PEXPIRE together in one
+    MULTI; every call is one round trip).
+
+    trio has no Redis client, and redis-py's asyncio client runs only on asyncio's loop, so the
+    synchronous client is called in worker threads: at most CONNECTIONS at once (a thread holds
+    one pooled connection for one round trip), with short socket timeouts, so a Redis that stops
+    answering holds a request back by half a second at most, once.
+
+    Redis unreachable (refused, timed out, loading, read-only, …): serving goes on from `local`, a
+    LocalState that mirrors every entry this replica read or wrote (the pins it saw, the last
+    spend it read, plus what it counts meanwhile); requests no longer try Redis, a watcher probes
+    it once a second; one log line when the outage starts and one when it ends. What this replica
+    changed meanwhile is then sent to Redis (adds added, pins set, deletes done; those expired
+    meanwhile dropped), so spend counted during an outage is not lost."""
+
+    CONNECT_TIMEOUT = 0.5  # seconds: Redis is on the same network; a dead one must not stall requests
+    OPERATION_TIMEOUT = 0.5
+    PROBE_EVERY = 1.0  # seconds between attempts to reach Redis while it is unreachable
+    CONNECTIONS = 16  # worker threads (and pooled connections) at once
+    MAX_UNSENT = 100_000  # entries changed during one outage that are kept to send (past it, dropped)
+    MAX_TEXT_BYTES = 4096  # a text read back larger than this was not written by plano (a pin is ~100)
+    reuse_reads_for = 1.0  # seconds a provider's health, once read, is used without a round trip
+    # The errors about the value under a key (Redis's WRONGTYPE, INCRBYFLOAT's on a non-number)
+    _FOREIGN_VALUE = ("WRONGTYPE", "value is not a valid float")
+
+    def __init__(self, settings: StateSettings):
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError("`state.url` needs the redis package: pip install 'plano[team]'") from None
+        assert settings.url is not None
+        self.description = settings.shown_url or ""
+        self._errors: type[Exception] = redis.RedisError
+        self._response_error: type[Exception] = redis.ResponseError
+        self._password = settings.password
+        self._prefix = settings.prefix + ":"
+        # One retry on a fresh connection when a pooled one was closed (Redis restarted, an idle
+        # timeout); none on a timeout, which would double the wait. Not redis-py's default of three
+        # retries with back-off: the outage fallback is plano's.
+        pool = redis.ConnectionPool.from_url(
+            settings.url, socket_connect_timeout=self.CONNECT_TIMEOUT, socket_timeout=self.OPERATION_TIMEOUT,
+            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            encoding_errors="backslashreplace")  # a name with a lone surrogate (a config's YAML escape) is still a key
+        self._redis = redis.Redis(connection_pool=pool)
+        self._threads = trio.CapacityLimiter(self.CONNECTIONS)
+        self.local = LocalState()
+        self.trouble: str | None = None  # while Redis is unreachable: since when and why
+        self._down_since: float | None = None  # time.monotonic() at the start of the outage
+        self._outage = trio.Event()  # set when one starts: wakes the watcher
+        self._unsent: dict[str, _Unsent] = {}
+        self._dropped = 0  # changes past MAX_UNSENT in this outage
+
+    # ── the store's interface ─────────────────────────────────────────────────────────────
+
+    async def add(self, name: str, amount: float, expires_in: float) -> float:
+        return (await self.add_and_read([(name, amount, expires_in)], []))[0][0]
+
+    async def values(self, names: Sequence[str]) -> list[float]:
+        return (await self.add_and_read([], names))[1]
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        if not adds and not names:
+            return [], []
+        keys = [self._prefix + name for name in names]
+
+        def queue(pipe: Any) -> None:
+            for name, amount, expires_in in adds:  # in the MULTI: no counter without its expiry, whatever happens
+                pipe.incrbyfloat(self._prefix + name, amount).pexpire(self._prefix + name, _milliseconds(expires_in))
+            if keys:
+                pipe.mget(keys)
+                for key in keys:
+                    pipe.pttl(key)
+
+        results = await self._run(queue, transaction=bool(adds))
+        if results is None:
+            for name, amount, expires_in in adds:
+                self._keep_unsent(name, expires_in).amount += amount
+            return [self.local.add_now(*change) for change in adds], self.local.values_now(names)
+        added = []
+        for (name, amount, expires_in), result in zip(adds, results[0:2 * len(adds):2]):
+            value = _number(result)
+            if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
+                key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+                await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
+                value = amount
+            self.local.set_counter_now(name, value, expires_in)
+            added.append(value)
+        values = []
+        if keys:
+            found, lifetimes = results[2 * len(adds)], results[2 * len(adds) + 1:]
+            for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
+                value = _number(raw) or 0.0
+                if isinstance(lifetime, int) and lifetime > 0:
+                    self.local.set_counter_now(name, value, lifetime / 1000)
+                elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                    self.local.delete_now([name])
+                values.append(value)
+        return added, values
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires, as this replica last read or wrote it (0: not known)."""
+        return self.local.counter_expiry(name)
+
+    async def text(self, name: str, expires_in: float) -> str | None:
+        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+        results = await self._run(lambda pipe: pipe.get(key).pexpire(key, milliseconds))
+        if results is None:
+            return self.local.text_now(name, expires_in)
+        raw = results[0]
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) and len(raw) <= self.MAX_TEXT_BYTES else None
+        if text is None:
+            self.local.delete_now([name])
+        else:
+            self.local.set_text_now(name, text, expires_in)
+        return text
+
+    async def set_text(self, name: str, text: str, expires_in: float) -> None:
+        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+        self.local.set_text_now(name, text, expires_in)
+        if await self._run(lambda pipe: pipe.set(key, text, px=milliseconds)) is None:
+            self._keep_unsent(name, expires_in).text = text
+
+    async def delete(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+        self.local.delete_now(names)
+        if await self._run(lambda pipe: pipe.delete(*[self._prefix + name for name in names])) is None:
+            for name in names:
+                self._unsent.pop(name, None)
+                self._keep_unsent(name, 0.0).deleted = True
+
+    # ── start, calls, outages ─────────────────────────────────────────────────────────────
+
+    async def connect(self) -> None:
+        """At start: Redis answers at `state.url` and takes writes (a ConfigError naming the field
+        if not: refused, not Redis, a wrong password, no such database, a read-only replica)."""
+        try:
+            await self._call(self._check)
+        except self._errors as error:
+            await self.aclose()
+            raise ConfigError(f"`state.url`: cannot use Redis at {self.description}: {self._why(error)}") from None
+
+    async def watch(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs for the store's life: during an outage, probes Redis once a second; once it answers,
+        sends what changed meanwhile and says so."""
+        task_status.started()
+        while True:
+            await self._outage.wait()
+            while self._down_since is not None:
+                await trio.sleep(self.PROBE_EVERY)
+                await self._recover()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._redis.close)
+
+    async def _run(self, queue: Callable[[Any], Any], transaction: bool = False) -> list | None:
+        """The results of the commands `queue` puts in a pipeline (one round trip; in a MULTI when
+        they must be applied together), or None while Redis is unreachable (the caller uses `local`)."""
+        if self._down_since is not None:
+            return None
+        try:
+            return await self._call(queue, transaction=transaction)
+        except self._errors as error:
+            self._went_down(error)
+            return None
+
+    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False) -> list:
+        def round_trip() -> list:
+            pipe = self._redis.pipeline(transaction=transaction)
+            queue(pipe)
+            results = pipe.execute(raise_on_error=False)
+            # A command's own error comes back in its place. One about the value under a key (another
+            # program's: of another type, not a number) is that key's; any other (read-only, out of
+            # memory, loading, no auth) is the server's, and raises as an outage does.
+            for result in results:
+                if isinstance(result, self._response_error) and not str(result).startswith(self._FOREIGN_VALUE):
+                    raise result
+            return results
+
+        return await trio.to_thread.run_sync(round_trip, limiter=self._threads)
+
+    def _check(self, pipe: Any) -> None:
+        """A write every replica may make at any time: how the start and each probe know Redis takes writes."""
+        pipe.set(self._prefix + "check", "1", px=10_000)
+
+    def _went_down(self, error: Exception) -> None:
+        if self._down_since is not None:
+            return  # the same outage, seen by another request: said once
+        self._down_since = time.monotonic()
+        why = self._why(error)
+        self.trouble = f"Redis at {self.description} unreachable since {time.strftime('%H:%M:%S')} ({why}); " \
+                       "serving on this replica's own state"
+        log.warning("shared state: Redis at %s is unreachable (%s); serving on this replica's own state (its pins, "
+                    "the last spend it read plus what it counts) until Redis is back", self.description, why)
+        self._outage.set()
+
+    async def _recover(self) -> None:
+        """One probe: send what changed during the outage (a check write if nothing did); if Redis
+        takes it, the outage is over."""
+        try:
+            while True:
+                unsent, self._unsent = self._unsent, {}
+                try:
+                    await self._send_unsent(unsent)
+                finally:
+                    for name, change in unsent.items():  # not sent: kept for the next probe, with what changed since
+                        since = self._unsent.get(name)
+                        self._unsent[name] = change if since is None else since.following(change)
+                if not self._unsent:  # nothing changed while sending: the outage ends here
+                    break
+        except self._errors:
+            return
+        outage = time.monotonic() - (self._down_since or time.monotonic())
+        dropped, self._dropped = self._dropped, 0
+        self._down_since, self.trouble, self._outage = None, None, trio.Event()
+        log.info("shared state: Redis at %s is reachable again after %.0f s%s", self.description, outage,
+                 f"; {dropped} changes made meanwhile were past the {self.MAX_UNSENT:,} kept and are lost"
+                 if dropped else "")
+
+    async def _send_unsent(self, unsent: dict[str, _Unsent]) -> None:
+        """Send `unsent` in batches, removing from it what Redis took (what is left on an error was not sent)."""
+        now = time.monotonic()
+        for name, change in list(unsent.items()):
+            if change.expires_at <= now:  # what it set or added has expired meanwhile: only a deletion is left
+                change.text, change.amount = None, 0.0
+                if not change.deleted:
+                    del unsent[name]
+        while True:
+            batch = list(unsent.items())[:500]
+
+            def queue(pipe: Any) -> None:
+                self._check(pipe)
+                for name, change in batch:
+                    key, milliseconds = self._prefix + name, _milliseconds(change.expires_at - now)
+                    if change.deleted:
+                        pipe.delete(key)
+                    if change.text is not None:
+                        pipe.set(key, change.text, px=milliseconds)
+                    if change.amount:
+                        pipe.incrbyfloat(key, change.amount).pexpire(key, milliseconds)
+
+            await self._call(queue, transaction=True)  # a change under another program's value is dropped
+            for name, _ in batch:
+                del unsent[name]
+            if not unsent:
+                return
+
+    def _keep_unsent(self, name: str, expires_in: float) -> _Unsent:
+        change = self._unsent.get(name)
+        if change is None:
+            change = _Unsent()
+            if len(self._unsent) < self.MAX_UNSENT:
+                self._unsent[name] = change
+            else:
+                self._dropped += 1
+        change.expires_at = time.monotonic() + expires_in
+        return change
+
+    def _why(self, error: Exception) -> str:
+        """An error of redis-py's in one line, its password removed (a message could hold it)."""
+        text = f"{type(error).__name__}: {error}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        return printable(text)
+
+
+def _milliseconds(seconds: float) -> int:
+    """A lifetime for PEXPIRE/PX: whole milliseconds, at least 1 (0 is an error for SET PX)."""
+    return max(int(seconds * 1000), 1)
+
+
+def _number(raw: Any) -> float | None:
+    """A counter as Redis gives it back (bytes, or a float from INCRBYFLOAT); None when it is not a
+    finite number (missing, or another program's value under the key)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@asynccontextmanager
+async def open_state(settings: StateSettings) -> Any:
+    """The state store `state:` asks for, for the life of the block: LocalState by default, a
+    RedisState checked at start (a ConfigError naming `state.url` when it cannot be used)."""
+    if not settings.url:
+        yield LocalState()
+        return
+    store = RedisState(settings)
+    await store.connect()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.watch)
+            yield store
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -5316,11 +5782,30 @@ def _thousands(tokens: int) -> str:
 ROUTER_TIMED_OUT = "router timed out"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pin:
+    """The model a session's turn was routed to: what its tool-loop continuations keep and what a
+    new turn weighs moving away from. Kept in the state store as a small JSON text under
+    `pin:<session>`, so that with Redis every replica sees the pins of every other."""
+
     model: str
     route: str | None
-    at: float
+
+    def text(self) -> str:
+        return json.dumps({"model": self.model, "route": self.route})  # ASCII: a lone surrogate cannot break it
+
+    @classmethod
+    def read(cls, text: str | None) -> "_Pin | None":
+        """A stored pin; None when there is none, or the text is not one plano wrote (another
+        program's value under the key): the turn is then routed as a new one."""
+        try:
+            value = parse_json(text) if text else None
+        except ValueError:
+            return None
+        if isinstance(value, dict) and isinstance(value.get("model"), str) \
+                and isinstance(value.get("route"), (str, type(None))):
+            return cls(value["model"], value["route"])
+        return None
 
 
 class Router:
@@ -5331,22 +5816,21 @@ class Router:
     """
 
     def __init__(self, config: Config, backend: RouterBackend, *, cache_size: int = 2048,
-                 pin_ttl: float = 3600.0, max_sessions: int = 4096):
+                 pin_ttl: float = 3600.0, state: LocalState | RedisState | None = None):
         self.config = config
         self.backend = backend
         self.status = "loading"
+        # Decisions are a cache of the backend's answers: each replica keeps its own.
         self.cache: collections.OrderedDict[tuple, RouteChoice] = collections.OrderedDict()
         self.cache_size = cache_size
-        self.pins: collections.OrderedDict[str, _Pin] = collections.OrderedDict()
-        self.pin_ttl = pin_ttl
-        self.max_sessions = max_sessions
+        self.pin_ttl = pin_ttl  # a pin lasts this long after its last use
+        self.state = state if state is not None else LocalState()  # where pins live (the gateway's store)
 
     def with_config(self, config: Config) -> "Router":
         """A router for a reloaded config on the same backend: decisions (keyed by the route set)
         and pins (checked against the config when used) carry over; call start() for the routes."""
-        router = Router(config, self.backend, cache_size=self.cache_size, pin_ttl=self.pin_ttl,
-                        max_sessions=self.max_sessions)
-        router.status, router.cache, router.pins = self.status, self.cache, self.pins
+        router = Router(config, self.backend, cache_size=self.cache_size, pin_ttl=self.pin_ttl, state=self.state)
+        router.status, router.cache = self.status, self.cache
         return router
 
     @property
@@ -5416,21 +5900,15 @@ class Router:
         continuation) keeps the model its turn was routed to; new user text is routed again.
         """
         messages = body.get("messages")
-        now = time.monotonic()
-        self._expire_pins(now)
-        pin = self.pins.get(session)
+        key = f"pin:{session}"
+        pin = _Pin.read(await self.state.text(key, self.pin_ttl))  # read, and kept for another pin_ttl
         if pin is not None and not has_new_user_text(messages) and self.config.model_named(pin.model) is not None:
-            self.pins.move_to_end(session)
-            pin.at = now
             return RouteDecision(pin.model, pin.route, "pinned", 0.0, "tool-loop continuation keeps the turn's model")
         decision = await self.decide(messages)
         if pin is not None and decision.model != pin.model and decision.decision in ("router", "default") \
                 and self.config.model_named(pin.model) is not None:
             decision = self._weigh_switch(body, pin, decision)
-        self.pins[session] = _Pin(decision.model, decision.route, now)
-        self.pins.move_to_end(session)
-        while len(self.pins) > self.max_sessions:
-            self.pins.popitem(last=False)
+        await self.state.set_text(key, _Pin(decision.model, decision.route).text(), self.pin_ttl)
         return decision
 
     def _weigh_switch(self, body: dict, pin: _Pin, decision: RouteDecision) -> RouteDecision:
@@ -5451,13 +5929,6 @@ class Router:
                              f"{towards} would re-send {_thousands(tokens)} uncached tokens, {why}; staying on "
                              f"{current.model_id}", decision.confidence, decision.runner_up,
                              decision.runner_up_confidence)
-
-    def _expire_pins(self, now: float) -> None:
-        while self.pins:
-            oldest = next(iter(self.pins.values()))
-            if now - oldest.at <= self.pin_ttl:
-                break
-            self.pins.popitem(last=False)
 
 
 def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) -> float | None:
@@ -6989,34 +7460,83 @@ class _UpstreamAnswer:
 
 
 class ProviderHealth:
-    """Which provider endpoints are failing: a provider that answers `retry-after` is skipped for
-    that long (capped), and one that fails repeatedly is skipped for a cool-down."""
+    """Which provider endpoints are failing, as every replica sees it (in the gateway's state
+    store): a provider that answers `retry-after` is skipped for that long (capped), and one that
+    fails repeatedly is skipped for a cool-down.
+
+    What was read from a shared store is reused for `state.reuse_reads_for` (1 s from Redis; every
+    time in the process), so requests do not each wait on a round trip for it: a replica sees
+    another's cool-down within a second (and what it records itself at once). At worst it sends
+    one more request to a provider that is failing, and fails over as it would anyway."""
 
     RETRY_AFTER_CAP = 60.0
     FAILURES_BEFORE_COOL_DOWN = 3
     COOL_DOWN = 30.0
+    FAILURES_KEPT = 600.0  # a failure counts towards a cool-down until this long after the latest one
 
-    def __init__(self) -> None:
+    def __init__(self, state: LocalState | RedisState) -> None:
+        self.state = state
+        # What this process last saw, per endpoint: its failure count (a success clears the shared
+        # record when there is one to clear, rather than writing to the store after every answer),
+        # until when it cools down (a time.monotonic(); the metrics read it), and when that was read.
         self.failures: dict[str, int] = {}
         self.cool_until: dict[str, float] = {}
+        self._read_at: dict[str, float] = {}
 
-    def available(self, model: ModelEntry) -> bool:
-        return self.cool_until.get(model.base_url, 0.0) <= time.monotonic()
+    async def usable(self, models: list[ModelEntry]) -> list[ModelEntry]:
+        """`models` less those whose endpoint is cooling down (all of them when every one is)."""
+        now = time.monotonic()
+        urls = list(dict.fromkeys(m.base_url for m in models))
+        stale = [url for url in urls if now - self._read_at.get(url, -math.inf) >= self.state.reuse_reads_for]
+        cooling = set()
+        if stale:
+            values = await self.state.values([f"health:cool:{url}" for url in stale] +
+                                             [f"health:failures:{url}" for url in stale])
+            for url, cool, count in zip(stale, values, values[len(stale):]):
+                self._seen(url, failures=int(count), at=now)
+                if cool > 0:  # until the counter's expiry, as the read found it
+                    cooling.add(url)
+                    self.cool_until[url] = now + self.state.counter_expiry(f"health:cool:{url}") - time.time()
+                else:
+                    self.cool_until.pop(url, None)
+        cooling |= {url for url in urls if url not in stale and self.cool_until.get(url, 0.0) > now}
+        return [m for m in models if m.base_url not in cooling] or models
 
-    def failed(self, model: ModelEntry, error: UpstreamError) -> None:
+    async def failed(self, model: ModelEntry, error: UpstreamError) -> None:
         if not error.retryable:
             return  # a 400 is about the request, not the provider's health
-        key = model.base_url
-        self.failures[key] = self.failures.get(key, 0) + 1
+        url = model.base_url
+        failures = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
         pause = _retry_after_seconds(error.headers.get("retry-after"))
-        if self.failures[key] >= self.FAILURES_BEFORE_COOL_DOWN:
+        if failures >= self.FAILURES_BEFORE_COOL_DOWN:
             pause = max(pause or 0.0, self.COOL_DOWN)
         if pause:
-            self.cool_until[key] = time.monotonic() + min(pause, self.RETRY_AFTER_CAP)
+            pause = min(pause, self.RETRY_AFTER_CAP)
+            await self.state.add(f"health:cool:{url}", 1, pause)
+            self.cool_until[url] = time.monotonic() + pause
+        self._seen(url, failures=failures)
 
-    def succeeded(self, model: ModelEntry) -> None:
-        self.failures.pop(model.base_url, None)
-        self.cool_until.pop(model.base_url, None)
+    async def succeeded(self, model: ModelEntry) -> None:
+        url = model.base_url
+        if url in self.failures:
+            await self.state.delete([f"health:failures:{url}", f"health:cool:{url}"])
+            self.cool_until.pop(url, None)
+            self._seen(url, failures=0)
+
+    async def forget(self, models: Iterable[ModelEntry]) -> None:
+        """A clean record for these models' endpoints (a reloaded config's providers start with one)."""
+        urls = {m.base_url for m in models}
+        self.failures.clear()
+        self.cool_until.clear()
+        self._read_at.clear()
+        await self.state.delete([f"health:{kind}:{url}" for url in sorted(urls) for kind in ("failures", "cool")])
+
+    def _seen(self, url: str, *, failures: int, at: float | None = None) -> None:
+        self._read_at[url] = time.monotonic() if at is None else at
+        if failures > 0:
+            self.failures[url] = failures
+        else:
+            self.failures.pop(url, None)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -7079,9 +7599,10 @@ def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The keys a config holds (providers', the gateway's own and its developers', the ledger
-    database's password): never in a log line or an answer."""
+    """The secrets a config holds (providers' keys, people's gateway keys, the gateway's own, the
+    password in `state.url`, the ledger database's in `stats.url`): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
+    keys += [config.state.password] if config.state.password else []  # in `state.url`
     return keys + ([config.listener.api_key] if config.listener.api_key else []) \
         + postgres_url_secrets(config.stats.url)
 
@@ -7091,19 +7612,16 @@ class Upstreams:
     origin, which the router's remote backend shares), each endpoint's health, and failover along
     a model's fallbacks while nothing has reached the client yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: LocalState | RedisState | None = None) -> None:
         # Requests go straight to the transport: httpx.AsyncClient's own jobs are a cookie jar,
         # redirects, auth flows and hooks, and a gateway wants none of them (a cookie jar would
         # even carry one provider session's cookies into every request).
         self.transport = UpstreamTransport()
-        self.health = ProviderHealth()
+        self.health = ProviderHealth(state if state is not None else LocalState())
         self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
         await self.transport.aclose()
-
-    def forget_health(self) -> None:
-        self.health = ProviderHealth()
 
     async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> _UpstreamAnswer:
         """The upstream answer to `exchange`, open until `stack` closes and known to be a success:
@@ -7114,7 +7632,7 @@ class Upstreams:
         assert config is not None and decision is not None
         chosen = config.model_named(decision.model)
         assert chosen is not None, decision
-        candidates = self.candidates(config, chosen, exchange.needs, exchange.key)
+        candidates = await self.health.usable(self.candidates(config, chosen, exchange.needs, exchange.key))
         failures: list[str] = []
         upstream_ms: float | None = None  # of the last attempt the provider answered
         for attempt, model in enumerate(candidates):
@@ -7130,7 +7648,7 @@ class Upstreams:
                     finally:
                         await response.aclose()
             except UpstreamError as error:
-                self.health.failed(model, error)
+                await self.health.failed(model, error)
                 if not error.retryable or last:
                     return _UpstreamAnswer(None, None, decision, upstream_ms, error)
                 failures.append(f"{model.name}: {error.status}")
@@ -7145,7 +7663,7 @@ class Upstreams:
             except PlanoError as error:  # a request this model's format cannot take
                 return _UpstreamAnswer(None, None, decision, upstream_ms, error)
             stack.push_async_callback(response.aclose)
-            self.health.succeeded(model)
+            await self.health.succeeded(model)
             if model is not chosen:
                 why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
                 decision = dataclasses.replace(decision, model=model.name, decision="fallback",
@@ -7156,8 +7674,9 @@ class Upstreams:
     def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None,
                    key: GatewayKey | None = None) -> list[ModelEntry]:
         """The model, then its `fallbacks` (default: the default model) that can take the request
-        (a fallback too small for it would only answer 400) and that the gateway key may use;
-        providers cooling down after repeated failures are skipped unless nothing else is left."""
+        (a fallback too small for it would only answer 400) and that the gateway key may use.
+        ProviderHealth.usable then leaves out providers cooling down after repeated failures, unless
+        nothing else is left."""
         names = list(model.fallbacks) or [config.default_model.name]
         candidates = [model]
         for name in names:
@@ -7166,8 +7685,7 @@ class Upstreams:
                 and key_may_use(key, target)
             if fits and target not in candidates:
                 candidates.append(target)
-        healthy = [m for m in candidates if self.health.available(m)]
-        return healthy or candidates
+        return candidates
 
     def _url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
@@ -7343,6 +7861,8 @@ class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
     functions (translation), the DecisionLog and the UsageLedger (what was decided and used).
+    What replicas share (pins, provider health, counters) is in its `state` store: this process's
+    memory, or Redis with `state.url` (opened and checked on entering, a ConfigError if unusable).
 
     Use as an async context manager (it owns the upstream connection pools, and the router's
     backend while it loads in the background)::
@@ -7361,13 +7881,14 @@ class Gateway:
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         self._refusals_logged: set[str] = set()  # each reason once (a page may retry many times)
         self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
-        # Budget spend and request-rate windows of the developers' keys (see Shared state).
-        self.state = LocalState()
         self._keys = key_table(config)
         self._unpriced_logged: set[str] = set()  # models whose answers a budget cannot see, said once each
         self.router: Router | None = None
         self._given_router = router
-        self.upstreams = Upstreams()
+        # Pins, provider health, budget spend and request-rate windows (see Shared state): in this
+        # process, or in Redis from __aenter__ on.
+        self.state: LocalState | RedisState = LocalState()
+        self.upstreams = Upstreams(self.state)
         self._endpoints = {
             ("POST", "/v1/messages"): self._chat,  # each in the format its path says: Request.api_format
             ("POST", "/v1/chat/completions"): self._chat,
@@ -7389,10 +7910,18 @@ class Gateway:
         self._exit_stack = contextlib.AsyncExitStack()
         # Loading the router, closing backends a reload replaced: work that outlives a request.
         self._background = await self._exit_stack.enter_async_context(trio.open_nursery())
+        if self.config.state.url:
+            try:
+                self.state = await self._exit_stack.enter_async_context(open_state(self.config.state))
+            except ConfigError as e:
+                await self._exit_stack.aclose()
+                raise ConfigError(f"{self.config.path or '<config>'}: {e.message}") from None
+            self.upstreams.health = ProviderHealth(self.state)
         given = self._given_router
         if given == "auto":
             self.router = self._router_for(self.config, None)
         elif isinstance(given, Router):
+            given.state = self.state  # its pins go where the gateway's state is
             self.router = given
             if given.status == "loading":
                 self._background.start_soon(given.start)
@@ -7428,12 +7957,13 @@ class Gateway:
         derived from the config is rebuilt here, together: the router (a new backend when its
         model, file or endpoint changed; the loaded one otherwise), routes, aliases, provider
         health. Requests in flight finish on what they started with."""
-        old_router = self.router
+        old_router, old_config = self.router, self.config
         router = self._router_for(config, old_router)
         self.config, self.router = config, router
         self._keys = key_table(config)
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
-        self.upstreams.forget_health()  # the new config's providers start with a clean record
+        # The new config's providers start with a clean record (with Redis, on every replica).
+        self._background.start_soon(self.upstreams.health.forget, old_config.models + config.models)
         self.metrics = self._metrics_for(config, self.metrics)  # the same counters, unless turned off
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
@@ -7450,7 +7980,7 @@ class Gateway:
         if current is not None and current.config.router.backend_key == config.router.backend_key:
             router = current.with_config(config)
         else:
-            router = Router(config, router_backend(config.router, self.upstreams.transport))
+            router = Router(config, router_backend(config.router, self.upstreams.transport), state=self.state)
         self._background.start_soon(router.start)  # loads, or re-warms a loaded model for the routes
         return router
 
@@ -7617,9 +8147,14 @@ class Gateway:
 
     async def _health(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         router = self.router
-        status = {"status": "ok", "models": len(self.config.models),
+        # Degraded still answers 200: serving goes on (on this replica's own state), so a load
+        # balancer that checks /healthz should keep sending requests here; `reasons` says what is wrong.
+        reasons = [f"shared state: {self.state.trouble}"] if self.state.trouble else []
+        status = {"status": "degraded" if reasons else "ok", **({"reasons": reasons} if reasons else {}),
+                  "models": len(self.config.models),
                   "router": router.status if router is not None else "off",
-                  "router_backend": router.backend.describe() if router is not None else None}
+                  "router_backend": router.backend.describe() if router is not None else None,
+                  "state": self.state.description}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(status))
 
     async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
@@ -7751,19 +8286,19 @@ class Gateway:
         """Refuse a request of `key` before it goes out: past its `rpm` this minute (a 429, counted
         whether admitted or not), or with its budget or its team's spent this period (a 403)."""
         now = time.time()
-        if key.rpm is not None:
-            minute = math.floor(now / 60)  # a fixed window: the counter of this UTC minute
-            sent = await self.state.add(f"rpm:{key.name}:{minute}", 1, 120)
-            if sent > key.rpm:
-                wait = max(math.ceil((minute + 1) * 60 - now), 1)
-                raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
-                                   f"minute starts in {wait} s", headers={"retry-after": str(wait)})
+        minute = math.floor(now / 60)  # rpm is a fixed window: the counter of this UTC minute
         budgets = config.budgets_of(key)
-        if not budgets:
-            return
         periods = [budget_period(budget.per, now) for _, _, budget in budgets]
-        spent = await self.state.values([spend_counter(whose, name, start)
-                                         for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is None and not budgets:
+            return
+        # The minute's count and the periods' spend, in one round trip to a shared store.
+        sent, spent = await self.state.add_and_read(
+            [(f"rpm:{key.name}:{minute}", 1, 120)] if key.rpm is not None else [],
+            [spend_counter(whose, name, start) for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is not None and sent[0] > key.rpm:
+            wait = max(math.ceil((minute + 1) * 60 - now), 1)
+            raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
+                               f"minute starts in {wait} s", headers={"retry-after": str(wait)})
         for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent):
             if amount >= budget.usd:
                 raise KeyLimitError(budget_refusal(key, whose, name, budget, amount, end))
@@ -7782,9 +8317,9 @@ class Gateway:
         if not cost or not budgets:
             return
         now = time.time()
-        for whose, name, budget in budgets:
-            start, end = budget_period(budget.per, now)
-            await self.state.add(spend_counter(whose, name, start), cost, end - now + 3600)
+        periods = [(whose, name, *budget_period(budget.per, now)) for whose, name, budget in budgets]
+        await self.state.add_and_read([(spend_counter(whose, name, start), cost, end - now + 3600)
+                                       for whose, name, start, end in periods], [])
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -8381,6 +8916,9 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
             log.warning("the listener address changed in %s; restart plano to use it", path)
         if dataclasses.replace(config.stats, baseline=None) != dataclasses.replace(old.stats, baseline=None):
             log.warning("the usage ledger's settings changed in %s; restart plano to use them", path)
+        if config.state != old.state:
+            log.warning("`state` changed in %s; restart plano to use it (still on %s)", path,
+                        gateway.state.description)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -8452,11 +8990,11 @@ def _cmd_up(args: Any) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    except (ListenError, ConfigError, BaseExceptionGroup) as raised:
-        error = raised  # each nursery on the way out wraps what escaped it
+    except (ListenError, ConfigError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps it
+        error = raised
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
-        if isinstance(error, ConfigError):  # what only serving finds out: a stats.url it cannot use
+        if isinstance(error, ConfigError):  # found only at start: a `state.url` or `stats.url` plano cannot use
             print(f"plano: {error.message}", file=sys.stderr)
             return 2
         if not isinstance(error, ListenError):

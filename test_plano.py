@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -8147,6 +8148,7 @@ EVERY_CONFIG_FIELD = {
     "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
     "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o",
               "url": "postgresql://plano:a-db-password@127.0.0.1:9/plano"},
+    "state": {"url": "redis://:$ecret@127.0.0.1:6379/0", "prefix": "plano"},
     "keys": [{"name": "alice", "key": "a-literal-gateway-key-01234", "team": "platform",
               "budget": {"usd": 20, "per": "day"}, "models": ["openai/*", "slow"], "rpm": 120},
              {"name": "bob", "key": "$PLANO_KEY_BOB"}, {"name": "carol", "key": "sha256:" + "0f" * 32}],
@@ -10733,6 +10735,442 @@ def test_with_keys_and_postgres_rows_carry_key_and_team_a_developer_reads_only_i
     with RunningPlano(config) as restarted:  # in-process counters start from the shared ledger's rows
         assert me(restarted, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
         assert [ask_as(restarted, ALICE_KEY).status_code for _ in range(2)] == [200, 403]
+
+
+# ── issue 20: shared state in Redis (state.url) ────────────────────────────────────────────
+
+
+def with_state(config: plano.Config, url: str, **settings: Any) -> plano.Config:
+    """`config` with `state.url` (and other `state` fields) set."""
+    return dataclasses.replace(config, state=plano.StateSettings(url=url, **settings))
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def assert_every_key_expires(url: str, prefix: str = "plano:") -> None:
+    client = redis_client(url)
+    lifetimes = {key: client.pttl(key) for key in client.scan_iter(prefix + "*")}
+    assert lifetimes and all(ms > 0 for ms in lifetimes.values()), lifetimes
+
+
+def tool_loop_turn(text: str) -> tuple[list[dict], list[dict]]:
+    """A turn's first request (new user text) and its tool-loop continuation (a tool result, no new text)."""
+    first = [{"role": "user", "content": text}]
+    return first, first + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                           "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}]}]
+
+
+def post_turn(running: RunningPlano, messages: list[dict], session: str | None = None, **fields: Any) -> httpx.Response:
+    answer = httpx.post(running.url + "/v1/messages", timeout=30,
+                        headers={"x-claude-code-session-id": session} if session is not None else {}, json={
+                            "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "tools": [BASH_TOOL], "messages": messages,
+                            **fields})
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def decided(answer: httpx.Response) -> tuple[str, str]:
+    return answer.headers["x-plano-decision"], answer.headers["x-plano-model"]
+
+
+@contextlib.contextmanager
+def replicas(config: plano.Config, count: int = 2):
+    """`count` gateways on one config (routed by a remote router stand-in), as replicas behind a balancer."""
+    with contextlib.ExitStack() as stack:
+        running = [stack.enter_context(RunningPlano(config, router="auto")) for _ in range(count)]
+        for one in running:
+            wait_until(lambda: router_ready(one.url), what="the router is ready")
+        yield running
+
+
+def test_state_url_is_read_with_its_password_masked_and_kept_secret():
+    config = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                          state={"url": "$PLANO_REDIS_URL", "prefix": "team-a"},
+                          environ={"PLANO_REDIS_URL": "redis://plano:s3cr%2Ft@redis.internal:6380/2"})
+    assert config.state.url == "redis://plano:s3cr%2Ft@redis.internal:6380/2" and config.state.prefix == "team-a"
+    assert config.state.password == "s3cr/t" and "s3cr/t" in plano.config_secrets(config)
+    assert config.state.shown_url == "redis://plano:***@redis.internal:6380/2"
+    assert "s3cr" not in repr(config)
+    assert build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o")).state == plano.StateSettings()
+    for url in ("rediss://redis.internal:6380/0", "unix:///run/redis/redis.sock?db=1", "redis://127.0.0.1"):
+        assert build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), state={"url": url}).state.url == url
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"url": "http://127.0.0.1:6379"}, "`url` must be a redis://host:port/db"),
+    ({"url": "redis://:pw-x@127.0.0.1:99999/0"}, "`url` must be a redis://"),
+    ({"url": "redis://127.0.0.1:6379/zero"}, "`url` the path must be a database number"),
+    ({"url": "unix://"}, "`url` a unix:// URL needs the socket's path"),
+    ({"url": "redis://:6379/0"}, "`url` needs a host"),
+    ({"url": "$NOT_SET_ANYWHERE"}, "`url` $NOT_SET_ANYWHERE is not set"),
+    ({"url": 6379}, "`url` must be a str"),
+    ({"address": "redis://127.0.0.1"}, "`address` is not a known state field"),
+    ({"url": "redis://127.0.0.1", "prefix": "a b"}, "`prefix` must be 1 to 64 letters"),
+    ("redis://127.0.0.1", "`state` must be a mapping {url, prefix}"),
+])
+def test_a_state_section_plano_cannot_use_is_one_line_naming_the_field(state, message):
+    with pytest.raises(plano.ConfigError) as caught:
+        build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), state=state)
+    assert message in caught.value.message and "\n" not in caught.value.message
+    assert "pw-x" not in caught.value.message
+
+
+async def test_in_process_texts_are_renewed_when_read_expire_and_stay_bounded():
+    state = plano.LocalState(max_texts=3)
+    await state.set_text("pin:a", "A", 60)
+    assert await state.text("pin:a", 60) == "A" and await state.text("pin:none", 60) is None
+    await state.set_text("pin:gone", "G", -1)
+    assert await state.text("pin:gone", 60) is None
+    for name in ("b", "c"):
+        await state.set_text(f"pin:{name}", name, 60)
+    await state.text("pin:a", 60)  # used: now the most recent
+    await state.set_text("pin:d", "d", 60)  # a fourth: the least recently used (b) goes
+    assert [await state.text(f"pin:{n}", 60) for n in "abcd"] == ["A", None, "c", "d"]
+    await state.delete(["pin:a", "pin:c"])
+    assert [await state.text(f"pin:{n}", 60) for n in "ac"] == [None, None]
+
+
+async def test_two_redis_stores_see_each_others_counters_and_texts_as_one_in_process_store_would():
+    with redis_server() as url:
+        async with plano.open_state(plano.StateSettings(url=url)) as one, \
+                plano.open_state(plano.StateSettings(url=url)) as two:
+            local = plano.LocalState()
+            for writer, reader in ((local, local), (one, two)):
+                assert await writer.add("spend:alice", 0.25, 60) == 0.25
+                assert await reader.add("spend:alice", 0.5, 60) == 0.75
+                assert await writer.values(["spend:alice", "spend:nobody"]) == [0.75, 0.0]
+                assert await reader.values([]) == []
+                await writer.add("rpm:alice:1", 1, -1)  # already expired: reads as 0
+                await trio.sleep(0.01)
+                assert await reader.values(["rpm:alice:1"]) == [0.0]
+                # Adds then reads in one go (one round trip to Redis): what a request's admission asks.
+                assert await writer.add_and_read([("rpm:bob:1", 1, 60), ("spend:bob", 0.5, 60)],
+                                                 ["spend:alice", "spend:bob", "nothing"]) == ([1, 0.5], [0.75, 0.5, 0])
+                assert await reader.add_and_read([], []) == ([], [])
+                await writer.set_text("pin:s", '{"model": "m", "route": null}', 60)
+                assert await reader.text("pin:s", 60) == '{"model": "m", "route": null}'
+                await reader.delete(["pin:s", "spend:alice"])
+                assert (await writer.text("pin:s", 60), await writer.values(["spend:alice"])) == (None, [0.0])
+            assert (one.description, one.trouble) == (url, None)
+        assert_every_key_expires(url)
+
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=300)  # lone surrogates and controls too
+
+
+def test_any_session_model_and_route_name_is_a_pin_another_store_reads_back():
+    with redis_server() as url:
+
+        @settings(max_examples=150, deadline=None)
+        @given(session=ANY_TEXT, model=ANY_TEXT, route=st.none() | ANY_TEXT)
+        def read_back(session: str, model: str, route: str | None) -> None:
+            async def main() -> None:
+                async with plano.open_state(plano.StateSettings(url=url)) as one, \
+                        plano.open_state(plano.StateSettings(url=url)) as two:
+                    name, pin = "pin:" + plano.kept_text(session), plano._Pin(model, route)
+                    await one.set_text(name, pin.text(), 60)
+                    back = plano._Pin.read(await two.text(name, 60))
+                    whole = not any("\ud800" <= c <= "\udfff" for c in model + (route or ""))
+                    assert back == pin if whole else back in (pin, None)  # a lone surrogate is no JSON plano reads
+                    assert (one.trouble, two.trouble) == (None, None)
+
+            trio.run(main)
+
+        read_back()
+
+
+def test_a_turn_routed_on_one_replica_is_pinned_on_another(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            routed = post_turn(one, first, "s-pin")
+            pinned = post_turn(two, continuation, "s-pin")
+            health = httpx.get(two.url + "/healthz").json()
+        assert_every_key_expires(url)
+    assert decided(routed) == ("router", "openai/gpt-4o")
+    assert decided(pinned) == ("pinned", "openai/gpt-4o")
+    assert len(router_server.requests) == 1  # the second replica did not route the turn again
+    assert (health["status"], health["state"]) == ("ok", url) and "reasons" not in health
+
+
+def test_budget_spend_and_rate_windows_are_shared_by_the_replicas(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 0.5, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY, "rpm": 2}])
+    if time.time() % 60 > 50:  # bob's window is the UTC minute: send his three requests within one
+        time.sleep(61 - time.time() % 60)
+    with redis_server() as url:
+        with RunningPlano(with_state(config, url)) as one, RunningPlano(with_state(config, url)) as two:
+            spent = [ask_as(one, ALICE_KEY).status_code, ask_as(two, ALICE_KEY).status_code,  # $0.47, then $0.94
+                     ask_as(one, ALICE_KEY).status_code]  # refused: the spend the other replica counted is seen
+            rated = [ask_as(one, BOB_KEY).status_code, ask_as(two, BOB_KEY).status_code, ask_as(one, BOB_KEY)]
+            assert me(one, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert_every_key_expires(url)
+    assert spent == [200, 200, 403]
+    assert rated[:2] == [200, 200] and rated[2].status_code == 429, rated[2].text  # bob's 2 a minute, across both
+
+
+def test_a_restarted_replica_still_has_the_pins(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        config = with_state(switching_config(provider, router_server), url)
+        with replicas(config, 1) as (one,):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, "s-restart")
+        with replicas(config, 1) as (restarted,):
+            assert decided(post_turn(restarted, continuation, "s-restart")) == ("pinned", "openai/gpt-4o")
+
+
+def test_a_session_that_is_sticky_on_one_replica_is_sticky_on_another(provider, router_server):
+    first = [{"role": "user", "content": "explain this module"}]
+    second = first + [{"role": "assistant", "content": "x " * 60_000},  # ~30k tokens: too many to move uncached
+                      {"role": "user", "content": "now write a parser"}]
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code understanding"}'))
+            assert decided(post_turn(one, first, "s-sticky")) == ("router", "anthropic/claude-sonnet-5")
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            answer = post_turn(two, second, "s-sticky")
+    assert decided(answer) == ("sticky", "anthropic/claude-sonnet-5")  # the second replica weighed the pin
+
+
+def test_a_provider_cooling_down_on_one_replica_is_skipped_by_another(provider, backup):
+    with redis_server() as url:
+        config = with_state(failover_config(provider.openai_base, backup), url)
+        with RunningPlano(config) as one, RunningPlano(config) as two:
+            for _ in range(3):
+                provider.then(Reply(503, {"error": {"message": "down"}}))
+                assert decided(ask(one)) == ("fallback", "anthropic/claude-backup")
+            answer = ask(two)
+            wait_until(lambda: two.gateway.decision_log.records, what="the answer is in the decision log")
+            reason = two.gateway.decision_log.records[-1]["reason"]
+            cooling = metric_value(httpx.get(two.url + "/metrics").text, "plano_provider_cooling_down",
+                                   provider="openai", host=f"127.0.0.1:{provider.port}")
+        assert_every_key_expires(url)
+        assert cooling == 1  # the second replica's metrics say so too
+    assert decided(answer) == ("fallback", "anthropic/claude-backup")
+    assert reason == "openai/gpt-4o is cooling down after failures; answered by anthropic/claude-backup"
+    assert len(provider.requests) == 3  # the second replica did not try the provider the first saw failing
+
+
+HOSTILE_SESSIONS = ["s" * 10_000 + "\x00\x1b[31m\n\u202e🦊", "\U0001F98A" * 3000, "ctl\x7f\x9b\u2028"]
+
+
+@pytest.mark.parametrize("session", HOSTILE_SESSIONS)
+def test_a_long_or_hostile_session_id_is_a_bounded_redis_key_and_stays_pinned_across_replicas(
+        provider, router_server, session):
+    first, continuation = tool_loop_turn("write a parser")
+    metadata = {"metadata": {"user_id": json.dumps({"session_id": session})}}
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, **metadata)
+            pinned = post_turn(two, continuation, **metadata)
+        pins = list(redis_client(url).scan_iter("plano:pin:*"))
+    assert decided(pinned) == ("pinned", "openai/gpt-4o")
+    assert len(pins) == 1 and len(pins[0]) < 4 * plano.MAX_KEPT_CHARS + 20
+    assert pins[0].decode() == "plano:pin:" + plano.kept_text(session)
+
+
+def test_a_session_header_that_is_not_utf8_is_pinned_across_replicas(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            for replica, messages in ((one, first), (two, continuation)):
+                answer = httpx.post(replica.url + "/v1/messages", timeout=30,
+                                    headers={"x-claude-code-session-id": b"\xff\xfe\x80 s\xc3"}, json={
+                                        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "tools": [BASH_TOOL],
+                                        "messages": messages})
+                assert answer.status_code == 200, answer.text
+    assert decided(answer) == ("pinned", "openai/gpt-4o")
+
+
+GARBAGE_PINS = {
+    "not-json": b"not json {",
+    "not-utf8": b"\xff\xfe\x00\x80",
+    "wrong-shape": b'{"model": 5, "route": []}',
+    "a-list": b'["openai/gpt-4o"]',
+    "too-big": b'{"model": "openai/gpt-4o", "route": "' + b"x" * 10_000 + b'"}',
+    "unknown-model": b'{"model": "openai/not-configured", "route": null}',
+}
+
+
+def test_a_pin_or_health_entry_another_program_wrote_is_ignored_not_a_500(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        client = redis_client(url)
+        for session, value in GARBAGE_PINS.items():
+            client.set(f"plano:pin:{session}", value, ex=600)
+        client.hset("plano:pin:a-hash", "model", "openai/gpt-4o")
+        client.expire("plano:pin:a-hash", 600)
+        for kind in ("cool", "failures"):
+            client.set(f"plano:health:{kind}:{provider.openai_base}", "garbage", ex=600)
+        with replicas(with_state(switching_config(provider, router_server), url), 1) as (one,):
+            for session in [*GARBAGE_PINS, "a-hash"]:
+                router_server.then(remote_answer('{"route": "code generation"}'))
+                answer = post_turn(one, continuation, session)  # no pin to keep: routed as a new turn
+                assert decided(answer) == ("router", "openai/gpt-4o"), session
+                assert decided(post_turn(one, continuation, session)) == ("pinned", "openai/gpt-4o")
+            assert httpx.get(one.url + "/healthz").json()["status"] == "ok"
+        assert provider.requests  # the garbage cool-down did not keep plano from the provider
+
+
+def test_a_health_counter_another_program_wrote_is_overwritten_when_the_provider_fails(provider, backup):
+    with redis_server() as url:
+        client = redis_client(url)
+        client.hset(f"plano:health:failures:{provider.openai_base}", "x", "y")
+        client.set(f"plano:health:cool:{provider.openai_base}", "garbage", ex=600)
+        with RunningPlano(with_state(failover_config(provider.openai_base, backup), url)) as running:
+            provider.then(Reply(503, {"error": {"message": "down"}}))
+            assert decided(ask(running)) == ("fallback", "anthropic/claude-backup")
+            assert decided(ask(running)) == ("explicit", "openai/gpt-4o")
+        assert client.type(f"plano:health:failures:{provider.openai_base}") in (b"string", b"none")
+
+
+def test_redis_stopped_mid_run_serving_goes_on_degraded_said_once_then_resumes(provider, router_server, tmp_path):
+    port, seen = free_port(), len(SuiteLog.lines)
+    first, continuation = tool_loop_turn("write a parser")
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        config = with_state(switching_config(provider, router_server), url)
+        with replicas(config, 1) as (one,):
+
+            def spend(amount: float) -> float:
+                return trio.from_thread.run(one.gateway.state.add, "spend:alice", amount, 600, trio_token=one.token)
+
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, "s-before")
+            assert spend(1.0) == 1.0
+            first_redis.close()  # Redis stops; the replica answers on its own copy of the state
+            assert decided(post_turn(one, continuation, "s-before")) == ("pinned", "openai/gpt-4o")
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            assert decided(post_turn(one, first, "s-during")) == ("router", "openai/gpt-4o")
+            assert decided(post_turn(one, continuation, "s-during")) == ("pinned", "openai/gpt-4o")
+            assert spend(1.5) == 2.5  # the last known spend plus what this replica counts
+            degraded = httpx.get(one.url + "/healthz")
+            outage = [line for line in SuiteLog.lines[seen:] if "unreachable" in line]
+            with redis_server(port, tmp_path):  # back, on the same port, with its data
+                wait_until(lambda: httpx.get(one.url + "/healthz").json()["status"] == "ok", what="state resumed")
+                assert float(redis_client(url).get("plano:spend:alice")) == 2.5  # what was counted meanwhile was sent
+                with replicas(config, 1) as (other,):  # another replica sees the pin made during the outage
+                    assert decided(post_turn(other, continuation, "s-during")) == ("pinned", "openai/gpt-4o")
+                    assert trio.from_thread.run(other.gateway.state.values, ["spend:alice"],
+                                                trio_token=other.token) == [2.5]
+                assert_every_key_expires(url)
+    assert degraded.status_code == 200
+    health = degraded.json()
+    assert health["status"] == "degraded" and health["state"] == url
+    assert len(health["reasons"]) == 1 and "unreachable" in health["reasons"][0] and url in health["reasons"][0]
+    assert len(outage) == 1, outage  # one line for the outage, however many requests met it
+    assert len([line for line in SuiteLog.lines[seen:] if "reachable again" in line]) == 1
+
+
+def test_a_redis_that_stops_taking_writes_degrades_once_until_it_takes_them_again(provider, router_server):
+    seen = len(SuiteLog.lines)
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url), 1) as (one,):
+            redis_client(url).replicaof("127.0.0.1", free_port())  # a failover made it a replica: read-only
+            for session in ("ro-1", "ro-2", "ro-3"):
+                router_server.then(remote_answer('{"route": "code generation"}'))
+                assert decided(post_turn(one, first, session)) == ("router", "openai/gpt-4o")
+                assert decided(post_turn(one, continuation, session)) == ("pinned", "openai/gpt-4o")
+            health = httpx.get(one.url + "/healthz").json()
+            writes = lambda: sum(redis_client(url).info("commandstats").get("cmdstat_set", {}).get(kind, 0)  # noqa: E731
+                                 for kind in ("calls", "rejected_calls"))
+            tried = writes()
+            wait_until(lambda: writes() >= tried + 2, what="two probes")  # refused: the same outage, not a line each
+            redis_client(url).replicaof("NO", "ONE")
+            wait_until(lambda: httpx.get(one.url + "/healthz").json()["status"] == "ok", what="writable again")
+        assert {key.decode() for key in redis_client(url).scan_iter("plano:pin:*")} == \
+            {"plano:pin:ro-1", "plano:pin:ro-2", "plano:pin:ro-3"}  # the pins made meanwhile were sent
+    assert health["status"] == "degraded" and "ReadOnlyError" in health["reasons"][0]
+    log = SuiteLog.lines[seen:]
+    assert len([line for line in log if "unreachable" in line]) == 1, log
+    assert len([line for line in log if "reachable again" in line]) == 1, log
+
+
+async def test_what_a_store_changed_while_redis_was_away_is_sent_when_it_is_back(tmp_path):
+    port = free_port()
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        async with plano.open_state(plano.StateSettings(url=url)) as store:
+            await store.add("spend:alice", 1.0, 600)
+            await store.set_text("pin:old", "kept until deleted", 600)
+            first_redis.close()
+            assert await store.add("spend:alice", 2.0, 600) == 3.0  # the last known spend plus this replica's
+            assert store.trouble and "unreachable" in store.trouble
+            await store.delete(["pin:old"])
+            await store.set_text("pin:new", "made during the outage", 600)
+            await store.add("rpm:alice:1", 1, 0.001)  # expires before Redis is back: nothing to send
+            assert await store.add("spend:alice", 0.5, 600) == 3.5
+            with redis_server(port, tmp_path):
+                with trio.fail_after(30):
+                    while store.trouble:
+                        await trio.sleep(0.05)
+                client = redis_client(url)
+                assert float(client.get("plano:spend:alice")) == 3.5
+                assert (client.get("plano:pin:old"), client.get("plano:pin:new")) == (None, b"made during the outage")
+                assert client.get("plano:rpm:alice:1") is None
+                assert await store.values(["spend:alice"]) == [3.5]
+                assert_every_key_expires(url)
+
+
+def requiring_password(url: str, password: str) -> str:
+    redis_client(url).config_set("requirepass", password)
+    return url
+
+
+@pytest.mark.parametrize("case", ["refused", "not redis", "wrong password", "no password", "no such database",
+                                  "read-only replica"])
+def test_a_state_url_plano_cannot_use_at_start_is_one_line_naming_the_field(provider, case):
+    with redis_server() as url:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        state_url = {
+            "refused": f"redis://127.0.0.1:{free_port()}/0",
+            "not redis": f"redis://127.0.0.1:{provider.port}/0",
+            "wrong password": f"redis://:not-the-pw-1234@127.0.0.1:{port}/0",
+            "no password": f"redis://127.0.0.1:{port}/0",
+            "no such database": f"redis://127.0.0.1:{port}/99",
+            "read-only replica": url,
+        }[case]
+        requiring_password(url, "the-real-pw-5678") if "password" in case else None
+        if case == "read-only replica":
+            redis_client(url).replicaof("127.0.0.1", free_port())  # of a master that is not there: it takes no writes
+        with pytest.raises(plano.ConfigError) as caught:
+            RunningPlano(with_state(config_for(provider), state_url))
+    message = caught.value.message
+    assert message.startswith(f"{CONFIG_PATH}: `state.url`: cannot use Redis at redis://") and "\n" not in message
+    assert "pw-1234" not in message and "pw-5678" not in message
+
+
+def test_plano_up_with_a_state_url_it_cannot_reach_says_so_in_one_line(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[{"port": free_port()}],
+                                  state={"url": f"redis://:pw-9876@127.0.0.1:{free_port()}/0"}))
+    result = run_plano_cli("up", "--config", str(config))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"plano: {config}: `state.url`: cannot use Redis at redis://:***@127.0.0.1:")
+    assert "Connection refused" in lines[0] and "pw-9876" not in result.stderr
+
+
+def test_a_state_url_without_the_redis_package_names_the_extra_to_install(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[{"port": free_port()}],
+                                  state={"url": "redis://127.0.0.1:6379/0"}))
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['redis'] = None; import plano; "
+                             f"sys.exit(plano.main(['up', '--config', {str(config)!r}]))"],
+                            capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"plano: {config}: `state.url` needs the redis package: pip install 'plano[team]'"
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
