@@ -20,13 +20,14 @@ uses only the ones above it, which a test in test_plano.py keeps true:
     13. Router
     14. Usage ledger
     15. Capabilities
-    16. Gateway
-    17. HTTP server
-    18. CLI, the commands
-    19. CLI, doctor
-    20. CLI, agent wiring
-    21. CLI, the entry point
-    22. The live page
+    16. Metrics
+    17. Gateway
+    18. HTTP server
+    19. CLI, the commands
+    20. CLI, doctor
+    21. CLI, agent wiring
+    22. CLI, the entry point
+    23. The live page
 
 Library use::
 
@@ -72,7 +73,7 @@ import urllib.parse
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import h11
 import httpx
@@ -682,6 +683,7 @@ class Config:
     capability_warning: str | None = None  # the models whose capabilities plano had to guess
     keys: tuple[GatewayKey, ...] = ()  # people's keys; with any, every request needs one (or the admin key)
     teams: tuple[Team, ...] = ()
+    metrics: bool = True  # `GET /metrics` for Prometheus, and the counting behind it
 
     @property
     def default_model(self) -> ModelEntry:
@@ -917,7 +919,7 @@ class _ConfigReader:
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
                  "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats", "keys",
-                 "teams", "state"}
+                 "teams", "metrics", "state"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -969,7 +971,8 @@ class _ConfigReader:
             f"those models to say what they take") if guessed else None
         return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings),
                                    preference_routes=preference_routes, route_on_user_only=route_on_user_only,
-                                   capability_warning=capability_warning, keys=keys, teams=teams)
+                                   capability_warning=capability_warning, keys=keys, teams=teams,
+                                   metrics=raw.get("metrics") is None or self.get(raw, "metrics", bool))
 
     def read_preference_routes(self, raw: dict, models: tuple[ModelEntry, ...]
                                ) -> tuple[tuple[RoutingPreference, tuple[str, ...]], ...]:
@@ -4538,6 +4541,12 @@ class LocalState:
         """The counters' values: 0 for one that does not exist or has expired."""
         return self.values_now(names)
 
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        """`add(name, amount, expires_in)` for each of `adds`, then `values(names)`, in one go (one
+        round trip to a shared store): the counters' new values, and those read."""
+        return [self.add_now(*change) for change in adds], self.values_now(names)
+
     async def text(self, name: str, expires_in: float) -> str | None:
         """The text under `name` (None: none), which then expires `expires_in` seconds from now."""
         return self.text_now(name, expires_in)
@@ -4567,6 +4576,10 @@ class LocalState:
         self._adds += 1
         if self._adds % self._SWEEP_EVERY == 0:
             self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires (a time.time(); 0: there is none)."""
+        return self._counters.get(name, (0.0, 0.0))[1]
 
     def values_now(self, names: Sequence[str]) -> list[float]:
         now = time.time()
@@ -4682,42 +4695,54 @@ class RedisState:
     # ── the store's interface ─────────────────────────────────────────────────────────────
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
-        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
-        results = await self._run(lambda pipe: pipe.incrbyfloat(key, amount).pexpire(key, milliseconds),
-                                  transaction=True)  # no counter without its expiry, whatever happens
-        if results is None:
-            self._keep_unsent(name, expires_in).amount += amount
-            return self.local.add_now(name, amount, expires_in)
-        value = _number(results[0])
-        if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
-            await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
-            value = amount
-        self.local.set_counter_now(name, value, expires_in)
-        return value
+        return (await self.add_and_read([(name, amount, expires_in)], []))[0][0]
 
     async def values(self, names: Sequence[str]) -> list[float]:
-        if not names:
-            return []
+        return (await self.add_and_read([], names))[1]
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        if not adds and not names:
+            return [], []
         keys = [self._prefix + name for name in names]
 
-        def read(pipe: Any) -> None:
-            pipe.mget(keys)
-            for key in keys:
-                pipe.pttl(key)
+        def queue(pipe: Any) -> None:
+            for name, amount, expires_in in adds:  # in the MULTI: no counter without its expiry, whatever happens
+                pipe.incrbyfloat(self._prefix + name, amount).pexpire(self._prefix + name, _milliseconds(expires_in))
+            if keys:
+                pipe.mget(keys)
+                for key in keys:
+                    pipe.pttl(key)
 
-        results = await self._run(read)
+        results = await self._run(queue, transaction=bool(adds))
         if results is None:
-            return self.local.values_now(names)
-        found, lifetimes = results[0], results[1:]
+            for name, amount, expires_in in adds:
+                self._keep_unsent(name, expires_in).amount += amount
+            return [self.local.add_now(*change) for change in adds], self.local.values_now(names)
+        added = []
+        for (name, amount, expires_in), result in zip(adds, results[0:2 * len(adds):2]):
+            value = _number(result)
+            if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
+                key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+                await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
+                value = amount
+            self.local.set_counter_now(name, value, expires_in)
+            added.append(value)
         values = []
-        for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
-            value = _number(raw) or 0.0
-            if isinstance(lifetime, int) and lifetime > 0:
-                self.local.set_counter_now(name, value, lifetime / 1000)
-            elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
-                self.local.delete_now([name])
-            values.append(value)
-        return values
+        if keys:
+            found, lifetimes = results[2 * len(adds)], results[2 * len(adds) + 1:]
+            for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
+                value = _number(raw) or 0.0
+                if isinstance(lifetime, int) and lifetime > 0:
+                    self.local.set_counter_now(name, value, lifetime / 1000)
+                elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                    self.local.delete_now([name])
+                values.append(value)
+        return added, values
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires, as this replica last read or wrote it (0: not known)."""
+        return self.local.counter_expiry(name)
 
     async def text(self, name: str, expires_in: float) -> str | None:
         key, milliseconds = self._prefix + name, _milliseconds(expires_in)
@@ -5752,6 +5777,11 @@ def _thousands(tokens: int) -> str:
     return f"{round(tokens / 1000)}k"
 
 
+# How the reason of a decision starts when the router ran past `router.timeout_ms`: the metrics
+# count timeouts apart from a router that is unavailable.
+ROUTER_TIMED_OUT = "router timed out"
+
+
 @dataclass(frozen=True)
 class _Pin:
     """The model a session's turn was routed to: what its tool-loop continuations keep and what a
@@ -5861,7 +5891,7 @@ class Router:
     async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         with trio.move_on_after(self.config.router.timeout_ms / 1000):
             return await self.backend.decide(routes, conversation)
-        raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
+        raise RouterUnavailable(f"{ROUTER_TIMED_OUT} after {self.config.router.timeout_ms} ms")
 
     async def decide_for_request(self, body: dict, session: str) -> RouteDecision:
         """The gateway's question: which model for this request of a (Claude Code) session?
@@ -6075,6 +6105,7 @@ _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route",
                   "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
                   "cost_usd", "baseline_cost_usd", "key_name", "team")
 _USAGE_TOKENS = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
+_USAGE_COSTS = ("cost_usd", "baseline_cost_usd")
 # A summary's groups: its field, and the column whose value names each group. Rows carry a key and a
 # team only on a gateway with per-developer keys; a summary has those groups when some row does.
 _USAGE_GROUPINGS = (("by_model", "model"), ("by_route", "route"), ("by_key", "key_name"), ("by_team", "team"))
@@ -6115,6 +6146,11 @@ class _LedgerWriter:
                                         daemon=True)
         self._writer.start()
 
+    @property
+    def queued(self) -> int:
+        """Rows recorded and not yet committed."""
+        return self._pending
+
     def record(self, row: Mapping[str, Any]) -> None:
         import queue
         with self._written:
@@ -6145,6 +6181,11 @@ class _LedgerWriter:
                 team: str | None = None) -> dict:
         """summarize_usage's summary of the rows that match every filter given (blocking: call it
         in a worker thread)."""
+        raise NotImplementedError
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        """What the answers recorded since `since` cost, per gateway key and per team: {("key",
+        name) or ("team", name): USD}; {} when the ledger cannot be read (blocking, as summary)."""
         raise NotImplementedError
 
     # ── for each database ────────────────────────────────────────────────────────────────
@@ -6292,7 +6333,10 @@ class UsageLedger(_LedgerWriter):
 
     def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
                 team: str | None = None) -> dict:
-        return summarize_usage(read_usage(self.path, since=since, session=session, key_name=key_name, team=team))
+        return sqlite_usage_summary(self.path, since=since, session=session, key_name=key_name, team=team)
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        return spend_since(self.path, since)
 
     def _connect(self) -> Any:
         import sqlite3
@@ -6335,6 +6379,36 @@ def _sqlite_columns(connection: Any) -> set[str]:
     return {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
 
 
+def _usage_where(present: set[str], placeholder: str, *, since: float | None = None, session: str | None = None,
+                 key_name: str | None = None, team: str | None = None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters: the filters are never SQL text) that keeps the rows
+    every given filter matches; a filter on a column an older ledger lacks matches nothing."""
+    clauses, values = [], []
+    if since is not None:
+        clauses.append(f"time >= {placeholder}")
+        values.append(since)
+    for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
+        if wanted is not None:
+            clauses.append(f"{column} = {placeholder}" if column in present else "NULL")
+            values += [wanted] if column in present else []
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), values
+
+
+def _usage_combinations_sql(table: str, present: set[str], where: str) -> str:
+    """SQL (for SQLite and PostgreSQL alike) for one line per combination of model, route, key and
+    team among the rows `where` keeps: how many rows, the sum of each token column, of each cost
+    and how many rows knew it. Hundreds of lines however many rows: the database reads the rows
+    once and the gateway adds up the lines (`_summary_of_combinations`)."""
+    def column(name: str) -> str:  # an older ledger's missing column reads as NULL
+        return name if name in present else f"CAST(NULL AS {_POSTGRES_TYPES[name]})"
+
+    names = [column for _, column in _USAGE_GROUPINGS]
+    return (f"SELECT {', '.join(f'{column(n)} AS {n}' for n in names)}, count(*) AS requests, "
+            + ", ".join([f"sum({column(kind)}) AS {kind}" for kind in _USAGE_TOKENS]
+                        + [f"sum({column(c)}) AS {c}, count({column(c)}) AS {c}_known" for c in _USAGE_COSTS])
+            + f" FROM {table}{where} GROUP BY {', '.join(str(i + 1) for i in range(len(names)))}")
+
+
 def read_usage(path: str, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
                team: str | None = None) -> list[dict]:
     """The ledger's rows (oldest first), read with a connection of its own; each filter that is
@@ -6346,15 +6420,7 @@ def read_usage(path: str, *, since: float | None = None, session: str | None = N
     try:
         present = _sqlite_columns(connection)  # read-only: an older ledger's missing columns read as NULL
         selected = [column if column in present else "NULL" for column in _USAGE_COLUMNS]
-        clauses, values = [], []
-        if since is not None:
-            clauses.append("time >= ?")
-            values.append(since)
-        for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
-            if wanted is not None:
-                clauses.append(f"{column} = ?" if column in present else "NULL")
-                values += [wanted] if column in present else []
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
         rows = connection.execute(f"SELECT {', '.join(selected)} FROM usage{where} ORDER BY time", values)
         return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
     except (sqlite3.Error, UnicodeEncodeError):  # a filter with a lone surrogate (from argv) matches nothing
@@ -6370,18 +6436,43 @@ def spend_since(path: str, since: float) -> dict[tuple[str, str], float]:
     if not os.path.exists(path):
         return {}
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    spent: dict[tuple[str, str], float] = {}
     try:
-        for key_name, team, cost in connection.execute(
-                "SELECT key_name, team, SUM(cost_usd) FROM usage WHERE time >= ? GROUP BY key_name, team", (since,)):
-            for whose, name in (("key", key_name), ("team", team)):
-                if name is not None and cost:
-                    spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
+        return _spend_per_owner(connection.execute(_SPEND_SQL.format(table="usage", placeholder="?"), (since,)))
     except sqlite3.Error:  # a ledger from before keys (no such columns): nothing was spent by one
         return {}
     finally:
         connection.close()
+
+
+_SPEND_SQL = "SELECT key_name, team, SUM(cost_usd) FROM {table} WHERE time >= {placeholder} GROUP BY key_name, team"
+
+
+def _spend_per_owner(lines: Iterable[tuple]) -> dict[tuple[str, str], float]:
+    """(key_name, team, cost) lines as {("key", name) or ("team", name): USD}."""
+    spent: dict[tuple[str, str], float] = {}
+    for key_name, team, cost in lines:
+        for whose, name in (("key", key_name), ("team", team)):
+            if name is not None and cost:
+                spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
     return spent
+def sqlite_usage_summary(path: str, *, since: float | None = None, session: str | None = None,
+                         key_name: str | None = None, team: str | None = None) -> dict:
+    """summarize_usage's summary of the rows of the SQLite ledger at `path` that match, added up
+    by SQLite (a ledger of a million rows in about a second, not half a minute of Python)."""
+    import sqlite3
+    if not os.path.exists(path):
+        return summarize_usage([])
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    connection.row_factory = sqlite3.Row
+    try:
+        present = _sqlite_columns(connection)
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
+        lines = connection.execute(_usage_combinations_sql("usage", present, where), values).fetchall()
+        return _summary_of_combinations(dict(line) for line in lines)
+    except (sqlite3.Error, UnicodeEncodeError):  # as read_usage
+        return summarize_usage([])
+    finally:
+        connection.close()
 
 
 # ── PostgreSQL: one ledger for the replicas of a team's gateway ──────────────────────────────
@@ -6449,11 +6540,12 @@ def _prepare_postgres_table(connection: Any) -> None:
                 connection.execute(f"CREATE INDEX IF NOT EXISTS {index} ON plano_usage ({columns})")
 
 
-def _postgres_can_hold(text: str) -> bool:
-    """PostgreSQL text holds no NUL character, and UTF-8 no lone surrogate: a filter with one
-    matches no row (and would be an error as a parameter)."""
+def _postgres_can_hold(text: str, encoding: str) -> bool:
+    """PostgreSQL text holds no NUL character, nor what the database's encoding cannot (a lone
+    surrogate in UTF-8, an emoji in LATIN1): a filter with one matches no row (and would be an
+    error as a parameter)."""
     try:
-        text.encode("utf-8")
+        text.encode(encoding)
     except UnicodeEncodeError:
         return False
     return "\x00" not in text
@@ -6461,59 +6553,18 @@ def _postgres_can_hold(text: str) -> bool:
 
 def postgres_usage_summary(connection: Any, *, since: float | None = None, session: str | None = None,
                            key_name: str | None = None, team: str | None = None) -> dict:
-    """summarize_usage's summary of the rows in `plano_usage` that match, added up by PostgreSQL in
-    one query (GROUPING SETS): months of a team's rows are not carried to the gateway to count.
-    The filters are parameters, never SQL text."""
+    """summarize_usage's summary of the rows in `plano_usage` that match, added up by PostgreSQL:
+    months of a team's rows are not carried to the gateway to count."""
     import psycopg.rows
     wanted = {"session": session, "key_name": key_name, "team": team}
     present = _postgres_columns(connection)
-    if not present or not all(_postgres_can_hold(value) for value in wanted.values() if value is not None):
+    if not present or not all(_postgres_can_hold(value, connection.info.encoding) for value in wanted.values()
+                              if value is not None):
         return summarize_usage([])
-
-    def column(name: str) -> str:  # an older table's missing column reads as NULL
-        return name if name in present else f"NULL::{_POSTGRES_TYPES[name]}"
-
-    clauses, values = [], []
-    if since is not None:
-        clauses.append(f"{column('time')} >= %s")
-        values.append(since)
-    for name, value in wanted.items():
-        if value is not None:
-            clauses.append(f"{column(name)} = %s")
-            values.append(value)
-    grouped = [name for _, name in _USAGE_GROUPINGS]
-    selected = ", ".join([f"coalesce(nullif({column(n)}, ''), 'none') AS {n}" for n in grouped]
-                         + [f"nullif({column(n)}, '') AS carried_{n}" for n in grouped]
-                         + [f"{column(n)} AS {n}" for n in (*_USAGE_TOKENS, "cost_usd", "baseline_cost_usd")])
-    totals = ", ".join([f"sum({kind}) AS {kind}" for kind in _USAGE_TOKENS]
-                       + [f"sum({cost}) AS {cost}, count({cost}) AS {cost}_known" for cost in ("cost_usd",
-                                                                                            "baseline_cost_usd")]
-                       + [f"count(carried_{n}) AS carried_{n}" for n in grouped])
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    where, values = _usage_where(present, "%s", since=since, **wanted)
     with connection.cursor(row_factory=psycopg.rows.dict_row) as cursor:
-        lines = cursor.execute(
-            f"SELECT GROUPING({', '.join(grouped)}) AS ungrouped, {', '.join(grouped)}, count(*) AS requests, "
-            f"{totals} FROM (SELECT {selected} FROM plano_usage{where}) AS matching "
-            f"GROUP BY GROUPING SETS ((), {', '.join(f'({n})' for n in grouped)})", values).fetchall()
-    summary: dict[str, Any] = {"total": _usage_line(0, dict.fromkeys(_USAGE_TOKENS, 0), None, None)}
-    groups: dict[str, dict[str, dict]] = {name: {} for name in grouped}
-    carried = dict.fromkeys(grouped, 0)
-    for line in lines:
-        requests = line["requests"]
-        costs = [line[cost] if requests and line[f"{cost}_known"] == requests else None
-                 for cost in ("cost_usd", "baseline_cost_usd")]
-        totalled = _usage_line(requests, {kind: int(line[kind] or 0) for kind in _USAGE_TOKENS}, *costs)
-        # GROUPING(…) has a bit per column, the first column's the highest, set where not grouped by it.
-        by = [n for i, n in enumerate(grouped) if not line["ungrouped"] & (1 << (len(grouped) - 1 - i))]
-        if by:
-            groups[by[0]][line[by[0]]] = totalled
-        else:
-            summary["total"] = totalled
-            carried = {name: line[f"carried_{name}"] for name in grouped}
-    for grouping, name in _USAGE_GROUPINGS:
-        if name in ("model", "route") or carried[name]:
-            summary[grouping] = dict(sorted(groups[name].items()))
-    return summary
+        return _summary_of_combinations(cursor.execute(_usage_combinations_sql("plano_usage", present, where),
+                                                       values).fetchall())
 
 
 class PostgresLedger(_LedgerWriter):
@@ -6560,6 +6611,19 @@ class PostgresLedger(_LedgerWriter):
                 self._close_reader()
                 raise LedgerUnavailable(f"the usage ledger ({self.where}) cannot be read now: "
                                         f"{self._reason(e)}") from None
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        import psycopg
+        with self._reader_lock:
+            try:
+                lines = self._read_connection().execute(
+                    _SPEND_SQL.format(table="plano_usage", placeholder="%s"), (since,)).fetchall()
+            except psycopg.Error as e:
+                self._close_reader()
+                log.warning("the usage ledger (%s) cannot be read, so budgets start this run from $0 spent: %s",
+                            self.where, self._reason(e))
+                return {}
+        return _spend_per_owner(lines)
 
     def close(self, timeout: float = 10.0) -> None:
         super().close(timeout)
@@ -6641,7 +6705,7 @@ def read_usage_summary(settings: StatsSettings, *, since: float | None = None, s
     the SQLite file, or PostgreSQL at `stats.url`. Raises LedgerUnavailable when that cannot be read."""
     filters = {"since": since, "session": session, "key_name": key_name, "team": team}
     if not settings.url:
-        return summarize_usage(read_usage(usage_path(settings), **filters))
+        return sqlite_usage_summary(usage_path(settings), **filters)
     try:
         import psycopg
     except ImportError:
@@ -6665,29 +6729,41 @@ def _usage_line(requests: int, tokens: Mapping[str, int], spent: float | None, b
             "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
 
 
+def _summary_of_combinations(lines: Iterable[Mapping[str, Any]]) -> dict:
+    """The usage summary from lines that each add up some rows (`_usage_combinations_sql`'s; one
+    row each for summarize_usage): a total, per model and per route, and per key and per team
+    when some row carries one. A group is named by its value, "none" for NULL or empty; a cost
+    is known when every row of the group knew it. Sums of integers from PostgreSQL come as
+    Decimal: counted as ints here."""
+    fields = ("requests", *_USAGE_TOKENS, *_USAGE_COSTS, *(f"{c}_known" for c in _USAGE_COSTS))
+    sums: dict[tuple[str, str], dict[str, Any]] = {("total", ""): dict.fromkeys(fields, 0)}
+    carried: set[str] = set()
+    for line in lines:
+        groups = [(grouping, line[column] or "none") for grouping, column in _USAGE_GROUPINGS]
+        carried.update(column for _, column in _USAGE_GROUPINGS if line[column])
+        for group in [("total", ""), *groups]:
+            running = sums.setdefault(group, dict.fromkeys(fields, 0))
+            for name in fields:
+                running[name] += line[name] or 0
+
+    def totalled(s: Mapping[str, Any]) -> dict:
+        requests = int(s["requests"])
+        costs = [float(s[c]) if requests and s[f"{c}_known"] == requests else None for c in _USAGE_COSTS]
+        return _usage_line(requests, {kind: int(s[kind]) for kind in _USAGE_TOKENS}, *costs)
+
+    summary = {"total": totalled(sums[("total", "")])}
+    for grouping, column in _USAGE_GROUPINGS:
+        if column in ("model", "route") or column in carried:
+            summary[grouping] = {name: totalled(s) for (g, name), s in sorted(sums.items()) if g == grouping}
+    return summary
+
+
 def summarize_usage(rows: list[dict]) -> dict:
     """Totals, per model and per route (and per key and per team when rows carry them): requests,
     tokens by kind, cache hit rate, cost, and what the same tokens would have cost at the baseline
     model. Unknown costs stay unknown (None), never 0."""
-    def total(group: list[dict]) -> dict:
-        def cost(column: str) -> float | None:
-            known = [r[column] for r in group if r[column] is not None]
-            return sum(known) if known and len(known) == len(group) else None
-
-        return _usage_line(len(group), {kind: sum(r[kind] or 0 for r in group) for kind in _USAGE_TOKENS},
-                           cost("cost_usd"), cost("baseline_cost_usd"))
-
-    def grouped(key: str) -> dict:
-        groups: dict[str, list[dict]] = {}
-        for row in rows:
-            groups.setdefault(row[key] or "none", []).append(row)
-        return {name: total(group) for name, group in sorted(groups.items())}
-
-    summary = {"total": total(rows)}
-    for grouping, column in _USAGE_GROUPINGS:
-        if column in ("model", "route") or any(row.get(column) for row in rows):
-            summary[grouping] = grouped(column)
-    return summary
+    return _summary_of_combinations(
+        {**row, "requests": 1, **{f"{c}_known": int(row[c] is not None) for c in _USAGE_COSTS}} for row in rows)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -6938,6 +7014,199 @@ def claude_code_picker_listing(config: Config, key: GatewayKey | None = None) ->
         entries.append(dict(entry, id=PICKER_PREFIX + model.name, display_name=model.name,
                             description=summary(model)))
     return entries
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Metrics: what the gateway did and is doing, for Prometheus (`GET /metrics`), named as the
+# OpenTelemetry GenAI conventions name it where they do, `plano_*` otherwise.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# Bucket boundaries: the GenAI conventions' own for their metrics (semantic-conventions-genai,
+# gen-ai-metrics.md); for the time plano adds, from a fraction of a millisecond (translation only)
+# to the seconds a router decision on a CPU takes.
+_TOKEN_BUCKETS = tuple(float(4 ** n) for n in range(14))  # 1, 4, 16, … 67,108,864
+_OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
+# other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
+_GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
+                         "azure_openai": "azure.ai.openai"}
+_GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+# What plano's token kinds are called here, and their usage-ledger columns.
+_TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
+                ("cache_write", "cache_write_tokens"), ("output", "output_tokens"),
+                ("reasoning", "reasoning_tokens"))
+
+
+def exchange_owner(exchange: _Exchange) -> tuple[str, str]:
+    """The (key, team) an exchange is counted for in the requests and cost metrics: the configured
+    name and team of the developer key the request was authenticated with, never a client's text
+    (so the label values stay bounded); ("", "") for the admin key or a gateway without keys."""
+    key = exchange.key
+    return (key.name, key.team or "") if key is not None else ("", "")
+
+
+def _endpoint_host(base_url: str) -> str:
+    """A base URL's host and port, for a label: never its `user:password@`, path or query."""
+    parts = urllib.parse.urlsplit(base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not one: the host alone says which endpoint
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own (never prometheus_client's
+    global one: each Gateway counts its own requests, and a process can run several). The gateway
+    calls `finished` once per chat request, wraps each router decision in `deciding` and each chat
+    request in `in_flight`, and calls `fell_back` when a provider's failure moved a request to
+    another model; what is a state rather than an event (providers cooling down, the ledger's
+    queue) is read from `state()` at each scrape, so its label sets follow a reloaded config.
+
+    Every label value is a configured name (model, route, provider, its host), one of plano's
+    own words (decision kinds, token kinds, API formats) or an HTTP status: never a client's text,
+    so that no client can make the number of series grow."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # loaded only when metrics are on
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "plano_requests", "Requests to the chat endpoints (Messages, Chat Completions, Responses), answered or "
+            "not, by the model chosen, its route, the kind of decision and the status (`none`: refused before)",
+            ["model", "route", "decision", "status", "key", "team"], registry=registry)
+        self.in_flight = Gauge("plano_requests_in_flight", "Chat requests being answered, streams included",
+                               registry=registry)
+        self.added = Histogram(
+            "plano_gateway_added_seconds", "What plano added before the client's first byte: reading the "
+            "request, routing, translating (time to first byte less the provider's time to its response headers)",
+            ["api"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.router_seconds = Histogram(
+            "plano_router_decision_seconds", "How long the router took to decide, by the kind of decision it made",
+            ["decision"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.decisions_waiting = Gauge(
+            "plano_router_decisions_waiting", "Requests waiting for the router's decision, the one being made included",
+            registry=registry)
+        self.router_failures = Counter(
+            "plano_router_failures", "Router decisions that fell back to the default model: `timeout` past "
+            "router.timeout_ms, `unavailable` when the router is loading, failed to load or answered nothing usable",
+            ["reason"], registry=registry)
+        self.fallbacks = Counter(
+            "plano_fallbacks", "Requests a model's provider failed that another model answered",
+            ["from_model", "to_model"], registry=registry)
+        self.tokens = Counter(
+            "plano_tokens", "Tokens used, by model and kind (input is uncached input; reasoning is part of output)",
+            ["model", "type"], registry=registry)
+        self.cost = Counter("plano_cost_usd", "What answers cost at the configured or catalogue prices, in USD",
+                            ["model", "key", "team"], registry=registry)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Number of input and output tokens used (input includes cache reads "
+            "and writes)", [*_GENAI_LABELS, "gen_ai_token_type"], buckets=_TOKEN_BUCKETS, registry=registry)
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration: a chat request from its "
+            "arrival to its answer's last byte", [*_GENAI_LABELS, "error_type"], buckets=_OPERATION_BUCKETS,
+            registry=registry)
+        self.first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to the answer's first byte to the client, for "
+            "successful answers (a whole answer's is its last)", _GENAI_LABELS, buckets=_FIRST_TOKEN_BUCKETS,
+            registry=registry)
+        registry.register(_GatewayStateCollector(state))
+        self._route_names: tuple[Config | None, frozenset[str]] = (None, frozenset())
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """Every metric, in the format a scraper's `Accept` asks for (Prometheus text, or OpenMetrics),
+        and its content type."""
+        from prometheus_client.exposition import choose_encoder
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    async def deciding(self, deciding: Awaitable[RouteDecision]) -> RouteDecision:
+        """The router's decision: counted as waiting until it is made, then timed by its kind."""
+        with self.decisions_waiting.track_inprogress():
+            decision = await deciding
+        if decision.decision != "pinned":  # a pin is the turn's earlier decision: the router was not asked
+            self.router_seconds.labels(decision.decision).observe(decision.latency_ms / 1000)
+        if decision.decision == "fallback":
+            self.router_failures.labels("timeout" if decision.reason.startswith(ROUTER_TIMED_OUT)
+                                        else "unavailable").inc()
+        return decision
+
+    def fell_back(self, chosen: str, answered_by: str) -> None:
+        self.fallbacks.labels(chosen, answered_by).inc()
+
+    def finished(self, exchange: _Exchange, row: Mapping[str, Any] | None, config: Config) -> None:
+        """One chat request, answered or refused: counted, timed, and what it used and cost (`row`,
+        the usage ledger's row for it, when a model was chosen)."""
+        decision, config = exchange.decision, exchange.config or config
+        model = exchange.model or (config.model_named(decision.model) if decision is not None else None)
+        model_name = model.name if model is not None else "none"
+        route = decision.route if decision is not None and decision.route in self._routes_of(config) else "none"
+        key, team = exchange_owner(exchange)
+        self.requests.labels(model_name, route, decision.decision if decision is not None else "none",
+                             str(exchange.status), key, team).inc()
+        if model is None:
+            return  # refused before a model was chosen: no provider was asked
+        genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
+        self.operation_duration.labels(*genai, str(exchange.status) if exchange.status >= 400 else "").observe(
+            time.monotonic() - exchange.started)
+        if exchange.status == 200 and exchange.first_byte_ms is not None:
+            self.first_token.labels(*genai).observe(exchange.first_byte_ms / 1000)
+            if exchange.upstream_ms is not None:
+                self.added.labels(exchange.request.api_format).observe(
+                    max(exchange.first_byte_ms - exchange.upstream_ms, 0.0) / 1000)
+        if row is None or exchange.usage is None:
+            return
+        counts = {kind: _token_count(row.get(column)) for kind, column in _TOKEN_KINDS}
+        for kind, count in counts.items():
+            if count:
+                self.tokens.labels(model_name, kind).inc(count)
+        self.token_usage.labels(*genai, "input").observe(counts["input"] + counts["cache_read"] + counts["cache_write"])
+        self.token_usage.labels(*genai, "output").observe(counts["output"])
+        cost = row.get("cost_usd")
+        if cost is not None and cost > 0:
+            self.cost.labels(model_name, key, team).inc(cost)
+
+    def _routes_of(self, config: Config) -> frozenset[str]:
+        """The config's route names (kept for the config they were read from: a reload brings another)."""
+        if self._route_names[0] is not config:
+            self._route_names = (config, frozenset(pref.name for pref, _ in config.routes))
+        return self._route_names[1]
+
+
+class _GatewayStateCollector:
+    """The metrics that are a state of the gateway at the moment of a scrape, read from `state()`:
+    the configured providers' endpoints and which are cooling down, and the usage ledger's queue.
+    A scrape renders in a worker thread, so this reads only what another thread may read: a
+    frozen config, single lookups in a dict, integers."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        config, cool_until, ledger = self.state()
+        now = time.monotonic()
+        cooling: dict[tuple[str, str], bool] = {}
+        for model in config.models:  # one series per endpoint, cooling if any of its base URLs is
+            endpoint = (model.provider, _endpoint_host(model.base_url))
+            cooling[endpoint] = cooling.get(endpoint, False) or cool_until.get(model.base_url, 0.0) > now
+        family = GaugeMetricFamily(
+            "plano_provider_cooling_down", "1 while a configured provider endpoint is skipped after failures or "
+            "for its retry-after, else 0", labels=["provider", "host"])
+        for (provider, host), cool in sorted(cooling.items()):
+            family.add_metric([provider, host], 1.0 if cool else 0.0)
+        yield family
+        if ledger is not None:
+            yield GaugeMetricFamily("plano_ledger_rows_queued", "Usage rows recorded and not yet "
+                                                   "written to the ledger", value=ledger.queued)
+            yield CounterMetricFamily("plano_ledger_rows_dropped", "Usage rows dropped: the ledger's "
+                                                     "queue was full, or the database could not store the row",
+                                                     value=ledger.dropped)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -7209,9 +7478,9 @@ class ProviderHealth:
         self.state = state
         # What this process last saw, per endpoint: its failure count (a success clears the shared
         # record when there is one to clear, rather than writing to the store after every answer),
-        # whether it was cooling down, and when that was read (time.monotonic()).
+        # until when it cools down (a time.monotonic(); the metrics read it), and when that was read.
         self.failures: dict[str, int] = {}
-        self._cooling: dict[str, bool] = {}
+        self.cool_until: dict[str, float] = {}
         self._read_at: dict[str, float] = {}
 
     async def usable(self, models: list[ModelEntry]) -> list[ModelEntry]:
@@ -7219,12 +7488,19 @@ class ProviderHealth:
         now = time.monotonic()
         urls = list(dict.fromkeys(m.base_url for m in models))
         stale = [url for url in urls if now - self._read_at.get(url, -math.inf) >= self.state.reuse_reads_for]
+        cooling = set()
         if stale:
             values = await self.state.values([f"health:cool:{url}" for url in stale] +
                                              [f"health:failures:{url}" for url in stale])
             for url, cool, count in zip(stale, values, values[len(stale):]):
-                self._seen(url, cooling=cool > 0, failures=int(count), at=now)
-        return [m for m in models if not self._cooling.get(m.base_url)] or models
+                self._seen(url, failures=int(count), at=now)
+                if cool > 0:  # until the counter's expiry, as the read found it
+                    cooling.add(url)
+                    self.cool_until[url] = now + self.state.counter_expiry(f"health:cool:{url}") - time.time()
+                else:
+                    self.cool_until.pop(url, None)
+        cooling |= {url for url in urls if url not in stale and self.cool_until.get(url, 0.0) > now}
+        return [m for m in models if m.base_url not in cooling] or models
 
     async def failed(self, model: ModelEntry, error: UpstreamError) -> None:
         if not error.retryable:
@@ -7235,25 +7511,27 @@ class ProviderHealth:
         if failures >= self.FAILURES_BEFORE_COOL_DOWN:
             pause = max(pause or 0.0, self.COOL_DOWN)
         if pause:
-            await self.state.add(f"health:cool:{url}", 1, min(pause, self.RETRY_AFTER_CAP))
-        self._seen(url, cooling=bool(pause) or self._cooling.get(url, False), failures=failures)
+            pause = min(pause, self.RETRY_AFTER_CAP)
+            await self.state.add(f"health:cool:{url}", 1, pause)
+            self.cool_until[url] = time.monotonic() + pause
+        self._seen(url, failures=failures)
 
     async def succeeded(self, model: ModelEntry) -> None:
         url = model.base_url
         if url in self.failures:
             await self.state.delete([f"health:failures:{url}", f"health:cool:{url}"])
-            self._seen(url, cooling=False, failures=0)
+            self.cool_until.pop(url, None)
+            self._seen(url, failures=0)
 
     async def forget(self, models: Iterable[ModelEntry]) -> None:
         """A clean record for these models' endpoints (a reloaded config's providers start with one)."""
         urls = {m.base_url for m in models}
         self.failures.clear()
-        self._cooling.clear()
+        self.cool_until.clear()
         self._read_at.clear()
         await self.state.delete([f"health:{kind}:{url}" for url in sorted(urls) for kind in ("failures", "cool")])
 
-    def _seen(self, url: str, *, cooling: bool, failures: int, at: float | None = None) -> None:
-        self._cooling[url] = cooling
+    def _seen(self, url: str, *, failures: int, at: float | None = None) -> None:
         self._read_at[url] = time.monotonic() if at is None else at
         if failures > 0:
             self.failures[url] = failures
@@ -7321,8 +7599,8 @@ def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The secrets a config holds (providers' keys, the gateway's own and the developers', the password in
-    `state.url`, the ledger database's password): never in a log line or an answer."""
+    """The secrets a config holds (providers' keys, people's gateway keys, the gateway's own, the
+    password in `state.url`, the ledger database's in `stats.url`): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
     keys += [config.state.password] if config.state.password else []  # in `state.url`
     return keys + ([config.listener.api_key] if config.listener.api_key else []) \
@@ -7607,7 +7885,7 @@ class Gateway:
         self._unpriced_logged: set[str] = set()  # models whose answers a budget cannot see, said once each
         self.router: Router | None = None
         self._given_router = router
-        # Pins, provider health, budget spend and request-rate windows of the developers' keys: in this
+        # Pins, provider health, budget spend and request-rate windows (see Shared state): in this
         # process, or in Redis from __aenter__ on.
         self.state: LocalState | RedisState = LocalState()
         self.upstreams = Upstreams(self.state)
@@ -7622,9 +7900,11 @@ class Gateway:
             ("GET", "/plano/usage"): self._usage,
             ("GET", "/plano/me"): self._me,
             ("GET", "/plano"): self._live_page,
+            ("GET", "/metrics"): self._scrape,
         }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
+        self.metrics = self._metrics_for(config, None)
 
     async def __aenter__(self) -> "Gateway":
         self._exit_stack = contextlib.AsyncExitStack()
@@ -7645,7 +7925,7 @@ class Gateway:
             self.router = given
             if given.status == "loading":
                 self._background.start_soon(given.start)
-        if isinstance(self.state, LocalState) and isinstance(self.ledger, UsageLedger):
+        if isinstance(self.state, LocalState) and self.ledger is not None:
             await self._spend_from_ledger()
         return self
 
@@ -7657,7 +7937,7 @@ class Gateway:
         budgets = {budget for key in config.keys for budget in config.budgets_of(key)}
         periods = {(whose, name): budget_period(budget.per, now) for whose, name, budget in budgets}
         for start in {start for start, _ in periods.values()}:
-            spent = await trio.to_thread.run_sync(spend_since, self.ledger.path, start)
+            spent = await trio.to_thread.run_sync(self.ledger.spent_since, start)
             for (whose, name), (since, end) in periods.items():
                 if since == start and spent.get((whose, name)):
                     await self.state.add(spend_counter(whose, name, start), spent[(whose, name)], end - now + 3600)
@@ -7684,9 +7964,15 @@ class Gateway:
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         # The new config's providers start with a clean record (with Redis, on every replica).
         self._background.start_soon(self.upstreams.health.forget, old_config.models + config.models)
+        self.metrics = self._metrics_for(config, self.metrics)  # the same counters, unless turned off
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
             self._background.start_soon(old_router.backend.close)
+
+    def _metrics_for(self, config: Config, current: Metrics | None) -> Metrics | None:
+        if not config.metrics:
+            return None
+        return current or Metrics(lambda: (self.config, self.upstreams.health.cool_until, self.ledger))
 
     def _router_for(self, config: Config, current: Router | None) -> Router | None:
         if not config.router.enabled or not config.routes:
@@ -7776,7 +8062,9 @@ class Gateway:
             raise PlanoError(f"{method} {path} takes a JSON body: send `Content-Type: application/json` (got "
                              f"{_shown(sent) if sent else 'no Content-Type'})", status=415,
                              error_type="invalid_request_error")
-        await handler(request, respond, exchange)
+        counted = self.metrics is not None and handler == self._chat
+        with self.metrics.in_flight.track_inprogress() if counted else contextlib.nullcontext():
+            await handler(request, respond, exchange)
 
     async def _preflight(self, request: Request, respond: Responder) -> None:
         """A CORS preflight from an allowed origin: which methods and headers its page may send."""
@@ -7909,7 +8197,7 @@ class Gateway:
             raise NotFoundError("usage accounting is off (stats: false)")
         ledger = self.ledger
 
-        if exchange.key is not None:  # a developer reads only its own
+        if exchange.key is not None:  # a developer reads only its own rows, whatever it asks for
             filters["key_name"] = exchange.key.name
 
         def read() -> dict:
@@ -7939,6 +8227,13 @@ class Gateway:
                                  "spent_usd": round(amount, 6), "resets_at": _utc_iso(end)}
                                 for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent)]}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+    async def _scrape(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """The metrics, for Prometheus: its text format, or OpenMetrics when the scraper asks for it."""
+        if self.metrics is None:
+            raise NotFoundError("metrics are off (metrics: false)")
+        # Off the event loop: rendering takes about 10 ms a thousand samples (bench/metrics_cost.py).
+        body, content_type = await trio.to_thread.run_sync(self.metrics.exposition, request.headers.get("accept", ""))
+        await respond.send_full(200, [("content-type", content_type)], body)
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
@@ -7975,10 +8270,12 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        if exchange.decision is None:
+        row = usage_row(exchange, self.config) if exchange.decision is not None else None
+        if self.metrics is not None:
+            self.metrics.finished(exchange, row, self.config)
+        if row is None:
             return None
         self.decision_log.add(decision_record(exchange))
-        row = usage_row(exchange, self.config)
         if self.ledger is not None:
             self.ledger.record(row)
         return row
@@ -7989,19 +8286,19 @@ class Gateway:
         """Refuse a request of `key` before it goes out: past its `rpm` this minute (a 429, counted
         whether admitted or not), or with its budget or its team's spent this period (a 403)."""
         now = time.time()
-        if key.rpm is not None:
-            minute = math.floor(now / 60)  # a fixed window: the counter of this UTC minute
-            sent = await self.state.add(f"rpm:{key.name}:{minute}", 1, 120)
-            if sent > key.rpm:
-                wait = max(math.ceil((minute + 1) * 60 - now), 1)
-                raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
-                                   f"minute starts in {wait} s", headers={"retry-after": str(wait)})
+        minute = math.floor(now / 60)  # rpm is a fixed window: the counter of this UTC minute
         budgets = config.budgets_of(key)
-        if not budgets:
-            return
         periods = [budget_period(budget.per, now) for _, _, budget in budgets]
-        spent = await self.state.values([spend_counter(whose, name, start)
-                                         for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is None and not budgets:
+            return
+        # The minute's count and the periods' spend, in one round trip to a shared store.
+        sent, spent = await self.state.add_and_read(
+            [(f"rpm:{key.name}:{minute}", 1, 120)] if key.rpm is not None else [],
+            [spend_counter(whose, name, start) for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is not None and sent[0] > key.rpm:
+            wait = max(math.ceil((minute + 1) * 60 - now), 1)
+            raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
+                               f"minute starts in {wait} s", headers={"retry-after": str(wait)})
         for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent):
             if amount >= budget.usd:
                 raise KeyLimitError(budget_refusal(key, whose, name, budget, amount, end))
@@ -8020,9 +8317,9 @@ class Gateway:
         if not cost or not budgets:
             return
         now = time.time()
-        for whose, name, budget in budgets:
-            start, end = budget_period(budget.per, now)
-            await self.state.add(spend_counter(whose, name, start), cost, end - now + 3600)
+        periods = [(whose, name, *budget_period(budget.per, now)) for whose, name, budget in budgets]
+        await self.state.add_and_read([(spend_counter(whose, name, start), cost, end - now + 3600)
+                                       for whose, name, start, end in periods], [])
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -8040,10 +8337,10 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
-        if self.router is not None and not config.route_on_user_only:
-            return await self.router.decide(routed.get("messages"))
         if self.router is not None:
-            return await self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
+                self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            return await (self.metrics.deciding(deciding) if self.metrics is not None else deciding)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -8086,6 +8383,8 @@ class Gateway:
         exchange.decision = fit_decision(config, exchange.decision, exchange.needs, exchange.key)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
+            if self.metrics is not None and upstream.decision is not exchange.decision:  # a fallback answered
+                self.metrics.fell_back(exchange.decision.model, upstream.decision.model)
             exchange.decision, exchange.model = upstream.decision, upstream.model
             exchange.upstream_ms = upstream.upstream_ms
             if upstream.error is not None:
@@ -8615,11 +8914,11 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
             continue
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
+        if dataclasses.replace(config.stats, baseline=None) != dataclasses.replace(old.stats, baseline=None):
+            log.warning("the usage ledger's settings changed in %s; restart plano to use them", path)
         if config.state != old.state:
             log.warning("`state` changed in %s; restart plano to use it (still on %s)", path,
                         gateway.state.description)
-        if dataclasses.replace(config.stats, baseline=None) != dataclasses.replace(old.stats, baseline=None):
-            log.warning("the usage ledger's settings changed in %s; restart plano to use them", path)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -8691,11 +8990,11 @@ def _cmd_up(args: Any) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    except (ListenError, ConfigError, BaseExceptionGroup) as raised:
-        error = raised  # each nursery on the way out wraps what escaped it
+    except (ListenError, ConfigError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps it
+        error = raised
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
-        if isinstance(error, ConfigError):  # what only serving finds out: a state.url or stats.url it cannot use
+        if isinstance(error, ConfigError):  # found only at start: a `state.url` or `stats.url` plano cannot use
             print(f"plano: {error.message}", file=sys.stderr)
             return 2
         if not isinstance(error, ListenError):
@@ -9571,6 +9870,13 @@ async function refreshUsage() {
     ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
     : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
 }
+// At most one usage read a second, however many answers arrive: on a team's gateway each read adds
+// up the shared ledger (about half a second of PostgreSQL for a million rows).
+let usageDue = null;
+function refreshUsageSoon() {
+  if (usageDue) return;
+  usageDue = setTimeout(() => { usageDue = null; refreshUsage().catch(() => {}); }, 1000);
+}
 function showDecision(d) {
   const row = document.createElement("tr");
   const sure = d.confidence == null ? ""
@@ -9597,7 +9903,7 @@ async function follow() {
       const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
       const data = block.split("\\n").filter((l) => l.startsWith("data:"))
         .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
-      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsageSoon(); }
     }
   }
 }

@@ -5,7 +5,10 @@ Two `python -m plano up` on the same config but for `state:` answer the same req
 round-robin so machine noise hits both alike: one keeps its state in the process (the default), the
 other in a redis-server this script starts on a free loopback port (AOF on, as the tests run it).
 The provider is bench/overhead.py's stand-in, which also answers as the router server, so every
-request is routed and pinned as Claude Code's are. Two kinds of request, one session each time:
+request is routed and pinned as Claude Code's are, and every request carries a developer's key
+(`keys:`) with a budget, a team's budget and an `rpm`, so every request is admitted (the minute's
+count and both budgets' spend, one round trip) and charged once answered (one more). Two kinds of
+request, one session each time:
 
     new turn    new user text: the pin is read (to weigh a switch), the router decides (its answer
                 is cached after the first: the router's own time is not what is measured), and the
@@ -43,6 +46,7 @@ import httpx
 import overhead  # the stand-in provider, the gateway launcher, the statistics (bench/ is on the path)
 
 KINDS = ("new turn", "tool loop")
+KEY = "plano-bench-developer-key-0123"  # a developer's key with a budget, its team's, and an rpm: all counted
 
 
 @contextlib.contextmanager
@@ -76,19 +80,29 @@ def start_plano(name: str, upstream_port: int, workdir: Path, state: str) -> ove
             base_url: http://127.0.0.1:{upstream_port}/v1
             access_key: dummy
             default: true
+            prices: {{input: 1, output: 2}}
             routing_preferences:
               - name: {overhead.ROUTE}
                 description: anything about code
         listeners:
           - address: 127.0.0.1
             port: {port}
+        keys:
+          - name: bench
+            key: {KEY}
+            team: bench-team
+            budget: {{usd: 1000000, per: day}}
+            rpm: 1000000
+        teams:
+          - name: bench-team
+            budget: {{usd: 1000000, per: month}}
         router:
           endpoint: http://127.0.0.1:{upstream_port}/v1
           model: {overhead.ROUTER_MODEL}
         stats: false
         """) + state)
     target = overhead._start_gateway(name, [sys.executable, "-m", "plano", "up", "--config", str(config)], workdir,
-                                     port, key="unused", health="/healthz", timeout=30,
+                                     port, key=KEY, health="/healthz", timeout=30,
                                      cwd=str(Path(__file__).resolve().parent.parent))
     target.latencies = {kind: [] for kind in KINDS}
     return target
@@ -141,8 +155,8 @@ def report(targets: list[overhead.Target], requests: int) -> None:
             print(f"  {kind:<10} {target.name:<8} {len(values):>5} {overhead.ms(overhead.percentile(values, 50))} "
                   f"{overhead.ms(overhead.percentile(values, 95))}")
     print("\nWhat Redis adds per request")
-    for kind, trips in (("new turn", "2 round trips: the pin read and renewed, the pin written"),
-                        ("tool loop", "1 round trip: the pin read and renewed")):
+    for kind, trips in (("new turn", "4 round trips: admission, the pin read, the pin written, the charge"),
+                        ("tool loop", "3 round trips: admission, the pin read, the charge")):
         added = [overhead.percentile(redis.latencies[kind], q) - overhead.percentile(local.latencies[kind], q)
                  for q in (50, 95)]
         print(f"  {kind:<10} +{added[0] * 1000:.2f} ms p50, +{added[1] * 1000:.2f} ms p95 ({trips})")
