@@ -8939,10 +8939,40 @@ def _load_config_or_exit(path: str | None) -> Config:
     return config
 
 
-def _gateway_url(config: Config) -> str:
+def _gateway_url(config: Config, environ: Mapping[str, str] = os.environ) -> str:
+    """Where the agents and plano's own commands reach the gateway: $PLANO_URL (a team's gateway,
+    somewhere else), else the config's listener on this machine."""
+    remote = _remote_gateway_url(environ)
+    if remote is not None:
+        return remote
     host = config.listener.address
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
+
+
+def _gateway_url_or_exit(config: Config) -> str:
+    try:
+        return _gateway_url(config)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _remote_gateway_url(environ: Mapping[str, str]) -> str | None:
+    """$PLANO_URL, a team's gateway (`http://plano.internal:8080`), when it is set; a value that is
+    not an http(s) URL is an error here, not a connection to some other place later."""
+    value = environ.get("PLANO_URL", "").strip()
+    if not value:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query \
+            and not parts.fragment and (parts.port or 0) >= 0
+    except ValueError:  # urlsplit's own refusals: `http://[x`, a port that is not a number
+        usable = False
+    if not usable:
+        raise ConfigError(f"PLANO_URL must be the gateway's http:// or https:// URL (got {_shown(value)})")
+    return value.rstrip("/")
 
 
 def _client_key_headers(url: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -9247,7 +9277,7 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
 
 def _cmd_watch(args: Any) -> int:
     """Follow the gateway's decisions, reconnecting when it restarts."""
-    url = args.url or _gateway_url(_load_config_or_exit(args.config))
+    url = args.url or _gateway_url_or_exit(_load_config_or_exit(args.config))
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     waiting_said = False
     try:
@@ -9437,7 +9467,7 @@ def _listener_finding(config: Config) -> _Finding:
             pass
     except OSError:
         return _Finding("ok", "listener", f"{host}:{port} is free")
-    url = _gateway_url(config)
+    url = _gateway_url(config, {})  # this machine's listener, whatever PLANO_URL says
     try:
         health = httpx.get(url + "/healthz", timeout=2.0, trust_env=False).json()
         if health.get("status") == "ok" and "router" in health:
@@ -9595,6 +9625,11 @@ def _gateway_for_agent(config: Config):
 
     url = _gateway_url(config)
     gateway = None
+    if not _gateway_is_up(url) and _remote_gateway_url(os.environ) is not None:
+        # A team's gateway is not this machine's to start: say where the agent would have gone.
+        print(f"plano: the gateway at {url} (PLANO_URL) does not answer", file=sys.stderr)
+        yield False
+        return
     if not _gateway_is_up(url):
         # Nothing answers: run the gateway for the length of this agent session. Its log goes to a
         # file, since the terminal belongs to the agent.
@@ -9631,6 +9666,7 @@ def _cmd_cli_agent(args: Any) -> int:
         print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
         return 2
     config = _load_config_or_exit(args.config)
+    _gateway_url_or_exit(config)  # a PLANO_URL that is not a URL stops here, before any agent starts
     if config.keys and agent_key(config, os.environ) == CLAUDE_PLACEHOLDER_TOKEN:
         print("plano: this gateway takes a key per developer: export PLANO_API_KEY=<the key you were given>",
               file=sys.stderr)

@@ -11763,6 +11763,44 @@ def test_no_key_appears_in_the_log_of_any_replica_or_of_haproxy(team):
     assert [secret for secret in secrets if any(secret in log for log in logs)] == []
 
 
+# ── issue 20: a developer's agent on a team's gateway (PLANO_URL) ─────────────────────────────
+
+
+def test_plano_url_points_cli_agent_and_the_status_line_at_a_teams_gateway_and_never_starts_one(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    local_port = free_port()
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o", prices=TEAM_PRICES), router=False,
+                                  listeners=[{"address": "127.0.0.1", "port": local_port}],
+                                  keys=[{"name": "alice", "key": f"sha256:{ALICE_SHA256}"}]))
+
+    def cli_agent(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", *args],
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(HERE), **env})
+
+    with RunningPlano(plano.load_config(str(config))) as team:
+        claude = cli_agent("claude", "--print-env", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url + "/")
+        assert f"export ANTHROPIC_BASE_URL={team.url}\n" in claude.stdout
+        codex = cli_agent("codex", "--print-config", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+        assert f'base_url="{team.url}/v1"' in codex.stdout.replace(" ", "")
+        # The agent runs against the team's gateway: a stand-in `claude` on PATH reports where it was sent.
+        fake = tmp_path / "claude"
+        fake.write_text("#!/bin/sh\necho \"$ANTHROPIC_BASE_URL $ANTHROPIC_AUTH_TOKEN\"\n")
+        fake.chmod(0o755)
+        ran = cli_agent("claude", "-p", "hi", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+        assert ran.returncode == 0 and ran.stdout.strip() == f"{team.url} {ALICE_KEY}"
+        assert "gateway started" not in ran.stderr
+    # Nothing answers there: nothing is started on this machine, and the message says where it looked.
+    gone = cli_agent("claude", "-p", "hi", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+    assert gone.returncode == 1 and f"the gateway at {team.url} (PLANO_URL) does not answer" in gone.stderr
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{local_port}/healthz", timeout=1)
+    for hostile in ("ftp://x", "plano.internal:8080", "http://x/?a=1", "http://\x1b[2J", "http://x:port"):
+        refused = cli_agent("claude", "-p", "hi", PLANO_URL=hostile)
+        assert refused.returncode == 2 and "PLANO_URL must be the gateway's http:// or https:// URL" in refused.stderr
+        assert "\x1b" not in refused.stderr
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
