@@ -3382,11 +3382,14 @@ class StreamTranslator:
     event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
     still returns what the events before it produced, and the failure waits in `failure` for the
     caller to raise once that is sent, so what the client sees does not depend on where the
-    network reads happened to fall.
+    network reads happened to fall. `observe`, when given, is handed each upstream event as it is
+    decoded (the traces read the answer's id, model and finish reasons from them).
     """
 
-    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
+                 observe: Callable[[SSEEvent], None] | None = None):
         self.upstream_format = upstream_format
+        self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
         self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
@@ -3411,6 +3414,9 @@ class StreamTranslator:
         if self.machine is None and self.ended:
             return b""  # the stream's last event has gone by: anything after it is not part of it
         events = self.decoder.feed(raw)
+        if self.observe is not None:
+            for event in events:
+                self.observe(event)
         if self.machine is None:
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
             # one, which its own error event would then run into; and nothing after the event that
@@ -5921,6 +5927,13 @@ class Tracing:
             await trio.to_thread.run_sync(self.provider.shutdown, abandon_on_cancel=True)
 
 
+def _set(span: Any, attributes: Mapping[str, Any]) -> None:
+    """`attributes` on `span`, those that are None left out (the SDK drops them with a warning).
+    Never given to start_span: the SDK's sampler hands them on as a mappingproxy, whose check
+    against collections.abc.Mapping misses the ABC cache on every span (slower than this)."""
+    span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
 def _wall_ns(monotonic: float) -> int:
     """A time.monotonic() instant as the epoch nanoseconds a span's start or end takes."""
     return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
@@ -5934,7 +5947,9 @@ _TRACESTATE = re.compile(r"[ -~]{1,512}")
 class _NoTrace:
     """Tracing off: every hook the gateway calls does nothing (one shared instance, no state)."""
 
-    def decided(self, decision: RouteDecision, since: float) -> None:
+    stream_event = None  # a stream's events are not watched (StreamTranslator's `observe`)
+
+    def routed(self, decision: RouteDecision, since: float) -> None:
         pass
 
     def attempt(self, model: ModelEntry) -> "_NoTrace":
@@ -5947,9 +5962,6 @@ class _NoTrace:
         pass
 
     def answered(self, status: int) -> None:
-        pass
-
-    def chunk(self, data: bytes) -> None:
         pass
 
     def answer(self, payload: dict) -> None:
@@ -5965,10 +5977,10 @@ _NO_TRACE = _NoTrace()
 class _RequestTrace:
     """One chat request's spans. The request's own (SERVER, `chat {requested model}`) continues
     the client's W3C `traceparent` when it sent a valid one (anything else starts a new trace);
-    below it the router decision (INTERNAL, `plano.router`) and each upstream attempt (CLIENT,
-    `chat {model id}`, a failover's failed attempts included), whose context is the
-    `traceparent` the provider gets. The GenAI attributes, usage and the outcome are set when the
-    gateway is done with the request (`finish`)."""
+    below it the router's decision when the router was asked (INTERNAL, `plano.router`) and each
+    upstream attempt (CLIENT, `chat {model id}`, a failover's failed attempts included), whose
+    context is the `traceparent` the provider gets. The GenAI attributes, usage and the outcome
+    are set when the gateway is done with the request (`finish`)."""
 
     def __init__(self, tracing: Tracing, request: Any, started: float):
         self.tracing = tracing
@@ -5977,33 +5989,32 @@ class _RequestTrace:
         if not _TRACESTATE.fullmatch(carrier.get("tracestate", "-")):
             del carrier["tracestate"]
         parent = tracing.propagator.extract(carrier)  # a malformed traceparent: an empty context
-        self.span = tracing.tracer.start_span(
-            "chat", context=parent, kind=api.SpanKind.SERVER, start_time=_wall_ns(started),
-            attributes={"gen_ai.operation.name": "chat", "http.request.method": request.method,
-                        "url.path": kept_text(request.path)})
+        self.span = tracing.tracer.start_span("chat", context=parent, kind=api.SpanKind.SERVER,
+                                              start_time=_wall_ns(started))
         self.context = api.set_span_in_context(self.span)
         self.attempts: list[_AttemptTrace] = []
 
-    def decided(self, decision: RouteDecision, since: float) -> None:
-        """The router decision, from `since` (time.monotonic) to now."""
+    def routed(self, decision: RouteDecision, since: float) -> None:
+        """The router's decision, from `since` (time.monotonic) to now."""
         attributes = {"plano.decision": decision.decision, "plano.model": decision.model,
                       "plano.router_ms": round(decision.latency_ms, 1), "plano.route": decision.route,
                       "plano.route_confidence": decision.confidence, "plano.reason": kept_text(decision.reason)}
-        self.tracing.tracer.start_span("plano.router", context=self.context, kind=self.tracing.api.SpanKind.INTERNAL,
-                                       start_time=_wall_ns(since),
-                                       attributes={k: v for k, v in attributes.items() if v is not None}).end()
+        span = self.tracing.tracer.start_span("plano.router", context=self.context,
+                                              kind=self.tracing.api.SpanKind.INTERNAL, start_time=_wall_ns(since))
+        _set(span, attributes)
+        span.end()
 
     def attempt(self, model: ModelEntry) -> "_AttemptTrace":
-        attempt = _AttemptTrace(self, model, len(self.attempts) + 1)
+        attempt = _AttemptTrace(self, model)
         self.attempts.append(attempt)
         return attempt
 
-    def chunk(self, data: bytes) -> None:
-        """Bytes of the answering provider's stream, as read."""
+    def stream_event(self, event: SSEEvent) -> None:
+        """An event of the answering provider's stream, as decoded."""
         if self.attempts:
             attempt = self.attempts[-1]
-            attempt.chunk(data)
-            self._read(attempt.facts.feed, data)
+            attempt.first_event()
+            self._read(attempt.facts.event, event)
 
     def answer(self, payload: dict) -> None:
         """The answering provider's whole answer."""
@@ -6024,8 +6035,12 @@ class _RequestTrace:
         """Everything the gateway learned of the request (an _Exchange), on the spans; they end."""
         decision, model, config = exchange.decision, exchange.model, exchange.config
         answered = self.attempts[-1] if self.attempts and model is not None else None
-        attributes: dict[str, Any] = {"gen_ai.conversation.id": exchange.session or None,
-                                      "http.response.status_code": exchange.status or None,
+        # A stream's 200 has gone out once a provider answered; an error after it is an event in
+        # the stream (exchange.status, error.type), not the response's status.
+        streamed = exchange.wants_stream and model is not None
+        attributes: dict[str, Any] = {"gen_ai.operation.name": "chat", "url.path": kept_text(exchange.request.path),
+                                      "gen_ai.conversation.id": exchange.session or None,
+                                      "http.response.status_code": 200 if streamed else exchange.status or None,
                                       "gen_ai.request.stream": True if exchange.wants_stream else None}
         if exchange.requested_model:
             attributes["gen_ai.request.model"] = exchange.requested_model
@@ -6036,8 +6051,6 @@ class _RequestTrace:
             target = model or (config.model_named(decision.model) if config is not None else None)
             if target is not None:
                 attributes["gen_ai.provider.name"] = genai_provider_name(target)
-        if exchange.upstream_ms is not None:
-            attributes["plano.upstream_ms"] = round(exchange.upstream_ms, 1)
         if exchange.first_byte_ms is not None:
             attributes["plano.ttfb_ms"] = round(exchange.first_byte_ms, 1)
         attributes.update(_usage_attributes(exchange.usage, exchange.reasoning_tokens))
@@ -6061,14 +6074,15 @@ class _RequestTrace:
                 self.span.add_event("gen_ai.client.inference.operation.details", content)
         for attempt in self.attempts:
             attempt.end(answered is attempt, failed)
-        self.span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        _set(self.span, attributes)
         self.span.end()
 
 
 class _AttemptTrace:
-    """One upstream attempt's span (CLIENT): the request to one provider and its answer."""
+    """One upstream attempt's span (CLIENT): the request to one provider and its answer. Its
+    attributes are gathered here and set once, as it ends (each call into the SDK has its cost)."""
 
-    def __init__(self, trace: _RequestTrace, model: ModelEntry, number: int):
+    def __init__(self, trace: _RequestTrace, model: ModelEntry):
         self.trace = trace
         self.model = model
         self.sent = time.monotonic()
@@ -6081,13 +6095,12 @@ class _AttemptTrace:
             port = base.port or (443 if base.scheme == "https" else 80)
         except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
             port = None
-        attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
-                      "gen_ai.request.model": model.model_id, "plano.model": model.name, "plano.attempt": number,
-                      "server.address": base.hostname, "server.port": port}
+        self.attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
+            "gen_ai.request.model": model.model_id, "server.address": base.hostname, "server.port": port}
         tracing = trace.tracing
         self.span = tracing.tracer.start_span(f"chat {model.model_id}", context=trace.context,
-                                              kind=tracing.api.SpanKind.CLIENT,
-                                              attributes={k: v for k, v in attributes.items() if v is not None})
+                                              kind=tracing.api.SpanKind.CLIENT)
 
     def carrying(self, call: ProviderRequest) -> ProviderRequest:
         """`call` with this attempt's `traceparent` (and the client's `tracestate`): the provider,
@@ -6100,24 +6113,24 @@ class _AttemptTrace:
         """The attempt ended in `error` (the provider's error status, or plano's 502/504 when it
         could not reach it or it did not answer in time; 403 for a missing key)."""
         api = self.trace.tracing.api
-        self.span.set_attributes({"error.type": str(error.status), "http.response.status_code": error.status})
+        self.attributes.update({"error.type": str(error.status), "http.response.status_code": error.status})
         self.span.set_status(api.Status(api.StatusCode.ERROR, error.error_type))
-        self.span.end()
-        self.ended = True
+        self.end(False, True)
 
     def answered(self, status: int) -> None:
-        self.span.set_attribute("http.response.status_code", status)
+        self.attributes["http.response.status_code"] = status
 
-    def chunk(self, data: bytes) -> None:
-        if self.first_chunk is None:
+    def first_event(self) -> None:
+        if self.first_chunk is None:  # the first chunk of the answer: its first whole event
             self.first_chunk = time.monotonic()
-            self.span.set_attribute("gen_ai.response.time_to_first_chunk", round(self.first_chunk - self.sent, 6))
+            self.attributes["gen_ai.response.time_to_first_chunk"] = round(self.first_chunk - self.sent, 6)
 
     def end(self, answered: bool, failed: bool) -> None:
         if self.ended:
             return
         if answered:
-            self.span.set_attributes(self.facts.attributes(self.model, failed))
+            self.attributes.update(self.facts.attributes(self.model, failed))
+        _set(self.span, self.attributes)
         self.span.end()
         self.ended = True
 
@@ -6151,8 +6164,8 @@ class _AnswerFacts:
     """What a provider's answer says of itself, in its own format (`interface`): its id, the
     model that answered, why each choice stopped and, when content is captured, the output
     messages (each text, reasoning and tool-call part bounded). Fed the whole answer, or the
-    stream's bytes as read; a stream is decoded a second time here, and only the events that
-    carry these facts are parsed, unless content is captured."""
+    stream's events as the StreamTranslator decodes them: only those that carry these facts are
+    parsed, unless content is captured."""
 
     def __init__(self, interface: str, capture: bool, broken: bool = False):
         self.interface = interface
@@ -6162,7 +6175,6 @@ class _AnswerFacts:
         self.model: str | None = None
         self.reasons: dict[int, str] = {}  # choice index → finish reason
         self.parts: dict[int, dict[tuple, dict]] = {}  # choice index → (kind, index) → part being built
-        self.decoder: SSEDecoder | None = None
 
     def attributes(self, model: ModelEntry | None, failed: bool) -> dict[str, Any]:
         reasons = [self.reasons[k] for k in sorted(self.reasons)] or (["error"] if failed else [])
@@ -6172,20 +6184,15 @@ class _AnswerFacts:
                       "gen_ai.response.finish_reasons": reasons or None}
         return {k: v for k, v in attributes.items() if v is not None}
 
-    def feed(self, data: bytes) -> None:
-        if self.broken:
+    def event(self, event: SSEEvent) -> None:
+        if self.broken or not self._wanted(event):
             return
-        if self.decoder is None:
-            self.decoder = SSEDecoder()
-        for event in self.decoder.feed(data):
-            if not self._wanted(event):
-                continue
-            try:
-                parsed = parse_json(event.data, unique_keys=False)
-            except ValueError:
-                continue
-            if isinstance(parsed, dict):
-                self._event(parsed)
+        try:
+            parsed = parse_json(event.data, unique_keys=False)
+        except ValueError:
+            return
+        if isinstance(parsed, dict):
+            self._event(parsed)
 
     def _wanted(self, event: SSEEvent) -> bool:
         if self.interface == "responses":
@@ -6215,7 +6222,7 @@ class _AnswerFacts:
                     self._add(0, key, text)
         else:
             self._identity(data)
-            for choice in data.get("choices") or []:
+            for choice in _list(data.get("choices")):
                 if isinstance(choice, dict):
                     index = _index(choice.get("index"))
                     self._reason(index, choice.get("finish_reason"))
@@ -6240,11 +6247,11 @@ class _AnswerFacts:
                 self._reason(0, payload["status"])
             if self.capture:
                 self.parts.pop(0, None)  # a Responses stream's final event repeats the whole answer
-                for index, item in enumerate(payload.get("output") or []):
+                for index, item in enumerate(_list(payload.get("output"))):
                     if isinstance(item, dict):
                         self._responses_item(index, item)
         else:
-            for choice in payload.get("choices") or []:
+            for choice in _list(payload.get("choices")):
                 if isinstance(choice, dict):
                     index = _index(choice.get("index"))
                     self._reason(index, choice.get("finish_reason"))
@@ -6264,12 +6271,12 @@ class _AnswerFacts:
     # The output messages, built from the answer's parts in the conventions' shapes.
 
     def _anthropic_block(self, index: int, block: dict) -> None:
-        kind = {"text": "text", "thinking": "reasoning", "tool_use": "tool_call"}.get(block.get("type"))
+        kind = {"text": "text", "thinking": "reasoning", "tool_use": "tool_call"}.get(str(block.get("type")))
         if kind is None:
             return
         part = self._part(0, (kind, index))
         if kind == "tool_call":
-            part.update(id=block.get("id"), name=block.get("name"))
+            part.update(id=_named(block.get("id")), name=_named(block.get("name")))
             if block.get("input"):
                 self._add(0, (kind, index), json.dumps(block["input"], ensure_ascii=False))
         else:
@@ -6278,24 +6285,24 @@ class _AnswerFacts:
     def _openai_message(self, choice: int, message: dict) -> None:
         self._add(choice, ("reasoning", 0), message.get("reasoning_content") or message.get("reasoning"))
         self._add(choice, ("text", 0), message.get("content"))
-        for position, call in enumerate(message.get("tool_calls") or []):
+        for position, call in enumerate(_list(message.get("tool_calls"))):
             if isinstance(call, dict):
                 key = ("tool_call", _index(call.get("index"), position))
                 part = self._part(choice, key)
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                part.update({k: v for k, v in (("id", call.get("id")), ("name", function.get("name"))) if v})
+                part.update({k: _named(v) for k, v in (("id", call.get("id")), ("name", function.get("name"))) if v})
                 self._add(choice, key, function.get("arguments"))
 
     def _responses_item(self, index: int, item: dict) -> None:
         if item.get("type") == "message":
-            for block in item.get("content") or []:
+            for block in _list(item.get("content")):
                 if isinstance(block, dict):
                     self._add(0, ("text", index), block.get("text"))
         elif item.get("type") == "function_call":
-            self._part(0, ("tool_call", index)).update(id=item.get("call_id"), name=item.get("name"))
+            self._part(0, ("tool_call", index)).update(id=_named(item.get("call_id")), name=_named(item.get("name")))
             self._add(0, ("tool_call", index), item.get("arguments"))
         elif item.get("type") == "reasoning":
-            for block in item.get("summary") or []:
+            for block in _list(item.get("summary")):
                 if isinstance(block, dict):
                     self._add(0, ("reasoning", index), block.get("text"))
 
@@ -6324,6 +6331,16 @@ class _AnswerFacts:
                     parts.append({"type": part["type"], "content": text})
             messages.append({"role": "assistant", "parts": parts, "finish_reason": self.reasons.get(choice, "error")})
         return messages
+
+
+def _list(value: Any) -> list:
+    """A field that should hold a list, if it does (the provider's or client's JSON may hold anything)."""
+    return value if isinstance(value, list) else []
+
+
+def _named(value: Any) -> str | None:
+    """A provider's tool-call id or name, bounded as everything plano keeps (kept_text)."""
+    return kept_text(value) if isinstance(value, str) else None
 
 
 def _index(value: Any, default: int = 0) -> int:
@@ -6368,18 +6385,20 @@ def _genai_parts(content: Any) -> list[dict]:
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
-        if kind in ("text", "input_text", "output_text") and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "content": _cut(block["text"])})
-        elif kind == "thinking" and isinstance(block.get("thinking"), str):
-            parts.append({"type": "reasoning", "content": _cut(block["thinking"])})
+        if kind in ("text", "input_text", "output_text"):
+            if isinstance(block.get("text"), str):
+                parts.append({"type": "text", "content": _cut(block["text"])})
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                parts.append({"type": "reasoning", "content": _cut(block["thinking"])})
         elif kind == "tool_use":
-            parts.append({"type": "tool_call", "id": block.get("id"), "name": block.get("name"),
+            parts.append({"type": "tool_call", "id": _named(block.get("id")), "name": _named(block.get("name")),
                           "arguments": _cut(json.dumps(block.get("input"), ensure_ascii=False))})
         elif kind == "tool_result":
             response = block.get("content")
             text = response if isinstance(response, str) else \
                 "\n".join(p["content"] for p in _genai_parts(response) if p["type"] == "text")
-            parts.append({"type": "tool_call_response", "id": block.get("tool_use_id"), "response": _cut(text)})
+            parts.append({"type": "tool_call_response", "id": _named(block.get("tool_use_id")), "response": _cut(text)})
         elif isinstance(kind, str):
             parts.append({"type": kept_text(kind)})  # an image, a file: named, not included
     return parts
@@ -6403,17 +6422,17 @@ def genai_input_messages(body: dict, api_format: str) -> tuple[list[dict], list[
                 messages.append({"role": kept_text(str(item.get("role"))), "parts": _genai_parts(item.get("content"))})
             elif kind == "function_call":
                 messages.append({"role": "assistant", "parts": [{
-                    "type": "tool_call", "id": item.get("call_id"), "name": item.get("name"),
+                    "type": "tool_call", "id": _named(item.get("call_id")), "name": _named(item.get("name")),
                     "arguments": _cut(str(item.get("arguments")))}]})
             elif kind == "function_call_output":
                 output = item.get("output")
                 messages.append({"role": "tool", "parts": [{
-                    "type": "tool_call_response", "id": item.get("call_id"),
+                    "type": "tool_call_response", "id": _named(item.get("call_id")),
                     "response": _cut(output if isinstance(output, str) else json.dumps(output, ensure_ascii=False))}]})
         return system, messages
     if api_format == "anthropic":
         system = _genai_parts(body.get("system"))
-    for message in body.get("messages") or []:
+    for message in _list(body.get("messages")):
         if not isinstance(message, dict):
             continue
         parts = _genai_parts(message.get("content"))
@@ -6421,14 +6440,13 @@ def genai_input_messages(body: dict, api_format: str) -> tuple[list[dict], list[
         for call in calls if isinstance(calls, list) else []:
             if isinstance(call, dict):
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                parts.append({"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
+                parts.append({"type": "tool_call", "id": _named(call.get("id")), "name": _named(function.get("name")),
                               "arguments": _cut(str(function.get("arguments")))})
         if api_format == "openai" and message.get("role") == "tool":
             text = "\n".join(p["content"] for p in parts if p["type"] == "text")
-            parts = [{"type": "tool_call_response", "id": message.get("tool_call_id"), "response": text}]
+            parts = [{"type": "tool_call_response", "id": _named(message.get("tool_call_id")), "response": text}]
         messages.append({"role": kept_text(str(message.get("role"))), "parts": parts})
     return system, messages
-
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -7367,7 +7385,8 @@ class Gateway:
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
-        exchange.trace.decided(exchange.decision, deciding)
+        if self.router is not None and exchange.decision.decision not in ("explicit", "alias"):
+            exchange.trace.routed(exchange.decision, deciding)  # the router was asked
         exchange.needs = request_needs(body, client_format)
         exchange.decision = fit_decision(config, exchange.decision, exchange.needs)
         async with contextlib.AsyncExitStack() as stack:
@@ -7394,10 +7413,10 @@ class Gateway:
 
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
         model = exchange.model
-        translate = StreamTranslator(model.interface, exchange.request.api_format, model.name, exchange.include_usage)
+        translate = StreamTranslator(model.interface, exchange.request.api_format, model.name, exchange.include_usage,
+                                     observe=exchange.trace.stream_event)
         try:
             async for chunk in upstream.aiter_bytes():
-                exchange.trace.chunk(chunk)
                 await self._send_stream_bytes(translate.feed(chunk), respond, exchange)
                 if translate.failure is not None:
                     break

@@ -9261,6 +9261,7 @@ class ReceivedSpan:
     status: str  # UNSET, OK, ERROR
     events: list[tuple[str, dict[str, Any]]]
     resource: dict[str, Any]
+    start: int  # epoch nanoseconds
 
 
 def otlp_value(value: Any) -> Any:
@@ -9305,7 +9306,7 @@ class OTLPReceiver:
                                 {kv.key: otlp_value(kv.value) for kv in span.attributes},
                                 trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
                                 [(e.name, {kv.key: otlp_value(kv.value) for kv in e.attributes}) for e in span.events],
-                                resource))
+                                resource, span.start_time_unix_nano))
                 answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
@@ -9380,24 +9381,20 @@ def test_a_request_is_one_server_span_with_the_genai_attributes_and_the_router_a
                 "gen_ai.usage.input_tokens": 40, "gen_ai.usage.output_tokens": 7,
                 "gen_ai.usage.cache_read.input_tokens": 30, "gen_ai.conversation.id": "session-7",
                 "plano.decision": "explicit", "plano.model": "openai/gpt-4o", "http.response.status_code": 200,
-                "http.request.method": "POST", "url.path": "/v1/messages"}
+                "url.path": "/v1/messages"}
     assert {k: server.attributes.get(k) for k in expected} == expected
     assert "plano.route" not in server.attributes and "gen_ai.request.stream" not in server.attributes
-    assert server.attributes["plano.router_ms"] >= 0 and server.attributes["plano.upstream_ms"] >= 0
-    router, upstream = collector.one("INTERNAL"), collector.one("CLIENT")
-    assert {router.trace_id, upstream.trace_id} == {server.trace_id}
-    assert router.parent_id == upstream.parent_id == server.span_id
-    assert router.name == "plano.router"
-    assert {k: router.attributes.get(k) for k in ("plano.decision", "plano.model")} == \
-        {"plano.decision": "explicit", "plano.model": "openai/gpt-4o"}
+    assert server.attributes["plano.router_ms"] == 0 and server.attributes["plano.ttfb_ms"] > 0
+    # The request named its model: the router was not asked, so no span for it.
+    upstream = collector.one("CLIENT")
+    assert [s.kind for s in collector.spans if s.kind not in ("SERVER", "CLIENT")] == []
+    assert (upstream.trace_id, upstream.parent_id) == (server.trace_id, server.span_id)
     assert upstream.name == "chat gpt-4o" and upstream.status == "UNSET"
-    assert {k: upstream.attributes.get(k) for k in ("gen_ai.provider.name", "gen_ai.request.model",
-                                                     "gen_ai.response.model", "gen_ai.response.finish_reasons",
-                                                     "server.address", "server.port", "http.response.status_code",
-                                                     "plano.attempt")} == \
-        {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o", "gen_ai.response.model": "gpt-4o",
-         "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1", "server.port": provider.port,
-         "http.response.status_code": 200, "plano.attempt": 1}
+    assert upstream.attributes == {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o", "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1", "server.port": provider.port,
+        "http.response.status_code": 200}
     # The provider's request carries the upstream span's context: the same trace, one level down.
     sent = provider.requests[-1].headers
     assert traceparent(sent["traceparent"]) == (server.trace_id, upstream.span_id, True)
@@ -9476,7 +9473,7 @@ def test_no_prompt_or_answer_text_is_in_a_span_unless_the_user_opts_in(provider,
     with RunningPlano(config_for(provider)) as running:
         anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=50, system="be brief",
                                                   messages=[{"role": "user", "content": question}])
-    assert len(spans) == 3 and "tangerine" not in json.dumps([(s.attributes, s.events) for s in spans])
+    assert len(spans) == 2 and "tangerine" not in json.dumps([(s.attributes, s.events) for s in spans])
     server = collector.one("SERVER")
     assert json.loads(server.attributes["gen_ai.input.messages"]) == \
         [{"role": "user", "parts": [{"type": "text", "content": question}]}]
@@ -9523,12 +9520,12 @@ def test_each_failover_attempt_is_a_span_and_a_failed_request_is_an_error_span(p
 
     def attempts(server: ReceivedSpan) -> list[tuple]:
         spans = [s for s in collector.spans if s.kind == "CLIENT" and s.parent_id == server.span_id]
-        return sorted((s.attributes["plano.attempt"], s.name, s.status, s.attributes.get("error.type")) for s in spans)
+        return [(s.name, s.status, s.attributes.get("error.type")) for s in sorted(spans, key=lambda s: s.start)]
 
-    assert attempts(ok) == [(1, "chat gpt-4o", "ERROR", "503"), (2, "chat claude-backup", "UNSET", None)]
+    assert attempts(ok) == [("chat gpt-4o", "ERROR", "503"), ("chat claude-backup", "UNSET", None)]
     assert (ok.status, ok.attributes["plano.decision"], ok.attributes["plano.model"]) == \
         ("UNSET", "fallback", "anthropic/claude-backup")
-    assert attempts(error) == [(1, "chat gpt-4o", "ERROR", "500"), (2, "chat claude-backup", "ERROR", "500")]
+    assert attempts(error) == [("chat gpt-4o", "ERROR", "500"), ("chat claude-backup", "ERROR", "500")]
     assert (error.status, error.attributes["error.type"], error.attributes["gen_ai.response.finish_reasons"]) == \
         ("ERROR", "500", ["error"])
     # The client's own mistake: marked, but not the server's error; no provider was asked.
@@ -9544,9 +9541,53 @@ def test_a_stream_cut_off_by_the_provider_is_an_error_span(provider, collector):
             body = response.read().decode()
     assert response.status_code == 200 and "event: error" in body
     server = collector.one("SERVER")
-    assert (server.status, server.attributes["error.type"], server.attributes["gen_ai.response.finish_reasons"]) == \
-        ("ERROR", "502", ["error"])
+    assert (server.status, server.attributes["error.type"], server.attributes["gen_ai.response.finish_reasons"],
+            server.attributes["http.response.status_code"]) == ("ERROR", "502", ["error"], 200)
     assert collector.one("CLIENT").attributes["gen_ai.response.finish_reasons"] == ["error"]
+
+
+def test_the_router_span_says_what_the_router_decided_and_the_router_endpoint_gets_no_traceparent(
+        provider, backup, collector):
+    # A remote router (on `backup`) picks the route; its request is plano's own business, not the
+    # client's trace: only the provider's request carries a traceparent.
+    backup.then(remote_answer('{"route": "code generation"}'))
+    with RunningPlano(routed_config(provider, remote_router(backup.openai_base)), router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router ready")
+        answered = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-opus-5-5", max_tokens=20, messages=[{"role": "user", "content": "write a quicksort"}])
+    headers = answered.headers
+    router, server = collector.one("INTERNAL"), collector.one("SERVER")
+    assert (router.attributes["plano.decision"], router.attributes["plano.route"], router.attributes["plano.model"]) \
+        == (headers["x-plano-decision"], headers["x-plano-route"], headers["x-plano-model"]) \
+        == ("router", "code generation", "openai/gpt-4o")
+    assert f"{router.attributes['plano.router_ms']:.1f}" == headers["x-plano-router-ms"]
+    assert (server.attributes["plano.route"], server.attributes["gen_ai.request.model"]) == \
+        ("code generation", "claude-opus-5-5")
+    assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
+    assert "traceparent" not in backup.requests[0].headers
+    assert traceparent(provider.requests[-1].headers["traceparent"])[0] == server.trace_id
+
+
+def test_a_collector_that_never_answers_costs_the_answers_nothing_and_does_not_hold_the_shutdown(
+        provider, collector, monkeypatch):
+    # Spans are sent in the SDK's thread: requests are answered while every export hangs, and
+    # stopping waits Tracing.SHUTDOWN_WAIT for the last batch, then goes.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # accepts connections (the kernel does) and never reads or answers
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "1")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # the abandoned export gives up soon after
+        monkeypatch.setattr(plano.Tracing, "SHUTDOWN_WAIT", 0.5)
+        running = RunningPlano(config_for(provider))
+        try:
+            for n in range(20):
+                answered = httpx.post(running.url + "/v1/chat/completions", json={
+                    "model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"n{n}"}]})
+                assert answered.json()["choices"][0]["message"]["content"] == f"echo: n{n}"
+        finally:
+            running.stop()
+        assert running.finished.is_set() and not running.thread.is_alive()
 
 
 @pytest.mark.parametrize("environ, on, content, warns", [
@@ -9572,6 +9613,77 @@ def test_which_otel_variables_turn_tracing_on_and_off(environ, on, content, warn
         assert " ".join(w for w, asked in (("span", settings.content_on_span), ("event", settings.content_on_event))
                         if asked) == content
         assert settings.endpoint.endswith("/v1/traces")
+
+
+# Real shapes of what the span readers read (answers whole and streamed in the three formats, and
+# request bodies), one field of which a test replaces with a value of any type.
+TRACED_SHAPES = [
+    ("openai", None, {"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "content": "t", "reasoning_content": "r", "tool_calls": [{"id": "i", "index": 0, "function": {
+            "name": "n", "arguments": "{}"}}]}, "delta": {"content": "t", "tool_calls": [{"index": 1}]}}]}),
+    ("anthropic", None, {"id": "m", "model": "m", "stop_reason": "end_turn", "content": [
+        {"type": "text", "text": "t"}, {"type": "thinking", "thinking": "r"},
+        {"type": "tool_use", "id": "i", "name": "n", "input": {"a": 1}}]}),
+    ("anthropic", "message_start", {"type": "message_start", "message": {"id": "m", "model": "m"}}),
+    ("anthropic", "message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+    ("anthropic", "content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "tool_use", "id": "i", "name": "n"}}),
+    ("anthropic", "content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "t", "partial_json": "{"}}),
+    ("responses", "response.completed", {"type": "response.completed", "response": {
+        "id": "r", "model": "m", "status": "completed", "incomplete_details": {"reason": "x"}, "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "t"}]},
+            {"type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"},
+            {"type": "reasoning", "summary": [{"text": "s"}]}]}}),
+    ("anthropic", None, {"system": [{"type": "text", "text": "s"}], "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "t"}, {"type": "tool_result", "tool_use_id": "i", "content": [{"type": "text"}]},
+        {"type": "image"}, {"type": "tool_use", "id": "i", "name": "n", "input": {}}]}]}),
+    ("openai", None, {"messages": [{"role": "assistant", "content": "t", "tool_calls": [
+        {"id": "i", "function": {"name": "n", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "i",
+                                                                         "content": [{"type": "text", "text": "r"}]}]}),
+    ("responses", None, {"instructions": "s", "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "t"}]},
+        {"type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]}),
+]
+
+
+def json_paths(value: Any, path: tuple = ()) -> list[tuple]:
+    paths = [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        paths += json_paths(inner, path + (key,))
+    return paths
+
+
+def replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+@pytest.mark.parametrize("shape", TRACED_SHAPES, ids=lambda shape: f"{shape[0]}-{shape[1]}-{'-'.join(shape[2])}")
+@settings(max_examples=60, deadline=None)
+@given(value=st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats() | st.text(max_size=5) | JSON_VALUES)
+def test_what_the_spans_read_of_any_answer_or_request_never_raises_and_is_json(shape, value):
+    # Each field in turn of a real answer or request body replaced with a value of any type: what
+    # the spans take from it is attributes the SDK takes, and JSON, never an exception.
+    interface, name, skeleton = shape
+    for path in json_paths(skeleton)[1:]:
+        payload = replaced(skeleton, path, value)
+        for capture in (False, True):
+            facts = plano._AnswerFacts(interface, capture=capture)
+            facts.whole(payload)
+            facts.event(plano.SSEEvent(name, json.dumps(payload)))
+            attributes = facts.attributes(None, failed=False)
+            assert all(isinstance(v, str) or isinstance(v, list) and all(isinstance(r, str) for r in v)
+                       for v in attributes.values()), attributes
+        for content in plano._content_attributes(payload, interface, facts).values():
+            json.loads(content)
+        for api in ("anthropic", "openai", "responses"):
+            json.dumps(plano.genai_input_messages(payload, api))
 
 
 SERVE_ONE_REQUEST = """
