@@ -9588,6 +9588,10 @@ def test_a_collector_that_never_answers_costs_the_answers_nothing_and_does_not_h
         finally:
             running.stop()
         assert running.finished.is_set() and not running.thread.is_alive()
+    # The flush the gateway stopped waiting for goes on in the SDK's thread until its own timeout:
+    # gone before the next test, whose hypothesis run must not see its retries draw from `random`.
+    wait_until(lambda: not any(t.name.startswith("OtelBatch") for t in threading.enumerate()), 30,
+               "the exporter's thread gave up")
 
 
 @pytest.mark.parametrize("environ, on, content, warns", [
