@@ -20,14 +20,15 @@ uses only the ones above it, which a test in test_plano.py keeps true:
     13. Router
     14. Usage ledger
     15. Capabilities
-    16. Traces
-    17. Gateway
-    18. HTTP server
-    19. CLI, the commands
-    20. CLI, doctor
-    21. CLI, agent wiring
-    22. CLI, the entry point
-    23. The live page
+    16. Metrics
+    17. Traces
+    18. Gateway
+    19. HTTP server
+    20. CLI, the commands
+    21. CLI, doctor
+    22. CLI, agent wiring
+    23. CLI, the entry point
+    24. The live page
 
 Library use::
 
@@ -73,7 +74,7 @@ import urllib.parse
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import h11
 import httpx
@@ -185,6 +186,20 @@ class OriginError(PlanoError):
     (DNS rebinding), or a web page of another origin. 403: no key the client could send would help."""
 
     status, error_type = 403, "permission_error"
+
+
+class KeyLimitError(PlanoError):
+    """What a developer's gateway key may not do: spend past its budget (or its team's), use a model
+    outside its `models`, call an admin endpoint. 403, which Claude Code shows at once."""
+
+    status, error_type = 403, "permission_error"
+
+
+class KeyRateError(PlanoError):
+    """A developer's key sent more requests this minute than its `rpm`; `retry-after` says when to
+    try again (the SDKs and Claude Code wait and retry by themselves)."""
+
+    status, error_type = 429, "rate_limit_error"
 
 
 class NotFoundError(PlanoError):
@@ -531,13 +546,122 @@ class RouterSettings:
 
 @dataclass(frozen=True)
 class StatsSettings:
-    """The `stats:` section: where the usage ledger lives, how long it keeps rows, and which model's
-    prices measure what routing saved (default: the default model)."""
+    """The `stats:` section: where the usage ledger lives (an SQLite file, or PostgreSQL at `url`
+    for replicas that share it), how long it keeps rows, and which model's prices measure what
+    routing saved (default: the default model)."""
 
     enabled: bool = True
     path: str | None = None  # default: usage.sqlite3 in the per-user state folder
     retention_days: float = 90.0
     baseline: str | None = None
+    url: str | None = dataclasses.field(default=None, repr=False)  # postgresql://…; may hold a password
+
+
+def postgres_url_secrets(url: str | None) -> list[str]:
+    """The password a `postgresql://` URL holds (in its user part or as `?password=`), as written
+    and percent-decoded: what no log line or answer may show."""
+    if not url:
+        return []
+    user = re.match(r"[^:/?#]*://([^@/?#]*)@", url)  # read like libpq, even from a URL urllib refuses
+    written = [user.group(1).partition(":")[2]] if user else []
+    written += re.findall(r"[?&]password=([^&#]*)", url)
+    return [secret for w in written if w for secret in {w, urllib.parse.unquote(w)}]
+
+
+def masked_url(url: str) -> str:
+    """A `postgresql://` URL as plano shows it: its password, if any, as `***`."""
+    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+        url = url.replace(f":{secret}@", ":***@").replace(f"password={secret}", "password=***")
+    return url
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """The `state:` section: where what every replica of a gateway must agree on lives (session
+    pins, provider cool-downs, budget spend, rate windows). No `url`: in this process."""
+
+    url: str | None = field(default=None, repr=False)  # redis://, rediss:// or unix://; may hold a password
+    prefix: str = "plano"  # of every key: unrelated gateways sharing one Redis each take their own
+
+    @property
+    def password(self) -> str | None:
+        """The password in `url` (a secret: never logged), or None."""
+        password = urllib.parse.urlsplit(self.url).password if self.url else None
+        return urllib.parse.unquote(password) if password else None
+
+    @property
+    def shown_url(self) -> str | None:
+        """`url` with its password masked, for the log, /healthz and error messages."""
+        return _masked_url(self.url) if self.url else None
+
+
+def _masked_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
+# ── gateway keys for people: `keys:` and `teams:` ────────────────────────────────────────────
+
+BUDGET_PERIODS = ("day", "week", "month")  # UTC calendar periods; a week starts on Monday (ISO 8601)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a key or a team may spend (USD, the ledger's cost of its answers) in each period."""
+
+    usd: float
+    per: str  # one of BUDGET_PERIODS
+
+
+def budget_period(per: str, now: float) -> tuple[float, float]:
+    """The UTC period of kind `per` that `now` (epoch seconds) falls in: (its start, its end, which is
+    the next one's start), as epoch seconds."""
+    import calendar
+    day = time.gmtime(now)
+    if per == "month":
+        year, month = day.tm_year, day.tm_mon
+        return (float(calendar.timegm((year, month, 1, 0, 0, 0))),
+                float(calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))))
+    start = float(calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)))
+    if per == "week":
+        start -= day.tm_wday * 86400  # tm_wday: Monday is 0
+        return start, start + 7 * 86400
+    assert per == "day", per
+    return start, start + 86400
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    budget: Budget | None = None
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    """One person's gateway key (`keys:`). plano keeps the key's SHA-256 to recognise it (that is all
+    a `sha256:` entry gives), and the key itself only when the config holds it, to scrub it from logs."""
+
+    name: str
+    digest: bytes | None = field(repr=False)  # None: its `$VARIABLE` is not set, so nobody can use it
+    secret: str | None = field(default=None, repr=False)
+    team: str | None = None
+    budget: Budget | None = None
+    models: tuple[str, ...] | None = None  # the allow-list's globs as written; None: every model
+    allowed: frozenset[str] | None = None  # the configured model names they allow; None: every model
+    rpm: int | None = None  # requests a minute
+
+
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+# Names of keys and teams go into usage rows, counters' names, log lines and headers: plain ones.
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}", re.ASCII)
+# A gateway key as clients send it in a header: printable ASCII, no spaces; long enough not to guess.
+_GATEWAY_KEY = re.compile(r"[!-~]{16,}", re.ASCII)
 
 
 SMALL_FAST_ALIAS = "arch.claude.code.small.fast"
@@ -552,11 +676,15 @@ class Config:
     router: RouterSettings
     warnings: tuple[str, ...] = ()
     stats: StatsSettings = StatsSettings()
+    state: StateSettings = StateSettings()
     # Top-level `routing_preferences` (the newer upstream format): each with its models in order
     # of preference; the first that can take a request answers it.
     preference_routes: tuple[tuple[RoutingPreference, tuple[str, ...]], ...] = ()
     route_on_user_only: bool = True  # False: every request is routed, tool-loop continuations too
     capability_warning: str | None = None  # the models whose capabilities plano had to guess
+    keys: tuple[GatewayKey, ...] = ()  # people's keys; with any, every request needs one (or the admin key)
+    teams: tuple[Team, ...] = ()
+    metrics: bool = True  # `GET /metrics` for Prometheus, and the counting behind it
 
     @property
     def default_model(self) -> ModelEntry:
@@ -575,6 +703,14 @@ class Config:
                 return m
         matches = [m for m in self.models if m.model_id == name]
         return matches[0] if len(matches) == 1 else None
+
+    def budgets_of(self, key: GatewayKey) -> list[tuple[str, str, Budget]]:
+        """The budgets a key's requests count against, as (whose: "key" | "team", name, budget)."""
+        budgets = [("key", key.name, key.budget)] if key.budget is not None else []
+        team = next((t for t in self.teams if t.name == key.team), None)
+        if team is not None and team.budget is not None:
+            budgets.append(("team", team.name, team.budget))
+        return budgets
 
 
 # What reading a config may cost. Real configs are a few kB, about six levels deep and a few
@@ -783,7 +919,8 @@ class _ConfigReader:
 
     def read(self, raw: dict) -> Config:
         known = {"version", "llm_providers", "model_providers", "model_aliases", "listeners", "router", "routing",
-                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats"}
+                 "routing_preferences", "tracing", "endpoints", "prompt_targets", "system_prompt", "stats", "keys",
+                 "teams", "metrics", "state"}
         for key in raw:
             if key not in known:
                 raise self.fail(raw, key, f"is not a known section (known: {', '.join(sorted(known))})")
@@ -813,7 +950,7 @@ class _ConfigReader:
                 if p.name == "other":
                     raise self.fail(e, "routing_preferences", "`other` is reserved: it means no route fits")
         config = Config(self.path, models, {}, self.read_listener(raw), self.read_router(raw),
-                        stats=self.read_stats(raw))
+                        stats=self.read_stats(raw), state=self.read_state(raw))
         aliases = self.read_aliases(raw, config)
         for m, e in zip(models, entries):
             for fallback in m.fallbacks:
@@ -823,6 +960,11 @@ class _ConfigReader:
         if baseline is not None and config.model_named(baseline) is None:
             raise self.fail(raw["stats"], "baseline", f"{baseline} is not a configured model")
         route_on_user_only = self.read_route_on_user_only(raw)
+        teams = self.read_teams(raw)
+        keys = self.read_keys(raw, dataclasses.replace(config, aliases=aliases), teams)
+        if keys and not config.listener.api_key and self.env.get("PLANO_API_KEY"):
+            self.warnings.append("PLANO_API_KEY is not an admin key when `keys:` are configured (it is the key "
+                                 "`cli-agent` sends, a developer's); set listeners[].api_key for an admin key")
         guessed = [f"{m.name} ({', '.join(m.capabilities.guessed)})" for m in models if m.capabilities.guessed]
         capability_warning = (
             f"not in the model catalogue, so plano assumes a {UNKNOWN_CONTEXT_WINDOW:,}-token window, image "
@@ -830,7 +972,8 @@ class _ConfigReader:
             f"those models to say what they take") if guessed else None
         return dataclasses.replace(config, aliases=aliases, warnings=tuple(self.warnings),
                                    preference_routes=preference_routes, route_on_user_only=route_on_user_only,
-                                   capability_warning=capability_warning)
+                                   capability_warning=capability_warning, keys=keys, teams=teams,
+                                   metrics=raw.get("metrics") is None or self.get(raw, "metrics", bool))
 
     def read_preference_routes(self, raw: dict, models: tuple[ModelEntry, ...]
                                ) -> tuple[tuple[RoutingPreference, tuple[str, ...]], ...]:
@@ -977,9 +1120,13 @@ class _ConfigReader:
         return self.env.get(variable) or None, variable
 
     def read_listener(self, raw: dict) -> Listener:
+        # PLANO_API_KEY is the admin key when the config has none, unless people have keys of their own:
+        # then it is a developer's key (what `cli-agent` sends), which must never become the admin key
+        # of a gateway started where it is set.
+        env_key = None if raw.get("keys") else self.env.get("PLANO_API_KEY") or None
         listeners = raw.get("listeners")
         if listeners is None:
-            return Listener(api_key=self.env.get("PLANO_API_KEY") or None)
+            return Listener(api_key=env_key)
         # The seed's newer format is a list of listeners; older ones use a mapping of them.
         if isinstance(listeners, dict):
             candidates = [v for v in listeners.values() if isinstance(v, dict)] or [listeners]
@@ -994,8 +1141,12 @@ class _ConfigReader:
             raise self.fail(chosen, "port", f"must be between 0 and 65535, got {port}")
         key = self.get(chosen, "api_key", str)
         if key is not None:
-            key = self.expand(chosen, "api_key", key)[0]
-        return Listener(address=address, port=port, api_key=key or self.env.get("PLANO_API_KEY") or None,
+            key, variable = self.expand(chosen, "api_key", key)
+            if variable == "PLANO_API_KEY" and raw.get("keys"):
+                raise self.fail(chosen, "api_key", "is $PLANO_API_KEY, which with `keys:` is a developer's own key "
+                                                   "(what cli-agent sends): read the admin key from another variable, "
+                                                   "e.g. $PLANO_ADMIN_KEY")
+        return Listener(address=address, port=port, api_key=key or env_key,
                         allowed_hosts=self.read_allowed_hosts(chosen), cors_origins=self.read_cors_origins(chosen))
 
     def read_allowed_hosts(self, listener: dict) -> tuple[str, ...]:
@@ -1057,18 +1208,165 @@ class _ConfigReader:
         if section is False:
             return StatsSettings(enabled=False)
         if not isinstance(section, dict):
-            raise self.fail(raw, "stats", "must be a mapping {path, retention_days, baseline}, or false")
+            raise self.fail(raw, "stats", "must be a mapping {path, url, retention_days, baseline}, or false")
         for key in section:
-            if key not in ("enabled", "path", "retention_days", "baseline"):
+            if key not in ("enabled", "path", "url", "retention_days", "baseline"):
                 raise self.fail(section, key, "is not a known stats field (known: baseline, enabled, path, "
-                                              "retention_days)")
+                                              "retention_days, url)")
         retention = self.get(section, "retention_days", (int, float), 90.0)
         if isinstance(retention, bool) or retention <= 0:
             raise self.fail(section, "retention_days", f"must be a positive number of days, got {retention!r}")
         path = self.get(section, "path", str)
+        url = self.read_stats_url(section)
+        if url and path:
+            self.warnings.append("stats.path is not used: stats.url keeps the usage ledger in PostgreSQL")
         return StatsSettings(enabled=self.get(section, "enabled", bool, True),
                              path=os.path.expanduser(path) if path else None,
-                             retention_days=float(retention), baseline=self.get(section, "baseline", str))
+                             retention_days=float(retention), baseline=self.get(section, "baseline", str), url=url)
+
+    def read_stats_url(self, section: dict) -> str | None:
+        """`stats.url`: a `postgresql://` URL (libpq's form), written or from `$VAR`. An unset
+        variable is an error, not the SQLite file: replicas would each count on their own."""
+        written = self.get(section, "url", str)
+        if written is None:
+            return None
+        url, variable = self.expand(section, "url", written)
+        if url is None:
+            raise self.fail(section, "url", f"${variable} is not set (export {variable}=postgresql://… or put it "
+                                            "in .env)")
+        url = url.strip()
+        if not re.match(r"^postgres(?:ql)?://", url):
+            shown = f"${variable}" if variable else repr(masked_url(url))
+            raise self.fail(section, "url", f"must be a postgresql:// URL (postgresql://user@host:5432/database), "
+                                            f"got {shown}")
+        return url
+
+    def read_state(self, raw: dict) -> StateSettings:
+        section = raw.get("state")
+        if section is None:
+            return StateSettings()
+        if not isinstance(section, dict):
+            raise self.fail(raw, "state", "must be a mapping {url, prefix}")
+        for key in section:
+            if key not in ("url", "prefix"):
+                raise self.fail(section, key, "is not a known state field (known: prefix, url)")
+        url = self.get(section, "url", str)
+        if url is not None:
+            url, variable = self.expand(section, "url", url)
+            if url is None:
+                raise self.fail(section, "url", f"${variable} is not set")
+            url = url.strip()
+            problem = _state_url_problem(url)
+            if problem:
+                raise self.fail(section, "url", f"{problem}, got {_masked_url(url)!r}" if "://" in url else problem)
+        prefix = self.get(section, "prefix", str, StateSettings.prefix)
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
+            raise self.fail(section, "prefix", f"must be 1 to 64 letters, digits or `_.:-`, got {prefix!r}")
+        return StateSettings(url=url or None, prefix=prefix)
+
+    def read_teams(self, raw: dict) -> tuple[Team, ...]:
+        teams: dict[str, Team] = {}
+        for entry in self.get(raw, "teams", list, []) or []:
+            if not isinstance(entry, dict):
+                raise self.fail(raw, "teams", f"each entry is a mapping {{name, budget}}, got {entry!r}")
+            for key in entry:
+                if key not in ("name", "budget"):
+                    raise self.fail(entry, key, "is not a known team field (known: budget, name)")
+            name = self.read_name(entry, "team")
+            if name in teams:
+                raise self.fail(entry, "name", f"team {name} is configured twice")
+            teams[name] = Team(name, self.read_budget(entry))
+        return tuple(teams.values())
+
+    def read_keys(self, raw: dict, config: Config, teams: tuple[Team, ...]) -> tuple[GatewayKey, ...]:
+        """`keys:`, each checked against the rest of the config: its team is one of `teams`, its key
+        is no other entry's, nor the admin key (listeners[].api_key) or a provider's access_key."""
+        known = ("budget", "key", "models", "name", "rpm", "team")
+        taken = {_sha256(m.access_key): f"the access_key of {m.name}" for m in config.models if m.access_key}
+        if config.listener.api_key:
+            taken[_sha256(config.listener.api_key)] = "the admin key (listeners[].api_key)"
+        keys: dict[str, GatewayKey] = {}
+        for entry in self.get(raw, "keys", list, []) or []:
+            if not isinstance(entry, dict):
+                raise self.fail(raw, "keys", f"each entry is a mapping {{{', '.join(known)}}}, got {entry!r}")
+            for field_name in entry:
+                if field_name not in known:
+                    raise self.fail(entry, field_name, f"is not a known key field (known: {', '.join(known)})")
+            name = self.read_name(entry, "key")
+            if name in keys:
+                raise self.fail(entry, "name", f"key {name} is configured twice")
+            digest, secret = self.read_key_value(entry, name)
+            if digest is not None and digest in taken:
+                raise self.fail(entry, "key", f"key {name} is the same key as {taken[digest]}: give each its own")
+            if digest is not None:
+                taken[digest] = f"key {name}"
+            team = self.get(entry, "team", str)
+            if team is not None and team not in {t.name for t in teams}:
+                listed = ", ".join(t.name for t in teams) or "none"
+                raise self.fail(entry, "team", f"{team} is not a team under `teams:` (configured: {listed})")
+            models = self.get(entry, "models", list)
+            if models is not None and not all(isinstance(glob, str) and glob for glob in models):
+                raise self.fail(entry, "models", "must be a list of model names or globs such as openai/* "
+                                                 f"(strings), got {models!r}")
+            rpm = self.get(entry, "rpm", int)
+            if rpm is not None and rpm <= 0:
+                raise self.fail(entry, "rpm", f"must be a positive number of requests a minute, got {rpm}")
+            allowed = None if models is None else allowed_models(config, models)
+            if allowed is not None and not allowed:
+                self.warnings.append(f"key {name}: `models` {models} matches no configured model or alias, so "
+                                     "every request with this key is refused")
+            keys[name] = GatewayKey(name, digest, secret, team, self.read_budget(entry),
+                                    tuple(models) if models is not None else None, allowed, rpm)
+        return tuple(keys.values())
+
+    def read_name(self, entry: dict, what: str) -> str:
+        name = entry.get("name")
+        if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+            raise self.fail(entry, "name" if "name" in entry else None,
+                            f"each {what} needs a `name`: letters, digits and . _ @ + - (at most 64, starting with a "
+                            f"letter or digit), got {name!r}")
+        return name
+
+    def read_key_value(self, entry: dict, name: str) -> tuple[bytes | None, str | None]:
+        """(SHA-256 of the key, the key itself when the config holds it). `$VAR` not set: (None, None)
+        and a warning, since a developer reads the team's config for `cli-agent` without everyone's keys."""
+        written = self.get(entry, "key", str)
+        if not (written or "").strip():
+            where, what = ("key", "is empty:") if "key" in entry else (None, f"key {name} needs a `key`:")
+            raise self.fail(entry, where, f"{what} write the key, `$VARIABLE`, or `sha256:` and the key's SHA-256 "
+                                          "in hex")
+        if written.strip().lower().startswith("sha256:"):
+            digest = written.strip()[len("sha256:"):].strip()
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise self.fail(entry, "key", f"key {name}: `sha256:` is followed by the 64 hex digits of the key's "
+                                              "SHA-256 (printf %s \"$KEY\" | sha256sum)")
+            return bytes.fromhex(digest), None
+        secret, variable = self.expand(entry, "key", written)
+        if secret is None:
+            self.warnings.append(f"key {name}: ${variable} is not set, so nobody can use this key until it is")
+            return None, None
+        if not _GATEWAY_KEY.fullmatch(secret):
+            where = f"${variable}" if variable else "the key"
+            raise self.fail(entry, "key", f"key {name}: {where} must be 16 or more printable ASCII characters "
+                                          f"without spaces (it is {len(secret)} characters; e.g. openssl rand -hex 24)")
+        return _sha256(secret), secret
+
+    def read_budget(self, entry: dict) -> Budget | None:
+        budget = self.get(entry, "budget", dict)
+        if budget is None:
+            return None
+        for key in budget:
+            if key not in ("usd", "per"):
+                raise self.fail(budget, key, "is not a known budget field (known: per, usd)")
+        usd, per = budget.get("usd"), budget.get("per")
+        if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not math.isfinite(usd) or usd < 0:
+            where, what = ("usd", "must be") if "usd" in budget else (None, "a budget needs `usd`:")
+            raise self.fail(budget, where, f"{what} an amount in USD, 0 or more, got {usd!r}")
+        if per not in BUDGET_PERIODS:
+            where, what = ("per", "must be") if "per" in budget else (None, "a budget needs `per`:")
+            raise self.fail(budget, where, f"{what} {', '.join(BUDGET_PERIODS[:-1])} or {BUDGET_PERIODS[-1]} (UTC "
+                                           f"calendar periods), got {per!r}")
+        return Budget(float(usd), per)
 
     def read_switch_budget(self, section: dict) -> float:
         budget = self.get(section, "switch_budget", (int, float), RouterSettings.switch_budget)
@@ -1090,6 +1388,37 @@ class _ConfigReader:
                                 f"{target} is not a configured model")
             aliases[str(alias)] = model.name
         return aliases
+
+
+def _state_url_problem(url: str) -> str | None:
+    """What is wrong with a `state.url` as written (None: it can be tried), before any connection."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError as e:
+        return f"must be a redis://, rediss:// or unix:// URL ({e})"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://host:port/db, rediss:// (TLS) or unix:///path/to/redis.sock URL"
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path (unix:///run/redis.sock)"
+    if not parts.hostname:
+        return "needs a host (redis://host:6379/0)"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "the path must be a database number (redis://host:6379/0)"
+    return None
+
+
+def allowed_models(config: Config, globs: Sequence[str]) -> frozenset[str]:
+    """The configured models a key's allow-list lets it use: those whose `provider/model` name a glob
+    matches, and those an alias a glob matches resolves to."""
+    import fnmatch
+
+    def listed(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+
+    return frozenset({m.name for m in config.models if listed(m.name)}
+                     | {target for alias, target in config.aliases.items() if listed(alias)})
 
 
 def withheld_key_warning(model: str, base_url: str, variable: str) -> str:
@@ -4189,19 +4518,27 @@ class _InflatedBody(httpx.AsyncByteStream):
 
 
 class LocalState:
-    """Counters kept in this process (budget spend, request-rate windows): the default, for a
-    gateway that is the only one. Every counter expires `expires_in` seconds after its last
-    change, so those of past periods and windows do not pile up.
+    """What a gateway that is the only one keeps in its own memory (the default): counters (budget
+    spend, request-rate windows, provider failures and cool-downs) and texts (session pins). Every
+    entry expires `expires_in` seconds after its last change (a text: after its last read too), so
+    those of past periods, windows and sessions do not pile up.
 
-    The interface of every state store (a shared one keeps the same counters where all replicas
-    see them): `add` and `values`, both async because a shared store is across the network."""
+    The interface of every state store (RedisState keeps the same entries where all replicas see
+    them): `add`, `values`, `text`, `set_text`, `delete`, all async because a shared store is across
+    the network; `trouble` says why the store is not working as configured (None: it is)."""
 
     description = "in this process"
+    trouble: str | None = None
+    reuse_reads_for = 0.0  # seconds a value read may be used again without reading it: 0, reading is free
     _SWEEP_EVERY = 1024  # adds between removals of expired counters: memory stays bounded, adds stay cheap
+    MAX_TEXTS = 4096  # texts kept at most (the least recently used go first): one per session pinned
 
-    def __init__(self) -> None:
+    def __init__(self, max_texts: int = MAX_TEXTS) -> None:
         self._counters: dict[str, tuple[float, float]] = {}  # name -> (value, expiry as a time.time())
         self._adds = 0
+        # name -> (text, expiry as a time.monotonic()), least recently used first
+        self._texts: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self.max_texts = max_texts
 
     async def add(self, name: str, amount: float, expires_in: float) -> float:
         """Add `amount` to counter `name` (created at 0); its new value."""
@@ -4209,19 +4546,406 @@ class LocalState:
 
     async def values(self, names: Sequence[str]) -> list[float]:
         """The counters' values: 0 for one that does not exist or has expired."""
-        now = time.time()
-        return [value if expires > now else 0.0
-                for value, expires in (self._counters.get(name, (0.0, 0.0)) for name in names)]
+        return self.values_now(names)
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        """`add(name, amount, expires_in)` for each of `adds`, then `values(names)`, in one go (one
+        round trip to a shared store): the counters' new values, and those read."""
+        return [self.add_now(*change) for change in adds], self.values_now(names)
+
+    async def text(self, name: str, expires_in: float) -> str | None:
+        """The text under `name` (None: none), which then expires `expires_in` seconds from now."""
+        return self.text_now(name, expires_in)
+
+    async def set_text(self, name: str, text: str, expires_in: float) -> None:
+        self.set_text_now(name, text, expires_in)
+
+    async def delete(self, names: Sequence[str]) -> None:
+        """Forget these counters and texts."""
+        self.delete_now(names)
+
+    async def aclose(self) -> None:
+        """Nothing to close: it is memory."""
+
+    # The same, synchronous: what RedisState keeps of its entries here, for while Redis is away.
 
     def add_now(self, name: str, amount: float, expires_in: float) -> float:
         now = time.time()
         value, expires = self._counters.get(name, (0.0, 0.0))
         value = (value if expires > now else 0.0) + amount
+        self.set_counter_now(name, value, expires_in, now)
+        return value
+
+    def set_counter_now(self, name: str, value: float, expires_in: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         self._counters[name] = (value, now + expires_in)
         self._adds += 1
         if self._adds % self._SWEEP_EVERY == 0:
             self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
-        return value
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires (a time.time(); 0: there is none)."""
+        return self._counters.get(name, (0.0, 0.0))[1]
+
+    def values_now(self, names: Sequence[str]) -> list[float]:
+        now = time.time()
+        return [value if expires > now else 0.0
+                for value, expires in (self._counters.get(name, (0.0, 0.0)) for name in names)]
+
+    def text_now(self, name: str, expires_in: float) -> str | None:
+        now = time.monotonic()
+        self._expire_texts(now)
+        entry = self._texts.get(name)
+        if entry is None or entry[1] <= now:
+            self._texts.pop(name, None)
+            return None
+        self._texts[name] = (entry[0], now + expires_in)
+        self._texts.move_to_end(name)
+        return entry[0]
+
+    def set_text_now(self, name: str, text: str, expires_in: float) -> None:
+        now = time.monotonic()
+        self._expire_texts(now)
+        self._texts[name] = (text, now + expires_in)
+        self._texts.move_to_end(name)
+        while len(self._texts) > self.max_texts:
+            self._texts.popitem(last=False)
+
+    def delete_now(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._counters.pop(name, None)
+            self._texts.pop(name, None)
+
+    def _expire_texts(self, now: float) -> None:
+        # Least recently used first: with one lifetime for all (the pins'), the expired ones lead.
+        while self._texts:
+            name, (_, expires) = next(iter(self._texts.items()))
+            if expires > now:
+                break
+            del self._texts[name]
+
+
+@dataclass
+class _Unsent:
+    """What a replica changed in one entry while Redis was unreachable, sent when it is back."""
+
+    deleted: bool = False  # first delete the entry,
+    text: str | None = None  # then set this text,
+    amount: float = 0.0  # or add this to the counter (other replicas' adds meanwhile stay counted)
+    expires_at: float = 0.0  # time.monotonic() when the change no longer matters
+
+    def following(self, earlier: "_Unsent") -> "_Unsent":
+        """This change made after `earlier` to the same entry, as one change."""
+        if self.deleted:
+            return self  # what came before is deleted anyway
+        return _Unsent(earlier.deleted, self.text if self.text is not None else earlier.text,
+                       earlier.amount + self.amount, max(self.expires_at, earlier.expires_at))
+
+
+class RedisState:
+    """The state store every replica of a gateway shares: the same entries as LocalState, in Redis
+    (`state.url`), each under `<prefix>:` with an expiry (INCRBYFLOAT and PEXPIRE together in one
+    MULTI; every call is one round trip).
+
+    trio has no Redis client, and redis-py's asyncio client runs only on asyncio's loop, so the
+    synchronous client is called in worker threads: at most CONNECTIONS at once (a thread holds
+    one pooled connection for one round trip), with short socket timeouts, so a Redis that stops
+    answering holds a request back by half a second at most, once.
+
+    Redis unreachable (refused, timed out, loading, read-only, …): serving goes on from `local`, a
+    LocalState that mirrors every entry this replica read or wrote (the pins it saw, the last
+    spend it read, plus what it counts meanwhile); requests no longer try Redis, a watcher probes
+    it once a second; one log line when the outage starts and one when it ends. What this replica
+    changed meanwhile is then sent to Redis (adds added, pins set, deletes done; those expired
+    meanwhile dropped), so spend counted during an outage is not lost."""
+
+    CONNECT_TIMEOUT = 0.5  # seconds: Redis is on the same network; a dead one must not stall requests
+    OPERATION_TIMEOUT = 0.5
+    PROBE_EVERY = 1.0  # seconds between attempts to reach Redis while it is unreachable
+    CONNECTIONS = 16  # worker threads (and pooled connections) at once
+    MAX_UNSENT = 100_000  # entries changed during one outage that are kept to send (past it, dropped)
+    MAX_TEXT_BYTES = 4096  # a text read back larger than this was not written by plano (a pin is ~100)
+    reuse_reads_for = 1.0  # seconds a provider's health, once read, is used without a round trip
+    # The errors about the value under a key (Redis's WRONGTYPE, INCRBYFLOAT's on a non-number)
+    _FOREIGN_VALUE = ("WRONGTYPE", "value is not a valid float")
+
+    def __init__(self, settings: StateSettings):
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError("`state.url` needs the redis package: pip install 'plano[team]'") from None
+        assert settings.url is not None
+        self.description = settings.shown_url or ""
+        self._errors: type[Exception] = redis.RedisError
+        self._response_error: type[Exception] = redis.ResponseError
+        self._password = settings.password
+        self._prefix = settings.prefix + ":"
+        # One retry on a fresh connection when a pooled one was closed (Redis restarted, an idle
+        # timeout); none on a timeout, which would double the wait. Not redis-py's default of three
+        # retries with back-off: the outage fallback is plano's.
+        pool = redis.ConnectionPool.from_url(
+            settings.url, socket_connect_timeout=self.CONNECT_TIMEOUT, socket_timeout=self.OPERATION_TIMEOUT,
+            max_connections=self.CONNECTIONS, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            encoding_errors="backslashreplace")  # a name with a lone surrogate (a config's YAML escape) is still a key
+        self._redis = redis.Redis(connection_pool=pool)
+        self._threads = trio.CapacityLimiter(self.CONNECTIONS)
+        self.local = LocalState()
+        self.trouble: str | None = None  # while Redis is unreachable: since when and why
+        self._down_since: float | None = None  # time.monotonic() at the start of the outage
+        self._outage = trio.Event()  # set when one starts: wakes the watcher
+        self._unsent: dict[str, _Unsent] = {}
+        self._dropped = 0  # changes past MAX_UNSENT in this outage
+
+    # ── the store's interface ─────────────────────────────────────────────────────────────
+
+    async def add(self, name: str, amount: float, expires_in: float) -> float:
+        return (await self.add_and_read([(name, amount, expires_in)], []))[0][0]
+
+    async def values(self, names: Sequence[str]) -> list[float]:
+        return (await self.add_and_read([], names))[1]
+
+    async def add_and_read(self, adds: Sequence[tuple[str, float, float]],
+                           names: Sequence[str]) -> tuple[list[float], list[float]]:
+        if not adds and not names:
+            return [], []
+        keys = [self._prefix + name for name in names]
+
+        def queue(pipe: Any) -> None:
+            for name, amount, expires_in in adds:  # in the MULTI: no counter without its expiry, whatever happens
+                pipe.incrbyfloat(self._prefix + name, amount).pexpire(self._prefix + name, _milliseconds(expires_in))
+            if keys:
+                pipe.mget(keys)
+                for key in keys:
+                    pipe.pttl(key)
+
+        results = await self._run(queue, transaction=bool(adds))
+        if results is None:
+            for name, amount, expires_in in adds:
+                self._keep_unsent(name, expires_in).amount += amount
+            return [self.local.add_now(*change) for change in adds], self.local.values_now(names)
+        added = []
+        for (name, amount, expires_in), result in zip(adds, results[0:2 * len(adds):2]):
+            value = _number(result)
+            if value is None:  # another program's value under plano's key, not a number: plano's key is plano's
+                key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+                await self._run(lambda pipe: pipe.set(key, amount, px=milliseconds))
+                value = amount
+            self.local.set_counter_now(name, value, expires_in)
+            added.append(value)
+        values = []
+        if keys:
+            found, lifetimes = results[2 * len(adds)], results[2 * len(adds) + 1:]
+            for name, raw, lifetime in zip(names, found if isinstance(found, list) else [None] * len(names), lifetimes):
+                value = _number(raw) or 0.0
+                if isinstance(lifetime, int) and lifetime > 0:
+                    self.local.set_counter_now(name, value, lifetime / 1000)
+                elif lifetime == -2:  # gone from Redis (expired, or deleted by another replica): gone here too
+                    self.local.delete_now([name])
+                values.append(value)
+        return added, values
+
+    def counter_expiry(self, name: str) -> float:
+        """When counter `name` expires, as this replica last read or wrote it (0: not known)."""
+        return self.local.counter_expiry(name)
+
+    async def text(self, name: str, expires_in: float) -> str | None:
+        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+        results = await self._run(lambda pipe: pipe.get(key).pexpire(key, milliseconds))
+        if results is None:
+            return self.local.text_now(name, expires_in)
+        raw = results[0]
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) and len(raw) <= self.MAX_TEXT_BYTES else None
+        if text is None:
+            self.local.delete_now([name])
+        else:
+            self.local.set_text_now(name, text, expires_in)
+        return text
+
+    async def set_text(self, name: str, text: str, expires_in: float) -> None:
+        key, milliseconds = self._prefix + name, _milliseconds(expires_in)
+        self.local.set_text_now(name, text, expires_in)
+        if await self._run(lambda pipe: pipe.set(key, text, px=milliseconds)) is None:
+            self._keep_unsent(name, expires_in).text = text
+
+    async def delete(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+        self.local.delete_now(names)
+        if await self._run(lambda pipe: pipe.delete(*[self._prefix + name for name in names])) is None:
+            for name in names:
+                self._unsent.pop(name, None)
+                self._keep_unsent(name, 0.0).deleted = True
+
+    # ── start, calls, outages ─────────────────────────────────────────────────────────────
+
+    async def connect(self) -> None:
+        """At start: Redis answers at `state.url` and takes writes (a ConfigError naming the field
+        if not: refused, not Redis, a wrong password, no such database, a read-only replica)."""
+        try:
+            await self._call(self._check)
+        except self._errors as error:
+            await self.aclose()
+            raise ConfigError(f"`state.url`: cannot use Redis at {self.description}: {self._why(error)}") from None
+
+    async def watch(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs for the store's life: during an outage, probes Redis once a second; once it answers,
+        sends what changed meanwhile and says so."""
+        task_status.started()
+        while True:
+            await self._outage.wait()
+            while self._down_since is not None:
+                await trio.sleep(self.PROBE_EVERY)
+                await self._recover()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._redis.close)
+
+    async def _run(self, queue: Callable[[Any], Any], transaction: bool = False) -> list | None:
+        """The results of the commands `queue` puts in a pipeline (one round trip; in a MULTI when
+        they must be applied together), or None while Redis is unreachable (the caller uses `local`)."""
+        if self._down_since is not None:
+            return None
+        try:
+            return await self._call(queue, transaction=transaction)
+        except self._errors as error:
+            self._went_down(error)
+            return None
+
+    async def _call(self, queue: Callable[[Any], Any], *, transaction: bool = False) -> list:
+        def round_trip() -> list:
+            pipe = self._redis.pipeline(transaction=transaction)
+            queue(pipe)
+            results = pipe.execute(raise_on_error=False)
+            # A command's own error comes back in its place. One about the value under a key (another
+            # program's: of another type, not a number) is that key's; any other (read-only, out of
+            # memory, loading, no auth) is the server's, and raises as an outage does.
+            for result in results:
+                if isinstance(result, self._response_error) and not str(result).startswith(self._FOREIGN_VALUE):
+                    raise result
+            return results
+
+        return await trio.to_thread.run_sync(round_trip, limiter=self._threads)
+
+    def _check(self, pipe: Any) -> None:
+        """A write every replica may make at any time: how the start and each probe know Redis takes writes."""
+        pipe.set(self._prefix + "check", "1", px=10_000)
+
+    def _went_down(self, error: Exception) -> None:
+        if self._down_since is not None:
+            return  # the same outage, seen by another request: said once
+        self._down_since = time.monotonic()
+        why = self._why(error)
+        self.trouble = f"Redis at {self.description} unreachable since {time.strftime('%H:%M:%S')} ({why}); " \
+                       "serving on this replica's own state"
+        log.warning("shared state: Redis at %s is unreachable (%s); serving on this replica's own state (its pins, "
+                    "the last spend it read plus what it counts) until Redis is back", self.description, why)
+        self._outage.set()
+
+    async def _recover(self) -> None:
+        """One probe: send what changed during the outage (a check write if nothing did); if Redis
+        takes it, the outage is over."""
+        try:
+            while True:
+                unsent, self._unsent = self._unsent, {}
+                try:
+                    await self._send_unsent(unsent)
+                finally:
+                    for name, change in unsent.items():  # not sent: kept for the next probe, with what changed since
+                        since = self._unsent.get(name)
+                        self._unsent[name] = change if since is None else since.following(change)
+                if not self._unsent:  # nothing changed while sending: the outage ends here
+                    break
+        except self._errors:
+            return
+        outage = time.monotonic() - (self._down_since or time.monotonic())
+        dropped, self._dropped = self._dropped, 0
+        self._down_since, self.trouble, self._outage = None, None, trio.Event()
+        log.info("shared state: Redis at %s is reachable again after %.0f s%s", self.description, outage,
+                 f"; {dropped} changes made meanwhile were past the {self.MAX_UNSENT:,} kept and are lost"
+                 if dropped else "")
+
+    async def _send_unsent(self, unsent: dict[str, _Unsent]) -> None:
+        """Send `unsent` in batches, removing from it what Redis took (what is left on an error was not sent)."""
+        now = time.monotonic()
+        for name, change in list(unsent.items()):
+            if change.expires_at <= now:  # what it set or added has expired meanwhile: only a deletion is left
+                change.text, change.amount = None, 0.0
+                if not change.deleted:
+                    del unsent[name]
+        while True:
+            batch = list(unsent.items())[:500]
+
+            def queue(pipe: Any) -> None:
+                self._check(pipe)
+                for name, change in batch:
+                    key, milliseconds = self._prefix + name, _milliseconds(change.expires_at - now)
+                    if change.deleted:
+                        pipe.delete(key)
+                    if change.text is not None:
+                        pipe.set(key, change.text, px=milliseconds)
+                    if change.amount:
+                        pipe.incrbyfloat(key, change.amount).pexpire(key, milliseconds)
+
+            await self._call(queue, transaction=True)  # a change under another program's value is dropped
+            for name, _ in batch:
+                del unsent[name]
+            if not unsent:
+                return
+
+    def _keep_unsent(self, name: str, expires_in: float) -> _Unsent:
+        change = self._unsent.get(name)
+        if change is None:
+            change = _Unsent()
+            if len(self._unsent) < self.MAX_UNSENT:
+                self._unsent[name] = change
+            else:
+                self._dropped += 1
+        change.expires_at = time.monotonic() + expires_in
+        return change
+
+    def _why(self, error: Exception) -> str:
+        """An error of redis-py's in one line, its password removed (a message could hold it)."""
+        text = f"{type(error).__name__}: {error}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        return printable(text)
+
+
+def _milliseconds(seconds: float) -> int:
+    """A lifetime for PEXPIRE/PX: whole milliseconds, at least 1 (0 is an error for SET PX)."""
+    return max(int(seconds * 1000), 1)
+
+
+def _number(raw: Any) -> float | None:
+    """A counter as Redis gives it back (bytes, or a float from INCRBYFLOAT); None when it is not a
+    finite number (missing, or another program's value under the key)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@asynccontextmanager
+async def open_state(settings: StateSettings) -> Any:
+    """The state store `state:` asks for, for the life of the block: LocalState by default, a
+    RedisState checked at start (a ConfigError naming `state.url` when it cannot be used)."""
+    if not settings.url:
+        yield LocalState()
+        return
+    store = RedisState(settings)
+    await store.connect()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.watch)
+            yield store
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -5060,11 +5784,35 @@ def _thousands(tokens: int) -> str:
     return f"{round(tokens / 1000)}k"
 
 
-@dataclass
+# How the reason of a decision starts when the router ran past `router.timeout_ms`: the metrics
+# count timeouts apart from a router that is unavailable.
+ROUTER_TIMED_OUT = "router timed out"
+
+
+@dataclass(frozen=True)
 class _Pin:
+    """The model a session's turn was routed to: what its tool-loop continuations keep and what a
+    new turn weighs moving away from. Kept in the state store as a small JSON text under
+    `pin:<session>`, so that with Redis every replica sees the pins of every other."""
+
     model: str
     route: str | None
-    at: float
+
+    def text(self) -> str:
+        return json.dumps({"model": self.model, "route": self.route})  # ASCII: a lone surrogate cannot break it
+
+    @classmethod
+    def read(cls, text: str | None) -> "_Pin | None":
+        """A stored pin; None when there is none, or the text is not one plano wrote (another
+        program's value under the key): the turn is then routed as a new one."""
+        try:
+            value = parse_json(text) if text else None
+        except ValueError:
+            return None
+        if isinstance(value, dict) and isinstance(value.get("model"), str) \
+                and isinstance(value.get("route"), (str, type(None))):
+            return cls(value["model"], value["route"])
+        return None
 
 
 class Router:
@@ -5075,22 +5823,21 @@ class Router:
     """
 
     def __init__(self, config: Config, backend: RouterBackend, *, cache_size: int = 2048,
-                 pin_ttl: float = 3600.0, max_sessions: int = 4096):
+                 pin_ttl: float = 3600.0, state: LocalState | RedisState | None = None):
         self.config = config
         self.backend = backend
         self.status = "loading"
+        # Decisions are a cache of the backend's answers: each replica keeps its own.
         self.cache: collections.OrderedDict[tuple, RouteChoice] = collections.OrderedDict()
         self.cache_size = cache_size
-        self.pins: collections.OrderedDict[str, _Pin] = collections.OrderedDict()
-        self.pin_ttl = pin_ttl
-        self.max_sessions = max_sessions
+        self.pin_ttl = pin_ttl  # a pin lasts this long after its last use
+        self.state = state if state is not None else LocalState()  # where pins live (the gateway's store)
 
     def with_config(self, config: Config) -> "Router":
         """A router for a reloaded config on the same backend: decisions (keyed by the route set)
         and pins (checked against the config when used) carry over; call start() for the routes."""
-        router = Router(config, self.backend, cache_size=self.cache_size, pin_ttl=self.pin_ttl,
-                        max_sessions=self.max_sessions)
-        router.status, router.cache, router.pins = self.status, self.cache, self.pins
+        router = Router(config, self.backend, cache_size=self.cache_size, pin_ttl=self.pin_ttl, state=self.state)
+        router.status, router.cache = self.status, self.cache
         return router
 
     @property
@@ -5151,7 +5898,7 @@ class Router:
     async def _ask_backend(self, routes: tuple[RoutingPreference, ...], conversation: list[dict]) -> RouteChoice:
         with trio.move_on_after(self.config.router.timeout_ms / 1000):
             return await self.backend.decide(routes, conversation)
-        raise RouterUnavailable(f"router timed out after {self.config.router.timeout_ms} ms")
+        raise RouterUnavailable(f"{ROUTER_TIMED_OUT} after {self.config.router.timeout_ms} ms")
 
     async def decide_for_request(self, body: dict, session: str) -> RouteDecision:
         """The gateway's question: which model for this request of a (Claude Code) session?
@@ -5160,21 +5907,15 @@ class Router:
         continuation) keeps the model its turn was routed to; new user text is routed again.
         """
         messages = body.get("messages")
-        now = time.monotonic()
-        self._expire_pins(now)
-        pin = self.pins.get(session)
+        key = f"pin:{session}"
+        pin = _Pin.read(await self.state.text(key, self.pin_ttl))  # read, and kept for another pin_ttl
         if pin is not None and not has_new_user_text(messages) and self.config.model_named(pin.model) is not None:
-            self.pins.move_to_end(session)
-            pin.at = now
             return RouteDecision(pin.model, pin.route, "pinned", 0.0, "tool-loop continuation keeps the turn's model")
         decision = await self.decide(messages)
         if pin is not None and decision.model != pin.model and decision.decision in ("router", "default") \
                 and self.config.model_named(pin.model) is not None:
             decision = self._weigh_switch(body, pin, decision)
-        self.pins[session] = _Pin(decision.model, decision.route, now)
-        self.pins.move_to_end(session)
-        while len(self.pins) > self.max_sessions:
-            self.pins.popitem(last=False)
+        await self.state.set_text(key, _Pin(decision.model, decision.route).text(), self.pin_ttl)
         return decision
 
     def _weigh_switch(self, body: dict, pin: _Pin, decision: RouteDecision) -> RouteDecision:
@@ -5195,13 +5936,6 @@ class Router:
                              f"{towards} would re-send {_thousands(tokens)} uncached tokens, {why}; staying on "
                              f"{current.model_id}", decision.confidence, decision.runner_up,
                              decision.runner_up_confidence)
-
-    def _expire_pins(self, now: float) -> None:
-        while self.pins:
-            oldest = next(iter(self.pins.values()))
-            if now - oldest.at <= self.pin_ttl:
-                break
-            self.pins.popitem(last=False)
 
 
 def switch_cost(tokens: int, current: Prices | None, proposed: Prices | None) -> float | None:
@@ -5351,7 +6085,8 @@ def route(messages: Any, config: Config | str = "config.yaml") -> RouteDecision:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# Usage ledger: what each answer used (and cost), kept in SQLite across restarts.
+# Usage ledger: what each answer used (and cost), kept across restarts in SQLite, or in PostgreSQL
+# for the replicas of a team's gateway to share.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -5376,28 +6111,52 @@ def usage_path(settings: StatsSettings) -> str:
 _USAGE_COLUMNS = ("time", "session", "api", "requested_model", "model", "route", "decision", "status",
                   "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
                   "cost_usd", "baseline_cost_usd", "key_name", "team")
+_USAGE_TOKENS = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
+_USAGE_COSTS = ("cost_usd", "baseline_cost_usd")
+# A summary's groups: its field, and the column whose value names each group. Rows carry a key and a
+# team only on a gateway with per-developer keys; a summary has those groups when some row does.
+_USAGE_GROUPINGS = (("by_model", "model"), ("by_route", "route"), ("by_key", "key_name"), ("by_team", "team"))
 
 
-class UsageLedger:
-    """One row per answered request, in an SQLite file. One thread owns the connection and does
-    every write; `record()` only puts the row in a bounded queue, so a slow or locked database
-    delays the ledger, never a request (past the queue's bound, rows are counted and dropped).
-    A row SQLite cannot take (a number past its 64-bit integers, a value of a type it does not
-    store) is dropped with a log line, and the rows around it are written: the writer never dies."""
+class LedgerUnavailable(PlanoError):
+    """The usage ledger's database cannot be reached or used now (PostgreSQL down, a wrong
+    `stats.url`): the summary cannot be read, though answers go on and their rows wait."""
+
+    status = 503
+
+
+class _LedgerWriter:
+    """What both ledgers share: `record()` only puts the row in a bounded queue, so a slow, locked or
+    unreachable database delays the ledger, never a request (past the queue's bound, rows are
+    counted in `dropped` and not kept). One thread owns the connection and writes the rows in
+    batches, each in one transaction. A row the database refuses (a number past its integers, a
+    value of a type it does not store) is dropped with a log line and the rows around it are
+    written; when the database itself fails (locked, down, full) the batch waits and is tried again
+    every RETRY_SECONDS, with one log line when that starts and one when it ends: the writer never
+    dies. Retention: rows older than `retention_days` are deleted at start and hourly."""
 
     BATCH_SECONDS = 0.25
+    BATCH_ROWS = 1000
+    RETRY_SECONDS = 1.0
+    where = ""  # the database as log lines and `plano stats` name it: a path, a URL without its password
 
-    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+    def __init__(self, *, retention_days: float, queue_size: int, connection: Any = None):
         import queue
-        self.path = path
         self.retention_days = retention_days
+        self.queue_size = queue_size
         self.dropped = 0
         self._rows: Any = queue.Queue(maxsize=queue_size)
         self._written = threading.Condition()
-        self._pending = 0  # rows handed over and not yet committed
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._writer = threading.Thread(target=self._write_rows, name="plano-usage-ledger", daemon=True)
+        self._pending = 0  # rows handed over and not yet committed (or dropped)
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_rows, args=(connection,), name="plano-usage-ledger",
+                                        daemon=True)
         self._writer.start()
+
+    @property
+    def queued(self) -> int:
+        """Rows recorded and not yet committed."""
+        return self._pending
 
     def record(self, row: Mapping[str, Any]) -> None:
         import queue
@@ -5408,16 +6167,183 @@ class UsageLedger:
         except queue.Full:
             with self._written:
                 self._pending -= 1
-            self.dropped += 1
+                self.dropped += 1
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every row recorded so far is committed (for tests and shutdown)."""
+        """Wait until every row recorded so far is committed (or dropped); for tests and shutdown."""
         with self._written:
             return self._written.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        self._rows.put(None)
+        """Write what was recorded (trying once more if the database is failing), then stop."""
+        import queue
+        self._closing.set()
+        try:
+            self._rows.put_nowait(None)  # wakes a writer waiting for rows
+        except queue.Full:
+            pass  # then the writer is not waiting for rows, and sees `_closing` before it would
         self._writer.join(timeout)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        """summarize_usage's summary of the rows that match every filter given (blocking: call it
+        in a worker thread)."""
+        raise NotImplementedError
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        """What the answers recorded since `since` cost, per gateway key and per team: {("key",
+        name) or ("team", name): USD}; {} when the ledger cannot be read (blocking, as summary)."""
+        raise NotImplementedError
+
+    # ── for each database ────────────────────────────────────────────────────────────────
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _disconnect(self, connection: Any) -> None:
+        raise NotImplementedError
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        """Write `rows` in one transaction: all of them, or none and an exception."""
+        raise NotImplementedError
+
+    def _prune(self, connection: Any, before: float) -> None:
+        raise NotImplementedError
+
+    def _row_refused(self, error: Exception) -> bool:
+        """Is a row, not the database, to blame for `error`?"""
+        raise NotImplementedError
+
+    def _database_failed(self, error: Exception) -> bool:
+        """Is `error` the database's (locked, down, gone)? Then the rows wait and are retried."""
+        raise NotImplementedError
+
+    # ── the writer thread ────────────────────────────────────────────────────────────────
+    def _next_batch(self) -> list[tuple]:
+        """The first row to arrive, then what else arrives within BATCH_SECONDS: under load one
+        commit for hundreds of answers, not one each. Empty once closed and every row is taken."""
+        import queue
+        batch: list[tuple] = []
+        gathering_until = 0.0
+        while len(batch) < self.BATCH_ROWS:
+            try:
+                if batch:
+                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
+                else:
+                    row = self._rows.get(block=not self._closing.is_set())  # waits for work
+                    gathering_until = time.monotonic() + self.BATCH_SECONDS
+            except queue.Empty:
+                break
+            if row is None:  # close(): nothing more comes
+                break
+            batch.append(row)
+        return batch
+
+    def _write_rows(self, connection: Any) -> None:
+        pruned_at, batch, failing_since, dropped_before = 0.0, [], None, 0
+        while True:
+            if not batch:
+                batch = self._next_batch()
+                if not batch:
+                    break
+            handed = len(batch)
+            try:
+                connection = connection or self._connect()
+                self._write_batch(connection, batch)
+                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
+                    self._prune(connection, time.time() - self.retention_days * 86400)
+                    pruned_at = time.time()
+                if failing_since is not None:
+                    lost = self.dropped - dropped_before
+                    log.warning("usage ledger %s: writing again, after %.0f s%s", self.where,
+                                time.monotonic() - failing_since,
+                                f" ({lost} rows dropped meanwhile: more were waiting than the queue holds)" if lost
+                                else "")
+                    failing_since = None
+            except Exception as e:
+                if not self._database_failed(e):  # a bug: these rows are lost, the later ones are not
+                    log.exception("usage ledger %s: %d rows not written", self.where, len(batch))
+                    self._drop(batch)
+                else:
+                    self._disconnect(connection)
+                    connection = None
+                    if failing_since is None:
+                        failing_since, dropped_before = time.monotonic(), self.dropped
+                        log.warning("usage ledger %s: cannot write (%s); rows wait (at most %d more) and are "
+                                    "tried again every %g s", self.where, self._reason(e), self.queue_size,
+                                    self.RETRY_SECONDS)
+                    if self._closing.is_set():  # tried once more since close(): give up on the rest
+                        lost = len(batch) + self._drop_queued()
+                        log.error("usage ledger %s: closed while it cannot write: %d rows not written", self.where,
+                                  lost)
+                        self._drop(batch)
+                    else:
+                        self._closing.wait(self.RETRY_SECONDS)
+            with self._written:
+                self._pending -= handed - len(batch)
+                self._written.notify_all()
+        self._disconnect(connection)
+
+    def _write_batch(self, connection: Any, batch: list[tuple]) -> None:
+        """Write `batch` and empty it. If a row is to blame, each is written on its own and the
+        ones to blame are dropped; if the database fails, the rows not written stay in `batch`."""
+        try:
+            self._insert(connection, batch)
+            batch.clear()
+            return
+        except Exception as e:
+            if not self._row_refused(e):
+                raise
+        while batch:  # find the row to blame; write the others
+            try:
+                self._insert(connection, batch[:1])
+            except Exception as e:
+                if not self._row_refused(e):
+                    raise
+                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.where,
+                          type(e).__name__, printable(self._reason(e)[:200]), printable(repr(batch[0])[:500]))
+                with self._written:
+                    self.dropped += 1
+            del batch[0]
+
+    def _drop(self, batch: list[tuple]) -> None:
+        with self._written:
+            self.dropped += len(batch)
+        batch.clear()
+
+    def _drop_queued(self) -> int:
+        """Empty the queue, counting its rows as dropped; how many there were."""
+        import queue
+        count = 0
+        while True:
+            try:
+                row = self._rows.get_nowait()
+            except queue.Empty:
+                break
+            count += row is not None
+        with self._written:
+            self.dropped += count
+            self._pending -= count
+        return count
+
+    def _reason(self, error: Exception) -> str:
+        """An error's message in one line (libpq's come in several)."""
+        return " ".join(str(error).split()) or type(error).__name__
+
+
+class UsageLedger(_LedgerWriter):
+    """The usage ledger in an SQLite file (the default): one row per answered request."""
+
+    def __init__(self, path: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        self.path = self.where = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        super().__init__(retention_days=retention_days, queue_size=queue_size)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        return sqlite_usage_summary(self.path, since=since, session=session, key_name=key_name, team=team)
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        return spend_since(self.path, since)
 
     def _connect(self) -> Any:
         import sqlite3
@@ -5434,74 +6360,60 @@ class UsageLedger:
         connection.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
         return connection
 
-    def _insert(self, connection: Any, batch: list[tuple]) -> None:
-        import sqlite3
-        # What a row, not the database, is to blame for: that row is dropped, the others written.
-        row_errors = (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-                      sqlite3.DataError)
-        statement = f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})"
-        try:
-            with connection:  # one transaction for the batch: rolled back whole if a row fails
-                connection.executemany(statement, batch)
-            return
-        except row_errors:
-            pass
-        for row in batch:  # find the row to blame; write the others
-            try:
-                with connection:
-                    connection.execute(statement, row)
-            except row_errors as e:
-                with self._written:
-                    self.dropped += 1
-                log.error("usage ledger %s: a row it cannot store was dropped (%s: %s): %s", self.path,
-                          type(e).__name__, printable(str(e)[:200]), printable(repr(row)[:500]))
-
-    def _write_rows(self) -> None:
-        import queue
-        import sqlite3
-        connection, pruned_at, batch, closing = None, 0.0, [], False
-        while batch or not closing:
-            if not batch and not closing:
-                row = self._rows.get()  # waits for work
-                closing = row is None
-                batch += [] if closing else [row]
-            # Then what else arrives within a quarter second, in the same transaction: under load that
-            # is one commit for hundreds of answers, not one each.
-            gathering_until = time.monotonic() + self.BATCH_SECONDS
-            while not closing and len(batch) < 1000:
-                try:
-                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                closing = row is None
-                batch += [] if closing else [row]
-            try:
-                connection = connection or self._connect()
-                if batch:
-                    self._insert(connection, batch)
-                if time.time() - pruned_at > 3600:  # retention, applied at start and hourly
-                    with connection:
-                        connection.execute("DELETE FROM usage WHERE time < ?",
-                                           (time.time() - self.retention_days * 86400,))
-                    pruned_at = time.time()
-            except sqlite3.Error as e:  # locked by another program, disk full: keep the rows, try again
-                log.warning("usage ledger %s: %s; %s", self.path, e,
-                            f"{len(batch)} rows not written" if closing else "retrying")
-                if not closing:
-                    time.sleep(1.0)
-                    continue
-            except Exception:  # a bug: these rows are lost, the later ones are not
-                log.exception("usage ledger %s: %d rows not written", self.path, len(batch))
-            with self._written:
-                self._pending -= len(batch)
-                self._written.notify_all()
-            batch = []
+    def _disconnect(self, connection: Any) -> None:
         if connection is not None:
             connection.close()
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        with connection:
+            connection.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(_USAGE_COLUMNS))})", rows)
+
+    def _prune(self, connection: Any, before: float) -> None:
+        with connection:
+            connection.execute("DELETE FROM usage WHERE time < ?", (before,))
+
+    def _row_refused(self, error: Exception) -> bool:
+        import sqlite3
+        return isinstance(error, (OverflowError, ValueError, TypeError, sqlite3.InterfaceError,
+                                  sqlite3.ProgrammingError, sqlite3.DataError))
+
+    def _database_failed(self, error: Exception) -> bool:
+        import sqlite3
+        return isinstance(error, sqlite3.Error)  # locked by another program, disk full
 
 
 def _sqlite_columns(connection: Any) -> set[str]:
     return {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+
+
+def _usage_where(present: set[str], placeholder: str, *, since: float | None = None, session: str | None = None,
+                 key_name: str | None = None, team: str | None = None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters: the filters are never SQL text) that keeps the rows
+    every given filter matches; a filter on a column an older ledger lacks matches nothing."""
+    clauses, values = [], []
+    if since is not None:
+        clauses.append(f"time >= {placeholder}")
+        values.append(since)
+    for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
+        if wanted is not None:
+            clauses.append(f"{column} = {placeholder}" if column in present else "NULL")
+            values += [wanted] if column in present else []
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), values
+
+
+def _usage_combinations_sql(table: str, present: set[str], where: str) -> str:
+    """SQL (for SQLite and PostgreSQL alike) for one line per combination of model, route, key and
+    team among the rows `where` keeps: how many rows, the sum of each token column, of each cost
+    and how many rows knew it. Hundreds of lines however many rows: the database reads the rows
+    once and the gateway adds up the lines (`_summary_of_combinations`)."""
+    def column(name: str) -> str:  # an older ledger's missing column reads as NULL
+        return name if name in present else f"CAST(NULL AS {_POSTGRES_TYPES[name]})"
+
+    names = [column for _, column in _USAGE_GROUPINGS]
+    return (f"SELECT {', '.join(f'{column(n)} AS {n}' for n in names)}, count(*) AS requests, "
+            + ", ".join([f"sum({column(kind)}) AS {kind}" for kind in _USAGE_TOKENS]
+                        + [f"sum({column(c)}) AS {c}, count({column(c)}) AS {c}_known" for c in _USAGE_COSTS])
+            + f" FROM {table}{where} GROUP BY {', '.join(str(i + 1) for i in range(len(names)))}")
 
 
 def read_usage(path: str, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
@@ -5515,50 +6427,350 @@ def read_usage(path: str, *, since: float | None = None, session: str | None = N
     try:
         present = _sqlite_columns(connection)  # read-only: an older ledger's missing columns read as NULL
         selected = [column if column in present else "NULL" for column in _USAGE_COLUMNS]
-        clauses, values = [], []
-        if since is not None:
-            clauses.append("time >= ?")
-            values.append(since)
-        for column, wanted in (("session", session), ("key_name", key_name), ("team", team)):
-            if wanted is not None:
-                clauses.append(f"{column} = ?" if column in present else "NULL")
-                values += [wanted] if column in present else []
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
         rows = connection.execute(f"SELECT {', '.join(selected)} FROM usage{where} ORDER BY time", values)
         return [dict(zip(_USAGE_COLUMNS, row)) for row in rows]
-    except sqlite3.Error:
+    except (sqlite3.Error, UnicodeEncodeError):  # a filter with a lone surrogate (from argv) matches nothing
         return []
     finally:
         connection.close()
 
 
+def spend_since(path: str, since: float) -> dict[tuple[str, str], float]:
+    """What the ledger's answers since `since` cost, per gateway key and per team:
+    {("key", name) or ("team", name): USD}; {} when there is no ledger to read."""
+    import sqlite3
+    if not os.path.exists(path):
+        return {}
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        return _spend_per_owner(connection.execute(_SPEND_SQL.format(table="usage", placeholder="?"), (since,)))
+    except sqlite3.Error:  # a ledger from before keys (no such columns): nothing was spent by one
+        return {}
+    finally:
+        connection.close()
+
+
+_SPEND_SQL = "SELECT key_name, team, SUM(cost_usd) FROM {table} WHERE time >= {placeholder} GROUP BY key_name, team"
+
+
+def _spend_per_owner(lines: Iterable[tuple]) -> dict[tuple[str, str], float]:
+    """(key_name, team, cost) lines as {("key", name) or ("team", name): USD}."""
+    spent: dict[tuple[str, str], float] = {}
+    for key_name, team, cost in lines:
+        for whose, name in (("key", key_name), ("team", team)):
+            if name is not None and cost:
+                spent[(whose, name)] = spent.get((whose, name), 0.0) + cost
+    return spent
+def sqlite_usage_summary(path: str, *, since: float | None = None, session: str | None = None,
+                         key_name: str | None = None, team: str | None = None) -> dict:
+    """summarize_usage's summary of the rows of the SQLite ledger at `path` that match, added up
+    by SQLite (a ledger of a million rows in about a second, not half a minute of Python)."""
+    import sqlite3
+    if not os.path.exists(path):
+        return summarize_usage([])
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    connection.row_factory = sqlite3.Row
+    try:
+        present = _sqlite_columns(connection)
+        where, values = _usage_where(present, "?", since=since, session=session, key_name=key_name, team=team)
+        lines = connection.execute(_usage_combinations_sql("usage", present, where), values).fetchall()
+        return _summary_of_combinations(dict(line) for line in lines)
+    except (sqlite3.Error, UnicodeEncodeError):  # as read_usage
+        return summarize_usage([])
+    finally:
+        connection.close()
+
+
+# ── PostgreSQL: one ledger for the replicas of a team's gateway ──────────────────────────────
+
+# The same columns, typed (SQLite takes any value in any column). The table is `plano_usage`, in
+# the first schema of the connection's search_path (libpq's `?options=-csearch_path%3Dplano` in the
+# URL chooses another).
+_POSTGRES_TYPES = {
+    "time": "double precision", "session": "text", "api": "text", "requested_model": "text", "model": "text",
+    "route": "text", "decision": "text", "status": "integer", "input_tokens": "bigint",
+    "cache_read_tokens": "bigint", "cache_write_tokens": "bigint", "output_tokens": "bigint",
+    "reasoning_tokens": "bigint", "cost_usd": "double precision", "baseline_cost_usd": "double precision",
+    "key_name": "text", "team": "text"}
+_POSTGRES_INDEXES = {"plano_usage_time": "time", "plano_usage_key_time": "key_name, time",
+                     "plano_usage_team_time": "team, time"}
+_POSTGRES_SCHEMA_LOCK = 0x706C616E6F  # "plano": the advisory lock replicas take turns with to make the table
+# What plano asks of libpq unless the URL says otherwise: a bounded connect, and TCP keepalives and a
+# send timeout, so a server gone without a word (a dead machine, a dropped route) is noticed in
+# about a minute rather than the system's two hours.
+_POSTGRES_SETTINGS = {"connect_timeout": 10, "application_name": "plano", "keepalives": 1, "keepalives_idle": 30,
+                      "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
+
+
+def _postgres_connection(url: str) -> Any:
+    """A connection in autocommit mode: each transaction plano makes is explicit."""
+    import psycopg
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return psycopg.connect(url, autocommit=True,
+                           **{name: value for name, value in _POSTGRES_SETTINGS.items() if name not in given})
+
+
+def _postgres_error_text(error: Exception, url: str) -> str:
+    """A psycopg error in one line (libpq's messages come in several, with tabs), without the URL's
+    password (libpq does not repeat one; to be sure)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _postgres_columns(connection: Any) -> set[str]:
+    """The columns of `plano_usage` as the connection's search_path finds it (none: no table)."""
+    return {name for (name,) in connection.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('plano_usage') AND attnum > 0 "
+        "AND NOT attisdropped")}
+
+
+def _prepare_postgres_table(connection: Any) -> None:
+    """Create `plano_usage` and its indexes, or add the columns a newer plano writes. Replicas that
+    start at the same moment take turns under an advisory lock held for the transaction: each
+    finds what the first made (CREATE TABLE IF NOT EXISTS alone fails with a duplicate key when
+    two run at once). What exists is looked up rather than altered again: ALTER TABLE and CREATE
+    INDEX lock the table, which would hold up the other replicas' writes."""
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_POSTGRES_SCHEMA_LOCK,))
+        present = _postgres_columns(connection)
+        if not present:
+            typed = ", ".join(f"{column} {kind}" for column, kind in _POSTGRES_TYPES.items())
+            connection.execute(f"CREATE TABLE IF NOT EXISTS plano_usage ({typed})")
+        for column, kind in _POSTGRES_TYPES.items():
+            if present and column not in present:  # a table from an older plano
+                connection.execute(f"ALTER TABLE plano_usage ADD COLUMN IF NOT EXISTS {column} {kind}")
+        for index, columns in _POSTGRES_INDEXES.items():
+            if connection.execute("SELECT to_regclass(%s)", (index,)).fetchone()[0] is None:
+                connection.execute(f"CREATE INDEX IF NOT EXISTS {index} ON plano_usage ({columns})")
+
+
+def _postgres_can_hold(text: str, encoding: str) -> bool:
+    """PostgreSQL text holds no NUL character, nor what the database's encoding cannot (a lone
+    surrogate in UTF-8, an emoji in LATIN1): a filter with one matches no row (and would be an
+    error as a parameter)."""
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def postgres_usage_summary(connection: Any, *, since: float | None = None, session: str | None = None,
+                           key_name: str | None = None, team: str | None = None) -> dict:
+    """summarize_usage's summary of the rows in `plano_usage` that match, added up by PostgreSQL:
+    months of a team's rows are not carried to the gateway to count."""
+    import psycopg.rows
+    wanted = {"session": session, "key_name": key_name, "team": team}
+    present = _postgres_columns(connection)
+    if not present or not all(_postgres_can_hold(value, connection.info.encoding) for value in wanted.values()
+                              if value is not None):
+        return summarize_usage([])
+    where, values = _usage_where(present, "%s", since=since, **wanted)
+    with connection.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return _summary_of_combinations(cursor.execute(_usage_combinations_sql("plano_usage", present, where),
+                                                       values).fetchall())
+
+
+class PostgresLedger(_LedgerWriter):
+    """The usage ledger in PostgreSQL (`stats.url`), shared by the replicas of a gateway: the rows
+    the SQLite ledger keeps, typed, in table `plano_usage`, written with COPY. Opening it connects
+    and creates or migrates the table, and raises LedgerUnavailable when it cannot (so a wrong URL
+    stops start-up); afterwards a database that goes away only delays the ledger. Summaries are
+    read on a connection of their own, kept between reads."""
+
+    def __init__(self, url: str, *, retention_days: float = 90.0, queue_size: int = 10_000):
+        self.url = url
+        self.where = masked_url(url)
+        self._reader: Any = None
+        self._reader_lock = threading.Lock()
+        try:
+            import psycopg
+        except ImportError:
+            raise LedgerUnavailable("`stats.url` needs the psycopg package: pip install 'plano[team]'") from None
+        try:
+            connection = _postgres_connection(url)
+        except psycopg.Error as e:
+            raise LedgerUnavailable(f"`stats.url` ({self.where}): cannot connect to PostgreSQL: {self._reason(e)}") \
+                from None
+        try:
+            _prepare_postgres_table(connection)
+        except psycopg.Error as e:
+            connection.close()
+            raise LedgerUnavailable(f"`stats.url` ({self.where}): cannot create or update table plano_usage: "
+                                    f"{self._reason(e)}") from None
+        super().__init__(retention_days=retention_days, queue_size=queue_size, connection=connection)
+
+    def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
+                team: str | None = None) -> dict:
+        import psycopg
+        filters = {"since": since, "session": session, "key_name": key_name, "team": team}
+        with self._reader_lock:
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error:
+                self._close_reader()  # the server may have closed the kept connection since the last read
+            try:
+                return postgres_usage_summary(self._read_connection(), **filters)
+            except psycopg.Error as e:
+                self._close_reader()
+                raise LedgerUnavailable(f"the usage ledger ({self.where}) cannot be read now: "
+                                        f"{self._reason(e)}") from None
+
+    def spent_since(self, since: float) -> dict[tuple[str, str], float]:
+        import psycopg
+        with self._reader_lock:
+            try:
+                lines = self._read_connection().execute(
+                    _SPEND_SQL.format(table="plano_usage", placeholder="%s"), (since,)).fetchall()
+            except psycopg.Error as e:
+                self._close_reader()
+                log.warning("the usage ledger (%s) cannot be read, so budgets start this run from $0 spent: %s",
+                            self.where, self._reason(e))
+                return {}
+        return _spend_per_owner(lines)
+
+    def close(self, timeout: float = 10.0) -> None:
+        super().close(timeout)
+        with self._reader_lock:
+            self._close_reader()
+
+    def _read_connection(self) -> Any:
+        if self._reader is None:
+            self._reader = _postgres_connection(self.url)
+            self._reader.execute("SET statement_timeout = 30000")  # a summary never holds a request for long
+        return self._reader
+
+    def _close_reader(self) -> None:
+        self._disconnect(self._reader)
+        self._reader = None
+
+    def _reason(self, error: Exception) -> str:
+        return _postgres_error_text(error, self.url)
+
+    def _connect(self) -> Any:
+        connection = _postgres_connection(self.url)
+        try:
+            _prepare_postgres_table(connection)  # the table may be new: a fresh server, or dropped
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _disconnect(self, connection: Any) -> None:
+        if connection is not None:
+            connection.close()
+
+    def _insert(self, connection: Any, rows: list[tuple]) -> None:
+        with connection.transaction(), connection.cursor() as cursor, \
+                cursor.copy(f"COPY plano_usage ({', '.join(_USAGE_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _prune(self, connection: Any, before: float) -> None:
+        connection.execute("DELETE FROM plano_usage WHERE time < %s", (before,))
+
+    def _row_refused(self, error: Exception) -> bool:
+        import psycopg
+        # COPY has the server parse each value as its column's type: a value that is not one is a
+        # data exception (class 22: out of range, not a number, a NUL in text). Values psycopg
+        # cannot send at all (a dict, a lone surrogate) fail before they leave, without a SQLSTATE.
+        return isinstance(error, (ValueError, TypeError, OverflowError, psycopg.DataError, psycopg.IntegrityError)) \
+            or isinstance(error, psycopg.ProgrammingError) and error.sqlstate is None
+
+    def _database_failed(self, error: Exception) -> bool:
+        import psycopg
+        return isinstance(error, psycopg.Error)
+
+
+def open_ledger(config: Config) -> _LedgerWriter | None:
+    """The ledger `config.stats` asks for (None: `stats: false`), ready to record. A PostgreSQL one
+    that cannot be used at start is a ConfigError naming `stats.url`, as a wrong field is."""
+    settings = config.stats
+    if not settings.enabled:
+        return None
+    if not settings.url:
+        return UsageLedger(usage_path(settings), retention_days=settings.retention_days)
+    try:
+        ledger = PostgresLedger(settings.url, retention_days=settings.retention_days)
+    except LedgerUnavailable as e:
+        raise ConfigError(f"{config.path or '<config>'}: {e.message}") from None
+    log.info("usage ledger: PostgreSQL at %s, table plano_usage", ledger.where)
+    return ledger
+
+
+def ledger_place(settings: StatsSettings) -> str:
+    """Where the usage ledger of `settings` is, as plano shows it (a URL without its password)."""
+    return masked_url(settings.url) if settings.url else usage_path(settings)
+
+
+def read_usage_summary(settings: StatsSettings, *, since: float | None = None, session: str | None = None,
+                       key_name: str | None = None, team: str | None = None) -> dict:
+    """The usage summary from the ledger `settings` name, read without a writer (`plano stats`):
+    the SQLite file, or PostgreSQL at `stats.url`. Raises LedgerUnavailable when that cannot be read."""
+    filters = {"since": since, "session": session, "key_name": key_name, "team": team}
+    if not settings.url:
+        return sqlite_usage_summary(usage_path(settings), **filters)
+    try:
+        import psycopg
+    except ImportError:
+        raise LedgerUnavailable("`stats.url` needs the psycopg package: pip install 'plano[team]'") from None
+    try:
+        with _postgres_connection(settings.url) as connection:
+            return postgres_usage_summary(connection, **filters)
+    except psycopg.Error as e:
+        raise LedgerUnavailable(f"`stats.url` ({masked_url(settings.url)}): cannot read the usage ledger: "
+                                f"{_postgres_error_text(e, settings.url)}") from None
+
+
+def _usage_line(requests: int, tokens: Mapping[str, int], spent: float | None, baseline: float | None) -> dict:
+    """One line of a usage summary (the total, or one group's): requests, tokens by kind, cache
+    hit rate, cost, and what the same tokens would have cost at the baseline model. `spent` and
+    `baseline` are None when any row's cost is unknown: unknown, never 0."""
+    prompt = tokens["input_tokens"] + tokens["cache_read_tokens"] + tokens["cache_write_tokens"]
+    return {"requests": requests, **{kind: tokens[kind] for kind in _USAGE_TOKENS},
+            "cache_hit_rate": tokens["cache_read_tokens"] / prompt if prompt else None,
+            "cost_usd": spent, "baseline_cost_usd": baseline,
+            "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
+
+
+def _summary_of_combinations(lines: Iterable[Mapping[str, Any]]) -> dict:
+    """The usage summary from lines that each add up some rows (`_usage_combinations_sql`'s; one
+    row each for summarize_usage): a total, per model and per route, and per key and per team
+    when some row carries one. A group is named by its value, "none" for NULL or empty; a cost
+    is known when every row of the group knew it. Sums of integers from PostgreSQL come as
+    Decimal: counted as ints here."""
+    fields = ("requests", *_USAGE_TOKENS, *_USAGE_COSTS, *(f"{c}_known" for c in _USAGE_COSTS))
+    sums: dict[tuple[str, str], dict[str, Any]] = {("total", ""): dict.fromkeys(fields, 0)}
+    carried: set[str] = set()
+    for line in lines:
+        groups = [(grouping, line[column] or "none") for grouping, column in _USAGE_GROUPINGS]
+        carried.update(column for _, column in _USAGE_GROUPINGS if line[column])
+        for group in [("total", ""), *groups]:
+            running = sums.setdefault(group, dict.fromkeys(fields, 0))
+            for name in fields:
+                running[name] += line[name] or 0
+
+    def totalled(s: Mapping[str, Any]) -> dict:
+        requests = int(s["requests"])
+        costs = [float(s[c]) if requests and s[f"{c}_known"] == requests else None for c in _USAGE_COSTS]
+        return _usage_line(requests, {kind: int(s[kind]) for kind in _USAGE_TOKENS}, *costs)
+
+    summary = {"total": totalled(sums[("total", "")])}
+    for grouping, column in _USAGE_GROUPINGS:
+        if column in ("model", "route") or column in carried:
+            summary[grouping] = {name: totalled(s) for (g, name), s in sorted(sums.items()) if g == grouping}
+    return summary
+
+
 def summarize_usage(rows: list[dict]) -> dict:
-    """Totals per model and per route: requests, tokens by kind, cache hit rate, cost, and what the
-    same tokens would have cost at the baseline model. Unknown costs stay unknown (None), never 0."""
-    def total(group: list[dict]) -> dict:
-        def tokens(kind: str) -> int:
-            return sum(r[kind] or 0 for r in group)
-
-        def cost(column: str) -> float | None:
-            known = [r[column] for r in group if r[column] is not None]
-            return sum(known) if known and len(known) == len(group) else None
-
-        prompt = tokens("input_tokens") + tokens("cache_read_tokens") + tokens("cache_write_tokens")
-        spent, baseline = cost("cost_usd"), cost("baseline_cost_usd")
-        return {"requests": len(group), "input_tokens": tokens("input_tokens"),
-                "cache_read_tokens": tokens("cache_read_tokens"), "cache_write_tokens": tokens("cache_write_tokens"),
-                "output_tokens": tokens("output_tokens"), "reasoning_tokens": tokens("reasoning_tokens"),
-                "cache_hit_rate": tokens("cache_read_tokens") / prompt if prompt else None,
-                "cost_usd": spent, "baseline_cost_usd": baseline,
-                "saved_usd": baseline - spent if spent is not None and baseline is not None else None}
-
-    def grouped(key: str) -> dict:
-        groups: dict[str, list[dict]] = {}
-        for row in rows:
-            groups.setdefault(row[key] or "none", []).append(row)
-        return {name: total(group) for name, group in sorted(groups.items())}
-
-    return {"total": total(rows), "by_model": grouped("model"), "by_route": grouped("route")}
+    """Totals, per model and per route (and per key and per team when rows carry them): requests,
+    tokens by kind, cache hit rate, cost, and what the same tokens would have cost at the baseline
+    model. Unknown costs stay unknown (None), never 0."""
+    return _summary_of_combinations(
+        {**row, "requests": 1, **{f"{c}_known": int(row[c] is not None) for c in _USAGE_COSTS}} for row in rows)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -5724,27 +6936,47 @@ def _cannot_take(needs: RequestNeeds, models: Iterable[ModelEntry]) -> RequestEr
     return RequestError(f"prompt is too long: {tokens} tokens > {limit} maximum")
 
 
-def fit_decision(config: Config, decision: RouteDecision, needs: RequestNeeds) -> RouteDecision:
-    """The decision itself when its model can take the request; else the same decision moved to the
-    first that can among the route's other models, the model's `fallbacks`, the default, then the
-    rest by window (largest first). A model the request named explicitly is not replaced: the
-    user chose it, so a request it cannot take is a 400. Raises RequestError when nothing fits."""
+def fit_decision(config: Config, decision: RouteDecision, needs: RequestNeeds,
+                 key: GatewayKey | None = None) -> RouteDecision:
+    """The decision itself when its model can take the request (and the gateway `key`, if any, may
+    use it); else the same decision moved to the first that can among the route's other models,
+    the model's `fallbacks`, the default, then the rest by window (largest first). A model the
+    request named explicitly is not replaced: the user chose it, so a request it cannot take is a
+    400 (and one the key may not use, a 403). Raises RequestError when nothing fits, KeyLimitError
+    when the key may use none of the models."""
     chosen = config.model_named(decision.model)
     assert chosen is not None, decision
-    why = unfit_reason(needs, chosen)
+    allowed = [m for m in config.models if key_may_use(key, m)]
+    why = unfit_reason(needs, chosen) if chosen in allowed else f"{chosen.name} is not among key {key.name}'s models"
     if why is None:
         return decision
     if decision.decision == "explicit":
-        raise _cannot_take(needs, [chosen])
+        raise _cannot_take(needs, [chosen]) if chosen in allowed else model_refusal(key, chosen.name)
+    if not allowed:
+        raise model_refusal(key, chosen.name)
     names = [n for pref, models in config.preference_routes if pref.name == decision.route for n in models]
     names += [config.aliases.get(n, n) for n in chosen.fallbacks] + [config.default_model.name]
     candidates = [m for m in map(config.model_named, names) if m is not None]
     candidates += sorted(config.models, key=lambda m: -m.capabilities.context_window)
     for candidate in candidates:
-        if candidate is not chosen and unfit_reason(needs, candidate) is None:
+        if candidate is not chosen and candidate in allowed and unfit_reason(needs, candidate) is None:
             return dataclasses.replace(decision, model=candidate.name,
                                        reason=f"{decision.reason}; {why}, so {candidate.name}")
-    raise _cannot_take(needs, config.models)
+    raise _cannot_take(needs, allowed)
+
+
+def key_may_use(key: GatewayKey | None, model: ModelEntry) -> bool:
+    """Whether a request with `key` (None: the admin key, or a gateway without keys) may go to `model`."""
+    return key is None or key.allowed is None or model.name in key.allowed
+
+
+def model_refusal(key: GatewayKey, model: str) -> KeyLimitError:
+    """The 403 for a request whose key may not use `model`, naming those it may use."""
+    allowed = sorted(key.allowed or ())
+    if not allowed:
+        globs = ", ".join(key.models or ())
+        return KeyLimitError(f"key {key.name} may use no configured model (its `models`: {globs})")
+    return KeyLimitError(f"key {key.name} may not use {model}; its models are: {', '.join(allowed)}")
 
 
 # Claude Code's /model picker lists gateway models only when their id contains "claude" or
@@ -5770,8 +7002,9 @@ def model_listing(config: Config, name: str) -> dict:
             "max_tokens": model.max_output_tokens}
 
 
-def claude_code_picker_listing(config: Config) -> list[dict]:
-    """What Claude Code's /model picker gets: "auto" and every configured model, under ids it keeps."""
+def claude_code_picker_listing(config: Config, key: GatewayKey | None = None) -> list[dict]:
+    """What Claude Code's /model picker gets: "auto" and every configured model (that `key` may
+    use), under ids it keeps."""
     def summary(model: ModelEntry) -> str:
         capabilities, prices = model.capabilities, model.capabilities.prices
         parts = [f"{_thousands(capabilities.context_window)} context"] + ["images"] * capabilities.vision \
@@ -5783,11 +7016,204 @@ def claude_code_picker_listing(config: Config) -> list[dict]:
     entries = [{"type": "model", "id": PICKER_AUTO, "display_name": "auto (plano routes)",
                 "description": "plano picks the model per request from your routing preferences",
                 "created_at": "2025-01-01T00:00:00Z"}]
-    for model in config.models:
+    for model in filter(functools.partial(key_may_use, key), config.models):
         entry = model_listing(config, model.name)
         entries.append(dict(entry, id=PICKER_PREFIX + model.name, display_name=model.name,
                             description=summary(model)))
     return entries
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+# Metrics: what the gateway did and is doing, for Prometheus (`GET /metrics`), named as the
+# OpenTelemetry GenAI conventions name it where they do, `plano_*` otherwise.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# Bucket boundaries: the GenAI conventions' own for their metrics (semantic-conventions-genai,
+# gen-ai-metrics.md); for the time plano adds, from a fraction of a millisecond (translation only)
+# to the seconds a router decision on a CPU takes.
+_TOKEN_BUCKETS = tuple(float(4 ** n) for n in range(14))  # 1, 4, 16, … 67,108,864
+_OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
+# other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
+_GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
+                         "azure_openai": "azure.ai.openai"}
+_GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+# What plano's token kinds are called here, and their usage-ledger columns.
+_TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
+                ("cache_write", "cache_write_tokens"), ("output", "output_tokens"),
+                ("reasoning", "reasoning_tokens"))
+
+
+def exchange_owner(exchange: _Exchange) -> tuple[str, str]:
+    """The (key, team) an exchange is counted for in the requests and cost metrics: the configured
+    name and team of the developer key the request was authenticated with, never a client's text
+    (so the label values stay bounded); ("", "") for the admin key or a gateway without keys."""
+    key = exchange.key
+    return (key.name, key.team or "") if key is not None else ("", "")
+
+
+def _endpoint_host(base_url: str) -> str:
+    """A base URL's host and port, for a label: never its `user:password@`, path or query."""
+    parts = urllib.parse.urlsplit(base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not one: the host alone says which endpoint
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own (never prometheus_client's
+    global one: each Gateway counts its own requests, and a process can run several). The gateway
+    calls `finished` once per chat request, wraps each router decision in `deciding` and each chat
+    request in `in_flight`, and calls `fell_back` when a provider's failure moved a request to
+    another model; what is a state rather than an event (providers cooling down, the ledger's
+    queue) is read from `state()` at each scrape, so its label sets follow a reloaded config.
+
+    Every label value is a configured name (model, route, provider, its host), one of plano's
+    own words (decision kinds, token kinds, API formats) or an HTTP status: never a client's text,
+    so that no client can make the number of series grow."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # loaded only when metrics are on
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "plano_requests", "Requests to the chat endpoints (Messages, Chat Completions, Responses), answered or "
+            "not, by the model chosen, its route, the kind of decision and the status (`none`: refused before)",
+            ["model", "route", "decision", "status", "key", "team"], registry=registry)
+        self.in_flight = Gauge("plano_requests_in_flight", "Chat requests being answered, streams included",
+                               registry=registry)
+        self.added = Histogram(
+            "plano_gateway_added_seconds", "What plano added before the client's first byte: reading the "
+            "request, routing, translating (time to first byte less the provider's time to its response headers)",
+            ["api"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.router_seconds = Histogram(
+            "plano_router_decision_seconds", "How long the router took to decide, by the kind of decision it made",
+            ["decision"], buckets=_GATEWAY_BUCKETS, registry=registry)
+        self.decisions_waiting = Gauge(
+            "plano_router_decisions_waiting", "Requests waiting for the router's decision, the one being made included",
+            registry=registry)
+        self.router_failures = Counter(
+            "plano_router_failures", "Router decisions that fell back to the default model: `timeout` past "
+            "router.timeout_ms, `unavailable` when the router is loading, failed to load or answered nothing usable",
+            ["reason"], registry=registry)
+        self.fallbacks = Counter(
+            "plano_fallbacks", "Requests a model's provider failed that another model answered",
+            ["from_model", "to_model"], registry=registry)
+        self.tokens = Counter(
+            "plano_tokens", "Tokens used, by model and kind (input is uncached input; reasoning is part of output)",
+            ["model", "type"], registry=registry)
+        self.cost = Counter("plano_cost_usd", "What answers cost at the configured or catalogue prices, in USD",
+                            ["model", "key", "team"], registry=registry)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Number of input and output tokens used (input includes cache reads "
+            "and writes)", [*_GENAI_LABELS, "gen_ai_token_type"], buckets=_TOKEN_BUCKETS, registry=registry)
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration: a chat request from its "
+            "arrival to its answer's last byte", [*_GENAI_LABELS, "error_type"], buckets=_OPERATION_BUCKETS,
+            registry=registry)
+        self.first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to the answer's first byte to the client, for "
+            "successful answers (a whole answer's is its last)", _GENAI_LABELS, buckets=_FIRST_TOKEN_BUCKETS,
+            registry=registry)
+        registry.register(_GatewayStateCollector(state))
+        self._route_names: tuple[Config | None, frozenset[str]] = (None, frozenset())
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """Every metric, in the format a scraper's `Accept` asks for (Prometheus text, or OpenMetrics),
+        and its content type."""
+        from prometheus_client.exposition import choose_encoder
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    async def deciding(self, deciding: Awaitable[RouteDecision]) -> RouteDecision:
+        """The router's decision: counted as waiting until it is made, then timed by its kind."""
+        with self.decisions_waiting.track_inprogress():
+            decision = await deciding
+        if decision.decision != "pinned":  # a pin is the turn's earlier decision: the router was not asked
+            self.router_seconds.labels(decision.decision).observe(decision.latency_ms / 1000)
+        if decision.decision == "fallback":
+            self.router_failures.labels("timeout" if decision.reason.startswith(ROUTER_TIMED_OUT)
+                                        else "unavailable").inc()
+        return decision
+
+    def fell_back(self, chosen: str, answered_by: str) -> None:
+        self.fallbacks.labels(chosen, answered_by).inc()
+
+    def finished(self, exchange: _Exchange, row: Mapping[str, Any] | None, config: Config) -> None:
+        """One chat request, answered or refused: counted, timed, and what it used and cost (`row`,
+        the usage ledger's row for it, when a model was chosen)."""
+        decision, config = exchange.decision, exchange.config or config
+        model = exchange.model or (config.model_named(decision.model) if decision is not None else None)
+        model_name = model.name if model is not None else "none"
+        route = decision.route if decision is not None and decision.route in self._routes_of(config) else "none"
+        key, team = exchange_owner(exchange)
+        self.requests.labels(model_name, route, decision.decision if decision is not None else "none",
+                             str(exchange.status), key, team).inc()
+        if model is None:
+            return  # refused before a model was chosen: no provider was asked
+        genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
+        self.operation_duration.labels(*genai, str(exchange.status) if exchange.status >= 400 else "").observe(
+            time.monotonic() - exchange.started)
+        if exchange.status == 200 and exchange.first_byte_ms is not None:
+            self.first_token.labels(*genai).observe(exchange.first_byte_ms / 1000)
+            if exchange.upstream_ms is not None:
+                self.added.labels(exchange.request.api_format).observe(
+                    max(exchange.first_byte_ms - exchange.upstream_ms, 0.0) / 1000)
+        if row is None or exchange.usage is None:
+            return
+        counts = {kind: _token_count(row.get(column)) for kind, column in _TOKEN_KINDS}
+        for kind, count in counts.items():
+            if count:
+                self.tokens.labels(model_name, kind).inc(count)
+        self.token_usage.labels(*genai, "input").observe(counts["input"] + counts["cache_read"] + counts["cache_write"])
+        self.token_usage.labels(*genai, "output").observe(counts["output"])
+        cost = row.get("cost_usd")
+        if cost is not None and cost > 0:
+            self.cost.labels(model_name, key, team).inc(cost)
+
+    def _routes_of(self, config: Config) -> frozenset[str]:
+        """The config's route names (kept for the config they were read from: a reload brings another)."""
+        if self._route_names[0] is not config:
+            self._route_names = (config, frozenset(pref.name for pref, _ in config.routes))
+        return self._route_names[1]
+
+
+class _GatewayStateCollector:
+    """The metrics that are a state of the gateway at the moment of a scrape, read from `state()`:
+    the configured providers' endpoints and which are cooling down, and the usage ledger's queue.
+    A scrape renders in a worker thread, so this reads only what another thread may read: a
+    frozen config, single lookups in a dict, integers."""
+
+    def __init__(self, state: Callable[[], tuple[Config, Mapping[str, float], UsageLedger | None]]):
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        config, cool_until, ledger = self.state()
+        now = time.monotonic()
+        cooling: dict[tuple[str, str], bool] = {}
+        for model in config.models:  # one series per endpoint, cooling if any of its base URLs is
+            endpoint = (model.provider, _endpoint_host(model.base_url))
+            cooling[endpoint] = cooling.get(endpoint, False) or cool_until.get(model.base_url, 0.0) > now
+        family = GaugeMetricFamily(
+            "plano_provider_cooling_down", "1 while a configured provider endpoint is skipped after failures or "
+            "for its retry-after, else 0", labels=["provider", "host"])
+        for (provider, host), cool in sorted(cooling.items()):
+            family.add_metric([provider, host], 1.0 if cool else 0.0)
+        yield family
+        if ledger is not None:
+            yield GaugeMetricFamily("plano_ledger_rows_queued", "Usage rows recorded and not yet "
+                                                   "written to the ledger", value=ledger.queued)
+            yield CounterMetricFamily("plano_ledger_rows_dropped", "Usage rows dropped: the ledger's "
+                                                     "queue was full, or the database could not store the row",
+                                                     value=ledger.dropped)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -6615,6 +8041,37 @@ _CORS_REQUEST_HEADERS = "authorization, content-type, x-api-key, anthropic-versi
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*", re.ASCII)
 
 
+# What a developer's key may call (README "Keys, budgets and limits"): the model endpoints, and the
+# usage, decisions and budget of its own requests. Every other endpoint takes the admin key.
+_DEVELOPER_ENDPOINTS = frozenset({"/v1/messages", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/messages/count_tokens", "/v1/models", "/plano/usage", "/plano/decisions",
+                                  "/plano/me"})
+
+
+def spend_counter(whose: str, name: str, period_start: float) -> str:
+    """The state counter of what a key's or a team's requests have cost since `period_start`. Named by
+    the start's date, not the period's kind: a budget's `per` changed on a day both periods start on
+    counts what was spent since then, which is what it has spent in the new period."""
+    return f"spend:{whose}:{name}:{time.strftime('%Y-%m-%d', time.gmtime(period_start))}"
+
+
+def budget_refusal(key: GatewayKey, whose: str, name: str, budget: Budget, spent: float, resets_at: float) -> str:
+    """What the 403 of a spent budget says: whose budget, how much was spent of it, when it resets."""
+    who = f"key {name}" if whose == "key" else f"team {name} (of key {key.name})"
+    period = {"day": "today", "week": "this week", "month": "this month"}[budget.per]
+    return (f"{who} has spent its budget: ${spent:,.2f} of ${budget.usd:,.2f} {period} (UTC); it resets at "
+            f"{_utc_iso(resets_at)}")
+
+
+def _utc_iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def key_table(config: Config) -> dict[bytes, GatewayKey]:
+    """The developers' keys by their SHA-256 (a key whose `$VARIABLE` is not set has none)."""
+    return {key.digest: key for key in config.keys if key.digest is not None}
+
+
 @dataclass
 class _Exchange:
     """One request on its way through the gateway: what the client asked, what was decided, what
@@ -6625,6 +8082,7 @@ class _Exchange:
 
     request: Request
     config: Config | None = None  # the config the request started on (a reload does not change it)
+    key: GatewayKey | None = None  # the developer's key it came with (None: the admin key, or no keys)
     body: dict = field(default_factory=dict)  # the request's JSON
     requested_model: str = ""
     wants_stream: bool = False
@@ -6669,34 +8127,83 @@ class _UpstreamAnswer:
 
 
 class ProviderHealth:
-    """Which provider endpoints are failing: a provider that answers `retry-after` is skipped for
-    that long (capped), and one that fails repeatedly is skipped for a cool-down."""
+    """Which provider endpoints are failing, as every replica sees it (in the gateway's state
+    store): a provider that answers `retry-after` is skipped for that long (capped), and one that
+    fails repeatedly is skipped for a cool-down.
+
+    What was read from a shared store is reused for `state.reuse_reads_for` (1 s from Redis; every
+    time in the process), so requests do not each wait on a round trip for it: a replica sees
+    another's cool-down within a second (and what it records itself at once). At worst it sends
+    one more request to a provider that is failing, and fails over as it would anyway."""
 
     RETRY_AFTER_CAP = 60.0
     FAILURES_BEFORE_COOL_DOWN = 3
     COOL_DOWN = 30.0
+    FAILURES_KEPT = 600.0  # a failure counts towards a cool-down until this long after the latest one
 
-    def __init__(self) -> None:
+    def __init__(self, state: LocalState | RedisState) -> None:
+        self.state = state
+        # What this process last saw, per endpoint: its failure count (a success clears the shared
+        # record when there is one to clear, rather than writing to the store after every answer),
+        # until when it cools down (a time.monotonic(); the metrics read it), and when that was read.
         self.failures: dict[str, int] = {}
         self.cool_until: dict[str, float] = {}
+        self._read_at: dict[str, float] = {}
 
-    def available(self, model: ModelEntry) -> bool:
-        return self.cool_until.get(model.base_url, 0.0) <= time.monotonic()
+    async def usable(self, models: list[ModelEntry]) -> list[ModelEntry]:
+        """`models` less those whose endpoint is cooling down (all of them when every one is)."""
+        now = time.monotonic()
+        urls = list(dict.fromkeys(m.base_url for m in models))
+        stale = [url for url in urls if now - self._read_at.get(url, -math.inf) >= self.state.reuse_reads_for]
+        cooling = set()
+        if stale:
+            values = await self.state.values([f"health:cool:{url}" for url in stale] +
+                                             [f"health:failures:{url}" for url in stale])
+            for url, cool, count in zip(stale, values, values[len(stale):]):
+                self._seen(url, failures=int(count), at=now)
+                if cool > 0:  # until the counter's expiry, as the read found it
+                    cooling.add(url)
+                    self.cool_until[url] = now + self.state.counter_expiry(f"health:cool:{url}") - time.time()
+                else:
+                    self.cool_until.pop(url, None)
+        cooling |= {url for url in urls if url not in stale and self.cool_until.get(url, 0.0) > now}
+        return [m for m in models if m.base_url not in cooling] or models
 
-    def failed(self, model: ModelEntry, error: UpstreamError) -> None:
+    async def failed(self, model: ModelEntry, error: UpstreamError) -> None:
         if not error.retryable:
             return  # a 400 is about the request, not the provider's health
-        key = model.base_url
-        self.failures[key] = self.failures.get(key, 0) + 1
+        url = model.base_url
+        failures = int(await self.state.add(f"health:failures:{url}", 1, self.FAILURES_KEPT))
         pause = _retry_after_seconds(error.headers.get("retry-after"))
-        if self.failures[key] >= self.FAILURES_BEFORE_COOL_DOWN:
+        if failures >= self.FAILURES_BEFORE_COOL_DOWN:
             pause = max(pause or 0.0, self.COOL_DOWN)
         if pause:
-            self.cool_until[key] = time.monotonic() + min(pause, self.RETRY_AFTER_CAP)
+            pause = min(pause, self.RETRY_AFTER_CAP)
+            await self.state.add(f"health:cool:{url}", 1, pause)
+            self.cool_until[url] = time.monotonic() + pause
+        self._seen(url, failures=failures)
 
-    def succeeded(self, model: ModelEntry) -> None:
-        self.failures.pop(model.base_url, None)
-        self.cool_until.pop(model.base_url, None)
+    async def succeeded(self, model: ModelEntry) -> None:
+        url = model.base_url
+        if url in self.failures:
+            await self.state.delete([f"health:failures:{url}", f"health:cool:{url}"])
+            self.cool_until.pop(url, None)
+            self._seen(url, failures=0)
+
+    async def forget(self, models: Iterable[ModelEntry]) -> None:
+        """A clean record for these models' endpoints (a reloaded config's providers start with one)."""
+        urls = {m.base_url for m in models}
+        self.failures.clear()
+        self.cool_until.clear()
+        self._read_at.clear()
+        await self.state.delete([f"health:{kind}:{url}" for url in sorted(urls) for kind in ("failures", "cool")])
+
+    def _seen(self, url: str, *, failures: int, at: float | None = None) -> None:
+        self._read_at[url] = time.monotonic() if at is None else at
+        if failures > 0:
+            self.failures[url] = failures
+        else:
+            self.failures.pop(url, None)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -6759,9 +8266,12 @@ def _bug_report(error: BaseException, secrets: Iterable[str]) -> str:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The keys a config holds (providers' and the gateway's own): never in a log line or an answer."""
-    keys = [m.access_key for m in config.models if m.access_key]
-    return keys + ([config.listener.api_key] if config.listener.api_key else [])
+    """The secrets a config holds (providers' keys, people's gateway keys, the gateway's own, the
+    password in `state.url`, the ledger database's in `stats.url`): never in a log line or an answer."""
+    keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
+    keys += [config.state.password] if config.state.password else []  # in `state.url`
+    return keys + ([config.listener.api_key] if config.listener.api_key else []) \
+        + postgres_url_secrets(config.stats.url)
 
 
 class Upstreams:
@@ -6769,19 +8279,16 @@ class Upstreams:
     origin, which the router's remote backend shares), each endpoint's health, and failover along
     a model's fallbacks while nothing has reached the client yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: LocalState | RedisState | None = None) -> None:
         # Requests go straight to the transport: httpx.AsyncClient's own jobs are a cookie jar,
         # redirects, auth flows and hooks, and a gateway wants none of them (a cookie jar would
         # even carry one provider session's cookies into every request).
         self.transport = UpstreamTransport()
-        self.health = ProviderHealth()
+        self.health = ProviderHealth(state if state is not None else LocalState())
         self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
         await self.transport.aclose()
-
-    def forget_health(self) -> None:
-        self.health = ProviderHealth()
 
     async def open(self, stack: contextlib.AsyncExitStack, exchange: _Exchange) -> _UpstreamAnswer:
         """The upstream answer to `exchange`, open until `stack` closes and known to be a success:
@@ -6793,7 +8300,7 @@ class Upstreams:
         assert config is not None and decision is not None
         chosen = config.model_named(decision.model)
         assert chosen is not None, decision
-        candidates = self.candidates(config, chosen, exchange.needs)
+        candidates = await self.health.usable(self.candidates(config, chosen, exchange.needs, exchange.key))
         failures: list[str] = []
         upstream_ms: float | None = None  # of the last attempt the provider answered
         for attempt, model in enumerate(candidates):
@@ -6811,7 +8318,7 @@ class Upstreams:
                         await response.aclose()
             except UpstreamError as error:
                 traced.failed(error)
-                self.health.failed(model, error)
+                await self.health.failed(model, error)
                 if not error.retryable or last:
                     return _UpstreamAnswer(None, None, decision, upstream_ms, error)
                 failures.append(f"{model.name}: {error.status}")
@@ -6829,7 +8336,7 @@ class Upstreams:
                 return _UpstreamAnswer(None, None, decision, upstream_ms, error)
             traced.answered(response.status_code)
             stack.push_async_callback(response.aclose)
-            self.health.succeeded(model)
+            await self.health.succeeded(model)
             if model is not chosen:
                 why = "; ".join(failures) or f"{chosen.name} is cooling down after failures"
                 decision = dataclasses.replace(decision, model=model.name, decision="fallback",
@@ -6837,19 +8344,21 @@ class Upstreams:
             return _UpstreamAnswer(response, model, decision, upstream_ms)
         raise AssertionError("unreachable: the last candidate returns")
 
-    def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None) -> list[ModelEntry]:
+    def candidates(self, config: Config, model: ModelEntry, needs: RequestNeeds | None,
+                   key: GatewayKey | None = None) -> list[ModelEntry]:
         """The model, then its `fallbacks` (default: the default model) that can take the request
-        (a fallback too small for it would only answer 400); providers cooling down after repeated
-        failures are skipped unless nothing else is left."""
+        (a fallback too small for it would only answer 400) and that the gateway key may use.
+        ProviderHealth.usable then leaves out providers cooling down after repeated failures, unless
+        nothing else is left."""
         names = list(model.fallbacks) or [config.default_model.name]
         candidates = [model]
         for name in names:
             target = config.model_named(config.aliases.get(name, name))
-            fits = target is not None and (needs is None or unfit_reason(needs, target) is None)
+            fits = target is not None and (needs is None or unfit_reason(needs, target) is None) \
+                and key_may_use(key, target)
             if fits and target not in candidates:
                 candidates.append(target)
-        healthy = [m for m in candidates if self.health.available(m)]
-        return healthy or candidates
+        return candidates
 
     def _url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
@@ -6942,7 +8451,8 @@ def usage_row(exchange: _Exchange, config: Config) -> dict:
            "decision": decision.decision, "status": exchange.status, "input_tokens": usage.get("input_tokens"),
            "cache_read_tokens": usage.get("cache_read_input_tokens"),
            "cache_write_tokens": usage.get("cache_creation_input_tokens"), "output_tokens": usage.get("output_tokens"),
-           "reasoning_tokens": exchange.reasoning_tokens}
+           "reasoning_tokens": exchange.reasoning_tokens,
+           "key_name": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
     answered_by = config.model_named(decision.model)
     baseline = config.model_named(config.stats.baseline or config.default_model.name)
     row["cost_usd"] = usage_cost(row, answered_by.capabilities.prices if answered_by else None)
@@ -6980,7 +8490,13 @@ def decision_record(exchange: _Exchange) -> dict:
             "confidence": _rounded(decision.confidence), "runner_up": decision.runner_up,
             "runner_up_confidence": _rounded(decision.runner_up_confidence),
             "status": exchange.status,
-            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None}
+            "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None,
+            "key": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
+
+
+def visible_to(key: GatewayKey | None, record: Mapping[str, Any]) -> bool:
+    """Whether a decision record is one a request with `key` may read: the admin (None) reads all."""
+    return key is None or record.get("key") == key.name
 
 
 class DecisionLog:
@@ -6999,8 +8515,9 @@ class DecisionLog:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    def recent(self, session: str | None = None) -> list[dict]:
-        return [r for r in self.records if session is None or r["session"] == session]
+    def recent(self, session: str | None = None, key: GatewayKey | None = None) -> list[dict]:
+        """The latest records, of one session if given, and those a developer's `key` may see: its own."""
+        return [r for r in self.records if (session is None or r["session"] == session) and visible_to(key, r)]
 
     @contextlib.contextmanager
     def follow(self) -> Any:
@@ -7017,6 +8534,8 @@ class Gateway:
     """The gateway for one configuration: it takes each request through its parts, the Router
     (which model), Upstreams (the providers: transport, health, failover), the wire-format
     functions (translation), the DecisionLog and the UsageLedger (what was decided and used).
+    What replicas share (pins, provider health, counters) is in its `state` store: this process's
+    memory, or Redis with `state.url` (opened and checked on entering, a ConfigError if unusable).
 
     Use as an async context manager (it owns the upstream connection pools, and the router's
     backend while it loads in the background)::
@@ -7028,16 +8547,21 @@ class Gateway:
     of your own is used as it is, and its backend is the gateway's to close from then on.
     """
 
-    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: UsageLedger | None = None,
+    def __init__(self, config: Config, *, router: Router | None | str = "auto", ledger: _LedgerWriter | None = None,
                  host: str | None = None):
         self.config = config
         self.host = host or config.listener.address  # the address the listener is bound to
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
         self._refusals_logged: set[str] = set()  # each reason once (a page may retry many times)
         self.ledger = ledger  # where each answer's usage is recorded (the caller owns it)
+        self._keys = key_table(config)
+        self._unpriced_logged: set[str] = set()  # models whose answers a budget cannot see, said once each
         self.router: Router | None = None
         self._given_router = router
-        self.upstreams = Upstreams()
+        # Pins, provider health, budget spend and request-rate windows (see Shared state): in this
+        # process, or in Redis from __aenter__ on.
+        self.state: LocalState | RedisState = LocalState()
+        self.upstreams = Upstreams(self.state)
         self._endpoints = {
             ("POST", "/v1/messages"): self._chat,  # each in the format its path says: Request.api_format
             ("POST", "/v1/chat/completions"): self._chat,
@@ -7047,10 +8571,13 @@ class Gateway:
             ("GET", "/healthz"): self._health,
             ("GET", "/plano/decisions"): self._decisions,
             ("GET", "/plano/usage"): self._usage,
+            ("GET", "/plano/me"): self._me,
             ("GET", "/plano"): self._live_page,
+            ("GET", "/metrics"): self._scrape,
         }
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
+        self.metrics = self._metrics_for(config, None)
         self.tracing: Tracing | None = None  # set on entering, when the OTEL_* variables ask for traces
 
     async def __aenter__(self) -> "Gateway":
@@ -7058,14 +8585,37 @@ class Gateway:
         self._exit_stack = contextlib.AsyncExitStack()
         # Loading the router, closing backends a reload replaced: work that outlives a request.
         self._background = await self._exit_stack.enter_async_context(trio.open_nursery())
+        if self.config.state.url:
+            try:
+                self.state = await self._exit_stack.enter_async_context(open_state(self.config.state))
+            except ConfigError as e:
+                await self._exit_stack.aclose()
+                raise ConfigError(f"{self.config.path or '<config>'}: {e.message}") from None
+            self.upstreams.health = ProviderHealth(self.state)
         given = self._given_router
         if given == "auto":
             self.router = self._router_for(self.config, None)
         elif isinstance(given, Router):
+            given.state = self.state  # its pins go where the gateway's state is
             self.router = given
             if given.status == "loading":
                 self._background.start_soon(given.start)
+        if isinstance(self.state, LocalState) and self.ledger is not None:
+            await self._spend_from_ledger()
         return self
+
+    async def _spend_from_ledger(self) -> None:
+        """Counters in this process start empty, so that a restart would start every budget's period
+        over: they start from what the ledger's answers of the current periods cost instead (a shared
+        state store keeps its counters across restarts itself)."""
+        config, now = self.config, time.time()
+        budgets = {budget for key in config.keys for budget in config.budgets_of(key)}
+        periods = {(whose, name): budget_period(budget.per, now) for whose, name, budget in budgets}
+        for start in {start for start, _ in periods.values()}:
+            spent = await trio.to_thread.run_sync(self.ledger.spent_since, start)
+            for (whose, name), (since, end) in periods.items():
+                if since == start and spent.get((whose, name)):
+                    await self.state.add(spend_counter(whose, name, start), spent[(whose, name)], end - now + 3600)
 
     async def __aexit__(self, *exc: Any) -> None:
         self._background.cancel_scope.cancel()
@@ -7084,14 +8634,22 @@ class Gateway:
         derived from the config is rebuilt here, together: the router (a new backend when its
         model, file or endpoint changed; the loaded one otherwise), routes, aliases, provider
         health. Requests in flight finish on what they started with."""
-        old_router = self.router
+        old_router, old_config = self.router, self.config
         router = self._router_for(config, old_router)
         self.config, self.router = config, router
+        self._keys = key_table(config)
         self.origin_policy = OriginPolicy.for_listener(config.listener, self.host)
-        self.upstreams.forget_health()  # the new config's providers start with a clean record
+        # The new config's providers start with a clean record (with Redis, on every replica).
+        self._background.start_soon(self.upstreams.health.forget, old_config.models + config.models)
+        self.metrics = self._metrics_for(config, self.metrics)  # the same counters, unless turned off
         if old_router is not None and (router is None or router.backend is not old_router.backend):
             # The old backend closes once a decision it is computing has finished (it waits for it).
             self._background.start_soon(old_router.backend.close)
+
+    def _metrics_for(self, config: Config, current: Metrics | None) -> Metrics | None:
+        if not config.metrics:
+            return None
+        return current or Metrics(lambda: (self.config, self.upstreams.health.cool_until, self.ledger))
 
     def _router_for(self, config: Config, current: Router | None) -> Router | None:
         if not config.router.enabled or not config.routes:
@@ -7099,7 +8657,7 @@ class Gateway:
         if current is not None and current.config.router.backend_key == config.router.backend_key:
             router = current.with_config(config)
         else:
-            router = Router(config, router_backend(config.router, self.upstreams.transport))
+            router = Router(config, router_backend(config.router, self.upstreams.transport), state=self.state)
         self._background.start_soon(router.start)  # loads, or re-warms a loaded model for the routes
         return router
 
@@ -7147,7 +8705,11 @@ class Gateway:
             if request.path.startswith("/v1/") and request.method == "POST" \
                     and not request.path.endswith("count_tokens"):
                 try:
-                    self._log_access(exchange)
+                    row = self._log_access(exchange)
+                    if row is not None and exchange.key is not None:
+                        # What the answer cost counts even when the client hung up or plano is stopping.
+                        with trio.CancelScope(shield=True), trio.move_on_after(5):
+                            await self._charge(exchange, row)
                 except Exception as error:  # the answer has gone out; the bug goes to the log
                     self._log_internal_error(request, error)
             try:
@@ -7160,7 +8722,7 @@ class Gateway:
         if method == "OPTIONS" and isinstance(respond, _CORSResponder):
             await self._preflight(request, respond)  # carries no key: a browser never sends one here
             return
-        self._check_gateway_key(request)
+        exchange.key = self._authenticate(request)
         routes = self._endpoints
         if method == "HEAD":  # Claude Code probes the base URL before its first request
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
@@ -7170,6 +8732,9 @@ class Gateway:
             if any(p == path for _, p in routes):
                 raise PlanoError(f"{method} is not allowed on {path}", status=405, error_type="invalid_request_error")
             raise NotFoundError(f"no such endpoint: {method} {path}")
+        if exchange.key is not None and path not in _DEVELOPER_ENDPOINTS:
+            raise KeyLimitError(f"{path} takes the gateway's admin key; key {exchange.key.name} may call the model "
+                                "endpoints, and /plano/usage, /plano/decisions and /plano/me for its own requests")
         if method == "POST" and not _is_json_media_type(request.headers.get("content-type", "")):
             # 415, not 403: the content is what is wrong (RFC 9110 §15.5.16), and a client that forgot the
             # header (curl -d sends a form type) learns what to send. It also keeps web pages out: a form or
@@ -7178,7 +8743,9 @@ class Gateway:
             raise PlanoError(f"{method} {path} takes a JSON body: send `Content-Type: application/json` (got "
                              f"{_shown(sent) if sent else 'no Content-Type'})", status=415,
                              error_type="invalid_request_error")
-        await handler(request, respond, exchange)
+        counted = self.metrics is not None and handler == self._chat
+        with self.metrics.in_flight.track_inprogress() if counted else contextlib.nullcontext():
+            await handler(request, respond, exchange)
 
     async def _preflight(self, request: Request, respond: Responder) -> None:
         """A CORS preflight from an allowed origin: which methods and headers its page may send."""
@@ -7199,18 +8766,34 @@ class Gateway:
             log.warning("refused %s %s: %s", request.method, _shown(request.path), reason)
         await self._send_error(request, respond, OriginError(reason))
 
-    def _check_gateway_key(self, request: Request) -> None:
-        expected = self.config.listener.api_key
+    def _authenticate(self, request: Request) -> GatewayKey | None:
+        """The developer's key the request carries; None for the admin key, or where none is needed.
+        A key it does not know is a 401.
+
+        The key the client sends is hashed once and its SHA-256 looked up among the configured keys'
+        (a dict of digests); the admin key's digest is compared with hmac.compare_digest. How long that
+        takes depends on the digest of what was sent, never on how much of a real key it shares: to
+        learn a key byte by byte from timings an attacker would have to choose digests, which is
+        finding SHA-256 preimages. Hashing takes the same time for every key of one length."""
+        admin = self.config.listener.api_key
         # /healthz says only that plano runs; the live page holds no data (what it shows comes from
         # the endpoints it calls with the key), and a browser cannot send a header to open it.
         page = request.method == "GET" and request.path in ("/plano", "/plano/")
-        if not expected or request.path == "/healthz" or page:
-            return
+        if not (admin or self.config.keys) or request.path == "/healthz" or page:
+            return None  # (keys whose `$VARIABLE` is unset open nothing, but still close the gateway)
         given = request.headers.get("x-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise AuthenticationError("this plano gateway requires its key: send it as x-api-key or "
-                                      "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
+        digest = _sha256(given)
+        if admin and hmac.compare_digest(digest, _sha256(admin)):
+            return None
+        key = self._keys.get(digest)
+        if key is not None:
+            return key
+        if self.config.keys:
+            raise AuthenticationError("this plano gateway takes a gateway key: send yours as x-api-key or "
+                                      "`Authorization: Bearer` (cli-agent sends $PLANO_API_KEY); ask its admin for one")
+        raise AuthenticationError("this plano gateway requires its key: send it as x-api-key or "
+                                  "`Authorization: Bearer` (listeners[].api_key / PLANO_API_KEY)")
 
     # ── errors ────────────────────────────────────────────────────────────────────────────
 
@@ -7245,19 +8828,27 @@ class Gateway:
 
     async def _health(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         router = self.router
-        status = {"status": "ok", "models": len(self.config.models),
+        # Degraded still answers 200: serving goes on (on this replica's own state), so a load
+        # balancer that checks /healthz should keep sending requests here; `reasons` says what is wrong.
+        reasons = [f"shared state: {self.state.trouble}"] if self.state.trouble else []
+        status = {"status": "degraded" if reasons else "ok", **({"reasons": reasons} if reasons else {}),
+                  "models": len(self.config.models),
                   "router": router.status if router is not None else "off",
-                  "router_backend": router.backend.describe() if router is not None else None}
+                  "router_backend": router.backend.describe() if router is not None else None,
+                  "state": self.state.description}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(status))
 
     async def _models(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        names = [m.name for m in self.config.models] + list(self.config.aliases)
+        config, key = self.config, exchange.key  # a developer's key lists the models it may use
+        names = [m.name for m in config.models if key_may_use(key, m)] + \
+            [alias for alias, target in config.aliases.items() if key_may_use(key, config.model_named(target))]
         if "anthropic-version" in request.headers:
-            data = [model_listing(self.config, n) for n in names]
+            data = [model_listing(config, n) for n in names]
             # Claude Code's discovery request says `claude-code/VERSION` (2.1.332); its API calls say claude-cli/.
             if request.headers.get("user-agent", "").startswith(("claude-code/", "claude-cli/")):
-                data = claude_code_picker_listing(self.config)
-            body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+                data = claude_code_picker_listing(config, key)
+            body = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None}
         else:
             body = {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by":
                                                 n.split("/", 1)[0] if "/" in n else "plano"} for n in names]}
@@ -7277,26 +8868,58 @@ class Gateway:
                                 _LIVE_PAGE.encode())
 
     async def _usage(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
-        """What answers used and cost, per model and per route (`?since=` epoch seconds or ISO
-        date/time, `?session=`)."""
-        since = _parse_since(request.query.get("since"))
+        """What answers used and cost, per model and per route, and per key and per team when the
+        rows carry them (`?since=` epoch seconds or ISO date/time, `?session=`, `?key=`, `?team=`)."""
         session = request.query.get("session")
-        session = kept_text(session) if session is not None else None  # as the ledger keeps it
+        filters = {"since": _parse_since(request.query.get("since")),
+                   "session": kept_text(session) if session is not None else None,  # as the ledger keeps it
+                   "key_name": request.query.get("key"), "team": request.query.get("team")}
         if self.ledger is None:
             raise NotFoundError("usage accounting is off (stats: false)")
+        ledger = self.ledger
 
-        def read() -> list[dict]:
-            self.ledger.flush(2.0)  # include the answers already given
-            return read_usage(self.ledger.path, since=since, session=session)
+        if exchange.key is not None:  # a developer reads only its own rows, whatever it asks for
+            filters["key_name"] = exchange.key.name
 
-        rows = await trio.to_thread.run_sync(read)
-        body = {"since": since, "session": session, **summarize_usage(rows)}
+        def read() -> dict:
+            ledger.flush(2.0)  # include the answers already given
+            return ledger.summary(**filters)
+
+        summary = await trio.to_thread.run_sync(read)
+        body = {"since": filters["since"], "session": filters["session"], "key": filters["key_name"],
+                "team": filters["team"], **summary}
         await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+
+    async def _me(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """The caller's own key: its name, team, limits, and each budget with its spend this period
+        and when that resets (what the status line shows). The admin key (or none) is `admin`."""
+        key, config = exchange.key, self.config
+        if key is None:
+            body: dict[str, Any] = {"key": None, "admin": True, "budgets": []}
+        else:
+            now = time.time()
+            budgets = config.budgets_of(key)
+            periods = [budget_period(budget.per, now) for _, _, budget in budgets]
+            spent = await self.state.values([spend_counter(whose, name, start)
+                                             for (whose, name, _), (start, _) in zip(budgets, periods)])
+            body = {"key": key.name, "admin": False, "team": key.team, "rpm": key.rpm,
+                    "models": sorted(key.allowed) if key.allowed is not None else None,
+                    "budgets": [{"whose": whose, "name": name, "usd": budget.usd, "per": budget.per,
+                                 "spent_usd": round(amount, 6), "resets_at": _utc_iso(end)}
+                                for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent)]}
+        await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+    async def _scrape(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """The metrics, for Prometheus: its text format, or OpenMetrics when the scraper asks for it."""
+        if self.metrics is None:
+            raise NotFoundError("metrics are off (metrics: false)")
+        # Off the event loop: rendering takes about 10 ms a thousand samples (bench/metrics_cost.py).
+        body, content_type = await trio.to_thread.run_sync(self.metrics.exposition, request.headers.get("accept", ""))
+        await respond.send_full(200, [("content-type", content_type)], body)
 
     async def _decisions(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         if request.query.get("follow") not in ("1", "true"):
             session = request.query.get("session")
-            records = self.decision_log.recent(kept_text(session) if session is not None else None)
+            records = self.decision_log.recent(kept_text(session) if session is not None else None, exchange.key)
             await respond.send_full(200, [("content-type", "application/json")],
                                     _json_bytes({"decisions": records}))
             return
@@ -7306,11 +8929,14 @@ class Gateway:
             while True:
                 with trio.move_on_after(15):
                     record = await records.receive()
-                    await respond.send(encode_sse(record, "decision"))
+                    if visible_to(exchange.key, record):
+                        await respond.send(encode_sse(record, "decision"))
                     continue
                 await respond.send(b": keep-alive\n\n")  # lets a watcher notice a dead gateway
 
-    def _log_access(self, exchange: _Exchange) -> None:
+    def _log_access(self, exchange: _Exchange) -> dict | None:
+        """The access log line, the decision record and the usage row of a request; the row, once a
+        model was chosen (None before)."""
         d = exchange.decision
         elapsed = (time.monotonic() - exchange.started) * 1000
         input_tokens, output_tokens = exchange.token_counts
@@ -7325,10 +8951,56 @@ class Gateway:
                  f"{exchange.upstream_ms:.0f}ms" if exchange.upstream_ms is not None else "-",
                  f"{exchange.first_byte_ms:.0f}ms" if exchange.first_byte_ms is not None else "-",
                  elapsed, tokens)
-        if exchange.decision is not None:
-            self.decision_log.add(decision_record(exchange))
-            if self.ledger is not None:
-                self.ledger.record(usage_row(exchange, self.config))
+        row = usage_row(exchange, self.config) if exchange.decision is not None else None
+        if self.metrics is not None:
+            self.metrics.finished(exchange, row, self.config)
+        if row is None:
+            return None
+        self.decision_log.add(decision_record(exchange))
+        if self.ledger is not None:
+            self.ledger.record(row)
+        return row
+
+    # ── developers' keys: rate, budgets, spend ────────────────────────────────────────────
+
+    async def _admit(self, key: GatewayKey, config: Config) -> None:
+        """Refuse a request of `key` before it goes out: past its `rpm` this minute (a 429, counted
+        whether admitted or not), or with its budget or its team's spent this period (a 403)."""
+        now = time.time()
+        minute = math.floor(now / 60)  # rpm is a fixed window: the counter of this UTC minute
+        budgets = config.budgets_of(key)
+        periods = [budget_period(budget.per, now) for _, _, budget in budgets]
+        if key.rpm is None and not budgets:
+            return
+        # The minute's count and the periods' spend, in one round trip to a shared store.
+        sent, spent = await self.state.add_and_read(
+            [(f"rpm:{key.name}:{minute}", 1, 120)] if key.rpm is not None else [],
+            [spend_counter(whose, name, start) for (whose, name, _), (start, _) in zip(budgets, periods)])
+        if key.rpm is not None and sent[0] > key.rpm:
+            wait = max(math.ceil((minute + 1) * 60 - now), 1)
+            raise KeyRateError(f"key {key.name} has sent its {key.rpm} requests of this minute (rpm); the next "
+                               f"minute starts in {wait} s", headers={"retry-after": str(wait)})
+        for (whose, name, budget), (_, end), amount in zip(budgets, periods, spent):
+            if amount >= budget.usd:
+                raise KeyLimitError(budget_refusal(key, whose, name, budget, amount, end))
+
+    async def _charge(self, exchange: _Exchange, row: Mapping[str, Any]) -> None:
+        """Add an answer's cost (its usage row's, as the ledger has it) to the spend of its key and
+        team, in the counters of the periods running now. An answer of a model without prices
+        costs nothing a budget can see: logged once per model."""
+        assert exchange.key is not None
+        budgets = (exchange.config or self.config).budgets_of(exchange.key)
+        cost = row.get("cost_usd")
+        if cost is None and budgets and row.get("model") not in self._unpriced_logged:
+            self._unpriced_logged.add(row.get("model"))
+            log.warning("budgets cannot see what %s costs: it has no prices (set `prices:` on it), so its answers "
+                        "count $0 against them", printable(row.get("model")))
+        if not cost or not budgets:
+            return
+        now = time.time()
+        periods = [(whose, name, *budget_period(budget.per, now)) for whose, name, budget in budgets]
+        await self.state.add_and_read([(spend_counter(whose, name, start), cost, end - now + 3600)
+                                       for whose, name, start, end in periods], [])
 
     # ── choosing the model ────────────────────────────────────────────────────────────────
 
@@ -7346,10 +9018,10 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
-        if self.router is not None and not config.route_on_user_only:
-            return await self.router.decide(routed.get("messages"))
         if self.router is not None:
-            return await self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
+                self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+            return await (self.metrics.deciding(deciding) if self.metrics is not None else deciding)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
 
@@ -7359,6 +9031,8 @@ class Gateway:
         if self.tracing is not None:
             exchange.trace = self.tracing.begin(request, exchange.started)
         client_format = request.api_format
+        if exchange.key is not None:  # before anything else is spent on the request
+            await self._admit(exchange.key, self.config)
         body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
@@ -7387,10 +9061,16 @@ class Gateway:
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
         if self.router is not None and exchange.decision.decision not in ("explicit", "alias"):
             exchange.trace.routed(exchange.decision, deciding)  # the router was asked
+        alias = model_from_picker(requested)
+        if exchange.decision.decision == "alias" and alias in config.aliases \
+                and not key_may_use(exchange.key, config.model_named(config.aliases[alias])):
+            raise model_refusal(exchange.key, alias)  # named by the client, as an explicit model is
         exchange.needs = request_needs(body, client_format)
-        exchange.decision = fit_decision(config, exchange.decision, exchange.needs)
+        exchange.decision = fit_decision(config, exchange.decision, exchange.needs, exchange.key)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
+            if self.metrics is not None and upstream.decision is not exchange.decision:  # a fallback answered
+                self.metrics.fell_back(exchange.decision.model, upstream.decision.model)
             exchange.decision, exchange.model = upstream.decision, upstream.model
             exchange.upstream_ms = upstream.upstream_ms
             if upstream.error is not None:
@@ -7788,9 +9468,9 @@ def _server_headers(headers: list[tuple[str, str]], closing: bool = False) -> li
 def check_exposure(config: Config, host: str) -> None:
     """Anyone who can reach a non-loopback address could spend the configured keys: require a
     gateway key there."""
-    if not _is_loopback(host) and not config.listener.api_key:
+    if not _is_loopback(host) and not config.listener.api_key and not config.keys:
         raise ConfigError(f"refusing to listen on {host} without a gateway key: set listeners[].api_key "
-                          "or PLANO_API_KEY, or listen on 127.0.0.1")
+                          "or PLANO_API_KEY, or `keys:`, or listen on 127.0.0.1")
 
 
 def load_serving_config(path: str | None, host: str | None = None) -> Config:
@@ -7843,9 +9523,10 @@ async def serve(config: Config, *, host: str | None = None, port: int | None = N
     check_exposure(config, host)
     listeners = await _open_listeners(host, port)  # first: a port that is taken fails before anything starts
     state = _ServerState(limits.max_connections)
-    ledger = UsageLedger(usage_path(config.stats), retention_days=config.stats.retention_days) \
-        if config.stats.enabled else None
+    ledger = None
     try:
+        # A PostgreSQL ledger connects and readies its table here: a wrong stats.url stops start-up.
+        ledger = await trio.to_thread.run_sync(open_ledger, config)
         async with trio.open_nursery() as nursery:
             async with Gateway(config, router=router, ledger=ledger, host=host) as gateway:
                 async with trio.open_nursery() as connections:
@@ -7921,6 +9602,11 @@ async def _follow_config_file(gateway: Gateway, host: str, requests: trio.Memory
             continue
         if (config.listener.address, config.listener.port) != (old.listener.address, old.listener.port):
             log.warning("the listener address changed in %s; restart plano to use it", path)
+        if dataclasses.replace(config.stats, baseline=None) != dataclasses.replace(old.stats, baseline=None):
+            log.warning("the usage ledger's settings changed in %s; restart plano to use them", path)
+        if config.state != old.state:
+            log.warning("`state` changed in %s; restart plano to use it (still on %s)", path,
+                        gateway.state.description)
         for warning in config.warnings:
             log.warning("warning: %s", warning)
         log.info("config reloaded from %s", path)
@@ -7945,6 +9631,15 @@ def _gateway_url(config: Config) -> str:
     host = config.listener.address
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
+
+
+def _client_key_headers(url: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The key header for plano's own calls to the gateway at `url` (status line, watch): $PLANO_API_KEY,
+    else the token `cli-agent` gave Claude Code, but only for the gateway it gave it for."""
+    key = environ.get("PLANO_API_KEY")
+    if not key and environ.get("ANTHROPIC_BASE_URL", "").rstrip("/") == url.rstrip("/"):
+        key = environ.get("ANTHROPIC_AUTH_TOKEN")
+    return {"x-api-key": key} if key else {}
 
 
 def _cmd_up(args: Any) -> int:
@@ -7983,10 +9678,13 @@ def _cmd_up(args: Any) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    except (ListenError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps what escaped it
+    except (ListenError, ConfigError, BaseExceptionGroup) as raised:  # each nursery on the way out wraps it
         error = raised
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
+        if isinstance(error, ConfigError):  # found only at start: a `state.url` or `stats.url` plano cannot use
+            print(f"plano: {error.message}", file=sys.stderr)
+            return 2
         if not isinstance(error, ListenError):
             raise
         print(f"plano: {error.strerror}", file=sys.stderr)
@@ -8151,25 +9849,36 @@ def format_usage_table(title: str, groups: Mapping[str, Mapping[str, Any]]) -> l
 
 
 def _cmd_stats(args: Any) -> int:
-    """Usage and cost per model and per route, from the ledger, and what routing saved."""
+    """Usage and cost per model and per route (per key and per team when the rows carry them, or
+    `--by` what), from the ledger, and what routing saved."""
     config = _load_config_or_exit(args.config)
-    path = usage_path(config.stats)
     try:
         since = _parse_since(args.since)
     except RequestError as e:
         print(f"plano: {e.message}", file=sys.stderr)
         return 2
-    summary = summarize_usage(read_usage(path, since=since, session=args.session))
+    try:
+        summary = read_usage_summary(config.stats, since=since, session=args.session, key_name=args.key,
+                                     team=args.team)
+    except LedgerUnavailable as e:
+        print(f"plano: {config.path}: {e.message}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary))
         return 0
     total = summary["total"]
-    print(f"{total['requests']} requests{' since ' + args.since if args.since else ''} (ledger {path})")
+    selection = "".join(f" {word} {printable(value)}" for word, value in (
+        ("since", args.since), ("for key", args.key), ("of team", args.team)) if value)
+    print(f"{total['requests']} requests{selection} (ledger {printable(ledger_place(config.stats))})")
     if not total["requests"]:
         return 0
-    print("\n".join(format_usage_table("model", summary["by_model"])))
-    print()
-    print("\n".join(format_usage_table("route", summary["by_route"])))
+    tables = []
+    for by in args.by or ("model", "route", "key", "team"):
+        if f"by_{by}" in summary:
+            tables.append("\n".join(format_usage_table(by, summary[f"by_{by}"])))
+        elif args.by:
+            tables.append(f"no request here carries a {by} (they come with `keys:` in the config)")
+    print("\n\n".join(tables))
     baseline = config.stats.baseline or config.default_model.name
     if total["saved_usd"] is None:
         print(f"\nrouting saved: unknown (a model without prices answered; set `prices` for it, or {baseline}'s)")
@@ -8233,7 +9942,7 @@ def _cmd_watch(args: Any) -> int:
         while True:
             try:
                 with httpx.stream("GET", url + "/plano/decisions?follow=1", timeout=httpx.Timeout(5.0, read=30.0),
-                                  trust_env=False) as response:
+                                  headers=_client_key_headers(url, os.environ), trust_env=False) as response:
                     print(f"watching {url} (Ctrl-C to stop)", flush=True)
                     waiting_said = False
                     decoder = SSEDecoder()
@@ -8445,6 +10154,13 @@ def _cmd_doctor(args: Any) -> int:
 CLAUDE_PLACEHOLDER_TOKEN = "plano"  # Claude Code needs some credential; plano holds the real keys
 
 
+def agent_key(config: Config, environ: Mapping[str, str]) -> str:
+    """The gateway key an agent (and the status line) sends: $PLANO_API_KEY, a developer's own key on
+    a gateway with `keys:`; else the config's admin key; else a placeholder, which a gateway without
+    any key takes."""
+    return environ.get("PLANO_API_KEY") or config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN
+
+
 def _gateway_is_up(url: str) -> bool:
     try:
         return httpx.get(url + "/healthz", timeout=1.0, trust_env=False).status_code == 200
@@ -8464,8 +10180,8 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
     small_fast = SMALL_FAST_ALIAS if SMALL_FAST_ALIAS in config.aliases else config.default_model.name
     env = {
         "ANTHROPIC_BASE_URL": url,
-        # A gateway key, when the listener has one, is what Claude Code must present.
-        "ANTHROPIC_AUTH_TOKEN": config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN,
+        # The gateway key Claude Code must present: the developer's own, or the listener's.
+        "ANTHROPIC_AUTH_TOKEN": agent_key(config, environ or {}),
         "ANTHROPIC_API_KEY": "",
         "ANTHROPIC_SMALL_FAST_MODEL": small_fast,
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": small_fast,
@@ -8544,7 +10260,8 @@ CODEX_KEY_VARIABLE = "PLANO_CODEX_API_KEY"  # what Codex reads the gateway key (
 CODEX_MODEL = "plano"  # not a configured model: the router (or the default model) chooses
 
 
-def codex_overrides(config: Config, codex_args: list[str]) -> tuple[dict[str, str], list[str]]:
+def codex_overrides(config: Config, codex_args: list[str],
+                    environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """(environment entries, `-c` overrides) that point Codex at plano without touching the
     user's ~/.codex/config.toml: a model provider `plano` speaking the Responses API."""
     provider = {"name": "plano", "base_url": _gateway_url(config) + "/v1", "env_key": CODEX_KEY_VARIABLE,
@@ -8554,7 +10271,7 @@ def codex_overrides(config: Config, codex_args: list[str]) -> tuple[dict[str, st
     chooses_model = any(a in ("-m", "--model") or a.startswith(("--model=", "model=")) for a in codex_args)
     if not chooses_model:
         overrides.append(f"model={CODEX_MODEL}")
-    return {CODEX_KEY_VARIABLE: config.listener.api_key or CLAUDE_PLACEHOLDER_TOKEN}, overrides
+    return {CODEX_KEY_VARIABLE: agent_key(config, environ or {})}, overrides
 
 
 @contextlib.contextmanager
@@ -8602,11 +10319,14 @@ def _cmd_cli_agent(args: Any) -> int:
         print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
         return 2
     config = _load_config_or_exit(args.config)
+    if config.keys and agent_key(config, os.environ) == CLAUDE_PLACEHOLDER_TOKEN:
+        print("plano: this gateway takes a key per developer: export PLANO_API_KEY=<the key you were given>",
+              file=sys.stderr)
     if args.agent == "codex":
         print_env = "--print-env" in args.agent_args
         print_config = "--print-config" in args.agent_args
         agent_args = [a for a in args.agent_args if a not in ("--print-env", "--print-config")]
-        env, overrides = codex_overrides(config, agent_args)
+        env, overrides = codex_overrides(config, agent_args, os.environ)
         command = ["codex", *[part for o in overrides for part in ("-c", o)], *agent_args]
         install = "npm install -g @openai/codex"
     else:
@@ -8636,24 +10356,32 @@ def _cmd_cli_agent(args: Any) -> int:
 
 def _cmd_statusline(args: Any) -> int:
     """Claude Code's status line: this session's model and route, what the session has cost so far
-    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`."""
+    and its cache hit rate, e.g. `plano ▸ openai/gpt-5.1-codex · code generation · $0.42 · cache 91%`,
+    and with a developer's key that has a budget, its spend of it (`budget $3.10 of $20.00 today`)."""
     try:
         session = json.loads(sys.stdin.read() or "{}").get("session_id")
     except ValueError:
         session = None
     query = "?" + urllib.parse.urlencode({"session": session}) if session else ""
+    headers = _client_key_headers(args.url, os.environ)
     try:
-        decisions = httpx.get(f"{args.url}/plano/decisions{query}", timeout=1.0, trust_env=False).json()["decisions"]
-    except (httpx.HTTPError, ValueError, KeyError):
+        answer = httpx.get(f"{args.url}/plano/decisions{query}", headers=headers, timeout=1.0, trust_env=False)
+        if answer.status_code == 401:
+            print("plano ▸ the gateway needs your key: set PLANO_API_KEY")
+            return 0
+        decisions = answer.json()["decisions"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         print("plano ▸ gateway not reachable")
         return 0
+    budgets = _budget_parts(args.url, headers)
     if not decisions:
-        print("plano ▸ no requests yet")
+        print(" · ".join(["plano ▸ no requests yet"] + budgets))
         return 0
     d = decisions[-1]
     parts = [printable(d["model"])] + ([printable(d["route"])] if d.get("route") else [])
     try:
-        spent = httpx.get(f"{args.url}/plano/usage{query}", timeout=1.0, trust_env=False).json()["total"]
+        spent = httpx.get(f"{args.url}/plano/usage{query}", headers=headers, timeout=1.0,
+                          trust_env=False).json()["total"]
         parts.append(_money(spent["cost_usd"]) if spent["cost_usd"] is not None else "$?")
         if spent["cache_hit_rate"] is not None:
             parts.append(f"cache {spent['cache_hit_rate']:.0%}")
@@ -8664,8 +10392,26 @@ def _cmd_statusline(args: Any) -> int:
     confidence = d.get("confidence")
     if isinstance(confidence, (int, float)) and confidence < LOW_CONFIDENCE:
         parts.append(f"unsure: {confidence:.0%}, else {printable(d.get('runner_up'))}")
-    print("plano ▸ " + " · ".join(parts))
+    print("plano ▸ " + " · ".join(parts + budgets))
     return 0
+
+
+def _budget_parts(url: str, headers: Mapping[str, str]) -> list[str]:
+    """The status line's words for the budgets of the caller's key (GET /plano/me): the key's own,
+    then its team's, e.g. `budget $3.10 of $20.00 today`, `team platform $120.00 of $500.00 this month`."""
+    try:
+        me = httpx.get(f"{url}/plano/me", headers=headers, timeout=1.0, trust_env=False).json()
+        budgets = me["budgets"]
+        parts = []
+        for budget in budgets:
+            period = {"day": "today", "week": "this week", "month": "this month"}[budget["per"]]
+            spent = f"{_money(budget['spent_usd'])} of {_money(budget['usd'])} {period}"
+            if budget["spent_usd"] >= budget["usd"]:
+                spent += f", resets {budget['resets_at'][:16].replace('T', ' ')} UTC"
+            parts.append(f"budget {spent}" if budget["whose"] == "key" else f"team {printable(budget['name'])} {spent}")
+        return parts
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []  # an older gateway, or none: the rest of the line still says the most
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -8696,10 +10442,15 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser("download", help="fetch the router model into the Hugging Face cache")
     download.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     download.set_defaults(run=_cmd_download)
-    stats = commands.add_parser("stats", help="usage and cost per model and per route, and what routing saved")
+    stats = commands.add_parser("stats", help="usage and cost per model, route, key and team, and what routing "
+                                              "saved")
     stats.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     stats.add_argument("--since", help="epoch seconds, an ISO date or time, or a span: 7d, 12h")
     stats.add_argument("--session", help="one session's usage")
+    stats.add_argument("--key", help="the usage of one gateway key (its name under `keys:`)")
+    stats.add_argument("--team", help="the usage of one team's keys")
+    stats.add_argument("--by", action="append", choices=("model", "route", "key", "team"),
+                       help="the tables to print (repeat for more; default: each the rows have)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_cmd_stats)
     doctor = commands.add_parser("doctor", help="check the setup: config, keys, providers, router, agents, listener")
@@ -8762,6 +10513,8 @@ td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--o
 <div id="saved"></div>
 <h2>Cost per model</h2><table id="models"></table>
 <h2>Cost per route</h2><table id="routes"></table>
+<section id="per-key" hidden><h2>Cost per key</h2><table id="keys"></table></section>
+<section id="per-team" hidden><h2>Cost per team</h2><table id="teams"></table></section>
 <h2>Decisions, as they happen</h2>
 <table><thead><tr><th>time</th><th>session</th><th>requested → model</th><th>route</th><th>decision</th>
 <th class="n">confidence</th><th class="n">status</th><th class="n">first byte</th></tr></thead>
@@ -8795,10 +10548,22 @@ async function refreshUsage() {
   const usage = await get("/plano/usage");
   table("models", "model", usage.by_model);
   table("routes", "route", usage.by_route);
+  // Rows carry a key and a team on a gateway with per-developer keys (`keys:`): then their tables show.
+  for (const [id, title, groups] of [["keys", "key", usage.by_key], ["teams", "team", usage.by_team]]) {
+    $("per-" + title).hidden = !groups;
+    if (groups) table(id, title, groups);
+  }
   const t = usage.total;
   $("saved").textContent = t.saved_usd == null
     ? `${t.requests} requests · routing saved: unknown (some models have no prices)`
     : `${t.requests} requests · cost ${money(t.cost_usd)} · routing saved ${money(t.saved_usd)}`;
+}
+// At most one usage read a second, however many answers arrive: on a team's gateway each read adds
+// up the shared ledger (about half a second of PostgreSQL for a million rows).
+let usageDue = null;
+function refreshUsageSoon() {
+  if (usageDue) return;
+  usageDue = setTimeout(() => { usageDue = null; refreshUsage().catch(() => {}); }, 1000);
 }
 function showDecision(d) {
   const row = document.createElement("tr");
@@ -8826,7 +10591,7 @@ async function follow() {
       const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
       const data = block.split("\\n").filter((l) => l.startsWith("data:"))
         .map((l) => l.slice(5).replace(/^ /, "")).join("\\n");
-      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsage().catch(() => {}); }
+      if (block.includes("event: decision") && data) { showDecision(JSON.parse(data)); refreshUsageSoon(); }
     }
   }
 }

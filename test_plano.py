@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -58,9 +59,12 @@ OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
 GATEWAY_KEY = "plano-gateway-key-0123456789"
 WRONG_KEY = "sk-wrong-key-000000000000"
+ALICE_KEY = "plano-dev-alice-7c1e0f9a2b4d6e8f"  # developers' gateway keys (`keys:`)
+BOB_KEY = "plano-dev-bob-3a5c7e9f1b2d4f6a"
 PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
 PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
-ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:])
+ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:], ALICE_KEY,
+            BOB_KEY)
 
 
 class SuiteLog(logging.Handler):
@@ -884,45 +888,84 @@ def redis_server(port: int | None = None, directory: Path | None = None):
             shutil.rmtree(directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def postgres_server():
-    """A PostgreSQL server on 127.0.0.1 (initdb in a temporary directory, trust auth for a `plano`
-    role owning database `plano`); yields its `postgresql://` URL. As root (CI), the server runs as
-    Debian's `postgres` user: PostgreSQL refuses to run as root."""
-    directory = Path(tempfile.mkdtemp(prefix="plano-pg-"))
-    as_root = os.geteuid() == 0
-    user = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        shutil.chown(directory, "postgres")
-    data, port = directory / "data", free_port()
+class PostgresInstance:
+    """A PostgreSQL server on 127.0.0.1: initdb in a temporary directory, trust auth for a `plano`
+    role owning database `plano`. `stop()` and `start()` again keep its port and data (a test's
+    outage). As root (CI), the server runs as Debian's `postgres` user: PostgreSQL refuses to run
+    as root."""
 
-    def run(*command: str) -> None:
-        subprocess.run([*user, *command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="plano-pg-"))
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.user:
+            shutil.chown(self.directory, "postgres")
+        self.data, self.port = self.directory / "data", free_port()
+        self.process: subprocess.Popen | None = None
+        subprocess.run([*self.user, str(POSTGRES_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.start()
+            self.psql("CREATE ROLE plano LOGIN")
+            self.psql("CREATE DATABASE plano OWNER plano")
+        except BaseException:
+            self.remove()
+            raise
 
-    run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    process = subprocess.Popen([*user, str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(port),
-                                "-h", "127.0.0.1", "-k", str(directory), "-c", "fsync=off",
-                                "-c", "max_connections=200"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    @property
+    def url(self) -> str:
+        return f"postgresql://plano@127.0.0.1:{self.port}/plano"
+
+    def psql(self, statement: str) -> None:
+        subprocess.run([str(POSTGRES_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q",
+                        "-c", statement], check=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([*self.user, str(POSTGRES_BIN / "postgres"), "-D", str(self.data),
+                                         "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.directory),
+                                         "-c", "fsync=off", "-c", "max_connections=200"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+        while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                              stdout=subprocess.DEVNULL).returncode != 0:
-            assert process.poll() is None, "postgres exited at start"
+            assert self.process.poll() is None, "postgres exited at start"
             assert time.monotonic() < deadline, "postgres did not answer in 30 s"
             time.sleep(0.1)
-        psql = [str(POSTGRES_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-c"]
-        subprocess.run([*psql, "CREATE ROLE plano LOGIN"], check=True)
-        subprocess.run([*psql, "CREATE DATABASE plano OWNER plano"], check=True)
-        yield f"postgresql://plano@127.0.0.1:{port}/plano"
-    finally:
-        process.terminate()  # SIGTERM: PostgreSQL's smart shutdown
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut, as when the server goes away. Through pg_ctl,
+        which signals the server itself (runuser, its parent as root, does not pass SIGINT on)."""
+        if self.process is None:
+            return
+        subprocess.run([*self.user, str(POSTGRES_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast",
+                        "-w", "-t", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            process.wait(20)
+            self.process.wait(20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_instance():
+    """A PostgresInstance for the block, removed at its end."""
+    instance = PostgresInstance()
+    try:
+        yield instance
+    finally:
+        instance.remove()
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 for the block (see PostgresInstance); yields its
+    `postgresql://` URL."""
+    with postgres_instance() as instance:
+        yield instance.url
 
 
 class LineReader:
@@ -8096,14 +8139,21 @@ EVERY_CONFIG_FIELD = {
         {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
     ],
     "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
-    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_API_KEY",
+    "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_ADMIN_KEY",
                    "allowed_hosts": ["plano.internal"], "cors_origins": ["http://localhost:3000"]}],
     "router": {"model": "katanemo/Arch-Router-1.5B.gguf", "file": "router.gguf", "endpoint": "http://127.0.0.1:11434/v1",
                "timeout_ms": 1000, "threads": 2, "enabled": True, "context_tokens": 512, "gpu_layers": 0,
                "extra_buffer_types": False, "switch_budget": 0.05},
     "routing": {"route_on_user_only": True},
     "routing_preferences": [{"name": "docs", "description": "writing docs", "models": ["anthropic/claude-sonnet-5"]}],
-    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o"},
+    "stats": {"enabled": True, "path": "/nonexistent/usage.sqlite3", "retention_days": 30, "baseline": "openai/gpt-4o",
+              "url": "postgresql://plano:a-db-password@127.0.0.1:9/plano"},
+    "state": {"url": "redis://:$ecret@127.0.0.1:6379/0", "prefix": "plano"},
+    "keys": [{"name": "alice", "key": "a-literal-gateway-key-01234", "team": "platform",
+              "budget": {"usd": 20, "per": "day"}, "models": ["openai/*", "slow"], "rpm": 120},
+             {"name": "bob", "key": "$PLANO_KEY_BOB"}, {"name": "carol", "key": "sha256:" + "0f" * 32}],
+    "teams": [{"name": "platform", "budget": {"usd": 500, "per": "month"}}, {"name": "research"}],
+    "metrics": True,
 }
 
 # What YAML can say: every scalar type PyYAML's safe loader builds (dates and binary included),
@@ -8130,6 +8180,7 @@ def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
 def test_the_config_the_fuzzers_start_from_is_valid():
     config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
     assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+    assert [k.name for k in config.keys] == ["alice", "bob", "carol"] and len(config.teams) == 2
 
 
 @settings(max_examples=400, deadline=None)
@@ -9217,8 +9268,8 @@ def test_a_ledger_written_by_an_older_plano_gains_the_key_and_team_columns_and_k
     old_columns = plano._USAGE_COLUMNS[:-2]
     with sqlite3.connect(path) as connection:
         connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
-        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES "
-                           f"({', '.join('?' * len(old_columns))})", (time.time() - 1, "s1", *[None] * (len(old_columns) - 2)))
+        row = (time.time() - 1, "s1", *[None] * (len(old_columns) - 2))
+        connection.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(row))})", row)
     connection.close()
     assert [r["session"] for r in plano.read_usage(str(path), key_name="alice")] == []  # read-only: no migration
     ledger = plano.UsageLedger(str(path))
@@ -9244,6 +9295,1882 @@ async def test_in_process_counters_add_up_expire_and_stay_bounded():
     for n in range(3 * plano.LocalState._SWEEP_EVERY):
         await state.add(f"gone:{n}", 1, -1)
     assert len(state._counters) < plano.LocalState._SWEEP_EVERY + 3
+
+
+# ── issue 20: developers' keys, budgets, model allow-lists, rpm, the status line ───────────────
+
+# USD per million tokens for the stand-in's models: a Chat answer of the stand-in (10 uncached + 30
+# cached input tokens, 7 output) costs $0.47, whatever the client's format.
+TEAM_PRICES = {"input": 10000, "cached_input": 10000, "output": 10000}
+CHAT_ANSWER_COST = 0.47
+
+
+def keys_config(provider: StandInProvider, tmp_path: Path, keys: list[dict], teams: list[dict] = (),
+                admin: str | None = GATEWAY_KEY, **sections: Any) -> plano.Config:
+    """gpt-4o (the default) and claude-sonnet-5 on the stand-in, priced at TEAM_PRICES; aliases `fast`
+    (gpt-4o, also Claude Code's small/fast slot) and `smart` (claude-sonnet-5); routing off unless
+    `sections` say; the admin key GATEWAY_KEY; a ledger of the test's own (budgets start from it)."""
+    listener = {"address": "127.0.0.1", "port": 12000, **({"api_key": admin} if admin else {})}
+    sections = {"router": ROUTER_OFF, "stats": {"path": str(tmp_path / "usage.sqlite3")}, **sections}
+    return build_config(served_by(provider, "openai/gpt-4o", default=True, prices=TEAM_PRICES,
+                                  fallbacks=["anthropic/claude-sonnet-5"]),
+                        served_by(provider, "anthropic/claude-sonnet-5", prices=TEAM_PRICES),
+                        model_aliases={"fast": {"target": "openai/gpt-4o"}, "smart": "anthropic/claude-sonnet-5",
+                                       plano.SMALL_FAST_ALIAS: "openai/gpt-4o"},
+                        keys=keys, teams=list(teams), listeners=[listener], **sections)
+
+
+def ask_as(running: RunningPlano, key: str | None, model: str = "openai/gpt-4o", path: str = "/v1/messages",
+        **headers: str) -> httpx.Response:
+    """One small request in the format `path` names, with `key` as x-api-key (None: no key)."""
+    body: dict[str, Any] = {"model": model, "max_tokens": 20}
+    body.update({"input": "hi"} if path == "/v1/responses" else {"messages": [{"role": "user", "content": "hi"}]})
+    sent = {"x-api-key": key} if key is not None else {}
+    return httpx.post(running.url + path, json=body, headers={**sent, **headers}, timeout=30)
+
+
+def me(running: RunningPlano, key: str) -> dict:
+    answer = httpx.get(running.url + "/plano/me", headers={"x-api-key": key})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def utc(text: str) -> float:
+    import calendar
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def test_keys_and_teams_are_read_with_their_budgets_models_and_rates():
+    config = build_config(
+        {"model": "openai/gpt-4o", "access_key": "x"}, {"model": "anthropic/claude-sonnet-5", "access_key": "y"},
+        {"model": "openai/gpt-4o-mini", "access_key": "x"}, model_aliases={"smart": "anthropic/claude-sonnet-5"},
+        keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform", "budget": {"usd": 20, "per": "day"},
+               "models": ["openai/gpt-4o*", "smart"], "rpm": 120},
+              {"name": "bob", "key": "$BOB_KEY"},
+              {"name": "carol", "key": "SHA256:" + hashlib.sha256(b"carols-own-key-0123").hexdigest().upper()},
+              {"name": "dave@example.com", "key": "$NOT_SET_ANYWHERE"}],
+        teams=[{"name": "platform", "budget": {"usd": 500.5, "per": "month"}}, {"name": "research"}],
+        environ={"BOB_KEY": BOB_KEY})
+    alice, bob, carol, dave = config.keys
+    assert (alice.team, alice.budget, alice.rpm) == ("platform", plano.Budget(20.0, "day"), 120)
+    # Globs match configured names; an alias a glob names allows the model it resolves to.
+    assert alice.allowed == {"openai/gpt-4o", "openai/gpt-4o-mini", "anthropic/claude-sonnet-5"}
+    assert bob.allowed is None and bob.digest == hashlib.sha256(BOB_KEY.encode()).digest()
+    assert carol.digest == hashlib.sha256(b"carols-own-key-0123").digest() and carol.secret is None
+    assert dave.digest is None  # nobody can use it, and plano says so
+    assert "key dave@example.com: $NOT_SET_ANYWHERE is not set, so nobody can use this key until it is" \
+        in config.warnings
+    assert config.budgets_of(alice) == [("key", "alice", plano.Budget(20.0, "day")),
+                                        ("team", "platform", plano.Budget(500.5, "month"))]
+    assert config.teams[1] == plano.Team("research", None)
+    # Keys the config holds are secrets: scrubbed from every log line and answer like the providers'.
+    assert {ALICE_KEY, BOB_KEY} <= set(plano.config_secrets(config))
+    assert "key" not in repr(alice).replace("GatewayKey", "")  # neither the key nor its digest in a repr
+
+
+KEYS_HEAD = """\
+llm_providers:
+  - model: openai/gpt-4o
+    access_key: sk-provider-key-0123456789
+listeners:
+  - address: 127.0.0.1
+    api_key: the-admin-key-0123456789
+"""
+ALICE_SHA256 = hashlib.sha256(ALICE_KEY.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("tail, message", [
+    ("keys: alice\n", "7: `keys` must be a list, got 'alice'"),
+    ("keys:\n  - alice\n", "7: `keys` each entry is a mapping {budget, key, models, name, rpm, team}, got 'alice'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    colour: red\n", "10: `colour` is not a known key field (known: "
+                                                                  "budget, key, models, name, rpm, team)"),
+    ("keys:\n  - key: {alice}\n", "8: each key needs a `name`: letters, digits and . _ @ + - (at most 64, starting "
+                                  "with a letter or digit), got None"),
+    ("keys:\n  - name: al ice\n    key: {alice}\n", "8: `name` each key needs a `name`"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: alice\n    key: {bob}\n",
+     "10: `name` key alice is configured twice"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: bob\n    key: {alice}\n",
+     "11: `key` key bob is the same key as key alice: give each its own"),
+    ("keys:\n  - name: alice\n    key: {alice}\n  - name: bob\n    key: sha256:{alice_sha}\n",
+     "11: `key` key bob is the same key as key alice"),
+    ("keys:\n  - name: alice\n    key: sha256:{alice_sha}\n  - name: bob\n    key: sha256:{alice_sha_upper}\n",
+     "11: `key` key bob is the same key as key alice"),
+    ("keys:\n  - name: alice\n    key: sk-provider-key-0123456789\n",
+     "9: `key` key alice is the same key as the access_key of openai/gpt-4o"),
+    ("keys:\n  - name: alice\n    key: the-admin-key-0123456789\n",
+     "9: `key` key alice is the same key as the admin key (listeners[].api_key)"),
+    ("keys:\n  - name: alice\n    key: sha256:{admin_sha}\n", "9: `key` key alice is the same key as the admin key"),
+    ("keys:\n  - name: alice\n    key: short-key\n", "9: `key` key alice: the key must be 16 or more printable ASCII "
+                                                   "characters without spaces (it is 9 characters"),
+    ("keys:\n  - name: alice\n    key: a key with spaces in it\n", "9: `key` key alice: the key must be 16 or more"),
+    ("keys:\n  - name: alice\n    key: $SHORT\n", "9: `key` key alice: $SHORT must be 16 or more"),
+    ("keys:\n  - name: alice\n    key: sha256:abc\n", "9: `key` key alice: `sha256:` is followed by the 64 hex digits"),
+    ("keys:\n  - name: alice\n    key: ''\n", "9: `key` is empty: write the key, `$VARIABLE`, or `sha256:`"),
+    ("keys:\n  - name: alice\n", "8: key alice needs a `key`: write the key"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    team: platform\n",
+     "10: `team` platform is not a team under `teams:` (configured: none)"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5, per: year}}\n",
+     "10: `per` must be day, week or month (UTC calendar periods), got 'year'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5}}\n",
+     "10: a budget needs `per`: day, week or month"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: -1, per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got -1"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: .nan, per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got nan"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: '5', per: day}}\n",
+     "10: `usd` must be an amount in USD, 0 or more, got '5'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: 20\n", "10: `budget` must be a dict, got 20"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    budget: {{usd: 5, per: day, cap: 9}}\n",
+     "10: `cap` is not a known budget field (known: per, usd)"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    models: openai/*\n", "10: `models` must be a list, got 'openai/*'"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    models: [openai/*, 7]\n",
+     "10: `models` must be a list of model names or globs such as openai/* (strings), got ['openai/*', 7]"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: 0\n",
+     "10: `rpm` must be a positive number of requests a minute, got 0"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: 1.5\n", "10: `rpm` must be an int, got 1.5"),
+    ("keys:\n  - name: alice\n    key: {alice}\n    rpm: true\n", "10: `rpm` must be an int, got True"),
+    ("teams:\n  - name: platform\n  - name: platform\n", "9: `name` team platform is configured twice"),
+    ("teams:\n  - name: platform\n    owner: me\n", "9: `owner` is not a known team field (known: budget, name)"),
+    ("teams: [platform]\n", "7: `teams` each entry is a mapping {name, budget}, got 'platform'"),
+])
+def test_a_bad_keys_or_teams_entry_is_one_config_line_naming_the_line_and_field(tail, message):
+    text = KEYS_HEAD + tail.format(alice=ALICE_KEY, bob=BOB_KEY, alice_sha=ALICE_SHA256,
+                                   alice_sha_upper=ALICE_SHA256.upper(),
+                                   admin_sha=hashlib.sha256(b"the-admin-key-0123456789").hexdigest())
+    error = config_error(text, environ={"SHORT": "abc"})
+    assert error.startswith(f"{CONFIG_PATH}:{message.split(':')[0]}:") and message.split(":", 1)[1].strip() in error, \
+        error
+    assert "\n" not in error and ALICE_KEY not in error and "the-admin-key" not in error
+
+
+def test_with_keys_plano_api_key_is_a_developers_key_never_the_admin_key():
+    text = "llm_providers:\n  - model: openai/gpt-4o\n    access_key: x\nkeys:\n  - name: alice\n    key: $ALICE\n"
+    config = plano.parse_config(text, path=CONFIG_PATH, environ={"ALICE": ALICE_KEY, "PLANO_API_KEY": ALICE_KEY})
+    assert config.listener.api_key is None  # the developer's key in the shell did not become the admin key
+    assert any("PLANO_API_KEY is not an admin key when `keys:` are configured" in w for w in config.warnings)
+    without_keys = plano.parse_config(text.split("keys:")[0], path=CONFIG_PATH, environ={"PLANO_API_KEY": ALICE_KEY})
+    assert without_keys.listener.api_key == ALICE_KEY  # as before: one person's gateway key
+    explicit = config_error(text + "listeners:\n  - address: 127.0.0.1\n    api_key: $PLANO_API_KEY\n",
+                            environ={"ALICE": ALICE_KEY, "PLANO_API_KEY": GATEWAY_KEY})
+    assert explicit.startswith(f"{CONFIG_PATH}:9: `api_key` is $PLANO_API_KEY, which with `keys:` is a developer's")
+    # With keys, a listener off loopback needs no admin key: every request needs a key all the same.
+    plano.check_exposure(config, "0.0.0.0")
+
+
+@pytest.mark.parametrize("per, now, start, end", [
+    ("day", "2024-12-31T23:59:59Z", "2024-12-31T00:00:00Z", "2025-01-01T00:00:00Z"),
+    ("day", "2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z"),
+    ("day", "2024-02-28T12:00:00Z", "2024-02-28T00:00:00Z", "2024-02-29T00:00:00Z"),
+    ("week", "2025-01-01T10:00:00Z", "2024-12-30T00:00:00Z", "2025-01-06T00:00:00Z"),  # a Wednesday
+    ("week", "2025-01-05T23:59:59Z", "2024-12-30T00:00:00Z", "2025-01-06T00:00:00Z"),  # Sunday: same week
+    ("week", "2025-01-06T00:00:00Z", "2025-01-06T00:00:00Z", "2025-01-13T00:00:00Z"),  # Monday: the next
+    ("week", "2026-03-01T08:00:00Z", "2026-02-23T00:00:00Z", "2026-03-02T00:00:00Z"),
+    ("month", "2024-12-15T08:30:00Z", "2024-12-01T00:00:00Z", "2025-01-01T00:00:00Z"),
+    ("month", "2024-02-29T23:59:59Z", "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"),  # a leap year
+    ("month", "2025-01-31T23:59:59Z", "2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z"),
+    ("month", "2025-02-01T00:00:00Z", "2025-02-01T00:00:00Z", "2025-03-01T00:00:00Z"),
+])
+def test_a_budget_period_is_a_utc_day_iso_week_or_calendar_month(per, now, start, end):
+    assert plano.budget_period(per, utc(now)) == (utc(start), utc(end))
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+def test_with_keys_an_unknown_or_missing_key_is_a_401_in_the_callers_format(provider, tmp_path, path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY}])
+    with RunningPlano(config) as running:
+        if path == "/v1/messages":
+            with pytest.raises(anthropic.AuthenticationError) as raised:
+                anthropic_client(running, api_key=WRONG_KEY).messages.create(
+                    model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert raised.value.body["error"]["type"] == "authentication_error"
+        elif path == "/v1/chat/completions":
+            with pytest.raises(openai.AuthenticationError) as raised:
+                openai_client(running, api_key=WRONG_KEY).chat.completions.create(model="openai/gpt-4o",
+                                                                                  messages=[USER_HI])
+            assert raised.value.body["type"] == "authentication_error"
+        else:
+            with pytest.raises(openai.AuthenticationError) as raised:
+                openai_client(running, api_key=WRONG_KEY).responses.create(model="openai/gpt-4o", input="hi")
+        assert "takes a gateway key" in str(raised.value) and WRONG_KEY not in str(raised.value)
+        missing = ask_as(running, None, path=path)
+        assert missing.status_code == 401 and ("type" in missing.json()) == (path == "/v1/messages")
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200
+    assert provider.requests and all(r.headers.get("x-api-key") != WRONG_KEY for r in provider.requests)
+
+
+def test_a_developer_key_and_the_admin_key_both_work_and_each_answer_records_key_and_team(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                              {"name": "bob", "key": "sha256:" + hashlib.sha256(BOB_KEY.encode())
+                                               .hexdigest()}],
+                         teams=[{"name": "platform"}])
+    with RunningPlano(config) as running:
+        alice = anthropic_client(running, api_key=ALICE_KEY).messages.create(
+            model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        bob = openai_client(running, api_key=BOB_KEY).chat.completions.create(  # Bearer, checked by its digest
+            model="anthropic/claude-sonnet-5", messages=[USER_HI])
+        admin = openai_client(running, api_key=GATEWAY_KEY).responses.create(model="fast", input="hi")
+        assert (alice.content[0].text, bob.choices[0].message.content) == ("echo: hi", "echo: hi")
+        assert admin.output_text == "echo: hi"
+        running.gateway.ledger.flush()
+        rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+        decisions = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": GATEWAY_KEY}).json()
+    assert [(r["key_name"], r["team"], r["model"]) for r in rows] == [
+        ("alice", "platform", "openai/gpt-4o"), ("bob", None, "anthropic/claude-sonnet-5"),
+        (None, None, "openai/gpt-4o")]
+    assert [(d["key"], d["team"]) for d in decisions["decisions"]] == [("alice", "platform"), ("bob", None),
+                                                                       (None, None)]
+
+
+def test_a_developer_key_reads_only_its_own_decisions_usage_and_budget(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 20, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY}])
+    with RunningPlano(config) as running:
+        for key, session in ((ALICE_KEY, "alice-1"), (BOB_KEY, "bob-1"), (BOB_KEY, "bob-2"), (GATEWAY_KEY, "adm")):
+            assert ask_as(running, key, **{"x-claude-code-session-id": session}).status_code == 200
+
+        def read(path: str, key: str) -> dict:
+            answer = httpx.get(running.url + path, headers={"x-api-key": key})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        alice_decisions = read("/plano/decisions", ALICE_KEY)["decisions"]
+        assert [d["session"] for d in alice_decisions] == ["alice-1"]
+        assert read("/plano/decisions?session=bob-1", ALICE_KEY)["decisions"] == []  # another's session
+        assert [d["session"] for d in read("/plano/decisions", GATEWAY_KEY)["decisions"]] == \
+            ["alice-1", "bob-1", "bob-2", "adm"]
+        assert read("/plano/usage", ALICE_KEY)["total"]["requests"] == 1
+        assert read("/plano/usage", BOB_KEY)["total"]["requests"] == 2
+        assert read("/plano/usage", GATEWAY_KEY)["total"]["requests"] == 4
+        with httpx.stream("GET", running.url + "/plano/decisions?follow=1", headers={"x-api-key": ALICE_KEY},
+                          timeout=10) as followed:
+            ask_as(running, BOB_KEY)  # not alice's: not sent to her
+            ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "alice-2"})
+            decoder = plano.SSEDecoder()
+            seen = next(e for chunk in followed.iter_bytes() for e in decoder.feed(chunk) if e.event == "decision")
+        assert json.loads(seen.data)["session"] == "alice-2"
+        mine = read("/plano/me", ALICE_KEY)
+        assert mine["key"] == "alice" and mine["models"] is None and mine["rpm"] is None
+        [budget] = mine["budgets"]
+        assert budget["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert (budget["whose"], budget["name"], budget["usd"], budget["per"]) == ("key", "alice", 20.0, "day")
+        assert budget["resets_at"] == plano._utc_iso(plano.budget_period("day", time.time())[1])
+        assert read("/plano/me", GATEWAY_KEY) == {"key": None, "admin": True, "budgets": []}
+
+
+def test_hostile_keys_are_refused_and_the_gateway_goes_on_serving(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY}])
+    with RunningPlano(config) as running:
+        huge = httpx.post(running.url + "/v1/messages", headers={"x-api-key": "k" * (1 << 20)},
+                          json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+        assert huge.status_code == 431
+        refused = {
+            "non-ASCII": ask_as(running, None, **{"x-api-key": "clé-ключ-🔑-0123456789".encode()}),
+            "the key's sha256 form": ask_as(running, "sha256:" + ALICE_SHA256),
+            "its digest alone": ask_as(running, ALICE_SHA256),
+            "an empty Bearer": ask_as(running, None, authorization="Bearer"),  # what `Bearer ` arrives as
+            "empty x-api-key": ask_as(running, ""),
+            "the key twice": httpx.post(running.url + "/v1/messages", headers=[("x-api-key", ALICE_KEY),
+                                                                               ("x-api-key", ALICE_KEY)],
+                                        json={"model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]}),
+            "a prefix of the key": ask_as(running, ALICE_KEY[:-1]),
+        }
+        for what, answer in refused.items():
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error", what
+        assert ask_as(running, ALICE_KEY).status_code == 200
+    assert len(provider.requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+def test_a_spent_budget_is_a_403_saying_whose_how_much_and_when_it_resets(provider, tmp_path, path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY,
+                                               "budget": {"usd": 0.5, "per": "day"}}])
+    with RunningPlano(config) as running:
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200  # $0 spent: admitted, then $0.47
+        assert ask_as(running, ALICE_KEY, path=path).status_code == 200  # $0.47 < $0.50: admitted, then $0.94
+        expected = ("key alice has spent its budget: $0.94 of $0.50 today (UTC); it resets at "
+                    f"{plano._utc_iso(plano.budget_period('day', time.time())[1])}")
+        if path == "/v1/messages":
+            with pytest.raises(anthropic.PermissionDeniedError) as raised:
+                anthropic_client(running, api_key=ALICE_KEY).messages.create(
+                    model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert raised.value.body == {"type": "error", "error": {"type": "permission_error", "message": expected}}
+        else:
+            client = openai_client(running, api_key=ALICE_KEY)
+            with pytest.raises(openai.PermissionDeniedError) as raised:
+                if path == "/v1/responses":
+                    client.responses.create(model="openai/gpt-4o", input="hi")
+                else:
+                    client.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
+            assert (raised.value.body["type"], raised.value.body["message"]) == ("permission_error", expected)
+        assert ask_as(running, GATEWAY_KEY, path=path).status_code == 200  # the admin key has no budget
+    assert len([r for r in provider.requests if r.path == "/v1/chat/completions"]) == 3
+
+
+def test_a_team_budget_is_shared_by_its_keys_and_says_it_is_the_teams(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                              {"name": "bob", "key": BOB_KEY, "team": "platform",
+                                               "budget": {"usd": 100, "per": "month"}}],
+                         teams=[{"name": "platform", "budget": {"usd": 1, "per": "week"}}])
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(3)] == [200, 200, 200]  # $0.94 < $1 at the 3rd
+        refused = ask_as(running, BOB_KEY, path="/v1/chat/completions")
+        assert refused.status_code == 403 and refused.json()["error"]["message"] == (
+            "team platform (of key bob) has spent its budget: $1.41 of $1.00 this week (UTC); it resets at "
+            f"{plano._utc_iso(plano.budget_period('week', time.time())[1])}")
+        assert ask_as(running, ALICE_KEY).status_code == 403
+        budgets = {b["whose"]: b for b in me(running, BOB_KEY)["budgets"]}
+        assert budgets["key"]["spent_usd"] == 0 and budgets["team"]["spent_usd"] == pytest.approx(1.41)
+
+
+def test_under_50_concurrent_requests_a_budget_is_passed_by_at_most_the_requests_in_flight(provider, tmp_path):
+    # The documented bound: admission reads the spend before a request goes out, its cost is added
+    # when its answer ends; so the spend can pass the budget only by requests admitted while it was
+    # under and still in flight: at most (concurrent requests) × (the most one request costs).
+    budget, concurrent = 5.0, 50
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY,
+                                               "budget": {"usd": budget, "per": "month"}}])
+    for _ in range(400):  # each answer takes a while, so that many requests are in flight at once
+        provider.then(lambda request: (time.sleep(0.05), provider.openai_reply(request))[1])
+    answered, refused, other = [], [], []
+    start = threading.Barrier(concurrent)
+
+    def developer() -> None:
+        with httpx.Client(timeout=60) as client:
+            start.wait()
+            while True:
+                response = client.post(running.url + "/v1/messages", headers={"x-api-key": ALICE_KEY}, json={
+                    "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+                if response.status_code != 200:
+                    (refused if response.status_code == 403 else other).append(response)
+                    return
+                answered.append(response)
+
+    with RunningPlano(config) as running:
+        workers = [threading.Thread(target=developer) for _ in range(concurrent)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+        spent = me(running, ALICE_KEY)["budgets"][0]["spent_usd"]
+        after = [ask_as(running, ALICE_KEY, path=path) for path in ("/v1/messages", "/v1/chat/completions")]
+        running.gateway.ledger.flush()
+        ledger_total = sum(r["cost_usd"] for r in plano.read_usage(str(tmp_path / "usage.sqlite3")))
+    assert other == [] and len(refused) == concurrent  # every developer ended on a 403, nothing else
+    assert all("key alice has spent its budget" in r.json()["error"]["message"] for r in refused)
+    assert spent == pytest.approx(len(answered) * CHAT_ANSWER_COST) == pytest.approx(ledger_total)
+    assert len(answered) >= math.ceil(budget / CHAT_ANSWER_COST)  # nothing refused while under the budget
+    assert budget <= spent < budget + concurrent * CHAT_ANSWER_COST  # the bound
+    assert [r.status_code for r in after] == [403, 403]
+    print(f"\n{concurrent} concurrent: {len(answered)} answered, spend ${spent:.2f} of ${budget:.2f} "
+          f"(over by {spent - budget:.2f}; bound {concurrent * CHAT_ANSWER_COST:.2f})")
+
+
+def test_an_answer_without_prices_counts_nothing_against_a_budget_and_says_so_once(provider, tmp_path):
+    config = build_config(served_by(provider, "anthropic/claude-sonnet-5"),  # the stand-in's: no prices anywhere
+                          keys=[{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 0.01, "per": "day"}}],
+                          router=ROUTER_OFF, stats={"path": str(tmp_path / "usage.sqlite3")})
+    logged_before = len(SuiteLog.lines)
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY, "anthropic/claude-sonnet-5").status_code for _ in range(3)] == [200] * 3
+        assert me(running, ALICE_KEY)["budgets"][0]["spent_usd"] == 0
+    said = [line for line in SuiteLog.lines[logged_before:] if "budgets cannot see what" in line]
+    assert said == ["budgets cannot see what anthropic/claude-sonnet-5 costs: it has no prices (set `prices:` on it), "
+                    "so its answers count $0 against them"]
+
+
+def test_a_budget_keeps_its_spend_across_a_restart_from_the_ledger(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 1, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY, "team": "platform"}],
+                         teams=[{"name": "platform", "budget": {"usd": 2, "per": "month"}}])
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(2)] == [200, 200]
+        assert ask_as(running, BOB_KEY).status_code == 200
+    with RunningPlano(config) as restarted:
+        spent = {b["whose"]: b["spent_usd"] for b in me(restarted, ALICE_KEY)["budgets"]}
+        assert spent == {"key": pytest.approx(0.94), "team": pytest.approx(1.41)}
+        assert [ask_as(restarted, ALICE_KEY).status_code for _ in range(2)] == [200, 403]
+
+
+def test_a_model_outside_a_keys_list_is_a_403_naming_the_ones_it_may_use(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]},
+                                              {"name": "nobody", "key": ALICE_KEY, "models": ["mistral/*"]}])
+    assert "key nobody: `models` ['mistral/*'] matches no configured model or alias, so every request with this " \
+           "key is refused" in config.warnings
+    with RunningPlano(config) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as raised:
+            anthropic_client(running, api_key=BOB_KEY).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                       messages=[USER_HI])
+        assert raised.value.body["error"]["message"] == \
+            "key bob may not use openai/gpt-4o; its models are: anthropic/claude-sonnet-5"
+        with pytest.raises(openai.PermissionDeniedError, match="key bob may not use fast; its models are: "):
+            openai_client(running, api_key=BOB_KEY).chat.completions.create(model="fast", messages=[USER_HI])
+        picker = ask_as(running, BOB_KEY, plano.PICKER_PREFIX + "openai/gpt-4o")
+        assert picker.status_code == 403 and "may not use openai/gpt-4o" in picker.json()["error"]["message"]
+        assert ask_as(running, BOB_KEY, "smart").status_code == 200  # an alias of a model it may use
+        nothing = ask_as(running, ALICE_KEY, "anthropic/claude-sonnet-5")
+        assert nothing.json()["error"]["message"] == "key nobody may use no configured model (its `models`: mistral/*)"
+        assert ask_as(running, ALICE_KEY, "whatever").status_code == 403  # routing has nowhere to go either
+        listed = httpx.get(running.url + "/v1/models", headers={"x-api-key": BOB_KEY}).json()
+        assert [m["id"] for m in listed["data"]] == ["anthropic/claude-sonnet-5", "smart"]
+        picker_list = httpx.get(running.url + "/v1/models", headers={
+            "x-api-key": BOB_KEY, "anthropic-version": "2023-06-01", "user-agent": "claude-code/2.1.332"}).json()
+        assert [m["id"] for m in picker_list["data"]] == [plano.PICKER_AUTO, "claude-plano/anthropic/claude-sonnet-5"]
+        assert httpx.get(running.url + "/v1/models", headers={"x-api-key": ALICE_KEY}).json()["data"] == []
+        assert ask_as(running, GATEWAY_KEY, "openai/gpt-4o").status_code == 200  # the admin key: every model
+    assert [r.json["model"] for r in provider.requests] == ["claude-sonnet-5", "gpt-4o"]
+
+
+def test_the_default_the_small_fast_slot_and_failover_move_on_to_a_model_the_key_may_use(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]},
+                                              {"name": "carol", "key": ALICE_KEY, "models": ["openai/*"]}])
+    with RunningPlano(config) as running:
+        defaulted = ask_as(running, BOB_KEY, "claude-opus-5-5")  # not configured, routing off: the default
+        slot = ask_as(running, BOB_KEY, "claude-haiku-4-5")  # Claude Code's small/fast slot
+        for answer in (defaulted, slot):
+            assert answer.status_code == 200 and answer.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+        # gpt-4o fails over to claude-sonnet-5 for the admin; carol may not use that, so it is not tried.
+        provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+        failed = ask_as(running, ALICE_KEY, "openai/gpt-4o")
+        provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+        fell_back = ask_as(running, GATEWAY_KEY, "openai/gpt-4o")
+        decisions = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": GATEWAY_KEY}).json()["decisions"]
+    assert failed.status_code == 503 and fell_back.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert decisions[0]["decision"] == "default" and decisions[0]["reason"] == (
+        "claude-opus-5-5 is not configured; routing is off; openai/gpt-4o is not among key bob's models, so "
+        "anthropic/claude-sonnet-5")
+    assert decisions[1]["decision"] == "alias"
+    assert "openai/gpt-4o is not among key bob's models" in decisions[1]["reason"]
+    assert [r.json["model"] for r in provider.requests] == ["claude-sonnet-5", "claude-sonnet-5", "gpt-4o", "gpt-4o",
+                                                            "claude-sonnet-5"]
+
+
+def test_the_routers_choice_moves_on_to_a_model_the_key_may_use(provider, tmp_path):
+    text = routed_config_text(provider, remote_router(provider.openai_base), stats={"path": str(tmp_path / "u.db")},
+                              keys=[{"name": "bob", "key": BOB_KEY, "models": ["anthropic/*"]}])
+    config = plano.parse_config(text, environ={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    with RunningPlano(config, router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router loaded")
+        provider.then(remote_answer('{"route": "code generation"}'))
+        answer = ask_as(running, BOB_KEY, "claude-opus-5-5")
+        [decision] = httpx.get(running.url + "/plano/decisions", headers={"x-api-key": BOB_KEY}).json()["decisions"]
+    assert answer.status_code == 200 and answer.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert (decision["decision"], decision["route"]) == ("router", "code generation")
+    assert decision["reason"] == ("router chose code generation; openai/gpt-4o is not among key bob's models, so "
+                                  "anthropic/claude-sonnet-5")
+    assert provider.requests[-1].path == "/v1/messages"
+
+
+def test_past_its_rpm_a_key_gets_a_429_with_retry_after_that_the_sdks_surface(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "rpm": 2}])
+    if time.time() % 60 > 50:  # the window is the UTC minute: start the three requests within one
+        time.sleep(61 - time.time() % 60)
+    with RunningPlano(config) as running:
+        assert [ask_as(running, ALICE_KEY).status_code for _ in range(2)] == [200, 200]
+        with pytest.raises(anthropic.RateLimitError) as raised:
+            anthropic_client(running, api_key=ALICE_KEY).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                         messages=[USER_HI])
+        wait = int(raised.value.response.headers["retry-after"])
+        assert abs(wait - (60 - time.time() % 60)) <= 1.5 and 1 <= wait <= 60
+        assert raised.value.body["error"] == {"type": "rate_limit_error", "message": (
+            f"key alice has sent its 2 requests of this minute (rpm); the next minute starts in {wait} s")}
+        with pytest.raises(openai.RateLimitError) as raised_openai:
+            openai_client(running, api_key=ALICE_KEY).chat.completions.create(model="openai/gpt-4o",
+                                                                              messages=[USER_HI])
+        assert raised_openai.value.body["type"] == "rate_limit_error" and "retry-after" in \
+            raised_openai.value.response.headers
+        assert ask_as(running, GATEWAY_KEY).status_code == 200  # the admin key is not limited
+    assert len(provider.requests) == 3
+
+
+def test_the_status_line_shows_the_keys_spend_against_its_budget(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 20, "per": "day"}}],
+                         teams=[{"name": "platform", "budget": {"usd": 0.5, "per": "month"}}])
+    with RunningPlano(config) as running:
+        assert ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "s-alice"}).status_code == 200
+        assert ask_as(running, ALICE_KEY, **{"x-claude-code-session-id": "s-alice"}).status_code == 200
+
+        def statusline(session: str, **env: str) -> str:
+            return subprocess.run([sys.executable, "-m", "plano", "statusline", "--url", running.url],
+                                  input=json.dumps({"session_id": session}), capture_output=True, text=True,
+                                  timeout=30, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE), **env}
+                                  ).stdout.strip()
+
+        resets = plano._utc_iso(plano.budget_period("month", time.time())[1])[:16].replace("T", " ")
+        expected = (f"plano ▸ openai/gpt-4o · $0.94 · cache 75% · budget $0.94 of $20.00 today · team platform "
+                    f"$0.94 of $0.50 this month, resets {resets} UTC")
+        assert statusline("s-alice", PLANO_API_KEY=ALICE_KEY) == expected
+        # Under `cli-agent claude`, Claude Code's own environment carries the key for this gateway.
+        assert statusline("s-alice", ANTHROPIC_BASE_URL=running.url, ANTHROPIC_AUTH_TOKEN=ALICE_KEY) == expected
+        assert statusline("s-new", PLANO_API_KEY=ALICE_KEY).startswith("plano ▸ no requests yet · budget $0.94 of")
+        # A token meant for another gateway is not sent to this one.
+        assert statusline("s-alice", ANTHROPIC_BASE_URL="https://elsewhere.example", ANTHROPIC_AUTH_TOKEN=ALICE_KEY) \
+            == "plano ▸ the gateway needs your key: set PLANO_API_KEY"
+        assert statusline("s-alice", PLANO_API_KEY=GATEWAY_KEY) == "plano ▸ openai/gpt-4o · $0.94 · cache 75%"
+
+
+def test_cli_agent_sends_the_developers_plano_api_key_and_a_started_gateway_takes_it_as_that_key(
+        tmp_path, provider, monkeypatch):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o", prices=TEAM_PRICES), router=False,
+                                  listeners=[{"address": "127.0.0.1", "port": port}],
+                                  keys=[{"name": "alice", "key": f"sha256:{ALICE_SHA256}",
+                                         "budget": {"usd": 0, "per": "day"}}]))
+
+    def cli_agent(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", *args],
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE), **env})
+
+    claude = cli_agent("claude", "--print-env", PLANO_API_KEY=ALICE_KEY)
+    assert f"export ANTHROPIC_AUTH_TOKEN={ALICE_KEY}\n" in claude.stdout
+    codex = cli_agent("codex", "--print-env", PLANO_API_KEY=ALICE_KEY)
+    assert f"export PLANO_CODEX_API_KEY={ALICE_KEY}\n" in codex.stdout
+    keyless = cli_agent("claude", "--print-env")
+    assert "export ANTHROPIC_AUTH_TOKEN=plano\n" in keyless.stdout
+    assert "this gateway takes a key per developer: export PLANO_API_KEY=" in keyless.stderr
+    # A gateway started where the developer's key is set (as cli-agent starts one) does not make it
+    # its admin key: alice's key is alice's, with her budget of $0, and the log says why.
+    monkeypatch.setenv("PLANO_API_KEY", ALICE_KEY)
+    with plano_up(config, port) as url:
+        refused = httpx.post(url + "/v1/messages", headers={"x-api-key": ALICE_KEY}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [USER_HI]})
+    assert refused.status_code == 403 and "key alice has spent its budget: $0.00 of $0.00" in refused.text
+    assert any("PLANO_API_KEY is not an admin key" in line for line in SuiteLog.lines)
+    assert provider.requests == []
+
+
+def test_claude_code_with_a_developers_key_runs_its_tool_loop_and_sees_a_spent_budget_at_once(
+        tmp_path, provider, claude_bin):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(
+        served_by(provider, "openai/gpt-4o", default=True, prices=TEAM_PRICES),
+        served_by(provider, "openai/gpt-4o-mini", prices=TEAM_PRICES),
+        model_aliases={plano.SMALL_FAST_ALIAS: {"target": "openai/gpt-4o-mini"}},
+        listeners=[{"address": "127.0.0.1", "port": port, "api_key": GATEWAY_KEY}], router=ROUTER_OFF,
+        stats={"path": str(tmp_path / "usage.sqlite3")},
+        keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform", "budget": {"usd": 0.9, "per": "day"},
+               "models": ["openai/gpt-4o"]}], teams=[{"name": "platform"}]))
+
+    def claude(prompt: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "claude",
+                               "-p", prompt, "--allowedTools", "Bash"], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, stdin=subprocess.DEVNULL,
+                              env=claude_env(tmp_path / "home", claude_bin, PLANO_API_KEY=ALICE_KEY,
+                                             PYTHONPATH=str(HERE)))
+
+    with plano_up(config, port):
+        first = claude("TOOL:echo developer-key-42")
+        second = claude("hello again")  # $0.94 spent of $0.90: refused before anything goes out
+        rows = plano.read_usage(str(tmp_path / "usage.sqlite3"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "tool said: developer-key-42" in first.stdout
+    assert {(r["key_name"], r["team"], r["model"]) for r in rows} == {("alice", "platform", "openai/gpt-4o")}
+    assert len(rows) == 2  # the tool call and its continuation; the small/fast slot moved to gpt-4o too
+    assert second.returncode == 1 and "key alice has spent its budget: $0.94 of $0.90 today" in second.stdout
+    assert len(provider.requests) == 2
+# ── issue 21: Prometheus metrics ──────────────────────────────────────────────────────────────
+
+def scraped(running: RunningPlano, **headers: str) -> str:
+    answer = httpx.get(running.url + "/metrics", headers=headers or {"authorization": f"Bearer {GATEWAY_KEY}"})
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+def settle(running: RunningPlano, decided: int, undecided: int = 0) -> None:
+    """Until the gateway has accounted for the requests a test made: `decided` ones (a model was
+    chosen) are in its decision log, added just after their metrics; `undecided` ones are counted.
+    That accounting runs once an answer has gone out, so a client can be faster than it."""
+    wait_until(lambda: len(running.gateway.decision_log.records) >= decided, what=f"{decided} decisions")
+    if undecided:
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", decision="none") >= undecided,
+                   what=f"{undecided} undecided requests counted")
+
+
+def metric_samples(text: str) -> list[Any]:
+    """Every sample of a scrape, read with prometheus_client's own parser (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels` (0 when there are none)."""
+    return sum(s.value for s in metric_samples(text)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def anthropic_tokens(usage: Any) -> dict[str, int]:
+    """A Messages answer's usage as plano's token kinds (none of these answers has reasoning)."""
+    return {"input": usage.input_tokens, "cache_read": usage.cache_read_input_tokens or 0,
+            "cache_write": usage.cache_creation_input_tokens or 0, "output": usage.output_tokens}
+
+
+def openai_tokens(usage: Any) -> dict[str, int]:
+    """A Chat answer's usage as plano's token kinds: its prompt tokens include the cached ones."""
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return {"input": usage.prompt_tokens - cached, "cache_read": cached, "cache_write": 0,
+            "output": usage.completion_tokens}
+
+
+def summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    return {kind: sum(c[kind] for c in counts) for kind in ("input", "cache_read", "cache_write", "output")}
+
+
+def monitoring_section() -> str:
+    readme = (Path(plano.__file__).parent / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+
+
+def documented_metrics() -> set[str]:
+    """The metric names README's Monitoring section lists, as PromQL names them."""
+    return set(re.findall(r"^\| `([a-z_]+)`", monitoring_section(), re.M))
+
+
+def documented_prometheus_config() -> tuple[dict, dict]:
+    """README's Prometheus scrape config and alert rules (its first two YAML blocks under Monitoring)."""
+    scrape, rules = re.findall(r"```yaml\n(.*?)```", monitoring_section(), re.S)[:2]
+    return yaml.safe_load(scrape), yaml.safe_load(rules)
+
+
+def test_the_metrics_switch_is_on_unless_the_config_says_false_and_anything_else_is_refused_with_its_line():
+    model = {"model": "openai/gpt-4o", "access_key": "k"}
+    assert build_config(model).metrics is True
+    assert build_config(model, metrics=None).metrics is True  # `metrics:` with nothing after it
+    assert build_config(model, metrics=False).metrics is False
+    assert config_error(config_yaml(model, metrics="no")) == \
+        f"{CONFIG_PATH}:4: `metrics` must be a bool, got 'no'"
+
+
+def test_metrics_answer_only_with_the_gateway_key_in_the_format_the_scraper_asks_for(provider):
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running:
+        anonymous = httpx.get(running.url + "/metrics")
+        wrong = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {WRONG_KEY}"})
+        for refused in (anonymous, wrong):
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+            assert "plano_" not in refused.text
+        text = httpx.get(running.url + "/metrics", headers={"x-api-key": GATEWAY_KEY})
+        bearer = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+        openmetrics = httpx.get(running.url + "/metrics", headers={
+            "authorization": f"Bearer {GATEWAY_KEY}", "accept": "application/openmetrics-text; version=1.0.0"})
+    from prometheus_client.parser import text_string_to_metric_families
+    for answer in (text, bearer):
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert openmetrics.status_code == 200
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+    # The families a scrape has, named as PromQL names them (a counter's samples end in _total), are
+    # the ones README documents; prometheus_client's `_created` companions are left out of both.
+    families = {f.name + ("_total" if f.type == "counter" else "")
+                for f in text_string_to_metric_families(text.text) if not f.name.endswith("_created")}
+    assert families == documented_metrics()
+
+
+PRICED = {"openai/gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10},
+          "anthropic/claude-sonnet-5": {"input": 3, "cached_input": 0.3, "output": 15}}
+
+
+def priced_cost(model: str, tokens: dict[str, int]) -> float:
+    prices = PRICED[model]
+    return (tokens["input"] * prices["input"] + tokens["cache_read"] * prices["cached_input"]
+            + tokens["cache_write"] * prices["input"] + tokens["output"] * prices["output"]) / 1e6
+
+
+def test_metrics_count_each_request_and_its_tokens_and_cost_as_the_answers_report_them(provider):
+    config = build_config(*(served_by(provider, name, prices=prices) for name, prices in PRICED.items()),
+                          environ={"PLANO_API_KEY": GATEWAY_KEY})
+    with RunningPlano(config) as running:
+        claude, chat = anthropic_client(running, api_key=GATEWAY_KEY), openai_client(running, api_key=GATEWAY_KEY)
+        used: dict[str, list[dict[str, int]]] = {name: [] for name in PRICED}
+        for name in PRICED:
+            for stream in (False, True):
+                answer = anthropic_message(claude, stream, model=name, max_tokens=5, messages=[USER_HI])
+                used[name].append(anthropic_tokens(answer.usage))
+        chunks = list(chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], stream=True,
+                                                   stream_options={"include_usage": True}))
+        used["openai/gpt-4o"].append(openai_tokens(chunks[-1].usage))
+        provider.then(Reply(400, {"error": {"message": "bad request", "type": "invalid_request_error"}}))
+        with pytest.raises(openai.BadRequestError):
+            chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI])
+        with pytest.raises(anthropic.BadRequestError):  # refused before any model is chosen
+            claude.messages.create(model="", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=6, undecided=1)
+        text = scraped(running)
+    for name, counts in used.items():
+        tokens = summed(counts)
+        assert metric_value(text, "plano_requests_total", model=name, decision="explicit", status="200") == len(counts)
+        for kind, count in tokens.items():
+            assert metric_value(text, "plano_tokens_total", model=name, type=kind) == count, (name, kind)
+        assert metric_value(text, "plano_cost_usd_total", model=name, key="", team="") == \
+            pytest.approx(sum(priced_cost(name, c) for c in counts))
+        model_id = name.split("/", 1)[1]
+        assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_request_model=model_id,
+                            gen_ai_token_type="input") == tokens["input"] + tokens["cache_read"] + tokens["cache_write"]
+        assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_request_model=model_id,
+                            gen_ai_token_type="output") == tokens["output"]
+        assert metric_value(text, "gen_ai_server_time_to_first_token_seconds_count",
+                            gen_ai_request_model=model_id) == len(counts)
+    assert metric_value(text, "gen_ai_client_token_usage_count", gen_ai_provider_name="anthropic",
+                        gen_ai_operation_name="chat", gen_ai_token_type="output") == 2
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", status="400") == 1
+    assert metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model="gpt-4o",
+                        error_type="400") == 1
+    assert metric_value(text, "plano_requests_total", model="none", route="none", decision="none", status="400") == 1
+    assert metric_value(text, "plano_gateway_added_seconds_count", api="anthropic") == 4
+    assert metric_value(text, "plano_gateway_added_seconds_count", api="openai") == 1
+    assert metric_value(text, "plano_requests_in_flight") == 0
+    assert metric_value(text, "plano_ledger_rows_dropped_total") == 0
+
+
+def reload_running(running: RunningPlano, config: plano.Config) -> None:
+    trio.from_thread.run_sync(running.gateway.reload, config, trio_token=running.token)
+
+
+def test_metrics_false_leaves_out_the_endpoint_and_the_counting_and_a_reload_keeps_the_counters(provider):
+    with RunningPlano(config_for(provider, sections={"metrics": False})) as running:
+        off = httpx.get(running.url + "/metrics")
+        assert off.status_code == 404 and off.json()["error"]["type"] == "not_found_error"
+        assert "metrics: false" in off.json()["error"]["message"]
+        assert anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI]).content
+        assert running.gateway.metrics is None
+        settle(running, decided=1)
+        reload_running(running, config_for(provider))
+        assert metric_value(scraped(running), "plano_requests_total") == 0  # nothing was counted while off
+        anthropic_client(running).messages.create(model="fast", max_tokens=5, messages=[USER_HI])
+        settle(running, decided=2)
+        assert metric_value(scraped(running), "plano_requests_total", decision="alias", model="openai/gpt-4o") == 1
+        # A reload with another model: the counters go on, the providers' series follow the config.
+        reload_running(running, build_config(
+            served_by(provider, "openai/gpt-4o", default=True), served_by("http://127.0.0.1:9/v1", "groq/llama-4")))
+        text = scraped(running)
+        assert metric_value(text, "plano_requests_total", decision="alias", model="openai/gpt-4o") == 1
+        assert {(s.labels["provider"], s.labels["host"]) for s in metric_samples(text)
+                if s.name == "plano_provider_cooling_down"} == {("openai", f"127.0.0.1:{provider.port}"),
+                                                                ("groq", "127.0.0.1:9")}
+        reload_running(running, config_for(provider, sections={"metrics": False}))
+        assert httpx.get(running.url + "/metrics").status_code == 404
+
+
+def hostile_model_names(count: int) -> list[str]:
+    """Model names no config has: control characters, quotes and braces of the exposition format,
+    label-looking text, other scripts, and long ones; each different."""
+    import random
+    pieces = ['"', "\\", "\n", "}", "{", "=", ",", " 1e308", '"} 9', "\x00", "\u202e", "é", "🤖", "openai/gpt-4o",
+              'model="x"', "#", "\r\n# TYPE plano_requests_total gauge\n", "x" * 300]
+    rng = random.Random(21)
+    return [f"{i}-" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for i in range(count)]
+
+
+def test_clients_naming_models_plano_does_not_know_cannot_grow_the_number_of_series(provider):
+    with RunningPlano(config_for(provider, PLANO_API_KEY=GATEWAY_KEY)) as running, \
+            httpx.Client(base_url=running.url, timeout=30, headers={"x-api-key": GATEWAY_KEY}) as client:
+        def ask(model: str, api: int) -> None:
+            path, body = [("/v1/messages", {"model": model, "max_tokens": 5, "messages": [USER_HI]}),
+                          ("/v1/chat/completions", {"model": model, "messages": [USER_HI]}),
+                          ("/v1/responses", {"model": model, "input": "hi"})][api % 3]
+            answer = client.post(path, json=dict(body, stream=api % 2 == 1))
+            assert answer.status_code == 200 and answer.headers["x-plano-decision"] == "default", answer.text
+
+        names = hostile_model_names(200)
+        for api in range(3):  # one of each endpoint first: their series exist from here on
+            ask(names[api], api)
+        settle(running, decided=3)
+        before = metric_samples(scraped(running))
+        for api, name in enumerate(names[3:]):
+            ask(name, api)
+        settle(running, decided=200)
+        text = scraped(running)
+    after = metric_samples(text)
+    assert {(s.name, tuple(sorted(s.labels.items()))) for s in after} == \
+        {(s.name, tuple(sorted(s.labels.items()))) for s in before}
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", decision="default") == 200
+    assert not any(name in text for name in names)
+
+
+def test_metrics_show_a_request_in_flight_while_it_waits_for_the_routers_decision(provider):
+    with StandInProvider() as router_server:
+        config = routed_config(provider, remote_router(router_server.openai_base, timeout_ms=60000))
+        release = threading.Event()
+        router_server.then(lambda request: (release.wait(30), remote_answer('{"route": "code generation"}'))[1])
+        with RunningPlano(config, router="auto") as running:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            answered: dict[str, httpx.Response] = {}
+            worker = threading.Thread(target=lambda: answered.update(routed=routed_request(running.url)))
+            worker.start()
+            try:
+                wait_until(lambda: metric_value(scraped(running), "plano_router_decisions_waiting") == 1,
+                           what="a decision waiting")
+                assert metric_value(scraped(running), "plano_requests_in_flight") == 1
+            finally:
+                release.set()
+                worker.join(30)
+            settle(running, decided=1)
+            text = scraped(running)
+    assert answered["routed"].headers["x-plano-decision"] == "router"
+    assert metric_value(text, "plano_router_decisions_waiting") == 0
+    assert metric_value(text, "plano_requests_in_flight") == 0
+    assert metric_value(text, "plano_router_decision_seconds_count", decision="router") == 1
+    assert metric_value(text, "plano_router_decision_seconds_sum", decision="router") > 0
+    assert metric_value(text, "plano_requests_total", model="openai/gpt-4o", route="code generation",
+                        decision="router", status="200") == 1
+
+
+def test_router_timeouts_fallbacks_and_a_provider_cooling_down_show_in_the_metrics(provider):
+    with StandInProvider() as router_server:
+        config = routed_config(provider, remote_router(router_server.openai_base, timeout_ms=200))
+        router_server.then(lambda request: (time.sleep(1.0), remote_answer('{"route": "code generation"}'))[1])
+        with RunningPlano(config, router="auto") as running:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            timed_out = routed_request(running.url)
+            for _ in range(plano.ProviderHealth.FAILURES_BEFORE_COOL_DOWN):
+                provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+                fell_back = anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5,
+                                                                       messages=[USER_HI])
+                assert fell_back.model == "anthropic/claude-sonnet-5"
+            settle(running, decided=4)
+            text = httpx.get(running.url + "/metrics").text  # this config has no gateway key
+    assert timed_out.headers["x-plano-decision"] == "fallback"
+    assert metric_value(text, "plano_router_failures_total", reason="timeout") == 1
+    assert metric_value(text, "plano_router_failures_total", reason="unavailable") == 0
+    assert metric_value(text, "plano_router_decision_seconds_count", decision="fallback") == 1
+    assert metric_value(text, "plano_fallbacks_total", from_model="openai/gpt-4o",
+                        to_model="anthropic/claude-sonnet-5") == 3
+    assert metric_value(text, "plano_requests_total", model="anthropic/claude-sonnet-5", decision="fallback") == 4
+    host = f"127.0.0.1:{provider.port}"
+    assert metric_value(text, "plano_provider_cooling_down", provider="openai", host=host) == 1
+    assert metric_value(text, "plano_provider_cooling_down", provider="anthropic", host=host) == 0
+
+
+@contextlib.contextmanager
+def real_prometheus(directory: Path, target: str, bearer: str):
+    """Debian's Prometheus on a free loopback port, its data in `directory`, with README's scrape
+    config (its key `bearer`, its target plano at `target`, every second) and README's alert
+    rules (evaluated every second); yields its URL."""
+    import shutil
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus is needed: .ci/install_test_extras.sh installs it"
+    port = free_port()
+    scrape, rules = documented_prometheus_config()
+    job = scrape["scrape_configs"][0]
+    job["authorization"]["credentials"] = bearer
+    job["static_configs"][0]["targets"] = [target]
+    (directory / "rules.yml").write_text(yaml.safe_dump(rules))
+    config = directory / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                                                 "evaluation_interval": "1s"},
+                                      "rule_files": [str(directory / "rules.yml")], **scrape}))
+    log = directory / "prometheus.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(url + "/-/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, what="Prometheus ready")
+        yield url
+    finally:
+        stop_process(process)
+
+
+def promql(url: str, query: str) -> dict[str, float]:
+    """An instant query's answer: each series' value, keyed by its labels' values joined by `|`."""
+    answer = httpx.get(url + "/api/v1/query", params={"query": query}).json()
+    assert answer["status"] == "success", answer
+    return {"|".join(r["metric"].values()): float(r["value"][1]) for r in answer["data"]["result"]}
+
+
+def test_a_real_prometheus_scrapes_plano_with_its_token_and_promql_gives_back_what_was_sent(provider, tmp_path):
+    with StandInProvider() as router_server:
+        config = plano.parse_config(routed_config_text(provider, remote_router(router_server.openai_base)),
+                                    path="routed.yaml", environ={"OPENAI_API_KEY": OPENAI_KEY,
+                                                                 "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+                                                                 "PLANO_API_KEY": GATEWAY_KEY})
+        with RunningPlano(config, router="auto") as running, \
+                real_prometheus(tmp_path, f"127.0.0.1:{running.info.port}", GATEWAY_KEY) as prometheus:
+            wait_until(lambda: router_ready(running.url), what="the router started")
+            claude, chat = anthropic_client(running, api_key=GATEWAY_KEY), openai_client(running, api_key=GATEWAY_KEY)
+            used: dict[str, list[dict[str, int]]] = {"openai/gpt-4o": [], "anthropic/claude-sonnet-5": []}
+            # Routed: the router server picks a route for each, both served by openai/gpt-4o.
+            for stream, (text, route) in enumerate([("write a parser", "code generation"),
+                                                    ("explain this function", "code understanding")]):
+                router_server.then(remote_answer(json.dumps({"route": route})))
+                answer = anthropic_message(claude, bool(stream), model=CLAUDE_CODE_MODEL, max_tokens=5,
+                                           messages=[{"role": "user", "content": text}])
+                used["openai/gpt-4o"].append(anthropic_tokens(answer.usage))
+            # Explicit, through the OpenAI SDK: whole, and streamed with its usage chunk.
+            whole = chat.chat.completions.create(model="anthropic/claude-sonnet-5", messages=[USER_HI])
+            used["anthropic/claude-sonnet-5"].append(openai_tokens(whole.usage))
+            chunks = list(chat.chat.completions.create(model="openai/gpt-4o", messages=[USER_HI], stream=True,
+                                                       stream_options={"include_usage": True}))
+            used["openai/gpt-4o"].append(openai_tokens(chunks[-1].usage))
+            # A fallback: the named model's provider fails, the default model answers.
+            provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+            answer = claude.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            used["anthropic/claude-sonnet-5"].append(anthropic_tokens(answer.usage))
+
+            settle(running, decided=5)
+            settled_at = time.time()
+            last_scrape = 'max(timestamp(up{job="plano"}))'
+            wait_until(lambda: promql(prometheus, last_scrape).get("", 0) > settled_at, timeout=60,
+                       what="Prometheus scraped plano after it accounted for the five requests")
+            assert promql(prometheus, 'sum by (instance) (up{job="plano"})') == \
+                {f"127.0.0.1:{running.info.port}": 1.0}
+            assert promql(prometheus, "sum by (decision) (plano_requests_total)") == \
+                {"router": 2.0, "explicit": 2.0, "fallback": 1.0}
+            assert promql(prometheus, "sum by (route) (plano_requests_total)") == \
+                {"code generation": 1.0, "code understanding": 1.0, "none": 3.0}
+            assert promql(prometheus, "sum by (from_model, to_model) (plano_fallbacks_total)") == \
+                {"openai/gpt-4o|anthropic/claude-sonnet-5": 1.0}
+            assert promql(prometheus, "sum by (decision) (plano_router_decision_seconds_count)") == {"router": 2.0}
+            for name, counts in used.items():
+                tokens = summed(counts)
+                by_kind = promql(prometheus, f'sum by (type) (plano_tokens_total{{model="{name}"}})')
+                assert by_kind == {kind: float(count) for kind, count in tokens.items() if count}, name
+                assert promql(prometheus, 'sum(gen_ai_client_token_usage_sum{gen_ai_token_type="output",'
+                                          f'gen_ai_request_model="{name.split("/", 1)[1]}"}})') == \
+                    {"": float(tokens["output"])}
+            durations = "sum by (gen_ai_provider_name) (gen_ai_client_operation_duration_seconds_count)"
+            assert promql(prometheus, durations) == {"openai": 3.0, "anthropic": 2.0}
+
+            # Two more failures in a row: the provider cools down, and README's alert for it fires.
+            firing = 'sum by (alertname, provider) (ALERTS{alertstate="firing"})'
+            assert promql(prometheus, firing) == {}
+            for _ in range(2):
+                provider.then(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+                claude.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            wait_until(lambda: promql(prometheus, firing) != {}, timeout=60, what="an alert firing")
+            assert promql(prometheus, firing) == {"PlanoProviderCoolingDown|openai": 1.0}
+
+
+# ── issue 20 × 21: developers' keys in the metrics ───────────────────────────────────────────
+
+
+def test_the_metrics_count_cost_per_developer_key_and_team_and_only_the_admin_key_may_scrape(provider, tmp_path):
+    config = keys_config(provider, tmp_path, keys=[{"name": "alice", "key": ALICE_KEY, "team": "platform"},
+                                                   {"name": "bob", "key": BOB_KEY}], teams=[{"name": "platform"}])
+    with RunningPlano(config) as running:
+        for key in (ALICE_KEY, ALICE_KEY, BOB_KEY):
+            assert ask_as(running, key, path="/v1/chat/completions").status_code == 200
+        settle(running, 3)
+        refused = httpx.get(running.url + "/metrics", headers={"authorization": f"Bearer {ALICE_KEY}"})
+        assert refused.status_code == 403 and ALICE_KEY not in refused.text
+        text = scraped(running)
+    assert metric_value(text, "plano_cost_usd_total", key="alice", team="platform") == \
+        pytest.approx(2 * CHAT_ANSWER_COST)
+    assert metric_value(text, "plano_cost_usd_total", key="bob", team="") == pytest.approx(CHAT_ANSWER_COST)
+    assert metric_value(text, "plano_requests_total", key="alice", team="platform") == 2
+    assert ALICE_KEY not in text and BOB_KEY not in text
+# ── issue 20: the shared usage ledger in PostgreSQL, usage per key and per team ──────────────────
+
+
+@pytest.fixture(scope="module")
+def shared_postgres():
+    """One PostgreSQL server for the ledger tests that do not stop it; each gets a database of its own."""
+    with postgres_instance() as instance:
+        yield instance
+
+
+@pytest.fixture
+def postgres_url(shared_postgres) -> str:
+    """A fresh, empty database owned by `plano` on the shared server: its URL."""
+    name = f"plano_{time.monotonic_ns()}"
+    shared_postgres.psql(f"CREATE DATABASE {name} OWNER plano")
+    return shared_postgres.url.rsplit("/", 1)[0] + "/" + name
+
+
+def postgres_rows(url: str, query: str = "SELECT * FROM plano_usage ORDER BY time") -> list[dict]:
+    import psycopg
+    import psycopg.rows
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as connection:
+        return connection.execute(query).fetchall()
+
+
+def postgres_ledger_config(provider: StandInProvider, url: str, tmp_path: Path) -> str:
+    """A config file with both stand-in models, priced (PRICES), and the ledger at `url`."""
+    models = [served_by(provider, name, prices={"input": p[0], "cached_input": p[1], "output": p[2]})
+              for name, p in PRICES.items()]
+    return write_config(tmp_path, config_yaml(*models, stats={"url": url, "baseline": "openai/gpt-4o"},
+                                              router=False))
+
+
+def keyed_row(key: str | None, team: str | None, input_tokens: Any, **fields: Any) -> dict:
+    """A row as a gateway with per-developer keys records it (another replica, say)."""
+    cost = input_tokens / 1000 if isinstance(input_tokens, (int, float)) else None
+    return {"time": time.time(), "session": "s", "api": "/v1/messages", "model": "openai/gpt-4o",
+            "decision": "explicit", "status": 200, "input_tokens": input_tokens, "output_tokens": 1, "cost_usd": cost,
+            "baseline_cost_usd": cost and cost * 2, "key_name": key, "team": team, **fields}
+
+
+def record_rows(url: str, *rows: dict) -> None:
+    ledger = plano.PostgresLedger(url)
+    try:
+        for row in rows:
+            ledger.record(row)
+        assert ledger.flush()
+    finally:
+        ledger.close()
+
+
+def test_stats_url_is_read_from_the_config_or_a_variable_and_its_password_is_a_secret():
+    def stats(section: dict, environ: dict | None = None) -> plano.StatsSettings:
+        return build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats=section, environ=environ).stats
+
+    url = "postgresql://plano:pg-s3cret%2Fx@db.internal:5432/plano?sslmode=require"
+    assert stats({"url": url}).url == url
+    assert stats({"url": "$PLANO_STATS_URL"}, {"PLANO_STATS_URL": url}).url == url
+    assert stats({}).url is None
+    config = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats={"url": url})
+    assert {"pg-s3cret%2Fx", "pg-s3cret/x"} <= set(plano.config_secrets(config))
+    assert plano.masked_url(url) == "postgresql://plano:***@db.internal:5432/plano?sslmode=require"
+    assert plano.masked_url("postgres://h/db?user=u&password=pw1234") == "postgres://h/db?user=u&password=***"
+    assert "s3cret" not in repr(config.stats)
+    unset = config_error(config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                     stats={"url": "$PLANO_STATS_URL"}))
+    assert "`url` $PLANO_STATS_URL is not set" in unset
+    wrong = config_error(config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                     stats={"url": "mysql://root:hunter22@db/plano"}))
+    assert "`url` must be a postgresql:// URL" in wrong and "hunter22" not in wrong and "\n" not in wrong
+    both = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), stats={"url": url, "path": "/tmp/u.db"})
+    assert any("stats.path is not used" in warning for warning in both.warnings)
+
+
+def test_a_gateway_on_postgres_records_each_answer_and_reads_usage_totals_from_there(provider, postgres_url, tmp_path):
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        client = anthropic_client(running)
+        answers = [client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]),  # translated
+                   client.messages.create(model="anthropic/claude-sonnet-5", max_tokens=5, messages=[USER_HI])]
+        with client.messages.stream(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI]) as stream:
+            answers.append(stream.get_final_message())
+        chat = openai_client(running).chat.completions.create(model="anthropic/claude-sonnet-5", messages=[USER_HI])
+        summary = usage(running)
+    # What each client was told it used: uncached input, cached input, output.
+    told = [(a.usage.input_tokens, a.usage.cache_read_input_tokens, a.usage.output_tokens) for a in answers]
+    cached = chat.usage.prompt_tokens_details.cached_tokens
+    told.append((chat.usage.prompt_tokens - cached, cached, chat.usage.completion_tokens))
+    models = ["openai/gpt-4o", "anthropic/claude-sonnet-5", "openai/gpt-4o", "anthropic/claude-sonnet-5"]
+    rows = postgres_rows(postgres_url)
+    assert [(r["api"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        ("/v1/messages", models[0], "explicit", 200), ("/v1/messages", models[1], "explicit", 200),
+        ("/v1/messages", models[2], "explicit", 200), ("/v1/chat/completions", models[3], "explicit", 200)]
+    assert [(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"]) for r in rows] == told
+    assert [r["cost_usd"] for r in rows] == pytest.approx([price(m, *t) for m, t in zip(models, told)])
+    assert [r["baseline_cost_usd"] for r in rows] == pytest.approx([price("openai/gpt-4o", *t) for t in told])
+    assert [(r["key_name"], r["team"]) for r in rows] == [(None, None)] * 4  # no `keys:` here
+    total = summary["total"]
+    assert (total["requests"], total["input_tokens"], total["cache_read_tokens"], total["output_tokens"]) == \
+        (4, *(sum(t[i] for t in told) for i in range(3)))
+    assert total["cost_usd"] == pytest.approx(sum(price(m, *t) for m, t in zip(models, told)))
+    assert summary["by_model"]["anthropic/claude-sonnet-5"]["requests"] == 2 and "by_key" not in summary
+    cli = run_plano_cli("stats", "--config", config_file, "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == {k: v for k, v in summary.items() if k not in ("since", "session", "key", "team")}
+    text = run_plano_cli("stats", "--config", config_file).stdout
+    assert text.startswith(f"4 requests (ledger {postgres_url})\n"), text
+    assert re.search(r"anthropic/claude-sonnet-5 +2 +", text) and "routing saved: " in text, text
+
+
+def test_usage_per_key_and_per_team_over_http_and_in_plano_stats(provider, postgres_url, tmp_path):
+    record_rows(postgres_url, keyed_row("alice", "platform", 10), keyed_row("alice", "platform", 20),
+                keyed_row("bob", "platform", 5), keyed_row("carol", "data", 7))
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        whole, alice = usage(running), usage(running, "?key=alice")
+        platform, bob = usage(running, "?team=platform"), usage(running, "?key=bob&team=platform")
+        nobody = usage(running, "?key=alice&team=data")
+    assert {name: line["input_tokens"] for name, line in whole["by_key"].items()} == \
+        {"alice": 30, "bob": 5, "carol": 7, "none": 10}  # the gateway's own answer carries no key
+    assert {name: line["requests"] for name, line in whole["by_team"].items()} == {"data": 1, "none": 1, "platform": 3}
+    assert (alice["key"], alice["total"]["requests"], alice["total"]["cost_usd"]) == ("alice", 2, pytest.approx(0.03))
+    assert list(alice["by_key"]) == ["alice"] and list(alice["by_team"]) == ["platform"]
+    assert (platform["team"], platform["total"]["input_tokens"], list(platform["by_key"])) == \
+        ("platform", 35, ["alice", "bob"])
+    assert bob["total"]["requests"] == 1 and nobody["total"]["requests"] == 0
+    out = run_plano_cli("stats", "--config", config_file, "--by", "key", "--by", "team").stdout
+    assert out.startswith("5 requests (ledger ") and "\nmodel " not in out, out
+    assert re.search(r"^alice +2 +30 +0 +2 +0% +\$0\.03$", out, re.M), out
+    assert re.search(r"^platform +3 +35 ", out, re.M) and re.search(r"^none +1 +10 +30 +7 ", out, re.M), out
+    one_key = run_plano_cli("stats", "--config", config_file, "--key", "alice", "--team", "platform")
+    assert one_key.stdout.startswith("2 requests for key alice of team platform (ledger "), one_key.stdout
+    data = json.loads(run_plano_cli("stats", "--config", config_file, "--team", "data", "--json").stdout)
+    assert list(data["by_key"]) == ["carol"] and data["total"]["input_tokens"] == 7
+    assert data["total"]["saved_usd"] == pytest.approx(0.007)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_hostile_key_and_team_filters_are_parameters_and_answered(provider, postgres_url, tmp_path, database):
+    rows = [keyed_row("alice", "platform", 10), keyed_row("alice' OR '1'='1", "x", 3)]
+    if database == "postgresql":
+        settings_ = plano.StatsSettings(url=postgres_url)
+        record_rows(postgres_url, *rows)
+        stats = {"url": settings_.url}
+    else:
+        settings_ = plano.StatsSettings(path=str(tmp_path / "usage.sqlite3"))
+        ledger = plano.UsageLedger(settings_.path)
+        for row in rows:
+            ledger.record(row)
+        ledger.close()
+        stats = {"path": settings_.path}
+    hostile = ["k" * 10240, "\x00", "alice\x00", "'; DROP TABLE plano_usage; --", "'; DROP TABLE usage; --",
+               "alice' OR '1'='1", "%", "_", "\\", "é🙂\u202e\u2028", "none", "*", "\ufffd"]
+    with RunningPlano(config_for(provider, sections={"stats": stats})) as running:
+        answers = [httpx.get(running.url + "/plano/usage", params={field: value}, timeout=30)
+                   for value in hostile for field in ("key", "team")]
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    counts = [a.json()["total"]["requests"] for a in answers]
+    assert counts == [1 if value == "alice' OR '1'='1" and field == "key" else 0
+                      for value in hostile for field in ("key", "team")]  # matched as text, nothing more
+    assert plano.read_usage_summary(settings_)["total"]["requests"] == 2  # the table is there, as it was
+    for value in ("\x00", "alice\udcff", "'; DROP TABLE plano_usage; --"):  # from argv too, a lone surrogate included
+        assert plano.read_usage_summary(settings_, key_name=value)["total"]["requests"] == 0
+        assert plano.read_usage_summary(settings_, team=value)["total"]["requests"] == 0
+
+
+def test_an_sqlite_ledger_from_an_older_plano_is_summed_with_its_missing_columns_as_null(tmp_path):
+    import sqlite3
+    path = tmp_path / "usage.sqlite3"
+    old_columns = plano._USAGE_COLUMNS[:-2]
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"CREATE TABLE usage ({', '.join(old_columns)})")
+        connection.execute("INSERT INTO usage (time, session, model, input_tokens, cost_usd) "
+                           "VALUES (?, 's', 'm', 5, 0.5)", (time.time(),))
+    summary = plano.read_usage_summary(plano.StatsSettings(path=str(path)))
+    assert (summary["total"]["input_tokens"], summary["total"]["cost_usd"], "by_key" in summary) == (5, 0.5, False)
+    assert plano.read_usage_summary(plano.StatsSettings(path=str(path)), team="platform")["total"]["requests"] == 0
+
+
+USAGE_NAMES = st.sampled_from([None, "", "none", "alice", "bob", "é", "Z", "platform"])
+
+
+@given(rows=st.lists(st.fixed_dictionaries({
+    "model": USAGE_NAMES, "route": USAGE_NAMES, "key_name": USAGE_NAMES, "team": USAGE_NAMES,
+    **{kind: st.none() | st.integers(0, 10 ** 9) for kind in plano._USAGE_TOKENS},
+    "cost_usd": st.none() | st.floats(0, 100), "baseline_cost_usd": st.none() | st.floats(0, 100)}), max_size=12))
+@settings(max_examples=30, deadline=None)
+def test_postgres_sqlite_and_python_sum_the_same_rows_alike(shared_postgres, tmp_path_factory, rows):
+    # One summary shape: PostgreSQL's and SQLite's sums, and summarize_usage's of the rows themselves.
+    session = f"example-{time.monotonic_ns()}"  # this example's rows, among the earlier examples'
+    rows = [{"time": time.time(), "session": session, **row} for row in rows]
+    sqlite_ledger = plano.UsageLedger(str(tmp_path_factory.getbasetemp() / "summaries.sqlite3"))
+    record_rows(shared_postgres.url, *rows)
+    for row in rows:
+        sqlite_ledger.record(row)
+    assert sqlite_ledger.flush()
+    sqlite_ledger.close()
+
+    def approximately(summary: Any) -> Any:  # the sums' last bits depend on the order of adding
+        if isinstance(summary, dict):
+            return {key: approximately(value) for key, value in summary.items()}
+        return pytest.approx(summary, rel=1e-9, abs=1e-12) if isinstance(summary, float) else summary
+
+    from_postgres = plano.read_usage_summary(plano.StatsSettings(url=shared_postgres.url), session=session)
+    from_sqlite = plano.read_usage_summary(plano.StatsSettings(path=sqlite_ledger.path), session=session)
+    assert from_postgres == approximately(from_sqlite)
+    assert from_sqlite == approximately(plano.summarize_usage(plano.read_usage(sqlite_ledger.path, session=session)))
+    assert from_postgres["total"]["requests"] == len(rows)
+    assert ("by_key" in from_postgres) == any(row["key_name"] for row in rows)
+
+
+def test_replicas_starting_at_once_on_a_fresh_database_make_the_table_once(postgres_url):
+    barrier = threading.Barrier(5)
+    opened: list[Any] = []
+    failures: list[BaseException] = []
+
+    def start_replica(n: int) -> None:
+        barrier.wait()
+        try:
+            ledger = plano.PostgresLedger(postgres_url)
+        except BaseException as e:
+            failures.append(e)
+            return
+        ledger.record(keyed_row(f"replica-{n}", None, n))
+        opened.append(ledger)
+
+    replicas = [threading.Thread(target=start_replica, args=(n,)) for n in range(5)]
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.join(60)
+    for ledger in opened:
+        assert ledger.flush()
+        ledger.close()
+    assert failures == []
+    assert sorted(r["key_name"] for r in postgres_rows(postgres_url)) == [f"replica-{n}" for n in range(5)]
+    columns = postgres_rows(postgres_url, "SELECT column_name, data_type FROM information_schema.columns "
+                                          "WHERE table_name = 'plano_usage' ORDER BY ordinal_position")
+    assert [(c["column_name"], c["data_type"]) for c in columns] == list(plano._POSTGRES_TYPES.items())
+    assert list(plano._POSTGRES_TYPES) == list(plano._USAGE_COLUMNS)
+    indexes = postgres_rows(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'plano_usage'")
+    assert sorted(i["indexname"] for i in indexes) == sorted(plano._POSTGRES_INDEXES)
+
+
+def test_a_usage_table_from_an_older_plano_gains_key_and_team_and_keeps_its_rows(postgres_url):
+    import psycopg
+    old_columns = {c: t for c, t in plano._POSTGRES_TYPES.items() if c not in ("key_name", "team")}
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE plano_usage ({', '.join(f'{c} {t}' for c, t in old_columns.items())})")
+        connection.execute("INSERT INTO plano_usage (time, session, model, input_tokens) VALUES (%s, 'old', 'm', 4)",
+                           (time.time() - 60,))
+    settings_ = plano.StatsSettings(url=postgres_url)
+    before = plano.read_usage_summary(settings_)  # reading changes nothing: the missing columns read as NULL
+    assert before["total"]["input_tokens"] == 4 and "by_key" not in before
+    assert plano.read_usage_summary(settings_, key_name="alice")["total"]["requests"] == 0
+    record_rows(postgres_url, keyed_row("alice", "platform", 6))
+    after = plano.read_usage_summary(settings_)
+    assert {name: line["input_tokens"] for name, line in after["by_key"].items()} == {"alice": 6, "none": 4}
+    assert [(r["session"], r["key_name"], r["team"]) for r in postgres_rows(postgres_url)] == [
+        ("old", None, None), ("s", "alice", "platform")]
+
+
+def test_postgres_rows_older_than_the_retention_are_removed(postgres_url):
+    ledger = plano.PostgresLedger(postgres_url, retention_days=30)
+    ledger.record(keyed_row("old", None, 1, time=time.time() - 40 * 86400))
+    ledger.record(keyed_row("recent", None, 1, time=time.time() - 10 * 86400))
+    ledger.close()
+    assert [r["key_name"] for r in postgres_rows(postgres_url)] == ["recent"]  # pruned as the ledger started
+
+
+def test_a_row_postgres_refuses_is_dropped_alone_and_the_rest_of_its_batch_is_written(postgres_url):
+    logged = len(SuiteLog.lines)
+    ledger = plano.PostgresLedger(postgres_url)
+    try:
+        ledger.record(keyed_row("before", None, 1))
+        ledger.record(keyed_row("a NUL \x00 inside", None, 2))  # PostgreSQL text cannot hold one
+        ledger.record(keyed_row("past bigint", None, 2 ** 70))
+        ledger.record(keyed_row("no PostgreSQL type", None, {"a": 1}))
+        ledger.record(keyed_row("half an emoji \ud83d", None, 3))
+        ledger.record(keyed_row("a float for a count", None, 2.5))
+        ledger.record(keyed_row("after", None, 4))
+        assert ledger.flush()  # in one batch (all recorded within a quarter second)
+        ledger.record(keyed_row("next batch", None, 5))
+        assert ledger.flush()
+        assert ledger.dropped == 5
+    finally:
+        ledger.close()
+    assert [r["key_name"] for r in postgres_rows(postgres_url)] == ["before", "after", "next batch"]
+    dropped = [line for line in SuiteLog.lines[logged:] if "a row it cannot store was dropped" in line]
+    assert len(dropped) == 5 and all(line.startswith(f"usage ledger {postgres_url}: ") for line in dropped), dropped
+
+
+def test_postgres_stopped_mid_run_answers_go_on_and_their_rows_are_written_when_it_is_back(provider, tmp_path):
+    with postgres_instance() as server:
+        config_file = postgres_ledger_config(provider, server.url, tmp_path)
+        with RunningPlano(plano.load_config(config_file)) as running:
+            client = anthropic_client(running)
+            client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+            assert running.gateway.ledger.flush()
+            server.stop()
+            logged = len(SuiteLog.lines)
+            answers = [client.messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+                       for _ in range(5)]
+            assert all(a.content[0].text == "echo: hi" for a in answers)  # served while the ledger waits
+            assert not running.gateway.ledger.flush(timeout=2.5)  # a few attempts, each failing
+            unavailable = httpx.get(running.url + "/plano/usage", timeout=30)
+            server.start()
+            assert running.gateway.ledger.flush()
+            summary = usage(running)
+            outage = [line for line in SuiteLog.lines[logged:] if line.startswith("usage ledger ")]
+    assert unavailable.status_code == 503 and "the usage ledger (postgresql://" in unavailable.text
+    assert summary["total"]["requests"] == 6 and summary["total"]["input_tokens"] == 60
+    assert len(outage) == 2, outage  # one line when it failed, one when it wrote again: not one per try
+    assert "cannot write" in outage[0] and "writing again" in outage[1]
+    assert running.gateway.ledger.dropped == 0
+
+
+def test_rows_past_the_queue_bound_in_an_outage_are_counted_and_closing_in_one_says_what_was_lost():
+    with postgres_instance() as server:
+        ledger = plano.PostgresLedger(server.url, queue_size=5)
+        try:
+            server.stop()
+            logged = len(SuiteLog.lines)
+            ledger.record(keyed_row("in hand", None, 1))
+            deadline = time.monotonic() + 30
+            while not any("cannot write" in line for line in SuiteLog.lines[logged:]):
+                assert time.monotonic() < deadline, "the writer never tried"
+                time.sleep(0.05)
+            for n in range(20):  # the writer holds the first row; 5 wait in the queue; 15 are dropped
+                ledger.record(keyed_row(f"queued {n}", None, 1))
+            assert ledger.dropped == 15
+            server.start()
+            assert ledger.flush()
+            assert [r["key_name"] for r in postgres_rows(server.url)] == ["in hand"] + [f"queued {n}" for n in range(5)]
+            assert any(line.startswith(f"usage ledger {server.url}: writing again, after ") and line.endswith(
+                " (15 rows dropped meanwhile: more were waiting than the queue holds)") for line in SuiteLog.lines)
+            server.stop()
+            ledger.record(keyed_row("at close", None, 1))
+            ledger.record(keyed_row("at close", None, 1))
+        finally:
+            ledger.close()
+        assert ledger.dropped == 17 and ledger.flush(0)
+        lost = [line for line in SuiteLog.lines[logged:] if "closed while it cannot write" in line]
+        assert lost == [f"usage ledger {server.url}: closed while it cannot write: 2 rows not written"]
+
+
+def test_a_stats_url_plano_cannot_use_stops_start_up_with_one_line_naming_it(shared_postgres, tmp_path):
+    base = shared_postgres.url.rsplit("/", 1)[0]
+    cases = {"refused": f"postgresql://plano:pg-pass-9d2c@127.0.0.1:{free_port()}/plano",
+             "no such database": f"{base}/no_such_database",
+             "no such role": f"postgresql://nobody:pg-pass-9d2c@127.0.0.1:{shared_postgres.port}/plano"}
+    shared_postgres.psql("CREATE DATABASE plano_locked OWNER postgres")  # plano may connect, not create tables
+    cases["cannot create the table"] = f"{base}/plano_locked"
+    for case, url in cases.items():
+        config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                    stats={"url": url}, router=False,
+                                                    listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+        up = run_plano_cli("up", "--config", config, timeout=60)
+        errors = [line for line in up.stderr.splitlines() if line.startswith("plano: ")]
+        assert up.returncode == 2 and len(errors) == 1, (case, up.stderr)
+        assert errors[0].startswith(f"plano: {config}: `stats.url` (postgresql://"), (case, errors)
+        assert "pg-pass-9d2c" not in up.stderr and "Traceback" not in up.stderr, (case, up.stderr)
+        stats = run_plano_cli("stats", "--config", config)
+        assert stats.returncode == (0 if case == "cannot create the table" else 1), (case, stats.stderr)
+        assert stats.returncode == 0 or stats.stderr.startswith(f"plano: {config}: `stats.url` (postgresql://")
+        assert "pg-pass-9d2c" not in stats.stderr + stats.stdout
+    assert "(postgresql://plano:***@127.0.0.1:" in run_plano_cli("stats", "--config", write_config(
+        tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                              stats={"url": cases["refused"]}))).stderr
+
+
+DATABASE_PASSWORD = "pg-pw-5e8a1c"
+
+
+def password_postgres_url(instance: PostgresInstance) -> str:
+    """The URL of a database on `instance` whose role must give a password (SCRAM), password in it."""
+    hba = instance.data / "pg_hba.conf"
+    if "plano_pw" not in hba.read_text():
+        instance.psql(f"CREATE ROLE plano_pw LOGIN PASSWORD '{DATABASE_PASSWORD}'")
+        instance.psql("CREATE DATABASE plano_pw OWNER plano_pw")
+        hba.write_text("host all plano_pw 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        instance.psql("SELECT pg_reload_conf()")
+    return f"postgresql://plano_pw:{DATABASE_PASSWORD}@127.0.0.1:{instance.port}/plano_pw"
+
+
+def test_a_password_in_stats_url_is_used_and_never_shown(provider, shared_postgres, tmp_path):
+    url = password_postgres_url(shared_postgres)
+    logged = len(SuiteLog.lines)
+    config_file = postgres_ledger_config(provider, url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        assert usage(running)["total"]["requests"] == 1
+    stats = run_plano_cli("stats", "--config", config_file)
+    assert stats.stdout.startswith(f"1 requests (ledger postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/")
+    wrong = url.replace(DATABASE_PASSWORD, "not-the-password-3f1")
+    config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                stats={"url": wrong}, router=False,
+                                                listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+    up = run_plano_cli("up", "--config", config, timeout=60)
+    assert up.returncode == 2 and up.stderr.strip().splitlines()[-1] == (
+        f"plano: {config}: `stats.url` (postgresql://plano_pw:***@127.0.0.1:{shared_postgres.port}/plano_pw): "
+        f"cannot connect to PostgreSQL: connection failed: connection to server at \"127.0.0.1\", port "
+        f"{shared_postgres.port} failed: FATAL: password authentication failed for user \"plano_pw\""), up.stderr
+    shown = stats.stdout + stats.stderr + up.stderr + "\n".join(SuiteLog.lines[logged:])
+    assert DATABASE_PASSWORD not in shown and "not-the-password-3f1" not in shown
+
+
+def test_without_psycopg_a_stats_url_is_a_start_up_error_that_names_the_extra(tmp_path):
+    config = write_config(tmp_path, config_yaml(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                                                stats={"url": "postgresql://plano@127.0.0.1:9/plano"}, router=False,
+                                                listeners=[{"address": "127.0.0.1", "port": free_port()}]))
+    for command in ("up", "stats"):
+        without = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; import plano; "
+                                  f"sys.exit(plano.main(['{command}', '--config', sys.argv[1]]))", config],
+                                 capture_output=True, text=True, timeout=60, cwd=HERE)
+        assert without.returncode in (1, 2), without.stderr
+        assert without.stderr.strip().splitlines()[-1] == \
+            f"plano: {config}: `stats.url` needs the psycopg package: pip install 'plano[team]'", without.stderr
+
+
+def test_the_live_page_shows_usage_per_key_and_per_team_when_rows_carry_them(chromium, provider, postgres_url,
+                                                                           tmp_path):
+    config_file = postgres_ledger_config(provider, postgres_url, tmp_path)
+    with RunningPlano(plano.load_config(config_file)) as running, \
+            contextlib.closing(chromium.new_page()) as page:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=5, messages=[USER_HI])
+        page.goto(f"{running.url}/plano/")
+        page.wait_for_selector("#models tr:has-text('openai/gpt-4o')", timeout=15000)
+        assert not page.locator("#per-key").is_visible() and not page.locator("#per-team").is_visible()
+        # Another replica's answers for two keys, then one here: the page reads the ledger they share.
+        record_rows(postgres_url, keyed_row("alice", "platform", 10), keyed_row("bob", "<b>data</b>", 5))
+        anthropic_client(running).messages.create(model="anthropic/claude-sonnet-5", max_tokens=5,
+                                                  messages=[USER_HI])
+        page.wait_for_selector("#keys tr:has-text('alice')", timeout=15000)
+        keys, teams = page.locator("#keys").inner_text(), page.locator("#teams").inner_text()
+        assert page.locator("#per-team").is_visible() and page.locator("#teams b").count() == 0  # shown as text
+    assert re.search(r"alice\s+1\s+10\s+0\s+1\s+0%\s+\$0\.01", keys), keys
+    assert re.search(r"bob\s+1\s+5\s+", keys) and re.search(r"none\s+2\s+", keys), keys
+    assert re.search(r"<b>data</b>\s+1\s+5", teams) and re.search(r"platform\s+1\s+10", teams), teams
+
+
+# ── issue 20: developers' keys with the PostgreSQL ledger ────────────────────────────────────
+
+
+def test_with_keys_and_postgres_rows_carry_key_and_team_a_developer_reads_only_its_own_and_budgets_survive_a_restart(
+        provider, tmp_path, postgres_url):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "team": "platform",
+                                               "budget": {"usd": 1, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY}],
+                         teams=[{"name": "platform"}], stats={"url": postgres_url})
+    with RunningPlano(config) as running:
+        assert [ask_as(running, key, path="/v1/chat/completions").status_code
+                for key in (ALICE_KEY, ALICE_KEY, BOB_KEY)] == [200, 200, 200]
+        wait_until(lambda: len(running.gateway.decision_log.records) >= 3, what="3 answers recorded")
+        assert running.gateway.ledger.flush()
+        rows = postgres_rows(postgres_url, "SELECT key_name, team, cost_usd FROM plano_usage ORDER BY key_name")
+        assert [(r["key_name"], r["team"]) for r in rows] == [("alice", "platform")] * 2 + [("bob", None)]
+        assert sum(r["cost_usd"] for r in rows) == pytest.approx(3 * CHAT_ANSWER_COST)
+        as_alice = httpx.get(running.url + "/plano/usage?key=bob", headers={"x-api-key": ALICE_KEY}).json()
+        assert as_alice["total"]["requests"] == 2 and set(as_alice["by_key"]) == {"alice"}
+        as_admin = httpx.get(running.url + "/plano/usage", headers={"x-api-key": GATEWAY_KEY}).json()
+        assert as_admin["total"]["requests"] == 3 and set(as_admin["by_key"]) == {"alice", "bob"}
+    with RunningPlano(config) as restarted:  # in-process counters start from the shared ledger's rows
+        assert me(restarted, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert [ask_as(restarted, ALICE_KEY).status_code for _ in range(2)] == [200, 403]
+
+
+# ── issue 20: shared state in Redis (state.url) ────────────────────────────────────────────
+
+
+def with_state(config: plano.Config, url: str, **settings: Any) -> plano.Config:
+    """`config` with `state.url` (and other `state` fields) set."""
+    return dataclasses.replace(config, state=plano.StateSettings(url=url, **settings))
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def assert_every_key_expires(url: str, prefix: str = "plano:") -> None:
+    client = redis_client(url)
+    lifetimes = {key: client.pttl(key) for key in client.scan_iter(prefix + "*")}
+    assert lifetimes and all(ms > 0 for ms in lifetimes.values()), lifetimes
+
+
+def tool_loop_turn(text: str) -> tuple[list[dict], list[dict]]:
+    """A turn's first request (new user text) and its tool-loop continuation (a tool result, no new text)."""
+    first = [{"role": "user", "content": text}]
+    return first, first + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                           "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}]}]
+
+
+def post_turn(running: RunningPlano, messages: list[dict], session: str | None = None, **fields: Any) -> httpx.Response:
+    answer = httpx.post(running.url + "/v1/messages", timeout=30,
+                        headers={"x-claude-code-session-id": session} if session is not None else {}, json={
+                            "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "tools": [BASH_TOOL], "messages": messages,
+                            **fields})
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def decided(answer: httpx.Response) -> tuple[str, str]:
+    return answer.headers["x-plano-decision"], answer.headers["x-plano-model"]
+
+
+@contextlib.contextmanager
+def replicas(config: plano.Config, count: int = 2):
+    """`count` gateways on one config (routed by a remote router stand-in), as replicas behind a balancer."""
+    with contextlib.ExitStack() as stack:
+        running = [stack.enter_context(RunningPlano(config, router="auto")) for _ in range(count)]
+        for one in running:
+            wait_until(lambda: router_ready(one.url), what="the router is ready")
+        yield running
+
+
+def test_state_url_is_read_with_its_password_masked_and_kept_secret():
+    config = build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"),
+                          state={"url": "$PLANO_REDIS_URL", "prefix": "team-a"},
+                          environ={"PLANO_REDIS_URL": "redis://plano:s3cr%2Ft@redis.internal:6380/2"})
+    assert config.state.url == "redis://plano:s3cr%2Ft@redis.internal:6380/2" and config.state.prefix == "team-a"
+    assert config.state.password == "s3cr/t" and "s3cr/t" in plano.config_secrets(config)
+    assert config.state.shown_url == "redis://plano:***@redis.internal:6380/2"
+    assert "s3cr" not in repr(config)
+    assert build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o")).state == plano.StateSettings()
+    for url in ("rediss://redis.internal:6380/0", "unix:///run/redis/redis.sock?db=1", "redis://127.0.0.1"):
+        assert build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), state={"url": url}).state.url == url
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"url": "http://127.0.0.1:6379"}, "`url` must be a redis://host:port/db"),
+    ({"url": "redis://:pw-x@127.0.0.1:99999/0"}, "`url` must be a redis://"),
+    ({"url": "redis://127.0.0.1:6379/zero"}, "`url` the path must be a database number"),
+    ({"url": "unix://"}, "`url` a unix:// URL needs the socket's path"),
+    ({"url": "redis://:6379/0"}, "`url` needs a host"),
+    ({"url": "$NOT_SET_ANYWHERE"}, "`url` $NOT_SET_ANYWHERE is not set"),
+    ({"url": 6379}, "`url` must be a str"),
+    ({"address": "redis://127.0.0.1"}, "`address` is not a known state field"),
+    ({"url": "redis://127.0.0.1", "prefix": "a b"}, "`prefix` must be 1 to 64 letters"),
+    ("redis://127.0.0.1", "`state` must be a mapping {url, prefix}"),
+])
+def test_a_state_section_plano_cannot_use_is_one_line_naming_the_field(state, message):
+    with pytest.raises(plano.ConfigError) as caught:
+        build_config(served_by("http://127.0.0.1:9/v1", "openai/gpt-4o"), state=state)
+    assert message in caught.value.message and "\n" not in caught.value.message
+    assert "pw-x" not in caught.value.message
+
+
+async def test_in_process_texts_are_renewed_when_read_expire_and_stay_bounded():
+    state = plano.LocalState(max_texts=3)
+    await state.set_text("pin:a", "A", 60)
+    assert await state.text("pin:a", 60) == "A" and await state.text("pin:none", 60) is None
+    await state.set_text("pin:gone", "G", -1)
+    assert await state.text("pin:gone", 60) is None
+    for name in ("b", "c"):
+        await state.set_text(f"pin:{name}", name, 60)
+    await state.text("pin:a", 60)  # used: now the most recent
+    await state.set_text("pin:d", "d", 60)  # a fourth: the least recently used (b) goes
+    assert [await state.text(f"pin:{n}", 60) for n in "abcd"] == ["A", None, "c", "d"]
+    await state.delete(["pin:a", "pin:c"])
+    assert [await state.text(f"pin:{n}", 60) for n in "ac"] == [None, None]
+
+
+async def test_two_redis_stores_see_each_others_counters_and_texts_as_one_in_process_store_would():
+    with redis_server() as url:
+        async with plano.open_state(plano.StateSettings(url=url)) as one, \
+                plano.open_state(plano.StateSettings(url=url)) as two:
+            local = plano.LocalState()
+            for writer, reader in ((local, local), (one, two)):
+                assert await writer.add("spend:alice", 0.25, 60) == 0.25
+                assert await reader.add("spend:alice", 0.5, 60) == 0.75
+                assert await writer.values(["spend:alice", "spend:nobody"]) == [0.75, 0.0]
+                assert await reader.values([]) == []
+                await writer.add("rpm:alice:1", 1, -1)  # already expired: reads as 0
+                await trio.sleep(0.01)
+                assert await reader.values(["rpm:alice:1"]) == [0.0]
+                # Adds then reads in one go (one round trip to Redis): what a request's admission asks.
+                assert await writer.add_and_read([("rpm:bob:1", 1, 60), ("spend:bob", 0.5, 60)],
+                                                 ["spend:alice", "spend:bob", "nothing"]) == ([1, 0.5], [0.75, 0.5, 0])
+                assert await reader.add_and_read([], []) == ([], [])
+                await writer.set_text("pin:s", '{"model": "m", "route": null}', 60)
+                assert await reader.text("pin:s", 60) == '{"model": "m", "route": null}'
+                await reader.delete(["pin:s", "spend:alice"])
+                assert (await writer.text("pin:s", 60), await writer.values(["spend:alice"])) == (None, [0.0])
+            assert (one.description, one.trouble) == (url, None)
+        assert_every_key_expires(url)
+
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=300)  # lone surrogates and controls too
+
+
+def test_any_session_model_and_route_name_is_a_pin_another_store_reads_back():
+    with redis_server() as url:
+
+        @settings(max_examples=150, deadline=None)
+        @given(session=ANY_TEXT, model=ANY_TEXT, route=st.none() | ANY_TEXT)
+        def read_back(session: str, model: str, route: str | None) -> None:
+            async def main() -> None:
+                async with plano.open_state(plano.StateSettings(url=url)) as one, \
+                        plano.open_state(plano.StateSettings(url=url)) as two:
+                    name, pin = "pin:" + plano.kept_text(session), plano._Pin(model, route)
+                    await one.set_text(name, pin.text(), 60)
+                    back = plano._Pin.read(await two.text(name, 60))
+                    whole = not any("\ud800" <= c <= "\udfff" for c in model + (route or ""))
+                    assert back == pin if whole else back in (pin, None)  # a lone surrogate is no JSON plano reads
+                    assert (one.trouble, two.trouble) == (None, None)
+
+            trio.run(main)
+
+        read_back()
+
+
+def test_a_turn_routed_on_one_replica_is_pinned_on_another(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            routed = post_turn(one, first, "s-pin")
+            pinned = post_turn(two, continuation, "s-pin")
+            health = httpx.get(two.url + "/healthz").json()
+        assert_every_key_expires(url)
+    assert decided(routed) == ("router", "openai/gpt-4o")
+    assert decided(pinned) == ("pinned", "openai/gpt-4o")
+    assert len(router_server.requests) == 1  # the second replica did not route the turn again
+    assert (health["status"], health["state"]) == ("ok", url) and "reasons" not in health
+
+
+def test_budget_spend_and_rate_windows_are_shared_by_the_replicas(provider, tmp_path):
+    config = keys_config(provider, tmp_path, [{"name": "alice", "key": ALICE_KEY, "budget": {"usd": 0.5, "per": "day"}},
+                                              {"name": "bob", "key": BOB_KEY, "rpm": 2}])
+    if time.time() % 60 > 50:  # bob's window is the UTC minute: send his three requests within one
+        time.sleep(61 - time.time() % 60)
+    with redis_server() as url:
+        with RunningPlano(with_state(config, url)) as one, RunningPlano(with_state(config, url)) as two:
+            spent = [ask_as(one, ALICE_KEY).status_code, ask_as(two, ALICE_KEY).status_code,  # $0.47, then $0.94
+                     ask_as(one, ALICE_KEY).status_code]  # refused: the spend the other replica counted is seen
+            rated = [ask_as(one, BOB_KEY).status_code, ask_as(two, BOB_KEY).status_code, ask_as(one, BOB_KEY)]
+            assert me(one, ALICE_KEY)["budgets"][0]["spent_usd"] == pytest.approx(2 * CHAT_ANSWER_COST)
+        assert_every_key_expires(url)
+    assert spent == [200, 200, 403]
+    assert rated[:2] == [200, 200] and rated[2].status_code == 429, rated[2].text  # bob's 2 a minute, across both
+
+
+def test_a_restarted_replica_still_has_the_pins(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        config = with_state(switching_config(provider, router_server), url)
+        with replicas(config, 1) as (one,):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, "s-restart")
+        with replicas(config, 1) as (restarted,):
+            assert decided(post_turn(restarted, continuation, "s-restart")) == ("pinned", "openai/gpt-4o")
+
+
+def test_a_session_that_is_sticky_on_one_replica_is_sticky_on_another(provider, router_server):
+    first = [{"role": "user", "content": "explain this module"}]
+    second = first + [{"role": "assistant", "content": "x " * 60_000},  # ~30k tokens: too many to move uncached
+                      {"role": "user", "content": "now write a parser"}]
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code understanding"}'))
+            assert decided(post_turn(one, first, "s-sticky")) == ("router", "anthropic/claude-sonnet-5")
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            answer = post_turn(two, second, "s-sticky")
+    assert decided(answer) == ("sticky", "anthropic/claude-sonnet-5")  # the second replica weighed the pin
+
+
+def test_a_provider_cooling_down_on_one_replica_is_skipped_by_another(provider, backup):
+    with redis_server() as url:
+        config = with_state(failover_config(provider.openai_base, backup), url)
+        with RunningPlano(config) as one, RunningPlano(config) as two:
+            for _ in range(3):
+                provider.then(Reply(503, {"error": {"message": "down"}}))
+                assert decided(ask(one)) == ("fallback", "anthropic/claude-backup")
+            answer = ask(two)
+            wait_until(lambda: two.gateway.decision_log.records, what="the answer is in the decision log")
+            reason = two.gateway.decision_log.records[-1]["reason"]
+            cooling = metric_value(httpx.get(two.url + "/metrics").text, "plano_provider_cooling_down",
+                                   provider="openai", host=f"127.0.0.1:{provider.port}")
+        assert_every_key_expires(url)
+        assert cooling == 1  # the second replica's metrics say so too
+    assert decided(answer) == ("fallback", "anthropic/claude-backup")
+    assert reason == "openai/gpt-4o is cooling down after failures; answered by anthropic/claude-backup"
+    assert len(provider.requests) == 3  # the second replica did not try the provider the first saw failing
+
+
+HOSTILE_SESSIONS = ["s" * 10_000 + "\x00\x1b[31m\n\u202e🦊", "\U0001F98A" * 3000, "ctl\x7f\x9b\u2028"]
+
+
+@pytest.mark.parametrize("session", HOSTILE_SESSIONS)
+def test_a_long_or_hostile_session_id_is_a_bounded_redis_key_and_stays_pinned_across_replicas(
+        provider, router_server, session):
+    first, continuation = tool_loop_turn("write a parser")
+    metadata = {"metadata": {"user_id": json.dumps({"session_id": session})}}
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, **metadata)
+            pinned = post_turn(two, continuation, **metadata)
+        pins = list(redis_client(url).scan_iter("plano:pin:*"))
+    assert decided(pinned) == ("pinned", "openai/gpt-4o")
+    assert len(pins) == 1 and len(pins[0]) < 4 * plano.MAX_KEPT_CHARS + 20
+    assert pins[0].decode() == "plano:pin:" + plano.kept_text(session)
+
+
+def test_a_session_header_that_is_not_utf8_is_pinned_across_replicas(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url)) as (one, two):
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            for replica, messages in ((one, first), (two, continuation)):
+                answer = httpx.post(replica.url + "/v1/messages", timeout=30,
+                                    headers={"x-claude-code-session-id": b"\xff\xfe\x80 s\xc3"}, json={
+                                        "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "tools": [BASH_TOOL],
+                                        "messages": messages})
+                assert answer.status_code == 200, answer.text
+    assert decided(answer) == ("pinned", "openai/gpt-4o")
+
+
+GARBAGE_PINS = {
+    "not-json": b"not json {",
+    "not-utf8": b"\xff\xfe\x00\x80",
+    "wrong-shape": b'{"model": 5, "route": []}',
+    "a-list": b'["openai/gpt-4o"]',
+    "too-big": b'{"model": "openai/gpt-4o", "route": "' + b"x" * 10_000 + b'"}',
+    "unknown-model": b'{"model": "openai/not-configured", "route": null}',
+}
+
+
+def test_a_pin_or_health_entry_another_program_wrote_is_ignored_not_a_500(provider, router_server):
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        client = redis_client(url)
+        for session, value in GARBAGE_PINS.items():
+            client.set(f"plano:pin:{session}", value, ex=600)
+        client.hset("plano:pin:a-hash", "model", "openai/gpt-4o")
+        client.expire("plano:pin:a-hash", 600)
+        for kind in ("cool", "failures"):
+            client.set(f"plano:health:{kind}:{provider.openai_base}", "garbage", ex=600)
+        with replicas(with_state(switching_config(provider, router_server), url), 1) as (one,):
+            for session in [*GARBAGE_PINS, "a-hash"]:
+                router_server.then(remote_answer('{"route": "code generation"}'))
+                answer = post_turn(one, continuation, session)  # no pin to keep: routed as a new turn
+                assert decided(answer) == ("router", "openai/gpt-4o"), session
+                assert decided(post_turn(one, continuation, session)) == ("pinned", "openai/gpt-4o")
+            assert httpx.get(one.url + "/healthz").json()["status"] == "ok"
+        assert provider.requests  # the garbage cool-down did not keep plano from the provider
+
+
+def test_a_health_counter_another_program_wrote_is_overwritten_when_the_provider_fails(provider, backup):
+    with redis_server() as url:
+        client = redis_client(url)
+        client.hset(f"plano:health:failures:{provider.openai_base}", "x", "y")
+        client.set(f"plano:health:cool:{provider.openai_base}", "garbage", ex=600)
+        with RunningPlano(with_state(failover_config(provider.openai_base, backup), url)) as running:
+            provider.then(Reply(503, {"error": {"message": "down"}}))
+            assert decided(ask(running)) == ("fallback", "anthropic/claude-backup")
+            assert decided(ask(running)) == ("explicit", "openai/gpt-4o")
+        assert client.type(f"plano:health:failures:{provider.openai_base}") in (b"string", b"none")
+
+
+def test_redis_stopped_mid_run_serving_goes_on_degraded_said_once_then_resumes(provider, router_server, tmp_path):
+    port, seen = free_port(), len(SuiteLog.lines)
+    first, continuation = tool_loop_turn("write a parser")
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        config = with_state(switching_config(provider, router_server), url)
+        with replicas(config, 1) as (one,):
+
+            def spend(amount: float) -> float:
+                return trio.from_thread.run(one.gateway.state.add, "spend:alice", amount, 600, trio_token=one.token)
+
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            post_turn(one, first, "s-before")
+            assert spend(1.0) == 1.0
+            first_redis.close()  # Redis stops; the replica answers on its own copy of the state
+            assert decided(post_turn(one, continuation, "s-before")) == ("pinned", "openai/gpt-4o")
+            router_server.then(remote_answer('{"route": "code generation"}'))
+            assert decided(post_turn(one, first, "s-during")) == ("router", "openai/gpt-4o")
+            assert decided(post_turn(one, continuation, "s-during")) == ("pinned", "openai/gpt-4o")
+            assert spend(1.5) == 2.5  # the last known spend plus what this replica counts
+            degraded = httpx.get(one.url + "/healthz")
+            outage = [line for line in SuiteLog.lines[seen:] if "unreachable" in line]
+            with redis_server(port, tmp_path):  # back, on the same port, with its data
+                wait_until(lambda: httpx.get(one.url + "/healthz").json()["status"] == "ok", what="state resumed")
+                assert float(redis_client(url).get("plano:spend:alice")) == 2.5  # what was counted meanwhile was sent
+                with replicas(config, 1) as (other,):  # another replica sees the pin made during the outage
+                    assert decided(post_turn(other, continuation, "s-during")) == ("pinned", "openai/gpt-4o")
+                    assert trio.from_thread.run(other.gateway.state.values, ["spend:alice"],
+                                                trio_token=other.token) == [2.5]
+                assert_every_key_expires(url)
+    assert degraded.status_code == 200
+    health = degraded.json()
+    assert health["status"] == "degraded" and health["state"] == url
+    assert len(health["reasons"]) == 1 and "unreachable" in health["reasons"][0] and url in health["reasons"][0]
+    assert len(outage) == 1, outage  # one line for the outage, however many requests met it
+    assert len([line for line in SuiteLog.lines[seen:] if "reachable again" in line]) == 1
+
+
+def test_a_redis_that_stops_taking_writes_degrades_once_until_it_takes_them_again(provider, router_server):
+    seen = len(SuiteLog.lines)
+    first, continuation = tool_loop_turn("write a parser")
+    with redis_server() as url:
+        with replicas(with_state(switching_config(provider, router_server), url), 1) as (one,):
+            redis_client(url).replicaof("127.0.0.1", free_port())  # a failover made it a replica: read-only
+            for session in ("ro-1", "ro-2", "ro-3"):
+                router_server.then(remote_answer('{"route": "code generation"}'))
+                assert decided(post_turn(one, first, session)) == ("router", "openai/gpt-4o")
+                assert decided(post_turn(one, continuation, session)) == ("pinned", "openai/gpt-4o")
+            health = httpx.get(one.url + "/healthz").json()
+            writes = lambda: sum(redis_client(url).info("commandstats").get("cmdstat_set", {}).get(kind, 0)  # noqa: E731
+                                 for kind in ("calls", "rejected_calls"))
+            tried = writes()
+            wait_until(lambda: writes() >= tried + 2, what="two probes")  # refused: the same outage, not a line each
+            redis_client(url).replicaof("NO", "ONE")
+            wait_until(lambda: httpx.get(one.url + "/healthz").json()["status"] == "ok", what="writable again")
+        assert {key.decode() for key in redis_client(url).scan_iter("plano:pin:*")} == \
+            {"plano:pin:ro-1", "plano:pin:ro-2", "plano:pin:ro-3"}  # the pins made meanwhile were sent
+    assert health["status"] == "degraded" and "ReadOnlyError" in health["reasons"][0]
+    log = SuiteLog.lines[seen:]
+    assert len([line for line in log if "unreachable" in line]) == 1, log
+    assert len([line for line in log if "reachable again" in line]) == 1, log
+
+
+async def test_what_a_store_changed_while_redis_was_away_is_sent_when_it_is_back(tmp_path):
+    port = free_port()
+    with contextlib.ExitStack() as first_redis:
+        url = first_redis.enter_context(redis_server(port, tmp_path))
+        async with plano.open_state(plano.StateSettings(url=url)) as store:
+            await store.add("spend:alice", 1.0, 600)
+            await store.set_text("pin:old", "kept until deleted", 600)
+            first_redis.close()
+            assert await store.add("spend:alice", 2.0, 600) == 3.0  # the last known spend plus this replica's
+            assert store.trouble and "unreachable" in store.trouble
+            await store.delete(["pin:old"])
+            await store.set_text("pin:new", "made during the outage", 600)
+            await store.add("rpm:alice:1", 1, 0.001)  # expires before Redis is back: nothing to send
+            assert await store.add("spend:alice", 0.5, 600) == 3.5
+            with redis_server(port, tmp_path):
+                with trio.fail_after(30):
+                    while store.trouble:
+                        await trio.sleep(0.05)
+                client = redis_client(url)
+                assert float(client.get("plano:spend:alice")) == 3.5
+                assert (client.get("plano:pin:old"), client.get("plano:pin:new")) == (None, b"made during the outage")
+                assert client.get("plano:rpm:alice:1") is None
+                assert await store.values(["spend:alice"]) == [3.5]
+                assert_every_key_expires(url)
+
+
+def requiring_password(url: str, password: str) -> str:
+    redis_client(url).config_set("requirepass", password)
+    return url
+
+
+@pytest.mark.parametrize("case", ["refused", "not redis", "wrong password", "no password", "no such database",
+                                  "read-only replica"])
+def test_a_state_url_plano_cannot_use_at_start_is_one_line_naming_the_field(provider, case):
+    with redis_server() as url:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        state_url = {
+            "refused": f"redis://127.0.0.1:{free_port()}/0",
+            "not redis": f"redis://127.0.0.1:{provider.port}/0",
+            "wrong password": f"redis://:not-the-pw-1234@127.0.0.1:{port}/0",
+            "no password": f"redis://127.0.0.1:{port}/0",
+            "no such database": f"redis://127.0.0.1:{port}/99",
+            "read-only replica": url,
+        }[case]
+        requiring_password(url, "the-real-pw-5678") if "password" in case else None
+        if case == "read-only replica":
+            redis_client(url).replicaof("127.0.0.1", free_port())  # of a master that is not there: it takes no writes
+        with pytest.raises(plano.ConfigError) as caught:
+            RunningPlano(with_state(config_for(provider), state_url))
+    message = caught.value.message
+    assert message.startswith(f"{CONFIG_PATH}: `state.url`: cannot use Redis at redis://") and "\n" not in message
+    assert "pw-1234" not in message and "pw-5678" not in message
+
+
+def test_plano_up_with_a_state_url_it_cannot_reach_says_so_in_one_line(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[{"port": free_port()}],
+                                  state={"url": f"redis://:pw-9876@127.0.0.1:{free_port()}/0"}))
+    result = run_plano_cli("up", "--config", str(config))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"plano: {config}: `state.url`: cannot use Redis at redis://:***@127.0.0.1:")
+    assert "Connection refused" in lines[0] and "pw-9876" not in result.stderr
+
+
+def test_a_state_url_without_the_redis_package_names_the_extra_to_install(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), listeners=[{"port": free_port()}],
+                                  state={"url": "redis://127.0.0.1:6379/0"}))
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['redis'] = None; import plano; "
+                             f"sys.exit(plano.main(['up', '--config', {str(config)!r}]))"],
+                            capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"plano: {config}: `state.url` needs the redis package: pip install 'plano[team]'"
 
 
 # ── issue 21: traces ──────────────────────────────────────────────────────────────────────────

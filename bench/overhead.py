@@ -15,8 +15,9 @@ request sent straight to the stand-in in OpenAI format is the baseline. Targets:
 Requests are interleaved round-robin across targets, so machine noise hits all of them alike.
 Reported: p50/p95 latency and the latency added over direct, non-streaming and streaming (time to
 last byte); streaming throughput (text deltas per second in a 2000-chunk stream); and plano's
-`count_tokens` latency on a ~50 KB Claude Code-like body. The goal for monitoring (issue 21): plano
-with metrics and tracing on adds at most a tenth of what LiteLLM adds.
+`count_tokens` latency on a ~50 KB Claude Code-like body. The stand-in also answers as a router
+server (a request for model `arch-router` gets a route), for bench/shared_state.py. The goal for
+monitoring (issue 21): plano with metrics and tracing on adds at most a tenth of what LiteLLM adds.
 
     python bench/overhead.py [--requests N] [--litellm PATH] [--ccr PATH_TO_CLI_JS]
 
@@ -53,6 +54,8 @@ import httpx
 
 STUB_MODEL = "stub-model"
 CLIENT_MODEL = "claude-sonnet-4-5"  # what Claude Code asks for; every gateway maps it to the stub
+ROUTER_MODEL = "arch-router"  # a request for this model is a router's question: the stand-in answers a route
+ROUTE = "code"
 LITELLM_DEFAULT = "/tmp/cc_work/litellm-venv/bin/litellm"
 CCR_DEFAULT = "/tmp/cc_work/ccr/node_modules/@musistudio/claude-code-router/dist/cli.js"
 LITELLM_KEY = "sk-bench-0123456789abcdef"
@@ -139,6 +142,11 @@ async def _stand_in_answer(writer: asyncio.StreamWriter, method: str, path: str,
         _send_json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
         return
     request = json.loads(body)
+    if request.get("model") == ROUTER_MODEL:  # as a router server (bench/shared_state.py routes every request)
+        _send_json(writer, 200, {"id": "chatcmpl-router", "object": "chat.completion", "created": 1700000000,
+                                 "model": ROUTER_MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                     "role": "assistant", "content": json.dumps({"route": ROUTE})}}]})
+        return
     directive = _parse_directive(body)
     status = int(directive.get("status", 200))
     if status == 429:
