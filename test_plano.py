@@ -11763,6 +11763,91 @@ def test_no_key_appears_in_the_log_of_any_replica_or_of_haproxy(team):
     assert [secret for secret in secrets if any(secret in log for log in logs)] == []
 
 
+# ── issue 23: Codex's whole tool set on any provider ───────────────────────────────────────────
+
+CODEX_PATCH_MODEL = "openai/gpt-5.5"  # a name for which Codex 0.171.0 sends apply_patch as a `custom` tool
+APPLY_PATCH = "*** Begin Patch\n*** Update File: notes.txt\n@@\n first line\n+patched by claude: é€ 🤖\n*** End Patch\n"
+
+
+def anthropic_tool_use_stream(name: str, tool_input: dict, piece: int = 3) -> list[bytes]:
+    """An Anthropic stream whose answer is one tool call, its input JSON in `piece`-character deltas."""
+    args = json.dumps(tool_input, ensure_ascii=False)
+    message = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}
+    events: list[tuple[str, Any]] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_patch1", "name": name, "input": {}}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "input_json_delta", "partial_json": args[i:i + piece]}}) for i in range(0, len(args), piece)]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                  "usage": {"output_tokens": 9}}),
+               ("message_stop", {"type": "message_stop"})]
+    return sse_pieces(events)
+
+
+def anthropic_text_stream(text: str) -> list[bytes]:
+    message = {"id": "msg_02", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}
+    return sse_pieces([
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 4}}),
+        ("message_stop", {"type": "message_stop"})])
+
+
+def test_real_codex_apply_patch_edits_a_file_when_claude_answers_after_a_failover(tmp_path, provider, codex_bin):
+    """Codex sends apply_patch as a freeform tool; the OpenAI model fails (500), plano fails over
+    to Claude, whose answer calls apply_patch as a function with one string argument: Codex gets a
+    custom_tool_call with the raw patch, edits the file, and its next request carries the
+    custom_tool_call_output, which Claude gets as the tool result."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("first line\n")
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, CODEX_PATCH_MODEL, fallbacks=["anthropic/claude-sonnet-5"]),
+                                  served_by(provider, "anthropic/claude-sonnet-5"),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=ROUTER_OFF))
+
+    def answer(request: Recorded) -> Reply:
+        if not request.path.endswith("/v1/messages"):
+            return Reply(500, {"error": {"message": "The server had an error while processing your request.",
+                                         "type": "server_error", "param": None, "code": None}})
+        body = request.json
+        if tool_result_text(body["messages"]) is None:
+            return Reply(200, sse=anthropic_tool_use_stream("apply_patch", {"input": APPLY_PATCH}))
+        return Reply(200, sse=anthropic_text_stream("patched the file"))
+
+    for _ in range(8):
+        provider.then(answer)
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                             "-m", CODEX_PATCH_MODEL, "exec", "--skip-git-repo-check", "--sandbox", "workspace-write",
+                             "add a line to notes.txt"], capture_output=True, text=True, env=env, cwd=work,
+                            timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (work / "notes.txt").read_text() == "first line\npatched by claude: é€ 🤖\n"
+    to_claude = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
+    assert len(to_claude) == 2
+    tools = {t["name"]: t for t in to_claude[0]["tools"]}
+    assert tools["apply_patch"]["input_schema"]["required"] == ["input"]
+    assert "*** Begin Patch" in tools["apply_patch"]["description"]  # the grammar, so Claude knows the syntax
+    assert not any(name in tools for name in ("web_search", "tool_search"))
+    history = to_claude[1]["messages"]
+    call = next(b for m in history if m["role"] == "assistant" for b in m["content"] if b["type"] == "tool_use")
+    assert call["name"] == "apply_patch" and call["input"] == {"input": APPLY_PATCH}
+    assert "notes.txt" in tool_result_text(history)  # Codex's custom_tool_call_output, as the tool result
+    assert "patched the file" in result.stdout
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
