@@ -3416,6 +3416,65 @@ def _custom_call_input(item: dict, where: str) -> dict:
     return {CUSTOM_TOOL_INPUT: item["input"]}
 
 
+class StreamedToolInput:
+    """A custom tool's raw input as its function call's JSON arguments stream in, in pieces cut
+    anywhere (inside an escape, between a surrogate pair's halves): `feed` a piece, get the
+    characters of the input that became readable. Only while the JSON begins with the input's own
+    argument; anything else is read whole at the end (custom_tool_input)."""
+
+    _START = re.compile(r'\s*\{\s*"' + CUSTOM_TOOL_INPUT + r'"\s*:\s*"')
+
+    def __init__(self) -> None:
+        self.json = ""  # the arguments so far
+        self.start: int | None = None  # where the string's characters begin in it
+        self.read = 0  # how far they have been read
+        self.ended = False  # the string's closing quote has come
+        self.given = ""  # what feed returned, in all
+
+    def feed(self, piece: str) -> str:
+        self.json += piece
+        if self.start is None:
+            match = self._START.match(self.json)
+            if match is None:
+                return ""
+            self.start = self.read = match.end()
+        if self.ended:
+            return ""
+        text, i, safe = self.json, self.read, self.read
+        while i < len(text):
+            char = text[i]
+            if char == '"':
+                self.ended = True
+                break
+            if char != "\\":
+                i += 1
+            elif i + 1 >= len(text):
+                break
+            elif text[i + 1] != "u":
+                i += 2
+            elif i + 6 > len(text):
+                break
+            elif 0xD800 <= int(text[i + 2:i + 6], 16) <= 0xDBFF:  # a pair's first half waits for its second
+                if i + 12 > len(text):
+                    break
+                i += 12
+            else:
+                i += 6
+            safe = i
+        try:
+            new = json.loads('"' + text[self.read:safe] + '"')
+        except ValueError:
+            self.ended = True  # not JSON a string can be read from: the end reads it whole
+            return ""
+        self.read = safe
+        self.given += new
+        return new
+
+    def rest(self, whole: str) -> str:
+        """What of the `whole` input (read at the end) feed has not given, when it gave a start of it."""
+        return whole[len(self.given):] if whole.startswith(self.given) else ""
+
+
 def custom_tool_input(tool_input: Any) -> str:
     """The raw input of a call a provider made to a custom tool's function: its one string
     argument; whatever else a model sent (no such argument, not a string) as its JSON text, so
@@ -3646,6 +3705,7 @@ class AnthropicToResponsesStream:
         self.text = ""  # its text, summary or arguments so far
         self.signature = ""
         self.summary_open = False
+        self.custom_input = StreamedToolInput()  # a custom tool call's raw input, as it becomes readable
         self.usage: dict = {}
         self.stop_reason: str | None = None
         self.started = False
@@ -3695,6 +3755,7 @@ class AnthropicToResponsesStream:
     def _open(self, block: dict) -> list[tuple[str, dict]]:
         kind = block.get("type")
         self.text, self.signature, self.summary_open = "", "", False
+        self.custom_input = StreamedToolInput()
         if kind == "text":
             self.item = _message_item(_new_id("msg"), "", status="in_progress")
             events = [self._event("response.output_item.added", output_index=len(self.output), item=self.item),
@@ -3734,9 +3795,10 @@ class AnthropicToResponsesStream:
             events.append(self._event("response.function_call_arguments.delta", **self._at(),
                                       delta=str(delta.get("partial_json", ""))))
         elif kind == "input_json_delta" and self.item["type"] == "custom_tool_call":
-            # The raw input is a JSON string inside these pieces: it goes out whole at the block's
-            # end, when the JSON can be read (a piece may end inside an escape).
             self.text += str(delta.get("partial_json", ""))
+            readable = self.custom_input.feed(str(delta.get("partial_json", "")))
+            if readable:
+                events.append(self._event("response.custom_tool_call_input.delta", **self._at(), delta=readable))
         return events
 
     def _close(self) -> list[tuple[str, dict]]:
@@ -3757,8 +3819,8 @@ class AnthropicToResponsesStream:
             item = _reasoning_output_item(item["id"], self.text, self.signature)
         elif item["type"] == "custom_tool_call":
             raw_input = custom_tool_input(_json_arguments(self.text or "{}"))
-            if raw_input:
-                events.append(self._event("response.custom_tool_call_input.delta", **at, delta=raw_input))
+            if rest := self.custom_input.rest(raw_input):
+                events.append(self._event("response.custom_tool_call_input.delta", **at, delta=rest))
             events.append(self._event("response.custom_tool_call_input.done", **at, input=raw_input))
             item = dict(item, input=raw_input, status="completed")
         else:
