@@ -12091,6 +12091,21 @@ def test_a_responses_client_gets_apply_patch_as_a_custom_call_from_a_chat_provid
     assert len(deltas) > 1 and "".join(deltas) == APPLY_PATCH
 
 
+def test_hosted_tools_a_provider_cannot_run_are_dropped_and_said_once(provider):
+    """Codex sends its hosted tools with every request: each dropped type is logged once, not per request."""
+    hosted = [{"type": "image_generation"}, {"type": "code_interpreter", "container": {"type": "auto"}}]
+    body = {"model": "anthropic/claude-sonnet-5", "input": "hello", "tools": hosted + CODEX_TOOLS[:1]}
+    with RunningPlano(responses_config(provider)) as running:
+        for _ in range(3):
+            answer = httpx.post(running.url + "/v1/responses", json=body, headers={"host": "127.0.0.1"})
+            assert answer.status_code == 200, answer.text
+    for request in upstream_requests(provider, "/v1/messages"):
+        assert [t["name"] for t in request.json["tools"]] == ["exec_command"]
+    for kind in ("image_generation", "code_interpreter"):
+        said = [line for line in SuiteLog.lines if f"Responses tool {kind} is dropped for anthropic models" in line]
+        assert len(said) == 1, said
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
