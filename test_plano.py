@@ -12091,6 +12091,43 @@ def test_a_responses_client_gets_apply_patch_as_a_custom_call_from_a_chat_provid
     assert len(deltas) > 1 and "".join(deltas) == APPLY_PATCH
 
 
+def test_real_codex_runs_a_namespaced_sub_agent_tool_that_claude_called_by_its_flat_name(tmp_path, provider,
+                                                                                          codex_bin):
+    """Codex with its sub-agent tools (a `collaboration` namespace) and Claude as the model: Claude
+    calls `collaboration__list_agents`, Codex gets it as list_agents in its namespace, runs it, and
+    the result goes back to Claude under the same call."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "anthropic/claude-sonnet-5"),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=ROUTER_OFF))
+
+    def answer(request: Recorded) -> Reply:
+        if tool_result_text(request.json["messages"]) is None:
+            return Reply(200, sse=anthropic_tool_use_stream("collaboration__list_agents", {}))
+        return Reply(200, sse=anthropic_text_stream("listed the agents"))
+
+    for _ in range(4):
+        provider.then(answer)
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                             "-m", CODEX_PATCH_MODEL, "exec", "--enable", "multi_agent_v2", "--skip-git-repo-check",
+                             "which agents are running?"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
+    assert "collaboration__list_agents" in [t["name"] for t in first["tools"]]
+    call = next(b for m in second["messages"] if m["role"] == "assistant" for b in m["content"]
+                if b["type"] == "tool_use")
+    assert (call["id"], call["name"]) == ("toolu_patch1", "collaboration__list_agents")
+    result_block = next(b for m in second["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+                        for b in m["content"] if b["type"] == "tool_result")
+    assert result_block["tool_use_id"] == "toolu_patch1"
+    # Codex ran list_agents itself: its answer, not "unsupported call"
+    assert json.loads(result_block["content"])["agents"][0]["agent_name"] == "/root", result_block
+    assert "listed the agents" in result.stdout
+
+
 def test_hosted_tools_a_provider_cannot_run_are_dropped_and_said_once(provider):
     """Codex sends its hosted tools with every request: each dropped type is logged once, not per request."""
     hosted = [{"type": "image_generation"}, {"type": "code_interpreter", "container": {"type": "auto"}}]
