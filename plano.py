@@ -4165,13 +4165,16 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
 
 
 # The hosted tool types already said to be dropped, and for which interface: Codex sends web_search
-# and tool_search with every request, and a log line for each would drown the log. Once a process.
+# and tool_search with every request, and a log line for each would drown the log. Once a process,
+# for at most _DROPPED_TOOLS_SAID_LIMIT types: the types are the client's text, and a client making
+# up new ones must not grow the set (or the log) without end.
 _DROPPED_TOOLS_SAID: set[tuple[str, str]] = set()
+_DROPPED_TOOLS_SAID_LIMIT = 64
 
 
 def _say_dropped_tools(body: dict, model: ModelEntry) -> None:
     for kind in dropped_responses_tools(body):
-        if (kind, model.interface) not in _DROPPED_TOOLS_SAID:
+        if (kind, model.interface) not in _DROPPED_TOOLS_SAID and len(_DROPPED_TOOLS_SAID) < _DROPPED_TOOLS_SAID_LIMIT:
             _DROPPED_TOOLS_SAID.add((kind, model.interface))
             log.info("the Responses tool %s is dropped for %s models (only OpenAI's Responses API runs it); "
                      "said once", printable(kind)[:60], model.interface)

@@ -12141,6 +12141,14 @@ def test_hosted_tools_a_provider_cannot_run_are_dropped_and_said_once(provider):
     for kind in ("image_generation", "code_interpreter"):
         said = [line for line in SuiteLog.lines if f"Responses tool {kind} is dropped for anthropic models" in line]
         assert len(said) == 1, said
+    # hostile: a client making up a new type each time does not grow what plano remembers without end
+    claude, _ = codex_patch_models()
+    for i in range(100):
+        made_up = {"model": "x", "input": "hi", "tools": [{"type": f"made-up-{i}-\x1b[31m"}]}
+        plano.provider_request(claude, "responses", made_up, json.dumps(made_up).encode(), {}, {})
+    assert len(plano._DROPPED_TOOLS_SAID) == plano._DROPPED_TOOLS_SAID_LIMIT
+    assert not any("\x1b" in line for line in SuiteLog.lines if "made-up-" in line)
+    plano._DROPPED_TOOLS_SAID.clear()  # the made-up types are no one else's
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
