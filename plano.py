@@ -3454,6 +3454,8 @@ class StreamedToolInput:
                 i += 2
             elif i + 6 > len(text):
                 break
+            elif not re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
+                break  # not JSON: json.loads below refuses what comes before it, or the end reads it whole
             elif 0xD800 <= int(text[i + 2:i + 6], 16) <= 0xDBFF:  # a pair's first half waits for its second
                 if i + 12 > len(text):
                     break

@@ -12011,10 +12011,21 @@ def test_any_apply_patch_text_survives_byte_for_byte_through_a_stream_split_anyw
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
 
 
+@settings(max_examples=300, deadline=None)
+@given(arguments=st.one_of(st.text(), st.text().map(lambda t: '{"input": "' + t)),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=20))
+def test_any_arguments_a_model_streams_to_a_custom_tool_reach_codex_without_a_crash(arguments, cuts):
+    events = codex_stream_events(arguments, cuts)
+    expected = plano.custom_tool_input(plano._json_arguments(arguments or "{}"))
+    assert [d["input"] for n, d in events if n == "response.custom_tool_call_input.done"] == [expected]
+    assert events[-1][0] == "response.completed"
+
+
 def test_a_streamed_custom_call_whose_arguments_are_not_its_string_reaches_codex_as_their_text():
     for arguments, expected in [('{"input": 42}', '{"input": 42}'), ('{"other": "x", "input": "p"}', "p"),
                                 ('{"input": "unterminated', '{"_raw_arguments": "{\\"input\\": \\"unterminated"}'),
-                                ("", "{}")]:
+                                ("", "{}"), ('{"input": "ab\\uZZZZcd"}', '{"_raw_arguments": "{\\"input\\": '
+                                                                      '\\"ab\\\\uZZZZcd\\"}"}')]:
         events = codex_stream_events(arguments, [3, 9])
         assert [d["input"] for n, d in events if n == "response.custom_tool_call_input.done"] == [expected]
         assert [d["item"]["input"] for n, d in events if n == "response.output_item.done"] == [expected]
