@@ -21,13 +21,14 @@ uses only the ones above it, which a test in test_plano.py keeps true:
     14. Usage ledger
     15. Capabilities
     16. Metrics
-    17. Gateway
-    18. HTTP server
-    19. CLI, the commands
-    20. CLI, doctor
-    21. CLI, agent wiring
-    22. CLI, the entry point
-    23. The live page
+    17. Traces
+    18. Gateway
+    19. HTTP server
+    20. CLI, the commands
+    21. CLI, doctor
+    22. CLI, agent wiring
+    23. CLI, the entry point
+    24. The live page
 
 Library use::
 
@@ -3929,12 +3930,14 @@ class StreamTranslator:
     event, a broken stream, an event of a shape that trips a bug) stops the translation: `feed`
     still returns what the events before it produced, and the failure waits in `failure` for the
     caller to raise once that is sent, so what the client sees does not depend on where the
-    network reads happened to fall.
+    network reads happened to fall. `observe`, when given, is handed each upstream event as it is
+    decoded (the traces read the answer's id, model and finish reasons from them).
     """
 
     def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
-                 tools: Mapping[str, CodexTool] | None = None):
+                 observe: Callable[[SSEEvent], None] | None = None, tools: Mapping[str, CodexTool] | None = None):
         self.upstream_format = upstream_format
+        self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
         self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
@@ -3960,6 +3963,9 @@ class StreamTranslator:
         if self.machine is None and self.ended:
             return b""  # the stream's last event has gone by: anything after it is not part of it
         events = self.decoder.feed(raw)
+        if self.observe is not None:
+            for event in events:
+                self.observe(event)
         if self.machine is None:
             # Only whole events go on: a stream cut off mid-event must not hand the client half of
             # one, which its own error event would then run into; and nothing after the event that
@@ -7452,6 +7458,665 @@ class _GatewayStateCollector:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Traces: OpenTelemetry spans in the GenAI semantic conventions, one per chat request with its
+# router decision and upstream attempts below it, exported over OTLP/HTTP off the event loop.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+#
+# Optional twice over: the `otel` extra (opentelemetry-sdk and its OTLP/HTTP exporter) must be
+# installed, and the standard OTEL_* variables must ask for traces (trace_settings). Otherwise no
+# module of OpenTelemetry is imported, Gateway.tracing is None and every hook the gateway calls is
+# a method of _NO_TRACE that does nothing. With tracing on, a request only creates its spans and
+# hands them, ended, to the SDK's BatchSpanProcessor: its own thread encodes and sends them.
+
+_CONTENT_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_CAPTURED_PART_CHARS = 8192  # of one text, reasoning or tool part, when content is captured
+_CAPTURED_MESSAGES_CHARS = 64 * 1024  # of the input messages' JSON: the newest that fit are kept
+
+# The conventions' gen_ai.provider.name for the providers they name; the others go by plano's name.
+_GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
+                         "azure_openai": "azure.ai.openai"}
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """What the environment asks of tracing: where spans go (`endpoint`, for the start-up line:
+    the exporter reads the same variables itself), and whether prompt and answer text is recorded
+    (the conventions' opt-in), on the request span's attributes and/or as its
+    `gen_ai.client.inference.operation.details` event."""
+
+    endpoint: str
+    content_on_span: bool = False
+    content_on_event: bool = False
+
+
+def trace_settings(environ: Mapping[str, str]) -> tuple[TraceSettings | None, list[str]]:
+    """Whether the OTEL_* variables in `environ` ask for traces, and what plano cannot do as asked.
+
+    On: an OTLP endpoint is set (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT
+    to which `/v1/traces` is added), or OTEL_TRACES_EXPORTER=otlp (the SDK's default endpoint).
+    Off whatever else says: OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none. Another exporter or
+    the grpc protocol is a warning and no traces: the extra holds the OTLP/HTTP exporter only."""
+    def value(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    if value("OTEL_SDK_DISABLED").lower() == "true":
+        return None, []
+    exporters = {name.strip().lower() for name in value("OTEL_TRACES_EXPORTER").split(",") if name.strip()}
+    base = value("OTEL_EXPORTER_OTLP_ENDPOINT")
+    endpoint = value("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (base.rstrip("/") + "/v1/traces" if base else "")
+    if "none" in exporters or not (endpoint or exporters):
+        return None, []
+    if exporters - {"otlp"}:
+        return None, [f"OTEL_TRACES_EXPORTER={printable(value('OTEL_TRACES_EXPORTER')[:100])}: plano exports "
+                      "traces over OTLP/HTTP only (otlp); no traces are sent"]
+    protocol = value("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or value("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    if protocol != "http/protobuf":
+        return None, [f"OTEL_EXPORTER_OTLP_PROTOCOL={printable(protocol[:100])}: plano sends http/protobuf only "
+                      "(a collector's OTLP/HTTP port, 4318 by default); no traces are sent"]
+    warnings = []
+    content = value(_CONTENT_CAPTURE).lower()
+    if content not in ("", "false", "no_content", "true", "span_only", "event_only", "span_and_event"):
+        warnings.append(f"{_CONTENT_CAPTURE}={printable(content[:100])} is not one of true, false, NO_CONTENT, "
+                        "SPAN_ONLY, EVENT_ONLY, SPAN_AND_EVENT: no prompt or answer text is recorded")
+    return TraceSettings(endpoint or "http://localhost:4318/v1/traces",
+                         content_on_span=content in ("true", "span_only", "span_and_event"),
+                         content_on_event=content in ("event_only", "span_and_event")), warnings
+
+
+def genai_provider_name(model: ModelEntry) -> str:
+    return _GENAI_PROVIDER_NAMES.get(model.provider, model.provider)
+
+
+def _shown_endpoint(url: str) -> str:
+    """An endpoint for a log line: scheme, host, port and path (no user:password, no query)."""
+    parts = urllib.parse.urlsplit(url)
+    return printable(f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}") \
+        if parts.hostname else printable(url[:100])
+
+
+class Tracing:
+    """A gateway's tracer: a TracerProvider of its own (never the SDK's global one: plano used as
+    a library must not change its host program's tracing) with a BatchSpanProcessor and the
+    OTLP/HTTP exporter, configured by the SDK from the same OTEL_* variables (service name,
+    resource attributes, headers, timeouts, batching, sampling). Shut down (flushed) by the gateway
+    when it stops."""
+
+    SHUTDOWN_WAIT = 5.0  # seconds the spans still queued at shutdown may take to go out
+
+    def __init__(self, settings: TraceSettings):
+        # Imported here and only here: without tracing on, no module of OpenTelemetry is loaded.
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.settings = settings
+        resource = Resource.create()
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "plano"}))  # OTEL_SERVICE_NAME unset
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # aclose shuts it down
+        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self.tracer = self.provider.get_tracer("plano")
+        self.api = trace  # SpanKind, Status, set_span_in_context
+        self.propagator = TraceContextTextMapPropagator()
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> "Tracing | None":
+        """The tracer the OTEL_* variables in `environ` ask for, or None (then nothing is loaded).
+        Asked for without the extra installed: one warning, and serving goes on untraced."""
+        settings, warnings = trace_settings(environ)
+        for warning in warnings:
+            log.warning("tracing: %s", warning)
+        if settings is None:
+            return None
+        try:
+            tracing = cls(settings)
+        except ImportError as e:
+            log.warning("tracing: the OTEL_* variables ask for traces, but OpenTelemetry is not installed "
+                        "(no module %s): pip install 'plano[otel]'. Serving without traces.", printable(e.name))
+            return None
+        content = " and ".join(where for where, on in (("span attributes", settings.content_on_span),
+                                                       ("events", settings.content_on_event)) if on)
+        log.info("tracing: spans to %s (OTLP/HTTP); prompt and answer text %s", _shown_endpoint(settings.endpoint),
+                 f"recorded as {content} ({_CONTENT_CAPTURE})" if content else "not recorded")
+        return tracing
+
+    def begin(self, request: Any, started: float) -> "_RequestTrace":
+        """The spans of one chat request that arrived at `started` (time.monotonic)."""
+        return _RequestTrace(self, request, started)
+
+    async def aclose(self) -> None:
+        """Flush the queued spans and stop the exporter's thread, waiting SHUTDOWN_WAIT at most
+        (a collector that does not answer must not hold the gateway's shutdown up)."""
+        with trio.move_on_after(self.SHUTDOWN_WAIT):
+            await trio.to_thread.run_sync(self.provider.shutdown, abandon_on_cancel=True)
+
+
+def _set(span: Any, attributes: Mapping[str, Any]) -> None:
+    """`attributes` on `span`, those that are None left out (the SDK drops them with a warning).
+    Never given to start_span: the SDK's sampler hands them on as a mappingproxy, whose check
+    against collections.abc.Mapping misses the ABC cache on every span (slower than this)."""
+    span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
+def _wall_ns(monotonic: float) -> int:
+    """A time.monotonic() instant as the epoch nanoseconds a span's start or end takes."""
+    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+
+
+# A tracestate the propagator may read: its warnings about a malformed one quote it, and a
+# client's control characters do not belong in anyone's log.
+_TRACESTATE = re.compile(r"[ -~]{1,512}")
+
+
+class _NoTrace:
+    """Tracing off: every hook the gateway calls does nothing (one shared instance, no state)."""
+
+    stream_event = None  # a stream's events are not watched (StreamTranslator's `observe`)
+
+    def routed(self, decision: RouteDecision, since: float) -> None:
+        pass
+
+    def attempt(self, model: ModelEntry) -> "_NoTrace":
+        return self
+
+    def carrying(self, call: ProviderRequest) -> ProviderRequest:
+        return call
+
+    def failed(self, error: PlanoError) -> None:
+        pass
+
+    def answered(self, status: int) -> None:
+        pass
+
+    def answer(self, payload: dict) -> None:
+        pass
+
+    def finish(self, exchange: Any) -> None:
+        pass
+
+
+_NO_TRACE = _NoTrace()
+
+
+class _RequestTrace:
+    """One chat request's spans. The request's own (SERVER, `chat {requested model}`) continues
+    the client's W3C `traceparent` when it sent a valid one (anything else starts a new trace);
+    below it the router's decision when the router was asked (INTERNAL, `plano.router`) and each
+    upstream attempt (CLIENT, `chat {model id}`, a failover's failed attempts included), whose
+    context is the `traceparent` the provider gets. The GenAI attributes, usage and the outcome
+    are set when the gateway is done with the request (`finish`)."""
+
+    def __init__(self, tracing: Tracing, request: Any, started: float):
+        self.tracing = tracing
+        api = tracing.api
+        carrier = {name: request.headers[name] for name in ("traceparent", "tracestate") if name in request.headers}
+        if not _TRACESTATE.fullmatch(carrier.get("tracestate", "-")):
+            del carrier["tracestate"]
+        parent = tracing.propagator.extract(carrier)  # a malformed traceparent: an empty context
+        self.span = tracing.tracer.start_span("chat", context=parent, kind=api.SpanKind.SERVER,
+                                              start_time=_wall_ns(started))
+        self.context = api.set_span_in_context(self.span)
+        self.attempts: list[_AttemptTrace] = []
+
+    def routed(self, decision: RouteDecision, since: float) -> None:
+        """The router's decision, from `since` (time.monotonic) to now."""
+        attributes = {"plano.decision": decision.decision, "plano.model": decision.model,
+                      "plano.router_ms": round(decision.latency_ms, 1), "plano.route": decision.route,
+                      "plano.route_confidence": decision.confidence, "plano.reason": kept_text(decision.reason)}
+        span = self.tracing.tracer.start_span("plano.router", context=self.context,
+                                              kind=self.tracing.api.SpanKind.INTERNAL, start_time=_wall_ns(since))
+        _set(span, attributes)
+        span.end()
+
+    def attempt(self, model: ModelEntry) -> "_AttemptTrace":
+        attempt = _AttemptTrace(self, model)
+        self.attempts.append(attempt)
+        return attempt
+
+    def stream_event(self, event: SSEEvent) -> None:
+        """An event of the answering provider's stream, as decoded."""
+        if self.attempts:
+            attempt = self.attempts[-1]
+            attempt.first_event()
+            self._read(attempt.facts.event, event)
+
+    def answer(self, payload: dict) -> None:
+        """The answering provider's whole answer."""
+        if self.attempts:
+            self._read(self.attempts[-1].facts.whole, payload)
+
+    def _read(self, read: Callable[[Any], None], answer: Any) -> None:
+        """What the answer says of itself, read for the spans: a bug in that reading (the answer
+        is the provider's, of any shape) costs the spans those facts, never the client its answer."""
+        try:
+            read(answer)
+        except Exception as error:
+            self.attempts[-1].facts = _AnswerFacts(self.attempts[-1].facts.interface, capture=False, broken=True)
+            log.warning("tracing: the provider's answer could not be read for its span (%s); the span goes "
+                        "without its id, model and finish reasons", type(error).__name__)
+
+    def finish(self, exchange: Any) -> None:
+        """Everything the gateway learned of the request (an _Exchange), on the spans; they end."""
+        decision, model, config = exchange.decision, exchange.model, exchange.config
+        answered = self.attempts[-1] if self.attempts and model is not None else None
+        # A stream's 200 has gone out once a provider answered; an error after it is an event in
+        # the stream (exchange.status, error.type), not the response's status.
+        streamed = exchange.wants_stream and model is not None
+        attributes: dict[str, Any] = {"gen_ai.operation.name": "chat", "url.path": kept_text(exchange.request.path),
+                                      "gen_ai.conversation.id": exchange.session or None,
+                                      "http.response.status_code": 200 if streamed else exchange.status or None,
+                                      "gen_ai.request.stream": True if exchange.wants_stream else None}
+        if exchange.requested_model:
+            attributes["gen_ai.request.model"] = exchange.requested_model
+            self.span.update_name(f"chat {exchange.requested_model}")
+        if decision is not None:
+            attributes.update({"plano.decision": decision.decision, "plano.model": decision.model,
+                               "plano.route": decision.route, "plano.router_ms": round(decision.latency_ms, 1)})
+            target = model or (config.model_named(decision.model) if config is not None else None)
+            if target is not None:
+                attributes["gen_ai.provider.name"] = genai_provider_name(target)
+        if exchange.first_byte_ms is not None:
+            attributes["plano.ttfb_ms"] = round(exchange.first_byte_ms, 1)
+        attributes.update(_usage_attributes(exchange.usage, exchange.reasoning_tokens))
+        failed = exchange.status >= 400
+        if answered is not None:
+            attributes.update(answered.facts.attributes(model, failed))
+        elif failed and self.attempts:
+            attributes["gen_ai.response.finish_reasons"] = ["error"]  # expected, and never came
+        if failed:
+            attributes["error.type"] = str(exchange.status)
+            if exchange.status >= 500:  # a 4xx is the client's to fix: not the server span's error
+                self.span.set_status(self.tracing.api.Status(self.tracing.api.StatusCode.ERROR,
+                                                             f"HTTP {exchange.status}"))
+        settings = self.tracing.settings
+        if (settings.content_on_span or settings.content_on_event) and self.span.is_recording():
+            content = _content_attributes(exchange.body, exchange.request.api_format,
+                                          answered.facts if answered is not None else None)
+            if settings.content_on_span:
+                attributes.update(content)
+            if settings.content_on_event:
+                self.span.add_event("gen_ai.client.inference.operation.details", content)
+        for attempt in self.attempts:
+            attempt.end(answered is attempt, failed)
+        _set(self.span, attributes)
+        self.span.end()
+
+
+class _AttemptTrace:
+    """One upstream attempt's span (CLIENT): the request to one provider and its answer. Its
+    attributes are gathered here and set once, as it ends (each call into the SDK has its cost)."""
+
+    def __init__(self, trace: _RequestTrace, model: ModelEntry):
+        self.trace = trace
+        self.model = model
+        self.sent = time.monotonic()
+        self.first_chunk: float | None = None
+        self.ended = False
+        self.facts = _AnswerFacts(model.interface, trace.tracing.settings.content_on_span
+                                  or trace.tracing.settings.content_on_event)
+        base = urllib.parse.urlsplit(model.base_url)
+        try:
+            port = base.port or (443 if base.scheme == "https" else 80)
+        except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
+            port = None
+        self.attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
+            "gen_ai.request.model": model.model_id, "server.address": base.hostname, "server.port": port}
+        tracing = trace.tracing
+        self.span = tracing.tracer.start_span(f"chat {model.model_id}", context=trace.context,
+                                              kind=tracing.api.SpanKind.CLIENT)
+
+    def carrying(self, call: ProviderRequest) -> ProviderRequest:
+        """`call` with this attempt's `traceparent` (and the client's `tracestate`): the provider,
+        and only the provider, learns which trace its work belongs to."""
+        headers = dict(call.headers)
+        self.trace.tracing.propagator.inject(headers, context=self.trace.tracing.api.set_span_in_context(self.span))
+        return dataclasses.replace(call, headers=headers)
+
+    def failed(self, error: PlanoError) -> None:
+        """The attempt ended in `error` (the provider's error status, or plano's 502/504 when it
+        could not reach it or it did not answer in time; 403 for a missing key)."""
+        api = self.trace.tracing.api
+        self.attributes.update({"error.type": str(error.status), "http.response.status_code": error.status})
+        self.span.set_status(api.Status(api.StatusCode.ERROR, error.error_type))
+        self.end(False, True)
+
+    def answered(self, status: int) -> None:
+        self.attributes["http.response.status_code"] = status
+
+    def first_event(self) -> None:
+        if self.first_chunk is None:  # the first chunk of the answer: its first whole event
+            self.first_chunk = time.monotonic()
+            self.attributes["gen_ai.response.time_to_first_chunk"] = round(self.first_chunk - self.sent, 6)
+
+    def end(self, answered: bool, failed: bool) -> None:
+        if self.ended:
+            return
+        if answered:
+            self.attributes.update(self.facts.attributes(self.model, failed))
+        _set(self.span, self.attributes)
+        self.span.end()
+        self.ended = True
+
+
+def _usage_attributes(usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> dict[str, int]:
+    """An answer's Anthropic-shaped usage as the conventions count it: input tokens include cache
+    reads and writes; reasoning tokens are part of the output."""
+    attributes = {}
+    if usage:
+        read, write = _token_count(usage.get("cache_read_input_tokens")), \
+            _token_count(usage.get("cache_creation_input_tokens"))
+        attributes["gen_ai.usage.input_tokens"] = _token_count(usage.get("input_tokens")) + read + write
+        attributes["gen_ai.usage.output_tokens"] = _token_count(usage.get("output_tokens"))
+        if "cache_read_input_tokens" in usage:
+            attributes["gen_ai.usage.cache_read.input_tokens"] = read
+        if "cache_creation_input_tokens" in usage:
+            attributes["gen_ai.usage.cache_write.input_tokens"] = write
+    if reasoning_tokens is not None:
+        attributes["gen_ai.usage.reasoning.output_tokens"] = _token_count(reasoning_tokens)
+    return attributes
+
+
+# ── what an answer says of itself ─────────────────────────────────────────────────────────
+
+# An OpenAI chunk that gives a finish reason (every chunk names the field, most as null).
+_FINISH_REASON_GIVEN = re.compile(r'"finish_reason"\s*:\s*"')
+_RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+class _AnswerFacts:
+    """What a provider's answer says of itself, in its own format (`interface`): its id, the
+    model that answered, why each choice stopped and, when content is captured, the output
+    messages (each text, reasoning and tool-call part bounded). Fed the whole answer, or the
+    stream's events as the StreamTranslator decodes them: only those that carry these facts are
+    parsed, unless content is captured."""
+
+    def __init__(self, interface: str, capture: bool, broken: bool = False):
+        self.interface = interface
+        self.capture = capture
+        self.broken = broken  # reading failed once: nothing more is read
+        self.id: str | None = None
+        self.model: str | None = None
+        self.reasons: dict[int, str] = {}  # choice index → finish reason
+        self.parts: dict[int, dict[tuple, dict]] = {}  # choice index → (kind, index) → part being built
+
+    def attributes(self, model: ModelEntry | None, failed: bool) -> dict[str, Any]:
+        reasons = [self.reasons[k] for k in sorted(self.reasons)] or (["error"] if failed else [])
+        attributes = {"gen_ai.response.id": kept_text(self.id) if self.id else None,
+                      "gen_ai.response.model": kept_text(self.model) if self.model else
+                      (model.model_id if model is not None else None),
+                      "gen_ai.response.finish_reasons": reasons or None}
+        return {k: v for k, v in attributes.items() if v is not None}
+
+    def event(self, event: SSEEvent) -> None:
+        if self.broken or not self._wanted(event):
+            return
+        try:
+            parsed = parse_json(event.data, unique_keys=False)
+        except ValueError:
+            return
+        if isinstance(parsed, dict):
+            self._event(parsed)
+
+    def _wanted(self, event: SSEEvent) -> bool:
+        if self.interface == "responses":
+            return event.event is None or event.event in _RESPONSES_FINAL or event.event == "response.created"
+        if self.capture:
+            return self.interface == "anthropic" or event.data != "[DONE]"
+        if self.interface == "anthropic":
+            return event.event in (None, "message_start", "message_delta")
+        return self.model is None or bool(_FINISH_REASON_GIVEN.search(event.data))
+
+    def _event(self, data: dict) -> None:
+        kind = data.get("type")
+        if self.interface == "responses":
+            if isinstance(data.get("response"), dict) and kind in ("response.created",) + _RESPONSES_FINAL:
+                self.whole(data["response"])
+        elif self.interface == "anthropic":
+            if kind == "message_start" and isinstance(data.get("message"), dict):
+                self._identity(data["message"])
+            elif kind == "message_delta" and isinstance(data.get("delta"), dict):
+                self._reason(0, data["delta"].get("stop_reason"))
+            elif self.capture and kind == "content_block_start" and isinstance(data.get("content_block"), dict):
+                self._anthropic_block(_index(data.get("index")), data["content_block"])
+            elif self.capture and kind == "content_block_delta" and isinstance(data.get("delta"), dict):
+                delta = data["delta"]
+                text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+                for key in [k for k in self.parts.get(0, {}) if k[1] == _index(data.get("index"))]:
+                    self._add(0, key, text)
+        else:
+            self._identity(data)
+            for choice in _list(data.get("choices")):
+                if isinstance(choice, dict):
+                    index = _index(choice.get("index"))
+                    self._reason(index, choice.get("finish_reason"))
+                    if self.capture and isinstance(choice.get("delta"), dict):
+                        self._openai_message(index, choice["delta"])
+
+    def whole(self, payload: dict) -> None:
+        """A whole answer (or a Responses stream's response object)."""
+        if self.broken:
+            return
+        self._identity(payload)
+        if self.interface == "anthropic":
+            self._reason(0, payload.get("stop_reason"))
+            blocks = payload.get("content") if self.capture and isinstance(payload.get("content"), list) else []
+            for index, block in enumerate(blocks):
+                if isinstance(block, dict):
+                    self._anthropic_block(index, block)
+        elif self.interface == "responses":
+            incomplete = payload.get("incomplete_details")
+            self._reason(0, incomplete.get("reason") if isinstance(incomplete, dict) else None)
+            if payload.get("status") in ("completed", "failed"):
+                self._reason(0, payload["status"])
+            if self.capture:
+                self.parts.pop(0, None)  # a Responses stream's final event repeats the whole answer
+                for index, item in enumerate(_list(payload.get("output"))):
+                    if isinstance(item, dict):
+                        self._responses_item(index, item)
+        else:
+            for choice in _list(payload.get("choices")):
+                if isinstance(choice, dict):
+                    index = _index(choice.get("index"))
+                    self._reason(index, choice.get("finish_reason"))
+                    if self.capture and isinstance(choice.get("message"), dict):
+                        self._openai_message(index, choice["message"])
+
+    def _identity(self, data: dict) -> None:
+        if self.id is None and isinstance(data.get("id"), str):
+            self.id = data["id"]
+        if self.model is None and isinstance(data.get("model"), str):
+            self.model = data["model"]
+
+    def _reason(self, index: int, reason: Any) -> None:
+        if isinstance(reason, str) and reason and len(self.reasons) < 16:
+            self.reasons[index] = kept_text(reason)
+
+    # The output messages, built from the answer's parts in the conventions' shapes.
+
+    def _anthropic_block(self, index: int, block: dict) -> None:
+        kind = {"text": "text", "thinking": "reasoning", "tool_use": "tool_call"}.get(str(block.get("type")))
+        if kind is None:
+            return
+        part = self._part(0, (kind, index))
+        if kind == "tool_call":
+            part.update(id=_named(block.get("id")), name=_named(block.get("name")))
+            if block.get("input"):
+                self._add(0, (kind, index), json.dumps(block["input"], ensure_ascii=False))
+        else:
+            self._add(0, (kind, index), block.get("text") or block.get("thinking"))
+
+    def _openai_message(self, choice: int, message: dict) -> None:
+        self._add(choice, ("reasoning", 0), message.get("reasoning_content") or message.get("reasoning"))
+        self._add(choice, ("text", 0), message.get("content"))
+        for position, call in enumerate(_list(message.get("tool_calls"))):
+            if isinstance(call, dict):
+                key = ("tool_call", _index(call.get("index"), position))
+                part = self._part(choice, key)
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                part.update({k: _named(v) for k, v in (("id", call.get("id")), ("name", function.get("name"))) if v})
+                self._add(choice, key, function.get("arguments"))
+
+    def _responses_item(self, index: int, item: dict) -> None:
+        if item.get("type") == "message":
+            for block in _list(item.get("content")):
+                if isinstance(block, dict):
+                    self._add(0, ("text", index), block.get("text"))
+        elif item.get("type") == "function_call":
+            self._part(0, ("tool_call", index)).update(id=_named(item.get("call_id")), name=_named(item.get("name")))
+            self._add(0, ("tool_call", index), item.get("arguments"))
+        elif item.get("type") == "reasoning":
+            for block in _list(item.get("summary")):
+                if isinstance(block, dict):
+                    self._add(0, ("reasoning", index), block.get("text"))
+
+    def _part(self, choice: int, key: tuple) -> dict:
+        parts = self.parts.setdefault(choice, {})
+        if key not in parts and len(parts) < 64:
+            parts[key] = {"type": key[0], "text": []}
+        return parts.get(key, {"type": key[0], "text": []})
+
+    def _add(self, choice: int, key: tuple, text: Any) -> None:
+        if isinstance(text, str) and text:
+            pieces = self._part(choice, key)["text"]
+            if sum(map(len, pieces)) < _CAPTURED_PART_CHARS:
+                pieces.append(text)
+
+    def output_messages(self) -> list[dict]:
+        messages = []
+        for choice in sorted(set(self.parts) | set(self.reasons)):
+            parts = []
+            for part in self.parts.get(choice, {}).values():
+                text = "".join(part["text"])[:_CAPTURED_PART_CHARS]
+                if part["type"] == "tool_call":
+                    parts.append({"type": "tool_call", "id": part.get("id"), "name": part.get("name"),
+                                  "arguments": text})
+                elif text:
+                    parts.append({"type": part["type"], "content": text})
+            messages.append({"role": "assistant", "parts": parts, "finish_reason": self.reasons.get(choice, "error")})
+        return messages
+
+
+def _list(value: Any) -> list:
+    """A field that should hold a list, if it does (the provider's or client's JSON may hold anything)."""
+    return value if isinstance(value, list) else []
+
+
+def _named(value: Any) -> str | None:
+    """A provider's tool-call id or name, bounded as everything plano keeps (kept_text)."""
+    return kept_text(value) if isinstance(value, str) else None
+
+
+def _index(value: Any, default: int = 0) -> int:
+    """A provider's choice, block or tool-call index (a dictionary key here), if it is one."""
+    return value if type(value) is int else default
+
+
+# ── prompt and answer text, when the user opts in ─────────────────────────────────────────
+
+def _content_attributes(body: dict, api_format: str, facts: _AnswerFacts | None) -> dict[str, str]:
+    """gen_ai.system_instructions, gen_ai.input.messages and gen_ai.output.messages as JSON
+    strings (the SDK's attributes take no nested values), bounded: each part at
+    _CAPTURED_PART_CHARS, and of the input the newest messages whose JSON fits
+    _CAPTURED_MESSAGES_CHARS. Images and files are named by their type, never included."""
+    system, messages = genai_input_messages(body, api_format)
+    kept: list[str] = []
+    size = 0
+    for message in reversed(messages):
+        encoded = json.dumps(message, ensure_ascii=False)
+        size += len(encoded) + 1
+        if size > _CAPTURED_MESSAGES_CHARS and kept:
+            break
+        kept.append(encoded)
+    attributes = {"gen_ai.input.messages": "[" + ",".join(reversed(kept)) + "]"}
+    if system:
+        attributes["gen_ai.system_instructions"] = json.dumps(system, ensure_ascii=False)
+    if facts is not None:
+        attributes["gen_ai.output.messages"] = json.dumps(facts.output_messages(), ensure_ascii=False)
+    return attributes
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _CAPTURED_PART_CHARS else text[:_CAPTURED_PART_CHARS] + "…"
+
+
+def _genai_parts(content: Any) -> list[dict]:
+    """A message's content (a string, or blocks of any of the three APIs) as the conventions' parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "content": _cut(content)}] if content else []
+    parts = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            if isinstance(block.get("text"), str):
+                parts.append({"type": "text", "content": _cut(block["text"])})
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                parts.append({"type": "reasoning", "content": _cut(block["thinking"])})
+        elif kind == "tool_use":
+            parts.append({"type": "tool_call", "id": _named(block.get("id")), "name": _named(block.get("name")),
+                          "arguments": _cut(json.dumps(block.get("input"), ensure_ascii=False))})
+        elif kind == "tool_result":
+            response = block.get("content")
+            text = response if isinstance(response, str) else \
+                "\n".join(p["content"] for p in _genai_parts(response) if p["type"] == "text")
+            parts.append({"type": "tool_call_response", "id": _named(block.get("tool_use_id")), "response": _cut(text)})
+        elif isinstance(kind, str):
+            parts.append({"type": kept_text(kind)})  # an image, a file: named, not included
+    return parts
+
+
+def genai_input_messages(body: dict, api_format: str) -> tuple[list[dict], list[dict]]:
+    """(system instructions, input messages) of a request body in `api_format`, in the
+    conventions' shapes (role and parts), in the order they were sent."""
+    system: list[dict] = []
+    messages: list[dict] = []
+    if api_format == "responses":
+        if isinstance(body.get("instructions"), str):
+            system = _genai_parts(body["instructions"])
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type", "message")
+            if kind == "message":
+                messages.append({"role": kept_text(str(item.get("role"))), "parts": _genai_parts(item.get("content"))})
+            elif kind == "function_call":
+                messages.append({"role": "assistant", "parts": [{
+                    "type": "tool_call", "id": _named(item.get("call_id")), "name": _named(item.get("name")),
+                    "arguments": _cut(str(item.get("arguments")))}]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                messages.append({"role": "tool", "parts": [{
+                    "type": "tool_call_response", "id": _named(item.get("call_id")),
+                    "response": _cut(output if isinstance(output, str) else json.dumps(output, ensure_ascii=False))}]})
+        return system, messages
+    if api_format == "anthropic":
+        system = _genai_parts(body.get("system"))
+    for message in _list(body.get("messages")):
+        if not isinstance(message, dict):
+            continue
+        parts = _genai_parts(message.get("content"))
+        calls = message.get("tool_calls") if api_format == "openai" else None
+        for call in calls if isinstance(calls, list) else []:
+            if isinstance(call, dict):
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                parts.append({"type": "tool_call", "id": _named(call.get("id")), "name": _named(function.get("name")),
+                              "arguments": _cut(str(function.get("arguments")))})
+        if api_format == "openai" and message.get("role") == "tool":
+            text = "\n".join(p["content"] for p in parts if p["type"] == "text")
+            parts = [{"type": "tool_call_response", "id": _named(message.get("tool_call_id")), "response": text}]
+        messages.append({"role": kept_text(str(message.get("role"))), "parts": parts})
+    return system, messages
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Gateway: one request, from parsed HTTP to the caller's answer. No sockets here: the server
 # hands in a Request and a Responder.
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -7674,6 +8339,7 @@ class _Exchange:
     usage: Mapping[str, Any] | None = None  # the answer's usage, Anthropic-shaped (token kinds apart)
     reasoning_tokens: int | None = None  # of the output tokens, where the provider says
     unusable_usage: list[str] = field(default_factory=list)  # the provider's token counts that were not
+    trace: _RequestTrace | _NoTrace = _NO_TRACE  # its spans, when tracing is on (Gateway.tracing)
 
     def used(self, usage: Mapping[str, Any] | None, reasoning_tokens: int | None,
              unusable_usage: list[str] | None = None) -> None:
@@ -7869,7 +8535,8 @@ class Upstreams:
         """The upstream answer to `exchange`, open until `stack` closes and known to be a success:
         its decided model's, else the first of its fallbacks that answers; or the error of the
         attempt that ended the search. `exchange` is read, never written: the gateway records what
-        this returns (errors come back rather than raise so that the timing comes with them)."""
+        this returns (errors come back rather than raise so that the timing comes with them); its
+        trace records each attempt."""
         config, decision, request = exchange.config, exchange.decision, exchange.request
         assert config is not None and decision is not None
         chosen = config.model_named(decision.model)
@@ -7879,17 +8546,19 @@ class Upstreams:
         upstream_ms: float | None = None  # of the last attempt the provider answered
         for attempt, model in enumerate(candidates):
             last = attempt == len(candidates) - 1
+            traced = exchange.trace.attempt(model)
             try:
                 call = provider_request(model, request.api_format, exchange.body, request.body, request.headers,
                                         request.query, exchange.session,
                                         output_limit(exchange.needs, model) if exchange.needs else None)
-                response, upstream_ms = await self._send(model, call, config)
+                response, upstream_ms = await self._send(model, traced.carrying(call), config)
                 if response.status_code >= 400:
                     try:
                         raise await self._error(response, model, request.api_format, config_secrets(config))
                     finally:
                         await response.aclose()
             except UpstreamError as error:
+                traced.failed(error)
                 await self.health.failed(model, error)
                 if not error.retryable or last:
                     return _UpstreamAnswer(None, None, decision, upstream_ms, error)
@@ -7898,12 +8567,15 @@ class Upstreams:
                     _scrub(error.message, config_secrets(config))[:200]), candidates[attempt + 1].name)
                 continue
             except ProviderKeyError as error:
+                traced.failed(error)
                 if attempt == 0 or last:  # the chosen model's missing key is the user's to fix
                     return _UpstreamAnswer(None, None, decision, upstream_ms, error)
                 failures.append(f"{model.name}: no key")
                 continue
             except PlanoError as error:  # a request this model's format cannot take
+                traced.failed(error)
                 return _UpstreamAnswer(None, None, decision, upstream_ms, error)
+            traced.answered(response.status_code)
             stack.push_async_callback(response.aclose)
             await self.health.succeeded(model)
             if model is not chosen:
@@ -8147,8 +8819,10 @@ class Gateway:
         self.stopping = False  # set when a shutdown's grace period is over
         self.decision_log = DecisionLog()
         self.metrics = self._metrics_for(config, None)
+        self.tracing: Tracing | None = None  # set on entering, when the OTEL_* variables ask for traces
 
     async def __aenter__(self) -> "Gateway":
+        self.tracing = Tracing.from_environment(os.environ)
         self._exit_stack = contextlib.AsyncExitStack()
         # Loading the router, closing backends a reload replaced: work that outlives a request.
         self._background = await self._exit_stack.enter_async_context(trio.open_nursery())
@@ -8193,6 +8867,8 @@ class Gateway:
                 if self.router is not None:
                     await self.router.backend.close()
                 await self.upstreams.aclose()
+                if self.tracing is not None:
+                    await self.tracing.aclose()  # the spans of the last requests go out
 
     def reload(self, config: Config) -> None:
         """Use a new (already validated) config for requests that start from now on. Everything
@@ -8277,6 +8953,10 @@ class Gateway:
                             await self._charge(exchange, row)
                 except Exception as error:  # the answer has gone out; the bug goes to the log
                     self._log_internal_error(request, error)
+            try:
+                exchange.trace.finish(exchange)
+            except Exception as error:  # likewise
+                self._log_internal_error(request, error)
 
     async def _dispatch(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         path, method = request.path.rstrip("/") or "/", request.method
@@ -8589,6 +9269,8 @@ class Gateway:
     # ── the chat endpoints: Messages, Chat Completions, Responses ───────────────────────
 
     async def _chat(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        if self.tracing is not None:
+            exchange.trace = self.tracing.begin(request, exchange.started)
         client_format = request.api_format
         if exchange.key is not None:  # before anything else is spent on the request
             await self._admit(exchange.key, self.config)
@@ -8616,7 +9298,10 @@ class Gateway:
         exchange.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         exchange.session = session_key(body, request.headers)
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
+        deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
+        if self.router is not None and exchange.decision.decision not in ("explicit", "alias"):
+            exchange.trace.routed(exchange.decision, deciding)  # the router was asked
         alias = model_from_picker(requested)
         if exchange.decision.decision == "alias" and alias in config.aliases \
                 and not key_may_use(exchange.key, config.model_named(config.aliases[alias])):
@@ -8640,6 +9325,7 @@ class Gateway:
                 await self._pump_stream(upstream.response, respond, exchange)
             else:
                 raw, payload = await _read_json_answer(upstream.response, exchange.model)
+                exchange.trace.answer(payload)
                 answer = translate_answer(raw, payload, exchange.model, client_format, codex_tool_table(body))
                 exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
@@ -8649,7 +9335,7 @@ class Gateway:
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
         model = exchange.model
         translate = StreamTranslator(model.interface, exchange.request.api_format, model.name, exchange.include_usage,
-                                     codex_tool_table(exchange.body))
+                                     observe=exchange.trace.stream_event, tools=codex_tool_table(exchange.body))
         try:
             async for chunk in upstream.aiter_bytes():
                 await self._send_stream_bytes(translate.feed(chunk), respond, exchange)
@@ -9182,10 +9868,40 @@ def _load_config_or_exit(path: str | None) -> Config:
     return config
 
 
-def _gateway_url(config: Config) -> str:
+def _gateway_url(config: Config, environ: Mapping[str, str] = os.environ) -> str:
+    """Where the agents and plano's own commands reach the gateway: $PLANO_URL (a team's gateway,
+    somewhere else), else the config's listener on this machine."""
+    remote = _remote_gateway_url(environ)
+    if remote is not None:
+        return remote
     host = config.listener.address
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return ServerInfo(host, config.listener.port, None).url  # type: ignore[arg-type]
+
+
+def _gateway_url_or_exit(config: Config) -> str:
+    try:
+        return _gateway_url(config)
+    except ConfigError as e:
+        print(f"plano: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _remote_gateway_url(environ: Mapping[str, str]) -> str | None:
+    """$PLANO_URL, a team's gateway (`http://plano.internal:8080`), when it is set; a value that is
+    not an http(s) URL is an error here, not a connection to some other place later."""
+    value = environ.get("PLANO_URL", "").strip()
+    if not value:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query \
+            and not parts.fragment and (parts.port or 0) >= 0
+    except ValueError:  # urlsplit's own refusals: `http://[x`, a port that is not a number
+        usable = False
+    if not usable:
+        raise ConfigError(f"PLANO_URL must be the gateway's http:// or https:// URL (got {_shown(value)})")
+    return value.rstrip("/")
 
 
 def _client_key_headers(url: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -9490,7 +10206,7 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
 
 def _cmd_watch(args: Any) -> int:
     """Follow the gateway's decisions, reconnecting when it restarts."""
-    url = args.url or _gateway_url(_load_config_or_exit(args.config))
+    url = args.url or _gateway_url_or_exit(_load_config_or_exit(args.config))
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     waiting_said = False
     try:
@@ -9680,7 +10396,7 @@ def _listener_finding(config: Config) -> _Finding:
             pass
     except OSError:
         return _Finding("ok", "listener", f"{host}:{port} is free")
-    url = _gateway_url(config)
+    url = _gateway_url(config, {})  # this machine's listener, whatever PLANO_URL says
     try:
         health = httpx.get(url + "/healthz", timeout=2.0, trust_env=False).json()
         if health.get("status") == "ok" and "router" in health:
@@ -9838,6 +10554,11 @@ def _gateway_for_agent(config: Config):
 
     url = _gateway_url(config)
     gateway = None
+    if not _gateway_is_up(url) and _remote_gateway_url(os.environ) is not None:
+        # A team's gateway is not this machine's to start: say where the agent would have gone.
+        print(f"plano: the gateway at {url} (PLANO_URL) does not answer", file=sys.stderr)
+        yield False
+        return
     if not _gateway_is_up(url):
         # Nothing answers: run the gateway for the length of this agent session. Its log goes to a
         # file, since the terminal belongs to the agent.
@@ -9874,6 +10595,7 @@ def _cmd_cli_agent(args: Any) -> int:
         print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
         return 2
     config = _load_config_or_exit(args.config)
+    _gateway_url_or_exit(config)  # a PLANO_URL that is not a URL stops here, before any agent starts
     if config.keys and agent_key(config, os.environ) == CLAUDE_PLACEHOLDER_TOKEN:
         print("plano: this gateway takes a key per developer: export PLANO_API_KEY=<the key you were given>",
               file=sys.stderr)

@@ -11763,6 +11763,531 @@ def test_no_key_appears_in_the_log_of_any_replica_or_of_haproxy(team):
     assert [secret for secret in secrets if any(secret in log for log in logs)] == []
 
 
+# ── issue 20: a developer's agent on a team's gateway (PLANO_URL) ─────────────────────────────
+
+
+def test_plano_url_points_cli_agent_and_the_status_line_at_a_teams_gateway_and_never_starts_one(tmp_path, provider):
+    config = tmp_path / "config.yaml"
+    local_port = free_port()
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o", prices=TEAM_PRICES), router=False,
+                                  listeners=[{"address": "127.0.0.1", "port": local_port}],
+                                  keys=[{"name": "alice", "key": f"sha256:{ALICE_SHA256}"}]))
+
+    def cli_agent(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", *args],
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(HERE), **env})
+
+    with RunningPlano(plano.load_config(str(config))) as team:
+        claude = cli_agent("claude", "--print-env", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url + "/")
+        assert f"export ANTHROPIC_BASE_URL={team.url}\n" in claude.stdout
+        codex = cli_agent("codex", "--print-config", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+        assert f'base_url="{team.url}/v1"' in codex.stdout.replace(" ", "")
+        # The agent runs against the team's gateway: a stand-in `claude` on PATH reports where it was sent.
+        fake = tmp_path / "claude"
+        fake.write_text("#!/bin/sh\necho \"$ANTHROPIC_BASE_URL $ANTHROPIC_AUTH_TOKEN\"\n")
+        fake.chmod(0o755)
+        ran = cli_agent("claude", "-p", "hi", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+        assert ran.returncode == 0 and ran.stdout.strip() == f"{team.url} {ALICE_KEY}"
+        assert "gateway started" not in ran.stderr
+    # Nothing answers there: nothing is started on this machine, and the message says where it looked.
+    gone = cli_agent("claude", "-p", "hi", PLANO_API_KEY=ALICE_KEY, PLANO_URL=team.url)
+    assert gone.returncode == 1 and f"the gateway at {team.url} (PLANO_URL) does not answer" in gone.stderr
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{local_port}/healthz", timeout=1)
+    for hostile in ("ftp://x", "plano.internal:8080", "http://x/?a=1", "http://\x1b[2J", "http://x:port"):
+        refused = cli_agent("claude", "-p", "hi", PLANO_URL=hostile)
+        assert refused.returncode == 2 and "PLANO_URL must be the gateway's http:// or https:// URL" in refused.stderr
+        assert "\x1b" not in refused.stderr
+# ── issue 21: traces ──────────────────────────────────────────────────────────────────────────
+
+@dataclass
+class ReceivedSpan:
+    """One span as an OTLP collector received it (ids in hex, attribute values as Python values)."""
+
+    name: str
+    kind: str  # SERVER, CLIENT, INTERNAL
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, Any]
+    status: str  # UNSET, OK, ERROR
+    events: list[tuple[str, dict[str, Any]]]
+    resource: dict[str, Any]
+    start: int  # epoch nanoseconds
+
+
+def otlp_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [otlp_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: otlp_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+class OTLPReceiver:
+    """An OpenTelemetry collector's OTLP/HTTP traces endpoint on loopback: POST /v1/traces with a
+    protobuf ExportTraceServiceRequest, decoded with opentelemetry-proto; keeps every span."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        from opentelemetry.proto.trace.v1 import trace_pb2
+        self.spans: list[ReceivedSpan] = []
+        self.posts: list[tuple[str, dict[str, str]]] = []  # path and headers of each export
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.headers.get("content-encoding") == "gzip":
+                    raw = zlib.decompress(raw, 31)
+                receiver.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                export = trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+                for resource_spans in export.resource_spans:
+                    resource = {kv.key: otlp_value(kv.value) for kv in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            receiver.spans.append(ReceivedSpan(
+                                span.name, trace_pb2.Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_"),
+                                span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
+                                {kv.key: otlp_value(kv.value) for kv in span.attributes},
+                                trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
+                                [(e.name, {kv.key: otlp_value(kv.value) for kv in e.attributes}) for e in span.events],
+                                resource, span.start_time_unix_nano))
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = _StandInServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def named(self, name: str) -> list[ReceivedSpan]:
+        return [span for span in self.spans if span.name == name]
+
+    def one(self, kind: str, trace_id: str | None = None) -> ReceivedSpan:
+        found = [s for s in self.spans if s.kind == kind and (trace_id is None or s.trace_id == trace_id)]
+        assert len(found) == 1, [(s.name, s.kind, s.trace_id) for s in self.spans]
+        return found[0]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+OTEL_VARIABLES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME",
+                  "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_SCHEDULE_DELAY",
+                  plano._CONTENT_CAPTURE)
+
+
+@pytest.fixture
+def collector(monkeypatch):
+    """A collector on loopback, and the process's OTEL_* variables pointing plano at it. Spans are
+    batched for ten minutes, so what a test finds there came with the gateway's shutdown flush."""
+    receiver = OTLPReceiver()
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    yield receiver
+    receiver.close()
+
+
+def traceparent(header: str) -> tuple[str, str, bool]:
+    """(trace id, parent span id, sampled) of a W3C traceparent, which must be well formed."""
+    match = re.fullmatch(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})", header)
+    assert match, header
+    return match.group(1), match.group(2), bool(int(match.group(3), 16) & 1)
+
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+def test_a_request_is_one_server_span_with_the_genai_attributes_and_the_router_and_upstream_below_it(
+        provider, collector):
+    # An Anthropic client, an OpenAI-format model: the spans say what the client asked, what
+    # plano decided, which provider answered with which model, and the provider's own token counts
+    # (40 prompt tokens, 30 of them cached, 7 completion tokens) as the conventions count them.
+    with RunningPlano(config_for(provider)) as running:
+        message = anthropic_client(running).messages.create(
+            model="openai/gpt-4o", max_tokens=50, messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"X-Claude-Code-Session-Id": "session-7"})
+    assert message.content[0].text == "echo: hello"
+    server = collector.one("SERVER")
+    assert (server.name, server.parent_id, server.status) == ("chat openai/gpt-4o", "", "UNSET")
+    assert server.resource["service.name"] == "plano"
+    expected = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "openai/gpt-4o", "gen_ai.response.model": "gpt-4o",
+                "gen_ai.response.id": "chatcmpl-1", "gen_ai.response.finish_reasons": ["stop"],
+                "gen_ai.usage.input_tokens": 40, "gen_ai.usage.output_tokens": 7,
+                "gen_ai.usage.cache_read.input_tokens": 30, "gen_ai.conversation.id": "session-7",
+                "plano.decision": "explicit", "plano.model": "openai/gpt-4o", "http.response.status_code": 200,
+                "url.path": "/v1/messages"}
+    assert {k: server.attributes.get(k) for k in expected} == expected
+    assert "plano.route" not in server.attributes and "gen_ai.request.stream" not in server.attributes
+    assert server.attributes["plano.router_ms"] == 0 and server.attributes["plano.ttfb_ms"] > 0
+    # The request named its model: the router was not asked, so no span for it.
+    upstream = collector.one("CLIENT")
+    assert [s.kind for s in collector.spans if s.kind not in ("SERVER", "CLIENT")] == []
+    assert (upstream.trace_id, upstream.parent_id) == (server.trace_id, server.span_id)
+    assert upstream.name == "chat gpt-4o" and upstream.status == "UNSET"
+    assert upstream.attributes == {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o", "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1", "server.port": provider.port,
+        "http.response.status_code": 200}
+    # The provider's request carries the upstream span's context: the same trace, one level down.
+    sent = provider.requests[-1].headers
+    assert traceparent(sent["traceparent"]) == (server.trace_id, upstream.span_id, True)
+    assert "tracestate" not in sent
+    everything = json.dumps([s.attributes for s in collector.spans])
+    assert not any(key in everything for key in ALL_KEYS)
+
+
+def test_the_clients_traceparent_is_continued_and_the_provider_gets_one_of_the_same_trace_streaming(
+        provider, collector):
+    # An OpenAI SDK client streaming from an Anthropic-format model, inside a trace of its own.
+    with RunningPlano(config_for(provider)) as running:
+        stream = openai_client(running).chat.completions.create(
+            model="anthropic/claude-sonnet-5", stream=True, messages=[{"role": "user", "content": "stream it"}],
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "vendor=abc"})
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "echo: stream it"
+    server = collector.one("SERVER")
+    assert (server.trace_id, server.parent_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    upstream = collector.one("CLIENT")
+    assert upstream.trace_id == CLIENT_TRACE and upstream.parent_id == server.span_id
+    sent = provider.requests[-1].headers
+    assert traceparent(sent["traceparent"]) == (CLIENT_TRACE, upstream.span_id, True)
+    assert sent["tracestate"] == "vendor=abc"  # the client's, carried along its trace
+    assert {k: server.attributes.get(k) for k in (
+        "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model", "gen_ai.response.id",
+        "gen_ai.response.finish_reasons", "gen_ai.request.stream", "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens", "gen_ai.usage.cache_read.input_tokens")} == {
+        "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "anthropic/claude-sonnet-5",
+        "gen_ai.response.model": "claude-sonnet-5", "gen_ai.response.id": "msg_01",
+        "gen_ai.response.finish_reasons": ["end_turn"], "gen_ai.request.stream": True,
+        "gen_ai.usage.input_tokens": 12 + 30, "gen_ai.usage.output_tokens": 9,
+        "gen_ai.usage.cache_read.input_tokens": 30}
+    assert server.attributes["plano.ttfb_ms"] >= 0
+    first_chunk = upstream.attributes["gen_ai.response.time_to_first_chunk"]
+    assert isinstance(first_chunk, float) and 0 <= first_chunk < 30
+    assert upstream.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
+
+
+def test_a_responses_request_is_traced_in_its_own_format_too(provider, collector):
+    with RunningPlano(config_for(provider)) as running:
+        answer = openai_client(running).responses.create(model="openai/gpt-4o", input="hi there")
+    assert answer.output_text == "echo: hi there"
+    server = collector.one("SERVER")
+    assert server.attributes["url.path"] == "/v1/responses"
+    assert server.attributes["gen_ai.usage.input_tokens"] == 40 and server.attributes["gen_ai.usage.output_tokens"] == 7
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+
+
+@pytest.mark.parametrize("header", [
+    "not a traceparent", f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01", f"00-{'0' * 32}-{CLIENT_SPAN}-01",
+    f"00-{CLIENT_TRACE}-{'0' * 16}-01", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra", f"00-{CLIENT_TRACE.upper()}-"
+    f"{CLIENT_SPAN}-01", "00-" + "a" * 600, f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01\u00e9"])
+def test_a_malformed_traceparent_is_ignored_and_the_request_answered_in_a_trace_of_its_own(provider, collector,
+                                                                                          header):
+    with RunningPlano(config_for(provider)) as running:
+        answered = httpx.post(running.url + "/v1/messages", headers={
+            "traceparent": header.encode("latin-1"), "tracestate": b"k=\x9b\x1b[2J"}, json={
+            "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    assert answered.status_code == 200 and answered.json()["content"][0]["text"] == "echo: x"
+    server = collector.one("SERVER")
+    assert server.parent_id == "" and server.trace_id != CLIENT_TRACE
+    sent = provider.requests[-1].headers
+    assert traceparent(sent["traceparent"])[0] == server.trace_id
+    assert "tracestate" not in sent  # a tracestate with control characters is not taken either
+
+
+def test_no_prompt_or_answer_text_is_in_a_span_unless_the_user_opts_in(provider, collector, monkeypatch):
+    question = "the launch code is tangerine"
+    with RunningPlano(config_for(provider)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=50, system="be brief",
+                                                  messages=[{"role": "user", "content": question}])
+    spans = collector.spans
+    collector.spans = []
+    monkeypatch.setenv(plano._CONTENT_CAPTURE, "true")
+    with RunningPlano(config_for(provider)) as running:
+        anthropic_client(running).messages.create(model="openai/gpt-4o", max_tokens=50, system="be brief",
+                                                  messages=[{"role": "user", "content": question}])
+    assert len(spans) == 2 and "tangerine" not in json.dumps([(s.attributes, s.events) for s in spans])
+    server = collector.one("SERVER")
+    assert json.loads(server.attributes["gen_ai.input.messages"]) == \
+        [{"role": "user", "parts": [{"type": "text", "content": question}]}]
+    assert json.loads(server.attributes["gen_ai.system_instructions"]) == [{"type": "text", "content": "be brief"}]
+    assert json.loads(server.attributes["gen_ai.output.messages"]) == \
+        [{"role": "assistant", "parts": [{"type": "text", "content": f"echo: {question}"}], "finish_reason": "stop"}]
+    assert "tangerine" not in json.dumps([(s.attributes, s.events) for s in collector.spans if s is not server])
+
+
+def test_captured_content_can_go_on_an_event_and_streamed_tool_calls_are_in_it(provider, collector, monkeypatch):
+    monkeypatch.setenv(plano._CONTENT_CAPTURE, "EVENT_ONLY")
+    with RunningPlano(config_for(provider)) as running:
+        with anthropic_client(running).messages.stream(
+                model="openai/gpt-4o", max_tokens=50, messages=[{"role": "user", "content": "TOOL:ls -la"}]) as stream:
+            final = stream.get_final_message()
+    assert final.content[0].name == "Bash"
+    server = collector.one("SERVER")
+    assert "gen_ai.input.messages" not in server.attributes
+    [(name, content)] = server.events
+    assert name == "gen_ai.client.inference.operation.details"
+    call = {"type": "tool_call", "id": "call_abc123", "name": "Bash", "arguments": '{"command": "ls -la"}'}
+    assert json.loads(content["gen_ai.output.messages"]) == \
+        [{"role": "assistant", "finish_reason": "tool_calls", "parts": [call]}]
+    assert "TOOL:ls -la" in content["gen_ai.input.messages"]
+
+
+def test_each_failover_attempt_is_a_span_and_a_failed_request_is_an_error_span(provider, backup, collector):
+    with RunningPlano(failover_config(provider.openai_base, backup)) as running:
+        provider.then(Reply(503, {"error": {"message": "down", "type": "server_error"}}))
+        fell_back = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "there?"}]})
+        provider.then(Reply(500, {"error": {"message": "down", "type": "server_error"}}))
+        backup.then(Reply(500, {"type": "error", "error": {"type": "api_error", "message": "down too"}}))
+        failed = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "again"}]})
+        refused = httpx.post(running.url + "/v1/messages", json={
+            "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "no max_tokens"}]})
+    assert (fell_back.status_code, failed.status_code, refused.status_code) == (200, 500, 400)
+    servers = sorted((s for s in collector.spans if s.kind == "SERVER"), key=lambda s: s.attributes["url.path"]
+                     + str(s.attributes["http.response.status_code"]))
+    by_status = {s.attributes["http.response.status_code"]: s for s in servers}
+    assert set(by_status) == {200, 500, 400}
+    ok, error, bad = by_status[200], by_status[500], by_status[400]
+
+    def attempts(server: ReceivedSpan) -> list[tuple]:
+        spans = [s for s in collector.spans if s.kind == "CLIENT" and s.parent_id == server.span_id]
+        return [(s.name, s.status, s.attributes.get("error.type")) for s in sorted(spans, key=lambda s: s.start)]
+
+    assert attempts(ok) == [("chat gpt-4o", "ERROR", "503"), ("chat claude-backup", "UNSET", None)]
+    assert (ok.status, ok.attributes["plano.decision"], ok.attributes["plano.model"]) == \
+        ("UNSET", "fallback", "anthropic/claude-backup")
+    assert attempts(error) == [("chat gpt-4o", "ERROR", "500"), ("chat claude-backup", "ERROR", "500")]
+    assert (error.status, error.attributes["error.type"], error.attributes["gen_ai.response.finish_reasons"]) == \
+        ("ERROR", "500", ["error"])
+    # The client's own mistake: marked, but not the server's error; no provider was asked.
+    assert (bad.status, bad.attributes["error.type"], attempts(bad)) == ("UNSET", "400", [])
+
+
+def test_a_stream_cut_off_by_the_provider_is_an_error_span(provider, collector):
+    with RunningPlano(config_for(provider)) as running:
+        provider.then(lambda request: dataclass_replace(provider.anthropic_reply(request), abort_after=8))
+        with httpx.stream("POST", running.url + "/v1/messages", json={
+                "model": "anthropic/claude-sonnet-5", "max_tokens": 20, "stream": True,
+                "messages": [{"role": "user", "content": "a long answer please"}]}) as response:
+            body = response.read().decode()
+    assert response.status_code == 200 and "event: error" in body
+    server = collector.one("SERVER")
+    assert (server.status, server.attributes["error.type"], server.attributes["gen_ai.response.finish_reasons"],
+            server.attributes["http.response.status_code"]) == ("ERROR", "502", ["error"], 200)
+    assert collector.one("CLIENT").attributes["gen_ai.response.finish_reasons"] == ["error"]
+
+
+def test_the_router_span_says_what_the_router_decided_and_the_router_endpoint_gets_no_traceparent(
+        provider, backup, collector):
+    # A remote router (on `backup`) picks the route; its request is plano's own business, not the
+    # client's trace: only the provider's request carries a traceparent.
+    backup.then(remote_answer('{"route": "code generation"}'))
+    with RunningPlano(routed_config(provider, remote_router(backup.openai_base)), router="auto") as running:
+        wait_until(lambda: router_ready(running.url), what="the router ready")
+        answered = anthropic_client(running).messages.with_raw_response.create(
+            model="claude-opus-5-5", max_tokens=20, messages=[{"role": "user", "content": "write a quicksort"}])
+    headers = answered.headers
+    router, server = collector.one("INTERNAL"), collector.one("SERVER")
+    assert (router.attributes["plano.decision"], router.attributes["plano.route"], router.attributes["plano.model"]) \
+        == (headers["x-plano-decision"], headers["x-plano-route"], headers["x-plano-model"]) \
+        == ("router", "code generation", "openai/gpt-4o")
+    assert f"{router.attributes['plano.router_ms']:.1f}" == headers["x-plano-router-ms"]
+    assert (server.attributes["plano.route"], server.attributes["gen_ai.request.model"]) == \
+        ("code generation", "claude-opus-5-5")
+    assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
+    assert "traceparent" not in backup.requests[0].headers
+    assert traceparent(provider.requests[-1].headers["traceparent"])[0] == server.trace_id
+
+
+def test_a_collector_that_never_answers_costs_the_answers_nothing_and_does_not_hold_the_shutdown(
+        provider, collector, monkeypatch):
+    # Spans are sent in the SDK's thread: requests are answered while every export hangs, and
+    # stopping waits Tracing.SHUTDOWN_WAIT for the last batch, then goes.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # accepts connections (the kernel does) and never reads or answers
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "1")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # the abandoned export gives up soon after
+        monkeypatch.setattr(plano.Tracing, "SHUTDOWN_WAIT", 0.5)
+        running = RunningPlano(config_for(provider))
+        try:
+            for n in range(20):
+                answered = httpx.post(running.url + "/v1/chat/completions", json={
+                    "model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"n{n}"}]})
+                assert answered.json()["choices"][0]["message"]["content"] == f"echo: n{n}"
+        finally:
+            running.stop()
+        assert running.finished.is_set() and not running.thread.is_alive()
+    # The flush the gateway stopped waiting for goes on in the SDK's thread until its own timeout:
+    # gone before the next test, whose hypothesis run must not see its retries draw from `random`.
+    wait_until(lambda: not any(t.name.startswith("OtelBatch") for t in threading.enumerate()), 30,
+               "the exporter's thread gave up")
+
+
+@pytest.mark.parametrize("environ, on, content, warns", [
+    ({}, False, "", False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True, "", False),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True, "", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, True, "", False),
+    ({"OTEL_SERVICE_NAME": "gateway", "OTEL_RESOURCE_ATTRIBUTES": "team=a"}, False, "", False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False, "", False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False, "", False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "zipkin"}, False, "", True),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, False, "", True),
+    ({"OTEL_TRACES_EXPORTER": "otlp", plano._CONTENT_CAPTURE: "true"}, True, "span", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp", plano._CONTENT_CAPTURE: "SPAN_AND_EVENT"}, True, "span event", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp", plano._CONTENT_CAPTURE: "NO_CONTENT"}, True, "", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp", plano._CONTENT_CAPTURE: "yes please"}, True, "", True),
+    ({plano._CONTENT_CAPTURE: "true"}, False, "", False),
+])
+def test_which_otel_variables_turn_tracing_on_and_off(environ, on, content, warns):
+    settings, warnings = plano.trace_settings(environ)
+    assert (settings is not None, bool(warnings)) == (on, warns)
+    if settings is not None:
+        assert " ".join(w for w, asked in (("span", settings.content_on_span), ("event", settings.content_on_event))
+                        if asked) == content
+        assert settings.endpoint.endswith("/v1/traces")
+
+
+# Real shapes of what the span readers read (answers whole and streamed in the three formats, and
+# request bodies), one field of which a test replaces with a value of any type.
+TRACED_SHAPES = [
+    ("openai", None, {"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "content": "t", "reasoning_content": "r", "tool_calls": [{"id": "i", "index": 0, "function": {
+            "name": "n", "arguments": "{}"}}]}, "delta": {"content": "t", "tool_calls": [{"index": 1}]}}]}),
+    ("anthropic", None, {"id": "m", "model": "m", "stop_reason": "end_turn", "content": [
+        {"type": "text", "text": "t"}, {"type": "thinking", "thinking": "r"},
+        {"type": "tool_use", "id": "i", "name": "n", "input": {"a": 1}}]}),
+    ("anthropic", "message_start", {"type": "message_start", "message": {"id": "m", "model": "m"}}),
+    ("anthropic", "message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+    ("anthropic", "content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "tool_use", "id": "i", "name": "n"}}),
+    ("anthropic", "content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "t", "partial_json": "{"}}),
+    ("responses", "response.completed", {"type": "response.completed", "response": {
+        "id": "r", "model": "m", "status": "completed", "incomplete_details": {"reason": "x"}, "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "t"}]},
+            {"type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"},
+            {"type": "reasoning", "summary": [{"text": "s"}]}]}}),
+    ("anthropic", None, {"system": [{"type": "text", "text": "s"}], "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "t"}, {"type": "tool_result", "tool_use_id": "i", "content": [{"type": "text"}]},
+        {"type": "image"}, {"type": "tool_use", "id": "i", "name": "n", "input": {}}]}]}),
+    ("openai", None, {"messages": [{"role": "assistant", "content": "t", "tool_calls": [
+        {"id": "i", "function": {"name": "n", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "i",
+                                                                         "content": [{"type": "text", "text": "r"}]}]}),
+    ("responses", None, {"instructions": "s", "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "t"}]},
+        {"type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]}),
+]
+
+
+def json_paths(value: Any, path: tuple = ()) -> list[tuple]:
+    paths = [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        paths += json_paths(inner, path + (key,))
+    return paths
+
+
+def replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+@pytest.mark.parametrize("shape", TRACED_SHAPES, ids=lambda shape: f"{shape[0]}-{shape[1]}-{'-'.join(shape[2])}")
+@settings(max_examples=60, deadline=None)
+@given(value=st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats() | st.text(max_size=5) | JSON_VALUES)
+def test_what_the_spans_read_of_any_answer_or_request_never_raises_and_is_json(shape, value):
+    # Each field in turn of a real answer or request body replaced with a value of any type: what
+    # the spans take from it is attributes the SDK takes, and JSON, never an exception.
+    interface, name, skeleton = shape
+    for path in json_paths(skeleton)[1:]:
+        payload = replaced(skeleton, path, value)
+        for capture in (False, True):
+            facts = plano._AnswerFacts(interface, capture=capture)
+            facts.whole(payload)
+            facts.event(plano.SSEEvent(name, json.dumps(payload)))
+            attributes = facts.attributes(None, failed=False)
+            assert all(isinstance(v, str) or isinstance(v, list) and all(isinstance(r, str) for r in v)
+                       for v in attributes.values()), attributes
+        for content in plano._content_attributes(payload, interface, facts).values():
+            json.loads(content)
+        for api in ("anthropic", "openai", "responses"):
+            json.dumps(plano.genai_input_messages(payload, api))
+
+
+SERVE_ONE_REQUEST = """
+import json, sys, trio, httpx, plano
+if sys.argv[2] == "without-the-extra":
+    sys.modules["opentelemetry"] = None  # what `import opentelemetry` meets when the extra is not installed
+config = plano.load_config(sys.argv[1])
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(lambda task_status: plano.serve(config, port=0, router=None,
+                                                                   task_status=task_status))
+        answer = await trio.to_thread.run_sync(lambda: httpx.post(info.url + "/v1/chat/completions", json={
+            "model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        nursery.cancel_scope.cancel()
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] == "opentelemetry" and sys.modules[name])
+    print(json.dumps({"status": answer.status_code, "loaded": loaded}))
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("case", ["not-asked", "asked", "without-the-extra"])
+def test_opentelemetry_is_loaded_only_when_the_otel_variables_ask_for_traces(provider, tmp_path, case):
+    # A server in a process of its own, one chat request, then which OpenTelemetry modules that
+    # process holds: none unless asked; asked without the extra, one warning naming it.
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "openai/gpt-4o"), stats=False))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    with contextlib.closing(OTLPReceiver()) as receiver:
+        if case != "not-asked":
+            environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_SERVICE_NAME="team-gateway")
+        ran = subprocess.run([sys.executable, "-c", SERVE_ONE_REQUEST, str(config), case], env=environ, cwd=HERE,
+                             capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    SuiteLog.lines.extend(ran.stderr.splitlines())
+    result = json.loads(ran.stdout)
+    assert result["status"] == 200
+    warning = "pip install 'plano[otel]'"
+    if case == "asked":
+        assert "opentelemetry.sdk.trace" in result["loaded"] and warning not in ran.stderr
+        server = receiver.one("SERVER")  # flushed as the server stopped
+        assert server.resource["service.name"] == "team-gateway" and server.attributes["gen_ai.request.model"] == \
+            "openai/gpt-4o"
+    else:
+        assert result["loaded"] == [] and receiver.spans == []
+        assert (ran.stderr.count(warning) == 1) == (case == "without-the-extra"), ran.stderr
 # ── issue 23: Codex's whole tool set on any provider ───────────────────────────────────────────
 
 CODEX_PATCH_MODEL = "openai/gpt-5.5"  # a name for which Codex 0.171.0 sends apply_patch as a `custom` tool

@@ -5,7 +5,10 @@ stand-in OpenAI Chat Completions provider on loopback that answers instantly; th
 request sent straight to the stand-in in OpenAI format is the baseline. Targets:
 
     direct    the stand-in itself (baseline)
-    plano     `python -m plano up` with the stand-in as an openai provider, routing off
+    plano     `python -m plano up` with the stand-in as an openai provider, routing off, metrics and
+              tracing off (`metrics: false`, no OTEL_* variables)
+    plano+obs the same with metrics on (`metrics: true`) and tracing on: every span exported over
+              OTLP/HTTP to a receiver on loopback (a process of its own, like the stand-in)
     LiteLLM   `litellm` proxy, model `hosted_vllm/stub-model` (optional: --litellm PATH)
     ccr       claude-code-router 1.0.73 (optional: --ccr PATH/TO/dist/cli.js)
 
@@ -13,7 +16,8 @@ Requests are interleaved round-robin across targets, so machine noise hits all o
 Reported: p50/p95 latency and the latency added over direct, non-streaming and streaming (time to
 last byte); streaming throughput (text deltas per second in a 2000-chunk stream); and plano's
 `count_tokens` latency on a ~50 KB Claude Code-like body. The stand-in also answers as a router
-server (a request for model `arch-router` gets a route), for bench/shared_state.py.
+server (a request for model `arch-router` gets a route), for bench/shared_state.py. The goal for
+monitoring (issue 21): plano with metrics and tracing on adds at most a tenth of what LiteLLM adds.
 
     python bench/overhead.py [--requests N] [--litellm PATH] [--ccr PATH_TO_CLI_JS]
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -197,18 +202,81 @@ def _run_stand_in(port_pipe: multiprocessing.connection.Connection) -> None:
 @contextlib.contextmanager
 def stand_in() -> Iterator[int]:
     """Run the stand-in provider in a child process; yields its port."""
+    with _child_server(_run_stand_in, "the stand-in provider") as (port, _):
+        yield port
+
+
+@contextlib.contextmanager
+def _child_server(run, what: str) -> Iterator[tuple[int, multiprocessing.connection.Connection]]:
+    """Run `run(pipe)` in a child process; yields the port it sends first, and the pipe."""
     context = multiprocessing.get_context("spawn")
     parent_end, child_end = context.Pipe()
-    process = context.Process(target=_run_stand_in, args=(child_end,), daemon=True)
+    process = context.Process(target=run, args=(child_end,), daemon=True)
     process.start()
     try:
         ready = multiprocessing.connection.wait([parent_end, process.sentinel], timeout=30)
         if parent_end not in ready:
-            raise RuntimeError("the stand-in provider did not start (see the traceback above)")
-        yield parent_end.recv()
+            raise RuntimeError(f"{what} did not start (see the traceback above)")
+        yield parent_end.recv(), parent_end
     finally:
         process.terminate()
         process.join(5)
+
+
+# ── an OTLP/HTTP collector, for plano's traces ────────────────────────────────────────────────
+# It takes POST /v1/traces and answers 200 at once, as a collector does, and counts what came
+# (spans too, when opentelemetry-proto is installed to decode them).
+
+
+async def _otlp_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: dict) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(length.group(1)) if length else 0)
+            counts["posts"] += 1
+            counts["bytes"] += len(body)
+            counts["spans"] += _span_count(body, head)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def _span_count(body: bytes, head: bytes) -> int:
+    try:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    except ImportError:
+        return 0
+    if re.search(rb"(?im)^content-encoding:\s*gzip", head):
+        import gzip
+        body = gzip.decompress(body)
+    export = ExportTraceServiceRequest.FromString(body)
+    return sum(len(scope.spans) for resource in export.resource_spans for scope in resource.scope_spans)
+
+
+def _run_otlp_receiver(pipe: multiprocessing.connection.Connection) -> None:
+    counts = {"posts": 0, "bytes": 0, "spans": 0}
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: _otlp_connection(r, w, counts), "127.0.0.1", 0)
+        pipe.send(server.sockets[0].getsockname()[1])
+        while True:  # the parent asks for the counts once, at the end
+            await asyncio.get_running_loop().run_in_executor(None, pipe.poll, None)
+            pipe.recv()
+            pipe.send(dict(counts))
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[tuple[int, multiprocessing.connection.Connection]]:
+    """Run the OTLP receiver in a child process; yields its port and a pipe that answers any
+    message with the counts so far."""
+    with _child_server(_run_otlp_receiver, "the OTLP receiver") as started:
+        yield started
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -409,11 +477,27 @@ def stop(target: Target, grace: float = 12.0) -> str | None:
         return f"{target.name} did not exit within {grace:.0f} s of SIGTERM with nothing in flight; killed"
 
 
-def start_plano(python: str, upstream_port: int, workdir: Path, ledger: bool = True) -> Target:
-    """plano as configured by default (its usage ledger on, kept in `workdir`), routing off."""
+def knows_metrics_switch(python: str) -> bool:
+    """Whether the plano under test reads the `metrics` switch (issue 21's Prometheus endpoint)."""
+    check = ("import plano; plano.parse_config('llm_providers:\\n  - model: openai/x\\n    access_key: k\\n"
+             "metrics: false\\n', environ={})")
+    return subprocess.run([python, "-c", check], cwd=str(Path(__file__).resolve().parent.parent),
+                          capture_output=True).returncode == 0
+
+
+def start_plano(python: str, upstream_port: int, workdir: Path, ledger: bool = True, *, name: str = "plano",
+                metrics: bool | None = None, otlp_port: int | None = None) -> Target:
+    """plano as configured by default (its usage ledger on, kept in `workdir`), routing off;
+    `metrics` written as the config's switch unless None, traces sent to `otlp_port` when given
+    (and no OTEL_* variable of this process's otherwise)."""
     port = free_port()
-    config = workdir / "plano.yaml"
-    stats = f"stats:\n  path: {workdir / 'usage.sqlite3'}" if ledger else "stats: false"
+    config = workdir / f"{name}.yaml"
+    stats = f"stats:\n  path: {workdir / f'{name}-usage.sqlite3'}" if ledger else "stats: false"
+    if metrics is not None:
+        stats += f"\nmetrics: {'true' if metrics else 'false'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if otlp_port is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otlp_port}"
     config.write_text(textwrap.dedent(f"""\
         llm_providers:
           - model: openai/{STUB_MODEL}
@@ -426,8 +510,8 @@ def start_plano(python: str, upstream_port: int, workdir: Path, ledger: bool = T
         router:
           enabled: false
         """) + stats + "\n")
-    return _start_gateway("plano", [python, "-m", "plano", "up", "--config", str(config)], workdir, port,
-                          key="unused-by-plano", health="/healthz", timeout=30,
+    return _start_gateway(name, [python, "-m", "plano", "up", "--config", str(config)], workdir, port,
+                          key="unused-by-plano", health="/healthz", timeout=30, env=env,
                           cwd=str(Path(__file__).resolve().parent.parent))
 
 
@@ -616,14 +700,22 @@ def latency_table(title: str, targets: list[Target], kind: str) -> dict[str, flo
 
 
 def compare(label: str, added: dict[str, float]) -> None:
-    plano = added.get("plano")
-    if plano is None:
-        return
-    line = f"  {label}: plano adds {plano * 1000:.2f} ms p50"
-    for peer in ("LiteLLM", "ccr"):
-        if added.get(peer):
-            line += f"; {peer} adds {added[peer] * 1000:.2f} ms (plano/{peer} = {plano / added[peer]:.3f})"
-    print(line)
+    for name in ("plano", "plano+obs"):
+        plano = added.get(name)
+        if plano is None:
+            continue
+        line = f"  {label}: {name} adds {plano * 1000:.2f} ms p50"
+        for peer in ("LiteLLM", "ccr"):
+            if added.get(peer):
+                line += f"; {peer} adds {added[peer] * 1000:.2f} ms ({name}/{peer} = {plano / added[peer]:.3f})"
+        print(line)
+    if "plano" in added and "plano+obs" in added:
+        cost = added["plano+obs"] - added["plano"]
+        line = f"  {label}: metrics and tracing on cost {cost * 1000:+.2f} ms p50"
+        if added.get("LiteLLM"):
+            line += (f"; plano+obs adds {added['plano+obs'] / added['LiteLLM']:.3f}x LiteLLM's added latency "
+                     f"(goal: at most 0.10x)")
+        print(line)
 
 
 def throughput_table(targets: list[Target], rates: dict[str, list[float]]) -> dict[str, float]:
@@ -653,8 +745,9 @@ def count_tokens_table(count_tokens: dict[str, list[float]]) -> None:
 
 
 def report(targets: list[Target], rates: dict[str, list[float]], count_tokens: dict[str, list[float]],
-           skipped: list[str], requests: int) -> None:
+           skipped: list[str], requests: int, observed: str) -> None:
     print(f"\nTargets: {', '.join(t.name for t in targets)}" + "".join(f"\n  {s}" for s in skipped))
+    print(f"  plano+obs: {observed}")
     added_json = latency_table(f"Non-streaming /v1/messages ({LATENCY_CHUNKS}-piece answer), "
                                f"{requests} requests per target, latency to last byte", targets, "json")
     added_stream = latency_table(f"Streaming /v1/messages ({LATENCY_CHUNKS} chunks), "
@@ -682,11 +775,15 @@ def report(targets: list[Target], rates: dict[str, list[float]], count_tokens: d
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
-def start_gateways(args: argparse.Namespace, upstream_port: int,
-                   workdir: Path) -> tuple[list[Target], list[str]]:
-    """Every gateway that can run here, and a line for each one skipped. plano must start."""
+def start_gateways(args: argparse.Namespace, upstream_port: int, workdir: Path,
+                   otlp_port: int) -> tuple[list[Target], list[str]]:
+    """Every gateway that can run here, and a line for each one skipped. Both planos must start:
+    with metrics and tracing off, and on (the `metrics` switch only where this plano has one)."""
+    switch = knows_metrics_switch(sys.executable)
     gateways = [
-        ("plano", sys.executable, start_plano, ""),
+        ("plano", sys.executable, functools.partial(start_plano, metrics=False if switch else None), ""),
+        ("plano+obs", sys.executable, functools.partial(start_plano, name="plano+obs", metrics=True if switch else None,
+                                                        otlp_port=otlp_port), ""),
         ("LiteLLM", find_peer(args.litellm, LITELLM_DEFAULT, "litellm"), start_litellm,
          "pip install 'litellm[proxy]' in a venv, then --litellm VENV/bin/litellm"),
         ("ccr", find_peer(args.ccr, CCR_DEFAULT, "ccr"), start_ccr,
@@ -701,12 +798,21 @@ def start_gateways(args: argparse.Namespace, upstream_port: int,
         try:
             started.append(start(program, upstream_port, workdir))
         except RuntimeError as e:
-            if name == "plano":
+            if name.startswith("plano"):
                 for target in started:
                     stop(target)
-                raise RuntimeError(f"plano failed to start: {e}\n{(workdir / 'plano.log').read_text()}") from None
+                raise RuntimeError(f"{name} failed to start: {e}\n{(workdir / f'{name}.log').read_text()}") from None
             skipped.append(f"{name}: skipped: failed to start: {e}")
     return started, skipped
+
+
+def scrape_metrics(client: httpx.Client, target: Target) -> str:
+    """What GET /metrics of plano+obs says, in a few words (this plano may have no metrics yet)."""
+    response = client.get(target.url.replace("/v1/messages", "/metrics"))
+    if response.status_code != 200:
+        return f"GET /metrics: HTTP {response.status_code} (metrics not measured: this plano has none)"
+    samples = [line for line in response.text.splitlines() if line and not line.startswith("#")]
+    return f"GET /metrics: {len(samples)} samples"
 
 
 def main() -> int:
@@ -717,10 +823,12 @@ def main() -> int:
     parser.add_argument("--ccr", help=f"claude-code-router's dist/cli.js (default {CCR_DEFAULT} or `ccr` on PATH)")
     args = parser.parse_args()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="overhead-") as scratch, stand_in() as upstream_port:
-        print(f"stand-in provider on 127.0.0.1:{upstream_port}; starting gateways…", flush=True)
+    with tempfile.TemporaryDirectory(prefix="overhead-") as scratch, stand_in() as upstream_port, \
+            otlp_receiver() as (otlp_port, otlp_counts):
+        print(f"stand-in provider on 127.0.0.1:{upstream_port}, OTLP receiver on 127.0.0.1:{otlp_port}; "
+              "starting gateways…", flush=True)
         try:
-            gateways, skipped = start_gateways(args, upstream_port, Path(scratch))
+            gateways, skipped = start_gateways(args, upstream_port, Path(scratch), otlp_port)
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1
@@ -733,9 +841,14 @@ def main() -> int:
                 measure_latency(client, targets, args.requests, warmup=20)
                 rates = measure_throughput(client, targets, rounds=5)
                 count_tokens = measure_count_tokens(client, gateways, args.requests, warmup=10)
+                scraped = scrape_metrics(client, next(t for t in gateways if t.name == "plano+obs"))
         finally:
             shutdown_notes = [note for note in map(stop, gateways) if note]
-    report(targets, rates, count_tokens, skipped, args.requests)
+        otlp_counts.send("counts")  # after plano+obs stopped: its last spans were flushed
+        counts = otlp_counts.recv()
+    observed = (f"{counts['spans']:,} spans in {counts['posts']} OTLP exports ({counts['bytes'] / 1e6:.1f} MB) reached "
+                f"the receiver; {scraped}")
+    report(targets, rates, count_tokens, skipped, args.requests, observed)
     for note in shutdown_notes:
         print(f"  shutdown: {note}")
     print(f"\n(total run time {time.monotonic() - started:.0f} s on {os.cpu_count()} CPUs)")
