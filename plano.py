@@ -3307,6 +3307,186 @@ def responses_conversation(body: dict) -> list:
     return list(items) if isinstance(items, list) else []
 
 
+# ── Codex's own tools for providers that only know functions ───────────────────────────────
+#
+# Codex sends, besides `function` tools, freeform `custom` tools (apply_patch, whose input is
+# the patch text itself, written to a Lark grammar) and `namespace` tools (groups of functions,
+# its sub-agent tools and MCP servers), and hosted tools OpenAI runs (web_search, tool_search).
+# For an Anthropic or Chat provider a custom tool becomes a function with one string argument
+# (the grammar goes into its description, so the model knows the syntax) and a namespaced tool a
+# function whose name carries its namespace; the answer's calls go back to Codex in the shapes it
+# sent them in, through a table built from the request (never from the model's text). Hosted
+# tools are dropped: only OpenAI can run them.
+
+CUSTOM_TOOL_INPUT = "input"  # the one argument a custom tool's function takes: the raw text
+_CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {CUSTOM_TOOL_INPUT: {
+    "type": "string", "description": "The tool's whole input, as raw text in the syntax the description gives "
+    "(not JSON-encoded beyond this string)."}}, "required": [CUSTOM_TOOL_INPUT]}
+TOOL_NAME_LIMIT = 64  # OpenAI's function names: ^[a-zA-Z0-9_-]{1,64}$ (Anthropic's allow 128)
+
+
+@dataclass(frozen=True)
+class CodexTool:
+    """What a provider's function stands for in the Responses request it was made from."""
+
+    name: str  # the tool's own name
+    namespace: str | None = None  # the namespace tool it sits in
+    custom: bool = False  # a freeform tool: its call is a custom_tool_call with the raw input
+
+
+def flat_tool_name(namespace: str | None, name: str) -> str:
+    """A tool's name as a provider's function name: `namespace__name` for a namespaced tool, in
+    the characters and length functions may have; a name that had to change gets a short hash of
+    the original, so two tools never share one. A top-level name goes on as it is."""
+    if namespace is None:
+        return name
+    wanted = f"{namespace}__{name}"
+    flat = re.sub(r"[^a-zA-Z0-9_-]", "_", wanted)
+    if flat != wanted or len(flat) > TOOL_NAME_LIMIT:
+        digest = hashlib.sha256(wanted.encode()).hexdigest()[:8]
+        flat = flat[:TOOL_NAME_LIMIT - 9] + "_" + digest
+    return flat
+
+
+def codex_tool_table(body: Any) -> dict[str, CodexTool]:
+    """The provider function names a Responses request's custom and namespaced tools become, and
+    what each stands for. Plain function tools are not in it: their calls need no mapping back."""
+    table: dict[str, CodexTool] = {}
+    tools = body.get("tools") if isinstance(body, dict) else None
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            continue
+        if tool.get("type") == "custom":
+            table[tool["name"]] = CodexTool(tool["name"], custom=True)
+        elif tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            for inner in tool["tools"]:
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str) \
+                        and inner.get("type") in ("function", "custom"):
+                    table[flat_tool_name(tool["name"], inner["name"])] = CodexTool(
+                        inner["name"], tool["name"], inner.get("type") == "custom")
+    return table
+
+
+def dropped_responses_tools(body: Any) -> list[str]:
+    """The types of a Responses request's tools a provider other than OpenAI's Responses API
+    cannot take (hosted tools: web_search, tool_search, file_search, …), each once."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    kinds = [str(t.get("type")) for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    return list(dict.fromkeys(k for k in kinds if k not in ("function", "custom", "namespace")))
+
+
+def _custom_tool_description(tool: dict) -> str:
+    """A custom tool's description with its input format folded in: the function that stands for
+    it has only a string argument, so the grammar is what tells the model the syntax."""
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    form = tool.get("format")
+    if isinstance(form, dict) and form.get("type") == "grammar" and isinstance(form.get("definition"), str):
+        description += (f"\n\nPut the whole input, as raw text, in the `{CUSTOM_TOOL_INPUT}` argument. It must "
+                        f"follow this {form.get('syntax') or 'grammar'} grammar:\n{form['definition']}")
+    else:
+        description += f"\n\nPut the whole input, as raw text, in the `{CUSTOM_TOOL_INPUT}` argument."
+    return description.strip()
+
+
+def _responses_tools_as_anthropic(tools: list) -> list[dict]:
+    """A Responses request's function, custom and namespace tools as Anthropic tools."""
+    out = []
+    for tool in tools:
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            continue
+        if tool.get("type") == "function":
+            out.append({"name": tool["name"],
+                        "input_schema": tool.get("parameters") or {"type": "object", "properties": {}},
+                        **({"description": tool["description"]} if isinstance(tool.get("description"), str)
+                           else {})})
+        elif tool.get("type") == "custom":
+            out.append({"name": tool["name"], "input_schema": _CUSTOM_TOOL_SCHEMA,
+                        "description": _custom_tool_description(tool)})
+        elif tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            about = tool.get("description") if isinstance(tool.get("description"), str) else ""
+            for inner in _responses_tools_as_anthropic(tool["tools"]):
+                inner["name"] = flat_tool_name(tool["name"], inner["name"])
+                inner["description"] = f"[{tool['name']}: {about}] {inner.get('description', '')}".strip() \
+                    if about else inner.get("description", "")
+                out.append(inner)
+    return out
+
+
+def _custom_call_input(item: dict, where: str) -> dict:
+    _require(isinstance(item.get("input"), str), f"{where}.input: must be a string")
+    return {CUSTOM_TOOL_INPUT: item["input"]}
+
+
+class StreamedToolInput:
+    """A custom tool's raw input as its function call's JSON arguments stream in, in pieces cut
+    anywhere (inside an escape, between a surrogate pair's halves): `feed` a piece, get the
+    characters of the input that became readable. Only while the JSON begins with the input's own
+    argument; anything else is read whole at the end (custom_tool_input)."""
+
+    _START = re.compile(r'\s*\{\s*"' + CUSTOM_TOOL_INPUT + r'"\s*:\s*"')
+
+    def __init__(self) -> None:
+        self.json = ""  # the arguments so far
+        self.start: int | None = None  # where the string's characters begin in it
+        self.read = 0  # how far they have been read
+        self.ended = False  # the string's closing quote has come
+        self.given = ""  # what feed returned, in all
+
+    def feed(self, piece: str) -> str:
+        self.json += piece
+        if self.start is None:
+            match = self._START.match(self.json)
+            if match is None:
+                return ""
+            self.start = self.read = match.end()
+        if self.ended:
+            return ""
+        text, i, safe = self.json, self.read, self.read
+        while i < len(text):
+            char = text[i]
+            if char == '"':
+                self.ended = True
+                break
+            if char != "\\":
+                i += 1
+            elif i + 1 >= len(text):
+                break
+            elif text[i + 1] != "u":
+                i += 2
+            elif i + 6 > len(text):
+                break
+            elif not re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
+                break  # not JSON: json.loads below refuses what comes before it, or the end reads it whole
+            elif 0xD800 <= int(text[i + 2:i + 6], 16) <= 0xDBFF:  # a pair's first half waits for its second
+                if i + 12 > len(text):
+                    break
+                i += 12
+            else:
+                i += 6
+            safe = i
+        try:
+            new = json.loads('"' + text[self.read:safe] + '"')
+        except ValueError:
+            self.ended = True  # not JSON a string can be read from: the end reads it whole
+            return ""
+        self.read = safe
+        self.given += new
+        return new
+
+    def rest(self, whole: str) -> str:
+        """What of the `whole` input (read at the end) feed has not given, when it gave a start of it."""
+        return whole[len(self.given):] if whole.startswith(self.given) else ""
+
+
+def custom_tool_input(tool_input: Any) -> str:
+    """The raw input of a call a provider made to a custom tool's function: its one string
+    argument; whatever else a model sent (no such argument, not a string) as its JSON text, so
+    the tool sees, and can refuse, what the model wrote."""
+    if isinstance(tool_input, dict) and isinstance(tool_input.get(CUSTOM_TOOL_INPUT), str):
+        return tool_input[CUSTOM_TOOL_INPUT]
+    return json.dumps(tool_input, ensure_ascii=False)
+
+
 def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
     """A Responses request body as an Anthropic Messages body for `model`."""
     check_responses_request(body)
@@ -3334,12 +3514,16 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
                                   [{"type": "text", "text": _text_of(item.get("content"), f"{where}.content")}])
             else:
                 raise RequestError(f"{where}.role: must be system, developer, user or assistant")
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             _require(isinstance(item.get("call_id"), str) and isinstance(item.get("name"), str),
-                     f"{where}: function_call needs string `call_id` and `name`")
-            _append_anthropic(messages, "assistant", [{"type": "tool_use", "id": item["call_id"], "name": item["name"],
-                                                       "input": _json_arguments(item.get("arguments"))}])
-        elif kind == "function_call_output":
+                     f"{where}: {kind} needs string `call_id` and `name`")
+            namespace = item.get("namespace") if isinstance(item.get("namespace"), str) else None
+            arguments = _json_arguments(item.get("arguments")) if kind == "function_call" \
+                else _custom_call_input(item, where)
+            _append_anthropic(messages, "assistant", [{"type": "tool_use", "id": item["call_id"],
+                                                       "name": flat_tool_name(namespace, item["name"]),
+                                                       "input": arguments}])
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             _require(isinstance(item.get("call_id"), str), f"{where}.call_id: must be a string")
             output = item.get("output")
             content = output if isinstance(output, str) else _responses_user_content(output, f"{where}.output")
@@ -3353,8 +3537,8 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             if signature or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
-        # Other items (web search calls, item references, custom and shell tool calls) mean
-        # nothing to a provider that did not make them.
+        # Other items (web search and tool search calls, item references, shell tool calls)
+        # mean nothing to a provider that did not make them.
     max_tokens = _anthropic_max_tokens(body.get("max_output_tokens"), model, "max_output_tokens")
     out: dict[str, Any] = {"model": model.model_id, "max_tokens": max_tokens, "messages": messages}
     instructions = body.get("instructions")
@@ -3364,16 +3548,14 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
         out["system"] = "\n".join(system_parts)
     out.update(_anthropic_sampling(body))
     _require(isinstance(body.get("tools") or [], list), "tools: must be a list")
-    tools = [{"name": t["name"], "input_schema": t.get("parameters") or {"type": "object", "properties": {}},
-              **({"description": t["description"]} if isinstance(t.get("description"), str) else {})}
-             for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
-             and isinstance(t.get("name"), str)]
+    tools = _responses_tools_as_anthropic(body.get("tools") or [])
     if tools:
         out["tools"] = tools
         choice = body.get("tool_choice")
-        if isinstance(choice, dict) and choice.get("type") == "function":
+        if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
             _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
-            choice = {"type": "function", "function": {"name": choice["name"]}}  # as Chat names it
+            namespace = choice.get("namespace") if isinstance(choice.get("namespace"), str) else None
+            choice = {"type": "function", "function": {"name": flat_tool_name(namespace, choice["name"])}}
         elif not (isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICE_FROM_OPENAI):
             choice = None  # hosted tools, allowed_tools: Anthropic has no word for them; the default stands
         choice = _openai_tool_choice_to_anthropic(choice, body.get("parallel_tool_calls"))
@@ -3466,8 +3648,30 @@ def _function_call_item(item_id: str, call_id: str, name: str, arguments: str, s
             "call_id": call_id, "name": name}
 
 
-def anthropic_response_to_responses(response: dict, requested_model: str) -> dict:
-    """An Anthropic Messages response as a Responses response."""
+def _tool_call_item(item_id: str, call_id: str, name: str, tool_input: Any, tools: Mapping[str, CodexTool],
+                    status: str = "completed") -> dict:
+    """A provider's tool call as the Responses item Codex expects: a custom_tool_call with the raw
+    input for a custom tool, a call with its namespace for a namespaced one (found in `tools`, the
+    request's table), else a function_call. `tool_input` is the call's input (None: still to come)."""
+    tool = tools.get(name)
+    if tool is None:
+        return _function_call_item(item_id, call_id, name, "" if tool_input is None else
+                                   json.dumps(tool_input, ensure_ascii=False), status)
+    if tool.custom:
+        item = {"id": item_id, "type": "custom_tool_call", "status": status, "call_id": call_id, "name": tool.name,
+                "input": "" if tool_input is None else custom_tool_input(tool_input)}
+    else:
+        item = _function_call_item(item_id, call_id, tool.name, "" if tool_input is None else
+                                   json.dumps(tool_input, ensure_ascii=False), status)
+    if tool.namespace is not None:
+        item["namespace"] = tool.namespace
+    return item
+
+
+def anthropic_response_to_responses(response: dict, requested_model: str,
+                                    tools: Mapping[str, CodexTool] | None = None) -> dict:
+    """An Anthropic Messages response as a Responses response; `tools` maps the provider's
+    function names back to the request's custom and namespaced tools (codex_tool_table)."""
     output = []
     for block in response.get("content") or []:
         kind = block.get("type") if isinstance(block, dict) else None
@@ -3477,8 +3681,8 @@ def anthropic_response_to_responses(response: dict, requested_model: str) -> dic
             summary = str(block.get("thinking") or "")
             output.append(_reasoning_output_item(_new_id("rs"), summary, block.get("signature")))
         elif kind == "tool_use":
-            output.append(_function_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
-                                              _tool_arguments(block)))
+            output.append(_tool_call_item(_new_id("fc"), str(block.get("id")), str(block.get("name")),
+                                          block.get("input", {}), tools or {}))
     status = "incomplete" if response.get("stop_reason") == "max_tokens" else "completed"
     return _response_object(_new_id("resp"), int(time.time()), requested_model, status, output,
                             _responses_usage_from_anthropic(response.get("usage")))
@@ -3493,8 +3697,9 @@ class AnthropicToResponsesStream:
     output and usage. Every event carries a `sequence_number` counting from 0.
     """
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tools: Mapping[str, CodexTool] | None = None):
         self.model = model
+        self.tools = tools or {}  # the request's custom and namespaced tools (codex_tool_table)
         self.response_id = _new_id("resp")
         self.created = int(time.time())
         self.sequence = 0
@@ -3503,6 +3708,7 @@ class AnthropicToResponsesStream:
         self.text = ""  # its text, summary or arguments so far
         self.signature = ""
         self.summary_open = False
+        self.custom_input = StreamedToolInput()  # a custom tool call's raw input, as it becomes readable
         self.usage: dict = {}
         self.stop_reason: str | None = None
         self.started = False
@@ -3552,6 +3758,7 @@ class AnthropicToResponsesStream:
     def _open(self, block: dict) -> list[tuple[str, dict]]:
         kind = block.get("type")
         self.text, self.signature, self.summary_open = "", "", False
+        self.custom_input = StreamedToolInput()
         if kind == "text":
             self.item = _message_item(_new_id("msg"), "", status="in_progress")
             events = [self._event("response.output_item.added", output_index=len(self.output), item=self.item),
@@ -3561,8 +3768,8 @@ class AnthropicToResponsesStream:
         if kind == "thinking":
             self.item = _reasoning_output_item(_new_id("rs"), "", None)
         elif kind == "tool_use":
-            self.item = _function_call_item(_new_id("fc"), str(block.get("id") or _new_id("call")),
-                                            str(block.get("name") or ""), "", status="in_progress")
+            self.item = _tool_call_item(_new_id("fc"), str(block.get("id") or _new_id("call")),
+                                        str(block.get("name") or ""), None, self.tools, status="in_progress")
         else:
             self.item = None  # server tools and blocks Responses has no item for
             return []
@@ -3590,6 +3797,11 @@ class AnthropicToResponsesStream:
             self.text += str(delta.get("partial_json", ""))
             events.append(self._event("response.function_call_arguments.delta", **self._at(),
                                       delta=str(delta.get("partial_json", ""))))
+        elif kind == "input_json_delta" and self.item["type"] == "custom_tool_call":
+            self.text += str(delta.get("partial_json", ""))
+            readable = self.custom_input.feed(str(delta.get("partial_json", "")))
+            if readable:
+                events.append(self._event("response.custom_tool_call_input.delta", **self._at(), delta=readable))
         return events
 
     def _close(self) -> list[tuple[str, dict]]:
@@ -3608,10 +3820,16 @@ class AnthropicToResponsesStream:
                 events += [self._event("response.reasoning_summary_text.done", **at, summary_index=0, text=self.text),
                            self._event("response.reasoning_summary_part.done", **at, summary_index=0, part=part)]
             item = _reasoning_output_item(item["id"], self.text, self.signature)
+        elif item["type"] == "custom_tool_call":
+            raw_input = custom_tool_input(_json_arguments(self.text or "{}"))
+            if rest := self.custom_input.rest(raw_input):
+                events.append(self._event("response.custom_tool_call_input.delta", **at, delta=rest))
+            events.append(self._event("response.custom_tool_call_input.done", **at, input=raw_input))
+            item = dict(item, input=raw_input, status="completed")
         else:
             arguments = self.text or "{}"
             events.append(self._event("response.function_call_arguments.done", **at, arguments=arguments))
-            item = _function_call_item(item["id"], item["call_id"], item["name"], arguments)
+            item = dict(item, arguments=arguments, status="completed")
         events.append(self._event("response.output_item.done", output_index=len(self.output), item=item))
         self.output.append(item)
         self.item = None
@@ -3637,7 +3855,8 @@ class ResponsesStreamChain:
     upstream event (its name and data; None for Chat's `[DONE]`), get the client's items back:
     (event name, data) pairs, or Chat chunks for a Chat client."""
 
-    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool):
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
+                 tools: Mapping[str, CodexTool] | None = None):
         self.upstream_format = upstream_format
         self.first: ResponsesToAnthropicStream | OpenAIToAnthropicStream | None = None
         self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | None = None
@@ -3647,7 +3866,7 @@ class ResponsesStreamChain:
                 self.second = AnthropicToOpenAIStream(model, include_usage)
         else:
             self.first = OpenAIToAnthropicStream(model) if upstream_format == "openai" else None
-            self.second = AnthropicToResponsesStream(model)
+            self.second = AnthropicToResponsesStream(model, tools)
 
     def feed(self, event: str | None, data: Any) -> list[Any]:
         if isinstance(self.first, OpenAIToAnthropicStream):
@@ -3716,14 +3935,15 @@ class StreamTranslator:
     """
 
     def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
-                 observe: Callable[[SSEEvent], None] | None = None):
+                 observe: Callable[[SSEEvent], None] | None = None, tools: Mapping[str, CodexTool] | None = None):
         self.upstream_format = upstream_format
         self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
         self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
         if "responses" in (upstream_format, client_format) and upstream_format != client_format:
-            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage)
+            # `tools`: a Responses client's custom and namespaced tools, to map calls back to
+            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage, tools)
         elif upstream_format != client_format:
             self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
                 else AnthropicToOpenAIStream(model, include_usage)
@@ -3928,6 +4148,7 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
                 url += "?beta=" + urllib.parse.quote(query["beta"])
             content = _anthropic_passthrough_body(raw, body, model).encode()
         elif client_format == "responses":
+            _say_dropped_tools(body, model)
             content = _json_bytes(responses_request_to_anthropic(body, model))
         else:
             content = _json_bytes(openai_request_to_anthropic(body, model))
@@ -3944,10 +4165,27 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
         if client_format == "openai":
             content = _openai_passthrough_body(raw, body, model).encode()
         elif client_format == "responses":
+            _say_dropped_tools(body, model)
             content = _json_bytes(_with_cache_key(responses_request_to_openai(body, model), model, session))
         else:
             content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
     return ProviderRequest(url, headers, content, _upstream_timeout(model))
+
+
+# The hosted tool types already said to be dropped, and for which interface: Codex sends web_search
+# and tool_search with every request, and a log line for each would drown the log. Once a process,
+# for at most _DROPPED_TOOLS_SAID_LIMIT types: the types are the client's text, and a client making
+# up new ones must not grow the set (or the log) without end.
+_DROPPED_TOOLS_SAID: set[tuple[str, str]] = set()
+_DROPPED_TOOLS_SAID_LIMIT = 64
+
+
+def _say_dropped_tools(body: dict, model: ModelEntry) -> None:
+    for kind in dropped_responses_tools(body):
+        if (kind, model.interface) not in _DROPPED_TOOLS_SAID and len(_DROPPED_TOOLS_SAID) < _DROPPED_TOOLS_SAID_LIMIT:
+            _DROPPED_TOOLS_SAID.add((kind, model.interface))
+            log.info("the Responses tool %s is dropped for %s models (only OpenAI's Responses API runs it); "
+                     "said once", printable(kind)[:60], model.interface)
 
 
 def with_max_output(body: dict, client_format: str, limit: int) -> dict:
@@ -4054,11 +4292,13 @@ class TranslatedAnswer:
     unusable_usage: list[str] = field(default_factory=list)  # the provider's counts that were not (for the log)
 
 
-def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format: str) -> TranslatedAnswer:
+def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format: str,
+                     tools: Mapping[str, CodexTool] | None = None) -> TranslatedAnswer:
     """A provider's whole answer (its bytes `raw`, parsed as `payload`) for a `client_format`
     client: the provider's own bytes when the formats agree (fields plano does not know and the
     provider's formatting survive; only the model says what the client asked for), else
-    translated. Malformed answers raise UpstreamError."""
+    translated (`tools`: a Responses client's custom and namespaced tools, codex_tool_table).
+    Malformed answers raise UpstreamError."""
     reasoning_tokens = None
     if model.interface == "openai":
         usage = _openai_usage_to_anthropic(payload.get("usage"))
@@ -4078,7 +4318,7 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
                 else responses_response_to_openai(payload, model.name)
         elif client_format == "responses":
             message = openai_response_to_anthropic(payload, model.name) if model.interface == "openai" else payload
-            answer = anthropic_response_to_responses(message, model.name)
+            answer = anthropic_response_to_responses(message, model.name, tools)
         elif client_format == "anthropic":
             answer = openai_response_to_anthropic(payload, model.name)
         else:
@@ -6828,7 +7068,8 @@ def _responses_request_needs(body: dict) -> RequestNeeds:
     asked = body.get("max_output_tokens")
     return RequestNeeds(estimate_tokens({"system": body.get("instructions"), "messages": estimated, "tools": tools}),
                         asked if isinstance(asked, int) else 0, images, (),
-                        any(isinstance(t, dict) and t.get("type") == "function" for t in tools))
+                        any(isinstance(t, dict) and t.get("type") in ("function", "custom", "namespace")
+                            for t in tools))
 
 
 def _has_block(content: Any, kind: str) -> bool:
@@ -9085,7 +9326,7 @@ class Gateway:
             else:
                 raw, payload = await _read_json_answer(upstream.response, exchange.model)
                 exchange.trace.answer(payload)
-                answer = translate_answer(raw, payload, exchange.model, client_format)
+                answer = translate_answer(raw, payload, exchange.model, client_format, codex_tool_table(body))
                 exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
                 await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
@@ -9094,7 +9335,7 @@ class Gateway:
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
         model = exchange.model
         translate = StreamTranslator(model.interface, exchange.request.api_format, model.name, exchange.include_usage,
-                                     observe=exchange.trace.stream_event)
+                                     observe=exchange.trace.stream_event, tools=codex_tool_table(exchange.body))
         try:
             async for chunk in upstream.aiter_bytes():
                 await self._send_stream_bytes(translate.feed(chunk), respond, exchange)

@@ -12288,6 +12288,403 @@ def test_opentelemetry_is_loaded_only_when_the_otel_variables_ask_for_traces(pro
     else:
         assert result["loaded"] == [] and receiver.spans == []
         assert (ran.stderr.count(warning) == 1) == (case == "without-the-extra"), ran.stderr
+# ── issue 23: Codex's whole tool set on any provider ───────────────────────────────────────────
+
+CODEX_PATCH_MODEL = "openai/gpt-5.5"  # a name for which Codex 0.171.0 sends apply_patch as a `custom` tool
+APPLY_PATCH = "*** Begin Patch\n*** Update File: notes.txt\n@@\n first line\n+patched by claude: é€ 🤖\n*** End Patch\n"
+
+
+def anthropic_tool_use_stream(name: str, tool_input: dict, piece: int = 3) -> list[bytes]:
+    """An Anthropic stream whose answer is one tool call, its input JSON in `piece`-character deltas."""
+    args = json.dumps(tool_input, ensure_ascii=False)
+    message = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}
+    events: list[tuple[str, Any]] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_patch1", "name": name, "input": {}}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "input_json_delta", "partial_json": args[i:i + piece]}}) for i in range(0, len(args), piece)]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                  "usage": {"output_tokens": 9}}),
+               ("message_stop", {"type": "message_stop"})]
+    return sse_pieces(events)
+
+
+def anthropic_text_stream(text: str) -> list[bytes]:
+    message = {"id": "msg_02", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}
+    return sse_pieces([
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 4}}),
+        ("message_stop", {"type": "message_stop"})])
+
+
+def test_real_codex_apply_patch_edits_a_file_when_claude_answers_after_a_failover(tmp_path, provider, codex_bin):
+    """Codex sends apply_patch as a freeform tool; the OpenAI model fails (500), plano fails over
+    to Claude, whose answer calls apply_patch as a function with one string argument: Codex gets a
+    custom_tool_call with the raw patch, edits the file, and its next request carries the
+    custom_tool_call_output, which Claude gets as the tool result."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("first line\n")
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, CODEX_PATCH_MODEL, fallbacks=["anthropic/claude-sonnet-5"]),
+                                  served_by(provider, "anthropic/claude-sonnet-5"),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=ROUTER_OFF))
+
+    def answer(request: Recorded) -> Reply:
+        if not request.path.endswith("/v1/messages"):
+            return Reply(500, {"error": {"message": "The server had an error while processing your request.",
+                                         "type": "server_error", "param": None, "code": None}})
+        body = request.json
+        if tool_result_text(body["messages"]) is None:
+            return Reply(200, sse=anthropic_tool_use_stream("apply_patch", {"input": APPLY_PATCH}))
+        return Reply(200, sse=anthropic_text_stream("patched the file"))
+
+    for _ in range(8):
+        provider.then(answer)
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                             "-m", CODEX_PATCH_MODEL, "exec", "--skip-git-repo-check", "--sandbox", "workspace-write",
+                             "add a line to notes.txt"], capture_output=True, text=True, env=env, cwd=work,
+                            timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (work / "notes.txt").read_text() == "first line\npatched by claude: é€ 🤖\n"
+    to_claude = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
+    assert len(to_claude) == 2
+    tools = {t["name"]: t for t in to_claude[0]["tools"]}
+    assert tools["apply_patch"]["input_schema"]["required"] == ["input"]
+    assert "*** Begin Patch" in tools["apply_patch"]["description"]  # the grammar, so Claude knows the syntax
+    assert not any(name in tools for name in ("web_search", "tool_search"))
+    history = to_claude[1]["messages"]
+    call = next(b for m in history if m["role"] == "assistant" for b in m["content"] if b["type"] == "tool_use")
+    assert call["name"] == "apply_patch" and call["input"] == {"input": APPLY_PATCH}
+    assert "notes.txt" in tool_result_text(history)  # Codex's custom_tool_call_output, as the tool result
+    assert "patched the file" in result.stdout
+
+
+# Codex 0.171.0's own tools as it sends them (recorded with `-m gpt-5.5 --enable multi_agent_v2`,
+# descriptions and most tools trimmed): a freeform tool with a Lark grammar, a namespace of
+# sub-agent functions, and hosted tools.
+CODEX_TOOLS = [
+    {"type": "function", "name": "exec_command", "description": "Runs a command in a PTY.", "strict": False,
+     "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"],
+                    "additionalProperties": False}},
+    {"type": "custom", "name": "apply_patch", "description": "The `apply_patch` tool can be used to edit files. "
+     "This is a FREEFORM tool, so do not wrap the patch in JSON.",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: begin_patch hunk+ end_patch\n"
+                "begin_patch: \"*** Begin Patch\" LF\nend_patch: \"*** End Patch\" LF?\n"}},
+    {"type": "namespace", "name": "collaboration", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [{"type": "function", "name": "spawn_agent", "description": "Spawns an agent.", "strict": False,
+                "parameters": {"type": "object", "properties": {"task_name": {"type": "string"},
+                                                                "message": {"type": "string", "encrypted": True}},
+                               "required": ["task_name", "message"], "additionalProperties": False}},
+               {"type": "function", "name": "list_agents", "description": "List live agents.", "strict": False,
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}]},
+    {"type": "tool_search", "execution": "client", "description": "# Tool discovery",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    {"type": "web_search", "external_web_access": False, "search_content_types": ["text", "image"]},
+]
+CODEX_PATCH_REQUEST = {"model": CODEX_PATCH_MODEL, "instructions": "You are Codex.", "tools": CODEX_TOOLS,
+                       "tool_choice": "auto", "parallel_tool_calls": True, "store": False, "stream": True,
+                       "input": [{"type": "message", "role": "user",
+                                  "content": [{"type": "input_text", "text": "add a line to notes.txt"}]}]}
+
+
+def codex_patch_models() -> tuple[plano.ModelEntry, plano.ModelEntry]:
+    config = build_config({"model": "anthropic/claude-sonnet-5", "access_key": "k"},
+                          {"model": "openai/gpt-4o", "access_key": "k"})
+    return config.model_named("anthropic/claude-sonnet-5"), config.model_named("openai/gpt-4o")
+
+
+def test_codex_custom_and_namespace_tools_become_functions_and_hosted_tools_are_dropped():
+    claude, gpt = codex_patch_models()
+    to_claude = plano.responses_request_to_anthropic(CODEX_PATCH_REQUEST, claude)
+    tools = {t["name"]: t for t in to_claude["tools"]}
+    assert list(tools) == ["exec_command", "apply_patch", "collaboration__spawn_agent", "collaboration__list_agents"]
+    assert tools["apply_patch"]["input_schema"] == {"type": "object", "properties": {"input": {
+        "type": "string", "description": tools["apply_patch"]["input_schema"]["properties"]["input"]["description"]}},
+        "required": ["input"]}
+    assert tools["apply_patch"]["description"].startswith("The `apply_patch` tool can be used to edit files.")
+    assert "lark grammar:\nstart: begin_patch hunk+ end_patch\n" in tools["apply_patch"]["description"]
+    assert tools["collaboration__spawn_agent"]["input_schema"]["required"] == ["task_name", "message"]
+    assert tools["collaboration__spawn_agent"]["description"] == \
+        "[collaboration: Tools for spawning and managing sub-agents.] Spawns an agent."
+    to_chat = plano.responses_request_to_openai(CODEX_PATCH_REQUEST, gpt)
+    assert [t["function"]["name"] for t in to_chat["tools"]] == list(tools)
+    assert to_chat["tools"][1]["function"]["parameters"]["required"] == ["input"]
+    assert plano.dropped_responses_tools(CODEX_PATCH_REQUEST) == ["tool_search", "web_search"]
+    assert plano.codex_tool_table(CODEX_PATCH_REQUEST) == {
+        "apply_patch": plano.CodexTool("apply_patch", custom=True),
+        "collaboration__spawn_agent": plano.CodexTool("spawn_agent", "collaboration"),
+        "collaboration__list_agents": plano.CodexTool("list_agents", "collaboration")}
+
+
+def test_codex_custom_and_namespaced_calls_in_the_history_go_to_the_provider_as_its_tool_calls():
+    claude, gpt = codex_patch_models()
+    body = dict(CODEX_PATCH_REQUEST, input=CODEX_PATCH_REQUEST["input"] + [
+        {"type": "custom_tool_call", "id": "ctc_1", "status": "completed", "call_id": "toolu_patch1",
+         "name": "apply_patch", "input": APPLY_PATCH},
+        {"type": "custom_tool_call_output", "call_id": "toolu_patch1",
+         "output": "Success. Updated the following files:\nM notes.txt\n"},
+        {"type": "function_call", "call_id": "toolu_spawn", "name": "spawn_agent", "namespace": "collaboration",
+         "arguments": json.dumps({"task_name": "t1", "message": "look"})},
+        {"type": "function_call_output", "call_id": "toolu_spawn", "output": "spawned /root/t1"}])
+    messages = plano.responses_request_to_anthropic(body, claude)["messages"]
+    assert messages[1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_patch1", "name": "apply_patch",
+                                           "input": {"input": APPLY_PATCH}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_patch1",
+                                      "content": "Success. Updated the following files:\nM notes.txt\n"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_spawn",
+                                           "name": "collaboration__spawn_agent",
+                                           "input": {"task_name": "t1", "message": "look"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_spawn",
+                                      "content": "spawned /root/t1"}]}]
+    chat = plano.responses_request_to_openai(body, gpt)["messages"]
+    calls = [c["function"] for m in chat if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    assert calls == [{"name": "apply_patch", "arguments": json.dumps({"input": APPLY_PATCH}, ensure_ascii=False)},
+                     {"name": "collaboration__spawn_agent",
+                      "arguments": json.dumps({"task_name": "t1", "message": "look"})}]
+    assert [m["content"] for m in chat if m["role"] == "tool"][0].startswith("Success.")
+
+
+def test_a_custom_tool_call_whose_input_is_not_a_string_is_a_400_in_the_responses_format(provider):
+    body = dict(CODEX_PATCH_REQUEST, model="anthropic/claude-sonnet-5", input=CODEX_PATCH_REQUEST["input"] + [
+        {"type": "custom_tool_call", "call_id": "toolu_patch1", "name": "apply_patch", "input": {"patch": "x"}}])
+    with RunningPlano(responses_config(provider)) as running:
+        answer = httpx.post(running.url + "/v1/responses", json=body, headers={"host": "127.0.0.1"})
+        assert httpx.get(running.url + "/healthz").status_code == 200  # still serving
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "input[1].input: must be a string"
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert upstream_requests(provider, "/v1/messages") == []
+
+
+def test_a_providers_calls_go_back_to_codex_as_custom_and_namespaced_calls_whole():
+    table = plano.codex_tool_table(CODEX_PATCH_REQUEST)
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+               "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 5}, "content": [
+                   {"type": "tool_use", "id": "toolu_1", "name": "apply_patch", "input": {"input": APPLY_PATCH}},
+                   {"type": "tool_use", "id": "toolu_2", "name": "collaboration__list_agents", "input": {}},
+                   # hostile: a name the request never had, a namespaced name the model made up, and a
+                   # custom tool's input that is not a string
+                   {"type": "tool_use", "id": "toolu_3", "name": "rm_rf", "input": {"path": "/"}},
+                   {"type": "tool_use", "id": "toolu_4", "name": "collaboration__kill_all", "input": {}},
+                   {"type": "tool_use", "id": "toolu_5", "name": "apply_patch", "input": {"input": ["not", "text"]}}]}
+    output = plano.anthropic_response_to_responses(message, CODEX_PATCH_MODEL, table)["output"]
+    assert [{k: v for k, v in item.items() if k not in ("id", "status")} for item in output] == [
+        {"type": "custom_tool_call", "call_id": "toolu_1", "name": "apply_patch", "input": APPLY_PATCH},
+        {"type": "function_call", "call_id": "toolu_2", "name": "list_agents", "namespace": "collaboration",
+         "arguments": "{}"},
+        {"type": "function_call", "call_id": "toolu_3", "name": "rm_rf", "arguments": '{"path": "/"}'},
+        {"type": "function_call", "call_id": "toolu_4", "name": "collaboration__kill_all", "arguments": "{}"},
+        {"type": "custom_tool_call", "call_id": "toolu_5", "name": "apply_patch",
+         "input": '{"input": ["not", "text"]}'}]
+    # Without the table (a request with no such tools) every call is a plain function call, as before.
+    plain = plano.anthropic_response_to_responses(message, CODEX_PATCH_MODEL)["output"]
+    assert {item["type"] for item in plain} == {"function_call"}
+
+
+def codex_stream_events(tool_input_json: str, cuts: list[int], name: str = "apply_patch") -> list[tuple[str, dict]]:
+    """An Anthropic stream of one tool call to `name`, its input JSON cut at `cuts`, through the
+    Anthropic → Responses machine with the Codex request's table."""
+    machine = plano.AnthropicToResponsesStream(CODEX_PATCH_MODEL, plano.codex_tool_table(CODEX_PATCH_REQUEST))
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(tool_input_json))), len(tool_input_json)]
+    events = [("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
+              ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                  "type": "tool_use", "id": "toolu_1", "name": name, "input": {}}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "input_json_delta", "partial_json": tool_input_json[a:b]}}) for a, b in zip(bounds, bounds[1:])]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                                  "usage": {"output_tokens": 3}}),
+               ("message_stop", {"type": "message_stop"})]
+    out = []
+    for name_, data in events:
+        out += machine.feed(name_, data)
+    return out + machine.finish()
+
+
+@settings(max_examples=300, deadline=None)
+@given(patch=st.text(), cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=40),
+       ascii_only=st.booleans())
+def test_any_apply_patch_text_survives_byte_for_byte_through_a_stream_split_anywhere(patch, cuts, ascii_only):
+    """Whatever the patch (unicode, newlines, quotes, backslashes, astral characters as surrogate
+    pair escapes) and wherever the provider's input_json_delta pieces are cut, Codex gets the
+    exact text: in the deltas, in the .done event and in the item."""
+    events = codex_stream_events(json.dumps({"input": patch}, ensure_ascii=ascii_only), cuts)
+    kinds = [name for name, _ in events]
+    assert kinds[2] == "response.output_item.added" and events[2][1]["item"]["type"] == "custom_tool_call"
+    assert "".join(d["delta"] for n, d in events if n == "response.custom_tool_call_input.delta") == patch
+    assert all(d["delta"] for n, d in events if n == "response.custom_tool_call_input.delta")
+    assert [d["input"] for n, d in events if n == "response.custom_tool_call_input.done"] == [patch]
+    done = [d["item"] for n, d in events if n == "response.output_item.done"]
+    assert done == [{"id": done[0]["id"], "type": "custom_tool_call", "status": "completed", "call_id": "toolu_1",
+                     "name": "apply_patch", "input": patch}]
+    assert events[-1][1]["response"]["output"] == done
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(arguments=st.one_of(st.text(), st.text().map(lambda t: '{"input": "' + t)),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=20))
+def test_any_arguments_a_model_streams_to_a_custom_tool_reach_codex_without_a_crash(arguments, cuts):
+    events = codex_stream_events(arguments, cuts)
+    expected = plano.custom_tool_input(plano._json_arguments(arguments or "{}"))
+    assert [d["input"] for n, d in events if n == "response.custom_tool_call_input.done"] == [expected]
+    assert events[-1][0] == "response.completed"
+
+
+def test_a_streamed_custom_call_whose_arguments_are_not_its_string_reaches_codex_as_their_text():
+    for arguments, expected in [('{"input": 42}', '{"input": 42}'), ('{"other": "x", "input": "p"}', "p"),
+                                ('{"input": "unterminated', '{"_raw_arguments": "{\\"input\\": \\"unterminated"}'),
+                                ("", "{}"), ('{"input": "ab\\uZZZZcd"}', '{"_raw_arguments": "{\\"input\\": '
+                                                                      '\\"ab\\\\uZZZZcd\\"}"}')]:
+        events = codex_stream_events(arguments, [3, 9])
+        assert [d["input"] for n, d in events if n == "response.custom_tool_call_input.done"] == [expected]
+        assert [d["item"]["input"] for n, d in events if n == "response.output_item.done"] == [expected]
+
+
+def test_a_streamed_namespaced_call_goes_back_with_its_namespace_and_an_unknown_name_as_a_function():
+    events = codex_stream_events('{"task_name": "t1", "message": "é€"}', [5], name="collaboration__spawn_agent")
+    added = [d["item"] for n, d in events if n == "response.output_item.added"][0]
+    assert (added["type"], added["name"], added["namespace"]) == ("function_call", "spawn_agent", "collaboration")
+    item = [d["item"] for n, d in events if n == "response.output_item.done"][0]
+    assert (item["name"], item["namespace"], json.loads(item["arguments"])) == \
+        ("spawn_agent", "collaboration", {"task_name": "t1", "message": "é€"})
+    events = codex_stream_events('{"x": 1}', [2], name="not_in_the_request")
+    item = [d["item"] for n, d in events if n == "response.output_item.done"][0]
+    assert (item["type"], item["name"], item["arguments"]) == ("function_call", "not_in_the_request", '{"x": 1}')
+    assert "namespace" not in item
+
+
+@settings(max_examples=200, deadline=None)
+@given(namespace=st.text(min_size=1, max_size=80), name=st.text(min_size=1, max_size=80),
+       other=st.text(min_size=1, max_size=80))
+def test_a_namespaced_tools_function_name_fits_every_providers_rules_and_maps_back(namespace, name, other):
+    flat = plano.flat_tool_name(namespace, name)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", flat)
+    inner = [{"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}]
+    inner += [{"type": "custom", "name": other}] if other != name else []
+    body = {"tools": [{"type": "namespace", "name": namespace, "tools": inner}]}
+    table = plano.codex_tool_table(body)
+    assert table[flat] == plano.CodexTool(name, namespace)
+    if other != name:
+        assert table[plano.flat_tool_name(namespace, other)] == plano.CodexTool(other, namespace, custom=True)
+    claude, _ = codex_patch_models()
+    tools = plano.responses_request_to_anthropic(dict(CODEX_PATCH_REQUEST, **body), claude)["tools"]
+    assert [t["name"] for t in tools] == list(table)
+
+
+def test_a_responses_client_gets_apply_patch_as_a_custom_call_from_a_chat_provider_streamed_and_whole(provider):
+    """The official OpenAI SDK's Responses client against a Chat provider whose model calls the
+    apply_patch function: a custom_tool_call with the raw patch, whole and streamed."""
+    arguments = json.dumps({"input": APPLY_PATCH}, ensure_ascii=False)
+
+    def chat_answer(request: Recorded) -> Reply:
+        body = request.json
+        assert [t["function"]["name"] for t in body["tools"]][:2] == ["exec_command", "apply_patch"]
+        call = {"id": "call_patch", "type": "function", "function": {"name": "apply_patch", "arguments": arguments}}
+        if not body.get("stream"):
+            return Reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                                   "role": "assistant", "content": None, "tool_calls": [call]}}],
+                               "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+            dict(call, index=0, function={"name": "apply_patch", "arguments": ""})]}, "finish_reason": None}])]
+        chunks += [dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": arguments[i:i + 5]}}]}, "finish_reason": None}])
+            for i in range(0, len(arguments), 5)]
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+        return Reply(200, sse=sse_pieces([(None, c) for c in chunks] + [(None, "[DONE]")]))
+
+    provider.then(chat_answer)
+    provider.then(chat_answer)
+    request = {k: v for k, v in CODEX_PATCH_REQUEST.items() if k not in ("stream", "model")}
+    with RunningPlano(responses_config(provider)) as running:
+        client = openai_client(running)
+        whole = client.responses.create(model="openai/gpt-4o", **request)
+        with client.responses.stream(model="openai/gpt-4o", **request) as stream:
+            streamed_events = list(stream)
+            streamed = stream.get_final_response()
+    for response in (whole, streamed):
+        (item,) = response.output
+        assert (item.type, item.call_id, item.name, item.input) == ("custom_tool_call", "call_patch", "apply_patch",
+                                                                    APPLY_PATCH)
+    deltas = [e.delta for e in streamed_events if e.type == "response.custom_tool_call_input.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == APPLY_PATCH
+
+
+def test_real_codex_runs_a_namespaced_sub_agent_tool_that_claude_called_by_its_flat_name(tmp_path, provider,
+                                                                                          codex_bin):
+    """Codex with its sub-agent tools (a `collaboration` namespace) and Claude as the model: Claude
+    calls `collaboration__list_agents`, Codex gets it as list_agents in its namespace, runs it, and
+    the result goes back to Claude under the same call."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(served_by(provider, "anthropic/claude-sonnet-5"),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=ROUTER_OFF))
+
+    def answer(request: Recorded) -> Reply:
+        if tool_result_text(request.json["messages"]) is None:
+            return Reply(200, sse=anthropic_tool_use_stream("collaboration__list_agents", {}))
+        return Reply(200, sse=anthropic_text_stream("listed the agents"))
+
+    for _ in range(4):
+        provider.then(answer)
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                             "-m", CODEX_PATCH_MODEL, "exec", "--enable", "multi_agent_v2", "--skip-git-repo-check",
+                             "which agents are running?"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
+    assert "collaboration__list_agents" in [t["name"] for t in first["tools"]]
+    call = next(b for m in second["messages"] if m["role"] == "assistant" for b in m["content"]
+                if b["type"] == "tool_use")
+    assert (call["id"], call["name"]) == ("toolu_patch1", "collaboration__list_agents")
+    result_block = next(b for m in second["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+                        for b in m["content"] if b["type"] == "tool_result")
+    assert result_block["tool_use_id"] == "toolu_patch1"
+    # Codex ran list_agents itself: its answer, not "unsupported call"
+    assert json.loads(result_block["content"])["agents"][0]["agent_name"] == "/root", result_block
+    assert "listed the agents" in result.stdout
+
+
+def test_hosted_tools_a_provider_cannot_run_are_dropped_and_said_once(provider):
+    """Codex sends its hosted tools with every request: each dropped type is logged once, not per request."""
+    hosted = [{"type": "image_generation"}, {"type": "code_interpreter", "container": {"type": "auto"}}]
+    body = {"model": "anthropic/claude-sonnet-5", "input": "hello", "tools": hosted + CODEX_TOOLS[:1]}
+    with RunningPlano(responses_config(provider)) as running:
+        for _ in range(3):
+            answer = httpx.post(running.url + "/v1/responses", json=body, headers={"host": "127.0.0.1"})
+            assert answer.status_code == 200, answer.text
+    for request in upstream_requests(provider, "/v1/messages"):
+        assert [t["name"] for t in request.json["tools"]] == ["exec_command"]
+    for kind in ("image_generation", "code_interpreter"):
+        said = [line for line in SuiteLog.lines if f"Responses tool {kind} is dropped for anthropic models" in line]
+        assert len(said) == 1, said
+    # hostile: a client making up a new type each time does not grow what plano remembers without end
+    claude, _ = codex_patch_models()
+    for i in range(100):
+        made_up = {"model": "x", "input": "hi", "tools": [{"type": f"made-up-{i}-\x1b[31m"}]}
+        plano.provider_request(claude, "responses", made_up, json.dumps(made_up).encode(), {}, {})
+    assert len(plano._DROPPED_TOOLS_SAID) == plano._DROPPED_TOOLS_SAID_LIMIT
+    assert not any("\x1b" in line for line in SuiteLog.lines if "made-up-" in line)
+    plano._DROPPED_TOOLS_SAID.clear()  # the made-up types are no one else's
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
