@@ -10335,7 +10335,38 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         version = _program_version(program)
         findings.append(_Finding("ok", program, version) if version else
                         _Finding("note", program, f"not found on PATH (to use it: {install})"))
+    findings += _shared_store_findings(config)
     findings.append(_listener_finding(config))
+    return findings
+
+
+def _shared_store_findings(config: Config) -> list[_Finding]:
+    """`state.url` and `stats.url` when set: each used as `plano up` would at start (a Redis that
+    takes writes, a PostgreSQL that takes a connection), named without its password. Either one
+    that fails stops `plano up`, so each is a problem that blocks."""
+    findings: list[_Finding] = []
+    if config.state.url:
+        async def open_and_close() -> None:
+            async with open_state(config.state) as store:
+                findings.append(_Finding("ok", "state", f"{store.description}: takes writes"))
+        try:
+            trio.run(open_and_close)
+        except ConfigError as e:
+            findings.append(_Finding("problem", "state", f"{e.message} (blocks plano up)", blocks=True))
+    if config.stats.url:
+        where = masked_url(config.stats.url)
+        try:
+            import psycopg
+        except ImportError:
+            return findings + [_Finding("problem", "stats", "`stats.url` needs the psycopg package: pip install "
+                                                            "'plano[team]' (blocks plano up)", blocks=True)]
+        try:
+            _postgres_connection(config.stats.url).close()
+            findings.append(_Finding("ok", "stats", f"usage ledger in PostgreSQL at {where}: reachable"))
+        except psycopg.Error as e:
+            reason = _scrub(" ".join(str(e).split()) or type(e).__name__, config_secrets(config))
+            findings.append(_Finding("problem", "stats", f"`stats.url` ({where}): cannot connect to PostgreSQL: "
+                                                         f"{reason} (blocks plano up)", blocks=True))
     return findings
 
 

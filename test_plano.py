@@ -12687,6 +12687,36 @@ def test_hosted_tools_a_provider_cannot_run_are_dropped_and_said_once(provider):
     plano._DROPPED_TOOLS_SAID.clear()  # the made-up types are no one else's
 
 
+# ── issue 20: plano doctor checks state.url and stats.url ─────────────────────────────────────
+
+
+def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_their_passwords(tmp_path, provider):
+    def doctor_with(state_url: str, stats_url: str) -> tuple[int, list[str]]:
+        config = write_config(tmp_path, config_yaml(
+            served_by(provider, "openai/gpt-4o", access_key=OPENAI_KEY), router=ROUTER_OFF,
+            listeners=[{"address": "127.0.0.1", "port": free_port()}],
+            state={"url": state_url}, stats={"url": stats_url}))
+        result = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path)
+        assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stdout + result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    with redis_server() as redis_url, postgres_server() as postgres_url:
+        code, lines = doctor_with(redis_url, postgres_url)
+        assert code == 0, lines
+        assert line_about(lines, "state") == f"✓ state     {redis_url}: takes writes"
+        assert line_about(lines, "stats") == \
+            f"✓ stats     usage ledger in PostgreSQL at {postgres_url}: reachable"
+        wrong_user = postgres_url.replace("plano@", "nobody:s3cret-pw@")
+        closed = free_port()
+        code, lines = doctor_with(f"redis://:s3cret-pw@127.0.0.1:{closed}/0", wrong_user)
+    assert code == 1
+    assert line_about(lines, "state").startswith(f"✗ state     `state.url`: cannot use Redis at "
+                                                 f"redis://:***@127.0.0.1:{closed}/0: ")
+    assert line_about(lines, "state").endswith("(blocks plano up)")
+    assert line_about(lines, "stats").startswith("✗ stats     `stats.url` (postgresql://nobody:***@127.0.0.1:")
+    assert 'role "nobody" does not exist' in line_about(lines, "stats")
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
