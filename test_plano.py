@@ -12327,6 +12327,17 @@ def anthropic_text_stream(text: str) -> list[bytes]:
         ("message_stop", {"type": "message_stop"})])
 
 
+def codex_exec_through_plano(tmp_path: Path, codex_bin: str, config: Path, cwd: Path,
+                             *args: str) -> subprocess.CompletedProcess:
+    """`plano cli-agent codex -m CODEX_PATCH_MODEL exec --skip-git-repo-check ARGS…` as a user runs it,
+    with the real Codex CLI, a home of the test's own, and nothing on PATH but what it needs."""
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                           "-m", CODEX_PATCH_MODEL, "exec", "--skip-git-repo-check", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=180, stdin=subprocess.DEVNULL)
+
+
 def test_real_codex_apply_patch_edits_a_file_when_claude_answers_after_a_failover(tmp_path, provider, codex_bin):
     """Codex sends apply_patch as a freeform tool; the OpenAI model fails (500), plano fails over
     to Claude, whose answer calls apply_patch as a function with one string argument: Codex gets a
@@ -12352,12 +12363,8 @@ def test_real_codex_apply_patch_edits_a_file_when_claude_answers_after_a_failove
 
     for _ in range(8):
         provider.then(answer)
-    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
-           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
-                             "-m", CODEX_PATCH_MODEL, "exec", "--skip-git-repo-check", "--sandbox", "workspace-write",
-                             "add a line to notes.txt"], capture_output=True, text=True, env=env, cwd=work,
-                            timeout=180, stdin=subprocess.DEVNULL)
+    result = codex_exec_through_plano(tmp_path, codex_bin, config, work, "--sandbox", "workspace-write",
+                                      "add a line to notes.txt")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (work / "notes.txt").read_text() == "first line\npatched by claude: é€ 🤖\n"
     to_claude = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
@@ -12644,12 +12651,8 @@ def test_real_codex_runs_a_namespaced_sub_agent_tool_that_claude_called_by_its_f
 
     for _ in range(4):
         provider.then(answer)
-    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
-           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
-                             "-m", CODEX_PATCH_MODEL, "exec", "--enable", "multi_agent_v2", "--skip-git-repo-check",
-                             "which agents are running?"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=180, stdin=subprocess.DEVNULL)
+    result = codex_exec_through_plano(tmp_path, codex_bin, config, tmp_path, "--enable", "multi_agent_v2",
+                                      "which agents are running?")
     assert result.returncode == 0, result.stdout + result.stderr
     first, second = [r.json for r in provider.requests if r.path.endswith("/v1/messages")]
     assert "collaboration__list_agents" in [t["name"] for t in first["tools"]]
