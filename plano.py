@@ -7889,12 +7889,7 @@ class _AnswerFacts:
                     self._add(0, key, text)
         else:
             self._identity(data)
-            for choice in _list(data.get("choices")):
-                if isinstance(choice, dict):
-                    index = _index(choice.get("index"))
-                    self._reason(index, choice.get("finish_reason"))
-                    if self.capture and isinstance(choice.get("delta"), dict):
-                        self._openai_message(index, choice["delta"])
+            self._choices(data, "delta")
 
     def whole(self, payload: dict) -> None:
         """A whole answer (or a Responses stream's response object)."""
@@ -7918,12 +7913,17 @@ class _AnswerFacts:
                     if isinstance(item, dict):
                         self._responses_item(index, item)
         else:
-            for choice in _list(payload.get("choices")):
-                if isinstance(choice, dict):
-                    index = _index(choice.get("index"))
-                    self._reason(index, choice.get("finish_reason"))
-                    if self.capture and isinstance(choice.get("message"), dict):
-                        self._openai_message(index, choice["message"])
+            self._choices(payload, "message")
+
+    def _choices(self, data: dict, part: str) -> None:
+        """A Chat answer's choices: each one's finish reason, and its `part` (a whole answer's
+        `message`, a stream chunk's `delta`) when content is captured."""
+        for choice in _list(data.get("choices")):
+            if isinstance(choice, dict):
+                index = _index(choice.get("index"))
+                self._reason(index, choice.get("finish_reason"))
+                if self.capture and isinstance(choice.get(part), dict):
+                    self._openai_message(index, choice[part])
 
     def _identity(self, data: dict) -> None:
         if self.id is None and isinstance(data.get("id"), str):
