@@ -557,9 +557,10 @@ class StatsSettings:
     url: str | None = dataclasses.field(default=None, repr=False)  # postgresql://…; may hold a password
 
 
-def postgres_url_secrets(url: str | None) -> list[str]:
-    """The password a `postgresql://` URL holds (in its user part or as `?password=`), as written
-    and percent-decoded: what no log line or answer may show."""
+def url_secrets(url: str | None) -> list[str]:
+    """The password a `postgresql://` or `redis://` URL holds (in its user part, or as libpq's
+    `?password=`), as written and percent-decoded: what no log line or answer may show. Read with
+    a regular expression, so that a URL urllib refuses (`redis://:pw@[x`) is read too, never raises."""
     if not url:
         return []
     user = re.match(r"[^:/?#]*://([^@/?#]*)@", url)  # read like libpq, even from a URL urllib refuses
@@ -569,8 +570,8 @@ def postgres_url_secrets(url: str | None) -> list[str]:
 
 
 def masked_url(url: str) -> str:
-    """A `postgresql://` URL as plano shows it: its password, if any, as `***`."""
-    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+    """A `postgresql://` or `redis://` URL as plano shows it: its password, if any, as `***`."""
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
         url = url.replace(f":{secret}@", ":***@").replace(f"password={secret}", "password=***")
     return url
 
@@ -592,15 +593,7 @@ class StateSettings:
     @property
     def shown_url(self) -> str | None:
         """`url` with its password masked, for the log, /healthz and error messages."""
-        return _masked_url(self.url) if self.url else None
-
-
-def _masked_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+        return masked_url(self.url) if self.url else None
 
 
 # ── gateway keys for people: `keys:` and `teams:` ────────────────────────────────────────────
@@ -1258,7 +1251,7 @@ class _ConfigReader:
             url = url.strip()
             problem = _state_url_problem(url)
             if problem:
-                raise self.fail(section, "url", f"{problem}, got {_masked_url(url)!r}" if "://" in url else problem)
+                raise self.fail(section, "url", f"{problem}, got {masked_url(url)!r}" if "://" in url else problem)
         prefix = self.get(section, "prefix", str, StateSettings.prefix)
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
             raise self.fail(section, "prefix", f"must be 1 to 64 letters, digits or `_.:-`, got {prefix!r}")
@@ -6755,7 +6748,7 @@ def _postgres_error_text(error: Exception, url: str) -> str:
     """A psycopg error in one line (libpq's messages come in several, with tabs), without the URL's
     password (libpq does not repeat one; to be sure)."""
     text = " ".join(str(error).split()) or type(error).__name__
-    for secret in sorted(postgres_url_secrets(url), key=len, reverse=True):
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
@@ -8510,9 +8503,8 @@ def config_secrets(config: Config) -> list[str]:
     """The secrets a config holds (providers' keys, people's gateway keys, the gateway's own, the
     password in `state.url`, the ledger database's in `stats.url`): never in a log line or an answer."""
     keys = [m.access_key for m in config.models if m.access_key] + [k.secret for k in config.keys if k.secret]
-    keys += [config.state.password] if config.state.password else []  # in `state.url`
     return keys + ([config.listener.api_key] if config.listener.api_key else []) \
-        + postgres_url_secrets(config.stats.url)
+        + url_secrets(config.state.url) + url_secrets(config.stats.url)
 
 
 class Upstreams:
@@ -10364,9 +10356,9 @@ def _shared_store_findings(config: Config) -> list[_Finding]:
             _postgres_connection(config.stats.url).close()
             findings.append(_Finding("ok", "stats", f"usage ledger in PostgreSQL at {where}: reachable"))
         except psycopg.Error as e:
-            reason = _scrub(" ".join(str(e).split()) or type(e).__name__, config_secrets(config))
             findings.append(_Finding("problem", "stats", f"`stats.url` ({where}): cannot connect to PostgreSQL: "
-                                                         f"{reason} (blocks plano up)", blocks=True))
+                                                         f"{_postgres_error_text(e, config.stats.url)} (blocks "
+                                                         "plano up)", blocks=True))
     return findings
 
 

@@ -10805,6 +10805,7 @@ def test_state_url_is_read_with_its_password_masked_and_kept_secret():
 @pytest.mark.parametrize("state, message", [
     ({"url": "http://127.0.0.1:6379"}, "`url` must be a redis://host:port/db"),
     ({"url": "redis://:pw-x@127.0.0.1:99999/0"}, "`url` must be a redis://"),
+    ({"url": "redis://:pw-x@[x"}, "`url` must be a redis://"),  # urllib refuses it: still one line
     ({"url": "redis://127.0.0.1:6379/zero"}, "`url` the path must be a database number"),
     ({"url": "unix://"}, "`url` a unix:// URL needs the socket's path"),
     ({"url": "redis://:6379/0"}, "`url` needs a host"),
