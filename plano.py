@@ -570,10 +570,11 @@ def url_secrets(url: str | None) -> list[str]:
 
 
 def masked_url(url: str) -> str:
-    """A `postgresql://` or `redis://` URL as plano shows it: its password, if any, as `***`."""
+    """A `postgresql://` or `redis://` URL as plano shows it (log lines, errors on the terminal,
+    /healthz): its password, if any, as `***`, and control characters escaped (printable)."""
     for secret in sorted(url_secrets(url), key=len, reverse=True):
         url = url.replace(f":{secret}@", ":***@").replace(f"password={secret}", "password=***")
-    return url
+    return printable(url)
 
 
 @dataclass(frozen=True)

@@ -10621,6 +10621,7 @@ def test_a_stats_url_plano_cannot_use_stops_start_up_with_one_line_naming_it(sha
     cases = {"refused": f"postgresql://plano:pg-pass-9d2c@127.0.0.1:{free_port()}/plano",
              "no such database": f"{base}/no_such_database",
              "no such role": f"postgresql://nobody:pg-pass-9d2c@127.0.0.1:{shared_postgres.port}/plano"}
+    cases["a control character in it"] = f"postgresql://plano:pg-pass-9d2c@127.0.0.1:{free_port()}/pl\x1b[2Jano"
     shared_postgres.psql("CREATE DATABASE plano_locked OWNER postgres")  # plano may connect, not create tables
     cases["cannot create the table"] = f"{base}/plano_locked"
     for case, url in cases.items():
@@ -10632,6 +10633,7 @@ def test_a_stats_url_plano_cannot_use_stops_start_up_with_one_line_naming_it(sha
         assert up.returncode == 2 and len(errors) == 1, (case, up.stderr)
         assert errors[0].startswith(f"plano: {config}: `stats.url` (postgresql://"), (case, errors)
         assert "pg-pass-9d2c" not in up.stderr and "Traceback" not in up.stderr, (case, up.stderr)
+        assert "\x1b" not in up.stderr, (case, up.stderr)  # shown escaped: `\x1b[2J` clears no terminal
         stats = run_plano_cli("stats", "--config", config)
         assert stats.returncode == (0 if case == "cannot create the table" else 1), (case, stats.stderr)
         assert stats.returncode == 0 or stats.stderr.startswith(f"plano: {config}: `stats.url` (postgresql://")
@@ -12702,6 +12704,7 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
             state={"url": state_url}, stats={"url": stats_url}))
         result = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path)
         assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stdout + result.stderr
+        assert "\x1b" not in result.stdout + result.stderr  # a URL's control characters are shown escaped
         return result.returncode, result.stdout.splitlines()
 
     with redis_server() as redis_url, postgres_server() as postgres_url:
@@ -12710,7 +12713,7 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
         assert line_about(lines, "state") == f"✓ state     {redis_url}: takes writes"
         assert line_about(lines, "stats") == \
             f"✓ stats     usage ledger in PostgreSQL at {postgres_url}: reachable"
-        wrong_user = postgres_url.replace("plano@", "nobody:s3cret-pw@")
+        wrong_user = postgres_url.replace("plano@", "nobody:s3cret-pw@") + "\x1b[2J"
         closed = free_port()
         code, lines = doctor_with(f"redis://:s3cret-pw@127.0.0.1:{closed}/0", wrong_user)
     assert code == 1
