@@ -13,22 +13,23 @@ uses only the ones above it, which a test in test_plano.py keeps true:
      6. Wire formats, server-sent events
      7. Wire formats, provider errors
      8. Wire formats, Responses
-     9. Wire formats, streams end to end
-    10. Wire formats, one upstream exchange
-    11. Upstream client
-    12. Shared state
-    13. Router
-    14. Usage ledger
-    15. Capabilities
-    16. Metrics
-    17. Traces
-    18. Gateway
-    19. HTTP server
-    20. CLI, the commands
-    21. CLI, doctor
-    22. CLI, agent wiring
-    23. CLI, the entry point
-    24. The live page
+     9. Wire formats, Bedrock Converse
+    10. Wire formats, streams end to end
+    11. Wire formats, one upstream exchange
+    12. Upstream client
+    13. Shared state
+    14. Router
+    15. Usage ledger
+    16. Capabilities
+    17. Metrics
+    18. Traces
+    19. Gateway
+    20. HTTP server
+    21. CLI, the commands
+    22. CLI, doctor
+    23. CLI, agent wiring
+    24. CLI, the entry point
+    25. The live page
 
 Library use::
 
@@ -2478,7 +2479,7 @@ class AnthropicEventWriter:
         self.message_id = _new_id("msg")
         self.started = False
         self.finished = False
-        self.block: str | None = None  # kind of the open block: "text" | "thinking" | "tool"
+        self.block: str | None = None  # kind of the open block: "text" | "thinking" | "tool" | "redacted"
         self.block_index = -1
         self.saw_tool_use = False
 
@@ -2506,6 +2507,10 @@ class AnthropicEventWriter:
 
     def open_thinking(self) -> list[tuple[str, dict]]:
         return self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+
+    def redacted_thinking(self, data: str) -> list[tuple[str, dict]]:
+        """A whole redacted_thinking block: it comes in its content_block_start, with no deltas."""
+        return self._open("redacted", {"type": "redacted_thinking", "data": data}, force=True) + self.close()
 
     def tool_use(self, tool_id: str, name: str) -> list[tuple[str, dict]]:
         """A new tool_use block, even right after another one."""
@@ -2838,10 +2843,13 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
 #   request puts the text, reasoning and calls back in the answer's order.
 # - Responses clients of an Anthropic upstream: the reasoning item's `encrypted_content` holds the
 #   Anthropic signature, prefixed with _ANTHROPIC_SIGNATURE, so only a real signature goes back.
+# - A Bedrock Converse model's signed or redacted reasoning, behind _CONVERSE_MARK (see "Wire
+#   formats, Bedrock Converse"): plano's own signature too, for no one but Converse.
 
 _REASONING_SIGNATURE = "plano-responses-reasoning:"
 _REASONING_MARK = "__plano_rs_"
 _ANTHROPIC_SIGNATURE = "plano-anthropic-signature:"
+_CONVERSE_MARK = "plano-converse:"
 
 ANTHROPIC_STOP_FROM_RESPONSES_INCOMPLETE = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
 
@@ -2875,11 +2883,11 @@ def reasoning_signature(item: dict) -> str:
 
 
 def is_plano_signature(signature: Any) -> bool:
-    return isinstance(signature, str) and signature.startswith(_REASONING_SIGNATURE)
+    return isinstance(signature, str) and signature.startswith((_REASONING_SIGNATURE, _CONVERSE_MARK))
 
 
 def reasoning_from_signature(signature: Any) -> dict | None:
-    if not is_plano_signature(signature):
+    if not (isinstance(signature, str) and signature.startswith(_REASONING_SIGNATURE)):
         return None
     carried = _unb64_json(signature[len(_REASONING_SIGNATURE):])
     return carried if isinstance(carried, dict) and isinstance(carried.get("encrypted_content"), str) else None
@@ -3528,7 +3536,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             signature = encrypted[len(_ANTHROPIC_SIGNATURE):] if isinstance(encrypted, str) \
                 and encrypted.startswith(_ANTHROPIC_SIGNATURE) else ""
             # Anthropic checks every signature it is sent: only its own go back to it.
-            if signature or model.interface != "anthropic":
+            if (signature and not is_plano_signature(signature)) or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
         # Other items (web search and tool search calls, item references, shell tool calls)
@@ -3911,6 +3919,470 @@ def responses_stream_error(error_type: str, message: str) -> dict:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, Bedrock Converse: AWS Bedrock's one API for the models it hosts besides Claude
+# (Llama, Mistral, Nova, DeepSeek, gpt-oss, Qwen, Kimi, …), to and from the Anthropic shape.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+# Converse is POST {base_url}/model/{model id, URL-quoted}/converse, and /converse-stream for a
+# stream (converse_path). plano goes through the Anthropic shape both ways, as it does for Responses
+# upstreams: a Chat or Responses request is first made an Anthropic one by the translations above,
+# then a Converse one; a Converse answer becomes an Anthropic answer, then the client's. The stream
+# arrives as AWS event-stream frames (the transport decodes them) whose event name is only in the
+# frame's `:event-type` header: each frame goes to StreamTranslator as an SSE event of that name
+# (converse_event_as_sse), and the ConverseToAnthropicStream machine below reads them.
+#
+# What Converse sends that Anthropic's stream says differently (recorded answers, FACTS.md §8):
+# every payload carries a `p` field of padding (ignored); text blocks come without a
+# contentBlockStart; `messageStop` carries the stop reason but the usage comes after it, in
+# `metadata`, so the Anthropic stream ends only there.
+#
+# Reasoning: a model's reasoning (`reasoningContent`) is a thinking block. Reasoning the provider
+# signed (`reasoningText.signature`) and redacted reasoning (`redactedContent`, opaque bytes) must go
+# back verbatim on later turns: they ride in the thinking block's `signature` and a redacted_thinking
+# block's `data` behind _CONVERSE_MARK, which keeps them from a real Anthropic upstream (and inside a
+# Responses reasoning item's encrypted_content, as an Anthropic signature does). Unsigned reasoning
+# (gpt-oss, Kimi, Qwen, DeepSeek) is not sent back: Bedrock answers those models' next turns without
+# it (recorded: Kimi's tool loop), as Anthropic accepts a turn without its unsigned thinking.
+
+CONVERSE_STOP_TO_ANTHROPIC = {
+    "end_turn": "end_turn", "tool_use": "tool_use", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence",
+    # A guardrail or a content filter ended the answer: Anthropic's word for that is a refusal.
+    "guardrail_intervened": "refusal", "content_filtered": "refusal",
+    "model_context_window_exceeded": "model_context_window_exceeded"}
+
+# Converse takes images and documents as bytes (base64 in its JSON) with a format word, not a MIME type.
+_CONVERSE_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
+_CONVERSE_DOCUMENT_FORMATS = {
+    "application/pdf": "pdf", "text/plain": "txt", "text/csv": "csv", "text/markdown": "md", "text/html": "html",
+    "application/msword": "doc", "application/vnd.ms-excel": "xls",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx"}
+
+# Bedrock model ids start with the model's maker (`meta.`, `openai.`), after the geography of a
+# cross-region inference profile (`us.`, `global.`); makers whose models take a reasoning level,
+# in the field and words each takes (read in pydantic-ai's recorded Bedrock requests).
+_BEDROCK_GEOGRAPHIES = ("us", "eu", "apac", "global", "us-gov", "jp", "au", "ca")
+_CONVERSE_REASONING_FIELDS: dict[str, Callable[[str], dict]] = {
+    "openai": lambda effort: {"reasoning_effort": effort},  # gpt-oss: low | medium | high
+    "qwen": lambda effort: {"reasoning_config": "low" if effort == "low" else "high"},  # low | high only
+}
+
+# Converse refuses a text block that is empty or only whitespace, in a tool result too
+# (ValidationException "text content blocks must be non-empty"): an empty result says so in words.
+_EMPTY_TOOL_RESULT = "(no output)"
+
+
+def converse_path(model_id: str, stream: bool) -> str:
+    """The path of a model's Converse endpoint, below the base URL (the id's `:` and `/` quoted)."""
+    return f"/model/{urllib.parse.quote(model_id, safe='')}/" + ("converse-stream" if stream else "converse")
+
+
+def converse_event_as_sse(event_type: str, payload: bytes) -> bytes:
+    """One ConverseStream frame (its `:event-type` header and JSON payload) as the SSE event the
+    stream machines read."""
+    return encode_sse(payload.decode("utf-8", errors="replace"), event_type)
+
+
+def _bedrock_maker(model_id: str) -> str:
+    parts = model_id.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] in _BEDROCK_GEOGRAPHIES else parts[0]
+
+
+def _blank(text: Any) -> bool:
+    return not isinstance(text, str) or not text.strip()
+
+
+def _plain_tool_id(tool_id: str) -> str:
+    """A tool-use id without what plano carries in it for another provider (a Gemini thought
+    signature, Responses reasoning): Converse gets the provider's id itself."""
+    return split_reasoning_tool_id(split_signed_tool_id(tool_id)[0])[0]
+
+
+def _converse_media(block: dict, where: str, name: str) -> dict:
+    """An Anthropic image or document block as Converse's, its bytes inline."""
+    source = block.get("source")
+    _require(isinstance(source, dict), f"{where}.source: must be an object")
+    if block.get("type") == "document" and source.get("type") == "text":
+        _require(isinstance(source.get("data"), str), f"{where}.source.data: must be a string")
+        data, media_type = base64.b64encode(source["data"].encode()).decode(), "text/plain"
+    else:
+        _require(source.get("type") == "base64", f"{where}.source: Bedrock's Converse API takes the bytes "
+                 f"themselves (base64), not a URL")
+        _require(isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str),
+                 f"{where}.source: base64 sources need `media_type` and `data` strings")
+        data, media_type = source["data"], source["media_type"]
+    if block.get("type") == "image":
+        _require(media_type in _CONVERSE_IMAGE_FORMATS, f"{where}.source.media_type: Bedrock takes png, jpeg, "
+                 f"gif or webp images, not {media_type[:40]!r}")
+        return {"image": {"format": _CONVERSE_IMAGE_FORMATS[media_type], "source": {"bytes": data}}}
+    _require(media_type in _CONVERSE_DOCUMENT_FORMATS, f"{where}.source.media_type: Bedrock takes no documents "
+             f"of type {media_type[:60]!r}")
+    return {"document": {"format": _CONVERSE_DOCUMENT_FORMATS[media_type], "name": name, "source": {"bytes": data}}}
+
+
+def _document_name(block: dict, number: int) -> str:
+    """A document's name as Converse takes one (letters, digits, single spaces, hyphens, brackets,
+    parentheses; unique in the request): its title's such characters, numbered."""
+    title = block.get("title") if isinstance(block.get("title"), str) else ""
+    title = " ".join(re.sub(r"[^A-Za-z0-9\s\-()\[\]]", " ", title).split())[:80]
+    return f"{title} ({number})" if title else f"document {number}"
+
+
+def _converse_tool_result(block: dict, where: str, documents: list[int]) -> dict:
+    _require(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id: must be a string")
+    content = block.get("content")
+    parts: list[dict] = []
+    if isinstance(content, str) or content is None:
+        if not _blank(content):
+            parts.append({"text": content})
+    else:
+        _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+        for i, item in enumerate(content):
+            at = f"{where}.content[{i}]"
+            _require(isinstance(item, dict), f"{at}: must be an object")
+            if item.get("type") == "text":
+                _require(isinstance(item.get("text"), str), f"{at}.text: must be a string")
+                if not _blank(item["text"]):
+                    parts.append({"text": item["text"]})
+            elif item.get("type") in ("image", "document"):
+                documents[0] += item["type"] == "document"
+                parts.append(_converse_media(item, at, _document_name(item, documents[0])))
+    result = {"toolUseId": _plain_tool_id(block["tool_use_id"]), "content": parts or [{"text": _EMPTY_TOOL_RESULT}]}
+    if block.get("is_error") is True:
+        result["status"] = "error"
+    return {"toolResult": result}
+
+
+def _converse_reasoning_block(block: dict) -> dict | None:
+    """A thinking or redacted_thinking block as the reasoningContent Converse wants back: only
+    what a Converse model made and signed (see _CONVERSE_MARK above)."""
+    if block.get("type") == "redacted_thinking":
+        data = block.get("data")
+        if isinstance(data, str) and data.startswith(_CONVERSE_MARK):
+            return {"reasoningContent": {"redactedContent": data[len(_CONVERSE_MARK):]}}
+        return None
+    signature = block.get("signature")
+    if not (isinstance(signature, str) and signature.startswith(_CONVERSE_MARK)
+            and len(signature) > len(_CONVERSE_MARK) and isinstance(block.get("thinking"), str)):
+        return None
+    return {"reasoningContent": {"reasoningText": {"text": block["thinking"],
+                                                   "signature": signature[len(_CONVERSE_MARK):]}}}
+
+
+def _anthropic_block_to_converse(block: Any, where: str, role: str, documents: list[int]) -> dict | None:
+    """One Anthropic content block as Converse's (None: nothing of it goes; `documents` counts the
+    request's documents, for their names)."""
+    _require(isinstance(block, dict), f"{where}: must be an object")
+    kind = block.get("type")
+    if kind == "text":
+        _require(isinstance(block.get("text"), str), f"{where}.text: must be a string")
+        return None if _blank(block["text"]) else {"text": block["text"]}
+    if kind in ("thinking", "redacted_thinking"):
+        return _converse_reasoning_block(block) if role == "assistant" else None
+    if kind == "tool_use" and role == "assistant":
+        _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                 f"{where}: tool_use needs string `id` and `name`")
+        tool_input = block.get("input", {})
+        return {"toolUse": {"toolUseId": _plain_tool_id(block["id"]), "name": block["name"],
+                            "input": tool_input if isinstance(tool_input, dict) else _json_arguments(tool_input)}}
+    if kind == "tool_result" and role == "user":
+        return _converse_tool_result(block, where, documents)
+    if kind in ("image", "document") and role == "user":
+        documents[0] += kind == "document"
+        return _converse_media(block, where, _document_name(block, documents[0]))
+    if kind in ("server_tool_use", "web_search_tool_result"):
+        return None  # Anthropic's own server tools: only meaningful to Anthropic
+    raise RequestError(f"{where}.type: unsupported content block type {kind!r} in a{'n' * (role[0] == 'a')} "
+                       f"{role} message")
+
+
+def _append_converse(messages: list[dict], role: str, blocks: list[dict]) -> None:
+    """Converse, like Anthropic, wants user and assistant turns in alternation and no empty turn."""
+    if not blocks:
+        return
+    if messages and messages[-1]["role"] == role:
+        messages[-1]["content"].extend(blocks)
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _tool_blocks_as_text(messages: list[dict]) -> None:
+    """Tool calls and results in a request that defines no tools, as text: Converse refuses
+    toolUse and toolResult blocks without a toolConfig (ValidationException)."""
+    for message in messages:
+        for i, block in enumerate(message["content"]):
+            if "toolUse" in block:
+                use = block["toolUse"]
+                message["content"][i] = {"text": f"[tool call {use['name']} ({use['toolUseId']}): "
+                                                 f"{json.dumps(use['input'], ensure_ascii=False)}]"}
+            elif "toolResult" in block:
+                result = block["toolResult"]
+                texts = [part["text"] for part in result["content"] if "text" in part]
+                message["content"][i] = {"text": f"[tool result ({result['toolUseId']})"
+                                                 f"{' error' if result.get('status') == 'error' else ''}: "
+                                                 + "\n".join(texts) + "]"}
+
+
+def _converse_tool_config(body: dict, has_tool_blocks: bool) -> dict | None:
+    """An Anthropic request's tools and tool_choice as Converse's toolConfig (None: none).
+    Converse has no "none" choice: the tools are withheld instead, unless the conversation has
+    tool calls in it, which Converse reads only with the tools defined (then the choice is auto)."""
+    tools = body.get("tools")
+    if not tools:
+        return None
+    _require(isinstance(tools, list), "tools: must be a list")
+    specs = []
+    for i, tool in enumerate(tools):
+        function = _anthropic_tool_to_openai(tool, f"tools[{i}]")  # checked once, server tools left out
+        if function is None:
+            continue
+        spec = {"name": function["function"]["name"], "inputSchema": {"json": function["function"]["parameters"]}}
+        if not _blank(function["function"].get("description")):
+            spec["description"] = function["function"]["description"]
+        specs.append({"toolSpec": spec})
+    choice = body.get("tool_choice")
+    _require(choice is None or isinstance(choice, dict), "tool_choice: must be an object")
+    kind = (choice or {}).get("type", "auto")
+    if not specs or (kind == "none" and not has_tool_blocks):
+        return None
+    config: dict[str, Any] = {"tools": specs}
+    if kind == "any":
+        config["toolChoice"] = {"any": {}}
+    elif kind == "tool":
+        _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
+        config["toolChoice"] = {"tool": {"name": choice["name"]}}
+    elif kind in ("auto", "none"):
+        config["toolChoice"] = {"auto": {}}
+    else:
+        raise RequestError("tool_choice.type: must be auto, any, tool or none")
+    return config
+
+
+def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
+    """An Anthropic Messages request body as a Converse request body for `model` (whose id goes
+    in the URL, not the body). Dropped, as Converse has no place for them: metadata, cache_control,
+    top_k, Anthropic's server tools, disable_parallel_tool_use, and unsigned reasoning (see above)."""
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
+    messages_in = body.get("messages")
+    _require(isinstance(messages_in, list), "messages: must be a list")
+    messages: list[dict] = []
+    documents = [0]
+    for i, message in enumerate(messages_in):
+        where = f"messages[{i}]"
+        _require(isinstance(message, dict), f"{where}: must be an object")
+        role, content = message.get("role"), message.get("content")
+        _require(role in ("user", "assistant", "system"), f"{where}.role: must be user, assistant or system")
+        if role == "system":
+            # Claude Code's environment block between user turns: Converse has user and assistant
+            # turns only, so it is said where it stands, in the user's turn.
+            role, content = "user", _text_of(content, f"{where}.content")
+        if isinstance(content, str):
+            blocks = [] if _blank(content) else [{"text": content}]
+        else:
+            _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+            blocks = [b for j, block in enumerate(content)
+                      if (b := _anthropic_block_to_converse(block, f"{where}.content[{j}]", role, documents))]
+        _append_converse(messages, role, blocks)
+    out: dict[str, Any] = {"messages": messages}
+    system = _text_of(body.get("system"), "system")
+    if not _blank(system):
+        out["system"] = [{"text": system}]
+    inference: dict[str, Any] = {"maxTokens": _anthropic_max_tokens(body.get("max_tokens"), model, "max_tokens")}
+    for key, name in (("temperature", "temperature"), ("top_p", "topP")):
+        if body.get(key) is not None:
+            _require_number(body[key], key)
+            inference[name] = body[key]
+    stop = body.get("stop_sequences")
+    if stop:
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "stop_sequences: must be a list of strings")
+        inference["stopSequences"] = stop
+    out["inferenceConfig"] = inference
+    has_tool_blocks = any("toolUse" in b or "toolResult" in b for m in messages for b in m["content"])
+    tool_config = _converse_tool_config(body, has_tool_blocks)
+    if tool_config:
+        out["toolConfig"] = tool_config
+    elif has_tool_blocks:
+        _tool_blocks_as_text(messages)
+    maker = _bedrock_maker(model.model_id)
+    if maker == "anthropic" and isinstance(body.get("thinking"), dict):
+        out["additionalModelRequestFields"] = {"thinking": body["thinking"]}  # Claude by an inference profile
+    elif (effort := _effort_from_anthropic(body)) and maker in _CONVERSE_REASONING_FIELDS:
+        out["additionalModelRequestFields"] = _CONVERSE_REASONING_FIELDS[maker](effort)
+    return out
+
+
+# ── Converse answers ──────────────────────────────────────────────────────────────────────────
+
+def converse_usage_to_anthropic(usage: Any) -> dict:
+    """Converse's token counts as Anthropic's usage: both count cache reads and writes apart from
+    the input (recorded: totalTokens = inputTokens + outputTokens + cacheWriteInputTokens)."""
+    if not isinstance(usage, dict):
+        return {}
+    names = {"inputTokens": "input_tokens", "outputTokens": "output_tokens",
+             "cacheReadInputTokens": "cache_read_input_tokens", "cacheWriteInputTokens": "cache_creation_input_tokens"}
+    return {anthropic: usage[name] for name, anthropic in names.items() if _is_token_count(usage.get(name))}
+
+
+def _anthropic_stop_from_converse(stop_reason: Any, called_tools: bool) -> str:
+    stop = CONVERSE_STOP_TO_ANTHROPIC.get(stop_reason, "end_turn") if isinstance(stop_reason, str) else "end_turn"
+    return "tool_use" if called_tools and stop == "end_turn" else stop
+
+
+def _thinking_from_converse(reasoning: Any) -> dict | None:
+    """A Converse reasoningContent as an Anthropic thinking or redacted_thinking block."""
+    if not isinstance(reasoning, dict):
+        return None
+    if isinstance(reasoning.get("redactedContent"), str):
+        return {"type": "redacted_thinking", "data": _CONVERSE_MARK + reasoning["redactedContent"]}
+    text = reasoning.get("reasoningText")
+    if not isinstance(text, dict):
+        return None
+    signature = text.get("signature")
+    return {"type": "thinking", "thinking": str(text.get("text") or ""),
+            "signature": _CONVERSE_MARK + signature if isinstance(signature, str) and signature else ""}
+
+
+def converse_response_to_anthropic(response: dict, requested_model: str) -> dict:
+    """A Converse answer as an Anthropic Messages response. Blocks Anthropic has no word for
+    (citations, images, guardrail content) and the guardrail trace are left out."""
+    output = response.get("output") if isinstance(response.get("output"), dict) else {}
+    message = output.get("message") if isinstance(output.get("message"), dict) else {}
+    content: list[dict] = []
+    for block in message.get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            if block["text"]:
+                content.append({"type": "text", "text": block["text"]})
+        elif isinstance(block.get("toolUse"), dict):
+            use = block["toolUse"]
+            tool_input = use.get("input")
+            content.append({"type": "tool_use", "id": str(use.get("toolUseId") or _new_id("toolu")),
+                            "name": str(use.get("name") or ""),
+                            "input": tool_input if isinstance(tool_input, dict) else _json_arguments(tool_input)})
+        elif (thinking := _thinking_from_converse(block.get("reasoningContent"))) is not None:
+            content.append(thinking)
+    stop = _anthropic_stop_from_converse(response.get("stopReason"), any(b["type"] == "tool_use" for b in content))
+    usage = dict({"input_tokens": 0, "output_tokens": 0}, **converse_usage_to_anthropic(response.get("usage")))
+    return {"id": _new_id("msg"), "type": "message", "role": "assistant", "model": requested_model,
+            "content": content, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+
+
+# ── ConverseStream ────────────────────────────────────────────────────────────────────────────
+
+# Errors a ConverseStream sends after its 200, as exception frames named by `:exception-type`
+# (the AWS API reference of ConverseStreamOutput), as plano's status and error type.
+_CONVERSE_STREAM_EXCEPTIONS = {
+    "throttlingException": (429, "rate_limit_error"), "serviceUnavailableException": (529, "overloaded_error"),
+    "validationException": (400, "invalid_request_error"), "internalServerException": (502, "api_error"),
+    "modelStreamErrorException": (502, "api_error")}
+
+
+class ConverseToAnthropicStream:
+    """Feed ConverseStream events (event name, data), get Anthropic stream events back.
+
+    The Anthropic message starts at `messageStart`, each Converse content block becomes one
+    Anthropic block (text blocks open themselves: Converse sends no contentBlockStart for them),
+    and the message ends at `metadata`, which brings the usage after `messageStop` (or when the
+    stream ends after `messageStop` without it).
+    """
+
+    def __init__(self, model: str):
+        self.writer = AnthropicEventWriter(model)
+        self.stop_reason: Any = None
+        self.stopped = False  # messageStop has come
+        self.usage: dict = {}
+
+    def feed(self, event: str | None, data: Any) -> list[tuple[str, dict]]:
+        if not isinstance(data, dict):
+            raise StreamTranslationError("stream event data is not a JSON object")
+        if event in _CONVERSE_STREAM_EXCEPTIONS or (isinstance(event, str) and event.endswith("Exception")):
+            status, error_type = _CONVERSE_STREAM_EXCEPTIONS.get(event, (502, "api_error"))
+            raise UpstreamError(str(data.get("message") or event), status=status, error_type=error_type)
+        if self.writer.finished:
+            return []
+        if event == "messageStart":
+            return self.writer.start()
+        if event == "contentBlockStart":
+            start = data.get("start") if isinstance(data.get("start"), dict) else {}
+            use = start.get("toolUse")
+            if isinstance(use, dict):
+                return self.writer.start() + self.writer.tool_use(str(use.get("toolUseId") or _new_id("toolu")),
+                                                                  str(use.get("name") or ""))
+            return []
+        if event == "contentBlockDelta":
+            return self.writer.start() + self._delta(data.get("delta"))
+        if event == "contentBlockStop":
+            return self.writer.close()
+        if event == "messageStop":
+            self.stop_reason, self.stopped = data.get("stopReason"), True
+            return []
+        if event == "metadata":
+            self.usage = converse_usage_to_anthropic(data.get("usage"))
+            return self.finish() if self.stopped else []
+        return []  # event types added later
+
+    def _delta(self, delta: Any) -> list[tuple[str, dict]]:
+        if not isinstance(delta, dict):
+            return []
+        if isinstance(delta.get("text"), str):
+            return self.writer.text(delta["text"]) if delta["text"] else []
+        if isinstance(delta.get("toolUse"), dict):
+            piece = delta["toolUse"].get("input")
+            if self.writer.block != "tool":
+                raise StreamTranslationError("the provider streamed a tool call's input before the call")
+            return [self.writer.tool_input(piece)] if isinstance(piece, str) and piece else []
+        reasoning = delta.get("reasoningContent")
+        if not isinstance(reasoning, dict):
+            return []
+        if isinstance(reasoning.get("text"), str):
+            return self.writer.thinking(reasoning["text"]) if reasoning["text"] else []
+        if isinstance(reasoning.get("signature"), str) and reasoning["signature"]:
+            return self.writer.signature(_CONVERSE_MARK + reasoning["signature"])
+        if isinstance(reasoning.get("redactedContent"), str):
+            return self.writer.redacted_thinking(_CONVERSE_MARK + reasoning["redactedContent"])
+        return []
+
+    def finish(self) -> list[tuple[str, dict]]:
+        """The end of the Anthropic message, once: the stream ended (or its usage came)."""
+        if self.writer.finished:
+            return []
+        if not self.stopped:
+            raise _stream_ended_early()
+        stop = _anthropic_stop_from_converse(self.stop_reason, self.writer.saw_tool_use)
+        return self.writer.start() + self.writer.end(stop, dict({"output_tokens": 0}, **self.usage))
+
+
+class ConverseStreamChain:
+    """A ConverseStream for any client: Converse → Anthropic, then → Chat or → Responses through
+    the machines above. Feed one upstream event (name, data), get the client's items back."""
+
+    def __init__(self, client_format: str, model: str, include_usage: bool,
+                 tools: Mapping[str, CodexTool] | None = None):
+        self.first = ConverseToAnthropicStream(model)
+        self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | None = \
+            AnthropicToOpenAIStream(model, include_usage) if client_format == "openai" \
+            else AnthropicToResponsesStream(model, tools) if client_format == "responses" else None
+
+    def feed(self, event: str | None, data: Any) -> list[Any]:
+        return self._through(self.first.feed(event, data))
+
+    def finish(self) -> list[Any]:
+        return self._through(self.first.finish()) + (self.second.finish() if self.second is not None else [])
+
+    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
+        if self.second is None:
+            return events
+        return [item for name, data in events for item in self.second.feed(name, data)]
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        return self.first.usage
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Wire formats, streams end to end: one upstream stream as the bytes its client gets, through
 # the stream machine its pair of formats needs (or passed through).
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -3934,8 +4406,11 @@ class StreamTranslator:
         self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
-        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
-        if "responses" in (upstream_format, client_format) and upstream_format != client_format:
+        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | ConverseStreamChain \
+            | None = None
+        if upstream_format == "converse":  # ConverseStream frames, as SSE events named for them (converse_event_as_sse)
+            self.machine = ConverseStreamChain(client_format, model, include_usage, tools)
+        elif "responses" in (upstream_format, client_format) and upstream_format != client_format:
             # `tools`: a Responses client's custom and namespaced tools, to map calls back to
             self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage, tools)
         elif upstream_format != client_format:
@@ -4010,7 +4485,7 @@ class StreamTranslator:
         """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
         if isinstance(self.machine, OpenAIToAnthropicStream):
             return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
-        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain)):
+        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain, ConverseStreamChain)):
             return self.machine.usage
         return self._passthrough_usage
 
@@ -4036,7 +4511,7 @@ class StreamTranslator:
                     out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
                 elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
                     out += self._encode(self.machine.feed(event.event, data))
-                elif isinstance(self.machine, ResponsesStreamChain):
+                elif isinstance(self.machine, (ResponsesStreamChain, ConverseStreamChain)):
                     out += self._encode(self.machine.feed(event.event, data))
             except Exception as failure:  # a bug too: the events before it still go out first
                 self.failure = failure
@@ -4154,6 +4629,14 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
             content = _json_bytes(_with_cache_key(anthropic_request_to_responses(body, model), model, session))
         else:
             content = _json_bytes(_with_cache_key(openai_request_to_responses(body, model), model, session))
+    elif model.interface == "converse":
+        url = model.base_url + converse_path(model.model_id, body.get("stream") is True)
+        if client_format == "responses":
+            _say_dropped_tools(body, model)
+            message = responses_request_to_anthropic(body, model)
+        else:
+            message = body if client_format == "anthropic" else openai_request_to_anthropic(body, model)
+        content = _json_bytes(anthropic_request_to_converse(message, model))
     else:
         url = model.base_url + "/chat/completions"
         if client_format == "openai":
@@ -4236,8 +4719,7 @@ def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> st
     if not _has_unsigned_thinking(body):
         return replace_json_model(raw.decode("utf-8"), model.model_id)
     cleaned = dict(body, model=model.model_id, messages=[
-        dict(m, content=[b for b in m["content"] if not (isinstance(b, dict) and b.get("type") == "thinking"
-                                                         and _unsigned(b))])
+        dict(m, content=[b for b in m["content"] if not _unsigned(b)])
         if isinstance(m, dict) and isinstance(m.get("content"), list) else m
         for m in body["messages"]])
     return json.dumps(cleaned, ensure_ascii=False)
@@ -4266,14 +4748,19 @@ def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
 
 
 def _has_unsigned_thinking(body: dict) -> bool:
-    """Thinking without Anthropic's own signature: none, or the reasoning plano carries for OpenAI."""
-    return any(isinstance(b, dict) and b.get("type") == "thinking" and _unsigned(b)
-               for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
-               for b in m["content"])
+    """Thinking without Anthropic's own signature: none, or the reasoning plano carries for OpenAI
+    or Converse."""
+    return any(_unsigned(b) for m in body.get("messages") or []
+               if isinstance(m, dict) and isinstance(m.get("content"), list) for b in m["content"])
 
 
-def _unsigned(block: dict) -> bool:
-    return not block.get("signature") or is_plano_signature(block["signature"])
+def _unsigned(block: Any) -> bool:
+    """A thinking block Anthropic did not sign, or a redacted one a Converse model made."""
+    if not isinstance(block, dict):
+        return False
+    if block.get("type") == "redacted_thinking":
+        return isinstance(block.get("data"), str) and block["data"].startswith(_CONVERSE_MARK)
+    return block.get("type") == "thinking" and (not block.get("signature") or is_plano_signature(block["signature"]))
 
 
 @dataclass(frozen=True)
@@ -4300,6 +4787,8 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
     elif model.interface == "responses":
         usage = _responses_usage_to_anthropic(payload.get("usage"))
         reasoning_tokens = _reasoning_tokens(payload.get("usage"))
+    elif model.interface == "converse":
+        usage = converse_usage_to_anthropic(payload.get("usage"))
     else:
         usage = _anthropic_usage(payload.get("usage"))
     unusable = unusable_token_counts(payload)
@@ -4310,6 +4799,12 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
         if model.interface == "responses":
             answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
                 else responses_response_to_openai(payload, model.name)
+        elif model.interface == "converse":
+            answer = converse_response_to_anthropic(payload, model.name)
+            if client_format == "openai":
+                answer = anthropic_response_to_openai(answer, model.name)
+            elif client_format == "responses":
+                answer = anthropic_response_to_responses(answer, model.name, tools)
         elif client_format == "responses":
             message = openai_response_to_anthropic(payload, model.name) if model.interface == "openai" else payload
             answer = anthropic_response_to_responses(message, model.name, tools)
