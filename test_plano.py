@@ -12724,6 +12724,422 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
 
 
+# ── issue 22: Bedrock Converse ────────────────────────────────────────────────────────────────
+#
+# testdata/recorded/bedrock-converse/ holds Converse answers recorded against the real Bedrock
+# (PROVENANCE.md): whole answers (.json), ConverseStream bodies as their AWS event-stream frames
+# (.eventstream, byte for byte), and two requests Bedrock accepted (.request.json). What a client
+# must get is read from the recording by converse_answer, never written down by hand.
+
+CONVERSE_RECORDED = RECORDED / "bedrock-converse"
+CONVERSE_ANSWERS = sorted(p.name for p in CONVERSE_RECORDED.iterdir()
+                          if p.suffix in (".json", ".eventstream") and not p.name.endswith(".request.json")
+                          and not re.search(r"\.\d{3}\.json$", p.name))
+CONVERSE_STOPS = {"end_turn": "end_turn", "tool_use": "tool_use", "max_tokens": "max_tokens"}
+
+
+def converse_entry(model_id: str = "us.amazon.nova-micro-v1:0") -> plano.ModelEntry:
+    """A Bedrock model that plano calls through Converse (any id but Claude's)."""
+    return dataclasses.replace(configured_model("openai/gpt-4.1"), name=f"bedrock/{model_id}", provider="bedrock",
+                               model_id=model_id, spec=plano.ProviderSpec(None, "converse", "none"), access_key=None,
+                               key_env=None, base_url="https://bedrock-runtime.us-east-1.amazonaws.com")
+
+
+def converse_frames(name: str) -> list[tuple[str, dict]]:
+    """A recorded ConverseStream as (event type, payload) pairs, read with botocore's own parser
+    (which checks each frame's lengths and CRCs)."""
+    from botocore.eventstream import EventStreamBuffer
+    buffer = EventStreamBuffer()
+    buffer.add_data((CONVERSE_RECORDED / name).read_bytes())
+    return [(frame.headers[":event-type"], json.loads(frame.payload)) for frame in buffer]
+
+
+def converse_answer(name: str) -> Answer:
+    """The Answer in a recorded Converse answer, whole or streamed."""
+    answer, calls, usage = Answer(), [], {}
+    if name.endswith(".json"):
+        body = json.loads((CONVERSE_RECORDED / name).read_bytes())
+        for block in body["output"]["message"]["content"]:
+            answer.text += block.get("text", "")
+            answer.thinking += block.get("reasoningContent", {}).get("reasoningText", {}).get("text", "")
+            if "toolUse" in block:
+                calls.append([block["toolUse"]["name"], block["toolUse"]["input"]])
+        answer.stop, usage = CONVERSE_STOPS[body["stopReason"]], body["usage"]
+    else:
+        for event, data in converse_frames(name):
+            delta = data.get("delta", {})
+            answer.text += delta.get("text", "")
+            answer.thinking += delta.get("reasoningContent", {}).get("text", "")
+            if "toolUse" in data.get("start", {}):
+                calls.append([data["start"]["toolUse"]["name"], ""])
+            if "toolUse" in delta:
+                calls[-1][1] += delta["toolUse"]["input"]
+            if event == "messageStop":
+                answer.stop = CONVERSE_STOPS[data["stopReason"]]
+            if event == "metadata":
+                usage = data["usage"]
+        calls = [[tool, json.loads(arguments)] for tool, arguments in calls]
+    answer.tool_calls = calls
+    answer.usage = (usage["inputTokens"] + usage.get("cacheReadInputTokens", 0) + usage.get("cacheWriteInputTokens", 0),
+                    usage["outputTokens"])
+    return answer
+
+
+def responses_answer_of(response: dict) -> Answer:
+    """The Answer in a Responses `response` object (whole, or the one response.completed carries)."""
+    answer = Answer()
+    for item in response["output"]:
+        if item["type"] == "message":
+            answer.text += "".join(part["text"] for part in item["content"])
+        elif item["type"] == "reasoning":
+            answer.thinking += "".join(part["text"] for part in item["summary"])
+        elif item["type"] == "function_call":
+            answer.tool_calls.append([item["name"], json.loads(item["arguments"] or "{}")])
+    answer.stop = "max_tokens" if response["status"] == "incomplete" else \
+        "tool_use" if answer.tool_calls else "end_turn"
+    answer.usage = (response["usage"]["input_tokens"], response["usage"]["output_tokens"])
+    return answer
+
+
+def converse_stream_through_plano(name: str, client_format: str) -> bytes:
+    """A recorded ConverseStream through plano's StreamTranslator for a client, its frames handed
+    over as the transport hands them (converse_event_as_sse) in 5-byte reads."""
+    raw = b"".join(plano.converse_event_as_sse(event, json.dumps(data).encode()) for event, data in
+                   converse_frames(name))
+    translator = plano.StreamTranslator("converse", client_format, "bedrock/m", include_usage=True)
+    out = b"".join(translator.feed(raw[i:i + 5]) for i in range(0, len(raw), 5)) + translator.close()
+    if translator.failure is not None:
+        raise translator.failure
+    return out
+
+
+def client_answer(client_format: str, raw: bytes, stream: bool) -> Answer:
+    """The Answer a client's bytes say, read as that client's format."""
+    if not stream:
+        body = json.loads(raw)
+        return anthropic_answer([body]) if client_format == "anthropic" else openai_answer([body]) \
+            if client_format == "openai" else responses_answer_of(body)
+    items = [json.loads(e.data) for e in plano.SSEDecoder().feed(raw) if e.data != "[DONE]"]
+    if client_format == "anthropic":
+        return anthropic_answer(items)
+    if client_format == "openai":
+        return openai_answer(items)
+    return responses_answer_of(next(i["response"] for i in items if i["type"] == "response.completed"
+                                    or i["type"] == "response.incomplete"))
+
+
+@pytest.mark.parametrize("name", CONVERSE_ANSWERS)
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_recorded_converse_answer_translates_for_every_client(name, client_format):
+    expected = converse_answer(name)
+    if name.endswith(".eventstream"):
+        raw = converse_stream_through_plano(name, client_format)
+    else:
+        recording = (CONVERSE_RECORDED / name).read_bytes()
+        raw = plano.translate_answer(recording, json.loads(recording), converse_entry(), client_format).content
+    got = client_answer(client_format, raw, stream=name.endswith(".eventstream"))
+    assert (got.text, got.thinking, got.tool_calls, got.stop, got.usage) == \
+        (expected.text, expected.thinking, expected.tool_calls, expected.stop, expected.usage)
+
+
+def to_converse(model_id: str = "us.amazon.nova-micro-v1:0", **body) -> dict:
+    """anthropic_request_to_converse of an Anthropic body (model and max_tokens filled in)."""
+    body = {"model": CLAUDE_CODE_MODEL, "max_tokens": 1024, "messages": [USER_HI], **body}
+    return plano.anthropic_request_to_converse(body, converse_entry(model_id))
+
+
+def test_a_converse_request_says_system_limits_sampling_and_stops_in_converse_words():
+    out = to_converse(system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+                      temperature=0.2, top_p=0.9, top_k=5, stop_sequences=["END"], metadata={"user_id": "u"})
+    assert out == {"messages": [{"role": "user", "content": [{"text": "hi"}]}], "system": [{"text": "be brief"}],
+                   "inferenceConfig": {"maxTokens": 1024, "temperature": 0.2, "topP": 0.9, "stopSequences": ["END"]}}
+
+
+def test_a_converse_request_turns_claude_codes_system_turn_into_user_text_and_drops_blank_text():
+    out = to_converse(messages=[USER_HI, {"role": "system", "content": "<env>linux</env>"},
+                                {"role": "user", "content": [{"type": "text", "text": "  "},
+                                                             {"type": "text", "text": "go"}]}])
+    assert out["messages"] == [{"role": "user", "content": [{"text": "hi"}, {"text": "<env>linux</env>"},
+                                                            {"text": "go"}]}]
+
+
+def test_a_kimi_tool_loop_is_sent_as_bedrock_accepted_it_when_recorded():
+    # The recorded first answer, as an Anthropic client keeps it, then the tool's result: the
+    # request plano makes of it has the toolUse, toolResult and toolConfig of the recorded second
+    # request, which Bedrock answered (its reasoning, unsigned, is not sent back).
+    answer = plano.converse_response_to_anthropic(
+        json.loads((CONVERSE_RECORDED / "kimi-k2-thinking-tool-use.json").read_bytes()), "bedrock/kimi")
+    recorded = json.loads((CONVERSE_RECORDED / "kimi-k2-thinking-after-tool-result.request.json").read_bytes())
+    tool = recorded["toolConfig"]["tools"][0]["toolSpec"]
+    out = to_converse("moonshot.kimi-k2-thinking", system="You are a helpful chatbot. Use tools when helpful.",
+                      tools=[{"name": tool["name"], "description": tool["description"],
+                              "input_schema": tool["inputSchema"]["json"]}],
+                      messages=[{"role": "user", "content": "What is the temperature in London? Use the tool."},
+                                {"role": "assistant", "content": answer["content"]},
+                                {"role": "user", "content": [{"type": "tool_result", "tool_use_id":
+                                                              answer["content"][1]["id"], "content": "30°C"}]}])
+    assert out["system"] == recorded["system"] and out["toolConfig"] == recorded["toolConfig"]
+    assert out["messages"][0] == recorded["messages"][0] and out["messages"][2] == recorded["messages"][2]
+    assert out["messages"][1] == {"role": "assistant", "content": [recorded["messages"][1]["content"][1]]}
+
+
+def test_signed_reasoning_goes_back_to_converse_as_bedrock_accepted_it_when_recorded():
+    answer = plano.converse_response_to_anthropic(
+        json.loads((CONVERSE_RECORDED / "claude-sonnet-4-signed-reasoning.json").read_bytes()), "bedrock/claude")
+    recorded = json.loads((CONVERSE_RECORDED / "claude-sonnet-4-signed-reasoning-sent-back.request.json").read_bytes())
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    out = to_converse("us.anthropic.claude-sonnet-4-20250514-v1:0", thinking=thinking, messages=[
+        {"role": "user", "content": "How do I cross the street?"}, {"role": "assistant", "content": answer["content"]},
+        {"role": "user", "content": "Considering the way to cross the street, analogously, how do I cross the river?"}])
+    assert out["messages"] == recorded["messages"]
+    assert out["additionalModelRequestFields"] == recorded["additionalModelRequestFields"]
+
+
+def test_redacted_reasoning_goes_back_to_converse_verbatim_and_never_to_anthropic():
+    events = [json.loads(e.data) for e in plano.SSEDecoder().feed(
+        converse_stream_through_plano("claude-3-7-sonnet-redacted-reasoning.eventstream", "anthropic"))]
+    blocks = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [b["type"] for b in blocks] == ["redacted_thinking", "redacted_thinking", "text"]
+    conversation = [USER_HI, {"role": "assistant", "content": blocks[:2] + [{"type": "text", "text": "ok"}]},
+                    {"role": "user", "content": "again"}]
+    sent = to_converse("us.anthropic.claude-3-7-sonnet-20250219-v1:0", messages=conversation)["messages"][1]["content"]
+    recorded = [data["delta"]["reasoningContent"] for event, data in
+                converse_frames("claude-3-7-sonnet-redacted-reasoning.eventstream") if "reasoningContent" in
+                data.get("delta", {})]
+    assert sent == [{"reasoningContent": r} for r in recorded] + [{"text": "ok"}]
+    body = {"model": "anthropic/claude-sonnet-5", "max_tokens": 10, "messages": conversation}
+    request = plano.provider_request(configured_model("anthropic/claude-sonnet-5"), "anthropic", body,
+                                     json.dumps(body).encode(), {}, {})
+    assert json.loads(request.content)["messages"][1]["content"] == [{"type": "text", "text": "ok"}]
+
+
+def test_converse_signed_reasoning_reaches_a_responses_client_and_only_converse_gets_it_back():
+    recording = (CONVERSE_RECORDED / "claude-sonnet-4-signed-reasoning.json").read_bytes()
+    answer = json.loads(plano.translate_answer(recording, json.loads(recording), converse_entry(), "responses").content)
+    reasoning = next(item for item in answer["output"] if item["type"] == "reasoning")
+    first_block = json.loads(recording)["output"]["message"]["content"][0]
+    signature = first_block["reasoningContent"]["reasoningText"]["signature"]
+    body = {"model": "m", "input": [{"type": "message", "role": "user", "content": "How do I cross the street?"},
+                                    reasoning, {"type": "message", "role": "user", "content": "and a river?"}]}
+    to_bedrock = plano.anthropic_request_to_converse(plano.responses_request_to_anthropic(
+        body, converse_entry("us.anthropic.claude-sonnet-4-20250514-v1:0")), converse_entry())
+    assert to_bedrock["messages"][1]["content"][0]["reasoningContent"]["reasoningText"]["signature"] == signature
+    to_anthropic = plano.responses_request_to_anthropic(body, configured_model("anthropic/claude-sonnet-5"))
+    assert [m["role"] for m in to_anthropic["messages"]] == ["user"]
+
+
+def test_tool_choice_becomes_converses_and_none_withholds_the_tools():
+    tools = [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}},
+             {"type": "web_search_20250305", "name": "web_search"}]
+    spec = {"toolSpec": {"name": "Bash", "inputSchema": {"json": {"type": "object"}}, "description": "run"}}
+    assert to_converse(tools=tools)["toolConfig"] == {"tools": [spec], "toolChoice": {"auto": {}}}
+    assert to_converse(tools=tools, tool_choice={"type": "any"})["toolConfig"]["toolChoice"] == {"any": {}}
+    assert to_converse(tools=tools, tool_choice={"type": "tool", "name": "Bash", "disable_parallel_tool_use": True}
+                       )["toolConfig"]["toolChoice"] == {"tool": {"name": "Bash"}}
+    assert "toolConfig" not in to_converse(tools=tools, tool_choice={"type": "none"})
+    assert "toolConfig" not in to_converse(tools=[tools[1]])  # only Anthropic runs its server tools
+
+
+def test_tool_calls_in_a_request_without_tools_go_to_converse_as_text():
+    # Converse refuses toolUse and toolResult blocks unless the request defines tools.
+    conversation = [USER_HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash",
+                                                                "input": {"command": "ls"}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt",
+                                                 "is_error": True}]}]
+    for choice in ({}, {"tool_choice": {"type": "none"}}):
+        out = to_converse(messages=conversation, **choice)
+        assert out["messages"][1:] == [
+            {"role": "assistant", "content": [{"text": '[tool call Bash (t1): {"command": "ls"}]'}]},
+            {"role": "user", "content": [{"text": "[tool result (t1) error: a.txt]"}]}]
+    with_tools = to_converse(messages=conversation, tools=[{"name": "Bash", "input_schema": {"type": "object"}}],
+                             tool_choice={"type": "none"})
+    assert with_tools["toolConfig"]["toolChoice"] == {"auto": {}}  # the calls need the tools defined
+    assert with_tools["messages"][2]["content"] == [
+        {"toolResult": {"toolUseId": "t1", "content": [{"text": "a.txt"}], "status": "error"}}]
+
+
+def test_an_empty_tool_result_says_so_in_words_for_converse():
+    out = to_converse(tools=[{"name": "Bash", "input_schema": {"type": "object"}}], messages=[
+        USER_HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": ""},
+                                     {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text",
+                                                                                               "text": " "}]}]}])
+    assert [b["toolResult"]["content"] for b in out["messages"][2]["content"]] == [[{"text": "(no output)"}]] * 2
+
+
+def test_images_and_documents_go_to_converse_as_bytes_and_a_url_is_a_clear_400():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+    out = to_converse(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+        {"type": "document", "title": "Q3 report: final!", "source": {"type": "base64", "media_type":
+                                                                       "application/pdf", "data": "JVBERi0="}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]}])
+    assert out["messages"][0]["content"] == [
+        {"image": {"format": "png", "source": {"bytes": png}}},
+        {"document": {"format": "pdf", "name": "Q3 report final (1)", "source": {"bytes": "JVBERi0="}}},
+        {"document": {"format": "txt", "name": "document 2", "source": {"bytes": base64.b64encode(b"notes").decode()}}}]
+    for source in ({"type": "url", "url": "https://example.com/a.png"},
+                   {"type": "base64", "media_type": "image/tiff", "data": png}):
+        with pytest.raises(plano.RequestError) as caught:
+            to_converse(messages=[{"role": "user", "content": [{"type": "image", "source": source}]}])
+        assert caught.value.status == 400 and "messages[0].content[0].source" in caught.value.message
+
+
+def test_a_chat_and_a_responses_tool_loop_reach_converse_with_its_tool_blocks():
+    chat = {"model": "m", "max_tokens": 50, "messages": [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    responses = {"model": "m", "instructions": "sys", "max_output_tokens": 50, "input": [
+        {"type": "message", "role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
+                  {"type": "web_search"}]}
+    model = converse_entry()
+    for client_format, body in (("openai", chat), ("responses", responses)):
+        request = plano.provider_request(model, client_format, body, json.dumps(body).encode(), {}, {})
+        assert request.url == "https://bedrock-runtime.us-east-1.amazonaws.com/model/us.amazon.nova-micro-v1%3A0/converse"
+        assert json.loads(request.content) == {
+            "messages": [{"role": "user", "content": [{"text": "weather?"}]},
+                         {"role": "assistant", "content": [{"toolUse": {"toolUseId": "call_1", "name": "get_weather",
+                                                                        "input": {"city": "Paris"}}}]},
+                         {"role": "user", "content": [{"toolResult": {"toolUseId": "call_1",
+                                                                      "content": [{"text": "sunny"}]}}]}],
+            "system": [{"text": "sys"}], "inferenceConfig": {"maxTokens": 50},
+            "toolConfig": {"tools": [{"toolSpec": {"name": "get_weather",
+                                                   "inputSchema": {"json": {"type": "object"}}}}],
+                           "toolChoice": {"auto": {}}}}
+    streamed = plano.provider_request(model, "openai", dict(chat, stream=True), b"{}", {}, {})
+    assert streamed.url.endswith("/model/us.amazon.nova-micro-v1%3A0/converse-stream")
+
+
+def test_a_reasoning_request_asks_each_bedrock_maker_in_its_own_words():
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 20000}}
+    assert to_converse("openai.gpt-oss-120b-1:0", **thinking)["additionalModelRequestFields"] == \
+        {"reasoning_effort": "high"}
+    assert to_converse("qwen.qwen3-32b-v1:0", **thinking)["additionalModelRequestFields"] == \
+        {"reasoning_config": "high"}
+    assert to_converse("us.anthropic.claude-sonnet-4-20250514-v1:0", **thinking)["additionalModelRequestFields"] == \
+        {"thinking": {"type": "enabled", "budget_tokens": 20000}}
+    assert "additionalModelRequestFields" not in to_converse("us.deepseek.r1-v1:0", **thinking)
+    assert "additionalModelRequestFields" not in to_converse("openai.gpt-oss-120b-1:0")
+
+
+def test_converse_stop_reasons_and_usage_become_anthropics():
+    def stop(reason: str, *content: dict) -> str:
+        return plano.converse_response_to_anthropic(
+            {"output": {"message": {"content": list(content)}}, "stopReason": reason}, "m")["stop_reason"]
+    assert [stop(r) for r in ("guardrail_intervened", "content_filtered", "stop_sequence",
+                              "model_context_window_exceeded", "something_new")] == \
+        ["refusal", "refusal", "stop_sequence", "model_context_window_exceeded", "end_turn"]
+    assert stop("end_turn", {"toolUse": {"toolUseId": "t", "name": "n", "input": {}}}) == "tool_use"
+    assert plano.converse_usage_to_anthropic({"inputTokens": 3, "outputTokens": 4, "cacheReadInputTokens": 5,
+                                              "cacheWriteInputTokens": 6, "totalTokens": 18}) == \
+        {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 6}
+    assert plano.converse_usage_to_anthropic({"inputTokens": -1, "outputTokens": "4"}) == {}
+
+
+def test_a_converse_stream_ends_at_its_usage_or_at_its_end_and_fails_without_a_stop():
+    machine = plano.ConverseToAnthropicStream("m")
+    events = machine.feed("messageStart", {"role": "assistant", "p": "ab"})
+    events += machine.feed("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "hi"}, "p": "x"})
+    events += machine.feed("messageStop", {"stopReason": "end_turn"})
+    assert events[-1][0] == "content_block_delta"  # the end waits for the usage, which comes after
+    events += machine.feed("metadata", {"usage": {"inputTokens": 2, "outputTokens": 1}})
+    assert [name for name, _ in events[-2:]] == ["message_delta", "message_stop"]
+    assert events[-2][1]["usage"] == {"output_tokens": 1, "input_tokens": 2}
+    assert machine.finish() == [] and machine.feed("metadata", {}) == []
+    no_usage = plano.ConverseToAnthropicStream("m")
+    no_usage.feed("messageStop", {"stopReason": "max_tokens"})
+    assert no_usage.finish()[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    cut = plano.ConverseToAnthropicStream("m")
+    cut.feed("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "hi"}})
+    with pytest.raises(plano.StreamTranslationError):
+        cut.finish()
+
+
+@pytest.mark.parametrize("exception, status, error_type", [
+    ("throttlingException", 429, "rate_limit_error"), ("modelStreamErrorException", 502, "api_error"),
+    ("serviceUnavailableException", 529, "overloaded_error"), ("validationException", 400, "invalid_request_error"),
+    ("someNewException", 502, "api_error")])
+def test_an_exception_in_a_converse_stream_is_an_upstream_error_of_its_kind(exception, status, error_type):
+    machine = plano.ConverseToAnthropicStream("m")
+    machine.feed("messageStart", {"role": "assistant"})
+    with pytest.raises(plano.UpstreamError) as caught:
+        machine.feed(exception, {"message": "Too many tokens, please wait"})
+    assert (caught.value.status, caught.value.error_type) == (status, error_type)
+    assert caught.value.message == "Too many tokens, please wait"
+
+
+CONVERSE_EVENT_NAMES = st.sampled_from(["messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop",
+                                        "messageStop", "metadata", "throttlingException"]) | st.text(max_size=8)
+CONVERSE_KEYS = st.sampled_from(["contentBlockIndex", "delta", "start", "toolUse", "text", "input", "toolUseId",
+                                 "name", "reasoningContent", "signature", "redactedContent", "stopReason", "usage",
+                                 "inputTokens", "outputTokens", "message", "p"]) | st.text(max_size=5)
+CONVERSE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=10)
+    | st.sampled_from(["end_turn", "tool_use", "max_tokens", "guardrail_intervened", "{", '{"a":', "1}"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(CONVERSE_KEYS, inner, max_size=4), max_leaves=10)
+CONVERSE_EVENTS = st.lists(st.tuples(CONVERSE_EVENT_NAMES, st.dictionaries(CONVERSE_KEYS, CONVERSE_VALUES, max_size=4)),
+                           max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=CONVERSE_EVENTS, client_format=st.sampled_from(["anthropic", "openai", "responses"]))
+def test_any_converse_event_sequence_gives_client_events_or_a_clean_error(events, client_format):
+    # Whatever the frames say, a client gets events of its own format, or plano's error for a
+    # broken stream (StreamTranslationError) or the provider's (UpstreamError): never another exception.
+    raw = b"".join(plano.converse_event_as_sse(name, json.dumps(data).encode()) for name, data in events)
+    translator = plano.StreamTranslator("converse", client_format, "bedrock/m", include_usage=True)
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure,
+                                                    (plano.PlanoError, plano.StreamTranslationError))
+    items = [e for e in plano.SSEDecoder().feed(out)]
+    if translator.failure is None:
+        assert items[-1].data == "[DONE]" if client_format == "openai" else \
+            json.loads(items[-1].data)["type"] in ("message_stop", "response.completed", "response.incomplete")
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["output", "stopReason", "usage", "metrics"]) | CONVERSE_KEYS,
+                            CONVERSE_VALUES, max_size=4) | st.fixed_dictionaries(
+    {"output": st.fixed_dictionaries({"message": st.fixed_dictionaries(
+        {"content": st.lists(st.dictionaries(CONVERSE_KEYS, CONVERSE_VALUES, max_size=3), max_size=4)})})}),
+    client_format=st.sampled_from(["anthropic", "openai", "responses"]))
+def test_any_converse_answer_gives_a_client_answer_or_an_upstream_error(body, client_format):
+    raw = json.dumps(body).encode()
+    try:
+        answer = plano.translate_answer(raw, body, converse_entry(), client_format)
+    except plano.UpstreamError as error:
+        assert error.status == 502
+        return
+    assert isinstance(json.loads(answer.content), dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_value_in_any_field_of_an_anthropic_request_gives_a_converse_body_or_a_400(data):
+    body = {"model": "m", "max_tokens": 50, "system": "s", "tools": [{"name": "Bash", "input_schema": {}}],
+            "messages": ANTHROPIC_BODY["messages"] + [
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "t",
+                                                   "signature": "plano-converse:s"}]},
+                {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                          "data": "AA"}}]}]}
+    for _ in range(data.draw(st.integers(1, 3))):
+        body = with_value_at(body, data.draw(st.sampled_from(field_paths(body))), data.draw(WIRE_VALUES))
+    try:
+        out = plano.anthropic_request_to_converse(body, converse_entry())
+    except plano.RequestError as error:
+        assert error.status == 400
+        return
+    json.dumps(out)
+    assert all(m["role"] in ("user", "assistant") and m["content"] for m in out["messages"])
+    assert not any(b.get("text", "x").strip() == "" for m in out["messages"] for b in m["content"])
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
