@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
 import http.server
 import json
 import logging
@@ -61,10 +62,15 @@ GATEWAY_KEY = "plano-gateway-key-0123456789"
 WRONG_KEY = "sk-wrong-key-000000000000"
 ALICE_KEY = "plano-dev-alice-7c1e0f9a2b4d6e8f"  # developers' gateway keys (`keys:`)
 BOB_KEY = "plano-dev-bob-3a5c7e9f1b2d4f6a"
+# AWS credentials the Bedrock tests sign with (an environment's session, a profile's long-term key).
+AWS_ENV_KEY_ID, AWS_PROFILE_KEY_ID = "ASIAPLANOTESTENV0001", "AKIAPLANOTESTPROFILE"
+AWS_ENV_SECRET = "plano/test+Env0SecretAccessKey0123456789abc"
+AWS_ENV_TOKEN = "IQoJb3JpZ2luX2VjEPlanoTestSessionToken0123456789/+="
+AWS_PROFILE_SECRET = "plano/test+Profile0SecretKey9876543210zyxw"
 PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
 PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
 ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:], ALICE_KEY,
-            BOB_KEY)
+            BOB_KEY, AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET)
 
 
 class SuiteLog(logging.Handler):
@@ -12724,6 +12730,567 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
 
 
+# ── issue 22: Bedrock (Claude) ───────────────────────────────────────────────────────────────
+# A loopback Bedrock runtime that verifies each request's SigV4 signature with botocore against the
+# credentials the test configured, answers with Bedrock's recorded answers byte for byte (JSON, and
+# the binary AWS event-stream of InvokeModelWithResponseStream), and refuses as Bedrock does.
+
+BEDROCK_RECORDED = RECORDED / "bedrock"
+BEDROCK_CLAUDE = "bedrock/us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+# The anthropic-beta values AWS documents Claude on Bedrock as taking; Bedrock answers any other
+# with a ValidationException, and so does the stand-in.
+BEDROCK_DOCUMENTED_BETAS = {
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "computer-use-2025-11-24", "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24", "tool-search-tool-2025-10-19",
+    "tool-examples-2025-10-29"}
+# The credentials botocore finds: in the environment, and in a profile of a shared credentials file.
+AWS_ENV_CREDENTIALS = (AWS_ENV_KEY_ID, AWS_ENV_SECRET, AWS_ENV_TOKEN)
+AWS_PROFILE_CREDENTIALS = (AWS_PROFILE_KEY_ID, AWS_PROFILE_SECRET, None)
+
+
+def aws_error(status: int, kind: str, message: str, service: str = "com.amazon.bedrock") -> Reply:
+    """An error answer as AWS sends it: `{"message": …}`, the type only in x-amzn-ErrorType."""
+    return Reply(status, {"message": message}, headers={
+        "x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/{service}/",
+        "x-amzn-RequestId": "5e1b3a04-0c1f-4d0b-9a51-33d3c9b1e0aa"})
+
+
+THROTTLED = aws_error(429, "ThrottlingException", "Too many requests, please wait before trying again.")
+
+
+def sigv4_refusal(request: Recorded, credentials: dict[str, tuple[str, str | None]], region: str) -> Reply | None:
+    """None when `request` carries a valid SigV4 signature (service bedrock, `region`) by one of
+    `credentials` (access key id → secret, session token), recomputed here with botocore from what
+    arrived; else the 403 AWS answers."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    match = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+                         r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})",
+                         request.headers.get("authorization", ""))
+    if match is None:
+        return aws_error(403, "MissingAuthenticationTokenException", "Missing Authentication Token",
+                         "com.amazon.coral.service")
+    key_id, day, signed_region, service, signed_headers, signature = match.groups()
+    if key_id not in credentials:
+        return aws_error(403, "UnrecognizedClientException", "The security token included in the request is invalid.",
+                         "com.amazon.coral.service")
+    secret, token = credentials[key_id]
+    stamp = request.headers.get("x-amz-date", "")
+    names = signed_headers.split(";")
+    sent = time.mktime(time.strptime(stamp, "%Y%m%dT%H%M%SZ")) - time.timezone if stamp else 0
+    if (signed_region, service, day) != (region, "bedrock", stamp[:8]) or abs(time.time() - sent) > 300 \
+            or token != request.headers.get("x-amz-security-token") or not set(names) <= set(request.headers):
+        return aws_error(403, "InvalidSignatureException", "Signature not yet current or expired, or scope wrong.",
+                         "com.amazon.coral.service")
+    arrived = AWSRequest(method=request.method, url=f"http://{request.headers['host']}{request.path}", data=request.raw,
+                         headers={name: request.headers[name] for name in names if name != "host"})
+    arrived.context["timestamp"] = stamp
+    auth = SigV4Auth(Credentials(key_id, secret, token), "bedrock", region)
+    expected = auth.signature(auth.string_to_sign(arrived, auth.canonical_request(arrived)), arrived)
+    if auth.signed_headers(auth.headers_to_sign(arrived)) != signed_headers \
+            or not hmac.compare_digest(expected, signature):
+        return aws_error(403, "InvalidSignatureException",
+                         "The request signature we calculated does not match the signature you provided. Check your "
+                         "AWS Secret Access Key and signing method. Consult the service documentation for details.",
+                         "com.amazon.coral.service")
+    return None
+
+
+def recorded_bedrock_reply(name: str, piece: int = 97) -> Reply:
+    """A recording of testdata/recorded/bedrock as Bedrock sent it: its bytes (a stream in pieces that
+    cut across frames) and its headers."""
+    raw = (BEDROCK_RECORDED / name).read_bytes()
+    headers = json.loads((BEDROCK_RECORDED / (name.rsplit(".", 1)[0] + ".headers.json")).read_text())
+    if name.endswith(".eventstream"):
+        return Reply(sse=[raw[i:i + piece] for i in range(0, len(raw), piece)], headers=headers)
+    return Reply(raw=raw, headers=headers)
+
+
+class BedrockStandIn(StandInProvider):
+    """A loopback Bedrock runtime. Each request's SigV4 signature is recomputed with botocore from the
+    credentials the test gave it (a wrong one gets Bedrock's 403); the body is checked as InvokeModel
+    checks it (no `model` or `stream`, Bedrock's `anthropic_version`, only betas Bedrock documents:
+    a ValidationException otherwise); the answer is the recorded one for the operation, byte for
+    byte, unless the test scripts another (`then`)."""
+
+    def __init__(self, *credentials: tuple[str, str, str | None], region: str = "us-east-1"):
+        super().__init__()
+        self.credentials = {key_id: (secret, token) for key_id, secret, token in credentials}
+        self.region = region
+        self.signed_by: list[str] = []  # the access key id of each request whose signature was right
+
+    def answer(self, handler: http.server.BaseHTTPRequestHandler, request: Recorded) -> None:
+        reply = self.refusal(request)
+        if reply is None:
+            try:
+                scripted = self.script.get_nowait()
+                reply = scripted(request) if callable(scripted) else scripted
+            except queue.Empty:
+                streaming = request.path.endswith("/invoke-with-response-stream")
+                reply = recorded_bedrock_reply("claude-3-sonnet-invoke-stream.eventstream" if streaming
+                                               else "claude-3-sonnet-invoke.json")
+        try:
+            write_aws_reply(handler, reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.disconnects += 1
+
+    def refusal(self, request: Recorded) -> Reply | None:
+        refused = sigv4_refusal(request, self.credentials, self.region)
+        if refused is not None:
+            return refused
+        self.signed_by.append(request.headers["authorization"].split("Credential=")[1].split("/")[0])
+        if not re.fullmatch(r"/model/[^/]+/(invoke|invoke-with-response-stream)", request.path):
+            return aws_error(404, "UnknownOperationException", "Unknown operation")
+        body = json.loads(request.raw)
+        extraneous = [key for key in ("model", "stream") if key in body]
+        if extraneous:
+            return aws_error(400, "ValidationException", f"Malformed input request: #: extraneous key "
+                             f"[{extraneous[0]}] is not permitted, please reformat your input and try again.")
+        if body.get("anthropic_version") != "bedrock-2023-05-31":
+            return aws_error(400, "ValidationException", "Malformed input request: #: required key [anthropic_version] "
+                                                         "not found, please reformat your input and try again.")
+        if not set(body.get("anthropic_beta", [])) <= BEDROCK_DOCUMENTED_BETAS:
+            return aws_error(400, "ValidationException", "invalid beta flag")
+        return None
+
+
+def write_aws_reply(handler: http.server.BaseHTTPRequestHandler, reply: Reply) -> None:
+    handler.send_response(reply.status)
+    for name, value in {"content-type": "application/json", **reply.headers}.items():
+        handler.send_header(name, value)
+    if reply.sse is None:
+        data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+        handler.send_header("content-length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+        return
+    handler.send_header("transfer-encoding", "chunked")
+    handler.end_headers()
+    for piece in reply.sse:
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        handler.wfile.flush()
+    handler.wfile.write(b"0\r\n\r\n")
+
+
+def event_stream_frame(payload: bytes, headers: dict[str, str]) -> bytes:
+    """One AWS event-stream frame as the format lays it out (string headers), its CRCs computed."""
+    encoded = b"".join(bytes([len(name)]) + name.encode() + b"\x07" + struct.pack("!H", len(value.encode()))
+                       + value.encode() for name, value in headers.items())
+    prelude = struct.pack("!II", 12 + len(encoded) + len(payload) + 4, len(encoded))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + encoded + payload
+    return message + struct.pack("!I", zlib.crc32(message))
+
+
+def chunk_frame(event: Any) -> bytes:
+    """InvokeModelWithResponseStream's frame for one Anthropic stream event (or bytes as they are)."""
+    data = event if isinstance(event, bytes) else json.dumps(event).encode()
+    return event_stream_frame(json.dumps({"bytes": base64.b64encode(data).decode(), "p": "abcdefgh"}).encode(),
+                              {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"})
+
+
+def exception_frame(kind: str, message: str) -> bytes:
+    return event_stream_frame(json.dumps({"message": message}).encode(), {
+        ":exception-type": kind, ":content-type": "application/json", ":message-type": "exception"})
+
+
+def recorded_frames(name: str = "claude-3-sonnet-invoke-stream.eventstream") -> list[Any]:
+    """The recording's frames as botocore parses them."""
+    from botocore.eventstream import EventStreamBuffer
+    parser = EventStreamBuffer()
+    parser.add_data((BEDROCK_RECORDED / name).read_bytes())
+    return list(parser)
+
+
+def recorded_stream_events() -> list[dict]:
+    """The Anthropic events inside the recorded event stream's frames."""
+    return [json.loads(base64.b64decode(json.loads(frame.payload)["bytes"])) for frame in recorded_frames()]
+
+
+def recorded_stream_text() -> str:
+    return "".join(e["delta"]["text"] for e in recorded_stream_events() if e["type"] == "content_block_delta")
+
+
+def recorded_invoke_text() -> str:
+    return json.loads((BEDROCK_RECORDED / "claude-3-sonnet-invoke.json").read_bytes())["content"][0]["text"]
+
+
+@pytest.fixture
+def aws(monkeypatch, tmp_path):
+    """AWS as botocore sees it in this process (plano's in-process gateways sign with it): nothing of
+    this machine's (no ~/.aws, no instance metadata), the test's own config and credentials files
+    (empty until a test writes them), no credentials until a test sets them."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    files = {"config": tmp_path / "aws-config", "credentials": tmp_path / "aws-credentials"}
+    for path in files.values():
+        path.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(files["config"]))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(files["credentials"]))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return files
+
+
+@pytest.fixture
+def aws_env(aws, monkeypatch):
+    """The environment's credentials (a session's: key id, secret and token)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_ENV_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", AWS_ENV_TOKEN)
+    return aws
+
+
+@pytest.fixture
+def bedrock():
+    with BedrockStandIn(AWS_ENV_CREDENTIALS, AWS_PROFILE_CREDENTIALS) as stand_in:
+        yield stand_in
+
+
+def on_bedrock(stand_in: BedrockStandIn, model: str = BEDROCK_CLAUDE, **fields: Any) -> dict:
+    return {"model": model, "region": "us-east-1", "base_url": stand_in.anthropic_base, **fields}
+
+
+def test_the_event_stream_frames_the_tests_build_are_laid_out_as_bedrock_lays_out_its_own():
+    # The hostile frames below are built by event_stream_frame: it must reproduce the recording.
+    recorded = (BEDROCK_RECORDED / "claude-3-sonnet-invoke-stream.eventstream").read_bytes()
+    rebuilt = b"".join(event_stream_frame(f.payload, f.headers) for f in recorded_frames())
+    assert rebuilt == recorded and len(recorded_frames()) == 23
+
+
+def test_the_recorded_event_stream_becomes_the_anthropic_events_inside_it_however_the_reads_fall():
+    recorded = (BEDROCK_RECORDED / "claude-3-sonnet-invoke-stream.eventstream").read_bytes()
+    whole = plano.BedrockEventStream()
+    out = whole.feed(recorded) + whole.close()
+    events = plano.SSEDecoder().feed(out)
+    assert [(e.event, json.loads(e.data)) for e in events] == [(e["type"], e) for e in recorded_stream_events()]
+    byte_by_byte = plano.BedrockEventStream()
+    assert b"".join(byte_by_byte.feed(b) for b in one_byte_at_a_time(recorded)) + byte_by_byte.close() == out
+    assert not whole.failed and not byte_by_byte.failed
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, 5265), max_size=12), position=st.integers(0, 5264), flip=st.integers(1, 255))
+def test_an_event_stream_in_any_pieces_with_any_byte_changed_gives_whole_events_then_at_most_one_error(cuts, position,
+                                                                                                     flip):
+    recorded = bytearray((BEDROCK_RECORDED / "claude-3-sonnet-invoke-stream.eventstream").read_bytes())
+    expected = [(e["type"], e) for e in recorded_stream_events()]
+    recorded[position] ^= flip
+    decoder = plano.BedrockEventStream()
+    edges = [0, *sorted(cuts), len(recorded)]
+    out = b"".join(decoder.feed(bytes(recorded[a:b])) for a, b in zip(edges, edges[1:])) + decoder.close()
+    events = [(e.event, json.loads(e.data)) for e in plano.SSEDecoder().feed(out)]
+    # A changed byte fails its frame's CRC: the frames before it come out whole, then one error event.
+    assert decoder.failed and events[-1][0] == "error" and events[-1][1]["error"]["message"].startswith("Bedrock: ")
+    assert events[:-1] == expected[:len(events) - 1]
+
+
+@pytest.mark.parametrize("body, expected", [
+    (lambda frames: frames[0] + frames[1][:-1] + bytes([frames[1][-1] ^ 1]), "ChecksumMismatch"),
+    (lambda frames: frames[0] + frames[1][:40], "ended inside a frame"),
+    (lambda frames: frames[0] + struct.pack("!II", 0x7FFFFFF0, 0) + b"\0" * 8, "frame of 2,147,483,632 bytes"),
+    (lambda frames: frames[0] + struct.pack("!I", 8) + b"\0" * 12, "frame of 8 bytes"),
+    (lambda frames: frames[0] + exception_frame("modelStreamErrorException", "Model stream error"),
+     "ModelStreamErrorException in the stream: Model stream error"),
+    (lambda frames: frames[0] + exception_frame("throttlingException", "Too many tokens"),
+     "ThrottlingException in the stream: Too many tokens"),
+    (lambda frames: frames[0] + event_stream_frame(b"not json", {":event-type": "chunk", ":message-type": "event"}),
+     "chunk that is not what it says"),
+    (lambda frames: frames[0] + chunk_frame(b"\xff not an event"), "chunk that is not what it says"),
+    (lambda frames: frames[0] + chunk_frame({"type": "message_stop\nevent: forged"}), "without a plain name"),
+])
+def test_a_broken_or_failing_event_stream_ends_in_one_anthropic_error_event(body, expected):
+    frames = [event_stream_frame(f.payload, f.headers) for f in recorded_frames()]
+    decoder = plano.BedrockEventStream()
+    events = plano.SSEDecoder().feed(decoder.feed(body(frames)) + decoder.close() + decoder.feed(frames[2]))
+    assert [e.event for e in events] == ["message_start", "error"]
+    assert expected in json.loads(events[1].data)["error"]["message"]
+
+
+def test_a_throttling_exception_mid_stream_is_a_rate_limit_error_event():
+    decoder = plano.BedrockEventStream()
+    events = plano.SSEDecoder().feed(decoder.feed(exception_frame("throttlingException", "slow down")))
+    assert json.loads(events[0].data)["error"]["type"] == "rate_limit_error"
+
+
+def test_bedrock_errors_become_the_status_and_type_the_client_knows_in_its_own_format():
+    def error(status: int, kind: str, client: str = "anthropic") -> plano.UpstreamError:
+        reply = aws_error(status, kind, "what AWS said")
+        return plano.bedrock_error(status, {k.lower(): v for k, v in reply.headers.items()},
+                                   json.dumps(reply.body).encode(), client, provider=BEDROCK_CLAUDE)
+    cases = {("ThrottlingException", 429): (429, "rate_limit_error", True),
+             ("ValidationException", 400): (400, "invalid_request_error", False),
+             ("AccessDeniedException", 403): (403, "permission_error", False),
+             ("ResourceNotFoundException", 404): (404, "not_found_error", False),
+             ("ModelNotReadyException", 429): (503, "overloaded_error", True),
+             ("ServiceUnavailableException", 503): (503, "overloaded_error", True),
+             ("ModelTimeoutException", 408): (504, "api_error", True),
+             ("InternalServerException", 500): (500, "api_error", True),
+             ("InvalidSignatureException", 403): (403, "permission_error", False)}
+    for (kind, status), (client_status, error_type, retryable) in cases.items():
+        anthropic_error, chat_error = error(status, kind), error(status, kind, "openai")
+        assert (anthropic_error.status, anthropic_error.error_type, anthropic_error.retryable) == \
+            (client_status, error_type, retryable), kind
+        assert json.loads(anthropic_error.body)["error"]["type"] == error_type
+        assert "what AWS said" in json.loads(anthropic_error.body)["error"]["message"]
+        assert json.loads(chat_error.body)["error"]["code"] == client_status
+        assert "internal.amazon.com" not in anthropic_error.message
+
+
+def test_bedrock_claude_is_signed_with_the_environments_credentials_and_answers_as_recorded(aws_env, bedrock):
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        message = anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=200,
+                                                           messages=[{"role": "user", "content": "a joke"}])
+    assert message.content[0].text == recorded_invoke_text() and message.model == BEDROCK_CLAUDE
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (16, 19)
+    [request] = bedrock.requests
+    assert bedrock.signed_by == [AWS_ENV_KEY_ID] and request.headers["x-amz-security-token"] == AWS_ENV_TOKEN
+    assert request.path == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke"
+    assert request.json == {"max_tokens": 200, "messages": [{"role": "user", "content": "a joke"}],
+                            "anthropic_version": "bedrock-2023-05-31"}
+    assert AWS_ENV_SECRET not in str(request.headers)
+
+
+def test_bedrock_claude_streams_with_a_profiles_credentials_and_its_region_from_the_profile(aws, bedrock):
+    aws["credentials"].write_text(f"[work]\naws_access_key_id = {AWS_PROFILE_KEY_ID}\n"
+                                  f"aws_secret_access_key = {AWS_PROFILE_SECRET}\n")
+    aws["config"].write_text("[profile work]\nregion = us-east-1\n")
+    model = {"model": BEDROCK_CLAUDE, "aws_profile": "work", "base_url": bedrock.anthropic_base}
+    config = build_config(model)
+    assert config.models[0].region == "us-east-1"
+    with RunningPlano(config) as running:
+        message = anthropic_message(anthropic_client(running), True, model=BEDROCK_CLAUDE, max_tokens=200,
+                                    messages=[{"role": "user", "content": "a joke"}])
+    assert message.content[0].text == recorded_stream_text() and message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (16, 21)
+    assert bedrock.signed_by == [AWS_PROFILE_KEY_ID]
+    assert bedrock.requests[0].path.endswith("%3A0/invoke-with-response-stream")
+    assert bedrock.requests[0].headers["accept"] == "application/vnd.amazon.eventstream"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bedrock_claude_answers_chat_and_responses_clients_translated(aws_env, bedrock, stream):
+    expected = recorded_stream_text() if stream else recorded_invoke_text()
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        client = openai_client(running)
+        if stream:
+            chunks = list(client.chat.completions.create(model=BEDROCK_CLAUDE, stream=True,
+                                                         messages=[{"role": "user", "content": "a joke"}]))
+            chat_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            with client.responses.stream(model=BEDROCK_CLAUDE, input="a joke") as events:
+                responses_text = events.get_final_response().output_text
+        else:
+            chat = client.chat.completions.create(model=BEDROCK_CLAUDE,
+                                                  messages=[{"role": "user", "content": "a joke"}])
+            chat_text = chat.choices[0].message.content
+            assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (16, 19)
+            responses_text = client.responses.create(model=BEDROCK_CLAUDE, input="a joke").output_text
+    assert chat_text == responses_text == expected
+    assert len(bedrock.signed_by) == 2 and "stream" not in bedrock.requests[0].json
+
+
+def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
+                                                                                               monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-" + AWS_ENV_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", AWS_ENV_TOKEN)
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        refused = httpx.post(running.url + "/v1/messages", json={
+            "model": BEDROCK_CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        refused_chat = httpx.post(running.url + "/v1/chat/completions", json={
+            "model": BEDROCK_CLAUDE, "messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == refused_chat.status_code == 403
+    assert refused.json()["error"]["type"] == "permission_error"
+    assert "AWS refused plano's credentials (InvalidSignatureException): The request signature we calculated" \
+        in refused.json()["error"]["message"]
+    assert refused_chat.json()["error"]["type"] == "permission_error" and bedrock.signed_by == []
+    for text in (refused.text, refused_chat.text, *SuiteLog.lines):
+        assert AWS_ENV_SECRET not in text
+
+
+def test_no_aws_credentials_at_all_is_a_403_saying_where_botocore_looked(aws, bedrock):
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        refused = httpx.post(running.url + "/v1/messages", json={
+            "model": BEDROCK_CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == 403 and bedrock.requests == []
+    assert "no AWS credentials found for AWS's default credential chain" in refused.json()["error"]["message"]
+
+
+def test_bedrock_throttling_fails_over_like_a_429_and_without_a_fallback_is_a_rate_limit_error(aws_env, bedrock,
+                                                                                              provider):
+    config = build_config(on_bedrock(bedrock, fallbacks=["openai/gpt-4o"]), served_by(provider, "openai/gpt-4o"))
+    with RunningPlano(config) as running:
+        bedrock.then(THROTTLED)
+        answered = httpx.post(running.url + "/v1/messages", json={
+            "model": BEDROCK_CLAUDE, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]})
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["x-plano-model"] == "openai/gpt-4o" and answered.headers["x-plano-decision"] == "fallback"
+    assert len(bedrock.signed_by) == 1 and len(provider.requests) == 1
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        bedrock.then(THROTTLED)
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=5,
+                                                      messages=[{"role": "user", "content": "hi"}])
+        bedrock.then(THROTTLED)
+        with pytest.raises(openai.RateLimitError):
+            openai_client(running).chat.completions.create(model=BEDROCK_CLAUDE,
+                                                           messages=[{"role": "user", "content": "x"}])
+    assert "ThrottlingException: Too many requests, please wait" in str(refused.value)
+
+
+@pytest.mark.parametrize("hostile, expected", [
+    (lambda raw, frames: raw[:600] + bytes([raw[600] ^ 0x20]) + raw[601:], "ChecksumMismatch"),
+    (lambda raw, frames: raw[:-10], "ended inside a frame"),
+    (lambda raw, frames: b"".join(frames[:3]) + struct.pack("!II", 0x40000000, 0) + b"\0" * 4096,
+     "frame of 1,073,741,824 bytes"),
+    (lambda raw, frames: b"".join(frames[:5]) + exception_frame("modelStreamErrorException", "Model stream error"),
+     "ModelStreamErrorException in the stream"),
+    (lambda raw, frames: b"".join(frames[:5]) + event_stream_frame(b"<html>", {":event-type": "chunk",
+                                                                               ":message-type": "event"}),
+     "chunk that is not what it says"),
+])
+def test_a_hostile_bedrock_stream_is_an_error_event_in_each_clients_format_and_plano_keeps_serving(
+        aws_env, bedrock, hostile, expected):
+    raw = (BEDROCK_RECORDED / "claude-3-sonnet-invoke-stream.eventstream").read_bytes()
+    frames = [event_stream_frame(f.payload, f.headers) for f in recorded_frames()]
+    body = hostile(raw, frames)
+    reply = Reply(sse=[body[i:i + 1000] for i in range(0, len(body), 1000)],
+                  headers={"content-type": "application/vnd.amazon.eventstream"})
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        bedrock.then(reply)
+        anthropic_stream = httpx.post(running.url + "/v1/messages", json={
+            "model": BEDROCK_CLAUDE, "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        bedrock.then(reply)
+        chat_stream = httpx.post(running.url + "/v1/chat/completions", json={
+            "model": BEDROCK_CLAUDE, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        after = anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=5,
+                                                         messages=[{"role": "user", "content": "x"}])
+    anthropic_events = decode_sse([anthropic_stream.content])
+    assert anthropic_events[0].event == "message_start" and anthropic_events[-1].event == "error"
+    assert expected in json.loads(anthropic_events[-1].data)["error"]["message"]
+    chat_events = [json.loads(e.data) for e in decode_sse([chat_stream.content]) if e.data != "[DONE]"]
+    assert expected in chat_events[-1]["error"]["message"]
+    assert after.content[0].text == recorded_invoke_text()
+
+
+def test_betas_bedrock_refuses_are_dropped_and_said_once_and_the_ones_it_takes_go_in_the_body(aws_env, bedrock,
+                                                                                              monkeypatch, caplog):
+    monkeypatch.setattr(plano, "_DROPPED_BETAS_SAID", set())
+    betas = "claude-code-20250219,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running, caplog.at_level(logging.INFO, "plano"):
+        for _ in range(2):
+            anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=5, extra_headers={
+                "anthropic-beta": betas}, messages=[{"role": "user", "content": "x"}])
+    assert [r.json["anthropic_beta"] for r in bedrock.requests] == [["interleaved-thinking-2025-05-14"]] * 2
+    assert all("anthropic-beta" not in r.headers for r in bedrock.requests)
+    said = [r.getMessage() for r in caplog.records if "is dropped for bedrock" in r.getMessage()]
+    assert len(said) == 2 and any("claude-code-20250219" in line for line in said)
+
+
+def test_the_stand_in_refuses_a_beta_bedrock_does_not_take_as_bedrock_does(bedrock):
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "anthropic_beta":
+                       ["claude-code-20250219"], "messages": [{"role": "user", "content": "x"}]})
+    url = f"{bedrock.anthropic_base}/model/{urllib.parse.quote(BEDROCK_CLAUDE[8:], safe='')}/invoke"
+    request = AWSRequest(method="POST", url=url, data=body, headers={"content-type": "application/json"})
+    SigV4Auth(Credentials(*AWS_PROFILE_CREDENTIALS), "bedrock", "us-east-1").add_auth(request)
+    refused = httpx.post(url, content=body, headers=dict(request.headers.items()))
+    assert refused.status_code == 400 and refused.json() == {"message": "invalid beta flag"}
+    assert refused.headers["x-amzn-errortype"].startswith("ValidationException:")
+
+
+def test_claude_code_through_plano_to_bedrock_gets_its_answer_though_bedrock_refuses_its_betas(
+        aws_env, bedrock, claude_bin, tmp_path, monkeypatch):
+    monkeypatch.setattr(plano, "_DROPPED_BETAS_SAID", set())
+    (tmp_path / "home").mkdir()
+    with RunningPlano(build_config(on_bedrock(bedrock), router=ROUTER_OFF)) as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "Tell me a joke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert recorded_stream_text() in result.stdout
+    assert bedrock.requests and len(bedrock.signed_by) == len(bedrock.requests)
+    assert all(set(r.json.get("anthropic_beta", [])) <= BEDROCK_DOCUMENTED_BETAS for r in bedrock.requests)
+    assert "claude-code-20250219" in plano._DROPPED_BETAS_SAID  # Claude Code sent it; Bedrock would refuse it
+    assert any(r.json.get("anthropic_beta") for r in bedrock.requests)  # and the ones Bedrock takes went on
+
+
+def test_a_bedrock_model_is_claude_through_invoke_model_and_others_through_converse_by_its_id(aws):
+    config = build_config(
+        {"model": BEDROCK_CLAUDE, "region": "eu-west-1"},
+        {"model": "bedrock/global.anthropic.claude-opus-4-5-20251101-v1:0", "region": "us-east-1"},
+        {"model": "bedrock/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/"
+                  "us.anthropic.claude-haiku-4-5-20251001-v1:0", "region": "us-east-1"},
+        {"model": "bedrock/meta.llama3-3-70b-instruct-v1:0", "region": "us-west-2"})
+    assert [m.interface for m in config.models] == ["anthropic", "anthropic", "anthropic", "converse"]
+    assert config.models[0].base_url == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    assert config.models[3].base_url == "https://bedrock-runtime.us-west-2.amazonaws.com"
+
+
+def test_bedrock_models_take_windows_prices_and_capabilities_from_the_catalogue_inference_profiles_too(aws):
+    direct, profile, unlisted_profile = build_config(
+        {"model": "bedrock/anthropic.claude-sonnet-4-5-20250929-v1:0", "region": "us-east-1"},
+        {"model": BEDROCK_CLAUDE, "region": "us-east-1"},
+        {"model": "bedrock/apac.anthropic.claude-sonnet-4-5-20250929-v1:0", "region": "ap-southeast-2"}).models
+    for model in (direct, profile, unlisted_profile):
+        assert model.capabilities.context_window == 200_000 and model.capabilities.guessed == ()
+        assert model.capabilities.prices == plano.Prices(3, 0.3, 15) and model.max_output_tokens == 64_000
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"model": "openai/gpt-4o", "region": "us-east-1"}, "`region` is for bedrock and vertex models only, not openai"),
+    ({"model": "anthropic/claude-sonnet-5", "aws_profile": "work"}, "`aws_profile` is for bedrock models only"),
+    ({"model": BEDROCK_CLAUDE, "region": "us-east-1\x1b[31m"}, "`region` must be a cloud region such as us-east-1"),
+    ({"model": BEDROCK_CLAUDE, "region": "us-east-1.evil.example/"}, "`region` must be a cloud region"),
+    ({"model": BEDROCK_CLAUDE, "region": "us-east-1", "aws_profile": "work\nx"}, "`aws_profile` must be the name of"),
+    ({"model": BEDROCK_CLAUDE}, "`region` is needed for a bedrock model"),
+    ({"model": BEDROCK_CLAUDE, "aws_profile": "nowhere"},
+     "`aws_profile` names no profile botocore finds: The config profile (nowhere) could not be found"),
+    ({"model": BEDROCK_CLAUDE, "region": "us-east-1", "access_key": "x"}, "`access_key` is not for bedrock models"),
+    ({"model": BEDROCK_CLAUDE, "region": "us-east-1", "provider_interface": "openai"},
+     "`provider_interface` is not for bedrock models"),
+])
+def test_bedrock_config_mistakes_are_one_line_errors_naming_the_field(aws, entry, message):
+    assert message in config_error(config_yaml(entry))
+
+
+def test_a_bedrock_region_comes_from_aws_region_when_the_model_names_none(aws):
+    [model] = build_config({"model": BEDROCK_CLAUDE}, environ={"AWS_REGION": "eu-central-1"}).models
+    assert model.region == "eu-central-1" and model.base_url == "https://bedrock-runtime.eu-central-1.amazonaws.com"
+
+
+def test_without_botocore_a_bedrock_model_is_a_start_up_error_naming_the_extra(tmp_path):
+    config = write_config(tmp_path, config_yaml({"model": BEDROCK_CLAUDE, "region": "us-east-1"}))
+    hidden = ("import sys, runpy; sys.modules['botocore'] = None; sys.argv = ['plano', 'up', '--config', "
+              f"{str(config)!r}]; runpy.run_module('plano', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "bedrock models need botocore" in result.stderr and "pip install 'plano[bedrock]'" in result.stderr
+
+
+def test_doctor_says_where_aws_credentials_come_from_and_never_prints_them(aws, tmp_path, monkeypatch):
+    aws["credentials"].write_text(f"[work]\naws_access_key_id = {AWS_PROFILE_KEY_ID}\n"
+                                  f"aws_secret_access_key = {AWS_PROFILE_SECRET}\n")
+    config = write_config(tmp_path, config_yaml(
+        {"model": BEDROCK_CLAUDE, "region": "us-east-1"},
+        {"model": "bedrock/anthropic.claude-haiku-4-5-20251001-v1:0", "region": "eu-west-1", "aws_profile": "work"},
+        listeners=[{"address": "127.0.0.1", "port": free_port()}], router=ROUTER_OFF))
+    without = run_plano_cli("doctor", "--offline", "--config", config, cwd=tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_ENV_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", AWS_ENV_TOKEN)
+    found = run_plano_cli("doctor", "--offline", "--config", config, cwd=tmp_path)
+    keys = [line for line in found.stdout.splitlines() if line[2:].startswith("key ")]
+    assert keys == [f"✓ key       {BEDROCK_CLAUDE}: AWS credentials found (env, the default credential chain), "
+                    "region us-east-1",
+                    "✓ key       bedrock/anthropic.claude-haiku-4-5-20251001-v1:0: AWS credentials found "
+                    "(shared-credentials-file, profile work), region eu-west-1"]
+    assert f"✗ key       {BEDROCK_CLAUDE}: no AWS credentials found (the default credential chain, region " \
+           "us-east-1)" in without.stdout
+    for text in (found.stdout, found.stderr, without.stdout, without.stderr):
+        assert not any(secret in text for secret in (AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET)), text
+
 # ── issue 22: Bedrock Converse ────────────────────────────────────────────────────────────────
 #
 # testdata/recorded/bedrock-converse/ holds Converse answers recorded against the real Bedrock
@@ -12801,15 +13368,21 @@ def responses_answer_of(response: dict) -> Answer:
     return answer
 
 
-def converse_stream_through_plano(name: str, client_format: str) -> bytes:
-    """A recorded ConverseStream through plano's StreamTranslator for a client, its frames handed
-    over as the transport hands them (converse_event_as_sse) in 5-byte reads."""
-    raw = b"".join(plano.converse_event_as_sse(event, json.dumps(data).encode()) for event, data in
-                   converse_frames(name))
+def converse_through_plano(raw: bytes, client_format: str, piece: int = 5) -> tuple[bytes, Exception | None]:
+    """ConverseStream bytes through plano's wire layers as the transport passes them (the
+    event-stream frames as SSE by BedrockEventStream, then the StreamTranslator for the client),
+    in `piece`-byte reads: the client's bytes, and the failure that ended them, if one did."""
+    frames = plano.BedrockEventStream()
     translator = plano.StreamTranslator("converse", client_format, "bedrock/m", include_usage=True)
-    out = b"".join(translator.feed(raw[i:i + 5]) for i in range(0, len(raw), 5)) + translator.close()
-    if translator.failure is not None:
-        raise translator.failure
+    out = b"".join(translator.feed(frames.feed(raw[i:i + piece])) for i in range(0, len(raw), piece))
+    return out + translator.feed(frames.close()) + translator.close(), translator.failure
+
+
+def converse_stream_through_plano(name: str, client_format: str) -> bytes:
+    """A recorded ConverseStream as a client of `client_format` gets it from plano."""
+    out, failure = converse_through_plano((CONVERSE_RECORDED / name).read_bytes(), client_format)
+    if failure is not None:
+        raise failure
     return out
 
 
@@ -13006,7 +13579,7 @@ def test_a_chat_and_a_responses_tool_loop_reach_converse_with_its_tool_blocks():
             "messages": [{"role": "user", "content": [{"text": "weather?"}]},
                          {"role": "assistant", "content": [{"toolUse": {"toolUseId": "call_1", "name": "get_weather",
                                                                         "input": {"city": "Paris"}}}]},
-                         {"role": "user", "content": [{"toolResult": {"toolUseId": "call_1",
+                         {"role": "user", "content": [{"toolResult": {"toolUseId": "call_1", "status": "success",
                                                                       "content": [{"text": "sunny"}]}}]}],
             "system": [{"text": "sys"}], "inferenceConfig": {"maxTokens": 50},
             "toolConfig": {"tools": [{"toolSpec": {"name": "get_weather",
@@ -13061,17 +13634,22 @@ def test_a_converse_stream_ends_at_its_usage_or_at_its_end_and_fails_without_a_s
         cut.finish()
 
 
-@pytest.mark.parametrize("exception, status, error_type", [
-    ("throttlingException", 429, "rate_limit_error"), ("modelStreamErrorException", 502, "api_error"),
-    ("serviceUnavailableException", 529, "overloaded_error"), ("validationException", 400, "invalid_request_error"),
-    ("someNewException", 502, "api_error")])
-def test_an_exception_in_a_converse_stream_is_an_upstream_error_of_its_kind(exception, status, error_type):
-    machine = plano.ConverseToAnthropicStream("m")
-    machine.feed("messageStart", {"role": "assistant"})
-    with pytest.raises(plano.UpstreamError) as caught:
-        machine.feed(exception, {"message": "Too many tokens, please wait"})
-    assert (caught.value.status, caught.value.error_type) == (status, error_type)
-    assert caught.value.message == "Too many tokens, please wait"
+@pytest.mark.parametrize("exception, error_type", [
+    ("throttlingException", "rate_limit_error"), ("modelStreamErrorException", "api_error"),
+    ("serviceUnavailableException", "overloaded_error"), ("validationException", "invalid_request_error"),
+    ("someNewException", "api_error")])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_an_exception_frame_in_a_converse_stream_ends_it_in_an_upstream_error_of_its_kind(exception, error_type,
+                                                                                        client_format):
+    recorded = (CONVERSE_RECORDED / "nova-micro-text.eventstream").read_bytes()
+    first_frames = recorded[:sum(struct.unpack_from("!I", recorded, 0)) + struct.unpack_from(
+        "!I", recorded, struct.unpack_from("!I", recorded, 0)[0])[0]]  # messageStart and the first text delta
+    out, failure = converse_through_plano(first_frames + exception_frame(exception, "Too many tokens, please wait")
+                                          + recorded[len(first_frames):], client_format)
+    assert isinstance(failure, plano.UpstreamError) and failure.error_type == error_type
+    assert "Too many tokens, please wait" in failure.message
+    assert client_answer(client_format, out, stream=True).text == "The" if client_format != "responses" else \
+        b"response.output_text.delta" in out and b"response.completed" not in out
 
 
 CONVERSE_EVENT_NAMES = st.sampled_from(["messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop",
@@ -13092,13 +13670,13 @@ CONVERSE_EVENTS = st.lists(st.tuples(CONVERSE_EVENT_NAMES, st.dictionaries(CONVE
 def test_any_converse_event_sequence_gives_client_events_or_a_clean_error(events, client_format):
     # Whatever the frames say, a client gets events of its own format, or plano's error for a
     # broken stream (StreamTranslationError) or the provider's (UpstreamError): never another exception.
-    raw = b"".join(plano.converse_event_as_sse(name, json.dumps(data).encode()) for name, data in events)
-    translator = plano.StreamTranslator("converse", client_format, "bedrock/m", include_usage=True)
-    out = translator.feed(raw) + translator.close()
-    assert translator.failure is None or isinstance(translator.failure,
-                                                    (plano.PlanoError, plano.StreamTranslationError))
+    raw = b"".join(event_stream_frame(json.dumps(data).encode(), {":event-type": name, ":message-type": "event",
+                                                                  ":content-type": "application/json"})
+                   if name != "throttlingException" else exception_frame(name, str(data)) for name, data in events)
+    out, failure = converse_through_plano(raw, client_format, piece=61)
+    assert failure is None or isinstance(failure, (plano.PlanoError, plano.StreamTranslationError))
     items = [e for e in plano.SSEDecoder().feed(out)]
-    if translator.failure is None:
+    if failure is None:
         assert items[-1].data == "[DONE]" if client_format == "openai" else \
             json.loads(items[-1].data)["type"] in ("message_stop", "response.completed", "response.incomplete")
 
