@@ -8143,6 +8143,8 @@ EVERY_CONFIG_FIELD = {
          "prices": {"input": 1, "cached_input": 0.5, "output": 2}},
         {"model": "anthropic/claude-sonnet-5", "access_key": "a-literal-key", "max_tokens": 1000},
         {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
+        {"model": "bedrock/us.anthropic.claude-sonnet-4-5-20250929-v1:0", "region": "us-east-1",
+         "aws_profile": "work", "base_url": "http://127.0.0.1:9"},
     ],
     "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
     "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_ADMIN_KEY",
@@ -8185,7 +8187,7 @@ def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
 
 def test_the_config_the_fuzzers_start_from_is_valid():
     config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
-    assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+    assert len(config.models) == 4 and len(config.routes) == 2 and config.router.threads == 2
     assert [k.name for k in config.keys] == ["alice", "bob", "carol"] and len(config.teams) == 2
 
 
