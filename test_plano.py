@@ -12790,13 +12790,17 @@ def sigv4_refusal(request: Recorded, credentials: dict[str, tuple[str, str | Non
                          headers={name: request.headers[name] for name in names if name != "host"})
     arrived.context["timestamp"] = stamp
     auth = SigV4Auth(Credentials(key_id, secret, token), "bedrock", region)
-    expected = auth.signature(auth.string_to_sign(arrived, auth.canonical_request(arrived)), arrived)
+    canonical = auth.canonical_request(arrived)
+    string_to_sign = auth.string_to_sign(arrived, canonical)
+    expected = auth.signature(string_to_sign, arrived)
     if auth.signed_headers(auth.headers_to_sign(arrived)) != signed_headers \
             or not hmac.compare_digest(expected, signature):
+        # AWS's words, the canonical request it expected after them (signed headers, a session token too)
         return aws_error(403, "InvalidSignatureException",
                          "The request signature we calculated does not match the signature you provided. Check your "
-                         "AWS Secret Access Key and signing method. Consult the service documentation for details.",
-                         "com.amazon.coral.service")
+                         "AWS Secret Access Key and signing method. Consult the service documentation for details."
+                         f"\n\nThe Canonical String for this request should have been\n'{canonical}'\n\nThe "
+                         f"String-to-Sign should have been\n'{string_to_sign}'\n", "com.amazon.coral.service")
     return None
 
 
@@ -13107,8 +13111,9 @@ def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secr
     assert "AWS refused plano's credentials (InvalidSignatureException): The request signature we calculated" \
         in refused.json()["error"]["message"]
     assert refused_chat.json()["error"]["type"] == "permission_error" and bedrock.signed_by == []
+    # AWS's answer held the session token (in the canonical request it expected): it went no further.
     for text in (refused.text, refused_chat.text, *SuiteLog.lines):
-        assert AWS_ENV_SECRET not in text
+        assert AWS_ENV_SECRET not in text and AWS_ENV_TOKEN not in text and "Canonical String" not in text
 
 
 def test_no_aws_credentials_at_all_is_a_403_saying_where_botocore_looked(aws, bedrock):
