@@ -340,6 +340,8 @@ PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together"
 _BEDROCK_CLAUDE = re.compile(r"(?:^|[./])anthropic\.claude")
 # The geography prefixes of Bedrock's cross-region inference profiles (models.dev lists some of them).
 _BEDROCK_PROFILE_PREFIX = re.compile(r"^(?:us|us-gov|eu|apac|au|jp|ca|global)\.")
+# What Bedrock adds to Anthropic's model id: a profile or ARN before `anthropic.`, a version after.
+_BEDROCK_ID_DECORATION = re.compile(r"^.*?anthropic\.|-v\d+(?::\d+)?$")
 
 
 def bedrock_interface(model_id: str) -> str:
@@ -455,6 +457,10 @@ def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
             tool_use=bool(entry.tool_call), reasoning=bool(entry.reasoning),
             prices=Prices(cost.input, cost.cache_read, cost.output) if cost else None,
             display_name=entry.name, guessed=guessed + (() if cost else ("prices",)))
+    if provider == "bedrock" and _BEDROCK_CLAUDE.search(model_id):
+        # A Claude models.dev does not list on Bedrock (claude-3-7-sonnet…): Anthropic's own entry for
+        # it, found by the id without Bedrock's prefixes and version (Bedrock bills Anthropic's prices).
+        return catalogue_capabilities("anthropic", _BEDROCK_ID_DECORATION.sub("", model_id))
     return Capabilities()
 
 

@@ -13252,6 +13252,11 @@ def test_bedrock_models_take_windows_prices_and_capabilities_from_the_catalogue_
     for model in (direct, profile, unlisted_profile):
         assert model.capabilities.context_window == 200_000 and model.capabilities.guessed == ()
         assert model.capabilities.prices == plano.Prices(3, 0.3, 15) and model.max_output_tokens == 64_000
+    # A Claude models.dev does not list on Bedrock: Anthropic's own entry for it.
+    [older] = build_config({"model": "bedrock/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+                            "region": "us-east-1"}).models
+    [anthropics] = build_config({"model": "anthropic/claude-3-5-haiku-20241022", "access_key": "x"}).models
+    assert older.capabilities == anthropics.capabilities and older.capabilities.guessed == ()
 
 
 @pytest.mark.parametrize("entry, message", [
