@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -13094,6 +13095,33 @@ def test_bedrock_claude_answers_chat_and_responses_clients_translated(aws_env, b
             responses_text = client.responses.create(model=BEDROCK_CLAUDE, input="a joke").output_text
     assert chat_text == responses_text == expected
     assert len(bedrock.signed_by) == 2 and "stream" not in bedrock.requests[0].json
+
+
+def test_temporary_aws_credentials_are_renewed_by_botocore_before_they_expire(aws, tmp_path):
+    # A profile whose credentials come from a `credential_process` (as SSO and role tools hand them
+    # out): each run issues new ones that expire in a minute, inside botocore's refresh window, so
+    # each request must be signed with freshly issued ones, not with the first ones plano was given.
+    issued = tmp_path / "issued"
+    process = tmp_path / "issue-credentials.py"
+    process.write_text(textwrap.dedent(f"""\
+        import datetime, json, pathlib
+        issued = pathlib.Path({str(issued)!r})
+        count = len(issued.read_text()) + 1 if issued.exists() else 1
+        issued.write_text("x" * count)
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
+        print(json.dumps({{"Version": 1, "AccessKeyId": f"ASIAPLANOPROCESS000{{count}}",
+                          "SecretAccessKey": f"process-secret-{{count}}", "SessionToken": f"process-token-{{count}}",
+                          "Expiration": expires.isoformat()}}))
+        """))
+    aws["config"].write_text(f"[profile temporary]\ncredential_process = {sys.executable} {process}\n")
+    issued_credentials = [(f"ASIAPLANOPROCESS000{n}", f"process-secret-{n}", f"process-token-{n}") for n in (1, 2, 3)]
+    with BedrockStandIn(*issued_credentials) as stand_in, \
+            RunningPlano(build_config(on_bedrock(stand_in, aws_profile="temporary"))) as running:
+        for _ in range(2):
+            anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=5,
+                                                      messages=[{"role": "user", "content": "x"}])
+    # The first issue is botocore's lookup; each signing finds them expiring and has new ones issued.
+    assert stand_in.signed_by == ["ASIAPLANOPROCESS0002", "ASIAPLANOPROCESS0003"]
 
 
 def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
