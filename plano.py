@@ -341,6 +341,8 @@ PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together"
 _BEDROCK_CLAUDE = re.compile(r"(?:^|[./])anthropic\.claude")
 # The geography prefixes of Bedrock's cross-region inference profiles (models.dev lists some of them).
 _BEDROCK_PROFILE_PREFIX = re.compile(r"^(?:us|us-gov|eu|apac|au|jp|ca|global)\.")
+# What Bedrock adds to Anthropic's model id: a profile or ARN before `anthropic.`, a version after.
+_BEDROCK_ID_DECORATION = re.compile(r"^.*?anthropic\.|-v\d+(?::\d+)?$")
 
 
 def bedrock_interface(model_id: str) -> str:
@@ -456,6 +458,10 @@ def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
             tool_use=bool(entry.tool_call), reasoning=bool(entry.reasoning),
             prices=Prices(cost.input, cost.cache_read, cost.output) if cost else None,
             display_name=entry.name, guessed=guessed + (() if cost else ("prices",)))
+    if provider == "bedrock" and _BEDROCK_CLAUDE.search(model_id):
+        # A Claude models.dev does not list on Bedrock (claude-3-7-sonnet…): Anthropic's own entry for
+        # it, found by the id without Bedrock's prefixes and version (Bedrock bills Anthropic's prices).
+        return catalogue_capabilities("anthropic", _BEDROCK_ID_DECORATION.sub("", model_id))
     return Capabilities()
 
 
@@ -4091,7 +4097,10 @@ def bedrock_error(status: int, headers: Mapping[str, str], body: bytes, client_f
     except ValueError:
         payload = None
     said = payload.get("message") or payload.get("Message") if isinstance(payload, dict) else None
-    message = str(said or body.decode("utf-8", errors="replace").strip()[:2000] or f"HTTP {status}")[:2000]
+    message = str(said or body.decode("utf-8", errors="replace").strip()[:2000] or f"HTTP {status}")
+    # AWS follows a refused signature's message with the canonical request it expected, headers and
+    # session token included, after a blank line: only the sentence before it goes on.
+    message = message.split("\n\n", 1)[0].strip()[:2000]
     if kind in _AWS_CREDENTIAL_ERRORS or (status in (401, 403) and kind != "AccessDeniedException"):
         client_status, error_type, retryable = ProviderKeyError.status, ProviderKeyError.error_type, False
         message = f"{provider}: AWS refused plano's credentials ({kind or status}): {message}"
@@ -4135,18 +4144,18 @@ class BedrockEventStream:
         if self.failed:
             return b""
         self._buffer += data
-        out = []
-        while len(self._buffer) >= 4 and not self.failed:
-            length = struct.unpack_from("!I", self._buffer)[0]
+        out, start = [], 0  # the frames of one read are cut from the buffer at once: linear in its size
+        while len(self._buffer) - start >= 4 and not self.failed:
+            length = struct.unpack_from("!I", self._buffer, start)[0]
             if not self.MIN_FRAME_BYTES <= length <= self.max_frame_bytes:
                 out.append(self._fail("api_error", f"an event-stream frame of {length:,} bytes (plano takes "
                                                    f"{self.MIN_FRAME_BYTES} to {self.max_frame_bytes:,})"))
                 break
-            if len(self._buffer) < length:
+            if len(self._buffer) - start < length:
                 break
-            frame = bytes(self._buffer[:length])
-            del self._buffer[:length]
-            out.append(self._frame(frame))
+            out.append(self._frame(bytes(self._buffer[start:start + length])))
+            start += length
+        del self._buffer[:start]
         return b"".join(out)
 
     def close(self) -> bytes:
@@ -5523,18 +5532,28 @@ class _InflatedBody(httpx.AsyncByteStream):
 class AwsSigner:
     """Bedrock requests signed with SigV4 by botocore, with the credentials of AWS's standard chain
     for the model's `aws_profile` (environment, shared credentials and config files, SSO, container
-    and instance roles). Finding them can read files and call metadata or SSO endpoints, so it runs
-    in a worker thread; what was found is kept per (profile, region), and botocore's refreshable
-    credentials (SSO, roles) renew themselves before they expire. The credentials go into the
-    signature only: never into a log line, an error or another provider's request."""
+    and instance roles). Finding them can read files and call metadata or SSO endpoints, and signing
+    hashes the whole body, so both run in a worker thread; what was found is kept per (profile,
+    region), and botocore's refreshable credentials (SSO, roles) renew themselves before they expire.
+    The credentials go into the signature only: never into a log line, an error or another
+    provider's request (`secrets` lists them for the scrubbing of what AWS answers)."""
 
     def __init__(self) -> None:
         self._credentials: dict[tuple[str | None, str | None], Any] = {}
+        self._signed_with: dict[tuple[str | None, str | None], Any] = {}  # the frozen credentials last used
 
     async def signed(self, call: ProviderRequest, model: ModelEntry) -> ProviderRequest:
+        return await trio.to_thread.run_sync(self._sign, call, model)
+
+    def secrets(self) -> list[str]:
+        """The secret keys and session tokens signed with so far (AWS may echo a token back)."""
+        return [value for frozen in list(self._signed_with.values()) for value in (frozen.secret_key, frozen.token)
+                if value]
+
+    def _sign(self, call: ProviderRequest, model: ModelEntry) -> ProviderRequest:
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
-        frozen = await trio.to_thread.run_sync(self._frozen_credentials, model)
+        frozen = self._signed_with[model.aws_profile, model.region] = self._frozen_credentials(model)
         request = AWSRequest(method="POST", url=call.url, data=call.content, headers=call.headers)
         SigV4Auth(frozen, "bedrock", model.region).add_auth(request)
         return dataclasses.replace(call, headers=dict(request.headers.items()))
@@ -9398,7 +9417,8 @@ class Upstreams:
                 response, upstream_ms = await self._send(model, traced.carrying(call), config)
                 if response.status_code >= 400:
                     try:
-                        raise await self._error(response, model, request.api_format, config_secrets(config))
+                        raise await self._error(response, model, request.api_format,
+                                                config_secrets(config) + self.aws.secrets())
                     finally:
                         await response.aclose()
             except UpstreamError as error:
@@ -9489,6 +9509,7 @@ class Upstreams:
             raw = b""
         if model.provider == "bedrock":
             error = bedrock_error(response.status_code, response.headers, raw, client_format, provider=model.name)
+            error.message = _scrub(error.message, secrets)
         else:
             error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
                                         provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)

@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -8143,6 +8144,8 @@ EVERY_CONFIG_FIELD = {
          "prices": {"input": 1, "cached_input": 0.5, "output": 2}},
         {"model": "anthropic/claude-sonnet-5", "access_key": "a-literal-key", "max_tokens": 1000},
         {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
+        {"model": "bedrock/us.anthropic.claude-sonnet-4-5-20250929-v1:0", "region": "us-east-1",
+         "aws_profile": "work", "base_url": "http://127.0.0.1:9"},
     ],
     "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
     "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_ADMIN_KEY",
@@ -8185,7 +8188,7 @@ def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
 
 def test_the_config_the_fuzzers_start_from_is_valid():
     config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
-    assert len(config.models) == 3 and len(config.routes) == 2 and config.router.threads == 2
+    assert len(config.models) == 4 and len(config.routes) == 2 and config.router.threads == 2
     assert [k.name for k in config.keys] == ["alice", "bob", "carol"] and len(config.teams) == 2
 
 
@@ -12788,13 +12791,17 @@ def sigv4_refusal(request: Recorded, credentials: dict[str, tuple[str, str | Non
                          headers={name: request.headers[name] for name in names if name != "host"})
     arrived.context["timestamp"] = stamp
     auth = SigV4Auth(Credentials(key_id, secret, token), "bedrock", region)
-    expected = auth.signature(auth.string_to_sign(arrived, auth.canonical_request(arrived)), arrived)
+    canonical = auth.canonical_request(arrived)
+    string_to_sign = auth.string_to_sign(arrived, canonical)
+    expected = auth.signature(string_to_sign, arrived)
     if auth.signed_headers(auth.headers_to_sign(arrived)) != signed_headers \
             or not hmac.compare_digest(expected, signature):
+        # AWS's words, the canonical request it expected after them (signed headers, a session token too)
         return aws_error(403, "InvalidSignatureException",
                          "The request signature we calculated does not match the signature you provided. Check your "
-                         "AWS Secret Access Key and signing method. Consult the service documentation for details.",
-                         "com.amazon.coral.service")
+                         "AWS Secret Access Key and signing method. Consult the service documentation for details."
+                         f"\n\nThe Canonical String for this request should have been\n'{canonical}'\n\nThe "
+                         f"String-to-Sign should have been\n'{string_to_sign}'\n", "com.amazon.coral.service")
     return None
 
 
@@ -13090,6 +13097,33 @@ def test_bedrock_claude_answers_chat_and_responses_clients_translated(aws_env, b
     assert len(bedrock.signed_by) == 2 and "stream" not in bedrock.requests[0].json
 
 
+def test_temporary_aws_credentials_are_renewed_by_botocore_before_they_expire(aws, tmp_path):
+    # A profile whose credentials come from a `credential_process` (as SSO and role tools hand them
+    # out): each run issues new ones that expire in a minute, inside botocore's refresh window, so
+    # each request must be signed with freshly issued ones, not with the first ones plano was given.
+    issued = tmp_path / "issued"
+    process = tmp_path / "issue-credentials.py"
+    process.write_text(textwrap.dedent(f"""\
+        import datetime, json, pathlib
+        issued = pathlib.Path({str(issued)!r})
+        count = len(issued.read_text()) + 1 if issued.exists() else 1
+        issued.write_text("x" * count)
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
+        print(json.dumps({{"Version": 1, "AccessKeyId": f"ASIAPLANOPROCESS000{{count}}",
+                          "SecretAccessKey": f"process-secret-{{count}}", "SessionToken": f"process-token-{{count}}",
+                          "Expiration": expires.isoformat()}}))
+        """))
+    aws["config"].write_text(f"[profile temporary]\ncredential_process = {sys.executable} {process}\n")
+    issued_credentials = [(f"ASIAPLANOPROCESS000{n}", f"process-secret-{n}", f"process-token-{n}") for n in (1, 2, 3)]
+    with BedrockStandIn(*issued_credentials) as stand_in, \
+            RunningPlano(build_config(on_bedrock(stand_in, aws_profile="temporary"))) as running:
+        for _ in range(2):
+            anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=5,
+                                                      messages=[{"role": "user", "content": "x"}])
+    # The first issue is botocore's lookup; each signing finds them expiring and has new ones issued.
+    assert stand_in.signed_by == ["ASIAPLANOPROCESS0002", "ASIAPLANOPROCESS0003"]
+
+
 def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
                                                                                                monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
@@ -13105,8 +13139,9 @@ def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secr
     assert "AWS refused plano's credentials (InvalidSignatureException): The request signature we calculated" \
         in refused.json()["error"]["message"]
     assert refused_chat.json()["error"]["type"] == "permission_error" and bedrock.signed_by == []
+    # AWS's answer held the session token (in the canonical request it expected): it went no further.
     for text in (refused.text, refused_chat.text, *SuiteLog.lines):
-        assert AWS_ENV_SECRET not in text
+        assert AWS_ENV_SECRET not in text and AWS_ENV_TOKEN not in text and "Canonical String" not in text
 
 
 def test_no_aws_credentials_at_all_is_a_403_saying_where_botocore_looked(aws, bedrock):
@@ -13236,6 +13271,11 @@ def test_bedrock_models_take_windows_prices_and_capabilities_from_the_catalogue_
     for model in (direct, profile, unlisted_profile):
         assert model.capabilities.context_window == 200_000 and model.capabilities.guessed == ()
         assert model.capabilities.prices == plano.Prices(3, 0.3, 15) and model.max_output_tokens == 64_000
+    # A Claude models.dev does not list on Bedrock: Anthropic's own entry for it.
+    [older] = build_config({"model": "bedrock/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+                            "region": "us-east-1"}).models
+    [anthropics] = build_config({"model": "anthropic/claude-3-5-haiku-20241022", "access_key": "x"}).models
+    assert older.capabilities == anthropics.capabilities and older.capabilities.guessed == ()
 
 
 @pytest.mark.parametrize("entry, message", [
