@@ -4075,7 +4075,7 @@ _AWS_CREDENTIAL_ERRORS = frozenset({
 def aws_error_type(value: str | None) -> str:
     """`ThrottlingException` of `ThrottlingException:http://internal.amazon.com/coral/…`, an event
     stream's `throttlingException` included."""
-    name = (value or "").split(":", 1)[0].strip()
+    name = str(value or "").split(":", 1)[0].strip()[:100]  # a frame's header may hold a number or bytes
     return name[:1].upper() + name[1:]
 
 
@@ -4124,8 +4124,7 @@ class BedrockEventStream:
     event, and nothing after it (`failed` is set).
     """
 
-    PRELUDE_BYTES = 12  # total length, headers length, prelude CRC
-    MIN_FRAME_BYTES = 16  # the prelude and the message CRC
+    MIN_FRAME_BYTES = 16  # the prelude (total length, headers length, its CRC) and the message CRC
 
     def __init__(self, max_frame_bytes: int = MAX_SSE_EVENT_BYTES):
         self.max_frame_bytes = max_frame_bytes
@@ -4162,8 +4161,9 @@ class BedrockEventStream:
         parser.add_data(frame)
         try:
             message = next(parser)
-        except (ParserError, StopIteration, struct.error, UnicodeDecodeError) as e:
-            return self._fail("api_error", f"a broken event-stream frame ({type(e).__name__}: {e})")
+        except (ParserError, StopIteration, struct.error, ValueError, KeyError, IndexError) as e:
+            # (botocore's header parser meets an unknown value type as a KeyError, bad UTF-8 as a ValueError)
+            return self._fail("api_error", f"a broken event-stream frame ({type(e).__name__}: {printable(e)[:200]})")
         headers = message.headers
         kind = headers.get(":message-type")
         if kind == "exception" or kind == "error":

@@ -47,7 +47,7 @@ import pytest
 import trio
 import trustme
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import plano
@@ -13013,6 +13013,40 @@ def test_a_broken_or_failing_event_stream_ends_in_one_anthropic_error_event(body
     events = plano.SSEDecoder().feed(decoder.feed(body(frames)) + decoder.close() + decoder.feed(frames[2]))
     assert [e.event for e in events] == ["message_start", "error"]
     assert expected in json.loads(events[1].data)["error"]["message"]
+
+
+EVENT_STREAM_HEADER_NAMES = [":message-type", ":event-type", ":exception-type", ":error-code", ":error-message"]
+
+
+def typed_header(name: str, value: Any) -> bytes:
+    """One event-stream header of any of the format's value types: a string (7), an int32 (4), bytes (6)."""
+    if isinstance(value, int):
+        return bytes([len(name)]) + name.encode() + b"\x04" + struct.pack("!i", value)
+    kind = b"\x06" if isinstance(value, bytes) else b"\x07"
+    data = value if isinstance(value, bytes) else value.encode()
+    return bytes([len(name)]) + name.encode() + kind + struct.pack("!H", len(data)) + data
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.dictionaries(st.sampled_from(EVENT_STREAM_HEADER_NAMES),
+                               st.sampled_from(["event", "exception", "error", "chunk", "messageStart"])
+                               | st.text(max_size=12) | st.integers(-2**31, 2**31 - 1) | st.binary(max_size=12),
+                               max_size=5),
+       payload=st.sampled_from([b'{"bytes": "eyJ0eXBlIjoicGluZyJ9"}', b'{"message": "m"}', b"[]"])
+       | st.binary(max_size=40), stray=st.binary(max_size=16))
+@example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x0a")  # value type 10: none such
+@example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x07\x00\x02\xff\xfe")  # not UTF-8
+@example(headers={":message-type": "exception", ":exception-type": 7}, payload=b"{}", stray=b"")
+def test_a_well_framed_event_of_any_headers_and_payload_is_an_event_or_one_error_never_a_crash(headers, payload,
+                                                                                              stray):
+    # Valid lengths and CRCs around anything: `stray` header bytes (an unknown value type, a name cut
+    # short) included. What botocore's parser cannot read is an error event too.
+    encoded = b"".join(typed_header(name, value) for name, value in headers.items()) + stray
+    prelude = struct.pack("!II", 16 + len(encoded) + len(payload), len(encoded))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + encoded + payload
+    decoder = plano.BedrockEventStream()
+    events = plano.SSEDecoder().feed(decoder.feed(message + struct.pack("!I", zlib.crc32(message))) + decoder.close())
+    assert len(events) <= 1 and (events == [] or events[0].event != "error" or decoder.failed)
 
 
 def test_a_throttling_exception_mid_stream_is_a_rate_limit_error_event():
