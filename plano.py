@@ -5096,7 +5096,9 @@ class AwsSigner:
                                            "files, SSO, and container and instance roles)")
                 self._credentials[key] = credentials
             return credentials.get_frozen_credentials()
-        except botocore.exceptions.BotoCoreError as e:  # its messages name files and profiles, not secrets
+        # botocore's own errors, and AWS's answers to its calls (an SSO or STS refusal): their messages
+        # name files, profiles and roles, not secrets.
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise ProviderKeyError(f"{model.name}: cannot get AWS credentials for {profile}: "
                                    f"{printable(str(e))[:300]}") from None
 
@@ -10703,7 +10705,7 @@ def _aws_credentials_finding(model: ModelEntry) -> _Finding:
     profile = f"profile {model.aws_profile}" if model.aws_profile else "the default credential chain"
     try:
         credentials = botocore.session.Session(profile=model.aws_profile).get_credentials()
-    except botocore.exceptions.BotoCoreError as e:
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         return _Finding("problem", "key", f"{model.name}: cannot get AWS credentials ({profile}, region "
                                           f"{model.region}): {printable(str(e))[:300]}")
     if credentials is None:

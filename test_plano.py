@@ -13158,6 +13158,19 @@ def test_temporary_aws_credentials_are_renewed_by_botocore_before_they_expire(aw
     assert stand_in.signed_by == ["ASIAPLANOPROCESS0002", "ASIAPLANOPROCESS0003"]
 
 
+def test_a_credential_source_that_fails_is_a_403_saying_why_and_plano_goes_on_serving(aws, bedrock, tmp_path):
+    aws["config"].write_text(f"[profile broken]\ncredential_process = {sys.executable} -c \"import sys; "
+                             f"sys.exit('token expired: run aws sso login')\"\n")
+    with RunningPlano(build_config(on_bedrock(bedrock, aws_profile="broken"))) as running:
+        for _ in range(2):  # nothing is kept of a failed lookup: the second request looks again
+            refused = httpx.post(running.url + "/v1/chat/completions", json={
+                "model": BEDROCK_CLAUDE, "messages": [{"role": "user", "content": "x"}]})
+            assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+            assert "cannot get AWS credentials for the AWS profile 'broken'" in refused.json()["error"]["message"]
+            assert "token expired: run aws sso login" in refused.json()["error"]["message"]
+    assert bedrock.requests == []
+
+
 def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
                                                                                                monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
