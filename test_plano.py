@@ -13221,6 +13221,30 @@ def test_bedrock_throttling_fails_over_like_a_429_and_without_a_fallback_is_a_ra
     assert "ThrottlingException: Too many requests, please wait" in str(refused.value)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_bedrocks_recorded_error_answer_reaches_each_sdk_as_its_own_400(aws_env, bedrock, stream):
+    recorded = (BEDROCK_RECORDED / "invalid-model-id.400.json").read_bytes()
+    message = json.loads(recorded)["message"]
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+            anthropic_message(anthropic_client(running), stream, model=BEDROCK_CLAUDE, max_tokens=5,
+                              messages=[{"role": "user", "content": "x"}])
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(openai.BadRequestError) as chat_error:
+            list(openai_client(running).chat.completions.create(model=BEDROCK_CLAUDE, stream=True,
+                                                                messages=[{"role": "user", "content": "x"}])) \
+                if stream else openai_client(running).chat.completions.create(
+                    model=BEDROCK_CLAUDE, messages=[{"role": "user", "content": "x"}])
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(openai.BadRequestError) as responses_error:
+            openai_client(running).responses.create(model=BEDROCK_CLAUDE, input="x", stream=stream)
+    assert anthropic_error.value.body["error"] == {"type": "invalid_request_error",
+                                                  "message": f"{BEDROCK_CLAUDE}: {message}"}
+    assert chat_error.value.body["message"] == responses_error.value.body["message"] == f"{BEDROCK_CLAUDE}: {message}"
+    assert chat_error.value.body["type"] == "invalid_request_error" and chat_error.value.body["code"] == 400
+
+
 @pytest.mark.parametrize("hostile, expected", [
     (lambda raw, frames: raw[:600] + bytes([raw[600] ^ 0x20]) + raw[601:], "ChecksumMismatch"),
     (lambda raw, frames: raw[:-10], "ended inside a frame"),
