@@ -4083,7 +4083,7 @@ _AWS_CREDENTIAL_ERRORS = frozenset({
 def aws_error_type(value: str | None) -> str:
     """`ThrottlingException` of `ThrottlingException:http://internal.amazon.com/coral/…`, an event
     stream's `throttlingException` included."""
-    name = (value or "").split(":", 1)[0].strip()
+    name = str(value or "").split(":", 1)[0].strip()[:100]  # a frame's header may hold a number or bytes
     return name[:1].upper() + name[1:]
 
 
@@ -4132,8 +4132,7 @@ class BedrockEventStream:
     event, and nothing after it (`failed` is set).
     """
 
-    PRELUDE_BYTES = 12  # total length, headers length, prelude CRC
-    MIN_FRAME_BYTES = 16  # the prelude and the message CRC
+    MIN_FRAME_BYTES = 16  # the prelude (total length, headers length, its CRC) and the message CRC
 
     def __init__(self, max_frame_bytes: int = MAX_SSE_EVENT_BYTES):
         self.max_frame_bytes = max_frame_bytes
@@ -4170,8 +4169,9 @@ class BedrockEventStream:
         parser.add_data(frame)
         try:
             message = next(parser)
-        except (ParserError, StopIteration, struct.error, UnicodeDecodeError) as e:
-            return self._fail("api_error", f"a broken event-stream frame ({type(e).__name__}: {e})")
+        except (ParserError, StopIteration, struct.error, ValueError, KeyError, IndexError) as e:
+            # (botocore's header parser meets an unknown value type as a KeyError, bad UTF-8 as a ValueError)
+            return self._fail("api_error", f"a broken event-stream frame ({type(e).__name__}: {printable(e)[:200]})")
         headers = message.headers
         kind = headers.get(":message-type")
         if kind == "exception" or kind == "error":
@@ -5573,7 +5573,9 @@ class AwsSigner:
                                            "files, SSO, and container and instance roles)")
                 self._credentials[key] = credentials
             return credentials.get_frozen_credentials()
-        except botocore.exceptions.BotoCoreError as e:  # its messages name files and profiles, not secrets
+        # botocore's own errors, and AWS's answers to its calls (an SSO or STS refusal): their messages
+        # name files, profiles and roles, not secrets.
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise ProviderKeyError(f"{model.name}: cannot get AWS credentials for {profile}: "
                                    f"{printable(str(e))[:300]}") from None
 
@@ -7956,10 +7958,11 @@ OUTPUT_RESERVE_FLOOR = 4096  # tokens, or a quarter of a smaller model's window 
 
 def _output_asked(needs: RequestNeeds, model: ModelEntry) -> int:
     """What the request will ask `model` for: its own max_tokens, else what plano fills in for an
-    Anthropic upstream (which requires one), else nothing (0)."""
+    Anthropic upstream (which requires one) or a Converse one (the same, rather than each Bedrock
+    model's own default), else nothing (0)."""
     if needs.output_tokens:
         return needs.output_tokens
-    return model.default_max_tokens if model.interface == "anthropic" else 0
+    return model.default_max_tokens if model.interface in ("anthropic", "converse") else 0
 
 
 def output_reserve(needs: RequestNeeds, model: ModelEntry) -> int:
@@ -11186,7 +11189,7 @@ def _aws_credentials_finding(model: ModelEntry) -> _Finding:
     profile = f"profile {model.aws_profile}" if model.aws_profile else "the default credential chain"
     try:
         credentials = botocore.session.Session(profile=model.aws_profile).get_credentials()
-    except botocore.exceptions.BotoCoreError as e:
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         return _Finding("problem", "key", f"{model.name}: cannot get AWS credentials ({profile}, region "
                                           f"{model.region}): {printable(str(e))[:300]}")
     if credentials is None:

@@ -47,7 +47,7 @@ import pytest
 import trio
 import trustme
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import plano
@@ -13019,6 +13019,40 @@ def test_a_broken_or_failing_event_stream_ends_in_one_anthropic_error_event(body
     assert expected in json.loads(events[1].data)["error"]["message"]
 
 
+EVENT_STREAM_HEADER_NAMES = [":message-type", ":event-type", ":exception-type", ":error-code", ":error-message"]
+
+
+def typed_header(name: str, value: Any) -> bytes:
+    """One event-stream header of any of the format's value types: a string (7), an int32 (4), bytes (6)."""
+    if isinstance(value, int):
+        return bytes([len(name)]) + name.encode() + b"\x04" + struct.pack("!i", value)
+    kind = b"\x06" if isinstance(value, bytes) else b"\x07"
+    data = value if isinstance(value, bytes) else value.encode()
+    return bytes([len(name)]) + name.encode() + kind + struct.pack("!H", len(data)) + data
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.dictionaries(st.sampled_from(EVENT_STREAM_HEADER_NAMES),
+                               st.sampled_from(["event", "exception", "error", "chunk", "messageStart"])
+                               | st.text(max_size=12) | st.integers(-2**31, 2**31 - 1) | st.binary(max_size=12),
+                               max_size=5),
+       payload=st.sampled_from([b'{"bytes": "eyJ0eXBlIjoicGluZyJ9"}', b'{"message": "m"}', b"[]"])
+       | st.binary(max_size=40), stray=st.binary(max_size=16))
+@example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x0a")  # value type 10: none such
+@example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x07\x00\x02\xff\xfe")  # not UTF-8
+@example(headers={":message-type": "exception", ":exception-type": 7}, payload=b"{}", stray=b"")
+def test_a_well_framed_event_of_any_headers_and_payload_is_an_event_or_one_error_never_a_crash(headers, payload,
+                                                                                              stray):
+    # Valid lengths and CRCs around anything: `stray` header bytes (an unknown value type, a name cut
+    # short) included. What botocore's parser cannot read is an error event too.
+    encoded = b"".join(typed_header(name, value) for name, value in headers.items()) + stray
+    prelude = struct.pack("!II", 16 + len(encoded) + len(payload), len(encoded))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + encoded + payload
+    decoder = plano.BedrockEventStream()
+    events = plano.SSEDecoder().feed(decoder.feed(message + struct.pack("!I", zlib.crc32(message))) + decoder.close())
+    assert len(events) <= 1 and (events == [] or events[0].event != "error" or decoder.failed)
+
+
 def test_a_throttling_exception_mid_stream_is_a_rate_limit_error_event():
     decoder = plano.BedrockEventStream()
     events = plano.SSEDecoder().feed(decoder.feed(exception_frame("throttlingException", "slow down")))
@@ -13128,6 +13162,19 @@ def test_temporary_aws_credentials_are_renewed_by_botocore_before_they_expire(aw
     assert stand_in.signed_by == ["ASIAPLANOPROCESS0002", "ASIAPLANOPROCESS0003"]
 
 
+def test_a_credential_source_that_fails_is_a_403_saying_why_and_plano_goes_on_serving(aws, bedrock, tmp_path):
+    aws["config"].write_text(f"[profile broken]\ncredential_process = {sys.executable} -c \"import sys; "
+                             f"sys.exit('token expired: run aws sso login')\"\n")
+    with RunningPlano(build_config(on_bedrock(bedrock, aws_profile="broken"))) as running:
+        for _ in range(2):  # nothing is kept of a failed lookup: the second request looks again
+            refused = httpx.post(running.url + "/v1/chat/completions", json={
+                "model": BEDROCK_CLAUDE, "messages": [{"role": "user", "content": "x"}]})
+            assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+            assert "cannot get AWS credentials for the AWS profile 'broken'" in refused.json()["error"]["message"]
+            assert "token expired: run aws sso login" in refused.json()["error"]["message"]
+    assert bedrock.requests == []
+
+
 def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
                                                                                                monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ENV_KEY_ID)
@@ -13176,6 +13223,30 @@ def test_bedrock_throttling_fails_over_like_a_429_and_without_a_fallback_is_a_ra
             openai_client(running).chat.completions.create(model=BEDROCK_CLAUDE,
                                                            messages=[{"role": "user", "content": "x"}])
     assert "ThrottlingException: Too many requests, please wait" in str(refused.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bedrocks_recorded_error_answer_reaches_each_sdk_as_its_own_400(aws_env, bedrock, stream):
+    recorded = (BEDROCK_RECORDED / "invalid-model-id.400.json").read_bytes()
+    message = json.loads(recorded)["message"]
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+            anthropic_message(anthropic_client(running), stream, model=BEDROCK_CLAUDE, max_tokens=5,
+                              messages=[{"role": "user", "content": "x"}])
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(openai.BadRequestError) as chat_error:
+            list(openai_client(running).chat.completions.create(model=BEDROCK_CLAUDE, stream=True,
+                                                                messages=[{"role": "user", "content": "x"}])) \
+                if stream else openai_client(running).chat.completions.create(
+                    model=BEDROCK_CLAUDE, messages=[{"role": "user", "content": "x"}])
+        bedrock.then(Reply(400, raw=recorded))
+        with pytest.raises(openai.BadRequestError) as responses_error:
+            openai_client(running).responses.create(model=BEDROCK_CLAUDE, input="x", stream=stream)
+    assert anthropic_error.value.body["error"] == {"type": "invalid_request_error",
+                                                  "message": f"{BEDROCK_CLAUDE}: {message}"}
+    assert chat_error.value.body["message"] == responses_error.value.body["message"] == f"{BEDROCK_CLAUDE}: {message}"
+    assert chat_error.value.body["type"] == "invalid_request_error" and chat_error.value.body["code"] == 400
 
 
 @pytest.mark.parametrize("hostile, expected", [
@@ -13966,11 +14037,14 @@ def test_a_tool_round_trip_through_converse_sends_the_call_and_its_result_as_bed
 @pytest.mark.parametrize("stream", [False, True])
 def test_bedrocks_recorded_validation_error_reaches_each_client_as_a_400_in_its_format(
         aws_env, converse_bedrock, client_format, stream):
-    converse_bedrock.then(recorded_converse_reply("invalid-model.400.json", 400, {
+    # The recording (bedrock's, the same answer to a Converse request) keeps no x-amzn-ErrorType: AWS
+    # sends one with every error, as here.
+    raw = (BEDROCK_RECORDED / "invalid-model-id.400.json").read_bytes()
+    converse_bedrock.then(Reply(400, raw=raw, headers={
         "x-amzn-ErrorType": "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/"}))
     with RunningPlano(build_config(on_bedrock(converse_bedrock, CONVERSE_MODEL))) as running:
         got = ask_converse(running, client_format, stream)
-    said = json.loads((CONVERSE_RECORDED / "invalid-model.400.json").read_bytes())["message"]
+    said = json.loads(raw)["message"]
     assert got.error.startswith("400 ") and said in got.error and "internal.amazon.com" not in got.error
 
 
