@@ -13833,6 +13833,18 @@ def test_any_value_in_any_field_of_an_anthropic_request_gives_a_converse_body_or
     assert not any(b.get("text", "x").strip() == "" for m in out["messages"] for b in m["content"])
 
 
+
+def test_a_converse_model_reserves_room_for_the_max_tokens_plano_fills_in(aws):
+    model = build_config({"model": "bedrock/example.house-model-v1:0", "region": "us-east-1",
+                          "context_window": LOCAL_WINDOW}).models[0]
+    assert model.interface == "converse" and model.max_output_tokens is None
+    needs = plano.RequestNeeds(11000, 0, False, ())  # a Chat client that gave no max_tokens
+    sent = plano.output_limit(needs, model)
+    assert sent is not None and sent < model.default_max_tokens and needs.input_tokens + sent <= LOCAL_WINDOW
+    body = {"model": model.name, "messages": [USER_HI]}
+    request = plano.provider_request(model, "openai", body, json.dumps(body).encode(), {}, {}, max_output=sent)
+    assert json.loads(request.content)["inferenceConfig"] == {"maxTokens": sent}
+
 # End to end: a loopback Bedrock (BedrockStandIn's SigV4 check) that takes Converse requests as
 # Converse checks them and answers with the recordings byte for byte, through the real plano, to
 # the official anthropic SDK, the openai SDK's Chat Completions and its Responses client.
