@@ -14100,6 +14100,29 @@ def test_a_throttled_converse_model_fails_over_to_its_fallback(aws_env, converse
                                                                           "openai.gpt-oss-120b-1%3A0"]
 
 
+def test_claude_code_runs_a_tool_loop_on_a_converse_model_through_plano(aws_env, converse_bedrock, claude_bin,
+                                                                         tmp_path):
+    # The real Claude Code's requests (its system turns, a dozen tools with cache_control, thinking,
+    # context_management…) must pass Converse's body rules at the stand-in. The recorded Nova stream
+    # calls get_temperature, which Claude Code does not have: it answers the call with an error
+    # result, and the recorded answer after the result is what it prints.
+    converse_bedrock.then(recorded_converse_reply("nova-micro-tool-use.eventstream"))
+    converse_bedrock.then(recorded_converse_reply("nova-micro-after-tool-result.eventstream"))
+    (tmp_path / "home").mkdir()
+    with RunningPlano(build_config(on_bedrock(converse_bedrock, CONVERSE_MODEL), router=ROUTER_OFF)) as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "What is the temperature in Paris?",
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert converse_answer("nova-micro-after-tool-result.eventstream").text in result.stdout
+    first, second = [r for r in converse_bedrock.requests if r.path.endswith("/converse-stream")][:2]
+    assert len(converse_bedrock.signed_by) == len(converse_bedrock.requests)
+    assert len(first.json["toolConfig"]["tools"]) >= 8 and "cache_control" not in first.raw.decode()
+    [call] = [b["toolUse"] for b in second.json["messages"][-2]["content"] if "toolUse" in b]
+    [result_block] = [b["toolResult"] for b in second.json["messages"][-1]["content"] if "toolResult" in b]
+    assert (call["name"], call["input"]) == ("get_temperature", {"city": "Paris"})
+    assert (result_block["toolUseId"], result_block["status"]) == (call["toolUseId"], "error")
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
