@@ -8723,8 +8723,8 @@ class _AnswerFacts:
     def _wanted(self, event: SSEEvent) -> bool:
         if self.interface == "responses":
             return event.event is None or event.event in _RESPONSES_FINAL or event.event == "response.created"
-        if self.interface == "converse":  # Bedrock's stream: only messageStop says anything of these facts
-            return event.event == "messageStop"
+        if self.interface == "converse":  # Bedrock's stream: only messageStop says anything but content
+            return self.capture or event.event == "messageStop"
         if self.capture:
             return self.interface == "anthropic" or event.data != "[DONE]"
         if self.interface == "anthropic":
@@ -8738,6 +8738,10 @@ class _AnswerFacts:
                 self.whole(data["response"])
         elif self.interface == "converse":
             self._reason(0, data.get("stopReason"))
+            if self.capture:
+                index = _index(data.get("contentBlockIndex"))
+                start = data.get("start") if isinstance(data.get("start"), dict) else {}
+                self._converse_block(index, start or data.get("delta"))
         elif self.interface == "anthropic":
             if kind == "message_start" and isinstance(data.get("message"), dict):
                 self._identity(data["message"])
@@ -8767,6 +8771,10 @@ class _AnswerFacts:
                     self._anthropic_block(index, block)
         elif self.interface == "converse":  # no id, and the model is the one asked for
             self._reason(0, payload.get("stopReason"))
+            output = payload.get("output") if isinstance(payload.get("output"), dict) else {}
+            message = output.get("message") if isinstance(output.get("message"), dict) else {}
+            for index, block in enumerate(_list(message.get("content")) if self.capture else []):
+                self._converse_block(index, block)
         elif self.interface == "responses":
             incomplete = payload.get("incomplete_details")
             self._reason(0, incomplete.get("reason") if isinstance(incomplete, dict) else None)
@@ -8813,6 +8821,22 @@ class _AnswerFacts:
                 self._add(0, (kind, index), json.dumps(block["input"], ensure_ascii=False))
         else:
             self._add(0, (kind, index), block.get("text") or block.get("thinking"))
+
+    def _converse_block(self, index: int, block: Any) -> None:
+        """A Converse content block, a stream's delta or a contentBlockStart's `start`, as parts."""
+        if not isinstance(block, dict):
+            return
+        self._add(0, ("text", index), block.get("text"))
+        reasoning = block.get("reasoningContent") if isinstance(block.get("reasoningContent"), dict) else {}
+        text = reasoning.get("reasoningText") if isinstance(reasoning.get("reasoningText"), dict) else reasoning
+        self._add(0, ("reasoning", index), text.get("text"))
+        use = block.get("toolUse")
+        if isinstance(use, dict):
+            part = self._part(0, ("tool_call", index))
+            part.update({k: _named(use[n]) for k, n in (("id", "toolUseId"), ("name", "name")) if n in use})
+            tool_input = use.get("input")
+            self._add(0, ("tool_call", index), json.dumps(tool_input, ensure_ascii=False)
+                      if isinstance(tool_input, dict) and tool_input else tool_input)
 
     def _openai_message(self, choice: int, message: dict) -> None:
         self._add(choice, ("reasoning", 0), message.get("reasoning_content") or message.get("reasoning"))

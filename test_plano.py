@@ -13796,6 +13796,20 @@ def test_any_converse_event_sequence_gives_client_events_or_a_clean_error(events
             json.loads(items[-1].data)["type"] in ("message_stop", "response.completed", "response.incomplete")
 
 
+@settings(max_examples=200, deadline=None)
+@given(events=CONVERSE_EVENTS, body=st.dictionaries(CONVERSE_KEYS | st.just("output"), CONVERSE_VALUES, max_size=4))
+def test_what_the_spans_read_of_any_converse_answer_never_raises_and_is_json(events, body):
+    for capture in (False, True):
+        facts = plano._AnswerFacts("converse", capture=capture)
+        facts.whole(body)
+        facts.whole({"output": {"message": {"content": [body, *[data for _, data in events]]}}})
+        for name, data in events:
+            facts.event(plano.SSEEvent(name, json.dumps(data)))
+        json.dumps(facts.output_messages())
+        assert all(isinstance(v, str) or isinstance(v, list) and all(isinstance(r, str) for r in v)
+                   for v in facts.attributes(None, failed=False).values())
+
+
 @settings(max_examples=300, deadline=None)
 @given(body=st.dictionaries(st.sampled_from(["output", "stopReason", "usage", "metrics"]) | CONVERSE_KEYS,
                             CONVERSE_VALUES, max_size=4) | st.fixed_dictionaries(
@@ -13844,6 +13858,26 @@ def test_a_converse_model_reserves_room_for_the_max_tokens_plano_fills_in(aws):
     body = {"model": model.name, "messages": [USER_HI]}
     request = plano.provider_request(model, "openai", body, json.dumps(body).encode(), {}, {}, max_output=sent)
     assert json.loads(request.content)["inferenceConfig"] == {"maxTokens": sent}
+
+
+@pytest.mark.parametrize("name", ["kimi-k2-thinking-tool-use.json", "nova-micro-tool-use.eventstream",
+                                  "gpt-oss-120b-reasoning.eventstream"])
+def test_traces_read_a_converse_answers_stop_reason_and_captured_output_whole_and_streamed(name):
+    expected = converse_answer(name)
+    for capture in (False, True):
+        facts = plano._AnswerFacts("converse", capture=capture)
+        if name.endswith(".json"):
+            facts.whole(json.loads((CONVERSE_RECORDED / name).read_bytes()))
+        for event, data in converse_frames(name) if name.endswith(".eventstream") else []:
+            facts.event(plano.SSEEvent(event, json.dumps(data)))
+        [message] = facts.output_messages()
+        assert message["finish_reason"] == {"tool_use": "tool_use", "end_turn": "end_turn"}[expected.stop]
+        parts = message["parts"] if capture else []
+        assert "".join(p["content"] for p in parts if p["type"] == "text") == (expected.text if capture else "")
+        assert "".join(p["content"] for p in parts if p["type"] == "reasoning") == \
+            (expected.thinking if capture else "")
+        assert [[p["name"], json.loads(p["arguments"])] for p in parts if p["type"] == "tool_call"] == \
+            (expected.tool_calls if capture else [])
 
 # End to end: a loopback Bedrock (BedrockStandIn's SigV4 check) that takes Converse requests as
 # Converse checks them and answers with the recordings byte for byte, through the real plano, to
