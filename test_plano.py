@@ -14157,6 +14157,60 @@ def test_claude_code_runs_a_tool_loop_on_a_converse_model_through_plano(aws_env,
     assert (result_block["toolUseId"], result_block["status"]) == (call["toolUseId"], "error")
 
 
+@pytest.fixture(scope="module")
+def converse_target(tmp_path_factory):
+    """plano serving one Converse model on a ConverseStandIn, for a fuzzer's many requests:
+    (running, stand-in), signing with the environment's AWS credentials."""
+    aws_files = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("AWS_")]:
+            patch.delenv(name)
+        for name, value in {"AWS_CONFIG_FILE": aws_files / "config", "AWS_SHARED_CREDENTIALS_FILE":
+                            aws_files / "credentials", "AWS_EC2_METADATA_DISABLED": "true",
+                            "AWS_ACCESS_KEY_ID": AWS_ENV_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_ENV_SECRET,
+                            "AWS_SESSION_TOKEN": AWS_ENV_TOKEN}.items():
+            patch.setenv(name, str(value))
+        with ConverseStandIn(AWS_ENV_CREDENTIALS) as stand_in, \
+                RunningPlano(build_config(on_bedrock(stand_in, CONVERSE_MODEL))) as running:
+            yield running, stand_in
+
+
+CLIENT_PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(client_format=st.sampled_from(["anthropic", "openai", "responses"]), stream=st.booleans(),
+       events=CONVERSE_EVENTS, body=st.dictionaries(st.sampled_from(["output", "stopReason", "usage"]) | CONVERSE_KEYS,
+                                                    CONVERSE_VALUES, max_size=4))
+def test_any_converse_answer_from_bedrock_reaches_a_client_as_an_answer_or_an_error_in_its_format(
+        converse_target, kept_alive, client_format, stream, events, body):
+    # Whatever Bedrock answers with a 200 (any JSON; any frames, an exception among them), the
+    # client gets an answer or an error in its own format, never a 500, and plano serves on.
+    running, stand_in = converse_target
+    if stream:
+        frames = b"".join(exception_frame(name, str(data)) if name == "throttlingException" else event_stream_frame(
+            json.dumps(data).encode(), {":event-type": name, ":message-type": "event"}) for name, data in events)
+        stand_in.then(Reply(sse=[frames[i:i + 53] for i in range(0, len(frames), 53)] or [b""],
+                            headers={"content-type": "application/vnd.amazon.eventstream"}))
+    else:
+        stand_in.then(Reply(raw=json.dumps(body).encode()))
+    request = {"model": CONVERSE_MODEL, "stream": stream, **(
+        {"input": "hi"} if client_format == "responses" else {"max_tokens": 20, "messages": [USER_HI]})}
+    response = kept_alive.post(running.url + CLIENT_PATHS[client_format], json=request)
+    if not stream or response.status_code != 200:
+        assert response.status_code in (200, 502), response.text
+        if response.status_code == 502:
+            error_in_format(response, client_format)
+        else:
+            assert response.json()[{"anthropic": "type", "openai": "object", "responses": "object"}[client_format]] \
+                == {"anthropic": "message", "openai": "chat.completion", "responses": "response"}[client_format]
+        return
+    items = plano.SSEDecoder().feed(response.content)
+    last = json.loads(items[-1].data) if items and items[-1].data != "[DONE]" else None
+    assert last is None or last.get("type") in ("message_stop", "error", "response.completed", "response.incomplete") \
+        or "error" in last, items[-1]
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
