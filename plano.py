@@ -4375,8 +4375,8 @@ def _anthropic_block_to_converse(block: Any, where: str, role: str, documents: l
         return _converse_media(block, where, _document_name(block, documents[0]))
     if kind in ("server_tool_use", "web_search_tool_result"):
         return None  # Anthropic's own server tools: only meaningful to Anthropic
-    raise RequestError(f"{where}.type: unsupported content block type {kind!r} in a{'n' * (role[0] == 'a')} "
-                       f"{role} message")
+    raise RequestError(f"{where}.type: unsupported content block type {kind!r} in "
+                       f"{'an assistant' if role == 'assistant' else 'a user'} message")
 
 
 def _append_converse(messages: list[dict], role: str, blocks: list[dict]) -> None:
