@@ -71,7 +71,7 @@ AWS_PROFILE_SECRET = "plano/test+Profile0SecretKey9876543210zyxw"
 PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
 PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
 ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:], ALICE_KEY,
-            BOB_KEY, AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET)
+            BOB_KEY, AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET, "process-secret-", "process-token-")
 
 
 class SuiteLog(logging.Handler):
