@@ -71,7 +71,7 @@ AWS_PROFILE_SECRET = "plano/test+Profile0SecretKey9876543210zyxw"
 PROXY_CREDENTIALS = "plano user:proxy-secret-7f3a9c@corp"  # user:password for the stand-in proxy
 PROXY_BASIC = "Basic " + base64.b64encode(PROXY_CREDENTIALS.encode()).decode()
 ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GATEWAY_KEY, WRONG_KEY, "proxy-secret-7f3a9c", PROXY_BASIC[6:], ALICE_KEY,
-            BOB_KEY, AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET)
+            BOB_KEY, AWS_ENV_SECRET, AWS_ENV_TOKEN, AWS_PROFILE_SECRET, "process-secret-", "process-token-")
 
 
 class SuiteLog(logging.Handler):
@@ -13173,6 +13173,24 @@ def test_a_credential_source_that_fails_is_a_403_saying_why_and_plano_goes_on_se
             assert "cannot get AWS credentials for the AWS profile 'broken'" in refused.json()["error"]["message"]
             assert "token expired: run aws sso login" in refused.json()["error"]["message"]
     assert bedrock.requests == []
+
+
+def test_bedrock_answers_reach_the_usage_ledger_with_the_recorded_tokens_at_bedrocks_prices(aws_env, bedrock, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = build_config(on_bedrock(bedrock), stats={"path": str(path)})
+    with RunningPlano(config) as running:
+        client = anthropic_client(running)
+        client.messages.create(model=BEDROCK_CLAUDE, max_tokens=200, messages=[USER_HI])
+        with client.messages.stream(model=BEDROCK_CLAUDE, max_tokens=200, messages=[USER_HI]) as stream:
+            stream.until_done()
+        list(openai_client(running).chat.completions.create(model=BEDROCK_CLAUDE, stream=True, messages=[USER_HI]))
+    rows = plano.read_usage(str(path))
+    prices = config.models[0].capabilities.prices
+    assert prices == plano.Prices(3, 0.3, 15)  # models.dev's amazon-bedrock entry for the model
+    # The recordings' usage: 16 in and 19 out whole; 16 in (message_start) and 21 out (message_delta) streamed.
+    assert [(r["model"], r["input_tokens"], r["output_tokens"]) for r in rows] == [
+        (BEDROCK_CLAUDE, 16, 19), (BEDROCK_CLAUDE, 16, 21), (BEDROCK_CLAUDE, 16, 21)]
+    assert [r["cost_usd"] for r in rows] == pytest.approx([(16 * 3 + 19 * 15) / 1e6] + [(16 * 3 + 21 * 15) / 1e6] * 2)
 
 
 def test_aws_refusing_the_signature_is_a_403_naming_aws_credentials_and_the_secret_goes_nowhere(aws, bedrock,
