@@ -14229,6 +14229,32 @@ def test_any_converse_answer_from_bedrock_reaches_a_client_as_an_answer_or_an_er
         or "error" in last, items[-1]
 
 
+def test_converse_answers_reach_the_usage_ledger_with_the_recorded_tokens_cache_reads_apart(
+        aws_env, converse_bedrock, tmp_path):
+    path = tmp_path / "usage.sqlite3"
+    config = build_config(on_bedrock(converse_bedrock, CONVERSE_MODEL), stats={"path": str(path)})
+    recordings = ["nova-micro-text.json", "nova-micro-text.eventstream", "claude-sonnet-4-5-cache-read.json"]
+    for name in recordings:
+        converse_bedrock.then(recorded_converse_reply(name))
+    with RunningPlano(config) as running:
+        for name in recordings:
+            assert ask_converse(running, "openai", name.endswith(".eventstream")).error is None
+    expected = []
+    for name in recordings:
+        body = json.loads((CONVERSE_RECORDED / name).read_bytes()) if name.endswith(".json") else \
+            next(data for event, data in converse_frames(name) if event == "metadata")
+        usage = body["usage"]
+        # A count Bedrock did not give is unknown, not 0.
+        expected.append((CONVERSE_MODEL, usage["inputTokens"], usage.get("cacheReadInputTokens"),
+                         usage.get("cacheWriteInputTokens"), usage["outputTokens"]))
+    rows = plano.read_usage(str(path))
+    assert [(r["model"], r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"], r["output_tokens"])
+            for r in rows] == expected
+    prices = config.models[0].capabilities.prices
+    assert prices is not None and [r["cost_usd"] for r in rows] == pytest.approx([plano.usage_cost(r, prices)
+                                                                                 for r in rows])
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
