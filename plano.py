@@ -4488,9 +4488,7 @@ def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
     elif has_tool_blocks:
         _tool_blocks_as_text(messages)
     maker = _bedrock_maker(model.model_id)
-    if maker == "anthropic" and isinstance(body.get("thinking"), dict):
-        out["additionalModelRequestFields"] = {"thinking": body["thinking"]}  # Claude by an inference profile
-    elif (effort := _effort_from_anthropic(body)) and maker in _CONVERSE_REASONING_FIELDS:
+    if (effort := _effort_from_anthropic(body)) and maker in _CONVERSE_REASONING_FIELDS:
         out["additionalModelRequestFields"] = _CONVERSE_REASONING_FIELDS[maker](effort)
     return out
 

@@ -13593,12 +13593,10 @@ def test_signed_reasoning_goes_back_to_converse_as_bedrock_accepted_it_when_reco
     answer = plano.converse_response_to_anthropic(
         json.loads((CONVERSE_RECORDED / "claude-sonnet-4-signed-reasoning.json").read_bytes()), "bedrock/claude")
     recorded = json.loads((CONVERSE_RECORDED / "claude-sonnet-4-signed-reasoning-sent-back.request.json").read_bytes())
-    thinking = {"type": "enabled", "budget_tokens": 1024}
-    out = to_converse("us.anthropic.claude-sonnet-4-20250514-v1:0", thinking=thinking, messages=[
+    out = to_converse("us.anthropic.claude-sonnet-4-20250514-v1:0", messages=[
         {"role": "user", "content": "How do I cross the street?"}, {"role": "assistant", "content": answer["content"]},
         {"role": "user", "content": "Considering the way to cross the street, analogously, how do I cross the river?"}])
     assert out["messages"] == recorded["messages"]
-    assert out["additionalModelRequestFields"] == recorded["additionalModelRequestFields"]
 
 
 def test_redacted_reasoning_goes_back_to_converse_verbatim_and_never_to_anthropic():
@@ -13728,8 +13726,6 @@ def test_a_reasoning_request_asks_each_bedrock_maker_in_its_own_words():
         {"reasoning_effort": "high"}
     assert to_converse("qwen.qwen3-32b-v1:0", **thinking)["additionalModelRequestFields"] == \
         {"reasoning_config": "high"}
-    assert to_converse("us.anthropic.claude-sonnet-4-20250514-v1:0", **thinking)["additionalModelRequestFields"] == \
-        {"thinking": {"type": "enabled", "budget_tokens": 20000}}
     assert "additionalModelRequestFields" not in to_converse("us.deepseek.r1-v1:0", **thinking)
     assert "additionalModelRequestFields" not in to_converse("openai.gpt-oss-120b-1:0")
 
