@@ -4269,7 +4269,8 @@ def converse_path(model_id: str, stream: bool) -> str:
 
 
 def _bedrock_maker(model_id: str) -> str:
-    return _BEDROCK_PROFILE_PREFIX.sub("", model_id).split(".", 1)[0]
+    """`openai` of `openai.gpt-oss-120b-1:0`, `us.openai.…` and an inference profile's ARN ending in either."""
+    return _BEDROCK_PROFILE_PREFIX.sub("", model_id.rsplit("/", 1)[-1]).split(".", 1)[0]
 
 
 def _blank(text: Any) -> bool:

@@ -13726,6 +13726,8 @@ def test_a_reasoning_request_asks_each_bedrock_maker_in_its_own_words():
         {"reasoning_effort": "high"}
     assert to_converse("qwen.qwen3-32b-v1:0", **thinking)["additionalModelRequestFields"] == \
         {"reasoning_config": "high"}
+    assert to_converse("arn:aws:bedrock:us-west-2:123456789012:inference-profile/us.openai.gpt-oss-120b-1:0",
+                       **thinking)["additionalModelRequestFields"] == {"reasoning_effort": "high"}
     assert "additionalModelRequestFields" not in to_converse("us.deepseek.r1-v1:0", **thinking)
     assert "additionalModelRequestFields" not in to_converse("openai.gpt-oss-120b-1:0")
 
