@@ -13630,6 +13630,13 @@ def test_converse_signed_reasoning_reaches_a_responses_client_and_only_converse_
     assert to_bedrock["messages"][1]["content"][0]["reasoningContent"]["reasoningText"]["signature"] == signature
     to_anthropic = plano.responses_request_to_anthropic(body, configured_model("anthropic/claude-sonnet-5"))
     assert [m["role"] for m in to_anthropic["messages"]] == ["user"]
+    # An Anthropic client's thinking block with it goes to Converse, never to a real Anthropic upstream.
+    thinking = plano.converse_response_to_anthropic(json.loads(recording), "m")["content"][0]
+    conversation = {"model": "anthropic/claude-sonnet-5", "max_tokens": 10, "messages": [
+        USER_HI, {"role": "assistant", "content": [thinking, {"type": "text", "text": "ok"}]}, USER_HI]}
+    passed = plano.provider_request(configured_model("anthropic/claude-sonnet-5"), "anthropic", conversation,
+                                    json.dumps(conversation).encode(), {}, {})
+    assert json.loads(passed.content)["messages"][1]["content"] == [{"type": "text", "text": "ok"}]
 
 
 def test_tool_choice_becomes_converses_and_none_withholds_the_tools():
