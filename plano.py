@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import struct
@@ -7459,8 +7460,11 @@ class _GatewayStateCollector:
 # Optional twice over: the `otel` extra (opentelemetry-sdk and its OTLP/HTTP exporter) must be
 # installed, and the standard OTEL_* variables must ask for traces (trace_settings). Otherwise no
 # module of OpenTelemetry is imported, Gateway.tracing is None and every hook the gateway calls is
-# a method of _NO_TRACE that does nothing. With tracing on, a request only creates its spans and
-# hands them, ended, to the SDK's BatchSpanProcessor: its own thread encodes and sends them.
+# a method of _NO_TRACE that does nothing. With tracing on, a request only notes times and facts
+# while it is being answered (and sends the provider a `traceparent` built from ids chosen up front);
+# its spans are made from those notes once the answer has gone out, and handed, ended, to the SDK's
+# BatchSpanProcessor: its own thread encodes and sends them. (Made as they happened, the spans cost
+# each answer ~50-80 µs before its first byte on this project's CPUs: bench/overhead.py.)
 
 _CONTENT_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CAPTURED_PART_CHARS = 8192  # of one text, reasoning or tool part, when content is captured
@@ -7550,11 +7554,28 @@ class Tracing:
         resource = Resource.create()
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "plano"}))  # OTEL_SERVICE_NAME unset
-        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # aclose shuts it down
+        self.ids = _ChosenIds()
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False,  # aclose shuts it down
+                                       id_generator=self.ids)
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self.tracer = self.provider.get_tracer("plano")
-        self.api = trace  # SpanKind, Status, set_span_in_context
+        self.api = trace  # SpanKind, Status, set_span_in_context, SpanContext, NonRecordingSpan
         self.propagator = TraceContextTextMapPropagator()
+
+    def start_span(self, name: str, ids: tuple[int | None, int], **options: Any) -> Any:
+        """A span of the SDK's with the trace id (None: its parent's) and span id chosen earlier."""
+        self.ids.chosen = ids
+        try:
+            return self.tracer.start_span(name, **options)
+        finally:
+            self.ids.chosen = None
+
+    def sampled(self, parent: Any, trace_id: int) -> bool:
+        """Whether the request span of `trace_id` under `parent` will be sampled: what the
+        provider's `traceparent` says before the span exists. The SDK's samplers (parent-based,
+        always on/off, trace-id ratio) decide from these two alone, so the span, made later under
+        the same parent with the same id, gets the same answer."""
+        return self.provider.sampler.should_sample(parent, trace_id, "chat").decision.is_sampled()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> "Tracing | None":
@@ -7605,6 +7626,33 @@ def _wall_ns(monotonic: float) -> int:
 _TRACESTATE = re.compile(r"[ -~]{1,512}")
 
 
+class _ChosenIds:
+    """The SDK's id generator for plano's tracer. A span is made after its request was answered,
+    but its ids were chosen (random, as the SDK's own generator's) when the request arrived, and
+    the provider has seen them in `traceparent`: Tracing.start_span sets `chosen` around the one
+    start_span call that takes them (synchronously, on the gateway's thread)."""
+
+    def __init__(self) -> None:
+        self.chosen: tuple[int | None, int] | None = None  # (trace id, span id) for the next span
+
+    def generate_span_id(self) -> int:
+        return self.chosen[1] if self.chosen is not None else random_span_id()
+
+    def generate_trace_id(self) -> int:
+        return self.chosen[0] or random_trace_id() if self.chosen is not None else random_trace_id()
+
+    def is_trace_id_random(self) -> bool:  # W3C trace-context level 2's "random" flag: they are
+        return True
+
+
+def random_span_id() -> int:
+    return random.getrandbits(64) or 1  # 0 is W3C's "invalid"
+
+
+def random_trace_id() -> int:
+    return random.getrandbits(128) or 1
+
+
 class _NoTrace:
     """Tracing off: every hook the gateway calls does nothing (one shared instance, no state)."""
 
@@ -7640,19 +7688,30 @@ class _RequestTrace:
     the client's W3C `traceparent` when it sent a valid one (anything else starts a new trace);
     below it the router's decision when the router was asked (INTERNAL, `plano.router`) and each
     upstream attempt (CLIENT, `chat {model id}`, a failover's failed attempts included), whose
-    context is the `traceparent` the provider gets. The GenAI attributes, usage and the outcome
-    are set when the gateway is done with the request (`finish`)."""
+    context is the `traceparent` the provider gets. While the request is answered, only times and
+    facts are noted; `finish`, once the gateway is done with it, makes the spans from them."""
 
     def __init__(self, tracing: Tracing, request: Any, started: float):
         self.tracing = tracing
         api = tracing.api
+        self.started = _wall_ns(started)
         carrier = {name: request.headers[name] for name in ("traceparent", "tracestate") if name in request.headers}
         if not _TRACESTATE.fullmatch(carrier.get("tracestate", "-")):
             del carrier["tracestate"]
-        parent = tracing.propagator.extract(carrier)  # a malformed traceparent: an empty context
-        self.span = tracing.tracer.start_span("chat", context=parent, kind=api.SpanKind.SERVER,
-                                              start_time=_wall_ns(started))
-        self.context = api.set_span_in_context(self.span)
+        # A malformed traceparent gives an empty context: a new trace.
+        self.parent = tracing.propagator.extract(carrier) if "traceparent" in carrier else None
+        remote = api.get_current_span(self.parent).get_span_context() if self.parent is not None else None
+        inherited = remote is not None and remote.is_valid
+        self.trace_id = remote.trace_id if inherited else random_trace_id()
+        self.trace_state = remote.trace_state if inherited else None
+        self.span_id = random_span_id()
+        # The flags the request span will have (as the SDK sets them): sampled or not, and W3C's
+        # "random trace id" for a trace plano starts or a client's that says so.
+        flags = api.TraceFlags.SAMPLED if tracing.sampled(self.parent, self.trace_id) else api.TraceFlags.DEFAULT
+        if remote.trace_flags.random_trace_id if inherited else self.tracing.ids.is_trace_id_random():
+            flags |= api.TraceFlags.RANDOM_TRACE_ID
+        self.flags = api.TraceFlags(flags)
+        self.router: tuple[dict[str, Any], int, int] | None = None  # attributes, start and end (epoch ns)
         self.attempts: list[_AttemptTrace] = []
 
     def routed(self, decision: RouteDecision, since: float) -> None:
@@ -7660,10 +7719,7 @@ class _RequestTrace:
         attributes = {"plano.decision": decision.decision, "plano.model": decision.model,
                       "plano.router_ms": round(decision.latency_ms, 1), "plano.route": decision.route,
                       "plano.route_confidence": decision.confidence, "plano.reason": kept_text(decision.reason)}
-        span = self.tracing.tracer.start_span("plano.router", context=self.context,
-                                              kind=self.tracing.api.SpanKind.INTERNAL, start_time=_wall_ns(since))
-        _set(span, attributes)
-        span.end()
+        self.router = (attributes, _wall_ns(since), time.time_ns())
 
     def attempt(self, model: ModelEntry) -> "_AttemptTrace":
         attempt = _AttemptTrace(self, model)
@@ -7693,7 +7749,7 @@ class _RequestTrace:
                         "without its id, model and finish reasons", type(error).__name__)
 
     def finish(self, exchange: Any) -> None:
-        """Everything the gateway learned of the request (an _Exchange), on the spans; they end."""
+        """Everything the gateway learned of the request (an _Exchange), on its spans, made now."""
         decision, model, config = exchange.decision, exchange.model, exchange.config
         answered = self.attempts[-1] if self.attempts and model is not None else None
         # A stream's 200 has gone out once a provider answered; an error after it is an event in
@@ -7705,7 +7761,6 @@ class _RequestTrace:
                                       "gen_ai.request.stream": True if exchange.wants_stream else None}
         if exchange.requested_model:
             attributes["gen_ai.request.model"] = exchange.requested_model
-            self.span.update_name(f"chat {exchange.requested_model}")
         if decision is not None:
             attributes.update({"plano.decision": decision.decision, "plano.model": decision.model,
                                "plano.route": decision.route, "plano.router_ms": round(decision.latency_ms, 1)})
@@ -7720,63 +7775,68 @@ class _RequestTrace:
             attributes.update(answered.facts.attributes(model, failed))
         elif failed and self.attempts:
             attributes["gen_ai.response.finish_reasons"] = ["error"]  # expected, and never came
+        tracing, api = self.tracing, self.tracing.api
+        span = tracing.start_span(f"chat {exchange.requested_model}" if exchange.requested_model else "chat",
+                                  (self.trace_id, self.span_id), context=self.parent, kind=api.SpanKind.SERVER,
+                                  start_time=self.started)
         if failed:
             attributes["error.type"] = str(exchange.status)
             if exchange.status >= 500:  # a 4xx is the client's to fix: not the server span's error
-                self.span.set_status(self.tracing.api.Status(self.tracing.api.StatusCode.ERROR,
-                                                             f"HTTP {exchange.status}"))
-        settings = self.tracing.settings
-        if (settings.content_on_span or settings.content_on_event) and self.span.is_recording():
+                span.set_status(api.Status(api.StatusCode.ERROR, f"HTTP {exchange.status}"))
+        settings = tracing.settings
+        if (settings.content_on_span or settings.content_on_event) and span.is_recording():
             content = _content_attributes(exchange.body, exchange.request.api_format,
                                           answered.facts if answered is not None else None)
             if settings.content_on_span:
                 attributes.update(content)
             if settings.content_on_event:
-                self.span.add_event("gen_ai.client.inference.operation.details", content)
+                span.add_event("gen_ai.client.inference.operation.details", content)
+        context = api.set_span_in_context(span)
+        if self.router is not None:
+            router_attributes, start, end = self.router
+            router_span = tracing.start_span("plano.router", (None, random_span_id()), context=context,
+                                             kind=api.SpanKind.INTERNAL, start_time=start)
+            _set(router_span, router_attributes)
+            router_span.end(end_time=end)
         for attempt in self.attempts:
-            attempt.end(answered is attempt, failed)
-        _set(self.span, attributes)
-        self.span.end()
+            attempt.made(context, answered is attempt, failed)
+        _set(span, attributes)
+        span.end()
 
 
 class _AttemptTrace:
-    """One upstream attempt's span (CLIENT): the request to one provider and its answer. Its
-    attributes are gathered here and set once, as it ends (each call into the SDK has its cost)."""
+    """One upstream attempt's span (CLIENT): the request to one provider and its answer, noted
+    here and made by the request's `finish`."""
 
     def __init__(self, trace: _RequestTrace, model: ModelEntry):
         self.trace = trace
         self.model = model
+        self.span_id = random_span_id()
         self.sent = time.monotonic()
+        self.started = time.time_ns()
+        self.ended: int | None = None  # epoch ns: when the attempt failed (else the request's end)
+        self.error: PlanoError | None = None
         self.first_chunk: float | None = None
-        self.ended = False
         self.facts = _AnswerFacts(model.interface, trace.tracing.settings.content_on_span
                                   or trace.tracing.settings.content_on_event)
-        base = urllib.parse.urlsplit(model.base_url)
-        try:
-            port = base.port or (443 if base.scheme == "https" else 80)
-        except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
-            port = None
-        self.attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
-            "gen_ai.request.model": model.model_id, "server.address": base.hostname, "server.port": port}
-        tracing = trace.tracing
-        self.span = tracing.tracer.start_span(f"chat {model.model_id}", context=trace.context,
-                                              kind=tracing.api.SpanKind.CLIENT)
+        self.attributes: dict[str, Any] = {"http.response.status_code": None}
 
     def carrying(self, call: ProviderRequest) -> ProviderRequest:
         """`call` with this attempt's `traceparent` (and the client's `tracestate`): the provider,
         and only the provider, learns which trace its work belongs to."""
+        trace, api = self.trace, self.trace.tracing.api
+        context = api.SpanContext(trace.trace_id, self.span_id, is_remote=False, trace_flags=trace.flags,
+                                  trace_state=trace.trace_state)
         headers = dict(call.headers)
-        self.trace.tracing.propagator.inject(headers, context=self.trace.tracing.api.set_span_in_context(self.span))
-        return dataclasses.replace(call, headers=headers)
+        trace.tracing.propagator.inject(headers, context=api.set_span_in_context(api.NonRecordingSpan(context)))
+        return ProviderRequest(call.url, headers, call.content, call.timeout)
 
     def failed(self, error: PlanoError) -> None:
         """The attempt ended in `error` (the provider's error status, or plano's 502/504 when it
         could not reach it or it did not answer in time; 403 for a missing key)."""
-        api = self.trace.tracing.api
+        self.error = error
         self.attributes.update({"error.type": str(error.status), "http.response.status_code": error.status})
-        self.span.set_status(api.Status(api.StatusCode.ERROR, error.error_type))
-        self.end(False, True)
+        self.ended = time.time_ns()
 
     def answered(self, status: int) -> None:
         self.attributes["http.response.status_code"] = status
@@ -7786,14 +7846,31 @@ class _AttemptTrace:
             self.first_chunk = time.monotonic()
             self.attributes["gen_ai.response.time_to_first_chunk"] = round(self.first_chunk - self.sent, 6)
 
-    def end(self, answered: bool, failed: bool) -> None:
-        if self.ended:
-            return
+    def made(self, context: Any, answered: bool, failed: bool) -> None:
+        """The attempt's span, under the request's (`context`), started and ended as noted."""
+        tracing, api, model = self.trace.tracing, self.trace.tracing.api, self.model
+        base = _url_parts(model.base_url)
+        attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
+                      "gen_ai.request.model": model.model_id, "server.address": base[0], "server.port": base[1],
+                      **self.attributes}
         if answered:
-            self.attributes.update(self.facts.attributes(self.model, failed))
-        _set(self.span, self.attributes)
-        self.span.end()
-        self.ended = True
+            attributes.update(self.facts.attributes(model, failed))
+        span = tracing.start_span(f"chat {model.model_id}", (None, self.span_id), context=context,
+                                  kind=api.SpanKind.CLIENT, start_time=self.started)
+        if self.error is not None:
+            span.set_status(api.Status(api.StatusCode.ERROR, self.error.error_type))
+        _set(span, attributes)
+        span.end(end_time=self.ended)
+
+
+@functools.lru_cache(maxsize=256)  # the configured models' few URLs
+def _url_parts(url: str) -> tuple[str | None, int | None]:
+    """A base URL's host and port, as a span's server.address and server.port."""
+    base = urllib.parse.urlsplit(url)
+    try:
+        return base.hostname, base.port or (443 if base.scheme == "https" else 80)
+    except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
+        return base.hostname, None
 
 
 def _usage_attributes(usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> dict[str, int]:
@@ -8149,6 +8226,9 @@ class Responder:
     async def send(self, data: bytes) -> None:
         raise NotImplementedError
 
+    async def end(self) -> None:
+        """The answer is complete: a streamed one's end goes out now (a whole one's has already)."""
+
 
 class _CORSResponder(Responder):
     """The gateway's answers, with the CORS headers that let a page of an allowed origin read them."""
@@ -8171,6 +8251,9 @@ class _CORSResponder(Responder):
 
     async def send(self, data: bytes) -> None:
         await self.inner.send(data)
+
+    async def end(self) -> None:
+        await self.inner.end()
 
 
 # ── browser-origin protection ──────────────────────────────────────────────────────────────
@@ -8916,6 +8999,9 @@ class Gateway:
             except PlanoError as error:
                 exchange.status = error.status
                 await self._answer_error(request, respond, error)
+            # A stream's last bytes go out before the bookkeeping below: the client has its whole
+            # answer while the log line, metrics, spans and ledger row are made.
+            await respond.end()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Writing to a client that hung up (before the server noticed the hang-up itself):
             # the client is gone, nothing is wrong with plano, nobody is left to tell.
@@ -9512,6 +9598,10 @@ class _HTTPConnection(Responder):
     async def send(self, data: bytes) -> None:
         if data:
             await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        if self.started and self.conn.our_state is h11.SEND_BODY:
+            await self._send(h11.EndOfMessage())
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)

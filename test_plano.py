@@ -11891,7 +11891,7 @@ class OTLPReceiver:
 OTEL_VARIABLES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME",
                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_SCHEDULE_DELAY",
-                  plano._CONTENT_CAPTURE)
+                  "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", plano._CONTENT_CAPTURE)
 
 
 @pytest.fixture
@@ -11988,6 +11988,37 @@ def test_the_clients_traceparent_is_continued_and_the_provider_gets_one_of_the_s
     first_chunk = upstream.attributes["gen_ai.response.time_to_first_chunk"]
     assert isinstance(first_chunk, float) and 0 <= first_chunk < 30
     assert upstream.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
+
+
+@pytest.mark.parametrize("sampler, client_flags", [(None, "00"), ("always_off", None), ("traceidratio", None)])
+def test_the_providers_traceparent_says_what_the_sampler_decided_for_the_spans_made_after_the_answer(
+        provider, collector, monkeypatch, sampler, client_flags):
+    # The spans are made once the answer has gone out, but the provider's traceparent left before:
+    # its flags must be the ones the request's span then gets. A client's unsampled trace, the
+    # always_off sampler and a ratio of 0 send "not sampled" and export nothing; a ratio of 1 sends
+    # "sampled" and the spans come, of the same trace and ids.
+    if sampler is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{client_flags}"} if client_flags else {}
+    ratios = ["0", "1"] if sampler == "traceidratio" else [None]
+    for ratio in ratios:
+        if ratio is not None:
+            monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+        collector.spans.clear()
+        with RunningPlano(config_for(provider)) as running:
+            anthropic_client(running).messages.create(
+                model="openai/gpt-4o", max_tokens=20, messages=[{"role": "user", "content": "hi"}],
+                extra_headers=headers)
+        trace_id, span_id, sampled = traceparent(provider.requests[-1].headers["traceparent"])
+        if client_flags:
+            assert trace_id == CLIENT_TRACE
+        assert sampled is (ratio == "1")
+        if not sampled:
+            assert collector.spans == []
+        else:
+            upstream, server = collector.one("CLIENT"), collector.one("SERVER")
+            assert (upstream.trace_id, upstream.span_id, upstream.parent_id) == (trace_id, span_id, server.span_id)
+            assert server.start <= upstream.start
 
 
 def test_a_responses_request_is_traced_in_its_own_format_too(provider, collector):
