@@ -7360,6 +7360,16 @@ class Metrics:
             registry=registry)
         registry.register(_GatewayStateCollector(state))
         self._route_names: tuple[Config | None, frozenset[str]] = (None, frozenset())
+        # Each metric's child per label values, as `labels()` returns it: that call checks and locks
+        # each time, ~8 times a request. Bounded as the label values are (see the class docstring).
+        self._children: dict[tuple, Any] = {}
+
+    def _of(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """Every metric, in the format a scraper's `Accept` asks for (Prometheus text, or OpenMetrics),
@@ -7390,29 +7400,30 @@ class Metrics:
         model_name = model.name if model is not None else "none"
         route = decision.route if decision is not None and decision.route in self._routes_of(config) else "none"
         key, team = exchange_owner(exchange)
-        self.requests.labels(model_name, route, decision.decision if decision is not None else "none",
-                             str(exchange.status), key, team).inc()
+        self._of(self.requests, model_name, route, decision.decision if decision is not None else "none",
+                 str(exchange.status), key, team).inc()
         if model is None:
             return  # refused before a model was chosen: no provider was asked
         genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
-        self.operation_duration.labels(*genai, str(exchange.status) if exchange.status >= 400 else "").observe(
+        self._of(self.operation_duration, *genai, str(exchange.status) if exchange.status >= 400 else "").observe(
             time.monotonic() - exchange.started)
         if exchange.status == 200 and exchange.first_byte_ms is not None:
-            self.first_token.labels(*genai).observe(exchange.first_byte_ms / 1000)
+            self._of(self.first_token, *genai).observe(exchange.first_byte_ms / 1000)
             if exchange.upstream_ms is not None:
-                self.added.labels(exchange.request.api_format).observe(
+                self._of(self.added, exchange.request.api_format).observe(
                     max(exchange.first_byte_ms - exchange.upstream_ms, 0.0) / 1000)
         if row is None or exchange.usage is None:
             return
         counts = {kind: _token_count(row.get(column)) for kind, column in _TOKEN_KINDS}
         for kind, count in counts.items():
             if count:
-                self.tokens.labels(model_name, kind).inc(count)
-        self.token_usage.labels(*genai, "input").observe(counts["input"] + counts["cache_read"] + counts["cache_write"])
-        self.token_usage.labels(*genai, "output").observe(counts["output"])
+                self._of(self.tokens, model_name, kind).inc(count)
+        self._of(self.token_usage, *genai, "input").observe(
+            counts["input"] + counts["cache_read"] + counts["cache_write"])
+        self._of(self.token_usage, *genai, "output").observe(counts["output"])
         cost = row.get("cost_usd")
         if cost is not None and cost > 0:
-            self.cost.labels(model_name, key, team).inc(cost)
+            self._of(self.cost, model_name, key, team).inc(cost)
 
     def _routes_of(self, config: Config) -> frozenset[str]:
         """The config's route names (kept for the config they were read from: a reload brings another)."""
