@@ -4078,7 +4078,9 @@ class StreamTranslator:
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
                 self.complete = True
-            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
+            choices = data.get("choices")
+            if isinstance(choices, list) and any(isinstance(choice, dict) and choice.get("finish_reason")
+                                                 for choice in choices):
                 # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
                 # streams after the usage chunk without ever sending [DONE], as the translation
                 # to Anthropic already accepts.
@@ -4087,8 +4089,8 @@ class StreamTranslator:
         if self.upstream_format == "responses":
             if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
                 self.complete = True  # a failure is the provider's own end too, forwarded as it is
-                usage = (data.get("response") or {}).get("usage")
-                if usage:
+                usage = _usage_field(data.get("response"), "usage")
+                if isinstance(usage, dict) and usage:
                     self._passthrough_usage = _responses_usage_to_anthropic(usage)
                     self._passthrough_responses_reasoning = _reasoning_tokens(usage)
             return

@@ -6593,7 +6593,8 @@ PROVIDER_HEADS = [
     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
 ]
 SSE_BITS = [b"data: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}\n\n", b"event: message_start\ndata: {}\n\n",
-            b"data: [DONE]\n\n", b"5\r\ndata:\r\n", b"0\r\n\r\n", b"\n\n", b"data: {\"error\": 1}\n\n"]
+            b"data: [DONE]\n\n", b"5\r\ndata:\r\n", b"0\r\n\r\n", b"\n\n", b"data: {\"error\": 1}\n\n",
+            b"data: {\"choices\": 5, \"usage\": 3}\n\n"]  # a passthrough's watcher once raised TypeError on it
 
 
 @settings(max_examples=120, deadline=None)
@@ -6628,6 +6629,24 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
     else:
         assert response.json()["type" if path == "/v1/messages" else "object"] in ("message", "chat.completion")
     assert httpx.get(running.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("chunk", [b'{"choices": 5, "usage": 3}', b'{"choices": "x"}', b'{"choices": [7, null]}'])
+def test_a_passed_through_stream_chunk_of_the_wrong_shape_goes_on_to_the_client_as_sent(soup_target, chunk):
+    # Chat client, Chat provider: plano forwards the chunks and only watches them for the end and
+    # the usage. A chunk whose `choices` is not a list of objects once raised TypeError in that
+    # watcher (a 500 error event instead of the provider's stream).
+    running, provider = soup_target
+    provider.answer = (PROVIDER_HEADS[2] + b"data: " + chunk + b"\n\n"
+                       + b'data: {"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+                       + b"data: [DONE]\n\n")
+    logged = len(SuiteLog.lines)
+    response = httpx.post(running.url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 200
+    datas = [event.data for event in decode_sse([response.content])]
+    assert datas[0] == chunk.decode() and datas[-1] == "[DONE]", datas
+    assert not any("internal error" in line for line in SuiteLog.lines[logged:])
 
 
 @settings(max_examples=300, deadline=None)
