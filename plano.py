@@ -6270,7 +6270,8 @@ class SubAgent:
 def subagent_session(session: str, identity: str) -> str:
     """A sub-agent's session key: the parent's session, `/agent/` and its id, the id as it is when
     it looks like one (SUBAGENT_ID), else a digest of it; within MAX_KEPT_CHARS (kept_text)."""
-    mark = identity if SUBAGENT_ID.fullmatch(identity) else "h" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # a lone surrogate too
+    mark = identity if SUBAGENT_ID.fullmatch(identity) else "h" + digest
     return kept_text(f"{session}/agent/{mark}")
 
 

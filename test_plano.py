@@ -12724,6 +12724,123 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
 
 
+# ── issue 23: sub-agents ──────────────────────────────────────────────────────────────────────
+# The recordings in testdata/subagents/ are this workplace's own (2026-12-05): the real Claude Code
+# 2.1.332 and Codex 0.171.0 run headless against a loopback recorder (each file says how).
+
+def recorded_subagent_requests(name: str) -> list[dict]:
+    return json.loads((HERE / "testdata" / "subagents" / name).read_text())["requests"]
+
+
+CLAUDE_SUBAGENT_RECORDING = "claude_code_2.1.332_agent_tool.json"
+CODEX_SUBAGENT_RECORDING = "codex_0.171.0_multi_agent_v2.json"
+RECORDED_TASK = "SUBTASK-MARKER: review the diff in app.py for bugs"
+
+
+def test_claude_code_marks_its_sub_agent_requests_with_an_agent_id_and_routes_them_on_the_task():
+    main, child, child_loop, main_loop = recorded_subagent_requests(CLAUDE_SUBAGENT_RECORDING)
+    session = plano.session_key(main["body"], main["headers"])
+    assert session == main["headers"]["x-claude-code-session-id"]
+    for request in (main, main_loop):
+        assert plano.subagent_of(plano.session_key(request["body"], request["headers"]), request["headers"]) is None
+    agent_id = child["headers"]["x-claude-code-agent-id"]
+    for request in (child, child_loop):
+        # the same session header and metadata.user_id as the agent that started it
+        assert plano.session_key(request["body"], request["headers"]) == session
+        assert plano.subagent_of(session, request["headers"]) == plano.SubAgent(
+            f"{session}/agent/{agent_id}", session, agent_id)
+    assert child["body"]["model"] == "sub-model-x"  # CLAUDE_CODE_SUBAGENT_MODEL: the sub-agent's model slot
+    assert "cc_is_subagent=true" in child["body"]["system"][0]["text"]
+    # What the router reads of the sub-agent's first request is its task, without the harness text;
+    # its tool-result continuation is not a new turn.
+    assert plano.conversation_for_router(child["body"]["messages"]) == [{"role": "user", "content": RECORDED_TASK}]
+    assert plano.has_new_user_text(child["body"]["messages"])
+    assert not plano.has_new_user_text(child_loop["body"]["messages"])
+    assert not plano.has_new_user_text(main_loop["body"]["messages"])
+
+
+def test_codex_marks_its_child_threads_and_a_child_is_routed_on_its_task_not_the_inherited_conversation():
+    root, root_after_spawn, child, child_loop, root_after_wait = recorded_subagent_requests(CODEX_SUBAGENT_RECORDING)
+    session = plano.session_key(root["body"], root["headers"])
+    for request in (root, root_after_spawn, root_after_wait):
+        assert plano.subagent_of(session, request["headers"]) is None
+    thread = child["headers"]["thread-id"]
+    assert thread != session and child["headers"]["x-openai-subagent"] == "collab_spawn"
+    assert child["headers"]["x-codex-parent-thread-id"] == session  # the root thread is the session
+    agent = plano.subagent_of(plano.session_key(child["body"], child["headers"]), child["headers"])
+    assert agent == plano.SubAgent(f"{session}/agent/{thread}", session, "/root/reviewer")
+    assert plano.subagent_of(session, child_loop["headers"]) == agent
+    # The child's input starts with the root's conversation (PARENT-MARKER); the router reads its task.
+    assert "PARENT-MARKER" in json.dumps(child["body"]["input"])
+    first = plano.codex_subagent_conversation(child["body"]["input"], agent)
+    assert first == [{"role": "user", "content": RECORDED_TASK}] and plano.has_new_user_text(first)
+    loop = plano.codex_subagent_conversation(child_loop["body"]["input"], agent)
+    assert plano.conversation_for_router(loop) == [{"role": "user", "content": RECORDED_TASK}]
+    assert not plano.has_new_user_text(loop)
+    # The child's tool loop is one turn of its own; the root's final answer from the child is no new turn.
+    assert plano.turn_key(agent.session, child["headers"]) == plano.turn_key(agent.session, child_loop["headers"])
+    assert not plano.has_new_user_text(plano.responses_conversation(root_after_wait["body"]))
+
+
+def test_a_codex_grandchild_is_under_its_parent_child_and_an_encrypted_task_is_not_read():
+    headers = {"session-id": "root-1", "thread-id": "grandchild-3", "x-openai-subagent": "collab_spawn",
+               "x-codex-parent-thread-id": "child-2",
+               "x-codex-turn-metadata": json.dumps({"agent_name": "/root/a/b", "thread_source": "subagent"})}
+    agent = plano.subagent_of("root-1", headers)
+    assert agent == plano.SubAgent("root-1/agent/grandchild-3", "root-1/agent/child-2", "/root/a/b")
+    opaque = {"type": "agent_message", "recipient": "/root/a/b", "content": [
+        {"type": "input_text", "text": "Message Type: NEW_TASK\nTask name: /root/a/b\nSender: /root/a\nPayload:\n"},
+        {"type": "encrypted_content", "encrypted_content": "gAAAAA" + "Zm9vYmFy" * 20}]}
+    assert plano.agent_message_text(opaque) == ""
+    assert plano.codex_subagent_conversation([opaque], agent) == []  # nothing to route on: the gateway reads the rest
+
+
+def test_forged_sub_agent_marks_are_bounded_and_clean():
+    session = "s" * 256
+    for forged in ("x" * 10_000, "a\x1b[31mb\r\nc", "../../etc", "\ud83d", "é" * 65):
+        for headers in ({"x-claude-code-agent-id": forged},
+                        {"x-openai-subagent": "1", "thread-id": forged, "x-codex-parent-thread-id": forged,
+                         "x-codex-turn-metadata": json.dumps({"agent_name": forged})}):
+            agent = plano.subagent_of(session, headers)
+            assert agent is not None
+            for text in (agent.session, agent.parent, agent.name):
+                assert len(text) <= plano.MAX_KEPT_CHARS and plano.printable(text) == text, text
+            assert agent.session != session and agent.session.startswith("s" * 100)
+    # two different forged ids stay two sub-agents; the same one stays one
+    one, two = (plano.subagent_session("s", "x" * 10_000 + c) for c in "ab")
+    assert one != two and one == plano.subagent_session("s", "x" * 10_000 + "a")
+    assert plano.subagent_of("s", {"x-openai-subagent": "1"}) is None  # no thread to keep it apart by
+    assert plano.subagent_of("s", {"x-codex-turn-metadata": "{not json"}) is None
+
+
+@given(st.dictionaries(st.sampled_from(["x-claude-code-agent-id", "x-openai-subagent", "thread-id", "session-id",
+                                        "x-codex-parent-thread-id", "x-codex-turn-metadata"]),
+                       st.text(max_size=300)),
+       st.lists(st.dictionaries(st.sampled_from(["type", "recipient", "content", "role"]),
+                                st.one_of(st.text(max_size=50), st.just("agent_message"),
+                                          st.lists(st.dictionaries(st.sampled_from(["type", "text",
+                                                                                    "encrypted_content"]),
+                                                                   st.text(max_size=50)), max_size=3))),
+                max_size=5))
+def test_any_sub_agent_marks_and_input_are_read_without_crashing(headers, items):
+    agent = plano.subagent_of("session-1", headers)
+    if agent is not None:
+        assert max(len(agent.session), len(agent.parent), len(agent.name)) <= plano.MAX_KEPT_CHARS
+        conversation = plano.codex_subagent_conversation(items, agent)
+        plano.has_new_user_text(conversation)
+        plano.conversation_for_router(conversation)
+
+
+def test_a_watch_line_shows_a_sub_agent_under_its_parent_session():
+    record = {"time": "2026-12-05T10:00:00", "session": "4dceb7e0-34d4/agent/a5cb78190e4c3759f",
+              "parent_session": "4dceb7e0-34d4", "agent": "/root/reviewer\x1b[2J", "requested_model": "plano",
+              "model": "anthropic/claude-sonnet-5", "route": "code understanding", "decision": "router",
+              "router_ms": 12.0, "status": 200, "ttfb_ms": 30.0}
+    assert plano.format_decision(record, colour=False) == (
+        "10:00:00 4dceb7e0 └ /root/reviewer\\x1b[2J plano → anthropic/claude-sonnet-5 [code understanding] "
+        "router 12ms 200 ttfb=30ms")
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
