@@ -3291,6 +3291,30 @@ def check_responses_request(body: dict) -> None:
     _require(isinstance(body.get("input"), (str, list)), "input: must be a string or a list of items")
 
 
+# Codex's multi-agent mode (0.171, `--enable multi_agent_v2`) puts what one of its agents says to
+# another in `agent_message` items (author and recipient paths such as "/root/reviewer"): a header
+# (Message Type, Task name, Sender, Payload) as input_text, then the words as `encrypted_content`,
+# which is plain text when the model that wrote them was not OpenAI's (OpenAI's own is an opaque
+# token only it reads). A sub-agent's task arrives that way, and a child's final answer.
+_OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+
+
+def agent_message_text(item: Mapping[str, Any]) -> str:
+    """The readable words of a Codex `agent_message`, its header included; an opaque encrypted
+    payload is left out (no other provider can read it)."""
+    content = item.get("content")
+    parts = content if isinstance(content, list) else [{"type": "input_text", "text": content}]
+    words = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        text = part.get("text") if part.get("type") in ("input_text", "text", "output_text") \
+            else part.get("encrypted_content") if part.get("type") == "encrypted_content" else None
+        if isinstance(text, str) and text.strip() and not _OPAQUE_TOKEN.fullmatch(text.strip()):
+            words.append(text.strip())
+    return "\n".join(words)
+
+
 def responses_conversation(body: dict) -> list:
     """A Responses `input` as the message list the router reads: message items have a role and
     content like messages; the others (function calls and outputs, reasoning) have no role, so
@@ -3531,6 +3555,12 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             if signature or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
+        elif kind == "agent_message":
+            # Another Codex agent's words (a sub-agent's task, a child's answer): the model reads
+            # them as a user turn, or the sub-agent's model would never see its task.
+            text = agent_message_text(item)
+            if text:
+                _append_anthropic(messages, "user", [{"type": "text", "text": text}])
         # Other items (web search and tool search calls, item references, shell tool calls)
         # mean nothing to a provider that did not make them.
     max_tokens = _anthropic_max_tokens(body.get("max_output_tokens"), model, "max_output_tokens")
@@ -6249,10 +6279,9 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
 #   `encrypted_content` part holds the task (plain text when the model that called spawn_agent was
 #   not OpenAI's; OpenAI's own is an opaque token).
 # Every one of these is the client's to choose: what plano keeps of them is bounded and cleaned
-# (subagent_session), and pins are kept per developer key (Gateway._choose_model).
+# (subagent_session), and pins are kept per developer key (pin_key).
 
 SUBAGENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an agent or thread id plano keeps as it is
-_OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]{64,}")  # an encrypted payload: nothing to route on
 _CODEX_AGENT_MESSAGE_HEAD = re.compile(r"^(Message Type|Task name|Sender|Recipient|Payload):[^\n]*$", re.M)
 
 
@@ -6305,35 +6334,25 @@ def _display_name(text: str) -> str:
     return printable(text[:64]) if len(text) <= 64 else printable(text[:48]) + "…"
 
 
-def codex_subagent_conversation(items: Any, agent: SubAgent) -> list:
+def codex_subagent_conversation(items: Any, agent: SubAgent) -> list | None:
     """What the router reads of a Codex sub-agent's `input`: from the task its parent sent it (the
     last `agent_message` addressed to it, as a user message of its task text) onwards. The inherited
-    parent conversation before it is the parent's, not the sub-agent's."""
+    parent conversation before it is the parent's, not the sub-agent's. A task only OpenAI can read
+    (encrypted) leaves the task's name ("Task name: /root/reviewer": "reviewer"). None: there is no
+    task in it (not Codex's shape), so the request is routed as any other."""
     if not isinstance(items, list):
-        return []
+        return None
     messages = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "agent_message"]
-    addressed = [i for i in messages if items[i].get("recipient") == agent.name]
     if not messages:
-        return []
+        return None
+    addressed = [i for i in messages if items[i].get("recipient") == agent.name]
     start = (addressed or messages)[-1]
-    task = agent_message_text(items[start])
+    text = agent_message_text(items[start])
+    task = _CODEX_AGENT_MESSAGE_HEAD.sub("", text).strip()
+    if not task:
+        named = re.search(r"^Task name: *(?:.*/)?([^/\n]+)$", text, re.M)
+        task = named.group(1).strip() if named else ""
     return ([{"role": "user", "content": task}] if task else []) + list(items[start + 1:])
-
-
-def agent_message_text(item: Mapping[str, Any]) -> str:
-    """The words of a Codex `agent_message`: its readable parts, without Codex's own header lines
-    (Message Type, Task name, Sender, Payload) and without opaque encrypted payloads."""
-    content = item.get("content")
-    parts = content if isinstance(content, list) else [{"type": "input_text", "text": content}]
-    words = []
-    for part in parts:
-        if not isinstance(part, dict):
-            continue
-        text = part.get("text") if part.get("type") in ("input_text", "text", "output_text") \
-            else part.get("encrypted_content") if part.get("type") == "encrypted_content" else None
-        if isinstance(text, str) and not _OPAQUE_TOKEN.fullmatch(text.strip()):
-            words.append(_CODEX_AGENT_MESSAGE_HEAD.sub("", text).strip())
-    return "\n".join(w for w in words if w)
 
 
 def _first_user_text(messages: Any) -> str:
@@ -9407,8 +9426,8 @@ class Gateway:
         exchange.subagent = subagent_of(exchange.session, request.headers)
         if exchange.subagent is not None and client_format == "responses":
             # A Codex sub-agent's input starts with its parent's conversation: it is routed on its task.
-            routed = {"messages": codex_subagent_conversation(body.get("input"), exchange.subagent)
-                      or routed["messages"]}
+            task = codex_subagent_conversation(body.get("input"), exchange.subagent)
+            routed = {"messages": task} if task is not None else routed
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below

@@ -12791,8 +12791,10 @@ def test_a_codex_grandchild_is_under_its_parent_child_and_an_encrypted_task_is_n
     opaque = {"type": "agent_message", "recipient": "/root/a/b", "content": [
         {"type": "input_text", "text": "Message Type: NEW_TASK\nTask name: /root/a/b\nSender: /root/a\nPayload:\n"},
         {"type": "encrypted_content", "encrypted_content": "gAAAAA" + "Zm9vYmFy" * 20}]}
-    assert plano.agent_message_text(opaque) == ""
-    assert plano.codex_subagent_conversation([opaque], agent) == []  # nothing to route on: the gateway reads the rest
+    assert plano.agent_message_text(opaque) == "Message Type: NEW_TASK\nTask name: /root/a/b\nSender: /root/a\nPayload:"
+    assert plano.codex_subagent_conversation([opaque], agent) == [{"role": "user", "content": "b"}]  # its name
+    plain = [{"type": "message", "role": "user", "content": "hi"}]
+    assert plano.codex_subagent_conversation(plain, agent) is None  # no task: routed as any request
 
 
 def test_forged_sub_agent_marks_are_bounded_and_clean():
@@ -12839,6 +12841,162 @@ def test_a_watch_line_shows_a_sub_agent_under_its_parent_session():
     assert plano.format_decision(record, colour=False) == (
         "10:00:00 4dceb7e0 └ /root/reviewer\\x1b[2J plano → anthropic/claude-sonnet-5 [code understanding] "
         "router 12ms 200 ttfb=30ms")
+
+
+# End to end: the real agents through plano, a stand-in router that routes a review to "code
+# understanding" (claude-haiku-4-5 here) and anything else to "code generation" (claude-sonnet-5).
+
+SUBAGENT_ROUTES = {"anthropic/claude-sonnet-5": "code generation", "anthropic/claude-haiku-4-5": "code understanding"}
+
+
+def subagent_routing_config(provider: StandInProvider, router: StandInProvider, port: int = 0, **sections) -> str:
+    """The two routed models above (and a default that should not answer), the stand-in router."""
+    models = [served_by(provider, name, routing_preferences=[{"name": route, "description": route}])
+              for name, route in SUBAGENT_ROUTES.items()]
+    return config_yaml(served_by(provider, "openai/gpt-4o", default=True), *models,
+                       router={"endpoint": router.openai_base, "model": "arch-router"},
+                       **({"listeners": [{"address": "127.0.0.1", "port": port}]} if port else {}), **sections)
+
+
+def route_reviews_apart(router: StandInProvider, prompts: list[str], times: int = 8) -> None:
+    """The stand-in router: a conversation that asks for a review is code understanding, any other
+    code generation; each prompt it reads is kept in `prompts`."""
+    def answer(request: Recorded) -> Reply:
+        prompt = request.json["messages"][0]["content"]
+        prompts.append(prompt)
+        conversation = prompt.split("<conversation>")[1]
+        return remote_answer(json.dumps({"route": "code understanding" if "review" in conversation
+                                         else "code generation"}))
+    for _ in range(times):
+        router.then(answer)
+
+
+def newest_turn_has_a_tool_result(messages: list[dict]) -> bool:
+    said = [m for m in messages if m.get("role") != "system"]
+    return isinstance(said[-1]["content"], list) and any(b.get("type") == "tool_result" for b in said[-1]["content"])
+
+
+def first_user_words(messages: list[dict]) -> str:
+    first = next(m for m in messages if m["role"] == "user")
+    return first["content"] if isinstance(first["content"], str) else " ".join(
+        b.get("text", "") for b in first["content"] if isinstance(b, dict))
+
+
+SUBAGENT_TASK = "review the diff in app.py for bugs"
+
+
+def claude_code_with_a_sub_agent(request: Recorded) -> Reply:
+    """The models behind Claude Code: the main turn asks for a sub-agent (the Agent tool, in the
+    foreground so the order of requests is fixed), the sub-agent runs one Bash command and reports."""
+    body = request.json
+    if SUBAGENT_TASK in first_user_words(body["messages"]):
+        if not newest_turn_has_a_tool_result(body["messages"]):
+            return Reply(200, sse=anthropic_tool_use_stream("Bash", {"command": "echo sub-agent-ran",
+                                                                      "description": "echo"}))
+        return Reply(200, sse=anthropic_text_stream("the sub-agent found no bugs"))
+    if not newest_turn_has_a_tool_result(body["messages"]):
+        return Reply(200, sse=anthropic_tool_use_stream("Agent", {
+            "description": "Review code", "prompt": SUBAGENT_TASK, "subagent_type": "general-purpose",
+            "run_in_background": False}))
+    return Reply(200, sse=anthropic_text_stream("all done"))
+
+
+def test_real_claude_code_sub_agent_is_routed_on_its_task_and_pinned_apart_from_its_parent(
+        tmp_path, provider, router_server, claude_bin):
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(8):
+        provider.then(claude_code_with_a_sub_agent)
+    config = plano.parse_config(subagent_routing_config(provider, router_server), path=CONFIG_PATH, environ={})
+    with RunningPlano(config, router="auto") as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "write a parser for ISO dates", "Agent",
+                            cwd=tmp_path)
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all done" in result.stdout
+    main, child, child_loop, main_loop = decisions
+    session = main["session"]
+    assert [(d["decision"], d["model"], d["route"]) for d in decisions] == [
+        ("router", "anthropic/claude-sonnet-5", "code generation"),
+        ("router", "anthropic/claude-haiku-4-5", "code understanding"),  # the sub-agent's own turn, on its task
+        ("pinned", "anthropic/claude-haiku-4-5", "code understanding"),  # its tool loop, under its own key
+        ("pinned", "anthropic/claude-sonnet-5", "code generation")]  # the parent's pin was not moved by the child
+    agent_id = child["agent"]
+    assert re.fullmatch(r"[0-9a-f]{17}", agent_id), agent_id  # Claude Code's x-claude-code-agent-id
+    assert (main["parent_session"], main_loop["session"], main_loop["parent_session"]) == (None, session, None)
+    for record in (child, child_loop):
+        assert (record["session"], record["parent_session"]) == (f"{session}/agent/{agent_id}", session)
+    # The router read the sub-agent's task, not the parent's conversation nor the harness text.
+    assert len(prompts) == 2 and SUBAGENT_TASK in prompts[1] and "ISO dates" not in prompts[1]
+    assert "system-reminder" not in prompts[1]
+    child_requests = [r.json for r in provider.requests if SUBAGENT_TASK in first_user_words(r.json["messages"])]
+    assert [r["model"] for r in child_requests] == ["claude-haiku-4-5"] * 2
+
+
+def codex_with_a_sub_agent(request: Recorded) -> Reply:
+    """The models behind Codex (Anthropic format, Codex's tools translated): the root agent spawns
+    a reviewer and waits for it; the reviewer (whose tools have no collaboration namespace) runs
+    one command and reports."""
+    body = request.json
+    tools = [t["name"] for t in body.get("tools", [])]
+    calls = [b["name"] for m in body["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)
+             for b in m["content"] if b.get("type") == "tool_use"]
+    if "collaboration__spawn_agent" not in tools:  # the child
+        if not newest_turn_has_a_tool_result(body["messages"]):
+            return Reply(200, sse=anthropic_tool_use_stream("exec_command", {"cmd": "echo child-ran"}))
+        return Reply(200, sse=anthropic_text_stream("the reviewer found no bugs"))
+    if "collaboration__spawn_agent" not in calls:
+        return Reply(200, sse=tool_use_stream_with_id("collaboration__spawn_agent", {
+            "task_name": "reviewer", "message": SUBAGENT_TASK}, "toolu_spawn"))
+    if "collaboration__wait_agent" not in calls:
+        return Reply(200, sse=tool_use_stream_with_id("collaboration__wait_agent", {"timeout_ms": 30000},
+                                                      "toolu_wait"))
+    return Reply(200, sse=anthropic_text_stream("parent done"))
+
+
+def tool_use_stream_with_id(name: str, tool_input: dict, call_id: str) -> list[bytes]:
+    """anthropic_tool_use_stream with a call id of its own (a conversation with two calls)."""
+    pieces = b"".join(anthropic_tool_use_stream(name, tool_input, piece=1000))
+    return [pieces.replace(b'"toolu_patch1"', json.dumps(call_id).encode())]
+
+
+def test_real_codex_child_thread_is_routed_on_its_task_and_shown_under_its_parent(tmp_path, provider, router_server,
+                                                                                    codex_bin):
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(12):
+        provider.then(codex_with_a_sub_agent)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(subagent_routing_config(provider, router_server, port))
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    with plano_up(config, port) as url:
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                                 "exec", "--skip-git-repo-check", "--enable", "multi_agent_v2",
+                                 "write a parser for ISO dates, then have a sub-agent check it"],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+                                stdin=subprocess.DEVNULL)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parent done" in result.stdout
+    root = [d for d in decisions if d["parent_session"] is None]
+    child = [d for d in decisions if d["parent_session"] is not None]
+    session = root[0]["session"]
+    assert [(d["decision"], d["model"]) for d in root] == [("router", "anthropic/claude-sonnet-5")] + \
+        [("pinned", "anthropic/claude-sonnet-5")] * (len(root) - 1)
+    assert [(d["decision"], d["model"]) for d in child] == [("router", "anthropic/claude-haiku-4-5"),
+                                                             ("pinned", "anthropic/claude-haiku-4-5")]
+    assert {(d["agent"], d["parent_session"]) for d in child} == {("/root/reviewer", session)}
+    assert child[0]["session"].startswith(f"{session}/agent/") and child[0]["session"] == child[1]["session"]
+    # The router read the child's task, not the root conversation it inherited.
+    assert len(prompts) == 2 and SUBAGENT_TASK in prompts[1] and "ISO dates" not in prompts[1]
+    assert "Message Type" not in prompts[1]
+    # The child's model (Anthropic's format) got its task: Codex's agent_message, as a user turn.
+    to_child = [r.json for r in provider.requests if r.json["model"] == "claude-haiku-4-5"]
+    task_turn = [m for m in to_child[0]["messages"] if m["role"] != "system"][-1]
+    assert task_turn["role"] == "user" and SUBAGENT_TASK in task_turn["content"][-1]["text"]
+    assert "Task name: /root/reviewer" in task_turn["content"][-1]["text"]
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
