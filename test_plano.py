@@ -12999,6 +12999,59 @@ def test_real_codex_child_thread_is_routed_on_its_task_and_shown_under_its_paren
     assert "Task name: /root/reviewer" in task_turn["content"][-1]["text"]
 
 
+def test_a_sub_agent_pin_is_kept_per_developer_key_and_forged_marks_stay_bounded(provider, router_server):
+    """Bob names Alice's session and her sub-agent's id: his request is routed and pinned under his
+    own key, Alice's sub-agent keeps its model, and neither sees the other's decisions. Marks of
+    10 KB and with control characters are kept bounded and shown escaped."""
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    config = plano.parse_config(subagent_routing_config(
+        provider, router_server, keys=[{"name": "alice", "key": ALICE_KEY}, {"name": "bob", "key": BOB_KEY}]),
+        path=CONFIG_PATH, environ={})
+    marks = {"x-claude-code-session-id": "alice-session-1", "x-claude-code-agent-id": "a5cb78190e4c3759f"}
+    task = {"role": "user", "content": [{"type": "text", "text": "<system-reminder>x</system-reminder>"},
+                                        {"type": "text", "text": SUBAGENT_TASK}]}
+    tool_loop = [task, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash",
+                                                          "input": {"command": "ls"}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "app.py"}]}]
+
+    def ask(key: str, messages: list, **headers: str) -> httpx.Response:
+        return httpx.post(running.url + "/v1/messages", timeout=30, json={
+            "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": messages},
+            headers={"x-api-key": key, "host": "127.0.0.1", "content-type": "application/json", **headers})
+
+    with RunningPlano(config, router="auto") as running:
+        alice_first = ask(ALICE_KEY, [task], **marks)
+        bob_forged = ask(BOB_KEY, [{"role": "user", "content": "write a parser"}], **marks)
+        alice_loop = ask(ALICE_KEY, tool_loop, **marks)
+        seen_by = {name: httpx.get(running.url + "/plano/decisions", headers={"x-api-key": key}).json()["decisions"]
+                   for name, key in (("alice", ALICE_KEY), ("bob", BOB_KEY))}
+        huge = ask(ALICE_KEY, [task], **{"x-claude-code-session-id": "s" * 10_000,
+                                         "x-claude-code-agent-id": "a" * 10_000})
+        codex_forged = httpx.post(running.url + "/v1/responses", timeout=30, json={
+            "model": "plano", "input": [{"type": "agent_message", "recipient": "/root/\x1b[2J", "content": [
+                {"type": "encrypted_content", "encrypted_content": SUBAGENT_TASK + "\x00\u202e"}]}]},
+            headers={"authorization": f"Bearer {BOB_KEY}", "host": "127.0.0.1", "content-type": "application/json",
+                     "session-id": "bob-1", "thread-id": "t" * 10_000, "x-openai-subagent": "collab_spawn",
+                     "x-codex-turn-metadata": json.dumps({"agent_name": "/root/\x1b[2J" + "é" * 5_000})})
+        later = [httpx.get(running.url + "/plano/decisions", headers={"x-api-key": key}).json()["decisions"][-1]
+                 for key in (ALICE_KEY, BOB_KEY)]
+    assert [r.status_code for r in (alice_first, bob_forged, alice_loop, huge, codex_forged)] == [200] * 5
+    decided = [(r.headers["x-plano-decision"], r.headers["x-plano-model"])
+               for r in (alice_first, bob_forged, alice_loop)]
+    assert decided == [("router", "anthropic/claude-haiku-4-5"), ("router", "anthropic/claude-sonnet-5"),
+                       ("pinned", "anthropic/claude-haiku-4-5")]  # Bob's request moved no pin of Alice's
+    assert [d["key"] for d in seen_by["alice"]] == ["alice", "alice"]
+    assert [d["key"] for d in seen_by["bob"]] == ["bob"]
+    huge_record, codex_record = later
+    for record in later:
+        for kept in ("session", "parent_session", "agent"):
+            assert len(record[kept]) <= plano.MAX_KEPT_CHARS and plano.printable(record[kept]) == record[kept]
+    assert huge_record["parent_session"] == plano.kept_text("s" * 10_000)
+    assert codex_record["agent"].startswith("/root/\\x1b[2Jé") and codex_record["parent_session"] == "bob-1"
+    assert codex_record["route"] == "code understanding"  # routed on the task it was sent
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
