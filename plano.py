@@ -10949,7 +10949,7 @@ th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px so
   white-space: nowrap; font-variant-numeric: tabular-nums }
 td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
 #saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
-tr.sub td:nth-child(2) { padding-left: 1.4rem } tr.sub td:nth-child(2)::before { content: "└ "; color: var(--dim) }
+tr.sub td:nth-child(2) { padding-left: 1.4rem }
 </style></head><body>
 <h1>plano</h1><div id="status">connecting…</div>
 <form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
@@ -11016,7 +11016,7 @@ function showDecision(d) {
   row.dataset.session = d.session;
   const sure = d.confidence == null ? ""
     : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
-  const who = d.parent_session ? `<span title="${esc(d.session)}">${esc(d.agent)}</span>`
+  const who = d.parent_session ? `<span class="dim">└ </span><span title="${esc(d.session)}">${esc(d.agent)}</span>`
     : esc(String(d.session).slice(0, 12));
   row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${who}</td>
     <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>

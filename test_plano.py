@@ -13052,6 +13052,49 @@ def test_a_sub_agent_pin_is_kept_per_developer_key_and_forged_marks_stay_bounded
     assert codex_record["route"] == "code understanding"  # routed on the task it was sent
 
 
+def test_watch_and_the_live_page_show_sub_agents_under_their_parent_session(chromium, provider):
+    """Decisions of a session and of its sub-agents, as `plano watch` prints them and as the live
+    page (in Chromium) lays them out: each sub-agent decision indented under its parent's newest one."""
+    def ask(model: str, **headers: str) -> None:
+        answer = httpx.post(running.url + "/v1/messages", timeout=30, json={
+            "model": model, "max_tokens": 5, "messages": [USER_HI]}, headers=headers)
+        assert answer.status_code == 200, answer.text
+
+    parent = {"x-claude-code-session-id": "4dceb7e0-34d4-47f5-8763-681764435ba6"}
+    child = {**parent, "x-claude-code-agent-id": "a5cb78190e4c3759f"}
+    with RunningPlano(config_for(provider)) as running, contextlib.closing(chromium.new_page()) as page:
+        watch = subprocess.Popen([sys.executable, "-m", "plano", "watch", "--url", running.url, "--color", "never"],
+                                 stdout=subprocess.PIPE, text=True)
+        lines = LineReader(watch)
+        try:
+            lines.wait_for("watching")
+            ask("openai/gpt-4o", **parent)  # before the page opens: the page lays out what it reads
+            ask("anthropic/claude-sonnet-5", **child)
+            page.goto(f"{running.url}/plano/")
+            page.wait_for_selector("#status:has-text('live')", timeout=15000)
+            ask("openai/gpt-4o", **parent)  # live: a new parent decision, then its sub-agent's
+            ask("anthropic/claude-sonnet-5", **child)
+            ask("openai/gpt-4o", **{"x-claude-code-session-id": "another-session"})
+            page.wait_for_selector("#decisions tr:nth-child(5)", timeout=15000)
+            rows = page.eval_on_selector_all("#decisions tr", """rows => rows.map(r => [r.className,
+                r.cells[1].innerText, r.cells[2].innerText, parseFloat(getComputedStyle(r.cells[1]).paddingLeft)])""")
+            watched = [lines.wait_for("→") for _ in range(5)]
+        finally:
+            watch.terminate()
+            watch.wait(10)
+    assert [(kind, who, model) for kind, who, model, _ in rows] == [
+        ("", "another-sess", "openai/gpt-4o → openai/gpt-4o"),
+        ("", "4dceb7e0-34d", "openai/gpt-4o → openai/gpt-4o"),
+        ("sub", "└ a5cb78190e4c3759f", "anthropic/claude-sonnet-5 → anthropic/claude-sonnet-5"),
+        ("", "4dceb7e0-34d", "openai/gpt-4o → openai/gpt-4o"),
+        ("sub", "└ a5cb78190e4c3759f", "anthropic/claude-sonnet-5 → anthropic/claude-sonnet-5")]
+    assert rows[2][3] > rows[1][3] + 10  # indented
+    assert [line.split(" ", 1)[1].split(" → ")[0] for line in watched] == [
+        "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
+        "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
+        "another- openai/gpt-4o"]
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
