@@ -12843,6 +12843,21 @@ def test_a_watch_line_shows_a_sub_agent_under_its_parent_session():
         "router 12ms 200 ttfb=30ms")
 
 
+def test_a_codex_agent_message_reaches_anthropic_and_chat_models_as_a_user_turn():
+    task = {"type": "agent_message", "author": "/root", "recipient": "/root/reviewer", "content": [
+        {"type": "input_text", "text": "Message Type: NEW_TASK\nTask name: /root/reviewer\nSender: /root\nPayload:\n"},
+        {"type": "encrypted_content", "encrypted_content": "review the diff é€"}]}
+    opaque = {**task, "content": [{"type": "encrypted_content", "encrypted_content": "gAAAAA" + "Zm9vYmFy" * 20}]}
+    body = {"model": "x", "input": [{"type": "message", "role": "developer", "content": "You are Codex."},
+                                    task, opaque]}
+    claude, gpt = codex_patch_models()
+    anthropic = plano.responses_request_to_anthropic(body, claude)
+    words = "Message Type: NEW_TASK\nTask name: /root/reviewer\nSender: /root\nPayload:\nreview the diff é€"
+    assert anthropic["messages"] == [{"role": "user", "content": [{"type": "text", "text": words}]}]
+    chat = plano.responses_request_to_openai(body, gpt)
+    assert chat["messages"][-1] == {"role": "user", "content": words}
+
+
 # End to end: the real agents through plano, a stand-in router that routes a review to "code
 # understanding" (claude-haiku-4-5 here) and anything else to "code generation" (claude-sonnet-5).
 
