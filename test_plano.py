@@ -12900,28 +12900,32 @@ def first_user_words(messages: list[dict]) -> str:
 SUBAGENT_TASK = "review the diff in app.py for bugs"
 
 
-def claude_code_with_a_sub_agent(request: Recorded) -> Reply:
+def claude_code_with_a_sub_agent(background: bool) -> Callable[[Recorded], Reply]:
     """The models behind Claude Code: the main turn asks for a sub-agent (the Agent tool, in the
-    foreground so the order of requests is fixed), the sub-agent runs one Bash command and reports."""
-    body = request.json
-    if SUBAGENT_TASK in first_user_words(body["messages"]):
-        if not newest_turn_has_a_tool_result(body["messages"]):
-            return Reply(200, sse=anthropic_tool_use_stream("Bash", {"command": "echo sub-agent-ran",
-                                                                      "description": "echo"}))
-        return Reply(200, sse=anthropic_text_stream("the sub-agent found no bugs"))
-    if not newest_turn_has_a_tool_result(body["messages"]):
-        return Reply(200, sse=anthropic_tool_use_stream("Agent", {
-            "description": "Review code", "prompt": SUBAGENT_TASK, "subagent_type": "general-purpose",
-            "run_in_background": False}))
-    return Reply(200, sse=anthropic_text_stream("all done"))
+    background or not), the sub-agent runs one Bash command and reports."""
+    def answer(request: Recorded) -> Reply:
+        body = request.json
+        if SUBAGENT_TASK in first_user_words(body["messages"]):
+            if not newest_turn_has_a_tool_result(body["messages"]):
+                return Reply(200, sse=anthropic_tool_use_stream("Bash", {"command": "echo sub-agent-ran",
+                                                                          "description": "echo"}))
+            return Reply(200, sse=anthropic_text_stream("the sub-agent found no bugs"))
+        if "toolu_patch1" not in json.dumps(body["messages"]):  # no Agent call yet
+            return Reply(200, sse=anthropic_tool_use_stream("Agent", {
+                "description": "Review code", "prompt": SUBAGENT_TASK, "subagent_type": "general-purpose",
+                "run_in_background": background}))
+        return Reply(200, sse=anthropic_text_stream("all done"))
+    return answer
 
 
 def test_real_claude_code_sub_agent_is_routed_on_its_task_and_pinned_apart_from_its_parent(
         tmp_path, provider, router_server, claude_bin):
+    """In the foreground (the order of requests is fixed): the parent's turn, the sub-agent's turn
+    and tool loop, the parent's continuation with the sub-agent's report."""
     prompts: list[str] = []
     route_reviews_apart(router_server, prompts)
     for _ in range(8):
-        provider.then(claude_code_with_a_sub_agent)
+        provider.then(claude_code_with_a_sub_agent(background=False))
     config = plano.parse_config(subagent_routing_config(provider, router_server), path=CONFIG_PATH, environ={})
     with RunningPlano(config, router="auto") as running:
         result = run_claude(claude_bin, running.url, tmp_path / "home", "write a parser for ISO dates", "Agent",
@@ -12946,6 +12950,29 @@ def test_real_claude_code_sub_agent_is_routed_on_its_task_and_pinned_apart_from_
     assert "system-reminder" not in prompts[1]
     child_requests = [r.json for r in provider.requests if SUBAGENT_TASK in first_user_words(r.json["messages"])]
     assert [r["model"] for r in child_requests] == ["claude-haiku-4-5"] * 2
+
+
+def test_real_claude_code_background_sub_agent_and_its_parent_keep_their_own_models(tmp_path, provider,
+                                                                                    router_server, claude_bin):
+    """In the background (Claude Code's default): the parent goes on while the sub-agent works, and
+    then gets its report as a notification, which is no new user turn: each stays on its model."""
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(12):
+        provider.then(claude_code_with_a_sub_agent(background=True))
+    config = plano.parse_config(subagent_routing_config(provider, router_server), path=CONFIG_PATH, environ={})
+    with RunningPlano(config, router="auto") as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "write a parser for ISO dates", "Agent",
+                            cwd=tmp_path)
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    parent = [(d["decision"], d["model"]) for d in decisions if d["parent_session"] is None]
+    child = [(d["decision"], d["model"]) for d in decisions if d["parent_session"] is not None]
+    assert parent == [("router", "anthropic/claude-sonnet-5")] + [("pinned", "anthropic/claude-sonnet-5")] * 2
+    assert child == [("router", "anthropic/claude-haiku-4-5"), ("pinned", "anthropic/claude-haiku-4-5")]
+    notified = [r.json for r in provider.requests if "<task-notification>" in json.dumps(r.json["messages"])]
+    assert notified and notified[-1]["model"] == "claude-sonnet-5"  # the report went to the parent's model
+    assert len(prompts) == 2
 
 
 def codex_with_a_sub_agent(request: Recorded) -> Reply:
