@@ -3292,6 +3292,30 @@ def check_responses_request(body: dict) -> None:
     _require(isinstance(body.get("input"), (str, list)), "input: must be a string or a list of items")
 
 
+# Codex's multi-agent mode (0.171, `--enable multi_agent_v2`) puts what one of its agents says to
+# another in `agent_message` items (author and recipient paths such as "/root/reviewer"): a header
+# (Message Type, Task name, Sender, Payload) as input_text, then the words as `encrypted_content`,
+# which is plain text when the model that wrote them was not OpenAI's (OpenAI's own is an opaque
+# token only it reads). A sub-agent's task arrives that way, and a child's final answer.
+_OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+
+
+def agent_message_text(item: Mapping[str, Any]) -> str:
+    """The readable words of a Codex `agent_message`, its header included; an opaque encrypted
+    payload is left out (no other provider can read it)."""
+    content = item.get("content")
+    parts = content if isinstance(content, list) else [{"type": "input_text", "text": content}]
+    words = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        text = part.get("text") if part.get("type") in ("input_text", "text", "output_text") \
+            else part.get("encrypted_content") if part.get("type") == "encrypted_content" else None
+        if isinstance(text, str) and text.strip() and not _OPAQUE_TOKEN.fullmatch(text.strip()):
+            words.append(text.strip())
+    return "\n".join(words)
+
+
 def responses_conversation(body: dict) -> list:
     """A Responses `input` as the message list the router reads: message items have a role and
     content like messages; the others (function calls and outputs, reasoning) have no role, so
@@ -3532,6 +3556,12 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             if signature or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
+        elif kind == "agent_message":
+            # Another Codex agent's words (a sub-agent's task, a child's answer): the model reads
+            # them as a user turn, or the sub-agent's model would never see its task.
+            text = agent_message_text(item)
+            if text:
+                _append_anthropic(messages, "user", [{"type": "text", "text": text}])
         # Other items (web search and tool search calls, item references, shell tool calls)
         # mean nothing to a provider that did not make them.
     max_tokens = _anthropic_max_tokens(body.get("max_output_tokens"), model, "max_output_tokens")
@@ -6238,6 +6268,96 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     return kept_text(f"{session}/turn/{turn}") if isinstance(turn, str) and turn else session
 
 
+# ── sub-agents: their requests routed as turns of their own ───────────────────────────────────
+#
+# How the agents mark a sub-agent's requests (observed with Claude Code 2.1.332 and Codex 0.171.0):
+# - Claude Code's Agent tool: the sub-agent's requests carry the parent's X-Claude-Code-Session-Id
+#   and metadata.user_id, plus `x-claude-code-agent-id: <17 hex>` (the agentId the parent's tool
+#   result names); its conversation is its own, the first user message being the task text.
+# - Codex's multi-agent tools (`--enable multi_agent_v2`): a child thread's requests carry the root
+#   `session-id`, their own `thread-id`, `x-openai-subagent: collab_spawn`,
+#   `x-codex-parent-thread-id`, and in `x-codex-turn-metadata` `agent_name` ("/root/reviewer"),
+#   `thread_source: "subagent"`, `parent_thread_id`. Its `input` is the parent's conversation
+#   (inherited, "warm_fork") followed by an `agent_message` item addressed to it, whose
+#   `encrypted_content` part holds the task (plain text when the model that called spawn_agent was
+#   not OpenAI's; OpenAI's own is an opaque token).
+# Every one of these is the client's to choose: what plano keeps of them is bounded and cleaned
+# (subagent_session), and pins are kept per developer key (pin_key).
+
+SUBAGENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an agent or thread id plano keeps as it is
+_CODEX_AGENT_MESSAGE_HEAD = re.compile(r"^(Message Type|Task name|Sender|Recipient|Payload):[^\n]*$", re.M)
+
+
+@dataclass(frozen=True)
+class SubAgent:
+    """A sub-agent's request: its own session key (where its tool loop is pinned, and what its
+    decisions show as `session`), the session key of the agent that started it, and a name for
+    people (Codex's agent path, else the agent id), each bounded and without control characters."""
+
+    session: str
+    parent: str
+    name: str
+
+
+def subagent_session(session: str, identity: str) -> str:
+    """A sub-agent's session key: the parent's session, `/agent/` and its id, the id as it is when
+    it looks like one (SUBAGENT_ID), else a digest of it; within MAX_KEPT_CHARS (kept_text)."""
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # a lone surrogate too
+    mark = identity if SUBAGENT_ID.fullmatch(identity) else "h" + digest
+    return kept_text(f"{session}/agent/{mark}")
+
+
+def subagent_of(session: str, headers: Mapping[str, str]) -> SubAgent | None:
+    """The sub-agent a request of `session` comes from, by its agent's marks (see above); None for
+    the agent the user talks to."""
+    claude_agent = headers.get("x-claude-code-agent-id")
+    if claude_agent:
+        return SubAgent(subagent_session(session, claude_agent), session, _display_name(claude_agent))
+    try:
+        metadata = parse_json(headers.get("x-codex-turn-metadata") or "{}", unique_keys=False)
+    except ValueError:
+        metadata = {}
+    metadata = metadata if isinstance(metadata, dict) else {}
+    if not headers.get("x-openai-subagent") and metadata.get("thread_source") != "subagent":
+        return None
+    thread = headers.get("thread-id") or metadata.get("thread_id")
+    if not isinstance(thread, str) or not thread:
+        return None  # a child thread without its id: nothing to keep it apart by
+    parent = headers.get("x-codex-parent-thread-id") or metadata.get("parent_thread_id")
+    root_thread = headers.get("session-id") or metadata.get("session_id")
+    # The root agent's thread is the session itself: a child of a child is under that child's key.
+    parent_session = session if not isinstance(parent, str) or not parent or parent == root_thread \
+        else subagent_session(session, parent)
+    name = metadata.get("agent_name")
+    return SubAgent(subagent_session(session, thread), parent_session,
+                    _display_name(name if isinstance(name, str) and name else thread))
+
+
+def _display_name(text: str) -> str:
+    return printable(text[:64]) if len(text) <= 64 else printable(text[:48]) + "…"
+
+
+def codex_subagent_conversation(items: Any, agent: SubAgent) -> list | None:
+    """What the router reads of a Codex sub-agent's `input`: from the task its parent sent it (the
+    last `agent_message` addressed to it, as a user message of its task text) onwards. The inherited
+    parent conversation before it is the parent's, not the sub-agent's. A task only OpenAI can read
+    (encrypted) leaves the task's name ("Task name: /root/reviewer": "reviewer"). None: there is no
+    task in it (not Codex's shape), so the request is routed as any other."""
+    if not isinstance(items, list):
+        return None
+    messages = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "agent_message"]
+    if not messages:
+        return None
+    addressed = [i for i in messages if items[i].get("recipient") == agent.name]
+    start = (addressed or messages)[-1]
+    text = agent_message_text(items[start])
+    task = _CODEX_AGENT_MESSAGE_HEAD.sub("", text).strip()
+    if not task:
+        named = re.search(r"^Task name: *(?:.*/)?([^/\n]+)$", text, re.M)
+        task = named.group(1).strip() if named else ""
+    return ([{"role": "user", "content": task}] if task else []) + list(items[start + 1:])
+
+
 def _first_user_text(messages: Any) -> str:
     """The user's first words, harness blocks removed; stops there rather than read everything."""
     for message in messages if isinstance(messages, list) else []:
@@ -8419,6 +8539,7 @@ class _Exchange:
     wants_stream: bool = False
     include_usage: bool = False  # an OpenAI client asked for the usage chunk at a stream's end
     session: str = ""
+    subagent: SubAgent | None = None  # the sub-agent it comes from, when its agent says so
     needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
     decision: RouteDecision | None = None
     model: ModelEntry | None = None  # the model that answers, once a provider has said yes
@@ -8813,7 +8934,10 @@ def decision_record(exchange: _Exchange) -> dict:
     """One request's decision as /plano/decisions, watch and the status line show it."""
     decision = exchange.decision
     assert decision is not None
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
+    subagent = exchange.subagent
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+            "session": subagent.session if subagent else exchange.session,
+            "parent_session": subagent.parent if subagent else None, "agent": subagent.name if subagent else None,
             "requested_model": exchange.requested_model, "model": decision.model,
             "route": decision.route, "decision": decision.decision,
             "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
@@ -8822,6 +8946,15 @@ def decision_record(exchange: _Exchange) -> dict:
             "status": exchange.status,
             "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None,
             "key": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
+
+
+def pin_key(exchange: _Exchange) -> str:
+    """Where the router pins the model of this request's turn: its agent's own session (a
+    sub-agent's, else the session's) and turn, under the developer's key when keys are configured,
+    so that a client naming another developer's session or sub-agent moves no pin of theirs."""
+    session = exchange.subagent.session if exchange.subagent is not None else exchange.session
+    turn = turn_key(session, exchange.request.headers)
+    return f"key/{len(exchange.key.name)}/{exchange.key.name}/{turn}" if exchange.key is not None else turn
 
 
 def visible_to(key: GatewayKey | None, record: Mapping[str, Any]) -> bool:
@@ -9353,7 +9486,7 @@ class Gateway:
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
         if self.router is not None:
             deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
-                self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+                self.router.decide_for_request(routed, pin_key(exchange))
             return await (self.metrics.deciding(deciding) if self.metrics is not None else deciding)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
@@ -9389,6 +9522,11 @@ class Gateway:
         exchange.wants_stream = body.get("stream") is True
         exchange.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         exchange.session = session_key(body, request.headers)
+        exchange.subagent = subagent_of(exchange.session, request.headers)
+        if exchange.subagent is not None and client_format == "responses":
+            # A Codex sub-agent's input starts with its parent's conversation: it is routed on its task.
+            task = codex_subagent_conversation(body.get("input"), exchange.subagent)
+            routed = {"messages": task} if task is not None else routed
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
@@ -10278,7 +10416,8 @@ _DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "3
 
 
 def format_decision(record: Mapping[str, Any], colour: bool) -> str:
-    """One line of `plano watch`."""
+    """One line of `plano watch`. A sub-agent's decision is indented under its parent's session:
+    the parent's session where the session goes, then `└` and the sub-agent's name."""
     def paint(code: str, text: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if colour else text
 
@@ -10289,9 +10428,12 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     if isinstance(record.get("confidence"), (int, float)):
         router_ms += f" p={record['confidence']:.2f}"
     kind = printable(record.get("decision", "?"))
+    parent = record.get("parent_session")
+    who = [f"{printable(record.get('session') or '-')[:8]:8}"] if not parent else \
+        [f"{printable(parent)[:8]:8}", paint("2", f"└ {printable(record.get('agent') or '-')[:24]}")]
     return " ".join([
         paint("2", printable(record.get("time", ""))[-8:]),
-        f"{printable(record.get('session') or '-')[:8]:8}",
+        *who,
         f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
         f"[{printable(route)}]",
         paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
@@ -10910,6 +11052,7 @@ th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px so
   white-space: nowrap; font-variant-numeric: tabular-nums }
 td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
 #saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+tr.sub td:nth-child(2) { padding-left: 1.4rem }
 </style></head><body>
 <h1>plano</h1><div id="status">connecting…</div>
 <form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
@@ -10969,16 +11112,23 @@ function refreshUsageSoon() {
   if (usageDue) return;
   usageDue = setTimeout(() => { usageDue = null; refreshUsage().catch(() => {}); }, 1000);
 }
+// A sub-agent's decision goes right under the newest decision of its parent's session, indented
+// (the tree: a session, then what its sub-agents decided); without one shown, at the top.
 function showDecision(d) {
   const row = document.createElement("tr");
+  row.dataset.session = d.session;
   const sure = d.confidence == null ? ""
     : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
-  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+  const who = d.parent_session ? `<span class="dim">└ </span><span title="${esc(d.session)}">${esc(d.agent)}</span>`
+    : esc(String(d.session).slice(0, 12));
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${who}</td>
     <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
     <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
     <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
     <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
-  $("decisions").prepend(row);
+  const parent = d.parent_session && [...$("decisions").rows].find((r) => r.dataset.session === d.parent_session);
+  if (d.parent_session) row.className = "sub";
+  if (parent) parent.after(row); else $("decisions").prepend(row);
   while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
 }
 async function follow() {
