@@ -13,22 +13,23 @@ uses only the ones above it, which a test in test_plano.py keeps true:
      6. Wire formats, server-sent events
      7. Wire formats, provider errors
      8. Wire formats, Responses
-     9. Wire formats, streams end to end
-    10. Wire formats, one upstream exchange
-    11. Upstream client
-    12. Shared state
-    13. Router
-    14. Usage ledger
-    15. Capabilities
-    16. Metrics
-    17. Traces
-    18. Gateway
-    19. HTTP server
-    20. CLI, the commands
-    21. CLI, doctor
-    22. CLI, agent wiring
-    23. CLI, the entry point
-    24. The live page
+     9. Wire formats, Bedrock
+    10. Wire formats, streams end to end
+    11. Wire formats, one upstream exchange
+    12. Upstream client
+    13. Shared state
+    14. Router
+    15. Usage ledger
+    16. Capabilities
+    17. Metrics
+    18. Traces
+    19. Gateway
+    20. HTTP server
+    21. CLI, the commands
+    22. CLI, doctor
+    23. CLI, agent wiring
+    24. CLI, the entry point
+    25. The live page
 
 Library use::
 
@@ -247,8 +248,8 @@ class ProviderSpec:
     """
 
     base_url: str | None
-    interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses)
-    auth: str  # "bearer" | "x-api-key" | "api-key" | "none"
+    interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses) | "converse" (Bedrock)
+    auth: str  # "bearer" | "x-api-key" | "api-key" | "aws-sigv4" (Bedrock: signed, no key) | "none"
     key_env: str | None = None  # the variable people conventionally keep the key in
     # (model-id prefix, largest max_tokens the model accepts); Claude Code asks for 128000.
     max_output_tokens: tuple[tuple[str, int], ...] = ()
@@ -320,6 +321,10 @@ PROVIDERS: dict[str, ProviderSpec] = {
                                  responses_models=True, prompt_cache_key=True,
                                  key_domains=(".openai.azure.com", ".cognitiveservices.azure.com",
                                               ".services.ai.azure.com")),
+    # AWS Bedrock: https://bedrock-runtime.REGION.amazonaws.com, each request signed (SigV4) with the
+    # credentials of the standard AWS chain. Claude models take the Anthropic body (InvokeModel), the
+    # others Bedrock's Converse API: read_model sets the interface from the model id (bedrock_interface).
+    "bedrock": ProviderSpec(None, "anthropic", "aws-sigv4"),
 }
 
 # Model ids OpenAI serves only through the Responses API (Chat Completions answers 404
@@ -330,6 +335,25 @@ _RESPONSES_ONLY_MODEL = re.compile(r"codex|-pro(?:$|-)")
 PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
                     "azure": "azure_openai", "claude": "anthropic", "kimi": "moonshot", "zai": "zhipu",
                     "glm": "zhipu", "dashscope": "qwen"}
+
+# A Bedrock model id of Anthropic's Claude: `anthropic.claude-…`, behind a cross-region inference
+# profile (`us.anthropic.claude-…`, `global.…`) or as a profile's ARN (`arn:aws:bedrock:…/us.anthropic…`).
+_BEDROCK_CLAUDE = re.compile(r"(?:^|[./])anthropic\.claude")
+# The geography prefixes of Bedrock's cross-region inference profiles (models.dev lists some of them).
+_BEDROCK_PROFILE_PREFIX = re.compile(r"^(?:us|us-gov|eu|apac|au|jp|ca|global)\.")
+# What Bedrock adds to Anthropic's model id: a profile or ARN before `anthropic.`, a version after.
+_BEDROCK_ID_DECORATION = re.compile(r"^.*?anthropic\.|-v\d+(?::\d+)?$")
+
+
+def bedrock_interface(model_id: str) -> str:
+    """The API a Bedrock model is called through: Claude takes the Anthropic body (InvokeModel),
+    every other model Bedrock's own Converse API."""
+    return "anthropic" if _BEDROCK_CLAUDE.search(model_id) else "converse"
+
+
+def bedrock_base_url(region: str) -> str:
+    return f"https://bedrock-runtime.{region}.amazonaws.com"
+
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
@@ -400,7 +424,8 @@ _CATALOGUE_PROVIDERS = {"openai": "openai", "azure_openai": "azure", "anthropic"
                         "groq": "groq", "together": "togetherai", "openrouter": "openrouter",
                         # the international endpoints plano's catalogue points at (models.dev lists the
                         # China ones apart: moonshotai-cn, zhipuai, alibaba-cn, minimax-cn)
-                        "moonshot": "moonshotai", "zhipu": "zai", "qwen": "alibaba", "minimax": "minimax"}
+                        "moonshot": "moonshotai", "zhipu": "zai", "qwen": "alibaba", "minimax": "minimax",
+                        "bedrock": "amazon-bedrock"}
 _FIRST_PARTY = ("anthropic", "openai", "google", "deepseek", "xai", "mistral")
 
 
@@ -418,6 +443,8 @@ def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
         except KeyError:
             continue
         entry = models.get(model_id)
+        if entry is None and provider == "bedrock":  # an inference profile models.dev does not list: its model
+            entry = models.get(_BEDROCK_PROFILE_PREFIX.sub("", model_id.rsplit("/", 1)[-1]))
         if entry is None and listed:
             entry = max((m for mid, m in models.items() if model_id.startswith(mid + "-")),
                         key=lambda m: len(m.id), default=None)
@@ -431,6 +458,10 @@ def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
             tool_use=bool(entry.tool_call), reasoning=bool(entry.reasoning),
             prices=Prices(cost.input, cost.cache_read, cost.output) if cost else None,
             display_name=entry.name, guessed=guessed + (() if cost else ("prices",)))
+    if provider == "bedrock" and _BEDROCK_CLAUDE.search(model_id):
+        # A Claude models.dev does not list on Bedrock (claude-3-7-sonnet…): Anthropic's own entry for
+        # it, found by the id without Bedrock's prefixes and version (Bedrock bills Anthropic's prices).
+        return catalogue_capabilities("anthropic", _BEDROCK_ID_DECORATION.sub("", model_id))
     return Capabilities()
 
 
@@ -465,6 +496,8 @@ class ModelEntry:
     max_tokens: int | None = None  # a cap from the config (`max_output_tokens`), beats the catalogue's
     timeout: float = 600.0  # seconds to wait for the provider's next byte (long generations)
     capabilities: Capabilities = Capabilities()  # the catalogue's, with the config's fields over it
+    region: str | None = None  # a cloud provider's region (Bedrock, Vertex), e.g. us-east-1
+    aws_profile: str | None = None  # Bedrock: the AWS profile whose credentials sign (None: the default chain)
 
     @property
     def interface(self) -> str:
@@ -795,6 +828,10 @@ def _construct_line_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Lin
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_line_mapping)
 
 _ENV_REFERENCE = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
+# A model's `region` (AWS us-east-1, us-gov-west-1; Google us-east5, europe-west4, global) and
+# `aws_profile` (a section name in ~/.aws/config; no control characters, nothing botocore would misread).
+_CLOUD_REGION = re.compile(r"[a-z]{2,12}(?:-[a-z]+)*(?:-\d{1,2}|\d{1,2})?", re.ASCII)
+_AWS_PROFILE_NAME = re.compile(r"[A-Za-z0-9_.+@-](?:[A-Za-z0-9_.+@ -]{0,126}[A-Za-z0-9_.+@-])?", re.ASCII)
 # listeners[].allowed_hosts: DNS names (an IP literal is always accepted, see OriginPolicy).
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*", re.ASCII)
@@ -1002,7 +1039,7 @@ class _ConfigReader:
             raise self.fail(raw, "llm_providers", f"each entry must be a mapping, got {entry!r}")
         known = {"model", "name", "access_key", "base_url", "endpoint", "default",
                  "routing_preferences", "provider_interface", "fallbacks", "max_tokens", "timeout",
-                 "context_window", "max_output_tokens", "vision", "tool_use", "prices"}
+                 "context_window", "max_output_tokens", "vision", "tool_use", "prices", "region", "aws_profile"}
         for key in entry:
             if key not in known:
                 raise self.fail(entry, key, f"is not a known model field (known: {', '.join(sorted(known))})")
@@ -1030,6 +1067,16 @@ class _ConfigReader:
                                        auth="x-api-key" if interface == "anthropic" else "bearer")
         elif spec.responses_models and _RESPONSES_ONLY_MODEL.search(model_id):
             spec = dataclasses.replace(spec, interface="responses")
+        region, aws_profile = self.read_cloud_place(entry, provider)
+        if provider == "bedrock":
+            if interface is not None or "access_key" in entry:
+                raise self.fail(entry, "provider_interface" if interface is not None else "access_key",
+                                "is not for bedrock models: plano calls Claude through InvokeModel and other "
+                                "models through Converse, signed with your AWS credentials")
+            spec = dataclasses.replace(spec, interface=bedrock_interface(model_id))
+            region = self.read_bedrock_region(entry, region, aws_profile)
+            if base_url is None:
+                base_url = bedrock_base_url(region)
         if base_url is not None:
             base_url = self.expand(entry, "base_url", base_url)[0]
             if not re.match(r"^https?://", base_url or ""):
@@ -1078,7 +1125,48 @@ class _ConfigReader:
             access_key=access_key, key_env=key_env, withheld_key=withheld_key,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
-            max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities)
+            max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities,
+            region=region, aws_profile=aws_profile)
+
+    def read_cloud_place(self, entry: dict, provider: str) -> tuple[str | None, str | None]:
+        """`region` (Bedrock's, Vertex's) and `aws_profile` (Bedrock's), checked: they go into a URL,
+        a host name and botocore's file lookups, so a region is only letters, digits and dashes."""
+        region = self.get(entry, "region", str)
+        profile = self.get(entry, "aws_profile", str)
+        for key, value, providers in (("region", region, ("bedrock", "vertex")),
+                                      ("aws_profile", profile, ("bedrock",))):
+            if value is not None and provider not in providers:
+                raise self.fail(entry, key, f"is for {' and '.join(providers)} models only, not {provider}")
+        if region is not None and not _CLOUD_REGION.fullmatch(region):
+            raise self.fail(entry, "region", f"must be a cloud region such as us-east-1, got {region!r}")
+        if profile is not None and not _AWS_PROFILE_NAME.fullmatch(profile):
+            raise self.fail(entry, "aws_profile", f"must be the name of a profile in your AWS config files (letters, "
+                                                  f"digits, . _ + @ - and spaces), got {profile!r}")
+        return region, profile
+
+    def read_bedrock_region(self, entry: dict, region: str | None, profile: str | None) -> str:
+        """A Bedrock model's region: its `region`, else $AWS_REGION / $AWS_DEFAULT_REGION, else the
+        AWS profile's own `region` (read by botocore, which Bedrock needs anyway)."""
+        try:
+            import botocore.session
+            import botocore.exceptions
+        except ImportError:
+            raise self.fail(entry, "model", "bedrock models need botocore (AWS's own request signing): "
+                                            "pip install 'plano[bedrock]'") from None
+        region = region or self.env.get("AWS_REGION") or self.env.get("AWS_DEFAULT_REGION")
+        if not region:
+            try:
+                region = botocore.session.Session(profile=profile).get_config_variable("region")
+            except botocore.exceptions.ProfileNotFound as e:
+                raise self.fail(entry, "aws_profile", f"names no profile botocore finds: {e}") from None
+            except botocore.exceptions.BotoCoreError as e:  # an AWS config file botocore cannot read
+                raise self.fail(entry, "aws_profile" if profile else "model", f"botocore: {e}") from None
+        if not region:
+            raise self.fail(entry, "region", "is needed for a bedrock model (e.g. `region: us-east-1`), or "
+                                             "$AWS_REGION, or a `region` in your AWS profile")
+        if not _CLOUD_REGION.fullmatch(region):
+            raise self.fail(entry, "region", f"must be a cloud region such as us-east-1, got {region!r}")
+        return region
 
     def read_capabilities(self, entry: dict, provider: str, model_id: str) -> Capabilities:
         """The catalogue's capabilities with the config's fields over them (a config value wins)."""
@@ -3942,6 +4030,210 @@ def responses_stream_error(error_type: str, message: str) -> dict:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, Bedrock: the Anthropic body as Bedrock's InvokeModel takes it, AWS's error answers in
+# the client's format, and AWS event-stream frames (InvokeModelWithResponseStream) as SSE events.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+# Bedrock's Messages API version, in the body where Anthropic's API has the `anthropic-version` header.
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
+
+# The `anthropic-beta` values Bedrock takes (in the body's `anthropic_beta`), as AWS's documentation of
+# Claude's Messages API on Bedrock lists them. Bedrock refuses a request naming any other one
+# (ValidationException), and Claude Code sends several others with every request.
+_BEDROCK_BETAS = frozenset({
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "computer-use-2025-11-24",
+    "token-efficient-tools-2025-02-19", "interleaved-thinking-2025-05-14", "output-128k-2025-02-19",
+    "dev-full-thinking-2025-05-14", "context-1m-2025-08-07", "context-management-2025-06-27",
+    "effort-2025-11-24", "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"})
+
+# The betas already said to be dropped: once a process each, for at most _DROPPED_BETAS_SAID_LIMIT of
+# them (they are the client's text: a client making new ones up must not grow the set without end).
+_DROPPED_BETAS_SAID: set[str] = set()
+_DROPPED_BETAS_SAID_LIMIT = 64
+
+
+def bedrock_betas(header: str) -> list[str]:
+    """The betas of a client's `anthropic-beta` header that Bedrock takes; the others are said once."""
+    kept = []
+    for beta in (b.strip() for b in header.split(",")):
+        if beta in _BEDROCK_BETAS:
+            kept.append(beta)
+        elif beta and beta not in _DROPPED_BETAS_SAID and len(_DROPPED_BETAS_SAID) < _DROPPED_BETAS_SAID_LIMIT:
+            _DROPPED_BETAS_SAID.add(beta)
+            log.info("anthropic-beta %s is dropped for bedrock models (Bedrock refuses betas it does not "
+                     "know); said once", printable(beta)[:80])
+    return kept
+
+
+def bedrock_invoke_body(body: dict, betas: list[str]) -> dict:
+    """An Anthropic Messages body as InvokeModel takes it: the model is in the URL and streaming in the
+    operation, so neither is in the body; Bedrock's `anthropic_version`; betas in `anthropic_beta`."""
+    invoked = {k: v for k, v in body.items() if k not in ("model", "stream", "anthropic_beta")}
+    invoked["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
+    if betas:
+        invoked["anthropic_beta"] = betas
+    return invoked
+
+
+def bedrock_invoke_path(model_id: str, streaming: bool) -> str:
+    """InvokeModel's path: the model id (a `:` and an ARN's `/` included) is one path segment."""
+    operation = "invoke-with-response-stream" if streaming else "invoke"
+    return f"/model/{urllib.parse.quote(model_id, safe='')}/{operation}"
+
+
+# AWS error types (`x-amzn-ErrorType`, or an event-stream exception frame's `:exception-type`) → the
+# status and Anthropic error type the client gets, and whether another model may answer instead.
+_BEDROCK_ERRORS: dict[str, tuple[int, str, bool]] = {
+    "ThrottlingException": (429, "rate_limit_error", True),
+    "ServiceQuotaExceededException": (429, "rate_limit_error", True),
+    "ValidationException": (400, "invalid_request_error", False),
+    "AccessDeniedException": (403, "permission_error", False),
+    "ResourceNotFoundException": (404, "not_found_error", False),
+    "ModelNotReadyException": (503, "overloaded_error", True),
+    "ServiceUnavailableException": (503, "overloaded_error", True),
+    "ModelTimeoutException": (504, "api_error", True),
+    "InternalServerException": (500, "api_error", True),
+    "ModelErrorException": (502, "api_error", True),
+    "ModelStreamErrorException": (502, "api_error", True),
+}
+# What AWS answers when the request's signature or credentials are wrong: plano's AWS setup to fix.
+_AWS_CREDENTIAL_ERRORS = frozenset({
+    "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignatureException",
+    "ExpiredTokenException", "MissingAuthenticationTokenException", "InvalidClientTokenId",
+    "SignatureDoesNotMatch"})
+
+
+def aws_error_type(value: str | None) -> str:
+    """`ThrottlingException` of `ThrottlingException:http://internal.amazon.com/coral/…`, an event
+    stream's `throttlingException` included."""
+    name = str(value or "").split(":", 1)[0].strip()[:100]  # a frame's header may hold a number or bytes
+    return name[:1].upper() + name[1:]
+
+
+def bedrock_error(status: int, headers: Mapping[str, str], body: bytes, client_format: str, *,
+                  provider: str) -> UpstreamError:
+    """A Bedrock error answer (`{"message": …}`, its type only in `x-amzn-ErrorType`) in the client's
+    format: throttling a 429 that fails over, refused credentials a 403 naming AWS's credentials."""
+    kind = aws_error_type(headers.get("x-amzn-errortype"))
+    try:
+        payload = parse_json(body, unique_keys=False)
+    except ValueError:
+        payload = None
+    said = payload.get("message") or payload.get("Message") if isinstance(payload, dict) else None
+    message = str(said or body.decode("utf-8", errors="replace").strip()[:2000] or f"HTTP {status}")
+    # AWS follows a refused signature's message with the canonical request it expected, headers and
+    # session token included, after a blank line: only the sentence before it goes on.
+    message = message.split("\n\n", 1)[0].strip()[:2000]
+    if kind in _AWS_CREDENTIAL_ERRORS or (status in (401, 403) and kind != "AccessDeniedException"):
+        client_status, error_type, retryable = ProviderKeyError.status, ProviderKeyError.error_type, False
+        message = f"{provider}: AWS refused plano's credentials ({kind or status}): {message}"
+    else:
+        client_status, error_type, retryable = _BEDROCK_ERRORS.get(
+            kind, (status, _error_type_for_status(status), status in (408, 429) or status >= 500))
+        message = f"{provider}: {kind + ': ' if kind else ''}{message}"
+    shaped = anthropic_error_body(error_type, message) if client_format == "anthropic" \
+        else openai_error_body(error_type, message, client_status)
+    forwarded = {"x-amzn-requestid": headers["x-amzn-requestid"]} if "x-amzn-requestid" in headers else {}
+    return UpstreamError(message, status=client_status, error_type=error_type, headers=forwarded,
+                         retryable=retryable, body=_json_bytes(shaped))
+
+
+_SSE_EVENT_NAME = re.compile(r"[A-Za-z_]{1,64}", re.ASCII)
+
+
+class BedrockEventStream:
+    """AWS event-stream bytes in (`application/vnd.amazon.eventstream`), SSE bytes out, across
+    arbitrary reads.
+
+    Each frame is cut by its length prefix, bounded by `max_frame_bytes` before any of it is kept,
+    then checked and parsed by botocore's own parser (prelude and message CRC32s, header syntax).
+    An InvokeModel `chunk` frame carries `{"bytes": base64(one Anthropic stream event)}`: that event
+    comes out as the SSE event an Anthropic stream would have sent. Other event frames (Converse's
+    `messageStart`, `contentBlockDelta`, …) come out as an SSE event of the frame's `:event-type`
+    with its payload as data. An exception frame, a frame that fails its checks, one too large, a
+    payload that is not what the frame says, or the body ending mid-frame: one Anthropic `error`
+    event, and nothing after it (`failed` is set).
+    """
+
+    MIN_FRAME_BYTES = 16  # the prelude (total length, headers length, its CRC) and the message CRC
+
+    def __init__(self, max_frame_bytes: int = MAX_SSE_EVENT_BYTES):
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self.failed = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.failed:
+            return b""
+        self._buffer += data
+        out, start = [], 0  # the frames of one read are cut from the buffer at once: linear in its size
+        while len(self._buffer) - start >= 4 and not self.failed:
+            length = struct.unpack_from("!I", self._buffer, start)[0]
+            if not self.MIN_FRAME_BYTES <= length <= self.max_frame_bytes:
+                out.append(self._fail("api_error", f"an event-stream frame of {length:,} bytes (plano takes "
+                                                   f"{self.MIN_FRAME_BYTES} to {self.max_frame_bytes:,})"))
+                break
+            if len(self._buffer) - start < length:
+                break
+            out.append(self._frame(bytes(self._buffer[start:start + length])))
+            start += length
+        del self._buffer[:start]
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """The body ended: a frame cut short is the provider's stream broken off."""
+        if self.failed or not self._buffer:
+            return b""
+        return self._fail("api_error", f"the event stream ended inside a frame ({len(self._buffer)} bytes of it)")
+
+    def _frame(self, frame: bytes) -> bytes:
+        from botocore.eventstream import EventStreamBuffer, ParserError
+        parser = EventStreamBuffer()
+        parser.add_data(frame)
+        try:
+            message = next(parser)
+        except (ParserError, StopIteration, struct.error, ValueError, KeyError, IndexError) as e:
+            # (botocore's header parser meets an unknown value type as a KeyError, bad UTF-8 as a ValueError)
+            return self._fail("api_error", f"a broken event-stream frame ({type(e).__name__}: {printable(e)[:200]})")
+        headers = message.headers
+        kind = headers.get(":message-type")
+        if kind == "exception" or kind == "error":
+            error = aws_error_type(headers.get(":exception-type") or headers.get(":error-code"))
+            try:
+                said = parse_json(message.payload, unique_keys=False).get("message")
+            except (ValueError, AttributeError):
+                said = None
+            said = said or headers.get(":error-message") or message.payload.decode("utf-8", errors="replace")
+            _, error_type, _ = _BEDROCK_ERRORS.get(error, (0, "api_error", False))
+            return self._fail(error_type, f"{error or 'an error'} in the stream: {str(said)[:2000]}")
+        if kind != "event":
+            return b""  # a message type AWS may add later: nothing of the answer
+        name = headers.get(":event-type")
+        try:
+            payload = parse_json(message.payload, unique_keys=False)
+            if name == "chunk":
+                event = base64.b64decode(payload["bytes"], validate=True)
+                data = parse_json(event, unique_keys=False)
+                name = data["type"]
+                payload = data
+                text = event.decode()
+            else:
+                text = message.payload.decode()
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return self._fail("api_error", f"an event-stream {name or 'event'} that is not what it says "
+                                           f"({type(e).__name__})")
+        # The name becomes an `event:` line: a line break in it would forge events of its own.
+        if not isinstance(name, str) or not _SSE_EVENT_NAME.fullmatch(name) or not isinstance(payload, dict):
+            return self._fail("api_error", "an event-stream event without a plain name or a JSON object")
+        return encode_sse(text, name)
+
+    def _fail(self, error_type: str, message: str) -> bytes:
+        self.failed = True
+        self._buffer.clear()
+        return encode_sse(anthropic_error_body(error_type, f"Bedrock: {message}"), "error")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Wire formats, streams end to end: one upstream stream as the bytes its client gets, through
 # the stream machine its pair of formats needs (or passed through).
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4160,6 +4452,9 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
     if model.access_key is None and model.spec.auth != "none" and model.key_env:
         raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                f"(export it or put it in .env beside the config)")
+    if model.interface == "converse":
+        raise PlanoError(f"{model.name}: Bedrock models other than Claude (the Converse API) are not served yet",
+                         status=501, error_type="api_error")
     if max_output is not None:
         body = with_max_output(body, client_format, max_output)
         raw = _json_bytes(body)
@@ -4179,6 +4474,15 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
             content = _json_bytes(responses_request_to_anthropic(body, model))
         else:
             content = _json_bytes(openai_request_to_anthropic(body, model))
+        if model.provider == "bedrock":  # the same body, as InvokeModel takes it (signed later: Upstreams)
+            streaming = body.get("stream") is True
+            betas = bedrock_betas(headers.pop("anthropic-beta", ""))
+            del headers["anthropic-version"]
+            if streaming:
+                headers.update({"accept": "application/vnd.amazon.eventstream",
+                                "x-amzn-bedrock-accept": "application/json"})
+            url = model.base_url + bedrock_invoke_path(model.model_id, streaming)
+            content = _json_bytes(bedrock_invoke_body(json.loads(content), betas))
     elif model.interface == "responses":
         url = model.base_url + "/responses"
         if client_format == "responses":
@@ -4777,6 +5081,89 @@ class _InflatedBody(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self.raw.aclose()
+
+
+# ── AWS: SigV4 signing and event streams, both by botocore (plano[bedrock]) ──────────────────
+
+class AwsSigner:
+    """Bedrock requests signed with SigV4 by botocore, with the credentials of AWS's standard chain
+    for the model's `aws_profile` (environment, shared credentials and config files, SSO, container
+    and instance roles). Finding them can read files and call metadata or SSO endpoints, and signing
+    hashes the whole body, so both run in a worker thread; what was found is kept per (profile,
+    region), and botocore's refreshable credentials (SSO, roles) renew themselves before they expire.
+    The credentials go into the signature only: never into a log line, an error or another
+    provider's request (`secrets` lists them for the scrubbing of what AWS answers)."""
+
+    def __init__(self) -> None:
+        self._credentials: dict[tuple[str | None, str | None], Any] = {}
+        self._signed_with: dict[tuple[str | None, str | None], Any] = {}  # the frozen credentials last used
+
+    async def signed(self, call: ProviderRequest, model: ModelEntry) -> ProviderRequest:
+        return await trio.to_thread.run_sync(self._sign, call, model)
+
+    def secrets(self) -> list[str]:
+        """The secret keys and session tokens signed with so far (AWS may echo a token back)."""
+        return [value for frozen in list(self._signed_with.values()) for value in (frozen.secret_key, frozen.token)
+                if value]
+
+    def _sign(self, call: ProviderRequest, model: ModelEntry) -> ProviderRequest:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        frozen = self._signed_with[model.aws_profile, model.region] = self._frozen_credentials(model)
+        request = AWSRequest(method="POST", url=call.url, data=call.content, headers=call.headers)
+        SigV4Auth(frozen, "bedrock", model.region).add_auth(request)
+        return dataclasses.replace(call, headers=dict(request.headers.items()))
+
+    def _frozen_credentials(self, model: ModelEntry) -> Any:
+        import botocore.exceptions
+        import botocore.session
+        key = (model.aws_profile, model.region)
+        profile = f"the AWS profile {model.aws_profile!r}" if model.aws_profile else "AWS's default credential chain"
+        try:
+            credentials = self._credentials.get(key)
+            if credentials is None:
+                credentials = botocore.session.Session(profile=model.aws_profile).get_credentials()
+                if credentials is None:
+                    raise ProviderKeyError(f"{model.name}: no AWS credentials found for {profile} (botocore looked in "
+                                           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared credentials and config "
+                                           "files, SSO, and container and instance roles)")
+                self._credentials[key] = credentials
+            return credentials.get_frozen_credentials()
+        # botocore's own errors, and AWS's answers to its calls (an SSO or STS refusal): their messages
+        # name files, profiles and roles, not secrets.
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise ProviderKeyError(f"{model.name}: cannot get AWS credentials for {profile}: "
+                                   f"{printable(str(e))[:300]}") from None
+
+
+class _EventStreamAsSSE(httpx.AsyncByteStream):
+    """An AWS event-stream body as the SSE body the stream machines read (BedrockEventStream)."""
+
+    def __init__(self, raw: httpx.AsyncByteStream):
+        self.raw = raw
+        self.decoder = BedrockEventStream()
+
+    async def __aiter__(self) -> Any:
+        async for data in self.raw:
+            out = self.decoder.feed(data)
+            if out:
+                yield out
+            if self.decoder.failed:
+                return  # its error event has gone out: the rest is not read
+        tail = self.decoder.close()
+        if tail:
+            yield tail
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+
+def sse_from_event_stream(response: httpx.Response) -> httpx.Response:
+    """A provider's `application/vnd.amazon.eventstream` answer as a `text/event-stream` one."""
+    headers = [(name, value) for name, value in response.headers.raw
+               if name.lower() not in (b"content-type", b"content-length")] + [(b"content-type", b"text/event-stream")]
+    return httpx.Response(response.status_code, headers=headers, stream=_EventStreamAsSSE(response.stream),
+                          extensions=response.extensions)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -8737,6 +9124,7 @@ class Upstreams:
         self.transport = UpstreamTransport()
         self.health = ProviderHealth(state if state is not None else LocalState())
         self._urls: dict[str, httpx.URL] = {}
+        self.aws = AwsSigner()
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -8761,10 +9149,12 @@ class Upstreams:
                 call = provider_request(model, request.api_format, exchange.body, request.body, request.headers,
                                         request.query, exchange.session,
                                         output_limit(exchange.needs, model) if exchange.needs else None)
+                call = await self._authorized(model, call)
                 response, upstream_ms = await self._send(model, traced.carrying(call), config)
                 if response.status_code >= 400:
                     try:
-                        raise await self._error(response, model, request.api_format, config_secrets(config))
+                        raise await self._error(response, model, request.api_format,
+                                                config_secrets(config) + self.aws.secrets())
                     finally:
                         await response.aclose()
             except UpstreamError as error:
@@ -8811,6 +9201,13 @@ class Upstreams:
                 candidates.append(target)
         return candidates
 
+    async def _authorized(self, model: ModelEntry, call: ProviderRequest) -> ProviderRequest:
+        """`call` with what proves plano may make it, where that is not a key in a header (those
+        provider_request put there): Bedrock's SigV4 signature."""
+        if model.provider == "bedrock":
+            return await self.aws.signed(call, model)
+        return call
+
     def _url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
         # own time per request (bench/overhead.py); they are few, so keep them parsed.
@@ -8834,6 +9231,9 @@ class Upstreams:
             reason = _scrub(str(e), config_secrets(config)) or "no detail"
             raise UpstreamError(f"{model.name}: cannot reach {model.base_url} ({type(e).__name__}: {reason})",
                                 status=502, error_type="api_error", retryable=True) from None
+        if response.status_code < 400 and response.headers.get("content-type", "").startswith(
+                "application/vnd.amazon.eventstream"):
+            response = sse_from_event_stream(response)  # Bedrock's streams: downstream reads SSE
         return response, (time.monotonic() - sent_at) * 1000
 
     @staticmethod
@@ -8843,8 +9243,12 @@ class Upstreams:
             raw = await _read_limited(response, 1 << 20)
         except httpx.HTTPError:
             raw = b""
-        error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                    provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
+        if model.provider == "bedrock":
+            error = bedrock_error(response.status_code, response.headers, raw, client_format, provider=model.name)
+            error.message = _scrub(error.message, secrets)
+        else:
+            error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
+                                        provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
         # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
         error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
         return error
@@ -10538,6 +10942,25 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     return _Finding("ok" if status < 400 else "note", "reach", f"{model.base_url}: reachable (HTTP {status})")
 
 
+def _aws_credentials_finding(model: ModelEntry) -> _Finding:
+    """Whether botocore finds AWS credentials for a Bedrock model, and where (its own name for the
+    source: env, shared-credentials-file, sso, container-role, iam-role…); never the credentials."""
+    import botocore.exceptions
+    import botocore.session
+    profile = f"profile {model.aws_profile}" if model.aws_profile else "the default credential chain"
+    try:
+        credentials = botocore.session.Session(profile=model.aws_profile).get_credentials()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        return _Finding("problem", "key", f"{model.name}: cannot get AWS credentials ({profile}, region "
+                                          f"{model.region}): {printable(str(e))[:300]}")
+    if credentials is None:
+        return _Finding("problem", "key", f"{model.name}: no AWS credentials found ({profile}, region {model.region}): "
+                                          "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, `aws configure`, or "
+                                          "`aws sso login`")
+    return _Finding("ok", "key", f"{model.name}: AWS credentials found ({credentials.method}, {profile}), "
+                                 f"region {model.region}")
+
+
 def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding]:
     """What works and what to do about the rest, as `python -m plano doctor` prints it."""
     findings: list[_Finding] = []
@@ -10550,6 +10973,9 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
     secrets = [m.access_key for m in config.models if m.access_key]
     reached: set[str] = set()
     for model in config.models:
+        if model.spec.auth == "aws-sigv4":
+            findings.append(_aws_credentials_finding(model))
+            continue  # Bedrock's runtime has no cheap request to probe it with
         if model.spec.auth == "none":
             findings.append(_Finding("ok", "key", f"{model.name}: needs no key"))
         elif model.access_key:
