@@ -13194,6 +13194,8 @@ def test_watch_and_the_live_page_show_sub_agents_under_their_parent_session(chro
         "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
         "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
         "another- openai/gpt-4o"]
+
+
 # ── issue 22: Bedrock (Claude) ───────────────────────────────────────────────────────────────
 # A loopback Bedrock runtime that verifies each request's SigV4 signature with botocore against the
 # credentials the test configured, answers with Bedrock's recorded answers byte for byte (JSON, and
