@@ -65,6 +65,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import struct
@@ -3387,6 +3388,30 @@ def check_responses_request(body: dict) -> None:
     _require(isinstance(body.get("input"), (str, list)), "input: must be a string or a list of items")
 
 
+# Codex's multi-agent mode (0.171, `--enable multi_agent_v2`) puts what one of its agents says to
+# another in `agent_message` items (author and recipient paths such as "/root/reviewer"): a header
+# (Message Type, Task name, Sender, Payload) as input_text, then the words as `encrypted_content`,
+# which is plain text when the model that wrote them was not OpenAI's (OpenAI's own is an opaque
+# token only it reads). A sub-agent's task arrives that way, and a child's final answer.
+_OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+
+
+def agent_message_text(item: Mapping[str, Any]) -> str:
+    """The readable words of a Codex `agent_message`, its header included; an opaque encrypted
+    payload is left out (no other provider can read it)."""
+    content = item.get("content")
+    parts = content if isinstance(content, list) else [{"type": "input_text", "text": content}]
+    words = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        text = part.get("text") if part.get("type") in ("input_text", "text", "output_text") \
+            else part.get("encrypted_content") if part.get("type") == "encrypted_content" else None
+        if isinstance(text, str) and text.strip() and not _OPAQUE_TOKEN.fullmatch(text.strip()):
+            words.append(text.strip())
+    return "\n".join(words)
+
+
 def responses_conversation(body: dict) -> list:
     """A Responses `input` as the message list the router reads: message items have a role and
     content like messages; the others (function calls and outputs, reasoning) have no role, so
@@ -3627,6 +3652,12 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             if (signature and not is_plano_signature(signature)) or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
+        elif kind == "agent_message":
+            # Another Codex agent's words (a sub-agent's task, a child's answer): the model reads
+            # them as a user turn, or the sub-agent's model would never see its task.
+            text = agent_message_text(item)
+            if text:
+                _append_anthropic(messages, "user", [{"type": "text", "text": text}])
         # Other items (web search and tool search calls, item references, shell tool calls)
         # mean nothing to a provider that did not make them.
     max_tokens = _anthropic_max_tokens(body.get("max_output_tokens"), model, "max_output_tokens")
@@ -4825,7 +4856,9 @@ class StreamTranslator:
                 # The provider's own error ends the answer: plano adds no error of its own (its
                 # [DONE], when OpenRouter sends one after, still goes on as sent).
                 self.complete = True
-            if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or []):
+            choices = data.get("choices")
+            if isinstance(choices, list) and any(isinstance(choice, dict) and choice.get("finish_reason")
+                                                 for choice in choices):
                 # A finish reason ends the answer too: MiniMax (api.minimax.io/v1) closes its
                 # streams after the usage chunk without ever sending [DONE], as the translation
                 # to Anthropic already accepts.
@@ -4834,8 +4867,8 @@ class StreamTranslator:
         if self.upstream_format == "responses":
             if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
                 self.complete = True  # a failure is the provider's own end too, forwarded as it is
-                usage = (data.get("response") or {}).get("usage")
-                if usage:
+                usage = _usage_field(data.get("response"), "usage")
+                if isinstance(usage, dict) and usage:
                     self._passthrough_usage = _responses_usage_to_anthropic(usage)
                     self._passthrough_responses_reasoning = _reasoning_tokens(usage)
             return
@@ -7098,6 +7131,96 @@ def turn_key(session: str, headers: Mapping[str, str]) -> str:
     return kept_text(f"{session}/turn/{turn}") if isinstance(turn, str) and turn else session
 
 
+# ── sub-agents: their requests routed as turns of their own ───────────────────────────────────
+#
+# How the agents mark a sub-agent's requests (observed with Claude Code 2.1.332 and Codex 0.171.0):
+# - Claude Code's Agent tool: the sub-agent's requests carry the parent's X-Claude-Code-Session-Id
+#   and metadata.user_id, plus `x-claude-code-agent-id: <17 hex>` (the agentId the parent's tool
+#   result names); its conversation is its own, the first user message being the task text.
+# - Codex's multi-agent tools (`--enable multi_agent_v2`): a child thread's requests carry the root
+#   `session-id`, their own `thread-id`, `x-openai-subagent: collab_spawn`,
+#   `x-codex-parent-thread-id`, and in `x-codex-turn-metadata` `agent_name` ("/root/reviewer"),
+#   `thread_source: "subagent"`, `parent_thread_id`. Its `input` is the parent's conversation
+#   (inherited, "warm_fork") followed by an `agent_message` item addressed to it, whose
+#   `encrypted_content` part holds the task (plain text when the model that called spawn_agent was
+#   not OpenAI's; OpenAI's own is an opaque token).
+# Every one of these is the client's to choose: what plano keeps of them is bounded and cleaned
+# (subagent_session), and pins are kept per developer key (pin_key).
+
+SUBAGENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an agent or thread id plano keeps as it is
+_CODEX_AGENT_MESSAGE_HEAD = re.compile(r"^(Message Type|Task name|Sender|Recipient|Payload):[^\n]*$", re.M)
+
+
+@dataclass(frozen=True)
+class SubAgent:
+    """A sub-agent's request: its own session key (where its tool loop is pinned, and what its
+    decisions show as `session`), the session key of the agent that started it, and a name for
+    people (Codex's agent path, else the agent id), each bounded and without control characters."""
+
+    session: str
+    parent: str
+    name: str
+
+
+def subagent_session(session: str, identity: str) -> str:
+    """A sub-agent's session key: the parent's session, `/agent/` and its id, the id as it is when
+    it looks like one (SUBAGENT_ID), else a digest of it; within MAX_KEPT_CHARS (kept_text)."""
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # a lone surrogate too
+    mark = identity if SUBAGENT_ID.fullmatch(identity) else "h" + digest
+    return kept_text(f"{session}/agent/{mark}")
+
+
+def subagent_of(session: str, headers: Mapping[str, str]) -> SubAgent | None:
+    """The sub-agent a request of `session` comes from, by its agent's marks (see above); None for
+    the agent the user talks to."""
+    claude_agent = headers.get("x-claude-code-agent-id")
+    if claude_agent:
+        return SubAgent(subagent_session(session, claude_agent), session, _display_name(claude_agent))
+    try:
+        metadata = parse_json(headers.get("x-codex-turn-metadata") or "{}", unique_keys=False)
+    except ValueError:
+        metadata = {}
+    metadata = metadata if isinstance(metadata, dict) else {}
+    if not headers.get("x-openai-subagent") and metadata.get("thread_source") != "subagent":
+        return None
+    thread = headers.get("thread-id") or metadata.get("thread_id")
+    if not isinstance(thread, str) or not thread:
+        return None  # a child thread without its id: nothing to keep it apart by
+    parent = headers.get("x-codex-parent-thread-id") or metadata.get("parent_thread_id")
+    root_thread = headers.get("session-id") or metadata.get("session_id")
+    # The root agent's thread is the session itself: a child of a child is under that child's key.
+    parent_session = session if not isinstance(parent, str) or not parent or parent == root_thread \
+        else subagent_session(session, parent)
+    name = metadata.get("agent_name")
+    return SubAgent(subagent_session(session, thread), parent_session,
+                    _display_name(name if isinstance(name, str) and name else thread))
+
+
+def _display_name(text: str) -> str:
+    return printable(text[:64]) if len(text) <= 64 else printable(text[:48]) + "…"
+
+
+def codex_subagent_conversation(items: Any, agent: SubAgent) -> list | None:
+    """What the router reads of a Codex sub-agent's `input`: from the task its parent sent it (the
+    last `agent_message` addressed to it, as a user message of its task text) onwards. The inherited
+    parent conversation before it is the parent's, not the sub-agent's. A task only OpenAI can read
+    (encrypted) leaves the task's name ("Task name: /root/reviewer": "reviewer"). None: there is no
+    task in it (not Codex's shape), so the request is routed as any other."""
+    if not isinstance(items, list):
+        return None
+    messages = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "agent_message"]
+    if not messages:
+        return None
+    addressed = [i for i in messages if items[i].get("recipient") == agent.name]
+    start = (addressed or messages)[-1]
+    text = agent_message_text(items[start])
+    task = _CODEX_AGENT_MESSAGE_HEAD.sub("", text).strip()
+    if not task:
+        named = re.search(r"^Task name: *(?:.*/)?([^/\n]+)$", text, re.M)
+        task = named.group(1).strip() if named else ""
+    return ([{"role": "user", "content": task}] if task else []) + list(items[start + 1:])
+
+
 def _first_user_text(messages: Any) -> str:
     """The user's first words, harness blocks removed; stops there rather than read everything."""
     for message in messages if isinstance(messages, list) else []:
@@ -8223,6 +8346,16 @@ class Metrics:
             registry=registry)
         registry.register(_GatewayStateCollector(state))
         self._route_names: tuple[Config | None, frozenset[str]] = (None, frozenset())
+        # Each metric's child per label values, as `labels()` returns it: that call checks and locks
+        # each time, ~8 times a request. Bounded as the label values are (see the class docstring).
+        self._children: dict[tuple, Any] = {}
+
+    def _of(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """Every metric, in the format a scraper's `Accept` asks for (Prometheus text, or OpenMetrics),
@@ -8253,29 +8386,30 @@ class Metrics:
         model_name = model.name if model is not None else "none"
         route = decision.route if decision is not None and decision.route in self._routes_of(config) else "none"
         key, team = exchange_owner(exchange)
-        self.requests.labels(model_name, route, decision.decision if decision is not None else "none",
-                             str(exchange.status), key, team).inc()
+        self._of(self.requests, model_name, route, decision.decision if decision is not None else "none",
+                 str(exchange.status), key, team).inc()
         if model is None:
             return  # refused before a model was chosen: no provider was asked
         genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
-        self.operation_duration.labels(*genai, str(exchange.status) if exchange.status >= 400 else "").observe(
+        self._of(self.operation_duration, *genai, str(exchange.status) if exchange.status >= 400 else "").observe(
             time.monotonic() - exchange.started)
         if exchange.status == 200 and exchange.first_byte_ms is not None:
-            self.first_token.labels(*genai).observe(exchange.first_byte_ms / 1000)
+            self._of(self.first_token, *genai).observe(exchange.first_byte_ms / 1000)
             if exchange.upstream_ms is not None:
-                self.added.labels(exchange.request.api_format).observe(
+                self._of(self.added, exchange.request.api_format).observe(
                     max(exchange.first_byte_ms - exchange.upstream_ms, 0.0) / 1000)
         if row is None or exchange.usage is None:
             return
         counts = {kind: _token_count(row.get(column)) for kind, column in _TOKEN_KINDS}
         for kind, count in counts.items():
             if count:
-                self.tokens.labels(model_name, kind).inc(count)
-        self.token_usage.labels(*genai, "input").observe(counts["input"] + counts["cache_read"] + counts["cache_write"])
-        self.token_usage.labels(*genai, "output").observe(counts["output"])
+                self._of(self.tokens, model_name, kind).inc(count)
+        self._of(self.token_usage, *genai, "input").observe(
+            counts["input"] + counts["cache_read"] + counts["cache_write"])
+        self._of(self.token_usage, *genai, "output").observe(counts["output"])
         cost = row.get("cost_usd")
         if cost is not None and cost > 0:
-            self.cost.labels(model_name, key, team).inc(cost)
+            self._of(self.cost, model_name, key, team).inc(cost)
 
     def _routes_of(self, config: Config) -> frozenset[str]:
         """The config's route names (kept for the config they were read from: a reload brings another)."""
@@ -8323,8 +8457,11 @@ class _GatewayStateCollector:
 # Optional twice over: the `otel` extra (opentelemetry-sdk and its OTLP/HTTP exporter) must be
 # installed, and the standard OTEL_* variables must ask for traces (trace_settings). Otherwise no
 # module of OpenTelemetry is imported, Gateway.tracing is None and every hook the gateway calls is
-# a method of _NO_TRACE that does nothing. With tracing on, a request only creates its spans and
-# hands them, ended, to the SDK's BatchSpanProcessor: its own thread encodes and sends them.
+# a method of _NO_TRACE that does nothing. With tracing on, a request only notes times and facts
+# while it is being answered (and sends the provider a `traceparent` built from ids chosen up front);
+# its spans are made from those notes once the answer has gone out, and handed, ended, to the SDK's
+# BatchSpanProcessor: its own thread encodes and sends them. (Made as they happened, the spans cost
+# each answer ~50-80 µs before its first byte on this project's CPUs: bench/overhead.py.)
 
 _CONTENT_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CAPTURED_PART_CHARS = 8192  # of one text, reasoning or tool part, when content is captured
@@ -8414,11 +8551,28 @@ class Tracing:
         resource = Resource.create()
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "plano"}))  # OTEL_SERVICE_NAME unset
-        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # aclose shuts it down
+        self.ids = _ChosenIds()
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False,  # aclose shuts it down
+                                       id_generator=self.ids)
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self.tracer = self.provider.get_tracer("plano")
-        self.api = trace  # SpanKind, Status, set_span_in_context
+        self.api = trace  # SpanKind, Status, set_span_in_context, SpanContext, NonRecordingSpan
         self.propagator = TraceContextTextMapPropagator()
+
+    def start_span(self, name: str, ids: tuple[int | None, int], **options: Any) -> Any:
+        """A span of the SDK's with the trace id (None: its parent's) and span id chosen earlier."""
+        self.ids.chosen = ids
+        try:
+            return self.tracer.start_span(name, **options)
+        finally:
+            self.ids.chosen = None
+
+    def sampled(self, parent: Any, trace_id: int) -> bool:
+        """Whether the request span of `trace_id` under `parent` will be sampled: what the
+        provider's `traceparent` says before the span exists. The SDK's samplers (parent-based,
+        always on/off, trace-id ratio) decide from these two alone, so the span, made later under
+        the same parent with the same id, gets the same answer."""
+        return self.provider.sampler.should_sample(parent, trace_id, "chat").decision.is_sampled()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> "Tracing | None":
@@ -8469,6 +8623,33 @@ def _wall_ns(monotonic: float) -> int:
 _TRACESTATE = re.compile(r"[ -~]{1,512}")
 
 
+class _ChosenIds:
+    """The SDK's id generator for plano's tracer. A span is made after its request was answered,
+    but its ids were chosen (random, as the SDK's own generator's) when the request arrived, and
+    the provider has seen them in `traceparent`: Tracing.start_span sets `chosen` around the one
+    start_span call that takes them (synchronously, on the gateway's thread)."""
+
+    def __init__(self) -> None:
+        self.chosen: tuple[int | None, int] | None = None  # (trace id, span id) for the next span
+
+    def generate_span_id(self) -> int:
+        return self.chosen[1] if self.chosen is not None else random_span_id()
+
+    def generate_trace_id(self) -> int:
+        return self.chosen[0] or random_trace_id() if self.chosen is not None else random_trace_id()
+
+    def is_trace_id_random(self) -> bool:  # W3C trace-context level 2's "random" flag: they are
+        return True
+
+
+def random_span_id() -> int:
+    return random.getrandbits(64) or 1  # 0 is W3C's "invalid"
+
+
+def random_trace_id() -> int:
+    return random.getrandbits(128) or 1
+
+
 class _NoTrace:
     """Tracing off: every hook the gateway calls does nothing (one shared instance, no state)."""
 
@@ -8504,19 +8685,30 @@ class _RequestTrace:
     the client's W3C `traceparent` when it sent a valid one (anything else starts a new trace);
     below it the router's decision when the router was asked (INTERNAL, `plano.router`) and each
     upstream attempt (CLIENT, `chat {model id}`, a failover's failed attempts included), whose
-    context is the `traceparent` the provider gets. The GenAI attributes, usage and the outcome
-    are set when the gateway is done with the request (`finish`)."""
+    context is the `traceparent` the provider gets. While the request is answered, only times and
+    facts are noted; `finish`, once the gateway is done with it, makes the spans from them."""
 
     def __init__(self, tracing: Tracing, request: Any, started: float):
         self.tracing = tracing
         api = tracing.api
+        self.started = _wall_ns(started)
         carrier = {name: request.headers[name] for name in ("traceparent", "tracestate") if name in request.headers}
         if not _TRACESTATE.fullmatch(carrier.get("tracestate", "-")):
             del carrier["tracestate"]
-        parent = tracing.propagator.extract(carrier)  # a malformed traceparent: an empty context
-        self.span = tracing.tracer.start_span("chat", context=parent, kind=api.SpanKind.SERVER,
-                                              start_time=_wall_ns(started))
-        self.context = api.set_span_in_context(self.span)
+        # A malformed traceparent gives an empty context: a new trace.
+        self.parent = tracing.propagator.extract(carrier) if "traceparent" in carrier else None
+        remote = api.get_current_span(self.parent).get_span_context() if self.parent is not None else None
+        inherited = remote is not None and remote.is_valid
+        self.trace_id = remote.trace_id if inherited else random_trace_id()
+        self.trace_state = remote.trace_state if inherited else None
+        self.span_id = random_span_id()
+        # The flags the request span will have (as the SDK sets them): sampled or not, and W3C's
+        # "random trace id" for a trace plano starts or a client's that says so.
+        flags = api.TraceFlags.SAMPLED if tracing.sampled(self.parent, self.trace_id) else api.TraceFlags.DEFAULT
+        if remote.trace_flags.random_trace_id if inherited else self.tracing.ids.is_trace_id_random():
+            flags |= api.TraceFlags.RANDOM_TRACE_ID
+        self.flags = api.TraceFlags(flags)
+        self.router: tuple[dict[str, Any], int, int] | None = None  # attributes, start and end (epoch ns)
         self.attempts: list[_AttemptTrace] = []
 
     def routed(self, decision: RouteDecision, since: float) -> None:
@@ -8524,10 +8716,7 @@ class _RequestTrace:
         attributes = {"plano.decision": decision.decision, "plano.model": decision.model,
                       "plano.router_ms": round(decision.latency_ms, 1), "plano.route": decision.route,
                       "plano.route_confidence": decision.confidence, "plano.reason": kept_text(decision.reason)}
-        span = self.tracing.tracer.start_span("plano.router", context=self.context,
-                                              kind=self.tracing.api.SpanKind.INTERNAL, start_time=_wall_ns(since))
-        _set(span, attributes)
-        span.end()
+        self.router = (attributes, _wall_ns(since), time.time_ns())
 
     def attempt(self, model: ModelEntry) -> "_AttemptTrace":
         attempt = _AttemptTrace(self, model)
@@ -8557,7 +8746,7 @@ class _RequestTrace:
                         "without its id, model and finish reasons", type(error).__name__)
 
     def finish(self, exchange: Any) -> None:
-        """Everything the gateway learned of the request (an _Exchange), on the spans; they end."""
+        """Everything the gateway learned of the request (an _Exchange), on its spans, made now."""
         decision, model, config = exchange.decision, exchange.model, exchange.config
         answered = self.attempts[-1] if self.attempts and model is not None else None
         # A stream's 200 has gone out once a provider answered; an error after it is an event in
@@ -8569,7 +8758,6 @@ class _RequestTrace:
                                       "gen_ai.request.stream": True if exchange.wants_stream else None}
         if exchange.requested_model:
             attributes["gen_ai.request.model"] = exchange.requested_model
-            self.span.update_name(f"chat {exchange.requested_model}")
         if decision is not None:
             attributes.update({"plano.decision": decision.decision, "plano.model": decision.model,
                                "plano.route": decision.route, "plano.router_ms": round(decision.latency_ms, 1)})
@@ -8584,63 +8772,68 @@ class _RequestTrace:
             attributes.update(answered.facts.attributes(model, failed))
         elif failed and self.attempts:
             attributes["gen_ai.response.finish_reasons"] = ["error"]  # expected, and never came
+        tracing, api = self.tracing, self.tracing.api
+        span = tracing.start_span(f"chat {exchange.requested_model}" if exchange.requested_model else "chat",
+                                  (self.trace_id, self.span_id), context=self.parent, kind=api.SpanKind.SERVER,
+                                  start_time=self.started)
         if failed:
             attributes["error.type"] = str(exchange.status)
             if exchange.status >= 500:  # a 4xx is the client's to fix: not the server span's error
-                self.span.set_status(self.tracing.api.Status(self.tracing.api.StatusCode.ERROR,
-                                                             f"HTTP {exchange.status}"))
-        settings = self.tracing.settings
-        if (settings.content_on_span or settings.content_on_event) and self.span.is_recording():
+                span.set_status(api.Status(api.StatusCode.ERROR, f"HTTP {exchange.status}"))
+        settings = tracing.settings
+        if (settings.content_on_span or settings.content_on_event) and span.is_recording():
             content = _content_attributes(exchange.body, exchange.request.api_format,
                                           answered.facts if answered is not None else None)
             if settings.content_on_span:
                 attributes.update(content)
             if settings.content_on_event:
-                self.span.add_event("gen_ai.client.inference.operation.details", content)
+                span.add_event("gen_ai.client.inference.operation.details", content)
+        context = api.set_span_in_context(span)
+        if self.router is not None:
+            router_attributes, start, end = self.router
+            router_span = tracing.start_span("plano.router", (None, random_span_id()), context=context,
+                                             kind=api.SpanKind.INTERNAL, start_time=start)
+            _set(router_span, router_attributes)
+            router_span.end(end_time=end)
         for attempt in self.attempts:
-            attempt.end(answered is attempt, failed)
-        _set(self.span, attributes)
-        self.span.end()
+            attempt.made(context, answered is attempt, failed)
+        _set(span, attributes)
+        span.end()
 
 
 class _AttemptTrace:
-    """One upstream attempt's span (CLIENT): the request to one provider and its answer. Its
-    attributes are gathered here and set once, as it ends (each call into the SDK has its cost)."""
+    """One upstream attempt's span (CLIENT): the request to one provider and its answer, noted
+    here and made by the request's `finish`."""
 
     def __init__(self, trace: _RequestTrace, model: ModelEntry):
         self.trace = trace
         self.model = model
+        self.span_id = random_span_id()
         self.sent = time.monotonic()
+        self.started = time.time_ns()
+        self.ended: int | None = None  # epoch ns: when the attempt failed (else the request's end)
+        self.error: PlanoError | None = None
         self.first_chunk: float | None = None
-        self.ended = False
         self.facts = _AnswerFacts(model.interface, trace.tracing.settings.content_on_span
                                   or trace.tracing.settings.content_on_event)
-        base = urllib.parse.urlsplit(model.base_url)
-        try:
-            port = base.port or (443 if base.scheme == "https" else 80)
-        except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
-            port = None
-        self.attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
-            "gen_ai.request.model": model.model_id, "server.address": base.hostname, "server.port": port}
-        tracing = trace.tracing
-        self.span = tracing.tracer.start_span(f"chat {model.model_id}", context=trace.context,
-                                              kind=tracing.api.SpanKind.CLIENT)
+        self.attributes: dict[str, Any] = {"http.response.status_code": None}
 
     def carrying(self, call: ProviderRequest) -> ProviderRequest:
         """`call` with this attempt's `traceparent` (and the client's `tracestate`): the provider,
         and only the provider, learns which trace its work belongs to."""
+        trace, api = self.trace, self.trace.tracing.api
+        context = api.SpanContext(trace.trace_id, self.span_id, is_remote=False, trace_flags=trace.flags,
+                                  trace_state=trace.trace_state)
         headers = dict(call.headers)
-        self.trace.tracing.propagator.inject(headers, context=self.trace.tracing.api.set_span_in_context(self.span))
-        return dataclasses.replace(call, headers=headers)
+        trace.tracing.propagator.inject(headers, context=api.set_span_in_context(api.NonRecordingSpan(context)))
+        return ProviderRequest(call.url, headers, call.content, call.timeout)
 
     def failed(self, error: PlanoError) -> None:
         """The attempt ended in `error` (the provider's error status, or plano's 502/504 when it
         could not reach it or it did not answer in time; 403 for a missing key)."""
-        api = self.trace.tracing.api
+        self.error = error
         self.attributes.update({"error.type": str(error.status), "http.response.status_code": error.status})
-        self.span.set_status(api.Status(api.StatusCode.ERROR, error.error_type))
-        self.end(False, True)
+        self.ended = time.time_ns()
 
     def answered(self, status: int) -> None:
         self.attributes["http.response.status_code"] = status
@@ -8650,14 +8843,31 @@ class _AttemptTrace:
             self.first_chunk = time.monotonic()
             self.attributes["gen_ai.response.time_to_first_chunk"] = round(self.first_chunk - self.sent, 6)
 
-    def end(self, answered: bool, failed: bool) -> None:
-        if self.ended:
-            return
+    def made(self, context: Any, answered: bool, failed: bool) -> None:
+        """The attempt's span, under the request's (`context`), started and ended as noted."""
+        tracing, api, model = self.trace.tracing, self.trace.tracing.api, self.model
+        base = _url_parts(model.base_url)
+        attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": genai_provider_name(model),
+                      "gen_ai.request.model": model.model_id, "server.address": base[0], "server.port": base[1],
+                      **self.attributes}
         if answered:
-            self.attributes.update(self.facts.attributes(self.model, failed))
-        _set(self.span, self.attributes)
-        self.span.end()
-        self.ended = True
+            attributes.update(self.facts.attributes(model, failed))
+        span = tracing.start_span(f"chat {model.model_id}", (None, self.span_id), context=context,
+                                  kind=api.SpanKind.CLIENT, start_time=self.started)
+        if self.error is not None:
+            span.set_status(api.Status(api.StatusCode.ERROR, self.error.error_type))
+        _set(span, attributes)
+        span.end(end_time=self.ended)
+
+
+@functools.lru_cache(maxsize=256)  # the configured models' few URLs
+def _url_parts(url: str) -> tuple[str | None, int | None]:
+    """A base URL's host and port, as a span's server.address and server.port."""
+    base = urllib.parse.urlsplit(url)
+    try:
+        return base.hostname, base.port or (443 if base.scheme == "https" else 80)
+    except ValueError:  # the config's checks let no such URL through; a span is no reason to fail
+        return base.hostname, None
 
 
 def _usage_attributes(usage: Mapping[str, Any] | None, reasoning_tokens: int | None) -> dict[str, int]:
@@ -9043,6 +9253,9 @@ class Responder:
     async def send(self, data: bytes) -> None:
         raise NotImplementedError
 
+    async def end(self) -> None:
+        """The answer is complete: a streamed one's end goes out now (a whole one's has already)."""
+
 
 class _CORSResponder(Responder):
     """The gateway's answers, with the CORS headers that let a page of an allowed origin read them."""
@@ -9065,6 +9278,9 @@ class _CORSResponder(Responder):
 
     async def send(self, data: bytes) -> None:
         await self.inner.send(data)
+
+    async def end(self) -> None:
+        await self.inner.end()
 
 
 # ── browser-origin protection ──────────────────────────────────────────────────────────────
@@ -9217,6 +9433,7 @@ class _Exchange:
     wants_stream: bool = False
     include_usage: bool = False  # an OpenAI client asked for the usage chunk at a stream's end
     session: str = ""
+    subagent: SubAgent | None = None  # the sub-agent it comes from, when its agent says so
     needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
     decision: RouteDecision | None = None
     model: ModelEntry | None = None  # the model that answers, once a provider has said yes
@@ -9628,7 +9845,10 @@ def decision_record(exchange: _Exchange) -> dict:
     """One request's decision as /plano/decisions, watch and the status line show it."""
     decision = exchange.decision
     assert decision is not None
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()), "session": exchange.session,
+    subagent = exchange.subagent
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+            "session": subagent.session if subagent else exchange.session,
+            "parent_session": subagent.parent if subagent else None, "agent": subagent.name if subagent else None,
             "requested_model": exchange.requested_model, "model": decision.model,
             "route": decision.route, "decision": decision.decision,
             "router_ms": round(decision.latency_ms, 1), "reason": decision.reason,
@@ -9637,6 +9857,15 @@ def decision_record(exchange: _Exchange) -> dict:
             "status": exchange.status,
             "ttfb_ms": round(exchange.first_byte_ms, 1) if exchange.first_byte_ms is not None else None,
             "key": exchange.key.name if exchange.key else None, "team": exchange.key.team if exchange.key else None}
+
+
+def pin_key(exchange: _Exchange) -> str:
+    """Where the router pins the model of this request's turn: its agent's own session (a
+    sub-agent's, else the session's) and turn, under the developer's key when keys are configured,
+    so that a client naming another developer's session or sub-agent moves no pin of theirs."""
+    session = exchange.subagent.session if exchange.subagent is not None else exchange.session
+    turn = turn_key(session, exchange.request.headers)
+    return f"key/{len(exchange.key.name)}/{exchange.key.name}/{turn}" if exchange.key is not None else turn
 
 
 def visible_to(key: GatewayKey | None, record: Mapping[str, Any]) -> bool:
@@ -9827,6 +10056,9 @@ class Gateway:
             except PlanoError as error:
                 exchange.status = error.status
                 await self._answer_error(request, respond, error)
+            # A stream's last bytes go out before the bookkeeping below: the client has its whole
+            # answer while the log line, metrics, spans and ledger row are made.
+            await respond.end()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Writing to a client that hung up (before the server noticed the hang-up itself):
             # the client is gone, nothing is wrong with plano, nobody is left to tell.
@@ -10165,7 +10397,7 @@ class Gateway:
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
         if self.router is not None:
             deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
-                self.router.decide_for_request(routed, turn_key(exchange.session, exchange.request.headers))
+                self.router.decide_for_request(routed, pin_key(exchange))
             return await (self.metrics.deciding(deciding) if self.metrics is not None else deciding)
         return RouteDecision(config.default_model.name, None, "default",
                              reason=f"{requested or 'no model'} is not configured; routing is off")
@@ -10201,6 +10433,11 @@ class Gateway:
         exchange.wants_stream = body.get("stream") is True
         exchange.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         exchange.session = session_key(body, request.headers)
+        exchange.subagent = subagent_of(exchange.session, request.headers)
+        if exchange.subagent is not None and client_format == "responses":
+            # A Codex sub-agent's input starts with its parent's conversation: it is routed on its task.
+            task = codex_subagent_conversation(body.get("input"), exchange.subagent)
+            routed = {"messages": task} if task is not None else routed
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
@@ -10423,6 +10660,10 @@ class _HTTPConnection(Responder):
     async def send(self, data: bytes) -> None:
         if data:
             await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        if self.started and self.conn.our_state is h11.SEND_BODY:
+            await self._send(h11.EndOfMessage())
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
@@ -11086,7 +11327,8 @@ _DECISION_COLOURS = {"router": "32", "pinned": "36", "sticky": "36", "alias": "3
 
 
 def format_decision(record: Mapping[str, Any], colour: bool) -> str:
-    """One line of `plano watch`."""
+    """One line of `plano watch`. A sub-agent's decision is indented under its parent's session:
+    the parent's session where the session goes, then `└` and the sub-agent's name."""
     def paint(code: str, text: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if colour else text
 
@@ -11097,9 +11339,12 @@ def format_decision(record: Mapping[str, Any], colour: bool) -> str:
     if isinstance(record.get("confidence"), (int, float)):
         router_ms += f" p={record['confidence']:.2f}"
     kind = printable(record.get("decision", "?"))
+    parent = record.get("parent_session")
+    who = [f"{printable(record.get('session') or '-')[:8]:8}"] if not parent else \
+        [f"{printable(parent)[:8]:8}", paint("2", f"└ {printable(record.get('agent') or '-')[:24]}")]
     return " ".join([
         paint("2", printable(record.get("time", ""))[-8:]),
-        f"{printable(record.get('session') or '-')[:8]:8}",
+        *who,
         f"{printable(record.get('requested_model', '-'))} → {paint('1', printable(record.get('model', '-')))}",
         f"[{printable(route)}]",
         paint(_DECISION_COLOURS.get(kind, "0"), f"{kind}{(' ' + router_ms) if router_ms else ''}"),
@@ -11740,6 +11985,7 @@ th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-bottom: 1px so
   white-space: nowrap; font-variant-numeric: tabular-nums }
 td.n, th.n { text-align: right } .bad { color: var(--bad) } .ok { color: var(--ok) }
 #saved { font-size: 1.05rem; margin: .6rem 0 } #key { display: none; margin: 1rem 0 }
+tr.sub td:nth-child(2) { padding-left: 1.4rem }
 </style></head><body>
 <h1>plano</h1><div id="status">connecting…</div>
 <form id="key">This gateway needs its key: <input type="password" id="keyinput" size="32">
@@ -11799,16 +12045,23 @@ function refreshUsageSoon() {
   if (usageDue) return;
   usageDue = setTimeout(() => { usageDue = null; refreshUsage().catch(() => {}); }, 1000);
 }
+// A sub-agent's decision goes right under the newest decision of its parent's session, indented
+// (the tree: a session, then what its sub-agents decided); without one shown, at the top.
 function showDecision(d) {
   const row = document.createElement("tr");
+  row.dataset.session = d.session;
   const sure = d.confidence == null ? ""
     : pct(d.confidence) + (d.runner_up ? ` <span class="dim">(else ${esc(d.runner_up)})</span>` : "");
-  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${esc(String(d.session).slice(0, 12))}</td>
+  const who = d.parent_session ? `<span class="dim">└ </span><span title="${esc(d.session)}">${esc(d.agent)}</span>`
+    : esc(String(d.session).slice(0, 12));
+  row.innerHTML = `<td>${esc(String(d.time).slice(11))}</td><td>${who}</td>
     <td>${esc(d.requested_model)} → <b>${esc(d.model)}</b></td><td>${esc(d.route || "-")}</td>
     <td title="${esc(d.reason)}">${esc(d.decision)}</td><td class="n">${sure}</td>
     <td class="n ${d.status >= 400 ? "bad" : "ok"}">${esc(d.status)}</td>
     <td class="n">${d.ttfb_ms == null ? "-" : Math.round(d.ttfb_ms) + " ms"}</td>`;
-  $("decisions").prepend(row);
+  const parent = d.parent_session && [...$("decisions").rows].find((r) => r.dataset.session === d.parent_session);
+  if (d.parent_session) row.className = "sub";
+  if (parent) parent.after(row); else $("decisions").prepend(row);
   while ($("decisions").rows.length > 200) $("decisions").deleteRow(-1);
 }
 async function follow() {

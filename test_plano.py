@@ -6600,7 +6600,8 @@ PROVIDER_HEADS = [
     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
 ]
 SSE_BITS = [b"data: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}\n\n", b"event: message_start\ndata: {}\n\n",
-            b"data: [DONE]\n\n", b"5\r\ndata:\r\n", b"0\r\n\r\n", b"\n\n", b"data: {\"error\": 1}\n\n"]
+            b"data: [DONE]\n\n", b"5\r\ndata:\r\n", b"0\r\n\r\n", b"\n\n", b"data: {\"error\": 1}\n\n",
+            b"data: {\"choices\": 5, \"usage\": 3}\n\n"]  # a passthrough's watcher once raised TypeError on it
 
 
 @settings(max_examples=120, deadline=None)
@@ -6635,6 +6636,24 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
     else:
         assert response.json()["type" if path == "/v1/messages" else "object"] in ("message", "chat.completion")
     assert httpx.get(running.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("chunk", [b'{"choices": 5, "usage": 3}', b'{"choices": "x"}', b'{"choices": [7, null]}'])
+def test_a_passed_through_stream_chunk_of_the_wrong_shape_goes_on_to_the_client_as_sent(soup_target, chunk):
+    # Chat client, Chat provider: plano forwards the chunks and only watches them for the end and
+    # the usage. A chunk whose `choices` is not a list of objects once raised TypeError in that
+    # watcher (a 500 error event instead of the provider's stream).
+    running, provider = soup_target
+    provider.answer = (PROVIDER_HEADS[2] + b"data: " + chunk + b"\n\n"
+                       + b'data: {"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+                       + b"data: [DONE]\n\n")
+    logged = len(SuiteLog.lines)
+    response = httpx.post(running.url + "/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 200
+    datas = [event.data for event in decode_sse([response.content])]
+    assert datas[0] == chunk.decode() and datas[-1] == "[DONE]", datas
+    assert not any("internal error" in line for line in SuiteLog.lines[logged:])
 
 
 @settings(max_examples=300, deadline=None)
@@ -11900,7 +11919,7 @@ class OTLPReceiver:
 OTEL_VARIABLES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME",
                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_SCHEDULE_DELAY",
-                  plano._CONTENT_CAPTURE)
+                  "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", plano._CONTENT_CAPTURE)
 
 
 @pytest.fixture
@@ -11997,6 +12016,37 @@ def test_the_clients_traceparent_is_continued_and_the_provider_gets_one_of_the_s
     first_chunk = upstream.attributes["gen_ai.response.time_to_first_chunk"]
     assert isinstance(first_chunk, float) and 0 <= first_chunk < 30
     assert upstream.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
+
+
+@pytest.mark.parametrize("sampler, client_flags", [(None, "00"), ("always_off", None), ("traceidratio", None)])
+def test_the_providers_traceparent_says_what_the_sampler_decided_for_the_spans_made_after_the_answer(
+        provider, collector, monkeypatch, sampler, client_flags):
+    # The spans are made once the answer has gone out, but the provider's traceparent left before:
+    # its flags must be the ones the request's span then gets. A client's unsampled trace, the
+    # always_off sampler and a ratio of 0 send "not sampled" and export nothing; a ratio of 1 sends
+    # "sampled" and the spans come, of the same trace and ids.
+    if sampler is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{client_flags}"} if client_flags else {}
+    ratios = ["0", "1"] if sampler == "traceidratio" else [None]
+    for ratio in ratios:
+        if ratio is not None:
+            monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+        collector.spans.clear()
+        with RunningPlano(config_for(provider)) as running:
+            anthropic_client(running).messages.create(
+                model="openai/gpt-4o", max_tokens=20, messages=[{"role": "user", "content": "hi"}],
+                extra_headers=headers)
+        trace_id, span_id, sampled = traceparent(provider.requests[-1].headers["traceparent"])
+        if client_flags:
+            assert trace_id == CLIENT_TRACE
+        assert sampled is (ratio == "1")
+        if not sampled:
+            assert collector.spans == []
+        else:
+            upstream, server = collector.one("CLIENT"), collector.one("SERVER")
+            assert (upstream.trace_id, upstream.span_id, upstream.parent_id) == (trace_id, span_id, server.span_id)
+            assert server.start <= upstream.start
 
 
 def test_a_responses_request_is_traced_in_its_own_format_too(provider, collector):
@@ -12731,6 +12781,419 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert line_about(lines, "state").endswith("(blocks plano up)")
     assert line_about(lines, "stats").startswith("✗ stats     `stats.url` (postgresql://nobody:***@127.0.0.1:")
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
+
+
+# ── issue 23: sub-agents ──────────────────────────────────────────────────────────────────────
+# The recordings in testdata/subagents/ are this workplace's own (2026-12-05): the real Claude Code
+# 2.1.332 and Codex 0.171.0 run headless against a loopback recorder (each file says how).
+
+def recorded_subagent_requests(name: str) -> list[dict]:
+    return json.loads((HERE / "testdata" / "subagents" / name).read_text())["requests"]
+
+
+CLAUDE_SUBAGENT_RECORDING = "claude_code_2.1.332_agent_tool.json"
+CODEX_SUBAGENT_RECORDING = "codex_0.171.0_multi_agent_v2.json"
+RECORDED_TASK = "SUBTASK-MARKER: review the diff in app.py for bugs"
+
+
+def test_claude_code_marks_its_sub_agent_requests_with_an_agent_id_and_routes_them_on_the_task():
+    main, child, child_loop, main_loop = recorded_subagent_requests(CLAUDE_SUBAGENT_RECORDING)
+    session = plano.session_key(main["body"], main["headers"])
+    assert session == main["headers"]["x-claude-code-session-id"]
+    for request in (main, main_loop):
+        assert plano.subagent_of(plano.session_key(request["body"], request["headers"]), request["headers"]) is None
+    agent_id = child["headers"]["x-claude-code-agent-id"]
+    for request in (child, child_loop):
+        # the same session header and metadata.user_id as the agent that started it
+        assert plano.session_key(request["body"], request["headers"]) == session
+        assert plano.subagent_of(session, request["headers"]) == plano.SubAgent(
+            f"{session}/agent/{agent_id}", session, agent_id)
+    assert child["body"]["model"] == "sub-model-x"  # CLAUDE_CODE_SUBAGENT_MODEL: the sub-agent's model slot
+    assert "cc_is_subagent=true" in child["body"]["system"][0]["text"]
+    # What the router reads of the sub-agent's first request is its task, without the harness text;
+    # its tool-result continuation is not a new turn.
+    assert plano.conversation_for_router(child["body"]["messages"]) == [{"role": "user", "content": RECORDED_TASK}]
+    assert plano.has_new_user_text(child["body"]["messages"])
+    assert not plano.has_new_user_text(child_loop["body"]["messages"])
+    assert not plano.has_new_user_text(main_loop["body"]["messages"])
+
+
+def test_codex_marks_its_child_threads_and_a_child_is_routed_on_its_task_not_the_inherited_conversation():
+    root, root_after_spawn, child, child_loop, root_after_wait = recorded_subagent_requests(CODEX_SUBAGENT_RECORDING)
+    session = plano.session_key(root["body"], root["headers"])
+    for request in (root, root_after_spawn, root_after_wait):
+        assert plano.subagent_of(session, request["headers"]) is None
+    thread = child["headers"]["thread-id"]
+    assert thread != session and child["headers"]["x-openai-subagent"] == "collab_spawn"
+    assert child["headers"]["x-codex-parent-thread-id"] == session  # the root thread is the session
+    agent = plano.subagent_of(plano.session_key(child["body"], child["headers"]), child["headers"])
+    assert agent == plano.SubAgent(f"{session}/agent/{thread}", session, "/root/reviewer")
+    assert plano.subagent_of(session, child_loop["headers"]) == agent
+    # The child's input starts with the root's conversation (PARENT-MARKER); the router reads its task.
+    assert "PARENT-MARKER" in json.dumps(child["body"]["input"])
+    first = plano.codex_subagent_conversation(child["body"]["input"], agent)
+    assert first == [{"role": "user", "content": RECORDED_TASK}] and plano.has_new_user_text(first)
+    loop = plano.codex_subagent_conversation(child_loop["body"]["input"], agent)
+    assert plano.conversation_for_router(loop) == [{"role": "user", "content": RECORDED_TASK}]
+    assert not plano.has_new_user_text(loop)
+    # The child's tool loop is one turn of its own; the root's final answer from the child is no new turn.
+    assert plano.turn_key(agent.session, child["headers"]) == plano.turn_key(agent.session, child_loop["headers"])
+    assert not plano.has_new_user_text(plano.responses_conversation(root_after_wait["body"]))
+
+
+def test_a_codex_grandchild_is_under_its_parent_child_and_an_encrypted_task_is_not_read():
+    headers = {"session-id": "root-1", "thread-id": "grandchild-3", "x-openai-subagent": "collab_spawn",
+               "x-codex-parent-thread-id": "child-2",
+               "x-codex-turn-metadata": json.dumps({"agent_name": "/root/a/b", "thread_source": "subagent"})}
+    agent = plano.subagent_of("root-1", headers)
+    assert agent == plano.SubAgent("root-1/agent/grandchild-3", "root-1/agent/child-2", "/root/a/b")
+    opaque = {"type": "agent_message", "recipient": "/root/a/b", "content": [
+        {"type": "input_text", "text": "Message Type: NEW_TASK\nTask name: /root/a/b\nSender: /root/a\nPayload:\n"},
+        {"type": "encrypted_content", "encrypted_content": "gAAAAA" + "Zm9vYmFy" * 20}]}
+    assert plano.agent_message_text(opaque) == "Message Type: NEW_TASK\nTask name: /root/a/b\nSender: /root/a\nPayload:"
+    assert plano.codex_subagent_conversation([opaque], agent) == [{"role": "user", "content": "b"}]  # its name
+    plain = [{"type": "message", "role": "user", "content": "hi"}]
+    assert plano.codex_subagent_conversation(plain, agent) is None  # no task: routed as any request
+
+
+def test_forged_sub_agent_marks_are_bounded_and_clean():
+    session = "s" * 256
+    for forged in ("x" * 10_000, "a\x1b[31mb\r\nc", "../../etc", "\ud83d", "é" * 65):
+        for headers in ({"x-claude-code-agent-id": forged},
+                        {"x-openai-subagent": "1", "thread-id": forged, "x-codex-parent-thread-id": forged,
+                         "x-codex-turn-metadata": json.dumps({"agent_name": forged})}):
+            agent = plano.subagent_of(session, headers)
+            assert agent is not None
+            for text in (agent.session, agent.parent, agent.name):
+                assert len(text) <= plano.MAX_KEPT_CHARS and plano.printable(text) == text, text
+            assert agent.session != session and agent.session.startswith("s" * 100)
+    # two different forged ids stay two sub-agents; the same one stays one
+    one, two = (plano.subagent_session("s", "x" * 10_000 + c) for c in "ab")
+    assert one != two and one == plano.subagent_session("s", "x" * 10_000 + "a")
+    assert plano.subagent_of("s", {"x-openai-subagent": "1"}) is None  # no thread to keep it apart by
+    assert plano.subagent_of("s", {"x-codex-turn-metadata": "{not json"}) is None
+
+
+@given(st.dictionaries(st.sampled_from(["x-claude-code-agent-id", "x-openai-subagent", "thread-id", "session-id",
+                                        "x-codex-parent-thread-id", "x-codex-turn-metadata"]),
+                       st.text(max_size=300)),
+       st.lists(st.dictionaries(st.sampled_from(["type", "recipient", "content", "role"]),
+                                st.one_of(st.text(max_size=50), st.just("agent_message"),
+                                          st.lists(st.dictionaries(st.sampled_from(["type", "text",
+                                                                                    "encrypted_content"]),
+                                                                   st.text(max_size=50)), max_size=3))),
+                max_size=5))
+def test_any_sub_agent_marks_and_input_are_read_without_crashing(headers, items):
+    agent = plano.subagent_of("session-1", headers)
+    if agent is not None:
+        assert max(len(agent.session), len(agent.parent), len(agent.name)) <= plano.MAX_KEPT_CHARS
+        conversation = plano.codex_subagent_conversation(items, agent)
+        plano.has_new_user_text(conversation)
+        plano.conversation_for_router(conversation)
+
+
+def test_a_watch_line_shows_a_sub_agent_under_its_parent_session():
+    record = {"time": "2026-12-05T10:00:00", "session": "4dceb7e0-34d4/agent/a5cb78190e4c3759f",
+              "parent_session": "4dceb7e0-34d4", "agent": "/root/reviewer\x1b[2J", "requested_model": "plano",
+              "model": "anthropic/claude-sonnet-5", "route": "code understanding", "decision": "router",
+              "router_ms": 12.0, "status": 200, "ttfb_ms": 30.0}
+    assert plano.format_decision(record, colour=False) == (
+        "10:00:00 4dceb7e0 └ /root/reviewer\\x1b[2J plano → anthropic/claude-sonnet-5 [code understanding] "
+        "router 12ms 200 ttfb=30ms")
+
+
+def test_a_codex_agent_message_reaches_anthropic_and_chat_models_as_a_user_turn():
+    task = {"type": "agent_message", "author": "/root", "recipient": "/root/reviewer", "content": [
+        {"type": "input_text", "text": "Message Type: NEW_TASK\nTask name: /root/reviewer\nSender: /root\nPayload:\n"},
+        {"type": "encrypted_content", "encrypted_content": "review the diff é€"}]}
+    opaque = {**task, "content": [{"type": "encrypted_content", "encrypted_content": "gAAAAA" + "Zm9vYmFy" * 20}]}
+    body = {"model": "x", "input": [{"type": "message", "role": "developer", "content": "You are Codex."},
+                                    task, opaque]}
+    claude, gpt = codex_patch_models()
+    anthropic = plano.responses_request_to_anthropic(body, claude)
+    words = "Message Type: NEW_TASK\nTask name: /root/reviewer\nSender: /root\nPayload:\nreview the diff é€"
+    assert anthropic["messages"] == [{"role": "user", "content": [{"type": "text", "text": words}]}]
+    chat = plano.responses_request_to_openai(body, gpt)
+    assert chat["messages"][-1] == {"role": "user", "content": words}
+
+
+# End to end: the real agents through plano, a stand-in router that routes a review to "code
+# understanding" (claude-haiku-4-5 here) and anything else to "code generation" (claude-sonnet-5).
+
+SUBAGENT_ROUTES = {"anthropic/claude-sonnet-5": "code generation", "anthropic/claude-haiku-4-5": "code understanding"}
+
+
+def subagent_routing_config(provider: StandInProvider, router: StandInProvider, port: int = 0, **sections) -> str:
+    """The two routed models above (and a default that should not answer), the stand-in router."""
+    models = [served_by(provider, name, routing_preferences=[{"name": route, "description": route}])
+              for name, route in SUBAGENT_ROUTES.items()]
+    return config_yaml(served_by(provider, "openai/gpt-4o", default=True), *models,
+                       router={"endpoint": router.openai_base, "model": "arch-router"},
+                       **({"listeners": [{"address": "127.0.0.1", "port": port}]} if port else {}), **sections)
+
+
+def route_reviews_apart(router: StandInProvider, prompts: list[str], times: int = 8) -> None:
+    """The stand-in router: a conversation that asks for a review is code understanding, any other
+    code generation; each prompt it reads is kept in `prompts`."""
+    def answer(request: Recorded) -> Reply:
+        prompt = request.json["messages"][0]["content"]
+        prompts.append(prompt)
+        conversation = prompt.split("<conversation>")[1]
+        return remote_answer(json.dumps({"route": "code understanding" if "review" in conversation
+                                         else "code generation"}))
+    for _ in range(times):
+        router.then(answer)
+
+
+def newest_turn_has_a_tool_result(messages: list[dict]) -> bool:
+    said = [m for m in messages if m.get("role") != "system"]
+    return isinstance(said[-1]["content"], list) and any(b.get("type") == "tool_result" for b in said[-1]["content"])
+
+
+def first_user_words(messages: list[dict]) -> str:
+    first = next(m for m in messages if m["role"] == "user")
+    return first["content"] if isinstance(first["content"], str) else " ".join(
+        b.get("text", "") for b in first["content"] if isinstance(b, dict))
+
+
+SUBAGENT_TASK = "review the diff in app.py for bugs"
+
+
+def claude_code_with_a_sub_agent(background: bool) -> Callable[[Recorded], Reply]:
+    """The models behind Claude Code: the main turn asks for a sub-agent (the Agent tool, in the
+    background or not), the sub-agent runs one Bash command and reports."""
+    def answer(request: Recorded) -> Reply:
+        body = request.json
+        if SUBAGENT_TASK in first_user_words(body["messages"]):
+            if not newest_turn_has_a_tool_result(body["messages"]):
+                return Reply(200, sse=anthropic_tool_use_stream("Bash", {"command": "echo sub-agent-ran",
+                                                                          "description": "echo"}))
+            return Reply(200, sse=anthropic_text_stream("the sub-agent found no bugs"))
+        if "toolu_patch1" not in json.dumps(body["messages"]):  # no Agent call yet
+            return Reply(200, sse=anthropic_tool_use_stream("Agent", {
+                "description": "Review code", "prompt": SUBAGENT_TASK, "subagent_type": "general-purpose",
+                "run_in_background": background}))
+        return Reply(200, sse=anthropic_text_stream("all done"))
+    return answer
+
+
+def test_real_claude_code_sub_agent_is_routed_on_its_task_and_pinned_apart_from_its_parent(
+        tmp_path, provider, router_server, claude_bin):
+    """In the foreground (the order of requests is fixed): the parent's turn, the sub-agent's turn
+    and tool loop, the parent's continuation with the sub-agent's report."""
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(8):
+        provider.then(claude_code_with_a_sub_agent(background=False))
+    config = plano.parse_config(subagent_routing_config(provider, router_server), path=CONFIG_PATH, environ={})
+    with RunningPlano(config, router="auto") as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "write a parser for ISO dates", "Agent",
+                            cwd=tmp_path)
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all done" in result.stdout
+    main, child, child_loop, main_loop = decisions
+    session = main["session"]
+    assert [(d["decision"], d["model"], d["route"]) for d in decisions] == [
+        ("router", "anthropic/claude-sonnet-5", "code generation"),
+        ("router", "anthropic/claude-haiku-4-5", "code understanding"),  # the sub-agent's own turn, on its task
+        ("pinned", "anthropic/claude-haiku-4-5", "code understanding"),  # its tool loop, under its own key
+        ("pinned", "anthropic/claude-sonnet-5", "code generation")]  # the parent's pin was not moved by the child
+    agent_id = child["agent"]
+    assert re.fullmatch(r"[0-9a-f]{17}", agent_id), agent_id  # Claude Code's x-claude-code-agent-id
+    assert (main["parent_session"], main_loop["session"], main_loop["parent_session"]) == (None, session, None)
+    for record in (child, child_loop):
+        assert (record["session"], record["parent_session"]) == (f"{session}/agent/{agent_id}", session)
+    # The router read the sub-agent's task, not the parent's conversation nor the harness text.
+    assert len(prompts) == 2 and SUBAGENT_TASK in prompts[1] and "ISO dates" not in prompts[1]
+    assert "system-reminder" not in prompts[1]
+    child_requests = [r.json for r in provider.requests if SUBAGENT_TASK in first_user_words(r.json["messages"])]
+    assert [r["model"] for r in child_requests] == ["claude-haiku-4-5"] * 2
+
+
+def test_real_claude_code_background_sub_agent_and_its_parent_keep_their_own_models(tmp_path, provider,
+                                                                                    router_server, claude_bin):
+    """In the background (Claude Code's default): the parent goes on while the sub-agent works, and
+    then gets its report as a notification, which is no new user turn: each stays on its model."""
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(12):
+        provider.then(claude_code_with_a_sub_agent(background=True))
+    config = plano.parse_config(subagent_routing_config(provider, router_server), path=CONFIG_PATH, environ={})
+    with RunningPlano(config, router="auto") as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "write a parser for ISO dates", "Agent",
+                            cwd=tmp_path)
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    parent = [(d["decision"], d["model"]) for d in decisions if d["parent_session"] is None]
+    child = [(d["decision"], d["model"]) for d in decisions if d["parent_session"] is not None]
+    assert parent == [("router", "anthropic/claude-sonnet-5")] + [("pinned", "anthropic/claude-sonnet-5")] * 2
+    assert child == [("router", "anthropic/claude-haiku-4-5"), ("pinned", "anthropic/claude-haiku-4-5")]
+    notified = [r.json for r in provider.requests if "<task-notification>" in json.dumps(r.json["messages"])]
+    assert notified and notified[-1]["model"] == "claude-sonnet-5"  # the report went to the parent's model
+    assert len(prompts) == 2
+
+
+def codex_with_a_sub_agent(request: Recorded) -> Reply:
+    """The models behind Codex (Anthropic format, Codex's tools translated): the root agent spawns
+    a reviewer and waits for it; the reviewer (whose tools have no collaboration namespace) runs
+    one command and reports."""
+    body = request.json
+    tools = [t["name"] for t in body.get("tools", [])]
+    calls = [b["name"] for m in body["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)
+             for b in m["content"] if b.get("type") == "tool_use"]
+    if "collaboration__spawn_agent" not in tools:  # the child
+        if not newest_turn_has_a_tool_result(body["messages"]):
+            return Reply(200, sse=anthropic_tool_use_stream("exec_command", {"cmd": "echo child-ran"}))
+        return Reply(200, sse=anthropic_text_stream("the reviewer found no bugs"))
+    if "collaboration__spawn_agent" not in calls:
+        return Reply(200, sse=tool_use_stream_with_id("collaboration__spawn_agent", {
+            "task_name": "reviewer", "message": SUBAGENT_TASK}, "toolu_spawn"))
+    if "collaboration__wait_agent" not in calls:
+        return Reply(200, sse=tool_use_stream_with_id("collaboration__wait_agent", {"timeout_ms": 30000},
+                                                      "toolu_wait"))
+    return Reply(200, sse=anthropic_text_stream("parent done"))
+
+
+def tool_use_stream_with_id(name: str, tool_input: dict, call_id: str) -> list[bytes]:
+    """anthropic_tool_use_stream with a call id of its own (a conversation with two calls)."""
+    pieces = b"".join(anthropic_tool_use_stream(name, tool_input, piece=1000))
+    return [pieces.replace(b'"toolu_patch1"', json.dumps(call_id).encode())]
+
+
+def test_real_codex_child_thread_is_routed_on_its_task_and_shown_under_its_parent(tmp_path, provider, router_server,
+                                                                                    codex_bin):
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    for _ in range(12):
+        provider.then(codex_with_a_sub_agent)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(subagent_routing_config(provider, router_server, port))
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    with plano_up(config, port) as url:
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex",
+                                 "exec", "--skip-git-repo-check", "--enable", "multi_agent_v2",
+                                 "write a parser for ISO dates, then have a sub-agent check it"],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+                                stdin=subprocess.DEVNULL)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parent done" in result.stdout
+    root = [d for d in decisions if d["parent_session"] is None]
+    child = [d for d in decisions if d["parent_session"] is not None]
+    session = root[0]["session"]
+    assert [(d["decision"], d["model"]) for d in root] == [("router", "anthropic/claude-sonnet-5")] + \
+        [("pinned", "anthropic/claude-sonnet-5")] * (len(root) - 1)
+    assert [(d["decision"], d["model"]) for d in child] == [("router", "anthropic/claude-haiku-4-5"),
+                                                             ("pinned", "anthropic/claude-haiku-4-5")]
+    assert {(d["agent"], d["parent_session"]) for d in child} == {("/root/reviewer", session)}
+    assert child[0]["session"].startswith(f"{session}/agent/") and child[0]["session"] == child[1]["session"]
+    # The router read the child's task, not the root conversation it inherited.
+    assert len(prompts) == 2 and SUBAGENT_TASK in prompts[1] and "ISO dates" not in prompts[1]
+    assert "Message Type" not in prompts[1]
+    # The child's model (Anthropic's format) got its task: Codex's agent_message, as a user turn.
+    to_child = [r.json for r in provider.requests if r.json["model"] == "claude-haiku-4-5"]
+    task_turn = [m for m in to_child[0]["messages"] if m["role"] != "system"][-1]
+    assert task_turn["role"] == "user" and SUBAGENT_TASK in task_turn["content"][-1]["text"]
+    assert "Task name: /root/reviewer" in task_turn["content"][-1]["text"]
+
+
+def test_a_sub_agent_pin_is_kept_per_developer_key_and_forged_marks_stay_bounded(provider, router_server):
+    """Bob names Alice's session and her sub-agent's id: his request is routed and pinned under his
+    own key, Alice's sub-agent keeps its model, and neither sees the other's decisions. Marks of
+    10 KB and with control characters are kept bounded and shown escaped."""
+    prompts: list[str] = []
+    route_reviews_apart(router_server, prompts)
+    config = plano.parse_config(subagent_routing_config(
+        provider, router_server, keys=[{"name": "alice", "key": ALICE_KEY}, {"name": "bob", "key": BOB_KEY}]),
+        path=CONFIG_PATH, environ={})
+    marks = {"x-claude-code-session-id": "alice-session-1", "x-claude-code-agent-id": "a5cb78190e4c3759f"}
+    task = {"role": "user", "content": [{"type": "text", "text": "<system-reminder>x</system-reminder>"},
+                                        {"type": "text", "text": SUBAGENT_TASK}]}
+    tool_loop = [task, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash",
+                                                          "input": {"command": "ls"}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "app.py"}]}]
+
+    def ask(key: str, messages: list, **headers: str) -> httpx.Response:
+        return httpx.post(running.url + "/v1/messages", timeout=30, json={
+            "model": CLAUDE_CODE_MODEL, "max_tokens": 5, "messages": messages},
+            headers={"x-api-key": key, "host": "127.0.0.1", "content-type": "application/json", **headers})
+
+    with RunningPlano(config, router="auto") as running:
+        alice_first = ask(ALICE_KEY, [task], **marks)
+        bob_forged = ask(BOB_KEY, [{"role": "user", "content": "write a parser"}], **marks)
+        alice_loop = ask(ALICE_KEY, tool_loop, **marks)
+        seen_by = {name: httpx.get(running.url + "/plano/decisions", headers={"x-api-key": key}).json()["decisions"]
+                   for name, key in (("alice", ALICE_KEY), ("bob", BOB_KEY))}
+        huge = ask(ALICE_KEY, [task], **{"x-claude-code-session-id": "s" * 10_000,
+                                         "x-claude-code-agent-id": "a" * 10_000})
+        codex_forged = httpx.post(running.url + "/v1/responses", timeout=30, json={
+            "model": "plano", "input": [{"type": "agent_message", "recipient": "/root/\x1b[2J", "content": [
+                {"type": "encrypted_content", "encrypted_content": SUBAGENT_TASK + "\x00\u202e"}]}]},
+            headers={"authorization": f"Bearer {BOB_KEY}", "host": "127.0.0.1", "content-type": "application/json",
+                     "session-id": "bob-1", "thread-id": "t" * 10_000, "x-openai-subagent": "collab_spawn",
+                     "x-codex-turn-metadata": json.dumps({"agent_name": "/root/\x1b[2J" + "é" * 5_000})})
+        later = [httpx.get(running.url + "/plano/decisions", headers={"x-api-key": key}).json()["decisions"][-1]
+                 for key in (ALICE_KEY, BOB_KEY)]
+    assert [r.status_code for r in (alice_first, bob_forged, alice_loop, huge, codex_forged)] == [200] * 5
+    decided = [(r.headers["x-plano-decision"], r.headers["x-plano-model"])
+               for r in (alice_first, bob_forged, alice_loop)]
+    assert decided == [("router", "anthropic/claude-haiku-4-5"), ("router", "anthropic/claude-sonnet-5"),
+                       ("pinned", "anthropic/claude-haiku-4-5")]  # Bob's request moved no pin of Alice's
+    assert [d["key"] for d in seen_by["alice"]] == ["alice", "alice"]
+    assert [d["key"] for d in seen_by["bob"]] == ["bob"]
+    huge_record, codex_record = later
+    for record in later:
+        for kept in ("session", "parent_session", "agent"):
+            assert len(record[kept]) <= plano.MAX_KEPT_CHARS and plano.printable(record[kept]) == record[kept]
+    assert huge_record["parent_session"] == plano.kept_text("s" * 10_000)
+    assert codex_record["agent"].startswith("/root/\\x1b[2Jé") and codex_record["parent_session"] == "bob-1"
+    assert codex_record["route"] == "code understanding"  # routed on the task it was sent
+
+
+def test_watch_and_the_live_page_show_sub_agents_under_their_parent_session(chromium, provider):
+    """Decisions of a session and of its sub-agents, as `plano watch` prints them and as the live
+    page (in Chromium) lays them out: each sub-agent decision indented under its parent's newest one."""
+    def ask(model: str, **headers: str) -> None:
+        answer = httpx.post(running.url + "/v1/messages", timeout=30, json={
+            "model": model, "max_tokens": 5, "messages": [USER_HI]}, headers=headers)
+        assert answer.status_code == 200, answer.text
+
+    parent = {"x-claude-code-session-id": "4dceb7e0-34d4-47f5-8763-681764435ba6"}
+    child = {**parent, "x-claude-code-agent-id": "a5cb78190e4c3759f"}
+    with RunningPlano(config_for(provider)) as running, contextlib.closing(chromium.new_page()) as page:
+        watch = subprocess.Popen([sys.executable, "-m", "plano", "watch", "--url", running.url, "--color", "never"],
+                                 stdout=subprocess.PIPE, text=True)
+        lines = LineReader(watch)
+        try:
+            lines.wait_for("watching")
+            ask("openai/gpt-4o", **parent)  # before the page opens: the page lays out what it reads
+            ask("anthropic/claude-sonnet-5", **child)
+            page.goto(f"{running.url}/plano/")
+            page.wait_for_selector("#status:has-text('live')", timeout=15000)
+            ask("openai/gpt-4o", **parent)  # live: a new parent decision, then its sub-agent's
+            ask("anthropic/claude-sonnet-5", **child)
+            ask("openai/gpt-4o", **{"x-claude-code-session-id": "another-session"})
+            page.wait_for_selector("#decisions tr:nth-child(5)", timeout=15000)
+            rows = page.eval_on_selector_all("#decisions tr", """rows => rows.map(r => [r.className,
+                r.cells[1].innerText, r.cells[2].innerText, parseFloat(getComputedStyle(r.cells[1]).paddingLeft)])""")
+            watched = [lines.wait_for("→") for _ in range(5)]
+        finally:
+            watch.terminate()
+            watch.wait(10)
+    assert [(kind, who, model) for kind, who, model, _ in rows] == [
+        ("", "another-sess", "openai/gpt-4o → openai/gpt-4o"),
+        ("", "4dceb7e0-34d", "openai/gpt-4o → openai/gpt-4o"),
+        ("sub", "└ a5cb78190e4c3759f", "anthropic/claude-sonnet-5 → anthropic/claude-sonnet-5"),
+        ("", "4dceb7e0-34d", "openai/gpt-4o → openai/gpt-4o"),
+        ("sub", "└ a5cb78190e4c3759f", "anthropic/claude-sonnet-5 → anthropic/claude-sonnet-5")]
+    assert rows[2][3] > rows[1][3] + 10  # indented
+    assert [line.split(" ", 1)[1].split(" → ")[0] for line in watched] == [
+        "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
+        "4dceb7e0 openai/gpt-4o", "4dceb7e0 └ a5cb78190e4c3759f anthropic/claude-sonnet-5",
+        "another- openai/gpt-4o"]
 
 
 # ── issue 22: Bedrock (Claude) ───────────────────────────────────────────────────────────────
