@@ -14723,6 +14723,55 @@ def test_converse_answers_reach_the_usage_ledger_with_the_recorded_tokens_cache_
                                                                                  for r in rows])
 
 
+def converse_stream_reply(frames: list[tuple[str, dict]]) -> Reply:
+    """A ConverseStream answer made of (event type, payload) frames, laid out as Bedrock lays them."""
+    raw = b"".join(event_stream_frame(json.dumps(data).encode(), {
+        ":event-type": name, ":content-type": "application/json", ":message-type": "event"}) for name, data in frames)
+    return Reply(sse=[raw[i:i + 97] for i in range(0, len(raw), 97)],
+                 headers={"content-type": "application/vnd.amazon.eventstream"})
+
+
+def test_real_codex_runs_an_exec_command_round_trip_on_a_converse_model(aws_env, converse_bedrock, codex_bin,
+                                                                         tmp_path):
+    # Codex (Responses, streamed, its whole tool set) on a Bedrock model through Converse: the
+    # recorded Nova tool-use stream with its call made Codex's exec_command, then an answer that
+    # says what the command printed, read from the toolResult Codex's output became.
+    frames = converse_frames("nova-micro-tool-use.eventstream")
+    for name, data in frames:
+        if name == "contentBlockStart":
+            data["start"]["toolUse"]["name"] = "exec_command"
+        elif name == "contentBlockDelta" and "toolUse" in data["delta"]:
+            data["delta"]["toolUse"]["input"] = json.dumps({"cmd": "echo codex-on-bedrock-é€"})
+    converse_bedrock.then(converse_stream_reply(frames))
+
+    def tool_said(request: Recorded) -> Reply:
+        result = request.json["messages"][-1]["content"][-1]["toolResult"]
+        return converse_stream_reply([
+            ("messageStart", {"role": "assistant", "p": "abc"}),
+            ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "tool said: " + result["content"][0][
+                "text"]}, "p": "ab"}),
+            ("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": "end_turn"}),
+            ("metadata", {"usage": {"inputTokens": 900, "outputTokens": 12}, "metrics": {"latencyMs": 300}})])
+    converse_bedrock.then(tool_said)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(on_bedrock(converse_bedrock, CONVERSE_MODEL),
+                                  listeners=[{"address": "127.0.0.1", "port": port}], router=ROUTER_OFF))
+    env = {"HOME": str(codex_home(tmp_path)), "PYTHONPATH": str(HERE),
+           "PATH": f"{Path(codex_bin).parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+           **{name: value for name, value in os.environ.items() if name.startswith("AWS_")}}
+    result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "codex", "exec",
+                             "--skip-git-repo-check", "say hi through a command"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tool said:" in result.stdout and "codex-on-bedrock-é€" in result.stdout.split("tool said:")[1]
+    first, second = converse_bedrock.requests
+    assert first.path.endswith("/converse-stream") and len(converse_bedrock.signed_by) == 2
+    assert "exec_command" in [t["toolSpec"]["name"] for t in first.json["toolConfig"]["tools"]]
+    [call] = [b["toolUse"] for b in second.json["messages"][-2]["content"] if "toolUse" in b]
+    assert (call["name"], call["input"]) == ("exec_command", {"cmd": "echo codex-on-bedrock-é€"})
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
