@@ -14772,6 +14772,25 @@ def test_real_codex_runs_an_exec_command_round_trip_on_a_converse_model(aws_env,
     assert (call["name"], call["input"]) == ("exec_command", {"cmd": "echo codex-on-bedrock-é€"})
 
 
+def test_an_image_reaches_a_converse_model_as_bytes_and_an_image_url_is_a_400_in_the_clients_format(
+        aws_env, converse_bedrock):
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + struct.pack(">II", 4, 4)).decode()
+    model = "bedrock/us.amazon.nova-pro-v1:0"  # takes images (nova-micro does not: plano refuses those first)
+    with RunningPlano(build_config(on_bedrock(converse_bedrock, model))) as running:
+        client = openai_client(running)
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is it?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert answer.choices[0].message.content == converse_answer("nova-micro-text.json").text
+    [sent] = converse_bedrock.requests  # the URL went nowhere
+    assert sent.json["messages"][0]["content"] == [{"text": "what is it?"},
+                                                   {"image": {"format": "png", "source": {"bytes": png}}}]
+    assert "takes the bytes themselves" in caught.value.message and "content[0].source" in caught.value.message
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
