@@ -4314,8 +4314,9 @@ def _plain_tool_id(tool_id: str) -> str:
     return split_reasoning_tool_id(split_signed_tool_id(tool_id)[0])[0]
 
 
-def _converse_media(block: dict, where: str, name: str) -> dict:
-    """An Anthropic image or document block as Converse's, its bytes inline."""
+def _converse_media(block: dict, where: str) -> dict:
+    """An Anthropic image or document block as Converse's, its bytes inline (a document's name is
+    made unique later, by _number_documents)."""
     source = block.get("source")
     _require(isinstance(source, dict), f"{where}.source: must be an object")
     if block.get("type") == "document" and source.get("type") == "text":
@@ -4333,18 +4334,24 @@ def _converse_media(block: dict, where: str, name: str) -> dict:
         return {"image": {"format": _CONVERSE_IMAGE_FORMATS[media_type], "source": {"bytes": data}}}
     _require(media_type in _CONVERSE_DOCUMENT_FORMATS, f"{where}.source.media_type: Bedrock takes no documents "
              f"of type {media_type[:60]!r}")
+    # A document's name as Converse takes one: letters, digits, single spaces, hyphens, brackets, parentheses.
+    title = block.get("title") if isinstance(block.get("title"), str) else ""
+    name = " ".join(re.sub(r"[^A-Za-z0-9\s\-()\[\]]", " ", title).split())[:80] or "document"
     return {"document": {"format": _CONVERSE_DOCUMENT_FORMATS[media_type], "name": name, "source": {"bytes": data}}}
 
 
-def _document_name(block: dict, number: int) -> str:
-    """A document's name as Converse takes one (letters, digits, single spaces, hyphens, brackets,
-    parentheses; unique in the request): its title's such characters, numbered."""
-    title = block.get("title") if isinstance(block.get("title"), str) else ""
-    title = " ".join(re.sub(r"[^A-Za-z0-9\s\-()\[\]]", " ", title).split())[:80]
-    return f"{title} ({number})" if title else f"document {number}"
+def _number_documents(messages: list[dict]) -> None:
+    """Each document's name numbered in the order they come: Converse wants them unique."""
+    number = 0
+    for message in messages:
+        for block in message["content"]:
+            for document in [block] + (block["toolResult"]["content"] if "toolResult" in block else []):
+                if "document" in document:
+                    number += 1
+                    document["document"]["name"] += f" ({number})"
 
 
-def _converse_tool_result(block: dict, where: str, documents: list[int]) -> dict:
+def _converse_tool_result(block: dict, where: str) -> dict:
     _require(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id: must be a string")
     content = block.get("content")
     parts: list[dict] = []
@@ -4361,8 +4368,7 @@ def _converse_tool_result(block: dict, where: str, documents: list[int]) -> dict
                 if not _blank(item["text"]):
                     parts.append({"text": item["text"]})
             elif item.get("type") in ("image", "document"):
-                documents[0] += item["type"] == "document"
-                parts.append(_converse_media(item, at, _document_name(item, documents[0])))
+                parts.append(_converse_media(item, at))
     return {"toolResult": {"toolUseId": _plain_tool_id(block["tool_use_id"]),
                            "content": parts or [{"text": _EMPTY_TOOL_RESULT}],
                            "status": "error" if block.get("is_error") is True else "success"}}
@@ -4384,9 +4390,8 @@ def _converse_reasoning_block(block: dict) -> dict | None:
                                                    "signature": signature[len(_CONVERSE_MARK):]}}}
 
 
-def _anthropic_block_to_converse(block: Any, where: str, role: str, documents: list[int]) -> dict | None:
-    """One Anthropic content block as Converse's (None: nothing of it goes; `documents` counts the
-    request's documents, for their names)."""
+def _anthropic_block_to_converse(block: Any, where: str, role: str) -> dict | None:
+    """One Anthropic content block as Converse's (None: nothing of it goes)."""
     _require(isinstance(block, dict), f"{where}: must be an object")
     kind = block.get("type")
     if kind == "text":
@@ -4401,10 +4406,9 @@ def _anthropic_block_to_converse(block: Any, where: str, role: str, documents: l
         return {"toolUse": {"toolUseId": _plain_tool_id(block["id"]), "name": block["name"],
                             "input": tool_input if isinstance(tool_input, dict) else _json_arguments(tool_input)}}
     if kind == "tool_result" and role == "user":
-        return _converse_tool_result(block, where, documents)
+        return _converse_tool_result(block, where)
     if kind in ("image", "document") and role == "user":
-        documents[0] += kind == "document"
-        return _converse_media(block, where, _document_name(block, documents[0]))
+        return _converse_media(block, where)
     if kind in ("server_tool_use", "web_search_tool_result"):
         return None  # Anthropic's own server tools: only meaningful to Anthropic
     raise RequestError(f"{where}.type: unsupported content block type {kind!r} in "
@@ -4481,7 +4485,6 @@ def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
     messages_in = body.get("messages")
     _require(isinstance(messages_in, list), "messages: must be a list")
     messages: list[dict] = []
-    documents = [0]
     for i, message in enumerate(messages_in):
         where = f"messages[{i}]"
         _require(isinstance(message, dict), f"{where}: must be an object")
@@ -4496,8 +4499,9 @@ def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
         else:
             _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
             blocks = [b for j, block in enumerate(content)
-                      if (b := _anthropic_block_to_converse(block, f"{where}.content[{j}]", role, documents))]
+                      if (b := _anthropic_block_to_converse(block, f"{where}.content[{j}]", role))]
         _append_converse(messages, role, blocks)
+    _number_documents(messages)
     out: dict[str, Any] = {"messages": messages}
     system = _text_of(body.get("system"), "system")
     if not _blank(system):

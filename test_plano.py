@@ -14151,7 +14151,8 @@ def test_images_and_documents_go_to_converse_as_bytes_and_a_url_is_a_clear_400()
     assert out["messages"][0]["content"] == [
         {"image": {"format": "png", "source": {"bytes": png}}},
         {"document": {"format": "pdf", "name": "Q3 report final (1)", "source": {"bytes": "JVBERi0="}}},
-        {"document": {"format": "txt", "name": "document 2", "source": {"bytes": base64.b64encode(b"notes").decode()}}}]
+        {"document": {"format": "txt", "name": "document (2)",
+                      "source": {"bytes": base64.b64encode(b"notes").decode()}}}]
     for source in ({"type": "url", "url": "https://example.com/a.png"},
                    {"type": "base64", "media_type": "image/tiff", "data": png}):
         with pytest.raises(plano.RequestError) as caught:
