@@ -581,11 +581,15 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
                     reply = self.models_reply(request)
                 else:
                     reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
-                        self.responses_reply(request) if path.endswith("/responses") else self.anthropic_reply(request)
+                        self.responses_reply(request) if path.endswith("/responses") else \
+                        gemini_reply(request) if re.search(r":(stream)?[gG]enerateContent$", path) else \
+                        self.anthropic_reply(request)  # gemini_reply: with the Gemini tests, at the end
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
                               if path.endswith(("/chat/completions", "/responses")) else
+                              {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+                              if "GenerateContent" in path or "generateContent" in path else
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
@@ -3924,8 +3928,8 @@ def test_provider_interface_responses_for_a_custom_provider():
     assert (config.models[0].interface, config.models[0].spec.auth) == ("responses", "bearer")
 
 
-def test_an_unknown_provider_interface_names_the_three_choices():
-    assert "`openai`, `anthropic` or `responses`" in config_error(
+def test_an_unknown_provider_interface_names_the_choices():
+    assert "`openai`, `anthropic`, `responses` or `gemini`" in config_error(
         "llm_providers:\n  - model: openai/gpt-4.1\n    provider_interface: soap\n")
 
 
@@ -12722,6 +12726,232 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert line_about(lines, "state").endswith("(blocks plano up)")
     assert line_about(lines, "stats").startswith("✗ stats     `stats.url` (postgresql://nobody:***@127.0.0.1:")
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
+
+
+# ── issue 23: Gemini API ──────────────────────────────────────────────────────────────────────
+# Google's native Gemini API both ways: the `gemini` provider interface (generateContent and
+# streamGenerateContent on a stand-in that speaks it: `x-goog-api-key`, SSE events ending in
+# `\r\n\r\n`, calls without ids, thought signatures it checks come back) and the Gemini front door.
+
+GEMINI_KEY = "AIzaSyPlanoTestKey0123456789abcdefghij"  # Google's key shape: AIza and 35 more
+# Thought signatures as Gemini sends them (opaque base64); the stand-in refuses a history whose
+# function call has lost its signature, as Gemini 3 does.
+GEMINI_CALL_SIGNATURE = "CpYEAXLI2nxHJhy3F4oMijlAus2CPUEnTw16KkDpmU77MgVhg6piCF3GycCmKbjhGXQ8mBK5lSpsqwI7Dap+/w=="
+GEMINI_TEXT_SIGNATURE = "CqQDAXLI2nzVwq8xStOWq3HumdAIrENdeO52sOtNadWTEdAHverlPYNZqz8VJMonMgBngg4V2Uth/+w="
+GEMINI_USAGE = {"promptTokenCount": 40, "cachedContentTokenCount": 30, "candidatesTokenCount": 7,
+                "thoughtsTokenCount": 5, "totalTokenCount": 52}
+RECORDED_GEMINI = RECORDED / "gemini"
+
+
+def gemini_as_messages(contents: list[dict]) -> list[dict]:
+    """A Gemini `contents` as the message list model_behaviour reads."""
+    messages = []
+    for content in contents:
+        role = "assistant" if content.get("role") == "model" else "user"
+        for part in content["parts"]:
+            if "functionResponse" in part:
+                response = part["functionResponse"]["response"]
+                messages.append({"role": "tool", "content": response.get("output", json.dumps(response))})
+            elif "text" in part and not part.get("thought") and part["text"]:
+                messages.append({"role": role, "content": part["text"]})
+    return messages
+
+
+def gemini_history_problem(contents: list[dict]) -> str | None:
+    """What Gemini refuses in a history: a call without its signature, a response with no name."""
+    for content in contents:
+        for part in content["parts"]:
+            if content.get("role") == "model" and "functionCall" in part \
+                    and part.get("thoughtSignature") != GEMINI_CALL_SIGNATURE:
+                return GEMINI_MISSING_SIGNATURE
+            if "functionResponse" in part and not part["functionResponse"].get("name"):
+                return "* GenerateContentRequest.contents[2].parts[0].function_response.name: Name cannot be empty."
+    return None
+
+
+def gemini_sse(chunks: list[dict], piece: int = 7) -> list[bytes]:
+    """Gemini's SSE framing (`data: …\\r\\n\\r\\n`), cut into `piece`-byte reads."""
+    raw = b"".join(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n" for chunk in chunks)
+    return [raw[i:i + piece] for i in range(0, len(raw), piece)]
+
+
+def gemini_reply(request: Recorded) -> Reply:
+    """A Gemini provider at /v1beta/models/{model}:generateContent and :streamGenerateContent?alt=sse."""
+    if request.headers.get("x-goog-api-key") != GEMINI_KEY:
+        return Reply(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                     "status": "INVALID_ARGUMENT", "details": [
+                                         {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                          "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})
+    path, _, query = request.path.partition("?")
+    model = urllib.parse.unquote(path.rsplit("/", 1)[1].split(":")[0])
+    stream = path.endswith(":streamGenerateContent")
+    if stream and query != "alt=sse":
+        return Reply(400, {"error": {"code": 400, "message": "the stand-in streams only as SSE",
+                                     "status": "INVALID_ARGUMENT"}})
+    body = request.json
+    if problem := gemini_history_problem(body["contents"]):
+        return Reply(400, {"error": {"code": 400, "message": problem, "status": "INVALID_ARGUMENT"}})
+    behaviour = model_behaviour(gemini_as_messages(body["contents"]))
+    thoughts = ((body.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts")
+    base = {"modelVersion": model, "responseId": "QUVVadTSNJ6_qtsPvN7J8Q0"}
+    parts: list[dict] = []
+    if "reasoning" in behaviour and thoughts:
+        parts.append({"text": behaviour["reasoning"], "thought": True})
+    if "tool" in behaviour:
+        t = behaviour["tool"]  # no id: Gemini's calls have none
+        parts.append({"functionCall": {"name": t["name"], "args": json.loads(t["arguments"])},
+                      "thoughtSignature": GEMINI_CALL_SIGNATURE})
+    if not stream:
+        if "text" in behaviour:
+            parts.append({"text": behaviour["text"], "thoughtSignature": GEMINI_TEXT_SIGNATURE})
+        return Reply(200, {"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP",
+                                           "index": 0}], "usageMetadata": GEMINI_USAGE, **base})
+    chunks = []
+    for part in parts:
+        chunks.append({"candidates": [{"content": {"parts": [part], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=1), **base})
+    text = behaviour.get("text", "")
+    for i in range(0, len(text), 5):
+        chunks.append({"candidates": [{"content": {"parts": [{"text": text[i:i + 5]}], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=2), **base})
+    chunks.append({"candidates": [{"content": {"parts": [{"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}],
+                                               "role": "model"}, "finishReason": "STOP", "index": 0}],
+                   "usageMetadata": GEMINI_USAGE, **base})
+    return Reply(200, sse=gemini_sse(chunks))
+
+
+def gemini_model(provider: StandInProvider, name: str = "gemini/gemini-3-pro-preview", **fields: Any) -> dict:
+    return {"model": name, "base_url": provider.anthropic_base, "access_key": GEMINI_KEY, **fields}
+
+
+def gemini_only(provider: StandInProvider, **fields: Any) -> RunningPlano:
+    return RunningPlano(build_config(gemini_model(provider, **fields), router=ROUTER_OFF))
+
+
+def test_the_gemini_prefix_speaks_the_native_api_and_the_openai_endpoint_where_the_config_says():
+    config = build_config({"model": "gemini/gemini-2.5-pro", "access_key": "k"},
+                          {"model": "google/gemini-2.5-flash", "access_key": "k", "provider_interface": "openai"},
+                          {"model": "gemini/gemini-2.0-flash", "access_key": "k",
+                           "base_url": "https://generativelanguage.googleapis.com/v1beta/openai/"},
+                          {"model": "mine/gemma-3", "access_key": "k", "base_url": "http://127.0.0.1:9/proxy",
+                           "provider_interface": "gemini"})
+    native, chat, by_url, custom = config.models
+    assert (native.interface, native.base_url, native.spec.auth) == (
+        "gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key")
+    assert (chat.interface, chat.base_url, chat.spec.auth) == (
+        "openai", "https://generativelanguage.googleapis.com/v1beta/openai", "bearer")
+    assert (by_url.interface, by_url.spec.auth) == ("openai", "bearer")
+    assert (custom.interface, custom.spec.auth) == ("gemini", "x-goog-api-key")
+    call = plano.provider_request(native, "anthropic", {"model": "x", "max_tokens": 9, "stream": True,
+                                                        "messages": [USER_HI]}, b"{}", {}, {})
+    assert call.url == ("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro"
+                        ":streamGenerateContent?alt=sse")
+    assert call.headers["x-goog-api-key"] == "k" and "authorization" not in call.headers
+    assert json.loads(call.content) == {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+                                        "generationConfig": {"maxOutputTokens": 9}}
+    with pytest.raises(plano.ConfigError, match="`gemini`"):
+        build_config({"model": "mine/x", "base_url": "http://127.0.0.1:9", "provider_interface": "vertex"})
+
+
+def ask_any_client(running: RunningPlano, client_format: str, stream: bool, model: str,
+                   history: list[dict] | None = None, text: str = "hi") -> dict:
+    """One request with the official SDK of `client_format`, as that SDK hands back the answer
+    (a stream assembled): {"text", "thinking", "calls": [(id, name, input)], "stop", "usage"}."""
+    if client_format == "anthropic":
+        messages = history or [{"role": "user", "content": text}]
+        message = anthropic_message(anthropic_client(running), stream, model=model, max_tokens=200,
+                                    tools=[BASH_TOOL], messages=messages,
+                                    thinking={"type": "enabled", "budget_tokens": 1024} if "THINK" in text else
+                                    anthropic.NOT_GIVEN)
+        return {"text": "".join(b.text for b in message.content if b.type == "text"),
+                "thinking": "".join(b.thinking for b in message.content if b.type == "thinking"),
+                "calls": [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"],
+                "stop": message.stop_reason, "content": [b.model_dump(exclude_none=True) for b in message.content],
+                "usage": (message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
+                          message.usage.cache_read_input_tokens, message.usage.output_tokens)}
+    client = openai_client(running)
+    if client_format == "openai":
+        messages = history or [{"role": "user", "content": text}]
+        if not stream:
+            completion = client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION])
+            choice, usage = completion.choices[0], completion.usage
+            message, finish = choice.message, choice.finish_reason
+            calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            thinking = getattr(message, "reasoning_content", None) or ""
+            text = message.content or ""
+        else:
+            text, thinking, calls, finish, usage, pieces = "", "", {}, None, None, {}
+            for chunk in client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION],
+                                                        stream=True, stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    thinking += getattr(choice.delta, "reasoning_content", None) or ""
+                    for call in choice.delta.tool_calls or []:
+                        slot = pieces.setdefault(call.index, ["", "", ""])
+                        slot[0] = call.id or slot[0]
+                        slot[1] = call.function.name or slot[1]
+                        slot[2] += call.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            calls = [(i, n, json.loads(a)) for i, n, a in pieces.values()]
+        return {"text": text, "thinking": thinking, "calls": calls, "stop": finish,
+                "usage": (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)}
+    items = history or [{"role": "user", "content": text}]
+    tools = [{"type": "function", "name": "Bash", "description": "Run a shell command",
+              "parameters": BASH_TOOL["input_schema"]}]
+    if stream:
+        response = None
+        for event in client.responses.create(model=model, input=items, tools=tools, stream=True):
+            if event.type in ("response.completed", "response.incomplete"):
+                response = event.response
+    else:
+        response = client.responses.create(model=model, input=items, tools=tools)
+    return {"text": response.output_text,
+            "thinking": "".join(s.text for item in response.output if item.type == "reasoning" for s in item.summary),
+            "calls": [(i.call_id, i.name, json.loads(i.arguments)) for i in response.output
+                      if i.type == "function_call"],
+            "stop": response.status, "output": [i.model_dump(exclude_none=True) for i in response.output],
+            "usage": (response.usage.input_tokens, response.usage.input_tokens_details.cached_tokens,
+                      response.usage.output_tokens)}
+
+
+def tool_result_history(client_format: str, first: dict, question: str) -> list[dict]:
+    """The next request's history after `first` called Bash: the call, and its result `a.txt`."""
+    call_id, name, arguments = first["calls"][0]
+    if client_format == "anthropic":
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": first["content"]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "a.txt"}]}]
+    if client_format == "openai":
+        return [{"role": "user", "content": question},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "a.txt"}]
+    return [{"role": "user", "content": question}, *first["output"],
+            {"type": "function_call_output", "call_id": call_id, "output": "a.txt"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_every_client_api_runs_a_tool_round_trip_on_gemini_with_its_thought_signature(provider, client_format, stream):
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview", text="TOOL:ls /tmp")
+        asked = provider.requests[-1]
+        assert asked.path == "/v1beta/models/gemini-3-pro-preview:" + (
+            "streamGenerateContent?alt=sse" if stream else "generateContent")
+        assert asked.headers["x-goog-api-key"] == GEMINI_KEY and "key=" not in asked.path
+        assert [c[1:] for c in first["calls"]] == [("Bash", {"command": "ls /tmp"})]
+        assert first["stop"] in ("tool_use", "tool_calls", "completed")
+        second = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview",
+                                history=tool_result_history(client_format, first, "TOOL:ls /tmp"))
+        assert second["text"] == "tool said: a.txt"
+        assert second["usage"] == (40, 30, 12)  # cached content apart for Anthropic; thoughts are output
+        sent = provider.requests[-1].json["contents"]
+        call = next(p for c in sent if c["role"] == "model" for p in c["parts"] if "functionCall" in p)
+        assert call["thoughtSignature"] == GEMINI_CALL_SIGNATURE  # Gemini gets its signature back on the call
+        assert call["functionCall"]["name"] == "Bash" and "__plano" not in call["functionCall"]["id"]
+        response = next(p for c in sent for p in c["parts"] if "functionResponse" in p)["functionResponse"]
+        assert response == {"id": call["functionCall"]["id"], "name": "Bash", "response": {"output": "a.txt"}}
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
