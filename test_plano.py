@@ -12954,6 +12954,256 @@ def test_every_client_api_runs_a_tool_round_trip_on_gemini_with_its_thought_sign
         assert response == {"id": call["functionCall"]["id"], "name": "Bash", "response": {"output": "a.txt"}}
 
 
+# What a recorded Gemini answer says, read from the recording (never written down by hand): text,
+# thought summaries, calls, stop reason in Anthropic's words, and usage as (prompt with cached,
+# cached, output with thoughts) from the last usageMetadata (cumulative in a stream).
+GEMINI_RECORDINGS = sorted(p.name for p in RECORDED_GEMINI.iterdir() if p.suffix in (".sse", ".json"))
+GEMINI_ANSWERS = [name for name in GEMINI_RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
+GEMINI_ERRORS = [name for name in GEMINI_RECORDINGS if name not in GEMINI_ANSWERS]
+GEMINI_STOP = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal"}
+
+
+def gemini_recorded_chunks(name: str) -> list[dict]:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    return [json.loads(e.data) for e in plano.SSEDecoder().feed(raw)] if name.endswith(".sse") else [json.loads(raw)]
+
+
+def gemini_expected(name: str) -> dict:
+    text, thinking, calls, finish, blocked, usage = "", "", [], None, False, {}
+    for chunk in gemini_recorded_chunks(name):
+        usage = chunk.get("usageMetadata") or usage
+        blocked = blocked or "blockReason" in (chunk.get("promptFeedback") or {})
+        for candidate in chunk.get("candidates") or []:
+            finish = candidate.get("finishReason") or finish
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                if "functionCall" in part:
+                    calls.append((part["functionCall"]["name"], part["functionCall"].get("args", {})))
+                elif part.get("thought"):
+                    thinking += part["text"]
+                else:
+                    text += part.get("text", "")
+    stop = "refusal" if blocked else GEMINI_STOP[finish]
+    stop = "tool_use" if calls and stop == "end_turn" else stop
+    cached = usage.get("cachedContentTokenCount", 0)
+    return {"text": text, "thinking": thinking, "calls": calls, "stop": stop,
+            "usage": (usage.get("promptTokenCount", 0), cached,
+                      usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0))}
+
+
+def in_anthropic_words(client_format: str, stop: Any, expected: str) -> str:
+    """A client's stop (Anthropic's stop_reason, Chat's finish_reason, a Response's status)."""
+    if client_format == "openai":
+        return {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "content_filter": "refusal"}[stop]
+    if client_format == "responses":  # a Response says only whether it is complete
+        assert stop == ("incomplete" if expected == "max_tokens" else "completed")
+        return expected
+    return stop
+
+
+def replay_gemini(provider: StandInProvider, name: str, status: int = 200) -> None:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    provider.then(Reply(status, sse=[raw[i:i + 5] for i in range(0, len(raw), 5)]) if name.endswith(".sse")
+                  else Reply(status, raw=raw))
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ANSWERS)
+def test_a_recorded_gemini_answer_reaches_every_client_api(provider, name, client_format):
+    expected = gemini_expected(name)
+    replay_gemini(provider, name)
+    with gemini_only(provider) as running:
+        got = ask_any_client(running, client_format, name.endswith(".sse"), "gemini/gemini-3-pro-preview")
+    assert (got["text"], got["thinking"]) == (expected["text"], expected["thinking"])
+    assert [call[1:] for call in got["calls"]] == expected["calls"]
+    assert in_anthropic_words(client_format, got["stop"], expected["stop"]) == expected["stop"]
+    assert got["usage"] == expected["usage"]
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ERRORS)
+def test_a_recorded_gemini_error_reaches_every_client_api_with_its_status_and_message(provider, name, client_format):
+    recorded = json.loads((RECORDED_GEMINI / name).read_bytes())["error"]
+    replay_gemini(provider, name, recorded["code"])
+    with gemini_only(provider) as running:
+        with pytest.raises((anthropic.APIStatusError, openai.APIStatusError)) as caught:
+            ask_any_client(running, client_format, False, "gemini/gemini-3-pro-preview")
+    assert caught.value.status_code == recorded["code"]
+    assert recorded["message"] in caught.value.message
+
+
+def test_a_recorded_gemini_call_comes_back_with_its_signature_in_the_tool_id_and_goes_back_to_gemini(provider):
+    replay_gemini(provider, "gemini-3-pro-preview-tool-call-signature.sse")
+    recorded = next(p for c in gemini_recorded_chunks("gemini-3-pro-preview-tool-call-signature.sse")
+                    for p in c["candidates"][0]["content"]["parts"] if "functionCall" in p)
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview")
+        replay_gemini(provider, "gemini-3-pro-preview-text-after-tool.sse")
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": first["calls"][0][0], "type": "function",
+                        "function": {"name": "get_country", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": first["calls"][0][0], "content": "Mexico"}]
+        second = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview", history=history)
+    assert second["text"] == "The capital of Mexico is Mexico City."
+    sent = provider.requests[-1].json["contents"]
+    assert sent[1]["parts"][0]["thoughtSignature"] == recorded["thoughtSignature"]
+    assert sent[2]["parts"][0]["functionResponse"]["name"] == "get_country"
+
+
+# ── a Gemini provider that breaks its protocol ─────────────────────────────────────────────
+
+GEMINI_EXHAUSTED = {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
+                              "status": "RESOURCE_EXHAUSTED"}}
+
+
+@pytest.mark.parametrize("reply, status", [
+    (Reply(200, raw=b"<html>Bad gateway</html>"), 502),
+    (Reply(200, raw=b"[1, 2]"), 502),
+    (Reply(200, raw=b'{"candidates": "none", "usageMetadata": [1]}'), 200),
+    (Reply(200, raw=b'{"candidates": [{"content": {"parts": [{"functionCall": "ls"}, 7]}}]}'), 200),
+    (Reply(429, GEMINI_EXHAUSTED, headers={"retry-after": "3"}), 429),
+    (Reply(500, raw=b"upstream connect error"), 500),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_gemini_provider_answering_garbage_gets_the_client_an_error_in_its_format_or_an_answer(
+        provider, reply, status, client_format):
+    provider.then(reply)
+    with gemini_only(provider) as running:
+        path = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
+        body = {"model": "gemini/gemini-3-pro-preview", "max_tokens": 20, "messages": [USER_HI]} \
+            if client_format != "responses" else {"model": "gemini/gemini-3-pro-preview", "input": "hi"}
+        response = httpx.post(running.url + path[client_format], json=body, timeout=30)
+        assert response.status_code == status
+        if status >= 400:
+            error = response.json()["error"]
+            assert isinstance(error["message"], str) and ("type" in error)
+        if status == 429:
+            assert "Resource has been exhausted" in response.text and response.headers["retry-after"] == "3"
+        assert httpx.get(running.url + "/healthz").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("chunks, what", [
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n'], "ended before"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: [1, 2]\r\n\r\n"],
+     "not a JSON object"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: {nope\r\n\r\n"],
+     "unreadable"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n',
+      b"data: " + json.dumps(GEMINI_EXHAUSTED).encode() + b"\r\n\r\n"], "Resource has been exhausted"),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai"])
+def test_a_gemini_stream_that_breaks_ends_in_the_clients_error_event_after_the_text_so_far(
+        provider, chunks, what, client_format):
+    provider.then(Reply(200, sse=chunks))
+    with gemini_only(provider) as running:
+        path = "/v1/messages" if client_format == "anthropic" else "/v1/chat/completions"
+        response = httpx.post(running.url + path, json={"model": "gemini/gemini-3-pro-preview", "max_tokens": 20,
+                                                        "stream": True, "messages": [USER_HI]}, timeout=30)
+    assert response.status_code == 200
+    events = [json.loads(e.data) for e in plano.SSEDecoder().feed(response.content) if e.data != "[DONE]"]
+    text = anthropic_stream_text(response.text) if client_format == "anthropic" else \
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
+    assert text == "Hel"
+    assert what in events[-1]["error"]["message"]
+    assert "message_stop" not in response.text and "[DONE]" not in response.text
+
+
+def test_gemini_exhausted_before_its_answer_fails_over_to_the_next_model(provider):
+    provider.then(Reply(429, GEMINI_EXHAUSTED))
+    config = build_config(gemini_model(provider, fallbacks=["openai/gpt-4o"]), served_by(provider, "openai/gpt-4o"),
+                          router=ROUTER_OFF)
+    with RunningPlano(config) as running:
+        response = anthropic_client(running).messages.with_raw_response.create(
+            model="gemini/gemini-3-pro-preview", max_tokens=20, messages=[{"role": "user", "content": "after"}])
+    assert response.parse().content[0].text == "echo: after"
+    assert (response.headers["x-plano-model"], response.headers["x-plano-decision"]) == ("openai/gpt-4o", "fallback")
+
+
+def test_a_wrong_gemini_key_is_the_gateways_to_fix_not_the_clients(provider):
+    with RunningPlano(build_config(gemini_model(provider, access_key="AIzaSyWrongKey000000000000000000000000"),
+                                   router=ROUTER_OFF)) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
+            anthropic_client(running).messages.create(model="gemini/gemini-3-pro-preview", max_tokens=5,
+                                                      messages=[USER_HI])
+    assert "rejected the configured key" in caught.value.message and "AIzaSyWrong" not in caught.value.message
+
+
+# ── the pure functions, fuzzed ─────────────────────────────────────────────────────────────
+
+GEMINI_MODEL = plano.parse_config("llm_providers:\n  - model: gemini/gemini-2.5-pro\n    access_key: k\n",
+                                  path=CONFIG_PATH, environ={}).models[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["contents", "systemInstruction", "tools", "toolConfig",
+                                             "generationConfig"]), JSON_VALUES, max_size=5)
+       | st.fixed_dictionaries({"contents": st.lists(st.fixed_dictionaries(
+           {"role": st.sampled_from(["user", "model", "function", "x"]),
+            "parts": st.lists(st.dictionaries(st.sampled_from(["text", "thought", "functionCall", "functionResponse",
+                                                               "inlineData", "thoughtSignature", "fileData"]),
+                                              JSON_VALUES, max_size=3), max_size=3)}), max_size=4)}))
+def test_any_gemini_request_body_is_read_or_refused_with_a_request_error(body):
+    try:
+        anthropic_body = plano.gemini_request_to_anthropic(body, stream=False)
+    except plano.RequestError:
+        return
+    json.dumps(anthropic_body)
+    try:
+        plano.anthropic_request_to_gemini(dict(anthropic_body, max_tokens=10), GEMINI_MODEL)
+    except plano.RequestError:
+        pass
+
+
+TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(turns=st.lists(st.tuples(TEXTS.filter(bool), st.lists(st.tuples(st.sampled_from(["Bash", "Read"]),
+                                                                        st.dictionaries(TEXTS, TEXTS, max_size=2)),
+                                                              max_size=2), TEXTS), min_size=1, max_size=3))
+def test_a_gemini_conversation_keeps_its_words_and_calls_through_the_anthropic_shape_and_back(turns):
+    """user text → model calls (no ids, as Gemini sends) → function responses, turn after turn."""
+    contents = []
+    for words, calls, result in turns:
+        contents.append({"role": "user", "parts": [{"text": words}]})
+        if calls:
+            contents.append({"role": "model", "parts": [{"functionCall": {"name": n, "args": a}} for n, a in calls]})
+            contents.append({"role": "user", "parts": [{"functionResponse": {"name": n, "response": {"output": result}}}
+                                                       for n, _ in calls]})
+    back = plano.anthropic_request_to_gemini(plano.gemini_request_to_anthropic({"contents": contents}, False),
+                                             GEMINI_MODEL)["contents"]
+    def flat(turns: list[dict]) -> list[tuple]:
+        return [(c["role"], p.get("text"), (p.get("functionCall") or {}).get("name"),
+                 (p.get("functionCall") or {}).get("args"), (p.get("functionResponse") or {}).get("response"))
+                for c in turns for p in c["parts"]]
+
+    said, expected = flat(back), flat(contents)
+    assert said == expected  # (consecutive user turns may be merged into one content: the parts stay in order)
+    ids = [p["functionCall"]["id"] for c in back for p in c["parts"] if "functionCall" in p]
+    answered = [p["functionResponse"]["id"] for c in back for p in c["parts"] if "functionResponse" in p]
+    assert ids == answered and len(set(ids)) == len(ids)  # each response answers its own call
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(JSON_VALUES | st.fixed_dictionaries({"candidates": st.lists(st.fixed_dictionaries({
+    "content": st.fixed_dictionaries({"parts": st.lists(st.dictionaries(
+        st.sampled_from(["text", "thought", "functionCall", "thoughtSignature"]), JSON_VALUES, max_size=3),
+        max_size=3)}), "finishReason": st.sampled_from(["STOP", "MAX_TOKENS", "SAFETY", "OTHER", 7])}), max_size=2),
+    "usageMetadata": JSON_VALUES}), max_size=5), client_format=st.sampled_from(["anthropic", "openai", "responses"]))
+def test_any_gemini_stream_becomes_a_well_formed_client_stream_or_a_stream_error(chunks, client_format):
+    translator = plano.StreamTranslator("gemini", client_format, "gemini/x", True)
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure, (plano.StreamTranslationError,
+                                                                         plano.UpstreamError))
+    events = plano.SSEDecoder().feed(out)
+    if client_format == "anthropic" and events:
+        names = [e.event for e in events]
+        assert names[0] == "message_start" and names.count("message_stop") <= 1
+        if translator.failure is None:
+            assert names[-1] == "message_stop"
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
