@@ -4004,18 +4004,22 @@ def gemini_url(base_url: str, model_id: str, stream: bool) -> str:
     return f"{base_url}/{GEMINI_API_VERSION}/models/{urllib.parse.quote(model_id, safe='')}:{method}"
 
 
-def gemini_call_of_path(path: str) -> tuple[str, str]:
-    """(model name, method) of a Gemini front-door path `/v1beta/models/{model}:{method}`. The name
+def gemini_call_of_path(path: str, with_method: bool = True) -> tuple[str, str]:
+    """(model name, method) of a Gemini front-door path `/v1beta/models/{model}:{method}` (or, not
+    `with_method`, `/v1beta/models/{model}`: a name may hold a colon, as Ollama's tags do). The name
     is percent-decoded and may hold `/` (plano's names are `provider/model`); a name that is empty,
     too long, holds a `..` segment, an encoded slash or backslash, or a control character is refused."""
     rest = path[len(f"/{GEMINI_API_VERSION}/models/"):]
-    name, colon, method = rest.rpartition(":")
+    name, colon, method = rest.rpartition(":") if with_method else ("", "", "")
     if not colon:
         name, method = rest, ""
     _require(name != "", "the model name in the path is empty")
     _require(len(name) <= 3 * MAX_GEMINI_MODEL_NAME, "the model name in the path is too long")
     _require(not re.search(r"%(2[fF]|5[cC])", name), "the model name in the path holds an encoded slash")
-    name = urllib.parse.unquote(name, errors="strict") if "%" in name else name
+    try:
+        name = urllib.parse.unquote(name, errors="strict") if "%" in name else name
+    except UnicodeDecodeError:
+        raise RequestError("the model name in the path is not percent-encoded UTF-8") from None
     _require(len(name) <= MAX_GEMINI_MODEL_NAME, f"the model name in the path is longer than {MAX_GEMINI_MODEL_NAME}")
     _require(not _UNPRINTABLE.search(name) and not re.search(r"\s", name),
              "the model name in the path holds a control character or a space")
@@ -4024,6 +4028,34 @@ def gemini_call_of_path(path: str) -> tuple[str, str]:
 
 
 # ── Gemini request → Anthropic request (the front door) ─────────────────────────────────────
+
+# Google's APIs read JSON by protobuf's rules, which take a field by its JSON name (lowerCamelCase)
+# or its proto name (snake_case): Google's Python SDK sends `parameters_json_schema`,
+# `thinking_budget`. These fields hold JSON of the client's own (a call's arguments, a function's
+# response, JSON schemas, examples), whose keys are never renamed; `properties` maps property names
+# (kept) to schemas (read on).
+_GEMINI_OPAQUE_FIELDS = frozenset({"args", "response", "parametersJsonSchema", "responseJsonSchema", "default",
+                                   "example", "labels", "enum"})
+
+
+def gemini_camel_case(value: Any) -> Any:
+    """A Gemini request with every field under its JSON name (snake_case names as lowerCamelCase)."""
+    if isinstance(value, list):
+        return [gemini_camel_case(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict = {}
+    for key, item in value.items():
+        name = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key) if "_" in key else key
+        _require(name not in out, f"{name}: given twice (as {key} and {name})")
+        if name in _GEMINI_OPAQUE_FIELDS:
+            out[name] = item
+        elif name == "properties" and isinstance(item, dict):
+            out[name] = {prop: gemini_camel_case(schema) for prop, schema in item.items()}
+        else:
+            out[name] = gemini_camel_case(item)
+    return out
+
 
 def _gemini_text_of(instruction: Any, where: str) -> str:
     """The text of a systemInstruction: a Content ({parts: [{text}]}) or, as the SDKs accept, a string."""
@@ -4093,6 +4125,7 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
     a conversation), and a functionResponse without one answers the first call of that name (else
     the first) of the model turn before it that has no answer yet."""
     _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
+    body = gemini_camel_case(body)
     contents = body.get("contents")
     _require(isinstance(contents, list) and contents, "contents: must be a non-empty list")
     messages: list[dict] = []
@@ -5185,11 +5218,13 @@ def gemini_with_max_output(body: Any, limit: int) -> Any:
     """A Gemini request body asking for at most `limit` output tokens (its maxOutputTokens)."""
     if not isinstance(body, dict):
         return body
-    config = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
-    given = config.get("maxOutputTokens")
+    section = "generation_config" if "generation_config" in body else "generationConfig"  # (see gemini_camel_case)
+    config = body.get(section) if isinstance(body.get(section), dict) else {}
+    field_name = "max_output_tokens" if "max_output_tokens" in config else "maxOutputTokens"
+    given = config.get(field_name)
     if isinstance(given, int) and not isinstance(given, bool) and given <= limit:
         return body
-    return dict(body, generationConfig=dict(config, maxOutputTokens=limit))
+    return dict(body, **{section: dict(config, **{field_name: limit})})
 
 
 def without_unpaired_thinking(body: dict) -> dict:
@@ -10183,8 +10218,8 @@ class Gateway:
             if path == prefix:
                 body: dict = {"models": [gemini_model_listing(self.config, name) for name in names]}
             else:
-                name, method = gemini_call_of_path(path)
-                if method or name not in names:
+                name, _ = gemini_call_of_path(path, with_method=False)
+                if name not in names:
                     raise NotFoundError(f"models/{name} is not a model this gateway serves (GET {prefix} lists them)")
                 body = gemini_model_listing(self.config, name)
             await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
