@@ -13572,6 +13572,38 @@ def test_the_gemini_clis_session_context_is_not_what_the_router_reads_and_its_to
     assert plano.has_new_user_text(body["messages"]) and not plano.has_new_user_text(loop["messages"])
 
 
+def test_a_gemini_cli_turn_is_routed_on_the_users_words_and_its_tool_loop_is_pinned(routed_gateway, provider):
+    session_context = ("<session_context>\nThis is the Gemini CLI. We are setting up the context for our chat.\n"
+                       "My operating system is: linux\n</session_context>")
+    contents = [{"role": "user", "parts": [{"text": session_context}]},
+                {"role": "user", "parts": [{"text": "TOOL:echo one"}]}]
+    tools = [{"functionDeclarations": [{"name": "Bash", "parametersJsonSchema": BASH_TOOL["input_schema"]}]}]
+
+    def ask() -> httpx.Response:
+        response = gemini_post(routed_gateway, "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+                               {"contents": contents, "tools": tools})
+        assert response.status_code == 200
+        return response
+
+    first = ask()
+    chunks = [json.loads(e.data) for e in plano.SSEDecoder().feed(first.content)]
+    call = next((p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
+                 if "functionCall" in p), {"id": "call_x", "name": "Bash", "args": {"command": "echo one"}})
+    contents += [{"role": "model", "parts": [{"functionCall": call}]},
+                 {"role": "user", "parts": [{"functionResponse": {"id": call.get("id"), "name": "Bash",
+                                                                  "response": {"output": "one"}}}]}]
+    second = ask()
+    contents += [{"role": "model", "parts": [{"text": "tool said: one"}]},
+                 {"role": "user", "parts": [{"text": "now explain what echo does"}]}]
+    third = ask()
+    decisions = [r.headers["x-plano-decision"] for r in (first, second, third)]
+    assert decisions == ["router", "pinned", "router"]
+    assert second.headers["x-plano-model"] == first.headers["x-plano-model"]
+    records = routed_gateway.gateway.decision_log.recent()
+    assert len({record["session"] for record in records}) == 1  # one conversation, keyed by the user's first words
+    assert records[0]["session"] == plano.session_key({"messages": [{"role": "user", "content": "TOOL:echo one"}]}, {})
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
