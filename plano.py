@@ -8916,7 +8916,7 @@ def _usage_attributes(usage: Mapping[str, Any] | None, reasoning_tokens: int | N
 # ── what an answer says of itself ─────────────────────────────────────────────────────────
 
 # An OpenAI chunk that gives a finish reason (every chunk names the field, most as null).
-_FINISH_REASON_GIVEN = re.compile(r'"finish_reason"\s*:\s*"')
+_FINISH_REASON_GIVEN = re.compile(r'"finish_reason"\s*:\s*"|"finishReason"\s*:\s*"')  # Chat's, Gemini's
 _RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
@@ -8965,7 +8965,9 @@ class _AnswerFacts:
 
     def _event(self, data: dict) -> None:
         kind = data.get("type")
-        if self.interface == "responses":
+        if self.interface == "gemini":
+            self._gemini(data)
+        elif self.interface == "responses":
             if isinstance(data.get("response"), dict) and kind in ("response.created",) + _RESPONSES_FINAL:
                 self.whole(data["response"])
         elif self.interface == "anthropic":
@@ -8987,6 +8989,9 @@ class _AnswerFacts:
     def whole(self, payload: dict) -> None:
         """A whole answer (or a Responses stream's response object)."""
         if self.broken:
+            return
+        if self.interface == "gemini":
+            self._gemini(payload)
             return
         self._identity(payload)
         if self.interface == "anthropic":
@@ -9017,6 +9022,28 @@ class _AnswerFacts:
                 self._reason(index, choice.get("finish_reason"))
                 if self.capture and isinstance(choice.get(part), dict):
                     self._openai_message(index, choice[part])
+
+    def _gemini(self, data: dict) -> None:
+        """A Gemini answer or stream chunk: its responseId, modelVersion, each candidate's
+        finishReason and, when content is captured, its parts (a call is whole in one part)."""
+        self._identity({"id": data.get("responseId"), "model": data.get("modelVersion")})
+        for position, candidate in enumerate(_list(data.get("candidates"))):
+            if not isinstance(candidate, dict):
+                continue
+            index = _index(candidate.get("index"), position)
+            self._reason(index, candidate.get("finishReason"))
+            content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+            for part in _list(content.get("parts")) if self.capture else []:
+                if not isinstance(part, dict):
+                    continue
+                call = part.get("functionCall")
+                if isinstance(call, dict):
+                    key = ("tool_call", sum(k[0] == "tool_call" for k in self.parts.get(index, {})))
+                    self._part(index, key).update({k: _named(v) for k, v in
+                                                   (("id", call.get("id")), ("name", call.get("name"))) if v})
+                    self._add(index, key, json.dumps(call.get("args") or {}, ensure_ascii=False))
+                else:
+                    self._add(index, ("reasoning" if part.get("thought") is True else "text", 0), part.get("text"))
 
     def _identity(self, data: dict) -> None:
         if self.id is None and isinstance(data.get("id"), str):

@@ -13604,6 +13604,29 @@ def test_a_gemini_cli_turn_is_routed_on_the_users_words_and_its_tool_loop_is_pin
     assert records[0]["session"] == plano.session_key({"messages": [{"role": "user", "content": "TOOL:echo one"}]}, {})
 
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_gemini_answer_and_a_gemini_client_are_traced_with_googles_ids_and_finish_reasons(
+        provider, collector, monkeypatch, stream):
+    monkeypatch.setenv(plano._CONTENT_CAPTURE, "true")
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        got = ask_gemini(client, "gemini/gemini-3-pro-preview", "TOOL:ls -la", stream, gemini_config_tools())
+    assert [c.name for c in got["calls"]] == ["Bash"]
+    server = collector.one("SERVER")
+    assert server.attributes["url.path"] == "/v1beta/models/gemini/gemini-3-pro-preview:" + (
+        "streamGenerateContent" if stream else "generateContent")
+    assert (server.attributes["gen_ai.response.id"], server.attributes["gen_ai.response.model"]) == (
+        "QUVVadTSNJ6_qtsPvN7J8Q0", "gemini-3-pro-preview")
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["STOP"]
+    assert (server.attributes["gen_ai.usage.input_tokens"], server.attributes["gen_ai.usage.output_tokens"]) == (40, 12)
+    assert json.loads(server.attributes["gen_ai.input.messages"]) == \
+        [{"role": "user", "parts": [{"type": "text", "content": "TOOL:ls -la"}]}]
+    [message] = json.loads(server.attributes["gen_ai.output.messages"])
+    assert message["parts"] == [{"type": "tool_call", "id": None, "name": "Bash",  # Gemini's calls have no id
+                                 "arguments": '{"command": "ls -la"}'}]
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
