@@ -3984,6 +3984,8 @@ GEMINI_FINISH_FROM_ANTHROPIC = {"end_turn": "STOP", "stop_sequence": "STOP", "to
 # Gemini 2.5's budgets; -1 is "dynamic" (the model decides).
 _GEMINI_THINKING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
 _GEMINI_DYNAMIC_BUDGET = 8192
+# The largest budget every Gemini thinking model takes (2.5 Flash's; 2.5 Pro's is 32768): more is a 400.
+_GEMINI_MAX_THINKING_BUDGET = 24576
 
 MAX_GEMINI_MODEL_NAME = 256  # characters of a model name in a Gemini URL (real ones are < 60)
 
@@ -4430,12 +4432,12 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
                  "stop_sequences: must be a list of strings")
         config["stopSequences"] = stop[:5]  # Gemini takes at most five
     thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+    thinks = model.is_reasoning_model or model.capabilities.reasoning  # others refuse a thinkingConfig
+    if thinks and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
         budget = thinking.get("budget_tokens")
         config["thinkingConfig"] = {"includeThoughts": True, **(
-            {"thinkingBudget": budget} if isinstance(budget, int) and not isinstance(budget, bool) else {})}
-    elif isinstance(thinking, dict) and thinking.get("type") == "disabled":
-        config["thinkingConfig"] = {"includeThoughts": False}
+            {"thinkingBudget": min(budget, _GEMINI_MAX_THINKING_BUDGET)}
+            if isinstance(budget, int) and not isinstance(budget, bool) else {})}
     if config:
         out["generationConfig"] = config
     return out

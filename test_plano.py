@@ -13627,6 +13627,20 @@ def test_a_gemini_answer_and_a_gemini_client_are_traced_with_googles_ids_and_fin
                                  "arguments": '{"command": "ls -la"}'}]
 
 
+
+def test_claude_codes_thinking_becomes_a_thinking_config_only_for_gemini_models_that_think():
+    def config_for_model(name: str, thinking: dict) -> dict | None:
+        model = plano.parse_config(f"llm_providers:\n  - model: {name}\n    access_key: k\n", path=CONFIG_PATH,
+                                   environ={}).models[0]
+        body = {"max_tokens": 64000, "thinking": thinking, "messages": [USER_HI]}
+        return plano.anthropic_request_to_gemini(body, model)["generationConfig"].get("thinkingConfig")
+
+    assert config_for_model("gemini/gemini-2.5-pro", {"type": "adaptive"}) == {"includeThoughts": True}
+    assert config_for_model("gemini/gemini-3-pro-preview", {"type": "enabled", "budget_tokens": 31999}) == \
+        {"includeThoughts": True, "thinkingBudget": 24576}  # within every thinking model's range
+    assert config_for_model("gemini/gemini-2.0-flash", {"type": "adaptive"}) is None  # it refuses thinkingConfig
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
