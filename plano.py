@@ -4323,6 +4323,7 @@ def _gemini_tool_config_to_anthropic(config: Any) -> dict | None:
         return None
     _require(isinstance(calling, dict), "toolConfig.functionCallingConfig: must be an object")
     mode = calling.get("mode", "AUTO")
+    _require(isinstance(mode, str), "toolConfig.functionCallingConfig.mode: must be AUTO, ANY, NONE or VALIDATED")
     allowed = calling.get("allowedFunctionNames")
     if mode == "ANY" and isinstance(allowed, list) and len(allowed) == 1 and isinstance(allowed[0], str):
         return {"type": "tool", "name": allowed[0]}
@@ -4412,7 +4413,9 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
         out["tools"] = [{"functionDeclarations": declarations}]
         choice = body.get("tool_choice")
         if isinstance(choice, dict):
-            mode = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}.get(choice.get("type"))
+            kind = choice.get("type")
+            mode = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}.get(kind) if isinstance(kind, str) \
+                else None
             _require(mode is not None, "tool_choice.type: must be auto, any, tool or none")
             calling: dict[str, Any] = {"mode": mode}
             if choice.get("type") == "tool":
@@ -4660,6 +4663,10 @@ def _gemini_answer_chunk(parts: list[dict], model: str, response_id: str, finish
     return chunk
 
 
+def _gemini_finish(stop_reason: Any) -> str:
+    return GEMINI_FINISH_FROM_ANTHROPIC.get(stop_reason, "STOP") if isinstance(stop_reason, str) else "STOP"
+
+
 def anthropic_response_to_gemini(response: dict, requested_model: str) -> dict:
     """An Anthropic Messages response as a Gemini generateContent answer."""
     parts: list[dict] = []
@@ -4686,7 +4693,7 @@ def anthropic_response_to_gemini(response: dict, requested_model: str) -> dict:
         parts.append(part)
     if thinking:
         parts.append({"text": "", "thoughtSignature": gemini_signature_carrying(thinking)})
-    finish = GEMINI_FINISH_FROM_ANTHROPIC.get(response.get("stop_reason"), "STOP")
+    finish = _gemini_finish(response.get("stop_reason"))
     return _gemini_answer_chunk(parts, requested_model, str(response.get("id") or _new_id("")), finish,
                                 _anthropic_usage_to_gemini(response.get("usage")))
 
@@ -4833,7 +4840,7 @@ class AnthropicToGeminiStream:
         if self.thinking:
             part["thoughtSignature"] = gemini_signature_carrying(self.thinking)
         return [_gemini_answer_chunk([part], self.model, self.response_id,
-                                     GEMINI_FINISH_FROM_ANTHROPIC.get(self.stop_reason, "STOP"),
+                                     _gemini_finish(self.stop_reason),
                                      _anthropic_usage_to_gemini(self.usage))]
 
 

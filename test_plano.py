@@ -13641,6 +13641,51 @@ def test_claude_codes_thinking_becomes_a_thinking_config_only_for_gemini_models_
     assert config_for_model("gemini/gemini-2.0-flash", {"type": "adaptive"}) is None  # it refuses thinkingConfig
 
 
+
+GEMINI_BODY = {
+    "systemInstruction": {"parts": [{"text": "be brief"}]},
+    "contents": [{"role": "user", "parts": [{"text": "TOOL:ls"}, {"inlineData": {"mimeType": "image/png",
+                                                                              "data": "iVBORw0KGgo="}}]},
+                 {"role": "model", "parts": [{"text": "", "thought": True}, {
+                     "functionCall": {"id": "c1", "name": "Bash", "args": {"command": "ls"}},
+                     "thoughtSignature": GEMINI_CALL_SIGNATURE}]},
+                 {"role": "user", "parts": [{"functionResponse": {"id": "c1", "name": "Bash",
+                                                                  "response": {"output": "a.txt"}}}]}],
+    "tools": [{"functionDeclarations": [{"name": "Bash", "description": "run", "parametersJsonSchema": {
+        "type": "object", "properties": {"command": {"type": "string"}}}}]}],
+    "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["Bash"]}},
+    "generationConfig": {"maxOutputTokens": 100, "temperature": 0.5, "topP": 0.9, "stopSequences": ["END"],
+                         "thinkingConfig": {"includeThoughts": True, "thinkingBudget": 2048}}}
+
+
+@pytest.fixture(scope="module")
+def hostile_gemini_target():
+    with StandInProvider() as provider, RunningPlano(every_upstream(provider)) as running:
+        yield running
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_in_any_gemini_field_gets_a_4xx_in_googles_shape_or_a_valid_answer(hostile_gemini_target, data):
+    path = data.draw(st.sampled_from(field_paths(GEMINI_BODY)))
+    body = with_value_at(GEMINI_BODY, path, data.draw(JSON_VALUES))
+    model = data.draw(st.sampled_from(list(UPSTREAMS.values())))
+    method = data.draw(st.sampled_from([":generateContent", ":streamGenerateContent?alt=sse",
+                                        ":streamGenerateContent", ":countTokens"]))
+    response = gemini_post(hostile_gemini_target, f"/v1beta/models/{model}{method}", body)
+    assert response.status_code < 500 or model == UPSTREAMS["gemini"] and response.status_code == 502, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) >= {"code", "message", "status"}
+    elif method == ":countTokens":
+        assert isinstance(response.json()["totalTokens"], int)
+    elif method == ":streamGenerateContent?alt=sse":
+        assert response.headers["content-type"] == "text/event-stream"
+        assert all(isinstance(json.loads(e.data), dict) for e in plano.SSEDecoder().feed(response.content))
+    else:
+        answer = response.json()
+        assert isinstance(answer, list if method == ":streamGenerateContent" else dict)
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
