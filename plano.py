@@ -5155,7 +5155,7 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
     if client_format == "gemini" and model.interface != "gemini":
         # A Gemini client's request, read into the Anthropic shape (`body`), goes on as one.
         if model.interface == "anthropic":
-            body = without_unpaired_thinking(body)
+            body = fit_for_anthropic_thinking(body)
             if body.get("max_tokens") is None:  # Anthropic requires one; Gemini clients often give none
                 body = with_max_output(body, "anthropic", model.default_max_tokens)
         return provider_request(model, "anthropic", body, _json_bytes(body), client_headers, query, session, max_output)
@@ -5236,13 +5236,23 @@ def gemini_with_max_output(body: Any, limit: int) -> Any:
     return dict(body, **{section: dict(config, **{field_name: limit})})
 
 
-def without_unpaired_thinking(body: dict) -> dict:
-    """An Anthropic request without `thinking` when its last assistant turn calls tools without
-    the signed thinking that came before the calls: Anthropic refuses such a request ("a final
-    assistant message must start with a thinking block"), as happens when another provider (or a
-    client that dropped it) made that turn."""
+def fit_for_anthropic_thinking(body: dict) -> dict:
+    """A request read from another API (Gemini's) as Anthropic takes thinking: it refuses thinking
+    beside `top_k`, a `temperature` other than 1, a `top_p` below 0.95 (Gemini CLI sends topK 64,
+    topP 0.95 and temperature 1 with its thinkingConfig) and forced tool use; and it refuses a
+    thinking request whose last assistant turn calls tools without the signed thinking that came
+    before the calls ("a final assistant message must start with a thinking block"), as when
+    another provider made that turn. The sampling goes; a forced tool or an unpaired turn keeps
+    its request without thinking."""
     if not isinstance(body.get("thinking"), dict) or body["thinking"].get("type") == "disabled":
         return body
+    def refused(key: str, value: Any) -> bool:
+        return key == "top_k" or key == "temperature" and value != 1 \
+            or key == "top_p" and not (isinstance(value, (int, float)) and value >= 0.95)
+
+    out = {k: v for k, v in body.items() if not refused(k, v)}
+    if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") in ("any", "tool"):
+        return {k: v for k, v in body.items() if k != "thinking"}
     for message in reversed(body.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "assistant":
             content = message.get("content") if isinstance(message.get("content"), list) else []
@@ -5252,8 +5262,8 @@ def without_unpaired_thinking(body: dict) -> dict:
                 first.get("type") == "thinking" and not _unsigned(first)
             if calls and not signed:
                 return {k: v for k, v in body.items() if k != "thinking"}
-            return body
-    return body
+            break
+    return out
 
 
 # The hosted tool types already said to be dropped, and for which interface: Codex sends web_search

@@ -13686,6 +13686,25 @@ def test_arbitrary_json_in_any_gemini_field_gets_a_4xx_in_googles_shape_or_a_val
         assert isinstance(answer, list if method == ":streamGenerateContent" else dict)
 
 
+
+def test_gemini_clis_sampling_beside_thinking_is_left_out_where_anthropic_refuses_it():
+    read = plano.gemini_request_to_anthropic({"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {
+        "temperature": 1, "topP": 0.95, "topK": 64, "thinkingConfig": {"includeThoughts": True,
+                                                                       "thinkingBudget": 8192}}}, stream=True)
+    fit = plano.fit_for_anthropic_thinking(read)
+    assert (fit["thinking"], fit["temperature"], fit["top_p"], "top_k" in fit) == (
+        {"type": "enabled", "budget_tokens": 8192}, 1, 0.95, False)
+    cold = plano.fit_for_anthropic_thinking(dict(read, temperature=0, top_p=0.5))
+    assert "temperature" not in cold and "top_p" not in cold and cold["thinking"]
+    forced = plano.fit_for_anthropic_thinking(dict(read, tool_choice={"type": "any"}))
+    assert "thinking" not in forced and forced["top_k"] == 64  # without thinking, sampling is the client's
+    unpaired = plano.fit_for_anthropic_thinking(dict(read, messages=[
+        USER_HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c", "content": "x"}]}]))
+    assert "thinking" not in unpaired
+    assert plano.fit_for_anthropic_thinking({"messages": [], "top_k": 5}) == {"messages": [], "top_k": 5}
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
