@@ -4150,13 +4150,14 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
                 results = []
             _append_anthropic(messages, "user", results + others)
     out: dict[str, Any] = {"messages": messages}
-    if body.get("systemInstruction") is not None:
-        system = _gemini_text_of(body["systemInstruction"], "systemInstruction")
-        if system:
-            out["system"] = system
+    system = _gemini_text_of(body["systemInstruction"], "systemInstruction") \
+        if body.get("systemInstruction") is not None else ""
     config = body.get("generationConfig")
     _require(config is None or isinstance(config, dict), "generationConfig: must be an object")
     out.update(_gemini_generation_config_to_anthropic(config or {}))
+    system = "\n\n".join(filter(None, [system, _gemini_json_mode_instruction(config or {})]))
+    if system:
+        out["system"] = system
     tools = body.get("tools")
     _require(tools is None or isinstance(tools, list), "tools: must be a list")
     declared = []
@@ -4264,6 +4265,19 @@ def _gemini_generation_config_to_anthropic(config: dict) -> dict:
     if budget:
         out["thinking"] = {"type": "enabled", "budget_tokens": max(budget, 1024)}  # Anthropic's minimum
     return out
+
+
+def _gemini_json_mode_instruction(config: dict) -> str:
+    """Gemini's JSON mode (`responseMimeType: application/json`, with a schema or not), which the
+    Anthropic shape has no field for, as an instruction the other providers' models follow (Gemini
+    CLI's checks of the next speaker and of loops ask for it)."""
+    if config.get("responseMimeType") != "application/json":
+        return ""
+    schema = config.get("responseJsonSchema")
+    if schema is None and config.get("responseSchema") is not None:
+        schema = json_schema_from_gemini(config["responseSchema"])
+    shape = f", valid against this JSON Schema: {json.dumps(schema, ensure_ascii=False)}" if schema is not None else ""
+    return f"Answer with one JSON value and nothing else (no prose, no Markdown code fence){shape}."
 
 
 def _gemini_thinking_budget(thinking: dict) -> int:

@@ -13705,6 +13705,19 @@ def test_gemini_clis_sampling_beside_thinking_is_left_out_where_anthropic_refuse
     assert plano.fit_for_anthropic_thinking({"messages": [], "top_k": 5}) == {"messages": [], "top_k": 5}
 
 
+
+def test_geminis_json_mode_reaches_other_providers_as_an_instruction(provider):
+    schema = {"type": "object", "properties": {"next_speaker": {"type": "string", "enum": ["user", "model"]}}}
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        client.models.generate_content(model="anthropic/claude-sonnet-5", contents="who speaks next?", config=(
+            genai_types.GenerateContentConfig(system_instruction="be brief", response_mime_type="application/json",
+                                              response_json_schema=schema)))
+    assert provider.requests[-1].json["system"] == (
+        "be brief\n\nAnswer with one JSON value and nothing else (no prose, no Markdown code fence), valid against "
+        "this JSON Schema: " + json.dumps(schema) + ".")
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
