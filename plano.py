@@ -4419,7 +4419,11 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
         converted = _anthropic_tool_to_openai(tool, f"tools[{i}]")
         if converted is not None:
             function = converted["function"]
-            declaration = {"name": function["name"], "parametersJsonSchema": function["parameters"]}
+            # The client's JSON Schema as it is (parametersJsonSchema takes JSON Schema, where
+            # `parameters` takes only an OpenAPI subset), less `$schema`: metadata, which Google's
+            # schema readers have refused.
+            schema = {k: v for k, v in function["parameters"].items() if k != "$schema"}
+            declaration = {"name": function["name"], "parametersJsonSchema": schema}
             if function.get("description"):
                 declaration["description"] = function["description"]
             declarations.append(declaration)
@@ -4478,7 +4482,9 @@ def _anthropic_message_to_gemini(message: Any, where: str, names: dict[str, str]
         _require(isinstance(block, dict), f"{at}: must be an object")
         kind = block.get("type")
         if kind == "tool_result":
-            tool_use_id, text, images = _anthropic_tool_result(block, at)
+            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
+            tool_use_id = block["tool_use_id"]
+            text, images = _tool_result_content(block.get("content"), at)  # (a failure says so in its key)
             call_id, _ = split_signed_tool_id(tool_use_id)
             response = {"error": text} if block.get("is_error") is True else {"output": text}
             results.append({"functionResponse": {"id": call_id, "name": names.get(tool_use_id, names.get(call_id, "")),

@@ -13718,6 +13718,46 @@ def test_geminis_json_mode_reaches_other_providers_as_an_instruction(provider):
         "this JSON Schema: " + json.dumps(schema) + ".")
 
 
+
+def test_an_anthropic_request_becomes_geminis_parts_with_each_signature_back_where_gemini_put_it():
+    call_id = plano.signed_tool_id("toolu_1", GEMINI_CALL_SIGNATURE)
+    body = {"max_tokens": 100, "system": [{"type": "text", "text": "be brief"}], "stop_sequences": list("abcdefg"),
+            "tools": [dict(BASH_TOOL, input_schema=dict(BASH_TOOL["input_schema"], **{"$schema": "draft-07"})),
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "tool", "name": "Bash"},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image", "source": {
+                    "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]},
+                {"role": "assistant", "content": [
+                    plano.gemini_signature_block(GEMINI_TEXT_SIGNATURE), {"type": "text", "text": "I'll run it"},
+                    {"type": "tool_use", "id": call_id, "name": "Bash", "input": {"command": "ls"}},
+                    {"type": "thinking", "thinking": "Claude's", "signature": "sig-anthropic"}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": call_id, "is_error": True, "content": [
+                        {"type": "text", "text": "no such file"},
+                        {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}]},
+                    {"type": "text", "text": "then?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "done"},
+                                                  plano.gemini_signature_block(GEMINI_TEXT_SIGNATURE)]}]}
+    out = plano.anthropic_request_to_gemini(body, GEMINI_MODEL)
+    assert out["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    assert out["tools"] == [{"functionDeclarations": [{"name": "Bash", "description": "Run a shell command",
+                                                       "parametersJsonSchema": BASH_TOOL["input_schema"]}]}]
+    assert out["toolConfig"] == {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["Bash"]}}
+    assert out["generationConfig"] == {"maxOutputTokens": 100, "stopSequences": list("abcde")}
+    assert out["contents"] == [
+        {"role": "user", "parts": [{"text": "look"},
+                                   {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]},
+        {"role": "model", "parts": [
+            {"text": "I'll run it", "thoughtSignature": GEMINI_TEXT_SIGNATURE},
+            {"functionCall": {"id": "toolu_1", "name": "Bash", "args": {"command": "ls"}},
+             "thoughtSignature": GEMINI_CALL_SIGNATURE}]},
+        {"role": "user", "parts": [
+            {"functionResponse": {"id": "toolu_1", "name": "Bash", "response": {"error": "no such file"}}},
+            {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/a.png"}}, {"text": "then?"}]},
+        {"role": "model", "parts": [{"text": "done"}, {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}]}]
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
