@@ -4131,7 +4131,7 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
     contents = body.get("contents")
     _require(isinstance(contents, list) and contents, "contents: must be a non-empty list")
     messages: list[dict] = []
-    unanswered: list[tuple[str, str]] = []  # (name, id) of the calls of the last model turn
+    unanswered = _UnansweredCalls([])  # the calls of the last model turn
     for i, content in enumerate(contents):
         where = f"contents[{i}]"
         _require(isinstance(content, dict), f"{where}: must be an object")
@@ -4140,7 +4140,8 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
         parts = content.get("parts")
         _require(isinstance(parts, list), f"{where}.parts: must be a list")
         if role == "model":
-            blocks, unanswered = _gemini_model_parts(parts, where, i)
+            blocks, calls = _gemini_model_parts(parts, where, i)
+            unanswered = _UnansweredCalls(calls)
             _append_anthropic(messages, "assistant", blocks)
         else:
             results, others = _gemini_user_parts(parts, where, i, unanswered)
@@ -4209,8 +4210,34 @@ def _gemini_model_parts(parts: list, where: str, turn: int) -> tuple[list[dict],
     return blocks, calls
 
 
+class _UnansweredCalls:
+    """The calls of a model turn that no functionResponse has answered yet, found by id, else by
+    name, else the first, each in constant time (a turn may hold thousands of parts)."""
+
+    def __init__(self, calls: list[tuple[str, str]]):
+        # In the calls' order; an OrderedDict finds its first entry at once after deletions (a dict
+        # walks past the deleted ones, which made a long turn quadratic).
+        self.names = collections.OrderedDict((tool_id, name) for name, tool_id in calls)
+        self.by_name: dict[str, collections.deque[str]] = {}
+        for name, tool_id in calls:
+            self.by_name.setdefault(name, collections.deque()).append(tool_id)
+
+    def answer(self, name: str, given: Any) -> str | None:
+        """The id a functionResponse for `name` (with the id it `given`, if any) answers."""
+        if isinstance(given, str) and given:
+            self.names.pop(given, None)
+            return given
+        waiting = self.by_name.get(name)
+        while waiting and waiting[0] not in self.names:
+            waiting.popleft()  # answered by id meanwhile
+        tool_id = waiting.popleft() if waiting else next(iter(self.names), None)
+        if tool_id is not None:
+            del self.names[tool_id]
+        return tool_id
+
+
 def _gemini_user_parts(parts: list, where: str, turn: int,
-                       unanswered: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+                       unanswered: _UnansweredCalls) -> tuple[list[dict], list[dict]]:
     """(tool results, other blocks) of a user turn; `unanswered` loses the calls answered here."""
     results: list[dict] = []
     others: list[dict] = []
@@ -4221,15 +4248,7 @@ def _gemini_user_parts(parts: list, where: str, turn: int,
             response = part["functionResponse"]
             _require(isinstance(response, dict) and isinstance(response.get("name"), str),
                      f"{at}.functionResponse: needs a `name` string")
-            given = response.get("id")
-            if isinstance(given, str) and given:
-                tool_id = given
-                unanswered[:] = [c for c in unanswered if c[1] != given]
-            else:
-                match = next((c for c in unanswered if c[0] == response["name"]), unanswered[0] if unanswered else None)
-                if match is not None:
-                    unanswered.remove(match)
-                tool_id = match[1] if match is not None else f"call_gemini_{turn}_{j}"
+            tool_id = unanswered.answer(response["name"], response.get("id")) or f"call_gemini_{turn}_{j}"
             results.append(_gemini_function_response_block(part, at, tool_id))
         elif "text" in part:
             _require(isinstance(part["text"], str), f"{at}.text: must be a string")
@@ -10491,10 +10510,12 @@ class Gateway:
         client_format = request.api_format
         if exchange.key is not None:  # before anything else is spent on the request
             await self._admit(exchange.key, self.config)
-        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         if client_format == "gemini":  # read into the Anthropic shape; the model is in the path
             name, method = gemini_call_of_path(request.path)
-            body = dict(gemini_request_to_anthropic(body, stream=method == "streamGenerateContent"), model=name)
+            read = functools.partial(_read_gemini_body, stream=method == "streamGenerateContent")
+            body = dict(await _off_the_loop_if_large(read, request.body), model=name)
+        else:
+            body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
         requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
@@ -10659,6 +10680,12 @@ def _parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise RequestError(_NOT_A_JSON_OBJECT)
     return body
+
+
+def _read_gemini_body(raw: bytes, stream: bool) -> dict:
+    """A Gemini request's body, parsed and read into the Anthropic shape (both off the event loop
+    for a large one)."""
+    return gemini_request_to_anthropic(_parse_json_body(raw), stream)
 
 
 # Parsing holds the event loop for its whole length: ~2 ms a MiB for a Claude Code conversation, up

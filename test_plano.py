@@ -13761,6 +13761,26 @@ def test_an_anthropic_request_becomes_geminis_parts_with_each_signature_back_whe
         {"role": "model", "parts": [{"text": "done"}, {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}]}]
 
 
+
+def test_function_responses_without_ids_answer_their_calls_by_name_then_in_order():
+    contents = [{"role": "user", "parts": [{"text": "go"}]},
+                {"role": "model", "parts": [{"functionCall": {"name": "read", "args": {"p": 1}}},
+                                            {"functionCall": {"id": "mine", "name": "read", "args": {"p": 2}}},
+                                            {"functionCall": {"name": "grep", "args": {}}},
+                                            {"functionCall": {"name": "ls", "args": {}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"id": "mine", "name": "read",
+                                                                 "response": {"output": "2"}}},
+                                           {"functionResponse": {"name": "grep", "response": {"output": "g"}}},
+                                           {"functionResponse": {"name": "read", "response": {"output": "1"}}},
+                                           {"functionResponse": {"name": "unknown", "response": {"output": "?"}}},
+                                           {"functionResponse": {"name": "extra", "response": {"output": "!"}}}]}]
+    messages = plano.gemini_request_to_anthropic({"contents": contents}, stream=False)["messages"]
+    calls = {b["input"].get("p", b["name"]): b["id"] for b in messages[1]["content"]}
+    answered = [(b["tool_use_id"], b["content"]) for b in messages[2]["content"]]
+    assert answered == [("mine", "2"), (calls["grep"], "g"), (calls[1], "1"), (calls["ls"], "?"),
+                        ("call_gemini_2_4", "!")]  # an answer to no call keeps an id of its own
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
