@@ -4830,8 +4830,10 @@ class AnthropicToGeminiStream:
             return []
         if kind == "content_block_start":
             block = data.get("content_block") if isinstance(data.get("content_block"), dict) else {}
-            self.block = {"type": block.get("type"), "id": block.get("id"), "name": block.get("name"), "input": "",
-                          "thinking": "", "signature": "", "data": block.get("data")}
+            # Pieces in lists, joined when the block closes: a long tool input arrives in thousands
+            # of small deltas, and adding each to a string would copy it all each time.
+            self.block = {"type": block.get("type"), "id": block.get("id"), "name": block.get("name"), "input": [],
+                          "thinking": [], "signature": [], "data": block.get("data")}
             if block.get("type") == "text" and block.get("text"):
                 return self._chunk({"text": block["text"]})
             return []
@@ -4840,22 +4842,22 @@ class AnthropicToGeminiStream:
             if delta.get("type") == "text_delta" and delta.get("text"):
                 return self._chunk({"text": str(delta["text"])})
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
-                self.block["thinking"] += str(delta["thinking"])
+                self.block["thinking"].append(str(delta["thinking"]))
                 return self._chunk({"text": str(delta["thinking"]), "thought": True})
             if delta.get("type") == "signature_delta":
-                self.block["signature"] += str(delta.get("signature") or "")
+                self.block["signature"].append(str(delta.get("signature") or ""))
             elif delta.get("type") == "input_json_delta":
-                self.block["input"] += str(delta.get("partial_json") or "")
+                self.block["input"].append(str(delta.get("partial_json") or ""))
             return []
         if kind == "content_block_stop" and self.block is not None:
             block, self.block = self.block, None
             if block["type"] == "tool_use":
                 call_id, _ = split_signed_tool_id(str(block["id"]))
                 return self._chunk({"functionCall": {"id": call_id, "name": str(block["name"]),
-                                                     "args": _json_arguments(block["input"])}})
-            if block["type"] == "thinking" and block["signature"]:
-                self.thinking.append({"type": "thinking", "thinking": block["thinking"],
-                                      "signature": block["signature"]})
+                                                     "args": _json_arguments("".join(block["input"]))}})
+            if block["type"] == "thinking" and "".join(block["signature"]):
+                self.thinking.append({"type": "thinking", "thinking": "".join(block["thinking"]),
+                                      "signature": "".join(block["signature"])})
             elif block["type"] == "redacted_thinking":
                 self.thinking.append({"type": "redacted_thinking", "data": block["data"]})
             return []
