@@ -4406,7 +4406,9 @@ def thinking_from_gemini_signature(signature: Any) -> list[dict]:
         blocks = parse_json(raw[len(_CARRIED_THINKING):], unique_keys=False)
     except ValueError:
         return []
-    return [b for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
+    kept = ("type", "thinking", "signature", "data")  # what gemini_signature_carrying put there
+    return [{k: v for k, v in b.items() if k in kept} for b in blocks
+            if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
         if isinstance(blocks, list) else []
 
 
