@@ -13781,6 +13781,27 @@ def test_function_responses_without_ids_answer_their_calls_by_name_then_in_order
                         ("call_gemini_2_4", "!")]  # an answer to no call keeps an id of its own
 
 
+
+@pytest.mark.parametrize("upstream", ["openai", "anthropic", "responses", "gemini"])
+@pytest.mark.parametrize("reply, status", [
+    (Reply(200, raw=b"<html>Bad gateway</html>"), 502), (Reply(200, raw=b'"just a string"'), 502),
+    (Reply(503, raw=b"upstream connect error or disconnect/reset before headers"), 503),
+    (Reply(200, raw=b'{"choices": 7, "content": "x", "output": {}, "candidates": [null]}'), None)])
+def test_a_provider_answering_garbage_gets_a_gemini_client_googles_error_shape_or_an_answer(
+        provider, upstream, reply, status):
+    provider.then(reply)
+    only = gemini_model(provider) if upstream == "gemini" else served_by(provider, UPSTREAMS[upstream])
+    with RunningPlano(build_config(only, router=ROUTER_OFF)) as running:  # nothing to fail over to
+        response = gemini_post(running, f"/v1beta/models/{UPSTREAMS[upstream]}:generateContent",
+                               {"contents": [{"parts": [{"text": "hi"}]}]})
+        assert httpx.get(running.url + "/healthz").status_code == 200
+    if status is None:  # an answer of the wrong shape: read as far as it goes, or a 502
+        assert response.status_code in (200, 502), response.text
+        assert "candidates" in response.json() if response.status_code == 200 else response.json()["error"]
+        return
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == status and response.json()["error"]["status"] == "UNAVAILABLE"
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
