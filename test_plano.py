@@ -13802,6 +13802,40 @@ def test_a_provider_answering_garbage_gets_a_gemini_client_googles_error_shape_o
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == status and response.json()["error"]["status"] == "UNAVAILABLE"
 
+
+ANTHROPIC_EVENT_KINDS = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                         "message_delta", "message_stop", "ping", "error"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(ANTHROPIC_EVENT_KINDS), st.fixed_dictionaries({}, optional={
+    "index": st.integers(0, 3) | JSON_VALUES,
+    "content_block": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "thinking", "tool_use", "redacted_thinking"])},
+        optional={"id": JSON_VALUES, "name": JSON_VALUES, "text": JSON_VALUES}),
+    "delta": st.fixed_dictionaries({"type": st.sampled_from(["text_delta", "thinking_delta", "signature_delta",
+                                                             "input_json_delta"])},
+                                   optional={"text": JSON_VALUES, "thinking": JSON_VALUES, "signature": JSON_VALUES,
+                                             "partial_json": JSON_VALUES, "stop_reason": JSON_VALUES}),
+    "usage": JSON_VALUES, "message": JSON_VALUES})), max_size=8),
+    upstream=st.sampled_from(["anthropic", "openai"]))
+def test_any_stream_to_a_gemini_client_is_gemini_chunks_or_ends_in_a_stream_error(events, upstream):
+    translator = plano.StreamTranslator(upstream, "gemini", "openai/gpt-4o", False)
+    if upstream == "anthropic":
+        raw = b"".join(plano.encode_sse(dict(data, type=kind), kind) for kind, data in events)
+    else:  # the same values where Chat chunks carry them
+        raw = b"".join(plano.encode_sse({"choices": [{"index": 0, "delta": data.get("delta") or {},
+                                                      "finish_reason": data.get("index")}],
+                                         "usage": data.get("usage")}) for _, data in events) + b"data: [DONE]\n\n"
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure, (plano.StreamTranslationError,
+                                                                         plano.UpstreamError))
+    chunks = [json.loads(e.data) for e in plano.SSEDecoder().feed(out)]
+    assert all(isinstance(c["candidates"][0]["content"]["parts"], list) for c in chunks)
+    if translator.failure is None and chunks:
+        assert chunks[-1]["candidates"][0]["finishReason"] in ("STOP", "MAX_TOKENS", "SAFETY")
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
