@@ -13836,6 +13836,17 @@ def test_any_stream_to_a_gemini_client_is_gemini_chunks_or_ends_in_a_stream_erro
         assert chunks[-1]["candidates"][0]["finishReason"] in ("STOP", "MAX_TOKENS", "SAFETY")
 
 
+
+def test_doctor_asks_a_gemini_provider_for_its_model_list_with_googles_key_header(provider):
+    provider.then(lambda request: Reply(200, {"models": [{"name": "models/gemini-3-pro-preview"}]})
+                  if request.headers.get("x-goog-api-key") == GEMINI_KEY and "key=" not in request.path else
+                  Reply(400, {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT"}}))
+    model = build_config(gemini_model(provider)).models[0]
+    finding = plano._probe_provider(model, [GEMINI_KEY])
+    assert (finding.mark, finding.text) == ("ok", f"{provider.anthropic_base}: reachable (HTTP 200)")
+    assert [(r.method, r.path) for r in provider.requests] == [("GET", "/v1beta/models")]
+
+
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
 
 def test_scrubbing_removes_keys_and_key_shaped_text_but_keeps_the_parameter_a_provider_names():
