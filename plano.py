@@ -4011,7 +4011,7 @@ def gemini_call_of_path(path: str, with_method: bool = True) -> tuple[str, str]:
     `with_method`, `/v1beta/models/{model}`: a name may hold a colon, as Ollama's tags do). The name
     is percent-decoded and may hold `/` (plano's names are `provider/model`); a name that is empty,
     too long, holds a `..` segment, an encoded slash or backslash, or a control character is refused."""
-    rest = path[len(f"/{GEMINI_API_VERSION}/models/"):]
+    rest = path[len(f"/{GEMINI_API_VERSION}/models/"):].rstrip("/")
     name, colon, method = rest.rpartition(":") if with_method else ("", "", "")
     if not colon:
         name, method = rest, ""
@@ -10156,7 +10156,9 @@ class Gateway:
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
             return
         handler = routes.get((method, path))
-        if handler is None and path.startswith(f"/{GEMINI_API_VERSION}/models") and method in ("GET", "POST"):
+        gemini_models = f"/{GEMINI_API_VERSION}/models"
+        if handler is None and (path == gemini_models or path.startswith(gemini_models + "/")) \
+                and method in ("GET", "POST"):
             handler = self._gemini  # /v1beta/models[/{model}[:{method}]]: the model is in the path
         if handler is None:
             if any(p == path for _, p in routes):

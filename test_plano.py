@@ -13476,7 +13476,8 @@ HOSTILE_GEMINI_PATHS = [
     "/v1beta/models/../v1/messages:generateContent", "/v1beta/models/a/../../x:generateContent",
     "/v1beta/models/%0d%0aSet-Cookie:x:generateContent", "/v1beta/models/" + "m" * 300 + ":generateContent",
     "/v1beta/models/:generateContent", "/v1beta/models/x%ff:generateContent", "/v1beta/models/x%5c..:generateContent",
-    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o",
+    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o", "/v1beta/modelsx:generateContent",
+    "/v1beta/models/openai/gpt-4o:generateContent:x",
 ]
 
 
@@ -13516,6 +13517,13 @@ def test_a_malformed_gemini_body_gets_a_400_in_googles_shape_naming_the_field(pr
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and where in answer.json()["error"]["message"]
     assert provider.requests == []
+
+
+def test_a_trailing_slash_after_the_method_is_the_same_method(provider):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent/",
+                               {"contents": [{"parts": [{"text": "hi"}]}]})
+    assert response.status_code == 200 and json.loads(response.content)[-1]["candidates"][0]["finishReason"] == "STOP"
 
 
 def test_ten_thousand_parts_are_read_and_answered_or_refused_cleanly(provider):
