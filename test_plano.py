@@ -13005,6 +13005,45 @@ def test_cli_agent_opencode_and_qwen_print_env_and_config(tmp_path, provider):
     assert_user_settings_untouched(home)
 
 
+def test_cli_agent_gemini_print_env_and_config_keep_the_users_gemini_files(tmp_path, provider):
+    port = free_port()
+    config = write_agents_config(tmp_path, provider, port, "openai/gpt-4o")
+    home = agent_home(tmp_path)
+    (home / ".gemini" / "commands").mkdir()
+
+    def printed(*args: str, **env: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "plano", "--config", str(config), "cli-agent", "gemini", *args],
+                                capture_output=True, text=True, timeout=30,
+                                env={"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(HERE), **env})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    plano_home = home / ".cache" / "plano" / "gemini-cli" / "home"
+    assert printed("--print-env", PLANO_API_KEY=ALICE_KEY).splitlines() == [
+        f"export GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:{port}", f"export GEMINI_API_KEY={ALICE_KEY}",
+        "export GEMINI_MODEL=plano", f"export GEMINI_CLI_HOME={plano_home}"]
+    mirror = plano_home / ".gemini"
+    # Gemini CLI finds the user's own files through links; only its settings are plano's copy.
+    assert os.readlink(mirror / "GEMINI.md") == str(home / ".gemini" / "GEMINI.md")
+    assert os.readlink(mirror / "commands") == str(home / ".gemini" / "commands")
+    settings = json.loads((mirror / "settings.json").read_text())
+    assert settings == {"ui": {"theme": "GitHub"}, "security": {"auth": {"selectedType": "gemini-api-key"}},
+                        "privacy": {"usageStatisticsEnabled": False}, "telemetry": {"enabled": False},
+                        "general": {"enableAutoUpdate": False}}
+    shown = printed("--print-config").splitlines()
+    assert shown[0] == f"{mirror}/settings.json:" and json.loads("\n".join(shown[1:])) == settings
+    assert_user_settings_untouched(home)
+    # The user's settings change and a file goes: the next launch follows, from the environment
+    # `--print-env` printed (GEMINI_CLI_HOME set to plano's home) too.
+    (home / ".gemini" / "settings.json").write_text('{"ui": {"theme": "Dracula"}, '
+                                                    '"privacy": {"usageStatisticsEnabled": true}}')
+    (home / ".gemini" / "commands").rmdir()
+    printed("--print-env", GEMINI_CLI_HOME=str(plano_home))
+    settings = json.loads((mirror / "settings.json").read_text())
+    assert settings["ui"] == {"theme": "Dracula"} and settings["privacy"] == {"usageStatisticsEnabled": False}
+    assert not os.path.lexists(mirror / "commands") and os.path.islink(mirror / "GEMINI.md")
+
+
 def test_qwen_code_keeps_the_auth_type_the_user_chose():
     config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: k\n"
                                 "listeners:\n  - port: 12000\n    api_key: gw-key\n", path=CONFIG_PATH, environ={})
