@@ -5319,16 +5319,19 @@ def conversation_for_router(messages: Any) -> list[dict]:
 
 
 # An agent's background requests are its own errands, not a user turn: routing one would spend the
-# router on it and move the session's pinned model. Each is known by the start of its system prompt.
+# router on it and move the session's pinned model. Each is known by the start of its system prompt
+# (seen with opencode 1.18.33 and Qwen Code 0.15.10, which sends its memory request, with tools and
+# a user message of its own, after each turn of an interactive session).
 _BACKGROUND_PROMPTS = (
     ("opencode's title request", re.compile(r"\s*You are a title generator\. You output ONLY a thread title\.")),
+    ("Qwen Code's memory request", re.compile(r"\s*You are now acting as the managed memory extraction subagent")),
 )
 
 
 def background_request(body: Any) -> str | None:
     """What an agent's background request is (e.g. "opencode's title request"), or None for a
-    request that may carry a user turn. One with tools is always a turn: those are the agent's."""
-    if not isinstance(body, dict) or body.get("tools"):
+    request that may carry a user turn."""
+    if not isinstance(body, dict):
         return None
     system = _system_prompt_start(body)
     return next((what for what, prompt in _BACKGROUND_PROMPTS if prompt.match(system)), None)
@@ -10715,21 +10718,25 @@ def opencode_wiring(config: Config, environ: Mapping[str, str]) -> AgentWiring:
 
 
 # Qwen Code reads its usage-statistics switch (on by default: it reports to an Alibaba Cloud host)
-# only from settings files. Of its four (system defaults, user, workspace, system), the system
-# defaults file has the lowest precedence and names no file of the user's: plano gives Qwen Code
-# its own, the machine's defaults with the switch off, so a user who turned it on keeps it on.
+# and its auto-update switch (on by default: an interactive session runs `npm install -g` of the
+# newest version, seen with 0.15.10) only from settings files. Of its four (system defaults, user,
+# workspace, system), the system defaults file has the lowest precedence and names no file of the
+# user's: plano gives Qwen Code its own, the machine's defaults with both off, so a user who turned
+# either on in their own settings keeps it on.
 QWEN_SYSTEM_DEFAULTS = "/etc/qwen-code/system-defaults.json"  # Qwen Code's own default path (Linux)
+QWEN_CODE_DEFAULTS = {"privacy": {"usageStatisticsEnabled": False}, "general": {"enableAutoUpdate": False}}
 
 
 def qwen_code_wiring(config: Config, agent_args: list[str], environ: Mapping[str, str]) -> AgentWiring:
     """Qwen Code through plano: its OpenAI auth type (`--auth-type openai`, unless the user gives
     one) at the gateway's /v1 through OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL, and its
-    usage statistics off through a system-defaults file of plano's (QWEN_CODE_SYSTEM_DEFAULTS_PATH)."""
+    usage statistics and auto-update off through a system-defaults file of plano's
+    (QWEN_CODE_SYSTEM_DEFAULTS_PATH)."""
     machine_defaults = environ.get("QWEN_CODE_SYSTEM_DEFAULTS_PATH") or QWEN_SYSTEM_DEFAULTS
     defaults_path = os.path.join(agent_files_dir("qwen-code", environ), "system-defaults.json")
     if os.path.abspath(machine_defaults) == os.path.abspath(defaults_path):
         machine_defaults = QWEN_SYSTEM_DEFAULTS  # the environment printed by `--print-env` earlier
-    defaults = _merged(_read_json_object(machine_defaults), {"privacy": {"usageStatisticsEnabled": False}})
+    defaults = _merged(_read_json_object(machine_defaults), QWEN_CODE_DEFAULTS)
     _write_settings(defaults_path, defaults)
     env = {"OPENAI_BASE_URL": _gateway_url(config, environ) + "/v1", "OPENAI_API_KEY": agent_key(config, environ),
            "OPENAI_MODEL": AGENT_MODEL, "QWEN_CODE_SYSTEM_DEFAULTS_PATH": defaults_path,

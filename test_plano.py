@@ -12741,7 +12741,7 @@ def recorded_agent_request(name: str) -> dict:
     return json.loads((AGENT_RECORDINGS / name).read_text())
 
 
-def test_opencode_title_request_is_a_background_request_and_its_turns_are_not():
+def test_agents_background_requests_are_known_and_their_turns_are_not():
     title = recorded_agent_request("opencode-1.18.33-title.json")
     assert plano.background_request(title["body"]) == "opencode's title request"
     for name in ("opencode-1.18.33-turn.json", "opencode-1.18.33-tool-result.json", "qwen-code-0.15.10-turn.json"):
@@ -12752,9 +12752,13 @@ def test_opencode_title_request_is_a_background_request_and_its_turns_are_not():
     assert plano.background_request({"system": [{"type": "text", "text": prompt}], "messages": words}) \
         == "opencode's title request"
     assert plano.background_request({"instructions": prompt, "input": "x"}) == "opencode's title request"
-    with_tools = dict(title["body"], tools=[{"type": "function", "function": {"name": "f"}}])
-    assert plano.background_request(with_tools) is None
     assert plano.background_request({"messages": [{"role": "user", "content": prompt}]}) is None  # the user's words
+    # Qwen Code's memory request has tools, and a user message of its own at the end.
+    memory = recorded_agent_request("qwen-code-0.15.10-memory-extraction.json")["body"]
+    assert memory["tools"] and memory["messages"][-1]["role"] == "user"
+    assert plano.background_request(memory) == "Qwen Code's memory request"
+    # ... and stays in the session of the conversation it is about (keyed on the user's first words)
+    assert plano.session_key(memory, {}) == "conv-" + hashlib.sha256(b"hello there").hexdigest()[:16]
 
 
 def test_opencode_session_is_its_session_header_title_request_included():
@@ -12993,15 +12997,16 @@ def test_cli_agent_opencode_and_qwen_print_env_and_config(tmp_path, provider):
         f"export OPENAI_BASE_URL={url}/v1", "export OPENAI_API_KEY=plano", "export OPENAI_MODEL=plano",
         f"export QWEN_CODE_SYSTEM_DEFAULTS_PATH={defaults}",
         "export NO_PROXY=localhost,127.0.0.1,::1", "export no_proxy=localhost,127.0.0.1,::1"]
-    assert json.loads(defaults.read_text()) == {"privacy": {"usageStatisticsEnabled": False}}
-    assert printed("qwen", "--print-config").splitlines() == [
-        "--auth-type openai", f"{defaults}:", "{", '  "privacy": {', '    "usageStatisticsEnabled": false', "  }", "}"]
+    assert json.loads(defaults.read_text()) == plano.QWEN_CODE_DEFAULTS == {
+        "privacy": {"usageStatisticsEnabled": False}, "general": {"enableAutoUpdate": False}}
+    shown = printed("qwen", "--print-config").splitlines()
+    assert shown[:2] == ["--auth-type openai", f"{defaults}:"] and json.loads("\n".join(shown[2:])) == \
+        plano.QWEN_CODE_DEFAULTS
     # A machine's own system defaults are kept, with usage statistics off on top.
     machine = tmp_path / "machine-defaults.json"
     machine.write_text('{"privacy": {"usageStatisticsEnabled": true}, "ui": {"theme": "Dracula"}}')
     printed("qwen", "--print-env", QWEN_CODE_SYSTEM_DEFAULTS_PATH=str(machine))
-    assert json.loads(defaults.read_text()) == {"privacy": {"usageStatisticsEnabled": False},
-                                                "ui": {"theme": "Dracula"}}
+    assert json.loads(defaults.read_text()) == {**plano.QWEN_CODE_DEFAULTS, "ui": {"theme": "Dracula"}}
     assert_user_settings_untouched(home)
 
 
