@@ -45,6 +45,9 @@ import pytest
 import trio
 import trustme
 import yaml
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -586,11 +589,15 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
                     reply = self.models_reply(request)
                 else:
                     reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
-                        self.responses_reply(request) if path.endswith("/responses") else self.anthropic_reply(request)
+                        self.responses_reply(request) if path.endswith("/responses") else \
+                        gemini_reply(request) if re.search(r":(stream)?[gG]enerateContent$", path) else \
+                        self.anthropic_reply(request)  # gemini_reply: with the Gemini tests, at the end
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
                               if path.endswith(("/chat/completions", "/responses")) else
+                              {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+                              if "GenerateContent" in path or "generateContent" in path else
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
@@ -3929,8 +3936,8 @@ def test_provider_interface_responses_for_a_custom_provider():
     assert (config.models[0].interface, config.models[0].spec.auth) == ("responses", "bearer")
 
 
-def test_an_unknown_provider_interface_names_the_three_choices():
-    assert "`openai`, `anthropic` or `responses`" in config_error(
+def test_an_unknown_provider_interface_names_the_choices():
+    assert "`openai`, `anthropic`, `responses` or `gemini`" in config_error(
         "llm_providers:\n  - model: openai/gpt-4.1\n    provider_interface: soap\n")
 
 
@@ -12727,6 +12734,847 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert line_about(lines, "state").endswith("(blocks plano up)")
     assert line_about(lines, "stats").startswith("✗ stats     `stats.url` (postgresql://nobody:***@127.0.0.1:")
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
+
+
+# ── issue 23: Gemini API ──────────────────────────────────────────────────────────────────────
+# Google's native Gemini API both ways: the `gemini` provider interface (generateContent and
+# streamGenerateContent on a stand-in that speaks it: `x-goog-api-key`, SSE events ending in
+# `\r\n\r\n`, calls without ids, thought signatures it checks come back) and the Gemini front door.
+
+GEMINI_KEY = "AIzaSyPlanoTestKey0123456789abcdefghij"  # Google's key shape: AIza and 35 more
+# Thought signatures as Gemini sends them (opaque base64); the stand-in refuses a history whose
+# function call has lost its signature, as Gemini 3 does.
+GEMINI_CALL_SIGNATURE = "CpYEAXLI2nxHJhy3F4oMijlAus2CPUEnTw16KkDpmU77MgVhg6piCF3GycCmKbjhGXQ8mBK5lSpsqwI7Dap+/w=="
+GEMINI_TEXT_SIGNATURE = "CqQDAXLI2nzVwq8xStOWq3HumdAIrENdeO52sOtNadWTEdAHverlPYNZqz8VJMonMgBngg4V2Uth/+w="
+GEMINI_USAGE = {"promptTokenCount": 40, "cachedContentTokenCount": 30, "candidatesTokenCount": 7,
+                "thoughtsTokenCount": 5, "totalTokenCount": 52}
+RECORDED_GEMINI = RECORDED / "gemini"
+ALL_KEYS += (GEMINI_KEY,)  # the last test looks for it too in everything plano said
+
+
+def gemini_as_messages(contents: list[dict]) -> list[dict]:
+    """A Gemini `contents` as the message list model_behaviour reads."""
+    messages = []
+    for content in contents:
+        role = "assistant" if content.get("role") == "model" else "user"
+        for part in content["parts"]:
+            if "functionResponse" in part:
+                response = part["functionResponse"]["response"]
+                messages.append({"role": "tool", "content": response.get("output", json.dumps(response))})
+            elif "text" in part and not part.get("thought") and part["text"]:
+                messages.append({"role": role, "content": part["text"]})
+    return messages
+
+
+def signature_bytes(signature: Any) -> bytes | None:
+    """A thought signature's bytes, as Gemini reads it: base64 in either alphabet (Google's Python
+    SDK sends back URL-safe what it got in standard base64)."""
+    if not isinstance(signature, str):
+        return None
+    return base64.b64decode(signature.replace("-", "+").replace("_", "/") + "=" * (-len(signature) % 4))
+
+
+def gemini_history_problem(contents: list[dict]) -> str | None:
+    """What Gemini refuses in a history: a call without its signature, a response with no name."""
+    for content in contents:
+        for part in content["parts"]:
+            if content.get("role") == "model" and "functionCall" in part \
+                    and signature_bytes(part.get("thoughtSignature")) != signature_bytes(GEMINI_CALL_SIGNATURE):
+                return GEMINI_MISSING_SIGNATURE
+            if "functionResponse" in part and not part["functionResponse"].get("name"):
+                return "* GenerateContentRequest.contents[2].parts[0].function_response.name: Name cannot be empty."
+    return None
+
+
+def gemini_sse(chunks: list[dict], piece: int = 7) -> list[bytes]:
+    """Gemini's SSE framing (`data: …\\r\\n\\r\\n`), cut into `piece`-byte reads."""
+    raw = b"".join(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n" for chunk in chunks)
+    return [raw[i:i + piece] for i in range(0, len(raw), piece)]
+
+
+def gemini_reply(request: Recorded) -> Reply:
+    """A Gemini provider at /v1beta/models/{model}:generateContent and :streamGenerateContent?alt=sse."""
+    if request.headers.get("x-goog-api-key") != GEMINI_KEY:
+        return Reply(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                     "status": "INVALID_ARGUMENT", "details": [
+                                         {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                          "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})
+    path, _, query = request.path.partition("?")
+    model = urllib.parse.unquote(path.rsplit("/", 1)[1].split(":")[0])
+    stream = path.endswith(":streamGenerateContent")
+    if stream and query != "alt=sse":
+        return Reply(400, {"error": {"code": 400, "message": "the stand-in streams only as SSE",
+                                     "status": "INVALID_ARGUMENT"}})
+    body = request.json
+    if problem := gemini_history_problem(body["contents"]):
+        return Reply(400, {"error": {"code": 400, "message": problem, "status": "INVALID_ARGUMENT"}})
+    behaviour = model_behaviour(gemini_as_messages(body["contents"]))
+    thoughts = ((body.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts")
+    base = {"modelVersion": model, "responseId": "QUVVadTSNJ6_qtsPvN7J8Q0"}
+    parts: list[dict] = []
+    if "reasoning" in behaviour and thoughts:
+        parts.append({"text": behaviour["reasoning"], "thought": True})
+    if "tool" in behaviour:
+        t = behaviour["tool"]  # no id: Gemini's calls have none
+        parts.append({"functionCall": {"name": t["name"], "args": json.loads(t["arguments"])},
+                      "thoughtSignature": GEMINI_CALL_SIGNATURE})
+    if not stream:
+        if "text" in behaviour:
+            parts.append({"text": behaviour["text"], "thoughtSignature": GEMINI_TEXT_SIGNATURE})
+        return Reply(200, {"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP",
+                                           "index": 0}], "usageMetadata": GEMINI_USAGE, **base})
+    chunks = []
+    for part in parts:
+        chunks.append({"candidates": [{"content": {"parts": [part], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=1), **base})
+    text = behaviour.get("text", "")
+    for i in range(0, len(text), 5):
+        chunks.append({"candidates": [{"content": {"parts": [{"text": text[i:i + 5]}], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=2), **base})
+    chunks.append({"candidates": [{"content": {"parts": [{"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}],
+                                               "role": "model"}, "finishReason": "STOP", "index": 0}],
+                   "usageMetadata": GEMINI_USAGE, **base})
+    return Reply(200, sse=gemini_sse(chunks))
+
+
+def gemini_model(provider: StandInProvider, name: str = "gemini/gemini-3-pro-preview", **fields: Any) -> dict:
+    return {"model": name, "base_url": provider.anthropic_base, "access_key": GEMINI_KEY, **fields}
+
+
+def gemini_only(provider: StandInProvider, **fields: Any) -> RunningPlano:
+    return RunningPlano(build_config(gemini_model(provider, **fields), router=ROUTER_OFF))
+
+
+def test_the_gemini_prefix_speaks_the_native_api_and_the_openai_endpoint_where_the_config_says():
+    config = build_config({"model": "gemini/gemini-2.5-pro", "access_key": "k"},
+                          {"model": "google/gemini-2.5-flash", "access_key": "k", "provider_interface": "openai"},
+                          {"model": "gemini/gemini-2.0-flash", "access_key": "k",
+                           "base_url": "https://generativelanguage.googleapis.com/v1beta/openai/"},
+                          {"model": "mine/gemma-3", "access_key": "k", "base_url": "http://127.0.0.1:9/proxy",
+                           "provider_interface": "gemini"})
+    native, chat, by_url, custom = config.models
+    assert (native.interface, native.base_url, native.spec.auth) == (
+        "gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key")
+    assert (chat.interface, chat.base_url, chat.spec.auth) == (
+        "openai", "https://generativelanguage.googleapis.com/v1beta/openai", "bearer")
+    assert (by_url.interface, by_url.spec.auth) == ("openai", "bearer")
+    assert (custom.interface, custom.spec.auth) == ("gemini", "x-goog-api-key")
+    call = plano.provider_request(native, "anthropic", {"model": "x", "max_tokens": 9, "stream": True,
+                                                        "messages": [USER_HI]}, b"{}", {}, {})
+    assert call.url == ("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro"
+                        ":streamGenerateContent?alt=sse")
+    assert call.headers["x-goog-api-key"] == "k" and "authorization" not in call.headers
+    assert json.loads(call.content) == {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+                                        "generationConfig": {"maxOutputTokens": 9}}
+    with pytest.raises(plano.ConfigError, match="`gemini`"):
+        build_config({"model": "mine/x", "base_url": "http://127.0.0.1:9", "provider_interface": "vertex"})
+
+
+def ask_any_client(running: RunningPlano, client_format: str, stream: bool, model: str,
+                   history: list[dict] | None = None, text: str = "hi") -> dict:
+    """One request with the official SDK of `client_format`, as that SDK hands back the answer
+    (a stream assembled): {"text", "thinking", "calls": [(id, name, input)], "stop", "usage"}."""
+    if client_format == "anthropic":
+        messages = history or [{"role": "user", "content": text}]
+        message = anthropic_message(anthropic_client(running), stream, model=model, max_tokens=200,
+                                    tools=[BASH_TOOL], messages=messages,
+                                    thinking={"type": "enabled", "budget_tokens": 1024} if "THINK" in text else
+                                    anthropic.NOT_GIVEN)
+        return {"text": "".join(b.text for b in message.content if b.type == "text"),
+                "thinking": "".join(b.thinking for b in message.content if b.type == "thinking"),
+                "calls": [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"],
+                "stop": message.stop_reason, "content": [b.model_dump(exclude_none=True) for b in message.content],
+                "usage": (message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
+                          message.usage.cache_read_input_tokens, message.usage.output_tokens)}
+    client = openai_client(running)
+    if client_format == "openai":
+        messages = history or [{"role": "user", "content": text}]
+        if not stream:
+            completion = client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION])
+            choice, usage = completion.choices[0], completion.usage
+            message, finish = choice.message, choice.finish_reason
+            calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            thinking = getattr(message, "reasoning_content", None) or ""
+            text = message.content or ""
+        else:
+            text, thinking, calls, finish, usage, pieces = "", "", {}, None, None, {}
+            for chunk in client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION],
+                                                        stream=True, stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    thinking += getattr(choice.delta, "reasoning_content", None) or ""
+                    for call in choice.delta.tool_calls or []:
+                        slot = pieces.setdefault(call.index, ["", "", ""])
+                        slot[0] = call.id or slot[0]
+                        slot[1] = call.function.name or slot[1]
+                        slot[2] += call.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            calls = [(i, n, json.loads(a)) for i, n, a in pieces.values()]
+        return {"text": text, "thinking": thinking, "calls": calls, "stop": finish,
+                "usage": (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)}
+    items = history or [{"role": "user", "content": text}]
+    tools = [{"type": "function", "name": "Bash", "description": "Run a shell command",
+              "parameters": BASH_TOOL["input_schema"]}]
+    if stream:
+        response = None
+        for event in client.responses.create(model=model, input=items, tools=tools, stream=True):
+            if event.type in ("response.completed", "response.incomplete"):
+                response = event.response
+    else:
+        response = client.responses.create(model=model, input=items, tools=tools)
+    return {"text": response.output_text,
+            "thinking": "".join(s.text for item in response.output if item.type == "reasoning" for s in item.summary),
+            "calls": [(i.call_id, i.name, json.loads(i.arguments)) for i in response.output
+                      if i.type == "function_call"],
+            "stop": response.status, "output": [i.model_dump(exclude_none=True) for i in response.output],
+            "usage": (response.usage.input_tokens, response.usage.input_tokens_details.cached_tokens,
+                      response.usage.output_tokens)}
+
+
+def tool_result_history(client_format: str, first: dict, question: str) -> list[dict]:
+    """The next request's history after `first` called Bash: the call, and its result `a.txt`."""
+    call_id, name, arguments = first["calls"][0]
+    if client_format == "anthropic":
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": first["content"]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "a.txt"}]}]
+    if client_format == "openai":
+        return [{"role": "user", "content": question},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "a.txt"}]
+    return [{"role": "user", "content": question}, *first["output"],
+            {"type": "function_call_output", "call_id": call_id, "output": "a.txt"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_every_client_api_runs_a_tool_round_trip_on_gemini_with_its_thought_signature(provider, client_format, stream):
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview", text="TOOL:ls /tmp")
+        asked = provider.requests[-1]
+        assert asked.path == "/v1beta/models/gemini-3-pro-preview:" + (
+            "streamGenerateContent?alt=sse" if stream else "generateContent")
+        assert asked.headers["x-goog-api-key"] == GEMINI_KEY and "key=" not in asked.path
+        assert [c[1:] for c in first["calls"]] == [("Bash", {"command": "ls /tmp"})]
+        assert first["stop"] in ("tool_use", "tool_calls", "completed")
+        second = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview",
+                                history=tool_result_history(client_format, first, "TOOL:ls /tmp"))
+        assert second["text"] == "tool said: a.txt"
+        assert second["usage"] == (40, 30, 12)  # cached content apart for Anthropic; thoughts are output
+        sent = provider.requests[-1].json["contents"]
+        call = next(p for c in sent if c["role"] == "model" for p in c["parts"] if "functionCall" in p)
+        assert call["thoughtSignature"] == GEMINI_CALL_SIGNATURE  # Gemini gets its signature back on the call
+        assert call["functionCall"]["name"] == "Bash" and "__plano" not in call["functionCall"]["id"]
+        response = next(p for c in sent for p in c["parts"] if "functionResponse" in p)["functionResponse"]
+        assert response == {"id": call["functionCall"]["id"], "name": "Bash", "response": {"output": "a.txt"}}
+
+
+# What a recorded Gemini answer says, read from the recording (never written down by hand): text,
+# thought summaries, calls, stop reason in Anthropic's words, and usage as (prompt with cached,
+# cached, output with thoughts) from the last usageMetadata (cumulative in a stream).
+GEMINI_RECORDINGS = sorted(p.name for p in RECORDED_GEMINI.iterdir() if p.suffix in (".sse", ".json"))
+GEMINI_ANSWERS = [name for name in GEMINI_RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
+GEMINI_ERRORS = [name for name in GEMINI_RECORDINGS if name not in GEMINI_ANSWERS]
+GEMINI_STOP = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal"}
+
+
+def gemini_recorded_chunks(name: str) -> list[dict]:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    return [json.loads(e.data) for e in plano.SSEDecoder().feed(raw)] if name.endswith(".sse") else [json.loads(raw)]
+
+
+def gemini_expected(name: str) -> dict:
+    text, thinking, calls, finish, blocked, usage = "", "", [], None, False, {}
+    for chunk in gemini_recorded_chunks(name):
+        usage = chunk.get("usageMetadata") or usage
+        blocked = blocked or "blockReason" in (chunk.get("promptFeedback") or {})
+        for candidate in chunk.get("candidates") or []:
+            finish = candidate.get("finishReason") or finish
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                if "functionCall" in part:
+                    calls.append((part["functionCall"]["name"], part["functionCall"].get("args", {})))
+                elif part.get("thought"):
+                    thinking += part["text"]
+                else:
+                    text += part.get("text", "")
+    stop = "refusal" if blocked else GEMINI_STOP[finish]
+    stop = "tool_use" if calls and stop == "end_turn" else stop
+    cached = usage.get("cachedContentTokenCount", 0)
+    return {"text": text, "thinking": thinking, "calls": calls, "stop": stop,
+            "usage": (usage.get("promptTokenCount", 0), cached,
+                      usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0))}
+
+
+def in_anthropic_words(client_format: str, stop: Any, expected: str) -> str:
+    """A client's stop (Anthropic's stop_reason, Chat's finish_reason, a Response's status)."""
+    if client_format == "openai":
+        return {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "content_filter": "refusal"}[stop]
+    if client_format == "responses":  # a Response says only whether it is complete
+        assert stop == ("incomplete" if expected == "max_tokens" else "completed")
+        return expected
+    return stop
+
+
+def replay_gemini(provider: StandInProvider, name: str, status: int = 200) -> None:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    provider.then(Reply(status, sse=[raw[i:i + 5] for i in range(0, len(raw), 5)]) if name.endswith(".sse")
+                  else Reply(status, raw=raw))
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ANSWERS)
+def test_a_recorded_gemini_answer_reaches_every_client_api(provider, name, client_format):
+    expected = gemini_expected(name)
+    replay_gemini(provider, name)
+    with gemini_only(provider) as running:
+        got = ask_any_client(running, client_format, name.endswith(".sse"), "gemini/gemini-3-pro-preview")
+    assert (got["text"], got["thinking"]) == (expected["text"], expected["thinking"])
+    assert [call[1:] for call in got["calls"]] == expected["calls"]
+    assert in_anthropic_words(client_format, got["stop"], expected["stop"]) == expected["stop"]
+    assert got["usage"] == expected["usage"]
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ERRORS)
+def test_a_recorded_gemini_error_reaches_every_client_api_with_its_status_and_message(provider, name, client_format):
+    recorded = json.loads((RECORDED_GEMINI / name).read_bytes())["error"]
+    replay_gemini(provider, name, recorded["code"])
+    with gemini_only(provider) as running:
+        with pytest.raises((anthropic.APIStatusError, openai.APIStatusError)) as caught:
+            ask_any_client(running, client_format, False, "gemini/gemini-3-pro-preview")
+    assert caught.value.status_code == recorded["code"]
+    assert recorded["message"] in caught.value.message
+
+
+def test_a_recorded_gemini_call_comes_back_with_its_signature_in_the_tool_id_and_goes_back_to_gemini(provider):
+    replay_gemini(provider, "gemini-3-pro-preview-tool-call-signature.sse")
+    recorded = next(p for c in gemini_recorded_chunks("gemini-3-pro-preview-tool-call-signature.sse")
+                    for p in c["candidates"][0]["content"]["parts"] if "functionCall" in p)
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview")
+        replay_gemini(provider, "gemini-3-pro-preview-text-after-tool.sse")
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": first["calls"][0][0], "type": "function",
+                        "function": {"name": "get_country", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": first["calls"][0][0], "content": "Mexico"}]
+        second = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview", history=history)
+    assert second["text"] == "The capital of Mexico is Mexico City."
+    sent = provider.requests[-1].json["contents"]
+    assert sent[1]["parts"][0]["thoughtSignature"] == recorded["thoughtSignature"]
+    assert sent[2]["parts"][0]["functionResponse"]["name"] == "get_country"
+
+
+# ── a Gemini provider that breaks its protocol ─────────────────────────────────────────────
+
+GEMINI_EXHAUSTED = {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
+                              "status": "RESOURCE_EXHAUSTED"}}
+
+
+@pytest.mark.parametrize("reply, status", [
+    (Reply(200, raw=b"<html>Bad gateway</html>"), 502),
+    (Reply(200, raw=b"[1, 2]"), 502),
+    (Reply(200, raw=b'{"candidates": "none", "usageMetadata": [1]}'), 200),
+    (Reply(200, raw=b'{"candidates": [{"content": {"parts": [{"functionCall": "ls"}, 7]}}]}'), 200),
+    (Reply(429, GEMINI_EXHAUSTED, headers={"retry-after": "3"}), 429),
+    (Reply(500, raw=b"upstream connect error"), 500),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_gemini_provider_answering_garbage_gets_the_client_an_error_in_its_format_or_an_answer(
+        provider, reply, status, client_format):
+    provider.then(reply)
+    with gemini_only(provider) as running:
+        path = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
+        body = {"model": "gemini/gemini-3-pro-preview", "max_tokens": 20, "messages": [USER_HI]} \
+            if client_format != "responses" else {"model": "gemini/gemini-3-pro-preview", "input": "hi"}
+        response = httpx.post(running.url + path[client_format], json=body, timeout=30)
+        assert response.status_code == status
+        if status >= 400:
+            error = response.json()["error"]
+            assert isinstance(error["message"], str) and ("type" in error)
+        if status == 429:
+            assert "Resource has been exhausted" in response.text and response.headers["retry-after"] == "3"
+        assert httpx.get(running.url + "/healthz").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("chunks, what", [
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n'], "ended before"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: [1, 2]\r\n\r\n"],
+     "not a JSON object"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: {nope\r\n\r\n"],
+     "unreadable"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n',
+      b"data: " + json.dumps(GEMINI_EXHAUSTED).encode() + b"\r\n\r\n"], "Resource has been exhausted"),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai"])
+def test_a_gemini_stream_that_breaks_ends_in_the_clients_error_event_after_the_text_so_far(
+        provider, chunks, what, client_format):
+    provider.then(Reply(200, sse=chunks))
+    with gemini_only(provider) as running:
+        path = "/v1/messages" if client_format == "anthropic" else "/v1/chat/completions"
+        response = httpx.post(running.url + path, json={"model": "gemini/gemini-3-pro-preview", "max_tokens": 20,
+                                                        "stream": True, "messages": [USER_HI]}, timeout=30)
+    assert response.status_code == 200
+    events = [json.loads(e.data) for e in plano.SSEDecoder().feed(response.content) if e.data != "[DONE]"]
+    text = anthropic_stream_text(response.text) if client_format == "anthropic" else \
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
+    assert text == "Hel"
+    assert what in events[-1]["error"]["message"]
+    assert "message_stop" not in response.text and "[DONE]" not in response.text
+
+
+def test_gemini_exhausted_before_its_answer_fails_over_to_the_next_model(provider):
+    provider.then(Reply(429, GEMINI_EXHAUSTED))
+    config = build_config(gemini_model(provider, fallbacks=["openai/gpt-4o"]), served_by(provider, "openai/gpt-4o"),
+                          router=ROUTER_OFF)
+    with RunningPlano(config) as running:
+        response = anthropic_client(running).messages.with_raw_response.create(
+            model="gemini/gemini-3-pro-preview", max_tokens=20, messages=[{"role": "user", "content": "after"}])
+    assert response.parse().content[0].text == "echo: after"
+    assert (response.headers["x-plano-model"], response.headers["x-plano-decision"]) == ("openai/gpt-4o", "fallback")
+
+
+def test_a_wrong_gemini_key_is_the_gateways_to_fix_not_the_clients(provider):
+    with RunningPlano(build_config(gemini_model(provider, access_key="AIzaSyWrongKey000000000000000000000000"),
+                                   router=ROUTER_OFF)) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
+            anthropic_client(running).messages.create(model="gemini/gemini-3-pro-preview", max_tokens=5,
+                                                      messages=[USER_HI])
+    assert "rejected the configured key" in caught.value.message and "AIzaSyWrong" not in caught.value.message
+
+
+# ── the pure functions, fuzzed ─────────────────────────────────────────────────────────────
+
+GEMINI_MODEL = plano.parse_config("llm_providers:\n  - model: gemini/gemini-2.5-pro\n    access_key: k\n",
+                                  path=CONFIG_PATH, environ={}).models[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["contents", "systemInstruction", "tools", "toolConfig",
+                                             "generationConfig"]), JSON_VALUES, max_size=5)
+       | st.fixed_dictionaries({"contents": st.lists(st.fixed_dictionaries(
+           {"role": st.sampled_from(["user", "model", "function", "x"]),
+            "parts": st.lists(st.dictionaries(st.sampled_from(["text", "thought", "functionCall", "functionResponse",
+                                                               "inlineData", "thoughtSignature", "fileData"]),
+                                              JSON_VALUES, max_size=3), max_size=3)}), max_size=4)}))
+def test_any_gemini_request_body_is_read_or_refused_with_a_request_error(body):
+    try:
+        anthropic_body = plano.gemini_request_to_anthropic(body, stream=False)
+    except plano.RequestError:
+        return
+    json.dumps(anthropic_body)
+    try:
+        plano.anthropic_request_to_gemini(dict(anthropic_body, max_tokens=10), GEMINI_MODEL)
+    except plano.RequestError:
+        pass
+
+
+TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(turns=st.lists(st.tuples(TEXTS.filter(bool), st.lists(st.tuples(st.sampled_from(["Bash", "Read"]),
+                                                                        st.dictionaries(TEXTS, TEXTS, max_size=2)),
+                                                              max_size=2), TEXTS), min_size=1, max_size=3))
+def test_a_gemini_conversation_keeps_its_words_and_calls_through_the_anthropic_shape_and_back(turns):
+    """user text → model calls (no ids, as Gemini sends) → function responses, turn after turn."""
+    contents = []
+    for words, calls, result in turns:
+        contents.append({"role": "user", "parts": [{"text": words}]})
+        if calls:
+            contents.append({"role": "model", "parts": [{"functionCall": {"name": n, "args": a}} for n, a in calls]})
+            contents.append({"role": "user", "parts": [{"functionResponse": {"name": n, "response": {"output": result}}}
+                                                       for n, _ in calls]})
+    back = plano.anthropic_request_to_gemini(plano.gemini_request_to_anthropic({"contents": contents}, False),
+                                             GEMINI_MODEL)["contents"]
+    def flat(turns: list[dict]) -> list[tuple]:
+        return [(c["role"], p.get("text"), (p.get("functionCall") or {}).get("name"),
+                 (p.get("functionCall") or {}).get("args"), (p.get("functionResponse") or {}).get("response"))
+                for c in turns for p in c["parts"]]
+
+    said, expected = flat(back), flat(contents)
+    assert said == expected  # (consecutive user turns may be merged into one content: the parts stay in order)
+    ids = [p["functionCall"]["id"] for c in back for p in c["parts"] if "functionCall" in p]
+    answered = [p["functionResponse"]["id"] for c in back for p in c["parts"] if "functionResponse" in p]
+    assert ids == answered and len(set(ids)) == len(ids)  # each response answers its own call
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(JSON_VALUES | st.fixed_dictionaries({"candidates": st.lists(st.fixed_dictionaries({
+    "content": st.fixed_dictionaries({"parts": st.lists(st.dictionaries(
+        st.sampled_from(["text", "thought", "functionCall", "thoughtSignature"]), JSON_VALUES, max_size=3),
+        max_size=3)}), "finishReason": st.sampled_from(["STOP", "MAX_TOKENS", "SAFETY", "OTHER", 7])}), max_size=2),
+    "usageMetadata": JSON_VALUES}), max_size=5), client_format=st.sampled_from(["anthropic", "openai", "responses"]))
+def test_any_gemini_stream_becomes_a_well_formed_client_stream_or_a_stream_error(chunks, client_format):
+    translator = plano.StreamTranslator("gemini", client_format, "gemini/x", True)
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure, (plano.StreamTranslationError,
+                                                                         plano.UpstreamError))
+    events = plano.SSEDecoder().feed(out)
+    if client_format == "anthropic" and events:
+        names = [e.event for e in events]
+        assert names[0] == "message_start" and names.count("message_stop") <= 1
+        if translator.failure is None:
+            assert names[-1] == "message_stop"
+
+
+# ── the Gemini front door: Google's SDK (google-genai) and raw HTTP in Google's format ────────
+
+BASH_DECLARATION = genai_types.FunctionDeclaration(name="Bash", description="Run a shell command",
+                                                   parameters_json_schema=BASH_TOOL["input_schema"])
+
+
+def gemini_client(running: RunningPlano, api_key: str = "client-key-not-forwarded") -> genai.Client:
+    return genai.Client(api_key=api_key, http_options=genai_types.HttpOptions(
+        base_url=running.url, api_version="v1beta", retry_options=genai_types.HttpRetryOptions(attempts=1)))
+
+
+def gemini_config_tools(**more: Any) -> genai_types.GenerateContentConfig:
+    return genai_types.GenerateContentConfig(
+        tools=[genai_types.Tool(function_declarations=[BASH_DECLARATION])],
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True), **more)
+
+
+def ask_gemini(client: genai.Client, model: str, contents: Any, stream: bool,
+               config: genai_types.GenerateContentConfig | None = None) -> dict:
+    """One generateContent (or streamGenerateContent) with Google's SDK: what its answer says (an
+    error that ends a stream as "error", after what came before it)."""
+    chunks, error = [], None
+    try:
+        if stream:
+            for chunk in client.models.generate_content_stream(model=model, contents=contents, config=config):
+                chunks.append(chunk)  # one by one: what came before an error counts
+        else:
+            chunks.append(client.models.generate_content(model=model, contents=contents, config=config))
+    except genai_errors.APIError as e:
+        if not chunks:
+            raise
+        error = e.message
+    parts = [p for c in chunks if c.candidates for p in (c.candidates[0].content.parts or [])
+             if c.candidates[0].content]
+    finish = next((c.candidates[0].finish_reason for c in reversed(chunks)
+                   if c.candidates and c.candidates[0].finish_reason), None)
+    usage = chunks[-1].usage_metadata
+    return {"error": error, "text": "".join(p.text or "" for p in parts if not p.thought),
+            "thinking": "".join(p.text or "" for p in parts if p.thought),
+            "calls": [p.function_call for p in parts if p.function_call], "parts": parts,
+            "stop": finish.name if finish else None,
+            "usage": (usage.prompt_token_count or 0, usage.candidates_token_count or 0) if usage else None}
+
+
+UPSTREAMS = {"openai": "openai/gpt-4o", "anthropic": "anthropic/claude-sonnet-5", "responses": CODEX_MODEL,
+             "gemini": "gemini/gemini-3-pro-preview"}
+
+
+def every_upstream(provider: StandInProvider, **sections: Any) -> plano.Config:
+    return build_config(served_by(provider, "openai/gpt-4o", default=True),
+                        served_by(provider, "anthropic/claude-sonnet-5"),
+                        served_by(provider, CODEX_MODEL), gemini_model(provider), **{"router": ROUTER_OFF, **sections})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("upstream", list(UPSTREAMS))
+def test_googles_sdk_runs_a_tool_round_trip_through_plano_on_every_provider_format(provider, upstream, stream):
+    model = UPSTREAMS[upstream]
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        question = [genai_types.Content(role="user", parts=[genai_types.Part(text="TOOL:ls /tmp")])]
+        first = ask_gemini(client, model, question, stream, gemini_config_tools())
+        assert [(c.name, c.args) for c in first["calls"]] == [("Bash", {"command": "ls /tmp"})]
+        assert first["stop"] == "STOP"  # Gemini's word after a call too
+        call = first["calls"][0]
+        history = question + [genai_types.Content(role="model", parts=first["parts"]), genai_types.Content(
+            role="user", parts=[genai_types.Part(function_response=genai_types.FunctionResponse(
+                id=call.id, name="Bash", response={"output": "a.txt"}))])]
+        second = ask_gemini(client, model, history, stream, gemini_config_tools())
+        assert second["text"] == "tool said: a.txt" and second["stop"] == "STOP"
+        asked = provider.requests[-1]
+    if upstream == "gemini":  # Gemini to Gemini: the client's own request, signatures and all
+        sent = asked.json["contents"]
+        assert sent[1]["parts"][0]["thoughtSignature"] == GEMINI_CALL_SIGNATURE.replace("+", "-").replace("/", "_")
+        assert asked.path.endswith(":streamGenerateContent?alt=sse" if stream else ":generateContent")
+    elif upstream == "anthropic":  # (Google's SDK writes proto names: parameters_json_schema)
+        assert asked.json["messages"][-1]["content"][0] == {"type": "tool_result", "tool_use_id": call.id,
+                                                            "content": "a.txt"}
+        assert asked.json["tools"] == [dict(BASH_TOOL)]
+    expected_usage = {"openai": (40, 7), "anthropic": (42, 9), "responses": (40, 7), "gemini": (40, 7)}
+    assert second["usage"] == expected_usage[upstream]
+
+
+def test_a_gemini_client_on_gemini_goes_through_byte_for_byte(provider):
+    body = {"contents": [{"role": "user", "parts": [{"text": "héllo"}]}],
+            "generationConfig": {"thinkingConfig": {"includeThoughts": True, "thinkingBudget": 8192}},
+            "someFieldPlanoDoesNotKnow": {"kept": [1, 2]}}
+    raw = json.dumps(body, ensure_ascii=False, indent=1).encode()
+    with RunningPlano(every_upstream(provider)) as running:
+        response = httpx.post(running.url + "/v1beta/models/gemini/gemini-3-pro-preview:generateContent",
+                              content=raw, headers={"content-type": "application/json", "x-goog-api-key": "k"})
+    assert response.status_code == 200 and response.json()["candidates"][0]["content"]["parts"][0]["text"] == \
+        "echo: héllo"
+    assert provider.requests[-1].raw == raw and provider.requests[-1].headers["x-goog-api-key"] == GEMINI_KEY
+    assert response.headers["x-plano-model"] == "gemini/gemini-3-pro-preview"
+
+
+def test_thinking_an_anthropic_upstream_signed_rides_to_a_gemini_client_and_back(provider):
+    """Anthropic refuses a thinking tool loop whose last turn lost its signed thinking; a Gemini
+    client keeps only thought signatures, so the thinking rides in the call's signature."""
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        config = gemini_config_tools(thinking_config=genai_types.ThinkingConfig(include_thoughts=True,
+                                                                                 thinking_budget=2048))
+        question = [genai_types.Content(role="user", parts=[genai_types.Part(text="THINK TOOL:ls")])]
+        first = ask_gemini(client, "anthropic/claude-sonnet-5", question, True, config)
+        assert first["thinking"] == "" and first["calls"]  # the stand-in thinks only when no tool is called
+        provider.then(lambda request: Reply(200, {
+            "id": "msg_02", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+            "stop_reason": "tool_use",
+            "content": [{"type": "thinking", "thinking": "I should list it 🤔", "signature": "sig-real"},
+                        {"type": "tool_use", "id": "toolu_02", "name": "Bash", "input": {"command": "ls"}}],
+            "usage": {"input_tokens": 5, "output_tokens": 5}}))
+        second = ask_gemini(client, "anthropic/claude-sonnet-5", question, False, config)
+        assert second["thinking"] == "I should list it 🤔"
+        history = question + [genai_types.Content(role="model", parts=second["parts"]), genai_types.Content(
+            role="user", parts=[genai_types.Part(function_response=genai_types.FunctionResponse(
+                id="toolu_02", name="Bash", response={"output": "a.txt"}))])]
+        ask_gemini(client, "anthropic/claude-sonnet-5", history, False, config)
+    sent = provider.requests[-1].json
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent["messages"][1]["content"][:2] == [
+        {"type": "thinking", "thinking": "I should list it 🤔", "signature": "sig-real"},
+        {"type": "tool_use", "id": "toolu_02", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def gemini_client_answer(running: RunningPlano, stream: bool) -> Answer:
+    """Ask plano's only model with Google's SDK; what the Gemini client got, in an Answer's words."""
+    client = gemini_client(running)
+    try:
+        got = ask_gemini(client, running.config.models[0].name, "hi", stream)
+    except genai_errors.APIError as error:
+        return Answer(error=error.message)
+    stop = {"STOP": "tool_use" if got["calls"] else "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal"}
+    return Answer(text=got["text"], thinking=got["thinking"], tool_calls=[[c.name, c.args] for c in got["calls"]],
+                  stop=stop.get(got["stop"]), usage=got["usage"], error=got["error"])
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+def test_every_recorded_answer_of_the_other_apis_reaches_a_gemini_client(provider, name):
+    expected = recorded_answer(name)
+    with replaying(provider, name) as running:
+        got = gemini_client_answer(running, stream=name.endswith(".sse"))
+    assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
+    if expected.error:
+        assert got.error is not None and expected.error in got.error
+    else:
+        assert (got.stop, got.usage) == (expected.stop, expected.usage or (0, 0))
+
+
+@pytest.mark.parametrize("name", ["issue-19493-gpt-5.1-tool-call.chunks.txt", "openai-error.1.chunks.txt",
+                                  "openai-reasoning-encrypted-content.1.final-text.chunks.txt"])
+def test_every_recorded_responses_stream_reaches_a_gemini_client(provider, name):
+    events = recorded_responses_stream(name)
+    final = next((data["response"] for kind, data in events if kind in ("response.completed", "response.incomplete")),
+                 None)
+    provider.then(Reply(sse=sse_pieces(events)))
+    with RunningPlano(build_config(served_by(provider, CODEX_MODEL), router=ROUTER_OFF)) as running:
+        got = gemini_client_answer(running, stream=True)
+    if final is None:
+        error = next(data for kind, data in events if kind == "error")
+        assert got.error is not None and (error.get("error") or error)["message"] in got.error
+        return
+    text = "".join(part["text"] for item in final["output"] if item["type"] == "message" for part in item["content"]
+                   if part["type"] == "output_text")
+    calls = [[item["name"], json.loads(item["arguments"])] for item in final["output"]
+             if item["type"] == "function_call"]
+    assert (got.text, got.tool_calls) == (text, calls)
+    assert got.usage == (final["usage"]["input_tokens"], final["usage"]["output_tokens"])
+
+
+# ── the front door over raw HTTP: keys, the JSON-array stream, countTokens, models, errors ─────
+
+def gemini_post(running: RunningPlano, path: str, body: Any, **headers: str) -> httpx.Response:
+    return httpx.post(running.url + path, content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                      headers={"content-type": "application/json", **headers}, timeout=30)
+
+
+def test_the_gemini_front_door_takes_the_gateway_key_as_googles_header_or_query_parameter(provider):
+    config = build_config(served_by(provider, "openai/gpt-4o"), router=ROUTER_OFF,
+                          listeners=[{"address": "127.0.0.1", "port": 0, "api_key": GATEWAY_KEY}])
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+    path = "/v1beta/models/openai/gpt-4o:generateContent"
+    with RunningPlano(config) as running:
+        by_header = gemini_post(running, path, body, **{"x-goog-api-key": GATEWAY_KEY})
+        by_query = gemini_post(running, path + "?key=" + GATEWAY_KEY, body)
+        client = gemini_client(running, api_key=GATEWAY_KEY)  # (kept: the SDK closes its connections when dropped)
+        by_sdk = client.models.generate_content(model="openai/gpt-4o", contents="hi")
+        wrong = gemini_post(running, path, body, **{"x-goog-api-key": WRONG_KEY})
+        query_elsewhere = httpx.get(running.url + "/v1/models?key=" + GATEWAY_KEY)
+    assert (by_header.status_code, by_query.status_code, by_sdk.text) == (200, 200, "echo: hi")
+    assert wrong.status_code == 401 and wrong.json()["error"]["status"] == "UNAUTHENTICATED"
+    assert WRONG_KEY not in wrong.text
+    assert query_elsewhere.status_code == 401  # `?key=` is Google's convention, taken on its paths only
+    assert all(OPENAI_KEY == r.headers["authorization"].removeprefix("Bearer ") for r in provider.requests)
+
+
+def test_stream_generate_content_without_alt_sse_is_one_json_array_written_as_it_comes(provider):
+    with RunningPlano(every_upstream(provider)) as running:
+        with httpx.stream("POST", running.url + "/v1beta/models/anthropic/claude-sonnet-5:streamGenerateContent",
+                          json={"contents": [{"parts": [{"text": "héllo wörld"}]}]}) as response:
+            pieces = list(response.iter_raw())
+            content_type = response.headers["content-type"]
+        sse = gemini_post(running, "/v1beta/models/anthropic/claude-sonnet-5:streamGenerateContent?alt=sse",
+                          {"contents": [{"parts": [{"text": "héllo wörld"}]}]})
+    chunks = json.loads(b"".join(pieces))
+    assert content_type == "application/json" and len(pieces) > 1
+    assert "".join(p["text"] for c in chunks for p in c["candidates"][0]["content"]["parts"]) == "echo: héllo wörld"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"] == {"promptTokenCount": 42, "candidatesTokenCount": 9, "totalTokenCount": 51,
+                                           "cachedContentTokenCount": 30}
+    assert sse.headers["content-type"] == "text/event-stream" and sse.content.endswith(b"\r\n\r\n")
+    assert [json.loads(e.data) for e in plano.SSEDecoder().feed(sse.content)][-1]["usageMetadata"] == \
+        chunks[-1]["usageMetadata"]
+
+
+def test_a_stream_that_fails_after_its_200_ends_a_gemini_client_stream_in_googles_error_shape(provider):
+    provider.then(Reply(200, sse=sse_pieces([(None, {"choices": [{"index": 0, "delta": {"content": "par"}}]})]),
+                        abort_after=3))
+    with RunningPlano(every_upstream(provider)) as running:
+        array = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent", {
+            "contents": [{"parts": [{"text": "hi"}]}]})
+        provider.then(Reply(200, sse=sse_pieces([(None, {"choices": [{"index": 0, "delta": {"content": "par"}}]})])))
+        client = gemini_client(running)
+        with pytest.raises(genai_errors.APIError) as caught:
+            list(client.models.generate_content_stream(model="openai/gpt-4o", contents="hi"))
+    chunks = json.loads(array.content)  # still one JSON array
+    assert chunks[-1]["error"]["code"] == 502 and chunks[-1]["error"]["status"] == "UNAVAILABLE"
+    assert caught.value.code == 502 and "ended before" in caught.value.message
+
+
+def test_count_tokens_and_the_model_list_are_answered_in_googles_shapes(provider):
+    with RunningPlano(every_upstream(provider, model_aliases={"fast": {"target": "openai/gpt-4o"}})) as running:
+        client = gemini_client(running)
+        counted = client.models.count_tokens(model="gemini/gemini-3-pro-preview", contents="count these words")
+        raw = gemini_post(running, "/v1beta/models/openai/gpt-4o:countTokens",
+                          {"generateContentRequest": {"model": "models/x", "contents": [{"parts": [{"text": "hi"}]}]}})
+        listed = [m.name for m in client.models.list()]
+        one = client.models.get(model="fast")
+        missing = httpx.get(running.url + "/v1beta/models/openai/gpt-5.9")
+    assert counted.total_tokens == plano.estimate_tokens({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "count these words"}]}]})
+    assert raw.json() == {"totalTokens": plano.estimate_tokens({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}]})}
+    assert provider.requests == []  # answered by plano itself
+    assert listed == ["models/openai/gpt-4o", "models/anthropic/claude-sonnet-5", f"models/{CODEX_MODEL}",
+                      "models/gemini/gemini-3-pro-preview", "models/fast"]
+    assert (one.name, one.display_name, one.supported_actions) == (
+        "models/fast", "fast", ["generateContent", "streamGenerateContent", "countTokens"])
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
+
+
+HOSTILE_GEMINI_PATHS = [
+    "/v1beta/models/..%2F..%2Fetc%2Fpasswd:generateContent", "/v1beta/models/openai%2Fgpt-4o:generateContent",
+    "/v1beta/models/../v1/messages:generateContent", "/v1beta/models/a/../../x:generateContent",
+    "/v1beta/models/%0d%0aSet-Cookie:x:generateContent", "/v1beta/models/" + "m" * 300 + ":generateContent",
+    "/v1beta/models/:generateContent", "/v1beta/models/x%ff:generateContent", "/v1beta/models/x%5c..:generateContent",
+    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_GEMINI_PATHS)
+def test_a_hostile_model_path_gets_googles_error_shape_and_nothing_reaches_a_provider(provider, path):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, path, {"contents": [{"parts": [{"text": "hi"}]}]})
+        assert httpx.get(running.url + "/healthz").status_code == 200
+    assert response.status_code in (400, 404, 405)
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "status"} and error["code"] == response.status_code
+    assert "\r" not in error["message"] and "\n" not in error["message"]
+    assert provider.requests == []
+
+
+@pytest.mark.parametrize("body, where", [
+    ([{"contents": []}], "body"), ({"contents": "hi"}, "contents"), ({"contents": []}, "contents"),
+    ({"contents": [{"role": "system", "parts": [{"text": "x"}]}]}, "contents[0].role"),
+    ({"contents": [{"parts": {"text": "x"}}]}, "contents[0].parts"),
+    ({"contents": [{"parts": [{"text": 7}]}]}, "contents[0].parts[0].text"),
+    ({"contents": [{"parts": [{"functionCall": {"name": "x"}}]}]}, "belongs in a `model` turn"),
+    ({"contents": [{"role": "model", "parts": [{"functionCall": {"args": {}}}]}]}, "functionCall"),
+    ({"contents": [{"parts": [{"inlineData": {"mimeType": "image/png"}}]}]}, "inlineData"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": "lots"}}, "maxOutputTokens"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"candidateCount": 3}}, "candidateCount"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "tools": [{"functionDeclarations": [{"description": "x"}]}]},
+     "functionDeclarations[0]"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "toolConfig": {"functionCallingConfig": {"mode": "SOMETIMES"}},
+      "tools": [{"functionDeclarations": [{"name": "f"}]}]}, "mode"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "systemInstruction": 5}, "systemInstruction"),
+])
+def test_a_malformed_gemini_body_gets_a_400_in_googles_shape_naming_the_field(provider, body, where):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:generateContent", body)
+        streamed = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent", body)
+    for answer in (response, streamed):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and where in answer.json()["error"]["message"]
+    assert provider.requests == []
+
+
+def test_ten_thousand_parts_are_read_and_answered_or_refused_cleanly(provider):
+    body = {"contents": [{"role": "user", "parts": [{"text": f"p{i}"} for i in range(10_000)]}]}
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:generateContent", body)
+    assert response.status_code == 200
+    assert provider.requests[-1].json["messages"][0]["content"].startswith("p0\np1\np2")
+
+
+@pytest.mark.parametrize("name", GEMINI_ANSWERS + GEMINI_ERRORS)
+def test_a_recorded_gemini_answer_reaches_a_gemini_client_as_it_was_sent(provider, name):
+    recording = (RECORDED_GEMINI / name).read_bytes()
+    status = json.loads(recording)["error"]["code"] if name in GEMINI_ERRORS else 200
+    replay_gemini(provider, name, status)
+    stream = name.endswith(".sse")
+    with gemini_only(provider) as running:
+        response = gemini_post(running, "/v1beta/models/gemini/gemini-3-pro-preview:" + (
+            "streamGenerateContent?alt=sse" if stream else "generateContent"),
+            {"contents": [{"parts": [{"text": "hi"}]}]})
+    assert (response.status_code, response.content) == (status, recording)
+
+
+def test_snake_case_field_names_are_read_as_google_reads_them_and_the_clients_own_keys_are_kept():
+    body = {"contents": [{"role": "model", "parts": [{"function_call": {"name": "f", "args": {"max_tokens": 1}}}]},
+                         {"parts": [{"function_response": {"name": "f", "response": {"some_key": 2}}}]}],
+            "generation_config": {"max_output_tokens": 99, "thinking_config": {"thinking_budget": 2048}},
+            "tools": [{"function_declarations": [{"name": "f", "parameters": {"type": "OBJECT", "properties": {
+                "file_path": {"type": "STRING", "nullable": True}}, "any_of": []}}]}]}
+    read = plano.gemini_request_to_anthropic(body, stream=False)
+    assert read["messages"][0]["content"][0]["input"] == {"max_tokens": 1}
+    assert read["messages"][1]["content"][0]["content"] == '{"some_key": 2}'
+    assert (read["max_tokens"], read["thinking"]["budget_tokens"]) == (99, 2048)
+    assert read["tools"][0]["input_schema"] == {"type": "object", "properties": {
+        "file_path": {"type": ["string", "null"]}}, "anyOf": []}
+    with pytest.raises(plano.RequestError, match="given twice"):
+        plano.gemini_request_to_anthropic({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {},
+                                           "generation_config": {}}, stream=False)
+    assert plano.gemini_with_max_output(body, 50)["generation_config"]["max_output_tokens"] == 50
+
+
+def test_the_gemini_clis_session_context_is_not_what_the_router_reads_and_its_tool_loop_is_pinned():
+    session_context = ("<session_context>\nThis is the Gemini CLI. We are setting up the context for our chat.\n"
+                       "Today's date is Friday, December 4, 2026.\nMy operating system is: linux\n</session_context>")
+    contents = [{"role": "user", "parts": [{"text": session_context}]},
+                {"role": "user", "parts": [{"text": "fix the flaky test"}]}]
+    body = plano.gemini_request_to_anthropic({"contents": contents, "systemInstruction": {
+        "parts": [{"text": "You are Gemini CLI, an interactive CLI agent"}]}}, stream=True)
+    assert plano.conversation_for_router(body["messages"]) == [{"role": "user", "content": "fix the flaky test"}]
+    assert plano.session_key(body, {}) == plano.session_key(
+        {"messages": [{"role": "user", "content": "fix the flaky test"}]}, {})
+    loop = plano.gemini_request_to_anthropic({"contents": contents + [
+        {"role": "model", "parts": [{"functionCall": {"id": "c1", "name": "run_shell_command",
+                                                      "args": {"command": "ls"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"id": "c1", "name": "run_shell_command",
+                                                         "response": {"output": "a.txt"}}}]}]}, stream=True)
+    assert plano.has_new_user_text(body["messages"]) and not plano.has_new_user_text(loop["messages"])
 
 
 # ── issue 23: more agents: cli-agent gemini, opencode, qwen ─────────────────────────────────────
