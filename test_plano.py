@@ -13858,6 +13858,55 @@ def test_cli_agent_opencode_and_qwen_print_env_and_config(tmp_path, provider):
     assert_user_settings_untouched(home)
 
 
+def write_gemini_agent_config(tmp_path: Path, provider: StandInProvider, port: int, default: str,
+                              router: dict = ROUTER_OFF) -> Path:
+    """A native Gemini model and an Anthropic one on the stand-in, `default` answering."""
+    models = [dict(gemini_model(provider), default=default.startswith("gemini/")),
+              served_by(provider, "anthropic/claude-sonnet-5", default=default.startswith("anthropic/"))]
+    if router is not ROUTER_OFF:
+        models[1]["routing_preferences"] = ROUTES
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(*models, listeners=[{"address": "127.0.0.1", "port": port}], router=router))
+    return path
+
+
+@pytest.mark.parametrize("default, upstream_path", [
+    ("gemini/gemini-3-pro-preview", "/v1beta/models/gemini-3-pro-preview:streamGenerateContent?alt=sse"),
+    ("anthropic/claude-sonnet-5", "/v1/messages")])
+def test_cli_agent_gemini_runs_a_shell_round_trip_through_plano(tmp_path, provider, gemini_bin, default, upstream_path):
+    port = free_port()
+    config = write_gemini_agent_config(tmp_path, provider, port, default)
+    home, work = agent_home(tmp_path), tmp_path / "work"
+    work.mkdir()
+    result = run_cli_agent(config, "gemini", gemini_bin, home, work, "--yolo", "--skip-trust", "-p",
+                           "SHELL:run_shell_command:echo gemini-marker-é€ > made-by-gemini.txt; cat made-by-gemini.txt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (work / "made-by-gemini.txt").read_text() == "gemini-marker-é€\n"  # Gemini CLI ran the command
+    assert "tool said:" in result.stdout and "gemini-marker-é€" in result.stdout.split("tool said:")[1]
+    assert f"gateway started on http://127.0.0.1:{port}" in result.stderr
+    assert [r.path for r in provider.requests] == [upstream_path, upstream_path]
+    assert "gemini-marker-é€" in json.dumps(provider.requests[1].json, ensure_ascii=False)
+    assert_user_settings_untouched(home)
+
+
+def test_gemini_cli_turn_is_routed_once_and_its_tool_loop_pinned(tmp_path, provider, gemini_bin, tiny_router_model):
+    port = free_port()
+    config = write_gemini_agent_config(tmp_path, provider, port, "gemini/gemini-3-pro-preview",
+                                       router=embedded_router(tiny_router_model))
+    home, work = agent_home(tmp_path), tmp_path / "work"
+    work.mkdir()
+    prompt = "SHELL:run_shell_command:echo pinned"
+    with plano_up(config, port) as url:
+        wait_until(lambda: router_ready(url), what="the router loaded")
+        result = run_cli_agent(config, "gemini", gemini_bin, home, work, "--yolo", "--skip-trust", "-p", prompt)
+        decisions = httpx.get(url + "/plano/decisions").json()["decisions"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [d["decision"] for d in decisions] == ["router", "pinned"]
+    assert decisions[0]["requested_model"] == "plano" and decisions[0]["route"] in ROUTE_NAMES
+    # No session header: keyed on the user's first words, not on Gemini CLI's <session_context>.
+    assert {d["session"] for d in decisions} == {"conv-" + hashlib.sha256(prompt.encode()).hexdigest()[:16]}
+
+
 def test_cli_agent_gemini_print_env_and_config_keep_the_users_gemini_files(tmp_path, provider):
     port = free_port()
     config = write_agents_config(tmp_path, provider, port, "openai/gpt-4o")
