@@ -10511,7 +10511,8 @@ class Gateway:
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
-        if self.router is not None and exchange.decision.decision not in ("explicit", "alias"):
+        if self.router is not None and exchange.decision.decision not in ("explicit", "alias") \
+                and background_request(body) is None:
             exchange.trace.routed(exchange.decision, deciding)  # the router was asked
         alias = model_from_picker(requested)
         if exchange.decision.decision == "alias" and alias in config.aliases \

@@ -13609,6 +13609,35 @@ def test_agents_background_requests_are_known_and_their_turns_are_not():
     assert plano.session_key(memory, {}) == "conv-" + hashlib.sha256(b"hello there").hexdigest()[:16]
 
 
+def test_background_requests_neither_ask_the_router_nor_move_the_sessions_pin(provider, router_server):
+    config = build_config(
+        served_by(provider, "anthropic/claude-sonnet-5",
+                  routing_preferences=[{"name": "code understanding", "description": "explain code"}]),
+        served_by(provider, "openai/gpt-4o", default=True,
+                  routing_preferences=[{"name": "code generation", "description": "write code"}]),
+        router={"endpoint": router_server.openai_base, "model": "arch-router"})
+
+    def send(name: str) -> httpx.Response:  # a recorded request, as the agent sent it
+        recorded = recorded_agent_request(name)
+        headers = {k: v for k, v in recorded["headers"].items() if k != "content-type"}
+        return httpx.post(running.url + recorded["path"], headers=headers, json=recorded["body"], timeout=30)
+
+    with RunningPlano(config, router="auto") as running:
+        router_server.then(remote_answer('{"route": "code understanding"}'))
+        answers = [send("opencode-1.18.33-turn.json"), send("opencode-1.18.33-title.json"),
+                   send("opencode-1.18.33-tool-result.json"), send("qwen-code-0.15.10-memory-extraction.json")]
+        decisions = httpx.get(running.url + "/plano/decisions").json()["decisions"]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len(router_server.requests) == 1  # the user turn only
+    assert [(d["decision"], d["model"]) for d in decisions] == [
+        ("router", "anthropic/claude-sonnet-5"), ("default", "openai/gpt-4o"),
+        ("pinned", "anthropic/claude-sonnet-5"), ("default", "openai/gpt-4o")]
+    assert [d["reason"] for d in decisions[1::2]] == [
+        "opencode's title request: a background request, not routed",
+        "Qwen Code's memory request: a background request, not routed"]
+    assert len({d["session"] for d in decisions[:3]}) == 1  # the title request in opencode's session
+
+
 def test_opencode_session_is_its_session_header_title_request_included():
     requests = [recorded_agent_request(f"opencode-1.18.33-{n}.json") for n in ("title", "turn", "tool-result")]
     sessions = {plano.session_key(r["body"], r["headers"]) for r in requests}
