@@ -11887,10 +11887,11 @@ def _read_json_object(path: str) -> dict:
 
 def _write_settings(path: str, settings: Mapping[str, Any]) -> None:
     """Writes a settings file whole (a file beside it, then renamed): an agent starting at the same
-    moment reads the old file or the new one, never half of one."""
+    moment reads the old file or the new one, never half of one. Readable by the user only: it may
+    hold a copy of the user's own settings, tokens of their MCP servers included."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w", encoding="utf-8") as f:
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(partial, path)

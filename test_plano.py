@@ -13963,6 +13963,7 @@ def test_cli_agent_gemini_print_env_and_config_keep_the_users_gemini_files(tmp_p
                         "general": {"enableAutoUpdate": False}}
     shown = printed("--print-config").splitlines()
     assert shown[0] == f"{mirror}/settings.json:" and json.loads("\n".join(shown[1:])) == settings
+    assert (mirror / "settings.json").stat().st_mode & 0o777 == 0o600  # a copy of the user's settings
     assert_user_settings_untouched(home)
     # The user's settings change and a file goes: the next launch follows, from the environment
     # `--print-env` printed (GEMINI_CLI_HOME set to plano's home) too.
