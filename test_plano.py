@@ -13976,7 +13976,7 @@ def test_cli_agent_gemini_print_env_and_config_keep_the_users_gemini_files(tmp_p
     assert not os.path.lexists(mirror / "commands") and os.path.islink(mirror / "GEMINI.md")
 
 
-def test_qwen_code_keeps_the_auth_type_the_user_chose():
+def test_qwen_code_keeps_the_auth_type_the_user_chose_and_each_agent_goes_to_plano_url():
     config = plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: k\n"
                                 "listeners:\n  - port: 12000\n    api_key: gw-key\n", path=CONFIG_PATH, environ={})
     with tempfile.TemporaryDirectory() as home:
@@ -13984,6 +13984,16 @@ def test_qwen_code_keeps_the_auth_type_the_user_chose():
         default = plano.qwen_code_wiring(config, ["hi"], {"HOME": home})
     assert chosen.args == [] and default.args == ["--auth-type", "openai"]
     assert default.env["OPENAI_API_KEY"] == "gw-key"  # the gateway's key is what Qwen Code must present
+    # A team's gateway (PLANO_URL) is where each agent goes, with the developer's own key.
+    with tempfile.TemporaryDirectory() as home:
+        team = {"HOME": home, "PLANO_URL": "https://plano.internal:8443/", "PLANO_API_KEY": ALICE_KEY}
+        qwen, opencode, gemini = (plano.qwen_code_wiring(config, [], team), plano.opencode_wiring(config, team),
+                                  plano.gemini_cli_wiring(config, team))
+    assert (qwen.env["OPENAI_BASE_URL"], qwen.env["OPENAI_API_KEY"]) == ("https://plano.internal:8443/v1", ALICE_KEY)
+    assert json.loads(opencode.env["OPENCODE_CONFIG_CONTENT"])["provider"]["plano"]["options"]["baseURL"] == \
+        "https://plano.internal:8443/v1" and opencode.env["PLANO_OPENCODE_API_KEY"] == ALICE_KEY
+    assert (gemini.env["GOOGLE_GEMINI_BASE_URL"], gemini.env["GEMINI_API_KEY"]) == ("https://plano.internal:8443",
+                                                                                    ALICE_KEY)
 
 
 @pytest.mark.parametrize("agent, program", [("opencode", "opencode"), ("qwen", "qwen"), ("gemini", "gemini")])
