@@ -6459,10 +6459,18 @@ def conversation_for_router(messages: Any) -> list[dict]:
 # An agent's background requests are its own errands, not a user turn: routing one would spend the
 # router on it and move the session's pinned model. Each is known by the start of its system prompt
 # (seen with opencode 1.18.33 and Qwen Code 0.15.10, which sends its memory request, with tools and
-# a user message of its own, after each turn of an interactive session).
+# a user message of its own, after each turn of an interactive session; Gemini CLI 0.61.0's loop
+# check, read in its bundle, comes after some 30 model turns of one prompt) or, for Gemini CLI's
+# next-speaker check (off unless `model.skipNextSpeakerCheck: false`), of its last user message.
 _BACKGROUND_PROMPTS = (
     ("opencode's title request", re.compile(r"\s*You are a title generator\. You output ONLY a thread title\.")),
     ("Qwen Code's memory request", re.compile(r"\s*You are now acting as the managed memory extraction subagent")),
+    ("Gemini CLI's loop check", re.compile(r"\s*You are a diagnostic agent that determines whether a "
+                                           r"conversational AI assistant is stuck in an unproductive loop")),
+)
+_BACKGROUND_LAST_USER = (
+    ("Gemini CLI's next-speaker check", re.compile(r"\s*Analyze \*only\* the content and structure of your "
+                                                   r"immediately preceding response")),
 )
 
 
@@ -6472,7 +6480,14 @@ def background_request(body: Any) -> str | None:
     if not isinstance(body, dict):
         return None
     system = _system_prompt_start(body)
-    return next((what for what, prompt in _BACKGROUND_PROMPTS if prompt.match(system)), None)
+    found = next((what for what, prompt in _BACKGROUND_PROMPTS if prompt.match(system)), None)
+    if found is None:
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        said = conversation_for_router([last]) if isinstance(last, dict) and last.get("role") == "user" else []
+        words = said[0]["content"] if said else ""
+        found = next((what for what, prompt in _BACKGROUND_LAST_USER if prompt.match(words)), None)
+    return found
 
 
 def _system_prompt_start(body: dict, length: int = 200) -> str:

@@ -13796,6 +13796,23 @@ def test_agents_background_requests_are_known_and_their_turns_are_not():
     assert plano.background_request(memory) == "Qwen Code's memory request"
     # ... and stays in the session of the conversation it is about (keyed on the user's first words)
     assert plano.session_key(memory, {}) == "conv-" + hashlib.sha256(b"hello there").hexdigest()[:16]
+    # Gemini CLI's loop check (its system instruction) and next-speaker check (its last user turn),
+    # as the Gemini front door reads them; the same words from the user earlier in a turn are a turn.
+    history = [{"role": "user", "parts": [{"text": "fix the flaky test"}]},
+               {"role": "model", "parts": [{"text": "Next, I will run the tests."}]}]
+    loop_check = {"contents": history, "systemInstruction": {"parts": [{"text": (
+        "You are a diagnostic agent that determines whether a conversational AI assistant is stuck in an "
+        "unproductive loop. Analyze the conversation history …")}]}}
+    check = ("Analyze *only* the content and structure of your immediately preceding response (your last turn in "
+             "the conversation history). Based *strictly* on that response, determine who should speak next")
+    next_speaker = {"contents": history + [{"role": "user", "parts": [{"text": check}]}]}
+    assert plano.background_request(plano.gemini_request_to_anthropic(loop_check, stream=False)) == \
+        "Gemini CLI's loop check"
+    assert plano.background_request(plano.gemini_request_to_anthropic(next_speaker, stream=False)) == \
+        "Gemini CLI's next-speaker check"
+    quoted = {"contents": [{"role": "user", "parts": [{"text": check}]}, history[1],
+                           {"role": "user", "parts": [{"text": "thanks"}]}]}
+    assert plano.background_request(plano.gemini_request_to_anthropic(quoted, stream=False)) is None
 
 
 def test_background_requests_neither_ask_the_router_nor_move_the_sessions_pin(provider, router_server):
