@@ -6458,12 +6458,17 @@ def conversation_for_router(messages: Any) -> list[dict]:
 
 # An agent's background requests are its own errands, not a user turn: routing one would spend the
 # router on it and move the session's pinned model. Each is known by the start of its system prompt
-# (seen with opencode 1.18.33 and Qwen Code 0.15.10, which sends its memory request, with tools and
-# a user message of its own, after each turn of an interactive session; Gemini CLI 0.61.0's loop
-# check, read in its bundle, comes after some 30 model turns of one prompt) or, for Gemini CLI's
-# next-speaker check (off unless `model.skipNextSpeakerCheck: false`), of its last user message.
+# (seen on the wire: opencode 1.18.33's title request, and Qwen Code 0.15.10's memory request, with
+# tools and a user message of its own, after each turn of an interactive session; read in the
+# programs: opencode's session summary and its compaction when the context is full, Gemini CLI
+# 0.61.0's loop check after some 30 model turns of one prompt) or, for Gemini CLI's next-speaker
+# check (off unless `model.skipNextSpeakerCheck: false`), of its last user message.
 _BACKGROUND_PROMPTS = (
     ("opencode's title request", re.compile(r"\s*You are a title generator\. You output ONLY a thread title\.")),
+    ("opencode's summary request", re.compile(r"\s*Summarize what was done in this conversation\. Write like a "
+                                              r"pull request description\.")),
+    ("opencode's compaction request", re.compile(r"\s*You are a context summarization agent\. You are given a "
+                                                 r"conversation between a user and an agent\.")),
     ("Qwen Code's memory request", re.compile(r"\s*You are now acting as the managed memory extraction subagent")),
     ("Gemini CLI's loop check", re.compile(r"\s*You are a diagnostic agent that determines whether a "
                                            r"conversational AI assistant is stuck in an unproductive loop")),

@@ -13780,6 +13780,7 @@ def recorded_agent_request(name: str) -> dict:
 
 def test_agents_background_requests_are_known_and_their_turns_are_not():
     title = recorded_agent_request("opencode-1.18.33-title.json")
+    turn_messages = recorded_agent_request("opencode-1.18.33-turn.json")["body"]["messages"][1:]
     assert plano.background_request(title["body"]) == "opencode's title request"
     for name in ("opencode-1.18.33-turn.json", "opencode-1.18.33-tool-result.json", "qwen-code-0.15.10-turn.json"):
         assert plano.background_request(recorded_agent_request(name)["body"]) is None
@@ -13789,6 +13790,12 @@ def test_agents_background_requests_are_known_and_their_turns_are_not():
     assert plano.background_request({"system": [{"type": "text", "text": prompt}], "messages": words}) \
         == "opencode's title request"
     assert plano.background_request({"instructions": prompt, "input": "x"}) == "opencode's title request"
+    for start, what in (("Summarize what was done in this conversation. Write like a pull request description.\n- ",
+                         "opencode's summary request"),
+                        ("You are a context summarization agent. You are given a conversation between a user and "
+                         "an agent. Your goal", "opencode's compaction request")):
+        assert plano.background_request(dict(title["body"], messages=[
+            {"role": "system", "content": start}, *turn_messages])) == what
     assert plano.background_request({"messages": [{"role": "user", "content": prompt}]}) is None  # the user's words
     # Qwen Code's memory request has tools, and a user message of its own at the end.
     memory = recorded_agent_request("qwen-code-0.15.10-memory-extraction.json")["body"]
