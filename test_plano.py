@@ -14816,6 +14816,35 @@ def test_recorded_converse_answers_reach_a_gemini_client_through_plano(aws_env, 
     assert converse_bedrock.requests[0].json["messages"] == [{"role": "user", "content": [{"text": "hi"}]}]
 
 
+# What Converse refuses (converse_refusal) that plano, not the client, would be at fault for.
+PLANOS_CONVERSE_FAULTS = ("extraneous key", "must be non-empty", "toolConfig field must be defined", "must alternate",
+                          "maxTokens")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_wrong_values_in_any_field_of_a_clients_request_never_make_plano_send_bedrock_a_body_converse_refuses(
+        converse_target, kept_alive, data):
+    # The three clients' rich bodies (tool loops, images, reasoning), up to three fields given
+    # values of any type: the client gets an answer or a 4xx in its format, never a 500; and what
+    # plano sends Bedrock breaks none of Converse's rules that are plano's to keep (a request the
+    # client got wrong, e.g. a tool result for no call, may still be refused, as Bedrock would).
+    running, stand_in = converse_target
+    client = data.draw(st.sampled_from(["anthropic", "openai", "responses"]))
+    body = dict(data.draw(st.sampled_from(WIRE_BODIES[client])), model=CONVERSE_MODEL, stream=data.draw(st.booleans()))
+    for _ in range(data.draw(st.integers(1, 3))):
+        body = with_value_at(body, data.draw(st.sampled_from(field_paths(body))), data.draw(WIRE_VALUES))
+    body["model"] = CONVERSE_MODEL
+    sent_before = len(stand_in.requests)
+    response = kept_alive.post(running.url + CLIENT_PATHS[client], json=body)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error_in_format(response, client)
+    for request in stand_in.requests[sent_before:]:
+        refused = converse_refusal(request.json)
+        assert refused is None or not any(fault in refused for fault in PLANOS_CONVERSE_FAULTS), (refused, request.json)
+
+
 def test_redacted_reasoning_streamed_to_the_anthropic_sdk_goes_back_to_bedrock_verbatim(aws_env, converse_bedrock):
     name = "claude-3-7-sonnet-redacted-reasoning.eventstream"
     converse_bedrock.then(recorded_converse_reply(name))
