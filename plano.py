@@ -1144,8 +1144,8 @@ class _ConfigReader:
             import google.auth  # noqa: F401  (here: a missing extra is a start-up error, not a failed request)
             import google.auth.transport.requests  # noqa: F401
         except ImportError:
-            raise self.fail(entry, "model", "Vertex AI models need the google-auth package: "
-                                            "pip install 'plano[vertex]'") from None
+            raise self.fail(entry, "model", f"vertex/{model_id} needs the google-auth package (Google's "
+                                            "credentials): pip install 'plano[vertex]'") from None
         return spec
 
     def read_capabilities(self, entry: dict, provider: str, model_id: str) -> Capabilities:
@@ -4912,7 +4912,7 @@ class GoogleAccessTokens:
     def __init__(self) -> None:
         self._credentials: Any = None
         self.project: str | None = None  # the credentials' own project, when they name one
-        self.kind: str | None = None  # which credentials (google-auth's class name)
+        self.kind: str | None = None  # which credentials, in words (KINDS)
         self._headers: dict[str, str] = {}
         self._fresh_until = 0.0  # time.monotonic() after which the token is refreshed
         self._lock = trio.Lock()
@@ -4932,26 +4932,48 @@ class GoogleAccessTokens:
                                         error_type="api_error", retryable=True)
         return self._headers
 
-    def _refresh(self, who: str) -> None:
-        """In a worker thread: the credentials (found once), refreshed; errors as plano's own."""
-        import datetime
+    # google-auth's credential classes (by module) as people know them.
+    KINDS = {"google.oauth2.service_account": "a service-account key file",
+             "google.oauth2.credentials": "gcloud's user credentials (authorized user)",
+             "google.auth.compute_engine.credentials": "the metadata server (the machine's service account)",
+             "google.auth.impersonated_credentials": "an impersonated service account",
+             "google.auth.identity_pool": "workload identity federation",
+             "google.auth.aws": "workload identity federation from AWS",
+             "google.auth.external_account_authorized_user": "workforce identity federation"}
 
+    def find(self, who: str) -> None:
+        """The credentials, as google.auth.default finds them (blocking: a worker thread's, or the CLI's)."""
         import google.auth
         import google.auth.exceptions
-        import google.auth.transport.requests
+        if self._credentials is not None:
+            return
         try:
-            if self._credentials is None:
-                credentials, project = google.auth.default(scopes=self.SCOPES)
-                self.kind = type(credentials).__module__.rsplit(".", 1)[-1] + "." + type(credentials).__name__
-                self._credentials, self.project = credentials, project
-            transport = google.auth.transport.requests.Request()
-            self._credentials.refresh(functools.partial(_with_timeout, transport, self.TOKEN_TIMEOUT))
-            headers: dict[str, str] = {}
-            self._credentials.apply(headers)
+            credentials, project = google.auth.default(scopes=self.SCOPES)
         except google.auth.exceptions.DefaultCredentialsError as e:
             raise ProviderKeyError(f"{who}: no Google credentials found ({str(e)[:300]}): run `gcloud "
                                    "auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
                                    "service-account key file") from None
+        self.kind = self.KINDS.get(type(credentials).__module__, type(credentials).__module__)
+        self._credentials, self.project = credentials, project
+
+    @property
+    def account(self) -> str | None:
+        """The service account's e-mail address, when the credentials are one's (not a secret)."""
+        email = getattr(self._credentials, "service_account_email", None)
+        return email if isinstance(email, str) and "@" in email else None
+
+    def _refresh(self, who: str) -> None:
+        """In a worker thread: the credentials (found once), refreshed; errors as plano's own."""
+        import datetime
+
+        import google.auth.exceptions
+        import google.auth.transport.requests
+        self.find(who)
+        try:
+            transport = google.auth.transport.requests.Request()
+            self._credentials.refresh(functools.partial(_with_timeout, transport, self.TOKEN_TIMEOUT))
+            headers: dict[str, str] = {}
+            self._credentials.apply(headers)
         except google.auth.exceptions.RefreshError as e:
             reason = str(e)[:300]
             if not getattr(e, "retryable", False) and re.search(r"invalid_grant|invalid_client|unauthorized", reason):
@@ -10543,6 +10565,32 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     return _Finding("ok" if status < 400 else "note", "reach", f"{model.base_url}: reachable (HTTP {status})")
 
 
+def _google_credentials_finding(model: ModelEntry, offline: bool) -> _Finding:
+    """A Vertex AI model: which Google credentials plano finds (their kind, a key file's path, a
+    service account's address; never a token or a key), the project and region, and, unless
+    offline, whether they give an access token."""
+    tokens = GoogleAccessTokens()
+    try:
+        if offline:
+            tokens.find(model.name)
+        else:
+            trio.run(tokens.headers, model.name)
+    except PlanoError as e:
+        return _Finding("problem", "key", _scrub(e.message, ()))
+    source = tokens.kind or "unknown credentials"
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        source += f" ({printable(os.environ['GOOGLE_APPLICATION_CREDENTIALS'])})"
+    if tokens.account:
+        source += f", {printable(tokens.account)}"
+    project = model.project or (f"{tokens.project} (the credentials')" if tokens.project else None)
+    if project is None:
+        return _Finding("problem", "key", f"{model.name}: Google credentials: {source}; no project: set `project:` "
+                                          "or GOOGLE_CLOUD_PROJECT")
+    token = "" if offline else "; an access token was issued"
+    return _Finding("ok", "key", f"{model.name}: Google credentials: {source}{token}; project {printable(project)}, "
+                                 f"region {model.region} ({model.base_url})")
+
+
 def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding]:
     """What works and what to do about the rest, as `python -m plano doctor` prints it."""
     findings: list[_Finding] = []
@@ -10555,6 +10603,9 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
     secrets = [m.access_key for m in config.models if m.access_key]
     reached: set[str] = set()
     for model in config.models:
+        if model.spec.auth == "google":
+            findings.append(_google_credentials_finding(model, offline))
+            continue
         if model.spec.auth == "none":
             findings.append(_Finding("ok", "key", f"{model.name}: needs no key"))
         elif model.access_key:
