@@ -13,22 +13,23 @@ uses only the ones above it, which a test in test_plano.py keeps true:
      6. Wire formats, server-sent events
      7. Wire formats, provider errors
      8. Wire formats, Responses
-     9. Wire formats, streams end to end
-    10. Wire formats, one upstream exchange
-    11. Upstream client
-    12. Shared state
-    13. Router
-    14. Usage ledger
-    15. Capabilities
-    16. Metrics
-    17. Traces
-    18. Gateway
-    19. HTTP server
-    20. CLI, the commands
-    21. CLI, doctor
-    22. CLI, agent wiring
-    23. CLI, the entry point
-    24. The live page
+     9. Wire formats, Gemini
+    10. Wire formats, streams end to end
+    11. Wire formats, one upstream exchange
+    12. Upstream client
+    13. Shared state
+    14. Router
+    15. Usage ledger
+    16. Capabilities
+    17. Metrics
+    18. Traces
+    19. Gateway
+    20. HTTP server
+    21. CLI, the commands
+    22. CLI, doctor
+    23. CLI, agent wiring
+    24. CLI, the entry point
+    25. The live page
 
 Library use::
 
@@ -246,8 +247,8 @@ class ProviderSpec:
     """
 
     base_url: str | None
-    interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses)
-    auth: str  # "bearer" | "x-api-key" | "api-key" | "none" | "google" (a token from Google's credentials)
+    interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses) | "gemini"
+    auth: str  # "bearer" | "x-api-key" | "api-key" | "x-goog-api-key" | "none" | "google" (Google's credentials' token)
     key_env: str | None = None  # the variable people conventionally keep the key in
     # (model-id prefix, largest max_tokens the model accepts); Claude Code asks for 128000.
     max_output_tokens: tuple[tuple[str, int], ...] = ()
@@ -272,6 +273,9 @@ class ProviderSpec:
     # Where `key_env` may be sent besides https://<base_url's host>: domain suffixes for a provider
     # whose every customer has a host of their own (Azure's RESOURCE.openai.azure.com).
     key_domains: tuple[str, ...] = ()
+    # Where the provider serves Chat Completions when its own interface is another (Gemini's
+    # OpenAI-compatible endpoint), for `provider_interface: openai`.
+    openai_base_url: str | None = None
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
@@ -289,10 +293,16 @@ PROVIDERS: dict[str, ProviderSpec] = {
         sends_back_reasoning=True),
     "xai": ProviderSpec("https://api.x.ai/v1", "openai", "bearer", "XAI_API_KEY",
                         reasoning_models=("grok-3-mini",)),
+    # Gemini's native API by default, not its OpenAI-compatible endpoint: the native one carries
+    # what that endpoint loses or reshapes (thought signatures on text parts, thinking budgets and
+    # thought summaries, cached and thinking token counts, why a prompt was blocked), and a Gemini
+    # client's request (Gemini CLI) goes through byte for byte. `provider_interface: openai`, or a
+    # `base_url` ending in /openai, still selects the OpenAI-compatible endpoint.
     "gemini": ProviderSpec(
-        "https://generativelanguage.googleapis.com/v1beta/openai", "openai", "bearer",
+        "https://generativelanguage.googleapis.com", "gemini", "x-goog-api-key",
         "GEMINI_API_KEY", max_output_tokens=(("gemini", 65536),),
-        reasoning_models=("gemini-2.5", "gemini-3"), thought_signatures=True),
+        reasoning_models=("gemini-2.5", "gemini-3"), thought_signatures=True,
+        openai_base_url="https://generativelanguage.googleapis.com/v1beta/openai"),
     "mistral": ProviderSpec("https://api.mistral.ai/v1", "openai", "bearer", "MISTRAL_API_KEY",
                             max_output_tokens=(("", 32768),)),
     "groq": ProviderSpec("https://api.groq.com/openai/v1", "openai", "bearer", "GROQ_API_KEY",
@@ -314,7 +324,8 @@ PROVIDERS: dict[str, ProviderSpec] = {
                          "DASHSCOPE_API_KEY"),
     "minimax": ProviderSpec("https://api.minimax.io/anthropic", "anthropic", "x-api-key", "MINIMAX_API_KEY"),
     # Google Vertex AI: Claude through Anthropic's Messages body at Vertex's own URLs (vertex_claude_call),
-    # a bearer token from Google's Application Default Credentials (auth "google": GoogleAccessTokens).
+    # Gemini through Gemini's own API (read_model's vertex_spec makes its interface "gemini"); a bearer
+    # token from Google's Application Default Credentials (auth "google": GoogleAccessTokens).
     # The base URL is the region's (vertex_base_url); this one is the global endpoint's.
     "vertex": ProviderSpec("https://aiplatform.googleapis.com", "anthropic", "google"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
@@ -336,6 +347,8 @@ PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together"
 
 # A provider prefix plano does not know needs `base_url` and `provider_interface`.
 _CUSTOM_PROVIDER = ProviderSpec(None, "openai", "bearer")
+# How each interface's API takes its key, for a provider configured to speak another than its own.
+_INTERFACE_AUTH = {"openai": "bearer", "responses": "bearer", "anthropic": "x-api-key", "gemini": "x-goog-api-key"}
 
 
 def default_key_belongs_at(spec: ProviderSpec, base_url: str) -> bool:
@@ -1039,21 +1052,24 @@ class _ConfigReader:
         provider = PROVIDER_ALIASES.get(provider, provider)
         base_url = self.get(entry, "base_url", str) or self.get(entry, "endpoint", str)
         interface = self.get(entry, "provider_interface", str)
-        if interface is not None and interface not in ("openai", "anthropic", "responses"):
+        if interface is not None and interface not in _INTERFACE_AUTH:
             raise self.fail(entry, "provider_interface",
-                            f"must be `openai`, `anthropic` or `responses`, got {interface!r}")
+                            f"must be `openai`, `anthropic`, `responses` or `gemini`, got {interface!r}")
         spec = PROVIDERS.get(provider)
+        if spec is not None and interface is None and spec.openai_base_url and base_url \
+                and urllib.parse.urlsplit(base_url).path.rstrip("/").endswith("/openai"):
+            interface = "openai"  # Gemini's OpenAI-compatible endpoint, as configs written for it name it
         if spec is None:
             if not (base_url and interface):
                 raise self.fail(entry, "model", f"unknown provider `{provider}`: give `base_url` and "
                                 f"`provider_interface` for a custom provider (known: {', '.join(PROVIDERS)})")
-            spec = dataclasses.replace(_CUSTOM_PROVIDER, interface=interface,
-                                       auth="x-api-key" if interface == "anthropic" else "bearer")
+            spec = dataclasses.replace(_CUSTOM_PROVIDER, interface=interface, auth=_INTERFACE_AUTH[interface])
         elif interface == "responses" and spec.interface == "openai":
             spec = dataclasses.replace(spec, interface=interface)  # same provider, same key, other API
+        elif interface == "openai" and spec.openai_base_url:
+            spec = dataclasses.replace(spec, interface=interface, auth="bearer", base_url=spec.openai_base_url)
         elif interface and interface != spec.interface:
-            spec = dataclasses.replace(spec, interface=interface,
-                                       auth="x-api-key" if interface == "anthropic" else "bearer")
+            spec = dataclasses.replace(spec, interface=interface, auth=_INTERFACE_AUTH[interface])
         elif spec.responses_models and _RESPONSES_ONLY_MODEL.search(model_id):
             spec = dataclasses.replace(spec, interface="responses")
         if base_url is not None:
@@ -1135,11 +1151,14 @@ class _ConfigReader:
         return place["project"], place["region"]
 
     def vertex_spec(self, entry: dict, model_id: str, spec: ProviderSpec) -> ProviderSpec:
-        """Claude on Vertex speaks Anthropic's Messages API (at Vertex's URLs); the other models
-        there are not served by plano yet."""
-        if not model_id.startswith("claude"):
-            raise self.fail(entry, "model", f"vertex/{model_id}: plano serves Claude models on Vertex AI "
-                                            "(vertex/claude-…)")
+        """Claude on Vertex speaks Anthropic's Messages API, Gemini Gemini's own (both at Vertex's
+        URLs), whatever `provider_interface` says; the other models there are not served by plano yet."""
+        spec = PROVIDERS["vertex"]
+        if model_id.startswith("gemini"):
+            spec = dataclasses.replace(spec, interface="gemini")
+        elif not model_id.startswith("claude"):
+            raise self.fail(entry, "model", f"vertex/{model_id}: plano serves Claude and Gemini models on Vertex AI "
+                                            "(vertex/claude-…, vertex/gemini-…)")
         try:
             import google.auth  # noqa: F401  (here: a missing extra is a start-up error, not a failed request)
             import google.auth.transport.requests  # noqa: F401
@@ -1632,6 +1651,9 @@ OPENAI_FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "ma
 # A Gemini thought signature rides inside the tool-use id we give the client, because every
 # client sends tool-use ids back verbatim and nothing else: no server-side state to lose.
 _SIGNATURE_MARK = "__plano_ts_"
+# A Gemini thought signature that sat on a text part rides in a thinking block's `signature`, after
+# this mark (see "Wire formats, Gemini"); plano's own, so never sent to an Anthropic upstream.
+_GEMINI_SIGNATURE = "plano-gemini-signature:"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -2511,6 +2533,20 @@ def anthropic_error_body(error_type: str, message: str) -> dict:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
+# Google's canonical error statuses by HTTP status (https://ai.google.dev/gemini-api/docs/troubleshooting).
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT",
+                  415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                  501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+                  529: "UNAVAILABLE"}
+
+
+def google_error_body(status: int, message: str) -> dict:
+    """An error as Google's APIs (Gemini's) answer one: `{"error": {"code", "message", "status"}}`."""
+    name = _GOOGLE_STATUS.get(status) or ("INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
+    return {"error": {"code": status, "message": message, "status": name}}
+
+
 def openai_error_body(error_type: str, message: str, status: int, param: Any = None, code: Any = None) -> dict:
     openai_type = {"api_error": "server_error", "overloaded_error": "server_error"}.get(error_type, error_type)
     return {"error": {"message": message, "type": openai_type, "param": param,
@@ -2858,19 +2894,22 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     except ValueError:
         payload = None
     fields = _provider_error_fields(payload)
-    # Google's own error shape (Vertex AI's, before the request reaches the model): not the shape of
-    # the API the model speaks, so a client of that API gets it rebuilt in its own.
-    google = _is_google_error(payload)
+    # Google's own error shape (Vertex AI's, before the request reaches a Claude model): not the
+    # shape of the API the model speaks, so a client of that API gets it rebuilt in its own.
+    google = _is_google_error(payload) and upstream_format != "gemini"
     text = body.decode("utf-8", errors="replace").strip()[:2000]
+    if upstream_format == "gemini" and status == 400 and "API_KEY_INVALID" in text:
+        status = 401  # Google answers a wrong key with a 400 whose detail says so: plano's key to fix
     message = str(fields.get("message") or text or f"the provider answered HTTP {status}")
 
     def answer(error_type: str, message: str, status: int, **openai_fields: Any) -> bytes:
         shaped = anthropic_error_body(error_type, message) if client_format == "anthropic" \
+            else google_error_body(status, message) if client_format == "gemini" \
             else openai_error_body(error_type, message, status, **openai_fields)
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        if google and key_env is None and not withheld_key:  # Vertex AI: a token, not a key
+        if _is_google_error(payload) and key_env is None and not withheld_key:  # Vertex AI: a token, not a key
             message = f"{provider}: Google refused the access token of plano's Google credentials: {message}"
         elif withheld_key:
             message = (f"{provider}: the provider asks for a key, and plano sends none to it: ${withheld_key} goes "
@@ -3613,7 +3652,7 @@ def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
             signature = encrypted[len(_ANTHROPIC_SIGNATURE):] if isinstance(encrypted, str) \
                 and encrypted.startswith(_ANTHROPIC_SIGNATURE) else ""
             # Anthropic checks every signature it is sent: only its own go back to it.
-            if signature or model.interface != "anthropic":
+            if signature and not signature.startswith(_GEMINI_SIGNATURE) or model.interface != "anthropic":
                 _append_anthropic(messages, "assistant", [{"type": "thinking", "thinking": _summary_text(item),
                                                            "signature": signature}])
         # Other items (web search and tool search calls, item references, shell tool calls)
@@ -3996,6 +4035,938 @@ def responses_stream_error(error_type: str, message: str) -> dict:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+# Wire formats, Gemini: Google's native Gemini API (generateContent, streamGenerateContent) to
+# and from the Anthropic shape, and through it the Chat and Responses shapes; bodies, answers,
+# streams and errors.
+# ═════════════════════════════════════════════════════════════════════════════════════════════
+
+# Gemini's API (https://ai.google.dev/api/generate-content) and the Anthropic shape carry the same
+# things: turns of parts (text, images, calls, results, thoughts), a system instruction, tools.
+# plano translates each way through the Anthropic shape, as it does for Chat and Responses, so a
+# Gemini client reaches every provider and every client reaches Gemini with two functions each.
+# What the Gemini API has its own way (read in recorded answers, FACTS.md §8):
+# - a function call has no id unless the client gave one; plano mints one, and a Gemini client's
+#   calls without ids are paired with their responses by name and order;
+# - `thoughtSignature` sits on a function-call part, a text part or an empty final part, and must
+#   go back on the next request. On a call it rides in the tool-use id (signed_tool_id, as for
+#   Gemini's OpenAI endpoint); elsewhere in a thinking block whose signature starts with
+#   _GEMINI_SIGNATURE (plano's own: never sent to Anthropic), which goes back on the next part;
+# - `finishReason` is STOP after a call too; `usageMetadata` is cumulative in a stream (the last
+#   one counts) and counts thoughts apart from the answer; a blocked prompt is an HTTP 200 with
+#   `promptFeedback.blockReason` and no candidates; MAX_TOKENS may come with no parts at all;
+# - a stream is SSE whose events end in `\r\n\r\n`, with no event that ends it: the chunk with a
+#   finishReason is the last.
+
+GEMINI_API_VERSION = "v1beta"
+
+# Gemini's finish reasons as Anthropic's stop reasons; the rest (OTHER, MALFORMED_FUNCTION_CALL,
+# UNEXPECTED_TOOL_CALL, …) end the turn.
+ANTHROPIC_STOP_FROM_GEMINI = {
+    "STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal", "RECITATION": "refusal",
+    "LANGUAGE": "refusal", "BLOCKLIST": "refusal", "PROHIBITED_CONTENT": "refusal", "SPII": "refusal",
+    "IMAGE_SAFETY": "refusal", "IMAGE_PROHIBITED_CONTENT": "refusal", "MODEL_ARMOR": "refusal"}
+GEMINI_FINISH_FROM_ANTHROPIC = {"end_turn": "STOP", "stop_sequence": "STOP", "tool_use": "STOP", "pause_turn": "STOP",
+                                "max_tokens": "MAX_TOKENS", "model_context_window_exceeded": "MAX_TOKENS",
+                                "refusal": "SAFETY"}
+
+# Gemini's thinking levels (Gemini 3) as Anthropic thinking budgets, Google's own figures for
+# Gemini 2.5's budgets; -1 is "dynamic" (the model decides).
+_GEMINI_THINKING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
+_GEMINI_DYNAMIC_BUDGET = 8192
+
+MAX_GEMINI_MODEL_NAME = 256  # characters of a model name in a Gemini URL (real ones are < 60)
+
+
+def gemini_error(error: Any, model_name: str) -> UpstreamError:
+    """A Gemini error object that came inside a stream (after its 200) as plano's error."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = error.get("code")
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 502
+    return UpstreamError(f"{model_name}: {str(error.get('message') or 'the provider failed the answer')[:2000]}",
+                         status=status, error_type=_error_type_for_status(status),
+                         retryable=status in (408, 429) or status >= 500)
+
+
+def gemini_url(base_url: str, model_id: str, stream: bool) -> str:
+    """Where a Gemini model answers: generateContent, or streamGenerateContent as SSE."""
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    return f"{base_url}/{GEMINI_API_VERSION}/models/{urllib.parse.quote(model_id, safe='')}:{method}"
+
+
+def gemini_call_of_path(path: str) -> tuple[str, str]:
+    """(model name, method) of a Gemini front-door path `/v1beta/models/{model}:{method}`. The name
+    is percent-decoded and may hold `/` (plano's names are `provider/model`); a name that is empty,
+    too long, holds a `..` segment, an encoded slash or backslash, or a control character is refused."""
+    rest = path[len(f"/{GEMINI_API_VERSION}/models/"):]
+    name, colon, method = rest.rpartition(":")
+    if not colon:
+        name, method = rest, ""
+    _require(name != "", "the model name in the path is empty")
+    _require(len(name) <= 3 * MAX_GEMINI_MODEL_NAME, "the model name in the path is too long")
+    _require(not re.search(r"%(2[fF]|5[cC])", name), "the model name in the path holds an encoded slash")
+    name = urllib.parse.unquote(name, errors="strict") if "%" in name else name
+    _require(len(name) <= MAX_GEMINI_MODEL_NAME, f"the model name in the path is longer than {MAX_GEMINI_MODEL_NAME}")
+    _require(not _UNPRINTABLE.search(name) and not re.search(r"\s", name),
+             "the model name in the path holds a control character or a space")
+    _require(".." not in name.split("/") and "\\" not in name, "the model name in the path holds a `..` segment")
+    return name.removeprefix("models/"), method
+
+
+# ── Gemini request → Anthropic request (the front door) ─────────────────────────────────────
+
+def _gemini_text_of(instruction: Any, where: str) -> str:
+    """The text of a systemInstruction: a Content ({parts: [{text}]}) or, as the SDKs accept, a string."""
+    if isinstance(instruction, str):
+        return instruction
+    _require(isinstance(instruction, dict), f"{where}: must be an object with `parts`")
+    parts = instruction.get("parts", [])
+    _require(isinstance(parts, list), f"{where}.parts: must be a list")
+    texts = []
+    for i, part in enumerate(parts):
+        _require(isinstance(part, dict), f"{where}.parts[{i}]: must be an object")
+        if "text" in part:
+            _require(isinstance(part["text"], str), f"{where}.parts[{i}].text: must be a string")
+            texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _gemini_media_block(part: dict, where: str) -> dict:
+    """An inlineData or fileData part as an Anthropic image or document block."""
+    if "inlineData" in part:
+        data = part["inlineData"]
+        _require(isinstance(data, dict) and isinstance(data.get("mimeType"), str) and isinstance(data.get("data"), str),
+                 f"{where}.inlineData: needs `mimeType` and `data` strings")
+        source = {"type": "base64", "media_type": data["mimeType"], "data": data["data"]}
+        mime = data["mimeType"]
+    else:
+        data = part["fileData"]
+        _require(isinstance(data, dict) and isinstance(data.get("fileUri"), str),
+                 f"{where}.fileData: needs a `fileUri` string")
+        source = {"type": "url", "url": data["fileUri"]}
+        mime = str(data.get("mimeType") or "")
+    if mime.startswith("text/") and source["type"] == "base64":
+        try:
+            text = base64.b64decode(source["data"], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(f"{where}.inlineData.data: a text/* part must be base64 of UTF-8 text") from None
+        return {"type": "text", "text": text}
+    return {"type": "image" if mime.startswith("image/") or not mime else "document", "source": source}
+
+
+def _gemini_function_response_block(part: dict, where: str, tool_id: str) -> dict:
+    response = part["functionResponse"]
+    result = response.get("response")
+    _require(result is None or isinstance(result, dict), f"{where}.functionResponse.response: must be an object")
+    result = result or {}
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_id}
+    # Google's convention: `output` holds the function's output, `error` its failure.
+    if set(result) == {"error"}:
+        block["is_error"] = True
+    if len(result) == 1 and isinstance(next(iter(result.values())), str):
+        block["content"] = next(iter(result.values()))
+    else:
+        block["content"] = json.dumps(result, ensure_ascii=False)
+    return block
+
+
+def _gemini_call_id(call: dict, position: str) -> str:
+    given = call.get("id")
+    return given if isinstance(given, str) and given else f"call_gemini_{position}"
+
+
+def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
+    """A Gemini generateContent request body as an Anthropic Messages body (without `model`, and
+    without `max_tokens` unless the client set maxOutputTokens: the upstream side fills those in).
+
+    Function calls without ids get ids from their place in `contents` (the same on every request of
+    a conversation), and a functionResponse without one answers the first call of that name (else
+    the first) of the model turn before it that has no answer yet."""
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
+    contents = body.get("contents")
+    _require(isinstance(contents, list) and contents, "contents: must be a non-empty list")
+    messages: list[dict] = []
+    unanswered: list[tuple[str, str]] = []  # (name, id) of the calls of the last model turn
+    for i, content in enumerate(contents):
+        where = f"contents[{i}]"
+        _require(isinstance(content, dict), f"{where}: must be an object")
+        role = content.get("role") or "user"
+        _require(role in ("user", "model", "function"), f"{where}.role: must be user or model")
+        parts = content.get("parts")
+        _require(isinstance(parts, list), f"{where}.parts: must be a list")
+        if role == "model":
+            blocks, unanswered = _gemini_model_parts(parts, where, i)
+            _append_anthropic(messages, "assistant", blocks)
+        else:
+            results, others = _gemini_user_parts(parts, where, i, unanswered)
+            if results and messages and messages[-1]["role"] == "user":
+                # Anthropic wants the tool results first in the user turn that follows the calls.
+                messages[-1]["content"][:0] = results
+                results = []
+            _append_anthropic(messages, "user", results + others)
+    out: dict[str, Any] = {"messages": messages}
+    if body.get("systemInstruction") is not None:
+        system = _gemini_text_of(body["systemInstruction"], "systemInstruction")
+        if system:
+            out["system"] = system
+    config = body.get("generationConfig")
+    _require(config is None or isinstance(config, dict), "generationConfig: must be an object")
+    out.update(_gemini_generation_config_to_anthropic(config or {}))
+    tools = body.get("tools")
+    _require(tools is None or isinstance(tools, list), "tools: must be a list")
+    declared = []
+    for i, tool in enumerate(tools or []):
+        _require(isinstance(tool, dict), f"tools[{i}]: must be an object")
+        functions = tool.get("functionDeclarations") or []
+        _require(isinstance(functions, list), f"tools[{i}].functionDeclarations: must be a list")
+        for j, function in enumerate(functions):
+            declared.append(_gemini_function_to_anthropic(function, f"tools[{i}].functionDeclarations[{j}]"))
+        # Google's hosted tools (googleSearch, codeExecution, urlContext) run only at Google.
+    if declared:
+        out["tools"] = declared
+        choice = _gemini_tool_config_to_anthropic(body.get("toolConfig"))
+        if choice:
+            out["tool_choice"] = choice
+    if stream:
+        out["stream"] = True
+    return out
+
+
+def _gemini_model_parts(parts: list, where: str, turn: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    blocks: list[dict] = []
+    calls: list[tuple[str, str]] = []
+    for j, part in enumerate(parts):
+        at = f"{where}.parts[{j}]"
+        _require(isinstance(part, dict), f"{at}: must be an object")
+        blocks.extend(thinking_from_gemini_signature(part.get("thoughtSignature")))
+        if "functionCall" in part:
+            call = part["functionCall"]
+            _require(isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"],
+                     f"{at}.functionCall: needs a `name` string")
+            arguments = call.get("args")
+            _require(arguments is None or isinstance(arguments, dict), f"{at}.functionCall.args: must be an object")
+            tool_id = _gemini_call_id(call, f"{turn}_{j}")
+            calls.append((call["name"], tool_id))
+            blocks.append({"type": "tool_use", "id": tool_id, "name": call["name"], "input": arguments or {}})
+        elif "text" in part:
+            _require(isinstance(part["text"], str), f"{at}.text: must be a string")
+            if part.get("thought") is True:
+                continue  # a thought summary: what the model thought, not input for the next turn
+            blocks.append({"type": "text", "text": part["text"]})
+        elif "inlineData" in part or "fileData" in part:
+            blocks.append({"type": "text", "text": "[a file the model produced]"})
+        elif "executableCode" in part or "codeExecutionResult" in part:
+            item = part.get("executableCode") or part.get("codeExecutionResult")
+            text = item.get("code") or item.get("output") if isinstance(item, dict) else None
+            if isinstance(text, str) and text:
+                blocks.append({"type": "text", "text": text})
+    return blocks, calls
+
+
+def _gemini_user_parts(parts: list, where: str, turn: int,
+                       unanswered: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+    """(tool results, other blocks) of a user turn; `unanswered` loses the calls answered here."""
+    results: list[dict] = []
+    others: list[dict] = []
+    for j, part in enumerate(parts):
+        at = f"{where}.parts[{j}]"
+        _require(isinstance(part, dict), f"{at}: must be an object")
+        if "functionResponse" in part:
+            response = part["functionResponse"]
+            _require(isinstance(response, dict) and isinstance(response.get("name"), str),
+                     f"{at}.functionResponse: needs a `name` string")
+            given = response.get("id")
+            if isinstance(given, str) and given:
+                tool_id = given
+                unanswered[:] = [c for c in unanswered if c[1] != given]
+            else:
+                match = next((c for c in unanswered if c[0] == response["name"]), unanswered[0] if unanswered else None)
+                if match is not None:
+                    unanswered.remove(match)
+                tool_id = match[1] if match is not None else f"call_gemini_{turn}_{j}"
+            results.append(_gemini_function_response_block(part, at, tool_id))
+        elif "text" in part:
+            _require(isinstance(part["text"], str), f"{at}.text: must be a string")
+            others.append({"type": "text", "text": part["text"]})
+        elif "inlineData" in part or "fileData" in part:
+            others.append(_gemini_media_block(part, at))
+        elif "functionCall" in part:
+            raise RequestError(f"{at}: a functionCall belongs in a `model` turn")
+    return results, others
+
+
+def _gemini_generation_config_to_anthropic(config: dict) -> dict:
+    out: dict[str, Any] = {}
+    if config.get("maxOutputTokens") is not None:
+        given = config["maxOutputTokens"]
+        _require(isinstance(given, int) and not isinstance(given, bool) and given > 0,
+                 "generationConfig.maxOutputTokens: must be a positive integer")
+        out["max_tokens"] = given
+    for name, key in (("temperature", "temperature"), ("topP", "top_p"), ("topK", "top_k")):
+        if config.get(name) is not None:
+            _require_number(config[name], f"generationConfig.{name}")
+            out[key] = config[name]
+    stop = config.get("stopSequences")
+    if stop:
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "generationConfig.stopSequences: must be a list of strings")
+        out["stop_sequences"] = stop
+    count = config.get("candidateCount")
+    _require(count in (None, 1), "generationConfig.candidateCount: plano answers with one candidate")
+    thinking = config.get("thinkingConfig")
+    _require(thinking is None or isinstance(thinking, dict), "generationConfig.thinkingConfig: must be an object")
+    budget = _gemini_thinking_budget(thinking or {})
+    if budget:
+        out["thinking"] = {"type": "enabled", "budget_tokens": max(budget, 1024)}  # Anthropic's minimum
+    return out
+
+
+def _gemini_thinking_budget(thinking: dict) -> int:
+    """The thinking budget a Gemini thinkingConfig asks for; 0 for none."""
+    budget, level = thinking.get("thinkingBudget"), thinking.get("thinkingLevel")
+    if budget is not None:
+        _require(isinstance(budget, int) and not isinstance(budget, bool),
+                 "generationConfig.thinkingConfig.thinkingBudget: must be an integer")
+        return _GEMINI_DYNAMIC_BUDGET if budget < 0 else budget
+    if isinstance(level, str) and level.lower() in _GEMINI_THINKING_BUDGET:
+        return _GEMINI_THINKING_BUDGET[level.lower()]
+    return 0
+
+
+def _gemini_function_to_anthropic(function: Any, where: str) -> dict:
+    _require(isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"],
+             f"{where}: needs a `name` string")
+    schema = function.get("parametersJsonSchema")
+    if schema is None and function.get("parameters") is not None:
+        schema = json_schema_from_gemini(function["parameters"])
+    schema = schema if schema is not None else {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict), f"{where}.parameters: must be an object")
+    tool = {"name": function["name"], "input_schema": schema}
+    if isinstance(function.get("description"), str):
+        tool["description"] = function["description"]
+    return tool
+
+
+def json_schema_from_gemini(schema: Any) -> Any:
+    """Gemini's OpenAPI-style Schema (`parameters`: upper-case types such as OBJECT, `nullable`) as
+    the JSON Schema the other APIs take."""
+    if isinstance(schema, list):
+        return [json_schema_from_gemini(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, str):
+            out[key] = value.lower()
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: json_schema_from_gemini(s) for name, s in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "additionalProperties", "not"):
+            out[key] = json_schema_from_gemini(value)
+        elif key not in ("nullable", "propertyOrdering"):
+            out[key] = value
+    if schema.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def _gemini_tool_config_to_anthropic(config: Any) -> dict | None:
+    if config is None:
+        return None
+    _require(isinstance(config, dict), "toolConfig: must be an object")
+    calling = config.get("functionCallingConfig")
+    if calling is None:
+        return None
+    _require(isinstance(calling, dict), "toolConfig.functionCallingConfig: must be an object")
+    mode = calling.get("mode", "AUTO")
+    allowed = calling.get("allowedFunctionNames")
+    if mode == "ANY" and isinstance(allowed, list) and len(allowed) == 1 and isinstance(allowed[0], str):
+        return {"type": "tool", "name": allowed[0]}
+    choice = {"AUTO": "auto", "VALIDATED": "auto", "ANY": "any", "NONE": "none", "MODE_UNSPECIFIED": "auto"}.get(mode)
+    _require(choice is not None, "toolConfig.functionCallingConfig.mode: must be AUTO, ANY, NONE or VALIDATED")
+    return {"type": choice}
+
+
+# ── thought signatures an Anthropic client carries ─────────────────────────────────────────
+
+def gemini_signature_block(signature: str) -> dict:
+    """A Gemini thought signature as the thinking block an Anthropic client keeps and sends back."""
+    return {"type": "thinking", "thinking": "", "signature": _GEMINI_SIGNATURE + signature}
+
+
+def gemini_signature_of(block: dict) -> str | None:
+    signature = block.get("signature")
+    if isinstance(signature, str) and signature.startswith(_GEMINI_SIGNATURE):
+        return signature[len(_GEMINI_SIGNATURE):] or None
+    return None
+
+
+# A Gemini client keeps only `thoughtSignature` (opaque base64 bytes) of what an answer carried.
+# The thinking blocks an Anthropic upstream signs must go back to it on the next request of a tool
+# loop (it refuses a thinking request whose last turn does not start with them), so they ride in
+# the signature of the part after them: base64 of this mark and the blocks as JSON. The SDKs
+# decode and re-encode signatures (the Python one in URL-safe base64), so both alphabets are read.
+_CARRIED_THINKING = b"plano-anthropic-thinking\n"
+
+
+def gemini_signature_carrying(blocks: list[dict]) -> str:
+    kept = [{k: b[k] for k in ("type", "thinking", "signature", "data") if k in b} for b in blocks]
+    return base64.b64encode(_CARRIED_THINKING + _json_bytes(kept)).decode()
+
+
+def thinking_from_gemini_signature(signature: Any) -> list[dict]:
+    """The Anthropic thinking blocks a thoughtSignature carries ([] for Gemini's own signatures)."""
+    if not isinstance(signature, str) or len(signature) < 36:
+        return []
+    try:
+        raw = base64.b64decode(signature.replace("-", "+").replace("_", "/") + "=" * (-len(signature) % 4))
+    except ValueError:
+        return []
+    if not raw.startswith(_CARRIED_THINKING):
+        return []
+    try:
+        blocks = parse_json(raw[len(_CARRIED_THINKING):], unique_keys=False)
+    except ValueError:
+        return []
+    return [b for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
+        if isinstance(blocks, list) else []
+
+
+# ── Anthropic request → Gemini request (the gemini provider interface) ──────────────────────
+
+def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
+    """An Anthropic Messages request body as a Gemini generateContent body for `model`."""
+    _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
+    messages = body.get("messages")
+    _require(isinstance(messages, list), "messages: must be a list")
+    names: dict[str, str] = {}  # tool_use id → function name (a functionResponse names its function)
+    contents: list[dict] = []
+    for i, message in enumerate(messages):
+        role, parts = _anthropic_message_to_gemini(message, f"messages[{i}]", names)
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    out: dict[str, Any] = {"contents": contents}
+    system = _text_of(body.get("system"), "system") if body.get("system") is not None else ""
+    if system:
+        out["systemInstruction"] = {"parts": [{"text": system}]}
+    tools = body.get("tools")
+    _require(tools is None or isinstance(tools, list), "tools: must be a list")
+    declarations = []
+    for i, tool in enumerate(tools or []):
+        converted = _anthropic_tool_to_openai(tool, f"tools[{i}]")
+        if converted is not None:
+            function = converted["function"]
+            declaration = {"name": function["name"], "parametersJsonSchema": function["parameters"]}
+            if function.get("description"):
+                declaration["description"] = function["description"]
+            declarations.append(declaration)
+    if declarations:
+        out["tools"] = [{"functionDeclarations": declarations}]
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict):
+            mode = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}.get(choice.get("type"))
+            _require(mode is not None, "tool_choice.type: must be auto, any, tool or none")
+            calling: dict[str, Any] = {"mode": mode}
+            if choice.get("type") == "tool":
+                _require(isinstance(choice.get("name"), str), "tool_choice.name: must be a string")
+                calling["allowedFunctionNames"] = [choice["name"]]
+            out["toolConfig"] = {"functionCallingConfig": calling}
+    config: dict[str, Any] = {}
+    if body.get("max_tokens") is not None:
+        config["maxOutputTokens"] = _capped_max_tokens(body["max_tokens"], model, "max_tokens")
+    for key, name in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        if body.get(key) is not None:
+            _require_number(body[key], key)
+            config[name] = body[key]
+    stop = body.get("stop_sequences")
+    if stop:
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "stop_sequences: must be a list of strings")
+        config["stopSequences"] = stop[:5]  # Gemini takes at most five
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        budget = thinking.get("budget_tokens")
+        config["thinkingConfig"] = {"includeThoughts": True, **(
+            {"thinkingBudget": budget} if isinstance(budget, int) and not isinstance(budget, bool) else {})}
+    elif isinstance(thinking, dict) and thinking.get("type") == "disabled":
+        config["thinkingConfig"] = {"includeThoughts": False}
+    if config:
+        out["generationConfig"] = config
+    return out
+
+
+def _anthropic_message_to_gemini(message: Any, where: str, names: dict[str, str]) -> tuple[str, list[dict]]:
+    _require(isinstance(message, dict), f"{where}: must be an object")
+    role, content = message.get("role"), message.get("content")
+    _require(role in ("user", "assistant", "system"), f"{where}.role: must be user, assistant or system")
+    gemini_role = "model" if role == "assistant" else "user"
+    if role == "system" or isinstance(content, str):  # Gemini has no system turn: the text goes as the user's
+        text = _text_of(content, f"{where}.content")
+        return gemini_role, [{"text": text}] if text else []
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
+    if role == "assistant":
+        return gemini_role, _anthropic_assistant_to_gemini(content, where, names)
+    results: list[dict] = []
+    parts: list[dict] = []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        kind = block.get("type")
+        if kind == "tool_result":
+            tool_use_id, text, images = _anthropic_tool_result(block, at)
+            call_id, _ = split_signed_tool_id(tool_use_id)
+            response = {"error": text} if block.get("is_error") is True else {"output": text}
+            results.append({"functionResponse": {"id": call_id, "name": names.get(tool_use_id, names.get(call_id, "")),
+                                                 "response": response}})
+            parts.extend(_gemini_part_from_openai_image(image) for image in images)
+        elif kind == "text":
+            _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
+            if block["text"]:
+                parts.append({"text": block["text"]})
+        elif kind in ("image", "document"):
+            source = block.get("source")
+            _require(isinstance(source, dict), f"{at}.source: must be an object")
+            if source.get("type") == "text":
+                parts.append({"text": str(source.get("data", ""))})
+            else:
+                default_mime = "image/png" if kind == "image" else "application/pdf"
+                parts.append(_gemini_part_from_source(source, at, default_mime))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise RequestError(f"{at}.type: unsupported content block type {kind!r} in a user message")
+    return gemini_role, results + parts  # Gemini wants a turn's function responses first, as Anthropic does
+
+
+def _gemini_part_from_source(source: dict, where: str, default_mime: str) -> dict:
+    if source.get("type") == "base64":
+        _require(isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str),
+                 f"{where}.source: base64 needs `media_type` and `data` strings")
+        return {"inlineData": {"mimeType": source["media_type"], "data": source["data"]}}
+    _require(source.get("type") == "url" and isinstance(source.get("url"), str),
+             f"{where}.source.type: must be `base64` or `url`")
+    return {"fileData": {"mimeType": default_mime, "fileUri": source["url"]}}
+
+
+def _gemini_part_from_openai_image(image: dict) -> dict:
+    source = _source_from_image_url(image["image_url"]["url"], "tool_result image")
+    return _gemini_part_from_source(source, "tool_result image", "image/png")
+
+
+def _anthropic_assistant_to_gemini(content: list, where: str, names: dict[str, str]) -> list[dict]:
+    """An assistant turn's parts. A thinking block plano made from a Gemini signature puts that
+    signature on the part after it (or on an empty text part at the end, where Gemini put it);
+    thinking of another provider means nothing to Gemini."""
+    parts: list[dict] = []
+    waiting: str | None = None  # a signature for the next part
+
+    def signed(part: dict, signature: str | None) -> dict:
+        return dict(part, thoughtSignature=signature) if signature else part
+
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        _require(isinstance(block, dict), f"{at}: must be an object")
+        kind = block.get("type")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), f"{at}.text: must be a string")
+            if block["text"] or waiting:
+                parts.append(signed({"text": block["text"]}, waiting))
+                waiting = None
+        elif kind == "thinking":
+            signature = gemini_signature_of(block)
+            if signature:
+                if waiting:
+                    parts.append(signed({"text": ""}, waiting))
+                waiting = signature
+        elif kind == "tool_use":
+            _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                     f"{at}: tool_use needs string `id` and `name`")
+            call_id, signature = split_signed_tool_id(block["id"])
+            names[block["id"]] = names[call_id] = block["name"]
+            arguments = block.get("input", {})
+            _require(isinstance(arguments, dict), f"{at}.input: must be an object")
+            parts.append(signed({"functionCall": {"id": call_id, "name": block["name"], "args": arguments}},
+                                signature or waiting))
+            waiting = None
+        elif kind in ("redacted_thinking", "server_tool_use", "web_search_tool_result"):
+            continue  # only meaningful to Anthropic
+        else:
+            raise RequestError(f"{at}.type: unsupported content block type {kind!r} in an assistant message")
+    if waiting:
+        parts.append(signed({"text": ""}, waiting))
+    return parts
+
+
+# ── answers ────────────────────────────────────────────────────────────────────────────────
+
+def gemini_usage_to_anthropic(usage: Any) -> dict:
+    """Gemini's usageMetadata as Anthropic's usage: the prompt count includes cached content (read
+    apart, as Anthropic counts it) and tool-use prompts; thoughts are output, as Anthropic's thinking is."""
+    if not isinstance(usage, dict):
+        return {}
+    prompt = _token_count(usage.get("promptTokenCount")) + _token_count(usage.get("toolUsePromptTokenCount"))
+    cached = _token_count(usage.get("cachedContentTokenCount"))
+    output = _token_count(usage.get("candidatesTokenCount")) + _token_count(usage.get("thoughtsTokenCount"))
+    return {"input_tokens": max(prompt - cached, 0), "output_tokens": output,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def gemini_thoughts_tokens(usage: Any) -> int | None:
+    tokens = _usage_field(usage, "thoughtsTokenCount")
+    return tokens if _is_token_count(tokens) else None
+
+
+def unusable_gemini_counts(answer: Any) -> list[str]:
+    """The token counts of a Gemini answer's usageMetadata that are not counts (see MAX_TOKEN_COUNT)."""
+    usage = answer.get("usageMetadata") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return []
+    return [f"usageMetadata.{name}={json.dumps(value)[:40]}" for name, value in usage.items()
+            if name.endswith("Count") and value is not None and not _is_token_count(value)]
+
+
+def _anthropic_usage_to_gemini(usage: Any) -> dict:
+    prompt, cached, output = _openai_counts_from_anthropic(usage)
+    out = {"promptTokenCount": prompt, "candidatesTokenCount": output, "totalTokenCount": prompt + output}
+    if cached:
+        out["cachedContentTokenCount"] = cached
+    return out
+
+
+def _gemini_candidate(answer: dict) -> dict:
+    candidates = answer.get("candidates")
+    first = candidates[0] if isinstance(candidates, list) and candidates else {}
+    return first if isinstance(first, dict) else {}
+
+
+def _gemini_parts(candidate: dict) -> list[dict]:
+    content = candidate.get("content")
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+def _gemini_stop_reason(finish: Any, called_tools: bool, blocked: bool) -> str:
+    if blocked:
+        return "refusal"
+    stop = ANTHROPIC_STOP_FROM_GEMINI.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return "tool_use" if called_tools and stop == "end_turn" else stop
+
+
+def _gemini_blocked(answer: dict) -> bool:
+    feedback = answer.get("promptFeedback")
+    return isinstance(feedback, dict) and bool(feedback.get("blockReason")) and not answer.get("candidates")
+
+
+def _gemini_call_block(part: dict) -> dict:
+    call = part["functionCall"] if isinstance(part.get("functionCall"), dict) else {}
+    arguments = call.get("args") if isinstance(call.get("args"), dict) else {}
+    call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else _new_id("toolu")
+    signature = part.get("thoughtSignature") if isinstance(part.get("thoughtSignature"), str) else None
+    return {"type": "tool_use", "id": signed_tool_id(call_id, signature), "name": str(call.get("name") or ""),
+            "input": arguments}
+
+
+def gemini_response_to_anthropic(response: dict, requested_model: str) -> dict:
+    """A Gemini generateContent answer as an Anthropic Messages response."""
+    candidate = _gemini_candidate(response)
+    content: list[dict] = []
+    for part in _gemini_parts(candidate):
+        signature = part.get("thoughtSignature") if isinstance(part.get("thoughtSignature"), str) else None
+        if "functionCall" in part:
+            content.append(_gemini_call_block(part))
+            continue
+        text = part.get("text") if isinstance(part.get("text"), str) else ""
+        if part.get("thought") is True:
+            if content and content[-1]["type"] == "thinking" and not gemini_signature_of(content[-1]):
+                content[-1]["thinking"] += text
+            else:
+                content.append({"type": "thinking", "thinking": text, "signature": ""})
+            if signature:
+                content[-1]["signature"] = _GEMINI_SIGNATURE + signature
+            continue
+        if signature:
+            content.append(gemini_signature_block(signature))
+        if text:
+            if content and content[-1]["type"] == "text":
+                content[-1]["text"] += text
+            else:
+                content.append({"type": "text", "text": text})
+    stop = _gemini_stop_reason(candidate.get("finishReason"), any(b["type"] == "tool_use" for b in content),
+                               _gemini_blocked(response))
+    usage = gemini_usage_to_anthropic(response.get("usageMetadata")) or {"input_tokens": 0, "output_tokens": 0}
+    return {"id": "msg_" + str(response.get("responseId") or _new_id("")), "type": "message", "role": "assistant",
+            "model": requested_model, "content": content, "stop_reason": stop, "stop_sequence": None,
+            "usage": usage}
+
+
+def _gemini_answer_chunk(parts: list[dict], model: str, response_id: str, finish: str | None = None,
+                         usage: dict | None = None) -> dict:
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    chunk: dict[str, Any] = {"candidates": [candidate]}
+    if usage is not None:
+        chunk["usageMetadata"] = usage
+    chunk["modelVersion"] = model
+    chunk["responseId"] = response_id
+    return chunk
+
+
+def anthropic_response_to_gemini(response: dict, requested_model: str) -> dict:
+    """An Anthropic Messages response as a Gemini generateContent answer."""
+    parts: list[dict] = []
+    thinking: list[dict] = []  # Anthropic-signed thinking, carried in the next part's signature
+    for block in response.get("content") or []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ("thinking", "redacted_thinking"):
+            if kind == "thinking" and block.get("thinking"):
+                parts.append({"text": str(block["thinking"]), "thought": True})
+            if block.get("signature") or kind == "redacted_thinking":
+                thinking.append(block)
+            continue
+        if kind == "text":
+            part: dict[str, Any] = {"text": str(block.get("text", ""))}
+        elif kind == "tool_use":
+            call_id, _ = split_signed_tool_id(str(block.get("id")))
+            arguments = block.get("input") if isinstance(block.get("input"), dict) else {}
+            part = {"functionCall": {"id": call_id, "name": str(block.get("name")), "args": arguments}}
+        else:
+            continue
+        if thinking:
+            part["thoughtSignature"] = gemini_signature_carrying(thinking)
+            thinking = []
+        parts.append(part)
+    if thinking:
+        parts.append({"text": "", "thoughtSignature": gemini_signature_carrying(thinking)})
+    finish = GEMINI_FINISH_FROM_ANTHROPIC.get(response.get("stop_reason"), "STOP")
+    return _gemini_answer_chunk(parts, requested_model, str(response.get("id") or _new_id("")), finish,
+                                _anthropic_usage_to_gemini(response.get("usage")))
+
+
+# ── streams ────────────────────────────────────────────────────────────────────────────────
+
+class GeminiToAnthropicStream:
+    """Feed Gemini stream chunks (each a whole GenerateContentResponse), get Anthropic stream
+    events back (name, data). A chunk's parts are whole (a function call comes with all its
+    arguments); its usageMetadata counts everything so far."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.writer = AnthropicEventWriter(model)
+        self.finish_reason: str | None = None
+        self.blocked = False
+        self.usage_metadata: dict | None = None
+        self.chunks = 0
+
+    def feed(self, chunk: Any) -> list[tuple[str, dict]]:
+        if not isinstance(chunk, dict):
+            raise StreamTranslationError("stream chunk is not a JSON object")
+        if chunk.get("error"):
+            raise gemini_error(chunk["error"], self.model)
+        self.chunks += 1
+        events = self.writer.start()
+        if isinstance(chunk.get("usageMetadata"), dict):
+            self.usage_metadata = chunk["usageMetadata"]
+        if _gemini_blocked(chunk):
+            self.blocked = True
+        candidate = _gemini_candidate(chunk)
+        for part in _gemini_parts(candidate):
+            signature = part.get("thoughtSignature") if isinstance(part.get("thoughtSignature"), str) else None
+            if "functionCall" in part:
+                block = _gemini_call_block(part)
+                events += self.writer.tool_use(block["id"], block["name"])
+                events.append(self.writer.tool_input(json.dumps(block["input"], ensure_ascii=False)))
+                continue
+            text = part.get("text") if isinstance(part.get("text"), str) else ""
+            if part.get("thought") is True:
+                if text:
+                    events += self.writer.thinking(text)
+                if signature:
+                    events += self.writer.signature(_GEMINI_SIGNATURE + signature)
+                    events += self.writer.close()  # a signed thought is whole
+                continue
+            if signature:
+                events += self.writer.close() + self.writer.signature(_GEMINI_SIGNATURE + signature) \
+                    + self.writer.close()
+            if text:
+                events += self.writer.text(text)
+        if isinstance(candidate.get("finishReason"), str):
+            self.finish_reason = candidate["finishReason"]
+        return events
+
+    @property
+    def usage(self) -> dict:
+        return gemini_usage_to_anthropic(self.usage_metadata)
+
+    def finish(self) -> list[tuple[str, dict]]:
+        """The body ended: Gemini has no closing event, its last chunk carries a finishReason."""
+        if self.writer.finished:
+            return []
+        if self.finish_reason is None and not self.blocked:
+            raise _stream_ended_early("its last chunk (with a finishReason)")
+        stop = _gemini_stop_reason(self.finish_reason, self.writer.saw_tool_use, self.blocked)
+        return self.writer.start() + self.writer.end(stop, self.usage or {"input_tokens": 0, "output_tokens": 0})
+
+
+class AnthropicToGeminiStream:
+    """Feed Anthropic stream events, get Gemini stream chunks back (dicts). Text and thoughts go
+    out as they come; a tool call goes out whole when its block closes (Gemini's calls are whole);
+    the last chunk carries the finishReason and the usage."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.response_id = _new_id("")
+        self.usage: dict = {}
+        self.block: dict | None = None  # the open block: its type, and a tool call's id, name, input
+        self.thinking: list[dict] = []  # Anthropic-signed thinking, for the next part's signature
+        self.stop_reason: str | None = None
+        self.finished = False
+
+    def _chunk(self, part: dict) -> list[dict]:
+        if self.thinking and not part.get("thought"):
+            part = dict(part, thoughtSignature=gemini_signature_carrying(self.thinking))
+            self.thinking = []
+        return [_gemini_answer_chunk([part], self.model, self.response_id)]
+
+    def feed(self, event: str | None, data: dict) -> list[dict]:
+        kind = _event_kind(event, data)
+        if kind == "message_start":
+            message = data.get("message") if isinstance(data.get("message"), dict) else {}
+            self.usage.update(_anthropic_usage(message.get("usage")))
+            return []
+        if kind == "content_block_start":
+            block = data.get("content_block") if isinstance(data.get("content_block"), dict) else {}
+            self.block = {"type": block.get("type"), "id": block.get("id"), "name": block.get("name"), "input": "",
+                          "thinking": "", "signature": "", "data": block.get("data")}
+            if block.get("type") == "text" and block.get("text"):
+                return self._chunk({"text": block["text"]})
+            return []
+        if kind == "content_block_delta" and self.block is not None:
+            delta = data.get("delta") if isinstance(data.get("delta"), dict) else {}
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                return self._chunk({"text": str(delta["text"])})
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                self.block["thinking"] += str(delta["thinking"])
+                return self._chunk({"text": str(delta["thinking"]), "thought": True})
+            if delta.get("type") == "signature_delta":
+                self.block["signature"] += str(delta.get("signature") or "")
+            elif delta.get("type") == "input_json_delta":
+                self.block["input"] += str(delta.get("partial_json") or "")
+            return []
+        if kind == "content_block_stop" and self.block is not None:
+            block, self.block = self.block, None
+            if block["type"] == "tool_use":
+                call_id, _ = split_signed_tool_id(str(block["id"]))
+                return self._chunk({"functionCall": {"id": call_id, "name": str(block["name"]),
+                                                     "args": _json_arguments(block["input"])}})
+            if block["type"] == "thinking" and block["signature"]:
+                self.thinking.append({"type": "thinking", "thinking": block["thinking"],
+                                      "signature": block["signature"]})
+            elif block["type"] == "redacted_thinking":
+                self.thinking.append({"type": "redacted_thinking", "data": block["data"]})
+            return []
+        if kind == "message_delta":
+            self.usage.update(_anthropic_usage(data.get("usage")))
+            self.stop_reason = (data.get("delta") or {}).get("stop_reason") or "end_turn"
+            return []
+        if kind == "message_stop":
+            return self.finish()
+        if kind == "error":
+            raise _anthropic_error_event(data)
+        return []
+
+    def finish(self) -> list[dict]:
+        if self.finished:
+            return []
+        if self.stop_reason is None:
+            raise _stream_ended_early()
+        self.finished = True
+        part: dict[str, Any] = {"text": ""}
+        if self.thinking:
+            part["thoughtSignature"] = gemini_signature_carrying(self.thinking)
+        return [_gemini_answer_chunk([part], self.model, self.response_id,
+                                     GEMINI_FINISH_FROM_ANTHROPIC.get(self.stop_reason, "STOP"),
+                                     _anthropic_usage_to_gemini(self.usage))]
+
+
+class GeminiStreamChain:
+    """A stream translation with a Gemini end, through the Anthropic shape: Gemini → Anthropic
+    (→ Chat or Responses), or (Chat or Responses →) Anthropic → Gemini. Feed one upstream event
+    (its name and data; None for Chat's `[DONE]`), get the client's items back: (event name, data)
+    pairs for Anthropic and Responses clients, Chat chunks, or Gemini chunks."""
+
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
+                 tools: Mapping[str, CodexTool] | None = None):
+        self.first: Any = None  # upstream → Anthropic events (None: the upstream speaks Anthropic)
+        self.second: Any = None  # Anthropic events → client (None: the client speaks Anthropic)
+        if upstream_format == "gemini":
+            self.first = GeminiToAnthropicStream(model)
+            if client_format == "openai":
+                self.second = AnthropicToOpenAIStream(model, include_usage)
+            elif client_format == "responses":
+                self.second = AnthropicToResponsesStream(model, tools)
+        else:
+            if upstream_format == "openai":
+                self.first = OpenAIToAnthropicStream(model)
+            elif upstream_format == "responses":
+                self.first = ResponsesToAnthropicStream(model, "signature")
+            self.second = AnthropicToGeminiStream(model)
+
+    def feed(self, event: str | None, data: Any) -> list[Any]:
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return self._through(self.first.finish() if data is None else self.first.feed(data))
+        if data is None:
+            return []
+        if isinstance(self.first, GeminiToAnthropicStream):
+            return self._through(self.first.feed(data))
+        return self._through(self.first.feed(event, data) if self.first is not None else [(event, data)])
+
+    def finish(self) -> list[Any]:
+        out = self._through(self.first.finish()) if self.first is not None else []
+        return out + (self.second.finish() if self.second is not None else [])
+
+    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
+        if self.second is None:
+            return events
+        out: list[Any] = []
+        for name, data in events:
+            out += self.second.feed(name, data)
+        if isinstance(self.first, GeminiToAnthropicStream) and isinstance(self.second, AnthropicToOpenAIStream):
+            for chunk in out:  # Chat's usage has a field for the thinking tokens
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens or 0}
+        return out
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.first, GeminiToAnthropicStream):
+            return gemini_thoughts_tokens(self.first.usage_metadata)
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.reasoning_tokens if self.first.finished else None
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.first.usage)
+        return None
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        if isinstance(self.first, GeminiToAnthropicStream):
+            return self.first.usage
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.usage or {}
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_usage_to_anthropic(self.first.usage) if self.first.usage else {}
+        return dict(self.second.usage)
+
+
+def encode_gemini_sse(chunk: dict) -> bytes:
+    """One Gemini stream chunk as Google frames it: `data: {json}` and a blank line, in CRLFs."""
+    return b"data: " + _json_bytes(chunk) + b"\r\n\r\n"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════
 # Wire formats, streams end to end: one upstream stream as the bytes its client gets, through
 # the stream machine its pair of formats needs (or passed through).
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -4019,8 +4990,11 @@ class StreamTranslator:
         self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
-        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | None = None
-        if "responses" in (upstream_format, client_format) and upstream_format != client_format:
+        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | GeminiStreamChain \
+            | None = None
+        if "gemini" in (upstream_format, client_format) and upstream_format != client_format:
+            self.machine = GeminiStreamChain(upstream_format, client_format, model, include_usage, tools)
+        elif "responses" in (upstream_format, client_format) and upstream_format != client_format:
             # `tools`: a Responses client's custom and namespaced tools, to map calls back to
             self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage, tools)
         elif upstream_format != client_format:
@@ -4032,6 +5006,7 @@ class StreamTranslator:
         self._passthrough_usage: dict = {}
         self._passthrough_openai_usage: Any = None  # as the provider sent it, for its reasoning tokens
         self._passthrough_responses_reasoning: int | None = None
+        self._passthrough_gemini_thoughts: int | None = None
         self.unusable_usage: list[str] = []  # the provider's token counts that were not (for the log)
         self._unended = bytearray()  # passthrough: the provider's bytes of an event that has not ended yet
         self._forwarded = 0  # passthrough: how many of the provider's bytes have gone on (or been dropped)
@@ -4095,7 +5070,7 @@ class StreamTranslator:
         """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
         if isinstance(self.machine, OpenAIToAnthropicStream):
             return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
-        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain)):
+        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain, GeminiStreamChain)):
             return self.machine.usage
         return self._passthrough_usage
 
@@ -4103,10 +5078,12 @@ class StreamTranslator:
     def reasoning_tokens(self) -> int | None:
         if isinstance(self.machine, OpenAIToAnthropicStream):
             return _openai_reasoning_tokens(self.machine.usage)
-        if isinstance(self.machine, ResponsesStreamChain):
+        if isinstance(self.machine, (ResponsesStreamChain, GeminiStreamChain)):
             return self.machine.reasoning_tokens
         if self.upstream_format == "responses" and self.machine is None:
             return self._passthrough_responses_reasoning
+        if self.upstream_format == "gemini" and self.machine is None:
+            return self._passthrough_gemini_thoughts
         return _openai_reasoning_tokens(self._passthrough_openai_usage) if self.machine is None else None
 
     def _translate(self, events: list[SSEEvent]) -> bytes:
@@ -4121,20 +5098,23 @@ class StreamTranslator:
                     out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
                 elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
                     out += self._encode(self.machine.feed(event.event, data))
-                elif isinstance(self.machine, ResponsesStreamChain):
+                elif isinstance(self.machine, (ResponsesStreamChain, GeminiStreamChain)):
                     out += self._encode(self.machine.feed(event.event, data))
             except Exception as failure:  # a bug too: the events before it still go out first
                 self.failure = failure
         return out
 
     def _encode(self, items: list[Any]) -> bytes:
+        if self.client_format == "gemini":
+            return b"".join(encode_gemini_sse(item) for item in items)
         if self.client_format in ("anthropic", "responses"):
             return b"".join(encode_sse(data, name) for name, data in items)
         return b"".join(encode_sse(item) for item in items)
 
     def _check_usage(self, data: Any) -> None:
         if len(self.unusable_usage) < 8:  # what the log line shows; a stream may repeat them in every event
-            self.unusable_usage += unusable_token_counts(data)[:8 - len(self.unusable_usage)]
+            found = unusable_gemini_counts(data) if self.upstream_format == "gemini" else unusable_token_counts(data)
+            self.unusable_usage += found[:8 - len(self.unusable_usage)]
 
     @staticmethod
     def _json(event: SSEEvent) -> Any:
@@ -4167,6 +5147,13 @@ class StreamTranslator:
                 # streams after the usage chunk without ever sending [DONE], as the translation
                 # to Anthropic already accepts.
                 self.complete = True
+            return
+        if self.upstream_format == "gemini":
+            if isinstance(data.get("usageMetadata"), dict):  # cumulative: the last one counts
+                self._passthrough_usage = gemini_usage_to_anthropic(data["usageMetadata"])
+                self._passthrough_gemini_thoughts = gemini_thoughts_tokens(data["usageMetadata"])
+            if data.get("error") or _gemini_blocked(data) or _gemini_candidate(data).get("finishReason"):
+                self.complete = True  # Gemini's last chunk: it has no closing event
             return
         if self.upstream_format == "responses":
             if data.get("type") in ("response.completed", "response.incomplete", "response.failed", "error"):
@@ -4212,7 +5199,16 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
     if model.access_key is None and model.spec.auth != "none" and model.key_env:
         raise ProviderKeyError(f"{model.name} needs an API key: ${model.key_env} is not set "
                                f"(export it or put it in .env beside the config)")
-    if max_output is not None:
+    if client_format == "gemini" and model.interface != "gemini":
+        # A Gemini client's request, read into the Anthropic shape (`body`), goes on as one.
+        if model.interface == "anthropic":
+            body = without_unpaired_thinking(body)
+            if body.get("max_tokens") is None:  # Anthropic requires one; Gemini clients often give none
+                body = with_max_output(body, "anthropic", model.default_max_tokens)
+        return provider_request(model, "anthropic", body, _json_bytes(body), client_headers, query, session, max_output)
+    if max_output is not None and client_format == "gemini":
+        raw = _json_bytes(gemini_with_max_output(parse_json(raw), max_output))
+    elif max_output is not None:
         body = with_max_output(body, client_format, max_output)
         raw = _json_bytes(body)
     headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
@@ -4238,6 +5234,13 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
                 headers["anthropic-beta"] = vertex_betas(headers["anthropic-beta"])
                 if not headers["anthropic-beta"]:
                     del headers["anthropic-beta"]
+    elif model.interface == "gemini":
+        url = gemini_url(model.base_url, model.model_id, stream=body.get("stream") is True) \
+            if model.provider != "vertex" else vertex_gemini_url(model, stream=body.get("stream") is True)
+        if client_format == "gemini":
+            content = raw  # the client's own bytes: the model is in the URL
+        else:
+            content = _json_bytes(anthropic_request_to_gemini(_as_anthropic_request(body, client_format, model), model))
     elif model.interface == "responses":
         url = model.base_url + "/responses"
         if client_format == "responses":
@@ -4269,16 +5272,25 @@ VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 PROJECT_FROM_CREDENTIALS = "{project}"
 
 
+def vertex_url(model: ModelEntry, publisher: str, method: str) -> str:
+    """A Vertex AI model's URL: its project and region, the publisher (anthropic, google), the method."""
+    return (f"{model.base_url}/v1/projects/{model.project or PROJECT_FROM_CREDENTIALS}/locations/{model.region}"
+            f"/publishers/{publisher}/models/{urllib.parse.quote(model.model_id, safe='@')}:{method}")
+
+
 def vertex_claude_call(model: ModelEntry, content: bytes, streaming: bool) -> tuple[str, bytes]:
     """The URL and body of a Messages request (`content`, already for this model) on Vertex AI."""
     body = json.loads(content)
     body.pop("model", None)
     body.pop("anthropic_version", None)
     body = {"anthropic_version": VERTEX_ANTHROPIC_VERSION, **body}
-    method = "streamRawPredict" if streaming else "rawPredict"
-    url = (f"{model.base_url}/v1/projects/{model.project or PROJECT_FROM_CREDENTIALS}/locations/{model.region}"
-           f"/publishers/anthropic/models/{urllib.parse.quote(model.model_id, safe='@')}:{method}")
-    return url, _json_bytes(body)
+    return vertex_url(model, "anthropic", "streamRawPredict" if streaming else "rawPredict"), _json_bytes(body)
+
+
+def vertex_gemini_url(model: ModelEntry, stream: bool) -> str:
+    """Where Gemini answers on Vertex AI: Gemini's own API (generateContent, or its stream as SSE)
+    under the project's and region's `publishers/google` (the Wire formats, Gemini section's bodies)."""
+    return vertex_url(model, "google", "streamGenerateContent?alt=sse" if stream else "generateContent")
 
 
 # The anthropic-beta values Vertex AI takes, as LiteLLM keeps them (its
@@ -4310,6 +5322,54 @@ def vertex_betas(header: str) -> str:
             log.info("the anthropic-beta %s is dropped for Vertex AI, which refuses requests naming it; said once",
                      printable(beta)[:80])
     return ",".join(kept)
+
+
+def _as_anthropic_request(body: dict, client_format: str, model: ModelEntry) -> dict:
+    """A Chat or Responses request (or an Anthropic one, as it is) in the Anthropic shape, for a
+    provider reached through it (Gemini). No `max_tokens` when the client set none: the Anthropic
+    shape needs one, Gemini does not, and a made-up cap would cut a thinking model's answer short."""
+    if client_format == "anthropic":
+        return body
+    if client_format == "responses":
+        _say_dropped_tools(body, model)
+        translated, given = responses_request_to_anthropic(body, model), body.get("max_output_tokens")
+    else:
+        translated, given = openai_request_to_anthropic(body, model), \
+            body.get("max_completion_tokens", body.get("max_tokens"))
+    if given is None:
+        del translated["max_tokens"]
+    return translated
+
+
+def gemini_with_max_output(body: Any, limit: int) -> Any:
+    """A Gemini request body asking for at most `limit` output tokens (its maxOutputTokens)."""
+    if not isinstance(body, dict):
+        return body
+    config = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
+    given = config.get("maxOutputTokens")
+    if isinstance(given, int) and not isinstance(given, bool) and given <= limit:
+        return body
+    return dict(body, generationConfig=dict(config, maxOutputTokens=limit))
+
+
+def without_unpaired_thinking(body: dict) -> dict:
+    """An Anthropic request without `thinking` when its last assistant turn calls tools without
+    the signed thinking that came before the calls: Anthropic refuses such a request ("a final
+    assistant message must start with a thinking block"), as happens when another provider (or a
+    client that dropped it) made that turn."""
+    if not isinstance(body.get("thinking"), dict) or body["thinking"].get("type") == "disabled":
+        return body
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content") if isinstance(message.get("content"), list) else []
+            calls = any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
+            first = content[0] if content and isinstance(content[0], dict) else {}
+            signed = first.get("type") == "redacted_thinking" or \
+                first.get("type") == "thinking" and not _unsigned(first)
+            if calls and not signed:
+                return {k: v for k, v in body.items() if k != "thinking"}
+            return body
+    return body
 
 
 # The hosted tool types already said to be dropped, and for which interface: Codex sends web_search
@@ -4367,7 +5427,7 @@ def provider_auth_headers(model: ModelEntry) -> dict[str, str]:
     if not key:
         return {}
     return {"bearer": {"authorization": f"Bearer {key}"}, "x-api-key": {"x-api-key": key},
-            "api-key": {"api-key": key}}.get(model.spec.auth, {})
+            "api-key": {"api-key": key}, "x-goog-api-key": {"x-goog-api-key": key}}.get(model.spec.auth, {})
 
 
 def _upstream_timeout(model: ModelEntry) -> httpx.Timeout:
@@ -4419,7 +5479,8 @@ def _has_unsigned_thinking(body: dict) -> bool:
 
 
 def _unsigned(block: dict) -> bool:
-    return not block.get("signature") or is_plano_signature(block["signature"])
+    signature = block.get("signature")
+    return not signature or is_plano_signature(signature) or gemini_signature_of(block) is not None
 
 
 @dataclass(frozen=True)
@@ -4446,14 +5507,28 @@ def translate_answer(raw: bytes, payload: dict, model: ModelEntry, client_format
     elif model.interface == "responses":
         usage = _responses_usage_to_anthropic(payload.get("usage"))
         reasoning_tokens = _reasoning_tokens(payload.get("usage"))
+    elif model.interface == "gemini":
+        usage = gemini_usage_to_anthropic(payload.get("usageMetadata"))
+        reasoning_tokens = gemini_thoughts_tokens(payload.get("usageMetadata"))
     else:
         usage = _anthropic_usage(payload.get("usage"))
-    unusable = unusable_token_counts(payload)
+    unusable = unusable_gemini_counts(payload) if model.interface == "gemini" else unusable_token_counts(payload)
+    if model.interface == client_format == "gemini":
+        return TranslatedAnswer(raw, usage, reasoning_tokens, unusable)  # a Gemini answer names no model of ours
     if model.interface == client_format:
         return TranslatedAnswer(replace_json_model(raw.decode("utf-8"), model.name).encode(), usage, reasoning_tokens,
                                 unusable)
     try:
-        if model.interface == "responses":
+        if client_format == "gemini":
+            message = payload if model.interface == "anthropic" else \
+                openai_response_to_anthropic(payload, model.name) if model.interface == "openai" else \
+                responses_response_to_anthropic(payload, model.name)
+            answer = anthropic_response_to_gemini(message, model.name)
+        elif model.interface == "gemini":
+            message = gemini_response_to_anthropic(payload, model.name)
+            answer = message if client_format == "anthropic" else anthropic_response_to_openai(message, model.name) \
+                if client_format == "openai" else anthropic_response_to_responses(message, model.name, tools)
+        elif model.interface == "responses":
             answer = responses_response_to_anthropic(payload, model.name) if client_format == "anthropic" \
                 else responses_response_to_openai(payload, model.name)
         elif client_format == "responses":
@@ -5514,10 +6589,13 @@ def _router_json(value: Any) -> str:
 
 
 # Claude Code wraps context it adds for the model in tags inside user messages; none of it is the
-# user's intent, and its size would crowd the user's words out of the router's token budget.
+# user's intent, and its size would crowd the user's words out of the router's token budget. Codex's
+# is <environment_context>, Gemini CLI's (0.61) <session_context> (date, OS, folder tree) and
+# <hook_context>, each its first user message.
 _HARNESS_BLOCKS = re.compile(
     r"<(system-reminder|local-command-stdout|local-command-stderr|user-prompt-submit-hook|"
-    r"command-message|bash-stdout|bash-stderr|environment_context|user_instructions)>.*?</\1>"
+    r"command-message|bash-stdout|bash-stderr|environment_context|user_instructions|session_context|"
+    r"hook_context)>.*?</\1>"
     # Codex's AGENTS.md block (0.171): a heading naming the directory, the file in <INSTRUCTIONS>.
     r"|# AGENTS\.md instructions for [^\n]*\s*<INSTRUCTIONS>.*?</INSTRUCTIONS>", re.S)
 _HARNESS_LINES = re.compile(r"^(x-anthropic-billing-header:.*|Caveat: The messages below were generated by "
@@ -8343,7 +9421,7 @@ def genai_input_messages(body: dict, api_format: str) -> tuple[list[dict], list[
                     "type": "tool_call_response", "id": _named(item.get("call_id")),
                     "response": _cut(output if isinstance(output, str) else json.dumps(output, ensure_ascii=False))}]})
         return system, messages
-    if api_format == "anthropic":
+    if api_format in ("anthropic", "gemini"):  # a Gemini client's body is kept read into the Anthropic shape
         system = _genai_parts(body.get("system"))
     for message in _list(body.get("messages")):
         if not isinstance(message, dict):
@@ -8378,12 +9456,14 @@ class Request:
 
     @property
     def api_format(self) -> str:
-        """The API the caller speaks (anthropic | openai | responses), hence its error shape too.
+        """The API the caller speaks (anthropic | openai | responses | gemini), hence its error shape too.
         The one source of it: the path says it before any endpoint runs (a 404, a refused origin, a
         missing key, a body that does not parse are all answered in it), so the chat endpoints and
         the exchange read it here rather than keep a copy that could disagree."""
         if self.path.startswith("/v1/responses"):
             return "responses"
+        if self.path.startswith(f"/{GEMINI_API_VERSION}/"):
+            return "gemini"
         return "anthropic" if self.path.startswith("/v1/messages") or self.path == "/v1/complete" else "openai"
 
 
@@ -8524,7 +9604,7 @@ def _is_json_media_type(content_type: str) -> bool:
 
 
 # What a preflight may ask to send when the page's list of headers is not plain ASCII tokens.
-_CORS_REQUEST_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
+_CORS_REQUEST_HEADERS = "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, anthropic-beta"
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*", re.ASCII)
 
 
@@ -8920,6 +10000,8 @@ def error_body(api_format: str, error: PlanoError, secrets: Iterable[str]) -> di
     message = _scrub(error.message, secrets)
     if api_format == "anthropic":
         return anthropic_error_body(error.error_type, message)
+    if api_format == "gemini":
+        return google_error_body(error.status, message)
     return openai_error_body(error.error_type, message, error.status)
 
 
@@ -8928,6 +10010,8 @@ def stream_error_event(api_format: str, error: PlanoError, secrets: Iterable[str
     `event: error`, a Responses `error` event, an OpenAI chunk carrying `error`); never a fake end
     of the message."""
     body = error_body(api_format, error, secrets)
+    if api_format == "gemini":
+        return encode_gemini_sse(body)  # as Google ends a stream it cannot finish
     if api_format == "responses":
         return encode_sse(responses_stream_error(error.error_type, body["error"]["message"]), "error")
     return encode_sse(body, "error" if api_format == "anthropic" else None)
@@ -9208,8 +10292,8 @@ class Gateway:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._answer_error(request, respond, wrapped)
         finally:
-            if request.path.startswith("/v1/") and request.method == "POST" \
-                    and not request.path.endswith("count_tokens"):
+            if request.path.startswith(("/v1/", f"/{GEMINI_API_VERSION}/")) and request.method == "POST" \
+                    and not request.path.endswith(("count_tokens", ":countTokens")):
                 try:
                     row = self._log_access(exchange)
                     if row is not None and exchange.key is not None:
@@ -9234,11 +10318,13 @@ class Gateway:
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
             return
         handler = routes.get((method, path))
+        if handler is None and path.startswith(f"/{GEMINI_API_VERSION}/models") and method in ("GET", "POST"):
+            handler = self._gemini  # /v1beta/models[/{model}[:{method}]]: the model is in the path
         if handler is None:
             if any(p == path for _, p in routes):
                 raise PlanoError(f"{method} is not allowed on {path}", status=405, error_type="invalid_request_error")
             raise NotFoundError(f"no such endpoint: {method} {path}")
-        if exchange.key is not None and path not in _DEVELOPER_ENDPOINTS:
+        if exchange.key is not None and path not in _DEVELOPER_ENDPOINTS and handler != self._gemini:
             raise KeyLimitError(f"{path} takes the gateway's admin key; key {exchange.key.name} may call the model "
                                 "endpoints, and /plano/usage, /plano/decisions and /plano/me for its own requests")
         if method == "POST" and not _is_json_media_type(request.headers.get("content-type", "")):
@@ -9249,7 +10335,8 @@ class Gateway:
             raise PlanoError(f"{method} {path} takes a JSON body: send `Content-Type: application/json` (got "
                              f"{_shown(sent) if sent else 'no Content-Type'})", status=415,
                              error_type="invalid_request_error")
-        counted = self.metrics is not None and handler == self._chat
+        counted = self.metrics is not None and (handler == self._chat or handler == self._gemini and method == "POST"
+                                                and not path.endswith(":countTokens"))
         with self.metrics.in_flight.track_inprogress() if counted else contextlib.nullcontext():
             await handler(request, respond, exchange)
 
@@ -9287,8 +10374,10 @@ class Gateway:
         page = request.method == "GET" and request.path in ("/plano", "/plano/")
         if not (admin or self.config.keys) or request.path == "/healthz" or page:
             return None  # (keys whose `$VARIABLE` is unset open nothing, but still close the gateway)
-        given = request.headers.get("x-api-key") or \
+        given = request.headers.get("x-api-key") or request.headers.get("x-goog-api-key") or \
             request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given and request.path.startswith(f"/{GEMINI_API_VERSION}/"):
+            given = request.query.get("key", "")  # Google's APIs take the key as `?key=` too (curl examples)
         digest = _sha256(given)
         if admin and hmac.compare_digest(digest, _sha256(admin)):
             return None
@@ -9365,6 +10454,54 @@ class Gateway:
         _require(isinstance(body.get("messages"), list), "messages: must be a list")
         await respond.send_full(200, [("content-type", "application/json")],
                                 _json_bytes({"input_tokens": estimate_tokens(body)}))
+
+    async def _gemini(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
+        """Google's Gemini API: `GET /v1beta/models[/{model}]`, and `POST /v1beta/models/{model}:`
+        `generateContent`, `streamGenerateContent` (SSE with `?alt=sse`, else one JSON array written
+        as it comes, as Google does) and `countTokens` (answered here, as count_tokens is)."""
+        prefix = f"/{GEMINI_API_VERSION}/models"
+        path = request.path.rstrip("/")
+        if request.method == "GET":
+            key = exchange.key
+            names = [m.name for m in self.config.models if key_may_use(key, m)] + [
+                alias for alias, target in self.config.aliases.items()
+                if key_may_use(key, self.config.model_named(target))]
+            if path == prefix:
+                body: dict = {"models": [gemini_model_listing(self.config, name) for name in names]}
+            else:
+                name, method = gemini_call_of_path(path)
+                if method or name not in names:
+                    raise NotFoundError(f"models/{name} is not a model this gateway serves (GET {prefix} lists them)")
+                body = gemini_model_listing(self.config, name)
+            await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))
+            return
+        name, method = gemini_call_of_path(path) if path != prefix else ("", "")
+        if method == "countTokens":
+            body = await _off_the_loop_if_large(_parse_json_body, request.body)
+            inner = body.get("generateContentRequest")
+            _require(inner is None or isinstance(inner, dict), "generateContentRequest: must be an object")
+            counted = gemini_request_to_anthropic(inner if inner is not None else body, stream=False)
+            await respond.send_full(200, [("content-type", "application/json")],
+                                    _json_bytes({"totalTokens": estimate_tokens(counted)}))
+            return
+        if method == "generateContent" or method == "streamGenerateContent" and request.query.get("alt") == "sse":
+            await self._chat(request, respond, exchange)
+            return
+        if method != "streamGenerateContent":
+            raise NotFoundError(f"no such method: {_shown(method or 'none')} (plano serves generateContent, "
+                                "streamGenerateContent and countTokens)")
+        array = _GeminiArrayResponder(respond)
+        try:
+            await self._chat(request, array, exchange)
+        except Exception as error:
+            if not array.started:
+                raise
+            if not isinstance(error, PlanoError):  # a bug: logged, and the array still ends as JSON
+                self._log_internal_error(request, error)
+                error = PlanoError(f"internal error in plano: {type(error).__name__}")
+            exchange.status = error.status
+            await array.send(self._stream_error(request, error))
+        await array.end()
 
     async def _live_page(self, request: Request, respond: Responder, exchange: _Exchange) -> None:
         await respond.send_full(200, [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"),
@@ -9540,6 +10677,9 @@ class Gateway:
         if exchange.key is not None:  # before anything else is spent on the request
             await self._admit(exchange.key, self.config)
         body = await _off_the_loop_if_large(_parse_json_body, request.body)
+        if client_format == "gemini":  # read into the Anthropic shape; the model is in the path
+            name, method = gemini_call_of_path(request.path)
+            body = dict(gemini_request_to_anthropic(body, stream=method == "streamGenerateContent"), model=name)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
         requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
@@ -9571,7 +10711,7 @@ class Gateway:
         if exchange.decision.decision == "alias" and alias in config.aliases \
                 and not key_may_use(exchange.key, config.model_named(config.aliases[alias])):
             raise model_refusal(exchange.key, alias)  # named by the client, as an explicit model is
-        exchange.needs = request_needs(body, client_format)
+        exchange.needs = request_needs(body, "anthropic" if client_format == "gemini" else client_format)
         exchange.decision = fit_decision(config, exchange.decision, exchange.needs, exchange.key)
         async with contextlib.AsyncExitStack() as stack:
             upstream = await self.upstreams.open(stack, exchange)
@@ -9624,6 +10764,52 @@ class Gateway:
             if exchange.first_byte_ms is None:
                 exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
             await respond.send(out)
+
+
+def gemini_model_listing(config: Config, name: str) -> dict:
+    """One entry of `GET /v1beta/models` in Google's shape (a Model resource)."""
+    model = config.model_named(config.aliases.get(name, name))
+    assert model is not None, name
+    capabilities = model.capabilities
+    return {"name": f"models/{name}", "baseModelId": model.model_id, "version": "plano",
+            "displayName": name if name != model.name else capabilities.display_name or name,
+            "inputTokenLimit": capabilities.max_input_tokens or capabilities.context_window,
+            "outputTokenLimit": model.max_output_tokens or 8192,
+            "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
+            "thinking": capabilities.reasoning}
+
+
+class _GeminiArrayResponder(Responder):
+    """A Gemini stream written as Google writes `streamGenerateContent` without `alt=sse`: one JSON
+    array, each chunk an element as it comes. The gateway writes SSE (as for `alt=sse`); this
+    takes each event's data as the next element, and `end` closes the array."""
+
+    def __init__(self, inner: Responder):
+        self.inner = inner
+        self.decoder = SSEDecoder()
+        self.elements = 0
+
+    @property  # type: ignore[override]
+    def started(self) -> bool:
+        return self.inner.started
+
+    async def send_full(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        await self.inner.send_full(status, headers, body)  # an error before the stream: Google's JSON as it is
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        await self.inner.start(status, [(k, "application/json" if k == "content-type" else v) for k, v in headers])
+
+    async def send(self, data: bytes) -> None:
+        out = b""
+        for event in self.decoder.feed(data):
+            out += (b"[" if self.elements == 0 else b",\r\n") + event.data.encode()
+            self.elements += 1
+        if out:
+            await self.inner.send(out)
+
+    async def end(self) -> None:
+        if self.inner.started:
+            await self.inner.send(b"[]" if self.elements == 0 else b"]")
 
 
 async def _read_json_answer(upstream: httpx.Response, model: ModelEntry) -> tuple[bytes, dict]:
@@ -10549,7 +11735,8 @@ def _probe_provider(model: ModelEntry, secrets: list[str]) -> _Finding:
     headers = {"user-agent": "plano-doctor", **provider_auth_headers(model)}
     if model.interface == "anthropic":
         headers["anthropic-version"] = "2023-06-01"
-    url = model.base_url + ("/v1/models" if model.interface == "anthropic" else "/models")
+    url = model.base_url + {"anthropic": "/v1/models", "gemini": f"/{GEMINI_API_VERSION}/models"}.get(model.interface,
+                                                                                                   "/models")
     try:
         status = httpx.get(url, headers=headers, timeout=8.0).status_code
     except httpx.HTTPError as e:

@@ -581,11 +581,15 @@ class StandInProvider(OpenAIStandIn, AnthropicStandIn, ResponsesStandIn):
                     reply = self.models_reply(request)
                 else:
                     reply = self.openai_reply(request) if path.endswith("/chat/completions") else \
-                        self.responses_reply(request) if path.endswith("/responses") else self.anthropic_reply(request)
+                        self.responses_reply(request) if path.endswith("/responses") else \
+                        gemini_reply(request) if re.search(r":(stream)?[gG]enerateContent$", path) else \
+                        self.anthropic_reply(request)  # gemini_reply: with the Gemini tests, at the end
             except Exception as e:  # like a real provider: a body it cannot use is a 400
                 message = f"stand-in could not use the request: {type(e).__name__}"
                 reply = Reply(400, {"error": {"message": message, "type": "invalid_request_error"}}
                               if path.endswith(("/chat/completions", "/responses")) else
+                              {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+                              if "GenerateContent" in path or "generateContent" in path else
                               {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         try:
             if reply.sse is None:
@@ -3924,8 +3928,8 @@ def test_provider_interface_responses_for_a_custom_provider():
     assert (config.models[0].interface, config.models[0].spec.auth) == ("responses", "bearer")
 
 
-def test_an_unknown_provider_interface_names_the_three_choices():
-    assert "`openai`, `anthropic` or `responses`" in config_error(
+def test_an_unknown_provider_interface_names_the_choices():
+    assert "`openai`, `anthropic`, `responses` or `gemini`" in config_error(
         "llm_providers:\n  - model: openai/gpt-4.1\n    provider_interface: soap\n")
 
 
@@ -12725,6 +12729,482 @@ def test_doctor_checks_the_shared_state_and_ledger_as_plano_up_would_without_the
     assert 'role "nobody" does not exist' in line_about(lines, "stats")
 
 
+# ── issue 23: Gemini API ──────────────────────────────────────────────────────────────────────
+# Google's native Gemini API both ways: the `gemini` provider interface (generateContent and
+# streamGenerateContent on a stand-in that speaks it: `x-goog-api-key`, SSE events ending in
+# `\r\n\r\n`, calls without ids, thought signatures it checks come back) and the Gemini front door.
+
+GEMINI_KEY = "AIzaSyPlanoTestKey0123456789abcdefghij"  # Google's key shape: AIza and 35 more
+# Thought signatures as Gemini sends them (opaque base64); the stand-in refuses a history whose
+# function call has lost its signature, as Gemini 3 does.
+GEMINI_CALL_SIGNATURE = "CpYEAXLI2nxHJhy3F4oMijlAus2CPUEnTw16KkDpmU77MgVhg6piCF3GycCmKbjhGXQ8mBK5lSpsqwI7Dap+/w=="
+GEMINI_TEXT_SIGNATURE = "CqQDAXLI2nzVwq8xStOWq3HumdAIrENdeO52sOtNadWTEdAHverlPYNZqz8VJMonMgBngg4V2Uth/+w="
+GEMINI_USAGE = {"promptTokenCount": 40, "cachedContentTokenCount": 30, "candidatesTokenCount": 7,
+                "thoughtsTokenCount": 5, "totalTokenCount": 52}
+RECORDED_GEMINI = RECORDED / "gemini"
+
+
+def gemini_as_messages(contents: list[dict]) -> list[dict]:
+    """A Gemini `contents` as the message list model_behaviour reads."""
+    messages = []
+    for content in contents:
+        role = "assistant" if content.get("role") == "model" else "user"
+        for part in content["parts"]:
+            if "functionResponse" in part:
+                response = part["functionResponse"]["response"]
+                messages.append({"role": "tool", "content": response.get("output", json.dumps(response))})
+            elif "text" in part and not part.get("thought") and part["text"]:
+                messages.append({"role": role, "content": part["text"]})
+    return messages
+
+
+def gemini_history_problem(contents: list[dict]) -> str | None:
+    """What Gemini refuses in a history: a call without its signature, a response with no name."""
+    for content in contents:
+        for part in content["parts"]:
+            if content.get("role") == "model" and "functionCall" in part \
+                    and part.get("thoughtSignature") != GEMINI_CALL_SIGNATURE:
+                return GEMINI_MISSING_SIGNATURE
+            if "functionResponse" in part and not part["functionResponse"].get("name"):
+                return "* GenerateContentRequest.contents[2].parts[0].function_response.name: Name cannot be empty."
+    return None
+
+
+def gemini_sse(chunks: list[dict], piece: int = 7) -> list[bytes]:
+    """Gemini's SSE framing (`data: …\\r\\n\\r\\n`), cut into `piece`-byte reads."""
+    raw = b"".join(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n" for chunk in chunks)
+    return [raw[i:i + piece] for i in range(0, len(raw), piece)]
+
+
+def gemini_reply(request: Recorded) -> Reply:
+    """A Gemini provider at /v1beta/models/{model}:generateContent and :streamGenerateContent?alt=sse."""
+    if request.headers.get("x-goog-api-key") != GEMINI_KEY:
+        return Reply(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                     "status": "INVALID_ARGUMENT", "details": [
+                                         {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                          "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}})
+    path, _, query = request.path.partition("?")
+    model = urllib.parse.unquote(path.rsplit("/", 1)[1].split(":")[0])
+    stream = path.endswith(":streamGenerateContent")
+    if stream and query != "alt=sse":
+        return Reply(400, {"error": {"code": 400, "message": "the stand-in streams only as SSE",
+                                     "status": "INVALID_ARGUMENT"}})
+    body = request.json
+    if problem := gemini_history_problem(body["contents"]):
+        return Reply(400, {"error": {"code": 400, "message": problem, "status": "INVALID_ARGUMENT"}})
+    behaviour = model_behaviour(gemini_as_messages(body["contents"]))
+    thoughts = ((body.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts")
+    base = {"modelVersion": model, "responseId": "QUVVadTSNJ6_qtsPvN7J8Q0"}
+    parts: list[dict] = []
+    if "reasoning" in behaviour and thoughts:
+        parts.append({"text": behaviour["reasoning"], "thought": True})
+    if "tool" in behaviour:
+        t = behaviour["tool"]  # no id: Gemini's calls have none
+        parts.append({"functionCall": {"name": t["name"], "args": json.loads(t["arguments"])},
+                      "thoughtSignature": GEMINI_CALL_SIGNATURE})
+    if not stream:
+        if "text" in behaviour:
+            parts.append({"text": behaviour["text"], "thoughtSignature": GEMINI_TEXT_SIGNATURE})
+        return Reply(200, {"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP",
+                                           "index": 0}], "usageMetadata": GEMINI_USAGE, **base})
+    chunks = []
+    for part in parts:
+        chunks.append({"candidates": [{"content": {"parts": [part], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=1), **base})
+    text = behaviour.get("text", "")
+    for i in range(0, len(text), 5):
+        chunks.append({"candidates": [{"content": {"parts": [{"text": text[i:i + 5]}], "role": "model"}, "index": 0}],
+                       "usageMetadata": dict(GEMINI_USAGE, candidatesTokenCount=2), **base})
+    chunks.append({"candidates": [{"content": {"parts": [{"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}],
+                                               "role": "model"}, "finishReason": "STOP", "index": 0}],
+                   "usageMetadata": GEMINI_USAGE, **base})
+    return Reply(200, sse=gemini_sse(chunks))
+
+
+def gemini_model(provider: StandInProvider, name: str = "gemini/gemini-3-pro-preview", **fields: Any) -> dict:
+    return {"model": name, "base_url": provider.anthropic_base, "access_key": GEMINI_KEY, **fields}
+
+
+def gemini_only(provider: StandInProvider, **fields: Any) -> RunningPlano:
+    return RunningPlano(build_config(gemini_model(provider, **fields), router=ROUTER_OFF))
+
+
+def test_the_gemini_prefix_speaks_the_native_api_and_the_openai_endpoint_where_the_config_says():
+    config = build_config({"model": "gemini/gemini-2.5-pro", "access_key": "k"},
+                          {"model": "google/gemini-2.5-flash", "access_key": "k", "provider_interface": "openai"},
+                          {"model": "gemini/gemini-2.0-flash", "access_key": "k",
+                           "base_url": "https://generativelanguage.googleapis.com/v1beta/openai/"},
+                          {"model": "mine/gemma-3", "access_key": "k", "base_url": "http://127.0.0.1:9/proxy",
+                           "provider_interface": "gemini"})
+    native, chat, by_url, custom = config.models
+    assert (native.interface, native.base_url, native.spec.auth) == (
+        "gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key")
+    assert (chat.interface, chat.base_url, chat.spec.auth) == (
+        "openai", "https://generativelanguage.googleapis.com/v1beta/openai", "bearer")
+    assert (by_url.interface, by_url.spec.auth) == ("openai", "bearer")
+    assert (custom.interface, custom.spec.auth) == ("gemini", "x-goog-api-key")
+    call = plano.provider_request(native, "anthropic", {"model": "x", "max_tokens": 9, "stream": True,
+                                                        "messages": [USER_HI]}, b"{}", {}, {})
+    assert call.url == ("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro"
+                        ":streamGenerateContent?alt=sse")
+    assert call.headers["x-goog-api-key"] == "k" and "authorization" not in call.headers
+    assert json.loads(call.content) == {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+                                        "generationConfig": {"maxOutputTokens": 9}}
+    with pytest.raises(plano.ConfigError, match="`gemini`"):
+        build_config({"model": "mine/x", "base_url": "http://127.0.0.1:9", "provider_interface": "vertex"})
+
+
+def ask_any_client(running: RunningPlano, client_format: str, stream: bool, model: str,
+                   history: list[dict] | None = None, text: str = "hi") -> dict:
+    """One request with the official SDK of `client_format`, as that SDK hands back the answer
+    (a stream assembled): {"text", "thinking", "calls": [(id, name, input)], "stop", "usage"}."""
+    if client_format == "anthropic":
+        messages = history or [{"role": "user", "content": text}]
+        message = anthropic_message(anthropic_client(running), stream, model=model, max_tokens=200,
+                                    tools=[BASH_TOOL], messages=messages,
+                                    thinking={"type": "enabled", "budget_tokens": 1024} if "THINK" in text else
+                                    anthropic.NOT_GIVEN)
+        return {"text": "".join(b.text for b in message.content if b.type == "text"),
+                "thinking": "".join(b.thinking for b in message.content if b.type == "thinking"),
+                "calls": [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"],
+                "stop": message.stop_reason, "content": [b.model_dump(exclude_none=True) for b in message.content],
+                "usage": (message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
+                          message.usage.cache_read_input_tokens, message.usage.output_tokens)}
+    client = openai_client(running)
+    if client_format == "openai":
+        messages = history or [{"role": "user", "content": text}]
+        if not stream:
+            completion = client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION])
+            choice, usage = completion.choices[0], completion.usage
+            message, finish = choice.message, choice.finish_reason
+            calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            thinking = getattr(message, "reasoning_content", None) or ""
+            text = message.content or ""
+        else:
+            text, thinking, calls, finish, usage, pieces = "", "", {}, None, None, {}
+            for chunk in client.chat.completions.create(model=model, messages=messages, tools=[BASH_FUNCTION],
+                                                        stream=True, stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    thinking += getattr(choice.delta, "reasoning_content", None) or ""
+                    for call in choice.delta.tool_calls or []:
+                        slot = pieces.setdefault(call.index, ["", "", ""])
+                        slot[0] = call.id or slot[0]
+                        slot[1] = call.function.name or slot[1]
+                        slot[2] += call.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            calls = [(i, n, json.loads(a)) for i, n, a in pieces.values()]
+        return {"text": text, "thinking": thinking, "calls": calls, "stop": finish,
+                "usage": (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)}
+    items = history or [{"role": "user", "content": text}]
+    tools = [{"type": "function", "name": "Bash", "description": "Run a shell command",
+              "parameters": BASH_TOOL["input_schema"]}]
+    if stream:
+        response = None
+        for event in client.responses.create(model=model, input=items, tools=tools, stream=True):
+            if event.type in ("response.completed", "response.incomplete"):
+                response = event.response
+    else:
+        response = client.responses.create(model=model, input=items, tools=tools)
+    return {"text": response.output_text,
+            "thinking": "".join(s.text for item in response.output if item.type == "reasoning" for s in item.summary),
+            "calls": [(i.call_id, i.name, json.loads(i.arguments)) for i in response.output
+                      if i.type == "function_call"],
+            "stop": response.status, "output": [i.model_dump(exclude_none=True) for i in response.output],
+            "usage": (response.usage.input_tokens, response.usage.input_tokens_details.cached_tokens,
+                      response.usage.output_tokens)}
+
+
+def tool_result_history(client_format: str, first: dict, question: str) -> list[dict]:
+    """The next request's history after `first` called Bash: the call, and its result `a.txt`."""
+    call_id, name, arguments = first["calls"][0]
+    if client_format == "anthropic":
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": first["content"]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "a.txt"}]}]
+    if client_format == "openai":
+        return [{"role": "user", "content": question},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "a.txt"}]
+    return [{"role": "user", "content": question}, *first["output"],
+            {"type": "function_call_output", "call_id": call_id, "output": "a.txt"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_every_client_api_runs_a_tool_round_trip_on_gemini_with_its_thought_signature(provider, client_format, stream):
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview", text="TOOL:ls /tmp")
+        asked = provider.requests[-1]
+        assert asked.path == "/v1beta/models/gemini-3-pro-preview:" + (
+            "streamGenerateContent?alt=sse" if stream else "generateContent")
+        assert asked.headers["x-goog-api-key"] == GEMINI_KEY and "key=" not in asked.path
+        assert [c[1:] for c in first["calls"]] == [("Bash", {"command": "ls /tmp"})]
+        assert first["stop"] in ("tool_use", "tool_calls", "completed")
+        second = ask_any_client(running, client_format, stream, "gemini/gemini-3-pro-preview",
+                                history=tool_result_history(client_format, first, "TOOL:ls /tmp"))
+        assert second["text"] == "tool said: a.txt"
+        assert second["usage"] == (40, 30, 12)  # cached content apart for Anthropic; thoughts are output
+        sent = provider.requests[-1].json["contents"]
+        call = next(p for c in sent if c["role"] == "model" for p in c["parts"] if "functionCall" in p)
+        assert call["thoughtSignature"] == GEMINI_CALL_SIGNATURE  # Gemini gets its signature back on the call
+        assert call["functionCall"]["name"] == "Bash" and "__plano" not in call["functionCall"]["id"]
+        response = next(p for c in sent for p in c["parts"] if "functionResponse" in p)["functionResponse"]
+        assert response == {"id": call["functionCall"]["id"], "name": "Bash", "response": {"output": "a.txt"}}
+
+
+# What a recorded Gemini answer says, read from the recording (never written down by hand): text,
+# thought summaries, calls, stop reason in Anthropic's words, and usage as (prompt with cached,
+# cached, output with thoughts) from the last usageMetadata (cumulative in a stream).
+GEMINI_RECORDINGS = sorted(p.name for p in RECORDED_GEMINI.iterdir() if p.suffix in (".sse", ".json"))
+GEMINI_ANSWERS = [name for name in GEMINI_RECORDINGS if not re.search(r"\.\d{3}\.json$", name)]
+GEMINI_ERRORS = [name for name in GEMINI_RECORDINGS if name not in GEMINI_ANSWERS]
+GEMINI_STOP = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal"}
+
+
+def gemini_recorded_chunks(name: str) -> list[dict]:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    return [json.loads(e.data) for e in plano.SSEDecoder().feed(raw)] if name.endswith(".sse") else [json.loads(raw)]
+
+
+def gemini_expected(name: str) -> dict:
+    text, thinking, calls, finish, blocked, usage = "", "", [], None, False, {}
+    for chunk in gemini_recorded_chunks(name):
+        usage = chunk.get("usageMetadata") or usage
+        blocked = blocked or "blockReason" in (chunk.get("promptFeedback") or {})
+        for candidate in chunk.get("candidates") or []:
+            finish = candidate.get("finishReason") or finish
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                if "functionCall" in part:
+                    calls.append((part["functionCall"]["name"], part["functionCall"].get("args", {})))
+                elif part.get("thought"):
+                    thinking += part["text"]
+                else:
+                    text += part.get("text", "")
+    stop = "refusal" if blocked else GEMINI_STOP[finish]
+    stop = "tool_use" if calls and stop == "end_turn" else stop
+    cached = usage.get("cachedContentTokenCount", 0)
+    return {"text": text, "thinking": thinking, "calls": calls, "stop": stop,
+            "usage": (usage.get("promptTokenCount", 0), cached,
+                      usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0))}
+
+
+def in_anthropic_words(client_format: str, stop: Any, expected: str) -> str:
+    """A client's stop (Anthropic's stop_reason, Chat's finish_reason, a Response's status)."""
+    if client_format == "openai":
+        return {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "content_filter": "refusal"}[stop]
+    if client_format == "responses":  # a Response says only whether it is complete
+        assert stop == ("incomplete" if expected == "max_tokens" else "completed")
+        return expected
+    return stop
+
+
+def replay_gemini(provider: StandInProvider, name: str, status: int = 200) -> None:
+    raw = (RECORDED_GEMINI / name).read_bytes()
+    provider.then(Reply(status, sse=[raw[i:i + 5] for i in range(0, len(raw), 5)]) if name.endswith(".sse")
+                  else Reply(status, raw=raw))
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ANSWERS)
+def test_a_recorded_gemini_answer_reaches_every_client_api(provider, name, client_format):
+    expected = gemini_expected(name)
+    replay_gemini(provider, name)
+    with gemini_only(provider) as running:
+        got = ask_any_client(running, client_format, name.endswith(".sse"), "gemini/gemini-3-pro-preview")
+    assert (got["text"], got["thinking"]) == (expected["text"], expected["thinking"])
+    assert [call[1:] for call in got["calls"]] == expected["calls"]
+    assert in_anthropic_words(client_format, got["stop"], expected["stop"]) == expected["stop"]
+    assert got["usage"] == expected["usage"]
+
+
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+@pytest.mark.parametrize("name", GEMINI_ERRORS)
+def test_a_recorded_gemini_error_reaches_every_client_api_with_its_status_and_message(provider, name, client_format):
+    recorded = json.loads((RECORDED_GEMINI / name).read_bytes())["error"]
+    replay_gemini(provider, name, recorded["code"])
+    with gemini_only(provider) as running:
+        with pytest.raises((anthropic.APIStatusError, openai.APIStatusError)) as caught:
+            ask_any_client(running, client_format, False, "gemini/gemini-3-pro-preview")
+    assert caught.value.status_code == recorded["code"]
+    assert recorded["message"] in caught.value.message
+
+
+def test_a_recorded_gemini_call_comes_back_with_its_signature_in_the_tool_id_and_goes_back_to_gemini(provider):
+    replay_gemini(provider, "gemini-3-pro-preview-tool-call-signature.sse")
+    recorded = next(p for c in gemini_recorded_chunks("gemini-3-pro-preview-tool-call-signature.sse")
+                    for p in c["candidates"][0]["content"]["parts"] if "functionCall" in p)
+    with gemini_only(provider) as running:
+        first = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview")
+        replay_gemini(provider, "gemini-3-pro-preview-text-after-tool.sse")
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": first["calls"][0][0], "type": "function",
+                        "function": {"name": "get_country", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": first["calls"][0][0], "content": "Mexico"}]
+        second = ask_any_client(running, "openai", True, "gemini/gemini-3-pro-preview", history=history)
+    assert second["text"] == "The capital of Mexico is Mexico City."
+    sent = provider.requests[-1].json["contents"]
+    assert sent[1]["parts"][0]["thoughtSignature"] == recorded["thoughtSignature"]
+    assert sent[2]["parts"][0]["functionResponse"]["name"] == "get_country"
+
+
+# ── a Gemini provider that breaks its protocol ─────────────────────────────────────────────
+
+GEMINI_EXHAUSTED = {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
+                              "status": "RESOURCE_EXHAUSTED"}}
+
+
+@pytest.mark.parametrize("reply, status", [
+    (Reply(200, raw=b"<html>Bad gateway</html>"), 502),
+    (Reply(200, raw=b"[1, 2]"), 502),
+    (Reply(200, raw=b'{"candidates": "none", "usageMetadata": [1]}'), 200),
+    (Reply(200, raw=b'{"candidates": [{"content": {"parts": [{"functionCall": "ls"}, 7]}}]}'), 200),
+    (Reply(429, GEMINI_EXHAUSTED, headers={"retry-after": "3"}), 429),
+    (Reply(500, raw=b"upstream connect error"), 500),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai", "responses"])
+def test_a_gemini_provider_answering_garbage_gets_the_client_an_error_in_its_format_or_an_answer(
+        provider, reply, status, client_format):
+    provider.then(reply)
+    with gemini_only(provider) as running:
+        path = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
+        body = {"model": "gemini/gemini-3-pro-preview", "max_tokens": 20, "messages": [USER_HI]} \
+            if client_format != "responses" else {"model": "gemini/gemini-3-pro-preview", "input": "hi"}
+        response = httpx.post(running.url + path[client_format], json=body, timeout=30)
+        assert response.status_code == status
+        if status >= 400:
+            error = response.json()["error"]
+            assert isinstance(error["message"], str) and ("type" in error)
+        if status == 429:
+            assert "Resource has been exhausted" in response.text and response.headers["retry-after"] == "3"
+        assert httpx.get(running.url + "/healthz").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("chunks, what", [
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n'], "ended before"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: [1, 2]\r\n\r\n"],
+     "not a JSON object"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n', b"data: {nope\r\n\r\n"],
+     "unreadable"),
+    ([b'data: {"candidates": [{"content": {"parts": [{"text": "Hel"}]}}]}\r\n\r\n',
+      b"data: " + json.dumps(GEMINI_EXHAUSTED).encode() + b"\r\n\r\n"], "Resource has been exhausted"),
+])
+@pytest.mark.parametrize("client_format", ["anthropic", "openai"])
+def test_a_gemini_stream_that_breaks_ends_in_the_clients_error_event_after_the_text_so_far(
+        provider, chunks, what, client_format):
+    provider.then(Reply(200, sse=chunks))
+    with gemini_only(provider) as running:
+        path = "/v1/messages" if client_format == "anthropic" else "/v1/chat/completions"
+        response = httpx.post(running.url + path, json={"model": "gemini/gemini-3-pro-preview", "max_tokens": 20,
+                                                        "stream": True, "messages": [USER_HI]}, timeout=30)
+    assert response.status_code == 200
+    events = [json.loads(e.data) for e in plano.SSEDecoder().feed(response.content) if e.data != "[DONE]"]
+    text = anthropic_stream_text(response.text) if client_format == "anthropic" else \
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
+    assert text == "Hel"
+    assert what in events[-1]["error"]["message"]
+    assert "message_stop" not in response.text and "[DONE]" not in response.text
+
+
+def test_gemini_exhausted_before_its_answer_fails_over_to_the_next_model(provider):
+    provider.then(Reply(429, GEMINI_EXHAUSTED))
+    config = build_config(gemini_model(provider, fallbacks=["openai/gpt-4o"]), served_by(provider, "openai/gpt-4o"),
+                          router=ROUTER_OFF)
+    with RunningPlano(config) as running:
+        response = anthropic_client(running).messages.with_raw_response.create(
+            model="gemini/gemini-3-pro-preview", max_tokens=20, messages=[{"role": "user", "content": "after"}])
+    assert response.parse().content[0].text == "echo: after"
+    assert (response.headers["x-plano-model"], response.headers["x-plano-decision"]) == ("openai/gpt-4o", "fallback")
+
+
+def test_a_wrong_gemini_key_is_the_gateways_to_fix_not_the_clients(provider):
+    with RunningPlano(build_config(gemini_model(provider, access_key="AIzaSyWrongKey000000000000000000000000"),
+                                   router=ROUTER_OFF)) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
+            anthropic_client(running).messages.create(model="gemini/gemini-3-pro-preview", max_tokens=5,
+                                                      messages=[USER_HI])
+    assert "rejected the configured key" in caught.value.message and "AIzaSyWrong" not in caught.value.message
+
+
+# ── the pure functions, fuzzed ─────────────────────────────────────────────────────────────
+
+GEMINI_MODEL = plano.parse_config("llm_providers:\n  - model: gemini/gemini-2.5-pro\n    access_key: k\n",
+                                  path=CONFIG_PATH, environ={}).models[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["contents", "systemInstruction", "tools", "toolConfig",
+                                             "generationConfig"]), JSON_VALUES, max_size=5)
+       | st.fixed_dictionaries({"contents": st.lists(st.fixed_dictionaries(
+           {"role": st.sampled_from(["user", "model", "function", "x"]),
+            "parts": st.lists(st.dictionaries(st.sampled_from(["text", "thought", "functionCall", "functionResponse",
+                                                               "inlineData", "thoughtSignature", "fileData"]),
+                                              JSON_VALUES, max_size=3), max_size=3)}), max_size=4)}))
+def test_any_gemini_request_body_is_read_or_refused_with_a_request_error(body):
+    try:
+        anthropic_body = plano.gemini_request_to_anthropic(body, stream=False)
+    except plano.RequestError:
+        return
+    json.dumps(anthropic_body)
+    try:
+        plano.anthropic_request_to_gemini(dict(anthropic_body, max_tokens=10), GEMINI_MODEL)
+    except plano.RequestError:
+        pass
+
+
+TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(turns=st.lists(st.tuples(TEXTS.filter(bool), st.lists(st.tuples(st.sampled_from(["Bash", "Read"]),
+                                                                        st.dictionaries(TEXTS, TEXTS, max_size=2)),
+                                                              max_size=2), TEXTS), min_size=1, max_size=3))
+def test_a_gemini_conversation_keeps_its_words_and_calls_through_the_anthropic_shape_and_back(turns):
+    """user text → model calls (no ids, as Gemini sends) → function responses, turn after turn."""
+    contents = []
+    for words, calls, result in turns:
+        contents.append({"role": "user", "parts": [{"text": words}]})
+        if calls:
+            contents.append({"role": "model", "parts": [{"functionCall": {"name": n, "args": a}} for n, a in calls]})
+            contents.append({"role": "user", "parts": [{"functionResponse": {"name": n, "response": {"output": result}}}
+                                                       for n, _ in calls]})
+    back = plano.anthropic_request_to_gemini(plano.gemini_request_to_anthropic({"contents": contents}, False),
+                                             GEMINI_MODEL)["contents"]
+    def flat(turns: list[dict]) -> list[tuple]:
+        return [(c["role"], p.get("text"), (p.get("functionCall") or {}).get("name"),
+                 (p.get("functionCall") or {}).get("args"), (p.get("functionResponse") or {}).get("response"))
+                for c in turns for p in c["parts"]]
+
+    said, expected = flat(back), flat(contents)
+    assert said == expected  # (consecutive user turns may be merged into one content: the parts stay in order)
+    ids = [p["functionCall"]["id"] for c in back for p in c["parts"] if "functionCall" in p]
+    answered = [p["functionResponse"]["id"] for c in back for p in c["parts"] if "functionResponse" in p]
+    assert ids == answered and len(set(ids)) == len(ids)  # each response answers its own call
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(JSON_VALUES | st.fixed_dictionaries({"candidates": st.lists(st.fixed_dictionaries({
+    "content": st.fixed_dictionaries({"parts": st.lists(st.dictionaries(
+        st.sampled_from(["text", "thought", "functionCall", "thoughtSignature"]), JSON_VALUES, max_size=3),
+        max_size=3)}), "finishReason": st.sampled_from(["STOP", "MAX_TOKENS", "SAFETY", "OTHER", 7])}), max_size=2),
+    "usageMetadata": JSON_VALUES}), max_size=5), client_format=st.sampled_from(["anthropic", "openai", "responses"]))
+def test_any_gemini_stream_becomes_a_well_formed_client_stream_or_a_stream_error(chunks, client_format):
+    translator = plano.StreamTranslator("gemini", client_format, "gemini/x", True)
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure, (plano.StreamTranslationError,
+                                                                         plano.UpstreamError))
+    events = plano.SSEDecoder().feed(out)
+    if client_format == "anthropic" and events:
+        names = [e.event for e in events]
+        assert names[0] == "message_start" and names.count("message_stop") <= 1
+        if translator.failure is None:
+            assert names[-1] == "message_stop"
+
+
 # ── issue 22: Vertex ──────────────────────────────────────────────────────────────────────────
 #
 # Claude on Google Vertex AI: a loopback OAuth token endpoint for a service account whose key the
@@ -12884,10 +13364,17 @@ class VertexStandIn(_LoopbackServer):
     not take gets Vertex's recorded 400; else rawPredict answers the recorded whole answer and
     streamRawPredict the recorded stream (in 5-byte pieces), unless `replies` scripts another."""
 
-    PATH = re.compile(r"/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/publishers/anthropic/models/"
-                      r"(?P<model>[^/:]+):(?P<method>rawPredict|streamRawPredict)")
+    PATH = re.compile(r"/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/publishers/(?P<publisher>\w+)/"
+                      r"models/(?P<model>[^/:]+):(?P<method>\w+)(?P<query>\?alt=sse)?")
     WHOLE = VERTEX_RECORDED / "vertex-claude-opus-4-6-text.json"
     STREAM = VERTEX_RECORDED / "vertex-claude-sonnet-5-cache-write.sse"
+    # Gemini on Vertex answers in Gemini's own API (the Gemini API's recordings: the same wire format).
+    GEMINI_WHOLE = RECORDED / "gemini" / "gemini-2.5-flash-text.json"
+    GEMINI_STREAM = RECORDED / "gemini" / "gemini-2.0-flash-text.sse"
+    METHODS = {("anthropic", "rawPredict", None): (WHOLE, "application/json"),
+               ("anthropic", "streamRawPredict", None): (STREAM, "text/event-stream"),
+               ("google", "generateContent", None): (GEMINI_WHOLE, "application/json"),
+               ("google", "streamGenerateContent", "?alt=sse"): (GEMINI_STREAM, "text/event-stream")}
 
     def __init__(self, tokens: GoogleTokenEndpoint):
         self.tokens = tokens
@@ -12903,8 +13390,12 @@ class VertexStandIn(_LoopbackServer):
             return handler.answer(401, json.dumps(GOOGLE_UNAUTHENTICATED, indent=2).encode())
         match = self.PATH.fullmatch(handler.path)
         body = json.loads(raw)
-        if match is None or body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body:
-            return handler.answer(404, json.dumps({"error": {"code": 404, "message": "not a Vertex Claude request",
+        claude = match is not None and match["publisher"] == "anthropic"
+        expected = {"anthropic_version": "vertex-2023-10-16"} if claude else {}
+        if match is None or (match["publisher"], match["method"], match["query"]) not in self.METHODS \
+                or {k: body.get(k) for k in expected} != expected or "model" in body \
+                or not claude and not isinstance(body.get("contents"), list):
+            return handler.answer(404, json.dumps({"error": {"code": 404, "message": "not a Vertex model request",
                                                              "status": "NOT_FOUND"}}).encode())
         betas = {b.strip() for b in headers.get("anthropic-beta", "").split(",") if b.strip()}
         if betas - VERTEX_TAKES_BETAS:
@@ -12912,9 +13403,8 @@ class VertexStandIn(_LoopbackServer):
         if self.replies:
             status, payload = self.replies.pop(0)
             return handler.answer(status, payload)
-        if match["method"] == "streamRawPredict":
-            return handler.answer(200, self.STREAM.read_bytes(), "text/event-stream", pieces=5)
-        handler.answer(200, self.WHOLE.read_bytes())
+        recording, content_type = self.METHODS[match["publisher"], match["method"], match["query"]]
+        handler.answer(200, recording.read_bytes(), content_type, pieces=5 if "stream" in content_type else None)
 
 
 @pytest.fixture
@@ -12988,6 +13478,32 @@ def test_vertex_claude_answers_reach_the_openai_sdk_and_a_responses_client(verte
         assert (usage.prompt_tokens, usage.completion_tokens) == (9, 24)
         assert completed.output_text == text and completed.usage.output_tokens == 24
     assert {r.path.rsplit(":", 1)[1] for r in vertex.requests} == {"streamRawPredict" if stream else "rawPredict"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_on_vertex_answers_the_anthropic_sdk_the_openai_sdk_and_a_responses_client(vertex, stream):
+    model = "vertex/gemini-2.5-flash"
+    recording = (VertexStandIn.GEMINI_STREAM if stream else VertexStandIn.GEMINI_WHOLE).read_bytes()
+    items = [json.loads(e.data) for e in plano.SSEDecoder().feed(recording)] if stream else [json.loads(recording)]
+    expected = "".join(part.get("text", "") for item in items for candidate in item["candidates"]
+                       for part in candidate["content"]["parts"])
+    with RunningPlano(vertex_config(vertex, model=model)) as running:
+        message = anthropic_message(anthropic_client(running), stream, model=model, max_tokens=64, messages=[USER_HI])
+        client = openai_client(running)
+        if stream:
+            chat = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=model, messages=[USER_HI], stream=True) if c.choices)
+            events = list(client.responses.create(model=model, input="hi", stream=True))
+            responses = next(e.response for e in events if e.type == "response.completed").output_text
+        else:
+            chat = client.chat.completions.create(model=model, messages=[USER_HI]).choices[0].message.content
+            responses = client.responses.create(model=model, input="hi").output_text
+    assert message_text(message) == chat == responses == expected
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    assert {r.path for r in vertex.requests} == {
+        f"/v1/projects/{VERTEX_PROJECT}/locations/us-east5/publishers/google/models/gemini-2.5-flash:{method}"}
+    assert all(vertex.tokens.valid(r.headers["authorization"].removeprefix("Bearer ")) for r in vertex.requests)
+    assert not any("x-goog-api-key" in r.headers for r in vertex.requests)
 
 
 def test_a_token_that_expires_mid_test_is_refreshed_and_vertex_never_sees_it_expired(vertex):
@@ -13169,8 +13685,11 @@ def test_vertex_models_get_the_catalogues_window_prices_and_dated_ids_find_their
     assert dated.interface == "anthropic" and dated.takes_server_tools
 
 
-def test_a_vertex_model_that_is_not_claude_is_refused_with_a_config_error():
-    assert "plano serves Claude models on Vertex AI" in config_error(config_yaml({"model": "vertex/mistral-large"}))
+def test_a_vertex_model_that_is_neither_claude_nor_gemini_is_refused_with_a_config_error():
+    assert "plano serves Claude and Gemini models on Vertex AI" in \
+        config_error(config_yaml({"model": "vertex/mistral-large"}))
+    gemini = build_config({"model": "vertex/gemini-2.5-pro", "provider_interface": "openai"}).models[0]
+    assert (gemini.interface, gemini.spec.auth, gemini.capabilities.context_window) == ("gemini", "google", 1_048_576)
 
 
 def test_without_google_auth_a_vertex_model_is_a_start_up_error_naming_the_extra(tmp_path):
