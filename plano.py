@@ -2873,7 +2873,7 @@ def _is_google_error(payload: Any) -> bool:
 
 def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, upstream_format: str,
                         client_format: str, *, provider: str, key_env: str | None,
-                        withheld_key: str | None = None) -> UpstreamError:
+                        withheld_key: str | None = None, google_token: bool = False) -> UpstreamError:
     """What the client gets for a provider's error answer (HTTP status >= 400).
 
     When the client speaks the provider's format, the provider's status, the headers that matter
@@ -2883,7 +2883,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     A body that is not JSON becomes an error in the client's format either way.
     A key the provider rejects (401/403) is plano's configuration to fix, not the client's
     credentials: a 403 permission_error naming the variable, as a missing key is (or the variable
-    plano did not send, `withheld_key`, and how to send it).
+    plano did not send, `withheld_key`, and how to send it; or, `google_token`, the access token of
+    plano's Google credentials, which Vertex AI takes instead of a key).
     Keys the provider echoes in its body are for the caller to scrub: it knows them.
     """
     forwarded = {name.lower(): value for name, value in headers.items()
@@ -2909,7 +2910,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        if _is_google_error(payload) and key_env is None and not withheld_key:  # Vertex AI: a token, not a key
+        if google_token:
             message = f"{provider}: Google refused the access token of plano's Google credentials: {message}"
         elif withheld_key:
             message = (f"{provider}: the provider asks for a key, and plano sends none to it: ${withheld_key} goes "
@@ -9979,7 +9980,8 @@ class Upstreams:
         except httpx.HTTPError:
             raw = b""
         error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                    provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
+                                    provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key,
+                                    google_token=model.spec.auth == "google")
         # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
         error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
         return error
