@@ -13556,6 +13556,18 @@ def test_betas_vertex_refuses_are_dropped_and_claude_codes_request_succeeds(vert
                                                     .read_bytes())
 
 
+def test_the_real_claude_code_gets_its_answer_from_claude_on_vertex_despite_its_betas(vertex, tmp_path, claude_bin):
+    with RunningPlano(vertex_config(vertex)) as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "say ack", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "ack"  # the recorded stream's text
+    sent = [r.headers.get("anthropic-beta", "") for r in vertex.requests]
+    assert any(sent) and all(set(filter(None, betas.split(","))) <= VERTEX_TAKES_BETAS for betas in sent)
+    # Claude Code sends betas Vertex refuses (claude-code-20250219 among them): plano said it dropped them.
+    assert any("anthropic-beta claude-code-20250219 is dropped for Vertex AI" in line for line in SuiteLog.lines)
+    assert all(r.path.endswith(":streamRawPredict") and r.json["tools"] for r in vertex.requests)
+
+
 def test_vertexs_recorded_refusal_reaches_each_client_in_its_format(vertex):
     recording = (VERTEX_RECORDED / "vertex-claude-beta-refused.400.json").read_bytes()
     with RunningPlano(vertex_config(vertex)) as running:
