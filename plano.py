@@ -6032,6 +6032,10 @@ class GoogleAccessTokens:
         self.kind = self.KINDS.get(type(credentials).__module__, type(credentials).__module__)
         self._credentials, self.project = credentials, project
 
+    def forget(self) -> None:
+        """Drop the token (Google refused it before it expired): the next request refreshes it."""
+        self._fresh_until = 0.0
+
     @property
     def account(self) -> str | None:
         """The service account's e-mail address, when the credentials are one's (not a secret)."""
@@ -9881,6 +9885,8 @@ class Upstreams:
                     exchange.session, output_limit(exchange.needs, model) if exchange.needs else None))
                 response, upstream_ms = await self._send(model, traced.carrying(call), config)
                 if response.status_code >= 400:
+                    if response.status_code == 401 and model.spec.auth == "google" and self.google is not None:
+                        self.google.forget()  # a token Google no longer takes (revoked): the next request gets another
                     try:
                         raise await self._error(response, model, request.api_format, config_secrets(config))
                     finally:

@@ -13380,6 +13380,7 @@ class VertexStandIn(_LoopbackServer):
         self.tokens = tokens
         self.requests: list[Recorded] = []
         self.replies: list[tuple[int, bytes]] = []
+        self.echo_token = False
         self.start()
 
     def handle(self, handler: _LoopbackHandler, raw: bytes) -> None:
@@ -13402,6 +13403,8 @@ class VertexStandIn(_LoopbackServer):
             return handler.answer(400, (VERTEX_RECORDED / "vertex-claude-beta-refused.400.json").read_bytes())
         if self.replies:
             status, payload = self.replies.pop(0)
+            if self.echo_token:  # as a careless server would, naming the token it refused
+                payload = payload.replace(b"{token}", bearer[7:].encode())
             return handler.answer(status, payload)
         recording, content_type = self.METHODS[match["publisher"], match["method"], match["query"]]
         handler.answer(200, recording.read_bytes(), content_type, pieces=5 if "stream" in content_type else None)
@@ -13525,19 +13528,55 @@ def test_a_token_that_expires_mid_test_is_refreshed_and_vertex_never_sees_it_exp
             and r.headers["authorization"] != f"Bearer {new}"] == []
 
 
-def test_a_token_vertex_refuses_is_a_403_naming_the_google_credentials_in_each_clients_format(vertex):
+def test_a_token_vertex_refuses_is_a_403_naming_the_google_credentials_and_the_next_request_gets_a_new_one(vertex):
     with RunningPlano(vertex_config(vertex)) as running:
         anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
-        vertex.tokens.issued.clear()  # revoked: Vertex now takes none of them
+        vertex.tokens.issued.clear()  # revoked: Vertex takes none of them any more
         with pytest.raises(anthropic.PermissionDeniedError) as anthropic_error:
             anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        recovered = openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+        vertex.tokens.issued.clear()  # and the one plano got since
         with pytest.raises(openai.PermissionDeniedError) as openai_error:
             openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+        openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+    assert recovered.usage.completion_tokens == 24
+    assert len({r.headers["authorization"] for r in vertex.requests}) == 3  # a new token after each refusal
     body = anthropic_error.value.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "permission_error"
     assert "Google refused the access token" in body["error"]["message"]
     assert "Request had invalid authentication credentials" in body["error"]["message"]
     assert openai_error.value.response.json()["error"]["type"] == "permission_error"
+
+
+def test_concurrent_requests_share_one_refresh(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        async def ask_all() -> list[int]:
+            async with httpx.AsyncClient(base_url=running.url) as client:
+                replies = [None] * 8
+
+                async def ask(i: int) -> None:
+                    replies[i] = (await client.post("/v1/messages", json={
+                        "model": VERTEX_MODEL, "max_tokens": 8, "messages": [USER_HI]})).status_code
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(ask, i)
+                return replies
+        statuses = trio.run(ask_all)
+    assert statuses == [200] * 8
+    assert len(vertex.tokens.issued) == 1 and len({r.headers["authorization"] for r in vertex.requests}) == 1
+
+
+def test_a_token_that_vertex_echoes_back_is_scrubbed_from_the_answer_and_the_log(vertex):
+    echo = {"error": {"code": 403, "status": "PERMISSION_DENIED",
+                      "message": "Permission 'aiplatform.endpoints.predict' denied for Bearer {token}"}}
+    with RunningPlano(vertex_config(vertex)) as running:
+        vertex.replies = [(403, json.dumps(echo).encode())]
+        vertex.echo_token = True
+        answer = httpx.post(running.url + "/v1/chat/completions", json={"model": VERTEX_MODEL, "messages": [USER_HI]})
+    token = vertex.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    assert answer.status_code == 403 and "aiplatform.endpoints.predict" in answer.text
+    assert token not in answer.text and "[redacted]" in answer.text
+    assert not [line for line in SuiteLog.lines if token in line]
 
 
 def test_betas_vertex_refuses_are_dropped_and_claude_codes_request_succeeds(vertex):
