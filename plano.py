@@ -8610,7 +8610,7 @@ _GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
 # other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
 _GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
-                         "azure_openai": "azure.ai.openai"}
+                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
 _GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 # What plano's token kinds are called here, and their usage-ledger columns.
 _TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
@@ -8803,7 +8803,7 @@ _CAPTURED_MESSAGES_CHARS = 64 * 1024  # of the input messages' JSON: the newest 
 
 # The conventions' gen_ai.provider.name for the providers they name; the others go by plano's name.
 _GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
-                         "azure_openai": "azure.ai.openai"}
+                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
 
 
 @dataclass(frozen=True)

@@ -13509,6 +13509,21 @@ def test_gemini_on_vertex_answers_the_anthropic_sdk_the_openai_sdk_and_a_respons
     assert not any("x-goog-api-key" in r.headers for r in vertex.requests)
 
 
+def test_vertex_usage_is_priced_from_the_catalogue_and_counted_under_gcp_vertex_ai(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        streamed = anthropic_message(anthropic_client(running), True, model=VERTEX_MODEL, max_tokens=8,
+                                     messages=[USER_HI])
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", model=VERTEX_MODEL) == 1,
+                   what="the answer counted")
+        text = scraped(running)
+    assert streamed.usage.cache_creation_input_tokens == 28804
+    assert metric_value(text, "gen_ai_client_token_usage_count", gen_ai_provider_name="gcp.vertex_ai",
+                        gen_ai_request_model="claude-sonnet-4-5@20250929", gen_ai_token_type="output") == 1
+    # claude-sonnet-4-5 on Vertex: $3 in, $15 out per million; cache writes at the input price.
+    assert metric_value(text, "plano_cost_usd_total", model=VERTEX_MODEL) == \
+        pytest.approx((10 + 28804) * 3e-6 + 4 * 15e-6)
+
+
 def test_a_token_that_expires_mid_test_is_refreshed_and_vertex_never_sees_it_expired(vertex):
     vertex.tokens.lifetime = 4  # plano refreshes a token this short-lived a quarter of its life early
     with RunningPlano(vertex_config(vertex)) as running:
