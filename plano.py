@@ -4074,6 +4074,8 @@ GEMINI_FINISH_FROM_ANTHROPIC = {"end_turn": "STOP", "stop_sequence": "STOP", "to
 # Gemini 2.5's budgets; -1 is "dynamic" (the model decides).
 _GEMINI_THINKING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
 _GEMINI_DYNAMIC_BUDGET = 8192
+# The largest budget every Gemini thinking model takes (2.5 Flash's; 2.5 Pro's is 32768): more is a 400.
+_GEMINI_MAX_THINKING_BUDGET = 24576
 
 MAX_GEMINI_MODEL_NAME = 256  # characters of a model name in a Gemini URL (real ones are < 60)
 
@@ -4094,18 +4096,22 @@ def gemini_url(base_url: str, model_id: str, stream: bool) -> str:
     return f"{base_url}/{GEMINI_API_VERSION}/models/{urllib.parse.quote(model_id, safe='')}:{method}"
 
 
-def gemini_call_of_path(path: str) -> tuple[str, str]:
-    """(model name, method) of a Gemini front-door path `/v1beta/models/{model}:{method}`. The name
+def gemini_call_of_path(path: str, with_method: bool = True) -> tuple[str, str]:
+    """(model name, method) of a Gemini front-door path `/v1beta/models/{model}:{method}` (or, not
+    `with_method`, `/v1beta/models/{model}`: a name may hold a colon, as Ollama's tags do). The name
     is percent-decoded and may hold `/` (plano's names are `provider/model`); a name that is empty,
     too long, holds a `..` segment, an encoded slash or backslash, or a control character is refused."""
     rest = path[len(f"/{GEMINI_API_VERSION}/models/"):]
-    name, colon, method = rest.rpartition(":")
+    name, colon, method = rest.rpartition(":") if with_method else ("", "", "")
     if not colon:
         name, method = rest, ""
     _require(name != "", "the model name in the path is empty")
     _require(len(name) <= 3 * MAX_GEMINI_MODEL_NAME, "the model name in the path is too long")
     _require(not re.search(r"%(2[fF]|5[cC])", name), "the model name in the path holds an encoded slash")
-    name = urllib.parse.unquote(name, errors="strict") if "%" in name else name
+    try:
+        name = urllib.parse.unquote(name, errors="strict") if "%" in name else name
+    except UnicodeDecodeError:
+        raise RequestError("the model name in the path is not percent-encoded UTF-8") from None
     _require(len(name) <= MAX_GEMINI_MODEL_NAME, f"the model name in the path is longer than {MAX_GEMINI_MODEL_NAME}")
     _require(not _UNPRINTABLE.search(name) and not re.search(r"\s", name),
              "the model name in the path holds a control character or a space")
@@ -4114,6 +4120,34 @@ def gemini_call_of_path(path: str) -> tuple[str, str]:
 
 
 # ── Gemini request → Anthropic request (the front door) ─────────────────────────────────────
+
+# Google's APIs read JSON by protobuf's rules, which take a field by its JSON name (lowerCamelCase)
+# or its proto name (snake_case): Google's Python SDK sends `parameters_json_schema`,
+# `thinking_budget`. These fields hold JSON of the client's own (a call's arguments, a function's
+# response, JSON schemas, examples), whose keys are never renamed; `properties` maps property names
+# (kept) to schemas (read on).
+_GEMINI_OPAQUE_FIELDS = frozenset({"args", "response", "parametersJsonSchema", "responseJsonSchema", "default",
+                                   "example", "labels", "enum"})
+
+
+def gemini_camel_case(value: Any) -> Any:
+    """A Gemini request with every field under its JSON name (snake_case names as lowerCamelCase)."""
+    if isinstance(value, list):
+        return [gemini_camel_case(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict = {}
+    for key, item in value.items():
+        name = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key) if "_" in key else key
+        _require(name not in out, f"{name}: given twice (as {key} and {name})")
+        if name in _GEMINI_OPAQUE_FIELDS:
+            out[name] = item
+        elif name == "properties" and isinstance(item, dict):
+            out[name] = {prop: gemini_camel_case(schema) for prop, schema in item.items()}
+        else:
+            out[name] = gemini_camel_case(item)
+    return out
+
 
 def _gemini_text_of(instruction: Any, where: str) -> str:
     """The text of a systemInstruction: a Content ({parts: [{text}]}) or, as the SDKs accept, a string."""
@@ -4183,6 +4217,7 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
     a conversation), and a functionResponse without one answers the first call of that name (else
     the first) of the model turn before it that has no answer yet."""
     _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
+    body = gemini_camel_case(body)
     contents = body.get("contents")
     _require(isinstance(contents, list) and contents, "contents: must be a non-empty list")
     messages: list[dict] = []
@@ -4205,13 +4240,14 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
                 results = []
             _append_anthropic(messages, "user", results + others)
     out: dict[str, Any] = {"messages": messages}
-    if body.get("systemInstruction") is not None:
-        system = _gemini_text_of(body["systemInstruction"], "systemInstruction")
-        if system:
-            out["system"] = system
+    system = _gemini_text_of(body["systemInstruction"], "systemInstruction") \
+        if body.get("systemInstruction") is not None else ""
     config = body.get("generationConfig")
     _require(config is None or isinstance(config, dict), "generationConfig: must be an object")
     out.update(_gemini_generation_config_to_anthropic(config or {}))
+    system = "\n\n".join(filter(None, [system, _gemini_json_mode_instruction(config or {})]))
+    if system:
+        out["system"] = system
     tools = body.get("tools")
     _require(tools is None or isinstance(tools, list), "tools: must be a list")
     declared = []
@@ -4321,6 +4357,19 @@ def _gemini_generation_config_to_anthropic(config: dict) -> dict:
     return out
 
 
+def _gemini_json_mode_instruction(config: dict) -> str:
+    """Gemini's JSON mode (`responseMimeType: application/json`, with a schema or not), which the
+    Anthropic shape has no field for, as an instruction the other providers' models follow (Gemini
+    CLI's checks of the next speaker and of loops ask for it)."""
+    if config.get("responseMimeType") != "application/json":
+        return ""
+    schema = config.get("responseJsonSchema")
+    if schema is None and config.get("responseSchema") is not None:
+        schema = json_schema_from_gemini(config["responseSchema"])
+    shape = f", valid against this JSON Schema: {json.dumps(schema, ensure_ascii=False)}" if schema is not None else ""
+    return f"Answer with one JSON value and nothing else (no prose, no Markdown code fence){shape}."
+
+
 def _gemini_thinking_budget(thinking: dict) -> int:
     """The thinking budget a Gemini thinkingConfig asks for; 0 for none."""
     budget, level = thinking.get("thinkingBudget"), thinking.get("thinkingLevel")
@@ -4378,6 +4427,7 @@ def _gemini_tool_config_to_anthropic(config: Any) -> dict | None:
         return None
     _require(isinstance(calling, dict), "toolConfig.functionCallingConfig: must be an object")
     mode = calling.get("mode", "AUTO")
+    _require(isinstance(mode, str), "toolConfig.functionCallingConfig.mode: must be AUTO, ANY, NONE or VALIDATED")
     allowed = calling.get("allowedFunctionNames")
     if mode == "ANY" and isinstance(allowed, list) and len(allowed) == 1 and isinstance(allowed[0], str):
         return {"type": "tool", "name": allowed[0]}
@@ -4459,7 +4509,11 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
         converted = _anthropic_tool_to_openai(tool, f"tools[{i}]")
         if converted is not None:
             function = converted["function"]
-            declaration = {"name": function["name"], "parametersJsonSchema": function["parameters"]}
+            # The client's JSON Schema as it is (parametersJsonSchema takes JSON Schema, where
+            # `parameters` takes only an OpenAPI subset), less `$schema`: metadata, which Google's
+            # schema readers have refused.
+            schema = {k: v for k, v in function["parameters"].items() if k != "$schema"}
+            declaration = {"name": function["name"], "parametersJsonSchema": schema}
             if function.get("description"):
                 declaration["description"] = function["description"]
             declarations.append(declaration)
@@ -4467,7 +4521,9 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
         out["tools"] = [{"functionDeclarations": declarations}]
         choice = body.get("tool_choice")
         if isinstance(choice, dict):
-            mode = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}.get(choice.get("type"))
+            kind = choice.get("type")
+            mode = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}.get(kind) if isinstance(kind, str) \
+                else None
             _require(mode is not None, "tool_choice.type: must be auto, any, tool or none")
             calling: dict[str, Any] = {"mode": mode}
             if choice.get("type") == "tool":
@@ -4487,12 +4543,12 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
                  "stop_sequences: must be a list of strings")
         config["stopSequences"] = stop[:5]  # Gemini takes at most five
     thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+    thinks = model.is_reasoning_model or model.capabilities.reasoning  # others refuse a thinkingConfig
+    if thinks and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
         budget = thinking.get("budget_tokens")
         config["thinkingConfig"] = {"includeThoughts": True, **(
-            {"thinkingBudget": budget} if isinstance(budget, int) and not isinstance(budget, bool) else {})}
-    elif isinstance(thinking, dict) and thinking.get("type") == "disabled":
-        config["thinkingConfig"] = {"includeThoughts": False}
+            {"thinkingBudget": min(budget, _GEMINI_MAX_THINKING_BUDGET)}
+            if isinstance(budget, int) and not isinstance(budget, bool) else {})}
     if config:
         out["generationConfig"] = config
     return out
@@ -4516,7 +4572,9 @@ def _anthropic_message_to_gemini(message: Any, where: str, names: dict[str, str]
         _require(isinstance(block, dict), f"{at}: must be an object")
         kind = block.get("type")
         if kind == "tool_result":
-            tool_use_id, text, images = _anthropic_tool_result(block, at)
+            _require(isinstance(block.get("tool_use_id"), str), f"{at}.tool_use_id: must be a string")
+            tool_use_id = block["tool_use_id"]
+            text, images = _tool_result_content(block.get("content"), at)  # (a failure says so in its key)
             call_id, _ = split_signed_tool_id(tool_use_id)
             response = {"error": text} if block.get("is_error") is True else {"output": text}
             results.append({"functionResponse": {"id": call_id, "name": names.get(tool_use_id, names.get(call_id, "")),
@@ -4715,6 +4773,10 @@ def _gemini_answer_chunk(parts: list[dict], model: str, response_id: str, finish
     return chunk
 
 
+def _gemini_finish(stop_reason: Any) -> str:
+    return GEMINI_FINISH_FROM_ANTHROPIC.get(stop_reason, "STOP") if isinstance(stop_reason, str) else "STOP"
+
+
 def anthropic_response_to_gemini(response: dict, requested_model: str) -> dict:
     """An Anthropic Messages response as a Gemini generateContent answer."""
     parts: list[dict] = []
@@ -4741,7 +4803,7 @@ def anthropic_response_to_gemini(response: dict, requested_model: str) -> dict:
         parts.append(part)
     if thinking:
         parts.append({"text": "", "thoughtSignature": gemini_signature_carrying(thinking)})
-    finish = GEMINI_FINISH_FROM_ANTHROPIC.get(response.get("stop_reason"), "STOP")
+    finish = _gemini_finish(response.get("stop_reason"))
     return _gemini_answer_chunk(parts, requested_model, str(response.get("id") or _new_id("")), finish,
                                 _anthropic_usage_to_gemini(response.get("usage")))
 
@@ -4888,7 +4950,7 @@ class AnthropicToGeminiStream:
         if self.thinking:
             part["thoughtSignature"] = gemini_signature_carrying(self.thinking)
         return [_gemini_answer_chunk([part], self.model, self.response_id,
-                                     GEMINI_FINISH_FROM_ANTHROPIC.get(self.stop_reason, "STOP"),
+                                     _gemini_finish(self.stop_reason),
                                      _anthropic_usage_to_gemini(self.usage))]
 
 
@@ -5203,7 +5265,7 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
     if client_format == "gemini" and model.interface != "gemini":
         # A Gemini client's request, read into the Anthropic shape (`body`), goes on as one.
         if model.interface == "anthropic":
-            body = without_unpaired_thinking(body)
+            body = fit_for_anthropic_thinking(body)
             if body.get("max_tokens") is None:  # Anthropic requires one; Gemini clients often give none
                 body = with_max_output(body, "anthropic", model.default_max_tokens)
         return provider_request(model, "anthropic", body, _json_bytes(body), client_headers, query, session, max_output)
@@ -5346,20 +5408,32 @@ def gemini_with_max_output(body: Any, limit: int) -> Any:
     """A Gemini request body asking for at most `limit` output tokens (its maxOutputTokens)."""
     if not isinstance(body, dict):
         return body
-    config = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
-    given = config.get("maxOutputTokens")
+    section = "generation_config" if "generation_config" in body else "generationConfig"  # (see gemini_camel_case)
+    config = body.get(section) if isinstance(body.get(section), dict) else {}
+    field_name = "max_output_tokens" if "max_output_tokens" in config else "maxOutputTokens"
+    given = config.get(field_name)
     if isinstance(given, int) and not isinstance(given, bool) and given <= limit:
         return body
-    return dict(body, generationConfig=dict(config, maxOutputTokens=limit))
+    return dict(body, **{section: dict(config, **{field_name: limit})})
 
 
-def without_unpaired_thinking(body: dict) -> dict:
-    """An Anthropic request without `thinking` when its last assistant turn calls tools without
-    the signed thinking that came before the calls: Anthropic refuses such a request ("a final
-    assistant message must start with a thinking block"), as happens when another provider (or a
-    client that dropped it) made that turn."""
+def fit_for_anthropic_thinking(body: dict) -> dict:
+    """A request read from another API (Gemini's) as Anthropic takes thinking: it refuses thinking
+    beside `top_k`, a `temperature` other than 1, a `top_p` below 0.95 (Gemini CLI sends topK 64,
+    topP 0.95 and temperature 1 with its thinkingConfig) and forced tool use; and it refuses a
+    thinking request whose last assistant turn calls tools without the signed thinking that came
+    before the calls ("a final assistant message must start with a thinking block"), as when
+    another provider made that turn. The sampling goes; a forced tool or an unpaired turn keeps
+    its request without thinking."""
     if not isinstance(body.get("thinking"), dict) or body["thinking"].get("type") == "disabled":
         return body
+    def refused(key: str, value: Any) -> bool:
+        return key == "top_k" or key == "temperature" and value != 1 \
+            or key == "top_p" and not (isinstance(value, (int, float)) and value >= 0.95)
+
+    out = {k: v for k, v in body.items() if not refused(k, v)}
+    if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") in ("any", "tool"):
+        return {k: v for k, v in body.items() if k != "thinking"}
     for message in reversed(body.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "assistant":
             content = message.get("content") if isinstance(message.get("content"), list) else []
@@ -5369,8 +5443,8 @@ def without_unpaired_thinking(body: dict) -> dict:
                 first.get("type") == "thinking" and not _unsigned(first)
             if calls and not signed:
                 return {k: v for k, v in body.items() if k != "thinking"}
-            return body
-    return body
+            break
+    return out
 
 
 # The hosted tool types already said to be dropped, and for which interface: Codex sends web_search
@@ -9152,7 +9226,7 @@ def _usage_attributes(usage: Mapping[str, Any] | None, reasoning_tokens: int | N
 # ── what an answer says of itself ─────────────────────────────────────────────────────────
 
 # An OpenAI chunk that gives a finish reason (every chunk names the field, most as null).
-_FINISH_REASON_GIVEN = re.compile(r'"finish_reason"\s*:\s*"')
+_FINISH_REASON_GIVEN = re.compile(r'"finish_reason"\s*:\s*"|"finishReason"\s*:\s*"')  # Chat's, Gemini's
 _RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
@@ -9201,7 +9275,9 @@ class _AnswerFacts:
 
     def _event(self, data: dict) -> None:
         kind = data.get("type")
-        if self.interface == "responses":
+        if self.interface == "gemini":
+            self._gemini(data)
+        elif self.interface == "responses":
             if isinstance(data.get("response"), dict) and kind in ("response.created",) + _RESPONSES_FINAL:
                 self.whole(data["response"])
         elif self.interface == "anthropic":
@@ -9223,6 +9299,9 @@ class _AnswerFacts:
     def whole(self, payload: dict) -> None:
         """A whole answer (or a Responses stream's response object)."""
         if self.broken:
+            return
+        if self.interface == "gemini":
+            self._gemini(payload)
             return
         self._identity(payload)
         if self.interface == "anthropic":
@@ -9253,6 +9332,28 @@ class _AnswerFacts:
                 self._reason(index, choice.get("finish_reason"))
                 if self.capture and isinstance(choice.get(part), dict):
                     self._openai_message(index, choice[part])
+
+    def _gemini(self, data: dict) -> None:
+        """A Gemini answer or stream chunk: its responseId, modelVersion, each candidate's
+        finishReason and, when content is captured, its parts (a call is whole in one part)."""
+        self._identity({"id": data.get("responseId"), "model": data.get("modelVersion")})
+        for position, candidate in enumerate(_list(data.get("candidates"))):
+            if not isinstance(candidate, dict):
+                continue
+            index = _index(candidate.get("index"), position)
+            self._reason(index, candidate.get("finishReason"))
+            content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+            for part in _list(content.get("parts")) if self.capture else []:
+                if not isinstance(part, dict):
+                    continue
+                call = part.get("functionCall")
+                if isinstance(call, dict):
+                    key = ("tool_call", sum(k[0] == "tool_call" for k in self.parts.get(index, {})))
+                    self._part(index, key).update({k: _named(v) for k, v in
+                                                   (("id", call.get("id")), ("name", call.get("name"))) if v})
+                    self._add(index, key, json.dumps(call.get("args") or {}, ensure_ascii=False))
+                else:
+                    self._add(index, ("reasoning" if part.get("thought") is True else "text", 0), part.get("text"))
 
     def _identity(self, data: dict) -> None:
         if self.id is None and isinstance(data.get("id"), str):
@@ -10477,8 +10578,8 @@ class Gateway:
             if path == prefix:
                 body: dict = {"models": [gemini_model_listing(self.config, name) for name in names]}
             else:
-                name, method = gemini_call_of_path(path)
-                if method or name not in names:
+                name, _ = gemini_call_of_path(path, with_method=False)
+                if name not in names:
                     raise NotFoundError(f"models/{name} is not a model this gateway serves (GET {prefix} lists them)")
                 body = gemini_model_listing(self.config, name)
             await respond.send_full(200, [("content-type", "application/json")], _json_bytes(body))

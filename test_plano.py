@@ -45,6 +45,9 @@ import pytest
 import trio
 import trustme
 import yaml
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12742,6 +12745,7 @@ GEMINI_TEXT_SIGNATURE = "CqQDAXLI2nzVwq8xStOWq3HumdAIrENdeO52sOtNadWTEdAHverlPYN
 GEMINI_USAGE = {"promptTokenCount": 40, "cachedContentTokenCount": 30, "candidatesTokenCount": 7,
                 "thoughtsTokenCount": 5, "totalTokenCount": 52}
 RECORDED_GEMINI = RECORDED / "gemini"
+ALL_KEYS += (GEMINI_KEY,)  # the last test looks for it too in everything plano said
 
 
 def gemini_as_messages(contents: list[dict]) -> list[dict]:
@@ -12758,12 +12762,20 @@ def gemini_as_messages(contents: list[dict]) -> list[dict]:
     return messages
 
 
+def signature_bytes(signature: Any) -> bytes | None:
+    """A thought signature's bytes, as Gemini reads it: base64 in either alphabet (Google's Python
+    SDK sends back URL-safe what it got in standard base64)."""
+    if not isinstance(signature, str):
+        return None
+    return base64.b64decode(signature.replace("-", "+").replace("_", "/") + "=" * (-len(signature) % 4))
+
+
 def gemini_history_problem(contents: list[dict]) -> str | None:
     """What Gemini refuses in a history: a call without its signature, a response with no name."""
     for content in contents:
         for part in content["parts"]:
             if content.get("role") == "model" and "functionCall" in part \
-                    and part.get("thoughtSignature") != GEMINI_CALL_SIGNATURE:
+                    and signature_bytes(part.get("thoughtSignature")) != signature_bytes(GEMINI_CALL_SIGNATURE):
                 return GEMINI_MISSING_SIGNATURE
             if "functionResponse" in part and not part["functionResponse"].get("name"):
                 return "* GenerateContentRequest.contents[2].parts[0].function_response.name: Name cannot be empty."
@@ -12951,6 +12963,9 @@ def test_every_client_api_runs_a_tool_round_trip_on_gemini_with_its_thought_sign
         call = next(p for c in sent if c["role"] == "model" for p in c["parts"] if "functionCall" in p)
         assert call["thoughtSignature"] == GEMINI_CALL_SIGNATURE  # Gemini gets its signature back on the call
         assert call["functionCall"]["name"] == "Bash" and "__plano" not in call["functionCall"]["id"]
+        if stream and client_format != "openai":  # a Chat client has nowhere to keep a text part's signature
+            model_turn = next(c for c in sent if c["role"] == "model")
+            assert model_turn["parts"][-1] == {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}
         response = next(p for c in sent for p in c["parts"] if "functionResponse" in p)["functionResponse"]
         assert response == {"id": call["functionCall"]["id"], "name": "Bash", "response": {"output": "a.txt"}}
 
@@ -13203,6 +13218,548 @@ def test_any_gemini_stream_becomes_a_well_formed_client_stream_or_a_stream_error
         assert names[0] == "message_start" and names.count("message_stop") <= 1
         if translator.failure is None:
             assert names[-1] == "message_stop"
+
+
+# ── the Gemini front door: Google's SDK (google-genai) and raw HTTP in Google's format ────────
+
+BASH_DECLARATION = genai_types.FunctionDeclaration(name="Bash", description="Run a shell command",
+                                                   parameters_json_schema=BASH_TOOL["input_schema"])
+
+
+def gemini_client(running: RunningPlano, api_key: str = "client-key-not-forwarded") -> genai.Client:
+    return genai.Client(api_key=api_key, http_options=genai_types.HttpOptions(
+        base_url=running.url, api_version="v1beta", retry_options=genai_types.HttpRetryOptions(attempts=1)))
+
+
+def gemini_config_tools(**more: Any) -> genai_types.GenerateContentConfig:
+    return genai_types.GenerateContentConfig(
+        tools=[genai_types.Tool(function_declarations=[BASH_DECLARATION])],
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True), **more)
+
+
+def ask_gemini(client: genai.Client, model: str, contents: Any, stream: bool,
+               config: genai_types.GenerateContentConfig | None = None) -> dict:
+    """One generateContent (or streamGenerateContent) with Google's SDK: what its answer says (an
+    error that ends a stream as "error", after what came before it)."""
+    chunks, error = [], None
+    try:
+        if stream:
+            for chunk in client.models.generate_content_stream(model=model, contents=contents, config=config):
+                chunks.append(chunk)  # one by one: what came before an error counts
+        else:
+            chunks.append(client.models.generate_content(model=model, contents=contents, config=config))
+    except genai_errors.APIError as e:
+        if not chunks:
+            raise
+        error = e.message
+    parts = [p for c in chunks if c.candidates for p in (c.candidates[0].content.parts or [])
+             if c.candidates[0].content]
+    finish = next((c.candidates[0].finish_reason for c in reversed(chunks)
+                   if c.candidates and c.candidates[0].finish_reason), None)
+    usage = chunks[-1].usage_metadata
+    return {"error": error, "text": "".join(p.text or "" for p in parts if not p.thought),
+            "thinking": "".join(p.text or "" for p in parts if p.thought),
+            "calls": [p.function_call for p in parts if p.function_call], "parts": parts,
+            "stop": finish.name if finish else None,
+            "usage": (usage.prompt_token_count or 0, usage.candidates_token_count or 0) if usage else None}
+
+
+UPSTREAMS = {"openai": "openai/gpt-4o", "anthropic": "anthropic/claude-sonnet-5", "responses": CODEX_MODEL,
+             "gemini": "gemini/gemini-3-pro-preview"}
+
+
+def every_upstream(provider: StandInProvider, **sections: Any) -> plano.Config:
+    return build_config(served_by(provider, "openai/gpt-4o", default=True),
+                        served_by(provider, "anthropic/claude-sonnet-5"),
+                        served_by(provider, CODEX_MODEL), gemini_model(provider), **{"router": ROUTER_OFF, **sections})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("upstream", list(UPSTREAMS))
+def test_googles_sdk_runs_a_tool_round_trip_through_plano_on_every_provider_format(provider, upstream, stream):
+    model = UPSTREAMS[upstream]
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        question = [genai_types.Content(role="user", parts=[genai_types.Part(text="TOOL:ls /tmp")])]
+        first = ask_gemini(client, model, question, stream, gemini_config_tools())
+        assert [(c.name, c.args) for c in first["calls"]] == [("Bash", {"command": "ls /tmp"})]
+        assert first["stop"] == "STOP"  # Gemini's word after a call too
+        call = first["calls"][0]
+        history = question + [genai_types.Content(role="model", parts=first["parts"]), genai_types.Content(
+            role="user", parts=[genai_types.Part(function_response=genai_types.FunctionResponse(
+                id=call.id, name="Bash", response={"output": "a.txt"}))])]
+        second = ask_gemini(client, model, history, stream, gemini_config_tools())
+        assert second["text"] == "tool said: a.txt" and second["stop"] == "STOP"
+        asked = provider.requests[-1]
+    if upstream == "gemini":  # Gemini to Gemini: the client's own request, signatures and all
+        sent = asked.json["contents"]
+        assert sent[1]["parts"][0]["thoughtSignature"] == GEMINI_CALL_SIGNATURE.replace("+", "-").replace("/", "_")
+        assert asked.path.endswith(":streamGenerateContent?alt=sse" if stream else ":generateContent")
+    elif upstream == "anthropic":  # (Google's SDK writes proto names: parameters_json_schema)
+        assert asked.json["messages"][-1]["content"][0] == {"type": "tool_result", "tool_use_id": call.id,
+                                                            "content": "a.txt"}
+        assert asked.json["tools"] == [dict(BASH_TOOL)]
+    expected_usage = {"openai": (40, 7), "anthropic": (42, 9), "responses": (40, 7), "gemini": (40, 7)}
+    assert second["usage"] == expected_usage[upstream]
+
+
+def test_a_gemini_client_on_gemini_goes_through_byte_for_byte(provider):
+    body = {"contents": [{"role": "user", "parts": [{"text": "héllo"}]}],
+            "generationConfig": {"thinkingConfig": {"includeThoughts": True, "thinkingBudget": 8192}},
+            "someFieldPlanoDoesNotKnow": {"kept": [1, 2]}}
+    raw = json.dumps(body, ensure_ascii=False, indent=1).encode()
+    with RunningPlano(every_upstream(provider)) as running:
+        response = httpx.post(running.url + "/v1beta/models/gemini/gemini-3-pro-preview:generateContent",
+                              content=raw, headers={"content-type": "application/json", "x-goog-api-key": "k"})
+    assert response.status_code == 200 and response.json()["candidates"][0]["content"]["parts"][0]["text"] == \
+        "echo: héllo"
+    assert provider.requests[-1].raw == raw and provider.requests[-1].headers["x-goog-api-key"] == GEMINI_KEY
+    assert response.headers["x-plano-model"] == "gemini/gemini-3-pro-preview"
+
+
+def test_thinking_an_anthropic_upstream_signed_rides_to_a_gemini_client_and_back(provider):
+    """Anthropic refuses a thinking tool loop whose last turn lost its signed thinking; a Gemini
+    client keeps only thought signatures, so the thinking rides in the call's signature."""
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        config = gemini_config_tools(thinking_config=genai_types.ThinkingConfig(include_thoughts=True,
+                                                                                 thinking_budget=2048))
+        question = [genai_types.Content(role="user", parts=[genai_types.Part(text="THINK TOOL:ls")])]
+        first = ask_gemini(client, "anthropic/claude-sonnet-5", question, True, config)
+        assert first["thinking"] == "" and first["calls"]  # the stand-in thinks only when no tool is called
+        provider.then(lambda request: Reply(200, {
+            "id": "msg_02", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+            "stop_reason": "tool_use",
+            "content": [{"type": "thinking", "thinking": "I should list it 🤔", "signature": "sig-real"},
+                        {"type": "tool_use", "id": "toolu_02", "name": "Bash", "input": {"command": "ls"}}],
+            "usage": {"input_tokens": 5, "output_tokens": 5}}))
+        second = ask_gemini(client, "anthropic/claude-sonnet-5", question, False, config)
+        assert second["thinking"] == "I should list it 🤔"
+        history = question + [genai_types.Content(role="model", parts=second["parts"]), genai_types.Content(
+            role="user", parts=[genai_types.Part(function_response=genai_types.FunctionResponse(
+                id="toolu_02", name="Bash", response={"output": "a.txt"}))])]
+        ask_gemini(client, "anthropic/claude-sonnet-5", history, False, config)
+    sent = provider.requests[-1].json
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent["messages"][1]["content"][:2] == [
+        {"type": "thinking", "thinking": "I should list it 🤔", "signature": "sig-real"},
+        {"type": "tool_use", "id": "toolu_02", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def gemini_client_answer(running: RunningPlano, stream: bool) -> Answer:
+    """Ask plano's only model with Google's SDK; what the Gemini client got, in an Answer's words."""
+    client = gemini_client(running)
+    try:
+        got = ask_gemini(client, running.config.models[0].name, "hi", stream)
+    except genai_errors.APIError as error:
+        return Answer(error=error.message)
+    stop = {"STOP": "tool_use" if got["calls"] else "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal"}
+    return Answer(text=got["text"], thinking=got["thinking"], tool_calls=[[c.name, c.args] for c in got["calls"]],
+                  stop=stop.get(got["stop"]), usage=got["usage"], error=got["error"])
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+def test_every_recorded_answer_of_the_other_apis_reaches_a_gemini_client(provider, name):
+    expected = recorded_answer(name)
+    with replaying(provider, name) as running:
+        got = gemini_client_answer(running, stream=name.endswith(".sse"))
+    assert (got.text, got.thinking, got.tool_calls) == (expected.text, expected.thinking, expected.tool_calls)
+    if expected.error:
+        assert got.error is not None and expected.error in got.error
+    else:
+        assert (got.stop, got.usage) == (expected.stop, expected.usage or (0, 0))
+
+
+@pytest.mark.parametrize("name", ["issue-19493-gpt-5.1-tool-call.chunks.txt", "openai-error.1.chunks.txt",
+                                  "openai-reasoning-encrypted-content.1.final-text.chunks.txt"])
+def test_every_recorded_responses_stream_reaches_a_gemini_client(provider, name):
+    events = recorded_responses_stream(name)
+    final = next((data["response"] for kind, data in events if kind in ("response.completed", "response.incomplete")),
+                 None)
+    provider.then(Reply(sse=sse_pieces(events)))
+    with RunningPlano(build_config(served_by(provider, CODEX_MODEL), router=ROUTER_OFF)) as running:
+        got = gemini_client_answer(running, stream=True)
+    if final is None:
+        error = next(data for kind, data in events if kind == "error")
+        assert got.error is not None and (error.get("error") or error)["message"] in got.error
+        return
+    text = "".join(part["text"] for item in final["output"] if item["type"] == "message" for part in item["content"]
+                   if part["type"] == "output_text")
+    calls = [[item["name"], json.loads(item["arguments"])] for item in final["output"]
+             if item["type"] == "function_call"]
+    assert (got.text, got.tool_calls) == (text, calls)
+    assert got.usage == (final["usage"]["input_tokens"], final["usage"]["output_tokens"])
+
+
+# ── the front door over raw HTTP: keys, the JSON-array stream, countTokens, models, errors ─────
+
+def gemini_post(running: RunningPlano, path: str, body: Any, **headers: str) -> httpx.Response:
+    return httpx.post(running.url + path, content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                      headers={"content-type": "application/json", **headers}, timeout=30)
+
+
+def test_the_gemini_front_door_takes_the_gateway_key_as_googles_header_or_query_parameter(provider):
+    config = build_config(served_by(provider, "openai/gpt-4o"), router=ROUTER_OFF,
+                          listeners=[{"address": "127.0.0.1", "port": 0, "api_key": GATEWAY_KEY}])
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+    path = "/v1beta/models/openai/gpt-4o:generateContent"
+    with RunningPlano(config) as running:
+        by_header = gemini_post(running, path, body, **{"x-goog-api-key": GATEWAY_KEY})
+        by_query = gemini_post(running, path + "?key=" + GATEWAY_KEY, body)
+        client = gemini_client(running, api_key=GATEWAY_KEY)  # (kept: the SDK closes its connections when dropped)
+        by_sdk = client.models.generate_content(model="openai/gpt-4o", contents="hi")
+        wrong = gemini_post(running, path, body, **{"x-goog-api-key": WRONG_KEY})
+        query_elsewhere = httpx.get(running.url + "/v1/models?key=" + GATEWAY_KEY)
+    assert (by_header.status_code, by_query.status_code, by_sdk.text) == (200, 200, "echo: hi")
+    assert wrong.status_code == 401 and wrong.json()["error"]["status"] == "UNAUTHENTICATED"
+    assert WRONG_KEY not in wrong.text
+    assert query_elsewhere.status_code == 401  # `?key=` is Google's convention, taken on its paths only
+    assert all(OPENAI_KEY == r.headers["authorization"].removeprefix("Bearer ") for r in provider.requests)
+
+
+def test_stream_generate_content_without_alt_sse_is_one_json_array_written_as_it_comes(provider):
+    with RunningPlano(every_upstream(provider)) as running:
+        with httpx.stream("POST", running.url + "/v1beta/models/anthropic/claude-sonnet-5:streamGenerateContent",
+                          json={"contents": [{"parts": [{"text": "héllo wörld"}]}]}) as response:
+            pieces = list(response.iter_raw())
+            content_type = response.headers["content-type"]
+        sse = gemini_post(running, "/v1beta/models/anthropic/claude-sonnet-5:streamGenerateContent?alt=sse",
+                          {"contents": [{"parts": [{"text": "héllo wörld"}]}]})
+    chunks = json.loads(b"".join(pieces))
+    assert content_type == "application/json" and len(pieces) > 1
+    assert "".join(p["text"] for c in chunks for p in c["candidates"][0]["content"]["parts"]) == "echo: héllo wörld"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"] == {"promptTokenCount": 42, "candidatesTokenCount": 9, "totalTokenCount": 51,
+                                           "cachedContentTokenCount": 30}
+    assert sse.headers["content-type"] == "text/event-stream" and sse.content.endswith(b"\r\n\r\n")
+    assert [json.loads(e.data) for e in plano.SSEDecoder().feed(sse.content)][-1]["usageMetadata"] == \
+        chunks[-1]["usageMetadata"]
+
+
+def test_a_stream_that_fails_after_its_200_ends_a_gemini_client_stream_in_googles_error_shape(provider):
+    provider.then(Reply(200, sse=sse_pieces([(None, {"choices": [{"index": 0, "delta": {"content": "par"}}]})]),
+                        abort_after=3))
+    with RunningPlano(every_upstream(provider)) as running:
+        array = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent", {
+            "contents": [{"parts": [{"text": "hi"}]}]})
+        provider.then(Reply(200, sse=sse_pieces([(None, {"choices": [{"index": 0, "delta": {"content": "par"}}]})])))
+        client = gemini_client(running)
+        with pytest.raises(genai_errors.APIError) as caught:
+            list(client.models.generate_content_stream(model="openai/gpt-4o", contents="hi"))
+    chunks = json.loads(array.content)  # still one JSON array
+    assert chunks[-1]["error"]["code"] == 502 and chunks[-1]["error"]["status"] == "UNAVAILABLE"
+    assert caught.value.code == 502 and "ended before" in caught.value.message
+
+
+def test_count_tokens_and_the_model_list_are_answered_in_googles_shapes(provider):
+    with RunningPlano(every_upstream(provider, model_aliases={"fast": {"target": "openai/gpt-4o"}})) as running:
+        client = gemini_client(running)
+        counted = client.models.count_tokens(model="gemini/gemini-3-pro-preview", contents="count these words")
+        raw = gemini_post(running, "/v1beta/models/openai/gpt-4o:countTokens",
+                          {"generateContentRequest": {"model": "models/x", "contents": [{"parts": [{"text": "hi"}]}]}})
+        listed = [m.name for m in client.models.list()]
+        one = client.models.get(model="fast")
+        missing = httpx.get(running.url + "/v1beta/models/openai/gpt-5.9")
+    assert counted.total_tokens == plano.estimate_tokens({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "count these words"}]}]})
+    assert raw.json() == {"totalTokens": plano.estimate_tokens({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}]})}
+    assert provider.requests == []  # answered by plano itself
+    assert listed == ["models/openai/gpt-4o", "models/anthropic/claude-sonnet-5", f"models/{CODEX_MODEL}",
+                      "models/gemini/gemini-3-pro-preview", "models/fast"]
+    assert (one.name, one.display_name, one.supported_actions) == (
+        "models/fast", "fast", ["generateContent", "streamGenerateContent", "countTokens"])
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
+
+
+HOSTILE_GEMINI_PATHS = [
+    "/v1beta/models/..%2F..%2Fetc%2Fpasswd:generateContent", "/v1beta/models/openai%2Fgpt-4o:generateContent",
+    "/v1beta/models/../v1/messages:generateContent", "/v1beta/models/a/../../x:generateContent",
+    "/v1beta/models/%0d%0aSet-Cookie:x:generateContent", "/v1beta/models/" + "m" * 300 + ":generateContent",
+    "/v1beta/models/:generateContent", "/v1beta/models/x%ff:generateContent", "/v1beta/models/x%5c..:generateContent",
+    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_GEMINI_PATHS)
+def test_a_hostile_model_path_gets_googles_error_shape_and_nothing_reaches_a_provider(provider, path):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, path, {"contents": [{"parts": [{"text": "hi"}]}]})
+        assert httpx.get(running.url + "/healthz").status_code == 200
+    assert response.status_code in (400, 404, 405)
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "status"} and error["code"] == response.status_code
+    assert "\r" not in error["message"] and "\n" not in error["message"]
+    assert provider.requests == []
+
+
+@pytest.mark.parametrize("body, where", [
+    ([{"contents": []}], "body"), ({"contents": "hi"}, "contents"), ({"contents": []}, "contents"),
+    ({"contents": [{"role": "system", "parts": [{"text": "x"}]}]}, "contents[0].role"),
+    ({"contents": [{"parts": {"text": "x"}}]}, "contents[0].parts"),
+    ({"contents": [{"parts": [{"text": 7}]}]}, "contents[0].parts[0].text"),
+    ({"contents": [{"parts": [{"functionCall": {"name": "x"}}]}]}, "belongs in a `model` turn"),
+    ({"contents": [{"role": "model", "parts": [{"functionCall": {"args": {}}}]}]}, "functionCall"),
+    ({"contents": [{"parts": [{"inlineData": {"mimeType": "image/png"}}]}]}, "inlineData"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": "lots"}}, "maxOutputTokens"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"candidateCount": 3}}, "candidateCount"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "tools": [{"functionDeclarations": [{"description": "x"}]}]},
+     "functionDeclarations[0]"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "toolConfig": {"functionCallingConfig": {"mode": "SOMETIMES"}},
+      "tools": [{"functionDeclarations": [{"name": "f"}]}]}, "mode"),
+    ({"contents": [{"parts": [{"text": "x"}]}], "systemInstruction": 5}, "systemInstruction"),
+])
+def test_a_malformed_gemini_body_gets_a_400_in_googles_shape_naming_the_field(provider, body, where):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:generateContent", body)
+        streamed = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent", body)
+    for answer in (response, streamed):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and where in answer.json()["error"]["message"]
+    assert provider.requests == []
+
+
+def test_ten_thousand_parts_are_read_and_answered_or_refused_cleanly(provider):
+    body = {"contents": [{"role": "user", "parts": [{"text": f"p{i}"} for i in range(10_000)]}]}
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:generateContent", body)
+    assert response.status_code == 200
+    assert provider.requests[-1].json["messages"][0]["content"].startswith("p0\np1\np2")
+
+
+@pytest.mark.parametrize("name", GEMINI_ANSWERS + GEMINI_ERRORS)
+def test_a_recorded_gemini_answer_reaches_a_gemini_client_as_it_was_sent(provider, name):
+    recording = (RECORDED_GEMINI / name).read_bytes()
+    status = json.loads(recording)["error"]["code"] if name in GEMINI_ERRORS else 200
+    replay_gemini(provider, name, status)
+    stream = name.endswith(".sse")
+    with gemini_only(provider) as running:
+        response = gemini_post(running, "/v1beta/models/gemini/gemini-3-pro-preview:" + (
+            "streamGenerateContent?alt=sse" if stream else "generateContent"),
+            {"contents": [{"parts": [{"text": "hi"}]}]})
+    assert (response.status_code, response.content) == (status, recording)
+
+
+def test_snake_case_field_names_are_read_as_google_reads_them_and_the_clients_own_keys_are_kept():
+    body = {"contents": [{"role": "model", "parts": [{"function_call": {"name": "f", "args": {"max_tokens": 1}}}]},
+                         {"parts": [{"function_response": {"name": "f", "response": {"some_key": 2}}}]}],
+            "generation_config": {"max_output_tokens": 99, "thinking_config": {"thinking_budget": 2048}},
+            "tools": [{"function_declarations": [{"name": "f", "parameters": {"type": "OBJECT", "properties": {
+                "file_path": {"type": "STRING", "nullable": True}}, "any_of": []}}]}]}
+    read = plano.gemini_request_to_anthropic(body, stream=False)
+    assert read["messages"][0]["content"][0]["input"] == {"max_tokens": 1}
+    assert read["messages"][1]["content"][0]["content"] == '{"some_key": 2}'
+    assert (read["max_tokens"], read["thinking"]["budget_tokens"]) == (99, 2048)
+    assert read["tools"][0]["input_schema"] == {"type": "object", "properties": {
+        "file_path": {"type": ["string", "null"]}}, "anyOf": []}
+    with pytest.raises(plano.RequestError, match="given twice"):
+        plano.gemini_request_to_anthropic({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {},
+                                           "generation_config": {}}, stream=False)
+    assert plano.gemini_with_max_output(body, 50)["generation_config"]["max_output_tokens"] == 50
+
+
+def test_the_gemini_clis_session_context_is_not_what_the_router_reads_and_its_tool_loop_is_pinned():
+    session_context = ("<session_context>\nThis is the Gemini CLI. We are setting up the context for our chat.\n"
+                       "Today's date is Friday, December 4, 2026.\nMy operating system is: linux\n</session_context>")
+    contents = [{"role": "user", "parts": [{"text": session_context}]},
+                {"role": "user", "parts": [{"text": "fix the flaky test"}]}]
+    body = plano.gemini_request_to_anthropic({"contents": contents, "systemInstruction": {
+        "parts": [{"text": "You are Gemini CLI, an interactive CLI agent"}]}}, stream=True)
+    assert plano.conversation_for_router(body["messages"]) == [{"role": "user", "content": "fix the flaky test"}]
+    assert plano.session_key(body, {}) == plano.session_key(
+        {"messages": [{"role": "user", "content": "fix the flaky test"}]}, {})
+    loop = plano.gemini_request_to_anthropic({"contents": contents + [
+        {"role": "model", "parts": [{"functionCall": {"id": "c1", "name": "run_shell_command",
+                                                      "args": {"command": "ls"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"id": "c1", "name": "run_shell_command",
+                                                         "response": {"output": "a.txt"}}}]}]}, stream=True)
+    assert plano.has_new_user_text(body["messages"]) and not plano.has_new_user_text(loop["messages"])
+
+
+def test_a_gemini_cli_turn_is_routed_on_the_users_words_and_its_tool_loop_is_pinned(routed_gateway, provider):
+    session_context = ("<session_context>\nThis is the Gemini CLI. We are setting up the context for our chat.\n"
+                       "My operating system is: linux\n</session_context>")
+    contents = [{"role": "user", "parts": [{"text": session_context}]},
+                {"role": "user", "parts": [{"text": "TOOL:echo one"}]}]
+    tools = [{"functionDeclarations": [{"name": "Bash", "parametersJsonSchema": BASH_TOOL["input_schema"]}]}]
+
+    def ask() -> httpx.Response:
+        response = gemini_post(routed_gateway, "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+                               {"contents": contents, "tools": tools})
+        assert response.status_code == 200
+        return response
+
+    first = ask()
+    chunks = [json.loads(e.data) for e in plano.SSEDecoder().feed(first.content)]
+    call = next((p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
+                 if "functionCall" in p), {"id": "call_x", "name": "Bash", "args": {"command": "echo one"}})
+    contents += [{"role": "model", "parts": [{"functionCall": call}]},
+                 {"role": "user", "parts": [{"functionResponse": {"id": call.get("id"), "name": "Bash",
+                                                                  "response": {"output": "one"}}}]}]
+    second = ask()
+    contents += [{"role": "model", "parts": [{"text": "tool said: one"}]},
+                 {"role": "user", "parts": [{"text": "now explain what echo does"}]}]
+    third = ask()
+    decisions = [r.headers["x-plano-decision"] for r in (first, second, third)]
+    assert decisions == ["router", "pinned", "router"]
+    assert second.headers["x-plano-model"] == first.headers["x-plano-model"]
+    records = routed_gateway.gateway.decision_log.recent()
+    assert len({record["session"] for record in records}) == 1  # one conversation, keyed by the user's first words
+    assert records[0]["session"] == plano.session_key({"messages": [{"role": "user", "content": "TOOL:echo one"}]}, {})
+
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_gemini_answer_and_a_gemini_client_are_traced_with_googles_ids_and_finish_reasons(
+        provider, collector, monkeypatch, stream):
+    monkeypatch.setenv(plano._CONTENT_CAPTURE, "true")
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        got = ask_gemini(client, "gemini/gemini-3-pro-preview", "TOOL:ls -la", stream, gemini_config_tools())
+    assert [c.name for c in got["calls"]] == ["Bash"]
+    server = collector.one("SERVER")
+    assert server.attributes["url.path"] == "/v1beta/models/gemini/gemini-3-pro-preview:" + (
+        "streamGenerateContent" if stream else "generateContent")
+    assert (server.attributes["gen_ai.response.id"], server.attributes["gen_ai.response.model"]) == (
+        "QUVVadTSNJ6_qtsPvN7J8Q0", "gemini-3-pro-preview")
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["STOP"]
+    assert (server.attributes["gen_ai.usage.input_tokens"], server.attributes["gen_ai.usage.output_tokens"]) == (40, 12)
+    assert json.loads(server.attributes["gen_ai.input.messages"]) == \
+        [{"role": "user", "parts": [{"type": "text", "content": "TOOL:ls -la"}]}]
+    [message] = json.loads(server.attributes["gen_ai.output.messages"])
+    assert message["parts"] == [{"type": "tool_call", "id": None, "name": "Bash",  # Gemini's calls have no id
+                                 "arguments": '{"command": "ls -la"}'}]
+
+
+
+def test_claude_codes_thinking_becomes_a_thinking_config_only_for_gemini_models_that_think():
+    def config_for_model(name: str, thinking: dict) -> dict | None:
+        model = plano.parse_config(f"llm_providers:\n  - model: {name}\n    access_key: k\n", path=CONFIG_PATH,
+                                   environ={}).models[0]
+        body = {"max_tokens": 64000, "thinking": thinking, "messages": [USER_HI]}
+        return plano.anthropic_request_to_gemini(body, model)["generationConfig"].get("thinkingConfig")
+
+    assert config_for_model("gemini/gemini-2.5-pro", {"type": "adaptive"}) == {"includeThoughts": True}
+    assert config_for_model("gemini/gemini-3-pro-preview", {"type": "enabled", "budget_tokens": 31999}) == \
+        {"includeThoughts": True, "thinkingBudget": 24576}  # within every thinking model's range
+    assert config_for_model("gemini/gemini-2.0-flash", {"type": "adaptive"}) is None  # it refuses thinkingConfig
+
+
+
+GEMINI_BODY = {
+    "systemInstruction": {"parts": [{"text": "be brief"}]},
+    "contents": [{"role": "user", "parts": [{"text": "TOOL:ls"}, {"inlineData": {"mimeType": "image/png",
+                                                                              "data": "iVBORw0KGgo="}}]},
+                 {"role": "model", "parts": [{"text": "", "thought": True}, {
+                     "functionCall": {"id": "c1", "name": "Bash", "args": {"command": "ls"}},
+                     "thoughtSignature": GEMINI_CALL_SIGNATURE}]},
+                 {"role": "user", "parts": [{"functionResponse": {"id": "c1", "name": "Bash",
+                                                                  "response": {"output": "a.txt"}}}]}],
+    "tools": [{"functionDeclarations": [{"name": "Bash", "description": "run", "parametersJsonSchema": {
+        "type": "object", "properties": {"command": {"type": "string"}}}}]}],
+    "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["Bash"]}},
+    "generationConfig": {"maxOutputTokens": 100, "temperature": 0.5, "topP": 0.9, "stopSequences": ["END"],
+                         "thinkingConfig": {"includeThoughts": True, "thinkingBudget": 2048}}}
+
+
+@pytest.fixture(scope="module")
+def hostile_gemini_target():
+    with StandInProvider() as provider, RunningPlano(every_upstream(provider)) as running:
+        yield running
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_in_any_gemini_field_gets_a_4xx_in_googles_shape_or_a_valid_answer(hostile_gemini_target, data):
+    path = data.draw(st.sampled_from(field_paths(GEMINI_BODY)))
+    body = with_value_at(GEMINI_BODY, path, data.draw(JSON_VALUES))
+    model = data.draw(st.sampled_from(list(UPSTREAMS.values())))
+    method = data.draw(st.sampled_from([":generateContent", ":streamGenerateContent?alt=sse",
+                                        ":streamGenerateContent", ":countTokens"]))
+    response = gemini_post(hostile_gemini_target, f"/v1beta/models/{model}{method}", body)
+    assert response.status_code < 500 or model == UPSTREAMS["gemini"] and response.status_code == 502, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) >= {"code", "message", "status"}
+    elif method == ":countTokens":
+        assert isinstance(response.json()["totalTokens"], int)
+    elif method == ":streamGenerateContent?alt=sse":
+        assert response.headers["content-type"] == "text/event-stream"
+        assert all(isinstance(json.loads(e.data), dict) for e in plano.SSEDecoder().feed(response.content))
+    else:
+        answer = response.json()
+        assert isinstance(answer, list if method == ":streamGenerateContent" else dict)
+
+
+
+def test_gemini_clis_sampling_beside_thinking_is_left_out_where_anthropic_refuses_it():
+    read = plano.gemini_request_to_anthropic({"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {
+        "temperature": 1, "topP": 0.95, "topK": 64, "thinkingConfig": {"includeThoughts": True,
+                                                                       "thinkingBudget": 8192}}}, stream=True)
+    fit = plano.fit_for_anthropic_thinking(read)
+    assert (fit["thinking"], fit["temperature"], fit["top_p"], "top_k" in fit) == (
+        {"type": "enabled", "budget_tokens": 8192}, 1, 0.95, False)
+    cold = plano.fit_for_anthropic_thinking(dict(read, temperature=0, top_p=0.5))
+    assert "temperature" not in cold and "top_p" not in cold and cold["thinking"]
+    forced = plano.fit_for_anthropic_thinking(dict(read, tool_choice={"type": "any"}))
+    assert "thinking" not in forced and forced["top_k"] == 64  # without thinking, sampling is the client's
+    unpaired = plano.fit_for_anthropic_thinking(dict(read, messages=[
+        USER_HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c", "content": "x"}]}]))
+    assert "thinking" not in unpaired
+    assert plano.fit_for_anthropic_thinking({"messages": [], "top_k": 5}) == {"messages": [], "top_k": 5}
+
+
+
+def test_geminis_json_mode_reaches_other_providers_as_an_instruction(provider):
+    schema = {"type": "object", "properties": {"next_speaker": {"type": "string", "enum": ["user", "model"]}}}
+    with RunningPlano(every_upstream(provider)) as running:
+        client = gemini_client(running)
+        client.models.generate_content(model="anthropic/claude-sonnet-5", contents="who speaks next?", config=(
+            genai_types.GenerateContentConfig(system_instruction="be brief", response_mime_type="application/json",
+                                              response_json_schema=schema)))
+    assert provider.requests[-1].json["system"] == (
+        "be brief\n\nAnswer with one JSON value and nothing else (no prose, no Markdown code fence), valid against "
+        "this JSON Schema: " + json.dumps(schema) + ".")
+
+
+
+def test_an_anthropic_request_becomes_geminis_parts_with_each_signature_back_where_gemini_put_it():
+    call_id = plano.signed_tool_id("toolu_1", GEMINI_CALL_SIGNATURE)
+    body = {"max_tokens": 100, "system": [{"type": "text", "text": "be brief"}], "stop_sequences": list("abcdefg"),
+            "tools": [dict(BASH_TOOL, input_schema=dict(BASH_TOOL["input_schema"], **{"$schema": "draft-07"})),
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "tool", "name": "Bash"},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image", "source": {
+                    "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]},
+                {"role": "assistant", "content": [
+                    plano.gemini_signature_block(GEMINI_TEXT_SIGNATURE), {"type": "text", "text": "I'll run it"},
+                    {"type": "tool_use", "id": call_id, "name": "Bash", "input": {"command": "ls"}},
+                    {"type": "thinking", "thinking": "Claude's", "signature": "sig-anthropic"}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": call_id, "is_error": True, "content": [
+                        {"type": "text", "text": "no such file"},
+                        {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}]},
+                    {"type": "text", "text": "then?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "done"},
+                                                  plano.gemini_signature_block(GEMINI_TEXT_SIGNATURE)]}]}
+    out = plano.anthropic_request_to_gemini(body, GEMINI_MODEL)
+    assert out["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    assert out["tools"] == [{"functionDeclarations": [{"name": "Bash", "description": "Run a shell command",
+                                                       "parametersJsonSchema": BASH_TOOL["input_schema"]}]}]
+    assert out["toolConfig"] == {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["Bash"]}}
+    assert out["generationConfig"] == {"maxOutputTokens": 100, "stopSequences": list("abcde")}
+    assert out["contents"] == [
+        {"role": "user", "parts": [{"text": "look"},
+                                   {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]},
+        {"role": "model", "parts": [
+            {"text": "I'll run it", "thoughtSignature": GEMINI_TEXT_SIGNATURE},
+            {"functionCall": {"id": "toolu_1", "name": "Bash", "args": {"command": "ls"}},
+             "thoughtSignature": GEMINI_CALL_SIGNATURE}]},
+        {"role": "user", "parts": [
+            {"functionResponse": {"id": "toolu_1", "name": "Bash", "response": {"error": "no such file"}}},
+            {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/a.png"}}, {"text": "then?"}]},
+        {"role": "model", "parts": [{"text": "done"}, {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}]}]
 
 
 # ── issue 22: Vertex ──────────────────────────────────────────────────────────────────────────
