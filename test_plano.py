@@ -14345,6 +14345,18 @@ def test_doctor_says_which_google_credentials_it_found_and_never_prints_a_token_
                                                                      "credentials found")
 
 
+@settings(max_examples=300, deadline=None)
+@given(header=st.lists(st.sampled_from(sorted(VERTEX_TAKES_BETAS) + ["advanced-tool-use-2025-11-20"])
+                       | st.text(max_size=40), max_size=8).map(",".join))
+def test_any_anthropic_beta_header_leaves_only_what_vertex_takes_and_the_said_set_stays_bounded(header):
+    kept = plano.vertex_betas(header)
+    assert set(filter(None, kept.split(","))) <= VERTEX_TAKES_BETAS
+    assert len(kept.split(",")) == len(set(kept.split(",")))  # each once
+    if "interleaved-thinking-2025-05-14" in {b.strip() for b in header.split(",")}:
+        assert "interleaved-thinking-2025-05-14" in kept.split(",")
+    assert len(plano._DROPPED_BETAS_SAID) <= plano._DROPPED_BETAS_SAID_LIMIT
+
+
 def test_scrubbing_removes_google_access_tokens():
     token = "ya29.c.b0AXv0zTOrandom-token_with.dots0123456789"
     assert plano._scrub(f"401 for Bearer {token} (UNAUTHENTICATED)", []) == \
