@@ -14081,6 +14081,16 @@ def test_vertex_usage_is_priced_from_the_catalogue_and_counted_under_gcp_vertex_
         pytest.approx((10 + 28804) * 3e-6 + 4 * 15e-6)
 
 
+@pytest.mark.parametrize("model", [VERTEX_MODEL, "vertex/gemini-2.5-flash"])
+def test_googles_own_sdk_through_the_gemini_front_door_reaches_both_kinds_of_vertex_model(vertex, model):
+    with RunningPlano(vertex_config(vertex, model=model)) as running:
+        answer = ask_gemini(gemini_client(running), model, "hi", stream=True)
+    expected = "ack" if model == VERTEX_MODEL else "The capital of France is Paris.\n"
+    assert answer["error"] is None and answer["text"] == expected
+    publisher = "anthropic" if model == VERTEX_MODEL else "google"
+    assert f"/publishers/{publisher}/models/" in vertex.requests[0].path
+
+
 def test_a_token_that_expires_mid_test_is_refreshed_and_vertex_never_sees_it_expired(vertex):
     vertex.tokens.lifetime = 4  # plano refreshes a token this short-lived a quarter of its life early
     with RunningPlano(vertex_config(vertex)) as running:
