@@ -4101,7 +4101,7 @@ def gemini_call_of_path(path: str, with_method: bool = True) -> tuple[str, str]:
     `with_method`, `/v1beta/models/{model}`: a name may hold a colon, as Ollama's tags do). The name
     is percent-decoded and may hold `/` (plano's names are `provider/model`); a name that is empty,
     too long, holds a `..` segment, an encoded slash or backslash, or a control character is refused."""
-    rest = path[len(f"/{GEMINI_API_VERSION}/models/"):]
+    rest = path[len(f"/{GEMINI_API_VERSION}/models/"):].rstrip("/")
     name, colon, method = rest.rpartition(":") if with_method else ("", "", "")
     if not colon:
         name, method = rest, ""
@@ -4221,7 +4221,7 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
     contents = body.get("contents")
     _require(isinstance(contents, list) and contents, "contents: must be a non-empty list")
     messages: list[dict] = []
-    unanswered: list[tuple[str, str]] = []  # (name, id) of the calls of the last model turn
+    unanswered = _UnansweredCalls([])  # the calls of the last model turn
     for i, content in enumerate(contents):
         where = f"contents[{i}]"
         _require(isinstance(content, dict), f"{where}: must be an object")
@@ -4230,7 +4230,8 @@ def gemini_request_to_anthropic(body: dict, stream: bool) -> dict:
         parts = content.get("parts")
         _require(isinstance(parts, list), f"{where}.parts: must be a list")
         if role == "model":
-            blocks, unanswered = _gemini_model_parts(parts, where, i)
+            blocks, calls = _gemini_model_parts(parts, where, i)
+            unanswered = _UnansweredCalls(calls)
             _append_anthropic(messages, "assistant", blocks)
         else:
             results, others = _gemini_user_parts(parts, where, i, unanswered)
@@ -4299,8 +4300,34 @@ def _gemini_model_parts(parts: list, where: str, turn: int) -> tuple[list[dict],
     return blocks, calls
 
 
+class _UnansweredCalls:
+    """The calls of a model turn that no functionResponse has answered yet, found by id, else by
+    name, else the first, each in constant time (a turn may hold thousands of parts)."""
+
+    def __init__(self, calls: list[tuple[str, str]]):
+        # In the calls' order; an OrderedDict finds its first entry at once after deletions (a dict
+        # walks past the deleted ones, which made a long turn quadratic).
+        self.names = collections.OrderedDict((tool_id, name) for name, tool_id in calls)
+        self.by_name: dict[str, collections.deque[str]] = {}
+        for name, tool_id in calls:
+            self.by_name.setdefault(name, collections.deque()).append(tool_id)
+
+    def answer(self, name: str, given: Any) -> str | None:
+        """The id a functionResponse for `name` (with the id it `given`, if any) answers."""
+        if isinstance(given, str) and given:
+            self.names.pop(given, None)
+            return given
+        waiting = self.by_name.get(name)
+        while waiting and waiting[0] not in self.names:
+            waiting.popleft()  # answered by id meanwhile
+        tool_id = waiting.popleft() if waiting else next(iter(self.names), None)
+        if tool_id is not None:
+            del self.names[tool_id]
+        return tool_id
+
+
 def _gemini_user_parts(parts: list, where: str, turn: int,
-                       unanswered: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+                       unanswered: _UnansweredCalls) -> tuple[list[dict], list[dict]]:
     """(tool results, other blocks) of a user turn; `unanswered` loses the calls answered here."""
     results: list[dict] = []
     others: list[dict] = []
@@ -4311,15 +4338,7 @@ def _gemini_user_parts(parts: list, where: str, turn: int,
             response = part["functionResponse"]
             _require(isinstance(response, dict) and isinstance(response.get("name"), str),
                      f"{at}.functionResponse: needs a `name` string")
-            given = response.get("id")
-            if isinstance(given, str) and given:
-                tool_id = given
-                unanswered[:] = [c for c in unanswered if c[1] != given]
-            else:
-                match = next((c for c in unanswered if c[0] == response["name"]), unanswered[0] if unanswered else None)
-                if match is not None:
-                    unanswered.remove(match)
-                tool_id = match[1] if match is not None else f"call_gemini_{turn}_{j}"
+            tool_id = unanswered.answer(response["name"], response.get("id")) or f"call_gemini_{turn}_{j}"
             results.append(_gemini_function_response_block(part, at, tool_id))
         elif "text" in part:
             _require(isinstance(part["text"], str), f"{at}.text: must be a string")
@@ -4477,7 +4496,9 @@ def thinking_from_gemini_signature(signature: Any) -> list[dict]:
         blocks = parse_json(raw[len(_CARRIED_THINKING):], unique_keys=False)
     except ValueError:
         return []
-    return [b for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
+    kept = ("type", "thinking", "signature", "data")  # what gemini_signature_carrying put there
+    return [{k: v for k, v in b.items() if k in kept} for b in blocks
+            if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
         if isinstance(blocks, list) else []
 
 
@@ -4901,8 +4922,10 @@ class AnthropicToGeminiStream:
             return []
         if kind == "content_block_start":
             block = data.get("content_block") if isinstance(data.get("content_block"), dict) else {}
-            self.block = {"type": block.get("type"), "id": block.get("id"), "name": block.get("name"), "input": "",
-                          "thinking": "", "signature": "", "data": block.get("data")}
+            # Pieces in lists, joined when the block closes: a long tool input arrives in thousands
+            # of small deltas, and adding each to a string would copy it all each time.
+            self.block = {"type": block.get("type"), "id": block.get("id"), "name": block.get("name"), "input": [],
+                          "thinking": [], "signature": [], "data": block.get("data")}
             if block.get("type") == "text" and block.get("text"):
                 return self._chunk({"text": block["text"]})
             return []
@@ -4911,22 +4934,22 @@ class AnthropicToGeminiStream:
             if delta.get("type") == "text_delta" and delta.get("text"):
                 return self._chunk({"text": str(delta["text"])})
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
-                self.block["thinking"] += str(delta["thinking"])
+                self.block["thinking"].append(str(delta["thinking"]))
                 return self._chunk({"text": str(delta["thinking"]), "thought": True})
             if delta.get("type") == "signature_delta":
-                self.block["signature"] += str(delta.get("signature") or "")
+                self.block["signature"].append(str(delta.get("signature") or ""))
             elif delta.get("type") == "input_json_delta":
-                self.block["input"] += str(delta.get("partial_json") or "")
+                self.block["input"].append(str(delta.get("partial_json") or ""))
             return []
         if kind == "content_block_stop" and self.block is not None:
             block, self.block = self.block, None
             if block["type"] == "tool_use":
                 call_id, _ = split_signed_tool_id(str(block["id"]))
                 return self._chunk({"functionCall": {"id": call_id, "name": str(block["name"]),
-                                                     "args": _json_arguments(block["input"])}})
-            if block["type"] == "thinking" and block["signature"]:
-                self.thinking.append({"type": "thinking", "thinking": block["thinking"],
-                                      "signature": block["signature"]})
+                                                     "args": _json_arguments("".join(block["input"]))}})
+            if block["type"] == "thinking" and "".join(block["signature"]):
+                self.thinking.append({"type": "thinking", "thinking": "".join(block["thinking"]),
+                                      "signature": "".join(block["signature"])})
             elif block["type"] == "redacted_thinking":
                 self.thinking.append({"type": "redacted_thinking", "data": block["data"]})
             return []
@@ -10427,7 +10450,9 @@ class Gateway:
             await respond.send_full(200 if path in ("/", "/healthz", "/v1/models") else 404, [], b"")
             return
         handler = routes.get((method, path))
-        if handler is None and path.startswith(f"/{GEMINI_API_VERSION}/models") and method in ("GET", "POST"):
+        gemini_models = f"/{GEMINI_API_VERSION}/models"
+        if handler is None and (path == gemini_models or path.startswith(gemini_models + "/")) \
+                and method in ("GET", "POST"):
             handler = self._gemini  # /v1beta/models[/{model}[:{method}]]: the model is in the path
         if handler is None:
             if any(p == path for _, p in routes):
@@ -10785,10 +10810,12 @@ class Gateway:
         client_format = request.api_format
         if exchange.key is not None:  # before anything else is spent on the request
             await self._admit(exchange.key, self.config)
-        body = await _off_the_loop_if_large(_parse_json_body, request.body)
         if client_format == "gemini":  # read into the Anthropic shape; the model is in the path
             name, method = gemini_call_of_path(request.path)
-            body = dict(gemini_request_to_anthropic(body, stream=method == "streamGenerateContent"), model=name)
+            read = functools.partial(_read_gemini_body, stream=method == "streamGenerateContent")
+            body = dict(await _off_the_loop_if_large(read, request.body), model=name)
+        else:
+            body = await _off_the_loop_if_large(_parse_json_body, request.body)
         requested = body.get("model")
         _require(isinstance(requested, str) and bool(requested), "model: must be a non-empty string")
         requested = kept_text(requested)  # what plano keeps of it: see MAX_KEPT_CHARS
@@ -10953,6 +10980,12 @@ def _parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise RequestError(_NOT_A_JSON_OBJECT)
     return body
+
+
+def _read_gemini_body(raw: bytes, stream: bool) -> dict:
+    """A Gemini request's body, parsed and read into the Anthropic shape (both off the event loop
+    for a large one)."""
+    return gemini_request_to_anthropic(_parse_json_body(raw), stream)
 
 
 # Parsing holds the event loop for its whole length: ~2 ms a MiB for a Claude Code conversation, up

@@ -13477,7 +13477,8 @@ HOSTILE_GEMINI_PATHS = [
     "/v1beta/models/../v1/messages:generateContent", "/v1beta/models/a/../../x:generateContent",
     "/v1beta/models/%0d%0aSet-Cookie:x:generateContent", "/v1beta/models/" + "m" * 300 + ":generateContent",
     "/v1beta/models/:generateContent", "/v1beta/models/x%ff:generateContent", "/v1beta/models/x%5c..:generateContent",
-    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o",
+    "/v1beta/models/openai/gpt-4o:deleteEverything", "/v1beta/models/openai/gpt-4o", "/v1beta/modelsx:generateContent",
+    "/v1beta/models/openai/gpt-4o:generateContent:x",
 ]
 
 
@@ -13517,6 +13518,13 @@ def test_a_malformed_gemini_body_gets_a_400_in_googles_shape_naming_the_field(pr
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and where in answer.json()["error"]["message"]
     assert provider.requests == []
+
+
+def test_a_trailing_slash_after_the_method_is_the_same_method(provider):
+    with RunningPlano(every_upstream(provider)) as running:
+        response = gemini_post(running, "/v1beta/models/openai/gpt-4o:streamGenerateContent/",
+                               {"contents": [{"parts": [{"text": "hi"}]}]})
+    assert response.status_code == 200 and json.loads(response.content)[-1]["candidates"][0]["finishReason"] == "STOP"
 
 
 def test_ten_thousand_parts_are_read_and_answered_or_refused_cleanly(provider):
@@ -13760,6 +13768,91 @@ def test_an_anthropic_request_becomes_geminis_parts_with_each_signature_back_whe
             {"functionResponse": {"id": "toolu_1", "name": "Bash", "response": {"error": "no such file"}}},
             {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/a.png"}}, {"text": "then?"}]},
         {"role": "model", "parts": [{"text": "done"}, {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}]}]
+
+
+def test_function_responses_without_ids_answer_their_calls_by_name_then_in_order():
+    contents = [{"role": "user", "parts": [{"text": "go"}]},
+                {"role": "model", "parts": [{"functionCall": {"name": "read", "args": {"p": 1}}},
+                                            {"functionCall": {"id": "mine", "name": "read", "args": {"p": 2}}},
+                                            {"functionCall": {"name": "grep", "args": {}}},
+                                            {"functionCall": {"name": "ls", "args": {}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"id": "mine", "name": "read",
+                                                                 "response": {"output": "2"}}},
+                                           {"functionResponse": {"name": "grep", "response": {"output": "g"}}},
+                                           {"functionResponse": {"name": "read", "response": {"output": "1"}}},
+                                           {"functionResponse": {"name": "unknown", "response": {"output": "?"}}},
+                                           {"functionResponse": {"name": "extra", "response": {"output": "!"}}}]}]
+    messages = plano.gemini_request_to_anthropic({"contents": contents}, stream=False)["messages"]
+    calls = {b["input"].get("p", b["name"]): b["id"] for b in messages[1]["content"]}
+    answered = [(b["tool_use_id"], b["content"]) for b in messages[2]["content"]]
+    assert answered == [("mine", "2"), (calls["grep"], "g"), (calls[1], "1"), (calls["ls"], "?"),
+                        ("call_gemini_2_4", "!")]  # an answer to no call keeps an id of its own
+
+
+
+@pytest.mark.parametrize("upstream", ["openai", "anthropic", "responses", "gemini"])
+@pytest.mark.parametrize("reply, status", [
+    (Reply(200, raw=b"<html>Bad gateway</html>"), 502), (Reply(200, raw=b'"just a string"'), 502),
+    (Reply(503, raw=b"upstream connect error or disconnect/reset before headers"), 503),
+    (Reply(200, raw=b'{"choices": 7, "content": "x", "output": {}, "candidates": [null]}'), None)])
+def test_a_provider_answering_garbage_gets_a_gemini_client_googles_error_shape_or_an_answer(
+        provider, upstream, reply, status):
+    provider.then(reply)
+    only = gemini_model(provider) if upstream == "gemini" else served_by(provider, UPSTREAMS[upstream])
+    with RunningPlano(build_config(only, router=ROUTER_OFF)) as running:  # nothing to fail over to
+        response = gemini_post(running, f"/v1beta/models/{UPSTREAMS[upstream]}:generateContent",
+                               {"contents": [{"parts": [{"text": "hi"}]}]})
+        assert httpx.get(running.url + "/healthz").status_code == 200
+    if status is None:  # an answer of the wrong shape: read as far as it goes, or a 502
+        assert response.status_code in (200, 502), response.text
+        assert "candidates" in response.json() if response.status_code == 200 else response.json()["error"]
+        return
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == status and response.json()["error"]["status"] == "UNAVAILABLE"
+
+
+ANTHROPIC_EVENT_KINDS = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                         "message_delta", "message_stop", "ping", "error"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(ANTHROPIC_EVENT_KINDS), st.fixed_dictionaries({}, optional={
+    "index": st.integers(0, 3) | JSON_VALUES,
+    "content_block": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "thinking", "tool_use", "redacted_thinking"])},
+        optional={"id": JSON_VALUES, "name": JSON_VALUES, "text": JSON_VALUES}),
+    "delta": st.fixed_dictionaries({"type": st.sampled_from(["text_delta", "thinking_delta", "signature_delta",
+                                                             "input_json_delta"])},
+                                   optional={"text": JSON_VALUES, "thinking": JSON_VALUES, "signature": JSON_VALUES,
+                                             "partial_json": JSON_VALUES, "stop_reason": JSON_VALUES}),
+    "usage": JSON_VALUES, "message": JSON_VALUES})), max_size=8),
+    upstream=st.sampled_from(["anthropic", "openai"]))
+def test_any_stream_to_a_gemini_client_is_gemini_chunks_or_ends_in_a_stream_error(events, upstream):
+    translator = plano.StreamTranslator(upstream, "gemini", "openai/gpt-4o", False)
+    if upstream == "anthropic":
+        raw = b"".join(plano.encode_sse(dict(data, type=kind), kind) for kind, data in events)
+    else:  # the same values where Chat chunks carry them
+        raw = b"".join(plano.encode_sse({"choices": [{"index": 0, "delta": data.get("delta") or {},
+                                                      "finish_reason": data.get("index")}],
+                                         "usage": data.get("usage")}) for _, data in events) + b"data: [DONE]\n\n"
+    out = translator.feed(raw) + translator.close()
+    assert translator.failure is None or isinstance(translator.failure, (plano.StreamTranslationError,
+                                                                         plano.UpstreamError))
+    chunks = [json.loads(e.data) for e in plano.SSEDecoder().feed(out)]
+    assert all(isinstance(c["candidates"][0]["content"]["parts"], list) for c in chunks)
+    if translator.failure is None and chunks:
+        assert chunks[-1]["candidates"][0]["finishReason"] in ("STOP", "MAX_TOKENS", "SAFETY")
+
+
+
+def test_doctor_asks_a_gemini_provider_for_its_model_list_with_googles_key_header(provider):
+    provider.then(lambda request: Reply(200, {"models": [{"name": "models/gemini-3-pro-preview"}]})
+                  if request.headers.get("x-goog-api-key") == GEMINI_KEY and "key=" not in request.path else
+                  Reply(400, {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT"}}))
+    model = build_config(gemini_model(provider)).models[0]
+    finding = plano._probe_provider(model, [GEMINI_KEY])
+    assert (finding.mark, finding.text) == ("ok", f"{provider.anthropic_base}: reachable (HTTP 200)")
+    assert [(r.method, r.path) for r in provider.requests] == [("GET", "/v1beta/models")]
 
 
 # ── issue 22: Vertex ──────────────────────────────────────────────────────────────────────────
