@@ -13968,8 +13968,10 @@ class GoogleTokenEndpoint(_LoopbackServer):
         return time.time() < self.issued.get(token, 0)
 
     def handle(self, handler: _LoopbackHandler, raw: bytes) -> None:
-        if self.mode == "slow":
+        if self.mode == "slow":  # past plano's timeout, then gone without a word (its client has left)
             time.sleep(plano.GoogleAccessTokens.TOKEN_TIMEOUT + 3)
+            handler.close_connection = True
+            return None
         if self.mode == "500":
             return handler.answer(500, b'{"error": "internal_failure", "error_description": "Backend Error"}')
         if self.mode == "garbage":
