@@ -252,7 +252,8 @@ class ProviderSpec:
     base_url: str | None
     interface: str  # "openai" (Chat Completions) | "anthropic" | "responses" (OpenAI Responses) | "gemini"
     # | "converse" (Bedrock)
-    auth: str  # "bearer" | "x-api-key" | "api-key" | "x-goog-api-key" | "aws-sigv4" (Bedrock: signed, no key) | "none"
+    auth: str  # "bearer" | "x-api-key" | "api-key" | "x-goog-api-key" | "aws-sigv4" (Bedrock: signed, no key)
+    # | "google" (Vertex: a token of Google's credentials) | "none"
     key_env: str | None = None  # the variable people conventionally keep the key in
     # (model-id prefix, largest max_tokens the model accepts); Claude Code asks for 128000.
     max_output_tokens: tuple[tuple[str, int], ...] = ()
@@ -327,6 +328,11 @@ PROVIDERS: dict[str, ProviderSpec] = {
     "qwen": ProviderSpec("https://dashscope-intl.aliyuncs.com/apps/anthropic", "anthropic", "x-api-key",
                          "DASHSCOPE_API_KEY"),
     "minimax": ProviderSpec("https://api.minimax.io/anthropic", "anthropic", "x-api-key", "MINIMAX_API_KEY"),
+    # Google Vertex AI: Claude through Anthropic's Messages body at Vertex's own URLs (vertex_claude_call),
+    # Gemini through Gemini's own API (read_model's vertex_spec makes its interface "gemini"); a bearer
+    # token from Google's Application Default Credentials (auth "google": GoogleAccessTokens).
+    # The base URL is the region's (vertex_base_url); this one is the global endpoint's.
+    "vertex": ProviderSpec("https://aiplatform.googleapis.com", "anthropic", "google"),
     # Azure OpenAI's v1 API: base_url is https://RESOURCE.openai.azure.com/openai/v1.
     "azure_openai": ProviderSpec(None, "openai", "api-key", "AZURE_API_KEY",
                                  reasoning_models=("gpt-5", "o1", "o3", "o4"), reasoning_rejects_sampling=True,
@@ -344,7 +350,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
 _RESPONSES_ONLY_MODEL = re.compile(r"codex|-pro(?:$|-)")
 
 # Other spellings people use for the same providers (the seed's docs use several).
-PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together",
+PROVIDER_ALIASES = {"grok": "xai", "google": "gemini", "together_ai": "together", "vertex_ai": "vertex",
                     "azure": "azure_openai", "claude": "anthropic", "kimi": "moonshot", "zai": "zhipu",
                     "glm": "zhipu", "dashscope": "qwen"}
 
@@ -387,6 +393,16 @@ def default_key_belongs_at(spec: ProviderSpec, base_url: str) -> bool:
         return False
     own = urllib.parse.urlsplit(spec.base_url).hostname if spec.base_url else None
     return url.hostname == own or any(url.hostname.endswith(domain) for domain in spec.key_domains)
+
+
+def vertex_base_url(region: str) -> str:
+    """Vertex AI's endpoint for a region, as Claude Code and Google's SDKs build it: the global
+    endpoint, the `us` and `eu` multi-region ones, else REGION-aiplatform.googleapis.com."""
+    if region == "global":
+        return "https://aiplatform.googleapis.com"
+    if region in ("us", "eu"):
+        return f"https://aiplatform.{region}.rep.googleapis.com"
+    return f"https://{region}-aiplatform.googleapis.com"
 
 
 def _prefix_lookup(table: Iterable[tuple[str, int]], model_id: str) -> int | None:
@@ -439,7 +455,7 @@ _CATALOGUE_PROVIDERS = {"openai": "openai", "azure_openai": "azure", "anthropic"
                         # the international endpoints plano's catalogue points at (models.dev lists the
                         # China ones apart: moonshotai-cn, zhipuai, alibaba-cn, minimax-cn)
                         "moonshot": "moonshotai", "zhipu": "zai", "qwen": "alibaba", "minimax": "minimax",
-                        "bedrock": "amazon-bedrock"}
+                        "bedrock": "amazon-bedrock", "vertex": "google-vertex"}
 _FIRST_PARTY = ("anthropic", "openai", "google", "deepseek", "xai", "mistral")
 
 
@@ -462,6 +478,11 @@ def catalogue_capabilities(provider: str, model_id: str) -> Capabilities:
         if entry is None and listed:
             entry = max((m for mid, m in models.items() if model_id.startswith(mid + "-")),
                         key=lambda m: len(m.id), default=None)
+        if entry is None and listed:
+            # Vertex names a model version after `@` (claude-sonnet-4-5@20250929, claude-opus-4-6@default):
+            # another version, or none, is the same model.
+            entry = next((m for mid, m in models.items() if "@" in mid
+                          and mid.split("@", 1)[0] == model_id.split("@", 1)[0]), None)
         if entry is None:
             continue
         cost, limit = entry.cost, entry.limit
@@ -510,8 +531,11 @@ class ModelEntry:
     max_tokens: int | None = None  # a cap from the config (`max_output_tokens`), beats the catalogue's
     timeout: float = 600.0  # seconds to wait for the provider's next byte (long generations)
     capabilities: Capabilities = Capabilities()  # the catalogue's, with the config's fields over it
-    region: str | None = None  # a cloud provider's region (Bedrock, Vertex), e.g. us-east-1
-    aws_profile: str | None = None  # Bedrock: the AWS profile whose credentials sign (None: the default chain)
+    # A cloud's region (Bedrock, Vertex), project (Vertex AI: its URL names both; none: the
+    # credentials' own) and AWS profile (Bedrock: whose credentials sign; None: the default chain).
+    project: str | None = None
+    region: str | None = None
+    aws_profile: str | None = None
 
     @property
     def interface(self) -> str:
@@ -849,6 +873,10 @@ _AWS_PROFILE_NAME = re.compile(r"[A-Za-z0-9_.+@-](?:[A-Za-z0-9_.+@ -]{0,126}[A-Z
 # listeners[].allowed_hosts: DNS names (an IP literal is always accepted, see OriginPolicy).
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*", re.ASCII)
+# A cloud project or region name as it goes into a provider's URL path: Google's project ids
+# (lowercase letters, digits, hyphens; the old `example.com:name` form) and region names fit; a
+# `/`, `?`, `#`, `%`, `..` or a control character, which would change the path, do not.
+_CLOUD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", re.ASCII)
 # listeners[].cors_origins: what a browser sends as `Origin` (an extension's or an app's scheme too).
 _WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+", re.ASCII)
 
@@ -1053,7 +1081,8 @@ class _ConfigReader:
             raise self.fail(raw, "llm_providers", f"each entry must be a mapping, got {entry!r}")
         known = {"model", "name", "access_key", "base_url", "endpoint", "default",
                  "routing_preferences", "provider_interface", "fallbacks", "max_tokens", "timeout",
-                 "context_window", "max_output_tokens", "vision", "tool_use", "prices", "region", "aws_profile"}
+                 "context_window", "max_output_tokens", "vision", "tool_use", "prices", "project", "region",
+                 "aws_profile"}
         for key in entry:
             if key not in known:
                 raise self.fail(entry, key, f"is not a known model field (known: {', '.join(sorted(known))})")
@@ -1084,7 +1113,7 @@ class _ConfigReader:
             spec = dataclasses.replace(spec, interface=interface, auth=_INTERFACE_AUTH[interface])
         elif spec.responses_models and _RESPONSES_ONLY_MODEL.search(model_id):
             spec = dataclasses.replace(spec, interface="responses")
-        region, aws_profile = self.read_cloud_place(entry, provider)
+        project, region, aws_profile = self.read_cloud_place(entry, provider)
         if provider == "bedrock":
             if interface is not None or "access_key" in entry:
                 raise self.fail(entry, "provider_interface" if interface is not None else "access_key",
@@ -1136,30 +1165,51 @@ class _ConfigReader:
         timeout = self.get(entry, "timeout", (int, float), 600.0)
         if isinstance(timeout, bool) or timeout <= 0:
             raise self.fail(entry, "timeout", f"must be a positive number of seconds, got {timeout!r}")
+        if provider == "vertex":
+            spec = self.vertex_spec(entry, model_id, spec)
+            if base_url is None:
+                base_url = vertex_base_url(region or "global")
         return ModelEntry(
             name=name, provider=provider, model_id=model_id, spec=spec,
             base_url=(base_url or spec.base_url or "").rstrip("/"),
             access_key=access_key, key_env=key_env, withheld_key=withheld_key,
             default=bool(self.get(entry, "default", bool, False)),
             routing_preferences=tuple(preferences), fallbacks=tuple(fallbacks),
-            max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities,
+            max_tokens=max_tokens, timeout=float(timeout), capabilities=capabilities, project=project,
             region=region, aws_profile=aws_profile)
 
-    def read_cloud_place(self, entry: dict, provider: str) -> tuple[str | None, str | None]:
-        """`region` (Bedrock's, Vertex's) and `aws_profile` (Bedrock's), checked: they go into a URL,
-        a host name and botocore's file lookups, so a region is only letters, digits and dashes."""
-        region = self.get(entry, "region", str)
-        profile = self.get(entry, "aws_profile", str)
-        for key, value, providers in (("region", region, ("bedrock", "vertex")),
-                                      ("aws_profile", profile, ("bedrock",))):
+    def read_cloud_place(self, entry: dict, provider: str) -> tuple[str | None, str | None, str | None]:
+        """A cloud model's `project` (Vertex), `region` (Bedrock, Vertex) and `aws_profile` (Bedrock),
+        each a literal or a `$VAR`, checked: they go into a URL path, a host name and botocore's file
+        lookups, so they are names, never anything a path could be made of. For Vertex, what the
+        model does not say comes from the variables Claude Code, Anthropic's and Google's SDKs read:
+        ANTHROPIC_VERTEX_PROJECT_ID or GOOGLE_CLOUD_PROJECT (none: the credentials' own project),
+        CLOUD_ML_REGION or GOOGLE_CLOUD_LOCATION, else `global`; for Bedrock see read_bedrock_region."""
+        place: dict[str, str | None] = {}
+        for key, providers, variables in (
+                ("project", ("vertex",), ("ANTHROPIC_VERTEX_PROJECT_ID", "GOOGLE_CLOUD_PROJECT")),
+                ("region", ("bedrock", "vertex"), ("CLOUD_ML_REGION", "GOOGLE_CLOUD_LOCATION")),
+                ("aws_profile", ("bedrock",), ())):
+            value = self.get(entry, key, str)
             if value is not None and provider not in providers:
                 raise self.fail(entry, key, f"is for {' and '.join(providers)} models only, not {provider}")
-        if region is not None and not _CLOUD_REGION.fullmatch(region):
+            if value is not None:
+                value, variable = self.expand(entry, key, value)
+                if value is None:
+                    raise self.fail(entry, key, f"is ${variable}, which is not set")
+            elif provider == "vertex":
+                value = next((self.env[v].strip() for v in variables if (self.env.get(v) or "").strip()), None)
+            place[key] = value
+        project, region, profile = place["project"], place["region"], place["aws_profile"]
+        for key, value in (("project", project), ("region", region)):
+            if provider == "vertex" and value is not None and not _CLOUD_NAME.fullmatch(value):
+                raise self.fail(entry, key, f"must be a {key} name (letters, digits, - _ . :), got {value!r}")
+        if provider == "bedrock" and region is not None and not _CLOUD_REGION.fullmatch(region):
             raise self.fail(entry, "region", f"must be a cloud region such as us-east-1, got {region!r}")
         if profile is not None and not _AWS_PROFILE_NAME.fullmatch(profile):
             raise self.fail(entry, "aws_profile", f"must be the name of a profile in your AWS config files (letters, "
                                                   f"digits, . _ + @ - and spaces), got {profile!r}")
-        return region, profile
+        return project, region or ("global" if provider == "vertex" else None), profile
 
     def read_bedrock_region(self, entry: dict, region: str | None, profile: str | None) -> str:
         """A Bedrock model's region: its `region`, else $AWS_REGION / $AWS_DEFAULT_REGION, else the
@@ -1184,6 +1234,23 @@ class _ConfigReader:
         if not _CLOUD_REGION.fullmatch(region):
             raise self.fail(entry, "region", f"must be a cloud region such as us-east-1, got {region!r}")
         return region
+
+    def vertex_spec(self, entry: dict, model_id: str, spec: ProviderSpec) -> ProviderSpec:
+        """Claude on Vertex speaks Anthropic's Messages API, Gemini Gemini's own (both at Vertex's
+        URLs), whatever `provider_interface` says; the other models there are not served by plano yet."""
+        spec = PROVIDERS["vertex"]
+        if model_id.startswith("gemini"):
+            spec = dataclasses.replace(spec, interface="gemini")
+        elif not model_id.startswith("claude"):
+            raise self.fail(entry, "model", f"vertex/{model_id}: plano serves Claude and Gemini models on Vertex AI "
+                                            "(vertex/claude-…, vertex/gemini-…)")
+        try:
+            import google.auth  # noqa: F401  (here: a missing extra is a start-up error, not a failed request)
+            import google.auth.transport.requests  # noqa: F401
+        except ImportError:
+            raise self.fail(entry, "model", f"vertex/{model_id} needs the google-auth package (Google's "
+                                            "credentials): pip install 'plano[vertex]'") from None
+        return spec
 
     def read_capabilities(self, entry: dict, provider: str, model_id: str) -> Capabilities:
         """The catalogue's capabilities with the config's fields over them (a config value wins)."""
@@ -2874,6 +2941,8 @@ def _provider_error_fields(payload: Any) -> dict[str, Any]:
     if not isinstance(error, dict):
         return {"message": payload.get("message")} if isinstance(payload.get("message"), str) else {}
     fields = {key: error.get(key) for key in ("message", "type", "param", "code")}
+    if isinstance(error.get("status"), str) and "type" not in error:
+        fields["code"] = error["status"]  # Google's `{code: 429, status: "RESOURCE_EXHAUSTED"}`: the name says more
     metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
     # OpenRouter's metadata.raw holds the real provider's reason (a 429's, say); Groq's
     # failed_generation is the model output its tool-call parser refused.
@@ -2882,9 +2951,18 @@ def _provider_error_fields(payload: Any) -> dict[str, Any]:
     return fields
 
 
+def _is_google_error(payload: Any) -> bool:
+    """`{"error": {"code": 429, "message": …, "status": "RESOURCE_EXHAUSTED"}}` (or a list of it)."""
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("status"), str) and "type" not in error \
+        and "type" not in payload
+
+
 def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, upstream_format: str,
                         client_format: str, *, provider: str, key_env: str | None,
-                        withheld_key: str | None = None) -> UpstreamError:
+                        withheld_key: str | None = None, google_token: bool = False) -> UpstreamError:
     """What the client gets for a provider's error answer (HTTP status >= 400).
 
     When the client speaks the provider's format, the provider's status, the headers that matter
@@ -2894,7 +2972,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     A body that is not JSON becomes an error in the client's format either way.
     A key the provider rejects (401/403) is plano's configuration to fix, not the client's
     credentials: a 403 permission_error naming the variable, as a missing key is (or the variable
-    plano did not send, `withheld_key`, and how to send it).
+    plano did not send, `withheld_key`, and how to send it; or, `google_token`, the access token of
+    plano's Google credentials, which Vertex AI takes instead of a key).
     Keys the provider echoes in its body are for the caller to scrub: it knows them.
     """
     forwarded = {name.lower(): value for name, value in headers.items()
@@ -2905,6 +2984,9 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     except ValueError:
         payload = None
     fields = _provider_error_fields(payload)
+    # Google's own error shape (Vertex AI's, before the request reaches a Claude model): not the
+    # shape of the API the model speaks, so a client of that API gets it rebuilt in its own.
+    google = _is_google_error(payload) and upstream_format != "gemini"
     text = body.decode("utf-8", errors="replace").strip()[:2000]
     if upstream_format == "gemini" and status == 400 and "API_KEY_INVALID" in text:
         status = 401  # Google answers a wrong key with a 400 whose detail says so: plano's key to fix
@@ -2917,7 +2999,9 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
 
     if status in (401, 403):
-        if withheld_key:
+        if google_token:
+            message = f"{provider}: Google refused the access token of plano's Google credentials: {message}"
+        elif withheld_key:
             message = (f"{provider}: the provider asks for a key, and plano sends none to it: ${withheld_key} goes "
                        f"only to the provider's own URL (set `access_key: ${withheld_key}` on this model to send "
                        f"it there): {message}")
@@ -2929,10 +3013,10 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
     error_type = fields.get("type") if upstream_format == "anthropic" else None
     if error_type not in _ANTHROPIC_ERROR_TYPES.values() and error_type != "api_error":
         error_type = _error_type_for_status(status)
-    if upstream_format == client_format and isinstance(payload, (dict, list)):
+    if upstream_format == client_format and isinstance(payload, (dict, list)) and not google:
         return UpstreamError(f"{provider}: {message}", status=status, error_type=error_type, headers=forwarded,
                              retryable=retryable, body=body)
-    if upstream_format == client_format:
+    if upstream_format == client_format and not google:
         return UpstreamError(f"{provider}: {message}", status=status, error_type=error_type, headers=forwarded,
                              retryable=retryable, body=answer(error_type, f"{provider}: {message}", status))
     openai_shaped = client_format in ("openai", "responses")
@@ -6020,8 +6104,16 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
                                 "x-amzn-bedrock-accept": "application/json"})
             url = model.base_url + bedrock_invoke_path(model.model_id, streaming)
             content = _json_bytes(bedrock_invoke_body(json.loads(content), betas))
+        if model.provider == "vertex":
+            url, content = vertex_claude_call(model, content, streaming=body.get("stream") is True)
+            del headers["anthropic-version"]  # Vertex takes it in the body
+            if "anthropic-beta" in headers:
+                headers["anthropic-beta"] = vertex_betas(headers["anthropic-beta"])
+                if not headers["anthropic-beta"]:
+                    del headers["anthropic-beta"]
     elif model.interface == "gemini":
-        url = gemini_url(model.base_url, model.model_id, stream=body.get("stream") is True)
+        url = gemini_url(model.base_url, model.model_id, stream=body.get("stream") is True) \
+            if model.provider != "vertex" else vertex_gemini_url(model, stream=body.get("stream") is True)
         if client_format == "gemini":
             content = raw  # the client's own bytes: the model is in the URL
         else:
@@ -6055,6 +6147,69 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
         else:
             content = _json_bytes(_with_cache_key(anthropic_request_to_openai(body, model), model, session))
     return ProviderRequest(url, headers, content, _upstream_timeout(model))
+
+
+# ── Claude on Google Vertex AI ─────────────────────────────────────────────────────────────
+# Anthropic's Messages body, but the model goes in the URL and `anthropic_version` in the body
+# (https://docs.anthropic.com/en/api/claude-on-vertex-ai); the answers, streamed or whole, are
+# Anthropic's own (ids `msg_vrtx_…`), so everything after the request is as for Anthropic.
+
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+# Where the URL's project goes when neither the config nor the environment names one: the
+# credentials' own project fills it in (Upstreams._authorized). Braces: no project id has them.
+PROJECT_FROM_CREDENTIALS = "{project}"
+
+
+def vertex_url(model: ModelEntry, publisher: str, method: str) -> str:
+    """A Vertex AI model's URL: its project and region, the publisher (anthropic, google), the method."""
+    return (f"{model.base_url}/v1/projects/{model.project or PROJECT_FROM_CREDENTIALS}/locations/{model.region}"
+            f"/publishers/{publisher}/models/{urllib.parse.quote(model.model_id, safe='@')}:{method}")
+
+
+def vertex_claude_call(model: ModelEntry, content: bytes, streaming: bool) -> tuple[str, bytes]:
+    """The URL and body of a Messages request (`content`, already for this model) on Vertex AI."""
+    body = json.loads(content)
+    body.pop("model", None)
+    body.pop("anthropic_version", None)
+    body = {"anthropic_version": VERTEX_ANTHROPIC_VERSION, **body}
+    return vertex_url(model, "anthropic", "streamRawPredict" if streaming else "rawPredict"), _json_bytes(body)
+
+
+def vertex_gemini_url(model: ModelEntry, stream: bool) -> str:
+    """Where Gemini answers on Vertex AI: Gemini's own API (generateContent, or its stream as SSE)
+    under the project's and region's `publishers/google` (the Wire formats, Gemini section's bodies)."""
+    return vertex_url(model, "google", "streamGenerateContent?alt=sse" if stream else "generateContent")
+
+
+# The anthropic-beta values Vertex AI takes, as LiteLLM keeps them (its
+# anthropic_beta_headers_config.json, "vertex_ai"): Vertex refuses a request naming any other
+# with a 400, and Claude Code sends several (claude-code-20250219, effort-…, …). Vertex knows the
+# advanced tool use beta by its earlier name.
+_VERTEX_BETAS = frozenset({
+    "compact-2026-01-12", "compact-2026-09-04", "computer-use-2025-01-24", "computer-use-2025-11-24",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "dangerous-tool-use-2026-09-03",
+    "interleaved-thinking-2025-05-14", "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19", "web-search-2025-03-05"})
+_VERTEX_BETA_NAMES = {"advanced-tool-use-2025-11-20": "tool-search-tool-2025-10-19"}
+# The betas already said to be dropped: once a process, and at most _DROPPED_BETAS_SAID_LIMIT of
+# them (the header is the client's text: made-up values must not grow the set or the log).
+_DROPPED_BETAS_SAID: set[str] = set()
+_DROPPED_BETAS_SAID_LIMIT = 64
+
+
+def vertex_betas(header: str) -> str:
+    """A client's `anthropic-beta` list with only what Vertex AI takes (the rest said once)."""
+    kept: list[str] = []
+    for beta in (b.strip() for b in header.split(",")):
+        beta = _VERTEX_BETA_NAMES.get(beta, beta)
+        if beta in _VERTEX_BETAS:
+            if beta not in kept:
+                kept.append(beta)
+        elif beta and beta not in _DROPPED_BETAS_SAID and len(_DROPPED_BETAS_SAID) < _DROPPED_BETAS_SAID_LIMIT:
+            _DROPPED_BETAS_SAID.add(beta)
+            log.info("the anthropic-beta %s is dropped for Vertex AI, which refuses requests naming it; said once",
+                     printable(beta)[:80])
+    return ",".join(kept)
 
 
 def _as_anthropic_request(body: dict, client_format: str, model: ModelEntry) -> dict:
@@ -6807,6 +6962,116 @@ def sse_from_event_stream(response: httpx.Response) -> httpx.Response:
                if name.lower() not in (b"content-type", b"content-length")] + [(b"content-type", b"text/event-stream")]
     return httpx.Response(response.status_code, headers=headers, stream=_EventStreamAsSSE(response.stream),
                           extensions=response.extensions)
+
+
+class GoogleAccessTokens:
+    """Bearer tokens from Google's Application Default Credentials, through google-auth: the
+    service-account file $GOOGLE_APPLICATION_CREDENTIALS names, gcloud's user credentials
+    (`gcloud auth application-default login`), or the metadata server of the machine plano runs on.
+
+    A token is refreshed when there is none or it expires within REFRESH_MARGIN seconds (a quarter
+    of its life, for a token that lives less than four margins). Finding the credentials and
+    refreshing are network I/O in google-auth's own (requests) transport: they run in a worker
+    thread, one at a time, and within TOKEN_TIMEOUT seconds; a thread still waiting after that is
+    left to finish on its own (requests' own timeout ends it). Tokens go only into the headers this
+    returns. Errors say what google-auth said, which can quote the token service's answer: like every
+    provider's message, they are scrubbed where they are logged or answered (_scrub knows `ya29.` tokens)."""
+
+    SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+    REFRESH_MARGIN = 300.0  # google-auth's own margin is 225 s; 5 minutes leaves room for a slow refresh
+    TOKEN_TIMEOUT = 10.0  # Google's token service answers in well under a second; a metadata server at once
+
+    def __init__(self) -> None:
+        self._credentials: Any = None
+        self.project: str | None = None  # the credentials' own project, when they name one
+        self.kind: str | None = None  # which credentials, in words (KINDS)
+        self._headers: dict[str, str] = {}
+        self._fresh_until = 0.0  # time.monotonic() after which the token is refreshed
+        self._lock = trio.Lock()
+
+    async def headers(self, who: str) -> dict[str, str]:
+        """The headers that authorize a request (`authorization`, and `x-goog-user-project` for user
+        credentials with a quota project); `who` names the model in errors."""
+        if time.monotonic() < self._fresh_until:
+            return self._headers
+        async with self._lock:
+            if time.monotonic() >= self._fresh_until:  # another task may have refreshed it meanwhile
+                with trio.move_on_after(self.TOKEN_TIMEOUT):
+                    await trio.to_thread.run_sync(self._refresh, who, abandon_on_cancel=True)
+                if time.monotonic() >= self._fresh_until:
+                    raise UpstreamError(f"{who}: Google's token service did not answer within {self.TOKEN_TIMEOUT:.0f} "
+                                        "s, so there is no access token for Vertex AI", status=502,
+                                        error_type="api_error", retryable=True)
+        return self._headers
+
+    # google-auth's credential classes (by module) as people know them.
+    KINDS = {"google.oauth2.service_account": "a service-account key file",
+             "google.oauth2.credentials": "gcloud's user credentials (authorized user)",
+             "google.auth.compute_engine.credentials": "the metadata server (the machine's service account)",
+             "google.auth.impersonated_credentials": "an impersonated service account",
+             "google.auth.identity_pool": "workload identity federation",
+             "google.auth.aws": "workload identity federation from AWS",
+             "google.auth.external_account_authorized_user": "workforce identity federation"}
+
+    def find(self, who: str) -> None:
+        """The credentials, as google.auth.default finds them (blocking: a worker thread's, or the CLI's)."""
+        import google.auth
+        import google.auth.exceptions
+        if self._credentials is not None:
+            return
+        try:
+            credentials, project = google.auth.default(scopes=self.SCOPES)
+        except google.auth.exceptions.DefaultCredentialsError as e:
+            raise ProviderKeyError(f"{who}: no Google credentials found ({str(e)[:300]}): run `gcloud "
+                                   "auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
+                                   "service-account key file") from None
+        self.kind = self.KINDS.get(type(credentials).__module__, type(credentials).__module__)
+        self._credentials, self.project = credentials, project
+
+    def forget(self) -> None:
+        """Drop the token (Google refused it before it expired): the next request refreshes it."""
+        self._fresh_until = 0.0
+
+    @property
+    def account(self) -> str | None:
+        """The service account's e-mail address, when the credentials are one's (not a secret)."""
+        email = getattr(self._credentials, "service_account_email", None)
+        return email if isinstance(email, str) and "@" in email else None
+
+    def _refresh(self, who: str) -> None:
+        """In a worker thread: the credentials (found once), refreshed; errors as plano's own."""
+        import datetime
+
+        import google.auth.exceptions
+        import google.auth.transport.requests
+        self.find(who)
+        try:
+            transport = google.auth.transport.requests.Request()
+            self._credentials.refresh(functools.partial(_with_timeout, transport, self.TOKEN_TIMEOUT))
+            headers: dict[str, str] = {}
+            self._credentials.apply(headers)
+        except google.auth.exceptions.RefreshError as e:
+            reason = str(e)[:300]
+            if not getattr(e, "retryable", False) and re.search(r"invalid_grant|invalid_client|unauthorized", reason):
+                raise ProviderKeyError(f"{who}: Google's token service refused plano's Google credentials "
+                                       f"({reason})") from None
+            raise UpstreamError(f"{who}: no access token from Google's token service ({reason})", status=502,
+                                error_type="api_error", retryable=True) from None
+        except Exception as e:  # google-auth raises TransportError, ValueError, KeyError… for a broken answer
+            raise UpstreamError(f"{who}: no access token from Google's token service ({type(e).__name__}: "
+                                f"{str(e)[:300]})", status=502, error_type="api_error",
+                                retryable=True) from None
+        expiry = self._credentials.expiry  # naive UTC, as google-auth keeps it; None: it does not expire
+        life = math.inf if expiry is None else (expiry - datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+                                                ).total_seconds()
+        self._headers = {name.lower(): value for name, value in headers.items()}
+        self._fresh_until = time.monotonic() + life - min(self.REFRESH_MARGIN, life / 4)
+
+
+def _with_timeout(transport: Callable[..., Any], timeout: float, *args: Any, **kwargs: Any) -> Any:
+    # google-auth's refresh calls its transport without a timeout (requests would then wait 120 s).
+    kwargs.setdefault("timeout", timeout)
+    return transport(*args, **kwargs)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════
@@ -9503,7 +9768,7 @@ _GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
 # other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
 _GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
-                         "azure_openai": "azure.ai.openai"}
+                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
 _GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 # What plano's token kinds are called here, and their usage-ledger columns.
 _TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
@@ -9710,7 +9975,7 @@ _CAPTURED_MESSAGES_CHARS = 64 * 1024  # of the input messages' JSON: the newest 
 
 # The conventions' gen_ai.provider.name for the providers they name; the others go by plano's name.
 _GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
-                         "azure_openai": "azure.ai.openai"}
+                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
 
 
 @dataclass(frozen=True)
@@ -10852,11 +11117,12 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 # What provider keys look like (OpenAI and Anthropic `sk-…`, Groq `gsk_…`, xAI `xai-…`, Google
-# `AIza…`), as providers echo them back in errors, often masked with `*`: a prefix and its separator,
+# `AIza…`, and Google's OAuth access tokens `ya29.…`, which plano holds for Vertex AI), as providers
+# echo them back in errors, often masked with `*`: a prefix and its separator,
 # then a long run with a digit in it. Identifiers such as `skip_special_tokens` or `keyword_arguments`
 # are the parameter a provider complains about and stay.
 _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[-_A-Za-z0-9*]{8,}"
-                         r"|AIza[-_A-Za-z0-9]{30,})")
+                         r"|AIza[-_A-Za-z0-9]{30,}|ya29\.[-_.A-Za-z0-9]{8,})")
 
 
 # A header value h11 sends as it is: visible ASCII, with spaces inside (not at either end, RFC 9110
@@ -10902,6 +11168,7 @@ class Upstreams:
         self.health = ProviderHealth(state if state is not None else LocalState())
         self._urls: dict[str, httpx.URL] = {}
         self.aws = AwsSigner()
+        self.google: GoogleAccessTokens | None = None  # Vertex AI's tokens, from the first request for it
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -10923,12 +11190,13 @@ class Upstreams:
             last = attempt == len(candidates) - 1
             traced = exchange.trace.attempt(model)
             try:
-                call = provider_request(model, request.api_format, exchange.body, request.body, request.headers,
-                                        request.query, exchange.session,
-                                        output_limit(exchange.needs, model) if exchange.needs else None)
-                call = await self._authorized(model, call)
+                call = await self._authorized(model, provider_request(
+                    model, request.api_format, exchange.body, request.body, request.headers, request.query,
+                    exchange.session, output_limit(exchange.needs, model) if exchange.needs else None))
                 response, upstream_ms = await self._send(model, traced.carrying(call), config)
                 if response.status_code >= 400:
+                    if response.status_code == 401 and model.spec.auth == "google" and self.google is not None:
+                        self.google.forget()  # a token Google no longer takes (revoked): the next request gets another
                     try:
                         raise await self._error(response, model, request.api_format,
                                                 config_secrets(config) + self.aws.secrets())
@@ -10980,10 +11248,23 @@ class Upstreams:
 
     async def _authorized(self, model: ModelEntry, call: ProviderRequest) -> ProviderRequest:
         """`call` with what proves plano may make it, where that is not a key in a header (those
-        provider_request put there): Bedrock's SigV4 signature."""
+        provider_request put there): Bedrock's SigV4 signature; for Vertex AI, a bearer token from
+        Google's credentials, and their project where neither the config nor the environment names one."""
         if model.provider == "bedrock":
             return await self.aws.signed(call, model)
-        return call
+        if model.spec.auth != "google":
+            return call
+        if self.google is None:
+            self.google = GoogleAccessTokens()
+        headers = await self.google.headers(model.name)
+        url = call.url
+        if PROJECT_FROM_CREDENTIALS in url:
+            project = self.google.project
+            if not project or not _CLOUD_NAME.fullmatch(project):
+                raise ProviderKeyError(f"{model.name}: no Google Cloud project: set `project:` on the model, or "
+                                       "GOOGLE_CLOUD_PROJECT (plano's Google credentials name none)")
+            url = url.replace(PROJECT_FROM_CREDENTIALS, project, 1)
+        return dataclasses.replace(call, url=url, headers={**call.headers, **headers})
 
     def _url(self, url: str) -> httpx.URL:
         # Parsing the same few upstream URLs on every request is a measurable share of plano's
@@ -11025,7 +11306,8 @@ class Upstreams:
             error.message = _scrub(error.message, secrets)
         else:
             error = error_from_upstream(response.status_code, response.headers, raw, model.interface, client_format,
-                                        provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key)
+                                        provider=model.name, key_env=model.key_env, withheld_key=model.withheld_key,
+                                        google_token=model.spec.auth == "google")
         # Providers echo keys in their messages; JSON bodies are UTF-8, so this is byte-exact otherwise.
         error.body = _scrub(error.body.decode("utf-8", errors="replace"), secrets).encode()
         return error
@@ -12862,6 +13144,32 @@ def _aws_credentials_finding(model: ModelEntry) -> _Finding:
                                  f"region {model.region}")
 
 
+def _google_credentials_finding(model: ModelEntry, offline: bool) -> _Finding:
+    """A Vertex AI model: which Google credentials plano finds (their kind, a key file's path, a
+    service account's address; never a token or a key), the project and region, and, unless
+    offline, whether they give an access token."""
+    tokens = GoogleAccessTokens()
+    try:
+        if offline:
+            tokens.find(model.name)
+        else:
+            trio.run(tokens.headers, model.name)
+    except PlanoError as e:
+        return _Finding("problem", "key", _scrub(e.message, ()))
+    source = tokens.kind or "unknown credentials"
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        source += f" ({printable(os.environ['GOOGLE_APPLICATION_CREDENTIALS'])})"
+    if tokens.account:
+        source += f", {printable(tokens.account)}"
+    project = model.project or (f"{tokens.project} (the credentials')" if tokens.project else None)
+    if project is None:
+        return _Finding("problem", "key", f"{model.name}: Google credentials: {source}; no project: set `project:` "
+                                          "or GOOGLE_CLOUD_PROJECT")
+    token = "" if offline else "; an access token was issued"
+    return _Finding("ok", "key", f"{model.name}: Google credentials: {source}{token}; project {printable(project)}, "
+                                 f"region {model.region} ({model.base_url})")
+
+
 def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding]:
     """What works and what to do about the rest, as `python -m plano doctor` prints it."""
     findings: list[_Finding] = []
@@ -12877,6 +13185,9 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         if model.spec.auth == "aws-sigv4":
             findings.append(_aws_credentials_finding(model))
             continue  # Bedrock's runtime has no cheap request to probe it with
+        if model.spec.auth == "google":
+            findings.append(_google_credentials_finding(model, offline))
+            continue
         if model.spec.auth == "none":
             findings.append(_Finding("ok", "key", f"{model.name}: needs no key"))
         elif model.access_key:

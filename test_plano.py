@@ -8177,6 +8177,7 @@ EVERY_CONFIG_FIELD = {
         {"model": "local/qwen3", "endpoint": "http://127.0.0.1:8080/v1", "provider_interface": "openai"},
         {"model": "bedrock/us.anthropic.claude-sonnet-4-5-20250929-v1:0", "region": "us-east-1",
          "aws_profile": "work", "base_url": "http://127.0.0.1:9"},
+        {"model": "vertex/claude-sonnet-4-5@20250929", "project": "my-project", "region": "us-east5"},
     ],
     "model_aliases": {"fast": {"target": "openai/gpt-4o"}, "slow": "anthropic/claude-sonnet-5"},
     "listeners": [{"type": "model", "address": "127.0.0.1", "port": 12000, "api_key": "$PLANO_ADMIN_KEY",
@@ -8219,7 +8220,7 @@ def every_field_config_text(config: dict = EVERY_CONFIG_FIELD) -> str:
 
 def test_the_config_the_fuzzers_start_from_is_valid():
     config = plano.parse_config(every_field_config_text(), path=CONFIG_PATH, environ=KEYS)
-    assert len(config.models) == 4 and len(config.routes) == 2 and config.router.threads == 2
+    assert len(config.models) == 5 and len(config.routes) == 2 and config.router.threads == 2
     assert [k.name for k in config.keys] == ["alice", "bob", "carol"] and len(config.teams) == 2
 
 
@@ -15913,7 +15914,6 @@ def test_an_anthropic_request_becomes_geminis_parts_with_each_signature_back_whe
         {"role": "model", "parts": [{"text": "done"}, {"text": "", "thoughtSignature": GEMINI_TEXT_SIGNATURE}]}]
 
 
-
 def test_function_responses_without_ids_answer_their_calls_by_name_then_in_order():
     contents = [{"role": "user", "parts": [{"text": "go"}]},
                 {"role": "model", "parts": [{"functionCall": {"name": "read", "args": {"p": 1}}},
@@ -16459,6 +16459,619 @@ def test_cli_agent_unknown_agent_names_the_supported_ones(tmp_path, provider):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip() == "plano: unknown agent 'crush'; supported: claude, codex, gemini, opencode, qwen"
+
+
+# ── issue 22: Vertex ──────────────────────────────────────────────────────────────────────────
+#
+# Claude on Google Vertex AI: a loopback OAuth token endpoint for a service account whose key the
+# test generates (it verifies each JWT assertion's RS256 signature with the public key), a stand-in
+# Vertex AI that takes only the tokens that endpoint issued and that have not expired, and answers
+# with Vertex's own recorded answers (testdata/recorded/vertex) byte for byte; the official SDKs
+# as clients.
+
+VERTEX_RECORDED = RECORDED / "vertex"
+VERTEX_PROJECT = "plano-test-project"
+VERTEX_MODEL = "vertex/claude-sonnet-4-5@20250929"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+# What Google's APIs answer a request whose bearer token they do not take (an expired, revoked or
+# made-up one): the UNAUTHENTICATED error of google.rpc, in Google's JSON error envelope.
+GOOGLE_UNAUTHENTICATED = {"error": {
+    "code": 401, "message": "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
+    "cookie or other valid authentication credential. See "
+    "https://developers.google.com/identity/sign-in/web/devconsole-project.", "status": "UNAUTHENTICATED"}}
+# The anthropic-beta values Vertex AI takes (LiteLLM's table of them, written down here on its own
+# so that the stand-in does not take plano's word for it); any other is refused with the recorded 400.
+VERTEX_TAKES_BETAS = {
+    "compact-2026-01-12", "compact-2026-09-04", "computer-use-2025-01-24", "computer-use-2025-11-24",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "dangerous-tool-use-2026-09-03",
+    "interleaved-thinking-2025-05-14", "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19", "web-search-2025-03-05"}
+# What Claude Code 2.1.332 sends (FACTS §1), with the advisor beta Vertex was recorded refusing.
+CLAUDE_CODE_BETAS = ("claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+                     "effort-2025-11-24,advisor-tool-2026-03-01,prompt-caching-scope-2026-01-05")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _LoopbackHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler that hands each POST to its server's `owner.handle(handler, body)`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.server.owner.handle(self, self.rfile.read(int(self.headers.get("content-length") or 0)))
+
+    def answer(self, status: int, body: bytes, content_type: str = "application/json",
+               pieces: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        for start in range(0, len(body), pieces or len(body) or 1):
+            self.wfile.write(body[start:start + (pieces or len(body))])
+            self.wfile.flush()
+
+
+class _LoopbackServer:
+    def start(self) -> None:
+        self.server = _StandInServer(("127.0.0.1", 0), _LoopbackHandler)
+        self.server.owner = self
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class GoogleTokenEndpoint(_LoopbackServer):
+    """Google's OAuth 2.0 token endpoint for one service account with a key made here: it takes a
+    JWT-bearer grant only when the assertion is signed by the account's key (RS256, its key id) and
+    names the account, Google's token endpoint and the cloud-platform scope, and issues `ya29.` tokens living
+    `lifetime` seconds. `mode` makes it a broken one: "garbage" (a 200 that is not JSON), "500",
+    "slow" (no answer within plano's token timeout)."""
+
+    def __init__(self, lifetime: int = 3600):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key_id = os.urandom(20).hex()
+        self.email = f"plano-test@{VERTEX_PROJECT}.iam.gserviceaccount.com"
+        self.lifetime = lifetime
+        self.mode = "ok"
+        self.issued: dict[str, float] = {}  # token → when it expires (time.time())
+        self.refused: list[str] = []
+        self.start()
+        self.token_uri = self.url + "/token"
+
+    def credentials_file(self, directory: Path) -> Path:
+        """The service account's key file, as the Cloud console downloads it."""
+        from cryptography.hazmat.primitives import serialization
+        pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).decode()
+        path = directory / "service-account.json"
+        path.write_text(json.dumps({
+            "type": "service_account", "project_id": VERTEX_PROJECT, "private_key_id": self.key_id,
+            "private_key": pem, "client_email": self.email, "client_id": "104857600000000000001",
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth", "token_uri": self.token_uri}))
+        return path
+
+    def valid(self, token: str) -> bool:
+        return time.time() < self.issued.get(token, 0)
+
+    def handle(self, handler: _LoopbackHandler, raw: bytes) -> None:
+        if self.mode == "slow":  # past plano's timeout, then gone without a word (its client has left)
+            time.sleep(plano.GoogleAccessTokens.TOKEN_TIMEOUT + 3)
+            handler.close_connection = True
+            return None
+        if self.mode == "500":
+            return handler.answer(500, b'{"error": "internal_failure", "error_description": "Backend Error"}')
+        if self.mode == "garbage":
+            return handler.answer(200, b"<html><body>Service Unavailable</body></html>", "text/html")
+        problem = self.assertion_problem(urllib.parse.parse_qs(raw.decode()))
+        if problem:
+            self.refused.append(problem)
+            return handler.answer(400, json.dumps({"error": "invalid_grant", "error_description": problem}).encode())
+        token = "ya29.c." + b64url(os.urandom(48))
+        self.issued[token] = time.time() + self.lifetime
+        handler.answer(200, json.dumps({"access_token": token, "expires_in": self.lifetime,
+                                        "token_type": "Bearer"}).encode())
+
+    def assertion_problem(self, form: dict[str, list[str]]) -> str | None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
+            return "Invalid grant_type"
+        try:
+            head, claims, signature = form["assertion"][0].split(".")
+            header, payload = json.loads(unb64url(head)), json.loads(unb64url(claims))
+            self.key.public_key().verify(unb64url(signature), f"{head}.{claims}".encode(), padding.PKCS1v15(),
+                                         hashes.SHA256())
+        except (KeyError, ValueError, InvalidSignature):
+            return "Invalid JWT Signature."
+        if (header.get("alg"), header.get("kid")) != ("RS256", self.key_id):
+            return "Invalid JWT: unknown key"
+        # google-auth (as Google's SDKs do) names Google's own token endpoint as the audience.
+        if (payload.get("iss"), payload.get("aud")) != (self.email, "https://oauth2.googleapis.com/token"):
+            return "Invalid JWT: wrong issuer or audience"
+        if CLOUD_PLATFORM not in str(payload.get("scope", "")).split():
+            return "Invalid OAuth scope"
+        if not payload.get("iat", 0) - 60 <= time.time() <= payload.get("exp", 0):
+            return "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe"
+        return None
+
+
+class VertexStandIn(_LoopbackServer):
+    """Vertex AI's Claude endpoints on loopback: a bearer token the token endpoint did not issue, or
+    one that has expired, gets Google's 401 UNAUTHENTICATED; an anthropic-beta value Vertex does
+    not take gets Vertex's recorded 400; else rawPredict answers the recorded whole answer and
+    streamRawPredict the recorded stream (in 5-byte pieces), unless `replies` scripts another."""
+
+    PATH = re.compile(r"/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/publishers/(?P<publisher>\w+)/"
+                      r"models/(?P<model>[^/:]+):(?P<method>\w+)(?P<query>\?alt=sse)?")
+    WHOLE = VERTEX_RECORDED / "vertex-claude-opus-4-6-text.json"
+    STREAM = VERTEX_RECORDED / "vertex-claude-sonnet-5-cache-write.sse"
+    # Gemini on Vertex answers in Gemini's own API (the Gemini API's recordings: the same wire format).
+    GEMINI_WHOLE = RECORDED / "gemini" / "gemini-2.5-flash-text.json"
+    GEMINI_STREAM = RECORDED / "gemini" / "gemini-2.0-flash-text.sse"
+    METHODS = {("anthropic", "rawPredict", None): (WHOLE, "application/json"),
+               ("anthropic", "streamRawPredict", None): (STREAM, "text/event-stream"),
+               ("google", "generateContent", None): (GEMINI_WHOLE, "application/json"),
+               ("google", "streamGenerateContent", "?alt=sse"): (GEMINI_STREAM, "text/event-stream")}
+
+    def __init__(self, tokens: GoogleTokenEndpoint):
+        self.tokens = tokens
+        self.requests: list[Recorded] = []
+        self.replies: list[tuple[int, bytes]] = []
+        self.echo_token = False
+        self.start()
+
+    def handle(self, handler: _LoopbackHandler, raw: bytes) -> None:
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        self.requests.append(Recorded("POST", handler.path, headers, raw))
+        bearer = headers.get("authorization", "")
+        if not (bearer.startswith("Bearer ") and self.tokens.valid(bearer[7:])):
+            return handler.answer(401, json.dumps(GOOGLE_UNAUTHENTICATED, indent=2).encode())
+        match = self.PATH.fullmatch(handler.path)
+        body = json.loads(raw)
+        claude = match is not None and match["publisher"] == "anthropic"
+        expected = {"anthropic_version": "vertex-2023-10-16"} if claude else {}
+        if match is None or (match["publisher"], match["method"], match["query"]) not in self.METHODS \
+                or {k: body.get(k) for k in expected} != expected or "model" in body \
+                or not claude and not isinstance(body.get("contents"), list):
+            return handler.answer(404, json.dumps({"error": {"code": 404, "message": "not a Vertex model request",
+                                                             "status": "NOT_FOUND"}}).encode())
+        betas = {b.strip() for b in headers.get("anthropic-beta", "").split(",") if b.strip()}
+        if betas - VERTEX_TAKES_BETAS:
+            return handler.answer(400, (VERTEX_RECORDED / "vertex-claude-beta-refused.400.json").read_bytes())
+        if self.replies:
+            status, payload = self.replies.pop(0)
+            if self.echo_token:  # as a careless server would, naming the token it refused
+                payload = payload.replace(b"{token}", bearer[7:].encode())
+            return handler.answer(status, payload)
+        recording, content_type = self.METHODS[match["publisher"], match["method"], match["query"]]
+        handler.answer(200, recording.read_bytes(), content_type, pieces=5 if "stream" in content_type else None)
+
+
+@pytest.fixture
+def google_account(tmp_path, monkeypatch):
+    """A token endpoint and its service account's key file, named by GOOGLE_APPLICATION_CREDENTIALS."""
+    with GoogleTokenEndpoint() as endpoint:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(endpoint.credentials_file(tmp_path)))
+        yield endpoint
+
+
+@pytest.fixture
+def vertex(google_account):
+    with VertexStandIn(google_account) as stand_in:
+        yield stand_in
+
+
+def vertex_config(stand_in: VertexStandIn, *more: dict, **fields: Any) -> plano.Config:
+    return build_config({"model": VERTEX_MODEL, "project": VERTEX_PROJECT, "region": "us-east5",
+                         "base_url": stand_in.url, **fields}, *more)
+
+
+def message_text(message: Any) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vertex_claude_answers_reach_the_anthropic_sdk_byte_for_byte(vertex, stream):
+    with RunningPlano(vertex_config(vertex)) as running:
+        message = anthropic_message(anthropic_client(running), stream, model=VERTEX_MODEL, max_tokens=64,
+                                    messages=[USER_HI])
+        raw = httpx.post(running.url + "/v1/messages", json={
+            "model": VERTEX_MODEL, "max_tokens": 64, "stream": stream, "messages": [USER_HI]}).content
+    if stream:
+        assert raw == VertexStandIn.STREAM.read_bytes()  # Vertex's stream, byte for byte
+        assert (message.id, message_text(message), message.usage.cache_creation_input_tokens) == \
+            ("msg_vrtx_011Cf23KmBvy6xNCBR8cRGsH", "ack", 28804)
+    else:
+        recording = VertexStandIn.WHOLE.read_bytes()
+        assert raw == recording.replace(b'"claude-opus-4-6"', f'"{VERTEX_MODEL}"'.encode(), 1)
+        assert (message.id, message.usage.output_tokens) == ("msg_vrtx_01JixAPaKzY8NJ3HE6GPE3ue", 24)
+        assert message_text(message).endswith("😊")
+    sent = vertex.requests[0]
+    method = "streamRawPredict" if stream else "rawPredict"
+    assert sent.path == (f"/v1/projects/{VERTEX_PROJECT}/locations/us-east5/publishers/anthropic/models/"
+                         f"claude-sonnet-4-5@20250929:{method}")
+    assert list(sent.json)[0] == "anthropic_version" and "model" not in sent.json
+    assert sent.json["messages"] == [USER_HI] and "anthropic-version" not in sent.headers
+    assert vertex.tokens.valid(sent.headers["authorization"].removeprefix("Bearer "))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vertex_claude_answers_reach_the_openai_sdk_and_a_responses_client(vertex, stream):
+    with RunningPlano(vertex_config(vertex)) as running:
+        client = openai_client(running)
+        if stream:
+            chunks = list(client.chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI], stream=True,
+                                                         stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+            events = list(client.responses.create(model=VERTEX_MODEL, input="hi", stream=True))
+            completed = next(e.response for e in events if e.type == "response.completed")
+        else:
+            chat = client.chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+            text, usage = chat.choices[0].message.content, chat.usage
+            completed = client.responses.create(model=VERTEX_MODEL, input="hi")
+    if stream:  # the cache write counts as input (OpenAI has no field of its own for it)
+        assert (text, usage.prompt_tokens, usage.completion_tokens) == ("ack", 10 + 28804, 4)
+        assert completed.output_text == "ack"
+    else:
+        assert text == json.loads(VertexStandIn.WHOLE.read_bytes())["content"][0]["text"]
+        assert (usage.prompt_tokens, usage.completion_tokens) == (9, 24)
+        assert completed.output_text == text and completed.usage.output_tokens == 24
+    assert {r.path.rsplit(":", 1)[1] for r in vertex.requests} == {"streamRawPredict" if stream else "rawPredict"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_on_vertex_answers_the_anthropic_sdk_the_openai_sdk_and_a_responses_client(vertex, stream):
+    model = "vertex/gemini-2.5-flash"
+    recording = (VertexStandIn.GEMINI_STREAM if stream else VertexStandIn.GEMINI_WHOLE).read_bytes()
+    items = [json.loads(e.data) for e in plano.SSEDecoder().feed(recording)] if stream else [json.loads(recording)]
+    expected = "".join(part.get("text", "") for item in items for candidate in item["candidates"]
+                       for part in candidate["content"]["parts"])
+    with RunningPlano(vertex_config(vertex, model=model)) as running:
+        message = anthropic_message(anthropic_client(running), stream, model=model, max_tokens=64, messages=[USER_HI])
+        client = openai_client(running)
+        if stream:
+            chat = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=model, messages=[USER_HI], stream=True) if c.choices)
+            events = list(client.responses.create(model=model, input="hi", stream=True))
+            responses = next(e.response for e in events if e.type == "response.completed").output_text
+        else:
+            chat = client.chat.completions.create(model=model, messages=[USER_HI]).choices[0].message.content
+            responses = client.responses.create(model=model, input="hi").output_text
+    assert message_text(message) == chat == responses == expected
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    assert {r.path for r in vertex.requests} == {
+        f"/v1/projects/{VERTEX_PROJECT}/locations/us-east5/publishers/google/models/gemini-2.5-flash:{method}"}
+    assert all(vertex.tokens.valid(r.headers["authorization"].removeprefix("Bearer ")) for r in vertex.requests)
+    assert not any("x-goog-api-key" in r.headers for r in vertex.requests)
+
+
+def test_vertex_usage_is_priced_from_the_catalogue_and_counted_under_gcp_vertex_ai(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        streamed = anthropic_message(anthropic_client(running), True, model=VERTEX_MODEL, max_tokens=8,
+                                     messages=[USER_HI])
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", model=VERTEX_MODEL) == 1,
+                   what="the answer counted")
+        text = scraped(running)
+    assert streamed.usage.cache_creation_input_tokens == 28804
+    assert metric_value(text, "gen_ai_client_token_usage_count", gen_ai_provider_name="gcp.vertex_ai",
+                        gen_ai_request_model="claude-sonnet-4-5@20250929", gen_ai_token_type="output") == 1
+    # claude-sonnet-4-5 on Vertex: $3 in, $15 out per million; cache writes at the input price.
+    assert metric_value(text, "plano_cost_usd_total", model=VERTEX_MODEL) == \
+        pytest.approx((10 + 28804) * 3e-6 + 4 * 15e-6)
+
+
+@pytest.mark.parametrize("model", [VERTEX_MODEL, "vertex/gemini-2.5-flash"])
+def test_googles_own_sdk_through_the_gemini_front_door_reaches_both_kinds_of_vertex_model(vertex, model):
+    with RunningPlano(vertex_config(vertex, model=model)) as running:
+        answer = ask_gemini(gemini_client(running), model, "hi", stream=True)
+    expected = "ack" if model == VERTEX_MODEL else "The capital of France is Paris.\n"
+    assert answer["error"] is None and answer["text"] == expected
+    publisher = "anthropic" if model == VERTEX_MODEL else "google"
+    assert f"/publishers/{publisher}/models/" in vertex.requests[0].path
+
+
+def test_a_token_that_expires_mid_test_is_refreshed_and_vertex_never_sees_it_expired(vertex):
+    vertex.tokens.lifetime = 4  # plano refreshes a token this short-lived a quarter of its life early
+    with RunningPlano(vertex_config(vertex)) as running:
+        client = anthropic_client(running)
+        first = client.messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        old = vertex.requests[-1].headers["authorization"].removeprefix("Bearer ")
+        while vertex.tokens.valid(old):
+            time.sleep(0.1)
+        refused = httpx.post(vertex.url + vertex.requests[-1].path, headers={"authorization": f"Bearer {old}"},
+                             content=vertex.requests[-1].raw)
+        second = client.messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+    assert (refused.status_code, refused.json()) == (401, GOOGLE_UNAUTHENTICATED)  # the stand-in checks
+    assert first.id == second.id == "msg_vrtx_01JixAPaKzY8NJ3HE6GPE3ue"
+    new = vertex.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    # Both answers are the recording: Vertex took the token of each request plano sent (an expired
+    # one is the 401 above), and the second request carried a new one.
+    assert new != old and new in vertex.tokens.issued and vertex.tokens.refused == []
+
+
+def test_a_token_vertex_refuses_is_a_403_naming_the_google_credentials_and_the_next_request_gets_a_new_one(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        vertex.tokens.issued.clear()  # revoked: Vertex takes none of them any more
+        with pytest.raises(anthropic.PermissionDeniedError) as anthropic_error:
+            anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        recovered = openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+        vertex.tokens.issued.clear()  # and the one plano got since
+        with pytest.raises(openai.PermissionDeniedError) as openai_error:
+            openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+        openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+    assert recovered.usage.completion_tokens == 24
+    assert len({r.headers["authorization"] for r in vertex.requests}) == 3  # a new token after each refusal
+    body = anthropic_error.value.response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "permission_error"
+    assert "Google refused the access token" in body["error"]["message"]
+    assert "Request had invalid authentication credentials" in body["error"]["message"]
+    assert openai_error.value.response.json()["error"]["type"] == "permission_error"
+
+
+def test_concurrent_requests_share_one_refresh(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        async def ask_all() -> list[int]:
+            async with httpx.AsyncClient(base_url=running.url) as client:
+                replies = [None] * 8
+
+                async def ask(i: int) -> None:
+                    replies[i] = (await client.post("/v1/messages", json={
+                        "model": VERTEX_MODEL, "max_tokens": 8, "messages": [USER_HI]})).status_code
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(ask, i)
+                return replies
+        statuses = trio.run(ask_all)
+    assert statuses == [200] * 8
+    assert len(vertex.tokens.issued) == 1 and len({r.headers["authorization"] for r in vertex.requests}) == 1
+
+
+def test_a_token_that_vertex_echoes_back_is_scrubbed_from_the_answer_and_the_log(vertex):
+    echo = {"error": {"code": 403, "status": "PERMISSION_DENIED",
+                      "message": "Permission 'aiplatform.endpoints.predict' denied for Bearer {token}"}}
+    with RunningPlano(vertex_config(vertex)) as running:
+        vertex.replies = [(403, json.dumps(echo).encode())]
+        vertex.echo_token = True
+        answer = httpx.post(running.url + "/v1/chat/completions", json={"model": VERTEX_MODEL, "messages": [USER_HI]})
+    token = vertex.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    assert answer.status_code == 403 and "aiplatform.endpoints.predict" in answer.text
+    assert token not in answer.text and "[redacted]" in answer.text
+    assert not [line for line in SuiteLog.lines if token in line]
+
+
+def test_betas_vertex_refuses_are_dropped_and_claude_codes_request_succeeds(vertex):
+    headers = {"anthropic-beta": CLAUDE_CODE_BETAS, "anthropic-version": "2023-06-01"}
+    with RunningPlano(vertex_config(vertex)) as running:
+        answer = httpx.post(running.url + "/v1/messages?beta=true", headers=headers, json={
+            "model": VERTEX_MODEL, "max_tokens": 8, "stream": True, "messages": [USER_HI]})
+    sent = vertex.requests[-1]
+    token = sent.headers["authorization"]
+    direct = httpx.post(vertex.url + sent.path, content=sent.raw, headers={"authorization": token, **headers})
+    assert answer.status_code == 200 and answer.content == VertexStandIn.STREAM.read_bytes()
+    assert sent.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14,context-management-2025-06-27"
+    assert "?" not in sent.path
+    # The same request with Claude Code's own header is what Vertex was recorded refusing.
+    assert (direct.status_code, direct.content) == (400, (VERTEX_RECORDED / "vertex-claude-beta-refused.400.json")
+                                                    .read_bytes())
+
+
+def test_the_real_claude_code_gets_its_answer_from_claude_on_vertex_despite_its_betas(vertex, tmp_path, claude_bin):
+    with RunningPlano(vertex_config(vertex)) as running:
+        result = run_claude(claude_bin, running.url, tmp_path / "home", "say ack", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "ack"  # the recorded stream's text
+    sent = [r.headers.get("anthropic-beta", "") for r in vertex.requests]
+    assert any(sent) and all(set(filter(None, betas.split(","))) <= VERTEX_TAKES_BETAS for betas in sent)
+    # Claude Code sends betas Vertex refuses (claude-code-20250219 among them): plano said it dropped them.
+    assert any("anthropic-beta claude-code-20250219 is dropped for Vertex AI" in line for line in SuiteLog.lines)
+    assert all(r.path.endswith(":streamRawPredict") and r.json["tools"] for r in vertex.requests)
+
+
+def test_vertexs_recorded_refusal_reaches_each_client_in_its_format(vertex):
+    recording = (VERTEX_RECORDED / "vertex-claude-beta-refused.400.json").read_bytes()
+    with RunningPlano(vertex_config(vertex)) as running:
+        vertex.replies = [(400, recording), (400, recording)]
+        with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+            anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        with pytest.raises(openai.BadRequestError) as openai_error:
+            openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+    assert anthropic_error.value.response.content == recording  # Anthropic's shape: byte for byte
+    assert json.loads(recording)["error"]["message"] in openai_error.value.message
+    assert openai_error.value.response.json()["error"]["type"] == "invalid_request_error"
+
+
+RESOURCE_EXHAUSTED = json.dumps({"error": {
+    "code": 429, "message": "Quota exceeded for aiplatform.googleapis.com/online_prediction_input_tokens_per_minute_"
+    "per_base_model with base model: anthropic-claude-sonnet-4-5. Please submit a quota increase request.",
+    "status": "RESOURCE_EXHAUSTED"}}, indent=2).encode()
+
+
+def test_resource_exhausted_is_a_429_in_the_clients_format_not_googles(vertex):
+    with RunningPlano(vertex_config(vertex)) as running:
+        vertex.replies = [(429, RESOURCE_EXHAUSTED), (429, RESOURCE_EXHAUSTED)]
+        with pytest.raises(anthropic.RateLimitError) as anthropic_error:
+            anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        with pytest.raises(openai.RateLimitError) as openai_error:
+            openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+    body = anthropic_error.value.response.json()
+    assert (body["type"], body["error"]["type"]) == ("error", "rate_limit_error")
+    assert "Quota exceeded" in body["error"]["message"] and "RESOURCE_EXHAUSTED" in body["error"]["message"]
+    error = openai_error.value.response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "RESOURCE_EXHAUSTED")
+
+
+def test_resource_exhausted_fails_over_to_the_fallback_like_a_429(vertex, provider):
+    config = vertex_config(vertex, served_by(provider, "anthropic/claude-sonnet-5"),
+                           fallbacks=["anthropic/claude-sonnet-5"])
+    with RunningPlano(config) as running:
+        vertex.replies = [(429, RESOURCE_EXHAUSTED)]
+        answer = httpx.post(running.url + "/v1/messages", json={"model": VERTEX_MODEL, "max_tokens": 8,
+                                                                "messages": [USER_HI]})
+    assert answer.status_code == 200 and answer.headers["x-plano-model"] == "anthropic/claude-sonnet-5"
+    assert answer.headers["x-plano-decision"] == "fallback" and len(provider.requests) == 1
+
+
+@pytest.mark.parametrize("mode", ["garbage", "500", "slow"])
+def test_a_broken_token_endpoint_is_a_clear_502_and_plano_keeps_serving(vertex, mode):
+    vertex.tokens.mode = mode
+    with RunningPlano(vertex_config(vertex)) as running:
+        with pytest.raises(anthropic.APIStatusError) as anthropic_error:
+            anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+        with pytest.raises(openai.APIStatusError) as openai_error:
+            openai_client(running).chat.completions.create(model=VERTEX_MODEL, messages=[USER_HI])
+        vertex.tokens.mode = "ok"
+        recovered = anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+    for caught in (anthropic_error.value, openai_error.value):
+        assert caught.status_code == 502
+        assert "token" in caught.message and VERTEX_MODEL in caught.message
+    assert anthropic_error.value.response.json()["error"]["type"] == "api_error"
+    assert openai_error.value.response.json()["error"]["type"] == "server_error"
+    assert vertex.requests[-1:] and len(vertex.requests) == 1  # nothing reached Vertex without a token
+    assert recovered.id == "msg_vrtx_01JixAPaKzY8NJ3HE6GPE3ue"
+    issued = list(vertex.tokens.issued)
+    assert issued and not [line for line in SuiteLog.lines if any(token in line for token in issued)]
+
+
+def test_a_key_that_is_not_the_service_accounts_is_refused_by_the_token_endpoint_and_is_a_403(vertex, tmp_path,
+                                                                                              monkeypatch):
+    other = GoogleTokenEndpoint()  # another key, claiming to be the same account at the same endpoint
+    try:
+        forged = json.loads(other.credentials_file(tmp_path).read_text())
+    finally:
+        other.close()
+    forged.update(token_uri=vertex.tokens.token_uri, private_key_id=vertex.tokens.key_id)
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "forged.json"))
+    with RunningPlano(vertex_config(vertex)) as running:
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
+            anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+    assert vertex.tokens.refused == ["Invalid JWT Signature."] and vertex.requests == []
+    assert "refused plano's Google credentials" in caught.value.message and "invalid_grant" in caught.value.message
+
+
+def test_the_credentials_project_fills_in_when_the_config_and_environment_name_none(vertex, monkeypatch):
+    for variable in ("ANTHROPIC_VERTEX_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    config = build_config({"model": VERTEX_MODEL, "base_url": vertex.url})
+    assert (config.models[0].project, config.models[0].region) == (None, "global")
+    with RunningPlano(config) as running:
+        answer = anthropic_client(running).messages.create(model=VERTEX_MODEL, max_tokens=8, messages=[USER_HI])
+    assert answer.usage.output_tokens == 24
+    assert vertex.requests[0].path.startswith(f"/v1/projects/{VERTEX_PROJECT}/locations/global/publishers/")
+
+
+def test_project_and_region_come_from_the_variables_claude_code_and_googles_sdks_read():
+    def place(environ: dict[str, str]) -> tuple:
+        model = build_config({"model": "vertex/claude-opus-4-6"}, environ=environ).models[0]
+        return model.project, model.region, model.base_url
+    assert place({}) == (None, "global", "https://aiplatform.googleapis.com")
+    assert place({"ANTHROPIC_VERTEX_PROJECT_ID": "cc-project", "GOOGLE_CLOUD_PROJECT": "g",
+                  "CLOUD_ML_REGION": "us-east5", "GOOGLE_CLOUD_LOCATION": "europe-west1"}) == \
+        ("cc-project", "us-east5", "https://us-east5-aiplatform.googleapis.com")
+    assert place({"GOOGLE_CLOUD_PROJECT": "g", "GOOGLE_CLOUD_LOCATION": "eu"}) == \
+        ("g", "eu", "https://aiplatform.eu.rep.googleapis.com")
+    written = build_config({"model": "vertex/claude-opus-4-6", "project": "$MY_PROJECT", "region": "asia-east1"},
+                           environ={"MY_PROJECT": "mine", "GOOGLE_CLOUD_PROJECT": "g"}).models[0]
+    assert (written.project, written.region) == ("mine", "asia-east1")
+
+
+@pytest.mark.parametrize("field_name", ["project", "region"])
+@pytest.mark.parametrize("value", ["../../other-project", "p/locations/x", "p?alt=json", "p#x", "%2e%2e", "p\r\nx",
+                                   "", "p q", "p\u202e"])
+def test_a_project_or_region_with_path_characters_is_refused_at_config_time(field_name, value):
+    message = config_error(config_yaml({"model": VERTEX_MODEL, field_name: value}))
+    assert f"{field_name}" in message and "\n" not in message
+    variable = {"project": "GOOGLE_CLOUD_PROJECT", "region": "CLOUD_ML_REGION"}[field_name]
+    if value.strip():
+        assert field_name in config_error(config_yaml({"model": VERTEX_MODEL}), environ={variable: value})
+
+
+def test_vertex_models_get_the_catalogues_window_prices_and_dated_ids_find_their_model():
+    config = build_config({"model": "vertex/claude-sonnet-4-5@20250929"}, {"model": "vertex/claude-sonnet-4-5"},
+                          {"model": "vertex/claude-opus-4-6@20260301"}, {"model": "vertex/claude-opus-4-6"})
+    dated, bare, other_version, default = config.models
+    assert dated.capabilities == bare.capabilities and not dated.capabilities.guessed
+    assert dated.capabilities.prices == plano.Prices(3, 0.3, 15) and dated.capabilities.context_window == 200_000
+    assert other_version.capabilities == default.capabilities and default.capabilities.context_window == 1_000_000
+    assert dated.interface == "anthropic" and dated.takes_server_tools
+
+
+def test_a_vertex_model_that_is_neither_claude_nor_gemini_is_refused_with_a_config_error():
+    assert "plano serves Claude and Gemini models on Vertex AI" in \
+        config_error(config_yaml({"model": "vertex/mistral-large"}))
+    gemini = build_config({"model": "vertex/gemini-2.5-pro", "provider_interface": "openai"}).models[0]
+    assert (gemini.interface, gemini.spec.auth, gemini.capabilities.context_window) == ("gemini", "google", 1_048_576)
+
+
+def test_without_google_auth_a_vertex_model_is_a_start_up_error_naming_the_extra(tmp_path):
+    config = write_config(tmp_path, config_yaml({"model": VERTEX_MODEL, "project": VERTEX_PROJECT}))
+    # google.auth made unimportable in a fresh interpreter (a None in sys.modules makes `import` fail).
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['google.auth'] = None; import plano; "
+                             f"sys.exit(plano.main(['doctor', '--offline', '--config', {config!r}]))"],
+                            capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert result.returncode == 1, result.stderr
+    line = line_about(result.stdout.splitlines(), "config")
+    assert "pip install 'plano[vertex]'" in line and VERTEX_MODEL in line
+
+
+def test_doctor_says_which_google_credentials_it_found_and_never_prints_a_token_or_key(vertex, tmp_path):
+    config = write_config(tmp_path, config_yaml({"model": VERTEX_MODEL, "project": VERTEX_PROJECT,
+                                                 "region": "us-east5", "base_url": vertex.url}))
+    result = run_plano_cli("doctor", "--config", config, cwd=tmp_path, timeout=60)
+    line = line_about(result.stdout.splitlines(), "key")
+    assert line.startswith(f"✓ key       {VERTEX_MODEL}: Google credentials: a service-account key file (")
+    assert os.environ["GOOGLE_APPLICATION_CREDENTIALS"] in line and vertex.tokens.email in line
+    assert f"project {VERTEX_PROJECT}, region us-east5" in line and "an access token was issued" in line
+    assert len(vertex.tokens.issued) == 1  # doctor asked for one, and did not print it
+    secrets = list(vertex.tokens.issued) + [vertex.tokens.key_id, "PRIVATE KEY"]
+    assert not [s for s in secrets if s in result.stdout + result.stderr]
+    offline = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path, timeout=60)
+    assert "an access token was issued" not in offline.stdout and len(vertex.tokens.issued) == 1
+    missing = run_plano_cli("doctor", "--config", config, "--offline", cwd=tmp_path, timeout=60,
+                            env={"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "absent.json")})
+    assert line_about(missing.stdout.splitlines(), "key").startswith(f"✗ key       {VERTEX_MODEL}: no Google "
+                                                                     "credentials found")
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.lists(st.sampled_from(sorted(VERTEX_TAKES_BETAS) + ["advanced-tool-use-2025-11-20"])
+                       | st.text(max_size=40), max_size=8).map(",".join))
+def test_any_anthropic_beta_header_leaves_only_what_vertex_takes_and_the_said_set_stays_bounded(header):
+    kept = plano.vertex_betas(header)
+    assert set(filter(None, kept.split(","))) <= VERTEX_TAKES_BETAS
+    assert len(kept.split(",")) == len(set(kept.split(",")))  # each once
+    if "interleaved-thinking-2025-05-14" in {b.strip() for b in header.split(",")}:
+        assert "interleaved-thinking-2025-05-14" in kept.split(",")
+    assert len(plano._DROPPED_BETAS_SAID) <= plano._DROPPED_BETAS_SAID_LIMIT
+
+
+def test_scrubbing_removes_google_access_tokens():
+    token = "ya29.c.b0AXv0zTOrandom-token_with.dots0123456789"
+    assert plano._scrub(f"401 for Bearer {token} (UNAUTHENTICATED)", []) == \
+        "401 for Bearer [redacted] (UNAUTHENTICATED)"
 
 
 # ── last: nothing the suite made plano say contains a configured key ──────────────────────
