@@ -7670,6 +7670,7 @@ _BACKGROUND_LAST_USER = (
     ("Gemini CLI's next-speaker check", re.compile(r"\s*Analyze \*only\* the content and structure of your "
                                                    r"immediately preceding response")),
 )
+_BACKGROUND_LAST_USER_HINT = "Analyze *only* the content"  # in each of them
 
 
 def background_request(body: Any) -> str | None:
@@ -7682,10 +7683,21 @@ def background_request(body: Any) -> str | None:
     if found is None:
         messages = body.get("messages")
         last = messages[-1] if isinstance(messages, list) and messages else None
-        said = conversation_for_router([last]) if isinstance(last, dict) and last.get("role") == "user" else []
+        # Read as the router would (harness blocks out) only when the check's words are in it: this
+        # runs for every request, and the last message of a long conversation can be long.
+        said = conversation_for_router([last]) if isinstance(last, dict) and last.get("role") == "user" \
+            and any(_BACKGROUND_LAST_USER_HINT in text for text in _texts(last.get("content"))) else []
         words = said[0]["content"] if said else ""
         found = next((what for what, prompt in _BACKGROUND_LAST_USER if prompt.match(words)), None)
     return found
+
+
+def _texts(content: Any) -> list[str]:
+    """A message content's texts: itself when it is one, else its blocks' `text` strings."""
+    if isinstance(content, str):
+        return [content]
+    return [b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)] \
+        if isinstance(content, list) else []
 
 
 def _system_prompt_start(body: dict, length: int = 200) -> str:
@@ -8682,8 +8694,11 @@ def subagent_of(session: str, headers: Mapping[str, str]) -> SubAgent | None:
     claude_agent = headers.get("x-claude-code-agent-id")
     if claude_agent:
         return SubAgent(subagent_session(session, claude_agent), session, _display_name(claude_agent))
+    written = headers.get("x-codex-turn-metadata") or "{}"
+    if not headers.get("x-openai-subagent") and "subagent" not in written:
+        return None  # every request asks: most are no sub-agent's, and need not have their metadata parsed
     try:
-        metadata = parse_json(headers.get("x-codex-turn-metadata") or "{}", unique_keys=False)
+        metadata = parse_json(written, unique_keys=False)
     except ValueError:
         metadata = {}
     metadata = metadata if isinstance(metadata, dict) else {}
