@@ -4091,66 +4091,6 @@ class AnthropicToResponsesStream:
         return []
 
 
-class ResponsesStreamChain:
-    """A stream translation with a Responses end: Responses → Anthropic (→ Chat), or Chat →
-    Anthropic → Responses and Anthropic → Responses, through the machines above. Feed one
-    upstream event (its name and data; None for Chat's `[DONE]`), get the client's items back:
-    (event name, data) pairs, or Chat chunks for a Chat client."""
-
-    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
-                 tools: Mapping[str, CodexTool] | None = None):
-        self.upstream_format = upstream_format
-        self.first: ResponsesToAnthropicStream | OpenAIToAnthropicStream | None = None
-        self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | None = None
-        if upstream_format == "responses":
-            self.first = ResponsesToAnthropicStream(model, "signature" if client_format == "anthropic" else "tool_id")
-            if client_format == "openai":
-                self.second = AnthropicToOpenAIStream(model, include_usage)
-        else:
-            self.first = OpenAIToAnthropicStream(model) if upstream_format == "openai" else None
-            self.second = AnthropicToResponsesStream(model, tools)
-
-    def feed(self, event: str | None, data: Any) -> list[Any]:
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return self._through(self.first.finish() if data is None else self.first.feed(data))
-        if data is None:
-            return []
-        return self._through(self.first.feed(event, data) if self.first is not None else [(event, data)])
-
-    def finish(self) -> list[Any]:
-        out = self._through(self.first.finish()) if self.first is not None else []
-        return out + (self.second.finish() if self.second is not None else [])
-
-    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
-        if self.second is None:
-            return events
-        out: list[Any] = []
-        for name, data in events:
-            out += self.second.feed(name, data)
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            for chunk in out:  # Chat's usage has a field for the reasoning tokens; Anthropic's has not
-                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.first.reasoning_tokens}
-        return out
-
-    @property
-    def reasoning_tokens(self) -> int | None:
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            return self.first.reasoning_tokens if self.first.finished else None
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return _openai_reasoning_tokens(self.first.usage)
-        return None
-
-    @property
-    def usage(self) -> dict:
-        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            return self.first.usage or {}
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return _openai_usage_to_anthropic(self.first.usage) if self.first.usage else {}
-        return self.second.usage if self.second is not None else {}
-
-
 def responses_stream_error(error_type: str, message: str) -> dict:
     """A Responses `error` event's data, as OpenAI sends it after a 200 (recorded traffic)."""
     code = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded"}.get(
@@ -5100,76 +5040,6 @@ class AnthropicToGeminiStream:
                                      _anthropic_usage_to_gemini(self.usage))]
 
 
-class GeminiStreamChain:
-    """A stream translation with a Gemini end, through the Anthropic shape: Gemini → Anthropic
-    (→ Chat or Responses), or (Chat or Responses →) Anthropic → Gemini. Feed one upstream event
-    (its name and data; None for Chat's `[DONE]`), get the client's items back: (event name, data)
-    pairs for Anthropic and Responses clients, Chat chunks, or Gemini chunks."""
-
-    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
-                 tools: Mapping[str, CodexTool] | None = None):
-        self.first: Any = None  # upstream → Anthropic events (None: the upstream speaks Anthropic)
-        self.second: Any = None  # Anthropic events → client (None: the client speaks Anthropic)
-        if upstream_format == "gemini":
-            self.first = GeminiToAnthropicStream(model)
-            if client_format == "openai":
-                self.second = AnthropicToOpenAIStream(model, include_usage)
-            elif client_format == "responses":
-                self.second = AnthropicToResponsesStream(model, tools)
-        else:
-            if upstream_format == "openai":
-                self.first = OpenAIToAnthropicStream(model)
-            elif upstream_format == "responses":
-                self.first = ResponsesToAnthropicStream(model, "signature")
-            self.second = AnthropicToGeminiStream(model)
-
-    def feed(self, event: str | None, data: Any) -> list[Any]:
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return self._through(self.first.finish() if data is None else self.first.feed(data))
-        if data is None:
-            return []
-        if isinstance(self.first, GeminiToAnthropicStream):
-            return self._through(self.first.feed(data))
-        return self._through(self.first.feed(event, data) if self.first is not None else [(event, data)])
-
-    def finish(self) -> list[Any]:
-        out = self._through(self.first.finish()) if self.first is not None else []
-        return out + (self.second.finish() if self.second is not None else [])
-
-    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
-        if self.second is None:
-            return events
-        out: list[Any] = []
-        for name, data in events:
-            out += self.second.feed(name, data)
-        if isinstance(self.first, GeminiToAnthropicStream) and isinstance(self.second, AnthropicToOpenAIStream):
-            for chunk in out:  # Chat's usage has a field for the thinking tokens
-                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens or 0}
-        return out
-
-    @property
-    def reasoning_tokens(self) -> int | None:
-        if isinstance(self.first, GeminiToAnthropicStream):
-            return gemini_thoughts_tokens(self.first.usage_metadata)
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            return self.first.reasoning_tokens if self.first.finished else None
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return _openai_reasoning_tokens(self.first.usage)
-        return None
-
-    @property
-    def usage(self) -> dict:
-        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
-        if isinstance(self.first, GeminiToAnthropicStream):
-            return self.first.usage
-        if isinstance(self.first, ResponsesToAnthropicStream):
-            return self.first.usage or {}
-        if isinstance(self.first, OpenAIToAnthropicStream):
-            return _openai_usage_to_anthropic(self.first.usage) if self.first.usage else {}
-        return dict(self.second.usage)
-
-
 def encode_gemini_sse(chunk: dict) -> bytes:
     """One Gemini stream chunk as Google frames it: `data: {json}` and a blank line, in CRLFs."""
     return b"data: " + _json_bytes(chunk) + b"\r\n\r\n"
@@ -5800,39 +5670,83 @@ class ConverseToAnthropicStream:
         return self.writer.start() + self.writer.end(stop, dict({"output_tokens": 0}, **self.usage))
 
 
-class ConverseStreamChain:
-    """A ConverseStream for any client: Converse → Anthropic, then → Chat or → Responses through
-    the machines above. Feed one upstream event (name, data), get the client's items back."""
-
-    def __init__(self, client_format: str, model: str, include_usage: bool,
-                 tools: Mapping[str, CodexTool] | None = None):
-        self.first = ConverseToAnthropicStream(model)
-        self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | AnthropicToGeminiStream | None = \
-            AnthropicToOpenAIStream(model, include_usage) if client_format == "openai" \
-            else AnthropicToResponsesStream(model, tools) if client_format == "responses" \
-            else AnthropicToGeminiStream(model) if client_format == "gemini" else None
-
-    def feed(self, event: str | None, data: Any) -> list[Any]:
-        return self._through(self.first.feed(event, data))
-
-    def finish(self) -> list[Any]:
-        return self._through(self.first.finish()) + (self.second.finish() if self.second is not None else [])
-
-    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
-        if self.second is None:
-            return events
-        return [item for name, data in events for item in self.second.feed(name, data)]
-
-    @property
-    def usage(self) -> dict:
-        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
-        return self.first.usage
-
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════
 # Wire formats, streams end to end: one upstream stream as the bytes its client gets, through
 # the stream machine its pair of formats needs (or passed through).
 # ═════════════════════════════════════════════════════════════════════════════════════════════
+
+class StreamChain:
+    """A stream translation through the Anthropic shape, for every pair of formats but those the
+    two machines of the Anthropic ⇄ Chat section do alone: the upstream's events (Chat, Responses,
+    Gemini, Converse) become Anthropic events (`first`; none for an Anthropic upstream), which become
+    the client's (`second`: Chat chunks, Responses or Gemini events; none for an Anthropic client).
+    Feed one upstream event (its name and data; None for Chat's `[DONE]`), get the client's items
+    back: (event name, data) pairs for Anthropic and Responses clients, Chat or Gemini chunks."""
+
+    def __init__(self, upstream_format: str, client_format: str, model: str, include_usage: bool,
+                 tools: Mapping[str, CodexTool] | None = None):
+        # A Responses answer's reasoning reaches a Chat client in the tool-call ids, others in signatures.
+        self.first: OpenAIToAnthropicStream | ResponsesToAnthropicStream | GeminiToAnthropicStream \
+            | ConverseToAnthropicStream | None = {
+                "openai": lambda: OpenAIToAnthropicStream(model),
+                "responses": lambda: ResponsesToAnthropicStream(
+                    model, "tool_id" if client_format == "openai" else "signature"),
+                "gemini": lambda: GeminiToAnthropicStream(model),
+                "converse": lambda: ConverseToAnthropicStream(model)}.get(upstream_format, lambda: None)()
+        # `tools`: a Responses client's custom and namespaced tools, to map calls back to.
+        self.second: AnthropicToOpenAIStream | AnthropicToResponsesStream | AnthropicToGeminiStream | None = {
+            "openai": lambda: AnthropicToOpenAIStream(model, include_usage),
+            "responses": lambda: AnthropicToResponsesStream(model, tools),
+            "gemini": lambda: AnthropicToGeminiStream(model)}.get(client_format, lambda: None)()
+
+    def feed(self, event: str | None, data: Any) -> list[Any]:
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return self._through(self.first.finish() if data is None else self.first.feed(data))
+        if data is None:
+            return []
+        if isinstance(self.first, GeminiToAnthropicStream):
+            return self._through(self.first.feed(data))
+        return self._through(self.first.feed(event, data) if self.first is not None else [(event, data)])
+
+    def finish(self) -> list[Any]:
+        out = self._through(self.first.finish()) if self.first is not None else []
+        return out + (self.second.finish() if self.second is not None else [])
+
+    def _through(self, events: list[tuple[str, dict]]) -> list[Any]:
+        if self.second is None:
+            return events
+        out = [item for name, data in events for item in self.second.feed(name, data)]
+        if isinstance(self.second, AnthropicToOpenAIStream) \
+                and isinstance(self.first, (ResponsesToAnthropicStream, GeminiToAnthropicStream)):
+            # Chat's usage has a field for the reasoning tokens; Anthropic's has not.
+            reasoning = self.first.reasoning_tokens if isinstance(self.first, ResponsesToAnthropicStream) \
+                else self.reasoning_tokens or 0
+            for chunk in out:
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    chunk["usage"]["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return out
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        if isinstance(self.first, GeminiToAnthropicStream):
+            return gemini_thoughts_tokens(self.first.usage_metadata)
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.reasoning_tokens if self.first.finished else None
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_reasoning_tokens(self.first.usage)
+        return None
+
+    @property
+    def usage(self) -> dict:
+        """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
+        if isinstance(self.first, (GeminiToAnthropicStream, ConverseToAnthropicStream)):
+            return self.first.usage
+        if isinstance(self.first, ResponsesToAnthropicStream):
+            return self.first.usage or {}
+        if isinstance(self.first, OpenAIToAnthropicStream):
+            return _openai_usage_to_anthropic(self.first.usage) if self.first.usage else {}
+        return dict(self.second.usage) if self.second is not None else {}
+
 
 class StreamTranslator:
     """One upstream SSE stream as the bytes its client gets: network reads in, client bytes out.
@@ -5853,18 +5767,13 @@ class StreamTranslator:
         self.observe = observe
         self.client_format = client_format
         self.decoder = SSEDecoder()
-        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | ResponsesStreamChain | GeminiStreamChain \
-            | ConverseStreamChain | None = None
-        if upstream_format == "converse":  # ConverseStream frames, as SSE events named for them (BedrockEventStream)
-            self.machine = ConverseStreamChain(client_format, model, include_usage, tools)
-        elif "gemini" in (upstream_format, client_format) and upstream_format != client_format:
-            self.machine = GeminiStreamChain(upstream_format, client_format, model, include_usage, tools)
-        elif "responses" in (upstream_format, client_format) and upstream_format != client_format:
-            # `tools`: a Responses client's custom and namespaced tools, to map calls back to
-            self.machine = ResponsesStreamChain(upstream_format, client_format, model, include_usage, tools)
-        elif upstream_format != client_format:
+        self.machine: OpenAIToAnthropicStream | AnthropicToOpenAIStream | StreamChain | None = None
+        # Converse upstreams: ConverseStream frames, as SSE events named for them (BedrockEventStream).
+        if {upstream_format, client_format} == {"openai", "anthropic"}:
             self.machine = OpenAIToAnthropicStream(model) if client_format == "anthropic" \
                 else AnthropicToOpenAIStream(model, include_usage)
+        elif upstream_format != client_format:
+            self.machine = StreamChain(upstream_format, client_format, model, include_usage, tools)
         self.complete = False  # passthrough: the provider ended its answer itself (or failed it itself)
         self.ended = False  # passthrough: the format's last event has gone by ([DONE], message_stop)
         self.failure: Exception | None = None  # UpstreamError, StreamTranslationError, or a bug
@@ -5935,8 +5844,7 @@ class StreamTranslator:
         """The usage so far, Anthropic-shaped ({} before the provider reported any)."""
         if isinstance(self.machine, OpenAIToAnthropicStream):
             return _openai_usage_to_anthropic(self.machine.usage) if self.machine.usage else {}
-        if isinstance(self.machine, (AnthropicToOpenAIStream, ResponsesStreamChain, GeminiStreamChain,
-                                     ConverseStreamChain)):
+        if isinstance(self.machine, (AnthropicToOpenAIStream, StreamChain)):
             return self.machine.usage
         return self._passthrough_usage
 
@@ -5944,7 +5852,7 @@ class StreamTranslator:
     def reasoning_tokens(self) -> int | None:
         if isinstance(self.machine, OpenAIToAnthropicStream):
             return _openai_reasoning_tokens(self.machine.usage)
-        if isinstance(self.machine, (ResponsesStreamChain, GeminiStreamChain)):
+        if isinstance(self.machine, StreamChain):
             return self.machine.reasoning_tokens
         if self.upstream_format == "responses" and self.machine is None:
             return self._passthrough_responses_reasoning
@@ -5964,7 +5872,7 @@ class StreamTranslator:
                     out += self._encode(self.machine.finish() if data is None else self.machine.feed(data))
                 elif isinstance(self.machine, AnthropicToOpenAIStream) and data is not None:
                     out += self._encode(self.machine.feed(event.event, data))
-                elif isinstance(self.machine, (ResponsesStreamChain, GeminiStreamChain, ConverseStreamChain)):
+                elif isinstance(self.machine, StreamChain):
                     out += self._encode(self.machine.feed(event.event, data))
             except Exception as failure:  # a bug too: the events before it still go out first
                 self.failure = failure
