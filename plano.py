@@ -1870,6 +1870,24 @@ def _openai_sampling(body: dict, model: ModelEntry) -> dict:
     return sampling
 
 
+def _camel_case_sampling(body: dict, names: Iterable[str], most_stops: int | None = None) -> dict:
+    """An Anthropic body's sampling settings (those of `names` the API takes) and stop sequences
+    (at most `most_stops`), checked, in the camelCase Gemini's generationConfig and Bedrock
+    Converse's inferenceConfig both write them in."""
+    camel = {"temperature": "temperature", "top_p": "topP", "top_k": "topK"}
+    out: dict[str, Any] = {}
+    for key in names:
+        if body.get(key) is not None:
+            _require_number(body[key], key)
+            out[camel[key]] = body[key]
+    stop = body.get("stop_sequences")
+    if stop:
+        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                 "stop_sequences: must be a list of strings")
+        out["stopSequences"] = stop[:most_stops]
+    return out
+
+
 _OPENAI_TOOL_CHOICE_FROM_ANTHROPIC = {"auto": "auto", "none": "none", "any": "required"}
 
 
@@ -4617,15 +4635,7 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
     config: dict[str, Any] = {}
     if body.get("max_tokens") is not None:
         config["maxOutputTokens"] = _capped_max_tokens(body["max_tokens"], model, "max_tokens")
-    for key, name in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
-        if body.get(key) is not None:
-            _require_number(body[key], key)
-            config[name] = body[key]
-    stop = body.get("stop_sequences")
-    if stop:
-        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
-                 "stop_sequences: must be a list of strings")
-        config["stopSequences"] = stop[:5]  # Gemini takes at most five
+    config.update(_camel_case_sampling(body, ("temperature", "top_p", "top_k"), most_stops=5))  # Gemini's limit
     thinking = body.get("thinking")
     thinks = model.is_reasoning_model or model.capabilities.reasoning  # others refuse a thinkingConfig
     if thinks and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
@@ -5515,15 +5525,7 @@ def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
     if not _blank(system):
         out["system"] = [{"text": system}]
     inference: dict[str, Any] = {"maxTokens": _anthropic_max_tokens(body.get("max_tokens"), model, "max_tokens")}
-    for key, name in (("temperature", "temperature"), ("top_p", "topP")):
-        if body.get(key) is not None:
-            _require_number(body[key], key)
-            inference[name] = body[key]
-    stop = body.get("stop_sequences")
-    if stop:
-        _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
-                 "stop_sequences: must be a list of strings")
-        inference["stopSequences"] = stop
+    inference.update(_camel_case_sampling(body, ("temperature", "top_p")))
     out["inferenceConfig"] = inference
     has_tool_blocks = any("toolUse" in b or "toolResult" in b for m in messages for b in m["content"])
     tool_config = _converse_tool_config(body, has_tool_blocks)
