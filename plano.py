@@ -2780,16 +2780,18 @@ class OpenAIToAnthropicStream:
         events = self.writer.start()
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:  # anything else carries no choice
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             parts = ([("thinking", reasoning)] if isinstance(reasoning, str) and reasoning else []) \
                 + _openai_content_parts(delta.get("content"))
             for kind, text in parts:
                 events += self.writer.thinking(text) if kind == "thinking" else self.writer.text(text)
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
                 events += self._tool_fragment(call)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -5251,6 +5253,11 @@ class BedrockEventStream:
         # The name becomes an `event:` line: a line break in it would forge events of its own.
         if not isinstance(name, str) or not _SSE_EVENT_NAME.fullmatch(name) or not isinstance(payload, dict):
             return self._fail("api_error", "an event-stream event without a plain name or a JSON object")
+        if name == "error":  # the stream ends here: with Claude's own error event, or one nothing foresaw
+            if headers.get(":event-type") != "chunk":
+                return self._fail("api_error", "an event named error in a frame that is no exception")
+            self.failed = True
+            self._buffer.clear()
         return encode_sse(text, name)
 
     def _fail(self, error_type: str, message: str) -> bytes:

@@ -6650,6 +6650,25 @@ def test_byte_soup_from_a_provider_is_an_error_in_the_callers_format_never_a_cra
     assert httpx.get(running.url + "/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("chunk", [b'{"choices": 5, "usage": 3}', b'{"choices": [{"delta": 5}]}',
+                                   b'{"choices": [{"delta": {"tool_calls": 7}}]}'])
+def test_a_translated_stream_chunk_of_the_wrong_shape_carries_no_choice_and_is_no_crash(soup_target, chunk):
+    # Anthropic client, Chat provider: the chunk is translated. `choices` (or a delta, or its
+    # tool_calls) of the wrong type once raised TypeError there, a 500 error event (found by
+    # CI's run of the byte-soup test); the chunk carries nothing, and the answer goes on.
+    running, provider = soup_target
+    provider.answer = (PROVIDER_HEADS[2] + b"data: " + chunk + b"\n\n"
+                       + b'data: {"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+                       + b"data: [DONE]\n\n")
+    logged = len(SuiteLog.lines)
+    response = httpx.post(running.url + "/v1/messages", timeout=30, json={
+        "model": "openai/gpt-4o", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    events = decode_sse([response.content])
+    assert response.status_code == 200 and [e.event for e in events][-1] == "message_stop", response.text
+    assert "hi" in response.text
+    assert not any("internal error" in line for line in SuiteLog.lines[logged:])
+
+
 @pytest.mark.parametrize("chunk", [b'{"choices": 5, "usage": 3}', b'{"choices": "x"}', b'{"choices": [7, null]}'])
 def test_a_passed_through_stream_chunk_of_the_wrong_shape_goes_on_to_the_client_as_sent(soup_target, chunk):
     # Chat client, Chat provider: plano forwards the chunks and only watches them for the end and
@@ -13517,6 +13536,8 @@ def typed_header(name: str, value: Any) -> bytes:
 @example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x0a")  # value type 10: none such
 @example(headers={":message-type": "event"}, payload=b"{}", stray=b"\x01a\x07\x00\x02\xff\xfe")  # not UTF-8
 @example(headers={":message-type": "exception", ":exception-type": 7}, payload=b"{}", stray=b"")
+@example(headers={":message-type": "event", ":event-type": "error"}, payload=b'{"bytes": "eyJ0eXBlIjoicGluZyJ9"}',
+         stray=b"")  # an event named error in a frame that is no exception (found by CI's run of this test)
 def test_a_well_framed_event_of_any_headers_and_payload_is_an_event_or_one_error_never_a_crash(headers, payload,
                                                                                               stray):
     # Valid lengths and CRCs around anything: `stray` header bytes (an unknown value type, a name cut
