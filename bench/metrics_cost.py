@@ -24,6 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plano  # noqa: E402
+from capability_check import per_call_us  # noqa: E402  (this folder is on the path: run as a script)
 
 CONFIG = """
 llm_providers:
@@ -53,15 +54,6 @@ def finished_exchange(config: plano.Config, model: str, route: str | None, kind:
     exchange.used({"input_tokens": 1200, "cache_read_input_tokens": 30000, "cache_creation_input_tokens": 800,
                    "output_tokens": 350}, 120)
     return exchange
-
-
-def per_call_us(function, runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - started) * 1e6)
-    return statistics.median(samples)
 
 
 def main() -> None:
