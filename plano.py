@@ -10901,6 +10901,7 @@ class _Exchange:
     include_usage: bool = False  # an OpenAI client asked for the usage chunk at a stream's end
     session: str = ""
     subagent: SubAgent | None = None  # the sub-agent it comes from, when its agent says so
+    background: str | None = None  # what agent errand it is (background_request), when it is one
     needs: RequestNeeds | None = None  # what the request asks of a model (window, images, tools)
     decision: RouteDecision | None = None
     model: ModelEntry | None = None  # the model that answers, once a provider has said yes
@@ -11938,7 +11939,7 @@ class Gateway:
         if small_fast and "haiku" in requested.lower():
             # Claude Code's background slot (titles, summaries): the small/fast model, unrouted.
             return RouteDecision(small_fast, None, "alias", reason=f"{requested}: Claude Code's small/fast slot")
-        background = background_request(exchange.body)
+        exchange.background = background = background_request(exchange.body)
         if background is not None:  # in the agent's session, but no user turn: not routed, no pin moved
             if small_fast:
                 return RouteDecision(small_fast, None, "alias", reason=f"{background}: the small/fast model")
@@ -11996,7 +11997,7 @@ class Gateway:
         deciding = time.monotonic()
         exchange.decision = await self._choose_model(exchange, routed)  # logged with a 400 below
         if self.router is not None and exchange.decision.decision not in ("explicit", "alias") \
-                and background_request(body) is None:
+                and exchange.background is None:
             exchange.trace.routed(exchange.decision, deciding)  # the router was asked
         alias = model_from_picker(requested)
         if exchange.decision.decision == "alias" and alias in config.aliases \
