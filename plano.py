@@ -9699,8 +9699,15 @@ _GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 # `gen_ai.provider.name`'s well-known values for the providers plano calls by another name; every
 # other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
-_GENAI_PROVIDER_NAMES = {"xai": "x_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "moonshot": "moonshot_ai",
+# The metrics' label and the spans' attribute alike.
+_GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
                          "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
+
+
+def genai_provider_name(model: ModelEntry) -> str:
+    return _GENAI_PROVIDER_NAMES.get(model.provider, model.provider)
+
+
 _GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 # What plano's token kinds are called here, and their usage-ledger columns.
 _TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
@@ -9828,7 +9835,7 @@ class Metrics:
                  str(exchange.status), key, team).inc()
         if model is None:
             return  # refused before a model was chosen: no provider was asked
-        genai = ("chat", _GENAI_PROVIDER_NAMES.get(model.provider, model.provider), model.model_id)
+        genai = ("chat", genai_provider_name(model), model.model_id)
         self._of(self.operation_duration, *genai, str(exchange.status) if exchange.status >= 400 else "").observe(
             time.monotonic() - exchange.started)
         if exchange.status == 200 and exchange.first_byte_ms is not None:
@@ -9905,9 +9912,6 @@ _CONTENT_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CAPTURED_PART_CHARS = 8192  # of one text, reasoning or tool part, when content is captured
 _CAPTURED_MESSAGES_CHARS = 64 * 1024  # of the input messages' JSON: the newest that fit are kept
 
-# The conventions' gen_ai.provider.name for the providers they name; the others go by plano's name.
-_GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
-                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
 
 
 @dataclass(frozen=True)
@@ -9954,10 +9958,6 @@ def trace_settings(environ: Mapping[str, str]) -> tuple[TraceSettings | None, li
     return TraceSettings(endpoint or "http://localhost:4318/v1/traces",
                          content_on_span=content in ("true", "span_only", "span_and_event"),
                          content_on_event=content in ("event_only", "span_and_event")), warnings
-
-
-def genai_provider_name(model: ModelEntry) -> str:
-    return _GENAI_PROVIDER_NAMES.get(model.provider, model.provider)
 
 
 def _shown_endpoint(url: str) -> str:
