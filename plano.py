@@ -5074,10 +5074,18 @@ _BEDROCK_BETAS = frozenset({
     "dev-full-thinking-2025-05-14", "context-1m-2025-08-07", "context-management-2025-06-27",
     "effort-2025-11-24", "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"})
 
-# The betas already said to be dropped: once a process each, for at most _DROPPED_BETAS_SAID_LIMIT of
-# them (they are the client's text: a client making new ones up must not grow the set without end).
+# The betas already said to be dropped (for Bedrock or Vertex AI): once a process each, for at most
+# _DROPPED_BETAS_SAID_LIMIT of them (they are the client's text: a client making new ones up must
+# not grow the set without end).
 _DROPPED_BETAS_SAID: set[str] = set()
 _DROPPED_BETAS_SAID_LIMIT = 64
+
+
+def _say_dropped_beta(beta: str, where: str) -> None:
+    """One log line for a beta dropped `where` (e.g. "for bedrock models (…)"), once a process."""
+    if beta and beta not in _DROPPED_BETAS_SAID and len(_DROPPED_BETAS_SAID) < _DROPPED_BETAS_SAID_LIMIT:
+        _DROPPED_BETAS_SAID.add(beta)
+        log.info("anthropic-beta %s is dropped %s; said once", printable(beta)[:80], where)
 
 
 def bedrock_betas(header: str) -> list[str]:
@@ -5086,10 +5094,8 @@ def bedrock_betas(header: str) -> list[str]:
     for beta in (b.strip() for b in header.split(",")):
         if beta in _BEDROCK_BETAS:
             kept.append(beta)
-        elif beta and beta not in _DROPPED_BETAS_SAID and len(_DROPPED_BETAS_SAID) < _DROPPED_BETAS_SAID_LIMIT:
-            _DROPPED_BETAS_SAID.add(beta)
-            log.info("anthropic-beta %s is dropped for bedrock models (Bedrock refuses betas it does not "
-                     "know); said once", printable(beta)[:80])
+        else:
+            _say_dropped_beta(beta, "for bedrock models (Bedrock refuses betas it does not know)")
     return kept
 
 
@@ -6108,10 +6114,6 @@ _VERTEX_BETAS = frozenset({
     "interleaved-thinking-2025-05-14", "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
     "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19", "web-search-2025-03-05"})
 _VERTEX_BETA_NAMES = {"advanced-tool-use-2025-11-20": "tool-search-tool-2025-10-19"}
-# The betas already said to be dropped: once a process, and at most _DROPPED_BETAS_SAID_LIMIT of
-# them (the header is the client's text: made-up values must not grow the set or the log).
-_DROPPED_BETAS_SAID: set[str] = set()
-_DROPPED_BETAS_SAID_LIMIT = 64
 
 
 def vertex_betas(header: str) -> str:
@@ -6122,10 +6124,8 @@ def vertex_betas(header: str) -> str:
         if beta in _VERTEX_BETAS:
             if beta not in kept:
                 kept.append(beta)
-        elif beta and beta not in _DROPPED_BETAS_SAID and len(_DROPPED_BETAS_SAID) < _DROPPED_BETAS_SAID_LIMIT:
-            _DROPPED_BETAS_SAID.add(beta)
-            log.info("the anthropic-beta %s is dropped for Vertex AI, which refuses requests naming it; said once",
-                     printable(beta)[:80])
+        else:
+            _say_dropped_beta(beta, "for Vertex AI, which refuses requests naming it")
     return ",".join(kept)
 
 
