@@ -8799,11 +8799,15 @@ class _LedgerWriter:
     where = ""  # the database as log lines and `plano stats` name it: a path, a URL without its password
 
     def __init__(self, *, retention_days: float, queue_size: int, connection: Any = None):
-        import queue
         self.retention_days = retention_days
         self.queue_size = queue_size
         self.dropped = 0
-        self._rows: Any = queue.Queue(maxsize=queue_size)
+        # The rows handed over, oldest first: the event loop appends, the writer thread pops (each
+        # under `_written`). A deque and an Event, not a queue.Queue: a Queue wakes its reader on
+        # every put, and a thread woken once per answer takes the GIL from the event loop once per
+        # request; `_wake` is set only by a batch's first row, a full batch and close().
+        self._rows: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Event()
         self._written = threading.Condition()
         self._pending = 0  # rows handed over and not yet committed (or dropped)
         self._closing = threading.Event()
@@ -8817,15 +8821,16 @@ class _LedgerWriter:
         return self._pending
 
     def record(self, row: Mapping[str, Any]) -> None:
-        import queue
+        values = tuple(row.get(column) for column in _USAGE_COLUMNS)
         with self._written:
-            self._pending += 1
-        try:
-            self._rows.put_nowait(tuple(row.get(column) for column in _USAGE_COLUMNS))
-        except queue.Full:
-            with self._written:
-                self._pending -= 1
+            if len(self._rows) >= self.queue_size:
                 self.dropped += 1
+                return
+            self._rows.append(values)
+            self._pending += 1
+            waiting = len(self._rows)
+        if waiting == 1 or waiting == self.BATCH_ROWS:
+            self._wake.set()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row recorded so far is committed (or dropped); for tests and shutdown."""
@@ -8834,12 +8839,8 @@ class _LedgerWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what was recorded (trying once more if the database is failing), then stop."""
-        import queue
         self._closing.set()
-        try:
-            self._rows.put_nowait(None)  # wakes a writer waiting for rows
-        except queue.Full:
-            pass  # then the writer is not waiting for rows, and sees `_closing` before it would
+        self._wake.set()
         self._writer.join(timeout)
 
     def summary(self, *, since: float | None = None, session: str | None = None, key_name: str | None = None,
@@ -8877,24 +8878,19 @@ class _LedgerWriter:
 
     # ── the writer thread ────────────────────────────────────────────────────────────────
     def _next_batch(self) -> list[tuple]:
-        """The first row to arrive, then what else arrives within BATCH_SECONDS: under load one
-        commit for hundreds of answers, not one each. Empty once closed and every row is taken."""
-        import queue
-        batch: list[tuple] = []
-        gathering_until = 0.0
-        while len(batch) < self.BATCH_ROWS:
-            try:
-                if batch:
-                    row = self._rows.get(timeout=max(gathering_until - time.monotonic(), 0))
-                else:
-                    row = self._rows.get(block=not self._closing.is_set())  # waits for work
-                    gathering_until = time.monotonic() + self.BATCH_SECONDS
-            except queue.Empty:
-                break
-            if row is None:  # close(): nothing more comes
-                break
-            batch.append(row)
-        return batch
+        """The first row to arrive and what else arrives within BATCH_SECONDS (at most BATCH_ROWS):
+        under load one commit for hundreds of answers, not one each. Empty once closed and every
+        row is taken."""
+        while not self._rows:
+            if self._closing.is_set():
+                return []
+            self._wake.wait()
+            self._wake.clear()
+        self._wake.clear()
+        if len(self._rows) < self.BATCH_ROWS and not self._closing.is_set():
+            self._wake.wait(self.BATCH_SECONDS)  # rows arriving meanwhile wake nobody
+        with self._written:
+            return [self._rows.popleft() for _ in range(min(len(self._rows), self.BATCH_ROWS))]
 
     def _write_rows(self, connection: Any) -> None:
         pruned_at, batch, failing_since, dropped_before = 0.0, [], None, 0
@@ -8970,15 +8966,9 @@ class _LedgerWriter:
 
     def _drop_queued(self) -> int:
         """Empty the queue, counting its rows as dropped; how many there were."""
-        import queue
-        count = 0
-        while True:
-            try:
-                row = self._rows.get_nowait()
-            except queue.Empty:
-                break
-            count += row is not None
         with self._written:
+            count = len(self._rows)
+            self._rows.clear()
             self.dropped += count
             self._pending -= count
         return count
