@@ -2475,6 +2475,9 @@ def _image_tokens(source: Any) -> int:
     return 1600
 
 
+_NOT_READ_BY_THE_MODEL = frozenset(("cache_control", "type", "signature", "id", "tool_use_id"))
+
+
 def estimate_tokens(body: dict) -> int:
     """An estimate of the input tokens of an Anthropic request, computed locally.
 
@@ -2483,31 +2486,26 @@ def estimate_tokens(body: dict) -> int:
     over every text the model will read: system, messages, tool calls and results, tool
     definitions, plus images by their pixel size.
     """
-    chars, images, blocks = 0, 0, 0
-
-    def walk(value: Any) -> None:
-        nonlocal chars, images, blocks
+    chars = images = blocks = 0
+    pending = [body.get("system"), body.get("messages"), body.get("tools")]  # a loop, not recursion: cheaper
+    while pending:
+        value = pending.pop()
         if isinstance(value, str):
             chars += len(value)
         elif isinstance(value, list):
-            for item in value:
-                walk(item)
+            pending += value
         elif isinstance(value, dict):
             if value.get("type") == "image":
                 images += _image_tokens(value.get("source"))
-                return
+                continue
             blocks += 1
             for key, item in value.items():
-                if key in ("cache_control", "type", "signature", "id", "tool_use_id"):
+                if key in _NOT_READ_BY_THE_MODEL:
                     continue
-                if key in ("input", "input_schema"):
+                if key == "input" or key == "input_schema":
                     chars += len(json.dumps(item, ensure_ascii=False))
                 else:
-                    walk(item)
-
-    walk(body.get("system"))
-    walk(body.get("messages"))
-    walk(body.get("tools"))
+                    pending.append(item)
     return math.ceil(chars / 4) + images + 3 * blocks
 
 
@@ -8263,7 +8261,10 @@ class EmbeddedRouterBackend(RouterBackend):
 # here; the gateway's provider answers and model lists below).
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     data = bytearray()
-    async for chunk in response.aiter_bytes():
+    # UpstreamTransport inflates a compressed body itself and says so by dropping its
+    # content-encoding: then its stream is read as it is, past httpx's decoders and chunker.
+    chunks = response.aiter_bytes() if "content-encoding" in response.headers else response.stream
+    async for chunk in chunks:
         data += chunk
         if len(data) > limit:
             raise httpx.DecodingError(f"the answer is larger than plano's limit of {limit:,} bytes")
@@ -8543,8 +8544,8 @@ def session_key(body: dict, headers: Mapping[str, str]) -> str:
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user_id, str) and user_id:
-        try:
-            parsed = parse_json(user_id)
+        try:  # Claude Code's is a JSON object; other clients' a plain name (not parsed: no exception)
+            parsed = parse_json(user_id) if user_id.lstrip().startswith("{") else None
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
@@ -10249,11 +10250,14 @@ class _AttemptTrace:
     def carrying(self, call: ProviderRequest) -> ProviderRequest:
         """`call` with this attempt's `traceparent` (and the client's `tracestate`): the provider,
         and only the provider, learns which trace its work belongs to."""
-        trace, api = self.trace, self.trace.tracing.api
-        context = api.SpanContext(trace.trace_id, self.span_id, is_remote=False, trace_flags=trace.flags,
-                                  trace_state=trace.trace_state)
+        # W3C Trace Context's version 00 as the SDK's TraceContextTextMapPropagator writes it, without
+        # the span, context and context-variable objects it wants to be handed (a third of what
+        # tracing costs before the request goes out): the ids and flags are plano's own ints.
+        trace = self.trace
         headers = dict(call.headers)
-        trace.tracing.propagator.inject(headers, context=api.set_span_in_context(api.NonRecordingSpan(context)))
+        headers["traceparent"] = f"00-{trace.trace_id:032x}-{self.span_id:016x}-{trace.flags:02x}"
+        if trace.trace_state:
+            headers["tracestate"] = trace.trace_state.to_header()
         return ProviderRequest(call.url, headers, call.content, call.timeout)
 
     def failed(self, error: PlanoError) -> None:
@@ -13759,6 +13763,9 @@ def main(argv: list[str] | None = None) -> int:
     # chatter (which it also prints twice) stays out of the output. The library reads its level
     # from this variable when it is first imported.
     os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if args.verbose else "error")
+    # Nothing plano logs names its thread or process: not looked up for every line (the CLI's
+    # process only; plano used as a library leaves its host's logging as it is).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     # plano's access line already says what httpx would log for every upstream request.
