@@ -9692,7 +9692,7 @@ _GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # other provider keeps plano's name for it (a custom provider's is the config's: bounded all the same).
 # The metrics' label and the spans' attribute alike.
 _GENAI_PROVIDER_NAMES = {"gemini": "gcp.gemini", "xai": "x_ai", "mistral": "mistral_ai",
-                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai"}
+                         "azure_openai": "azure.ai.openai", "vertex": "gcp.vertex_ai", "bedrock": "aws.bedrock"}
 
 
 def genai_provider_name(model: ModelEntry) -> str:

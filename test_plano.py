@@ -13627,6 +13627,20 @@ def test_bedrock_claude_answers_chat_and_responses_clients_translated(aws_env, b
     assert len(bedrock.signed_by) == 2 and "stream" not in bedrock.requests[0].json
 
 
+def test_bedrock_usage_is_counted_under_the_conventions_aws_bedrock(aws_env, bedrock):
+    # The GenAI conventions' gen_ai.provider.name for Bedrock is `aws.bedrock`, not plano's own
+    # provider prefix: a dashboard built on the conventions finds it under that name.
+    with RunningPlano(build_config(on_bedrock(bedrock))) as running:
+        anthropic_client(running).messages.create(model=BEDROCK_CLAUDE, max_tokens=200,
+                                                  messages=[{"role": "user", "content": "a joke"}])
+        wait_until(lambda: metric_value(scraped(running), "plano_requests_total", model=BEDROCK_CLAUDE) == 1,
+                   what="the answer counted")
+        text = scraped(running)
+    assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_provider_name="aws.bedrock",
+                        gen_ai_token_type="output") == 19
+    assert 'gen_ai_provider_name="bedrock"' not in text
+
+
 def test_temporary_aws_credentials_are_renewed_by_botocore_before_they_expire(aws, tmp_path):
     # A profile whose credentials come from a `credential_process` (as SSO and role tools hand them
     # out): each run issues new ones that expire in a minute, inside botocore's refresh window, so
