@@ -9,6 +9,9 @@ request sent straight to the stand-in in OpenAI format is the baseline. Targets:
               tracing off (`metrics: false`, no OTEL_* variables)
     plano+obs the same with metrics on (`metrics: true`) and tracing on: every span exported over
               OTLP/HTTP to a receiver on loopback (a process of its own, like the stand-in)
+    haproxy   Debian's haproxy forwarding the direct request (OpenAI format) to the stand-in, in HTTP
+              mode with keep-alive: the floor any HTTP gateway pays for two more loopback hops,
+              with nothing read or translated (optional: haproxy on PATH)
     LiteLLM   `litellm` proxy, model `hosted_vllm/stub-model` (optional: --litellm PATH)
     ccr       claude-code-router 1.0.73 (optional: --ccr PATH/TO/dist/cli.js)
 
@@ -538,6 +541,40 @@ def start_litellm(binary: str, upstream_port: int, workdir: Path) -> Target:
                           workdir, port, key=LITELLM_KEY, health="/health/liveliness", timeout=90, env=env)
 
 
+def start_haproxy(binary: str, upstream_port: int, workdir: Path) -> Target:
+    """haproxy relaying the OpenAI-format request as it is: a request's cost in a C proxy."""
+    port = free_port()
+    config = workdir / "haproxy.cfg"
+    config.write_text(textwrap.dedent(f"""\
+        global
+          maxconn 256
+        defaults
+          mode http
+          option http-keep-alive
+          timeout connect 5s
+          timeout client 60s
+          timeout server 60s
+        frontend bench
+          bind 127.0.0.1:{port}
+          monitor-uri /healthz
+          default_backend stand_in
+        backend stand_in
+          http-reuse always
+          server stand_in 127.0.0.1:{upstream_port}
+        """))
+    log_path = workdir / "haproxy.log"
+    process = _launch([binary, "-db", "-f", str(config)], log_path)
+    base = f"http://127.0.0.1:{port}"
+    target = Target("haproxy", "openai", f"{base}/v1/chat/completions",
+                    {"content-type": "application/json", "authorization": "Bearer dummy"}, process, log_path)
+    try:
+        wait_ready(process, base + "/healthz", 10)
+    except RuntimeError:
+        stop(target)
+        raise
+    return target
+
+
 def start_ccr(cli_js: str, upstream_port: int, workdir: Path) -> Target:
     port = free_port()
     home = workdir / "ccr-home"
@@ -709,6 +746,9 @@ def compare(label: str, added: dict[str, float]) -> None:
             if added.get(peer):
                 line += f"; {peer} adds {added[peer] * 1000:.2f} ms ({name}/{peer} = {plano / added[peer]:.3f})"
         print(line)
+    if added.get("haproxy") and "plano" in added:
+        print(f"  {label}: haproxy adds {added['haproxy'] * 1000:.2f} ms p50 (two more loopback hops, nothing "
+              f"read); plano's own work beyond that: {(added['plano'] - added['haproxy']) * 1000:.2f} ms")
     if "plano" in added and "plano+obs" in added:
         cost = added["plano+obs"] - added["plano"]
         line = f"  {label}: metrics and tracing on cost {cost * 1000:+.2f} ms p50"
@@ -781,6 +821,9 @@ def start_gateways(args: argparse.Namespace, upstream_port: int, workdir: Path,
     with metrics and tracing off, and on (the `metrics` switch only where this plano has one)."""
     switch = knows_metrics_switch(sys.executable)
     gateways = [
+        # haproxy first: plano then follows it in each round as before it followed the direct request.
+        ("haproxy", shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None),
+         start_haproxy, "apt-get install haproxy"),
         ("plano", sys.executable, functools.partial(start_plano, metrics=False if switch else None), ""),
         ("plano+obs", sys.executable, functools.partial(start_plano, name="plano+obs", metrics=True if switch else None,
                                                         otlp_port=otlp_port), ""),
@@ -840,7 +883,8 @@ def main() -> int:
             with httpx.Client(timeout=httpx.Timeout(60.0), trust_env=False) as client:
                 measure_latency(client, targets, args.requests, warmup=20)
                 rates = measure_throughput(client, targets, rounds=5)
-                count_tokens = measure_count_tokens(client, gateways, args.requests, warmup=10)
+                count_tokens = measure_count_tokens(client, [t for t in gateways if t.count_tokens_url],
+                                                    args.requests, warmup=10)
                 scraped = scrape_metrics(client, next(t for t in gateways if t.name == "plano+obs"))
         finally:
             shutdown_notes = [note for note in map(stop, gateways) if note]
