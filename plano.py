@@ -1695,6 +1695,12 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
     return members
 
 
+# json.dumps given any argument builds a JSONEncoder for each call, a measurable share of a small
+# request's time; plano's two ways of writing JSON are built once (encode() keeps no state).
+_json_text = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False)
+_json_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 # A \u escape of a UTF-16 surrogate, that is a backslash after an even run of backslashes (an odd
 # one would make it an escaped backslash followed by the letter u). The hint is a quicker search
 # (a regular expression's literal prefix beats `in` with a 3-character needle) that finds none in
@@ -1828,7 +1834,7 @@ def _openai_call_tool_id(call: dict) -> str:
 
 def _tool_arguments(block: dict) -> str:
     """A tool_use block's input as OpenAI's `arguments` (a JSON string), Chat's and Responses'."""
-    return json.dumps(block.get("input", {}), ensure_ascii=False)
+    return _json_text(block.get("input", {}))
 
 
 def _effort_from_anthropic(body: dict) -> str | None:
@@ -2503,7 +2509,7 @@ def estimate_tokens(body: dict) -> int:
                 if key in _NOT_READ_BY_THE_MODEL:
                     continue
                 if key == "input" or key == "input_schema":
-                    chars += len(json.dumps(item, ensure_ascii=False))
+                    chars += len(_json_text(item))
                 else:
                     pending.append(item)
     return math.ceil(chars / 4) + images + 3 * blocks
@@ -2620,11 +2626,11 @@ class SSEDecoder:
 
 
 def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _json_compact(value).encode()
 
 
 def encode_sse(data: Any, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    payload = data if isinstance(data, str) else _json_compact(data)
     head = f"event: {event}\n" if event else ""
     lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", payload))
     return f"{head}{lines}\n".encode()
@@ -2916,7 +2922,7 @@ def replace_json_model(raw: str, model_id: str) -> str:
     if raw[i:i + 1] != "{":
         raise RequestError(_NOT_A_JSON_OBJECT)
     i = ws.match(raw, i + 1).end()
-    replacement = json.dumps(model_id, ensure_ascii=False)
+    replacement = _json_text(model_id)
     while raw[i:i + 1] == '"':
         key, i = json.decoder.scanstring(raw, i + 1)
         i = ws.match(raw, i).end() + 1  # past ':'
@@ -3014,7 +3020,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], body: bytes, up
         shaped = anthropic_error_body(error_type, message) if client_format == "anthropic" \
             else google_error_body(status, message) if client_format == "gemini" \
             else openai_error_body(error_type, message, status, **openai_fields)
-        return json.dumps(shaped, ensure_ascii=False, separators=(",", ":")).encode()
+        return _json_compact(shaped).encode()
 
     if status in (401, 403):
         if google_token:
@@ -3737,7 +3743,7 @@ def custom_tool_input(tool_input: Any) -> str:
     the tool sees, and can refuse, what the model wrote."""
     if isinstance(tool_input, dict) and isinstance(tool_input.get(CUSTOM_TOOL_INPUT), str):
         return tool_input[CUSTOM_TOOL_INPUT]
-    return json.dumps(tool_input, ensure_ascii=False)
+    return _json_text(tool_input)
 
 
 def responses_request_to_anthropic(body: dict, model: ModelEntry) -> dict:
@@ -3916,13 +3922,13 @@ def _tool_call_item(item_id: str, call_id: str, name: str, tool_input: Any, tool
     tool = tools.get(name)
     if tool is None:
         return _function_call_item(item_id, call_id, name, "" if tool_input is None else
-                                   json.dumps(tool_input, ensure_ascii=False), status)
+                                   _json_text(tool_input), status)
     if tool.custom:
         item = {"id": item_id, "type": "custom_tool_call", "status": status, "call_id": call_id, "name": tool.name,
                 "input": "" if tool_input is None else custom_tool_input(tool_input)}
     else:
         item = _function_call_item(item_id, call_id, tool.name, "" if tool_input is None else
-                                   json.dumps(tool_input, ensure_ascii=False), status)
+                                   _json_text(tool_input), status)
     if tool.namespace is not None:
         item["namespace"] = tool.namespace
     return item
@@ -4281,7 +4287,7 @@ def _gemini_function_response_block(part: dict, where: str, tool_id: str) -> dic
     if len(result) == 1 and isinstance(next(iter(result.values())), str):
         block["content"] = next(iter(result.values()))
     else:
-        block["content"] = json.dumps(result, ensure_ascii=False)
+        block["content"] = _json_text(result)
     return block
 
 
@@ -4466,7 +4472,7 @@ def _gemini_json_mode_instruction(config: dict) -> str:
     schema = config.get("responseJsonSchema")
     if schema is None and config.get("responseSchema") is not None:
         schema = json_schema_from_gemini(config["responseSchema"])
-    shape = f", valid against this JSON Schema: {json.dumps(schema, ensure_ascii=False)}" if schema is not None else ""
+    shape = f", valid against this JSON Schema: {_json_text(schema)}" if schema is not None else ""
     return f"Answer with one JSON value and nothing else (no prose, no Markdown code fence){shape}."
 
 
@@ -4934,7 +4940,7 @@ class GeminiToAnthropicStream:
             if "functionCall" in part:
                 block = _gemini_call_block(part)
                 events += self.writer.tool_use(block["id"], block["name"])
-                events.append(self.writer.tool_input(json.dumps(block["input"], ensure_ascii=False)))
+                events.append(self.writer.tool_input(_json_text(block["input"])))
                 continue
             text = part.get("text") if isinstance(part.get("text"), str) else ""
             if part.get("thought") is True:
@@ -5462,7 +5468,7 @@ def _tool_blocks_as_text(messages: list[dict]) -> None:
             if "toolUse" in block:
                 use = block["toolUse"]
                 message["content"][i] = {"text": f"[tool call {use['name']} ({use['toolUseId']}): "
-                                                 f"{json.dumps(use['input'], ensure_ascii=False)}]"}
+                                                 f"{_json_text(use['input'])}]"}
             elif "toolResult" in block:
                 result = block["toolResult"]
                 texts = [part["text"] for part in result["content"] if "text" in part]
@@ -6259,7 +6265,7 @@ def _anthropic_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> st
         dict(m, content=[b for b in m["content"] if not _unsigned(b)])
         if isinstance(m, dict) and isinstance(m.get("content"), list) else m
         for m in body["messages"]])
-    return json.dumps(cleaned, ensure_ascii=False)
+    return _json_text(cleaned)
 
 
 def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
@@ -6281,7 +6287,7 @@ def _openai_passthrough_body(raw: bytes, body: dict, model: ModelEntry) -> str:
         if isinstance(message, dict) and "tool_call_id" in message:
             message = dict(message, tool_call_id=plain(message["tool_call_id"]))
         messages.append(message)
-    return json.dumps(dict(body, model=model.model_id, messages=messages), ensure_ascii=False)
+    return _json_text(dict(body, model=model.model_id, messages=messages))
 
 
 def _has_unsigned_thinking(body: dict) -> bool:
@@ -6505,6 +6511,18 @@ class _UpstreamConnection:
             raise httpx.RemoteProtocolError(f"malformed HTTP from the provider: {e}") from None
 
 
+def request_head(url: httpx.URL, headers: Mapping[str, str], length: int) -> list[tuple[bytes, bytes]]:
+    """The header lines httpx.Request would send for a body of `length` bytes with `headers`:
+    Host first, then the headers as given, then Content-Length, each added only when `headers`
+    has none; names and values ASCII, as httpx takes them (anything else raises
+    UnicodeEncodeError, as httpx.Request does)."""
+    names = {name.lower() for name in headers}
+    return ([(b"Host", url.netloc)] if "host" not in names and url.host else []) \
+        + [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()] \
+        + ([(b"Content-Length", str(length).encode())]
+           if "content-length" not in names and "transfer-encoding" not in names else [])
+
+
 class _ClosedBeforeAnswering(httpx.RemoteProtocolError):
     """The provider closed the connection before a byte of its answer: on a kept-alive connection,
     it closed it as the request went out, and the request is safe to send again on a fresh one."""
@@ -6530,11 +6548,20 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._proxies, self._no_proxy = environment_proxies(os.environ)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+        body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+        return await self.send(request.method, request.url, request.headers.raw, body,
+                               request.extensions.get("timeout", {}))
+
+    async def send(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
+                   timeouts: Mapping[str, Any]) -> httpx.Response:
+        """handle_async_request's exchange, for a request plano has as its parts: `headers` are
+        the whole head (Host and Content-Length included, as httpx.Request adds them; see
+        request_head), `timeouts` httpx's timeout extension. Upstreams calls this directly:
+        an httpx.Request, built and then taken apart again, costs as much as the rest of a
+        request's way to the provider."""
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"plano calls providers over http or https, not {url.scheme!r}")
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        timeouts = request.extensions.get("timeout", {})
         slots = self._slots.get(origin) or self._slots.setdefault(origin, trio.Semaphore(self.max_connections))
         try:
             # No await before the request is on the wire, so nothing else runs first: work such as
@@ -6547,15 +6574,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 raise httpx.PoolTimeout(f"all {self.max_connections} connections to {url.host} are busy")
         connection = None
         try:
-            body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
             proxy = self._proxy_for(origin)
             if proxy is not None and url.scheme == "http":
                 # A plain-http request goes to the proxy whole: absolute URL, the proxy's credentials.
-                headers = request.headers.raw + ([(b"proxy-authorization", proxy.authorization.encode())]
-                                                 if proxy.authorization else [])
-                head = h11.Request(method=request.method, target=str(url), headers=headers)
+                headers = headers + ([(b"proxy-authorization", proxy.authorization.encode())]
+                                     if proxy.authorization else [])
+                head = h11.Request(method=method, target=str(url), headers=headers)
             else:
-                head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
+                head = h11.Request(method=method, target=url.raw_path, headers=headers)
             connection = self._idle_connection(origin)
             response = None
             if connection is not None:
@@ -7501,7 +7527,7 @@ def _router_json(value: Any) -> str:
     # The model card's Python example escapes non-ASCII (json.dumps' default); the model authors'
     # own gateway sends raw UTF-8. Escapes cost 4-8x the tokens for Chinese or Russian text and
     # hide its meaning from the model, so plano sends the text itself, with the card's spacing.
-    return json.dumps(value, ensure_ascii=False)
+    return _json_text(value)
 
 
 # Claude Code wraps context it adds for the model in tags inside user messages; none of it is the
@@ -10462,7 +10488,7 @@ class _AnswerFacts:
                     key = ("tool_call", sum(k[0] == "tool_call" for k in self.parts.get(index, {})))
                     self._part(index, key).update({k: _named(v) for k, v in
                                                    (("id", call.get("id")), ("name", call.get("name"))) if v})
-                    self._add(index, key, json.dumps(call.get("args") or {}, ensure_ascii=False))
+                    self._add(index, key, _json_text(call.get("args") or {}))
                 else:
                     self._add(index, ("reasoning" if part.get("thought") is True else "text", 0), part.get("text"))
 
@@ -10486,7 +10512,7 @@ class _AnswerFacts:
         if kind == "tool_call":
             part.update(id=_named(block.get("id")), name=_named(block.get("name")))
             if block.get("input"):
-                self._add(0, (kind, index), json.dumps(block["input"], ensure_ascii=False))
+                self._add(0, (kind, index), _json_text(block["input"]))
         else:
             self._add(0, (kind, index), block.get("text") or block.get("thinking"))
 
@@ -10503,7 +10529,7 @@ class _AnswerFacts:
             part = self._part(0, ("tool_call", index))
             part.update({k: _named(use[n]) for k, n in (("id", "toolUseId"), ("name", "name")) if n in use})
             tool_input = use.get("input")
-            self._add(0, ("tool_call", index), json.dumps(tool_input, ensure_ascii=False)
+            self._add(0, ("tool_call", index), _json_text(tool_input)
                       if isinstance(tool_input, dict) and tool_input else tool_input)
 
     def _openai_message(self, choice: int, message: dict) -> None:
@@ -10583,16 +10609,16 @@ def _content_attributes(body: dict, api_format: str, facts: _AnswerFacts | None)
     kept: list[str] = []
     size = 0
     for message in reversed(messages):
-        encoded = json.dumps(message, ensure_ascii=False)
+        encoded = _json_text(message)
         size += len(encoded) + 1
         if size > _CAPTURED_MESSAGES_CHARS and kept:
             break
         kept.append(encoded)
     attributes = {"gen_ai.input.messages": "[" + ",".join(reversed(kept)) + "]"}
     if system:
-        attributes["gen_ai.system_instructions"] = json.dumps(system, ensure_ascii=False)
+        attributes["gen_ai.system_instructions"] = _json_text(system)
     if facts is not None:
-        attributes["gen_ai.output.messages"] = json.dumps(facts.output_messages(), ensure_ascii=False)
+        attributes["gen_ai.output.messages"] = _json_text(facts.output_messages())
     return attributes
 
 
@@ -10617,7 +10643,7 @@ def _genai_parts(content: Any) -> list[dict]:
                 parts.append({"type": "reasoning", "content": _cut(block["thinking"])})
         elif kind == "tool_use":
             parts.append({"type": "tool_call", "id": _named(block.get("id")), "name": _named(block.get("name")),
-                          "arguments": _cut(json.dumps(block.get("input"), ensure_ascii=False))})
+                          "arguments": _cut(_json_text(block.get("input")))})
         elif kind == "tool_result":
             response = block.get("content")
             text = response if isinstance(response, str) else \
@@ -10652,7 +10678,7 @@ def genai_input_messages(body: dict, api_format: str) -> tuple[list[dict], list[
                 output = item.get("output")
                 messages.append({"role": "tool", "parts": [{
                     "type": "tool_call_response", "id": _named(item.get("call_id")),
-                    "response": _cut(output if isinstance(output, str) else json.dumps(output, ensure_ascii=False))}]})
+                    "response": _cut(output if isinstance(output, str) else _json_text(output))}]})
         return system, messages
     if api_format in ("anthropic", "gemini"):  # a Gemini client's body is kept read into the Anthropic shape
         system = _genai_parts(body.get("system"))
@@ -11205,10 +11231,10 @@ class Upstreams:
         """The provider's response to `call` (open: the caller closes it), whatever its status, and
         how long its headers took in ms; a provider that cannot be reached raises UpstreamError."""
         sent_at = time.monotonic()
-        request = httpx.Request("POST", self._url(call.url), headers=call.headers, content=call.content,
-                                extensions={"timeout": call.timeout.as_dict()})
+        url = self._url(call.url)
+        head = request_head(url, call.headers, len(call.content))
         try:
-            response = await self.transport.handle_async_request(request)
+            response = await self.transport.send("POST", url, head, call.content, call.timeout.as_dict())
         except httpx.TimeoutException:
             raise UpstreamError(f"{model.name}: the provider did not answer in time", status=504,
                                 error_type="api_error", retryable=True) from None
@@ -12435,9 +12461,13 @@ class _HTTPConnection(Responder):
             await self._send(h11.EndOfMessage())
 
     async def _watch_for_hangup(self, scope: trio.CancelScope) -> None:
+        # Waiting for the socket to be readable, rather than in receive_some (which first tries a
+        # read that fails and then waits): most answers end this watch by cancelling it, and that is
+        # cheapest from here. Once readable, the bytes or the EOF are there to receive at once.
         try:
+            await trio.lowlevel.wait_readable(self.stream.socket)
             data = await self.stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if data:
             self.conn.receive_data(data)  # pipelined: h11 keeps it for the next cycle
@@ -12839,7 +12869,7 @@ def _cmd_route_eval(config: Config, path: str, min_accuracy: float | None) -> in
             if got != expected:
                 said = conversation_for_router(messages)
                 sure = f", p={decision.confidence:.2f}" if decision.confidence is not None else ""
-                print(f"  {json.dumps(said[-1]['content'] if said else '', ensure_ascii=False)[:100]}: expected "
+                print(f"  {_json_text(said[-1]['content'] if said else '')[:100]}: expected "
                       f"{expected}, chosen {got}{sure}")
     if min_accuracy is not None and accuracy < min_accuracy:
         print(f"plano: accuracy {accuracy:.0%} is under --min-accuracy {min_accuracy:.0%}", file=sys.stderr)
@@ -13463,7 +13493,7 @@ def opencode_wiring(config: Config, environ: Mapping[str, str]) -> AgentWiring:
     except ValueError:
         own = {}
     content = _merged(own, content)
-    env = {"OPENCODE_CONFIG_CONTENT": json.dumps(content, ensure_ascii=False),
+    env = {"OPENCODE_CONFIG_CONTENT": _json_text(content),
            OPENCODE_KEY_VARIABLE: agent_key(config, environ),
            "OPENCODE_DISABLE_MODELS_FETCH": "1",  # the models.dev catalogue; plano's provider lists its own
            "OPENCODE_DISABLE_AUTOUPDATE": "1",
