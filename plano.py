@@ -10013,6 +10013,14 @@ class Tracing:
         self.tracer = self.provider.get_tracer("plano")
         self.api = trace  # SpanKind, Status, set_span_in_context, SpanContext, NonRecordingSpan
         self.propagator = TraceContextTextMapPropagator()
+        # The SDK's default sampler (parent-based, always on) and the always-on and always-off ones
+        # decide a trace plano starts without reading its id: asked once here, not per request.
+        # They are known by their descriptions, a sampler's public face; any other is always asked.
+        sampler = self.provider.sampler
+        description = sampler.get_description()
+        static = description in ("AlwaysOnSampler", "AlwaysOffSampler") or description.startswith(
+            ("ParentBased{root:AlwaysOnSampler,", "ParentBased{root:AlwaysOffSampler,"))
+        self._root_sampled = sampler.should_sample(None, 1, "chat").decision.is_sampled() if static else None
 
     def start_span(self, name: str, ids: tuple[int | None, int], **options: Any) -> Any:
         """A span of the SDK's with the trace id (None: its parent's) and span id chosen earlier."""
@@ -10027,6 +10035,8 @@ class Tracing:
         provider's `traceparent` says before the span exists. The SDK's samplers (parent-based,
         always on/off, trace-id ratio) decide from these two alone, so the span, made later under
         the same parent with the same id, gets the same answer."""
+        if parent is None and self._root_sampled is not None:
+            return self._root_sampled
         return self.provider.sampler.should_sample(parent, trace_id, "chat").decision.is_sampled()
 
     @classmethod
@@ -10147,12 +10157,15 @@ class _RequestTrace:
         self.tracing = tracing
         api = tracing.api
         self.started = _wall_ns(started)
-        carrier = {name: request.headers[name] for name in ("traceparent", "tracestate") if name in request.headers}
-        if not _TRACESTATE.fullmatch(carrier.get("tracestate", "-")):
-            del carrier["tracestate"]
-        # A malformed traceparent gives an empty context: a new trace.
-        self.parent = tracing.propagator.extract(carrier) if "traceparent" in carrier else None
-        remote = api.get_current_span(self.parent).get_span_context() if self.parent is not None else None
+        headers = request.headers
+        self.parent, remote = None, None
+        if "traceparent" in headers:
+            carrier = {"traceparent": headers["traceparent"]}
+            if "tracestate" in headers and _TRACESTATE.fullmatch(headers["tracestate"]):
+                carrier["tracestate"] = headers["tracestate"]
+            # A malformed traceparent gives an empty context: a new trace.
+            self.parent = tracing.propagator.extract(carrier)
+            remote = api.get_current_span(self.parent).get_span_context()
         inherited = remote is not None and remote.is_valid
         self.trace_id = remote.trace_id if inherited else random_trace_id()
         self.trace_state = remote.trace_state if inherited else None
@@ -12042,11 +12055,13 @@ class Gateway:
                 await self._pump_stream(upstream.response, respond, exchange)
             else:
                 raw, payload = await _read_json_answer(upstream.response, exchange.model)
-                exchange.trace.answer(payload)
                 answer = translate_answer(raw, payload, exchange.model, client_format, codex_tool_table(body))
                 exchange.used(answer.usage, answer.reasoning_tokens, answer.unusable_usage)
                 exchange.status = 200
-                await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
+                try:
+                    await respond.send_full(200, [("content-type", "application/json")] + headers, answer.content)
+                finally:  # what the spans read of the answer, read once it has gone out
+                    exchange.trace.answer(payload)
                 exchange.first_byte_ms = (time.monotonic() - exchange.started) * 1000
 
     async def _pump_stream(self, upstream: httpx.Response, respond: Responder, exchange: _Exchange) -> None:
