@@ -1623,7 +1623,7 @@ def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
     """
     if isinstance(text, (bytes, bytearray)):
         encoding = json.detect_encoding(text)
-        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: json.loads names it below
+        if encoding not in ("utf-8", "utf-8-sig"):  # a UTF-8 byte order mark: named below
             raise JSONLimitError(f"the text is {encoding.upper()}; JSON must be UTF-8")
         raw, text = bytes(text), text.decode("utf-8")
     else:
@@ -1634,7 +1634,9 @@ def parse_json(text: str | bytes, *, unique_keys: bool = True) -> Any:
         raise JSONLimitError(f"a string holds \\u{surrogate}, a lone UTF-16 surrogate (half of a "
                              "character, as when an emoji is cut); JSON text must be whole characters")
     try:
-        return json.loads(text, object_pairs_hook=_unique_members if unique_keys else None)
+        if text.startswith("\ufeff"):  # as json.loads says it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return (_DECODE_UNIQUE_KEYS if unique_keys else _DECODE_ANY_KEYS)(text)
     except RecursionError:  # not after check_json_structure; kept so that no input can make it a 500
         raise JSONLimitError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
 
@@ -1695,8 +1697,11 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
     return members
 
 
-# json.dumps given any argument builds a JSONEncoder for each call, a measurable share of a small
-# request's time; plano's two ways of writing JSON are built once (encode() keeps no state).
+# json.loads and json.dumps given any argument build a decoder or an encoder for each call, a
+# measurable share of a small request's time; plano's are built once (decode() and encode() keep no
+# state). Decoding is json.loads's own (trailing whitespace allowed, anything else after refused).
+_DECODE_UNIQUE_KEYS = json.JSONDecoder(object_pairs_hook=_unique_members).decode
+_DECODE_ANY_KEYS = json.JSONDecoder().decode
 _json_text = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False)
 _json_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -12402,7 +12407,7 @@ class _HTTPConnection(Responder):
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         request = Request(event.method.decode("latin-1").upper(), target.path or "/",
-                          dict(urllib.parse.parse_qsl(target.query)), headers)
+                          dict(urllib.parse.parse_qsl(target.query)) if target.query else {}, headers)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
             await self._refuse(413, f"request body is {int(length)} bytes; the limit is "
