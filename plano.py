@@ -881,6 +881,12 @@ _CLOUD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", re.ASCII)
 _WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+", re.ASCII)
 
 
+def _unsendable_key(key: str) -> bool:
+    """A provider key no request can carry in a header (h11 refuses the request, or it is not
+    ASCII): then the config is refused with a line saying so, not every request with a 500."""
+    return not (key.isascii() and key.isprintable()) or key != key.strip()
+
+
 def read_dotenv(path: str) -> dict[str, str]:
     """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent, a
     ConfigError if it is not text (see _file_text)."""
@@ -1150,6 +1156,12 @@ class _ConfigReader:
             access_key = self.env.get(key_env) if key_env else None
             if key_env and access_key is None:
                 self.warnings.append(f"{name}: no `access_key` configured and ${key_env} is not set")
+        if access_key is not None and _unsendable_key(access_key):
+            where = f"${key_env}" if key_env else "the key written here"
+            raise self.fail(entry, "access_key" if "access_key" in entry else None,
+                            f"{where} (for {name}) holds what no HTTP header can carry: a line end or other "
+                            "control character, a space at either end, or a character past ASCII (the key is "
+                            "not shown; check where it was copied from)")
         preferences = []
         for pref in self.get(entry, "routing_preferences", list, []) or []:
             if not isinstance(pref, dict) or not isinstance(pref.get("name"), str) \
@@ -5989,6 +6001,16 @@ class ProviderRequest:
     timeout: httpx.Timeout
 
 
+def _forwarded_header(client_headers: Mapping[str, str], name: str) -> str | None:
+    """A client's header that goes on to the provider as it is. HTTP lets a value carry bytes past
+    ASCII (read here as Latin-1), but a request to a provider is sent in ASCII: such a value is the
+    client's mistake, a 400 naming the header, not a request plano cannot send (a 500)."""
+    value = client_headers.get(name)
+    if value is not None and not value.isascii():
+        raise RequestError(f"{name}: must be ASCII; got {value[:100].encode('unicode_escape').decode('ascii')}")
+    return value
+
+
 def provider_request(model: ModelEntry, client_format: str, body: dict, raw: bytes,
                      client_headers: Mapping[str, str], query: Mapping[str, str],
                      session: str = "", max_output: int | None = None) -> ProviderRequest:
@@ -6014,9 +6036,9 @@ def provider_request(model: ModelEntry, client_format: str, body: dict, raw: byt
     headers = {"content-type": "application/json", "accept": "application/json", "user-agent": "plano"}
     headers.update(provider_auth_headers(model))
     if model.interface == "anthropic":
-        headers["anthropic-version"] = client_headers.get("anthropic-version", "2023-06-01")
+        headers["anthropic-version"] = _forwarded_header(client_headers, "anthropic-version") or "2023-06-01"
         if "anthropic-beta" in client_headers and client_format == "anthropic":
-            headers["anthropic-beta"] = client_headers["anthropic-beta"]
+            headers["anthropic-beta"] = _forwarded_header(client_headers, "anthropic-beta")
         url = model.base_url + "/v1/messages"
         if client_format == "anthropic":
             if "beta" in query:
@@ -10016,7 +10038,7 @@ class Tracing:
                                        id_generator=self.ids)
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self.tracer = self.provider.get_tracer("plano")
-        self.api = trace  # SpanKind, Status, set_span_in_context, SpanContext, NonRecordingSpan
+        self.api = trace  # SpanKind, Status, StatusCode, TraceFlags, set_span_in_context, get_current_span
         self.propagator = TraceContextTextMapPropagator()
         # The SDK's default sampler (parent-based, always on) and the always-on and always-off ones
         # decide a trace plano starts without reading its id: asked once here, not per request.

@@ -2635,6 +2635,25 @@ def test_anthropic_passthrough_changes_only_the_model_bytes(gateway, provider):
     assert sent.headers["x-api-key"] == ANTHROPIC_KEY
 
 
+@pytest.mark.parametrize("header", ["anthropic-beta", "anthropic-version"])
+def test_a_forwarded_header_with_bytes_past_ascii_is_a_400_naming_it_and_plano_keeps_serving(gateway, provider,
+                                                                                           header):
+    # HTTP lets a header value carry bytes past ASCII; plano forwards these two to the provider,
+    # which it cannot do with them: the client's mistake, said in its own format (it was a 500).
+    headers = {"x-api-key": "client-key", "anthropic-version": "2023-06-01", "content-type": "application/json",
+               header: b"caf\xe9\x85"}
+    body = {"model": "anthropic/claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    sent_before = len(provider.requests)
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"].startswith(f"{header}: must be ASCII; got caf\\xe9\\x85")
+    assert len(provider.requests) == sent_before  # nothing went out
+    assert httpx.post(gateway.url + "/v1/messages", json=body, headers=dict(
+        headers, **{header: "2023-06-01"})).status_code == 200
+
+
 def test_openai_passthrough_changes_only_the_model_bytes(gateway, provider):
     body = '{"messages": [{"role": "user", "content": "x"}],  "model": "openai/gpt-4o", "seed": 7, "logit_bias": {}}'
     response = httpx.post(gateway.url + "/v1/chat/completions", content=body.encode(),
@@ -8286,6 +8305,25 @@ def test_an_empty_access_key_is_an_error_that_says_what_to_write():
     assert message == (f"{CONFIG_PATH}:3: `access_key` is empty: write the key, or `$VARIABLE` to read it from the "
                        "environment (or remove the line)")
     assert "is empty" in config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: '  '\n")
+
+
+@pytest.mark.parametrize("key", ["sk-secret-1\r", "sk-secret-1\n", " sk-secret-1", "sk-sécret-1", "sk-secret\x00-1"])
+def test_a_provider_key_no_header_can_carry_is_a_config_error_that_does_not_show_it(key):
+    # Such a key made every request to the model a 500 (h11 refuses a line end in a header; httpx
+    # and h11 send ASCII only). It is said at start-up, naming where the key came from, never the key.
+    written = config_error(f"llm_providers:\n  - model: openai/gpt-4o\n    access_key: {json.dumps(key)}\n")
+    from_environment = config_error("llm_providers:\n  - model: openai/gpt-4o\n    access_key: $MY_KEY\n",
+                                    environ={"MY_KEY": key})
+    by_default = config_error("llm_providers:\n  - model: openai/gpt-4o\n", environ={"OPENAI_API_KEY": key})
+    assert written.startswith(f"{CONFIG_PATH}:3: `access_key` the key written here (for openai/gpt-4o) holds what "
+                              "no HTTP header can carry")
+    assert from_environment.startswith(f"{CONFIG_PATH}:3: `access_key` $MY_KEY (for openai/gpt-4o) holds")
+    assert by_default.startswith(f"{CONFIG_PATH}:2: $OPENAI_API_KEY (for openai/gpt-4o) holds")
+    for message in (written, from_environment, by_default):
+        assert "secret" not in message and "sécret" not in message
+    # A space inside a key is carried (and was): only its ends must not be blank.
+    assert plano.parse_config("llm_providers:\n  - model: openai/gpt-4o\n    access_key: sk a\n",
+                              environ={}).models[0].access_key == "sk a"
 
 
 def test_an_empty_prices_or_capability_field_counts_as_not_written():
