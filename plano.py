@@ -13214,7 +13214,42 @@ def doctor_findings(path: str | None, *, offline: bool = False) -> list[_Finding
         findings.append(_Finding("ok", program, version) if version else
                         _Finding("note", program, f"not found on PATH (to use it: {install})"))
     findings += _shared_store_findings(config)
+    findings += _monitoring_findings(config, os.environ)
     findings.append(_listener_finding(config))
+    return findings
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` can be imported, found without running it (its packages are imported)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a package on the way is missing, or made unimportable
+        return False
+
+
+def _monitoring_findings(config: Config, environ: Mapping[str, str]) -> list[_Finding]:
+    """`GET /metrics` on or off, and what the OTEL_* variables make of traces as `plano up` reads
+    them: where spans go (no user:password, no OTLP headers: they may hold a collector's token),
+    whether prompt text is recorded, and the extra missing. Neither stops `plano up`."""
+    findings = [_Finding("ok", "metrics", "GET /metrics for Prometheus (`metrics: false` turns it off)")
+                if config.metrics else _Finding("note", "metrics", "off (`metrics: false`)")]
+    settings, warnings = trace_settings(environ)
+    findings += [_Finding("problem", "traces", warning) for warning in warnings]
+    if settings is None:
+        if not warnings:
+            findings.append(_Finding("note", "traces", "off: set OTEL_EXPORTER_OTLP_ENDPOINT to send spans to an "
+                                                       "OTLP collector"))
+    elif not all(_importable(name) for name in ("opentelemetry.sdk.trace",
+                                                   "opentelemetry.exporter.otlp.proto.http.trace_exporter")):
+        findings.append(_Finding("problem", "traces", "the OTEL_* variables ask for traces, but OpenTelemetry is not "
+                                                      "installed: pip install 'plano[otel]' (plano serves untraced)"))
+    else:
+        content = " and ".join(where for where, on in (("span attributes", settings.content_on_span),
+                                                       ("events", settings.content_on_event)) if on)
+        recorded = f"recorded as {content}" if content else "not recorded"
+        findings.append(_Finding("ok", "traces", f"spans to {_shown_endpoint(settings.endpoint)} (OTLP/HTTP); "
+                                                 f"prompt and answer text {recorded}"))
     return findings
 
 

@@ -11895,6 +11895,42 @@ def test_plano_url_points_cli_agent_and_the_status_line_at_a_teams_gateway_and_n
         refused = cli_agent("claude", "-p", "hi", PLANO_URL=hostile)
         assert refused.returncode == 2 and "PLANO_URL must be the gateway's http:// or https:// URL" in refused.stderr
         assert "\x1b" not in refused.stderr
+def test_doctor_says_whether_metrics_and_traces_are_on_and_where_spans_go_without_secrets(tmp_path):
+    def doctor_lines(env: dict, **sections: Any) -> list[str]:
+        config = write_config(tmp_path, config_yaml({"model": "openai/gpt-4o", "access_key": "sk-doctor-1"},
+                                                    listeners=[{"address": "127.0.0.1", "port": free_port()}],
+                                                    router=ROUTER_OFF, **sections))
+        clean = {k: "" for k in os.environ if k.startswith("OTEL_")}
+        result = run_plano_cli("doctor", "--offline", "--config", config, cwd=tmp_path, env={**clean, **env})
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        return [line for line in result.stdout.splitlines() if line[2:].startswith(("metrics ", "traces "))]
+
+    assert doctor_lines({}) == [
+        "✓ metrics   GET /metrics for Prometheus (`metrics: false` turns it off)",
+        "· traces    off: set OTEL_EXPORTER_OTLP_ENDPOINT to send spans to an OTLP collector"]
+    secret = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:pw-1234@127.0.0.1:4318",
+              "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20token-5678",
+              "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "span_only"}
+    on = doctor_lines(secret, metrics=False)
+    assert on == ["· metrics   off (`metrics: false`)",
+                  "✓ traces    spans to http://127.0.0.1:4318/v1/traces (OTLP/HTTP); prompt and answer text "
+                  "recorded as span attributes"]
+    assert not any(text in line for line in on for text in ("pw-1234", "token-5678", "collector:"))
+    [grpc] = doctor_lines({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+                           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})[1:]
+    assert grpc.startswith("✗ traces    OTEL_EXPORTER_OTLP_PROTOCOL=grpc: plano sends http/protobuf only")
+    config = write_config(tmp_path, config_yaml({"model": "openai/gpt-4o", "access_key": "sk-doctor-1"},
+                                                router=ROUTER_OFF))
+    # The `otel` extra missing: OpenTelemetry made unimportable in a fresh interpreter.
+    without = subprocess.run([sys.executable, "-c", "import sys; sys.modules['opentelemetry'] = None; import plano; "
+                              f"sys.exit(plano.main(['doctor', '--offline', '--config', {config!r}]))"],
+                             capture_output=True, text=True, timeout=60, cwd=HERE,
+                             env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert line_about(without.stdout.splitlines(), "traces") == (
+        "✗ traces    the OTEL_* variables ask for traces, but OpenTelemetry is not installed: pip install "
+        "'plano[otel]' (plano serves untraced)"), without.stdout + without.stderr
+
+
 # ── issue 21: traces ──────────────────────────────────────────────────────────────────────────
 
 @dataclass
