@@ -887,15 +887,37 @@ def _unsendable_key(key: str) -> bool:
     return not (key.isascii() and key.isprintable()) or key != key.strip()
 
 
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the file at `path`. Only a regular file: opening a named pipe to
+    read waits for a writer, and reading a device may never end, and either would hold start-up or
+    every later reload (the file is opened without waiting, then checked). Raises OSError."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(22, "not a regular file (a pipe or a device), which plano does not wait on")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # the file object closes it
+            return f.read(limit)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def read_dotenv(path: str) -> dict[str, str]:
     """KEY=VALUE lines of a `.env` file (comments, `export`, quotes allowed); {} if absent, a
-    ConfigError if it is not text (see _file_text)."""
+    ConfigError if it cannot be read (a directory, a pipe, not this user's to read) or is not
+    text (see _file_text)."""
     values: dict[str, str] = {}
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError:
+        data = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
         return values
+    except OSError as e:  # there, but a directory, a pipe, or not readable by this user
+        raise ConfigError(f"{path}: cannot read the .env file: {e.strerror or e}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no .env file is")
     for line in _file_text(data, path).splitlines():
@@ -923,9 +945,8 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
     """
     path = find_config_path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:  # missing, a directory, not readable by this user
+        data = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
+    except OSError as e:  # missing, a directory, a pipe, not readable by this user
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which no plano config is")

@@ -2303,6 +2303,20 @@ def test_dotenv_beside_the_config_is_read_but_does_not_override_the_environment(
     assert [m.access_key for m in config.models] == ["from-environ", "ant-from-dotenv"]
 
 
+@pytest.mark.parametrize("make", ["pipe", "directory"])
+def test_a_dotenv_that_cannot_be_read_is_a_config_error_and_a_pipe_is_never_waited_on(tmp_path, make):
+    path = write_config(tmp_path, "llm_providers:\n  - model: openai/gpt-4.1\n    access_key: $OPENAI_API_KEY\n")
+    dotenv = tmp_path / ".env"
+    if make == "pipe":
+        os.mkfifo(dotenv)  # it held start-up until a writer came
+    else:
+        dotenv.mkdir()
+    with pytest.raises(plano.ConfigError) as raised:
+        plano.load_config(path, environ={})
+    assert raised.value.message == f"{dotenv}: cannot read the .env file: " + (
+        "not a regular file (a pipe or a device), which plano does not wait on" if make == "pipe" else "Is a directory")
+
+
 def test_parse_config_without_a_path_does_not_read_the_working_directorys_dotenv(tmp_path, monkeypatch):
     # A config given as text has no directory, so no `.env` is "beside" it.
     (tmp_path / ".env").write_text("OPENAI_API_KEY=stray-key\n")
@@ -8365,6 +8379,13 @@ def replace_with_a_directory(path: Path) -> None:
     path.mkdir()
 
 
+def replace_with_a_pipe(path: Path) -> None:
+    # Opening a named pipe to read waits for a writer: this held plano's start-up, and every later
+    # reload, for good.
+    path.unlink()
+    os.mkfifo(path)
+
+
 def make_unreadable(path: Path) -> None:
     path.chmod(0)
 
@@ -8391,6 +8412,8 @@ BAD_CONFIG_EDITS = [
     pytest.param(bad_bytes(lambda good: good.encode() + b"#" * plano.MAX_CONFIG_BYTES),
                  r"config\.yaml: larger than 1 MiB", id="too-large"),
     pytest.param(replace_with_a_directory, r"config\.yaml: cannot read config file: Is a directory", id="directory"),
+    pytest.param(replace_with_a_pipe, r"config\.yaml: cannot read config file: not a regular file \(a pipe or a "
+                 r"device\), which plano does not wait on", id="named-pipe"),
     pytest.param(make_unreadable, r"config\.yaml: cannot read config file: Permission denied", id="unreadable",
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")),
 ]
@@ -8427,6 +8450,8 @@ def test_a_bad_edit_keeps_the_running_config_says_why_in_one_line_and_a_later_go
         assert answer.choices[0].message.content == "echo: hi" and "before" in served_model_ids(running)
         if path.is_dir():
             path.rmdir()
+        elif path.is_fifo():
+            path.unlink()
         elif path.exists():
             path.chmod(0o644)
         path.write_text(aliased_config(provider, "after"))
