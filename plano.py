@@ -9605,7 +9605,10 @@ def output_limit(needs: RequestNeeds, model: ModelEntry) -> int | None:
     """The max_tokens to send `model` instead of the request's own, when plano reserves less than
     the request asks (a model with no known output limit, see above); None: the request's own."""
     if model.max_output_tokens:
-        return None  # the translations cap the ask at the known limit
+        # Past its known limit a provider refuses the request (Anthropic: "max_tokens: 32000 > 8192,
+        # which is the maximum allowed"). The translations cap the ask themselves; a request passed
+        # through in its own format is capped here, so a routed Claude Code turn still gets answered.
+        return model.max_output_tokens if needs.output_tokens > model.max_output_tokens else None
     asked = _output_asked(needs, model)
     reserved = output_reserve(needs, model)
     return reserved if reserved < asked else None

@@ -2649,6 +2649,29 @@ def test_anthropic_passthrough_changes_only_the_model_bytes(gateway, provider):
     assert sent.headers["x-api-key"] == ANTHROPIC_KEY
 
 
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_a_passed_through_request_asking_past_the_models_output_limit_is_capped_not_refused(provider, api):
+    # Claude Code asks every model for 32k output tokens; a model whose limit is lower refuses that
+    # (Anthropic: "max_tokens: 32000 > 8192, which is the maximum allowed"). A translated request was
+    # capped already; one passed through in its own format was sent as asked.
+    model = "anthropic/claude-sonnet-5" if api == "anthropic" else "openai/gpt-4o"
+    with RunningPlano(build_config(served_by(provider, model, max_output_tokens=1000))) as running:
+        if api == "anthropic":
+            answer = anthropic_message(anthropic_client(running), True, model=model, max_tokens=32000,
+                                       messages=[USER_HI], thinking={"type": "enabled", "budget_tokens": 16000})
+            assert message_text(answer) == "echo: hi"
+        else:
+            answer = openai_client(running).chat.completions.create(model=model, max_completion_tokens=32000,
+                                                                    messages=[USER_HI])
+            assert answer.choices[0].message.content == "echo: hi"
+    sent = provider.requests[-1].json
+    if api == "anthropic":  # thinking's budget stays under max_tokens (Anthropic's rule), or it goes
+        assert sent["max_tokens"] == 1000 and "thinking" not in sent
+    else:
+        assert sent["max_completion_tokens"] == 1000
+    assert sent["messages"][-1]["content"] == "hi"
+
+
 @pytest.mark.parametrize("header", ["anthropic-beta", "anthropic-version"])
 def test_a_forwarded_header_with_bytes_past_ascii_is_a_400_naming_it_and_plano_keeps_serving(gateway, provider,
                                                                                            header):
@@ -7057,7 +7080,9 @@ def test_a_model_with_no_known_output_limit_reserves_what_its_window_leaves_and_
 def test_a_model_with_a_known_output_limit_counts_its_capped_ask_as_before():
     capped = local_entry(max_output_tokens=8192)
     assert plano.context_tokens(plano.RequestNeeds(1200, 128000, False, ()), capped) == 1200 + 8192
-    assert plano.output_limit(plano.RequestNeeds(1200, 128000, False, ()), capped) is None
+    # Asked for more than the limit, the request is sent the limit (a translation caps it as well).
+    assert plano.output_limit(plano.RequestNeeds(1200, 128000, False, ()), capped) == 8192
+    assert plano.output_limit(plano.RequestNeeds(1200, 8192, False, ()), capped) is None
     assert plano.unfit_reason(plano.RequestNeeds(9000, 128000, False, ()), capped) == \
         "context 17k > house-coder's 16k"  # 9000 + 8192: refused as it always was
     claude = plano.parse_config("llm_providers:\n  - model: anthropic/claude-sonnet-4-5\n", path=CONFIG_PATH,
