@@ -9993,6 +9993,13 @@ class TraceSettings:
     content_on_span: bool = False
     content_on_event: bool = False
 
+    def said(self) -> str:
+        """Where spans go and what of the text they keep, as the start-up line and doctor say it."""
+        content = " and ".join(where for where, on in (("span attributes", self.content_on_span),
+                                                       ("events", self.content_on_event)) if on)
+        return (f"spans to {_shown_endpoint(self.endpoint)} (OTLP/HTTP); prompt and answer text "
+                + (f"recorded as {content} ({_CONTENT_CAPTURE})" if content else "not recorded"))
+
 
 def trace_settings(environ: Mapping[str, str]) -> tuple[TraceSettings | None, list[str]]:
     """Whether the OTEL_* variables in `environ` ask for traces, and what plano cannot do as asked.
@@ -10105,10 +10112,7 @@ class Tracing:
             log.warning("tracing: the OTEL_* variables ask for traces, but OpenTelemetry is not installed "
                         "(no module %s): pip install 'plano[otel]'. Serving without traces.", printable(e.name))
             return None
-        content = " and ".join(where for where, on in (("span attributes", settings.content_on_span),
-                                                       ("events", settings.content_on_event)) if on)
-        log.info("tracing: spans to %s (OTLP/HTTP); prompt and answer text %s", _shown_endpoint(settings.endpoint),
-                 f"recorded as {content} ({_CONTENT_CAPTURE})" if content else "not recorded")
+        log.info("tracing: %s", settings.said())
         return tracing
 
     def begin(self, request: Any, started: float) -> "_RequestTrace":
@@ -13269,11 +13273,7 @@ def _monitoring_findings(config: Config, environ: Mapping[str, str]) -> list[_Fi
         findings.append(_Finding("problem", "traces", "the OTEL_* variables ask for traces, but OpenTelemetry is not "
                                                       "installed: pip install 'plano[otel]' (plano serves untraced)"))
     else:
-        content = " and ".join(where for where, on in (("span attributes", settings.content_on_span),
-                                                       ("events", settings.content_on_event)) if on)
-        recorded = f"recorded as {content}" if content else "not recorded"
-        findings.append(_Finding("ok", "traces", f"spans to {_shown_endpoint(settings.endpoint)} (OTLP/HTTP); "
-                                                 f"prompt and answer text {recorded}"))
+        findings.append(_Finding("ok", "traces", settings.said()))
     return findings
 
 

@@ -11964,7 +11964,7 @@ def test_doctor_says_whether_metrics_and_traces_are_on_and_where_spans_go_withou
     on = doctor_lines(secret, metrics=False)
     assert on == ["· metrics   off (`metrics: false`)",
                   "✓ traces    spans to http://127.0.0.1:4318/v1/traces (OTLP/HTTP); prompt and answer text "
-                  "recorded as span attributes"]
+                  "recorded as span attributes (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT)"]
     assert not any(text in line for line in on for text in ("pw-1234", "token-5678", "collector:"))
     [grpc] = doctor_lines({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
                            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})[1:]
