@@ -4629,6 +4629,18 @@ def thinking_from_gemini_signature(signature: Any) -> list[dict]:
 
 # ── Anthropic request → Gemini request (the gemini provider interface) ──────────────────────
 
+def _append_turn(turns: list[dict], role: str, items: list[dict], key: str = "content") -> None:
+    """`items` as the next turn of `role`, under `key`: joined to the last turn when that is the
+    same role's, left out when empty. Converse and Gemini, like Anthropic, want user and model turns
+    in alternation and no empty turn."""
+    if not items:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(items)
+    else:
+        turns.append({"role": role, key: items})
+
+
 def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
     """An Anthropic Messages request body as a Gemini generateContent body for `model`."""
     _require(isinstance(body, dict), _NOT_A_JSON_OBJECT)
@@ -4638,12 +4650,7 @@ def anthropic_request_to_gemini(body: dict, model: ModelEntry) -> dict:
     contents: list[dict] = []
     for i, message in enumerate(messages):
         role, parts = _anthropic_message_to_gemini(message, f"messages[{i}]", names)
-        if not parts:
-            continue
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
+        _append_turn(contents, role, parts, key="parts")
     out: dict[str, Any] = {"contents": contents}
     system = _text_of(body.get("system"), "system") if body.get("system") is not None else ""
     if system:
@@ -5488,16 +5495,6 @@ def _anthropic_block_to_converse(block: Any, where: str, role: str) -> dict | No
                        f"{'an assistant' if role == 'assistant' else 'a user'} message")
 
 
-def _append_converse(messages: list[dict], role: str, blocks: list[dict]) -> None:
-    """Converse, like Anthropic, wants user and assistant turns in alternation and no empty turn."""
-    if not blocks:
-        return
-    if messages and messages[-1]["role"] == role:
-        messages[-1]["content"].extend(blocks)
-    else:
-        messages.append({"role": role, "content": blocks})
-
-
 def _tool_blocks_as_text(messages: list[dict]) -> None:
     """Tool calls and results in a request that defines no tools, as text: Converse refuses
     toolUse and toolResult blocks without a toolConfig (ValidationException)."""
@@ -5573,7 +5570,7 @@ def anthropic_request_to_converse(body: dict, model: ModelEntry) -> dict:
             _require(isinstance(content, list), f"{where}.content: must be a string or a list of blocks")
             blocks = [b for j, block in enumerate(content)
                       if (b := _anthropic_block_to_converse(block, f"{where}.content[{j}]", role))]
-        _append_converse(messages, role, blocks)
+        _append_turn(messages, role, blocks)
     _number_documents(messages)
     out: dict[str, Any] = {"messages": messages}
     system = _text_of(body.get("system"), "system")
