@@ -881,10 +881,14 @@ _CLOUD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", re.ASCII)
 _WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+", re.ASCII)
 
 
+# A header value h11 sends as it is: visible ASCII, with spaces inside (not at either end, RFC 9110
+# §5.5). A provider key must be one (or the config is refused, not every request with a 500);
+# x-plano-* and passed-on headers that are not are percent-encoded (header_value).
+_SENDABLE_HEADER_VALUE = re.compile(r"(?:[!-~]+(?: +[!-~]+)*)?")
+
+
 def _unsendable_key(key: str) -> bool:
-    """A provider key no request can carry in a header (h11 refuses the request, or it is not
-    ASCII): then the config is refused with a line saying so, not every request with a 500."""
-    return not (key.isascii() and key.isprintable()) or key != key.strip()
+    return not _SENDABLE_HEADER_VALUE.fullmatch(key)
 
 
 def _read_regular_file(path: str, limit: int) -> bytes:
@@ -11143,11 +11147,9 @@ _KEY_SHAPED = re.compile(r"\b(?:(?:sk|gsk|xai|key)[-_](?=[-_A-Za-z0-9*]*[0-9*])[
                          r"|AIza[-_A-Za-z0-9]{30,}|ya29\.[-_.A-Za-z0-9]{8,})")
 
 
-# A header value h11 sends as it is: visible ASCII, with spaces inside (not at either end, RFC 9110
-# §5.5). Anything else (a route named "génération de code", a non-ASCII byte in a provider's
-# header) is percent-encoded as UTF-8, `%` included, so `urllib.parse.unquote` gives the original
-# back and ASCII names stay as they were.
-_SENDABLE_HEADER_VALUE = re.compile(r"(?:[!-~]+(?: +[!-~]+)*)?")
+# A value that is not sendable (_SENDABLE_HEADER_VALUE), such as a route named "génération de
+# code" or a provider's header with a non-ASCII byte, is percent-encoded as UTF-8, `%` included, so
+# `urllib.parse.unquote` gives the original back and ASCII names stay as they were.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
 
 
