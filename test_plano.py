@@ -10744,6 +10744,12 @@ def test_rows_past_the_queue_bound_in_an_outage_are_counted_and_closing_in_one_s
             for n in range(20):  # the writer holds the first row; 5 wait in the queue; 15 are dropped
                 ledger.record(keyed_row(f"queued {n}", None, 1))
             assert ledger.dropped == 15
+            # What GET /metrics says of it meanwhile: the rows in hand and waiting, and those dropped.
+            collector = plano._GatewayStateCollector(lambda: (build_config(served_by("http://127.0.0.1:9",
+                                                                                      "openai/gpt-4o")), {}, ledger))
+            assert {family.name: family.samples[0].value for family in collector.collect()
+                    if family.name.startswith("plano_ledger")} == {"plano_ledger_rows_queued": 6,
+                                                                  "plano_ledger_rows_dropped": 15}
             server.start()
             assert ledger.flush()
             assert [r["key_name"] for r in postgres_rows(server.url)] == ["in hand"] + [f"queued {n}" for n in range(5)]
